@@ -1,0 +1,34 @@
+# Two entry points (see README): `make quickstart` and `make test`. Both create .venv and install the pinned
+# stack first; the install is skipped when nothing it depends on changed.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test lint lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/segfactory render configs/quickstart.yaml --out runs/quickstart
+	$(BIN)/segfactory show runs/quickstart
+	$(BIN)/segfactory stats runs/quickstart
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs

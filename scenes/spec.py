@@ -1,0 +1,182 @@
+"""Plain-data scene specs: everything ``synth`` needs to build a scene in Blender, and nothing Blender-specific.
+
+A spec is sampled from an explicit ``numpy.random.Generator`` by a registered scene family and can be
+inspected, tested and serialised without Blender. Units are metres (cells: micrometres), angles radians.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ClassDef:
+    """One semantic class. ``thing`` classes get instance ids and COCO annotations; stuff classes do not."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+    thing: bool = False
+
+
+@dataclass
+class Mesh:
+    """Polygon mesh in object-local coordinates.
+
+    Attributes:
+        vertices: (V, 3) float32 positions.
+        faces: (F, K) int32 vertex indices; all faces of one mesh have K corners (3 or 4).
+        smooth: Shade smooth (curved objects) or flat (boxes).
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    smooth: bool = False
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.vertices.min(axis=0), self.vertices.max(axis=0)
+
+
+@dataclass
+class Material:
+    """A procedural material.
+
+    ``shader="principled"`` is a lit surface; ``shader="emission"`` glows with ``emission`` strength and
+    ignores lights (used for fluorescence). A ``texture`` blends ``color`` and ``color2`` through a
+    shader-node noise/voronoi/wave texture whose 4D ``texture_w`` coordinate makes every sample unique.
+    """
+
+    color: Vec3
+    shader: Literal["principled", "emission"] = "principled"
+    roughness: float = 0.5
+    metallic: float = 0.0
+    emission: float = 0.0
+    texture: Literal["none", "noise", "voronoi", "wave"] = "none"
+    color2: Vec3 | None = None
+    texture_scale: float = 5.0
+    texture_w: float = 0.0
+    texture_detail: float = 2.0
+
+
+@dataclass
+class Part:
+    """One mesh of an object with its own material (a car's body and its wheels are parts of one object)."""
+
+    mesh: Mesh
+    material: Material
+
+
+@dataclass
+class SceneObject:
+    """A labeled object: all its parts share one class and (for things) one instance id."""
+
+    name: str
+    class_id: int
+    parts: list[Part]
+    location: Vec3 = (0.0, 0.0, 0.0)
+    rotation: Vec3 = (0.0, 0.0, 0.0)  # XYZ Euler
+    scale: Vec3 = (1.0, 1.0, 1.0)
+
+
+@dataclass
+class Light:
+    type: Literal["POINT", "SUN", "AREA", "SPOT"]
+    location: Vec3
+    rotation: Vec3 = (0.0, 0.0, 0.0)
+    energy: float = 100.0
+    color: Vec3 = (1.0, 1.0, 1.0)
+    size: float = 0.5
+
+
+@dataclass
+class World:
+    """Background: a vertical gradient from ``horizon_color`` to ``zenith_color`` (equal colors: uniform)."""
+
+    horizon_color: Vec3 = (0.05, 0.05, 0.05)
+    zenith_color: Vec3 = (0.05, 0.05, 0.05)
+    strength: float = 1.0
+
+
+@dataclass
+class Camera:
+    """A camera pose.
+
+    Attributes:
+        location: (3,) position.
+        rotation: (3, 3) camera-to-world rotation; the camera looks down its local -Z with +Y up.
+        projection: "perspective" (``fov`` radians, square image) or "orthographic" (``ortho_scale`` units).
+    """
+
+    location: Vec3
+    rotation: np.ndarray
+    projection: Literal["perspective", "orthographic"] = "perspective"
+    fov: float = 0.9
+    ortho_scale: float = 10.0
+    clip_start: float = 0.05
+    clip_end: float = 500.0
+
+
+@dataclass
+class PostFX:
+    """Per-frame image-space post-processing, applied to the 8/16-bit RGB after rendering (never to labels)."""
+
+    exposure: float = 0.0  # stops, applied in Blender's view transform
+    blur_sigma: float = 0.0  # px, Gaussian (defocus)
+    noise_std: float = 0.0  # additive Gaussian sensor noise, fraction of full scale
+    poisson_peak: float = 0.0  # >0: Poisson shot noise with this photon count at full scale
+    gamma: float = 1.0
+
+
+@dataclass
+class SceneSpec:
+    """A complete scene: objects, lights, world, camera views and per-view post-processing.
+
+    Attributes:
+        family: Registered scene family that sampled it.
+        background_class: Class id of pixels where no object is hit (sky, slide background).
+        cameras: One entry per rendered view.
+        post: One entry per view, same length as ``cameras``.
+        grayscale: Render as a single-channel image.
+    """
+
+    family: str
+    classes: list[ClassDef]
+    background_class: int
+    objects: list[SceneObject] = field(default_factory=list)
+    lights: list[Light] = field(default_factory=list)
+    world: World = field(default_factory=World)
+    cameras: list[Camera] = field(default_factory=list)
+    post: list[PostFX] = field(default_factory=list)
+    grayscale: bool = False
+    film: Literal["standard", "filmic", "agx"] = "agx"
+
+    def class_of_object(self) -> np.ndarray:
+        """(N+1,) class id per object index; index 0 is the background."""
+        return np.array([self.background_class] + [o.class_id for o in self.objects], dtype=np.int32)
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        names = {c.id: c.name for c in self.classes}
+        for o in self.objects:
+            counts[names[o.class_id]] = counts.get(names[o.class_id], 0) + 1
+        return {"family": self.family, "objects": counts, "lights": len(self.lights), "views": len(self.cameras)}
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclass/NumPy tree -> JSON-friendly tree (for debugging dumps and hashing)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: to_jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

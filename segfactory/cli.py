@@ -1,0 +1,61 @@
+"""The ``segfactory`` command line: thin glue that dispatches to each stage's CLI module.
+
+Stage modules (``synth.cli``, ...) expose ``register(commands, benches)`` and keep heavy imports inside
+their handlers, so ``segfactory --help`` stays fast and never imports Blender or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from segfactory import __version__
+from segfactory.console import console
+from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
+
+COMMAND_MODULES = ["synth.cli"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segfactory",
+        description="Semantic segmentation without manual labels.",
+    )
+    parser.add_argument("--version", action="version", version=f"segfactory {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = commands.add_parser("bench", help="speed benchmarks (one JSON object on stdout, table on stderr)")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands, benches)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if args.debug:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True)
+        if e.fix:
+            console.print(f"  [bold]fix:[/] {e.fix}", soft_wrap=True)
+        return e.exit_code
+    except PartialFailure as e:
+        console.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
+        for unit, why in e.failures.items():
+            console.print(f"  {unit}: {why}", soft_wrap=True, markup=False)
+        return EXIT_PARTIAL
+    except KeyboardInterrupt:
+        console.print("interrupted; finished work is kept and a re-run resumes")
+        return EXIT_INTERRUPTED
+    except Exception:  # a bug, not a user mistake: keep the traceback
+        console.print_exception()
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Typed configs: YAML file + ``key=value`` overrides -> validated pydantic model.
+
+Every stage defines a pydantic model (``extra="forbid"`` so typos are caught) and loads it with
+:func:`load_config`. Validation errors become one :class:`~segfactory.errors.UserError` line that names
+the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from segfactory.errors import UserError
+from segfactory.io import atomic_write_text, canonical_hash
+
+M = TypeVar("M", bound=BaseModel)
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping, turning missing/unparsable files into UserErrors."""
+    path = Path(path)
+    if not path.exists():
+        alt = REPO_CONFIGS / path.name
+        hint = f" (did you mean '{alt}'?)" if alt.exists() and alt != path else ""
+        raise UserError(f"config file '{path}' does not exist{hint}", fix="pass the path to a YAML config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}",
+                        fix="fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping at the top level, got {type(data).__name__}",
+                        fix="write the config as `key: value` lines")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML so ``3``, ``0.5``, ``[1, 2]``, ``true`` work."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not of the form key=value", fix="write e.g. render.samples=32")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{item}' has an empty key", fix="write e.g. render.samples=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override '{'.'.join(keys)}' goes inside '{k}', which is a value, not a section",
+                            fix=f"set {k} itself, e.g. {k}=...")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(model: type[M], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> M:
+    """Load and validate a config.
+
+    Args:
+        model: The pydantic model of the config.
+        path: YAML file; ``None`` starts from the model's defaults.
+        overrides: ``key=value`` strings applied in order after the file.
+        extra: Already-parsed overrides (from dedicated CLI flags) as ``{"a.b": value}``; applied last.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        UserError: naming the field, the bad value and the fix.
+    """
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        set_dotted(data, keys, value)
+    for dotted, value in (extra or {}).items():
+        if value is not None:
+            set_dotted(data, dotted.split("."), value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error_to_user_error(e, model, source=str(path) if path else "config") from None
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Names valid at ``loc[:-1]`` inside ``model`` (for 'did you mean')."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def validation_error_to_user_error(err: ValidationError, model: type[BaseModel], source: str,
+                                   prefix: str = "") -> UserError:
+    """Turn the first pydantic error into a UserError naming the field (``prefix.field``), value and fix."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    field = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "<top level>"
+    etype = first["type"]
+    value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if etype == "extra_forbidden":
+        known = _known_fields(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{field.rsplit('.', 1)[0] + '.' if '.' in field else ''}{close[0]}'? " if close else ""
+        fix = f"{hint}valid keys here: {', '.join(known)}" if known else "remove it"
+        return UserError(f"{source}: unknown config key '{field}'{more}", fix=fix)
+    if etype == "missing":
+        return UserError(f"{source}: required config key '{field}' is missing{more}", fix=f"set {field}=...")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return UserError(f"{source}: {field}={shown} is invalid: {msg}{more}",
+                     fix=f"set {field} to a valid value ({msg.lower()})")
+
+
+def save_resolved(cfg: BaseModel, path: str | os.PathLike) -> None:
+    """Write the fully resolved config (defaults filled in) as YAML next to an output."""
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def hash_config(section: BaseModel | dict[str, Any], length: int = 16) -> str:
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    return canonical_hash(data, length)
