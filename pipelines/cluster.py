@@ -7,6 +7,7 @@ themselves, so the same pipeline code runs on a laptop and on any scheduler.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Literal
@@ -51,7 +52,9 @@ def open_client(cfg: ClusterConfig) -> Iterator[object]:
     workers = cfg.workers or max(1, os.cpu_count() or 1)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=cfg.threads_per_worker, processes=True,
                            memory_limit=cfg.memory_limit, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0" if cfg.dashboard else None)
+                           dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+                           # Failed tasks are reported by the pipelines, once, with the unit's id.
+                           silence_logs=logging.CRITICAL)
     client = Client(cluster)
     _announce(client)
     try:
@@ -65,4 +68,4 @@ def _announce(client: object) -> None:
     link = getattr(client, "dashboard_link", None)
     nworkers = len(client.scheduler_info().get("workers", {}))  # type: ignore[attr-defined]
     console.print(f"dask: {nworkers} worker(s) at {client.scheduler.address}"  # type: ignore[attr-defined]
-                  + (f", dashboard {link}" if link else ""))
+                  + (f", dashboard {link}" if link else ""), soft_wrap=True)

@@ -125,7 +125,7 @@ class Camera:
 class PostFX:
     """Per-frame image-space post-processing, applied to the 8/16-bit RGB after rendering (never to labels)."""
 
-    exposure: float = 0.0  # stops, applied in Blender's view transform
+    exposure: float = 0.0  # stops
     blur_sigma: float = 0.0  # px, Gaussian (defocus)
     noise_std: float = 0.0  # additive Gaussian sensor noise, fraction of full scale
     poisson_peak: float = 0.0  # >0: Poisson shot noise with this photon count at full scale
@@ -154,6 +154,7 @@ class SceneSpec:
     post: list[PostFX] = field(default_factory=list)
     grayscale: bool = False
     film: Literal["standard", "filmic", "agx"] = "agx"
+    unit_m: float = 1.0  # length of one scene unit in metres (cells: micrometres)
 
     def class_of_object(self) -> np.ndarray:
         """(N+1,) class id per object index; index 0 is the background."""

@@ -188,7 +188,8 @@ def sample_street(ctx: SceneContext) -> SceneSpec:
             mat = sample_material(rng, _pick(rng, FACADE), k)
             if rng.random() < 0.6:  # window rows
                 mat.texture, mat.color2 = "wave", (0.03, 0.04, 0.06)
-            add("building", "building", [Part(g.box(depth, w, uniform(rng, p.building_height)), mat)], (x, y + w / 2, 0))
+            height = uniform(rng, p.building_height)
+            add("building", "building", [Part(g.box(depth, w, height), mat)], (x, y + w / 2, 0))
             y += w + (uniform(rng, (0.5, 6.0)) if rng.random() < 0.4 else 0.0)
 
     # Vehicles in lanes (heading with or against traffic), people and street furniture on the sidewalks.

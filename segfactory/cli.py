@@ -14,7 +14,7 @@ from segfactory import __version__
 from segfactory.console import console
 from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
 
-COMMAND_MODULES = ["synth.cli"]
+COMMAND_MODULES = ["synth.cli", "pretrain.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `key=value` overrides may come after the options too; argparse only takes trailing positionals at once.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
+            args.overrides = [*args.overrides, *unknown]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -1,0 +1,301 @@
+"""Typed configs of the fine-tuning stage (``configs/finetune*.yaml``).
+
+Only plain pydantic here (no torch), so configs validate instantly and ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from segfactory.config import StrictModel
+
+IGNORE_INDEX = 255
+# Encoders reduce by 32; every input side the model sees is padded to a multiple of this.
+SIZE_DIVISOR = 32
+
+ClassKey = int | str
+
+
+class ClassSpec(StrictModel):
+    """One target class of the model."""
+
+    id: int = Field(ge=0, le=254)
+    name: str = Field(min_length=1)
+    color: tuple[int, int, int] | None = None
+
+
+class SourceSpec(StrictModel):
+    """A training data source.
+
+    Attributes:
+        path: A segfactory dataset (synthetic) or a real labeled folder (``images/`` + ``masks/``).
+        weight: Share of every batch drawn from this source (weights are normalised over all sources).
+        remap: Source class (name or id) -> target class (name or id) or ``"ignore"``. Source classes not listed
+            map onto the target class of the same name.
+        fraction: Fraction of this source's training items used (label-efficiency sweeps); 0 drops the source.
+        max_items: Upper bound on training items, applied after ``fraction``.
+        on_unknown: What a mask value outside the source's class table becomes: ``error`` (names the file and
+            value) or ``ignore``.
+        classes: Real folders only: mask value -> class name. Default: ``DIR/classes.json``, else mask values are
+            the target class ids.
+        ignore_index: Real folders only: the mask value meaning "not labeled" (synthetic: from dataset.json).
+        name: Label in metrics; default the folder name.
+    """
+
+    path: Path
+    weight: float = Field(default=1.0, gt=0)
+    remap: dict[ClassKey, ClassKey] = Field(default_factory=dict)
+    fraction: float = Field(default=1.0, ge=0, le=1)
+    max_items: int | None = Field(default=None, ge=1)
+    on_unknown: Literal["error", "ignore"] = "error"
+    classes: dict[int, str] | None = None
+    ignore_index: int = Field(default=IGNORE_INDEX, ge=0, le=65535)
+    name: str | None = None
+
+
+class DataConfig(StrictModel):
+    """Training and validation data.
+
+    Attributes:
+        synthetic: Rendered segfactory datasets.
+        real: Real labeled folders.
+        val: Extra validation-only sources (kind detected from the folder).
+        val_fraction: Share of every training source held out for validation, chosen by a stable hash of the
+            frame name (so adding files never moves an existing frame between splits).
+        val_max_items: Cap on validation frames per source (validation cost).
+        load_size: Side of the window cut on the CPU from each image (padded when the image is smaller); the
+            GPU random-resized-crop then picks the training crop inside it. Default: ``augment.crop_size``.
+        num_workers: CPU loader processes (decoding and cropping only; augmentation runs on the device).
+    """
+
+    synthetic: list[SourceSpec] = Field(default_factory=list)
+    real: list[SourceSpec] = Field(default_factory=list)
+    val: list[SourceSpec] = Field(default_factory=list)
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    val_max_items: int = Field(default=64, ge=1)
+    load_size: int | None = Field(default=None, ge=SIZE_DIVISOR)
+    num_workers: int = Field(default=2, ge=0)
+
+
+class ModelConfig(StrictModel):
+    """Architecture.
+
+    Attributes:
+        arch: Decoder (see ``finetune.models.ARCHS``): unet, unetplusplus, fpn, deeplabv3plus, linknet.
+        encoder: timm model name (used as smp ``tu-<name>``). Default: the one of ``encoder_dir``.
+        encoder_dir: Pretraining output with ``encoder.safetensors`` + ``encoder.json``; none = random init.
+        in_chans: Input channels the network sees (gray inputs are repeated to 3, RGB is reduced to luminance
+            for 1).
+        decoder_channels: Decoder width(s); ``None`` = the smp default. Small values give tiny test models.
+        freeze_encoder_steps: Train only the decoder for this many steps first (protects a pretrained encoder
+            from the random decoder's early gradients), then unfreeze.
+    """
+
+    arch: str = "unet"
+    encoder: str | None = None
+    encoder_dir: Path | None = None
+    in_chans: Literal[1, 3] = 3
+    decoder_channels: list[int] | int | None = None
+    freeze_encoder_steps: int = Field(default=0, ge=0)
+
+
+class InputConfig(StrictModel):
+    """Input normalisation, identical at training and prediction time (recorded in ``model.json``).
+
+    Attributes:
+        scaling: ``dtype``: divide by the dtype maximum (255 or 65535); ``minmax``: stretch each image's own
+            min..max to 0..1 (for 16-bit sensors that use only part of the range).
+        mean: Per-channel mean after scaling; default the encoder's (``encoder.json``) or 0.5.
+        std: Per-channel std after scaling; default the encoder's or 0.25.
+    """
+
+    scaling: Literal["dtype", "minmax"] = "dtype"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class AugmentConfig(StrictModel):
+    """Mask-safe augmentation run on the training device (kornia)."""
+
+    enabled: bool = True
+    crop_size: int = Field(default=512, ge=SIZE_DIVISOR)
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333)
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    vflip: float = Field(default=0.0, ge=0, le=1)
+    rotate_p: float = Field(default=0.3, ge=0, le=1)
+    rotate_deg: float = Field(default=15.0, ge=0, le=180)
+    jitter_p: float = Field(default=0.8, ge=0, le=1)
+    brightness: float = Field(default=0.2, ge=0, le=1)
+    contrast: float = Field(default=0.2, ge=0, le=1)
+    saturation: float = Field(default=0.2, ge=0, le=1)
+    hue: float = Field(default=0.02, ge=0, le=0.5)
+    blur_p: float = Field(default=0.2, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    noise_p: float = Field(default=0.2, ge=0, le=1)
+    noise_std: float = Field(default=0.03, ge=0, le=1)
+
+    @field_validator("scale", "ratio", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_le_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1:
+            raise ValueError("crop area fractions must be <= 1")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _divisible(cls, v: int) -> int:
+        if v % SIZE_DIVISOR:
+            raise ValueError(f"must be a multiple of {SIZE_DIVISOR}")
+        return v
+
+
+class LossConfig(StrictModel):
+    """Cross-entropy + Dice.
+
+    Attributes:
+        ce_weight: Weight of cross-entropy.
+        dice_weight: Weight of the (multiclass, soft) Dice loss.
+        class_weights: Per-class CE weights: a list (one per class), ``auto`` (inverse square root of pixel
+            frequency over up to 256 training masks), or ``None``.
+    """
+
+    ce_weight: float = Field(default=1.0, ge=0)
+    dice_weight: float = Field(default=1.0, ge=0)
+    class_weights: list[float] | Literal["auto"] | None = None
+
+
+class TrainConfig(StrictModel):
+    """The optimisation loop.
+
+    Attributes:
+        steps: Total optimiser steps (the schedule spans them).
+        stop_at: Stop after this step with a checkpoint, for time-limited jobs; ``--resume`` continues.
+        keep_best: Keep the best-by-validation-mIoU model as ``model/`` (else the final one).
+        select_on: Which validation mIoU picks the best model: ``real`` (falls back to ``all`` when no real
+            validation data exists), ``synthetic`` or ``all``.
+    """
+
+    steps: int = Field(default=20000, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    encoder_lr_mult: float = Field(default=1.0, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    poly_power: float = Field(default=0.9, gt=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = Field(default=50, ge=1)
+    val_every: int = Field(default=1000, ge=1)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    stop_at: int | None = Field(default=None, ge=1)
+    keep_best: bool = True
+    select_on: Literal["real", "synthetic", "all"] = "real"
+
+
+class PredictDefaults(StrictModel):
+    """Tiling recorded in model.json as the default for ``segfactory predict``."""
+
+    tile: int = Field(default=512, ge=SIZE_DIVISOR)
+    overlap: int = Field(default=64, ge=0)
+    batch_size: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _overlap_lt_tile(self) -> PredictDefaults:
+        if self.overlap >= self.tile // 2:
+            raise ValueError(f"overlap={self.overlap} must be below half the tile ({self.tile // 2})")
+        if self.tile % SIZE_DIVISOR:
+            raise ValueError(f"tile={self.tile} must be a multiple of {SIZE_DIVISOR}")
+        return self
+
+
+class FinetuneConfig(StrictModel):
+    """``segfactory finetune`` config.
+
+    Attributes:
+        classes: Target classes; default the first synthetic dataset's classes (or the first real source's).
+        ignore_index: Target "not labeled" id in masks the model sees and writes.
+    """
+
+    classes: list[ClassSpec] | None = None
+    ignore_index: Literal[255] = IGNORE_INDEX
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictDefaults = Field(default_factory=PredictDefaults)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[ClassSpec] | None) -> list[ClassSpec] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("needs at least one class")
+        ids = [c.id for c in v]
+        names = [c.name for c in v]
+        if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+            raise ValueError("class ids and names must be unique")
+        return v
+
+
+class SweepAxes(StrictModel):
+    """The grid of a label-efficiency sweep; every run gets the same steps x batch size (matched compute).
+
+    Attributes:
+        real_fractions: Fractions of the real training labels used (0 = synthetic only).
+        synthetic_fractions: Synthetic volume as a fraction of the synthetic frames (0 = real only).
+        encoder_inits: ``random`` and/or ``ssl`` (the encoder from ``finetune.model.encoder_dir``/``--encoder``).
+        seeds: Repeats with different training seeds.
+    """
+
+    real_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])
+    synthetic_fractions: list[float] = Field(default_factory=lambda: [1.0])
+    encoder_inits: list[Literal["random", "ssl"]] = Field(default_factory=lambda: ["random", "ssl"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+    @field_validator("real_fractions", "synthetic_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= f <= 1 for f in v):
+            raise ValueError("needs one or more fractions in [0, 1]")
+        return sorted(set(v))
+
+    @field_validator("encoder_inits", "seeds")
+    @classmethod
+    def _non_empty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("needs at least one entry")
+        return list(dict.fromkeys(v))
+
+
+class SweepConfig(StrictModel):
+    """``segfactory sweep`` config: a finetune config, the grid, and held-out real test folders."""
+
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    sweep: SweepAxes = Field(default_factory=SweepAxes)
+    test: list[SourceSpec] = Field(default_factory=list)

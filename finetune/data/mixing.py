@@ -1,0 +1,172 @@
+"""Per-batch mixing of sources with configured ratios, deterministic and resumable by step number.
+
+Everything random here is a pure function of ``(seed, step, slot)``: which source fills each batch slot,
+which item it takes and where the CPU window is cut. Resuming at step ``s`` therefore replays exactly the
+batches an uninterrupted run would have seen, with any number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from finetune.data.normalize import image_range, to_unit
+from finetune.data.sources import Source
+from segfactory.errors import UserError
+
+
+def batch_counts(weights: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """How many samples each source contributes to batch ``step``.
+
+    Largest-remainder rounding of ``weights * batch_size``; the leftover slots are drawn in proportion to the
+    remainders, so over many steps every source gets exactly its share on average.
+
+    Args:
+        weights: (S,) normalised source weights.
+
+    Returns:
+        (S,) int counts summing to ``batch_size``.
+    """
+    exact = weights * batch_size
+    counts = np.floor(exact).astype(np.int64)
+    left = batch_size - int(counts.sum())
+    if left:
+        rng = np.random.default_rng([seed, step, 0x5EED])
+        rem = exact - counts
+        picked = rng.choice(len(weights), size=left, replace=False, p=rem / rem.sum())
+        counts[picked] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """What one batch slot loads: source, item, and the seed of its random window."""
+
+    source: int
+    item: int
+    step: int
+    slot: int
+
+
+class MixedBatchSampler:
+    """Yields batches of :class:`SampleRef` from ``start_step`` to ``end_step`` (exclusive).
+
+    Each source is walked through its own sequence of per-epoch permutations; the position in that sequence
+    after ``s`` steps is the sum of its counts over steps ``0..s-1``, recomputed on construction.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int, start_step: int,
+                 end_step: int):
+        self.sizes = sizes
+        self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.end_step = end_step
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 4 * len(self.sizes):
+                self._perm_cache.clear()
+            rng = np.random.default_rng([self.seed, source, epoch, 0xE90C])
+            self._perm_cache[key] = rng.permutation(self.sizes[source])
+        return self._perm_cache[key]
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        pos = np.zeros(len(self.sizes), dtype=np.int64)
+        for s in range(self.start_step):
+            pos += batch_counts(self.weights, self.batch_size, self.seed, s)
+        for s in range(self.start_step, self.end_step):
+            counts = batch_counts(self.weights, self.batch_size, self.seed, s)
+            batch = []
+            for k, c in enumerate(counts):
+                for _ in range(int(c)):
+                    epoch, i = divmod(int(pos[k]), self.sizes[k])
+                    batch.append(SampleRef(k, int(self._perm(k, epoch)[i]), s, len(batch)))
+                    pos[k] += 1
+            yield batch
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Loads a :class:`SampleRef`: decode, remap, cut a random ``window`` x ``window`` crop (padded when smaller).
+
+    Errors a user can fix are returned, not raised, so the main process re-raises them as one clean line
+    (DataLoader workers would wrap them in a traceback).
+    """
+
+    def __init__(self, sources: list[Source], window: int, in_chans: int, scaling: str, seed: int,
+                 ignore_index: int = 255):
+        self.sources = sources
+        self.window = window
+        self.in_chans = in_chans
+        self.scaling = scaling
+        self.seed = seed
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return sum(len(s.train) for s in self.sources)
+
+    def __getitem__(self, ref: SampleRef) -> dict:
+        src = self.sources[ref.source]
+        try:
+            img, mask = src.load(src.train[ref.item])
+        except UserError as e:
+            return {"error": (e.message, e.fix)}
+        rng = np.random.default_rng([self.seed, ref.step, ref.slot, 0xC209])
+        x, y = random_window(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index)
+        return {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
+
+
+def random_window(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random.Generator, in_chans: int,
+                  scaling: str, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a ``window`` square at a random position; pad images with 0 and masks with ``ignore_index``.
+
+    Returns:
+        image (C, window, window) float32 in [0, 1], mask (window, window) uint8.
+    """
+    h, w = mask.shape
+    value_range = image_range(img) if scaling == "minmax" else None
+    y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
+    x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
+    img = img[y0:y0 + window, x0:x0 + window]
+    mask = mask[y0:y0 + window, x0:x0 + window]
+    x = to_unit(img, in_chans, scaling, value_range)
+    ch, cw = mask.shape
+    if (ch, cw) != (window, window):
+        # Random placement of the small frame inside the window, so padding is not always bottom-right.
+        py = int(rng.integers(0, window - ch + 1))
+        px = int(rng.integers(0, window - cw + 1))
+        xp = np.zeros((x.shape[0], window, window), np.float32)
+        yp = np.full((window, window), ignore_index, np.uint8)
+        xp[:, py:py + ch, px:px + cw] = x
+        yp[py:py + ch, px:px + cw] = mask
+        x, mask = xp, yp
+    return x, np.ascontiguousarray(mask)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples; re-raise the first user error a worker returned.
+
+    Returns:
+        ``image`` (B, C, L, L) float32, ``mask`` (B, L, L) uint8, ``source`` (B,) int64.
+    """
+    for s in samples:
+        if "error" in s:
+            return {"error": s["error"]}
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "mask": torch.stack([s["mask"] for s in samples]),
+            "source": torch.tensor([s["source"] for s in samples], dtype=torch.int64)}
+
+
+def raise_if_error(batch: dict) -> None:
+    if "error" in batch:
+        message, fix = batch["error"]
+        raise UserError(message, fix=fix)

@@ -1,0 +1,176 @@
+"""Class tables and remapping of each source's mask values onto the model's target classes.
+
+A source (a rendered dataset, a real folder) has its own class table ``[{id, name}]`` and its own ignore
+value. :func:`build_remap` turns that table, the target classes and the user's ``remap`` into a lookup table
+once, so mapping a mask is one array index per pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segfactory.errors import UserError
+
+IGNORE = "ignore"
+
+# Distinct, colour-blind-friendly-ish defaults for classes that come without a colour.
+_PALETTE = [
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+]
+
+
+def default_color(class_id: int) -> tuple[int, int, int]:
+    if class_id < len(_PALETTE):
+        return _PALETTE[class_id]
+    # Deterministic spread for many classes: golden-ratio hue steps.
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((class_id * 0.618034) % 1.0, 0.7, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+@dataclass
+class TargetClasses:
+    """The model's classes: ids ``0..num_classes-1`` (gaps get placeholder names), names, colours."""
+
+    classes: list[dict[str, Any]]
+    ignore_index: int = 255
+
+    @property
+    def num_classes(self) -> int:
+        return max(c["id"] for c in self.classes) + 1
+
+    @property
+    def names(self) -> list[str]:
+        names = [f"class_{i}" for i in range(self.num_classes)]
+        for c in self.classes:
+            names[c["id"]] = c["name"]
+        return names
+
+    @property
+    def colors(self) -> list[tuple[int, int, int]]:
+        colors = [default_color(i) for i in range(self.num_classes)]
+        for c in self.classes:
+            if c.get("color") is not None:
+                colors[c["id"]] = tuple(int(v) for v in c["color"])
+        return colors
+
+    def id_of(self, key: int | str) -> int | None:
+        """Target id for a name or an id (ints and digit strings are ids); ``None`` if unknown."""
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            i = int(key)
+            return i if any(c["id"] == i for c in self.classes) else None
+        return next((c["id"] for c in self.classes if c["name"] == key), None)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        colors = self.colors
+        return [{"id": c["id"], "name": c["name"], "color": list(colors[c["id"]])}
+                for c in sorted(self.classes, key=lambda c: c["id"])]
+
+
+def make_targets(classes: list[dict[str, Any]], ignore_index: int = 255) -> TargetClasses:
+    """Validate a class list (unique ids in 0..254, unique names) into :class:`TargetClasses`."""
+    ids = [int(c["id"]) for c in classes]
+    if len(classes) == 0:
+        raise UserError("the class list is empty", fix="give at least one class in `classes:`")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"class ids repeat: {sorted(ids)}", fix="give every class its own id")
+    if max(ids) >= ignore_index or min(ids) < 0:
+        raise UserError(f"class ids must lie in 0..{ignore_index - 1} (got {min(ids)}..{max(ids)})",
+                        fix=f"renumber the classes; {ignore_index} means 'ignore'")
+    out = [{"id": int(c["id"]), "name": str(c["name"]), "color": c.get("color")} for c in classes]
+    return TargetClasses(sorted(out, key=lambda c: c["id"]), ignore_index)
+
+
+@dataclass
+class Remap:
+    """Lookup from source mask values to target ids.
+
+    Attributes:
+        lut: (V,) uint8 target id (or the target ignore index) per source value.
+        known: (V,) bool, whether a source value is in the source's class table (or is its ignore value).
+        mapping: Human-readable ``source class -> target class`` record (for manifests).
+    """
+
+    lut: np.ndarray
+    known: np.ndarray
+    mapping: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, mask: np.ndarray, path: Any, on_unknown: str, ignore_index: int = 255) -> np.ndarray:
+        """Map a (H, W) source mask to (H, W) uint8 target ids.
+
+        Raises:
+            UserError: a value outside the class table when ``on_unknown == "error"``, naming file and value.
+        """
+        m = mask.astype(np.int64, copy=False)
+        inside = (m >= 0) & (m < len(self.lut))
+        clipped = np.where(inside, m, 0)
+        unknown = ~inside | ~self.known[clipped]
+        out = self.lut[clipped]
+        if unknown.any():
+            if on_unknown == "error":
+                bad = np.unique(m[unknown])
+                shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+                raise UserError(
+                    f"mask '{path}' holds class id(s) {shown} outside its class map "
+                    f"(known: {', '.join(str(v) for v in np.flatnonzero(self.known)[:20])})",
+                    fix="fix the mask, add the class to the source's `classes`, or set on_unknown=ignore")
+            out = np.where(unknown, ignore_index, out)
+        return out.astype(np.uint8, copy=False)
+
+
+def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, targets: TargetClasses,
+                remap: dict[int | str, int | str], source_label: str, field_hint: str) -> Remap:
+    """Resolve a source's classes onto the targets.
+
+    Args:
+        source_classes: ``[{id, name}]`` of the source.
+        source_ignore: The source's ignore value (maps to the target ignore index).
+        targets: The model's classes.
+        remap: User mapping, source class (name or id) -> target class (name or id) or ``"ignore"``.
+        source_label: Names the source in errors.
+        field_hint: Config path of this source's ``remap`` for the fix line (e.g. ``data.synthetic[0].remap``).
+
+    Raises:
+        UserError: an unknown remap key/value, or a source class with no target.
+    """
+    by_id = {int(c["id"]): str(c["name"]) for c in source_classes}
+    by_name = {name: i for i, name in by_id.items()}
+    size = max([256, source_ignore + 1, *(i + 1 for i in by_id)])
+    lut = np.full(size, targets.ignore_index, dtype=np.uint8)
+    known = np.zeros(size, dtype=bool)
+    resolved: dict[int, int] = {}
+    mapping: dict[str, str] = {}
+    for key, value in remap.items():
+        sid = int(key) if isinstance(key, int) or str(key).isdigit() else by_name.get(str(key))
+        if sid is None or sid not in by_id:
+            raise UserError(f"{field_hint}: '{key}' is not a class of {source_label}",
+                            fix=f"use one of: {', '.join(f'{n} ({i})' for i, n in sorted(by_id.items()))}")
+        if str(value) == IGNORE:
+            resolved[sid] = targets.ignore_index
+        else:
+            tid = targets.id_of(value)
+            if tid is None:
+                raise UserError(f"{field_hint}: target '{value}' (for '{key}') is not a target class",
+                                fix=f"use 'ignore' or one of: {', '.join(targets.names)}")
+            resolved[sid] = tid
+    for sid, name in sorted(by_id.items()):
+        if sid not in resolved:
+            tid = targets.id_of(name)
+            if tid is None:
+                raise UserError(f"class '{name}' (id {sid}) of {source_label} has no target class",
+                                fix=f"add `{field_hint}: {{{name}: <one of {', '.join(targets.names)}> or ignore}}`"
+                                    " or list it in `classes`")
+            resolved[sid] = tid
+        lut[sid] = resolved[sid]
+        known[sid] = True
+        tname = "ignore" if resolved[sid] == targets.ignore_index else targets.names[resolved[sid]]
+        mapping[f"{name} ({sid})"] = tname
+    lut[source_ignore] = targets.ignore_index
+    known[source_ignore] = True
+    return Remap(lut, known, mapping)

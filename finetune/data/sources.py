@@ -1,0 +1,281 @@
+"""Data sources: rendered segfactory datasets and real labeled folders, split into train/val.
+
+Real labeled folder layout::
+
+    DIR/images/<stem>.png|.jpg|.jpeg|.tif|.tiff   gray or RGB, 8 or 16 bit
+    DIR/masks/<stem>.png                          class ids (8-bit, 16-bit or palette PNG), same size
+    DIR/classes.json                              optional: {"classes": [{"id", "name", "color"?}],
+                                                  "ignore_index": 255}
+
+Splits are chosen by a stable hash of each frame's name, never by the training seed, so runs with different
+seeds validate on the same frames and a 10 % label subset is contained in the 30 % one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from finetune.config import FinetuneConfig, SourceSpec
+from finetune.data.normalize import IMAGE_SUFFIXES, read_image, read_mask
+from finetune.data.remap import Remap, TargetClasses, build_remap, make_targets
+from segfactory.errors import UserError
+from segfactory.io import read_json
+
+Kind = Literal["synthetic", "real"]
+Role = Literal["train", "val", "eval"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labeled frame: a stable key (``shard/frame`` or the file stem) and its two files."""
+
+    key: str
+    image: Path
+    mask: Path
+
+
+@dataclass
+class Source:
+    """An opened source with its items split and its classes resolved onto the targets."""
+
+    name: str
+    kind: Kind
+    path: Path
+    train: list[Item]
+    val: list[Item]
+    remap: Remap
+    on_unknown: str
+    ignore_index: int = 255
+
+    def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        """Load one frame.
+
+        Returns:
+            image (H, W) or (H, W, 3) uint8/uint16, mask (H, W) uint8 target ids (255 = ignore).
+
+        Raises:
+            UserError: image and mask sizes differ, or the mask holds unknown ids (``on_unknown=error``).
+        """
+        img = read_image(item.image)
+        raw = read_mask(item.mask)
+        if img.shape[:2] != raw.shape[:2]:
+            raise UserError(
+                f"image '{item.image}' is {img.shape[1]}x{img.shape[0]} but its mask '{item.mask}' is "
+                f"{raw.shape[1]}x{raw.shape[0]}",
+                fix="make the mask the same size as the image (or remove the pair)")
+        return img, self.remap.apply(raw, item.mask, self.on_unknown, self.ignore_index)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "path": str(self.path), "train_items": len(self.train),
+                "val_items": len(self.val), "classes": self.remap.mapping}
+
+
+def detect_kind(path: Path) -> Kind:
+    """``synthetic`` for a directory with dataset.json, ``real`` for one with ``images/``."""
+    if (path / "dataset.json").is_file():
+        return "synthetic"
+    if (path / "images").is_dir():
+        return "real"
+    if not path.exists():
+        raise UserError(f"data folder '{path}' does not exist", fix="check the path")
+    raise UserError(f"'{path}' is neither a segfactory dataset (dataset.json) nor a labeled folder (images/ + masks/)",
+                    fix="pass the --out of `segfactory render`, or a folder with images/ and masks/ subfolders")
+
+
+def _unit_hash(text: str, salt: str) -> float:
+    return int(hashlib.sha256(f"{salt}:{text}".encode()).hexdigest()[:13], 16) / 16**13
+
+
+def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None) -> tuple[list[dict], int]:
+    """A real folder's class table: ``spec.classes``, else ``classes.json``, else the target classes."""
+    if spec.classes is not None:
+        return [{"id": i, "name": n} for i, n in spec.classes.items()], spec.ignore_index
+    cj = path / "classes.json"
+    if cj.is_file():
+        try:
+            data = read_json(cj)
+        except (OSError, ValueError) as e:
+            raise UserError(f"'{cj}' is unreadable: {e}", fix="fix the JSON") from None
+        classes = data["classes"] if isinstance(data, dict) else data
+        if not isinstance(classes, list) or not all(isinstance(c, dict) and "id" in c and "name" in c
+                                                    for c in classes):
+            raise UserError(f"'{cj}' must hold {{\"classes\": [{{\"id\": 0, \"name\": ...}}, ...]}}",
+                            fix="fix the JSON")
+        ignore = int(data.get("ignore_index", spec.ignore_index)) if isinstance(data, dict) else spec.ignore_index
+        return classes, ignore
+    if targets is None:
+        raise UserError(f"real folder '{path}' has no class table and no target classes are set",
+                        fix="write DIR/classes.json, set the source's `classes`, or set `classes:` in the config")
+    return [{"id": c["id"], "name": c["name"]} for c in targets.classes], spec.ignore_index
+
+
+def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
+    from synth.dataset import open_dataset
+
+    ds = open_dataset(path)
+    items = [Item(f"{f.shard_id}/{f.name}", f.rgb, f.semantic) for f in ds.frames()]
+    if not items:
+        raise UserError(f"dataset '{path}' has no committed frames",
+                        fix="render it first (or wait until shards finish; a shard counts once its manifest exists)")
+    return items, ds.classes, ds.ignore_index
+
+
+def _scan_real(path: Path) -> list[Item]:
+    img_dir, mask_dir = path / "images", path / "masks"
+    if not mask_dir.is_dir():
+        raise UserError(f"labeled folder '{path}' has images/ but no masks/", fix="put PNG class masks in DIR/masks/")
+    images: dict[str, Path] = {}
+    for p in sorted(img_dir.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.stem in images:
+            raise UserError(f"'{images[p.stem].name}' and '{p.name}' in '{img_dir}' share the stem '{p.stem}'",
+                            fix="rename one; masks are matched by stem")
+        images[p.stem] = p
+    if not images:
+        raise UserError(f"labeled folder '{path}' has no images in images/ ({', '.join(IMAGE_SUFFIXES)})",
+                        fix="add images, or point at another folder")
+    items = []
+    for stem, p in images.items():
+        m = mask_dir / f"{stem}.png"
+        if not m.is_file():
+            raise UserError(f"image '{p}' has no mask '{m}'", fix="add the mask or remove the image")
+        items.append(Item(stem, p, m))
+    return items
+
+
+def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_index: int) -> None:
+    """Fail before training, not at step 3000: sizes from headers, mask values from every mask."""
+    for it in items:
+        mask = read_mask(it.mask)
+        try:
+            with Image.open(it.image) as im:
+                size = im.size
+        except (OSError, ValueError):
+            size = read_image(it.image).shape[1::-1]
+        if tuple(size) != (mask.shape[1], mask.shape[0]):
+            raise UserError(f"image '{it.image}' is {size[0]}x{size[1]} but its mask '{it.mask}' is "
+                            f"{mask.shape[1]}x{mask.shape[0]}",
+                            fix="make the mask the same size as the image (or remove the pair)")
+        remap.apply(mask, it.mask, on_unknown, ignore_index)
+
+
+def split_items(items: list[Item], val_fraction: float, val_max: int) -> tuple[list[Item], list[Item]]:
+    """Stable hash split: at least one val item when ``val_fraction > 0`` and there are two or more items."""
+    if val_fraction <= 0 or len(items) < 2:
+        return list(items), []
+    ranked = sorted(items, key=lambda it: _unit_hash(it.key, "val"))
+    n_val = sum(_unit_hash(it.key, "val") < val_fraction for it in items)
+    n_val = min(max(n_val, 1), len(items) - 1, val_max)
+    val_keys = {it.key for it in ranked[:n_val]}
+    return [it for it in items if it.key not in val_keys], [it for it in items if it.key in val_keys]
+
+
+def subset_items(items: list[Item], fraction: float, max_items: int | None) -> list[Item]:
+    """Nested subsets: the items of a smaller fraction are always among those of a larger one."""
+    if fraction >= 1 and max_items is None:
+        return list(items)
+    n = math.ceil(fraction * len(items)) if fraction > 0 else 0
+    if max_items is not None:
+        n = min(n, max_items)
+    keep = {it.key for it in sorted(items, key=lambda it: _unit_hash(it.key, "subset"))[:n]}
+    return [it for it in items if it.key in keep]
+
+
+def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role, *, val_fraction: float = 0.0,
+                val_max: int = 1 << 30, field_hint: str = "remap") -> Source:
+    """Open, split and validate one source.
+
+    Args:
+        spec: The source's config.
+        kind: Expected kind (``--synthetic`` vs ``--real``); a mismatch is a UserError with the fix.
+        targets: The model's classes.
+        role: ``train`` (split into train/val by ``val_fraction``, subset by ``spec.fraction``), ``val`` (all
+            items, up to ``val_max``, for validation) or ``eval`` (all items).
+        field_hint: Config path of the source, for error messages.
+    """
+    path = Path(spec.path)
+    found = detect_kind(path)
+    if found != kind:
+        flag = "--synthetic" if found == "synthetic" else "--real"
+        raise UserError(f"'{path}' is a {found} source but was given as {kind}",
+                        fix=f"pass it with {flag} (config: data.{found})")
+    label = f"{kind} source '{path}'"
+    if kind == "synthetic":
+        items, classes, ignore = _scan_synthetic(path)
+    else:
+        items = _scan_real(path)
+        classes, ignore = real_class_table(spec, path, targets)
+    remap = build_remap(classes, ignore, targets, spec.remap, label, f"{field_hint}.remap")
+    if role == "train":
+        train, val = split_items(items, val_fraction, val_max)
+        train = subset_items(train, spec.fraction, spec.max_items)
+    elif role == "val":
+        train, val = [], sorted(items, key=lambda it: _unit_hash(it.key, "val"))[:val_max]
+    else:
+        train, val = [], list(items)
+    if kind == "real":
+        _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index)
+    return Source(spec.name or path.name, kind, path, train, val, remap, spec.on_unknown, targets.ignore_index)
+
+
+def resolve_targets(cfg: FinetuneConfig) -> TargetClasses:
+    """The model's classes: ``cfg.classes``, else the first synthetic dataset's, else the first real folder's."""
+    if cfg.classes is not None:
+        return make_targets([c.model_dump() for c in cfg.classes], cfg.ignore_index)
+    for spec in cfg.data.synthetic:
+        if detect_kind(Path(spec.path)) == "synthetic":
+            from synth.dataset import open_dataset
+
+            return make_targets(open_dataset(spec.path).classes, cfg.ignore_index)
+    for spec in cfg.data.real:
+        if detect_kind(Path(spec.path)) == "real":
+            classes, _ = real_class_table(spec, Path(spec.path), None)
+            return make_targets(classes, cfg.ignore_index)
+    raise UserError("no training data: data.synthetic and data.real are both empty",
+                    fix="pass --synthetic DATASET and/or --real DIR (or list them in the config)")
+
+
+def open_training_sources(cfg: FinetuneConfig, targets: TargetClasses) -> tuple[list[Source], list[Source]]:
+    """Open every configured source.
+
+    Returns:
+        (train sources with at least one training item, sources with validation items).
+    """
+    train: list[Source] = []
+    val: list[Source] = []
+    specs = [("synthetic", i, s) for i, s in enumerate(cfg.data.synthetic)] + \
+            [("real", i, s) for i, s in enumerate(cfg.data.real)]
+    names: set[str] = set()
+    for kind, i, spec in specs:
+        src = open_source(spec, kind, targets, "train", val_fraction=cfg.data.val_fraction,
+                          val_max=cfg.data.val_max_items, field_hint=f"data.{kind}[{i}]")
+        src.name = _unique_name(src.name, names)
+        if src.train:
+            train.append(src)
+        if src.val:
+            val.append(src)
+    for i, spec in enumerate(cfg.data.val):
+        kind = detect_kind(Path(spec.path))
+        src = open_source(spec, kind, targets, "val", val_max=cfg.data.val_max_items, field_hint=f"data.val[{i}]")
+        src.name = _unique_name(src.name, names)
+        val.append(src)
+    if not train:
+        raise UserError("no training items: every source is empty or has fraction 0",
+                        fix="add data (--synthetic/--real) or raise data.*.fraction")
+    return train, val
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    out, k = name, 2
+    while out in taken:
+        out, k = f"{name}-{k}", k + 1
+    taken.add(out)
+    return out

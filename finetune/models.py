@@ -1,0 +1,293 @@
+"""Architectures (segmentation-models-pytorch decoders on timm encoders), encoder loading and model dirs.
+
+A model dir is self-contained::
+
+    MODEL/model.safetensors   state dict of the smp model
+    MODEL/model.json          architecture, classes + colours, input normalisation, tiling defaults, lineage
+                              (the encoder's origin and the training run), weights sha256
+
+Encoders are always smp ``tu-<timm name>`` encoders, so an ``encoder.safetensors`` from pretraining (a
+``features_only`` timm state dict) loads into ``model.encoder.model`` without renaming.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.config import SIZE_DIVISOR
+from segfactory import __version__
+from segfactory.errors import UserError
+from segfactory.io import atomic_write_bytes, atomic_write_json, read_json, remove_tree, sha256_bytes
+from segfactory.registry import Registry
+
+MODEL_FORMAT = "segfactory-model"
+MODEL_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+
+ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
+
+
+def register_arch(name: str) -> Callable:
+    return ARCHS.register(name)
+
+
+def _pyramid(width: int | list[int] | None, depth: int = 5) -> dict[str, Any]:
+    """U-Net style decoder widths: an int is the last stage's width, doubling towards the encoder."""
+    if width is None:
+        return {}
+    if isinstance(width, int):
+        return {"decoder_channels": tuple(width * 2 ** (depth - 1 - i) for i in range(depth))}
+    if len(width) != depth:
+        raise UserError(f"model.decoder_channels={width} needs {depth} values for this architecture",
+                        fix=f"give {depth} widths or one int (the last stage's width)")
+    return {"decoder_channels": tuple(width)}
+
+
+def _single(width: int | list[int] | None) -> int | None:
+    if width is None:
+        return None
+    return width if isinstance(width, int) else int(width[0])
+
+
+@register_arch("unet")
+def _unet(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
+                    **_pyramid(decoder_channels))
+
+
+@register_arch("unetplusplus")
+def _unetpp(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.UnetPlusPlus(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans,
+                            classes=num_classes, **_pyramid(decoder_channels))
+
+
+@register_arch("fpn")
+def _fpn(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    w = _single(decoder_channels)
+    kw = {} if w is None else {"decoder_pyramid_channels": w, "decoder_segmentation_channels": max(w // 2, 1)}
+    return smp.FPN(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
+                   **kw)
+
+
+@register_arch("deeplabv3plus")
+def _deeplab(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    w = _single(decoder_channels)
+    return smp.DeepLabV3Plus(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans,
+                             classes=num_classes, **({} if w is None else {"decoder_channels": w}))
+
+
+@register_arch("linknet")
+def _linknet(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    if decoder_channels is not None:
+        raise UserError("linknet has no configurable decoder width (model.decoder_channels is set)",
+                        fix="remove model.decoder_channels or choose unet/fpn/deeplabv3plus")
+    return smp.Linknet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes)
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """Build an untrained model from an architecture record.
+
+    Args:
+        arch: ``{"arch", "encoder", "in_chans", "num_classes", "decoder_channels"}`` (as in model.json).
+
+    Returns:
+        A module mapping (B, in_chans, H, W) with H, W multiples of 32 to logits (B, num_classes, H, W).
+    """
+    factory = ARCHS.get(arch["arch"])
+    try:
+        return factory(arch["encoder"], int(arch["in_chans"]), int(arch["num_classes"]), arch.get("decoder_channels"))
+    except RuntimeError as e:  # timm: unknown model name
+        if "Unknown model" in str(e) or "Invalid model" in str(e):
+            raise UserError(f"model.encoder='{arch['encoder']}' is not a timm model",
+                            fix="use a timm name such as resnet18, convnext_tiny, efficientnet_b0, test_resnet"
+                            ) from None
+        raise
+
+
+def encoder_module(model: nn.Module) -> nn.Module:
+    return model.encoder  # type: ignore[return-value]
+
+
+def read_encoder(encoder_dir: str | os.PathLike) -> dict[str, Any]:
+    from pretrain.export import read_encoder_meta
+
+    return read_encoder_meta(encoder_dir)
+
+
+def check_encoder_fits(meta: dict[str, Any], encoder_dir: Path, encoder: str | None, in_chans: int) -> str:
+    """The timm name to build, after checking ``encoder.json`` against the configured encoder and channels.
+
+    Raises:
+        UserError: another architecture or another channel count than configured.
+    """
+    if encoder is not None and encoder != meta["timm_name"]:
+        raise UserError(f"encoder '{encoder_dir}' is a {meta['timm_name']} but model.encoder={encoder}",
+                        fix=f"set model.encoder={meta['timm_name']} (or drop it), or pass an encoder of {encoder}")
+    if int(meta["in_chans"]) != in_chans:
+        raise UserError(f"encoder '{encoder_dir}' takes {meta['in_chans']} input channel(s) but model.in_chans="
+                        f"{in_chans}", fix=f"set model.in_chans={meta['in_chans']}")
+    return str(meta["timm_name"])
+
+
+def load_pretrained_encoder(model: nn.Module, encoder_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load ``encoder.safetensors`` into the model's encoder.
+
+    Returns:
+        The lineage record stored in model.json.
+
+    Raises:
+        UserError: the encoder does not fit (architecture, channels) or its files are missing/corrupt.
+    """
+    from pretrain.export import load_into_smp
+
+    meta = load_into_smp(model, encoder_dir)
+    return {"init": "ssl" if meta.get("method") != "random" else "random-export", "dir": str(Path(encoder_dir)),
+            **{k: meta.get(k) for k in ("timm_name", "in_chans", "method", "steps", "data_manifest_hash",
+                                        "weights_sha256", "created", "code_version")}}
+
+
+def state_blob(model: nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    # Contiguous CPU clones: channels_last and shared storage are refused by safetensors.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return save(state, metadata={"format": MODEL_FORMAT})
+
+
+def save_model_dir(out_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write a model dir atomically: a complete sibling directory is swapped in place of the old one.
+
+    Args:
+        out_dir: Target directory (replaced if it exists).
+        model: The trained smp model.
+        meta: model.json content without ``weights_sha256`` / ``created`` (added here).
+    """
+    out = Path(out_dir)
+    blob = state_blob(model)
+    full = {**meta, "weights_sha256": sha256_bytes(blob),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "code_version": __version__}
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    atomic_write_bytes(tmp / WEIGHTS_FILE, blob)
+    atomic_write_json(tmp / META_FILE, full)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    remove_tree(old)
+    return out
+
+
+_REQUIRED = ("format", "version", "architecture", "classes", "num_classes", "ignore_index", "input")
+
+
+def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``model.json`` (and that the weights file exists).
+
+    Raises:
+        UserError: naming the directory and the missing or corrupt file.
+    """
+    d = Path(model_dir)
+    fix = "pass the model/ directory written by `segfactory finetune` (or `segfactory export`)"
+    if not d.is_dir():
+        raise UserError(f"model dir '{d}' does not exist", fix=fix)
+    if (d / "model").is_dir() and not (d / META_FILE).exists():
+        raise UserError(f"'{d}' is a training run, not a model dir", fix=f"pass '{d / 'model'}'")
+    missing = [f for f in (META_FILE, WEIGHTS_FILE) if not (d / f).is_file()]
+    if missing:
+        raise UserError(f"model dir '{d}' is missing {' and '.join(missing)}", fix=fix)
+    try:
+        meta = read_json(d / META_FILE)
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{d / META_FILE}' is corrupt ({e})", fix="re-export the model") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise UserError(f"'{d / META_FILE}' is not a segfactory model (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else None!r})", fix=fix)
+    if meta.get("version") != MODEL_VERSION:
+        raise UserError(f"'{d / META_FILE}' has version {meta.get('version')!r}; this segfactory reads "
+                        f"{MODEL_VERSION}", fix="re-export the model with this segfactory version")
+    lacking = [k for k in _REQUIRED if k not in meta]
+    if lacking:
+        raise UserError(f"'{d / META_FILE}' lacks {', '.join(lacking)}", fix="re-export the model")
+    return meta
+
+
+def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a model dir for inference.
+
+    Returns:
+        ``(model in eval mode on device, meta)``.
+
+    Raises:
+        UserError: missing/corrupt files, or weights that do not fit model.json (e.g. another class count).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    d = Path(model_dir)
+    meta = read_model_meta(d)
+    blob = (d / WEIGHTS_FILE).read_bytes()
+    if meta.get("weights_sha256") and sha256_bytes(blob) != meta["weights_sha256"]:
+        raise UserError(f"'{d / WEIGHTS_FILE}' does not match model.json (sha256 differs: corrupt or from "
+                        "another model)", fix="re-export the model dir")
+    try:
+        state = load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise UserError(f"'{d / WEIGHTS_FILE}' is corrupt ({e})", fix="re-export the model dir") from None
+    arch = meta["architecture"]
+    if int(arch["num_classes"]) != int(meta["num_classes"]):
+        raise UserError(f"'{d / META_FILE}' says num_classes={meta['num_classes']} but its architecture has "
+                        f"{arch['num_classes']}", fix="re-export the model dir")
+    model = build_model(arch)
+    check_state_fits(state, model, d, int(meta["num_classes"]))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta
+
+
+def check_state_fits(state: dict[str, torch.Tensor], model: nn.Module, where: Path, num_classes: int) -> None:
+    """Raise one clear line when weights do not fit a model; a different head size is a class-count mismatch."""
+    target = model.state_dict()
+    head = [k for k in target if k.startswith("segmentation_head.") and k.endswith("weight")]
+    for k in head:
+        if k in state and state[k].shape[0] != target[k].shape[0]:
+            raise UserError(f"'{where}' holds weights for {state[k].shape[0]} classes but {num_classes} are "
+                            "expected", fix="use the model dir's own model.json, or retrain with the class list")
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise UserError(f"weights in '{where}' do not fit the architecture ({detail})",
+                        fix="the weights and model.json come from different models; re-export")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise UserError(f"weights in '{where}': '{k}' has shape {tuple(v.shape)}, the architecture expects "
+                            f"{tuple(target[k].shape)}", fix="re-export the model dir")
+
+
+def model_meta(arch: dict[str, Any], targets_json: list[dict], ignore_index: int, input_spec: dict[str, Any],
+               predict_spec: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
+    """The model.json record (see module docstring)."""
+    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "architecture": arch, "classes": targets_json,
+            "num_classes": int(arch["num_classes"]), "ignore_index": ignore_index,
+            "input": {**input_spec, "size_divisor": SIZE_DIVISOR, "layout": "NCHW float32"},
+            "predict": predict_spec, "lineage": lineage}

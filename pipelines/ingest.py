@@ -1,0 +1,157 @@
+"""Dask orchestration of ``segfactory ingest``: hash chunks of files, drop duplicates, ingest shards.
+
+The per-unit work lives in :mod:`pretrain.ingest`; this module only lists the source, plans the shards and
+runs the two phases on the cluster from :func:`pipelines.cluster.open_client`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.cluster import open_client
+from pretrain import ingest as core
+from pretrain.config import IngestConfig
+from segfactory.config import hash_config, save_resolved
+from segfactory.console import console, progress
+from segfactory.errors import PartialFailure, UserError
+from segfactory.io import ensure_writable_dir
+
+CONFIG_FILE = "config.yaml"
+
+
+def check_normalization_unchanged(out: Path, cfg: IngestConfig) -> None:
+    """A dump grows over time, but all its shards must share one normalization."""
+    prev_path = out / CONFIG_FILE
+    if not prev_path.is_file() or not core.committed_shards(out):
+        return
+    prev = (yaml.safe_load(prev_path.read_text(encoding="utf-8")) or {}).get("normalize", {})
+    now = cfg.normalize.model_dump(mode="json")
+    changed = [k for k in now if prev.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"'{out}' was ingested with normalize.{k}={prev.get(k)!r}; this run asks for {now[k]!r}",
+                        fix=f"re-run with normalize.{k}={prev.get(k)!r}, or ingest into a new --out")
+
+
+def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig,
+               on_event: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Ingest (or incrementally extend) an image folder into ``out_dir``.
+
+    Args:
+        src: Folder, glob or text file of paths.
+        out_dir: Output directory (see :mod:`pretrain.ingest` for the layout).
+        cfg: Validated config.
+        on_event: Optional callback for log lines (tests).
+
+    Returns:
+        Summary: new images/rejections of this run and totals of the output.
+
+    Raises:
+        UserError: empty source, unwritable output, changed normalization, or every file rejected.
+        PartialFailure: some shard tasks failed after retries (the others are committed).
+    """
+    t0 = time.perf_counter()
+    out = ensure_writable_dir(out_dir)
+    check_normalization_unchanged(out, cfg)
+    leftovers = core.clean_uncommitted(out)
+    if leftovers:
+        console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
+    files = core.discover(src, cfg.extensions, cfg.follow_symlinks)
+    known, known_shas, last_run = core.known_files(out)
+    new = [f for f in files if f.key not in known]
+    save_resolved(cfg, out / CONFIG_FILE)
+    console.print(f"{len(files)} file(s) in source, {len(files) - len(new)} already ingested, {len(new)} new")
+    summary: dict[str, Any] = {"source": src, "out": str(out), "files_seen": len(files), "new_files": len(new),
+                               "new_images": 0, "new_rejected": 0, "rejected_kinds": {}, "failed_shards": {}}
+    failures: dict[str, str] = {}
+    if new:
+        cfg_dict = cfg.model_dump(mode="json")
+        with open_client(cfg.cluster) as client:
+            hashed, hash_failures = _hash_phase(client, new, cfg)
+            failures.update(hash_failures)
+            specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard)
+            results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries)
+            failures.update(shard_failures)
+        for r in results:
+            summary["new_images"] += r["images"]
+            summary["new_rejected"] += r["rejected"]
+            for k, v in r["rejected_kinds"].items():
+                summary["rejected_kinds"][k] = summary["rejected_kinds"].get(k, 0) + v
+    index = core.build_index(out)
+    dt = time.perf_counter() - t0
+    summary.update(total_images=index["num_images"], total_rejected=index["num_rejected"],
+                   data_hash=index["data_hash"], seconds=round(dt, 2), config_hash=hash_config(cfg),
+                   failed_shards=failures)
+    _print_summary(summary, index)
+    if failures:
+        raise PartialFailure(f"{len(failures)} ingest task(s) failed; the rest is committed and a re-run retries "
+                             "them", failures)
+    if index["num_images"] == 0:
+        raise UserError(f"every file was rejected ({index['num_rejected']} file(s); reasons in "
+                        f"{out / core.REJECTED_FILE})", fix="point SRC at image files (JPEG, PNG, TIFF, WebP, BMP)")
+    return summary
+
+
+def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestConfig
+                ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    from distributed import as_completed
+
+    chunks = [files[i:i + cfg.hash_chunk] for i in range(0, len(files), cfg.hash_chunk)]
+    futures = client.map(core.hash_files, chunks, max_file_mb=cfg.checks.max_file_mb, pure=False,
+                         retries=cfg.retries)
+    by_future = dict(zip(futures, chunks, strict=True))
+    hashed: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    with progress() as bar:
+        task = bar.add_task("hashing", total=len(files))
+        for fut in as_completed(futures):
+            chunk = by_future[fut]
+            try:
+                hashed.extend(fut.result())
+            except Exception as e:  # a worker died or a bug: report the chunk, keep going
+                failures[f"hash chunk starting at {chunk[0].path}"] = f"{type(e).__name__}: {e}"
+            bar.advance(task, len(chunk))
+    return hashed, failures
+
+
+def _shard_phase(client: Any, specs: list[dict[str, Any]], out: str, cfg: dict[str, Any], retries: int
+                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    from distributed import as_completed
+
+    if not specs:
+        return [], {}
+    futures = client.map(core.ingest_shard, specs, out_root=out, cfg=cfg, pure=False, retries=retries)
+    by_future = dict(zip(futures, specs, strict=True))
+    results: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    total = sum(len(s["files"]) for s in specs)
+    with progress() as bar:
+        task = bar.add_task("ingesting", total=total)
+        for fut in as_completed(futures):
+            spec = by_future[fut]
+            try:
+                results.append(fut.result())
+            except Exception as e:
+                failures[f"shard {spec['shard_id']}"] = f"{type(e).__name__}: {e}"
+            bar.advance(task, len(spec["files"]))
+    return results, failures
+
+
+def _print_summary(s: dict[str, Any], index: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="ingest", show_header=False)
+    t.add_row("new files", str(s["new_files"]))
+    t.add_row("new images", str(s["new_images"]))
+    t.add_row("new rejected", ", ".join(f"{k}={v}" for k, v in sorted(s["rejected_kinds"].items()))
+              or "0")
+    t.add_row("total images", f"{index['num_images']} ({index['num_rgb']} RGB, {index['num_gray']} gray)")
+    t.add_row("total rejected", f"{index['num_rejected']} (see {core.REJECTED_FILE})")
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(t)

@@ -1,0 +1,198 @@
+"""``segfactory render``: render a dataset as Dask tasks, one shard per task, resuming finished work."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from scenes import resolve_scene
+from segfactory import __version__
+from segfactory.config import hash_config, save_resolved
+from segfactory.console import console, progress
+from segfactory.errors import PartialFailure, UserError
+from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
+from synth.config import RenderConfig
+from synth.dataset import DATASET_FILE, DEPTH_SCALE_M, IGNORE_INDEX, committed_shards
+from synth.shard import DEPTH_MAX, ShardPlan, plan_shards, remove_stale_tmp
+
+PROGRESS_TOPIC = "segfactory-render-progress"
+
+
+def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
+    """Dask task: render one shard in a subprocess with a timeout; raises (so Dask retries) on failure."""
+    from pipelines.subproc import run_logged
+    from synth.worker import PROGRESS_PREFIX
+
+    root = Path(job["root"])
+    plan = job["plan"]
+    if (root / "shards" / plan["shard_id"] / "manifest.json").is_file():
+        return {"shard_id": plan["shard_id"], "skipped": True}
+    logs = root / ".logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    job_path = logs / f"{plan['shard_id']}.job.json"
+    atomic_write_json(job_path, job)
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        worker = None
+
+    def forward(line: str) -> None:
+        if worker is not None and line.startswith(PROGRESS_PREFIX):
+            _, shard_id, frames = line.split()
+            worker.log_event(PROGRESS_TOPIC, {"shard_id": shard_id, "frames": int(frames)})
+
+    run_logged([sys.executable, "-m", "synth.worker", str(job_path)], job["timeout_s"],
+               logs / f"{plan['shard_id']}.log", on_line=forward)
+    manifest = read_json(root / "shards" / plan["shard_id"] / "manifest.json")
+    return {"shard_id": plan["shard_id"], "skipped": False, "frames": manifest["num_frames"],
+            "timings": manifest["timings"]}
+
+
+def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str, Any]:
+    """Check ``out`` can hold this dataset (writable; empty or the same config) and write its metadata."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a directory", fix="choose a directory path for --out")
+    meta_path = out / DATASET_FILE
+    if meta_path.is_file():
+        try:
+            old = read_json(meta_path)
+        except (OSError, ValueError):
+            old = {}
+        if old.get("config_hash") != config_hash:
+            raise UserError(
+                f"'{out}' holds a dataset rendered with a different config "
+                f"(config hash {old.get('config_hash')} there, {config_hash} now)",
+                fix="use a new --out directory, or render with the config saved in its config.yaml")
+    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise UserError(f"'{out}' is not empty and holds no segfactory dataset",
+                        fix="choose an empty or new --out directory")
+    ensure_writable_dir(out)
+    resolved = resolve_scene(cfg.scene)
+    meta = {
+        "format": "segfactory-dataset",
+        "format_version": 1,
+        "family": resolved.family.name,
+        "classes": [asdict(c) for c in resolved.classes],
+        "ignore_index": IGNORE_INDEX,
+        "background_class": resolved.family.background,
+        "image": {"format": cfg.output.image_format, "bit_depth": cfg.output.bit_depth,
+                  "channels": 1 if resolved.family.name == "cells" else 3, "resolution": cfg.render.resolution},
+        "depth": {"dtype": "uint16", "scale_m": None, "invalid": 0, "saturated": DEPTH_MAX},
+        "config_hash": config_hash,
+        "code_version": __version__,
+    }
+    # Depth units: 1/1000 of a scene unit (millimetres for metre-scale scenes, nanometres for cells).
+    meta["depth"]["scale_m"] = DEPTH_SCALE_M * (1e-6 if resolved.family.name == "cells" else 1.0)
+    save_resolved(cfg, out / "config.yaml")
+    update_dataset_meta(out, meta)
+    return meta
+
+
+def update_dataset_meta(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite dataset.json's shard list from the committed shards on disk."""
+    shards = []
+    for sid in committed_shards(out):
+        m = read_json(out / "shards" / sid / "manifest.json")
+        shards.append({"id": sid, "frames": m["num_frames"], "instances": m["num_instances"], "scenes": m["scenes"],
+                       "seed": m["seed"]})
+    meta = {**meta, "shards": shards, "num_shards": len(shards), "num_frames": sum(s["frames"] for s in shards)}
+    atomic_write_json(out / DATASET_FILE, meta)
+    return meta
+
+
+def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
+    """Fill in the scene family's defaults and compute the dataset's config hash."""
+    resolved = resolve_scene(cfg.scene)
+    cfg = cfg.model_copy(update={"scene": resolved.as_config()})
+    return cfg, hash_config(cfg.identity())
+
+
+def run_render(cfg: RenderConfig, out: str | os.PathLike) -> dict[str, Any]:
+    """Render all missing shards of the dataset ``cfg`` describes into ``out``.
+
+    Returns:
+        A summary: shards planned/rendered/skipped, frames, seconds, failures.
+
+    Raises:
+        UserError: bad config or output directory (before anything is rendered).
+        PartialFailure: some shards failed after their retries; the others are committed.
+    """
+    import time
+
+    out = Path(out).resolve()
+    cfg, config_hash = resolve_render_config(cfg)
+    meta = prepare_dataset(out, cfg, config_hash)
+    plans = plan_shards(meta["family"], config_hash, cfg.dataset.seed, cfg.dataset.scenes, cfg.dataset.scenes_per_shard,
+                        __version__)
+    done = set(committed_shards(out))
+    todo = [p for p in plans if p.shard_id not in done]
+    stale = remove_stale_tmp(out)
+    if stale:
+        console.print(f"removed {stale} unfinished shard write(s) from an interrupted run")
+    frames_per_shard = {p.shard_id: (p.scene_stop - p.scene_start) * cfg.render.views for p in todo}
+    console.print(f"render: {len(plans)} shard(s) planned, {len(plans) - len(todo)} already done, "
+                  f"{len(todo)} to render ({sum(frames_per_shard.values())} frames) -> {out}")
+    t0 = time.perf_counter()
+    failures: dict[str, str] = {}
+    rendered = 0
+    if todo:
+        from pipelines.cluster import open_client
+
+        with open_client(cfg.cluster) as client:
+            failures, rendered = _submit_and_wait(client, cfg, out, config_hash, todo, frames_per_shard)
+    meta = update_dataset_meta(out, meta)
+    summary = {"out": str(out), "shards_planned": len(plans), "shards_rendered": rendered,
+               "shards_skipped": len(plans) - len(todo), "shards_failed": len(failures),
+               "frames_total": meta["num_frames"], "seconds": round(time.perf_counter() - t0, 2)}
+    console.print(f"render: {rendered} shard(s) rendered, {summary['shards_skipped']} skipped, {len(failures)} failed; "
+                  f"dataset has {meta['num_frames']} frames in {meta['num_shards']} shard(s) "
+                  f"({summary['seconds']:.1f}s)")
+    if failures:
+        raise PartialFailure(f"{len(failures)} shard(s) failed after {cfg.execution.retries} retries "
+                             "(the others are complete; re-run the same command to retry them)", failures)
+    return summary
+
+
+def _submit_and_wait(client: Any, cfg: RenderConfig, out: Path, config_hash: str, todo: list[ShardPlan],
+                     frames_per_shard: dict[str, int]) -> tuple[dict[str, str], int]:
+    from distributed import as_completed
+
+    nworkers = max(1, len(client.scheduler_info().get("workers", {})))
+    threads = cfg.render.threads or (max(1, (os.cpu_count() or 1) // nworkers) if cfg.cluster.backend == "local" else 0)
+    jobs = [{"root": str(out), "plan": asdict(p), "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
+             "code_version": __version__, "timeout_s": cfg.execution.timeout_s, "threads": threads} for p in todo]
+    failures: dict[str, str] = {}
+    rendered = 0
+    with progress() as bar:
+        task = bar.add_task("rendering", total=sum(frames_per_shard.values()))
+        seen: dict[str, int] = {}
+
+        def on_progress(event: Any) -> None:
+            msg = event[1] if isinstance(event, tuple) else event
+            sid = msg["shard_id"]
+            if sid in frames_per_shard and msg["frames"] > seen.get(sid, 0):
+                bar.advance(task, msg["frames"] - seen.get(sid, 0))
+                seen[sid] = msg["frames"]
+
+        client.subscribe_topic(PROGRESS_TOPIC, on_progress)
+        futures = {client.submit(render_shard_task, job, key=f"render-{job['plan']['shard_id']}", pure=False,
+                                 retries=cfg.execution.retries): job["plan"]["shard_id"] for job in jobs}
+        for fut in as_completed(list(futures)):
+            sid = futures[fut]
+            try:
+                result = fut.result()
+                rendered += not result.get("skipped", False)
+            except Exception as e:  # reported per shard; the other shards go on
+                failures[sid] = f"{type(e).__name__}: {e}"
+                console.print(f"[red]shard {sid} failed:[/] {e}", soft_wrap=True)
+            remaining = frames_per_shard[sid] - seen.get(sid, 0)
+            if sid not in failures and remaining > 0:
+                bar.advance(task, remaining)
+                seen[sid] = frames_per_shard[sid]
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+    return failures, rendered

@@ -1,0 +1,82 @@
+"""Run heavy external work (a Blender render) as a subprocess inside a Dask task.
+
+The child gets its own process group, so a timeout kills Blender and anything it started; and it is tied to
+its parent with ``PR_SET_PDEATHSIG``, so a worker killed with SIGKILL does not leave an orphan rendering on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+
+class SubprocessFailed(RuntimeError):
+    """The child crashed or exited non-zero; the message carries the exit status and its last output lines."""
+
+
+class SubprocessTimeout(SubprocessFailed):
+    """The child ran past its timeout and its process group was killed."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
+               on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd``, appending its output to ``log_path``; raise on timeout or non-zero exit.
+
+    Args:
+        cmd: Command line.
+        timeout_s: Wall-clock limit; on expiry the whole process group gets SIGKILL.
+        log_path: File the child's stdout and stderr are appended to.
+        on_line: Called with each output line (e.g. to forward progress).
+        env: Environment for the child (default: inherited).
+
+    Raises:
+        SubprocessTimeout: it ran too long.
+        SubprocessFailed: it exited non-zero or died from a signal.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=8)
+    timed_out = threading.Event()
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                start_new_session=True, preexec_fn=_die_with_parent, env=env)
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if line.strip():
+                    tail.append(line.rstrip())
+                if on_line is not None:
+                    on_line(line)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                kill()
+                proc.wait()
+    if timed_out.is_set():
+        raise SubprocessTimeout(f"timed out after {timeout_s:g}s and was killed (log: {log_path})")
+    if rc != 0:
+        status = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+        last = " | ".join(list(tail)[-3:])
+        raise SubprocessFailed(f"render process {status}: {last} (log: {log_path})")

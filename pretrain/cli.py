@@ -1,0 +1,128 @@
+"""CLI glue for pretraining: ``ingest``, ``pretrain``, ``probe`` and ``bench ingest`` / ``bench augment``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+METHOD_NAMES = "simclr, moco, byol, dino, barlowtwins, vicreg"
+
+
+def register(commands: Any, benches: Any) -> None:
+    p = commands.add_parser("ingest", help="validate, deduplicate and normalize a raw image dump into shards",
+                            description="Ingest unlabeled images (JPEG, PNG 8/16-bit, TIFF stacks, WebP, BMP) for "
+                            "pretraining. Bad files are reported in rejected.jsonl; re-running ingests only new files.")
+    p.add_argument("src", help="folder (recursive), quoted glob ('dump/**/*.tif'), or .txt file of paths")
+    p.add_argument("--out", required=True, help="output directory (the --images of `segfactory pretrain`)")
+    p.add_argument("--config", help="ingest config YAML (default: built-in defaults, see configs/ingest.yaml)")
+    p.add_argument("--max-short-side", type=int, help="downscale so the short side is at most N px "
+                   "(normalize.max_short_side; 0 keeps full size)")
+    p.add_argument("--workers", type=int, help="local Dask worker processes (cluster.workers)")
+    p.add_argument("--cluster-address", help="use an existing Dask scheduler (cluster.backend=address)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. files_per_shard=256")
+    p.set_defaults(func=cmd_ingest)
+
+    p = commands.add_parser("pretrain", help="self-supervised pretraining of an encoder on ingested images",
+                            description=f"Pretrain a timm encoder with a lightly method ({METHOD_NAMES}) and "
+                            "kornia augmentation on the training device; exports OUT/encoder/.")
+    p.add_argument("config", help="pretrain config YAML (e.g. configs/pretrain.yaml)")
+    p.add_argument("--images", required=True, help="output directory of `segfactory ingest`")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, encoder/)")
+    p.add_argument("--method", help=f"SSL method (method.name): {METHOD_NAMES}")
+    p.add_argument("--backbone", help="backbone (backbone.name), e.g. resnet18, convnext_atto, efficientnet_b0, "
+                   "vit_small, test_resnet")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="images per micro-batch (train.batch_size)")
+    p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
+                   help="continue from OUT's last checkpoint, or from CKPT")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop (with a checkpoint) after N steps of this run; --resume continues")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=2e-3")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = commands.add_parser("probe", help="frozen-encoder dense linear probe: mIoU of an encoder vs random init",
+                            description="Train a 1x1 conv on frozen encoder features of a labeled dataset and "
+                            "print {miou_encoder, miou_random} as one JSON object.")
+    p.add_argument("--encoder", required=True, help="encoder directory (OUT/encoder of `segfactory pretrain`)")
+    p.add_argument("--data", required=True, help="labeled dataset (output of `segfactory render`)")
+    p.add_argument("--steps", type=int, help="probe training steps (steps)")
+    p.add_argument("--config", help="probe config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. image_size=192")
+    p.set_defaults(func=cmd_probe)
+
+    p = benches.add_parser("ingest", help="ingest core vs a plain PIL open+convert+resize loop (images/s per core)")
+    p.add_argument("--images", type=int, default=200, help="640x480 JPEGs to generate from sample photos")
+    p.add_argument("--short-side", type=int, default=224, help="target short side of both pipelines")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes (best is reported)")
+    p.set_defaults(func=cmd_bench_ingest)
+
+    p = benches.add_parser("augment", help="kornia batched views on the training device vs lightly's per-sample "
+                           "torchvision transforms in a DataLoader")
+    p.add_argument("--method", default="simclr", help=f"view spec of this method ({METHOD_NAMES})")
+    p.add_argument("--images", type=int, default=256, help="source images per pass")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--workers", type=int, help="DataLoader workers for the baseline (default: all cores)")
+    p.add_argument("--backbone", default="resnet18", help="backbone for the training-step share (none to skip)")
+    p.set_defaults(func=cmd_bench_augment)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import run_ingest
+    from pretrain.config import IngestConfig
+    from segfactory.config import load_config
+
+    extra: dict[str, Any] = {"cluster.workers": args.workers}
+    overrides = list(args.overrides)
+    if args.max_short_side == 0:  # load_config skips None extras: "keep full size" goes in as an override
+        overrides.append("normalize.max_short_side=null")
+    elif args.max_short_side is not None:
+        extra["normalize.max_short_side"] = args.max_short_side
+    if args.cluster_address:
+        extra |= {"cluster.backend": "address", "cluster.address": args.cluster_address}
+    cfg = load_config(IngestConfig, args.config, overrides, extra)
+    summary = run_ingest(args.src, args.out, cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.config import PretrainConfig
+    from pretrain.train import run_pretrain
+    from segfactory.config import load_config
+
+    extra = {"method.name": args.method, "backbone.name": args.backbone, "train.steps": args.steps,
+             "train.batch_size": args.batch_size}
+    cfg = load_config(PretrainConfig, args.config, args.overrides, extra)
+    summary = run_pretrain(cfg, args.images, args.out, resume=args.resume, stop_after=args.stop_after)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from pretrain.config import ProbeConfig
+    from pretrain.probe import run_probe
+    from segfactory.config import load_config
+
+    cfg = load_config(ProbeConfig, args.config, args.overrides, {"steps": args.steps})
+    result = run_probe(args.encoder, args.data, cfg)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from pretrain.bench import bench_ingest
+
+    print(json.dumps(bench_ingest(args.images, args.short_side, args.repeats)))
+    return 0
+
+
+def cmd_bench_augment(args: argparse.Namespace) -> int:
+    from pretrain.bench import bench_augment
+
+    result = bench_augment(args.method, args.images, args.batch_size, args.crop_size, args.device, args.workers,
+                           None if args.backbone == "none" else args.backbone)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,209 @@
+"""Typed configs of ``segfactory ingest``, ``segfactory pretrain`` and ``segfactory probe``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.cluster import ClusterConfig
+from segfactory.config import StrictModel
+
+# ----------------------------------------------------------------------------------------------- ingest
+
+
+class NormalizeConfig(StrictModel):
+    """How decoded images become stored 8-bit images."""
+
+    max_short_side: int | None = Field(512, ge=8, description="downscale so the short side is at most this; "
+                                       "null keeps full size")
+    low_percentile: float = Field(0.5, ge=0, lt=50, description="16-bit/float -> 8-bit: this percentile maps to 0")
+    high_percentile: float = Field(99.5, gt=50, le=100, description="... and this one to 255")
+    store: Literal["auto", "png", "jpeg"] = Field(
+        "auto", description="auto: JPEG sources stay JPEG (bytes copied when unchanged), others become PNG")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class ValidateConfig(StrictModel):
+    """What counts as a bad file."""
+
+    max_pixels: int = Field(178_956_970, ge=1, description="larger images are rejected as decompression bombs "
+                            "(Pillow's limit by default)")
+    min_side: int = Field(8, ge=1, description="images with a side below this are rejected")
+    max_pages: int = Field(1024, ge=1, description="at most this many slices are taken from one TIFF stack")
+    max_file_mb: float = Field(2048, gt=0, description="larger files are rejected without reading them")
+
+
+class IngestConfig(StrictModel):
+    """``segfactory ingest`` config."""
+
+    files_per_shard: int = Field(512, ge=1, description="source files per shard (one Dask task each)")
+    hash_chunk: int = Field(2048, ge=1, description="files per hashing task")
+    extensions: list[str] | None = Field(
+        None, description="folder/glob sources: only files with these suffixes (e.g. ['.png', '.tif']); null "
+        "reads every file and recognises images by content, so misnamed and non-image files are reported")
+    follow_symlinks: bool = True
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    checks: ValidateConfig = Field(default_factory=ValidateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    retries: int = Field(1, ge=0, description="re-tries of a failed task before it is reported")
+
+    @field_validator("extensions")
+    @classmethod
+    def _dot_lower(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
+
+
+# --------------------------------------------------------------------------------------------- pretrain
+
+
+class SimCLRConfig(StrictModel):
+    temperature: float = Field(0.5, gt=0)
+    hidden_dim: int = Field(2048, ge=1)
+    out_dim: int = Field(128, ge=1)
+
+
+class MoCoConfig(StrictModel):
+    """MoCo v2: momentum key encoder + memory bank of negatives."""
+
+    temperature: float = Field(0.2, gt=0)
+    hidden_dim: int = Field(2048, ge=1)
+    out_dim: int = Field(128, ge=1)
+    memory_bank_size: int = Field(4096, ge=0, description="negatives kept from past batches (0: in-batch only)")
+    momentum: float = Field(0.99, ge=0, lt=1, description="start of the cosine momentum schedule (ends at 1)")
+
+
+class BYOLConfig(StrictModel):
+    hidden_dim: int = Field(4096, ge=1)
+    out_dim: int = Field(256, ge=1)
+    momentum: float = Field(0.99, ge=0, lt=1)
+
+
+class DINOConfig(StrictModel):
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    out_dim: int = Field(65536, ge=1, description="prototypes; 4096-16384 is plenty for small data")
+    momentum: float = Field(0.996, ge=0, lt=1)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_steps: int = Field(0, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    n_local_crops: int = Field(6, ge=0)
+    freeze_last_layer_steps: int = Field(0, ge=0, description="keep the prototypes fixed this many steps")
+
+
+class BarlowTwinsConfig(StrictModel):
+    hidden_dim: int = Field(2048, ge=1)
+    out_dim: int = Field(2048, ge=1)
+    lambda_param: float = Field(5e-3, gt=0)
+
+
+class VICRegConfig(StrictModel):
+    hidden_dim: int = Field(2048, ge=1)
+    out_dim: int = Field(2048, ge=1)
+
+
+class MethodConfig(StrictModel):
+    """``method``: which SSL method and its options (only the chosen method's section is used)."""
+
+    name: str = Field("simclr", description="simclr, moco, byol, dino, barlowtwins, vicreg")
+    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
+    moco: MoCoConfig = Field(default_factory=MoCoConfig)
+    byol: BYOLConfig = Field(default_factory=BYOLConfig)
+    dino: DINOConfig = Field(default_factory=DINOConfig)
+    barlowtwins: BarlowTwinsConfig = Field(default_factory=BarlowTwinsConfig)
+    vicreg: VICRegConfig = Field(default_factory=VICRegConfig)
+
+
+class BackboneConfig(StrictModel):
+    name: str = Field("resnet18", description="registered backbone (see `segfactory pretrain --help`)")
+    in_chans: Literal["auto", 1, 3] = Field("auto", description="auto: 1 if every ingested image is gray, else 3")
+
+
+class AugmentConfig(StrictModel):
+    """``augment``: the view pipeline (each method supplies its view spec; these adjust it)."""
+
+    crop_size: int = Field(224, ge=16, description="global crop side (px)")
+    local_crop_size: int = Field(96, ge=8, description="DINO local crop side (px)")
+    min_scale: float | None = Field(None, gt=0, le=1, description="smallest global crop area fraction "
+                                    "(method default if null: 0.08, DINO 0.4)")
+    load_size: int | None = Field(None, ge=16, description="images are loaded as load_size^2 squares before "
+                                  "cropping (default: crop_size * 8/7)")
+    single_channel: bool | None = Field(None, description="no hue/saturation jitter or grayscale "
+                                        "(microscopy, X-ray); null: on when in_chans is 1")
+    jitter_strength: float = Field(1.0, ge=0, le=2, description="scales brightness/contrast/saturation/hue")
+    vflip: bool = Field(False, description="also flip vertically (orientation-free domains: microscopy, aerial)")
+    rot90: bool = Field(False, description="also rotate by multiples of 90 degrees")
+    blur: bool = True
+    solarize: bool = True
+    small_images: Literal["skip", "upscale"] = Field(
+        "skip", description="images whose short side is below crop_size: skip them, or upscale them")
+
+
+class OptimConfig(StrictModel):
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="learning rate for an effective batch of 256 (scaled linearly)")
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD/LARS momentum")
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine schedule ends at lr * this")
+    grad_clip: float | None = Field(3.0, gt=0)
+
+
+class DataConfig(StrictModel):
+    num_workers: int | None = Field(None, ge=0, description="DataLoader decode workers (default: CPU count - 1)")
+    normalization: Literal["dataset", "imagenet", "half"] = Field(
+        "dataset", description="input mean/std: the ingested data's own statistics, ImageNet's, or 0.5/0.5")
+    prefetch_factor: int = Field(4, ge=1)
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=2, description="images per micro-batch")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step (gradient accumulation)")
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on GPU, off on CPU")
+    channels_last: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class PretrainConfig(StrictModel):
+    """``segfactory pretrain`` config."""
+
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _names_known(self) -> PretrainConfig:
+        # imported here: the registries live with the (torch-importing) implementations
+        from pretrain.backbones import BACKBONES
+        from pretrain.methods import METHODS
+
+        METHODS.get(self.method.name)
+        BACKBONES.get(self.backbone.name)
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ probe
+
+
+class ProbeConfig(StrictModel):
+    """``segfactory probe``: a frozen-encoder dense linear probe."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    image_size: int = Field(128, ge=32, description="frames are resized to this square")
+    max_frames: int = Field(400, ge=2)
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+    feature_stride: int = Field(8, ge=1, description="all encoder stages are resampled to this stride and "
+                                "concatenated before the 1x1 conv")
+    seed: int = 0
+    device: str = "auto"

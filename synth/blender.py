@@ -1,0 +1,307 @@
+"""Turn :class:`~scenes.spec.SceneSpec` data into a Blender scene through BlenderProc, and render it.
+
+Each scene is rendered in two passes over all its camera views:
+
+1. **Color**: Cycles with few adaptive samples and OpenImageDenoise; compositing off.
+2. **Labels**: one sample per pixel through a 0.01 px wide pixel filter, so every pixel's object index and
+   depth come from a ray through the pixel centre. BlenderProc's default index pass takes a single
+   *filter-jittered* sample of the color render, which puts label edges up to a pixel off the RGB; the
+   pixel centre is where the RGB's (symmetric) reconstruction filter is centred, so these labels align.
+
+Only render subprocesses import this module (it imports ``bpy``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenCV decides at import whether it may read EXR (Blender's label passes); set it before anyone imports cv2.
+os.environ["OPENCV_IO_ENABLE_OPENEXR"] = "1"
+
+import glob
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from scenes.spec import Camera, Material, SceneSpec, World
+from synth.bproc_boot import import_blenderproc
+from synth.config import OutputSettings, RenderSettings
+
+LABEL_FILTER_WIDTH = 0.01  # Blender's minimum; effectively a delta filter at the pixel centre
+_FILM = {"standard": "Standard", "filmic": "Filmic", "agx": "AgX"}
+
+
+@dataclass
+class RenderedView:
+    """Raw outputs of one view.
+
+    Attributes:
+        rgb: (H, W, 3) or (H, W) uint8/uint16 as written by Blender.
+        index: (H, W) int32 object index (0 = background, i = spec.objects[i - 1]).
+        depth: (H, W) float32 distance along the view axis in scene units (inf where nothing is hit).
+    """
+
+    rgb: np.ndarray
+    index: np.ndarray
+    depth: np.ndarray
+
+
+class BlenderRenderer:
+    """A BlenderProc session that renders many scenes in one process (Blender start-up paid once).
+
+    Args:
+        render: Render settings.
+        output: Output format (bit depth).
+        temp_dir: Scratch directory for Blender's intermediate files.
+        threads: CPU threads for Cycles (0 = all).
+    """
+
+    def __init__(self, render: RenderSettings, output: OutputSettings, temp_dir: str, threads: int = 0):
+        t0 = time.perf_counter()
+        self.bproc = import_blenderproc(temp_dir)
+        import bpy
+
+        self.bpy = bpy
+        self.cfg = render
+        self.output = output
+        self.temp_dir = temp_dir
+        scene = bpy.context.scene
+        self.bproc.camera.set_resolution(render.resolution, render.resolution)
+        scene.render.threads_mode = "FIXED" if threads > 0 else "AUTO"
+        if threads > 0:
+            scene.render.threads = threads
+        # Blender's compositor denoiser (BlenderProc's default) would run on the label pass too; Cycles' own
+        # OIDN pass runs on the color pass only.
+        self.bproc.renderer.set_denoiser(None)
+        scene.render.use_persistent_data = True
+        scene.render.film_transparent = False
+        self._setup_label_outputs()
+        self.startup_s = time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- setup
+    def _setup_label_outputs(self) -> None:
+        bpy = self.bpy
+        scene = bpy.context.scene
+        view_layer = scene.view_layers[0]
+        view_layer.use_pass_object_index = True
+        view_layer.use_pass_z = True
+        scene.use_nodes = True
+        tree = scene.node_tree
+        layers = next(n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers")
+        out = tree.nodes.new("CompositorNodeOutputFile")
+        out.base_path = os.path.join(self.temp_dir, "labels")
+        out.format.file_format = "OPEN_EXR"
+        out.format.color_depth = "32"
+        out.format.color_mode = "RGB"
+        out.format.exr_codec = "ZIP"
+        out.file_slots.clear()
+        out.file_slots.new("index_")
+        out.file_slots.new("depth_")
+        # Blender >= 4.1 writes a float socket as a one-channel EXR, which OpenCV cannot read: go through RGB.
+        for socket, slot in (("IndexOB", "index_"), ("Depth", "depth_")):
+            combine = tree.nodes.new("CompositorNodeCombineColor")
+            tree.links.new(layers.outputs[socket], combine.inputs["Red"])
+            tree.links.new(combine.outputs["Image"], out.inputs[slot])
+
+    def _set_color_pass(self) -> None:
+        scene = self.bpy.context.scene
+        c = self.cfg
+        scene.render.use_compositing = False
+        scene.cycles.samples = c.samples
+        scene.cycles.use_adaptive_sampling = c.noise_threshold > 0
+        if c.noise_threshold > 0:
+            scene.cycles.adaptive_threshold = c.noise_threshold
+        scene.cycles.use_denoising = c.denoise
+        if c.denoise:
+            scene.cycles.denoiser = "OPENIMAGEDENOISE"
+            scene.cycles.denoising_input_passes = "RGB_ALBEDO_NORMAL"
+            scene.cycles.denoising_prefilter = "FAST"
+        scene.cycles.filter_width = 1.5
+        scene.cycles.max_bounces = c.max_bounces
+        scene.cycles.diffuse_bounces = c.diffuse_bounces
+        scene.cycles.glossy_bounces = c.glossy_bounces
+        scene.cycles.transmission_bounces = 0
+        scene.cycles.volume_bounces = 0
+        scene.cycles.transparent_max_bounces = 4
+
+    def _set_label_pass(self) -> None:
+        scene = self.bpy.context.scene
+        scene.render.use_compositing = True
+        scene.cycles.samples = 1
+        scene.cycles.use_adaptive_sampling = False
+        scene.cycles.use_denoising = False
+        scene.cycles.filter_width = LABEL_FILTER_WIDTH
+        for attr in ("max_bounces", "diffuse_bounces", "glossy_bounces", "transmission_bounces", "volume_bounces"):
+            setattr(scene.cycles, attr, 0)
+
+    # ----------------------------------------------------------------- build
+    def build(self, spec: SceneSpec) -> None:
+        """Create the spec's objects, lights, world and camera poses (after clearing the previous scene)."""
+        bproc, bpy = self.bproc, self.bpy
+        bproc.clean_up(clean_up_camera=False)
+        materials: dict[int, object] = {}
+        for index, obj in enumerate(spec.objects, start=1):
+            for j, part in enumerate(obj.parts):
+                key = id(part.material)
+                if key not in materials:
+                    materials[key] = self._material(f"{obj.name}_{j}", part.material)
+                mo = bproc.object.create_with_empty_mesh(f"{obj.name}.{j}")
+                mesh = mo.get_mesh()
+                v, f = part.mesh.vertices, part.mesh.faces
+                mesh.vertices.add(len(v))
+                mesh.vertices.foreach_set("co", v.astype(np.float32).ravel())
+                mesh.loops.add(f.size)
+                mesh.loops.foreach_set("vertex_index", f.astype(np.int32).ravel())
+                mesh.polygons.add(len(f))
+                mesh.polygons.foreach_set("loop_start", np.arange(0, f.size, f.shape[1], dtype=np.int32))
+                mesh.polygons.foreach_set("loop_total", np.full(len(f), f.shape[1], dtype=np.int32))
+                mesh.polygons.foreach_set("use_smooth", np.full(len(f), part.mesh.smooth, dtype=bool))
+                mesh.update(calc_edges=True)
+                mesh.validate()
+                mo.add_material(materials[key])
+                mo.set_location(obj.location)
+                mo.set_rotation_euler(obj.rotation)
+                mo.set_scale(obj.scale)
+                mo.blender_obj.pass_index = index  # the label pass's IndexOB: maps pixels back to objects
+        for light in spec.lights:
+            lo = bproc.types.Light(light_type=light.type)
+            lo.set_location(light.location)
+            lo.set_rotation_euler(light.rotation)
+            lo.set_energy(light.energy)
+            lo.set_color(light.color)
+            data = lo.blender_obj.data
+            if light.type == "AREA":
+                data.size = light.size
+            elif light.type == "SUN":
+                data.angle = np.radians(2.0)
+            else:
+                data.shadow_soft_size = light.size * 0.25
+        self._world(spec.world)
+        bpy.context.scene.view_settings.view_transform = _FILM[spec.film]
+        bpy.context.scene.view_settings.look = "None"
+        for frame, cam in enumerate(spec.cameras):
+            self._camera(cam, frame)
+        settings = bpy.context.scene.render.image_settings
+        settings.file_format = "PNG"
+        settings.color_mode = "BW" if spec.grayscale else "RGB"
+        settings.color_depth = str(self.output.bit_depth)
+        settings.compression = 15
+
+    def _material(self, name: str, m: Material):
+        mat = self.bproc.material.create(name)
+        bm = mat.blender_obj
+        nodes, links = bm.node_tree.nodes, bm.node_tree.links
+        bsdf = nodes.get("Principled BSDF")
+        output = nodes.get("Material Output")
+        color_socket = None
+        if m.shader == "emission":
+            nodes.remove(bsdf)
+            emission = nodes.new("ShaderNodeEmission")
+            emission.inputs["Strength"].default_value = m.emission
+            links.new(emission.outputs["Emission"], output.inputs["Surface"])
+            color_socket = emission.inputs["Color"]
+        else:
+            bsdf.inputs["Roughness"].default_value = m.roughness
+            bsdf.inputs["Metallic"].default_value = m.metallic
+            color_socket = bsdf.inputs["Base Color"]
+        color_socket.default_value = (*m.color, 1.0)
+        if m.texture != "none" and m.color2 is not None:
+            coords = nodes.new("ShaderNodeTexCoord")
+            if m.texture == "noise":
+                tex = nodes.new("ShaderNodeTexNoise")
+                tex.noise_dimensions = "4D"
+                tex.inputs["W"].default_value = m.texture_w
+                tex.inputs["Detail"].default_value = m.texture_detail
+                fac = tex.outputs["Fac"]
+            elif m.texture == "voronoi":
+                tex = nodes.new("ShaderNodeTexVoronoi")
+                tex.voronoi_dimensions = "4D"
+                tex.inputs["W"].default_value = m.texture_w
+                fac = tex.outputs["Distance"]
+            else:
+                tex = nodes.new("ShaderNodeTexWave")
+                tex.inputs["Phase Offset"].default_value = m.texture_w
+                tex.inputs["Distortion"].default_value = 2.0
+                fac = tex.outputs["Fac"]
+            tex.inputs["Scale"].default_value = m.texture_scale
+            links.new(coords.outputs["Object"], tex.inputs["Vector"])
+            mix = nodes.new("ShaderNodeMixRGB")
+            mix.inputs["Color1"].default_value = (*m.color, 1.0)
+            mix.inputs["Color2"].default_value = (*m.color2, 1.0)
+            links.new(fac, mix.inputs["Fac"])
+            links.new(mix.outputs["Color"], color_socket)
+        return mat
+
+    def _world(self, w: World) -> None:
+        world = self.bpy.context.scene.world
+        world.use_nodes = True
+        nodes, links = world.node_tree.nodes, world.node_tree.links
+        bg = nodes.get("Background")
+        bg.inputs["Strength"].default_value = w.strength
+        if w.horizon_color == w.zenith_color:
+            bg.inputs["Color"].default_value = (*w.horizon_color, 1.0)
+            return
+        # Vertical gradient: mix horizon -> zenith by the view direction's z component.
+        coords = nodes.new("ShaderNodeTexCoord")
+        sep = nodes.new("ShaderNodeSeparateXYZ")
+        mix = nodes.new("ShaderNodeMixRGB")
+        mix.use_clamp = True
+        mix.inputs["Color1"].default_value = (*w.horizon_color, 1.0)
+        mix.inputs["Color2"].default_value = (*w.zenith_color, 1.0)
+        links.new(coords.outputs["Generated"], sep.inputs["Vector"])
+        links.new(sep.outputs["Z"], mix.inputs["Fac"])
+        links.new(mix.outputs["Color"], bg.inputs["Color"])
+
+    def _camera(self, cam: Camera, frame: int) -> None:
+        bproc = self.bproc
+        data = self.bpy.context.scene.camera.data
+        data.clip_start, data.clip_end = cam.clip_start, cam.clip_end
+        data.sensor_fit = "AUTO"
+        if cam.projection == "orthographic":
+            data.type = "ORTHO"
+            data.ortho_scale = cam.ortho_scale
+            data.keyframe_insert("ortho_scale", frame=frame)
+        else:
+            data.type = "PERSP"
+            data.lens_unit = "FOV"
+            data.angle = cam.fov
+            data.keyframe_insert("lens", frame=frame)
+        matrix = bproc.math.build_transformation_mat(np.asarray(cam.location), np.asarray(cam.rotation))
+        bproc.camera.add_camera_pose(matrix, frame=frame)
+
+    # ---------------------------------------------------------------- render
+    def render(self, spec: SceneSpec) -> tuple[list[RenderedView], dict[str, float]]:
+        """Build and render all views of a scene.
+
+        Returns:
+            One :class:`RenderedView` per camera, and timings in seconds (build, color, labels).
+        """
+        import cv2
+
+        t0 = time.perf_counter()
+        self.build(spec)
+        t1 = time.perf_counter()
+        rgb_dir = os.path.join(self.temp_dir, "rgb")
+        label_dir = os.path.join(self.temp_dir, "labels")
+        for d in (rgb_dir, label_dir):
+            os.makedirs(d, exist_ok=True)
+            for f in glob.glob(os.path.join(d, "*")):
+                os.remove(f)
+        self._set_color_pass()
+        self.bproc.renderer.render(output_dir=rgb_dir, file_prefix="rgb_", return_data=False)
+        t2 = time.perf_counter()
+        self._set_label_pass()
+        self.bproc.renderer.render(output_dir=label_dir, file_prefix="ignored_", output_key=None, return_data=False)
+        t3 = time.perf_counter()
+        views = []
+        for frame in range(len(spec.cameras)):
+            rgb = cv2.imread(os.path.join(rgb_dir, f"rgb_{frame:04d}.png"), cv2.IMREAD_UNCHANGED)
+            if rgb.ndim == 3:
+                rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
+            index = cv2.imread(os.path.join(label_dir, f"index_{frame:04d}.exr"), cv2.IMREAD_UNCHANGED)
+            depth = cv2.imread(os.path.join(label_dir, f"depth_{frame:04d}.exr"), cv2.IMREAD_UNCHANGED)
+            index, depth = index[..., 2], depth[..., 2]  # OpenCV's BGR order: red is last
+            views.append(RenderedView(rgb, np.rint(index).astype(np.int32), depth.astype(np.float32)))
+        return views, {"build_s": t1 - t0, "color_s": t2 - t1, "labels_s": t3 - t2,
+                       "read_s": time.perf_counter() - t3}

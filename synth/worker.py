@@ -1,0 +1,152 @@
+"""Render one shard in this process: ``python -m synth.worker JOB.json``.
+
+Started by the render pipeline as a subprocess (own process group, timeout) so that a Blender crash or hang
+costs a retry, not a Dask worker. Writes into a temporary directory and commits the shard by renaming it
+once its manifest (written last) is complete. Prints ``SEGFACTORY-PROGRESS <shard> <frames>`` lines.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OPENCV_IO_ENABLE_OPENEXR"] = "1"  # before cv2 is imported anywhere
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from scenes import resolve_scene, sample_scene, scene_rng
+from scenes.spec import Camera
+from segfactory.io import read_json
+from synth.dataset import is_committed
+from synth.postfx import apply_post
+from synth.shard import (
+    ShardPlan,
+    ShardWriter,
+    commit_shard,
+    depth_to_png,
+    labels_from_index,
+    new_tmp_dir,
+    shard_dir,
+)
+
+PROGRESS_PREFIX = "SEGFACTORY-PROGRESS"
+FAULT_ENV = "SEGFACTORY_FAULT"
+
+
+def camera_record(cam: Camera) -> dict[str, Any]:
+    rec: dict[str, Any] = {"location": list(cam.location), "rotation": np.asarray(cam.rotation).tolist(),
+                           "projection": cam.projection}
+    rec.update({"fov_rad": cam.fov} if cam.projection == "perspective" else {"ortho_scale": cam.ortho_scale})
+    return rec
+
+
+def _maybe_fault(root: Path, plan: ShardPlan) -> None:
+    """Test hook: ``SEGFACTORY_FAULT=crash@2,hang-once@0`` crashes/hangs the shard with that index after its
+    first frame (``-once``: only on the first attempt, so the retry succeeds)."""
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, _, idx = item.partition("@")
+        if idx != str(plan.index):
+            continue
+        if kind.endswith("-once"):
+            marker = root / ".logs" / f"{plan.shard_id}.{kind}"
+            if marker.exists():
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            kind = kind.removesuffix("-once")
+        if kind == "crash":
+            os.abort()
+        if kind == "hang":
+            time.sleep(10**6)
+
+
+def render_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Render and commit one shard described by ``job`` (see ``pipelines.render``). Returns its summary."""
+    from synth.blender import BlenderRenderer
+    from synth.config import RenderConfig
+
+    t_start = time.perf_counter()
+    cfg = RenderConfig.model_validate(job["config"])
+    resolved = resolve_scene(cfg.scene)
+    plan = ShardPlan(**job["plan"])
+    root = Path(job["root"])
+    final = shard_dir(root, plan.shard_id)
+    if is_committed(final):
+        return {"shard_id": plan.shard_id, "skipped": True}
+    tmp = new_tmp_dir(root, plan.shard_id)
+    scratch = tempfile.mkdtemp(prefix="segfactory-blender-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    proc = psutil.Process()
+    try:
+        renderer = BlenderRenderer(cfg.render, cfg.output, scratch, threads=int(job.get("threads", 0)))
+        writer = ShardWriter(tmp, plan, resolved.classes, cfg.output.image_format, cfg.output.jpeg_quality)
+        timings = {"startup_s": renderer.startup_s, "sample_s": 0.0, "build_s": 0.0, "color_s": 0.0,
+                   "labels_s": 0.0, "write_s": 0.0}
+        rss_mb = []
+        for scene_index in range(plan.scene_start, plan.scene_stop):
+            t0 = time.perf_counter()
+            spec = sample_scene(resolved, scene_rng(plan.seed, scene_index), cfg.render.views)
+            timings["sample_s"] += time.perf_counter() - t0
+            views, t = renderer.render(spec)
+            for k in ("build_s", "color_s", "labels_s"):
+                timings[k] += t[k]
+            t0 = time.perf_counter()
+            post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1]))
+            for v, view in enumerate(views):
+                semantic, instance = labels_from_index(view.index, spec)
+                rgb = apply_post(view.rgb, spec.post[v], post_rng)
+                writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),
+                           camera_record(spec.cameras[v]), spec.post[v])
+                print(f"{PROGRESS_PREFIX} {plan.shard_id} {len(writer.frames)}", flush=True)
+                _maybe_fault(root, plan)
+            timings["write_s"] += time.perf_counter() - t0 + t["read_s"]
+            rss_mb.append(round(proc.memory_info().rss / 2**20, 1))
+        import bpy
+
+        timings["total_s"] = time.perf_counter() - t_start
+        writer.finish({
+            "config_hash": job["config_hash"],
+            "code_version": job["code_version"],
+            "family": resolved.family.name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "blender": bpy.app.version_string,
+            "blenderproc": renderer.bproc.__version__,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "rss_mb_per_scene": rss_mb,
+            "host": os.uname().nodename,
+            "render": asdict(plan) | {"threads": int(job.get("threads", 0))},
+        })
+        committed = commit_shard(tmp, final)
+        return {"shard_id": plan.shard_id, "skipped": not committed, "frames": len(writer.frames),
+                "timings": timings}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m synth.worker JOB.json", file=sys.stderr)
+        return 2
+    summary = render_shard(read_json(argv[0]))
+    print(f"SEGFACTORY-DONE {summary['shard_id']} frames={summary.get('frames', 0)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # bpy 4.2 can segfault while the interpreter tears the module down; the shard is committed by now.
+    os._exit(code)
