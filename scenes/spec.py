@@ -168,6 +168,12 @@ class SceneSpec:
         return {"family": self.family, "objects": counts, "lights": len(self.lights), "views": len(self.cameras)}
 
 
+def footprint_radius(parts: list[Part]) -> float:
+    """Radius of an object's footprint around its origin: any yaw stays inside it, so disjoint circles of
+    this radius mean no interpenetration."""
+    return float(max(np.linalg.norm(p.mesh.vertices[:, :2], axis=1).max() for p in parts))
+
+
 def to_jsonable(obj: Any) -> Any:
     """Dataclass/NumPy tree -> JSON-friendly tree (for debugging dumps and hashing)."""
     if hasattr(obj, "__dataclass_fields__"):

@@ -23,7 +23,7 @@ from scenes.randomization import (
     sample_world,
     uniform,
 )
-from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec
+from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, footprint_radius
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -194,33 +194,31 @@ def sample_street(ctx: SceneContext) -> SceneSpec:
 
     # Vehicles in lanes (heading with or against traffic), people and street furniture on the sidewalks.
     lane_xs = [-road_w / 2 + (i + 0.5) * road_w / n_lanes for i in range(n_lanes)]
-    n_veh = integers(rng, p.vehicles)
-    spots = place_circles(rng, [2.6] * n_veh, (-0.01, 0.01), (-length / 2 + 5, length / 2 - 5))
-    for spot in spots:
+    # Vehicles: one row of disjoint footprints along the street, each in a random lane.
+    vehicles = [_vehicle(rng, ctx) for _ in range(integers(rng, p.vehicles))]
+    spots = place_circles(rng, [footprint_radius(v) for v in vehicles], (-0.01, 0.01),
+                          (-length / 2 + 5, length / 2 - 5))
+    for parts, spot in zip(vehicles, spots, strict=True):
         if spot is None:
             continue
         lane = int(rng.integers(n_lanes))
         heading = 0.0 if lane >= n_lanes / 2 else np.pi
-        add("vehicle", "vehicle", _vehicle(rng, ctx), (lane_xs[lane] + rng.uniform(-0.3, 0.3), spot[1], 0),
+        add("vehicle", "vehicle", parts, (lane_xs[lane] + rng.uniform(-0.3, 0.3), spot[1], 0),
             heading + rng.normal(0, 0.04))
     walk_occupied: list[tuple[float, float, float]] = []
     for side in (-1, 1):
         x_range = (side * (road_w / 2 + 0.4), side * (road_w / 2 + side_w - 0.4))
         x_range = (min(x_range), max(x_range))
-        n_per = [integers(rng, p.persons) // 2, integers(rng, p.poles) // 2, integers(rng, p.trees) // 2]
-        radii = [0.35] * n_per[0] + [0.3] * n_per[1] + [1.0] * n_per[2]
-        kinds = ["person"] * n_per[0] + ["pole"] * n_per[1] + ["tree"] * n_per[2]
-        spots = place_circles(rng, radii, x_range, (-length / 2 + 3, length / 2 - 3), occupied=walk_occupied)
-        for kind, spot in zip(kinds, spots, strict=True):
+        items = ([("person", "person", _person(rng, ctx)) for _ in range(integers(rng, p.persons) // 2)]
+                 + [("pole", "pole_sign", _pole(rng, ctx)) for _ in range(integers(rng, p.poles) // 2)]
+                 + [("tree", "vegetation", _tree(rng, ctx)) for _ in range(integers(rng, p.trees) // 2)])
+        spots = place_circles(rng, [footprint_radius(parts) for *_, parts in items], x_range,
+                              (-length / 2 + 3, length / 2 - 3), occupied=walk_occupied)
+        for (name, cls, parts), spot in zip(items, spots, strict=True):
             if spot is None:
                 continue
-            loc = (spot[0], spot[1], curb)
-            if kind == "person":
-                add("person", "person", _person(rng, ctx), loc, rng.uniform(0, 2 * np.pi))
-            elif kind == "pole":
-                add("pole", "pole_sign", _pole(rng, ctx), loc, np.pi / 2 * (1 - side) + rng.normal(0, 0.1))
-            else:
-                add("tree", "vegetation", _tree(rng, ctx), loc, rng.uniform(0, 2 * np.pi))
+            yaw = np.pi / 2 * (1 - side) + rng.normal(0, 0.1) if name == "pole" else rng.uniform(0, 2 * np.pi)
+            add(name, cls, parts, (spot[0], spot[1], curb), yaw)
 
     things = np.array([o.location for o in objects if ctx.classes[o.class_id].thing] or [(0.0, 0.0, 0.0)])
     things = things + np.array([0, 0, 0.8])  # aim at bodies, not feet

@@ -27,7 +27,7 @@ from scenes.randomization import (
     sample_world,
     uniform,
 )
-from scenes.spec import Camera, ClassDef, Mesh, Part, SceneObject, SceneSpec
+from scenes.spec import Camera, ClassDef, Mesh, Part, SceneObject, SceneSpec, footprint_radius
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -106,45 +106,45 @@ def load_user_mesh(path: str) -> Mesh:
     return Mesh(v.astype(np.float32), np.asarray(loaded.faces, dtype=np.int32), smooth=True)
 
 
-def _mug(rng, k) -> tuple[list[Part], float]:
+def _mug(rng, k) -> list[Part]:
     r, h, t = uniform(rng, (0.035, 0.05)), uniform(rng, (0.08, 0.11)), 0.005
     body = g.lathe([r, r, r - t, r - t], [0, h, h, 0.01], 24)  # open cup: outer wall, rim, inner wall, floor
     handle = g.transform(g.torus(h * 0.3, 0.007, 16, 8), (r + 0.005, 0, h * 0.5))
     mat = sample_material(rng, tuple(rng.uniform(0.05, 0.8, 3)), k, roughness=(0.1, 0.5))
-    return [Part(g.merge([body, handle]), mat)], r + h * 0.3
+    return [Part(g.merge([body, handle]), mat)]
 
 
-def _bottle(rng, k) -> tuple[list[Part], float]:
+def _bottle(rng, k) -> list[Part]:
     r, h = uniform(rng, (0.03, 0.045)), uniform(rng, (0.18, 0.3))
     prof_r = [r, r, r * 0.95, r * 0.45, r * 0.32, r * 0.32, r * 0.36]
     prof_h = [0, 0.005, h * 0.62, h * 0.75, h * 0.85, h * 0.97, h]
     glassy = rng.random() < 0.5
     color = (0.02, 0.15, 0.05) if glassy else tuple(rng.uniform(0.05, 0.8, 3))
-    return [Part(g.lathe(prof_r, prof_h, 24), sample_material(rng, color, k, roughness=(0.05, 0.3)))], r
+    return [Part(g.lathe(prof_r, prof_h, 24), sample_material(rng, color, k, roughness=(0.05, 0.3)))]
 
 
-def _box(rng, k) -> tuple[list[Part], float]:
+def _box(rng, k) -> list[Part]:
     sx, sy, sz = (uniform(rng, (0.05, 0.2)) for _ in range(3))
-    return [Part(g.box(sx, sy, sz), sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))], np.hypot(sx, sy) / 2
+    return [Part(g.box(sx, sy, sz), sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))]
 
 
-def _can(rng, k) -> tuple[list[Part], float]:
+def _can(rng, k) -> list[Part]:
     r, h = uniform(rng, (0.028, 0.035)), uniform(rng, (0.09, 0.125))
     can = g.lathe([r * 0.9, r, r, r * 0.9, r * 0.85], [0, 0.006, h - 0.008, h - 0.002, h], 24)
     mat = sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k, roughness=(0.15, 0.4))
     mat.metallic = 1.0 if rng.random() < 0.6 else 0.0
-    return [Part(can, mat)], r
+    return [Part(can, mat)]
 
 
-def _fruit(rng, k) -> tuple[list[Part], float]:
+def _fruit(rng, k) -> list[Part]:
     r = uniform(rng, (0.03, 0.05))
     elong = 1.0 if rng.random() < 0.6 else uniform(rng, (1.3, 2.2))
     mesh = g.transform(g.blob(rng, r, 0.08), (0, 0, r * 0.95), scale=(elong, 1, 1))
     color = [(0.6, 0.05, 0.02), (0.8, 0.35, 0.0), (0.6, 0.55, 0.02), (0.15, 0.4, 0.03)][int(rng.integers(4))]
-    return [Part(mesh, sample_material(rng, color, k, roughness=(0.3, 0.7)))], r * elong
+    return [Part(mesh, sample_material(rng, color, k, roughness=(0.3, 0.7)))]
 
 
-def _distractor(rng, k) -> tuple[list[Part], float]:
+def _distractor(rng, k) -> list[Part]:
     kind = int(rng.integers(3))
     s = uniform(rng, (0.03, 0.08))
     if kind == 0:
@@ -153,7 +153,7 @@ def _distractor(rng, k) -> tuple[list[Part], float]:
         mesh = g.lathe([s, 0.001], [0, s * 2.5], 16, cap_top=False)
     else:
         mesh = g.transform(g.blob(rng, s, 0.3), (0, 0, s * 0.8))
-    return [Part(mesh, sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))], s * 1.3
+    return [Part(mesh, sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))]
 
 
 BUILDERS = {"mug": (_mug, "mugs"), "bottle": (_bottle, "bottles"), "box": (_box, "boxes"), "can": (_can, "cans"),
@@ -200,16 +200,15 @@ def sample_tabletop(ctx: SceneContext) -> SceneSpec:
     todo: list[tuple[str, list[Part], float]] = []
     for cls, (builder, field) in BUILDERS.items():
         for _ in range(integers(rng, getattr(p, field))):
-            parts, radius = builder(rng, k)
-            todo.append((cls, parts, radius))
+            parts = builder(rng, k)
+            todo.append((cls, parts, footprint_radius(parts)))
     for um in p.user_meshes:
         base = load_user_mesh(um.path)
         for _ in range(integers(rng, um.count)):
             size = uniform(rng, um.size)
             mesh = g.transform(base, scale=(size, size, size))
-            mat = sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k)
-            radius = float(np.linalg.norm(mesh.vertices[:, :2], axis=1).max())
-            todo.append((um.class_name, [Part(mesh, mat)], radius))
+            parts = [Part(mesh, sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))]
+            todo.append((um.class_name, parts, footprint_radius(parts)))
     spots = place_circles(rng, [t[2] for t in todo], (-tw / 2 + 0.05, tw / 2 - 0.05), (-td / 2 + 0.05, td / 2 - 0.05))
     for (cls, parts, _), spot in zip(todo, spots, strict=True):
         if spot is not None:  # no free spot left on the table: drop the object rather than interpenetrate

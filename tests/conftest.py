@@ -1,0 +1,60 @@
+"""Shared fixtures: small real datasets rendered once per test session through the real pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def render_cli(*args: str) -> int:
+    """Run ``segfactory render ...`` in-process (a real LocalCluster and Blender subprocesses)."""
+    from segfactory.cli import main
+
+    return main(["render", *args])
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real rendered ``cells`` dataset: 8 scenes x 2 views at 64 px in 2 shards (16 frames, 3 classes)."""
+    out = tmp_path_factory.mktemp("datasets") / "cells"
+    rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "8", "--views", "2",
+                    "--resolution", "64", "--workers", "2", "dataset.scenes_per_shard=4")
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_street_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real rendered ``street`` dataset: 4 scenes x 2 views at 64 px in 2 shards (8 frames, 9 classes)."""
+    out = tmp_path_factory.mktemp("datasets") / "street"
+    rc = render_cli(str(CONFIGS / "street.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
+                    "--resolution", "64", "--workers", "2", "dataset.scenes_per_shard=2", "render.samples=8")
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEGFACTORY_FAULT", raising=False)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import importlib.util
+
+    has_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+os.environ.setdefault("MPLBACKEND", "Agg")
