@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/segfactory render configs/quickstart.yaml --out runs/quickstart
-	$(BIN)/segfactory show runs/quickstart
-	$(BIN)/segfactory stats runs/quickstart
+	$(BIN)/segfactory run configs/quickstart.yaml --out runs/quickstart
 
+# .ci/services.sh starts the single-node SLURM the SLURM tests run against (installs it first, needs root).
 test: $(STAMP)
+	bash .ci/services.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 lock: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt
+	( echo "# Exact versions of every dependency, used as pip constraints (make lock regenerates this)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable ) > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs

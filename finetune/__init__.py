@@ -13,4 +13,5 @@ Submodules (import the one you need; they import torch):
 - ``finetune.export``   ONNX export with onnxruntime parity check
 - ``finetune.sweep``    label-efficiency sweep
 - ``finetune.bench``    training-throughput benchmark
+- ``finetune.samples``  small real labeled folders from sample photos shipped in installed packages
 """

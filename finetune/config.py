@@ -63,8 +63,8 @@ class DataConfig(StrictModel):
         synthetic: Rendered segfactory datasets.
         real: Real labeled folders.
         val: Extra validation-only sources (kind detected from the folder).
-        val_fraction: Share of every training source held out for validation, chosen by a stable hash of the
-            frame name (so adding files never moves an existing frame between splits).
+        val_fraction: Share of every training source held out for validation (the frames with the lowest
+            stable hash of their name, so the split does not depend on the seed or the file order).
         val_max_items: Cap on validation frames per source (validation cost).
         load_size: Side of the window cut on the CPU from each image (padded when the image is smaller); the
             GPU random-resized-crop then picks the training crop inside it. Default: ``augment.crop_size``.
@@ -88,7 +88,7 @@ class ModelConfig(StrictModel):
         encoder: timm model name (used as smp ``tu-<name>``). Default: the one of ``encoder_dir``.
         encoder_dir: Pretraining output with ``encoder.safetensors`` + ``encoder.json``; none = random init.
         in_chans: Input channels the network sees (gray inputs are repeated to 3, RGB is reduced to luminance
-            for 1).
+            for 1). Default: the pretrained encoder's, else 3.
         decoder_channels: Decoder width(s); ``None`` = the smp default. Small values give tiny test models.
         freeze_encoder_steps: Train only the decoder for this many steps first (protects a pretrained encoder
             from the random decoder's early gradients), then unfreeze.
@@ -97,7 +97,7 @@ class ModelConfig(StrictModel):
     arch: str = "unet"
     encoder: str | None = None
     encoder_dir: Path | None = None
-    in_chans: Literal[1, 3] = 3
+    in_chans: Literal[1, 3] | None = None
     decoder_channels: list[int] | int | None = None
     freeze_encoder_steps: int = Field(default=0, ge=0)
 
@@ -107,12 +107,14 @@ class InputConfig(StrictModel):
 
     Attributes:
         scaling: ``dtype``: divide by the dtype maximum (255 or 65535); ``minmax``: stretch each image's own
-            min..max to 0..1 (for 16-bit sensors that use only part of the range).
+            min..max to 0..1; ``percentile``: stretch its 0.5..99.5 percentiles to 0..1 and clip, which is how
+            ``segfactory ingest`` brings 16-bit images to 8 bit for pretraining (use it with 16-bit data and an
+            SSL encoder pretrained on them).
         mean: Per-channel mean after scaling; default the encoder's (``encoder.json``) or 0.5.
         std: Per-channel std after scaling; default the encoder's or 0.25.
     """
 
-    scaling: Literal["dtype", "minmax"] = "dtype"
+    scaling: Literal["dtype", "minmax", "percentile"] = "dtype"
     mean: list[float] | None = None
     std: list[float] | None = None
 

@@ -79,7 +79,9 @@ def _fpn(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -
     import segmentation_models_pytorch as smp
 
     w = _single(decoder_channels)
-    kw = {} if w is None else {"decoder_pyramid_channels": w, "decoder_segmentation_channels": max(w // 2, 1)}
+    # The segmentation blocks use GroupNorm(32, C): C must be a multiple of 32.
+    kw = {} if w is None else {"decoder_pyramid_channels": w,
+                               "decoder_segmentation_channels": max(32, 32 * round(w / 64))}
     return smp.FPN(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
                    **kw)
 
@@ -160,7 +162,7 @@ def load_pretrained_encoder(model: nn.Module, encoder_dir: str | os.PathLike) ->
     from pretrain.export import load_into_smp
 
     meta = load_into_smp(model, encoder_dir)
-    return {"init": "ssl" if meta.get("method") != "random" else "random-export", "dir": str(Path(encoder_dir)),
+    return {"init": "ssl", "dir": str(Path(encoder_dir)),
             **{k: meta.get(k) for k in ("timm_name", "in_chans", "method", "steps", "data_manifest_hash",
                                         "weights_sha256", "created", "code_version")}}
 

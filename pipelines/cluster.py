@@ -1,7 +1,8 @@
-"""Getting a Dask client: a LocalCluster by default, or an existing scheduler by address.
+"""Getting a Dask client for any cluster: LocalCluster, an existing scheduler, SLURM or Kubernetes.
 
 Stage pipelines call :func:`open_client` with the ``cluster`` config section and never construct clusters
-themselves, so the same pipeline code runs on a laptop and on any scheduler.
+themselves, so the same pipeline code runs on a laptop and on any scheduler. Per-task knobs (resources,
+timeouts, retries) live in :class:`TaskSettings` and are read by the pipelines through :func:`task_resources`.
 """
 
 from __future__ import annotations
@@ -9,63 +10,270 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from segfactory.config import StrictModel
 from segfactory.console import console
 from segfactory.errors import UserError
 
+GPU_RESOURCE = "GPU"
+
+
+class SlurmSettings(StrictModel):
+    """``cluster.slurm``: dask-jobqueue ``SLURMCluster`` that scales adaptively between min and max jobs."""
+
+    queue: str | None = Field(None, description="partition (sbatch -p); default: the cluster's default")
+    account: str | None = Field(None, description="sbatch --account")
+    cores: int = Field(1, ge=1, description="CPU cores per job")
+    processes: int = Field(1, ge=1, description="Dask worker processes per job")
+    memory: str = Field("2GiB", description="memory per job (sbatch --mem), e.g. '16GiB'")
+    walltime: str = Field("01:00:00", description="job time limit (sbatch -t)")
+    gpus_per_job: int = Field(0, ge=0, description="GPUs per job (--gres=gpu:N); workers then offer a GPU resource")
+    minimum_jobs: int = Field(0, ge=0, description="adaptive scaling: fewest jobs kept running")
+    maximum_jobs: int = Field(4, ge=1, description="adaptive scaling: most jobs at once")
+    job_extra_directives: list[str] = Field(default_factory=list, description="extra #SBATCH lines, e.g. ['--qos=low']")
+    job_script_prologue: list[str] = Field(default_factory=list, description="shell lines before the worker starts")
+    interface: str | None = Field(None, description="network interface of workers and scheduler, e.g. 'ib0'")
+    scheduler_host: str | None = Field(None, description="address the scheduler binds (default: this host)")
+    log_directory: str | None = Field(None, description="where job stdout/stderr go (default: cwd)")
+    local_directory: str | None = Field(None, description="worker scratch space on the compute node")
+    python: str = Field(sys.executable, description="python on the compute nodes (segfactory installed)")
+    job_name: str = Field("segfactory-worker", description="SLURM job name of the workers (shown by squeue)")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SlurmSettings:
+        if self.minimum_jobs > self.maximum_jobs:
+            raise ValueError(f"minimum_jobs={self.minimum_jobs} is above maximum_jobs={self.maximum_jobs}")
+        return self
+
+
+class KubernetesSettings(StrictModel):
+    """``cluster.kubernetes``: a dask-kubernetes operator ``DaskCluster`` (needs the Dask operator installed)."""
+
+    name: str = Field("segfactory", description="DaskCluster resource name")
+    namespace: str | None = Field(None, description="namespace (default: the current context's)")
+    image: str = Field("ghcr.io/segfactory/segfactory:latest", description="image with segfactory installed")
+    n_workers: int = Field(2, ge=0, description="initial worker pods")
+    minimum: int = Field(0, ge=0, description="adaptive scaling: fewest worker pods")
+    maximum: int = Field(8, ge=1, description="adaptive scaling: most worker pods")
+    cpu: str = Field("2", description="CPU request and limit per worker pod")
+    memory: str = Field("8Gi", description="memory request and limit per worker pod")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per worker pod; workers then offer a GPU resource")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of scheduler and workers")
+    idle_timeout: int = Field(600, ge=0, description="seconds an idle cluster lives on (0 = forever)")
+
+
+class TaskSettings(StrictModel):
+    """``cluster.tasks``: what each kind of task asks the scheduler for."""
+
+    cpu_resources: dict[str, float] = Field(default_factory=dict,
+                                            description="abstract resources a render/ingest task needs, e.g. {CPU: 1}")
+    gpu: Literal["auto", "require", "never"] = Field(
+        "auto", description="training tasks: ask for a GPU resource when a worker offers one (auto), always, never")
+
 
 class ClusterConfig(StrictModel):
     """The ``cluster`` config section."""
 
-    backend: Literal["local", "address"] = Field("local", description="local LocalCluster or an existing scheduler")
+    backend: Literal["local", "address", "slurm", "kubernetes"] = Field(
+        "local", description="local LocalCluster, an existing scheduler, SLURM jobs or Kubernetes pods")
     address: str | None = Field(None, description="scheduler address for backend=address, e.g. tcp://127.0.0.1:8786")
     workers: int | None = Field(None, ge=1, description="LocalCluster worker processes (default: CPU count)")
     threads_per_worker: int = Field(1, ge=1)
-    memory_limit: str = Field("auto", description="per-worker memory limit for LocalCluster, e.g. '4GiB'")
-    dashboard: bool = Field(True, description="start the dashboard on a free loopback port")
+    memory_limit: str = Field("auto", description="per-worker memory limit (LocalCluster; SLURM uses slurm.memory)")
+    dashboard: bool = Field(True, description="start the dashboard on a free port")
+    connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for a scheduler / the first worker")
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+
+def slurm_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    """Keyword arguments for ``dask_jobqueue.SLURMCluster`` from the config (pure; tested without SLURM)."""
+    s = cfg.slurm
+    worker_args: list[str] = []
+    directives = list(s.job_extra_directives)
+    if s.gpus_per_job:
+        directives.append(f"--gres=gpu:{s.gpus_per_job}")
+        worker_args += ["--resources", f"{GPU_RESOURCE}={s.gpus_per_job / s.processes:g}"]
+    kwargs: dict[str, Any] = {
+        "cores": s.cores, "processes": s.processes, "memory": s.memory, "walltime": s.walltime,
+        "queue": s.queue, "account": s.account, "job_extra_directives": directives,
+        "job_script_prologue": list(s.job_script_prologue), "worker_extra_args": worker_args,
+        "python": s.python, "log_directory": s.log_directory, "local_directory": s.local_directory,
+        "interface": s.interface, "silence_logs": "error",
+        "scheduler_options": {"dashboard_address": ":0" if cfg.dashboard else None},
+        # Job names show up in squeue; tests and operators find a run's jobs by it.
+        "job_name": s.job_name,
+    }
+    if s.scheduler_host:
+        kwargs["scheduler_options"]["host"] = s.scheduler_host
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict[str, Any]:
+    """The ``DaskCluster`` custom resource dask-kubernetes would create (pure; tested without Kubernetes)."""
+    from dask_kubernetes.operator import make_cluster_spec
+
+    k = cfg.kubernetes
+    resources: dict[str, dict[str, str]] = {"requests": {"cpu": k.cpu, "memory": k.memory},
+                                            "limits": {"cpu": k.cpu, "memory": k.memory}}
+    env = {"SEGFACTORY_CLUSTER": "kubernetes", **k.env}
+    spec = make_cluster_spec(name=k.name, image=k.image, n_workers=k.n_workers, resources=resources, env=env,
+                             idle_timeout=k.idle_timeout)
+    worker = spec["spec"]["worker"]
+    container = worker["spec"]["containers"][0]
+    args = list(container.get("args", []))
+    # Threads = CPUs of the pod; a GPU pod offers the GPU resource the training tasks ask for.
+    args += ["--nthreads", str(cfg.threads_per_worker), "--memory-limit", _k8s_to_dask_memory(k.memory)]
+    if k.gpus:
+        for part in ("requests", "limits"):
+            container["resources"][part]["nvidia.com/gpu"] = str(k.gpus)
+        args += ["--resources", f"{GPU_RESOURCE}={k.gpus}"]
+    container["args"] = args
+    if k.namespace:
+        spec["metadata"]["namespace"] = k.namespace
+    return spec
+
+
+def _k8s_to_dask_memory(mem: str) -> str:
+    for suffix, dask_suffix in (("Ki", "KiB"), ("Mi", "MiB"), ("Gi", "GiB"), ("Ti", "TiB")):
+        if mem.endswith(suffix):
+            return mem[: -len(suffix)] + dask_suffix
+    return mem
 
 
 @contextlib.contextmanager
-def open_client(cfg: ClusterConfig) -> Iterator[object]:
-    """Yield a ``distributed.Client`` for the configured cluster, closing what we started on exit."""
-    from distributed import Client, LocalCluster
+def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None = None) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` for the configured cluster, closing what we started on exit.
 
+    Args:
+        cfg: The ``cluster`` section.
+        performance_report: If set, a Dask performance report (HTML) of everything run inside is saved there.
+    """
+    from distributed import Client
+
+    cluster: Any = None
     if cfg.backend == "address":
         if not cfg.address:
             raise UserError("cluster.backend=address needs cluster.address", fix="pass --cluster-address tcp://HOST:PORT")
         try:
-            client = Client(cfg.address, timeout="15s")
+            client = Client(cfg.address, timeout=f"{cfg.connect_timeout_s:g}s")
         except OSError as e:
             raise UserError(f"cannot reach the Dask scheduler at {cfg.address}: {e}",
                             fix="start it (`dask scheduler`) or fix --cluster-address") from None
-        _announce(client)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    workers = cfg.workers or max(1, os.cpu_count() or 1)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-                           memory_limit=cfg.memory_limit, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
-                           # Failed tasks are reported by the pipelines, once, with the unit's id.
-                           silence_logs=logging.CRITICAL)
-    client = Client(cluster)
-    _announce(client)
+    elif cfg.backend == "slurm":
+        cluster = _slurm_cluster(cfg)
+        client = Client(cluster)
+    elif cfg.backend == "kubernetes":
+        cluster = _kubernetes_cluster(cfg)
+        client = Client(cluster)
+    else:
+        from distributed import LocalCluster
+
+        workers = cfg.workers or max(1, os.cpu_count() or 1)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+                               memory_limit=cfg.memory_limit, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+                               # Failed tasks are reported by the pipelines, once, with the unit's id.
+                               silence_logs=logging.CRITICAL)
+        client = Client(cluster)
     try:
-        yield client
+        _announce(client, cfg)
+        if performance_report is None:
+            yield client
+        else:
+            with _performance_report(client, Path(performance_report)):
+                yield client
     finally:
         client.close()
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def _announce(client: object) -> None:
+@contextlib.contextmanager
+def _performance_report(client: Any, path: Path) -> Iterator[None]:
+    """Dask's HTML performance report (needs bokeh); without bokeh, the task stream as JSON next to it."""
+    import importlib.util
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("bokeh") is not None:
+        from distributed import performance_report
+
+        with performance_report(filename=str(path)):
+            yield
+        console.print(f"dask performance report: {path}", soft_wrap=True)
+        return
+    from distributed import get_task_stream
+
+    from segfactory.io import atomic_write_json
+
+    with get_task_stream(client) as ts:
+        yield
+    tasks = [{"key": str(t.get("key")), "worker": t.get("worker"), "status": t.get("status"),
+              "startstops": [dict(s) for s in t.get("startstops", ())]} for t in ts.data]
+    out = path.with_suffix(".json")
+    atomic_write_json(out, {"format": "segfactory-task-stream", "note": "install bokeh for Dask's HTML report",
+                            "tasks": tasks})
+    console.print(f"dask task stream (no bokeh for the HTML report): {out}", soft_wrap=True)
+
+
+def _slurm_cluster(cfg: ClusterConfig) -> Any:
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        raise UserError("cluster.backend=slurm but 'sbatch' is not on PATH",
+                        fix="run on a SLURM login node, or choose cluster.backend=local/address")
+    from dask_jobqueue import SLURMCluster
+
+    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg))
+    cluster.adapt(minimum_jobs=cfg.slurm.minimum_jobs, maximum_jobs=cfg.slurm.maximum_jobs)
+    return cluster
+
+
+def _kubernetes_cluster(cfg: ClusterConfig) -> Any:
+    from dask_kubernetes.operator import KubeCluster
+
+    k = cfg.kubernetes
+    try:
+        cluster = KubeCluster(custom_cluster_spec=kubernetes_cluster_spec(cfg), namespace=k.namespace,
+                              shutdown_on_close=True, quiet=True)
+    except Exception as e:  # no kubeconfig, no operator CRD, no permission: all fixable by the user
+        raise UserError(f"cannot create the Kubernetes Dask cluster '{k.name}': {type(e).__name__}: {e}",
+                        fix="check kubectl access and that the Dask operator is installed "
+                            "(helm install dask-kubernetes-operator)") from None
+    cluster.adapt(minimum=k.minimum, maximum=k.maximum)
+    return cluster
+
+
+def has_gpu_workers(client: Any) -> bool:
+    """Whether any worker offers the ``GPU`` resource."""
+    workers = client.scheduler_info().get("workers", {})
+    return any(w.get("resources", {}).get(GPU_RESOURCE, 0) > 0 for w in workers.values())
+
+
+def training_resources(client: Any, cfg: ClusterConfig) -> dict[str, float] | None:
+    """Resources a GPU stage's task asks for: ``{GPU: 1}`` when the cluster has one (or it is required)."""
+    if cfg.tasks.gpu == "never":
+        return None
+    if cfg.tasks.gpu == "require" or has_gpu_workers(client):
+        return {GPU_RESOURCE: 1}
+    return None
+
+
+def task_resources(cfg: ClusterConfig) -> dict[str, float] | None:
+    """Resources a CPU task (render shard, ingest shard) asks for, or None."""
+    return dict(cfg.tasks.cpu_resources) or None
+
+
+def _announce(client: Any, cfg: ClusterConfig) -> None:
     link = getattr(client, "dashboard_link", None)
-    nworkers = len(client.scheduler_info().get("workers", {}))  # type: ignore[attr-defined]
-    console.print(f"dask: {nworkers} worker(s) at {client.scheduler.address}"  # type: ignore[attr-defined]
+    nworkers = len(client.scheduler_info().get("workers", {}))
+    where = {"slurm": "SLURM jobs (adaptive)", "kubernetes": "Kubernetes pods"}.get(cfg.backend, "")
+    console.print(f"dask: {nworkers} worker(s) at {client.scheduler.address}" + (f" via {where}" if where else "")
                   + (f", dashboard {link}" if link else ""), soft_wrap=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.cluster import open_client
+from pipelines.cluster import open_client, task_resources
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from segfactory.config import hash_config, save_resolved
@@ -76,7 +76,8 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig,
             hashed, hash_failures = _hash_phase(client, new, cfg)
             failures.update(hash_failures)
             specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard)
-            results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries)
+            results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries,
+                                                   task_resources(cfg.cluster))
             failures.update(shard_failures)
         for r in results:
             summary["new_images"] += r["images"]
@@ -104,7 +105,7 @@ def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestConfig
 
     chunks = [files[i:i + cfg.hash_chunk] for i in range(0, len(files), cfg.hash_chunk)]
     futures = client.map(core.hash_files, chunks, max_file_mb=cfg.checks.max_file_mb, pure=False,
-                         retries=cfg.retries)
+                         retries=cfg.retries, resources=task_resources(cfg.cluster))
     by_future = dict(zip(futures, chunks, strict=True))
     hashed: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
@@ -120,13 +121,14 @@ def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestConfig
     return hashed, failures
 
 
-def _shard_phase(client: Any, specs: list[dict[str, Any]], out: str, cfg: dict[str, Any], retries: int
-                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def _shard_phase(client: Any, specs: list[dict[str, Any]], out: str, cfg: dict[str, Any], retries: int,
+                 resources: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     from distributed import as_completed
 
     if not specs:
         return [], {}
-    futures = client.map(core.ingest_shard, specs, out_root=out, cfg=cfg, pure=False, retries=retries)
+    futures = client.map(core.ingest_shard, specs, out_root=out, cfg=cfg, pure=False, retries=retries,
+                         resources=resources)
     by_future = dict(zip(futures, specs, strict=True))
     results: list[dict[str, Any]] = []
     failures: dict[str, str] = {}

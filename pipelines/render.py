@@ -112,8 +112,14 @@ def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
     return cfg, hash_config(cfg.identity())
 
 
-def run_render(cfg: RenderConfig, out: str | os.PathLike) -> dict[str, Any]:
+def run_render(cfg: RenderConfig, out: str | os.PathLike, performance_report: str | os.PathLike | None = None
+               ) -> dict[str, Any]:
     """Render all missing shards of the dataset ``cfg`` describes into ``out``.
+
+    Args:
+        cfg: The render config.
+        out: Dataset directory (created, or resumed when it holds the same config).
+        performance_report: Optional path of a Dask performance report (HTML) of the render.
 
     Returns:
         A summary: shards planned/rendered/skipped, frames, seconds, failures.
@@ -143,8 +149,11 @@ def run_render(cfg: RenderConfig, out: str | os.PathLike) -> dict[str, Any]:
     if todo:
         from pipelines.cluster import open_client
 
-        with open_client(cfg.cluster) as client:
+        with open_client(cfg.cluster, performance_report) as client:
             failures, rendered = _submit_and_wait(client, cfg, out, config_hash, todo, frames_per_shard)
+        # Writes of shards whose worker died mid-render (the retry committed elsewhere) leave temp dirs behind.
+        for sid in committed_shards(out):
+            remove_stale_tmp(out, sid)
     meta = update_dataset_meta(out, meta)
     summary = {"out": str(out), "shards_planned": len(plans), "shards_rendered": rendered,
                "shards_skipped": len(plans) - len(todo), "shards_failed": len(failures),
@@ -161,6 +170,8 @@ def run_render(cfg: RenderConfig, out: str | os.PathLike) -> dict[str, Any]:
 def _submit_and_wait(client: Any, cfg: RenderConfig, out: Path, config_hash: str, todo: list[ShardPlan],
                      frames_per_shard: dict[str, int]) -> tuple[dict[str, str], int]:
     from distributed import as_completed
+
+    from pipelines.cluster import task_resources
 
     nworkers = max(1, len(client.scheduler_info().get("workers", {})))
     threads = cfg.render.threads or (max(1, (os.cpu_count() or 1) // nworkers) if cfg.cluster.backend == "local" else 0)
@@ -181,7 +192,8 @@ def _submit_and_wait(client: Any, cfg: RenderConfig, out: Path, config_hash: str
 
         client.subscribe_topic(PROGRESS_TOPIC, on_progress)
         futures = {client.submit(render_shard_task, job, key=f"render-{job['plan']['shard_id']}", pure=False,
-                                 retries=cfg.execution.retries): job["plan"]["shard_id"] for job in jobs}
+                                 retries=cfg.execution.retries, resources=task_resources(cfg.cluster)):
+                   job["plan"]["shard_id"] for job in jobs}
         for fut in as_completed(list(futures)):
             sid = futures[fut]
             try:

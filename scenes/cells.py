@@ -34,7 +34,7 @@ class CellsParams(StrictModel):
     irregularity: PosRange = (0.04, 0.22)
     max_overlap: float = Field(0.2, ge=0, lt=1, description="allowed overlap of neighbours (0 = only touching)")
     brightness: PosRange = (0.25, 1.0)
-    chromatin_contrast: PosRange = (0.15, 0.6)
+    chromatin_contrast: PosRange = (0.3, 0.75)
     debris_per_field: CountRange = (0, 10)
     haze: PosRange = Field((0.01, 0.08), description="background glow, fraction of nucleus brightness")
 
@@ -49,7 +49,7 @@ class CellsParams(StrictModel):
         "lights": {"count": [0, 0]},
         "post": {"exposure": [-0.3, 0.3], "blur_sigma": [0.0, 1.5], "noise_std": [0.002, 0.02],
                  "poisson_peak": [80.0, 800.0], "gamma": [0.8, 1.2]},
-        "materials": {"texture_prob": 1.0, "textures": ["noise", "voronoi"], "texture_scale": [0.08, 0.3]},
+        "materials": {"texture_prob": 1.0, "textures": ["noise", "voronoi"], "texture_scale": [0.5, 1.5]},
     },
 )
 def sample_cells(ctx: SceneContext) -> SceneSpec:

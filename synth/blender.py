@@ -50,95 +50,21 @@ class RenderedView:
     depth: np.ndarray
 
 
-class BlenderRenderer:
-    """A BlenderProc session that renders many scenes in one process (Blender start-up paid once).
+class SceneBuilder:
+    """Creates a spec's objects, materials, lights, world and camera poses through BlenderProc.
 
     Args:
-        render: Render settings.
-        output: Output format (bit depth).
-        temp_dir: Scratch directory for Blender's intermediate files.
-        threads: CPU threads for Cycles (0 = all).
+        bproc: The booted BlenderProc module (see :func:`~synth.bproc_boot.import_blenderproc`).
+        bit_depth: Bit depth of the RGB PNGs Blender writes.
     """
 
-    def __init__(self, render: RenderSettings, output: OutputSettings, temp_dir: str, threads: int = 0):
-        t0 = time.perf_counter()
-        self.bproc = import_blenderproc(temp_dir)
+    def __init__(self, bproc, bit_depth: int = 8):
         import bpy
 
+        self.bproc = bproc
         self.bpy = bpy
-        self.cfg = render
-        self.output = output
-        self.temp_dir = temp_dir
-        scene = bpy.context.scene
-        self.bproc.camera.set_resolution(render.resolution, render.resolution)
-        scene.render.threads_mode = "FIXED" if threads > 0 else "AUTO"
-        if threads > 0:
-            scene.render.threads = threads
-        # Blender's compositor denoiser (BlenderProc's default) would run on the label pass too; Cycles' own
-        # OIDN pass runs on the color pass only.
-        self.bproc.renderer.set_denoiser(None)
-        scene.render.use_persistent_data = True
-        scene.render.film_transparent = False
-        self._setup_label_outputs()
-        self.startup_s = time.perf_counter() - t0
+        self.bit_depth = bit_depth
 
-    # ----------------------------------------------------------------- setup
-    def _setup_label_outputs(self) -> None:
-        bpy = self.bpy
-        scene = bpy.context.scene
-        view_layer = scene.view_layers[0]
-        view_layer.use_pass_object_index = True
-        view_layer.use_pass_z = True
-        scene.use_nodes = True
-        tree = scene.node_tree
-        layers = next(n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers")
-        out = tree.nodes.new("CompositorNodeOutputFile")
-        out.base_path = os.path.join(self.temp_dir, "labels")
-        out.format.file_format = "OPEN_EXR"
-        out.format.color_depth = "32"
-        out.format.color_mode = "RGB"
-        out.format.exr_codec = "ZIP"
-        out.file_slots.clear()
-        out.file_slots.new("index_")
-        out.file_slots.new("depth_")
-        # Blender >= 4.1 writes a float socket as a one-channel EXR, which OpenCV cannot read: go through RGB.
-        for socket, slot in (("IndexOB", "index_"), ("Depth", "depth_")):
-            combine = tree.nodes.new("CompositorNodeCombineColor")
-            tree.links.new(layers.outputs[socket], combine.inputs["Red"])
-            tree.links.new(combine.outputs["Image"], out.inputs[slot])
-
-    def _set_color_pass(self) -> None:
-        scene = self.bpy.context.scene
-        c = self.cfg
-        scene.render.use_compositing = False
-        scene.cycles.samples = c.samples
-        scene.cycles.use_adaptive_sampling = c.noise_threshold > 0
-        if c.noise_threshold > 0:
-            scene.cycles.adaptive_threshold = c.noise_threshold
-        scene.cycles.use_denoising = c.denoise
-        if c.denoise:
-            scene.cycles.denoiser = "OPENIMAGEDENOISE"
-            scene.cycles.denoising_input_passes = "RGB_ALBEDO_NORMAL"
-            scene.cycles.denoising_prefilter = "FAST"
-        scene.cycles.filter_width = 1.5
-        scene.cycles.max_bounces = c.max_bounces
-        scene.cycles.diffuse_bounces = c.diffuse_bounces
-        scene.cycles.glossy_bounces = c.glossy_bounces
-        scene.cycles.transmission_bounces = 0
-        scene.cycles.volume_bounces = 0
-        scene.cycles.transparent_max_bounces = 4
-
-    def _set_label_pass(self) -> None:
-        scene = self.bpy.context.scene
-        scene.render.use_compositing = True
-        scene.cycles.samples = 1
-        scene.cycles.use_adaptive_sampling = False
-        scene.cycles.use_denoising = False
-        scene.cycles.filter_width = LABEL_FILTER_WIDTH
-        for attr in ("max_bounces", "diffuse_bounces", "glossy_bounces", "transmission_bounces", "volume_bounces"):
-            setattr(scene.cycles, attr, 0)
-
-    # ----------------------------------------------------------------- build
     def build(self, spec: SceneSpec) -> None:
         """Create the spec's objects, lights, world and camera poses (after clearing the previous scene)."""
         bproc, bpy = self.bproc, self.bpy
@@ -188,7 +114,7 @@ class BlenderRenderer:
         settings = bpy.context.scene.render.image_settings
         settings.file_format = "PNG"
         settings.color_mode = "BW" if spec.grayscale else "RGB"
-        settings.color_depth = str(self.output.bit_depth)
+        settings.color_depth = str(self.bit_depth)
         settings.compression = 15
 
     def _material(self, name: str, m: Material):
@@ -273,6 +199,96 @@ class BlenderRenderer:
         matrix = bproc.math.build_transformation_mat(np.asarray(cam.location), np.asarray(cam.rotation))
         bproc.camera.add_camera_pose(matrix, frame=frame)
 
+
+class BlenderRenderer:
+    """A BlenderProc session that renders many scenes in one process (Blender start-up paid once).
+
+    Args:
+        render: Render settings.
+        output: Output format (bit depth).
+        temp_dir: Scratch directory for Blender's intermediate files.
+        threads: CPU threads for Cycles (0 = all).
+    """
+
+    def __init__(self, render: RenderSettings, output: OutputSettings, temp_dir: str, threads: int = 0):
+        t0 = time.perf_counter()
+        self.bproc = import_blenderproc(temp_dir)
+        import bpy
+
+        self.bpy = bpy
+        self.cfg = render
+        self.output = output
+        self.temp_dir = temp_dir
+        scene = bpy.context.scene
+        self.bproc.camera.set_resolution(render.resolution, render.resolution)
+        scene.render.threads_mode = "FIXED" if threads > 0 else "AUTO"
+        if threads > 0:
+            scene.render.threads = threads
+        # Blender's compositor denoiser (BlenderProc's default) would run on the label pass too; Cycles' own
+        # OIDN pass runs on the color pass only.
+        self.bproc.renderer.set_denoiser(None)
+        scene.render.use_persistent_data = True
+        scene.render.film_transparent = False
+        self._setup_label_outputs()
+        self.builder = SceneBuilder(self.bproc, output.bit_depth)
+        self.startup_s = time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- setup
+    def _setup_label_outputs(self) -> None:
+        bpy = self.bpy
+        scene = bpy.context.scene
+        view_layer = scene.view_layers[0]
+        view_layer.use_pass_object_index = True
+        view_layer.use_pass_z = True
+        scene.use_nodes = True
+        tree = scene.node_tree
+        layers = next(n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers")
+        out = tree.nodes.new("CompositorNodeOutputFile")
+        out.base_path = os.path.join(self.temp_dir, "labels")
+        out.format.file_format = "OPEN_EXR"
+        out.format.color_depth = "32"
+        out.format.color_mode = "RGB"
+        out.format.exr_codec = "ZIP"
+        out.file_slots.clear()
+        out.file_slots.new("index_")
+        out.file_slots.new("depth_")
+        # Blender >= 4.1 writes a float socket as a one-channel EXR, which OpenCV cannot read: go through RGB.
+        for socket, slot in (("IndexOB", "index_"), ("Depth", "depth_")):
+            combine = tree.nodes.new("CompositorNodeCombineColor")
+            tree.links.new(layers.outputs[socket], combine.inputs["Red"])
+            tree.links.new(combine.outputs["Image"], out.inputs[slot])
+
+    def _set_color_pass(self) -> None:
+        scene = self.bpy.context.scene
+        c = self.cfg
+        scene.render.use_compositing = False
+        scene.cycles.samples = c.samples
+        scene.cycles.use_adaptive_sampling = c.noise_threshold > 0
+        if c.noise_threshold > 0:
+            scene.cycles.adaptive_threshold = c.noise_threshold
+        scene.cycles.use_denoising = c.denoise
+        if c.denoise:
+            scene.cycles.denoiser = "OPENIMAGEDENOISE"
+            scene.cycles.denoising_input_passes = "RGB_ALBEDO_NORMAL"
+            scene.cycles.denoising_prefilter = "FAST"
+        scene.cycles.filter_width = 1.5
+        scene.cycles.max_bounces = c.max_bounces
+        scene.cycles.diffuse_bounces = c.diffuse_bounces
+        scene.cycles.glossy_bounces = c.glossy_bounces
+        scene.cycles.transmission_bounces = 0
+        scene.cycles.volume_bounces = 0
+        scene.cycles.transparent_max_bounces = 8
+
+    def _set_label_pass(self) -> None:
+        scene = self.bpy.context.scene
+        scene.render.use_compositing = True
+        scene.cycles.samples = 1
+        scene.cycles.use_adaptive_sampling = False
+        scene.cycles.use_denoising = False
+        scene.cycles.filter_width = LABEL_FILTER_WIDTH
+        for attr in ("max_bounces", "diffuse_bounces", "glossy_bounces", "transmission_bounces", "volume_bounces"):
+            setattr(scene.cycles, attr, 0)
+
     # ---------------------------------------------------------------- render
     def render(self, spec: SceneSpec) -> tuple[list[RenderedView], dict[str, float]]:
         """Build and render all views of a scene.
@@ -283,7 +299,7 @@ class BlenderRenderer:
         import cv2
 
         t0 = time.perf_counter()
-        self.build(spec)
+        self.builder.build(spec)
         t1 = time.perf_counter()
         rgb_dir = os.path.join(self.temp_dir, "rgb")
         label_dir = os.path.join(self.temp_dir, "labels")

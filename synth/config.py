@@ -17,12 +17,13 @@ class RenderSettings(StrictModel):
 
     resolution: int = Field(256, ge=16, le=8192, description="square image size in pixels")
     views: int = Field(4, ge=1, le=256, description="camera views rendered per scene")
-    samples: int = Field(24, ge=1, le=65536, description="max Cycles samples per pixel for the RGB")
-    noise_threshold: float = Field(0.05, ge=0, le=1, description="adaptive sampling threshold (0 = off)")
+    samples: int = Field(32, ge=1, le=65536, description="max Cycles samples per pixel for the RGB")
+    noise_threshold: float = Field(0.03, ge=0, le=1, description="adaptive sampling threshold (0 = off)")
     denoise: bool = Field(True, description="OpenImageDenoise on the RGB")
-    max_bounces: int = Field(4, ge=0, le=128)
-    diffuse_bounces: int = Field(2, ge=0, le=128)
-    glossy_bounces: int = Field(2, ge=0, le=128)
+    # Light paths as BlenderProc's defaults, so segfactory's speed-up over it is from sampling, not less light.
+    max_bounces: int = Field(3, ge=0, le=128)
+    diffuse_bounces: int = Field(3, ge=0, le=128)
+    glossy_bounces: int = Field(0, ge=0, le=128)
     threads: int = Field(0, ge=0, description="CPU threads per render process (0 = cores / workers)")
 
 

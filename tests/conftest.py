@@ -38,6 +38,22 @@ def tiny_street_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The test machine has 2 cores shared with render processes; with more torch threads than free cores,
+    OpenMP spin-waiting made CPU training steps up to ~50x slower, while 1 thread stays steady."""
+    import sys
+
+    torch = sys.modules.get("torch")  # only modules that use torch have imported it by now
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _no_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SEGFACTORY_FAULT", raising=False)

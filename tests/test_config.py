@@ -14,7 +14,7 @@ from synth.config import RenderConfig
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "street", "tabletop", "cells"])
+@pytest.mark.parametrize("name", ["render_demo", "street", "tabletop", "cells"])
 def test_shipped_configs_validate(name):
     from pipelines.render import resolve_render_config
 

@@ -79,8 +79,15 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(np.int32 if arr.dtype != np.uint8 else np.uint8, copy=False)
 
 
-def image_range(img: np.ndarray) -> tuple[float, float]:
-    """The (min, max) ``minmax`` scaling stretches to 0..1, computed on the whole image."""
+# The percentiles `segfactory ingest` uses to bring 16-bit images to 8 bit for pretraining.
+PERCENTILES = (0.5, 99.5)
+
+
+def image_range(img: np.ndarray, scaling: str = "minmax") -> tuple[float, float]:
+    """The (low, high) values that ``minmax`` / ``percentile`` scaling maps to 0 / 1, from the whole image."""
+    if scaling == "percentile":
+        lo, hi = np.percentile(img, PERCENTILES)
+        return float(lo), float(hi)
     return float(img.min()), float(img.max())
 
 
@@ -91,9 +98,11 @@ def to_unit(img: np.ndarray, in_chans: int, scaling: str = "dtype",
     Args:
         img: (H, W) or (H, W, 3), uint8 or uint16 (from :func:`read_image`, possibly cropped).
         in_chans: 1 (RGB becomes BT.601 luma) or 3 (gray is repeated).
-        scaling: ``dtype`` divides by 255 / 65535; ``minmax`` stretches ``value_range`` to 0..1.
-        value_range: (min, max) of the *whole* image for ``minmax`` (so crops scale like the full image);
-            default the given array's own range.
+        scaling: ``dtype`` divides by 255 / 65535; ``minmax`` stretches the image's min..max to 0..1;
+            ``percentile`` stretches its 0.5..99.5 percentiles to 0..1 and clips (as ``segfactory ingest`` does
+            for 16-bit images, so fine-tuning sees what the pretrained encoder saw).
+        value_range: (low, high) of the *whole* image for ``minmax``/``percentile`` (so crops scale like the
+            full image); default computed from the given array.
 
     Returns:
         (C, H, W) float32.
@@ -101,9 +110,9 @@ def to_unit(img: np.ndarray, in_chans: int, scaling: str = "dtype",
     x = img.astype(np.float32)
     if scaling == "dtype":
         x *= 1.0 / (65535.0 if img.dtype == np.uint16 else 255.0)
-    elif scaling == "minmax":
-        lo, hi = value_range if value_range is not None else image_range(img)
-        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    elif scaling in ("minmax", "percentile"):
+        lo, hi = value_range if value_range is not None else image_range(img, scaling)
+        x = np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(x)
     else:
         raise ValueError(f"unknown scaling {scaling!r}")
     if x.ndim == 2:

@@ -68,9 +68,9 @@ class TargetClasses:
         return next((c["id"] for c in self.classes if c["name"] == key), None)
 
     def to_json(self) -> list[dict[str, Any]]:
-        colors = self.colors
-        return [{"id": c["id"], "name": c["name"], "color": list(colors[c["id"]])}
-                for c in sorted(self.classes, key=lambda c: c["id"])]
+        """Every id ``0..num_classes-1`` (gaps as ``class_<id>``) with its colour, as written to model.json."""
+        return [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(self.names, self.colors,
+                                                                                      strict=True))]
 
 
 def make_targets(classes: list[dict[str, Any]], ignore_index: int = 255) -> TargetClasses:

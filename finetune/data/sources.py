@@ -8,7 +8,8 @@ Real labeled folder layout::
                                                   "ignore_index": 255}
 
 Splits are chosen by a stable hash of each frame's name, never by the training seed, so runs with different
-seeds validate on the same frames and a 10 % label subset is contained in the 30 % one.
+seeds validate on the same frames and a 10 % label subset is contained in the 30 % one. The validation share
+is exact (``round(val_fraction * n)``, at least one frame), which matters for small real folders.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Source:
     remap: Remap
     on_unknown: str
     ignore_index: int = 255
+    weight: float = 1.0
 
     def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         """Load one frame.
@@ -87,6 +89,15 @@ def detect_kind(path: Path) -> Kind:
         raise UserError(f"data folder '{path}' does not exist", fix="check the path")
     raise UserError(f"'{path}' is neither a segfactory dataset (dataset.json) nor a labeled folder (images/ + masks/)",
                     fix="pass the --out of `segfactory render`, or a folder with images/ and masks/ subfolders")
+
+
+def check_kind(path: Path, kind: Kind) -> None:
+    """Raise a UserError with the right flag when a folder is given as the other kind."""
+    found = detect_kind(path)
+    if found != kind:
+        flag = "--synthetic" if found == "synthetic" else "--real"
+        raise UserError(f"'{path}' is a {found} source but was given as {kind}",
+                        fix=f"pass it with {flag} (config: data.{found})")
 
 
 def _unit_hash(text: str, salt: str) -> float:
@@ -172,8 +183,7 @@ def split_items(items: list[Item], val_fraction: float, val_max: int) -> tuple[l
     if val_fraction <= 0 or len(items) < 2:
         return list(items), []
     ranked = sorted(items, key=lambda it: _unit_hash(it.key, "val"))
-    n_val = sum(_unit_hash(it.key, "val") < val_fraction for it in items)
-    n_val = min(max(n_val, 1), len(items) - 1, val_max)
+    n_val = min(max(round(val_fraction * len(items)), 1), len(items) - 1, val_max)
     val_keys = {it.key for it in ranked[:n_val]}
     return [it for it in items if it.key not in val_keys], [it for it in items if it.key in val_keys]
 
@@ -190,7 +200,7 @@ def subset_items(items: list[Item], fraction: float, max_items: int | None) -> l
 
 
 def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role, *, val_fraction: float = 0.0,
-                val_max: int = 1 << 30, field_hint: str = "remap") -> Source:
+                val_max: int = 1 << 30, field_hint: str = "remap", lenient_remap: bool = False) -> Source:
     """Open, split and validate one source.
 
     Args:
@@ -200,19 +210,20 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
         role: ``train`` (split into train/val by ``val_fraction``, subset by ``spec.fraction``), ``val`` (all
             items, up to ``val_max``, for validation) or ``eval`` (all items).
         field_hint: Config path of the source, for error messages.
+        lenient_remap: Skip ``remap`` keys that are not classes of this source (one ``--remap`` list shared by
+            several evaluation folders).
     """
     path = Path(spec.path)
-    found = detect_kind(path)
-    if found != kind:
-        flag = "--synthetic" if found == "synthetic" else "--real"
-        raise UserError(f"'{path}' is a {found} source but was given as {kind}",
-                        fix=f"pass it with {flag} (config: data.{found})")
+    check_kind(path, kind)
     label = f"{kind} source '{path}'"
     if kind == "synthetic":
         items, classes, ignore = _scan_synthetic(path)
     else:
         items = _scan_real(path)
         classes, ignore = real_class_table(spec, path, targets)
+    if lenient_remap:
+        names = {str(c["name"]) for c in classes} | {str(c["id"]) for c in classes}
+        spec = spec.model_copy(update={"remap": {k: v for k, v in spec.remap.items() if str(k) in names}})
     remap = build_remap(classes, ignore, targets, spec.remap, label, f"{field_hint}.remap")
     if role == "train":
         train, val = split_items(items, val_fraction, val_max)
@@ -223,7 +234,8 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
         train, val = [], list(items)
     if kind == "real":
         _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index)
-    return Source(spec.name or path.name, kind, path, train, val, remap, spec.on_unknown, targets.ignore_index)
+    return Source(spec.name or path.name, kind, path, train, val, remap, spec.on_unknown, targets.ignore_index,
+                  spec.weight)
 
 
 def resolve_targets(cfg: FinetuneConfig) -> TargetClasses:
@@ -231,14 +243,17 @@ def resolve_targets(cfg: FinetuneConfig) -> TargetClasses:
     if cfg.classes is not None:
         return make_targets([c.model_dump() for c in cfg.classes], cfg.ignore_index)
     for spec in cfg.data.synthetic:
-        if detect_kind(Path(spec.path)) == "synthetic":
-            from synth.dataset import open_dataset
-
-            return make_targets(open_dataset(spec.path).classes, cfg.ignore_index)
+        check_kind(Path(spec.path), "synthetic")
     for spec in cfg.data.real:
-        if detect_kind(Path(spec.path)) == "real":
-            classes, _ = real_class_table(spec, Path(spec.path), None)
-            return make_targets(classes, cfg.ignore_index)
+        check_kind(Path(spec.path), "real")
+    if cfg.data.synthetic:
+        from synth.dataset import open_dataset
+
+        return make_targets(open_dataset(cfg.data.synthetic[0].path).classes, cfg.ignore_index)
+    if cfg.data.real:
+        spec = cfg.data.real[0]
+        classes, _ = real_class_table(spec, Path(spec.path), None)
+        return make_targets(classes, cfg.ignore_index)
     raise UserError("no training data: data.synthetic and data.real are both empty",
                     fix="pass --synthetic DATASET and/or --real DIR (or list them in the config)")
 

@@ -1,0 +1,265 @@
+"""CLI glue of the fine-tuning stage: ``finetune``, ``evaluate``, ``predict``, ``export``, ``sweep`` and
+``bench train``. Heavy imports (torch, smp) happen inside the handlers so ``segfactory --help`` stays fast.
+
+Every command prints one JSON object on stdout (its summary) and human-readable output on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from segfactory.errors import UserError
+
+
+def _emit(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _save_args(path: Path, args: dict[str, Any]) -> None:
+    import yaml
+
+    from segfactory.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()},
+                                           sort_keys=False))
+
+
+def _with_paths(entries: list, paths: list[str] | None, spec_type) -> list:
+    """``--synthetic/--real`` replace the config entries' paths in order, keeping their other settings."""
+    if not paths:
+        return entries
+    out = []
+    for i, p in enumerate(paths):
+        out.append(entries[i].model_copy(update={"path": Path(p)}) if i < len(entries) else spec_type(path=Path(p)))
+    return out
+
+
+def apply_data_flags(cfg, synthetic: list[str] | None, real: list[str] | None, encoder: str | None,
+                     arch: str | None, steps: int | None):
+    """Apply the stable script flags to a :class:`~finetune.config.FinetuneConfig` (returns a new one)."""
+    from finetune.config import FinetuneConfig, SourceSpec
+    from segfactory.config import validation_error_to_user_error
+
+    data = cfg.data.model_copy(update={"synthetic": _with_paths(cfg.data.synthetic, synthetic, SourceSpec),
+                                       "real": _with_paths(cfg.data.real, real, SourceSpec)})
+    model_update: dict[str, Any] = {}
+    if encoder is not None:
+        model_update["encoder_dir"] = Path(encoder)
+    if arch is not None:
+        from finetune.models import ARCHS
+
+        ARCHS.get(arch)
+        model_update["arch"] = arch
+    train = cfg.train.model_copy(update={"steps": steps}) if steps is not None else cfg.train
+    raw = cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update=model_update),
+                                 "train": train}).model_dump()
+    from pydantic import ValidationError
+
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as e:
+        raise validation_error_to_user_error(e, FinetuneConfig, "flags") from None
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from finetune.config import FinetuneConfig
+    from finetune.models import ARCHS
+    from finetune.train import run_finetune
+    from segfactory.config import load_config
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps)
+    ARCHS.get(cfg.model.arch)
+    summary = run_finetune(cfg, args.out, resume=args.resume)
+    _emit(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _parse_remap(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UserError(f"--remap '{it}' is not SOURCE=TARGET", fix="write e.g. --remap car=vehicle")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from finetune.config import SourceSpec
+    from finetune.evaluate import run_evaluate
+    from segfactory.console import console
+
+    remap = _parse_remap(args.remap)
+    specs = [SourceSpec(path=Path(d), remap=remap, on_unknown=args.on_unknown) for d in args.data]
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    report = run_evaluate(args.model, specs, out, device=args.device, tile=args.tile, overlap=args.overlap,
+                          batch_size=args.batch_size)
+    _save_args(out / "evaluate.yaml", {k: v for k, v in vars(args).items() if k != "func"})
+    from rich.table import Table
+
+    table = Table(title=f"evaluation of {args.model}")
+    for col in ("data", "kind", "mIoU", "pixel acc", *report["classes"]):
+        table.add_column(col)
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    def row(name: str, kind: str, m: dict) -> None:
+        table.add_row(name, kind, f(m["miou"]), f(m["pixel_accuracy"]),
+                      *[f(m["per_class"][c]["iou"]) for c in report["classes"]])
+
+    for name, m in report["sources"].items():
+        row(name, m["kind"], m)
+    for kind, m in report["by_kind"].items():
+        row(f"all {kind}", kind, m)
+    row("overall", "", report["overall"])
+    console.print(table)
+    console.print(f"metrics and confusion matrices in {out}")
+    _emit({"out": str(out), "miou": report["overall"]["miou"],
+           "by_kind": {k: m["miou"] for k, m in report["by_kind"].items()},
+           "sources": {k: m["miou"] for k, m in report["sources"].items()}})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from finetune.predict import run_predict
+    from segfactory.console import console
+
+    summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
+                          overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays)
+    _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
+                                                 "tile": summary["tile"], "overlap": summary["overlap"]})
+    console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")
+    _emit(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import export_model_dir, export_onnx
+    from finetune.models import ONNX_FILE
+    from segfactory.console import console
+
+    model_dir = Path(args.model)
+    result: dict[str, Any] = {"model_dir": str(model_dir)}
+    if args.out:
+        model_dir = export_model_dir(args.model, args.out)
+        result["model_dir"] = str(model_dir)
+        console.print(f"model dir written to {model_dir}")
+    elif not args.onnx:
+        raise UserError("nothing to export", fix="pass --onnx and/or --out DIR")
+    if args.onnx:
+        info = export_onnx(model_dir, model_dir / ONNX_FILE, opset=args.opset, atol=args.atol)
+        console.print(f"ONNX written to {info['onnx']}; onnxruntime vs PyTorch max |diff| = "
+                      f"{info['max_abs_diff']:.2e} (atol {args.atol}), argmax agreement "
+                      f"{100 * info['argmax_agreement']:.3f} %")
+        result["onnx"] = info
+    _emit(result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from finetune.sweep import load_sweep_config, run_sweep
+
+    cfg = load_sweep_config(args.config, args.overrides, synthetic=args.synthetic, real=args.real, test=args.test,
+                            encoder=args.encoder, steps=args.steps)
+    result = run_sweep(cfg, args.out)
+    _emit({"out": str(args.out), "runs": len(result["rows"]), "table": str(Path(args.out) / "results.csv"),
+           "plot": str(Path(args.out) / "label_efficiency.png"), "savings": result.get("savings")})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from finetune.bench import run_bench
+
+    _emit(run_bench(size=args.size, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
+                    arch=args.arch, encoder=args.encoder, device=args.device, data=args.data,
+                    workers=args.workers, threads=args.threads))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction, benches: argparse._SubParsersAction) -> None:
+    """Add the fine-tuning sub-commands and the ``bench train`` entry."""
+    p = commands.add_parser("finetune", help="train a segmentation model on synthetic + real data",
+                            description="Fine-tune a segmentation model. --synthetic/--real replace the paths of "
+                                        "the config's data entries in order (keeping their weights and remaps).")
+    p.add_argument("config", help="YAML config (e.g. configs/finetune.yaml)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
+    p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
+    p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json)")
+    p.add_argument("--arch", help="decoder architecture (unet, unetplusplus, fpn, deeplabv3plus, linknet)")
+    p.add_argument("--steps", type=int, help="total optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=_cmd_finetune)
+
+    def inference_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        q.add_argument("--tile", type=int, help="tile side for large images (default: model.json)")
+        q.add_argument("--overlap", type=int, help="tile overlap in pixels (default: model.json)")
+        q.add_argument("--batch-size", type=int, help="tiles per forward pass (default: model.json)")
+
+    e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir")
+    e.add_argument("--model", required=True, metavar="MODEL_DIR")
+    e.add_argument("--data", required=True, action="append", metavar="DIR",
+                   help="rendered dataset or labeled folder (repeatable; reported per source and per kind)")
+    e.add_argument("--out", help="report directory (default MODEL_DIR/eval)")
+    e.add_argument("--remap", action="append", metavar="SRC=DST", help="map a data class onto a model class "
+                   "(or 'ignore'); repeatable")
+    e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
+                   help="mask values outside the class map: error (default) or ignore")
+    inference_flags(e)
+    e.set_defaults(func=_cmd_evaluate)
+
+    r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
+    r.add_argument("--model", required=True, metavar="MODEL_DIR")
+    r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB")
+    r.add_argument("--out", required=True, metavar="DIR", help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
+    r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
+    inference_flags(r)
+    r.set_defaults(func=_cmd_predict)
+
+    x = commands.add_parser("export", help="self-contained model dir and/or ONNX (parity-checked)")
+    x.add_argument("--model", required=True, metavar="MODEL_DIR")
+    x.add_argument("--out", metavar="DIR", help="write a copy of the model dir here (ONNX goes inside it)")
+    x.add_argument("--onnx", action="store_true", help="write model.onnx and check it under onnxruntime")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--atol", type=float, default=1e-3, help="allowed max |logit difference| ONNX vs PyTorch")
+    x.set_defaults(func=_cmd_export)
+
+    s = commands.add_parser("sweep", help="label-efficiency sweep: real-label fraction x synthetic volume x "
+                                          "encoder init at matched compute")
+    s.add_argument("config", help="YAML sweep config (e.g. configs/finetune_sweep.yaml)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--synthetic", action="append", metavar="DATASET")
+    s.add_argument("--real", action="append", metavar="DIR", help="real labeled training folder")
+    s.add_argument("--test", action="append", metavar="DIR", help="held-out real labeled folder for the mIoU")
+    s.add_argument("--encoder", metavar="DIR", help="pretrained encoder for the 'ssl' init")
+    s.add_argument("--steps", type=int, help="steps of every run (matched compute)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sweep.real_fractions=[0,0.5,1]")
+    s.set_defaults(func=_cmd_sweep)
+
+    b = benches.add_parser("train", help="training images/s: segfactory loop vs plain smp + CPU augmentation")
+    b.add_argument("--size", type=int, default=512, help="crop side")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8])
+    b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    b.add_argument("--arch", default="unet")
+    b.add_argument("--encoder", default="resnet18", help="timm encoder name")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--data", metavar="DIR", help="dataset or labeled folder (default: coins sample folder)")
+    b.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.set_defaults(func=_cmd_bench_train)

@@ -1,0 +1,242 @@
+"""Tiled, batched prediction: class-id masks of the input's size plus colour overlays.
+
+Contract of ``segfactory predict --model MODEL --input DIR --out OUT``: for every image in DIR (JPEG, PNG,
+TIFF; 8/16-bit; gray/RGB) write ``OUT/<stem>.png`` (uint8 class ids, same height and width as the input) and
+``OUT/overlays/<stem>.jpg``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from finetune.config import SIZE_DIVISOR
+from finetune.data.normalize import IMAGE_SUFFIXES, read_image, standardize, to_unit
+from segfactory.errors import PartialFailure, UserError
+from segfactory.io import atomic_write_bytes
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available; asking for cuda without one is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but no CUDA device is available", fix="use --device cpu")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
+    """Autocast dtype: bf16 where supported, else fp16, on CUDA only (CPU autocast is slower here)."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _ceil_to(n: int, k: int) -> int:
+    return int(math.ceil(n / k) * k)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with tiles of ``tile`` overlapping by at least ``overlap``."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_window(tile_h: int, tile_w: int, overlap: int, device: torch.device) -> torch.Tensor:
+    """(tile_h, tile_w) weights ramping up over ``overlap`` pixels at the borders, so seams fade out."""
+    def ramp(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device, dtype=torch.float32)
+        d = torch.minimum(i, n - 1 - i) + 1
+        return (d / (overlap + 1)).clamp(min=1e-3, max=1.0) if overlap > 0 else torch.ones(n, device=device)
+
+    return ramp(tile_h)[:, None] * ramp(tile_w)[None, :]
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, batch_size: int,
+                  autocast: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Class probabilities of one standardised image by overlapping tiles.
+
+    Args:
+        model: Maps (B, C, h, w) (multiples of 32) to logits (B, K, h, w).
+        x: (C, H, W) standardised input on the model's device.
+        tile: Tile side (multiple of 32); images smaller than a tile are run whole (padded to 32).
+        overlap: Pixels shared by neighbouring tiles.
+        batch_size: Tiles per forward pass.
+
+    Returns:
+        (K, H, W) float32 probabilities.
+    """
+    _, h, w = x.shape
+    th, tw = min(tile, _ceil_to(h, SIZE_DIVISOR)), min(tile, _ceil_to(w, SIZE_DIVISOR))
+    ph, pw = max(th, h), max(tw, w)
+    if (ph, pw) != (h, w):
+        mode = "reflect" if ph - h < h and pw - w < w else "replicate"
+        x = torch.nn.functional.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)[0]
+    boxes = [(y0, x0) for y0 in tile_starts(ph, th, overlap) for x0 in tile_starts(pw, tw, overlap)]
+    weight = blend_window(th, tw, overlap if len(boxes) > 1 else 0, x.device)
+    acc: torch.Tensor | None = None
+    norm = torch.zeros((ph, pw), device=x.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        batch = torch.stack([x[:, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk])
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            logits = model(batch)
+        probs = logits.float().softmax(1)
+        if acc is None:
+            acc = torch.zeros((probs.shape[1], ph, pw), device=x.device)
+        for (y0, x0), p in zip(chunk, probs, strict=True):
+            acc[:, y0:y0 + th, x0:x0 + tw] += p * weight
+            norm[y0:y0 + th, x0:x0 + tw] += weight
+    assert acc is not None
+    return (acc / norm)[:, :h, :w]
+
+
+def prepare_input(img: np.ndarray, input_spec: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """File pixels -> standardised (C, H, W) float32 on ``device``, exactly as in training."""
+    x = torch.from_numpy(to_unit(img, int(input_spec["in_chans"]), input_spec["scaling"])).to(device)
+    return standardize(x, input_spec["mean"], input_spec["std"])
+
+
+def predict_mask(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
+                 overlap: int, batch_size: int, autocast: torch.dtype | None = None,
+                 channels_last: bool = False) -> np.ndarray:
+    """(H, W) uint8 class ids for an image read by :func:`~finetune.data.normalize.read_image`."""
+    x = prepare_input(img, meta["input"], device)
+    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last)
+    return probs.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def display_rgb(img: np.ndarray, scaling: str = "dtype") -> np.ndarray:
+    """(H, W, 3) uint8 for overlays: 16-bit and gray inputs shown with the model's own scaling."""
+    return (np.moveaxis(to_unit(img, 3, scaling), 0, -1) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(img: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5, scaling: str = "dtype") -> np.ndarray:
+    """Blend class colours over the image: (H, W, 3) uint8."""
+    rgb = display_rgb(img, scaling).astype(np.float32)
+    palette = np.zeros((256, 3), np.float32)
+    palette[: len(colors)] = np.asarray(colors, np.float32)
+    out = rgb * (1 - alpha) + palette[mask] * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def model_palette(meta: dict[str, Any]) -> list[list[int]]:
+    """Colour per class id from model.json (ids without an entry get the default palette)."""
+    from finetune.data.remap import default_color
+
+    palette = [list(default_color(i)) for i in range(int(meta["num_classes"]))]
+    for c in meta["classes"]:
+        if c.get("color") is not None and 0 <= int(c["id"]) < len(palette):
+            palette[int(c["id"])] = [int(v) for v in c["color"]]
+    return palette
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def list_images(input_dir: str | os.PathLike) -> list[Path]:
+    """Images directly inside ``input_dir``, sorted.
+
+    Raises:
+        UserError: missing or empty folder, or two files sharing a stem (their masks would collide).
+    """
+    d = Path(input_dir)
+    if not d.is_dir():
+        raise UserError(f"input folder '{d}' does not exist", fix="pass a folder of images with --input")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"input folder '{d}' holds no images ({', '.join(IMAGE_SUFFIXES)})",
+                        fix="point --input at a folder of JPEG/PNG/TIFF images")
+    seen: dict[str, Path] = {}
+    for p in files:
+        if p.stem in seen:
+            raise UserError(f"'{seen[p.stem].name}' and '{p.name}' share the stem '{p.stem}' (both would write "
+                            f"{p.stem}.png)", fix="rename one of them")
+        seen[p.stem] = p
+    return files
+
+
+def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                device: str = "auto", tile: int | None = None, overlap: int | None = None,
+                batch_size: int | None = None, overlays: bool = True, show_progress: bool = True) -> dict:
+    """Predict every image of ``input_dir`` into ``out_dir``.
+
+    Returns:
+        Summary ``{"images", "failed", "seconds", "device", "tile", "overlap"}``.
+
+    Raises:
+        PartialFailure: some images could not be read (the rest are written).
+    """
+    from finetune.models import load_model_dir
+    from segfactory.console import progress
+    from segfactory.io import ensure_writable_dir
+
+    dev = resolve_device(device)
+    model, meta = load_model_dir(model_dir, dev)
+    files = list_images(input_dir)
+    out = ensure_writable_dir(out_dir)
+    pdef = meta.get("predict", {})
+    tile = int(tile or pdef.get("tile", 512))
+    overlap = int(overlap if overlap is not None else pdef.get("overlap", 64))
+    batch_size = int(batch_size or pdef.get("batch_size", 4))
+    if tile % SIZE_DIVISOR or overlap >= tile // 2:
+        raise UserError(f"tile={tile}, overlap={overlap}: the tile must be a multiple of {SIZE_DIVISOR} and the "
+                        "overlap below half of it", fix="e.g. --tile 512 --overlap 64")
+    cl = dev.type == "cuda"
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    palette = model_palette(meta)
+    failures: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with progress(transient=not show_progress) as bar:
+        task = bar.add_task("predict", total=len(files))
+        for p in files:
+            try:
+                img = read_image(p)
+            except UserError as e:
+                failures[p.name] = e.message
+                bar.advance(task)
+                continue
+            mask = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)
+            atomic_write_bytes(out / f"{p.stem}.png", encode_png(mask))
+            if overlays:
+                ov = overlay(img, mask, palette, scaling=meta["input"]["scaling"])
+                atomic_write_bytes(out / "overlays" / f"{p.stem}.jpg", encode_jpeg(ov))
+            bar.advance(task)
+    summary = {"images": len(files) - len(failures), "failed": len(failures),
+               "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "tile": tile, "overlap": overlap,
+               "out": str(out)}
+    if failures:
+        raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures)
+    return summary

@@ -1,0 +1,252 @@
+"""Label-efficiency sweep: how much real annotation does synthetic data (and SSL pretraining) save?
+
+Grid: real-label fraction x synthetic volume x encoder init (random / self-supervised) x seed. Every run gets
+the same number of steps and the same batch size (matched compute), keeps its *final* weights (no model
+selection, so a 0 %-real run never benefits from real validation labels) and is scored on held-out real test
+folders. Output::
+
+    OUT/sweep.yaml              resolved sweep config
+    OUT/runs/<run>/             each fine-tuning run (resumable; finished runs are reused on re-runs)
+    OUT/runs/<run>/test/        its evaluation on the test folders
+    OUT/results.csv|.json       one row per run, plus "savings" (below)
+    OUT/label_efficiency.png    real-test mIoU against real-label fraction, one line per (init, synthetic volume)
+
+Savings: for every run except the real-only random-init baseline, the real-label fraction such a baseline run
+would need for the same test mIoU (linear interpolation on the baseline curve's running best; ``null`` when it
+never gets there; ``upper_bound`` when the run is below the baseline's smallest fraction, where the curve is
+unknown).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.config import FinetuneConfig, SourceSpec, SweepConfig
+from segfactory.console import console
+from segfactory.errors import UserError
+from segfactory.plotting import figure_png
+
+
+def load_sweep_config(path: str | None, overrides: list[str] | None, *, synthetic: list[str] | None = None,
+                      real: list[str] | None = None, test: list[str] | None = None, encoder: str | None = None,
+                      steps: int | None = None) -> SweepConfig:
+    """Load a sweep config and apply the CLI flags (paths replace the config's entries in order)."""
+    from finetune.cli import _with_paths, apply_data_flags
+    from segfactory.config import load_config
+
+    cfg = load_config(SweepConfig, path, overrides)
+    ft = apply_data_flags(cfg.finetune, synthetic, real, encoder, None, steps)
+    return cfg.model_copy(update={"finetune": ft, "test": _with_paths(cfg.test, test, SourceSpec)})
+
+
+def _fmt(f: float) -> str:
+    return f"{round(100 * f):d}"
+
+
+def plan_runs(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The grid as a list of ``{"id", "seed", "init", "synthetic_fraction", "real_fraction"}``.
+
+    Raises:
+        UserError: a requested axis value has no data (e.g. real fractions > 0 without real folders).
+    """
+    ft, ax = cfg.finetune, cfg.sweep
+    if not cfg.test:
+        raise UserError("the sweep needs held-out real test data",
+                        fix="pass --test DIR (images/ + masks/) or set test:")
+    if "ssl" in ax.encoder_inits and ft.model.encoder_dir is None:
+        raise UserError("sweep.encoder_inits includes 'ssl' but no pretrained encoder is given",
+                        fix="pass --encoder DIR, or set sweep.encoder_inits=[random]")
+    if any(f > 0 for f in ax.real_fractions) and not ft.data.real:
+        raise UserError("sweep.real_fractions has values > 0 but there is no real training folder",
+                        fix="pass --real DIR, or set sweep.real_fractions=[0]")
+    if any(f > 0 for f in ax.synthetic_fractions) and not ft.data.synthetic:
+        raise UserError("sweep.synthetic_fractions has values > 0 but there is no synthetic dataset",
+                        fix="pass --synthetic DATASET, or set sweep.synthetic_fractions=[0]")
+    runs = []
+    for seed in ax.seeds:
+        for init in ax.encoder_inits:
+            for sf in ax.synthetic_fractions:
+                for rf in ax.real_fractions:
+                    if sf == 0 and rf == 0:
+                        continue  # nothing to train on
+                    runs.append({"id": f"{init}_syn{_fmt(sf)}_real{_fmt(rf)}_seed{seed}", "seed": seed, "init": init,
+                                 "synthetic_fraction": sf, "real_fraction": rf})
+    return runs
+
+
+def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
+    """The fine-tuning config of one grid point."""
+    ft = cfg.finetune
+    synthetic = [] if run["synthetic_fraction"] == 0 else \
+        [s.model_copy(update={"fraction": run["synthetic_fraction"]}) for s in ft.data.synthetic]
+    # Real folders stay at fraction 0 so their held-out validation frames are still reported.
+    real = [s.model_copy(update={"fraction": run["real_fraction"]}) for s in ft.data.real]
+    model = ft.model
+    if run["init"] == "random" and model.encoder_dir is not None:
+        from finetune.models import read_encoder
+
+        # Same architecture and input channels as the SSL runs, without the pretrained weights.
+        meta = read_encoder(model.encoder_dir)
+        model = model.model_copy(update={"encoder_dir": None, "encoder": model.encoder or meta["timm_name"],
+                                         "in_chans": model.in_chans or int(meta["in_chans"])})
+    classes = ft.classes
+    if classes is None:
+        from finetune.config import ClassSpec
+        from finetune.data.sources import resolve_targets
+
+        # Fixed once from the full config: a real-only run must not take its classes from the real folder.
+        classes = [ClassSpec(**c) for c in resolve_targets(ft).to_json()]
+    raw = ft.model_copy(update={
+        "classes": classes,
+        "data": ft.data.model_copy(update={"synthetic": synthetic, "real": real}),
+        "model": model,
+        "train": ft.train.model_copy(update={"seed": run["seed"], "keep_best": False, "stop_at": None}),
+    }).model_dump()
+    return FinetuneConfig.model_validate(raw)
+
+
+def baseline_fraction(curve: list[tuple[float, float]], miou: float) -> float | None:
+    """Smallest real fraction at which a (fraction, mIoU) curve reaches ``miou`` (interpolated), else None."""
+    best = -1.0
+    prev: tuple[float, float] | None = None
+    for f, m in sorted(curve):
+        m = max(m, best)  # the running best: more labels never need to be worse
+        if m >= miou:
+            # prev[1] < miou <= m here, so the slope is defined
+            return f if prev is None else prev[0] + (miou - prev[1]) / (m - prev[1]) * (f - prev[0])
+        best, prev = m, (f, m)
+    return None
+
+
+def compute_savings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Label-equivalents against the real-only random-init baseline (see module docstring)."""
+    base: dict[float, list[float]] = {}
+    for r in rows:
+        if r["synthetic_fraction"] == 0 and r["encoder_init"] == "random" and r["test_miou"] is not None:
+            base.setdefault(r["real_fraction"], []).append(r["test_miou"])
+    if not base:
+        return []
+    curve = [(f, float(np.mean(v))) for f, v in base.items()]
+    first_f, first_m = min(curve)
+    out = []
+    for r in rows:
+        if (r["synthetic_fraction"] == 0 and r["encoder_init"] == "random") or r["test_miou"] is None:
+            continue
+        eq = baseline_fraction(curve, r["test_miou"])
+        out.append({"run": r["run"], "test_miou": r["test_miou"], "real_fraction": r["real_fraction"],
+                    "real_only_equivalent_fraction": None if eq is None else round(eq, 4),
+                    # Below the baseline's smallest fraction the curve is unknown: only an upper bound.
+                    "upper_bound": eq is not None and eq == first_f and r["test_miou"] < first_m,
+                    "labels_saved_fraction": None if eq is None else round(eq - r["real_fraction"], 4)})
+    return out
+
+
+def plot_sweep(rows: list[dict[str, Any]]) -> bytes:
+    """PNG bytes: test mIoU vs real-label fraction, one line per (encoder init, synthetic volume), seed mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    groups: dict[tuple[str, float], dict[float, list[float]]] = {}
+    for r in rows:
+        if r["test_miou"] is not None:
+            groups.setdefault((r["encoder_init"], r["synthetic_fraction"]), {}).setdefault(
+                r["real_fraction"], []).append(r["test_miou"])
+    for (init, sf), pts in sorted(groups.items()):
+        xs = sorted(pts)
+        mean = [float(np.mean(pts[x])) for x in xs]
+        lo = [mean[i] - min(pts[x]) for i, x in enumerate(xs)]
+        hi = [max(pts[x]) - mean[i] for i, x in enumerate(xs)]
+        label = f"{init} init, " + ("no synthetic" if sf == 0 else f"synthetic {_fmt(sf)} %")
+        ax.errorbar([100 * x for x in xs], mean, yerr=[lo, hi], marker="o", capsize=3, label=label,
+                    linestyle="--" if sf == 0 else "-")
+    ax.set_xlabel("real labels used (% of the real training split)")
+    ax.set_ylabel("mIoU on held-out real test data")
+    vals = [r["test_miou"] for r in rows if r["test_miou"] is not None]
+    if vals:  # zoom on the data: the differences that matter are often a few points of mIoU
+        pad = max(0.02, 0.1 * (max(vals) - min(vals)))
+        ax.set_ylim(max(0.0, min(vals) - pad), min(1.0, max(vals) + pad))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("label efficiency (matched compute)")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole grid; returns ``{"rows", "savings"}`` (also written to OUT/results.json)."""
+    from finetune.evaluate import run_evaluate
+    from finetune.train import run_finetune
+    from segfactory.config import save_resolved
+    from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, read_json
+
+    out = ensure_writable_dir(out_dir)
+    runs = plan_runs(cfg)
+    save_resolved(cfg, out / "sweep.yaml")
+    rows = []
+    console.print(f"sweep: {len(runs)} run(s) of {cfg.finetune.train.steps} steps x batch "
+                  f"{cfg.finetune.train.batch_size} each")
+    for i, run in enumerate(runs, 1):
+        run_dir = out / "runs" / run["id"]
+        console.print(f"[bold]run {i}/{len(runs)}[/] {run['id']}")
+        rcfg = run_config(cfg, run)
+        t0 = time.perf_counter()
+        done = run_dir / "summary.json"
+        summary = read_json(done) if done.exists() else run_finetune(rcfg, run_dir, resume=True,
+                                                                      show_progress=show_progress)
+        test_metrics = run_dir / "test" / "metrics.json"
+        if test_metrics.exists() and done.exists() and test_metrics.stat().st_mtime >= done.stat().st_mtime:
+            report = read_json(test_metrics)
+        else:
+            report = run_evaluate(run_dir / "model", cfg.test, run_dir / "test", device=rcfg.train.device,
+                                  show_progress=show_progress)
+        data = read_json(run_dir / "data.json")
+        real_labels = sum(s["train_items"] for s in data["train"] if s["kind"] == "real")
+        syn_frames = sum(s["train_items"] for s in data["train"] if s["kind"] == "synthetic")
+        val = summary.get("final_val") or {}
+        rows.append({"run": run["id"], "seed": run["seed"], "encoder_init": run["init"],
+                     "synthetic_fraction": run["synthetic_fraction"], "synthetic_frames": syn_frames,
+                     "real_fraction": run["real_fraction"], "real_labels": real_labels,
+                     "steps": rcfg.train.steps, "batch_size": rcfg.train.batch_size,
+                     "test_miou": report["overall"]["miou"],
+                     "test_pixel_accuracy": report["overall"]["pixel_accuracy"],
+                     "val_real_miou": ((val.get("by_kind") or {}).get("real") or {}).get("miou"),
+                     "seconds": round(summary.get("seconds_this_run", time.perf_counter() - t0), 2)})
+    savings = compute_savings(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    result = {"rows": rows, "savings": savings, "matched_compute": {"steps": cfg.finetune.train.steps,
+                                                                    "batch_size": cfg.finetune.train.batch_size}}
+    atomic_write_json(out / "results.json", result)
+    atomic_write_bytes(out / "label_efficiency.png", plot_sweep(rows))
+    print_table(rows, savings)
+    return result
+
+
+def print_table(rows: list[dict[str, Any]], savings: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    eq = {s["run"]: s for s in savings}
+    table = Table(title="label efficiency (test mIoU on held-out real data, matched compute)")
+    for col in ("init", "seed", "synthetic", "real labels", "test mIoU", "real-only needs"):
+        table.add_column(col)
+    for r in rows:
+        s = eq.get(r["run"])
+        need = "-" if s is None else ("> 100 %" if s["real_only_equivalent_fraction"] is None
+                                      else ("<= " if s["upper_bound"] else "")
+                                      + f"{100 * s['real_only_equivalent_fraction']:.0f} %")
+        table.add_row(r["encoder_init"], str(r["seed"]), f"{_fmt(r['synthetic_fraction'])} % ({r['synthetic_frames']})",
+                      f"{_fmt(r['real_fraction'])} % ({r['real_labels']})",
+                      "-" if r["test_miou"] is None else f"{r['test_miou']:.4f}", need)
+    console.print(table)

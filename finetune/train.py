@@ -1,0 +1,505 @@
+"""The fine-tuning loop: mixed sources, GPU augmentation, AMP + channels_last, checkpoints and exact resume.
+
+Run directory::
+
+    OUT/config.yaml       resolved config
+    OUT/data.json         sources, item counts and class mappings
+    OUT/checkpoint.pt     model + optimizer + scaler + augmentation RNG + step (torch.save, weights only)
+    OUT/metrics.jsonl     one line per log interval ({"step", "loss", ...}) and per validation ({"step", "val"})
+    OUT/curves.png        loss and validation mIoU against steps
+    OUT/model/            best-by-validation-mIoU model dir (model.safetensors + model.json)
+    OUT/summary.json      written when the run reaches train.steps
+
+Exact resume: every random choice is either a pure function of (seed, step, slot) (data) or comes from one
+explicit generator saved in the checkpoint (augmentation), so on CPU a resumed run is bit-identical to an
+uninterrupted one. (On GPU, cuDNN autotuning makes float results differ in the last bits.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.data.mixing import MixedBatchSampler, WindowDataset, collate, raise_if_error
+from finetune.data.normalize import standardize
+from finetune.data.remap import TargetClasses
+from finetune.data.sources import Source, open_training_sources, resolve_targets
+from segfactory.config import hash_config, save_resolved
+from segfactory.console import console, progress
+from segfactory.errors import UserError
+from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, read_json
+from segfactory.plotting import figure_png
+from segfactory.workers import loader_context
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "segfactory-finetune-checkpoint"
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
+# Keys that may differ between a run and its resume: they change when to stop, not what is computed.
+RESUME_FREE_KEYS = ("train.stop_at", "data.num_workers")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, power: float, min_ratio: float) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warmup, then cosine or poly decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    t = min(max(t, 0.0), 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else (1 - t) ** power
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _resume_view(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _flatten(cfg).items() if k not in RESUME_FREE_KEYS}
+
+
+class Trainer:
+    """One fine-tuning run (see module docstring). Build with :meth:`prepare`, then :meth:`run`."""
+
+    def __init__(self, cfg: FinetuneConfig, out: Path, show_progress: bool = True):
+        self.cfg = cfg
+        self.out = out
+        self.show_progress = show_progress
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self, resume: bool) -> None:
+        from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder, read_encoder
+        from finetune.predict import amp_dtype, resolve_device
+
+        cfg = self.cfg
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        if t.amp in ("fp16", "bf16") and self.device.type != "cuda":
+            raise UserError(f"train.amp={t.amp} needs a CUDA device (training runs on {self.device})",
+                            fix="set train.amp=auto (mixed precision on GPU only) or train.amp=off")
+        self.autocast = amp_dtype(self.device, t.amp)
+        self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
+        self.ckpt_path = self.out / CHECKPOINT_FILE
+        self.resume_state: dict[str, Any] | None = None
+        if self.ckpt_path.exists() and not resume:
+            raise UserError(f"'{self.out}' already holds a training run ({CHECKPOINT_FILE})",
+                            fix="pass --resume to continue it, or choose another --out")
+        if resume and self.ckpt_path.exists():
+            self._check_resume_config()
+            self.resume_state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            if self.resume_state.get("format") != CHECKPOINT_FORMAT:
+                raise UserError(f"'{self.ckpt_path}' is not a segfactory fine-tuning checkpoint",
+                                fix="choose another --out")
+
+        self.targets: TargetClasses = resolve_targets(cfg)
+        if self.targets.num_classes > 255:
+            raise UserError(f"{self.targets.num_classes} classes do not fit uint8 masks", fix="use at most 255 classes")
+        self.train_sources, self.val_sources = open_training_sources(cfg, self.targets)
+
+        enc_meta = None
+        timm_name = cfg.model.encoder
+        c = cfg.model.in_chans or 3
+        if cfg.model.encoder_dir is not None:
+            enc_meta = read_encoder(cfg.model.encoder_dir)
+            c = cfg.model.in_chans or int(enc_meta["in_chans"])
+            timm_name = check_encoder_fits(enc_meta, Path(cfg.model.encoder_dir), cfg.model.encoder, c)
+        self.in_chans = c
+        if timm_name is None:
+            raise UserError("model.encoder is not set and no pretrained encoder was given",
+                            fix="pass --encoder DIR (from `segfactory pretrain`) or set model.encoder=resnet18")
+        self.arch = {"arch": cfg.model.arch, "encoder": timm_name, "in_chans": c,
+                     "num_classes": self.targets.num_classes, "decoder_channels": cfg.model.decoder_channels}
+        # Module init draws from torch's global RNG; fork it so the seed decides the init and nothing leaks.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)
+            self.model = build_model(self.arch)
+        self.lineage_encoder = {"init": "random", "seed": t.seed}
+        if cfg.model.encoder_dir is not None:
+            self.lineage_encoder = load_pretrained_encoder(self.model, cfg.model.encoder_dir)
+        norm = (enc_meta or {}).get("normalization", {})
+        mean = cfg.input.mean or norm.get("mean") or [DEFAULT_MEAN] * c
+        std = cfg.input.std or norm.get("std") or [DEFAULT_STD] * c
+        for name, v in (("mean", mean), ("std", std)):
+            if len(v) != c:
+                raise UserError(f"input.{name} has {len(v)} values for {c} input channel(s)",
+                                fix=f"give {c} value(s) or leave input.{name} unset")
+        self.input_spec = {"in_chans": c, "scaling": cfg.input.scaling, "mean": [float(v) for v in mean],
+                           "std": [float(v) for v in std]}
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._build_loss()
+        self._build_optimizer()
+
+    def _check_resume_config(self) -> None:
+        saved_path = self.out / "config.yaml"
+        if not saved_path.exists():
+            return
+        import yaml
+
+        saved = _resume_view(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+        now = _resume_view(self.cfg.model_dump(mode="json"))
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            k = diff[0]
+
+            def short(v: Any) -> str:
+                r = repr(v)
+                return r if len(r) <= 60 else r[:57] + "..."
+
+            raise UserError(f"--resume with a different config: {k} was {short(saved.get(k))}, now {short(now.get(k))}"
+                            + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""),
+                            fix=f"resume with the run's own config ({saved_path}) or start a new --out")
+
+    def _build_loss(self) -> None:
+        from segmentation_models_pytorch.losses import DiceLoss
+
+        lc = self.cfg.train.loss
+        k = self.targets.num_classes
+        weights = None
+        if isinstance(lc.class_weights, list):
+            if len(lc.class_weights) != k:
+                raise UserError(f"train.loss.class_weights has {len(lc.class_weights)} values for {k} classes",
+                                fix=f"give {k} weights ({', '.join(self.targets.names)}) or use auto")
+            weights = torch.tensor(lc.class_weights, dtype=torch.float32)
+        elif lc.class_weights == "auto":
+            weights = torch.from_numpy(auto_class_weights(self.train_sources, k))
+        self.class_weights = weights
+        self.ce = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(self.device),
+                                      ignore_index=self.targets.ignore_index)
+        self.dice = DiceLoss(mode="multiclass", from_logits=True, ignore_index=self.targets.ignore_index)
+
+    def _build_optimizer(self) -> None:
+        t = self.cfg.train
+        enc_ids = {id(p) for p in self.model.encoder.parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for p in self.model.parameters():
+            # No weight decay on norms and biases (1-D): it only fights the normalisation.
+            groups.setdefault((id(p) in enc_ids, p.ndim <= 1), []).append(p)
+        param_groups = []
+        for (is_enc, no_wd), params in sorted(groups.items()):
+            lr = t.lr * (t.encoder_lr_mult if is_enc else 1.0)
+            param_groups.append({"params": params, "lr": lr, "base_lr": lr,
+                                 "weight_decay": 0.0 if no_wd else t.weight_decay})
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups, lr=t.lr, fused=fused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
+
+    # ------------------------------------------------------------------ helpers
+    def _set_frozen(self, frozen: bool) -> None:
+        for p in self.model.encoder.parameters():
+            p.requires_grad_(not frozen)
+
+    def _metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self._metrics_path(), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save_checkpoint(self, step: int) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "aug_rng": self.gen.get_state(), "best_miou": self.best_miou, "best_step": self.best_step,
+                 # The loss average of a log interval spans the interruption, so resumed logs match too.
+                 "log_acc": [float(v) for v in self._loss_acc], "log_n": self._n_log}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.ckpt_path, buf.getvalue())
+
+    def _model_meta(self, step: int, val: dict[str, Any] | None) -> dict[str, Any]:
+        from finetune.models import model_meta
+
+        training = {"run": str(self.out), "step": step, "steps": self.cfg.train.steps, "seed": self.cfg.train.seed,
+                    "config_hash": hash_config(self.cfg), "val": _val_brief(val),
+                    "sources": [s.describe() for s in self.train_sources]}
+        return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
+                          self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training})
+
+    def validate(self) -> dict[str, Any] | None:
+        """Per-source metrics on the validation items; ``None`` without validation data."""
+        from finetune.evaluate import source_confusion, summarize
+
+        if not self.val_sources:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        meta = {"num_classes": self.targets.num_classes, "ignore_index": self.targets.ignore_index,
+                "input": self.input_spec}
+        p = self.cfg.predict
+        cms = {s.name: source_confusion(self.model, meta, s, s.val, self.device, p.tile, p.overlap, p.batch_size,
+                                        self.autocast, self.channels_last) for s in self.val_sources}
+        self.model.train(was_training)
+        if was_training and self._frozen:
+            self.model.encoder.eval()
+        report = summarize(cms, {s.name: s.kind for s in self.val_sources}, self.targets.names)
+        sel = self.cfg.train.select_on
+        pick = report["by_kind"].get(sel) if sel != "all" else None
+        report["selected"] = (pick or report["overall"])["miou"]
+        return report
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        from finetune.augment import GpuAugment
+        from finetune.models import save_model_dir
+
+        cfg, t = self.cfg, self.cfg.train
+        out = self.out
+        save_resolved(cfg, out / "config.yaml")
+        atomic_write_json(out / "data.json", {"classes": self.targets.to_json(),
+                                              "train": [s.describe() for s in self.train_sources],
+                                              "val": [s.describe() for s in self.val_sources]})
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(t.seed)
+        self.best_miou, self.best_step = -1.0, -1
+        start = 0
+        if self.resume_state is not None:
+            st = self.resume_state
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scaler.load_state_dict(st["scaler"])
+            self.gen.set_state(st["aug_rng"])
+            start = int(st["step"])
+            self.best_miou, self.best_step = float(st["best_miou"]), int(st["best_step"])
+            self._truncate_metrics(start)
+            console.print(f"resuming {out} at step {start}/{t.steps}")
+        elif self._metrics_path().exists():
+            self._metrics_path().unlink()
+        end = min(t.steps, t.stop_at) if t.stop_at else t.steps
+        summary_path = out / "summary.json"
+        if start >= t.steps and summary_path.exists():
+            console.print(f"{out} already finished {t.steps} steps")
+            return read_json(summary_path)
+
+        window = cfg.data.load_size or cfg.augment.crop_size
+        dataset = WindowDataset(self.train_sources, window, self.in_chans, cfg.input.scaling, t.seed,
+                                self.targets.ignore_index)
+        sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
+                                    [s.weight for s in self.train_sources], t.batch_size, t.seed,
+                                    start, end)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             prefetch_factor=4 if cfg.data.num_workers else None,
+                                             multiprocessing_context=loader_context(cfg.data.num_workers))
+        augment = GpuAugment(cfg.augment, self.targets.ignore_index)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.model.train()
+        self._frozen = start < cfg.model.freeze_encoder_steps
+        self._set_frozen(self._frozen)
+        if self._frozen:
+            self.model.encoder.eval()  # frozen encoder keeps its BatchNorm statistics too
+
+        step = start
+        t_run = time.perf_counter()
+        t_log = time.perf_counter()
+        self._loss_acc, self._n_log = np.zeros(3), 0
+        if self.resume_state is not None and "log_acc" in self.resume_state:
+            self._loss_acc = np.asarray(self.resume_state["log_acc"], np.float64)
+            self._n_log = int(self.resume_state["log_n"])
+        n_timed = 0
+        last_val: dict[str, Any] | None = None
+        with progress(transient=not self.show_progress) as bar:
+            task = bar.add_task("finetune", total=t.steps, completed=start)
+            for batch in loader:
+                raise_if_error(batch)
+                if self._frozen and step >= cfg.model.freeze_encoder_steps:
+                    self._frozen = False
+                    self._set_frozen(False)
+                    self.model.encoder.train()
+                losses = self._train_step(batch, augment, step)
+                self._loss_acc += losses
+                self._n_log += 1
+                n_timed += 1
+                step += 1
+                bar.update(task, advance=1, description=f"finetune loss {losses[0]:.3f}")
+                if step % t.log_every == 0 or step == t.steps:
+                    dt = time.perf_counter() - t_log
+                    lr = self.optimizer.param_groups[-1]["lr"]
+                    mean = self._loss_acc / max(self._n_log, 1)
+                    self._log({"step": step, "loss": round(float(mean[0]), 6), "ce": round(float(mean[1]), 6),
+                               "dice": round(float(mean[2]), 6), "lr": lr,
+                               "images_per_s": round(n_timed * t.batch_size / dt, 2)})
+                    t_log, n_timed = time.perf_counter(), 0
+                    self._loss_acc, self._n_log = np.zeros(3), 0
+                if step % t.val_every == 0 or step == t.steps:
+                    last_val = self.validate()
+                    if last_val is not None:
+                        self._log({"step": step, "val": _val_brief(last_val)})
+                        sel = last_val["selected"]
+                        if t.keep_best and sel is not None and sel > self.best_miou:
+                            self.best_miou, self.best_step = float(sel), step
+                            save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
+                    self._write_curves()
+                if step % t.checkpoint_every == 0 or step == end:
+                    self._save_checkpoint(step)
+        seconds = time.perf_counter() - t_run
+        if step < t.steps:
+            console.print(f"stopped at step {step}/{t.steps} (train.stop_at); continue with --resume")
+            return {"finished": False, "step": step, "steps": t.steps, "out": str(out)}
+        model_step = self.best_step
+        if not t.keep_best or self.best_step < 0:
+            # No validation data (or keep_best off): the final weights are the model.
+            save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
+            model_step = step
+        self._write_curves()
+        summary = {"finished": True, "steps": t.steps, "model_dir": str(out / "model"), "model_step": model_step,
+                   "best_val_miou": None if self.best_miou < 0 else round(self.best_miou, 6),
+                   "final_val": _val_brief(last_val), "seconds_this_run": round(seconds, 2),
+                   "images_per_s_this_run": round((step - start) * t.batch_size / max(seconds, 1e-9), 2),
+                   "device": str(self.device), "amp": str(self.autocast).replace("torch.", "") if self.autocast
+                   else "off", "channels_last": self.channels_last, "encoder": self.lineage_encoder,
+                   "train_items": {s.name: len(s.train) for s in self.train_sources},
+                   "val_items": {s.name: len(s.val) for s in self.val_sources}}
+        atomic_write_json(summary_path, summary)
+        print_summary(summary)
+        return summary
+
+    def _train_step(self, batch: dict, augment, step: int) -> np.ndarray:
+        t = self.cfg.train
+        f = lr_factor(step, t.steps, t.warmup_steps, t.schedule, t.poly_power, t.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["mask"].to(self.device, non_blocking=True)
+        x, y = augment(x, y, self.gen)
+        x = standardize(x, self.input_spec["mean"], self.input_spec["std"])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        with ctx:
+            logits = self.model(x)
+        logits = logits.float()
+        ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
+        dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
+        if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
+            ce = logits.sum() * 0
+        loss = t.loss.ce_weight * ce + t.loss.dice_weight * dice
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if t.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self._metrics_path()
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def _write_curves(self) -> None:
+        path = self._metrics_path()
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            atomic_write_bytes(self.out / "curves.png", plot_curves(records))
+
+
+def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int = 256) -> np.ndarray:
+    """(K,) CE weights ∝ 1/sqrt(pixel frequency) over up to ``max_masks`` training masks, mean 1."""
+    counts = np.zeros(num_classes, np.float64)
+    per = max(1, max_masks // max(1, len(sources)))
+    for src in sources:
+        step = max(1, len(src.train) // per)
+        for it in src.train[::step][:per]:
+            _, mask = src.load(it)
+            counts += np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes]
+    freq = counts / max(counts.sum(), 1)
+    w = 1 / np.sqrt(np.maximum(freq, 1e-4))
+    return (w / w.mean()).astype(np.float32)
+
+
+def _val_brief(val: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validation record without confusion matrices (those go to `segfactory evaluate`)."""
+    if val is None:
+        return None
+
+    def brief(m: dict[str, Any]) -> dict[str, Any]:
+        return {"miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"],
+                "per_class_iou": {n: c["iou"] for n, c in m["per_class"].items()}}
+
+    return {"selected_miou": val["selected"], "overall": brief(val["overall"]),
+            "by_kind": {k: brief(m) for k, m in val["by_kind"].items()},
+            "sources": {k: brief(m) for k, m in val["sources"].items()}}
+
+
+def plot_curves(records: list[dict[str, Any]]) -> bytes:
+    """PNG bytes: training loss (left) and validation mIoU per data kind (right) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    tr = [r for r in records if "loss" in r]
+    if tr:
+        a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="total")
+        a.plot([r["step"] for r in tr], [r["ce"] for r in tr], label="cross-entropy", alpha=0.7)
+        a.plot([r["step"] for r in tr], [r["dice"] for r in tr], label="dice", alpha=0.7)
+        a.legend()
+    a.set_xlabel("step")
+    a.set_title("training loss")
+    va = [r for r in records if r.get("val")]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in va:
+        for kind, m in r["val"]["by_kind"].items():
+            if m["miou"] is not None:
+                series.setdefault(kind, []).append((r["step"], m["miou"]))
+    for kind, pts in series.items():
+        b.plot(*zip(*pts, strict=True), marker="o", label=f"{kind} val mIoU")
+    if series:
+        b.legend()
+    b.set_ylim(0, 1)
+    b.set_xlabel("step")
+    b.set_title("validation mIoU")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="fine-tuning finished", show_header=False)
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("model", f"{summary['model_dir']} (step {summary['model_step']})")
+    table.add_row("best val mIoU", "-" if summary["best_val_miou"] is None else f"{summary['best_val_miou']:.4f}")
+    fv = summary.get("final_val") or {}
+    for kind, m in (fv.get("by_kind") or {}).items():
+        table.add_row(f"final {kind} mIoU", "-" if m["miou"] is None else f"{m['miou']:.4f}")
+    table.add_row("time (this run)", f"{summary['seconds_this_run']:.1f} s, {summary['images_per_s_this_run']} img/s")
+    table.add_row("device", f"{summary['device']} (amp {summary['amp']}, channels_last {summary['channels_last']})")
+    table.add_row("encoder", str(summary["encoder"].get("init")))
+    console.print(table)
+
+
+def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool = False,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """Train a segmentation model; see the module docstring for the output layout.
+
+    Returns:
+        The summary (also ``OUT/summary.json`` when finished).
+    """
+    out = ensure_writable_dir(out_dir)
+    trainer = Trainer(cfg, out, show_progress)
+    trainer.prepare(resume)
+    return trainer.run()

@@ -1,0 +1,256 @@
+"""``segfactory refresh``: scheduled, incremental dataset refresh with immutable releases.
+
+Layout under the refresh root::
+
+    ROOT/datasets/<render config hash>/   rendered datasets (one per look of the frames; shards content-addressed)
+    ROOT/real/                            ingested real images (optional; only new files are ingested)
+    ROOT/releases/<timestamp>.json        immutable release manifests (shard ids, checksums, hashes, drift)
+    ROOT/releases/latest                  symlink to the newest release, replaced atomically
+    ROOT/.refresh.lock                    held (flock) while a refresh runs
+
+A refresh renders only shards that are missing (ids hash the config, seed range and code version), ingests
+only new raw images, publishes a release, then prunes releases beyond the last ``releases.keep`` together with
+shards no kept release references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from pipelines.cluster import ClusterConfig
+from pretrain.config import IngestConfig
+from segfactory import __version__
+from segfactory.config import StrictModel, save_resolved
+from segfactory.console import console
+from segfactory.errors import EXIT_BUSY, UserError
+from segfactory.io import atomic_write_json, read_json, remove_tree, sha256_file
+from synth.config import RenderConfig
+
+LOCK_FILE = ".refresh.lock"
+RELEASES_DIR = "releases"
+LATEST = "latest"
+INSTANCE_BINS = [0, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 2**62]  # instance area in pixels
+
+
+class ReleaseSettings(StrictModel):
+    keep: int = Field(5, ge=1, description="releases kept; older ones (and shards only they used) are pruned")
+
+
+class RealImages(StrictModel):
+    src: str | None = Field(None, description="raw image folder/glob to ingest incrementally (None = no real data)")
+    config: IngestConfig = Field(default_factory=IngestConfig)
+
+
+class RefreshConfig(StrictModel):
+    """``segfactory refresh`` config: what to render, what to ingest, how many releases to keep."""
+
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    real: RealImages = Field(default_factory=RealImages)
+    releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+
+@contextlib.contextmanager
+def refresh_lock(root: Path) -> Iterator[None]:
+    """Hold ``ROOT/.refresh.lock``; a second refresh gets a UserError with exit code EXIT_BUSY."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"another refresh of '{root}' is running ({holder}); nothing was done",
+                            fix="wait for it to finish (schedules should not overlap: this run is skipped)",
+                            exit_code=EXIT_BUSY) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since "
+                      f"{datetime.now(UTC).isoformat(timespec='seconds')}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def list_releases(root: Path) -> list[Path]:
+    """Release manifests, oldest first (timestamps sort lexically)."""
+    d = root / RELEASES_DIR
+    return sorted(p for p in d.glob("*.json") if not p.name.startswith(".")) if d.is_dir() else []
+
+
+def latest_release(root: Path) -> dict[str, Any] | None:
+    link = root / RELEASES_DIR / LATEST
+    return read_json(link) if link.exists() else None
+
+
+def _point_latest(root: Path, release: Path) -> None:
+    """Replace the ``latest`` symlink atomically (rename of a fresh symlink over it)."""
+    tmp = root / RELEASES_DIR / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(release.name, tmp)
+    os.replace(tmp, root / RELEASES_DIR / LATEST)
+
+
+def _release_name(root: Path) -> str:
+    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    while (root / RELEASES_DIR / f"{name}.json").exists():  # two refreshes within a microsecond
+        time.sleep(0.001)
+        name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return name
+
+
+def release_stats(dataset: Path, shard_ids: list[str], num_classes: int) -> dict[str, Any]:
+    """Class pixel shares and the instance-area histogram over the given shards (from labels and COCO)."""
+    from synth.dataset import read_image
+
+    pixels = np.zeros(256, dtype=np.int64)
+    hist = np.zeros(len(INSTANCE_BINS) - 1, dtype=np.int64)
+    for sid in shard_ids:
+        d = dataset / "shards" / sid
+        manifest = read_json(d / "manifest.json")
+        for fr in manifest["frames"]:
+            pixels += np.bincount(read_image(d / fr["files"]["semantic"]["path"]).ravel(), minlength=256)[:256]
+        areas = [a["area"] for a in read_json(d / "coco.json")["annotations"]]
+        hist += np.histogram(areas, bins=INSTANCE_BINS)[0]
+    total = max(1, int(pixels.sum()))
+    return {"class_pixel_share": [float(pixels[c]) / total for c in range(num_classes)],
+            "ignore_share": float(pixels[255]) / total,
+            "instance_area_bins": INSTANCE_BINS[:-1], "instance_area_hist": hist.tolist(),
+            "instances": int(hist.sum())}
+
+
+def drift(prev: dict[str, Any] | None, now: dict[str, Any], classes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare a release's stats with the previous release's: per-class share change and histogram distance."""
+    if prev is None:
+        return {"previous": None}
+    a, b = prev["stats"], now
+    shares = []
+    for c in classes:
+        i = c["id"]
+        old = a["class_pixel_share"][i] if i < len(a["class_pixel_share"]) else 0.0
+        new = b["class_pixel_share"][i] if i < len(b["class_pixel_share"]) else 0.0
+        shares.append({"id": i, "name": c["name"], "previous": old, "now": new, "change": new - old})
+    ha = np.asarray(a["instance_area_hist"], dtype=float)
+    hb = np.asarray(b["instance_area_hist"], dtype=float)
+    tv = 0.5 * float(np.abs(ha / max(ha.sum(), 1) - hb / max(hb.sum(), 1)).sum()) if len(ha) == len(hb) else None
+    return {"previous": prev["release"], "class_shares": shares,
+            "max_share_change": max((abs(s["change"]) for s in shares), default=0.0),
+            "instance_hist_total_variation": tv}
+
+
+def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report: str | None = None) -> dict[str, Any]:
+    """One refresh: render missing shards, ingest new images, publish a release, prune old ones.
+
+    Returns:
+        The release manifest that was published.
+
+    Raises:
+        UserError: bad config, or another refresh holds the lock (exit code EXIT_BUSY).
+        PartialFailure: some shards/images failed; no release is published, a re-run continues.
+    """
+    from pipelines.render import resolve_render_config, run_render
+    from synth.shard import plan_shards
+
+    root = Path(root).resolve()
+    with refresh_lock(root):
+        t0 = time.perf_counter()
+        render_cfg = cfg.render.model_copy(update={"cluster": cfg.cluster})
+        render_cfg, config_hash = resolve_render_config(render_cfg)
+        dataset = root / "datasets" / config_hash
+        report = performance_report or str(root / ".logs" / f"dask-report-{_release_name(root)}.html")
+        summary = run_render(render_cfg, dataset, performance_report=report)
+        meta = read_json(dataset / "dataset.json")
+        plans = plan_shards(meta["family"], config_hash, render_cfg.dataset.seed, render_cfg.dataset.scenes,
+                            render_cfg.dataset.scenes_per_shard, __version__)
+        shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(dataset / "shards" / p.shard_id / "manifest.json"),
+                   "frames": read_json(dataset / "shards" / p.shard_id / "manifest.json")["num_frames"]}
+                  for p in plans]
+        real = None
+        if cfg.real.src:
+            from pipelines.ingest import run_ingest
+
+            ingest_cfg = cfg.real.config.model_copy(update={"cluster": cfg.cluster})
+            s = run_ingest(cfg.real.src, root / "real", ingest_cfg)
+            real = {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"],
+                    "new_images": s["new_images"], "config_hash": s["config_hash"]}
+        prev = latest_release(root)
+        stats = release_stats(dataset, [s["id"] for s in shards], len(meta["classes"]))
+        name = _release_name(root)
+        release = {
+            "format": "segfactory-release", "format_version": 1, "release": name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": __version__,
+            "render": {"dataset": f"datasets/{config_hash}", "config_hash": config_hash,
+                       "seed": render_cfg.dataset.seed, "scenes": render_cfg.dataset.scenes,
+                       "shards_rendered": summary["shards_rendered"]},
+            "shards": shards, "num_frames": sum(s["frames"] for s in shards), "real": real,
+            "inputs_changed": prev is None or [s["id"] for s in prev["shards"]] != [s["id"] for s in shards]
+                              or (prev.get("real") or {}).get("data_hash") != (real or {}).get("data_hash"),
+            "stats": stats, "drift": drift(prev, stats, meta["classes"]),
+        }
+        path = root / RELEASES_DIR / f"{name}.json"
+        save_resolved(cfg, root / RELEASES_DIR / f".{name}.config.yaml")
+        atomic_write_json(path, release)
+        _point_latest(root, path)
+        pruned = prune(root, cfg.releases.keep)
+        release_summary(release, pruned, time.perf_counter() - t0)
+        return release
+
+
+def prune(root: Path, keep: int) -> dict[str, int]:
+    """Delete releases beyond the newest ``keep`` and every shard (and dataset) no kept release references."""
+    from pipelines.render import update_dataset_meta
+
+    releases = list_releases(root)
+    old, kept = releases[:-keep], releases[-keep:]
+    for p in old:
+        p.unlink()
+        (p.parent / f".{p.stem}.config.yaml").unlink(missing_ok=True)
+    referenced: dict[str, set[str]] = {}
+    for p in kept:
+        r = read_json(p)
+        referenced.setdefault(r["render"]["dataset"], set()).update(s["id"] for s in r["shards"])
+    shards_removed = datasets_removed = 0
+    for ds in sorted((root / "datasets").glob("*")) if (root / "datasets").is_dir() else []:
+        rel = f"datasets/{ds.name}"
+        if rel not in referenced:
+            remove_tree(ds)
+            datasets_removed += 1
+            continue
+        changed = False
+        for shard in sorted((ds / "shards").glob("*")):
+            if shard.name.startswith(".") or shard.name in referenced[rel]:
+                continue
+            remove_tree(shard)
+            shards_removed += 1
+            changed = True
+        if changed:
+            update_dataset_meta(ds, read_json(ds / "dataset.json"))
+    return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed}
+
+
+def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: float) -> None:
+    from rich.table import Table
+
+    d = release["drift"]
+    console.print(f"release {release['release']}: {len(release['shards'])} shard(s), {release['num_frames']} frames"
+                  f" ({release['render']['shards_rendered']} shard(s) new), inputs changed: "
+                  f"{'yes' if release['inputs_changed'] else 'no'}; pruned {pruned['releases']} release(s), "
+                  f"{pruned['shards']} shard(s), {pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)
+    if d.get("previous"):
+        t = Table(title=f"drift vs {d['previous']}")
+        for col in ("class", "share before %", "share now %", "change (pp)"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for s in d["class_shares"]:
+            t.add_row(s["name"], f"{100 * s['previous']:.2f}", f"{100 * s['now']:.2f}", f"{100 * s['change']:+.2f}")
+        console.print(t)
+        tv = d["instance_hist_total_variation"]
+        console.print(f"instance-size histogram total variation: {tv:.3f}" if tv is not None else "")

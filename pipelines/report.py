@@ -1,0 +1,105 @@
+"""The HTML run report of ``segfactory run``: one self-contained file (images embedded as base64 PNG/JPEG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from segfactory.io import atomic_write_text, read_json
+from segfactory.plotting import figure_png
+
+
+def _fig_png(fig: Any) -> bytes:
+    return figure_png(fig, dpi=90, bbox_inches="tight")
+
+
+def _img(data: bytes, mime: str = "image/png", width: int | None = None, caption: str = "") -> str:
+    w = f' width="{width}"' if width else ""
+    tag = f'<img{w} alt="{html.escape(caption)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+    return f"<figure>{tag}<figcaption>{html.escape(caption)}</figcaption></figure>" if caption else tag
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _curve(points: list[tuple[float, float]], title: str, ylabel: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return _fig_png(fig)
+
+
+def _bars(names: list[str], values: list[float], title: str, ylabel: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names)), 3))
+    ax.bar(range(len(names)), values)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set(title=title, ylabel=ylabel)
+    return _fig_png(fig)
+
+
+def _val_miou(record: dict[str, Any]) -> float | None:
+    val = record.get("val")
+    if isinstance(val, dict):
+        for key in ("selected", "miou"):
+            if isinstance(val.get(key), int | float):
+                return float(val[key])
+        overall = val.get("overall")
+        if isinstance(overall, dict) and isinstance(overall.get("miou"), int | float):
+            return float(overall["miou"])
+    return None
+
+
+def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, evaluate: Path, predict: Path) -> Path:
+    """Write the run report: contact sheet, class histogram, loss/mIoU curves, IoU bars, confusion, overlays."""
+    import tempfile
+
+    from synth.dataset import open_dataset
+    from synth.viz import contact_sheet, dataset_stats
+
+    ds = open_dataset(dataset)
+    sections: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sheet = contact_sheet(ds, Path(tmp) / "sheet.png", 4)
+        sheet_img = _img(sheet.read_bytes(), width=700, caption="contact sheet")
+        sections.append(f"<h2>Synthetic data</h2><p>{ds.meta['num_frames']} frames in {ds.meta['num_shards']} "
+                        f"shard(s), family {html.escape(ds.meta['family'])}</p>{sheet_img}")
+    stats = dataset_stats(ds)
+    shares = [100 * c["pixel_share"] for c in stats["classes"]]
+    sections.append(_img(_bars([c["name"] for c in stats["classes"]], shares, "class pixel shares", "% of pixels"),
+                         caption="class pixel shares"))
+    pre = [(r["step"], r["loss"]) for r in _jsonl(pretrain / "metrics.jsonl") if "loss" in r]
+    sections.append(f"<h2>Pretraining</h2>{_img(_curve(pre, 'pretraining loss', 'loss'), caption='pretraining loss')}")
+    ft = _jsonl(finetune / "metrics.jsonl")
+    loss = [(r["step"], r["loss"]) for r in ft if "loss" in r]
+    miou = [(r["step"], m) for r in ft if (m := _val_miou(r)) is not None]
+    sections.append(f"<h2>Fine-tuning</h2>{_img(_curve(loss, 'fine-tuning loss', 'loss'), caption='fine-tuning loss')}"
+                    f"{_img(_curve(miou, 'validation mIoU', 'mIoU'), caption='validation mIoU')}")
+    metrics = read_json(evaluate / "metrics.json")
+    overall = metrics["overall"]
+    names = list(metrics["classes"])
+    ious = [overall["per_class"][c]["iou"] or 0.0 for c in names]
+    conf = evaluate / "confusion_overall.png"
+    sections.append(f"<h2>Evaluation</h2><p>mIoU {overall['miou']:.4f}, pixel accuracy "
+                    f"{overall['pixel_accuracy']:.4f} (on the rendered dataset)</p>"
+                    f"{_img(_bars(names, ious, 'per-class IoU', 'IoU'), caption='per-class IoU')}"
+                    + (_img(conf.read_bytes(), width=500, caption="confusion matrix") if conf.is_file() else ""))
+    overlays = sorted((predict / "overlays").glob("*.jpg"))
+    sections.append("<h2>Predictions on real images</h2>"
+                    + "".join(_img(p.read_bytes(), "image/jpeg", width=256, caption=p.stem) for p in overlays))
+    doc = ("<!doctype html><html><head><meta charset='utf-8'><title>segfactory run report</title>"
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{margin:4px}</style></head><body>"
+           "<h1>segfactory run report</h1>" + "\n".join(sections) + "</body></html>")
+    atomic_write_text(path, doc)
+    return path

@@ -1,0 +1,197 @@
+"""Reading ingested images for training: fixed-size uint8 squares in a resumable, seeded order.
+
+The CPU side only decodes (at reduced DCT scale when the file allows), resizes the short side to the load
+size and cuts a square; every other augmentation runs batched on the training device (:mod:`pretrain.augment`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from pretrain import ingest as ing
+from segfactory.errors import UserError
+from segfactory.io import read_json
+from segfactory.workers import loader_context
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One stored image: a byte range of a shard's ``images.bin``."""
+
+    path: str
+    offset: int
+    length: int
+    ext: str
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass
+class IngestedImages:
+    """An opened ``segfactory ingest`` output.
+
+    Attributes:
+        root: The directory.
+        entries: Every stored image of every committed shard, in shard order.
+        data_hash: Identity of the data (recorded in checkpoints and ``encoder.json``).
+        stats: ``{"1": {"mean", "std"}, "3": {...}}`` channel statistics for either input channel count.
+    """
+
+    root: Path
+    entries: list[ImageEntry]
+    data_hash: str
+    stats: dict[str, dict[str, list[float]]]
+
+    @property
+    def num_gray(self) -> int:
+        return sum(e.channels == 1 for e in self.entries)
+
+
+def open_images(root: str | os.PathLike) -> IngestedImages:
+    """Open the output of ``segfactory ingest`` (reading the committed shard manifests).
+
+    Raises:
+        UserError: if it is not an ingest output or holds no images.
+    """
+    root = Path(root)
+    fix = "pass the --out directory of `segfactory ingest`"
+    if not root.is_dir():
+        raise UserError(f"images directory '{root}' does not exist", fix=fix)
+    if not ing.shards_dir(root).is_dir():
+        raise UserError(f"'{root}' is not an ingested image set (no {ing.SHARDS_DIR}/ folder)", fix=fix)
+    entries: list[ImageEntry] = []
+    digests = []
+    for sid, man, digest in ing.iter_manifests(root):
+        digests.append((sid, digest))
+        pack = str(ing.shards_dir(root) / sid / ing.PACK_FILE)
+        entries.extend(ImageEntry(pack, r["offset"], r["length"], r["ext"], r["height"], r["width"], r["channels"])
+                       for r in man["images"])
+    if not entries:
+        raise UserError(f"'{root}' holds no ingested images (every file was rejected or ingest never finished)",
+                        fix=f"see {root / ing.REJECTED_FILE}, then re-run `segfactory ingest`")
+    index_path = root / ing.INDEX_FILE
+    stats = read_json(index_path)["stats"] if index_path.is_file() else {}
+    dh = ing.data_hash(digests)
+    if not stats or (index_path.is_file() and read_json(index_path).get("data_hash") != dh):
+        stats = ing.build_index(root)["stats"]  # index.json is derived; rebuild it when stale
+    return IngestedImages(root, entries, dh, stats)
+
+
+def read_square(entry: ImageEntry, load_size: int, in_chans: int, rng: np.random.Generator) -> np.ndarray:
+    """Decode one stored image as a (load_size, load_size, C) uint8 square.
+
+    The short side is resized to ``load_size`` and a square is cut at a random position along the long side
+    (drawn from ``rng``), so no part of a wide image is systematically lost.
+    """
+    short = min(entry.height, entry.width)
+    gray = in_chans == 1
+    flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
+    if entry.ext == ".jpg":
+        for f, (fg, fc) in ((8, (cv2.IMREAD_REDUCED_GRAYSCALE_8, cv2.IMREAD_REDUCED_COLOR_8)),
+                            (4, (cv2.IMREAD_REDUCED_GRAYSCALE_4, cv2.IMREAD_REDUCED_COLOR_4)),
+                            (2, (cv2.IMREAD_REDUCED_GRAYSCALE_2, cv2.IMREAD_REDUCED_COLOR_2))):
+            if short // f >= load_size:
+                flag = fg if gray else fc
+                break
+    with open(entry.path, "rb") as f:
+        f.seek(entry.offset)
+        data = f.read(entry.length)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if img is None:
+        raise OSError(f"cannot decode the image at offset {entry.offset} of '{entry.path}' "
+                      "(was the images directory modified?)")
+    if not gray:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
+    h, w = img.shape[:2]
+    r = load_size / min(h, w)
+    nw, nh = max(load_size, round(w * r)), max(load_size, round(h * r))
+    interp = cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR
+    img = cv2.resize(img, (nw, nh), interpolation=interp)
+    y = int(rng.integers(0, nh - load_size + 1))
+    x = int(rng.integers(0, nw - load_size + 1))
+    img = img[y:y + load_size, x:x + load_size]
+    return img[:, :, None] if img.ndim == 2 else img
+
+
+class SquareDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by ``(position, entry_index)`` pairs from :class:`StreamSampler`.
+
+    Returns:
+        (C, L, L) uint8 tensors; the random square is a function of ``(seed, position)`` only, so a resumed
+        run sees exactly the pixels an uninterrupted one would.
+    """
+
+    def __init__(self, entries: list[ImageEntry], load_size: int, in_chans: int, seed: int):
+        self.entries = entries
+        self.load_size = load_size
+        self.in_chans = in_chans
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        position, idx = item
+        rng = np.random.default_rng([self.seed, 1, position])
+        arr = read_square(self.entries[idx], self.load_size, self.in_chans, rng)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Endless batches of ``(position, index)``: epoch ``e`` is a permutation seeded by ``(seed, e)``.
+
+    Batch ``b`` holds stream positions ``b * batch_size ... (b + 1) * batch_size - 1``, so resuming at a batch
+    number reproduces the uninterrupted order exactly.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0):
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self._perm_epoch = -1
+        self._perm: np.ndarray = np.empty(0, np.int64)
+
+    def _index(self, position: int) -> int:
+        epoch, k = divmod(position, self.n)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[k])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.start_batch
+        while True:
+            start = b * self.batch_size
+            yield [(p, self._index(p)) for p in range(start, start + self.batch_size)]
+            b += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader), which we never call
+        return 2**62
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool would oversubscribe the cores
+
+
+def make_loader(entries: list[ImageEntry], load_size: int, in_chans: int, batch_size: int, seed: int,
+                start_batch: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+                ) -> torch.utils.data.DataLoader[Any]:
+    """An endless DataLoader of (B, C, L, L) uint8 batches starting at micro-batch ``start_batch``."""
+    ds = SquareDataset(entries, load_size, in_chans, seed)
+    sampler = StreamSampler(len(entries), batch_size, seed, start_batch)
+    kw: dict[str, Any] = {}
+    if num_workers > 0:
+        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _worker_init,
+              "multiprocessing_context": loader_context(num_workers)}
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                       collate_fn=torch.stack, **kw)

@@ -1,0 +1,463 @@
+"""The pretraining loop: data -> kornia views on the device -> lightly method -> checkpoints -> export.
+
+Run directory (``--out``)::
+
+    OUT/config.yaml                      resolved config
+    OUT/checkpoints/step_<N>.pt          model, optimizer, scheduler, scaler, RNG state (torch.save; loaded with
+                                         weights_only=True)
+    OUT/metrics.jsonl, OUT/metrics.csv   step, loss, lr, images_per_s, data_wait_pct, elapsed_s
+    OUT/loss.png                         loss curve
+    OUT/encoder/                         encoder.safetensors + encoder.json (+ config.yaml), see pretrain.export
+    OUT/summary.json                     final numbers of the last run
+
+Determinism: model init is seeded, the data order and each sample's square crop are functions of
+``(seed, position)``, and each micro-batch's augmentation parameters come from a generator seeded with
+``(seed, step, micro)``; a resumed run therefore repeats an uninterrupted one exactly (on the same device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.augment import ViewMaker, adjust_specs
+from pretrain.backbones import BACKBONES, build_encoder
+from pretrain.config import PretrainConfig
+from pretrain.export import save_encoder
+from pretrain.images import ImageEntry, IngestedImages, make_loader, open_images
+from pretrain.methods import SSLMethod, build_method
+from segfactory.config import hash_config, save_resolved
+from segfactory.console import console, progress
+from segfactory.errors import UserError
+from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
+from segfactory.plotting import figure_png
+
+CKPT_DIR = "checkpoints"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+METRIC_FIELDS = ["step", "loss", "lr", "images_per_s", "data_wait_pct", "elapsed_s"]
+IMAGENET = {3: ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), 1: ([0.449], [0.226])}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r} but no CUDA device is available", fix="set train.device=cpu or auto")
+    return dev
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for full precision."""
+    if device.type != "cuda" or amp == "off":
+        if amp in ("bf16", "fp16") and device.type != "cuda":
+            console.print(f"train.amp={amp} needs a GPU; training in float32 on {device}")
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def aug_seed(seed: int, step: int, micro: int) -> int:
+    """Seed of one micro-batch's augmentation parameters (independent streams per step)."""
+    return int(np.random.SeedSequence([seed, 2, step, micro]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio`` (multiplies the peak learning rate)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def normalization(kind: str, in_chans: int, data: IngestedImages) -> dict[str, list[float]]:
+    if kind == "dataset" and str(in_chans) in data.stats:
+        st = data.stats[str(in_chans)]
+        return {"mean": list(st["mean"]), "std": [max(s, 1e-3) for s in st["std"]]}
+    if kind == "imagenet" or kind == "dataset":
+        mean, std = IMAGENET[in_chans]
+        return {"mean": mean, "std": std}
+    return {"mean": [0.5] * in_chans, "std": [0.5] * in_chans}
+
+
+def select_entries(entries: list[ImageEntry], crop: int, policy: str) -> list[ImageEntry]:
+    """Drop (or keep, to upscale) images whose short side is below the crop size."""
+    small = [e for e in entries if min(e.height, e.width) < crop]
+    if not small or policy == "upscale":
+        return entries
+    kept = [e for e in entries if min(e.height, e.width) >= crop]
+    if not kept:
+        largest = max(min(e.height, e.width) for e in entries)
+        raise UserError(f"all {len(entries)} ingested images are smaller than augment.crop_size={crop} "
+                        f"(largest short side {largest} px)",
+                        fix=f"set augment.crop_size={max(16, largest)} or lower, or augment.small_images=upscale")
+    console.print(f"skipping {len(small)} of {len(entries)} images with a short side below augment.crop_size="
+                  f"{crop} (augment.small_images=upscale keeps them)")
+    return kept
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
+    # no weight decay on biases and norm parameters (standard for SSL recipes)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optim
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr)
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=peak_lr, momentum=o.momentum)
+    from lightly.utils.lars import LARS
+
+    return LARS(groups, lr=peak_lr, momentum=o.momentum)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_paths(out: Path) -> list[Path]:
+    d = out / CKPT_DIR
+    return sorted(d.glob("step_*.pt")) if d.is_dir() else []
+
+
+def _arch(cfg: PretrainConfig, in_chans: int) -> dict[str, Any]:
+    return {"method": cfg.method.name, "backbone": cfg.backbone.name,
+            "timm_name": BACKBONES.get(cfg.backbone.name).timm_name, "in_chans": in_chans}
+
+
+def save_checkpoint(out: Path, step: int, model: SSLMethod, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
+                    cfg: PretrainConfig, in_chans: int, data_hash: str, keep: int) -> Path:
+    persistent = set(model.state_dict())
+    state = {
+        "format": "segfactory-pretrain-checkpoint", "step": step, "arch": _arch(cfg, in_chans),
+        "model": model.state_dict(),
+        # e.g. MoCo's memory bank: lightly registers it non-persistent, but exact resume needs it
+        "extra_buffers": {k: v for k, v in model.named_buffers() if k not in persistent},
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": cfg.model_dump(mode="json"), "data_hash": data_hash,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = out / CKPT_DIR / f"step_{step:07d}.pt"
+    atomic_write_bytes(path, buf.getvalue())
+    for old in checkpoint_paths(out)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist", fix="pass a step_*.pt file from OUT/checkpoints")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refuses, truncated zip, not a torch file...
+        raise UserError(f"'{path}' is not a readable segfactory checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''})",
+                        fix="pass a step_*.pt file written by `segfactory pretrain`") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "segfactory-pretrain-checkpoint":
+        raise UserError(f"'{path}' is not a segfactory pretrain checkpoint",
+                        fix="pass a step_*.pt file written by `segfactory pretrain`")
+    return ckpt
+
+
+def check_same_arch(ckpt: dict[str, Any], arch: dict[str, Any], path: Path) -> None:
+    for key in ("backbone", "timm_name", "in_chans", "method"):
+        if ckpt["arch"].get(key) != arch[key]:
+            c = ckpt["arch"]
+            raise UserError(
+                f"checkpoint '{path}' is a {c['method']} / {c['backbone']} (in_chans={c['in_chans']}) run; "
+                f"the config asks for {arch['method']} / {arch['backbone']} (in_chans={arch['in_chans']})",
+                fix=f"pass --method {c['method']} --backbone {c['backbone']} (and the same images), "
+                    "or start a new --out without --resume")
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Pretrain, checkpoint and export an encoder.
+
+    Args:
+        cfg: Validated config.
+        images_dir: Output of ``segfactory ingest``.
+        out_dir: Run directory.
+        resume: None (fresh run), "last" (OUT's latest checkpoint) or a checkpoint path.
+        stop_after: Stop after this many steps of this invocation (a checkpoint and an export are written;
+            ``resume`` continues). Lets a long run fit scheduler time slots.
+
+    Returns:
+        Summary (steps, final loss, throughput, data-wait share, encoder path).
+    """
+    t_start = time.perf_counter()
+    data = open_images(images_dir)
+    out = ensure_writable_dir(out_dir)
+    ckpt_path: Path | None = None
+    if resume is None and checkpoint_paths(out):
+        last = checkpoint_paths(out)[-1]
+        raise UserError(f"'{out}' already holds a run (checkpoint {last.name})",
+                        fix="pass --resume to continue it, or choose another --out")
+    if resume is not None:
+        if resume == "last":
+            if not checkpoint_paths(out):
+                raise UserError(f"--resume: '{out / CKPT_DIR}' holds no checkpoint", fix="run without --resume")
+            ckpt_path = checkpoint_paths(out)[-1]
+        else:
+            ckpt_path = Path(resume)
+
+    in_chans = cfg.backbone.in_chans if cfg.backbone.in_chans != "auto" else (
+        1 if data.num_gray == len(data.entries) else 3)
+    aug = cfg.augment
+    single = aug.single_channel if aug.single_channel is not None else (
+        in_chans == 1 or data.num_gray == len(data.entries))
+    entries = select_entries(data.entries, aug.crop_size, aug.small_images)
+    load_size = aug.load_size or round(aug.crop_size * 8 / 7)
+    if load_size < aug.crop_size:
+        raise UserError(f"augment.load_size={load_size} is smaller than augment.crop_size={aug.crop_size}",
+                        fix=f"set augment.load_size >= {aug.crop_size} (or null)")
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    tr = cfg.train
+    total = tr.steps
+    arch = _arch(cfg, in_chans)
+
+    ckpt = None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_arch(ckpt, arch, ckpt_path)
+        if ckpt["data_hash"] != data.data_hash:
+            console.print(f"note: the images changed since checkpoint {ckpt_path.name} (new data is mixed in from "
+                          "here on)")
+
+    # seeded, scoped init: the global RNG is forked so nothing outside sees the seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tr.seed)
+        encoder = build_encoder(cfg.backbone.name, in_chans)
+        model = build_method(cfg.method.name, encoder, cfg.method, total)
+    specs = adjust_specs(model.view_specs(aug.crop_size, aug.local_crop_size, aug.min_scale), aug, single)
+    norm = normalization(cfg.data.normalization, in_chans, data)
+    views = ViewMaker(specs, norm["mean"], norm["std"])
+    model.to(device)
+    if tr.channels_last:
+        model.to(memory_format=torch.channels_last)
+    eff_batch = tr.batch_size * tr.accumulate
+    peak_lr = cfg.optim.lr * eff_batch / 256
+    opt = build_optimizer(model, cfg, peak_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    start = 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint '{ckpt_path}' does not fit this config's model ({str(e).splitlines()[0]})",
+                            fix="resume with the config the run was started with (see OUT/config.yaml)") from None
+        named = dict(model.named_buffers())
+        for k, v in ckpt["extra_buffers"].items():
+            named[k].copy_(v)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        start = int(ckpt["step"])
+        changed = _changed_keys(ckpt["config"], cfg.model_dump(mode="json"))
+        if changed:
+            console.print(f"note: config changed since the checkpoint: {', '.join(changed[:6])}")
+        _truncate_metrics(out, start)
+        console.print(f"resuming from {ckpt_path} at step {start}")
+    if start >= total:
+        console.print(f"already at step {start} of train.steps={total}; nothing to train")
+    save_resolved(cfg, out / "config.yaml")
+
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    loader = make_loader(entries, load_size, in_chans, tr.batch_size, tr.seed, start * tr.accumulate, workers,
+                         pin_memory=device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor)
+    end = total if stop_after is None else min(total, start + stop_after)
+    console.print(f"pretrain: {cfg.method.name} / {cfg.backbone.name} (in_chans={in_chans}) on {len(entries)} images, "
+                  f"{device}{' ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, steps {start}->{end} "
+                  f"of {total}, batch {tr.batch_size}x{tr.accumulate}, views {[s.size for s in specs]}")
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    step = start
+    last_row: dict[str, Any] = {}
+    win_loss = torch.zeros((), device=device)
+    win_n, win_wait, win_t0 = 0, 0.0, time.perf_counter()
+    total_wait, total_t0, total_images = 0.0, time.perf_counter(), 0
+    metrics_f = open(out / METRICS_JSONL, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    it = iter(loader)
+    model.train()
+    try:
+        with progress() as bar:
+            task = bar.add_task("pretrain", total=total, completed=start)
+            while step < end:
+                model.on_step_start(step)
+                for micro in range(tr.accumulate):
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    wait = time.perf_counter() - t0
+                    win_wait += wait
+                    total_wait += wait
+                    batch = batch.to(device, non_blocking=True)
+                    gen = torch.Generator().manual_seed(aug_seed(tr.seed, step, micro))
+                    with torch.no_grad():
+                        v = views(batch, gen, channels_last=tr.channels_last)
+                    with autocast():
+                        loss = model(v, step)
+                    scaler.scale(loss / tr.accumulate).backward()
+                    win_loss += loss.detach().float()
+                    win_n += 1
+                model.on_before_optimizer_step(step)
+                if cfg.optim.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                step += 1
+                total_images += eff_batch
+                bar.update(task, completed=step)
+                if step % tr.log_every == 0 or step == end:
+                    now = time.perf_counter()
+                    loss_v = (win_loss / max(1, win_n)).item()  # the only host sync of the loop
+                    if not math.isfinite(loss_v):
+                        raise UserError(f"the loss became {loss_v} at step {step}",
+                                        fix="lower optim.lr, or set train.amp=off; then --resume")
+                    dt = now - win_t0
+                    last_row = {"step": step, "loss": round(loss_v, 6), "lr": opt.param_groups[0]["lr"],
+                                "images_per_s": round(win_n * tr.batch_size / dt, 2),
+                                "data_wait_pct": round(100 * win_wait / dt, 2),
+                                "elapsed_s": round(now - total_t0, 2)}
+                    metrics_f.write(json.dumps(last_row) + "\n")
+                    metrics_f.flush()
+                    bar.update(task, description=f"pretrain loss {loss_v:.4f}")
+                    win_loss.zero_()
+                    win_n, win_wait, win_t0 = 0, 0.0, now
+                if step % tr.checkpoint_every == 0 and step < end:
+                    save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash,
+                                    tr.keep_checkpoints)
+    except KeyboardInterrupt:
+        metrics_f.close()
+        if step > start:
+            save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash, tr.keep_checkpoints)
+            console.print(f"checkpoint at step {step} saved; --resume continues")
+        raise
+    finally:
+        metrics_f.close()
+        del it, loader
+
+    if step > start or ckpt is None:
+        save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash, tr.keep_checkpoints)
+    enc = model.export_encoder
+    enc_dir = save_encoder(out / "encoder", enc.body, timm_name=enc.spec.timm_name, in_chans=in_chans,
+                           normalization=norm, method=cfg.method.name, steps=step, data_manifest_hash=data.data_hash,
+                           timm_kwargs=enc.spec.timm_kwargs, smp_compatible=enc.spec.smp_compatible,
+                           extra={"backbone": cfg.backbone.name, "seed": tr.seed, "config_hash": hash_config(cfg),
+                                  "crop_size": aug.crop_size})
+    save_resolved(cfg, enc_dir / "config.yaml")
+    rows = _read_metrics(out)
+    _write_csv(out, rows)
+    _plot_loss(out, rows, f"{cfg.method.name} / {cfg.backbone.name}")
+    wall = time.perf_counter() - total_t0
+    summary = {
+        "out": str(out), "encoder": str(enc_dir), "method": cfg.method.name, "backbone": cfg.backbone.name,
+        "in_chans": in_chans, "device": str(device),
+        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+        "steps": step, "total_steps": total, "finished": step >= total,
+        "final_loss": last_row.get("loss"), "images_per_s": round(total_images / wall, 2) if wall > 0 else None,
+        "data_wait_pct": round(100 * total_wait / wall, 2) if wall > 0 else None,
+        "images": len(entries), "data_hash": data.data_hash, "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    _print_summary(summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _changed_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _read_metrics(out: Path) -> list[dict[str, Any]]:
+    p = out / METRICS_JSONL
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
+    rows = [r for r in _read_metrics(out) if r.get("step", 0) <= step]
+    atomic_write_text(out / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _write_csv(out: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / METRICS_CSV, buf.getvalue())
+
+
+def _plot_loss(out: Path, rows: list[dict[str, Any]], title: str) -> None:
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:gray", lw=1, ls="--")
+    ax2.set_ylabel("lr", color="tab:gray")
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write_bytes(out / "loss.png", figure_png(fig))
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="pretrain", show_header=False)
+    for k in ("method", "backbone", "device", "steps", "final_loss", "images_per_s", "data_wait_pct", "encoder",
+              "seconds"):
+        t.add_row(k, str(s[k]))
+    console.print(t)

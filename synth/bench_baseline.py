@@ -1,0 +1,59 @@
+"""The naive BlenderProc baseline of ``segfactory bench render``: one fresh process per scene.
+
+``python -m synth.bench_baseline JOB.json SCENE_INDEX`` builds the same scene segfactory renders, with
+BlenderProc's default render settings (1024 max samples, noise threshold 0.01, Intel denoiser in the
+compositor) and its usual outputs (depth and segmentation from the color render, written to HDF5), and prints
+a ``SEGFACTORY-RESULT`` JSON line with the time split. Its RGB frames double as the high-sample reference.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+T_PROCESS = time.perf_counter()
+os.environ["OPENCV_IO_ENABLE_OPENEXR"] = "1"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def main(job_path: str, scene_index: int) -> dict:
+    import cv2
+
+    from scenes import resolve_scene, sample_scene, scene_rng
+    from segfactory.io import read_json
+    from synth.blender import SceneBuilder
+    from synth.bproc_boot import import_blenderproc
+    from synth.config import RenderConfig
+
+    job = read_json(job_path)
+    cfg = RenderConfig.model_validate(job["config"])
+    out = Path(job["out"])
+    bproc = import_blenderproc(tempfile.mkdtemp(prefix="segfactory-baseline-"))  # BlenderProc defaults
+    bproc.camera.set_resolution(cfg.render.resolution, cfg.render.resolution)
+    t_start = time.perf_counter()
+    spec = sample_scene(resolve_scene(cfg.scene), scene_rng(cfg.dataset.seed, scene_index), cfg.render.views)
+    SceneBuilder(bproc).build(spec)
+    for index, obj in enumerate(bproc.object.get_all_mesh_objects(), start=1):
+        obj.set_cp("category_id", index)
+    bproc.renderer.enable_depth_output(activate_antialiasing=False)
+    bproc.renderer.enable_segmentation_output(map_by=["category_id", "instance", "name"],
+                                              default_values={"category_id": 0})
+    t_built = time.perf_counter()
+    data = bproc.renderer.render()
+    t_rendered = time.perf_counter()
+    bproc.writer.write_hdf5(str(out / f"baseline_s{scene_index:06d}"), data)
+    for v, rgb in enumerate(data["colors"]):
+        cv2.imwrite(str(out / f"baseline_s{scene_index:06d}_v{v:02d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    t_done = time.perf_counter()
+    return {"scene_index": scene_index, "frames": len(data["colors"]), "startup_s": t_start - T_PROCESS,
+            "build_s": t_built - t_start, "render_s": t_rendered - t_built, "write_s": t_done - t_rendered}
+
+
+if __name__ == "__main__":
+    result = main(sys.argv[1], int(sys.argv[2]))
+    print("SEGFACTORY-RESULT " + json.dumps(result), flush=True)
+    os._exit(0)  # skip bpy's teardown (it can segfault after all work is done)

@@ -1,0 +1,104 @@
+"""Label-efficiency sweep and the training benchmark, at CPU smoke scale through the real CLI.
+
+Data: the rendered ``tiny_dataset`` (cells: background / nucleus / debris) as synthetic data; real labeled
+folders cut from scikit-image's coins photograph with Otsu-derived masks, whose ``coin`` class is remapped
+onto ``nucleus`` (a real source with its own class names).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.sweep import baseline_fraction, compute_savings
+from segfactory.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    from finetune.samples import make_coins_folder
+    from pretrain.backbones import create_features_model
+    from pretrain.export import save_encoder
+
+    real = make_coins_folder(tmp_path / "real", n=8, size=64, seed=11)
+    test = make_coins_folder(tmp_path / "test", n=3, size=96, seed=12)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        body = create_features_model("test_resnet", 3)
+    enc = save_encoder(tmp_path / "enc", body, timm_name="test_resnet", in_chans=3,
+                       normalization={"mean": [0.5] * 3, "std": [0.25] * 3}, method="simclr", steps=0,
+                       data_manifest_hash=None)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(REPO / "configs" / "finetune_sweep.yaml"), "--out", str(out), "--synthetic",
+            str(tiny_dataset), "--real", str(real), "--test", str(test), "--encoder", str(enc), "--steps", "6",
+            "finetune.data.real=[{path: '" + str(real) + "', remap: {coin: nucleus}}]",
+            "test=[{path: '" + str(test) + "', remap: {coin: nucleus}}]",
+            "sweep.real_fractions=[0, 1]", "sweep.synthetic_fractions=[0, 1]", "finetune.train.batch_size=4",
+            "finetune.train.log_every=3"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    result = json.loads(cap.out)
+    assert result["runs"] == 6  # 2 inits x (syn0+real100, syn100+real0, syn100+real100)
+    assert "label efficiency" in cap.err
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["run"] for r in rows} == {f"{i}_{s}" for i in ("random", "ssl")
+                                        for s in ("syn0_real100_seed0", "syn100_real0_seed0", "syn100_real100_seed0")}
+    for r in rows:
+        assert r["steps"] == "6" and r["batch_size"] == "4"  # matched compute
+        assert 0.0 <= float(r["test_miou"]) <= 1.0
+        assert int(r["real_labels"]) == (0 if r["real_fraction"] == "0.0" else 6)  # 8 minus 2 held out for val
+        assert int(r["synthetic_frames"]) == (0 if r["synthetic_fraction"] == "0.0" else 13)
+    assert (out / "label_efficiency.png").stat().st_size > 10_000
+    ssl_meta = json.loads((out / "runs" / "ssl_syn100_real0_seed0" / "model" / "model.json").read_text())
+    rnd_meta = json.loads((out / "runs" / "random_syn100_real0_seed0" / "model" / "model.json").read_text())
+    assert ssl_meta["lineage"]["encoder"]["init"] == "ssl" and rnd_meta["lineage"]["encoder"]["init"] == "random"
+    assert ssl_meta["architecture"] == rnd_meta["architecture"]
+    saved = json.loads((out / "results.json").read_text())["savings"]
+    assert {s["run"] for s in saved} == {r["run"] for r in rows} - {"random_syn0_real100_seed0"}
+    # Re-running reuses finished runs instead of training again.
+    stamp = (out / "runs" / "ssl_syn100_real100_seed0" / "summary.json").stat().st_mtime_ns
+    assert main(args) == 0
+    capsys.readouterr()
+    assert (out / "runs" / "ssl_syn100_real100_seed0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_sweep_refuses_axes_without_data(tmp_path: Path, capsys) -> None:
+    cfg = str(REPO / "configs" / "finetune_sweep.yaml")
+    assert main(["sweep", cfg, "--out", str(tmp_path / "s"), "test=[]"]) == 2
+    assert "needs held-out real test data" in capsys.readouterr().err
+    assert main(["sweep", cfg, "--out", str(tmp_path / "s"), "--test", str(tmp_path)]) == 2
+    assert "includes 'ssl' but no pretrained encoder" in capsys.readouterr().err
+
+
+def test_label_equivalent_interpolates_on_the_baseline_curve() -> None:
+    curve = [(0.1, 0.40), (0.3, 0.60), (1.0, 0.80)]
+    assert baseline_fraction(curve, 0.50) == pytest.approx(0.2)
+    assert baseline_fraction(curve, 0.70) == pytest.approx(0.3 + 0.7 / 2)
+    assert baseline_fraction(curve, 0.30) == pytest.approx(0.1)
+    assert baseline_fraction(curve, 0.90) is None
+    rows = [{"run": f"b{f}", "synthetic_fraction": 0.0, "encoder_init": "random", "real_fraction": f, "test_miou": m}
+            for f, m in curve]
+    rows.append({"run": "syn", "synthetic_fraction": 1.0, "encoder_init": "random", "real_fraction": 0.1,
+                 "test_miou": 0.60})
+    rows.append({"run": "low", "synthetic_fraction": 1.0, "encoder_init": "ssl", "real_fraction": 0.0,
+                 "test_miou": 0.35})
+    s, low = compute_savings(rows)
+    assert s["real_only_equivalent_fraction"] == pytest.approx(0.3) and s["labels_saved_fraction"] == pytest.approx(0.2)
+    assert not s["upper_bound"]
+    assert low["real_only_equivalent_fraction"] == pytest.approx(0.1) and low["upper_bound"]
+
+
+def test_bench_train_prints_one_json_object_and_a_table(capsys) -> None:
+    assert main(["bench", "train", "--size", "64", "--batch-sizes", "2", "--steps", "2", "--warmup", "1",
+                 "--encoder", "test_resnet", "--workers", "0", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    report = json.loads(cap.out)
+    assert [r["pipeline"] for r in report["results"]] == ["smp+cpu-aug", "segfactory"]
+    assert all(r["images_per_s"] > 0 and r["batch_size"] == 2 for r in report["results"])
+    assert report["speedup"]["2"] > 0 and report["size"] == 64
+    assert "bench train" in cap.err

@@ -1,0 +1,384 @@
+"""End to end on CPU: fine-tune a tiny model on the real rendered ``tiny_dataset``, then predict, evaluate,
+export to ONNX, resume exactly, and every bad input the issue lists, through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.config import FinetuneConfig, SourceSpec
+from finetune.data.normalize import read_image, read_mask
+from finetune.evaluate import confusion_matrix, metrics_from_confusion
+from finetune.samples import coins_image_and_mask, make_coins_folder, skimage_data_path
+from segfactory.cli import main
+from segfactory.config import load_config
+from segfactory.errors import UserError
+from synth.dataset import open_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "finetune_tiny.yaml")
+
+
+def cli(capsys: pytest.CaptureFixture | None, *args: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    if capsys is None:
+        return rc, "", ""
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny U-Net fine-tuned for 40 steps on the rendered cells dataset (3 classes, 64 px)."""
+    out = tmp_path_factory.mktemp("ft") / "run"
+    rc = main(["finetune", TINY, "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "40",
+               "train.val_every=20", "train.log_every=5"])
+    assert rc == 0
+    return out
+
+
+def test_finetune_lifts_validation_miou_clearly_above_chance(trained: Path, tiny_dataset: Path) -> None:
+    for f in ("config.yaml", "data.json", "checkpoint.pt", "metrics.jsonl", "curves.png", "summary.json",
+              "model/model.safetensors", "model/model.json"):
+        assert (trained / f).is_file(), f
+    summary = json.loads((trained / "summary.json").read_text())
+    data = json.loads((trained / "data.json").read_text())
+    val_keys = {v for s in data["val"] for v in [s["name"]]}
+    assert summary["finished"] and summary["steps"] == 40 and val_keys
+    # Chance: the best constant prediction on the same validation frames.
+    ds = open_dataset(tiny_dataset)
+    from finetune.data.remap import make_targets
+    from finetune.data.sources import open_source
+
+    src = open_source(SourceSpec(path=tiny_dataset), "synthetic", make_targets(ds.classes), "train",
+                      val_fraction=0.2, val_max=16)
+    masks = [src.load(it)[1] for it in src.val]
+    chance = max(metrics_from_confusion(sum(confusion_matrix(np.full_like(m, k), m, 3) for m in masks),
+                                        ds.class_names)["miou"] for k in range(3))
+    final = summary["final_val"]["overall"]
+    assert final["miou"] > chance + 0.15, (final["miou"], chance)
+    assert final["per_class_iou"]["nucleus"] > 0.5
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "val" in r] == [20, 40]
+    meta = json.loads((trained / "model" / "model.json").read_text())
+    assert meta["num_classes"] == 3 and [c["name"] for c in meta["classes"]] == ds.class_names
+    assert meta["lineage"]["encoder"]["init"] == "random"
+    assert meta["architecture"] == {"arch": "unet", "encoder": "test_resnet", "in_chans": 3, "num_classes": 3,
+                                    "decoder_channels": 8}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8/16-bit gray and RGB inputs in PNG, TIFF and JPEG, from real photographs."""
+    d = tmp_path_factory.mktemp("inputs")
+    img, _ = coins_image_and_mask()  # 303 x 384: larger than a 128 px tile, so it is tiled
+    cv2.imwrite(str(d / "gray8.png"), img)
+    cv2.imwrite(str(d / "gray16.png"), img.astype(np.uint16) * 257)
+    tifffile.imwrite(d / "rgb16.tif", np.repeat(img[..., None], 3, 2).astype(np.uint16) * 257)
+    tifffile.imwrite(d / "crop8.tiff", img[:77, :91])
+    astro = cv2.imread(str(skimage_data_path("astronaut.png")))
+    cv2.imwrite(str(d / "rgb8.jpg"), astro[100:190, 200:333])
+    cv2.imwrite(str(d / "small.png"), img[:21, :45])  # smaller than one encoder stride
+    return d
+
+
+def test_predict_writes_uint8_masks_of_input_size_and_overlays(trained: Path, inputs: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "pred"
+    rc, stdout, err = cli(capsys, "predict", "--model", trained / "model", "--input", inputs, "--out", out,
+                          "--device", "cpu")
+    assert rc == 0, err
+    assert json.loads(stdout)["images"] == 6
+    for p in sorted(inputs.iterdir()):
+        mask = np.array(Image.open(out / f"{p.stem}.png"))
+        src = read_image(p)
+        assert mask.dtype == np.uint8 and mask.shape == src.shape[:2], p.name
+        assert mask.max() < 3
+        ov = Image.open(out / "overlays" / f"{p.stem}.jpg")
+        assert ov.size == (src.shape[1], src.shape[0]) and ov.mode == "RGB"
+    # 16-bit and RGB versions of the same photo are normalised like the 8-bit gray one: same masks.
+    ref = np.array(Image.open(out / "gray8.png"))
+    np.testing.assert_array_equal(np.array(Image.open(out / "gray16.png")), ref)
+    np.testing.assert_array_equal(np.array(Image.open(out / "rgb16.png")), ref)
+
+
+def test_tiling_matches_whole_image_prediction_away_from_seams(trained: Path) -> None:
+    from finetune.models import load_model_dir
+    from finetune.predict import predict_mask
+
+    model, meta = load_model_dir(trained / "model")
+    img, _ = coins_image_and_mask()
+    whole = predict_mask(model, meta, img, torch.device("cpu"), 512, 0, 1)
+    tiled = predict_mask(model, meta, img, torch.device("cpu"), 96, 32, 3)
+    assert tiled.shape == whole.shape == img.shape
+    assert (tiled == whole).mean() > 0.95
+
+
+def test_evaluate_matches_predicted_masks_and_reports_per_source(trained: Path, tiny_dataset: Path,
+                                                                 tmp_path: Path, capsys) -> None:
+    coins = make_coins_folder(tmp_path / "coins", n=3, size=64, seed=9)
+    out = tmp_path / "eval"
+    rc, stdout, err = cli(capsys, "evaluate", "--model", trained / "model", "--data", tiny_dataset, "--data", coins,
+                          "--remap", "coin=nucleus", "--out", out, "--device", "cpu")
+    assert rc == 0, err
+    rep = json.loads((out / "metrics.json").read_text())
+    assert set(rep["sources"]) == {"cells", "coins"} and set(rep["by_kind"]) == {"synthetic", "real"}
+    for f in ("confusion_cells.png", "confusion_coins.png", "confusion_overall.png", "evaluate.yaml"):
+        assert (out / f).is_file()
+    # Recompute the real source's confusion from `predict` outputs and the masks by hand.
+    pred_dir = tmp_path / "pred"
+    assert cli(capsys, "predict", "--model", trained / "model", "--input", coins / "images", "--out", pred_dir,
+               "--device", "cpu")[0] == 0
+    cm = np.zeros((3, 3), np.int64)
+    for m in sorted((coins / "masks").iterdir()):
+        gt = read_mask(m).astype(np.uint8)  # coin (1) -> nucleus (1): same id; 255 stays ignore
+        cm += confusion_matrix(np.array(Image.open(pred_dir / m.name)), gt, 3)
+    np.testing.assert_array_equal(np.asarray(rep["sources"]["coins"]["confusion"]), cm)
+    assert rep["sources"]["coins"]["miou"] == metrics_from_confusion(cm, rep["classes"])["miou"]
+    assert json.loads(stdout)["by_kind"]["synthetic"] == rep["by_kind"]["synthetic"]["miou"]
+
+
+def test_onnx_export_matches_pytorch_under_onnxruntime(trained: Path, tmp_path: Path, capsys) -> None:
+    import onnxruntime as ort
+
+    from finetune.models import load_model_dir
+    from finetune.predict import prepare_input
+
+    out = tmp_path / "exported"
+    rc, stdout, err = cli(capsys, "export", "--model", trained / "model", "--out", out, "--onnx")
+    assert rc == 0, err
+    info = json.loads(stdout)["onnx"]
+    assert info["max_abs_diff"] < 1e-3 and (out / "model.onnx").is_file() and (out / "model.safetensors").is_file()
+    # Independent check on another real photo and a shape the export never saw.
+    model, meta = load_model_dir(out)
+    img = read_image(skimage_data_path("chelsea.png"))[:160, :224]
+    x = prepare_input(img, meta["input"], torch.device("cpu"))[None].numpy()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert got.shape == ref.shape == (1, 3, 160, 224)
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    assert json.loads(sess.get_modelmeta().custom_metadata_map["segfactory.model"])["num_classes"] == 3
+
+
+def tiny_cfg(dataset: Path, *overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, TINY, [f"data.synthetic=[{{path: '{dataset}'}}]", "train.log_every=2",
+                                              "train.val_every=1000", *overrides])
+
+
+def test_resume_is_exact(tiny_dataset: Path, tmp_path: Path) -> None:
+    from finetune.train import run_finetune
+
+    straight = tmp_path / "straight"
+    run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3"), straight, show_progress=False)
+    split = tmp_path / "split"
+    # Interrupted after step 5 (checkpoint at 3 and 5), resumed with a loader worker: same batches, same RNG.
+    first = run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3", "train.stop_at=5"),
+                         split, show_progress=False)
+    assert first == {"finished": False, "step": 5, "steps": 8, "out": str(split)}
+    with pytest.raises(UserError, match="already holds a training run"):
+        run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3"), split, show_progress=False)
+    with pytest.raises(UserError, match=r"different config: train\.lr"):
+        run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3", "train.lr=0.1"), split,
+                     resume=True, show_progress=False)
+    run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3", "data.num_workers=1"), split,
+                 resume=True, show_progress=False)
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(split / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss")) for r in la] == [(r["step"], r.get("loss")) for r in lb]
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Encoder dirs in the pretraining stage's export format (weights: seeded random init)."""
+    from pretrain.backbones import create_features_model
+    from pretrain.export import save_encoder
+
+    base = tmp_path_factory.mktemp("encoders")
+    out = {}
+    for i, (key, name, c) in enumerate((("test_resnet", "test_resnet", 3), ("test_convnext", "test_convnext", 3),
+                                         ("gray", "test_resnet", 1))):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(100 + i)
+            body = create_features_model(name, c)
+        out[key] = save_encoder(base / key, body, timm_name=name, in_chans=c,
+                                normalization={"mean": [0.4] * c, "std": [0.2] * c},
+                                method="simclr", steps=0, data_manifest_hash=None)
+    return out
+
+
+def test_pretrained_encoder_is_loaded_recorded_and_kept_frozen(tiny_dataset: Path, encoders, tmp_path: Path) -> None:
+    from finetune.train import run_finetune
+
+    enc = encoders["test_resnet"]
+    cfg = tiny_cfg(tiny_dataset, "model.encoder=null", f"model.encoder_dir={enc}", "train.steps=3",
+                   "model.freeze_encoder_steps=3")
+    run_finetune(cfg, tmp_path / "run", show_progress=False)
+    meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert meta["lineage"]["encoder"]["init"] == "ssl" and meta["lineage"]["encoder"]["method"] == "simclr"
+    assert meta["architecture"]["encoder"] == "test_resnet"
+    assert meta["input"]["mean"] == [0.4, 0.4, 0.4]  # the encoder's normalisation is used
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    saved = load_file(enc / "encoder.safetensors")
+    for k, v in saved.items():  # frozen for all 3 steps: weights and BatchNorm statistics untouched
+        assert torch.equal(trained[f"encoder.model.{k}"], v), k
+    from finetune.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the run's own init recipe: same seed, same initial decoder
+        init = build_model(meta["architecture"]).state_dict()
+    decoder = [k for k in trained if k.startswith("decoder.") and k.endswith("weight")]
+    assert decoder and all(not torch.equal(trained[k], init[k]) for k in decoder)
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet"])
+def test_every_architecture_takes_a_pretrained_encoder(arch: str, encoders) -> None:
+    from finetune.models import build_model, load_pretrained_encoder
+
+    model = build_model({"arch": arch, "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                         "decoder_channels": None if arch == "linknet" else 8})
+    lineage = load_pretrained_encoder(model, encoders["test_resnet"])
+    assert lineage["init"] == "ssl" and lineage["timm_name"] == "test_resnet"
+    saved = load_file(encoders["test_resnet"] / "encoder.safetensors")
+    state = model.encoder.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 64, 96)).shape == (1, 4, 64, 96)
+
+
+def test_input_channels_follow_a_gray_encoder(tiny_dataset: Path, encoders, tmp_path: Path) -> None:
+    from finetune.train import Trainer
+
+    cfg = tiny_cfg(tiny_dataset, "model.encoder=null", f"model.encoder_dir={encoders['gray']}")
+    trainer = Trainer(cfg, tmp_path, show_progress=False)
+    trainer.prepare(resume=False)
+    assert trainer.arch["in_chans"] == 1 and trainer.input_spec["mean"] == [0.4]
+    x = torch.zeros(2, 1, 64, 64)
+    assert trainer.model(x).shape == (2, 3, 64, 64)
+    with pytest.raises(UserError, match="takes 1 input channel"):
+        Trainer(tiny_cfg(tiny_dataset, "model.in_chans=3", f"model.encoder_dir={encoders['gray']}"), tmp_path,
+                show_progress=False).prepare(resume=False)
+
+
+def test_encoder_of_another_architecture_is_one_clear_line(tiny_dataset: Path, encoders, tmp_path: Path,
+                                                           capsys) -> None:
+    rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "r", "--synthetic", tiny_dataset,
+                     "--encoder", encoders["test_convnext"], "--steps", "2")
+    assert rc == 2
+    assert "is a test_convnext but model.encoder=test_resnet" in err and "fix:" in err
+    assert "Traceback" not in err
+
+
+def test_bad_model_dirs_and_class_mismatches(trained: Path, tiny_dataset: Path, inputs: Path, tmp_path: Path,
+                                             capsys) -> None:
+    missing = tmp_path / "missing"
+    shutil.copytree(trained / "model", missing)
+    (missing / "model.safetensors").unlink()
+    rc, _, err = cli(capsys, "predict", "--model", missing, "--input", inputs, "--out", tmp_path / "o")
+    assert rc == 2 and "is missing model.safetensors" in err
+    rc, _, err = cli(capsys, "predict", "--model", trained, "--input", inputs, "--out", tmp_path / "o")
+    assert rc == 2 and "is a training run, not a model dir" in err
+
+    # model.json claiming 4 classes next to 3-class weights.
+    other = tmp_path / "other"
+    shutil.copytree(trained / "model", other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["num_classes"] = meta["architecture"]["num_classes"] = 4
+    meta["classes"].append({"id": 3, "name": "extra", "color": [1, 2, 3]})
+    (other / "model.json").write_text(json.dumps(meta))
+    rc, _, err = cli(capsys, "evaluate", "--model", other, "--data", tiny_dataset, "--out", tmp_path / "e")
+    assert rc == 2 and "holds weights for 3 classes but 4 are expected" in err
+
+    # Evaluation masks whose ids the model does not know (coins folder without a class table: ids 0/1 are fine,
+    # an id 7 is not): error naming the file and value.
+    coins = make_coins_folder(tmp_path / "coins", n=2, size=64, seed=1)
+    (coins / "classes.json").unlink()
+    m = coins / "masks" / "coins_001.png"
+    arr = read_mask(m)
+    arr[0, 0] = 7
+    cv2.imwrite(str(m), arr)
+    rc, _, err = cli(capsys, "evaluate", "--model", trained / "model", "--data", coins, "--out", tmp_path / "e2")
+    assert rc == 2 and "coins_001.png' holds class id(s) 7 outside its class map" in err
+
+
+def test_cli_user_errors_are_one_line_with_a_fix(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "r", "--synthetic", tiny_dataset, "--arch", "unte")
+    assert rc == 2 and "unknown architecture 'unte'; did you mean 'unet'?" in err
+    rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "r", "--synthetic", tiny_dataset,
+                     "train.lr=-1")
+    assert rc == 2 and "train.lr=-1 is invalid" in err
+    rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "r")
+    assert rc == 2 and "no training data" in err
+    rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "r", "--real", tiny_dataset)
+    assert rc == 2 and "pass it with --synthetic" in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli(capsys, "predict", "--model", tmp_path, "--input", tmp_path / "empty", "--out", tmp_path / "o")
+    assert rc == 2 and "is missing model.json and model.safetensors" in err
+
+
+def test_unreadable_input_image_is_a_partial_failure(trained: Path, tmp_path: Path, capsys) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    img, _ = coins_image_and_mask()
+    cv2.imwrite(str(d / "good.png"), img[:64, :64])
+    (d / "broken.jpg").write_bytes(b"not a jpeg")
+    rc, _, err = cli(capsys, "predict", "--model", trained / "model", "--input", d, "--out", tmp_path / "o")
+    assert rc == 3 and "broken.jpg" in err
+    assert np.array(Image.open(tmp_path / "o" / "good.png")).shape == (64, 64)
+
+
+@pytest.mark.gpu
+def test_training_step_on_gpu_uses_amp_and_channels_last(tiny_dataset: Path, tmp_path: Path) -> None:
+    from finetune.train import run_finetune
+
+    cfg = tiny_cfg(tiny_dataset, "train.steps=4", "train.device=cuda")
+    summary = run_finetune(cfg, tmp_path / "gpu", show_progress=False)
+    assert summary["amp"] in ("bfloat16", "float16") and summary["channels_last"] is True
+    assert summary["device"].startswith("cuda")
+
+
+def test_lr_schedules() -> None:
+    from finetune.train import lr_factor
+
+    assert lr_factor(0, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.9, 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 0, "poly", 0.9, 0.0) == pytest.approx(0.5 ** 0.9)
+
+
+def test_class_weights_auto_and_wrong_length(tiny_dataset: Path, tmp_path: Path) -> None:
+    from finetune.data.remap import make_targets
+    from finetune.data.sources import open_source
+    from finetune.train import auto_class_weights, run_finetune
+
+    src = open_source(SourceSpec(path=tiny_dataset), "synthetic",
+                      make_targets(open_dataset(tiny_dataset).classes), "train")
+    w = auto_class_weights([src], 3)
+    counts = np.zeros(3)
+    for it in src.train:
+        m = src.load(it)[1]
+        counts += np.bincount(m[m < 3], minlength=3)
+    assert w.mean() == pytest.approx(1.0) and np.argmax(w) == np.argmin(counts) and np.argmin(w) == np.argmax(counts)
+    with pytest.raises(UserError, match="class_weights has 2 values for 3 classes"):
+        run_finetune(tiny_cfg(tiny_dataset, "train.steps=1", "train.loss.class_weights=[1, 2]"), tmp_path / "w",
+                     show_progress=False)

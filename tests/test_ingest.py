@@ -1,0 +1,204 @@
+"""Ingestion on a real Dask LocalCluster: good real images mixed with every kind of bad file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage
+import tifffile
+
+from pipelines.ingest import run_ingest
+from pretrain import ingest as core
+from pretrain.config import IngestConfig
+from pretrain.images import open_images
+from segfactory.cli import main
+from segfactory.config import load_config
+from segfactory.errors import UserError
+
+SK = Path(skimage.__file__).parent / "data"
+
+
+def cfg(**over: object) -> IngestConfig:
+    base = ["cluster.workers=2", "cluster.dashboard=false", "normalize.max_short_side=256", "files_per_shard=4"]
+    return load_config(IngestConfig, None, base + [f"{k}={v}" for k, v in over.items()])
+
+
+def png_with_header_size(src: Path, w: int, h: int) -> bytes:
+    """A real PNG whose IHDR claims w x h (a decompression bomb's signature), with a valid CRC."""
+    data = bytearray(src.read_bytes())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", w, h)
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+# file name -> expected rejection kind
+BAD = {"truncated.jpg": "corrupt", "truncated.png": "corrupt", "zero.png": "empty", "notes.jpg": "not_image",
+       "script.bin": "not_image", "bomb.png": "bomb", "anim.gif": "unsupported", "broken.tif": "corrupt",
+       "dup_of_astronaut.png": "duplicate"}
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("dump")
+    (d / "nested" / "deeper").mkdir(parents=True)
+    shutil.copy(SK / "astronaut.png", d / "astronaut.png")  # RGB PNG
+    shutil.copy(SK / "camera.png", d / "nested" / "camera.png")  # gray PNG
+    shutil.copy(SK / "rocket.jpg", d / "nested" / "rocket.jpg")  # JPEG, short side 427 > 256: resized
+    shutil.copy(SK / "multipage.tif", d / "nested" / "deeper" / "stack.tif")  # 2-slice stack
+    moon = cv2.imread(str(SK / "moon.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(d / "moon16.png"), moon.astype(np.uint16) * 200 + 1000)  # 16-bit gray PNG
+    cam = cv2.imread(str(SK / "camera.png"), cv2.IMREAD_GRAYSCALE)
+    tifffile.imwrite(d / "camera16.tif", cam.astype(np.uint16) * 64)  # 16-bit TIFF
+    chelsea = cv2.imread(str(SK / "chelsea.png"))
+    cv2.imwrite(str(d / "chelsea.webp"), chelsea)
+    cv2.imwrite(str(d / "nested" / "coins.bmp"), cv2.imread(str(SK / "coins.png"), cv2.IMREAD_GRAYSCALE))
+    # bad files
+    rocket = (SK / "retina.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(rocket[: len(rocket) // 3])
+    coffee = (SK / "coffee.png").read_bytes()
+    (d / "truncated.png").write_bytes(coffee[: len(coffee) // 2])
+    (d / "zero.png").write_bytes(b"")
+    (d / "notes.jpg").write_text("this is not a jpeg\n")
+    (d / "script.bin").write_bytes(Path(core.__file__).read_bytes())
+    (d / "bomb.png").write_bytes(png_with_header_size(SK / "camera.png", 50_000, 50_000))
+    shutil.copy(SK / "no_time_for_that_tiny.gif", d / "anim.gif")
+    (d / "broken.tif").write_bytes((SK / "multipage.tif").read_bytes()[:200])
+    shutil.copy(SK / "astronaut.png", d / "nested" / "dup_of_astronaut.png")
+    (d / ".hidden.png").write_bytes(b"ignored: hidden")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ingested(dump: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("images")
+    summary = run_ingest(str(dump), out, cfg())
+    return out, summary
+
+
+def test_mixed_dump_ingests_good_and_reports_each_bad_file(ingested: tuple[Path, dict]) -> None:
+    out, summary = ingested
+    # 8 good files, the stack gives 2 slices
+    assert summary["new_images"] == 9
+    assert summary["total_images"] == 9
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    kinds = {Path(r["source"]).name: r["kind"] for r in rejected}
+    assert kinds == BAD
+    dup = next(r for r in rejected if r["kind"] == "duplicate")
+    assert dup["duplicate_of"].endswith("astronaut.png")
+    assert summary["rejected_kinds"] == {k: list(BAD.values()).count(k) for k in set(BAD.values())}
+
+
+def test_stored_images_are_normalized_and_recorded(ingested: tuple[Path, dict]) -> None:
+    out, _ = ingested
+    recs = {}
+    for sid, man, _ in core.iter_manifests(out):
+        assert (out / "shards" / sid / "manifest.json").is_file()
+        for r in man["images"]:
+            recs[(Path(r["source"]).name, r["page"])] = (sid, r)
+            blob = core.read_stored(out / "shards" / sid, r)
+            img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert img.dtype == np.uint8
+            assert img.shape[:2] == (r["height"], r["width"])
+            assert (img.ndim == 2) == (r["channels"] == 1)
+            assert min(r["height"], r["width"]) <= 256
+    assert set(recs) == {("astronaut.png", None), ("camera.png", None), ("rocket.jpg", None), ("moon16.png", None),
+                         ("camera16.tif", None), ("chelsea.webp", None), ("coins.bmp", None), ("stack.tif", 0),
+                         ("stack.tif", 1)}
+    moon = recs[("moon16.png", None)][1]
+    assert moon["orig_dtype"] == "uint16" and moon["channels"] == 1
+    lo, hi = moon["scale"]
+    assert 1000 <= lo < hi <= 1000 + 255 * 200  # robust range inside the real data range
+    assert recs[("camera.png", None)][1]["channels"] == 1  # gray stays one channel
+    assert recs[("astronaut.png", None)][1]["channels"] == 3
+    rocket = recs[("rocket.jpg", None)][1]
+    assert (rocket["orig_height"], rocket["orig_width"]) == (427, 640)
+    assert (rocket["height"], rocket["width"]) == (256, 384)
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_gray"] == 6 and index["num_rgb"] == 3
+    assert set(index["stats"]) == {"1", "3"}
+    assert all(0 < m < 1 for m in index["stats"]["3"]["mean"])
+
+
+def test_incremental_reingest_only_takes_new_files(dump: Path, tmp_path: Path) -> None:
+    out = tmp_path / "images"
+    run_ingest(str(dump), out, cfg())
+    before = {sid: digest for sid, _, digest in core.iter_manifests(out)}
+    hash_before = open_images(out).data_hash
+    # nothing new: no cluster, no new shard
+    again = run_ingest(str(dump), out, cfg())
+    assert again["new_files"] == 0 and again["total_images"] == 9
+    assert {sid: d for sid, _, d in core.iter_manifests(out)} == before
+    # the dump grows (one new image, one copy of an ingested one), and a crashed shard write is left over
+    grown = tmp_path / "grown"
+    shutil.copytree(dump, grown)
+    run_ingest(str(grown), out, cfg())  # different paths: the same files are now duplicates by content
+    (out / "shards" / "0009-00000").mkdir()
+    shutil.copy(SK / "coffee.png", grown / "coffee.png")
+    shutil.copy(SK / "coffee.png", grown / "nested" / "coffee_again.png")
+    summary = run_ingest(str(grown), out, cfg())
+    assert summary["new_files"] == 2
+    assert summary["new_images"] == 1
+    assert summary["rejected_kinds"] == {"duplicate": 1}
+    assert not (out / "shards" / "0009-00000").exists()
+    after = {sid: d for sid, _, d in core.iter_manifests(out)}
+    assert {k: after[k] for k in before} == before  # committed shards are never rewritten
+    assert summary["total_images"] == 10
+    assert open_images(out).data_hash != hash_before
+    assert len(open_images(out).entries) == 10
+
+
+def test_changed_normalization_is_refused(ingested: tuple[Path, dict], dump: Path) -> None:
+    out, _ = ingested
+    with pytest.raises(UserError, match=r"normalize\.max_short_side=256"):
+        run_ingest(str(dump), out, cfg(**{"normalize.max_short_side": 128}))
+
+
+def test_text_list_and_glob_sources(dump: Path, tmp_path: Path) -> None:
+    lst = tmp_path / "files.txt"
+    lst.write_text(f"# two files\n{dump / 'astronaut.png'}\nnested/camera.png\n{dump / 'missing.png'}\n")
+    (tmp_path / "nested").symlink_to(dump / "nested")
+    files = core.discover(str(lst))
+    assert [Path(f.path).name for f in files] == ["astronaut.png", "missing.png", "camera.png"]
+    assert next(f for f in files if f.path.endswith("missing.png")).size == -1
+    files = core.discover(str(dump / "**" / "*.jpg"))
+    assert {Path(f.path).name for f in files} == {"rocket.jpg", "truncated.jpg", "notes.jpg"}
+
+
+def test_empty_and_all_bad_dumps_fail_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["ingest", str(empty), "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "no files found in folder" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_text("nope")
+    (bad / "b.png").write_bytes(b"")
+    rc = main(["ingest", str(bad), "--out", str(tmp_path / "o2"), "--workers", "1", "cluster.dashboard=false"])
+    assert rc == 2
+    assert "every file was rejected (2 file(s)" in capsys.readouterr().err
+    assert len((tmp_path / "o2" / "rejected.jsonl").read_text().splitlines()) == 2
+
+
+def test_decode_core_rejects_before_decoding_bombs() -> None:
+    c = IngestConfig().model_dump()
+    with pytest.raises(core.Rejected) as e:
+        core.process_bytes(png_with_header_size(SK / "camera.png", 40_000, 40_000), c)
+    assert e.value.kind == "bomb" and "1600000000 pixels" in e.value.reason
+    # JPEG bigger than the target short side is decoded at reduced DCT scale and resized exactly
+    c["normalize"]["max_short_side"] = 100
+    (s,) = core.process_bytes((SK / "rocket.jpg").read_bytes(), c)
+    assert (s.record["height"], s.record["width"]) == (100, 150) and s.record["stored"] == "encoded"
+    # unchanged JPEGs are stored as their original bytes
+    c["normalize"]["max_short_side"] = 1000
+    (s,) = core.process_bytes((SK / "rocket.jpg").read_bytes(), c)
+    assert s.data == (SK / "rocket.jpg").read_bytes() and s.record["stored"] == "copied"

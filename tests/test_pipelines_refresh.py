@@ -1,0 +1,145 @@
+"""``segfactory refresh``: real renders and ingests; only missing shards rendered, only new images ingested,
+immutable releases with an atomically moved ``latest``, pruning, drift, and the lock against overlapping runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines.refresh import list_releases, refresh_lock
+from segfactory.cli import main
+from segfactory.errors import EXIT_BUSY
+from segfactory.io import read_json, sha256_file
+from synth.dataset import open_dataset
+
+pytestmark = pytest.mark.render
+
+
+def write_config(path: Path, real: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "render": {"scene": {"family": "cells"}, "render": {"resolution": 48, "views": 1, "samples": 2,
+                                                            "denoise": False},
+                   "dataset": {"scenes": 2, "scenes_per_shard": 1, "seed": 0}},
+        "real": {"src": str(real)},
+        "releases": {"keep": 5},
+        "cluster": {"workers": 1, "dashboard": False},
+    }))
+    return path
+
+
+def real_images(folder: Path, names: list[str]) -> None:
+    from skimage import data
+
+    folder.mkdir(exist_ok=True)
+    for n in names:
+        Image.fromarray(np.asarray(getattr(data, n)())).convert("RGB").save(folder / f"{n}.png")
+
+
+def refresh(cfg: Path, root: Path, capsys, *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["refresh", str(cfg), "--root", str(root), *extra]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return read_json(root / "releases" / f"{out['release']}.json")
+
+
+def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
+    root, real = tmp_path / "root", tmp_path / "raw"
+    real_images(real, ["astronaut", "coffee"])
+    cfg = write_config(tmp_path / "refresh.yaml", real)
+
+    r1 = refresh(cfg, root, capsys)
+    assert r1["render"]["shards_rendered"] == 2 and len(r1["shards"]) == 2 and r1["num_frames"] == 2
+    assert r1["real"]["images"] == 2 and r1["real"]["new_images"] == 2 and r1["inputs_changed"]
+    assert r1["drift"] == {"previous": None}
+    ds = root / r1["render"]["dataset"]
+    for s in r1["shards"]:
+        assert sha256_file(ds / "shards" / s["id"] / "manifest.json") == s["manifest_sha256"]
+    assert os.readlink(root / "releases" / "latest") == f"{r1['release']}.json"
+    shares = r1["stats"]["class_pixel_share"]
+    assert abs(sum(shares) + r1["stats"]["ignore_share"] - 1) < 1e-9 and r1["stats"]["instances"] > 0
+
+    # Grow the dataset and the dump: one new shard rendered, one new image ingested; drift vs release 1.
+    real_images(real, ["chelsea"])
+    r2 = refresh(cfg, root, capsys, "render.dataset.scenes=3")
+    assert r2["render"]["shards_rendered"] == 1 and len(r2["shards"]) == 3
+    assert [s["id"] for s in r2["shards"]][:2] == [s["id"] for s in r1["shards"]]
+    assert r2["real"]["new_images"] == 1 and r2["real"]["images"] == 3 and r2["inputs_changed"]
+    assert r2["drift"]["previous"] == r1["release"]
+    changes = r2["drift"]["class_shares"]
+    assert len(changes) == len(shares) and abs(sum(c["change"] for c in changes)) < 1e-6 + abs(
+        r2["stats"]["ignore_share"] - r1["stats"]["ignore_share"])
+    assert [c["previous"] for c in changes] == shares
+    assert 0 <= r2["drift"]["instance_hist_total_variation"] <= 1
+    # Each refresh saved a Dask performance report (HTML with bokeh, else the task stream as JSON).
+    assert list((root / ".logs").glob("dask-report-*.html")) or list((root / ".logs").glob("dask-report-*.json"))
+    # Nothing new: nothing rendered or ingested, inputs unchanged; releases are immutable files.
+    r3 = refresh(cfg, root, capsys, "render.dataset.scenes=3")
+    assert r3["render"]["shards_rendered"] == 0 and r3["real"]["new_images"] == 0 and not r3["inputs_changed"]
+    assert read_json(root / "releases" / f"{r1['release']}.json") == r1
+    assert len(list_releases(root)) == 3
+
+    # A new seed with keep=1: old releases go, and with them every shard only they referenced.
+    r4 = refresh(cfg, root, capsys, "render.dataset.scenes=3", "render.dataset.seed=1", "--keep", "1")
+    assert [p.stem for p in list_releases(root)] == [r4["release"]]
+    assert os.readlink(root / "releases" / "latest") == f"{r4['release']}.json"
+    dataset = open_dataset(root / r4["render"]["dataset"])
+    assert sorted(dataset.shard_ids) == sorted(s["id"] for s in r4["shards"])
+    assert not set(dataset.shard_ids) & {s["id"] for s in r2["shards"]}
+    assert dataset.meta["num_frames"] == 3
+
+
+def test_overlapping_refresh_exits_busy_and_changes_nothing(tmp_path: Path, capsys):
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "refresh.yaml", tmp_path / "none")
+    cfg.write_text(cfg.read_text().replace(f"src: {tmp_path / 'none'}", "src: null"))
+    with refresh_lock(root):  # a refresh that is running right now
+        capsys.readouterr()
+        assert main(["refresh", str(cfg), "--root", str(root)]) == EXIT_BUSY
+        err = capsys.readouterr().err
+        assert "another refresh" in err and f"pid {os.getpid()}" in err and "fix:" in err
+    assert not (root / "releases").exists() and not (root / "datasets").exists()
+    # Once the lock is free the same command works.
+    assert main(["refresh", str(cfg), "--root", str(root)]) == 0
+    assert len(list_releases(root)) == 1
+
+
+def _refresh_args(command: list[str]) -> list[str]:
+    return command[command.index("refresh"):]
+
+
+def test_shipped_schedules_run_a_valid_refresh_command():
+    """The crontab line, the scrontab entry and the CronJob run `segfactory refresh` with arguments our CLI
+    and config accept; the CronJob forbids overlapping runs."""
+    import shlex
+
+    from pipelines.refresh import RefreshConfig
+    from segfactory.cli import build_parser
+    from segfactory.config import load_config
+
+    sched = Path(__file__).resolve().parent.parent / "configs" / "schedules"
+    commands = []
+    for name in ("crontab", "scrontab"):
+        lines = [ln for ln in (sched / name).read_text().splitlines() if ln and not ln.startswith("#")
+                 and "=" not in ln.split()[0]]
+        assert len(lines) == 1, name
+        fields = lines[0].split(None, 5)
+        assert all(f.replace("*", "0").replace("/", "").replace(",", "").isdigit() for f in fields[:5]), fields
+        commands.append(_refresh_args(shlex.split(fields[5].split("&&", 1)[1].split(">>")[0])))
+    cron = yaml.safe_load((sched / "refresh-cronjob.yaml").read_text())
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    commands.append(_refresh_args(container["command"] + container["args"]))
+    backends = []
+    for argv in commands:
+        args, unknown = build_parser().parse_known_args(argv)
+        assert args.func.__name__ == "cmd_refresh" and args.root == "/data/segfactory"
+        cfg = load_config(RefreshConfig, Path(__file__).resolve().parent.parent / args.config,
+                          [*args.overrides, *unknown])
+        backends.append(cfg.cluster.backend)
+    assert backends == ["local", "slurm", "kubernetes"]

@@ -1,0 +1,51 @@
+"""``segfactory run``: the whole chain for real on a LocalCluster (tiny sizes), stage caching, and the report."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS
+
+from segfactory.cli import main
+
+pytestmark = pytest.mark.render
+
+TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.samples=2",
+        "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "pretrain.train.steps=10",
+        "pretrain.train.batch_size=8", "finetune.train.steps=20", "finetune.train.val_every=10",
+        "finetune.train.checkpoint_every=10", "finetune.data.val_max_items=2", "execution.predict_images=2"]
+
+
+def run(out: Path, capsys, *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *TINY, *extra]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]) | {"_err": captured.err}
+
+
+def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    first = run(out, capsys)
+    assert all(v != "cached" for v in first["stages"].values()), first["stages"]
+    assert 0 <= first["miou"] <= 1
+    assert re.search(r"dashboard http://127\.0\.0\.1:\d+/status", first["_err"])
+    report = (out / "report.html").read_text()
+    for title in ("contact sheet", "class pixel shares", "pretraining loss", "fine-tuning loss", "validation mIoU",
+                  "per-class IoU", "confusion matrix", "Predictions on real images"):
+        assert f"{title}</figcaption>" in report or f"<h2>{title}</h2>" in report, title
+    assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2
+    assert list((out / "reports").glob("dask-*.*"))  # a Dask performance report (or task stream) per run
+    assert (out / "stages" / next(p.name for p in (out / "stages").glob("finetune-*") if p.is_dir())
+            / "model" / "model.json").is_file()
+
+    again = run(out, capsys)
+    assert {k: v for k, v in again["stages"].items() if k != "ingest"} == dict.fromkeys(
+        ["render", "pretrain", "finetune", "evaluate", "predict"], "cached")
+    assert again["stages"]["ingest"].startswith("0 new image(s)") and again["miou"] == first["miou"]
+
+    # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream.
+    changed = run(out, capsys, "finetune.train.lr=0.002")
+    assert [k for k, v in changed["stages"].items() if v == "cached"] == ["render", "pretrain"]
