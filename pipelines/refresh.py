@@ -4,13 +4,15 @@ Layout under the refresh root::
 
     ROOT/datasets/<render config hash>/   rendered datasets (one per look of the frames; shards content-addressed)
     ROOT/real/                            ingested real images (optional; only new files are ingested)
+    ROOT/stages/<stage>-<key>/            pretrain/finetune/evaluate outputs when ``train.enabled`` (content-keyed)
     ROOT/releases/<timestamp>.json        immutable release manifests (shard ids, checksums, hashes, drift)
     ROOT/releases/latest                  symlink to the newest release, replaced atomically
     ROOT/.refresh.lock                    held (flock) while a refresh runs
 
 A refresh renders only shards that are missing (ids hash the config, seed range and code version), ingests
-only new raw images, publishes a release, then prunes releases beyond the last ``releases.keep`` together with
-shards no kept release references.
+only new raw images, retrains (``train.enabled``) only when the release's inputs changed (or always), publishes
+a release, then prunes releases beyond the last ``releases.keep`` together with the shards and models no kept
+release references.
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
+from finetune.config import FinetuneConfig
 from pipelines.cluster import ClusterConfig
-from pretrain.config import IngestConfig
+from pretrain.config import IngestConfig, PretrainConfig
 from segfactory import __version__
 from segfactory.config import StrictModel, save_resolved
 from segfactory.console import console
 from segfactory.errors import EXIT_BUSY, UserError
-from segfactory.io import atomic_write_json, read_json, remove_tree, sha256_file
+from segfactory.io import atomic_write_json, canonical_hash, read_json, remove_tree, sha256_file
 from synth.config import RenderConfig
 
 LOCK_FILE = ".refresh.lock"
@@ -51,11 +54,24 @@ class RealImages(StrictModel):
     config: IngestConfig = Field(default_factory=IngestConfig)
 
 
+class RetrainSettings(StrictModel):
+    """``train``: pretrain on the real images, fine-tune on the release's dataset, evaluate it."""
+
+    enabled: bool = Field(False, description="retrain as part of the refresh (needs real.src)")
+    when: Literal["changed", "always"] = Field(
+        "changed", description="changed: only when shards, real images or these configs changed; always: every run")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    timeout_s: float = Field(3600.0, gt=0, description="a training/evaluation process is killed after this long")
+    retries: int = Field(1, ge=0, description="re-runs of a failed training/evaluation task")
+
+
 class RefreshConfig(StrictModel):
-    """``segfactory refresh`` config: what to render, what to ingest, how many releases to keep."""
+    """``segfactory refresh`` config: what to render, what to ingest, whether to retrain, releases to keep."""
 
     render: RenderConfig = Field(default_factory=RenderConfig)
     real: RealImages = Field(default_factory=RealImages)
+    train: RetrainSettings = Field(default_factory=RetrainSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -196,6 +212,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                               or (prev.get("real") or {}).get("data_hash") != (real or {}).get("data_hash"),
             "stats": stats, "drift": drift(prev, stats, meta["classes"]),
         }
+        if cfg.train.enabled:
+            release["model"] = retrain(cfg, root, dataset, shards, real, name)
         path = root / RELEASES_DIR / f"{name}.json"
         save_resolved(cfg, root / RELEASES_DIR / f".{name}.config.yaml")
         atomic_write_json(path, release)
@@ -203,6 +221,42 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         pruned = prune(root, cfg.releases.keep)
         release_summary(release, pruned, time.perf_counter() - t0)
         return release
+
+
+def retrain(cfg: RefreshConfig, root: Path, dataset: Path, shards: list[dict[str, Any]], real: dict[str, Any] | None,
+            release: str) -> dict[str, Any]:
+    """Pretrain, fine-tune and evaluate, each keyed by a hash of its config and inputs (the release's shard ids,
+    the real images' data hash, the upstream stage): with ``when=changed`` unchanged inputs reuse the previous
+    release's stages and nothing is trained."""
+    from pipelines.run import run_stage_tasks, stage_dir
+
+    if real is None:
+        raise UserError("refresh: train.enabled needs unlabeled real images to pretrain on, but real.src is empty",
+                        fix="set real.src=DIR, or train.enabled=false")
+    t = cfg.train
+    always = {"release": release} if t.when == "always" else {}
+    shard_key = canonical_hash(sorted(s["id"] for s in shards))
+    pre = stage_dir(root, "pretrain", {"config": t.pretrain.model_dump(mode="json"), "data": real["data_hash"],
+                                       **always})
+    ft = stage_dir(root, "finetune", {"config": t.finetune.model_dump(mode="json"), "shards": shard_key,
+                                       "pretrain": pre.name, **always})
+    ev = stage_dir(root, "evaluate", {"model": ft.name, "shards": shard_key})
+    configs = root / "stages" / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    save_resolved(t.pretrain, configs / f"{pre.name}.yaml")
+    save_resolved(t.finetune, configs / f"{ft.name}.yaml")
+    commands = {
+        "pretrain": (pre, ["pretrain", str(configs / f"{pre.name}.yaml"), "--images", str(root / "real"),
+                           "--out", "{OUT}"]),
+        "finetune": (ft, ["finetune", str(configs / f"{ft.name}.yaml"), "--synthetic", str(dataset),
+                          "--encoder", str(pre / "encoder"), "--out", "{OUT}"]),
+        "evaluate": (ev, ["evaluate", "--model", str(ft / "model"), "--data", str(dataset), "--out", "{OUT}"]),
+    }
+    results = run_stage_tasks(cfg.cluster, t.timeout_s, t.retries, commands,
+                              root / ".logs" / f"dask-report-{release}-train.html")
+    return {"stages": [f"stages/{d.name}" for d in (pre, ft, ev)], "model": f"stages/{ft.name}/model",
+            "trained": not all(r["skipped"] for r in results.values()),
+            "miou": read_json(ev / "metrics.json")["overall"]["miou"]}
 
 
 def prune(root: Path, keep: int) -> dict[str, int]:
@@ -215,9 +269,18 @@ def prune(root: Path, keep: int) -> dict[str, int]:
         p.unlink()
         (p.parent / f".{p.stem}.config.yaml").unlink(missing_ok=True)
     referenced: dict[str, set[str]] = {}
+    stages: set[str] = set()
     for p in kept:
         r = read_json(p)
         referenced.setdefault(r["render"]["dataset"], set()).update(s["id"] for s in r["shards"])
+        stages.update((r.get("model") or {}).get("stages", []))
+    stages_removed = 0
+    for d in sorted((root / "stages").glob("*-*")) if (root / "stages").is_dir() else []:
+        if d.is_dir() and not d.name.startswith(".") and f"stages/{d.name}" not in stages:
+            remove_tree(d)
+            for leftover in (d.parent / f"{d.name}.log", d.parent / "configs" / f"{d.name}.yaml"):
+                leftover.unlink(missing_ok=True)
+            stages_removed += 1
     shards_removed = datasets_removed = 0
     for ds in sorted((root / "datasets").glob("*")) if (root / "datasets").is_dir() else []:
         rel = f"datasets/{ds.name}"
@@ -234,7 +297,7 @@ def prune(root: Path, keep: int) -> dict[str, int]:
             changed = True
         if changed:
             update_dataset_meta(ds, read_json(ds / "dataset.json"))
-    return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed}
+    return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 
 def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: float) -> None:

@@ -86,7 +86,38 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
     return {"skipped": False, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _stage_dir(out: Path, name: str, key_material: dict[str, Any]) -> Path:
+def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, commands: dict[str, tuple[Path, list[str]]],
+                    performance_report: Path, on_done: Any = None) -> dict[str, dict[str, Any]]:
+    """Run stage commands in order, each as a Dask task (a GPU task when the cluster has GPUs).
+
+    Args:
+        commands: ``{stage: (final dir, segfactory argv)}``; a final dir holding ``stage.json`` is reused.
+        on_done: Called with ``(stage, result)`` after each stage.
+
+    Returns:
+        ``{stage: {"skipped": bool, "seconds": float}}``.
+
+    Raises:
+        UserError: a stage failed after its retries (naming its log); a re-run resumes at that stage.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    with open_client(cluster, performance_report=performance_report) as client:
+        resources = training_resources(client, cluster)
+        console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
+        for name, (final, argv) in commands.items():
+            fut = client.submit(training_task, argv, str(final), timeout_s, key=f"{name}-{final.name}",
+                                pure=False, retries=retries, resources=resources)
+            try:
+                results[name] = fut.result()
+            except Exception as e:
+                raise UserError(f"stage {name} failed: {e}",
+                                fix=f"see {final.parent / (final.name + '.log')}; re-running resumes here") from None
+            if on_done is not None:
+                on_done(name, results[name])
+    return results
+
+
+def stage_dir(out: Path, name: str, key_material: dict[str, Any]) -> Path:
     return out / "stages" / f"{name}-{canonical_hash({**key_material, 'code': __version__}, 12)}"
 
 
@@ -111,7 +142,7 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
     t_stage = time.perf_counter()
     render_cfg, render_hash = resolve_render_config(cfg.render.model_copy(update={"cluster": cfg.cluster}))
     size = render_cfg.dataset.model_dump(mode="json")
-    dataset = _stage_dir(out, "render", {"config": render_hash, "dataset": size})
+    dataset = stage_dir(out, "render", {"config": render_hash, "dataset": size})
     if (dataset / STAGE_FILE).is_file():
         done["render"] = "cached"
     else:
@@ -131,11 +162,11 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
     done["ingest"] = f"{ing['new_images']} new image(s), {ing['total_images']} total"
     stage("ingest")
 
-    pre_dir = _stage_dir(out, "pretrain", {"config": cfg.pretrain.model_dump(mode="json"), "data": ing["data_hash"]})
-    ft_dir = _stage_dir(out, "finetune", {"config": cfg.finetune.model_dump(mode="json"), "render": dataset.name,
+    pre_dir = stage_dir(out, "pretrain", {"config": cfg.pretrain.model_dump(mode="json"), "data": ing["data_hash"]})
+    ft_dir = stage_dir(out, "finetune", {"config": cfg.finetune.model_dump(mode="json"), "render": dataset.name,
                                           "pretrain": pre_dir.name})
-    eval_dir = _stage_dir(out, "evaluate", {"model": ft_dir.name, "data": dataset.name})
-    pred_dir = _stage_dir(out, "predict", {"model": ft_dir.name, "data": ing["data_hash"],
+    eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": dataset.name})
+    pred_dir = stage_dir(out, "predict", {"model": ft_dir.name, "data": ing["data_hash"],
                                            "n": cfg.execution.predict_images})
     cfg_dir = out / "stages" / "configs"
     cfg_dir.mkdir(exist_ok=True)
@@ -152,21 +183,16 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
         "predict": (pred_dir, ["predict", "--model", str(ft_dir / "model"), "--input", str(pred_in),
                                "--out", "{OUT}"]),
     }
-    with open_client(cfg.cluster, performance_report=out / "reports" / "dask-training.html") as client:
-        resources = training_resources(client, cfg.cluster)
-        console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
-        for name, (final, argv) in commands.items():
-            t_stage = time.perf_counter()
-            fut = client.submit(training_task, argv, str(final), cfg.execution.timeout_s, key=f"{name}-{final.name}",
-                                pure=False, retries=cfg.execution.retries, resources=resources)
-            try:
-                r = fut.result()
-            except Exception as e:
-                raise UserError(f"stage {name} failed: {e}",
-                                fix=f"see {final.parent / (final.name + '.log')}; re-running resumes here") from None
-            done[name] = "cached" if r["skipped"] else f"done in {r['seconds']:.0f}s"
-            stage(name)
     t_stage = time.perf_counter()
+
+    def on_done(name: str, r: dict[str, Any]) -> None:
+        nonlocal t_stage
+        done[name] = "cached" if r["skipped"] else f"done in {r['seconds']:.0f}s"
+        stage(name)
+        t_stage = time.perf_counter()
+
+    run_stage_tasks(cfg.cluster, cfg.execution.timeout_s, cfg.execution.retries, commands,
+                    out / "reports" / "dask-training.html", on_done)
     report = write_report(out / "report.html", dataset, pre_dir, ft_dir, eval_dir, pred_dir)
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,

@@ -143,3 +143,32 @@ def test_shipped_schedules_run_a_valid_refresh_command():
                           [*args.overrides, *unknown])
         backends.append(cfg.cluster.backend)
     assert backends == ["local", "slurm", "kubernetes"]
+
+
+def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
+    """train.enabled: the first refresh pretrains, fine-tunes and evaluates; an unchanged refresh reuses them;
+    a new real image retrains; pruning keeps only the models kept releases use."""
+    root, real = tmp_path / "root", tmp_path / "raw"
+    real_images(real, ["astronaut", "coffee", "chelsea"])
+    cfg = write_config(tmp_path / "refresh.yaml", real)
+    data = yaml.safe_load(cfg.read_text())
+    quick = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml").read_text())
+    data["render"]["dataset"]["scenes"] = 4
+    data["real"]["config"] = quick["real"]["config"]
+    data["train"] = {"enabled": True, "pretrain": quick["pretrain"], "finetune": quick["finetune"]}
+    data["train"]["pretrain"]["train"] |= {"steps": 6, "batch_size": 4, "checkpoint_every": 6}
+    data["train"]["finetune"]["train"] |= {"steps": 6, "val_every": 6, "checkpoint_every": 6, "batch_size": 4}
+    cfg.write_text(yaml.safe_dump(data))
+
+    r1 = refresh(cfg, root, capsys)
+    m1 = r1["model"]
+    assert m1["trained"] and 0 <= m1["miou"] <= 1
+    assert (root / m1["model"] / "model.safetensors").is_file() and len(m1["stages"]) == 3
+    r2 = refresh(cfg, root, capsys)
+    assert not r2["inputs_changed"] and not r2["model"]["trained"] and r2["model"]["stages"] == m1["stages"]
+    real_images(real, ["rocket"])
+    r3 = refresh(cfg, root, capsys, "--keep", "1")
+    assert r3["inputs_changed"] and r3["model"]["trained"]
+    assert r3["model"]["stages"][0] != m1["stages"][0]  # new images: a new encoder, hence a new model
+    kept = {p.name for p in (root / "stages").glob("*-*") if p.is_dir()}
+    assert kept == {s.split("/")[1] for s in r3["model"]["stages"]}
