@@ -174,7 +174,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         PartialFailure: some shards/images failed; no release is published, a re-run continues.
     """
     from pipelines.render import resolve_render_config, run_render
-    from synth.shard import plan_shards
+    from synth.dataset import MANIFEST_FILE
+    from synth.shard import plan_shards, shard_dir
 
     root = Path(root).resolve()
     with refresh_lock(root):
@@ -187,8 +188,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         meta = read_json(dataset / "dataset.json")
         plans = plan_shards(meta["family"], config_hash, render_cfg.dataset.seed, render_cfg.dataset.scenes,
                             render_cfg.dataset.scenes_per_shard, __version__)
-        shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(dataset / "shards" / p.shard_id / "manifest.json"),
-                   "frames": read_json(dataset / "shards" / p.shard_id / "manifest.json")["num_frames"]}
+        shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(shard_dir(dataset, p.shard_id) / MANIFEST_FILE),
+                   "frames": read_json(shard_dir(dataset, p.shard_id) / MANIFEST_FILE)["num_frames"]}
                   for p in plans]
         real = None
         if cfg.real.src:

@@ -15,8 +15,8 @@ from segfactory.console import console, progress
 from segfactory.errors import PartialFailure, UserError
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
 from synth.config import RenderConfig
-from synth.dataset import DATASET_FILE, DEPTH_SCALE_M, IGNORE_INDEX, committed_shards
-from synth.shard import DEPTH_MAX, ShardPlan, plan_shards, remove_stale_tmp
+from synth.dataset import DATASET_FILE, DEPTH_SCALE_M, IGNORE_INDEX, MANIFEST_FILE, committed_shards, is_committed
+from synth.shard import DEPTH_MAX, ShardPlan, plan_shards, remove_stale_tmp, shard_dir
 
 PROGRESS_TOPIC = "segfactory-render-progress"
 
@@ -28,7 +28,7 @@ def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
 
     root = Path(job["root"])
     plan = job["plan"]
-    if (root / "shards" / plan["shard_id"] / "manifest.json").is_file():
+    if is_committed(shard_dir(root, plan["shard_id"])):
         return {"shard_id": plan["shard_id"], "skipped": True}
     logs = root / ".logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
 
     run_logged([sys.executable, "-m", "synth.worker", str(job_path)], job["timeout_s"],
                logs / f"{plan['shard_id']}.log", on_line=forward)
-    manifest = read_json(root / "shards" / plan["shard_id"] / "manifest.json")
+    manifest = read_json(shard_dir(root, plan["shard_id"]) / MANIFEST_FILE)
     return {"shard_id": plan["shard_id"], "skipped": False, "frames": manifest["num_frames"],
             "timings": manifest["timings"]}
 
@@ -81,13 +81,13 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str,
         "ignore_index": IGNORE_INDEX,
         "background_class": resolved.family.background,
         "image": {"format": cfg.output.image_format, "bit_depth": cfg.output.bit_depth,
-                  "channels": 1 if resolved.family.name == "cells" else 3, "resolution": cfg.render.resolution},
-        "depth": {"dtype": "uint16", "scale_m": None, "invalid": 0, "saturated": DEPTH_MAX},
+                  "channels": resolved.family.channels, "resolution": cfg.render.resolution},
+        # 1/1000 of a scene unit: millimetres for metre-scale scenes, nanometres for cells.
+        "depth": {"dtype": "uint16", "scale_m": DEPTH_SCALE_M * resolved.family.unit_m, "invalid": 0,
+                  "saturated": DEPTH_MAX},
         "config_hash": config_hash,
         "code_version": __version__,
     }
-    # Depth units: 1/1000 of a scene unit (millimetres for metre-scale scenes, nanometres for cells).
-    meta["depth"]["scale_m"] = DEPTH_SCALE_M * (1e-6 if resolved.family.name == "cells" else 1.0)
     save_resolved(cfg, out / "config.yaml")
     update_dataset_meta(out, meta)
     return meta
@@ -97,7 +97,7 @@ def update_dataset_meta(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Rewrite dataset.json's shard list from the committed shards on disk."""
     shards = []
     for sid in committed_shards(out):
-        m = read_json(out / "shards" / sid / "manifest.json")
+        m = read_json(shard_dir(out, sid) / MANIFEST_FILE)
         shards.append({"id": sid, "frames": m["num_frames"], "instances": m["num_instances"], "scenes": m["scenes"],
                        "seed": m["seed"]})
     meta = {**meta, "shards": shards, "num_shards": len(shards), "num_frames": sum(s["frames"] for s in shards)}

@@ -38,6 +38,9 @@ class SceneContext:
         raise KeyError(name)
 
 
+Sampler = Callable[[SceneContext], SceneSpec]
+
+
 @dataclass
 class SceneFamily:
     name: str
@@ -46,8 +49,10 @@ class SceneFamily:
     background: str
     params_model: type[BaseModel]
     randomization_defaults: dict[str, Any]
-    sampler: Callable[[SceneContext], SceneSpec]
+    sampler: Sampler
     extra_classes: Callable[[Any], list[str]] | None = None
+    channels: int = 3  # 1: single-channel (grayscale) images
+    unit_m: float = 1.0  # length of one scene unit in metres (depth PNGs hold 1/1000 units)
 
     def classes_for(self, params: Any) -> list[ClassDef]:
         """The family's classes plus any the config declares (e.g. for user meshes)."""
@@ -65,8 +70,8 @@ SCENES: Registry[SceneFamily] = Registry("scene")
 
 def register_scene(name: str, *, description: str, classes: list[ClassDef], background: str,
                    params: type[BaseModel], randomization: dict[str, Any] | None = None,
-                   extra_classes: Callable[[Any], list[str]] | None = None
-                   ) -> Callable[[Callable[[SceneContext], SceneSpec]], Callable[[SceneContext], SceneSpec]]:
+                   extra_classes: Callable[[Any], list[str]] | None = None, channels: int = 3,
+                   unit_m: float = 1.0) -> Callable[[Sampler], Sampler]:
     """Register a scene family's sampler under ``name``.
 
     Args:
@@ -77,14 +82,16 @@ def register_scene(name: str, *, description: str, classes: list[ClassDef], back
         params: Pydantic model of the family's own knobs (``scene.params``).
         randomization: Family defaults for the shared domain-randomisation knobs.
         extra_classes: Returns class names the params declare in addition to ``classes``.
+        channels: 3 for RGB, 1 for single-channel images (e.g. fluorescence microscopy).
+        unit_m: Length of one scene unit in metres (sets the depth PNGs' scale).
     """
     ids = [c.id for c in classes]
     if len(set(ids)) != len(ids) or max(ids) >= 255:
         raise ValueError(f"scene '{name}': class ids must be unique and < 255")
 
-    def deco(fn: Callable[[SceneContext], SceneSpec]) -> Callable[[SceneContext], SceneSpec]:
+    def deco(fn: Sampler) -> Sampler:
         SCENES.register(name)(SceneFamily(name, description, classes, background, params,
-                                          randomization or {}, fn, extra_classes))
+                                          randomization or {}, fn, extra_classes, channels, unit_m))
         return fn
 
     return deco
@@ -134,6 +141,7 @@ def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int) 
     """Sample one scene with ``views`` camera views."""
     ctx = SceneContext(rng, resolved.params, resolved.randomization, views, resolved.classes)
     spec = resolved.family.sampler(ctx)
+    spec.grayscale = resolved.family.channels == 1
     if len(spec.cameras) != views or len(spec.post) != views:
         raise RuntimeError(f"scene family '{resolved.family.name}' returned {len(spec.cameras)} views, not {views}")
     return spec

@@ -45,6 +45,8 @@ class CellsParams(StrictModel):
     classes=CLASSES,
     background="background",
     params=CellsParams,
+    channels=1,
+    unit_m=1e-6,
     randomization={
         "lights": {"count": [0, 0]},
         "post": {"exposure": [-0.3, 0.3], "blur_sigma": [0.0, 1.5], "noise_std": [0.002, 0.02],
@@ -105,5 +107,4 @@ def sample_cells(ctx: SceneContext) -> SceneSpec:
         cameras.append(Camera(tuple(loc), rot, projection="orthographic", ortho_scale=p.field_size,  # type: ignore[arg-type]
                               clip_start=1.0, clip_end=100.0))
     return SceneSpec("cells", ctx.classes, cid("background"), objects, [], World((0, 0, 0), (0, 0, 0), 0.0),
-                     cameras, [sample_post(rng, r.post) for _ in range(ctx.views)], grayscale=True, film="standard",
-                     unit_m=1e-6)
+                     cameras, [sample_post(rng, r.post) for _ in range(ctx.views)], film="standard")

@@ -154,7 +154,6 @@ class SceneSpec:
     post: list[PostFX] = field(default_factory=list)
     grayscale: bool = False
     film: Literal["standard", "filmic", "agx"] = "agx"
-    unit_m: float = 1.0  # length of one scene unit in metres (cells: micrometres)
 
     def class_of_object(self) -> np.ndarray:
         """(N+1,) class id per object index; index 0 is the background."""

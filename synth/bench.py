@@ -67,7 +67,8 @@ def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
     """One render process for all scenes, exactly as a pipeline task runs it; wall time includes start-up."""
     from pipelines.render import prepare_dataset, resolve_render_config
     from segfactory import __version__
-    from synth.shard import plan_shards
+    from synth.dataset import MANIFEST_FILE
+    from synth.shard import plan_shards, shard_dir
 
     cfg, config_hash = resolve_render_config(cfg)
     root = work / "segfactory"
@@ -82,13 +83,13 @@ def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "synth.worker", str(job_path)], check=True, capture_output=True)
     wall = time.perf_counter() - t0
-    manifest = read_json(root / "shards" / plan.shard_id / "manifest.json")
+    manifest = read_json(shard_dir(root, plan.shard_id) / MANIFEST_FILE)
     t = manifest["timings"]
     frames = manifest["num_frames"]
     return {"frames": frames, "wall_s": wall, "fpm": 60 * frames / wall,
             "split_s": {"startup": wall - t["total_s"] + t["startup_s"], "build": t["sample_s"] + t["build_s"],
                         "render": t["color_s"] + t["labels_s"], "write": t["write_s"]},
-            "rgb": {f["name"]: root / "shards" / plan.shard_id / f["files"]["rgb"]["path"] for f in manifest["frames"]}}
+            "rgb": {f["name"]: shard_dir(root, plan.shard_id) / f["files"]["rgb"]["path"] for f in manifest["frames"]}}
 
 
 def run_baseline(cfg: RenderConfig, work: Path) -> dict[str, Any]:
