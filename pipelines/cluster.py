@@ -257,12 +257,35 @@ def has_gpu_workers(client: Any) -> bool:
     return any(w.get("resources", {}).get(GPU_RESOURCE, 0) > 0 for w in workers.values())
 
 
+def configured_gpus(cfg: ClusterConfig) -> bool:
+    """Whether the workers this config starts offer GPUs (adaptive clusters may have no worker yet to ask)."""
+    return ((cfg.backend == "slurm" and cfg.slurm.gpus_per_job > 0)
+            or (cfg.backend == "kubernetes" and cfg.kubernetes.gpus > 0))
+
+
 def training_resources(client: Any, cfg: ClusterConfig) -> dict[str, float] | None:
-    """Resources a GPU stage's task asks for: ``{GPU: 1}`` when the cluster has one (or it is required)."""
+    """Resources a GPU stage's task asks for: ``{GPU: 1}`` when the cluster has or will start GPU workers.
+
+    Raises:
+        UserError: ``tasks.gpu=require`` but no GPU worker appeared within ``connect_timeout_s`` (the task would
+            wait forever).
+    """
+    import time
+
     if cfg.tasks.gpu == "never":
         return None
-    if cfg.tasks.gpu == "require" or has_gpu_workers(client):
+    if configured_gpus(cfg) or has_gpu_workers(client):
         return {GPU_RESOURCE: 1}
+    if cfg.tasks.gpu == "require":
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if has_gpu_workers(client):
+                return {GPU_RESOURCE: 1}
+        raise UserError(f"cluster.tasks.gpu=require, but no worker offered a {GPU_RESOURCE} resource within "
+                        f"{cfg.connect_timeout_s:g}s",
+                        fix=f"start workers with `dask worker --resources {GPU_RESOURCE}=1`, set "
+                            "cluster.slurm.gpus_per_job or cluster.kubernetes.gpus, or use cluster.tasks.gpu=auto")
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from pipelines.cluster import open_client, task_resources
+from pipelines.lock import exclusive_lock
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from segfactory.config import hash_config, save_resolved
@@ -23,6 +24,7 @@ from segfactory.errors import PartialFailure, UserError
 from segfactory.io import ensure_writable_dir
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".ingest.lock"
 
 
 def check_normalization_unchanged(out: Path, cfg: IngestConfig) -> None:
@@ -53,11 +55,20 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig,
         Summary: new images/rejections of this run and totals of the output.
 
     Raises:
-        UserError: empty source, unwritable output, changed normalization, or every file rejected.
+        UserError: empty source, unwritable output, changed normalization, every file rejected, or another
+            ingest into ``out_dir`` is running (exit code EXIT_BUSY; it holds ``OUT/.ingest.lock``).
         PartialFailure: some shard tasks failed after retries (the others are committed).
     """
     t0 = time.perf_counter()
     out = ensure_writable_dir(out_dir)
+    # held for the whole run: a second run would remove this run's temp shard folders as leftovers and
+    # plan shards with the same run number
+    with exclusive_lock(out / LOCK_FILE, f"another ingest into '{out}'",
+                        fix="wait for it to finish (a re-run then ingests only new files), or use another --out"):
+        return _ingest_locked(src, out, cfg, t0)
+
+
+def _ingest_locked(src: str, out: Path, cfg: IngestConfig, t0: float) -> dict[str, Any]:
     check_normalization_unchanged(out, cfg)
     leftovers = core.clean_uncommitted(out)
     if leftovers:

@@ -18,7 +18,6 @@ release references.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -29,13 +28,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+import segfactory
 from finetune.config import FinetuneConfig
 from pipelines.cluster import ClusterConfig
+from pipelines.lock import exclusive_lock
+from pipelines.stages import HeldOutSet
 from pretrain.config import IngestConfig, PretrainConfig
-from segfactory import __version__
 from segfactory.config import StrictModel, save_resolved
 from segfactory.console import console
-from segfactory.errors import EXIT_BUSY, UserError
+from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, canonical_hash, read_json, remove_tree, sha256_file
 from synth.config import RenderConfig
 
@@ -62,6 +63,7 @@ class RetrainSettings(StrictModel):
         "changed", description="changed: only when shards, real images or these configs changed; always: every run")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    test: HeldOutSet = Field(default_factory=HeldOutSet)
     timeout_s: float = Field(3600.0, gt=0, description="a training/evaluation process is killed after this long")
     retries: int = Field(1, ge=0, description="re-runs of a failed training/evaluation task")
 
@@ -79,22 +81,9 @@ class RefreshConfig(StrictModel):
 @contextlib.contextmanager
 def refresh_lock(root: Path) -> Iterator[None]:
     """Hold ``ROOT/.refresh.lock``; a second refresh gets a UserError with exit code EXIT_BUSY."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"another refresh of '{root}' is running ({holder}); nothing was done",
-                            fix="wait for it to finish (schedules should not overlap: this run is skipped)",
-                            exit_code=EXIT_BUSY) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since "
-                      f"{datetime.now(UTC).isoformat(timespec='seconds')}\n".encode(), 0)
+    with exclusive_lock(root / LOCK_FILE, f"another refresh of '{root}'",
+                        fix="wait for it to finish (schedules should not overlap: this run is skipped)"):
         yield
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def list_releases(root: Path) -> list[Path]:
@@ -173,9 +162,9 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         UserError: bad config, or another refresh holds the lock (exit code EXIT_BUSY).
         PartialFailure: some shards/images failed; no release is published, a re-run continues.
     """
-    from pipelines.render import resolve_render_config, run_render
+    from pipelines.render import dataset_plan, resolve_render_config, run_render
     from synth.dataset import MANIFEST_FILE
-    from synth.shard import plan_shards, shard_dir
+    from synth.shard import render_code_version, shard_dir
 
     root = Path(root).resolve()
     with refresh_lock(root):
@@ -183,11 +172,11 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         render_cfg = cfg.render.model_copy(update={"cluster": cfg.cluster})
         render_cfg, config_hash = resolve_render_config(render_cfg)
         dataset = root / "datasets" / config_hash
-        report = performance_report or str(root / ".logs" / f"dask-report-{_release_name(root)}.html")
+        name = _release_name(root)
+        report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
         summary = run_render(render_cfg, dataset, performance_report=report)
         meta = read_json(dataset / "dataset.json")
-        plans = plan_shards(meta["family"], config_hash, render_cfg.dataset.seed, render_cfg.dataset.scenes,
-                            render_cfg.dataset.scenes_per_shard, __version__)
+        plans = dataset_plan(render_cfg, config_hash)
         shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(shard_dir(dataset, p.shard_id) / MANIFEST_FILE),
                    "frames": read_json(shard_dir(dataset, p.shard_id) / MANIFEST_FILE)["num_frames"]}
                   for p in plans]
@@ -201,11 +190,11 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                     "new_images": s["new_images"], "config_hash": s["config_hash"]}
         prev = latest_release(root)
         stats = release_stats(dataset, [s["id"] for s in shards], len(meta["classes"]))
-        name = _release_name(root)
         release = {
             "format": "segfactory-release", "format_version": 1, "release": name,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": segfactory.code_version(),
             "render": {"dataset": f"datasets/{config_hash}", "config_hash": config_hash,
+                       "code_version": render_code_version(),
                        "seed": render_cfg.dataset.seed, "scenes": render_cfg.dataset.scenes,
                        "shards_rendered": summary["shards_rendered"]},
             "shards": shards, "num_frames": sum(s["frames"] for s in shards), "real": real,
@@ -214,34 +203,41 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
             "stats": stats, "drift": drift(prev, stats, meta["classes"]),
         }
         if cfg.train.enabled:
-            release["model"] = retrain(cfg, root, dataset, shards, real, name)
+            release["model"] = retrain(cfg, root, render_cfg, config_hash, shards, real, name)
         path = root / RELEASES_DIR / f"{name}.json"
         save_resolved(cfg, root / RELEASES_DIR / f".{name}.config.yaml")
         atomic_write_json(path, release)
+        path.chmod(0o444)  # a published release is immutable
         _point_latest(root, path)
         pruned = prune(root, cfg.releases.keep)
         release_summary(release, pruned, time.perf_counter() - t0)
         return release
 
 
-def retrain(cfg: RefreshConfig, root: Path, dataset: Path, shards: list[dict[str, Any]], real: dict[str, Any] | None,
-            release: str) -> dict[str, Any]:
+def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderConfig, config_hash: str, shards: list[dict[str, Any]],
+            real: dict[str, Any] | None, release: str) -> dict[str, Any]:
     """Pretrain, fine-tune and evaluate, each keyed by a hash of its config and inputs (the release's shard ids,
     the real images' data hash, the upstream stage): with ``when=changed`` unchanged inputs reuse the previous
-    release's stages and nothing is trained."""
-    from pipelines.run import run_stage_tasks, stage_dir
+    release's stages and nothing is trained. Fine-tuning sees the release's shards (the dataset's listed shards);
+    evaluation scores the held-out test set (``train.test``)."""
+    from pipelines.stages import FINETUNE_PACKAGES, PRETRAIN_PACKAGES, render_test_set, run_stage_tasks, stage_dir
 
     if real is None:
         raise UserError("refresh: train.enabled needs unlabeled real images to pretrain on, but real.src is empty",
                         fix="set real.src=DIR, or train.enabled=false")
     t = cfg.train
+    dataset = root / "datasets" / config_hash
     always = {"release": release} if t.when == "always" else {}
     shard_key = canonical_hash(sorted(s["id"] for s in shards))
+    test_set = render_test_set(render_cfg, config_hash, t.test, root,
+                               root / ".logs" / f"dask-report-{release}-test.html")
     pre = stage_dir(root, "pretrain", {"config": t.pretrain.model_dump(mode="json"), "data": real["data_hash"],
-                                       **always})
+                                       **always}, PRETRAIN_PACKAGES)
     ft = stage_dir(root, "finetune", {"config": t.finetune.model_dump(mode="json"), "shards": shard_key,
-                                       "pretrain": pre.name, **always})
-    ev = stage_dir(root, "evaluate", {"model": ft.name, "shards": shard_key})
+                                       "pretrain": pre.name, **always}, FINETUNE_PACKAGES)
+    eval_data = test_set or dataset
+    ev = stage_dir(root, "evaluate", {"model": ft.name, "data": eval_data.name if test_set else shard_key},
+                   FINETUNE_PACKAGES)
     configs = root / "stages" / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     save_resolved(t.pretrain, configs / f"{pre.name}.yaml")
@@ -251,13 +247,15 @@ def retrain(cfg: RefreshConfig, root: Path, dataset: Path, shards: list[dict[str
                            "--out", "{OUT}"]),
         "finetune": (ft, ["finetune", str(configs / f"{ft.name}.yaml"), "--synthetic", str(dataset),
                           "--encoder", str(pre / "encoder"), "--out", "{OUT}"]),
-        "evaluate": (ev, ["evaluate", "--model", str(ft / "model"), "--data", str(dataset), "--out", "{OUT}"]),
+        "evaluate": (ev, ["evaluate", "--model", str(ft / "model"), "--data", str(eval_data), "--out", "{OUT}"]),
     }
     results = run_stage_tasks(cfg.cluster, t.timeout_s, t.retries, commands,
                               root / ".logs" / f"dask-report-{release}-train.html")
-    return {"stages": [f"stages/{d.name}" for d in (pre, ft, ev)], "model": f"stages/{ft.name}/model",
+    stages = [d for d in (test_set, pre, ft, ev) if d is not None]
+    return {"stages": [f"stages/{d.name}" for d in stages], "model": f"stages/{ft.name}/model",
             "trained": not all(r["skipped"] for r in results.values()),
-            "miou": read_json(ev / "metrics.json")["overall"]["miou"]}
+            "miou": read_json(ev / "metrics.json")["overall"]["miou"],
+            "miou_on": f"stages/{test_set.name}" if test_set else "the release's training shards (train.test.scenes=0)"}
 
 
 def prune(root: Path, keep: int) -> dict[str, int]:
@@ -297,7 +295,8 @@ def prune(root: Path, keep: int) -> dict[str, int]:
             shards_removed += 1
             changed = True
         if changed:
-            update_dataset_meta(ds, read_json(ds / "dataset.json"))
+            meta = read_json(ds / "dataset.json")
+            update_dataset_meta(ds, meta, [s["id"] for s in meta["shards"]])
     return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 

@@ -8,17 +8,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipelines.lock import exclusive_lock
 from scenes import resolve_scene
-from segfactory import __version__
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import PartialFailure, UserError
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
 from synth.config import RenderConfig
 from synth.dataset import DATASET_FILE, DEPTH_SCALE_M, IGNORE_INDEX, MANIFEST_FILE, committed_shards, is_committed
-from synth.shard import DEPTH_MAX, ShardPlan, plan_shards, remove_stale_tmp, shard_dir
+from synth.shard import DEPTH_MAX, ShardPlan, plan_shards, remove_stale_tmp, render_code_version, shard_dir
 
 PROGRESS_TOPIC = "segfactory-render-progress"
+LOCK_FILE = ".render.lock"
 
 
 def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
@@ -86,17 +87,30 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str,
         "depth": {"dtype": "uint16", "scale_m": DEPTH_SCALE_M * resolved.family.unit_m, "invalid": 0,
                   "saturated": DEPTH_MAX},
         "config_hash": config_hash,
-        "code_version": __version__,
+        "code_version": render_code_version(),
     }
     save_resolved(cfg, out / "config.yaml")
-    update_dataset_meta(out, meta)
+    update_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash)])
     return meta
 
 
-def update_dataset_meta(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite dataset.json's shard list from the committed shards on disk."""
+def dataset_plan(cfg: RenderConfig, config_hash: str) -> list[ShardPlan]:
+    """The shards that make up the dataset ``cfg`` (size, seed, shard size) describes."""
+    d = cfg.dataset
+    return plan_shards(resolve_scene(cfg.scene).family.name, config_hash, d.seed, d.scenes, d.scenes_per_shard,
+                       render_code_version())
+
+
+def update_dataset_meta(out: Path, meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
+    """Rewrite dataset.json listing those of ``shard_ids`` that are committed on disk.
+
+    Only listed shards are part of the dataset (:func:`synth.dataset.open_dataset`). Committed shards of another
+    plan (a render of another size, seed or shard size into the same directory) stay on disk unlisted, so a
+    dataset never holds a scene twice and switching back re-uses them.
+    """
     shards = []
-    for sid in committed_shards(out):
+    on_disk = set(committed_shards(out))
+    for sid in sorted(set(shard_ids) & on_disk):
         m = read_json(shard_dir(out, sid) / MANIFEST_FILE)
         shards.append({"id": sid, "frames": m["num_frames"], "instances": m["num_instances"], "scenes": m["scenes"],
                        "seed": m["seed"]})
@@ -127,16 +141,28 @@ def run_render(cfg: RenderConfig, out: str | os.PathLike, performance_report: st
     Raises:
         UserError: bad config or output directory (before anything is rendered).
         PartialFailure: some shards failed after their retries; the others are committed.
+        UserError: another render into ``out`` is running (exit code EXIT_BUSY).
     """
-    import time
-
     out = Path(out).resolve()
     cfg, config_hash = resolve_render_config(cfg)
     meta = prepare_dataset(out, cfg, config_hash)
-    plans = plan_shards(meta["family"], config_hash, cfg.dataset.seed, cfg.dataset.scenes, cfg.dataset.scenes_per_shard,
-                        __version__)
+    # Held for the whole render: a second render into `out` would remove this one's shard writes as leftovers.
+    with exclusive_lock(out / LOCK_FILE, f"another render into '{out}'",
+                        fix="wait for it to finish (a re-run then renders only missing shards), or use another --out"):
+        return _render_locked(cfg, out, meta, config_hash, performance_report)
+
+
+def _render_locked(cfg: RenderConfig, out: Path, meta: dict[str, Any], config_hash: str,
+                   performance_report: str | os.PathLike | None) -> dict[str, Any]:
+    import time
+
+    plans = dataset_plan(cfg, config_hash)
     done = set(committed_shards(out))
     todo = [p for p in plans if p.shard_id not in done]
+    unlisted = len(done - {p.shard_id for p in plans})
+    if unlisted:
+        console.print(f"{unlisted} committed shard(s) in {out} belong to another size, seed or shard size: kept on "
+                      "disk, not part of this dataset")
     stale = remove_stale_tmp(out)
     if stale:
         console.print(f"removed {stale} unfinished shard write(s) from an interrupted run")
@@ -154,7 +180,7 @@ def run_render(cfg: RenderConfig, out: str | os.PathLike, performance_report: st
         # Writes of shards whose worker died mid-render (the retry committed elsewhere) leave temp dirs behind.
         for sid in committed_shards(out):
             remove_stale_tmp(out, sid)
-    meta = update_dataset_meta(out, meta)
+    meta = update_dataset_meta(out, meta, [p.shard_id for p in plans])
     summary = {"out": str(out), "shards_planned": len(plans), "shards_rendered": rendered,
                "shards_skipped": len(plans) - len(todo), "shards_failed": len(failures),
                "frames_total": meta["num_frames"], "seconds": round(time.perf_counter() - t0, 2)}
@@ -175,8 +201,9 @@ def _submit_and_wait(client: Any, cfg: RenderConfig, out: Path, config_hash: str
 
     nworkers = max(1, len(client.scheduler_info().get("workers", {})))
     threads = cfg.render.threads or (max(1, (os.cpu_count() or 1) // nworkers) if cfg.cluster.backend == "local" else 0)
+    code = render_code_version()
     jobs = [{"root": str(out), "plan": asdict(p), "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
-             "code_version": __version__, "timeout_s": cfg.execution.timeout_s, "threads": threads} for p in todo]
+             "code_version": code, "timeout_s": cfg.execution.timeout_s, "threads": threads} for p in todo]
     failures: dict[str, str] = {}
     rendered = 0
     with progress() as bar:

@@ -61,8 +61,12 @@ def _val_miou(record: dict[str, Any]) -> float | None:
     return None
 
 
-def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, evaluate: Path, predict: Path) -> Path:
-    """Write the run report: contact sheet, class histogram, loss/mIoU curves, IoU bars, confusion, overlays."""
+def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, evaluate: Path, predict: Path,
+                 scored_on: str) -> Path:
+    """Write the run report: contact sheet, class histogram, loss/mIoU curves, IoU bars, confusion, overlays.
+
+    ``scored_on`` says what the evaluation scored (held-out frames or the training data).
+    """
     import tempfile
 
     from synth.dataset import open_dataset
@@ -92,7 +96,7 @@ def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, eval
     ious = [overall["per_class"][c]["iou"] or 0.0 for c in names]
     conf = evaluate / "confusion_overall.png"
     sections.append(f"<h2>Evaluation</h2><p>mIoU {overall['miou']:.4f}, pixel accuracy "
-                    f"{overall['pixel_accuracy']:.4f} (on the rendered dataset)</p>"
+                    f"{overall['pixel_accuracy']:.4f} on {html.escape(scored_on)}</p>"
                     f"{_img(_bars(names, ious, 'per-class IoU', 'IoU'), caption='per-class IoU')}"
                     + (_img(conf.read_bytes(), width=500, caption="confusion matrix") if conf.is_file() else ""))
     overlays = sorted((predict / "overlays").glob("*.jpg"))

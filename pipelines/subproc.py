@@ -1,4 +1,4 @@
-"""Run heavy external work (a Blender render) as a subprocess inside a Dask task.
+"""Run heavy external work (a Blender render, a training run) as a subprocess inside a Dask task.
 
 The child gets its own process group, so a timeout kills Blender and anything it started; and it is tied to
 its parent with ``PR_SET_PDEATHSIG``, so a worker killed with SIGKILL does not leave an orphan rendering on.
@@ -79,4 +79,4 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
     if rc != 0:
         status = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
         last = " | ".join(list(tail)[-3:])
-        raise SubprocessFailed(f"render process {status}: {last} (log: {log_path})")
+        raise SubprocessFailed(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} {status}: {last} (log: {log_path})")

@@ -34,8 +34,11 @@ def register(commands: Any, benches: Any) -> None:
                    "vit_small, test_resnet")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="images per micro-batch (train.batch_size)")
-    p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
-                   help="continue from OUT's last checkpoint, or from CKPT")
+    # --resume is a plain flag: an optional value would swallow the key=value override after it
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    resume.add_argument("--resume-from", metavar="CKPT",
+                        help="continue from checkpoint CKPT (a step_*.pt, e.g. of another run) into OUT")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after N steps of this run; --resume continues")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=2e-3")
@@ -96,7 +99,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     extra = {"method.name": args.method, "backbone.name": args.backbone, "train.steps": args.steps,
              "train.batch_size": args.batch_size}
     cfg = load_config(PretrainConfig, args.config, args.overrides, extra)
-    summary = run_pretrain(cfg, args.images, args.out, resume=args.resume, stop_after=args.stop_after)
+    resume = args.resume_from if args.resume_from is not None else ("last" if args.resume else None)
+    summary = run_pretrain(cfg, args.images, args.out, resume=resume, stop_after=args.stop_after)
     print(json.dumps(summary))
     return 0
 

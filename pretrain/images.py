@@ -7,6 +7,7 @@ size and cuts a square; every other augmentation runs batched on the training de
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,9 @@ class StreamSampler(torch.utils.data.Sampler):
 
 def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool would oversubscribe the cores
+    # a terminal's Ctrl-C reaches the whole process group; the training loop finishes its step (and needs
+    # these workers for it) before it stops with a checkpoint, and shuts them down itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(entries: list[ImageEntry], load_size: int, in_chans: int, batch_size: int, seed: int,

@@ -200,7 +200,8 @@ class Decoded:
         array: (H, W) gray or (H, W, 3) RGB; uint8, uint16, other ints or float.
         orig_shape: (H, W) at full resolution (before any reduced-size decode).
         page: Slice index in a stack, else None.
-        passthrough: The source bytes can be stored as they are (8-bit JPEG, no resize, no rotation).
+        passthrough: The source bytes are stored as they are (8-bit JPEG stored as JPEG, no resize, no
+            rotation); ``array`` is then a reduced-scale (1/8) validation decode, not the stored size.
     """
 
     array: np.ndarray
@@ -210,7 +211,7 @@ class Decoded:
 
 
 def decode(data: bytes, max_pixels: int, min_side: int, max_pages: int,
-           max_short_side: int | None) -> tuple[str, list[Decoded]]:
+           max_short_side: int | None, store: str = "auto") -> tuple[str, list[Decoded]]:
     """Decode and validate one file's bytes.
 
     Args:
@@ -219,6 +220,8 @@ def decode(data: bytes, max_pixels: int, min_side: int, max_pages: int,
         min_side: Images with a smaller side are rejected.
         max_pages: TIFF stacks: at most this many slices.
         max_short_side: Target short side; JPEGs are decoded at the smallest DCT scale that still covers it.
+        store: ``normalize.store`` (auto, png, jpeg): a JPEG is only passed through (and then validated at 1/8
+            scale) when it is stored as JPEG; otherwise its pixels are re-encoded and must be decoded in full.
 
     Returns:
         ``(format, images)``.
@@ -237,7 +240,7 @@ def decode(data: bytes, max_pixels: int, min_side: int, max_pages: int,
             return fmt, _decode_tiff(data, max_pixels, min_side, max_pages)
         if fmt == "png" and len(data) >= 26 and data[24] == 16 and data[25] in (2, 6):
             return fmt, [_decode_png16_rgb(data, max_pixels, min_side)]
-        return fmt, [_decode_pil(data, fmt, max_pixels, min_side, max_short_side)]
+        return fmt, [_decode_pil(data, fmt, max_pixels, min_side, max_short_side, stored_ext(fmt, store))]
     except Rejected:
         raise
     except Exception as e:
@@ -259,7 +262,15 @@ def _check_size(w: int, h: int, max_pixels: int, min_side: int) -> None:
         raise Rejected("too_small", f"{w}x{h} is smaller than checks.min_side={min_side}")
 
 
-def _decode_pil(data: bytes, fmt: str, max_pixels: int, min_side: int, max_short_side: int | None) -> Decoded:
+def stored_ext(fmt: str, store: str) -> str:
+    """Extension an image of source format ``fmt`` is stored with under ``normalize.store``."""
+    if store == "auto":
+        return ".jpg" if fmt == "jpeg" else ".png"
+    return ".jpg" if store == "jpeg" else ".png"
+
+
+def _decode_pil(data: bytes, fmt: str, max_pixels: int, min_side: int, max_short_side: int | None,
+                ext: str) -> Decoded:
     from PIL import Image
 
     try:
@@ -269,21 +280,26 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int, min_side: int, max_short
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise Rejected("bomb", f"decompression bomb: {_short(e)}") from None
+    passthrough = False
     with im:
         w, h = im.size
         _check_size(w, h, max_pixels, min_side)
         orientation = 1
         if fmt == "jpeg":
             orientation = int(im.getexif().get(0x0112, 1) or 1)
-            if im.mode in ("L", "RGB", "CMYK", "YCbCr"):
-                target = _draft_target(w, h, max_short_side)
-                # DCT-domain downscaling: decoding at 1/2..1/8 size skips most of the IDCT work, and still
-                # runs the entropy decoder over the whole file, so truncation/corruption is still detected
-                im.draft("L" if im.mode == "L" else "RGB", target)
+            if im.mode in ("L", "RGB", "CMYK", "YCbCr"):  # 8-bit modes: decoded to uint8
+                # decided before decoding: only bytes that are copied as they are may be validated at 1/8 scale;
+                # a rotated or re-encoded (store=png) JPEG needs its pixels at the stored size
+                passthrough = (orientation == 1 and ext == ".jpg"
+                               and (max_short_side is None or min(w, h) <= max_short_side))
+                target = _draft_target(w, h, max_short_side, passthrough)
+                if target is not None:
+                    # DCT-domain downscaling: decoding at 1/2..1/8 size skips most of the IDCT work, and still
+                    # runs the entropy decoder over the whole file, so truncation/corruption is still detected
+                    im.draft("L" if im.mode == "L" else "RGB", target)
         im.load()
         arr = _pil_to_array(im)
-    passthrough = (fmt == "jpeg" and orientation == 1 and arr.dtype == np.uint8
-                   and (max_short_side is None or min(w, h) <= max_short_side))
+    passthrough = passthrough and arr.dtype == np.uint8
     if orientation != 1:
         arr = _apply_orientation(arr, orientation)
         if orientation in (5, 6, 7, 8):
@@ -291,10 +307,14 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int, min_side: int, max_short
     return Decoded(arr, (h, w), None, passthrough)
 
 
-def _draft_target(w: int, h: int, max_short_side: int | None) -> tuple[int, int]:
-    if max_short_side is None or min(w, h) <= max_short_side:
-        # stored unchanged: validation still decodes every coefficient, but at 1/8 scale (stats are from it)
+def _draft_target(w: int, h: int, max_short_side: int | None, passthrough: bool) -> tuple[int, int] | None:
+    """Smallest size a JPEG may be decoded at (Pillow picks the DCT scale covering it); None for full size."""
+    if passthrough:
+        # stored as the original bytes: validation still decodes every coefficient, but at 1/8 scale (the
+        # channel statistics are from it)
         return (max(1, w // 8), max(1, h // 8))
+    if max_short_side is None or min(w, h) <= max_short_side:
+        return None  # re-encoded at full size
     r = max_short_side / min(w, h)
     return (max(1, math.ceil(w * r)), max(1, math.ceil(h * r)))
 
@@ -471,13 +491,12 @@ def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
     """
     norm, checks = cfg["normalize"], cfg["checks"]
     fmt, images = decode(data, checks["max_pixels"], checks["min_side"], checks["max_pages"],
-                         norm["max_short_side"])
+                         norm["max_short_side"], norm["store"])
+    ext = stored_ext(fmt, norm["store"])
     out = []
     for img in images:
         arr8, scale = to_uint8(img.array, norm["low_percentile"], norm["high_percentile"])
-        store = norm["store"]
-        ext = (".jpg" if fmt == "jpeg" else ".png") if store == "auto" else (".jpg" if store == "jpeg" else ".png")
-        if img.passthrough and ext == ".jpg":
+        if img.passthrough:  # only set for a JPEG stored as .jpg, unrotated and needing no resize
             # validated at reduced size; the original bytes are the best copy of this image
             blob, h, w, how = data, img.orig_shape[0], img.orig_shape[1], "copied"
         else:

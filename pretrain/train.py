@@ -23,6 +23,8 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,52 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Load a checkpoint's GradScaler state, if it has one.
+
+    A disabled scaler (CPU, bf16 or fp32 run) saves ``{}``; an fp16 run resumed from such a checkpoint starts
+    with a fresh loss scale (``load_state_dict({})`` would raise on an enabled scaler).
+    """
+    if state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        console.print("note: the checkpoint has no fp16 loss-scaler state (it was not an fp16 run); "
+                      "starting from the default loss scale")
+
+
+class _DeferredInterrupt:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
+
+    A KeyboardInterrupt raised mid-step would leave half-updated state (momentum encoders, BN statistics,
+    MoCo's memory bank, DINO's center, a partial optimizer step) that no checkpoint may hold. A second Ctrl-C
+    raises KeyboardInterrupt at once (nothing more is saved). Outside the main thread signals cannot be
+    handled; there a Ctrl-C keeps Python's default behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("interrupt: stopping after this step with a checkpoint (Ctrl-C again stops at once, "
+                      "without one)")
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+
 def check_same_arch(ckpt: dict[str, Any], arch: dict[str, Any], path: Path) -> None:
     for key in ("backbone", "timm_name", "in_chans", "method"):
         if ckpt["arch"].get(key) != arch[key]:
@@ -277,7 +325,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
             named[k].copy_(v)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_scaler(scaler, ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -307,10 +355,18 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     metrics_f = open(out / METRICS_JSONL, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
     it = iter(loader)
     model.train()
+    saved = start  # the step of the newest checkpoint of this run
     try:
-        with progress() as bar:
+        with progress() as bar, _DeferredInterrupt() as interrupt:
             task = bar.add_task("pretrain", total=total, completed=start)
             while step < end:
+                if interrupt.requested:  # at a step boundary: the state is exactly that after `step` steps
+                    if step > saved:
+                        save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash,
+                                        tr.keep_checkpoints)
+                        saved = step
+                        console.print(f"checkpoint at step {step} saved; --resume continues")
+                    raise KeyboardInterrupt
                 model.on_step_start(step)
                 for micro in range(tr.accumulate):
                     t0 = time.perf_counter()
@@ -357,11 +413,13 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                 if step % tr.checkpoint_every == 0 and step < end:
                     save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash,
                                     tr.keep_checkpoints)
+                    saved = step
     except KeyboardInterrupt:
-        metrics_f.close()
-        if step > start:
-            save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash, tr.keep_checkpoints)
-            console.print(f"checkpoint at step {step} saved; --resume continues")
+        # a mid-step interrupt (second Ctrl-C) leaves half-updated state: never checkpointed
+        if step > saved:
+            last = checkpoint_paths(out)
+            console.print(f"stopped during step {step + 1} without a checkpoint; --resume continues from "
+                          f"{last[-1].name if last else 'the start'}")
         raise
     finally:
         metrics_f.close()

@@ -13,7 +13,7 @@ from pydantic import Field
 from scenes import SceneContext, register_scene
 from scenes import geometry as g
 from scenes.camera import look_at
-from scenes.placement import place_circles
+from scenes.placement import Footprint, place_footprints
 from scenes.randomization import CountRange, PosRange, integers, sample_post, uniform
 from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, World
 from segfactory.config import StrictModel
@@ -32,7 +32,8 @@ class CellsParams(StrictModel):
     nucleus_radius: PosRange = (3.5, 8.0)
     elongation: PosRange = (1.0, 1.7)
     irregularity: PosRange = (0.04, 0.22)
-    max_overlap: float = Field(0.2, ge=0, lt=1, description="allowed overlap of neighbours (0 = only touching)")
+    max_overlap: float = Field(0.2, ge=0, lt=1, description="allowed overlap of neighbouring nuclei, as a fraction "
+                               "of their summed extents along the line between their centres (0 = only touching)")
     brightness: PosRange = (0.25, 1.0)
     chromatin_contrast: PosRange = (0.3, 0.75)
     debris_per_field: CountRange = (0, 10)
@@ -68,26 +69,29 @@ def sample_cells(ctx: SceneContext) -> SceneSpec:
     objects.append(SceneObject("slide", cid("background"), [Part(g.plane(slide * 2, slide * 2, -5.0), haze)]))
 
     n = sum(integers(rng, p.nuclei_per_field) for _ in range(area))
-    radii = rng.uniform(*p.nucleus_radius, size=n) if p.nucleus_radius[1] > p.nucleus_radius[0] \
-        else np.full(n, p.nucleus_radius[0])
-    elong = rng.uniform(*p.elongation, size=n) if p.elongation[1] > p.elongation[0] else np.full(n, p.elongation[0])
-    spots = place_circles(rng, radii * np.sqrt(elong), (-slide / 2, slide / 2), (-slide / 2, slide / 2),
-                          max_overlap=p.max_overlap, tries=60)
+    # Build every nucleus first and place it by its final outline (stretched, irregular, turned), so that
+    # max_overlap bounds how far the real shapes overlap, not how far some idealised circles do.
+    nuclei = []
+    for _ in range(n):
+        radius, elong = uniform(rng, p.nucleus_radius), uniform(rng, p.elongation)
+        mesh = g.blob(rng, radius, uniform(rng, p.irregularity), rings=8, segments=20)
+        # Flatten to a disc-like nucleus; a random height per nucleus decides who occludes whom where they overlap.
+        mesh = g.transform(mesh, scale=(elong, 1.0, 0.35))
+        yaw = float(rng.uniform(0, 2 * np.pi))
+        nuclei.append((mesh, yaw, Footprint.of_points(mesh.vertices[:, :2], yaw)))
+    spots = place_footprints(rng, [fp for *_, fp in nuclei], (-slide / 2, slide / 2), (-slide / 2, slide / 2),
+                             max_overlap=p.max_overlap, tries=60)
     tex = r.materials
-    for i, spot in enumerate(spots):
+    for i, ((mesh, yaw, _), spot) in enumerate(zip(nuclei, spots, strict=True)):
         if spot is None:
             continue
-        mesh = g.blob(rng, float(radii[i]), uniform(rng, p.irregularity), rings=8, segments=20)
-        # Flatten to a disc-like nucleus; a random height per nucleus decides who occludes whom where they overlap.
-        mesh = g.transform(mesh, scale=(float(elong[i]), 1.0, 0.35))
         brightness = base * float(rng.lognormal(0.0, 0.35))
         contrast = uniform(rng, p.chromatin_contrast)
         mat = Material((1.0, 1.0, 1.0), shader="emission", emission=brightness,
                        texture=str(rng.choice(tex.textures)), color2=(1 - contrast,) * 3,  # type: ignore[arg-type]
                        texture_scale=uniform(rng, tex.texture_scale), texture_w=float(rng.uniform(0, 100)))
         objects.append(SceneObject(f"nucleus_{i}", cid("nucleus"), [Part(mesh, mat)],
-                                   (spot[0], spot[1], float(rng.uniform(0.0, 3.0))),
-                                   (0.0, 0.0, float(rng.uniform(0, 2 * np.pi)))))
+                                   (spot[0], spot[1], float(rng.uniform(0.0, 3.0))), (0.0, 0.0, yaw)))
     for i in range(sum(integers(rng, p.debris_per_field) for _ in range(area))):
         size = float(rng.uniform(0.4, 1.5))
         mesh = g.transform(g.blob(rng, size, 0.4, rings=6, segments=10), scale=(1.0, 1.0, 0.5))

@@ -110,6 +110,9 @@ class Camera:
         location: (3,) position.
         rotation: (3, 3) camera-to-world rotation; the camera looks down its local -Z with +Y up.
         projection: "perspective" (``fov`` radians, square image) or "orthographic" (``ortho_scale`` units).
+        visible_objects: Labeled objects whose centre the sampler found in frame (``None``: not checked).
+        min_visible_met: False when no try reached ``camera.min_visible_objects`` and the try that saw the
+            most objects was kept.
     """
 
     location: Vec3
@@ -119,6 +122,8 @@ class Camera:
     ortho_scale: float = 10.0
     clip_start: float = 0.05
     clip_end: float = 500.0
+    visible_objects: int | None = None
+    min_visible_met: bool = True
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pydantic import Field
 from scenes import SceneContext, register_scene
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
-from scenes.placement import place_circles
+from scenes.placement import Box, Footprint, FootprintSet, place_footprints
 from scenes.randomization import (
     CountRange,
     PosRange,
@@ -116,10 +116,16 @@ def _pole(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
     return [Part(pole, metal), Part(sign, face)]
 
 
-def _tree(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
+# g.blob(rng, r, 0.2) reaches at most r * BLOB_REACH from its centre (its three harmonics all at their peaks).
+BLOB_REACH = 1.0 + 0.2 * (1 + 1 / 2 + 1 / 3)
+
+
+def _tree(rng: np.random.Generator, ctx: SceneContext, max_reach: float = np.inf) -> list[Part]:
+    """A tree whose crown reaches at most ``max_reach`` from the trunk (narrow sidewalks get small crowns)."""
     k = ctx.randomization.materials
     trunk_h = uniform(rng, (1.8, 3.5))
-    crown_r = uniform(rng, (1.0, 2.4))
+    cap = max(max_reach / BLOB_REACH, 0.3)
+    crown_r = uniform(rng, (min(1.0, cap), min(2.4, cap)))
     trunk = g.cylinder(uniform(rng, (0.1, 0.22)), trunk_h + crown_r * 0.5, 10)
     crown = g.transform(g.blob(rng, crown_r, 0.2), (0, 0, trunk_h + crown_r * 0.8),
                         scale=(1, 1, uniform(rng, (0.8, 1.3))))
@@ -178,6 +184,7 @@ def sample_street(ctx: SceneContext) -> SceneSpec:
     add("lane_marking", "lane_marking", [Part(g.merge(marks), Material(mark_color, roughness=0.6))])
 
     # Buildings in a row along each side, with random widths, setbacks, heights and gaps.
+    building_boxes: list[Box] = []
     for side in (-1, 1):
         y = -length / 2
         while y < length / 2:
@@ -190,56 +197,74 @@ def sample_street(ctx: SceneContext) -> SceneSpec:
                 mat.texture, mat.color2 = "wave", (0.03, 0.04, 0.06)
             height = uniform(rng, p.building_height)
             add("building", "building", [Part(g.box(depth, w, height), mat)], (x, y + w / 2, 0))
+            building_boxes.append((x - depth / 2, y, x + depth / 2, y + w))
             y += w + (uniform(rng, (0.5, 6.0)) if rng.random() < 0.4 else 0.0)
 
     # Vehicles in lanes (heading with or against traffic), people and street furniture on the sidewalks.
     lane_xs = [-road_w / 2 + (i + 0.5) * road_w / n_lanes for i in range(n_lanes)]
     # Vehicles: one row of disjoint footprints along the street, each in a random lane.
     vehicles = [_vehicle(rng, ctx) for _ in range(integers(rng, p.vehicles))]
-    spots = place_circles(rng, [footprint_radius(v) for v in vehicles], (-0.01, 0.01),
-                          (-length / 2 + 5, length / 2 - 5))
+    spots = place_footprints(rng, [Footprint.circle(footprint_radius(v)) for v in vehicles], (0.0, 0.0),
+                             (-length / 2 + 5, length / 2 - 5))
+    # What stands on the ground so far, as (centre, footprint): sidewalk objects and cameras keep clear of it.
+    occupied: list[tuple[tuple[float, float], Footprint]] = []
     for parts, spot in zip(vehicles, spots, strict=True):
         if spot is None:
             continue
         lane = int(rng.integers(n_lanes))
         heading = 0.0 if lane >= n_lanes / 2 else np.pi
-        add("vehicle", "vehicle", parts, (lane_xs[lane] + rng.uniform(-0.3, 0.3), spot[1], 0),
-            heading + rng.normal(0, 0.04))
-    walk_occupied: list[tuple[float, float, float]] = []
+        loc, yaw = (lane_xs[lane] + rng.uniform(-0.3, 0.3), spot[1]), heading + rng.normal(0, 0.04)
+        add("vehicle", "vehicle", parts, (*loc, 0), yaw)
+        # Its real outline, not its bounding circle, so a tree may overhang the road next to a parked car.
+        occupied.append((loc, Footprint.of_points(np.concatenate([q.mesh.vertices[:, :2] for q in parts]), yaw)))
     for side in (-1, 1):
         x_range = (side * (road_w / 2 + 0.4), side * (road_w / 2 + side_w - 0.4))
         x_range = (min(x_range), max(x_range))
+        # A crown that reaches no further than this fits at the sidewalk's road-side edge even where a building
+        # stands right at its back edge (crowns may overhang the road, not a building).
+        reach = side_w - 0.4
         items = ([("person", "person", _person(rng, ctx)) for _ in range(integers(rng, p.persons) // 2)]
                  + [("pole", "pole_sign", _pole(rng, ctx)) for _ in range(integers(rng, p.poles) // 2)]
-                 + [("tree", "vegetation", _tree(rng, ctx)) for _ in range(integers(rng, p.trees) // 2)])
-        spots = place_circles(rng, [footprint_radius(parts) for *_, parts in items], x_range,
-                              (-length / 2 + 3, length / 2 - 3), occupied=walk_occupied)
-        for (name, cls, parts), spot in zip(items, spots, strict=True):
+                 + [("tree", "vegetation", _tree(rng, ctx, reach)) for _ in range(integers(rng, p.trees) // 2)])
+        footprints = [Footprint.circle(footprint_radius(parts)) for *_, parts in items]
+        spots = place_footprints(rng, footprints, x_range, (-length / 2 + 3, length / 2 - 3), occupied=occupied,
+                                 boxes=building_boxes)
+        for (name, cls, parts), fp, spot in zip(items, footprints, spots, strict=True):
             if spot is None:
                 continue
             yaw = np.pi / 2 * (1 - side) + rng.normal(0, 0.1) if name == "pole" else rng.uniform(0, 2 * np.pi)
             add(name, cls, parts, (spot[0], spot[1], curb), yaw)
+            occupied.append((spot, fp))
 
     things = np.array([o.location for o in objects if ctx.classes[o.class_id].thing] or [(0.0, 0.0, 0.0)])
     things = things + np.array([0, 0, 0.8])  # aim at bodies, not feet
-    cameras = [_street_camera(rng, ctx, road_w, side_w, length, things) for _ in range(ctx.views)]
+    cameras = [_street_camera(rng, ctx, road_w, side_w, length, things, occupied) for _ in range(ctx.views)]
     lights = sample_lights(rng, r.lights, np.zeros(3), min_height=20.0)
     return SceneSpec("street", ctx.classes, cid("sky"), objects, lights, sample_world(rng, r.world), cameras,
                      [sample_post(rng, r.post) for _ in range(ctx.views)])
 
 
+# Cameras keep this far from every object's footprint: clear of the near clip plane (0.1) with room to spare.
+CAMERA_CLEARANCE = 0.3
+
+
 def _street_camera(rng: np.random.Generator, ctx: SceneContext, road_w: float, side_w: float, length: float,
-                   targets: np.ndarray) -> Camera:
-    """Eye-height camera looking along the street; retried until enough labeled things are in frame."""
+                   targets: np.ndarray, occupied: list[tuple[tuple[float, float], Footprint]]) -> Camera:
+    """Eye-height camera looking along the street, outside every object; retried until enough labeled things
+    are in frame (else the attempt that saw most, marked with ``min_visible_met=False``)."""
     p, kc = ctx.params, ctx.randomization.camera
+    eye, obstacles = Footprint.circle(CAMERA_CLEARANCE), FootprintSet.of(occupied)
     best, best_n = None, -1
     for _ in range(kc.max_tries):
-        x = rng.uniform(-road_w / 2 - side_w * 0.8, road_w / 2 + side_w * 0.8)
-        y = rng.uniform(-length / 2 + 5, length / 2 - 40)
-        direction = 1.0 if rng.random() < 0.5 else -1.0
-        if direction < 0:
-            y = -y
-        loc = np.array([x, y, uniform(rng, p.camera_height)])
+        for _ in range(100):  # a spot on the road or sidewalk that is not inside a car, person, pole or crown
+            x = rng.uniform(-road_w / 2 - side_w * 0.8, road_w / 2 + side_w * 0.8)
+            y = rng.uniform(-length / 2 + 5, length / 2 - 40)
+            direction = 1.0 if rng.random() < 0.5 else -1.0
+            if obstacles.clear(np.array([[x, direction * y]]), eye)[0]:
+                break
+        else:
+            continue
+        loc = np.array([x, direction * y, uniform(rng, p.camera_height)])
         yaw = np.radians(rng.uniform(-1, 1) * uniform(rng, p.camera_yaw_deg))
         pitch = np.radians(uniform(rng, p.camera_pitch_deg))
         fwd = np.array([np.sin(yaw) * np.cos(pitch), direction * np.cos(yaw) * np.cos(pitch), np.sin(pitch)])
@@ -250,5 +275,8 @@ def _street_camera(rng: np.random.Generator, ctx: SceneContext, road_w: float, s
             best, best_n = cam, n
         if n >= kc.min_visible_objects:
             break
-    assert best is not None
+    if best is None:
+        raise RuntimeError("street camera: no free spot on the road or sidewalks after "
+                           f"{kc.max_tries * 100} draws")
+    best.visible_objects, best.min_visible_met = best_n, best_n >= kc.min_visible_objects
     return best

@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from scenes import SceneContext, register_scene
 from scenes import geometry as g
@@ -29,6 +29,7 @@ from scenes.randomization import (
 )
 from scenes.spec import Camera, ClassDef, Mesh, Part, SceneObject, SceneSpec, footprint_radius
 from segfactory.config import StrictModel
+from segfactory.io import sha256_file
 
 CLASSES = [
     ClassDef(0, "background", (0, 0, 0)),
@@ -47,16 +48,33 @@ MESH_SUFFIXES = {".obj", ".ply", ".glb", ".gltf", ".stl", ".off"}
 class UserMesh(StrictModel):
     """A user-supplied mesh placed on the table like the built-in objects."""
 
-    path: str = Field(description="OBJ/PLY/GLB/STL file")
+    path: str = Field(description="OBJ/PLY/GLB/STL file (a relative path is relative to the working directory)")
     class_name: str = Field(description="class it is labeled as (built-in or listed in extra_classes)")
     count: CountRange = (1, 2)
     size: PosRange = Field((0.08, 0.2), description="longest side in metres after scaling")
+    sha256: str | None = Field(None, validate_default=True,
+                               description="the file's sha256, filled in when the config is resolved (so the "
+                               "dataset's config hash changes with the mesh); a file that no longer matches is an "
+                               "error")
 
     @field_validator("path")
     @classmethod
     def _exists_and_loads(cls, v: str) -> str:
         load_user_mesh(v)  # raises ValueError with the reason; cached for sampling
         return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _pin_contents(cls, v: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if path is None:  # the path itself is invalid and reported
+            return v
+        actual = user_mesh_sha256(path)
+        if v is not None and v != actual:
+            raise ValueError(f"user mesh '{path}' has changed since this config was resolved (its sha256 is now "
+                             f"{actual[:12]}..., the config has {v[:12]}...); restore the file, or remove the "
+                             "sha256 entry to render the new one")
+        return actual
 
 
 class TabletopParams(StrictModel):
@@ -80,9 +98,24 @@ class TabletopParams(StrictModel):
         return self
 
 
+def user_mesh_sha256(path: str) -> str:
+    """sha256 of a user mesh file (ValueError naming the path if it is not a file)."""
+    if not Path(path).is_file():
+        raise ValueError(f"user mesh '{path}' does not exist")
+    return sha256_file(path)
+
+
+def load_user_mesh(path: str, sha256: str | None = None) -> Mesh:
+    """Load a mesh file with trimesh, centred on x/y with its base at z=0 and longest side 1.
+
+    Cached by path and contents (``sha256``, hashed here if not given), so an edited file is read again.
+    """
+    return _load_user_mesh(path, sha256 or user_mesh_sha256(path))
+
+
 @functools.lru_cache(maxsize=64)
-def load_user_mesh(path: str) -> Mesh:
-    """Load a mesh file with trimesh, centred on x/y with its base at z=0 and longest side 1."""
+def _load_user_mesh(path: str, sha256: str) -> Mesh:
+    # ``sha256`` is only part of the cache key.
     import trimesh
 
     p = Path(path)
@@ -203,7 +236,7 @@ def sample_tabletop(ctx: SceneContext) -> SceneSpec:
             parts = builder(rng, k)
             todo.append((cls, parts, footprint_radius(parts)))
     for um in p.user_meshes:
-        base = load_user_mesh(um.path)
+        base = load_user_mesh(um.path, um.sha256)
         for _ in range(integers(rng, um.count)):
             size = uniform(rng, um.size)
             mesh = g.transform(base, scale=(size, size, size))
@@ -224,7 +257,8 @@ def sample_tabletop(ctx: SceneContext) -> SceneSpec:
 
 
 def _orbit_camera(rng: np.random.Generator, ctx: SceneContext, targets: np.ndarray) -> Camera:
-    """Camera on a sphere around the objects' centroid, retried until enough objects are in frame."""
+    """Camera on a sphere around the objects' centroid, retried until enough objects are in frame (else the
+    attempt that saw most, marked with ``min_visible_met=False``)."""
     kc = ctx.randomization.camera
     center = targets.mean(axis=0)
     best, best_n = None, -1
@@ -242,4 +276,5 @@ def _orbit_camera(rng: np.random.Generator, ctx: SceneContext, targets: np.ndarr
         if n >= min(kc.min_visible_objects, len(targets)):
             break
     assert best is not None
+    best.visible_objects, best.min_visible_met = best_n, best_n >= min(kc.min_visible_objects, len(targets))
     return best

@@ -65,19 +65,18 @@ def _result_line(stdout: str) -> dict[str, Any]:
 
 def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
     """One render process for all scenes, exactly as a pipeline task runs it; wall time includes start-up."""
-    from pipelines.render import prepare_dataset, resolve_render_config
-    from segfactory import __version__
+    from pipelines.render import dataset_plan, prepare_dataset, resolve_render_config
     from synth.dataset import MANIFEST_FILE
-    from synth.shard import plan_shards, shard_dir
+    from synth.shard import render_code_version, shard_dir
 
     cfg, config_hash = resolve_render_config(cfg)
+    cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"scenes_per_shard": cfg.dataset.scenes})})
     root = work / "segfactory"
     shutil.rmtree(root, ignore_errors=True)
-    meta = prepare_dataset(root, cfg, config_hash)
-    plan = plan_shards(meta["family"], config_hash, cfg.dataset.seed, cfg.dataset.scenes, cfg.dataset.scenes,
-                       __version__)[0]
+    prepare_dataset(root, cfg, config_hash)
+    plan = dataset_plan(cfg, config_hash)[0]
     job = {"root": str(root), "plan": asdict(plan), "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
-           "code_version": __version__, "timeout_s": 1e9, "threads": 0}
+           "code_version": render_code_version(), "timeout_s": 1e9, "threads": 0}
     job_path = work / "segfactory-job.json"
     atomic_write_json(job_path, job)
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ class Dataset:
     Attributes:
         root: Dataset directory.
         meta: Parsed ``dataset.json``.
-        shard_ids: Committed shards (those with a manifest), sorted.
+        shard_ids: The shards dataset.json lists that are committed (have a manifest), sorted.
     """
 
     root: Path
@@ -124,7 +124,10 @@ def open_dataset(root: str | os.PathLike) -> Dataset:
         meta = read_json(meta_path)
     except (OSError, ValueError) as e:
         raise UserError(f"'{meta_path}' is unreadable: {e}", fix="re-render the dataset") from None
-    return Dataset(root, meta, committed_shards(root))
+    listed = {s["id"] for s in meta.get("shards", [])}
+    # Only the shards dataset.json lists make up the dataset: a directory can also hold committed shards of
+    # another size, seed or shard size of the same config (kept for re-use, not part of this dataset).
+    return Dataset(root, meta, [sid for sid in committed_shards(root) if sid in listed])
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+import segfactory
 from scenes.spec import ClassDef, PostFX, SceneSpec
 from segfactory.io import atomic_write_json, canonical_hash, commit_dir, sha256_file
 from synth.coco import coco_document, frame_annotations
@@ -24,6 +25,12 @@ from synth.dataset import IGNORE_INDEX, MANIFEST_FILE, SHARDS_DIR, is_committed
 
 DEPTH_UNITS_PER_SCENE_UNIT = 1000.0  # depth PNGs hold 1/1000 scene units (mm for metre scenes)
 DEPTH_MAX = 65535
+RENDER_PACKAGES = ("scenes", "synth")  # the code that decides a frame's pixels
+
+
+def render_code_version() -> str:
+    """Code version that shard ids hash: a change to scene sampling or rendering re-renders, others do not."""
+    return segfactory.code_version(*RENDER_PACKAGES)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 os.environ["OPENCV_IO_ENABLE_OPENEXR"] = "1"  # before cv2 is imported anywhere
 
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,12 +47,15 @@ def camera_record(cam: Camera) -> dict[str, Any]:
     rec: dict[str, Any] = {"location": list(cam.location), "rotation": np.asarray(cam.rotation).tolist(),
                            "projection": cam.projection}
     rec.update({"fov_rad": cam.fov} if cam.projection == "perspective" else {"ortho_scale": cam.ortho_scale})
+    # Whether the sampler met camera.min_visible_objects, so sparse frames can be found and filtered.
+    rec.update({"visible_objects": cam.visible_objects, "min_visible_met": cam.min_visible_met})
     return rec
 
 
 def _maybe_fault(root: Path, plan: ShardPlan) -> None:
     """Test hook: ``SEGFACTORY_FAULT=crash@2,hang-once@0`` crashes/hangs the shard with that index after its
-    first frame (``-once``: only on the first attempt, so the retry succeeds)."""
+    first frame (``-once``: only on the first attempt, so the retry succeeds). A hang first starts a child
+    process and records its pid as ``.logs/<shard>.hang-child-<pid>``."""
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         kind, _, idx = item.partition("@")
         if idx != str(plan.index):
@@ -66,6 +70,10 @@ def _maybe_fault(root: Path, plan: ShardPlan) -> None:
         if kind == "crash":
             os.abort()
         if kind == "hang":
+            # Blender can start helper processes: a timeout must kill the render's whole process group, and this
+            # child (its pid recorded for the tests) stands for them.
+            child = subprocess.Popen(["sleep", str(10**6)])
+            (root / ".logs" / f"{plan.shard_id}.hang-child-{child.pid}").touch()
             time.sleep(10**6)
 
 
@@ -99,9 +107,10 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
             for k in ("build_s", "color_s", "labels_s"):
                 timings[k] += t[k]
             t0 = time.perf_counter()
-            post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1]))
             for v, view in enumerate(views):
                 semantic, instance = labels_from_index(view.index, spec)
+                # One generator per view, so any single frame's noise can be reproduced from its record alone.
+                post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1, v]))
                 rgb = apply_post(view.rgb, spec.post[v], post_rng)
                 writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),
                            camera_record(spec.cameras[v]), spec.post[v])

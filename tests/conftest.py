@@ -38,6 +38,26 @@ def tiny_street_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def assert_hang_children_gone(root: Path, timeout: float = 10.0) -> None:
+    """Every child a hung render started (``SEGFACTORY_FAULT=hang``) died with the render's process group."""
+    import time
+
+    pids = [int(p.name.rsplit("-", 1)[1]) for p in (root / ".logs").glob("*.hang-child-*")]
+    assert pids, "no hung render recorded a child"
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), f"processes of a timed-out render survived: {pids}"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """The test machine has 2 cores shared with render processes; with more torch threads than free cores,

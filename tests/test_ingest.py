@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,15 +17,16 @@ import pytest
 import skimage
 import tifffile
 
-from pipelines.ingest import run_ingest
+from pipelines.ingest import LOCK_FILE, run_ingest
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from pretrain.images import open_images
 from segfactory.cli import main
 from segfactory.config import load_config
-from segfactory.errors import UserError
+from segfactory.errors import EXIT_BUSY, UserError
 
 SK = Path(skimage.__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg(**over: object) -> IngestConfig:
@@ -202,3 +206,114 @@ def test_decode_core_rejects_before_decoding_bombs() -> None:
     c["normalize"]["max_short_side"] = 1000
     (s,) = core.process_bytes((SK / "rocket.jpg").read_bytes(), c)
     assert s.data == (SK / "rocket.jpg").read_bytes() and s.record["stored"] == "copied"
+
+
+def exif_rotated_jpeg(src: Path, orientation: int) -> bytes:
+    """A real photo re-saved with an EXIF orientation tag (as phone cameras write them)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(src) as im:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_re_encoded_jpegs_keep_their_full_size() -> None:
+    from PIL import Image
+
+    c = IngestConfig().model_dump()  # max_short_side=512: rocket.jpg (640x427) needs no resize
+    rocket = (SK / "rocket.jpg").read_bytes()
+    with Image.open(io.BytesIO(rocket)) as im:
+        full = np.asarray(im.convert("RGB"))
+    # EXIF orientation 6 (rotate 90 degrees clockwise): not copyable, so decoded at full size and rotated
+    data = exif_rotated_jpeg(SK / "rocket.jpg", 6)
+    (s,) = core.process_bytes(data, c)
+    assert s.record["stored"] == "encoded" and s.ext == ".jpg"
+    assert (s.record["height"], s.record["width"]) == (640, 427)
+    assert (s.record["orig_height"], s.record["orig_width"]) == (640, 427)
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(s.data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert img.shape == (640, 427, 3)
+    upright = cv2.rotate(full, cv2.ROTATE_90_CLOCKWISE)
+    assert np.abs(img.astype(int) - upright).mean() < 4  # two JPEG generations of the same pixels
+    # also when no resize is configured at all
+    (s,) = core.process_bytes(data, {**c, "normalize": {**c["normalize"], "max_short_side": None}})
+    assert (s.record["height"], s.record["width"]) == (640, 427)
+    # store=png: the stored PNG is the full decode, pixel for pixel
+    for short in (512, None):
+        (s,) = core.process_bytes(rocket, {**c, "normalize": {**c["normalize"], "store": "png",
+                                                               "max_short_side": short}})
+        assert s.ext == ".png" and s.record["stored"] == "encoded"
+        png = cv2.cvtColor(cv2.imdecode(np.frombuffer(s.data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        assert png.shape == (427, 640, 3) and np.array_equal(png, full)
+    # a JPEG that is stored as JPEG is still copied byte for byte
+    (s,) = core.process_bytes(rocket, c)
+    assert s.record["stored"] == "copied" and s.data == rocket
+    assert (s.record["height"], s.record["width"]) == (427, 640)
+
+
+def test_16bit_rgb_png_keeps_all_bits_and_its_size() -> None:
+    c = IngestConfig().model_dump()
+    astro = cv2.imread(str(SK / "astronaut.png"))  # (512, 512, 3) BGR uint8
+    # a narrow 16-bit range (1000..5080): keeping only the high byte would leave ~16 grey levels
+    ok, buf = cv2.imencode(".png", astro.astype(np.uint16) * 16 + 1000)
+    assert ok
+    data = buf.tobytes()
+    assert data[24:26] == b"\x10\x02"  # IHDR: bit depth 16, colour type RGB
+    (s,) = core.process_bytes(data, c)
+    rec = s.record
+    assert rec["orig_dtype"] == "uint16" and rec["channels"] == 3 and s.ext == ".png"
+    assert (rec["height"], rec["width"]) == (512, 512)
+    lo, hi = rec["scale"]
+    assert 1000 <= lo < hi <= 5080
+    img = cv2.imdecode(np.frombuffer(s.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8
+    assert len(np.unique(img)) > 200
+    # same channel order as the 8-bit original: the linear rescale preserves which channel is brightest
+    assert np.corrcoef(img[..., 0].ravel(), astro[..., 0].ravel())[0, 1] > 0.99
+
+
+def test_jpeg_damaged_in_the_middle_is_rejected() -> None:
+    c = IngestConfig().model_dump()
+    data = bytearray((SK / "rocket.jpg").read_bytes())
+    mid = len(data) // 2
+    # a burst of garbage in the entropy-coded data, file length unchanged (not a truncation)
+    data[mid:mid + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    for store in ("auto", "png"):  # validated at 1/8 scale (copied) and at full size (re-encoded)
+        with pytest.raises(core.Rejected) as e:
+            core.process_bytes(bytes(data), {**c, "normalize": {**c["normalize"], "store": store}})
+        assert e.value.kind == "corrupt" and "corrupt JPEG" in e.value.reason
+
+
+def test_a_second_ingest_into_the_same_out_exits_busy_and_touches_nothing(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "astronaut.png", src / "astronaut.png")
+    out = tmp_path / "images"
+    writing = out / "shards" / ".0001-00000.k2j4"  # a shard the running ingest is writing right now
+    writing.mkdir(parents=True)
+    (writing / core.PACK_FILE).write_bytes(b"partial")
+    # the running ingest: another process holding the output's lock
+    code = ("import sys\nfrom pathlib import Path\nfrom pipelines.lock import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1]), 'an ingest', 'wait'):\n"
+            "    print('locked', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / LOCK_FILE)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        rc = main(["ingest", str(src), "--out", str(out), "--workers", "1", "cluster.dashboard=false"])
+        assert rc == EXIT_BUSY
+        err = capsys.readouterr().err
+        assert f"another ingest into '{out}' is running (pid {holder.pid} on" in err and "fix:" in err
+        assert writing.is_dir() and (writing / core.PACK_FILE).read_bytes() == b"partial"
+        assert not (out / "config.yaml").exists() and not (out / core.INDEX_FILE).exists()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # the holder is gone (the kernel dropped its lock): its unfinished shard is now a leftover, removed
+    summary = run_ingest(str(src), out, cfg(**{"cluster.workers": 1}))
+    assert summary["new_images"] == 1 and not writing.exists()

@@ -81,7 +81,12 @@ def test_gpu_tasks_ask_for_gpu_only_when_a_worker_offers_one():
     assert task_resources(cfg) == {"CPU": 1.0} and task_resources(ClusterConfig()) is None
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as lc, Client(lc) as client:
         assert training_resources(client, ClusterConfig()) is None  # falls back to CPU
-        assert training_resources(client, ClusterConfig(tasks={"gpu": "require"})) == {"GPU": 1}
+        with pytest.raises(UserError, match="no worker offered a GPU") as e:
+            training_resources(client, ClusterConfig(tasks={"gpu": "require"}, connect_timeout_s=1))
+        assert "--resources GPU=1" in e.value.fix
+        # An adaptive SLURM/Kubernetes cluster may have no worker yet: its config says whether they get GPUs.
+        assert training_resources(client, ClusterConfig(backend="slurm", slurm={"gpus_per_job": 1})) == {"GPU": 1}
+        assert training_resources(client, ClusterConfig(backend="kubernetes", kubernetes={"gpus": 2})) == {"GPU": 1}
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None, resources={"GPU": 1}) as lc, \
             Client(lc) as client:
         assert training_resources(client, ClusterConfig()) == {"GPU": 1}

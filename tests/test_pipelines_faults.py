@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, assert_hang_children_gone
 from loopback import LoopbackCluster, kill_tree
 
 from segfactory.io import sha256_file
@@ -160,6 +160,7 @@ def test_hung_render_is_killed_at_timeout_and_retried_on_cluster(tmp_path: Path)
         text = (out / ".logs" / f"{hung}.log").read_text()
         assert len(re.findall(rf"SEGFACTORY-PROGRESS {hung} 1\b", text)) == 2 and text.count("SEGFACTORY-DONE") == 1
         assert not any(c.renders_of(w) for w in c.workers)  # the hung Blender is gone
+        assert_hang_children_gone(out)  # and so is everything in its process group
         verify_complete(out, 2)
     finally:
         c.close()

@@ -82,15 +82,23 @@ def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
     r3 = refresh(cfg, root, capsys, "render.dataset.scenes=3")
     assert r3["render"]["shards_rendered"] == 0 and r3["real"]["new_images"] == 0 and not r3["inputs_changed"]
     assert read_json(root / "releases" / f"{r1['release']}.json") == r1
+    assert all(p.stat().st_mode & 0o222 == 0 for p in list_releases(root))  # published read-only
     assert len(list_releases(root)) == 3
 
-    # A new seed with keep=1: old releases go, and with them every shard only they referenced.
-    r4 = refresh(cfg, root, capsys, "render.dataset.scenes=3", "render.dataset.seed=1", "--keep", "1")
-    assert [p.stem for p in list_releases(root)] == [r4["release"]]
-    assert os.readlink(root / "releases" / "latest") == f"{r4['release']}.json"
+    # A new seed: the dataset (what fine-tuning reads) is exactly this release's shards, while the shards the
+    # kept older releases reference stay on disk.
+    r4 = refresh(cfg, root, capsys, "render.dataset.scenes=3", "render.dataset.seed=1")
     dataset = open_dataset(root / r4["render"]["dataset"])
-    assert sorted(dataset.shard_ids) == sorted(s["id"] for s in r4["shards"])
-    assert not set(dataset.shard_ids) & {s["id"] for s in r2["shards"]}
+    assert sorted(dataset.shard_ids) == sorted(s["id"] for s in r4["shards"]) and len(dataset) == 3
+    assert all((ds / "shards" / s["id"] / "manifest.json").is_file() for s in r2["shards"])
+    # keep=1: old releases go, and with them every shard only they referenced.
+    r5 = refresh(cfg, root, capsys, "render.dataset.scenes=3", "render.dataset.seed=1", "--keep", "1")
+    assert r5["render"]["shards_rendered"] == 0 and [s["id"] for s in r5["shards"]] == [s["id"] for s in r4["shards"]]
+    assert [p.stem for p in list_releases(root)] == [r5["release"]]
+    assert os.readlink(root / "releases" / "latest") == f"{r5['release']}.json"
+    dataset = open_dataset(root / r5["render"]["dataset"])
+    assert sorted(dataset.shard_ids) == sorted(s["id"] for s in r5["shards"])
+    assert sorted(p.name for p in (ds / "shards").iterdir()) == sorted(dataset.shard_ids)
     assert dataset.meta["num_frames"] == 3
 
 
@@ -155,7 +163,8 @@ def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     quick = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml").read_text())
     data["render"]["dataset"]["scenes"] = 4
     data["real"]["config"] = quick["real"]["config"]
-    data["train"] = {"enabled": True, "pretrain": quick["pretrain"], "finetune": quick["finetune"]}
+    data["train"] = {"enabled": True, "pretrain": quick["pretrain"], "finetune": quick["finetune"],
+                     "test": {"scenes": 1}}
     data["train"]["pretrain"]["train"] |= {"steps": 6, "batch_size": 4, "checkpoint_every": 6}
     data["train"]["finetune"]["train"] |= {"steps": 6, "val_every": 6, "checkpoint_every": 6, "batch_size": 4}
     cfg.write_text(yaml.safe_dump(data))
@@ -163,12 +172,19 @@ def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     r1 = refresh(cfg, root, capsys)
     m1 = r1["model"]
     assert m1["trained"] and 0 <= m1["miou"] <= 1
-    assert (root / m1["model"] / "model.safetensors").is_file() and len(m1["stages"]) == 3
+    assert (root / m1["model"] / "model.safetensors").is_file() and len(m1["stages"]) == 4
+    # Evaluation scored the held-out test set, rendered with another seed than the training shards.
+    test_set = open_dataset(root / m1["miou_on"])
+    assert len(test_set) == 1 and test_set.manifest(test_set.shard_ids[0])["seed"] == 1
+    assert m1["miou_on"] in m1["stages"]
     r2 = refresh(cfg, root, capsys)
     assert not r2["inputs_changed"] and not r2["model"]["trained"] and r2["model"]["stages"] == m1["stages"]
     real_images(real, ["rocket"])
     r3 = refresh(cfg, root, capsys, "--keep", "1")
     assert r3["inputs_changed"] and r3["model"]["trained"]
-    assert r3["model"]["stages"][0] != m1["stages"][0]  # new images: a new encoder, hence a new model
+    def pretrain_stage(m: dict) -> str:
+        return next(s for s in m["stages"] if s.startswith("stages/pretrain-"))
+
+    assert pretrain_stage(r3["model"]) != pretrain_stage(m1)  # new images: a new encoder, hence a new model
     kept = {p.name for p in (root / "stages").glob("*-*") if p.is_dir()}
     assert kept == {s.split("/")[1] for s in r3["model"]["stages"]}

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.render
 TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.samples=2",
         "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "pretrain.train.steps=10",
         "pretrain.train.batch_size=8", "finetune.train.steps=20", "finetune.train.val_every=10",
-        "finetune.train.checkpoint_every=10", "finetune.data.val_max_items=2", "execution.predict_images=2"]
+        "finetune.train.checkpoint_every=10", "finetune.data.val_max_items=2", "execution.predict_images=2",
+        "test.scenes=2"]
 
 
 def run(out: Path, capsys, *extra: str) -> dict:
@@ -37,9 +38,17 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys):
                   "per-class IoU", "confusion matrix", "Predictions on real images"):
         assert f"{title}</figcaption>" in report or f"<h2>{title}</h2>" in report, title
     assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2
-    assert list((out / "reports").glob("dask-*.*"))  # a Dask performance report (or task stream) per run
-    assert (out / "stages" / next(p.name for p in (out / "stages").glob("finetune-*") if p.is_dir())
-            / "model" / "model.json").is_file()
+    assert list((out / "reports").glob("*-dask-*.*"))  # a Dask performance report (or task stream) per run
+    ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
+    assert (ft / "model" / "model.json").is_file()
+    # Evaluation scored held-out scenes: a test set rendered with another seed, never fine-tuned on.
+    assert first["miou_on"].startswith("2 held-out rendered frames")
+    test_set = next(p for p in (out / "stages").glob("testset-*") if p.is_dir())
+    ev = next(p for p in (out / "stages").glob("evaluate-*") if p.is_dir())
+    assert str(test_set) in json.loads((ev / "stage.json").read_text())["argv"]
+    assert "held-out rendered frames" in report
+    # The training processes reported progress to the driver (the lines the stage task forwards).
+    assert "SEGFACTORY-STAGE-PROGRESS" in (ft.parent / f"{ft.name}.log").read_text()
 
     again = run(out, capsys)
     assert {k: v for k, v in again["stages"].items() if k != "ingest"} == dict.fromkeys(

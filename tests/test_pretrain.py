@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import matplotlib
@@ -15,12 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain import ingest as core
+from pretrain import train
 from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import build_encoder
 from pretrain.config import AugmentConfig, IngestConfig, PretrainConfig
 from pretrain.images import make_loader, open_images
 from pretrain.methods import METHODS, build_method
-from pretrain.train import run_pretrain
+from pretrain.train import checkpoint_paths, restore_scaler, run_pretrain
 from segfactory.cli import main
 from segfactory.config import load_config
 from segfactory.errors import UserError
@@ -160,7 +162,8 @@ def test_pretrain_cli_end_to_end_and_bad_input(images: Path, tmp_path: Path,
     assert "--resume" in capsys.readouterr().err
     # a checkpoint of another architecture
     assert main(["pretrain", "configs/pretrain_tiny.yaml", "--images", str(images), "--out", str(tmp_path / "o"),
-                 "--resume", str(next((run / "checkpoints").glob("*.pt"))), *TINY, "--backbone", "test_resnet"]) == 2
+                 "--resume-from", str(next((run / "checkpoints").glob("*.pt"))), *TINY, "--backbone",
+                 "test_resnet"]) == 2
     err = capsys.readouterr().err
     assert "test_convnext" in err and "--backbone test_convnext" in err
     # unknown method / backbone: one line naming the valid ones
@@ -175,7 +178,7 @@ def test_pretrain_cli_end_to_end_and_bad_input(images: Path, tmp_path: Path,
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
     assert main(["pretrain", "configs/pretrain_tiny.yaml", "--images", str(images), "--out", str(tmp_path / "o"),
-                 "--resume", str(bogus), *TINY]) == 2
+                 "--resume-from", str(bogus), *TINY]) == 2
     assert "not a readable segfactory checkpoint" in capsys.readouterr().err
 
 
@@ -190,3 +193,75 @@ def test_images_smaller_than_the_crop_and_empty_image_sets(images: Path, tmp_pat
         run_pretrain(tiny_cfg(), empty, tmp_path / "r2")
     with pytest.raises(UserError, match="is not an ingested image set"):
         run_pretrain(tiny_cfg(), tmp_path, tmp_path / "r3")
+
+
+def test_resume_is_a_plain_flag_and_resume_from_takes_a_checkpoint(images: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    args = ["pretrain", "configs/pretrain_tiny.yaml", "--images", str(images), "--backbone", "test_resnet", *TINY]
+    assert main([*args, "--out", str(run), "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    # the override after --resume is an override, not a checkpoint path
+    assert main([*args, "--out", str(run), "--resume", "train.steps=3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["total_steps"] == 3 and summary["finished"]
+    # an explicit checkpoint (of another run) continues into a new OUT
+    ckpt = run / "checkpoints" / "step_0000002.pt"
+    assert ckpt.is_file()
+    assert main([*args, "--out", str(tmp_path / "branch"), "--resume-from", str(ckpt), "train.steps=5"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 5 and "resuming from" in err and "at step 2" in err
+    # one or the other
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(run), "--resume", "--resume-from", str(ckpt)])
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_mid_step_never_checkpoints_half_a_step(images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      presses: int) -> None:
+    # MoCo: its momentum encoder is updated at the start of a step and its memory bank during the forward pass
+    cfg = tiny_cfg("method.name=moco", "train.steps=5")
+    run_pretrain(cfg, images, tmp_path / "straight")
+    real_seed = train.aug_seed
+
+    def ctrl_c_during_step_3(seed: int, step: int, micro: int) -> int:
+        if step == 2:  # after the momentum update of step 3 and its batch; before its forward pass
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return real_seed(seed, step, micro)
+
+    monkeypatch.setattr(train, "aug_seed", ctrl_c_during_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(cfg, images, tmp_path / "resumed")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    # one press: step 3 is finished and checkpointed; a second press stops at once and saves nothing
+    last = checkpoint_paths(tmp_path / "resumed")[-1]
+    assert last.name == ("step_0000003.pt" if presses == 1 else "step_0000002.pt")
+    resumed = run_pretrain(cfg, images, tmp_path / "resumed", resume="last")
+    assert resumed["steps"] == 5
+    a, b = encoder_state(tmp_path / "straight"), encoder_state(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(r) for r in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in ref]
+
+
+def test_a_checkpoint_without_loss_scaler_state_resumes_into_fp16() -> None:
+    state = torch.amp.GradScaler("cuda", enabled=False).state_dict()  # what a CPU / bf16 / fp32 run saves
+    assert state == {}
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        fp16.load_state_dict(state)  # what resuming used to do
+    restore_scaler(fp16, state)
+    assert fp16.get_scale() == 2.0**16  # the default scale
+    restore_scaler(fp16, torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict())
+    assert fp16.get_scale() == 1024.0  # a real fp16 state is restored
+
+
+@pytest.mark.gpu
+def test_bf16_run_resumes_as_fp16_on_gpu(images: Path, tmp_path: Path) -> None:
+    first = run_pretrain(tiny_cfg("train.device=cuda", "train.amp=bf16"), images, tmp_path / "run", stop_after=2)
+    assert first["amp"] == "bfloat16"
+    second = run_pretrain(tiny_cfg("train.device=cuda", "train.amp=fp16"), images, tmp_path / "run", resume="last")
+    assert second["amp"] == "float16" and second["steps"] == 4 and second["finished"]

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from conftest import CONFIGS, render_cli
+from conftest import CONFIGS, assert_hang_children_gone, render_cli
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segfactory.errors import EXIT_PARTIAL, EXIT_USER
-from segfactory.io import sha256_file
+from segfactory.io import read_json, sha256_file
 from synth.dataset import load_frame, open_dataset, read_image
 
 pytestmark = pytest.mark.render
@@ -130,10 +130,14 @@ def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path
     for x, y in zip(fa, fb, strict=True):
         for key in ("semantic", "instance", "depth"):
             assert x["files"][key]["sha256"] == y["files"][key]["sha256"], (x["name"], key)
-    # A different seed gives different shards.
+    # A different seed gives different shards; the dataset is then the new seed's scenes only (the old shard
+    # stays on disk, unlisted, and is reused when the old seed comes back).
+    seed0 = b.shard_ids[0]
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
                     "--resolution", "64", "--workers", "1", "--seed", "1", "dataset.scenes_per_shard=4")
-    assert rc == 0 and len(open_dataset(out).shard_ids) == 2
+    seed1 = open_dataset(out).shard_ids
+    assert rc == 0 and len(seed1) == 1 and seed1 != [seed0] and (out / "shards" / seed0 / "manifest.json").is_file()
+    assert len(open_dataset(out)) == 8 and read_json(out / "dataset.json")["num_frames"] == 8
 
 
 def _render_small(out: Path, scenes: int = 3, workers: int = 2, *extra: str) -> int:
@@ -162,6 +166,23 @@ def test_resume_renders_only_missing_shards(tmp_path: Path, capsys):
     check_layout(out, channels=1, bit_depth=8)
 
 
+def test_other_sizes_and_shard_sizes_never_duplicate_scenes(tmp_path: Path, capsys):
+    """Growing a dataset whose last shard was partial, or changing the shard size, re-plans the shards: the
+    dataset lists each scene exactly once, and shards of the earlier plan stay on disk unlisted."""
+    out = tmp_path / "ds"
+    assert _render_small(out, 3, 2, "dataset.scenes_per_shard=2") == 0  # [0, 2) [2, 3)
+    assert _render_small(out, 4, 2, "dataset.scenes_per_shard=2") == 0  # [0, 2) reused, [2, 4) new
+    capsys.readouterr()
+    ds = open_dataset(out)
+    scenes = [fr["scene_index"] for s in ds.shard_ids for fr in ds.manifest(s)["frames"]]
+    assert sorted(scenes) == [0, 1, 2, 3] and len(list((out / "shards").iterdir())) == 3
+    assert _render_small(out, 3, 2, "dataset.scenes_per_shard=2") == 0  # back to 3 scenes: nothing to render
+    err = capsys.readouterr().err
+    assert "2 already done, 0 to render" in err and "1 committed shard(s)" in err
+    assert sorted(fr["scene_index"] for s in open_dataset(out).shard_ids
+                  for fr in open_dataset(out).manifest(s)["frames"]) == [0, 1, 2]
+
+
 def test_crashing_shard_is_reported_and_others_finish(tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "crash@1")
@@ -188,6 +209,7 @@ def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypa
     assert re.search(r"cells-000000-[0-9a-f]{10}.*timed out after 25s", err.replace("\n", " "))
     ds = open_dataset(out)
     assert [s.split("-")[1] for s in ds.shard_ids] == ["000001"]  # hung once, retried, finished
+    assert_hang_children_gone(out)  # the whole process group was killed, not only the render process
 
 
 def test_bad_inputs_stop_before_rendering(tmp_path: Path, capsys):

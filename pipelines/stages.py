@@ -1,0 +1,170 @@
+"""Cached pipeline stages shared by ``segfactory run`` and ``segfactory refresh``.
+
+A stage's output lives in ``ROOT/stages/<stage>-<key>/``, where the key hashes the stage's config section, the
+keys of its inputs and the version of the code that produces it; a directory holding ``stage.json`` is finished
+and reused. Training, evaluation and prediction run as single Dask tasks (asking for a ``GPU`` resource when the
+cluster offers one), each in its own ``segfactory`` process with a timeout, written to a temp dir and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+import segfactory
+from pipelines.cluster import ClusterConfig, open_client, training_resources
+from segfactory.config import StrictModel
+from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
+from segfactory.errors import UserError
+from segfactory.io import atomic_write_json, canonical_hash, commit_dir
+from synth.config import RenderConfig
+from synth.shard import RENDER_PACKAGES
+
+STAGE_FILE = "stage.json"
+STAGE_PROGRESS_TOPIC = "segfactory-stage-progress"
+# The packages whose code decides each stage's output: editing them invalidates the stage's cache.
+PRETRAIN_PACKAGES = ("pretrain",)
+FINETUNE_PACKAGES = ("finetune", "pretrain", "synth")
+
+
+class HeldOutSet(StrictModel):
+    """``test``: held-out rendered scenes that evaluation scores (never seen in fine-tuning)."""
+
+    scenes: int = Field(4, ge=0, description="held-out scenes, rendered like the training dataset "
+                        "(0 = evaluate on the training dataset itself)")
+    seed: int | None = Field(None, ge=0, description="their base seed (default: the training seed + 1); must differ "
+                             "from the training seed")
+
+
+def stage_dir(root: Path, name: str, key_material: dict[str, Any], packages: tuple[str, ...]) -> Path:
+    """``ROOT/stages/<name>-<key>``: the key hashes ``key_material`` and the code version of ``packages`` (none:
+    the output is not tied to a code version, e.g. an incrementally grown image set)."""
+    code = segfactory.code_version(*packages) if packages else None
+    return root / "stages" / f"{name}-{canonical_hash({**key_material, 'code': code}, 12)}"
+
+
+def render_test_set(render_cfg: RenderConfig, config_hash: str, test: HeldOutSet, root: Path,
+                    performance_report: Path) -> Path | None:
+    """Render (or reuse) the held-out test set: the training render config with other scenes (another seed).
+
+    Returns:
+        The test dataset directory, or None when ``test.scenes`` is 0.
+    """
+    from pipelines.render import run_render
+
+    if test.scenes == 0:
+        return None
+    train = render_cfg.dataset
+    seed = train.seed + 1 if test.seed is None else test.seed
+    if seed == train.seed:
+        raise UserError(f"test.seed={seed} is the training seed: the test scenes would be training scenes",
+                        fix=f"set test.seed to another value than render.dataset.seed={train.seed}")
+    dataset = train.model_copy(update={"scenes": test.scenes, "seed": seed,
+                                       "scenes_per_shard": min(test.scenes, train.scenes_per_shard)})
+    d = stage_dir(root, "testset", {"config": config_hash, "dataset": dataset.model_dump(mode="json")},
+                  RENDER_PACKAGES)
+    if not (d / STAGE_FILE).is_file():
+        console.print(f"held-out test set: {test.scenes} scene(s) with seed {seed}")
+        summary = run_render(render_cfg.model_copy(update={"dataset": dataset}), d,
+                             performance_report=performance_report)
+        atomic_write_json(d / STAGE_FILE, {"summary": summary, "config_hash": config_hash})
+    return d
+
+
+def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, Any]:
+    """Dask task: run one ``segfactory`` stage command in its own process, writing into a temp dir that is
+    renamed to ``final`` when the command succeeds. ``{OUT}`` in ``argv`` is replaced by the temp dir.
+
+    The child's progress lines are forwarded to the driver as ``STAGE_PROGRESS_TOPIC`` events."""
+    from pipelines.subproc import run_logged
+
+    final_p = Path(final)
+    if (final_p / STAGE_FILE).is_file():
+        return {"skipped": True}
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        worker = None
+
+    def forward(line: str) -> None:
+        msg = parse_progress_line(line)
+        if msg is not None and worker is not None:
+            worker.log_event(STAGE_PROGRESS_TOPIC, {"stage": final_p.name, **msg})
+
+    tmp = final_p.parent / f".tmp-{final_p.name}-{uuid.uuid4().hex[:8]}"
+    log = final_p.parent / f"{final_p.name}.log"
+    cmd = [sys.executable, "-m", "segfactory.cli", *[a.replace("{OUT}", str(tmp)) for a in argv]]
+    t0 = time.perf_counter()
+    try:
+        run_logged(cmd, timeout_s, log, on_line=forward, env={**os.environ, PROGRESS_LINES_ENV: "1"})
+        atomic_write_json(tmp / STAGE_FILE, {"argv": argv, "seconds": round(time.perf_counter() - t0, 2),
+                                             "host": os.uname().nodename, "code_version": segfactory.code_version()})
+        if final_p.exists():  # an uncommitted leftover of a killed run
+            shutil.rmtree(final_p)
+        commit_dir(tmp, final_p)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"skipped": False, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, commands: dict[str, tuple[Path, list[str]]],
+                    performance_report: Path, on_done: Any = None) -> dict[str, dict[str, Any]]:
+    """Run stage commands in order, each as a Dask task (a GPU task when the cluster has GPUs).
+
+    Args:
+        commands: ``{stage: (final dir, segfactory argv)}``; a final dir holding ``stage.json`` is reused.
+        on_done: Called with ``(stage, result)`` after each stage.
+
+    Returns:
+        ``{stage: {"skipped": bool, "seconds": float}}``.
+
+    Raises:
+        UserError: a stage failed after its retries (naming its log); a re-run resumes at that stage.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for final, _ in commands.values():  # temp dirs of stage processes killed with their worker
+        for leftover in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    with open_client(cluster, performance_report=performance_report) as client:
+        resources = training_resources(client, cluster)
+        console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
+        with progress() as bar:
+            for name, (final, argv) in commands.items():
+                if (final / STAGE_FILE).is_file():
+                    results[name] = {"skipped": True}
+                else:
+                    results[name] = _run_one(client, bar, name, final, argv, timeout_s, retries, resources)
+                if on_done is not None:
+                    on_done(name, results[name])
+    return results
+
+
+def _run_one(client: Any, bar: Any, name: str, final: Path, argv: list[str], timeout_s: float, retries: int,
+             resources: dict[str, float] | None) -> dict[str, Any]:
+    task = bar.add_task(name, total=None)
+
+    def on_progress(event: Any) -> None:
+        msg = event[1] if isinstance(event, tuple) else event
+        if msg.get("stage") == final.name:
+            bar.update(task, completed=msg["completed"], total=msg["total"], description=msg["description"])
+
+    client.subscribe_topic(STAGE_PROGRESS_TOPIC, on_progress)
+    fut = client.submit(training_task, argv, str(final), timeout_s, key=f"{name}-{final.name}", pure=False,
+                        retries=retries, resources=resources)
+    try:
+        return fut.result()
+    except Exception as e:
+        raise UserError(f"stage {name} failed: {e}",
+                        fix=f"see {final.parent / (final.name + '.log')}; re-running resumes here") from None
+    finally:
+        client.unsubscribe_topic(STAGE_PROGRESS_TOPIC)
+        bar.remove_task(task)
