@@ -128,6 +128,38 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "source"
 
 
+def _evaluation_key(meta: dict[str, Any], model_dir: Path, data: list, tile: int, overlap: int) -> str:
+    from finetune.models import WEIGHTS_FILE
+    from segfactory.io import canonical_hash, sha256_file
+
+    weights = meta.get("weights_sha256") or sha256_file(model_dir / WEIGHTS_FILE)
+    specs = [{**spec.model_dump(mode="json"), "path": str(Path(spec.path).resolve())} for spec in data]
+    return canonical_hash({"weights": weights, "architecture": meta["architecture"], "classes": meta["classes"],
+                           "ignore_index": meta["ignore_index"], "input": meta["input"], "data": specs,
+                           "tile": tile, "overlap": overlap}, 32)
+
+
+def evaluation_key(model_dir: str | os.PathLike, data: list, tile: int | None = None,
+                   overlap: int | None = None) -> str:
+    """Hash of what an evaluation's numbers depend on, as stored under ``key`` in ``metrics.json``.
+
+    It covers the model (weights sha256, architecture, classes, input normalisation), every evaluation spec
+    (resolved path, remap, class table, ...) and the tiling; not the files inside the evaluation folders.
+
+    Args:
+        model_dir: A model dir.
+        data: :class:`~finetune.config.SourceSpec` per evaluation folder.
+        tile: Tile side, default model.json's.
+        overlap: Tile overlap, default model.json's.
+    """
+    from finetune.models import read_model_meta
+    from finetune.predict import inference_settings
+
+    meta = read_model_meta(model_dir)
+    tile, overlap, _ = inference_settings(meta, tile, overlap, None)
+    return _evaluation_key(meta, Path(model_dir), data, tile, overlap)
+
+
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True) -> dict[str, Any]:
@@ -138,12 +170,12 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         data: :class:`~finetune.config.SourceSpec` per evaluation folder (kind detected).
 
     Returns:
-        The report written to ``metrics.json``.
+        The report written to ``metrics.json`` (``key``: see :func:`evaluation_key`).
     """
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import amp_dtype, resolve_device
+    from finetune.predict import amp_dtype, inference_settings, resolve_device
     from segfactory.console import progress
     from segfactory.errors import UserError
     from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
@@ -152,6 +184,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         raise UserError("no evaluation data", fix="pass --data DIR (a rendered dataset or images/ + masks/ folder)")
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
+    tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     targets = make_targets(meta["classes"], int(meta["ignore_index"]))
     if targets.num_classes != int(meta["num_classes"]):
         raise UserError(f"model.json of '{model_dir}' lists {targets.num_classes} classes but num_classes="
@@ -172,10 +205,6 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             raise UserError(f"--remap '{key}=...': no evaluation folder has a class '{key}'",
                             fix="check the class names in dataset.json / classes.json")
     out = ensure_writable_dir(out_dir)
-    pdef = meta.get("predict", {})
-    tile = int(tile or pdef.get("tile", 512))
-    overlap = int(overlap if overlap is not None else pdef.get("overlap", 64))
-    batch_size = int(batch_size or pdef.get("batch_size", 4))
     cms: dict[str, np.ndarray] = {}
     with progress(transient=not show_progress) as bar:
         task = bar.add_task("evaluate", total=sum(len(s.val) for s in sources))
@@ -186,7 +215,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                 cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev))
                 bar.advance(task)
             cms[src.name] = cm
-    report = {"model": str(model_dir), "classes": targets.names,
+    report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap),
+              "classes": targets.names,
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
               **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
     for name, cm in cms.items():

@@ -51,11 +51,15 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
         ``{"onnx", "max_abs_diff", "argmax_agreement", "checked_shapes"}``.
 
     Raises:
-        RuntimeError: the exported graph disagrees with PyTorch beyond ``atol`` (nothing is written).
+        UserError: ``atol`` is negative, or the exported graph disagrees with PyTorch beyond ``atol`` (nothing
+            is written).
     """
     import onnx
     import onnxruntime as ort
 
+    if not atol >= 0:
+        raise UserError(f"--atol {atol} is not a number >= 0",
+                        fix="give the allowed max |logit difference|, e.g. --atol 1e-3")
     model, meta = load_model_dir(model_dir, "cpu")
     out_path = Path(out_path) if out_path else Path(model_dir) / ONNX_FILE
     c = int(meta["input"]["in_chans"])
@@ -85,7 +89,9 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
             agree += int((ref.argmax(1) == got.argmax(1)).sum())
             total += ref.shape[0] * ref.shape[2] * ref.shape[3]
     if max_diff > atol:
-        raise RuntimeError(f"ONNX export of '{model_dir}' differs from PyTorch by {max_diff:.2e} > atol={atol}")
+        raise UserError(f"ONNX export of '{model_dir}' differs from PyTorch by {max_diff:.2e} > atol={atol:g} "
+                        f"(argmax agreement {100 * agree / total:.3f} %); nothing was written",
+                        fix=f"accept it with --atol {max_diff * 1.5:.1e}, or try another --opset (now {opset})")
     atomic_write_bytes(out_path, blob)
     return {"onnx": str(out_path), "max_abs_diff": max_diff, "argmax_agreement": agree / total, "atol": atol,
             "opset": opset, "checked_shapes": [[b, c, h, w] for b, h, w in shapes]}

@@ -72,19 +72,26 @@ def blend_window(tile_h: int, tile_w: int, overlap: int, device: torch.device) -
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, batch_size: int,
-                  autocast: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+                  autocast: torch.dtype | None = None, channels_last: bool = False,
+                  device: torch.device | None = None) -> torch.Tensor:
     """Class probabilities of one standardised image by overlapping tiles.
+
+    The image and the (K, H, W) accumulator stay where ``x`` is (the CPU, for large images): only batches of
+    tiles go to the model's device, so device memory does not grow with the image.
 
     Args:
         model: Maps (B, C, h, w) (multiples of 32) to logits (B, K, h, w).
-        x: (C, H, W) standardised input on the model's device.
+        x: (C, H, W) standardised input, best on the CPU.
         tile: Tile side (multiple of 32); images smaller than a tile are run whole (padded to 32).
         overlap: Pixels shared by neighbouring tiles.
         batch_size: Tiles per forward pass.
+        device: Where the model runs; default the device of its parameters.
 
     Returns:
-        (K, H, W) float32 probabilities.
+        (K, H, W) float32 probabilities on ``x``'s device.
     """
+    if device is None:
+        device = next(model.parameters()).device
     _, h, w = x.shape
     th, tw = min(tile, _ceil_to(h, SIZE_DIVISOR)), min(tile, _ceil_to(w, SIZE_DIVISOR))
     ph, pw = max(th, h), max(tw, w)
@@ -92,22 +99,23 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
         mode = "reflect" if ph - h < h and pw - w < w else "replicate"
         x = torch.nn.functional.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)[0]
     boxes = [(y0, x0) for y0 in tile_starts(ph, th, overlap) for x0 in tile_starts(pw, tw, overlap)]
-    weight = blend_window(th, tw, overlap if len(boxes) > 1 else 0, x.device)
+    weight = blend_window(th, tw, overlap if len(boxes) > 1 else 0, device)
+    weight_here = weight.to(x.device)
     acc: torch.Tensor | None = None
     norm = torch.zeros((ph, pw), device=x.device)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
-        batch = torch.stack([x[:, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk])
+        batch = torch.stack([x[:, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk]).to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(batch)
-        probs = logits.float().softmax(1)
+        weighted = (logits.float().softmax(1) * weight).to(x.device)
         if acc is None:
-            acc = torch.zeros((probs.shape[1], ph, pw), device=x.device)
-        for (y0, x0), p in zip(chunk, probs, strict=True):
-            acc[:, y0:y0 + th, x0:x0 + tw] += p * weight
-            norm[y0:y0 + th, x0:x0 + tw] += weight
+            acc = torch.zeros((weighted.shape[1], ph, pw), device=x.device)
+        for (y0, x0), p in zip(chunk, weighted, strict=True):
+            acc[:, y0:y0 + th, x0:x0 + tw] += p
+            norm[y0:y0 + th, x0:x0 + tw] += weight_here
     assert acc is not None
     return (acc / norm)[:, :h, :w]
 
@@ -121,10 +129,33 @@ def prepare_input(img: np.ndarray, input_spec: dict[str, Any], device: torch.dev
 def predict_mask(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
                  overlap: int, batch_size: int, autocast: torch.dtype | None = None,
                  channels_last: bool = False) -> np.ndarray:
-    """(H, W) uint8 class ids for an image read by :func:`~finetune.data.normalize.read_image`."""
-    x = prepare_input(img, meta["input"], device)
-    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last)
-    return probs.argmax(0).to(torch.uint8).cpu().numpy()
+    """(H, W) uint8 class ids for an image read by :func:`~finetune.data.normalize.read_image`.
+
+    The whole image and the per-class accumulator stay on the CPU; only tile batches run on ``device``.
+    """
+    x = prepare_input(img, meta["input"], torch.device("cpu"))
+    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device)
+    return probs.argmax(0).to(torch.uint8).numpy()
+
+
+def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | None,
+                       batch_size: int | None) -> tuple[int, int, int]:
+    """Tile, overlap and batch size for ``predict``/``evaluate``: the flags, else model.json's ``predict``.
+
+    Raises:
+        UserError: the tile is not a multiple of 32, the overlap is negative or not below half the tile, or
+            the batch size is below 1.
+    """
+    pdef = meta.get("predict", {})
+    tile = int(tile or pdef.get("tile", 512))
+    overlap = int(overlap if overlap is not None else pdef.get("overlap", 64))
+    batch_size = int(batch_size or pdef.get("batch_size", 4))
+    if tile <= 0 or tile % SIZE_DIVISOR or not 0 <= overlap < tile // 2:
+        raise UserError(f"tile={tile}, overlap={overlap}: the tile must be a positive multiple of {SIZE_DIVISOR} "
+                        "and the overlap at least 0 and below half of it", fix="e.g. --tile 512 --overlap 64")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size} is below 1", fix="e.g. --batch-size 4")
+    return tile, overlap, batch_size
 
 
 def display_rgb(img: np.ndarray, scaling: str = "dtype") -> np.ndarray:
@@ -204,15 +235,9 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
+    tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     files = list_images(input_dir)
     out = ensure_writable_dir(out_dir)
-    pdef = meta.get("predict", {})
-    tile = int(tile or pdef.get("tile", 512))
-    overlap = int(overlap if overlap is not None else pdef.get("overlap", 64))
-    batch_size = int(batch_size or pdef.get("batch_size", 4))
-    if tile % SIZE_DIVISOR or overlap >= tile // 2:
-        raise UserError(f"tile={tile}, overlap={overlap}: the tile must be a multiple of {SIZE_DIVISOR} and the "
-                        "overlap below half of it", fix="e.g. --tile 512 --overlap 64")
     cl = dev.type == "cuda"
     if cl:
         model = model.to(memory_format=torch.channels_last)

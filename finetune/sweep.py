@@ -6,8 +6,9 @@ selection, so a 0 %-real run never benefits from real validation labels) and is 
 folders. Output::
 
     OUT/sweep.yaml              resolved sweep config
-    OUT/runs/<run>/             each fine-tuning run (resumable; finished runs are reused on re-runs)
-    OUT/runs/<run>/test/        its evaluation on the test folders
+    OUT/runs/<run>/             each fine-tuning run (resumable; finished runs are reused on re-runs with the
+                                same run config, a changed one is refused)
+    OUT/runs/<run>/test/        its evaluation on the test folders (reused while model and test specs match)
     OUT/results.csv|.json       one row per run, plus "savings" (below)
     OUT/label_efficiency.png    real-test mIoU against real-label fraction, one line per (init, synthetic volume)
 
@@ -87,14 +88,17 @@ def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
         [s.model_copy(update={"fraction": run["synthetic_fraction"]}) for s in ft.data.synthetic]
     # Real folders stay at fraction 0 so their held-out validation frames are still reported.
     real = [s.model_copy(update={"fraction": run["real_fraction"]}) for s in ft.data.real]
-    model = ft.model
+    model, inp = ft.model, ft.input
     if run["init"] == "random" and model.encoder_dir is not None:
         from finetune.models import read_encoder
 
-        # Same architecture and input channels as the SSL runs, without the pretrained weights.
+        # Same architecture, input channels and input standardisation as the SSL runs, without the pretrained
+        # weights: the comparison then differs in the encoder's initialisation only.
         meta = read_encoder(model.encoder_dir)
         model = model.model_copy(update={"encoder_dir": None, "encoder": model.encoder or meta["timm_name"],
                                          "in_chans": model.in_chans or int(meta["in_chans"])})
+        norm = meta.get("normalization") or {}
+        inp = inp.model_copy(update={"mean": inp.mean or norm.get("mean"), "std": inp.std or norm.get("std")})
     classes = ft.classes
     if classes is None:
         from finetune.config import ClassSpec
@@ -106,6 +110,7 @@ def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
         "classes": classes,
         "data": ft.data.model_copy(update={"synthetic": synthetic, "real": real}),
         "model": model,
+        "input": inp,
         "train": ft.train.model_copy(update={"seed": run["seed"], "keep_best": False, "stop_at": None}),
     }).model_dump()
     return FinetuneConfig.model_validate(raw)
@@ -183,28 +188,36 @@ def plot_sweep(rows: list[dict[str, Any]]) -> bytes:
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole grid; returns ``{"rows", "savings"}`` (also written to OUT/results.json)."""
-    from finetune.evaluate import run_evaluate
-    from finetune.train import run_finetune
+    from finetune.evaluate import evaluation_key, run_evaluate
+    from finetune.train import CHECKPOINT_FILE, config_change, run_finetune
     from segfactory.config import save_resolved
     from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, read_json
 
     out = ensure_writable_dir(out_dir)
     runs = plan_runs(cfg)
-    save_resolved(cfg, out / "sweep.yaml")
     rows = []
     console.print(f"sweep: {len(runs)} run(s) of {cfg.finetune.train.steps} steps x batch "
                   f"{cfg.finetune.train.batch_size} each")
-    for i, run in enumerate(runs, 1):
+    configs = [run_config(cfg, run) for run in runs]
+    # Refuse before training anything: a kept run (checkpointed) must have been made with today's config.
+    for run, rcfg in zip(runs, configs, strict=True):
+        run_dir = out / "runs" / run["id"]
+        change = config_change(run_dir, rcfg) if (run_dir / CHECKPOINT_FILE).exists() else None
+        if change is not None:
+            raise UserError(f"sweep run '{run['id']}' in '{out}' was trained with another config: {change}",
+                            fix=f"write the changed sweep to a new --out, or delete '{out / 'runs'}' to retrain")
+    save_resolved(cfg, out / "sweep.yaml")
+    for i, (run, rcfg) in enumerate(zip(runs, configs, strict=True), 1):
         run_dir = out / "runs" / run["id"]
         console.print(f"[bold]run {i}/{len(runs)}[/] {run['id']}")
-        rcfg = run_config(cfg, run)
         t0 = time.perf_counter()
-        done = run_dir / "summary.json"
-        summary = read_json(done) if done.exists() else run_finetune(rcfg, run_dir, resume=True,
-                                                                      show_progress=show_progress)
+        # A finished run returns its summary; an interrupted one resumes from its checkpoint.
+        summary = run_finetune(rcfg, run_dir, resume=True, show_progress=show_progress)
         test_metrics = run_dir / "test" / "metrics.json"
-        if test_metrics.exists() and done.exists() and test_metrics.stat().st_mtime >= done.stat().st_mtime:
-            report = read_json(test_metrics)
+        cached = read_json(test_metrics) if test_metrics.exists() else None
+        # Test scores are reused only for the same model and the same test specs (paths, remaps, classes).
+        if cached is not None and cached.get("key") == evaluation_key(run_dir / "model", cfg.test):
+            report = cached
         else:
             report = run_evaluate(run_dir / "model", cfg.test, run_dir / "test", device=rcfg.train.device,
                                   show_progress=show_progress)

@@ -10,9 +10,10 @@ Run directory::
     OUT/model/            best-by-validation-mIoU model dir (model.safetensors + model.json)
     OUT/summary.json      written when the run reaches train.steps
 
-Exact resume: every random choice is either a pure function of (seed, step, slot) (data) or comes from one
-explicit generator saved in the checkpoint (augmentation), so on CPU a resumed run is bit-identical to an
-uninterrupted one. (On GPU, cuDNN autotuning makes float results differ in the last bits.)
+Exact resume: every random choice is either a pure function of (seed, step, slot) (data; dropout, drawn from
+a forked global RNG seeded per step) or comes from one explicit generator saved in the checkpoint
+(augmentation), so on CPU a resumed run is bit-identical to an uninterrupted one. (On GPU, cuDNN autotuning
+makes float results differ in the last bits.)
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _resume_view(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in _flatten(cfg).items() if k not in RESUME_FREE_KEYS}
+
+
+def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
+    """How ``cfg`` differs from the config a run in ``run_dir`` was started with, ignoring ``RESUME_FREE_KEYS``.
+
+    Returns:
+        ``"KEY was A, now B (and N more)"`` naming the first differing key, or ``None`` when nothing that matters
+        changed or ``run_dir`` holds no ``config.yaml``.
+    """
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return None
+    import yaml
+
+    saved = _resume_view(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    now = _resume_view(cfg.model_dump(mode="json"))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if not diff:
+        return None
+
+    def short(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= 60 else r[:57] + "..."
+
+    k = diff[0]
+    return (f"{k} was {short(saved.get(k))}, now {short(now.get(k))}"
+            + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
+
+
+def dropout_seed(seed: int, step: int) -> int:
+    """Seed of the global torch RNG during the forward pass of ``step``: dropout masks are (seed, step) only."""
+    return int(np.random.SeedSequence([seed, step, 0xD209]).generate_state(1, np.uint64)[0])
 
 
 class Trainer:
@@ -147,24 +180,10 @@ class Trainer:
         self._build_optimizer()
 
     def _check_resume_config(self) -> None:
-        saved_path = self.out / "config.yaml"
-        if not saved_path.exists():
-            return
-        import yaml
-
-        saved = _resume_view(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-        now = _resume_view(self.cfg.model_dump(mode="json"))
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            k = diff[0]
-
-            def short(v: Any) -> str:
-                r = repr(v)
-                return r if len(r) <= 60 else r[:57] + "..."
-
-            raise UserError(f"--resume with a different config: {k} was {short(saved.get(k))}, now {short(now.get(k))}"
-                            + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""),
-                            fix=f"resume with the run's own config ({saved_path}) or start a new --out")
+        change = config_change(self.out, self.cfg)
+        if change is not None:
+            raise UserError(f"--resume with a different config: {change}",
+                            fix=f"resume with the run's own config ({self.out / 'config.yaml'}) or start a new --out")
 
     def _build_loss(self) -> None:
         from segmentation_models_pytorch.losses import DiceLoss
@@ -383,8 +402,18 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-        with ctx:
-            logits = self.model(x)
+        # Dropout (FPN, DeepLabV3+) and stochastic depth draw from torch's global RNG of the training device.
+        # Seeding a forked copy per step makes them a function of (seed, step): same seed, same run, and a
+        # resumed run is exact, while the caller's global RNG is left untouched. Backward reuses the saved masks.
+        cuda = self.device.type == "cuda"
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+            s = dropout_seed(t.seed, step)
+            torch.default_generator.manual_seed(s)
+            if cuda:  # this device only (CUDA is initialised: the model is on it); fork_rng restores just this one
+                torch.cuda.default_generators[index].manual_seed(s)
+            with ctx:
+                logits = self.model(x)
         logits = logits.float()
         ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
         dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())

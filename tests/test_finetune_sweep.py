@@ -31,7 +31,7 @@ def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path,
         torch.manual_seed(7)
         body = create_features_model("test_resnet", 3)
     enc = save_encoder(tmp_path / "enc", body, timm_name="test_resnet", in_chans=3,
-                       normalization={"mean": [0.5] * 3, "std": [0.25] * 3}, method="simclr", steps=0,
+                       normalization={"mean": [0.45] * 3, "std": [0.2] * 3}, method="simclr", steps=0,
                        data_manifest_hash=None)
     out = tmp_path / "sweep"
     args = ["sweep", str(REPO / "configs" / "finetune_sweep.yaml"), "--out", str(out), "--synthetic",
@@ -58,13 +58,40 @@ def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path,
     rnd_meta = json.loads((out / "runs" / "random_syn100_real0_seed0" / "model" / "model.json").read_text())
     assert ssl_meta["lineage"]["encoder"]["init"] == "ssl" and rnd_meta["lineage"]["encoder"]["init"] == "random"
     assert ssl_meta["architecture"] == rnd_meta["architecture"]
+    # Random init differs from SSL in the weights only: both standardise inputs with the encoder's statistics.
+    assert ssl_meta["input"] == rnd_meta["input"]
+    assert rnd_meta["input"]["mean"] == [0.45] * 3 and rnd_meta["input"]["std"] == [0.2] * 3
     saved = json.loads((out / "results.json").read_text())["savings"]
     assert {s["run"] for s in saved} == {r["run"] for r in rows} - {"random_syn0_real100_seed0"}
-    # Re-running reuses finished runs instead of training again.
-    stamp = (out / "runs" / "ssl_syn100_real100_seed0" / "summary.json").stat().st_mtime_ns
+    # Re-running reuses finished runs and their test scores instead of training and evaluating again.
+    run = out / "runs" / "ssl_syn100_real100_seed0"
+    stamp = (run / "summary.json").stat().st_mtime_ns
+    test_stamp = (run / "test" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0
     capsys.readouterr()
-    assert (out / "runs" / "ssl_syn100_real100_seed0" / "summary.json").stat().st_mtime_ns == stamp
+    assert (run / "summary.json").stat().st_mtime_ns == stamp
+    assert (run / "test" / "metrics.json").stat().st_mtime_ns == test_stamp
+    before = json.loads((run / "test" / "metrics.json").read_text())
+    assert before["overall"]["per_class"]["nucleus"]["gt_pixels"] > 0
+
+    # Another test spec (coins now count as debris): the runs are reused, their test scores are not.
+    test_arg = next(a for a in args if a.startswith("test="))
+    changed = [a.replace("coin: nucleus", "coin: debris") if a == test_arg else a for a in args]
+    assert main(changed) == 0
+    rows2 = json.loads(capsys.readouterr().out)
+    after = json.loads((run / "test" / "metrics.json").read_text())
+    assert (run / "summary.json").stat().st_mtime_ns == stamp
+    assert after["key"] != before["key"] and after["overall"]["per_class"]["nucleus"]["gt_pixels"] == 0
+    assert after["overall"]["per_class"]["debris"]["gt_pixels"] > before["overall"]["per_class"]["debris"]["gt_pixels"]
+    assert rows2["runs"] == 6
+
+    # Other steps into the same --out: the old runs are not passed off as runs of the new config.
+    sweep_yaml = (out / "sweep.yaml").read_text()
+    assert main([a.replace("6", "8") if a == "6" else a for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another config: train.steps was 6, now 8" in err and "new --out" in err
+    assert "Traceback" not in err
+    assert (run / "summary.json").stat().st_mtime_ns == stamp and (out / "sweep.yaml").read_text() == sweep_yaml
 
 
 def test_sweep_refuses_axes_without_data(tmp_path: Path, capsys) -> None:

@@ -126,6 +126,38 @@ def test_tiling_matches_whole_image_prediction_away_from_seams(trained: Path) ->
     assert (tiled == whole).mean() > 0.95
 
 
+@pytest.mark.gpu
+def test_tiled_prediction_keeps_the_image_and_accumulator_off_the_gpu(trained: Path) -> None:
+    from finetune.models import load_model_dir
+    from finetune.predict import predict_mask
+
+    cuda = torch.device("cuda")
+    model, meta = load_model_dir(trained / "model", cuda)
+    img, _ = coins_image_and_mask()
+    cpu_model, _ = load_model_dir(trained / "model", "cpu")
+    same = predict_mask(model, meta, img, cuda, 128, 16, 4) == predict_mask(cpu_model, meta, img,
+                                                                           torch.device("cpu"), 128, 16, 4)
+    assert same.mean() > 0.99
+    big = np.tile(img, (16, 16))  # 4848 x 6144: the (3, H, W) float32 accumulator alone is 357 MB
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    mask = predict_mask(model, meta, big, cuda, 128, 16, 4)
+    assert mask.shape == big.shape
+    assert torch.cuda.max_memory_allocated() - base < 100 * 2 ** 20  # tile batches only
+
+
+def test_bad_tiling_is_one_clear_line_in_evaluate_and_predict(trained: Path, tiny_dataset: Path, inputs: Path,
+                                                              tmp_path: Path, capsys) -> None:
+    for cmd, flag, data in (("evaluate", "--data", tiny_dataset), ("predict", "--input", inputs)):
+        for bad, says in ((["--tile", "100"], "tile=100, overlap=16"), (["--overlap", "64"], "tile=128, overlap=64"),
+                          (["--overlap", "-8"], "overlap=-8"), (["--batch-size", "-1"], "batch size -1")):
+            rc, _, err = cli(capsys, cmd, "--model", trained / "model", flag, data, "--out", tmp_path / cmd,
+                             "--device", "cpu", *bad)
+            assert rc == 2 and says in err and "fix:" in err and "Traceback" not in err, (cmd, bad, err)
+        assert not (tmp_path / cmd).exists()  # refused before anything is written
+
+
 def test_evaluate_matches_predicted_masks_and_reports_per_source(trained: Path, tiny_dataset: Path,
                                                                  tmp_path: Path, capsys) -> None:
     coins = make_coins_folder(tmp_path / "coins", n=3, size=64, seed=9)
@@ -174,28 +206,43 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(trained: Path, tmp_path: 
     assert json.loads(sess.get_modelmeta().custom_metadata_map["segfactory.model"])["num_classes"] == 3
 
 
+def test_failed_onnx_parity_is_a_user_error_and_writes_nothing(trained: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exported"
+    rc, _, err = cli(capsys, "export", "--model", trained / "model", "--out", out, "--onnx", "--atol", "1e-12")
+    assert rc == 2 and "differs from PyTorch by" in err and "--atol" in err and "--opset" in err, err
+    assert "Traceback" not in err and not (out / "model.onnx").exists()
+    rc, _, err = cli(capsys, "export", "--model", trained / "model", "--onnx", "--atol", "-1")
+    assert rc == 2 and "--atol -1.0 is not a number >= 0" in err
+
+
 def tiny_cfg(dataset: Path, *overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, TINY, [f"data.synthetic=[{{path: '{dataset}'}}]", "train.log_every=2",
                                               "train.val_every=1000", *overrides])
 
 
-def test_resume_is_exact(tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["unet", "fpn", "deeplabv3plus"])
+def test_resume_is_exact(arch: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    """FPN and DeepLabV3+ train with dropout: their masks must depend on (seed, step) only, not on the caller's
+    global RNG, or an interrupted run and a resumed one part ways."""
     from finetune.train import run_finetune
 
+    base = ("train.steps=8", "train.checkpoint_every=3", f"model.arch={arch}")
     straight = tmp_path / "straight"
-    run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3"), straight, show_progress=False)
     split = tmp_path / "split"
-    # Interrupted after step 5 (checkpoint at 3 and 5), resumed with a loader worker: same batches, same RNG.
-    first = run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3", "train.stop_at=5"),
-                         split, show_progress=False)
-    assert first == {"finished": False, "step": 5, "steps": 8, "out": str(split)}
-    with pytest.raises(UserError, match="already holds a training run"):
-        run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3"), split, show_progress=False)
-    with pytest.raises(UserError, match=r"different config: train\.lr"):
-        run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3", "train.lr=0.1"), split,
-                     resume=True, show_progress=False)
-    run_finetune(tiny_cfg(tiny_dataset, "train.steps=8", "train.checkpoint_every=3", "data.num_workers=1"), split,
-                 resume=True, show_progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # whatever the process's global RNG holds must not matter
+        run_finetune(tiny_cfg(tiny_dataset, *base), straight, show_progress=False)
+        # Interrupted after step 5 (checkpoint at 3 and 5), resumed with a loader worker: same batches, same RNG.
+        torch.manual_seed(2)
+        first = run_finetune(tiny_cfg(tiny_dataset, *base, "train.stop_at=5"), split, show_progress=False)
+        assert first == {"finished": False, "step": 5, "steps": 8, "out": str(split)}
+        if arch == "unet":
+            with pytest.raises(UserError, match="already holds a training run"):
+                run_finetune(tiny_cfg(tiny_dataset, *base), split, show_progress=False)
+            with pytest.raises(UserError, match=r"different config: train\.lr"):
+                run_finetune(tiny_cfg(tiny_dataset, *base, "train.lr=0.1"), split, resume=True, show_progress=False)
+        torch.manual_seed(3)
+        run_finetune(tiny_cfg(tiny_dataset, *base, "data.num_workers=1"), split, resume=True, show_progress=False)
     a = load_file(straight / "model" / "model.safetensors")
     b = load_file(split / "model" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -247,6 +294,26 @@ def test_pretrained_encoder_is_loaded_recorded_and_kept_frozen(tiny_dataset: Pat
         init = build_model(meta["architecture"]).state_dict()
     decoder = [k for k in trained if k.startswith("decoder.") and k.endswith("weight")]
     assert decoder and all(not torch.equal(trained[k], init[k]) for k in decoder)
+
+
+def test_encoder_is_unfrozen_after_the_warm_up(tiny_dataset: Path, encoders, tmp_path: Path) -> None:
+    from finetune.train import CHECKPOINT_FILE, run_finetune
+
+    enc = encoders["test_resnet"]
+    saved = load_file(enc / "encoder.safetensors")
+    convs = [k for k, v in saved.items() if v.ndim == 4]
+    base = ("model.encoder=null", f"model.encoder_dir={enc}", "train.steps=4", "model.freeze_encoder_steps=2")
+    run_finetune(tiny_cfg(tiny_dataset, *base), tmp_path / "straight", show_progress=False)
+    final = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    assert convs and all(not torch.equal(final[f"encoder.model.{k}"], saved[k]) for k in convs)
+    # Stopped at the end of the warm-up the encoder is untouched; resumed, it trains exactly as without the stop.
+    split = tmp_path / "split"
+    run_finetune(tiny_cfg(tiny_dataset, *base, "train.stop_at=2"), split, show_progress=False)
+    warm = torch.load(split / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(warm[f"encoder.model.{k}"], v) for k, v in saved.items())
+    run_finetune(tiny_cfg(tiny_dataset, *base), split, resume=True, show_progress=False)
+    resumed = load_file(split / "model" / "model.safetensors")
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
 
 
 @pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet"])
