@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from finetune.config import SIZE_DIVISOR
-from segfactory import __version__
+from segfactory import code_version
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_bytes, atomic_write_json, read_json, remove_tree, sha256_bytes
 from segfactory.registry import Registry
@@ -186,7 +186,8 @@ def save_model_dir(out_dir: str | os.PathLike, model: nn.Module, meta: dict[str,
     out = Path(out_dir)
     blob = state_blob(model)
     full = {**meta, "weights_sha256": sha256_bytes(blob),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "code_version": __version__}
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "code_version": code_version("finetune", "pretrain")}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     remove_tree(tmp)

@@ -5,7 +5,8 @@ the keys/hashes of its inputs and the version of the code that produces it (:mod
 whose directory holds ``stage.json`` is skipped, so a re-run only does what changed. Render and ingest are Dask
 pipelines of their own; the training stages run as single Dask tasks that ask for a ``GPU`` resource when the
 cluster offers one, and the training itself runs in its own process (``segfactory pretrain`` / ``finetune``
-...) with a timeout, written to a temp dir and renamed. Evaluation scores held-out rendered scenes (``test``).
+...) with a timeout; ``stage.json``, written last, marks a stage finished. Evaluation scores held-out rendered
+scenes (``test``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
             (exit code EXIT_BUSY).
     """
     out = ensure_writable_dir(Path(out).resolve())
-    # Held for the whole run: a second run into `out` would clean up this one's stage temp dirs as leftovers.
+    # Held for the whole run: a second run into `out` would remove this one's unfinished stage dirs as leftovers.
     with exclusive_lock(out / LOCK_FILE, f"another run into '{out}'",
                         fix="wait for it to finish (a re-run then skips every finished stage), or use another --out"):
         return _run_locked(cfg, out)

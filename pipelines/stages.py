@@ -3,7 +3,8 @@
 A stage's output lives in ``ROOT/stages/<stage>-<key>/``, where the key hashes the stage's config section, the
 keys of its inputs and the version of the code that produces it; a directory holding ``stage.json`` is finished
 and reused. Training, evaluation and prediction run as single Dask tasks (asking for a ``GPU`` resource when the
-cluster offers one), each in its own ``segfactory`` process with a timeout, written to a temp dir and renamed.
+cluster offers one), each in its own ``segfactory`` process with a timeout; ``stage.json``, written last, marks
+the stage finished.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from pipelines.cluster import ClusterConfig, open_client, training_resources
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
 from segfactory.errors import UserError
-from segfactory.io import atomic_write_json, canonical_hash, commit_dir
+from segfactory.io import atomic_write_json, canonical_hash
 from synth.config import RenderConfig
 from synth.shard import RENDER_PACKAGES
 
@@ -79,10 +79,13 @@ def render_test_set(render_cfg: RenderConfig, config_hash: str, test: HeldOutSet
 
 
 def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, Any]:
-    """Dask task: run one ``segfactory`` stage command in its own process, writing into a temp dir that is
-    renamed to ``final`` when the command succeeds. ``{OUT}`` in ``argv`` is replaced by the temp dir.
+    """Dask task: run one ``segfactory`` stage command in its own process with ``--out`` = ``final`` (``{OUT}`` in
+    ``argv``), then write ``stage.json`` there, last, as the stage's commit mark.
 
-    The child's progress lines are forwarded to the driver as ``STAGE_PROGRESS_TOPIC`` events."""
+    The command writes straight into ``final`` (not a temp dir renamed later) because its outputs record their
+    own paths (model lineage, summaries). A directory without ``stage.json`` is an attempt that was killed or
+    failed; the next attempt removes it and starts over. The child's progress lines are forwarded to the driver
+    as ``STAGE_PROGRESS_TOPIC`` events."""
     from pipelines.subproc import run_logged
 
     final_p = Path(final)
@@ -100,19 +103,14 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
         if msg is not None and worker is not None:
             worker.log_event(STAGE_PROGRESS_TOPIC, {"stage": final_p.name, **msg})
 
-    tmp = final_p.parent / f".tmp-{final_p.name}-{uuid.uuid4().hex[:8]}"
+    if final_p.exists():
+        shutil.rmtree(final_p)
     log = final_p.parent / f"{final_p.name}.log"
-    cmd = [sys.executable, "-m", "segfactory.cli", *[a.replace("{OUT}", str(tmp)) for a in argv]]
+    cmd = [sys.executable, "-m", "segfactory.cli", *[a.replace("{OUT}", str(final_p)) for a in argv]]
     t0 = time.perf_counter()
-    try:
-        run_logged(cmd, timeout_s, log, on_line=forward, env={**os.environ, PROGRESS_LINES_ENV: "1"})
-        atomic_write_json(tmp / STAGE_FILE, {"argv": argv, "seconds": round(time.perf_counter() - t0, 2),
+    run_logged(cmd, timeout_s, log, on_line=forward, env={**os.environ, PROGRESS_LINES_ENV: "1"})
+    atomic_write_json(final_p / STAGE_FILE, {"argv": argv, "seconds": round(time.perf_counter() - t0, 2),
                                              "host": os.uname().nodename, "code_version": segfactory.code_version()})
-        if final_p.exists():  # an uncommitted leftover of a killed run
-            shutil.rmtree(final_p)
-        commit_dir(tmp, final_p)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"skipped": False, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -131,9 +129,6 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
         UserError: a stage failed after its retries (naming its log); a re-run resumes at that stage.
     """
     results: dict[str, dict[str, Any]] = {}
-    for final, _ in commands.values():  # temp dirs of stage processes killed with their worker
-        for leftover in final.parent.glob(f".tmp-{final.name}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
     with open_client(cluster, performance_report=performance_report) as client:
         resources = training_resources(client, cluster)
         console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segfactory import __version__
+from segfactory import code_version
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 
@@ -86,7 +86,7 @@ def save_encoder(out_dir: str | os.PathLike, body: nn.Module, *, timm_name: str,
         "steps": int(steps),
         "data_manifest_hash": data_manifest_hash,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "code_version": __version__,
+        "code_version": code_version("pretrain"),
         "timm_kwargs": dict(timm_kwargs or {}),
         "smp_compatible": bool(smp_compatible),
         "weights_sha256": sha256_bytes(blob),

@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segfactory import __version__
+from segfactory import code_version
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, atomic_write_text, canonical_hash, commit_dir, read_json, sha256_bytes
 
@@ -581,7 +581,7 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
         pack.close()
         manifest = {
             "format": FORMAT, "version": VERSION, "shard_id": spec["shard_id"], "run": spec["run"],
-            "created": _now(), "code_version": __version__, "normalize": cfg["normalize"],
+            "created": _now(), "code_version": code_version("pretrain"), "normalize": cfg["normalize"],
             "normalize_hash": canonical_hash(cfg["normalize"]), "images": images, "rejected": rejected,
         }
         # the manifest is the commit mark: written last, then the directory is renamed into place
@@ -704,7 +704,7 @@ def build_index(root: str | os.PathLike) -> dict[str, Any]:
                 acc[3].add(pixels, rec["mean"], rec["std"])
                 acc[1].add(pixels, [rec["luma_mean"]], [rec["luma_std"]])  # converted to gray at load
     index = {
-        "format": FORMAT, "version": VERSION, "created": _now(), "code_version": __version__,
+        "format": FORMAT, "version": VERSION, "created": _now(), "code_version": code_version("pretrain"),
         "num_images": n_gray + n_rgb, "num_gray": n_gray, "num_rgb": n_rgb,
         "num_rejected": sum(s["rejected"] for s in shards), "min_short_side": min_short,
         "data_hash": data_hash([(s["id"], s["manifest_sha256"]) for s in shards]),

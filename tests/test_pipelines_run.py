@@ -40,7 +40,11 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys):
     assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2
     assert list((out / "reports").glob("*-dask-*.*"))  # a Dask performance report (or task stream) per run
     ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
-    assert (ft / "model" / "model.json").is_file()
+    # Paths recorded inside stage outputs (model lineage, summaries) are the stage dirs they live in.
+    assert json.loads((ft / "model" / "model.json").read_text())["lineage"]["training"]["run"] == str(ft)
+    pre = next(p for p in (out / "stages").glob("pretrain-*") if p.is_dir())
+    assert json.loads((ft / "summary.json").read_text())["encoder"]["dir"] == str(pre / "encoder")
+    assert json.loads((pre / "summary.json").read_text())["encoder"] == str(pre / "encoder")
     # Evaluation scored held-out scenes: a test set rendered with another seed, never fine-tuned on.
     assert first["miou_on"].startswith("2 held-out rendered frames")
     test_set = next(p for p in (out / "stages").glob("testset-*") if p.is_dir())
@@ -58,3 +62,14 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys):
     # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream.
     changed = run(out, capsys, "finetune.train.lr=0.002")
     assert [k for k, v in changed["stages"].items() if v == "cached"] == ["render", "pretrain"]
+
+
+def test_shipped_quickstart_config_loads_as_is():
+    """The README's main command runs configs/quickstart.yaml unmodified: it must validate, use the photos that
+    ship inside scikit-image, and evaluate on held-out scenes."""
+    from pipelines.run import SKIMAGE_DATA, RunConfig, resolve_real_src
+    from segfactory.config import load_config
+
+    cfg = load_config(RunConfig, CONFIGS / "quickstart.yaml")
+    assert cfg.real.src == SKIMAGE_DATA and Path(resolve_real_src(cfg.real.src)).is_dir()
+    assert cfg.test.scenes > 0 and cfg.finetune.augment.crop_size <= cfg.render.render.resolution
