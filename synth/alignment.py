@@ -1,4 +1,4 @@
-"""Label/RGB alignment check: ``python -m synth.alignment [--resolution PX] [--views V]``.
+"""Label/RGB alignment check: ``python -m synth.alignment [--resolution PX] [--views V] [--defaults]``.
 
 Renders a scene of flat emission colors (black background, pure red/green/blue objects: boxes, spheres,
 thin poles, tori, overlapping at several depths) through the normal two-pass renderer, classifies every RGB
@@ -66,12 +66,16 @@ def color_classes(rgb: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
-def run(resolution: int, views: int, samples: int, seed: int) -> dict:
+def run(resolution: int, views: int, samples: int | None, seed: int) -> dict:
+    """Render the flat scene and score label/RGB agreement. ``samples=None`` uses segfactory's default color
+    settings (few adaptive samples plus denoising); a number renders that many samples, no adaptivity, no
+    denoiser (a clean reference)."""
     from synth.blender import BlenderRenderer
     from synth.config import OutputSettings, RenderSettings
     from synth.shard import labels_from_index
 
-    render = RenderSettings(resolution=resolution, views=views, samples=samples, noise_threshold=0, denoise=False)
+    render = (RenderSettings(resolution=resolution, views=views) if samples is None else
+              RenderSettings(resolution=resolution, views=views, samples=samples, noise_threshold=0, denoise=False))
     renderer = BlenderRenderer(render, OutputSettings(), tempfile.mkdtemp())
     spec = flat_scene(np.random.default_rng(seed), views)
     views_out, _ = renderer.render(spec)
@@ -96,10 +100,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--views", type=int, default=3)
-    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=256, help="samples, no adaptivity, no denoiser")
+    ap.add_argument("--defaults", action="store_true", help="segfactory's default color settings instead")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    result = run(a.resolution, a.views, a.samples, a.seed)
+    result = run(a.resolution, a.views, None if a.defaults else a.samples, a.seed)
     print("SEGFACTORY-RESULT " + json.dumps(result), flush=True)
     return 0
 
