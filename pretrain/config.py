@@ -71,6 +71,9 @@ class MoCoConfig(StrictModel):
     out_dim: int = Field(128, ge=1)
     memory_bank_size: int = Field(4096, ge=0, description="negatives kept from past batches (0: in-batch only)")
     momentum: float = Field(0.99, ge=0, lt=1, description="start of the cosine momentum schedule (ends at 1)")
+    shuffle_bn_groups: int = Field(2, ge=1, description="shuffled BN on one device: the key encoder sees the "
+                                   "shuffled batch in this many groups, each with its own BatchNorm statistics "
+                                   "(what MoCo's per-GPU shuffle does; 1 = off)")
 
 
 class BYOLConfig(StrictModel):

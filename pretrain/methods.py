@@ -125,10 +125,14 @@ class MoCo(SSLMethod):
     def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
         q = self.head(self.encoder(views[0])).float()
         with torch.no_grad():
-            # shuffled BN for the key encoder: batch statistics must not leak which sample is the positive
+            # Shuffled BN: with BatchNorm over the whole batch, the key of sample i would be normalized with the
+            # same statistics as its query, a shortcut the contrastive loss can exploit. MoCo shuffles keys across
+            # GPUs; on one device the shuffled batch goes through the key encoder in groups, so each key is
+            # normalized with the statistics of a random subset (a permutation alone would change nothing).
             x1 = views[1]
             perm = torch.randperm(x1.shape[0], generator=self._shuffle_gen(step)).to(x1.device)
-            k = self.key_head(self.key_encoder(x1[perm])).float()
+            groups = min(self.cfg.shuffle_bn_groups, x1.shape[0] // 2) or 1
+            k = torch.cat([self.key_head(self.key_encoder(g)) for g in x1[perm].chunk(groups)]).float()
             k = k[torch.argsort(perm)]
         return self.criterion(q, k)
 

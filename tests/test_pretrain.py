@@ -266,3 +266,32 @@ def test_bf16_run_resumes_as_fp16_on_gpu(images: Path, tmp_path: Path) -> None:
     assert first["amp"] == "bfloat16"
     second = run_pretrain(tiny_cfg("train.device=cuda", "train.amp=fp16"), images, tmp_path / "run", resume="last")
     assert second["amp"] == "float16" and second["steps"] == 4 and second["finished"]
+
+
+def test_moco_shuffled_bn_groups_change_key_statistics() -> None:
+    """On one device a permutation alone leaves BatchNorm statistics unchanged; grouping the shuffled keys is
+    what gives each key statistics of a random subset (MoCo's shuffled BN)."""
+    cfg = PretrainConfig.model_validate({"method": {"name": "moco", "moco": {"memory_bank_size": 0}}})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        method = build_method("moco", build_encoder("test_resnet", 3), cfg.method, 10).train()
+    g = torch.Generator().manual_seed(0)
+    views = [torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, 32, 32, generator=g)]
+
+    def keys(groups: int) -> torch.Tensor:
+        method.cfg.shuffle_bn_groups = groups
+        with torch.no_grad():
+            q = method.head(method.encoder(views[1]))  # the key encoder is a copy of the query encoder at step 0
+            k = torch.cat([method.key_head(method.key_encoder(c)) for c in views[1].chunk(groups)])
+        return q, k
+
+    q, k1 = keys(1)
+    assert torch.allclose(q, k1, atol=1e-5)  # one group: keys normalized exactly like their queries
+    _, k2 = keys(2)
+    assert not torch.allclose(q, k2, atol=1e-3)
+    with torch.no_grad():
+        method.cfg.shuffle_bn_groups = 1
+        one = float(method(views, 0))
+        method.cfg.shuffle_bn_groups = 2
+        two = float(method(views, 0))
+    assert one != two  # the method's forward uses the groups
