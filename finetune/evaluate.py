@@ -192,7 +192,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     sources = []
     names: set[str] = set()
     for i, spec in enumerate(data):
-        src = open_source(spec, detect_kind(Path(spec.path)), targets, "eval", field_hint=f"--data[{i}]",
+        field = f"--data[{i}]"
+        src = open_source(spec, detect_kind(Path(spec.path), field), targets, "eval", field_hint=field,
                           lenient_remap=True)
         base, k = src.name, 2
         while src.name in names:

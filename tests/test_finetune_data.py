@@ -178,6 +178,11 @@ def test_empty_and_wrong_kind_sources(tmp_path: Path, coins_dir: Path, tiny_data
         open_source(SourceSpec(path=tmp_path / "empty" / "images"), "real", targets, "train")
     with pytest.raises(UserError, match="no training data"):
         resolve_targets(FinetuneConfig())
+    # A missing folder names the config field it came from (e.g. the example path in configs/finetune.yaml).
+    with pytest.raises(UserError, match=r"'.*no-such' \(data\.real\[0\]\) does not exist") as e:
+        resolve_targets(FinetuneConfig.model_validate({"data": {"synthetic": [{"path": str(tiny_dataset)}],
+                                                                "real": [{"path": str(tmp_path / "no-such")}]}}))
+    assert "data.real=[]" in e.value.fix
     (coins_dir / "masks" / "coins_009.png").rename(tmp_path / "moved.png")
     try:
         with pytest.raises(UserError, match=r"coins_009\.png' has no mask"):

@@ -79,21 +79,30 @@ class Source:
                 "val_items": len(self.val), "classes": self.remap.mapping}
 
 
-def detect_kind(path: Path) -> Kind:
-    """``synthetic`` for a directory with dataset.json, ``real`` for one with ``images/``."""
+def detect_kind(path: Path, field: str | None = None) -> Kind:
+    """``synthetic`` for a directory with dataset.json, ``real`` for one with ``images/``.
+
+    Args:
+        path: The source folder.
+        field: Where it was given (``data.real[0]``, ``--data[1]``), named in the error when it does not exist.
+    """
     if (path / "dataset.json").is_file():
         return "synthetic"
     if (path / "images").is_dir():
         return "real"
     if not path.exists():
-        raise UserError(f"data folder '{path}' does not exist", fix="check the path")
+        where = f" ({field})" if field else ""
+        section = field.split("[")[0] if field and field.startswith("data.") else None
+        # A config's example path (configs/finetune.yaml lists data/labeled) is the usual way to get here.
+        drop = f", or drop it with {section}=[]" if section else ""
+        raise UserError(f"data folder '{path}'{where} does not exist", fix=f"check the path{drop}")
     raise UserError(f"'{path}' is neither a segfactory dataset (dataset.json) nor a labeled folder (images/ + masks/)",
                     fix="pass the --out of `segfactory render`, or a folder with images/ and masks/ subfolders")
 
 
-def check_kind(path: Path, kind: Kind) -> None:
+def check_kind(path: Path, kind: Kind, field: str | None = None) -> None:
     """Raise a UserError with the right flag when a folder is given as the other kind."""
-    found = detect_kind(path)
+    found = detect_kind(path, field)
     if found != kind:
         flag = "--synthetic" if found == "synthetic" else "--real"
         raise UserError(f"'{path}' is a {found} source but was given as {kind}",
@@ -214,7 +223,7 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
             several evaluation folders).
     """
     path = Path(spec.path)
-    check_kind(path, kind)
+    check_kind(path, kind, field_hint)
     label = f"{kind} source '{path}'"
     if kind == "synthetic":
         items, classes, ignore = _scan_synthetic(path)
@@ -242,10 +251,10 @@ def resolve_targets(cfg: FinetuneConfig) -> TargetClasses:
     """The model's classes: ``cfg.classes``, else the first synthetic dataset's, else the first real folder's."""
     if cfg.classes is not None:
         return make_targets([c.model_dump() for c in cfg.classes], cfg.ignore_index)
-    for spec in cfg.data.synthetic:
-        check_kind(Path(spec.path), "synthetic")
-    for spec in cfg.data.real:
-        check_kind(Path(spec.path), "real")
+    for i, spec in enumerate(cfg.data.synthetic):
+        check_kind(Path(spec.path), "synthetic", f"data.synthetic[{i}]")
+    for i, spec in enumerate(cfg.data.real):
+        check_kind(Path(spec.path), "real", f"data.real[{i}]")
     if cfg.data.synthetic:
         from synth.dataset import open_dataset
 
@@ -278,7 +287,7 @@ def open_training_sources(cfg: FinetuneConfig, targets: TargetClasses) -> tuple[
         if src.val:
             val.append(src)
     for i, spec in enumerate(cfg.data.val):
-        kind = detect_kind(Path(spec.path))
+        kind = detect_kind(Path(spec.path), f"data.val[{i}]")
         src = open_source(spec, kind, targets, "val", val_max=cfg.data.val_max_items, field_hint=f"data.val[{i}]")
         src.name = _unique_name(src.name, names)
         val.append(src)
