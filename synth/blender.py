@@ -266,6 +266,9 @@ class BlenderRenderer:
         scene.cycles.use_adaptive_sampling = c.noise_threshold > 0
         if c.noise_threshold > 0:
             scene.cycles.adaptive_threshold = c.noise_threshold
+            # Cycles' automatic minimum (about 16 / sqrt(threshold)) exceeds a small sample budget, which would
+            # switch adaptive sampling off; an explicit minimum lets smooth regions stop early.
+            scene.cycles.adaptive_min_samples = c.min_samples
         scene.cycles.use_denoising = c.denoise
         if c.denoise:
             scene.cycles.denoiser = "OPENIMAGEDENOISE"

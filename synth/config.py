@@ -17,8 +17,11 @@ class RenderSettings(StrictModel):
 
     resolution: int = Field(256, ge=16, le=8192, description="square image size in pixels")
     views: int = Field(4, ge=1, le=256, description="camera views rendered per scene")
-    samples: int = Field(32, ge=1, le=65536, description="max Cycles samples per pixel for the RGB")
-    noise_threshold: float = Field(0.03, ge=0, le=1, description="adaptive sampling threshold (0 = off)")
+    samples: int = Field(32, ge=1, le=65536, description="max Cycles samples per pixel for the RGB (denoised)")
+    noise_threshold: float = Field(0.1, ge=0, le=1, description="adaptive sampling threshold (0 = off)")
+    min_samples: int = Field(8, ge=0, le=65536, description="adaptive sampling: samples every pixel gets before "
+                             "the threshold may stop it (0 = Cycles' automatic minimum, which is above small "
+                             "budgets and turns adaptive sampling off)")
     denoise: bool = Field(True, description="OpenImageDenoise on the RGB")
     # Light paths as BlenderProc's defaults, so segfactory's speed-up over it is from sampling, not less light.
     max_bounces: int = Field(3, ge=0, le=128)

@@ -246,15 +246,18 @@ def test_existing_dataset_of_other_config_is_refused(tiny_dataset: Path, capsys)
     assert "different config" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("settings", [[], ["--defaults"]], ids=["clean-256-samples", "default-render-settings"])
-def test_label_alignment_with_rgb(settings: list[str]):
-    """Flat emission colors: the color-derived class map agrees with the label map on >= 99.9 % of pixels,
-    while the same labels shifted by one pixel would not; with a clean reference render and with the default
-    color settings that datasets are rendered with (few adaptive samples plus denoising)."""
+# With the default color settings the denoiser softens a few edge pixels of the RGB itself (emission has no
+# albedo to guide it), so the color-derived map, not the labels, loses a little; a 1 px shift still scores ~97 %.
+@pytest.mark.parametrize(("settings", "min_agreement"), [([], 0.999), (["--defaults"], 0.998)],
+                         ids=["clean-256-samples", "default-render-settings"])
+def test_label_alignment_with_rgb(settings: list[str], min_agreement: float):
+    """Flat emission colors: the color-derived class map agrees with the label map on >= 99.9 % of pixels of a
+    clean render, while the same labels shifted by one pixel would not; and the default color settings that
+    datasets are rendered with (few adaptive samples plus denoising) stay far from a shift too."""
     out = subprocess.run([sys.executable, "-m", "synth.alignment", "--resolution", "128", "--views", "3", *settings],
                          capture_output=True, text=True, timeout=300, env={**os.environ})
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SEGFACTORY-RESULT "))
     result = json.loads(line.split(" ", 1)[1])
     assert result["edge_pixels"] > 1000  # the scene has plenty of edges to get wrong
-    assert result["agreement"] >= 0.999, result
+    assert result["agreement"] >= min_agreement, result
     assert result["agreement_if_shifted_1px"] < 0.99, result
