@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,13 @@ def check_normalization_unchanged(out: Path, cfg: IngestConfig) -> None:
                         fix=f"re-run with normalize.{k}={prev.get(k)!r}, or ingest into a new --out")
 
 
-def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig,
-               on_event: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig) -> dict[str, Any]:
     """Ingest (or incrementally extend) an image folder into ``out_dir``.
 
     Args:
         src: Folder, glob or text file of paths.
         out_dir: Output directory (see :mod:`pretrain.ingest` for the layout).
         cfg: Validated config.
-        on_event: Optional callback for log lines (tests).
 
     Returns:
         Summary: new images/rejections of this run and totals of the output.
