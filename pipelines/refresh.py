@@ -176,7 +176,7 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
         summary = run_render(render_cfg, dataset, performance_report=report)
         meta = read_json(dataset / "dataset.json")
-        plans = dataset_plan(render_cfg, config_hash)
+        plans = dataset_plan(render_cfg, config_hash, meta["family"])
         shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(shard_dir(dataset, p.shard_id) / MANIFEST_FILE),
                    "frames": read_json(shard_dir(dataset, p.shard_id) / MANIFEST_FILE)["num_frames"]}
                   for p in plans]

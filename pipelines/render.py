@@ -24,7 +24,7 @@ LOCK_FILE = ".render.lock"
 
 def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
     """Dask task: render one shard in a subprocess with a timeout; raises (so Dask retries) on failure."""
-    from pipelines.subproc import run_logged
+    from pipelines.subproc import forward_to_driver, run_logged
     from synth.worker import PROGRESS_PREFIX
 
     root = Path(job["root"])
@@ -35,20 +35,14 @@ def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     job_path = logs / f"{plan['shard_id']}.job.json"
     atomic_write_json(job_path, job)
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        worker = None
-
-    def forward(line: str) -> None:
-        if worker is not None and line.startswith(PROGRESS_PREFIX):
-            _, shard_id, frames = line.split()
-            worker.log_event(PROGRESS_TOPIC, {"shard_id": shard_id, "frames": int(frames)})
+    def parse(line: str) -> dict[str, Any] | None:
+        if not line.startswith(PROGRESS_PREFIX):
+            return None
+        _, shard_id, frames = line.split()
+        return {"shard_id": shard_id, "frames": int(frames)}
 
     run_logged([sys.executable, "-m", "synth.worker", str(job_path)], job["timeout_s"],
-               logs / f"{plan['shard_id']}.log", on_line=forward)
+               logs / f"{plan['shard_id']}.log", on_line=forward_to_driver(PROGRESS_TOPIC, parse))
     manifest = read_json(shard_dir(root, plan["shard_id"]) / MANIFEST_FILE)
     return {"shard_id": plan["shard_id"], "skipped": False, "frames": manifest["num_frames"],
             "timings": manifest["timings"]}
@@ -90,15 +84,16 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str,
         "code_version": render_code_version(),
     }
     save_resolved(cfg, out / "config.yaml")
-    update_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash)])
+    update_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash, resolved.family.name)])
     return meta
 
 
-def dataset_plan(cfg: RenderConfig, config_hash: str) -> list[ShardPlan]:
-    """The shards that make up the dataset ``cfg`` (size, seed, shard size) describes."""
+def dataset_plan(cfg: RenderConfig, config_hash: str, family: str) -> list[ShardPlan]:
+    """The shards that make up the dataset ``cfg`` (size, seed, shard size) describes; ``family`` is its scene
+    family's name (``dataset.json``'s ``family``), passed in because resolving the scene again re-hashes user
+    meshes."""
     d = cfg.dataset
-    return plan_shards(resolve_scene(cfg.scene).family.name, config_hash, d.seed, d.scenes, d.scenes_per_shard,
-                       render_code_version())
+    return plan_shards(family, config_hash, d.seed, d.scenes, d.scenes_per_shard, render_code_version())
 
 
 def update_dataset_meta(out: Path, meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
@@ -156,7 +151,7 @@ def _render_locked(cfg: RenderConfig, out: Path, meta: dict[str, Any], config_ha
                    performance_report: str | os.PathLike | None) -> dict[str, Any]:
     import time
 
-    plans = dataset_plan(cfg, config_hash)
+    plans = dataset_plan(cfg, config_hash, meta["family"])
     done = set(committed_shards(out))
     todo = [p for p in plans if p.shard_id not in done]
     unlisted = len(done - {p.shard_id for p in plans})

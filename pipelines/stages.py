@@ -86,32 +86,27 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
     own paths (model lineage, summaries). A directory without ``stage.json`` is an attempt that was killed or
     failed; the next attempt removes it and starts over. The child's progress lines are forwarded to the driver
     as ``STAGE_PROGRESS_TOPIC`` events."""
-    from pipelines.subproc import run_logged
+    from pipelines.subproc import forward_to_driver, run_logged
 
     final_p = Path(final)
     if (final_p / STAGE_FILE).is_file():
         return {"skipped": True}
-    try:
-        from distributed import get_worker
 
-        worker = get_worker()
-    except (ImportError, ValueError):
-        worker = None
-
-    def forward(line: str) -> None:
+    def parse(line: str) -> dict[str, Any] | None:
         msg = parse_progress_line(line)
-        if msg is not None and worker is not None:
-            worker.log_event(STAGE_PROGRESS_TOPIC, {"stage": final_p.name, **msg})
+        return None if msg is None else {"stage": final_p.name, **msg}
 
     if final_p.exists():
         shutil.rmtree(final_p)
     log = final_p.parent / f"{final_p.name}.log"
     cmd = [sys.executable, "-m", "segfactory.cli", *[a.replace("{OUT}", str(final_p)) for a in argv]]
     t0 = time.perf_counter()
-    run_logged(cmd, timeout_s, log, on_line=forward, env={**os.environ, PROGRESS_LINES_ENV: "1"})
-    atomic_write_json(final_p / STAGE_FILE, {"argv": argv, "seconds": round(time.perf_counter() - t0, 2),
-                                             "host": os.uname().nodename, "code_version": segfactory.code_version()})
-    return {"skipped": False, "seconds": round(time.perf_counter() - t0, 2)}
+    run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
+               env={**os.environ, PROGRESS_LINES_ENV: "1"})
+    seconds = round(time.perf_counter() - t0, 2)
+    atomic_write_json(final_p / STAGE_FILE, {"argv": argv, "seconds": seconds, "host": os.uname().nodename,
+                                             "code_version": segfactory.code_version()})
+    return {"skipped": False, "seconds": seconds}
 
 
 def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, commands: dict[str, tuple[Path, list[str]]],

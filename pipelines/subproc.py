@@ -15,6 +15,25 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+def forward_to_driver(topic: str, parse: Callable[[str], dict[str, Any] | None]) -> Callable[[str], None] | None:
+    """An ``on_line`` callback for :func:`run_logged` that sends each output line ``parse`` turns into a message to
+    the driver, as a Dask worker event on ``topic`` (the driver subscribes to it); None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+
+    def forward(line: str) -> None:
+        msg = parse(line)
+        if msg is not None:
+            worker.log_event(topic, msg)
+
+    return forward
 
 
 class SubprocessFailed(RuntimeError):

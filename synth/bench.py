@@ -73,8 +73,8 @@ def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
     cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"scenes_per_shard": cfg.dataset.scenes})})
     root = work / "segfactory"
     shutil.rmtree(root, ignore_errors=True)
-    prepare_dataset(root, cfg, config_hash)
-    plan = dataset_plan(cfg, config_hash)[0]
+    meta = prepare_dataset(root, cfg, config_hash)
+    plan = dataset_plan(cfg, config_hash, meta["family"])[0]
     job = {"root": str(root), "plan": asdict(plan), "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
            "code_version": render_code_version(), "timeout_s": 1e9, "threads": 0}
     job_path = work / "segfactory-job.json"
