@@ -114,16 +114,20 @@ def test_predict_writes_uint8_masks_of_input_size_and_overlays(trained: Path, in
     np.testing.assert_array_equal(np.array(Image.open(out / "rgb16.png")), ref)
 
 
-def test_tiling_matches_whole_image_prediction_away_from_seams(trained: Path) -> None:
+def test_tiling_matches_whole_image_prediction_away_from_seams(trained: Path, tiny_dataset: Path) -> None:
     from finetune.models import load_model_dir
     from finetune.predict import predict_mask
 
     model, meta = load_model_dir(trained / "model")
-    img, _ = coins_image_and_mask()
+    # An in-domain image (rendered cells frames, 3 x 3 of them: 192 px) the tiny model is sure about; on an
+    # out-of-domain photo its unsure pixels flip with the context a tile sees, by however it happened to train.
+    ds = open_dataset(tiny_dataset)
+    frames = [read_image(ref.rgb) for ref in list(ds.frames())[:9]]
+    img = np.vstack([np.hstack(frames[r * 3:r * 3 + 3]) for r in range(3)])
     whole = predict_mask(model, meta, img, torch.device("cpu"), 512, 0, 1)
     tiled = predict_mask(model, meta, img, torch.device("cpu"), 96, 32, 3)
-    assert tiled.shape == whole.shape == img.shape
-    assert (tiled == whole).mean() > 0.95
+    assert tiled.shape == whole.shape == img.shape[:2]
+    assert (tiled == whole).mean() > 0.98, (tiled == whole).mean()
 
 
 @pytest.mark.gpu
