@@ -21,11 +21,14 @@ quickstart: $(STAMP)
 # .ci/services.sh starts the single-node SLURM the SLURM tests run against (installs it first, needs root).
 test: $(STAMP)
 	bash .ci/services.sh
-	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q
 
+# ruff, and the architecture's import contracts (pyproject.toml [tool.importlinter]): a new import that points the
+# wrong way fails here with the contract it breaks.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 lock: $(STAMP)
 	( echo "# Exact versions of every dependency, used as pip constraints (make lock regenerates this)."; \

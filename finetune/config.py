@@ -6,7 +6,7 @@ Only plain pydantic here (no torch), so configs validate instantly and ``--help`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -301,3 +301,39 @@ class SweepConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sweep: SweepAxes = Field(default_factory=SweepAxes)
     test: list[SourceSpec] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------- command-line flags
+
+
+def with_paths(entries: list[SourceSpec], paths: list[str] | None) -> list[SourceSpec]:
+    """``--synthetic/--real`` replace the config entries' paths in order, keeping their other settings."""
+    if not paths:
+        return entries
+    out = []
+    for i, p in enumerate(paths):
+        out.append(entries[i].model_copy(update={"path": Path(p)}) if i < len(entries) else SourceSpec(path=Path(p)))
+    return out
+
+
+def apply_data_flags(cfg: FinetuneConfig, synthetic: list[str] | None, real: list[str] | None, encoder: str | None,
+                     arch: str | None, steps: int | None) -> FinetuneConfig:
+    """Apply the stable script flags to a :class:`~finetune.config.FinetuneConfig` (returns a new one)."""
+    from segfactory.config import validation_error_to_user_error
+
+    data = cfg.data.model_copy(update={"synthetic": with_paths(cfg.data.synthetic, synthetic),
+                                       "real": with_paths(cfg.data.real, real)})
+    model_update: dict[str, Any] = {}
+    if encoder is not None:
+        model_update["encoder_dir"] = Path(encoder)
+    if arch is not None:
+        model_update["arch"] = arch  # the name is checked against the registry by whoever builds the model
+    train = cfg.train.model_copy(update={"steps": steps}) if steps is not None else cfg.train
+    raw = cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update=model_update),
+                                 "train": train}).model_dump()
+    from pydantic import ValidationError
+
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as e:
+        raise validation_error_to_user_error(e, FinetuneConfig, "flags") from None

@@ -129,7 +129,7 @@ def safe_name(name: str) -> str:
 
 
 def _evaluation_key(meta: dict[str, Any], model_dir: Path, data: list, tile: int, overlap: int) -> str:
-    from finetune.models import WEIGHTS_FILE
+    from segfactory.formats.model import WEIGHTS_FILE
     from segfactory.io import canonical_hash, sha256_file
 
     weights = meta.get("weights_sha256") or sha256_file(model_dir / WEIGHTS_FILE)
@@ -152,8 +152,8 @@ def evaluation_key(model_dir: str | os.PathLike, data: list, tile: int | None = 
         tile: Tile side, default model.json's.
         overlap: Tile overlap, default model.json's.
     """
-    from finetune.models import read_model_meta
     from finetune.predict import inference_settings
+    from segfactory.formats.model import read_model_meta
 
     meta = read_model_meta(model_dir)
     tile, overlap, _ = inference_settings(meta, tile, overlap, None)

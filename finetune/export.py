@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.models import META_FILE, ONNX_FILE, WEIGHTS_FILE, load_model_dir, read_model_meta
+from finetune.models import load_model_dir
 from segfactory.errors import UserError
+from segfactory.formats.model import META_FILE, ONNX_FILE, WEIGHTS_FILE, read_model_meta
 from segfactory.io import atomic_write_bytes, ensure_writable_dir
 
 
 def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """Standardised real-image inputs (crops of scikit-image's astronaut photo) of the given (B, H, W) sizes."""
-    from finetune.data.normalize import read_image
     from finetune.predict import prepare_input
     from finetune.samples import skimage_data_path
+    from segfactory.formats.imagefile import read_image
 
     img = read_image(skimage_data_path("astronaut.png"))  # (512, 512, 3) uint8
     x = prepare_input(img, meta["input"], torch.device("cpu"))

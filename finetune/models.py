@@ -1,10 +1,5 @@
-"""Architectures (segmentation-models-pytorch decoders on timm encoders), encoder loading and model dirs.
-
-A model dir is self-contained::
-
-    MODEL/model.safetensors   state dict of the smp model
-    MODEL/model.json          architecture, classes + colours, input normalisation, tiling defaults, lineage
-                              (the encoder's origin and the training run), weights sha256
+"""Architectures (segmentation-models-pytorch decoders on timm encoders), encoder loading and model dirs
+(the model dir format itself is :mod:`segfactory.formats.model`).
 
 Encoders are always smp ``tu-<timm name>`` encoders, so an ``encoder.safetensors`` from pretraining (a
 ``features_only`` timm state dict) loads into ``model.encoder.model`` without renaming.
@@ -12,7 +7,6 @@ Encoders are always smp ``tu-<timm name>`` encoders, so an ``encoder.safetensors
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +16,19 @@ import torch
 from torch import nn
 
 from finetune.config import SIZE_DIVISOR
-from segfactory import code_version
 from segfactory.errors import UserError
-from segfactory.io import atomic_write_bytes, atomic_write_json, read_json, remove_tree, sha256_bytes
+from segfactory.formats.encoder import check_state_fits as check_encoder_state
+from segfactory.formats.encoder import load_encoder
+from segfactory.formats.model import (
+    META_FILE,
+    MODEL_FORMAT,
+    MODEL_VERSION,
+    WEIGHTS_FILE,
+    read_model_meta,
+    read_model_weights,
+    write_model_dir,
+)
 from segfactory.registry import Registry
-
-MODEL_FORMAT = "segfactory-model"
-MODEL_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-ONNX_FILE = "model.onnx"
 
 ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
 
@@ -129,12 +126,6 @@ def encoder_module(model: nn.Module) -> nn.Module:
     return model.encoder  # type: ignore[return-value]
 
 
-def read_encoder(encoder_dir: str | os.PathLike) -> dict[str, Any]:
-    from pretrain.export import read_encoder_meta
-
-    return read_encoder_meta(encoder_dir)
-
-
 def check_encoder_fits(meta: dict[str, Any], encoder_dir: Path, encoder: str | None, in_chans: int) -> str:
     """The timm name to build, after checking ``encoder.json`` against the configured encoder and channels.
 
@@ -150,6 +141,33 @@ def check_encoder_fits(meta: dict[str, Any], encoder_dir: Path, encoder: str | N
     return str(meta["timm_name"])
 
 
+def load_into_smp(smp_model: nn.Module, enc_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load an exported encoder into a segmentation-models-pytorch model built with ``tu-<timm_name>``.
+
+    Args:
+        smp_model: e.g. ``smp.Unet(encoder_name="tu-resnet18", encoder_weights=None, in_channels=3)``.
+        enc_dir: Encoder directory.
+
+    Returns:
+        The encoder's metadata (normalization, strides, ...).
+
+    Raises:
+        UserError: if the encoder's architecture or input channels differ from the model's encoder.
+    """
+    meta, state = load_encoder(enc_dir)
+    if not meta.get("smp_compatible", True):
+        raise UserError(f"encoder '{enc_dir}' ({meta['timm_name']}) cannot be used by segmentation-models-pytorch "
+                        "(its features have a single stride)", fix="pretrain a CNN backbone (resnet, convnext, "
+                        "efficientnet) for fine-tuning with smp")
+    target = getattr(getattr(smp_model, "encoder", None), "model", None)
+    if not isinstance(target, nn.Module):
+        raise UserError(f"the model ({type(smp_model).__name__}) has no timm universal encoder (.encoder.model)",
+                        fix=f"build it with encoder_name='tu-{meta['timm_name']}'")
+    check_encoder_state(state, target.state_dict(), meta, enc_dir, what="the smp model's encoder")
+    target.load_state_dict(state, strict=True)
+    return meta
+
+
 def load_pretrained_encoder(model: nn.Module, encoder_dir: str | os.PathLike) -> dict[str, Any]:
     """Load ``encoder.safetensors`` into the model's encoder.
 
@@ -159,8 +177,6 @@ def load_pretrained_encoder(model: nn.Module, encoder_dir: str | os.PathLike) ->
     Raises:
         UserError: the encoder does not fit (architecture, channels) or its files are missing/corrupt.
     """
-    from pretrain.export import load_into_smp
-
     meta = load_into_smp(model, encoder_dir)
     return {"init": "ssl", "dir": str(Path(encoder_dir)),
             **{k: meta.get(k) for k in ("timm_name", "in_chans", "method", "steps", "data_manifest_hash",
@@ -176,63 +192,8 @@ def state_blob(model: nn.Module) -> bytes:
 
 
 def save_model_dir(out_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write a model dir atomically: a complete sibling directory is swapped in place of the old one.
-
-    Args:
-        out_dir: Target directory (replaced if it exists).
-        model: The trained smp model.
-        meta: model.json content without ``weights_sha256`` / ``created`` (added here).
-    """
-    out = Path(out_dir)
-    blob = state_blob(model)
-    full = {**meta, "weights_sha256": sha256_bytes(blob),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "code_version": code_version("finetune", "pretrain")}
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    remove_tree(tmp)
-    tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / WEIGHTS_FILE, blob)
-    atomic_write_json(tmp / META_FILE, full)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    remove_tree(old)
-    return out
-
-
-_REQUIRED = ("format", "version", "architecture", "classes", "num_classes", "ignore_index", "input")
-
-
-def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``model.json`` (and that the weights file exists).
-
-    Raises:
-        UserError: naming the directory and the missing or corrupt file.
-    """
-    d = Path(model_dir)
-    fix = "pass the model/ directory written by `segfactory finetune` (or `segfactory export`)"
-    if not d.is_dir():
-        raise UserError(f"model dir '{d}' does not exist", fix=fix)
-    if (d / "model").is_dir() and not (d / META_FILE).exists():
-        raise UserError(f"'{d}' is a training run, not a model dir", fix=f"pass '{d / 'model'}'")
-    missing = [f for f in (META_FILE, WEIGHTS_FILE) if not (d / f).is_file()]
-    if missing:
-        raise UserError(f"model dir '{d}' is missing {' and '.join(missing)}", fix=fix)
-    try:
-        meta = read_json(d / META_FILE)
-    except (OSError, ValueError) as e:
-        raise UserError(f"'{d / META_FILE}' is corrupt ({e})", fix="re-export the model") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise UserError(f"'{d / META_FILE}' is not a segfactory model (format "
-                        f"{meta.get('format') if isinstance(meta, dict) else None!r})", fix=fix)
-    if meta.get("version") != MODEL_VERSION:
-        raise UserError(f"'{d / META_FILE}' has version {meta.get('version')!r}; this segfactory reads "
-                        f"{MODEL_VERSION}", fix="re-export the model with this segfactory version")
-    lacking = [k for k in _REQUIRED if k not in meta]
-    if lacking:
-        raise UserError(f"'{d / META_FILE}' lacks {', '.join(lacking)}", fix="re-export the model")
-    return meta
+    """Write a model dir of ``model`` (see :func:`segfactory.formats.model.write_model_dir`)."""
+    return write_model_dir(out_dir, state_blob(model), meta)
 
 
 def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -249,10 +210,7 @@ def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "c
 
     d = Path(model_dir)
     meta = read_model_meta(d)
-    blob = (d / WEIGHTS_FILE).read_bytes()
-    if meta.get("weights_sha256") and sha256_bytes(blob) != meta["weights_sha256"]:
-        raise UserError(f"'{d / WEIGHTS_FILE}' does not match model.json (sha256 differs: corrupt or from "
-                        "another model)", fix="re-export the model dir")
+    blob = read_model_weights(d, meta)
     try:
         state = load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:

@@ -20,8 +20,9 @@ from PIL import Image
 from torch import nn
 
 from finetune.config import SIZE_DIVISOR
-from finetune.data.normalize import IMAGE_SUFFIXES, read_image, standardize, to_unit
+from finetune.data.normalize import standardize, to_unit
 from segfactory.errors import PartialFailure, UserError
+from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image
 from segfactory.io import atomic_write_bytes
 
 

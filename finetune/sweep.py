@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.config import FinetuneConfig, SourceSpec, SweepConfig
+from finetune.config import FinetuneConfig, SweepConfig, apply_data_flags, with_paths
 from segfactory.console import console
 from segfactory.errors import UserError
 from segfactory.plotting import figure_png
@@ -38,12 +38,11 @@ def load_sweep_config(path: str | None, overrides: list[str] | None, *, syntheti
                       real: list[str] | None = None, test: list[str] | None = None, encoder: str | None = None,
                       steps: int | None = None) -> SweepConfig:
     """Load a sweep config and apply the CLI flags (paths replace the config's entries in order)."""
-    from finetune.cli import _with_paths, apply_data_flags
     from segfactory.config import load_config
 
     cfg = load_config(SweepConfig, path, overrides)
     ft = apply_data_flags(cfg.finetune, synthetic, real, encoder, None, steps)
-    return cfg.model_copy(update={"finetune": ft, "test": _with_paths(cfg.test, test, SourceSpec)})
+    return cfg.model_copy(update={"finetune": ft, "test": with_paths(cfg.test, test)})
 
 
 def _fmt(f: float) -> str:
@@ -90,11 +89,11 @@ def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
     real = [s.model_copy(update={"fraction": run["real_fraction"]}) for s in ft.data.real]
     model, inp = ft.model, ft.input
     if run["init"] == "random" and model.encoder_dir is not None:
-        from finetune.models import read_encoder
+        from segfactory.formats.encoder import read_encoder_meta
 
         # Same architecture, input channels and input standardisation as the SSL runs, without the pretrained
         # weights: the comparison then differs in the encoder's initialisation only.
-        meta = read_encoder(model.encoder_dir)
+        meta = read_encoder_meta(model.encoder_dir)
         model = model.model_copy(update={"encoder_dir": None, "encoder": model.encoder or meta["timm_name"],
                                          "in_chans": model.in_chans or int(meta["in_chans"])})
         norm = meta.get("normalization") or {}

@@ -116,8 +116,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def prepare(self, resume: bool) -> None:
-        from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder, read_encoder
+        from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder
         from finetune.predict import amp_dtype, resolve_device
+        from segfactory.formats.encoder import read_encoder_meta
 
         cfg = self.cfg
         t = cfg.train
@@ -148,7 +149,7 @@ class Trainer:
         timm_name = cfg.model.encoder
         c = cfg.model.in_chans or 3
         if cfg.model.encoder_dir is not None:
-            enc_meta = read_encoder(cfg.model.encoder_dir)
+            enc_meta = read_encoder_meta(cfg.model.encoder_dir)
             c = cfg.model.in_chans or int(enc_meta["in_chans"])
             timm_name = check_encoder_fits(enc_meta, Path(cfg.model.encoder_dir), cfg.model.encoder, c)
         self.in_chans = c

@@ -40,8 +40,7 @@ def overhead_from_stream(stream: list[dict[str, Any]]) -> dict[str, float]:
 def measure(workers: int | None, address: str | None, scenes: int, resolution: int, out: Path) -> dict[str, Any]:
     from distributed import Client, LocalCluster, get_task_stream
 
-    from pipelines.render import run_render
-    from synth.config import RenderConfig
+    from pipelines.render import RenderJob, run_render
 
     shutil.rmtree(out, ignore_errors=True)
     cluster = None
@@ -49,7 +48,7 @@ def measure(workers: int | None, address: str | None, scenes: int, resolution: i
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None)
         address = cluster.scheduler_address
-    cfg = RenderConfig.model_validate({
+    cfg = RenderJob.model_validate({
         "scene": {"family": "street"}, "render": {"resolution": resolution, "views": 1, "samples": 8},
         "dataset": {"scenes": scenes, "scenes_per_shard": 1},
         "cluster": {"backend": "address", "address": address}})
@@ -58,7 +57,7 @@ def measure(workers: int | None, address: str | None, scenes: int, resolution: i
             n = len(client.scheduler_info()["workers"])
             with get_task_stream(client) as ts:
                 t0 = time.perf_counter()
-                summary = run_render(cfg, out)
+                summary = run_render(cfg, out, cfg.cluster)
                 wall = time.perf_counter() - t0
             stream = list(ts.data)
     finally:

@@ -12,24 +12,43 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
-from pipelines.cluster import open_client, task_resources
+from pipelines.cluster import ClusterConfig, open_client, task_resources
 from pipelines.lock import exclusive_lock
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import PartialFailure, UserError
+from segfactory.formats import images as store
 from segfactory.io import ensure_writable_dir
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = store.CONFIG_FILE
 LOCK_FILE = ".ingest.lock"
+
+
+class IngestJob(IngestConfig):
+    """``segfactory ingest``: the ingest stage's config plus how its tasks run and the cluster they run on."""
+
+    retries: int = Field(1, ge=0, description="re-tries of a failed task before it is reported")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @classmethod
+    def of(cls, stage: IngestConfig, cluster: ClusterConfig, retries: int = 1) -> IngestJob:
+        """The job that runs ``stage`` on ``cluster``."""
+        return cls.model_validate({**stage.model_dump(mode="json"), "retries": retries,
+                                   "cluster": cluster.model_dump(mode="json")})
+
+    def stage_config(self) -> IngestConfig:
+        """The ingest stage's own config (what the tasks and the store's config.yaml see)."""
+        return IngestConfig.model_validate(self.model_dump(mode="json", include=set(IngestConfig.model_fields)))
 
 
 def check_normalization_unchanged(out: Path, cfg: IngestConfig) -> None:
     """A dump grows over time, but all its shards must share one normalization."""
     prev_path = out / CONFIG_FILE
-    if not prev_path.is_file() or not core.committed_shards(out):
+    if not prev_path.is_file() or not store.committed_shards(out):
         return
     prev = (yaml.safe_load(prev_path.read_text(encoding="utf-8")) or {}).get("normalize", {})
     now = cfg.normalize.model_dump(mode="json")
@@ -40,13 +59,13 @@ def check_normalization_unchanged(out: Path, cfg: IngestConfig) -> None:
                         fix=f"re-run with normalize.{k}={prev.get(k)!r}, or ingest into a new --out")
 
 
-def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig) -> dict[str, Any]:
+def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str, Any]:
     """Ingest (or incrementally extend) an image folder into ``out_dir``.
 
     Args:
         src: Folder, glob or text file of paths.
         out_dir: Output directory (see :mod:`pretrain.ingest` for the layout).
-        cfg: Validated config.
+        cfg: The ingest config, task retries and cluster.
 
     Returns:
         Summary: new images/rejections of this run and totals of the output.
@@ -65,21 +84,22 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestConfig) -> dict[
         return _ingest_locked(src, out, cfg, t0)
 
 
-def _ingest_locked(src: str, out: Path, cfg: IngestConfig, t0: float) -> dict[str, Any]:
+def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, Any]:
     check_normalization_unchanged(out, cfg)
-    leftovers = core.clean_uncommitted(out)
+    leftovers = store.clean_uncommitted(out)
     if leftovers:
         console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
     files = core.discover(src, cfg.extensions, cfg.follow_symlinks)
-    known, known_shas, last_run = core.known_files(out)
+    known, known_shas, last_run = store.known_files(out)
     new = [f for f in files if f.key not in known]
-    save_resolved(cfg, out / CONFIG_FILE)
+    stage = cfg.stage_config()
+    save_resolved(stage, out / CONFIG_FILE)
     console.print(f"{len(files)} file(s) in source, {len(files) - len(new)} already ingested, {len(new)} new")
     summary: dict[str, Any] = {"source": src, "out": str(out), "files_seen": len(files), "new_files": len(new),
                                "new_images": 0, "new_rejected": 0, "rejected_kinds": {}, "failed_shards": {}}
     failures: dict[str, str] = {}
     if new:
-        cfg_dict = cfg.model_dump(mode="json")
+        cfg_dict = stage.model_dump(mode="json")
         with open_client(cfg.cluster) as client:
             hashed, hash_failures = _hash_phase(client, new, cfg)
             failures.update(hash_failures)
@@ -92,10 +112,10 @@ def _ingest_locked(src: str, out: Path, cfg: IngestConfig, t0: float) -> dict[st
             summary["new_rejected"] += r["rejected"]
             for k, v in r["rejected_kinds"].items():
                 summary["rejected_kinds"][k] = summary["rejected_kinds"].get(k, 0) + v
-    index = core.build_index(out)
+    index = store.build_index(out)
     dt = time.perf_counter() - t0
     summary.update(total_images=index["num_images"], total_rejected=index["num_rejected"],
-                   data_hash=index["data_hash"], seconds=round(dt, 2), config_hash=hash_config(cfg),
+                   data_hash=index["data_hash"], seconds=round(dt, 2), config_hash=hash_config(stage),
                    failed_shards=failures)
     _print_summary(summary, index)
     if failures:
@@ -103,11 +123,11 @@ def _ingest_locked(src: str, out: Path, cfg: IngestConfig, t0: float) -> dict[st
                              "them", failures)
     if index["num_images"] == 0:
         raise UserError(f"every file was rejected ({index['num_rejected']} file(s); reasons in "
-                        f"{out / core.REJECTED_FILE})", fix="point SRC at image files (JPEG, PNG, TIFF, WebP, BMP)")
+                        f"{out / store.REJECTED_FILE})", fix="point SRC at image files (JPEG, PNG, TIFF, WebP, BMP)")
     return summary
 
 
-def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestConfig
+def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestJob
                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     from distributed import as_completed
 
@@ -162,6 +182,6 @@ def _print_summary(s: dict[str, Any], index: dict[str, Any]) -> None:
     t.add_row("new rejected", ", ".join(f"{k}={v}" for k, v in sorted(s["rejected_kinds"].items()))
               or "0")
     t.add_row("total images", f"{index['num_images']} ({index['num_rgb']} RGB, {index['num_gray']} gray)")
-    t.add_row("total rejected", f"{index['num_rejected']} (see {core.REJECTED_FILE})")
+    t.add_row("total rejected", f"{index['num_rejected']} (see {store.REJECTED_FILE})")
     t.add_row("time", f"{s['seconds']:.1f} s")
     console.print(t)

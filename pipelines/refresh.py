@@ -32,13 +32,13 @@ import segfactory
 from finetune.config import FinetuneConfig
 from pipelines.cluster import ClusterConfig
 from pipelines.lock import exclusive_lock
+from pipelines.render import RenderStep
 from pipelines.stages import HeldOutSet
 from pretrain.config import IngestConfig, PretrainConfig
 from segfactory.config import StrictModel, save_resolved
 from segfactory.console import console
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, canonical_hash, read_json, remove_tree, sha256_file
-from synth.config import RenderConfig
 
 LOCK_FILE = ".refresh.lock"
 RELEASES_DIR = "releases"
@@ -71,7 +71,7 @@ class RetrainSettings(StrictModel):
 class RefreshConfig(StrictModel):
     """``segfactory refresh`` config: what to render, what to ingest, whether to retrain, releases to keep."""
 
-    render: RenderConfig = Field(default_factory=RenderConfig)
+    render: RenderStep = Field(default_factory=RenderStep)
     real: RealImages = Field(default_factory=RealImages)
     train: RetrainSettings = Field(default_factory=RetrainSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
@@ -115,7 +115,7 @@ def _release_name(root: Path) -> str:
 
 def release_stats(dataset: Path, shard_ids: list[str], num_classes: int) -> dict[str, Any]:
     """Class pixel shares and the instance-area histogram over the given shards (from labels and COCO)."""
-    from synth.dataset import read_image
+    from segfactory.formats.imagefile import read_image
 
     pixels = np.zeros(256, dtype=np.int64)
     hist = np.zeros(len(INSTANCE_BINS) - 1, dtype=np.int64)
@@ -163,18 +163,17 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         PartialFailure: some shards/images failed; no release is published, a re-run continues.
     """
     from pipelines.render import dataset_plan, resolve_render_config, run_render
-    from synth.dataset import MANIFEST_FILE
-    from synth.shard import render_code_version, shard_dir
+    from segfactory.formats.dataset import MANIFEST_FILE, shard_dir
+    from synth.shard import render_code_version
 
     root = Path(root).resolve()
     with refresh_lock(root):
         t0 = time.perf_counter()
-        render_cfg = cfg.render.model_copy(update={"cluster": cfg.cluster})
-        render_cfg, config_hash = resolve_render_config(render_cfg)
+        render_cfg, config_hash = resolve_render_config(cfg.render)
         dataset = root / "datasets" / config_hash
         name = _release_name(root)
         report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
-        summary = run_render(render_cfg, dataset, performance_report=report)
+        summary = run_render(render_cfg, dataset, cfg.cluster, performance_report=report)
         meta = read_json(dataset / "dataset.json")
         plans = dataset_plan(render_cfg, config_hash, meta["family"])
         shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(shard_dir(dataset, p.shard_id) / MANIFEST_FILE),
@@ -182,9 +181,9 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                   for p in plans]
         real = None
         if cfg.real.src:
-            from pipelines.ingest import run_ingest
+            from pipelines.ingest import IngestJob, run_ingest
 
-            ingest_cfg = cfg.real.config.model_copy(update={"cluster": cfg.cluster})
+            ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
             s = run_ingest(cfg.real.src, root / "real", ingest_cfg)
             real = {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"],
                     "new_images": s["new_images"], "config_hash": s["config_hash"]}
@@ -214,7 +213,7 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         return release
 
 
-def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderConfig, config_hash: str, shards: list[dict[str, Any]],
+def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash: str, shards: list[dict[str, Any]],
             real: dict[str, Any] | None, release: str) -> dict[str, Any]:
     """Pretrain, fine-tune and evaluate, each keyed by a hash of its config and inputs (the release's shard ids,
     the real images' data hash, the upstream stage): with ``when=changed`` unchanged inputs reuse the previous
@@ -229,7 +228,7 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderConfig, config_has
     dataset = root / "datasets" / config_hash
     always = {"release": release} if t.when == "always" else {}
     shard_key = canonical_hash(sorted(s["id"] for s in shards))
-    test_set = render_test_set(render_cfg, config_hash, t.test, root,
+    test_set = render_test_set(render_cfg, config_hash, t.test, root, cfg.cluster,
                                root / ".logs" / f"dask-report-{release}-test.html")
     pre = stage_dir(root, "pretrain", {"config": t.pretrain.model_dump(mode="json"), "data": real["data_hash"],
                                        **always}, PRETRAIN_PACKAGES)
@@ -260,7 +259,7 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderConfig, config_has
 
 def prune(root: Path, keep: int) -> dict[str, int]:
     """Delete releases beyond the newest ``keep`` and every shard (and dataset) no kept release references."""
-    from pipelines.render import update_dataset_meta
+    from segfactory.formats.dataset import write_dataset_meta
 
     releases = list_releases(root)
     old, kept = releases[:-keep], releases[-keep:]
@@ -296,7 +295,7 @@ def prune(root: Path, keep: int) -> dict[str, int]:
             changed = True
         if changed:
             meta = read_json(ds / "dataset.json")
-            update_dataset_meta(ds, meta, [s["id"] for s in meta["shards"]])
+            write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"]])
     return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 

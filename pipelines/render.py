@@ -8,24 +8,60 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from pipelines.cluster import ClusterConfig
 from pipelines.lock import exclusive_lock
 from scenes import resolve_scene
-from segfactory.config import hash_config, save_resolved
+from segfactory.config import StrictModel, hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import PartialFailure, UserError
+from segfactory.formats.dataset import (
+    DATASET_FILE,
+    DEPTH_MAX,
+    DEPTH_SCALE_M,
+    IGNORE_INDEX,
+    MANIFEST_FILE,
+    committed_shards,
+    is_committed,
+    remove_stale_shard_writes,
+    shard_dir,
+    write_dataset_meta,
+)
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
 from synth.config import RenderConfig
-from synth.dataset import DATASET_FILE, DEPTH_SCALE_M, IGNORE_INDEX, MANIFEST_FILE, committed_shards, is_committed
-from synth.shard import DEPTH_MAX, ShardPlan, plan_shards, remove_stale_tmp, render_code_version, shard_dir
+from synth.shard import PROGRESS_PREFIX, ShardPlan, plan_shards, render_code_version
 
 PROGRESS_TOPIC = "segfactory-render-progress"
 LOCK_FILE = ".render.lock"
 
 
+class RenderExecution(StrictModel):
+    """``execution``: how the render's shard tasks run."""
+
+    timeout_s: float = Field(1800.0, gt=0, description="a shard's render process is killed after this long")
+    retries: int = Field(2, ge=0, description="re-runs of a failed or timed-out shard")
+
+
+class RenderStep(RenderConfig):
+    """A render inside a pipeline: the render stage's config plus how its shard tasks run."""
+
+    execution: RenderExecution = Field(default_factory=RenderExecution)
+
+    def stage_config(self) -> RenderConfig:
+        """The render stage's own config (what a render process and the dataset's config.yaml see)."""
+        return RenderConfig.model_validate(self.model_dump(mode="json", include=set(RenderConfig.model_fields)))
+
+
+class RenderJob(RenderStep):
+    """``segfactory render CONFIG``: a render step and the cluster it runs on."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+
 def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
     """Dask task: render one shard in a subprocess with a timeout; raises (so Dask retries) on failure."""
     from pipelines.subproc import forward_to_driver, run_logged
-    from synth.worker import PROGRESS_PREFIX
 
     root = Path(job["root"])
     plan = job["plan"]
@@ -69,8 +105,6 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str,
     ensure_writable_dir(out)
     resolved = resolve_scene(cfg.scene)
     meta = {
-        "format": "segfactory-dataset",
-        "format_version": 1,
         "family": resolved.family.name,
         "classes": [asdict(c) for c in resolved.classes],
         "ignore_index": IGNORE_INDEX,
@@ -83,8 +117,8 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str,
         "config_hash": config_hash,
         "code_version": render_code_version(),
     }
-    save_resolved(cfg, out / "config.yaml")
-    update_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash, resolved.family.name)])
+    save_resolved(cfg.stage_config() if isinstance(cfg, RenderStep) else cfg, out / "config.yaml")
+    write_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash, resolved.family.name)])
     return meta
 
 
@@ -96,24 +130,6 @@ def dataset_plan(cfg: RenderConfig, config_hash: str, family: str) -> list[Shard
     return plan_shards(family, config_hash, d.seed, d.scenes, d.scenes_per_shard, render_code_version())
 
 
-def update_dataset_meta(out: Path, meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
-    """Rewrite dataset.json listing those of ``shard_ids`` that are committed on disk.
-
-    Only listed shards are part of the dataset (:func:`synth.dataset.open_dataset`). Committed shards of another
-    plan (a render of another size, seed or shard size into the same directory) stay on disk unlisted, so a
-    dataset never holds a scene twice and switching back re-uses them.
-    """
-    shards = []
-    on_disk = set(committed_shards(out))
-    for sid in sorted(set(shard_ids) & on_disk):
-        m = read_json(shard_dir(out, sid) / MANIFEST_FILE)
-        shards.append({"id": sid, "frames": m["num_frames"], "instances": m["num_instances"], "scenes": m["scenes"],
-                       "seed": m["seed"]})
-    meta = {**meta, "shards": shards, "num_shards": len(shards), "num_frames": sum(s["frames"] for s in shards)}
-    atomic_write_json(out / DATASET_FILE, meta)
-    return meta
-
-
 def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
     """Fill in the scene family's defaults and compute the dataset's config hash."""
     resolved = resolve_scene(cfg.scene)
@@ -121,13 +137,14 @@ def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
     return cfg, hash_config(cfg.identity())
 
 
-def run_render(cfg: RenderConfig, out: str | os.PathLike, performance_report: str | os.PathLike | None = None
-               ) -> dict[str, Any]:
+def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
+               performance_report: str | os.PathLike | None = None) -> dict[str, Any]:
     """Render all missing shards of the dataset ``cfg`` describes into ``out``.
 
     Args:
-        cfg: The render config.
+        cfg: The render step (render config + task execution).
         out: Dataset directory (created, or resumed when it holds the same config).
+        cluster: Where the shard tasks run.
         performance_report: Optional path of a Dask performance report (HTML) of the render.
 
     Returns:
@@ -144,10 +161,10 @@ def run_render(cfg: RenderConfig, out: str | os.PathLike, performance_report: st
     # Held for the whole render: a second render into `out` would remove this one's shard writes as leftovers.
     with exclusive_lock(out / LOCK_FILE, f"another render into '{out}'",
                         fix="wait for it to finish (a re-run then renders only missing shards), or use another --out"):
-        return _render_locked(cfg, out, meta, config_hash, performance_report)
+        return _render_locked(cfg, out, cluster, meta, config_hash, performance_report)
 
 
-def _render_locked(cfg: RenderConfig, out: Path, meta: dict[str, Any], config_hash: str,
+def _render_locked(cfg: RenderStep, out: Path, cluster: ClusterConfig, meta: dict[str, Any], config_hash: str,
                    performance_report: str | os.PathLike | None) -> dict[str, Any]:
     import time
 
@@ -158,7 +175,7 @@ def _render_locked(cfg: RenderConfig, out: Path, meta: dict[str, Any], config_ha
     if unlisted:
         console.print(f"{unlisted} committed shard(s) in {out} belong to another size, seed or shard size: kept on "
                       "disk, not part of this dataset")
-    stale = remove_stale_tmp(out)
+    stale = remove_stale_shard_writes(out)
     if stale:
         console.print(f"removed {stale} unfinished shard write(s) from an interrupted run")
     frames_per_shard = {p.shard_id: (p.scene_stop - p.scene_start) * cfg.render.views for p in todo}
@@ -170,12 +187,12 @@ def _render_locked(cfg: RenderConfig, out: Path, meta: dict[str, Any], config_ha
     if todo:
         from pipelines.cluster import open_client
 
-        with open_client(cfg.cluster, performance_report) as client:
-            failures, rendered = _submit_and_wait(client, cfg, out, config_hash, todo, frames_per_shard)
+        with open_client(cluster, performance_report) as client:
+            failures, rendered = _submit_and_wait(client, cfg, out, cluster, config_hash, todo, frames_per_shard)
         # Writes of shards whose worker died mid-render (the retry committed elsewhere) leave temp dirs behind.
         for sid in committed_shards(out):
-            remove_stale_tmp(out, sid)
-    meta = update_dataset_meta(out, meta, [p.shard_id for p in plans])
+            remove_stale_shard_writes(out, sid)
+    meta = write_dataset_meta(out, meta, [p.shard_id for p in plans])
     summary = {"out": str(out), "shards_planned": len(plans), "shards_rendered": rendered,
                "shards_skipped": len(plans) - len(todo), "shards_failed": len(failures),
                "frames_total": meta["num_frames"], "seconds": round(time.perf_counter() - t0, 2)}
@@ -188,16 +205,17 @@ def _render_locked(cfg: RenderConfig, out: Path, meta: dict[str, Any], config_ha
     return summary
 
 
-def _submit_and_wait(client: Any, cfg: RenderConfig, out: Path, config_hash: str, todo: list[ShardPlan],
-                     frames_per_shard: dict[str, int]) -> tuple[dict[str, str], int]:
+def _submit_and_wait(client: Any, cfg: RenderStep, out: Path, cluster: ClusterConfig, config_hash: str,
+                     todo: list[ShardPlan], frames_per_shard: dict[str, int]) -> tuple[dict[str, str], int]:
     from distributed import as_completed
 
     from pipelines.cluster import task_resources
 
     nworkers = max(1, len(client.scheduler_info().get("workers", {})))
-    threads = cfg.render.threads or (max(1, (os.cpu_count() or 1) // nworkers) if cfg.cluster.backend == "local" else 0)
+    threads = cfg.render.threads or (max(1, (os.cpu_count() or 1) // nworkers) if cluster.backend == "local" else 0)
     code = render_code_version()
-    jobs = [{"root": str(out), "plan": asdict(p), "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
+    stage = cfg.stage_config().model_dump(mode="json")
+    jobs = [{"root": str(out), "plan": asdict(p), "config": stage, "config_hash": config_hash,
              "code_version": code, "timeout_s": cfg.execution.timeout_s, "threads": threads} for p in todo]
     failures: dict[str, str] = {}
     rendered = 0
@@ -214,7 +232,7 @@ def _submit_and_wait(client: Any, cfg: RenderConfig, out: Path, config_hash: str
 
         client.subscribe_topic(PROGRESS_TOPIC, on_progress)
         futures = {client.submit(render_shard_task, job, key=f"render-{job['plan']['shard_id']}", pure=False,
-                                 retries=cfg.execution.retries, resources=task_resources(cfg.cluster)):
+                                 retries=cfg.execution.retries, resources=task_resources(cluster)):
                    job["plan"]["shard_id"] for job in jobs}
         for fut in as_completed(list(futures)):
             sid = futures[fut]

@@ -69,7 +69,7 @@ def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, eval
     """
     import tempfile
 
-    from synth.dataset import open_dataset
+    from segfactory.formats.dataset import open_dataset
     from synth.viz import contact_sheet, dataset_stats
 
     ds = open_dataset(dataset)

@@ -23,6 +23,7 @@ from finetune.config import FinetuneConfig
 from pipelines.cluster import ClusterConfig
 from pipelines.lock import exclusive_lock
 from pipelines.refresh import RealImages
+from pipelines.render import RenderStep
 from pipelines.stages import (
     FINETUNE_PACKAGES,
     PRETRAIN_PACKAGES,
@@ -37,7 +38,6 @@ from segfactory.config import StrictModel, save_resolved
 from segfactory.console import console
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
-from synth.config import RenderConfig
 from synth.shard import RENDER_PACKAGES
 
 SKIMAGE_DATA = "skimage:data"
@@ -54,7 +54,7 @@ class TrainingExecution(StrictModel):
 class RunConfig(StrictModel):
     """``segfactory run`` config: one section per stage plus the cluster."""
 
-    render: RenderConfig = Field(default_factory=RenderConfig)
+    render: RenderStep = Field(default_factory=RenderStep)
     test: HeldOutSet = Field(default_factory=HeldOutSet)
     real: RealImages = Field(default_factory=lambda: RealImages(src=SKIMAGE_DATA))
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -87,7 +87,7 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest import IngestJob, run_ingest
     from pipelines.render import resolve_render_config, run_render
     from pipelines.report import write_report
 
@@ -106,17 +106,18 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
 
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
-    render_cfg, render_hash = resolve_render_config(cfg.render.model_copy(update={"cluster": cfg.cluster}))
+    render_cfg, render_hash = resolve_render_config(cfg.render)
     size = render_cfg.dataset.model_dump(mode="json")
     dataset = stage_dir(out, "render", {"config": render_hash, "dataset": size}, RENDER_PACKAGES)
     if (dataset / STAGE_FILE).is_file():
         done["render"] = "cached"
     else:
-        s = run_render(render_cfg, dataset, performance_report=reports / f"{run_id}-dask-render.html")
+        s = run_render(render_cfg, dataset, cfg.cluster, performance_report=reports / f"{run_id}-dask-render.html")
         atomic_write_json(dataset / STAGE_FILE, {"summary": s, "config_hash": render_hash})
         done["render"] = f"{s['shards_rendered']} shard(s) rendered"
     # Evaluation scores scenes fine-tuning never saw: the same look, another seed.
-    test_set = render_test_set(render_cfg, render_hash, cfg.test, out, reports / f"{run_id}-dask-render-test.html")
+    test_set = render_test_set(render_cfg, render_hash, cfg.test, out, cfg.cluster,
+                               reports / f"{run_id}-dask-render-test.html")
     if test_set is None:
         console.print("[yellow]test.scenes=0: evaluating on the training dataset (scores are optimistic)[/]")
     stage("render")
@@ -128,7 +129,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if not cfg.real.src:
         raise UserError("run: real.src is empty; pretraining needs unlabeled real images",
                         fix=f"set real.src=DIR (or real.src={SKIMAGE_DATA} for scikit-image's sample photos)")
-    ingest_cfg = cfg.real.config.model_copy(update={"cluster": cfg.cluster})
+    ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
     images = stage_dir(out, "ingest", {"src": src, "config": cfg.real.config.model_dump(
         mode="json", include={"extensions", "follow_symlinks", "normalize", "checks"})}, ())
     ing = run_ingest(src, images, ingest_cfg)

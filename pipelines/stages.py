@@ -20,11 +20,11 @@ from pydantic import Field
 
 import segfactory
 from pipelines.cluster import ClusterConfig, open_client, training_resources
+from pipelines.render import RenderStep
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, canonical_hash
-from synth.config import RenderConfig
 from synth.shard import RENDER_PACKAGES
 
 STAGE_FILE = "stage.json"
@@ -50,7 +50,7 @@ def stage_dir(root: Path, name: str, key_material: dict[str, Any], packages: tup
     return root / "stages" / f"{name}-{canonical_hash({**key_material, 'code': code}, 12)}"
 
 
-def render_test_set(render_cfg: RenderConfig, config_hash: str, test: HeldOutSet, root: Path,
+def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, root: Path, cluster: ClusterConfig,
                     performance_report: Path) -> Path | None:
     """Render (or reuse) the held-out test set: the training render config with other scenes (another seed).
 
@@ -72,7 +72,7 @@ def render_test_set(render_cfg: RenderConfig, config_hash: str, test: HeldOutSet
                   RENDER_PACKAGES)
     if not (d / STAGE_FILE).is_file():
         console.print(f"held-out test set: {test.scenes} scene(s) with seed {seed}")
-        summary = run_render(render_cfg.model_copy(update={"dataset": dataset}), d,
+        summary = run_render(render_cfg.model_copy(update={"dataset": dataset}), d, cluster,
                              performance_report=performance_report)
         atomic_write_json(d / STAGE_FILE, {"summary": summary, "config_hash": config_hash})
     return d

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import kornia
 import torch
 
-from pretrain.config import AugmentConfig
+if TYPE_CHECKING:  # the config module imports the method registry, which imports this module
+    from pretrain.config import AugmentConfig
 
 
 @dataclass(frozen=True)

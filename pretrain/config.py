@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.cluster import ClusterConfig
 from segfactory.config import StrictModel
 
 # ----------------------------------------------------------------------------------------------- ingest
@@ -45,8 +44,6 @@ class IngestConfig(StrictModel):
     follow_symlinks: bool = True
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     checks: ValidateConfig = Field(default_factory=ValidateConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    retries: int = Field(1, ge=0, description="re-tries of a failed task before it is reported")
 
     @field_validator("extensions")
     @classmethod

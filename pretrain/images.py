@@ -6,85 +6,16 @@ size and cuts a square; every other augmentation runs batched on the training de
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from pretrain import ingest as ing
-from segfactory.errors import UserError
-from segfactory.io import read_json
+from segfactory.formats.images import ImageEntry, decode_entry
 from segfactory.workers import loader_context
-
-
-@dataclass(frozen=True)
-class ImageEntry:
-    """One stored image: a byte range of a shard's ``images.bin``."""
-
-    path: str
-    offset: int
-    length: int
-    ext: str
-    height: int
-    width: int
-    channels: int
-
-
-@dataclass
-class IngestedImages:
-    """An opened ``segfactory ingest`` output.
-
-    Attributes:
-        root: The directory.
-        entries: Every stored image of every committed shard, in shard order.
-        data_hash: Identity of the data (recorded in checkpoints and ``encoder.json``).
-        stats: ``{"1": {"mean", "std"}, "3": {...}}`` channel statistics for either input channel count.
-    """
-
-    root: Path
-    entries: list[ImageEntry]
-    data_hash: str
-    stats: dict[str, dict[str, list[float]]]
-
-    @property
-    def num_gray(self) -> int:
-        return sum(e.channels == 1 for e in self.entries)
-
-
-def open_images(root: str | os.PathLike) -> IngestedImages:
-    """Open the output of ``segfactory ingest`` (reading the committed shard manifests).
-
-    Raises:
-        UserError: if it is not an ingest output or holds no images.
-    """
-    root = Path(root)
-    fix = "pass the --out directory of `segfactory ingest`"
-    if not root.is_dir():
-        raise UserError(f"images directory '{root}' does not exist", fix=fix)
-    if not ing.shards_dir(root).is_dir():
-        raise UserError(f"'{root}' is not an ingested image set (no {ing.SHARDS_DIR}/ folder)", fix=fix)
-    entries: list[ImageEntry] = []
-    digests = []
-    for sid, man, digest in ing.iter_manifests(root):
-        digests.append((sid, digest))
-        pack = str(ing.shards_dir(root) / sid / ing.PACK_FILE)
-        entries.extend(ImageEntry(pack, r["offset"], r["length"], r["ext"], r["height"], r["width"], r["channels"])
-                       for r in man["images"])
-    if not entries:
-        raise UserError(f"'{root}' holds no ingested images (every file was rejected or ingest never finished)",
-                        fix=f"see {root / ing.REJECTED_FILE}, then re-run `segfactory ingest`")
-    index_path = root / ing.INDEX_FILE
-    stats = read_json(index_path)["stats"] if index_path.is_file() else {}
-    dh = ing.data_hash(digests)
-    if not stats or (index_path.is_file() and read_json(index_path).get("data_hash") != dh):
-        stats = ing.build_index(root)["stats"]  # index.json is derived; rebuild it when stale
-    return IngestedImages(root, entries, dh, stats)
 
 
 def read_square(entry: ImageEntry, load_size: int, in_chans: int, rng: np.random.Generator) -> np.ndarray:
@@ -103,15 +34,7 @@ def read_square(entry: ImageEntry, load_size: int, in_chans: int, rng: np.random
             if short // f >= load_size:
                 flag = fg if gray else fc
                 break
-    with open(entry.path, "rb") as f:
-        f.seek(entry.offset)
-        data = f.read(entry.length)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if img is None:
-        raise OSError(f"cannot decode the image at offset {entry.offset} of '{entry.path}' "
-                      "(was the images directory modified?)")
-    if not gray:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
+    img = decode_entry(entry, flag)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
     h, w = img.shape[:2]
     r = load_size / min(h, w)
     nw, nh = max(load_size, round(w * r)), max(load_size, round(h * r))

@@ -1,32 +1,16 @@
 """Ingestion core: raw image dump -> validated, deduplicated, normalized image shards.
 
 Pure functions over one unit of work (a list of files, one shard); ``pipelines/ingest.py`` runs them on Dask.
-
-Output layout (``--out DIR``)::
-
-    DIR/config.yaml                         resolved ingest config (normalization must match across runs)
-    DIR/shards/<run>-<chunk>/images.bin     the shard's stored images, concatenated JPEG/PNG files (8-bit
-                                            (H, W) gray or (H, W, 3) RGB); one file per shard, one fsync
-    DIR/shards/<run>-<chunk>/manifest.json  written last: the shard's commit mark; per image its byte range
-                                            (offset, length, ext) in images.bin, source, hash, sizes, scaling
-    DIR/index.json                          summary of all committed shards, data hash, channel statistics
-    DIR/rejected.jsonl                      one line per skipped file: source, kind, reason
-
-A shard directory without ``manifest.json`` does not exist (an interrupted write; it is removed on re-run).
+The output layout, its writer and readers are the ingest store format, :mod:`segfactory.formats.images`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import glob
 import io
-import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +18,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segfactory import code_version
 from segfactory.errors import UserError
-from segfactory.io import atomic_write_json, atomic_write_text, canonical_hash, commit_dir, read_json, sha256_bytes
+from segfactory.formats.images import MANIFEST_FILE, ImageShardWriter, shards_dir
+from segfactory.io import is_committed, read_json, sha256_bytes
 
-FORMAT = "segfactory-images"
-VERSION = 1
-SHARDS_DIR = "shards"
-PACK_FILE = "images.bin"
-MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.json"
-REJECTED_FILE = "rejected.jsonl"
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
@@ -509,32 +486,6 @@ def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
     return out
 
 
-# --------------------------------------------------------------------------------------------- shards
-
-
-def shards_dir(root: str | os.PathLike) -> Path:
-    return Path(root) / SHARDS_DIR
-
-
-def committed_shards(root: str | os.PathLike) -> list[str]:
-    d = shards_dir(root)
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
-
-
-def clean_uncommitted(root: str | os.PathLike) -> list[str]:
-    """Remove leftovers of interrupted runs (temp dirs, shard dirs without a manifest)."""
-    d = shards_dir(root)
-    removed = []
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_dir() and (p.name.startswith(".") or not (p / MANIFEST_FILE).is_file()):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-    return removed
-
-
 def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Ingest one chunk of files into one committed shard.
 
@@ -548,16 +499,10 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
         ``{"shard_id", "images", "rejected", "rejected_kinds"}`` counts for the summary.
     """
     final = shards_dir(out_root) / spec["shard_id"]
-    if (final / MANIFEST_FILE).is_file():  # committed by an earlier attempt of this task
-        man = read_json(final / MANIFEST_FILE)
-        return _shard_summary(man)
-    shards_dir(out_root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec['shard_id']}.", dir=shards_dir(out_root)))
-    try:
-        pack = open(tmp / PACK_FILE, "wb")  # noqa: SIM115 - closed below, before the manifest is written
-        offset = 0
-        images: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = list(spec.get("rejected", []))
+    if is_committed(final):  # committed by an earlier attempt of this task
+        return _shard_summary(read_json(final / MANIFEST_FILE))
+    rejected: list[dict[str, Any]] = list(spec.get("rejected", []))
+    with ImageShardWriter(out_root, spec["shard_id"]) as writer:
         for f in spec["files"]:
             src = {"source": f["path"], "size": f["size"], "mtime_ns": f["mtime_ns"], "sha256": f["sha256"]}
             try:
@@ -572,39 +517,9 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
                 rejected.append({**src, "kind": r.kind, "reason": r.reason})
                 continue
             for s in stored:
-                pack.write(s.data)
-                images.append({"offset": offset, "length": len(s.data), "ext": s.ext, **src, **s.record})
-                offset += len(s.data)
-        # one fsync for the whole shard (per-file fsyncs would cost more than decoding on most disks)
-        pack.flush()
-        os.fsync(pack.fileno())
-        pack.close()
-        manifest = {
-            "format": FORMAT, "version": VERSION, "shard_id": spec["shard_id"], "run": spec["run"],
-            "created": _now(), "code_version": code_version("pretrain"), "normalize": cfg["normalize"],
-            "normalize_hash": canonical_hash(cfg["normalize"]), "images": images, "rejected": rejected,
-        }
-        # the manifest is the commit mark: written last, then the directory is renamed into place
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        if final.exists():  # an uncommitted leftover of an earlier attempt
-            shutil.rmtree(final)
-        commit_dir(tmp, final)
-    except BaseException:
-        if not pack.closed:
-            pack.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                writer.add(s.data, s.ext, {**src, **s.record})
+        manifest = writer.commit(spec["run"], cfg["normalize"], rejected)
     return _shard_summary(manifest)
-
-
-def read_stored(shard_dir: str | os.PathLike, rec: dict[str, Any]) -> bytes:
-    """The stored file bytes of one manifest image record."""
-    with open(Path(shard_dir) / PACK_FILE, "rb") as f:
-        f.seek(rec["offset"])
-        data = f.read(rec["length"])
-    if len(data) != rec["length"]:
-        raise OSError(f"'{Path(shard_dir) / PACK_FILE}' is truncated (image at offset {rec['offset']})")
-    return data
 
 
 def _shard_summary(man: dict[str, Any]) -> dict[str, Any]:
@@ -613,40 +528,6 @@ def _shard_summary(man: dict[str, Any]) -> dict[str, Any]:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
     return {"shard_id": man["shard_id"], "images": len(man["images"]), "rejected": len(man["rejected"]),
             "rejected_kinds": kinds}
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-# ------------------------------------------------------------------------------------ reading the output
-
-
-def iter_manifests(root: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], str]]:
-    """``(shard_id, manifest, manifest_sha256)`` of every committed shard, in shard order."""
-    for sid in committed_shards(root):
-        raw = (shards_dir(root) / sid / MANIFEST_FILE).read_bytes()
-        yield sid, json.loads(raw), sha256_bytes(raw)
-
-
-def known_files(root: str | os.PathLike) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
-    """What earlier runs already handled.
-
-    Returns:
-        ``(keys, sha_to_source, last_run)``: (path, size, mtime_ns) of every file seen (ingested or
-        rejected), the content hash -> first source path of every ingested file, and the highest run number.
-    """
-    keys: set[tuple[str, int, int]] = set()
-    shas: dict[str, str] = {}
-    last_run = 0
-    for _, man, _ in iter_manifests(root):
-        last_run = max(last_run, int(man["run"]))
-        for rec in man["images"]:
-            keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
-            shas.setdefault(rec["sha256"], rec["source"])
-        for rec in man["rejected"]:
-            keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
-    return keys, shas, last_run
 
 
 def plan_shards(hashed: list[dict[str, Any]], known_shas: dict[str, str], run: int,
@@ -679,63 +560,3 @@ def plan_shards(hashed: list[dict[str, Any]], known_shas: dict[str, str], run: i
     return specs
 
 
-def build_index(root: str | os.PathLike) -> dict[str, Any]:
-    """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth)."""
-    shards = []
-    rejected_lines = []
-    n_gray = n_rgb = 0
-    acc = {1: _StatAcc(1), 3: _StatAcc(3)}
-    min_short = None
-    for sid, man, digest in iter_manifests(root):
-        shards.append({"id": sid, "images": len(man["images"]), "rejected": len(man["rejected"]),
-                       "manifest_sha256": digest, "run": man["run"]})
-        for r in man["rejected"]:
-            rejected_lines.append(json.dumps({"shard": sid, **r}, sort_keys=False))
-        for rec in man["images"]:
-            pixels = rec["height"] * rec["width"]
-            s = min(rec["height"], rec["width"])
-            min_short = s if min_short is None else min(min_short, s)
-            if rec["channels"] == 1:
-                n_gray += 1
-                acc[1].add(pixels, rec["mean"], rec["std"])
-                acc[3].add(pixels, rec["mean"] * 3, rec["std"] * 3)  # expanded to RGB at load
-            else:
-                n_rgb += 1
-                acc[3].add(pixels, rec["mean"], rec["std"])
-                acc[1].add(pixels, [rec["luma_mean"]], [rec["luma_std"]])  # converted to gray at load
-    index = {
-        "format": FORMAT, "version": VERSION, "created": _now(), "code_version": code_version("pretrain"),
-        "num_images": n_gray + n_rgb, "num_gray": n_gray, "num_rgb": n_rgb,
-        "num_rejected": sum(s["rejected"] for s in shards), "min_short_side": min_short,
-        "data_hash": data_hash([(s["id"], s["manifest_sha256"]) for s in shards]),
-        "stats": {str(c): a.result() for c, a in acc.items() if a.n},
-        "shards": shards,
-    }
-    atomic_write_text(Path(root) / REJECTED_FILE, "".join(line + "\n" for line in rejected_lines))
-    atomic_write_json(Path(root) / INDEX_FILE, index)
-    return index
-
-
-def data_hash(shard_digests: Iterable[tuple[str, str]]) -> str:
-    """Hash identifying the ingested data: the list of committed shards and their manifests' sha256."""
-    return canonical_hash(sorted(shard_digests), length=32)
-
-
-class _StatAcc:
-    """Pixel-weighted pooling of per-image channel means/stds into dataset mean/std."""
-
-    def __init__(self, channels: int):
-        self.n = 0
-        self.s1 = np.zeros(channels)
-        self.s2 = np.zeros(channels)
-
-    def add(self, pixels: int, mean: list[float], std: list[float]) -> None:
-        m, s = np.asarray(mean, float), np.asarray(std, float)
-        self.n += pixels
-        self.s1 += pixels * m
-        self.s2 += pixels * (s**2 + m**2)
-
-    def result(self) -> dict[str, list[float]]:
-        mean = self.s1 / self.n
-        std = np.sqrt(np.maximum(self.s2 / self.n - mean**2, 1e-12))
-        return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}

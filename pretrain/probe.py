@@ -46,7 +46,7 @@ def load_frames(data_dir: str | os.PathLike, cfg: ProbeConfig, in_chans: int
     Returns:
         ``(images (N, C, S, S) float32, labels (N, S, S) int64, num_classes, ignore_index, class_names)``.
     """
-    from synth.dataset import load_frame, open_dataset
+    from segfactory.formats.dataset import load_frame, open_dataset
 
     ds = open_dataset(data_dir)
     refs = list(ds.frames())

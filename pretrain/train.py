@@ -7,7 +7,7 @@ Run directory (``--out``)::
                                          weights_only=True)
     OUT/metrics.jsonl, OUT/metrics.csv   step, loss, lr, images_per_s, data_wait_pct, elapsed_s
     OUT/loss.png                         loss curve
-    OUT/encoder/                         encoder.safetensors + encoder.json (+ config.yaml), see pretrain.export
+    OUT/encoder/                         encoder.safetensors + encoder.json (+ config.yaml): segfactory.formats.encoder
     OUT/summary.json                     final numbers of the last run
 
 Determinism: model init is seeded, the data order and each sample's square crop are functions of
@@ -35,12 +35,13 @@ import torch
 from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import BACKBONES, build_encoder
 from pretrain.config import PretrainConfig
-from pretrain.export import save_encoder
-from pretrain.images import ImageEntry, IngestedImages, make_loader, open_images
+from pretrain.images import make_loader
 from pretrain.methods import SSLMethod, build_method
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import UserError
+from segfactory.formats.encoder import save_encoder
+from segfactory.formats.images import ImageEntry, IngestedImages, open_images
 from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
 from segfactory.plotting import figure_png
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from scenes import SceneContext, register_scene
 from scenes import geometry as g
 from scenes.camera import look_at
 from scenes.placement import Footprint, place_footprints
 from scenes.randomization import CountRange, PosRange, integers, sample_post, uniform
+from scenes.registry import SceneContext, register_scene
 from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, World
 from segfactory.config import StrictModel
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from scenes import SceneContext, register_scene
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
 from scenes.placement import Box, Footprint, FootprintSet, place_footprints
@@ -23,6 +22,7 @@ from scenes.randomization import (
     sample_world,
     uniform,
 )
+from scenes.registry import SceneContext, register_scene
 from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, footprint_radius
 from segfactory.config import StrictModel
 

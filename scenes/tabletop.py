@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from scenes import SceneContext, register_scene
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
 from scenes.placement import place_circles
@@ -27,6 +26,7 @@ from scenes.randomization import (
     sample_world,
     uniform,
 )
+from scenes.registry import SceneContext, register_scene
 from scenes.spec import Camera, ClassDef, Mesh, Part, SceneObject, SceneSpec, footprint_radius
 from segfactory.config import StrictModel
 from segfactory.io import sha256_file

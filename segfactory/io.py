@@ -66,7 +66,7 @@ def canonical_hash(obj: Any, length: int = 16) -> str:
 
 
 def commit_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
-    """Atomically move a fully written directory into place.
+    """Atomically move a fully written directory into place (and make the rename durable).
 
     ``final_dir`` must not exist with content: a committed unit is never overwritten. A leftover
     ``final_dir`` without its commit mark is the caller's to remove first.
@@ -81,6 +81,97 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory below ``root`` (what a commit must do before its mark is trusted)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+# ------------------------------------------------------------------------------------------ committed units
+# One protocol for every directory-shaped output that readers trust (render shards, ingest shards): a unit is
+# written into a fresh attempt directory ``PARENT/.tmp-<id>-<random>`` next to its final place, its manifest is
+# written last, everything is fsynced, and the directory is renamed to ``PARENT/<id>``. A directory without
+# ``manifest.json`` is not a unit: readers skip it and writers remove it.
+
+MANIFEST_FILE = "manifest.json"
+ATTEMPT_PREFIX = ".tmp-"
+
+
+def is_committed(unit_dir: str | os.PathLike) -> bool:
+    """Whether ``unit_dir`` holds its manifest (the commit mark)."""
+    return (Path(unit_dir) / MANIFEST_FILE).is_file()
+
+
+def committed_units(parent: str | os.PathLike) -> list[str]:
+    """Sorted names of the committed units in ``parent`` (hidden attempt directories are never units)."""
+    d = Path(parent)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and is_committed(p))
+
+
+def new_attempt_dir(parent: str | os.PathLike, unit_id: str) -> Path:
+    """A fresh, empty attempt directory for ``unit_id`` on the same filesystem as its final place."""
+    import uuid
+
+    tmp = Path(parent) / f"{ATTEMPT_PREFIX}{unit_id}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def remove_stale_attempts(parent: str | os.PathLike, unit_id: str | None = None,
+                          uncommitted: bool = False) -> list[str]:
+    """Delete leftovers of interrupted writes: attempt directories (all, or those of one unit) and, with
+    ``uncommitted``, unit directories that lack their manifest. Returns the names removed."""
+    d = Path(parent)
+    if not d.is_dir():
+        return []
+    prefix = f"{ATTEMPT_PREFIX}{unit_id}-" if unit_id else ATTEMPT_PREFIX
+    removed = []
+    for p in sorted(d.iterdir()):
+        stale = p.name.startswith(prefix) or (uncommitted and unit_id is None and p.is_dir()
+                                              and not p.name.startswith(".") and not is_committed(p))
+        if stale and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def commit_unit(tmp: str | os.PathLike, final: str | os.PathLike) -> bool:
+    """Commit a fully written attempt directory (manifest written last) as ``final``.
+
+    Everything below ``tmp`` is fsynced first, so a committed unit survives a power loss. A ``final`` that
+    exists without a manifest (an interrupted copy by hand, a foreign directory) is replaced.
+
+    Returns:
+        False if another attempt already committed the same unit (a retried task racing a straggler): this
+        attempt is then discarded.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if not is_committed(tmp):
+        raise RuntimeError(f"refusing to commit {tmp}: no {MANIFEST_FILE}")
+    if final.exists():
+        if is_committed(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        shutil.rmtree(final)
+    fsync_tree(tmp)
+    try:
+        commit_dir(tmp, final)
+    except OSError:
+        if is_committed(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+    return True
 
 
 def remove_tree(path: str | os.PathLike) -> None:

@@ -1,4 +1,8 @@
-"""The render config (``segfactory render CONFIG``): scene, render settings, output format, dataset size."""
+"""The render stage's config: scene, render settings, output format, dataset size.
+
+How the stage runs on a cluster (task timeouts and retries, the Dask cluster) is the pipeline's business:
+``segfactory render CONFIG`` reads a :class:`pipelines.render.RenderJob`, which composes this config with them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.cluster import ClusterConfig
 from scenes import SceneConfig
 from segfactory.config import StrictModel
 
@@ -48,24 +51,17 @@ class DatasetSettings(StrictModel):
     seed: int = Field(0, ge=0, description="base seed; scene i uses SeedSequence([seed, i])")
 
 
-class ExecutionSettings(StrictModel):
-    timeout_s: float = Field(1800.0, gt=0, description="a shard's render process is killed after this long")
-    retries: int = Field(2, ge=0, description="re-runs of a failed or timed-out shard")
-
-
 class RenderConfig(StrictModel):
     scene: SceneConfig = Field(default_factory=SceneConfig)
     render: RenderSettings = Field(default_factory=RenderSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
-    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def identity(self) -> dict:
         """What determines how every frame looks: the dataset's config hash is taken over this.
 
-        Size (scene count, shard size), seed, cluster and execution knobs are left out, so a dataset can grow
-        or be re-rendered elsewhere; threads do not change pixels either.
+        Size (scene count, shard size) and seed are left out, so a dataset can grow or be re-rendered elsewhere;
+        threads do not change pixels either.
         """
         render = self.render.model_dump(mode="json")
         render.pop("threads")

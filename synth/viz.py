@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from segfactory.formats.dataset import Dataset, FrameRef, load_frame
 from segfactory.io import read_json
-from synth.dataset import Dataset, FrameRef, load_frame
 
 
 def colorize_semantic(semantic: np.ndarray, classes: list[dict[str, Any]], ignore_index: int = 255) -> np.ndarray:
@@ -106,7 +106,7 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
     pixels = np.zeros(n, dtype=np.int64)
     frames = 0
     for ref in ds.frames():
-        from synth.dataset import read_image
+        from segfactory.formats.imagefile import read_image
 
         pixels += np.bincount(read_image(ref.semantic).ravel(), minlength=n)
         frames += 1

@@ -26,20 +26,11 @@ import psutil
 
 from scenes import resolve_scene, sample_scene, scene_rng
 from scenes.spec import Camera
+from segfactory.formats.dataset import ShardWriter, commit_shard, is_committed, new_shard_attempt, shard_dir
 from segfactory.io import read_json
-from synth.dataset import is_committed
 from synth.postfx import apply_post
-from synth.shard import (
-    ShardPlan,
-    ShardWriter,
-    commit_shard,
-    depth_to_png,
-    labels_from_index,
-    new_tmp_dir,
-    shard_dir,
-)
+from synth.shard import PROGRESS_PREFIX, ShardPlan, depth_to_png, labels_from_index
 
-PROGRESS_PREFIX = "SEGFACTORY-PROGRESS"
 FAULT_ENV = "SEGFACTORY_FAULT"
 
 
@@ -90,12 +81,13 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
     final = shard_dir(root, plan.shard_id)
     if is_committed(final):
         return {"shard_id": plan.shard_id, "skipped": True}
-    tmp = new_tmp_dir(root, plan.shard_id)
+    tmp = new_shard_attempt(root, plan.shard_id)
     scratch = tempfile.mkdtemp(prefix="segfactory-blender-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     proc = psutil.Process()
     try:
         renderer = BlenderRenderer(cfg.render, cfg.output, scratch, threads=int(job.get("threads", 0)))
-        writer = ShardWriter(tmp, plan, resolved.classes, cfg.output.image_format, cfg.output.jpeg_quality)
+        writer = ShardWriter(tmp, plan.shard_id, plan.index, plan.seed, (plan.scene_start, plan.scene_stop),
+                             [asdict(c) for c in resolved.classes], cfg.output.image_format, cfg.output.jpeg_quality)
         timings = {"startup_s": renderer.startup_s, "sample_s": 0.0, "build_s": 0.0, "color_s": 0.0,
                    "labels_s": 0.0, "write_s": 0.0}
         rss_mb = []
@@ -113,7 +105,7 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
                 post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1, v]))
                 rgb = apply_post(view.rgb, spec.post[v], post_rng)
                 writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),
-                           camera_record(spec.cameras[v]), spec.post[v])
+                           camera_record(spec.cameras[v]), asdict(spec.post[v]))
                 print(f"{PROGRESS_PREFIX} {plan.shard_id} {len(writer.frames)}", flush=True)
                 _maybe_fault(root, plan)
             timings["write_s"] += time.perf_counter() - t0 + t["read_s"]

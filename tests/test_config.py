@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.render import RenderJob
 from segfactory.config import load_config, save_resolved
 from segfactory.errors import UserError
-from synth.config import RenderConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -18,13 +18,13 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_shipped_configs_validate(name):
     from pipelines.render import resolve_render_config
 
-    cfg, digest = resolve_render_config(load_config(RenderConfig, CONFIGS / f"{name}.yaml"))
+    cfg, digest = resolve_render_config(load_config(RenderJob, CONFIGS / f"{name}.yaml"))
     assert len(digest) == 16
     assert cfg.scene.params and cfg.scene.randomization  # fully resolved
 
 
 def test_overrides_and_flags_apply_in_order(tmp_path: Path):
-    cfg = load_config(RenderConfig, CONFIGS / "street.yaml", ["render.samples=64", "scene.params.lanes=[1, 2]"],
+    cfg = load_config(RenderJob, CONFIGS / "street.yaml", ["render.samples=64", "scene.params.lanes=[1, 2]"],
                       {"dataset.scenes": 3, "render.views": None})
     assert cfg.render.samples == 64 and cfg.dataset.scenes == 3 and cfg.render.views == 4
     assert cfg.scene.params["lanes"] == [1, 2]
@@ -42,7 +42,7 @@ def test_overrides_and_flags_apply_in_order(tmp_path: Path):
 ])
 def test_bad_values_name_field_value_and_fix(overrides, needles):
     with pytest.raises(UserError) as e:
-        load_config(RenderConfig, CONFIGS / "street.yaml", overrides)
+        load_config(RenderJob, CONFIGS / "street.yaml", overrides)
     text = str(e.value)
     assert e.value.fix
     for n in needles:
@@ -51,8 +51,8 @@ def test_bad_values_name_field_value_and_fix(overrides, needles):
 
 def test_missing_and_malformed_files(tmp_path: Path):
     with pytest.raises(UserError, match="does not exist"):
-        load_config(RenderConfig, tmp_path / "nope.yaml")
+        load_config(RenderJob, tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("scene: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML at line"):
-        load_config(RenderConfig, bad)
+        load_config(RenderJob, bad)

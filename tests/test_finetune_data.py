@@ -17,11 +17,12 @@ import tifffile
 
 from finetune.config import FinetuneConfig, SourceSpec
 from finetune.data.mixing import MixedBatchSampler, WindowDataset, batch_counts, collate, random_window
-from finetune.data.normalize import read_image, read_mask, to_unit
+from finetune.data.normalize import to_unit
 from finetune.data.remap import build_remap, make_targets
 from finetune.data.sources import open_source, open_training_sources, resolve_targets, split_items, subset_items
 from finetune.samples import coins_image_and_mask, make_coins_folder, skimage_data_path
 from segfactory.errors import UserError
+from segfactory.formats.imagefile import read_image, read_mask
 
 CELLS = [{"id": 0, "name": "background"}, {"id": 1, "name": "nucleus"}, {"id": 2, "name": "debris"}]
 

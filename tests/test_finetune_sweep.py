@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
     from finetune.samples import make_coins_folder
     from pretrain.backbones import create_features_model
-    from pretrain.export import save_encoder
+    from segfactory.formats.encoder import save_encoder
 
     real = make_coins_folder(tmp_path / "real", n=8, size=64, seed=11)
     test = make_coins_folder(tmp_path / "test", n=3, size=96, seed=12)

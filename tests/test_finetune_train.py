@@ -17,13 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.config import FinetuneConfig, SourceSpec
-from finetune.data.normalize import read_image, read_mask
 from finetune.evaluate import confusion_matrix, metrics_from_confusion
 from finetune.samples import coins_image_and_mask, make_coins_folder, skimage_data_path
 from segfactory.cli import main
 from segfactory.config import load_config
 from segfactory.errors import UserError
-from synth.dataset import open_dataset
+from segfactory.formats.dataset import open_dataset
+from segfactory.formats.imagefile import read_image, read_mask
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "finetune_tiny.yaml")
@@ -261,7 +261,7 @@ def test_resume_is_exact(arch: str, tiny_dataset: Path, tmp_path: Path) -> None:
 def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Encoder dirs in the pretraining stage's export format (weights: seeded random init)."""
     from pretrain.backbones import create_features_model
-    from pretrain.export import save_encoder
+    from segfactory.formats.encoder import save_encoder
 
     base = tmp_path_factory.mktemp("encoders")
     out = {}

@@ -17,21 +17,22 @@ import pytest
 import skimage
 import tifffile
 
-from pipelines.ingest import LOCK_FILE, run_ingest
+from pipelines.ingest import LOCK_FILE, IngestJob, run_ingest
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
-from pretrain.images import open_images
 from segfactory.cli import main
 from segfactory.config import load_config
 from segfactory.errors import EXIT_BUSY, UserError
+from segfactory.formats import images as store
+from segfactory.formats.images import open_images
 
 SK = Path(skimage.__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cfg(**over: object) -> IngestConfig:
+def cfg(**over: object) -> IngestJob:
     base = ["cluster.workers=2", "cluster.dashboard=false", "normalize.max_short_side=256", "files_per_shard=4"]
-    return load_config(IngestConfig, None, base + [f"{k}={v}" for k, v in over.items()])
+    return load_config(IngestJob, None, base + [f"{k}={v}" for k, v in over.items()])
 
 
 def png_with_header_size(src: Path, w: int, h: int) -> bytes:
@@ -104,11 +105,11 @@ def test_mixed_dump_ingests_good_and_reports_each_bad_file(ingested: tuple[Path,
 def test_stored_images_are_normalized_and_recorded(ingested: tuple[Path, dict]) -> None:
     out, _ = ingested
     recs = {}
-    for sid, man, _ in core.iter_manifests(out):
+    for sid, man, _ in store.iter_manifests(out):
         assert (out / "shards" / sid / "manifest.json").is_file()
         for r in man["images"]:
             recs[(Path(r["source"]).name, r["page"])] = (sid, r)
-            blob = core.read_stored(out / "shards" / sid, r)
+            blob = store.read_stored(out / "shards" / sid, r)
             img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
             assert img.dtype == np.uint8
             assert img.shape[:2] == (r["height"], r["width"])
@@ -135,12 +136,12 @@ def test_stored_images_are_normalized_and_recorded(ingested: tuple[Path, dict]) 
 def test_incremental_reingest_only_takes_new_files(dump: Path, tmp_path: Path) -> None:
     out = tmp_path / "images"
     run_ingest(str(dump), out, cfg())
-    before = {sid: digest for sid, _, digest in core.iter_manifests(out)}
+    before = {sid: digest for sid, _, digest in store.iter_manifests(out)}
     hash_before = open_images(out).data_hash
     # nothing new: no cluster, no new shard
     again = run_ingest(str(dump), out, cfg())
     assert again["new_files"] == 0 and again["total_images"] == 9
-    assert {sid: d for sid, _, d in core.iter_manifests(out)} == before
+    assert {sid: d for sid, _, d in store.iter_manifests(out)} == before
     # the dump grows (one new image, one copy of an ingested one), and a crashed shard write is left over
     grown = tmp_path / "grown"
     shutil.copytree(dump, grown)
@@ -153,7 +154,7 @@ def test_incremental_reingest_only_takes_new_files(dump: Path, tmp_path: Path) -
     assert summary["new_images"] == 1
     assert summary["rejected_kinds"] == {"duplicate": 1}
     assert not (out / "shards" / "0009-00000").exists()
-    after = {sid: d for sid, _, d in core.iter_manifests(out)}
+    after = {sid: d for sid, _, d in store.iter_manifests(out)}
     assert {k: after[k] for k in before} == before  # committed shards are never rewritten
     assert summary["total_images"] == 10
     assert open_images(out).data_hash != hash_before
@@ -280,9 +281,9 @@ def test_jpeg_damaged_in_the_middle_is_rejected() -> None:
     mid = len(data) // 2
     # a burst of garbage in the entropy-coded data, file length unchanged (not a truncation)
     data[mid:mid + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
-    for store in ("auto", "png"):  # validated at 1/8 scale (copied) and at full size (re-encoded)
+    for store_as in ("auto", "png"):  # validated at 1/8 scale (copied) and at full size (re-encoded)
         with pytest.raises(core.Rejected) as e:
-            core.process_bytes(bytes(data), {**c, "normalize": {**c["normalize"], "store": store}})
+            core.process_bytes(bytes(data), {**c, "normalize": {**c["normalize"], "store": store_as}})
         assert e.value.kind == "corrupt" and "corrupt JPEG" in e.value.reason
 
 
@@ -292,9 +293,9 @@ def test_a_second_ingest_into_the_same_out_exits_busy_and_touches_nothing(tmp_pa
     src.mkdir()
     shutil.copy(SK / "astronaut.png", src / "astronaut.png")
     out = tmp_path / "images"
-    writing = out / "shards" / ".0001-00000.k2j4"  # a shard the running ingest is writing right now
+    writing = out / "shards" / ".tmp-0001-00000-k2j4"  # a shard the running ingest is writing right now
     writing.mkdir(parents=True)
-    (writing / core.PACK_FILE).write_bytes(b"partial")
+    (writing / store.PACK_FILE).write_bytes(b"partial")
     # the running ingest: another process holding the output's lock
     code = ("import sys\nfrom pathlib import Path\nfrom pipelines.lock import exclusive_lock\n"
             "with exclusive_lock(Path(sys.argv[1]), 'an ingest', 'wait'):\n"
@@ -308,8 +309,8 @@ def test_a_second_ingest_into_the_same_out_exits_busy_and_touches_nothing(tmp_pa
         assert rc == EXIT_BUSY
         err = capsys.readouterr().err
         assert f"another ingest into '{out}' is running (pid {holder.pid} on" in err and "fix:" in err
-        assert writing.is_dir() and (writing / core.PACK_FILE).read_bytes() == b"partial"
-        assert not (out / "config.yaml").exists() and not (out / core.INDEX_FILE).exists()
+        assert writing.is_dir() and (writing / store.PACK_FILE).read_bytes() == b"partial"
+        assert not (out / "config.yaml").exists() and not (out / store.INDEX_FILE).exists()
     finally:
         assert holder.stdin is not None
         holder.stdin.close()

@@ -19,8 +19,8 @@ import pytest
 from conftest import CONFIGS, REPO, assert_hang_children_gone
 from loopback import LoopbackCluster, kill_tree
 
+from segfactory.formats.dataset import open_dataset
 from segfactory.io import sha256_file
-from synth.dataset import open_dataset
 
 pytestmark = pytest.mark.render
 

@@ -15,8 +15,8 @@ from PIL import Image
 from pipelines.refresh import list_releases, refresh_lock
 from segfactory.cli import main
 from segfactory.errors import EXIT_BUSY
+from segfactory.formats.dataset import open_dataset
 from segfactory.io import read_json, sha256_file
-from synth.dataset import open_dataset
 
 pytestmark = pytest.mark.render
 

@@ -20,12 +20,14 @@ from pretrain import train
 from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import build_encoder
 from pretrain.config import AugmentConfig, IngestConfig, PretrainConfig
-from pretrain.images import make_loader, open_images
+from pretrain.images import make_loader
 from pretrain.methods import METHODS, build_method
 from pretrain.train import checkpoint_paths, restore_scaler, run_pretrain
 from segfactory.cli import main
 from segfactory.config import load_config
 from segfactory.errors import UserError
+from segfactory.formats import images as store
+from segfactory.formats.images import open_images
 
 REAL = [Path(skimage.__file__).parent / "data" / f for f in
         ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "retina.jpg", "hubble_deep_field.jpg",
@@ -47,7 +49,7 @@ def ingest_inline(files: list[Path], out: Path, max_short_side: int = 64) -> Pat
     hashed = core.hash_files([core.SourceFile(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files], 100)
     for spec in core.plan_shards(hashed, {}, 1, 6):
         core.ingest_shard(spec, str(out), c.model_dump(mode="json"))
-    core.build_index(out)
+    store.build_index(out)
     return out
 
 

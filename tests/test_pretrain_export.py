@@ -10,9 +10,11 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 
+from finetune.models import load_into_smp
 from pretrain.backbones import BACKBONES, build_encoder
-from pretrain.export import create_timm_encoder, load_encoder, load_into_smp, save_encoder
+from pretrain.export import create_timm_encoder
 from segfactory.errors import UserError
+from segfactory.formats.encoder import load_encoder, save_encoder
 
 
 def export(name: str, in_chans: int, out: Path, seed: int = 0) -> Path:

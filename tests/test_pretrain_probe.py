@@ -15,11 +15,12 @@ from pretrain import ingest as core
 from pretrain import probe as probe_mod
 from pretrain.backbones import create_features_model
 from pretrain.config import IngestConfig, PretrainConfig, ProbeConfig
-from pretrain.export import save_encoder
 from pretrain.probe import run_probe
 from pretrain.train import run_pretrain
 from segfactory.cli import main
 from segfactory.config import load_config
+from segfactory.formats import images as store
+from segfactory.formats.encoder import save_encoder
 
 PHOTOS = [Path(skimage.__file__).parent / "data" / f for f in
           ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "coins.png")]
@@ -35,7 +36,7 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     hashed = core.hash_files([core.SourceFile(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in PHOTOS], 100)
     for spec in core.plan_shards(hashed, {}, 1, 8):
         core.ingest_shard(spec, str(images), c)
-    core.build_index(images)
+    store.build_index(images)
     cfg = load_config(PretrainConfig, None, [
         "backbone.name=test_resnet", "method.name=simclr", "train.steps=4", "train.batch_size=8",
         "augment.crop_size=32", "data.num_workers=0", "optim.lr=2.0", "optim.warmup_steps=0",

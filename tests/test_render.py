@@ -18,8 +18,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segfactory.errors import EXIT_PARTIAL, EXIT_USER
+from segfactory.formats.dataset import load_frame, open_dataset
+from segfactory.formats.imagefile import read_image
 from segfactory.io import read_json, sha256_file
-from synth.dataset import load_frame, open_dataset, read_image
 
 pytestmark = pytest.mark.render
 

@@ -49,8 +49,8 @@ def _kind(obj) -> str:
 
 
 def test_scenes_never_import_blender():
-    code = "import sys, scenes, scenes.street, scenes.tabletop, scenes.cells, synth.dataset, synth.shard, " \
-           "pipelines.render, segfactory.cli; segfactory.cli.build_parser(); " \
+    code = "import sys, scenes, scenes.street, scenes.tabletop, scenes.cells, segfactory.formats.dataset, " \
+           "synth.shard, pipelines.render, segfactory.cli; segfactory.cli.build_parser(); " \
            "print(json.dumps([m for m in ('bpy', 'blenderproc', 'torch') if m in sys.modules]))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

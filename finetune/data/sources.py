@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from finetune.config import FinetuneConfig, SourceSpec
-from finetune.data.normalize import IMAGE_SUFFIXES, read_image, read_mask
 from finetune.data.remap import Remap, TargetClasses, build_remap, make_targets
 from segfactory.errors import UserError
+from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image, read_mask
 from segfactory.io import read_json
 
 Kind = Literal["synthetic", "real"]
@@ -137,7 +137,7 @@ def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None
 
 
 def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
-    from synth.dataset import open_dataset
+    from segfactory.formats.dataset import open_dataset
 
     ds = open_dataset(path)
     items = [Item(f"{f.shard_id}/{f.name}", f.rgb, f.semantic) for f in ds.frames()]
@@ -256,7 +256,7 @@ def resolve_targets(cfg: FinetuneConfig) -> TargetClasses:
     for i, spec in enumerate(cfg.data.real):
         check_kind(Path(spec.path), "real", f"data.real[{i}]")
     if cfg.data.synthetic:
-        from synth.dataset import open_dataset
+        from segfactory.formats.dataset import open_dataset
 
         return make_targets(open_dataset(cfg.data.synthetic[0].path).classes, cfg.ignore_index)
     if cfg.data.real:

@@ -1,4 +1,4 @@
-"""CLI glue for the pipelines: ``run`` (end to end), ``refresh`` (incremental dataset refresh), ``bench pipeline``."""
+"""Commands of the pipelines: ``run`` (end to end), ``refresh`` (incremental dataset refresh), ``bench pipeline``."""
 
 from __future__ import annotations
 

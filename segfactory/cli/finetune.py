@@ -29,46 +29,9 @@ def _save_args(path: Path, args: dict[str, Any]) -> None:
                                            sort_keys=False))
 
 
-def _with_paths(entries: list, paths: list[str] | None, spec_type) -> list:
-    """``--synthetic/--real`` replace the config entries' paths in order, keeping their other settings."""
-    if not paths:
-        return entries
-    out = []
-    for i, p in enumerate(paths):
-        out.append(entries[i].model_copy(update={"path": Path(p)}) if i < len(entries) else spec_type(path=Path(p)))
-    return out
-
-
-def apply_data_flags(cfg, synthetic: list[str] | None, real: list[str] | None, encoder: str | None,
-                     arch: str | None, steps: int | None):
-    """Apply the stable script flags to a :class:`~finetune.config.FinetuneConfig` (returns a new one)."""
-    from finetune.config import FinetuneConfig, SourceSpec
-    from segfactory.config import validation_error_to_user_error
-
-    data = cfg.data.model_copy(update={"synthetic": _with_paths(cfg.data.synthetic, synthetic, SourceSpec),
-                                       "real": _with_paths(cfg.data.real, real, SourceSpec)})
-    model_update: dict[str, Any] = {}
-    if encoder is not None:
-        model_update["encoder_dir"] = Path(encoder)
-    if arch is not None:
-        from finetune.models import ARCHS
-
-        ARCHS.get(arch)
-        model_update["arch"] = arch
-    train = cfg.train.model_copy(update={"steps": steps}) if steps is not None else cfg.train
-    raw = cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update=model_update),
-                                 "train": train}).model_dump()
-    from pydantic import ValidationError
-
-    try:
-        return FinetuneConfig.model_validate(raw)
-    except ValidationError as e:
-        raise validation_error_to_user_error(e, FinetuneConfig, "flags") from None
-
-
 # ---------------------------------------------------------------------------------------------- finetune
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from finetune.config import FinetuneConfig
+    from finetune.config import FinetuneConfig, apply_data_flags
     from finetune.models import ARCHS
     from finetune.train import run_finetune
     from segfactory.config import load_config
@@ -146,8 +109,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- export
 def _cmd_export(args: argparse.Namespace) -> int:
     from finetune.export import export_model_dir, export_onnx
-    from finetune.models import ONNX_FILE
     from segfactory.console import console
+    from segfactory.formats.model import ONNX_FILE
 
     model_dir = Path(args.model)
     result: dict[str, Any] = {"model_dir": str(model_dir)}

@@ -1,4 +1,5 @@
-"""CLI glue for pretraining: ``ingest``, ``pretrain``, ``probe`` and ``bench ingest`` / ``bench augment``."""
+"""Commands of the pretraining stage: ``ingest`` (a Dask pipeline), ``pretrain``, ``probe``, ``bench ingest`` /
+``bench augment``."""
 
 from __future__ import annotations
 
@@ -73,8 +74,7 @@ def register(commands: Any, benches: Any) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import run_ingest
-    from pretrain.config import IngestConfig
+    from pipelines.ingest import IngestJob, run_ingest
     from segfactory.config import load_config
 
     extra: dict[str, Any] = {"cluster.workers": args.workers}
@@ -85,7 +85,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         extra["normalize.max_short_side"] = args.max_short_side
     if args.cluster_address:
         extra |= {"cluster.backend": "address", "cluster.address": args.cluster_address}
-    cfg = load_config(IngestConfig, args.config, overrides, extra)
+    cfg = load_config(IngestJob, args.config, overrides, extra)
     summary = run_ingest(args.src, args.out, cfg)
     print(json.dumps(summary))
     return 0

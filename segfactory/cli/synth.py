@@ -1,4 +1,4 @@
-"""CLI glue for the synthetic-data stage: ``render``, ``show``, ``stats`` and ``bench render``."""
+"""Commands of the synthetic-data stage: ``render`` (a Dask pipeline), ``show``, ``stats`` and ``bench render``."""
 
 from __future__ import annotations
 
@@ -47,23 +47,22 @@ def register(commands: Any, benches: Any) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from pipelines.render import run_render
+    from pipelines.render import RenderJob, run_render
     from segfactory.config import load_config
-    from synth.config import RenderConfig
 
     extra = {"dataset.scenes": args.scenes, "render.views": args.views, "render.resolution": args.resolution,
              "dataset.seed": args.seed, "cluster.workers": args.workers}
     if args.cluster_address:
         extra |= {"cluster.backend": "address", "cluster.address": args.cluster_address}
-    cfg = load_config(RenderConfig, args.config, args.overrides, extra)
-    run_render(cfg, args.out)
+    job = load_config(RenderJob, args.config, args.overrides, extra)
+    run_render(job, args.out, job.cluster)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from segfactory.console import console
     from segfactory.errors import UserError
-    from synth.dataset import open_dataset
+    from segfactory.formats.dataset import open_dataset
     from synth.viz import contact_sheet
 
     ds = open_dataset(args.dataset)
@@ -79,7 +78,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from segfactory.console import console
-    from synth.dataset import open_dataset
+    from segfactory.formats.dataset import open_dataset
     from synth.viz import dataset_stats
 
     stats = dataset_stats(open_dataset(args.dataset))
@@ -100,7 +99,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_render(args: argparse.Namespace) -> int:
-    from synth.bench import run_bench
+    from pipelines.bench_render import run_bench
 
     result = run_bench(args)
     print(json.dumps(result))

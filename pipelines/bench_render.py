@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.render import RenderJob
 from segfactory.config import load_config
 from segfactory.console import console
+from segfactory.formats.imagefile import read_image
 from segfactory.io import atomic_write_json, read_json
-from synth.config import RenderConfig
-from synth.dataset import read_image
 
 NO_POST = {"exposure": [0, 0], "blur_sigma": [0, 0], "noise_std": [0, 0], "poisson_peak": [0, 0], "gamma": [1, 1]}
 
@@ -49,13 +49,13 @@ def hardware() -> dict[str, Any]:
             "gpu": None, "platform": platform.platform()}
 
 
-def bench_config(family: str, resolution: int, scenes: int, views: int, **extra: Any) -> RenderConfig:
+def bench_config(family: str, resolution: int, scenes: int, views: int, **extra: Any) -> RenderJob:
     overrides = [f"scene.family={family}", f"render.resolution={resolution}", f"render.views={views}",
                  f"dataset.scenes={scenes}", f"dataset.scenes_per_shard={scenes}",
                  f"scene.randomization.post={json.dumps(NO_POST)}"] + [f"{k}={v}" for k, v in extra.items()]
     from pipelines.render import resolve_render_config
 
-    return resolve_render_config(load_config(RenderConfig, None, overrides))[0]
+    return resolve_render_config(load_config(RenderJob, None, overrides))[0]
 
 
 def _result_line(stdout: str) -> dict[str, Any]:
@@ -63,11 +63,11 @@ def _result_line(stdout: str) -> dict[str, Any]:
     return json.loads(line.split(" ", 1)[1])
 
 
-def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
+def run_segfactory(cfg: RenderJob, work: Path) -> dict[str, Any]:
     """One render process for all scenes, exactly as a pipeline task runs it; wall time includes start-up."""
     from pipelines.render import dataset_plan, prepare_dataset, resolve_render_config
-    from synth.dataset import MANIFEST_FILE
-    from synth.shard import render_code_version, shard_dir
+    from segfactory.formats.dataset import MANIFEST_FILE, shard_dir
+    from synth.shard import render_code_version
 
     cfg, config_hash = resolve_render_config(cfg)
     cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"scenes_per_shard": cfg.dataset.scenes})})
@@ -75,7 +75,8 @@ def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)
     meta = prepare_dataset(root, cfg, config_hash)
     plan = dataset_plan(cfg, config_hash, meta["family"])[0]
-    job = {"root": str(root), "plan": asdict(plan), "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
+    job = {"root": str(root), "plan": asdict(plan), "config": cfg.stage_config().model_dump(mode="json"),
+           "config_hash": config_hash,
            "code_version": render_code_version(), "timeout_s": 1e9, "threads": 0}
     job_path = work / "segfactory-job.json"
     atomic_write_json(job_path, job)
@@ -91,12 +92,12 @@ def run_segfactory(cfg: RenderConfig, work: Path) -> dict[str, Any]:
             "rgb": {f["name"]: shard_dir(root, plan.shard_id) / f["files"]["rgb"]["path"] for f in manifest["frames"]}}
 
 
-def run_baseline(cfg: RenderConfig, work: Path) -> dict[str, Any]:
+def run_baseline(cfg: RenderJob, work: Path) -> dict[str, Any]:
     out = work / "baseline"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     job_path = work / "baseline-job.json"
-    atomic_write_json(job_path, {"config": cfg.model_dump(mode="json"), "out": str(out)})
+    atomic_write_json(job_path, {"config": cfg.stage_config().model_dump(mode="json"), "out": str(out)})
     split = {"startup": 0.0, "build": 0.0, "render": 0.0, "write": 0.0}
     frames, wall = 0, 0.0
     for scene in range(cfg.dataset.scenes):
@@ -120,13 +121,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def run_pipeline(cfg: RenderConfig, out: Path, workers: int) -> dict[str, Any]:
+def run_pipeline(cfg: RenderJob, out: Path, workers: int) -> dict[str, Any]:
     from pipelines.render import run_render
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"workers": workers})})
     t0 = time.perf_counter()
-    summary = run_render(cfg, out)
+    summary = run_render(cfg, out, cfg.cluster)
     wall = time.perf_counter() - t0
     return {"workers": workers, "frames": summary["frames_total"], "wall_s": round(wall, 2),
             "fpm": round(60 * summary["frames_total"] / wall, 2)}
@@ -162,7 +163,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.memory_scenes:
         mem_cfg = bench_config(args.family, 96, args.memory_scenes, 1)
         run_pipeline(mem_cfg, work / "memory", 1)
-        from synth.dataset import open_dataset
+        from segfactory.formats.dataset import open_dataset
 
         ds = open_dataset(work / "memory")
         rss = ds.manifest(ds.shard_ids[0])["rss_mb_per_scene"]

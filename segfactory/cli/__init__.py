@@ -1,20 +1,22 @@
-"""The ``segfactory`` command line: thin glue that dispatches to each stage's CLI module.
+"""The ``segfactory`` command line: the top layer, thin glue (parse -> config -> call) over the stages and pipelines.
 
-Stage modules (``synth.cli``, ...) expose ``register(commands, benches)`` and keep heavy imports inside
-their handlers, so ``segfactory --help`` stays fast and never imports Blender or torch.
+Each module of this package declares the commands of one area (``synth``: render/show/stats, ``pretrain``:
+ingest/pretrain/probe, ``finetune``: finetune/evaluate/predict/export/sweep, ``pipelines``: run/refresh) with
+``register(commands, benches)``, and imports what a command runs inside its handler, so ``segfactory --help``
+stays fast and never imports torch, Dask or Blender. Nothing below this layer imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from segfactory import __version__
 from segfactory.console import console
 from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
 
-COMMAND_MODULES = ["synth.cli", "pretrain.cli", "finetune.cli", "pipelines.cli"]
+COMMAND_MODULES = ["segfactory.cli.synth", "segfactory.cli.pretrain", "segfactory.cli.finetune",
+                   "segfactory.cli.pipelines"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +63,3 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug, not a user mistake: keep the traceback
         console.print_exception()
         return EXIT_INTERNAL
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The rendered dataset format (no Blender): its layout, reader and writer, used by ``synth`` and every reader.
+
+Layout::
+
+    DATASET/dataset.json                       classes [{id, name, color, thing}], ignore_index, shards,
+                                               frame counts, image format, depth scale, config hash, code version
+    DATASET/config.yaml                        resolved render config
+    DATASET/shards/<shard_id>/rgb/<frame>.png|.jpg      RGB (3 channels) or gray (1 channel), 8 or 16 bit
+    DATASET/shards/<shard_id>/semantic/<frame>.png      uint8 class ids, 255 = ignore
+    DATASET/shards/<shard_id>/instance/<frame>.png      uint16 instance ids, 0 = none
+    DATASET/shards/<shard_id>/depth/<frame>.png         uint16 depth in millimetres, 0 = no surface (sky)
+    DATASET/shards/<shard_id>/coco.json                 COCO instances, RLE masks
+    DATASET/shards/<shard_id>/manifest.json             written last: the shard's commit mark
+
+A shard directory without ``manifest.json`` does not exist (it is an interrupted write). Shards are committed
+with the shared unit protocol of :mod:`segfactory.io` (attempt directory, manifest last, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segfactory.errors import UserError
+from segfactory.formats.coco import coco_document, frame_annotations
+from segfactory.formats.imagefile import read_image, write_image
+from segfactory.io import (
+    MANIFEST_FILE,
+    atomic_write_json,
+    commit_unit,
+    committed_units,
+    is_committed,
+    new_attempt_dir,
+    read_json,
+    remove_stale_attempts,
+    sha256_file,
+)
+
+FORMAT = "segfactory-dataset"
+SHARD_FORMAT = "segfactory-shard"
+FORMAT_VERSION = 1
+DATASET_FILE = "dataset.json"
+SHARDS_DIR = "shards"
+FRAME_KINDS = ("rgb", "semantic", "instance", "depth")
+IGNORE_INDEX = 255
+DEPTH_SCALE_M = 0.001  # one depth unit in metres (uint16 millimetres)
+DEPTH_UNITS_PER_SCENE_UNIT = 1000.0  # depth PNGs hold 1/1000 scene units (mm for metre scenes)
+DEPTH_MAX = 65535
+
+__all__ = ["DATASET_FILE", "IGNORE_INDEX", "MANIFEST_FILE", "SHARDS_DIR", "Dataset", "FrameRef", "ShardWriter",
+           "commit_shard", "committed_shards", "is_committed", "load_frame", "new_shard_attempt", "open_dataset",
+           "remove_stale_shard_writes", "shard_dir", "write_dataset_meta"]
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """Paths of one frame's files."""
+
+    shard_id: str
+    name: str
+    rgb: Path
+    semantic: Path
+    instance: Path
+    depth: Path
+
+
+@dataclass
+class Dataset:
+    """An opened dataset: its ``dataset.json`` plus the committed shards found on disk.
+
+    Attributes:
+        root: Dataset directory.
+        meta: Parsed ``dataset.json``.
+        shard_ids: The shards dataset.json lists that are committed (have a manifest), sorted.
+    """
+
+    root: Path
+    meta: dict[str, Any]
+    shard_ids: list[str]
+
+    @property
+    def classes(self) -> list[dict[str, Any]]:
+        return self.meta["classes"]
+
+    @property
+    def num_classes(self) -> int:
+        return max(c["id"] for c in self.classes) + 1
+
+    @property
+    def ignore_index(self) -> int:
+        return int(self.meta.get("ignore_index", IGNORE_INDEX))
+
+    @property
+    def class_names(self) -> list[str]:
+        names = [f"class_{i}" for i in range(self.num_classes)]
+        for c in self.classes:
+            names[c["id"]] = c["name"]
+        return names
+
+    def shard_dir(self, shard_id: str) -> Path:
+        return self.root / SHARDS_DIR / shard_id
+
+    def manifest(self, shard_id: str) -> dict[str, Any]:
+        return read_json(self.shard_dir(shard_id) / MANIFEST_FILE)
+
+    def frames(self) -> Iterator[FrameRef]:
+        """All frames of all committed shards, in shard then manifest order."""
+        for sid in self.shard_ids:
+            d = self.shard_dir(sid)
+            for fr in self.manifest(sid)["frames"]:
+                files = fr["files"]
+                yield FrameRef(sid, fr["name"], d / files["rgb"]["path"], d / files["semantic"]["path"],
+                               d / files["instance"]["path"], d / files["depth"]["path"])
+
+    def __len__(self) -> int:
+        return sum(len(self.manifest(s)["frames"]) for s in self.shard_ids)
+
+
+def shard_dir(root: str | os.PathLike, shard_id: str) -> Path:
+    return Path(root) / SHARDS_DIR / shard_id
+
+
+def committed_shards(root: str | os.PathLike) -> list[str]:
+    """Every committed shard on disk, listed in dataset.json or not."""
+    return committed_units(Path(root) / SHARDS_DIR)
+
+
+def open_dataset(root: str | os.PathLike) -> Dataset:
+    """Open a rendered dataset, or raise a UserError saying why it is not one."""
+    root = Path(root)
+    meta_path = root / DATASET_FILE
+    if not root.is_dir():
+        raise UserError(f"dataset '{root}' does not exist", fix="pass the --out directory of `segfactory render`")
+    if not meta_path.is_file():
+        raise UserError(f"'{root}' is not a segfactory dataset (no {DATASET_FILE})",
+                        fix="pass the --out directory of `segfactory render`")
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{meta_path}' is unreadable: {e}", fix="re-render the dataset") from None
+    listed = {s["id"] for s in meta.get("shards", [])}
+    # Only the shards dataset.json lists make up the dataset: a directory can also hold committed shards of
+    # another size, seed or shard size of the same config (kept for re-use, not part of this dataset).
+    return Dataset(root, meta, [sid for sid in committed_shards(root) if sid in listed])
+
+
+def load_frame(ref: FrameRef) -> dict[str, np.ndarray]:
+    """Load one frame.
+
+    Returns:
+        ``rgb`` (H, W, 3) or (H, W) uint8/uint16, ``semantic`` (H, W) uint8, ``instance`` (H, W) uint16,
+        ``depth`` (H, W) uint16 millimetres.
+    """
+    return {"rgb": read_image(ref.rgb), "semantic": read_image(ref.semantic),
+            "instance": read_image(ref.instance), "depth": read_image(ref.depth)}
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def new_shard_attempt(root: str | os.PathLike, shard_id: str) -> Path:
+    """A fresh attempt directory (with the frame subfolders) next to where the shard will be committed."""
+    tmp = new_attempt_dir(Path(root) / SHARDS_DIR, shard_id)
+    for sub in FRAME_KINDS:
+        (tmp / sub).mkdir()
+    return tmp
+
+
+def remove_stale_shard_writes(root: str | os.PathLike, shard_id: str | None = None) -> int:
+    """Delete leftovers of interrupted shard writes (all, or those of one shard). Returns how many."""
+    return len(remove_stale_attempts(Path(root) / SHARDS_DIR, shard_id))
+
+
+def commit_shard(tmp: Path, final: Path) -> bool:
+    """Commit a complete shard (manifest written last); False if another attempt already committed it."""
+    return commit_unit(tmp, final)
+
+
+class ShardWriter:
+    """Accumulates a shard's frames in its attempt directory; :meth:`finish` writes COCO and the manifest.
+
+    Args:
+        tmp: The attempt directory (:func:`new_shard_attempt`).
+        shard_id: The shard's id.
+        shard_index: Its position in the dataset's plan.
+        seed: The dataset's base seed.
+        scenes: ``(first, stop)`` scene indices the shard holds.
+        classes: ``[{id, name, color, thing}]`` of the dataset.
+        image_format: ``png`` or ``jpg`` for the RGB.
+        jpeg_quality: JPEG quality.
+    """
+
+    def __init__(self, tmp: Path, shard_id: str, shard_index: int, seed: int, scenes: tuple[int, int],
+                 classes: list[dict[str, Any]], image_format: str, jpeg_quality: int):
+        self.tmp = tmp
+        self.shard_id = shard_id
+        self.shard_index = shard_index
+        self.seed = seed
+        self.scenes = [int(scenes[0]), int(scenes[1])]
+        self.classes = classes
+        self.ext = "jpg" if image_format == "jpg" else "png"
+        self.jpeg_quality = jpeg_quality
+        self.frames: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+
+    def add(self, scene_index: int, view: int, rgb: np.ndarray, semantic: np.ndarray, instance: np.ndarray,
+            depth: np.ndarray, camera: dict[str, Any], post: dict[str, Any]) -> None:
+        """Write one frame's files.
+
+        Args:
+            rgb: (H, W, 3) or (H, W) uint8/uint16.
+            semantic: (H, W) uint8 class ids.
+            instance: (H, W) uint16 instance ids.
+            depth: (H, W) uint16 depth (:data:`DEPTH_UNITS_PER_SCENE_UNIT`).
+            camera: The view's camera record.
+            post: The view's post-processing parameters.
+        """
+        name = f"s{scene_index:06d}_v{view:02d}"
+        files = {"rgb": f"rgb/{name}.{self.ext}", "semantic": f"semantic/{name}.png",
+                 "instance": f"instance/{name}.png", "depth": f"depth/{name}.png"}
+        for key, arr in (("rgb", rgb), ("semantic", semantic), ("instance", instance), ("depth", depth)):
+            write_image(self.tmp / files[key], arr, self.jpeg_quality)
+        image_id = len(self.images) + 1
+        h, w = semantic.shape
+        self.images.append({"id": image_id, "file_name": files["rgb"], "height": h, "width": w, "frame": name})
+        self.annotations += frame_annotations(instance, semantic, image_id, len(self.annotations) + 1)
+        self.frames.append({
+            "name": name,
+            "scene_index": scene_index,
+            "view": view,
+            "seed": [self.seed, scene_index],
+            "files": {k: {"path": v, "sha256": sha256_file(self.tmp / v)} for k, v in files.items()},
+            "camera": camera,
+            "post": post,
+            "ignore_pixels": int((semantic == IGNORE_INDEX).sum()),
+        })
+
+    def finish(self, manifest_extra: dict[str, Any]) -> None:
+        """Write ``coco.json`` and, last, ``manifest.json`` (the commit mark)."""
+        coco = coco_document(self.images, self.annotations, self.classes, f"segfactory shard {self.shard_id}")
+        atomic_write_json(self.tmp / "coco.json", coco)
+        manifest = {
+            "format": SHARD_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "shard_id": self.shard_id,
+            "shard_index": self.shard_index,
+            "seed": self.seed,
+            "scenes": self.scenes,
+            "num_frames": len(self.frames),
+            "num_instances": len(self.annotations),
+            "coco_sha256": sha256_file(self.tmp / "coco.json"),
+            "frames": self.frames,
+            **manifest_extra,
+        }
+        atomic_write_json(self.tmp / MANIFEST_FILE, manifest)  # last: the commit mark
+
+
+def write_dataset_meta(root: str | os.PathLike, meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
+    """Rewrite ``dataset.json`` listing those of ``shard_ids`` that are committed on disk.
+
+    Only listed shards are part of the dataset (:func:`open_dataset`). Committed shards of another plan (a render
+    of another size, seed or shard size into the same directory) stay on disk unlisted, so a dataset never holds
+    a scene twice and switching back re-uses them.
+
+    Args:
+        root: Dataset directory.
+        meta: Everything of dataset.json but the shard list (classes, image format, config hash, ...).
+        shard_ids: The shards of the dataset's plan.
+
+    Returns:
+        The written dataset.json.
+    """
+    root = Path(root)
+    shards = []
+    on_disk = set(committed_shards(root))
+    for sid in sorted(set(shard_ids) & on_disk):
+        m = read_json(shard_dir(root, sid) / MANIFEST_FILE)
+        shards.append({"id": sid, "frames": m["num_frames"], "instances": m["num_instances"], "scenes": m["scenes"],
+                       "seed": m["seed"]})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "shards": shards,
+            "num_shards": len(shards), "num_frames": sum(s["frames"] for s in shards)}
+    atomic_write_json(root / DATASET_FILE, meta)
+    return meta

@@ -1,0 +1,322 @@
+"""The ingest store: ``segfactory ingest``'s output of unlabeled images, its writer and every reader's API.
+
+Layout (``--out DIR``)::
+
+    DIR/config.yaml                         resolved ingest config (normalization must match across runs)
+    DIR/shards/<run>-<chunk>/images.bin     the shard's stored images, concatenated JPEG/PNG files (8-bit
+                                            (H, W) gray or (H, W, 3) RGB); one file per shard
+    DIR/shards/<run>-<chunk>/manifest.json  written last: the shard's commit mark; per image its byte range
+                                            (offset, length, ext) in images.bin, source, hash, sizes, scaling
+    DIR/index.json                          summary of all committed shards, data hash, channel statistics
+    DIR/rejected.jsonl                      one line per skipped file: source, kind, reason
+
+A shard directory without ``manifest.json`` does not exist (an interrupted write; it is removed on re-run).
+Shards are committed with the shared unit protocol of :mod:`segfactory.io`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segfactory import code_version
+from segfactory.errors import UserError
+from segfactory.io import (
+    MANIFEST_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_hash,
+    commit_unit,
+    committed_units,
+    new_attempt_dir,
+    read_json,
+    remove_stale_attempts,
+    sha256_bytes,
+)
+
+FORMAT = "segfactory-images"
+VERSION = 1
+SHARDS_DIR = "shards"
+PACK_FILE = "images.bin"
+INDEX_FILE = "index.json"
+REJECTED_FILE = "rejected.jsonl"
+CONFIG_FILE = "config.yaml"
+# The package whose code writes the store (recorded in manifests and index.json).
+WRITER_PACKAGE = "pretrain"
+
+__all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", "REJECTED_FILE", "SHARDS_DIR",
+           "ImageEntry", "ImageShardWriter", "IngestedImages", "build_index", "clean_uncommitted", "committed_shards",
+           "data_hash", "decode_entry", "iter_manifests", "known_files", "open_images", "read_stored", "shards_dir"]
+
+
+def shards_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / SHARDS_DIR
+
+
+def committed_shards(root: str | os.PathLike) -> list[str]:
+    return committed_units(shards_dir(root))
+
+
+def clean_uncommitted(root: str | os.PathLike) -> list[str]:
+    """Remove leftovers of interrupted runs (attempt dirs, shard dirs without a manifest)."""
+    return remove_stale_attempts(shards_dir(root), uncommitted=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class ImageShardWriter:
+    """Writes one shard: stored image bytes appended to ``images.bin``, then the manifest, then the commit.
+
+    Use as a context manager; leaving it without :meth:`commit` (an exception) removes the attempt.
+
+    Args:
+        root: The store's directory.
+        shard_id: ``<run>-<chunk>``.
+    """
+
+    def __init__(self, root: str | os.PathLike, shard_id: str):
+        self.final = shards_dir(root) / shard_id
+        self.shard_id = shard_id
+        shards_dir(root).mkdir(parents=True, exist_ok=True)
+        self.tmp = new_attempt_dir(shards_dir(root), shard_id)
+        self._pack = open(self.tmp / PACK_FILE, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._offset = 0
+        self.images: list[dict[str, Any]] = []
+
+    def __enter__(self) -> ImageShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, data: bytes, ext: str, record: dict[str, Any]) -> None:
+        """Append one stored image (encoded bytes) with its manifest record."""
+        self._pack.write(data)
+        self.images.append({"offset": self._offset, "length": len(data), "ext": ext, **record})
+        self._offset += len(data)
+
+    def commit(self, run: int, normalize: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:
+        """Write the manifest (the commit mark) and move the shard into place. Returns the manifest."""
+        self._pack.close()
+        manifest = {
+            "format": FORMAT, "version": VERSION, "shard_id": self.shard_id, "run": run,
+            "created": _now(), "code_version": code_version(WRITER_PACKAGE), "normalize": normalize,
+            "normalize_hash": canonical_hash(normalize), "images": self.images, "rejected": rejected,
+        }
+        atomic_write_json(self.tmp / MANIFEST_FILE, manifest)
+        commit_unit(self.tmp, self.final)
+        return manifest
+
+    def abort(self) -> None:
+        import shutil
+
+        if not self._pack.closed:
+            self._pack.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_stored(shard_dir: str | os.PathLike, rec: dict[str, Any]) -> bytes:
+    """The stored file bytes of one manifest image record."""
+    with open(Path(shard_dir) / PACK_FILE, "rb") as f:
+        f.seek(rec["offset"])
+        data = f.read(rec["length"])
+    if len(data) != rec["length"]:
+        raise OSError(f"'{Path(shard_dir) / PACK_FILE}' is truncated (image at offset {rec['offset']})")
+    return data
+
+
+
+# ------------------------------------------------------------------------------------ reading the output
+
+
+def iter_manifests(root: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """``(shard_id, manifest, manifest_sha256)`` of every committed shard, in shard order."""
+    for sid in committed_shards(root):
+        raw = (shards_dir(root) / sid / MANIFEST_FILE).read_bytes()
+        yield sid, json.loads(raw), sha256_bytes(raw)
+
+
+def known_files(root: str | os.PathLike) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
+    """What earlier runs already handled.
+
+    Returns:
+        ``(keys, sha_to_source, last_run)``: (path, size, mtime_ns) of every file seen (ingested or
+        rejected), the content hash -> first source path of every ingested file, and the highest run number.
+    """
+    keys: set[tuple[str, int, int]] = set()
+    shas: dict[str, str] = {}
+    last_run = 0
+    for _, man, _ in iter_manifests(root):
+        last_run = max(last_run, int(man["run"]))
+        for rec in man["images"]:
+            keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
+            shas.setdefault(rec["sha256"], rec["source"])
+        for rec in man["rejected"]:
+            keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
+    return keys, shas, last_run
+
+
+def build_index(root: str | os.PathLike) -> dict[str, Any]:
+    """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth)."""
+    shards = []
+    rejected_lines = []
+    n_gray = n_rgb = 0
+    acc = {1: _StatAcc(1), 3: _StatAcc(3)}
+    min_short = None
+    for sid, man, digest in iter_manifests(root):
+        shards.append({"id": sid, "images": len(man["images"]), "rejected": len(man["rejected"]),
+                       "manifest_sha256": digest, "run": man["run"]})
+        for r in man["rejected"]:
+            rejected_lines.append(json.dumps({"shard": sid, **r}, sort_keys=False))
+        for rec in man["images"]:
+            pixels = rec["height"] * rec["width"]
+            s = min(rec["height"], rec["width"])
+            min_short = s if min_short is None else min(min_short, s)
+            if rec["channels"] == 1:
+                n_gray += 1
+                acc[1].add(pixels, rec["mean"], rec["std"])
+                acc[3].add(pixels, rec["mean"] * 3, rec["std"] * 3)  # expanded to RGB at load
+            else:
+                n_rgb += 1
+                acc[3].add(pixels, rec["mean"], rec["std"])
+                acc[1].add(pixels, [rec["luma_mean"]], [rec["luma_std"]])  # converted to gray at load
+    index = {
+        "format": FORMAT, "version": VERSION, "created": _now(), "code_version": code_version(WRITER_PACKAGE),
+        "num_images": n_gray + n_rgb, "num_gray": n_gray, "num_rgb": n_rgb,
+        "num_rejected": sum(s["rejected"] for s in shards), "min_short_side": min_short,
+        "data_hash": data_hash([(s["id"], s["manifest_sha256"]) for s in shards]),
+        "stats": {str(c): a.result() for c, a in acc.items() if a.n},
+        "shards": shards,
+    }
+    atomic_write_text(Path(root) / REJECTED_FILE, "".join(line + "\n" for line in rejected_lines))
+    atomic_write_json(Path(root) / INDEX_FILE, index)
+    return index
+
+
+def data_hash(shard_digests: Iterable[tuple[str, str]]) -> str:
+    """Hash identifying the ingested data: the list of committed shards and their manifests' sha256."""
+    return canonical_hash(sorted(shard_digests), length=32)
+
+
+class _StatAcc:
+    """Pixel-weighted pooling of per-image channel means/stds into dataset mean/std."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.s1 = np.zeros(channels)
+        self.s2 = np.zeros(channels)
+
+    def add(self, pixels: int, mean: list[float], std: list[float]) -> None:
+        m, s = np.asarray(mean, float), np.asarray(std, float)
+        self.n += pixels
+        self.s1 += pixels * m
+        self.s2 += pixels * (s**2 + m**2)
+
+    def result(self) -> dict[str, list[float]]:
+        mean = self.s1 / self.n
+        std = np.sqrt(np.maximum(self.s2 / self.n - mean**2, 1e-12))
+        return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One stored image: a byte range of a shard's ``images.bin``."""
+
+    path: str
+    offset: int
+    length: int
+    ext: str
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass
+class IngestedImages:
+    """An opened ingest store.
+
+    Attributes:
+        root: The directory.
+        entries: Every stored image of every committed shard, in shard order.
+        data_hash: Identity of the data (recorded in checkpoints and ``encoder.json``).
+        stats: ``{"1": {"mean", "std"}, "3": {...}}`` channel statistics for either input channel count.
+    """
+
+    root: Path
+    entries: list[ImageEntry]
+    data_hash: str
+    stats: dict[str, dict[str, list[float]]]
+
+    @property
+    def num_gray(self) -> int:
+        return sum(e.channels == 1 for e in self.entries)
+
+
+def open_images(root: str | os.PathLike) -> IngestedImages:
+    """Open the output of ``segfactory ingest`` (reading the committed shard manifests).
+
+    Raises:
+        UserError: if it is not an ingest output or holds no images.
+    """
+    root = Path(root)
+    fix = "pass the --out directory of `segfactory ingest`"
+    if not root.is_dir():
+        raise UserError(f"images directory '{root}' does not exist", fix=fix)
+    if not shards_dir(root).is_dir():
+        raise UserError(f"'{root}' is not an ingested image set (no {SHARDS_DIR}/ folder)", fix=fix)
+    entries: list[ImageEntry] = []
+    digests = []
+    for sid, man, digest in iter_manifests(root):
+        digests.append((sid, digest))
+        pack = str(shards_dir(root) / sid / PACK_FILE)
+        entries.extend(ImageEntry(pack, r["offset"], r["length"], r["ext"], r["height"], r["width"], r["channels"])
+                       for r in man["images"])
+    if not entries:
+        raise UserError(f"'{root}' holds no ingested images (every file was rejected or ingest never finished)",
+                        fix=f"see {root / REJECTED_FILE}, then re-run `segfactory ingest`")
+    index_path = root / INDEX_FILE
+    stats = read_json(index_path)["stats"] if index_path.is_file() else {}
+    dh = data_hash(digests)
+    if not stats or (index_path.is_file() and read_json(index_path).get("data_hash") != dh):
+        stats = build_index(root)["stats"]  # index.json is derived; rebuild it when stale
+    return IngestedImages(root, entries, dh, stats)
+
+
+def read_entry_bytes(entry: ImageEntry) -> bytes:
+    """The stored (encoded) bytes of one entry."""
+    with open(entry.path, "rb") as f:
+        f.seek(entry.offset)
+        data = f.read(entry.length)
+    if len(data) != entry.length:
+        raise OSError(f"'{entry.path}' is truncated (image at offset {entry.offset})")
+    return data
+
+
+def decode_entry(entry: ImageEntry, flag: int | None = None) -> np.ndarray:
+    """Decode one stored image with OpenCV: (H, W) gray or (H, W, 3) RGB uint8 (``flag``: an ``IMREAD_*``
+    flag, e.g. a reduced-size JPEG decode; default: as stored)."""
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(read_entry_bytes(entry), np.uint8),
+                       cv2.IMREAD_UNCHANGED if flag is None else flag)
+    if img is None:
+        raise OSError(f"cannot decode the image at offset {entry.offset} of '{entry.path}' "
+                      "(was the images directory modified?)")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
