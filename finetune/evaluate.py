@@ -157,31 +157,59 @@ def evaluation_key(model_dir: str | os.PathLike, data: list, tile: int | None = 
 
     meta = read_model_meta(model_dir)
     tile, overlap, _ = inference_settings(meta, tile, overlap, None)
-    return _evaluation_key(meta, Path(model_dir), data, tile, overlap)
+    return _evaluation_key(meta, Path(model_dir), resolve_sample_specs(data), tile, overlap)
+
+
+def resolve_sample_specs(data: list) -> list:
+    """The specs with ``sample:NAME/SPLIT`` paths materialized (:mod:`segfactory.sampledata`)."""
+    from segfactory.sampledata import is_sample_ref, parse_ref, resolve_path
+
+    out = []
+    for spec in data:
+        if is_sample_ref(spec.path):
+            # Named after the set (its folder is just `eval`), unless the spec names it.
+            spec = spec.model_copy(update={"path": resolve_path(spec.path),
+                                           "name": spec.name or parse_ref(str(spec.path))[0]})
+        out.append(spec)
+    return out
 
 
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
+                 show_progress: bool = True, baselines: str | list[str] | None = None,
+                 overlays: int = 4) -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
+
+    Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
+    (foreground IoU, instance F1, ...) in ``metrics.json``'s ``real`` section, ``real_scores.png`` and
+    ``overlays/<source>/<stem>.png``.
 
     Args:
         model_dir: A model dir.
-        data: :class:`~finetune.config.SourceSpec` per evaluation folder (kind detected).
+        data: :class:`~finetune.config.SourceSpec` per evaluation folder (kind detected; ``sample:NAME/SPLIT``
+            paths are materialized).
+        baselines: Baselines scored on real folders (names, comma-separated, ``all``/``none``; default all).
+        overlays: Overlay PNGs per real folder.
 
     Returns:
         The report written to ``metrics.json`` (``key``: see :func:`evaluation_key`).
     """
+    from finetune.baselines import parse_baselines
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import amp_dtype, inference_settings, resolve_device
-    from segfactory.console import progress
+    from finetune.predict import amp_dtype, inference_settings, predict_mask, resolve_device
+    from finetune.realeval import RealScorer, plot_real_scores
+    from segfactory.console import console, progress
     from segfactory.errors import UserError
     from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 
     if not data:
         raise UserError("no evaluation data", fix="pass --data DIR (a rendered dataset or images/ + masks/ folder)")
+    if overlays < 0:
+        raise UserError(f"overlays={overlays} is negative", fix="pass --overlays 0 or more")
+    baseline_names = parse_baselines(baselines)
+    data = resolve_sample_specs(data)
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
@@ -205,6 +233,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         if not any(m.startswith(f"{key} (") or m.endswith(f"({key})") for m in used):
             raise UserError(f"--remap '{key}=...': no evaluation folder has a class '{key}'",
                             fix="check the class names in dataset.json / classes.json")
+    scorers = {src.name: RealScorer(spec, src, targets, baseline_names, overlays, Path(out_dir),
+                                    meta["input"]["scaling"])
+               for spec, src in zip(data, sources, strict=True) if src.kind == "real"}
     out = ensure_writable_dir(out_dir)
     cms: dict[str, np.ndarray] = {}
     with progress(transient=not show_progress) as bar:
@@ -212,14 +243,27 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         for src in sources:
             k = int(meta["num_classes"])
             cm = np.zeros((k, k), np.int64)
+            scorer = scorers.get(src.name)
             for it in src.val:
-                cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev))
+                if scorer is None:
+                    cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev))
+                else:
+                    img, mask = src.load(it)
+                    pred = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev))
+                    cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
+                    scorer.add(it, img, mask, pred)
                 bar.advance(task)
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap),
               "classes": targets.names,
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
               **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
+    if scorers:
+        report["real"] = {name: sc.result() for name, sc in scorers.items()}
+        for name, r in report["real"].items():
+            for note in r["notes"]:
+                console.print(f"[yellow]{name}: {note}[/]", soft_wrap=True)
+        atomic_write_bytes(out / "real_scores.png", plot_real_scores(report["real"]))
     for name, cm in cms.items():
         atomic_write_bytes(out / f"confusion_{safe_name(name)}.png", plot_confusion(cm, targets.names, name))
     atomic_write_bytes(out / "confusion_overall.png",
