@@ -174,6 +174,34 @@ def resolve_sample_specs(data: list) -> list:
     return out
 
 
+def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
+    """Every class of a real folder must map onto a model class (by name or ``remap``), before any work.
+
+    Args:
+        spec: The folder's :class:`~finetune.config.SourceSpec` (its ``remap`` counts).
+        targets: The model's classes.
+        flag: How the fix spells a mapping (``--remap `` on the command line, ``eval.remap.`` for a run).
+
+    Raises:
+        UserError: naming the folder, the class and the model's classes, with the ``--remap`` that fixes it.
+    """
+    from finetune.data.sources import real_class_table
+    from segfactory.errors import UserError
+
+    classes, _ = real_class_table(spec, Path(spec.path), targets)
+    remapped = {str(k) for k in spec.remap}
+    missing = [c for c in classes if targets.id_of(str(c["name"])) is None
+               and str(c["name"]) not in remapped and str(c["id"]) not in remapped]
+    if not missing:
+        return
+    c = missing[0]
+    fg_model = [n for n in targets.names if n != "background"]
+    guess = fg_model[0] if len(fg_model) == 1 else f"<one of {', '.join(targets.names)}>"
+    raise UserError(f"real folder '{spec.path}': its class '{c['name']}' (id {c['id']}) is not a class of the model "
+                    f"({', '.join(targets.names)})",
+                    fix=f"map it: {flag}{c['name']}={guess} (or {flag}{c['name']}=ignore)")
+
+
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True, baselines: str | list[str] | None = None,
@@ -221,8 +249,10 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     names: set[str] = set()
     for i, spec in enumerate(data):
         field = f"--data[{i}]"
-        src = open_source(spec, detect_kind(Path(spec.path), field), targets, "eval", field_hint=field,
-                          lenient_remap=True)
+        kind = detect_kind(Path(spec.path), field)
+        if kind == "real":
+            check_real_classes(spec, targets)
+        src = open_source(spec, kind, targets, "eval", field_hint=field, lenient_remap=True)
         base, k = src.name, 2
         while src.name in names:
             src.name, k = f"{base}-{k}", k + 1

