@@ -127,6 +127,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                "sources": {k: m["miou"] for k, m in report["sources"].items()}}
     if "real" in report:
         console.print(real_table(report["real"]))
+        for name, s in report["real"].items():
+            if isinstance(s["baselines"], str):
+                console.print(f"{name}: baselines {s['baselines']}", soft_wrap=True)
         summary["real"] = {name: {row: {"fg_iou": r["fg_iou"], "f1": _first_f1(r)} for row, r in s["rows"].items()}
                            for name, s in report["real"].items()}
     console.print(f"metrics and confusion matrices in {out}")
@@ -155,8 +158,6 @@ def real_table(real: dict):
             table.add_row(name, row, f(r["miou"]), f(r["fg_iou"]), f(inst and inst["f1"]),
                           f(inst and inst["mean_matched_iou"]), f(inst and inst["count_error"]),
                           f"{inst['n_gt']}/{inst['n_pred']}" if inst else "-")
-        if isinstance(s["baselines"], str):
-            table.add_row(name, "baselines", s["baselines"], "", "", "", "", "")
     return table
 
 

@@ -77,7 +77,12 @@ class RunConfig(StrictModel):
 
 
 def resolve_real_src(src: str) -> str:
-    """``skimage:data`` is the folder of sample photos that ships inside the scikit-image package."""
+    """``skimage:data`` is the folder of sample photos that ships inside the scikit-image package;
+    ``sample:NAME/unlabeled`` a built-in real microscopy set (:mod:`segfactory.sampledata`)."""
+    from segfactory.sampledata import is_sample_ref, resolve_path
+
+    if is_sample_ref(src):
+        return str(resolve_path(src))
     if src == SKIMAGE_DATA:
         import skimage.data
 

