@@ -162,7 +162,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     ft_dir = stage_dir(out, "finetune", {"config": cfg.finetune.model_dump(mode="json"), "render": dataset.name,
                                           "pretrain": pre_dir.name}, FINETUNE_PACKAGES)
     eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": eval_data.name}, FINETUNE_PACKAGES)
-    real_dir = stage_dir(out, "evaluate_real", {"model": ft_dir.name, "data": [str(p) for p in real_eval],
+    real_dir = stage_dir(out, "evaluate_real", {"model": ft_dir.name, "data": [str(p) for p in real_eval.values()],
                                                 "settings": cfg.eval.model_dump(mode="json", exclude={"real"})},
                          FINETUNE_PACKAGES) if real_eval else None
     pred_dir = stage_dir(out, "predict", {"model": ft_dir.name, "data": ing["data_hash"],
@@ -184,7 +184,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     }
     if real_dir is not None:
         commands["evaluate_real"] = (real_dir, [
-            "evaluate", "--model", str(ft_dir / "model"), *[a for p in real_eval for a in ("--data", str(p))],
+            "evaluate", "--model", str(ft_dir / "model"), *[a for arg in real_eval for a in ("--data", arg)],
             *[a for k, v in cfg.eval.remap.items() for a in ("--remap", f"{k}={v}")],
             "--baselines", cfg.eval.baselines, "--overlays", str(cfg.eval.overlays), "--out", "{OUT}"])
     t_stage = time.perf_counter()
@@ -214,26 +214,29 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     return summary
 
 
-def _real_eval_folders(settings: RealEvalSettings) -> list[Path]:
-    """``eval.real`` as folders (``sample:`` references materialized), each checked to be a real labeled folder.
+def _real_eval_folders(settings: RealEvalSettings) -> dict[str, Path]:
+    """``eval.real`` as ``{evaluate --data argument: folder}``, each checked to be a real labeled folder.
+
+    ``sample:NAME/eval`` references are materialized here (so errors come before any work) and passed on as
+    references, which name the set in the report; other entries become absolute paths.
 
     Raises:
         UserError: a missing folder, a rendered dataset, an unknown sample set, or an unknown baseline.
     """
     from finetune.baselines import parse_baselines
     from finetune.data.sources import check_kind
-    from segfactory.sampledata import resolve_path
+    from segfactory.sampledata import is_sample_ref, resolve_path
 
     parse_baselines(settings.baselines)
-    folders = []
+    folders: dict[str, Path] = {}
     for i, entry in enumerate(settings.real):
         path = resolve_path(entry).resolve()
         check_kind(path, "real", f"eval.real[{i}]")
-        folders.append(path)
+        folders[entry if is_sample_ref(entry) else str(path)] = path
     return folders
 
 
-def _check_real_eval_classes(folders: list[Path], cfg: RunConfig, dataset: Path) -> None:
+def _check_real_eval_classes(folders: dict[str, Path], cfg: RunConfig, dataset: Path) -> None:
     """Every class of every ``eval.real`` folder maps onto the model's classes (before any training)."""
     from finetune.config import SourceSpec
     from finetune.data.remap import make_targets
@@ -244,7 +247,7 @@ def _check_real_eval_classes(folders: list[Path], cfg: RunConfig, dataset: Path)
         targets = make_targets([c.model_dump() for c in cfg.finetune.classes], cfg.finetune.ignore_index)
     else:
         targets = make_targets(open_dataset(dataset).classes, cfg.finetune.ignore_index)
-    for folder in folders:
+    for folder in folders.values():
         check_real_classes(SourceSpec(path=folder, remap=cfg.eval.remap), targets, flag="eval.remap.")
 
 
