@@ -147,6 +147,7 @@ class RealScorer:
         self.src = src
         self.targets = targets
         self.task = real_task(spec, src, targets)
+        self._check_instance_sizes()
         self.baselines = list(baselines) if self.task.binary else []
         self.k = targets.num_classes
         self.rows = {name: _Row(np.zeros((self.k, self.k), np.int64)) for name in [MODEL_ROW, *self.baselines]}
@@ -158,6 +159,26 @@ class RealScorer:
         self.scaling = scaling
         self.value_range: tuple[int, int] | None = None
         self.notes: list[str] = []
+
+    def _check_instance_sizes(self) -> None:
+        """Instance masks of another size than their mask fail here, before any work (PNG headers only)."""
+        from PIL import Image
+
+        if self.task.instances_dir is None:
+            return
+        for it in self.src.train + self.src.val:
+            path = self.task.instances_dir / f"{it.key}.png"
+            if not path.is_file():
+                continue
+            try:
+                with Image.open(path) as im, Image.open(it.mask) as mk:
+                    same = im.size == mk.size
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read instance mask '{path}': {e}",
+                                fix="re-save it as a single-channel PNG") from None
+            if not same:
+                raise UserError(f"instance mask '{path}' is not the size of its mask '{it.mask}'",
+                                fix="make instances/<stem>.png the size of the image")
 
     # -------------------------------------------------------------------------------------------- scoring
     def _gt_instances(self, item: Item, gt: np.ndarray, cls: int) -> np.ndarray:

@@ -261,4 +261,10 @@ def test_bad_inputs_are_one_line_before_any_work(trained: Path, hela: Path, tmp_
     assert rc == 2 and "polarity 'brigth' is not one of bright, dark, auto" in err
     rc, _, err = cli(capsys, "evaluate", "--model", trained, "--data", "sample:ctc-hela", "--out", out)
     assert rc == 2 and "names a sample set but no split" in err
+    small = tmp_path / "small"
+    shutil.copytree(hela, small)
+    inst = np.array(Image.open(small / "instances" / "hela_t19.png"))
+    Image.fromarray(np.ascontiguousarray(inst[:100])).save(small / "instances" / "hela_t19.png")
+    rc, _, err = cli(capsys, "evaluate", "--model", trained, "--data", small, "--out", out)
+    assert rc == 2 and "hela_t19.png' is not the size of its mask" in err
     assert not out.exists()  # refused before anything was written
