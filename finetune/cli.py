@@ -243,7 +243,8 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
         q.add_argument("--overlap", type=int, help="tile overlap in pixels (default: model.json)")
         q.add_argument("--batch-size", type=int, help="tiles per forward pass (default: model.json)")
 
-    e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir")
+    e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
+                            "folders also foreground IoU and instance F1 next to classic baselines")
     e.add_argument("--model", required=True, metavar="MODEL_DIR")
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "

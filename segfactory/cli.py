@@ -14,7 +14,7 @@ from segfactory import __version__
 from segfactory.console import console
 from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
 
-COMMAND_MODULES = ["segfactory.sampledata", "synth.cli", "pretrain.cli", "finetune.cli", "pipelines.cli"]
+COMMAND_MODULES = ["synth.cli", "pretrain.cli", "finetune.cli", "pipelines.cli", "segfactory.sampledata"]
 
 
 def build_parser() -> argparse.ArgumentParser:
