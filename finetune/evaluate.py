@@ -8,7 +8,6 @@ has no defined IoU and is reported as ``null``).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,53 +16,8 @@ import torch
 from torch import nn
 
 from finetune.data.sources import Item, Source
+from finetune.metrics import confusion_matrix, metrics_from_confusion, safe_name
 from segfactory.plotting import figure_png
-
-
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """(K, K) int64 counts; ``cm[t, p]`` pixels of true class t predicted as p.
-
-    Args:
-        pred: (H, W) or any shape of predicted ids in ``0..K-1``.
-        target: Same shape, true ids, ``ignore_index`` left out.
-    """
-    t = target.reshape(-1).astype(np.int64)
-    p = pred.reshape(-1).astype(np.int64)
-    keep = t != ignore_index
-    t, p = t[keep], p[keep]
-    if t.size and (t.max() >= num_classes or p.max() >= num_classes):
-        raise ValueError(f"ids beyond num_classes={num_classes}: target max {t.max()}, pred max {p.max()}")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def metrics_from_confusion(cm: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """mIoU, per-class IoU/accuracy, pixel accuracy from a confusion matrix.
-
-    Returns:
-        ``{"miou", "pixel_accuracy", "mean_accuracy", "pixels", "per_class": {name: {"iou", "accuracy",
-        "gt_pixels", "pred_pixels"}}}``; undefined values are ``None``.
-    """
-    cm = cm.astype(np.float64)
-    tp = np.diag(cm)
-    gt = cm.sum(1)
-    pr = cm.sum(0)
-    union = gt + pr - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(gt > 0, tp / gt, np.nan)
-    total = cm.sum()
-
-    def val(x: float) -> float | None:
-        return None if np.isnan(x) else round(float(x), 6)
-
-    return {
-        "miou": val(np.nanmean(iou)) if np.any(~np.isnan(iou)) else None,
-        "pixel_accuracy": val(tp.sum() / total) if total else None,
-        "mean_accuracy": val(np.nanmean(acc)) if np.any(~np.isnan(acc)) else None,
-        "pixels": int(total),
-        "per_class": {n: {"iou": val(iou[i]), "accuracy": val(acc[i]), "gt_pixels": int(gt[i]),
-                          "pred_pixels": int(pr[i])} for i, n in enumerate(names)},
-    }
 
 
 @torch.no_grad()
@@ -124,10 +78,6 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str) -> bytes:
     return figure_png(fig)
 
 
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "source"
-
-
 def _evaluation_key(meta: dict[str, Any], model_dir: Path, data: list, tile: int, overlap: int) -> str:
     from segfactory.formats.model import WEIGHTS_FILE
     from segfactory.io import canonical_hash, sha256_file
@@ -157,31 +107,87 @@ def evaluation_key(model_dir: str | os.PathLike, data: list, tile: int | None = 
 
     meta = read_model_meta(model_dir)
     tile, overlap, _ = inference_settings(meta, tile, overlap, None)
-    return _evaluation_key(meta, Path(model_dir), data, tile, overlap)
+    return _evaluation_key(meta, Path(model_dir), resolve_sample_specs(data), tile, overlap)
+
+
+def resolve_sample_specs(data: list) -> list:
+    """The specs with ``sample:NAME/SPLIT`` paths materialized (:mod:`segfactory.sampledata`)."""
+    from segfactory.sampledata import is_sample_ref, parse_ref, resolve_path
+
+    out = []
+    for spec in data:
+        if is_sample_ref(spec.path):
+            # Named after the set (its folder is just `eval`), unless the spec names it.
+            spec = spec.model_copy(update={"path": resolve_path(spec.path),
+                                           "name": spec.name or parse_ref(str(spec.path))[0]})
+        out.append(spec)
+    return out
+
+
+def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
+    """Every class of a real folder must map onto a model class (by name or ``remap``), before any work.
+
+    Args:
+        spec: The folder's :class:`~finetune.config.SourceSpec` (its ``remap`` counts).
+        targets: The model's classes.
+        flag: How the fix spells a mapping (``--remap `` on the command line, ``eval.remap.`` for a run).
+
+    Raises:
+        UserError: naming the folder, the class and the model's classes, with the ``--remap`` that fixes it.
+    """
+    from finetune.data.sources import real_class_table
+    from segfactory.errors import UserError
+
+    classes, _ = real_class_table(spec, Path(spec.path), targets)
+    remapped = {str(k) for k in spec.remap}
+    missing = [c for c in classes if targets.id_of(str(c["name"])) is None
+               and str(c["name"]) not in remapped and str(c["id"]) not in remapped]
+    if not missing:
+        return
+    c = missing[0]
+    fg_model = [n for n in targets.names if n != "background"]
+    guess = fg_model[0] if len(fg_model) == 1 else f"<one of {', '.join(targets.names)}>"
+    raise UserError(f"real folder '{spec.path}': its class '{c['name']}' (id {c['id']}) is not a class of the model "
+                    f"({', '.join(targets.names)})",
+                    fix=f"map it: {flag}{c['name']}={guess} (or {flag}{c['name']}=ignore)")
 
 
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
+                 show_progress: bool = True, baselines: str | list[str] | None = None,
+                 overlays: int = 4) -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
+
+    Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
+    (foreground IoU, instance F1, ...) in ``metrics.json``'s ``real`` section, ``real_scores.png`` and
+    ``overlays/<source>/<stem>.png``.
 
     Args:
         model_dir: A model dir.
-        data: :class:`~finetune.config.SourceSpec` per evaluation folder (kind detected).
+        data: :class:`~finetune.config.SourceSpec` per evaluation folder (kind detected; ``sample:NAME/SPLIT``
+            paths are materialized).
+        baselines: Baselines scored on real folders (names, comma-separated, ``all``/``none``; default all).
+        overlays: Overlay PNGs per real folder.
 
     Returns:
         The report written to ``metrics.json`` (``key``: see :func:`evaluation_key`).
     """
+    from finetune.baselines import parse_baselines
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import amp_dtype, inference_settings, resolve_device
-    from segfactory.console import progress
+    from finetune.predict import amp_dtype, inference_settings, predict_mask, resolve_device
+    from finetune.realeval import RealScorer, plot_real_scores
+    from segfactory.console import console, progress
     from segfactory.errors import UserError
     from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 
     if not data:
         raise UserError("no evaluation data", fix="pass --data DIR (a rendered dataset or images/ + masks/ folder)")
+    if overlays < 0:
+        raise UserError(f"overlays={overlays} is negative", fix="pass --overlays 0 or more")
+    baseline_names = parse_baselines(baselines)
+    data = resolve_sample_specs(data)
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
@@ -193,8 +199,10 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     names: set[str] = set()
     for i, spec in enumerate(data):
         field = f"--data[{i}]"
-        src = open_source(spec, detect_kind(Path(spec.path), field), targets, "eval", field_hint=field,
-                          lenient_remap=True)
+        kind = detect_kind(Path(spec.path), field)
+        if kind == "real":
+            check_real_classes(spec, targets)
+        src = open_source(spec, kind, targets, "eval", field_hint=field, lenient_remap=True)
         base, k = src.name, 2
         while src.name in names:
             src.name, k = f"{base}-{k}", k + 1
@@ -205,6 +213,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         if not any(m.startswith(f"{key} (") or m.endswith(f"({key})") for m in used):
             raise UserError(f"--remap '{key}=...': no evaluation folder has a class '{key}'",
                             fix="check the class names in dataset.json / classes.json")
+    scorers = {src.name: RealScorer(spec, src, targets, baseline_names, overlays, Path(out_dir),
+                                    meta["input"]["scaling"])
+               for spec, src in zip(data, sources, strict=True) if src.kind == "real"}
     out = ensure_writable_dir(out_dir)
     cms: dict[str, np.ndarray] = {}
     with progress(transient=not show_progress) as bar:
@@ -212,14 +223,27 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         for src in sources:
             k = int(meta["num_classes"])
             cm = np.zeros((k, k), np.int64)
+            scorer = scorers.get(src.name)
             for it in src.val:
-                cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev))
+                if scorer is None:
+                    cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev))
+                else:
+                    img, mask = src.load(it)
+                    pred = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev))
+                    cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
+                    scorer.add(it, img, mask, pred)
                 bar.advance(task)
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap),
               "classes": targets.names,
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
               **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
+    if scorers:
+        report["real"] = {name: sc.result() for name, sc in scorers.items()}
+        for name, r in report["real"].items():
+            for note in r["notes"]:
+                console.print(f"[yellow]{name}: {note}[/]", soft_wrap=True)
+        atomic_write_bytes(out / "real_scores.png", plot_real_scores(report["real"]))
     for name, cm in cms.items():
         atomic_write_bytes(out / f"confusion_{safe_name(name)}.png", plot_confusion(cm, targets.names, name))
     atomic_write_bytes(out / "confusion_overall.png",

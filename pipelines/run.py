@@ -6,7 +6,8 @@ whose directory holds ``stage.json`` is skipped, so a re-run only does what chan
 pipelines of their own; the training stages run as single Dask tasks that ask for a ``GPU`` resource when the
 cluster offers one, and the training itself runs in its own process (``segfactory pretrain`` / ``finetune``
 ...) with a timeout; ``stage.json``, written last, marks a stage finished. Evaluation scores held-out rendered
-scenes (``test``).
+scenes (``test``) and, when ``eval.real`` lists real labeled folders (or ``sample:NAME/eval``), those folders
+too, next to classic baselines (stage ``evaluate_real``; see :mod:`finetune.realeval`).
 """
 
 from __future__ import annotations
@@ -51,11 +52,23 @@ class TrainingExecution(StrictModel):
     predict_images: int = Field(4, ge=0, description="real images the report overlays predictions on")
 
 
+class RealEvalSettings(StrictModel):
+    """``eval``: real labeled folders the model is scored on, next to classic baselines."""
+
+    real: list[str] = Field(default_factory=list, description="real labeled folders (images/ + masks/) or "
+                            "sample:NAME/eval (segfactory samples list); empty = synthetic held-out frames only")
+    remap: dict[str, str] = Field(default_factory=dict, description="folder class -> model class (or ignore), "
+                                  "for every folder that has the class, e.g. {cell: nucleus}")
+    baselines: str = Field("all", description="classic baselines: comma-separated names, all or none")
+    overlays: int = Field(4, ge=0, description="overlay PNGs per real folder in the report")
+
+
 class RunConfig(StrictModel):
     """``segfactory run`` config: one section per stage plus the cluster."""
 
     render: RenderStep = Field(default_factory=RenderStep)
     test: HeldOutSet = Field(default_factory=HeldOutSet)
+    eval: RealEvalSettings = Field(default_factory=RealEvalSettings)
     real: RealImages = Field(default_factory=lambda: RealImages(src=SKIMAGE_DATA))
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -64,7 +77,12 @@ class RunConfig(StrictModel):
 
 
 def resolve_real_src(src: str) -> str:
-    """``skimage:data`` is the folder of sample photos that ships inside the scikit-image package."""
+    """``skimage:data`` is the folder of sample photos that ships inside the scikit-image package;
+    ``sample:NAME/unlabeled`` a built-in real microscopy set (:mod:`segfactory.sampledata`)."""
+    from segfactory.sampledata import is_sample_ref, resolve_path
+
+    if is_sample_ref(src):
+        return str(resolve_path(src))
     if src == SKIMAGE_DATA:
         import skimage.data
 
@@ -103,6 +121,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
 
     reports = out / "reports"
     run_id = time.strftime("%Y%m%dT%H%M%S")
+    real_eval = _real_eval_folders(cfg.eval)  # bad folders and names stop here, before any work
 
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
@@ -120,6 +139,8 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                                reports / f"{run_id}-dask-render-test.html")
     if test_set is None:
         console.print("[yellow]test.scenes=0: evaluating on the training dataset (scores are optimistic)[/]")
+    if real_eval:
+        _check_real_eval_classes(real_eval, cfg, dataset)
     stage("render")
 
     # ingest: incremental by itself (only new files); its data hash keys pretraining. One directory per source and
@@ -142,6 +163,9 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     ft_dir = stage_dir(out, "finetune", {"config": cfg.finetune.model_dump(mode="json"), "render": dataset.name,
                                           "pretrain": pre_dir.name}, FINETUNE_PACKAGES)
     eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": eval_data.name}, FINETUNE_PACKAGES)
+    real_dir = stage_dir(out, "evaluate_real", {"model": ft_dir.name, "data": [str(p) for p in real_eval.values()],
+                                                "settings": cfg.eval.model_dump(mode="json", exclude={"real"})},
+                         FINETUNE_PACKAGES) if real_eval else None
     pred_dir = stage_dir(out, "predict", {"model": ft_dir.name, "data": ing["data_hash"],
                                            "n": cfg.execution.predict_images}, FINETUNE_PACKAGES)
     cfg_dir = out / "stages" / "configs"
@@ -159,6 +183,11 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "predict": (pred_dir, ["predict", "--model", str(ft_dir / "model"), "--input", str(pred_in),
                                "--out", "{OUT}"]),
     }
+    if real_dir is not None:
+        commands["evaluate_real"] = (real_dir, [
+            "evaluate", "--model", str(ft_dir / "model"), *[a for arg in real_eval for a in ("--data", arg)],
+            *[a for k, v in cfg.eval.remap.items() for a in ("--remap", f"{k}={v}")],
+            "--baselines", cfg.eval.baselines, "--overlays", str(cfg.eval.overlays), "--out", "{OUT}"])
     t_stage = time.perf_counter()
 
     def on_done(name: str, r: dict[str, Any]) -> None:
@@ -171,14 +200,56 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                     reports / f"{run_id}-dask-training.html", on_done)
     scored_on = (f"{read_json(test_set / 'dataset.json')['num_frames']} held-out rendered frames (scenes not used in "
                  "fine-tuning)" if test_set else "the training dataset (test.scenes=0)")
-    report = write_report(out / "report.html", dataset, pre_dir, ft_dir, eval_dir, pred_dir, scored_on)
+    report = write_report(out / "report.html", dataset, pre_dir, ft_dir, eval_dir, pred_dir, scored_on,
+                          real_eval=real_dir)
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,
                "total_s": round(time.perf_counter() - t0, 2)}
+    if real_dir is not None:
+        summary["real"] = {name: {row: {"fg_iou": r["fg_iou"], "f1": next(iter(r["instances"].values()), {}).get("f1")}
+                                  for row, r in s["rows"].items()}
+                           for name, s in read_json(real_dir / "metrics.json")["real"].items()}
     atomic_write_json(out / "run.json", summary)
     console.print(f"run finished in {summary['total_s']:.0f}s; report: {report}")
     return summary
+
+
+def _real_eval_folders(settings: RealEvalSettings) -> dict[str, Path]:
+    """``eval.real`` as ``{evaluate --data argument: folder}``, each checked to be a real labeled folder.
+
+    ``sample:NAME/eval`` references are materialized here (so errors come before any work) and passed on as
+    references, which name the set in the report; other entries become absolute paths.
+
+    Raises:
+        UserError: a missing folder, a rendered dataset, an unknown sample set, or an unknown baseline.
+    """
+    from finetune.baselines import parse_baselines
+    from finetune.data.sources import check_kind
+    from segfactory.sampledata import is_sample_ref, resolve_path
+
+    parse_baselines(settings.baselines)
+    folders: dict[str, Path] = {}
+    for i, entry in enumerate(settings.real):
+        path = resolve_path(entry).resolve()
+        check_kind(path, "real", f"eval.real[{i}]")
+        folders[entry if is_sample_ref(entry) else str(path)] = path
+    return folders
+
+
+def _check_real_eval_classes(folders: dict[str, Path], cfg: RunConfig, dataset: Path) -> None:
+    """Every class of every ``eval.real`` folder maps onto the model's classes (before any training)."""
+    from finetune.config import SourceSpec
+    from finetune.data.remap import make_targets
+    from finetune.evaluate import check_real_classes
+    from segfactory.formats.dataset import open_dataset
+
+    if cfg.finetune.classes is not None:
+        targets = make_targets([c.model_dump() for c in cfg.finetune.classes], cfg.finetune.ignore_index)
+    else:
+        targets = make_targets(open_dataset(dataset).classes, cfg.finetune.ignore_index)
+    for folder in folders.values():
+        check_real_classes(SourceSpec(path=folder, remap=cfg.eval.remap), targets, flag="eval.remap.")
 
 
 def _predict_inputs(src: str, folder: Path, n: int) -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.evaluate import confusion_matrix, metrics_from_confusion, summarize
+from finetune.evaluate import summarize
+from finetune.metrics import confusion_matrix, metrics_from_confusion
 
 NAMES = ["background", "cat", "dog"]
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.config import FinetuneConfig, SourceSpec
-from finetune.evaluate import confusion_matrix, metrics_from_confusion
+from finetune.metrics import confusion_matrix, metrics_from_confusion
 from finetune.samples import coins_image_and_mask, make_coins_folder, skimage_data_path
 from segfactory.cli import main
 from segfactory.config import load_config

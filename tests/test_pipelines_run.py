@@ -27,7 +27,7 @@ def run(out: Path, capsys, *extra: str) -> dict:
     return json.loads(captured.out.strip().splitlines()[-1]) | {"_err": captured.err}
 
 
-def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys):
+def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "run"
     first = run(out, capsys)
     assert all(v != "cached" for v in first["stages"].values()), first["stages"]
@@ -62,6 +62,24 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys):
     # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream.
     changed = run(out, capsys, "finetune.train.lr=0.002")
     assert [k for k, v in changed["stages"].items() if v == "cached"] == ["render", "pretrain"]
+
+    # eval.real: real labeled frames scored next to the classic baselines, in their own stage. The street model
+    # has no 'nucleus' class: said before any training, with the fix.
+    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
+    real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1"]
+    capsys.readouterr()
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *TINY, *real]) == 2
+    err = capsys.readouterr().err
+    assert "its class 'background' (id 0) is not a class of the model" in err and "eval.remap.background=" in err
+    scored = run(out, capsys, *real, "eval.remap={background: road, nucleus: vehicle}")
+    assert [k for k, v in scored["stages"].items() if v != "cached"] == ["ingest", "evaluate_real"]
+    assert set(scored["real"]["ctc-hela"]) == {"model", "otsu", "blur_otsu"}
+    assert 0.3 < scored["real"]["ctc-hela"]["blur_otsu"]["fg_iou"] < 1 and scored["miou"] == changed["miou"]
+    report = (out / "report.html").read_text()
+    assert "<h2>Model vs baselines on real images</h2>" in report
+    assert "<h2>Evaluation on synthetic frames</h2>" in report
+    assert "model vs baselines on real images</figcaption>" in report and "ctc-hela hela_t" in report
+    assert "agreement" in report and "blur_otsu" in report
 
 
 def test_shipped_quickstart_config_loads_as_is():

@@ -16,7 +16,7 @@ from segfactory.console import console
 from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
 
 COMMAND_MODULES = ["segfactory.cli.synth", "segfactory.cli.pretrain", "segfactory.cli.finetune",
-                   "segfactory.cli.pipelines"]
+                   "segfactory.cli.pipelines", "segfactory.cli.samples"]
 
 
 def build_parser() -> argparse.ArgumentParser:

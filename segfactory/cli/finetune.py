@@ -64,7 +64,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     specs = [SourceSpec(path=Path(d), remap=remap, on_unknown=args.on_unknown) for d in args.data]
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     report = run_evaluate(args.model, specs, out, device=args.device, tile=args.tile, overlap=args.overlap,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, baselines=args.baselines, overlays=args.overlays)
     _save_args(out / "evaluate.yaml", {k: v for k, v in vars(args).items() if k != "func"})
     from rich.table import Table
 
@@ -85,11 +85,43 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         row(f"all {kind}", kind, m)
     row("overall", "", report["overall"])
     console.print(table)
+    summary = {"out": str(out), "miou": report["overall"]["miou"],
+               "by_kind": {k: m["miou"] for k, m in report["by_kind"].items()},
+               "sources": {k: m["miou"] for k, m in report["sources"].items()}}
+    if "real" in report:
+        console.print(real_table(report["real"]))
+        for name, s in report["real"].items():
+            if isinstance(s["baselines"], str):
+                console.print(f"{name}: baselines {s['baselines']}", soft_wrap=True)
+        summary["real"] = {name: {row: {"fg_iou": r["fg_iou"], "f1": _first_f1(r)} for row, r in s["rows"].items()}
+                           for name, s in report["real"].items()}
     console.print(f"metrics and confusion matrices in {out}")
-    _emit({"out": str(out), "miou": report["overall"]["miou"],
-           "by_kind": {k: m["miou"] for k, m in report["by_kind"].items()},
-           "sources": {k: m["miou"] for k, m in report["sources"].items()}})
+    _emit(summary)
     return 0
+
+
+def _first_f1(row: dict) -> float | None:
+    inst = row.get("instances") or {}
+    return next(iter(inst.values()))["f1"] if inst else None
+
+
+def real_table(real: dict):
+    """A rich table of ``metrics.json``'s ``real`` section: one line per source and row (model, baselines)."""
+    from rich.table import Table
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    table = Table(title="model vs classic baselines on real images (reference masks may be automatic: agreement)")
+    for col in ("data", "row", "mIoU", "fg IoU", "F1@0.5", "matched IoU", "count err", "objects (true/pred)"):
+        table.add_column(col)
+    for name, s in real.items():
+        for row, r in s["rows"].items():
+            inst = next(iter(r["instances"].values()), None) if r["instances"] else None
+            table.add_row(name, row, f(r["miou"]), f(r["fg_iou"]), f(inst and inst["f1"]),
+                          f(inst and inst["mean_matched_iou"]), f(inst and inst["count_error"]),
+                          f"{inst['n_gt']}/{inst['n_pred']}" if inst else "-")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -174,15 +206,22 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
         q.add_argument("--overlap", type=int, help="tile overlap in pixels (default: model.json)")
         q.add_argument("--batch-size", type=int, help="tiles per forward pass (default: model.json)")
 
-    e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir")
+    e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
+                            "folders also foreground IoU and instance F1 next to classic baselines")
     e.add_argument("--model", required=True, metavar="MODEL_DIR")
     e.add_argument("--data", required=True, action="append", metavar="DIR",
-                   help="rendered dataset or labeled folder (repeatable; reported per source and per kind)")
+                   help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
+                        "repeatable, reported per source and per kind")
     e.add_argument("--out", help="report directory (default MODEL_DIR/eval)")
     e.add_argument("--remap", action="append", metavar="SRC=DST", help="map a data class onto a model class "
                    "(or 'ignore'); repeatable")
     e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
                    help="mask values outside the class map: error (default) or ignore")
+    e.add_argument("--baselines", default="all", metavar="NAMES",
+                   help="classic baselines scored next to the model on real labeled folders (foreground/background "
+                        "tasks): comma-separated otsu, blur_otsu; 'all' (default) or 'none'")
+    e.add_argument("--overlays", type=int, default=4, metavar="N",
+                   help="overlay PNGs (prediction, baselines and reference outlines) per real folder (default 4)")
     inference_flags(e)
     e.set_defaults(func=_cmd_evaluate)
 

