@@ -117,6 +117,12 @@ def update_dataset_meta(out: Path, meta: dict[str, Any], shard_ids: list[str]) -
 def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
     """Fill in the scene family's defaults and compute the dataset's config hash."""
     resolved = resolve_scene(cfg.scene)
+    post = resolved.randomization.post
+    if post.max_value() > 2**cfg.output.bit_depth - 1:
+        raise UserError(
+            f"scene.randomization.post: a {post.camera_bits}-bit camera with offset up to {post.camera_offset[1]} "
+            f"writes values up to {post.max_value()}, beyond {cfg.output.bit_depth}-bit output",
+            fix="set output.bit_depth=16, or lower scene.randomization.post.camera_bits / camera_offset")
     cfg = cfg.model_copy(update={"scene": resolved.as_config()})
     return cfg, hash_config(cfg.identity())
 

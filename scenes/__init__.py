@@ -23,13 +23,15 @@ from segfactory.registry import Registry
 
 @dataclass
 class SceneContext:
-    """What a family's sampler receives."""
+    """What a family's sampler receives (``resolution``: the square image size in pixels the views are
+    rendered at, for families whose params are in pixel terms, such as the microscope's pixel size)."""
 
     rng: np.random.Generator
     params: Any
     randomization: Randomization
     views: int
     classes: list[ClassDef]
+    resolution: int = 256
 
     def class_id(self, name: str) -> int:
         for c in self.classes:
@@ -137,9 +139,10 @@ def resolve_scene(cfg: SceneConfig) -> ResolvedScene:
     return ResolvedScene(family, params, rand, family.classes_for(params))
 
 
-def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int) -> SceneSpec:
-    """Sample one scene with ``views`` camera views."""
-    ctx = SceneContext(rng, resolved.params, resolved.randomization, views, resolved.classes)
+def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int, resolution: int = 256
+                 ) -> SceneSpec:
+    """Sample one scene with ``views`` camera views, to be rendered at ``resolution`` pixels square."""
+    ctx = SceneContext(rng, resolved.params, resolved.randomization, views, resolved.classes, resolution)
     spec = resolved.family.sampler(ctx)
     spec.grayscale = resolved.family.channels == 1
     if len(spec.cameras) != views or len(spec.post) != views:
