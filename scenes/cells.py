@@ -46,14 +46,14 @@ class CellsParams(StrictModel):
     """The ``cells`` family's knobs. Ranges are drawn uniformly (``pixel_size`` log-uniformly); the texture
     knobs from ``chromatin_contrast`` on set a frame's style, around which each nucleus varies."""
 
-    pixel_size: PosRange = Field((0.25, 0.75), description="micrometres per pixel, one value per scene (real "
+    pixel_size: PosRange = Field((0.2, 0.75), description="micrometres per pixel, one value per scene (real "
                                  "HeLa frames: 0.645, CHO: 0.202); the view is pixel_size x resolution wide")
     fields: int = Field(2, ge=1, le=8, description="the slide is fields x fields views wide; views pan over it")
-    density: PosRange = Field((6.0, 25.0), description="nuclei per 100 x 100 square micrometres")
+    density: PosRange = Field((4.0, 18.0), description="nuclei per 100 x 100 square micrometres")
     nucleus_radius: PosRange = Field((5.0, 9.0), description="micrometres, before elongation")
     elongation: PosRange = (1.0, 1.7)
     irregularity: PosRange = (0.04, 0.2)
-    max_overlap: float = Field(0.15, ge=0, lt=1, description="allowed overlap of neighbouring nuclei, as a "
+    max_overlap: float = Field(0.1, ge=0, lt=1, description="allowed overlap of neighbouring nuclei, as a "
                                "fraction of their summed extents along the line between their centres (0 = only "
                                "touching)")
     brightness: PosRange = Field((0.06, 0.35), description="a frame's typical nucleus signal, fraction of the "
@@ -69,10 +69,10 @@ class CellsParams(StrictModel):
     mitotic_radius: PosRange = Field((2.0, 4.0), description="micrometres, before elongation")
     mitotic_elongation: PosRange = (1.2, 2.8)
     mitotic_brightness: PosRange = Field((2.5, 7.0), description="relative to the frame's typical nucleus")
-    clusters_per_field: CountRange = Field((0, 3), description="dense clusters of touching nuclei per view area")
-    cluster_share: PosRange = Field((0.3, 0.8), description="share of the nuclei packed into the clusters")
+    clusters_per_field: CountRange = Field((0, 2), description="dense clusters of touching nuclei per view area")
+    cluster_share: PosRange = Field((0.2, 0.6), description="share of the nuclei packed into the clusters")
     chromatin_contrast: PosRange = Field((0.08, 0.4), description="spread of the chromatin texture")
-    chromatin_scale: PosRange = Field((0.3, 2.5), description="micrometres: the texture's three octaves span "
+    chromatin_scale: PosRange = Field((0.25, 1.5), description="micrometres: the texture's three octaves span "
                                       "this range of feature sizes")
     rim: PosRange = Field((0.0, 0.6), description="extra brightness at the nuclear envelope (0.5 = +50 %)")
     rim_width: PosRange = Field((0.3, 1.0), description="micrometres")
@@ -218,6 +218,8 @@ def _place_nuclei(rng: np.random.Generator, p: CellsParams, footprints: list[Foo
     in_clusters = round(uniform(rng, p.cluster_share) * n) if clusters else 0
     placed: list[tuple[tuple[float, float], Footprint]] = []
     for members in np.array_split(order[:in_clusters], max(clusters, 1)) if in_clusters else []:
+        if not len(members):
+            continue
         centre = tuple(float(c) for c in rng.uniform(-slide / 2, slide / 2, 2))
         reach = float(np.sqrt(len(members)) * np.mean([footprints[i].radius for i in members]) * 1.6)
         box = (max(centre[0] - reach, -slide / 2), min(centre[0] + reach, slide / 2))

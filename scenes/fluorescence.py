@@ -27,7 +27,8 @@ class NucleusLook:
 
     Attributes:
         chromatin_contrast: Spread of the chromatin texture (about its coefficient of variation).
-        chromatin_scales: Feature sizes (Gaussian sigmas) of the texture's octaves, equally weighted on average.
+        chromatin_scales: Feature sizes (Gaussian sigmas) of the texture's octaves, finest first; coarser octaves
+            weigh less (real chromatin is mostly fine-grained, with gentle large-scale variation).
         rim: Extra brightness at the nuclear envelope (0.5: +50 % at the edge).
         rim_width: Decay length of the rim inwards.
         edge_width: Width over which the brightness rises from ``EDGE_FLOOR`` at the outline to the interior.
@@ -104,9 +105,9 @@ def nucleus_texture(rng: np.random.Generator, mesh: Mesh, look: NucleusLook, tex
 
     if look.chromatin_contrast > 0 and look.chromatin_scales:
         field = np.zeros((ny, nx))
-        for scale in look.chromatin_scales:
+        for k, scale in enumerate(look.chromatin_scales):
             octave = ndimage.gaussian_filter(rng.normal(size=(ny, nx)), (scale / dy, scale / dx), mode="wrap")
-            field += octave / max(octave.std(), 1e-9) * rng.uniform(0.5, 1.5)
+            field += octave / max(octave.std(), 1e-9) * rng.uniform(0.5, 1.5) * 0.6**k
         field /= max(field[inside].std(), 1e-9)
         tex *= np.exp(look.chromatin_contrast * field - look.chromatin_contrast**2 / 2)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from conftest import CONFIGS, assert_hang_children_gone, render_cli
+from conftest import CELLS_TINY, CONFIGS, assert_hang_children_gone, render_cli
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -122,7 +122,7 @@ def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path
     """Re-render the first shard of the fixture elsewhere: its id and every label file are identical."""
     out = tmp_path / "again"
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
-                    "--resolution", "64", "--workers", "1", "dataset.scenes_per_shard=4")
+                    "--resolution", "64", "--workers", "1", "dataset.scenes_per_shard=4", *CELLS_TINY)
     assert rc == 0
     a, b = open_dataset(tiny_dataset), open_dataset(out)
     assert b.shard_ids[0] == a.shard_ids[0] and a.meta["config_hash"] == b.meta["config_hash"]
@@ -134,7 +134,7 @@ def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path
     # stays on disk, unlisted, and is reused when the old seed comes back).
     seed0 = b.shard_ids[0]
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
-                    "--resolution", "64", "--workers", "1", "--seed", "1", "dataset.scenes_per_shard=4")
+                    "--resolution", "64", "--workers", "1", "--seed", "1", "dataset.scenes_per_shard=4", *CELLS_TINY)
     seed1 = open_dataset(out).shard_ids
     assert rc == 0 and len(seed1) == 1 and seed1 != [seed0] and (out / "shards" / seed0 / "manifest.json").is_file()
     assert len(open_dataset(out)) == 8 and read_json(out / "dataset.json")["num_frames"] == 8
@@ -163,7 +163,7 @@ def test_resume_renders_only_missing_shards(tmp_path: Path, capsys):
     assert ds2.shard_ids == ds.shard_ids
     assert all(ds2.manifest(s)["created"] == first[s] for s in ds.shard_ids if s != victim)
     assert not list((out / "shards").glob(".tmp-*"))
-    check_layout(out, channels=1, bit_depth=8)
+    check_layout(out, channels=1, bit_depth=16)
 
 
 def test_other_sizes_and_shard_sizes_never_duplicate_scenes(tmp_path: Path, capsys):
