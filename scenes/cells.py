@@ -46,17 +46,17 @@ class CellsParams(StrictModel):
     """The ``cells`` family's knobs. Ranges are drawn uniformly (``pixel_size`` log-uniformly); the texture
     knobs from ``chromatin_contrast`` on set a frame's style, around which each nucleus varies."""
 
-    pixel_size: PosRange = Field((0.2, 0.75), description="micrometres per pixel, one value per scene (real "
+    pixel_size: PosRange = Field((0.18, 0.75), description="micrometres per pixel, one value per scene (real "
                                  "HeLa frames: 0.645, CHO: 0.202); the view is pixel_size x resolution wide")
     fields: int = Field(2, ge=1, le=8, description="the slide is fields x fields views wide; views pan over it")
-    density: PosRange = Field((4.0, 18.0), description="nuclei per 100 x 100 square micrometres")
+    density: PosRange = Field((3.0, 12.0), description="nuclei per 100 x 100 square micrometres")
     nucleus_radius: PosRange = Field((5.0, 9.0), description="micrometres, before elongation")
     elongation: PosRange = (1.0, 1.7)
     irregularity: PosRange = (0.04, 0.2)
     max_overlap: float = Field(0.1, ge=0, lt=1, description="allowed overlap of neighbouring nuclei, as a "
                                "fraction of their summed extents along the line between their centres (0 = only "
                                "touching)")
-    brightness: PosRange = Field((0.06, 0.35), description="a frame's typical nucleus signal, fraction of the "
+    brightness: PosRange = Field((0.05, 0.3), description="a frame's typical nucleus signal, fraction of the "
                                  "camera's full scale (before illumination and exposure)")
     brightness_spread: float = Field(0.3, ge=0, le=2, description="nucleus-to-nucleus log-normal spread")
     dim_fraction: PosRange = Field((0.0, 0.25), description="share of nuclei that are dim")
@@ -68,10 +68,10 @@ class CellsParams(StrictModel):
                                        "small, very bright, irregular")
     mitotic_radius: PosRange = Field((2.0, 4.0), description="micrometres, before elongation")
     mitotic_elongation: PosRange = (1.2, 2.8)
-    mitotic_brightness: PosRange = Field((2.5, 7.0), description="relative to the frame's typical nucleus")
+    mitotic_brightness: PosRange = Field((2.5, 6.0), description="relative to the frame's typical nucleus")
     clusters_per_field: CountRange = Field((0, 2), description="dense clusters of touching nuclei per view area")
-    cluster_share: PosRange = Field((0.2, 0.6), description="share of the nuclei packed into the clusters")
-    chromatin_contrast: PosRange = Field((0.08, 0.4), description="spread of the chromatin texture")
+    cluster_share: PosRange = Field((0.1, 0.5), description="share of the nuclei packed into the clusters")
+    chromatin_contrast: PosRange = Field((0.05, 0.35), description="spread of the chromatin texture")
     chromatin_scale: PosRange = Field((0.25, 1.5), description="micrometres: the texture's three octaves span "
                                       "this range of feature sizes")
     rim: PosRange = Field((0.0, 0.6), description="extra brightness at the nuclear envelope (0.5 = +50 %)")
@@ -82,7 +82,7 @@ class CellsParams(StrictModel):
     nucleolus_radius: PosRange = Field((0.6, 1.8), description="micrometres")
     nucleolus_contrast: Range = Field((-0.8, 0.3), description="relative brightness change in nucleoli "
                                       "(negative: dark, as in DNA stains)")
-    speckle_density: PosRange = Field((0.0, 0.3), description="bright chromocentre speckles per square micrometre")
+    speckle_density: PosRange = Field((0.0, 0.2), description="bright chromocentre speckles per square micrometre")
     speckle_brightness: PosRange = Field((0.3, 1.5), description="speckle peak relative to the nucleus mean")
     debris_per_field: CountRange = (0, 6)
 

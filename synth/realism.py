@@ -114,7 +114,10 @@ def summarize(per_frame: list[dict[str, list[float]]]) -> dict[str, Any]:
         for k, v in d.items():
             pooled.setdefault(k, []).extend(v)
     out: dict[str, Any] = {"frames": len(per_frame), "nuclei": len(pooled.get("signal", []))}
-    for k in ("diameter", "signal", "cv", "fine"):
+    noise = np.asarray(pooled.get("noise", []))
+    if noise.size and pooled.get("signal"):
+        pooled["snr"] = list(np.asarray(pooled["signal"]) / max(float(np.median(noise)), 1e-9))
+    for k in ("diameter", "signal", "snr", "cv", "fine"):
         v = np.asarray(pooled.get(k, []))
         out[k] = [round(float(q), 4) for q in np.percentile(v, [5, 50, 95])] if v.size else None
     for k in ("holes", "saturated", "background", "noise", "count", "area", "touching"):
@@ -158,6 +161,7 @@ def markdown_table(stats: dict[str, Any]) -> str:
             ("nuclei touching another", "touching", "{:.2f}"),
             ("diameter px (p5 / p50 / p95)", "diameter", "{:.1f}"),
             ("signal above background, of full scale (p5 / p50 / p95)", "signal", "{:.3f}"),
+            ("signal / background noise (p5 / p50 / p95)", "snr", "{:.0f}"),
             ("background, of full scale", "background", "{:.3f}"), ("background noise, of full scale", "noise",
                                                                       "{:.4f}"),
             ("in-nucleus std / signal (p5 / p50 / p95)", "cv", "{:.2f}"),

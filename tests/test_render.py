@@ -86,6 +86,45 @@ def test_cells_dataset_layout_coco_and_sheet(tiny_dataset: Path, tmp_path: Path)
     assert sheet.ndim == 3 and sheet.shape[0] > 300
 
 
+def test_cells_camera_frames_16bit_offset_and_labels(tmp_path: Path, capsys):
+    """configs/cells.yaml as shipped: 12-bit counts plus the 32768 offset in 16-bit PNGs, textured nuclei that stay
+    whole in the labels, and show/stats work on it."""
+    from scipy import ndimage
+
+    from segfactory.cli import main
+
+    out = tmp_path / "cells16"
+    rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "2", "--views", "2",
+                    "--resolution", "96", "--workers", "1", "dataset.scenes_per_shard=2",
+                    "scene.params.pixel_size=[0.6, 0.6]", "scene.params.density=[15, 18]",
+                    "scene.params.nucleoli=[3, 3]")
+    assert rc == 0
+    check_layout(out, channels=1, bit_depth=16)
+    assert check_coco(out) > 4
+    ds = open_dataset(out)
+    posts = {fr["name"]: fr["post"] for fr in ds.manifest(ds.shard_ids[0])["frames"]}
+    for ref in ds.frames():
+        f, post = load_frame(ref), posts[ref.name]
+        counts = f["rgb"].astype(np.int64) - 32768
+        assert post["camera_bits"] == 12 and post["camera_offset"] == 32768
+        assert counts.min() >= 0 and counts.max() <= 4095
+        nucleus, background = f["semantic"] == 1, f["semantic"] == 0
+        assert nucleus.any() and np.median(counts[nucleus]) > np.median(counts[background]) + 20
+        assert np.median(counts[background]) > 10  # background glow above the offset, as on real cameras
+        # Nucleoli are texture, not objects: a nucleus' mask has no holes, except where another nucleus lies on it.
+        for k in np.unique(f["instance"])[1:]:
+            m = f["instance"] == k
+            holes = ndimage.binary_fill_holes(m) & ~m
+            assert np.all(f["semantic"][holes] == 1), (ref.name, int(k))
+    capsys.readouterr()
+    assert main(["stats", str(out), "--json"]) == 0
+    shares = {c["name"]: c["pixel_share"] for c in json.loads(capsys.readouterr().out)["classes"]}
+    assert shares["nucleus"] > 0.05 and shares["background"] > 0.2
+    assert main(["show", str(out), "--out", str(tmp_path / "sheet.png"), "--frames", "2"]) == 0
+    sheet = read_image(tmp_path / "sheet.png")
+    assert sheet.ndim == 3 and sheet[..., 0].std() > 20  # auto-contrast: not the flat gray of /257 scaling
+
+
 def test_street_dataset_layout_and_coco(tiny_street_dataset: Path, capsys):
     check_layout(tiny_street_dataset, channels=3, bit_depth=8)
     assert check_coco(tiny_street_dataset) > 0
