@@ -12,7 +12,8 @@ BLUR_STEP = 0.25  # px: per-object blurs are grouped to this precision, one filt
 
 
 def apply_post(rgb: np.ndarray, fx: PostFX, rng: np.random.Generator, index: np.ndarray | None = None,
-               object_blur: np.ndarray | None = None, out_dtype: type | None = None) -> np.ndarray:
+               object_blur: np.ndarray | None = None, out_dtype: type | None = None,
+               dark: np.ndarray | None = None) -> np.ndarray:
     """Apply one frame's post-processing.
 
     Args:
@@ -24,6 +25,9 @@ def apply_post(rgb: np.ndarray, fx: PostFX, rng: np.random.Generator, index: np.
         object_blur: (N + 1,) Gaussian sigma in px per object index (0: sharp): that object's light alone is
             blurred (an out-of-focus nucleus); its labels are not touched.
         out_dtype: uint8 or uint16 for the result (default: the input's).
+        dark: (N + 1,) bool, object indices that emit no light of their own (nothing hit, a black slide). Their
+            pixels next to a blurred object hold only its anti-aliased edge, which is blurred with it (left
+            sharp, that edge would draw the label outline into the image).
 
     Returns:
         Image of the same shape, ``out_dtype``. With ``fx.camera_bits`` its values are ``fx.camera_offset`` plus
@@ -34,7 +38,7 @@ def apply_post(rgb: np.ndarray, fx: PostFX, rng: np.random.Generator, index: np.
     if fx.gain != 1.0:
         x = x * np.float32(fx.gain)
     if object_blur is not None and index is not None and np.any(object_blur > 0.05):
-        x = _blur_objects(x, index, object_blur)
+        x = _blur_objects(x, index, object_blur, dark)
     if fx.exposure and not fx.linear:
         # Exposure acts on linear light; approximate the display transfer by a 2.2 power.
         x = np.clip(x ** 2.2 * (2.0 ** fx.exposure), 0.0, 1.0) ** (1 / 2.2)
@@ -82,15 +86,22 @@ def illumination_field(shape: tuple[int, int], amplitude: float, vignetting: flo
     return np.clip(field, 0.0, None)
 
 
-def _blur_objects(x: np.ndarray, index: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+def _blur_objects(x: np.ndarray, index: np.ndarray, sigma: np.ndarray, dark: np.ndarray | None) -> np.ndarray:
     """Spread each blurred object's light by its sigma; sharp objects and the background keep theirs.
 
     Fluorescence adds up, so the blurred light of an object also falls on its neighbours and the background.
+    The label pass gives a pixel to one object by its centre, but the color pass's reconstruction filter
+    (1.5 px wide) mixes an object's light into the pixels just outside its label: dark pixels touching a
+    blurred object are blurred with it.
     """
     sig = np.round(np.asarray(sigma, dtype=np.float64) / BLUR_STEP) * BLUR_STEP
-    sig_px = sig[np.clip(index, 0, len(sig) - 1)]
+    idx = np.clip(index, 0, len(sig) - 1)
+    sig_px = sig[idx].astype(np.float32)
+    if dark is not None:
+        grown = cv2.dilate(sig_px, np.ones((3, 3), np.uint8))
+        sig_px = np.where(np.asarray(dark, dtype=bool)[idx], np.maximum(sig_px, grown), sig_px)
     out = np.where((sig_px > 0)[..., None] if x.ndim == 3 else sig_px > 0, 0.0, x).astype(np.float32)
-    for s in np.unique(sig[sig > 0]):
+    for s in np.unique(sig_px[sig_px > 0]):
         mask = sig_px == s
         if x.ndim == 3:
             mask = mask[..., None]

@@ -114,6 +114,9 @@ def summarize(per_frame: list[dict[str, list[float]]]) -> dict[str, Any]:
         for k, v in d.items():
             pooled.setdefault(k, []).extend(v)
     out: dict[str, Any] = {"frames": len(per_frame), "nuclei": len(pooled.get("signal", []))}
+    medians = [float(np.median(d["diameter"])) for d in per_frame if d.get("diameter")]
+    out["frame_diameter"] = [round(float(q), 4) for q in (min(medians), np.median(medians), max(medians))] \
+        if medians else None
     noise = np.asarray(pooled.get("noise", []))
     if noise.size and pooled.get("signal"):
         pooled["snr"] = list(np.asarray(pooled["signal"]) / max(float(np.median(noise)), 1e-9))
@@ -160,6 +163,7 @@ def markdown_table(stats: dict[str, Any]) -> str:
             ("nuclei per frame", "count", "{:.1f}"), ("nucleus share of pixels", "area", "{:.3f}"),
             ("nuclei touching another", "touching", "{:.2f}"),
             ("diameter px (p5 / p50 / p95)", "diameter", "{:.1f}"),
+            ("a frame's median diameter px (min / median / max over frames)", "frame_diameter", "{:.1f}"),
             ("signal above background, of full scale (p5 / p50 / p95)", "signal", "{:.3f}"),
             ("signal / background noise (p5 / p50 / p95)", "snr", "{:.0f}"),
             ("background, of full scale", "background", "{:.3f}"), ("background noise, of full scale", "noise",
@@ -221,7 +225,13 @@ def contact_sheet(dataset: str | Path, out: str | Path, n_rendered: int = 8, cro
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(figure_png(fig, dpi=90))
+    import io
+
+    from PIL import Image
+
+    gray = io.BytesIO()  # every panel is gray: a one-channel PNG is a third of the size
+    Image.open(io.BytesIO(figure_png(fig, dpi=90))).convert("L").save(gray, format="PNG", optimize=True)
+    out.write_bytes(gray.getvalue())
     return out
 
 

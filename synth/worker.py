@@ -130,12 +130,14 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
             for k in ("build_s", "color_s", "labels_s"):
                 timings[k] += t[k]
             t0 = time.perf_counter()
+            # Objects of the background class emit no light where a defocused object's blur needs to know it.
+            dark = spec.class_of_object() == spec.background_class
             for v, view in enumerate(views):
                 semantic, instance = labels_from_index(view.index, spec)
                 # One generator per view, so any single frame's noise can be reproduced from its record alone.
                 post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1, v]))
                 rgb = apply_post(view.rgb, spec.post[v], post_rng, view.index,
-                                 object_blur_px(spec, v, view.index), out_dtype)
+                                 object_blur_px(spec, v, view.index), out_dtype, dark)
                 writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),
                            camera_record(spec.cameras[v]), spec.post[v])
                 print(f"{PROGRESS_PREFIX} {plan.shard_id} {len(writer.frames)}", flush=True)

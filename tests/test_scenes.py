@@ -412,6 +412,17 @@ def test_per_object_defocus_blurs_that_object_only():
     assert out[10:26, 10:26].min() < 20000 and out[6:9, 10:26].min() > 1000  # soft inside, light spills out
     assert out[:32, :32].sum() == pytest.approx(rgb[:32, :32].sum(), rel=0.02)  # light is kept, only spread
 
+    # The color pass's anti-aliasing puts some of an object's light in the pixels just outside its label; left
+    # sharp around a blurred object, that edge would draw the label outline into the image.
+    rgb[9, 10:26] = 15000  # half-covered pixels above the object, labeled background (index 0, dark)
+    dark = np.array([True, False, False])
+    soft = apply_post(rgb, PostFX(linear=True), np.random.default_rng(0), index, np.array([0.0, 3.0, 0.0]),
+                      dark=dark)
+    ring = apply_post(rgb, PostFX(linear=True), np.random.default_rng(0), index, np.array([0.0, 3.0, 0.0]))
+    column = soft[2:18, 18].astype(int)  # from outside, across the edge, into the object
+    assert np.all(np.diff(column) >= 0), column
+    assert ring[9, 18] > ring[10, 18] + 3000  # without: a bright line along the label boundary
+
 
 def test_camera_bits_beyond_the_output_depth_stop_before_rendering():
     from pipelines.render import resolve_render_config
