@@ -64,11 +64,20 @@ class SceneBuilder:
         self.bproc = bproc
         self.bpy = bpy
         self.bit_depth = bit_depth
+        self._had_images = False
 
     def build(self, spec: SceneSpec) -> None:
         """Create the spec's objects, lights, world and camera poses (after clearing the previous scene)."""
         bproc, bpy = self.bproc, self.bpy
         bproc.clean_up(clean_up_camera=False)
+        has_images = any(p.material.image is not None for o in spec.objects for p in o.parts)
+        if has_images or self._had_images:
+            # Cycles' persistent data recognises an image by its datablock's address: a new image allocated where
+            # a previous scene's freed one was would be rendered with the old pixels. Switching persistence off
+            # frees Cycles' session (the property's update does), so this scene's images are read afresh.
+            bpy.context.scene.render.use_persistent_data = False
+            bpy.context.scene.render.use_persistent_data = True
+        self._had_images = has_images
         materials: dict[int, object] = {}
         for index, obj in enumerate(spec.objects, start=1):
             for j, part in enumerate(obj.parts):
@@ -175,7 +184,6 @@ class SceneBuilder:
         rgba[..., :3] = tex_data[..., None]
         rgba[..., 3] = 1.0
         img.pixels.foreach_set(rgba.ravel())  # Blender's rows run bottom-up, as the texture's do
-        img.pack()  # keeps the pixels with the file, so nothing reloads the (empty) generated image
         x0, y0, x1, y1 = m.image_bounds  # type: ignore[misc]
         coords = nodes.new("ShaderNodeTexCoord")
         mapping = nodes.new("ShaderNodeMapping")

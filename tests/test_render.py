@@ -125,6 +125,22 @@ def test_cells_camera_frames_16bit_offset_and_labels(tmp_path: Path, capsys):
     assert sheet.ndim == 3 and sheet[..., 0].std() > 20  # auto-contrast: not the flat gray of /257 scaling
 
 
+def test_cells_pixels_do_not_depend_on_the_scenes_rendered_before(tmp_path: Path):
+    """One render process renders many scenes: each scene's textures must be its own, never a previous scene's
+    (Cycles' persistent data once served a freed texture's pixels to a new one allocated at the same address)."""
+    args = ["--scenes", "6", "--views", "1", "--resolution", "96", "--workers", "2", "render.samples=2",
+            "scene.params.pixel_size=[0.6, 0.6]"]
+    assert render_cli(str(CONFIGS / "cells.yaml"), "--out", str(tmp_path / "one"), *args,
+                      "dataset.scenes_per_shard=6") == 0
+    assert render_cli(str(CONFIGS / "cells.yaml"), "--out", str(tmp_path / "each"), *args,
+                      "dataset.scenes_per_shard=1") == 0
+    one = {ref.name: load_frame(ref)["rgb"] for ref in open_dataset(tmp_path / "one").frames()}
+    each = {ref.name: load_frame(ref)["rgb"] for ref in open_dataset(tmp_path / "each").frames()}
+    assert one.keys() == each.keys() and len(one) == 6
+    for name in one:
+        assert np.array_equal(one[name], each[name]), name
+
+
 def test_street_dataset_layout_and_coco(tiny_street_dataset: Path, capsys):
     check_layout(tiny_street_dataset, channels=3, bit_depth=8)
     assert check_coco(tiny_street_dataset) > 0
