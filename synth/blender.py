@@ -72,9 +72,9 @@ class SceneBuilder:
         bproc.clean_up(clean_up_camera=False)
         has_images = any(p.material.image is not None for o in spec.objects for p in o.parts)
         if has_images or self._had_images:
-            # Cycles' persistent data recognises an image by its datablock's address: a new image allocated where
-            # a previous scene's freed one was would be rendered with the old pixels. Switching persistence off
-            # frees Cycles' session (the property's update does), so this scene's images are read afresh.
+            # With persistent data, Cycles rendered a new image allocated where a previous scene's freed one was
+            # with the old pixels (it knows images by their datablock). Switching persistence off and on drops
+            # Cycles' session, so this scene's images are read afresh (tests/test_render.py checks the pixels).
             bpy.context.scene.render.use_persistent_data = False
             bpy.context.scene.render.use_persistent_data = True
         self._had_images = has_images
