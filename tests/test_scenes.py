@@ -424,6 +424,20 @@ def test_per_object_defocus_blurs_that_object_only():
     assert ring[9, 18] > ring[10, 18] + 3000  # without: a bright line along the label boundary
 
 
+def test_unused_post_knobs_draw_nothing():
+    """Fixed ranges (the camera knobs' defaults) take nothing from the generator, so the families that do not use
+    them sample every later value as before those knobs existed."""
+    from scenes.randomization import PostKnobs, sample_post
+
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    fx = sample_post(rng, PostKnobs(exposure=(0.1, 0.1), blur_sigma=(0.0, 0.0), noise_std=(0.01, 0.01)))
+    assert rng.bit_generator.state == before
+    assert (fx.illumination, fx.vignetting, fx.background, fx.camera_bits, fx.camera_offset) == (0, 0, 0, 0, 0)
+    fx = sample_post(rng, PostKnobs(camera_bits=12, camera_offset=(100, 200), background=(0.01, 0.02)))
+    assert fx.camera_bits == 12 and 100 <= fx.camera_offset <= 200 and 0.01 <= fx.background <= 0.02
+
+
 def test_camera_bits_beyond_the_output_depth_stop_before_rendering():
     from pipelines.render import resolve_render_config
     from segfactory.config import load_config
