@@ -133,6 +133,12 @@ def dataset_plan(cfg: RenderConfig, config_hash: str, family: str) -> list[Shard
 def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
     """Fill in the scene family's defaults and compute the dataset's config hash."""
     resolved = resolve_scene(cfg.scene)
+    post = resolved.randomization.post
+    if post.max_value() > 2**cfg.output.bit_depth - 1:
+        raise UserError(
+            f"scene.randomization.post.camera_bits={post.camera_bits} with camera_offset up to "
+            f"{post.camera_offset[1]} writes values up to {post.max_value()}, beyond {cfg.output.bit_depth}-bit output",
+            fix="set output.bit_depth=16, or lower scene.randomization.post.camera_bits / camera_offset")
     cfg = cfg.model_copy(update={"scene": resolved.as_config()})
     return cfg, hash_config(cfg.identity())
 

@@ -63,9 +63,10 @@ def resolve_scene(cfg: SceneConfig) -> ResolvedScene:
     return ResolvedScene(family, params, rand, family.classes_for(params))
 
 
-def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int) -> SceneSpec:
-    """Sample one scene with ``views`` camera views."""
-    ctx = SceneContext(rng, resolved.params, resolved.randomization, views, resolved.classes)
+def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int, resolution: int = 256
+                 ) -> SceneSpec:
+    """Sample one scene with ``views`` camera views, to be rendered at ``resolution`` pixels square."""
+    ctx = SceneContext(rng, resolved.params, resolved.randomization, views, resolved.classes, resolution)
     spec = resolved.family.sampler(ctx)
     spec.grayscale = resolved.family.channels == 1
     if len(spec.cameras) != views or len(spec.post) != views:

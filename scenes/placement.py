@@ -106,7 +106,8 @@ class FootprintSet:
 def place_footprints(rng: np.random.Generator, footprints: list[Footprint], x_range: tuple[float, float],
                      y_range: tuple[float, float], max_overlap: float = 0.0, tries: int = 200,
                      occupied: list[tuple[tuple[float, float], Footprint]] | None = None,
-                     boxes: list[Box] | None = None) -> list[tuple[float, float] | None]:
+                     boxes: list[Box] | None = None, attract_to: tuple[float, float] | None = None
+                     ) -> list[tuple[float, float] | None]:
     """Place footprints inside a rectangle so that they do not overlap each other, ``occupied`` or ``boxes``.
 
     Args:
@@ -118,6 +119,8 @@ def place_footprints(rng: np.random.Generator, footprints: list[Footprint], x_ra
         tries: Candidate centres per footprint before giving up on it.
         occupied: (centre, footprint) of objects already placed, kept clear too (not modified).
         boxes: Axis-aligned rectangles (x0, y0, x1, y1), e.g. buildings, that every bounding circle stays out of.
+        attract_to: Take the free candidate nearest this point instead of the first one: objects pack around
+            it, touching their neighbours (a dense cluster of cells).
 
     Returns:
         A centre per footprint, or ``None`` where no free spot was found (callers drop those objects).
@@ -132,12 +135,37 @@ def place_footprints(rng: np.random.Generator, footprints: list[Footprint], x_ra
             ok &= (box_distance(cand, box_arr) >= fp.radius).all(axis=1)
         hit = np.flatnonzero(ok)
         if len(hit):
+            if attract_to is not None:
+                hit = hit[np.argsort(np.linalg.norm(cand[hit] - np.asarray(attract_to), axis=1), kind="stable")]
+                cand[hit[0]] = _slide_towards(placed, fp, cand[hit[0]], np.asarray(attract_to, dtype=np.float64),
+                                              max_overlap, box_arr)
             spot = (float(cand[hit[0], 0]), float(cand[hit[0], 1]))
             placed = placed.add(spot, fp)
             out.append(spot)
         else:
             out.append(None)
     return out
+
+
+def _slide_towards(placed: FootprintSet, fp: Footprint, start: np.ndarray, target: np.ndarray, max_overlap: float,
+                   boxes: np.ndarray, steps: int = 14) -> np.ndarray:
+    """Move a free position along the straight line towards ``target`` as far as it stays free: bisection
+    between the free ``start`` and the first blocked point, so the footprint ends up touching a neighbour
+    (within 2**-steps of the distance) or at ``target``."""
+    def free(p: np.ndarray) -> bool:
+        ok = bool(placed.clear(p[None], fp, max_overlap)[0])
+        return ok and (not len(boxes) or bool((box_distance(p[None], boxes) >= fp.radius).all()))
+
+    if free(target):
+        return target.copy()
+    lo, hi = 0.0, 1.0  # fraction of the way from start to target: lo is free, hi is blocked
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if free(start + mid * (target - start)):
+            lo = mid
+        else:
+            hi = mid
+    return start + lo * (target - start)
 
 
 def box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:

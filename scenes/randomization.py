@@ -10,7 +10,7 @@ import colorsys
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from scenes.spec import Light, Material, PostFX, World
 from segfactory.config import StrictModel
@@ -79,11 +79,31 @@ class CameraKnobs(StrictModel):
 
 
 class PostKnobs(StrictModel):
+    """Per-frame image effects (see :class:`~scenes.spec.PostFX`). A range whose ends are equal is a fixed
+    value and draws nothing from the generator."""
+
     exposure: Range = (-0.3, 0.3)
     blur_sigma: PosRange = (0.0, 0.5)
     noise_std: PosRange = (0.0, 0.01)
     poisson_peak: PosRange = (0.0, 0.0)
     gamma: PosRange = (1.0, 1.0)
+    illumination: PosRange = Field((0.0, 0.0), description="amplitude of smooth uneven illumination (0.2 = +-20 %)")
+    vignetting: PosRange = Field((0.0, 0.0), description="share of light lost in the image corners, 0..1")
+    background: PosRange = Field((0.0, 0.0), description="background glow, fraction of full scale")
+    camera_bits: int = Field(0, ge=0, le=16, description="ADC bits of a simulated camera (12: counts 0..4095, "
+                             "saturating at 4095); 0 = the output's full 8/16-bit range")
+    camera_offset: CountRange = Field((0, 0), description="camera offset added to the counts (e.g. 100, or "
+                                      "32768 for 12-bit data in a signed-offset 16-bit container)")
+
+    @model_validator(mode="after")
+    def _vignetting_at_most_one(self) -> PostKnobs:
+        if self.vignetting[1] > 1:
+            raise ValueError(f"vignetting must be within 0..1, got {list(self.vignetting)}")
+        return self
+
+    def max_value(self) -> int:
+        """The largest integer a frame can hold (offset + ADC maximum), or 0 without a camera model."""
+        return self.camera_offset[1] + 2**self.camera_bits - 1 if self.camera_bits else 0
 
 
 class Randomization(StrictModel):
@@ -163,7 +183,16 @@ def sample_world(rng: np.random.Generator, k: WorldKnobs) -> World:
     return World(tuple(horizon), tuple(zenith), uniform(rng, k.strength))  # type: ignore[arg-type]
 
 
-def sample_post(rng: np.random.Generator, k: PostKnobs) -> PostFX:
-    return PostFX(exposure=uniform(rng, k.exposure), blur_sigma=uniform(rng, k.blur_sigma),
-                  noise_std=uniform(rng, k.noise_std), poisson_peak=uniform(rng, k.poisson_peak),
-                  gamma=uniform(rng, k.gamma))
+def sample_post(rng: np.random.Generator, k: PostKnobs, linear: bool = False, gain: float = 1.0) -> PostFX:
+    """One frame's effects. Knobs left at a fixed value draw nothing, so families that do not use the camera
+    knobs sample the same values as before they existed."""
+    fx = PostFX(exposure=uniform(rng, k.exposure), blur_sigma=uniform(rng, k.blur_sigma),
+                noise_std=uniform(rng, k.noise_std), poisson_peak=uniform(rng, k.poisson_peak),
+                gamma=uniform(rng, k.gamma), linear=linear, gain=gain)
+    fx.illumination = uniform(rng, k.illumination)
+    fx.vignetting = uniform(rng, k.vignetting)
+    fx.background = uniform(rng, k.background)
+    fx.camera_bits = k.camera_bits
+    fx.camera_offset = integers(rng, k.camera_offset) if k.camera_offset[1] > k.camera_offset[0] \
+        else k.camera_offset[0]
+    return fx

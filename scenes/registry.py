@@ -18,13 +18,15 @@ from segfactory.registry import Registry
 
 @dataclass
 class SceneContext:
-    """What a family's sampler receives."""
+    """What a family's sampler receives (``resolution``: the square image size in pixels the views are
+    rendered at, for families whose params are in pixel terms, such as the microscope's pixel size)."""
 
     rng: np.random.Generator
     params: Any
     randomization: Randomization
     views: int
     classes: list[ClassDef]
+    resolution: int = 256
 
     def class_id(self, name: str) -> int:
         for c in self.classes:

@@ -49,6 +49,10 @@ class Material:
     ``shader="principled"`` is a lit surface; ``shader="emission"`` glows with ``emission`` strength and
     ignores lights (used for fluorescence). A ``texture`` blends ``color`` and ``color2`` through a
     shader-node noise/voronoi/wave texture whose 4D ``texture_w`` coordinate makes every sample unique.
+
+    An ``image`` (a texture computed in NumPy, e.g. a nucleus with its nucleoli and chromatin) multiplies
+    ``color``: it is projected top-down onto the object, its (H, W) texels covering the object-local
+    rectangle ``image_bounds`` = (x0, y0, x1, y1), row 0 at y0; texel values are linear and may exceed 1.
     """
 
     color: Vec3
@@ -61,6 +65,8 @@ class Material:
     texture_scale: float = 5.0
     texture_w: float = 0.0
     texture_detail: float = 2.0
+    image: np.ndarray | None = None
+    image_bounds: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -73,7 +79,12 @@ class Part:
 
 @dataclass
 class SceneObject:
-    """A labeled object: all its parts share one class and (for things) one instance id."""
+    """A labeled object: all its parts share one class and (for things) one instance id.
+
+    ``defocus`` blurs the light of this object alone (a Gaussian of that sigma in scene units, e.g. a nucleus
+    outside the focal plane). It is applied after rendering, from the label pass's object index, so the
+    object's labels stay those of its geometry.
+    """
 
     name: str
     class_id: int
@@ -81,6 +92,7 @@ class SceneObject:
     location: Vec3 = (0.0, 0.0, 0.0)
     rotation: Vec3 = (0.0, 0.0, 0.0)  # XYZ Euler
     scale: Vec3 = (1.0, 1.0, 1.0)
+    defocus: float = 0.0
 
 
 @dataclass
@@ -128,13 +140,27 @@ class Camera:
 
 @dataclass
 class PostFX:
-    """Per-frame image-space post-processing, applied to the 8/16-bit RGB after rendering (never to labels)."""
+    """Per-frame image-space post-processing, applied to the 8/16-bit RGB after rendering (never to labels).
+
+    The fields after ``gamma`` default to "off", which leaves the older effects' results unchanged. A
+    ``linear`` frame (film ``raw``: the render holds linear light) is modelled as a camera: ``gain`` first,
+    per-object and frame defocus, then uneven illumination, vignetting and background glow, exposure as a
+    plain factor, shot and read noise, and with ``camera_bits`` an ADC of that many bits whose counts
+    (clipped at 2**bits - 1: saturation) are stored plus ``camera_offset`` in the output integers.
+    """
 
     exposure: float = 0.0  # stops
     blur_sigma: float = 0.0  # px, Gaussian (defocus)
     noise_std: float = 0.0  # additive Gaussian sensor noise, fraction of full scale
     poisson_peak: float = 0.0  # >0: Poisson shot noise with this photon count at full scale
     gamma: float = 1.0
+    linear: bool = False  # the render is linear light (film "raw"): exposure is a plain factor
+    gain: float = 1.0  # linear factor applied to the render first (undoes a scene's render headroom)
+    illumination: float = 0.0  # amplitude of a smooth random multiplicative illumination field (0.2: +-20 %)
+    vignetting: float = 0.0  # share of light lost in the image corners (radial falloff)
+    background: float = 0.0  # additive background glow, fraction of full scale (also unevenly lit)
+    camera_bits: int = 0  # >0: ADC bits; counts 0..2**bits-1, stored plus camera_offset (0: full output range)
+    camera_offset: int = 0  # added to the counts (sCMOS frames: e.g. 100, or 32768 for a signed-offset 12-bit)
 
 
 @dataclass
@@ -158,7 +184,7 @@ class SceneSpec:
     cameras: list[Camera] = field(default_factory=list)
     post: list[PostFX] = field(default_factory=list)
     grayscale: bool = False
-    film: Literal["standard", "filmic", "agx"] = "agx"
+    film: Literal["standard", "filmic", "agx", "raw"] = "agx"  # raw: linear light, e.g. fluorescence
 
     def class_of_object(self) -> np.ndarray:
         """(N+1,) class id per object index; index 0 is the background."""

@@ -35,7 +35,8 @@ def main(job_path: str, scene_index: int) -> dict:
     bproc = import_blenderproc(tempfile.mkdtemp(prefix="segfactory-baseline-"))  # BlenderProc defaults
     bproc.camera.set_resolution(cfg.render.resolution, cfg.render.resolution)
     t_start = time.perf_counter()
-    spec = sample_scene(resolve_scene(cfg.scene), scene_rng(cfg.dataset.seed, scene_index), cfg.render.views)
+    spec = sample_scene(resolve_scene(cfg.scene), scene_rng(cfg.dataset.seed, scene_index), cfg.render.views,
+                        cfg.render.resolution)
     SceneBuilder(bproc).build(spec)
     for index, obj in enumerate(bproc.object.get_all_mesh_objects(), start=1):
         obj.set_cp("category_id", index)

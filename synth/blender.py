@@ -32,7 +32,7 @@ from synth.bproc_boot import import_blenderproc
 from synth.config import OutputSettings, RenderSettings
 
 LABEL_FILTER_WIDTH = 0.01  # Blender's minimum; effectively a delta filter at the pixel centre
-_FILM = {"standard": "Standard", "filmic": "Filmic", "agx": "AgX"}
+_FILM = {"standard": "Standard", "filmic": "Filmic", "agx": "AgX", "raw": "Raw"}
 
 
 @dataclass
@@ -64,11 +64,20 @@ class SceneBuilder:
         self.bproc = bproc
         self.bpy = bpy
         self.bit_depth = bit_depth
+        self._had_images = False
 
     def build(self, spec: SceneSpec) -> None:
         """Create the spec's objects, lights, world and camera poses (after clearing the previous scene)."""
         bproc, bpy = self.bproc, self.bpy
         bproc.clean_up(clean_up_camera=False)
+        has_images = any(p.material.image is not None for o in spec.objects for p in o.parts)
+        if has_images or self._had_images:
+            # With persistent data, Cycles rendered a new image allocated where a previous scene's freed one was
+            # with the old pixels (it knows images by their datablock). Switching persistence off and on drops
+            # Cycles' session, so this scene's images are read afresh (tests/test_render.py checks the pixels).
+            bpy.context.scene.render.use_persistent_data = False
+            bpy.context.scene.render.use_persistent_data = True
+        self._had_images = has_images
         materials: dict[int, object] = {}
         for index, obj in enumerate(spec.objects, start=1):
             for j, part in enumerate(obj.parts):
@@ -114,7 +123,9 @@ class SceneBuilder:
         settings = bpy.context.scene.render.image_settings
         settings.file_format = "PNG"
         settings.color_mode = "BW" if spec.grayscale else "RGB"
-        settings.color_depth = str(self.bit_depth)
+        # Linear light (film raw) needs 16 bits even for 8-bit datasets: post-processing models the camera on
+        # it (gain, noise, ADC) and writes the dataset's bit depth itself.
+        settings.color_depth = "16" if spec.film == "raw" else str(self.bit_depth)
         settings.compression = 15
 
     def _material(self, name: str, m: Material):
@@ -135,7 +146,9 @@ class SceneBuilder:
             bsdf.inputs["Metallic"].default_value = m.metallic
             color_socket = bsdf.inputs["Base Color"]
         color_socket.default_value = (*m.color, 1.0)
-        if m.texture != "none" and m.color2 is not None:
+        if m.image is not None and m.image_bounds is not None:
+            self._image_texture(name, m, nodes, links, color_socket)
+        elif m.texture != "none" and m.color2 is not None:
             coords = nodes.new("ShaderNodeTexCoord")
             if m.texture == "noise":
                 tex = nodes.new("ShaderNodeTexNoise")
@@ -161,6 +174,34 @@ class SceneBuilder:
             links.new(fac, mix.inputs["Fac"])
             links.new(mix.outputs["Color"], color_socket)
         return mat
+
+    def _image_texture(self, name: str, m: Material, nodes, links, color_socket) -> None:
+        """Project ``m.image`` top-down onto the object: object-local x/y in ``m.image_bounds`` -> u/v in 0..1."""
+        tex_data = np.asarray(m.image, dtype=np.float32)
+        h, w = tex_data.shape
+        img = self.bpy.data.images.new(f"{name}_tex", w, h, alpha=False, float_buffer=True, is_data=True)
+        rgba = np.empty((h, w, 4), dtype=np.float32)
+        rgba[..., :3] = tex_data[..., None]
+        rgba[..., 3] = 1.0
+        img.pixels.foreach_set(rgba.ravel())  # Blender's rows run bottom-up, as the texture's do
+        x0, y0, x1, y1 = m.image_bounds  # type: ignore[misc]
+        coords = nodes.new("ShaderNodeTexCoord")
+        mapping = nodes.new("ShaderNodeMapping")
+        mapping.vector_type = "POINT"
+        mapping.inputs["Scale"].default_value = (1 / (x1 - x0), 1 / (y1 - y0), 1.0)
+        mapping.inputs["Location"].default_value = (-x0 / (x1 - x0), -y0 / (y1 - y0), 0.0)
+        node = nodes.new("ShaderNodeTexImage")
+        node.image = img
+        node.interpolation = "Linear"
+        node.extension = "EXTEND"
+        mix = nodes.new("ShaderNodeMixRGB")
+        mix.blend_type = "MULTIPLY"
+        mix.inputs["Fac"].default_value = 1.0
+        mix.inputs["Color1"].default_value = (*m.color, 1.0)
+        links.new(coords.outputs["Object"], mapping.inputs["Vector"])
+        links.new(mapping.outputs["Vector"], node.inputs["Vector"])
+        links.new(node.outputs["Color"], mix.inputs["Color2"])
+        links.new(mix.outputs["Color"], color_socket)
 
     def _world(self, w: World) -> None:
         world = self.bpy.context.scene.world

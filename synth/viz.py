@@ -48,10 +48,25 @@ def colorize_depth(depth: np.ndarray) -> np.ndarray:
 
 
 def to_display_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Any dataset RGB (gray/RGB, 8/16-bit) -> (H, W, 3) uint8."""
+    """Any dataset RGB (gray/RGB, 8/16-bit) -> (H, W, 3) uint8.
+
+    Single-channel images (microscopy) are auto-contrasted, as microscopy viewers show them: their 0.1th to
+    99.9th percentiles span the display (a 12-bit camera frame with an offset of 32768 would be a flat gray
+    otherwise). RGB keeps its values.
+    """
+    if rgb.ndim == 2:
+        return np.repeat(stretch(rgb)[..., None], 3, axis=-1)
     if rgb.dtype == np.uint16:
         rgb = (rgb / 257).astype(np.uint8)
-    return np.repeat(rgb[..., None], 3, axis=-1) if rgb.ndim == 2 else rgb
+    return rgb
+
+
+def stretch(img: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """(H, W) image -> uint8, mapping ``low``..``high`` (default: its 0.1th and 99.9th percentiles) to 0..255."""
+    x = img.astype(np.float64)
+    lo = float(np.percentile(x, 0.1)) if low is None else low
+    hi = float(np.percentile(x, 99.9)) if high is None else high
+    return np.clip(np.rint((x - lo) / max(hi - lo, 1e-9) * 255), 0, 255).astype(np.uint8)
 
 
 def pick_frames(ds: Dataset, n: int) -> list[FrameRef]:

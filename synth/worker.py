@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from scenes import resolve_scene, sample_scene, scene_rng
-from scenes.spec import Camera
+from scenes.spec import Camera, SceneSpec
 from segfactory.formats.dataset import ShardWriter, commit_shard, is_committed, new_shard_attempt, shard_dir
 from segfactory.io import read_json
 from synth.postfx import apply_post
@@ -41,6 +41,28 @@ def camera_record(cam: Camera) -> dict[str, Any]:
     # Whether the sampler met camera.min_visible_objects, so sparse frames can be found and filtered.
     rec.update({"visible_objects": cam.visible_objects, "min_visible_met": cam.min_visible_met})
     return rec
+
+
+def object_blur_px(spec: SceneSpec, view: int, index: np.ndarray) -> np.ndarray | None:
+    """(N + 1,) per-object defocus sigma in px for one view (index 0: nothing), or None when no object has one.
+
+    Orthographic views have a fixed scale (``ortho_scale`` units across the image); perspective views use each
+    object's distance from the camera.
+    """
+    if not any(o.defocus > 0 for o in spec.objects):
+        return None
+    cam = spec.cameras[view]
+    width = index.shape[1]
+    sigma = np.zeros(len(spec.objects) + 1)
+    for i, o in enumerate(spec.objects, start=1):
+        if o.defocus <= 0:
+            continue
+        if cam.projection == "orthographic":
+            sigma[i] = o.defocus * width / cam.ortho_scale
+        else:
+            dist = float(np.linalg.norm(np.subtract(o.location, cam.location)))
+            sigma[i] = o.defocus * width / (2 * dist * np.tan(cam.fov / 2))
+    return sigma
 
 
 def _maybe_fault(root: Path, plan: ShardPlan) -> None:
@@ -91,19 +113,23 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
         timings = {"startup_s": renderer.startup_s, "sample_s": 0.0, "build_s": 0.0, "color_s": 0.0,
                    "labels_s": 0.0, "write_s": 0.0}
         rss_mb = []
+        out_dtype = np.uint16 if cfg.output.bit_depth == 16 else np.uint8
         for scene_index in range(plan.scene_start, plan.scene_stop):
             t0 = time.perf_counter()
-            spec = sample_scene(resolved, scene_rng(plan.seed, scene_index), cfg.render.views)
+            spec = sample_scene(resolved, scene_rng(plan.seed, scene_index), cfg.render.views, cfg.render.resolution)
             timings["sample_s"] += time.perf_counter() - t0
             views, t = renderer.render(spec)
             for k in ("build_s", "color_s", "labels_s"):
                 timings[k] += t[k]
             t0 = time.perf_counter()
+            # Objects of the background class emit no light where a defocused object's blur needs to know it.
+            dark = spec.class_of_object() == spec.background_class
             for v, view in enumerate(views):
                 semantic, instance = labels_from_index(view.index, spec)
                 # One generator per view, so any single frame's noise can be reproduced from its record alone.
                 post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1, v]))
-                rgb = apply_post(view.rgb, spec.post[v], post_rng)
+                rgb = apply_post(view.rgb, spec.post[v], post_rng, view.index,
+                                 object_blur_px(spec, v, view.index), out_dtype, dark)
                 writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),
                            camera_record(spec.cameras[v]), asdict(spec.post[v]))
                 print(f"{PROGRESS_PREFIX} {plan.shard_id} {len(writer.frames)}", flush=True)

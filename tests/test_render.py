@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from conftest import CONFIGS, assert_hang_children_gone, render_cli
+from conftest import CELLS_TINY, CONFIGS, assert_hang_children_gone, render_cli
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -87,6 +87,61 @@ def test_cells_dataset_layout_coco_and_sheet(tiny_dataset: Path, tmp_path: Path)
     assert sheet.ndim == 3 and sheet.shape[0] > 300
 
 
+def test_cells_camera_frames_16bit_offset_and_labels(tmp_path: Path, capsys):
+    """configs/cells.yaml as shipped: 12-bit counts plus the 32768 offset in 16-bit PNGs, textured nuclei that stay
+    whole in the labels, and show/stats work on it."""
+    from scipy import ndimage
+
+    from segfactory.cli import main
+
+    out = tmp_path / "cells16"
+    rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "2", "--views", "2",
+                    "--resolution", "96", "--workers", "1", "dataset.scenes_per_shard=2",
+                    "scene.params.pixel_size=[0.6, 0.6]", "scene.params.density=[15, 18]",
+                    "scene.params.nucleoli=[3, 3]")
+    assert rc == 0
+    check_layout(out, channels=1, bit_depth=16)
+    assert check_coco(out) > 4
+    ds = open_dataset(out)
+    posts = {fr["name"]: fr["post"] for fr in ds.manifest(ds.shard_ids[0])["frames"]}
+    for ref in ds.frames():
+        f, post = load_frame(ref), posts[ref.name]
+        counts = f["rgb"].astype(np.int64) - 32768
+        assert post["camera_bits"] == 12 and post["camera_offset"] == 32768
+        assert counts.min() >= 0 and counts.max() <= 4095
+        nucleus, background = f["semantic"] == 1, f["semantic"] == 0
+        assert nucleus.any() and np.median(counts[nucleus]) > np.median(counts[background]) + 20
+        assert np.median(counts[background]) > 10  # background glow above the offset, as on real cameras
+        # Nucleoli are texture, not objects: a nucleus' mask has no holes, except where another nucleus lies on it.
+        for k in np.unique(f["instance"])[1:]:
+            m = f["instance"] == k
+            holes = ndimage.binary_fill_holes(m) & ~m
+            assert np.all(f["semantic"][holes] == 1), (ref.name, int(k))
+    capsys.readouterr()
+    assert main(["stats", str(out), "--json"]) == 0
+    shares = {c["name"]: c["pixel_share"] for c in json.loads(capsys.readouterr().out)["classes"]}
+    assert shares["nucleus"] > 0.05 and shares["background"] > 0.2
+    assert main(["show", str(out), "--out", str(tmp_path / "sheet.png"), "--frames", "2"]) == 0
+    sheet = read_image(tmp_path / "sheet.png")
+    assert sheet.ndim == 3 and sheet[..., 0].std() > 20  # auto-contrast: not the flat gray of /257 scaling
+
+
+def test_cells_pixels_do_not_depend_on_the_scenes_rendered_before(tmp_path: Path):
+    """One render process renders many scenes: each scene's textures must be its own, never a previous scene's
+    (Cycles' persistent data once served a freed texture's pixels to a new one allocated at the same address)."""
+    args = ["--scenes", "6", "--views", "1", "--resolution", "96", "--workers", "2", "render.samples=2",
+            "scene.params.pixel_size=[0.6, 0.6]"]
+    assert render_cli(str(CONFIGS / "cells.yaml"), "--out", str(tmp_path / "one"), *args,
+                      "dataset.scenes_per_shard=6") == 0
+    assert render_cli(str(CONFIGS / "cells.yaml"), "--out", str(tmp_path / "each"), *args,
+                      "dataset.scenes_per_shard=1") == 0
+    one = {ref.name: load_frame(ref)["rgb"] for ref in open_dataset(tmp_path / "one").frames()}
+    each = {ref.name: load_frame(ref)["rgb"] for ref in open_dataset(tmp_path / "each").frames()}
+    assert one.keys() == each.keys() and len(one) == 6
+    for name in one:
+        assert np.array_equal(one[name], each[name]), name
+
+
 def test_street_dataset_layout_and_coco(tiny_street_dataset: Path, capsys):
     check_layout(tiny_street_dataset, channels=3, bit_depth=8)
     assert check_coco(tiny_street_dataset) > 0
@@ -123,7 +178,7 @@ def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path
     """Re-render the first shard of the fixture elsewhere: its id and every label file are identical."""
     out = tmp_path / "again"
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
-                    "--resolution", "64", "--workers", "1", "dataset.scenes_per_shard=4")
+                    "--resolution", "64", "--workers", "1", "dataset.scenes_per_shard=4", *CELLS_TINY)
     assert rc == 0
     a, b = open_dataset(tiny_dataset), open_dataset(out)
     assert b.shard_ids[0] == a.shard_ids[0] and a.meta["config_hash"] == b.meta["config_hash"]
@@ -135,7 +190,7 @@ def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path
     # stays on disk, unlisted, and is reused when the old seed comes back).
     seed0 = b.shard_ids[0]
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
-                    "--resolution", "64", "--workers", "1", "--seed", "1", "dataset.scenes_per_shard=4")
+                    "--resolution", "64", "--workers", "1", "--seed", "1", "dataset.scenes_per_shard=4", *CELLS_TINY)
     seed1 = open_dataset(out).shard_ids
     assert rc == 0 and len(seed1) == 1 and seed1 != [seed0] and (out / "shards" / seed0 / "manifest.json").is_file()
     assert len(open_dataset(out)) == 8 and read_json(out / "dataset.json")["num_frames"] == 8
@@ -164,7 +219,7 @@ def test_resume_renders_only_missing_shards(tmp_path: Path, capsys):
     assert ds2.shard_ids == ds.shard_ids
     assert all(ds2.manifest(s)["created"] == first[s] for s in ds.shard_ids if s != victim)
     assert not list((out / "shards").glob(".tmp-*"))
-    check_layout(out, channels=1, bit_depth=8)
+    check_layout(out, channels=1, bit_depth=16)
 
 
 def test_other_sizes_and_shard_sizes_never_duplicate_scenes(tmp_path: Path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+from scipy import ndimage
 
 from scenes import SCENES, SceneConfig, resolve_scene, sample_scene, scene_rng
 from scenes.camera import visible_mask
@@ -18,6 +19,7 @@ from scenes.spec import to_jsonable
 from segfactory.errors import UserError
 
 FAMILIES = ["street", "tabletop", "cells"]
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _sample(family: str, seed: int = 0, index: int = 0, views: int = 3, **params):
@@ -167,7 +169,7 @@ def test_cells_overlap_is_bounded_and_grayscale(max_overlap):
     overlapping = 0
     for index in range(3):
         spec = _sample("cells", index=index, max_overlap=max_overlap, elongation=[1.4, 1.7],
-                       irregularity=[0.15, 0.22])
+                       irregularity=[0.15, 0.22], density=[20.0, 25.0])
         assert spec.grayscale and all(c.projection == "orthographic" for c in spec.cameras)
         nuclei = [o for o in spec.objects if spec.classes[o.class_id].name == "nucleus"]
         assert len(nuclei) >= 20
@@ -243,3 +245,207 @@ def test_unknown_family_lists_valid_names():
     assert "did you mean 'street'" in e.value.message
     assert set(FAMILIES) <= set(SCENES.names())
     assert all(name in e.value.fix for name in FAMILIES)
+
+
+# ------------------------------------------------------------------------------------------ cells realism
+CELLS_FLAT = {"brightness": [0.2, 0.2], "brightness_spread": 0.0}  # every nucleus at the same signal
+
+
+def _nuclei(spec) -> list:
+    return [o for o in spec.objects if o.class_id == 1]
+
+
+def test_cells_pixel_size_and_ranges_are_honoured():
+    from scenes.cells import HEADROOM
+
+    for index in range(3):
+        spec = _sample("cells", index=index, views=2, pixel_size=[0.4, 0.4], nucleus_radius=[6.0, 6.0],
+                       elongation=[1.0, 1.0], irregularity=[0.0, 0.0], defocus_fraction=[0.5, 0.5],
+                       defocus=[1.0, 2.0], mitotic_fraction=[0.0, 0.0], dim_fraction=[0.0, 0.0], **CELLS_FLAT)
+        # The view is pixel_size x resolution (256 by default) micrometres wide.
+        assert all(abs(c.ortho_scale - 0.4 * 256) < 1e-9 for c in spec.cameras)
+        nuclei = _nuclei(spec)
+        assert len(nuclei) >= 10
+        for o in nuclei:
+            v = o.parts[0].mesh.vertices
+            assert np.ptp(v[:, 0]) == pytest.approx(12.0, rel=0.03) and np.ptp(v[:, 1]) == pytest.approx(12.0, rel=0.03)
+            assert o.parts[0].material.emission * HEADROOM == pytest.approx(0.2)
+            assert o.defocus == 0.0 or 1.0 <= o.defocus <= 2.0
+        blurred = sum(o.defocus > 0 for o in nuclei) / len(nuclei)
+        assert 0.2 < blurred < 0.8  # about the half asked for
+        # Every part of a nucleus' look is its texture (mean 1 inside), never a separate labeled object.
+        assert {o.class_id for o in spec.objects} <= {0, 1, 2} and spec.film == "raw"
+        assert all(o.parts[0].material.image is not None for o in nuclei)
+        assert all(p.linear and p.gain == HEADROOM for p in spec.post)
+
+
+@pytest.mark.parametrize(("params", "claim"), [
+    ({"mitotic_fraction": [1.0, 1.0], "mitotic_brightness": [4.0, 5.0]}, "mitotic"),
+    ({"mitotic_fraction": [0.0, 0.0], "dim_fraction": [1.0, 1.0], "dim_factor": [0.25, 0.25]}, "dim"),
+    ({"mitotic_fraction": [0.0, 0.0], "dim_fraction": [0.0, 0.0], "defocus_fraction": [0.0, 0.0]}, "plain"),
+])
+def test_cells_mitotic_and_dim_nuclei_are_what_they_claim(params, claim):
+    from scenes.cells import HEADROOM
+
+    for index in range(3):
+        nuclei = _nuclei(_sample("cells", index=index, views=1, pixel_size=[0.5, 0.5], **CELLS_FLAT, **params))
+        assert nuclei
+        signal = np.array([o.parts[0].material.emission * HEADROOM for o in nuclei])
+        width = np.array([np.ptp(o.parts[0].mesh.vertices[:, 0]) for o in nuclei])
+        names = {o.name.split("_")[0] for o in nuclei}
+        if claim == "mitotic":
+            # Condensed: at most 2 x 4 um radius x 2.8 elongation x irregular bulges; and 4-5 x the signal.
+            assert names == {"mitotic"} and width.max() < 2 * 4.0 * 2.8 * 1.6
+            assert np.all((signal >= 0.2 * 4.0 - 1e-9) & (signal <= 0.2 * 5.0 + 1e-9))
+            texture_cv = [o.parts[0].material.image.std() for o in nuclei]
+            assert np.median(texture_cv) > 0.3  # coarse, high-contrast granules
+        elif claim == "dim":
+            assert names == {"nucleus"} and np.allclose(signal, 0.2 * 0.25)
+        else:
+            assert names == {"nucleus"} and np.allclose(signal, 0.2) and width.min() > 2 * 5.0 * 0.6
+            assert all(o.defocus == 0 for o in nuclei)
+
+
+def _touching_share(spec, slack: float = 0.5) -> float:
+    """Share of nuclei whose outline comes within ``slack`` micrometres of another's."""
+    nuclei = _nuclei(spec)
+    touching = set()
+    for a in range(len(nuclei)):
+        for b in range(a + 1, len(nuclei)):
+            d, extent = _centre_line_gap(nuclei[a], nuclei[b])
+            if d < extent + slack:
+                touching |= {a, b}
+    return len(touching) / max(len(nuclei), 1)
+
+
+def test_cells_clusters_pack_nuclei_into_touching_groups():
+    common = {"density": [6.0, 6.0], "pixel_size": [0.5, 0.5], "max_overlap": 0.0}
+    packed = [_touching_share(_sample("cells", index=i, views=1, clusters_per_field=[2, 2],
+                                      cluster_share=[0.9, 0.9], **common)) for i in range(3)]
+    scattered = [_touching_share(_sample("cells", index=i, views=1, clusters_per_field=[0, 0], **common))
+                 for i in range(3)]
+    assert np.mean(packed) > 0.6 and np.mean(scattered) < 0.25, (packed, scattered)
+
+
+def test_cells_debris_stays_off_the_nuclei():
+    for index in range(3):
+        spec = _sample("cells", index=index, views=1, debris_per_field=[10, 10], max_overlap=0.0)
+        debris = [o for o in spec.objects if o.class_id == 2]
+        assert debris
+        for dbr in debris:
+            for nuc in _nuclei(spec):
+                d, extent = _centre_line_gap(dbr, nuc)
+                assert d >= extent - 1e-4, f"{dbr.name} lies on {nuc.name}"
+
+
+def _texture(look, seed: int = 0):
+    """A nucleus texture at 0.2 um texels, with each texel's depth inside the outline (um) and the inside mask."""
+    from scenes import geometry as g
+    from scenes.fluorescence import nucleus_texture, outline_radius
+
+    rng = np.random.default_rng(seed)
+    mesh = g.transform(g.blob(rng, 7.0, 0.1, rings=12, segments=36), scale=(1.2, 1.0, 0.35))
+    tex, (x0, y0, x1, y1) = nucleus_texture(rng, mesh, look, 0.2)
+    h, w = tex.shape
+    assert (x1 - x0) / w == pytest.approx(0.2, rel=0.05) and (y1 - y0) / h == pytest.approx(0.2, rel=0.05)
+    xx, yy = np.meshgrid(x0 + (np.arange(w) + 0.5) * (x1 - x0) / w, y0 + (np.arange(h) + 0.5) * (y1 - y0) / h)
+    az = np.linspace(-np.pi, np.pi, 361)
+    inside = np.hypot(xx, yy) <= np.interp(np.arctan2(yy, xx), az, outline_radius(mesh, az))
+    return tex, ndimage.distance_transform_edt(inside) * 0.2, inside
+
+
+def test_nucleus_texture_rim_nucleoli_and_chromatin():
+    from scenes.fluorescence import NucleusLook
+
+    plain = NucleusLook(chromatin_contrast=0.0, edge_width=0.1)
+    tex, depth, inside = _texture(plain)
+    assert tex[inside].mean() == pytest.approx(1.0, abs=1e-5) and tex[depth > 1.0].std() < 1e-3  # flat inside
+
+    tex, depth, _ = _texture(NucleusLook(chromatin_contrast=0.0, edge_width=0.1, rim=0.6, rim_width=0.5))
+    assert tex[(depth > 0.1) & (depth < 0.4)].mean() > 1.2 * tex[depth > 3].mean()  # the envelope is brighter
+
+    tex, depth, _ = _texture(NucleusLook(chromatin_contrast=0.0, edge_width=0.1, nucleoli=3,
+                                         nucleolus_radius=(1.2, 1.2), nucleolus_contrast=-0.7))
+    interior = tex[depth > 1.5]
+    # Three dark discs of radius 1.2 um: about 3 x 4.5 um2 of texels at well under the nucleoplasm's level.
+    assert (interior < 0.6 * np.median(interior)).sum() * 0.04 > 5.0
+
+    tex, depth, _ = _texture(NucleusLook(chromatin_contrast=0.3, chromatin_scales=(0.3, 1.0), edge_width=0.1))
+    core = tex[depth > 1.0]
+    assert 0.15 < core.std() / core.mean() < 0.5  # about the contrast asked for
+    fine = tex - ndimage.gaussian_filter(tex, 2.0)
+    assert fine[depth > 1.0].std() > 0.05  # texture at the finest scale, not only broad blotches
+
+
+# ------------------------------------------------------------------- post-processing (no Blender either)
+def test_camera_model_writes_offset_12_bit_counts_and_saturates():
+    from scenes.spec import PostFX
+    from synth.postfx import apply_post
+
+    rgb = np.zeros((64, 64), dtype=np.uint16)
+    rgb[10:30, 10:30] = 65535 // 16  # 1/16 of the render's range: with gain 8, half the camera's full scale
+    rgb[40:50, 40:50] = 65535 // 2  # 4 x the camera's full scale: saturates
+    fx = PostFX(linear=True, gain=8.0, background=0.05, illumination=0.2, vignetting=0.2, poisson_peak=2000.0,
+                noise_std=0.004, camera_bits=12, camera_offset=32768)
+    out = apply_post(rgb, fx, np.random.default_rng(0), out_dtype=np.uint16)
+    assert out.dtype == np.uint16 and out.min() >= 32768 and out.max() <= 32768 + 4095
+    assert np.all(out[40:50, 40:50] == 32768 + 4095)  # clipped at the camera maximum
+    assert 0.3 * 4095 < np.median(out[10:30, 10:30]) - 32768 < 0.7 * 4095
+    bg = out[55:, :8].astype(float) - 32768
+    assert 0.01 * 4095 < np.median(bg) < 0.1 * 4095  # background glow above the offset, not at zero
+    # Same frame, same generator seed: the same pixels; 8-bit output cannot hold the offset.
+    assert np.array_equal(out, apply_post(rgb, fx, np.random.default_rng(0), out_dtype=np.uint16))
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_post(rgb, fx, np.random.default_rng(0), out_dtype=np.uint8)
+
+
+def test_per_object_defocus_blurs_that_object_only():
+    from scenes.spec import PostFX
+    from synth.postfx import apply_post
+
+    index = np.zeros((64, 64), dtype=np.int32)
+    index[10:26, 10:26] = 1  # blurred
+    index[36:52, 36:52] = 2  # sharp
+    rgb = np.where(index > 0, 30000, 0).astype(np.uint16)
+    out = apply_post(rgb, PostFX(linear=True), np.random.default_rng(0), index, np.array([0.0, 3.0, 0.0]))
+    assert np.array_equal(out[36:52, 36:52], rgb[36:52, 36:52]) and out[55:, 55:].max() == 0
+    assert out[10:26, 10:26].min() < 20000 and out[6:9, 10:26].min() > 1000  # soft inside, light spills out
+    assert out[:32, :32].sum() == pytest.approx(rgb[:32, :32].sum(), rel=0.02)  # light is kept, only spread
+
+    # The color pass's anti-aliasing puts some of an object's light in the pixels just outside its label; left
+    # sharp around a blurred object, that edge would draw the label outline into the image.
+    rgb[9, 10:26] = 15000  # half-covered pixels above the object, labeled background (index 0, dark)
+    dark = np.array([True, False, False])
+    soft = apply_post(rgb, PostFX(linear=True), np.random.default_rng(0), index, np.array([0.0, 3.0, 0.0]),
+                      dark=dark)
+    ring = apply_post(rgb, PostFX(linear=True), np.random.default_rng(0), index, np.array([0.0, 3.0, 0.0]))
+    column = soft[2:18, 18].astype(int)  # from outside, across the edge, into the object
+    assert np.all(np.diff(column) >= 0), column
+    assert ring[9, 18] > ring[10, 18] + 3000  # without: a bright line along the label boundary
+
+
+def test_unused_post_knobs_draw_nothing():
+    """Fixed ranges (the camera knobs' defaults) take nothing from the generator, so the families that do not use
+    them sample every later value as before those knobs existed."""
+    from scenes.randomization import PostKnobs, sample_post
+
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    fx = sample_post(rng, PostKnobs(exposure=(0.1, 0.1), blur_sigma=(0.0, 0.0), noise_std=(0.01, 0.01)))
+    assert rng.bit_generator.state == before
+    assert (fx.illumination, fx.vignetting, fx.background, fx.camera_bits, fx.camera_offset) == (0, 0, 0, 0, 0)
+    fx = sample_post(rng, PostKnobs(camera_bits=12, camera_offset=(100, 200), background=(0.01, 0.02)))
+    assert fx.camera_bits == 12 and 100 <= fx.camera_offset <= 200 and 0.01 <= fx.background <= 0.02
+
+
+def test_camera_bits_beyond_the_output_depth_stop_before_rendering():
+    from pipelines.render import resolve_render_config
+    from segfactory.config import load_config
+    from synth.config import RenderConfig
+
+    cfg = load_config(RenderConfig, CONFIGS_DIR / "cells.yaml")
+    assert cfg.output.bit_depth == 16
+    resolve_render_config(cfg)
+    with pytest.raises(UserError) as e:
+        resolve_render_config(load_config(RenderConfig, CONFIGS_DIR / "cells.yaml", ["output.bit_depth=8"]))
+    assert "camera_bits" in e.value.message and "output.bit_depth=16" in e.value.fix
