@@ -131,7 +131,7 @@ def summarize(per_frame: list[dict[str, list[float]]]) -> dict[str, Any]:
 
 def dataset_frames(root: str | Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]]:
     """(image, instances, debris mask, offset, full scale) of every frame of a rendered dataset."""
-    from synth.dataset import load_frame, open_dataset
+    from segfactory.formats.dataset import load_frame, open_dataset
 
     ds = open_dataset(root)
     debris = {c["id"] for c in ds.classes if not c["thing"] and c["id"] != 0}
