@@ -135,3 +135,55 @@ def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path
     with pytest.raises(UserError, match="`extends` is read from config files only"):
         load_config(_Job, None, ["stage.extends=c.yaml"])
 
+
+# configs/quickstart.yaml as it was before it built on the tiny configs (main at 41988bf), comments dropped
+QUICKSTART_SELF_CONTAINED = """
+render:
+  scene: {family: street}
+  render: {resolution: 128, views: 2, samples: 8}
+  dataset: {scenes: 24, scenes_per_shard: 6, seed: 0}
+real:
+  src: "skimage:data"
+  config:
+    normalize: {max_short_side: 128}
+pretrain:
+  method: {name: simclr, simclr: {hidden_dim: 128, out_dim: 64}}
+  backbone: {name: test_resnet}
+  augment: {crop_size: 64, local_crop_size: 32}
+  optim: {warmup_steps: 5}
+  train: {steps: 100, batch_size: 16, checkpoint_every: 50, log_every: 5}
+finetune:
+  model: {arch: unet, encoder: test_resnet, decoder_channels: 8}
+  input: {scaling: dtype}
+  augment: {crop_size: 96, scale: [0.5, 1.0]}
+  data: {val_fraction: 0.25, val_max_items: 8, num_workers: 0}
+  train: {steps: 400, batch_size: 8, lr: 0.003, warmup_steps: 20, device: auto, log_every: 10, val_every: 100,
+          checkpoint_every: 100}
+  predict: {tile: 128, overlap: 16, batch_size: 4}
+execution:
+  timeout_s: 1200
+  retries: 1
+  predict_images: 4
+cluster:
+  workers: 2
+"""
+
+
+def test_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp_path: Path):
+    """The quickstart extends pretrain_tiny.yaml and finetune_tiny.yaml instead of copying their values, and still
+    resolves to the config of the self-contained file it replaced (the one the README's quickstart time and score
+    were measured with). The only difference: the options of the SSL methods the quickstart does not run now come
+    from pretrain_tiny.yaml too. Since an edit of a tiny config now also changes the quickstart, this test notices.
+    """
+    from pipelines.run import RunConfig
+    from pretrain.config import PretrainConfig
+
+    assert "extends" in (CONFIGS / "quickstart.yaml").read_text()
+    old = _write(tmp_path / "quickstart_before.yaml", yaml.safe_load(QUICKSTART_SELF_CONTAINED))
+    before = load_config(RunConfig, old).model_dump(mode="json")
+    after = load_config(RunConfig, CONFIGS / "quickstart.yaml").model_dump(mode="json")
+    tiny = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml").model_dump(mode="json")
+    assert after["pretrain"]["method"]["name"] == "simclr"
+    for unused in set(tiny["method"]) - {"name", "simclr"}:
+        before["pretrain"]["method"][unused] = tiny["method"][unused]
+    assert after == before
