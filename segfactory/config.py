@@ -89,7 +89,7 @@ def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a config file with the files it ``extends`` merged in (bases first, in order, then the file).
 
     Raises:

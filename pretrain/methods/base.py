@@ -24,6 +24,7 @@ from pretrain.encoder import PooledEncoder
 from segfactory.config import StrictModel
 
 C = TypeVar("C", bound=StrictModel)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class _MomentumOptions(Protocol):
@@ -78,7 +79,7 @@ class SSLMethod(nn.Module, Generic[C]):
         return list(net(torch.cat(views)).float().split(b))
 
 
-def momentum_copy(module: nn.Module) -> nn.Module:
+def momentum_copy(module: ModuleT) -> ModuleT:
     """A frozen copy of ``module`` for a momentum (EMA) twin."""
     twin = copy.deepcopy(module)
     deactivate_requires_grad(twin)
