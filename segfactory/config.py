@@ -110,7 +110,7 @@ def _resolve_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 def _resolve_node(node: dict[str, Any], file: Path, chain: tuple[Path, ...], section: str) -> dict[str, Any]:
     """``node`` with its own ``extends`` (and those of the sections inside it) resolved."""
     where = f"config '{file}'" + (f", section '{section}'" if section else "")
-    bases = node.get(EXTENDS, [])
+    bases = node.get(EXTENDS) or []
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):

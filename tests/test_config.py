@@ -132,6 +132,7 @@ def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path
     _write(tmp_path / "d.yaml", {"extends": 3})
     with pytest.raises(UserError, match="extends=3 is not a file name or a list of them"):
         load_config(_Job, tmp_path / "d.yaml")
+    assert load_config(_Job, _write(tmp_path / "e.yaml", {"extends": None, "workers": 2})).workers == 2
     with pytest.raises(UserError, match="`extends` is read from config files only"):
         load_config(_Job, None, ["stage.extends=c.yaml"])
 
