@@ -22,6 +22,12 @@ def _archs() -> list[str]:
     return ARCHS.names()
 
 
+def _baselines() -> list[str]:
+    from finetune.baselines import baseline_names
+
+    return baseline_names()
+
+
 def _emit(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
@@ -223,8 +229,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
                    help="mask values outside the class map: error (default) or ignore")
     e.add_argument("--baselines", default="all", metavar="NAMES",
-                   help="classic baselines scored next to the model on real labeled folders (foreground/background "
-                        "tasks): comma-separated otsu, blur_otsu; 'all' (default) or 'none'")
+                   help=Names("classic baselines scored next to the model on real labeled folders "
+                              "(foreground/background tasks): comma-separated names of {names}; 'all' (default) or "
+                              "'none'", _baselines))
     e.add_argument("--overlays", type=int, default=4, metavar="N",
                    help="overlay PNGs (prediction, baselines and reference outlines) per real folder (default 4)")
     inference_flags(e)
