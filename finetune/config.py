@@ -6,10 +6,11 @@ Only plain pydantic here (no torch), so configs validate instantly and ``--help`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from finetune.archs import ARCHS
 from segfactory.config import StrictModel
 
 IGNORE_INDEX = 255
@@ -84,7 +85,7 @@ class ModelConfig(StrictModel):
     """Architecture.
 
     Attributes:
-        arch: Decoder (see ``finetune.models.ARCHS``): unet, unetplusplus, fpn, deeplabv3plus, linknet.
+        arch: Decoder architecture, a name registered in :mod:`finetune.archs` (``segfactory finetune --help``).
         encoder: timm model name (used as smp ``tu-<name>``). Default: the one of ``encoder_dir``.
         encoder_dir: Pretraining output with ``encoder.safetensors`` + ``encoder.json``; none = random init.
         in_chans: Input channels the network sees (gray inputs are repeated to 3, RGB is reduced to luminance
@@ -94,7 +95,7 @@ class ModelConfig(StrictModel):
             from the random decoder's early gradients), then unfreeze.
     """
 
-    arch: str = "unet"
+    arch: Annotated[str, AfterValidator(ARCHS.validate)] = "unet"
     encoder: str | None = None
     encoder_dir: Path | None = None
     in_chans: Literal[1, 3] | None = None
@@ -327,7 +328,7 @@ def apply_data_flags(cfg: FinetuneConfig, synthetic: list[str] | None, real: lis
     if encoder is not None:
         model_update["encoder_dir"] = Path(encoder)
     if arch is not None:
-        model_update["arch"] = arch  # the name is checked against the registry by whoever builds the model
+        model_update["arch"] = arch
     train = cfg.train.model_copy(update={"steps": steps}) if steps is not None else cfg.train
     raw = cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update=model_update),
                                  "train": train}).model_dump()

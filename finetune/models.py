@@ -1,5 +1,6 @@
 """Architectures (segmentation-models-pytorch decoders on timm encoders), encoder loading and model dirs
-(the model dir format itself is :mod:`segfactory.formats.model`).
+(the model dir format itself is :mod:`segfactory.formats.model`). The architectures are registered in
+:mod:`finetune.archs`.
 
 Encoders are always smp ``tu-<timm name>`` encoders, so an ``encoder.safetensors`` from pretraining (a
 ``features_only`` timm state dict) loads into ``model.encoder.model`` without renaming.
@@ -7,14 +8,15 @@ Encoders are always smp ``tu-<timm name>`` encoders, so an ``encoder.safetensors
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from finetune.archs import ARCHS
 from finetune.config import SIZE_DIVISOR
 from segfactory.errors import UserError
 from segfactory.formats.encoder import check_state_fits as check_encoder_state
@@ -28,78 +30,6 @@ from segfactory.formats.model import (
     read_model_weights,
     write_model_dir,
 )
-from segfactory.registry import Registry
-
-ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
-
-
-def register_arch(name: str) -> Callable:
-    return ARCHS.register(name)
-
-
-def _pyramid(width: int | list[int] | None, depth: int = 5) -> dict[str, Any]:
-    """U-Net style decoder widths: an int is the last stage's width, doubling towards the encoder."""
-    if width is None:
-        return {}
-    if isinstance(width, int):
-        return {"decoder_channels": tuple(width * 2 ** (depth - 1 - i) for i in range(depth))}
-    if len(width) != depth:
-        raise UserError(f"model.decoder_channels={width} needs {depth} values for this architecture",
-                        fix=f"give {depth} widths or one int (the last stage's width)")
-    return {"decoder_channels": tuple(width)}
-
-
-def _single(width: int | list[int] | None) -> int | None:
-    if width is None:
-        return None
-    return width if isinstance(width, int) else int(width[0])
-
-
-@register_arch("unet")
-def _unet(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    return smp.Unet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
-                    **_pyramid(decoder_channels))
-
-
-@register_arch("unetplusplus")
-def _unetpp(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    return smp.UnetPlusPlus(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans,
-                            classes=num_classes, **_pyramid(decoder_channels))
-
-
-@register_arch("fpn")
-def _fpn(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    w = _single(decoder_channels)
-    # The segmentation blocks use GroupNorm(32, C): C must be a multiple of 32.
-    kw = {} if w is None else {"decoder_pyramid_channels": w,
-                               "decoder_segmentation_channels": max(32, 32 * round(w / 64))}
-    return smp.FPN(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
-                   **kw)
-
-
-@register_arch("deeplabv3plus")
-def _deeplab(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    w = _single(decoder_channels)
-    return smp.DeepLabV3Plus(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans,
-                             classes=num_classes, **({} if w is None else {"decoder_channels": w}))
-
-
-@register_arch("linknet")
-def _linknet(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    if decoder_channels is not None:
-        raise UserError("linknet has no configurable decoder width (model.decoder_channels is set)",
-                        fix="remove model.decoder_channels or choose unet/fpn/deeplabv3plus")
-    return smp.Linknet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes)
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
@@ -116,9 +46,13 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
         return factory(arch["encoder"], int(arch["in_chans"]), int(arch["num_classes"]), arch.get("decoder_channels"))
     except RuntimeError as e:  # timm: unknown model name
         if "Unknown model" in str(e) or "Invalid model" in str(e):
+            import timm
+
+            # timm's registry is the list of encoder names (`timm.list_models()`)
+            close = difflib.get_close_matches(str(arch["encoder"]), timm.list_models(), n=3)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
             raise UserError(f"model.encoder='{arch['encoder']}' is not a timm model",
-                            fix="use a timm name such as resnet18, convnext_tiny, efficientnet_b0, test_resnet"
-                            ) from None
+                            fix=f"{hint}`timm.list_models()` lists the valid names") from None
         raise
 
 

@@ -1,5 +1,8 @@
 """Backbones: registered names -> timm models built ``features_only`` (the exported encoder's layout).
 
+This module is the table of backbones and imports no torch (timm is imported when a model is built), so
+``--help`` and config validation read the names cheaply; the pooled SSL encoder is :mod:`pretrain.encoder`.
+
 Pretraining trains exactly the module that is exported: ``timm.create_model(timm_name, features_only=True,
 in_chans=..., pretrained=False)``. Its state dict is what segmentation-models-pytorch's ``tu-<name>``
 encoder holds in ``encoder.model``, so fine-tuning loads it without key renaming.
@@ -8,12 +11,12 @@ encoder holds in ``encoder.model``, so fine-tuning loads it without key renaming
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from segfactory.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -80,40 +83,3 @@ def feature_info(model: nn.Module) -> tuple[list[int], list[int]]:
     """(channels, strides) of a ``features_only`` timm model's outputs."""
     info = model.feature_info  # type: ignore[attr-defined]
     return [int(c) for c in info.channels()], [int(r) for r in info.reduction()]
-
-
-def build_encoder(name: str, in_chans: int) -> PooledEncoder:
-    """Build a registered backbone as a pooled encoder for SSL.
-
-    Raises:
-        UserError: for an unknown backbone name (listing the valid ones).
-    """
-    spec = BACKBONES.get(name)
-    return PooledEncoder(spec, in_chans)
-
-
-class PooledEncoder(nn.Module):
-    """``features_only`` timm model + global average pool of its last feature map.
-
-    Args:
-        spec: The backbone.
-        in_chans: Input channels (1 for single-channel domains, 3 for RGB).
-
-    Attributes:
-        body: The exported module (its state dict is ``encoder.safetensors``).
-        dim: Embedding size D.
-    """
-
-    def __init__(self, spec: BackboneSpec, in_chans: int):
-        super().__init__()
-        self.spec = spec
-        self.in_chans = in_chans
-        self.body = create_features_model(spec.timm_name, in_chans, spec.timm_kwargs)
-        channels, strides = feature_info(self.body)
-        self.feature_channels = channels
-        self.feature_strides = strides
-        self.dim = channels[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D)."""
-        return self.body(x)[-1].float().mean(dim=(2, 3))

@@ -196,8 +196,8 @@ def bench_augment(method: str = "simclr", n_images: int = 256, batch_size: int =
     from PIL import Image
 
     from pretrain.augment import ViewMaker, adjust_specs
-    from pretrain.backbones import build_encoder
     from pretrain.config import AugmentConfig, MethodConfig
+    from pretrain.encoder import build_encoder
     from pretrain.methods import METHODS, build_method
     from pretrain.train import resolve_device
 

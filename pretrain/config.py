@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from segfactory.config import StrictModel
+from pretrain.backbones import BACKBONES
+from pretrain.methods import METHODS, options_model
+from segfactory.config import StrictModel, validate_section
 
 # ----------------------------------------------------------------------------------------------- ingest
 
@@ -54,69 +56,31 @@ class IngestConfig(StrictModel):
 # --------------------------------------------------------------------------------------------- pretrain
 
 
-class SimCLRConfig(StrictModel):
-    temperature: float = Field(0.5, gt=0)
-    hidden_dim: int = Field(2048, ge=1)
-    out_dim: int = Field(128, ge=1)
-
-
-class MoCoConfig(StrictModel):
-    """MoCo v2: momentum key encoder + memory bank of negatives."""
-
-    temperature: float = Field(0.2, gt=0)
-    hidden_dim: int = Field(2048, ge=1)
-    out_dim: int = Field(128, ge=1)
-    memory_bank_size: int = Field(4096, ge=0, description="negatives kept from past batches (0: in-batch only)")
-    momentum: float = Field(0.99, ge=0, lt=1, description="start of the cosine momentum schedule (ends at 1)")
-    shuffle_bn_groups: int = Field(2, ge=1, description="shuffled BN on one device: the key encoder sees the "
-                                   "shuffled batch in this many groups, each with its own BatchNorm statistics "
-                                   "(what MoCo's per-GPU shuffle does; 1 = off)")
-
-
-class BYOLConfig(StrictModel):
-    hidden_dim: int = Field(4096, ge=1)
-    out_dim: int = Field(256, ge=1)
-    momentum: float = Field(0.99, ge=0, lt=1)
-
-
-class DINOConfig(StrictModel):
-    hidden_dim: int = Field(2048, ge=1)
-    bottleneck_dim: int = Field(256, ge=1)
-    out_dim: int = Field(65536, ge=1, description="prototypes; 4096-16384 is plenty for small data")
-    momentum: float = Field(0.996, ge=0, lt=1)
-    teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp_steps: int = Field(0, ge=0)
-    student_temp: float = Field(0.1, gt=0)
-    n_local_crops: int = Field(6, ge=0)
-    freeze_last_layer_steps: int = Field(0, ge=0, description="keep the prototypes fixed this many steps")
-
-
-class BarlowTwinsConfig(StrictModel):
-    hidden_dim: int = Field(2048, ge=1)
-    out_dim: int = Field(2048, ge=1)
-    lambda_param: float = Field(5e-3, gt=0)
-
-
-class VICRegConfig(StrictModel):
-    hidden_dim: int = Field(2048, ge=1)
-    out_dim: int = Field(2048, ge=1)
-
-
 class MethodConfig(StrictModel):
-    """``method``: which SSL method and its options (only the chosen method's section is used)."""
+    """``method``: which SSL method, and the options of every registered method (only the chosen one's are used).
 
-    name: str = Field("simclr", description="simclr, moco, byol, dino, barlowtwins, vicreg")
-    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
-    moco: MoCoConfig = Field(default_factory=MoCoConfig)
-    byol: BYOLConfig = Field(default_factory=BYOLConfig)
-    dino: DINOConfig = Field(default_factory=DINOConfig)
-    barlowtwins: BarlowTwinsConfig = Field(default_factory=BarlowTwinsConfig)
-    vicreg: VICRegConfig = Field(default_factory=VICRegConfig)
+    ``method.<name>`` is typed by the config class in ``pretrain/methods/<name>.py``; validating it imports the
+    method modules (torch, lightly), so this module stays importable without them.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # the options sections, typed below
+
+    name: Annotated[str, AfterValidator(METHODS.validate)] = Field(
+        "simclr", description="SSL method (`segfactory pretrain --help` lists them)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        options = validate_section(options_model(), data)
+        return {**({"name": data["name"]} if "name" in data else {}),
+                **{name: getattr(options, name) for name in METHODS.names()}}
 
 
 class BackboneConfig(StrictModel):
-    name: str = Field("resnet18", description="registered backbone (see `segfactory pretrain --help`)")
+    name: Annotated[str, AfterValidator(BACKBONES.validate)] = Field(
+        "resnet18", description="registered backbone (`segfactory pretrain --help` lists them)")
     in_chans: Literal["auto", 1, 3] = Field("auto", description="auto: 1 if every ingested image is gray, else 3")
 
 
@@ -179,16 +143,6 @@ class PretrainConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @model_validator(mode="after")
-    def _names_known(self) -> PretrainConfig:
-        # imported here: the registries live with the (torch-importing) implementations
-        from pretrain.backbones import BACKBONES
-        from pretrain.methods import METHODS
-
-        METHODS.get(self.method.name)
-        BACKBONES.get(self.backbone.name)
-        return self
 
 
 # ------------------------------------------------------------------------------------------------ probe

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from pretrain.augment import ViewMaker, adjust_specs
-from pretrain.backbones import BACKBONES, build_encoder
+from pretrain.backbones import BACKBONES
 from pretrain.config import PretrainConfig
+from pretrain.encoder import build_encoder
 from pretrain.images import make_loader
-from pretrain.methods import SSLMethod, build_method
+from pretrain.methods import build_method
+from pretrain.methods.base import SSLMethod
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import UserError

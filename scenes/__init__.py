@@ -19,7 +19,7 @@ from scenes.spec import ClassDef, SceneSpec
 from segfactory.config import StrictModel, validation_error_to_user_error
 from segfactory.errors import UserError
 
-__all__ = ["SCENES", "ResolvedScene", "SceneConfig", "SceneContext", "SceneFamily", "register_scene",
+__all__ = ["SCENES", "ResolvedScene", "SceneConfig", "SceneContext", "SceneFamily", "families", "register_scene",
            "resolve_scene", "sample_scene", "scene_rng"]
 
 
@@ -61,6 +61,12 @@ def resolve_scene(cfg: SceneConfig) -> ResolvedScene:
     except ValidationError as e:
         raise validation_error_to_user_error(e, Randomization, "config", "scene.randomization") from None
     return ResolvedScene(family, params, rand, family.classes_for(params))
+
+
+def families() -> list[str]:
+    """The registered scene family names (for help texts)."""
+    _load_builtin_families()
+    return SCENES.names()
 
 
 def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int, resolution: int = 256

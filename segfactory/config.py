@@ -3,10 +3,17 @@
 Every stage defines a pydantic model (``extra="forbid"`` so typos are caught) and loads it with
 :func:`load_config`. Validation errors become one :class:`~segfactory.errors.UserError` line that names
 the field, the bad value and the fix.
+
+A config file may build on others: ``extends: [base.yaml, ...]`` (or one name) at the top level, or inside any
+section (``pretrain: {extends: pretrain_tiny.yaml, train: {steps: 100}}``: the base file's content becomes that
+section's base). Bases are found next to the file first, then in ``configs/``; they are merged deep, in order,
+under the file's own keys (mappings merge key by key; lists and values replace). The resolved config, saved next
+to outputs, has no ``extends`` left.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -14,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_text, canonical_hash
@@ -21,6 +29,8 @@ from segfactory.io import atomic_write_text, canonical_hash
 M = TypeVar("M", bound=BaseModel)
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+EXTENDS = "extends"
+SECTION_ERROR = "section_invalid"
 
 
 class StrictModel(BaseModel):
@@ -79,9 +89,69 @@ def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a config file with the files it ``extends`` merged in (bases first, in order, then the file).
+
+    Raises:
+        UserError: a missing or unparsable file or base, a bad ``extends`` value, or a cycle of bases.
+    """
+    return _resolve_file(Path(path), ())
+
+
+def _resolve_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    real = path.resolve()
+    if real in chain:
+        loop = " -> ".join(p.name for p in (*chain[chain.index(real):], real))
+        raise UserError(f"config '{chain[0]}' extends itself: {loop}",
+                        fix=f"remove one of these `{EXTENDS}` entries")
+    return _resolve_node(read_yaml(path), path, (*chain, real), "")
+
+
+def _resolve_node(node: dict[str, Any], file: Path, chain: tuple[Path, ...], section: str) -> dict[str, Any]:
+    """``node`` with its own ``extends`` (and those of the sections inside it) resolved."""
+    where = f"config '{file}'" + (f", section '{section}'" if section else "")
+    bases = node.get(EXTENDS) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise UserError(f"{where}: {EXTENDS}={bases!r} is not a file name or a list of them",
+                        fix=f"write e.g. `{EXTENDS}: [pretrain_tiny.yaml]`")
+    out: dict[str, Any] = {}
+    for base in bases:
+        _deep_merge(out, _resolve_file(_find_base(base, file, where), chain))
+    own = {k: _resolve_node(v, file, chain, f"{section}.{k}" if section else k) if isinstance(v, dict) else v
+           for k, v in node.items() if k != EXTENDS}
+    return _deep_merge(out, own)
+
+
+def _find_base(name: str, file: Path, where: str) -> Path:
+    """A base config: absolute, else relative to the extending file's folder, else in ``configs/``."""
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [file.parent / path, REPO_CONFIGS / path]
+    for c in candidates:
+        if c.is_file():
+            return c
+    looked = " and ".join(f"'{c.parent}'" for c in candidates)
+    raise UserError(f"{where}: {EXTENDS} '{name}' does not exist (looked in {looked})",
+                    fix=f"give the base's path relative to '{file.parent}', or a file name in '{REPO_CONFIGS}'")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into ``base`` (in place): mappings key by key, anything else replaces."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
 def load_config(model: type[M], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 extra: dict[str, Any] | None = None) -> M:
     """Load and validate a config.
+
+    Precedence, lowest first: the model's defaults, the files ``path`` extends (in order), ``path`` itself,
+    ``overrides``, ``extra``.
 
     Args:
         model: The pydantic model of the config.
@@ -95,9 +165,12 @@ def load_config(model: type[M], path: str | os.PathLike | None = None, overrides
     Raises:
         UserError: naming the field, the bad value and the fix.
     """
-    data = read_yaml(path) if path is not None else {}
+    data = read_config(path) if path is not None else {}
     for item in overrides or []:
         keys, value = parse_override(item)
+        if keys[-1] == EXTENDS:
+            raise UserError(f"override '{item}': `{EXTENDS}` is read from config files only",
+                            fix=f"put `{EXTENDS}: [...]` in the YAML file, or pass the base file as the config")
         set_dotted(data, keys, value)
     for dotted, value in (extra or {}).items():
         if value is not None:
@@ -106,6 +179,20 @@ def load_config(model: type[M], path: str | os.PathLike | None = None, overrides
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error_to_user_error(e, model, source=str(path) if path else "config") from None
+
+
+def validate_section(model: type[M], data: Any) -> M:
+    """Validate a section whose model is known only at validation time (e.g. a registry entry's own config), from
+    inside a pydantic validator of the enclosing model.
+
+    Raises:
+        PydanticCustomError: wrapping the section's errors, so :func:`validation_error_to_user_error` still names
+            the field inside the section (``pretrain.method.simclr.temperature``) and its valid keys.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise PydanticCustomError(SECTION_ERROR, "{error}", {"error": e, "model": model}) from None
 
 
 def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -122,18 +209,32 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
 def validation_error_to_user_error(err: ValidationError, model: type[BaseModel], source: str,
                                    prefix: str = "") -> UserError:
     """Turn the first pydantic error into a UserError naming the field (``prefix.field``), value and fix."""
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    count = err.error_count()
+    loc = _clean_loc(first["loc"])
+    here: type[BaseModel] = model  # the model the innermost location is relative to (for "valid keys here")
+    rel = loc
+    while first["type"] == SECTION_ERROR:  # a section validated by validate_section: descend into it
+        inner: ValidationError = first["ctx"]["error"]
+        here = first["ctx"]["model"]
+        first = inner.errors()[0]
+        count += inner.error_count() - 1
+        rel = _clean_loc(first["loc"])
+        loc = (*loc, *rel)
     field = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "<top level>"
     etype = first["type"]
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
-    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    more = f" (and {count - 1} more problem(s))" if count > 1 else ""
     if etype == "extra_forbidden":
-        known = _known_fields(model, loc)
+        known = _known_fields(here, rel)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"did you mean '{field.rsplit('.', 1)[0] + '.' if '.' in field else ''}{close[0]}'? " if close else ""
         fix = f"{hint}valid keys here: {', '.join(known)}" if known else "remove it"
@@ -141,8 +242,8 @@ def validation_error_to_user_error(err: ValidationError, model: type[BaseModel],
     if etype == "missing":
         return UserError(f"{source}: required config key '{field}' is missing{more}", fix=f"set {field}=...")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return UserError(f"{source}: {field}={shown} is invalid: {msg}{more}",
-                     fix=f"set {field} to a valid value ({msg.lower()})")
+    fix = (first.get("ctx") or {}).get("fix") or f"set {field} to a valid value ({msg.lower()})"
+    return UserError(f"{source}: {field}={shown} is invalid: {msg}{more}", fix=fix)
 
 
 def save_resolved(cfg: BaseModel, path: str | os.PathLike) -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import Field
 
 from pipelines.render import RenderJob
-from segfactory.config import load_config, save_resolved
+from segfactory.config import StrictModel, load_config, save_resolved
 from segfactory.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -56,3 +57,134 @@ def test_missing_and_malformed_files(tmp_path: Path):
     bad.write_text("scene: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML at line"):
         load_config(RenderJob, bad)
+
+
+# ------------------------------------------------------------------------------------------- extends
+
+
+class _Train(StrictModel):
+    steps: int = 10
+    lr: float = 0.1
+    tags: list[str] = Field(default_factory=list)
+
+
+class _Stage(StrictModel):
+    name: str = "default"
+    train: _Train = Field(default_factory=_Train)
+
+
+class _Job(StrictModel):
+    stage: _Stage = Field(default_factory=_Stage)
+    other: _Stage = Field(default_factory=_Stage)
+    workers: int = 1
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_extends_merges_defaults_bases_file_overrides_flags_in_order(tmp_path: Path):
+    _write(tmp_path / "bases" / "a.yaml", {"workers": 2, "stage": {"name": "a", "train": {"steps": 20, "lr": 0.2,
+                                                                                         "tags": ["a"]}}})
+    _write(tmp_path / "bases" / "b.yaml", {"extends": "a.yaml", "stage": {"train": {"steps": 30}}})
+    _write(tmp_path / "c.yaml", {"workers": 3, "stage": {"train": {"lr": 0.3}}})
+    top = _write(tmp_path / "job.yaml", {"extends": ["bases/b.yaml", "c.yaml"], "stage": {"name": "job"}})
+    cfg = load_config(_Job, top)
+    # a < b (b extends a, relative to b's folder) < c (later in the list) < the file; the rest are defaults
+    assert cfg.stage.name == "job" and cfg.stage.train.steps == 30 and cfg.stage.train.lr == 0.3
+    assert cfg.workers == 3 and cfg.stage.train.tags == ["a"] and cfg.other == _Stage()
+    cfg = load_config(_Job, top, ["stage.train.steps=40", "workers=4"], {"workers": 5, "stage.name": None})
+    assert cfg.stage.train.steps == 40 and cfg.workers == 5 and cfg.stage.name == "job"
+    save_resolved(cfg, tmp_path / "resolved.yaml")
+    assert "extends" not in (tmp_path / "resolved.yaml").read_text()
+
+
+def test_section_level_extends_and_lists_replace(tmp_path: Path):
+    _write(tmp_path / "stage_base.yaml", {"name": "base", "train": {"steps": 7, "tags": ["x", "y"]}})
+    top = _write(tmp_path / "job.yaml", {"stage": {"extends": "stage_base.yaml", "train": {"tags": ["z"]}},
+                                         "other": {"extends": ["stage_base.yaml"]}})
+    cfg = load_config(_Job, top)
+    assert cfg.stage == _Stage(name="base", train=_Train(steps=7, tags=["z"]))
+    assert cfg.other == _Stage(name="base", train=_Train(steps=7, tags=["x", "y"]))
+
+
+def test_extends_finds_bases_in_configs(tmp_path: Path):
+    top = _write(tmp_path / "mine.yaml", {"extends": "street.yaml", "render": {"samples": 4}})
+    cfg = load_config(RenderJob, top)
+    street = load_config(RenderJob, CONFIGS / "street.yaml")
+    assert cfg.render.samples == 4 and cfg.model_copy(update={"render": street.render}) == street
+
+
+def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path):
+    _write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"stage": {"extends": "a.yaml"}})
+    with pytest.raises(UserError) as e:
+        load_config(_Job, tmp_path / "a.yaml")
+    assert f"config '{tmp_path / 'a.yaml'}' extends itself: a.yaml -> b.yaml -> a.yaml" == e.value.message
+    assert "remove one of these `extends` entries" in e.value.fix
+    _write(tmp_path / "c.yaml", {"stage": {"extends": ["nope.yaml"]}})
+    with pytest.raises(UserError) as e:
+        load_config(_Job, tmp_path / "c.yaml")
+    assert f"config '{tmp_path / 'c.yaml'}', section 'stage': extends 'nope.yaml' does not exist" in e.value.message
+    assert str(tmp_path) in e.value.fix and "configs" in e.value.fix
+    _write(tmp_path / "d.yaml", {"extends": 3})
+    with pytest.raises(UserError, match="extends=3 is not a file name or a list of them"):
+        load_config(_Job, tmp_path / "d.yaml")
+    assert load_config(_Job, _write(tmp_path / "e.yaml", {"extends": None, "workers": 2})).workers == 2
+    with pytest.raises(UserError, match="`extends` is read from config files only"):
+        load_config(_Job, None, ["stage.extends=c.yaml"])
+
+
+# configs/quickstart.yaml as it was before it built on the tiny configs (main at 41988bf), comments dropped
+QUICKSTART_SELF_CONTAINED = """
+render:
+  scene: {family: street}
+  render: {resolution: 128, views: 2, samples: 8}
+  dataset: {scenes: 24, scenes_per_shard: 6, seed: 0}
+real:
+  src: "skimage:data"
+  config:
+    normalize: {max_short_side: 128}
+pretrain:
+  method: {name: simclr, simclr: {hidden_dim: 128, out_dim: 64}}
+  backbone: {name: test_resnet}
+  augment: {crop_size: 64, local_crop_size: 32}
+  optim: {warmup_steps: 5}
+  train: {steps: 100, batch_size: 16, checkpoint_every: 50, log_every: 5}
+finetune:
+  model: {arch: unet, encoder: test_resnet, decoder_channels: 8}
+  input: {scaling: dtype}
+  augment: {crop_size: 96, scale: [0.5, 1.0]}
+  data: {val_fraction: 0.25, val_max_items: 8, num_workers: 0}
+  train: {steps: 400, batch_size: 8, lr: 0.003, warmup_steps: 20, device: auto, log_every: 10, val_every: 100,
+          checkpoint_every: 100}
+  predict: {tile: 128, overlap: 16, batch_size: 4}
+execution:
+  timeout_s: 1200
+  retries: 1
+  predict_images: 4
+cluster:
+  workers: 2
+"""
+
+
+def test_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp_path: Path):
+    """The quickstart extends pretrain_tiny.yaml and finetune_tiny.yaml instead of copying their values, and still
+    resolves to the config of the self-contained file it replaced (the one the README's quickstart time and score
+    were measured with). The only difference: the options of the SSL methods the quickstart does not run now come
+    from pretrain_tiny.yaml too. Since an edit of a tiny config now also changes the quickstart, this test notices.
+    """
+    from pipelines.run import RunConfig
+    from pretrain.config import PretrainConfig
+
+    assert "extends" in (CONFIGS / "quickstart.yaml").read_text()
+    old = _write(tmp_path / "quickstart_before.yaml", yaml.safe_load(QUICKSTART_SELF_CONTAINED))
+    before = load_config(RunConfig, old).model_dump(mode="json")
+    after = load_config(RunConfig, CONFIGS / "quickstart.yaml").model_dump(mode="json")
+    tiny = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml").model_dump(mode="json")
+    assert after["pretrain"]["method"]["name"] == "simclr"
+    for unused in set(tiny["method"]) - {"name", "simclr"}:
+        before["pretrain"]["method"][unused] = tiny["method"][unused]
+    assert after == before

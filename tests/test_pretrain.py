@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from pretrain import ingest as core
 from pretrain import train
 from pretrain.augment import ViewMaker, adjust_specs
-from pretrain.backbones import build_encoder
 from pretrain.config import AugmentConfig, IngestConfig, PretrainConfig
+from pretrain.encoder import build_encoder
 from pretrain.images import make_loader
 from pretrain.methods import METHODS, build_method
 from pretrain.train import checkpoint_paths, restore_scaler, run_pretrain

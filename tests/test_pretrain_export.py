@@ -11,7 +11,8 @@ import timm
 import torch
 
 from finetune.models import load_into_smp
-from pretrain.backbones import BACKBONES, build_encoder
+from pretrain.backbones import BACKBONES
+from pretrain.encoder import build_encoder
 from pretrain.export import create_timm_encoder
 from segfactory.errors import UserError
 from segfactory.formats.encoder import load_encoder, save_encoder

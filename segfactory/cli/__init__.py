@@ -3,7 +3,9 @@
 Each module of this package declares the commands of one area (``synth``: render/show/stats, ``pretrain``:
 ingest/pretrain/probe, ``finetune``: finetune/evaluate/predict/export/sweep, ``pipelines``: run/refresh) with
 ``register(commands, benches)``, and imports what a command runs inside its handler, so ``segfactory --help``
-stays fast and never imports torch, Dask or Blender. Nothing below this layer imports it.
+stays fast and never imports torch, Dask or Blender. Help texts listing a registry's names (methods, backbones,
+architectures, scene families) are :class:`~segfactory.cli.lazyhelp.Names`, filled in only when printed.
+Nothing below this layer imports it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import importlib
 
 from segfactory import __version__
+from segfactory.cli.lazyhelp import Parser
 from segfactory.console import console
 from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
 
@@ -20,7 +23,7 @@ COMMAND_MODULES = ["segfactory.cli.synth", "segfactory.cli.pretrain", "segfactor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="segfactory",
         description="Semantic segmentation without manual labels.",
     )

@@ -12,7 +12,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segfactory.cli.lazyhelp import Names
 from segfactory.errors import UserError
+
+
+def _archs() -> list[str]:
+    from finetune.archs import ARCHS
+
+    return ARCHS.names()
+
+
+def _baselines() -> list[str]:
+    from finetune.baselines import baseline_names
+
+    return baseline_names()
 
 
 def _emit(obj: Any) -> None:
@@ -32,13 +45,11 @@ def _save_args(path: Path, args: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- finetune
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.config import FinetuneConfig, apply_data_flags
-    from finetune.models import ARCHS
     from finetune.train import run_finetune
     from segfactory.config import load_config
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps)
-    ARCHS.get(cfg.model.arch)
     summary = run_finetune(cfg, args.out, resume=args.resume)
     _emit(summary)
     return 0
@@ -194,7 +205,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
     p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
     p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json)")
-    p.add_argument("--arch", help="decoder architecture (unet, unetplusplus, fpn, deeplabv3plus, linknet)")
+    p.add_argument("--arch", help=Names("decoder architecture (model.arch): {names}", _archs))
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
@@ -218,8 +229,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
                    help="mask values outside the class map: error (default) or ignore")
     e.add_argument("--baselines", default="all", metavar="NAMES",
-                   help="classic baselines scored next to the model on real labeled folders (foreground/background "
-                        "tasks): comma-separated otsu, blur_otsu; 'all' (default) or 'none'")
+                   help=Names("classic baselines scored next to the model on real labeled folders "
+                              "(foreground/background tasks): comma-separated names of {names}; 'all' (default) or "
+                              "'none'", _baselines))
     e.add_argument("--overlays", type=int, default=4, metavar="N",
                    help="overlay PNGs (prediction, baselines and reference outlines) per real folder (default 4)")
     inference_flags(e)
@@ -258,7 +270,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8])
     b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    b.add_argument("--arch", default="unet")
+    b.add_argument("--arch", default="unet", help=Names("decoder architecture: {names}", _archs))
     b.add_argument("--encoder", default="resnet18", help="timm encoder name")
     b.add_argument("--device", default="auto")
     b.add_argument("--data", metavar="DIR", help="dataset or labeled folder (default: coins sample folder)")

@@ -7,7 +7,19 @@ import argparse
 import json
 from typing import Any
 
-METHOD_NAMES = "simclr, moco, byol, dino, barlowtwins, vicreg"
+from segfactory.cli.lazyhelp import Names
+
+
+def _methods() -> list[str]:
+    from pretrain.methods import METHODS
+
+    return METHODS.names()
+
+
+def _backbones() -> list[str]:
+    from pretrain.backbones import BACKBONES
+
+    return BACKBONES.names()
 
 
 def register(commands: Any, benches: Any) -> None:
@@ -26,14 +38,13 @@ def register(commands: Any, benches: Any) -> None:
     p.set_defaults(func=cmd_ingest)
 
     p = commands.add_parser("pretrain", help="self-supervised pretraining of an encoder on ingested images",
-                            description=f"Pretrain a timm encoder with a lightly method ({METHOD_NAMES}) and "
-                            "kornia augmentation on the training device; exports OUT/encoder/.")
+                            description=Names("Pretrain a timm encoder with a lightly method ({names}) and kornia "
+                                              "augmentation on the training device; exports OUT/encoder/.", _methods))
     p.add_argument("config", help="pretrain config YAML (e.g. configs/pretrain.yaml)")
     p.add_argument("--images", required=True, help="output directory of `segfactory ingest`")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, encoder/)")
-    p.add_argument("--method", help=f"SSL method (method.name): {METHOD_NAMES}")
-    p.add_argument("--backbone", help="backbone (backbone.name), e.g. resnet18, convnext_atto, efficientnet_b0, "
-                   "vit_small, test_resnet")
+    p.add_argument("--method", help=Names("SSL method (method.name): {names}", _methods))
+    p.add_argument("--backbone", help=Names("backbone (backbone.name): {names}", _backbones))
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="images per micro-batch (train.batch_size)")
     # --resume is a plain flag: an optional value would swallow the key=value override after it
@@ -64,13 +75,14 @@ def register(commands: Any, benches: Any) -> None:
 
     p = benches.add_parser("augment", help="kornia batched views on the training device vs lightly's per-sample "
                            "torchvision transforms in a DataLoader")
-    p.add_argument("--method", default="simclr", help=f"view spec of this method ({METHOD_NAMES})")
+    p.add_argument("--method", default="simclr", help=Names("view spec of this method: {names}", _methods))
     p.add_argument("--images", type=int, default=256, help="source images per pass")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--workers", type=int, help="DataLoader workers for the baseline (default: all cores)")
-    p.add_argument("--backbone", default="resnet18", help="backbone for the training-step share (none to skip)")
+    p.add_argument("--backbone", default="resnet18",
+                   help=Names("backbone for the training-step share, or none to skip: {names}", _backbones))
     p.set_defaults(func=cmd_bench_augment)
 
 

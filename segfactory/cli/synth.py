@@ -7,10 +7,19 @@ import json
 import sys
 from typing import Any
 
+from segfactory.cli.lazyhelp import Names
+
+
+def _families() -> list[str]:
+    from scenes import families
+
+    return families()
+
 
 def register(commands: Any, benches: Any) -> None:
     p = commands.add_parser("render", help="render a labeled synthetic dataset (resumes an interrupted run)",
-                            description="Render procedural scenes with BlenderProc into dataset shards.")
+                            description=Names("Render procedural scenes with BlenderProc into dataset shards. Scene "
+                                              "families (scene.family): {names}.", _families))
     p.add_argument("config", help="render config YAML (e.g. configs/street.yaml)")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--scenes", type=int, help="number of scenes (dataset.scenes)")
@@ -34,7 +43,7 @@ def register(commands: Any, benches: Any) -> None:
     p.set_defaults(func=cmd_stats)
 
     p = benches.add_parser("render", help="segfactory's render defaults vs a naive BlenderProc baseline")
-    p.add_argument("--family", default="street", help="scene family to render")
+    p.add_argument("--family", default="street", help=Names("scene family to render: {names}", _families))
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--scenes", type=int, default=2, help="scenes rendered by both (baseline: a process each)")
     p.add_argument("--views", type=int, default=1, help="views per scene")
