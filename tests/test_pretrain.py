@@ -224,7 +224,7 @@ def test_ctrl_c_mid_step_never_checkpoints_half_a_step(images: Path, tmp_path: P
     # MoCo: its momentum encoder is updated at the start of a step and its memory bank during the forward pass
     cfg = tiny_cfg("method.name=moco", "train.steps=5")
     run_pretrain(cfg, images, tmp_path / "straight")
-    real_seed = train.aug_seed
+    real_seed = train.pretrain_augment_seed
 
     def ctrl_c_during_step_3(seed: int, step: int, micro: int) -> int:
         if step == 2:  # after the momentum update of step 3 and its batch; before its forward pass
@@ -232,7 +232,7 @@ def test_ctrl_c_mid_step_never_checkpoints_half_a_step(images: Path, tmp_path: P
                 signal.raise_signal(signal.SIGINT)
         return real_seed(seed, step, micro)
 
-    monkeypatch.setattr(train, "aug_seed", ctrl_c_during_step_3)
+    monkeypatch.setattr(train, "pretrain_augment_seed", ctrl_c_during_step_3)
     before = signal.getsignal(signal.SIGINT)  # not always Python's default: other libraries install their own
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(cfg, images, tmp_path / "resumed")
