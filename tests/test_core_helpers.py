@@ -1,5 +1,5 @@
 """The shared core's helpers for every stage: device and AMP choice, the learning-rate schedule, resume
-bookkeeping and the named seed streams."""
+bookkeeping, the named seed streams and sample-then-apply colour jitter and blur."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from segfactory import seeds
+from segfactory.augment import ColorJitter, GaussianBlur
 from segfactory.errors import UserError
 from segfactory.resume import changed_keys, describe_change, read_jsonl, truncate_jsonl
 from segfactory.torchutil import amp_dtype, lr_factor, resolve_device, warmup_decay
@@ -139,3 +140,48 @@ def test_seed_streams_keep_their_values() -> None:
     assert seeds.moco_shuffle_seed(3) == 3_000_026
     assert np.random.default_rng([0, seeds.PRETRAIN_ORDER, 0]).permutation(4).tolist() == \
         np.random.default_rng(np.random.SeedSequence([0, 0, 0])).permutation(4).tolist()
+
+
+# -------------------------------------------------------------------------------------- jitter and blur
+
+
+def _images(n: int = 6, c: int = 3, side: int = 24) -> torch.Tensor:
+    return torch.rand(n, c, side, side, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("op", [ColorJitter(), GaussianBlur()])
+def test_sampling_takes_the_same_draws_whether_the_op_is_on_or_off(op: ColorJitter | GaussianBlur) -> None:
+    from dataclasses import replace
+
+    off = replace(op, p=0.0)
+    g_on, g_off = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    on_params, off_params = op.sample(6, g_on), off.sample(6, g_off)
+    assert torch.equal(g_on.get_state(), g_off.get_state())  # the next op's draws are unchanged
+    assert on_params["apply"].any() and not off_params["apply"].any()
+    assert all(torch.equal(on_params[k], off_params[k]) for k in on_params if k != "apply")
+    x = _images()
+    assert torch.equal(off.apply(x, off_params), x)
+
+
+def test_color_jitter_changes_only_the_picked_samples_and_stays_in_range() -> None:
+    jitter = ColorJitter(p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)
+    x = _images()
+    params = jitter.sample(6, torch.Generator().manual_seed(1))
+    y = jitter.apply(x, params)
+    changed = (y - x).abs().flatten(1).amax(1) > 1e-6
+    assert torch.equal(changed, params["apply"]) and 0 < int(changed.sum()) < 6
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    gray = _images(c=1)
+    yg = jitter.apply(gray, params)  # saturation and hue are skipped on one channel
+    assert yg.shape == gray.shape and torch.equal(yg[~params["apply"]], gray[~params["apply"]])
+
+
+def test_blur_kernel_covers_three_sigma_and_blurs_only_the_picked_samples() -> None:
+    blur = GaussianBlur(p=0.5, sigma=(0.5, 2.0))
+    assert blur.kernel_size(224) == 13 and blur.kernel_size(10) == 9 and blur.kernel_size(11) == 11
+    x = _images()
+    params = blur.sample(6, torch.Generator().manual_seed(2))
+    y = blur.apply(x, params)
+    changed = (y - x).abs().flatten(1).amax(1) > 1e-6
+    assert torch.equal(changed, params["apply"]) and changed.any()
+    assert float(y[changed].std()) < float(x[changed].std())  # smoother
