@@ -356,6 +356,34 @@ def test_every_architecture_takes_a_pretrained_encoder(arch: str, encoders) -> N
         assert model.eval()(torch.zeros(1, 3, 64, 96)).shape == (1, 4, 64, 96)
 
 
+# (number of state-dict entries, sha256 of the (key, shape) list) per architecture with test_resnet, 3 channels,
+# 4 classes, decoder_channels 8 (linknet: None): model dirs written earlier record these architectures, and their
+# weights must keep loading.
+ARCH_STATE = {"unet": (152, "1924d6379b455c67"), "unetplusplus": (224, "d0128bd6311dd2e5"),
+              "fpn": (121, "234cc5df2cebf2d0"), "deeplabv3plus": (151, "849d1e9028201ae3"),
+              "linknet": (187, "3c4891bc3034b5c2")}
+
+
+def test_architecture_records_build_the_same_state_dict_keys() -> None:
+    import hashlib
+
+    from finetune.archs import ARCHS
+    from finetune.models import build_model
+
+    assert ARCHS.names() == sorted(ARCH_STATE)
+    for arch, (n, digest) in ARCH_STATE.items():
+        state = build_model({"arch": arch, "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                             "decoder_channels": None if arch == "linknet" else 8}).state_dict()
+        keys = repr([(k, tuple(v.shape)) for k, v in state.items()])
+        assert (len(state), hashlib.sha256(keys.encode()).hexdigest()[:16]) == (n, digest), arch
+    with pytest.raises(UserError, match="linknet has no configurable decoder width"):
+        build_model({"arch": "linknet", "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                     "decoder_channels": 8})
+    with pytest.raises(UserError, match="needs 5 values"):
+        build_model({"arch": "unet", "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                     "decoder_channels": [8, 8]})
+
+
 def test_input_channels_follow_a_gray_encoder(tiny_dataset: Path, encoders, tmp_path: Path) -> None:
     from finetune.train import Trainer
 
