@@ -30,8 +30,10 @@ from synth.shard import RENDER_PACKAGES
 STAGE_FILE = "stage.json"
 STAGE_PROGRESS_TOPIC = "segfactory-stage-progress"
 # The packages whose code decides each stage's output: editing them invalidates the stage's cache.
-PRETRAIN_PACKAGES = ("pretrain",)
-FINETUNE_PACKAGES = ("finetune", "pretrain", "synth")
+# The shared core modules that training code draws its augmentation, seeds and schedules from count too.
+TRAINING_CORE = ("segfactory.augment", "segfactory.seeds", "segfactory.torchutil")
+PRETRAIN_PACKAGES = ("pretrain", *TRAINING_CORE)
+FINETUNE_PACKAGES = ("finetune", "pretrain", "synth", *TRAINING_CORE)
 
 
 class HeldOutSet(StrictModel):

@@ -142,6 +142,23 @@ def test_seed_streams_keep_their_values() -> None:
         np.random.default_rng(np.random.SeedSequence([0, 0, 0])).permutation(4).tolist()
 
 
+def test_code_version_also_hashes_single_core_modules() -> None:
+    """Stages whose output depends on a shared core module (seeds, augmentation, schedules) hash it too."""
+    import segfactory
+    from pipelines.stages import FINETUNE_PACKAGES, PRETRAIN_PACKAGES
+    from synth.shard import RENDER_PACKAGES
+
+    seeds_version = segfactory.code_version("segfactory.seeds")
+    assert seeds_version.startswith(segfactory.__version__ + "+") and len(seeds_version.rsplit("+", 1)[1]) == 12
+    assert seeds_version != segfactory.code_version("segfactory.torchutil")
+    assert segfactory.code_version("pretrain", "segfactory.seeds") != segfactory.code_version("pretrain")
+    with pytest.raises(ValueError, match=r"no package or module 'segfactory\.nope'"):
+        segfactory.code_version("segfactory.nope")
+    assert "segfactory.seeds" in RENDER_PACKAGES
+    for packages in (PRETRAIN_PACKAGES, FINETUNE_PACKAGES):
+        assert {"segfactory.augment", "segfactory.seeds", "segfactory.torchutil"} <= set(packages)
+
+
 # -------------------------------------------------------------------------------------- jitter and blur
 
 
