@@ -1,31 +1,32 @@
-"""Decoder architectures: registered names -> segmentation-models-pytorch constructors on a timm encoder.
+"""Decoder architectures: registered names (segmentation-models-pytorch's ``create_model`` names) -> the decoder's
+keyword arguments for a ``model.decoder_channels`` value.
 
-This module imports no torch (smp is imported when a model is built), so ``--help`` and the ``model.arch`` check
-read the names cheaply. A new architecture is a ``@register_arch("name")`` factory here (copy ``_fpn``);
-:func:`finetune.models.build_model` calls it.
+This module imports no torch, so ``--help`` and the ``model.arch`` check read the names cheaply. A new
+architecture is a ``@register_arch("name")`` function here (copy ``_fpn``); :func:`finetune.models.build_model`
+passes what it returns to ``smp.create_model``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from segfactory.errors import UserError
 from segfactory.registry import Registry
 
-if TYPE_CHECKING:
-    from torch import nn
-
 __all__ = ["ARCHS", "register_arch"]
 
-ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
+DecoderWidth = int | list[int] | None
+ARCHS: Registry[Callable[[DecoderWidth], dict[str, Any]]] = Registry("architecture")
 
 
 def register_arch(name: str) -> Callable:
     return ARCHS.register(name)
 
 
-def _pyramid(width: int | list[int] | None, depth: int = 5) -> dict[str, Any]:
+@register_arch("unet")
+@register_arch("unetplusplus")
+def _pyramid(width: DecoderWidth, depth: int = 5) -> dict[str, Any]:
     """U-Net style decoder widths: an int is the last stage's width, doubling towards the encoder."""
     if width is None:
         return {}
@@ -37,54 +38,29 @@ def _pyramid(width: int | list[int] | None, depth: int = 5) -> dict[str, Any]:
     return {"decoder_channels": tuple(width)}
 
 
-def _single(width: int | list[int] | None) -> int | None:
+def _single(width: DecoderWidth) -> int | None:
     if width is None:
         return None
     return width if isinstance(width, int) else int(width[0])
 
 
-@register_arch("unet")
-def _unet(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    return smp.Unet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
-                    **_pyramid(decoder_channels))
-
-
-@register_arch("unetplusplus")
-def _unetpp(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    return smp.UnetPlusPlus(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans,
-                            classes=num_classes, **_pyramid(decoder_channels))
-
-
 @register_arch("fpn")
-def _fpn(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    w = _single(decoder_channels)
+def _fpn(width: DecoderWidth) -> dict[str, Any]:
+    w = _single(width)
     # The segmentation blocks use GroupNorm(32, C): C must be a multiple of 32.
-    kw = {} if w is None else {"decoder_pyramid_channels": w,
-                               "decoder_segmentation_channels": max(32, 32 * round(w / 64))}
-    return smp.FPN(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes,
-                   **kw)
+    return {} if w is None else {"decoder_pyramid_channels": w,
+                                 "decoder_segmentation_channels": max(32, 32 * round(w / 64))}
 
 
 @register_arch("deeplabv3plus")
-def _deeplab(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    w = _single(decoder_channels)
-    return smp.DeepLabV3Plus(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans,
-                             classes=num_classes, **({} if w is None else {"decoder_channels": w}))
+def _deeplab(width: DecoderWidth) -> dict[str, Any]:
+    w = _single(width)
+    return {} if w is None else {"decoder_channels": w}
 
 
 @register_arch("linknet")
-def _linknet(encoder: str, in_chans: int, num_classes: int, decoder_channels=None) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    if decoder_channels is not None:
+def _linknet(width: DecoderWidth) -> dict[str, Any]:
+    if width is not None:
         raise UserError("linknet has no configurable decoder width (model.decoder_channels is set)",
                         fix="remove model.decoder_channels or choose unet/fpn/deeplabv3plus")
-    return smp.Linknet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=in_chans, classes=num_classes)
+    return {}

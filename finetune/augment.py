@@ -4,22 +4,24 @@ Why not ``kornia.augmentation``: its modules draw parameters from torch's global
 global RNG; resume must be exact) and pad masks with 0, which is a real class. Here the parameters come from
 an explicit ``torch.Generator`` and every geometric change is one affine matrix per sample, applied with
 kornia's ``warp_affine`` to the image (bilinear) and to the mask (nearest, out-of-image pixels -> ignore).
+Colour jitter and blur are :mod:`segfactory.augment`'s (shared with pretraining). A batch's parameters are all
+drawn first, a fixed number whatever ops are on (:meth:`GpuAugment.sample`), then only the enabled ops are
+applied (:meth:`GpuAugment.apply`): switching an op off does not shift any other draw.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
-from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import warp_affine
 
 from finetune.config import AugmentConfig
+from segfactory.augment import ColorJitter, GaussianBlur
 
-# Columns of the per-sample uniform draw (one draw per batch keeps the generator stream simple).
-_U_AREA, _U_RATIO, _U_CX, _U_CY, _U_HFLIP, _U_VFLIP, _U_ROT_P, _U_ROT, _U_JIT_P, _U_BRI, _U_CON, _U_SAT, \
-    _U_HUE, _U_BLUR_P, _U_BLUR, _U_NOISE_P = range(16)
+# Columns of the per-sample uniform draw of the geometry (one draw per batch keeps the generator stream simple).
+_U_AREA, _U_RATIO, _U_CX, _U_CY, _U_HFLIP, _U_VFLIP, _U_ROT_P, _U_ROT, _U_NOISE_P = range(9)
 
 
 def crop_matrices(u: torch.Tensor, window: int, size: int, cfg: AugmentConfig, random: bool) -> torch.Tensor:
@@ -29,7 +31,7 @@ def crop_matrices(u: torch.Tensor, window: int, size: int, cfg: AugmentConfig, r
     output ``[0, size)``, flipped and rotated about the output centre.
 
     Args:
-        u: (B, 16) uniforms in [0, 1).
+        u: (B, 9) uniforms in [0, 1) (the columns ``_U_*``).
         window: Side of the input window L.
         size: Side of the output crop S.
         random: ``False`` gives the deterministic whole-window resize (augmentation disabled).
@@ -73,23 +75,38 @@ class GpuAugment:
     def __init__(self, cfg: AugmentConfig, ignore_index: int = 255):
         self.cfg = cfg
         self.ignore_index = ignore_index
+        self.jitter = ColorJitter(cfg.jitter_p, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+        self.blur = GaussianBlur(cfg.blur_p, cfg.blur_sigma)
+
+    def sample(self, b: int, generator: torch.Generator) -> dict[str, Any]:
+        """Every random parameter of a batch of ``b``, on the generator's device: the same draws whatever ops
+        are on, also with augmentation disabled.
+
+        Returns:
+            ``{"u" (b, 9) uniforms (columns ``_U_*``), "jitter", "blur" (:mod:`segfactory.augment` parameters),
+            "noise_seed" (1,)}``.
+        """
+        dev = generator.device
+        return {"u": torch.rand(b, 9, generator=generator, device=dev),
+                "jitter": self.jitter.sample(b, generator), "blur": self.blur.sample(b, generator),
+                # The noise image itself comes from a generator seeded with this, so its size does not matter.
+                "noise_seed": torch.randint(0, 2**62, (1,), generator=generator, device=dev)}
 
     @torch.no_grad()
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply geometric (image + mask) then photometric (image) augmentation.
+    def apply(self, image: torch.Tensor, mask: torch.Tensor,
+              params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Geometric (image + mask) then photometric (image) augmentation with the parameters of :meth:`sample`.
 
         Args:
             image: (B, C, L, L) float in [0, 1], C = 1 or 3.
             mask: (B, L, L) integer class ids.
-            generator: On the same device as ``image``.
 
         Returns:
             image (B, C, S, S) float in [0, 1], mask (B, S, S) int64 with ``ignore_index`` kept.
         """
-        cfg, (b, c, window, _) = self.cfg, image.shape
+        cfg, (b, _, window, _) = self.cfg, image.shape
         size = cfg.crop_size
-        u = torch.rand(b, 16, generator=generator, device=image.device)
+        u = params["u"].to(image.device)
         m = crop_matrices(u, window, size, cfg, cfg.enabled)
         image = warp_affine(image, m, (size, size), mode="bilinear", padding_mode="reflection",
                             align_corners=True)
@@ -100,22 +117,15 @@ class GpuAugment:
         mask = torch.where(shifted == 0, self.ignore_index, shifted - 1)
         if not cfg.enabled:
             return image, mask
-        jit = (u[:, _U_JIT_P] < cfg.jitter_p).float()
-        if cfg.brightness:
-            image = adjust_brightness(image, (2 * u[:, _U_BRI] - 1) * cfg.brightness * jit)
-        if cfg.contrast:
-            image = adjust_contrast(image, 1 + (2 * u[:, _U_CON] - 1) * cfg.contrast * jit)
-        if c == 3 and cfg.saturation:
-            image = adjust_saturation(image, 1 + (2 * u[:, _U_SAT] - 1) * cfg.saturation * jit)
-        if c == 3 and cfg.hue:
-            image = adjust_hue(image, (2 * u[:, _U_HUE] - 1) * cfg.hue * 2 * math.pi * jit)
-        if cfg.blur_p:
-            lo, hi = cfg.blur_sigma
-            k = min(2 * math.ceil(3 * hi) + 1, size - (1 - size % 2))
-            sigma = (lo + (hi - lo) * u[:, _U_BLUR]).unsqueeze(1).expand(b, 2).contiguous()
-            blurred = gaussian_blur2d(image, (k, k), sigma)
-            image = torch.where((u[:, _U_BLUR_P] < cfg.blur_p).view(b, 1, 1, 1), blurred, image)
+        image = self.jitter.apply(image, params["jitter"])
+        image = self.blur.apply(image, params["blur"])
         if cfg.noise_p and cfg.noise_std:
-            noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+            gen = torch.Generator(device=image.device).manual_seed(int(params["noise_seed"]))
+            noise = torch.randn(image.shape, generator=gen, device=image.device, dtype=image.dtype)
             image = image + noise * (cfg.noise_std * (u[:, _U_NOISE_P] < cfg.noise_p).float().view(b, 1, 1, 1))
         return image.clamp_(0, 1), mask
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` from ``generator`` (on the same device as ``image``), then :meth:`apply`."""
+        return self.apply(image, mask, self.sample(image.shape[0], generator))

@@ -220,8 +220,8 @@ def run_bench(size: int = 512, batch_sizes: list[int] | None = None, steps: int 
     from rich.table import Table
 
     from finetune.data.sources import detect_kind
-    from finetune.predict import resolve_device
     from segfactory.errors import UserError
+    from segfactory.torchutil import resolve_device
 
     if steps < 1 or warmup < 1:
         raise UserError(f"--steps {steps} --warmup {warmup}: both must be >= 1", fix="e.g. --steps 20 --warmup 3")

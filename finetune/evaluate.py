@@ -176,11 +176,12 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import amp_dtype, inference_settings, predict_mask, resolve_device
+    from finetune.predict import inference_settings, predict_mask
     from finetune.realeval import RealScorer, plot_real_scores
     from segfactory.console import console, progress
     from segfactory.errors import UserError
     from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+    from segfactory.torchutil import amp_dtype, resolve_device
 
     if not data:
         raise UserError("no evaluation data", fix="pass --data DIR (a rendered dataset or images/ + masks/ folder)")

@@ -33,7 +33,7 @@ from segfactory.formats.model import (
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
-    """Build an untrained model from an architecture record.
+    """Build an untrained model from an architecture record with smp's ``create_model``.
 
     Args:
         arch: ``{"arch", "encoder", "in_chans", "num_classes", "decoder_channels"}`` (as in model.json).
@@ -41,9 +41,12 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     Returns:
         A module mapping (B, in_chans, H, W) with H, W multiples of 32 to logits (B, num_classes, H, W).
     """
-    factory = ARCHS.get(arch["arch"])
+    import segmentation_models_pytorch as smp
+
+    decoder = ARCHS.get(arch["arch"])(arch.get("decoder_channels"))
     try:
-        return factory(arch["encoder"], int(arch["in_chans"]), int(arch["num_classes"]), arch.get("decoder_channels"))
+        return smp.create_model(arch["arch"], encoder_name=f"tu-{arch['encoder']}", encoder_weights=None,
+                                in_channels=int(arch["in_chans"]), classes=int(arch["num_classes"]), **decoder)
     except RuntimeError as e:  # timm: unknown model name
         if "Unknown model" in str(e) or "Invalid model" in str(e):
             import timm

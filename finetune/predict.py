@@ -24,26 +24,7 @@ from finetune.data.normalize import standardize, to_unit
 from segfactory.errors import PartialFailure, UserError
 from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image
 from segfactory.io import atomic_write_bytes
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; asking for cuda without one is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but no CUDA device is available", fix="use --device cpu")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
-    """Autocast dtype: bf16 where supported, else fp16, on CUDA only (CPU autocast is slower here)."""
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if mode == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+from segfactory.torchutil import amp_dtype, resolve_device
 
 
 def _ceil_to(n: int, k: int) -> int:

@@ -4,7 +4,8 @@ Run directory::
 
     OUT/config.yaml       resolved config
     OUT/data.json         sources, item counts and class mappings
-    OUT/checkpoint.pt     model + optimizer + scaler + augmentation RNG + step (torch.save, weights only)
+    OUT/checkpoint.pt     model + optimizer + lr scheduler + scaler + augmentation RNG + step (torch.save,
+                          weights only)
     OUT/metrics.jsonl     one line per log interval ({"step", "loss", ...}) and per validation ({"step", "val"})
     OUT/curves.png        loss and validation mIoU against steps
     OUT/model/            best-by-validation-mIoU model dir (model.safetensors + model.json)
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,11 @@ from finetune.data.sources import Source, open_training_sources, resolve_targets
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import UserError
-from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, read_json
+from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir, read_json
 from segfactory.plotting import figure_png
+from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
+from segfactory.seeds import dropout_seed
+from segfactory.torchutil import warmup_decay
 from segfactory.workers import loader_context
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,31 +51,6 @@ CHECKPOINT_FORMAT = "segfactory-finetune-checkpoint"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
 # Keys that may differ between a run and its resume: they change when to stop, not what is computed.
 RESUME_FREE_KEYS = ("train.stop_at", "data.num_workers")
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, power: float, min_ratio: float) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warmup, then cosine or poly decay."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    t = min(max(t, 0.0), 1.0)
-    decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else (1 - t) ** power
-    return min_ratio + (1 - min_ratio) * decay
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _resume_view(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in _flatten(cfg).items() if k not in RESUME_FREE_KEYS}
 
 
 def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
@@ -86,24 +65,8 @@ def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
         return None
     import yaml
 
-    saved = _resume_view(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-    now = _resume_view(cfg.model_dump(mode="json"))
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if not diff:
-        return None
-
-    def short(v: Any) -> str:
-        r = repr(v)
-        return r if len(r) <= 60 else r[:57] + "..."
-
-    k = diff[0]
-    return (f"{k} was {short(saved.get(k))}, now {short(now.get(k))}"
-            + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
-
-
-def dropout_seed(seed: int, step: int) -> int:
-    """Seed of the global torch RNG during the forward pass of ``step``: dropout masks are (seed, step) only."""
-    return int(np.random.SeedSequence([seed, step, 0xD209]).generate_state(1, np.uint64)[0])
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    return describe_change(saved, cfg.model_dump(mode="json"), ignore=RESUME_FREE_KEYS)
 
 
 class Trainer:
@@ -117,16 +80,13 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def prepare(self, resume: bool) -> None:
         from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder
-        from finetune.predict import amp_dtype, resolve_device
         from segfactory.formats.encoder import read_encoder_meta
+        from segfactory.torchutil import amp_dtype, resolve_device
 
         cfg = self.cfg
         t = cfg.train
-        self.device = resolve_device(t.device)
-        if t.amp in ("fp16", "bf16") and self.device.type != "cuda":
-            raise UserError(f"train.amp={t.amp} needs a CUDA device (training runs on {self.device})",
-                            fix="set train.amp=auto (mixed precision on GPU only) or train.amp=off")
-        self.autocast = amp_dtype(self.device, t.amp)
+        self.device = resolve_device(t.device, "train.device")
+        self.autocast = amp_dtype(self.device, t.amp, "train.amp")
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
         self.ckpt_path = self.out / CHECKPOINT_FILE
         self.resume_state: dict[str, Any] | None = None
@@ -214,10 +174,11 @@ class Trainer:
         param_groups = []
         for (is_enc, no_wd), params in sorted(groups.items()):
             lr = t.lr * (t.encoder_lr_mult if is_enc else 1.0)
-            param_groups.append({"params": params, "lr": lr, "base_lr": lr,
-                                 "weight_decay": 0.0 if no_wd else t.weight_decay})
+            param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_wd else t.weight_decay})
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups, lr=t.lr, fused=fused)
+        self.scheduler = warmup_decay(self.optimizer, t.steps, t.warmup_steps, t.schedule, t.poly_power,
+                                      t.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
 
     # ------------------------------------------------------------------ helpers
@@ -234,7 +195,8 @@ class Trainer:
 
     def _save_checkpoint(self, step: int) -> None:
         state = {"format": CHECKPOINT_FORMAT, "step": step, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(),
                  "aug_rng": self.gen.get_state(), "best_miou": self.best_miou, "best_step": self.best_step,
                  # The loss average of a log interval spans the interruption, so resumed logs match too.
                  "log_acc": [float(v) for v in self._loss_acc], "log_n": self._n_log}
@@ -292,11 +254,18 @@ class Trainer:
             st = self.resume_state
             self.model.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
+            start = int(st["step"])
+            if "scheduler" in st:
+                self.scheduler.load_state_dict(st["scheduler"])
+            else:  # a checkpoint from before the scheduler was saved: the schedule is a function of the step
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+                    for _ in range(start):
+                        self.scheduler.step()
             self.scaler.load_state_dict(st["scaler"])
             self.gen.set_state(st["aug_rng"])
-            start = int(st["step"])
             self.best_miou, self.best_step = float(st["best_miou"]), int(st["best_step"])
-            self._truncate_metrics(start)
+            truncate_jsonl(self._metrics_path(), start)
             console.print(f"resuming {out} at step {start}/{t.steps}")
         elif self._metrics_path().exists():
             self._metrics_path().unlink()
@@ -351,7 +320,7 @@ class Trainer:
                 bar.update(task, advance=1, description=f"finetune loss {losses[0]:.3f}")
                 if step % t.log_every == 0 or step == t.steps:
                     dt = time.perf_counter() - t_log
-                    lr = self.optimizer.param_groups[-1]["lr"]
+                    lr = self._lr
                     mean = self._loss_acc / max(self._n_log, 1)
                     self._log({"step": step, "loss": round(float(mean[0]), 6), "ce": round(float(mean[1]), 6),
                                "dice": round(float(mean[2]), 6), "lr": lr,
@@ -393,9 +362,6 @@ class Trainer:
 
     def _train_step(self, batch: dict, augment, step: int) -> np.ndarray:
         t = self.cfg.train
-        f = lr_factor(step, t.steps, t.warmup_steps, t.schedule, t.poly_power, t.min_lr_ratio)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * f
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["mask"].to(self.device, non_blocking=True)
         x, y = augment(x, y, self.gen)
@@ -428,21 +394,14 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._lr = self.optimizer.param_groups[-1]["lr"]  # the rate this step used (logged)
+        self.scheduler.step()
         return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
-
-    def _truncate_metrics(self, step: int) -> None:
-        path = self._metrics_path()
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def _write_curves(self) -> None:
         path = self._metrics_path()
         if path.exists():
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            atomic_write_bytes(self.out / "curves.png", plot_curves(records))
+            atomic_write_bytes(self.out / "curves.png", plot_curves(read_jsonl(path)))
 
 
 def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int = 256) -> np.ndarray:

@@ -16,10 +16,11 @@ from pydantic import Field
 
 from pipelines.cluster import ClusterConfig, open_client, task_resources
 from pipelines.lock import exclusive_lock
+from pipelines.tasks import run_tasks
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from segfactory.config import hash_config, save_resolved
-from segfactory.console import console, progress
+from segfactory.console import console
 from segfactory.errors import PartialFailure, UserError
 from segfactory.formats import images as store
 from segfactory.io import ensure_writable_dir
@@ -129,48 +130,21 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
 
 def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestJob
                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    from distributed import as_completed
-
-    chunks = [files[i:i + cfg.hash_chunk] for i in range(0, len(files), cfg.hash_chunk)]
-    futures = client.map(core.hash_files, chunks, max_file_mb=cfg.checks.max_file_mb, pure=False,
-                         retries=cfg.retries, resources=task_resources(cfg.cluster))
-    by_future = dict(zip(futures, chunks, strict=True))
-    hashed: list[dict[str, Any]] = []
-    failures: dict[str, str] = {}
-    with progress() as bar:
-        task = bar.add_task("hashing", total=len(files))
-        for fut in as_completed(futures):
-            chunk = by_future[fut]
-            try:
-                hashed.extend(fut.result())
-            except Exception as e:  # a worker died or a bug: report the chunk, keep going
-                failures[f"hash chunk starting at {chunk[0].path}"] = f"{type(e).__name__}: {e}"
-            bar.advance(task, len(chunk))
-    return hashed, failures
+    chunks = {f"hash chunk starting at {files[i].path}": files[i:i + cfg.hash_chunk]
+              for i in range(0, len(files), cfg.hash_chunk)}
+    results, failures = run_tasks(client, core.hash_files, chunks, description="hashing",
+                                  sizes={k: len(c) for k, c in chunks.items()}, retries=cfg.retries,
+                                  resources=task_resources(cfg.cluster), max_file_mb=cfg.checks.max_file_mb)
+    return [h for r in results.values() for h in r], failures
 
 
 def _shard_phase(client: Any, specs: list[dict[str, Any]], out: str, cfg: dict[str, Any], retries: int,
                  resources: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    from distributed import as_completed
-
-    if not specs:
-        return [], {}
-    futures = client.map(core.ingest_shard, specs, out_root=out, cfg=cfg, pure=False, retries=retries,
-                         resources=resources)
-    by_future = dict(zip(futures, specs, strict=True))
-    results: list[dict[str, Any]] = []
-    failures: dict[str, str] = {}
-    total = sum(len(s["files"]) for s in specs)
-    with progress() as bar:
-        task = bar.add_task("ingesting", total=total)
-        for fut in as_completed(futures):
-            spec = by_future[fut]
-            try:
-                results.append(fut.result())
-            except Exception as e:
-                failures[f"shard {spec['shard_id']}"] = f"{type(e).__name__}: {e}"
-            bar.advance(task, len(spec["files"]))
-    return results, failures
+    units = {f"shard {s['shard_id']}": s for s in specs}
+    results, failures = run_tasks(client, core.ingest_shard, units, description="ingesting",
+                                  sizes={k: len(s["files"]) for k, s in units.items()}, retries=retries,
+                                  resources=resources, out_root=out, cfg=cfg)
+    return list(results.values()), failures
 
 
 def _print_summary(s: dict[str, Any], index: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from pipelines.cluster import ClusterConfig
 from pipelines.lock import exclusive_lock
 from scenes import resolve_scene
 from segfactory.config import StrictModel, hash_config, save_resolved
-from segfactory.console import console, progress
+from segfactory.console import console
 from segfactory.errors import PartialFailure, UserError
 from segfactory.formats.dataset import (
     DATASET_FILE,
@@ -213,44 +213,23 @@ def _render_locked(cfg: RenderStep, out: Path, cluster: ClusterConfig, meta: dic
 
 def _submit_and_wait(client: Any, cfg: RenderStep, out: Path, cluster: ClusterConfig, config_hash: str,
                      todo: list[ShardPlan], frames_per_shard: dict[str, int]) -> tuple[dict[str, str], int]:
-    from distributed import as_completed
-
     from pipelines.cluster import task_resources
+    from pipelines.tasks import run_tasks
 
     nworkers = max(1, len(client.scheduler_info().get("workers", {})))
     threads = cfg.render.threads or (max(1, (os.cpu_count() or 1) // nworkers) if cluster.backend == "local" else 0)
     code = render_code_version()
     stage = cfg.stage_config().model_dump(mode="json")
-    jobs = [{"root": str(out), "plan": asdict(p), "config": stage, "config_hash": config_hash,
-             "code_version": code, "timeout_s": cfg.execution.timeout_s, "threads": threads} for p in todo]
-    failures: dict[str, str] = {}
-    rendered = 0
-    with progress() as bar:
-        task = bar.add_task("rendering", total=sum(frames_per_shard.values()))
-        seen: dict[str, int] = {}
+    jobs = {p.shard_id: {"root": str(out), "plan": asdict(p), "config": stage, "config_hash": config_hash,
+                         "code_version": code, "timeout_s": cfg.execution.timeout_s, "threads": threads}
+            for p in todo}
 
-        def on_progress(event: Any) -> None:
-            msg = event[1] if isinstance(event, tuple) else event
-            sid = msg["shard_id"]
-            if sid in frames_per_shard and msg["frames"] > seen.get(sid, 0):
-                bar.advance(task, msg["frames"] - seen.get(sid, 0))
-                seen[sid] = msg["frames"]
+    def on_failure(sid: str, e: BaseException) -> None:
+        console.print(f"[red]shard {sid} failed:[/] {e}", soft_wrap=True)
 
-        client.subscribe_topic(PROGRESS_TOPIC, on_progress)
-        futures = {client.submit(render_shard_task, job, key=f"render-{job['plan']['shard_id']}", pure=False,
-                                 retries=cfg.execution.retries, resources=task_resources(cluster)):
-                   job["plan"]["shard_id"] for job in jobs}
-        for fut in as_completed(list(futures)):
-            sid = futures[fut]
-            try:
-                result = fut.result()
-                rendered += not result.get("skipped", False)
-            except Exception as e:  # reported per shard; the other shards go on
-                failures[sid] = f"{type(e).__name__}: {e}"
-                console.print(f"[red]shard {sid} failed:[/] {e}", soft_wrap=True)
-            remaining = frames_per_shard[sid] - seen.get(sid, 0)
-            if sid not in failures and remaining > 0:
-                bar.advance(task, remaining)
-                seen[sid] = frames_per_shard[sid]
-        client.unsubscribe_topic(PROGRESS_TOPIC)
-    return failures, rendered
+    results, failures = run_tasks(
+        client, render_shard_task, jobs, description="rendering", sizes=frames_per_shard,
+        keys={sid: f"render-{sid}" for sid in jobs}, retries=cfg.execution.retries,
+        resources=task_resources(cluster), topic=PROGRESS_TOPIC,
+        parse_event=lambda msg: (msg["shard_id"], msg["frames"], None, None), on_failure=on_failure)
+    return failures, sum(not r.get("skipped", False) for r in results.values())

@@ -30,8 +30,10 @@ from synth.shard import RENDER_PACKAGES
 STAGE_FILE = "stage.json"
 STAGE_PROGRESS_TOPIC = "segfactory-stage-progress"
 # The packages whose code decides each stage's output: editing them invalidates the stage's cache.
-PRETRAIN_PACKAGES = ("pretrain",)
-FINETUNE_PACKAGES = ("finetune", "pretrain", "synth")
+# The shared core modules that training code draws its augmentation, seeds and schedules from count too.
+TRAINING_CORE = ("segfactory.augment", "segfactory.seeds", "segfactory.torchutil")
+PRETRAIN_PACKAGES = ("pretrain", *TRAINING_CORE)
+FINETUNE_PACKAGES = ("finetune", "pretrain", "synth", *TRAINING_CORE)
 
 
 class HeldOutSet(StrictModel):
@@ -140,21 +142,19 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
 
 def _run_one(client: Any, bar: Any, name: str, final: Path, argv: list[str], timeout_s: float, retries: int,
              resources: dict[str, float] | None) -> dict[str, Any]:
-    task = bar.add_task(name, total=None)
+    from pipelines.tasks import run_tasks
 
-    def on_progress(event: Any) -> None:
-        msg = event[1] if isinstance(event, tuple) else event
-        if msg.get("stage") == final.name:
-            bar.update(task, completed=msg["completed"], total=msg["total"], description=msg["description"])
+    def parse(msg: dict[str, Any]) -> tuple[str, float, float | None, str | None] | None:
+        if msg.get("stage") != final.name:
+            return None
+        return name, msg["completed"], msg["total"], msg["description"]
 
-    client.subscribe_topic(STAGE_PROGRESS_TOPIC, on_progress)
-    fut = client.submit(training_task, argv, str(final), timeout_s, key=f"{name}-{final.name}", pure=False,
-                        retries=retries, resources=resources)
-    try:
-        return fut.result()
-    except Exception as e:
-        raise UserError(f"stage {name} failed: {e}",
-                        fix=f"see {final.parent / (final.name + '.log')}; re-running resumes here") from None
-    finally:
-        client.unsubscribe_topic(STAGE_PROGRESS_TOPIC)
-        bar.remove_task(task)
+    errors: dict[str, BaseException] = {}
+    results, _ = run_tasks(client, training_task, {name: argv}, description=name, sizes={},
+                           keys={name: f"{name}-{final.name}"}, retries=retries, resources=resources,
+                           topic=STAGE_PROGRESS_TOPIC, parse_event=parse, on_failure=errors.__setitem__, bar=bar,
+                           final=str(final), timeout_s=timeout_s)
+    if errors:
+        raise UserError(f"stage {name} failed: {errors[name]}",
+                        fix=f"see {final.parent / (final.name + '.log')}; re-running resumes here")
+    return results[name]

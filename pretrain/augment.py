@@ -1,18 +1,22 @@
 """Batched view generation on the training device with kornia.
 
 Parameters (crop boxes, flip masks, jitter factors, blur sigmas) are drawn from an explicit
-``torch.Generator`` on the CPU and the pixel work runs batched with kornia's functional ops on the device
-of the images, so augmentation costs one kernel launch per op per view instead of per-sample Python.
+``torch.Generator`` on the CPU, a fixed number per view whatever ops are on (:func:`sample_view`), and the pixel
+work runs batched with kornia's functional ops on the device of the images (:func:`apply_view`), so
+augmentation costs one kernel launch per op per view instead of per-sample Python. Colour jitter and blur are
+:mod:`segfactory.augment`'s, shared with fine-tuning.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import kornia
 import torch
+
+from segfactory.augment import ColorJitter, GaussianBlur
 
 if TYPE_CHECKING:  # the config module imports the method registry, which imports this module
     from pretrain.config import AugmentConfig
@@ -94,55 +98,73 @@ def crop_boxes(n: int, side: int, spec: ViewSpec, gen: torch.Generator) -> torch
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1, 1, 1), a, b)
+    return torch.where(mask.to(a.device).view(-1, 1, 1, 1), a, b)
 
 
-def color_jitter(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
-    """Brightness/contrast/saturation/hue jitter on a random subset, in a random order (torchvision style).
+def _jitter(spec: ViewSpec) -> ColorJitter:
+    return ColorJitter(spec.jitter_p, spec.brightness, spec.contrast, spec.saturation, spec.hue)
+
+
+def _blur(spec: ViewSpec) -> GaussianBlur:
+    return GaussianBlur(spec.blur_p, spec.sigma)
+
+
+def sample_view(n: int, side: int, spec: ViewSpec, gen: torch.Generator) -> dict[str, Any]:
+    """Every random parameter of one view of ``n`` images of size (side, side).
+
+    All ops' parameters are drawn, whether the spec switches them on or not, so a view always takes the same
+    random numbers from ``gen``: turning one op off changes no other op's parameters and no later view's.
+
+    Returns:
+        ``{"boxes" (n, 4, 2), "hflip", "vflip" (n,) bool, "rot90" (n,) quarter turns, "jitter", "blur"
+        (:mod:`segfactory.augment` parameters), "gray", "solarize" (n,) bool}``, on the CPU.
+    """
+    boxes = crop_boxes(n, side, spec, gen)
+    u = torch.rand(n, 4, generator=gen)
+    return {"boxes": boxes, "hflip": u[:, 0] < spec.hflip, "vflip": u[:, 1] < spec.vflip,
+            "rot90": torch.randint(0, 4, (n,), generator=gen), "jitter": _jitter(spec).sample(n, gen),
+            "gray": u[:, 2] < spec.gray_p, "blur": _blur(spec).sample(n, gen), "solarize": u[:, 3] < spec.solarize_p}
+
+
+def apply_view(x: torch.Tensor, spec: ViewSpec, params: dict[str, Any]) -> torch.Tensor:
+    """One augmented view of a batch with the parameters of :func:`sample_view`.
 
     Args:
-        x: (B, C, H, W) in [0, 1]; saturation and hue only apply when C == 3.
+        x: (B, C, L, L) float images in [0, 1] on the training device.
+
+    Returns:
+        (B, C, size, size) in [0, 1] (not yet normalized).
     """
-    b, c = x.shape[:2]
+    b, c = x.shape[0], x.shape[1]
     dev = x.device
-    apply = (torch.rand(b, generator=gen) < spec.jitter_p).to(dev)
-    factors = {
-        "brightness": _uniform(b, max(0.0, 1 - spec.brightness), 1 + spec.brightness, gen).to(dev),
-        "contrast": _uniform(b, max(0.0, 1 - spec.contrast), 1 + spec.contrast, gen).to(dev),
-        "saturation": _uniform(b, max(0.0, 1 - spec.saturation), 1 + spec.saturation, gen).to(dev),
-        "hue": (_uniform(b, -spec.hue, spec.hue, gen) * 2 * math.pi).to(dev),
-    }
-    order = torch.randperm(4, generator=gen).tolist()
-    y = x
-    for k in order:
-        if k == 0 and spec.brightness > 0:
-            y = (y * factors["brightness"].view(-1, 1, 1, 1)).clamp(0, 1)
-        elif k == 1 and spec.contrast > 0:
-            y = kornia.enhance.adjust_contrast_with_mean_subtraction(y, factors["contrast"]).clamp(0, 1)
-        elif k == 2 and spec.saturation > 0 and c == 3:
-            # torchvision's definition (blend with the grayscale image), as lightly's transforms use
-            f = factors["saturation"].view(-1, 1, 1, 1)
-            y = (y * f + kornia.color.rgb_to_grayscale(y) * (1 - f)).clamp(0, 1)
-        elif k == 3 and spec.hue > 0 and c == 3:
-            y = rotate_hue(y, factors["hue"]).clamp(0, 1)
-    return _where(apply, y, x)
-
-
-def rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Hue shift as a rotation of the chroma plane in YUV (linear; ~5x cheaper than an HSV round trip).
-
-    Args:
-        x: (B, 3, H, W) RGB in [0, 1].
-        angle: (B,) radians.
-    """
-    yuv = kornia.color.rgb_to_yuv(x)
-    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
-    u, v = yuv[:, 1], yuv[:, 2]
-    return kornia.color.yuv_to_rgb(torch.stack([yuv[:, 0], cos * u - sin * v, sin * u + cos * v], 1))
+    boxes = params["boxes"]
+    # the box -> output map is axis-aligned: an affine warp is exact and cheaper than crop_and_resize's
+    # perspective warp (same pixels to 1e-4)
+    x0, y0, x1, y1 = boxes[:, 0, 0], boxes[:, 0, 1], boxes[:, 2, 0], boxes[:, 2, 1]
+    sx, sy = (spec.size - 1) / (x1 - x0).clamp_min(1e-3), (spec.size - 1) / (y1 - y0).clamp_min(1e-3)
+    m = torch.zeros(b, 2, 3)
+    m[:, 0, 0], m[:, 0, 2], m[:, 1, 1], m[:, 1, 2] = sx, -sx * x0, sy, -sy * y0
+    v = kornia.geometry.transform.warp_affine(x, m.to(dev, x.dtype), (spec.size, spec.size), align_corners=True)
+    if spec.hflip > 0:
+        v = _where(params["hflip"], v.flip(-1), v)
+    if spec.vflip > 0:
+        v = _where(params["vflip"], v.flip(-2), v)
+    if spec.rot90:
+        k = params["rot90"].to(dev)
+        v = torch.stack([v, v.rot90(1, (-2, -1)), v.rot90(2, (-2, -1)), v.rot90(3, (-2, -1))], 0)[
+            k, torch.arange(b, device=dev)]
+    v = _jitter(spec).apply(v, params["jitter"])
+    if spec.gray_p > 0 and c == 3:
+        g = kornia.color.rgb_to_grayscale(v).expand(-1, 3, -1, -1)
+        v = _where(params["gray"], g, v)
+    v = _blur(spec).apply(v, params["blur"])
+    if spec.solarize_p > 0:
+        v = _where(params["solarize"], torch.where(v >= 0.5, 1.0 - v, v), v)
+    return v
 
 
 def make_view(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
-    """One augmented view of a batch.
+    """One augmented view of a batch: :func:`sample_view` then :func:`apply_view`.
 
     Args:
         x: (B, C, L, L) float images in [0, 1] on the training device.
@@ -152,43 +174,7 @@ def make_view(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Te
     Returns:
         (B, C, size, size) in [0, 1] (not yet normalized).
     """
-    b, c, side = x.shape[0], x.shape[1], x.shape[-1]
-    dev = x.device
-    boxes = crop_boxes(b, side, spec, gen)
-    # the box -> output map is axis-aligned: an affine warp is exact and cheaper than crop_and_resize's
-    # perspective warp (same pixels to 1e-4)
-    x0, y0, x1, y1 = boxes[:, 0, 0], boxes[:, 0, 1], boxes[:, 2, 0], boxes[:, 2, 1]
-    sx, sy = (spec.size - 1) / (x1 - x0).clamp_min(1e-3), (spec.size - 1) / (y1 - y0).clamp_min(1e-3)
-    m = torch.zeros(b, 2, 3)
-    m[:, 0, 0], m[:, 0, 2], m[:, 1, 1], m[:, 1, 2] = sx, -sx * x0, sy, -sy * y0
-    v = kornia.geometry.transform.warp_affine(x, m.to(dev, x.dtype), (spec.size, spec.size), align_corners=True)
-    if spec.hflip > 0:
-        v = _where((torch.rand(b, generator=gen) < spec.hflip).to(dev), v.flip(-1), v)
-    if spec.vflip > 0:
-        v = _where((torch.rand(b, generator=gen) < spec.vflip).to(dev), v.flip(-2), v)
-    if spec.rot90:
-        k = torch.randint(0, 4, (b,), generator=gen).to(dev)
-        v = torch.stack([v, v.rot90(1, (-2, -1)), v.rot90(2, (-2, -1)), v.rot90(3, (-2, -1))], 0)[
-            k, torch.arange(b, device=dev)]
-    if spec.jitter_p > 0:
-        v = color_jitter(v, spec, gen)
-    if spec.gray_p > 0 and c == 3:
-        g = kornia.color.rgb_to_grayscale(v).expand(-1, 3, -1, -1)
-        v = _where((torch.rand(b, generator=gen) < spec.gray_p).to(dev), g, v)
-    if spec.blur_p > 0:
-        mask = torch.rand(b, generator=gen) < spec.blur_p
-        sig = _uniform(b, *spec.sigma, gen)
-        idx = mask.nonzero().flatten()
-        if len(idx):
-            # kernel ~ 10% of the view side (23 px at 224, as in SimCLR/BYOL), odd, >= 3
-            k = max(3, int(0.1 * spec.size) // 2 * 2 + 1)
-            sigma = sig[idx].view(-1, 1).expand(-1, 2).to(dev, v.dtype)
-            idx_d = idx.to(dev)
-            v = v.index_copy(0, idx_d, kornia.filters.gaussian_blur2d(v[idx_d], (k, k), sigma))
-    if spec.solarize_p > 0:
-        mask = (torch.rand(b, generator=gen) < spec.solarize_p).to(dev)
-        v = _where(mask, torch.where(v >= 0.5, 1.0 - v, v), v)
-    return v
+    return apply_view(x, spec, sample_view(x.shape[0], x.shape[-1], spec, gen))
 
 
 class ViewMaker:

@@ -199,7 +199,7 @@ def bench_augment(method: str = "simclr", n_images: int = 256, batch_size: int =
     from pretrain.config import AugmentConfig, MethodConfig
     from pretrain.encoder import build_encoder
     from pretrain.methods import METHODS, build_method
-    from pretrain.train import resolve_device
+    from segfactory.torchutil import resolve_device
 
     METHODS.get(method)
     dev = resolve_device(device)

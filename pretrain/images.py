@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import torch
 
+from segfactory import seeds
 from segfactory.formats.images import ImageEntry, decode_entry
 from segfactory.workers import loader_context
 
@@ -65,7 +66,7 @@ class SquareDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         position, idx = item
-        rng = np.random.default_rng([self.seed, 1, position])
+        rng = np.random.default_rng([self.seed, seeds.PRETRAIN_CROP, position])
         arr = read_square(self.entries[idx], self.load_size, self.in_chans, rng)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
@@ -88,7 +89,7 @@ class StreamSampler(torch.utils.data.Sampler):
     def _index(self, position: int) -> int:
         epoch, k = divmod(position, self.n)
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n)
+            self._perm = np.random.default_rng([self.seed, seeds.PRETRAIN_ORDER, epoch]).permutation(self.n)
             self._perm_epoch = epoch
         return int(self._perm[k])
 

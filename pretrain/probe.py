@@ -21,9 +21,10 @@ from pretrain.backbones import create_features_model
 from pretrain.config import ProbeConfig
 from pretrain.export import create_timm_encoder
 from pretrain.ingest import to_uint8
-from pretrain.train import resolve_device
+from segfactory import seeds
 from segfactory.console import console, progress
 from segfactory.errors import UserError
+from segfactory.torchutil import resolve_device
 
 
 def prepare_image(rgb: np.ndarray, in_chans: int, size: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def load_frames(data_dir: str | os.PathLike, cfg: ProbeConfig, in_chans: int
         raise UserError(f"dataset '{data_dir}' has {len(refs)} finished frame(s); the probe needs at least 2",
                         fix="render more frames (or let the render finish)")
     if len(refs) > cfg.max_frames:
-        pick = np.random.default_rng([cfg.seed, 3]).choice(len(refs), cfg.max_frames, replace=False)
+        pick = np.random.default_rng([cfg.seed, seeds.PROBE_FRAMES]).choice(len(refs), cfg.max_frames, replace=False)
         refs = [refs[i] for i in sorted(pick)]
     images, labels = [], []
     for ref in refs:
@@ -101,7 +102,7 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, train_idx: np.ndarray
     probe = torch.nn.Sequential(_Standardize(mu, sd), conv).to(device)
     opt = torch.optim.AdamW(conv.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    rng = np.random.default_rng([cfg.seed, 4])
+    rng = np.random.default_rng([cfg.seed, seeds.PROBE_BATCHES])
     size = labels.shape[-2:]
     with progress(transient=True) as bar:
         task = bar.add_task(desc, total=cfg.steps)
@@ -159,10 +160,10 @@ def run_probe(encoder_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: 
     t0 = time.perf_counter()
     meta, body = create_timm_encoder(encoder_dir)
     in_chans = meta["in_chans"]
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     images, labels, num_classes, ignore, names = load_frames(data_dir, cfg, in_chans)
     n = len(images)
-    perm = np.random.default_rng([cfg.seed, 5]).permutation(n)
+    perm = np.random.default_rng([cfg.seed, seeds.PROBE_SPLIT]).permutation(n)
     n_val = max(1, round(n * cfg.val_fraction))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     console.print(f"probe: {meta['timm_name']} ({meta['method']}, {meta['steps']} steps) on {len(train_idx)} train / "

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pretrain.augment import ViewMaker, adjust_specs
@@ -39,6 +38,7 @@ from pretrain.encoder import build_encoder
 from pretrain.images import make_loader
 from pretrain.methods import build_method
 from pretrain.methods.base import SSLMethod
+from segfactory import torchutil
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
 from segfactory.errors import UserError
@@ -46,6 +46,9 @@ from segfactory.formats.encoder import save_encoder
 from segfactory.formats.images import ImageEntry, IngestedImages, open_images
 from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
 from segfactory.plotting import figure_png
+from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
+from segfactory.seeds import pretrain_augment_seed
+from segfactory.torchutil import resolve_device, warmup_decay
 
 CKPT_DIR = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"
@@ -55,39 +58,6 @@ IMAGENET = {3: ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), 1: ([0.449], [0.2
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but no CUDA device is available", fix="set train.device=cpu or auto")
-    return dev
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for full precision."""
-    if device.type != "cuda" or amp == "off":
-        if amp in ("bf16", "fp16") and device.type != "cuda":
-            console.print(f"train.amp={amp} needs a GPU; training in float32 on {device}")
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def aug_seed(seed: int, step: int, micro: int) -> int:
-    """Seed of one micro-batch's augmentation parameters (independent streams per step)."""
-    return int(np.random.SeedSequence([seed, 2, step, micro]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay to ``min_ratio`` (multiplies the peak learning rate)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def normalization(kind: str, in_chans: int, data: IngestedImages) -> dict[str, list[float]]:
@@ -284,8 +254,8 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     if load_size < aug.crop_size:
         raise UserError(f"augment.load_size={load_size} is smaller than augment.crop_size={aug.crop_size}",
                         fix=f"set augment.load_size >= {aug.crop_size} (or null)")
-    device = resolve_device(cfg.train.device)
-    amp_dtype = resolve_amp(cfg.train.amp, device)
+    device = resolve_device(cfg.train.device, "train.device")
+    amp_dtype = torchutil.amp_dtype(device, cfg.train.amp, "train.amp")
     tr = cfg.train
     total = tr.steps
     arch = _arch(cfg, in_chans)
@@ -312,8 +282,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     eff_batch = tr.batch_size * tr.accumulate
     peak_lr = cfg.optim.lr * eff_batch / 256
     opt = build_optimizer(model, cfg, peak_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    sched = warmup_decay(opt, total, cfg.optim.warmup_steps, min_ratio=cfg.optim.min_lr_ratio)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     start = 0
@@ -333,10 +302,10 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = int(ckpt["step"])
-        changed = _changed_keys(ckpt["config"], cfg.model_dump(mode="json"))
+        changed = describe_change(ckpt["config"], cfg.model_dump(mode="json"))
         if changed:
-            console.print(f"note: config changed since the checkpoint: {', '.join(changed[:6])}")
-        _truncate_metrics(out, start)
+            console.print(f"note: config changed since the checkpoint: {changed}")
+        truncate_jsonl(out / METRICS_JSONL, start)
         console.print(f"resuming from {ckpt_path} at step {start}")
     if start >= total:
         console.print(f"already at step {start} of train.steps={total}; nothing to train")
@@ -378,7 +347,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                     win_wait += wait
                     total_wait += wait
                     batch = batch.to(device, non_blocking=True)
-                    gen = torch.Generator().manual_seed(aug_seed(tr.seed, step, micro))
+                    gen = torch.Generator().manual_seed(pretrain_augment_seed(tr.seed, step, micro))
                     with torch.no_grad():
                         v = views(batch, gen, channels_last=tr.channels_last)
                     with autocast():
@@ -437,7 +406,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                            extra={"backbone": cfg.backbone.name, "seed": tr.seed, "config_hash": hash_config(cfg),
                                   "crop_size": aug.crop_size})
     save_resolved(cfg, enc_dir / "config.yaml")
-    rows = _read_metrics(out)
+    rows = read_jsonl(out / METRICS_JSONL)
     _write_csv(out, rows)
     _plot_loss(out, rows, f"{cfg.method.name} / {cfg.backbone.name}")
     wall = time.perf_counter() - total_t0
@@ -456,34 +425,6 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
 
 
 # ------------------------------------------------------------------------------------------- metrics
-
-
-def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _changed_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def _read_metrics(out: Path) -> list[dict[str, Any]]:
-    p = out / METRICS_JSONL
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
-    rows = [r for r in _read_metrics(out) if r.get("step", 0) <= step]
-    atomic_write_text(out / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _write_csv(out: Path, rows: list[dict[str, Any]]) -> None:

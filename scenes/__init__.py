@@ -18,6 +18,7 @@ from scenes.registry import SCENES, SceneContext, SceneFamily, register_scene
 from scenes.spec import ClassDef, SceneSpec
 from segfactory.config import StrictModel, validation_error_to_user_error
 from segfactory.errors import UserError
+from segfactory.seeds import scene_rng
 
 __all__ = ["SCENES", "ResolvedScene", "SceneConfig", "SceneContext", "SceneFamily", "families", "register_scene",
            "resolve_scene", "sample_scene", "scene_rng"]
@@ -78,11 +79,6 @@ def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int, 
     if len(spec.cameras) != views or len(spec.post) != views:
         raise RuntimeError(f"scene family '{resolved.family.name}' returned {len(spec.cameras)} views, not {views}")
     return spec
-
-
-def scene_rng(seed: int, scene_index: int) -> np.random.Generator:
-    """The generator of scene ``scene_index`` of a dataset with base ``seed``: independent per scene."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(scene_index)]))
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ def code_version(*packages: str) -> str:
     invalidates them even when the release number did not change, while editing another stage's code does not.
 
     Args:
-        packages: Top-level package names, e.g. ``"scenes", "synth"`` for what decides rendered pixels.
+        packages: Top-level package names, e.g. ``"scenes", "synth"`` for what decides rendered pixels, or
+            single modules of them (``"segfactory.seeds"``: shared core code a stage's output depends on).
 
     Returns:
         ``"<version>+<12 hex digits>"``.
@@ -31,9 +32,13 @@ def code_version(*packages: str) -> str:
     names = packages or ("segfactory", "scenes", "synth", "pretrain", "finetune", "pipelines")
     h = hashlib.sha256()
     for name in sorted(names):
-        pkg = _ROOT / name
-        if not pkg.is_dir():
-            raise ValueError(f"code_version: no package '{name}' next to segfactory/")
-        for path in sorted(pkg.rglob("*.py")):
+        pkg = _ROOT.joinpath(*name.split("."))
+        if pkg.is_dir():
+            files = sorted(pkg.rglob("*.py"))
+        elif pkg.with_suffix(".py").is_file():
+            files = [pkg.with_suffix(".py")]
+        else:
+            raise ValueError(f"code_version: no package or module '{name}' next to segfactory/")
+        for path in files:
             h.update(path.relative_to(_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{__version__}+{h.hexdigest()[:12]}"

@@ -17,7 +17,7 @@ from scenes.spec import SceneSpec
 from segfactory.formats.dataset import DEPTH_MAX, DEPTH_UNITS_PER_SCENE_UNIT
 from segfactory.io import canonical_hash
 
-RENDER_PACKAGES = ("scenes", "synth")  # the code that decides a frame's pixels
+RENDER_PACKAGES = ("scenes", "synth", "segfactory.seeds")  # the code that decides a frame's pixels
 # A render process prints `PROGRESS_PREFIX <shard id> <frames written>` after each frame.
 PROGRESS_PREFIX = "SEGFACTORY-PROGRESS"
 

@@ -28,6 +28,7 @@ from scenes import resolve_scene, sample_scene, scene_rng
 from scenes.spec import Camera, SceneSpec
 from segfactory.formats.dataset import ShardWriter, commit_shard, is_committed, new_shard_attempt, shard_dir
 from segfactory.io import read_json
+from segfactory.seeds import postprocess_rng
 from synth.postfx import apply_post
 from synth.shard import PROGRESS_PREFIX, ShardPlan, depth_to_png, labels_from_index
 
@@ -127,7 +128,7 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
             for v, view in enumerate(views):
                 semantic, instance = labels_from_index(view.index, spec)
                 # One generator per view, so any single frame's noise can be reproduced from its record alone.
-                post_rng = np.random.default_rng(np.random.SeedSequence([plan.seed, scene_index, 1, v]))
+                post_rng = postprocess_rng(plan.seed, scene_index, v)
                 rgb = apply_post(view.rgb, spec.post[v], post_rng, view.index,
                                  object_blur_px(spec, v, view.index), out_dtype, dark)
                 writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),

@@ -69,7 +69,7 @@ def test_image_and_mask_get_the_same_geometry(batch) -> None:
     agree = (xo.argmax(1) == yo)[inside].float().mean().item()
     assert agree > 0.97, agree
     # The flips really happen: with hflip at 0.5 on 4 samples some differ from an unflipped run.
-    plain = GpuAugment(geometric_only(rotate_p=1.0, rotate_deg=25), IGNORE)
+    plain = GpuAugment(geometric_only(hflip=0, rotate_p=1.0, rotate_deg=25), IGNORE)
     _, yp = plain(onehot, y, torch.Generator().manual_seed(2))
     assert not torch.equal(yp, yo)
 
@@ -98,3 +98,23 @@ def test_gray_single_channel_batches(batch) -> None:
     x, y = batch
     xo, yo = GpuAugment(AugmentConfig(crop_size=64), IGNORE)(x[:, :1].contiguous(), y, torch.Generator())
     assert xo.shape == (4, 1, 64, 64) and yo.shape == (4, 64, 64)
+
+
+@pytest.mark.parametrize("off", [{"jitter_p": 0.0}, {"brightness": 0.0}, {"blur_p": 0.0}, {"noise_p": 0.0},
+                                 {"enabled": False}])
+def test_switching_an_op_off_leaves_every_other_draw_alone(batch, off: dict) -> None:
+    x, y = batch
+    on_cfg = AugmentConfig(crop_size=64, rotate_p=0.5, jitter_p=0.5, blur_p=0.5, noise_p=0.5)
+    on, other = GpuAugment(on_cfg, IGNORE), GpuAugment(on_cfg.model_copy(update=off), IGNORE)
+    g_on, g_off = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    p_on, p_off = on.sample(4, g_on), other.sample(4, g_off)
+    assert torch.equal(g_on.get_state(), g_off.get_state())
+    own = {"jitter_p": "jitter", "brightness": "jitter", "blur_p": "blur"}.get(next(iter(off)))
+    flat = [{f"{k}.{j}": w for k, v in p.items() for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
+            for p in (p_on, p_off)]
+    assert [k for k in flat[0] if not torch.equal(flat[0][k], flat[1][k])] in ([], [f"{own}.apply"],
+                                                                              [f"{own}.brightness"])
+    # ... so the next batch gets exactly the augmentation it would have got
+    a = on(x, y, g_on)
+    b = on(x, y, g_off)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -257,6 +257,27 @@ def test_resume_is_exact(arch: str, tiny_dataset: Path, tmp_path: Path) -> None:
     assert [(r["step"], r.get("loss")) for r in la] == [(r["step"], r.get("loss")) for r in lb]
 
 
+def test_resume_from_a_checkpoint_without_scheduler_state(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the learning-rate scheduler was saved resume on the same schedule."""
+    from finetune.train import CHECKPOINT_FILE, run_finetune
+    from segfactory.torchutil import lr_factor
+
+    base = ("train.steps=6", "train.warmup_steps=2", "train.schedule=poly", "train.min_lr_ratio=0.1",
+            "train.log_every=1")
+    run_finetune(tiny_cfg(tiny_dataset, *base), tmp_path / "straight", show_progress=False)
+    split = tmp_path / "split"
+    run_finetune(tiny_cfg(tiny_dataset, *base, "train.stop_at=3"), split, show_progress=False)
+    state = torch.load(split / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    del state["scheduler"]
+    torch.save(state, split / CHECKPOINT_FILE)
+    run_finetune(tiny_cfg(tiny_dataset, *base), split, resume=True, show_progress=False)
+    rows = [[r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+            for d in (tmp_path / "straight", split)]
+    assert [(r["step"], r["lr"], r["loss"]) for r in rows[0]] == [(r["step"], r["lr"], r["loss"]) for r in rows[1]]
+    lr = tiny_cfg(tiny_dataset).train.lr
+    assert [r["lr"] for r in rows[0]] == pytest.approx([lr * lr_factor(s, 6, 2, "poly", 0.9, 0.1) for s in range(6)])
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Encoder dirs in the pretraining stage's export format (weights: seeded random init)."""
@@ -333,6 +354,34 @@ def test_every_architecture_takes_a_pretrained_encoder(arch: str, encoders) -> N
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 64, 96)).shape == (1, 4, 64, 96)
+
+
+# (number of state-dict entries, sha256 of the (key, shape) list) per architecture with test_resnet, 3 channels,
+# 4 classes, decoder_channels 8 (linknet: None): model dirs written earlier record these architectures, and their
+# weights must keep loading.
+ARCH_STATE = {"unet": (152, "1924d6379b455c67"), "unetplusplus": (224, "d0128bd6311dd2e5"),
+              "fpn": (121, "234cc5df2cebf2d0"), "deeplabv3plus": (151, "849d1e9028201ae3"),
+              "linknet": (187, "3c4891bc3034b5c2")}
+
+
+def test_architecture_records_build_the_same_state_dict_keys() -> None:
+    import hashlib
+
+    from finetune.archs import ARCHS
+    from finetune.models import build_model
+
+    assert ARCHS.names() == sorted(ARCH_STATE)
+    for arch, (n, digest) in ARCH_STATE.items():
+        state = build_model({"arch": arch, "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                             "decoder_channels": None if arch == "linknet" else 8}).state_dict()
+        keys = repr([(k, tuple(v.shape)) for k, v in state.items()])
+        assert (len(state), hashlib.sha256(keys.encode()).hexdigest()[:16]) == (n, digest), arch
+    with pytest.raises(UserError, match="linknet has no configurable decoder width"):
+        build_model({"arch": "linknet", "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                     "decoder_channels": 8})
+    with pytest.raises(UserError, match="needs 5 values"):
+        build_model({"arch": "unet", "encoder": "test_resnet", "in_chans": 3, "num_classes": 4,
+                     "decoder_channels": [8, 8]})
 
 
 def test_input_channels_follow_a_gray_encoder(tiny_dataset: Path, encoders, tmp_path: Path) -> None:
@@ -424,17 +473,6 @@ def test_training_step_on_gpu_uses_amp_and_channels_last(tiny_dataset: Path, tmp
     summary = run_finetune(cfg, tmp_path / "gpu", show_progress=False)
     assert summary["amp"] in ("bfloat16", "float16") and summary["channels_last"] is True
     assert summary["device"].startswith("cuda")
-
-
-def test_lr_schedules() -> None:
-    from finetune.train import lr_factor
-
-    assert lr_factor(0, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(1.0)
-    assert lr_factor(10, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, "cosine", 0.9, 0.0) == pytest.approx(0.5)
-    assert lr_factor(100, 100, 10, "cosine", 0.9, 0.1) == pytest.approx(0.1)
-    assert lr_factor(50, 100, 0, "poly", 0.9, 0.0) == pytest.approx(0.5 ** 0.9)
 
 
 def test_class_weights_auto_and_wrong_length(tiny_dataset: Path, tmp_path: Path) -> None:

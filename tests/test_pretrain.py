@@ -98,6 +98,33 @@ def test_views_are_seeded_and_shaped(images: Path, in_chans: int) -> None:
     assert all(torch.isfinite(v).all() and v.min() >= -2.1 and v.max() <= 2.1 for v in v1)
 
 
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["hflip", "vflip", "rot90", "jitter_p", "brightness", "hue", "gray_p", "blur_p",
+                                "solarize_p"])
+def test_switching_one_view_op_off_leaves_every_other_draw_alone(op: str) -> None:
+    from dataclasses import replace
+
+    from pretrain.augment import ViewSpec, sample_view
+
+    on = ViewSpec(32, vflip=0.5, rot90=True, solarize_p=0.3)
+    off = replace(on, **{op: False if op == "rot90" else 0.0})
+    own = {"jitter_p": "jitter", "brightness": "jitter", "hue": "jitter", "blur_p": "blur", "gray_p": "gray",
+           "solarize_p": "solarize"}.get(op, op)
+    g_on, g_off = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    p_on, p_off = sample_view(8, 40, on, g_on), sample_view(8, 40, off, g_off)
+    assert torch.equal(g_on.get_state(), g_off.get_state())
+    assert [k for k in p_on if not _same(p_on[k], p_off[k])] in ([own], [])
+    # the next view of the batch is the same pixel for pixel
+    x = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    vm_on, vm_off = (ViewMaker([spec, ViewSpec(24)], [0.5] * 3, [0.25] * 3) for spec in (on, off))
+    assert torch.equal(vm_on(x, torch.Generator().manual_seed(5))[1], vm_off(x, torch.Generator().manual_seed(5))[1])
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_each_method_loss_falls_on_a_fixed_batch(images: Path, name: str) -> None:
     data = open_images(images)
@@ -224,7 +251,7 @@ def test_ctrl_c_mid_step_never_checkpoints_half_a_step(images: Path, tmp_path: P
     # MoCo: its momentum encoder is updated at the start of a step and its memory bank during the forward pass
     cfg = tiny_cfg("method.name=moco", "train.steps=5")
     run_pretrain(cfg, images, tmp_path / "straight")
-    real_seed = train.aug_seed
+    real_seed = train.pretrain_augment_seed
 
     def ctrl_c_during_step_3(seed: int, step: int, micro: int) -> int:
         if step == 2:  # after the momentum update of step 3 and its batch; before its forward pass
@@ -232,7 +259,7 @@ def test_ctrl_c_mid_step_never_checkpoints_half_a_step(images: Path, tmp_path: P
                 signal.raise_signal(signal.SIGINT)
         return real_seed(seed, step, micro)
 
-    monkeypatch.setattr(train, "aug_seed", ctrl_c_during_step_3)
+    monkeypatch.setattr(train, "pretrain_augment_seed", ctrl_c_during_step_3)
     before = signal.getsignal(signal.SIGINT)  # not always Python's default: other libraries install their own
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(cfg, images, tmp_path / "resumed")

@@ -15,6 +15,7 @@ import torch
 
 from finetune.data.normalize import image_range, to_unit
 from finetune.data.sources import Source
+from segfactory import seeds
 from segfactory.errors import UserError
 
 
@@ -34,7 +35,7 @@ def batch_counts(weights: np.ndarray, batch_size: int, seed: int, step: int) -> 
     counts = np.floor(exact).astype(np.int64)
     left = batch_size - int(counts.sum())
     if left:
-        rng = np.random.default_rng([seed, step, 0x5EED])
+        rng = np.random.default_rng([seed, step, seeds.FINETUNE_COUNTS])
         rem = exact - counts
         picked = rng.choice(len(weights), size=left, replace=False, p=rem / rem.sum())
         counts[picked] += 1
@@ -73,7 +74,7 @@ class MixedBatchSampler:
         if key not in self._perm_cache:
             if len(self._perm_cache) > 4 * len(self.sizes):
                 self._perm_cache.clear()
-            rng = np.random.default_rng([self.seed, source, epoch, 0xE90C])
+            rng = np.random.default_rng([self.seed, source, epoch, seeds.FINETUNE_ORDER])
             self._perm_cache[key] = rng.permutation(self.sizes[source])
         return self._perm_cache[key]
 
@@ -120,7 +121,7 @@ class WindowDataset(torch.utils.data.Dataset):
             img, mask = src.load(src.train[ref.item])
         except UserError as e:
             return {"error": (e.message, e.fix)}
-        rng = np.random.default_rng([self.seed, ref.step, ref.slot, 0xC209])
+        rng = np.random.default_rng([self.seed, ref.step, ref.slot, seeds.FINETUNE_WINDOW])
         x, y = random_window(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index)
         return {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
 

@@ -14,6 +14,7 @@ from pretrain.encoder import PooledEncoder
 from pretrain.methods import register_method
 from pretrain.methods.base import SSLMethod, momentum_copy
 from segfactory.config import StrictModel
+from segfactory.seeds import moco_shuffle_seed
 
 
 class MoCoConfig(StrictModel):
@@ -63,4 +64,4 @@ class MoCo(SSLMethod[MoCoConfig]):
 
     @staticmethod
     def _shuffle_gen(step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(1_000_003 * step + 17)
+        return torch.Generator().manual_seed(moco_shuffle_seed(step))

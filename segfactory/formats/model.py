@@ -24,8 +24,8 @@ MODEL_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
-# The packages whose code decides a model's weights (recorded as its code_version).
-WRITER_PACKAGES = ("finetune", "pretrain")
+# The packages and shared core modules whose code decides a model's weights (recorded as its code_version).
+WRITER_PACKAGES = ("finetune", "pretrain", "segfactory.augment", "segfactory.seeds", "segfactory.torchutil")
 
 
 def write_model_dir(out_dir: str | os.PathLike, blob: bytes, meta: dict[str, Any]) -> Path:
