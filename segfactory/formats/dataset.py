@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from segfactory.errors import UserError
 from segfactory.formats.coco import coco_document, frame_annotations
-from segfactory.formats.imagefile import read_image, write_image
+from segfactory.formats.imagefile import ImageArray, read_image, write_image
 from segfactory.io import (
     MANIFEST_FILE,
     atomic_write_json,
@@ -85,11 +86,12 @@ class Dataset:
 
     @property
     def classes(self) -> list[dict[str, Any]]:
-        return self.meta["classes"]
+        classes: list[dict[str, Any]] = self.meta["classes"]
+        return classes
 
     @property
     def num_classes(self) -> int:
-        return max(c["id"] for c in self.classes) + 1
+        return max(int(c["id"]) for c in self.classes) + 1
 
     @property
     def ignore_index(self) -> int:
@@ -106,7 +108,8 @@ class Dataset:
         return self.root / SHARDS_DIR / shard_id
 
     def manifest(self, shard_id: str) -> dict[str, Any]:
-        return read_json(self.shard_dir(shard_id) / MANIFEST_FILE)
+        manifest: dict[str, Any] = read_json(self.shard_dir(shard_id) / MANIFEST_FILE)
+        return manifest
 
     def frames(self) -> Iterator[FrameRef]:
         """All frames of all committed shards, in shard then manifest order."""
@@ -121,16 +124,16 @@ class Dataset:
         return sum(len(self.manifest(s)["frames"]) for s in self.shard_ids)
 
 
-def shard_dir(root: str | os.PathLike, shard_id: str) -> Path:
+def shard_dir(root: str | os.PathLike[str], shard_id: str) -> Path:
     return Path(root) / SHARDS_DIR / shard_id
 
 
-def committed_shards(root: str | os.PathLike) -> list[str]:
+def committed_shards(root: str | os.PathLike[str]) -> list[str]:
     """Every committed shard on disk, listed in dataset.json or not."""
     return committed_units(Path(root) / SHARDS_DIR)
 
 
-def open_dataset(root: str | os.PathLike) -> Dataset:
+def open_dataset(root: str | os.PathLike[str]) -> Dataset:
     """Open a rendered dataset, or raise a UserError saying why it is not one."""
     root = Path(root)
     meta_path = root / DATASET_FILE
@@ -149,7 +152,7 @@ def open_dataset(root: str | os.PathLike) -> Dataset:
     return Dataset(root, meta, [sid for sid in committed_shards(root) if sid in listed])
 
 
-def load_frame(ref: FrameRef) -> dict[str, np.ndarray]:
+def load_frame(ref: FrameRef) -> dict[str, ImageArray]:
     """Load one frame.
 
     Returns:
@@ -163,7 +166,7 @@ def load_frame(ref: FrameRef) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def new_shard_attempt(root: str | os.PathLike, shard_id: str) -> Path:
+def new_shard_attempt(root: str | os.PathLike[str], shard_id: str) -> Path:
     """A fresh attempt directory (with the frame subfolders) next to where the shard will be committed."""
     tmp = new_attempt_dir(Path(root) / SHARDS_DIR, shard_id)
     for sub in FRAME_KINDS:
@@ -171,7 +174,7 @@ def new_shard_attempt(root: str | os.PathLike, shard_id: str) -> Path:
     return tmp
 
 
-def remove_stale_shard_writes(root: str | os.PathLike, shard_id: str | None = None) -> int:
+def remove_stale_shard_writes(root: str | os.PathLike[str], shard_id: str | None = None) -> int:
     """Delete leftovers of interrupted shard writes (all, or those of one shard). Returns how many."""
     return len(remove_stale_attempts(Path(root) / SHARDS_DIR, shard_id))
 
@@ -209,8 +212,9 @@ class ShardWriter:
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
 
-    def add(self, scene_index: int, view: int, rgb: np.ndarray, semantic: np.ndarray, instance: np.ndarray,
-            depth: np.ndarray, camera: dict[str, Any], post: dict[str, Any]) -> None:
+    def add(self, scene_index: int, view: int, rgb: ImageArray, semantic: npt.NDArray[np.uint8],
+            instance: npt.NDArray[np.uint16], depth: npt.NDArray[np.uint16], camera: dict[str, Any],
+            post: dict[str, Any]) -> None:
         """Write one frame's files.
 
         Args:
@@ -261,7 +265,7 @@ class ShardWriter:
         atomic_write_json(self.tmp / MANIFEST_FILE, manifest)  # last: the commit mark
 
 
-def write_dataset_meta(root: str | os.PathLike, meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
+def write_dataset_meta(root: str | os.PathLike[str], meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
     """Rewrite ``dataset.json`` listing those of ``shard_ids`` that are committed on disk.
 
     Only listed shards are part of the dataset (:func:`open_dataset`). Committed shards of another plan (a render
