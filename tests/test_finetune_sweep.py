@@ -1,6 +1,6 @@
 """Label-efficiency sweep and the training benchmark, at CPU smoke scale through the real CLI.
 
-Data: the rendered ``tiny_dataset`` (cells: background / nucleus / debris) as synthetic data; real labeled
+Data: ``tiny_dataset`` (cells-like frames: background / nucleus / debris) as synthetic data; real labeled
 folders cut from scikit-image's coins photograph with Otsu-derived masks, whose ``coin`` class is remapped
 onto ``nucleus`` (a real source with its own class names).
 """

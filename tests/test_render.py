@@ -77,12 +77,12 @@ def check_coco(root: Path) -> int:
     return n_anns
 
 
-def test_cells_dataset_layout_coco_and_sheet(tiny_dataset: Path, tmp_path: Path):
-    check_layout(tiny_dataset, channels=1, bit_depth=8)
-    assert check_coco(tiny_dataset) > 20
+def test_cells_dataset_layout_coco_and_sheet(rendered_cells_dataset: Path, tmp_path: Path):
+    check_layout(rendered_cells_dataset, channels=1, bit_depth=8)
+    assert check_coco(rendered_cells_dataset) > 20
     from segfactory.cli import main
 
-    assert main(["show", str(tiny_dataset), "--out", str(tmp_path / "sheet.png"), "--frames", "3"]) == 0
+    assert main(["show", str(rendered_cells_dataset), "--out", str(tmp_path / "sheet.png"), "--frames", "3"]) == 0
     sheet = read_image(tmp_path / "sheet.png")
     assert sheet.ndim == 3 and sheet.shape[0] > 300
 
@@ -142,14 +142,14 @@ def test_cells_pixels_do_not_depend_on_the_scenes_rendered_before(tmp_path: Path
         assert np.array_equal(one[name], each[name]), name
 
 
-def test_street_dataset_layout_and_coco(tiny_street_dataset: Path, capsys):
-    check_layout(tiny_street_dataset, channels=3, bit_depth=8)
-    assert check_coco(tiny_street_dataset) > 0
+def test_street_dataset_layout_and_coco(rendered_street_dataset: Path, capsys):
+    check_layout(rendered_street_dataset, channels=3, bit_depth=8)
+    assert check_coco(rendered_street_dataset) > 0
     from segfactory.cli import main
 
     capsys.readouterr()  # drop pycocotools' chatter
 
-    assert main(["stats", str(tiny_street_dataset), "--json"]) == 0
+    assert main(["stats", str(rendered_street_dataset), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     shares = {c["name"]: c["pixel_share"] for c in stats["classes"]}
     assert abs(sum(shares.values()) + stats["ignore_share"] - 1) < 1e-9
@@ -174,13 +174,13 @@ def test_tabletop_with_user_mesh_16bit(tmp_path: Path):
     assert any((load_frame(r)["semantic"] == duck).any() for r in ds.frames())
 
 
-def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path: Path):
+def test_same_config_and_seed_give_identical_labels(rendered_cells_dataset: Path, tmp_path: Path):
     """Re-render the first shard of the fixture elsewhere: its id and every label file are identical."""
     out = tmp_path / "again"
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
                     "--resolution", "64", "--workers", "1", "dataset.scenes_per_shard=4", *CELLS_TINY)
     assert rc == 0
-    a, b = open_dataset(tiny_dataset), open_dataset(out)
+    a, b = open_dataset(rendered_cells_dataset), open_dataset(out)
     assert b.shard_ids[0] == a.shard_ids[0] and a.meta["config_hash"] == b.meta["config_hash"]
     fa, fb = a.manifest(a.shard_ids[0])["frames"], b.manifest(b.shard_ids[0])["frames"]
     for x, y in zip(fa, fb, strict=True):
@@ -294,10 +294,10 @@ def test_bad_inputs_stop_before_rendering(tmp_path: Path, capsys):
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcde")
 
 
-def test_existing_dataset_of_other_config_is_refused(tiny_dataset: Path, capsys):
+def test_existing_dataset_of_other_config_is_refused(rendered_cells_dataset: Path, capsys):
     from segfactory.cli import main
 
-    rc = main(["render", str(CONFIGS / "cells.yaml"), "--out", str(tiny_dataset), "--resolution", "96"])
+    rc = main(["render", str(CONFIGS / "cells.yaml"), "--out", str(rendered_cells_dataset), "--resolution", "96"])
     assert rc == EXIT_USER
     assert "different config" in capsys.readouterr().err
 
