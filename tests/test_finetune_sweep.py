@@ -20,6 +20,7 @@ from segfactory.cli import main
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 6 fine-tuning runs, then 3 re-runs
 def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
     from finetune.samples import make_coins_folder
     from pretrain.backbones import create_features_model
