@@ -154,6 +154,7 @@ def test_shipped_schedules_run_a_valid_refresh_command():
 
 
 @pytest.mark.render
+@pytest.mark.slow  # renders, pretrains, fine-tunes and evaluates, then refreshes again
 def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     """train.enabled: the first refresh pretrains, fine-tunes and evaluates; an unchanged refresh reuses them;
     a new real image retrains; pruning keeps only the models kept releases use."""

@@ -26,6 +26,7 @@ def run(out: Path, capsys, *extra: str) -> dict:
 
 
 @pytest.mark.render
+@pytest.mark.slow  # the whole chain, then three re-runs
 def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "run"
     first = run(out, capsys)

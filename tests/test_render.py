@@ -264,6 +264,7 @@ def test_crashing_shard_is_reported_and_others_finish(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.render
+@pytest.mark.slow  # waits out a 25 s render timeout
 def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "hang@0,hang-once@1")
