@@ -76,7 +76,7 @@ class Material:
     texture_scale: float = 5.0
     texture_w: float = 0.0
     texture_detail: float = 2.0
-    image: np.ndarray | None = None
+    image: npt.NDArray[np.float32] | None = None
     image_bounds: tuple[float, float, float, float] | None = None
 
 

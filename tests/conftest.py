@@ -16,9 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-# The rendered tiny cells dataset (rendered_cells_dataset, and renders compared with it): 8-bit without the camera offset of configs/cells.yaml
-# (the fine-tune configs scale inputs by their dtype) and a coarse pixel size, so a 64 px frame holds many small
-# nuclei (8 to 20 per 100 x 100 um), not a part of one.
+# The rendered tiny cells dataset (rendered_cells_dataset and the renders compared with it): 8-bit without the
+# camera offset of configs/cells.yaml (the fine-tune configs scale inputs by their dtype) and a coarse pixel size,
+# so a 64 px frame holds many small nuclei (8 to 20 per 100 x 100 um), not a part of one.
 CELLS_TINY = ("output.bit_depth=8", "scene.randomization.post.camera_bits=0",
               "scene.randomization.post.camera_offset=[0, 0]", "scene.params.pixel_size=[1.2, 1.6]",
               "scene.params.density=[8, 20]")
