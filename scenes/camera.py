@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
-from scenes.spec import Camera
+from scenes.spec import Camera, FloatArray
 
 
-def look_at(location: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
+def look_at(location: npt.ArrayLike, target: npt.ArrayLike, up: npt.ArrayLike | None = None) -> FloatArray:
     """Camera-to-world rotation (3, 3) for a camera at ``location`` looking at ``target``.
 
     Blender cameras look down local -Z with +Y up, so the columns are (right, up, -forward).
@@ -23,7 +24,7 @@ def look_at(location: np.ndarray, target: np.ndarray, up: np.ndarray | None = No
     return np.stack([right, cam_up, -forward], axis=1)
 
 
-def project(camera: Camera, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def project(camera: Camera, points: npt.ArrayLike) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
     """Project world points to normalised image coordinates.
 
     Args:
@@ -44,7 +45,8 @@ def project(camera: Camera, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return uv, in_front
 
 
-def visible_mask(camera: Camera, points: np.ndarray, margin: float = 0.0) -> np.ndarray:
+def visible_mask(camera: Camera, points: npt.ArrayLike, margin: float = 0.0) -> npt.NDArray[np.bool_]:
     """(N,) bool: point projects inside the frame (shrunk by ``margin`` in normalised units)."""
     uv, in_front = project(camera, points)
-    return in_front & (np.abs(uv) <= 1.0 - margin).all(axis=1)
+    visible: npt.NDArray[np.bool_] = in_front & (np.abs(uv) <= 1.0 - margin).all(axis=1)
+    return visible

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
-from scenes.spec import Mesh
+from scenes.spec import FloatArray, Mesh
 
 EDGE_FLOOR = 0.3  # brightness at the very edge of a nucleus, relative to its interior before texture
 MAX_TEXELS = 160  # per side: bounds a texture's size for nuclei that cover many pixels
@@ -53,7 +54,7 @@ class NucleusLook:
     speckle_size: float = 0.3
 
 
-def outline_radius(mesh: Mesh, azimuths: np.ndarray) -> np.ndarray:
+def outline_radius(mesh: Mesh, azimuths: FloatArray) -> FloatArray:
     """Radius of a star-shaped mesh's top-down silhouette along each azimuth (radians), exact for its
     triangles: the farthest crossing of the ray from the origin with any projected triangle edge."""
     xy = mesh.vertices[:, :2].astype(np.float64)
@@ -67,11 +68,12 @@ def outline_radius(mesh: Mesh, azimuths: np.ndarray) -> np.ndarray:
         t = (p0[None, :, 0] * e[None, :, 1] - p0[None, :, 1] * e[None, :, 0]) / denom
         s = (p0[None, :, 0] * u[:, None, 1] - p0[None, :, 1] * u[:, None, 0]) / denom
     hit = (np.abs(denom) > 1e-12) & (s >= -1e-9) & (s <= 1 + 1e-9) & (t > 0)
-    return np.where(hit, t, 0.0).max(axis=1)
+    radius: FloatArray = np.where(hit, t, 0.0).max(axis=1)
+    return radius
 
 
 def nucleus_texture(rng: np.random.Generator, mesh: Mesh, look: NucleusLook, texel: float
-                    ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+                    ) -> tuple[npt.NDArray[np.float32], tuple[float, float, float, float]]:
     """A nucleus' texture over its mesh's top-down bounding box.
 
     Args:

@@ -6,12 +6,15 @@ placed on a surface by their location alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
 
-from scenes.spec import Mesh
+from scenes.spec import FloatArray, Mesh, Vec3
 
 
-def _mesh(vertices: list | np.ndarray, faces: list | np.ndarray, smooth: bool = False) -> Mesh:
+def _mesh(vertices: npt.ArrayLike, faces: npt.ArrayLike, smooth: bool = False) -> Mesh:
     return Mesh(np.asarray(vertices, dtype=np.float32).reshape(-1, 3),
                 np.asarray(faces, dtype=np.int32).reshape(-1, 3), smooth)
 
@@ -30,7 +33,7 @@ def plane(sx: float, sy: float, z: float = 0.0) -> Mesh:
     return _mesh([(-x, -y, z), (x, -y, z), (x, y, z), (-x, y, z)], [(0, 1, 2), (0, 2, 3)])
 
 
-def lathe(radii: np.ndarray | list[float], heights: np.ndarray | list[float], segments: int = 24,
+def lathe(radii: FloatArray | Sequence[float], heights: FloatArray | Sequence[float], segments: int = 24,
           cap_bottom: bool = True, cap_top: bool = True, bottom_apex: float | None = None,
           top_apex: float | None = None) -> Mesh:
     """Surface of revolution of the profile (radius, height) around the z axis (bottles, cans, mugs).
@@ -50,14 +53,14 @@ def lathe(radii: np.ndarray | list[float], heights: np.ndarray | list[float], se
         for j in range(segments):
             k = (j + 1) % segments
             faces += [(a + j, a + k, b + k), (a + j, b + k, b + j)]
-    extra = []
+    extra: list[Vec3] = []
     if cap_bottom:
         c = len(v) + len(extra)
-        extra.append((0.0, 0.0, h[0] if bottom_apex is None else bottom_apex))
+        extra.append((0.0, 0.0, float(h[0]) if bottom_apex is None else bottom_apex))
         faces += [(c, (j + 1) % segments, j) for j in range(segments)]
     if cap_top:
         c = len(v) + len(extra)
-        extra.append((0.0, 0.0, h[-1] if top_apex is None else top_apex))
+        extra.append((0.0, 0.0, float(h[-1]) if top_apex is None else top_apex))
         top = (n_rings - 1) * segments
         faces += [(c, top + j, top + (j + 1) % segments) for j in range(segments)]
     if extra:
@@ -113,8 +116,8 @@ def blob(rng: np.random.Generator, radius: float, irregularity: float = 0.15, ri
     return Mesh((d * r[:, None]).astype(np.float32), sphere.faces, smooth=True)
 
 
-def transform(mesh: Mesh, location=(0.0, 0.0, 0.0), rotation_z: float = 0.0, scale=(1.0, 1.0, 1.0),
-              rotation: np.ndarray | None = None) -> Mesh:
+def transform(mesh: Mesh, location: Vec3 | FloatArray = (0.0, 0.0, 0.0), rotation_z: float = 0.0,
+              scale: Vec3 | FloatArray = (1.0, 1.0, 1.0), rotation: FloatArray | None = None) -> Mesh:
     """Scale, then rotate (about z, or by a 3x3 ``rotation``), then translate a mesh's vertices."""
     v = mesh.vertices.astype(np.float64) * np.asarray(scale, dtype=np.float64)
     rot = rotation if rotation is not None else rot_z(rotation_z)
@@ -130,17 +133,17 @@ def merge(meshes: list[Mesh]) -> Mesh:
     return Mesh(v, f, any(m.smooth for m in meshes))
 
 
-def rot_z(angle: float) -> np.ndarray:
+def rot_z(angle: float) -> FloatArray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-def rot_y(angle: float) -> np.ndarray:
+def rot_y(angle: float) -> FloatArray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
-def rot_x(angle: float) -> np.ndarray:
+def rot_x(angle: float) -> FloatArray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 

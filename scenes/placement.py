@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
+
+from scenes.spec import FloatArray
 
 Box = tuple[float, float, float, float]  # axis-aligned rectangle (x0, y0, x1, y1)
 
@@ -28,7 +31,7 @@ class Footprint:
         pad: Radius of the disc the points are grown by (a circle: one point at the origin, ``pad = r``).
     """
 
-    points: np.ndarray
+    points: FloatArray
     pad: float = 0.0
 
     @classmethod
@@ -36,7 +39,7 @@ class Footprint:
         return cls(np.zeros((1, 2)), float(radius))
 
     @classmethod
-    def of_points(cls, xy: np.ndarray, yaw: float = 0.0, pad: float = 0.0) -> Footprint:
+    def of_points(cls, xy: npt.ArrayLike, yaw: float = 0.0, pad: float = 0.0) -> Footprint:
         """Footprint of (V, 2) object-local points turned by ``yaw`` (radians about z)."""
         c, s = np.cos(yaw), np.sin(yaw)
         return cls(np.asarray(xy, dtype=np.float64) @ np.array([[c, s], [-s, c]]), float(pad))
@@ -46,9 +49,10 @@ class Footprint:
         """Radius of the bounding circle around the origin."""
         return float(np.linalg.norm(self.points, axis=1).max()) + self.pad
 
-    def support(self, u: np.ndarray) -> np.ndarray:
+    def support(self, u: FloatArray) -> FloatArray:
         """(K,) extent along each of the (K, 2) unit directions ``u``."""
-        return (np.asarray(u) @ self.points.T).max(axis=1) + self.pad
+        extent: FloatArray = (np.asarray(u) @ self.points.T).max(axis=1) + self.pad
+        return extent
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,10 @@ class FootprintSet:
     """Footprints placed at centres, as arrays: centres (N, 2), outline points padded to a common count
     (N, V, 2), pads (N,) and bounding radii (N,)."""
 
-    centers: np.ndarray
-    points: np.ndarray
-    pads: np.ndarray
-    radii: np.ndarray
+    centers: FloatArray
+    points: FloatArray
+    pads: FloatArray
+    radii: FloatArray
 
     @classmethod
     def of(cls, items: list[tuple[tuple[float, float], Footprint]]) -> FootprintSet:
@@ -83,7 +87,7 @@ class FootprintSet:
                             np.concatenate([old, pts[None]]), np.append(self.pads, fp.pad),
                             np.append(self.radii, fp.radius))
 
-    def clear(self, cand: np.ndarray, fp: Footprint, max_overlap: float = 0.0) -> np.ndarray:
+    def clear(self, cand: FloatArray, fp: Footprint, max_overlap: float = 0.0) -> npt.NDArray[np.bool_]:
         """(T,) bool: ``fp`` centred at each of the (T, 2) candidates overlaps none of these by more than
         ``max_overlap`` (see the module docstring)."""
         ok = np.ones(len(cand), dtype=bool)
@@ -147,12 +151,12 @@ def place_footprints(rng: np.random.Generator, footprints: list[Footprint], x_ra
     return out
 
 
-def _slide_towards(placed: FootprintSet, fp: Footprint, start: np.ndarray, target: np.ndarray, max_overlap: float,
-                   boxes: np.ndarray, steps: int = 14) -> np.ndarray:
+def _slide_towards(placed: FootprintSet, fp: Footprint, start: FloatArray, target: FloatArray, max_overlap: float,
+                   boxes: FloatArray, steps: int = 14) -> FloatArray:
     """Move a free position along the straight line towards ``target`` as far as it stays free: bisection
     between the free ``start`` and the first blocked point, so the footprint ends up touching a neighbour
     (within 2**-steps of the distance) or at ``target``."""
-    def free(p: np.ndarray) -> bool:
+    def free(p: FloatArray) -> bool:
         ok = bool(placed.clear(p[None], fp, max_overlap)[0])
         return ok and (not len(boxes) or bool((box_distance(p[None], boxes) >= fp.radius).all()))
 
@@ -165,18 +169,20 @@ def _slide_towards(placed: FootprintSet, fp: Footprint, start: np.ndarray, targe
             lo = mid
         else:
             hi = mid
-    return start + lo * (target - start)
+    slid: FloatArray = start + lo * (target - start)
+    return slid
 
 
-def box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def box_distance(points: FloatArray, boxes: FloatArray) -> FloatArray:
     """(P, B) distance from each of the (P, 2) points to each of the (B, 4) rectangles (0 inside)."""
     p, b = points[:, None, :], boxes[None]
     gap_x = np.maximum(np.maximum(b[..., 0] - p[..., 0], p[..., 0] - b[..., 2]), 0.0)
     gap_y = np.maximum(np.maximum(b[..., 1] - p[..., 1], p[..., 1] - b[..., 3]), 0.0)
-    return np.hypot(gap_x, gap_y)
+    distance: FloatArray = np.hypot(gap_x, gap_y)
+    return distance
 
 
-def place_circles(rng: np.random.Generator, radii: np.ndarray | list[float], x_range: tuple[float, float],
+def place_circles(rng: np.random.Generator, radii: FloatArray | list[float], x_range: tuple[float, float],
                   y_range: tuple[float, float], max_overlap: float = 0.0, tries: int = 200,
                   occupied: list[tuple[float, float, float]] | None = None) -> list[tuple[float, float] | None]:
     """:func:`place_footprints` for circles of the given radii; ``occupied`` holds circles (x, y, r)."""

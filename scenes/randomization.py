@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import AfterValidator, Field, model_validator
 
-from scenes.spec import Light, Material, PostFX, World
+from scenes.spec import FloatArray, Light, LightType, Material, PostFX, TextureKind, Vec3, World, vec3
 from segfactory.config import StrictModel
 
 
@@ -43,7 +43,7 @@ def integers(rng: np.random.Generator, r: tuple[int, int]) -> int:
 
 class MaterialKnobs(StrictModel):
     texture_prob: float = Field(0.6, ge=0, le=1, description="share of materials with a procedural texture")
-    textures: list[Literal["noise", "voronoi", "wave"]] = Field(default_factory=lambda: ["noise", "voronoi"])
+    textures: list[TextureKind] = Field(default_factory=lambda: list[TextureKind](["noise", "voronoi"]))
     texture_scale: PosRange = (2.0, 12.0)
     roughness: Range = (0.25, 0.9)
     metallic_prob: float = Field(0.1, ge=0, le=1)
@@ -54,7 +54,7 @@ class MaterialKnobs(StrictModel):
 
 class LightKnobs(StrictModel):
     count: CountRange = (1, 3)
-    types: list[Literal["POINT", "SUN", "AREA", "SPOT"]] = Field(default_factory=lambda: ["SUN", "POINT", "AREA"])
+    types: list[LightType] = Field(default_factory=lambda: list[LightType](["SUN", "POINT", "AREA"]))
     sun_energy: PosRange = (2.0, 6.0)
     point_energy: PosRange = (200.0, 2000.0)
     color_temperature: PosRange = (3500.0, 8000.0)
@@ -116,52 +116,51 @@ class Randomization(StrictModel):
     post: PostKnobs = Field(default_factory=PostKnobs)
 
 
-def jitter_color(rng: np.random.Generator, rgb: tuple[float, float, float], k: MaterialKnobs
-                 ) -> tuple[float, float, float]:
+def jitter_color(rng: np.random.Generator, rgb: Vec3, k: MaterialKnobs) -> Vec3:
     """Randomise a base color in HSV space (linear RGB in, linear RGB out)."""
     h, s, v = colorsys.rgb_to_hsv(*rgb)
     h = (h + rng.uniform(-k.hue_jitter, k.hue_jitter)) % 1.0
     s = float(np.clip(s + rng.uniform(-k.saturation_jitter, k.saturation_jitter), 0, 1))
     v = float(np.clip(v * (1 + rng.uniform(-k.value_jitter, k.value_jitter)), 0.01, 1))
-    return tuple(float(c) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[return-value]
+    return vec3(colorsys.hsv_to_rgb(h, s, v))
 
 
-def sample_material(rng: np.random.Generator, base_rgb: tuple[float, float, float], k: MaterialKnobs,
+def sample_material(rng: np.random.Generator, base_rgb: Vec3, k: MaterialKnobs,
                     roughness: tuple[float, float] | None = None) -> Material:
     """A principled material around ``base_rgb``; with probability ``texture_prob`` a 2-color texture."""
     color = jitter_color(rng, base_rgb, k)
-    tex = "none"
+    tex: Literal["none"] | TextureKind = "none"
     color2 = None
     if k.textures and rng.random() < k.texture_prob:
-        tex = str(rng.choice(k.textures))
-        color2 = jitter_color(rng, tuple(c * rng.uniform(0.5, 0.9) for c in color), k)  # type: ignore[arg-type]
+        tex = k.textures[int(rng.choice(len(k.textures)))]  # the same draw as rng.choice(k.textures)
+        color2 = jitter_color(rng, vec3(c * rng.uniform(0.5, 0.9) for c in color), k)
     return Material(
         color=color,
         roughness=uniform(rng, roughness or k.roughness),
         metallic=1.0 if rng.random() < k.metallic_prob else 0.0,
-        texture=tex,  # type: ignore[arg-type]
+        texture=tex,
         color2=color2,
         texture_scale=uniform(rng, k.texture_scale),
         texture_w=float(rng.uniform(0, 100)),
     )
 
 
-def kelvin_to_rgb(kelvin: float) -> tuple[float, float, float]:
+def kelvin_to_rgb(kelvin: float) -> Vec3:
     """Approximate black-body color (Tanner Helland's fit), normalised to max 1."""
     t = kelvin / 100.0
     r = 255.0 if t <= 66 else 329.7 * (t - 60) ** -0.1332
     g = 99.47 * np.log(t) - 161.1 if t <= 66 else 288.1 * (t - 60) ** -0.0755
     b = 255.0 if t >= 66 else (0.0 if t <= 19 else 138.5 * np.log(t - 10) - 305.0)
     rgb = np.clip(np.array([r, g, b]) / 255.0, 0, 1)
-    return tuple(float(c) for c in rgb / rgb.max())  # type: ignore[return-value]
+    return vec3(rgb / rgb.max())
 
 
-def sample_lights(rng: np.random.Generator, k: LightKnobs, center: np.ndarray, min_height: float = 1.0
+def sample_lights(rng: np.random.Generator, k: LightKnobs, center: FloatArray, min_height: float = 1.0
                   ) -> list[Light]:
     """Lights on a hemisphere around ``center`` (suns get a random direction)."""
     lights = []
     for _ in range(integers(rng, k.count)):
-        ltype = str(rng.choice(k.types))
+        ltype = k.types[int(rng.choice(len(k.types)))]  # the same draw as rng.choice(k.types)
         az = rng.uniform(0, 2 * np.pi)
         el = rng.uniform(np.radians(25), np.radians(80))
         d = uniform(rng, k.distance)
@@ -170,7 +169,7 @@ def sample_lights(rng: np.random.Generator, k: LightKnobs, center: np.ndarray, m
         # Point/area lights face the centre; suns only need a direction.
         rot = (float(np.pi / 2 - el), 0.0, float(az + np.pi / 2))
         energy = uniform(rng, k.sun_energy) if ltype == "SUN" else uniform(rng, k.point_energy) * (d / 5.0) ** 2
-        lights.append(Light(ltype, tuple(float(c) for c in loc), rot, energy,  # type: ignore[arg-type]
+        lights.append(Light(ltype, vec3(loc), rot, energy,
                             kelvin_to_rgb(uniform(rng, k.color_temperature)), size=float(rng.uniform(0.2, 2.0))))
     return lights
 
@@ -180,7 +179,7 @@ def sample_world(rng: np.random.Generator, k: WorldKnobs) -> World:
     sat = uniform(rng, k.saturation)
     horizon = colorsys.hsv_to_rgb(hue, sat * 0.5, uniform(rng, k.horizon_value))
     zenith = colorsys.hsv_to_rgb(hue, sat, uniform(rng, k.zenith_value))
-    return World(tuple(horizon), tuple(zenith), uniform(rng, k.strength))  # type: ignore[arg-type]
+    return World(horizon, zenith, uniform(rng, k.strength))
 
 
 def sample_post(rng: np.random.Generator, k: PostKnobs, linear: bool = False, gain: float = 1.0) -> PostFX:

@@ -96,4 +96,5 @@ def register_scene(name: str, *, description: str, classes: list[ClassDef], back
 
 def _extra_color(cid: int) -> tuple[int, int, int]:
     rng = np.random.default_rng(cid)
-    return tuple(int(c) for c in rng.integers(40, 255, size=3))  # type: ignore[return-value]
+    r, g, b = (int(c) for c in rng.integers(40, 255, size=3))
+    return (r, g, b)

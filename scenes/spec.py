@@ -6,12 +6,23 @@ inspected, tested and serialised without Blender. Units are metres (cells: micro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 Vec3 = tuple[float, float, float]
+TextureKind = Literal["noise", "voronoi", "wave"]
+LightType = Literal["POINT", "SUN", "AREA", "SPOT"]
+FloatArray = npt.NDArray[np.float64]
+
+
+def vec3(values: Iterable[float] | FloatArray) -> Vec3:
+    """Exactly three numbers (a list, a tuple, a NumPy row) as a ``Vec3`` of Python floats."""
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
 
 
 @dataclass(frozen=True)
@@ -34,11 +45,11 @@ class Mesh:
         smooth: Shade smooth (curved objects) or flat (boxes).
     """
 
-    vertices: np.ndarray
-    faces: np.ndarray
+    vertices: npt.NDArray[np.float32]
+    faces: npt.NDArray[np.int32]
     smooth: bool = False
 
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+    def bounds(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         return self.vertices.min(axis=0), self.vertices.max(axis=0)
 
 
@@ -60,12 +71,12 @@ class Material:
     roughness: float = 0.5
     metallic: float = 0.0
     emission: float = 0.0
-    texture: Literal["none", "noise", "voronoi", "wave"] = "none"
+    texture: Literal["none"] | TextureKind = "none"
     color2: Vec3 | None = None
     texture_scale: float = 5.0
     texture_w: float = 0.0
     texture_detail: float = 2.0
-    image: np.ndarray | None = None
+    image: npt.NDArray[np.float32] | None = None
     image_bounds: tuple[float, float, float, float] | None = None
 
 
@@ -97,7 +108,7 @@ class SceneObject:
 
 @dataclass
 class Light:
-    type: Literal["POINT", "SUN", "AREA", "SPOT"]
+    type: LightType
     location: Vec3
     rotation: Vec3 = (0.0, 0.0, 0.0)
     energy: float = 100.0
@@ -128,7 +139,7 @@ class Camera:
     """
 
     location: Vec3
-    rotation: np.ndarray
+    rotation: FloatArray
     projection: Literal["perspective", "orthographic"] = "perspective"
     fov: float = 0.9
     ortho_scale: float = 10.0
@@ -186,7 +197,7 @@ class SceneSpec:
     grayscale: bool = False
     film: Literal["standard", "filmic", "agx", "raw"] = "agx"  # raw: linear light, e.g. fluorescence
 
-    def class_of_object(self) -> np.ndarray:
+    def class_of_object(self) -> npt.NDArray[np.int32]:
         """(N+1,) class id per object index; index 0 is the background."""
         return np.array([self.background_class] + [o.class_id for o in self.objects], dtype=np.int32)
 

@@ -23,7 +23,18 @@ from scenes.randomization import (
     uniform,
 )
 from scenes.registry import SceneContext, register_scene
-from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, footprint_radius
+from scenes.spec import (
+    Camera,
+    ClassDef,
+    FloatArray,
+    Material,
+    Part,
+    SceneObject,
+    SceneSpec,
+    Vec3,
+    footprint_radius,
+    vec3,
+)
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -61,7 +72,7 @@ CLOTHES = [(0.05, 0.05, 0.08), (0.4, 0.05, 0.05), (0.05, 0.1, 0.35), (0.5, 0.5, 
 SKIN = [(0.6, 0.4, 0.3), (0.35, 0.2, 0.12), (0.15, 0.08, 0.05), (0.7, 0.5, 0.4)]
 
 
-def _pick(rng: np.random.Generator, palette: list) -> tuple[float, float, float]:
+def _pick(rng: np.random.Generator, palette: list[Vec3]) -> Vec3:
     return palette[int(rng.integers(len(palette)))]
 
 
@@ -159,9 +170,9 @@ def sample_street(ctx: SceneContext) -> SceneSpec:
     curb = 0.15
     objects: list[SceneObject] = []
 
-    def add(name: str, cls: str, parts: list[Part], loc=(0.0, 0.0, 0.0), yaw: float = 0.0) -> None:
-        objects.append(SceneObject(f"{name}_{len(objects)}", cid(cls), parts,
-                                   tuple(float(c) for c in loc), (0.0, 0.0, float(yaw))))  # type: ignore[arg-type]
+    def add(name: str, cls: str, parts: list[Part], loc: Vec3 | FloatArray = (0.0, 0.0, 0.0), yaw: float = 0.0
+            ) -> None:
+        objects.append(SceneObject(f"{name}_{len(objects)}", cid(cls), parts, vec3(loc), (0.0, 0.0, float(yaw))))
 
     add("ground", "vegetation", [Part(g.plane(600, 600, -0.02),
                                       sample_material(rng, (0.08, 0.2, 0.04), k))])
@@ -249,7 +260,7 @@ CAMERA_CLEARANCE = 0.3
 
 
 def _street_camera(rng: np.random.Generator, ctx: SceneContext, road_w: float, side_w: float, length: float,
-                   targets: np.ndarray, occupied: list[tuple[tuple[float, float], Footprint]]) -> Camera:
+                   targets: FloatArray, occupied: list[tuple[tuple[float, float], Footprint]]) -> Camera:
     """Eye-height camera looking along the street, outside every object; retried until enough labeled things
     are in frame (else the attempt that saw most, marked with ``min_visible_met=False``)."""
     p, kc = ctx.params, ctx.randomization.camera
@@ -268,8 +279,8 @@ def _street_camera(rng: np.random.Generator, ctx: SceneContext, road_w: float, s
         yaw = np.radians(rng.uniform(-1, 1) * uniform(rng, p.camera_yaw_deg))
         pitch = np.radians(uniform(rng, p.camera_pitch_deg))
         fwd = np.array([np.sin(yaw) * np.cos(pitch), direction * np.cos(yaw) * np.cos(pitch), np.sin(pitch)])
-        cam = Camera(tuple(loc), look_at(loc, loc + fwd), fov=np.radians(uniform(rng, kc.fov_deg)),
-                     clip_start=0.1, clip_end=400.0)  # type: ignore[arg-type]
+        cam = Camera(vec3(loc), look_at(loc, loc + fwd), fov=np.radians(uniform(rng, kc.fov_deg)),
+                     clip_start=0.1, clip_end=400.0)
         n = int(visible_mask(cam, targets, margin=0.05).sum())
         if n > best_n:
             best, best_n = cam, n

@@ -18,6 +18,7 @@ from scenes.camera import look_at, visible_mask
 from scenes.placement import place_circles
 from scenes.randomization import (
     CountRange,
+    MaterialKnobs,
     PosRange,
     integers,
     sample_lights,
@@ -27,7 +28,18 @@ from scenes.randomization import (
     uniform,
 )
 from scenes.registry import SceneContext, register_scene
-from scenes.spec import Camera, ClassDef, Mesh, Part, SceneObject, SceneSpec, footprint_radius
+from scenes.spec import (
+    Camera,
+    ClassDef,
+    FloatArray,
+    Mesh,
+    Part,
+    SceneObject,
+    SceneSpec,
+    Vec3,
+    footprint_radius,
+    vec3,
+)
 from segfactory.config import StrictModel
 from segfactory.io import sha256_file
 
@@ -139,37 +151,37 @@ def _load_user_mesh(path: str, sha256: str) -> Mesh:
     return Mesh(v.astype(np.float32), np.asarray(loaded.faces, dtype=np.int32), smooth=True)
 
 
-def _mug(rng, k) -> list[Part]:
+def _mug(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     r, h, t = uniform(rng, (0.035, 0.05)), uniform(rng, (0.08, 0.11)), 0.005
     body = g.lathe([r, r, r - t, r - t], [0, h, h, 0.01], 24)  # open cup: outer wall, rim, inner wall, floor
     handle = g.transform(g.torus(h * 0.3, 0.007, 16, 8), (r + 0.005, 0, h * 0.5))
-    mat = sample_material(rng, tuple(rng.uniform(0.05, 0.8, 3)), k, roughness=(0.1, 0.5))
+    mat = sample_material(rng, vec3(rng.uniform(0.05, 0.8, 3)), k, roughness=(0.1, 0.5))
     return [Part(g.merge([body, handle]), mat)]
 
 
-def _bottle(rng, k) -> list[Part]:
+def _bottle(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     r, h = uniform(rng, (0.03, 0.045)), uniform(rng, (0.18, 0.3))
     prof_r = [r, r, r * 0.95, r * 0.45, r * 0.32, r * 0.32, r * 0.36]
     prof_h = [0, 0.005, h * 0.62, h * 0.75, h * 0.85, h * 0.97, h]
     glassy = rng.random() < 0.5
-    color = (0.02, 0.15, 0.05) if glassy else tuple(rng.uniform(0.05, 0.8, 3))
+    color = (0.02, 0.15, 0.05) if glassy else vec3(rng.uniform(0.05, 0.8, 3))
     return [Part(g.lathe(prof_r, prof_h, 24), sample_material(rng, color, k, roughness=(0.05, 0.3)))]
 
 
-def _box(rng, k) -> list[Part]:
+def _box(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     sx, sy, sz = (uniform(rng, (0.05, 0.2)) for _ in range(3))
-    return [Part(g.box(sx, sy, sz), sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))]
+    return [Part(g.box(sx, sy, sz), sample_material(rng, vec3(rng.uniform(0.05, 0.9, 3)), k))]
 
 
-def _can(rng, k) -> list[Part]:
+def _can(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     r, h = uniform(rng, (0.028, 0.035)), uniform(rng, (0.09, 0.125))
     can = g.lathe([r * 0.9, r, r, r * 0.9, r * 0.85], [0, 0.006, h - 0.008, h - 0.002, h], 24)
-    mat = sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k, roughness=(0.15, 0.4))
+    mat = sample_material(rng, vec3(rng.uniform(0.05, 0.9, 3)), k, roughness=(0.15, 0.4))
     mat.metallic = 1.0 if rng.random() < 0.6 else 0.0
     return [Part(can, mat)]
 
 
-def _fruit(rng, k) -> list[Part]:
+def _fruit(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     r = uniform(rng, (0.03, 0.05))
     elong = 1.0 if rng.random() < 0.6 else uniform(rng, (1.3, 2.2))
     mesh = g.transform(g.blob(rng, r, 0.08), (0, 0, r * 0.95), scale=(elong, 1, 1))
@@ -177,7 +189,7 @@ def _fruit(rng, k) -> list[Part]:
     return [Part(mesh, sample_material(rng, color, k, roughness=(0.3, 0.7)))]
 
 
-def _distractor(rng, k) -> list[Part]:
+def _distractor(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     kind = int(rng.integers(3))
     s = uniform(rng, (0.03, 0.08))
     if kind == 0:
@@ -186,7 +198,7 @@ def _distractor(rng, k) -> list[Part]:
         mesh = g.lathe([s, 0.001], [0, s * 2.5], 16, cap_top=False)
     else:
         mesh = g.transform(g.blob(rng, s, 0.3), (0, 0, s * 0.8))
-    return [Part(mesh, sample_material(rng, tuple(rng.uniform(0.05, 0.9, 3)), k))]
+    return [Part(mesh, sample_material(rng, vec3(rng.uniform(0.05, 0.9, 3)), k))]
 
 
 BUILDERS = {"mug": (_mug, "mugs"), "bottle": (_bottle, "bottles"), "box": (_box, "boxes"), "can": (_can, "cans"),
@@ -213,9 +225,9 @@ def sample_tabletop(ctx: SceneContext) -> SceneSpec:
     tw, td = uniform(rng, p.table_size[0]), uniform(rng, p.table_size[1])
     objects: list[SceneObject] = []
 
-    def add(name: str, cls: str, parts: list[Part], loc=(0.0, 0.0, 0.0), yaw: float = 0.0) -> None:
-        objects.append(SceneObject(f"{name}_{len(objects)}", cid(cls), parts,
-                                   tuple(float(c) for c in loc), (0.0, 0.0, float(yaw))))  # type: ignore[arg-type]
+    def add(name: str, cls: str, parts: list[Part], loc: Vec3 | FloatArray = (0.0, 0.0, 0.0), yaw: float = 0.0
+            ) -> None:
+        objects.append(SceneObject(f"{name}_{len(objects)}", cid(cls), parts, vec3(loc), (0.0, 0.0, float(yaw))))
 
     wood = sample_material(rng, (0.35, 0.2, 0.08), k)
     if rng.random() < 0.7:
@@ -256,7 +268,7 @@ def sample_tabletop(ctx: SceneContext) -> SceneSpec:
                      [sample_post(rng, r.post) for _ in range(ctx.views)])
 
 
-def _orbit_camera(rng: np.random.Generator, ctx: SceneContext, targets: np.ndarray) -> Camera:
+def _orbit_camera(rng: np.random.Generator, ctx: SceneContext, targets: FloatArray) -> Camera:
     """Camera on a sphere around the objects' centroid, retried until enough objects are in frame (else the
     attempt that saw most, marked with ``min_visible_met=False``)."""
     kc = ctx.randomization.camera
@@ -268,8 +280,8 @@ def _orbit_camera(rng: np.random.Generator, ctx: SceneContext, targets: np.ndarr
         d = uniform(rng, kc.distance)
         loc = center + d * np.array([np.cos(az) * np.cos(el), np.sin(az) * np.cos(el), np.sin(el)])
         target = center + rng.normal(0, kc.look_at_jitter / 3, 3)
-        cam = Camera(tuple(loc), look_at(loc, target), fov=np.radians(uniform(rng, kc.fov_deg)),
-                     clip_start=0.02, clip_end=50.0)  # type: ignore[arg-type]
+        cam = Camera(vec3(loc), look_at(loc, target), fov=np.radians(uniform(rng, kc.fov_deg)),
+                     clip_start=0.02, clip_end=50.0)
         n = int(visible_mask(cam, targets, margin=0.05).sum())
         if n > best_n:
             best, best_n = cam, n

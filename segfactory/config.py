@@ -39,7 +39,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, turning missing/unparsable files into UserErrors."""
     path = Path(path)
     if not path.exists():
@@ -146,7 +146,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def load_config(model: type[M], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+def load_config(model: type[M], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
                 extra: dict[str, Any] | None = None) -> M:
     """Load and validate a config.
 
@@ -246,7 +246,7 @@ def validation_error_to_user_error(err: ValidationError, model: type[BaseModel],
     return UserError(f"{source}: {field}={shown} is invalid: {msg}{more}", fix=fix)
 
 
-def save_resolved(cfg: BaseModel, path: str | os.PathLike) -> None:
+def save_resolved(cfg: BaseModel, path: str | os.PathLike[str]) -> None:
     """Write the fully resolved config (defaults filled in) as YAML next to an output."""
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,20 +34,20 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -65,7 +65,7 @@ def canonical_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def commit_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+def commit_dir(tmp_dir: str | os.PathLike[str], final_dir: str | os.PathLike[str]) -> None:
     """Atomically move a fully written directory into place (and make the rename durable).
 
     ``final_dir`` must not exist with content: a committed unit is never overwritten. A leftover
@@ -83,7 +83,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike) -> None:
+def fsync_tree(root: str | os.PathLike[str]) -> None:
     """fsync every file and directory below ``root`` (what a commit must do before its mark is trusted)."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
@@ -105,12 +105,12 @@ MANIFEST_FILE = "manifest.json"
 ATTEMPT_PREFIX = ".tmp-"
 
 
-def is_committed(unit_dir: str | os.PathLike) -> bool:
+def is_committed(unit_dir: str | os.PathLike[str]) -> bool:
     """Whether ``unit_dir`` holds its manifest (the commit mark)."""
     return (Path(unit_dir) / MANIFEST_FILE).is_file()
 
 
-def committed_units(parent: str | os.PathLike) -> list[str]:
+def committed_units(parent: str | os.PathLike[str]) -> list[str]:
     """Sorted names of the committed units in ``parent`` (hidden attempt directories are never units)."""
     d = Path(parent)
     if not d.is_dir():
@@ -118,7 +118,7 @@ def committed_units(parent: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and is_committed(p))
 
 
-def new_attempt_dir(parent: str | os.PathLike, unit_id: str) -> Path:
+def new_attempt_dir(parent: str | os.PathLike[str], unit_id: str) -> Path:
     """A fresh, empty attempt directory for ``unit_id`` on the same filesystem as its final place."""
     import uuid
 
@@ -127,7 +127,7 @@ def new_attempt_dir(parent: str | os.PathLike, unit_id: str) -> Path:
     return tmp
 
 
-def remove_stale_attempts(parent: str | os.PathLike, unit_id: str | None = None,
+def remove_stale_attempts(parent: str | os.PathLike[str], unit_id: str | None = None,
                           uncommitted: bool = False) -> list[str]:
     """Delete leftovers of interrupted writes: attempt directories (all, or those of one unit) and, with
     ``uncommitted``, unit directories that lack their manifest. Returns the names removed."""
@@ -145,7 +145,7 @@ def remove_stale_attempts(parent: str | os.PathLike, unit_id: str | None = None,
     return removed
 
 
-def commit_unit(tmp: str | os.PathLike, final: str | os.PathLike) -> bool:
+def commit_unit(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> bool:
     """Commit a fully written attempt directory (manifest written last) as ``final``.
 
     Everything below ``tmp`` is fsynced first, so a committed unit survives a power loss. A ``final`` that
@@ -174,11 +174,11 @@ def commit_unit(tmp: str | os.PathLike, final: str | os.PathLike) -> bool:
     return True
 
 
-def remove_tree(path: str | os.PathLike) -> None:
+def remove_tree(path: str | os.PathLike[str]) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
+def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` if needed and prove it is writable, or raise a UserError naming it."""
     from segfactory.errors import UserError
 

@@ -47,7 +47,7 @@ def describe_change(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[s
             + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a JSONL file ([] when it does not exist); a torn line (a run killed mid-write) is skipped."""
     p = Path(path)
     if not p.is_file():
@@ -59,7 +59,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict)]
 
 
-def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
+def truncate_jsonl(path: str | os.PathLike[str], step: int) -> None:
     """Drop the records logged after ``step`` (a resumed run logs them again), and torn lines; kept lines stay
     byte for byte. Nothing happens when the file does not exist."""
     p = Path(path)

@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, split or None
 
 
-def resolve_path(value: str | os.PathLike) -> Path:
+def resolve_path(value: str | os.PathLike[str]) -> Path:
     """A folder path, with ``sample:NAME/SPLIT`` materialized (once) and replaced by its folder.
 
     Raises:
@@ -269,7 +270,7 @@ def _frames(sample: SampleSet, split: str) -> list[int]:
     return list(range(*(UNLABELED_FRAMES if split == "unlabeled" else EVAL_FRAMES)))
 
 
-def _planes(sample: SampleSet, split: str, img: Any, mask: Any):
+def _planes(sample: SampleSet, split: str, img: Any, mask: Any) -> Iterator[tuple[str, int, int | None, Any, Any]]:
     """(stem, t, z, image plane, instance plane) for every plane of the split, in order."""
     for t in _frames(sample, split):
         if sample.per_slice:
@@ -353,12 +354,13 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest: dict[str, Any] = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return manifest
 
 
-def materialize(name: str, split: str | None = None, out: str | os.PathLike | None = None) -> dict[str, Path]:
+def materialize(name: str, split: str | None = None, out: str | os.PathLike[str] | None = None) -> dict[str, Path]:
     """Write a sample set's splits as folders (or reuse them), deterministically and atomically.
 
     Args:

@@ -1,7 +1,7 @@
 """Fine-tuning data: normalisation parity, class remapping, real folders, bad inputs, per-batch mixing.
 
 Real images only: scikit-image's coins photograph with masks derived by Otsu thresholding
-(``finetune.samples``), and the session's real rendered ``tiny_dataset``.
+(``finetune.samples``), and the session's ``tiny_dataset`` (cells-like frames in the real dataset format).
 """
 
 from __future__ import annotations

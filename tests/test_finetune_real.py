@@ -141,7 +141,7 @@ def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny U-Net (classes background, nucleus, debris) fine-tuned for 30 steps on rendered cells."""
+    """A tiny U-Net (classes background, nucleus, debris) fine-tuned for 30 steps on tiny_dataset (cells-like)."""
     out = tmp_path_factory.mktemp("ft_real") / "run"
     assert main(["finetune", TINY, "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "30",
                  "train.val_every=30", "train.log_every=10"]) == 0
@@ -209,6 +209,7 @@ def test_evaluate_scores_model_and_baselines_on_real_frames(trained: Path, hela:
     assert "model vs classic baselines on real images" in err
 
 
+@pytest.mark.slow  # evaluates on 6 full-size HeLa frames
 def test_sample_reference_and_baseline_selection(trained: Path, tmp_path: Path, capsys,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))

@@ -1,6 +1,6 @@
 """Label-efficiency sweep and the training benchmark, at CPU smoke scale through the real CLI.
 
-Data: the rendered ``tiny_dataset`` (cells: background / nucleus / debris) as synthetic data; real labeled
+Data: ``tiny_dataset`` (cells-like frames: background / nucleus / debris) as synthetic data; real labeled
 folders cut from scikit-image's coins photograph with Otsu-derived masks, whose ``coin`` class is remapped
 onto ``nucleus`` (a real source with its own class names).
 """
@@ -20,6 +20,7 @@ from segfactory.cli import main
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 6 fine-tuning runs, then 3 re-runs
 def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
     from finetune.samples import make_coins_folder
     from pretrain.backbones import create_features_model

@@ -1,5 +1,6 @@
-"""End to end on CPU: fine-tune a tiny model on the real rendered ``tiny_dataset``, then predict, evaluate,
-export to ONNX, resume exactly, and every bad input the issue lists, through the real CLI.
+"""End to end on CPU: fine-tune a tiny model on ``tiny_dataset`` (cells-like frames written from NumPy in the real
+dataset format), then predict, evaluate, export to ONNX, resume exactly, and every bad input the issue lists,
+through the real CLI.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def cli(capsys: pytest.CaptureFixture | None, *args: str) -> tuple[int, str, str
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny U-Net fine-tuned for 40 steps on the rendered cells dataset (3 classes, 64 px)."""
+    """A tiny U-Net fine-tuned for 40 steps on the cells-like dataset (3 classes, 64 px)."""
     out = tmp_path_factory.mktemp("ft") / "run"
     rc = main(["finetune", TINY, "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "40",
                "train.val_every=20", "train.log_every=5"])
@@ -119,7 +120,7 @@ def test_tiling_matches_whole_image_prediction_away_from_seams(trained: Path, ti
     from finetune.predict import predict_mask
 
     model, meta = load_model_dir(trained / "model")
-    # An in-domain image (rendered cells frames, 3 x 3 of them: 192 px) the tiny model is sure about; on an
+    # An in-domain image (cells-like frames, 3 x 3 of them: 192 px) the tiny model is sure about; on an
     # out-of-domain photo its unsure pixels flip with the context a tile sees, by however it happened to train.
     ds = open_dataset(tiny_dataset)
     frames = [read_image(ref.rgb) for ref in list(ds.frames())[:9]]

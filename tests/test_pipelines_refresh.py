@@ -18,8 +18,6 @@ from segfactory.errors import EXIT_BUSY
 from segfactory.formats.dataset import open_dataset
 from segfactory.io import read_json, sha256_file
 
-pytestmark = pytest.mark.render
-
 
 def write_config(path: Path, real: Path) -> Path:
     path.write_text(yaml.safe_dump({
@@ -48,6 +46,7 @@ def refresh(cfg: Path, root: Path, capsys, *extra: str) -> dict:
     return read_json(root / "releases" / f"{out['release']}.json")
 
 
+@pytest.mark.render
 def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
     root, real = tmp_path / "root", tmp_path / "raw"
     real_images(real, ["astronaut", "coffee"])
@@ -102,6 +101,7 @@ def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
     assert dataset.meta["num_frames"] == 3
 
 
+@pytest.mark.render
 def test_overlapping_refresh_exits_busy_and_changes_nothing(tmp_path: Path, capsys):
     root = tmp_path / "root"
     cfg = write_config(tmp_path / "refresh.yaml", tmp_path / "none")
@@ -153,6 +153,8 @@ def test_shipped_schedules_run_a_valid_refresh_command():
     assert backends == ["local", "slurm", "kubernetes"]
 
 
+@pytest.mark.render
+@pytest.mark.slow  # renders, pretrains, fine-tunes and evaluates, then refreshes again
 def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     """train.enabled: the first refresh pretrains, fine-tunes and evaluates; an unchanged refresh reuses them;
     a new real image retrains; pruning keeps only the models kept releases use."""

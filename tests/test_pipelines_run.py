@@ -11,8 +11,6 @@ from conftest import CONFIGS
 
 from segfactory.cli import main
 
-pytestmark = pytest.mark.render
-
 TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.samples=2",
         "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "pretrain.train.steps=10",
         "pretrain.train.batch_size=8", "finetune.train.steps=20", "finetune.train.val_every=10",
@@ -27,6 +25,8 @@ def run(out: Path, capsys, *extra: str) -> dict:
     return json.loads(captured.out.strip().splitlines()[-1]) | {"_err": captured.err}
 
 
+@pytest.mark.render
+@pytest.mark.slow  # the whole chain, then three re-runs
 def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "run"
     first = run(out, capsys)

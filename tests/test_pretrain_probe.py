@@ -1,4 +1,4 @@
-"""The dense linear probe on a real rendered dataset (``tiny_dataset`` from conftest)."""
+"""The dense linear probe on a dataset in the real format (``tiny_dataset`` from conftest: cells-like frames)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,6 @@ from segfactory.formats.dataset import load_frame, open_dataset
 from segfactory.formats.imagefile import read_image
 from segfactory.io import read_json, sha256_file
 
-pytestmark = pytest.mark.render
-
 
 def check_layout(root: Path, channels: int, bit_depth: int) -> None:
     """Every documented file exists, checksums match the manifests, dtypes and value ranges are right."""
@@ -77,16 +75,18 @@ def check_coco(root: Path) -> int:
     return n_anns
 
 
-def test_cells_dataset_layout_coco_and_sheet(tiny_dataset: Path, tmp_path: Path):
-    check_layout(tiny_dataset, channels=1, bit_depth=8)
-    assert check_coco(tiny_dataset) > 20
+@pytest.mark.render
+def test_cells_dataset_layout_coco_and_sheet(rendered_cells_dataset: Path, tmp_path: Path):
+    check_layout(rendered_cells_dataset, channels=1, bit_depth=8)
+    assert check_coco(rendered_cells_dataset) > 20
     from segfactory.cli import main
 
-    assert main(["show", str(tiny_dataset), "--out", str(tmp_path / "sheet.png"), "--frames", "3"]) == 0
+    assert main(["show", str(rendered_cells_dataset), "--out", str(tmp_path / "sheet.png"), "--frames", "3"]) == 0
     sheet = read_image(tmp_path / "sheet.png")
     assert sheet.ndim == 3 and sheet.shape[0] > 300
 
 
+@pytest.mark.render
 def test_cells_camera_frames_16bit_offset_and_labels(tmp_path: Path, capsys):
     """configs/cells.yaml as shipped: 12-bit counts plus the 32768 offset in 16-bit PNGs, textured nuclei that stay
     whole in the labels, and show/stats work on it."""
@@ -126,6 +126,7 @@ def test_cells_camera_frames_16bit_offset_and_labels(tmp_path: Path, capsys):
     assert sheet.ndim == 3 and sheet[..., 0].std() > 20  # auto-contrast: not the flat gray of /257 scaling
 
 
+@pytest.mark.render
 def test_cells_pixels_do_not_depend_on_the_scenes_rendered_before(tmp_path: Path):
     """One render process renders many scenes: each scene's textures must be its own, never a previous scene's
     (Cycles' persistent data once served a freed texture's pixels to a new one allocated at the same address)."""
@@ -142,20 +143,22 @@ def test_cells_pixels_do_not_depend_on_the_scenes_rendered_before(tmp_path: Path
         assert np.array_equal(one[name], each[name]), name
 
 
-def test_street_dataset_layout_and_coco(tiny_street_dataset: Path, capsys):
-    check_layout(tiny_street_dataset, channels=3, bit_depth=8)
-    assert check_coco(tiny_street_dataset) > 0
+@pytest.mark.render
+def test_street_dataset_layout_and_coco(rendered_street_dataset: Path, capsys):
+    check_layout(rendered_street_dataset, channels=3, bit_depth=8)
+    assert check_coco(rendered_street_dataset) > 0
     from segfactory.cli import main
 
     capsys.readouterr()  # drop pycocotools' chatter
 
-    assert main(["stats", str(tiny_street_dataset), "--json"]) == 0
+    assert main(["stats", str(rendered_street_dataset), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     shares = {c["name"]: c["pixel_share"] for c in stats["classes"]}
     assert abs(sum(shares.values()) + stats["ignore_share"] - 1) < 1e-9
     assert shares["road"] > 0.05 and shares["sky"] > 0.01
 
 
+@pytest.mark.render
 def test_tabletop_with_user_mesh_16bit(tmp_path: Path):
     mesh = tmp_path / "duck.glb"
     trimesh.creation.capsule(height=1.0, radius=0.4).export(mesh)
@@ -174,13 +177,14 @@ def test_tabletop_with_user_mesh_16bit(tmp_path: Path):
     assert any((load_frame(r)["semantic"] == duck).any() for r in ds.frames())
 
 
-def test_same_config_and_seed_give_identical_labels(tiny_dataset: Path, tmp_path: Path):
+@pytest.mark.render
+def test_same_config_and_seed_give_identical_labels(rendered_cells_dataset: Path, tmp_path: Path):
     """Re-render the first shard of the fixture elsewhere: its id and every label file are identical."""
     out = tmp_path / "again"
     rc = render_cli(str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "4", "--views", "2",
                     "--resolution", "64", "--workers", "1", "dataset.scenes_per_shard=4", *CELLS_TINY)
     assert rc == 0
-    a, b = open_dataset(tiny_dataset), open_dataset(out)
+    a, b = open_dataset(rendered_cells_dataset), open_dataset(out)
     assert b.shard_ids[0] == a.shard_ids[0] and a.meta["config_hash"] == b.meta["config_hash"]
     fa, fb = a.manifest(a.shard_ids[0])["frames"], b.manifest(b.shard_ids[0])["frames"]
     for x, y in zip(fa, fb, strict=True):
@@ -202,6 +206,7 @@ def _render_small(out: Path, scenes: int = 3, workers: int = 2, *extra: str) -> 
                       "render.samples=2", *extra)
 
 
+@pytest.mark.render
 def test_resume_renders_only_missing_shards(tmp_path: Path, capsys):
     out = tmp_path / "ds"
     assert _render_small(out) == 0
@@ -222,6 +227,7 @@ def test_resume_renders_only_missing_shards(tmp_path: Path, capsys):
     check_layout(out, channels=1, bit_depth=16)
 
 
+@pytest.mark.render
 def test_other_sizes_and_shard_sizes_never_duplicate_scenes(tmp_path: Path, capsys):
     """Growing a dataset whose last shard was partial, or changing the shard size, re-plans the shards: the
     dataset lists each scene exactly once, and shards of the earlier plan stay on disk unlisted."""
@@ -239,6 +245,7 @@ def test_other_sizes_and_shard_sizes_never_duplicate_scenes(tmp_path: Path, caps
                   for fr in open_dataset(out).manifest(s)["frames"]) == [0, 1, 2]
 
 
+@pytest.mark.render
 def test_crashing_shard_is_reported_and_others_finish(tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "crash@1")
@@ -256,6 +263,8 @@ def test_crashing_shard_is_reported_and_others_finish(tmp_path: Path, monkeypatc
     assert failed[0] in open_dataset(out).shard_ids
 
 
+@pytest.mark.render
+@pytest.mark.slow  # waits out a 25 s render timeout
 def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "hang@0,hang-once@1")
@@ -294,10 +303,11 @@ def test_bad_inputs_stop_before_rendering(tmp_path: Path, capsys):
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcde")
 
 
-def test_existing_dataset_of_other_config_is_refused(tiny_dataset: Path, capsys):
+@pytest.mark.render
+def test_existing_dataset_of_other_config_is_refused(rendered_cells_dataset: Path, capsys):
     from segfactory.cli import main
 
-    rc = main(["render", str(CONFIGS / "cells.yaml"), "--out", str(tiny_dataset), "--resolution", "96"])
+    rc = main(["render", str(CONFIGS / "cells.yaml"), "--out", str(rendered_cells_dataset), "--resolution", "96"])
     assert rc == EXIT_USER
     assert "different config" in capsys.readouterr().err
 
@@ -306,6 +316,7 @@ def test_existing_dataset_of_other_config_is_refused(tiny_dataset: Path, capsys)
 # albedo to guide it), so the color-derived map, not the labels, loses a little; a 1 px shift still scores ~97 %.
 @pytest.mark.parametrize(("settings", "min_agreement"), [([], 0.999), (["--defaults"], 0.998)],
                          ids=["clean-256-samples", "default-render-settings"])
+@pytest.mark.render
 def test_label_alignment_with_rgb(settings: list[str], min_agreement: float):
     """Flat emission colors: the color-derived class map agrees with the label map on >= 99.9 % of pixels of a
     clean render, while the same labels shifted by one pixel would not; and the default color settings that

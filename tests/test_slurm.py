@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO
 from test_pipelines_faults import verify_complete, wait_until
 
-pytestmark = pytest.mark.render
+pytestmark = [pytest.mark.render, pytest.mark.slurm]
 
 JOB_NAME = "segfactory-test-worker"
 

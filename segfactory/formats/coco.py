@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pycocotools import mask as mask_utils
 
 
-def frame_annotations(instance: np.ndarray, semantic: np.ndarray, image_id: int, first_ann_id: int
-                      ) -> list[dict[str, Any]]:
+def frame_annotations(instance: npt.NDArray[np.uint16], semantic: npt.NDArray[np.uint8], image_id: int,
+                      first_ann_id: int) -> list[dict[str, Any]]:
     """One COCO annotation per instance id in the frame.
 
     Args:

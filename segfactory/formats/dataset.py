@@ -14,24 +14,34 @@ Layout::
 
 A shard directory without ``manifest.json`` does not exist (it is an interrupted write). Shards are committed
 with the shared unit protocol of :mod:`segfactory.io` (attempt directory, manifest last, fsync, rename).
+
+Renders write shards one by one (:class:`ShardWriter`, :func:`commit_shard`, :func:`write_dataset_meta`);
+:func:`write_dataset` writes a whole small dataset from NumPy arrays through the same calls (test fixtures,
+converted label sets).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
+from segfactory import code_version
 from segfactory.errors import UserError
 from segfactory.formats.coco import coco_document, frame_annotations
-from segfactory.formats.imagefile import read_image, write_image
+from segfactory.formats.imagefile import ImageArray, read_image, write_image
 from segfactory.io import (
     MANIFEST_FILE,
     atomic_write_json,
+    canonical_hash,
     commit_unit,
     committed_units,
     is_committed,
@@ -52,9 +62,9 @@ DEPTH_SCALE_M = 0.001  # one depth unit in metres (uint16 millimetres)
 DEPTH_UNITS_PER_SCENE_UNIT = 1000.0  # depth PNGs hold 1/1000 scene units (mm for metre scenes)
 DEPTH_MAX = 65535
 
-__all__ = ["DATASET_FILE", "IGNORE_INDEX", "MANIFEST_FILE", "SHARDS_DIR", "Dataset", "FrameRef", "ShardWriter",
-           "commit_shard", "committed_shards", "is_committed", "load_frame", "new_shard_attempt", "open_dataset",
-           "remove_stale_shard_writes", "shard_dir", "write_dataset_meta"]
+__all__ = ["DATASET_FILE", "IGNORE_INDEX", "MANIFEST_FILE", "SHARDS_DIR", "Dataset", "FrameArrays", "FrameRef",
+           "ShardWriter", "commit_shard", "committed_shards", "is_committed", "load_frame", "new_shard_attempt",
+           "open_dataset", "remove_stale_shard_writes", "shard_dir", "write_dataset", "write_dataset_meta"]
 
 
 @dataclass(frozen=True)
@@ -85,11 +95,12 @@ class Dataset:
 
     @property
     def classes(self) -> list[dict[str, Any]]:
-        return self.meta["classes"]
+        classes: list[dict[str, Any]] = self.meta["classes"]
+        return classes
 
     @property
     def num_classes(self) -> int:
-        return max(c["id"] for c in self.classes) + 1
+        return max(int(c["id"]) for c in self.classes) + 1
 
     @property
     def ignore_index(self) -> int:
@@ -106,7 +117,8 @@ class Dataset:
         return self.root / SHARDS_DIR / shard_id
 
     def manifest(self, shard_id: str) -> dict[str, Any]:
-        return read_json(self.shard_dir(shard_id) / MANIFEST_FILE)
+        manifest: dict[str, Any] = read_json(self.shard_dir(shard_id) / MANIFEST_FILE)
+        return manifest
 
     def frames(self) -> Iterator[FrameRef]:
         """All frames of all committed shards, in shard then manifest order."""
@@ -121,16 +133,16 @@ class Dataset:
         return sum(len(self.manifest(s)["frames"]) for s in self.shard_ids)
 
 
-def shard_dir(root: str | os.PathLike, shard_id: str) -> Path:
+def shard_dir(root: str | os.PathLike[str], shard_id: str) -> Path:
     return Path(root) / SHARDS_DIR / shard_id
 
 
-def committed_shards(root: str | os.PathLike) -> list[str]:
+def committed_shards(root: str | os.PathLike[str]) -> list[str]:
     """Every committed shard on disk, listed in dataset.json or not."""
     return committed_units(Path(root) / SHARDS_DIR)
 
 
-def open_dataset(root: str | os.PathLike) -> Dataset:
+def open_dataset(root: str | os.PathLike[str]) -> Dataset:
     """Open a rendered dataset, or raise a UserError saying why it is not one."""
     root = Path(root)
     meta_path = root / DATASET_FILE
@@ -149,7 +161,7 @@ def open_dataset(root: str | os.PathLike) -> Dataset:
     return Dataset(root, meta, [sid for sid in committed_shards(root) if sid in listed])
 
 
-def load_frame(ref: FrameRef) -> dict[str, np.ndarray]:
+def load_frame(ref: FrameRef) -> dict[str, ImageArray]:
     """Load one frame.
 
     Returns:
@@ -163,7 +175,7 @@ def load_frame(ref: FrameRef) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def new_shard_attempt(root: str | os.PathLike, shard_id: str) -> Path:
+def new_shard_attempt(root: str | os.PathLike[str], shard_id: str) -> Path:
     """A fresh attempt directory (with the frame subfolders) next to where the shard will be committed."""
     tmp = new_attempt_dir(Path(root) / SHARDS_DIR, shard_id)
     for sub in FRAME_KINDS:
@@ -171,7 +183,7 @@ def new_shard_attempt(root: str | os.PathLike, shard_id: str) -> Path:
     return tmp
 
 
-def remove_stale_shard_writes(root: str | os.PathLike, shard_id: str | None = None) -> int:
+def remove_stale_shard_writes(root: str | os.PathLike[str], shard_id: str | None = None) -> int:
     """Delete leftovers of interrupted shard writes (all, or those of one shard). Returns how many."""
     return len(remove_stale_attempts(Path(root) / SHARDS_DIR, shard_id))
 
@@ -209,8 +221,9 @@ class ShardWriter:
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
 
-    def add(self, scene_index: int, view: int, rgb: np.ndarray, semantic: np.ndarray, instance: np.ndarray,
-            depth: np.ndarray, camera: dict[str, Any], post: dict[str, Any]) -> None:
+    def add(self, scene_index: int, view: int, rgb: ImageArray, semantic: npt.NDArray[np.uint8],
+            instance: npt.NDArray[np.uint16], depth: npt.NDArray[np.uint16], camera: dict[str, Any],
+            post: dict[str, Any]) -> None:
         """Write one frame's files.
 
         Args:
@@ -261,7 +274,7 @@ class ShardWriter:
         atomic_write_json(self.tmp / MANIFEST_FILE, manifest)  # last: the commit mark
 
 
-def write_dataset_meta(root: str | os.PathLike, meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
+def write_dataset_meta(root: str | os.PathLike[str], meta: dict[str, Any], shard_ids: list[str]) -> dict[str, Any]:
     """Rewrite ``dataset.json`` listing those of ``shard_ids`` that are committed on disk.
 
     Only listed shards are part of the dataset (:func:`open_dataset`). Committed shards of another plan (a render
@@ -287,3 +300,147 @@ def write_dataset_meta(root: str | os.PathLike, meta: dict[str, Any], shard_ids:
             "num_shards": len(shards), "num_frames": sum(s["frames"] for s in shards)}
     atomic_write_json(root / DATASET_FILE, meta)
     return meta
+
+
+# ------------------------------------------------------------------------------------------ from arrays
+
+
+@dataclass(frozen=True)
+class FrameArrays:
+    """One view of a scene in the dataset's pixel formats (the arrays :meth:`ShardWriter.add` writes).
+
+    Attributes:
+        rgb: (H, W, 3) RGB or (H, W) gray, uint8 or uint16.
+        semantic: (H, W) uint8 class ids, :data:`IGNORE_INDEX` = ignore.
+        instance: (H, W) uint16 instance ids, 0 = none; the same object keeps its id in every view of its scene.
+        depth: (H, W) uint16 in 1/1000 scene units, 0 = no surface, :data:`DEPTH_MAX` = at or beyond 65.535 units.
+        camera: The view's camera record (stored in the manifest).
+        post: The view's post-processing parameters (stored in the manifest).
+    """
+
+    rgb: ImageArray
+    semantic: npt.NDArray[np.uint8]
+    instance: npt.NDArray[np.uint16]
+    depth: npt.NDArray[np.uint16]
+    camera: dict[str, Any] = field(default_factory=dict)
+    post: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_frame(frame: FrameArrays, first: FrameArrays, class_ids: set[int], where: str) -> None:
+    """Raise a ValueError unless ``frame`` has the dataset's dtypes and shapes and only known class ids."""
+    if frame.semantic.ndim != 2:
+        raise ValueError(f"{where}: semantic has shape {frame.semantic.shape}, expected (H, W)")
+    shape = first.semantic.shape
+    for name, arr, dtypes in (("rgb", frame.rgb, (np.uint8, np.uint16)), ("semantic", frame.semantic, (np.uint8,)),
+                              ("instance", frame.instance, (np.uint16,)), ("depth", frame.depth, (np.uint16,))):
+        if arr.dtype not in dtypes or arr.shape[:2] != shape or (name != "rgb" and arr.ndim != 2):
+            raise ValueError(f"{where}: {name} is {arr.dtype} {arr.shape}, expected "
+                             f"{' or '.join(np.dtype(d).name for d in dtypes)} of {shape[0]}x{shape[1]} pixels")
+    if frame.rgb.ndim == 3 and frame.rgb.shape[2] != 3:
+        raise ValueError(f"{where}: rgb has {frame.rgb.shape[2]} channels, expected 3 (RGB) or an (H, W) gray image")
+    if frame.rgb.dtype != first.rgb.dtype or frame.rgb.shape != first.rgb.shape:
+        raise ValueError(f"{where}: rgb is {frame.rgb.dtype} {frame.rgb.shape} but the first frame's is "
+                         f"{first.rgb.dtype} {first.rgb.shape} (one dataset, one image format)")
+    unknown = {int(v) for v in np.unique(frame.semantic)} - class_ids - {IGNORE_INDEX}
+    if unknown:
+        raise ValueError(f"{where}: semantic holds class id(s) {sorted(unknown)} that are not in the classes")
+
+
+def _scene_digest(frames: Sequence[FrameArrays]) -> str:
+    h = hashlib.sha256()
+    for f in frames:
+        for arr in (f.rgb, f.semantic, f.instance, f.depth):
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(canonical_hash([f.camera, f.post]).encode())
+    return h.hexdigest()
+
+
+def write_dataset(root: str | os.PathLike[str], scenes: Sequence[Sequence[FrameArrays]],
+                  classes: Sequence[Mapping[str, Any]], *, family: str, seed: int = 0, scenes_per_shard: int = 4,
+                  image_format: Literal["png", "jpg"] = "png", jpeg_quality: int = 95, background_class: int = 0,
+                  unit_m: float = 1.0, source: Mapping[str, Any] | None = None) -> Dataset:
+    """Write a complete dataset from NumPy arrays, through the same writer and commit protocol as a render.
+
+    Frame ``s<scene>_v<view>`` is ``scenes[scene][view]``. Scenes are split into shards of ``scenes_per_shard``
+    like a render's plan; each shard gets its files, ``coco.json`` and, last, ``manifest.json`` in an attempt
+    directory that is then committed, and ``dataset.json`` lists them. Shard ids have a render's form,
+    ``<family>-<first scene>-<hash>``, the hash covering the pixels, so other pixels never reuse a shard id.
+    There is no ``config.yaml`` (no render config made the frames); ``dataset.json`` says ``"generator":
+    "arrays"`` and carries ``source``. Everything is held in memory: this is for small datasets.
+
+    Args:
+        root: New or empty dataset directory.
+        scenes: Per scene, its views (at least one scene with one view).
+        classes: ``[{id, name, color, thing}]``; ``thing`` classes get COCO instances.
+        family: Name for the shard ids and ``dataset.json`` (like a scene family's).
+        seed: Recorded as the dataset's seed (frame records hold ``[seed, scene]``).
+        scenes_per_shard: Scenes per shard.
+        image_format: ``png`` (lossless) or ``jpg`` for the RGB files.
+        jpeg_quality: JPEG quality.
+        background_class: Class of pixels where no object is (``dataset.json``'s ``background_class``).
+        unit_m: Length of one scene unit in metres (depth scale: ``DEPTH_SCALE_M * unit_m`` per depth unit).
+        source: JSON-able description of where the arrays came from (written into ``dataset.json``).
+
+    Returns:
+        The opened dataset.
+
+    Raises:
+        UserError: ``root`` is a file or a non-empty directory.
+        ValueError: no frames, frames of another dtype or shape than the first, unknown class ids, or classes
+            without ``id``, ``name``, ``color`` or ``thing``.
+    """
+    root = Path(root)
+    if root.is_file() or (root.is_dir() and any(root.iterdir())):
+        raise UserError(f"'{root}' is not a new or empty directory", fix="write the dataset into a new directory")
+    if not scenes or not all(scenes):
+        raise ValueError("write_dataset needs at least one scene, and every scene at least one view")
+    if scenes_per_shard < 1:
+        raise ValueError(f"scenes_per_shard must be >= 1, got {scenes_per_shard}")
+    class_list: list[dict[str, Any]] = [
+        {"id": int(c["id"]), "name": str(c["name"]), "color": [int(v) for v in c["color"]], "thing": bool(c["thing"])}
+        for c in classes]
+    first = scenes[0][0]
+    for s, views in enumerate(scenes):
+        for v, frame in enumerate(views):
+            _check_frame(frame, first, {c["id"] for c in class_list}, f"scene {s} view {v}")
+    config_hash = canonical_hash({"family": family, "seed": seed, "classes": class_list, "unit_m": unit_m,
+                                  "image_format": image_format, "scenes": [_scene_digest(v) for v in scenes]})
+    version = code_version("segfactory")
+    root.mkdir(parents=True, exist_ok=True)
+    shard_ids = []
+    for index, start in enumerate(range(0, len(scenes), scenes_per_shard)):
+        stop = min(start + scenes_per_shard, len(scenes))
+        shard_id = f"{family}-{start:06d}-{canonical_hash({'config': config_hash, 'scenes': [start, stop]}, 10)}"
+        tmp = new_shard_attempt(root, shard_id)
+        try:
+            writer = ShardWriter(tmp, shard_id, index, seed, (start, stop), class_list, image_format, jpeg_quality)
+            for s in range(start, stop):
+                for v, frame in enumerate(scenes[s]):
+                    writer.add(s, v, frame.rgb, frame.semantic, frame.instance, frame.depth, frame.camera,
+                               frame.post)
+            writer.finish({"config_hash": config_hash, "code_version": version, "family": family,
+                           "generator": "arrays",
+                           "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+            commit_shard(tmp, shard_dir(root, shard_id))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shard_ids.append(shard_id)
+    h, w = first.semantic.shape
+    meta = {
+        "family": family,
+        "generator": "arrays",
+        "source": dict(source or {}),
+        "classes": class_list,
+        "ignore_index": IGNORE_INDEX,
+        "background_class": background_class,
+        # A render's resolution is the side of its square frames; [width, height] says a frame is not square.
+        "image": {"format": image_format, "bit_depth": 16 if first.rgb.dtype == np.uint16 else 8,
+                  "channels": 1 if first.rgb.ndim == 2 else 3, "resolution": w if w == h else [w, h]},
+        "depth": {"dtype": "uint16", "scale_m": DEPTH_SCALE_M * unit_m, "invalid": 0, "saturated": DEPTH_MAX},
+        "config_hash": config_hash,
+        "code_version": version,
+    }
+    write_dataset_meta(root, meta, shard_ids)
+    return open_dataset(root)

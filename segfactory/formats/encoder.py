@@ -41,7 +41,7 @@ REQUIRED_KEYS = ("format", "version", "timm_name", "in_chans", "feature_channels
                  "normalization", "method", "steps", "data_manifest_hash", "created", "code_version")
 
 
-def save_encoder(out_dir: str | os.PathLike, body: nn.Module, *, timm_name: str, in_chans: int,
+def save_encoder(out_dir: str | os.PathLike[str], body: nn.Module, *, timm_name: str, in_chans: int,
                  normalization: Mapping[str, list[float]], method: str, steps: int,
                  data_manifest_hash: str | None, timm_kwargs: Mapping[str, Any] | None = None,
                  smp_compatible: bool = True, extra: Mapping[str, Any] | None = None) -> Path:
@@ -65,10 +65,13 @@ def save_encoder(out_dir: str | os.PathLike, body: nn.Module, *, timm_name: str,
         The encoder directory.
     """
     from safetensors.torch import save
+    from timm.models import FeatureInfo
 
+    info = getattr(body, "feature_info", None)
+    if not isinstance(info, FeatureInfo):
+        raise TypeError(f"save_encoder needs a features_only timm model, got a {type(body).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    info = body.feature_info  # type: ignore[attr-defined]
     # contiguous CPU copies: safetensors refuses shared or strided storage
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in body.state_dict().items()}
     blob = save(state, metadata={"format": FORMAT, "timm_name": timm_name})
@@ -101,7 +104,7 @@ def save_encoder(out_dir: str | os.PathLike, body: nn.Module, *, timm_name: str,
     return out
 
 
-def read_encoder_meta(enc_dir: str | os.PathLike) -> dict[str, Any]:
+def read_encoder_meta(enc_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate ``encoder.json``.
 
     Raises:
@@ -130,7 +133,7 @@ def read_encoder_meta(enc_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_encoder(enc_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_encoder(enc_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load an exported encoder.
 
     Returns:
@@ -159,7 +162,7 @@ def load_encoder(enc_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
 
 def check_state_fits(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], meta: dict[str, Any],
-                enc_dir: str | os.PathLike, what: str) -> None:
+                enc_dir: str | os.PathLike[str], what: str) -> None:
     """Raise a UserError naming the first difference between two state dicts' keys and shapes."""
     fix = (f"build the model with encoder_name='tu-{meta['timm_name']}' and in_channels={meta['in_chans']}, "
            "or pass an encoder of the model's architecture")

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from segfactory.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
+ImageArray = npt.NDArray[np.unsignedinteger[Any]]
+"""An image as read and written here: (H, W) gray or (H, W, 3) RGB, uint8 or uint16."""
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+
+def read_image(path: str | os.PathLike[str]) -> ImageArray:
     """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
 
     Alpha channels are dropped; TIFFs are read with tifffile (first page), everything else with OpenCV.
@@ -24,7 +29,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         UserError: unreadable file or unsupported pixel type, naming the file.
     """
     path = Path(path)
-    img: np.ndarray | None
+    img: npt.NDArray[Any] | None
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
@@ -55,7 +60,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
+def read_mask(path: str | os.PathLike[str]) -> npt.NDArray[np.uint8] | npt.NDArray[np.int32]:
     """Read a class-id mask PNG as (H, W) integers (palette PNGs give their indices, not colours).
 
     Raises:
@@ -66,20 +71,19 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
                 raise UserError(f"mask '{path}' is a {im.mode} image, not class ids",
                                 fix="save masks as single-channel PNGs whose values are class ids")
-            arr = np.array(im)
+            arr: npt.NDArray[Any] = np.array(im)
     except UserError:
         raise
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read mask '{path}': {e}", fix="re-save it as a single-channel PNG") from None
-    return arr.astype(np.int32 if arr.dtype != np.uint8 else np.uint8, copy=False)
+    return arr if arr.dtype == np.uint8 else arr.astype(np.int32, copy=False)
 
 
-def write_image(path: str | os.PathLike, img: np.ndarray, jpeg_quality: int = 95) -> None:
+def write_image(path: str | os.PathLike[str], img: ImageArray, jpeg_quality: int = 95) -> None:
     """Write PNG/JPEG (RGB in, OpenCV's BGR on disk; 8 or 16 bit), failing loudly instead of silently."""
     path = Path(path)
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    on_disk = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
     params = ([cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if path.suffix in (".jpg", ".jpeg")
               else [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not cv2.imwrite(str(path), img, params):
+    if not cv2.imwrite(str(path), on_disk, params):
         raise OSError(f"could not write {path}")

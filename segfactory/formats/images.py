@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from segfactory import code_version
 from segfactory.errors import UserError
@@ -56,15 +57,15 @@ __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", 
            "data_hash", "decode_entry", "iter_manifests", "known_files", "open_images", "read_stored", "shards_dir"]
 
 
-def shards_dir(root: str | os.PathLike) -> Path:
+def shards_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root) / SHARDS_DIR
 
 
-def committed_shards(root: str | os.PathLike) -> list[str]:
+def committed_shards(root: str | os.PathLike[str]) -> list[str]:
     return committed_units(shards_dir(root))
 
 
-def clean_uncommitted(root: str | os.PathLike) -> list[str]:
+def clean_uncommitted(root: str | os.PathLike[str]) -> list[str]:
     """Remove leftovers of interrupted runs (attempt dirs, shard dirs without a manifest)."""
     return remove_stale_attempts(shards_dir(root), uncommitted=True)
 
@@ -83,7 +84,7 @@ class ImageShardWriter:
         shard_id: ``<run>-<chunk>``.
     """
 
-    def __init__(self, root: str | os.PathLike, shard_id: str):
+    def __init__(self, root: str | os.PathLike[str], shard_id: str):
         self.final = shards_dir(root) / shard_id
         self.shard_id = shard_id
         shards_dir(root).mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ class ImageShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def read_stored(shard_dir: str | os.PathLike, rec: dict[str, Any]) -> bytes:
+def read_stored(shard_dir: str | os.PathLike[str], rec: dict[str, Any]) -> bytes:
     """The stored file bytes of one manifest image record."""
     with open(Path(shard_dir) / PACK_FILE, "rb") as f:
         f.seek(rec["offset"])
@@ -139,14 +140,14 @@ def read_stored(shard_dir: str | os.PathLike, rec: dict[str, Any]) -> bytes:
 # ------------------------------------------------------------------------------------ reading the output
 
 
-def iter_manifests(root: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], str]]:
+def iter_manifests(root: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any], str]]:
     """``(shard_id, manifest, manifest_sha256)`` of every committed shard, in shard order."""
     for sid in committed_shards(root):
         raw = (shards_dir(root) / sid / MANIFEST_FILE).read_bytes()
         yield sid, json.loads(raw), sha256_bytes(raw)
 
 
-def known_files(root: str | os.PathLike) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
+def known_files(root: str | os.PathLike[str]) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
     """What earlier runs already handled.
 
     Returns:
@@ -166,7 +167,7 @@ def known_files(root: str | os.PathLike) -> tuple[set[tuple[str, int, int]], dic
     return keys, shas, last_run
 
 
-def build_index(root: str | os.PathLike) -> dict[str, Any]:
+def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth)."""
     shards = []
     rejected_lines = []
@@ -265,7 +266,7 @@ class IngestedImages:
         return sum(e.channels == 1 for e in self.entries)
 
 
-def open_images(root: str | os.PathLike) -> IngestedImages:
+def open_images(root: str | os.PathLike[str]) -> IngestedImages:
     """Open the output of ``segfactory ingest`` (reading the committed shard manifests).
 
     Raises:
@@ -305,7 +306,7 @@ def read_entry_bytes(entry: ImageEntry) -> bytes:
     return data
 
 
-def decode_entry(entry: ImageEntry, flag: int | None = None) -> np.ndarray:
+def decode_entry(entry: ImageEntry, flag: int | None = None) -> npt.NDArray[np.uint8]:
     """Decode one stored image with OpenCV: (H, W) gray or (H, W, 3) RGB uint8 (``flag``: an ``IMREAD_*``
     flag, e.g. a reduced-size JPEG decode; default: as stored)."""
     import cv2
@@ -315,8 +316,11 @@ def decode_entry(entry: ImageEntry, flag: int | None = None) -> np.ndarray:
     if img is None:
         raise OSError(f"cannot decode the image at offset {entry.offset} of '{entry.path}' "
                       "(was the images directory modified?)")
+    if img.dtype != np.uint8:  # ingest stores 8-bit images only
+        raise OSError(f"the image at offset {entry.offset} of '{entry.path}' is {img.dtype}, not 8-bit "
+                      "(was the images directory modified?)")
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img
+    return np.asarray(img, dtype=np.uint8)  # no copy: only gives the checked dtype its type
 
 

@@ -28,7 +28,7 @@ ONNX_FILE = "model.onnx"
 WRITER_PACKAGES = ("finetune", "pretrain", "segfactory.augment", "segfactory.seeds", "segfactory.torchutil")
 
 
-def write_model_dir(out_dir: str | os.PathLike, blob: bytes, meta: dict[str, Any]) -> Path:
+def write_model_dir(out_dir: str | os.PathLike[str], blob: bytes, meta: dict[str, Any]) -> Path:
     """Write a model dir atomically: a complete sibling directory is swapped in place of the old one.
 
     Args:
@@ -56,7 +56,7 @@ def write_model_dir(out_dir: str | os.PathLike, blob: bytes, meta: dict[str, Any
 _REQUIRED = ("format", "version", "architecture", "classes", "num_classes", "ignore_index", "input")
 
 
-def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+def read_model_meta(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate ``model.json`` (and that the weights file exists).
 
     Raises:
@@ -89,7 +89,7 @@ def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 
-def read_model_weights(model_dir: str | os.PathLike, meta: dict[str, Any]) -> bytes:
+def read_model_weights(model_dir: str | os.PathLike[str], meta: dict[str, Any]) -> bytes:
     """The weights file's bytes, checked against model.json's sha256.
 
     Raises:
