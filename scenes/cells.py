@@ -17,6 +17,8 @@ covers, so the same nuclei appear at different sizes in pixels.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydantic import Field
 
@@ -26,7 +28,7 @@ from scenes.fluorescence import NucleusLook, nucleus_texture
 from scenes.placement import Footprint, place_footprints
 from scenes.randomization import CountRange, PosRange, Range, integers, sample_post, uniform
 from scenes.registry import SceneContext, register_scene
-from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, World
+from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, World, vec3
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -169,29 +171,29 @@ def sample_cells(ctx: SceneContext) -> SceneSpec:
     cameras = []
     for _ in range(ctx.views):
         half = (slide - field) / 2
-        xy = rng.uniform(-half, half, 2) if half > 0 else np.zeros(2)
-        loc = np.array([xy[0], xy[1], 50.0])
+        pan = rng.uniform(-half, half, 2) if half > 0 else np.zeros(2)
+        loc = np.array([pan[0], pan[1], 50.0])
         # Look straight down with a random in-plane rotation (the 'up' vector sets the image orientation).
         angle = rng.uniform(0, 2 * np.pi)
         rot = look_at(loc, loc - [0, 0, 1], up=np.array([np.cos(angle), np.sin(angle), 0.0]))
-        cameras.append(Camera(tuple(loc), rot, projection="orthographic", ortho_scale=field,  # type: ignore[arg-type]
+        cameras.append(Camera(vec3(loc), rot, projection="orthographic", ortho_scale=field,
                               clip_start=1.0, clip_end=100.0))
     post = [sample_post(rng, r.post, linear=True, gain=HEADROOM) for _ in range(ctx.views)]
     return SceneSpec("cells", ctx.classes, cid("background"), objects, [], World((0, 0, 0), (0, 0, 0), 0.0),
                      cameras, post, film="raw")
 
 
-def _frame_style(rng: np.random.Generator, p: CellsParams) -> dict[str, float]:
+def _frame_style(rng: np.random.Generator, p: CellsParams) -> dict[str, Any]:
     """One frame's staining and optics: all its nuclei vary around these."""
     keys = ("chromatin_contrast", "rim", "rim_width", "edge_width", "nucleolus_contrast", "speckle_density",
             "speckle_brightness")
-    style = {k: uniform(rng, getattr(p, k)) for k in keys}
+    style: dict[str, Any] = {k: uniform(rng, getattr(p, k)) for k in keys}
     lo, hi = p.chromatin_scale
-    style["scales"] = tuple(float(s) for s in np.geomspace(max(lo, 1e-3), max(hi, 1e-3), 3))  # type: ignore[assignment]
+    style["scales"] = tuple(float(s) for s in np.geomspace(max(lo, 1e-3), max(hi, 1e-3), 3))
     return style
 
 
-def _nucleus_look(rng: np.random.Generator, p: CellsParams, style: dict) -> NucleusLook:
+def _nucleus_look(rng: np.random.Generator, p: CellsParams, style: dict[str, Any]) -> NucleusLook:
     def jit(v: float) -> float:
         return v * float(rng.lognormal(0.0, STYLE_JITTER))
 
