@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finetune.data.normalize import image_range, to_unit
+from finetune.data.normalize import image_range, resolve_scaling, to_unit
 from finetune.data.sources import Source
 from segfactory.errors import UserError
 
@@ -133,7 +133,7 @@ def random_window(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random
         image (C, window, window) float32 in [0, 1], mask (window, window) uint8.
     """
     h, w = mask.shape
-    value_range = image_range(img, scaling) if scaling != "dtype" else None
+    value_range = image_range(img, scaling) if resolve_scaling(img, scaling) != "dtype" else None
     y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
     x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
     img = img[y0:y0 + window, x0:x0 + window]
