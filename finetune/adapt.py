@@ -123,12 +123,14 @@ def pixel_weights(pl: PseudoLabels, mode: str = "quality") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ ClassMix
 
 
-def classmix_masks(labels: torch.Tensor, generator: torch.Generator, ignore_index: int = 255) -> torch.Tensor:
+def classmix_masks(labels: torch.Tensor, generator: torch.Generator, ignore_index: int = 255,
+                   candidates: list[int] | None = None) -> torch.Tensor:
     """Per image, a mask of half of the classes present in its labels (DACS: ``ceil(n / 2)`` of ``n``).
 
     Args:
         labels: (B, H, W) int class ids of the images to paste from; ``ignore_index`` is never chosen.
         generator: On ``labels``' device.
+        candidates: Only these classes may be chosen (e.g. the thing classes); default all.
 
     Returns:
         (B, H, W) bool, True where the pixel is pasted.
@@ -137,6 +139,9 @@ def classmix_masks(labels: torch.Tensor, generator: torch.Generator, ignore_inde
     for lab in labels:
         classes = torch.unique(lab)
         classes = classes[classes != ignore_index]
+        if candidates is not None:
+            classes = classes[torch.isin(classes, torch.as_tensor(candidates, device=classes.device,
+                                                                  dtype=classes.dtype))]
         n = int(classes.numel())
         if n == 0:
             masks.append(torch.zeros_like(lab, dtype=torch.bool))
@@ -256,7 +261,7 @@ def match_histograms(src: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     s = src.reshape(b, c, -1).float()
     r = ref.reshape(b, c, -1).float().sort(-1).values
     n, m = s.shape[-1], r.shape[-1]
-    s_sorted, order = s.sort(-1, stable=True)
+    s_sorted, order = s.sort(dim=-1, stable=True)
     lo = torch.searchsorted(s_sorted.contiguous(), s_sorted.contiguous(), right=False)
     hi = torch.searchsorted(s_sorted.contiguous(), s_sorted.contiguous(), right=True)
     pos = ((lo + hi).float() / (2 * n) * m - 0.5).clamp(0, m - 1)

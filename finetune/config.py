@@ -262,6 +262,8 @@ class AdaptConfig(StrictModel):
         warmup_steps: Source-only steps before self-training starts (the teacher then starts as a copy).
         batch_size: Real crops per step; default ``train.batch_size``.
         mix: ``classmix`` pastes synthetic classes into real crops; ``none`` trains on the real crops alone.
+        mix_classes: Which classes ClassMix draws half of: ``all`` present in the synthetic crop (DACS), or
+            only its ``things`` (objects; the thing classes of the rendered dataset).
         teacher_norm: ``batch``: the teacher's BatchNorm uses the statistics of the real batch it labels;
             ``running``: its running statistics (an EMA of the student's).
         jitter_p: Probability of colour jitter (brightness, contrast, saturation, hue) on a mixed image.
@@ -283,6 +285,7 @@ class AdaptConfig(StrictModel):
     warmup_steps: int = Field(default=0, ge=0)
     batch_size: int | None = Field(default=None, ge=1)
     mix: Literal["classmix", "none"] = "classmix"
+    mix_classes: Literal["all", "things"] = "all"
     teacher_norm: Literal["batch", "running"] = "batch"
     jitter_p: float = Field(default=0.2, ge=0, le=1)
     jitter: float = Field(default=0.2, ge=0, le=0.5)

@@ -101,9 +101,12 @@ def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
             + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
 
 
-def dropout_seed(seed: int, step: int) -> int:
-    """Seed of the global torch RNG during the forward pass of ``step``: dropout masks are (seed, step) only."""
-    return int(np.random.SeedSequence([seed, step, 0xD209]).generate_state(1, np.uint64)[0])
+def dropout_seed(seed: int, step: int, salt: int = 0) -> int:
+    """Seed of the global torch RNG during the forward pass of ``step``: dropout masks are (seed, step) only.
+
+    ``salt`` tells apart several forward passes of one step (the self-training pass uses 1)."""
+    entropy = [seed, step, 0xD209] + ([salt] if salt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 class Trainer:
@@ -118,9 +121,11 @@ class Trainer:
     def prepare(self, resume: bool) -> None:
         from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder, read_encoder
         from finetune.predict import amp_dtype, resolve_device
+        from finetune.selftrain import check_adapt_config
 
         cfg = self.cfg
         t = cfg.train
+        check_adapt_config(cfg)
         self.device = resolve_device(t.device)
         if t.amp in ("fp16", "bf16") and self.device.type != "cuda":
             raise UserError(f"train.amp={t.amp} needs a CUDA device (training runs on {self.device})",
@@ -172,12 +177,38 @@ class Trainer:
                 raise UserError(f"input.{name} has {len(v)} values for {c} input channel(s)",
                                 fix=f"give {c} value(s) or leave input.{name} unset")
         self.input_spec = {"in_chans": c, "scaling": cfg.input.scaling, "mean": [float(v) for v in mean],
-                           "std": [float(v) for v in std]}
+                           "std": [float(v) for v in std],
+                           # input.scale=auto: 1 until estimated at the end of the source-only phase
+                           "scale": 1.0 if cfg.input.scale == "auto" else float(cfg.input.scale)}
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._build_loss()
         self._build_optimizer()
+        self.adapt = self._build_adapt()
+
+    def _build_adapt(self):
+        """Domain adaptation to ``data.unlabeled`` (:class:`finetune.selftrain.SelfTraining`), or ``None``."""
+        from finetune.selftrain import SelfTraining
+
+        synthetic = [s for s in self.train_sources if s.kind == "synthetic"]
+        things: set[int] = set()
+        for src in synthetic:
+            from synth.dataset import open_dataset
+
+            for c in open_dataset(src.path).classes:
+                tid = int(src.remap.lut[int(c["id"])])
+                if c.get("thing") and tid != self.targets.ignore_index:
+                    things.add(tid)
+
+        def synthetic_masks(n: int = 64) -> list[np.ndarray]:
+            items = [(s, it) for s in synthetic for it in s.train]
+            step = max(1, len(items) // n)
+            return [s.load(it)[1] for s, it in items[::step][:n]]
+
+        return SelfTraining.create(self.cfg, self.model, self.device, self.in_chans, self.input_spec,
+                                   self.targets.num_classes, self.targets.ignore_index, synthetic_masks,
+                                   sorted(things))
 
     def _check_resume_config(self) -> None:
         change = config_change(self.out, self.cfg)
@@ -237,6 +268,8 @@ class Trainer:
                  "aug_rng": self.gen.get_state(), "best_miou": self.best_miou, "best_step": self.best_step,
                  # The loss average of a log interval spans the interruption, so resumed logs match too.
                  "log_acc": [float(v) for v in self._loss_acc], "log_n": self._n_log}
+        if self.adapt is not None:
+            state["adapt"] = self.adapt.state_dict()
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.ckpt_path, buf.getvalue())
@@ -247,6 +280,8 @@ class Trainer:
         training = {"run": str(self.out), "step": step, "steps": self.cfg.train.steps, "seed": self.cfg.train.seed,
                     "config_hash": hash_config(self.cfg), "val": _val_brief(val),
                     "sources": [s.describe() for s in self.train_sources]}
+        if self.adapt is not None:
+            training["adapt"] = self.adapt.describe()
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
                           self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training})
 
@@ -295,6 +330,8 @@ class Trainer:
             self.gen.set_state(st["aug_rng"])
             start = int(st["step"])
             self.best_miou, self.best_step = float(st["best_miou"]), int(st["best_step"])
+            if self.adapt is not None:
+                self.adapt.load_state_dict(st["adapt"])
             self._truncate_metrics(start)
             console.print(f"resuming {out} at step {start}/{t.steps}")
         elif self._metrics_path().exists():
@@ -305,9 +342,10 @@ class Trainer:
             console.print(f"{out} already finished {t.steps} steps")
             return read_json(summary_path)
 
-        window = cfg.data.load_size or cfg.augment.crop_size
+        window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
+        self._window, self._end = window, end
         dataset = WindowDataset(self.train_sources, window, self.in_chans, cfg.input.scaling, t.seed,
-                                self.targets.ignore_index)
+                                self.targets.ignore_index, real_scale=float(self.input_spec["scale"]))
         sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
                                     [s.weight for s in self.train_sources], t.batch_size, t.seed,
                                     start, end)
@@ -334,6 +372,13 @@ class Trainer:
             self._n_log = int(self.resume_state["log_n"])
         n_timed = 0
         last_val: dict[str, Any] | None = None
+        keep_best = t.keep_best
+        if self.adapt is not None and self.adapt.self_training and not any(s.kind == "real" for s in self.val_sources):
+            # Synthetic validation scores do not follow the adaptation to real images (they would pick a
+            # source-only model): without real validation labels the final model is kept, as DAFormer does.
+            keep_best = False
+            console.print("self-training without real validation labels: the final model is kept (train.keep_best "
+                          "applies to real validation mIoU only)")
         with progress(transient=not self.show_progress) as bar:
             task = bar.add_task("finetune", total=t.steps, completed=start)
             for batch in loader:
@@ -342,6 +387,15 @@ class Trainer:
                     self._frozen = False
                     self._set_frozen(False)
                     self.model.encoder.train()
+                if self.adapt is not None and self.adapt.scale_auto and step == cfg.adapt.warmup_steps \
+                        and self.adapt.scale_report is None:
+                    p = cfg.predict
+                    rep = self.adapt.estimate_scale(self.model, p.tile, p.overlap, p.batch_size, self.autocast,
+                                                    self.channels_last)
+                    console.print(f"input.scale=auto: {rep['scale']:.3f} (synthetic objects "
+                                  f"{rep['synthetic_median_px']:.1f} px, real "
+                                  f"{rep['passes'][-1]['real_median_px']:.1f} px at the previous scale)")
+                    self._log({"step": step, "input_scale": rep})
                 losses = self._train_step(batch, augment, step)
                 self._loss_acc += losses
                 self._n_log += 1
@@ -354,7 +408,8 @@ class Trainer:
                     mean = self._loss_acc / max(self._n_log, 1)
                     self._log({"step": step, "loss": round(float(mean[0]), 6), "ce": round(float(mean[1]), 6),
                                "dice": round(float(mean[2]), 6), "lr": lr,
-                               "images_per_s": round(n_timed * t.batch_size / dt, 2)})
+                               "images_per_s": round(n_timed * t.batch_size / dt, 2),
+                               **(self.adapt.log_fields() if self.adapt is not None else {})})
                     t_log, n_timed = time.perf_counter(), 0
                     self._loss_acc, self._n_log = np.zeros(3), 0
                 if step % t.val_every == 0 or step == t.steps:
@@ -362,7 +417,7 @@ class Trainer:
                     if last_val is not None:
                         self._log({"step": step, "val": _val_brief(last_val)})
                         sel = last_val["selected"]
-                        if t.keep_best and sel is not None and sel > self.best_miou:
+                        if keep_best and sel is not None and sel > self.best_miou:
                             self.best_miou, self.best_step = float(sel), step
                             save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
                     self._write_curves()
@@ -373,7 +428,7 @@ class Trainer:
             console.print(f"stopped at step {step}/{t.steps} (train.stop_at); continue with --resume")
             return {"finished": False, "step": step, "steps": t.steps, "out": str(out)}
         model_step = self.best_step
-        if not t.keep_best or self.best_step < 0:
+        if not keep_best or self.best_step < 0:
             # No validation data (or keep_best off): the final weights are the model.
             save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
             model_step = step
@@ -386,6 +441,8 @@ class Trainer:
                    else "off", "channels_last": self.channels_last, "encoder": self.lineage_encoder,
                    "train_items": {s.name: len(s.train) for s in self.train_sources},
                    "val_items": {s.name: len(s.val) for s in self.val_sources}}
+        if self.adapt is not None:
+            summary["adapt"] = self.adapt.describe()
         atomic_write_json(summary_path, summary)
         print_summary(summary)
         return summary
@@ -398,7 +455,36 @@ class Trainer:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["mask"].to(self.device, non_blocking=True)
         x, y = augment(x, y, self.gen)
+        adapting = self.adapt is not None and self.adapt.needs_real(step)
+        if adapting:
+            real, valid = self.adapt.real_batch(step, self._window, self._end)
+            real, valid = self.adapt.weak(real, valid, augment.geometric)
+            x = self.adapt.align_source(x, real)
+        x_unit = x
         x = standardize(x, self.input_spec["mean"], self.input_spec["std"])
+        logits = self._forward(x, step)
+        ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
+        dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
+        if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
+            ce = logits.sum() * 0
+        loss = t.loss.ce_weight * ce + t.loss.dice_weight * dice
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if adapting and self.adapt.active(step):
+            # A second backward into the same gradients (DAFormer's order): the source graph is freed first.
+            st = self.adapt.loss(step, self.model, x_unit, y, real, valid, lambda z: self._forward(z, step, 1),
+                                 self.autocast, self.channels_last)
+            self.scaler.scale(self.cfg.adapt.weight * st).backward()
+            loss = loss.detach() + self.cfg.adapt.weight * st.detach()
+        if t.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
+
+    def _forward(self, x: torch.Tensor, step: int, salt: int = 0) -> torch.Tensor:
+        """Float logits of the model on a standardised batch (channels_last and autocast as configured)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
@@ -408,26 +494,13 @@ class Trainer:
         cuda = self.device.type == "cuda"
         index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-            s = dropout_seed(t.seed, step)
+            s = dropout_seed(self.cfg.train.seed, step, salt)
             torch.default_generator.manual_seed(s)
             if cuda:  # this device only (CUDA is initialised: the model is on it); fork_rng restores just this one
                 torch.cuda.default_generators[index].manual_seed(s)
             with ctx:
                 logits = self.model(x)
-        logits = logits.float()
-        ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
-        dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
-        if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
-            ce = logits.sum() * 0
-        loss = t.loss.ce_weight * ce + t.loss.dice_weight * dice
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if t.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
+        return logits.float()
 
     def _truncate_metrics(self, step: int) -> None:
         path = self._metrics_path()
@@ -442,6 +515,13 @@ class Trainer:
         if path.exists():
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             atomic_write_bytes(self.out / "curves.png", plot_curves(records))
+
+
+def default_window(crop_size: int, zoom: tuple[float, float] | None) -> int:
+    """CPU window side: the crop size, or enough for the widest zoomed-out crop (a multiple of 32)."""
+    if zoom is None or zoom[0] >= 1:
+        return crop_size
+    return int(math.ceil(crop_size / zoom[0] / 32) * 32)
 
 
 def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int = 256) -> np.ndarray:

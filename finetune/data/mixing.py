@@ -103,13 +103,14 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: list[Source], window: int, in_chans: int, scaling: str, seed: int,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, real_scale: float = 1.0):
         self.sources = sources
         self.window = window
         self.in_chans = in_chans
         self.scaling = scaling
         self.seed = seed
         self.ignore_index = ignore_index
+        self.real_scale = real_scale  # input.scale: real frames are resized by it, synthetic ones never
 
     def __len__(self) -> int:
         return sum(len(s.train) for s in self.sources)
@@ -120,6 +121,11 @@ class WindowDataset(torch.utils.data.Dataset):
             img, mask = src.load(src.train[ref.item])
         except UserError as e:
             return {"error": (e.message, e.fix)}
+        if src.kind == "real" and self.real_scale != 1:
+            from finetune.scale import resize_image, resize_mask
+
+            img = resize_image(img, self.real_scale)
+            mask = resize_mask(mask, img.shape[:2])
         rng = np.random.default_rng([self.seed, ref.step, ref.slot, 0xC209])
         x, y = random_window(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index)
         return {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
