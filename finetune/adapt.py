@@ -13,7 +13,7 @@ Images here are in [0, 1] (before :func:`~finetune.data.normalize.standardize`) 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,43 @@ def teacher_mode(teacher: nn.Module, norm: str) -> None:
         for m in teacher.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Replace the BatchNorm running statistics by the plain average over some batches (AdaBN).
+
+    The statistics a model normalises with at inference come from its training batches (synthetic and mixed
+    crops); re-estimating them on real crops alone makes them those of the images it will be applied to. The
+    weights are untouched; dropout is off during the passes.
+
+    Args:
+        model: Any module; only its ``_BatchNorm`` layers change.
+        batches: Standardised (B, C, H, W) input batches on the model's device.
+
+    Returns:
+        The number of batches used (0: nothing changed).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was = model.training
+    saved = [(m, m.momentum) for m in bns]
+    n = 0
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts equally
+            m.train()
+        for x in batches:
+            model(x)
+            n += 1
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return n
 
 
 # ------------------------------------------------------------------------------------------ pseudo-labels

@@ -89,6 +89,7 @@ class SelfTraining:
         self.thing_ids = thing_ids
         self.self_training = self.a.enabled
         self.align = (self.a.fda_beta > 0 and self.a.fda_p > 0) or self.a.hist_match_p > 0
+        self.recalibrates = self.a.recalibrate_bn > 0
         self.batch_size = self.a.batch_size or cfg.train.batch_size
         self.teacher = copy.deepcopy(student)
         for p in self.teacher.parameters():
@@ -112,7 +113,7 @@ class SelfTraining:
             return None
         a = cfg.adapt
         if not a.enabled and not (a.fda_beta > 0 and a.fda_p > 0) and a.hist_match_p <= 0 \
-                and cfg.input.scale != "auto":
+                and a.recalibrate_bn == 0 and cfg.input.scale != "auto":
             return None
         unl = open_unlabeled(cfg.data.unlabeled, in_chans)
         return cls(cfg, unl, student, device, in_chans, input_spec, num_classes, ignore_index, synthetic_masks,
@@ -236,9 +237,30 @@ class SelfTraining:
         self._n += 1
         return loss
 
+    def recalibrated(self, model: nn.Module, window: int, scale: float | None = None,
+                     autocast: torch.dtype | None = None) -> nn.Module:
+        """A copy of ``model`` whose BatchNorm statistics are those of ``adapt.recalibrate_bn`` batches of real
+        crops (:func:`finetune.adapt.recalibrate_bn`); the crops are fixed by the seed, not by the step."""
+        from finetune.adapt import recalibrate_bn
+
+        m = copy.deepcopy(model)
+        f = float(self.input_spec.get("scale") or 1.0) if scale is None else scale
+        loader = unlabeled_loader(self.unlabeled.images, window, self.in_chans, self.cfg.input.scaling, f,
+                                  self.batch_size, self.cfg.train.seed + ADAPT_SEED_SALT, 0, self.a.recalibrate_bn,
+                                  self.cfg.data.num_workers, self.device.type == "cuda")
+
+        def batches():
+            for b in loader:
+                x = standardize(b["image"].to(self.device), self.input_spec["mean"], self.input_spec["std"])
+                with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                    yield x
+
+        recalibrate_bn(m, batches())
+        return m.eval()
+
     # ------------------------------------------------------------------ input scale
     def estimate_scale(self, model: nn.Module, tile: int, overlap: int, batch_size: int,
-                       autocast: torch.dtype | None, channels_last: bool) -> dict[str, Any]:
+                       autocast: torch.dtype | None, channels_last: bool, window: int) -> dict[str, Any]:
         """Estimate ``input.scale`` with the current model (see :func:`finetune.scale.estimate_scale`) and use it.
 
         Returns:
@@ -253,7 +275,8 @@ class SelfTraining:
         model.eval()
 
         def predict_at(scale: float) -> list[np.ndarray]:
-            return [predict_mask(model, meta, img, self.device, tile, overlap, batch_size, autocast, channels_last,
+            m = self.recalibrated(model, window, scale, autocast) if self.recalibrates else model
+            return [predict_mask(m, meta, img, self.device, tile, overlap, batch_size, autocast, channels_last,
                                  scale=1.0) for img in real_views(self.unlabeled, scale, SCALE_IMAGES)]
 
         report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids)

@@ -285,18 +285,29 @@ class Trainer:
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
                           self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training})
 
-    def validate(self) -> dict[str, Any] | None:
+    def inference_model(self, step: int) -> nn.Module:
+        """The model as validated and saved at ``step``: the training model, or with adaptation's BatchNorm
+        recalibration on real crops (``adapt.recalibrate_bn``) a recalibrated copy (made once per step)."""
+        if self.adapt is None or not self.adapt.recalibrates:
+            return self.model
+        if getattr(self, "_infer_step", None) != step:
+            self._infer = self.adapt.recalibrated(self.model, self.cfg.augment.crop_size, autocast=self.autocast)
+            self._infer_step = step
+        return self._infer
+
+    def validate(self, step: int = -1) -> dict[str, Any] | None:
         """Per-source metrics on the validation items; ``None`` without validation data."""
         from finetune.evaluate import source_confusion, summarize
 
         if not self.val_sources:
             return None
         was_training = self.model.training
-        self.model.eval()
+        model = self.inference_model(step)
+        model.eval()
         meta = {"num_classes": self.targets.num_classes, "ignore_index": self.targets.ignore_index,
                 "input": self.input_spec}
         p = self.cfg.predict
-        cms = {s.name: source_confusion(self.model, meta, s, s.val, self.device, p.tile, p.overlap, p.batch_size,
+        cms = {s.name: source_confusion(model, meta, s, s.val, self.device, p.tile, p.overlap, p.batch_size,
                                         self.autocast, self.channels_last) for s in self.val_sources}
         self.model.train(was_training)
         if was_training and self._frozen:
@@ -391,7 +402,7 @@ class Trainer:
                         and self.adapt.scale_report is None:
                     p = cfg.predict
                     rep = self.adapt.estimate_scale(self.model, p.tile, p.overlap, p.batch_size, self.autocast,
-                                                    self.channels_last)
+                                                    self.channels_last, cfg.augment.crop_size)
                     console.print(f"input.scale=auto: {rep['scale']:.3f} (synthetic objects "
                                   f"{rep['synthetic_median_px']:.1f} px, real "
                                   f"{rep['passes'][-1]['real_median_px']:.1f} px at the previous scale)")
@@ -413,13 +424,13 @@ class Trainer:
                     t_log, n_timed = time.perf_counter(), 0
                     self._loss_acc, self._n_log = np.zeros(3), 0
                 if step % t.val_every == 0 or step == t.steps:
-                    last_val = self.validate()
+                    last_val = self.validate(step)
                     if last_val is not None:
                         self._log({"step": step, "val": _val_brief(last_val)})
                         sel = last_val["selected"]
                         if keep_best and sel is not None and sel > self.best_miou:
                             self.best_miou, self.best_step = float(sel), step
-                            save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
+                            save_model_dir(out / "model", self.inference_model(step), self._model_meta(step, last_val))
                     self._write_curves()
                 if step % t.checkpoint_every == 0 or step == end:
                     self._save_checkpoint(step)
@@ -430,7 +441,7 @@ class Trainer:
         model_step = self.best_step
         if not keep_best or self.best_step < 0:
             # No validation data (or keep_best off): the final weights are the model.
-            save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
+            save_model_dir(out / "model", self.inference_model(step), self._model_meta(step, last_val))
             model_step = step
         self._write_curves()
         summary = {"finished": True, "steps": t.steps, "model_dir": str(out / "model"), "model_step": model_step,
