@@ -13,7 +13,8 @@ Images here are in [0, 1] (before :func:`~finetune.data.normalize.standardize`) 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,21 @@ def teacher_mode(teacher: nn.Module, norm: str) -> None:
         for m in teacher.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Within the block, BatchNorm layers still normalise with batch statistics in training mode but do not
+    update their running statistics (momentum 0)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
 
 
 @torch.no_grad()

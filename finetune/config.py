@@ -275,6 +275,8 @@ class AdaptConfig(StrictModel):
             0 = off.
         fda_p: Probability per synthetic crop.
         hist_match_p: Probability that a synthetic crop's histogram is matched to a random real crop's.
+        bn_stats: Which batches the student's BatchNorm running statistics (used at inference) follow once
+            self-training runs: ``all`` (synthetic and mixed) or ``mixed`` (the real-based mixed images only).
         recalibrate_bn: Batches of real crops the BatchNorm statistics of every saved or validated model are
             re-estimated on (AdaBN); 0 = off (the statistics of the training batches are kept).
     """
@@ -296,7 +298,8 @@ class AdaptConfig(StrictModel):
     fda_beta: float = Field(default=0.0, ge=0, le=0.5)
     fda_p: float = Field(default=0.5, ge=0, le=1)
     hist_match_p: float = Field(default=0.0, ge=0, le=1)
-    recalibrate_bn: int = Field(default=32, ge=0)
+    bn_stats: Literal["all", "mixed"] = "all"
+    recalibrate_bn: int = Field(default=0, ge=0)
 
     @field_validator("blur_sigma")
     @classmethod

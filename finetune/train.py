@@ -473,7 +473,10 @@ class Trainer:
             x = self.adapt.align_source(x, real)
         x_unit = x
         x = standardize(x, self.input_spec["mean"], self.input_spec["std"])
-        logits = self._forward(x, step)
+        from finetune.adapt import frozen_bn_stats
+
+        with frozen_bn_stats(self.model, adapting and self.adapt.active(step) and self.cfg.adapt.bn_stats == "mixed"):
+            logits = self._forward(x, step)
         ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
         dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
         if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
