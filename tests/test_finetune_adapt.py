@@ -524,7 +524,9 @@ def test_input_scale_auto_is_estimated_at_the_end_of_the_source_only_phase(tiny_
     run_finetune(cfg, tmp_path / "r", show_progress=False)
     meta = json.loads((tmp_path / "r" / "model" / "model.json").read_text())
     est = meta["lineage"]["training"]["adapt"]["scale_estimate"]
-    assert est["ok"] and meta["input"]["scale"] == est["scale"] and 0.05 <= est["scale"] <= 20
+    assert est["ok"] and meta["input"]["scale"] == est["scale"]
+    # The shifted frames are rendered frames: their objects have the rendered size, the true scale is 1.
+    assert 0.7 < est["scale"] < 1.4, est
     assert est["passes"][0]["scale"] == 1.0 and est["synthetic_median_px"] > 2
     logged = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "input_scale" in r] == [30]
