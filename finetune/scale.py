@@ -63,9 +63,21 @@ def robust_median(sizes: list[float], min_size: float) -> float | None:
     return float(np.median(keep)) if keep else None
 
 
+def training_zoom(crop_size: int, window: int, area: tuple[float, float], zoom: tuple[float, float] | None) -> float:
+    """Median factor by which the training augmentation resizes objects (what the model saw most).
+
+    With ``augment.zoom`` it is the geometric mean of the range; otherwise a random-resized crop of area
+    fraction ``a ~ U(area)`` of the ``window`` resized to ``crop_size`` scales by ``crop / (window sqrt(a))``,
+    whose median is at the median area.
+    """
+    if zoom is not None:
+        return float(np.sqrt(zoom[0] * zoom[1]))
+    return float(crop_size / (window * np.sqrt((area[0] + area[1]) / 2)))
+
+
 def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_masks: list[np.ndarray],
                    thing_ids: Sequence[int], start: float = 1.0, iterations: int = 3,
-                   limits: tuple[float, float] = (0.05, 20.0)) -> dict[str, Any]:
+                   limits: tuple[float, float] = (0.05, 20.0), train_zoom: float = 1.0) -> dict[str, Any]:
     """Fixed-point estimate of the input scale.
 
     A model trained on rendered frames sees objects of the rendered size best, so its masks on real images
@@ -80,6 +92,8 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
         start: First scale tried.
         iterations: Passes over the real images.
         limits: The estimate is clipped to this range.
+        train_zoom: The median object resize of the training augmentation (:func:`training_zoom`): real
+            objects are matched to the size the model saw most, ``synthetic median x train_zoom``.
 
     Returns:
         ``{"scale", "synthetic_median_px", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``;
@@ -88,9 +102,10 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
     syn = [s for m in synthetic_masks for s in component_sizes(m, thing_ids)]
     syn_med = robust_median(syn, 2.0)
     report: dict[str, Any] = {"scale": start, "synthetic_median_px": syn_med, "synthetic_objects": len(syn),
-                              "passes": [], "ok": False}
+                              "train_zoom": round(train_zoom, 4), "passes": [], "ok": False}
     if syn_med is None:
         return report
+    target = syn_med * train_zoom
     scale = start
     for _ in range(iterations):
         real = [s for m in predict_at(scale) for s in component_sizes(m, thing_ids)]
@@ -98,7 +113,7 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
         report["passes"].append({"scale": round(scale, 4), "real_median_px": real_med, "objects": len(real)})
         if real_med is None:
             break
-        new = float(np.clip(scale * syn_med / real_med, *limits))
+        new = float(np.clip(scale * target / real_med, *limits))
         converged = abs(np.log(new / scale)) < 0.02
         scale = new
         report.update(scale=round(scale, 4), ok=True)

@@ -260,14 +260,19 @@ class SelfTraining:
 
     # ------------------------------------------------------------------ input scale
     def estimate_scale(self, model: nn.Module, tile: int, overlap: int, batch_size: int,
-                       autocast: torch.dtype | None, channels_last: bool, window: int) -> dict[str, Any]:
+                       autocast: torch.dtype | None, channels_last: bool, window: int,
+                       window_size: int | None = None) -> dict[str, Any]:
         """Estimate ``input.scale`` with the current model (see :func:`finetune.scale.estimate_scale`) and use it.
+
+        Args:
+            window: Crop side of the BatchNorm recalibration batches (``augment.crop_size``).
+            window_size: The training loader's window (for the augmentation's median zoom).
 
         Returns:
             The estimate's report (also kept for model.json and the checkpoint).
         """
         from finetune.predict import predict_mask
-        from finetune.scale import estimate_scale
+        from finetune.scale import estimate_scale, training_zoom
         from finetune.unlabeled import real_views
 
         meta = {"input": {**self.input_spec, "scale": 1.0}, "num_classes": self.num_classes}
@@ -279,7 +284,9 @@ class SelfTraining:
             return [predict_mask(m, meta, img, self.device, tile, overlap, batch_size, autocast, channels_last,
                                  scale=1.0) for img in real_views(self.unlabeled, scale, SCALE_IMAGES)]
 
-        report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids)
+        aug = self.cfg.augment
+        zoom = training_zoom(aug.crop_size, window_size or aug.crop_size, aug.scale, aug.zoom) if aug.enabled else 1.0
+        report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids, train_zoom=zoom)
         model.train(was)
         if not report["ok"]:
             raise UserError("input.scale=auto: no objects of the thing classes "

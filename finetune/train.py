@@ -402,7 +402,7 @@ class Trainer:
                         and self.adapt.scale_report is None:
                     p = cfg.predict
                     rep = self.adapt.estimate_scale(self.model, p.tile, p.overlap, p.batch_size, self.autocast,
-                                                    self.channels_last, cfg.augment.crop_size)
+                                                    self.channels_last, cfg.augment.crop_size, self._window)
                     console.print(f"input.scale=auto: {rep['scale']:.3f} (synthetic objects "
                                   f"{rep['synthetic_median_px']:.1f} px, real "
                                   f"{rep['passes'][-1]['real_median_px']:.1f} px at the previous scale)")
