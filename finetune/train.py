@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.adapt import frozen_bn_stats
 from finetune.config import FinetuneConfig
 from finetune.data.mixing import MixedBatchSampler, WindowDataset, collate, raise_if_error
 from finetune.data.normalize import standardize
@@ -473,8 +474,6 @@ class Trainer:
             x = self.adapt.align_source(x, real)
         x_unit = x
         x = standardize(x, self.input_spec["mean"], self.input_spec["std"])
-        from finetune.adapt import frozen_bn_stats
-
         with frozen_bn_stats(self.model, adapting and self.adapt.active(step) and self.cfg.adapt.bn_stats == "mixed"):
             logits = self._forward(x, step)
         ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
