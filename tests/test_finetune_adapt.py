@@ -382,7 +382,8 @@ def adapted(tiny_dataset: Path, target: dict[str, Path], tmp_path_factory: pytes
 
     root = tmp_path_factory.mktemp("adapt")
     out = {}
-    for name, over in (("off", ["adapt.enabled=false", "adapt.recalibrate_bn=0"]),
+    off = ["adapt.enabled=false", "adapt.recalibrate_bn=0", "adapt.hist_match_p=0", "adapt.fda_beta=0"]
+    for name, over in (("off", off),
                        ("adapted", ["adapt.warmup_steps=50", "adapt.hist_match_p=0.5"])):
         run_finetune(adapt_cfg(tiny_dataset, target["unlabeled"], f"train.steps={STEPS}", *over), root / name,
                      show_progress=False)
