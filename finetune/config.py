@@ -297,7 +297,7 @@ class AdaptConfig(StrictModel):
     blur_sigma: tuple[float, float] = (0.15, 1.15)
     fda_beta: float = Field(default=0.0, ge=0, le=0.5)
     fda_p: float = Field(default=0.5, ge=0, le=1)
-    hist_match_p: float = Field(default=0.0, ge=0, le=1)
+    hist_match_p: float = Field(default=0.5, ge=0, le=1)
     bn_stats: Literal["all", "mixed"] = "all"
     recalibrate_bn: int = Field(default=0, ge=0)
 
