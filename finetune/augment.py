@@ -38,12 +38,20 @@ def crop_matrices(u: torch.Tensor, window: int, size: int, cfg: AugmentConfig, r
     """
     b, dev = u.shape[0], u.device
     if random:
-        lo, hi = cfg.scale
-        area = lo + (hi - lo) * u[:, _U_AREA]
         log_r = math.log(cfg.ratio[0]) + (math.log(cfg.ratio[1]) - math.log(cfg.ratio[0])) * u[:, _U_RATIO]
         r = torch.exp(log_r)
-        w = (window * torch.sqrt(area * r)).clamp(max=window)
-        h = (window * torch.sqrt(area / r)).clamp(max=window)
+        if cfg.zoom is not None:
+            # Objects are resized by z (log-uniform): the crop covers size / z window pixels, which may exceed
+            # the window (zooming out); what lies beyond the image becomes ignore.
+            lz = math.log(cfg.zoom[0]) + (math.log(cfg.zoom[1]) - math.log(cfg.zoom[0])) * u[:, _U_AREA]
+            side = size / torch.exp(lz)
+            w, h = side * torch.sqrt(r), side / torch.sqrt(r)
+        else:
+            lo, hi = cfg.scale
+            area = lo + (hi - lo) * u[:, _U_AREA]
+            w = (window * torch.sqrt(area * r)).clamp(max=window)
+            h = (window * torch.sqrt(area / r)).clamp(max=window)
+        # A crop larger than the window is centred with a random offset of up to its excess.
         cx = w / 2 + (window - w) * u[:, _U_CX]
         cy = h / 2 + (window - h) * u[:, _U_CY]
         fx = torch.where(u[:, _U_HFLIP] < cfg.hflip, -1.0, 1.0)
@@ -91,6 +99,12 @@ class GpuAugment:
                 "jitter": self.jitter.sample(b, generator), "blur": self.blur.sample(b, generator),
                 # The noise image itself comes from a generator seeded with this, so its size does not matter.
                 "noise_seed": torch.randint(0, 2**62, (1,), generator=generator, device=dev)}
+
+    @property
+    def geometric(self) -> GpuAugment:
+        """The same geometric augmentation without any photometric change (a 'weak' view)."""
+        return GpuAugment(self.cfg.model_copy(update={"jitter_p": 0.0, "blur_p": 0.0, "noise_p": 0.0}),
+                          self.ignore_index)
 
     @torch.no_grad()
     def apply(self, image: torch.Tensor, mask: torch.Tensor,

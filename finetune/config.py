@@ -70,11 +70,14 @@ class DataConfig(StrictModel):
         load_size: Side of the window cut on the CPU from each image (padded when the image is smaller); the
             GPU random-resized-crop then picks the training crop inside it. Default: ``augment.crop_size``.
         num_workers: CPU loader processes (decoding and cropping only; augmentation runs on the device).
+        unlabeled: Unlabeled real images for domain adaptation: output directories of ``segfactory ingest``
+            (see the ``adapt`` section).
     """
 
     synthetic: list[SourceSpec] = Field(default_factory=list)
     real: list[SourceSpec] = Field(default_factory=list)
     val: list[SourceSpec] = Field(default_factory=list)
+    unlabeled: list[Path] = Field(default_factory=list)
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     val_max_items: int = Field(default=64, ge=1)
     load_size: int | None = Field(default=None, ge=SIZE_DIVISOR)
@@ -107,17 +110,31 @@ class InputConfig(StrictModel):
     """Input normalisation, identical at training and prediction time (recorded in ``model.json``).
 
     Attributes:
-        scaling: ``dtype``: divide by the dtype maximum (255 or 65535); ``minmax``: stretch each image's own
-            min..max to 0..1; ``percentile``: stretch its 0.5..99.5 percentiles to 0..1 and clip, which is how
-            ``segfactory ingest`` brings 16-bit images to 8 bit for pretraining (use it with 16-bit data and an
-            SSL encoder pretrained on them).
+        scaling: ``auto`` (default): chosen per image from its pixel type, the rule ``segfactory ingest``
+            applies for pretraining: 8-bit images are divided by 255, deeper ones (16-bit, e.g. 12-bit camera
+            data with an offset, or 8-bit values in a 16-bit file) get the ``percentile`` stretch.
+            ``dtype``: divide by the dtype maximum (255 or 65535); ``minmax``: stretch each image's own
+            min..max to 0..1; ``percentile``: stretch its 0.5..99.5 percentiles to 0..1 and clip.
+        scale: Real images (predict, evaluate, real training and unlabeled data) are resized by this factor
+            before the network, so that their objects get the pixel size of the rendered ones; synthetic
+            frames are always used at their rendered size. ``auto`` estimates it during fine-tuning from the
+            unlabeled images (``data.unlabeled``) at the end of the source-only phase (``adapt.warmup_steps``):
+            median object size of the thing classes predicted on the real images vs the synthetic labels.
         mean: Per-channel mean after scaling; default the encoder's (``encoder.json``) or 0.5.
         std: Per-channel std after scaling; default the encoder's or 0.25.
     """
 
-    scaling: Literal["dtype", "minmax", "percentile"] = "dtype"
+    scaling: Literal["auto", "dtype", "minmax", "percentile"] = "auto"
+    scale: float | Literal["auto"] = 1.0
     mean: list[float] | None = None
     std: list[float] | None = None
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not 0.05 <= v <= 20:
+            raise ValueError("must be between 0.05 and 20 (or auto)")
+        return v
 
     @field_validator("std")
     @classmethod
@@ -128,11 +145,20 @@ class InputConfig(StrictModel):
 
 
 class AugmentConfig(StrictModel):
-    """Mask-safe augmentation run on the training device (kornia)."""
+    """Mask-safe augmentation run on the training device (kornia).
+
+    Attributes:
+        scale: Random-resized-crop area as a fraction of the loaded window (``data.load_size``, default the
+            crop size): with the default window this only enlarges objects (by 1 to 1/sqrt(low)).
+        zoom: Instead of ``scale``: the factor objects are resized by, log-uniform in ``[low, high]`` (e.g.
+            ``[0.5, 2]``); below 1 the crop covers more than the window, so the window defaults to
+            ``crop_size / low`` (pixels beyond the image become ignore, the image is reflected).
+    """
 
     enabled: bool = True
     crop_size: int = Field(default=512, ge=SIZE_DIVISOR)
     scale: tuple[float, float] = (0.35, 1.0)
+    zoom: tuple[float, float] | None = None
     ratio: tuple[float, float] = (0.75, 1.3333)
     hflip: float = Field(default=0.5, ge=0, le=1)
     vflip: float = Field(default=0.0, ge=0, le=1)
@@ -148,10 +174,10 @@ class AugmentConfig(StrictModel):
     noise_p: float = Field(default=0.2, ge=0, le=1)
     noise_std: float = Field(default=0.03, ge=0, le=1)
 
-    @field_validator("scale", "ratio", "blur_sigma")
+    @field_validator("scale", "ratio", "blur_sigma", "zoom")
     @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1]:
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
             raise ValueError("must be [low, high] with 0 < low <= high")
         return v
 
@@ -219,6 +245,71 @@ class TrainConfig(StrictModel):
     select_on: Literal["real", "synthetic", "all"] = "real"
 
 
+class AdaptConfig(StrictModel):
+    """Domain adaptation to the unlabeled real images of ``data.unlabeled`` (see docs/finetune.md).
+
+    Self-training (DAFormer/DACS recipe): an EMA teacher pseudo-labels weakly augmented real crops; the student
+    learns on ClassMix images (half of the classes of a synthetic crop pasted, with their labels, into a real
+    crop), strongly augmented, with confidence-weighted cross-entropy. Appearance alignment moves synthetic
+    crops toward random real crops (FDA, histogram matching). Nothing here runs without ``data.unlabeled``.
+
+    Attributes:
+        enabled: Self-training on (when ``data.unlabeled`` is given).
+        ema: Teacher EMA momentum, ramped as ``min(1 - 1 / (k + 1), ema)`` over the k-th self-training step.
+        threshold: Pseudo-label confidence threshold tau (max softmax probability).
+        pixel_weight: ``quality``: every pseudo-labelled pixel of an image gets its quality weight (the share
+            of its pixels above tau; DAFormer); ``confident``: only pixels above tau, with that weight.
+        weight: Weight of the self-training loss next to the supervised one.
+        warmup_steps: Source-only steps before self-training starts (the teacher then starts as a copy).
+        batch_size: Real crops per step; default ``train.batch_size``.
+        mix: ``classmix`` pastes synthetic classes into real crops; ``none`` trains on the real crops alone.
+        mix_classes: Which classes ClassMix draws half of: ``all`` present in the synthetic crop (DACS), or
+            only its ``things`` (objects; the thing classes of the rendered dataset).
+        teacher_norm: ``batch``: the teacher's BatchNorm uses the statistics of the real batch it labels;
+            ``running``: its running statistics (an EMA of the student's).
+        jitter_p: Probability of colour jitter (brightness, contrast, saturation, hue) on a mixed image.
+        jitter: Strength of that jitter.
+        blur_p: Probability of Gaussian blur on a mixed image.
+        blur_sigma: Range of its sigma (pixels).
+        fda_beta: Fourier domain adaptation: the low-frequency amplitude (a square of half-width
+            ``beta * side`` around zero frequency) of a synthetic crop is replaced by a random real crop's;
+            0 = off.
+        fda_p: Probability per synthetic crop.
+        hist_match_p: Probability that a synthetic crop's histogram is matched to a random real crop's.
+        bn_stats: Which batches the student's BatchNorm running statistics (used at inference) follow once
+            self-training runs: ``all`` (synthetic and mixed) or ``mixed`` (the real-based mixed images only).
+        recalibrate_bn: Batches of real crops the BatchNorm statistics of every saved or validated model are
+            re-estimated on (AdaBN); 0 = off (the statistics of the training batches are kept).
+    """
+
+    enabled: bool = True
+    ema: float = Field(default=0.999, ge=0, lt=1)
+    threshold: float = Field(default=0.968, ge=0, le=1)
+    pixel_weight: Literal["quality", "confident"] = "quality"
+    weight: float = Field(default=1.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    mix: Literal["classmix", "none"] = "classmix"
+    mix_classes: Literal["all", "things"] = "all"
+    teacher_norm: Literal["batch", "running"] = "batch"
+    jitter_p: float = Field(default=0.2, ge=0, le=1)
+    jitter: float = Field(default=0.2, ge=0, le=0.5)
+    blur_p: float = Field(default=0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.15, 1.15)
+    fda_beta: float = Field(default=0.0, ge=0, le=0.5)
+    fda_p: float = Field(default=0.5, ge=0, le=1)
+    hist_match_p: float = Field(default=0.5, ge=0, le=1)
+    bn_stats: Literal["all", "mixed"] = "all"
+    recalibrate_bn: int = Field(default=0, ge=0)
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+
 class PredictDefaults(StrictModel):
     """Tiling recorded in model.json as the default for ``segfactory predict``."""
 
@@ -250,6 +341,7 @@ class FinetuneConfig(StrictModel):
     input: InputConfig = Field(default_factory=InputConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     predict: PredictDefaults = Field(default_factory=PredictDefaults)
 
     @field_validator("classes")
@@ -318,12 +410,15 @@ def with_paths(entries: list[SourceSpec], paths: list[str] | None) -> list[Sourc
 
 
 def apply_data_flags(cfg: FinetuneConfig, synthetic: list[str] | None, real: list[str] | None, encoder: str | None,
-                     arch: str | None, steps: int | None) -> FinetuneConfig:
+                     arch: str | None, steps: int | None, unlabeled: list[str] | None = None) -> FinetuneConfig:
     """Apply the stable script flags to a :class:`~finetune.config.FinetuneConfig` (returns a new one)."""
     from segfactory.config import validation_error_to_user_error
 
-    data = cfg.data.model_copy(update={"synthetic": with_paths(cfg.data.synthetic, synthetic),
-                                       "real": with_paths(cfg.data.real, real)})
+    update: dict[str, Any] = {"synthetic": with_paths(cfg.data.synthetic, synthetic),
+                              "real": with_paths(cfg.data.real, real)}
+    if unlabeled:
+        update["unlabeled"] = [Path(p) for p in unlabeled]
+    data = cfg.data.model_copy(update=update)
     model_update: dict[str, Any] = {}
     if encoder is not None:
         model_update["encoder_dir"] = Path(encoder)

@@ -23,15 +23,21 @@ from segfactory.plotting import figure_png
 @torch.no_grad()
 def source_confusion(model: nn.Module, meta: dict[str, Any], source: Source, items: list[Item],
                      device: torch.device, tile: int, overlap: int, batch_size: int,
-                     autocast: torch.dtype | None = None, channels_last: bool = False) -> np.ndarray:
-    """Confusion matrix of a model over some items of a source (full frames, tiled like ``predict``)."""
+                     autocast: torch.dtype | None = None, channels_last: bool = False,
+                     tta: str = "none") -> np.ndarray:
+    """Confusion matrix of a model over some items of a source (full frames, tiled like ``predict``).
+
+    Real frames are resized by the model's input scale (and the prediction back), synthetic ones never.
+    """
     from finetune.predict import predict_mask
 
     k = int(meta["num_classes"])
     cm = np.zeros((k, k), np.int64)
+    scale = 1.0 if source.kind == "synthetic" else None
     for it in items:
         img, mask = source.load(it)
-        pred = predict_mask(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last)
+        pred = predict_mask(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
+                            tta)
         cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
     return cm
 
@@ -78,19 +84,23 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str) -> bytes:
     return figure_png(fig)
 
 
-def _evaluation_key(meta: dict[str, Any], model_dir: Path, data: list, tile: int, overlap: int) -> str:
+def _evaluation_key(meta: dict[str, Any], model_dir: Path, data: list, tile: int, overlap: int,
+                    tta: str = "none") -> str:
     from segfactory.formats.model import WEIGHTS_FILE
     from segfactory.io import canonical_hash, sha256_file
 
     weights = meta.get("weights_sha256") or sha256_file(model_dir / WEIGHTS_FILE)
     specs = [{**spec.model_dump(mode="json"), "path": str(Path(spec.path).resolve())} for spec in data]
-    return canonical_hash({"weights": weights, "architecture": meta["architecture"], "classes": meta["classes"],
-                           "ignore_index": meta["ignore_index"], "input": meta["input"], "data": specs,
-                           "tile": tile, "overlap": overlap}, 32)
+    material = {"weights": weights, "architecture": meta["architecture"], "classes": meta["classes"],
+                "ignore_index": meta["ignore_index"], "input": meta["input"], "data": specs, "tile": tile,
+                "overlap": overlap}
+    if tta != "none":  # keys of plain evaluations stay what they were
+        material["tta"] = tta
+    return canonical_hash(material, 32)
 
 
 def evaluation_key(model_dir: str | os.PathLike, data: list, tile: int | None = None,
-                   overlap: int | None = None) -> str:
+                   overlap: int | None = None, tta: str = "none") -> str:
     """Hash of what an evaluation's numbers depend on, as stored under ``key`` in ``metrics.json``.
 
     It covers the model (weights sha256, architecture, classes, input normalisation), every evaluation spec
@@ -101,13 +111,14 @@ def evaluation_key(model_dir: str | os.PathLike, data: list, tile: int | None = 
         data: :class:`~finetune.config.SourceSpec` per evaluation folder.
         tile: Tile side, default model.json's.
         overlap: Tile overlap, default model.json's.
+        tta: Test-time augmentation mode.
     """
     from finetune.predict import inference_settings
     from segfactory.formats.model import read_model_meta
 
     meta = read_model_meta(model_dir)
     tile, overlap, _ = inference_settings(meta, tile, overlap, None)
-    return _evaluation_key(meta, Path(model_dir), resolve_sample_specs(data), tile, overlap)
+    return _evaluation_key(meta, Path(model_dir), resolve_sample_specs(data), tile, overlap, tta)
 
 
 def resolve_sample_specs(data: list) -> list:
@@ -155,7 +166,7 @@ def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True, baselines: str | list[str] | None = None,
-                 overlays: int = 4) -> dict[str, Any]:
+                 overlays: int = 4, tta: str = "none", scale: float | None = None) -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
 
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
@@ -168,6 +179,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             paths are materialized).
         baselines: Baselines scored on real folders (names, comma-separated, ``all``/``none``; default all).
         overlays: Overlay PNGs per real folder.
+        tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
+        scale: Input scale for the real folders instead of model.json's ``input.scale``.
 
     Returns:
         The report written to ``metrics.json`` (``key``: see :func:`evaluation_key`).
@@ -176,7 +189,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import inference_settings, predict_mask
+    from finetune.predict import check_scale, check_tta, inference_settings, predict_mask
     from finetune.realeval import RealScorer, plot_real_scores
     from segfactory.console import console, progress
     from segfactory.errors import UserError
@@ -192,6 +205,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
+    check_tta(tta)
+    if scale is not None:
+        meta = {**meta, "input": {**meta["input"], "scale": check_scale(scale)}}
     targets = make_targets(meta["classes"], int(meta["ignore_index"]))
     if targets.num_classes != int(meta["num_classes"]):
         raise UserError(f"model.json of '{model_dir}' lists {targets.num_classes} classes but num_classes="
@@ -227,16 +243,18 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             scorer = scorers.get(src.name)
             for it in src.val:
                 if scorer is None:
-                    cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev))
+                    cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev),
+                                           tta=tta)
                 else:
                     img, mask = src.load(it)
-                    pred = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev))
+                    pred = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), tta=tta)
                     cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
                     scorer.add(it, img, mask, pred)
                 bar.advance(task)
             cms[src.name] = cm
-    report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap),
-              "classes": targets.names,
+    report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),
+              "classes": targets.names, "tta": tta,
+              "input": {k: meta["input"].get(k) for k in ("scaling", "scale")},
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
               **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
     if scorers:

@@ -2,7 +2,9 @@
 
 The ONNX graph takes the *standardised* input (B, C, H, W) float32 (H, W multiples of 32; batch, height and
 width are dynamic) and returns logits (B, K, H, W). How to standardise is in model.json (``input``), which is
-also embedded in the ONNX file's metadata (key ``segfactory.model``).
+also embedded in the ONNX file's metadata (key ``segfactory.model``), with the recipe in words (key
+``segfactory.recipe``, :data:`RECIPE`): the same steps as :func:`finetune.predict.prepare_input` and
+:func:`finetune.predict.predict_mask`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from segfactory.errors import UserError
 from segfactory.formats.model import META_FILE, ONNX_FILE, WEIGHTS_FILE, read_model_meta
 from segfactory.io import atomic_write_bytes, ensure_writable_dir
 
+RECIPE = ("1. resize the image by input.scale (area averaging when shrinking, bilinear when enlarging); "
+          "2. scale to [0, 1] by input.scaling per whole image (auto: 8-bit /255, deeper 0.5..99.5 percentile "
+          "stretch and clip; dtype: /255 or /65535; minmax; percentile); 3. gray -> 3 equal channels, or RGB -> "
+          "BT.601 luma for in_chans 1; 4. (x - mean) / std per channel; 5. pad H, W to multiples of 32 "
+          "(reflect), run, crop; 6. resize the softmax back to the image size (bilinear), argmax.")
+
 
 def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """Standardised real-image inputs (crops of scikit-image's astronaut photo) of the given (B, H, W) sizes."""
@@ -30,7 +38,8 @@ def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> li
     from segfactory.formats.imagefile import read_image
 
     img = read_image(skimage_data_path("astronaut.png"))  # (512, 512, 3) uint8
-    x = prepare_input(img, meta["input"], torch.device("cpu"))
+    # The graph starts after the resize by input.scale; parity needs standardised inputs of given shapes only.
+    x = prepare_input(img, meta["input"], torch.device("cpu"), scale=1.0)
     out = []
     for b, h, w in sizes:
         crops = [x[:, 37 * i:37 * i + h, 29 * i:29 * i + w] for i in range(b)]
@@ -77,6 +86,8 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     proto = onnx.load_from_string(buf.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "segfactory.model", json.dumps(meta)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "segfactory.recipe", RECIPE
     onnx.checker.check_model(proto)
     blob = proto.SerializeToString()
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
@@ -95,6 +106,7 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
                         fix=f"accept it with --atol {max_diff * 1.5:.1e}, or try another --opset (now {opset})")
     atomic_write_bytes(out_path, blob)
     return {"onnx": str(out_path), "max_abs_diff": max_diff, "argmax_agreement": agree / total, "atol": atol,
+            "input_scale": float(meta["input"].get("scale", 1.0)), "recipe": RECIPE,
             "opset": opset, "checked_shapes": [[b, c, h, w] for b, h, w in shapes]}
 
 

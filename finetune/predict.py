@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from finetune.config import SIZE_DIVISOR
-from finetune.data.normalize import standardize, to_unit
+from finetune.data.normalize import resolve_scaling, standardize, to_unit
 from segfactory.errors import PartialFailure, UserError
 from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image
 from segfactory.io import atomic_write_bytes
@@ -55,7 +55,7 @@ def blend_window(tile_h: int, tile_w: int, overlap: int, device: torch.device) -
 @torch.no_grad()
 def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, batch_size: int,
                   autocast: torch.dtype | None = None, channels_last: bool = False,
-                  device: torch.device | None = None) -> torch.Tensor:
+                  device: torch.device | None = None, tta: str = "none") -> torch.Tensor:
     """Class probabilities of one standardised image by overlapping tiles.
 
     The image and the (K, H, W) accumulator stay where ``x`` is (the CPU, for large images): only batches of
@@ -68,10 +68,14 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
         overlap: Pixels shared by neighbouring tiles.
         batch_size: Tiles per forward pass.
         device: Where the model runs; default the device of its parameters.
+        tta: Test-time augmentation of every tile batch (:func:`finetune.adapt.tta_probs`): ``none``, ``flip``
+            or ``d4``.
 
     Returns:
         (K, H, W) float32 probabilities on ``x``'s device.
     """
+    from finetune.adapt import tta_probs
+
     if device is None:
         device = next(model.parameters()).device
     _, h, w = x.shape
@@ -88,11 +92,13 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
         batch = torch.stack([x[:, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk]).to(device)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            logits = model(batch)
-        weighted = (logits.float().softmax(1) * weight).to(x.device)
+        def probs(b: torch.Tensor) -> torch.Tensor:
+            if channels_last:
+                b = b.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                return model(b).float().softmax(1)
+
+        weighted = (tta_probs(probs, batch, tta) * weight).to(x.device)
         if acc is None:
             acc = torch.zeros((weighted.shape[1], ph, pw), device=x.device)
         for (y0, x0), p in zip(chunk, weighted, strict=True):
@@ -102,21 +108,44 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
     return (acc / norm)[:, :h, :w]
 
 
-def prepare_input(img: np.ndarray, input_spec: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """File pixels -> standardised (C, H, W) float32 on ``device``, exactly as in training."""
+def prepare_input(img: np.ndarray, input_spec: dict[str, Any], device: torch.device,
+                  scale: float | None = None) -> torch.Tensor:
+    """File pixels -> standardised (C, H', W') float32 on ``device``, exactly as in training.
+
+    The recipe (also what an ONNX user must do, see :mod:`finetune.export`): resize by the input scale
+    (``input.scale``; area averaging when shrinking, bilinear when enlarging), scale to [0, 1] by
+    ``input.scaling`` (``auto``: 8-bit ÷255, deeper: 0.5..99.5 percentile stretch, per whole image), match the
+    channel count, then ``(x - mean) / std``.
+
+    Args:
+        scale: Resize factor; default ``input_spec["scale"]`` (1 when absent). Synthetic frames use 1.
+    """
+    from finetune.scale import resize_image
+
+    f = float(input_spec.get("scale", 1.0)) if scale is None else float(scale)
+    img = resize_image(img, f)
     x = torch.from_numpy(to_unit(img, int(input_spec["in_chans"]), input_spec["scaling"])).to(device)
     return standardize(x, input_spec["mean"], input_spec["std"])
 
 
 def predict_mask(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
                  overlap: int, batch_size: int, autocast: torch.dtype | None = None,
-                 channels_last: bool = False) -> np.ndarray:
+                 channels_last: bool = False, scale: float | None = None, tta: str = "none") -> np.ndarray:
     """(H, W) uint8 class ids for an image read by :func:`~finetune.data.normalize.read_image`.
 
-    The whole image and the per-class accumulator stay on the CPU; only tile batches run on ``device``.
+    The whole image and the per-class accumulator stay on the CPU; only tile batches run on ``device``. With an
+    input scale other than 1 the image is resized before the network and the class probabilities are resized
+    back (bilinear) to the image's own size before the argmax.
+
+    Args:
+        scale: Resize factor; default model.json's ``input.scale`` (synthetic frames: pass 1).
+        tta: ``none``, ``flip`` or ``d4`` (see :func:`predict_probs`).
     """
-    x = prepare_input(img, meta["input"], torch.device("cpu"))
-    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device)
+    h, w = img.shape[:2]
+    x = prepare_input(img, meta["input"], torch.device("cpu"), scale)
+    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, tta)
+    if probs.shape[-2:] != (h, w):
+        probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     return probs.argmax(0).to(torch.uint8).numpy()
 
 
@@ -138,6 +167,22 @@ def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | No
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} is below 1", fix="e.g. --batch-size 4")
     return tile, overlap, batch_size
+
+
+def check_tta(tta: str) -> str:
+    """Raise a UserError for an unknown test-time augmentation mode."""
+    from finetune.adapt import TTA_MODES
+
+    if tta not in TTA_MODES:
+        raise UserError(f"unknown TTA mode '{tta}'", fix=f"use one of {', '.join(TTA_MODES)}")
+    return tta
+
+
+def check_scale(scale: float) -> float:
+    """Raise a UserError for an input scale outside 0.05..20."""
+    if not 0.05 <= scale <= 20:
+        raise UserError(f"input scale {scale} is outside 0.05..20", fix="e.g. --scale 0.5 (objects half as big)")
+    return float(scale)
 
 
 def display_rgb(img: np.ndarray, scaling: str = "dtype") -> np.ndarray:
@@ -202,11 +247,17 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
 
 def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 device: str = "auto", tile: int | None = None, overlap: int | None = None,
-                batch_size: int | None = None, overlays: bool = True, show_progress: bool = True) -> dict:
+                batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
+                tta: str = "none", scale: float | None = None) -> dict:
     """Predict every image of ``input_dir`` into ``out_dir``.
 
+    Args:
+        tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
+        scale: Input scale instead of model.json's ``input.scale``.
+
     Returns:
-        Summary ``{"images", "failed", "seconds", "device", "tile", "overlap"}``.
+        Summary ``{"images", "failed", "seconds", "device", "tile", "overlap", "tta", "input"}``; ``input`` has the
+        scale and the scaling, and with ``auto`` scaling how many images got each rule.
 
     Raises:
         PartialFailure: some images could not be read (the rest are written).
@@ -218,6 +269,9 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
+    check_tta(tta)
+    if scale is not None:
+        meta = {**meta, "input": {**meta["input"], "scale": check_scale(scale)}}
     files = list_images(input_dir)
     out = ensure_writable_dir(out_dir)
     cl = dev.type == "cuda"
@@ -225,6 +279,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
         model = model.to(memory_format=torch.channels_last)
     palette = model_palette(meta)
     failures: dict[str, str] = {}
+    rules: dict[str, int] = {}
     t0 = time.perf_counter()
     with progress(transient=not show_progress) as bar:
         task = bar.add_task("predict", total=len(files))
@@ -235,7 +290,9 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                 failures[p.name] = e.message
                 bar.advance(task)
                 continue
-            mask = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)
+            rule = resolve_scaling(img, meta["input"]["scaling"])
+            rules[rule] = rules.get(rule, 0) + 1
+            mask = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl, tta=tta)
             atomic_write_bytes(out / f"{p.stem}.png", encode_png(mask))
             if overlays:
                 ov = overlay(img, mask, palette, scaling=meta["input"]["scaling"])
@@ -243,6 +300,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
             bar.advance(task)
     summary = {"images": len(files) - len(failures), "failed": len(failures),
                "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "tile": tile, "overlap": overlap,
+               "tta": tta, "input": {"scaling": meta["input"]["scaling"], "scaling_used": rules,
+                                     "scale": float(meta["input"].get("scale", 1.0))},
                "out": str(out)}
     if failures:
         raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures)

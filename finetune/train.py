@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.adapt import frozen_bn_stats
 from finetune.config import FinetuneConfig
 from finetune.data.mixing import MixedBatchSampler, WindowDataset, collate, raise_if_error
 from finetune.data.normalize import standardize
@@ -80,11 +82,13 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def prepare(self, resume: bool) -> None:
         from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder
+        from finetune.selftrain import check_adapt_config
         from segfactory.formats.encoder import read_encoder_meta
         from segfactory.torchutil import amp_dtype, resolve_device
 
         cfg = self.cfg
         t = cfg.train
+        check_adapt_config(cfg)
         self.device = resolve_device(t.device, "train.device")
         self.autocast = amp_dtype(self.device, t.amp, "train.amp")
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
@@ -133,12 +137,38 @@ class Trainer:
                 raise UserError(f"input.{name} has {len(v)} values for {c} input channel(s)",
                                 fix=f"give {c} value(s) or leave input.{name} unset")
         self.input_spec = {"in_chans": c, "scaling": cfg.input.scaling, "mean": [float(v) for v in mean],
-                           "std": [float(v) for v in std]}
+                           "std": [float(v) for v in std],
+                           # input.scale=auto: 1 until estimated at the end of the source-only phase
+                           "scale": 1.0 if cfg.input.scale == "auto" else float(cfg.input.scale)}
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._build_loss()
         self._build_optimizer()
+        self.adapt = self._build_adapt()
+
+    def _build_adapt(self):
+        """Domain adaptation to ``data.unlabeled`` (:class:`finetune.selftrain.SelfTraining`), or ``None``."""
+        from finetune.selftrain import SelfTraining
+
+        synthetic = [s for s in self.train_sources if s.kind == "synthetic"]
+        things: set[int] = set()
+        for src in synthetic:
+            from segfactory.formats.dataset import open_dataset
+
+            for c in open_dataset(src.path).classes:
+                tid = int(src.remap.lut[int(c["id"])])
+                if c.get("thing") and tid != self.targets.ignore_index:
+                    things.add(tid)
+
+        def synthetic_masks(n: int = 64) -> list[np.ndarray]:
+            items = [(s, it) for s in synthetic for it in s.train]
+            step = max(1, len(items) // n)
+            return [s.load(it)[1] for s, it in items[::step][:n]]
+
+        return SelfTraining.create(self.cfg, self.model, self.device, self.in_chans, self.input_spec,
+                                   self.targets.num_classes, self.targets.ignore_index, synthetic_masks,
+                                   sorted(things))
 
     def _check_resume_config(self) -> None:
         change = config_change(self.out, self.cfg)
@@ -200,6 +230,8 @@ class Trainer:
                  "aug_rng": self.gen.get_state(), "best_miou": self.best_miou, "best_step": self.best_step,
                  # The loss average of a log interval spans the interruption, so resumed logs match too.
                  "log_acc": [float(v) for v in self._loss_acc], "log_n": self._n_log}
+        if self.adapt is not None:
+            state["adapt"] = self.adapt.state_dict()
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.ckpt_path, buf.getvalue())
@@ -210,21 +242,34 @@ class Trainer:
         training = {"run": str(self.out), "step": step, "steps": self.cfg.train.steps, "seed": self.cfg.train.seed,
                     "config_hash": hash_config(self.cfg), "val": _val_brief(val),
                     "sources": [s.describe() for s in self.train_sources]}
+        if self.adapt is not None:
+            training["adapt"] = self.adapt.describe()
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
                           self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training})
 
-    def validate(self) -> dict[str, Any] | None:
+    def inference_model(self, step: int) -> nn.Module:
+        """The model as validated and saved at ``step``: the training model, or with adaptation's BatchNorm
+        recalibration on real crops (``adapt.recalibrate_bn``) a recalibrated copy (made once per step)."""
+        if self.adapt is None or not self.adapt.recalibrates:
+            return self.model
+        if getattr(self, "_infer_step", None) != step:
+            self._infer = self.adapt.recalibrated(self.model, self.cfg.augment.crop_size, autocast=self.autocast)
+            self._infer_step = step
+        return self._infer
+
+    def validate(self, step: int = -1) -> dict[str, Any] | None:
         """Per-source metrics on the validation items; ``None`` without validation data."""
         from finetune.evaluate import source_confusion, summarize
 
         if not self.val_sources:
             return None
         was_training = self.model.training
-        self.model.eval()
+        model = self.inference_model(step)
+        model.eval()
         meta = {"num_classes": self.targets.num_classes, "ignore_index": self.targets.ignore_index,
                 "input": self.input_spec}
         p = self.cfg.predict
-        cms = {s.name: source_confusion(self.model, meta, s, s.val, self.device, p.tile, p.overlap, p.batch_size,
+        cms = {s.name: source_confusion(model, meta, s, s.val, self.device, p.tile, p.overlap, p.batch_size,
                                         self.autocast, self.channels_last) for s in self.val_sources}
         self.model.train(was_training)
         if was_training and self._frozen:
@@ -265,6 +310,8 @@ class Trainer:
             self.scaler.load_state_dict(st["scaler"])
             self.gen.set_state(st["aug_rng"])
             self.best_miou, self.best_step = float(st["best_miou"]), int(st["best_step"])
+            if self.adapt is not None:
+                self.adapt.load_state_dict(st["adapt"])
             truncate_jsonl(self._metrics_path(), start)
             console.print(f"resuming {out} at step {start}/{t.steps}")
         elif self._metrics_path().exists():
@@ -275,9 +322,10 @@ class Trainer:
             console.print(f"{out} already finished {t.steps} steps")
             return read_json(summary_path)
 
-        window = cfg.data.load_size or cfg.augment.crop_size
+        window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
+        self._window, self._end = window, end
         dataset = WindowDataset(self.train_sources, window, self.in_chans, cfg.input.scaling, t.seed,
-                                self.targets.ignore_index)
+                                self.targets.ignore_index, real_scale=float(self.input_spec["scale"]))
         sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
                                     [s.weight for s in self.train_sources], t.batch_size, t.seed,
                                     start, end)
@@ -304,6 +352,13 @@ class Trainer:
             self._n_log = int(self.resume_state["log_n"])
         n_timed = 0
         last_val: dict[str, Any] | None = None
+        keep_best = t.keep_best
+        if self.adapt is not None and self.adapt.self_training and not any(s.kind == "real" for s in self.val_sources):
+            # Synthetic validation scores do not follow the adaptation to real images (they would pick a
+            # source-only model): without real validation labels the final model is kept, as DAFormer does.
+            keep_best = False
+            console.print("self-training without real validation labels: the final model is kept (train.keep_best "
+                          "applies to real validation mIoU only)")
         with progress(transient=not self.show_progress) as bar:
             task = bar.add_task("finetune", total=t.steps, completed=start)
             for batch in loader:
@@ -312,6 +367,15 @@ class Trainer:
                     self._frozen = False
                     self._set_frozen(False)
                     self.model.encoder.train()
+                if self.adapt is not None and self.adapt.scale_auto and step == cfg.adapt.warmup_steps \
+                        and self.adapt.scale_report is None:
+                    p = cfg.predict
+                    rep = self.adapt.estimate_scale(self.model, p.tile, p.overlap, p.batch_size, self.autocast,
+                                                    self.channels_last, cfg.augment.crop_size, self._window)
+                    console.print(f"input.scale=auto: {rep['scale']:.3f} (synthetic objects "
+                                  f"{rep['synthetic_median_px']:.1f} px, real "
+                                  f"{rep['passes'][-1]['real_median_px']:.1f} px at the previous scale)")
+                    self._log({"step": step, "input_scale": rep})
                 losses = self._train_step(batch, augment, step)
                 self._loss_acc += losses
                 self._n_log += 1
@@ -324,17 +388,18 @@ class Trainer:
                     mean = self._loss_acc / max(self._n_log, 1)
                     self._log({"step": step, "loss": round(float(mean[0]), 6), "ce": round(float(mean[1]), 6),
                                "dice": round(float(mean[2]), 6), "lr": lr,
-                               "images_per_s": round(n_timed * t.batch_size / dt, 2)})
+                               "images_per_s": round(n_timed * t.batch_size / dt, 2),
+                               **(self.adapt.log_fields() if self.adapt is not None else {})})
                     t_log, n_timed = time.perf_counter(), 0
                     self._loss_acc, self._n_log = np.zeros(3), 0
                 if step % t.val_every == 0 or step == t.steps:
-                    last_val = self.validate()
+                    last_val = self.validate(step)
                     if last_val is not None:
                         self._log({"step": step, "val": _val_brief(last_val)})
                         sel = last_val["selected"]
-                        if t.keep_best and sel is not None and sel > self.best_miou:
+                        if keep_best and sel is not None and sel > self.best_miou:
                             self.best_miou, self.best_step = float(sel), step
-                            save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
+                            save_model_dir(out / "model", self.inference_model(step), self._model_meta(step, last_val))
                     self._write_curves()
                 if step % t.checkpoint_every == 0 or step == end:
                     self._save_checkpoint(step)
@@ -343,9 +408,9 @@ class Trainer:
             console.print(f"stopped at step {step}/{t.steps} (train.stop_at); continue with --resume")
             return {"finished": False, "step": step, "steps": t.steps, "out": str(out)}
         model_step = self.best_step
-        if not t.keep_best or self.best_step < 0:
+        if not keep_best or self.best_step < 0:
             # No validation data (or keep_best off): the final weights are the model.
-            save_model_dir(out / "model", self.model, self._model_meta(step, last_val))
+            save_model_dir(out / "model", self.inference_model(step), self._model_meta(step, last_val))
             model_step = step
         self._write_curves()
         summary = {"finished": True, "steps": t.steps, "model_dir": str(out / "model"), "model_step": model_step,
@@ -356,6 +421,8 @@ class Trainer:
                    else "off", "channels_last": self.channels_last, "encoder": self.lineage_encoder,
                    "train_items": {s.name: len(s.train) for s in self.train_sources},
                    "val_items": {s.name: len(s.val) for s in self.val_sources}}
+        if self.adapt is not None:
+            summary["adapt"] = self.adapt.describe()
         atomic_write_json(summary_path, summary)
         print_summary(summary)
         return summary
@@ -365,23 +432,15 @@ class Trainer:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["mask"].to(self.device, non_blocking=True)
         x, y = augment(x, y, self.gen)
+        adapting = self.adapt is not None and self.adapt.needs_real(step)
+        if adapting:
+            real, valid = self.adapt.real_batch(step, self._window, self._end)
+            real, valid = self.adapt.weak(real, valid, augment.geometric)
+            x = self.adapt.align_source(x, real)
+        x_unit = x
         x = standardize(x, self.input_spec["mean"], self.input_spec["std"])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-        # Dropout (FPN, DeepLabV3+) and stochastic depth draw from torch's global RNG of the training device.
-        # Seeding a forked copy per step makes them a function of (seed, step): same seed, same run, and a
-        # resumed run is exact, while the caller's global RNG is left untouched. Backward reuses the saved masks.
-        cuda = self.device.type == "cuda"
-        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
-        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-            s = dropout_seed(t.seed, step)
-            torch.default_generator.manual_seed(s)
-            if cuda:  # this device only (CUDA is initialised: the model is on it); fork_rng restores just this one
-                torch.cuda.default_generators[index].manual_seed(s)
-            with ctx:
-                logits = self.model(x)
-        logits = logits.float()
+        with frozen_bn_stats(self.model, adapting and self.adapt.active(step) and self.cfg.adapt.bn_stats == "mixed"):
+            logits = self._forward(x, step)
         ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
         dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
         if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
@@ -389,6 +448,12 @@ class Trainer:
         loss = t.loss.ce_weight * ce + t.loss.dice_weight * dice
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if adapting and self.adapt.active(step):
+            # A second backward into the same gradients (DAFormer's order): the source graph is freed first.
+            st = self.adapt.loss(step, self.model, x_unit, y, real, valid, lambda z: self._forward(z, step, 1),
+                                 self.autocast, self.channels_last)
+            self.scaler.scale(self.cfg.adapt.weight * st).backward()
+            loss = loss.detach() + self.cfg.adapt.weight * st.detach()
         if t.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -398,10 +463,36 @@ class Trainer:
         self.scheduler.step()
         return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
 
+    def _forward(self, x: torch.Tensor, step: int, salt: int = 0) -> torch.Tensor:
+        """Float logits of the model on a standardised batch (channels_last and autocast as configured)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        # Dropout (FPN, DeepLabV3+) and stochastic depth draw from torch's global RNG of the training device.
+        # Seeding a forked copy per step makes them a function of (seed, step): same seed, same run, and a
+        # resumed run is exact, while the caller's global RNG is left untouched. Backward reuses the saved masks.
+        cuda = self.device.type == "cuda"
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+            s = dropout_seed(self.cfg.train.seed, step, salt)
+            torch.default_generator.manual_seed(s)
+            if cuda:  # this device only (CUDA is initialised: the model is on it); fork_rng restores just this one
+                torch.cuda.default_generators[index].manual_seed(s)
+            with ctx:
+                logits = self.model(x)
+        return logits.float()
+
     def _write_curves(self) -> None:
         path = self._metrics_path()
         if path.exists():
             atomic_write_bytes(self.out / "curves.png", plot_curves(read_jsonl(path)))
+
+
+def default_window(crop_size: int, zoom: tuple[float, float] | None) -> int:
+    """CPU window side: the crop size, or enough for the widest zoomed-out crop (a multiple of 32)."""
+    if zoom is None or zoom[0] >= 1:
+        return crop_size
+    return int(math.ceil(crop_size / zoom[0] / 32) * 32)
 
 
 def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int = 256) -> np.ndarray:

@@ -415,8 +415,9 @@ def test_bad_model_dirs_and_class_mismatches(trained: Path, tiny_dataset: Path, 
     (missing / "model.safetensors").unlink()
     rc, _, err = cli(capsys, "predict", "--model", missing, "--input", inputs, "--out", tmp_path / "o")
     assert rc == 2 and "is missing model.safetensors" in err
+    # A run dir is accepted: its model/ is used, and said.
     rc, _, err = cli(capsys, "predict", "--model", trained, "--input", inputs, "--out", tmp_path / "o")
-    assert rc == 2 and "is a training run, not a model dir" in err
+    assert rc == 0 and f"usingmodeldir'{trained / 'model'}'" in "".join(err.split()), err
 
     # model.json claiming 4 classes next to 3-class weights.
     other = tmp_path / "other"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finetune.data.normalize import image_range, to_unit
+from finetune.data.normalize import image_range, resolve_scaling, to_unit
 from finetune.data.sources import Source
 from segfactory import seeds
 from segfactory.errors import UserError
@@ -104,13 +104,14 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: list[Source], window: int, in_chans: int, scaling: str, seed: int,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, real_scale: float = 1.0):
         self.sources = sources
         self.window = window
         self.in_chans = in_chans
         self.scaling = scaling
         self.seed = seed
         self.ignore_index = ignore_index
+        self.real_scale = real_scale  # input.scale: real frames are resized by it, synthetic ones never
 
     def __len__(self) -> int:
         return sum(len(s.train) for s in self.sources)
@@ -121,6 +122,11 @@ class WindowDataset(torch.utils.data.Dataset):
             img, mask = src.load(src.train[ref.item])
         except UserError as e:
             return {"error": (e.message, e.fix)}
+        if src.kind == "real" and self.real_scale != 1:
+            from finetune.scale import resize_image, resize_mask
+
+            img = resize_image(img, self.real_scale)
+            mask = resize_mask(mask, img.shape[:2])
         rng = np.random.default_rng([self.seed, ref.step, ref.slot, seeds.FINETUNE_WINDOW])
         x, y = random_window(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index)
         return {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
@@ -134,7 +140,7 @@ def random_window(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random
         image (C, window, window) float32 in [0, 1], mask (window, window) uint8.
     """
     h, w = mask.shape
-    value_range = image_range(img, scaling) if scaling != "dtype" else None
+    value_range = image_range(img, scaling) if resolve_scaling(img, scaling) != "dtype" else None
     y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
     x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
     img = img[y0:y0 + window, x0:x0 + window]

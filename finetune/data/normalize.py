@@ -17,8 +17,21 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 PERCENTILES = (0.5, 99.5)
 
 
+def resolve_scaling(img: np.ndarray, scaling: str) -> str:
+    """The scaling an image gets: ``auto`` is ``dtype`` (÷255) for 8-bit images and ``percentile`` for deeper
+    ones (what ``segfactory ingest`` does for pretraining); any other mode is returned as it is.
+
+    Why not ``dtype`` for 16-bit: a 16-bit file holding 8-bit values (0..235) would be scaled to at most 0.004,
+    and a 12-bit camera frame with an offset (e.g. 32978..36863) to 0.50..0.56.
+    """
+    if scaling == "auto":
+        return "dtype" if img.dtype == np.uint8 else "percentile"
+    return scaling
+
+
 def image_range(img: np.ndarray, scaling: str = "minmax") -> tuple[float, float]:
     """The (low, high) values that ``minmax`` / ``percentile`` scaling maps to 0 / 1, from the whole image."""
+    scaling = resolve_scaling(img, scaling)
     if scaling == "percentile":
         lo, hi = np.percentile(img, PERCENTILES)
         return float(lo), float(hi)
@@ -34,13 +47,15 @@ def to_unit(img: np.ndarray, in_chans: int, scaling: str = "dtype",
         in_chans: 1 (RGB becomes BT.601 luma) or 3 (gray is repeated).
         scaling: ``dtype`` divides by 255 / 65535; ``minmax`` stretches the image's min..max to 0..1;
             ``percentile`` stretches its 0.5..99.5 percentiles to 0..1 and clips (as ``segfactory ingest`` does
-            for 16-bit images, so fine-tuning sees what the pretrained encoder saw).
+            for 16-bit images, so fine-tuning sees what the pretrained encoder saw); ``auto`` picks per image
+            (:func:`resolve_scaling`).
         value_range: (low, high) of the *whole* image for ``minmax``/``percentile`` (so crops scale like the
             full image); default computed from the given array.
 
     Returns:
         (C, H, W) float32.
     """
+    scaling = resolve_scaling(img, scaling)
     x = img.astype(np.float32)
     if scaling == "dtype":
         x *= 1.0 / (65535.0 if img.dtype == np.uint16 else 255.0)

@@ -49,7 +49,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from segfactory.config import load_config
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps)
+    if args.encoder is not None:
+        from finetune.locate import resolve_encoder_dir
+        from segfactory.console import console
+
+        enc_dir, note = resolve_encoder_dir(args.encoder)
+        if note:
+            console.print(note)
+        args.encoder = str(enc_dir)
+    cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps, args.unlabeled)
     summary = run_finetune(cfg, args.out, resume=args.resume)
     _emit(summary)
     return 0
@@ -66,16 +74,29 @@ def _parse_remap(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _resolve_model(args: argparse.Namespace) -> None:
+    """``--model RUN``: use the run's ``model/`` (or a pipeline run's newest finetune stage) and say so."""
+    from finetune.locate import resolve_model_dir
+    from segfactory.console import console
+
+    model_dir, note = resolve_model_dir(args.model)
+    if note:
+        console.print(note)
+    args.model = str(model_dir)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from finetune.config import SourceSpec
     from finetune.evaluate import run_evaluate
     from segfactory.console import console
 
+    _resolve_model(args)
     remap = _parse_remap(args.remap)
     specs = [SourceSpec(path=Path(d), remap=remap, on_unknown=args.on_unknown) for d in args.data]
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     report = run_evaluate(args.model, specs, out, device=args.device, tile=args.tile, overlap=args.overlap,
-                          batch_size=args.batch_size, baselines=args.baselines, overlays=args.overlays)
+                          batch_size=args.batch_size, baselines=args.baselines, overlays=args.overlays,
+                          tta=args.tta, scale=args.scale)
     _save_args(out / "evaluate.yaml", {k: v for k, v in vars(args).items() if k != "func"})
     from rich.table import Table
 
@@ -107,6 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         summary["real"] = {name: {row: {"fg_iou": r["fg_iou"], "f1": _first_f1(r)} for row, r in s["rows"].items()}
                            for name, s in report["real"].items()}
     console.print(f"metrics and confusion matrices in {out}")
+    summary |= {"model": args.model, "tta": args.tta, "input": report["input"]}
     _emit(summary)
     return 0
 
@@ -140,10 +162,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from finetune.predict import run_predict
     from segfactory.console import console
 
+    _resolve_model(args)
     summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
-                          overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays)
+                          overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
+                          tta=args.tta, scale=args.scale)
+    summary["model"] = args.model
     _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
-                                                 "tile": summary["tile"], "overlap": summary["overlap"]})
+                                                 "tile": summary["tile"], "overlap": summary["overlap"],
+                                                 "input": summary["input"]})
     console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")
     _emit(summary)
     return 0
@@ -204,7 +230,11 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
     p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
-    p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json)")
+    p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json), "
+                   "or a pretraining run holding one")
+    p.add_argument("--unlabeled", action="append", metavar="IMAGES",
+                   help="unlabeled real images for domain adaptation: a `segfactory ingest` output (repeatable; "
+                        "replaces data.unlabeled)")
     p.add_argument("--arch", help=Names("decoder architecture (model.arch): {names}", _archs))
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -216,10 +246,15 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
         q.add_argument("--tile", type=int, help="tile side for large images (default: model.json)")
         q.add_argument("--overlap", type=int, help="tile overlap in pixels (default: model.json)")
         q.add_argument("--batch-size", type=int, help="tiles per forward pass (default: model.json)")
+        q.add_argument("--tta", nargs="?", const="d4", default="none", choices=["none", "flip", "d4"],
+                       help="test-time augmentation: average over flips (flip) or flips and quarter turns (d4, "
+                            "the default of a bare --tta)")
+        q.add_argument("--scale", type=float, help="resize real images by this factor before the model "
+                       "(default: model.json input.scale)")
 
     e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
                             "folders also foreground IoU and instance F1 next to classic baselines")
-    e.add_argument("--model", required=True, metavar="MODEL_DIR")
+    e.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
                         "repeatable, reported per source and per kind")
@@ -238,7 +273,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     e.set_defaults(func=_cmd_evaluate)
 
     r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
-    r.add_argument("--model", required=True, metavar="MODEL_DIR")
+    r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB")
     r.add_argument("--out", required=True, metavar="DIR", help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")

@@ -1,0 +1,395 @@
+"""Domain-adaptation building blocks as pure torch functions on batched tensors.
+
+Mean teacher (:func:`ema_update`), pseudo-labels with a confidence threshold and a per-image quality weight
+(:func:`pseudo_label`, :func:`pixel_weights`), ClassMix/DACS mixing (:func:`classmix_masks`,
+:func:`classmix`), strong photometric augmentation of mixed images (:func:`strong_photometric`), Fourier
+domain adaptation (:func:`fda`), histogram matching (:func:`match_histograms`) and test-time augmentation
+(:func:`tta_probs`). They run on whatever device their inputs are on; every random choice comes from an
+explicit ``torch.Generator`` (resume must be exact).
+
+Images here are in [0, 1] (before :func:`~finetune.data.normalize.standardize`) unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# ------------------------------------------------------------------------------------------ mean teacher
+
+
+def ema_alpha(alpha: float, k: int) -> float:
+    """Teacher momentum at the ``k``-th update (0-based): ``min(1 - 1 / (k + 1), alpha)``.
+
+    The ramp (DAFormer's) makes update 0 a plain copy and early teachers the uniform average of the students
+    so far, so the teacher is not dominated by its random or source-only start when ``alpha`` is close to 1.
+    """
+    return min(1.0 - 1.0 / (k + 1), alpha)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """``teacher = alpha * teacher + (1 - alpha) * student`` for every floating-point parameter and buffer.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are copied. Both modules must have the same
+    architecture; they may live on the same device only.
+    """
+    s_state = student.state_dict()
+    for name, t in teacher.state_dict().items():
+        s = s_state[name].detach()
+        if t.dtype.is_floating_point:
+            t.mul_(alpha).add_(s.to(t.dtype), alpha=1.0 - alpha)
+        else:
+            t.copy_(s)
+
+
+def teacher_mode(teacher: nn.Module, norm: str) -> None:
+    """Put the teacher into inference mode for labelling: dropout (and drop-path) always off.
+
+    Args:
+        norm: ``batch``: BatchNorm layers normalise with the statistics of the batch being labelled (as
+            DAFormer's teacher, which stays in training mode); ``running``: with their running statistics.
+    """
+    teacher.eval()
+    if norm == "batch":
+        for m in teacher.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Within the block, BatchNorm layers still normalise with batch statistics in training mode but do not
+    update their running statistics (momentum 0)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Replace the BatchNorm running statistics by the plain average over some batches (AdaBN).
+
+    The statistics a model normalises with at inference come from its training batches (synthetic and mixed
+    crops); re-estimating them on real crops alone makes them those of the images it will be applied to. The
+    weights are untouched; dropout is off during the passes.
+
+    Args:
+        model: Any module; only its ``_BatchNorm`` layers change.
+        batches: Standardised (B, C, H, W) input batches on the model's device.
+
+    Returns:
+        The number of batches used (0: nothing changed).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was = model.training
+    saved = [(m, m.momentum) for m in bns]
+    n = 0
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts equally
+            m.train()
+        for x in batches:
+            model(x)
+            n += 1
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return n
+
+
+# ------------------------------------------------------------------------------------------ pseudo-labels
+
+
+@dataclass
+class PseudoLabels:
+    """Teacher output on a batch.
+
+    Attributes:
+        labels: (B, H, W) int64 argmax class, ``ignore_index`` where not valid.
+        confidence: (B, H, W) float max softmax probability.
+        confident: (B, H, W) bool, confidence >= threshold (and valid).
+        quality: (B,) float, share of an image's valid pixels that are confident.
+        valid: (B, H, W) bool, pixels with image content.
+    """
+
+    labels: torch.Tensor
+    confidence: torch.Tensor
+    confident: torch.Tensor
+    quality: torch.Tensor
+    valid: torch.Tensor
+
+
+@torch.no_grad()
+def pseudo_label(logits: torch.Tensor, threshold: float, valid: torch.Tensor | None = None,
+                 ignore_index: int = 255) -> PseudoLabels:
+    """Hard pseudo-labels, their confidence, the confidence mask and the per-image quality.
+
+    Args:
+        logits: (B, K, H, W) teacher logits.
+        threshold: tau; a pixel is confident when its max softmax probability is >= tau.
+        valid: (B, H, W) bool, pixels that hold image content (padding is not labelled); default all.
+        ignore_index: Label of invalid pixels.
+
+    Returns:
+        :class:`PseudoLabels`.
+    """
+    conf, labels = logits.float().softmax(1).max(1)
+    confident = conf >= threshold
+    if valid is None:
+        valid = torch.ones_like(confident)
+    confident &= valid
+    labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
+    quality = confident.flatten(1).sum(1).float() / valid.flatten(1).sum(1).clamp(min=1).float()
+    return PseudoLabels(labels, conf, confident, quality, valid)
+
+
+def pixel_weights(pl: PseudoLabels, mode: str = "quality") -> torch.Tensor:
+    """(B, H, W) float loss weights of pseudo-labelled pixels.
+
+    Args:
+        pl: From :func:`pseudo_label`.
+        mode: ``quality``: every valid pixel gets its image's quality (DAFormer); ``confident``: only confident
+            pixels do, the others 0.
+    """
+    q = pl.quality.view(-1, 1, 1).expand_as(pl.confidence)
+    keep = pl.confident if mode == "confident" else pl.valid
+    return torch.where(keep, q, torch.zeros_like(q))
+
+
+# ------------------------------------------------------------------------------------------ ClassMix
+
+
+def classmix_masks(labels: torch.Tensor, generator: torch.Generator, ignore_index: int = 255,
+                   candidates: list[int] | None = None) -> torch.Tensor:
+    """Per image, a mask of half of the classes present in its labels (DACS: ``ceil(n / 2)`` of ``n``).
+
+    Args:
+        labels: (B, H, W) int class ids of the images to paste from; ``ignore_index`` is never chosen.
+        generator: On ``labels``' device.
+        candidates: Only these classes may be chosen (e.g. the thing classes); default all.
+
+    Returns:
+        (B, H, W) bool, True where the pixel is pasted.
+    """
+    masks = []
+    for lab in labels:
+        classes = torch.unique(lab)
+        classes = classes[classes != ignore_index]
+        if candidates is not None:
+            classes = classes[torch.isin(classes, torch.as_tensor(candidates, device=classes.device,
+                                                                  dtype=classes.dtype))]
+        n = int(classes.numel())
+        if n == 0:
+            masks.append(torch.zeros_like(lab, dtype=torch.bool))
+            continue
+        pick = torch.randperm(n, generator=generator, device=generator.device)[: (n + n % 2) // 2]
+        masks.append(torch.isin(lab, classes[pick.to(classes.device)]))
+    return torch.stack(masks)
+
+
+def classmix(src_image: torch.Tensor, src_labels: torch.Tensor, tgt_image: torch.Tensor, tgt_labels: torch.Tensor,
+             tgt_weights: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste the masked pixels of source images (with their labels) into target images.
+
+    Args:
+        src_image: (B, C, H, W) images to paste from (synthetic).
+        src_labels: (B, H, W) their labels.
+        tgt_image: (B, C, H, W) images to paste into (real).
+        tgt_labels: (B, H, W) their pseudo-labels.
+        tgt_weights: (B, H, W) loss weights of the pseudo-labels.
+        mask: (B, H, W) bool, from :func:`classmix_masks` on ``src_labels``.
+
+    Returns:
+        image (B, C, H, W), labels (B, H, W), weights (B, H, W): pasted pixels take the source's image value and
+        label exactly and weight 1 (their labels are true labels).
+    """
+    m = mask.unsqueeze(1)
+    image = torch.where(m, src_image, tgt_image)
+    labels = torch.where(mask, src_labels.to(tgt_labels.dtype), tgt_labels)
+    weights = torch.where(mask, torch.ones_like(tgt_weights), tgt_weights)
+    return image, labels, weights
+
+
+def strong_photometric(image: torch.Tensor, generator: torch.Generator, jitter_p: float, jitter: float,
+                       blur_p: float, blur_sigma: tuple[float, float]) -> torch.Tensor:
+    """DACS's strong augmentation of mixed images: colour jitter and Gaussian blur, per image.
+
+    Args:
+        image: (B, C, H, W) in [0, 1], C = 1 or 3 (saturation and hue only act on 3 channels).
+        generator: On ``image``'s device.
+        jitter_p: Probability of jitter; brightness, contrast, saturation, hue factors are drawn in
+            ``±jitter`` (hue in ``±jitter`` half-turns, as torchvision's ColorJitter).
+        blur_p: Probability of blur; sigma uniform in ``blur_sigma``, kernel of about 10 % of the side.
+
+    Returns:
+        (B, C, H, W) in [0, 1].
+    """
+    from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+    from kornia.filters import gaussian_blur2d
+
+    b, c, h, w = image.shape
+    u = torch.rand(b, 7, generator=generator, device=image.device)
+    on = (u[:, 0] < jitter_p).float()
+    if jitter and jitter_p:
+        image = adjust_brightness(image, (2 * u[:, 1] - 1) * jitter * on)
+        image = adjust_contrast(image, 1 + (2 * u[:, 2] - 1) * jitter * on)
+        if c == 3:
+            image = adjust_saturation(image, 1 + (2 * u[:, 3] - 1) * jitter * on)
+            image = adjust_hue(image, (2 * u[:, 4] - 1) * jitter * math.pi * on)
+    if blur_p:
+        lo, hi = blur_sigma
+        k = max(3, math.ceil(0.1 * min(h, w)) // 2 * 2 + 1)
+        sigma = (lo + (hi - lo) * u[:, 5]).unsqueeze(1).expand(b, 2).contiguous()
+        blurred = gaussian_blur2d(image, (k, k), sigma)
+        image = torch.where((u[:, 6] < blur_p).view(b, 1, 1, 1), blurred, image)
+    return image.clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------ appearance alignment
+
+
+def fda(src: torch.Tensor, ref: torch.Tensor, beta: float, clamp: bool = True) -> torch.Tensor:
+    """Fourier domain adaptation (Yang & Soatto, 2020): give ``src`` the low-frequency amplitude of ``ref``.
+
+    The amplitude spectrum of every channel inside the square ``|fy| <= b, |fx| <= b`` (integer frequencies,
+    ``b = floor(beta * min(H, W))``; ``b = 0`` is the mean alone) is replaced by the reference's; the phase
+    (where the content is) stays, so labels of ``src`` remain valid.
+
+    Args:
+        src: (B, C, H, W) images to restyle.
+        ref: (B, C, H, W) reference images (same shape).
+        beta: Size of the swapped band; ``beta <= 0`` returns ``src`` unchanged.
+        clamp: Clip the result to [0, 1].
+
+    Returns:
+        (B, C, H, W) float.
+    """
+    if beta <= 0:
+        return src
+    h, w = src.shape[-2:]
+    b = math.floor(beta * min(h, w))
+    fs = torch.fft.fft2(src.float())
+    fr = torch.fft.fft2(ref.float())
+    fy = torch.fft.fftfreq(h, 1.0 / h, device=src.device).abs() <= b
+    fx = torch.fft.fftfreq(w, 1.0 / w, device=src.device).abs() <= b
+    band = fy[:, None] & fx[None, :]
+    amp = torch.where(band, fr.abs(), fs.abs())
+    out = torch.fft.ifft2(torch.polar(amp, fs.angle())).real
+    return out.clamp(0, 1) if clamp else out
+
+
+def match_histograms(src: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per image and channel, map ``src``'s values onto ``ref``'s quantiles (rank-preserving).
+
+    A pixel whose value covers the ranks ``[a, b)`` of its image (ties share one value) gets the reference's
+    quantile at ``(a + b) / 2n``, linearly interpolated between the sorted reference values (sample ``j`` of
+    ``m`` sits at quantile ``(j + 0.5) / m``). Without ties and with equal sizes the sorted output *is* the
+    sorted reference. Pixel order, and so the labels, are untouched.
+
+    Args:
+        src: (B, C, H, W) images to restyle.
+        ref: (B, C, h, w) references (any size).
+
+    Returns:
+        (B, C, H, W) with ``src``'s dtype.
+    """
+    b, c, h, w = src.shape
+    s = src.reshape(b, c, -1).float()
+    r = ref.reshape(b, c, -1).float().sort(-1).values
+    n, m = s.shape[-1], r.shape[-1]
+    s_sorted, order = s.sort(dim=-1, stable=True)
+    lo = torch.searchsorted(s_sorted.contiguous(), s_sorted.contiguous(), right=False)
+    hi = torch.searchsorted(s_sorted.contiguous(), s_sorted.contiguous(), right=True)
+    pos = ((lo + hi).float() / (2 * n) * m - 0.5).clamp(0, m - 1)
+    j0 = pos.floor().long()
+    j1 = (j0 + 1).clamp(max=m - 1)
+    t = pos - j0.float()
+    mapped = r.gather(-1, j0) * (1 - t) + r.gather(-1, j1) * t
+    out = torch.empty_like(s).scatter_(-1, order, mapped)
+    return out.reshape(b, c, h, w).to(src.dtype)
+
+
+def align_batch(src: torch.Tensor, ref: torch.Tensor, generator: torch.Generator, fda_beta: float, fda_p: float,
+                hist_p: float) -> torch.Tensor:
+    """Move synthetic crops toward random real crops: FDA and/or histogram matching, each with a probability.
+
+    Args:
+        src: (B, C, S, S) synthetic crops in [0, 1].
+        ref: (R, C, S, S) real crops in [0, 1] (R >= 1); each synthetic crop gets a random one.
+        generator: On ``src``'s device.
+
+    Returns:
+        (B, C, S, S) in [0, 1].
+    """
+    b = src.shape[0]
+    u = torch.rand(b, 2, generator=generator, device=src.device)
+    pick = torch.randint(0, ref.shape[0], (b,), generator=generator, device=src.device)
+    r = ref[pick.to(ref.device)].to(src.device)
+    if fda_beta > 0 and fda_p > 0:
+        src = torch.where((u[:, 0] < fda_p).view(b, 1, 1, 1), fda(src, r, fda_beta), src)
+    if hist_p > 0:
+        src = torch.where((u[:, 1] < hist_p).view(b, 1, 1, 1), match_histograms(src, r), src)
+    return src
+
+
+# ------------------------------------------------------------------------------------ test-time augmentation
+
+# (k quarter turns, horizontal flip first) of each dihedral transform used by a TTA mode.
+TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flip": ((0, False), (0, True), (2, True), (2, False)),  # identity, h-flip, v-flip, both
+    "d4": tuple((k, f) for k in range(4) for f in (False, True)),  # + the quarter turns: all 8
+}
+
+
+def tta_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Transform (..., H, W): horizontal flip (if ``flip``), then ``k`` counter-clockwise quarter turns."""
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
+
+
+def tta_invert(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Exact inverse of :func:`tta_apply` on (..., H', W')."""
+    if k % 4:
+        y = torch.rot90(y, -k, dims=(-2, -1))
+    return y.flip(-1) if flip else y
+
+
+def tta_probs(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """Average class probabilities over dihedral transforms of the input, each mapped back exactly.
+
+    Args:
+        predict: Maps (B, C, h, w) to probabilities (B, K, h, w) (any h, w the transforms produce: quarter
+            turns swap height and width).
+        x: (B, C, H, W).
+        mode: ``none``, ``flip`` (identity, horizontal, vertical, both) or ``d4`` (also the quarter turns).
+
+    Returns:
+        (B, K, H, W) mean probabilities.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}")
+    acc: torch.Tensor | None = None
+    for k, flip in TTA_MODES[mode]:
+        p = tta_invert(predict(tta_apply(x, k, flip)), k, flip)
+        acc = p if acc is None else acc + p
+    assert acc is not None
+    return acc / len(TTA_MODES[mode])

@@ -1,0 +1,122 @@
+"""Input scale: resizing real images so their objects get the rendered pixel size, and estimating the factor.
+
+``input.scale`` (model.json ``input.scale``) is the factor real images are resized by before the network;
+synthetic frames are always used at their rendered size. :func:`estimate_scale` finds it from unlabeled real
+images: the median size of the thing-class objects a model predicts on them (connected components) against
+the median size of the same classes' connected components in the synthetic labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+def scaled_shape(h: int, w: int, f: float) -> tuple[int, int]:
+    """(H, W) of an image of (h, w) resized by ``f`` (at least one pixel)."""
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def resize_image(img: np.ndarray, f: float) -> np.ndarray:
+    """Resize an (H, W) or (H, W, 3) uint8/uint16 image by ``f``: area averaging when shrinking, else bilinear."""
+    if f == 1:
+        return img
+    h, w = scaled_shape(img.shape[0], img.shape[1], f)
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W) class-id mask to ``shape`` (H', W')."""
+    if mask.shape[:2] == tuple(shape):
+        return mask
+    dtype = mask.dtype
+    m = mask if dtype in (np.uint8, np.uint16) else mask.astype(np.int32)
+    out = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return out.astype(dtype, copy=False)
+
+
+def component_sizes(mask: np.ndarray, class_ids: Sequence[int], border: bool = False) -> list[float]:
+    """Equivalent diameters ``2 sqrt(area / pi)`` (pixels) of the 8-connected components of some classes.
+
+    Args:
+        mask: (H, W) class ids.
+        class_ids: Classes whose components are measured (each class separately).
+        border: Keep components touching the image border (their size is cut off); default dropped.
+    """
+    out: list[float] = []
+    h, w = mask.shape
+    for k in class_ids:
+        _, _, stats, _ = cv2.connectedComponentsWithStats((mask == k).astype(np.uint8), connectivity=8)
+        for x, y, bw, bh, area in stats[1:]:
+            if not border and (x == 0 or y == 0 or x + bw == w or y + bh == h):
+                continue
+            out.append(2.0 * float(np.sqrt(area / np.pi)))
+    return out
+
+
+def robust_median(sizes: list[float], min_size: float) -> float | None:
+    """Median of the sizes at least ``min_size`` (specks of a few pixels are noise, not objects)."""
+    keep = [s for s in sizes if s >= min_size]
+    return float(np.median(keep)) if keep else None
+
+
+def training_zoom(crop_size: int, window: int, area: tuple[float, float], zoom: tuple[float, float] | None) -> float:
+    """Median factor by which the training augmentation resizes objects (what the model saw most).
+
+    With ``augment.zoom`` it is the geometric mean of the range; otherwise a random-resized crop of area
+    fraction ``a ~ U(area)`` of the ``window`` resized to ``crop_size`` scales by ``crop / (window sqrt(a))``,
+    whose median is at the median area.
+    """
+    if zoom is not None:
+        return float(np.sqrt(zoom[0] * zoom[1]))
+    return float(crop_size / (window * np.sqrt((area[0] + area[1]) / 2)))
+
+
+def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_masks: list[np.ndarray],
+                   thing_ids: Sequence[int], start: float = 1.0, iterations: int = 3,
+                   limits: tuple[float, float] = (0.05, 20.0), train_zoom: float = 1.0) -> dict[str, Any]:
+    """Fixed-point estimate of the input scale.
+
+    A model trained on rendered frames sees objects of the rendered size best, so its masks on real images
+    resized by the current estimate are measured, the estimate is multiplied by ``synthetic / real`` median
+    object diameter and the real images are predicted again at the new scale (a model run at a badly wrong
+    scale under- or over-segments, so one pass is biased toward 1; two or three passes converge).
+
+    Args:
+        predict_at: ``scale -> predicted class-id masks`` of the real images resized by ``scale``.
+        synthetic_masks: Label masks of synthetic frames (at their rendered size).
+        thing_ids: Classes whose objects are measured (the ``thing`` classes).
+        start: First scale tried.
+        iterations: Passes over the real images.
+        limits: The estimate is clipped to this range.
+        train_zoom: The median object resize of the training augmentation (:func:`training_zoom`): real
+            objects are matched to the size the model saw most, ``synthetic median x train_zoom``.
+
+    Returns:
+        ``{"scale", "synthetic_median_px", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``;
+        ``ok`` is False (and ``scale`` the start value) when no objects were found on either side.
+    """
+    syn = [s for m in synthetic_masks for s in component_sizes(m, thing_ids)]
+    syn_med = robust_median(syn, 2.0)
+    report: dict[str, Any] = {"scale": start, "synthetic_median_px": syn_med, "synthetic_objects": len(syn),
+                              "train_zoom": round(train_zoom, 4), "passes": [], "ok": False}
+    if syn_med is None:
+        return report
+    target = syn_med * train_zoom
+    scale = start
+    for _ in range(iterations):
+        real = [s for m in predict_at(scale) for s in component_sizes(m, thing_ids)]
+        real_med = robust_median(real, max(2.0, 0.25 * syn_med))
+        report["passes"].append({"scale": round(scale, 4), "real_median_px": real_med, "objects": len(real)})
+        if real_med is None:
+            break
+        new = float(np.clip(scale * target / real_med, *limits))
+        converged = abs(np.log(new / scale)) < 0.02
+        scale = new
+        report.update(scale=round(scale, 4), ok=True)
+        if converged:
+            break
+    return report

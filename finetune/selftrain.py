@@ -1,0 +1,300 @@
+"""Self-training and appearance alignment inside the fine-tuning loop (``data.unlabeled`` + ``adapt``).
+
+Per training step ``s`` (after the supervised synthetic loss, before the optimizer step):
+
+1. a batch of real crops (:mod:`finetune.unlabeled`) gets the *weak* augmentation: the geometric part of
+   ``augment`` (crop, flips, rotation, zoom), no photometric change;
+2. from ``adapt.warmup_steps`` on, the teacher (an EMA of the student, :func:`~finetune.adapt.ema_update`)
+   labels them (:func:`~finetune.adapt.pseudo_label`: threshold tau, per-image quality weight);
+3. ClassMix pastes half of the classes of the (augmented) synthetic crops, with their labels, into the real
+   crops; the mixed images get the *strong* augmentation (colour jitter, blur) and the student learns them
+   with pixel-weighted cross-entropy (pasted pixels weight 1), scaled by ``adapt.weight``.
+
+Before step 1 the synthetic crops may be moved toward random real crops (FDA, histogram matching).
+
+Every random choice comes from one generator saved in the checkpoint together with the teacher, and the real
+crops are a function of ``(seed, step, slot)``, so resume stays exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.adapt import (
+    align_batch,
+    classmix,
+    classmix_masks,
+    ema_alpha,
+    ema_update,
+    pixel_weights,
+    pseudo_label,
+    strong_photometric,
+    teacher_mode,
+)
+from finetune.config import FinetuneConfig
+from finetune.data.normalize import standardize
+from finetune.unlabeled import UnlabeledSet, open_unlabeled, unlabeled_loader
+from segfactory.errors import UserError
+
+# Added to the training seed for the adaptation generator, so adapting leaves the synthetic stream unchanged.
+ADAPT_SEED_SALT = 0xADA9
+# Real images predicted per pass of the automatic scale estimate, and synthetic masks measured.
+SCALE_IMAGES = 16
+SCALE_SYNTHETIC_MASKS = 64
+
+
+def check_adapt_config(cfg: FinetuneConfig) -> None:
+    """Refuse settings that cannot work, before anything is opened or trained.
+
+    Raises:
+        UserError: ``input.scale=auto`` without unlabeled images, without a source-only phase, or together with
+            real labeled training data.
+    """
+    if cfg.input.scale != "auto":
+        return
+    if not cfg.data.unlabeled:
+        raise UserError("input.scale=auto estimates the scale from unlabeled real images, but data.unlabeled is "
+                        "empty", fix="pass --unlabeled IMAGES (an ingest output) or set input.scale to a number")
+    if cfg.adapt.warmup_steps < 1 or cfg.adapt.warmup_steps >= cfg.train.steps:
+        raise UserError(f"input.scale=auto needs a source-only phase to estimate from (adapt.warmup_steps="
+                        f"{cfg.adapt.warmup_steps} of {cfg.train.steps} steps)",
+                        fix="set adapt.warmup_steps to e.g. a third of train.steps")
+    if cfg.data.real:
+        raise UserError("input.scale=auto cannot be used with real labeled training data (data.real): those "
+                        "images would be loaded before the scale is known",
+                        fix="set input.scale to a number (e.g. from a first run with input.scale=auto)")
+
+
+class SelfTraining:
+    """Teacher, real-crop stream and losses of domain adaptation for one run (built by :meth:`create`)."""
+
+    def __init__(self, cfg: FinetuneConfig, unlabeled: UnlabeledSet, student: nn.Module, device: torch.device,
+                 in_chans: int, input_spec: dict[str, Any], num_classes: int, ignore_index: int,
+                 synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int]):
+        self.cfg = cfg
+        self.a = cfg.adapt
+        self.unlabeled = unlabeled
+        self.device = device
+        self.in_chans = in_chans
+        self.input_spec = input_spec
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.synthetic_masks = synthetic_masks
+        self.thing_ids = thing_ids
+        self.self_training = self.a.enabled
+        self.align = (self.a.fda_beta > 0 and self.a.fda_p > 0) or self.a.hist_match_p > 0
+        self.recalibrates = self.a.recalibrate_bn > 0
+        self.batch_size = self.a.batch_size or cfg.train.batch_size
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(cfg.train.seed + ADAPT_SEED_SALT)
+        self.scale_auto = cfg.input.scale == "auto"
+        self.scale_report: dict[str, Any] | None = None
+        self._acc = np.zeros(3)  # self-training loss, pseudo-label quality, pasted share (per log interval)
+        self._n = 0
+        self._loader: Any = None
+        self._loader_key: tuple | None = None
+        self._iter: Any = None
+
+    @classmethod
+    def create(cls, cfg: FinetuneConfig, student: nn.Module, device: torch.device, in_chans: int,
+               input_spec: dict[str, Any], num_classes: int, ignore_index: int,
+               synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int]) -> SelfTraining | None:
+        """``None`` without ``data.unlabeled`` or with nothing to do; else checked and ready (raises UserError)."""
+        if not cfg.data.unlabeled:
+            return None
+        a = cfg.adapt
+        if not a.enabled and not (a.fda_beta > 0 and a.fda_p > 0) and a.hist_match_p <= 0 \
+                and a.recalibrate_bn == 0 and cfg.input.scale != "auto":
+            return None
+        unl = open_unlabeled(cfg.data.unlabeled, in_chans)
+        return cls(cfg, unl, student, device, in_chans, input_spec, num_classes, ignore_index, synthetic_masks,
+                   thing_ids)
+
+    # ------------------------------------------------------------------ state
+    def active(self, step: int) -> bool:
+        """Self-training runs at this (0-based) step."""
+        return self.self_training and step >= self.a.warmup_steps
+
+    def needs_real(self, step: int) -> bool:
+        return self.align or self.active(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher.state_dict(), "rng": self.gen.get_state(),
+                "scale": self.input_spec.get("scale"), "scale_report": self.scale_report,
+                "log_acc": [float(v) for v in self._acc], "log_n": self._n}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(st["teacher"])
+        self.gen.set_state(st["rng"])
+        if st.get("scale") is not None:
+            self.input_spec["scale"] = float(st["scale"])
+        self.scale_report = st.get("scale_report")
+        self._acc = np.asarray(st.get("log_acc", [0, 0, 0]), np.float64)
+        self._n = int(st.get("log_n", 0))
+
+    def describe(self) -> dict[str, Any]:
+        """What model.json / summary.json record about adaptation."""
+        return {"unlabeled": self.unlabeled.describe(), "self_training": self.self_training,
+                "settings": self.a.model_dump(mode="json"), "scale": self.input_spec.get("scale"),
+                "scale_estimate": self.scale_report}
+
+    def log_fields(self) -> dict[str, float]:
+        """Means over the log interval (then reset): ``selftrain_loss``, ``pseudo_quality``, ``pasted``."""
+        if not self._n:
+            return {}
+        m = self._acc / self._n
+        self._acc, self._n = np.zeros(3), 0
+        return {"selftrain_loss": round(float(m[0]), 6), "pseudo_quality": round(float(m[1]), 4),
+                "pasted": round(float(m[2]), 4)}
+
+    # ------------------------------------------------------------------ real crops
+    def real_batch(self, step: int, window: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, L, L) real crops in [0, 1] and their (B, L, L) validity for ``step``, on the device."""
+        from finetune.data.mixing import raise_if_error
+
+        scale = float(self.input_spec.get("scale") or 1.0)
+        key = (scale, window, end)
+        if self._loader_key != key or self._next_step != step:
+            # (Re)built at the first step that needs it and when the scale changes (input.scale=auto).
+            dc = self.cfg.data
+            self._loader = unlabeled_loader(self.unlabeled.images, window, self.in_chans, self.cfg.input.scaling,
+                                            scale, self.batch_size, self.cfg.train.seed, step, end, dc.num_workers,
+                                            self.device.type == "cuda")
+            self._iter = iter(self._loader)
+            self._loader_key = key
+        batch = next(self._iter)
+        self._next_step = step + 1
+        raise_if_error(batch)
+        return (batch["image"].to(self.device, non_blocking=True), batch["valid"].to(self.device, non_blocking=True))
+
+    _next_step = -1
+
+    def weak(self, image: torch.Tensor, valid: torch.Tensor, augment) -> tuple[torch.Tensor, torch.Tensor]:
+        """Geometric augmentation only (the teacher's view); pixels from outside the image become invalid."""
+        mask = torch.where(valid, 0, self.ignore_index).to(torch.uint8)
+        image, mask = augment(image, mask, self.gen)
+        return image, mask == 0
+
+    # ------------------------------------------------------------------ steps
+    def align_source(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """FDA / histogram matching of synthetic crops (B, C, S, S) toward the step's real crops."""
+        if not self.align:
+            return x
+        return align_batch(x, real, self.gen, self.a.fda_beta, self.a.fda_p, self.a.hist_match_p)
+
+    def loss(self, step: int, student: nn.Module, src_x: torch.Tensor, src_y: torch.Tensor, real_x: torch.Tensor,
+             real_valid: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+             autocast: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+        """The self-training loss of one step (not yet weighted by ``adapt.weight``).
+
+        Args:
+            step: 0-based training step (>= warmup).
+            student: The model being trained (the teacher follows it).
+            src_x: (B, C, S, S) augmented synthetic crops in [0, 1].
+            src_y: (B, S, S) their labels.
+            real_x: (R, C, S, S) weakly augmented real crops in [0, 1].
+            real_valid: (R, S, S) bool, real pixels with content.
+            forward: Runs the student on a standardised batch (dropout seeding, autocast), returns float logits.
+
+        Returns:
+            Scalar loss.
+        """
+        a = self.a
+        ema_update(self.teacher, student, ema_alpha(a.ema, step - a.warmup_steps))
+        teacher_mode(self.teacher, a.teacher_norm)
+        with torch.no_grad():
+            xt = standardize(real_x, self.input_spec["mean"], self.input_spec["std"])
+            if channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                t_logits = self.teacher(xt)
+        pl = pseudo_label(t_logits, a.threshold, real_valid, self.ignore_index)
+        weights = pixel_weights(pl, a.pixel_weight)
+        labels = pl.labels
+        image = real_x
+        pasted = torch.zeros_like(real_valid)
+        if a.mix == "classmix":
+            r = real_x.shape[0]
+            idx = torch.arange(r, device=real_x.device) % src_x.shape[0]
+            sx, sy = src_x[idx], src_y[idx]
+            pasted = classmix_masks(sy, self.gen, self.ignore_index,
+                                    self.thing_ids if a.mix_classes == "things" else None)
+            image, labels, weights = classmix(sx, sy, real_x, labels, weights, pasted)
+        image = strong_photometric(image, self.gen, a.jitter_p, a.jitter, a.blur_p, a.blur_sigma)
+        logits = forward(standardize(image, self.input_spec["mean"], self.input_spec["std"]))
+        ce = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none", ignore_index=self.ignore_index)
+        loss = (ce * weights).mean()
+        self._acc += [float(loss.detach()), float(pl.quality.mean()), float(pasted.float().mean())]
+        self._n += 1
+        return loss
+
+    def recalibrated(self, model: nn.Module, window: int, scale: float | None = None,
+                     autocast: torch.dtype | None = None) -> nn.Module:
+        """A copy of ``model`` whose BatchNorm statistics are those of ``adapt.recalibrate_bn`` batches of real
+        crops (:func:`finetune.adapt.recalibrate_bn`); the crops are fixed by the seed, not by the step."""
+        from finetune.adapt import recalibrate_bn
+
+        m = copy.deepcopy(model)
+        f = float(self.input_spec.get("scale") or 1.0) if scale is None else scale
+        loader = unlabeled_loader(self.unlabeled.images, window, self.in_chans, self.cfg.input.scaling, f,
+                                  self.batch_size, self.cfg.train.seed + ADAPT_SEED_SALT, 0, self.a.recalibrate_bn,
+                                  self.cfg.data.num_workers, self.device.type == "cuda")
+
+        def batches():
+            for b in loader:
+                x = standardize(b["image"].to(self.device), self.input_spec["mean"], self.input_spec["std"])
+                with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                    yield x
+
+        recalibrate_bn(m, batches())
+        return m.eval()
+
+    # ------------------------------------------------------------------ input scale
+    def estimate_scale(self, model: nn.Module, tile: int, overlap: int, batch_size: int,
+                       autocast: torch.dtype | None, channels_last: bool, window: int,
+                       window_size: int | None = None) -> dict[str, Any]:
+        """Estimate ``input.scale`` with the current model (see :func:`finetune.scale.estimate_scale`) and use it.
+
+        Args:
+            window: Crop side of the BatchNorm recalibration batches (``augment.crop_size``).
+            window_size: The training loader's window (for the augmentation's median zoom).
+
+        Returns:
+            The estimate's report (also kept for model.json and the checkpoint).
+        """
+        from finetune.predict import predict_mask
+        from finetune.scale import estimate_scale, training_zoom
+        from finetune.unlabeled import real_views
+
+        meta = {"input": {**self.input_spec, "scale": 1.0}, "num_classes": self.num_classes}
+        was = model.training
+        model.eval()
+
+        def predict_at(scale: float) -> list[np.ndarray]:
+            m = self.recalibrated(model, window, scale, autocast) if self.recalibrates else model
+            return [predict_mask(m, meta, img, self.device, tile, overlap, batch_size, autocast, channels_last,
+                                 scale=1.0) for img in real_views(self.unlabeled, scale, SCALE_IMAGES)]
+
+        aug = self.cfg.augment
+        zoom = training_zoom(aug.crop_size, window_size or aug.crop_size, aug.scale, aug.zoom) if aug.enabled else 1.0
+        report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids, train_zoom=zoom)
+        model.train(was)
+        if not report["ok"]:
+            raise UserError("input.scale=auto: no objects of the thing classes "
+                            f"({', '.join(map(str, self.thing_ids)) or 'none'}) were found "
+                            + ("in the synthetic labels" if report["synthetic_median_px"] is None
+                               else "in the model's predictions on the unlabeled images"),
+                            fix="set input.scale to a number (the ratio of object sizes, real to rendered, "
+                                "inverted), or train longer before the estimate (adapt.warmup_steps)")
+        self.input_spec["scale"] = float(report["scale"])
+        self.scale_report = report
+        return report
