@@ -33,10 +33,11 @@ from finetune.adapt import (
     tta_probs,
 )
 from finetune.config import FinetuneConfig, SourceSpec
-from finetune.data.normalize import read_image, resolve_scaling, to_unit
+from finetune.data.normalize import resolve_scaling, to_unit
 from segfactory.cli import main
 from segfactory.config import load_config
 from segfactory.errors import UserError
+from segfactory.formats.imagefile import read_image
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "finetune_tiny.yaml")
@@ -52,12 +53,13 @@ def ingest_files(files: list[Path], out: Path, max_short_side: int | None = 64) 
     """The ingest core without Dask (the Dask pipeline is covered in test_ingest.py)."""
     from pretrain import ingest as core
     from pretrain.config import IngestConfig
+    from segfactory.formats.images import build_index
 
     c = IngestConfig(normalize={"max_short_side": max_short_side})
     hashed = core.hash_files([core.SourceFile(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files], 100)
     for spec in core.plan_shards(hashed, {}, 1, 64):
         core.ingest_shard(spec, str(out), c.model_dump(mode="json"))
-    core.build_index(out)
+    build_index(out)
     return out
 
 
