@@ -396,6 +396,7 @@ def adapted(tiny_dataset: Path, target: dict[str, Path], tmp_path_factory: pytes
     return out
 
 
+@pytest.mark.slow  # the `adapted` runs: two 150-step trainings, about 30 s on 2 cores
 def test_self_training_beats_the_same_run_without_adaptation_on_the_shifted_frames(adapted: dict,
                                                                                    target: dict) -> None:
     # Measured while writing this (seeds 0, 1, 2 of this setup): mIoU +0.11, +0.07, +0.02 and nucleus IoU +0.19,
@@ -449,6 +450,7 @@ def test_resume_with_self_training_is_exact_and_checkpoints_carry_the_teacher(ti
     assert any("selftrain_loss" in r for r in la)
 
 
+@pytest.mark.slow  # the `adapted` runs: two 150-step trainings, about 30 s on 2 cores
 def test_predict_and_evaluate_take_run_dirs_tta_and_scale(adapted: dict, tiny_dataset: Path, target: dict,
                                                          tmp_path: Path, capsys) -> None:
     run = adapted["adapted"]["dir"]
@@ -481,6 +483,7 @@ def test_predict_and_evaluate_take_run_dirs_tta_and_scale(adapted: dict, tiny_da
     assert rep1["key"] != rep["key"]
 
 
+@pytest.mark.slow  # the `adapted` runs: two 150-step trainings, about 30 s on 2 cores
 def test_input_scale_resizes_real_images_and_back(adapted: dict, tiny_dataset: Path) -> None:
     from finetune.models import load_model_dir
     from finetune.predict import predict_mask
@@ -500,6 +503,7 @@ def test_input_scale_resizes_real_images_and_back(adapted: dict, tiny_dataset: P
     assert np.mean(agree) > 0.9, agree
 
 
+@pytest.mark.slow  # the `adapted` runs: two 150-step trainings, about 30 s on 2 cores
 def test_onnx_recipe_records_the_input_scale(adapted: dict, tmp_path: Path) -> None:
     import onnx
 
