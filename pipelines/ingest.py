@@ -27,6 +27,41 @@ from segfactory.io import ensure_writable_dir
 
 CONFIG_FILE = store.CONFIG_FILE
 LOCK_FILE = ".ingest.lock"
+SKIMAGE_DATA = "skimage:data"
+
+
+def resolve_source(src: str) -> str:
+    """A source as a path: ``skimage:data`` is the folder of sample photos that ships inside scikit-image,
+    ``sample:NAME/unlabeled`` a built-in real microscopy set (:mod:`segfactory.sampledata`, materialized here);
+    anything else (a folder, glob or list file) is returned as given."""
+    from segfactory.sampledata import is_sample_ref, resolve_path
+
+    if is_sample_ref(src):
+        return str(resolve_path(src))
+    if src == SKIMAGE_DATA:
+        import skimage.data
+
+        return str(Path(skimage.data.__file__).parent)
+    return src
+
+
+def ingest_sources(sources: list[str], out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str, Any]:
+    """Ingest several sources, in order, into one image set (each run of :func:`run_ingest` is incremental).
+
+    Returns:
+        The summary of the last run (its totals and ``data_hash`` cover every source), with ``new_images`` and
+        ``new_rejected`` summed over the sources and ``sources`` the resolved paths.
+    """
+    if not sources:
+        raise UserError("no image source to ingest", fix="name a folder, glob, list file or sample:NAME/unlabeled")
+    resolved = [resolve_source(s) for s in sources]
+    summary: dict[str, Any] = {}
+    new_images = new_rejected = 0
+    for src in resolved:
+        summary = run_ingest(src, out_dir, cfg)
+        new_images += summary["new_images"]
+        new_rejected += summary["new_rejected"]
+    return {**summary, "new_images": new_images, "new_rejected": new_rejected, "sources": resolved}
 
 
 class IngestJob(IngestConfig):

@@ -51,8 +51,16 @@ class ReleaseSettings(StrictModel):
 
 
 class RealImages(StrictModel):
-    src: str | None = Field(None, description="raw image folder/glob to ingest incrementally (None = no real data)")
+    """``real``: the unlabeled real images, ingested incrementally (for pretraining and domain adaptation)."""
+
+    src: str | list[str] | None = Field(
+        None, description="raw image folder/glob/list file, sample:NAME/unlabeled or skimage:data, or a list of "
+        "them ingested into one image set (None = no real data)")
     config: IngestConfig = Field(default_factory=IngestConfig)
+
+    def sources(self) -> list[str]:
+        """``src`` as a list (empty without real data)."""
+        return [] if not self.src else [self.src] if isinstance(self.src, str) else list(self.src)
 
 
 class RetrainSettings(StrictModel):
@@ -180,11 +188,11 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                    "frames": read_json(shard_dir(dataset, p.shard_id) / MANIFEST_FILE)["num_frames"]}
                   for p in plans]
         real = None
-        if cfg.real.src:
-            from pipelines.ingest import IngestJob, run_ingest
+        if cfg.real.sources():
+            from pipelines.ingest import IngestJob, ingest_sources
 
             ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
-            s = run_ingest(cfg.real.src, root / "real", ingest_cfg)
+            s = ingest_sources(cfg.real.sources(), root / "real", ingest_cfg)
             real = {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"],
                     "new_images": s["new_images"], "config_hash": s["config_hash"]}
         prev = latest_release(root)

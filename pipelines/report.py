@@ -113,12 +113,13 @@ def _real_section(real_eval: Path) -> str:
     return "".join(parts)
 
 
-def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, evaluate: Path, predict: Path,
+def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Path, evaluate: Path, predict: Path,
                  scored_on: str, real_eval: Path | None = None) -> Path:
     """Write the run report: contact sheet, class histogram, loss/mIoU curves, IoU bars, confusion, overlays.
 
     ``scored_on`` says what the evaluation scored (held-out frames or the training data); ``real_eval`` is the
-    evaluation dir of the real labeled folders (``eval.real``), reported next to the classic baselines.
+    evaluation dir of the real labeled folders (``eval.real``), reported first, next to the classic baselines;
+    ``pretrain`` is None when fine-tuning started from a random encoder.
     """
     import tempfile
 
@@ -127,6 +128,8 @@ def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, eval
 
     ds = open_dataset(dataset)
     sections: list[str] = []
+    if real_eval is not None:  # what users come for: the model on their real images, next to the baselines
+        sections.append(_real_section(real_eval))
     with tempfile.TemporaryDirectory() as tmp:
         sheet = contact_sheet(ds, Path(tmp) / "sheet.png", 4)
         sheet_img = _img(sheet.read_bytes(), width=700, caption="contact sheet")
@@ -136,8 +139,13 @@ def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, eval
     shares = [100 * c["pixel_share"] for c in stats["classes"]]
     sections.append(_img(_bars([c["name"] for c in stats["classes"]], shares, "class pixel shares", "% of pixels"),
                          caption="class pixel shares"))
-    pre = [(r["step"], r["loss"]) for r in _jsonl(pretrain / "metrics.jsonl") if "loss" in r]
-    sections.append(f"<h2>Pretraining</h2>{_img(_curve(pre, 'pretraining loss', 'loss'), caption='pretraining loss')}")
+    if pretrain is not None:
+        pre = [(r["step"], r["loss"]) for r in _jsonl(pretrain / "metrics.jsonl") if "loss" in r]
+        curve = _img(_curve(pre, "pretraining loss", "loss"), caption="pretraining loss")
+        sections.append(f"<h2>Pretraining</h2>{curve}")
+    else:
+        sections.append("<h2>Pretraining</h2><p>none: fine-tuning started from a randomly initialised encoder "
+                        "(init: random)</p>")
     ft = _jsonl(finetune / "metrics.jsonl")
     loss = [(r["step"], r["loss"]) for r in ft if "loss" in r]
     miou = [(r["step"], m) for r in ft if (m := _val_miou(r)) is not None]
@@ -148,8 +156,6 @@ def write_report(path: Path, dataset: Path, pretrain: Path, finetune: Path, eval
     names = list(metrics["classes"])
     ious = [overall["per_class"][c]["iou"] or 0.0 for c in names]
     conf = evaluate / "confusion_overall.png"
-    if real_eval is not None:
-        sections.append(_real_section(real_eval))
     sections.append(f"<h2>Evaluation on synthetic frames</h2><p>Synthetic: mIoU {overall['miou']:.4f}, pixel accuracy "
                     f"{overall['pixel_accuracy']:.4f} on {html.escape(scored_on)}</p>"
                     f"{_img(_bars(names, ious, 'per-class IoU', 'IoU'), caption='per-class IoU')}"

@@ -16,12 +16,13 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from finetune.config import FinetuneConfig
 from pipelines.cluster import ClusterConfig
+from pipelines.ingest import SKIMAGE_DATA
 from pipelines.lock import exclusive_lock
 from pipelines.refresh import RealImages
 from pipelines.render import RenderStep
@@ -41,9 +42,8 @@ from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
 from synth.shard import RENDER_PACKAGES
 
-SKIMAGE_DATA = "skimage:data"
 LOCK_FILE = ".run.lock"
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+PREDICT_MAX_SIDE = 512  # predict inputs are cut to at most this (a crop: resizing would change object sizes)
 
 
 class TrainingExecution(StrictModel):
@@ -66,6 +66,8 @@ class RealEvalSettings(StrictModel):
 class RunConfig(StrictModel):
     """``segfactory run`` config: one section per stage plus the cluster."""
 
+    init: Literal["ssl", "random"] = Field("ssl", description="fine-tuning's encoder: the one pretrained on the real "
+                                           "images (ssl), or random initialisation (the pretrain stage is skipped)")
     render: RenderStep = Field(default_factory=RenderStep)
     test: HeldOutSet = Field(default_factory=HeldOutSet)
     eval: RealEvalSettings = Field(default_factory=RealEvalSettings)
@@ -74,20 +76,6 @@ class RunConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     execution: TrainingExecution = Field(default_factory=TrainingExecution)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-
-
-def resolve_real_src(src: str) -> str:
-    """``skimage:data`` is the folder of sample photos that ships inside the scikit-image package;
-    ``sample:NAME/unlabeled`` a built-in real microscopy set (:mod:`segfactory.sampledata`)."""
-    from segfactory.sampledata import is_sample_ref, resolve_path
-
-    if is_sample_ref(src):
-        return str(resolve_path(src))
-    if src == SKIMAGE_DATA:
-        import skimage.data
-
-        return str(Path(skimage.data.__file__).parent)
-    return src
 
 
 def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
@@ -105,7 +93,7 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from pipelines.ingest import IngestJob, run_ingest
+    from pipelines.ingest import IngestJob, ingest_sources
     from pipelines.render import resolve_render_config, run_render
     from pipelines.report import write_report
 
@@ -146,22 +134,27 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # ingest: incremental by itself (only new files); its data hash keys pretraining. One directory per source and
     # normalization, so a changed source or normalization starts a new image set instead of mixing into the old.
     t_stage = time.perf_counter()
-    src = resolve_real_src(cfg.real.src or "")
-    if not cfg.real.src:
+    if not cfg.real.sources():
         raise UserError("run: real.src is empty; pretraining needs unlabeled real images",
                         fix=f"set real.src=DIR (or real.src={SKIMAGE_DATA} for scikit-image's sample photos)")
     ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
-    images = stage_dir(out, "ingest", {"src": src, "config": cfg.real.config.model_dump(
+    images = stage_dir(out, "ingest", {"src": cfg.real.sources(), "config": cfg.real.config.model_dump(
         mode="json", include={"extensions", "follow_symlinks", "normalize", "checks"})}, ())
-    ing = run_ingest(src, images, ingest_cfg)
+    ing = ingest_sources(cfg.real.sources(), images, ingest_cfg)
+    sources = ing["sources"]
     done["ingest"] = f"{ing['new_images']} new image(s), {ing['total_images']} total"
     stage("ingest")
 
     eval_data = test_set or dataset
     pre_dir = stage_dir(out, "pretrain", {"config": cfg.pretrain.model_dump(mode="json"), "data": ing["data_hash"]},
                         PRETRAIN_PACKAGES)
+    # The run's real images are also the fine-tune's unlabeled data (domain adaptation; a no-op with adapt off),
+    # unless the config names its own.
+    own_unlabeled = bool(cfg.finetune.data.unlabeled)
+    pretrained = cfg.init == "ssl"
     ft_dir = stage_dir(out, "finetune", {"config": cfg.finetune.model_dump(mode="json"), "render": dataset.name,
-                                          "pretrain": pre_dir.name}, FINETUNE_PACKAGES)
+                                          "pretrain": pre_dir.name if pretrained else None,
+                                          "unlabeled": None if own_unlabeled else ing["data_hash"]}, FINETUNE_PACKAGES)
     eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": eval_data.name}, FINETUNE_PACKAGES)
     real_dir = stage_dir(out, "evaluate_real", {"model": ft_dir.name, "data": [str(p) for p in real_eval.values()],
                                                 "settings": cfg.eval.model_dump(mode="json", exclude={"real"})},
@@ -172,12 +165,13 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     cfg_dir.mkdir(exist_ok=True)
     save_resolved(cfg.pretrain, cfg_dir / f"{pre_dir.name}.yaml")
     save_resolved(cfg.finetune, cfg_dir / f"{ft_dir.name}.yaml")
-    pred_in = _predict_inputs(src, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
+    pred_in = _predict_inputs(sources, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
     commands = {
-        "pretrain": (pre_dir, ["pretrain", str(cfg_dir / f"{pre_dir.name}.yaml"),
-                               "--images", str(images), "--out", "{OUT}"]),
+        **({"pretrain": (pre_dir, ["pretrain", str(cfg_dir / f"{pre_dir.name}.yaml"),
+                                   "--images", str(images), "--out", "{OUT}"])} if pretrained else {}),
         "finetune": (ft_dir, ["finetune", str(cfg_dir / f"{ft_dir.name}.yaml"), "--synthetic", str(dataset),
-                              "--encoder", str(pre_dir / "encoder"), "--out", "{OUT}"]),
+                              *(["--encoder", str(pre_dir / "encoder")] if pretrained else []),
+                              *([] if own_unlabeled else ["--unlabeled", str(images)]), "--out", "{OUT}"]),
         "evaluate": (eval_dir, ["evaluate", "--model", str(ft_dir / "model"), "--data", str(eval_data),
                                 "--out", "{OUT}"]),
         "predict": (pred_dir, ["predict", "--model", str(ft_dir / "model"), "--input", str(pred_in),
@@ -200,8 +194,8 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                     reports / f"{run_id}-dask-training.html", on_done)
     scored_on = (f"{read_json(test_set / 'dataset.json')['num_frames']} held-out rendered frames (scenes not used in "
                  "fine-tuning)" if test_set else "the training dataset (test.scenes=0)")
-    report = write_report(out / "report.html", dataset, pre_dir, ft_dir, eval_dir, pred_dir, scored_on,
-                          real_eval=real_dir)
+    report = write_report(out / "report.html", dataset, pre_dir if pretrained else None, ft_dir, eval_dir, pred_dir,
+                          scored_on, real_eval=real_dir)
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,
@@ -252,26 +246,35 @@ def _check_real_eval_classes(folders: dict[str, Path], cfg: RunConfig, dataset: 
         check_real_classes(SourceSpec(path=folder, remap=cfg.eval.remap), targets, flag="eval.remap.")
 
 
-def _predict_inputs(src: str, folder: Path, n: int) -> Path:
-    """Up to ``n`` colour images of the real source, copied so prediction sees only plain photos."""
+def _predict_inputs(sources: list[str], folder: Path, n: int) -> Path:
+    """Up to ``n`` images of the real sources (spread over them), copied so prediction sees plain image files.
+
+    Gray and 16-bit images are kept as they are (microscopy); an image larger than ``PREDICT_MAX_SIDE`` is cut to
+    its centre (never resized: the model must see objects at their real size).
+    """
+    from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image, write_image
+
     if folder.is_dir() and any(folder.iterdir()):
         return folder
     tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir(parents=True)
-    from PIL import Image
-
+    per_source = [sorted(p for p in Path(src).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                         and not any(part.startswith(".") for part in p.relative_to(src).parts))
+                  if Path(src).is_dir() else [] for src in sources]
     picked = 0
-    for p in sorted(Path(src).rglob("*")) if Path(src).is_dir() else []:
-        if picked >= n or p.suffix.lower() not in IMAGE_EXTS:
-            continue
-        try:
-            with Image.open(p) as im:
-                if im.mode != "RGB" or min(im.size) < 64:
-                    continue
-                im.thumbnail((256, 256))
-                im.save(tmp / f"{p.stem}.png")
-        except OSError:
-            continue
-        picked += 1
+    for i in range(max((len(f) for f in per_source), default=0)):
+        for files in per_source:
+            if picked >= n or i >= len(files):
+                continue
+            try:
+                img = read_image(files[i])
+            except UserError:
+                continue
+            h, w = img.shape[:2]
+            if min(h, w) < 64:
+                continue
+            y, x = max(0, (h - PREDICT_MAX_SIDE) // 2), max(0, (w - PREDICT_MAX_SIDE) // 2)
+            write_image(tmp / f"{picked:02d}-{files[i].stem}.png", img[y:y + PREDICT_MAX_SIDE, x:x + PREDICT_MAX_SIDE])
+            picked += 1
     os.replace(tmp, folder)
     return folder

@@ -137,7 +137,8 @@ def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path
         load_config(_Job, None, ["stage.extends=c.yaml"])
 
 
-# configs/quickstart.yaml as it was before it built on the tiny configs (main at 41988bf), comments dropped
+# configs/quickstart.yaml (now quickstart_street.yaml) as it was before it built on the tiny configs (main at
+# 41988bf), comments dropped
 QUICKSTART_SELF_CONTAINED = """
 render:
   scene: {family: street}
@@ -170,21 +171,25 @@ cluster:
 """
 
 
-def test_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp_path: Path):
-    """The quickstart extends pretrain_tiny.yaml and finetune_tiny.yaml instead of copying their values, and still
-    resolves to the config of the self-contained file it replaced (the one the README's quickstart time and score
-    were measured with). The only difference: the options of the SSL methods the quickstart does not run now come
-    from pretrain_tiny.yaml too. Since an edit of a tiny config now also changes the quickstart, this test notices.
+def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp_path: Path):
+    """The street demo extends pretrain_tiny.yaml and finetune_tiny.yaml instead of copying their values, and still
+    resolves to the config of the self-contained file it replaced. The deliberate differences: the options of the
+    SSL methods it does not run come from pretrain_tiny.yaml; input scaling is `auto` (the same /255 for its 8-bit
+    renders); domain adaptation is off (scikit-image's photos are not street scenes). Since an edit of a tiny
+    config also changes the demo, this test notices.
     """
     from pipelines.run import RunConfig
     from pretrain.config import PretrainConfig
 
-    assert "extends" in (CONFIGS / "quickstart.yaml").read_text()
+    assert "extends" in (CONFIGS / "quickstart_street.yaml").read_text()
     old = _write(tmp_path / "quickstart_before.yaml", yaml.safe_load(QUICKSTART_SELF_CONTAINED))
     before = load_config(RunConfig, old).model_dump(mode="json")
-    after = load_config(RunConfig, CONFIGS / "quickstart.yaml").model_dump(mode="json")
+    after = load_config(RunConfig, CONFIGS / "quickstart_street.yaml").model_dump(mode="json")
     tiny = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml").model_dump(mode="json")
     assert after["pretrain"]["method"]["name"] == "simclr"
     for unused in set(tiny["method"]) - {"name", "simclr"}:
         before["pretrain"]["method"][unused] = tiny["method"][unused]
+    assert after["finetune"]["input"]["scaling"] == "auto" and not after["finetune"]["adapt"]["enabled"]
+    before["finetune"]["input"]["scaling"] = "auto"
+    before["finetune"]["adapt"] |= {"enabled": False, "hist_match_p": 0.0}
     assert after == before

@@ -162,7 +162,7 @@ def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     real_images(real, ["astronaut", "coffee", "chelsea"])
     cfg = write_config(tmp_path / "refresh.yaml", real)
     data = yaml.safe_load(cfg.read_text())
-    quick = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml").read_text())
+    quick = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quickstart_street.yaml").read_text())
     data["render"]["dataset"]["scenes"] = 4
     data["real"]["config"] = quick["real"]["config"]
     data["train"] = {"enabled": True, "pretrain": quick["pretrain"], "finetune": quick["finetune"],

@@ -18,9 +18,9 @@ TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.s
         "test.scenes=2"]
 
 
-def run(out: Path, capsys, *extra: str) -> dict:
+def run(out: Path, capsys, *extra: str, config: str = "quickstart_street.yaml") -> dict:
     capsys.readouterr()
-    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *TINY, *extra]) == 0
+    assert main(["run", str(CONFIGS / config), "--out", str(out), *TINY, *extra]) == 0
     captured = capsys.readouterr()
     return json.loads(captured.out.strip().splitlines()[-1]) | {"_err": captured.err}
 
@@ -68,7 +68,7 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1"]
     capsys.readouterr()
-    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *TINY, *real]) == 2
+    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *real]) == 2
     err = capsys.readouterr().err
     assert "its class 'background' (id 0) is not a class of the model" in err and "eval.remap.background=" in err
     scored = run(out, capsys, *real, "eval.remap={background: road, nucleus: vehicle}")
@@ -82,12 +82,49 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     assert "agreement" in report and "blur_otsu" in report
 
 
-def test_shipped_quickstart_config_loads_as_is():
-    """The README's main command runs configs/quickstart.yaml unmodified: it must validate, use the photos that
-    ship inside scikit-image, and evaluate on held-out scenes."""
-    from pipelines.run import SKIMAGE_DATA, RunConfig, resolve_real_src
+@pytest.mark.render
+@pytest.mark.slow  # renders cells, ingests the real sample frames, trains with adaptation, scores real frames
+def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_path: Path, capsys, monkeypatch):
+    """The main job at tiny sizes: the run's real images reach fine-tuning as its unlabeled data (self-training
+    runs), and the report scores real HeLa frames next to the baselines."""
+    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
+    out = tmp_path / "run"
+    tiny = ["render.render.resolution=64", "finetune.adapt.warmup_steps=10", "eval.real=[sample:ctc-hela/eval]",
+            "eval.overlays=1"]
+    first = run(out, capsys, *tiny, config="quickstart.yaml")
+    ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
+    images = next(p for p in (out / "stages").glob("ingest-*") if p.is_dir())
+    assert ["--unlabeled", str(images)] == [a for a in json.loads((ft / "stage.json").read_text())["argv"]
+                                            if a in ("--unlabeled", str(images))]
+    records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    assert any("selftrain_loss" in r for r in records)  # self-training ran on the real frames
+    lineage = json.loads((ft / "model" / "model.json").read_text())["lineage"]["training"]
+    assert lineage["adapt"]["unlabeled"]
+    assert set(first["real"]["ctc-hela"]) == {"model", "otsu", "blur_otsu"}
+    assert 0 <= first["real"]["ctc-hela"]["model"]["fg_iou"] <= 1
+    report = (out / "report.html").read_text()
+    assert "<h2>Model vs baselines on real images</h2>" in report
+    # Predictions on the real (gray, 16-bit) frames: cut, never resized.
+    pred_in = next(p for p in (out / "stages").glob("predict-*-input") if p.is_dir())
+    assert len(list(pred_in.glob("*.png"))) == 2
+
+
+def test_shipped_quickstart_configs_load_as_is():
+    """The README's main command runs configs/quickstart.yaml unmodified: it must validate, render cells, ingest
+    the real sample frames (never the ones it is scored on) and adapt to them; the street demo uses the photos that
+    ship inside scikit-image."""
+    from pipelines.ingest import SKIMAGE_DATA, resolve_source
+    from pipelines.run import RunConfig
     from segfactory.config import load_config
+    from segfactory.sampledata import parse_ref
 
     cfg = load_config(RunConfig, CONFIGS / "quickstart.yaml")
-    assert cfg.real.src == SKIMAGE_DATA and Path(resolve_real_src(cfg.real.src)).is_dir()
-    assert cfg.test.scenes > 0 and cfg.finetune.augment.crop_size <= cfg.render.render.resolution
+    assert cfg.render.scene.family == "cells" and cfg.finetune.adapt.enabled and cfg.test.scenes > 0
+    unlabeled = {parse_ref(s) for s in cfg.real.sources()}
+    scored = {parse_ref(s) for s in cfg.eval.real}
+    assert {split for _, split in unlabeled} == {"unlabeled"} and {split for _, split in scored} == {"eval"}
+    assert {name for name, _ in unlabeled} == {name for name, _ in scored}
+    assert cfg.finetune.augment.crop_size <= cfg.render.render.resolution
+    street = load_config(RunConfig, CONFIGS / "quickstart_street.yaml")
+    assert street.real.src == SKIMAGE_DATA and Path(resolve_source(street.real.src)).is_dir()
+    assert street.test.scenes > 0 and not street.finetune.adapt.enabled

@@ -48,6 +48,20 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--out", default="runs/bench-pipeline", help="scratch directory")
     p.set_defaults(func=cmd_bench_pipeline)
 
+    p = benches.add_parser(
+        "transfer", help="what each part of the recipe buys on real labeled images with zero real labels: "
+        "classic baselines, synthetic only, + SSL, + self-training, + alignment, + scale, all",
+        description="One `segfactory run` per row in one directory (shared render, ingest and pretraining), each "
+                    "scored on eval.real next to the classic baselines. One JSON object on stdout.")
+    p.add_argument("config", nargs="?", default="configs/bench_transfer.yaml",
+                   help="bench config: a run config plus `rows` (default: configs/bench_transfer.yaml, CPU-sized; "
+                        "configs/bench_transfer_gpu.yaml for a GPU)")
+    p.add_argument("--out", default="runs/bench-transfer", help="run directory (re-running reuses finished stages)")
+    p.add_argument("--rows", help="comma-separated rows (synthetic, ssl, selftrain, align, scale, all)")
+    _cluster_flags(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.train.steps=300")
+    p.set_defaults(func=cmd_bench_transfer)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.run import RunConfig, run_all
@@ -71,6 +85,13 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from pipelines.bench import run_bench
+
+    print(json.dumps(run_bench(args)))
+    return 0
+
+
+def cmd_bench_transfer(args: argparse.Namespace) -> int:
+    from pipelines.bench_transfer import run_bench
 
     print(json.dumps(run_bench(args)))
     return 0

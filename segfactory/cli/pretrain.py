@@ -27,7 +27,7 @@ def register(commands: Any, benches: Any) -> None:
                             description="Ingest unlabeled images (JPEG, PNG 8/16-bit, TIFF stacks, WebP, BMP) for "
                             "pretraining. Bad files are reported in rejected.jsonl; re-running ingests only new files.")
     p.add_argument("src", help="folder (recursive), quoted glob ('dump/**/*.tif'), .txt file of paths, or "
-                   "sample:NAME/unlabeled (segfactory samples list)")
+                   "sample:NAME/unlabeled (segfactory samples list), or skimage:data (scikit-image's sample photos)")
     p.add_argument("--out", required=True, help="output directory (the --images of `segfactory pretrain`)")
     p.add_argument("--config", help="ingest config YAML (default: built-in defaults, see configs/ingest.yaml)")
     p.add_argument("--max-short-side", type=int, help="downscale so the short side is at most N px "
@@ -87,7 +87,7 @@ def register(commands: Any, benches: Any) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import IngestJob, run_ingest
+    from pipelines.ingest import IngestJob, resolve_source, run_ingest
     from segfactory.config import load_config
 
     extra: dict[str, Any] = {"cluster.workers": args.workers}
@@ -99,10 +99,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.cluster_address:
         extra |= {"cluster.backend": "address", "cluster.address": args.cluster_address}
     cfg = load_config(IngestJob, args.config, overrides, extra)
-    from segfactory.sampledata import is_sample_ref, resolve_path
-
-    src = str(resolve_path(args.src)) if is_sample_ref(args.src) else args.src
-    summary = run_ingest(src, args.out, cfg)
+    summary = run_ingest(resolve_source(args.src), args.out, cfg)
     print(json.dumps(summary))
     return 0
 
