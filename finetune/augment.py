@@ -139,6 +139,25 @@ class GpuAugment:
             image = image + noise * (cfg.noise_std * (u[:, _U_NOISE_P] < cfg.noise_p).float().view(b, 1, 1, 1))
         return image.clamp_(0, 1), mask
 
+    @torch.no_grad()
+    def warp_ids(self, ids: torch.Tensor, params: dict[str, Any], window: int) -> torch.Tensor:
+        """Warp an id map (instance ids) exactly like :meth:`apply` warps the class map (nearest, same affine).
+
+        Args:
+            ids: (B, L, L) integer ids >= -1 (-1 = unknown), below 2**24 (exact in float32).
+            params: The parameters :meth:`apply` got.
+            window: L, the side of the input window.
+
+        Returns:
+            (B, S, S) int64 ids; pixels from outside the window (or unknown) are -1.
+        """
+        size = self.cfg.crop_size
+        m = crop_matrices(params["u"].to(ids.device), window, size, self.cfg, self.cfg.enabled)
+        # Shift by two so that zero padding (outside the image) and unknown (-1 -> 1) stay apart from ids >= 0.
+        shifted = warp_affine(ids.unsqueeze(1).float() + 2, m, (size, size), mode="nearest", padding_mode="zeros",
+                              align_corners=True).squeeze(1).round().long()
+        return torch.where(shifted <= 1, -1, shifted - 2)
+
     def __call__(self, image: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sample` from ``generator`` (on the same device as ``image``), then :meth:`apply`."""

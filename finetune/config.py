@@ -326,6 +326,23 @@ class PredictDefaults(StrictModel):
         return self
 
 
+class InstanceConfig(StrictModel):
+    """The instance head (:mod:`finetune.instances`): a normalised distance-to-boundary map predicted next to
+    the classes, trained from the instance maps of the thing classes, split into objects by seeded watershed.
+
+    Attributes:
+        enabled: Add the head (one extra output channel on the same decoder) and its loss.
+        weight: Weight of its binary cross-entropy next to the class loss.
+        seed_threshold: Watershed seeds: connected regions where the predicted distance exceeds this (model.json).
+        min_size: Predicted instances with fewer pixels (at the image's own size) are dropped (model.json).
+    """
+
+    enabled: bool = False
+    weight: float = Field(default=1.0, gt=0)
+    seed_threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_size: int = Field(default=0, ge=0)
+
+
 class FinetuneConfig(StrictModel):
     """``segfactory finetune`` config.
 
@@ -343,6 +360,7 @@ class FinetuneConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     predict: PredictDefaults = Field(default_factory=PredictDefaults)
+    instances: InstanceConfig = Field(default_factory=InstanceConfig)
 
     @field_validator("classes")
     @classmethod

@@ -36,7 +36,8 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     """Build an untrained model from an architecture record with smp's ``create_model``.
 
     Args:
-        arch: ``{"arch", "encoder", "in_chans", "num_classes", "decoder_channels"}`` (as in model.json).
+        arch: ``{"arch", "encoder", "in_chans", "num_classes", "decoder_channels"}`` (as in model.json), and
+            ``instance_channels`` (> 0: an instance head, :func:`finetune.instances.attach_head`).
 
     Returns:
         A module mapping (B, in_chans, H, W) with H, W multiples of 32 to logits (B, num_classes, H, W).
@@ -44,6 +45,10 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     decoder = ARCHS.get(arch["arch"])(arch.get("decoder_channels"))
+    if int(arch.get("instance_channels") or 0):
+        from finetune.instances import attach_head
+
+        return attach_head(build_model({**arch, "instance_channels": 0}), int(arch["instance_channels"]))
     try:
         return smp.create_model(arch["arch"], encoder_name=f"tu-{arch['encoder']}", encoder_weights=None,
                                 in_channels=int(arch["in_chans"]), classes=int(arch["num_classes"]), **decoder)
@@ -183,9 +188,13 @@ def check_state_fits(state: dict[str, torch.Tensor], model: nn.Module, where: Pa
 
 
 def model_meta(arch: dict[str, Any], targets_json: list[dict], ignore_index: int, input_spec: dict[str, Any],
-               predict_spec: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
-    """The model.json record (see module docstring)."""
-    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "architecture": arch, "classes": targets_json,
+               predict_spec: dict[str, Any], lineage: dict[str, Any],
+               instances: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model.json record (see module docstring); ``instances`` only for a model with an instance head."""
+    meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "architecture": arch, "classes": targets_json,
             "num_classes": int(arch["num_classes"]), "ignore_index": ignore_index,
             "input": {**input_spec, "size_divisor": SIZE_DIVISOR, "layout": "NCHW float32"},
             "predict": predict_spec, "lineage": lineage}
+    if instances is not None:
+        meta["instances"] = instances
+    return meta

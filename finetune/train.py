@@ -122,6 +122,14 @@ class Trainer:
                             fix="pass --encoder DIR (from `segfactory pretrain`) or set model.encoder=resnet18")
         self.arch = {"arch": cfg.model.arch, "encoder": timm_name, "in_chans": c,
                      "num_classes": self.targets.num_classes, "decoder_channels": cfg.model.decoder_channels}
+        self.things = self._thing_targets()
+        if cfg.instances.enabled:
+            if not self.things:
+                names = ", ".join(str(s.path) for s in self.train_sources)
+                raise UserError(f"instances.enabled=true but no training source has a thing class ({names})",
+                                fix="train on a dataset whose classes mark objects with \"thing\": true, or set "
+                                    "instances.enabled=false")
+            self.arch["instance_channels"] = 1
         # Module init draws from torch's global RNG; fork it so the seed decides the init and nothing leaks.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed)
@@ -147,19 +155,26 @@ class Trainer:
         self._build_optimizer()
         self.adapt = self._build_adapt()
 
+    def _thing_targets(self) -> list[int]:
+        """Target ids of the classes marked ``thing`` in the synthetic training datasets."""
+        from segfactory.formats.dataset import open_dataset
+
+        things: set[int] = set()
+        for src in self.train_sources:
+            if src.kind != "synthetic":
+                continue
+            for c in open_dataset(src.path).classes:
+                tid = int(src.remap.lut[int(c["id"])])
+                if c.get("thing") and tid != self.targets.ignore_index:
+                    things.add(tid)
+        return sorted(things)
+
     def _build_adapt(self):
         """Domain adaptation to ``data.unlabeled`` (:class:`finetune.selftrain.SelfTraining`), or ``None``."""
         from finetune.selftrain import SelfTraining
 
         synthetic = [s for s in self.train_sources if s.kind == "synthetic"]
-        things: set[int] = set()
-        for src in synthetic:
-            from segfactory.formats.dataset import open_dataset
-
-            for c in open_dataset(src.path).classes:
-                tid = int(src.remap.lut[int(c["id"])])
-                if c.get("thing") and tid != self.targets.ignore_index:
-                    things.add(tid)
+        things = self.things
 
         def synthetic_masks(n: int = 64) -> list[np.ndarray]:
             items = [(s, it) for s in synthetic for it in s.train]
@@ -244,8 +259,15 @@ class Trainer:
                     "sources": [s.describe() for s in self.train_sources]}
         if self.adapt is not None:
             training["adapt"] = self.adapt.describe()
+        inst = None
+        if self.cfg.instances.enabled:
+            from finetune.instances import instance_spec
+
+            ic = self.cfg.instances
+            inst = instance_spec(self.things, ic.seed_threshold, ic.min_size)
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
-                          self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training})
+                          self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training},
+                          inst)
 
     def inference_model(self, step: int) -> nn.Module:
         """The model as validated and saved at ``step``: the training model, or with adaptation's BatchNorm
@@ -325,7 +347,8 @@ class Trainer:
         window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
         self._window, self._end = window, end
         dataset = WindowDataset(self.train_sources, window, self.in_chans, cfg.input.scaling, t.seed,
-                                self.targets.ignore_index, real_scale=float(self.input_spec["scale"]))
+                                self.targets.ignore_index, real_scale=float(self.input_spec["scale"]),
+                                instances=cfg.instances.enabled)
         sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
                                     [s.weight for s in self.train_sources], t.batch_size, t.seed,
                                     start, end)
@@ -389,6 +412,8 @@ class Trainer:
                     self._log({"step": step, "loss": round(float(mean[0]), 6), "ce": round(float(mean[1]), 6),
                                "dice": round(float(mean[2]), 6), "lr": lr,
                                "images_per_s": round(n_timed * t.batch_size / dt, 2),
+                               **({"instance_loss": round(float(self._inst_loss.detach()), 6)}
+                                  if cfg.instances.enabled else {}),
                                **(self.adapt.log_fields() if self.adapt is not None else {})})
                     t_log, n_timed = time.perf_counter(), 0
                     self._loss_acc, self._n_log = np.zeros(3), 0
@@ -431,7 +456,14 @@ class Trainer:
         t = self.cfg.train
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["mask"].to(self.device, non_blocking=True)
-        x, y = augment(x, y, self.gen)
+        inst = batch.get("instance")
+        if inst is None:
+            x, y = augment(x, y, self.gen)
+        else:  # the same draws as augment(x, y, gen); the instance map is warped like the class map
+            params = augment.sample(x.shape[0], self.gen)
+            window = x.shape[-1]
+            x, y = augment.apply(x, y, params)
+            inst = augment.warp_ids(inst.to(self.device), params, window)
         adapting = self.adapt is not None and self.adapt.needs_real(step)
         if adapting:
             real, valid = self.adapt.real_batch(step, self._window, self._end)
@@ -440,12 +472,20 @@ class Trainer:
         x_unit = x
         x = standardize(x, self.input_spec["mean"], self.input_spec["std"])
         with frozen_bn_stats(self.model, adapting and self.adapt.active(step) and self.cfg.adapt.bn_stats == "mixed"):
-            logits = self._forward(x, step)
+            logits = self._forward(x, step, instances=inst is not None)
+        if inst is not None:
+            logits, dist_logit = logits
         ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
         dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
         if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
             ce = logits.sum() * 0
         loss = t.loss.ce_weight * ce + t.loss.dice_weight * dice
+        if inst is not None:
+            from finetune.instances import batch_targets, instance_loss
+
+            target, valid = batch_targets(inst, y, self.things, self.targets.ignore_index)
+            self._inst_loss = instance_loss(dist_logit, target, valid)
+            loss = loss + self.cfg.instances.weight * self._inst_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if adapting and self.adapt.active(step):
@@ -463,8 +503,9 @@ class Trainer:
         self.scheduler.step()
         return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
 
-    def _forward(self, x: torch.Tensor, step: int, salt: int = 0) -> torch.Tensor:
-        """Float logits of the model on a standardised batch (channels_last and autocast as configured)."""
+    def _forward(self, x: torch.Tensor, step: int, salt: int = 0, instances: bool = False) -> Any:
+        """Float logits of the model on a standardised batch (channels_last and autocast as configured); with
+        ``instances`` the pair (class logits, distance logits) of :func:`finetune.instances.forward_both`."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
@@ -479,6 +520,11 @@ class Trainer:
             if cuda:  # this device only (CUDA is initialised: the model is on it); fork_rng restores just this one
                 torch.cuda.default_generators[index].manual_seed(s)
             with ctx:
+                if instances:
+                    from finetune.instances import forward_both
+
+                    logits, dist = forward_both(self.model, x)
+                    return logits.float(), dist.float()
                 logits = self.model(x)
         return logits.float()
 

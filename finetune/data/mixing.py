@@ -104,7 +104,7 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: list[Source], window: int, in_chans: int, scaling: str, seed: int,
-                 ignore_index: int = 255, real_scale: float = 1.0):
+                 ignore_index: int = 255, real_scale: float = 1.0, instances: bool = False):
         self.sources = sources
         self.window = window
         self.in_chans = in_chans
@@ -112,24 +112,57 @@ class WindowDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.ignore_index = ignore_index
         self.real_scale = real_scale  # input.scale: real frames are resized by it, synthetic ones never
+        # Also load instance maps (-1 = unknown: padding, or a source without instance labels).
+        self.instances = instances
 
     def __len__(self) -> int:
         return sum(len(s.train) for s in self.sources)
 
     def __getitem__(self, ref: SampleRef) -> dict:
         src = self.sources[ref.source]
+        item = src.train[ref.item]
         try:
-            img, mask = src.load(src.train[ref.item])
+            img, mask = src.load(item)
+            inst = src.load_instances(item, mask) if self.instances else None
         except UserError as e:
             return {"error": (e.message, e.fix)}
+        if self.instances and inst is None:
+            inst = np.full(mask.shape, -1, np.int32)
         if src.kind == "real" and self.real_scale != 1:
             from finetune.scale import resize_image, resize_mask
 
             img = resize_image(img, self.real_scale)
             mask = resize_mask(mask, img.shape[:2])
+            inst = None if inst is None else resize_mask(inst, img.shape[:2])
         rng = np.random.default_rng([self.seed, ref.step, ref.slot, seeds.FINETUNE_WINDOW])
-        x, y = random_window(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index)
-        return {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
+        x, y, iw = random_windows(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index, inst)
+        out = {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
+        if iw is not None:
+            out["instance"] = torch.from_numpy(iw)
+        return out
+
+
+def window_offsets(h: int, w: int, window: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Where :func:`random_window` cuts an (h, w) frame: ``(y0, x0)`` of the crop in the frame and ``(py, px)``
+    of the crop in the padded window (0 unless the frame is smaller than the window)."""
+    y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
+    x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
+    ch, cw = min(h, window), min(w, window)
+    # Random placement of the small frame inside the window, so padding is not always bottom-right.
+    py = int(rng.integers(0, window - ch + 1)) if (ch, cw) != (window, window) else 0
+    px = int(rng.integers(0, window - cw + 1)) if (ch, cw) != (window, window) else 0
+    return y0, x0, py, px
+
+
+def cut_window(arr: np.ndarray, offsets: tuple[int, int, int, int], window: int, fill: int | float) -> np.ndarray:
+    """The (window, window) label window of an (H, W) map at :func:`window_offsets`, padded with ``fill``."""
+    y0, x0, py, px = offsets
+    crop = arr[y0:y0 + window, x0:x0 + window]
+    if crop.shape == (window, window):
+        return np.ascontiguousarray(crop)
+    out = np.full((window, window), fill, arr.dtype)
+    out[py:py + crop.shape[0], px:px + crop.shape[1]] = crop
+    return out
 
 
 def random_window(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random.Generator, in_chans: int,
@@ -139,38 +172,50 @@ def random_window(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random
     Returns:
         image (C, window, window) float32 in [0, 1], mask (window, window) uint8.
     """
+    return random_windows(img, mask, window, rng, in_chans, scaling, ignore_index)[:2]
+
+
+def random_windows(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random.Generator, in_chans: int,
+                   scaling: str, ignore_index: int,
+                   instances: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`random_window`, plus the same window of an (H, W) instance map (padded with -1 = unknown).
+
+    Returns:
+        image (C, window, window) float32 in [0, 1], mask (window, window) uint8, instances (window, window)
+        int32 or ``None``.
+    """
     h, w = mask.shape
     value_range = image_range(img, scaling) if resolve_scaling(img, scaling) != "dtype" else None
-    y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
-    x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
-    img = img[y0:y0 + window, x0:x0 + window]
-    mask = mask[y0:y0 + window, x0:x0 + window]
-    x = to_unit(img, in_chans, scaling, value_range)
-    ch, cw = mask.shape
+    off = window_offsets(h, w, window, rng)
+    y0, x0, py, px = off
+    crop = img[y0:y0 + window, x0:x0 + window]
+    x = to_unit(crop, in_chans, scaling, value_range)
+    ch, cw = crop.shape[:2]
     if (ch, cw) != (window, window):
-        # Random placement of the small frame inside the window, so padding is not always bottom-right.
-        py = int(rng.integers(0, window - ch + 1))
-        px = int(rng.integers(0, window - cw + 1))
         xp = np.zeros((x.shape[0], window, window), np.float32)
-        yp = np.full((window, window), ignore_index, np.uint8)
         xp[:, py:py + ch, px:px + cw] = x
-        yp[py:py + ch, px:px + cw] = mask
-        x, mask = xp, yp
-    return x, np.ascontiguousarray(mask)
+        x = xp
+    y = cut_window(mask, off, window, ignore_index)
+    inst = None if instances is None else cut_window(instances.astype(np.int32, copy=False), off, window, -1)
+    return x, y, inst
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples; re-raise the first user error a worker returned.
 
     Returns:
-        ``image`` (B, C, L, L) float32, ``mask`` (B, L, L) uint8, ``source`` (B,) int64.
+        ``image`` (B, C, L, L) float32, ``mask`` (B, L, L) uint8, ``source`` (B,) int64, and ``instance``
+        (B, L, L) int32 when the samples carry instance maps.
     """
     for s in samples:
         if "error" in s:
             return {"error": s["error"]}
-    return {"image": torch.stack([s["image"] for s in samples]),
-            "mask": torch.stack([s["mask"] for s in samples]),
-            "source": torch.tensor([s["source"] for s in samples], dtype=torch.int64)}
+    out = {"image": torch.stack([s["image"] for s in samples]),
+           "mask": torch.stack([s["mask"] for s in samples]),
+           "source": torch.tensor([s["source"] for s in samples], dtype=torch.int64)}
+    if all("instance" in s for s in samples):
+        out["instance"] = torch.stack([s["instance"] for s in samples])
+    return out
 
 
 def raise_if_error(batch: dict) -> None:

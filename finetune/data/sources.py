@@ -6,6 +6,7 @@ Real labeled folder layout::
     DIR/masks/<stem>.png                          class ids (8-bit, 16-bit or palette PNG), same size
     DIR/classes.json                              optional: {"classes": [{"id", "name", "color"?}],
                                                   "ignore_index": 255}
+    DIR/instances/<stem>.png                      optional: uint16 instance ids, 0 = none (instance head)
 
 Splits are chosen by a stable hash of each frame's name, never by the training seed, so runs with different
 seeds validate on the same frames and a 10 % label subset is contained in the 30 % one. The validation share
@@ -35,11 +36,13 @@ Role = Literal["train", "val", "eval"]
 
 @dataclass(frozen=True)
 class Item:
-    """One labeled frame: a stable key (``shard/frame`` or the file stem) and its two files."""
+    """One labeled frame: a stable key (``shard/frame`` or the file stem), its two files, and its instance map
+    when the source has one."""
 
     key: str
     image: Path
     mask: Path
+    instances: Path | None = None
 
 
 @dataclass
@@ -73,6 +76,21 @@ class Source:
                 f"{raw.shape[1]}x{raw.shape[0]}",
                 fix="make the mask the same size as the image (or remove the pair)")
         return img, self.remap.apply(raw, item.mask, self.on_unknown, self.ignore_index)
+
+    def load_instances(self, item: Item, mask: np.ndarray) -> np.ndarray | None:
+        """(H, W) int32 instance ids of a frame (0 = none), ``None`` when the source has no instance labels.
+
+        Args:
+            mask: The frame's (H, W) target class map (from :meth:`load`), for the size check.
+
+        Raises:
+            UserError: the instance map is unreadable or another size than the mask.
+        """
+        if item.instances is None:
+            return None
+        from finetune.realeval import read_instances
+
+        return read_instances(item.instances, mask.shape)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "path": str(self.path), "train_items": len(self.train),
@@ -140,7 +158,7 @@ def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
     from segfactory.formats.dataset import open_dataset
 
     ds = open_dataset(path)
-    items = [Item(f"{f.shard_id}/{f.name}", f.rgb, f.semantic) for f in ds.frames()]
+    items = [Item(f"{f.shard_id}/{f.name}", f.rgb, f.semantic, f.instance) for f in ds.frames()]
     if not items:
         raise UserError(f"dataset '{path}' has no committed frames",
                         fix="render it first (or wait until shards finish; a shard counts once its manifest exists)")
@@ -167,7 +185,8 @@ def _scan_real(path: Path) -> list[Item]:
         m = mask_dir / f"{stem}.png"
         if not m.is_file():
             raise UserError(f"image '{p}' has no mask '{m}'", fix="add the mask or remove the image")
-        items.append(Item(stem, p, m))
+        inst = path / "instances" / f"{stem}.png"
+        items.append(Item(stem, p, m, inst if inst.is_file() else None))
     return items
 
 
@@ -185,7 +204,31 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
                             f"{mask.shape[1]}x{mask.shape[0]}",
                             fix="make the mask the same size as the image (or remove the pair)")
         remap.apply(mask, it.mask, on_unknown, ignore_index)
+        if it.instances is not None:
+            check_instances_match(it, mask)
 
+
+def check_instances_match(it: Item, mask: np.ndarray) -> None:
+    """A real folder's instance mask must fit its class mask: same size, and every object pixel on a labeled
+    non-background class (value 0 is background; an object on it means the two masks disagree).
+
+    Raises:
+        UserError: one line naming both files and what disagrees.
+    """
+    from finetune.realeval import read_instances
+
+    assert it.instances is not None
+    try:
+        inst = read_instances(it.instances, mask.shape)
+    except UserError:
+        raise UserError(f"instance mask '{it.instances}' does not match its class mask '{it.mask}' "
+                        f"({mask.shape[1]}x{mask.shape[0]})",
+                        fix="make instances/<stem>.png a single-channel PNG of the mask's size") from None
+    off = int(np.count_nonzero((inst > 0) & (mask == 0)))
+    if off:
+        raise UserError(f"instance mask '{it.instances}' does not match its class mask '{it.mask}': {off} object "
+                        "pixel(s) lie on class 0 (background)",
+                        fix="derive both masks from the same labels, or remove instances/<stem>.png")
 
 def split_items(items: list[Item], val_fraction: float, val_max: int) -> tuple[list[Item], list[Item]]:
     """Stable hash split: at least one val item when ``val_fraction > 0`` and there are two or more items."""

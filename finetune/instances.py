@@ -1,0 +1,244 @@
+"""Instances for free: a distance head on the shared decoder, its exact targets, and seeded watershed.
+
+Formulation (the 3-class / distance-map family, not StarDist's star polygons or Cellpose's flows, because it
+needs one extra output channel and trains on a CPU in minutes): next to the K class logits, the decoder output
+feeds a second smp ``SegmentationHead`` (same kernel and upsampling as the class head) with one channel, the
+logit of the **normalised distance to the instance's own boundary**:
+
+    d(p) = edt_i(p) / max_{q in i} edt_i(q)   for p in instance i (of a thing class), 0 elsewhere,
+
+where ``edt_i`` is the Euclidean distance to the nearest pixel that is not instance ``i`` (background, another
+instance or outside the crop). Touching objects therefore get 0 on their contact line and 1 at their centres.
+Targets are derived after augmentation from the instance map warped with the same affine as the class map
+(nearest), so they are exact for the pixels the network sees. Loss: binary cross-entropy with these soft
+targets on every pixel whose class and instance labels are known, weighted by ``instances.weight``.
+
+Post-processing (:func:`watershed_instances`, parameters in model.json's ``instances``): for each thing class
+``c`` the pixels predicted as ``c`` are flooded by a watershed on ``-d`` from seeds, the connected components of
+``{class c and d > seed_threshold}``; a region of class ``c`` that no seed reaches becomes one instance of its
+own, and instances smaller than ``min_size`` pixels are dropped (their pixels keep their class).
+
+Self-training (``adapt``) trains the class logits only: the instance head learns from labeled instance maps
+(synthetic, and real folders with ``instances/``); the shared decoder still adapts through the class loss. A
+teacher's distance map has no confidence to threshold the way class probabilities do, and ClassMix's pasted
+objects would need their instance maps carried through the mix; both are left out on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from segfactory.errors import UserError
+
+HEAD_ATTR = "instance_head"
+TARGET = "distance"
+# model.json ``instances`` keys a reader needs.
+POSTPROCESS_KEYS = ("target", "channels", "things", "method", "seed_threshold", "min_size")
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+def distance_targets(inst: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
+    """Normalised distance-to-own-boundary map of an instance map (see module docstring).
+
+    Args:
+        inst: (H, W) instance ids, ``<= 0`` = no instance.
+
+    Returns:
+        (H, W) float32 in [0, 1]: 0 outside instances, ``edt / max edt`` of its instance inside (1 at its centre).
+    """
+    from scipy.ndimage import distance_transform_edt, find_objects
+
+    inst = np.asarray(inst)
+    out = np.zeros(inst.shape, np.float32)
+    ids = np.where(inst > 0, inst, 0).astype(np.int64)
+    if not ids.any():
+        return out
+    _, dense = np.unique(ids, return_inverse=True)
+    dense = dense.reshape(ids.shape)  # 0 = none, 1..n
+    h, w = ids.shape
+    for k, box in enumerate(find_objects(dense), start=1):
+        if box is None:
+            continue
+        # The bounding box grown by one pixel: its ring holds no pixel of the instance, so the nearest
+        # non-instance pixel of every instance pixel is inside it (exact EDT, frame border counts as boundary).
+        y0, y1 = max(box[0].start - 1, 0), min(box[0].stop + 1, h)
+        x0, x1 = max(box[1].start - 1, 0), min(box[1].stop + 1, w)
+        sub = np.pad(dense[y0:y1, x0:x1] == k, 1)
+        d = distance_transform_edt(sub)[1:-1, 1:-1]
+        inside = dense[y0:y1, x0:x1] == k
+        peak = float(d[inside].max())
+        out[y0:y1, x0:x1][inside] = (d[inside] / peak).astype(np.float32)
+    return out
+
+
+def batch_targets(inst: torch.Tensor, mask: torch.Tensor, things: list[int],
+                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance targets and their validity for an augmented batch.
+
+    Args:
+        inst: (B, H, W) int64 instance ids after augmentation; -1 = unknown (outside the image, or a source
+            without instance labels).
+        mask: (B, H, W) int64 class ids after augmentation (``ignore_index`` = not labeled).
+        things: Target ids of the thing classes; instances of other classes are not objects.
+
+    Returns:
+        target (B, 1, H, W) float32 in [0, 1] and valid (B, 1, H, W) bool, on ``inst``'s device.
+    """
+    thing = torch.zeros(max(ignore_index, int(mask.max()) if mask.numel() else 0) + 1, dtype=torch.bool)
+    thing[things] = True
+    m = mask.cpu()
+    on_thing = thing[m.clamp(min=0)]
+    ids = inst.cpu()
+    objs = torch.where(on_thing, ids, torch.zeros_like(ids)).numpy()
+    tgt = np.stack([distance_targets(o) for o in objs])
+    valid = (ids >= 0) & (m != ignore_index)
+    return (torch.from_numpy(tgt)[:, None].to(inst.device), valid[:, None].to(inst.device))
+
+
+def instance_loss(logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of the distance logit (B, 1, H, W) against soft targets on valid pixels."""
+    bce = nn.functional.binary_cross_entropy_with_logits(logit.float(), target, reduction="none")
+    n = valid.sum()
+    return (bce * valid).sum() / n if n > 0 else logit.sum() * 0
+
+
+# --------------------------------------------------------------------------------------------- the head
+
+
+def attach_head(model: nn.Module, channels: int = 1) -> nn.Module:
+    """Add ``model.instance_head``: a copy of the smp class head's layout with ``channels`` outputs.
+
+    The model's own ``forward`` is unchanged (class logits only), so every consumer of class logits keeps
+    working; :func:`forward_both` runs the decoder once for both heads.
+    """
+    import copy
+
+    seg = model.segmentation_head
+    conv = seg[0]
+    head = copy.deepcopy(seg)
+    head[0] = nn.Conv2d(conv.in_channels, channels, kernel_size=conv.kernel_size, padding=conv.padding)
+    model.add_module(HEAD_ATTR, head)
+    return model
+
+
+def has_head(model: nn.Module) -> bool:
+    return isinstance(getattr(model, HEAD_ATTR, None), nn.Module)
+
+
+def forward_both(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits (B, K, H, W) and distance logits (B, 1, H, W) of an smp model with an instance head."""
+    features = model.encoder(x)
+    dec = model.decoder(features)
+    return model.segmentation_head(dec), getattr(model, HEAD_ATTR)(dec)
+
+
+class JointOutputs(nn.Module):
+    """Wraps a model with an instance head: ``forward(x)`` -> (class logits, distance logits) (ONNX export)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_both(self.model, x)
+
+
+def joint_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, K + 1, H, W): the class softmax, then the sigmoid of the distance logit."""
+    logits, dist = forward_both(model, x)
+    return torch.cat([logits.float().softmax(1), dist.float().sigmoid()], 1)
+
+
+# --------------------------------------------------------------------------------------------- model.json
+
+
+def instance_spec(things: list[int], seed_threshold: float, min_size: int) -> dict[str, Any]:
+    """The ``instances`` record of model.json: what the head predicts and how predict/evaluate/ONNX users
+    turn it into instances."""
+    return {"target": TARGET, "channels": 1, "things": sorted(int(t) for t in things), "method": "watershed",
+            "seed_threshold": float(seed_threshold), "min_size": int(min_size)}
+
+
+def require_head(meta: dict[str, Any], model_dir: str | os.PathLike) -> dict[str, Any]:
+    """model.json's ``instances`` record, or a UserError for a model trained without the instance head."""
+    spec = meta.get("instances")
+    if not spec or not int(meta.get("architecture", {}).get("instance_channels") or 0):
+        raise UserError(f"model '{model_dir}' has no instance head, so it cannot output instances",
+                        fix="retrain it with instances.enabled=true (or run predict without --instances)")
+    return dict(spec)
+
+
+# --------------------------------------------------------------------------------------------- post-processing
+
+
+def component_instances(labels: npt.NDArray[np.integer], things: list[int]) -> npt.NDArray[np.int32]:
+    """(H, W) int32 instance ids: the 4-connected components of every thing class, numbered 1.. over classes."""
+    from skimage.measure import label
+
+    out = np.zeros(labels.shape, np.int32)
+    n = 0
+    for c in things:
+        cc = label(labels == c, connectivity=1).astype(np.int32)
+        out = np.where(cc > 0, cc + n, out)
+        n += int(cc.max())
+    return out
+
+
+def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.floating], things: list[int],
+                        seed_threshold: float = 0.5, min_size: int = 0) -> npt.NDArray[np.int32]:
+    """Instances from a class map and a predicted distance map (see module docstring).
+
+    Args:
+        labels: (H, W) class ids (the argmax of the class probabilities).
+        dist: (H, W) predicted normalised distance in [0, 1].
+        things: Thing class ids.
+        seed_threshold: Seeds are the connected components of ``dist > seed_threshold`` within a class.
+        min_size: Instances with fewer pixels are dropped.
+
+    Returns:
+        (H, W) int32 instance ids, 0 = none, numbered 1..N in order of class then seed.
+    """
+    from skimage.measure import label
+    from skimage.segmentation import watershed
+
+    out = np.zeros(labels.shape, np.int32)
+    n = 0
+    for c in things:
+        fg = labels == c
+        if not fg.any():
+            continue
+        seeds = label(fg & (dist > seed_threshold), connectivity=1)
+        ws = watershed(-dist.astype(np.float64), markers=seeds, mask=fg, connectivity=1) if seeds.any() \
+            else np.zeros(fg.shape, np.int64)
+        # Regions of the class without any seed (small or flat objects) are objects of their own.
+        rest = label(fg & (ws == 0), connectivity=1)
+        inst = np.where(rest > 0, rest + int(ws.max()), ws)
+        if min_size > 0:
+            sizes = np.bincount(inst.ravel())
+            inst = np.where(sizes[inst] >= min_size, inst, 0)
+        ids, dense = np.unique(inst, return_inverse=True)
+        dense = dense.reshape(inst.shape)
+        if ids[0] != 0:
+            dense = dense + 1
+        out = np.where(dense > 0, dense + n, out)
+        n += int(dense.max())
+    return out
+
+
+def instance_classes(inst: npt.NDArray[np.integer], labels: npt.NDArray[np.integer]) -> dict[int, int]:
+    """Instance id -> its class (the majority class of its pixels)."""
+    out: dict[int, int] = {}
+    for i in np.unique(inst):
+        if i == 0:
+            continue
+        vals, counts = np.unique(labels[inst == i], return_counts=True)
+        out[int(i)] = int(vals[np.argmax(counts)])
+    return out
