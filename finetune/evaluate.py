@@ -171,7 +171,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
 
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
     (foreground IoU, instance F1, ...) in ``metrics.json``'s ``real`` section, ``real_scores.png`` and
-    ``overlays/<source>/<stem>.png``.
+    ``overlays/<source>/<stem>.png``; a model with an instance head adds the ``model_watershed`` row.
 
     Args:
         model_dir: A model dir.
@@ -189,7 +189,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import check_scale, check_tta, inference_settings, predict_mask
+    from finetune.predict import check_scale, check_tta, inference_settings, predict_outputs
     from finetune.realeval import RealScorer, plot_real_scores
     from segfactory.console import console, progress
     from segfactory.errors import UserError
@@ -230,8 +230,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         if not any(m.startswith(f"{key} (") or m.endswith(f"({key})") for m in used):
             raise UserError(f"--remap '{key}=...': no evaluation folder has a class '{key}'",
                             fix="check the class names in dataset.json / classes.json")
+    watershed = bool(meta.get("instances"))
     scorers = {src.name: RealScorer(spec, src, targets, baseline_names, overlays, Path(out_dir),
-                                    meta["input"]["scaling"])
+                                    meta["input"]["scaling"], watershed=watershed)
                for spec, src in zip(data, sources, strict=True) if src.kind == "real"}
     out = ensure_writable_dir(out_dir)
     cms: dict[str, np.ndarray] = {}
@@ -247,9 +248,10 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                                            tta=tta)
                 else:
                     img, mask = src.load(it)
-                    pred = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), tta=tta)
+                    pred, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
+                                                    tta=tta, instances=watershed)
                     cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
-                    scorer.add(it, img, mask, pred)
+                    scorer.add(it, img, mask, pred, inst)
                 bar.advance(task)
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),

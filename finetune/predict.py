@@ -2,7 +2,9 @@
 
 Contract of ``segfactory predict --model MODEL --input DIR --out OUT``: for every image in DIR (JPEG, PNG,
 TIFF; 8/16-bit; gray/RGB) write ``OUT/<stem>.png`` (uint8 class ids, same height and width as the input) and
-``OUT/overlays/<stem>.jpg``.
+``OUT/overlays/<stem>.jpg``. A model with an instance head (:mod:`finetune.instances`) also writes
+``OUT/instances/<stem>.png`` (uint16 instance ids of its thing classes, 0 = none) and ``OUT/instances.json``
+(COCO instances, RLE masks, one image per input), and its overlays outline every instance.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from finetune.config import SIZE_DIVISOR
 from finetune.data.normalize import resolve_scaling, standardize, to_unit
 from segfactory.errors import PartialFailure, UserError
 from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image
+from segfactory.formats.model import read_model_meta
 from segfactory.io import atomic_write_bytes
 from segfactory.torchutil import amp_dtype, resolve_device
 
@@ -55,7 +58,7 @@ def blend_window(tile_h: int, tile_w: int, overlap: int, device: torch.device) -
 @torch.no_grad()
 def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, batch_size: int,
                   autocast: torch.dtype | None = None, channels_last: bool = False,
-                  device: torch.device | None = None, tta: str = "none") -> torch.Tensor:
+                  device: torch.device | None = None, tta: str = "none", joint: bool = False) -> torch.Tensor:
     """Class probabilities of one standardised image by overlapping tiles.
 
     The image and the (K, H, W) accumulator stay where ``x`` is (the CPU, for large images): only batches of
@@ -70,9 +73,11 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
         device: Where the model runs; default the device of its parameters.
         tta: Test-time augmentation of every tile batch (:func:`finetune.adapt.tta_probs`): ``none``, ``flip``
             or ``d4``.
+        joint: The model has an instance head: return its distance map as channel K (after the K class
+            probabilities), blended across tiles like them (:func:`finetune.instances.joint_probs`).
 
     Returns:
-        (K, H, W) float32 probabilities on ``x``'s device.
+        (K, H, W) float32 probabilities on ``x``'s device ((K + 1, H, W) with ``joint``).
     """
     from finetune.adapt import tta_probs
 
@@ -96,6 +101,10 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
             if channels_last:
                 b = b.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                if joint:
+                    from finetune.instances import joint_probs
+
+                    return joint_probs(model, b)
                 return model(b).float().softmax(1)
 
         weighted = (tta_probs(probs, batch, tta) * weight).to(x.device)
@@ -141,12 +150,41 @@ def predict_mask(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device
         scale: Resize factor; default model.json's ``input.scale`` (synthetic frames: pass 1).
         tta: ``none``, ``flip`` or ``d4`` (see :func:`predict_probs`).
     """
+    return predict_outputs(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
+                           tta)[0]
+
+
+def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
+                    overlap: int, batch_size: int, autocast: torch.dtype | None = None,
+                    channels_last: bool = False, scale: float | None = None, tta: str = "none",
+                    instances: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`predict_mask`, and with ``instances`` the instances of a model with an instance head.
+
+    The distance map is blended and resized back with the class probabilities, then
+    :func:`finetune.instances.watershed_instances` runs at the image's own size with model.json's ``instances``
+    parameters (``things``, ``seed_threshold``, ``min_size``).
+
+    Returns:
+        (H, W) uint8 class ids, (H, W) int32 instance ids (0 = none) or ``None``, and the (H, W) float32
+        distance map or ``None``.
+    """
     h, w = img.shape[:2]
     x = prepare_input(img, meta["input"], torch.device("cpu"), scale)
-    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, tta)
+    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, tta,
+                          joint=instances)
     if probs.shape[-2:] != (h, w):
         probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return probs.argmax(0).to(torch.uint8).numpy()
+    k = int(meta["num_classes"])
+    labels = probs[:k].argmax(0).to(torch.uint8).numpy()
+    if not instances:
+        return labels, None, None
+    from finetune.instances import watershed_instances
+
+    spec = meta["instances"]
+    dist = probs[k].numpy()
+    inst = watershed_instances(labels, dist, [int(c) for c in spec["things"]], float(spec["seed_threshold"]),
+                               int(spec["min_size"]))
+    return labels, inst, dist
 
 
 def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | None,
@@ -190,12 +228,18 @@ def display_rgb(img: np.ndarray, scaling: str = "dtype") -> np.ndarray:
     return (np.moveaxis(to_unit(img, 3, scaling), 0, -1) * 255 + 0.5).astype(np.uint8)
 
 
-def overlay(img: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5, scaling: str = "dtype") -> np.ndarray:
-    """Blend class colours over the image: (H, W, 3) uint8."""
+def overlay(img: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5, scaling: str = "dtype",
+            instances: np.ndarray | None = None) -> np.ndarray:
+    """Blend class colours over the image: (H, W, 3) uint8; with ``instances`` (H, W) ids, every instance's
+    outline (its pixels next to another id) is drawn in white."""
     rgb = display_rgb(img, scaling).astype(np.float32)
     palette = np.zeros((256, 3), np.float32)
     palette[: len(colors)] = np.asarray(colors, np.float32)
     out = rgb * (1 - alpha) + palette[mask] * alpha
+    if instances is not None:
+        from skimage.segmentation import find_boundaries
+
+        out[find_boundaries(instances, mode="inner") & (instances > 0)] = 255
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -248,12 +292,14 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
 def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 device: str = "auto", tile: int | None = None, overlap: int | None = None,
                 batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
-                tta: str = "none", scale: float | None = None) -> dict:
+                tta: str = "none", scale: float | None = None, instances: str = "auto") -> dict:
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
         tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
         scale: Input scale instead of model.json's ``input.scale``.
+        instances: ``auto`` (write instances when the model has an instance head), ``on`` (required: a
+            UserError for a model without one) or ``off``.
 
     Returns:
         Summary ``{"images", "failed", "seconds", "device", "tile", "overlap", "tta", "input"}``; ``input`` has the
@@ -262,10 +308,17 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     Raises:
         PartialFailure: some images could not be read (the rest are written).
     """
+    from finetune.instances import require_head
     from finetune.models import load_model_dir
     from segfactory.console import progress
     from segfactory.io import ensure_writable_dir
 
+    if instances not in ("auto", "on", "off"):
+        raise UserError(f"instances='{instances}' is not auto, on or off", fix="pass --instances auto|on|off")
+    meta0 = read_model_meta(model_dir)
+    if instances == "on":
+        require_head(meta0, model_dir)
+    with_inst = instances != "off" and bool(meta0.get("instances"))
     dev = resolve_device(device)
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
@@ -278,6 +331,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     if cl:
         model = model.to(memory_format=torch.channels_last)
     palette = model_palette(meta)
+    coco_images: list[dict[str, Any]] = []
+    coco_anns: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     rules: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -292,17 +347,40 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                 continue
             rule = resolve_scaling(img, meta["input"]["scaling"])
             rules[rule] = rules.get(rule, 0) + 1
-            mask = predict_mask(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl, tta=tta)
+            mask, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl,
+                                            tta=tta, instances=with_inst)
             atomic_write_bytes(out / f"{p.stem}.png", encode_png(mask))
+            if inst is not None:
+                from segfactory.formats.coco import frame_annotations
+
+                if int(inst.max()) > 65535:
+                    raise UserError(f"'{p}' has {int(inst.max())} instances, more than a uint16 PNG holds",
+                                    fix="predict smaller images (tile the input)")
+                inst16 = inst.astype(np.uint16)
+                atomic_write_bytes(out / "instances" / f"{p.stem}.png", encode_png(inst16))
+                image_id = len(coco_images) + 1
+                coco_images.append({"id": image_id, "file_name": p.name, "height": int(mask.shape[0]),
+                                    "width": int(mask.shape[1])})
+                coco_anns += frame_annotations(inst16, mask, image_id, len(coco_anns) + 1)
             if overlays:
-                ov = overlay(img, mask, palette, scaling=meta["input"]["scaling"])
+                ov = overlay(img, mask, palette, scaling=meta["input"]["scaling"], instances=inst)
                 atomic_write_bytes(out / "overlays" / f"{p.stem}.jpg", encode_jpeg(ov))
             bar.advance(task)
     summary = {"images": len(files) - len(failures), "failed": len(failures),
                "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "tile": tile, "overlap": overlap,
                "tta": tta, "input": {"scaling": meta["input"]["scaling"], "scaling_used": rules,
                                      "scale": float(meta["input"].get("scale", 1.0))},
-               "out": str(out)}
+               "out": str(out), "instances": None}
+    if with_inst:
+        from segfactory.formats.coco import coco_document
+        from segfactory.io import atomic_write_json
+
+        things = {int(c) for c in meta["instances"]["things"]}
+        classes = [{**c, "thing": int(c["id"]) in things} for c in meta["classes"]]
+        atomic_write_json(out / "instances.json",
+                          coco_document(coco_images, coco_anns, classes, f"segfactory predict {model_dir}"))
+        summary["instances"] = {"objects": len(coco_anns), "coco": str(out / "instances.json"),
+                                "method": meta["instances"]["method"]}
     if failures:
         raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures)
     return summary

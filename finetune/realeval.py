@@ -11,8 +11,10 @@ for every thing class, **instance F1** at IoU >= 0.5 with one-to-one matching, m
   classes are those marked ``"thing": true`` in ``classes.json`` (all foreground classes when no class says).
 - True instances are ``instances/<stem>.png`` when the folder has them (uint16 ids), else the 4-connected
   components of each thing class in the mask (touching objects then count as one).
-- Predicted instances, for the model too (it has no instance head), are the 4-connected components of each thing
-  class in the predicted class map.
+- Predicted instances of the ``model`` row (and of the baselines) are the 4-connected components of each thing
+  class in the predicted class map ("semantic + connected components"). A model with an instance head
+  (:mod:`finetune.instances`) gets a second row, ``model_watershed``: the same class map (same IoUs), its
+  instances split by the seeded watershed of its distance map with model.json's parameters.
 - Baselines apply to foreground/background tasks only (one foreground class after the mapping); for other
   folders the report says they do not apply.
 """
@@ -40,9 +42,11 @@ from finetune.metrics import (
 from segfactory.errors import UserError
 
 MODEL_ROW = "model"
+WATERSHED_ROW = "model_watershed"
 OVERLAY_CROP = 512
 GT_COLOR = (0, 230, 0)
-ROW_COLORS = {MODEL_ROW: (255, 0, 255), "otsu": (255, 160, 0), "blur_otsu": (0, 190, 255)}
+ROW_COLORS = {MODEL_ROW: (255, 0, 255), WATERSHED_ROW: (255, 60, 60), "otsu": (255, 160, 0),
+              "blur_otsu": (0, 190, 255)}
 # A 16-bit image whose values span less than this share of 0..65535 is nearly flat under `dtype` scaling.
 FLAT_SHARE = 1 / 8
 
@@ -149,14 +153,15 @@ class RealScorer:
     """
 
     def __init__(self, spec: Any, src: Source, targets: TargetClasses, baselines: list[str], overlays: int,
-                 out_dir: Path, scaling: str):
+                 out_dir: Path, scaling: str, watershed: bool = False):
         self.src = src
         self.targets = targets
         self.task = real_task(spec, src, targets)
         self._check_instance_sizes()
         self.baselines = list(baselines) if self.task.binary else []
         self.k = targets.num_classes
-        self.rows = {name: _Row(np.zeros((self.k, self.k), np.int64)) for name in [MODEL_ROW, *self.baselines]}
+        model_rows = [MODEL_ROW, WATERSHED_ROW] if watershed else [MODEL_ROW]
+        self.rows = {name: _Row(np.zeros((self.k, self.k), np.int64)) for name in [*model_rows, *self.baselines]}
         n = len(src.val)
         picks = np.unique(np.linspace(0, n - 1, min(overlays, n)).round().astype(int)) if overlays > 0 and n else []
         self.overlay_keys = {src.val[i].key for i in picks}
@@ -195,8 +200,10 @@ class RealScorer:
                 return np.where(gt == cls, inst, 0)
         return components(gt == cls)
 
-    def add(self, item: Item, img: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> None:
-        """Score one image: ``gt`` and ``pred`` are (H, W) target ids (``gt`` with the ignore index)."""
+    def add(self, item: Item, img: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+            pred_instances: np.ndarray | None = None) -> None:
+        """Score one image: ``gt`` and ``pred`` are (H, W) target ids (``gt`` with the ignore index);
+        ``pred_instances`` (H, W) the model's watershed instance ids (the ``model_watershed`` row)."""
         if img.dtype == np.uint16:
             lo, hi = int(img.min()), int(img.max())
             self.value_range = (lo, hi) if self.value_range is None else (min(lo, self.value_range[0]),
@@ -206,6 +213,10 @@ class RealScorer:
         fg_ids = np.asarray(task.foreground, np.int64)
         gt_fg = np.isin(gt, fg_ids)
         preds: dict[str, np.ndarray] = {MODEL_ROW: pred}
+        if WATERSHED_ROW in self.rows:
+            if pred_instances is None:
+                raise ValueError("this scorer has a watershed row: pass pred_instances")
+            preds[WATERSHED_ROW] = pred
         for name in self.baselines:
             fg = BASELINES.get(name)(img, task.polarity)
             assert task.background is not None
@@ -222,7 +233,8 @@ class RealScorer:
             img_scores: dict[str, Any] = {"fg_iou": inter / union if union else None}
             labels = np.zeros(gt.shape, np.int32)
             for c in task.things:
-                pi = np.where(valid, components(p == c), 0)
+                own = components(p == c) if name != WATERSHED_ROW else np.where(p == c, pred_instances, 0)
+                pi = np.where(valid, own, 0)
                 s = row.inst.setdefault(c, InstanceTally()).add(gt_inst[c], pi)
                 img_scores.setdefault("f1", s["f1"])
                 labels = np.where(pi > 0, pi + labels.max(), labels) if labels.any() else pi

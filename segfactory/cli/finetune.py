@@ -165,7 +165,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _resolve_model(args)
     summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
                           overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
-                          tta=args.tta, scale=args.scale)
+                          tta=args.tta, scale=args.scale, instances=args.instances)
     summary["model"] = args.model
     _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
@@ -277,6 +277,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB")
     r.add_argument("--out", required=True, metavar="DIR", help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
+    r.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
+                   help="OUT/instances/<stem>.png + OUT/instances.json (COCO): auto = when the model has an "
+                        "instance head, on = require one (default auto)")
     inference_flags(r)
     r.set_defaults(func=_cmd_predict)
 
