@@ -1,7 +1,9 @@
 """Export: a self-contained model dir, and ONNX with a parity check under onnxruntime.
 
 The ONNX graph takes the *standardised* input (B, C, H, W) float32 (H, W multiples of 32; batch, height and
-width are dynamic) and returns logits (B, K, H, W). How to standardise is in model.json (``input``), which is
+width are dynamic) and returns logits (B, K, H, W); a model with an instance head also returns
+``instance_logits`` (B, 1, H, W), the logit of the normalised distance map (:mod:`finetune.instances`), turned
+into instances by the steps of :data:`INSTANCE_RECIPE`. How to standardise is in model.json (``input``), which is
 also embedded in the ONNX file's metadata (key ``segfactory.model``), with the recipe in words (key
 ``segfactory.recipe``, :data:`RECIPE`): the same steps as :func:`finetune.predict.prepare_input` and
 :func:`finetune.predict.predict_mask`.
@@ -29,6 +31,13 @@ RECIPE = ("1. resize the image by input.scale (area averaging when shrinking, bi
           "stretch and clip; dtype: /255 or /65535; minmax; percentile); 3. gray -> 3 equal channels, or RGB -> "
           "BT.601 luma for in_chans 1; 4. (x - mean) / std per channel; 5. pad H, W to multiples of 32 "
           "(reflect), run, crop; 6. resize the softmax back to the image size (bilinear), argmax.")
+
+
+INSTANCE_RECIPE = ("7. (instance head) sigmoid of instance_logits = normalised distance d, tiled and resized back "
+                   "like the softmax; 8. for each class id in instances.things: seeds = 4-connected components of "
+                   "(argmax == class and d > instances.seed_threshold); watershed on -d from the seeds within the "
+                   "class (4-connectivity, skimage.segmentation.watershed); class regions no seed reaches are one "
+                   "instance each; drop instances under instances.min_size pixels; number 1..N (0 = none).")
 
 
 def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> list[np.ndarray]:
@@ -70,7 +79,13 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     if not atol >= 0:
         raise UserError(f"--atol {atol} is not a number >= 0",
                         fix="give the allowed max |logit difference|, e.g. --atol 1e-3")
+    from finetune.instances import JointOutputs
+
     model, meta = load_model_dir(model_dir, "cpu")
+    joint = bool(meta.get("instances"))
+    graph = JointOutputs(model).eval() if joint else model
+    outputs = ["logits", "instance_logits"] if joint else ["logits"]
+    recipe = RECIPE + (" " + INSTANCE_RECIPE if joint else "")
     out_path = Path(out_path) if out_path else Path(model_dir) / ONNX_FILE
     c = int(meta["input"]["in_chans"])
     export_x = torch.from_numpy(parity_inputs(meta, [(1, 128, 160)])[0])
@@ -79,15 +94,15 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
         # The TorchScript exporter is deprecated in favour of dynamo export, which needs onnxscript (not in
         # the pinned stack); it still produces correct graphs for these CNNs, as the parity check below proves.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (export_x,), buf, dynamo=False, opset_version=opset, input_names=["image"],
-                          output_names=["logits"], do_constant_folding=True,
+        torch.onnx.export(graph, (export_x,), buf, dynamo=False, opset_version=opset, input_names=["image"],
+                          output_names=outputs, do_constant_folding=True,
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                        "logits": {0: "batch", 2: "height", 3: "width"}})
+                                        **{o: {0: "batch", 2: "height", 3: "width"} for o in outputs}})
     proto = onnx.load_from_string(buf.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "segfactory.model", json.dumps(meta)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "segfactory.recipe", RECIPE
+    entry.key, entry.value = "segfactory.recipe", recipe
     onnx.checker.check_model(proto)
     blob = proto.SerializeToString()
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
@@ -95,9 +110,12 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     max_diff, agree, total = 0.0, 0, 0
     with torch.no_grad():
         for x in parity_inputs(meta, shapes):
-            ref = model(torch.from_numpy(x)).numpy()
-            got = sess.run(["logits"], {"image": x})[0]
-            max_diff = max(max_diff, float(np.abs(ref - got).max()))
+            refs = graph(torch.from_numpy(x))
+            refs = [r.numpy() for r in (refs if joint else (refs,))]
+            gots = sess.run(outputs, {"image": x})
+            for r, g in zip(refs, gots, strict=True):
+                max_diff = max(max_diff, float(np.abs(r - g).max()))
+            ref, got = refs[0], gots[0]
             agree += int((ref.argmax(1) == got.argmax(1)).sum())
             total += ref.shape[0] * ref.shape[2] * ref.shape[3]
     if max_diff > atol:
@@ -106,7 +124,7 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
                         fix=f"accept it with --atol {max_diff * 1.5:.1e}, or try another --opset (now {opset})")
     atomic_write_bytes(out_path, blob)
     return {"onnx": str(out_path), "max_abs_diff": max_diff, "argmax_agreement": agree / total, "atol": atol,
-            "input_scale": float(meta["input"].get("scale", 1.0)), "recipe": RECIPE,
+            "input_scale": float(meta["input"].get("scale", 1.0)), "recipe": recipe, "outputs": outputs,
             "opset": opset, "checked_shapes": [[b, c, h, w] for b, h, w in shapes]}
 
 
