@@ -483,8 +483,8 @@ class Trainer:
         if inst is not None:
             from finetune.instances import batch_targets, instance_loss
 
-            target, valid = batch_targets(inst, y, self.things, self.targets.ignore_index)
-            self._inst_loss = instance_loss(dist_logit, target, valid)
+            target, known = batch_targets(inst, y, self.things, self.targets.ignore_index)
+            self._inst_loss = instance_loss(dist_logit, target, known)
             loss = loss + self.cfg.instances.weight * self._inst_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
