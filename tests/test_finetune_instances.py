@@ -315,3 +315,29 @@ def test_real_instance_masks_that_do_not_match_the_class_masks_are_one_line(tmp_
     rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "run2", "--real", root, "--steps", "1",
                      "data.val_fraction=0")
     assert rc == 2 and "does not match its class mask" in err and err.count("\n") <= 2
+
+
+@pytest.mark.slow
+def test_instance_head_trains_alongside_self_training_and_auto_scale(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The quickstart's recipe with the head: self-training (class logits only) and input.scale=auto run next to
+    the instance loss."""
+    from test_finetune_adapt import ingest_files
+
+    from finetune.config import FinetuneConfig
+    from finetune.train import run_finetune
+    from segfactory.config import load_config
+    from segfactory.formats.dataset import open_dataset
+
+    frames = [Path(f.rgb) for f in list(open_dataset(tiny_dataset).frames())[:4]]
+    unlabeled = ingest_files(frames, tmp_path / "ingested")
+    cfg = load_config(FinetuneConfig, TINY, [f"data.synthetic=[{{path: '{tiny_dataset}'}}]",
+                                             f"data.unlabeled=['{unlabeled}']", "train.steps=6", "train.log_every=1",
+                                             "train.val_every=1000", "adapt.warmup_steps=3", "input.scale=auto",
+                                             "instances.enabled=true"])
+    summary = run_finetune(cfg, tmp_path / "run", show_progress=False)
+    assert summary["finished"]
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    late = [r for r in logs if r.get("step", 0) > 4 and "loss" in r]
+    assert late and all(np.isfinite(r["instance_loss"]) and r["selftrain_loss"] > 0 for r in late)
+    meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert meta["instances"]["things"] == [1] and meta["architecture"]["instance_channels"] == 1
