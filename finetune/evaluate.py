@@ -42,6 +42,44 @@ def source_confusion(model: nn.Module, meta: dict[str, Any], source: Source, ite
     return cm
 
 
+class SyntheticInstances:
+    """Instance F1 of a model on a rendered source's thing classes, against the frames' own instance maps: the
+    ``model`` row (semantic + 4-connected components) and, for a model with an instance head, ``model_watershed``.
+    """
+
+    def __init__(self, source: Source, targets: Any, watershed: bool):
+        from segfactory.formats.dataset import open_dataset
+
+        self.source = source
+        self.targets = targets
+        lut = source.remap.lut
+        self.things = sorted({int(lut[int(c["id"])]) for c in open_dataset(source.path).classes
+                              if c.get("thing") and int(lut[int(c["id"])]) != targets.ignore_index})
+        from finetune.metrics import InstanceTally
+
+        rows = ["model", "model_watershed"] if watershed else ["model"]
+        self.tallies = {r: {c: InstanceTally() for c in self.things} for r in rows}
+
+    def add(self, item: Item, mask: np.ndarray, pred: np.ndarray, inst: np.ndarray | None) -> None:
+        """Score one frame: ``mask``/``pred`` (H, W) target ids, ``inst`` the watershed instances (or ``None``)."""
+        from finetune.metrics import components
+
+        true = self.source.load_instances(item, mask)
+        if true is None:
+            return
+        valid = mask != self.targets.ignore_index
+        for c in self.things:
+            gt = np.where((mask == c) & valid, true, 0)
+            self.tallies["model"][c].add(gt, np.where(valid, components(pred == c), 0))
+            if "model_watershed" in self.tallies:
+                assert inst is not None
+                self.tallies["model_watershed"][c].add(gt, np.where(valid & (pred == c), inst, 0))
+
+    def result(self) -> dict[str, Any]:
+        names = self.targets.names
+        return {row: {names[c]: t.result() for c, t in per.items()} for row, per in self.tallies.items()}
+
+
 def summarize(cms: dict[str, np.ndarray], kinds: dict[str, str], names: list[str]) -> dict[str, Any]:
     """Per-source metrics plus pooled ``by_kind`` (synthetic / real) and ``overall`` metrics."""
     out: dict[str, Any] = {"sources": {}, "by_kind": {}}
@@ -171,7 +209,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
 
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
     (foreground IoU, instance F1, ...) in ``metrics.json``'s ``real`` section, ``real_scores.png`` and
-    ``overlays/<source>/<stem>.png``; a model with an instance head adds the ``model_watershed`` row.
+    ``overlays/<source>/<stem>.png``; a model with an instance head adds the ``model_watershed`` row. Rendered
+    sources with thing classes get instance F1 against their instance maps in the ``instances`` section
+    (``model`` = semantic + connected components, and ``model_watershed``).
 
     Args:
         model_dir: A model dir.
@@ -236,14 +276,24 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                for spec, src in zip(data, sources, strict=True) if src.kind == "real"}
     out = ensure_writable_dir(out_dir)
     cms: dict[str, np.ndarray] = {}
+    synth_inst = {src.name: SyntheticInstances(src, targets, watershed) for src in sources
+                  if src.kind == "synthetic"}
+    synth_inst = {n: si for n, si in synth_inst.items() if si.things}
     with progress(transient=not show_progress) as bar:
         task = bar.add_task("evaluate", total=sum(len(s.val) for s in sources))
         for src in sources:
             k = int(meta["num_classes"])
             cm = np.zeros((k, k), np.int64)
             scorer = scorers.get(src.name)
+            si = synth_inst.get(src.name)
             for it in src.val:
-                if scorer is None:
+                if si is not None:
+                    img, mask = src.load(it)
+                    pred, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
+                                                    scale=1.0, tta=tta, instances=watershed)
+                    cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
+                    si.add(it, mask, pred, inst)
+                elif scorer is None:
                     cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev),
                                            tta=tta)
                 else:
@@ -259,6 +309,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
               "input": {k: meta["input"].get(k) for k in ("scaling", "scale")},
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
               **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
+    if synth_inst:
+        report["instances"] = {name: si.result() for name, si in synth_inst.items()}
     if scorers:
         report["real"] = {name: sc.result() for name, sc in scorers.items()}
         for name, r in report["real"].items():

@@ -341,3 +341,20 @@ def test_instance_head_trains_alongside_self_training_and_auto_scale(tiny_datase
     assert late and all(np.isfinite(r["instance_loss"]) and r["selftrain_loss"] > 0 for r in late)
     meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
     assert meta["instances"]["things"] == [1] and meta["architecture"]["instance_channels"] == 1
+
+
+def test_evaluate_scores_rendered_sources_against_their_instance_maps(inst_model: Path, tiny_dataset: Path,
+                                                                      tmp_path: Path, capsys) -> None:
+    from segfactory.formats.dataset import load_frame, open_dataset
+
+    rc, _, _ = cli(capsys, "evaluate", "--model", inst_model, "--data", tiny_dataset, "--out", tmp_path / "ev")
+    assert rc == 0
+    rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    rows = rep["instances"]["cells"]
+    assert set(rows) == {"model", "model_watershed"} and set(rows["model"]) == {"nucleus"}
+    n_true = 0
+    for f in open_dataset(tiny_dataset).frames():
+        fr = load_frame(f)
+        n_true += len(np.unique(fr["instance"][fr["semantic"] == 1]))
+    assert rows["model"]["nucleus"]["n_gt"] == rows["model_watershed"]["nucleus"]["n_gt"] == n_true
+    assert rows["model"]["nucleus"]["images"] == len(list(open_dataset(tiny_dataset).frames()))
