@@ -30,7 +30,7 @@ import numpy as np
 
 from finetune.baselines import BASELINES, POLARITIES
 from finetune.data.remap import TargetClasses
-from finetune.data.sources import Item, Source
+from finetune.data.sources import Item, Source, read_instances
 from finetune.metrics import (
     InstanceTally,
     components,
@@ -118,25 +118,6 @@ class _Row:
     fg_inter: int = 0
     fg_union: int = 0
     inst: dict[int, InstanceTally] = field(default_factory=dict)
-
-
-def read_instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) int32 instance ids from a 16- or 8-bit PNG.
-
-    Raises:
-        UserError: unreadable, or another size than the image.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read instance mask '{path}': {e}", fix="re-save it as a single-channel PNG") from None
-    if arr.ndim != 2 or arr.shape != tuple(shape):
-        raise UserError(f"instance mask '{path}' has shape {arr.shape}, its image {tuple(shape)}",
-                        fix="make instances/<stem>.png a single-channel image of the image's size")
-    return arr.astype(np.int32, copy=False)
 
 
 class RealScorer:

@@ -88,13 +88,28 @@ class Source:
         """
         if item.instances is None:
             return None
-        from finetune.realeval import read_instances
-
         return read_instances(item.instances, mask.shape)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "path": str(self.path), "train_items": len(self.train),
                 "val_items": len(self.val), "classes": self.remap.mapping}
+
+
+def read_instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) int32 instance ids from a 16- or 8-bit PNG.
+
+    Raises:
+        UserError: unreadable, or another size than the image.
+    """
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read instance mask '{path}': {e}", fix="re-save it as a single-channel PNG") from None
+    if arr.ndim != 2 or arr.shape != tuple(shape):
+        raise UserError(f"instance mask '{path}' has shape {arr.shape}, its image {tuple(shape)}",
+                        fix="make instances/<stem>.png a single-channel image of the image's size")
+    return arr.astype(np.int32, copy=False)
 
 
 def detect_kind(path: Path, field: str | None = None) -> Kind:
@@ -215,15 +230,15 @@ def check_instances_match(it: Item, mask: np.ndarray) -> None:
     Raises:
         UserError: one line naming both files and what disagrees.
     """
-    from finetune.realeval import read_instances
-
     assert it.instances is not None
     try:
         inst = read_instances(it.instances, mask.shape)
-    except UserError:
-        raise UserError(f"instance mask '{it.instances}' does not match its class mask '{it.mask}' "
-                        f"({mask.shape[1]}x{mask.shape[0]})",
-                        fix="make instances/<stem>.png a single-channel PNG of the mask's size") from None
+    except UserError as e:
+        if e.message.startswith("cannot read"):
+            raise
+        raise UserError(f"instance mask '{it.instances}' is not the size of its mask '{it.mask}' "
+                        f"({mask.shape[1]}x{mask.shape[0]}): it does not match its class mask",
+                        fix="make instances/<stem>.png a single-channel PNG of the image's size") from None
     off = int(np.count_nonzero((inst > 0) & (mask == 0)))
     if off:
         raise UserError(f"instance mask '{it.instances}' does not match its class mask '{it.mask}': {off} object "
