@@ -160,11 +160,21 @@ def joint_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- model.json
 
 
-def instance_spec(things: list[int], seed_threshold: float, min_size: int) -> dict[str, Any]:
+def instance_spec(things: list[int], seed_threshold: float, min_size: int, seed_h: float = 0.0,
+                  smooth: float = 0.0) -> dict[str, Any]:
     """The ``instances`` record of model.json: what the head predicts and how predict/evaluate/ONNX users
-    turn it into instances."""
+    turn it into instances (the keyword arguments of :func:`watershed_instances`)."""
     return {"target": TARGET, "channels": 1, "things": sorted(int(t) for t in things), "method": "watershed",
-            "seed_threshold": float(seed_threshold), "min_size": int(min_size)}
+            "seed_threshold": float(seed_threshold), "min_size": int(min_size), "seed_h": float(seed_h),
+            "smooth": float(smooth)}
+
+
+def postprocess(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.floating],
+                spec: dict[str, Any]) -> npt.NDArray[np.int32]:
+    """:func:`watershed_instances` with model.json's ``instances`` parameters."""
+    return watershed_instances(labels, dist, [int(c) for c in spec["things"]], float(spec["seed_threshold"]),
+                               int(spec["min_size"]), float(spec.get("seed_h", 0.0)),
+                               float(spec.get("smooth", 0.0)))
 
 
 def require_head(meta: dict[str, Any], model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -193,7 +203,8 @@ def component_instances(labels: npt.NDArray[np.integer], things: list[int]) -> n
 
 
 def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.floating], things: list[int],
-                        seed_threshold: float = 0.5, min_size: int = 0) -> npt.NDArray[np.int32]:
+                        seed_threshold: float = 0.5, min_size: int = 0, seed_h: float = 0.0,
+                        smooth: float = 0.0) -> npt.NDArray[np.int32]:
     """Instances from a class map and a predicted distance map (see module docstring).
 
     Args:
@@ -202,6 +213,10 @@ def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.fl
         things: Thing class ids.
         seed_threshold: Seeds are the connected components of ``dist > seed_threshold`` within a class.
         min_size: Instances with fewer pixels are dropped.
+        seed_h: > 0: seeds are only the maxima of the distance map that rise at least ``seed_h`` above every
+            path to a higher one (h-maxima; they must still exceed ``seed_threshold``): a weakly trained head's
+            flat, noisy interior then gives one seed per object instead of many.
+        smooth: Gaussian sigma (pixels) applied to the distance map first; 0 = none.
 
     Returns:
         (H, W) int32 instance ids, 0 = none, numbered 1..N in order of class then seed.
@@ -209,14 +224,27 @@ def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.fl
     from skimage.measure import label
     from skimage.segmentation import watershed
 
+    d = dist.astype(np.float64)
+    if smooth > 0:
+        from scipy.ndimage import gaussian_filter
+
+        d = gaussian_filter(d, smooth, mode="nearest")
+    peaks = None
+    if seed_h > 0:
+        from skimage.morphology import h_maxima
+
+        # Integer steps of 1/1000: h_maxima on floats is sensitive to rounding.
+        q = np.round(np.clip(d, 0, 1) * 1000).astype(np.int32)
+        peaks = h_maxima(q, max(1, round(seed_h * 1000))).astype(bool)
     out = np.zeros(labels.shape, np.int32)
     n = 0
     for c in things:
         fg = labels == c
         if not fg.any():
             continue
-        seeds = label(fg & (dist > seed_threshold), connectivity=1)
-        ws = watershed(-dist.astype(np.float64), markers=seeds, mask=fg, connectivity=1) if seeds.any() \
+        cand = fg & (d > seed_threshold)
+        seeds = label(cand if peaks is None else cand & peaks, connectivity=1)
+        ws = watershed(-d, markers=seeds, mask=fg, connectivity=1) if seeds.any() \
             else np.zeros(fg.shape, np.int64)
         # Regions of the class without any seed (small or flat objects) are objects of their own.
         rest = label(fg & (ws == 0), connectivity=1)

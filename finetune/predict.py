@@ -162,7 +162,7 @@ def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, dev
 
     The distance map is blended and resized back with the class probabilities, then
     :func:`finetune.instances.watershed_instances` runs at the image's own size with model.json's ``instances``
-    parameters (``things``, ``seed_threshold``, ``min_size``).
+    parameters (``things``, ``seed_threshold``, ``min_size``, ``seed_h``, ``smooth``).
 
     Returns:
         (H, W) uint8 class ids, (H, W) int32 instance ids (0 = none) or ``None``, and the (H, W) float32
@@ -178,13 +178,10 @@ def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, dev
     labels = probs[:k].argmax(0).to(torch.uint8).numpy()
     if not instances:
         return labels, None, None
-    from finetune.instances import watershed_instances
+    from finetune.instances import postprocess
 
-    spec = meta["instances"]
     dist = probs[k].numpy()
-    inst = watershed_instances(labels, dist, [int(c) for c in spec["things"]], float(spec["seed_threshold"]),
-                               int(spec["min_size"]))
-    return labels, inst, dist
+    return labels, postprocess(labels, dist, meta["instances"]), dist
 
 
 def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | None,

@@ -264,7 +264,7 @@ class Trainer:
             from finetune.instances import instance_spec
 
             ic = self.cfg.instances
-            inst = instance_spec(self.things, ic.seed_threshold, ic.min_size)
+            inst = instance_spec(self.things, ic.seed_threshold, ic.min_size, ic.seed_h, ic.smooth)
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
                           self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training},
                           inst)

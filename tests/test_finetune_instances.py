@@ -129,6 +129,29 @@ def test_watershed_splits_touching_discs_that_connected_components_merge() -> No
     assert ((ws > 0) == (labels > 0)).all()                          # instances partition the class
 
 
+def test_h_maxima_seeds_keep_one_object_on_a_noisy_plateau_and_still_split_touching_ones() -> None:
+    """What a weakly trained head predicts: a flat interior (0.5) with texture (+-0.04). Plain threshold
+    seeds shatter it; h-maxima seeds (h 0.1) give one seed, and two objects whose maps dip to 0 between them
+    still get two."""
+    shape = (40, 80)
+    labels = np.zeros(shape, np.uint8)
+    one = disc(shape, 20, 18, 14)
+    labels[one] = 1
+    from scipy.ndimage import gaussian_filter
+
+    texture = gaussian_filter(np.random.default_rng(0).normal(size=shape), 2)
+    dist = np.where(one, 0.5 + 0.04 * texture / np.abs(texture).max(), 0.0)
+    assert watershed_instances(labels, dist, [1], 0.5).max() > 3
+    assert watershed_instances(labels, dist, [1], 0.5, seed_h=0.1).max() == 1
+    truth = np.zeros(shape, np.int32)
+    truth[disc(shape, 20, 50, 10)] = 1
+    truth[disc(shape, 20, 68, 10) & (truth == 0)] = 2
+    pair = (truth > 0).astype(np.uint8)
+    ws = watershed_instances(pair, distance_targets(truth), [1], 0.5, seed_h=0.1)
+    iou, _, _ = iou_matrix(truth, ws)
+    assert ws.max() == 2 and (iou.max(1) > 0.9).all()
+
+
 def test_watershed_keeps_seedless_regions_and_drops_small_ones_per_class() -> None:
     labels = np.zeros((20, 30), np.uint8)
     labels[2:8, 2:8] = 1                                   # a flat object: no seed
@@ -158,7 +181,7 @@ def test_training_logs_the_instance_loss_and_records_the_head(inst_model: Path) 
     meta = json.loads((inst_model / "model.json").read_text())
     assert meta["architecture"]["instance_channels"] == 1
     assert meta["instances"] == {"target": "distance", "channels": 1, "things": [1], "method": "watershed",
-                                 "seed_threshold": 0.5, "min_size": 3}
+                                 "seed_threshold": 0.5, "min_size": 3, "seed_h": 0.1, "smooth": 0.0}
     logs = [json.loads(line) for line in (inst_model.parent / "metrics.jsonl").read_text().splitlines()]
     losses = [r["instance_loss"] for r in logs if "instance_loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
