@@ -156,14 +156,21 @@ class Trainer:
         self.adapt = self._build_adapt()
 
     def _thing_targets(self) -> list[int]:
-        """Target ids of the classes marked ``thing`` in the synthetic training datasets."""
+        """Target ids of the classes marked ``thing`` in the synthetic training datasets and in the class tables
+        of real training folders that have instance masks."""
+        from finetune.config import SourceSpec
+        from finetune.data.sources import real_class_table
         from segfactory.formats.dataset import open_dataset
 
         things: set[int] = set()
         for src in self.train_sources:
-            if src.kind != "synthetic":
+            if src.kind == "synthetic":
+                classes = open_dataset(src.path).classes
+            elif any(it.instances is not None for it in src.train):
+                classes, _ = real_class_table(SourceSpec(path=src.path), src.path, self.targets)
+            else:
                 continue
-            for c in open_dataset(src.path).classes:
+            for c in classes:
                 tid = int(src.remap.lut[int(c["id"])])
                 if c.get("thing") and tid != self.targets.ignore_index:
                     things.add(tid)

@@ -382,3 +382,18 @@ def test_evaluate_scores_rendered_sources_against_their_instance_maps(inst_model
         n_true += len(np.unique(fr["instance"][fr["semantic"] == 1]))
     assert rows["model"]["nucleus"]["n_gt"] == rows["model_watershed"]["nucleus"]["n_gt"] == n_true
     assert rows["model"]["nucleus"]["images"] == len(list(open_dataset(tiny_dataset).frames()))
+
+
+def test_real_folders_with_instance_masks_train_the_head(tmp_path: Path, capsys) -> None:
+    """A real labeled folder's instances/ and its classes.json `thing` flags are enough: no rendered data."""
+    inst = np.zeros((64, 64), np.int32)
+    inst[disc((64, 64), 30, 24, 9)] = 1
+    inst[disc((64, 64), 30, 41, 9) & (inst == 0)] = 2
+    root = write_real_folder(tmp_path / "real", inst, (40 + 150 * (inst > 0)).astype(np.uint8))
+    rc, _, err = cli(capsys, "finetune", TINY, "--out", tmp_path / "run", "--real", root, "--steps", "2",
+                     "data.val_fraction=0", "train.log_every=1", "instances.enabled=true")
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert meta["instances"]["things"] == [1]
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r.get("instance_loss", 0) > 0] == [1, 2]
