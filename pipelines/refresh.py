@@ -157,9 +157,9 @@ def _point_latest(root: Path, release: Path) -> None:
 
 
 def _next_sequence(root: Path) -> int:
-    """One more than the highest sequence number of any release (legacy releases count as their position)."""
-    releases = list_releases(root)
-    return max([_release_order(p)[0] for p in releases] + [len(releases)]) + 1
+    """One more than the highest sequence number of any release (1 for the first; releases from before sequence
+    numbers sort before every numbered one)."""
+    return max([_release_order(p)[0] for p in list_releases(root)] + [0]) + 1
 
 
 def _release_name(sequence: int) -> str:

@@ -132,6 +132,7 @@ def test_not_an_output_directory_is_a_user_error(tmp_path: Path, capsys) -> None
 
 
 @pytest.mark.render
+@pytest.mark.slow  # two real renders (Blender start-up twice)
 def test_truncated_png_in_a_rendered_shard_repair_and_rerender_restores_it(tmp_path: Path, capsys) -> None:
     out = tmp_path / "ds"
     args = [str(CONFIGS / "cells.yaml"), "--out", str(out), "--scenes", "2", "--views", "1", "--resolution", "48",
