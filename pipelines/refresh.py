@@ -105,10 +105,20 @@ class RetrainSettings(StrictModel):
     promotion: PromotionSettings = Field(default_factory=PromotionSettings)
 
 
+class GrowthSettings(StrictModel):
+    """``growth``: how a scheduled refresh with an unchanged config still adds data."""
+
+    scenes_per_run: int = Field(0, ge=0, description="new scenes each refresh adds (fresh scene indices, so fresh "
+                                "seeds SeedSequence([seed, i])) on top of the previous release's; 0 = the dataset "
+                                "only grows when render.dataset.scenes does")
+    max_scenes: int | None = Field(None, ge=1, description="cap on the dataset's scenes (None = no cap)")
+
+
 class RefreshConfig(StrictModel):
     """``segfactory refresh`` config: what to render, what to ingest, whether to retrain, releases to keep."""
 
     render: RenderStep = Field(default_factory=RenderStep)
+    growth: GrowthSettings = Field(default_factory=GrowthSettings)
     real: RealImages = Field(default_factory=RealImages)
     train: RetrainSettings = Field(default_factory=RetrainSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
@@ -223,6 +233,9 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     with refresh_lock(root):
         t0 = time.perf_counter()
         render_cfg, config_hash = resolve_render_config(cfg.render)
+        prev = latest_release(root)
+        scenes_before, scenes = grown_scenes(cfg, render_cfg, config_hash, prev)
+        render_cfg = render_cfg.model_copy(update={"dataset": render_cfg.dataset.model_copy(update={"scenes": scenes})})
         dataset = root / "datasets" / config_hash
         sequence = _next_sequence(root)
         name = _release_name(sequence)
@@ -237,7 +250,6 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
             s = ingest_sources(cfg.real.sources(), root / "real", ingest_cfg)
             real = {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"],
                     "new_images": s["new_images"], "config_hash": s["config_hash"]}
-        prev = latest_release(root)
         stats = release_stats(dataset, [s["id"] for s in shards], len(meta["classes"]))
         release = {
             "format": "segfactory-release", "format_version": RELEASE_FORMAT_VERSION, "release": name,
@@ -247,11 +259,15 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                        "code_version": render_code_version(),
                        "seed": render_cfg.dataset.seed, "scenes": render_cfg.dataset.scenes,
                        "shards_rendered": summary["shards_rendered"], "shards_repaired": summary["shards_repaired"]},
+            "growth": {"scenes_before": scenes_before, "scenes": scenes, "scenes_added": max(0, scenes - scenes_before),
+                       **shard_changes(prev, shards)},
             "shards": shards, "num_frames": sum(s["frames"] for s in shards), "real": real,
             "inputs_changed": prev is None or [s["id"] for s in prev["shards"]] != [s["id"] for s in shards]
                               or (prev.get("real") or {}).get("data_hash") != (real or {}).get("data_hash"),
             "stats": stats, "drift": drift(prev, stats, meta["classes"]),
         }
+        if prev is not None:
+            release["drift"] |= {k: len(v) for k, v in shard_changes(prev, shards).items()}
         if cfg.train.enabled:
             model = retrain(cfg, root, render_cfg, config_hash, shards, real, name)
             release["model"], release["promoted_model"] = promote(root, model, prev, cfg.train.promotion, name)
@@ -263,6 +279,31 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         pruned = prune(root, cfg.releases.keep, protect=path)
         release_summary(release, pruned, time.perf_counter() - t0)
         return release
+
+
+def grown_scenes(cfg: RefreshConfig, render_cfg: RenderStep, config_hash: str,
+                 prev: dict[str, Any] | None) -> tuple[int, int]:
+    """The scenes of this refresh's dataset under ``growth``: ``scenes_per_run`` more than the previous release's
+    (when it rendered the same look and seed), at least ``render.dataset.scenes``, at most ``growth.max_scenes``.
+
+    Returns:
+        ``(scenes of the previous release of this dataset (0 if none), scenes now)``.
+    """
+    d = render_cfg.dataset
+    before = 0
+    if prev is not None and prev["render"].get("config_hash") == config_hash and prev["render"].get("seed") == d.seed:
+        before = int(prev["render"]["scenes"])
+    scenes = max(d.scenes, before + cfg.growth.scenes_per_run) if before else d.scenes
+    if cfg.growth.max_scenes is not None:
+        scenes = min(scenes, max(cfg.growth.max_scenes, 1))
+    return before, scenes
+
+
+def shard_changes(prev: dict[str, Any] | None, shards: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Shards this release adds and retires against the previous release (``shards_added``, ``shards_retired``)."""
+    old = [s["id"] for s in prev["shards"]] if prev is not None else []
+    now = [s["id"] for s in shards]
+    return {"shards_added": [s for s in now if s not in old], "shards_retired": [s for s in old if s not in now]}
 
 
 def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path,
@@ -497,8 +538,11 @@ def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: fl
     from rich.table import Table
 
     d = release["drift"]
+    g = release.get("growth") or {}
+    added, retired = len(g.get("shards_added", [])), len(g.get("shards_retired", []))
     console.print(f"release {release['release']}: {len(release['shards'])} shard(s), {release['num_frames']} frames"
-                  f" ({release['render']['shards_rendered']} shard(s) new), inputs changed: "
+                  f" ({release['render']['shards_rendered']} shard(s) rendered; vs the previous release {added} "
+                  f"added, {retired} retired), inputs changed: "
                   f"{'yes' if release['inputs_changed'] else 'no'}; pruned {pruned['releases']} release(s), "
                   f"{pruned['shards']} shard(s), {pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)
     if d.get("previous"):

@@ -190,7 +190,7 @@ def test_stage_stopped_by_stop_at_is_not_done_and_the_rerun_resumes(tiny_dataset
     final = tmp_path / "run" / "stages" / "finetune-0123456789ab"
     cluster = ClusterConfig(workers=1, dashboard=False)
     report = tmp_path / "report.html"
-    with pytest.raises(StageIncomplete, match="stage finetune ended without finishing: no summary.json"):
+    with pytest.raises(StageIncomplete, match=r"stage finetune ended without finishing: no summary\.json"):
         run_stage_tasks(cluster, 600, 0, {"finetune": (final, finetune_argv(tiny_dataset, 6, "train.stop_at=4"))},
                         report)
     assert not final.exists() and not stage_done(final)
@@ -267,3 +267,32 @@ def test_driver_and_worker_killed_mid_finetune_on_a_cluster_resume(tiny_dataset:
     steps = metrics_steps(final)
     assert steps == list(range(1, 41))  # truncated to the checkpoint on resume: every step exactly once
     assert read_json(final / "summary.json")["finished"] and read_json(final / STAGE_FILE)["resumed"]
+
+
+# ------------------------------------------------------------------------------------------ growth
+
+
+def test_growth_adds_fresh_scenes_each_run_up_to_the_cap() -> None:
+    from pipelines.refresh import RefreshConfig, grown_scenes, shard_changes
+    from pipelines.render import resolve_render_config
+
+    cfg = RefreshConfig.model_validate({"render": {"scene": {"family": "cells"}, "dataset": {"scenes": 4}},
+                                        "growth": {"scenes_per_run": 3, "max_scenes": 9}})
+    render_cfg, h = resolve_render_config(cfg.render)
+
+    def release(scenes: int, seed: int = 0, config_hash: str = h) -> dict:
+        return {"render": {"config_hash": config_hash, "seed": seed, "scenes": scenes}, "shards": []}
+
+    assert grown_scenes(cfg, render_cfg, h, None) == (0, 4)  # the first refresh renders the configured scenes
+    assert grown_scenes(cfg, render_cfg, h, release(4)) == (4, 7)  # then 3 new scene indices (fresh seeds) a run
+    assert grown_scenes(cfg, render_cfg, h, release(7)) == (7, 9)  # up to the cap
+    assert grown_scenes(cfg, render_cfg, h, release(9)) == (9, 9)
+    # Another look (config hash) or seed starts a new dataset: the configured size again.
+    assert grown_scenes(cfg, render_cfg, h, release(9, seed=1)) == (0, 4)
+    assert grown_scenes(cfg, render_cfg, h, release(9, config_hash="other")) == (0, 4)
+    off = cfg.model_copy(update={"growth": cfg.growth.model_copy(update={"scenes_per_run": 0})})
+    assert grown_scenes(off, render_cfg, h, release(4)) == (4, 4)  # no growth: unchanged config, same dataset
+
+    prev = {"shards": [{"id": "a"}, {"id": "b"}]}
+    assert shard_changes(prev, [{"id": "b"}, {"id": "c"}]) == {"shards_added": ["c"], "shards_retired": ["a"]}
+    assert shard_changes(None, [{"id": "a"}]) == {"shards_added": ["a"], "shards_retired": []}
