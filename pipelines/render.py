@@ -174,6 +174,7 @@ def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
     cfg, config_hash = resolve_render_config(cfg)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file, not a directory", fix="choose a directory path for --out")
+    ensure_writable_dir(out)  # an empty directory at most: the lock file needs a place
     # Held for the whole render, and taken before dataset.json is touched: a render refused because another one
     # runs changes nothing, and a second render would remove this one's shard writes as leftovers.
     with dataset_lock(out, "render into"):

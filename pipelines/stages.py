@@ -36,6 +36,7 @@ from segfactory.io import (
     canonical_hash,
     check_files,
     commit_unit,
+    empty_trash,
     file_checksums,
     is_committed,
     new_attempt_dir,
@@ -166,6 +167,7 @@ def _adopt_attempt(final: Path, command: str) -> tuple[Path, bool]:
     for p in earlier:
         if p != take:
             shutil.rmtree(p, ignore_errors=True)
+    empty_trash(parent)  # e.g. a foreign directory that stood where a stage was committed
     if take is None:
         return new_attempt_dir(parent, final.name), False
     attempt = parent / f"{ATTEMPT_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
