@@ -17,6 +17,7 @@ Shards are committed with the shared unit protocol of :mod:`segfactory.io`.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from segfactory.io import (
     atomic_write_json,
     atomic_write_text,
     canonical_hash,
+    check_files,
     commit_unit,
     committed_units,
     new_attempt_dir,
@@ -54,7 +56,8 @@ WRITER_PACKAGE = "pretrain"
 
 __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", "REJECTED_FILE", "SHARDS_DIR",
            "ImageEntry", "ImageShardWriter", "IngestedImages", "build_index", "clean_uncommitted", "committed_shards",
-           "data_hash", "decode_entry", "iter_manifests", "known_files", "open_images", "read_stored", "shards_dir"]
+           "data_hash", "decode_entry", "iter_manifests", "known_files", "open_images", "read_stored", "shards_dir",
+           "verify_shard"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -90,6 +93,7 @@ class ImageShardWriter:
         shards_dir(root).mkdir(parents=True, exist_ok=True)
         self.tmp = new_attempt_dir(shards_dir(root), shard_id)
         self._pack = open(self.tmp / PACK_FILE, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._pack_hash = hashlib.sha256()
         self._offset = 0
         self.images: list[dict[str, Any]] = []
 
@@ -103,6 +107,7 @@ class ImageShardWriter:
     def add(self, data: bytes, ext: str, record: dict[str, Any]) -> None:
         """Append one stored image (encoded bytes) with its manifest record."""
         self._pack.write(data)
+        self._pack_hash.update(data)
         self.images.append({"offset": self._offset, "length": len(data), "ext": ext, **record})
         self._offset += len(data)
 
@@ -112,7 +117,8 @@ class ImageShardWriter:
         manifest = {
             "format": FORMAT, "version": VERSION, "shard_id": self.shard_id, "run": run,
             "created": _now(), "code_version": code_version(WRITER_PACKAGE), "normalize": normalize,
-            "normalize_hash": canonical_hash(normalize), "images": self.images, "rejected": rejected,
+            "normalize_hash": canonical_hash(normalize), "pack_sha256": self._pack_hash.hexdigest(),
+            "images": self.images, "rejected": rejected,
         }
         atomic_write_json(self.tmp / MANIFEST_FILE, manifest)
         commit_unit(self.tmp, self.final)
@@ -124,6 +130,29 @@ class ImageShardWriter:
         if not self._pack.closed:
             self._pack.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def verify_shard(root: str | os.PathLike[str], shard_id: str) -> list[str]:
+    """Re-hash a committed shard's ``images.bin`` against its manifest (``pack_sha256``; a manifest from before
+    it was recorded: only that every image's byte range is inside the file).
+
+    Returns:
+        One line per problem; empty when intact.
+    """
+    d = shards_dir(root) / shard_id
+    try:
+        manifest = read_json(d / MANIFEST_FILE)
+        images = manifest["images"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST_FILE}: unreadable ({type(e).__name__}: {e})"]
+    if "pack_sha256" in manifest:
+        return check_files(d, {PACK_FILE: manifest["pack_sha256"]})
+    try:
+        size = (d / PACK_FILE).stat().st_size
+    except OSError as e:
+        return [f"{PACK_FILE}: missing or unreadable ({e.strerror or e})"]
+    end = max((int(r["offset"]) + int(r["length"]) for r in images), default=0)
+    return [f"{PACK_FILE}: {size} bytes, but its images need {end} (truncated)"] if size < end else []
 
 
 def read_stored(shard_dir: str | os.PathLike[str], rec: dict[str, Any]) -> bytes:
