@@ -167,58 +167,79 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _walk(root: Path, follow: str, max_files: int) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Every non-hidden file under ``root``; each real folder is walked at most once, so the walk ends."""
+    """Every non-hidden file under ``root``; each real folder is walked at most once, so the walk ends.
+
+    The real tree is walked first and links only after it, so that a file reached both ways is listed under its
+    real path, and a link to a folder already walked (a loop, an alias) is skipped.
+    """
     root_real = os.path.realpath(root)
     st = os.stat(root_real)
     walked = {(st.st_dev, st.st_ino)}
     found: list[Path] = []
     skipped: list[tuple[str, str]] = []
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            skipped.append((folder, f"cannot list: {e.strerror or e}"))
-            continue
-        subfolders = []
-        for e in entries:
-            if e.name.startswith("."):
+    links: list[str] = []
+    folders = [str(root)]
+    while folders or links:
+        if not folders:  # the real tree is done: follow the next link
+            link = links.pop(0)
+            target = _follow(link, follow, root_real, skipped)
+            if target is None:
                 continue
-            try:
-                if e.is_symlink():
-                    if follow == "never":
-                        skipped.append((e.path, "symbolic link (follow_symlinks=never)"))
-                        continue
-                    try:
-                        target = os.stat(e.path)  # follows the link; ELOOP for a loop of links
-                    except OSError as err:
-                        skipped.append((e.path, f"broken link ({err.strerror or err})"))
-                        continue
-                    if follow == "inside" and not _inside(os.path.realpath(e.path), root_real):
-                        skipped.append((e.path, f"link to '{os.path.realpath(e.path)}' outside the source folder "
-                                                "(follow_symlinks=always follows it)"))
-                        continue
-                else:
-                    target = e.stat(follow_symlinks=False)
-            except OSError as err:
-                skipped.append((e.path, f"cannot stat: {err.strerror or err}"))
-                continue
-            if stat.S_ISDIR(target.st_mode):
-                key = (target.st_dev, target.st_ino)
-                if key in walked:
-                    skipped.append((e.path, "link loop or a folder already walked under another path"))
+            if stat.S_ISREG(target.st_mode):
+                found.append(Path(link))
+            elif stat.S_ISDIR(target.st_mode):
+                if (target.st_dev, target.st_ino) in walked:
+                    skipped.append((link, "link loop or a folder already walked under another path"))
                     continue
-                walked.add(key)
-                subfolders.append(e.path)
-            elif stat.S_ISREG(target.st_mode):
-                found.append(Path(e.path))
-                if len(found) > max_files:
-                    raise UserError(f"source '{root}' holds more than max_files={max_files} files",
-                                    fix="ingest its subfolders one by one, or raise max_files")
-        stack.extend(reversed(subfolders))
+                walked.add((target.st_dev, target.st_ino))
+                folders.append(link)
+        else:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                skipped.append((folder, f"cannot list: {e.strerror or e}"))
+                continue
+            subfolders = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if e.is_symlink():
+                        links.append(e.path)
+                        continue
+                    info = e.stat(follow_symlinks=False)
+                except OSError as err:
+                    skipped.append((e.path, f"cannot stat: {err.strerror or err}"))
+                    continue
+                if stat.S_ISDIR(info.st_mode) and (info.st_dev, info.st_ino) not in walked:
+                    walked.add((info.st_dev, info.st_ino))
+                    subfolders.append(e.path)
+                elif stat.S_ISREG(info.st_mode):
+                    found.append(Path(e.path))
+            folders.extend(reversed(subfolders))
+        if len(found) > max_files:
+            raise UserError(f"source '{root}' holds more than max_files={max_files} files",
+                            fix="ingest its subfolders one by one, or raise max_files")
     return found, skipped
+
+
+def _follow(link: str, follow: str, root_real: str, skipped: list[tuple[str, str]]) -> os.stat_result | None:
+    """The ``stat`` of what a link leads to, or None (recorded in ``skipped``) when it is not followed."""
+    if follow == "never":
+        skipped.append((link, "symbolic link (follow_symlinks=never)"))
+        return None
+    try:
+        target = os.stat(link)  # follows the link; ELOOP for a loop of links
+    except OSError as err:
+        skipped.append((link, f"broken link or link loop ({err.strerror or err})"))
+        return None
+    real = os.path.realpath(link)
+    if follow == "inside" and not _inside(real, root_real):
+        skipped.append((link, f"link to '{real}' outside the source folder (follow_symlinks=always follows it)"))
+        return None
+    return target
 
 
 def _glob(pattern: str, follow: str, max_files: int) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -382,7 +403,7 @@ def decode(data: bytes, checks: dict[str, Any], max_short_side: int | None,
     if fmt == "gif":
         raise Rejected("unsupported", "GIF is not supported (convert it to PNG)")
     max_pixels, min_side = checks["max_pixels"], checks["min_side"]
-    with _as_rejection(fmt):
+    with _as_rejection(fmt, checks.get("decode_memory_mb")):
         if fmt == "tiff":
             return fmt, _decode_tiff(data, checks)
         if fmt == "png" and len(data) >= 26 and data[24] == 16 and data[25] in (2, 6):
@@ -406,8 +427,9 @@ class _as_rejection:
     OSError, ValueError, struct.error, TiffFileError, zlib.error, ...; a bad file must be reported, never crash
     the run), and running out of the decoder's memory cap into a ``memory`` rejection."""
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, memory_mb: int | None = None):
         self.fmt = fmt
+        self.memory_mb = memory_mb
 
     def __enter__(self) -> None:
         return None
@@ -416,8 +438,8 @@ class _as_rejection:
         if e is None or isinstance(e, Rejected) or not isinstance(e, Exception):
             return False
         if isinstance(e, MemoryError) or (isinstance(e, cv2.error) and "alloc" in str(e).lower()):
-            raise Rejected("memory", f"decoding needs more memory than the decoder may use "
-                           f"(checks.decode_memory_mb): {_short(e)}") from None
+            raise Rejected("memory", f"decoding needs more memory than checks.decode_memory_mb={self.memory_mb} "
+                           f"MiB allows: {_short(e)}") from None
         raise Rejected("corrupt", f"truncated or corrupt {self.fmt.upper()}: {_short(e)}") from None
 
 
@@ -536,7 +558,7 @@ def _decode_tiff(data: bytes, checks: dict[str, Any]) -> Iterator[Decoded]:
     except BaseException:
         tf.close()
         raise
-    return _tiff_slices(tf, take, dropped)
+    return _tiff_slices(tf, take, dropped, checks.get("decode_memory_mb"))
 
 
 def _plan_tiff(tf: Any, checks: dict[str, Any]) -> tuple[list[tuple[int, tuple[int, ...]]], dict[str, Any] | None]:
@@ -569,9 +591,9 @@ def _plan_tiff(tf: Any, checks: dict[str, Any]) -> tuple[list[tuple[int, tuple[i
     return take, dropped
 
 
-def _tiff_slices(tf: Any, take: list[tuple[int, tuple[int, ...]]], dropped: dict[str, Any] | None
-                 ) -> Iterator[Decoded]:
-    with tf, _as_rejection("tiff"):
+def _tiff_slices(tf: Any, take: list[tuple[int, tuple[int, ...]]], dropped: dict[str, Any] | None,
+                 memory_mb: int | None) -> Iterator[Decoded]:
+    with tf, _as_rejection("tiff", memory_mb):
         stack = len(take) > 1 or dropped is not None
         for n, (i, shape) in enumerate(take):
             h, w = _tiff_hw(shape)
@@ -700,10 +722,11 @@ def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
         Rejected: if the file is not a usable image.
     """
     norm, checks = cfg["normalize"], cfg["checks"]
-    fmt, images = decode(data, checks, norm["max_short_side"], norm["store"])
+    with _as_rejection("file", checks.get("decode_memory_mb")):
+        fmt, images = decode(data, checks, norm["max_short_side"], norm["store"])
     ext = stored_ext(fmt, norm["store"])
     out = []
-    with _as_rejection(fmt):
+    with _as_rejection(fmt, checks.get("decode_memory_mb")):
         for img in images:
             arr8, scale = to_uint8(img.array, norm["low_percentile"], norm["high_percentile"])
             if img.passthrough:  # only set for a JPEG stored as .jpg, unrotated and needing no resize
