@@ -279,3 +279,54 @@ def test_bombs_in_labeled_data_fail_with_one_line_before_decoding(tmp_path: Path
     Image.fromarray(np.full((30, 20), 3, np.uint8)).save(buf, "PNG")
     (tmp_path / "m.png").write_bytes(buf.getvalue())
     assert read_mask(tmp_path / "m.png").shape == (30, 20)
+
+
+def labeled_folder(root: Path, image: np.ndarray, mask: np.ndarray, orientation: int) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    exif_jpeg(root / "images" / "frame.jpg", image, orientation)
+    Image.fromarray(mask).save(root / "masks" / "frame.png")
+    (root / "classes.json").write_text(json.dumps({"classes": [{"id": 0, "name": "background"},
+                                                               {"id": 1, "name": "rocket"}]}))
+    return root
+
+
+def test_an_exif_rotated_labeled_jpeg_meets_its_upright_mask(tmp_path: Path) -> None:
+    from finetune.config import SourceSpec
+    from finetune.data.remap import make_targets
+    from finetune.data.sources import open_source
+
+    targets = make_targets([{"id": 0, "name": "background"}, {"id": 1, "name": "rocket"}])
+    rocket = cv2.cvtColor(cv2.imread(str(SK / "rocket.jpg")), cv2.COLOR_BGR2RGB)  # stored landscape (427, 640)
+    upright = cv2.rotate(rocket, cv2.ROTATE_90_CLOCKWISE)  # what viewers and labeling tools show (640, 427)
+    mask = (cv2.cvtColor(upright, cv2.COLOR_RGB2GRAY) > 128).astype(np.uint8)  # labels drawn on the upright view
+    d = labeled_folder(tmp_path / "ok", rocket, mask, orientation=6)
+    src = open_source(SourceSpec(path=d), "real", targets, "eval")
+    img, target = src.load(src.val[0])
+    assert img.shape == (640, 427, 3) and target.shape == (640, 427)
+    # aligned: the mask's foreground is where the loaded image is bright (up to JPEG noise at the threshold)
+    agree = np.mean((cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) > 128) == (target == 1))
+    assert agree > 0.97
+    # a mask drawn on the stored (sideways) pixels is refused before training, naming the rule
+    sideways = (cv2.cvtColor(rocket, cv2.COLOR_RGB2GRAY) > 128).astype(np.uint8)
+    bad = labeled_folder(tmp_path / "bad", rocket, sideways, orientation=6)
+    with pytest.raises(UserError) as e:
+        open_source(SourceSpec(path=bad), "real", targets, "eval")
+    assert "is 427x640 but its mask" in e.value.message and "EXIF orientation" in (e.value.fix or "")
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    ({"labels": []}, "'classes' is missing, not a list"),
+    ({"classes": {"0": "background"}}, "'classes' is dict, not a list"),
+    ({"classes": [{"id": "zero", "name": "background"}]}, "classes[0].id='zero' is not a mask value"),
+    ({"classes": [{"id": 0, "label": "background"}]}, "classes[0]={'id': 0, 'label': 'background'} is not"),
+    ({"classes": [{"id": 0, "name": "background"}], "ignore_index": "none"}, "ignore_index='none' is not"),
+])
+def test_a_classes_json_of_the_wrong_shape_is_one_line(tmp_path: Path, table: dict, says: str) -> None:
+    from finetune.config import SourceSpec
+    from finetune.data.sources import real_class_table
+
+    (tmp_path / "classes.json").write_text(json.dumps(table))
+    with pytest.raises(UserError) as e:
+        real_class_table(SourceSpec(path=tmp_path), tmp_path, None)
+    assert says in e.value.message and f"'{tmp_path / 'classes.json'}' must hold" in e.value.message
