@@ -15,6 +15,7 @@ that prints to stdout cannot corrupt it); each message is an 8-byte big-endian l
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import select
@@ -58,13 +59,21 @@ def _child_env() -> dict[str, str]:
 class DecoderProcess:
     """One decoder child, started on first use and again after it died or was killed.
 
+    The child runs named functions (``"module:function"``), so that this module depends on no decoder: the
+    ingest core passes its own.
+
     Args:
-        cfg: ``IngestConfig.model_dump()``: its ``checks`` give the timeout and the memory cap, its
-            ``decode.plugins`` the modules the child imports.
+        cfg: ``IngestConfig.model_dump()``: its ``checks`` give the timeout and the memory cap, and it is passed
+            to ``setup`` and ``handler``.
+        handler: ``handler(request, cfg)`` answers one request in the child.
+        setup: ``setup(cfg)`` runs once in the child before the memory cap is set (imports, plugins).
     """
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], handler: str = "pretrain.ingest:handle_file",
+                 setup: str = "pretrain.ingest:setup_decoder"):
         self.cfg = cfg
+        self.handler = handler
+        self.setup = setup
         self.timeout_s = float(cfg["checks"]["decode_timeout_s"])
         self.proc: subprocess.Popen[bytes] | None = None
         self._answers: BinaryIO | None = None
@@ -89,7 +98,7 @@ class DecoderProcess:
             os.close(w)
         self._answers = os.fdopen(r, "rb", buffering=0)
         self.started += 1
-        self._send(self.cfg)
+        self._send({"cfg": self.cfg, "handler": self.handler, "setup": self.setup})
         status = self._receive(self.timeout_s + 60.0)  # start-up: imports and plugins
         if status != "ready":
             raise RuntimeError(f"decoder process failed to start: {status}")
@@ -101,11 +110,13 @@ class DecoderProcess:
             DecoderDied: ``timeout`` (killed after ``checks.decode_timeout_s``) or ``crashed`` (the child died);
                 the next call starts a fresh child.
         """
+        if self.proc is not None and self.proc.poll() is not None:
+            self._reset()  # died between files (killed from outside): not this file's doing
         if self.proc is None:
             self._start()
         try:
             self._send(request)
-        except (BrokenPipeError, OSError):
+        except OSError:
             raise self._died("before it was handed the file") from None
         return self._receive(self.timeout_s)
 
@@ -239,28 +250,30 @@ def _write_message(fd: int, obj: Any) -> None:
         view = view[os.write(fd, view):]
 
 
+def _named(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def main(fd: int) -> None:
-    """The child: read the config, import plugins, cap memory, then answer one request per file until EOF."""
+    """The child: read its start message, run the setup, cap memory, then answer one request per file until EOF."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the driver's to handle
     stdin = sys.stdin.buffer
-    cfg = _read_message(stdin)
-    if cfg is None:
+    start = _read_message(stdin)
+    if start is None:
         return
-    from pretrain import ingest
-
+    cfg = start["cfg"]
     try:
-        ingest.load_plugins(cfg["decode"]["plugins"])
+        handler = _named(start["handler"])
+        _named(start["setup"])(cfg)
     except Exception as e:  # reported by the parent as a failed start (a config error)
-        _write_message(fd, f"plugin import failed: {type(e).__name__}: {e}")
+        _write_message(fd, f"set-up failed: {type(e).__name__}: {e}")
         return
-    import cv2
-
-    cv2.setNumThreads(1)
     _cap_memory(cfg["checks"]["decode_memory_mb"])
     _write_message(fd, "ready")
     while (request := _read_message(stdin)) is not None:
-        _write_message(fd, ingest.handle_file(request, cfg))
+        _write_message(fd, handler(request, cfg))
 
 
 if __name__ == "__main__":

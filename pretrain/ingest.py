@@ -774,6 +774,12 @@ def handle_file(request: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, ...]
     return ("ok", [(s.data, s.ext, s.record) for s in stored])
 
 
+def setup_decoder(cfg: dict[str, Any]) -> None:
+    """A decoder process's start-up (:class:`pretrain.decoder.DecoderProcess`): plugins, one OpenCV thread."""
+    load_plugins(cfg["decode"]["plugins"])
+    cv2.setNumThreads(1)  # one decode at a time per process; a thread pool would only reserve memory
+
+
 class _InProcess:
     """``decode.isolate=false``: files are handled in the calling process (no timeout, no memory cap)."""
 
