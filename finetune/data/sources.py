@@ -100,6 +100,8 @@ def read_instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
     Raises:
         UserError: unreadable, or another size than the image.
     """
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             arr = np.array(im)
