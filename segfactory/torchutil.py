@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -127,9 +128,9 @@ class LossGuard:
         if len(self.skipped) >= self.max_bad_steps:
             skipped = f" after skipping {len(self.skipped)} bad step(s) ({self.setting}={self.max_bad_steps})" \
                 if self.skipped else ""
-            raise UserError(f"the training loss became {value} at step {step + 1}{skipped}; the run stopped before "
-                            "saving anything of that step (the last checkpoint is intact)",
-                            fix=f"{self.fix}, then --resume; or set {self.setting}=N to skip up to N such steps")
+            raise UserError(f"the training loss became {value} at step {step + 1}{skipped}; the run stopped and "
+                            "nothing of that step was applied or saved",
+                            fix=f"{self.fix}; or set {self.setting}=N to skip up to N such steps")
         self.skipped.append(step + 1)
         from segfactory.console import console
 
@@ -184,7 +185,8 @@ def memory_hint(what: str, lower: str) -> Iterator[None]:
         if not is_out_of_memory(e):
             raise
         where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e) else "host"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", str(e))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        raise UserError(f"{what} ran out of {where} memory ({first[:160]})", fix=f"lower {lower}") from None
+        raise UserError(f"{what} ran out of {where} memory" + (f" allocating {size[1]}" if size else ""),
+                        fix=f"lower {lower}") from None
