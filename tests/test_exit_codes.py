@@ -211,8 +211,8 @@ def test_nan_loss_stops_fine_tuning_before_anything_of_it_is_written(tiny_datase
     from segfactory.cli import main
 
     out = tmp_path / "run"
-    # A learning rate that blows the weights up within a few steps; with every=1 each step would checkpoint and
-    # checkpoint, so infinite weights are caught at the checkpoint before the loss is NaN.
+    # A learning rate that blows the weights up within a few steps; with every=1 each step would write a
+    # checkpoint, so infinite weights are caught there before the loss itself is NaN.
     rc = main(["finetune", str(TINY), "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "50",
                "train.lr=1e12", "train.grad_clip=null", f"train.checkpoint_every={every}", "train.val_every=1000"])
     err = capsys.readouterr().err
