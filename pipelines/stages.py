@@ -133,7 +133,8 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
             (listed with its log); a re-run resumes at that stage.
     """
     results: dict[str, dict[str, Any]] = {}
-    with open_client(cluster, performance_report=performance_report) as client:
+    shared = next(iter(commands.values()))[0].parent if commands else None  # ROOT/stages
+    with open_client(cluster, performance_report=performance_report, shared_dir=shared) as client:
         resources = training_resources(client, cluster)
         console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
         with progress() as bar:
