@@ -372,7 +372,7 @@ class Trainer:
                           "applies to real validation mIoU only)")
         saved = start  # the step of the newest checkpoint
         interrupt = DeferredInterrupt(lambda sig: console.print(
-            f"{sig}: stopping after this step with a checkpoint (a second signal stops at once, without one)"))
+            f"{sig}: stopping after this step with a checkpoint (a second Ctrl-C stops at once, without one)"))
         lower = (f"train.batch_size ({t.batch_size}), augment.crop_size ({cfg.augment.crop_size}) or, for "
                  f"validation, predict.tile ({cfg.predict.tile}) and predict.batch_size ({cfg.predict.batch_size})")
         with progress(transient=not self.show_progress) as bar, interrupt, memory_hint("fine-tuning", lower):

@@ -231,7 +231,8 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
     try:
         _announce(client, cfg)
         if shared_dir is not None and cfg.backend != "local":  # LocalCluster workers share this machine's files
-            check_shared_dir(client, Path(shared_dir), min(cfg.connect_timeout_s, 60.0))
+            # Adaptive clusters start workers only for tasks: wait for one only where the config keeps some.
+            check_shared_dir(client, Path(shared_dir), min(cfg.connect_timeout_s, 60.0) if _keeps_workers(cfg) else 0)
         if performance_report is None:
             yield client
         else:
@@ -349,6 +350,11 @@ def _announce(client: Any, cfg: ClusterConfig) -> None:
                   + (f", dashboard {link}" if link else ""), soft_wrap=True)
 
 
+def _keeps_workers(cfg: ClusterConfig) -> bool:
+    return (cfg.backend == "address" or (cfg.backend == "slurm" and cfg.slurm.minimum_jobs > 0)
+            or (cfg.backend == "kubernetes" and cfg.kubernetes.n_workers > 0))
+
+
 def check_volume_covers(k: KubernetesSettings, path: Path) -> None:
     """The output directory is on a volume the worker pods mount (Kubernetes).
 
@@ -388,8 +394,8 @@ def check_shared_dir(client: Any, path: Path, wait_s: float) -> None:
         while not client.scheduler_info().get("workers") and time.monotonic() < deadline:
             time.sleep(0.5)
         if not client.scheduler_info().get("workers"):
-            console.print(f"note: no Dask worker within {wait_s:g}s to check that workers see '{path}'",
-                          soft_wrap=True)
+            console.print(f"note: no Dask worker yet to check that workers see '{path}' (they must: a shared "
+                          "filesystem at the same path)", soft_wrap=True)
             return
         seen: dict[str, str | None] = client.run(_probe_shared_dir, str(token), content)
     finally:

@@ -23,7 +23,7 @@ from pipelines.cluster import ClusterConfig, open_client, training_resources
 from pipelines.render import RenderStep
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
-from segfactory.errors import EXIT_USER, PartialFailure, UserError
+from segfactory.errors import EXIT_USER, STAGE_LOG_ENV, PartialFailure, UserError
 from segfactory.io import atomic_write_json, canonical_hash
 from synth.shard import RENDER_PACKAGES
 
@@ -105,7 +105,7 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
     t0 = time.perf_counter()
     try:
         run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
-                   env={**os.environ, PROGRESS_LINES_ENV: "1"})
+                   env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)})
     except SubprocessFailed as e:
         if e.returncode == EXIT_USER and e.error:  # the same config fails the same way: no retry, exit 2
             return {"skipped": False, "user_error": e.error, "fix": e.fix}

@@ -299,7 +299,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     try:
         guard = LossGuard(tr.max_bad_steps, "train.max_bad_steps", DIVERGED_FIX)
         interrupt = DeferredInterrupt(lambda sig: console.print(
-            f"{sig}: stopping after this step with a checkpoint (a second signal stops at once, without one)"))
+            f"{sig}: stopping after this step with a checkpoint (a second Ctrl-C stops at once, without one)"))
         lower = f"train.batch_size ({tr.batch_size}; train.accumulate keeps the effective batch) or the crop sizes"
         with progress() as bar, interrupt, memory_hint("pretraining", lower):
             task = bar.add_task("pretrain", total=total, completed=start)

@@ -348,3 +348,60 @@ def test_failed_stage_is_exit_2_only_for_its_own_user_error(tiny_dataset: Path, 
     assert "stage finetune failed after 1 retry" in f.value.message
     assert list(f.value.failures) == ["finetune"] and "SubprocessTimeout" in f.value.failures["finetune"]
     assert not (stages / "finetune-x" / STAGE_FILE).exists()
+
+
+DRIVER = '''
+import sys
+from pathlib import Path
+
+from pipelines.cluster import ClusterConfig
+from pipelines.stages import run_stage_tasks
+from segfactory.errors import sigterm_interrupts
+
+
+def main() -> int:
+    root, dataset = Path(sys.argv[1]), sys.argv[2]
+    argv = ["finetune", sys.argv[3], "--synthetic", dataset, "--steps", "5000", "train.log_every=2",
+            "train.val_every=100000", "train.checkpoint_every=100000", "--out", "{OUT}"]
+    try:
+        with sigterm_interrupts():
+            run_stage_tasks(ClusterConfig(workers=1, dashboard=False), 600, 0,
+                            {"finetune": (root / "stages" / "finetune-x", argv)}, root / "report.html")
+    except KeyboardInterrupt as e:
+        print("driver interrupted by", e, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_pipeline_driver_leaves_its_training_stage_a_clean_checkpoint(tiny_dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The stage process outlives its Dask worker by a step: it gets SIGTERM (not SIGKILL) when the worker dies,
+    finishes the step, writes its checkpoint and its last lines into the stage log, and exits 130."""
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    log = tmp_path / "driver.log"
+    out = open(log, "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(tiny_dataset), str(TINY)], cwd=REPO,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    stage = tmp_path / "stages" / "finetune-x"
+    metrics = stage / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc, log, "4 steps")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_INTERRUPTED, log.read_text()
+    assert "driver interrupted by SIGTERM" in log.read_text()
+    stage_log = tmp_path / "stages" / "finetune-x.log"
+    deadline = time.monotonic() + 120
+    while "interrupted by SIGTERM" not in stage_log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    text = stage_log.read_text(errors="replace")
+    assert "interrupted by SIGTERM; finished work is kept" in text, text[-2000:]
+    step = int(text.split("checkpoint at step ")[1].split()[0])
+    assert torch.load(stage / "checkpoint.pt", weights_only=False, map_location="cpu")["step"] == step >= 4
+    assert not (stage / "stage.json").exists()  # never counted as done
