@@ -87,7 +87,7 @@ def test_exit_2_user_error_in_one_line_nothing_done(tmp_path: Path) -> None:
     assert afile.read_text() == "not a directory\n" and sorted(p.name for p in tmp_path.iterdir()) == ["root.txt"]
     # ... and under a file, for another command
     r = segfactory("run", CONFIGS / "quickstart.yaml", "--out", afile / "run")
-    assert r.returncode == EXIT_USER and f"is under '{afile}', which is a file" in r.stderr
+    assert r.returncode == EXIT_USER and f"run' is not writable: '{afile}' is a file, not a directory" in r.stderr
     # a config mistake names the field
     r = segfactory("refresh", CONFIGS / "refresh.yaml", "--root", tmp_path / "r", "render.dataset.scenez=3")
     assert r.returncode == EXIT_USER and "scenez" in r.stderr and "Traceback" not in r.stderr

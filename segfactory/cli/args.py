@@ -27,19 +27,21 @@ def out_dir(flag: str) -> Callable[[str], OutDir]:
 
 
 def check_out_dirs(args: argparse.Namespace) -> None:
-    """Every :class:`OutDir` argument is a directory or can become one: neither it nor a parent is a file.
+    """Every :class:`OutDir` argument is a directory or can become one: neither it nor a parent is a file. Each
+    becomes a plain ``str`` in ``args``.
 
     Raises:
         UserError: naming the flag, the path and what is in the way.
     """
-    for value in vars(args).values():
+    for key, value in list(vars(args).items()):
         if not isinstance(value, OutDir):
             continue
+        setattr(args, key, str(value))  # a plain str from here on (saved with the run's arguments)
         path = Path(value).expanduser()
         for p in (path, *path.parents):
             if p.exists() or p.is_symlink():
                 if not p.is_dir():
-                    what = "is a file" if p == path else f"is under '{p}', which is a file"
+                    what = "is a file" if p == path else f"is not writable: '{p}' is a file"
                     raise UserError(f"{value.flag} '{value}' {what}, not a directory",
                                     fix=f"point {value.flag} at a directory (it is created if missing)")
                 break
