@@ -104,7 +104,6 @@ def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out / "model"
 
 
-@pytest.mark.slow
 def test_exit_3_some_units_failed_and_are_listed(tiny_model: Path, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
