@@ -103,6 +103,9 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
     syn_med = robust_median(syn, 2.0)
     report: dict[str, Any] = {"scale": start, "synthetic_median_px": syn_med, "synthetic_objects": len(syn),
                               "train_zoom": round(train_zoom, 4), "passes": [], "ok": False}
+    if syn_med is None:  # say whether there were objects at all, or only ones cut by the frame border
+        report["synthetic_border_objects"] = sum(len(component_sizes(m, thing_ids, border=True))
+                                                 for m in synthetic_masks)
     if syn_med is None:
         return report
     target = syn_med * train_zoom

@@ -289,8 +289,14 @@ class SelfTraining:
         report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids, train_zoom=zoom)
         model.train(was)
         if not report["ok"]:
-            raise UserError("input.scale=auto: no objects of the thing classes "
-                            f"({', '.join(map(str, self.thing_ids)) or 'none'}) were found "
+            things = ", ".join(map(str, self.thing_ids)) or "none"
+            cut = report.get("synthetic_border_objects", 0)
+            if report["synthetic_median_px"] is None and cut:
+                raise UserError(f"input.scale=auto: all {cut} objects of the thing classes ({things}) in the "
+                                "synthetic labels touch the frame border, so their size is unknown",
+                                fix="render at a higher resolution (render.resolution) or set input.scale to "
+                                    "a number")
+            raise UserError(f"input.scale=auto: no objects of the thing classes ({things}) were found "
                             + ("in the synthetic labels" if report["synthetic_median_px"] is None
                                else "in the model's predictions on the unlabeled images"),
                             fix="set input.scale to a number (the ratio of object sizes, real to rendered, "

@@ -95,6 +95,20 @@ def check_normalization_unchanged(out: Path, cfg: IngestConfig) -> None:
                         fix=f"re-run with normalize.{k}={prev.get(k)!r}, or ingest into a new --out")
 
 
+def check_plugins(modules: list[str]) -> None:
+    """Fail before the cluster starts when a ``decode.plugins`` module cannot be found."""
+    import importlib.util
+
+    for i, name in enumerate(modules):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise UserError(f"decode.plugins[{i}]={name!r} is not an importable module",
+                            fix="install the package that provides it, or remove it from decode.plugins")
+
+
 def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str, Any]:
     """Ingest (or incrementally extend) an image folder into ``out_dir``.
 
@@ -125,14 +139,23 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
     leftovers = store.clean_uncommitted(out)
     if leftovers:
         console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
-    files = core.discover(src, cfg.extensions, cfg.follow_symlinks)
-    known, known_shas, last_run = store.known_files(out)
+    check_plugins(cfg.decode.plugins)
+    found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files)
+    files = found.files
+    if found.skipped_links:
+        path, why = found.skipped_links[0]
+        console.print(f"[yellow]skipped {len(found.skipped_links)} link(s) or folder(s) of the source, e.g. "
+                      f"'{path}': {why}[/]")
+    checks = cfg.checks.model_dump(mode="json")
+    known, known_shas, last_run = store.known_files(out, lambda rec: core.needs_reexamination(rec, checks))
     new = [f for f in files if f.key not in known]
     stage = cfg.stage_config()
     save_resolved(stage, out / CONFIG_FILE)
-    console.print(f"{len(files)} file(s) in source, {len(files) - len(new)} already ingested, {len(new)} new")
+    console.print(f"{len(files)} file(s) in source, {len(files) - len(new)} already handled, {len(new)} new or "
+                  "re-examined")
     summary: dict[str, Any] = {"source": src, "out": str(out), "files_seen": len(files), "new_files": len(new),
-                               "new_images": 0, "new_rejected": 0, "rejected_kinds": {}, "failed_shards": {}}
+                               "new_images": 0, "new_rejected": 0, "rejected_kinds": {}, "failed_shards": {},
+                               "skipped_links": [{"path": p, "why": w} for p, w in found.skipped_links]}
     failures: dict[str, str] = {}
     if new:
         cfg_dict = stage.model_dump(mode="json")

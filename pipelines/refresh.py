@@ -5,20 +5,30 @@ Layout under the refresh root::
     ROOT/datasets/<render config hash>/   rendered datasets (one per look of the frames; shards content-addressed)
     ROOT/real/                            ingested real images (optional; only new files are ingested)
     ROOT/stages/<stage>-<key>/            pretrain/finetune/evaluate outputs when ``train.enabled`` (content-keyed)
-    ROOT/releases/<timestamp>.json        immutable release manifests (shard ids, checksums, hashes, drift)
+    ROOT/releases/<seq>-<timestamp>.json  immutable release manifests (sequence number, shard ids, checksums,
+                                          hashes, drift, model and promotion decision)
     ROOT/releases/latest                  symlink to the newest release, replaced atomically
     ROOT/.refresh.lock                    held (flock) while a refresh runs
 
 A refresh renders only shards that are missing (ids hash the config, seed range and code version), ingests
-only new raw images, retrains (``train.enabled``) only when the release's inputs changed (or always), publishes
-a release, then prunes releases beyond the last ``releases.keep`` together with the shards and models no kept
-release references.
+only new raw images, re-hashes every shard of the release against its manifest (a corrupt one is moved aside and
+rendered again), retrains (``train.enabled``) only when the release's inputs changed (or always), decides whether
+the new model is promoted (``train.promotion``), publishes a release, then prunes releases beyond the last
+``releases.keep`` together with the shards and models no kept release references.
+
+Releases are ordered by their ``sequence`` number (one more than the highest so far), never by wall-clock time:
+after a clock step back, the new release is still the newest. The release just published is never pruned.
+Pruning rewrites a dataset's ``dataset.json`` before any of its shards goes, and removes units by renaming them
+to trash first (:func:`segfactory.io.discard_unit`), so a kill mid-prune never leaves a half-deleted shard that
+looks committed; the next refresh empties the trash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -37,13 +47,24 @@ from pipelines.stages import HeldOutSet
 from pretrain.config import IngestConfig, PretrainConfig
 from segfactory.config import StrictModel, save_resolved
 from segfactory.console import console
-from segfactory.errors import UserError
-from segfactory.io import atomic_write_json, canonical_hash, read_json, remove_tree, sha256_file
+from segfactory.errors import PartialFailure, UserError
+from segfactory.io import (
+    atomic_write_json,
+    canonical_hash,
+    empty_trash,
+    move_aside,
+    move_to_trash,
+    read_json,
+    remove_tree,
+    sha256_file,
+)
 
 LOCK_FILE = ".refresh.lock"
 RELEASES_DIR = "releases"
 LATEST = "latest"
 INSTANCE_BINS = [0, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 2**62]  # instance area in pixels
+RELEASE_FORMAT_VERSION = 2  # 2: sequence numbers, promotion decisions
+FAULT_ENV = "SEGFACTORY_FAULT"
 
 
 class ReleaseSettings(StrictModel):
@@ -63,6 +84,13 @@ class RealImages(StrictModel):
         return [] if not self.src else [self.src] if isinstance(self.src, str) else list(self.src)
 
 
+class PromotionSettings(StrictModel):
+    """``train.promotion``: when a retrained model replaces the previous release's model."""
+
+    max_drop: float = Field(0.02, ge=0, description="largest drop of the held-out mIoU (absolute, 0..1) against "
+                            "the promoted model of the previous release that still promotes the new model")
+
+
 class RetrainSettings(StrictModel):
     """``train``: pretrain on the real images, fine-tune on the release's dataset, evaluate it."""
 
@@ -74,12 +102,23 @@ class RetrainSettings(StrictModel):
     test: HeldOutSet = Field(default_factory=HeldOutSet)
     timeout_s: float = Field(3600.0, gt=0, description="a training/evaluation process is killed after this long")
     retries: int = Field(1, ge=0, description="re-runs of a failed training/evaluation task")
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+
+
+class GrowthSettings(StrictModel):
+    """``growth``: how a scheduled refresh with an unchanged config still adds data."""
+
+    scenes_per_run: int = Field(0, ge=0, description="new scenes each refresh adds (fresh scene indices, so fresh "
+                                "seeds SeedSequence([seed, i])) on top of the previous release's; 0 = the dataset "
+                                "only grows when render.dataset.scenes does")
+    max_scenes: int | None = Field(None, ge=1, description="cap on the dataset's scenes (None = no cap)")
 
 
 class RefreshConfig(StrictModel):
     """``segfactory refresh`` config: what to render, what to ingest, whether to retrain, releases to keep."""
 
     render: RenderStep = Field(default_factory=RenderStep)
+    growth: GrowthSettings = Field(default_factory=GrowthSettings)
     real: RealImages = Field(default_factory=RealImages)
     train: RetrainSettings = Field(default_factory=RetrainSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
@@ -94,15 +133,29 @@ def refresh_lock(root: Path) -> Iterator[None]:
         yield
 
 
+def _release_order(path: Path) -> tuple[int, str]:
+    """Sort key of a release: its sequence number (releases from before sequence numbers: -1, then by name)."""
+    try:
+        seq = read_json(path).get("sequence")
+    except (OSError, ValueError):
+        seq = None
+    return (int(seq) if isinstance(seq, int) else -1, path.name)
+
+
 def list_releases(root: Path) -> list[Path]:
-    """Release manifests, oldest first (timestamps sort lexically)."""
+    """Release manifests, oldest first, by sequence number (never by their wall-clock names)."""
     d = root / RELEASES_DIR
-    return sorted(p for p in d.glob("*.json") if not p.name.startswith(".")) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.glob("*.json") if not p.name.startswith(".")), key=_release_order)
 
 
 def latest_release(root: Path) -> dict[str, Any] | None:
     link = root / RELEASES_DIR / LATEST
-    return read_json(link) if link.exists() else None
+    if link.exists():
+        return read_json(link)
+    releases = list_releases(root)
+    return read_json(releases[-1]) if releases else None
 
 
 def _point_latest(root: Path, release: Path) -> None:
@@ -113,12 +166,15 @@ def _point_latest(root: Path, release: Path) -> None:
     os.replace(tmp, root / RELEASES_DIR / LATEST)
 
 
-def _release_name(root: Path) -> str:
-    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    while (root / RELEASES_DIR / f"{name}.json").exists():  # two refreshes within a microsecond
-        time.sleep(0.001)
-        name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return name
+def _next_sequence(root: Path) -> int:
+    """One more than the highest sequence number of any release (1 for the first; releases from before sequence
+    numbers sort before every numbered one)."""
+    return max([_release_order(p)[0] for p in list_releases(root)] + [0]) + 1
+
+
+def _release_name(sequence: int) -> str:
+    """``<sequence, 6 digits>-<UTC time>``: the sequence orders releases; the time is for people."""
+    return f"{sequence:06d}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}"
 
 
 def release_stats(dataset: Path, shard_ids: list[str], num_classes: int) -> dict[str, Any]:
@@ -161,32 +217,31 @@ def drift(prev: dict[str, Any] | None, now: dict[str, Any], classes: list[dict[s
 
 
 def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report: str | None = None) -> dict[str, Any]:
-    """One refresh: render missing shards, ingest new images, publish a release, prune old ones.
+    """One refresh: render missing shards, ingest new images, verify, retrain, publish a release, prune old ones.
 
     Returns:
         The release manifest that was published.
 
     Raises:
         UserError: bad config, or another refresh holds the lock (exit code EXIT_BUSY).
-        PartialFailure: some shards/images failed; no release is published, a re-run continues.
+        PartialFailure: some shards/images failed (or stayed corrupt); no release is published, a re-run continues.
     """
-    from pipelines.render import dataset_plan, resolve_render_config, run_render
-    from segfactory.formats.dataset import MANIFEST_FILE, shard_dir
+    from pipelines.render import resolve_render_config
     from synth.shard import render_code_version
 
     root = Path(root).resolve()
     with refresh_lock(root):
         t0 = time.perf_counter()
         render_cfg, config_hash = resolve_render_config(cfg.render)
+        prev = latest_release(root)
+        scenes_before, scenes = grown_scenes(cfg, render_cfg, config_hash, prev)
+        render_cfg = render_cfg.model_copy(update={"dataset": render_cfg.dataset.model_copy(update={"scenes": scenes})})
         dataset = root / "datasets" / config_hash
-        name = _release_name(root)
+        sequence = _next_sequence(root)
+        name = _release_name(sequence)
         report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
-        summary = run_render(render_cfg, dataset, cfg.cluster, performance_report=report)
+        summary, shards = _render_verified(cfg, render_cfg, dataset, report)
         meta = read_json(dataset / "dataset.json")
-        plans = dataset_plan(render_cfg, config_hash, meta["family"])
-        shards = [{"id": p.shard_id, "manifest_sha256": sha256_file(shard_dir(dataset, p.shard_id) / MANIFEST_FILE),
-                   "frames": read_json(shard_dir(dataset, p.shard_id) / MANIFEST_FILE)["num_frames"]}
-                  for p in plans]
         real = None
         if cfg.real.sources():
             from pipelines.ingest import IngestJob, ingest_sources
@@ -195,30 +250,159 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
             s = ingest_sources(cfg.real.sources(), root / "real", ingest_cfg)
             real = {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"],
                     "new_images": s["new_images"], "config_hash": s["config_hash"]}
-        prev = latest_release(root)
         stats = release_stats(dataset, [s["id"] for s in shards], len(meta["classes"]))
         release = {
-            "format": "segfactory-release", "format_version": 1, "release": name,
+            "format": "segfactory-release", "format_version": RELEASE_FORMAT_VERSION, "release": name,
+            "sequence": sequence,
             "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": segfactory.code_version(),
             "render": {"dataset": f"datasets/{config_hash}", "config_hash": config_hash,
                        "code_version": render_code_version(),
                        "seed": render_cfg.dataset.seed, "scenes": render_cfg.dataset.scenes,
-                       "shards_rendered": summary["shards_rendered"]},
+                       "shards_rendered": summary["shards_rendered"], "shards_repaired": summary["shards_repaired"]},
+            "growth": {"scenes_before": scenes_before, "scenes": scenes, "scenes_added": max(0, scenes - scenes_before),
+                       **shard_changes(prev, shards)},
             "shards": shards, "num_frames": sum(s["frames"] for s in shards), "real": real,
             "inputs_changed": prev is None or [s["id"] for s in prev["shards"]] != [s["id"] for s in shards]
                               or (prev.get("real") or {}).get("data_hash") != (real or {}).get("data_hash"),
             "stats": stats, "drift": drift(prev, stats, meta["classes"]),
         }
+        if prev is not None:
+            release["drift"] |= {k: len(v) for k, v in shard_changes(prev, shards).items()}
         if cfg.train.enabled:
-            release["model"] = retrain(cfg, root, render_cfg, config_hash, shards, real, name)
+            model = retrain(cfg, root, render_cfg, config_hash, shards, real, name)
+            release["model"], release["promoted_model"] = promote(root, model, prev, cfg.train.promotion, name)
         path = root / RELEASES_DIR / f"{name}.json"
         save_resolved(cfg, root / RELEASES_DIR / f".{name}.config.yaml")
         atomic_write_json(path, release)
         path.chmod(0o444)  # a published release is immutable
         _point_latest(root, path)
-        pruned = prune(root, cfg.releases.keep)
+        pruned = prune(root, cfg.releases.keep, protect=path)
         release_summary(release, pruned, time.perf_counter() - t0)
         return release
+
+
+def grown_scenes(cfg: RefreshConfig, render_cfg: RenderStep, config_hash: str,
+                 prev: dict[str, Any] | None) -> tuple[int, int]:
+    """The scenes of this refresh's dataset under ``growth``: ``scenes_per_run`` more than the previous release's
+    (when it rendered the same look and seed), at least ``render.dataset.scenes``, at most ``growth.max_scenes``.
+
+    Returns:
+        ``(scenes of the previous release of this dataset (0 if none), scenes now)``.
+    """
+    d = render_cfg.dataset
+    before = 0
+    if prev is not None and prev["render"].get("config_hash") == config_hash and prev["render"].get("seed") == d.seed:
+        before = int(prev["render"]["scenes"])
+    scenes = max(d.scenes, before + cfg.growth.scenes_per_run) if before else d.scenes
+    if cfg.growth.max_scenes is not None:
+        scenes = min(scenes, max(cfg.growth.max_scenes, 1))
+    return before, scenes
+
+
+def shard_changes(prev: dict[str, Any] | None, shards: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Shards this release adds and retires against the previous release (``shards_added``, ``shards_retired``)."""
+    old = [s["id"] for s in prev["shards"]] if prev is not None else []
+    now = [s["id"] for s in shards]
+    return {"shards_added": [s for s in now if s not in old], "shards_retired": [s for s in old if s not in now]}
+
+
+def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path,
+                     report: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Render the release's missing shards, then re-hash every file of every shard against its manifest; a
+    corrupt or incomplete shard is moved aside and rendered again (once).
+
+    Returns:
+        The render summary (plus ``shards_repaired``) and the release's shard records.
+
+    Raises:
+        PartialFailure: shards still corrupt after rendering them again.
+    """
+    from pipelines.render import dataset_plan, run_render
+    from segfactory.formats.dataset import MANIFEST_FILE, shard_dir, verify_shard
+
+    summary = run_render(render_cfg, dataset, cfg.cluster, performance_report=report)
+    plans = dataset_plan(render_cfg, read_json(dataset / "dataset.json")["config_hash"],
+                         read_json(dataset / "dataset.json")["family"])
+    repaired = 0
+    for attempt in range(2):
+        bad = {p.shard_id: problems for p in plans if (problems := verify_shard(dataset, p.shard_id))}
+        if not bad:
+            break
+        for sid, problems in bad.items():
+            console.print(f"[red]shard {sid} is corrupt:[/] {'; '.join(problems[:3])}", soft_wrap=True)
+            if attempt == 0:
+                move_aside(shard_dir(dataset, sid))
+        if attempt == 1:
+            raise PartialFailure(f"{len(bad)} shard(s) are still corrupt after rendering them again; nothing was "
+                                 "published (check the disk)", {sid: "; ".join(p) for sid, p in bad.items()})
+        repaired = len(bad)
+        again = run_render(render_cfg, dataset, cfg.cluster, performance_report=report)
+        summary = {**summary, "shards_rendered": summary["shards_rendered"] + again["shards_rendered"]}
+    shards = []
+    for p in plans:
+        manifest = shard_dir(dataset, p.shard_id) / MANIFEST_FILE
+        shards.append({"id": p.shard_id, "manifest_sha256": sha256_file(manifest),
+                       "frames": read_json(manifest)["num_frames"]})
+    return {**summary, "shards_repaired": repaired}, shards
+
+
+def model_is_finite(model_dir: Path) -> bool:
+    """Whether every floating-point weight of a model dir's ``model.safetensors`` is finite (no NaN or inf)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from segfactory.formats.model import WEIGHTS_FILE
+
+    weights = load_file(str(model_dir / WEIGHTS_FILE))
+    return all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
+
+
+def promote(root: Path, model: dict[str, Any], prev: dict[str, Any] | None, settings: PromotionSettings,
+            release: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Decide whether the retrained ``model`` replaces the previous release's promoted model.
+
+    It is refused when its weights or its score are not finite (a NaN model is never promoted), or when its
+    held-out mIoU is more than ``settings.max_drop`` below the previous promoted model's. The decision and its
+    reason are recorded in the candidate (``promotion``).
+
+    Args:
+        root: The refresh root (model paths are relative to it).
+        model: The retrained model's record (``model``, ``miou``, ``stages``, ...).
+        prev: The previous release, or None.
+        settings: ``train.promotion``.
+        release: The name of the release being published.
+
+    Returns:
+        ``(candidate with its promotion record, the promoted model)``: the candidate if promoted, else the
+        previous release's promoted model (with ``release`` naming where it was promoted), or None.
+    """
+    previous = None
+    if prev is not None:
+        previous = prev.get("promoted_model", prev.get("model"))
+        if previous is not None and "release" not in previous:
+            previous = {**previous, "release": prev["release"]}
+    miou = model.get("miou")
+    finite_score = isinstance(miou, int | float) and math.isfinite(miou)
+    reason: str
+    if not finite_score:
+        promoted, reason = False, f"its held-out mIoU is {miou} (not finite)"
+    elif not model_is_finite(root / model["model"]):
+        promoted, reason = False, "its weights hold NaN or infinite values"
+    elif previous is None or not isinstance(previous.get("miou"), int | float):
+        promoted, reason = True, "no earlier promoted model to compare with"
+    elif miou < previous["miou"] - settings.max_drop:
+        promoted, reason = False, (f"held-out mIoU {miou:.4f} dropped by {previous['miou'] - miou:.4f} from "
+                                   f"{previous['miou']:.4f} (release {previous['release']}), more than "
+                                   f"train.promotion.max_drop={settings.max_drop}")
+    else:
+        promoted, reason = True, (f"held-out mIoU {miou:.4f} against {previous['miou']:.4f} of release "
+                                  f"{previous['release']} (allowed drop {settings.max_drop})")
+    candidate = {**model, "promotion": {"promoted": promoted, "reason": reason,
+                                        "previous": None if previous is None else previous["release"]}}
+    if promoted:
+        return candidate, {**model, "release": release}
+    console.print(f"[yellow]model not promoted:[/] {reason}", soft_wrap=True)
+    return candidate, previous
 
 
 def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash: str, shards: list[dict[str, Any]],
@@ -227,7 +411,14 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
     the real images' data hash, the upstream stage): with ``when=changed`` unchanged inputs reuse the previous
     release's stages and nothing is trained. Fine-tuning sees the release's shards (the dataset's listed shards);
     evaluation scores the held-out test set (``train.test``)."""
-    from pipelines.stages import FINETUNE_PACKAGES, PRETRAIN_PACKAGES, render_test_set, run_stage_tasks, stage_dir
+    from pipelines.stages import (
+        FINETUNE_PACKAGES,
+        PRETRAIN_PACKAGES,
+        render_test_set,
+        run_stage_tasks,
+        stage_dir,
+        training_key,
+    )
 
     if real is None:
         raise UserError("refresh: train.enabled needs unlabeled real images to pretrain on, but real.src is empty",
@@ -240,7 +431,7 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
                                root / ".logs" / f"dask-report-{release}-test.html")
     pre = stage_dir(root, "pretrain", {"config": t.pretrain.model_dump(mode="json"), "data": real["data_hash"],
                                        **always}, PRETRAIN_PACKAGES)
-    ft = stage_dir(root, "finetune", {"config": t.finetune.model_dump(mode="json"), "shards": shard_key,
+    ft = stage_dir(root, "finetune", {"config": training_key(t.finetune), "shards": shard_key,
                                        "pretrain": pre.name, **always}, FINETUNE_PACKAGES)
     eval_data = test_set or dataset
     ev = stage_dir(root, "evaluate", {"model": ft.name, "data": eval_data.name if test_set else shard_key},
@@ -265,13 +456,45 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
             "miou_on": f"stages/{test_set.name}" if test_set else "the release's training shards (train.test.scenes=0)"}
 
 
-def prune(root: Path, keep: int) -> dict[str, int]:
-    """Delete releases beyond the newest ``keep`` and every shard (and dataset) no kept release references."""
-    from segfactory.formats.dataset import write_dataset_meta
+def _fault_mid_delete(trash: Path) -> None:
+    """Test hook: ``SEGFACTORY_FAULT=kill-mid-prune`` SIGKILLs this process in the middle of deleting the first unit
+    it prunes (one file of it already deleted), as a kill or power loss would."""
+    if os.environ.get(FAULT_ENV) == "kill-mid-prune":
+        files = sorted(p for p in trash.rglob("*") if p.is_file())
+        if files:
+            files[0].unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
 
+
+def _delete(path: Path) -> None:
+    """Delete a unit crash-safely (trash first, see :func:`segfactory.io.discard_unit`)."""
+    trash = move_to_trash(path)
+    _fault_mid_delete(trash)
+    remove_tree(trash)
+
+
+def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
+    """Delete releases beyond the newest ``keep`` and every shard, dataset and stage no kept release references.
+
+    Args:
+        root: The refresh root.
+        keep: Releases kept (by sequence number).
+        protect: A release that is kept whatever its position (the one just published).
+
+    Returns:
+        How many releases, shards, datasets and models were removed.
+    """
+    from pipelines.render import dataset_lock
+    from segfactory.formats.dataset import committed_shards, write_dataset_meta
+
+    for parent in (root / RELEASES_DIR, root / "stages", root / "datasets", *(root / "datasets").glob("*/shards")):
+        empty_trash(parent)  # deletions a kill interrupted
     releases = list_releases(root)
-    old, kept = releases[:-keep], releases[-keep:]
-    for p in old:
+    kept = releases[-keep:]
+    if protect is not None and protect not in kept:
+        kept.append(protect)
+    old = [p for p in releases if p not in kept]
+    for p in old:  # the references go first: a kill after this point leaves only unreferenced units
         p.unlink()
         (p.parent / f".{p.stem}.config.yaml").unlink(missing_ok=True)
     referenced: dict[str, set[str]] = {}
@@ -279,31 +502,35 @@ def prune(root: Path, keep: int) -> dict[str, int]:
     for p in kept:
         r = read_json(p)
         referenced.setdefault(r["render"]["dataset"], set()).update(s["id"] for s in r["shards"])
-        stages.update((r.get("model") or {}).get("stages", []))
+        for model in (r.get("model"), r.get("promoted_model")):
+            stages.update((model or {}).get("stages", []))
     stages_removed = 0
     for d in sorted((root / "stages").glob("*-*")) if (root / "stages").is_dir() else []:
         if d.is_dir() and not d.name.startswith(".") and f"stages/{d.name}" not in stages:
-            remove_tree(d)
-            for leftover in (d.parent / f"{d.name}.log", d.parent / "configs" / f"{d.name}.yaml"):
+            _delete(d)
+            for leftover in (d.parent / f"{d.name}.log", d.parent / "configs" / f"{d.name}.yaml",
+                             d.parent / f".{d.name}.lock"):
                 leftover.unlink(missing_ok=True)
             stages_removed += 1
     shards_removed = datasets_removed = 0
     for ds in sorted((root / "datasets").glob("*")) if (root / "datasets").is_dir() else []:
+        if ds.name.startswith("."):
+            continue
         rel = f"datasets/{ds.name}"
         if rel not in referenced:
-            remove_tree(ds)
+            _delete(ds)
             datasets_removed += 1
             continue
-        changed = False
-        for shard in sorted((ds / "shards").glob("*")):
-            if shard.name.startswith(".") or shard.name in referenced[rel]:
+        with dataset_lock(ds, "prune of"):
+            doomed = [sid for sid in committed_shards(ds) if sid not in referenced[rel]]
+            if not doomed:
                 continue
-            remove_tree(shard)
-            shards_removed += 1
-            changed = True
-        if changed:
+            # dataset.json first: from here on no reader opens a shard that is about to go.
             meta = read_json(ds / "dataset.json")
-            write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"]])
+            write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"] if s["id"] not in doomed])
+            for sid in doomed:
+                _delete(ds / "shards" / sid)
+                shards_removed += 1
     return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 
@@ -311,8 +538,11 @@ def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: fl
     from rich.table import Table
 
     d = release["drift"]
+    g = release.get("growth") or {}
+    added, retired = len(g.get("shards_added", [])), len(g.get("shards_retired", []))
     console.print(f"release {release['release']}: {len(release['shards'])} shard(s), {release['num_frames']} frames"
-                  f" ({release['render']['shards_rendered']} shard(s) new), inputs changed: "
+                  f" ({release['render']['shards_rendered']} shard(s) rendered; vs the previous release {added} "
+                  f"added, {retired} retired), inputs changed: "
                   f"{'yes' if release['inputs_changed'] else 'no'}; pruned {pruned['releases']} release(s), "
                   f"{pruned['shards']} shard(s), {pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)
     if d.get("previous"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import asdict
@@ -84,8 +85,16 @@ def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
             "timings": manifest["timings"]}
 
 
+def dataset_lock(out: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the dataset directory's writer lock (``.render.lock``): renders and refresh prunes, which rewrite
+    ``dataset.json`` and add or remove shards, take it; a second writer gets exit code 4 and changes nothing."""
+    return exclusive_lock(out / LOCK_FILE, f"another {what} '{out}'",
+                          fix="wait for it to finish (a re-run then renders only missing shards), or use another --out")
+
+
 def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str, Any]:
-    """Check ``out`` can hold this dataset (writable; empty or the same config) and write its metadata."""
+    """Check ``out`` can hold this dataset (writable; empty or the same config) and write its metadata (call with
+    :func:`dataset_lock` held)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file, not a directory", fix="choose a directory path for --out")
     meta_path = out / DATASET_FILE
@@ -163,10 +172,13 @@ def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
     """
     out = Path(out).resolve()
     cfg, config_hash = resolve_render_config(cfg)
-    meta = prepare_dataset(out, cfg, config_hash)
-    # Held for the whole render: a second render into `out` would remove this one's shard writes as leftovers.
-    with exclusive_lock(out / LOCK_FILE, f"another render into '{out}'",
-                        fix="wait for it to finish (a re-run then renders only missing shards), or use another --out"):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a directory", fix="choose a directory path for --out")
+    ensure_writable_dir(out)  # an empty directory at most: the lock file needs a place
+    # Held for the whole render, and taken before dataset.json is touched: a render refused because another one
+    # runs changes nothing, and a second render would remove this one's shard writes as leftovers.
+    with dataset_lock(out, "render into"):
+        meta = prepare_dataset(out, cfg, config_hash)
         return _render_locked(cfg, out, cluster, meta, config_hash, performance_report)
 
 

@@ -34,6 +34,7 @@ from pipelines.stages import (
     render_test_set,
     run_stage_tasks,
     stage_dir,
+    training_key,
 )
 from pretrain.config import PretrainConfig
 from segfactory.config import StrictModel, save_resolved
@@ -152,7 +153,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # unless the config names its own.
     own_unlabeled = bool(cfg.finetune.data.unlabeled)
     pretrained = cfg.init == "ssl"
-    ft_dir = stage_dir(out, "finetune", {"config": cfg.finetune.model_dump(mode="json"), "render": dataset.name,
+    ft_dir = stage_dir(out, "finetune", {"config": training_key(cfg.finetune), "render": dataset.name,
                                           "pretrain": pre_dir.name if pretrained else None,
                                           "unlabeled": None if own_unlabeled else ing["data_hash"]}, FINETUNE_PACKAGES)
     eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": eval_data.name}, FINETUNE_PACKAGES)

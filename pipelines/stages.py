@@ -3,16 +3,22 @@
 A stage's output lives in ``ROOT/stages/<stage>-<key>/``, where the key hashes the stage's config section, the
 keys of its inputs and the version of the code that produces it; a directory holding ``stage.json`` is finished
 and reused. Training, evaluation and prediction run as single Dask tasks (asking for a ``GPU`` resource when the
-cluster offers one), each in its own ``segfactory`` process with a timeout; ``stage.json``, written last, marks
-the stage finished.
+cluster offers one), each in its own ``segfactory`` process with a timeout, writing into an attempt directory
+``ROOT/stages/.tmp-<stage>-<key>-<random>/`` that is committed with the shared unit protocol
+(:func:`segfactory.io.commit_unit`: ``stage.json`` with every file's sha256 written last, fsync, rename) only
+when the command really finished. A killed attempt's directory is adopted by the next attempt, which resumes
+the training from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,18 @@ from pipelines.render import RenderStep
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
 from segfactory.errors import EXIT_USER, STAGE_LOG_ENV, PartialFailure, UserError
-from segfactory.io import atomic_write_json, canonical_hash
+from segfactory.io import (
+    ATTEMPT_PREFIX,
+    atomic_write_json,
+    canonical_hash,
+    check_files,
+    commit_unit,
+    empty_trash,
+    file_checksums,
+    is_committed,
+    new_attempt_dir,
+    read_json,
+)
 from synth.shard import RENDER_PACKAGES
 
 STAGE_FILE = "stage.json"
@@ -50,6 +67,15 @@ def stage_dir(root: Path, name: str, key_material: dict[str, Any], packages: tup
     the output is not tied to a code version, e.g. an incrementally grown image set)."""
     code = segfactory.code_version(*packages) if packages else None
     return root / "stages" / f"{name}-{canonical_hash({**key_material, 'code': code}, 12)}"
+
+
+def training_key(cfg: StrictModel) -> dict[str, Any]:
+    """A training config as stage key material: everything but ``train.stop_at``, which only says where an
+    invocation pauses (a run stopped there and re-run without it resumes the same stage)."""
+    dump = cfg.model_dump(mode="json")
+    if isinstance(dump.get("train"), dict) and "stop_at" in dump["train"]:
+        dump["train"]["stop_at"] = None  # as if unset: keys of runs that never set it stay what they were
+    return dump
 
 
 def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, root: Path, cluster: ClusterConfig,
@@ -80,40 +106,167 @@ def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, 
     return d
 
 
-def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, Any]:
-    """Dask task: run one ``segfactory`` stage command in its own process with ``--out`` = ``final`` (``{OUT}`` in
-    ``argv``), then write ``stage.json`` there, last, as the stage's commit mark.
+# Files whose presence (and content) proves a command's stage really finished, per command. A fine-tune stopped by
+# train.stop_at exits 0 without summary.json; a pretrain stopped early writes summary.json with finished=false.
+_FINISHED: dict[str, tuple[str, bool]] = {"pretrain": ("summary.json", True), "finetune": ("summary.json", True),
+                                          "evaluate": ("metrics.json", False)}
+# Text files whose recorded paths are rewritten from the attempt directory to the stage's final place on commit.
+_RELOCATE_SUFFIXES = (".json", ".jsonl", ".yaml")
 
-    The command writes straight into ``final`` (not a temp dir renamed later) because its outputs record their
-    own paths (model lineage, summaries). A directory without ``stage.json`` is an attempt that was killed or
-    failed; the next attempt removes it and starts over. The child's progress lines are forwarded to the driver
-    as ``STAGE_PROGRESS_TOPIC`` events."""
+
+class StageIncomplete(UserError):
+    """A stage's command ended without finishing its work (e.g. ``train.stop_at``); its attempt is kept."""
+
+
+def stage_done(d: Path) -> bool:
+    """Whether the stage directory ``d`` is committed (holds ``stage.json``)."""
+    return is_committed(d, STAGE_FILE)
+
+
+def finished_state(command: str, out: Path) -> tuple[bool, str]:
+    """Whether a stage command's output in ``out`` is complete, and if not, why (from its own records)."""
+    spec = _FINISHED.get(command)
+    if spec is None:
+        return True, ""
+    name, needs_flag = spec
+    path = out / name
+    if not path.is_file():
+        return False, f"no {name} (stopped before the end, e.g. by train.stop_at)"
+    if needs_flag:
+        summary = read_json(path)
+        if not summary.get("finished", False):
+            return False, (f"stopped at step {summary.get('steps')} of {summary.get('total_steps')} "
+                           "(pretrain --stop-after)")
+    return True, ""
+
+
+def _has_checkpoint(command: str, attempt: Path) -> bool:
+    if command == "finetune":
+        return (attempt / "checkpoint.pt").is_file()
+    if command == "pretrain":
+        return any((attempt / "checkpoints").glob("step_*.pt"))
+    return False
+
+
+def _resume_point(command: str, attempt: Path) -> str:
+    if command == "finetune":
+        return "checkpoint.pt"
+    return max((p.name for p in (attempt / "checkpoints").glob("step_*.pt")), default="?")
+
+
+def _adopt_attempt(final: Path, command: str) -> tuple[Path, bool]:
+    """A fresh attempt directory for stage ``final``: the newest earlier attempt that holds a checkpoint, renamed
+    to a new attempt name (so a training resumes where a killed attempt stopped), or an empty one. Every other
+    earlier attempt is removed. Call with the stage lock held."""
+    import uuid
+
+    parent = final.parent
+    earlier = sorted(parent.glob(f"{ATTEMPT_PREFIX}{final.name}-*"), key=lambda p: p.stat().st_mtime)
+    resumable = [p for p in earlier if p.is_dir() and _has_checkpoint(command, p)]
+    take = resumable[-1] if resumable else None
+    for p in earlier:
+        if p != take:
+            shutil.rmtree(p, ignore_errors=True)
+    empty_trash(parent)  # e.g. a foreign directory that stood where a stage was committed
+    if take is None:
+        return new_attempt_dir(parent, final.name), False
+    attempt = parent / f"{ATTEMPT_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(take, attempt)
+    return attempt, True
+
+
+def _relocate(attempt: Path, final: Path) -> None:
+    """Rewrite the attempt directory's path to the stage's final path in the outputs' text records (model
+    lineage, summaries), so a committed stage names itself where it lives."""
+    from segfactory.io import atomic_write_text
+
+    old, new = str(attempt), str(final)
+    for p in attempt.rglob("*"):
+        if p.is_file() and p.suffix in _RELOCATE_SUFFIXES:
+            text = p.read_text(encoding="utf-8", errors="surrogateescape")
+            if old in text:
+                atomic_write_text(p, text.replace(old, new))
+
+
+def commit_stage(attempt: Path, final: Path, record: dict[str, Any]) -> bool:
+    """Commit a finished stage: its files' sha256 and ``record`` go into ``stage.json`` (the commit mark, last),
+    then :func:`segfactory.io.commit_unit` (fsync, rename). False if another attempt committed it first."""
+    atomic_write_json(attempt / STAGE_FILE, {**record, "files": file_checksums(attempt, exclude=(STAGE_FILE,))})
+    return commit_unit(attempt, final, mark=STAGE_FILE)
+
+
+def verify_stage(d: Path) -> list[str]:
+    """Re-hash a committed stage's files against its ``stage.json`` (stages committed before checksums were
+    recorded, and the render stages, whose datasets are verified shard by shard, have none to check)."""
+    try:
+        record = read_json(d / STAGE_FILE)
+    except (OSError, ValueError) as e:
+        return [f"{STAGE_FILE}: unreadable ({type(e).__name__}: {e})"]
+    return check_files(d, record.get("files") or {})
+
+
+@contextlib.contextmanager
+def _stage_lock(final: Path) -> Iterator[None]:
+    """Hold ``.<stage>.lock`` next to the stage (blocking): one attempt of a stage at a time, also across a killed
+    driver's still-running task and the re-run's (the kernel drops the lock when its holder dies)."""
+    fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, Any]:
+    """Dask task: run one ``segfactory`` stage command in its own process with ``--out`` = an attempt directory
+    (``{OUT}`` in ``argv``) and commit it as ``final`` with the shared unit protocol once it really finished.
+
+    An earlier attempt that was killed (worker lost, driver and worker killed, timeout) keeps its directory; this
+    attempt adopts it and the training resumes from its last checkpoint (``--resume``). A command that exits
+    without finishing (``train.stop_at``) is not committed: its attempt stays for the next run to resume, and the
+    task returns ``finished: False``. The child's progress lines are forwarded to the driver as
+    ``STAGE_PROGRESS_TOPIC`` events.
+    """
     from pipelines.subproc import SubprocessFailed, forward_to_driver, run_logged
 
     final_p = Path(final)
-    if (final_p / STAGE_FILE).is_file():
-        return {"skipped": True}
+    if stage_done(final_p):
+        return {"skipped": True, "finished": True}
 
     def parse(line: str) -> dict[str, Any] | None:
         msg = parse_progress_line(line)
         return None if msg is None else {"stage": final_p.name, **msg}
 
-    if final_p.exists():
-        shutil.rmtree(final_p)
-    log = final_p.parent / f"{final_p.name}.log"
-    cmd = [sys.executable, "-m", "segfactory.cli", *[a.replace("{OUT}", str(final_p)) for a in argv]]
-    t0 = time.perf_counter()
-    try:
-        run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
-                   env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)})
-    except SubprocessFailed as e:
-        if e.returncode == EXIT_USER and e.error:  # the same config fails the same way: no retry, exit 2
-            return {"skipped": False, "user_error": e.error, "fix": e.fix}
-        raise
-    seconds = round(time.perf_counter() - t0, 2)
-    atomic_write_json(final_p / STAGE_FILE, {"argv": argv, "seconds": seconds, "host": os.uname().nodename,
-                                             "code_version": segfactory.code_version()})
-    return {"skipped": False, "seconds": seconds}
+    command = argv[0]
+    final_p.parent.mkdir(parents=True, exist_ok=True)
+    with _stage_lock(final_p):
+        if stage_done(final_p):  # the attempt we waited for committed it
+            return {"skipped": True, "finished": True}
+        attempt, resumed = _adopt_attempt(final_p, command)
+        log = final_p.parent / f"{final_p.name}.log"
+        args = [a.replace("{OUT}", str(attempt)) for a in argv]
+        if resumed:
+            args.append("--resume")
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"segfactory: resuming {final_p.name} from an earlier attempt's "
+                        f"{_resume_point(command, attempt)}\n")
+        cmd = [sys.executable, "-m", "segfactory.cli", *args]
+        t0 = time.perf_counter()
+        try:
+            run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
+                       env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)})
+        except SubprocessFailed as e:
+            if e.returncode == EXIT_USER and e.error:  # the same config fails the same way: no retry, exit 2
+                return {"skipped": False, "finished": False, "user_error": e.error, "fix": e.fix}
+            raise
+        seconds = round(time.perf_counter() - t0, 2)
+        finished, why = finished_state(command, attempt)
+        if not finished:
+            return {"skipped": False, "finished": False, "why": why, "seconds": seconds, "resumed": resumed}
+        _relocate(attempt, final_p)
+        commit_stage(attempt, final_p, {"argv": argv, "seconds": seconds, "resumed": resumed,
+                                        "host": os.uname().nodename, "code_version": segfactory.code_version()})
+    return {"skipped": False, "finished": True, "seconds": seconds, "resumed": resumed}
 
 
 def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, commands: dict[str, tuple[Path, list[str]]],
@@ -125,9 +278,10 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
         on_done: Called with ``(stage, result)`` after each stage.
 
     Returns:
-        ``{stage: {"skipped": bool, "seconds": float}}``.
+        ``{stage: {"skipped": bool, "finished": True, "seconds": float}}``.
 
     Raises:
+        StageIncomplete: a stage's command ended before finishing (``train.stop_at``); a re-run resumes it.
         UserError: a stage's command refused its config or input (its own one-line error, not retried).
         PartialFailure: a stage crashed, ran out of memory, timed out or lost its worker after its retries
             (listed with its log); a re-run resumes at that stage.
@@ -139,10 +293,14 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
         console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
         with progress() as bar:
             for name, (final, argv) in commands.items():
-                if (final / STAGE_FILE).is_file():
-                    results[name] = {"skipped": True}
+                if stage_done(final):
+                    results[name] = {"skipped": True, "finished": True}
                 else:
                     results[name] = _run_one(client, bar, name, final, argv, timeout_s, retries, resources)
+                if not results[name]["finished"]:
+                    raise StageIncomplete(
+                        f"stage {name} ended without finishing: {results[name]['why']}; it is not marked done and "
+                        "its checkpoint is kept", fix="re-run (without train.stop_at) to resume it from there")
                 if on_done is not None:
                     on_done(name, results[name])
     return results

@@ -26,13 +26,32 @@ class NormalizeConfig(StrictModel):
 
 
 class ValidateConfig(StrictModel):
-    """What counts as a bad file."""
+    """What counts as a bad file. A rejection records these limits; when they change, a re-run re-examines the
+    files they rejected (``too_large``, ``bomb``, ``too_small``, ``timeout``, ``memory``, ``crashed``)."""
 
-    max_pixels: int = Field(178_956_970, ge=1, description="larger images are rejected as decompression bombs "
-                            "(Pillow's limit by default)")
+    max_pixels: int = Field(178_956_970, ge=1, description="larger images (one slice of a stack) are rejected "
+                            "as decompression bombs before decoding (Pillow's limit by default)")
     min_side: int = Field(8, ge=1, description="images with a side below this are rejected")
-    max_pages: int = Field(1024, ge=1, description="at most this many slices are taken from one TIFF stack")
+    max_pages: int = Field(1024, ge=1, description="at most this many slices are taken from one TIFF stack (the "
+                           "IFD chain is not walked further; later slices are recorded as dropped)")
+    max_file_pixels: int = Field(1 << 30, ge=1, description="pixels taken from one file, all slices of a stack "
+                                 "together (checked from the page headers before decoding; later slices are "
+                                 "recorded as dropped)")
     max_file_mb: float = Field(2048, gt=0, description="larger files are rejected without reading them")
+    decode_timeout_s: float = Field(120.0, gt=0, description="wall-clock seconds one file may take to decode and "
+                                    "normalize; a decoder that takes longer is killed and the file rejected")
+    decode_memory_mb: int | None = Field(4096, ge=64, description="memory one decoder process may allocate; a "
+                                         "file that needs more is rejected (null: no cap)")
+
+
+class DecodeConfig(StrictModel):
+    """How files are decoded: isolated in child processes, so that no file can hang or crash a Dask worker."""
+
+    isolate: bool = Field(True, description="decode each file in a long-lived child process with a timeout and "
+                          "a memory cap (re-spawned after a crash); false decodes inside the Dask worker, "
+                          "without either")
+    plugins: list[str] = Field(default_factory=list, description="modules each decoder imports first: Pillow "
+                               "plugins that register more formats (e.g. pillow_heif.HeifImagePlugin)")
 
 
 class IngestConfig(StrictModel):
@@ -43,14 +62,25 @@ class IngestConfig(StrictModel):
     extensions: list[str] | None = Field(
         None, description="folder/glob sources: only files with these suffixes (e.g. ['.png', '.tif']); null "
         "reads every file and recognises images by content, so misnamed and non-image files are reported")
-    follow_symlinks: bool = True
+    follow_symlinks: Literal["inside", "always", "never"] = Field(
+        "inside", description="folder sources: follow links that stay inside the source folder (inside), all "
+        "links (always), or none; a link loop or a folder seen before is never walked twice")
+    max_files: int = Field(10_000_000, ge=1, description="a folder source with more files is refused (the walk "
+                           "is bounded)")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     checks: ValidateConfig = Field(default_factory=ValidateConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
 
     @field_validator("extensions")
     @classmethod
     def _dot_lower(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
+
+    @field_validator("follow_symlinks", mode="before")
+    @classmethod
+    def _bool_policy(cls, v: Any) -> Any:
+        # the field was a bool: true meant "every link", false "none"
+        return {True: "always", False: "never"}.get(v, v) if isinstance(v, bool) else v
 
 
 # --------------------------------------------------------------------------------------------- pretrain

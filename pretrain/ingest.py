@@ -6,12 +6,16 @@ The output layout, its writer and readers are the ingest store format, :mod:`seg
 
 from __future__ import annotations
 
-import glob
+import errno
+import importlib
 import io
 import math
 import os
+import re
+import stat
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +23,62 @@ import cv2
 import numpy as np
 
 from segfactory.errors import UserError
+from segfactory.formats.imagefile import apply_orientation, exif_orientation
 from segfactory.formats.images import MANIFEST_FILE, ImageShardWriter, shards_dir
 from segfactory.io import is_committed, read_json, sha256_bytes
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+# Read errors that may be gone by the next run (permissions fixed, a flaky disk or network filesystem back):
+# the file is reported, and re-examined by the next run instead of being rejected forever.
+TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
+                              errno.ESTALE, errno.ENOENT, errno.EINTR, errno.ENXIO, errno.EHOSTDOWN})
+# Rejection kinds that depend on ``checks.*`` limits: a re-run re-examines such a file when one of these changed.
+LIMITS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "too_large": ("max_file_mb",), "bomb": ("max_pixels", "max_file_pixels"), "too_small": ("min_side",),
+    "timeout": ("decode_timeout_s",), "memory": ("decode_memory_mb",), "crashed": ("decode_memory_mb",),
+}
 
 
 class Rejected(Exception):
     """A file that is skipped (and reported) rather than ingested.
 
     Args:
-        kind: Short category: empty, not_image, unsupported, corrupt, bomb, too_small, too_large, unreadable.
+        kind: Short category: empty, not_image, unsupported, corrupt, bomb, too_small, too_large, unreadable,
+            timeout, memory, crashed.
         reason: Human-readable detail.
+        transient: The cause may be gone by the next run (a read error such as EACCES or EIO): the next run
+            tries the file again.
     """
 
-    def __init__(self, kind: str, reason: str):
+    def __init__(self, kind: str, reason: str, transient: bool = False):
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+        self.transient = transient
+
+
+def read_error(e: OSError, what: str = "cannot read") -> Rejected:
+    """An ``unreadable`` rejection for an OS error, transient for EACCES, EIO and the like."""
+    code = e.errno
+    name = errno.errorcode.get(code, str(code)) if code is not None else None
+    transient = code in TRANSIENT_ERRNOS
+    tail = f" [{name}]" if name else ""
+    retry = "; the next run tries again" if transient else ""
+    return Rejected("unreadable", f"{what}: {e.strerror or e}{tail}{retry}", transient=transient)
+
+
+def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
+    """Whether a re-run looks at a rejected file again: its error was transient, or it was judged under
+    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined)."""
+    if rec.get("transient"):
+        return True
+    fields = LIMITS_OF_KIND.get(rec.get("kind", ""))
+    if not fields:
+        return False
+    judged = rec.get("checks")
+    if not isinstance(judged, dict):
+        return True
+    return any(judged.get(f) != checks.get(f) for f in fields)
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -55,21 +97,38 @@ class SourceFile:
         return (self.path, self.size, self.mtime_ns)
 
 
-def discover(src: str, extensions: list[str] | None = None, follow_symlinks: bool = True) -> list[SourceFile]:
+@dataclass
+class Discovery:
+    """What listing a source found.
+
+    Attributes:
+        files: The files, absolute paths, sorted.
+        skipped_links: ``(path, why)`` of symbolic links that were not followed (loops, links out of the source
+            folder, broken links) and folders that could not be listed.
+    """
+
+    files: list[SourceFile]
+    skipped_links: list[tuple[str, str]] = field(default_factory=list)
+
+
+def discover(src: str, extensions: list[str] | None = None, follow_symlinks: str = "inside",
+             max_files: int = 10_000_000) -> Discovery:
     """List the files of a source: a folder (recursive), a glob, or a text file with one path per line.
 
-    Hidden files and folders (``.name``) are skipped. Paths are absolute and sorted.
+    Hidden files and folders (``.name``) are skipped. Paths are absolute and sorted. Folder and glob sources are
+    walked once each (a link loop, or a link to a folder already walked, is skipped) and links are followed per
+    ``follow_symlinks``: ``inside`` (links that resolve into the source folder), ``always`` or ``never``.
 
     Raises:
-        UserError: if the source does not exist or holds no files.
+        UserError: if the source does not exist, holds no files, or more than ``max_files`` (folder, glob).
     """
     p = Path(src).expanduser()
+    skipped: list[tuple[str, str]] = []
     if p.is_dir():
-        paths = _walk(p, follow_symlinks)
+        paths, skipped = _walk(p, follow_symlinks, max_files)
         what = f"folder '{p}'"
     elif any(ch in src for ch in "*?["):
-        paths = [Path(x) for x in glob.glob(os.path.expanduser(src), recursive=True)]
-        paths = [x for x in paths if x.is_file() and not x.name.startswith(".")]
+        paths, skipped = _glob(os.path.expanduser(src), follow_symlinks, max_files)
         what = f"glob '{src}'"
     elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
         paths = []
@@ -100,15 +159,119 @@ def discover(src: str, extensions: list[str] | None = None, follow_symlinks: boo
     if not out:
         filt = f" with suffix {', '.join(extensions)}" if extensions else ""
         raise UserError(f"no files{filt} found in {what}", fix="check the path (an empty dump has nothing to ingest)")
-    return [out[k] for k in sorted(out)]
+    return Discovery([out[k] for k in sorted(out)], skipped)
 
 
-def _walk(root: Path, follow_symlinks: bool) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return found
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: Path, follow: str, max_files: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every non-hidden file under ``root``; each real folder is walked at most once, so the walk ends.
+
+    The real tree is walked first and links only after it, so that a file reached both ways is listed under its
+    real path, and a link to a folder already walked (a loop, an alias) is skipped.
+    """
+    root_real = os.path.realpath(root)
+    st = os.stat(root_real)
+    walked = {(st.st_dev, st.st_ino)}
+    found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    links: list[str] = []
+    folders = [str(root)]
+    while folders or links:
+        if not folders:  # the real tree is done: follow the next link
+            link = links.pop(0)
+            target = _follow(link, follow, root_real, skipped)
+            if target is None:
+                continue
+            if stat.S_ISREG(target.st_mode):
+                found.append(Path(link))
+            elif stat.S_ISDIR(target.st_mode):
+                if (target.st_dev, target.st_ino) in walked:
+                    skipped.append((link, "link loop or a folder already walked under another path"))
+                    continue
+                walked.add((target.st_dev, target.st_ino))
+                folders.append(link)
+        else:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                skipped.append((folder, f"cannot list: {e.strerror or e}"))
+                continue
+            subfolders = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if e.is_symlink():
+                        links.append(e.path)
+                        continue
+                    info = e.stat(follow_symlinks=False)
+                except OSError as err:
+                    skipped.append((e.path, f"cannot stat: {err.strerror or err}"))
+                    continue
+                if stat.S_ISDIR(info.st_mode) and (info.st_dev, info.st_ino) not in walked:
+                    walked.add((info.st_dev, info.st_ino))
+                    subfolders.append(e.path)
+                elif stat.S_ISREG(info.st_mode):
+                    found.append(Path(e.path))
+            folders.extend(reversed(subfolders))
+        if len(found) > max_files:
+            raise UserError(f"source '{root}' holds more than max_files={max_files} files",
+                            fix="ingest its subfolders one by one, or raise max_files")
+    return found, skipped
+
+
+def _follow(link: str, follow: str, root_real: str, skipped: list[tuple[str, str]]) -> os.stat_result | None:
+    """The ``stat`` of what a link leads to, or None (recorded in ``skipped``) when it is not followed."""
+    if follow == "never":
+        skipped.append((link, "symbolic link (follow_symlinks=never)"))
+        return None
+    try:
+        target = os.stat(link)  # follows the link; ELOOP for a loop of links
+    except OSError as err:
+        skipped.append((link, f"broken link or link loop ({err.strerror or err})"))
+        return None
+    real = os.path.realpath(link)
+    if follow == "inside" and not _inside(real, root_real):
+        skipped.append((link, f"link to '{real}' outside the source folder (follow_symlinks=always follows it)"))
+        return None
+    return target
+
+
+def _glob(pattern: str, follow: str, max_files: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """A glob source, walked like a folder (bounded, links per ``follow``) from its fixed leading folders."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    if not base.is_dir():
+        return [], []
+    regex = _glob_regex(os.path.join(os.path.abspath(base), *parts[fixed:]))
+    files, skipped = _walk(base, follow, max_files)
+    return [f for f in files if regex.fullmatch(os.path.abspath(f))], skipped
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """``**`` any folders (zero or more), ``*`` / ``?`` / ``[..]`` within one path component."""
+    out, i, sep = "", 0, re.escape(os.sep)
+    while i < len(pattern):
+        if pattern.startswith("**" + os.sep, i):
+            out, i = out + f"(?:[^{sep}]*{sep})*", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + f"[^{sep}]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + f"[^{sep}]", i + 1
+        elif pattern[i] == "[" and (j := pattern.find("]", i + 2)) > 0:
+            body = pattern[i + 1:j]
+            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]", j + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
 
 
 # --------------------------------------------------------------------------------------------- hashing
@@ -118,23 +281,26 @@ def hash_files(files: list[SourceFile], max_file_mb: float) -> list[dict[str, An
     """Content hashes of a chunk of files (the dedup key).
 
     Returns:
-        One dict per file: ``path, size, mtime_ns`` and either ``sha256`` or ``kind``/``reason``.
+        One dict per file: ``path, size, mtime_ns`` and either ``sha256`` or ``kind``/``reason`` (and
+        ``transient`` for a read error the next run retries).
     """
     out = []
     for f in files:
         rec: dict[str, Any] = {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
         try:
             if f.size < 0:
-                raise Rejected("unreadable", "file is missing or cannot be stat'ed")
+                raise Rejected("unreadable", "file is missing or cannot be stat'ed; the next run tries again",
+                               transient=True)
             if f.size == 0:
                 raise Rejected("empty", "empty file (0 bytes)")
             if f.size > max_file_mb * 2**20:
                 raise Rejected("too_large", f"file is {f.size / 2**20:.0f} MiB > checks.max_file_mb={max_file_mb}")
             rec["sha256"] = _sha256_path(f.path)
-        except Rejected as r:
-            rec.update(kind=r.kind, reason=r.reason)
         except OSError as e:
-            rec.update(kind="unreadable", reason=f"cannot read: {e.strerror or e}")
+            r = read_error(e)
+            rec.update(kind=r.kind, reason=r.reason, transient=r.transient)
+        except Rejected as r:
+            rec.update(kind=r.kind, reason=r.reason, transient=r.transient)
         out.append(rec)
     return out
 
@@ -169,6 +335,24 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+# Pillow formats registered by ``decode.plugins`` in this process (see :func:`load_plugins`).
+_PLUGIN_FORMATS: list[str] = []
+
+
+def load_plugins(modules: list[str]) -> list[str]:
+    """Import ``decode.plugins`` (Pillow plugins) and return the formats they registered; files that none of the
+    built-in formats recognises are then offered to these."""
+    from PIL import Image
+
+    Image.init()
+    before = set(Image.OPEN)
+    for name in modules:
+        importlib.import_module(name)
+    added = [f for f in Image.OPEN if f not in before]
+    _PLUGIN_FORMATS[:] = [f for f in _PLUGIN_FORMATS if f not in added] + added
+    return added
+
+
 @dataclass
 class Decoded:
     """One decoded image (a TIFF stack yields one per slice).
@@ -179,51 +363,84 @@ class Decoded:
         page: Slice index in a stack, else None.
         passthrough: The source bytes are stored as they are (8-bit JPEG stored as JPEG, no resize, no
             rotation); ``array`` is then a reduced-scale (1/8) validation decode, not the stored size.
+        dropped_pages: Set on a stack's first slice when slices were left out: ``{"from": the first page index
+            not taken (it and every later page were dropped; the IFD chain is not walked further), "why": the
+            limit}``.
     """
 
     array: np.ndarray
     orig_shape: tuple[int, int]
     page: int | None = None
     passthrough: bool = False
+    dropped_pages: dict[str, Any] | None = None
 
 
-def decode(data: bytes, max_pixels: int, min_side: int, max_pages: int,
-           max_short_side: int | None, store: str = "auto") -> tuple[str, list[Decoded]]:
-    """Decode and validate one file's bytes.
+def decode(data: bytes, checks: dict[str, Any], max_short_side: int | None,
+           store: str = "auto") -> tuple[str, Iterator[Decoded]]:
+    """Decode and validate one file's bytes; a stack's slices are decoded one at a time, as they are consumed.
 
     Args:
         data: The file's content.
-        max_pixels: Larger images are rejected (decompression bombs) before any pixel is decoded.
-        min_side: Images with a smaller side are rejected.
-        max_pages: TIFF stacks: at most this many slices.
+        checks: ``IngestConfig.checks``: ``max_pixels`` (larger images, or one stack slice, are rejected as
+            decompression bombs before any pixel is decoded), ``min_side``, ``max_pages`` and ``max_file_pixels``
+            (TIFF stacks: slices taken, checked from the page headers before decoding).
         max_short_side: Target short side; JPEGs are decoded at the smallest DCT scale that still covers it.
         store: ``normalize.store`` (auto, png, jpeg): a JPEG is only passed through (and then validated at 1/8
             scale) when it is stored as JPEG; otherwise its pixels are re-encoded and must be decoded in full.
 
     Returns:
-        ``(format, images)``.
+        ``(format, images)``: ``images`` raises :class:`Rejected` when a slice turns out to be damaged.
 
     Raises:
         Rejected: with the reason the file cannot be ingested.
     """
     fmt = sniff(data)
+    if fmt is None and _PLUGIN_FORMATS:
+        fmt = _plugin_format(data)
     if fmt is None:
         head = data[:8].hex(" ")
         raise Rejected("not_image", f"not an image (unrecognised leading bytes {head})")
     if fmt == "gif":
         raise Rejected("unsupported", "GIF is not supported (convert it to PNG)")
-    try:
+    max_pixels, min_side = checks["max_pixels"], checks["min_side"]
+    with _as_rejection(fmt, checks.get("decode_memory_mb")):
         if fmt == "tiff":
-            return fmt, _decode_tiff(data, max_pixels, min_side, max_pages)
+            return fmt, _decode_tiff(data, checks)
         if fmt == "png" and len(data) >= 26 and data[24] == 16 and data[25] in (2, 6):
-            return fmt, [_decode_png16_rgb(data, max_pixels, min_side)]
-        return fmt, [_decode_pil(data, fmt, max_pixels, min_side, max_short_side, stored_ext(fmt, store))]
-    except Rejected:
-        raise
-    except Exception as e:
-        # decoders signal damage with many exception types (OSError, ValueError, struct.error, TiffFileError,
-        # zlib.error, ...); a bad file must be reported, never crash the run
-        raise Rejected("corrupt", f"truncated or corrupt {fmt.upper()}: {_short(e)}") from None
+            return fmt, iter([_decode_png16_rgb(data, max_pixels, min_side)])
+        return fmt, iter([_decode_pil(data, fmt, max_pixels, min_side, max_short_side, stored_ext(fmt, store))])
+    raise AssertionError("unreachable")  # _as_rejection re-raises
+
+
+def _plugin_format(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=_PLUGIN_FORMATS) as im:
+            return str(im.format).lower()
+    except Exception:  # not one of the plugins' formats either
+        return None
+
+
+class _as_rejection:
+    """Turn a decoder's exception into a :class:`Rejected` (decoders signal damage with many exception types:
+    OSError, ValueError, struct.error, TiffFileError, zlib.error, ...; a bad file must be reported, never crash
+    the run), and running out of the decoder's memory cap into a ``memory`` rejection."""
+
+    def __init__(self, fmt: str, memory_mb: int | None = None):
+        self.fmt = fmt
+        self.memory_mb = memory_mb
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, e: BaseException | None, tb: Any) -> bool:
+        if e is None or isinstance(e, Rejected) or not isinstance(e, Exception):
+            return False
+        if isinstance(e, MemoryError) or (isinstance(e, cv2.error) and "alloc" in str(e).lower()):
+            raise Rejected("memory", f"decoding needs more memory than checks.decode_memory_mb={self.memory_mb} "
+                           f"MiB allows: {_short(e)}") from None
+        raise Rejected("corrupt", f"truncated or corrupt {self.fmt.upper()}: {_short(e)}") from None
 
 
 def _short(e: BaseException) -> str:
@@ -254,31 +471,31 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int, min_side: int, max_short
         with warnings.catch_warnings():
             # our own size check below is the authority; Pillow's would only warn up to 2x its limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=[fmt.upper()] if fmt.upper() in _PLUGIN_FORMATS else None)
     except Image.DecompressionBombError as e:
         raise Rejected("bomb", f"decompression bomb: {_short(e)}") from None
     passthrough = False
     with im:
         w, h = im.size
         _check_size(w, h, max_pixels, min_side)
-        orientation = 1
-        if fmt == "jpeg":
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-            if im.mode in ("L", "RGB", "CMYK", "YCbCr"):  # 8-bit modes: decoded to uint8
-                # decided before decoding: only bytes that are copied as they are may be validated at 1/8 scale;
-                # a rotated or re-encoded (store=png) JPEG needs its pixels at the stored size
-                passthrough = (orientation == 1 and ext == ".jpg"
-                               and (max_short_side is None or min(w, h) <= max_short_side))
-                target = _draft_target(w, h, max_short_side, passthrough)
-                if target is not None:
-                    # DCT-domain downscaling: decoding at 1/2..1/8 size skips most of the IDCT work, and still
-                    # runs the entropy decoder over the whole file, so truncation/corruption is still detected
-                    im.draft("L" if im.mode == "L" else "RGB", target)
+        # the one orientation rule (segfactory.formats.imagefile): a JPEG's EXIF orientation is applied, as
+        # read_image does for fine-tuning, so an ingested photo and a labeled one are both upright
+        orientation = exif_orientation(im)
+        if fmt == "jpeg" and im.mode in ("L", "RGB", "CMYK", "YCbCr"):  # 8-bit modes: decoded to uint8
+            # decided before decoding: only bytes that are copied as they are may be validated at 1/8 scale;
+            # a rotated or re-encoded (store=png) JPEG needs its pixels at the stored size
+            passthrough = (orientation == 1 and ext == ".jpg"
+                           and (max_short_side is None or min(w, h) <= max_short_side))
+            target = _draft_target(w, h, max_short_side, passthrough)
+            if target is not None:
+                # DCT-domain downscaling: decoding at 1/2..1/8 size skips most of the IDCT work, and still
+                # runs the entropy decoder over the whole file, so truncation/corruption is still detected
+                im.draft("L" if im.mode == "L" else "RGB", target)
         im.load()
         arr = _pil_to_array(im)
     passthrough = passthrough and arr.dtype == np.uint8
     if orientation != 1:
-        arr = _apply_orientation(arr, orientation)
+        arr = apply_orientation(arr, orientation)
         if orientation in (5, 6, 7, 8):
             w, h = h, w
     return Decoded(arr, (h, w), None, passthrough)
@@ -318,14 +535,6 @@ def _pil_to_array(im: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _apply_orientation(arr: np.ndarray, o: int) -> np.ndarray:
-    """Apply an EXIF orientation (2-8) so the stored image is upright."""
-    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
-           7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1], 8: lambda a: np.swapaxes(a, 0, 1)[::-1]}
-    return np.ascontiguousarray(ops[o](arr)) if o in ops else arr
-
-
 def _decode_png16_rgb(data: bytes, max_pixels: int, min_side: int) -> Decoded:
     # Pillow reads 16-bit colour PNGs as 8-bit RGB (dropping the low byte); OpenCV keeps all 16 bits
     w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -337,23 +546,60 @@ def _decode_png16_rgb(data: bytes, max_pixels: int, min_side: int) -> Decoded:
     return Decoded(arr, (h, w))
 
 
-def _decode_tiff(data: bytes, max_pixels: int, min_side: int, max_pages: int) -> list[Decoded]:
+def _decode_tiff(data: bytes, checks: dict[str, Any]) -> Iterator[Decoded]:
+    """Plan a stack from its page headers (at most ``max_pages + 1`` IFDs are read, never the whole chain), then
+    decode the planned slices one at a time: only one slice's pixels are held at once."""
     import tifffile
 
-    out = []
-    with tifffile.TiffFile(io.BytesIO(data)) as tf:
-        pages = tf.pages
-        if len(pages) == 0:
-            raise Rejected("corrupt", "TIFF has no pages")
-        for i, page in enumerate(pages):
-            if i >= max_pages:
-                break
-            shape = tuple(int(s) for s in page.shape)
+    tf = tifffile.TiffFile(io.BytesIO(data))
+    try:
+        tf.pages.cache = False  # a long stack must not keep every page object it has passed
+        take, dropped = _plan_tiff(tf, checks)
+    except BaseException:
+        tf.close()
+        raise
+    return _tiff_slices(tf, take, dropped, checks.get("decode_memory_mb"))
+
+
+def _plan_tiff(tf: Any, checks: dict[str, Any]) -> tuple[list[tuple[int, tuple[int, ...]]], dict[str, Any] | None]:
+    max_pages, budget = checks["max_pages"], checks["max_file_pixels"]
+    take: list[tuple[int, tuple[int, ...]]] = []
+    total = 0
+    dropped: dict[str, Any] | None = None
+    i = 0
+    while True:
+        try:
+            page = tf.pages[i]
+        except IndexError:
+            break  # end of the IFD chain
+        if i >= max_pages:  # one page past the limit: there are more, the chain is not walked further
+            dropped = {"from": i, "why": f"checks.max_pages={max_pages}"}
+            break
+        shape = tuple(int(x) for x in page.shape)
+        h, w = _tiff_hw(shape)
+        _check_size(w, h, checks["max_pixels"], checks["min_side"])
+        if take and total + w * h > budget:
+            dropped = {"from": i, "why": f"checks.max_file_pixels={budget} ({total} pixels taken)"}
+            break
+        if not take and w * h > budget:
+            raise Rejected("bomb", f"decompression bomb: {w}x{h} = {w * h} pixels > checks.max_file_pixels={budget}")
+        total += w * h
+        take.append((i, shape))
+        i += 1
+    if not take:
+        raise Rejected("corrupt", "TIFF has no pages")
+    return take, dropped
+
+
+def _tiff_slices(tf: Any, take: list[tuple[int, tuple[int, ...]]], dropped: dict[str, Any] | None,
+                 memory_mb: int | None) -> Iterator[Decoded]:
+    with tf, _as_rejection("tiff", memory_mb):
+        stack = len(take) > 1 or dropped is not None
+        for n, (i, shape) in enumerate(take):
             h, w = _tiff_hw(shape)
-            _check_size(w, h, max_pixels, min_side)
-            arr = _tiff_layout(page.asarray(), shape)
-            out.append(Decoded(arr, (h, w), i if len(pages) > 1 else None))
-    return out
+            arr = _tiff_layout(tf.pages[i].asarray(), shape)
+            yield Decoded(arr, (h, w), i if stack else None, dropped_pages=dropped if n == 0 else None)
+            del arr
 
 
 def _tiff_hw(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -392,16 +638,22 @@ def to_uint8(arr: np.ndarray, low_pct: float, high_pct: float) -> tuple[np.ndarr
     """
     if arr.dtype == np.uint8:
         return arr, None
-    a = arr.astype(np.float32, copy=False)
-    if not np.isfinite(a).all():
-        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
     # percentiles of a strided sample: exact enough, and O(1 M) instead of O(H * W) for huge scans
-    step = max(1, int(math.sqrt(a.size / 1_000_000)))
-    sample = a[::step, ::step]
+    step = max(1, int(math.sqrt(arr.size / 1_000_000)))
+    sample = arr[::step, ::step].astype(np.float32)
+    if not np.isfinite(sample).all():
+        sample = np.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(v) for v in np.percentile(sample, [low_pct, high_pct]))
     if hi <= lo:
         hi = lo + 1.0
-    out = np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    # in blocks of rows: a float32 copy of a whole 16-bit slice would be twice its size again
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, (1 << 22) // max(1, arr[0].size))
+    for y in range(0, arr.shape[0], rows):
+        a = arr[y:y + rows].astype(np.float32)
+        if not np.isfinite(a).all():
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        out[y:y + rows] = np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255)
     return out, [lo, hi]
 
 
@@ -456,6 +708,9 @@ class Stored:
 def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
     """Decode, validate and normalize one file's bytes (the whole per-file work of ingestion).
 
+    A stack's slices are decoded, normalized and encoded one at a time. When slices were dropped (``max_pages``,
+    ``max_file_pixels``), the first stored slice's record says so under ``dropped_pages``.
+
     Args:
         data: File content.
         cfg: ``IngestConfig.model_dump()`` (plain dict so it travels to Dask workers cheaply).
@@ -467,27 +722,88 @@ def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
         Rejected: if the file is not a usable image.
     """
     norm, checks = cfg["normalize"], cfg["checks"]
-    fmt, images = decode(data, checks["max_pixels"], checks["min_side"], checks["max_pages"],
-                         norm["max_short_side"], norm["store"])
+    with _as_rejection("file", checks.get("decode_memory_mb")):
+        fmt, images = decode(data, checks, norm["max_short_side"], norm["store"])
     ext = stored_ext(fmt, norm["store"])
     out = []
-    for img in images:
-        arr8, scale = to_uint8(img.array, norm["low_percentile"], norm["high_percentile"])
-        if img.passthrough:  # only set for a JPEG stored as .jpg, unrotated and needing no resize
-            # validated at reduced size; the original bytes are the best copy of this image
-            blob, h, w, how = data, img.orig_shape[0], img.orig_shape[1], "copied"
-        else:
-            arr8 = resize_short_side(arr8, norm["max_short_side"])
-            blob, (h, w), how = encode(arr8, ext, norm["jpeg_quality"]), arr8.shape[:2], "encoded"
-        rec = {"format": fmt, "page": img.page, "orig_height": img.orig_shape[0], "orig_width": img.orig_shape[1],
-               "orig_dtype": str(img.array.dtype), "height": int(h), "width": int(w),
-               "channels": 1 if arr8.ndim == 2 else 3, "scale": scale, "stored": how, **channel_stats(arr8)}
-        out.append(Stored(blob, ext, rec))
+    with _as_rejection(fmt, checks.get("decode_memory_mb")):
+        for img in images:
+            arr8, scale = to_uint8(img.array, norm["low_percentile"], norm["high_percentile"])
+            if img.passthrough:  # only set for a JPEG stored as .jpg, unrotated and needing no resize
+                # validated at reduced size; the original bytes are the best copy of this image
+                blob, h, w, how = data, img.orig_shape[0], img.orig_shape[1], "copied"
+            else:
+                arr8 = resize_short_side(arr8, norm["max_short_side"])
+                blob, (h, w), how = encode(arr8, ext, norm["jpeg_quality"]), arr8.shape[:2], "encoded"
+            rec = {"format": fmt, "page": img.page, "orig_height": img.orig_shape[0],
+                   "orig_width": img.orig_shape[1], "orig_dtype": str(img.array.dtype), "height": int(h),
+                   "width": int(w), "channels": 1 if arr8.ndim == 2 else 3, "scale": scale, "stored": how,
+                   **channel_stats(arr8)}
+            if img.dropped_pages is not None:
+                rec["dropped_pages"] = img.dropped_pages
+            out.append(Stored(blob, ext, rec))
+            del img, arr8
     return out
+
+
+def handle_file(request: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """One file's whole work, as a decoder process runs it: read, check the hash, decode, normalize.
+
+    Args:
+        request: ``{"path", "sha256"}``.
+        cfg: ``IngestConfig.model_dump()``.
+
+    Returns:
+        ``("ok", [(data, ext, record), ...])`` or ``("rejected", kind, reason, transient)``; plain tuples, so
+        that the answer pickles cheaply between processes.
+    """
+    try:
+        try:
+            data = Path(request["path"]).read_bytes()
+        except OSError as e:
+            raise read_error(e) from None
+        if sha256_bytes(data) != request["sha256"]:
+            raise Rejected("unreadable", "file changed while being ingested; the next run picks it up",
+                           transient=True)
+        stored = process_bytes(data, cfg)
+    except Rejected as r:
+        return ("rejected", r.kind, r.reason, r.transient)
+    except MemoryError:  # reading the file, hashing it: past the decoder's cap
+        return ("rejected", "memory", "reading the file needs more memory than checks.decode_memory_mb="
+                f"{cfg['checks']['decode_memory_mb']} MiB", False)
+    return ("ok", [(s.data, s.ext, s.record) for s in stored])
+
+
+def setup_decoder(cfg: dict[str, Any]) -> None:
+    """A decoder process's start-up (:class:`pretrain.decoder.DecoderProcess`): plugins, one OpenCV thread."""
+    load_plugins(cfg["decode"]["plugins"])
+    cv2.setNumThreads(1)  # one decode at a time per process; a thread pool would only reserve memory
+
+
+class _InProcess:
+    """``decode.isolate=false``: files are handled in the calling process (no timeout, no memory cap)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        load_plugins(cfg["decode"]["plugins"])
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def call(self, request: dict[str, Any]) -> tuple[Any, ...]:
+        return handle_file(request, self.cfg)
 
 
 def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Ingest one chunk of files into one committed shard.
+
+    Each file is decoded in an isolated decoder process (:mod:`pretrain.decoder`, unless ``decode.isolate`` is
+    false): a file that hangs its decoder past ``checks.decode_timeout_s``, needs more than
+    ``checks.decode_memory_mb`` or kills it is rejected (``timeout``, ``memory``, ``crashed``) and the chunk goes
+    on with a fresh decoder. Every rejection records the ``checks`` it was judged under.
 
     Args:
         spec: ``{"shard_id", "run", "files": [hash records], "rejected": [records decided before decoding
@@ -498,26 +814,32 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     Returns:
         ``{"shard_id", "images", "rejected", "rejected_kinds"}`` counts for the summary.
     """
+    from pretrain.decoder import DecoderDied, DecoderProcess
+
     final = shards_dir(out_root) / spec["shard_id"]
     if is_committed(final):  # committed by an earlier attempt of this task
         return _shard_summary(read_json(final / MANIFEST_FILE))
-    rejected: list[dict[str, Any]] = list(spec.get("rejected", []))
-    with ImageShardWriter(out_root, spec["shard_id"]) as writer:
+    checks = dict(cfg["checks"])
+    rejected: list[dict[str, Any]] = [{**r, "checks": checks} for r in spec.get("rejected", [])]
+    decoder: Any = DecoderProcess(cfg) if cfg["decode"]["isolate"] else _InProcess(cfg)
+    with ImageShardWriter(out_root, spec["shard_id"]) as writer, decoder:
         for f in spec["files"]:
             src = {"source": f["path"], "size": f["size"], "mtime_ns": f["mtime_ns"], "sha256": f["sha256"]}
             try:
-                try:
-                    data = Path(f["path"]).read_bytes()
-                except OSError as e:
-                    raise Rejected("unreadable", f"cannot read: {e.strerror or e}") from None
-                if sha256_bytes(data) != f["sha256"]:
-                    raise Rejected("unreadable", "file changed while being ingested; re-run to pick it up")
-                stored = process_bytes(data, cfg)
-            except Rejected as r:
-                rejected.append({**src, "kind": r.kind, "reason": r.reason})
+                answer = decoder.call({"path": f["path"], "sha256": f["sha256"]})
+            except DecoderDied as d:
+                answer = ("rejected", d.kind, d.reason, False)
+            if answer[0] == "rejected":
+                _, kind, reason, transient = answer
+                rec = {**src, "kind": kind, "reason": reason, "checks": checks}
+                rejected.append({**rec, "transient": True} if transient else rec)
                 continue
-            for s in stored:
-                writer.add(s.data, s.ext, {**src, **s.record})
+            for data, ext, record in answer[1]:
+                if "dropped_pages" in record:
+                    d = record["dropped_pages"]
+                    rejected.append({**src, "kind": "pages_dropped", "checks": checks, "dropped_from": d["from"],
+                                     "reason": f"slices from page {d['from']} on were not taken: {d['why']}"})
+                writer.add(data, ext, {**src, **record})
         manifest = writer.commit(spec["run"], cfg["normalize"], rejected)
     return _shard_summary(manifest)
 
@@ -543,7 +865,8 @@ def plan_shards(hashed: list[dict[str, Any]], known_shas: dict[str, str], run: i
     for rec in sorted(hashed, key=lambda r: r["path"]):
         base = {"source": rec["path"], "size": rec["size"], "mtime_ns": rec["mtime_ns"]}
         if "sha256" not in rec:
-            pre_rejected.append({**base, "sha256": None, "kind": rec["kind"], "reason": rec["reason"]})
+            pre_rejected.append({**base, "sha256": None, "kind": rec["kind"], "reason": rec["reason"],
+                                 **({"transient": True} if rec.get("transient") else {})})
         elif rec["sha256"] in seen:
             pre_rejected.append({**base, "sha256": rec["sha256"], "kind": "duplicate",
                                  "reason": f"exact duplicate of {seen[rec['sha256']]}",

@@ -307,6 +307,12 @@ def test_scale_estimate_recovers_a_known_object_size_ratio(tiny_dataset: Path) -
     rep = estimate_scale(predict_at, masks[:8], [1])
     assert rep["ok"] and rep["scale"] == pytest.approx(1 / 1.6, rel=0.08), rep
     assert estimate_scale(lambda s: [np.zeros((64, 64), np.uint8)], masks[:8], [1])["ok"] is False
+    # Frames too small for their objects: every object is cut by the border, its size unknown; the report says so.
+    cut = np.zeros((32, 32), np.uint8)
+    cut[:20, :12] = 1
+    cut[25:, 20:] = 1
+    rep = estimate_scale(predict_at, [cut], [1])
+    assert rep["ok"] is False and rep["synthetic_median_px"] is None and rep["synthetic_border_objects"] == 2
 
 
 def test_unlabeled_crops_restore_original_values_and_resolution(tmp_path: Path) -> None:

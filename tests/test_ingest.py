@@ -171,10 +171,10 @@ def test_text_list_and_glob_sources(dump: Path, tmp_path: Path) -> None:
     lst = tmp_path / "files.txt"
     lst.write_text(f"# two files\n{dump / 'astronaut.png'}\nnested/camera.png\n{dump / 'missing.png'}\n")
     (tmp_path / "nested").symlink_to(dump / "nested")
-    files = core.discover(str(lst))
+    files = core.discover(str(lst)).files
     assert [Path(f.path).name for f in files] == ["astronaut.png", "missing.png", "camera.png"]
     assert next(f for f in files if f.path.endswith("missing.png")).size == -1
-    files = core.discover(str(dump / "**" / "*.jpg"))
+    files = core.discover(str(dump / "**" / "*.jpg")).files
     assert {Path(f.path).name for f in files} == {"rocket.jpg", "truncated.jpg", "notes.jpg"}
 
 

@@ -189,4 +189,7 @@ def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
 
     assert pretrain_stage(r3["model"]) != pretrain_stage(m1)  # new images: a new encoder, hence a new model
     kept = {p.name for p in (root / "stages").glob("*-*") if p.is_dir()}
-    assert kept == {s.split("/")[1] for s in r3["model"]["stages"]}
+    # The promotion guard decides which model the release serves; pruning keeps both the candidate and it.
+    served = r3["promoted_model"]
+    assert r3["model"]["promotion"]["promoted"] == (served["model"] == r3["model"]["model"])
+    assert kept == {s.split("/")[1] for m in (r3["model"], served) for s in m["stages"]}

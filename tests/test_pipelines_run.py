@@ -89,9 +89,9 @@ def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_pat
     runs), and the report scores real HeLa frames next to the baselines."""
     monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     out = tmp_path / "run"
-    tiny = ["render.render.resolution=64", "finetune.adapt.warmup_steps=10", "eval.real=[sample:ctc-hela/eval]",
+    tiny = ["render.render.resolution=128", "finetune.adapt.warmup_steps=10", "eval.real=[sample:ctc-hela/eval]",
             "eval.overlays=1"]
-    first = run(out, capsys, *tiny, config="quickstart.yaml")
+    first = run(out, capsys, *tiny, config="quickstart.yaml")  # 128 px: frames hold whole nuclei (input.scale auto)
     ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
     images = next(p for p in (out / "stages").glob("ingest-*") if p.is_dir())
     assert ["--unlabeled", str(images)] == [a for a in json.loads((ft / "stage.json").read_text())["argv"]

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 
 from finetune.config import FinetuneConfig, SourceSpec
 from finetune.data.remap import Remap, TargetClasses, build_remap, make_targets
 from segfactory.errors import UserError
-from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image, read_mask
+from segfactory.formats.imagefile import IMAGE_SUFFIXES, image_size, read_image, read_mask
 from segfactory.io import read_json
 
 Kind = Literal["synthetic", "real"]
@@ -123,10 +122,10 @@ def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None
             data = read_json(cj)
         except (OSError, ValueError) as e:
             raise UserError(f"'{cj}' is unreadable: {e}", fix="fix the JSON") from None
-        classes = data["classes"] if isinstance(data, dict) else data
-        if not isinstance(classes, list) or not all(isinstance(c, dict) and "id" in c and "name" in c
-                                                    for c in classes):
-            raise UserError(f"'{cj}' must hold {{\"classes\": [{{\"id\": 0, \"name\": ...}}, ...]}}",
+        classes = data.get("classes") if isinstance(data, dict) else data
+        bad = _bad_class_table(classes, data)
+        if bad:
+            raise UserError(f"'{cj}' must hold {{\"classes\": [{{\"id\": 0, \"name\": ...}}, ...]}}: {bad}",
                             fix="fix the JSON")
         ignore = int(data.get("ignore_index", spec.ignore_index)) if isinstance(data, dict) else spec.ignore_index
         return classes, ignore
@@ -134,6 +133,21 @@ def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None
         raise UserError(f"real folder '{path}' has no class table and no target classes are set",
                         fix="write DIR/classes.json, set the source's `classes`, or set `classes:` in the config")
     return [{"id": c["id"], "name": c["name"]} for c in targets.classes], spec.ignore_index
+
+
+def _bad_class_table(classes: Any, data: Any) -> str | None:
+    """What is wrong with a ``classes.json``'s shape (ids are mask values 0-65535), or None."""
+    if not isinstance(classes, list):
+        return f"'classes' is {type(classes).__name__ if classes is not None else 'missing'}, not a list"
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            return f"classes[{i}]={c!r} is not {{\"id\": ..., \"name\": ...}}"
+        if isinstance(c["id"], bool) or not isinstance(c["id"], int) or not 0 <= c["id"] <= 65535:
+            return f"classes[{i}].id={c['id']!r} is not a mask value (an integer 0-65535)"
+    ignore = data.get("ignore_index", 255) if isinstance(data, dict) else 255
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 65535:
+        return f"ignore_index={ignore!r} is not a mask value (an integer 0-65535)"
+    return None
 
 
 def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
@@ -175,15 +189,12 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
     """Fail before training, not at step 3000: sizes from headers, mask values from every mask."""
     for it in items:
         mask = read_mask(it.mask)
-        try:
-            with Image.open(it.image) as im:
-                size = im.size
-        except (OSError, ValueError):
-            size = read_image(it.image).shape[1::-1]
+        size = image_size(it.image)  # upright, as read_image reads it (EXIF orientation), bomb-checked
         if tuple(size) != (mask.shape[1], mask.shape[0]):
             raise UserError(f"image '{it.image}' is {size[0]}x{size[1]} but its mask '{it.mask}' is "
                             f"{mask.shape[1]}x{mask.shape[0]}",
-                            fix="make the mask the same size as the image (or remove the pair)")
+                            fix="make the mask the same size as the image, upright: a JPEG is read with its EXIF "
+                                "orientation applied (or remove the pair)")
         remap.apply(mask, it.mask, on_unknown, ignore_index)
 
 

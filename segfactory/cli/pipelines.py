@@ -42,6 +42,16 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. render.dataset.scenes=64")
     p.set_defaults(func=cmd_refresh)
 
+    p = commands.add_parser(
+        "verify", help="re-hash every committed shard, stage and release file against its manifest",
+        description="Check a dataset, ingest output, run directory or refresh root: every file of every committed "
+                    "unit against the sha256 its manifest (or stage.json) recorded. Exit code 3 lists the bad units; "
+                    "--repair moves them aside so that re-running the command that made them rebuilds them.")
+    p.add_argument("dir", help="dataset, ingest output, run directory or refresh root")
+    p.add_argument("--repair", action="store_true",
+                   help="move corrupt units aside (.bad-*) so a re-run of render/ingest/run/refresh rebuilds them")
+    p.set_defaults(func=cmd_verify)
+
     p = benches.add_parser("pipeline", help="render frames/min through Dask with 1 and 2 workers, scheduling overhead")
     p.add_argument("--workers", default="1,2", help="worker counts to measure")
     p.add_argument("--scenes", type=int, default=8, help="scenes (1 view each, 1 scene per shard)")
@@ -83,6 +93,20 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     release = run_refresh(cfg, args.root)
     print(json.dumps({"release": release["release"], "shards": len(release["shards"]),
                       "frames": release["num_frames"], "inputs_changed": release["inputs_changed"]}))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.verify import run_verify
+    from segfactory.errors import PartialFailure
+
+    report = run_verify(args.dir, repair=args.repair)
+    print(json.dumps(report.as_json()))
+    if report.problems:
+        what = "moved aside; re-run the command that made them to rebuild them" if args.repair else \
+            "run `segfactory verify --repair` to move them aside, then re-run the command that made them"
+        raise PartialFailure(f"{len(report.problems)} unit(s) are missing or corrupt ({what})",
+                             {unit: "; ".join(p) for unit, p in report.problems.items()})
     return 0
 
 

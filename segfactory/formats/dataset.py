@@ -42,6 +42,7 @@ from segfactory.io import (
     MANIFEST_FILE,
     atomic_write_json,
     canonical_hash,
+    check_files,
     commit_unit,
     committed_units,
     is_committed,
@@ -64,7 +65,8 @@ DEPTH_MAX = 65535
 
 __all__ = ["DATASET_FILE", "IGNORE_INDEX", "MANIFEST_FILE", "SHARDS_DIR", "Dataset", "FrameArrays", "FrameRef",
            "ShardWriter", "commit_shard", "committed_shards", "is_committed", "load_frame", "new_shard_attempt",
-           "open_dataset", "remove_stale_shard_writes", "shard_dir", "write_dataset", "write_dataset_meta"]
+           "open_dataset", "remove_stale_shard_writes", "shard_dir", "verify_shard", "write_dataset",
+           "write_dataset_meta"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,22 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
     # Only the shards dataset.json lists make up the dataset: a directory can also hold committed shards of
     # another size, seed or shard size of the same config (kept for re-use, not part of this dataset).
     return Dataset(root, meta, [sid for sid in committed_shards(root) if sid in listed])
+
+
+def verify_shard(root: str | os.PathLike[str], shard_id: str) -> list[str]:
+    """Re-hash every file of a committed shard against its manifest (frames and ``coco.json``).
+
+    Returns:
+        One line per problem (a missing, unreadable or changed file, an unreadable manifest); empty when intact.
+    """
+    d = shard_dir(root, shard_id)
+    try:
+        manifest = read_json(d / MANIFEST_FILE)
+        expected = {e["path"]: e["sha256"] for fr in manifest["frames"] for e in fr["files"].values()}
+        expected["coco.json"] = manifest["coco_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST_FILE}: unreadable ({type(e).__name__}: {e})"]
+    return check_files(d, expected)
 
 
 def load_frame(ref: FrameRef) -> dict[str, ImageArray]:

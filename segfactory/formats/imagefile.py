@@ -1,9 +1,19 @@
 """Image files: the one reader of image and mask files (every format module and stage reads through it) and the
-one writer of label/frame PNGs."""
+one writer of label/frame PNGs.
+
+Two rules every reader of real images shares (``segfactory ingest`` decodes with the same helpers):
+
+- **Orientation**: a JPEG's EXIF orientation is applied, so an image is read upright, as viewers and labeling tools
+  show it (its mask must be drawn on the upright image). Other formats' orientation tags are not applied.
+- **Decompression bombs**: the pixel count in the header is checked before any pixel is decoded; above
+  ``MAX_PIXELS`` (Pillow's error threshold, ingest's ``checks.max_pixels`` default) the file is refused with one
+  line.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +25,120 @@ from PIL import Image
 from segfactory.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MAX_PIXELS = 178_956_970
+"""Largest image (width x height) read: Pillow's decompression-bomb error threshold (2x ``MAX_IMAGE_PIXELS``)."""
+EXIF_ORIENTATION = 0x0112
 
 ImageArray = npt.NDArray[np.unsignedinteger[Any]]
 """An image as read and written here: (H, W) gray or (H, W, 3) RGB, uint8 or uint16."""
 
 
-def read_image(path: str | os.PathLike[str]) -> ImageArray:
-    """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8) applied to an opened image: a JPEG's tag, 1 (as stored) for other formats."""
+    if im.format != "JPEG":
+        return 1
+    try:
+        o = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (OSError, ValueError, TypeError, SyntaxError):  # a damaged EXIF block is not the pixels' problem
+        return 1
+    return o if 1 <= o <= 8 else 1
 
-    Alpha channels are dropped; TIFFs are read with tifffile (first page), everything else with OpenCV.
+
+def apply_orientation(arr: npt.NDArray[Any], orientation: int) -> npt.NDArray[Any]:
+    """Apply an EXIF orientation (2-8) to (H, W) or (H, W, C) pixels so that the image is upright."""
+    if orientation in (5, 6, 7, 8):
+        arr = np.swapaxes(arr, 0, 1)  # the transposing orientations: transpose, then flip as below
+    flips = {2: (False, True), 3: (True, True), 4: (True, False), 5: (False, False), 6: (False, True),
+             7: (True, True), 8: (True, False)}
+    if orientation not in flips:
+        return arr
+    flip_rows, flip_cols = flips[orientation]
+    if flip_rows:
+        arr = arr[::-1]
+    if flip_cols:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr)
+
+
+def check_pixels(path: str | os.PathLike[str], width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an image whose header promises more than ``max_pixels`` pixels, before decoding it.
 
     Raises:
-        UserError: unreadable file or unsupported pixel type, naming the file.
+        UserError: one line naming the file, its size and the limit.
+    """
+    if width * height > max_pixels:
+        raise UserError(f"image '{path}' is {width}x{height} = {width * height} pixels, above the "
+                        f"decompression-bomb limit of {max_pixels} pixels",
+                        fix="downscale or tile it (a labeled image and its mask must fit the limit)")
+
+
+def _open_header(path: Path, max_pixels: int) -> tuple[int, int, int]:
+    """``(width, height, orientation)`` of a non-TIFF image from its header; no pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels decides
+            with Image.open(path) as im:
+                w, h = im.size
+                orientation = exif_orientation(im)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image '{path}' is above the decompression-bomb limit of {max_pixels} pixels ({e})",
+                        fix="downscale or tile it (a labeled image and its mask must fit the limit)") from None
+    except (OSError, ValueError, SyntaxError):
+        return 0, 0, 1  # a format Pillow cannot identify: OpenCV's reader below decides (and reports)
+    check_pixels(path, w, h, max_pixels)
+    return w, h, orientation
+
+
+def image_size(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`read_image` returns it (upright), from the header alone.
+
+    Raises:
+        UserError: unreadable file, or above ``max_pixels``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        h, w = _tiff_first_page_hw(path, max_pixels)
+        return w, h
+    w, h, orientation = _open_header(path, max_pixels)
+    if w == 0:
+        img = read_image(path, max_pixels)
+        return img.shape[1], img.shape[0]
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _tiff_first_page_hw(path: Path, max_pixels: int) -> tuple[int, int]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            shape = tuple(int(s) for s in tf.pages.first.shape)
+    except Exception as e:  # tifffile raises many types for corrupt files
+        raise UserError(f"cannot read image '{path}': {e}", fix="re-save it as PNG, JPEG or TIFF") from None
+    planar = len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4)
+    h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 1)
+    check_pixels(path, w, h, max_pixels)
+    return h, w
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> ImageArray:
+    """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
+
+    Alpha channels are dropped; TIFFs are read with tifffile (first page), everything else with OpenCV. A JPEG
+    is returned upright (its EXIF orientation applied, as ``segfactory ingest`` stores it).
+
+    Args:
+        path: The file.
+        max_pixels: Larger images are refused from their header, before decoding (decompression bombs).
+
+    Raises:
+        UserError: unreadable file, unsupported pixel type or above ``max_pixels``, naming the file.
     """
     path = Path(path)
     img: npt.NDArray[Any] | None
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
+        _tiff_first_page_hw(path, max_pixels)
         try:
             img = np.asarray(tifffile.imread(path, key=0))
         except Exception as e:  # tifffile raises many types for corrupt files
@@ -40,12 +146,14 @@ def read_image(path: str | os.PathLike[str]) -> ImageArray:
         if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[2] not in (1, 3, 4):
             img = np.moveaxis(img, 0, -1)  # planar TIFF
     else:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        _, _, orientation = _open_header(path, max_pixels)
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # IMREAD_UNCHANGED ignores EXIF: applied below
         if img is None:
             raise UserError(f"cannot read image '{path}' (missing, corrupt or not an image)",
                             fix="re-save it as PNG, JPEG or TIFF, or remove it")
         if img.ndim == 3 and img.shape[2] >= 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        img = apply_orientation(img, orientation)
     if img.ndim == 3:
         if img.shape[2] == 1 or img.shape[2] == 2:  # gray (+ alpha)
             img = img[..., 0]
@@ -60,22 +168,35 @@ def read_image(path: str | os.PathLike[str]) -> ImageArray:
     return np.ascontiguousarray(img)
 
 
-def read_mask(path: str | os.PathLike[str]) -> npt.NDArray[np.uint8] | npt.NDArray[np.int32]:
+def read_mask(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS
+              ) -> npt.NDArray[np.uint8] | npt.NDArray[np.int32]:
     """Read a class-id mask PNG as (H, W) integers (palette PNGs give their indices, not colours).
 
+    Args:
+        path: The file.
+        max_pixels: Larger masks are refused from their header, before decoding (decompression bombs).
+
     Raises:
-        UserError: unreadable or multi-channel mask, naming the file.
+        UserError: unreadable, multi-channel or too large mask, naming the file.
     """
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
-                raise UserError(f"mask '{path}' is a {im.mode} image, not class ids",
-                                fix="save masks as single-channel PNGs whose values are class ids")
-            arr: npt.NDArray[Any] = np.array(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels decides
+            with Image.open(path) as im:
+                check_pixels(path, im.size[0], im.size[1], max_pixels)
+                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
+                    raise UserError(f"mask '{path}' is a {im.mode} image, not class ids",
+                                    fix="save masks as single-channel PNGs whose values are class ids")
+                orientation = exif_orientation(im)
+                arr: npt.NDArray[Any] = np.array(im)
     except UserError:
         raise
+    except Image.DecompressionBombError as e:
+        raise UserError(f"mask '{path}' is above the decompression-bomb limit of {max_pixels} pixels ({e})",
+                        fix="downscale or tile it (a labeled image and its mask must fit the limit)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read mask '{path}': {e}", fix="re-save it as a single-channel PNG") from None
+    arr = apply_orientation(arr, orientation)  # a JPEG mask (lossy, discouraged) is upright like its image
     return arr if arr.dtype == np.uint8 else arr.astype(np.int32, copy=False)
 
 

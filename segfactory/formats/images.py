@@ -8,7 +8,10 @@ Layout (``--out DIR``)::
     DIR/shards/<run>-<chunk>/manifest.json  written last: the shard's commit mark; per image its byte range
                                             (offset, length, ext) in images.bin, source, hash, sizes, scaling
     DIR/index.json                          summary of all committed shards, data hash, channel statistics
-    DIR/rejected.jsonl                      one line per skipped file: source, kind, reason
+    DIR/rejected.jsonl                      one line per skipped file as last judged (source, kind, reason, the
+                                            checks.* limits it was judged under, transient for a read error the
+                                            next run retries), plus one per stack whose later slices were
+                                            dropped (kind pages_dropped)
 
 A shard directory without ``manifest.json`` does not exist (an interrupted write; it is removed on re-run).
 Shards are committed with the shared unit protocol of :mod:`segfactory.io`.
@@ -17,9 +20,10 @@ Shards are committed with the shared unit protocol of :mod:`segfactory.io`.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from segfactory.io import (
     atomic_write_json,
     atomic_write_text,
     canonical_hash,
+    check_files,
     commit_unit,
     committed_units,
     new_attempt_dir,
@@ -54,7 +59,8 @@ WRITER_PACKAGE = "pretrain"
 
 __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", "REJECTED_FILE", "SHARDS_DIR",
            "ImageEntry", "ImageShardWriter", "IngestedImages", "build_index", "clean_uncommitted", "committed_shards",
-           "data_hash", "decode_entry", "iter_manifests", "known_files", "open_images", "read_stored", "shards_dir"]
+           "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_rejections", "open_images",
+           "read_stored", "shards_dir", "verify_shard"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -90,6 +96,7 @@ class ImageShardWriter:
         shards_dir(root).mkdir(parents=True, exist_ok=True)
         self.tmp = new_attempt_dir(shards_dir(root), shard_id)
         self._pack = open(self.tmp / PACK_FILE, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._pack_hash = hashlib.sha256()
         self._offset = 0
         self.images: list[dict[str, Any]] = []
 
@@ -103,6 +110,7 @@ class ImageShardWriter:
     def add(self, data: bytes, ext: str, record: dict[str, Any]) -> None:
         """Append one stored image (encoded bytes) with its manifest record."""
         self._pack.write(data)
+        self._pack_hash.update(data)
         self.images.append({"offset": self._offset, "length": len(data), "ext": ext, **record})
         self._offset += len(data)
 
@@ -112,7 +120,8 @@ class ImageShardWriter:
         manifest = {
             "format": FORMAT, "version": VERSION, "shard_id": self.shard_id, "run": run,
             "created": _now(), "code_version": code_version(WRITER_PACKAGE), "normalize": normalize,
-            "normalize_hash": canonical_hash(normalize), "images": self.images, "rejected": rejected,
+            "normalize_hash": canonical_hash(normalize), "pack_sha256": self._pack_hash.hexdigest(),
+            "images": self.images, "rejected": rejected,
         }
         atomic_write_json(self.tmp / MANIFEST_FILE, manifest)
         commit_unit(self.tmp, self.final)
@@ -124,6 +133,29 @@ class ImageShardWriter:
         if not self._pack.closed:
             self._pack.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def verify_shard(root: str | os.PathLike[str], shard_id: str) -> list[str]:
+    """Re-hash a committed shard's ``images.bin`` against its manifest (``pack_sha256``; a manifest from before
+    it was recorded: only that every image's byte range is inside the file).
+
+    Returns:
+        One line per problem; empty when intact.
+    """
+    d = shards_dir(root) / shard_id
+    try:
+        manifest = read_json(d / MANIFEST_FILE)
+        images = manifest["images"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST_FILE}: unreadable ({type(e).__name__}: {e})"]
+    if "pack_sha256" in manifest:
+        return check_files(d, {PACK_FILE: manifest["pack_sha256"]})
+    try:
+        size = (d / PACK_FILE).stat().st_size
+    except OSError as e:
+        return [f"{PACK_FILE}: missing or unreadable ({e.strerror or e})"]
+    end = max((int(r["offset"]) + int(r["length"]) for r in images), default=0)
+    return [f"{PACK_FILE}: {size} bytes, but its images need {end} (truncated)"] if size < end else []
 
 
 def read_stored(shard_dir: str | os.PathLike[str], rec: dict[str, Any]) -> bytes:
@@ -147,8 +179,14 @@ def iter_manifests(root: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str
         yield sid, json.loads(raw), sha256_bytes(raw)
 
 
-def known_files(root: str | os.PathLike[str]) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
+def known_files(root: str | os.PathLike[str], reexamine: Callable[[dict[str, Any]], bool] | None = None
+                ) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
     """What earlier runs already handled.
+
+    Args:
+        root: The store.
+        reexamine: Called with each rejected record of the latest look at a file: True leaves the file out of
+            the known keys, so that this run looks at it again (a transient read error, changed limits).
 
     Returns:
         ``(keys, sha_to_source, last_run)``: (path, size, mtime_ns) of every file seen (ingested or
@@ -162,23 +200,40 @@ def known_files(root: str | os.PathLike[str]) -> tuple[set[tuple[str, int, int]]
         for rec in man["images"]:
             keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
             shas.setdefault(rec["sha256"], rec["source"])
-        for rec in man["rejected"]:
-            keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
+    for key, rec in latest_rejections(root).items():
+        if key not in keys and not (reexamine is not None and reexamine(rec)):
+            keys.add(key)
     return keys, shas, last_run
+
+
+def latest_rejections(root: str | os.PathLike[str]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """The newest rejected record of each file (path, size, mtime_ns) that no shard ingested, with its
+    ``shard``: a file re-examined by a later run (a transient error, changed limits) counts as it was judged
+    last. ``pages_dropped`` notes are about ingested files and not listed."""
+    ingested: set[tuple[str, int, int]] = set()
+    latest: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for sid, man, _ in iter_manifests(root):
+        for rec in man["images"]:
+            ingested.add((rec["source"], rec["size"], rec["mtime_ns"]))
+        for rec in man["rejected"]:
+            if rec.get("kind") != "pages_dropped":
+                latest[(rec["source"], rec["size"], rec["mtime_ns"])] = {"shard": sid, **rec}
+    return {k: v for k, v in latest.items() if k not in ingested}
 
 
 def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth)."""
     shards = []
-    rejected_lines = []
+    # one line per file as it was last judged, plus the slices dropped from ingested stacks
+    latest = latest_rejections(root)
+    rejected_lines = [json.dumps(r) for r in latest.values()]
     n_gray = n_rgb = 0
     acc = {1: _StatAcc(1), 3: _StatAcc(3)}
     min_short = None
     for sid, man, digest in iter_manifests(root):
         shards.append({"id": sid, "images": len(man["images"]), "rejected": len(man["rejected"]),
                        "manifest_sha256": digest, "run": man["run"]})
-        for r in man["rejected"]:
-            rejected_lines.append(json.dumps({"shard": sid, **r}, sort_keys=False))
+        rejected_lines += [json.dumps({"shard": sid, **r}) for r in man["rejected"] if r.get("kind") == "pages_dropped"]
         for rec in man["images"]:
             pixels = rec["height"] * rec["width"]
             s = min(rec["height"], rec["width"])
@@ -194,7 +249,7 @@ def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     index = {
         "format": FORMAT, "version": VERSION, "created": _now(), "code_version": code_version(WRITER_PACKAGE),
         "num_images": n_gray + n_rgb, "num_gray": n_gray, "num_rgb": n_rgb,
-        "num_rejected": sum(s["rejected"] for s in shards), "min_short_side": min_short,
+        "num_rejected": len(latest), "min_short_side": min_short,
         "data_hash": data_hash([(s["id"], s["manifest_sha256"]) for s in shards]),
         "stats": {str(c): a.result() for c, a in acc.items() if a.n},
         "shards": shards,
