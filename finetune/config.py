@@ -217,6 +217,8 @@ class TrainConfig(StrictModel):
     Attributes:
         steps: Total optimiser steps (the schedule spans them).
         stop_at: Stop after this step with a checkpoint, for time-limited jobs; ``--resume`` continues.
+        max_bad_steps: Steps with a NaN/inf loss skipped before the run stops with a clear error (0: the first
+            stops it). Nothing of a bad step is applied or saved; weights holding NaN are never written.
         keep_best: Keep the best-by-validation-mIoU model as ``model/`` (else the final one).
         select_on: Which validation mIoU picks the best model: ``real`` (falls back to ``all`` when no real
             validation data exists), ``synthetic`` or ``all``.
@@ -243,6 +245,8 @@ class TrainConfig(StrictModel):
     stop_at: int | None = Field(default=None, ge=1)
     keep_best: bool = True
     select_on: Literal["real", "synthetic", "all"] = "real"
+    max_bad_steps: int = Field(default=0, ge=0, description="steps with a NaN or infinite loss skipped (no "
+                               "optimizer step) before the run stops; 0 = stop at the first, before anything is saved")
 
 
 class AdaptConfig(StrictModel):

@@ -234,7 +234,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from segfactory.console import console, progress
     from segfactory.errors import UserError
     from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
-    from segfactory.torchutil import amp_dtype, resolve_device
+    from segfactory.torchutil import amp_dtype, memory_hint, resolve_device
 
     if not data:
         raise UserError("no evaluation data", fix="pass --data DIR (a rendered dataset or images/ + masks/ folder)")
@@ -279,7 +279,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     synth_inst = {src.name: SyntheticInstances(src, targets, watershed) for src in sources
                   if src.kind == "synthetic"}
     synth_inst = {n: si for n, si in synth_inst.items() if si.things}
-    with progress(transient=not show_progress) as bar:
+    lower = f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32)"
+    with progress(transient=not show_progress) as bar, memory_hint("evaluation", lower):
         task = bar.add_task("evaluate", total=sum(len(s.val) for s in sources))
         for src in sources:
             k = int(meta["num_classes"])

@@ -27,7 +27,7 @@ from segfactory.errors import PartialFailure, UserError
 from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image
 from segfactory.formats.model import read_model_meta
 from segfactory.io import atomic_write_bytes
-from segfactory.torchutil import amp_dtype, resolve_device
+from segfactory.torchutil import amp_dtype, memory_hint, resolve_device
 
 
 def _ceil_to(n: int, k: int) -> int:
@@ -333,7 +333,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     failures: dict[str, str] = {}
     rules: dict[str, int] = {}
     t0 = time.perf_counter()
-    with progress(transient=not show_progress) as bar:
+    lower = f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32)"
+    with progress(transient=not show_progress) as bar, memory_hint("prediction", lower):
         task = bar.add_task("predict", total=len(files))
         for p in files:
             try:

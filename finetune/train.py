@@ -40,19 +40,21 @@ from finetune.data.remap import TargetClasses
 from finetune.data.sources import Source, open_training_sources, resolve_targets
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
-from segfactory.errors import UserError
+from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir, read_json
 from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import dropout_seed
-from segfactory.torchutil import warmup_decay
+from segfactory.torchutil import LossGuard, check_finite_weights, memory_hint, warmup_decay
 from segfactory.workers import loader_context
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "segfactory-finetune-checkpoint"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
 # Keys that may differ between a run and its resume: they change when to stop, not what is computed.
-RESUME_FREE_KEYS = ("train.stop_at", "data.num_workers")
+RESUME_FREE_KEYS = ("train.stop_at", "data.num_workers", "train.max_bad_steps")
+# What a diverged loss or NaN weights ask the user to change.
+DIVERGED_FIX = "lower train.lr, set train.grad_clip (e.g. 1.0) or train.amp=off"
 
 
 def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
@@ -78,6 +80,7 @@ class Trainer:
         self.cfg = cfg
         self.out = out
         self.show_progress = show_progress
+        self.loss_guard = LossGuard(cfg.train.max_bad_steps, "train.max_bad_steps", DIVERGED_FIX)
 
     # ------------------------------------------------------------------ setup
     def prepare(self, resume: bool) -> None:
@@ -246,6 +249,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _save_checkpoint(self, step: int) -> None:
+        check_finite_weights(self.model, f"the checkpoint at step {step}", DIVERGED_FIX)
         state = {"format": CHECKPOINT_FORMAT, "step": step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(),
@@ -257,6 +261,14 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.ckpt_path, buf.getvalue())
+
+    def _save_model(self, step: int, val: dict[str, Any] | None) -> None:
+        """Write ``OUT/model`` as validated at ``step``; never weights holding NaN or infinities."""
+        from finetune.models import save_model_dir
+
+        model = self.inference_model(step)
+        check_finite_weights(model, f"the model at step {step}", DIVERGED_FIX)
+        save_model_dir(self.out / "model", model, self._model_meta(step, val))
 
     def _model_meta(self, step: int, val: dict[str, Any] | None) -> dict[str, Any]:
         from finetune.models import model_meta
@@ -312,7 +324,6 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         from finetune.augment import GpuAugment
-        from finetune.models import save_model_dir
 
         cfg, t = self.cfg, self.cfg.train
         out = self.out
@@ -389,9 +400,19 @@ class Trainer:
             keep_best = False
             console.print("self-training without real validation labels: the final model is kept (train.keep_best "
                           "applies to real validation mIoU only)")
-        with progress(transient=not self.show_progress) as bar:
+        saved = start  # the step of the newest checkpoint
+        interrupt = DeferredInterrupt(lambda sig: console.print(
+            f"{sig}: stopping after this step with a checkpoint (a second Ctrl-C stops at once, without one)"))
+        lower = (f"train.batch_size ({t.batch_size}), augment.crop_size ({cfg.augment.crop_size}) or, for "
+                 f"validation, predict.tile ({cfg.predict.tile}) and predict.batch_size ({cfg.predict.batch_size})")
+        with progress(transient=not self.show_progress) as bar, interrupt, memory_hint("fine-tuning", lower):
             task = bar.add_task("finetune", total=t.steps, completed=start)
             for batch in loader:
+                if interrupt.requested:  # at a step boundary: the state is exactly that after `step` steps
+                    if step > saved:
+                        self._save_checkpoint(step)
+                        console.print(f"checkpoint at step {step} saved; --resume continues")
+                    raise interrupt.stop()
                 raise_if_error(batch)
                 if self._frozen and step >= cfg.model.freeze_encoder_steps:
                     self._frozen = False
@@ -407,11 +428,12 @@ class Trainer:
                                   f"{rep['passes'][-1]['real_median_px']:.1f} px at the previous scale)")
                     self._log({"step": step, "input_scale": rep})
                 losses = self._train_step(batch, augment, step)
-                self._loss_acc += losses
-                self._n_log += 1
+                if losses is not None:  # None: a non-finite loss skipped (train.max_bad_steps)
+                    self._loss_acc += losses
+                    self._n_log += 1
                 n_timed += 1
                 step += 1
-                bar.update(task, advance=1, description=f"finetune loss {losses[0]:.3f}")
+                bar.update(task, advance=1, description=f"finetune loss {np.nan if losses is None else losses[0]:.3f}")
                 if step % t.log_every == 0 or step == t.steps:
                     dt = time.perf_counter() - t_log
                     lr = self._lr
@@ -431,10 +453,11 @@ class Trainer:
                         sel = last_val["selected"]
                         if keep_best and sel is not None and sel > self.best_miou:
                             self.best_miou, self.best_step = float(sel), step
-                            save_model_dir(out / "model", self.inference_model(step), self._model_meta(step, last_val))
+                            self._save_model(step, last_val)
                     self._write_curves()
                 if step % t.checkpoint_every == 0 or step == end:
                     self._save_checkpoint(step)
+                    saved = step
         seconds = time.perf_counter() - t_run
         if step < t.steps:
             console.print(f"stopped at step {step}/{t.steps} (train.stop_at); continue with --resume")
@@ -442,7 +465,7 @@ class Trainer:
         model_step = self.best_step
         if not keep_best or self.best_step < 0:
             # No validation data (or keep_best off): the final weights are the model.
-            save_model_dir(out / "model", self.inference_model(step), self._model_meta(step, last_val))
+            self._save_model(step, last_val)
             model_step = step
         self._write_curves()
         summary = {"finished": True, "steps": t.steps, "model_dir": str(out / "model"), "model_step": model_step,
@@ -459,7 +482,8 @@ class Trainer:
         print_summary(summary)
         return summary
 
-    def _train_step(self, batch: dict, augment, step: int) -> np.ndarray:
+    def _train_step(self, batch: dict, augment, step: int) -> np.ndarray | None:
+        """One optimizer step; returns ``[loss, ce, dice]``, or None for a non-finite loss that was skipped."""
         t = self.cfg.train
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["mask"].to(self.device, non_blocking=True)
@@ -494,11 +518,15 @@ class Trainer:
             self._inst_loss = instance_loss(dist_logit, target, known)
             loss = loss + self.cfg.instances.weight * self._inst_loss
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.loss_guard.check(loss, step):
+            return self._skip_step()
         self.scaler.scale(loss).backward()
         if adapting and self.adapt.active(step):
             # A second backward into the same gradients (DAFormer's order): the source graph is freed first.
             st = self.adapt.loss(step, self.model, x_unit, y, real, valid, lambda z: self._forward(z, step, 1),
                                  self.autocast, self.channels_last)
+            if not self.loss_guard.check(st, step):
+                return self._skip_step()
             self.scaler.scale(self.cfg.adapt.weight * st).backward()
             loss = loss.detach() + self.cfg.adapt.weight * st.detach()
         if t.grad_clip:
@@ -509,6 +537,12 @@ class Trainer:
         self._lr = self.optimizer.param_groups[-1]["lr"]  # the rate this step used (logged)
         self.scheduler.step()
         return np.array([loss.item(), float(ce.detach()), float(dice.detach())])
+
+    def _skip_step(self) -> None:
+        """Drop a bad step's gradients; the schedule still advances, so it stays a function of the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._lr = self.optimizer.param_groups[-1]["lr"]
+        self.scheduler.step()
 
     def _forward(self, x: torch.Tensor, step: int, salt: int = 0, instances: bool = False) -> Any:
         """Float logits of the model on a standardised batch (channels_last and autocast as configured); with

@@ -3,6 +3,12 @@
 Stage pipelines call :func:`open_client` with the ``cluster`` config section and never construct clusters
 themselves, so the same pipeline code runs on a laptop and on any scheduler. Per-task knobs (resources,
 timeouts, retries) live in :class:`TaskSettings` and are read by the pipelines through :func:`task_resources`.
+
+Workers write their results straight into the driver's output directory, so every worker must see it at the same
+path (a shared filesystem): :func:`open_client` checks that on every worker there at start
+(:func:`check_shared_dir`) and stops with one line naming the worker that cannot. Kubernetes worker pods mount the
+``cluster.kubernetes.volumes`` the driver's pod mounts (``configs/schedules/refresh-cronjob.yaml``); the image
+they run is built from ``configs/docker/Dockerfile``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -52,12 +60,34 @@ class SlurmSettings(StrictModel):
         return self
 
 
+class KubernetesVolume(StrictModel):
+    """A PersistentVolumeClaim every worker pod mounts: the one holding the driver's output directory."""
+
+    claim: str = Field(description="PersistentVolumeClaim name (ReadWriteMany: the driver and every worker mount it)")
+    mount_path: str = Field(description="where the pods mount it: the same path as in the driver's pod")
+    sub_path: str | None = Field(None, description="a sub-path of the volume, as in the driver's pod")
+
+    @model_validator(mode="after")
+    def _absolute(self) -> KubernetesVolume:
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"mount_path={self.mount_path!r} must be an absolute path, e.g. /data/segfactory")
+        return self
+
+
+# The image configs/docker/Dockerfile builds; configs/schedules/refresh-cronjob.yaml runs the driver in it too.
+DEFAULT_IMAGE = "ghcr.io/segfactory/segfactory:latest"
+IMAGE_UID = 1000  # the user the image runs as
+
+
 class KubernetesSettings(StrictModel):
     """``cluster.kubernetes``: a dask-kubernetes operator ``DaskCluster`` (needs the Dask operator installed)."""
 
     name: str = Field("segfactory", description="DaskCluster resource name")
     namespace: str | None = Field(None, description="namespace (default: the current context's)")
-    image: str = Field("ghcr.io/segfactory/segfactory:latest", description="image with segfactory installed")
+    image: str = Field(DEFAULT_IMAGE, description="image with segfactory installed (configs/docker/Dockerfile)")
+    volumes: list[KubernetesVolume] = Field(
+        default_factory=list, description="volumes every worker pod mounts, e.g. [{claim: segfactory-data, "
+        "mount_path: /data/segfactory}]: the output directory must be on one of them")
     n_workers: int = Field(2, ge=0, description="initial worker pods")
     minimum: int = Field(0, ge=0, description="adaptive scaling: fewest worker pods")
     maximum: int = Field(8, ge=1, description="adaptive scaling: most worker pods")
@@ -128,6 +158,13 @@ def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict[str, Any]:
                              idle_timeout=k.idle_timeout)
     worker = spec["spec"]["worker"]
     container = worker["spec"]["containers"][0]
+    if k.volumes:  # the driver's output volume, at the driver's path: workers write their results there
+        worker["spec"]["volumes"] = [{"name": f"data-{i}", "persistentVolumeClaim": {"claimName": v.claim}}
+                                     for i, v in enumerate(k.volumes)]
+        container["volumeMounts"] = [{"name": f"data-{i}", "mountPath": v.mount_path,
+                                      **({"subPath": v.sub_path} if v.sub_path else {})}
+                                     for i, v in enumerate(k.volumes)]
+        worker["spec"]["securityContext"] = {"fsGroup": IMAGE_UID}  # the image's user may write to them
     args = list(container.get("args", []))
     # Threads = CPUs of the pod; a GPU pod offers the GPU resource the training tasks ask for.
     args += ["--nthreads", str(cfg.threads_per_worker), "--memory-limit", _k8s_to_dask_memory(k.memory)]
@@ -149,15 +186,23 @@ def _k8s_to_dask_memory(mem: str) -> str:
 
 
 @contextlib.contextmanager
-def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None = None) -> Iterator[Any]:
+def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None = None,
+                shared_dir: str | os.PathLike | None = None) -> Iterator[Any]:
     """Yield a ``distributed.Client`` for the configured cluster, closing what we started on exit.
 
     Args:
         cfg: The ``cluster`` section.
         performance_report: If set, a Dask performance report (HTML) of everything run inside is saved there.
+        shared_dir: The output directory the tasks write into: on a cluster other than ``local`` every worker
+            must see it (:func:`check_shared_dir`).
+
+    Raises:
+        UserError: the scheduler cannot be reached, or a worker cannot see ``shared_dir``.
     """
     from distributed import Client
 
+    if shared_dir is not None and cfg.backend == "kubernetes":
+        check_volume_covers(cfg.kubernetes, Path(shared_dir))
     cluster: Any = None
     if cfg.backend == "address":
         if not cfg.address:
@@ -185,6 +230,9 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         client = Client(cluster)
     try:
         _announce(client, cfg)
+        if shared_dir is not None and cfg.backend != "local":  # LocalCluster workers share this machine's files
+            # Adaptive clusters start workers only for tasks: wait for one only where the config keeps some.
+            check_shared_dir(client, Path(shared_dir), min(cfg.connect_timeout_s, 60.0) if _keeps_workers(cfg) else 0)
         if performance_report is None:
             yield client
         else:
@@ -300,3 +348,87 @@ def _announce(client: Any, cfg: ClusterConfig) -> None:
     where = {"slurm": "SLURM jobs (adaptive)", "kubernetes": "Kubernetes pods"}.get(cfg.backend, "")
     console.print(f"dask: {nworkers} worker(s) at {client.scheduler.address}" + (f" via {where}" if where else "")
                   + (f", dashboard {link}" if link else ""), soft_wrap=True)
+
+
+def _keeps_workers(cfg: ClusterConfig) -> bool:
+    return (cfg.backend == "address" or (cfg.backend == "slurm" and cfg.slurm.minimum_jobs > 0)
+            or (cfg.backend == "kubernetes" and cfg.kubernetes.n_workers > 0))
+
+
+def check_volume_covers(k: KubernetesSettings, path: Path) -> None:
+    """The output directory is on a volume the worker pods mount (Kubernetes).
+
+    Raises:
+        UserError: ``cluster.kubernetes.volumes`` is empty or none of them holds ``path``.
+    """
+    target = Path(os.path.abspath(path))
+    if any(target == Path(v.mount_path) or Path(v.mount_path) in target.parents for v in k.volumes):
+        return
+    mounted = ", ".join(v.mount_path for v in k.volumes) or "none"
+    raise UserError(f"the output directory '{target}' is on no volume the worker pods mount "
+                    f"(cluster.kubernetes.volumes: {mounted}); workers would write where the driver cannot see",
+                    fix="add the driver's output volume, e.g. cluster.kubernetes.volumes=[{claim: segfactory-data, "
+                        "mount_path: /data/segfactory}], and write under its mount_path")
+
+
+SHARED_PROBE = ".segfactory-shared-"
+
+
+def check_shared_dir(client: Any, path: Path, wait_s: float) -> None:
+    """Every worker sees the driver's directory ``path``: the file the driver writes there, with its content, and
+    can write there too.
+
+    A worker on another filesystem (node-local ``/tmp``, a pod without the volume, a host that mounts something
+    else at that path) would write results the driver never sees. An adaptive cluster with no worker yet is
+    waited for up to ``wait_s``; workers that join later are not checked.
+
+    Raises:
+        UserError: one line naming the first worker that cannot see or write ``path`` and why.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    token = path / f"{SHARED_PROBE}{uuid.uuid4().hex}"
+    content = f"{os.uname().nodename}:{os.getpid()}:{token.name}"
+    token.write_text(content, encoding="utf-8")
+    try:
+        deadline = time.monotonic() + wait_s
+        while not client.scheduler_info().get("workers") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not client.scheduler_info().get("workers"):
+            console.print(f"note: no Dask worker yet to check that workers see '{path}' (they must: a shared "
+                          "filesystem at the same path)", soft_wrap=True)
+            return
+        seen: dict[str, str | None] = client.run(_probe_shared_dir, str(token), content)
+    finally:
+        token.unlink(missing_ok=True)
+    bad = {worker: why for worker, why in seen.items() if why}
+    if bad:
+        worker, why = next(iter(bad.items()))
+        raise UserError(f"{len(bad)} of {len(seen)} Dask worker(s) cannot use the output directory '{path}' "
+                        f"(worker {worker}: {why}); workers must share the output filesystem with the driver",
+                        fix="mount the same filesystem at the same path on every worker: on SLURM a shared "
+                            "filesystem (not /tmp or node-local disk), on Kubernetes cluster.kubernetes.volumes, "
+                            "for `dask worker`s the driver's mount")
+
+
+def _probe_shared_dir(token: str, content: str) -> str | None:
+    """Runs on each worker: why it cannot use the token's directory, or None."""
+    import socket
+
+    host = socket.gethostname()
+    try:
+        seen = Path(token).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if Path(token).parent.is_dir():
+            return f"on {host} it lacks the driver's file: a different filesystem is mounted there"
+        return f"on {host} it does not exist"
+    except OSError as e:
+        return f"on {host} it is not readable ({e.strerror or e})"
+    if seen != content:
+        return f"on {host} it holds another file: a different filesystem is mounted there"
+    probe = Path(f"{token}-{host}-{os.getpid()}")
+    try:
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as e:
+        return f"on {host} it is not writable ({e.strerror or e})"
+    return None

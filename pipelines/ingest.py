@@ -159,7 +159,7 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
     failures: dict[str, str] = {}
     if new:
         cfg_dict = stage.model_dump(mode="json")
-        with open_client(cfg.cluster) as client:
+        with open_client(cfg.cluster, shared_dir=out) as client:
             hashed, hash_failures = _hash_phase(client, new, cfg)
             failures.update(hash_failures)
             specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard)

@@ -2,6 +2,12 @@
 
 The kernel drops an ``flock`` when its holder exits, however it exits (crash, SIGKILL), so a stale lock file
 never blocks the next run; the file only records who holds it, for the error message.
+
+Network filesystems: on NFS (v4, or v3 with lockd) an ``flock`` is a lock the server holds for every client, so
+two drivers on two hosts exclude each other. Mounted with ``nolock`` or ``local_lock=flock|all`` (NFS), or with
+``localflock`` (Lustre), the lock only excludes processes of the same host: :func:`exclusive_lock` then warns with
+the fix (remount, or run every driver of that output from one host). Lustre mounted without ``flock`` refuses
+``flock`` altogether: that stops with one line and the fix instead of a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from segfactory.console import console
 from segfactory.errors import EXIT_BUSY, UserError
+
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 @contextlib.contextmanager
@@ -29,17 +38,71 @@ def exclusive_lock(path: Path, busy: str, fix: str) -> Iterator[None]:
     Raises:
         UserError: with exit code ``EXIT_BUSY`` if another process (or another open of the file) holds it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the lock file '{path}' ({e.strerror or e})",
+                        fix=f"make '{path.parent}' a writable directory") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             raise UserError(f"{busy} is running ({holder}); nothing was done", fix=fix, exit_code=EXIT_BUSY) from None
+        except OSError as e:  # Lustre without -o flock: ENOSYS; some FUSE filesystems: EINVAL/ENOLCK
+            raise UserError(f"the filesystem of '{path}' does not support locks ({e.strerror or e})",
+                            fix="mount it with -o flock (Lustre) or with locking on (NFS: no 'nolock'), or put the "
+                                "output on a filesystem with locks") from None
+        local = local_only_locking(path)
+        if local:
+            console.print(f"[yellow]warning:[/] '{path.parent}' is on {local}: its locks exclude only runs on this "
+                          f"host ({os.uname().nodename}); run every driver of this output from this host, or remount "
+                          "with cluster-wide locks (NFS: without nolock/local_lock; Lustre: -o flock)", soft_wrap=True)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since "
                       f"{datetime.now(UTC).isoformat(timespec='seconds')}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def local_only_locking(path: Path, mountinfo: str | None = None) -> str | None:
+    """Whether ``path`` is on a network filesystem whose locks only work within one host.
+
+    Args:
+        path: A path on the filesystem (it must exist).
+        mountinfo: The text of ``/proc/self/mountinfo`` (default: read it).
+
+    Returns:
+        ``"<fstype> mounted with <option>"`` for NFS mounted ``nolock`` or ``local_lock=flock|all`` and Lustre
+        mounted ``localflock``; None otherwise (local filesystems, cluster-wide locks, or no mount table).
+    """
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[str, str, set[str]] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 6:
+            continue
+        head, tail = line.split(" - ", 1)
+        point = head.split()[4].replace("\\040", " ")
+        fstype, _source, *rest = tail.split()
+        opts = set(head.split()[5].split(",")) | set(rest[0].split(",") if rest else [])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fstype, opts)
+    if best is None:
+        return None
+    _, fstype, opts = best
+    if fstype.startswith("nfs"):
+        for opt in ("nolock", "local_lock=flock", "local_lock=all"):
+            if opt in opts:
+                return f"{fstype} mounted with {opt}"
+    if fstype == "lustre" and "localflock" in opts:
+        return "lustre mounted with localflock"
+    return None

@@ -205,7 +205,7 @@ def _render_locked(cfg: RenderStep, out: Path, cluster: ClusterConfig, meta: dic
     if todo:
         from pipelines.cluster import open_client
 
-        with open_client(cluster, performance_report) as client:
+        with open_client(cluster, performance_report, shared_dir=out) as client:
             failures, rendered = _submit_and_wait(client, cfg, out, cluster, config_hash, todo, frames_per_shard)
         # Writes of shards whose worker died mid-render (the retry committed elsewhere) leave temp dirs behind.
         for sid in committed_shards(out):

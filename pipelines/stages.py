@@ -29,7 +29,7 @@ from pipelines.cluster import ClusterConfig, open_client, training_resources
 from pipelines.render import RenderStep
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
-from segfactory.errors import UserError
+from segfactory.errors import EXIT_USER, STAGE_LOG_ENV, PartialFailure, UserError
 from segfactory.io import (
     ATTEMPT_PREFIX,
     atomic_write_json,
@@ -227,7 +227,7 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
     task returns ``finished: False``. The child's progress lines are forwarded to the driver as
     ``STAGE_PROGRESS_TOPIC`` events.
     """
-    from pipelines.subproc import forward_to_driver, run_logged
+    from pipelines.subproc import SubprocessFailed, forward_to_driver, run_logged
 
     final_p = Path(final)
     if stage_done(final_p):
@@ -252,8 +252,13 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
                         f"{_resume_point(command, attempt)}\n")
         cmd = [sys.executable, "-m", "segfactory.cli", *args]
         t0 = time.perf_counter()
-        run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
-                   env={**os.environ, PROGRESS_LINES_ENV: "1"})
+        try:
+            run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
+                       env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)})
+        except SubprocessFailed as e:
+            if e.returncode == EXIT_USER and e.error:  # the same config fails the same way: no retry, exit 2
+                return {"skipped": False, "finished": False, "user_error": e.error, "fix": e.fix}
+            raise
         seconds = round(time.perf_counter() - t0, 2)
         finished, why = finished_state(command, attempt)
         if not finished:
@@ -277,10 +282,13 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
 
     Raises:
         StageIncomplete: a stage's command ended before finishing (``train.stop_at``); a re-run resumes it.
-        UserError: a stage failed after its retries (naming its log); a re-run resumes at that stage.
+        UserError: a stage's command refused its config or input (its own one-line error, not retried).
+        PartialFailure: a stage crashed, ran out of memory, timed out or lost its worker after its retries
+            (listed with its log); a re-run resumes at that stage.
     """
     results: dict[str, dict[str, Any]] = {}
-    with open_client(cluster, performance_report=performance_report) as client:
+    shared = next(iter(commands.values()))[0].parent if commands else None  # ROOT/stages
+    with open_client(cluster, performance_report=performance_report, shared_dir=shared) as client:
         resources = training_resources(client, cluster)
         console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
         with progress() as bar:
@@ -312,7 +320,12 @@ def _run_one(client: Any, bar: Any, name: str, final: Path, argv: list[str], tim
                            keys={name: f"{name}-{final.name}"}, retries=retries, resources=resources,
                            topic=STAGE_PROGRESS_TOPIC, parse_event=parse, on_failure=errors.__setitem__, bar=bar,
                            final=str(final), timeout_s=timeout_s)
-    if errors:
-        raise UserError(f"stage {name} failed: {errors[name]}",
-                        fix=f"see {final.parent / (final.name + '.log')}; re-running resumes here")
+    log = final.parent / f"{final.name}.log"
+    if errors:  # a crash, an OOM kill, a timeout or a lost worker: not the user's config (exit 3, listed)
+        raise PartialFailure(f"stage {name} failed after {retries} retr{'y' if retries == 1 else 'ies'}; finished "
+                             "stages are kept and a re-run resumes at this one",
+                             {name: f"{type(errors[name]).__name__}: {errors[name]} (log: {log})"})
+    if "user_error" in results[name]:  # the stage's command refused its config or input (exit 2)
+        raise UserError(f"stage {name}: {results[name]['user_error']}",
+                        fix=results[name]["fix"] or f"see {log}; re-running resumes here")
     return results[name]

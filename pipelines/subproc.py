@@ -37,7 +37,18 @@ def forward_to_driver(topic: str, parse: Callable[[str], dict[str, Any] | None])
 
 
 class SubprocessFailed(RuntimeError):
-    """The child crashed or exited non-zero; the message carries the exit status and its last output lines."""
+    """The child crashed or exited non-zero; the message carries the exit status and its last output lines.
+
+    Attributes:
+        returncode: The child's exit status (negative: the signal that killed it; None: timed out).
+        error: The child's last ``error: ...`` line (a segfactory command's user error), without the prefix.
+        fix: The ``fix: ...`` line after it, if any.
+    """
+
+    def __init__(self, message: str, returncode: int | None = None, error: str | None = None,
+                 fix: str | None = None):
+        super().__init__(message)
+        self.returncode, self.error, self.fix = returncode, error, fix
 
 
 class SubprocessTimeout(SubprocessFailed):
@@ -66,6 +77,7 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
     """
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=8)
+    error: list[str | None] = [None, None]  # the child's last "error:" line and the "fix:" line after it
     timed_out = threading.Event()
     with open(log_path, "a", encoding="utf-8", errors="replace") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -85,6 +97,10 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
                 log.write(line)
                 if line.strip():
                     tail.append(line.rstrip())
+                if line.startswith("error: "):
+                    error[:] = [line.removeprefix("error: ").strip(), None]
+                elif line.lstrip().startswith("fix: ") and error[0] is not None and error[1] is None:
+                    error[1] = line.strip().removeprefix("fix: ")
                 if on_line is not None:
                     on_line(line)
             rc = proc.wait()
@@ -98,4 +114,5 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
     if rc != 0:
         status = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
         last = " | ".join(list(tail)[-3:])
-        raise SubprocessFailed(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} {status}: {last} (log: {log_path})")
+        raise SubprocessFailed(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} {status}: {last} (log: {log_path})",
+                               returncode=rc, error=error[0], fix=error[1])

@@ -162,6 +162,8 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    max_bad_steps: int = Field(0, ge=0, description="steps with a NaN or infinite loss skipped (no optimizer step) "
+                               "before the run stops; 0 = stop at the first, before anything is saved")
 
 
 class PretrainConfig(StrictModel):

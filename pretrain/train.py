@@ -21,10 +21,7 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,14 +38,17 @@ from pretrain.methods.base import SSLMethod
 from segfactory import torchutil
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
-from segfactory.errors import UserError
+from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.formats.encoder import save_encoder
 from segfactory.formats.images import ImageEntry, IngestedImages, open_images
 from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
 from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import pretrain_augment_seed
-from segfactory.torchutil import resolve_device, warmup_decay
+from segfactory.torchutil import LossGuard, check_finite_weights, memory_hint, resolve_device, warmup_decay
+
+# What a diverged loss or NaN weights ask the user to change.
+DIVERGED_FIX = "lower optim.lr, set optim.grad_clip or train.amp=off"
 
 CKPT_DIR = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"
@@ -118,6 +118,7 @@ def _arch(cfg: PretrainConfig, in_chans: int) -> dict[str, Any]:
 
 def save_checkpoint(out: Path, step: int, model: SSLMethod, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
                     cfg: PretrainConfig, in_chans: int, data_hash: str, keep: int) -> Path:
+    check_finite_weights(model, f"the checkpoint at step {step}", DIVERGED_FIX)
     persistent = set(model.state_dict())
     state = {
         "format": "segfactory-pretrain-checkpoint", "step": step, "arch": _arch(cfg, in_chans),
@@ -164,39 +165,6 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     elif scaler.is_enabled():
         console.print("note: the checkpoint has no fp16 loss-scaler state (it was not an fp16 run); "
                       "starting from the default loss scale")
-
-
-class _DeferredInterrupt:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
-
-    A KeyboardInterrupt raised mid-step would leave half-updated state (momentum encoders, BN statistics,
-    MoCo's memory bank, DINO's center, a partial optimizer step) that no checkpoint may hold. A second Ctrl-C
-    raises KeyboardInterrupt at once (nothing more is saved). Outside the main thread signals cannot be
-    handled; there a Ctrl-C keeps Python's default behaviour.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = False
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print("interrupt: stopping after this step with a checkpoint (Ctrl-C again stops at once, "
-                      "without one)")
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
 
 
 def check_same_arch(ckpt: dict[str, Any], arch: dict[str, Any], path: Path) -> None:
@@ -329,7 +297,11 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     model.train()
     saved = start  # the step of the newest checkpoint of this run
     try:
-        with progress() as bar, _DeferredInterrupt() as interrupt:
+        guard = LossGuard(tr.max_bad_steps, "train.max_bad_steps", DIVERGED_FIX)
+        interrupt = DeferredInterrupt(lambda sig: console.print(
+            f"{sig}: stopping after this step with a checkpoint (a second Ctrl-C stops at once, without one)"))
+        lower = f"train.batch_size ({tr.batch_size}; train.accumulate keeps the effective batch) or the crop sizes"
+        with progress() as bar, interrupt, memory_hint("pretraining", lower):
             task = bar.add_task("pretrain", total=total, completed=start)
             while step < end:
                 if interrupt.requested:  # at a step boundary: the state is exactly that after `step` steps
@@ -338,7 +310,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                                         tr.keep_checkpoints)
                         saved = step
                         console.print(f"checkpoint at step {step} saved; --resume continues")
-                    raise KeyboardInterrupt
+                    raise interrupt.stop()
                 model.on_step_start(step)
                 for micro in range(tr.accumulate):
                     t0 = time.perf_counter()
@@ -352,9 +324,20 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                         v = views(batch, gen, channels_last=tr.channels_last)
                     with autocast():
                         loss = model(v, step)
+                    if not guard.check(loss, step):  # one host sync per micro-batch: nothing of a bad step is kept
+                        bad = True
+                        break
                     scaler.scale(loss / tr.accumulate).backward()
                     win_loss += loss.detach().float()
                     win_n += 1
+                else:
+                    bad = False
+                if bad:  # skipped (train.max_bad_steps): no optimizer step; the schedule follows the step count
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    step += 1
+                    bar.update(task, completed=step)
+                    continue
                 model.on_before_optimizer_step(step)
                 if cfg.optim.grad_clip:
                     scaler.unscale_(opt)
@@ -368,10 +351,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                 bar.update(task, completed=step)
                 if step % tr.log_every == 0 or step == end:
                     now = time.perf_counter()
-                    loss_v = (win_loss / max(1, win_n)).item()  # the only host sync of the loop
-                    if not math.isfinite(loss_v):
-                        raise UserError(f"the loss became {loss_v} at step {step}",
-                                        fix="lower optim.lr, or set train.amp=off; then --resume")
+                    loss_v = (win_loss / max(1, win_n)).item()  # finite: LossGuard checked every micro-batch
                     dt = now - win_t0
                     last_row = {"step": step, "loss": round(loss_v, 6), "lr": opt.param_groups[0]["lr"],
                                 "images_per_s": round(win_n * tr.batch_size / dt, 2),

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
 # Exit codes are part of the CLI contract: scripts and schedulers branch on them.
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: traceback printed
 EXIT_USER = 2  # bad config, missing file, corrupt input: nothing was done
 EXIT_PARTIAL = 3  # the run finished but some units (shards, files) failed; they are listed
 EXIT_BUSY = 4  # another run holds the lock
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: finished work is kept, a re-run resumes
+
+# Set by a pipeline for its stage processes: their log file, where their output goes once they are signalled.
+STAGE_LOG_ENV = "SEGFACTORY_STAGE_LOG"
 
 
 class UserError(Exception):
@@ -37,3 +48,103 @@ class PartialFailure(Exception):
         super().__init__(message)
         self.message = message
         self.failures = failures
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and cron send): the CLI exits with ``EXIT_INTERRUPTED``.
+
+    Args:
+        signame: The signal that stopped the run, for the message.
+    """
+
+    def __init__(self, signame: str = "SIGINT"):
+        super().__init__(signame)
+        self.signame = signame
+
+
+def _signame(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(_signame(signum))
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Interrupted` like Ctrl-C does, so every ``finally`` and context
+    manager on the way out runs (clusters closed, checkpoints kept) and the CLI exits with 130 and a message,
+    instead of dying silently with 143. SIGINT raises :class:`Interrupted` too (naming the signal). A no-op
+    outside the main thread, where Python cannot handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _detach_output() -> None:
+    """Point stdout and stderr at the stage's log file (``STAGE_LOG_ENV``), else at /dev/null.
+
+    A pipeline's stage process writes into a pipe its Dask worker reads; a signal to the stage usually means the
+    worker is going down too (its driver stopped, its SLURM job was cancelled, its pod deleted), and the next
+    write to the broken pipe would fail the checkpoint about to be saved. Its last lines go to its log instead.
+    """
+    with contextlib.suppress(OSError):
+        log = os.environ.get(STAGE_LOG_ENV)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log else os.open(os.devnull, os.O_WRONLY)
+        for std in (1, 2):
+            os.dup2(fd, std)
+        os.close(fd)
+
+
+class DeferredInterrupt:
+    """Turns the first SIGINT or SIGTERM into a request to stop at the next step boundary.
+
+    Training loops check :attr:`requested` between steps, save a checkpoint of the state after the last whole
+    step and raise :class:`Interrupted`. An interrupt raised mid-step would leave half-updated state (a partial
+    optimizer step, momentum encoders, BatchNorm statistics, memory banks) that no checkpoint may hold. A second
+    Ctrl-C raises :class:`Interrupted` at once (nothing more is saved); further SIGTERMs are ignored (a stage
+    process gets one from its dying worker and one more from ``PR_SET_PDEATHSIG``; a scheduler ends its grace
+    period with SIGKILL). Outside the main thread signals cannot be handled; there the process keeps its handlers.
+
+    Args:
+        announce: Called with the signal's name when the first one arrives (prints what happens next).
+    """
+
+    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
+        self.requested: str | None = None
+        self._announce = announce
+        self._previous: dict[int, Any] = {}
+        self._ppid = os.getppid()
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            if signum == signal.SIGINT:  # a second Ctrl-C: the user wants out now
+                raise Interrupted(_signame(signum))
+            return  # SIGTERM again (the worker's cleanup, then PR_SET_PDEATHSIG): the scheduler's SIGKILL is final
+        self.requested = _signame(signum)
+        if os.getppid() != self._ppid or os.environ.get(STAGE_LOG_ENV):
+            _detach_output()
+        if self._announce is not None:
+            with contextlib.suppress(OSError):  # stdout may be a pipe whose reader is gone (a killed driver)
+                self._announce(self.requested)
+
+    def stop(self) -> Interrupted:
+        """The exception to raise once the checkpoint is saved."""
+        return Interrupted(self.requested or "SIGINT")
+
+    def __enter__(self) -> DeferredInterrupt:
+        self._ppid = os.getppid()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

@@ -1,12 +1,16 @@
-"""Torch helpers every training and inference stage shares: the device, the autocast dtype and the learning-rate
-schedule.
+"""Torch helpers every training and inference stage shares: the device, the autocast dtype, the learning-rate
+schedule, and the guards against a diverged loss (:class:`LossGuard`, :func:`check_finite_weights`) and running out
+of memory (:func:`memory_hint`).
 
 Imports torch at module level: only stage code imports this module, never the CLI's start-up path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+from collections.abc import Iterator
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -93,3 +97,96 @@ def warmup_decay(optimizer: torch.optim.Optimizer, total: int, warmup: int, sche
         return lr_factor(step, total, warmup, schedule, power, min_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+class LossGuard:
+    """Stops a training run at a NaN or infinite loss, before the step is applied or anything is saved.
+
+    Call :meth:`check` with each step's loss before its optimizer step: it returns True for a finite loss. A
+    non-finite one is skipped (the caller drops the step's gradients and takes no optimizer step) while fewer
+    than ``max_bad_steps`` steps of this run were skipped; the next one raises.
+
+    Args:
+        max_bad_steps: Non-finite steps skipped before the run stops (0: stop at the first).
+        setting: The config key of ``max_bad_steps`` (``train.max_bad_steps``), for the message.
+        fix: What to lower or change, for the message (e.g. ``"lower train.lr or set train.grad_clip"``).
+    """
+
+    def __init__(self, max_bad_steps: int, setting: str, fix: str):
+        self.max_bad_steps, self.setting, self.fix = max_bad_steps, setting, fix
+        self.skipped: list[int] = []
+
+    def check(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether the loss of step ``step`` (0-based) is finite (one host sync).
+
+        Raises:
+            UserError: the loss is NaN or infinite and ``max_bad_steps`` steps were skipped already.
+        """
+        value = float(loss.detach().float())
+        if math.isfinite(value):
+            return True
+        if len(self.skipped) >= self.max_bad_steps:
+            skipped = f" after skipping {len(self.skipped)} bad step(s) ({self.setting}={self.max_bad_steps})" \
+                if self.skipped else ""
+            raise UserError(f"the training loss became {value} at step {step + 1}{skipped}; the run stopped and "
+                            "nothing of that step was applied or saved",
+                            fix=f"{self.fix}; or set {self.setting}=N to skip up to N such steps")
+        self.skipped.append(step + 1)
+        from segfactory.console import console
+
+        console.print(f"[yellow]warning:[/] loss {value} at step {step + 1}: step skipped "
+                      f"({len(self.skipped)}/{self.max_bad_steps} of {self.setting})", soft_wrap=True)
+        return False
+
+
+def check_finite_weights(module: torch.nn.Module, what: str, fix: str) -> None:
+    """Refuse to save ``module`` when any parameter or buffer holds a NaN or infinity (one host sync).
+
+    Args:
+        module: The model about to be written.
+        what: What would have been written, e.g. ``"the checkpoint at step 120"``.
+        fix: The fix line.
+
+    Raises:
+        UserError: naming the first non-finite tensor.
+    """
+    tensors = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if bool(finite.all()):
+        return
+    name = tensors[int((~finite).nonzero()[0])][0]
+    raise UserError(f"the model's weights hold NaN or infinite values ('{name}'); {what} was not written", fix=fix)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch running out of memory: CUDA (``torch.cuda.OutOfMemoryError``) or a failed host
+    allocation (``DefaultCPUAllocator: can't allocate memory``)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+
+
+@contextlib.contextmanager
+def memory_hint(what: str, lower: str) -> Iterator[None]:
+    """Turn running out of (GPU or host) memory inside the block into one line saying what to lower.
+
+    Args:
+        what: What ran out, e.g. ``"fine-tuning"``.
+        lower: The settings to lower, with their values, e.g. ``"train.batch_size (8) or augment.crop_size (512)"``.
+
+    Raises:
+        UserError: instead of the out-of-memory error (its first line is kept in the message).
+    """
+    try:
+        yield
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e) else "host"
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", str(e))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise UserError(f"{what} ran out of {where} memory" + (f" allocating {size[1]}" if size else ""),
+                        fix=f"lower {lower}") from None

@@ -11,12 +11,25 @@ Nothing below this layer imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib
+import os
+import signal
 
 from segfactory import __version__
+from segfactory.cli.args import check_out_dirs
 from segfactory.cli.lazyhelp import Parser
-from segfactory.console import console
-from segfactory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, PartialFailure, UserError
+from segfactory.console import PROGRESS_LINES_ENV, console
+from segfactory.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    Interrupted,
+    PartialFailure,
+    UserError,
+    sigterm_interrupts,
+)
 
 COMMAND_MODULES = ["segfactory.cli.synth", "segfactory.cli.pretrain", "segfactory.cli.finetune",
                    "segfactory.cli.pipelines", "segfactory.cli.samples"]
@@ -38,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code (README "Exit codes"): 0 ok, 1 a bug (traceback), 2 a user
+    error (one line + fix), 3 some units failed after retries (listed), 4 another run holds the lock, 130
+    interrupted by Ctrl-C or SIGTERM (finished work is kept, a re-run resumes)."""
     parser = build_parser()
     # `key=value` overrides may come after the options too; argparse only takes trailing positionals at once.
     args, unknown = parser.parse_known_args(argv)
@@ -46,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *unknown]
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if os.environ.get(PROGRESS_LINES_ENV):
+        _terminate_with_parent()
     try:
-        return int(args.func(args) or 0)
+        with sigterm_interrupts():
+            check_out_dirs(args)
+            return int(args.func(args) or 0)
     except UserError as e:
         if args.debug:
             console.print_exception()
@@ -60,9 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         for unit, why in e.failures.items():
             console.print(f"  {unit}: {why}", soft_wrap=True, markup=False)
         return EXIT_PARTIAL
-    except KeyboardInterrupt:
-        console.print("interrupted; finished work is kept and a re-run resumes")
+    except KeyboardInterrupt as e:
+        why = f" by {e.signame}" if isinstance(e, Interrupted) else ""
+        with contextlib.suppress(OSError):  # a stage process whose driver is gone has no reader left
+            console.print(f"interrupted{why}; finished work is kept and a re-run resumes", soft_wrap=True)
         return EXIT_INTERRUPTED
     except Exception:  # a bug, not a user mistake: keep the traceback
         console.print_exception()
         return EXIT_INTERNAL
+
+
+def _terminate_with_parent() -> None:
+    """A pipeline's stage process (its driver set ``PROGRESS_LINES_ENV``) gets SIGTERM, not the SIGKILL its
+    launcher asked for, when the Dask worker that started it dies: it then stops at a step boundary with a clean
+    checkpoint (:class:`segfactory.errors.DeferredInterrupt`) instead of losing the steps since the last one."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segfactory.cli.args import out_dir
 from segfactory.cli.lazyhelp import Names
 from segfactory.errors import UserError
 
@@ -227,7 +228,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
                             description="Fine-tune a segmentation model. --synthetic/--real replace the paths of "
                                         "the config's data entries in order (keeping their weights and remaps).")
     p.add_argument("config", help="YAML config (e.g. configs/finetune.yaml)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, type=out_dir("--out"), help="run directory")
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
     p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
     p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json), "
@@ -258,7 +259,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
                         "repeatable, reported per source and per kind")
-    e.add_argument("--out", help="report directory (default MODEL_DIR/eval)")
+    e.add_argument("--out", type=out_dir("--out"), help="report directory (default MODEL_DIR/eval)")
     e.add_argument("--remap", action="append", metavar="SRC=DST", help="map a data class onto a model class "
                    "(or 'ignore'); repeatable")
     e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
@@ -275,7 +276,8 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
     r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB")
-    r.add_argument("--out", required=True, metavar="DIR", help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
+    r.add_argument("--out", required=True, type=out_dir("--out"), metavar="DIR",
+                   help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
     r.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
                    help="OUT/instances/<stem>.png + OUT/instances.json (COCO): auto = when the model has an "
@@ -285,7 +287,8 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     x = commands.add_parser("export", help="self-contained model dir and/or ONNX (parity-checked)")
     x.add_argument("--model", required=True, metavar="MODEL_DIR")
-    x.add_argument("--out", metavar="DIR", help="write a copy of the model dir here (ONNX goes inside it)")
+    x.add_argument("--out", type=out_dir("--out"), metavar="DIR",
+                   help="write a copy of the model dir here (ONNX goes inside it)")
     x.add_argument("--onnx", action="store_true", help="write model.onnx and check it under onnxruntime")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--atol", type=float, default=1e-3, help="allowed max |logit difference| ONNX vs PyTorch")
@@ -294,7 +297,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     s = commands.add_parser("sweep", help="label-efficiency sweep: real-label fraction x synthetic volume x "
                                           "encoder init at matched compute")
     s.add_argument("config", help="YAML sweep config (e.g. configs/finetune_sweep.yaml)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, type=out_dir("--out"))
     s.add_argument("--synthetic", action="append", metavar="DATASET")
     s.add_argument("--real", action="append", metavar="DIR", help="real labeled training folder")
     s.add_argument("--test", action="append", metavar="DIR", help="held-out real labeled folder for the mIoU")

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from segfactory.cli.args import out_dir
+
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="local Dask worker processes (cluster.workers)")
@@ -24,7 +26,7 @@ def register(commands: Any, benches: Any) -> None:
         "run", help="end to end: render, ingest, pretrain, fine-tune, evaluate, predict, HTML report (cached)",
         description="Run every stage as Dask work; a stage whose config, inputs and code are unchanged is skipped.")
     p.add_argument("config", help="run config YAML (e.g. configs/quickstart.yaml)")
-    p.add_argument("--out", required=True, help="run directory (stages/, report.html, run.json)")
+    p.add_argument("--out", required=True, type=out_dir("--out"), help="run directory (stages/, report.html, run.json)")
     _cluster_flags(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.train.steps=100")
     p.set_defaults(func=cmd_run)
@@ -34,7 +36,7 @@ def register(commands: Any, benches: Any) -> None:
         description="Render only missing shards, ingest only new raw images, publish ROOT/releases/<ts>.json, move "
                     "ROOT/releases/latest, prune old releases. A second refresh of the same ROOT exits with code 4.")
     p.add_argument("config", help="refresh config YAML (e.g. configs/refresh.yaml)")
-    p.add_argument("--root", required=True, help="refresh root (datasets/, real/, releases/)")
+    p.add_argument("--root", required=True, type=out_dir("--root"), help="refresh root (datasets/, real/, releases/)")
     p.add_argument("--keep", type=int, help="releases kept (releases.keep)")
     _cluster_flags(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. render.dataset.scenes=64")
@@ -55,7 +57,7 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--scenes", type=int, default=8, help="scenes (1 view each, 1 scene per shard)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--cluster-address", help="measure on an existing scheduler instead of LocalClusters")
-    p.add_argument("--out", default="runs/bench-pipeline", help="scratch directory")
+    p.add_argument("--out", default="runs/bench-pipeline", type=out_dir("--out"), help="scratch directory")
     p.set_defaults(func=cmd_bench_pipeline)
 
     p = benches.add_parser(
@@ -66,7 +68,8 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("config", nargs="?", default="configs/bench_transfer.yaml",
                    help="bench config: a run config plus `rows` (default: configs/bench_transfer.yaml, CPU-sized; "
                         "configs/bench_transfer_gpu.yaml for a GPU)")
-    p.add_argument("--out", default="runs/bench-transfer", help="run directory (re-running reuses finished stages)")
+    p.add_argument("--out", default="runs/bench-transfer", type=out_dir("--out"),
+                   help="run directory (re-running reuses finished stages)")
     p.add_argument("--rows", help="comma-separated rows (synthetic, ssl, selftrain, align, scale, all)")
     _cluster_flags(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.train.steps=300")

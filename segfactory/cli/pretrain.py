@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from segfactory.cli.args import out_dir
 from segfactory.cli.lazyhelp import Names
 
 
@@ -28,7 +29,8 @@ def register(commands: Any, benches: Any) -> None:
                             "pretraining. Bad files are reported in rejected.jsonl; re-running ingests only new files.")
     p.add_argument("src", help="folder (recursive), quoted glob ('dump/**/*.tif'), .txt file of paths, or "
                    "sample:NAME/unlabeled (segfactory samples list), or skimage:data (scikit-image's sample photos)")
-    p.add_argument("--out", required=True, help="output directory (the --images of `segfactory pretrain`)")
+    p.add_argument("--out", required=True, type=out_dir("--out"),
+                   help="output directory (the --images of `segfactory pretrain`)")
     p.add_argument("--config", help="ingest config YAML (default: built-in defaults, see configs/ingest.yaml)")
     p.add_argument("--max-short-side", type=int, help="downscale so the short side is at most N px "
                    "(normalize.max_short_side; 0 keeps full size)")
@@ -42,7 +44,7 @@ def register(commands: Any, benches: Any) -> None:
                                               "augmentation on the training device; exports OUT/encoder/.", _methods))
     p.add_argument("config", help="pretrain config YAML (e.g. configs/pretrain.yaml)")
     p.add_argument("--images", required=True, help="output directory of `segfactory ingest`")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, encoder/)")
+    p.add_argument("--out", required=True, type=out_dir("--out"), help="run directory (checkpoints, metrics, encoder/)")
     p.add_argument("--method", help=Names("SSL method (method.name): {names}", _methods))
     p.add_argument("--backbone", help=Names("backbone (backbone.name): {names}", _backbones))
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from segfactory.cli.args import out_dir
+
 
 def _cmd_samples(args: argparse.Namespace) -> int:
     from segfactory.console import console
@@ -59,6 +61,7 @@ def register(commands: Any, benches: Any) -> None:
                     f"split by time. Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT.")
     p.add_argument("action", choices=["list", "materialize"])
     p.add_argument("name", nargs="?", metavar="NAME[/SPLIT]", help="sample set (materialize), e.g. ctc-hela/eval")
-    p.add_argument("--out", metavar="DIR", help="write the splits to DIR/<split> instead of the cache")
+    p.add_argument("--out", type=out_dir("--out"), metavar="DIR",
+                   help="write the splits to DIR/<split> instead of the cache")
     p.add_argument("--json", action="store_true", help="list: only the JSON line")
     p.set_defaults(func=_cmd_samples)

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from segfactory.cli.args import out_dir
 from segfactory.cli.lazyhelp import Names
 
 
@@ -21,7 +22,7 @@ def register(commands: Any, benches: Any) -> None:
                             description=Names("Render procedural scenes with BlenderProc into dataset shards. Scene "
                                               "families (scene.family): {names}.", _families))
     p.add_argument("config", help="render config YAML (e.g. configs/street.yaml)")
-    p.add_argument("--out", required=True, help="dataset directory")
+    p.add_argument("--out", required=True, type=out_dir("--out"), help="dataset directory")
     p.add_argument("--scenes", type=int, help="number of scenes (dataset.scenes)")
     p.add_argument("--views", type=int, help="camera views per scene (render.views)")
     p.add_argument("--resolution", type=int, help="image size in pixels (render.resolution)")
@@ -51,7 +52,7 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--scaling-scenes", type=int, default=4, help="scenes (1 view each) in the scaling run")
     p.add_argument("--scaling-resolution", type=int, default=256)
     p.add_argument("--memory-scenes", type=int, default=50, help="scenes in one shard for the memory run (0 = skip)")
-    p.add_argument("--out", default="runs/bench-render", help="scratch directory")
+    p.add_argument("--out", default="runs/bench-render", type=out_dir("--out"), help="scratch directory")
     p.set_defaults(func=cmd_bench_render)
 
 

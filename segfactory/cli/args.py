@@ -1,0 +1,47 @@
+"""Argument types shared by the commands: output directories are checked before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from segfactory.errors import UserError
+
+
+class OutDir(str):
+    """A directory argument (``--out``, ``--root``) that is created if missing; :func:`check_out_dirs` checks it."""
+
+    flag: str
+
+
+def out_dir(flag: str) -> Callable[[str], OutDir]:
+    """An argparse ``type`` for the directory flag ``flag`` (e.g. ``--root``)."""
+
+    def parse(value: str) -> OutDir:
+        v = OutDir(value)
+        v.flag = flag
+        return v
+
+    return parse
+
+
+def check_out_dirs(args: argparse.Namespace) -> None:
+    """Every :class:`OutDir` argument is a directory or can become one: neither it nor a parent is a file. Each
+    becomes a plain ``str`` in ``args``.
+
+    Raises:
+        UserError: naming the flag, the path and what is in the way.
+    """
+    for key, value in list(vars(args).items()):
+        if not isinstance(value, OutDir):
+            continue
+        setattr(args, key, str(value))  # a plain str from here on (saved with the run's arguments)
+        path = Path(value).expanduser()
+        for p in (path, *path.parents):
+            if p.exists() or p.is_symlink():
+                if not p.is_dir():
+                    what = "is a file" if p == path else f"is not writable: '{p}' is a file"
+                    raise UserError(f"{value.flag} '{value}' {what}, not a directory",
+                                    fix=f"point {value.flag} at a directory (it is created if missing)")
+                break
