@@ -148,7 +148,10 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
                       f"'{path}': {why}[/]")
     checks = cfg.checks.model_dump(mode="json")
     known, known_shas, last_run = store.known_files(out, lambda rec: core.needs_reexamination(rec, checks))
-    new = [f for f in files if f.key not in known]
+    # stacks ingested without their later slices, under limits raised since: those slices are offered again
+    resume = {key: int(note["dropped_from"]) for key, note in store.latest_page_notes(out).items()
+              if core.needs_reexamination(note, checks)}
+    new = [f for f in files if f.key not in known or f.key in resume]
     stage = cfg.stage_config()
     save_resolved(stage, out / CONFIG_FILE)
     console.print(f"{len(files)} file(s) in source, {len(files) - len(new)} already handled, {len(new)} new or "
@@ -160,9 +163,9 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
     if new:
         cfg_dict = stage.model_dump(mode="json")
         with open_client(cfg.cluster, shared_dir=out) as client:
-            hashed, hash_failures = _hash_phase(client, new, cfg)
+            hashed, hash_failures = _hash_phase(client, new, cfg, cfg_dict)
             failures.update(hash_failures)
-            specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard)
+            specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard, resume)
             results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries,
                                                    task_resources(cfg.cluster))
             failures.update(shard_failures)
@@ -186,13 +189,14 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
     return summary
 
 
-def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestJob
+def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestJob, cfg_dict: dict[str, Any]
                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     chunks = {f"hash chunk starting at {files[i].path}": files[i:i + cfg.hash_chunk]
               for i in range(0, len(files), cfg.hash_chunk)}
     results, failures = run_tasks(client, core.hash_files, chunks, description="hashing",
                                   sizes={k: len(c) for k, c in chunks.items()}, retries=cfg.retries,
-                                  resources=task_resources(cfg.cluster), max_file_mb=cfg.checks.max_file_mb)
+                                  resources=task_resources(cfg.cluster), max_file_mb=cfg.checks.max_file_mb,
+                                  cfg=cfg_dict)
     return [h for r in results.values() for h in r], failures
 
 

@@ -139,8 +139,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
         raise UserError("run: real.src is empty; pretraining needs unlabeled real images",
                         fix=f"set real.src=DIR (or real.src={SKIMAGE_DATA} for scikit-image's sample photos)")
     ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
-    images = stage_dir(out, "ingest", {"src": cfg.real.sources(), "config": cfg.real.config.model_dump(
-        mode="json", include={"extensions", "follow_symlinks", "normalize", "checks"})}, ())
+    images = ingest_stage_dir(out, cfg.real)
     ing = ingest_sources(cfg.real.sources(), images, ingest_cfg)
     sources = ing["sources"]
     done["ingest"] = f"{ing['new_images']} new image(s), {ing['total_images']} total"
@@ -208,6 +207,12 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     atomic_write_json(out / "run.json", summary)
     console.print(f"run finished in {summary['total_s']:.0f}s; report: {report}")
     return summary
+
+
+def ingest_stage_dir(out: Path, real: RealImages) -> Path:
+    """The ingest stage's directory: keyed by the sources and what decides the stored images
+    (:meth:`pretrain.config.IngestConfig.output_key`), never by the code version (the image set grows in place)."""
+    return stage_dir(out, "ingest", {"src": real.sources(), "config": real.config.output_key()}, ())
 
 
 def _real_eval_folders(settings: RealEvalSettings) -> dict[str, Path]:

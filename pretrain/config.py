@@ -47,9 +47,9 @@ class ValidateConfig(StrictModel):
 class DecodeConfig(StrictModel):
     """How files are decoded: isolated in child processes, so that no file can hang or crash a Dask worker."""
 
-    isolate: bool = Field(True, description="decode each file in a long-lived child process with a timeout and "
-                          "a memory cap (re-spawned after a crash); false decodes inside the Dask worker, "
-                          "without either")
+    isolate: bool = Field(True, description="read, hash and decode each file in a long-lived child process with "
+                          "a timeout and a memory cap (re-spawned after a crash); false does it inside the Dask "
+                          "worker, without either")
     plugins: list[str] = Field(default_factory=list, description="modules each decoder imports first: Pillow "
                                "plugins that register more formats (e.g. pillow_heif.HeifImagePlugin)")
 
@@ -70,6 +70,18 @@ class IngestConfig(StrictModel):
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     checks: ValidateConfig = Field(default_factory=ValidateConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+
+    def output_key(self) -> dict[str, Any]:
+        """What decides the images and rejections an ingest stores, as stage key material (``segfactory run``
+        keys its ingest stage on it with the sources): every field but how the work is cut and run
+        (``files_per_shard``, ``hash_chunk``, ``max_files``). ``decode`` (its plugins read more formats; without
+        ``isolate`` neither timeout nor memory cap applies) is in only when it is not the default, so that the keys
+        of configs that never set it stay what they were."""
+        key = self.model_dump(mode="json", include={"extensions", "follow_symlinks", "normalize", "checks"})
+        decode = self.decode.model_dump(mode="json")
+        if decode != DecodeConfig().model_dump(mode="json"):
+            key["decode"] = decode
+        return key
 
     @field_validator("extensions")
     @classmethod

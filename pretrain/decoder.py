@@ -103,8 +103,12 @@ class DecoderProcess:
         if status != "ready":
             raise RuntimeError(f"decoder process failed to start: {status}")
 
-    def call(self, request: Any) -> Any:
+    def call(self, request: Any, what: str = "decoding") -> Any:
         """Send one request and return the child's answer.
+
+        Args:
+            request: What the handler gets.
+            what: What the child does with it, for the ``timeout`` reason ("decoding", "reading").
 
         Raises:
             DecoderDied: ``timeout`` (killed after ``checks.decode_timeout_s``) or ``crashed`` (the child died);
@@ -118,7 +122,7 @@ class DecoderProcess:
             self._send(request)
         except OSError:
             raise self._died("before it was handed the file") from None
-        return self._receive(self.timeout_s)
+        return self._receive(self.timeout_s, what)
 
     def _send(self, obj: Any) -> None:
         assert self.proc is not None and self.proc.stdin is not None
@@ -126,13 +130,13 @@ class DecoderProcess:
         self.proc.stdin.write(_HEADER.pack(len(data)) + data)
         self.proc.stdin.flush()
 
-    def _receive(self, timeout_s: float) -> Any:
+    def _receive(self, timeout_s: float, what: str = "starting up") -> Any:
         deadline = time.monotonic() + timeout_s
-        header = self._read_exact(_HEADER.size, deadline)
+        header = self._read_exact(_HEADER.size, deadline, what)
         (n,) = _HEADER.unpack(header)
-        return pickle.loads(self._read_exact(n, deadline))
+        return pickle.loads(self._read_exact(n, deadline, what))
 
-    def _read_exact(self, n: int, deadline: float) -> bytes:
+    def _read_exact(self, n: int, deadline: float, what: str) -> bytes:
         assert self._answers is not None
         buf = bytearray()
         while len(buf) < n:
@@ -140,11 +144,11 @@ class DecoderProcess:
             ready = select.select([self._answers], [], [], max(0.0, left))[0] if left > 0 else []
             if not ready:
                 self._kill()
-                raise DecoderDied("timeout", f"decoding took longer than checks.decode_timeout_s="
+                raise DecoderDied("timeout", f"{what} took longer than checks.decode_timeout_s="
                                   f"{self.timeout_s:g} s; the decoder was killed")
             chunk = self._answers.read(min(n - len(buf), 1 << 20))
             if not chunk:
-                raise self._died("while decoding")
+                raise self._died(f"while {what}")
             buf += chunk
         return bytes(buf)
 

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ LIMITS_OF_KIND: dict[str, tuple[str, ...]] = {
     "too_large": ("max_file_mb",), "bomb": ("max_pixels", "max_file_pixels"), "too_small": ("min_side",),
     "timeout": ("decode_timeout_s",), "memory": ("decode_memory_mb",), "crashed": ("decode_memory_mb",),
 }
+# The limits that cut a TIFF stack short (a ``pages_dropped`` note): raising one re-examines the stack.
+PAGE_LIMITS = ("max_pages", "max_file_pixels")
 
 
 class Rejected(Exception):
@@ -44,7 +46,7 @@ class Rejected(Exception):
 
     Args:
         kind: Short category: empty, not_image, unsupported, corrupt, bomb, too_small, too_large, unreadable,
-            timeout, memory, crashed.
+            timeout, memory, crashed; pages_dropped (a stack re-examined under raised limits takes no more slices).
         reason: Human-readable detail.
         transient: The cause may be gone by the next run (a read error such as EACCES or EIO): the next run
             tries the file again.
@@ -69,9 +71,19 @@ def read_error(e: OSError, what: str = "cannot read") -> Rejected:
 
 def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
     """Whether a re-run looks at a rejected file again: its error was transient, or it was judged under
-    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined)."""
+    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined).
+
+    A ``pages_dropped`` note (a stack ingested without its later slices) is re-examined when ``max_pages`` or
+    ``max_file_pixels`` was raised since: the slices not taken yet are then offered again (lowering them never
+    removes slices already stored).
+    """
     if rec.get("transient"):
         return True
+    if rec.get("kind") == "pages_dropped":
+        judged = rec.get("checks")
+        if not isinstance(judged, dict):
+            return True
+        return any(checks.get(f, 0) > judged.get(f, 0) for f in PAGE_LIMITS)
     fields = LIMITS_OF_KIND.get(rec.get("kind", ""))
     if not fields:
         return False
@@ -277,32 +289,74 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 # --------------------------------------------------------------------------------------------- hashing
 
 
-def hash_files(files: list[SourceFile], max_file_mb: float) -> list[dict[str, Any]]:
+def hash_files(files: list[SourceFile], max_file_mb: float, cfg: dict[str, Any] | None = None
+               ) -> list[dict[str, Any]]:
     """Content hashes of a chunk of files (the dedup key).
+
+    Args:
+        files: The chunk.
+        max_file_mb: Larger files are rejected (``too_large``) without reading them.
+        cfg: ``IngestConfig.model_dump()``: with it (and ``decode.isolate``), each file is read and hashed in a
+            decoder process (:mod:`pretrain.decoder`) under ``checks.decode_timeout_s``, so that a read stuck on
+            a dead network filesystem costs that file (``timeout``, transient: the next run tries again), never
+            the run and its lock; without it, in this process (tests, benchmarks).
 
     Returns:
         One dict per file: ``path, size, mtime_ns`` and either ``sha256`` or ``kind``/``reason`` (and
         ``transient`` for a read error the next run retries).
     """
+    from pretrain.decoder import DecoderDied, DecoderProcess
+
+    isolate = cfg is not None and cfg["decode"]["isolate"]
+    reader: Any = (DecoderProcess(cfg, handler="pretrain.ingest:hash_file", setup="pretrain.ingest:setup_reader")
+                   if isolate and cfg is not None else _InProcess(cfg or {}, hash_file))
     out = []
-    for f in files:
-        rec: dict[str, Any] = {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
-        try:
-            if f.size < 0:
-                raise Rejected("unreadable", "file is missing or cannot be stat'ed; the next run tries again",
-                               transient=True)
-            if f.size == 0:
-                raise Rejected("empty", "empty file (0 bytes)")
-            if f.size > max_file_mb * 2**20:
-                raise Rejected("too_large", f"file is {f.size / 2**20:.0f} MiB > checks.max_file_mb={max_file_mb}")
-            rec["sha256"] = _sha256_path(f.path)
-        except OSError as e:
-            r = read_error(e)
-            rec.update(kind=r.kind, reason=r.reason, transient=r.transient)
-        except Rejected as r:
-            rec.update(kind=r.kind, reason=r.reason, transient=r.transient)
-        out.append(rec)
+    with reader:
+        for f in files:
+            rec: dict[str, Any] = {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
+            try:
+                if f.size < 0:
+                    raise Rejected("unreadable", "file is missing or cannot be stat'ed; the next run tries again",
+                                   transient=True)
+                if f.size == 0:
+                    raise Rejected("empty", "empty file (0 bytes)")
+                if f.size > max_file_mb * 2**20:
+                    raise Rejected("too_large", f"file is {f.size / 2**20:.0f} MiB > checks.max_file_mb="
+                                   f"{max_file_mb}")
+                try:
+                    answer = reader.call({"path": f.path}, what="reading")
+                except DecoderDied as d:
+                    # a read that hangs is a filesystem's doing (a dead NFS server) more often than the file's
+                    raise Rejected(d.kind, d.reason + ("; the next run tries again" if d.kind == "timeout" else ""),
+                                   transient=d.kind == "timeout") from None
+                if answer[0] == "rejected":
+                    raise Rejected(*answer[1:])
+                rec["sha256"] = answer[1]
+            except Rejected as r:
+                rec.update(kind=r.kind, reason=r.reason, transient=r.transient)
+            out.append(rec)
     return out
+
+
+def hash_file(request: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """One file's content hash, as a decoder process runs it for :func:`hash_files`.
+
+    Args:
+        request: ``{"path"}``.
+        cfg: ``IngestConfig.model_dump()`` (unused: the signature of every decoder handler).
+
+    Returns:
+        ``("ok", sha256 hex)`` or ``("rejected", kind, reason, transient)``.
+    """
+    try:
+        return ("ok", _sha256_path(request["path"]))
+    except OSError as e:
+        r = read_error(e)
+        return ("rejected", r.kind, r.reason, r.transient)
+
+
+def setup_reader(cfg: dict[str, Any]) -> None:
+    """A hashing decoder process's start-up: nothing to load (it only reads files)."""
 
 
 def _sha256_path(path: str) -> str:
@@ -376,7 +430,7 @@ class Decoded:
 
 
 def decode(data: bytes, checks: dict[str, Any], max_short_side: int | None,
-           store: str = "auto") -> tuple[str, Iterator[Decoded]]:
+           store: str = "auto", from_page: int = 0) -> tuple[str, Iterator[Decoded]]:
     """Decode and validate one file's bytes; a stack's slices are decoded one at a time, as they are consumed.
 
     Args:
@@ -387,6 +441,8 @@ def decode(data: bytes, checks: dict[str, Any], max_short_side: int | None,
         max_short_side: Target short side; JPEGs are decoded at the smallest DCT scale that still covers it.
         store: ``normalize.store`` (auto, png, jpeg): a JPEG is only passed through (and then validated at 1/8
             scale) when it is stored as JPEG; otherwise its pixels are re-encoded and must be decoded in full.
+        from_page: TIFF stacks: the slices before it are stored already (a stack re-examined under raised
+            limits); they count towards the limits as before but are not decoded again.
 
     Returns:
         ``(format, images)``: ``images`` raises :class:`Rejected` when a slice turns out to be damaged.
@@ -405,7 +461,7 @@ def decode(data: bytes, checks: dict[str, Any], max_short_side: int | None,
     max_pixels, min_side = checks["max_pixels"], checks["min_side"]
     with _as_rejection(fmt, checks.get("decode_memory_mb")):
         if fmt == "tiff":
-            return fmt, _decode_tiff(data, checks)
+            return fmt, _decode_tiff(data, checks, from_page)
         if fmt == "png" and len(data) >= 26 and data[24] == 16 and data[25] in (2, 6):
             return fmt, iter([_decode_png16_rgb(data, max_pixels, min_side)])
         return fmt, iter([_decode_pil(data, fmt, max_pixels, min_side, max_short_side, stored_ext(fmt, store))])
@@ -546,15 +602,24 @@ def _decode_png16_rgb(data: bytes, max_pixels: int, min_side: int) -> Decoded:
     return Decoded(arr, (h, w))
 
 
-def _decode_tiff(data: bytes, checks: dict[str, Any]) -> Iterator[Decoded]:
+def _decode_tiff(data: bytes, checks: dict[str, Any], from_page: int = 0) -> Iterator[Decoded]:
     """Plan a stack from its page headers (at most ``max_pages + 1`` IFDs are read, never the whole chain), then
-    decode the planned slices one at a time: only one slice's pixels are held at once."""
+    decode the planned slices from ``from_page`` on one at a time: only one slice's pixels are held at once.
+
+    Raises:
+        Rejected: ``pages_dropped`` when ``from_page`` > 0 and the limits take no slice from it on.
+    """
     import tifffile
 
     tf = tifffile.TiffFile(io.BytesIO(data))
     try:
         tf.pages.cache = False  # a long stack must not keep every page object it has passed
         take, dropped = _plan_tiff(tf, checks)
+        if from_page:
+            take = [t for t in take if t[0] >= from_page]
+            if not take:
+                why = dropped["why"] if dropped is not None else "the stack has no more pages"
+                raise Rejected("pages_dropped", f"no slice from page {from_page} on is taken: {why}")
     except BaseException:
         tf.close()
         raise
@@ -594,7 +659,7 @@ def _plan_tiff(tf: Any, checks: dict[str, Any]) -> tuple[list[tuple[int, tuple[i
 def _tiff_slices(tf: Any, take: list[tuple[int, tuple[int, ...]]], dropped: dict[str, Any] | None,
                  memory_mb: int | None) -> Iterator[Decoded]:
     with tf, _as_rejection("tiff", memory_mb):
-        stack = len(take) > 1 or dropped is not None
+        stack = len(take) > 1 or dropped is not None or take[0][0] > 0
         for n, (i, shape) in enumerate(take):
             h, w = _tiff_hw(shape)
             arr = _tiff_layout(tf.pages[i].asarray(), shape)
@@ -705,7 +770,7 @@ class Stored:
     record: dict[str, Any]
 
 
-def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
+def process_bytes(data: bytes, cfg: dict[str, Any], from_page: int = 0) -> list[Stored]:
     """Decode, validate and normalize one file's bytes (the whole per-file work of ingestion).
 
     A stack's slices are decoded, normalized and encoded one at a time. When slices were dropped (``max_pages``,
@@ -714,6 +779,7 @@ def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
     Args:
         data: File content.
         cfg: ``IngestConfig.model_dump()`` (plain dict so it travels to Dask workers cheaply).
+        from_page: TIFF stacks: the first slice to store (see :func:`decode`).
 
     Returns:
         One :class:`Stored` per image (several for TIFF stacks).
@@ -723,7 +789,7 @@ def process_bytes(data: bytes, cfg: dict[str, Any]) -> list[Stored]:
     """
     norm, checks = cfg["normalize"], cfg["checks"]
     with _as_rejection("file", checks.get("decode_memory_mb")):
-        fmt, images = decode(data, checks, norm["max_short_side"], norm["store"])
+        fmt, images = decode(data, checks, norm["max_short_side"], norm["store"], from_page)
     ext = stored_ext(fmt, norm["store"])
     out = []
     with _as_rejection(fmt, checks.get("decode_memory_mb")):
@@ -750,7 +816,7 @@ def handle_file(request: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, ...]
     """One file's whole work, as a decoder process runs it: read, check the hash, decode, normalize.
 
     Args:
-        request: ``{"path", "sha256"}``.
+        request: ``{"path", "sha256"}`` and ``from_page`` for a stack re-examined under raised limits.
         cfg: ``IngestConfig.model_dump()``.
 
     Returns:
@@ -765,7 +831,7 @@ def handle_file(request: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, ...]
         if sha256_bytes(data) != request["sha256"]:
             raise Rejected("unreadable", "file changed while being ingested; the next run picks it up",
                            transient=True)
-        stored = process_bytes(data, cfg)
+        stored = process_bytes(data, cfg, request.get("from_page", 0))
     except Rejected as r:
         return ("rejected", r.kind, r.reason, r.transient)
     except MemoryError:  # reading the file, hashing it: past the decoder's cap
@@ -783,9 +849,12 @@ def setup_decoder(cfg: dict[str, Any]) -> None:
 class _InProcess:
     """``decode.isolate=false``: files are handled in the calling process (no timeout, no memory cap)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], handler: Callable[[dict[str, Any], dict[str, Any]], tuple[Any, ...]]
+                 = handle_file):
         self.cfg = cfg
-        load_plugins(cfg["decode"]["plugins"])
+        self.handler = handler
+        if handler is handle_file:
+            load_plugins(cfg["decode"]["plugins"])
 
     def __enter__(self) -> _InProcess:
         return self
@@ -793,8 +862,8 @@ class _InProcess:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def call(self, request: dict[str, Any]) -> tuple[Any, ...]:
-        return handle_file(request, self.cfg)
+    def call(self, request: dict[str, Any], what: str = "decoding") -> tuple[Any, ...]:
+        return self.handler(request, self.cfg)
 
 
 def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -804,6 +873,10 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     false): a file that hangs its decoder past ``checks.decode_timeout_s``, needs more than
     ``checks.decode_memory_mb`` or kills it is rejected (``timeout``, ``memory``, ``crashed``) and the chunk goes
     on with a fresh decoder. Every rejection records the ``checks`` it was judged under.
+
+    A stack re-examined under raised limits (a hash record with ``from_page``) stores only its slices from that
+    page on; whatever stops it now is recorded as its new ``pages_dropped`` note, never as a rejection of a file
+    that is ingested.
 
     Args:
         spec: ``{"shard_id", "run", "files": [hash records], "rejected": [records decided before decoding
@@ -825,23 +898,34 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     with ImageShardWriter(out_root, spec["shard_id"]) as writer, decoder:
         for f in spec["files"]:
             src = {"source": f["path"], "size": f["size"], "mtime_ns": f["mtime_ns"], "sha256": f["sha256"]}
+            request = {"path": f["path"], "sha256": f["sha256"]}
+            if f.get("from_page"):
+                request["from_page"] = f["from_page"]
             try:
-                answer = decoder.call({"path": f["path"], "sha256": f["sha256"]})
+                answer = decoder.call(request)
             except DecoderDied as d:
                 answer = ("rejected", d.kind, d.reason, False)
             if answer[0] == "rejected":
                 _, kind, reason, transient = answer
                 rec = {**src, "kind": kind, "reason": reason, "checks": checks}
+                if f.get("from_page"):
+                    rec = pages_dropped_note(src, f["from_page"], reason if kind == "pages_dropped"
+                                             else f"{kind}: {reason}", checks)
                 rejected.append({**rec, "transient": True} if transient else rec)
                 continue
             for data, ext, record in answer[1]:
                 if "dropped_pages" in record:
                     d = record["dropped_pages"]
-                    rejected.append({**src, "kind": "pages_dropped", "checks": checks, "dropped_from": d["from"],
-                                     "reason": f"slices from page {d['from']} on were not taken: {d['why']}"})
+                    rejected.append(pages_dropped_note(src, d["from"], d["why"], checks))
                 writer.add(data, ext, {**src, **record})
         manifest = writer.commit(spec["run"], cfg["normalize"], rejected)
     return _shard_summary(manifest)
+
+
+def pages_dropped_note(src: dict[str, Any], dropped_from: int, why: str, checks: dict[str, Any]) -> dict[str, Any]:
+    """The ``pages_dropped`` record of a stack whose slices from ``dropped_from`` on are not stored."""
+    return {**src, "kind": "pages_dropped", "checks": checks, "dropped_from": dropped_from,
+            "reason": f"slices from page {dropped_from} on were not taken: {why}"}
 
 
 def _shard_summary(man: dict[str, Any]) -> dict[str, Any]:
@@ -853,18 +937,35 @@ def _shard_summary(man: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_shards(hashed: list[dict[str, Any]], known_shas: dict[str, str], run: int,
-                files_per_shard: int) -> list[dict[str, Any]]:
+                files_per_shard: int, resume: dict[tuple[str, int, int], int] | None = None) -> list[dict[str, Any]]:
     """Drop exact duplicates (by content hash) and cut the remaining files into shard specs.
 
     Duplicates and files that failed hashing are recorded as rejected in the last shard (a shard with no
     images is written if nothing else is new), so that re-runs do not look at them again.
+
+    Args:
+        hashed: :func:`hash_files` records.
+        known_shas: Content hash -> source of every file ingested before.
+        run: This run's number.
+        files_per_shard: Files per shard.
+        resume: ``(path, size, mtime_ns)`` -> first slice not stored yet, of the stacks re-examined under raised
+            limits: they are ingested from that slice on (not duplicates of themselves); one whose read fails
+            gets a new ``pages_dropped`` note instead of a rejection.
     """
+    resume = resume or {}
     seen = dict(known_shas)
     unique: list[dict[str, Any]] = []
     pre_rejected: list[dict[str, Any]] = []
     for rec in sorted(hashed, key=lambda r: r["path"]):
         base = {"source": rec["path"], "size": rec["size"], "mtime_ns": rec["mtime_ns"]}
-        if "sha256" not in rec:
+        from_page = resume.get((rec["path"], rec["size"], rec["mtime_ns"]))
+        if from_page is not None and "sha256" not in rec:
+            # the checks are added with the other records' by ingest_shard
+            note = pages_dropped_note({**base, "sha256": None}, from_page, f"{rec['kind']}: {rec['reason']}", {})
+            pre_rejected.append({**note, **({"transient": True} if rec.get("transient") else {})})
+        elif from_page is not None and seen.get(rec["sha256"]) == rec["path"]:
+            unique.append({**rec, "from_page": from_page})
+        elif "sha256" not in rec:
             pre_rejected.append({**base, "sha256": None, "kind": rec["kind"], "reason": rec["reason"],
                                  **({"transient": True} if rec.get("transient") else {})})
         elif rec["sha256"] in seen:

@@ -330,3 +330,73 @@ def test_a_classes_json_of_the_wrong_shape_is_one_line(tmp_path: Path, table: di
     with pytest.raises(UserError) as e:
         real_class_table(SourceSpec(path=tmp_path), tmp_path, None)
     assert says in e.value.message and f"'{tmp_path / 'classes.json'}' must hold" in e.value.message
+
+
+def test_a_read_that_hangs_costs_its_file_and_is_tried_again_next_run(tmp_path: Path) -> None:
+    """A FIFO named like an image: opening and reading it blocks forever, as a read on a dead NFS server does."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "astronaut.png", src / "astronaut.png")
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    os.mkfifo(src / "stuck.png")
+    # listed with the size the dead server last reported: the walk's stat of it worked, its read hangs
+    files = [*core.discover(str(src)).files, core.SourceFile(str(src / "stuck.png"), 4096, 1)]
+    files.sort(key=lambda f: f.path)
+    c = IngestConfig.model_validate({"checks": {"decode_timeout_s": 1.5}}).model_dump(mode="json")
+    t0 = time.monotonic()
+    hashed = {Path(r["path"]).name: r for r in core.hash_files(files, 100, c)}
+    assert time.monotonic() - t0 < 30  # one 1.5 s timeout, two decoder starts, not forever
+    stuck = hashed["stuck.png"]
+    assert stuck["kind"] == "timeout" and stuck["transient"] is True
+    assert "reading took longer than checks.decode_timeout_s=1.5 s" in stuck["reason"] and "next run" in stuck["reason"]
+    assert all(len(hashed[n].get("sha256", "")) == 64 for n in ("astronaut.png", "coins.png"))
+    # recorded as a rejection the next run re-examines
+    out = tmp_path / "images"
+    core.ingest_shard(core.plan_shards(list(hashed.values()), {}, 1, 16)[0], str(out), c)
+    store.build_index(out)
+    rec = rejected_by_name(out)["stuck.png"]
+    assert rec["kind"] == "timeout" and rec["checks"]["decode_timeout_s"] == 1.5
+    assert core.needs_reexamination(rec, c["checks"])
+    known, _, _ = store.known_files(out, lambda r: core.needs_reexamination(r, c["checks"]))
+    assert (str(src / "stuck.png"), 4096, 1) not in known and len(known) == 2
+
+
+def test_a_cut_stack_gets_its_dropped_slices_when_the_limits_are_raised(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    (src / "stack.tif").write_bytes(tiff_stack_bomb(pages=6, side=64))
+    out = tmp_path / "images"
+
+    def stored_pages() -> list[int]:
+        recs = [r for _, m, _ in store.iter_manifests(out) for r in m["images"] if r["source"].endswith(".tif")]
+        return sorted(r["page"] for r in recs)
+
+    def note() -> dict | None:
+        return rejected_by_name(out).get("stack.tif#pages")
+
+    first = run_ingest(str(src), out, cfg(**{"checks.max_pages": 2}))
+    assert first["new_images"] == 3 and stored_pages() == [0, 1] and note()["dropped_from"] == 2
+    # raised: only the slices not stored yet are decoded, up to the new limits (here the pixel budget)
+    raised = run_ingest(str(src), out, cfg(**{"checks.max_pages": 5, "checks.max_file_pixels": 4 * 64 * 64}))
+    assert raised["new_files"] == 1 and raised["new_images"] == 2 and stored_pages() == [0, 1, 2, 3]
+    n = note()
+    assert n is not None and n["dropped_from"] == 4 and "checks.max_file_pixels=16384" in n["reason"]
+    assert [line for line in (out / store.REJECTED_FILE).read_text().splitlines()] == [json.dumps(n)]  # one note
+    # lowered: nothing is looked at again, nothing stored is removed
+    lowered = run_ingest(str(src), out, cfg(**{"checks.max_pages": 3, "checks.max_file_pixels": 4 * 64 * 64}))
+    assert lowered["new_files"] == 0 and stored_pages() == [0, 1, 2, 3]
+    # the defaults take the rest: every slice once, and no note left
+    rest = run_ingest(str(src), out, cfg())
+    assert rest["new_files"] == 1 and stored_pages() == [0, 1, 2, 3, 4, 5] and note() is None
+    assert rest["total_images"] == 7 and rest["total_rejected"] == 0
+    assert run_ingest(str(src), out, cfg(**{"checks.max_pages": 4096}))["new_files"] == 0
+    # a re-examined stack whose new look takes nothing more is told apart from a rejection of the file
+    with pytest.raises(core.Rejected) as e:
+        core.process_bytes((src / "stack.tif").read_bytes(), IngestConfig(checks={"max_pages": 3}).model_dump(), 4)
+    assert e.value.kind == "pages_dropped" and "checks.max_pages=3" in e.value.reason
+    # a re-examined stack that cannot be read now keeps a note (retried next run), never a rejection of itself
+    key = (str(src / "stack.tif"), 10, 1)
+    hashed = [{"path": key[0], "size": 10, "mtime_ns": 1, "kind": "unreadable", "reason": "EIO", "transient": True}]
+    spec = core.plan_shards(hashed, {}, 9, 16, resume={key: 4})[-1]
+    assert [(r["kind"], r["dropped_from"], r["transient"]) for r in spec["rejected"]] == [("pages_dropped", 4, True)]

@@ -128,3 +128,23 @@ def test_shipped_quickstart_configs_load_as_is():
     street = load_config(RunConfig, CONFIGS / "quickstart_street.yaml")
     assert street.real.src == SKIMAGE_DATA and Path(resolve_source(street.real.src)).is_dir()
     assert street.test.scenes > 0 and not street.finetune.adapt.enabled
+
+
+def test_ingest_stage_key_follows_what_changes_the_stored_images(tmp_path: Path) -> None:
+    from pipelines.refresh import RealImages
+    from pipelines.run import ingest_stage_dir
+    from pipelines.stages import stage_dir
+
+    def key(**config: object) -> str:
+        return ingest_stage_dir(tmp_path, RealImages(src="dump", config=config)).name
+
+    plain = key()
+    # the key of a config that sets nothing new is what it was before decode was part of it
+    assert plain == stage_dir(tmp_path, "ingest", {"src": ["dump"], "config": RealImages().config.model_dump(
+        mode="json", include={"extensions", "follow_symlinks", "normalize", "checks"})}, ()).name
+    # a plugin reads more formats, no isolation drops the timeout and memory cap: other images, another stage
+    changed = {key(decode={"plugins": ["faulty_decoders"]}), key(decode={"isolate": False}),
+               key(checks={"max_pages": 2}), key(follow_symlinks="never")}
+    assert plain not in changed and len(changed) == 4
+    # how the work is cut is not
+    assert key(files_per_shard=7, hash_chunk=3) == plain

@@ -11,7 +11,7 @@ Layout (``--out DIR``)::
     DIR/rejected.jsonl                      one line per skipped file as last judged (source, kind, reason, the
                                             checks.* limits it was judged under, transient for a read error the
                                             next run retries), plus one per stack whose later slices were
-                                            dropped (kind pages_dropped)
+                                            dropped (kind pages_dropped; as its latest look left it)
 
 A shard directory without ``manifest.json`` does not exist (an interrupted write; it is removed on re-run).
 Shards are committed with the shared unit protocol of :mod:`segfactory.io`.
@@ -59,8 +59,8 @@ WRITER_PACKAGE = "pretrain"
 
 __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", "REJECTED_FILE", "SHARDS_DIR",
            "ImageEntry", "ImageShardWriter", "IngestedImages", "build_index", "clean_uncommitted", "committed_shards",
-           "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_rejections", "open_images",
-           "read_stored", "shards_dir", "verify_shard"]
+           "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes", "latest_rejections",
+           "open_images", "read_stored", "shards_dir", "verify_shard"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -221,19 +221,35 @@ def latest_rejections(root: str | os.PathLike[str]) -> dict[tuple[str, int, int]
     return {k: v for k, v in latest.items() if k not in ingested}
 
 
+def latest_page_notes(root: str | os.PathLike[str]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """The ``pages_dropped`` note (with its ``shard``) of each ingested stack whose later slices are not stored,
+    as its latest look left it: a later shard that looked at the file again (a stack re-examined under raised
+    limits) replaces the note with its own, or removes it when it took every remaining slice."""
+    notes: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for sid, man, _ in iter_manifests(root):
+        looked = {(r["source"], r["size"], r["mtime_ns"]) for r in man["images"]}
+        looked |= {(r["source"], r["size"], r["mtime_ns"]) for r in man["rejected"]}
+        for key in looked:
+            notes.pop(key, None)
+        for rec in man["rejected"]:
+            if rec.get("kind") == "pages_dropped":
+                notes[(rec["source"], rec["size"], rec["mtime_ns"])] = {"shard": sid, **rec}
+    return notes
+
+
 def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth)."""
     shards = []
     # one line per file as it was last judged, plus the slices dropped from ingested stacks
     latest = latest_rejections(root)
     rejected_lines = [json.dumps(r) for r in latest.values()]
+    rejected_lines += [json.dumps(r) for r in latest_page_notes(root).values()]
     n_gray = n_rgb = 0
     acc = {1: _StatAcc(1), 3: _StatAcc(3)}
     min_short = None
     for sid, man, digest in iter_manifests(root):
         shards.append({"id": sid, "images": len(man["images"]), "rejected": len(man["rejected"]),
                        "manifest_sha256": digest, "run": man["run"]})
-        rejected_lines += [json.dumps({"shard": sid, **r}) for r in man["rejected"] if r.get("kind") == "pages_dropped"]
         for rec in man["images"]:
             pixels = rec["height"] * rec["width"]
             s = min(rec["height"], rec["width"])
