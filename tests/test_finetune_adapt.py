@@ -162,7 +162,9 @@ def test_fda_swaps_exactly_the_low_frequency_amplitude_and_keeps_the_phase() -> 
     band = fy[:, None] & fx[None, :]
     assert torch.allclose(fo.abs()[..., band], fr.abs()[..., band], atol=1e-3)
     assert torch.allclose(fo.abs()[..., ~band], fs.abs()[..., ~band], atol=1e-3)
-    strong = fs.abs() > 1e-3
+    # float32 round-off in `out` (about sqrt(H*W) * 6e-8 per coefficient) turns into phase noise of noise/|F|: compare
+    # the phase only where the amplitude is at least 1e-3 of the DC term (about 70 % of the coefficients here)
+    strong = fs.abs() > 1e-3 * fs.abs()[..., 0, 0].max()
     assert torch.allclose(torch.polar(torch.ones_like(fo.abs()), fo.angle())[strong],
                           torch.polar(torch.ones_like(fs.abs()), fs.angle())[strong], atol=1e-4)  # same phase
     assert out.mean().item() == pytest.approx(ref.mean().item(), abs=1e-5)  # the mean is the reference's
