@@ -176,7 +176,9 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
             hashed, hash_failures = _hash_phase(client, new, cfg, cfg_dict)
             failures.update(hash_failures)
             phases.lap("hash")
-            specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard, resume)
+            # packed: the hash records go (a third of the memory, here and in the scheduler)
+            specs = [core.pack_spec(s) for s in core.plan_shards(hashed, known_shas, last_run + 1,
+                                                                  cfg.files_per_shard, resume)]
             del hashed
             phases.lap("plan")
             results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries,

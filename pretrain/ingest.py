@@ -907,7 +907,7 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
 
     Args:
         spec: ``{"shard_id", "run", "files": [hash records], "rejected": [records decided before decoding
-            (duplicates, unreadable)]}``.
+            (duplicates, unreadable)]}``; the files may be packed tuples (:func:`pack_spec`).
         out_root: Output directory.
         cfg: ``IngestConfig.model_dump()``.
 
@@ -923,7 +923,7 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     rejected: list[dict[str, Any]] = [{**r, "checks": checks} for r in spec.get("rejected", [])]
     decoder: Any = DecoderProcess(cfg) if cfg["decode"]["isolate"] else _InProcess(cfg)
     with ImageShardWriter(out_root, spec["shard_id"]) as writer, decoder:
-        for f in spec["files"]:
+        for f in map(_file_record, spec["files"]):
             src = {"source": f["path"], "size": f["size"], "mtime_ns": f["mtime_ns"], "sha256": f["sha256"]}
             request = {"path": f["path"], "sha256": f["sha256"]}
             if f.get("from_page"):
@@ -947,6 +947,23 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
                 writer.add(data, ext, {**src, **record})
         manifest = writer.commit(spec["run"], cfg["normalize"], rejected)
     return _shard_summary(manifest)
+
+
+def pack_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A shard spec with its files as ``(path, size, mtime_ns, sha256, from_page)`` tuples: a third of the
+    memory of the hash records, in the driver and in the Dask scheduler that holds every shard task's spec
+    until it ran (a million files are a million records)."""
+    files = [(f["path"], f["size"], f["mtime_ns"], f["sha256"], f.get("from_page", 0)) for f in spec["files"]]
+    return {**spec, "files": files}
+
+
+def _file_record(f: dict[str, Any] | tuple[Any, ...]) -> dict[str, Any]:
+    """A spec's file as a hash record, packed (:func:`pack_spec`) or not."""
+    if isinstance(f, dict):
+        return f
+    path, size, mtime_ns, sha, from_page = f
+    rec = {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha}
+    return {**rec, "from_page": from_page} if from_page else rec
 
 
 def pages_dropped_note(src: dict[str, Any], dropped_from: int, why: str, checks: dict[str, Any]) -> dict[str, Any]:

@@ -63,3 +63,13 @@ def test_bench_ingest_files_cleans_up_its_own_folders_only(tmp_path: Path,
 @pytest.mark.parametrize("name", ["a.JPG", "a.", ".hidden", "a.tar.gz", "noext", "x.d/file", "x.d/f.Png", "..png"])
 def test_suffix_matches_pathlib(name: str) -> None:
     assert core._suffix(os.path.join("/data", name)) == Path("/data", name).suffix.lower()
+
+
+def test_packed_shard_specs_give_back_the_hash_records() -> None:
+    recs = [{"path": "/d/a.png", "size": 3, "mtime_ns": 7, "sha256": "ab"},
+            {"path": "/d/s.tif", "size": 9, "mtime_ns": 8, "sha256": "cd", "from_page": 4}]
+    spec = {"shard_id": "0001-00000", "run": 1, "files": recs, "rejected": [{"source": "/d/x", "kind": "empty"}]}
+    packed = core.pack_spec(spec)
+    assert all(isinstance(f, tuple) for f in packed["files"]) and packed["rejected"] == spec["rejected"]
+    assert [core._file_record(f) for f in packed["files"]] == recs
+    assert [core._file_record(f) for f in recs] == recs
