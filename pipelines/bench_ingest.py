@@ -16,7 +16,8 @@ workers; it is reported next to planning (``phases.hash``), not in it. Memory is
 planning): ``driver_start_rss_mb`` after its imports, ``driver_run_peak_rss_mb`` the peak during the run
 (sampled every 10 ms), ``driver_peak_rss_mb`` the process's ``ru_maxrss`` (start-up included); and
 ``children_peak_rss_mb``, the largest finished child process (Dask nanny, worker, decoder; 0 when no cluster
-was started).
+was started). ``load_1m`` is the machine's 1-minute load average before and after each run: on a shared
+machine the times grow with it.
 
 The files are 48-96 px crops, scaled and flipped at random, of the real photographs that ship with
 scikit-image, scikit-learn and matplotlib (:func:`pretrain.bench.sample_photos`), three in four as JPEG
@@ -159,6 +160,7 @@ class _RssSampler:
 
 def _run_child(src: Path, out: Path, workers: int) -> dict[str, Any]:
     code = "import sys; from pipelines.bench_ingest import _child; _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+    load_before = os.getloadavg()[0]  # the machine may be shared: the load says how much
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), str(workers)], stdout=subprocess.PIPE,
                           text=True, check=False)
@@ -166,7 +168,8 @@ def _run_child(src: Path, out: Path, workers: int) -> dict[str, Any]:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"bench ingest: the ingest run exited with code {proc.returncode} (its errors are above)")
-    return {**json.loads(lines[-1][len(RESULT_PREFIX):]), "process_s": round(wall, 2)}
+    return {**json.loads(lines[-1][len(RESULT_PREFIX):]), "process_s": round(wall, 2),
+            "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def _hardware() -> dict[str, Any]:

@@ -33,6 +33,7 @@ def test_bench_ingest_files_plans_then_finds_nothing_new(tmp_path: Path, capsys:
         assert run["planning_s"] == pytest.approx(sum(run["phases"].get(k, 0) for k in ("discover", "check", "plan")),
                                                   abs=2e-3)
         assert 0 < run["driver_start_rss_mb"] <= run["driver_run_peak_rss_mb"] <= run["driver_peak_rss_mb"] + 1
+        assert len(run["load_1m"]) == 2
     assert isinstance(r["meets_targets"], bool) and r["kept"] == str(out.resolve())
 
     # the files are small real images in a nested tree, 50 per folder
