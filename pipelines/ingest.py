@@ -135,50 +135,70 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str
 
 
 def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, Any]:
+    phases = _Phases()
     check_normalization_unchanged(out, cfg)
     leftovers = store.clean_uncommitted(out)
     if leftovers:
         console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
     check_plugins(cfg.decode.plugins)
+    phases.lap("prepare")
     found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files)
-    files = found.files
-    if found.skipped_links:
-        path, why = found.skipped_links[0]
-        console.print(f"[yellow]skipped {len(found.skipped_links)} link(s) or folder(s) of the source, e.g. "
+    files, skipped_links = found.files, found.skipped_links
+    del found
+    phases.lap("discover")
+    if skipped_links:
+        path, why = skipped_links[0]
+        console.print(f"[yellow]skipped {len(skipped_links)} link(s) or folder(s) of the source, e.g. "
                       f"'{path}': {why}[/]")
     checks = cfg.checks.model_dump(mode="json")
-    known, known_shas, last_run = store.known_files(out, lambda rec: core.needs_reexamination(rec, checks))
+    scan = store.scan_manifests(out)  # one read of the store's manifests
+    known = scan.known(lambda rec: core.needs_reexamination(rec, checks))
+    known_shas, last_run = scan.shas, scan.last_run
     # stacks ingested without their later slices, under limits raised since: those slices are offered again
-    resume = {key: int(note["dropped_from"]) for key, note in store.latest_page_notes(out).items()
+    resume = {key: int(note["dropped_from"]) for key, note in scan.page_notes.items()
               if core.needs_reexamination(note, checks)}
+    del scan
     new = [f for f in files if f.key not in known or f.key in resume]
+    del known
+    phases.lap("check")
     stage = cfg.stage_config()
     save_resolved(stage, out / CONFIG_FILE)
     console.print(f"{len(files)} file(s) in source, {len(files) - len(new)} already handled, {len(new)} new or "
                   "re-examined")
     summary: dict[str, Any] = {"source": src, "out": str(out), "files_seen": len(files), "new_files": len(new),
                                "new_images": 0, "new_rejected": 0, "rejected_kinds": {}, "failed_shards": {},
-                               "skipped_links": [{"path": p, "why": w} for p, w in found.skipped_links]}
+                               "skipped_links": [{"path": p, "why": w} for p, w in skipped_links]}
     failures: dict[str, str] = {}
     if new:
         cfg_dict = stage.model_dump(mode="json")
         with open_client(cfg.cluster, shared_dir=out) as client:
+            phases.lap("setup")
             hashed, hash_failures = _hash_phase(client, new, cfg, cfg_dict)
             failures.update(hash_failures)
-            specs = core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard, resume)
+            phases.lap("hash")
+            # packed: the hash records go (a third of the memory, here and in the scheduler)
+            specs = [core.pack_spec(s) for s in core.plan_shards(hashed, known_shas, last_run + 1,
+                                                                  cfg.files_per_shard, resume)]
+            del hashed
+            phases.lap("plan")
             results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries,
                                                    task_resources(cfg.cluster))
+            del specs
             failures.update(shard_failures)
+            phases.lap("shards")
         for r in results:
             summary["new_images"] += r["images"]
             summary["new_rejected"] += r["rejected"]
             for k, v in r["rejected_kinds"].items():
                 summary["rejected_kinds"][k] = summary["rejected_kinds"].get(k, 0) + v
+    phases.lap("shards" if new else "setup")
+    del files, new, known_shas  # not needed any more: the index rebuild reads the manifests again
     index = store.build_index(out)
+    phases.lap("index")
     dt = time.perf_counter() - t0
     summary.update(total_images=index["num_images"], total_rejected=index["num_rejected"],
                    data_hash=index["data_hash"], seconds=round(dt, 2), config_hash=hash_config(stage),
-                   failed_shards=failures)
+                   failed_shards=failures, phases=phases.seconds)
     _print_summary(summary, index)
     if failures:
         raise PartialFailure(f"{len(failures)} ingest task(s) failed; the rest is committed and a re-run retries "
@@ -187,6 +207,21 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
         raise UserError(f"every file was rejected ({index['num_rejected']} file(s); reasons in "
                         f"{out / store.REJECTED_FILE})", fix="point SRC at image files (JPEG, PNG, TIFF, WebP, BMP)")
     return summary
+
+
+class _Phases:
+    """Wall-clock seconds of the phases of one run (``summary["phases"]``): ``prepare`` (lock, leftovers),
+    ``discover`` (walk + stat), ``check`` (the incremental check against the store), ``setup`` (config, cluster
+    start), ``hash``, ``plan`` (dedup and shard plan), ``shards`` (ingesting), ``index`` (index rebuild)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 def _hash_phase(client: Any, files: list[core.SourceFile], cfg: IngestJob, cfg_dict: dict[str, Any]

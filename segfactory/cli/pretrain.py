@@ -69,10 +69,18 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. image_size=192")
     p.set_defaults(func=cmd_probe)
 
-    p = benches.add_parser("ingest", help="ingest core vs a plain PIL open+convert+resize loop (images/s per core)")
+    p = benches.add_parser("ingest", help="ingest core vs a plain PIL open+convert+resize loop (images/s per core); "
+                           "with --files N: ingest planning at scale (walk, stat, incremental check; time, memory)")
     p.add_argument("--images", type=int, default=200, help="640x480 JPEGs to generate from sample photos")
     p.add_argument("--short-side", type=int, default=224, help="target short side of both pipelines")
     p.add_argument("--repeats", type=int, default=3, help="timed passes (best is reported)")
+    p.add_argument("--files", type=int, help="planning at scale: create N small image files in a nested tree, "
+                   "ingest them, ingest them again unchanged; report planning time and peak memory of both runs")
+    p.add_argument("--out", default="runs/bench-ingest", type=out_dir("--out"),
+                   help="--files: scratch folder (emptied first, removed at the end unless --keep)")
+    p.add_argument("--keep", action="store_true", help="--files: keep the file tree and the store")
+    p.add_argument("--workers", type=int, default=2, help="--files: Dask workers of the ingest runs")
+    p.add_argument("--per-folder", type=int, default=1000, help="--files: files per folder of the tree")
     p.set_defaults(func=cmd_bench_ingest)
 
     p = benches.add_parser("augment", help="kornia batched views on the training device vs lightly's per-sample "
@@ -132,6 +140,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    if args.files is not None:
+        from pipelines.bench_ingest import bench_ingest_files
+
+        print(json.dumps(bench_ingest_files(args.files, args.out, args.workers, args.per_folder, args.keep)))
+        return 0
     from pretrain.bench import bench_ingest
 
     print(json.dumps(bench_ingest(args.images, args.short_side, args.repeats)))

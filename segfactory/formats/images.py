@@ -58,9 +58,9 @@ CONFIG_FILE = "config.yaml"
 WRITER_PACKAGE = "pretrain"
 
 __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", "REJECTED_FILE", "SHARDS_DIR",
-           "ImageEntry", "ImageShardWriter", "IngestedImages", "build_index", "clean_uncommitted", "committed_shards",
-           "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes", "latest_rejections",
-           "open_images", "read_stored", "shards_dir", "verify_shard"]
+           "ImageEntry", "ImageShardWriter", "IngestedImages", "StoreScan", "build_index", "clean_uncommitted",
+           "committed_shards", "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes",
+           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "verify_shard"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -179,8 +179,76 @@ def iter_manifests(root: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str
         yield sid, json.loads(raw), sha256_bytes(raw)
 
 
+Key = tuple[str, int, int]  # a source file's (path, size, mtime_ns): its identity for incremental runs
+
+
+class StoreScan:
+    """What the committed shards say about the source files, gathered in one read of the manifests (shard
+    order); :func:`scan_manifests` fills it, :func:`build_index` feeds it while it reads them for the index.
+
+    Attributes:
+        ingested: Key of every file a shard stored.
+        shas: Content hash -> first source path of every ingested file (empty unless ``with_shas``).
+        last_run: The highest run number (0 for an empty store).
+        rejections: See :func:`latest_rejections`.
+        page_notes: See :func:`latest_page_notes`.
+    """
+
+    def __init__(self, with_shas: bool = True) -> None:
+        self.ingested: set[Key] = set()
+        self.shas: dict[str, str] = {}
+        self._with_shas = with_shas
+        self.last_run = 0
+        self._rejected: dict[Key, dict[str, Any]] = {}
+        self.page_notes: dict[Key, dict[str, Any]] = {}
+
+    def add(self, sid: str, man: dict[str, Any]) -> None:
+        """Take in one manifest (in shard order)."""
+        self.last_run = max(self.last_run, int(man["run"]))
+        notes = self.page_notes
+        for rec in man["images"]:
+            key = (rec["source"], rec["size"], rec["mtime_ns"])
+            self.ingested.add(key)
+            if self._with_shas:
+                self.shas.setdefault(rec["sha256"], rec["source"])
+            if notes:  # this shard looked at the file again: its notes replace earlier ones
+                notes.pop(key, None)
+        rejected = man["rejected"]
+        if notes:
+            for rec in rejected:
+                notes.pop((rec["source"], rec["size"], rec["mtime_ns"]), None)
+        for rec in rejected:
+            key = (rec["source"], rec["size"], rec["mtime_ns"])
+            if rec.get("kind") == "pages_dropped":
+                notes[key] = {"shard": sid, **rec}
+            else:
+                self._rejected[key] = {"shard": sid, **rec}
+
+    @property
+    def rejections(self) -> dict[Key, dict[str, Any]]:
+        return {k: v for k, v in self._rejected.items() if k not in self.ingested}
+
+    def known(self, reexamine: Callable[[dict[str, Any]], bool] | None = None) -> set[Key]:
+        """Keys of every file seen (ingested or rejected), less the rejected ones ``reexamine`` picks: see
+        :func:`known_files`."""
+        keys = set(self.ingested)
+        for key, rec in self._rejected.items():
+            if key not in keys and not (reexamine is not None and reexamine(rec)):
+                keys.add(key)
+        return keys
+
+
+def scan_manifests(root: str | os.PathLike[str]) -> StoreScan:
+    """One read of every committed manifest: what :func:`known_files`, :func:`latest_rejections` and
+    :func:`latest_page_notes` return, without reading the store three times."""
+    scan = StoreScan()
+    for sid, man, _ in iter_manifests(root):
+        scan.add(sid, man)
+    return scan
+
+
 def known_files(root: str | os.PathLike[str], reexamine: Callable[[dict[str, Any]], bool] | None = None
-                ) -> tuple[set[tuple[str, int, int]], dict[str, str], int]:
+                ) -> tuple[set[Key], dict[str, str], int]:
     """What earlier runs already handled.
 
     Args:
@@ -192,62 +260,34 @@ def known_files(root: str | os.PathLike[str], reexamine: Callable[[dict[str, Any
         ``(keys, sha_to_source, last_run)``: (path, size, mtime_ns) of every file seen (ingested or
         rejected), the content hash -> first source path of every ingested file, and the highest run number.
     """
-    keys: set[tuple[str, int, int]] = set()
-    shas: dict[str, str] = {}
-    last_run = 0
-    for _, man, _ in iter_manifests(root):
-        last_run = max(last_run, int(man["run"]))
-        for rec in man["images"]:
-            keys.add((rec["source"], rec["size"], rec["mtime_ns"]))
-            shas.setdefault(rec["sha256"], rec["source"])
-    for key, rec in latest_rejections(root).items():
-        if key not in keys and not (reexamine is not None and reexamine(rec)):
-            keys.add(key)
-    return keys, shas, last_run
+    scan = scan_manifests(root)
+    return scan.known(reexamine), scan.shas, scan.last_run
 
 
-def latest_rejections(root: str | os.PathLike[str]) -> dict[tuple[str, int, int], dict[str, Any]]:
+def latest_rejections(root: str | os.PathLike[str]) -> dict[Key, dict[str, Any]]:
     """The newest rejected record of each file (path, size, mtime_ns) that no shard ingested, with its
     ``shard``: a file re-examined by a later run (a transient error, changed limits) counts as it was judged
     last. ``pages_dropped`` notes are about ingested files and not listed."""
-    ingested: set[tuple[str, int, int]] = set()
-    latest: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for sid, man, _ in iter_manifests(root):
-        for rec in man["images"]:
-            ingested.add((rec["source"], rec["size"], rec["mtime_ns"]))
-        for rec in man["rejected"]:
-            if rec.get("kind") != "pages_dropped":
-                latest[(rec["source"], rec["size"], rec["mtime_ns"])] = {"shard": sid, **rec}
-    return {k: v for k, v in latest.items() if k not in ingested}
+    return scan_manifests(root).rejections
 
 
-def latest_page_notes(root: str | os.PathLike[str]) -> dict[tuple[str, int, int], dict[str, Any]]:
+def latest_page_notes(root: str | os.PathLike[str]) -> dict[Key, dict[str, Any]]:
     """The ``pages_dropped`` note (with its ``shard``) of each ingested stack whose later slices are not stored,
     as its latest look left it: a later shard that looked at the file again (a stack re-examined under raised
     limits) replaces the note with its own, or removes it when it took every remaining slice."""
-    notes: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for sid, man, _ in iter_manifests(root):
-        looked = {(r["source"], r["size"], r["mtime_ns"]) for r in man["images"]}
-        looked |= {(r["source"], r["size"], r["mtime_ns"]) for r in man["rejected"]}
-        for key in looked:
-            notes.pop(key, None)
-        for rec in man["rejected"]:
-            if rec.get("kind") == "pages_dropped":
-                notes[(rec["source"], rec["size"], rec["mtime_ns"])] = {"shard": sid, **rec}
-    return notes
+    return scan_manifests(root).page_notes
 
 
 def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth)."""
+    """Rebuild ``index.json`` and ``rejected.jsonl`` from the committed manifests (the source of truth), in one
+    read of them."""
     shards = []
-    # one line per file as it was last judged, plus the slices dropped from ingested stacks
-    latest = latest_rejections(root)
-    rejected_lines = [json.dumps(r) for r in latest.values()]
-    rejected_lines += [json.dumps(r) for r in latest_page_notes(root).values()]
+    scan = StoreScan(with_shas=False)
     n_gray = n_rgb = 0
     acc = {1: _StatAcc(1), 3: _StatAcc(3)}
     min_short = None
     for sid, man, digest in iter_manifests(root):
+        scan.add(sid, man)
         shards.append({"id": sid, "images": len(man["images"]), "rejected": len(man["rejected"]),
                        "manifest_sha256": digest, "run": man["run"]})
         for rec in man["images"]:
@@ -262,6 +302,10 @@ def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
                 n_rgb += 1
                 acc[3].add(pixels, rec["mean"], rec["std"])
                 acc[1].add(pixels, [rec["luma_mean"]], [rec["luma_std"]])  # converted to gray at load
+    # one line per file as it was last judged, plus the slices dropped from ingested stacks
+    latest = scan.rejections
+    rejected_lines = [json.dumps(r) for r in latest.values()]
+    rejected_lines += [json.dumps(r) for r in scan.page_notes.values()]
     index = {
         "format": FORMAT, "version": VERSION, "created": _now(), "code_version": code_version(WRITER_PACKAGE),
         "num_images": n_gray + n_rgb, "num_gray": n_gray, "num_rgb": n_rgb,
@@ -285,18 +329,19 @@ class _StatAcc:
 
     def __init__(self, channels: int):
         self.n = 0
-        self.s1 = np.zeros(channels)
-        self.s2 = np.zeros(channels)
+        # plain floats: one numpy call per image costs more than the sums (the same float64 arithmetic)
+        self.s1 = [0.0] * channels
+        self.s2 = [0.0] * channels
 
     def add(self, pixels: int, mean: list[float], std: list[float]) -> None:
-        m, s = np.asarray(mean, float), np.asarray(std, float)
         self.n += pixels
-        self.s1 += pixels * m
-        self.s2 += pixels * (s**2 + m**2)
+        for c, (m, s) in enumerate(zip(mean, std, strict=True)):
+            self.s1[c] += pixels * m
+            self.s2[c] += pixels * (s**2 + m**2)
 
     def result(self) -> dict[str, list[float]]:
-        mean = self.s1 / self.n
-        std = np.sqrt(np.maximum(self.s2 / self.n - mean**2, 1e-12))
+        mean = np.asarray(self.s1) / self.n
+        std = np.sqrt(np.maximum(np.asarray(self.s2) / self.n - mean**2, 1e-12))
         return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
 
 
