@@ -22,7 +22,8 @@ def build_encoder(name: str, in_chans: int) -> PooledEncoder:
 
 
 class PooledEncoder(nn.Module):
-    """``features_only`` timm model + global average pool of its last feature map.
+    """``features_only`` timm model + global average pool of its last feature map (:meth:`feature_map` gives the
+    map itself).
 
     Args:
         spec: The backbone.
@@ -45,4 +46,9 @@ class PooledEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D)."""
-        return self.body(x)[-1].float().mean(dim=(2, 3))
+        return self.feature_map(x).float().mean(dim=(2, 3))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's spatial features, for dense objectives: (B, C, H, W) -> (B, D, H / s, W / s), s the
+        last stride (``feature_strides[-1]``), in the autocast dtype."""
+        return self.body(x)[-1]
