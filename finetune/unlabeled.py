@@ -9,6 +9,11 @@ A crop is what the model will see at prediction time: the stored image is mapped
 original values and resolution, resized by ``input.scale``, scaled to [0, 1] by ``input.scaling`` (on the
 whole image) and cut at a random position. Which image and where are pure functions of ``(seed, step, slot)``,
 so a resumed run loads exactly the crops an uninterrupted one would, with any number of loader workers.
+
+Sets of :data:`STREAM_MIN_IMAGES` images or more are streamed instead (:class:`UnlabeledStream`): the shards
+are read sequentially, shuffled by units and a buffer (:mod:`segfactory.streaming`, as pretraining's
+``data.order=stream``); which image a ``(step, slot)`` gets then also depends on the number of loader workers
+(a resumed run with the same ``data.num_workers`` loads exactly the same crops); where it is cut does not.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ def open_unlabeled(paths: list[Path], in_chans: int, field: str = "data.unlabele
     return out
 
 
-def decode(im: UnlabeledImage) -> np.ndarray:
+def decode(im: UnlabeledImage, data: bytes | None = None) -> np.ndarray:
     """The stored image as (H, W) or (H, W, 3) RGB uint8.
 
     Raises:
@@ -122,7 +127,7 @@ def decode(im: UnlabeledImage) -> np.ndarray:
     from segfactory.formats.images import ImageEntry, decode_entry
 
     entry = ImageEntry(im.path, im.offset, im.length, "", im.height, im.height, im.channels)
-    return decode_entry(entry, cv2.IMREAD_GRAYSCALE if im.channels == 1 else cv2.IMREAD_COLOR)
+    return decode_entry(entry, cv2.IMREAD_GRAYSCALE if im.channels == 1 else cv2.IMREAD_COLOR, data)
 
 
 def original_like(arr: np.ndarray, im: UnlabeledImage) -> np.ndarray:
@@ -139,12 +144,12 @@ def original_like(arr: np.ndarray, im: UnlabeledImage) -> np.ndarray:
     return np.round(lo + arr.astype(np.float32) * ((hi - lo) / 255.0)).astype(np.uint16)
 
 
-def load_view(im: UnlabeledImage, scale: float) -> np.ndarray:
+def load_view(im: UnlabeledImage, scale: float, data: bytes | None = None) -> np.ndarray:
     """The image as the model sees real inputs: original-like values, resized by ``scale`` from the original
     resolution (stored pixels x ``scale * orig_height / height``)."""
     from finetune.scale import resize_image
 
-    arr = original_like(decode(im), im)
+    arr = original_like(decode(im, data), im)
     return resize_image(arr, scale * im.orig_height / im.height)
 
 
@@ -168,11 +173,15 @@ class UnlabeledDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, ref: tuple[int, int, int]) -> dict:
+        return self.load(ref)
+
+    def load(self, ref: tuple[int, int, int], data: bytes | None = None) -> dict:
+        """The sample of ``ref``; ``data``: the image's stored bytes when already read."""
         from finetune.data.mixing import random_window
 
         step, slot, index = ref
         try:
-            arr = load_view(self.images[index], self.scale)
+            arr = load_view(self.images[index], self.scale, data)
         except OSError as e:
             return {"error": (str(e), "re-run `segfactory ingest` into a fresh directory")}
         rng = np.random.default_rng([self.seed, step, slot, 0x0A1A])
@@ -204,6 +213,53 @@ class UnlabeledSampler(torch.utils.data.Sampler):
             yield [(s, j, self._index(s * self.batch_size + j)) for j in range(self.batch_size)]
 
 
+STREAM_MIN_IMAGES = 50_000  # streamed from this many images on (pretraining's data.stream_min_images default)
+STREAM_BUFFER = 2048
+STREAM_UNIT = 256
+
+
+class UnlabeledStream(torch.utils.data.IterableDataset):
+    """Batches for steps ``start..end-1`` streamed from the shards: step ``s`` is logical worker
+    ``s % workers``'s (workers rotated so that step ``start`` comes first); each worker is one slot of
+    :class:`segfactory.streaming.SlotStream`, and its ``k``-th batch takes stream positions ``k * B ...``.
+    Windows are cut as :class:`UnlabeledDataset` cuts them (seeded by ``(seed, step, slot)``)."""
+
+    def __init__(self, ds: UnlabeledDataset, batch_size: int, seed: int, start: int, end: int, workers: int,
+                 buffer: int = STREAM_BUFFER, unit_size: int = STREAM_UNIT):
+        from segfactory import seeds, streaming
+
+        self.ds, self.batch_size, self.start, self.end = ds, batch_size, start, end
+        self.workers, self.buffer, self.seed, self.salt = max(1, workers), buffer, seed, seeds.FINETUNE_STREAM
+        self.units = streaming.make_units(ds.images, unit_size, min_units=self.workers)
+
+    def refs(self, worker: int) -> Iterator[tuple[int, list[tuple[int, int, int]], dict[int, bytes]]]:
+        """``(step, [(step, slot, index)] * B, stored bytes by index)`` of logical worker ``worker``."""
+        from segfactory import streaming
+
+        slot = streaming.SlotStream(self.units, self.seed, self.buffer, worker, self.workers, self.salt)
+        done = streaming.slot_batches_done(self.start, worker, self.workers)
+        step = done * self.workers + worker
+        batch: list[tuple[int, int, int]] = []
+        data: dict[int, bytes] = {}
+        for window, skip in slot.windows(done * self.batch_size):
+            todo = window[skip:]
+            got = streaming.read_window(self.ds.images, todo)
+            for i in todo:
+                if step >= self.end:
+                    return
+                batch.append((step, len(batch), int(i)))
+                data[int(i)] = got[int(i)]
+                if len(batch) == self.batch_size:
+                    yield step, batch, data
+                    step, batch, data = step + self.workers, [], {}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.start) % self.workers
+        for _, refs, data in self.refs(worker):
+            yield collate_unlabeled([self.ds.load(ref, data[ref[2]]) for ref in refs])
+
+
 def collate_unlabeled(samples: list[dict]) -> dict:
     for s in samples:
         if "error" in s:
@@ -213,15 +269,23 @@ def collate_unlabeled(samples: list[dict]) -> dict:
 
 def unlabeled_loader(images: list[UnlabeledImage], window: int, in_chans: int, scaling: str, scale: float,
                      batch_size: int, seed: int, start: int, end: int, num_workers: int,
-                     pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader of real-crop batches for steps ``start..end-1`` (one batch per step)."""
+                     pin_memory: bool, stream: bool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader of real-crop batches for steps ``start..end-1`` (one batch per step).
+
+    ``stream``: :class:`UnlabeledStream` (sequential shard reads); ``None``: from :data:`STREAM_MIN_IMAGES`
+    images on; else the random order of :class:`UnlabeledSampler`.
+    """
     from segfactory.workers import loader_context
 
     ds = UnlabeledDataset(images, window, in_chans, scaling, scale, seed)
+    kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory,
+                          "prefetch_factor": 4 if num_workers else None,
+                          "multiprocessing_context": loader_context(num_workers)}
+    if stream if stream is not None else len(images) >= STREAM_MIN_IMAGES:
+        return torch.utils.data.DataLoader(UnlabeledStream(ds, batch_size, seed, start, end, num_workers),
+                                           batch_size=None, **kw)
     return torch.utils.data.DataLoader(ds, batch_sampler=UnlabeledSampler(len(images), batch_size, seed, start, end),
-                                       collate_fn=collate_unlabeled, num_workers=num_workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if num_workers else None,
-                                       multiprocessing_context=loader_context(num_workers))
+                                       collate_fn=collate_unlabeled, **kw)
 
 
 def real_views(unl: UnlabeledSet, scale: float, max_images: int) -> Iterator[np.ndarray]:

@@ -161,6 +161,14 @@ class DataConfig(StrictModel):
     normalization: Literal["dataset", "imagenet", "half"] = Field(
         "dataset", description="input mean/std: the ingested data's own statistics, ImageNet's, or 0.5/0.5")
     prefetch_factor: int = Field(4, ge=1)
+    order: Literal["auto", "stream", "random"] = Field(
+        "auto", description="stream: read the shards sequentially, shuffled by units and a buffer "
+        "(segfactory.streaming); random: one seeded permutation of all images, one file seek per image; auto: "
+        "stream from stream_min_images images on")
+    stream_min_images: int = Field(50_000, ge=0, description="data.order=auto streams stores this large")
+    stream_buffer: int = Field(2048, ge=1, description="data.order=stream: shuffle window per reader, in images")
+    stream_unit: int = Field(256, ge=1, description="data.order=stream: images per shuffled unit (a contiguous "
+                             "read of one shard)")
 
 
 class TrainConfig(StrictModel):

@@ -1,5 +1,10 @@
 """Reading ingested images for training: fixed-size uint8 squares in a resumable, seeded order.
 
+Two orders (``data.order``): ``random`` (:class:`StreamSampler`: one seeded permutation of all images per
+epoch, one seek into a shard file per image, independent of the worker count) and ``stream``
+(:class:`StreamSquares`: shards read sequentially, shuffled by units and a buffer, see
+:mod:`segfactory.streaming`; resumable with the same worker count and world size).
+
 The CPU side only decodes (at reduced DCT scale when the file allows), resizes the short side to the load
 size and cuts a square; every other augmentation runs batched on the training device (:mod:`pretrain.augment`).
 """
@@ -14,16 +19,19 @@ import cv2
 import numpy as np
 import torch
 
-from segfactory import seeds
+from segfactory import seeds, streaming
+from segfactory.errors import UserError
 from segfactory.formats.images import ImageEntry, decode_entry
 from segfactory.workers import loader_context
 
 
-def read_square(entry: ImageEntry, load_size: int, in_chans: int, rng: np.random.Generator) -> np.ndarray:
+def read_square(entry: ImageEntry, load_size: int, in_chans: int, rng: np.random.Generator,
+                data: bytes | None = None) -> np.ndarray:
     """Decode one stored image as a (load_size, load_size, C) uint8 square.
 
     The short side is resized to ``load_size`` and a square is cut at a random position along the long side
-    (drawn from ``rng``), so no part of a wide image is systematically lost.
+    (drawn from ``rng``), so no part of a wide image is systematically lost. ``data``: the stored bytes when
+    already read (default: read them).
     """
     short = min(entry.height, entry.width)
     gray = in_chans == 1
@@ -35,7 +43,7 @@ def read_square(entry: ImageEntry, load_size: int, in_chans: int, rng: np.random
             if short // f >= load_size:
                 flag = fg if gray else fc
                 break
-    img = decode_entry(entry, flag)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
+    img = decode_entry(entry, flag, data)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
     h, w = img.shape[:2]
     r = load_size / min(h, w)
     nw, nh = max(load_size, round(w * r)), max(load_size, round(h * r))
@@ -111,15 +119,101 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class StreamSquares(torch.utils.data.IterableDataset):
+    """``data.order=stream``: endless (B, C, L, L) uint8 batches from sequential shard reads.
+
+    Each DataLoader worker is one slot of :class:`segfactory.streaming.SlotStream` (slot ``rank * workers +
+    worker``); it reads its windows' bytes in storage order and decodes them in shuffled order. Batch ``b``
+    (micro-batch number from the run's start) holds stream positions ``b * B ... (b + 1) * B - 1`` of worker
+    ``b % workers`` (the DataLoader takes its workers' batches in turn; on resume the workers are rotated so
+    that batch ``start_batch`` comes first). Square crops are seeded by the global position as in
+    :class:`SquareDataset`.
+
+    Args:
+        entries: The images, in the store's shard order.
+        load_size: Square side.
+        in_chans: 1 or 3.
+        seed: Run seed.
+        batch_size: Images per micro-batch.
+        start_batch: First micro-batch to produce (resume).
+        workers: DataLoader workers (0: the main process is the one reader).
+        buffer: Shuffle window per reader, in images.
+        unit_size: Images per shuffled unit.
+        rank: This process's rank.
+        world_size: Processes reading the same store (each gets disjoint units).
+    """
+
+    def __init__(self, entries: list[ImageEntry], load_size: int, in_chans: int, seed: int, batch_size: int,
+                 start_batch: int, workers: int, buffer: int, unit_size: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.entries, self.load_size, self.in_chans, self.seed = entries, load_size, in_chans, seed
+        self.batch_size, self.start_batch, self.buffer = batch_size, start_batch, buffer
+        self.workers, self.rank, self.world_size = max(1, workers), rank, world_size
+        if len(entries) < self.workers * world_size:
+            raise UserError(f"data.order=stream: {len(entries)} images cannot feed {self.workers} loader worker(s) "
+                            f"x {world_size} process(es)", fix="set data.order=random or fewer data.num_workers")
+        self.units = streaming.make_units(entries, unit_size, min_units=self.workers * world_size)
+
+    def _stream(self, worker: int) -> tuple[streaming.SlotStream, int]:
+        """The slot stream of logical worker ``worker`` and its first global micro-batch number."""
+        slot = streaming.SlotStream(self.units, self.seed, self.buffer, self.rank * self.workers + worker,
+                                    self.workers * self.world_size)
+        return slot, streaming.slot_batches_done(self.start_batch, worker, self.workers)
+
+    def samples(self, worker: int) -> Iterator[tuple[int, int, bytes]]:
+        """Endless ``(global position, entry index, stored bytes)`` of logical worker ``worker``."""
+        slot, done = self._stream(worker)
+        pos = done * self.batch_size
+        batch = done * self.workers + worker  # global micro-batch number
+        k = 0
+        for window, skip in slot.windows(pos):
+            todo = window[skip:]
+            data = streaming.read_window(self.entries, todo)
+            for i in todo:
+                yield batch * self.batch_size + k, int(i), data[int(i)]
+                k += 1
+                if k == self.batch_size:
+                    batch, k = batch + self.workers, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        phys = info.id if info is not None else 0
+        worker = (phys + self.start_batch) % self.workers  # rotation: the DataLoader starts at worker 0
+        batch: list[torch.Tensor] = []
+        for position, idx, data in self.samples(worker):
+            rng = np.random.default_rng([self.seed, seeds.PRETRAIN_CROP, position])
+            arr = read_square(self.entries[idx], self.load_size, self.in_chans, rng, data)
+            batch.append(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+            if len(batch) == self.batch_size:
+                yield torch.stack(batch)
+                batch = []
+
+
+def use_stream(order: str, num_images: int, min_images: int) -> bool:
+    """Whether ``data.order`` (``auto``: from ``min_images`` images on) streams."""
+    return order == "stream" or (order == "auto" and num_images >= min_images)
+
+
 def make_loader(entries: list[ImageEntry], load_size: int, in_chans: int, batch_size: int, seed: int,
-                start_batch: int, num_workers: int, pin_memory: bool, prefetch_factor: int
+                start_batch: int, num_workers: int, pin_memory: bool, prefetch_factor: int, stream: bool = False,
+                buffer: int = 2048, unit_size: int = 256, rank: int = 0, world_size: int = 1
                 ) -> torch.utils.data.DataLoader[Any]:
-    """An endless DataLoader of (B, C, L, L) uint8 batches starting at micro-batch ``start_batch``."""
-    ds = SquareDataset(entries, load_size, in_chans, seed)
-    sampler = StreamSampler(len(entries), batch_size, seed, start_batch)
+    """An endless DataLoader of (B, C, L, L) uint8 batches starting at micro-batch ``start_batch``.
+
+    ``stream``: :class:`StreamSquares` (``buffer``, ``unit_size``, ``rank``/``world_size``); else the random
+    order of :class:`StreamSampler`.
+    """
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _worker_init,
               "multiprocessing_context": loader_context(num_workers)}
+    if stream:
+        sds = StreamSquares(entries, load_size, in_chans, seed, batch_size, start_batch, num_workers, buffer,
+                            unit_size, rank, world_size)
+        return torch.utils.data.DataLoader(sds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                           **kw)
+    ds = SquareDataset(entries, load_size, in_chans, seed)
+    sampler = StreamSampler(len(entries), batch_size, seed, start_batch)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                                        collate_fn=torch.stack, **kw)

@@ -32,7 +32,7 @@ from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import BACKBONES
 from pretrain.config import PretrainConfig
 from pretrain.encoder import build_encoder
-from pretrain.images import make_loader
+from pretrain.images import make_loader, use_stream
 from pretrain.methods import build_method
 from pretrain.methods.base import SSLMethod
 from segfactory import torchutil
@@ -280,12 +280,16 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     save_resolved(cfg, out / "config.yaml")
 
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    dc = cfg.data
+    stream = use_stream(dc.order, len(entries), dc.stream_min_images)
     loader = make_loader(entries, load_size, in_chans, tr.batch_size, tr.seed, start * tr.accumulate, workers,
-                         pin_memory=device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor)
+                         pin_memory=device.type == "cuda", prefetch_factor=dc.prefetch_factor, stream=stream,
+                         buffer=dc.stream_buffer, unit_size=dc.stream_unit)
     end = total if stop_after is None else min(total, start + stop_after)
     console.print(f"pretrain: {cfg.method.name} / {cfg.backbone.name} (in_chans={in_chans}) on {len(entries)} images, "
                   f"{device}{' ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, steps {start}->{end} "
-                  f"of {total}, batch {tr.batch_size}x{tr.accumulate}, views {[s.size for s in specs]}")
+                  f"of {total}, batch {tr.batch_size}x{tr.accumulate}, views {[s.size for s in specs]}, "
+                  f"data order {'stream' if stream else 'random'}")
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     step = start
     last_row: dict[str, Any] = {}

@@ -13,6 +13,8 @@ post-processing            ``[seed, scene, POSTPROCESS, view]``        one view'
 pretrain order             ``[seed, PRETRAIN_ORDER, epoch]``           the permutation of one epoch's images
 pretrain crop              ``[seed, PRETRAIN_CROP, position]``         a stream position's square crop
 pretrain augmentation      ``[seed, PRETRAIN_AUGMENT, step, micro]``   a micro-batch's view parameters (63-bit seed)
+stream unit order          ``[seed, STREAM_ORDER, epoch]``             ``data.order=stream``: one epoch's shard units
+stream buffer              ``[seed, STREAM_ORDER, epoch, slot, win]``  the shuffle of one reader's window of samples
 probe frames               ``[seed, PROBE_FRAMES]``                    which frames a linear probe keeps
 probe batches              ``[seed, PROBE_BATCHES]``                   the probe's training batches
 probe split                ``[seed, PROBE_SPLIT]``                     the probe's train/validation split
@@ -20,6 +22,7 @@ fine-tune batch counts     ``[seed, step, FINETUNE_COUNTS]``           a batch's
 fine-tune epoch order      ``[seed, source, epoch, FINETUNE_ORDER]``   the permutation of a source's epoch
 fine-tune window           ``[seed, step, slot, FINETUNE_WINDOW]``     a batch slot's random window
 fine-tune dropout          ``[seed, step, FINETUNE_DROPOUT]``          the global torch RNG during a step's forward pass
+unlabeled stream           ``[seed, FINETUNE_STREAM, epoch, ...]``     streamed real crops' unit and window order
 =========================  ==========================================  ================================================
 
 Streams seeded with the base seed alone: model initialisation in pretraining, fine-tuning and the probe
@@ -43,10 +46,12 @@ PRETRAIN_AUGMENT = 2
 PROBE_FRAMES = 3
 PROBE_BATCHES = 4
 PROBE_SPLIT = 5
+STREAM_ORDER = 6
 FINETUNE_COUNTS = 0x5EED
 FINETUNE_ORDER = 0xE90C
 FINETUNE_WINDOW = 0xC209
 FINETUNE_DROPOUT = 0xD209
+FINETUNE_STREAM = 0x57E4
 # MoCo's shuffled-BN permutation: a linear function of the step.
 MOCO_SHUFFLE_MULT, MOCO_SHUFFLE_ADD = 1_000_003, 17
 

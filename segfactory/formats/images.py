@@ -422,12 +422,13 @@ def read_entry_bytes(entry: ImageEntry) -> bytes:
     return data
 
 
-def decode_entry(entry: ImageEntry, flag: int | None = None) -> npt.NDArray[np.uint8]:
+def decode_entry(entry: ImageEntry, flag: int | None = None, data: bytes | None = None) -> npt.NDArray[np.uint8]:
     """Decode one stored image with OpenCV: (H, W) gray or (H, W, 3) RGB uint8 (``flag``: an ``IMREAD_*``
-    flag, e.g. a reduced-size JPEG decode; default: as stored)."""
+    flag, e.g. a reduced-size JPEG decode; default: as stored). ``data``: its stored bytes when already read
+    (a streaming reader's window read, :func:`segfactory.streaming.read_window`); default: read them."""
     import cv2
 
-    img = cv2.imdecode(np.frombuffer(read_entry_bytes(entry), np.uint8),
+    img = cv2.imdecode(np.frombuffer(read_entry_bytes(entry) if data is None else data, np.uint8),
                        cv2.IMREAD_UNCHANGED if flag is None else flag)
     if img is None:
         raise OSError(f"cannot decode the image at offset {entry.offset} of '{entry.path}' "
