@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pretrain.backbones import BACKBONES
+from pretrain.init import init_sha256
 from pretrain.methods import METHODS, options_model
 from segfactory.config import StrictModel, validate_section
 
@@ -124,6 +125,30 @@ class BackboneConfig(StrictModel):
     name: Annotated[str, AfterValidator(BACKBONES.validate)] = Field(
         "resnet18", description="registered backbone (`segfactory pretrain --help` lists them)")
     in_chans: Literal["auto", 1, 3] = Field("auto", description="auto: 1 if every ingested image is gray, else 3")
+    init: str | None = Field(None, description="continue pretraining from these weights: a timm checkpoint "
+                             "(.pth/.pt/.bin state dict, .safetensors) of backbone.name's architecture, or an "
+                             "encoder directory of an earlier `segfactory pretrain`; loaded strictly (heads are "
+                             "dropped and reported). null: random init. Unlike --resume, optimizer and step start "
+                             "afresh")
+    init_sha256: str | None = Field(None, validate_default=True,
+                                    description="sha256 of backbone.init's weights, filled in when the config is "
+                                    "resolved (so stage keys change with the file); a file that no longer matches "
+                                    "is an error")
+
+    @field_validator("init_sha256")
+    @classmethod
+    def _pin_init(cls, v: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("init")
+        if path is None:
+            if v is not None:
+                raise ValueError("backbone.init_sha256 is set without backbone.init")
+            return None
+        actual = init_sha256(path)  # ValueError naming the path if it is missing
+        if v is not None and v != actual:
+            raise ValueError(f"backbone.init '{path}' has changed since this config was resolved (its sha256 is "
+                             f"now {actual[:12]}..., the config has {v[:12]}...); restore the file, or remove "
+                             "backbone.init_sha256 to start from the new one")
+        return actual
 
 
 class AugmentConfig(StrictModel):

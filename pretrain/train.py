@@ -31,8 +31,9 @@ import torch
 from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import BACKBONES
 from pretrain.config import PretrainConfig
-from pretrain.encoder import build_encoder
+from pretrain.encoder import PooledEncoder, build_encoder
 from pretrain.images import make_loader, use_stream
+from pretrain.init import InitReport, load_init
 from pretrain.methods import build_method
 from pretrain.methods.base import SSLMethod
 from segfactory import torchutil
@@ -240,6 +241,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tr.seed)
         encoder = build_encoder(cfg.backbone.name, in_chans)
+        init = _load_init(encoder, cfg, in_chans) if ckpt is None else None  # before momentum twins copy it
         model = build_method(cfg.method.name, encoder, cfg.method, total)
     specs = adjust_specs(model.view_specs(aug.crop_size, aug.local_crop_size, aug.min_scale), aug, single)
     norm = normalization(cfg.data.normalization, in_chans, data)
@@ -388,7 +390,8 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                            normalization=norm, method=cfg.method.name, steps=step, data_manifest_hash=data.data_hash,
                            timm_kwargs=enc.spec.timm_kwargs, smp_compatible=enc.spec.smp_compatible,
                            extra={"backbone": cfg.backbone.name, "seed": tr.seed, "config_hash": hash_config(cfg),
-                                  "crop_size": aug.crop_size})
+                                  "crop_size": aug.crop_size,
+                                  **_init_meta(cfg, init)})
     save_resolved(cfg, enc_dir / "config.yaml")
     rows = read_jsonl(out / METRICS_JSONL)
     _write_csv(out, rows)
@@ -406,6 +409,25 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     atomic_write_json(out / "summary.json", summary)
     _print_summary(summary)
     return summary
+
+
+def _load_init(encoder: PooledEncoder, cfg: PretrainConfig, in_chans: int) -> InitReport | None:
+    """Load ``backbone.init`` (continued pretraining) into the encoder; a resumed run's checkpoint holds them."""
+    if cfg.backbone.init is None:
+        return None
+    report = load_init(encoder.body, encoder.spec, cfg.backbone.name, in_chans, cfg.backbone.init,
+                       cfg.backbone.init_sha256)
+    console.print(report.describe())
+    return report
+
+
+def _init_meta(cfg: PretrainConfig, init: InitReport | None) -> dict[str, Any]:
+    """``encoder.json``'s ``init`` entry (a resumed run names the file and hash its config started from)."""
+    if init is not None:
+        return {"init": init.as_json()}
+    if cfg.backbone.init is not None:
+        return {"init": {"path": cfg.backbone.init, "sha256": cfg.backbone.init_sha256}}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------- metrics
