@@ -122,3 +122,38 @@ def test_moco_and_uneven_batches_are_refused_before_launch(images: Path, tmp_pat
     assert main([*base, "train.batch_size=7"]) == 2
     err = capsys.readouterr()
     assert "does not split evenly over 2 processes" in err.out + err.err
+
+
+def test_rank_slices_of_the_data_and_views_make_the_single_process_batch(images: Path) -> None:
+    from pretrain.augment import ViewMaker, adjust_specs
+    from pretrain.config import AugmentConfig
+    from pretrain.images import make_loader
+    from pretrain.methods.simclr import SimCLR
+    from segfactory.formats.images import open_images
+
+    entries = open_images(images).entries
+    kw = {"num_workers": 0, "pin_memory": False, "prefetch_factor": 2}
+    whole = next(iter(make_loader(entries, 36, 3, 8, 3, 5, **kw)))
+    parts = [next(iter(make_loader(entries, 36, 3, 8, 3, 5, rank=r, world_size=2, **kw))) for r in (0, 1)]
+    assert parts[0].shape[0] == 4 and torch.equal(torch.cat(parts), whole)
+    specs = adjust_specs(SimCLR.view_specs(None, 32, 16, None), AugmentConfig(), False)  # type: ignore[arg-type]
+    views = ViewMaker(specs, [0.5] * 3, [0.5] * 3)
+    ref = views(whole, torch.Generator().manual_seed(7))
+    got = [views(p, torch.Generator().manual_seed(7), rank=r, world_size=2) for r, p in enumerate(parts)]
+    for i in range(len(ref)):
+        assert torch.allclose(torch.cat([g[i] for g in got]), ref[i], atol=1e-5)
+    # the test can fail: parameters drawn for the rank's own 4 images (no slicing) give other views
+    local = views(parts[1], torch.Generator().manual_seed(7))
+    assert not torch.allclose(local[0], ref[0][4:], atol=1e-3)
+
+
+def test_devices_without_a_gpu_run_one_process_unless_gloo_is_asked(capsys) -> None:
+    from pretrain.config import PretrainConfig
+    from segfactory.cli.pretrain import _launch_processes
+    from segfactory.config import load_config
+
+    cfg = load_config(PretrainConfig, None, ["train.devices=2", "train.device=cpu"])
+    assert _launch_processes(cfg) == 1
+    assert "one process" in capsys.readouterr().err
+    cfg = load_config(PretrainConfig, None, ["train.devices=2", "train.device=cpu", "train.backend=gloo"])
+    assert _launch_processes(cfg) == 2
