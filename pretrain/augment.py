@@ -177,6 +177,16 @@ def make_view(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Te
     return apply_view(x, spec, sample_view(x.shape[0], x.shape[-1], spec, gen))
 
 
+_PER_BATCH = {"order"}  # parameters drawn once per batch (ColorJitter's op order), not per sample
+
+
+def _rows(params: Any, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of every per-sample tensor in a (nested) parameter dict of :func:`sample_view`."""
+    if isinstance(params, dict):
+        return {k: v if k in _PER_BATCH else _rows(v, lo, hi) for k, v in params.items()}
+    return params[lo:hi] if isinstance(params, torch.Tensor) and params.ndim > 0 else params
+
+
 class ViewMaker:
     """Turns a uint8 batch into a method's normalized views, batched on the batch's device.
 
@@ -190,12 +200,22 @@ class ViewMaker:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
-    def __call__(self, batch: torch.Tensor, gen: torch.Generator, channels_last: bool = False) -> list[torch.Tensor]:
-        """(B, C, L, L) uint8 -> list of (B, C, size_i, size_i) float views, normalized."""
+    def __call__(self, batch: torch.Tensor, gen: torch.Generator, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+        """(B, C, L, L) uint8 -> list of (B, C, size_i, size_i) float views, normalized.
+
+        With ``world_size > 1`` the batch is rank ``rank``'s slice of a global batch of ``B * world_size``: the
+        parameters are drawn for the global batch and this rank's rows taken, so the ranks' views together are
+        the single-process views.
+        """
         x = batch.float().div_(255.0)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
+        b = x.shape[0]
         views = []
         for spec in self.specs:
-            v = (make_view(x, spec, gen) - mean) / std
+            params = sample_view(b * world_size, x.shape[-1], spec, gen)
+            if world_size > 1:
+                params = _rows(params, rank * b, (rank + 1) * b)
+            v = (apply_view(x, spec, params) - mean) / std
             views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
         return views

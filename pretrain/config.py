@@ -198,7 +198,8 @@ class DataConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     steps: int = Field(1000, ge=1, description="optimizer steps")
-    batch_size: int = Field(64, ge=2, description="images per micro-batch")
+    batch_size: int = Field(64, ge=2, description="images per micro-batch (global: split over the ranks of a "
+                            "train.devices > 1 run)")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step (gradient accumulation)")
     seed: int = 0
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:1 ...")
@@ -209,6 +210,13 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     max_bad_steps: int = Field(0, ge=0, description="steps with a NaN or infinite loss skipped (no optimizer step) "
                                "before the run stops; 0 = stop at the first, before anything is saved")
+    devices: int = Field(1, ge=1, description="data-parallel processes on this node (one per GPU; DDP under "
+                         "torchrun). batch_size stays the global batch (each rank takes batch_size / world size); "
+                         "on a machine without GPUs, devices > 1 runs one process unless train.backend=gloo")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="process-group backend: auto is nccl on "
+                                                     "CUDA, gloo on the CPU")
+    dist_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the job (a dead "
+                                  "rank stops the others instead of hanging them)")
 
 
 class PretrainConfig(StrictModel):

@@ -83,14 +83,17 @@ class StreamSampler(torch.utils.data.Sampler):
     """Endless batches of ``(position, index)``: epoch ``e`` is a permutation seeded by ``(seed, e)``.
 
     Batch ``b`` holds stream positions ``b * batch_size ... (b + 1) * batch_size - 1``, so resuming at a batch
-    number reproduces the uninterrupted order exactly.
+    number reproduces the uninterrupted order exactly. With ``world_size > 1`` ``batch_size`` is the global batch
+    and this rank gets the contiguous slice ``rank * batch_size / world_size ...`` of it: the ranks' slices, in
+    rank order, are the single-process batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
         self.n = n
         self.batch_size = batch_size
         self.seed = seed
         self.start_batch = start_batch
+        self.lo, self.hi = rank_slice(batch_size, rank, world_size)
         self._perm_epoch = -1
         self._perm: np.ndarray = np.empty(0, np.int64)
 
@@ -105,11 +108,17 @@ class StreamSampler(torch.utils.data.Sampler):
         b = self.start_batch
         while True:
             start = b * self.batch_size
-            yield [(p, self._index(p)) for p in range(start, start + self.batch_size)]
+            yield [(p, self._index(p)) for p in range(start + self.lo, start + self.hi)]
             b += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader), which we never call
         return 2**62
+
+
+def rank_slice(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s part ``[lo, hi)`` of a global batch of ``batch_size`` (a multiple of ``world_size``)."""
+    per = batch_size // world_size
+    return rank * per, (rank + 1) * per
 
 
 def _worker_init(_: int) -> None:
@@ -201,19 +210,21 @@ def make_loader(entries: list[ImageEntry], load_size: int, in_chans: int, batch_
                 ) -> torch.utils.data.DataLoader[Any]:
     """An endless DataLoader of (B, C, L, L) uint8 batches starting at micro-batch ``start_batch``.
 
-    ``stream``: :class:`StreamSquares` (``buffer``, ``unit_size``, ``rank``/``world_size``); else the random
-    order of :class:`StreamSampler`.
+    ``stream``: :class:`StreamSquares` (``buffer``, ``unit_size``; each of ``world_size`` ranks reads disjoint
+    units); else the random order of :class:`StreamSampler`. With ``world_size > 1``, B = batch_size / world_size:
+    in random order this rank's slice of each global batch (the ranks together are exactly the single-process
+    batch); streamed, this rank's own B images.
     """
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _worker_init,
               "multiprocessing_context": loader_context(num_workers)}
     if stream:
-        sds = StreamSquares(entries, load_size, in_chans, seed, batch_size, start_batch, num_workers, buffer,
-                            unit_size, rank, world_size)
+        sds = StreamSquares(entries, load_size, in_chans, seed, batch_size // world_size, start_batch, num_workers,
+                            buffer, unit_size, rank, world_size)
         return torch.utils.data.DataLoader(sds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                            **kw)
     ds = SquareDataset(entries, load_size, in_chans, seed)
-    sampler = StreamSampler(len(entries), batch_size, seed, start_batch)
+    sampler = StreamSampler(len(entries), batch_size, seed, start_batch, rank, world_size)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                                        collate_fn=torch.stack, **kw)

@@ -10,6 +10,11 @@ Run directory (``--out``)::
     OUT/encoder/                         encoder.safetensors + encoder.json (+ config.yaml): segfactory.formats.encoder
     OUT/summary.json                     final numbers of the last run
 
+Distributed (``train.devices > 1``, or any run started by ``torchrun``): DDP over ``torch.distributed``
+(:mod:`segfactory.distributed`). ``train.batch_size`` stays the global batch; each rank reads a contiguous slice of
+it (same data order, same augmentation parameters), BatchNorm is synchronized over the global batch, lightly's
+losses gather across ranks; rank 0 alone prints, writes metrics, checkpoints and the encoder.
+
 Determinism: model init is seeded, the data order and each sample's square crop are functions of
 ``(seed, position)``, and each micro-batch's augmentation parameters come from a generator seeded with
 ``(seed, step, micro)``; a resumed run therefore repeats an uninterrupted one exactly (on the same device).
@@ -34,11 +39,12 @@ from pretrain.config import PretrainConfig
 from pretrain.encoder import PooledEncoder, build_encoder
 from pretrain.images import make_loader, use_stream
 from pretrain.init import InitReport, load_init
-from pretrain.methods import build_method
+from pretrain.methods import METHODS, build_method
 from pretrain.methods.base import SSLMethod
-from segfactory import torchutil
+from segfactory import distributed, torchutil
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
+from segfactory.distributed import DistInfo
 from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.formats.encoder import save_encoder
 from segfactory.formats.images import ImageEntry, IngestedImages, open_images
@@ -118,7 +124,7 @@ def _arch(cfg: PretrainConfig, in_chans: int) -> dict[str, Any]:
 
 
 def save_checkpoint(out: Path, step: int, model: SSLMethod, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
-                    cfg: PretrainConfig, in_chans: int, data_hash: str, keep: int) -> Path:
+                    cfg: PretrainConfig, in_chans: int, data_hash: str, keep: int, world_size: int = 1) -> Path:
     check_finite_weights(model, f"the checkpoint at step {step}", DIVERGED_FIX)
     persistent = set(model.state_dict())
     state = {
@@ -129,7 +135,7 @@ def save_checkpoint(out: Path, step: int, model: SSLMethod, opt: torch.optim.Opt
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "config": cfg.model_dump(mode="json"), "data_hash": data_hash,
+        "config": cfg.model_dump(mode="json"), "data_hash": data_hash, "world_size": world_size,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -179,6 +185,55 @@ def check_same_arch(ckpt: dict[str, Any], arch: dict[str, Any], path: Path) -> N
                     "or start a new --out without --resume")
 
 
+# ------------------------------------------------------------------------------------------- distributed
+
+
+def check_distributed(cfg: PretrainConfig, world_size: int) -> None:
+    """Refuse what cannot run data-parallel on ``world_size`` processes (before any process starts).
+
+    Raises:
+        UserError: a method without a correct multi-process version, or a batch the ranks cannot split evenly.
+    """
+    if world_size <= 1:
+        return
+    tr = cfg.train
+    why = METHODS.get(cfg.method.name).distributed_unsupported
+    if why:
+        ok = [n for n in METHODS.names() if not METHODS.get(n).distributed_unsupported]
+        raise UserError(f"method.name={cfg.method.name} cannot train on {world_size} processes yet: {why}",
+                        fix=f"set train.devices=1, or use one of {', '.join(ok)}")
+    if tr.batch_size % world_size:
+        raise UserError(f"train.batch_size={tr.batch_size} (the global batch) does not split evenly over "
+                        f"{world_size} processes", fix=f"set train.batch_size to a multiple of {world_size}")
+
+
+def setup_distributed(cfg: PretrainConfig, device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun job this process belongs to (none: one process) and return its place and device."""
+    info = distributed.torchrun_env()
+    if info is None or info.world_size <= 1:
+        return DistInfo(), device
+    check_distributed(cfg, info.world_size)
+    backend = distributed.choose_backend(cfg.train.backend, device.type)
+    device = distributed.setup(info, backend, device, cfg.train.dist_timeout_s)
+    return DistInfo(info.rank, info.world_size, info.local_rank, backend), device
+
+
+def note_world_size(ckpt: dict[str, Any], info: DistInfo, path: Path) -> None:
+    """What resuming with another number of processes means (said, not refused)."""
+    saved = int(ckpt.get("world_size", 1))
+    if saved != info.world_size:
+        console.print(f"note: checkpoint {path.name} was written by a run of {saved} process(es), this one has "
+                      f"{info.world_size}: the global batch, data order, augmentations and schedule continue "
+                      "unchanged; results match an uninterrupted run up to floating-point reduction order")
+
+
+def _sync_context(ddp: torch.nn.Module | None, last_micro: bool) -> Any:
+    """DDP's gradient all-reduce runs on the last micro-batch of a step only (``no_sync`` before it)."""
+    if ddp is None or last_micro:
+        return contextlib.nullcontext()
+    return ddp.no_sync()  # type: ignore[operator]
+
+
 # ------------------------------------------------------------------------------------------- the loop
 
 
@@ -224,6 +279,9 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         raise UserError(f"augment.load_size={load_size} is smaller than augment.crop_size={aug.crop_size}",
                         fix=f"set augment.load_size >= {aug.crop_size} (or null)")
     device = resolve_device(cfg.train.device, "train.device")
+    info, device = setup_distributed(cfg, device)
+    if not info.is_main:  # progress, notes and summary from rank 0 only (restored before any error is printed)
+        console.quiet = True
     amp_dtype = torchutil.amp_dtype(device, cfg.train.amp, "train.amp")
     tr = cfg.train
     total = tr.steps
@@ -233,6 +291,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         check_same_arch(ckpt, arch, ckpt_path)
+        note_world_size(ckpt, info, ckpt_path)
         if ckpt["data_hash"] != data.data_hash:
             console.print(f"note: the images changed since checkpoint {ckpt_path.name} (new data is mixed in from "
                           "here on)")
@@ -246,6 +305,8 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     specs = adjust_specs(model.view_specs(aug.crop_size, aug.local_crop_size, aug.min_scale), aug, single)
     norm = normalization(cfg.data.normalization, in_chans, data)
     views = ViewMaker(specs, norm["mean"], norm["std"])
+    if info.distributed:
+        model = distributed.convert_sync_batchnorm(model, device)  # type: ignore[assignment]
     model.to(device)
     if tr.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -275,30 +336,39 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         changed = describe_change(ckpt["config"], cfg.model_dump(mode="json"))
         if changed:
             console.print(f"note: config changed since the checkpoint: {changed}")
-        truncate_jsonl(out / METRICS_JSONL, start)
+        if info.is_main:
+            truncate_jsonl(out / METRICS_JSONL, start)
         console.print(f"resuming from {ckpt_path} at step {start}")
     if start >= total:
         console.print(f"already at step {start} of train.steps={total}; nothing to train")
-    save_resolved(cfg, out / "config.yaml")
+    if info.is_main:
+        save_resolved(cfg, out / "config.yaml")
+    ddp: torch.nn.Module | None = None
+    if info.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    forward = ddp if ddp is not None else model
 
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
     dc = cfg.data
     stream = use_stream(dc.order, len(entries), dc.stream_min_images)
     loader = make_loader(entries, load_size, in_chans, tr.batch_size, tr.seed, start * tr.accumulate, workers,
                          pin_memory=device.type == "cuda", prefetch_factor=dc.prefetch_factor, stream=stream,
-                         buffer=dc.stream_buffer, unit_size=dc.stream_unit)
+                         buffer=dc.stream_buffer, unit_size=dc.stream_unit, rank=info.rank,
+                         world_size=info.world_size)
     end = total if stop_after is None else min(total, start + stop_after)
     console.print(f"pretrain: {cfg.method.name} / {cfg.backbone.name} (in_chans={in_chans}) on {len(entries)} images, "
                   f"{device}{' ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, steps {start}->{end} "
                   f"of {total}, batch {tr.batch_size}x{tr.accumulate}, views {[s.size for s in specs]}, "
-                  f"data order {'stream' if stream else 'random'}")
+                  f"data order {'stream' if stream else 'random'}"
+                  + (f", {info.world_size} processes ({info.backend})" if info.distributed else ""))
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     step = start
     last_row: dict[str, Any] = {}
     win_loss = torch.zeros((), device=device)
     win_n, win_wait, win_t0 = 0, 0.0, time.perf_counter()
     total_wait, total_t0, total_images = 0.0, time.perf_counter(), 0
-    metrics_f = open(out / METRICS_JSONL, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    metrics_f = open(out / METRICS_JSONL if info.is_main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
     it = iter(loader)
     model.train()
     saved = start  # the step of the newest checkpoint of this run
@@ -310,10 +380,12 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         with progress() as bar, interrupt, memory_hint("pretraining", lower):
             task = bar.add_task("pretrain", total=total, completed=start)
             while step < end:
-                if interrupt.requested:  # at a step boundary: the state is exactly that after `step` steps
-                    if step > saved:
+                distributed.exit_hook(info, step)
+                # at a step boundary: the state is exactly that after `step` steps (all ranks stop together)
+                if distributed.any_rank(bool(interrupt.requested), info):
+                    if step > saved and info.is_main:
                         save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash,
-                                        tr.keep_checkpoints)
+                                        tr.keep_checkpoints, info.world_size)
                         saved = step
                         console.print(f"checkpoint at step {step} saved; --resume continues")
                     raise interrupt.stop()
@@ -327,14 +399,20 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                     batch = batch.to(device, non_blocking=True)
                     gen = torch.Generator().manual_seed(pretrain_augment_seed(tr.seed, step, micro))
                     with torch.no_grad():
-                        v = views(batch, gen, channels_last=tr.channels_last)
-                    with autocast():
-                        loss = model(v, step)
-                    if not guard.check(loss, step):  # one host sync per micro-batch: nothing of a bad step is kept
-                        bad = True
-                        break
-                    scaler.scale(loss / tr.accumulate).backward()
-                    win_loss += loss.detach().float()
+                        v = views(batch, gen, channels_last=tr.channels_last, rank=info.rank,
+                                  world_size=info.world_size)
+                    with _sync_context(ddp, micro == tr.accumulate - 1):
+                        with autocast():
+                            loss = forward(v, step)
+                        # the global batch's loss (mean over ranks): every rank takes the same decision below
+                        loss_all = distributed.all_mean(loss, info)
+                        if not guard.check(loss_all, step):  # one host sync per micro-batch: nothing is kept
+                            if ddp is not None:  # DDP expects the backward of each forward; its grads are dropped
+                                (loss * 0).backward()
+                            bad = True
+                            break
+                        scaler.scale(loss / tr.accumulate).backward()
+                    win_loss += loss_all.float()
                     win_n += 1
                 else:
                     bad = False
@@ -369,8 +447,9 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                     win_loss.zero_()
                     win_n, win_wait, win_t0 = 0, 0.0, now
                 if step % tr.checkpoint_every == 0 and step < end:
-                    save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash,
-                                    tr.keep_checkpoints)
+                    if info.is_main:
+                        save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash,
+                                        tr.keep_checkpoints, info.world_size)
                     saved = step
     except KeyboardInterrupt:
         # a mid-step interrupt (second Ctrl-C) leaves half-updated state: never checkpointed
@@ -382,9 +461,16 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     finally:
         metrics_f.close()
         del it, loader
+        console.quiet = False
+        if not info.is_main:
+            distributed.teardown()
 
+    if not info.is_main:
+        return {}  # rank 0 writes the checkpoint, the encoder and the summary
     if step > start or ckpt is None:
-        save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash, tr.keep_checkpoints)
+        save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash, tr.keep_checkpoints,
+                        info.world_size)
+    distributed.teardown()
     enc = model.export_encoder
     enc_dir = save_encoder(out / "encoder", enc.body, timm_name=enc.spec.timm_name, in_chans=in_chans,
                            normalization=norm, method=cfg.method.name, steps=step, data_manifest_hash=data.data_hash,
@@ -399,7 +485,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     wall = time.perf_counter() - total_t0
     summary = {
         "out": str(out), "encoder": str(enc_dir), "method": cfg.method.name, "backbone": cfg.backbone.name,
-        "in_chans": in_chans, "device": str(device),
+        "in_chans": in_chans, "device": str(device), "world_size": info.world_size,
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
         "steps": step, "total_steps": total, "finished": step >= total,
         "final_loss": last_row.get("loss"), "images_per_s": round(total_images / wall, 2) if wall > 0 else None,

@@ -30,7 +30,7 @@ class BarlowTwins(SSLMethod[BarlowTwinsConfig]):
     def __init__(self, encoder: PooledEncoder, cfg: BarlowTwinsConfig, total_steps: int):
         super().__init__(encoder, cfg, total_steps)
         self.head = heads.BarlowTwinsProjectionHead(encoder.dim, cfg.hidden_dim, cfg.out_dim)
-        self.criterion = BarlowTwinsLoss(lambda_param=cfg.lambda_param)
+        self.criterion = BarlowTwinsLoss(lambda_param=cfg.lambda_param, gather_distributed=True)
 
     def view_specs(self, crop: int, local_crop: int, min_scale: float | None) -> list[ViewSpec]:
         return asymmetric_views(crop, min_scale)  # BYOL's views, as in the paper

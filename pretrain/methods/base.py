@@ -44,6 +44,9 @@ class SSLMethod(nn.Module, Generic[C]):
     config_class: ClassVar[type[StrictModel]] = StrictModel  # set by @register_method
     # (online, momentum copy) attribute names; methods with any have a `momentum` option (start of the schedule)
     momentum_pairs: ClassVar[list[tuple[str, str]]] = []
+    # Why the method cannot yet train data-parallel (train.devices > 1), or None when it can: its losses gather
+    # across ranks (lightly's gather_distributed) and its BatchNorms are synchronized by the training loop.
+    distributed_unsupported: ClassVar[str | None] = None
 
     def __init__(self, encoder: PooledEncoder, cfg: C, total_steps: int):
         super().__init__()

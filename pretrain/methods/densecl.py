@@ -68,6 +68,9 @@ class DenseCL(SSLMethod[DenseCLConfig]):
     """DenseCL: MoCo v2 (global head, momentum key encoder, queue) plus a dense head on the feature grid whose
     positives are found by backbone-feature correspondence and whose negatives come from a second queue."""
 
+    distributed_unsupported: ClassVar[str | None] = (
+        "shuffled BN across ranks (batch_shuffle_distributed) and a memory bank fed by all ranks' keys are "
+        "not implemented yet: per-rank shuffled BN and per-rank queues would train a different method")
     momentum_pairs: ClassVar[list[tuple[str, str]]] = [
         ("encoder", "key_encoder"), ("head", "key_head"), ("dense_head", "key_dense_head")]
 

@@ -34,6 +34,9 @@ class MoCoConfig(StrictModel):
 class MoCo(SSLMethod[MoCoConfig]):
     """MoCo v2: query encoder vs momentum key encoder, negatives from a memory bank."""
 
+    distributed_unsupported: ClassVar[str | None] = (
+        "shuffled BN across ranks (batch_shuffle_distributed) and a memory bank fed by all ranks' keys are "
+        "not implemented yet: per-rank shuffled BN and per-rank queues would train a different method")
     momentum_pairs: ClassVar[list[tuple[str, str]]] = [("encoder", "key_encoder"), ("head", "key_head")]
 
     def __init__(self, encoder: PooledEncoder, cfg: MoCoConfig, total_steps: int):

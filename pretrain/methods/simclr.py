@@ -33,7 +33,7 @@ class SimCLR(SSLMethod[SimCLRConfig]):
     def __init__(self, encoder: PooledEncoder, cfg: SimCLRConfig, total_steps: int):
         super().__init__(encoder, cfg, total_steps)
         self.head = heads.SimCLRProjectionHead(encoder.dim, cfg.hidden_dim, cfg.out_dim)
-        self.criterion = NTXentLoss(temperature=cfg.temperature)
+        self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=True)  # no-op on one process
 
     def view_specs(self, crop: int, local_crop: int, min_scale: float | None) -> list[ViewSpec]:
         # SimCLR's strong colour distortion (Chen et al. 2020; lightly's SimCLRTransform defaults)

@@ -29,7 +29,7 @@ class VICReg(SSLMethod[VICRegConfig]):
     def __init__(self, encoder: PooledEncoder, cfg: VICRegConfig, total_steps: int):
         super().__init__(encoder, cfg, total_steps)
         self.head = heads.VICRegProjectionHead(encoder.dim, cfg.hidden_dim, cfg.out_dim, num_layers=2)
-        self.criterion = VICRegLoss()
+        self.criterion = VICRegLoss(gather_distributed=True)  # no-op on one process
 
     def view_specs(self, crop: int, local_crop: int, min_scale: float | None) -> list[ViewSpec]:
         s = (min_scale or 0.08, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from segfactory.cli.args import out_dir
@@ -122,10 +123,44 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     extra = {"method.name": args.method, "backbone.name": args.backbone, "train.steps": args.steps,
              "train.batch_size": args.batch_size}
     cfg = load_config(PretrainConfig, args.config, args.overrides, extra)
+    nproc = _launch_processes(cfg)
+    if nproc > 1:  # this command again, as nproc ranks under torchrun; they print the summary (rank 0)
+        from segfactory.distributed import relaunch_under_torchrun
+
+        return relaunch_under_torchrun(nproc, sys.argv[1:])
     resume = args.resume_from if args.resume_from is not None else ("last" if args.resume else None)
     summary = run_pretrain(cfg, args.images, args.out, resume=resume, stop_after=args.stop_after)
-    print(json.dumps(summary))
+    if summary:  # ranks other than 0 return none
+        print(json.dumps(summary))
     return 0
+
+
+def _launch_processes(cfg: Any) -> int:
+    """How many torchrun processes this pretrain command starts: 1 inside torchrun already (the ranks join its
+    job), else train.devices on GPUs, or on the CPU with train.backend=gloo; devices > 1 on a machine without a
+    GPU and without train.backend=gloo runs one process (a note says so)."""
+    from pretrain.train import check_distributed
+    from segfactory.console import console
+    from segfactory.distributed import torchrun_env
+    from segfactory.errors import UserError
+    from segfactory.torchutil import resolve_device
+
+    tr = cfg.train
+    if tr.devices <= 1 or torchrun_env() is not None:
+        return 1
+    device = resolve_device(tr.device, "train.device")
+    if device.type != "cuda" and tr.backend != "gloo":
+        console.print(f"note: train.devices={tr.devices} but training runs on the CPU ({device}): one process "
+                      "(train.backend=gloo runs several CPU processes)")
+        return 1
+    if device.type == "cuda":
+        import torch
+
+        if tr.devices > torch.cuda.device_count():
+            raise UserError(f"train.devices={tr.devices} but this node has {torch.cuda.device_count()} GPU(s)",
+                            fix=f"set train.devices={torch.cuda.device_count()} or less (processes per node)")
+    check_distributed(cfg, tr.devices)
+    return int(tr.devices)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

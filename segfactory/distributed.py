@@ -1,0 +1,235 @@
+"""Data-parallel training with ``torch.distributed`` under ``torchrun``: the one home of process-group setup that
+every training stage shares (pretraining today; fine-tuning later).
+
+* :func:`torchrun_env` tells whether this process is a rank started by ``torchrun`` (``RANK`` / ``WORLD_SIZE``).
+* :func:`relaunch_under_torchrun` re-runs the current CLI command under ``python -m torch.distributed.run`` with
+  ``--nproc-per-node=N`` (single node, ``--standalone`` rendezvous); multi-node runs call ``torchrun`` directly
+  with its standard rendezvous flags (``--nnodes``, ``--rdzv-endpoint`` ...).
+* :func:`setup` joins the process group (nccl on CUDA, gloo on the CPU) with a timeout, so that a rank that dies
+  makes the others fail instead of waiting forever; :func:`teardown` leaves it.
+* :func:`convert_sync_batchnorm` makes every BatchNorm normalize with the statistics of the global batch:
+  ``torch.nn.SyncBatchNorm`` on CUDA; on the CPU (which ``SyncBatchNorm`` refuses) :class:`CPUSyncBatchNorm`,
+  the same computation with an autograd all-reduce over gloo.
+
+Only the CLI's launch path imports this module without torch: torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from segfactory.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# Test hook: "RANK:STEP" makes that rank exit (status 3) when it reaches that optimizer step, as a crashed or
+# killed process would (tests/test_pretrain_ddp.py checks that the whole job then fails, without hanging).
+EXIT_HOOK_ENV = "SEGFACTORY_TEST_RANK_EXIT"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job.
+
+    Attributes:
+        rank: Global rank (0 ... world_size - 1).
+        world_size: Number of processes.
+        local_rank: Rank on this node (the GPU index on CUDA).
+        backend: ``nccl``, ``gloo``, or ``none`` for a single process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints progress (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def torchrun_env() -> DistInfo | None:
+    """The rank/world size ``torchrun`` set in the environment, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def choose_backend(backend: str, device_type: str, setting: str = "train.backend") -> str:
+    """``auto`` is nccl on CUDA and gloo on the CPU; nccl on a CPU device is refused."""
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise UserError(f"{setting}=nccl needs CUDA devices (this runs on {device_type})",
+                        fix=f"set {setting}=gloo (or auto)")
+    return backend
+
+
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``segfactory <argv>`` as ``nproc`` processes under ``torchrun`` on this node; wait; return its status.
+
+    Each child sees ``RANK``/``WORLD_SIZE`` set and so does not re-launch. torchrun stops every rank when one
+    fails and exits non-zero (1).
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "segfactory.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def setup(info: DistInfo, backend: str, device: torch.device, timeout_s: float) -> torch.device:
+    """Join the process group of a torchrun job and return this rank's device.
+
+    Args:
+        info: From :func:`torchrun_env`.
+        backend: ``nccl`` or ``gloo`` (see :func:`choose_backend`).
+        device: The configured device; on CUDA each rank takes ``cuda:<local_rank>``.
+        timeout_s: Collectives that wait longer fail (a dead rank makes the others fail, not hang).
+    """
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {info.rank} needs GPU {info.local_rank} but this node has "
+                            f"{torch.cuda.device_count()}", fix=f"set train.devices={torch.cuda.device_count()} "
+                            "or less (processes per node)")
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of ``x`` over ranks (no gradient; a copy)."""
+    import torch.distributed as dist
+
+    y = x.detach().clone()
+    if info.distributed:
+        dist.all_reduce(y)  # SUM: gloo has no AVG
+        y /= info.world_size
+    return y
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is true on any rank (one tiny all-reduce): keeps the ranks' control flow identical."""
+    if not info.distributed:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device="cuda" if info.backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def exit_hook(info: DistInfo, step: int) -> None:
+    """The :data:`EXIT_HOOK_ENV` test hook: exit abruptly at ``step`` on the named rank."""
+    spec = os.environ.get(EXIT_HOOK_ENV)
+    if spec and spec == f"{info.rank}:{step}":
+        sys.stderr.write(f"{EXIT_HOOK_ENV}: rank {info.rank} exits at step {step}\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Replace every BatchNorm of ``module`` by one that normalizes with the global batch's statistics."""
+    import torch
+
+    if device.type == "cuda":
+        converted: torch.nn.Module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # type: ignore[no-untyped-call]
+        return converted
+    return CPUSyncBatchNorm.convert(module)
+
+
+@functools.cache
+def _cpu_sync_bn_class() -> type:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    class _CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+        """BatchNorm over the union of all ranks' batches on the CPU (gloo), for any input rank (N, C, ...).
+
+        Per-channel sum, sum of squares and count are all-reduced with autograd (the backward all-reduces the
+        gradients, as ``SyncBatchNorm``'s does); running statistics are updated with the global unbiased variance.
+        """
+
+        def _check_input_dim(self, input: torch.Tensor) -> None:
+            if input.dim() < 2:
+                raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+                return super().forward(input)
+            c = input.shape[1]
+            dims = [0, *range(2, input.dim())]
+            x = input.float()
+            count = torch.tensor([x.numel() / c], dtype=torch.float32)
+            packed = torch.cat([x.sum(dims), (x * x).sum(dims), count])
+            packed = dist_fn.all_reduce(packed)  # type: ignore[no-untyped-call]
+            n = packed[-1]
+            mean = packed[:c] / n
+            var = (packed[c:2 * c] / n - mean * mean).clamp_min(0)
+            if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+                with torch.no_grad():
+                    assert self.num_batches_tracked is not None
+                    self.num_batches_tracked.add_(1)
+                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                    self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                    self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+            shape = [1, c] + [1] * (input.dim() - 2)
+            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            if self.affine:
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+            out: torch.Tensor = y.to(input.dtype)
+            return out
+
+    return _CPUSyncBatchNorm
+
+
+class CPUSyncBatchNorm:
+    """Namespace: :meth:`convert` swaps a module's BatchNorm layers for the gloo-synchronized CPU version."""
+
+    @staticmethod
+    def convert(module: torch.nn.Module) -> torch.nn.Module:
+        import torch
+
+        cls = _cpu_sync_bn_class()
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+        for name, child in module.named_children():
+            out.add_module(name, CPUSyncBatchNorm.convert(child))
+        return out
