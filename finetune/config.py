@@ -12,6 +12,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from finetune.archs import ARCHS
 from segfactory.config import StrictModel
+from segfactory.tracking import TrackingConfig
 
 IGNORE_INDEX = 255
 # Encoders reduce by 32; every input side the model sees is padded to a multiple of this.
@@ -372,6 +373,8 @@ class FinetuneConfig(StrictModel):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     predict: PredictDefaults = Field(default_factory=PredictDefaults)
     instances: InstanceConfig = Field(default_factory=InstanceConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard/MLflow logging "
+                                     "(off by default; never part of a stage key)")
 
     @field_validator("classes")
     @classmethod

@@ -46,6 +46,7 @@ from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import dropout_seed
 from segfactory.torchutil import LossGuard, check_finite_weights, memory_hint, warmup_decay
+from segfactory.tracking import Tracker, open_tracker, strip_tracking
 from segfactory.workers import loader_context
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -70,7 +71,7 @@ def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
     import yaml
 
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    return describe_change(saved, cfg.model_dump(mode="json"), ignore=RESUME_FREE_KEYS)
+    return describe_change(strip_tracking(saved), strip_tracking(cfg.model_dump(mode="json")), ignore=RESUME_FREE_KEYS)
 
 
 class Trainer:
@@ -80,6 +81,7 @@ class Trainer:
         self.cfg = cfg
         self.out = out
         self.show_progress = show_progress
+        self.tracker = Tracker()  # run() opens the configured one
         self.loss_guard = LossGuard(cfg.train.max_bad_steps, "train.max_bad_steps", DIVERGED_FIX)
 
     # ------------------------------------------------------------------ setup
@@ -247,6 +249,7 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self._metrics_path(), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log_metrics(record)
 
     def _save_checkpoint(self, step: int) -> None:
         check_finite_weights(self.model, f"the checkpoint at step {step}", DIVERGED_FIX)
@@ -361,6 +364,8 @@ class Trainer:
         if start >= t.steps and summary_path.exists():
             console.print(f"{out} already finished {t.steps} steps")
             return read_json(summary_path)
+        self.tracker = open_tracker(cfg.tracking, out, start if self.resume_state is not None else None)
+        self.tracker.log_params(cfg.model_dump(mode="json"))
 
         window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
         self._window, self._end = window, end
@@ -461,6 +466,7 @@ class Trainer:
         seconds = time.perf_counter() - t_run
         if step < t.steps:
             console.print(f"stopped at step {step}/{t.steps} (train.stop_at); continue with --resume")
+            self.tracker.close("KILLED")  # paused: --resume continues the same MLflow run
             return {"finished": False, "step": step, "steps": t.steps, "out": str(out)}
         model_step = self.best_step
         if not keep_best or self.best_step < 0:
@@ -478,6 +484,11 @@ class Trainer:
                    "val_items": {s.name: len(s.val) for s in self.val_sources}}
         if self.adapt is not None:
             summary["adapt"] = self.adapt.describe()
+        self.tracker.log_artifact(out / "model", "model")
+        self.tracker.log_summary(summary)
+        self.tracker.close()
+        if self.tracker.errors:
+            summary["tracking_errors"] = self.tracker.errors
         atomic_write_json(summary_path, summary)
         print_summary(summary)
         return summary

@@ -58,6 +58,7 @@ from segfactory.io import (
     remove_tree,
     sha256_file,
 )
+from segfactory.tracking import TrackingConfig, with_tracking
 
 LOCK_FILE = ".refresh.lock"
 RELEASES_DIR = "releases"
@@ -123,6 +124,8 @@ class RefreshConfig(StrictModel):
     train: RetrainSettings = Field(default_factory=RetrainSettings)
     releases: ReleaseSettings = Field(default_factory=ReleaseSettings)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard/MLflow logging of "
+                                     "the training stages that set none of their own (never part of a stage key)")
 
 
 @contextlib.contextmanager
@@ -429,7 +432,7 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
     shard_key = canonical_hash(sorted(s["id"] for s in shards))
     test_set = render_test_set(render_cfg, config_hash, t.test, root, cfg.cluster,
                                root / ".logs" / f"dask-report-{release}-test.html")
-    pre = stage_dir(root, "pretrain", {"config": t.pretrain.model_dump(mode="json"), "data": real["data_hash"],
+    pre = stage_dir(root, "pretrain", {"config": training_key(t.pretrain), "data": real["data_hash"],
                                        **always}, PRETRAIN_PACKAGES)
     ft = stage_dir(root, "finetune", {"config": training_key(t.finetune), "shards": shard_key,
                                        "pretrain": pre.name, **always}, FINETUNE_PACKAGES)
@@ -438,8 +441,8 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
                    FINETUNE_PACKAGES)
     configs = root / "stages" / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    save_resolved(t.pretrain, configs / f"{pre.name}.yaml")
-    save_resolved(t.finetune, configs / f"{ft.name}.yaml")
+    save_resolved(with_tracking(t.pretrain, cfg.tracking, pre.name), configs / f"{pre.name}.yaml")
+    save_resolved(with_tracking(t.finetune, cfg.tracking, ft.name), configs / f"{ft.name}.yaml")
     commands = {
         "pretrain": (pre, ["pretrain", str(configs / f"{pre.name}.yaml"), "--images", str(root / "real"),
                            "--out", "{OUT}"]),

@@ -41,6 +41,7 @@ from segfactory.config import StrictModel, save_resolved
 from segfactory.console import console
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
+from segfactory.tracking import TrackingConfig, with_tracking
 from synth.shard import RENDER_PACKAGES
 
 LOCK_FILE = ".run.lock"
@@ -77,6 +78,8 @@ class RunConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     execution: TrainingExecution = Field(default_factory=TrainingExecution)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard/MLflow logging of "
+                                     "the training stages that set none of their own (never part of a stage key)")
 
 
 def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     stage("ingest")
 
     eval_data = test_set or dataset
-    pre_dir = stage_dir(out, "pretrain", {"config": cfg.pretrain.model_dump(mode="json"), "data": ing["data_hash"]},
+    pre_dir = stage_dir(out, "pretrain", {"config": training_key(cfg.pretrain), "data": ing["data_hash"]},
                         PRETRAIN_PACKAGES)
     # The run's real images are also the fine-tune's unlabeled data (domain adaptation; a no-op with adapt off),
     # unless the config names its own.
@@ -163,8 +166,8 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                                            "n": cfg.execution.predict_images}, FINETUNE_PACKAGES)
     cfg_dir = out / "stages" / "configs"
     cfg_dir.mkdir(exist_ok=True)
-    save_resolved(cfg.pretrain, cfg_dir / f"{pre_dir.name}.yaml")
-    save_resolved(cfg.finetune, cfg_dir / f"{ft_dir.name}.yaml")
+    save_resolved(with_tracking(cfg.pretrain, cfg.tracking, pre_dir.name), cfg_dir / f"{pre_dir.name}.yaml")
+    save_resolved(with_tracking(cfg.finetune, cfg.tracking, ft_dir.name), cfg_dir / f"{ft_dir.name}.yaml")
     pred_in = _predict_inputs(sources, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
     commands = {
         **({"pretrain": (pre_dir, ["pretrain", str(cfg_dir / f"{pre_dir.name}.yaml"),

@@ -42,6 +42,7 @@ from segfactory.io import (
     new_attempt_dir,
     read_json,
 )
+from segfactory.tracking import strip_tracking
 from synth.shard import RENDER_PACKAGES
 
 STAGE_FILE = "stage.json"
@@ -71,8 +72,9 @@ def stage_dir(root: Path, name: str, key_material: dict[str, Any], packages: tup
 
 def training_key(cfg: StrictModel) -> dict[str, Any]:
     """A training config as stage key material: everything but ``train.stop_at``, which only says where an
-    invocation pauses (a run stopped there and re-run without it resumes the same stage)."""
-    dump = cfg.model_dump(mode="json")
+    invocation pauses (a run stopped there and re-run without it resumes the same stage), and ``tracking``, which
+    only says where the run is watched."""
+    dump = strip_tracking(cfg.model_dump(mode="json"))
     if isinstance(dump.get("train"), dict) and "stop_at" in dump["train"]:
         dump["train"]["stop_at"] = None  # as if unset: keys of runs that never set it stay what they were
     return dump

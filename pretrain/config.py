@@ -10,6 +10,7 @@ from pretrain.backbones import BACKBONES
 from pretrain.init import init_sha256
 from pretrain.methods import METHODS, options_model
 from segfactory.config import StrictModel, validate_section
+from segfactory.tracking import TrackingConfig
 
 # ----------------------------------------------------------------------------------------------- ingest
 
@@ -228,6 +229,8 @@ class PretrainConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard/MLflow logging "
+                                     "(off by default; never part of a stage key)")
 
 
 # ------------------------------------------------------------------------------------------------ probe

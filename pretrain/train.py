@@ -53,6 +53,7 @@ from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import pretrain_augment_seed
 from segfactory.torchutil import LossGuard, check_finite_weights, memory_hint, resolve_device, warmup_decay
+from segfactory.tracking import open_tracker, strip_tracking
 
 # What a diverged loss or NaN weights ask the user to change.
 DIVERGED_FIX = "lower optim.lr, set optim.grad_clip or train.amp=off"
@@ -333,7 +334,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = int(ckpt["step"])
-        changed = describe_change(ckpt["config"], cfg.model_dump(mode="json"))
+        changed = describe_change(strip_tracking(ckpt["config"]), strip_tracking(cfg.model_dump(mode="json")))
         if changed:
             console.print(f"note: config changed since the checkpoint: {changed}")
         if info.is_main:
@@ -343,6 +344,8 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         console.print(f"already at step {start} of train.steps={total}; nothing to train")
     if info.is_main:
         save_resolved(cfg, out / "config.yaml")
+    tracker = open_tracker(cfg.tracking, out, start if ckpt is not None else None)  # a no-op on ranks but 0
+    tracker.log_params(cfg.model_dump(mode="json"))
     ddp: torch.nn.Module | None = None
     if info.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -443,6 +446,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
                                 "elapsed_s": round(now - total_t0, 2)}
                     metrics_f.write(json.dumps(last_row) + "\n")
                     metrics_f.flush()
+                    tracker.log_metrics(last_row)
                     bar.update(task, description=f"pretrain loss {loss_v:.4f}")
                     win_loss.zero_()
                     win_n, win_wait, win_t0 = 0, 0.0, now
@@ -492,6 +496,11 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         "data_wait_pct": round(100 * total_wait / wall, 2) if wall > 0 else None,
         "images": len(entries), "data_hash": data.data_hash, "seconds": round(time.perf_counter() - t_start, 2),
     }
+    tracker.log_artifact(enc_dir, "encoder")
+    tracker.log_summary(summary)
+    tracker.close("FINISHED" if step >= total else "KILLED")  # KILLED: paused (stop_after); --resume continues it
+    if tracker.errors:
+        summary["tracking_errors"] = tracker.errors
     atomic_write_json(out / "summary.json", summary)
     _print_summary(summary)
     return summary

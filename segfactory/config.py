@@ -253,4 +253,7 @@ def save_resolved(cfg: BaseModel, path: str | os.PathLike[str]) -> None:
 
 def hash_config(section: BaseModel | dict[str, Any], length: int = 16) -> str:
     data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    # A training config's ``tracking`` section (segfactory/tracking.py) says where runs are watched, not what they
+    # produce: it is never part of a hash.
+    data = {k: v for k, v in data.items() if k != "tracking"}
     return canonical_hash(data, length)

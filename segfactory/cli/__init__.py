@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True)
+        from rich.markup import escape  # messages and fixes are plain text: pip install 'segfactory[tracking]'
+
+        console.print(f"[bold red]error:[/] {escape(e.message)}", markup=True, soft_wrap=True)
         if e.fix:
-            console.print(f"  [bold]fix:[/] {e.fix}", soft_wrap=True)
+            console.print(f"  [bold]fix:[/] {escape(e.fix)}", soft_wrap=True)
         return e.exit_code
     except PartialFailure as e:
         console.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
