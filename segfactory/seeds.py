@@ -20,6 +20,7 @@ fine-tune batch counts     ``[seed, step, FINETUNE_COUNTS]``           a batch's
 fine-tune epoch order      ``[seed, source, epoch, FINETUNE_ORDER]``   the permutation of a source's epoch
 fine-tune window           ``[seed, step, slot, FINETUNE_WINDOW]``     a batch slot's random window
 fine-tune dropout          ``[seed, step, FINETUNE_DROPOUT]``          the global torch RNG during a step's forward pass
+label-efficiency frames    ``[seed, LABEL_FRAMES, set]``               which real frames ``bench transfer`` labels
 =========================  ==========================================  ================================================
 
 Streams seeded with the base seed alone: model initialisation in pretraining, fine-tuning and the probe
@@ -47,6 +48,7 @@ FINETUNE_COUNTS = 0x5EED
 FINETUNE_ORDER = 0xE90C
 FINETUNE_WINDOW = 0xC209
 FINETUNE_DROPOUT = 0xD209
+LABEL_FRAMES = 0x1ABE
 # MoCo's shuffled-BN permutation: a linear function of the step.
 MOCO_SHUFFLE_MULT, MOCO_SHUFFLE_ADD = 1_000_003, 17
 
@@ -80,3 +82,9 @@ def dropout_seed(seed: int, step: int, salt: int = 0) -> int:
 def moco_shuffle_seed(step: int) -> int:
     """Seed of MoCo's shuffled-BN permutation at ``step``."""
     return MOCO_SHUFFLE_MULT * step + MOCO_SHUFFLE_ADD
+
+
+def label_frames_rng(seed: int, set_key: int) -> np.random.Generator:
+    """Which real frames of one set (``set_key``: a stable integer of the set's name) get labels in
+    ``bench transfer``'s label-efficiency rows."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), LABEL_FRAMES, int(set_key)]))
