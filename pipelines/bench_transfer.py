@@ -364,6 +364,7 @@ def _label_efficiency(cfg: TransferBenchConfig, out: Path, result: dict[str, Any
                               f"k={k}: all of them are used (recorded as 'frames')[/]")
             folders[k].append(write_label_folder(out, name, pool, frames))
             info["sets"][name]["frames"][str(k)] = frames
+    atomic_write_json(out / "bench_transfer.json", result)  # the chosen frames, before any row trains
     encoder = None
     if "supsyn" in le.inits:
         console.rule("[bold]bench transfer: supsyn encoder (from the synthetic row's model)[/]")
