@@ -145,3 +145,33 @@ def export_model_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     read_model_meta(dst)
     assert (dst / WEIGHTS_FILE).is_file()
     return dst
+
+
+def export_encoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the encoder of a fine-tuned model dir as an encoder directory (:mod:`segfactory.formats.encoder`),
+    the format fine-tuning initialises from (``model.encoder_dir`` / ``--encoder``): e.g. an encoder trained with
+    supervision on rendered frames, to compare with a self-supervised one on equal terms.
+
+    The weights are the smp ``tu-`` encoder's timm ``features_only`` model (``model.encoder.model``); in_chans and
+    the input standardisation are the model's own (model.json ``input``), so a fine-tune from it sees its inputs
+    as the model did.
+
+    Returns:
+        The encoder directory.
+
+    Raises:
+        UserError: ``model_dir`` is not a loadable model dir.
+    """
+    from segfactory.formats.encoder import save_encoder
+
+    model, meta = load_model_dir(model_dir, "cpu")
+    body = model.encoder.model  # type: ignore[union-attr]
+    arch, inp = meta["architecture"], meta["input"]
+    lineage = meta.get("lineage") or {}
+    return save_encoder(out_dir, body, timm_name=str(arch["encoder"]), in_chans=int(arch["in_chans"]),
+                        normalization={"mean": list(inp["mean"]), "std": list(inp["std"])},
+                        method="supervised", steps=int((lineage.get("training") or {}).get("step") or 0),
+                        data_manifest_hash=None,
+                        extra={"source_model": str(Path(model_dir).resolve()),
+                               "source_weights_sha256": meta.get("weights_sha256"),
+                               "source_classes": [c.get("name") for c in meta.get("classes", [])]})

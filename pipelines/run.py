@@ -69,7 +69,8 @@ class RunConfig(StrictModel):
     """``segfactory run`` config: one section per stage plus the cluster."""
 
     init: Literal["ssl", "random"] = Field("ssl", description="fine-tuning's encoder: the one pretrained on the real "
-                                           "images (ssl), or random initialisation (the pretrain stage is skipped)")
+                                           "images (ssl), or random initialisation (the pretrain stage is skipped; "
+                                           "finetune.model.encoder_dir, when set, is loaded instead)")
     render: RenderStep = Field(default_factory=RenderStep)
     test: HeldOutSet = Field(default_factory=HeldOutSet)
     eval: RealEvalSettings = Field(default_factory=RealEvalSettings)
@@ -202,7 +203,8 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,
-               "total_s": round(time.perf_counter() - t0, 2)}
+               "total_s": round(time.perf_counter() - t0, 2),
+               "dirs": {"finetune": str(ft_dir), **({"pretrain": str(pre_dir)} if pretrained else {})}}
     if real_dir is not None:
         summary["real"] = {name: {row: {"fg_iou": r["fg_iou"], "f1": next(iter(r["instances"].values()), {}).get("f1")}
                                   for row, r in s["rows"].items()}

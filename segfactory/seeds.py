@@ -23,6 +23,7 @@ fine-tune epoch order      ``[seed, source, epoch, FINETUNE_ORDER]``   the permu
 fine-tune window           ``[seed, step, slot, FINETUNE_WINDOW]``     a batch slot's random window
 fine-tune dropout          ``[seed, step, FINETUNE_DROPOUT]``          the global torch RNG during a step's forward pass
 unlabeled stream           ``[seed, FINETUNE_STREAM, epoch, ...]``     streamed real crops' unit and window order
+label-efficiency frames    ``[seed, LABEL_FRAMES, set]``               which real frames ``bench transfer`` labels
 =========================  ==========================================  ================================================
 
 Streams seeded with the base seed alone: model initialisation in pretraining, fine-tuning and the probe
@@ -52,6 +53,7 @@ FINETUNE_ORDER = 0xE90C
 FINETUNE_WINDOW = 0xC209
 FINETUNE_DROPOUT = 0xD209
 FINETUNE_STREAM = 0x57E4
+LABEL_FRAMES = 0x1ABE
 # MoCo's shuffled-BN permutation: a linear function of the step.
 MOCO_SHUFFLE_MULT, MOCO_SHUFFLE_ADD = 1_000_003, 17
 
@@ -85,3 +87,9 @@ def dropout_seed(seed: int, step: int, salt: int = 0) -> int:
 def moco_shuffle_seed(step: int) -> int:
     """Seed of MoCo's shuffled-BN permutation at ``step``."""
     return MOCO_SHUFFLE_MULT * step + MOCO_SHUFFLE_ADD
+
+
+def label_frames_rng(seed: int, set_key: int) -> np.random.Generator:
+    """Which real frames of one set (``set_key``: a stable integer of the set's name) get labels in
+    ``bench transfer``'s label-efficiency rows."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), LABEL_FRAMES, int(set_key)]))
