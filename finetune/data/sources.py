@@ -1,6 +1,6 @@
 """Data sources: rendered segfactory datasets and real labeled folders, split into train/val.
 
-Real labeled folder layout::
+Real labeled folder layout (read by :mod:`segfactory.formats.labeled`, shared with ``segfactory probe``)::
 
     DIR/images/<stem>.png|.jpg|.jpeg|.tif|.tiff   gray or RGB, 8 or 16 bit
     DIR/masks/<stem>.png                          class ids (8-bit, 16-bit or palette PNG), same size
@@ -26,22 +26,11 @@ import numpy as np
 from finetune.config import FinetuneConfig, SourceSpec
 from finetune.data.remap import Remap, TargetClasses, build_remap, make_targets
 from segfactory.errors import UserError
-from segfactory.formats.imagefile import IMAGE_SUFFIXES, image_size, read_image, read_mask
-from segfactory.io import read_json
+from segfactory.formats.imagefile import image_size, read_image, read_mask
+from segfactory.formats.labeled import Item, read_class_table, scan_labeled_folder
 
 Kind = Literal["synthetic", "real"]
 Role = Literal["train", "val", "eval"]
-
-
-@dataclass(frozen=True)
-class Item:
-    """One labeled frame: a stable key (``shard/frame`` or the file stem), its two files, and its instance map
-    when the source has one."""
-
-    key: str
-    image: Path
-    mask: Path
-    instances: Path | None = None
 
 
 @dataclass
@@ -151,38 +140,13 @@ def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None
     """A real folder's class table: ``spec.classes``, else ``classes.json``, else the target classes."""
     if spec.classes is not None:
         return [{"id": i, "name": n} for i, n in spec.classes.items()], spec.ignore_index
-    cj = path / "classes.json"
-    if cj.is_file():
-        try:
-            data = read_json(cj)
-        except (OSError, ValueError) as e:
-            raise UserError(f"'{cj}' is unreadable: {e}", fix="fix the JSON") from None
-        classes = data.get("classes") if isinstance(data, dict) else data
-        bad = _bad_class_table(classes, data)
-        if bad:
-            raise UserError(f"'{cj}' must hold {{\"classes\": [{{\"id\": 0, \"name\": ...}}, ...]}}: {bad}",
-                            fix="fix the JSON")
-        ignore = int(data.get("ignore_index", spec.ignore_index)) if isinstance(data, dict) else spec.ignore_index
-        return classes, ignore
+    table = read_class_table(path, spec.ignore_index)
+    if table is not None:
+        return table
     if targets is None:
         raise UserError(f"real folder '{path}' has no class table and no target classes are set",
                         fix="write DIR/classes.json, set the source's `classes`, or set `classes:` in the config")
     return [{"id": c["id"], "name": c["name"]} for c in targets.classes], spec.ignore_index
-
-
-def _bad_class_table(classes: Any, data: Any) -> str | None:
-    """What is wrong with a ``classes.json``'s shape (ids are mask values 0-65535), or None."""
-    if not isinstance(classes, list):
-        return f"'classes' is {type(classes).__name__ if classes is not None else 'missing'}, not a list"
-    for i, c in enumerate(classes):
-        if not isinstance(c, dict) or "id" not in c or "name" not in c:
-            return f"classes[{i}]={c!r} is not {{\"id\": ..., \"name\": ...}}"
-        if isinstance(c["id"], bool) or not isinstance(c["id"], int) or not 0 <= c["id"] <= 65535:
-            return f"classes[{i}].id={c['id']!r} is not a mask value (an integer 0-65535)"
-    ignore = data.get("ignore_index", 255) if isinstance(data, dict) else 255
-    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 65535:
-        return f"ignore_index={ignore!r} is not a mask value (an integer 0-65535)"
-    return None
 
 
 def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
@@ -197,28 +161,7 @@ def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
 
 
 def _scan_real(path: Path) -> list[Item]:
-    img_dir, mask_dir = path / "images", path / "masks"
-    if not mask_dir.is_dir():
-        raise UserError(f"labeled folder '{path}' has images/ but no masks/", fix="put PNG class masks in DIR/masks/")
-    images: dict[str, Path] = {}
-    for p in sorted(img_dir.iterdir()):
-        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
-            continue
-        if p.stem in images:
-            raise UserError(f"'{images[p.stem].name}' and '{p.name}' in '{img_dir}' share the stem '{p.stem}'",
-                            fix="rename one; masks are matched by stem")
-        images[p.stem] = p
-    if not images:
-        raise UserError(f"labeled folder '{path}' has no images in images/ ({', '.join(IMAGE_SUFFIXES)})",
-                        fix="add images, or point at another folder")
-    items = []
-    for stem, p in images.items():
-        m = mask_dir / f"{stem}.png"
-        if not m.is_file():
-            raise UserError(f"image '{p}' has no mask '{m}'", fix="add the mask or remove the image")
-        inst = path / "instances" / f"{stem}.png"
-        items.append(Item(stem, p, m, inst if inst.is_file() else None))
-    return items
+    return scan_labeled_folder(path)
 
 
 def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_index: int) -> None:

