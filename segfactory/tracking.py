@@ -38,6 +38,10 @@ INSTALL_FIX = "pip install 'segfactory[tracking]'"
 STATE_FILE = "tracking.json"  # OUT/tracking.json: where this run logs (a resumed run continues the MLflow run)
 MLFLOW_SCHEMES = ("", "file", "http", "https", "databricks")
 MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
+# MLflow's HTTP retry settings unless the environment sets them: MLflow's own (7 retries, backoff factor 2, 120 s
+# timeout) wait about 4 minutes for a server that is down, at start and again at each later call
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 MLFLOW_BATCH = 100  # params/metrics per log_batch request (MLflow's limit for params)
 M = TypeVar("M", bound=BaseModel)
 
@@ -153,6 +157,9 @@ class _Mlflow:
             self.entities = importlib.import_module("mlflow.entities")
         except ImportError:
             raise UserError("tracking.mlflow is set but the mlflow package is not installed", fix=INSTALL_FIX) from None
+        if scheme in ("http", "https"):
+            for var, value in HTTP_DEFAULTS.items():  # a server that is down: an error in seconds, not minutes
+                os.environ.setdefault(var, value)
         if scheme in ("", "file"):
             # MLflow 3 refuses its file store unless asked; sqlite needs the full mlflow (SQLAlchemy).
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

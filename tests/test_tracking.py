@@ -281,3 +281,39 @@ def test_a_dask_training_task_logs_from_its_worker(images: Path, tmp_path: Path)
     assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "4"
     assert any(f.startswith("encoder/") for f in artifact_files(client, run.info.run_id))
     assert json.loads((stage / "tracking.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_a_server_that_is_down_fails_at_start_in_seconds(tmp_path: Path) -> None:
+    """Without MLFLOW_HTTP_REQUEST_* in the environment (MLflow's defaults wait ~4 minutes): a fresh process."""
+    code = ("import time; from segfactory.errors import UserError; "
+            "from segfactory.tracking import TrackingConfig, open_tracker; "
+            "cfg = TrackingConfig.model_validate({'mlflow': {'tracking_uri': 'http://127.0.0.1:9'}}); t = time.time()\n"
+            f"try: open_tracker(cfg, {str(tmp_path / 'run')!r})\n"
+            "except UserError as e: print(round(time.time() - t, 1), e.message)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**env, "PYTHONPATH": str(REPO)})
+    seconds, message = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert "cannot start a run at 'http://127.0.0.1:9'" in message, proc.stdout + proc.stderr
+    assert float(seconds) < 30
+
+
+@pytest.mark.slow  # 2 gloo processes under torchrun: ~25 s on 2 cores
+def test_two_torchrun_ranks_make_one_run(tmp_path: Path) -> None:
+    """Data-parallel pretraining: rank 0 alone logs (one MLflow run, one event file) the rows it writes to
+    metrics.jsonl, and ends the run FINISHED with the encoder."""
+    from test_pretrain import REAL, ingest_inline
+    from test_pretrain_ddp import cli
+
+    images = ingest_inline(REAL[:8], tmp_path / "images")
+    out = tmp_path / "ddp"
+    r = cli(images, out, "train.devices=2", "train.backend=gloo", *tracking_args(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 processes (gloo)" in r.stdout + r.stderr
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(list((tmp_path / "tb").rglob("*tfevents*"))) == 1
+    tb = scalars(tmp_path / "tb" / "ddp")
+    assert [v for _, v in tb["loss"]] == pytest.approx([row["loss"] for row in rows], rel=1e-6)
+    client, run = mlflow_run(tmp_path, "ddp")  # exactly one run of that name
+    assert run.info.status == "FINISHED" and run.data.params["train.devices"] == "2"
+    assert "encoder/encoder.safetensors" in artifact_files(client, run.info.run_id)
