@@ -120,7 +120,9 @@ def load_pretrained_encoder(model: nn.Module, encoder_dir: str | os.PathLike) ->
         UserError: the encoder does not fit (architecture, channels) or its files are missing/corrupt.
     """
     meta = load_into_smp(model, encoder_dir)
-    return {"init": "ssl", "dir": str(Path(encoder_dir)),
+    # an encoder exported from a fine-tuned model (finetune.export.export_encoder) records method "supervised"
+    init = "supervised" if meta.get("method") == "supervised" else "ssl"
+    return {"init": init, "dir": str(Path(encoder_dir)),
             **{k: meta.get(k) for k in ("timm_name", "in_chans", "method", "steps", "data_manifest_hash",
                                         "weights_sha256", "created", "code_version")}}
 

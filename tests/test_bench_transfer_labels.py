@@ -127,7 +127,7 @@ def test_supsyn_encoder_is_the_synthetic_models_encoder_and_fine_tuning_loads_it
     fresh = build_model(arch)
     before = {k: v.clone() for k, v in fresh.encoder.state_dict().items()}
     lineage = load_pretrained_encoder(fresh, enc)
-    assert lineage["method"] == "supervised"
+    assert lineage["method"] == "supervised" and lineage["init"] == "supervised"  # not recorded as SSL
     source, _ = load_model_dir(src)
     weights = [k for k in before if k.endswith("weight")]
     assert all(torch.equal(fresh.encoder.state_dict()[k], source.encoder.state_dict()[k]) for k in before)
