@@ -220,8 +220,9 @@ def evaluate(probe: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
 
 
 VERDICT_RULE = ("paired differences d_i = mIoU(encoder) - mIoU(random init) over the probe seeds: 'within spread' "
-                "when |mean d| <= 2 * std_err(d) (std_err = sample std / sqrt(seeds)) or the d_i do not all have "
-                "the same sign; else 'encoder better' or 'random init better'; one seed has no spread")
+                "when the 95 % Student-t interval of mean d contains 0 (|mean d| <= t(0.975, seeds - 1) * std_err, "
+                "std_err = sample std / sqrt(seeds)) or the d_i do not all have the same sign; else 'encoder better' "
+                "or 'random init better'; one seed has no spread")
 
 
 def spread_verdict(miou_encoder: list[float], miou_random: list[float]) -> dict[str, Any]:
@@ -232,7 +233,7 @@ def spread_verdict(miou_encoder: list[float], miou_random: list[float]) -> dict[
         miou_random: Per-seed mIoU of the random-init encoder, paired with ``miou_encoder`` by seed.
 
     Returns:
-        ``{"encoder": {mean, std}, "random": {mean, std}, "diff": {mean, std, std_err}, "verdict", "rule"}``;
+        ``{"encoder": {mean, std}, "random": {mean, std}, "diff": {mean, std, std_err, ci95}, "verdict", "rule"}``;
         std is the sample std (ddof 1, 0 for one seed). The verdict follows :data:`VERDICT_RULE`.
     """
     enc, rnd = np.asarray(miou_encoder, np.float64), np.asarray(miou_random, np.float64)
@@ -249,12 +250,21 @@ def spread_verdict(miou_encoder: list[float], miou_random: list[float]) -> dict[
     same_sign = bool((d > 0).all() or (d < 0).all())
     if n < 2:
         verdict = "one seed: no spread"
-    elif abs(mean) <= 2 * stderr or not same_sign:
+    elif abs(mean) <= _t975(n - 1) * stderr or not same_sign:
         verdict = "within spread"
     else:
         verdict = "encoder better" if mean > 0 else "random init better"
-    return {"encoder": stats(enc), "random": stats(rnd), "diff": {**stats(d), "std_err": round(stderr, 4)},
-            "verdict": verdict, "rule": VERDICT_RULE}
+    half = _t975(n - 1) * stderr if n > 1 else float("nan")
+    ci = [round(mean - half, 4), round(mean + half, 4)] if n > 1 else None
+    return {"encoder": stats(enc), "random": stats(rnd),
+            "diff": {**stats(d), "std_err": round(stderr, 4), "ci95": ci}, "verdict": verdict, "rule": VERDICT_RULE}
+
+
+def _t975(dof: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``dof`` degrees of freedom (4.30 for 2, 1.96 for many)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
 
 
 def run_probe(encoder_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: ProbeConfig) -> dict[str, Any]:
@@ -331,5 +341,5 @@ def _print_summary(r: dict[str, Any]) -> None:
     console.print(f"mIoU: encoder {sp['encoder']['mean']:.4f} ± {sp['encoder']['std']:.4f} vs random init "
                   f"{sp['random']['mean']:.4f} ± {sp['random']['std']:.4f} over {len(r['seeds'])} seed(s); "
                   f"paired diff {sp['diff']['mean']:+.4f} ± {sp['diff']['std']:.4f} "
-                  f"(std err {sp['diff']['std_err']:.4f})")
+                  f"(std err {sp['diff']['std_err']:.4f}, 95 % interval {sp['diff']['ci95']})")
     console.print(f"verdict: {sp['verdict']} ({sp['rule']})")

@@ -189,7 +189,8 @@ def test_labeled_folder_class_ids_become_indices(tmp_path: Path) -> None:
 def test_same_encoder_against_itself_is_within_spread() -> None:
     mious = [0.61, 0.55, 0.58]
     v = spread_verdict(mious, mious)
-    assert v["verdict"] == "within spread" and v["diff"] == {"mean": 0.0, "std": 0.0, "std_err": 0.0}
+    assert v["verdict"] == "within spread"
+    assert v["diff"] == {"mean": 0.0, "std": 0.0, "std_err": 0.0, "ci95": [0.0, 0.0]}
     assert v["encoder"]["mean"] == pytest.approx(0.58) and v["encoder"]["std"] == pytest.approx(0.03)
 
 
@@ -201,7 +202,12 @@ def test_a_consistent_large_gap_is_not_within_spread() -> None:
 
 def test_spread_rule_edges() -> None:
     rnd = [0.5, 0.5, 0.5]
-    # same sign but noisy: mean 0.0733 <= 2 * std_err 0.1267
+    # 3 seeds, same sign: mean 0.05, std_err 0.0173; 2 x std_err (0.035) would call it, the t interval
+    # (4.30 x 0.0173 = 0.074) does not
+    v = spread_verdict([0.52, 0.55, 0.58], rnd)
+    assert v["verdict"] == "within spread" and v["diff"]["ci95"] == pytest.approx([-0.0245, 0.1245], abs=1e-3)
+    assert spread_verdict([0.52, 0.55, 0.58, 0.52, 0.55, 0.58], [0.5] * 6)["verdict"] == "encoder better"  # 6 seeds
+    # same sign but noisy: mean 0.0733, std_err 0.0633
     assert spread_verdict([0.51, 0.70, 0.51], rnd)["verdict"] == "within spread"
     # a large mean whose seeds disagree in sign is within spread whatever the std_err
     assert spread_verdict([0.9, 0.9, 0.9, 0.49], [0.5] * 4)["verdict"] == "within spread"
