@@ -168,7 +168,7 @@ def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatc
         train = {s["kind"]: s["train_items"] for s in data["train"]}
         assert train == {"real": int(name[4])}, name
         encoder = json.loads((ft / "model" / "model.json").read_text())["lineage"]["encoder"]
-        expected = {"random": "random", "ssl": "ssl", "supsyn": "ssl"}[name.split("-")[1]]
+        expected = {"random": "random", "ssl": "ssl", "supsyn": "supervised"}[name.split("-")[1]]
         assert encoder["init"] == expected, name
         if name.endswith("supsyn"):
             assert encoder["method"] == "supervised" and encoder["dir"] == le["supsyn_encoder"]
