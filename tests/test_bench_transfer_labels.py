@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import CONFIGS
 from PIL import Image
+from test_bench_transfer import _flat
 
 from pipelines.bench_transfer import (
     LabelEfficiency,
@@ -26,13 +27,6 @@ from pipelines.bench_transfer import (
 from segfactory.config import load_config
 from segfactory.errors import UserError
 from segfactory.io import sha256_file
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 @pytest.mark.parametrize("config", ["bench_transfer.yaml", "bench_transfer_gpu.yaml"])
