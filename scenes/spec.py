@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 Vec3 = tuple[float, float, float]
-TextureKind = Literal["noise", "voronoi", "wave"]
+TextureKind = Literal["noise", "voronoi", "wave", "brick"]
 LightType = Literal["POINT", "SUN", "AREA", "SPOT"]
 FloatArray = npt.NDArray[np.float64]
 
@@ -64,6 +64,10 @@ class Material:
     An ``image`` (a texture computed in NumPy, e.g. a nucleus with its nucleoli and chromatin) multiplies
     ``color``: it is projected top-down onto the object, its (H, W) texels covering the object-local
     rectangle ``image_bounds`` = (x0, y0, x1, y1), row 0 at y0; texel values are linear and may exceed 1.
+
+    ``texture="brick"`` lays bricks of ``color`` in mortar of ``color2``, ``texture_scale`` bricks per unit
+    (rows run along the object's x/y, courses along z). ``bump`` > 0 perturbs the normals by the texture's
+    height (asphalt grain, brick joints, plaster): 0 is flat, 1 is strong.
     """
 
     color: Vec3
@@ -78,6 +82,7 @@ class Material:
     texture_detail: float = 2.0
     image: npt.NDArray[np.float32] | None = None
     image_bounds: tuple[float, float, float, float] | None = None
+    bump: float = 0.0
 
 
 @dataclass
