@@ -352,15 +352,21 @@ def _shoe(body: Body, width: float) -> Mesh:
     return g.transform(m, rotation=g.rot_x(-np.pi / 2))
 
 
+def _head_shape(v: FloatArray) -> FloatArray:
+    """Unit sphere points -> a head shape (narrower jaw, chin forward), before scaling by the semi-axes."""
+    v = v.copy()
+    low = np.clip(-v[:, 2], 0, 1)
+    v[:, 0] *= 1 - 0.22 * low
+    v[:, 1] = v[:, 1] * (1 - 0.12 * low) + 0.06 * low * (v[:, 1] > 0)
+    return v
+
+
 def _head(body: Body) -> tuple[Mesh, float, float, float]:
     """Head (with a nose) centred at the origin; returns the mesh and its semi-axes (x, y, z)."""
     c = body.head_h / 2
     a, b = c * 0.68, c * 0.84
     m = g.uv_sphere(1.0, 7, 12)
-    v = m.vertices.astype(np.float64)
-    v[:, 0] *= 1 - 0.22 * np.clip(-v[:, 2], 0, 1)  # narrower jaw
-    v[:, 1] = v[:, 1] * (1 - 0.12 * np.clip(-v[:, 2], 0, 1)) + 0.06 * np.clip(-v[:, 2], 0, 1) * (v[:, 1] > 0)
-    v *= (a, b, c)
+    v = _head_shape(m.vertices.astype(np.float64)) * (a, b, c)
     nose = g.transform(g.box(0.16 * a, 0.22 * b, 0.32 * c, center_z=True), (0, b * 0.95, -0.12 * c),
                        rotation=g.rot_x(-0.35))
     return g.merge([Mesh(v.astype(np.float32), m.faces, True), nose]), a, b, c
@@ -438,8 +444,11 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
     sk["bottom"].append(on_pelvis(pel))
     bust = 0.015 * h if female else 0.0
     neck_base = b.shoulder_z + 0.035 * h
-    hem_z = b.hip_z - float(rng.uniform(-0.01, 0.03)) * h  # tucked in .. hanging over the hips
-    chest_rings = [(hem_z, b.hip_rx * 1.07, b.hip_ry * 1.12, -0.008),
+    if bottom_kind == "skirt":  # the top tucked into the skirt, whose waistband covers its hem
+        top_hem = (waist_z - 0.01 * h, b.waist_rx * 0.97, b.waist_ry * 0.97, 0.0)
+    else:  # hanging over the trousers' waist, down to the hips
+        top_hem = (b.hip_z - float(rng.uniform(-0.01, 0.03)) * h, b.hip_rx * 1.1, b.hip_ry * 1.17, -0.008)
+    chest_rings = [top_hem,
                    (waist_z, b.waist_rx * 1.04, b.waist_ry * 1.04, 0.0),
                    (chest_z - 0.05 * h, b.chest_rx * 0.98, b.chest_ry * 0.98 + bust * 0.5, 0.004 + bust * 0.5),
                    (chest_z, b.chest_rx, b.chest_ry + bust, 0.006 + bust),
@@ -465,7 +474,7 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
         sm = _loft([(hem, b.hip_rx * 1.15 * flare, b.hip_ry * 1.3 * flare, -0.005),
                     (crotch, b.hip_rx * 1.1, b.hip_ry * 1.12, -0.008),
                     (b.hip_z, b.hip_rx * 1.05, b.hip_ry * 1.05, -0.008),
-                    (waist_z + 0.025 * h, b.waist_rx * 1.06, b.waist_ry * 1.06, 0.0)], 14, bottom_apex=hem + 0.03)
+                    (waist_z + 0.01 * h, b.waist_rx * 1.07, b.waist_ry * 1.07, 0.0)], 12, bottom_apex=hem + 0.03)
         sk["skirt"].append(on_pelvis(sm))
 
     # Neck and head.
@@ -483,19 +492,22 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
     # Arms.
     sleeve = "coat" if top_kind == "coat" else "top"
     for i, side in enumerate(SIDES):
-        sh = torso_pt((side * b.shoulder_x, -0.005, b.shoulder_z))
+        # The joint sits a little inside and below the shoulder line, so the torso rounds the arm's top.
+        drop = 0.45 * b.arm_r
+        sh = torso_pt((side * (b.shoulder_x - 0.15 * b.arm_r), -0.005, b.shoulder_z - drop))
         r_up = r_torso @ g.rot_y(-side * ang.sh_abd[i]) @ g.rot_x(ang.sh_flex[i]) @ g.rot_z(side * ang.sh_twist[i])
-        elbow = sh + r_up @ np.array([0, 0, -b.upper_arm])
+        upper = b.upper_arm - drop
+        elbow = sh + r_up @ np.array([0, 0, -upper])
         r_fore = r_up @ g.rot_x(ang.elbow[i])
         wrist = elbow + r_fore @ np.array([0, 0, -b.forearm])
         loose = 1.25 if sleeve == "coat" else 1.08
-        sk[sleeve].append(_place(_capsule(b.upper_arm, b.arm_r * loose, b.arm_r * 0.8 * loose, bulge=0.08),
+        sk[sleeve].append(_place(_capsule(upper, b.arm_r * loose, b.arm_r * 0.8 * loose, bulge=0.08),
                                  sh, r_up))
         fore_mat = "skin" if top_kind == "short" else sleeve
         fr = b.arm_r * (0.85 * loose if fore_mat != "skin" else 0.78)
         sk[fore_mat].append(_place(_capsule(b.forearm, fr, fr * 0.72, bulge=0.05, flat=0.85), elbow, r_fore))
         if top_kind == "short":  # a sleeve over the upper arm's top half
-            sk["top"].append(_place(_capsule(b.upper_arm * 0.5, b.arm_r * 1.22, b.arm_r * 1.12), sh, r_up))
+            sk["top"].append(_place(_capsule(upper * 0.5, b.arm_r * 1.22, b.arm_r * 1.12), sh, r_up))
         if not ang.hand_hidden[i]:
             r_hand = r_fore @ g.rot_x(0.1 if not ang.phone else -0.3)
             hand = _capsule(b.hand * 0.9, b.arm_r * 0.62, b.arm_r * 0.52, 6, bulge=0.25, flat=1.0)
@@ -577,18 +589,23 @@ def _hair(rng: np.random.Generator, style: str, a: float, b: float, c: float, bo
             cap = g.transform(g.uv_sphere(1.0, 6, 12), (0, -0.04 * b, 0.32 * c), scale=(a * 1.08, b * 1.06, c * 0.8))
             brim = _loft([(0.0, a * 0.75, b * 0.55, 0.0), (0.012, a * 0.75, b * 0.55, 0.0)], 10)
             out += [cap, g.transform(brim, (0, b * 0.85, 0.42 * c), rotation=g.rot_x(0.15))]
-    elif style != "bald":
-        vol = float(rng.uniform(1.04, 1.12))
-        out.append(g.transform(g.uv_sphere(1.0, 7, 12), (0, -0.12 * b, 0.14 * c),
-                               scale=(a * vol, b * vol, c * (vol - 0.1))))
+    else:  # a shell over the skull, above a hairline that is high at the forehead and low at the nape
+        sphere = g.uv_sphere(1.0, 7, 12)
+        d = sphere.vertices.astype(np.float64)
+        thick = float(rng.uniform(0.04, 0.12)) if style != "bald" else 0.015
+        line = float(rng.uniform(0.3, 0.5)) if style != "bald" else 0.55
+        cen = d[sphere.faces].mean(axis=1)
+        cen /= np.linalg.norm(cen, axis=1, keepdims=True)
+        thr = line * np.clip(cen[:, 1], 0, None) + 0.15 * (1 - abs(cen[:, 1])) - 0.5 * np.clip(-cen[:, 1], 0, None)
+        keep = cen[:, 2] > thr
+        v = _head_shape(d) * (1 + thick) * (a, b, c) + (0, -0.2 * thick * b, 0.3 * thick * c)
+        out.append(Mesh(v.astype(np.float32), sphere.faces[keep], True))
         if style == "long":
             length = float(rng.uniform(0.9, 1.9)) * c
             tail = _loft([(-length, a * 0.85, b * 0.25, 0.0), (-length * 0.5, a * 0.98, b * 0.35, 0.0),
                           (0.0, a * 1.04, b * 0.5, 0.0), (0.4 * c, a * 0.9, b * 0.5, 0.0)], 10,
                          bottom_apex=-length - 0.02, top_apex=0.5 * c)
             out.append(g.transform(tail, (0, -0.55 * b, 0.0)))
-    else:
-        out.append(g.transform(g.uv_sphere(1.0, 5, 10), (0, -0.15 * b, 0.35 * c), scale=(a * 0.98, b * 0.92, c * 0.72)))
     return [_place(m, centre, rot) for m in out]
 
 
