@@ -11,6 +11,8 @@ from scenes.randomization import MaterialKnobs
 from scenes.spec import Part, to_jsonable
 from scenes.street_assets.buildings import (
     FRONT_PROTRUSION_MAX,
+    GROUND_PROTRUSION_MAX,
+    HEADROOM,
     PANE_OFFSET,
     ROOF_LEDGE_MAX,
     SIDE_INSET,
@@ -71,6 +73,8 @@ def test_building_stays_in_its_footprint_and_budget(seed):
     assert np.abs(v[:, 1]).max() <= width / 2 + tol
     assert v[:, 2].max() <= height + ROOF_LEDGE_MAX + tol
     assert _faces_in_front(named, depth) <= 5000
+    low = v[v[:, 2] < HEADROOM - tol]  # people on the sidewalk fit under balconies and awnings
+    assert low[:, 0].max() <= depth / 2 + GROUND_PROTRUSION_MAX + tol
 
 
 @pytest.mark.parametrize("seed", range(25))

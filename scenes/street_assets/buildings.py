@@ -10,7 +10,8 @@ textures with a little bump) in realistic colours.
 Geometry (object-local, metres): footprint ``x`` in ``[-depth/2, depth/2]``, ``y`` in ``[-width/2, width/2]``,
 ``z`` from 0 to ``height`` plus a roof parapet of at most ``ROOF_LEDGE_MAX``. Only the street facade
 (``+x``) has things sticking out of the footprint: frames, sills, balconies, sign bands and awnings, at most
-``FRONT_PROTRUSION_MAX``. The side walls stand ``SIDE_INSET`` inside the footprint so the side windows'
+``FRONT_PROTRUSION_MAX``; below ``HEADROOM`` (2.3 m) nothing sticks out further than ``GROUND_PROTRUSION_MAX``
+(door steps), so people can walk under awnings and balconies. The side walls stand ``SIDE_INSET`` inside the footprint so the side windows'
 frames stay inside it. Every part is one merged triangle mesh per material (all panes of the building in one
 part, all frames in another): the street facade stays under ~5k faces, the whole building under ~10k.
 """
@@ -28,6 +29,8 @@ from scenes.street_assets.nature import pick
 
 FRONT_PROTRUSION_MAX = 1.5  # m beyond the +x face: balconies, awnings, sills, cornices
 ROOF_LEDGE_MAX = 0.6  # m above ``height``: the roof parapet
+HEADROOM = 2.3  # m: what sticks out further than GROUND_PROTRUSION_MAX (balconies, awnings) is above this
+GROUND_PROTRUSION_MAX = 0.36  # m: door steps, plinths, stall risers, sills, frames below HEADROOM
 SIDE_INSET = 0.06  # the side walls stand this far inside the footprint
 PANE_OFFSET = 0.01  # panes lie this far in front of their wall plane
 FRONT_FACE_BUDGET = 3400  # faces of the window grid of the street facade (the rest of it adds < 800)
@@ -453,10 +456,10 @@ def _shop_ground_floor(rng: np.random.Generator, acc: _Acc, st: _WindowStyle, W:
             for i in range(1, n_m + 1):
                 ym = wa + i * (wb - wa) / (n_m + 1)
                 acc.add("shop_frame", _bx(0.0, 0.07, ym - 0.03, ym + 0.03, riser, top))
-        if rng.random() < 0.4 and top > 2.8:  # awning: a sloping cloth with a valance
+        if rng.random() < 0.4 and top > HEADROOM + 0.6:  # awning: a sloping cloth with a valance
             ad = uniform(rng, (0.9, FRONT_PROTRUSION_MAX - 0.05))
             za = top + 0.1
-            drop = ad * uniform(rng, (0.3, 0.6))
+            drop = min(ad * uniform(rng, (0.3, 0.6)), za - 0.25 - HEADROOM)
             zf = za - drop
             v = [(0.0, a, za), (0.0, b, za), (ad, b, zf), (ad, a, zf), (ad, a, zf - 0.25), (ad, b, zf - 0.25)]
             acc.add("awning", _quads(v, [(0, 1, 2, 3), (3, 2, 5, 4)]))

@@ -19,7 +19,7 @@ from scenes.spec import FloatArray, Material, Mesh, Part, Vec3, vec3
 HARMONIC_SUM = 1 + 1 / 2 + 1 / 3
 LEAF_GREENS: list[Vec3] = [(0.05, 0.12, 0.02), (0.07, 0.15, 0.03), (0.035, 0.08, 0.025), (0.1, 0.17, 0.03),
                            (0.045, 0.1, 0.04)]
-LEAF_AUTUMN: list[Vec3] = [(0.35, 0.14, 0.02), (0.42, 0.27, 0.03), (0.24, 0.05, 0.02), (0.3, 0.22, 0.04)]
+LEAF_AUTUMN: list[Vec3] = [(0.26, 0.1, 0.015), (0.32, 0.2, 0.02), (0.18, 0.04, 0.015), (0.22, 0.16, 0.03)]
 BARK: list[Vec3] = [(0.07, 0.055, 0.04), (0.11, 0.09, 0.07), (0.05, 0.04, 0.035), (0.14, 0.12, 0.09)]
 
 
@@ -110,7 +110,7 @@ def sample_tree(rng: np.random.Generator, k: MaterialKnobs, max_reach: float = n
 
 
 def _leafy_tree(rng: np.random.Generator, k: MaterialKnobs, max_reach: float) -> list[Part]:
-    blob_reach = (1 + 0.25 * HARMONIC_SUM) * 1.12
+    blob_reach = (1 + 0.25 * HARMONIC_SUM) * 1.12  # a typical cluster's reach / radius
     cap = max(max_reach / 1.6, 0.3)  # the crown radius the old _tree chose under max_reach, roughly
     crown_r = uniform(rng, (min(0.9, cap), min(3.0, cap)))
     trunk_h = uniform(rng, (1.8, 3.5))
@@ -130,12 +130,13 @@ def _leafy_tree(rng: np.random.Generator, k: MaterialKnobs, max_reach: float) ->
         r = crown_r * rng.uniform(0.38, 0.5)
         foliage.append(g.transform(_lumpy_blob(rng, r), end, rotation_z=float(rng.uniform(0, 2 * np.pi)),
                                    scale=(1, 1, rng.uniform(0.75, 1.0) * stretch)))
-    for _ in range(int(rng.integers(4, 9))):  # smaller clusters breaking up the outline
-        az, el = rng.uniform(0, 2 * np.pi), rng.uniform(-0.5, 1.2)
-        dist = crown_r * rng.uniform(0.5, 0.75)
+    for _ in range(int(rng.integers(12, 22))):  # small clusters on the crown's shell break up its outline
+        az, el = rng.uniform(0, 2 * np.pi), rng.uniform(-0.6, 1.3)
+        dist = crown_r * rng.uniform(0.55, 0.8)
         c = (dist * np.cos(az) * np.cos(el), dist * np.sin(az) * np.cos(el),
              crown_z + dist * np.sin(el) * stretch)
-        foliage.append(g.transform(_lumpy_blob(rng, crown_r * rng.uniform(0.25, 0.38)), c, scale=(1, 1, stretch)))
+        foliage.append(g.transform(_lumpy_blob(rng, crown_r * rng.uniform(0.18, 0.3), 0.3, 5, 8, 0.06), c,
+                                   rotation_z=float(rng.uniform(0, 2 * np.pi)), scale=(1, 1, stretch * 0.9)))
     # Keep the crown inside a circle of about crown_r * blob_reach, then inside max_reach.
     foliage = squeeze_reach(foliage, crown_r * blob_reach)
     meshes = squeeze_reach(wood + foliage, max_reach)
