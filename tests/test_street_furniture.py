@@ -12,7 +12,7 @@ from test_street_buildings import check_parts
 
 from scenes.randomization import MaterialKnobs
 from scenes.spec import Mesh, Part, to_jsonable
-from scenes.street_assets.furniture import POLE_KINDS, sample_bollard, sample_pole
+from scenes.street_assets.furniture import POLE_KINDS, lamp_positions, sample_bollard, sample_pole
 from scenes.street_assets.nature import reach, sample_bush, sample_tree
 
 K = MaterialKnobs()
@@ -64,8 +64,11 @@ def test_lit_lamps_glow_and_unlit_do_not(kind):
         glow = _emissive(lit)
         assert glow and all(p.material.emission > 1 for p in glow)
         assert not _emissive(unlit)
-        if kind == "street_lamp":  # the lamp head is high up
-            assert max(float(p.mesh.vertices[:, 2].max()) for p in glow) > 3.0
+        assert not lamp_positions(unlit)
+        (centre, color), = lamp_positions(lit)
+        assert centre[2] > 2.0 and max(color) > 0.5
+        if kind == "street_lamp":  # the lamp head is high up, never on the building side (+x)
+            assert centre[2] > 3.0 and centre[0] <= 0.01
 
 
 def test_signs_face_plus_y():

@@ -10,10 +10,11 @@ textures with a little bump) in realistic colours.
 Geometry (object-local, metres): footprint ``x`` in ``[-depth/2, depth/2]``, ``y`` in ``[-width/2, width/2]``,
 ``z`` from 0 to ``height`` plus a roof parapet of at most ``ROOF_LEDGE_MAX``. Only the street facade
 (``+x``) has things sticking out of the footprint: frames, sills, balconies, sign bands and awnings, at most
-``FRONT_PROTRUSION_MAX``; below ``HEADROOM`` (2.3 m) nothing sticks out further than ``GROUND_PROTRUSION_MAX``
-(door steps), so people can walk under awnings and balconies. The side walls stand ``SIDE_INSET`` inside the footprint so the side windows'
-frames stay inside it. Every part is one merged triangle mesh per material (all panes of the building in one
-part, all frames in another): the street facade stays under ~5k faces, the whole building under ~10k.
+``FRONT_PROTRUSION_MAX``; below ``HEADROOM`` (2.3 m) nothing sticks out further than
+``GROUND_PROTRUSION_MAX`` (door steps), so people can walk under awnings and balconies. The side walls stand
+``SIDE_INSET`` inside the footprint so the side windows' frames stay inside it. Every part is one merged
+triangle mesh per material (all panes of the building in one part, all frames in another): the street facade
+stays under ~5k faces, the whole building under ~10k.
 """
 
 from __future__ import annotations

@@ -281,6 +281,13 @@ def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = N
     return _street_lamp(rng, k, lit)
 
 
+def lamp_positions(parts: list[Part]) -> list[tuple[Vec3, Vec3]]:
+    """(centre, colour) of each emission part, object-local: where a dusk or night scene may put a point or spot
+    light, since a small glowing lens lights little of the street around it."""
+    return [(vec3(p.mesh.vertices.astype(np.float64).mean(axis=0)), p.material.color) for p in parts
+            if p.material.shader == "emission"]
+
+
 def sample_bollard(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     """A bollard (class ``pole_sign``): a metal post with a reflective band, a concrete stub or a square post."""
     style = int(rng.integers(3))
