@@ -1,0 +1,143 @@
+"""Procedural street buildings without Blender: determinism, footprint, facade planes, materials, face budgets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scenes.randomization import MaterialKnobs
+from scenes.spec import Part, to_jsonable
+from scenes.street_assets.buildings import (
+    FRONT_PROTRUSION_MAX,
+    GROUND_PROTRUSION_MAX,
+    HEADROOM,
+    PANE_OFFSET,
+    ROOF_LEDGE_MAX,
+    SIDE_INSET,
+    sample_building,
+    sample_building_parts,
+)
+
+K = MaterialKnobs()
+PANES = ("glass", "glass_curtain", "shop_glass")
+
+
+def check_parts(parts: list[Part], max_faces: int) -> None:
+    """Valid meshes: float32 finite vertices, one corner count (3 or 4) per mesh, indices in range, no
+    degenerate faces; all in at most ``max_faces`` faces; the object stands on z=0."""
+    assert parts
+    total = 0
+    for p in parts:
+        v, f = p.mesh.vertices, p.mesh.faces
+        assert v.dtype == np.float32 and v.ndim == 2 and v.shape[1] == 3 and np.isfinite(v).all()
+        assert f.ndim == 2 and f.shape[1] in (3, 4) and f.dtype == np.int32
+        assert f.min() >= 0 and f.max() < len(v)
+        tri = v[f[:, :3]].astype(np.float64)
+        area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+        assert (area > 1e-10).all(), "degenerate faces"
+        total += len(f)
+    assert total <= max_faces, f"{total} faces > {max_faces}"
+    assert min(float(p.mesh.vertices[:, 2].min()) for p in parts) == pytest.approx(0.0, abs=1e-5)
+
+
+def _dims(seed: int) -> tuple[float, float, float]:
+    r = np.random.default_rng(10_000 + seed)
+    return float(r.uniform(5, 25)), float(r.uniform(5, 16)), float(r.uniform(5, 32))
+
+
+def _faces_in_front(parts: dict[str, Part], depth: float) -> int:
+    return sum(int((p.mesh.vertices[p.mesh.faces][:, :, 0].min(axis=1) >= depth / 2 - 1e-3).sum())
+               for p in parts.values())
+
+
+def test_building_is_deterministic_per_seed():
+    def dump(seed: int) -> str:
+        return json.dumps(to_jsonable(sample_building(np.random.default_rng(seed), K, 12.0, 10.0, 18.0)))
+
+    assert dump(3) == dump(3)
+    assert dump(3) != dump(4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_building_stays_in_its_footprint_and_budget(seed):
+    width, depth, height = _dims(seed)
+    named = sample_building_parts(np.random.default_rng(seed), K, width, depth, height)
+    parts = list(named.values())
+    check_parts(parts, max_faces=10_000)
+    v = np.concatenate([p.mesh.vertices for p in parts]).astype(np.float64)
+    tol = 1e-4
+    assert v[:, 0].min() >= -depth / 2 - tol
+    assert v[:, 0].max() <= depth / 2 + FRONT_PROTRUSION_MAX + tol  # only the street facade sticks out
+    assert np.abs(v[:, 1]).max() <= width / 2 + tol
+    assert v[:, 2].max() <= height + ROOF_LEDGE_MAX + tol
+    assert _faces_in_front(named, depth) <= 5000
+    low = v[v[:, 2] < HEADROOM - tol]  # people on the sidewalk fit under balconies and awnings
+    assert low[:, 0].max() <= depth / 2 + GROUND_PROTRUSION_MAX + tol
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_window_panes_lie_on_the_facade_planes(seed):
+    width, depth, height = _dims(seed)
+    named = sample_building_parts(np.random.default_rng(seed), K, width, depth, height)
+    front_x, side_y = depth / 2 + PANE_OFFSET, width / 2 - SIDE_INSET + PANE_OFFSET
+    n_front = 0
+    for key in PANES:
+        if key not in named:
+            continue
+        corners = named[key].mesh.vertices[named[key].mesh.faces].astype(np.float64)  # (F, 3, 3)
+        on_front = np.abs(corners[:, :, 0] - front_x).max(axis=1) < 1e-4
+        on_side = np.abs(np.abs(corners[:, :, 1]) - side_y).max(axis=1) < 1e-4
+        assert (on_front | on_side).all(), f"{key}: a pane off the facade planes"
+        assert (corners[:, :, 2] >= -1e-5).all() and (corners[:, :, 2] <= height).all()
+        assert (np.abs(corners[on_side][:, :, 0]) <= depth / 2).all()
+        assert (np.abs(corners[on_front][:, :, 1]) <= width / 2).all()
+        n_front += int(on_front.sum()) // 2
+    assert n_front >= 2  # a ground floor and (tall enough) a window grid
+    if height > 10:
+        assert n_front >= 4
+    # Glass is dark (or mirrored) and reflective; frames stand in front of the wall.
+    glass = named["glass"].material
+    assert glass.roughness <= 0.1 and (max(glass.color) < 0.05 or glass.metallic > 0.5)
+    fx = named["frame"].mesh.vertices[:, 0]
+    assert fx.max() > depth / 2 + 0.03
+
+
+def test_shop_fronts_and_plain_ground_floors():
+    for seed in range(6):
+        shop = sample_building_parts(np.random.default_rng(seed), K, 14.0, 10.0, 15.0, shop_front=True)
+        assert {"shop_glass", "shop_frame", "sign", "lettering"} <= set(shop)
+        plain = sample_building_parts(np.random.default_rng(seed), K, 14.0, 10.0, 15.0, shop_front=False)
+        assert "shop_glass" not in plain and "door" in plain and "plinth" in plain
+        # The big shop glass reaches (nearly) the ground; plain ground-floor windows sit above the plinth.
+        assert shop["shop_glass"].mesh.vertices[:, 2].min() < 0.7
+
+
+def test_buildings_vary_in_materials_and_details():
+    kinds, keys, balcony_depths = set(), set(), []
+    for seed in range(60):
+        named = sample_building_parts(np.random.default_rng(seed), K, 15.0, 10.0, 20.0)
+        wall = named["wall"].material
+        assert wall.texture in ("brick", "noise") and wall.color2 is not None and wall.bump > 0
+        if wall.texture == "brick":
+            kinds.add("brick")
+            assert sum(wall.color2) > sum(wall.color) * 0.5  # mortar is lighter than the darkest bricks' half
+        else:
+            kinds.add("plaster" if max(wall.color) > 0.45 else "concrete")
+        keys |= set(named)
+        front = np.concatenate([p.mesh.vertices for p in named.values()])
+        high = front[front[:, 2] > 5.0]
+        balcony_depths.append(float(high[:, 0].max()) - 5.0)
+    assert kinds == {"brick", "plaster", "concrete"}
+    assert {"railing", "awning", "glass_curtain", "metal"} <= keys
+    assert max(balcony_depths) > 0.85  # balconies on some
+    assert min(balcony_depths) < 0.5  # not on all
+
+
+def test_narrow_and_low_buildings_still_valid():
+    for seed, (w, d, h) in enumerate([(4.0, 4.0, 4.0), (5.0, 20.0, 3.5), (30.0, 6.0, 40.0)]):
+        named = sample_building_parts(np.random.default_rng(seed), K, w, d, h)
+        check_parts(list(named.values()), max_faces=10_000)
+        v = np.concatenate([p.mesh.vertices for p in named.values()])
+        assert np.abs(v[:, 1]).max() <= w / 2 + 1e-4 and v[:, 2].max() <= h + ROOF_LEDGE_MAX + 1e-4
