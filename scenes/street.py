@@ -493,17 +493,16 @@ def _polys_overlap(a: FloatArray, b: FloatArray, tol: float = 1e-6) -> bool:
 
 
 def _dist_to_polys(points: FloatArray, polys: list[FloatArray]) -> FloatArray:
-    """(P, B) distance from each of the (P, 2) points to each convex polygon (0 inside)."""
-    out = np.full((len(points), len(polys)), np.inf)
-    for j, poly in enumerate(polys):
-        a, b = poly, np.roll(poly, -1, axis=0)
-        ab = b - a
-        rel = points[:, None, :] - a[None]  # (P, V, 2)
-        u = np.clip((rel * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0, 1)
-        d = np.linalg.norm(rel - u[..., None] * ab, axis=2).min(axis=1)
-        cross = ab[None, :, 0] * rel[..., 1] - ab[None, :, 1] * rel[..., 0]
-        inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
-        out[:, j] = np.where(inside, 0.0, d)
+    """(P, B) distance from each of the (P, 2) points to each convex polygon ((V, 2), the same V for all) (0
+    inside)."""
+    a = np.asarray(polys, dtype=np.float64)  # (B, V, 2)
+    ab = np.roll(a, -1, axis=1) - a
+    rel = points[:, None, None, :] - a[None]  # (P, B, V, 2)
+    u = np.clip((rel * ab[None]).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12)[None], 0, 1)
+    d = np.linalg.norm(rel - u[..., None] * ab[None], axis=3).min(axis=2)
+    cross = ab[None, ..., 0] * rel[..., 1] - ab[None, ..., 1] * rel[..., 0]
+    inside = (cross >= 0).all(axis=2) | (cross <= 0).all(axis=2)
+    out: FloatArray = np.where(inside, 0.0, d)
     return out
 
 
@@ -1123,6 +1122,9 @@ class _Geometry:
 # Cameras keep this far from every object's footprint: clear of the near clip plane (0.1) with room to spare.
 CAMERA_CLEARANCE = 0.3
 CLASS_WEIGHT = {"person": 2.0, "pole_sign": 1.5, "vehicle": 1.0}
+# Points ahead of an eye-level camera (metres along its view) that must be free: a dashcam keeps a gap to the car
+# in front, a pedestrian's view is not blocked by someone right at the lens.
+AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9, 1.5])}
 
 
 def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera:
@@ -1143,6 +1145,11 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
         loc, fwd = pose
         if not b.free(loc[None, :2], eye)[0]:
             continue
+        if kind != "surveillance":  # no wall of a car or a person right in front of the lens
+            ahead = fwd[:2] / max(float(np.linalg.norm(fwd[:2])), 1e-9)
+            steps = AHEAD[kind]
+            if not b.free(loc[None, :2] + steps[:, None] * ahead[None], Footprint.circle(0.6)).all():
+                continue
         cam = Camera(vec3(loc), look_at(loc, loc + fwd), fov=np.radians(uniform(rng, kc.fov_deg)),
                      clip_start=0.1, clip_end=400.0)
         vis = visible_mask(cam, targets, margin=0.05) if things else np.zeros(1, dtype=bool)
