@@ -151,7 +151,7 @@ class StreetParams(StrictModel):
     street_length: float = Field(160.0, gt=20, description="metres of street along its centre line")
     vehicles: CountRange = Field((4, 14), description="cars, vans, trucks and buses, parked and in lanes")
     bicycles: CountRange = Field((0, 3), description="bicycles parked on the sidewalks (class vehicle)")
-    persons: CountRange = Field((8, 26), description="people on the sidewalks and crosswalks")
+    persons: CountRange = Field((10, 32), description="people on the sidewalks and crosswalks")
     poles: CountRange = Field((2, 8), description="signs and traffic lights, besides lamps and bollards")
     trees: CountRange = Field((2, 10), description="trees on the sidewalks and verges")
     bushes: CountRange = Field((0, 6), description="bushes on verges and in front of buildings")
@@ -1121,7 +1121,10 @@ class _Geometry:
 
 # Cameras keep this far from every object's footprint: clear of the near clip plane (0.1) with room to spare.
 CAMERA_CLEARANCE = 0.3
-CLASS_WEIGHT = {"person": 2.0, "pole_sign": 1.5, "vehicle": 1.0}
+# How much a thing in view counts when the tries that see enough things are ranked: people and poles are small in
+# the frame and scarce in the labels, so views where they are large win.
+CLASS_WEIGHT = {"person": 3.0, "pole_sign": 1.0, "vehicle": 0.5}
+GOOD_TRIES = 8  # tries that see enough things, of which the best is kept
 # Points ahead of an eye-level camera (metres along its view) that must be free: a dashcam keeps a gap to the car
 # in front, a pedestrian's view is not blocked by someone right at the lens.
 AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9, 1.5])}
@@ -1129,14 +1132,15 @@ AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9,
 
 def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera:
     """A camera of ``kind`` outside every object; retried until enough labeled things are in frame. Of the
-    tries that see enough, the one where people and poles are largest wins (a few tries), else the attempt that
-    saw most, marked with ``min_visible_met=False``."""
+    first ``GOOD_TRIES`` tries that see enough, the one where people and poles are largest wins; if none does,
+    the attempt that saw most, marked with ``min_visible_met=False``."""
     rng, p, ctx = b.rng, b.p, b.ctx
     kc = ctx.randomization.camera
     eye = Footprint.circle(CAMERA_CLEARANCE)
     targets = np.array([(*o.location[:2], o.location[2] + min(_height(o) / 2, 1.5)) for o in things]
                        or [(0.0, 0.0, 0.0)])
     weights = np.array([CLASS_WEIGHT.get(ctx.classes[o.class_id].name, 1.0) for o in things] or [0.0])
+    sizes = np.array([min(_height(o), 4.0) for o in things] or [0.0])
     best, best_key, good = None, (-1, -1.0), 0
     for _ in range(kc.max_tries):
         pose = _camera_pose(rng, p, kind, geo)
@@ -1154,15 +1158,17 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
                      clip_start=0.1, clip_end=400.0)
         vis = visible_mask(cam, targets, margin=0.05) if things else np.zeros(1, dtype=bool)
         n = int(vis.sum())
-        dist = np.linalg.norm(targets - loc, axis=1)
-        score = float((weights * vis * np.minimum(1.0, 12.0 / np.maximum(dist, 1e-3))).sum())
+        # Each thing's share of the frame, roughly (its height over the frame's height at its distance, squared).
+        dist = np.maximum(np.linalg.norm(targets - loc, axis=1), 0.5)
+        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, 0.25)
+        score = float((weights * vis * share).sum())
         met = n >= kc.min_visible_objects
         key = (int(met), score if met else float(n))
         if key > best_key:
             best, best_key = cam, key
             best.visible_objects = n
         good += met
-        if good >= 3:
+        if good >= GOOD_TRIES:
             break
     if best is None:
         raise RuntimeError(f"street camera ({kind}): no free spot after {kc.max_tries} draws")

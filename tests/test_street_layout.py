@@ -276,3 +276,14 @@ def test_street_lamps_are_lit_when_the_street_lights_are_on():
     assert len(lamps_on) >= 4 and len(lamps_off) >= 4
     assert all(any(p.material.shader == "emission" for p in o.parts) for o in lamps_on)
     assert not any(p.material.shader == "emission" for o in lamps_off for p in o.parts)
+
+
+def test_params_of_the_old_street_config_still_validate():
+    old = {"lanes": [2, 4], "lane_width": [3.0, 3.6], "sidewalk_width": [2.0, 4.5], "street_length": 160.0,
+           "vehicles": [3, 10], "persons": [2, 10], "poles": [2, 8], "trees": [2, 10],
+           "building_height": [6.0, 30.0], "camera_height": [1.2, 2.2], "camera_yaw_deg": [0.0, 25.0],
+           "camera_pitch_deg": [-12.0, 3.0]}
+    StreetParams.model_validate(old)
+    lay = layout(views=4, **old)
+    eye_level = [c for c, k in zip(lay.spec.cameras, lay.camera_kinds, strict=True) if k != "surveillance"]
+    assert all(1.2 - 1e-6 <= c.location[2] <= 2.2 + lay.curb_height + 1e-6 for c in eye_level)
