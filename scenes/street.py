@@ -965,7 +965,18 @@ def build_street(ctx: SceneContext) -> StreetLayout:
     kinds = [CAMERA_KINDS[int(i)] for i in rng.choice(3, size=ctx.views, p=np.array(p.camera_mix) / sum(p.camera_mix))]
     things = [o for o in b.objects if ctx.classes[o.class_id].thing]
     geom = _Geometry(frame, half, edge, walk_in, walk_outer, curb_h, lane_ts, lane_dir, walk_regions)
-    cameras = [_street_camera(b, kind, geom, things) for kind in kinds]
+    cameras = []
+    for i, kind in enumerate(kinds):
+        # A kind with no free spot at all (a one-lane street full of cars has no room for a dashcam) gives way to
+        # the others.
+        for alt in (kind, *(k2 for k2 in CAMERA_KINDS if k2 != kind)):
+            cam = _street_camera(b, alt, geom, things)
+            if cam is not None:
+                cameras.append(cam)
+                kinds[i] = alt
+                break
+        else:
+            raise RuntimeError("street camera: no free spot for any kind of camera")
     lights = env.lights(np.zeros(3))
     spec = SceneSpec("street", ctx.classes, ctx.class_id("sky"), b.objects, lights, env.world(), cameras,
                      [env.post(rng, r.post) for _ in range(ctx.views)])
@@ -1130,10 +1141,10 @@ GOOD_TRIES = 8  # tries that see enough things, of which the best is kept
 AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9, 1.5])}
 
 
-def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera:
+def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera | None:
     """A camera of ``kind`` outside every object; retried until enough labeled things are in frame. Of the
     first ``GOOD_TRIES`` tries that see enough, the one where people and poles are largest wins; if none does,
-    the attempt that saw most, marked with ``min_visible_met=False``."""
+    the attempt that saw most, marked with ``min_visible_met=False``; None if no try found a free spot."""
     rng, p, ctx = b.rng, b.p, b.ctx
     kc = ctx.randomization.camera
     eye = Footprint.circle(CAMERA_CLEARANCE)
@@ -1170,8 +1181,8 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
         good += met
         if good >= GOOD_TRIES:
             break
-    if best is None:
-        raise RuntimeError(f"street camera ({kind}): no free spot after {kc.max_tries} draws")
+    if best is None:  # no free spot in max_tries draws
+        return None
     best.min_visible_met = bool(best.visible_objects is not None and best.visible_objects >= kc.min_visible_objects)
     return best
 
@@ -1185,18 +1196,19 @@ def _camera_pose(rng: np.random.Generator, p: StreetParams, kind: CameraKind, ge
     """(location (3,), forward (3,)) of one camera try."""
     frame, half = geo.frame, geo.half
     direction = 1.0 if rng.random() < 0.5 else -1.0
+    end, ahead = min(5.0, half * 0.2), min(40.0, half)  # keep off the street's ends; leave street in view
     if kind == "dashcam":
         lane = int(rng.integers(len(geo.lane_ts)))
         direction = geo.lane_dir[lane]
-        s = rng.uniform(-half + 5, half - 40) * direction
+        s = rng.uniform(-half + end, max(-half + end, half - ahead)) * direction
         t = geo.lane_ts[lane] + rng.uniform(-0.3, 0.3)
         z = uniform(rng, p.camera_height or p.dashcam_height)
         yaw = np.radians(rng.uniform(-1, 1) * uniform(rng, p.camera_yaw_deg) / 5)
         pitch = np.radians(uniform(rng, p.camera_pitch_deg))
     elif kind == "pedestrian":
         reg = geo.walk_regions[int(rng.integers(len(geo.walk_regions)))]
-        lo, hi = (max(reg.s0, -half + 5), min(reg.s1, half - 40)) if direction > 0 else \
-            (max(reg.s0, -half + 40), min(reg.s1, half - 5))
+        lo, hi = (max(reg.s0, -half + end), min(reg.s1, half - ahead)) if direction > 0 else \
+            (max(reg.s0, -half + ahead), min(reg.s1, half - end))
         if hi <= lo:
             return None
         s, t = rng.uniform(lo, hi), rng.uniform(reg.t0 + 0.3, reg.t1 - 0.3)
