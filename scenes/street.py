@@ -1,20 +1,49 @@
-"""``street``: an urban street seen from a pedestrian's or a car's eye height.
+"""``street``: an urban street seen from a car's dashcam, a pedestrian's eyes or a raised surveillance camera.
 
-Class map (Cityscapes colors): sky, road, sidewalk, lane_marking, building, vehicle*, person*, pole_sign*,
-vegetation (* = thing classes with instances). Ground outside the street is grass (vegetation).
+Class map (Cityscapes colors, ids stable since the family was added): sky 0, road 1, sidewalk 2, lane_marking 3,
+building 4, vehicle 5*, person 6*, pole_sign 7*, vegetation 8 (* = thing classes with instances). Bicycles are
+``vehicle``; street lamps, signs, traffic lights and bollards are ``pole_sign``; trees, bushes, grass verges and
+the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches and puddles are
+``road``; crosswalk stripes are ``lane_marking``.
+
+Layout. The street runs along a centre line that is straight up to ``s0`` and may then bend into an arc
+(:class:`StreetFrame`: street coordinates ``s`` along the centre line, ``t`` across it, ``t > 0`` to the right
+of traffic heading towards ``+s``). Across the street from the centre: travel lanes (markings in one of several
+styles), optional parking strips, curb stones, an optional grass verge, the sidewalk (raised by the curb
+height), then rows of buildings with varied widths, heights, setbacks and gaps, their facades facing the road.
+An optional cross street meets the straight part at right angles, with its own sidewalks and crosswalks; the
+buildings leave its corners free. Vehicles park along the curbs (both directions, some at slight angles) and
+drive in the lanes; people walk on the sidewalks and crosswalks, alone and in groups; street lamps and trees
+stand in rows, traffic lights at the corners, signs and bollards near crossings. Footprints never overlap
+(:mod:`scenes.placement` for the small objects, separating-axis tests for the buildings' rectangles), and every
+object stands on the surface under it (road 0, crosswalk paint, sidewalk top = curb height).
+
+Cameras come in three kinds (``camera_mix``): a dashcam in a lane looking along the road, a pedestrian's eye
+height on a sidewalk, and a raised surveillance view (4-12 m, looking down at the street like CCTV footage).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
-from pydantic import Field
+import numpy.typing as npt
+from pydantic import Field, model_validator
 
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
-from scenes.placement import Box, Footprint, FootprintSet, place_footprints
+from scenes.placement import Footprint, FootprintSet
 from scenes.randomization import (
     CountRange,
+    LightKnobs,
+    MaterialKnobs,
     PosRange,
+    PostKnobs,
+    Range,
+    WorldKnobs,
     integers,
     sample_lights,
     sample_material,
@@ -27,11 +56,15 @@ from scenes.spec import (
     Camera,
     ClassDef,
     FloatArray,
+    Light,
     Material,
+    Mesh,
     Part,
+    PostFX,
     SceneObject,
     SceneSpec,
     Vec3,
+    World,
     footprint_radius,
     vec3,
 )
@@ -49,20 +82,129 @@ CLASSES = [
     ClassDef(8, "vegetation", (107, 142, 35)),
 ]
 
+MarkingStyle = Literal["dashed_white", "solid_white", "double_yellow", "none"]
+CameraKind = Literal["dashcam", "pedestrian", "surveillance"]
+CAMERA_KINDS: tuple[CameraKind, ...] = ("dashcam", "pedestrian", "surveillance")
+MARK_H = 0.005  # paint thickness: markings and crosswalk stripes stand this far above the asphalt
+PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the asphalt and the paint
+
+
+# --- Environment (adapter) -----------------------------------------------------------------------------------
+
+class EnvironmentKnobs(StrictModel):  # replaced by scenes.street_assets.environment at merge
+    """Time of day and weather of a street scene (adapter over today's light/world samplers)."""
+
+    street_lights_prob: float = Field(0.2, ge=0, le=1, description="share of scenes at dusk with lit street lamps")
+    wet_prob: float = Field(0.25, ge=0, le=1, description="share of scenes after rain (wet surfaces, puddles)")
+    lights: LightKnobs | None = Field(None, exclude=True, description="filled from scene.randomization.lights")
+    world: WorldKnobs | None = Field(None, exclude=True, description="filled from scene.randomization.world")
+
+
+@dataclass
+class Environment:  # replaced by scenes.street_assets.environment at merge
+    """One scene's light and weather: ``lights(center)``, ``world()``, ``post(rng, knobs)``."""
+
+    knobs: EnvironmentKnobs
+    rng: np.random.Generator
+    street_lights_on: bool
+    wetness: float
+
+    def lights(self, center: FloatArray) -> list[Light]:
+        lights = sample_lights(self.rng, self.knobs.lights or LightKnobs(), center, min_height=20.0)
+        if self.street_lights_on:  # dusk: a weak low sun
+            for light in lights:
+                light.energy *= 0.15
+        return lights
+
+    def world(self) -> World:
+        world = sample_world(self.rng, self.knobs.world or WorldKnobs())
+        if self.street_lights_on:
+            world.strength *= 0.3
+        return world
+
+    def post(self, rng: np.random.Generator, post_knobs: PostKnobs) -> PostFX:
+        return sample_post(rng, post_knobs)
+
+
+def sample_environment(rng: np.random.Generator, knobs: EnvironmentKnobs) -> Environment:
+    # replaced by scenes.street_assets.environment.sample_environment at merge
+    lit = bool(rng.random() < knobs.street_lights_prob)
+    wetness = float(rng.uniform(0.4, 1.0)) if rng.random() < knobs.wet_prob else 0.0
+    return Environment(knobs, np.random.default_rng(rng.integers(2**63)), lit, wetness)
+
+
+def wet(material: Material, wetness: float) -> Material:
+    # replaced by scenes.street_assets.environment.wet at merge
+    """A copy of ``material`` darker and glossier by ``wetness`` (0 dry .. 1 soaked)."""
+    if wetness <= 0:
+        return material
+    darker = vec3(c * (1 - 0.35 * wetness) for c in material.color)
+    return dataclasses.replace(material, color=darker, roughness=material.roughness * (1 - 0.8 * wetness))
+
+
+# --- Params ---------------------------------------------------------------------------------------------------
 
 class StreetParams(StrictModel):
-    lanes: CountRange = (2, 4)
-    lane_width: PosRange = (3.0, 3.6)
-    sidewalk_width: PosRange = (2.0, 4.5)
-    street_length: float = Field(160.0, gt=20)
-    vehicles: CountRange = (3, 10)
-    persons: CountRange = (2, 10)
-    poles: CountRange = (2, 8)
-    trees: CountRange = (2, 10)
-    building_height: PosRange = (6.0, 30.0)
-    camera_height: PosRange = (1.2, 2.2)
-    camera_yaw_deg: PosRange = (0.0, 25.0)
-    camera_pitch_deg: tuple[float, float] = (-12.0, 3.0)
+    lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
+    lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
+    sidewalk_width: PosRange = Field((2.0, 4.5), description="metres of sidewalk on each side (without a verge)")
+    street_length: float = Field(160.0, gt=20, description="metres of street along its centre line")
+    vehicles: CountRange = Field((4, 14), description="cars, vans, trucks and buses, parked and in lanes")
+    bicycles: CountRange = Field((0, 3), description="bicycles parked on the sidewalks (class vehicle)")
+    persons: CountRange = Field((10, 32), description="people on the sidewalks and crosswalks")
+    poles: CountRange = Field((2, 8), description="signs and traffic lights, besides lamps and bollards")
+    trees: CountRange = Field((2, 10), description="trees on the sidewalks and verges")
+    bushes: CountRange = Field((0, 6), description="bushes on verges and in front of buildings")
+    bollards: CountRange = Field((0, 8), description="bollards along the curbs near crossings")
+    building_height: PosRange = Field((6.0, 30.0), description="metres")
+    building_width: PosRange = Field((8.0, 22.0), description="metres of facade along the street")
+    building_depth: PosRange = Field((8.0, 16.0), description="metres")
+    setback: PosRange = Field((0.0, 3.0), description="metres between the sidewalk and a facade")
+    building_gap_prob: float = Field(0.4, ge=0, le=1, description="chance of a gap after a building")
+    shop_front_prob: float = Field(0.4, ge=0, le=1, description="share of buildings with a shop front")
+    curve_prob: float = Field(0.35, ge=0, le=1, description="share of streets that bend into an arc")
+    curve_radius: PosRange = Field((80.0, 250.0), description="metres, radius of a curved street's arc")
+    intersection_prob: float = Field(0.4, ge=0, le=1, description="share of streets with a cross street")
+    t_junction_prob: float = Field(0.3, ge=0, le=1, description="share of cross streets on one side only")
+    cross_lanes: CountRange = Field((1, 2), description="lanes of the cross street")
+    crosswalk_prob: float = Field(0.5, ge=0, le=1, description="chance of a mid-block crosswalk "
+                                  "(intersections always get crosswalks)")
+    marking_styles: list[MarkingStyle] = Field(
+        default_factory=lambda: list[MarkingStyle](["dashed_white", "solid_white", "double_yellow", "none"]),
+        description="centre-line styles drawn from; 'none' also leaves out lane and edge lines")
+    parking_prob: float = Field(0.7, ge=0, le=1, description="chance of a parking strip along each curb")
+    parked_share: float = Field(0.6, ge=0, le=1, description="share of vehicles parked (rest in lanes)")
+    parked_angle_prob: float = Field(0.2, ge=0, le=1, description="share of parked vehicles at a slight angle")
+    curb_height: PosRange = Field((0.12, 0.18), description="metres: the sidewalk top")
+    verge_prob: float = Field(0.3, ge=0, le=1, description="chance of a grass verge between curb and sidewalk")
+    verge_width: PosRange = Field((0.8, 2.5), description="metres")
+    patches: CountRange = Field((0, 6), description="asphalt patches of another shade")
+    puddles: CountRange = Field((2, 8), description="puddles on wet roads")
+    lamp_prob: float = Field(0.85, ge=0, le=1, description="chance of a row of street lamps on each side")
+    lamp_spacing: PosRange = Field((18.0, 35.0), description="metres between street lamps")
+    tree_row_prob: float = Field(0.5, ge=0, le=1, description="chance that a side's trees stand in a regular row")
+    group_prob: float = Field(0.45, ge=0, le=1, description="share of people walking in groups of 2-4")
+    crossing_share: float = Field(0.15, ge=0, le=1, description="share of people on crosswalks (if any)")
+    camera_mix: tuple[float, float, float] = Field(
+        (0.35, 0.35, 0.3), description="relative weights of dashcam, pedestrian and surveillance cameras")
+    dashcam_height: PosRange = Field((1.2, 1.6), description="metres above the road")
+    pedestrian_height: PosRange = Field((1.5, 1.8), description="metres above the sidewalk top")
+    surveillance_height: PosRange = Field((4.0, 12.0), description="metres above the sidewalk top")
+    surveillance_pitch_deg: Range = Field((-55.0, -20.0), description="degrees (negative: looking down)")
+    camera_height: PosRange | None = Field(None, description="old knob: if set, the height of dashcam and "
+                                           "pedestrian cameras (overrides dashcam_height and pedestrian_height)")
+    camera_yaw_deg: PosRange = Field((0.0, 30.0), description="degrees a pedestrian camera turns off the street "
+                                     "direction (dashcams: a fifth of it)")
+    camera_pitch_deg: Range = Field((-12.0, 3.0), description="degrees, pitch of dashcam and pedestrian cameras")
+    environment: EnvironmentKnobs = Field(default_factory=EnvironmentKnobs,
+                                          description="time of day and weather")
+
+    @model_validator(mode="after")
+    def _mix_positive(self) -> StreetParams:
+        if min(self.camera_mix) < 0 or sum(self.camera_mix) <= 0:
+            raise ValueError(f"camera_mix must be non-negative weights with a positive sum, got "
+                             f"{list(self.camera_mix)}")
+        return self
 
 
 PAINT = [(0.6, 0.02, 0.02), (0.02, 0.05, 0.4), (0.8, 0.8, 0.8), (0.02, 0.02, 0.02), (0.3, 0.3, 0.32),
@@ -70,23 +212,38 @@ PAINT = [(0.6, 0.02, 0.02), (0.02, 0.05, 0.4), (0.8, 0.8, 0.8), (0.02, 0.02, 0.0
 FACADE = [(0.45, 0.35, 0.25), (0.35, 0.12, 0.08), (0.4, 0.4, 0.4), (0.2, 0.25, 0.35), (0.55, 0.5, 0.42)]
 CLOTHES = [(0.05, 0.05, 0.08), (0.4, 0.05, 0.05), (0.05, 0.1, 0.35), (0.5, 0.5, 0.45), (0.1, 0.25, 0.1)]
 SKIN = [(0.6, 0.4, 0.3), (0.35, 0.2, 0.12), (0.15, 0.08, 0.05), (0.7, 0.5, 0.4)]
+WHITE_PAINT, YELLOW_PAINT = (0.85, 0.85, 0.8), (0.8, 0.55, 0.05)
 
 
 def _pick(rng: np.random.Generator, palette: list[Vec3]) -> Vec3:
     return palette[int(rng.integers(len(palette)))]
 
 
-def _vehicle(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
-    k = ctx.randomization.materials
-    length, width = uniform(rng, (3.6, 4.9)), uniform(rng, (1.65, 2.0))
-    body_h, cabin_h = uniform(rng, (0.55, 0.8)), uniform(rng, (0.45, 0.65))
-    wheel_r = uniform(rng, (0.3, 0.36))
+# --- Asset adapters over today's primitives -------------------------------------------------------------------
+
+VEHICLE_SIZES = {  # kind: (length, width, body height, cabin height) ranges
+    "sedan": ((4.3, 4.9), (1.7, 1.9), (0.55, 0.7), (0.45, 0.55)),
+    "hatchback": ((3.6, 4.2), (1.65, 1.8), (0.6, 0.75), (0.5, 0.6)),
+    "suv": ((4.4, 4.9), (1.8, 2.0), (0.8, 0.95), (0.55, 0.65)),
+    "van": ((4.8, 5.6), (1.9, 2.05), (1.3, 1.5), (0.3, 0.4)),
+    "truck": ((6.5, 8.5), (2.2, 2.5), (2.0, 2.6), (0.2, 0.3)),
+    "bus": ((10.0, 12.0), (2.45, 2.55), (2.2, 2.5), (0.35, 0.45)),
+}
+
+
+def sample_vehicle(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None) -> list[Part]:
+    # replaced by scenes.street_assets.vehicles.sample_vehicle at merge
+    if kind is None:
+        kind = str(rng.choice(list(VEHICLE_SIZES), p=[0.4, 0.2, 0.2, 0.1, 0.05, 0.05]))
+    lr, wr, br, cr = VEHICLE_SIZES[kind]
+    length, width, body_h, cabin_h = uniform(rng, lr), uniform(rng, wr), uniform(rng, br), uniform(rng, cr)
+    wheel_r = uniform(rng, (0.3, 0.36)) * (1.4 if kind in ("truck", "bus") else 1.0)
     body = g.transform(g.box(width, length, body_h), (0, 0, wheel_r * 0.9))
-    cabin_len = length * uniform(rng, (0.45, 0.6))
+    cabin_len = length * (uniform(rng, (0.45, 0.6)) if kind in ("sedan", "hatchback", "suv") else 0.9)
     cabin = g.transform(g.box(width * 0.88, cabin_len, cabin_h), (0, -length * 0.05, wheel_r * 0.9 + body_h))
     # A tyre: centre the cylinder, then turn its axis from z to x (the axle).
     wheel = g.transform(g.transform(g.cylinder(wheel_r, 0.22, 16), (0, 0, -0.11)), rotation=g.rot_y(np.pi / 2))
-    wheels = [g.transform(wheel, (sx * (width / 2 - 0.05), sy * length * 0.32, wheel_r))
+    wheels = [g.transform(wheel, (sx * (width / 2 - 0.12), sy * length * 0.32, wheel_r))
               for sx in (-1, 1) for sy in (-1, 1)]
     paint = sample_material(rng, _pick(rng, PAINT), k, roughness=(0.1, 0.4))
     glass = Material((0.02, 0.03, 0.04), roughness=0.05)
@@ -94,8 +251,36 @@ def _vehicle(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
     return [Part(body, paint), Part(cabin, glass), Part(g.merge(wheels), tyre)]
 
 
-def _person(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
-    k = ctx.randomization.materials
+def _rod(p0: Vec3, p1: Vec3, radius: float, segments: int = 6) -> Mesh:
+    """A thin cylinder from ``p0`` to ``p1``."""
+    a, b = np.asarray(p0, dtype=np.float64), np.asarray(p1, dtype=np.float64)
+    d = b - a
+    n = float(np.linalg.norm(d))
+    z = d / n
+    x = np.cross(z, [1.0, 0.0, 0.0] if abs(z[0]) < 0.9 else [0.0, 1.0, 0.0])
+    x /= np.linalg.norm(x)
+    rot = np.column_stack([x, np.cross(z, x), z])
+    return g.transform(g.cylinder(radius, n, segments), a, rotation=rot)
+
+
+def sample_bicycle(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
+    # replaced by scenes.street_assets.vehicles.sample_bicycle at merge
+    r = uniform(rng, (0.31, 0.36))
+    base = uniform(rng, (1.0, 1.1))
+    wheel = g.transform(g.torus(r, 0.02, 16, 6), rotation=g.rot_z(np.pi / 2))
+    wheels = g.merge([g.transform(wheel, (0, sy * base / 2, r + 0.02)) for sy in (-1, 1)])  # tyre on the ground
+    seat, bar = (0.0, -0.15, r + 0.55), (0.0, base * 0.35, r + 0.5)
+    rear, front, crank = (0.0, -base / 2, r), (0.0, base / 2, r), (0.0, 0.0, r - 0.02)
+    frame = g.merge([_rod(rear, seat, 0.018), _rod(seat, bar, 0.018), _rod(crank, seat, 0.018),
+                     _rod(crank, bar, 0.018), _rod(front, bar, 0.018), _rod(rear, crank, 0.018),
+                     _rod((-0.25, base * 0.35, r + 0.5), (0.25, base * 0.35, r + 0.5), 0.015)])
+    tyre = Material((0.015, 0.015, 0.015), roughness=0.8)
+    return [Part(wheels, tyre), Part(frame, sample_material(rng, _pick(rng, PAINT), k, roughness=(0.2, 0.5)))]
+
+
+def sample_person(rng: np.random.Generator, k: MaterialKnobs, pose: str | None = None,
+                  accessory: str | None = None) -> list[Part]:
+    # replaced by scenes.street_assets.people.sample_person at merge
     h = uniform(rng, (1.5, 1.95))
     leg_h, torso_h, head_r = 0.47 * h, 0.33 * h, 0.065 * h
     hip = uniform(rng, (0.09, 0.12))
@@ -110,184 +295,957 @@ def _person(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
             Part(head, sample_material(rng, _pick(rng, SKIN), k, roughness=(0.5, 0.8)))]
 
 
-def _pole(rng: np.random.Generator, ctx: SceneContext) -> list[Part]:
-    k = ctx.randomization.materials
+def group_offsets(rng: np.random.Generator, n: int) -> FloatArray:
+    # replaced by scenes.street_assets.people.group_offsets at merge
+    """(n, 2) offsets of a group's members around its centre, at least 0.7 m apart."""
+    out: list[FloatArray] = []
+    spread = 0.45 * math.sqrt(n)
+    while len(out) < n:
+        p = rng.uniform(-spread, spread, 2)
+        if all(np.linalg.norm(p - q) >= 0.7 for q in out):
+            out.append(p)
+        else:
+            spread *= 1.02
+    offsets = np.array(out).reshape(n, 2)
+    centered: FloatArray = offsets - offsets.mean(axis=0)
+    return centered
+
+
+def sample_building(rng: np.random.Generator, k: MaterialKnobs, width: float, depth: float, height: float,
+                    shop_front: bool | None = None) -> list[Part]:
+    # replaced by scenes.street_assets.buildings.sample_building at merge
+    """A box building: ``depth`` along x (facade = +x face), ``width`` along y."""
+    mat = sample_material(rng, _pick(rng, FACADE), k)
+    if rng.random() < 0.6:  # window rows
+        mat.texture, mat.color2 = "wave", (0.03, 0.04, 0.06)
+    return [Part(g.box(depth, width, height), mat)]
+
+
+def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False
+                ) -> list[Part]:
+    # replaced by scenes.street_assets.furniture.sample_pole at merge
+    """A pole with a sign, a round sign, a traffic light or a lamp head; it faces +y (lamp arms reach +y)."""
+    kind = kind or str(rng.choice(["sign", "round_sign", "traffic_light"]))
+    metal = Material((0.25, 0.25, 0.27), roughness=0.4, metallic=1.0)
+    if kind == "street_lamp":
+        h = uniform(rng, (5.5, 8.0))
+        arm = uniform(rng, (0.8, 1.5))
+        pole = g.merge([g.cylinder(0.08, h, 10), _rod((0, 0, h - 0.1), (0, arm, h), 0.04)])
+        head = g.transform(g.box(0.3, 0.55, 0.14), (0, arm, h - 0.12))
+        light = (Material((1.0, 0.85, 0.6), shader="emission", emission=uniform(rng, (8.0, 20.0))) if lit
+                 else Material((0.8, 0.8, 0.75), roughness=0.2))
+        return [Part(pole, metal), Part(head, light)]
     h = uniform(rng, (2.8, 5.0))
     pole = g.cylinder(uniform(rng, (0.04, 0.08)), h, 10)
-    kind = rng.integers(3)
-    if kind == 0:  # sign plate
+    if kind == "sign":
         sign = g.transform(g.box(0.05, 0.6, 0.6, center_z=True), (0, 0, h - 0.4), rotation_z=np.pi / 2)
-    elif kind == 1:  # round sign
+    elif kind == "round_sign":
         sign = g.transform(g.cylinder(0.32, 0.04, 16), (0, 0.02, h - 0.4), rotation=g.rot_x(np.pi / 2))
     else:  # traffic light
         sign = g.transform(g.box(0.3, 0.3, 0.9), (0, 0, h - 0.9))
-    metal = Material((0.25, 0.25, 0.27), roughness=0.4, metallic=1.0)
     face = sample_material(rng, _pick(rng, [(0.6, 0.02, 0.02), (0.02, 0.1, 0.5), (0.8, 0.6, 0.0),
                                            (0.02, 0.02, 0.02)]), k)
     return [Part(pole, metal), Part(sign, face)]
+
+
+def sample_bollard(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
+    # replaced by scenes.street_assets.furniture.sample_bollard at merge
+    r, h = uniform(rng, (0.07, 0.12)), uniform(rng, (0.7, 1.0))
+    body = g.lathe([r, r, r * 0.8, 0.01], [0, h * 0.9, h, h + 0.01], 10)
+    return [Part(body, sample_material(rng, _pick(rng, [(0.25, 0.25, 0.27), (0.02, 0.02, 0.02),
+                                                        (0.5, 0.45, 0.1)]), k))]
 
 
 # g.blob(rng, r, 0.2) reaches at most r * BLOB_REACH from its centre (its three harmonics all at their peaks).
 BLOB_REACH = 1.0 + 0.2 * (1 + 1 / 2 + 1 / 3)
 
 
-def _tree(rng: np.random.Generator, ctx: SceneContext, max_reach: float = np.inf) -> list[Part]:
+def sample_tree(rng: np.random.Generator, k: MaterialKnobs, max_reach: float = np.inf, leafy: bool | None = None
+                ) -> list[Part]:
+    # replaced by scenes.street_assets.nature.sample_tree at merge
     """A tree whose crown reaches at most ``max_reach`` from the trunk (narrow sidewalks get small crowns)."""
-    k = ctx.randomization.materials
+    leafy = bool(rng.random() < 0.8) if leafy is None else leafy
     trunk_h = uniform(rng, (1.8, 3.5))
     cap = max(max_reach / BLOB_REACH, 0.3)
     crown_r = uniform(rng, (min(1.0, cap), min(2.4, cap)))
-    trunk = g.cylinder(uniform(rng, (0.1, 0.22)), trunk_h + crown_r * 0.5, 10)
+    trunk_r = uniform(rng, (0.1, 0.22))
+    trunk = g.cylinder(trunk_r, trunk_h + crown_r * 0.5, 10)
+    bark = sample_material(rng, (0.12, 0.07, 0.04), k)
+    if not leafy:  # bare: a few branches inside the crown's reach
+        top = trunk_h + crown_r * 0.5
+        branches = []
+        for a in rng.uniform(0, 2 * np.pi, 5):
+            reach = crown_r * uniform(rng, (0.6, 1.0))
+            branches.append(_rod((0, 0, top * 0.8), (reach * np.cos(a), reach * np.sin(a), top + crown_r * 0.8),
+                                 trunk_r * 0.35))
+        return [Part(g.merge([trunk, *branches]), bark)]
     crown = g.transform(g.blob(rng, crown_r, 0.2), (0, 0, trunk_h + crown_r * 0.8),
                         scale=(1, 1, uniform(rng, (0.8, 1.3))))
-    bark = sample_material(rng, (0.12, 0.07, 0.04), k)
     leaves = sample_material(rng, (0.06, 0.2, 0.03), k)
     leaves.texture, leaves.color2 = "voronoi", (0.02, 0.08, 0.01)
     return [Part(trunk, bark), Part(crown, leaves)]
 
 
+def sample_bush(rng: np.random.Generator, k: MaterialKnobs, max_reach: float = 1.0) -> list[Part]:
+    # replaced by scenes.street_assets.nature.sample_bush at merge
+    r = uniform(rng, (0.3, max(0.31, max_reach / BLOB_REACH)))
+    mesh = g.transform(g.blob(rng, r, 0.2), (0, 0, r * 0.7), scale=(1, 1, 0.8))
+    mesh.vertices[:, 2] -= float(mesh.vertices[:, 2].min())  # stands on the ground
+    leaves = sample_material(rng, (0.05, 0.18, 0.03), k)
+    leaves.texture, leaves.color2 = "voronoi", (0.02, 0.07, 0.01)
+    return [Part(mesh, leaves)]
+
+
+# --- Street coordinates ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StreetFrame:
+    """The street's centre line: straight along world ``y`` (``x = t``, ``y = s``) up to ``s0``, then an arc of
+    signed curvature ``kappa`` (1/m; > 0 bends towards +x, 0 = straight)."""
+
+    kappa: float = 0.0
+    s0: float = 0.0
+
+    def theta(self, s: FloatArray | float) -> FloatArray:
+        """Heading angle at ``s`` (radians; the street direction is (sin, cos)); an object with yaw ``-theta``
+        faces along +s."""
+        out: FloatArray = self.kappa * np.maximum(np.asarray(s, dtype=np.float64) - self.s0, 0.0)
+        return out
+
+    def to_world(self, s: FloatArray | float, t: FloatArray | float) -> FloatArray:
+        """(..., 2) world x/y of street coordinates."""
+        s, t = np.broadcast_arrays(np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64))
+        if self.kappa == 0:
+            return np.stack([t, s], axis=-1)
+        radius, th = 1.0 / self.kappa, self.theta(s)
+        x = radius * (1 - np.cos(th)) + t * np.cos(th)
+        y = self.s0 + (radius - t) * np.sin(th)
+        straight = s <= self.s0
+        return np.stack([np.where(straight, t, x), np.where(straight, s, y)], axis=-1)
+
+    def to_street(self, xy: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Street coordinates (s, t) of (..., 2) world points (within the arc's radius of the centre line)."""
+        x, y = xy[..., 0], xy[..., 1]
+        if self.kappa == 0:
+            return y.copy(), x.copy()
+        radius = 1.0 / self.kappa
+        vx, vy = x - radius, y - self.s0
+        r_minus_t = np.sign(radius) * np.hypot(vx, vy)
+        th = np.arctan2(vy / r_minus_t, -vx / r_minus_t)
+        straight = y <= self.s0
+        return np.where(straight, y, self.s0 + th * radius), np.where(straight, x, radius - r_minus_t)
+
+    def normal(self, s: FloatArray | float) -> FloatArray:
+        """(..., 2) world direction of increasing t."""
+        th = self.theta(s)
+        return np.stack([np.cos(th), -np.sin(th)], axis=-1)
+
+    def tangent(self, s: FloatArray | float) -> FloatArray:
+        """(..., 2) world direction of increasing s."""
+        th = self.theta(s)
+        return np.stack([np.sin(th), np.cos(th)], axis=-1)
+
+    def bend(self, mesh: Mesh) -> Mesh:
+        """A mesh built in street coordinates (x = t, y = s, z) moved to the world."""
+        v = mesh.vertices.astype(np.float64)
+        xy = self.to_world(v[:, 1], v[:, 0])
+        return Mesh(np.column_stack([xy, v[:, 2]]).astype(np.float32), mesh.faces.copy(), mesh.smooth)
+
+
+def _stations(s0: float, s1: float, ds: float) -> FloatArray:
+    return np.linspace(s0, s1, max(1, math.ceil((s1 - s0) / ds)) + 1)
+
+
+def _ribbon(t0: float, t1: float, s0: float, s1: float, z: float, ds: float = 3.0) -> Mesh:
+    """A flat strip t0..t1 x s0..s1 at height z in street coordinates, split every ``ds`` metres along s."""
+    ss = _stations(s0, s1, ds)
+    v = np.array([(t, s, z) for s in ss for t in (t0, t1)])
+    f = [(2 * i, 2 * i + 1, 2 * i + 3) for i in range(len(ss) - 1)] + \
+        [(2 * i, 2 * i + 3, 2 * i + 2) for i in range(len(ss) - 1)]
+    return Mesh(v.astype(np.float32), np.asarray(f, dtype=np.int32))
+
+
+def _slab(t0: float, t1: float, s0: float, s1: float, z0: float, z1: float, ds: float = 3.0) -> Mesh:
+    """A box t0..t1 x s0..s1 x z0..z1 in street coordinates (top, sides and ends), split every ``ds`` along s."""
+    ss = _stations(s0, s1, ds)
+    ring = [(t0, z0), (t0, z1), (t1, z1), (t1, z0)]
+    v = np.array([(t, s, z) for s in ss for t, z in ring])
+    f: list[tuple[int, int, int]] = []
+    for i in range(len(ss) - 1):
+        a, b = 4 * i, 4 * (i + 1)
+        for j in range(3):  # sides t0, top, side t1
+            f += [(a + j, a + j + 1, b + j + 1), (a + j, b + j + 1, b + j)]
+    n = 4 * (len(ss) - 1)
+    f += [(0, 2, 1), (0, 3, 2), (n, n + 1, n + 2), (n, n + 2, n + 3)]
+    return Mesh(v.astype(np.float32), np.asarray(f, dtype=np.int32))
+
+
+def _polys_overlap(a: FloatArray, b: FloatArray, tol: float = 1e-6) -> bool:
+    """Two convex polygons ((V, 2) in order) overlap by more than ``tol`` (touching is not overlapping)."""
+    for poly in (a, b):
+        edges = np.roll(poly, -1, axis=0) - poly
+        normals = np.column_stack([edges[:, 1], -edges[:, 0]])
+        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+        pa, pb = a @ normals.T, b @ normals.T
+        if np.any((pa.max(axis=0) <= pb.min(axis=0) + tol) | (pb.max(axis=0) <= pa.min(axis=0) + tol)):
+            return False
+    return True
+
+
+def _dist_to_polys(points: FloatArray, polys: list[FloatArray]) -> FloatArray:
+    """(P, B) distance from each of the (P, 2) points to each convex polygon ((V, 2), the same V for all) (0
+    inside)."""
+    a = np.asarray(polys, dtype=np.float64)  # (B, V, 2)
+    ab = np.roll(a, -1, axis=1) - a
+    rel = points[:, None, None, :] - a[None]  # (P, B, V, 2)
+    u = np.clip((rel * ab[None]).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12)[None], 0, 1)
+    d = np.linalg.norm(rel - u[..., None] * ab[None], axis=3).min(axis=2)
+    cross = ab[None, ..., 0] * rel[..., 1] - ab[None, ..., 1] * rel[..., 0]
+    inside = (cross >= 0).all(axis=2) | (cross <= 0).all(axis=2)
+    out: FloatArray = np.where(inside, 0.0, d)
+    return out
+
+
+def _local_rect(parts: list[Part]) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1): the object-local bounding rectangle of an object's parts."""
+    xy = np.concatenate([p.mesh.vertices[:, :2] for p in parts]).astype(np.float64)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
+def _rect_points(rect: tuple[float, float, float, float]) -> FloatArray:
+    x0, y0, x1, y1 = rect
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+
+
+def _world_poly(rect: tuple[float, float, float, float], center: FloatArray, yaw: float) -> FloatArray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    out: FloatArray = _rect_points(rect) @ np.array([[c, s], [-s, c]]) + center
+    return out
+
+
+# --- Layout ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle in street coordinates whose surface is at height ``z`` (a sidewalk, a crosswalk)."""
+
+    s0: float
+    s1: float
+    t0: float
+    t1: float
+    z: float
+
+    @property
+    def area(self) -> float:
+        return max(self.s1 - self.s0, 0.0) * max(self.t1 - self.t0, 0.0)
+
+    def shrunk(self, m: float) -> Region | None:
+        if self.s1 - self.s0 <= 2 * m or self.t1 - self.t0 <= 2 * m:
+            return None
+        return Region(self.s0 + m, self.s1 - m, self.t0 + m, self.t1 - m, self.z)
+
+
+def _across(s0: float, s1: float, ts: tuple[float, float], z: float) -> Region:
+    """The region s0..s1 between the two ``t`` values ``ts`` (in either order), at height ``z``."""
+    return Region(s0, s1, float(min(ts)), float(max(ts)), z)
+
+
+@dataclass
+class StreetLayout:
+    """A sampled street: its spec plus what the layout decided (for tests and inspection).
+
+    Attributes:
+        spec: The scene.
+        frame: Centre line (straight, or bending into an arc at ``frame.s0``).
+        curved: The street bends.
+        intersection: ``s`` of the cross street's centre line, or None.
+        camera_kinds: One of :data:`CAMERA_KINDS` per view.
+        road_width, walk_outer, curb_height: Across the street: the road spans ``|t| <= road_width / 2``, the
+            sidewalks (with curbs and verges) end at ``|t| = walk_outer``; their top is at ``curb_height``.
+        street_lights_on, wetness: The environment's draw.
+    """
+
+    spec: SceneSpec
+    frame: StreetFrame
+    curved: bool
+    intersection: float | None
+    camera_kinds: list[CameraKind]
+    road_width: float
+    walk_outer: float
+    curb_height: float
+    street_lights_on: bool = False
+    wetness: float = 0.0
+    building_polys: list[FloatArray] = field(default_factory=list)
+
+
+class _Builder:
+    """Mutable state while laying out one street."""
+
+    def __init__(self, ctx: SceneContext) -> None:
+        self.ctx, self.rng, self.p, self.k = ctx, ctx.rng, ctx.params, ctx.randomization.materials
+        self.objects: list[SceneObject] = []
+        self.occupied = FootprintSet.of([])
+        self.occupied_list: list[tuple[tuple[float, float], Footprint]] = []
+        self.building_polys: list[FloatArray] = []
+        self.keep_out: list[FloatArray] = []  # convex regions buildings stay out of (the cross street)
+        self.frame = StreetFrame()
+
+    def add(self, name: str, cls: str, parts: list[Part], loc: Vec3 | FloatArray = (0.0, 0.0, 0.0),
+            yaw: float = 0.0) -> SceneObject:
+        obj = SceneObject(f"{name}_{len(self.objects)}", self.ctx.class_id(cls), parts, vec3(loc),
+                          (0.0, 0.0, float(yaw)))
+        self.objects.append(obj)
+        return obj
+
+    def occupy(self, xy: FloatArray, fp: Footprint) -> None:
+        center = (float(xy[0]), float(xy[1]))
+        self.occupied = self.occupied.add(center, fp)
+        self.occupied_list.append((center, fp))
+
+    def free(self, xy: FloatArray, fp: Footprint) -> npt.NDArray[np.bool_]:
+        """(T,) bool: ``fp`` at each of the (T, 2) world points overlaps no placed object or building."""
+        ok = self.occupied.clear(xy, fp)
+        if self.building_polys:
+            ok &= (_dist_to_polys(xy, self.building_polys) >= fp.radius).all(axis=1)
+        return ok
+
+    def place(self, name: str, cls: str, parts: list[Part], regions: list[Region], yaw_off: float | None = None,
+              footprint: str = "circle", margin: float | None = None, tries: int = 6, batch: int = 24,
+              at: tuple[float, float] | None = None) -> bool:
+        """Put an object at a free spot in one of ``regions`` (chosen by area) standing on its surface.
+
+        ``yaw_off`` is relative to the street direction at the spot (None: random); ``footprint`` "circle" (any
+        yaw) or "rect" (its bounding rectangle turned by its yaw). ``at`` = (s, t): try that spot only.
+        """
+        rng = self.rng
+        fp_circle = Footprint.circle(footprint_radius(parts))
+        m = min(fp_circle.radius, 0.45) if margin is None else margin
+        usable = [r2 for r in regions if (r2 := r.shrunk(m)) is not None]
+        if not usable and at is None:
+            return False
+        yaw0 = float(rng.uniform(0, 2 * np.pi)) if yaw_off is None else yaw_off
+        for _ in range(1 if at is not None else tries):
+            if at is not None:
+                s, t = np.array([at[0]]), np.array([at[1]])
+                inside = [r.z for r in regions if r.s0 <= at[0] <= r.s1 and r.t0 <= at[1] <= r.t1]
+                if not inside:
+                    return False
+                z = inside[0]
+            else:
+                areas = np.array([r.area for r in usable])
+                reg = usable[int(rng.choice(len(usable), p=areas / areas.sum()))]
+                s_mid = rng.uniform(reg.s0, reg.s1)
+                s = np.clip(s_mid + rng.uniform(-3, 3, batch), reg.s0, reg.s1)
+                t = rng.uniform(reg.t0, reg.t1, batch)
+                z = reg.z
+            yaw = yaw0 - float(self.frame.theta(s[0]))
+            fp = (Footprint.of_points(_rect_points(_local_rect(parts)), yaw) if footprint == "rect" else fp_circle)
+            xy = self.frame.to_world(s, t)
+            hit = np.flatnonzero(self.free(xy, fp))
+            if len(hit):
+                spot = xy[hit[0]]
+                self.add(name, cls, parts, (spot[0], spot[1], z), yaw)
+                self.occupy(spot, fp)
+                return True
+        return False
+
+
+def build_street(ctx: SceneContext) -> StreetLayout:
+    """Sample one street scene and the layout decisions behind it (see the module docstring)."""
+    b = _Builder(ctx)
+    rng, p, r = ctx.rng, ctx.params, ctx.randomization
+    k = r.materials
+    env = sample_environment(rng, p.environment.model_copy(update={"lights": r.lights, "world": r.world}))
+    wetness = env.wetness
+    length = p.street_length
+    half = length / 2
+
+    # Across the street: lanes, parking strips, curb, verge, sidewalk.
+    n_lanes = integers(rng, p.lanes) or 1
+    lane_w = uniform(rng, p.lane_width)
+    park = [uniform(rng, (2.0, 2.4)) if rng.random() < p.parking_prob else 0.0 for _ in range(2)]  # -t, +t
+    road_w = n_lanes * lane_w + park[0] + park[1]
+    edge = road_w / 2
+    curb_h = uniform(rng, p.curb_height)
+    curb_w = uniform(rng, (0.15, 0.3))
+    side_w = uniform(rng, p.sidewalk_width)
+    verge_w = uniform(rng, p.verge_width) if rng.random() < p.verge_prob else 0.0
+    walk_in = edge + curb_w + verge_w  # the sidewalk proper starts here (|t|)
+    walk_outer = walk_in + side_w
+    lane_t0 = -edge + park[0]  # travel lanes span lane_t0 .. lane_t0 + n_lanes * lane_w
+    n_fwd = n_lanes // 2 if n_lanes > 1 else int(rng.integers(2))  # lanes heading +s, on the +t side
+    lane_ts = [lane_t0 + (i + 0.5) * lane_w for i in range(n_lanes)]
+    lane_dir = [1.0 if i >= n_lanes - n_fwd else -1.0 for i in range(n_lanes)]
+
+    # Intersection (in the straight part) and curve.
+    intersection: float | None = None
+    cross_w = cross_side = 0.0
+    cross_sides: list[int] = []
+    if rng.random() < p.intersection_prob:
+        intersection = float(rng.uniform(-0.2, 0.2) * length)
+        cross_w = integers(rng, p.cross_lanes) * uniform(rng, p.lane_width)
+        cross_side = uniform(rng, p.sidewalk_width)
+        cross_sides = [int(rng.choice([-1, 1]))] if rng.random() < p.t_junction_prob else [-1, 1]
+    curved = bool(rng.random() < p.curve_prob)
+    if curved:
+        lo = -half if intersection is None else intersection + cross_w / 2 + cross_side + 8.0
+        s0 = float(rng.uniform(lo, max(lo, half * 0.5)))
+        radius = uniform(rng, p.curve_radius) * (1.0 if rng.random() < 0.5 else -1.0)
+        b.frame = StreetFrame(1.0 / radius, s0)
+    frame = b.frame
+    # Where the main sidewalks are cut by the cross street (both sides; a T junction's other side continues).
+    mouth = (intersection - cross_w / 2, intersection + cross_w / 2) if intersection is not None else None
+
+    def s_pieces(side: int, s0: float, s1: float, cut: tuple[float, float] | None) -> list[tuple[float, float]]:
+        if cut is None or side not in cross_sides:
+            return [(s0, s1)]
+        return [(a, c) for a, c in ((s0, cut[0]), (cut[1], s1)) if c > a]
+
+    def ground_mat(base: Vec3, roughness: tuple[float, float] | None = None) -> Material:
+        return wet(sample_material(rng, base, k, roughness), wetness)
+
+    b.add("ground", "vegetation", [Part(g.plane(800, 800, -0.02), ground_mat((0.08, 0.2, 0.04)))])
+    asphalt = wet(Material((0.05, 0.05, 0.055), roughness=uniform(rng, (0.6, 0.9)), texture="noise",
+                           color2=(0.03, 0.03, 0.035), texture_scale=uniform(rng, (20.0, 60.0)),
+                           texture_w=float(rng.uniform(0, 100)), texture_detail=6.0,
+                           bump=uniform(rng, (0.2, 0.5))), wetness)
+    road_parts = [Part(frame.bend(_ribbon(-edge, edge, -half, half, 0.0)), asphalt)]
+    b.add("road", "road", road_parts)
+
+    # Curbs, verges and sidewalks, cut at the cross street.
+    paving = ground_mat((0.3, 0.29, 0.27))
+    paving.bump = max(paving.bump, 0.15)
+    curb_stone = wet(Material((0.45, 0.44, 0.42), roughness=0.7, texture="brick", color2=(0.25, 0.25, 0.24),
+                              texture_scale=1.0, texture_w=float(rng.uniform(0, 100)), bump=0.2), wetness)
+    walk_regions: list[Region] = []  # sidewalks, for people and furniture
+    verge_regions: list[Region] = []
+    for side in (-1, 1):
+        for a, c in s_pieces(side, -half, half, mouth):
+            def band(t0: float, t1: float, a: float = a, c: float = c, side: int = side) -> Mesh:
+                lo_t, hi_t = sorted((side * t0, side * t1))
+                return frame.bend(_slab(lo_t, hi_t, a, c, 0.0, curb_h))
+            b.add("curb", "sidewalk", [Part(band(edge, edge + curb_w), curb_stone)])
+            if verge_w:
+                b.add("verge", "vegetation", [Part(band(edge + curb_w, walk_in), ground_mat((0.1, 0.25, 0.05)))])
+                verge_regions.append(_across(a, c, (side * (edge + curb_w), side * walk_in), curb_h))
+            b.add("sidewalk", "sidewalk", [Part(band(walk_in, walk_outer), paving)])
+            walk_regions.append(_across(a, c, (side * walk_in, side * walk_outer), curb_h))
+
+    # The cross street: its road, sidewalks and (later) crosswalks; straight along world x at y = intersection.
+    cross_len = 60.0
+    cross_regions: list[Region] = []
+    if intersection is not None:
+        y = intersection
+        for side in cross_sides:
+            x0, x1 = sorted((side * edge, side * (walk_outer + cross_len)))
+            b.add("cross_road", "road", [Part(_swap(_ribbon(y - cross_w / 2, y + cross_w / 2, x0, x1, 0.0)), asphalt)])
+            xs0, xs1 = sorted((side * walk_outer, side * (walk_outer + cross_len)))
+            for sy in (-1, 1):
+                ya, yb = sorted((y + sy * cross_w / 2, y + sy * (cross_w / 2 + cross_side)))
+                walk = _swap(_slab(ya, yb, xs0, xs1, 0.0, curb_h))
+                b.add("sidewalk", "sidewalk", [Part(walk, paving)])
+                cross_regions.append(Region(ya, yb, xs0, xs1, curb_h))  # in (s, t): the straight part, s = y
+            # Buildings keep the cross street and its corners free.
+            gap = 1.0
+            b.keep_out.append(_rect_points((min(x0, xs0), y - cross_w / 2 - cross_side - gap,
+                                            max(x1, xs1), y + cross_w / 2 + cross_side + gap)))
+
+    # Lane markings, crosswalks, patches, puddles.
+    marks: dict[Vec3, list[Mesh]] = {WHITE_PAINT: [], YELLOW_PAINT: []}
+    crosswalks: list[tuple[float, float]] = []  # s ranges of crosswalks over the main road
+    cw_len = uniform(rng, (2.5, 4.0))
+    if intersection is not None:
+        for sy in (-1, 1):
+            c0 = intersection + sy * (cross_w / 2 + 1.0 + cw_len / 2)
+            crosswalks.append((c0 - cw_len / 2, c0 + cw_len / 2))
+    elif rng.random() < p.crosswalk_prob:
+        c0 = float(rng.uniform(-0.3, 0.3) * length)
+        crosswalks.append((c0 - cw_len / 2, c0 + cw_len / 2))
+    stripe_w, stripe_gap = uniform(rng, (0.4, 0.6)), uniform(rng, (0.4, 0.7))
+    for c0, c1 in crosswalks:
+        t = -edge + 0.3
+        while t + stripe_w <= edge - 0.3:
+            marks[WHITE_PAINT].append(frame.bend(_slab(t, t + stripe_w, c0, c1, 0.0, MARK_H, ds=1.0)))
+            t += stripe_w + stripe_gap
+    if intersection is not None:  # across the cross street's mouth, just outside the main sidewalks
+        for side in cross_sides:
+            xa, xb = sorted((side * (walk_outer + 1.0), side * (walk_outer + 1.0 + cw_len)))
+            yy = intersection - cross_w / 2 + 0.3
+            while yy + stripe_w <= intersection + cross_w / 2 - 0.3:
+                marks[WHITE_PAINT].append(_swap(_slab(yy, yy + stripe_w, xa, xb, 0.0, MARK_H, ds=10.0)))
+                yy += stripe_w + stripe_gap
+    gaps = list(crosswalks) + ([(mouth[0] - 0.5, mouth[1] + 0.5)] if mouth is not None else [])
+    style = p.marking_styles[int(rng.integers(len(p.marking_styles)))] if p.marking_styles else "none"
+    line_w = uniform(rng, (0.1, 0.18))
+    if style != "none":
+        dash, dash_gap = uniform(rng, (2.5, 4.0)), uniform(rng, (4.0, 8.0))
+        for i in range(1, n_lanes):
+            t = lane_t0 + i * lane_w
+            if lane_dir[i - 1] != lane_dir[i]:  # the centre line
+                if style == "double_yellow":
+                    for o in (-1, 1):
+                        marks[YELLOW_PAINT] += _line(frame, t + o * (line_w / 2 + 0.06), line_w, -half, half, gaps)
+                elif style == "solid_white":
+                    marks[WHITE_PAINT] += _line(frame, t, line_w, -half, half, gaps)
+                else:
+                    marks[WHITE_PAINT] += _line(frame, t, line_w, -half, half, gaps, dash, dash_gap)
+            else:
+                marks[WHITE_PAINT] += _line(frame, t, line_w, -half, half, gaps, dash, dash_gap)
+        if rng.random() < 0.6:  # edge lines along the travel lanes
+            for t in (lane_t0 + 0.25, lane_t0 + n_lanes * lane_w - 0.25):
+                marks[WHITE_PAINT] += _line(frame, t, line_w, -half, half, gaps)
+    mark_parts = [Part(g.merge(ms), wet(Material(c, roughness=0.6), wetness * 0.5)) for c, ms in marks.items()
+                  if ms]
+    if mark_parts:
+        b.add("lane_marking", "lane_marking", mark_parts)
+    patches = []
+    for _ in range(integers(rng, p.patches)):
+        pw, pl = uniform(rng, (1.0, min(4.0, road_w))), uniform(rng, (1.5, 8.0))
+        ps, pt = rng.uniform(-half + pl, half - pl), rng.uniform(-edge + pw / 2, edge - pw / 2)
+        patches.append(frame.bend(_ribbon(pt - pw / 2, pt + pw / 2, ps - pl / 2, ps + pl / 2, PATCH_Z, ds=2.0)))
+    if patches:
+        shade = float(rng.choice([0.6, 1.6]))
+        patch_mat = wet(Material(vec3(np.array(asphalt.color) * shade), roughness=uniform(rng, (0.5, 0.9)),
+                                 texture="noise", color2=vec3(np.array(asphalt.color) * shade * 0.7),
+                                 texture_scale=30.0, texture_w=float(rng.uniform(0, 100)), bump=0.3), wetness)
+        b.add("road_patch", "road", [Part(g.merge(patches), patch_mat)])
+    if wetness > 0.3:
+        puddles = []
+        for _ in range(integers(rng, p.puddles)):
+            pr = uniform(rng, (0.4, 1.6))
+            ps, pt = rng.uniform(-half + 5, half - 5), rng.uniform(-edge + pr, edge - pr)
+            puddles.append(_puddle(rng, frame, ps, pt, pr))
+        if puddles:
+            b.add("puddle", "road", [Part(g.merge(puddles), Material((0.015, 0.016, 0.02), roughness=0.02))])
+
+    # Buildings in rows on both sides.
+    for side in (-1, 1):
+        _building_row(b, side, walk_outer, half)
+
+    # Vehicles: parked along the curbs (rows, both directions, some at an angle), then in the lanes.
+    n_veh = integers(rng, p.vehicles)
+    n_parked = round(n_veh * p.parked_share) if any(park) else 0
+    parked_sides = [side for side, w in zip((-1, 1), park, strict=True) if w]
+    for i in range(n_parked):
+        side = parked_sides[i % len(parked_sides)] if len(parked_sides) == 1 else int(rng.choice(parked_sides))
+        strip = park[(side + 1) // 2]
+        parts = sample_vehicle(rng, k, str(rng.choice(["sedan", "hatchback", "suv", "van"],
+                                                      p=[0.45, 0.25, 0.2, 0.1])))
+        yaw = (0.0 if rng.random() < 0.5 else np.pi) + (rng.normal(0, 0.12) if rng.random() < p.parked_angle_prob
+                                                         else rng.normal(0, 0.015))
+        across = Footprint.of_points(_rect_points(_local_rect(parts)), yaw).points[:, 0]  # t offsets of corners
+        width = float(np.ptp(across))
+        # Its curb-side corner 0.2-0.5 m from the curb (or further out if the strip is wide).
+        t_near = edge - 0.2 - rng.uniform(0, max(strip - width - 0.2, 0.05))
+        t = t_near - across.max() if side > 0 else -t_near - across.min()
+        reg = Region(-half + 4, half - 4, t - 0.01, t + 0.01, 0.0)
+        regions = _cut_regions([reg], crosswalks + ([(mouth[0] - 3, mouth[1] + 3)] if mouth else []), 3.0)
+        b.place("vehicle", "vehicle", parts, regions, yaw, footprint="rect", margin=0.0, tries=10)
+    for _ in range(n_veh - n_parked):
+        lane = int(rng.integers(n_lanes))
+        parts = sample_vehicle(rng, k)
+        yaw = (0.0 if lane_dir[lane] > 0 else np.pi) + rng.normal(0, 0.03)
+        across = Footprint.of_points(_rect_points(_local_rect(parts)), yaw).points[:, 0]
+        t = lane_ts[lane] - (across.max() + across.min()) / 2
+        wiggle = float(np.clip((lane_w - np.ptp(across)) / 2 - 0.1, 0.01, 0.3))
+        reg = Region(-half + 6, half - 6, t - wiggle, t + wiggle, 0.0)
+        b.place("vehicle", "vehicle", parts, [reg], yaw, footprint="rect", margin=0.0, tries=10)
+    if intersection is not None:  # a car or two on the cross street, waiting at the junction
+        for side in cross_sides:
+            if rng.random() < 0.7:
+                parts = sample_vehicle(rng, k, str(rng.choice(["sedan", "hatchback", "suv"])))
+                along = uniform(rng, (walk_outer + 2 + cw_len, walk_outer + 25))
+                half_car = (_local_rect(parts)[2] - _local_rect(parts)[0]) / 2
+                tt = intersection - side * float(np.clip(cross_w / 4, 0.0, cross_w / 2 - half_car - 0.15))
+                b.place("vehicle", "vehicle", parts, [Region(tt - 0.01, tt + 0.01, side * along, side * along + 1e-3,
+                                                             0.0)], -side * np.pi / 2, footprint="rect", margin=0.0)
+
+    # Street furniture: lamps in rows, traffic lights at the corners, signs near crossings, bollards.
+    for side in (-1, 1):
+        if rng.random() < p.lamp_prob:
+            spacing = uniform(rng, p.lamp_spacing)
+            t = side * (walk_in + 0.35)
+            for s in np.arange(-half + rng.uniform(2, spacing), half - 2, spacing):
+                parts = sample_pole(rng, k, "street_lamp", lit=env.street_lights_on)
+                # The arm reaches +y: turn it over the road.
+                b.place("lamp", "pole_sign", parts, walk_regions, side * np.pi / 2, at=(float(s), t))
+    if intersection is not None:
+        for side in (-1, 1):
+            for sy in (-1, 1):
+                s = intersection + sy * (cross_w / 2 + 0.4)
+                if side not in cross_sides:
+                    s = intersection + sy * (cross_w / 2 + 1.0 + cw_len + 0.6)
+                b.place("pole", "pole_sign", sample_pole(rng, k, "traffic_light"), walk_regions,
+                        -sy * np.pi / 2 + np.pi, at=(s, side * (walk_in + 0.4)))
+    for c0, c1 in crosswalks:
+        for side in (-1, 1):
+            if rng.random() < 0.5:
+                s = c1 + 0.7 if rng.random() < 0.5 else c0 - 0.7
+                b.place("pole", "pole_sign", sample_pole(rng, k, str(rng.choice(["sign", "round_sign"]))),
+                        walk_regions, np.pi if side > 0 else 0.0, at=(s, side * (walk_in + 0.35)))
+    n_bollards = integers(rng, p.bollards)
+    if n_bollards:
+        side = int(rng.choice([-1, 1]))
+        s = float(crosswalks[0][1] + 1.5) if crosswalks else float(rng.uniform(-half / 2, half / 2))
+        step = uniform(rng, (1.2, 2.0))
+        for i in range(n_bollards):
+            b.place("bollard", "pole_sign", sample_bollard(rng, k), walk_regions + verge_regions, 0.0,
+                    at=(s + i * step, side * (walk_in + 0.25)))
+    for _ in range(integers(rng, p.poles)):
+        side = int(rng.choice([-1, 1]))
+        near = [reg for reg in walk_regions if reg.t0 * side > 0]
+        spots = [_across(reg.s0, reg.s1, (side * walk_in, side * (walk_in + 0.9)), reg.z) for reg in near]
+        b.place("pole", "pole_sign", sample_pole(rng, k), spots, np.pi if side > 0 else 0.0, margin=0.1)
+
+    # Trees: rows along the curb (or on the verge) or scattered; bushes on verges and by the buildings.
+    n_trees = integers(rng, p.trees)
+    for side in (-1, 1):
+        n_side = n_trees // 2 + (n_trees % 2 if side > 0 else 0)
+        t_line = side * ((edge + curb_w + walk_in) / 2 if verge_w else walk_in + 0.6)
+        reach = walk_outer - abs(t_line) - 0.05  # fits even where a building stands at the sidewalk's back edge
+        in_row = rng.random() < p.tree_row_prob
+        spacing = uniform(rng, (7.0, 12.0))
+        start = rng.uniform(-half + 3, -half + 3 + spacing)
+        regions = verge_regions if verge_w else walk_regions
+        for i in range(n_side):
+            parts = sample_tree(rng, k, reach)
+            trunk = 0.3
+            if in_row:
+                ok = False
+                for extra in (0.0, 0.5, -0.5, 1.0, -1.0):
+                    s = start + (i + extra) * spacing
+                    if -half + 2 < s < half - 2 and b.place("tree", "vegetation", parts, regions, None,
+                                                            margin=trunk, at=(s, t_line)):
+                        ok = True
+                        break
+                if ok:
+                    continue
+            spots = [_across(reg.s0, reg.s1, (t_line - 0.6, t_line + 0.6), reg.z) for reg in regions
+                    if reg.t0 * side > 0]
+            b.place("tree", "vegetation", parts, spots, None, margin=0.4)
+    # Bushes on the verges and along the sidewalks' back edges.
+    bush_regions = verge_regions + [_across(reg.s0, reg.s1, (np.sign(reg.t0) * (walk_outer - 1.2),
+                                                             np.sign(reg.t0) * walk_outer), reg.z)
+                                    for reg in walk_regions]
+    for _ in range(integers(rng, p.bushes)):
+        b.place("bush", "vegetation", sample_bush(rng, k, 0.8), bush_regions, None, margin=0.3)
+    for _ in range(integers(rng, p.bicycles)):
+        side = int(rng.choice([-1, 1]))
+        spots = [_across(reg.s0, reg.s1, (side * walk_in, side * (walk_in + 1.2)), reg.z) for reg in
+                walk_regions if reg.t0 * side > 0]
+        b.place("bicycle", "vehicle", sample_bicycle(rng, k), spots, float(rng.choice([0.0, np.pi])),
+                footprint="rect", margin=0.05)
+
+    # People: on sidewalks (alone and in groups) and on the crosswalks.
+    n_people = integers(rng, p.persons)
+    crossing_regions = [Region(c0 + 0.3, c1 - 0.3, -edge + 0.3, edge - 0.3, MARK_H) for c0, c1 in crosswalks]
+    if intersection is not None:  # the cross street's crosswalks, in (s, t) = (world y, world x)
+        for side in cross_sides:
+            xa, xb = sorted((side * (walk_outer + 1.3), side * (walk_outer + 0.7 + cw_len)))
+            crossing_regions.append(Region(intersection - cross_w / 2 + 0.3, intersection + cross_w / 2 - 0.3,
+                                           xa, xb, MARK_H))
+    people_regions = walk_regions + cross_regions
+    placed = 0
+    while placed < n_people:
+        if crossing_regions and rng.random() < p.crossing_share:
+            heading = float(rng.choice([-1.0, 1.0])) * np.pi / 2 + rng.normal(0, 0.2)
+            b.place("person", "person", sample_person(rng, k, "walking"), crossing_regions, heading)
+            placed += 1
+        elif n_people - placed >= 2 and rng.random() < p.group_prob:
+            n = min(int(rng.integers(2, 5)), n_people - placed)
+            _place_group(b, n, people_regions)
+            placed += n
+        else:
+            heading = (0.0 if rng.random() < 0.5 else np.pi) + rng.normal(0, 0.4)
+            b.place("person", "person", sample_person(rng, k), people_regions, heading)
+            placed += 1
+
+    # Cameras.
+    kinds = [CAMERA_KINDS[int(i)] for i in rng.choice(3, size=ctx.views, p=np.array(p.camera_mix) / sum(p.camera_mix))]
+    things = [o for o in b.objects if ctx.classes[o.class_id].thing]
+    geom = _Geometry(frame, half, edge, walk_in, walk_outer, curb_h, lane_ts, lane_dir, walk_regions)
+    cameras = []
+    for i, kind in enumerate(kinds):
+        # A kind with no free spot at all (a one-lane street full of cars has no room for a dashcam) gives way to
+        # the others.
+        for alt in (kind, *(k2 for k2 in CAMERA_KINDS if k2 != kind)):
+            cam = _street_camera(b, alt, geom, things)
+            if cam is not None:
+                cameras.append(cam)
+                kinds[i] = alt
+                break
+        else:
+            raise RuntimeError("street camera: no free spot for any kind of camera")
+    lights = env.lights(np.zeros(3))
+    spec = SceneSpec("street", ctx.classes, ctx.class_id("sky"), b.objects, lights, env.world(), cameras,
+                     [env.post(rng, r.post) for _ in range(ctx.views)])
+    return StreetLayout(spec, frame, curved, intersection, kinds, road_w, walk_outer, curb_h,
+                        env.street_lights_on, wetness, b.building_polys)
+
+
+def _swap(mesh: Mesh) -> Mesh:
+    """A mesh built as (x = t, y = s) turned into the cross street's frame (s along world x, t along world y):
+    x and y swapped, faces reversed so that they still face outwards (the swap is a reflection)."""
+    v = mesh.vertices[:, [1, 0, 2]].copy()
+    return Mesh(v, mesh.faces[:, ::-1].copy(), mesh.smooth)
+
+
+def _line(frame: StreetFrame, t: float, w: float, s0: float, s1: float, gaps: list[tuple[float, float]],
+          dash: float | None = None, gap: float = 0.0) -> list[Mesh]:
+    """A painted line at ``t`` (solid, or dashes of ``dash`` m every ``dash + gap``) that skips ``gaps``."""
+    spans = [(s0, s1)] if dash is None else [(a, a + dash) for a in np.arange(s0, s1 - dash, dash + gap)]
+    out = []
+    for a, c in spans:
+        for lo, hi in _subtract((a, c), gaps):
+            if hi - lo > 0.2:
+                out.append(frame.bend(_slab(t - w / 2, t + w / 2, lo, hi, 0.0, MARK_H, ds=3.0)))
+    return out
+
+
+def _subtract(span: tuple[float, float], cuts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    pieces = [span]
+    for c0, c1 in cuts:
+        nxt = []
+        for a, b in pieces:
+            if c1 <= a or c0 >= b:
+                nxt.append((a, b))
+            else:
+                nxt += [x for x in ((a, c0), (c1, b)) if x[1] > x[0]]
+        pieces = nxt
+    return pieces
+
+
+def _cut_regions(regions: list[Region], cuts: list[tuple[float, float]], pad: float) -> list[Region]:
+    out = []
+    for reg in regions:
+        for a, c in _subtract((reg.s0, reg.s1), [(c0 - pad, c1 + pad) for c0, c1 in cuts]):
+            out.append(Region(a, c, reg.t0, reg.t1, reg.z))
+    return out
+
+
+def _puddle(rng: np.random.Generator, frame: StreetFrame, s: float, t: float, r: float) -> Mesh:
+    """A flat irregular disc (triangle fan) at PUDDLE_Z."""
+    n = 14
+    ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    rad = r * (1 + 0.25 * np.sin(2 * ang + rng.uniform(0, 6)) + 0.15 * np.sin(3 * ang + rng.uniform(0, 6)))
+    stretch = uniform(rng, (1.0, 2.0))
+    ring = np.column_stack([t + rad * np.cos(ang), s + stretch * rad * np.sin(ang), np.full(n, PUDDLE_Z)])
+    v = np.vstack([[t, s, PUDDLE_Z], ring])
+    f = [(0, 1 + i, 1 + (i + 1) % n) for i in range(n)]
+    return frame.bend(Mesh(v.astype(np.float32), np.asarray(f, dtype=np.int32)))
+
+
+def _building_row(b: _Builder, side: int, walk_outer: float, half: float) -> None:
+    """Buildings along one side, facades towards the road, none overlapping the street, the cross street or
+    each other."""
+    rng, p, k, frame = b.rng, b.p, b.k, b.frame
+    s = -half - rng.uniform(0, 8)
+    while s < half:
+        w, depth = uniform(rng, p.building_width), uniform(rng, p.building_depth)
+        height, setback = uniform(rng, p.building_height), uniform(rng, p.setback)
+        parts = sample_building(rng, k, w, depth, height, shop_front=bool(rng.random() < p.shop_front_prob))
+        rect = _local_rect(parts)  # x0..x1 depth (facade at x1), y0..y1 width
+        width = rect[3] - rect[1]
+        front = walk_outer + setback
+        placed = False
+        for _ in range(12):
+            s_c = s + width / 2
+            # Facade (+x local) towards the road: local +x = -side * normal.
+            yaw = (0.0 if side < 0 else np.pi) - float(frame.theta(s_c))
+            facade_dir = -side * frame.normal(s_c)
+            tang = frame.tangent(s_c)
+            anchor = frame.to_world(s_c, side * front)  # the middle of the facade's foot
+            center = anchor - facade_dir * rect[2] - tang * (rect[1] + rect[3]) / 2 * (1 if side < 0 else -1)
+            poly = _world_poly(rect, center, yaw)
+            for _ in range(3):  # on the inside of a curve a facade's ends come nearer the road: move it back
+                deficit = front - float(np.min(side * frame.to_street(_densify(poly))[1]))
+                if deficit <= 1e-6:
+                    break
+                center = center - facade_dir * (deficit + 1e-3)
+                poly = _world_poly(rect, center, yaw)
+            if not any(_polys_overlap(poly, q) for q in b.building_polys + b.keep_out) and \
+                    (not b.occupied_list or b.free(center[None], Footprint.of_points(_rect_points(rect), yaw))[0]):
+                placed = True
+                break
+            s += 1.5
+        if placed:
+            b.add("building", "building", parts, (center[0], center[1], 0.0), yaw)
+            b.building_polys.append(poly)
+            s += width + (uniform(rng, (0.5, 6.0)) if rng.random() < p.building_gap_prob else 0.0)
+
+
+def _densify(poly: FloatArray, n: int = 8) -> FloatArray:
+    """Points along a polygon's edges (n per edge)."""
+    a, c = poly, np.roll(poly, -1, axis=0)
+    f = np.linspace(0, 1, n, endpoint=False)[:, None, None]
+    out: FloatArray = (a[None] + f * (c - a)[None]).reshape(-1, 2)
+    return out
+
+
+def _place_group(b: _Builder, n: int, regions: list[Region]) -> None:
+    """A group of ``n`` people: the whole group's outline is placed first, then its members, each clear."""
+    rng, k = b.rng, b.k
+    members = [sample_person(rng, k, "standing") for _ in range(n)]
+    offsets = group_offsets(rng, n)
+    pad = max(footprint_radius(m) for m in members)
+    fp_group = Footprint.of_points(offsets, pad=pad)
+    usable = [r2 for r in regions if (r2 := r.shrunk(min(fp_group.radius, 1.2))) is not None]
+    if not usable:
+        return
+    areas = np.array([r.area for r in usable])
+    for _ in range(6):
+        reg = usable[int(rng.choice(len(usable), p=areas / areas.sum()))]
+        s = np.clip(rng.uniform(reg.s0, reg.s1) + rng.uniform(-3, 3, 24), reg.s0, reg.s1)
+        t = rng.uniform(reg.t0, reg.t1, 24)
+        theta = float(b.frame.theta(s[0]))
+        c, sn = np.cos(-theta), np.sin(-theta)
+        world_off = offsets @ np.array([[c, sn], [-sn, c]])  # offsets turned with the street
+        fp = Footprint(world_off, pad)
+        xy = b.frame.to_world(s, t)
+        hit = np.flatnonzero(b.free(xy, fp))
+        if not len(hit):
+            continue
+        center = xy[hit[0]]
+        for parts, off in zip(members, world_off, strict=True):
+            spot = center + off
+            face = float(np.arctan2(-off[0], off[1]))  # towards the group's centre
+            fp_m = Footprint.circle(footprint_radius(parts))
+            if b.free(spot[None], fp_m)[0]:
+                b.add("person", "person", parts, (spot[0], spot[1], reg.z), face + np.pi + rng.normal(0, 0.3))
+                b.occupy(spot, fp_m)
+        return
+
+
+@dataclass
+class _Geometry:
+    frame: StreetFrame
+    half: float
+    edge: float
+    walk_in: float
+    walk_outer: float
+    curb_h: float
+    lane_ts: list[float]
+    lane_dir: list[float]
+    walk_regions: list[Region]
+
+
+# Cameras keep this far from every object's footprint: clear of the near clip plane (0.1) with room to spare.
+CAMERA_CLEARANCE = 0.3
+# How much a thing in view counts when the tries that see enough things are ranked: people and poles are small in
+# the frame and scarce in the labels, so views where they are large win.
+CLASS_WEIGHT = {"person": 3.0, "pole_sign": 1.0, "vehicle": 0.5}
+GOOD_TRIES = 8  # tries that see enough things, of which the best is kept
+# Points ahead of an eye-level camera (metres along its view) that must be free: a dashcam keeps a gap to the car
+# in front, a pedestrian's view is not blocked by someone right at the lens.
+AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9, 1.5])}
+
+
+def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera | None:
+    """A camera of ``kind`` outside every object; retried until enough labeled things are in frame. Of the
+    first ``GOOD_TRIES`` tries that see enough, the one where people and poles are largest wins; if none does,
+    the attempt that saw most, marked with ``min_visible_met=False``; None if no try found a free spot."""
+    rng, p, ctx = b.rng, b.p, b.ctx
+    kc = ctx.randomization.camera
+    eye = Footprint.circle(CAMERA_CLEARANCE)
+    targets = np.array([(*o.location[:2], o.location[2] + min(_height(o) / 2, 1.5)) for o in things]
+                       or [(0.0, 0.0, 0.0)])
+    weights = np.array([CLASS_WEIGHT.get(ctx.classes[o.class_id].name, 1.0) for o in things] or [0.0])
+    sizes = np.array([min(_height(o), 4.0) for o in things] or [0.0])
+    best, best_key, good = None, (-1, -1.0), 0
+    for _ in range(kc.max_tries):
+        pose = _camera_pose(rng, p, kind, geo)
+        if pose is None:
+            continue
+        loc, fwd = pose
+        if not b.free(loc[None, :2], eye)[0]:
+            continue
+        if kind != "surveillance":  # no wall of a car or a person right in front of the lens
+            ahead = fwd[:2] / max(float(np.linalg.norm(fwd[:2])), 1e-9)
+            steps = AHEAD[kind]
+            if not b.free(loc[None, :2] + steps[:, None] * ahead[None], Footprint.circle(0.6)).all():
+                continue
+        cam = Camera(vec3(loc), look_at(loc, loc + fwd), fov=np.radians(uniform(rng, kc.fov_deg)),
+                     clip_start=0.1, clip_end=400.0)
+        vis = visible_mask(cam, targets, margin=0.05) if things else np.zeros(1, dtype=bool)
+        n = int(vis.sum())
+        # Each thing's share of the frame, roughly (its height over the frame's height at its distance, squared).
+        dist = np.maximum(np.linalg.norm(targets - loc, axis=1), 0.5)
+        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, 0.25)
+        score = float((weights * vis * share).sum())
+        met = n >= kc.min_visible_objects
+        key = (int(met), score if met else float(n))
+        if key > best_key:
+            best, best_key = cam, key
+            best.visible_objects = n
+        good += met
+        if good >= GOOD_TRIES:
+            break
+    if best is None:  # no free spot in max_tries draws
+        return None
+    best.min_visible_met = bool(best.visible_objects is not None and best.visible_objects >= kc.min_visible_objects)
+    return best
+
+
+def _height(o: SceneObject) -> float:
+    return float(max(p.mesh.vertices[:, 2].max() for p in o.parts))
+
+
+def _camera_pose(rng: np.random.Generator, p: StreetParams, kind: CameraKind, geo: _Geometry
+                 ) -> tuple[FloatArray, FloatArray] | None:
+    """(location (3,), forward (3,)) of one camera try."""
+    frame, half = geo.frame, geo.half
+    direction = 1.0 if rng.random() < 0.5 else -1.0
+    end, ahead = min(5.0, half * 0.2), min(40.0, half)  # keep off the street's ends; leave street in view
+    if kind == "dashcam":
+        lane = int(rng.integers(len(geo.lane_ts)))
+        direction = geo.lane_dir[lane]
+        s = rng.uniform(-half + end, max(-half + end, half - ahead)) * direction
+        t = geo.lane_ts[lane] + rng.uniform(-0.3, 0.3)
+        z = uniform(rng, p.camera_height or p.dashcam_height)
+        yaw = np.radians(rng.uniform(-1, 1) * uniform(rng, p.camera_yaw_deg) / 5)
+        pitch = np.radians(uniform(rng, p.camera_pitch_deg))
+    elif kind == "pedestrian":
+        reg = geo.walk_regions[int(rng.integers(len(geo.walk_regions)))]
+        lo, hi = (max(reg.s0, -half + end), min(reg.s1, half - ahead)) if direction > 0 else \
+            (max(reg.s0, -half + ahead), min(reg.s1, half - end))
+        if hi <= lo:
+            return None
+        s, t = rng.uniform(lo, hi), rng.uniform(reg.t0 + 0.3, reg.t1 - 0.3)
+        z = geo.curb_h + uniform(rng, p.camera_height or p.pedestrian_height)
+        # Turned off the street direction, towards the road more often than not.
+        yaw = np.radians(rng.uniform(-0.3, 1) * uniform(rng, p.camera_yaw_deg)) * np.sign(t) * direction
+        pitch = np.radians(uniform(rng, p.camera_pitch_deg))
+    else:
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        s = rng.uniform(-half * 0.7, half * 0.7)
+        t = side * (geo.walk_outer - rng.uniform(0.2, 0.6))
+        z = geo.curb_h + uniform(rng, p.surveillance_height)
+        yaw = np.radians(rng.uniform(20, 75)) * side * direction  # towards the road
+        pitch = np.radians(uniform(rng, p.surveillance_pitch_deg))
+    xy = frame.to_world(s, t)
+    along = direction * frame.tangent(s)
+    c, sn = np.cos(yaw), np.sin(yaw)
+    # Positive yaw turns from the viewing direction towards -t when direction > 0 (left of it).
+    d2 = np.array([c * along[0] - sn * along[1], sn * along[0] + c * along[1]])
+    fwd = np.array([d2[0] * np.cos(pitch), d2[1] * np.cos(pitch), np.sin(pitch)])
+    return np.array([xy[0], xy[1], z]), fwd
+
+
 @register_scene(
     "street",
-    description="urban street: road, sidewalks, lane markings, buildings, vehicles, people, poles, trees, sky",
+    description="urban street: straight, curved or crossing roads with markings, crosswalks and curbs, buildings, "
+                "parked and moving vehicles, people alone and in groups, lamps, signs, trees; dashcam, pedestrian "
+                "and surveillance cameras",
     classes=CLASSES,
     background="sky",
     params=StreetParams,
     randomization={
         "lights": {"count": [1, 2], "types": ["SUN"], "sun_energy": [1.5, 5.0]},
         "world": {"strength": [0.6, 1.6], "horizon_value": [0.6, 0.95], "zenith_value": [0.35, 0.8]},
-        "camera": {"fov_deg": [60, 90], "min_visible_objects": 2},
+        "camera": {"fov_deg": [35, 95], "min_visible_objects": 2},
         "post": {"noise_std": [0.0, 0.012], "blur_sigma": [0.0, 0.6], "exposure": [-0.4, 0.4]},
     },
 )
 def sample_street(ctx: SceneContext) -> SceneSpec:
-    rng, p, r = ctx.rng, ctx.params, ctx.randomization
-    k = r.materials
-    cid = ctx.class_id
-    length = p.street_length
-    road_w = integers(rng, p.lanes) * uniform(rng, p.lane_width)
-    n_lanes = max(1, round(road_w / 3.3))
-    side_w = uniform(rng, p.sidewalk_width)
-    curb = 0.15
-    objects: list[SceneObject] = []
-
-    def add(name: str, cls: str, parts: list[Part], loc: Vec3 | FloatArray = (0.0, 0.0, 0.0), yaw: float = 0.0
-            ) -> None:
-        objects.append(SceneObject(f"{name}_{len(objects)}", cid(cls), parts, vec3(loc), (0.0, 0.0, float(yaw))))
-
-    add("ground", "vegetation", [Part(g.plane(600, 600, -0.02),
-                                      sample_material(rng, (0.08, 0.2, 0.04), k))])
-    add("road", "road", [Part(g.plane(road_w, length), sample_material(rng, (0.05, 0.05, 0.055), k))])
-    for side in (-1, 1):
-        walk = g.transform(g.box(side_w, length, curb), (side * (road_w / 2 + side_w / 2), 0, 0))
-        add("sidewalk", "sidewalk", [Part(walk, sample_material(rng, (0.3, 0.29, 0.27), k))])
-    # Lane markings: dashed between lanes, solid at the edges; 5 mm above the asphalt.
-    marks = []
-    line_w = uniform(rng, (0.1, 0.2))
-    for i in range(n_lanes + 1):
-        x = -road_w / 2 + 0.3 + i * (road_w - 0.6) / n_lanes
-        if i in (0, n_lanes):
-            marks.append(g.transform(g.box(line_w, length, 0.005), (x, 0, 0)))
-        else:
-            dash, gap = uniform(rng, (2.5, 4.0)), uniform(rng, (4.0, 8.0))
-            ys = np.arange(-length / 2, length / 2 - dash, dash + gap)
-            marks += [g.transform(g.box(line_w, dash, 0.005), (x, y0 + dash / 2, 0)) for y0 in ys]
-    mark_color = (0.85, 0.85, 0.8) if rng.random() < 0.7 else (0.8, 0.55, 0.05)
-    add("lane_marking", "lane_marking", [Part(g.merge(marks), Material(mark_color, roughness=0.6))])
-
-    # Buildings in a row along each side, with random widths, setbacks, heights and gaps.
-    building_boxes: list[Box] = []
-    for side in (-1, 1):
-        y = -length / 2
-        while y < length / 2:
-            w = uniform(rng, (8.0, 22.0))
-            depth = uniform(rng, (8.0, 16.0))
-            setback = uniform(rng, (0.0, 3.0))
-            x = side * (road_w / 2 + side_w + setback + depth / 2)
-            mat = sample_material(rng, _pick(rng, FACADE), k)
-            if rng.random() < 0.6:  # window rows
-                mat.texture, mat.color2 = "wave", (0.03, 0.04, 0.06)
-            height = uniform(rng, p.building_height)
-            add("building", "building", [Part(g.box(depth, w, height), mat)], (x, y + w / 2, 0))
-            building_boxes.append((x - depth / 2, y, x + depth / 2, y + w))
-            y += w + (uniform(rng, (0.5, 6.0)) if rng.random() < 0.4 else 0.0)
-
-    # Vehicles in lanes (heading with or against traffic), people and street furniture on the sidewalks.
-    lane_xs = [-road_w / 2 + (i + 0.5) * road_w / n_lanes for i in range(n_lanes)]
-    # Vehicles: one row of disjoint footprints along the street, each in a random lane.
-    vehicles = [_vehicle(rng, ctx) for _ in range(integers(rng, p.vehicles))]
-    spots = place_footprints(rng, [Footprint.circle(footprint_radius(v)) for v in vehicles], (0.0, 0.0),
-                             (-length / 2 + 5, length / 2 - 5))
-    # What stands on the ground so far, as (centre, footprint): sidewalk objects and cameras keep clear of it.
-    occupied: list[tuple[tuple[float, float], Footprint]] = []
-    for parts, spot in zip(vehicles, spots, strict=True):
-        if spot is None:
-            continue
-        lane = int(rng.integers(n_lanes))
-        heading = 0.0 if lane >= n_lanes / 2 else np.pi
-        loc, yaw = (lane_xs[lane] + rng.uniform(-0.3, 0.3), spot[1]), heading + rng.normal(0, 0.04)
-        add("vehicle", "vehicle", parts, (*loc, 0), yaw)
-        # Its real outline, not its bounding circle, so a tree may overhang the road next to a parked car.
-        occupied.append((loc, Footprint.of_points(np.concatenate([q.mesh.vertices[:, :2] for q in parts]), yaw)))
-    for side in (-1, 1):
-        x_range = (side * (road_w / 2 + 0.4), side * (road_w / 2 + side_w - 0.4))
-        x_range = (min(x_range), max(x_range))
-        # A crown that reaches no further than this fits at the sidewalk's road-side edge even where a building
-        # stands right at its back edge (crowns may overhang the road, not a building).
-        reach = side_w - 0.4
-        items = ([("person", "person", _person(rng, ctx)) for _ in range(integers(rng, p.persons) // 2)]
-                 + [("pole", "pole_sign", _pole(rng, ctx)) for _ in range(integers(rng, p.poles) // 2)]
-                 + [("tree", "vegetation", _tree(rng, ctx, reach)) for _ in range(integers(rng, p.trees) // 2)])
-        footprints = [Footprint.circle(footprint_radius(parts)) for *_, parts in items]
-        spots = place_footprints(rng, footprints, x_range, (-length / 2 + 3, length / 2 - 3), occupied=occupied,
-                                 boxes=building_boxes)
-        for (name, cls, parts), fp, spot in zip(items, footprints, spots, strict=True):
-            if spot is None:
-                continue
-            yaw = np.pi / 2 * (1 - side) + rng.normal(0, 0.1) if name == "pole" else rng.uniform(0, 2 * np.pi)
-            add(name, cls, parts, (spot[0], spot[1], curb), yaw)
-            occupied.append((spot, fp))
-
-    things = np.array([o.location for o in objects if ctx.classes[o.class_id].thing] or [(0.0, 0.0, 0.0)])
-    things = things + np.array([0, 0, 0.8])  # aim at bodies, not feet
-    cameras = [_street_camera(rng, ctx, road_w, side_w, length, things, occupied) for _ in range(ctx.views)]
-    lights = sample_lights(rng, r.lights, np.zeros(3), min_height=20.0)
-    return SceneSpec("street", ctx.classes, cid("sky"), objects, lights, sample_world(rng, r.world), cameras,
-                     [sample_post(rng, r.post) for _ in range(ctx.views)])
-
-
-# Cameras keep this far from every object's footprint: clear of the near clip plane (0.1) with room to spare.
-CAMERA_CLEARANCE = 0.3
-
-
-def _street_camera(rng: np.random.Generator, ctx: SceneContext, road_w: float, side_w: float, length: float,
-                   targets: FloatArray, occupied: list[tuple[tuple[float, float], Footprint]]) -> Camera:
-    """Eye-height camera looking along the street, outside every object; retried until enough labeled things
-    are in frame (else the attempt that saw most, marked with ``min_visible_met=False``)."""
-    p, kc = ctx.params, ctx.randomization.camera
-    eye, obstacles = Footprint.circle(CAMERA_CLEARANCE), FootprintSet.of(occupied)
-    best, best_n = None, -1
-    for _ in range(kc.max_tries):
-        for _ in range(100):  # a spot on the road or sidewalk that is not inside a car, person, pole or crown
-            x = rng.uniform(-road_w / 2 - side_w * 0.8, road_w / 2 + side_w * 0.8)
-            y = rng.uniform(-length / 2 + 5, length / 2 - 40)
-            direction = 1.0 if rng.random() < 0.5 else -1.0
-            if obstacles.clear(np.array([[x, direction * y]]), eye)[0]:
-                break
-        else:
-            continue
-        loc = np.array([x, direction * y, uniform(rng, p.camera_height)])
-        yaw = np.radians(rng.uniform(-1, 1) * uniform(rng, p.camera_yaw_deg))
-        pitch = np.radians(uniform(rng, p.camera_pitch_deg))
-        fwd = np.array([np.sin(yaw) * np.cos(pitch), direction * np.cos(yaw) * np.cos(pitch), np.sin(pitch)])
-        cam = Camera(vec3(loc), look_at(loc, loc + fwd), fov=np.radians(uniform(rng, kc.fov_deg)),
-                     clip_start=0.1, clip_end=400.0)
-        n = int(visible_mask(cam, targets, margin=0.05).sum())
-        if n > best_n:
-            best, best_n = cam, n
-        if n >= kc.min_visible_objects:
-            break
-    if best is None:
-        raise RuntimeError("street camera: no free spot on the road or sidewalks after "
-                           f"{kc.max_tries * 100} draws")
-    best.visible_objects, best.min_visible_met = best_n, best_n >= kc.min_visible_objects
-    return best
+    return build_street(ctx).spec
