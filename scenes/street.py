@@ -68,6 +68,11 @@ from scenes.spec import (
     footprint_radius,
     vec3,
 )
+from scenes.street_assets import furniture
+from scenes.street_assets.buildings import sample_building
+from scenes.street_assets.furniture import sample_bollard
+from scenes.street_assets.nature import sample_bush, sample_tree
+from scenes.street_assets.people import group_offsets, sample_person
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -278,122 +283,18 @@ def sample_bicycle(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     return [Part(wheels, tyre), Part(frame, sample_material(rng, _pick(rng, PAINT), k, roughness=(0.2, 0.5)))]
 
 
-def sample_person(rng: np.random.Generator, k: MaterialKnobs, pose: str | None = None,
-                  accessory: str | None = None) -> list[Part]:
-    # replaced by scenes.street_assets.people.sample_person at merge
-    h = uniform(rng, (1.5, 1.95))
-    leg_h, torso_h, head_r = 0.47 * h, 0.33 * h, 0.065 * h
-    hip = uniform(rng, (0.09, 0.12))
-    legs = g.merge([g.transform(g.cylinder(0.07, leg_h, 10), (sx * hip * 0.6, 0, 0)) for sx in (-1, 1)])
-    torso = g.transform(g.lathe([hip * 1.3, hip * 1.6, hip * 1.5, 0.05], [0, torso_h * 0.4, torso_h * 0.9, torso_h],
-                                12), (0, 0, leg_h), scale=(1.0, 0.6, 1.0))
-    arms = g.merge([g.transform(g.cylinder(0.045, torso_h * 0.95, 8), (sx * hip * 1.9, 0, leg_h + 0.05))
-                    for sx in (-1, 1)])
-    head = g.transform(g.uv_sphere(head_r, 8, 12), (0, 0, leg_h + torso_h + head_r * 0.9))
-    top = sample_material(rng, _pick(rng, CLOTHES), k)
-    return [Part(legs, sample_material(rng, _pick(rng, CLOTHES), k)), Part(g.merge([torso, arms]), top),
-            Part(head, sample_material(rng, _pick(rng, SKIN), k, roughness=(0.5, 0.8)))]
-
-
-def group_offsets(rng: np.random.Generator, n: int) -> FloatArray:
-    # replaced by scenes.street_assets.people.group_offsets at merge
-    """(n, 2) offsets of a group's members around its centre, at least 0.7 m apart."""
-    out: list[FloatArray] = []
-    spread = 0.45 * math.sqrt(n)
-    while len(out) < n:
-        p = rng.uniform(-spread, spread, 2)
-        if all(np.linalg.norm(p - q) >= 0.7 for q in out):
-            out.append(p)
-        else:
-            spread *= 1.02
-    offsets = np.array(out).reshape(n, 2)
-    centered: FloatArray = offsets - offsets.mean(axis=0)
-    return centered
-
-
-def sample_building(rng: np.random.Generator, k: MaterialKnobs, width: float, depth: float, height: float,
-                    shop_front: bool | None = None) -> list[Part]:
-    # replaced by scenes.street_assets.buildings.sample_building at merge
-    """A box building: ``depth`` along x (facade = +x face), ``width`` along y."""
-    mat = sample_material(rng, _pick(rng, FACADE), k)
-    if rng.random() < 0.6:  # window rows
-        mat.texture, mat.color2 = "wave", (0.03, 0.04, 0.06)
-    return [Part(g.box(depth, width, height), mat)]
-
-
 def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False
                 ) -> list[Part]:
-    # replaced by scenes.street_assets.furniture.sample_pole at merge
-    """A pole with a sign, a round sign, a traffic light or a lamp head; it faces +y (lamp arms reach +y)."""
-    kind = kind or str(rng.choice(["sign", "round_sign", "traffic_light"]))
-    metal = Material((0.25, 0.25, 0.27), roughness=0.4, metallic=1.0)
-    if kind == "street_lamp":
-        h = uniform(rng, (5.5, 8.0))
-        arm = uniform(rng, (0.8, 1.5))
-        pole = g.merge([g.cylinder(0.08, h, 10), _rod((0, 0, h - 0.1), (0, arm, h), 0.04)])
-        head = g.transform(g.box(0.3, 0.55, 0.14), (0, arm, h - 0.12))
-        light = (Material((1.0, 0.85, 0.6), shader="emission", emission=uniform(rng, (8.0, 20.0))) if lit
-                 else Material((0.8, 0.8, 0.75), roughness=0.2))
-        return [Part(pole, metal), Part(head, light)]
-    h = uniform(rng, (2.8, 5.0))
-    pole = g.cylinder(uniform(rng, (0.04, 0.08)), h, 10)
-    if kind == "sign":
-        sign = g.transform(g.box(0.05, 0.6, 0.6, center_z=True), (0, 0, h - 0.4), rotation_z=np.pi / 2)
-    elif kind == "round_sign":
-        sign = g.transform(g.cylinder(0.32, 0.04, 16), (0, 0.02, h - 0.4), rotation=g.rot_x(np.pi / 2))
-    else:  # traffic light
-        sign = g.transform(g.box(0.3, 0.3, 0.9), (0, 0, h - 0.9))
-    face = sample_material(rng, _pick(rng, [(0.6, 0.02, 0.02), (0.02, 0.1, 0.5), (0.8, 0.6, 0.0),
-                                           (0.02, 0.02, 0.02)]), k)
-    return [Part(pole, metal), Part(sign, face)]
-
-
-def sample_bollard(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
-    # replaced by scenes.street_assets.furniture.sample_bollard at merge
-    r, h = uniform(rng, (0.07, 0.12)), uniform(rng, (0.7, 1.0))
-    body = g.lathe([r, r, r * 0.8, 0.01], [0, h * 0.9, h, h + 0.01], 10)
-    return [Part(body, sample_material(rng, _pick(rng, [(0.25, 0.25, 0.27), (0.02, 0.02, 0.02),
-                                                        (0.5, 0.45, 0.1)]), k))]
+    """``furniture.sample_pole``; a street lamp is turned so that its arm reaches ``+y`` (the layout turns +y over
+    the road). Signs and traffic lights keep facing ``+y``, along the street."""
+    parts = furniture.sample_pole(rng, k, kind, lit)
+    if kind != "street_lamp":
+        return parts
+    return [Part(g.transform(q.mesh, rotation=g.rot_z(-np.pi / 2)), q.material) for q in parts]
 
 
 # g.blob(rng, r, 0.2) reaches at most r * BLOB_REACH from its centre (its three harmonics all at their peaks).
 BLOB_REACH = 1.0 + 0.2 * (1 + 1 / 2 + 1 / 3)
-
-
-def sample_tree(rng: np.random.Generator, k: MaterialKnobs, max_reach: float = np.inf, leafy: bool | None = None
-                ) -> list[Part]:
-    # replaced by scenes.street_assets.nature.sample_tree at merge
-    """A tree whose crown reaches at most ``max_reach`` from the trunk (narrow sidewalks get small crowns)."""
-    leafy = bool(rng.random() < 0.8) if leafy is None else leafy
-    trunk_h = uniform(rng, (1.8, 3.5))
-    cap = max(max_reach / BLOB_REACH, 0.3)
-    crown_r = uniform(rng, (min(1.0, cap), min(2.4, cap)))
-    trunk_r = uniform(rng, (0.1, 0.22))
-    trunk = g.cylinder(trunk_r, trunk_h + crown_r * 0.5, 10)
-    bark = sample_material(rng, (0.12, 0.07, 0.04), k)
-    if not leafy:  # bare: a few branches inside the crown's reach
-        top = trunk_h + crown_r * 0.5
-        branches = []
-        for a in rng.uniform(0, 2 * np.pi, 5):
-            reach = crown_r * uniform(rng, (0.6, 1.0))
-            branches.append(_rod((0, 0, top * 0.8), (reach * np.cos(a), reach * np.sin(a), top + crown_r * 0.8),
-                                 trunk_r * 0.35))
-        return [Part(g.merge([trunk, *branches]), bark)]
-    crown = g.transform(g.blob(rng, crown_r, 0.2), (0, 0, trunk_h + crown_r * 0.8),
-                        scale=(1, 1, uniform(rng, (0.8, 1.3))))
-    leaves = sample_material(rng, (0.06, 0.2, 0.03), k)
-    leaves.texture, leaves.color2 = "voronoi", (0.02, 0.08, 0.01)
-    return [Part(trunk, bark), Part(crown, leaves)]
-
-
-def sample_bush(rng: np.random.Generator, k: MaterialKnobs, max_reach: float = 1.0) -> list[Part]:
-    # replaced by scenes.street_assets.nature.sample_bush at merge
-    r = uniform(rng, (0.3, max(0.31, max_reach / BLOB_REACH)))
-    mesh = g.transform(g.blob(rng, r, 0.2), (0, 0, r * 0.7), scale=(1, 1, 0.8))
-    mesh.vertices[:, 2] -= float(mesh.vertices[:, 2].min())  # stands on the ground
-    leaves = sample_material(rng, (0.05, 0.18, 0.03), k)
-    leaves.texture, leaves.color2 = "voronoi", (0.02, 0.07, 0.01)
-    return [Part(mesh, leaves)]
 
 
 # --- Street coordinates ---------------------------------------------------------------------------------------
@@ -895,8 +796,12 @@ def build_street(ctx: SceneContext) -> StreetLayout:
     for _ in range(integers(rng, p.poles)):
         side = int(rng.choice([-1, 1]))
         near = [reg for reg in walk_regions if reg.t0 * side > 0]
-        spots = [_across(reg.s0, reg.s1, (side * walk_in, side * (walk_in + 0.9)), reg.z) for reg in near]
-        b.place("pole", "pole_sign", sample_pole(rng, k), spots, np.pi if side > 0 else 0.0, margin=0.1)
+        pole = sample_pole(rng, k)
+        x0, _, x1, _ = _local_rect(pole)  # a sign on two poles is wide across the sidewalk
+        m = max(0.1, -x0, x1) + 0.02
+        t_end = min(walk_in + max(0.9, 2 * m), walk_outer)
+        spots = [_across(reg.s0, reg.s1, (side * walk_in, side * t_end), reg.z) for reg in near]
+        b.place("pole", "pole_sign", pole, spots, np.pi if side > 0 else 0.0, margin=m)
 
     # Trees: rows along the curb (or on the verge) or scattered; bushes on verges and by the buildings.
     n_trees = integers(rng, p.trees)
@@ -929,13 +834,16 @@ def build_street(ctx: SceneContext) -> StreetLayout:
                                                              np.sign(reg.t0) * walk_outer), reg.z)
                                     for reg in walk_regions]
     for _ in range(integers(rng, p.bushes)):
-        b.place("bush", "vegetation", sample_bush(rng, k, 0.8), bush_regions, None, margin=0.3)
+        b.place("bush", "vegetation", sample_bush(rng, k, 0.55), bush_regions, None, margin=0.56)
     for _ in range(integers(rng, p.bicycles)):
         side = int(rng.choice([-1, 1]))
-        spots = [_across(reg.s0, reg.s1, (side * walk_in, side * (walk_in + 1.2)), reg.z) for reg in
-                walk_regions if reg.t0 * side > 0]
-        b.place("bicycle", "vehicle", sample_bicycle(rng, k), spots, float(rng.choice([0.0, np.pi])),
-                footprint="rect", margin=0.05)
+        bike = sample_bicycle(rng, k)
+        x0, y0, x1, y1 = _local_rect(bike)  # parked along the street: its length runs along s
+        half_len, half_w = max(-y0, y1) + 0.05, max(-x0, x1) + 0.05
+        spots = [_across(reg.s0 + half_len, reg.s1 - half_len,
+                         (side * (walk_in + half_w), side * (walk_in + max(1.2, 2 * half_w) - half_w)), reg.z)
+                 for reg in walk_regions if reg.t0 * side > 0 and reg.s1 - reg.s0 > 2 * half_len]
+        b.place("bicycle", "vehicle", bike, spots, float(rng.choice([0.0, np.pi])), footprint="rect", margin=0.0)
 
     # People: on sidewalks (alone and in groups) and on the crosswalks.
     n_people = integers(rng, p.persons)
@@ -950,15 +858,18 @@ def build_street(ctx: SceneContext) -> StreetLayout:
     while placed < n_people:
         if crossing_regions and rng.random() < p.crossing_share:
             heading = float(rng.choice([-1.0, 1.0])) * np.pi / 2 + rng.normal(0, 0.2)
-            b.place("person", "person", sample_person(rng, k, "walking"), crossing_regions, heading)
+            b.place("person", "person", sample_person(rng, k, "walk"), crossing_regions, heading, footprint="rect")
             placed += 1
         elif n_people - placed >= 2 and rng.random() < p.group_prob:
             n = min(int(rng.integers(2, 5)), n_people - placed)
-            _place_group(b, n, people_regions)
+            # Members that find no room in the group (a crowded sidewalk) stand alone somewhere else.
+            for _ in range(n - _place_group(b, n, people_regions)):
+                heading = (0.0 if rng.random() < 0.5 else np.pi) + rng.normal(0, 0.4)
+                b.place("person", "person", sample_person(rng, k), people_regions, heading, footprint="rect")
             placed += n
         else:
             heading = (0.0 if rng.random() < 0.5 else np.pi) + rng.normal(0, 0.4)
-            b.place("person", "person", sample_person(rng, k), people_regions, heading)
+            b.place("person", "person", sample_person(rng, k), people_regions, heading, footprint="rect")
             placed += 1
 
     # Cameras.
@@ -1083,18 +994,22 @@ def _densify(poly: FloatArray, n: int = 8) -> FloatArray:
     return out
 
 
-def _place_group(b: _Builder, n: int, regions: list[Region]) -> None:
-    """A group of ``n`` people: the whole group's outline is placed first, then its members, each clear."""
+def _place_group(b: _Builder, n: int, regions: list[Region]) -> int:
+    """A group of ``n`` people: the whole group's outline is placed first, then its members, each clear.
+
+    Returns:
+        How many of them were placed.
+    """
     rng, k = b.rng, b.k
-    members = [sample_person(rng, k, "standing") for _ in range(n)]
+    members = [sample_person(rng, k, "stand") for _ in range(n)]
     offsets = group_offsets(rng, n)
     pad = max(footprint_radius(m) for m in members)
     fp_group = Footprint.of_points(offsets, pad=pad)
     usable = [r2 for r in regions if (r2 := r.shrunk(min(fp_group.radius, 1.2))) is not None]
     if not usable:
-        return
+        return 0
     areas = np.array([r.area for r in usable])
-    for _ in range(6):
+    for _ in range(12):
         reg = usable[int(rng.choice(len(usable), p=areas / areas.sum()))]
         s = np.clip(rng.uniform(reg.s0, reg.s1) + rng.uniform(-3, 3, 24), reg.s0, reg.s1)
         t = rng.uniform(reg.t0, reg.t1, 24)
@@ -1107,14 +1022,18 @@ def _place_group(b: _Builder, n: int, regions: list[Region]) -> None:
         if not len(hit):
             continue
         center = xy[hit[0]]
+        placed = 0
         for parts, off in zip(members, world_off, strict=True):
             spot = center + off
-            face = float(np.arctan2(-off[0], off[1]))  # towards the group's centre
-            fp_m = Footprint.circle(footprint_radius(parts))
+            yaw = float(np.arctan2(-off[0], off[1])) + np.pi + rng.normal(0, 0.3)  # towards the group's centre
+            # Its real outline at that yaw, not its bounding circle: people in a group stand closer than that.
+            fp_m = Footprint.of_points(_rect_points(_local_rect(parts)), yaw)
             if b.free(spot[None], fp_m)[0]:
-                b.add("person", "person", parts, (spot[0], spot[1], reg.z), face + np.pi + rng.normal(0, 0.3))
+                b.add("person", "person", parts, (spot[0], spot[1], reg.z), yaw)
                 b.occupy(spot, fp_m)
-        return
+                placed += 1
+        return placed
+    return 0
 
 
 @dataclass

@@ -153,7 +153,8 @@ def test_street_cameras_are_outside_objects_and_record_visibility():
             assert cam.visible_objects is not None and cam.min_visible_met == (cam.visible_objects >= 2)
     # No labeled things at all: two can never be in view, and the kept best attempt says so.
     spec = _sample("street", views=2, vehicles=[0, 0], persons=[0, 0], poles=[0, 0], bicycles=[0, 0],
-                   bollards=[0, 0], lamp_prob=0.0, intersection_prob=0.0)
+                   bollards=[0, 0], lamp_prob=0.0, intersection_prob=0.0,
+                   crosswalk_prob=0.0)
     assert [c.min_visible_met for c in spec.cameras] == [False, False]
     tabletop = _sample("tabletop", index=1, views=4)
     assert all(c.min_visible_met and c.visible_objects >= 2 for c in tabletop.cameras)
