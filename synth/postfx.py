@@ -225,15 +225,18 @@ def lens_maps(shape: tuple[int, int], k1: float) -> tuple[np.ndarray, np.ndarray
     h, w = shape
     cx, cy = (w - 1) / 2, (h - 1) / 2
     norm = float(np.hypot(cx, cy)) or 1.0
-    yy, xx = np.mgrid[:h, :w].astype(np.float64)
-    dx, dy = (xx - cx) / norm, (yy - cy) / norm
-    r_out = np.hypot(dx, dy)
-    target = r_out * (1 + min(k1, 0.0))
-    r = target.copy()
-    for _ in range(8):  # Newton on r + k1 r^3 = target; monotonic for k1 > -1/3
-        r -= (r + k1 * r**3 - target) / (1 + 3 * k1 * r**2)
-    ratio = np.where(r_out > 1e-9, r / np.maximum(r_out, 1e-9), 1 + min(k1, 0.0))
-    return ((cx + dx * ratio * norm).astype(np.float32), (cy + dy * ratio * norm).astype(np.float32))
+    s = 1 + min(k1, 0.0)
+    # The radial map is monotonic: tabulate output radius -> source radius / output radius once, finely.
+    r_src = np.linspace(0.0, 1.0, 4097)
+    r_out = r_src * (1 + k1 * r_src**2) / s
+    ratio = np.empty_like(r_src)
+    ratio[1:] = r_src[1:] / r_out[1:]
+    ratio[0] = s
+    xx = (np.arange(w, dtype=np.float32) - np.float32(cx)) / np.float32(norm)
+    yy = (np.arange(h, dtype=np.float32) - np.float32(cy)) / np.float32(norm)
+    dx, dy = np.broadcast_arrays(xx[None, :], yy[:, None])
+    f = np.interp(np.hypot(dx, dy), r_out, ratio).astype(np.float32) * np.float32(norm)
+    return (np.float32(cx) + dx * f).astype(np.float32), (np.float32(cy) + dy * f).astype(np.float32)
 
 
 def apply_lens(rgb: np.ndarray, k1: float, *labels: np.ndarray) -> tuple[np.ndarray, ...]:

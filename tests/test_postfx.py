@@ -187,3 +187,19 @@ def test_street_camera_knobs_default_off_and_sample_in_range():
         assert 2.0 <= fx.motion_blur <= 6.0 and 0.5 <= fx.chromatic_aberration <= 1.5 and -0.2 <= fx.lens_k1 <= -0.05
     with pytest.raises(ValueError, match="lens_k1"):
         PostKnobs(lens_k1=(-0.5, 0.0))
+
+
+def test_fog_distance_is_along_each_ray():
+    """The depth pass is distance along the view axis; fog attenuates with distance along the pixel's ray."""
+    from scenes.spec import Camera
+    from synth.worker import ray_distance
+
+    depth = np.full((65, 65), 10.0, dtype=np.float32)
+    d = ray_distance(depth, Camera((0.0, 0.0, 0.0), np.eye(3), fov=np.pi / 2))
+    assert d[32, 32] == pytest.approx(10.0)
+    # Corner pixel centres lie 32 of 32.5 half-pixels out, at tan(45 deg) = 1 at the image edge.
+    t = 32 / 32.5
+    assert d[0, 0] == pytest.approx(10.0 * np.sqrt(1 + 2 * t**2), rel=1e-5)
+    assert d[32, 0] == pytest.approx(10.0 * np.sqrt(1 + t**2), rel=1e-5)
+    ortho = Camera((0.0, 0.0, 0.0), np.eye(3), projection="orthographic")
+    assert ray_distance(depth, ortho) is depth

@@ -183,8 +183,9 @@ def _sky(hue: float, sat: float, value: float) -> Vec3:
 
 
 def _fog_color(horizon: Vec3, zenith: Vec3, strength: float) -> Vec3:
-    """Display-referred fog colour from the sky that lights it (a 2.2 power stands in for the view transform)."""
-    lin = 0.5 * (np.asarray(horizon) + np.asarray(zenith)) * strength
+    """Display-referred fog colour from the sky that lights it, mostly the (larger) upper sky; a 2.2 power stands in
+    for the view transform."""
+    lin = (0.35 * np.asarray(horizon) + 0.65 * np.asarray(zenith)) * strength
     return vec3(np.clip(lin, 0.0, None) ** (1 / 2.2) * 0.9 + 0.02)
 
 
