@@ -147,7 +147,8 @@ def fog(x: np.ndarray, depth: np.ndarray, density: float, color: tuple[float, fl
         x: (H, W, 3) or (H, W) float32 image, 0..1.
         depth: (H, W) distance from the camera, scene units.
         density: Extinction per scene unit.
-        color: Fog colour, display-referred 0..1 (a single channel uses its mean).
+        color: Fog colour, display-referred 0..1 (a single channel uses its mean); linear light when ``linear``.
+        linear: ``x`` is linear light (film raw) and is blended as it is.
 
     Returns:
         Image of ``x``'s shape, float32.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from scenes.randomization import PostKnobs
 from scenes.spec import Material, to_jsonable
@@ -143,7 +144,7 @@ _RENDER = textwrap.dedent("""
     from synth.blender import BlenderRenderer
     from synth.config import OutputSettings, RenderSettings
 
-    r = BlenderRenderer(RenderSettings(resolution=64, views=1, samples=4, denoise=False), OutputSettings(),
+    r = BlenderRenderer(RenderSettings(resolution=64, views=1, samples=16, noise_threshold=0, denoise=False), OutputSettings(),
                         tempfile.mkdtemp(), threads=2)
     def spec(m):
         loc = np.array([2.2, -2.6, 1.6])
@@ -156,7 +157,7 @@ _RENDER = textwrap.dedent("""
     mats = {"plain": Material(red, roughness=0.8), "plain2": Material(red, roughness=0.8),
             "brick": Material(red, roughness=0.8, texture="brick", color2=mortar, texture_scale=4.4),
             "brick_bump": Material(red, roughness=0.8, texture="brick", color2=mortar, texture_scale=4.4, bump=1.0),
-            "grain": Material(red, roughness=0.8, bump=1.0)}
+            "grain": Material(red, roughness=0.8, bump=1.0, texture_scale=1.0)}
     out = {}
     for k, m in mats.items():
         views, _ = r.render(spec(m))
@@ -179,12 +180,23 @@ def test_brick_and_bump_materials_render(tmp_path: Path):
     cube = d["plain_index"] == 1
     assert cube.mean() > 0.2 and all(np.array_equal(d[k + "_index"], d["plain_index"])
                                      for k in ("brick", "brick_bump", "grain"))
-    diff = {k: np.abs(d[k].astype(int) - d["plain"].astype(int))[cube].mean() for k in
-            ("plain2", "brick", "brick_bump", "grain")}
-    print({k: round(float(v), 2) for k, v in diff.items()})
-    assert diff["plain2"] == 0  # renders are deterministic, so any difference is the material's
-    assert diff["brick"] > 5  # mortar lines across the faces
-    bricks = d["brick"][cube].astype(int)
-    assert np.percentile(bricks.sum(-1), 95) - np.percentile(bricks.sum(-1), 5) > 60  # light mortar, red bricks
-    assert np.abs(d["brick_bump"].astype(int) - d["brick"].astype(int))[cube].mean() > 0.5  # joints shade
-    assert diff["grain"] > 0.3  # bump without a colour texture: a fine grain of its own
+    def mad(a: str, b: str) -> float:
+        return float(np.abs(d[a].astype(int) - d[b].astype(int))[cube].mean())
+
+    # Two renders of one scene in one session can differ slightly (seen: 0-1.4 grey levels mean on the cube),
+    # so each material's effect is measured against that floor.
+    floor = mad("plain2", "plain")
+    assert floor < 2.0
+    assert mad("brick", "plain") > max(5.0, 4 * floor)  # mortar lines across the faces
+    bricks = d["brick"][cube].astype(int).sum(-1)
+    assert np.percentile(bricks, 95) - np.percentile(bricks, 5) > 60  # light mortar between red bricks
+    assert mad("brick_bump", "brick") > max(2.0, 2 * floor)  # the joints' relief shades them
+
+    def fine_detail(k: str) -> float:  # mean high-pass magnitude inside the cube's faces
+        grey = d[k].astype(float).sum(-1)
+        inner = ndimage.binary_erosion(cube, iterations=3)
+        return float(np.abs(grey - ndimage.uniform_filter(grey, 3))[inner].mean())
+
+    # Bump without a colour texture: a fine grain of its own (the 16-sample noise alone gives the floor).
+    assert abs(fine_detail("plain2") - fine_detail("plain")) < 0.02 * fine_detail("plain")
+    assert fine_detail("grain") > 1.05 * fine_detail("plain")
