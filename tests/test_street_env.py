@@ -144,8 +144,8 @@ _RENDER = textwrap.dedent("""
     from synth.blender import BlenderRenderer
     from synth.config import OutputSettings, RenderSettings
 
-    r = BlenderRenderer(RenderSettings(resolution=64, views=1, samples=16, noise_threshold=0, denoise=False), OutputSettings(),
-                        tempfile.mkdtemp(), threads=2)
+    settings = RenderSettings(resolution=64, views=1, samples=16, noise_threshold=0, denoise=False)
+    r = BlenderRenderer(settings, OutputSettings(), tempfile.mkdtemp(), threads=2)
     def spec(m):
         loc = np.array([2.2, -2.6, 1.6])
         cam = Camera(tuple(loc), look_at(loc, np.array([0, 0, 0.5])), fov=0.7)
