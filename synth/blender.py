@@ -240,7 +240,7 @@ class SceneBuilder:
         brick.inputs["Scale"].default_value = 1.0
         brick.inputs["Brick Width"].default_value = length
         brick.inputs["Row Height"].default_value = length / 3.0
-        brick.inputs["Mortar Size"].default_value = length * 0.045
+        brick.inputs["Mortar Size"].default_value = length * 0.0225  # joints about 1 cm wide on a render
         brick.inputs["Mortar Smooth"].default_value = 0.1
         brick.inputs["Bias"].default_value = 0.0
         brick.inputs["Color1"].default_value = (*(c * 1.12 for c in m.color), 1.0)
