@@ -94,11 +94,27 @@ class PostKnobs(StrictModel):
                              "saturating at 4095); 0 = the output's full 8/16-bit range")
     camera_offset: CountRange = Field((0, 0), description="camera offset added to the counts (e.g. 100, or "
                                       "32768 for 12-bit data in a signed-offset 16-bit container)")
+    # Street cameras (all off by default: a family that leaves them draws nothing more from the generator).
+    white_balance: Range = Field((0.0, 0.0), description="white-balance error a: red gain 1 + a, blue 1 - a "
+                                 "(> 0 warm, < 0 cool; 0.1 is a clearly tinted camera)")
+    tint: Range = Field((0.0, 0.0), description="green-magenta error t: green gain 1 + t")
+    motion_blur_prob: float = Field(0.0, ge=0, le=1, description="share of frames with motion blur")
+    motion_blur: PosRange = Field((0.0, 0.0), description="streak length in px of a blurred frame, at a random "
+                                  "angle (mostly horizontal: a pan or a moving car)")
+    chromatic_aberration: PosRange = Field((0.0, 0.0), description="lateral chromatic aberration: px that red and "
+                                           "blue are displaced at the image corners (1-2 px: a cheap lens)")
+    lens_k1: Range = Field((0.0, 0.0), description="radial lens distortion k1 per frame: < 0 barrel (dashcams, "
+                           "-0.1 to -0.25), > 0 pincushion; warps image and labels alike")
 
     @model_validator(mode="after")
     def _vignetting_at_most_one(self) -> PostKnobs:
         if self.vignetting[1] > 1:
             raise ValueError(f"vignetting must be within 0..1, got {list(self.vignetting)}")
+        if max(abs(v) for v in self.lens_k1) > 0.3:
+            raise ValueError(f"lens_k1 must be within -0.3..0.3, got {list(self.lens_k1)}")
+        if max(abs(v) for v in (*self.white_balance, *self.tint)) > 0.5:
+            raise ValueError(f"white_balance and tint must be within -0.5..0.5, got {list(self.white_balance)}, "
+                             f"{list(self.tint)}")
         return self
 
     def max_value(self) -> int:
@@ -194,4 +210,12 @@ def sample_post(rng: np.random.Generator, k: PostKnobs, linear: bool = False, ga
     fx.camera_bits = k.camera_bits
     fx.camera_offset = integers(rng, k.camera_offset) if k.camera_offset[1] > k.camera_offset[0] \
         else k.camera_offset[0]
+    a, t = uniform(rng, k.white_balance), uniform(rng, k.tint)
+    fx.white_balance = (1.0 + a, 1.0 + t, 1.0 - a)
+    if k.motion_blur_prob > 0 and k.motion_blur[1] > 0 and rng.random() < k.motion_blur_prob:
+        fx.motion_blur = uniform(rng, k.motion_blur)
+        # Mostly horizontal (panning, a moving car), sometimes any direction (shake).
+        fx.motion_angle = float(rng.normal(0.0, 0.15) if rng.random() < 0.7 else rng.uniform(0, np.pi))
+    fx.chromatic_aberration = uniform(rng, k.chromatic_aberration)
+    fx.lens_k1 = uniform(rng, k.lens_k1)
     return fx

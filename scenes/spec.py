@@ -113,12 +113,22 @@ class SceneObject:
 
 @dataclass
 class Light:
+    """A light. ``energy`` is W (point, area, spot) or W/m2 (sun); it shines along its local -Z (``rotation``).
+
+    ``size`` is an area light's edge (point and spot: a quarter of it is the radius that softens shadows);
+    ``angle`` is a sun's angular diameter (2 degrees: crisp shadows; 20 and more: a hazy, overcast sun);
+    ``spot_size`` is a spot's cone angle and ``spot_blend`` the softness of its rim (Blender's defaults).
+    """
+
     type: LightType
     location: Vec3
     rotation: Vec3 = (0.0, 0.0, 0.0)
     energy: float = 100.0
     color: Vec3 = (1.0, 1.0, 1.0)
     size: float = 0.5
+    angle: float = float(np.radians(2.0))
+    spot_size: float = float(np.radians(45.0))
+    spot_blend: float = 0.15
 
 
 @dataclass
@@ -156,7 +166,7 @@ class Camera:
 
 @dataclass
 class PostFX:
-    """Per-frame image-space post-processing, applied to the 8/16-bit RGB after rendering (never to labels).
+    """Per-frame image-space post-processing, applied to the 8/16-bit RGB after rendering.
 
     The fields after ``gamma`` default to "off", which leaves the older effects' results unchanged. A
     ``linear`` frame (film ``raw``: the render holds linear light) is modelled as a camera: ``gain`` first,
@@ -177,6 +187,14 @@ class PostFX:
     background: float = 0.0  # additive background glow, fraction of full scale (also unevenly lit)
     camera_bits: int = 0  # >0: ADC bits; counts 0..2**bits-1, stored plus camera_offset (0: full output range)
     camera_offset: int = 0  # added to the counts (sCMOS frames: e.g. 100, or 32768 for a signed-offset 12-bit)
+    # Street cameras. Only lens_k1 moves pixels, and it moves the labels (object index, depth) with them.
+    fog_density: float = 0.0  # per scene unit: light from d away keeps exp(-d * density) (visibility 3/density)
+    fog_color: Vec3 = (0.7, 0.7, 0.7)  # display-referred 0..1: what fully fogged pixels (and the sky) look like
+    white_balance: Vec3 = (1.0, 1.0, 1.0)  # per-channel gains on linear light (a camera's white-balance error)
+    motion_blur: float = 0.0  # px: length of a straight camera shake / pan streak
+    motion_angle: float = 0.0  # radians: its direction in the image, 0 = along +x (rows), pi/2 = along +y (down)
+    chromatic_aberration: float = 0.0  # px of lateral CA at the image corners: red scaled outwards, blue inwards
+    lens_k1: float = 0.0  # radial distortion, -0.3..0.3: < 0 barrel, > 0 pincushion (see synth.postfx.lens_maps)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from scenes.spec import Camera, SceneSpec
 from segfactory.formats.dataset import ShardWriter, commit_shard, is_committed, new_shard_attempt, shard_dir
 from segfactory.io import read_json
 from segfactory.seeds import postprocess_rng
-from synth.postfx import apply_post
+from synth.postfx import apply_lens, apply_post
 from synth.shard import PROGRESS_PREFIX, ShardPlan, depth_to_png, labels_from_index
 
 FAULT_ENV = "SEGFACTORY_FAULT"
@@ -64,6 +64,19 @@ def object_blur_px(spec: SceneSpec, view: int, index: np.ndarray) -> np.ndarray 
             dist = float(np.linalg.norm(np.subtract(o.location, cam.location)))
             sigma[i] = o.defocus * width / (2 * dist * np.tan(cam.fov / 2))
     return sigma
+
+
+def ray_distance(depth: np.ndarray, cam: Camera) -> np.ndarray:
+    """(H, W) distance from the camera along each pixel's ray, from the depth pass's distance along the view
+    axis (what fog attenuates with). Orthographic rays are parallel to the axis: unchanged."""
+    if cam.projection != "perspective":
+        return depth
+    h, w = depth.shape
+    half = np.tan(cam.fov / 2)  # Blender's sensor fit AUTO: the fov spans the longer side
+    scale = half / (max(h, w) / 2)
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    tx, ty = (xx - (w - 1) / 2) * scale, (yy - (h - 1) / 2) * scale
+    return depth * np.sqrt(1 + tx**2 + ty**2)
 
 
 def _maybe_fault(root: Path, plan: ShardPlan) -> None:
@@ -126,13 +139,16 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
             # Objects of the background class emit no light where a defocused object's blur needs to know it.
             dark = spec.class_of_object() == spec.background_class
             for v, view in enumerate(views):
-                semantic, instance = labels_from_index(view.index, spec)
+                fx = spec.post[v]
+                # Lens distortion moves pixels: the image, object index and depth take the same warp.
+                rgb, index, depth = apply_lens(view.rgb, fx.lens_k1, view.index, view.depth)
+                semantic, instance = labels_from_index(index, spec)
                 # One generator per view, so any single frame's noise can be reproduced from its record alone.
                 post_rng = postprocess_rng(plan.seed, scene_index, v)
-                rgb = apply_post(view.rgb, spec.post[v], post_rng, view.index,
-                                 object_blur_px(spec, v, view.index), out_dtype, dark)
-                writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(view.depth, view.index),
-                           camera_record(spec.cameras[v]), asdict(spec.post[v]))
+                rgb = apply_post(rgb, fx, post_rng, index, object_blur_px(spec, v, index), out_dtype, dark,
+                                 ray_distance(depth, spec.cameras[v]) if fx.fog_density > 0 else None)
+                writer.add(scene_index, v, rgb, semantic, instance, depth_to_png(depth, index),
+                           camera_record(spec.cameras[v]), asdict(fx))
                 print(f"{PROGRESS_PREFIX} {plan.shard_id} {len(writer.frames)}", flush=True)
                 _maybe_fault(root, plan)
             timings["write_s"] += time.perf_counter() - t0 + t["read_s"]
