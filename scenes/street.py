@@ -24,7 +24,6 @@ height on a sidewalk, and a raised surveillance view (4-12 m, looking down at th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,17 +37,11 @@ from scenes.camera import look_at, visible_mask
 from scenes.placement import Footprint, FootprintSet
 from scenes.randomization import (
     CountRange,
-    LightKnobs,
     MaterialKnobs,
     PosRange,
-    PostKnobs,
     Range,
-    WorldKnobs,
     integers,
-    sample_lights,
     sample_material,
-    sample_post,
-    sample_world,
     uniform,
 )
 from scenes.registry import SceneContext, register_scene
@@ -60,16 +53,15 @@ from scenes.spec import (
     Material,
     Mesh,
     Part,
-    PostFX,
     SceneObject,
     SceneSpec,
     Vec3,
-    World,
     footprint_radius,
     vec3,
 )
 from scenes.street_assets import furniture
 from scenes.street_assets.buildings import sample_building
+from scenes.street_assets.environment import Environment, EnvironmentKnobs, sample_environment, wet
 from scenes.street_assets.furniture import sample_bollard
 from scenes.street_assets.nature import sample_bush, sample_tree
 from scenes.street_assets.people import group_offsets, sample_person
@@ -91,60 +83,8 @@ MarkingStyle = Literal["dashed_white", "solid_white", "double_yellow", "none"]
 CameraKind = Literal["dashcam", "pedestrian", "surveillance"]
 CAMERA_KINDS: tuple[CameraKind, ...] = ("dashcam", "pedestrian", "surveillance")
 MARK_H = 0.005  # paint thickness: markings and crosswalk stripes stand this far above the asphalt
+AT_END_CLEARANCE = 0.3  # m: objects placed at a given spot keep this far from a region's ends along the street
 PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the asphalt and the paint
-
-
-# --- Environment (adapter) -----------------------------------------------------------------------------------
-
-class EnvironmentKnobs(StrictModel):  # replaced by scenes.street_assets.environment at merge
-    """Time of day and weather of a street scene (adapter over today's light/world samplers)."""
-
-    street_lights_prob: float = Field(0.2, ge=0, le=1, description="share of scenes at dusk with lit street lamps")
-    wet_prob: float = Field(0.25, ge=0, le=1, description="share of scenes after rain (wet surfaces, puddles)")
-    lights: LightKnobs | None = Field(None, exclude=True, description="filled from scene.randomization.lights")
-    world: WorldKnobs | None = Field(None, exclude=True, description="filled from scene.randomization.world")
-
-
-@dataclass
-class Environment:  # replaced by scenes.street_assets.environment at merge
-    """One scene's light and weather: ``lights(center)``, ``world()``, ``post(rng, knobs)``."""
-
-    knobs: EnvironmentKnobs
-    rng: np.random.Generator
-    street_lights_on: bool
-    wetness: float
-
-    def lights(self, center: FloatArray) -> list[Light]:
-        lights = sample_lights(self.rng, self.knobs.lights or LightKnobs(), center, min_height=20.0)
-        if self.street_lights_on:  # dusk: a weak low sun
-            for light in lights:
-                light.energy *= 0.15
-        return lights
-
-    def world(self) -> World:
-        world = sample_world(self.rng, self.knobs.world or WorldKnobs())
-        if self.street_lights_on:
-            world.strength *= 0.3
-        return world
-
-    def post(self, rng: np.random.Generator, post_knobs: PostKnobs) -> PostFX:
-        return sample_post(rng, post_knobs)
-
-
-def sample_environment(rng: np.random.Generator, knobs: EnvironmentKnobs) -> Environment:
-    # replaced by scenes.street_assets.environment.sample_environment at merge
-    lit = bool(rng.random() < knobs.street_lights_prob)
-    wetness = float(rng.uniform(0.4, 1.0)) if rng.random() < knobs.wet_prob else 0.0
-    return Environment(knobs, np.random.default_rng(rng.integers(2**63)), lit, wetness)
-
-
-def wet(material: Material, wetness: float) -> Material:
-    # replaced by scenes.street_assets.environment.wet at merge
-    """A copy of ``material`` darker and glossier by ``wetness`` (0 dry .. 1 soaked)."""
-    if wetness <= 0:
-        return material
-    darker = vec3(c * (1 - 0.35 * wetness) for c in material.color)
-    return dataclasses.replace(material, color=darker, roughness=material.roughness * (1 - 0.8 * wetness))
 
 
 # --- Params ---------------------------------------------------------------------------------------------------
@@ -202,7 +142,9 @@ class StreetParams(StrictModel):
                                      "direction (dashcams: a fifth of it)")
     camera_pitch_deg: Range = Field((-12.0, 3.0), description="degrees, pitch of dashcam and pedestrian cameras")
     environment: EnvironmentKnobs = Field(default_factory=EnvironmentKnobs,
-                                          description="time of day and weather")
+                                          description="time of day and weather (sun, sky, rain, fog, dusk)")
+    max_lamp_lights: int = Field(6, ge=0, description="at dusk, point lights in the street lamps nearest to the "
+                                 "cameras (each costs render time)")
 
     @model_validator(mode="after")
     def _mix_positive(self) -> StreetParams:
@@ -529,7 +471,10 @@ class _Builder:
         for _ in range(1 if at is not None else tries):
             if at is not None:
                 s, t = np.array([at[0]]), np.array([at[1]])
-                inside = [r.z for r in regions if r.s0 <= at[0] <= r.s1 and r.t0 <= at[1] <= r.t1]
+                # Not at a region's very end along the street (a sidewalk cut by a cross street): a pole's foot
+                # would hang over the kerb there.
+                inside = [r.z for r in regions if r.s0 + AT_END_CLEARANCE <= at[0] <= r.s1 - AT_END_CLEARANCE
+                          and r.t0 <= at[1] <= r.t1]
                 if not inside:
                     return False
                 z = inside[0]
@@ -557,7 +502,7 @@ def build_street(ctx: SceneContext) -> StreetLayout:
     b = _Builder(ctx)
     rng, p, r = ctx.rng, ctx.params, ctx.randomization
     k = r.materials
-    env = sample_environment(rng, p.environment.model_copy(update={"lights": r.lights, "world": r.world}))
+    env = sample_environment(rng, p.environment)
     wetness = env.wetness
     length = p.street_length
     half = length / 2
@@ -889,10 +834,30 @@ def build_street(ctx: SceneContext) -> StreetLayout:
         else:
             raise RuntimeError("street camera: no free spot for any kind of camera")
     lights = env.lights(np.zeros(3))
+    if env.street_lights_on:
+        lights += _lamp_lights(b.objects, env, [np.array(c.location) for c in cameras], p.max_lamp_lights)
     spec = SceneSpec("street", ctx.classes, ctx.class_id("sky"), b.objects, lights, env.world(), cameras,
                      [env.post(rng, r.post) for _ in range(ctx.views)])
     return StreetLayout(spec, frame, curved, intersection, kinds, road_w, walk_outer, curb_h,
                         env.street_lights_on, wetness, b.building_polys)
+
+
+def _lamp_lights(objects: list[SceneObject], env: Environment, eyes: list[FloatArray], limit: int) -> list[Light]:
+    """Point lights just below the glowing heads of the street lamps nearest to the cameras (a glowing lens alone
+    lights little of the street), at most ``limit`` of them: each light costs render time."""
+    spots = []
+    for o in objects:
+        if not o.name.startswith("lamp"):
+            continue
+        yaw = o.rotation[2]
+        rot = np.array([[np.cos(yaw), -np.sin(yaw), 0.0], [np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
+        for centre, _ in furniture.lamp_positions(o.parts):
+            spots.append(rot @ np.array(centre) + np.array(o.location) - np.array([0.0, 0.0, 0.35]))
+    if not spots or limit <= 0:
+        return []
+    pts = np.array(spots)
+    dist = np.min([np.linalg.norm(pts - e, axis=1) for e in eyes], axis=0) if eyes else np.zeros(len(pts))
+    return [env.street_light(pts[i]) for i in np.argsort(dist, kind="stable")[:limit]]
 
 
 def _swap(mesh: Mesh) -> Mesh:
@@ -1160,8 +1125,6 @@ def _camera_pose(rng: np.random.Generator, p: StreetParams, kind: CameraKind, ge
     background="sky",
     params=StreetParams,
     randomization={
-        "lights": {"count": [1, 2], "types": ["SUN"], "sun_energy": [1.5, 5.0]},
-        "world": {"strength": [0.6, 1.6], "horizon_value": [0.6, 0.95], "zenith_value": [0.35, 0.8]},
         "camera": {"fov_deg": [35, 95], "min_visible_objects": 2},
         "post": {"noise_std": [0.0, 0.012], "blur_sigma": [0.0, 0.6], "exposure": [-0.4, 0.4]},
     },

@@ -118,7 +118,7 @@ def test_class_ids_are_stable():
     cls: dict[str, set[str]] = {}
     for i in range(3):
         lay = layout(index=i, views=1, verge_prob=1.0, patches=[2, 2], intersection_prob=1.0, lamp_prob=1.0,
-                     environment={"wet_prob": 1.0}, **DENSE)
+                     environment={"weights": {"clear": 0, "overcast": 0, "dusk": 0, "rain": 1}}, **DENSE)
         names = {c.id: c.name for c in lay.spec.classes}
         for o in lay.spec.objects:
             cls.setdefault(kind(o), set()).add(names[o.class_id])
@@ -247,25 +247,29 @@ def test_curved_and_intersection_layouts_over_seeds():
     for x in crossing:
         names = {kind(o) for o in x.spec.objects}
         assert "cross_road" in names
-        # Its corners are free of buildings: no building within the cross street's width plus its sidewalks.
+        # Its corners are free of buildings: no building within the cross street's width plus its sidewalks, on
+        # the side(s) the cross street runs to (a T-junction has buildings across from its mouth).
+        arms = [hull(o) for o in x.spec.objects if kind(o) == "cross_road"]
         for o in x.spec.objects:
             if kind(o) == "building":
                 h = hull(o)
-                assert not (np.abs(h[:, 1] - x.intersection).min() < 2.0 and np.abs(h[:, 0]).min() < 60
+                on_arm = any(h[:, 0].max() > a[:, 0].min() and h[:, 0].min() < a[:, 0].max() for a in arms)
+                assert not (on_arm and np.abs(h[:, 1] - x.intersection).min() < 2.0
                             and (h[:, 1].min() < x.intersection < h[:, 1].max())), o.name
     assert not any(layout(index=i, views=1, curve_prob=0.0).curved for i in range(3))
     assert all(layout(index=i, views=1, intersection_prob=1.0).intersection is not None for i in range(3))
 
 
 def test_markings_styles_crosswalks_and_wet_roads():
-    yellow = [layout(index=i, views=1, lanes=[2, 2], marking_styles=["double_yellow"]) for i in range(3)]
+    yellow = [layout(index=i, views=1, lanes=[2, 2], marking_styles=["double_yellow"],
+                     environment={"weights": {"rain": 0}}) for i in range(3)]  # dry: wet paint is darker
     for x in yellow:
         marks = next(o for o in x.spec.objects if kind(o) == "lane_marking")
         assert any(p.material.color == YELLOW_PAINT for p in marks.parts)
     bare = layout(views=1, marking_styles=["none"], crosswalk_prob=0.0, intersection_prob=0.0)
     assert not any(kind(o) == "lane_marking" for o in bare.spec.objects)
-    wet = layout(views=1, environment={"wet_prob": 1.0})
-    dry = layout(views=1, environment={"wet_prob": 0.0})
+    wet = layout(views=1, environment={"weights": {"clear": 0, "overcast": 0, "dusk": 0, "rain": 1}})
+    dry = layout(views=1, environment={"weights": {"rain": 0}})
     assert wet.wetness > 0 and dry.wetness == 0
     assert any(kind(o) == "puddle" for o in wet.spec.objects)
     assert not any(kind(o) == "puddle" for o in dry.spec.objects)
@@ -274,14 +278,18 @@ def test_markings_styles_crosswalks_and_wet_roads():
 
 
 def test_street_lamps_are_lit_when_the_street_lights_are_on():
-    on = layout(views=1, lamp_prob=1.0, environment={"street_lights_prob": 1.0})
-    off = layout(views=1, lamp_prob=1.0, environment={"street_lights_prob": 0.0})
+    on = layout(views=1, lamp_prob=1.0, environment={"weights": {"clear": 0, "overcast": 0, "dusk": 1, "rain": 0}})
+    off = layout(views=1, lamp_prob=1.0, environment={"weights": {"dusk": 0}, "rain_street_lights_prob": 0.0})
     assert on.street_lights_on and not off.street_lights_on
     lamps_on = [o for o in on.spec.objects if kind(o) == "lamp"]
     lamps_off = [o for o in off.spec.objects if kind(o) == "lamp"]
     assert len(lamps_on) >= 4 and len(lamps_off) >= 4
     assert all(any(p.material.shader == "emission" for p in o.parts) for o in lamps_on)
     assert not any(p.material.shader == "emission" for o in lamps_off for p in o.parts)
+    # Lit lamps light the street: point lights under the heads nearest to the cameras, at most max_lamp_lights.
+    points = [lt for lt in on.spec.lights if lt.type == "POINT"]
+    assert 1 <= len(points) <= StreetParams().max_lamp_lights
+    assert not [lt for lt in off.spec.lights if lt.type == "POINT"]
 
 
 def test_params_of_the_old_street_config_still_validate():
