@@ -139,6 +139,45 @@ def test_bodies_are_closed_outward_and_smooth(kind: str):
     assert named["glass"].material.roughness < 0.1 and max(named["glass"].material.color) < 0.1
 
 
+def _inside(mesh: Mesh, points: np.ndarray) -> np.ndarray:
+    """Which points lie inside a closed mesh (parity of crossings along a slightly tilted vertical ray)."""
+    v = mesh.vertices.astype(np.float64)
+    f = mesh.faces
+    tris = np.concatenate([v[f[:, [0, 1, 2]]], v[f[:, [0, 2, 3]]]]) if f.shape[1] == 4 else v[f]
+    d = np.array([0.013, 0.021, 1.0]) / np.linalg.norm([0.013, 0.021, 1.0])
+    v0, e1, e2 = tris[:, 0], tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0]
+    p = np.cross(d, e2)
+    det = (e1 * p).sum(1)
+    inv = 1 / np.where(np.abs(det) > 1e-12, det, 1)
+    s = points[:, None] - v0[None]
+    u = (s * p[None]).sum(-1) * inv
+    q = np.cross(s, e1[None])
+    w = (q @ d) * inv
+    t = (q * e2[None]).sum(-1) * inv
+    hits = (np.abs(det) > 1e-12) & (u >= 0) & (w >= 0) & (u + w <= 1) & (t > 0)
+    return hits.sum(1) % 2 == 1
+
+
+@pytest.mark.parametrize("kind", VEHICLE_KINDS)
+def test_glass_lights_plates_lie_on_the_body_not_in_it(kind: str):
+    """Face centres and edge mid-points of the thin parts on the body are outside it (none hides in the paint),
+    and the glass lies on the body, not floating away from it."""
+    for seed in range(3):
+        _, named = sample_vehicle_parts(np.random.default_rng(seed), K, kind)
+        body = named["body"].mesh
+        for name in ("glass", "head_lights", "tail_lights", "plates", "livery"):
+            if name not in named:
+                continue
+            v, f = named[name].mesh.vertices.astype(np.float64), named[name].mesh.faces
+            pts = np.concatenate([v[f].mean(1), 0.5 * (v[f[:, 0]] + v[f[:, 1]]), 0.5 * (v[f[:, 1]] + v[f[:, 2]])])
+            assert not _inside(body, pts).any(), f"{kind} seed {seed}: {name} inside the body"
+        g = named["glass"].mesh.vertices.astype(np.float64)
+        bv = body.vertices.astype(np.float64)
+        sample = g[:: max(1, len(g) // 60)]
+        dist = np.sqrt(((sample[:, None] - bv[None]) ** 2).sum(-1)).min(1)
+        assert np.median(dist) < 0.15  # on the surface (nearest body vertex, stations ~0.15 m apart)
+
+
 @pytest.mark.parametrize("kind", ["sedan", "suv", "bus"])
 def test_wheels_sit_in_arches(kind: str):
     """Each tyre's top is under the body's arch: the body has no vertex inside the tyre's swept box."""

@@ -168,8 +168,10 @@ def _triangles(mesh: Mesh) -> FloatArray:
 def _raycast(tris: FloatArray, origins: FloatArray, direction: FloatArray) -> FloatArray:
     """Distance along ``direction`` from each of the (N, 3) origins to the nearest triangle (NaN: a miss).
 
-    Möller-Trumbore, vectorised over rays and triangles.
+    Möller-Trumbore, vectorised over rays and triangles. The rays are nudged by 0.1 mm sideways: a ray exactly
+    along a shared edge (a body's welded centre line at x = 0) could slip between its two triangles.
     """
+    origins = origins + 1e-4 * (np.array([0.71, 0.53, 0.46]) - np.abs(direction))
     v0 = tris[:, 0]
     e1, e2 = tris[:, 1] - v0, tris[:, 2] - v0
     p = np.cross(direction, e2)
@@ -213,6 +215,10 @@ def _decal(tris: FloatArray, axis: str, center: tuple[float, float], size: tuple
     gu, gv = np.meshgrid(uu, vv, indexing="ij")
     origins = np.zeros((gu.size, 3))
     other = [i for i in range(3) if i != ax]
+    # Only triangles whose extent overlaps the panel's rectangle can be hit (a ~10x cheaper cast).
+    lo, hi = tris.min(axis=1), tris.max(axis=1)
+    tris = tris[(hi[:, other[0]] >= uu[0] - 1e-6) & (lo[:, other[0]] <= uu[-1] + 1e-6)
+                & (hi[:, other[1]] >= vv[0] - 1e-6) & (lo[:, other[1]] <= vv[-1] + 1e-6)]
     origins[:, other[0]], origins[:, other[1]] = gu.ravel(), gv.ravel()
     origins[:, ax] = -sign * 100.0
     direction = np.zeros(3)
@@ -220,14 +226,29 @@ def _decal(tris: FloatArray, axis: str, center: tuple[float, float], size: tuple
     t = _raycast(tris, origins, direction)
     if np.all(np.isnan(t)):
         return None
-    t0 = np.nanmin(t)
+    t0 = float(np.nanmin(t))
     if flat:
         su, sv = np.meshgrid(np.linspace(-size[0] / 2, size[0] / 2, 5), np.linspace(-size[1] / 2, size[1] / 2, 3))
         probe = np.zeros((su.size, 3))
         probe[:, other[0]], probe[:, other[1]] = center[0] + su.ravel(), center[1] + sv.ravel()
         probe[:, ax] = -sign * 100.0
-        t = np.full_like(t, np.nanmin(np.concatenate([[t0], _raycast(tris, probe, np.zeros(3) + direction)])))
+        t0 = float(np.nanmin(np.concatenate([[t0], _raycast(tris, probe, direction)])))
+        t = np.full_like(t, t0)
     t = np.clip(np.where(np.isnan(t), t0, t), t0, t0 + max_depth)
+    if not flat:  # a curved surface bulges between the vertices: move the panel out by the deepest bulge
+        tg = t.reshape(n[0] + 1, n[1] + 1)
+        mu, mv = 0.5 * (gu[:-1, :-1] + gu[1:, 1:]), 0.5 * (gv[:-1, :-1] + gv[1:, 1:])
+        chord = 0.25 * (tg[:-1, :-1] + tg[1:, :-1] + tg[:-1, 1:] + tg[1:, 1:])
+        edges = [(mu, gv[:-1, :-1], 0.5 * (tg[:-1, :-1] + tg[1:, :-1])),  # mid-points of the u edges
+                 (gu[:-1, :-1], mv, 0.5 * (tg[:-1, :-1] + tg[:-1, 1:])), (mu, mv, chord)]
+        probe = np.zeros((sum(e[0].size for e in edges), 3))
+        probe[:, other[0]] = np.concatenate([e[0].ravel() for e in edges])
+        probe[:, other[1]] = np.concatenate([e[1].ravel() for e in edges])
+        probe[:, ax] = -sign * 100.0
+        surface = _raycast(tris, probe, direction)
+        lin = np.concatenate([e[2].ravel() for e in edges])
+        bulge = np.nan_to_num(np.clip(lin - surface, 0.0, max_depth), nan=0.0)
+        t = t - float(bulge.max(initial=0.0))
     pts = origins + direction * (t - offset)[:, None]
     grid = pts.reshape(n[0] + 1, n[1] + 1, 3)
     # Facing against the projection: the grid's (u, v) normal is u x v, flip when it points along the ray.
@@ -409,9 +430,11 @@ def _loft(p: _Profile) -> _Body:
 
 
 def _span(body: _Body, d_a: float, d_b: float) -> FloatArray:
-    """Stations of a patch from ``d_a`` to ``d_b``: its ends and the body's stations between them."""
-    inner = body.d[(body.d > d_a + 0.005) & (body.d < d_b - 0.005)]
-    return np.concatenate([[d_a], inner, [d_b]])
+    """Stations of a patch from ``d_a`` to ``d_b``: the body's own stations between them, so the patch follows
+    the body's facets exactly (a section between two stations is not the blend of theirs); its ends where
+    fewer than two lie between them."""
+    inner = body.d[(body.d >= d_a) & (body.d <= d_b)]
+    return inner if len(inner) >= 2 else np.array([d_a, d_b])
 
 
 def _normals(grid: FloatArray, outward: FloatArray) -> FloatArray:
@@ -450,12 +473,16 @@ def _side_patch(body: _Body, d_a: float, d_b: float, side: float, lo: float | No
     z_lo = np.full_like(ds, lo) if lo is not None else zb + margin[0]
     z_hi = np.maximum(np.full_like(ds, hi) if hi is not None else zc - margin[1], z_lo + 1e-3)
     grid = np.zeros((len(ds), rows + 1, 3))
+    bulge = np.zeros(len(ds))
     for i in range(len(ds)):
         zs = np.linspace(z_lo[i], z_hi[i], rows + 1)
         flank = sec[i, 6:13]  # the flank's points, ascending in z
         grid[i, :, 0] = np.interp(zs, flank[:, 1], flank[:, 0])
         grid[i, :, 2] = zs
         grid[i, :, 1] = p.y_front - ds[i]
+        # Where the flank bulges between two rows, their chord lies inside: move the station out by that much.
+        mid = np.interp(0.5 * (zs[1:] + zs[:-1]), flank[:, 1], flank[:, 0])
+        bulge[i] = max(0.0, float((mid - 0.5 * (grid[i, 1:, 0] + grid[i, :-1, 0])).max()))
     out = np.zeros_like(grid)
     out[..., 0] = 1.0
     if rows == 1:  # a straight band: normal in the section plane, perpendicular to the band
@@ -465,25 +492,25 @@ def _side_patch(body: _Body, d_a: float, d_b: float, side: float, lo: float | No
         nrm = np.repeat(nrm[:, None], 2, axis=1)
     else:
         nrm = _normals(grid, out)
-    grid = grid + offset * nrm
+    grid = grid + (offset + bulge)[:, None, None] * nrm
     if side < 0:
         grid[..., 0] *= -1
         nrm[..., 0] *= -1
     return _oriented(grid, nrm)
 
 
-def _cap_patch(body: _Body, d_a: float, d_b: float, inset: float = 0.04, offset: float = 0.008, cols: int = 6
-               ) -> Mesh:
+def _cap_patch(body: _Body, d_a: float, d_b: float, inset: float = 0.04, offset: float = 0.008) -> Mesh:
     """A panel over the roof's cross-section from ``d_a`` to ``d_b`` (a sloping windscreen or rear window)
     between the roof-edge roundings, ``inset`` inside their midpoints (the A/C pillars)."""
     p = body.profile
     ds = _span(body, d_a, d_b)
     sec, _, _ = _sections(p, ds)
-    grid = np.zeros((len(ds), cols + 1, 3))
+    grid = np.zeros((len(ds), 7, 3))
     for i in range(len(ds)):
         cap = sec[i, 12:][::-1]  # ascending x: roof centre .. roof edge
-        xg = max(sec[i, 13, 0] - inset, 0.05)
-        xs = np.linspace(-xg, xg, cols + 1)
+        xg = max(sec[i, 13, 0] - inset, sec[i, 14, 0] + 1e-3)
+        half = np.concatenate([sec[i, 16:13:-1, 0], [xg]])  # the polyline's own vertices: no chord cuts in
+        xs = np.concatenate([-half[:0:-1], half])
         grid[i, :, 0] = xs
         grid[i, :, 2] = np.interp(np.abs(xs), cap[:, 0], cap[:, 1])
         grid[i, :, 1] = p.y_front - ds[i]
@@ -611,6 +638,9 @@ def _arch_liners(body: _Body, depth: float) -> Mesh:
 
 
 # ------------------------------------------------------------------------------------------------ car bodies
+_WHEEL_WIDTH = {"sedan": 0.2, "hatchback": 0.19, "suv": 0.23, "van": 0.2}
+
+
 @dataclass
 class _Layout:
     """Where lights, grille and plates sit on the front and rear faces."""
@@ -634,6 +664,8 @@ class _Car:
     wheel_radius: float
     track_inset: float
     lay: _Layout
+    doors: list[float] = field(default_factory=list)  # door seams (d)
+    cladding: bool = False  # dark plastic sills between the arches
     mirrors: bool = True
 
 
@@ -651,7 +683,7 @@ def _face_layout(rng: np.random.Generator, hw: float, front: tuple[float, float]
     th = u(0.09, 0.15)
     tz = rear[1] - 0.02 - th / 2
     pz_r = max(tz - u(0.0, 0.2), rear[0] + 0.16)
-    return _Layout(head=(hw * u(0.6, 0.7), hz, u(0.28, 0.4), hh), tail=(hw * u(0.68, 0.76), tz, u(0.25, 0.38), th),
+    return _Layout(head=(hw * u(0.6, 0.68), hz, u(0.32, 0.46), hh), tail=(hw * u(0.68, 0.76), tz, u(0.25, 0.38), th),
                    plates=(pz_f, pz_r), grille=(gz, hw * u(0.6, 0.95), gh), rear_strip=(rear[0] + 0.07, 0.08))
 
 
@@ -670,15 +702,15 @@ def _car(rng: np.random.Generator, kind: str) -> _Car:
     belt_f = hood + u(0.0, 0.04)
     belt_r = belt_f + u(0.04, 0.1)
     ws0 = fo + u(0.45, 0.7) if kind != "hatchback" else fo + u(0.3, 0.45)  # windscreen base (hood's end)
-    ws_run = (height - hood) / np.tan(np.radians(u(26, 32) if kind != "suv" else u(31, 38)))
+    ws_run = (height - hood) / np.tan(np.radians(u(27, 33) if kind != "suv" else u(31, 38)))
     r0 = ws0 + ws_run  # roof front
     edge = hood - u(0.05, 0.08)  # the hood's leading edge
     nose_z = edge - 0.03  # top of the vertical front face
     front_bottom = clear + u(0.12, 0.2)
     top = [(0.0, nose_z), (0.08, edge), (0.45, hood - 0.01), (ws0, hood + 0.05), (r0, height - 0.025)]
     if kind == "sedan":
-        r1 = r0 + u(0.95, 1.2)
-        rw1 = r1 + u(0.55, 0.75)  # rear window base: the boot lid
+        r1 = r0 + u(0.9, 1.1)
+        rw1 = min(r1 + u(0.5, 0.65), length - 0.55)  # rear window base: the boot lid
         boot = belt_r + u(0.02, 0.06)
         tail_z = boot - 0.05
         top += [(0.5 * (r0 + r1), height), (r1, height - 0.03), (rw1, boot), (length - 0.08, boot - 0.01),
@@ -699,14 +731,19 @@ def _car(rng: np.random.Generator, kind: str) -> _Car:
               (length - 0.3, clear + 0.05), (length, rear_bottom)]
     belt = [(0.0, belt_f - 0.05), (fo, belt_f), (length - ro, belt_r), (length, belt_r)]
     arch = r + u(0.04, 0.06)
+    inset = u(0.06, 0.1)  # tyre's outer face inside the flank
+    arch_depth = inset + _WHEEL_WIDTH[kind] + u(0.03, 0.06)  # the well holds the whole tyre
     profile = _Profile(length, hw, top, bottom, belt, tumble=u(0.3, 0.42), shoulder=u(0.02, 0.045),
                        bottom_radius=0.06, roof_radius=(u(0.1, 0.16), u(0.06, 0.1)), crown=u(0.025, 0.05),
                        bulge=u(0.005, 0.02), nose=(u(0.28, 0.4), u(2.2, 3.0)), tail=(u(0.22, 0.35), u(2.2, 3.0)),
-                       wheels=[(fo, r, arch), (length - ro, r, arch)], arch_depth=u(0.28, 0.34), spacing=0.14)
+                       wheels=[(fo, r, arch), (length - ro, r, arch)], arch_depth=arch_depth, spacing=0.14)
     b_pillar = 0.5 * (ws0 + c_pillar) + u(-0.1, 0.1)
     side_glass = [(ws0 + 0.05, b_pillar - 0.05), (b_pillar + 0.06, c_pillar)]
     lay = _face_layout(rng, hw, (front_bottom + 0.03, nose_z), (rear_bottom + 0.03, tail_z))
-    return _Car(kind, profile, (ws0 + 0.07, r0 - 0.05), rear, side_glass, r, u(0.06, 0.1), lay)
+    rear_door_end = min(c_pillar + 0.05, length - ro - arch - 0.03)
+    doors = [fo + arch + u(0.08, 0.15), b_pillar, rear_door_end]
+    return _Car(kind, profile, (ws0 + 0.07, r0 - 0.05), rear, side_glass, r, inset, lay, doors,
+                cladding=bool(rng.random() < (0.7 if kind == "suv" else 0.15)))
 
 
 def _van(rng: np.random.Generator) -> tuple[_Car, bool]:
@@ -731,7 +768,8 @@ def _van(rng: np.random.Generator) -> tuple[_Car, bool]:
     profile = _Profile(length, hw, top, bottom, belt, tumble=u(0.08, 0.14), shoulder=u(0.01, 0.025),
                        bottom_radius=0.05, roof_radius=(u(0.12, 0.18), u(0.1, 0.15)), crown=u(0.02, 0.04),
                        bulge=0.01, nose=(u(0.3, 0.4), u(2.2, 2.8)), tail=(u(0.08, 0.14), u(3.0, 4.0)),
-                       wheels=[(fo, r, arch), (length - ro, r, arch)], arch_depth=0.32, spacing=0.15)
+                       wheels=[(fo, r, arch), (length - ro, r, arch)], arch_depth=0.08 + _WHEEL_WIDTH["van"] + 0.05,
+                       spacing=0.15)
     passenger = bool(rng.random() < 0.35)
     door = ws0 + u(0.9, 1.1)
     side_glass = [(ws0 + 0.05, door)]
@@ -741,7 +779,8 @@ def _van(rng: np.random.Generator) -> tuple[_Car, bool]:
     lay = _face_layout(rng, hw, (front_bottom + 0.03, nose_z), (rear_bottom + 0.03, belt_z))
     lay.tail = (hw - 0.1, belt_z - u(0.1, 0.25), 0.13, u(0.3, 0.45))
     lay.plates = (lay.plates[0], rear_bottom + u(0.15, 0.25))
-    car = _Car("van", profile, (ws0 + 0.07, r0 - 0.06), None, side_glass, r, 0.08, lay)
+    car = _Car("van", profile, (ws0 + 0.07, r0 - 0.06), None, side_glass, r, 0.08, lay,
+               [fo + arch + 0.08, door, door + 0.05 + u(0.9, 1.2)], cladding=bool(rng.random() < 0.5))
     return car, passenger
 
 
@@ -766,11 +805,8 @@ def _car_parts(rng: np.random.Generator, k: MaterialKnobs, car: _Car, paint: Mat
     for a, b in car.side_glass:
         for side in (1.0, -1.0):
             glass.append(_side_patch(body, a, b, side))
-    rear_z = float(p.f_belt(np.array([p.length]))[0])
-    top_rear = float(p.f_top(np.array([p.length - 0.05]))[0])
     for cx, cz, w, h in rear_decals:
         glass.append(_decal(body.tris, "+y", (cx, cz), (w, h), (3, 2), offset=0.008))
-    del rear_z, top_rear
     hx, hz, hwid, hh = car.lay.head
     tx, tz, twid, th = car.lay.tail
     head = [_decal(body.tris, "-y", (s * hx, hz), (hwid, hh), (3, 1)) for s in (1, -1)]
@@ -782,7 +818,7 @@ def _car_parts(rng: np.random.Generator, k: MaterialKnobs, car: _Car, paint: Mat
     plate_w, plate_h = (0.52, 0.11) if rng.random() < 0.7 else (0.31, 0.155)
     plates = [_decal(body.tris, "-y", (0.0, car.lay.plates[0]), (plate_w, plate_h), (1, 1), offset=0.012, flat=True),
               _decal(body.tris, "+y", (0.0, car.lay.plates[1]), (plate_w, plate_h), (1, 1), offset=0.012, flat=True)]
-    wheel_w = 0.2 if car.kind != "suv" else 0.23
+    wheel_w = _WHEEL_WIDTH[car.kind]
     x_w = p.half_width - car.track_inset - wheel_w / 2
     pos = [(s * x_w, float(body.y(dw)), car.wheel_radius) for dw, _, _ in p.wheels for s in (1, -1)]
     tyres, rims = _wheels(pos, car.wheel_radius, wheel_w, 0.62 if car.kind != "van" else 0.58,
@@ -793,8 +829,19 @@ def _car_parts(rng: np.random.Generator, k: MaterialKnobs, car: _Car, paint: Mat
         md = car.ws[0] + (0.05 if not big else 0.0)
         mz = float(p.f_belt(np.array([md]))[0]) + (0.1 if not big else 0.15)
         msize = (0.14, 0.09, 0.11) if not big else (0.18, 0.08, 0.28)
-        mirror_part = _mirrors(body, md, mz, msize)
-        trim.append(mirror_part)
+        trim.append(_mirrors(body, md, mz, msize))
+    # Door seams (thin dark lines from the sill to the belt) and, on some, dark plastic sills.
+    sill = float(p.f_bottom(np.array([p.length / 2]))[0])
+    for d in car.doors:
+        belt = float(p.f_belt(np.array([d]))[0])
+        for side in (1.0, -1.0):
+            trim.append(_side_patch(body, d - 0.004, d + 0.004, side, lo=sill + 0.1, hi=belt - 0.01, offset=0.003,
+                                    rows=3, min_height=0.05))
+    if car.cladding:
+        (d_f, _, ra_f), (d_r, _, ra_r) = p.wheels[0], p.wheels[-1]
+        for side in (1.0, -1.0):
+            trim.append(_side_patch(body, d_f + ra_f + 0.02, d_r - ra_r - 0.02, side, lo=sill + 0.03,
+                                    hi=sill + uniform(rng, (0.12, 0.2)), offset=0.004, rows=2))
     return {"body": Part(body.mesh, paint), "glass": Part(_merge(glass), mats["glass"]),
             "tyres": Part(_merge([tyres, liners]), mats["rubber"]), "rims": Part(rims, mats["rims"]),
             "head_lights": Part(_merge(head), mats["head_lights"]),
@@ -821,7 +868,7 @@ def _truck(rng: np.random.Generator, k: MaterialKnobs) -> dict[str, Part]:
                    [(0.0, cab_z0), (cab_len, cab_z0 + 0.1)], [(0.0, belt), (cab_len, belt)],
                    y_front=length / 2, tumble=0.04, shoulder=0.01, bottom_radius=0.04, roof_radius=(0.14, 0.12),
                    crown=0.02, bulge=0.005, nose=(u(0.16, 0.24), u(2.5, 3.5)), tail=(0.06, 4.0),
-                   wheels=[(fo, zw, r + 0.06)], arch_depth=0.36, spacing=0.2)
+                   wheels=[(fo, zw, r + 0.06)], arch_depth=0.1 + 0.28 + 0.05, spacing=0.2)
     cab_body = _loft(cab)
     box_len = length - cab_len - 0.12
     box_z0 = 2 * r + u(0.12, 0.2)
@@ -871,10 +918,10 @@ def _truck(rng: np.random.Generator, k: MaterialKnobs) -> dict[str, Part]:
                     offset=0.005) for xx in (0.0, hw - 0.12, -(hw - 0.12))]
     trim += doors
     x_w = hw - 0.12 - 0.15
-    tyres, rims = _wheels([(s * (cab_hw - 0.1 - 0.15), y_front - fo, zw) for s in (1, -1)]
+    tyres, rims = _wheels([(s * (cab_hw - 0.1 - 0.14), y_front - fo, zw) for s in (1, -1)]
                           + [(s * x_w, y_front - rear_axle, zw) for s in (1, -1)], r, 0.28, 0.55, 0,
                           dual=[False, False, True, True])
-    liners = _arch_liners(cab_body, 0.34)
+    liners = _arch_liners(cab_body, cab.arch_depth - 0.02)
     parts = {"body": Part(cab_body.mesh, cab_paint), "cargo_box": Part(box_body.mesh, box_mat),
              "glass": Part(_merge(glass), mats["glass"]), "tyres": Part(_merge([tyres, liners]), mats["rubber"]),
              "rims": Part(rims, mats["rims"]), "head_lights": Part(_merge(head), mats["head_lights"]),
@@ -907,7 +954,8 @@ def _bus(rng: np.random.Generator, k: MaterialKnobs) -> dict[str, Part]:
     profile = _Profile(length, hw, top, bottom, [(0.0, belt), (length, belt)], tumble=0.03, shoulder=0.01,
                        bottom_radius=0.05, roof_radius=(u(0.2, 0.3), u(0.18, 0.25)), crown=0.03, bulge=0.005,
                        nose=(u(0.22, 0.3), u(2.5, 3.2)), tail=(u(0.2, 0.28), u(2.5, 3.2)),
-                       wheels=[(fo, r, r + 0.06), (length - ro, r, r + 0.06)], arch_depth=0.34, spacing=0.5,
+                       wheels=[(fo, r, r + 0.06), (length - ro, r, r + 0.06)], arch_depth=0.14 + 0.3 + 0.05,
+                       spacing=0.5,
                        smooth=0.03)
     body = _loft(profile)
     name, paint = _livery(rng, k)
@@ -957,7 +1005,7 @@ def _bus(rng: np.random.Generator, k: MaterialKnobs) -> dict[str, Part]:
               _decal(body.tris, "+y", (0.0, z0 + 0.45), (0.52, 0.11), (1, 1), offset=0.012, flat=True)]
     tyres, rims = _wheels([(s * (hw - 0.14 - 0.15), float(body.y(dw)), r) for dw, _, _ in profile.wheels
                            for s in (1, -1)], r, 0.3, 0.55, 0)
-    liners = _arch_liners(body, 0.34)
+    liners = _arch_liners(body, profile.arch_depth - 0.02)
     parts = {"body": Part(body.mesh, paint), "glass": Part(_merge(glass), mats["glass"]),
              "tyres": Part(_merge([tyres, liners]), mats["rubber"]), "rims": Part(rims, mats["rims"]),
              "head_lights": Part(_merge(head), mats["head_lights"]),
