@@ -65,6 +65,7 @@ from scenes.street_assets.environment import Environment, EnvironmentKnobs, samp
 from scenes.street_assets.furniture import sample_bollard
 from scenes.street_assets.nature import sample_bush, sample_tree
 from scenes.street_assets.people import group_offsets, sample_person
+from scenes.street_assets.vehicles import sample_bicycle, sample_vehicle
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -154,76 +155,10 @@ class StreetParams(StrictModel):
         return self
 
 
-PAINT = [(0.6, 0.02, 0.02), (0.02, 0.05, 0.4), (0.8, 0.8, 0.8), (0.02, 0.02, 0.02), (0.3, 0.3, 0.32),
-         (0.7, 0.5, 0.05), (0.05, 0.25, 0.08)]
-FACADE = [(0.45, 0.35, 0.25), (0.35, 0.12, 0.08), (0.4, 0.4, 0.4), (0.2, 0.25, 0.35), (0.55, 0.5, 0.42)]
-CLOTHES = [(0.05, 0.05, 0.08), (0.4, 0.05, 0.05), (0.05, 0.1, 0.35), (0.5, 0.5, 0.45), (0.1, 0.25, 0.1)]
-SKIN = [(0.6, 0.4, 0.3), (0.35, 0.2, 0.12), (0.15, 0.08, 0.05), (0.7, 0.5, 0.4)]
 WHITE_PAINT, YELLOW_PAINT = (0.85, 0.85, 0.8), (0.8, 0.55, 0.05)
 
 
-def _pick(rng: np.random.Generator, palette: list[Vec3]) -> Vec3:
-    return palette[int(rng.integers(len(palette)))]
-
-
-# --- Asset adapters over today's primitives -------------------------------------------------------------------
-
-VEHICLE_SIZES = {  # kind: (length, width, body height, cabin height) ranges
-    "sedan": ((4.3, 4.9), (1.7, 1.9), (0.55, 0.7), (0.45, 0.55)),
-    "hatchback": ((3.6, 4.2), (1.65, 1.8), (0.6, 0.75), (0.5, 0.6)),
-    "suv": ((4.4, 4.9), (1.8, 2.0), (0.8, 0.95), (0.55, 0.65)),
-    "van": ((4.8, 5.6), (1.9, 2.05), (1.3, 1.5), (0.3, 0.4)),
-    "truck": ((6.5, 8.5), (2.2, 2.5), (2.0, 2.6), (0.2, 0.3)),
-    "bus": ((10.0, 12.0), (2.45, 2.55), (2.2, 2.5), (0.35, 0.45)),
-}
-
-
-def sample_vehicle(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None) -> list[Part]:
-    # replaced by scenes.street_assets.vehicles.sample_vehicle at merge
-    if kind is None:
-        kind = str(rng.choice(list(VEHICLE_SIZES), p=[0.4, 0.2, 0.2, 0.1, 0.05, 0.05]))
-    lr, wr, br, cr = VEHICLE_SIZES[kind]
-    length, width, body_h, cabin_h = uniform(rng, lr), uniform(rng, wr), uniform(rng, br), uniform(rng, cr)
-    wheel_r = uniform(rng, (0.3, 0.36)) * (1.4 if kind in ("truck", "bus") else 1.0)
-    body = g.transform(g.box(width, length, body_h), (0, 0, wheel_r * 0.9))
-    cabin_len = length * (uniform(rng, (0.45, 0.6)) if kind in ("sedan", "hatchback", "suv") else 0.9)
-    cabin = g.transform(g.box(width * 0.88, cabin_len, cabin_h), (0, -length * 0.05, wheel_r * 0.9 + body_h))
-    # A tyre: centre the cylinder, then turn its axis from z to x (the axle).
-    wheel = g.transform(g.transform(g.cylinder(wheel_r, 0.22, 16), (0, 0, -0.11)), rotation=g.rot_y(np.pi / 2))
-    wheels = [g.transform(wheel, (sx * (width / 2 - 0.12), sy * length * 0.32, wheel_r))
-              for sx in (-1, 1) for sy in (-1, 1)]
-    paint = sample_material(rng, _pick(rng, PAINT), k, roughness=(0.1, 0.4))
-    glass = Material((0.02, 0.03, 0.04), roughness=0.05)
-    tyre = Material((0.015, 0.015, 0.015), roughness=0.9)
-    return [Part(body, paint), Part(cabin, glass), Part(g.merge(wheels), tyre)]
-
-
-def _rod(p0: Vec3, p1: Vec3, radius: float, segments: int = 6) -> Mesh:
-    """A thin cylinder from ``p0`` to ``p1``."""
-    a, b = np.asarray(p0, dtype=np.float64), np.asarray(p1, dtype=np.float64)
-    d = b - a
-    n = float(np.linalg.norm(d))
-    z = d / n
-    x = np.cross(z, [1.0, 0.0, 0.0] if abs(z[0]) < 0.9 else [0.0, 1.0, 0.0])
-    x /= np.linalg.norm(x)
-    rot = np.column_stack([x, np.cross(z, x), z])
-    return g.transform(g.cylinder(radius, n, segments), a, rotation=rot)
-
-
-def sample_bicycle(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
-    # replaced by scenes.street_assets.vehicles.sample_bicycle at merge
-    r = uniform(rng, (0.31, 0.36))
-    base = uniform(rng, (1.0, 1.1))
-    wheel = g.transform(g.torus(r, 0.02, 16, 6), rotation=g.rot_z(np.pi / 2))
-    wheels = g.merge([g.transform(wheel, (0, sy * base / 2, r + 0.02)) for sy in (-1, 1)])  # tyre on the ground
-    seat, bar = (0.0, -0.15, r + 0.55), (0.0, base * 0.35, r + 0.5)
-    rear, front, crank = (0.0, -base / 2, r), (0.0, base / 2, r), (0.0, 0.0, r - 0.02)
-    frame = g.merge([_rod(rear, seat, 0.018), _rod(seat, bar, 0.018), _rod(crank, seat, 0.018),
-                     _rod(crank, bar, 0.018), _rod(front, bar, 0.018), _rod(rear, crank, 0.018),
-                     _rod((-0.25, base * 0.35, r + 0.5), (0.25, base * 0.35, r + 0.5), 0.015)])
-    tyre = Material((0.015, 0.015, 0.015), roughness=0.8)
-    return [Part(wheels, tyre), Part(frame, sample_material(rng, _pick(rng, PAINT), k, roughness=(0.2, 0.5)))]
-
+# --- Assets ---------------------------------------------------------------------------------------------------
 
 def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False
                 ) -> list[Part]:
@@ -233,10 +168,6 @@ def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = N
     if kind != "street_lamp":
         return parts
     return [Part(g.transform(q.mesh, rotation=g.rot_z(-np.pi / 2)), q.material) for q in parts]
-
-
-# g.blob(rng, r, 0.2) reaches at most r * BLOB_REACH from its centre (its three harmonics all at their peaks).
-BLOB_REACH = 1.0 + 0.2 * (1 + 1 / 2 + 1 / 3)
 
 
 # --- Street coordinates ---------------------------------------------------------------------------------------
