@@ -59,11 +59,11 @@ class EnvironmentKnobs(StrictModel):
     rain_sky_strength: PosRange = Field((0.6, 1.3), description="rain world strength")
     wetness: PosRange = Field((0.5, 1.0), description="how wet surfaces are in rain, 0..1 (see wet())")
     puddles: CountRange = Field((3, 10), description="puddles a rainy street gets")
-    fog_prob: float = Field(0.08, ge=0, le=1, description="share of scenes with fog")
-    fog_density: PosRange = Field((0.01, 0.04), description="fog extinction per metre (visibility 3/density: "
-                                  "75-300 m)")
-    haze_prob: float = Field(0.3, ge=0, le=1, description="share of the other scenes with haze (rain: always)")
-    haze_density: PosRange = Field((0.001, 0.005), description="haze extinction per metre")
+    fog_prob: float = Field(0.05, ge=0, le=1, description="share of scenes with fog")
+    fog_density: PosRange = Field((0.008, 0.03), description="fog extinction per metre (visibility 3/density: "
+                                  "100-375 m)")
+    haze_prob: float = Field(0.25, ge=0, le=1, description="share of the other scenes with haze (rain: always)")
+    haze_density: PosRange = Field((0.0003, 0.0015), description="haze extinction per metre (visibility 2-10 km)")
 
 
 @dataclass
