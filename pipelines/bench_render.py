@@ -34,7 +34,13 @@ from segfactory.console import console
 from segfactory.formats.imagefile import read_image
 from segfactory.io import atomic_write_json, read_json
 
-NO_POST = {"exposure": [0, 0], "blur_sigma": [0, 0], "noise_std": [0, 0], "poisson_peak": [0, 0], "gamma": [1, 1]}
+NO_POST = {"exposure": [0, 0], "blur_sigma": [0, 0], "noise_std": [0, 0], "poisson_peak": [0, 0], "gamma": [1, 1],
+           "white_balance": [0, 0], "tint": [0, 0], "motion_blur_prob": 0, "chromatic_aberration": [0, 0],
+           "lens_k1": [0, 0]}
+# The street family's weather adds fog/haze and a dusk camera's exposure and noise after rendering: off, so that the
+# PSNR measures rendering only (the sun, sky, lamps and wet materials still vary as in a real dataset).
+NO_WEATHER_POST = {"fog_prob": 0, "haze_prob": 0, "haze_density": [0, 0], "dusk_exposure": [0, 0],
+                   "dusk_noise": [0, 0]}
 
 
 def hardware() -> dict[str, Any]:
@@ -53,6 +59,8 @@ def bench_config(family: str, resolution: int, scenes: int, views: int, **extra:
     overrides = [f"scene.family={family}", f"render.resolution={resolution}", f"render.views={views}",
                  f"dataset.scenes={scenes}", f"dataset.scenes_per_shard={scenes}",
                  f"scene.randomization.post={json.dumps(NO_POST)}"] + [f"{k}={v}" for k, v in extra.items()]
+    if family == "street":
+        overrides += [f"scene.params.environment.{k}={json.dumps(v)}" for k, v in NO_WEATHER_POST.items()]
     from pipelines.render import resolve_render_config
 
     return resolve_render_config(load_config(RenderJob, None, overrides))[0]

@@ -1057,7 +1057,10 @@ def _camera_pose(rng: np.random.Generator, p: StreetParams, kind: CameraKind, ge
     params=StreetParams,
     randomization={
         "camera": {"fov_deg": [35, 95], "min_visible_objects": 2},
-        "post": {"noise_std": [0.0, 0.012], "blur_sigma": [0.0, 0.6], "exposure": [-0.4, 0.4]},
+        "post": {"noise_std": [0.0, 0.012], "blur_sigma": [0.0, 0.6], "exposure": [-0.5, 0.5],
+                 "vignetting": [0.0, 0.3], "white_balance": [-0.08, 0.08], "tint": [-0.03, 0.03],
+                 "motion_blur_prob": 0.15, "motion_blur": [1.0, 5.0], "chromatic_aberration": [0.0, 1.0],
+                 "lens_k1": [-0.15, 0.03]},
     },
 )
 def sample_street(ctx: SceneContext) -> SceneSpec:
