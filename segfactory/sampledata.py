@@ -213,9 +213,9 @@ _add(SampleSet(
     agreement=AGREEMENT_UNKNOWN))
 
 
-STREET_MASKS = ("automatic and partial, from motion in the video: person = pixels that differ from the video's median "
-                "background in this frame; background = pixels never foreground in any frame; the rest (walkways "
-                "people crossed, a ring around each person) ignored (255)")
+STREET_MASKS = ("automatic and partial, from motion in the video: person = upright blobs of pixels that differ from "
+                "the video's median background in this frame; background = pixels never foreground in any frame; the "
+                "rest (walkways people crossed, a ring around each blob, wide or border-cut blobs) ignored (255)")
 STREET_AGREEMENT = ("Only moving pedestrians are labeled: parked vehicles and people who never move count as "
                     "background or are ignored, and moving shadows can count as person. Person IoU and recall "
                     "against these masks measure how well a model finds walking people, nothing else; the "
