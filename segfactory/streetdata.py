@@ -312,6 +312,8 @@ def fetch(local: list[Path] | None = None, log: Any = print) -> dict[str, Any]:
                 path = local_by_name[a.filename]
                 from segfactory.io import sha256_file
 
+                if not path.is_file():
+                    raise UserError(f"samples fetch --from: '{path}' does not exist", fix=f"download it from {a.url}")
                 if sha256_file(path) != a.sha256:
                     raise UserError(f"'{path}' is not the pinned {a.filename} (sha256 differs)",
                                     fix=f"use the file from {a.url}")

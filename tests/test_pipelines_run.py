@@ -28,6 +28,9 @@ def run(out: Path, capsys, *extra: str, config: str = "quickstart_street.yaml") 
 @pytest.mark.render
 @pytest.mark.slow  # the whole chain, then three re-runs
 def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, monkeypatch):
+    # The sample sets (the street demo's real images, then ctc-hela) are materialized here, for every run of the
+    # test: a changed cache folder would be new real images to ingest (and re-train on).
+    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     out = tmp_path / "run"
     first = run(out, capsys)
     assert all(v != "cached" for v in first["stages"].values()), first["stages"]
@@ -68,7 +71,6 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
 
     # eval.real: real labeled frames scored next to the classic baselines, in their own stage. The street model
     # has no 'nucleus' class: said before any training, with the fix.
-    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "eval.baselines=all"]
     capsys.readouterr()
     assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *real,

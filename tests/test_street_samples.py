@@ -79,6 +79,8 @@ def test_fetch_from_a_local_file_checks_the_archive_pin(tmp_path: Path, monkeypa
         sd.fetch([rezip], log=lambda _: None)
     with pytest.raises(UserError, match=re.escape("'other.whl' is not one of the pinned archives")):
         sd.fetch([tmp_path / "other.whl"], log=lambda _: None)
+    with pytest.raises(UserError, match="does not exist"):
+        sd.fetch([tmp_path / "gone" / "ultralytics-8.4.190-py3-none-any.whl"], log=lambda _: None)
 
 
 def test_missing_files_fail_in_one_line_naming_the_setup_command(tmp_path: Path, monkeypatch, capsys) -> None:
