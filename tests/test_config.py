@@ -175,8 +175,10 @@ def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp
     """The street demo extends pretrain_tiny.yaml and finetune_tiny.yaml instead of copying their values, and still
     resolves to the config of the self-contained file it replaced. The deliberate differences: the options of the
     SSL methods it does not run come from pretrain_tiny.yaml; input scaling is `auto` (the same /255 for its 8-bit
-    renders); domain adaptation is off (scikit-image's photos are not street scenes). Since an edit of a tiny
-    config also changes the demo, this test notices.
+    renders); the real images are the street video and photos of `sample:street` (kept at the video's 576 px,
+    given to the model at 1/4), with its held-out frames scored, and domain adaptation runs for the last 100 steps
+    (scikit-image's photos, before, were not street scenes). Since an edit of a tiny config also changes the demo,
+    this test notices.
     """
     from pipelines.run import RunConfig
     from pretrain.config import PretrainConfig
@@ -189,7 +191,10 @@ def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp
     assert after["pretrain"]["method"]["name"] == "simclr"
     for unused in set(tiny["method"]) - {"name", "simclr"}:
         before["pretrain"]["method"][unused] = tiny["method"][unused]
-    assert after["finetune"]["input"]["scaling"] == "auto" and not after["finetune"]["adapt"]["enabled"]
-    before["finetune"]["input"]["scaling"] = "auto"
-    before["finetune"]["adapt"] |= {"enabled": False, "hist_match_p": 0.0}
+    assert after["finetune"]["input"]["scaling"] == "auto" and after["finetune"]["adapt"]["enabled"]
+    before["finetune"]["input"] |= {"scaling": "auto", "scale": 0.25}
+    before["finetune"]["adapt"]["warmup_steps"] = 300
+    before["real"]["src"] = "sample:street/unlabeled"
+    before["real"]["config"]["normalize"]["max_short_side"] = 576
+    before["eval"] |= {"real": ["sample:street/eval"], "remap": {"background": "road"}, "baselines": "none"}
     assert after == before

