@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,122 @@ def contact_sheet(ds: Dataset, out: str | Path, n_frames: int = 6) -> Path:
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def real_images(folder: str | Path, n: int, exclude: Sequence[str] = ()) -> list[Path]:
+    """``n`` image files picked evenly through a folder's sorted listing (deterministic).
+
+    A labeled folder (``images/`` + ``masks/``) is read from its ``images/``; any other folder recursively.
+    Hidden files and folders (``.name``) are skipped.
+
+    Args:
+        folder: An image folder.
+        n: How many to pick (all of them if the folder holds ``n`` or fewer).
+        exclude: Glob patterns (``fnmatch``) on file names; matching files are left out, e.g. ``*bus*``.
+
+    Raises:
+        UserError: ``folder`` is not a folder or holds no (not excluded) images.
+    """
+    from fnmatch import fnmatch
+
+    from segfactory.errors import UserError
+    from segfactory.formats.imagefile import IMAGE_SUFFIXES
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--beside: '{folder}' is not a folder", fix="pass an image folder or a sample reference "
+                        "such as sample:street/unlabeled (see `segfactory samples list`)")
+    if (root / "images").is_dir():
+        root = root / "images"
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and not any(fnmatch(p.name, g) for g in exclude))
+    if not files:
+        left_out = f" (after --exclude {' '.join(exclude)})" if exclude else ""
+        raise UserError(f"--beside: folder '{folder}' holds no images{left_out} ({', '.join(IMAGE_SUFFIXES)})",
+                        fix="pass a folder of real images")
+    if len(files) <= n:
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
+
+
+def square_tile(img: np.ndarray, size: int) -> np.ndarray:
+    """Any image (gray/RGB, 8/16-bit, see :func:`to_display_rgb`) -> (size, size, 3) uint8: centre crop, resize."""
+    from PIL import Image
+
+    rgb = to_display_rgb(img)
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    crop = Image.fromarray(np.ascontiguousarray(rgb[y:y + s, x:x + s]))
+    if s != size:
+        crop = crop.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(crop, dtype=np.uint8)
+
+
+def beside_sheet(ds: Dataset, real: Sequence[tuple[str, str | Path]], out: str | Path, n_frames: int = 6,
+                 tile: int = 192, exclude: Sequence[str] = ()) -> Path:
+    """Write a PNG grid of rendered RGB frames above real images, to judge realism by eye.
+
+    Row ``rendered``: ``n_frames`` frames picked as :func:`contact_sheet` picks them. Then one row per real
+    folder: ``n_frames`` images picked evenly through its sorted listing (:func:`real_images`). Every tile is a
+    centre square crop resized to ``tile`` pixels; gray and 16-bit images are shown as :func:`to_display_rgb`
+    shows them. Row labels at the left.
+
+    Args:
+        ds: The rendered dataset.
+        real: (label, folder) per real row; the label is printed at the row's left.
+        out: PNG path.
+        n_frames: Tiles per row.
+        tile: Tile size in pixels.
+        exclude: Glob patterns on real file names to leave out (:func:`real_images`).
+
+    Raises:
+        ValueError: the dataset has no committed frames.
+        UserError: a real folder is missing or holds no images.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from segfactory.formats.imagefile import read_image
+
+    frames = pick_frames(ds, n_frames)
+    if not frames:
+        raise ValueError("dataset has no committed frames")
+    picked = [(label, real_images(folder, n_frames, exclude)) for label, folder in real]  # fails before any work
+    rows: list[tuple[str, list[np.ndarray]]] = [
+        (f"rendered\n{ds.root.name}", [square_tile(load_frame(ref)["rgb"], tile) for ref in frames])]
+    rows += [(f"real\n{label}", [square_tile(read_image(p), tile) for p in files]) for label, files in picked]
+    font = ImageFont.load_default(size=14)
+    title_font = ImageFont.load_default(size=16)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.multiline_textbbox((0, 0), label, font=font) for label, _ in rows]
+    label_w, label_h = max(int(b[2]) for b in boxes), max(int(b[3]) for b in boxes)
+    gap, margin, title_h = 6, 10, 28
+    row_h = max(tile, label_h)  # tiny tiles: the label still fits its row
+    cols = max(len(tiles) for _, tiles in rows)
+    x0 = margin + label_w + 2 * gap
+    width = x0 + cols * tile + (cols - 1) * gap + margin
+    height = margin + title_h + len(rows) * row_h + (len(rows) - 1) * gap + margin
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    for r, (_, tiles) in enumerate(rows):
+        y = margin + title_h + r * (row_h + gap) + (row_h - tile) // 2
+        for c, t in enumerate(tiles):
+            x = x0 + c * (tile + gap)
+            canvas[y:y + tile, x:x + tile] = t
+    im = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(im)
+    family = ds.meta.get("family", "")
+    draw.text((margin, margin), f"{family}: {ds.root.name}, rendered frames beside real images", fill=(0, 0, 0),
+              font=title_font)
+    for r, (label, _) in enumerate(rows):
+        y = margin + title_h + r * (row_h + gap) + row_h // 2
+        draw.multiline_text((margin, y), label, fill=(0, 0, 0), font=font, anchor="lm")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    im.save(tmp, format="PNG", optimize=True)
     tmp.replace(out)
     return out
 

@@ -86,6 +86,117 @@ def test_cells_dataset_layout_coco_and_sheet(rendered_cells_dataset: Path, tmp_p
     assert sheet.ndim == 3 and sheet.shape[0] > 300
 
 
+def _tile_boxes(sheet: np.ndarray, color: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the pixels of exactly ``color``; asserts they fill that box."""
+    ys, xs = np.nonzero(np.all(sheet == color, axis=-1))
+    assert ys.size, color
+    y0, x0, y1, x1 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+    assert ys.size == (y1 - y0) * (x1 - x0), (color, (y0, x0, y1, x1), ys.size)
+    return int(y0), int(x0), int(y1), int(x1)
+
+
+def test_show_beside_real_folder(tmp_path: Path, capsys):
+    """`show --beside`: one row of N rendered frames (picked as the contact sheet picks them), one row of N real
+    images picked evenly through the sorted folder, every tile a centre square crop; 16-bit gray is stretched."""
+    from PIL import Image
+
+    from segfactory.cli import main
+    from segfactory.formats.dataset import FrameArrays, write_dataset
+    from synth.viz import pick_frames
+
+    size, tile = 40, 24
+    classes = [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False}]
+    zeros8, zeros16 = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint16)
+    rendered_colors = [(200, 10 + 20 * i, 30) for i in range(5)]  # one flat colour per frame
+    scenes = [[FrameArrays(np.full((size, size, 3), c, np.uint8), zeros8, zeros16, zeros16)] for c in rendered_colors]
+    ds = write_dataset(tmp_path / "ds", scenes, classes, family="flat", scenes_per_shard=2)
+    real = tmp_path / "real"
+    real.mkdir()
+    real_colors = {}
+    for i in range(7):  # wide images: blue centre square, red side bands that the centre crop must cut off
+        img = np.zeros((30, 60, 3), np.uint8)
+        img[:] = (255, 0, 0)
+        img[:, 15:45] = (10, 20 + 30 * i, 240)
+        Image.fromarray(img).save(real / f"img_{i}.png")
+        real_colors[f"img_{i}.png"] = (10, 20 + 30 * i, 240)
+    gray16 = np.full((50, 50), 1000, np.uint16)  # 16-bit gray: left half dark, right half bright
+    gray16[:, 25:] = 60000
+    Image.fromarray(gray16).save(real / "z_gray16.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(real / "bus_excluded.png")
+    (real / ".hidden.png").write_bytes((real / "img_0.png").read_bytes())
+    out = tmp_path / "sheet.png"
+    assert main(["show", str(ds.root), "--beside", str(real), "--frames", "3", "--tile", str(tile),
+                 "--exclude", "bus*", "--out", str(out)]) == 0
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    # Rendered row: the frames pick_frames picks, in order, left to right.
+    picked = [tuple(int(v) for v in load_frame(ref)["rgb"][0, 0]) for ref in pick_frames(ds, 3)]
+    assert len(picked) == 3 and len(set(picked)) == 3
+    boxes = [_tile_boxes(sheet, c) for c in picked]
+    # Real row: 8 files after the exclusion (hidden skipped), sorted; picked at 0, 4 (3.5 rounds to 4), 7.
+    want = [real_colors["img_0.png"], real_colors["img_4.png"]]
+    boxes += [_tile_boxes(sheet, c) for c in want]
+    for y0, x0, y1, x1 in boxes:
+        assert (y1 - y0, x1 - x0) == (tile, tile)
+    assert not np.all(sheet == (255, 0, 0), axis=-1).any()  # the side bands were cropped away
+    for c in set(real_colors.values()) - set(want):
+        assert not np.all(sheet == c, axis=-1).any(), c
+    (ry, *_), (qy, *_) = boxes[0], boxes[3]
+    assert [b[0] for b in boxes[:3]] == [ry] * 3 and [b[0] for b in boxes[3:]] == [qy] * 2 and qy >= ry + tile
+    xs = [b[1] for b in boxes[:3]]
+    assert xs == sorted(xs) and [b[1] for b in boxes[3:]] == xs[:2]  # columns line up
+    gray = sheet[qy:qy + tile, xs[2]:xs[2] + tile]  # third real tile: the 16-bit gray image, stretched
+    assert np.all(gray[:, : tile // 2 - 4] == 0) and np.all(gray[:, tile // 2 + 4:] == 255)  # (resize ringing)
+    # Two rows only: nothing but background below the real row (right of the labels).
+    assert np.all(sheet[qy + tile:, xs[0]:] == 255)
+
+    # A missing folder is a one-line user error (exit 2), before anything is written.
+    capsys.readouterr()
+    missing = tmp_path / "no_such_folder"
+    assert main(["show", str(ds.root), "--beside", str(missing), "--out", str(tmp_path / "x.png")]) == EXIT_USER
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(missing) in lines[0] and "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+    # Everything excluded: a user error naming the exclusion.
+    assert main(["show", str(ds.root), "--beside", str(real), "--exclude", "*.png", "--out", str(out)]) == EXIT_USER
+    assert "--exclude" in capsys.readouterr().err
+
+
+def test_show_beside_sample_reference(tmp_path: Path, monkeypatch):
+    """`--beside sample:NAME/SPLIT` is materialized and shown (a labeled split: its images/, not its masks/)."""
+    from PIL import Image
+
+    from segfactory import sampledata
+    from segfactory.cli import main
+    from segfactory.formats.dataset import FrameArrays, write_dataset
+
+    zeros8, zeros16 = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint16)
+    classes = [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False}]
+    frame = FrameArrays(np.full((32, 32, 3), (77, 140, 20), np.uint8), zeros8, zeros16, zeros16)
+    ds = write_dataset(tmp_path / "ds", [[frame]], classes, family="flat")
+    folder = tmp_path / "sample" / "eval"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    Image.fromarray(np.full((32, 32, 3), (1, 2, 3), np.uint8)).save(folder / "images" / "a.png")
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(folder / "masks" / "a.png")
+    asked = []
+
+    def fake_materialize(name: str, split: str) -> dict[str, Path]:
+        asked.append((name, split))
+        return {split: folder}
+
+    monkeypatch.setattr(sampledata, "materialize", fake_materialize)
+    out = tmp_path / "sheet.png"
+    assert main(["show", str(ds.root), "--beside", "sample:street/eval", "--frames", "2", "--tile", "32",
+                 "--out", str(out)]) == 0
+    assert asked == [("street", "eval")]
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert _tile_boxes(sheet, (77, 140, 20))[2:] != _tile_boxes(sheet, (1, 2, 3))[2:]
+    y0, x0, y1, x1 = _tile_boxes(sheet, (1, 2, 3))
+    assert (y1 - y0, x1 - x0) == (32, 32)
+    assert np.all(sheet[y0:y1, x1:] == 255)  # one real tile: masks/ holds no images to show
+
+
 @pytest.mark.render
 def test_cells_camera_frames_16bit_offset_and_labels(tmp_path: Path, capsys):
     """configs/cells.yaml as shipped: 12-bit counts plus the 32768 offset in 16-bit PNGs, textured nuclei that stay

@@ -32,10 +32,19 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. render.samples=64")
     p.set_defaults(func=cmd_render)
 
-    p = commands.add_parser("show", help="write a contact sheet PNG (RGB | semantic | instances | depth)")
+    p = commands.add_parser("show", help="write a contact sheet PNG (RGB | semantic | instances | depth), or with "
+                                         "--beside rendered frames beside real images")
     p.add_argument("dataset")
-    p.add_argument("--out", help="PNG path (default: DATASET/contact_sheet.png)")
-    p.add_argument("--frames", type=int, default=6, help="rows in the sheet")
+    p.add_argument("--out", help="PNG path (default: DATASET/contact_sheet.png, with --beside "
+                                 "DATASET/rendered_vs_real.png)")
+    p.add_argument("--frames", type=int, default=6, help="rows in the sheet (with --beside: tiles per row)")
+    p.add_argument("--beside", action="append", metavar="REAL",
+                   help="real images to show in a row below N rendered RGB frames: an image folder or "
+                        "sample:NAME/SPLIT (e.g. sample:street/unlabeled); repeat for more rows. Tiles are centre "
+                        "square crops, real images picked evenly through the sorted folder")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="with --beside: leave out real files whose name matches (e.g. '*bus*'); repeatable")
+    p.add_argument("--tile", type=int, default=192, help="with --beside: tile size in pixels")
     p.set_defaults(func=cmd_show)
 
     p = commands.add_parser("stats", help="print class pixel shares and instance counts")
@@ -78,7 +87,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     ds = open_dataset(args.dataset)
     if not ds.shard_ids:
         raise UserError(f"dataset '{args.dataset}' has no finished shards yet", fix="run `segfactory render` first")
-    path = contact_sheet(ds, args.out or ds.root / "contact_sheet.png", args.frames)
+    if args.beside:
+        from segfactory.sampledata import resolve_path
+        from synth.viz import beside_sheet
+
+        if args.frames < 1:
+            raise UserError(f"--frames must be at least 1, got {args.frames}", fix="pass --frames 6")
+        if args.tile < 16:
+            raise UserError(f"--tile must be at least 16 pixels, got {args.tile}", fix="pass --tile 192")
+        real = [(ref, resolve_path(ref)) for ref in args.beside]
+        path = beside_sheet(ds, real, args.out or ds.root / "rendered_vs_real.png", args.frames, args.tile,
+                            args.exclude)
+    else:
+        if args.exclude:
+            raise UserError("--exclude only applies with --beside", fix="add --beside REAL or drop --exclude")
+        path = contact_sheet(ds, args.out or ds.root / "contact_sheet.png", args.frames)
     console.print(f"contact sheet: {path}")
     print(path)
     return 0
