@@ -123,7 +123,8 @@ def test_otsu_and_blur_otsu_find_bright_objects_and_ignore_offset_and_gain() -> 
 
 
 def test_baseline_names_parse_with_did_you_mean() -> None:
-    assert baseline_names() == ["otsu", "blur_otsu"] and set(BASELINES.names()) == set(baseline_names())
+    # Every registered name (help, "did you mean"); all = the thresholds (hog_people is opt-in: test_baseline_hog).
+    assert baseline_names() == ["otsu", "blur_otsu", "hog_people"] and set(BASELINES.names()) == set(baseline_names())
     assert parse_baselines(None) == parse_baselines("all") == ["otsu", "blur_otsu"]
     assert parse_baselines("none") == parse_baselines([]) == []
     assert parse_baselines("blur_otsu, otsu,blur_otsu") == ["blur_otsu", "otsu"]
