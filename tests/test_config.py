@@ -196,5 +196,6 @@ def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp
     before["finetune"]["adapt"]["warmup_steps"] = 300
     before["real"]["src"] = "sample:street/unlabeled"
     before["real"]["config"]["normalize"]["max_short_side"] = 576
-    before["eval"] |= {"real": ["sample:street/eval"], "remap": {"background": "road"}, "baselines": "none"}
+    before["eval"] |= {"real": ["sample:street/eval"], "remap": {"background": "road"},
+                       "baselines": "hog_people"}
     assert after == before

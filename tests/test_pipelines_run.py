@@ -43,7 +43,8 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     # JPEG overlays: predictions on 2 street photos, and 4 held-out frames of the real street video (eval.real).
     assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2 + 4
     assert "<h2>Model vs baselines on real images</h2>" in report and "street vtest_f" in report
-    assert set(first["real"]["street"]) == {"model"}  # eval.baselines: none (Otsu finds no people)
+    assert set(first["real"]["street"]) == {"model", "hog_people"}  # eval.baselines: hog_people (opt-in)
+    assert 0.3 < first["real"]["street"]["hog_people"]["fg_iou"] <= 1  # 0.777 measured on the 8 eval frames
     assert list((out / "reports").glob("*-dask-*.*"))  # a Dask performance report (or task stream) per run
     ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
     # Paths recorded inside stage outputs (model lineage, summaries) are the stage dirs they live in.

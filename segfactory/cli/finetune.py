@@ -266,8 +266,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
                    help="mask values outside the class map: error (default) or ignore")
     e.add_argument("--baselines", default="all", metavar="NAMES",
                    help=Names("classic baselines scored next to the model on real labeled folders "
-                              "(foreground/background tasks): comma-separated names of {names}; 'all' (default) or "
-                              "'none'", _baselines))
+                              "(foreground/background tasks): comma-separated names of {names}; 'all' (default: every "
+                              "one but the opt-in people detector hog_people, which runs only when named, e.g. "
+                              "all,hog_people) or 'none'", _baselines))
     e.add_argument("--overlays", type=int, default=4, metavar="N",
                    help="overlay PNGs (prediction, baselines and reference outlines) per real folder (default 4)")
     inference_flags(e)
