@@ -199,3 +199,11 @@ def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp
     before["eval"] |= {"real": ["sample:street/eval"], "remap": {"background": "road"},
                        "baselines": "hog_people"}
     assert after == before
+
+
+@pytest.mark.parametrize("name", ["finetune", "finetune_tiny", "finetune_street"])
+def test_shipped_finetune_configs_validate(name):
+    from finetune.config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, CONFIGS / f"{name}.yaml")
+    assert cfg.augment.crop_size % 32 == 0 and cfg.train.steps > 0
