@@ -61,7 +61,13 @@ from scenes.spec import (
 )
 from scenes.street_assets import furniture
 from scenes.street_assets.buildings import sample_building
-from scenes.street_assets.environment import Environment, EnvironmentKnobs, sample_environment, wet
+from scenes.street_assets.environment import (
+    Environment,
+    EnvironmentKnobs,
+    puddle_material,
+    sample_environment,
+    wet,
+)
 from scenes.street_assets.furniture import sample_bollard
 from scenes.street_assets.nature import sample_bush, sample_tree
 from scenes.street_assets.people import group_offsets, sample_person
@@ -125,7 +131,6 @@ class StreetParams(StrictModel):
     verge_prob: float = Field(0.3, ge=0, le=1, description="chance of a grass verge between curb and sidewalk")
     verge_width: PosRange = Field((0.8, 2.5), description="metres")
     patches: CountRange = Field((0, 6), description="asphalt patches of another shade")
-    puddles: CountRange = Field((2, 8), description="puddles on wet roads")
     lamp_prob: float = Field(0.85, ge=0, le=1, description="chance of a row of street lamps on each side")
     lamp_spacing: PosRange = Field((18.0, 35.0), description="metres between street lamps")
     tree_row_prob: float = Field(0.5, ge=0, le=1, description="chance that a side's trees stand in a regular row")
@@ -589,12 +594,12 @@ def build_street(ctx: SceneContext) -> StreetLayout:
         b.add("road_patch", "road", [Part(g.merge(patches), patch_mat)])
     if wetness > 0.3:
         puddles = []
-        for _ in range(integers(rng, p.puddles)):
+        for _ in range(env.puddles):
             pr = uniform(rng, (0.4, 1.6))
             ps, pt = rng.uniform(-half + 5, half - 5), rng.uniform(-edge + pr, edge - pr)
             puddles.append(_puddle(rng, frame, ps, pt, pr))
         if puddles:
-            b.add("puddle", "road", [Part(g.merge(puddles), Material((0.015, 0.016, 0.02), roughness=0.02))])
+            b.add("puddle", "road", [Part(g.merge(puddles), puddle_material(asphalt))])
 
     # Buildings in rows on both sides.
     for side in (-1, 1):
