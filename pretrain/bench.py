@@ -6,6 +6,7 @@ sample photographs that ship with scikit-image, scikit-learn and matplotlib.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -162,7 +163,7 @@ def _lightly_transform(method: str, crop: int, local_crop: int, n_local: int) ->
 
     if method == "simclr":
         return lt.SimCLRTransform(input_size=crop)
-    if method == "moco":
+    if method in ("moco", "densecl"):  # DenseCL trains on MoCo v2's views
         return lt.MoCoV2Transform(input_size=crop)
     if method in ("byol", "barlowtwins"):
         return lt.BYOLTransform(view_1_transform=lt.BYOLView1Transform(input_size=crop),
@@ -297,8 +298,8 @@ def bench_augment(method: str = "simclr", n_images: int = 256, batch_size: int =
       ``steps`` after one warm-up, with ``augment_share_pct`` = view time / step time. Pretraining makes its views
       inside the step, so this share is the step's wait for data beyond the decode workers.
 
-    All rows start from the same decoded (load x load, load = crop * 8 / 7) uint8 squares, so decoding is not in
-    any figure. Device timings synchronize CUDA before reading the clock.
+    All rows start from the same decoded (load x load, load = crop * 8 / 7) uint8 squares (at most 256 distinct
+    ones, repeated), so decoding is not in any figure. Device timings synchronize CUDA before reading the clock.
 
     Returns:
         The JSON object: ``rows`` (``name``, ``pipeline``, ``device``, ``images_per_s`` or ``error``, ...), and
@@ -437,7 +438,7 @@ def bench_augment(method: str = "simclr", n_images: int = 256, batch_size: int =
                 sync()
                 t_b = time.perf_counter()
                 model.on_step_start(0)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
                     loss = model(views, 0)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
