@@ -6,19 +6,25 @@ sample photographs that ship with scikit-image, scikit-learn and matplotlib.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from segfactory.console import console
 from segfactory.workers import loader_context
+
+if TYPE_CHECKING:
+    import torch
+
+    from pretrain.augment import ViewSpec
 
 
 def sample_photos() -> list[np.ndarray]:
@@ -157,7 +163,7 @@ def _lightly_transform(method: str, crop: int, local_crop: int, n_local: int) ->
 
     if method == "simclr":
         return lt.SimCLRTransform(input_size=crop)
-    if method == "moco":
+    if method in ("moco", "densecl"):  # DenseCL trains on MoCo v2's views
         return lt.MoCoV2Transform(input_size=crop)
     if method in ("byol", "barlowtwins"):
         return lt.BYOLTransform(view_1_transform=lt.BYOLView1Transform(input_size=crop),
@@ -169,144 +175,346 @@ def _lightly_transform(method: str, crop: int, local_crop: int, n_local: int) ->
     raise ValueError(method)
 
 
-class _PILDataset:
-    """Per-sample baseline: PIL images through lightly's torchvision transform (as lightly's examples do)."""
+class _SquaresDataset:
+    """Per-sample baseline: PIL images through lightly's torchvision transform (as lightly's examples do).
 
-    def __init__(self, images: list[Any], transform: Any):
-        self.images = images
+    The decoded squares are one (N, L, L, 3) uint8 ``.npy`` file that each DataLoader worker memory-maps, so the
+    workers share the page cache instead of receiving a pickled copy of every image at start-up.
+    """
+
+    def __init__(self, path: str, transform: Any):
+        self.path = path
         self.transform = transform
+        self._squares: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.images)
+        return int(np.load(self.path, mmap_mode="r").shape[0])
 
     def __getitem__(self, i: int) -> list[Any]:
-        return self.transform(self.images[i])
+        from PIL import Image
+
+        if self._squares is None:
+            self._squares = np.load(self.path, mmap_mode="r")
+        return self.transform(Image.fromarray(np.ascontiguousarray(self._squares[i])))
+
+
+def tv2_transform(spec: ViewSpec) -> Any:
+    """One view of ``spec`` for ONE image with ``torchvision.transforms.v2``, on float [0, 1] (C, L, L) tensors.
+
+    The ops, their order and their parameters are :func:`pretrain.augment.apply_view`'s: random resized crop
+    (bilinear, no antialias, as kornia's affine warp), flips, colour jitter with probability ``jitter_p``,
+    grayscale, Gaussian blur (same kernel size and sigma range), solarize at 0.5. Differences v2 does not let us
+    remove: hue is shifted in HSV (kornia path: a rotation of the YUV chroma plane); the jitter order is drawn per
+    image (kornia path: per batch); crop boxes are whole pixels, and after 10 failed draws torchvision falls back
+    to a central crop (kornia path: sub-pixel boxes, clamped). v2 draws one parameter set per call, so per-sample
+    variety takes one call per image.
+
+    Raises:
+        NotImplementedError: ``spec.rot90`` (v2 has no random quarter turn; no method's default views use it).
+    """
+    from torchvision.transforms import v2
+
+    from segfactory.augment import GaussianBlur
+
+    if spec.rot90:
+        raise NotImplementedError("rot90: torchvision v2 has no random quarter-turn transform")
+    ops: list[Any] = [v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=False)]
+    if spec.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(spec.hflip))
+    if spec.vflip > 0:
+        ops.append(v2.RandomVerticalFlip(spec.vflip))
+    if spec.jitter_p > 0 and max(spec.brightness, spec.contrast, spec.saturation, spec.hue) > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)],
+                                  p=spec.jitter_p))
+    if spec.gray_p > 0:
+        ops.append(v2.RandomGrayscale(spec.gray_p))
+    if spec.blur_p > 0:
+        k = GaussianBlur(spec.blur_p, spec.sigma).kernel_size(spec.size)
+        ops.append(v2.RandomApply([v2.GaussianBlur(k, spec.sigma)], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        ops.append(v2.RandomSolarize(0.5, p=spec.solarize_p))
+    return v2.Compose(ops)
+
+
+class TorchvisionV2Views:
+    """:class:`pretrain.augment.ViewMaker`'s views made with ``torchvision.transforms.v2``, image by image.
+
+    The pixel work runs on the batch's device; the parameters come from torch's global CPU generator (v2 has no
+    generator argument), so callers seed it inside ``torch.random.fork_rng``.
+
+    Args:
+        specs: One spec per view.
+        mean, std: Per-channel input normalization (length C).
+    """
+
+    def __init__(self, specs: list[ViewSpec], mean: list[float], std: list[float]):
+        import torch
+
+        self.transforms = [tv2_transform(s) for s in specs]
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, batch: torch.Tensor, channels_last: bool = False) -> list[torch.Tensor]:
+        """(B, C, L, L) uint8 -> list of (B, C, size_i, size_i) float views, normalized."""
+        import torch
+
+        x = batch.float().div_(255.0)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        views = []
+        for t in self.transforms:
+            v = (torch.stack([t(img) for img in x]) - mean) / std
+            views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
+        return views
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()[:300]
+
+
+def _all_cores() -> int:
+    """CPU cores this process may run on (the container's share, not the host's count where they differ)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def bench_augment(method: str = "simclr", n_images: int = 256, batch_size: int = 64, crop: int = 224,
-                  device: str = "auto", workers: int | None = None, backbone: str | None = "resnet18"
-                  ) -> dict[str, Any]:
-    """Images/s of the kornia batched view pipeline vs lightly's per-sample transforms in a DataLoader.
+                  device: str = "auto", workers: int | None = None, backbone: str | None = "resnet18",
+                  steps: int = 3) -> dict[str, Any]:
+    """Images/s of view generation: lightly per sample on the CPU vs kornia and torchvision v2 on ``device``.
 
-    Both start from the same decoded (load_size x load_size) images, so decoding is not part of either figure.
-    With ``backbone`` set, one training step (forward, backward, optimizer) of the method on the same views is
-    timed too, giving the augmentation's share of a step on the device.
+    Rows (each fail-soft: an exception becomes the row's ``"error"`` and the other rows still run):
+
+    - ``lightly``: lightly's per-sample torchvision transform in a DataLoader over ``workers`` processes (default:
+      all cores), on the CPU.
+    - ``kornia``: :class:`pretrain.augment.ViewMaker`, batches of ``batch_size`` on ``device`` (what pretraining
+      uses); on CUDA also ``kornia_cpu``, the same on the CPU as a reference (one batch of at most 32 images).
+    - ``torchvision_v2``: :class:`TorchvisionV2Views`, the same recipe with ``torchvision.transforms.v2`` on
+      ``device``, one image at a time (v2 draws one parameter set per call), timed on at most 2 batches.
+    - with ``backbone`` set, ``step_kornia`` / ``step_torchvision_v2``: a full pretraining step of the method on
+      ``device`` (views, forward, backward, optimizer; bf16 autocast and channels_last on CUDA), median of
+      ``steps`` after one warm-up, with ``augment_share_pct`` = view time / step time. Pretraining makes its views
+      inside the step, so this share is the step's wait for data beyond the decode workers.
+
+    All rows start from the same decoded (load x load, load = crop * 8 / 7) uint8 squares (at most 256 distinct
+    ones, repeated), so decoding is not in any figure. Device timings synchronize CUDA before reading the clock.
+
+    Returns:
+        The JSON object: ``rows`` (``name``, ``pipeline``, ``device``, ``images_per_s`` or ``error``, ...), and
+        the flat keys of earlier versions (``kornia_images_per_s``, ``speedup``, ``augment_share_of_step_pct``,
+        ...; ``None`` where their row failed) plus ``torchvision_v2_*``, ``augment_share_pct`` and
+        ``faster_views``.
     """
     import torch
-    from PIL import Image
 
     from pretrain.augment import ViewMaker, adjust_specs
     from pretrain.config import AugmentConfig, MethodConfig
     from pretrain.encoder import build_encoder
     from pretrain.methods import METHODS, build_method
+    from segfactory.errors import UserError
     from segfactory.torchutil import resolve_device
 
     METHODS.get(method)
+    for flag, value in (("--images", n_images), ("--batch-size", batch_size), ("--steps", steps)):
+        if value < 1:
+            raise UserError(f"{flag}={value} must be at least 1", fix=f"pass {flag} 1 or more")
     dev = resolve_device(device)
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    cuda = dev.type == "cuda"
+    workers = workers if workers is not None else _all_cores()
     local_crop = max(16, crop * 96 // 224)
     load = round(crop * 8 / 7)
     rng = np.random.default_rng(0)
     photos = sample_photos()
-    squares = [_variant(photos[i % len(photos)], load, load, rng) for i in range(n_images)]
+    # at most 256 distinct squares, repeated: neither pipeline caches, and cutting thousands costs seconds
+    distinct = [_variant(photos[i % len(photos)], load, load, rng) for i in range(min(n_images, 256))]
+    squares = np.stack([distinct[i % len(distinct)] for i in range(n_images)])
     mcfg = MethodConfig(name=method)
-    n_local = mcfg.dino.n_local_crops
-
-    # baseline: lightly's torchvision transforms per sample, DataLoader over all cores
-    pil = [Image.fromarray(s) for s in squares]
-    ds = _PILDataset(pil, _lightly_transform(method, crop, local_crop, n_local))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                                         multiprocessing_context=loader_context(workers))
-    for _ in loader:  # warm-up pass: worker start-up is not counted
-        pass
-    t0 = time.perf_counter()
-    n_views_base = 0
-    for batch in loader:
-        n_views_base = len(batch)
-    base_ips = n_images / (time.perf_counter() - t0)
-    del loader
-
-    # ours: uint8 batches -> device -> kornia views
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_method(method, build_encoder(backbone or "test_resnet", 3), mcfg, 1000)
     specs = adjust_specs(model.view_specs(crop, local_crop, None), AugmentConfig(crop_size=crop), single_channel=False)
-    vm = ViewMaker(specs, [0.5] * 3, [0.25] * 3)
-    u8 = torch.from_numpy(np.stack(squares)).permute(0, 3, 1, 2).contiguous()
-    if dev.type == "cuda":
+    mean, std = [0.5] * 3, [0.25] * 3
+    vm = ViewMaker(specs, mean, std)
+    u8 = torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous()
+    if cuda:
         u8 = u8.pin_memory()
+        torch.cuda.reset_peak_memory_stats(dev)
 
-    def run_views(d: torch.device) -> float:
-        gen = torch.Generator().manual_seed(0)
-        vm(u8[:batch_size].to(d), gen)  # warm-up (kernels, allocator)
-        if d.type == "cuda":
-            torch.cuda.synchronize()
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, pipeline: str, on: str, fn: Any) -> dict[str, Any]:
+        r: dict[str, Any] = {"name": name, "pipeline": pipeline, "device": on}
+        try:
+            r.update(fn())
+        except Exception as e:  # fail-soft: a failing row is reported, the others still run
+            r.update({"images_per_s": None, "error": _one_line(e)})
+            if cuda:
+                torch.cuda.empty_cache()
+        rows.append(r)
+        return r
+
+    # baseline: lightly's torchvision transforms per sample, DataLoader over all cores
+    def lightly() -> dict[str, Any]:
+        transform = _lightly_transform(method, crop, local_crop, mcfg.dino.n_local_crops)
+        with tempfile.TemporaryDirectory(prefix="segfactory-bench-augment-") as tmp:
+            path = str(Path(tmp) / "squares.npy")
+            np.save(path, squares)
+            loader = torch.utils.data.DataLoader(
+                _SquaresDataset(path, transform), batch_size=batch_size, num_workers=workers,
+                persistent_workers=workers > 0, multiprocessing_context=loader_context(workers))
+            for _ in loader:  # warm-up pass: worker start-up is not counted
+                pass
+            t0 = time.perf_counter()
+            n_views = 0
+            for batch in loader:
+                n_views = len(batch)
+            ips = n_images / (time.perf_counter() - t0)
+            del loader
+        return {"images_per_s": round(ips, 1), "views": n_views, "transform": type(transform).__name__}
+
+    base = row("lightly", "lightly per-sample torchvision transform, DataLoader", "cpu", lightly)
+    base_ips = base.get("images_per_s")
+
+    def views_per_s(make: Any, on: torch.device, n: int) -> float:
+        """Images/s of ``make`` (uint8 batch on ``on`` -> views) over the first ``n`` squares, after a warm-up."""
+        make(u8[:min(batch_size, n)].to(on))  # warm-up (kernels, allocator)
+        sync()
         t = time.perf_counter()
-        for i in range(0, n_images, batch_size):
-            vm(u8[i:i + batch_size].to(d, non_blocking=True), gen)
-        if d.type == "cuda":
-            torch.cuda.synchronize()
-        return n_images / (time.perf_counter() - t)
+        for i in range(0, n, batch_size):
+            make(u8[i:min(i + batch_size, n)].to(on, non_blocking=True))
+        sync()
+        return n / (time.perf_counter() - t)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ours_ips = run_views(dev)
-    ours_cpu_ips = ours_ips if dev.type == "cpu" else run_views(torch.device("cpu"))
+    def vs_base(ips: float) -> dict[str, Any]:
+        return {"images_per_s": round(ips, 1), "vs_lightly": round(ips / base_ips, 2) if base_ips else None}
+
+    def kornia_views(on: torch.device, n: int) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(0)
+        return vs_base(views_per_s(lambda b: vm(b, gen), on, n))
+
+    def tv2_views(n: int) -> dict[str, Any]:
+        tv = TorchvisionV2Views(specs, mean, std)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return {**vs_base(views_per_s(tv, dev, n)), "images": n}
+
+    kornia = row("kornia", f"kornia batched views (batch {batch_size})", str(dev), lambda: kornia_views(dev, n_images))
+    # per image, the rate is steady after a few images: two batches are enough
+    n_tv2 = min(n_images, 2 * batch_size)
+    tv2 = row("torchvision_v2", "torchvision v2 on device, per image", str(dev), lambda: tv2_views(n_tv2))
+    if cuda:  # a reference only, and CPU float ops at full crop size are slow: 32 images
+        n_cpu = min(n_images, batch_size, 32)
+        kornia_cpu = row("kornia_cpu", f"kornia batched views (batch {n_cpu})", "cpu",
+                         lambda: {**kornia_views(torch.device("cpu"), n_cpu), "images": n_cpu})
+    else:
+        kornia_cpu = kornia
+
+    steps_by: dict[str, dict[str, Any]] = {}
+    if backbone:
+        train: dict[str, Any] = {}
+
+        def setup() -> dict[str, Any]:
+            if not train:
+                model.to(dev).train()
+                if cuda:
+                    model.to(memory_format=torch.channels_last)
+                train["opt"] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                train["x"] = u8[:batch_size].to(dev)
+            return train
+
+        def step_row(make: Any) -> dict[str, Any]:
+            t = setup()
+            opt, x = t["opt"], t["x"]
+
+            def step() -> tuple[float, float]:
+                t_a = time.perf_counter()
+                views = make(x)
+                sync()
+                t_b = time.perf_counter()
+                model.on_step_start(0)
+                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+                    loss = model(views, 0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sync()
+                return t_b - t_a, time.perf_counter() - t_b
+
+            step()  # warm-up
+            timings = [step() for _ in range(steps)]
+            aug_s = float(np.median([a for a, _ in timings]))
+            step_s = float(np.median([b for _, b in timings]))
+            share = 100 * aug_s / (aug_s + step_s)
+            return {"images_per_s": round(x.shape[0] / (aug_s + step_s), 1), "backbone": backbone,
+                    "batch_size": int(x.shape[0]), "augment_ms_per_batch": round(1000 * aug_s, 1),
+                    "train_step_ms": round(1000 * step_s, 1), "augment_share_pct": round(share, 1),
+                    "data_bound": share >= 10.0}
+
+        def step_kornia() -> dict[str, Any]:
+            gen = torch.Generator().manual_seed(1)
+            return step_row(lambda b: vm(b, gen, channels_last=cuda))
+
+        def step_tv2() -> dict[str, Any]:
+            tv = TorchvisionV2Views(specs, mean, std)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                return step_row(lambda b: tv(b, channels_last=cuda))
+
+        what = f"{backbone} {method} training step (batch {batch_size}) incl."
+        steps_by["kornia"] = row("step_kornia", f"{what} kornia views", str(dev), step_kornia)
+        steps_by["torchvision_v2"] = row("step_torchvision_v2", f"{what} torchvision v2 views", str(dev), step_tv2)
+
+    ok = {r["name"]: r["images_per_s"] for r in rows if r.get("images_per_s")}
+    contenders = [k for k in ("kornia", "torchvision_v2") if k in ok]
+    faster = max(contenders, key=lambda k: ok[k]) if contenders else None
+    notes = []
+    if workers > 0 and -(-n_images // batch_size) < workers:
+        notes.append(f"baseline: {-(-n_images // batch_size)} batches for {workers} workers, so some sat idle; "
+                     f"use --images >= {batch_size * workers} (batch size x workers) for a full-machine figure")
+    sk = steps_by.get("kornia", {})
+    st = steps_by.get("torchvision_v2", {})
     result: dict[str, Any] = {
         "bench": "augment", "method": method, "images": n_images, "batch_size": batch_size, "crop_size": crop,
         "views": [s.size for s in specs], "device": str(dev), "baseline_workers": workers,
-        "lightly_torchvision_images_per_s": round(base_ips, 1), "kornia_images_per_s": round(ours_ips, 1),
-        "speedup": round(ours_ips / base_ips, 2), "kornia_cpu_images_per_s": round(ours_cpu_ips, 1),
-        "baseline_views": n_views_base,
+        "lightly_torchvision_images_per_s": base_ips, "kornia_images_per_s": kornia.get("images_per_s"),
+        "speedup": kornia.get("vs_lightly"), "kornia_cpu_images_per_s": kornia_cpu.get("images_per_s"),
+        "baseline_views": base.get("views"),
+        "torchvision_v2_images_per_s": tv2.get("images_per_s"), "torchvision_v2_speedup": tv2.get("vs_lightly"),
+        "faster_views": faster, "rows": rows,
+        "errors": [f"{r['name']}: {r['error']}" for r in rows if "error" in r], "notes": notes,
     }
-    rows = [[f"lightly {type(ds.transform).__name__} per sample, DataLoader x{workers} workers", "cpu",
-             f"{base_ips:.1f}", "1.00x"],
-            [f"kornia batched views (batch {batch_size})", str(dev), f"{ours_ips:.1f}", f"{ours_ips / base_ips:.2f}x"]]
-    if dev.type == "cuda":
-        rows.append([f"kornia batched views (batch {batch_size})", "cpu", f"{ours_cpu_ips:.1f}",
-                     f"{ours_cpu_ips / base_ips:.2f}x"])
     if backbone:
-        model.to(dev).train()
-        if dev.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-        gen = torch.Generator().manual_seed(1)
-        x = u8[:batch_size].to(dev)
-
-        def step() -> tuple[float, float]:
-            t_a = time.perf_counter()
-            views = vm(x, gen, channels_last=dev.type == "cuda")
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t_b = time.perf_counter()
-            model.on_step_start(0)
-            if amp is not None:
-                with amp:
-                    loss = model(views, 0)
-            else:
-                loss = model(views, 0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return t_b - t_a, time.perf_counter() - t_b
-
-        step()  # warm-up
-        timings = [step() for _ in range(3)]
-        aug_s = float(np.median([a for a, _ in timings]))
-        step_s = float(np.median([b for _, b in timings]))
-        share = 100 * aug_s / (aug_s + step_s)
-        result.update({"backbone": backbone, "train_step_ms": round(1000 * step_s, 1),
-                       "augment_ms_per_batch": round(1000 * aug_s, 1), "augment_share_of_step_pct": round(share, 1),
-                       "train_images_per_s": round(batch_size / (aug_s + step_s), 1)})
-        rows.append([f"training step {backbone} ({method}, batch {batch_size}) incl. views", str(dev),
-                     f"{batch_size / (aug_s + step_s):.1f}", f"views {share:.1f}% of the step"])
-    if dev.type == "cuda":
-        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result.update({"backbone": backbone, "train_step_ms": sk.get("train_step_ms"),
+                       "augment_ms_per_batch": sk.get("augment_ms_per_batch"),
+                       "augment_share_of_step_pct": sk.get("augment_share_pct"),
+                       "augment_share_pct": sk.get("augment_share_pct"), "train_images_per_s": sk.get("images_per_s"),
+                       "torchvision_v2_augment_ms_per_batch": st.get("augment_ms_per_batch"),
+                       "torchvision_v2_augment_share_pct": st.get("augment_share_pct"),
+                       "torchvision_v2_train_images_per_s": st.get("images_per_s")})
+    if cuda:
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     result.update(_peak_host_mb())
     result["hardware"] = _hardware()
+
+    def note(r: dict[str, Any]) -> str:
+        if "error" in r:
+            return f"error: {r['error']}"
+        if "augment_share_pct" in r:
+            return f"views {r['augment_share_pct']}% of the step ({r['augment_ms_per_batch']} ms of " \
+                   f"{r['augment_ms_per_batch'] + r['train_step_ms']:.1f} ms)"
+        return f"{r['vs_lightly']:.2f}x" if r.get("vs_lightly") else ("1.00x" if r["name"] == "lightly" else "")
+
+    label = {"lightly": f"lightly {base.get('transform', '')} per sample, DataLoader x{workers} workers"}
     _table(f"bench augment: {method}, {n_images} images, crop {crop}, views {[s.size for s in specs]}",
-           ["pipeline", "device", "images/s", "note"], rows)
+           ["pipeline", "device", "images/s", "note"],
+           [[label.get(r["name"], r["pipeline"]), r["device"],
+             "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.1f}", note(r)] for r in rows])
+    for n in notes:
+        console.print(f"note: {n}")
     return result

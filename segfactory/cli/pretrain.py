@@ -88,16 +88,19 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--per-folder", type=int, default=1000, help="--files: files per folder of the tree")
     p.set_defaults(func=cmd_bench_ingest)
 
-    p = benches.add_parser("augment", help="kornia batched views on the training device vs lightly's per-sample "
-                           "torchvision transforms in a DataLoader")
+    p = benches.add_parser("augment", help="kornia batched views and torchvision v2 per-image views on the training "
+                           "device vs lightly's per-sample torchvision transforms in a DataLoader; with --backbone, "
+                           "the views' share of a pretraining step")
     p.add_argument("--method", default="simclr", help=Names("view spec of this method: {names}", _methods))
-    p.add_argument("--images", type=int, default=256, help="source images per pass")
+    p.add_argument("--images", type=int, default=256,
+                   help="source images per pass (>= batch size x workers keeps every baseline worker busy)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--workers", type=int, help="DataLoader workers for the baseline (default: all cores)")
     p.add_argument("--backbone", default="resnet18",
                    help=Names("backbone for the training-step share, or none to skip: {names}", _backbones))
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per view pipeline (median)")
     p.set_defaults(func=cmd_bench_augment)
 
 
@@ -195,6 +198,6 @@ def cmd_bench_augment(args: argparse.Namespace) -> int:
     from pretrain.bench import bench_augment
 
     result = bench_augment(args.method, args.images, args.batch_size, args.crop_size, args.device, args.workers,
-                           None if args.backbone == "none" else args.backbone)
+                           None if args.backbone == "none" else args.backbone, args.steps)
     print(json.dumps(result))
     return 0
