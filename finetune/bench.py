@@ -390,7 +390,7 @@ def run_bench(size: int = 512, batch_sizes: list[int] | None = None, steps: int 
               "threads": torch.get_num_threads(), "variants": variants,
               "steps": steps, "warmup": warmup, "torch": torch.__version__, "results": results, "speedup": speedup,
               "speedup_by_variant": by_variant}
-    console.print(results_table(report))
+    console.print(results_table(report), width=max(console.width, 150))
     return report
 
 
