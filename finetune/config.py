@@ -238,6 +238,9 @@ class TrainConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = Field(default=False, description="run the training forward through torch.compile (the "
+                          "first steps pay the compilation; checkpoints, validation and export use the plain "
+                          "module, so saved keys are unchanged)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_every: int = Field(default=50, ge=1)

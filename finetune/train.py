@@ -156,6 +156,9 @@ class Trainer:
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # train.compile: only the training forward goes through the compiled wrapper; it shares the parameters
+        # of self.model, which stays the module that is checkpointed, validated and exported (no `_orig_mod.`).
+        self.train_model: nn.Module = torch.compile(self.model) if t.compile else self.model  # type: ignore[assignment]
         self._build_loss()
         self._build_optimizer()
         self.adapt = self._build_adapt()
@@ -479,7 +482,8 @@ class Trainer:
                    "final_val": _val_brief(last_val), "seconds_this_run": round(seconds, 2),
                    "images_per_s_this_run": round((step - start) * t.batch_size / max(seconds, 1e-9), 2),
                    "device": str(self.device), "amp": str(self.autocast).replace("torch.", "") if self.autocast
-                   else "off", "channels_last": self.channels_last, "encoder": self.lineage_encoder,
+                   else "off", "channels_last": self.channels_last, "compile": t.compile,
+                   "encoder": self.lineage_encoder,
                    "train_items": {s.name: len(s.train) for s in self.train_sources},
                    "val_items": {s.name: len(s.val) for s in self.val_sources}}
         if self.adapt is not None:
@@ -577,7 +581,7 @@ class Trainer:
 
                     logits, dist = forward_both(self.model, x)
                     return logits.float(), dist.float()
-                logits = self.model(x)
+                logits = self.train_model(x)
         return logits.float()
 
     def _write_curves(self) -> None:
@@ -665,7 +669,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for kind, m in (fv.get("by_kind") or {}).items():
         table.add_row(f"final {kind} mIoU", "-" if m["miou"] is None else f"{m['miou']:.4f}")
     table.add_row("time (this run)", f"{summary['seconds_this_run']:.1f} s, {summary['images_per_s_this_run']} img/s")
-    table.add_row("device", f"{summary['device']} (amp {summary['amp']}, channels_last {summary['channels_last']})")
+    table.add_row("device", f"{summary['device']} (amp {summary['amp']}, channels_last {summary['channels_last']}"
+                  f"{', compiled' if summary.get('compile') else ''})")
     table.add_row("encoder", str(summary["encoder"].get("init")))
     console.print(table)
 

@@ -218,7 +218,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
     _emit(run_bench(size=args.size, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
                     arch=args.arch, encoder=args.encoder, device=args.device, data=args.data,
-                    workers=args.workers, threads=args.threads))
+                    workers=args.workers, threads=args.threads, variants=args.variants))
     return 0
 
 
@@ -316,6 +316,10 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     b.add_argument("--encoder", default="resnet18", help="timm encoder name")
     b.add_argument("--device", default="auto")
     b.add_argument("--data", metavar="DIR", help="dataset or labeled folder (default: coins sample folder)")
-    b.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
+    b.add_argument("--workers", type=int, help="DataLoader workers for both pipelines (default: all cores but one, "
+                   "at most 16)")
+    b.add_argument("--variants", nargs="+", metavar="V",
+                   help="segfactory settings to time against the baseline: default, fp32, fp16, bf16, "
+                        "no-channels-last, compile (default: all on CUDA, 'default' on a CPU)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.set_defaults(func=_cmd_bench_train)
