@@ -282,6 +282,11 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         prev = latest_release(root)
         scenes_before, scenes = grown_scenes(cfg, render_cfg, config_hash, prev)
         first_scene = window_start(cfg.growth, scenes)
+        per_shard = render_cfg.dataset.scenes_per_shard
+        if cfg.growth.scenes_per_run % per_shard and scenes > scenes_before:
+            console.print(f"[yellow]growth.scenes_per_run={cfg.growth.scenes_per_run} is not a multiple of "
+                          f"render.dataset.scenes_per_shard={per_shard}:[/] a partial last shard is rendered again "
+                          "whole (a new shard id) once later runs fill it", soft_wrap=True)
         render_cfg = render_cfg.model_copy(update={"dataset": render_cfg.dataset.model_copy(update={"scenes": scenes})})
         dataset = root / "datasets" / config_hash
         sequence = _next_sequence(root)

@@ -19,6 +19,7 @@ from pipelines.refresh import (
     list_releases,
     window_start,
 )
+from pipelines.verify import run_verify
 from segfactory.cli import main
 from segfactory.config import load_config
 from segfactory.errors import EXIT_USER, UserError
@@ -184,6 +185,7 @@ def test_three_windowed_refreshes_retire_and_prune_the_oldest_shards(tmp_path: P
     assert [p.stem for p in list_releases(root)] == [r2["release"], r3["release"]]
     assert first_shard not in committed_shards(ds) and not list((ds / "shards").glob(".trash-*"))
     assert sorted(committed_shards(ds)) == sorted([r2["shards"][0]["id"], *(s["id"] for s in r3["shards"])])
+    assert run_verify(root).problems == {}  # every shard a kept release lists is there and intact
 
     # Nothing new (no growth this run) and keep=1: nothing rendered, added or retired; the prune removes the
     # retired shard only release 2 referenced.
@@ -204,3 +206,4 @@ def test_three_windowed_refreshes_retire_and_prune_the_oldest_shards(tmp_path: P
     assert {p.name: p.stat().st_mtime_ns for p in (ds / "shards").iterdir()} == before
     assert read_json(ds / "dataset.json") == listing
     assert "pruned 1 release(s), 0 shard(s)" in out5
+    assert run_verify(root).problems == {}
