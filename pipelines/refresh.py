@@ -16,6 +16,11 @@ rendered again), retrains (``train.enabled``) only when the release's inputs cha
 the new model is promoted (``train.promotion``), publishes a release, then prunes releases beyond the last
 ``releases.keep`` together with the shards and models no kept release references.
 
+Growth (``growth``): each refresh adds ``scenes_per_run`` fresh scene indices (fresh seeds) to the previous
+release's, up to ``max_scenes``; or, with ``window``, without end while the release's dataset holds only the
+newest ``window`` scene indices (whole shards): the older shards are retired from the release (no longer listed in
+``dataset.json``) and deleted by the prune once no kept release references them.
+
 Releases are ordered by their ``sequence`` number (one more than the highest so far), never by wall-clock time:
 after a clock step back, the new release is still the newest. The release just published is never pruned.
 Pruning rewrites a dataset's ``dataset.json`` before any of its shards goes, and removes units by renaming them
@@ -36,7 +41,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 import segfactory
 from finetune.config import FinetuneConfig
@@ -112,7 +118,32 @@ class GrowthSettings(StrictModel):
     scenes_per_run: int = Field(0, ge=0, description="new scenes each refresh adds (fresh scene indices, so fresh "
                                 "seeds SeedSequence([seed, i])) on top of the previous release's; 0 = the dataset "
                                 "only grows when render.dataset.scenes does")
-    max_scenes: int | None = Field(None, ge=1, description="cap on the dataset's scenes (None = no cap)")
+    max_scenes: int | None = Field(None, ge=1, description="cap on the dataset's scene indices (None = no cap): "
+                                   "once reached, refreshes add nothing (not with window)")
+    window: int | None = Field(
+        None, ge=1, description="rolling window: the release's dataset holds only the newest `window` scene indices "
+        "and growth never stops; older shards are retired (whole shards: one partly inside the window stays until "
+        "all its scenes are out, so a release holds up to window + scenes_per_shard - 1 scenes) and pruned once no "
+        "kept release references them. None = keep every scene (not with max_scenes)")
+
+    @field_validator("window")
+    @classmethod
+    def _window_fits(cls, window: int | None, info: ValidationInfo) -> int | None:
+        if window is None:
+            return None
+        cap, per_run = info.data.get("max_scenes"), info.data.get("scenes_per_run", 0)
+        if cap is not None:
+            raise PydanticCustomError(
+                "growth_conflict", "growth.max_scenes={cap} is set too: a window keeps the newest {window} scenes "
+                "and never stops adding, a cap stops adding at {cap} scenes",
+                {"cap": cap, "window": window, "fix": "set one of them: growth.max_scenes=null (rolling window) or "
+                 "growth.window=null (grow up to the cap, then stop)"})
+        if window < per_run:
+            raise PydanticCustomError(
+                "growth_conflict", "it is below growth.scenes_per_run={per_run}: scenes each run renders would "
+                "never be in a release", {"per_run": per_run, "fix": f"set growth.window to at least {per_run}, or "
+                                          "lower growth.scenes_per_run"})
+        return window
 
 
 class RefreshConfig(StrictModel):
@@ -126,6 +157,18 @@ class RefreshConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard/MLflow logging of "
                                      "the training stages that set none of their own (never part of a stage key)")
+
+    @field_validator("growth")
+    @classmethod
+    def _window_holds_first_release(cls, growth: GrowthSettings, info: ValidationInfo) -> GrowthSettings:
+        render = info.data.get("render")
+        if growth.window is not None and render is not None and growth.window < render.dataset.scenes:
+            raise PydanticCustomError(
+                "growth_conflict", "growth.window={window} is below render.dataset.scenes={scenes}: no release "
+                "could hold the configured scenes",
+                {"window": growth.window, "scenes": render.dataset.scenes,
+                 "fix": f"set growth.window to at least {render.dataset.scenes}, or lower render.dataset.scenes"})
+        return growth
 
 
 @contextlib.contextmanager
@@ -238,12 +281,19 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         render_cfg, config_hash = resolve_render_config(cfg.render)
         prev = latest_release(root)
         scenes_before, scenes = grown_scenes(cfg, render_cfg, config_hash, prev)
+        first_scene = window_start(cfg.growth, scenes)
+        per_shard = render_cfg.dataset.scenes_per_shard
+        if cfg.growth.scenes_per_run % per_shard and scenes > scenes_before:
+            console.print(f"[yellow]growth.scenes_per_run={cfg.growth.scenes_per_run} is not a multiple of "
+                          f"render.dataset.scenes_per_shard={per_shard}:[/] a partial last shard is rendered again "
+                          "whole (a new shard id) once later runs fill it", soft_wrap=True)
         render_cfg = render_cfg.model_copy(update={"dataset": render_cfg.dataset.model_copy(update={"scenes": scenes})})
         dataset = root / "datasets" / config_hash
         sequence = _next_sequence(root)
         name = _release_name(sequence)
         report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
-        summary, shards = _render_verified(cfg, render_cfg, dataset, report)
+        summary, shards = _render_verified(cfg, render_cfg, dataset, report, first_scene)
+        growth = growth_record(cfg.growth, prev, config_hash, render_cfg.dataset.seed, scenes_before, shards)
         meta = read_json(dataset / "dataset.json")
         real = None
         if cfg.real.sources():
@@ -261,16 +311,17 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
             "render": {"dataset": f"datasets/{config_hash}", "config_hash": config_hash,
                        "code_version": render_code_version(),
                        "seed": render_cfg.dataset.seed, "scenes": render_cfg.dataset.scenes,
+                       "first_scene": growth["scene_range"][0],
                        "shards_rendered": summary["shards_rendered"], "shards_repaired": summary["shards_repaired"]},
-            "growth": {"scenes_before": scenes_before, "scenes": scenes, "scenes_added": max(0, scenes - scenes_before),
-                       **shard_changes(prev, shards)},
+            "growth": growth,
             "shards": shards, "num_frames": sum(s["frames"] for s in shards), "real": real,
             "inputs_changed": prev is None or [s["id"] for s in prev["shards"]] != [s["id"] for s in shards]
                               or (prev.get("real") or {}).get("data_hash") != (real or {}).get("data_hash"),
             "stats": stats, "drift": drift(prev, stats, meta["classes"]),
         }
-        if prev is not None:
-            release["drift"] |= {k: len(v) for k, v in shard_changes(prev, shards).items()}
+        if prev is not None:  # what changed, counted next to the class-share drift
+            release["drift"] |= {k: len(growth[k]) for k in ("shards_added", "shards_retired")} | {
+                k: growth[k] for k in ("scenes_added", "scenes_retired")}
         if cfg.train.enabled:
             model = retrain(cfg, root, render_cfg, config_hash, shards, real, name)
             release["model"], release["promoted_model"] = promote(root, model, prev, cfg.train.promotion, name)
@@ -286,11 +337,14 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
 
 def grown_scenes(cfg: RefreshConfig, render_cfg: RenderStep, config_hash: str,
                  prev: dict[str, Any] | None) -> tuple[int, int]:
-    """The scenes of this refresh's dataset under ``growth``: ``scenes_per_run`` more than the previous release's
-    (when it rendered the same look and seed), at least ``render.dataset.scenes``, at most ``growth.max_scenes``.
+    """The scene indices of this refresh's dataset under ``growth``: ``scenes_per_run`` more than the previous
+    release's (when it rendered the same look and seed), at least ``render.dataset.scenes``, at most
+    ``growth.max_scenes``. With ``growth.window`` (never together with ``max_scenes``) the count keeps growing and
+    the release holds only its newest ``window`` (:func:`window_start`).
 
     Returns:
-        ``(scenes of the previous release of this dataset (0 if none), scenes now)``.
+        ``(scene index stop of the previous release of this dataset (0 if none), scene index stop now)``: scenes
+        ``0..stop-1`` have been drawn, each with its own seed ``SeedSequence([seed, i])``.
     """
     d = render_cfg.dataset
     before = 0
@@ -302,6 +356,60 @@ def grown_scenes(cfg: RefreshConfig, render_cfg: RenderStep, config_hash: str,
     return before, scenes
 
 
+def window_start(growth: GrowthSettings, scenes: int) -> int:
+    """The first scene index of the rolling window over scenes ``0..scenes-1`` (0 without ``growth.window``).
+
+    The release holds the shards with a scene at or above it (whole shards: see
+    :func:`pipelines.render.dataset_plan`).
+    """
+    return 0 if growth.window is None else max(0, scenes - growth.window)
+
+
+def _range_minus(a: list[int], b: list[int] | None) -> list[list[int]]:
+    """Scene ranges ``[start, stop)`` of ``a`` outside ``b`` (at most two; empty ranges dropped)."""
+    if b is None:
+        return [a] if a[1] > a[0] else []
+    parts = [[a[0], min(a[1], b[0])], [max(a[0], b[1]), a[1]]]
+    return [r for r in parts if r[1] > r[0]]
+
+
+def _held_range(release: dict[str, Any]) -> list[int] | None:
+    """The scene indices ``[start, stop)`` a release's shards hold (releases from before windows: from 0)."""
+    held = (release.get("growth") or {}).get("scene_range")
+    if held is not None:
+        return [int(held[0]), int(held[1])]
+    scenes = release.get("render", {}).get("scenes")
+    return None if scenes is None else [0, int(scenes)]
+
+
+def growth_record(growth: GrowthSettings, prev: dict[str, Any] | None, config_hash: str, seed: int,
+                  scenes_before: int, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The release's ``growth`` block: what it holds and what it adds and retires against the previous release.
+
+    Args:
+        growth: ``growth`` settings.
+        prev: The previous release, or None.
+        config_hash, seed: This release's render config hash and base seed (scene indices of another dataset, or
+            another seed, are other scenes: then every previous scene is retired and every scene now is added).
+        scenes_before: The previous release's scene index stop (0 for another dataset), from :func:`grown_scenes`.
+        shards: This release's shard records (``id``, ``scenes`` = ``[start, stop)``), in scene order.
+
+    Returns:
+        ``scenes_before``/``scenes`` (scene index stops), ``window``, ``scene_range`` (indices held, whole shards),
+        ``scenes_added_ranges``/``scenes_retired_ranges`` (``[start, stop)`` lists) with their scene counts
+        ``scenes_added``/``scenes_retired``, ``same_dataset``, ``shards_added``/``shards_retired`` (ids).
+    """
+    held = [shards[0]["scenes"][0], shards[-1]["scenes"][1]] if shards else [0, 0]
+    same = prev is not None and prev["render"].get("config_hash") == config_hash and prev["render"].get("seed") == seed
+    before = _held_range(prev) if prev is not None else None
+    added = _range_minus(held, before if same else None)
+    retired = [] if before is None else _range_minus(before, held if same else None)
+    return {"scenes_before": scenes_before, "scenes": held[1], "window": growth.window, "scene_range": held,
+            "scenes_added": sum(b - a for a, b in added), "scenes_added_ranges": added,
+            "scenes_retired": sum(b - a for a, b in retired), "scenes_retired_ranges": retired,
+            "same_dataset": same, **shard_changes(prev, shards)}
+
+
 def shard_changes(prev: dict[str, Any] | None, shards: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Shards this release adds and retires against the previous release (``shards_added``, ``shards_retired``)."""
     old = [s["id"] for s in prev["shards"]] if prev is not None else []
@@ -309,10 +417,11 @@ def shard_changes(prev: dict[str, Any] | None, shards: list[dict[str, Any]]) -> 
     return {"shards_added": [s for s in now if s not in old], "shards_retired": [s for s in old if s not in now]}
 
 
-def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path,
-                     report: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Render the release's missing shards, then re-hash every file of every shard against its manifest; a
-    corrupt or incomplete shard is moved aside and rendered again (once).
+def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path, report: str,
+                     first_scene: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Render the release's missing shards (those with a scene at or above ``first_scene``), then re-hash every
+    file of every shard against its manifest; a corrupt or incomplete shard is moved aside and rendered again
+    (once).
 
     Returns:
         The render summary (plus ``shards_repaired``) and the release's shard records.
@@ -323,9 +432,9 @@ def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path,
     from pipelines.render import dataset_plan, run_render
     from segfactory.formats.dataset import MANIFEST_FILE, shard_dir, verify_shard
 
-    summary = run_render(render_cfg, dataset, cfg.cluster, performance_report=report)
+    summary = run_render(render_cfg, dataset, cfg.cluster, performance_report=report, first_scene=first_scene)
     plans = dataset_plan(render_cfg, read_json(dataset / "dataset.json")["config_hash"],
-                         read_json(dataset / "dataset.json")["family"])
+                         read_json(dataset / "dataset.json")["family"], first_scene)
     repaired = 0
     for attempt in range(2):
         bad = {p.shard_id: problems for p in plans if (problems := verify_shard(dataset, p.shard_id))}
@@ -339,13 +448,13 @@ def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path,
             raise PartialFailure(f"{len(bad)} shard(s) are still corrupt after rendering them again; nothing was "
                                  "published (check the disk)", {sid: "; ".join(p) for sid, p in bad.items()})
         repaired = len(bad)
-        again = run_render(render_cfg, dataset, cfg.cluster, performance_report=report)
+        again = run_render(render_cfg, dataset, cfg.cluster, performance_report=report, first_scene=first_scene)
         summary = {**summary, "shards_rendered": summary["shards_rendered"] + again["shards_rendered"]}
     shards = []
     for p in plans:
         manifest = shard_dir(dataset, p.shard_id) / MANIFEST_FILE
         shards.append({"id": p.shard_id, "manifest_sha256": sha256_file(manifest),
-                       "frames": read_json(manifest)["num_frames"]})
+                       "frames": read_json(manifest)["num_frames"], "scenes": [p.scene_start, p.scene_stop]})
     return {**summary, "shards_repaired": repaired}, shards
 
 
@@ -537,15 +646,29 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
     return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 
+def _ranges(ranges: list[list[int]]) -> str:
+    """``[[0, 2], [5, 6]]`` -> ``"0-1, 5"`` (inclusive scene indices, for people)."""
+    return ", ".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges)
+
+
+def _scenes_note(growth: dict[str, Any], what: str) -> str:
+    ranges = growth.get(f"scenes_{what}_ranges")
+    return f" (scenes {_ranges(ranges)})" if ranges else ""
+
+
 def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: float) -> None:
     from rich.table import Table
 
     d = release["drift"]
     g = release.get("growth") or {}
     added, retired = len(g.get("shards_added", [])), len(g.get("shards_retired", []))
-    console.print(f"release {release['release']}: {len(release['shards'])} shard(s), {release['num_frames']} frames"
-                  f" ({release['render']['shards_rendered']} shard(s) rendered; vs the previous release {added} "
-                  f"added, {retired} retired), inputs changed: "
+    held = g.get("scene_range")
+    window = f", window {g['window']}" if g.get("window") else ""
+    holds = f" (scenes {_ranges([held])}{window})" if held else ""
+    console.print(f"release {release['release']}: {len(release['shards'])} shard(s){holds}, {release['num_frames']} "
+                  f"frames ({release['render']['shards_rendered']} shard(s) rendered; vs the previous release "
+                  f"{added} shard(s) added{_scenes_note(g, 'added')}, {retired} retired{_scenes_note(g, 'retired')}),"
+                  f" inputs changed: "
                   f"{'yes' if release['inputs_changed'] else 'no'}; pruned {pruned['releases']} release(s), "
                   f"{pruned['shards']} shard(s), {pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)
     if d.get("previous"):

@@ -92,9 +92,9 @@ def dataset_lock(out: Path, what: str) -> contextlib.AbstractContextManager[None
                           fix="wait for it to finish (a re-run then renders only missing shards), or use another --out")
 
 
-def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str, Any]:
+def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str, first_scene: int = 0) -> dict[str, Any]:
     """Check ``out`` can hold this dataset (writable; empty or the same config) and write its metadata (call with
-    :func:`dataset_lock` held)."""
+    :func:`dataset_lock` held); ``first_scene`` as in :func:`dataset_plan`."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file, not a directory", fix="choose a directory path for --out")
     meta_path = out / DATASET_FILE
@@ -127,16 +127,22 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str) -> dict[str,
         "code_version": render_code_version(),
     }
     save_resolved(cfg.stage_config() if isinstance(cfg, RenderStep) else cfg, out / "config.yaml")
-    write_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash, resolved.family.name)])
+    write_dataset_meta(out, meta, [p.shard_id for p in dataset_plan(cfg, config_hash, resolved.family.name,
+                                                                    first_scene)])
     return meta
 
 
-def dataset_plan(cfg: RenderConfig, config_hash: str, family: str) -> list[ShardPlan]:
+def dataset_plan(cfg: RenderConfig, config_hash: str, family: str, first_scene: int = 0) -> list[ShardPlan]:
     """The shards that make up the dataset ``cfg`` (size, seed, shard size) describes; ``family`` is its scene
     family's name (``dataset.json``'s ``family``), passed in because resolving the scene again re-hashes user
-    meshes."""
+    meshes.
+
+    ``first_scene`` > 0 leaves out the shards whose scenes all lie below it (a refresh's rolling window,
+    ``growth.window``): shards stay aligned to multiples of ``scenes_per_shard`` from scene 0 (so their ids do not
+    change as the window moves), and a shard holding ``first_scene`` is kept whole."""
     d = cfg.dataset
-    return plan_shards(family, config_hash, d.seed, d.scenes, d.scenes_per_shard, render_code_version())
+    plans = plan_shards(family, config_hash, d.seed, d.scenes, d.scenes_per_shard, render_code_version())
+    return [p for p in plans if p.scene_stop > first_scene]
 
 
 def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
@@ -153,7 +159,7 @@ def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:
 
 
 def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
-               performance_report: str | os.PathLike | None = None) -> dict[str, Any]:
+               performance_report: str | os.PathLike | None = None, first_scene: int = 0) -> dict[str, Any]:
     """Render all missing shards of the dataset ``cfg`` describes into ``out``.
 
     Args:
@@ -161,6 +167,7 @@ def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
         out: Dataset directory (created, or resumed when it holds the same config).
         cluster: Where the shard tasks run.
         performance_report: Optional path of a Dask performance report (HTML) of the render.
+        first_scene: Leave out the shards whose scenes all lie below this scene index (see :func:`dataset_plan`).
 
     Returns:
         A summary: shards planned/rendered/skipped, frames, seconds, failures.
@@ -178,21 +185,21 @@ def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
     # Held for the whole render, and taken before dataset.json is touched: a render refused because another one
     # runs changes nothing, and a second render would remove this one's shard writes as leftovers.
     with dataset_lock(out, "render into"):
-        meta = prepare_dataset(out, cfg, config_hash)
-        return _render_locked(cfg, out, cluster, meta, config_hash, performance_report)
+        meta = prepare_dataset(out, cfg, config_hash, first_scene)
+        return _render_locked(cfg, out, cluster, meta, config_hash, performance_report, first_scene)
 
 
 def _render_locked(cfg: RenderStep, out: Path, cluster: ClusterConfig, meta: dict[str, Any], config_hash: str,
-                   performance_report: str | os.PathLike | None) -> dict[str, Any]:
+                   performance_report: str | os.PathLike | None, first_scene: int = 0) -> dict[str, Any]:
     import time
 
-    plans = dataset_plan(cfg, config_hash, meta["family"])
+    plans = dataset_plan(cfg, config_hash, meta["family"], first_scene)
     done = set(committed_shards(out))
     todo = [p for p in plans if p.shard_id not in done]
     unlisted = len(done - {p.shard_id for p in plans})
     if unlisted:
-        console.print(f"{unlisted} committed shard(s) in {out} belong to another size, seed or shard size: kept on "
-                      "disk, not part of this dataset")
+        console.print(f"{unlisted} committed shard(s) in {out} belong to another size, seed, shard size or "
+                      "window: kept on disk, not part of this dataset")
     stale = remove_stale_shard_writes(out)
     if stale:
         console.print(f"removed {stale} unfinished shard write(s) from an interrupted run")
