@@ -13,6 +13,7 @@ they run is built from ``configs/docker/Dockerfile``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -191,6 +192,18 @@ def _k8s_to_dask_memory(mem: str) -> str:
     return mem
 
 
+class _QuietConnectionLoss(logging.Filter):
+    """Drops the tracebacks Dask's client logs when it loses its scheduler (a closed connection, the reconnect
+    cancelled at close): the units that loss cancels are listed by the pipeline instead (exit 3)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (asyncio.CancelledError, OSError))  # CommClosedError is an OSError
+
+
+_DASK_CLIENT_LOGGERS = ("distributed.client", "distributed.utils")
+
+
 # How long run_tasks waits with no worker, per client open_client made (None: wait for ever).
 _NO_WORKERS_TIMEOUT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
@@ -249,6 +262,9 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         client = Client(cluster)
     if cfg.no_workers_timeout_s > 0 and (cfg.backend == "local" or _keeps_workers(cfg)):
         _NO_WORKERS_TIMEOUT[client] = cfg.no_workers_timeout_s
+    quiet = _QuietConnectionLoss()
+    for name in _DASK_CLIENT_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         _announce(client, cfg)
         if shared_dir is not None and cfg.backend != "local":  # LocalCluster workers share this machine's files
@@ -260,9 +276,13 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
             with _performance_report(client, Path(performance_report)):
                 yield client
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            for name in _DASK_CLIENT_LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -114,3 +114,41 @@ def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Pa
     assert took < 60, took
     _, alive = psutil.wait_procs(decoders, timeout=10)
     assert not alive  # the killed worker's decoder did not live on
+
+
+@pytest.mark.slow
+def test_scheduler_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
+    """The scheduler of an address cluster is SIGKILLed while its worker decodes a file that never finishes:
+    the driver lists the units still to run and exits 3 with one error line, no traceback."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "camera.png", src / "camera.png")
+    (src / "hang.seg").write_bytes(faulty_decoders.make("hang"))
+    path = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
+    cluster = LoopbackCluster(tmp_path / "dask", n_workers=1, env={"PYTHONPATH": path})
+    log = tmp_path / "driver.log"
+    out = open(log, "ab")  # noqa: SIM115 - closed with the process
+    driver = subprocess.Popen(ingest_args(src, tmp_path / "out", cluster.address, "decode.plugins=[faulty_decoders]",
+                                          "checks.decode_timeout_s=600"),
+                              cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "COLUMNS": "200", "PYTHONPATH": path})
+    try:
+        [worker] = cluster.workers
+        deadline = time.monotonic() + 120
+        while not psutil.Process(worker.pid).children():  # a decoder process: the shard is running
+            assert driver.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        scheduler = cluster.procs[0]
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        scheduler.wait(timeout=10)
+        rc = driver.wait(timeout=180)
+    finally:
+        if driver.poll() is None:
+            kill_tree(driver)
+        cluster.close()
+    text = log.read_text(errors="replace")
+    assert rc == EXIT_PARTIAL, text
+    assert "Traceback" not in text, text
+    assert len(error_lines(text)) == 1, text
+    assert "scheduler-connection-lost" in text
