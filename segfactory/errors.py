@@ -176,11 +176,14 @@ def kill_group_when_orphaned(grace_s: float, poll_s: float = 0.25) -> threading.
     is gone, it SIGKILLs this process's whole process group (the process is a session leader, started so by
     ``pipelines.subproc.run_logged``), or only this process where it leads no group.
 
+    The variable is taken out of the environment: processes this one starts (``torchrun`` and its ranks) have
+    another parent and are not watched themselves; they go with the process group.
+
     Returns:
         The watching thread, or None when no parent pid was handed down (not a pipeline's stage process).
     """
     try:
-        parent = int(os.environ.get(PARENT_PID_ENV, ""))
+        parent = int(os.environ.pop(PARENT_PID_ENV, ""))
     except ValueError:
         return None
 

@@ -186,3 +186,17 @@ def test_sigkilled_worker_leaves_no_training_process_and_the_retry_resumes(clust
     assert torch.load(final / "checkpoint.pt", weights_only=False, map_location="cpu")["step"] == 40
     assert not list(final.parent.glob(".tmp-finetune-x-*"))
     assert not any(c.is_running() for _, c in _stage_processes(cluster))
+
+
+def test_only_the_stage_process_itself_watches_its_parent(tmp_path: Path) -> None:
+    """The parent pid is handed to the stage process only: what it starts (torchrun's ranks, whose parent is
+    torchrun) must not take that pid for theirs and kill their group as orphans."""
+    code = ("import os, subprocess, sys\n"
+            "from segfactory.errors import PARENT_PID_ENV, kill_group_when_orphaned\n"
+            "assert kill_group_when_orphaned(60) is not None\n"
+            "sub = 'from segfactory.errors import kill_group_when_orphaned as k; print(k(60) is None)'\n"
+            "print(subprocess.run([sys.executable, '-c', sub], capture_output=True, text=True).stdout.strip())\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "SEGFACTORY_PARENT_PID": str(os.getpid())})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
