@@ -13,12 +13,14 @@ they run is built from ``configs/docker/Dockerfile``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +120,11 @@ class ClusterConfig(StrictModel):
     memory_limit: str = Field("auto", description="per-worker memory limit (LocalCluster; SLURM uses slurm.memory)")
     dashboard: bool = Field(True, description="start the dashboard on a free port")
     connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for a scheduler / the first worker")
+    no_workers_timeout_s: float = Field(
+        300.0, ge=0, description="with work left but no worker on the scheduler for this long (all lost: killed, "
+        "out of memory, their jobs or pods gone), the units still to run fail and are listed (exit 3) instead of "
+        "waiting for ever; 0 waits for ever. Adaptive SLURM/Kubernetes clusters that may scale to no worker "
+        "always wait")
     tasks: TaskSettings = Field(default_factory=TaskSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
@@ -185,6 +192,27 @@ def _k8s_to_dask_memory(mem: str) -> str:
     return mem
 
 
+class _QuietConnectionLoss(logging.Filter):
+    """Drops the tracebacks Dask's client logs when it loses its scheduler (a closed connection, the reconnect
+    cancelled at close): the units that loss cancels are listed by the pipeline instead (exit 3)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (asyncio.CancelledError, OSError))  # CommClosedError is an OSError
+
+
+_DASK_CLIENT_LOGGERS = ("distributed.client", "distributed.utils")
+
+
+# How long run_tasks waits with no worker, per client open_client made (None: wait for ever).
+_NO_WORKERS_TIMEOUT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def no_workers_timeout(client: Any) -> float | None:
+    """``cluster.no_workers_timeout_s`` of a client :func:`open_client` made, where it applies; else None."""
+    return _NO_WORKERS_TIMEOUT.get(client)
+
+
 @contextlib.contextmanager
 def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None = None,
                 shared_dir: str | os.PathLike | None = None) -> Iterator[Any]:
@@ -197,7 +225,8 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
             must see it (:func:`check_shared_dir`).
 
     Raises:
-        UserError: the scheduler cannot be reached, or a worker cannot see ``shared_dir``.
+        UserError: the scheduler cannot be reached or its address is malformed, or a worker cannot see
+            ``shared_dir``.
     """
     from distributed import Client
 
@@ -212,6 +241,9 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         except OSError as e:
             raise UserError(f"cannot reach the Dask scheduler at {cfg.address}: {e}",
                             fix="start it (`dask scheduler`) or fix --cluster-address") from None
+        except (ValueError, TypeError) as e:  # Dask's parse of a malformed address (scheme, port)
+            raise UserError(f"cluster.address={cfg.address!r} is not a Dask scheduler address: {e}",
+                            fix="pass --cluster-address tcp://HOST:PORT (what `dask scheduler` prints)") from None
     elif cfg.backend == "slurm":
         cluster = _slurm_cluster(cfg)
         client = Client(cluster)
@@ -228,6 +260,11 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
                                # Failed tasks are reported by the pipelines, once, with the unit's id.
                                silence_logs=logging.CRITICAL)
         client = Client(cluster)
+    if cfg.no_workers_timeout_s > 0 and (cfg.backend == "local" or _keeps_workers(cfg)):
+        _NO_WORKERS_TIMEOUT[client] = cfg.no_workers_timeout_s
+    quiet = _QuietConnectionLoss()
+    for name in _DASK_CLIENT_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         _announce(client, cfg)
         if shared_dir is not None and cfg.backend != "local":  # LocalCluster workers share this machine's files
@@ -239,9 +276,13 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
             with _performance_report(client, Path(performance_report)):
                 yield client
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            for name in _DASK_CLIENT_LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
 
 
 @contextlib.contextmanager

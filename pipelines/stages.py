@@ -208,13 +208,16 @@ def verify_stage(d: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _stage_lock(final: Path) -> Iterator[None]:
-    """Hold ``.<stage>.lock`` next to the stage (blocking): one attempt of a stage at a time, also across a killed
-    driver's still-running task and the re-run's (the kernel drops the lock when its holder dies)."""
+def _stage_lock(final: Path) -> Iterator[int]:
+    """Hold ``.<stage>.lock`` next to the stage (blocking) and yield its file descriptor: one attempt of a stage at
+    a time, also across a killed driver's still-running task and the re-run's (the kernel drops the lock when
+    every process holding the descriptor has exited). The task hands it down to its stage process, so a retry
+    after a lost worker waits until the killed attempt's stage process (which outlives its worker by a step, to
+    write a checkpoint) has exited, and then resumes from that checkpoint."""
     fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -241,7 +244,7 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
 
     command = argv[0]
     final_p.parent.mkdir(parents=True, exist_ok=True)
-    with _stage_lock(final_p):
+    with _stage_lock(final_p) as lock_fd:
         if stage_done(final_p):  # the attempt we waited for committed it
             return {"skipped": True, "finished": True}
         attempt, resumed = _adopt_attempt(final_p, command)
@@ -256,7 +259,7 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
         t0 = time.perf_counter()
         try:
             run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
-                       env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)})
+                       env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)}, pass_fds=(lock_fd,))
         except SubprocessFailed as e:
             if e.returncode == EXIT_USER and e.error:  # the same config fails the same way: no retry, exit 2
                 return {"skipped": False, "finished": False, "user_error": e.error, "fix": e.fix}

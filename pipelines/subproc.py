@@ -1,7 +1,10 @@
 """Run heavy external work (a Blender render, a training run) as a subprocess inside a Dask task.
 
 The child gets its own process group, so a timeout kills Blender and anything it started; and it is tied to
-its parent with ``PR_SET_PDEATHSIG``, so a worker killed with SIGKILL does not leave an orphan rendering on.
+its parent with ``PR_SET_PDEATHSIG``, so a worker killed with SIGKILL does not leave an orphan rendering on. The
+parent's pid goes to the child in ``PARENT_PID_ENV``: a ``segfactory`` stage process watches it
+(:func:`segfactory.cli.orphan_watchdog`) and ends its whole process group a grace period after its parent is gone.
+A lock the caller holds can be handed down (``pass_fds``), so it stays held until the child has exited too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from segfactory.errors import PARENT_PID_ENV
 
 
 def forward_to_driver(topic: str, parse: Callable[[str], dict[str, Any] | None]) -> Callable[[str], None] | None:
@@ -55,13 +60,22 @@ class SubprocessTimeout(SubprocessFailed):
     """The child ran past its timeout and its process group was killed."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _die_with(parent: int) -> Callable[[], None]:
+    """The child's ``preexec_fn`` (between fork and exec): SIGKILL when ``parent`` dies (``PR_SET_PDEATHSIG``),
+    and at once if it already died before the prctl took effect (the kernel would never send it then)."""
+
+    def preexec() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
-               on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> None:
+               on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None,
+               pass_fds: tuple[int, ...] = ()) -> None:
     """Run ``cmd``, appending its output to ``log_path``; raise on timeout or non-zero exit.
 
     Args:
@@ -69,7 +83,9 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
         timeout_s: Wall-clock limit; on expiry the whole process group gets SIGKILL.
         log_path: File the child's stdout and stderr are appended to.
         on_line: Called with each output line (e.g. to forward progress).
-        env: Environment for the child (default: inherited).
+        env: Environment for the child (default: inherited); ``PARENT_PID_ENV`` is added.
+        pass_fds: File descriptors the child inherits, e.g. an ``flock``-ed lock file: the lock is then held
+            until this process and the child (and everything it forked) have all exited.
 
     Raises:
         SubprocessTimeout: it ran too long.
@@ -80,8 +96,10 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: str | os.PathLike,
     error: list[str | None] = [None, None]  # the child's last "error:" line and the "fix:" line after it
     timed_out = threading.Event()
     with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+        child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True, preexec_fn=_die_with_parent, env=env)
+                                start_new_session=True, preexec_fn=_die_with(os.getpid()), env=child_env,
+                                pass_fds=pass_fds)
 
         def kill() -> None:
             timed_out.set()

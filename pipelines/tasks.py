@@ -1,12 +1,15 @@
 """Run units of work as Dask tasks: submit them all, show one progress bar, collect results and per-unit failures.
 
 Every Dask stage of segfactory (render shards, ingest hash chunks and shards, training stages) goes through
-:func:`run_tasks`: one failed unit is reported under its name after its retries and the others go on.
+:func:`run_tasks`: one failed unit is reported under its name after its retries and the others go on. A cluster
+that lost all its workers (``cluster.no_workers_timeout_s``) fails the units still to run instead of waiting for
+ever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +20,12 @@ from segfactory.console import progress
 # A worker event -> (unit name, progress within the unit, the unit's size or None, a bar description or None);
 # None for an event of another run.
 EventParser = Callable[[dict[str, Any]], "tuple[str, float, float | None, str | None] | None"]
+_POLL_S = 0.2  # how often the wait loop looks for finished units
+_WORKERS_POLL_S = 2.0  # how often it asks the scheduler for its workers while nothing finishes
+
+
+class NoWorkersLeft(RuntimeError):
+    """The scheduler had no worker for ``cluster.no_workers_timeout_s`` while this unit was still to run."""
 
 
 def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, description: str,
@@ -45,10 +54,14 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
 
     Returns:
         ``(results, failures)``: results by unit name in completion order, and ``"Type: message"`` by name of
-        every unit that failed after its retries. The bar counts finished units' sizes and the reported progress
+        every unit that failed after its retries, or that was still to run when the cluster had had no worker
+        for ``cluster.no_workers_timeout_s`` (:class:`NoWorkersLeft`; the client came from
+        :func:`pipelines.cluster.open_client`). The bar counts finished units' sizes and the reported progress
         of running ones; a failed unit's share is emptied.
     """
     from distributed import as_completed
+
+    from pipelines.cluster import no_workers_timeout
 
     names = list(units)
     if not names:
@@ -85,19 +98,39 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
             futures = client.map(fn, [units[n] for n in names], key=[keys[n] for n in names] if keys else None,
                                  pure=False, retries=retries, resources=resources, **kwargs)
             by_future = dict(zip(futures, names, strict=True))
-            for fut in as_completed(futures):
-                name = by_future[fut]
-                try:
-                    results[name] = fut.result()
-                except Exception as e:  # reported per unit; the others go on
-                    failures[name] = f"{type(e).__name__}: {e}"
-                    if on_failure is not None:
-                        on_failure(name, e)
-                    done[name] = 0.0  # what it reported doing did not last
-                else:
-                    if size[name] is not None:
-                        done[name] = size[name]
-                show()
+
+            def fail(name: str, e: BaseException) -> None:
+                failures[name] = f"{type(e).__name__}: {e}"
+                if on_failure is not None:
+                    on_failure(name, e)
+                done[name] = 0.0  # what it reported doing did not last
+
+            pending = set(futures)
+            watch = _WorkerWatch(client, no_workers_timeout(client))
+            finished = as_completed(futures)
+            while pending:
+                if not finished.has_ready():
+                    if watch.gone_for_good():
+                        lost = NoWorkersLeft(f"no Dask worker left on the scheduler for {watch.timeout:g}s "
+                                             "(cluster.no_workers_timeout_s); a re-run retries it")
+                        client.cancel(list(pending))
+                        for fut in sorted(pending, key=lambda f: names.index(by_future[f])):
+                            fail(by_future[fut], lost)
+                        show()
+                        break
+                    time.sleep(_POLL_S)
+                    continue
+                for fut in finished.next_batch(block=False):
+                    pending.discard(fut)
+                    name = by_future[fut]
+                    try:
+                        results[name] = fut.result()
+                    except Exception as e:  # reported per unit; the others go on
+                        fail(name, e)
+                    else:
+                        if size[name] is not None:
+                            done[name] = size[name]
+                    show()
         finally:
             if topic is not None:
                 client.unsubscribe_topic(topic)
@@ -108,3 +141,28 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
 
 def _total(size: Mapping[str, float | None]) -> float | None:
     return None if any(v is None for v in size.values()) else sum(v for v in size.values() if v is not None)
+
+
+class _WorkerWatch:
+    """Tells when the scheduler has had no worker for ``timeout`` seconds (never when ``timeout`` is None)."""
+
+    def __init__(self, client: Any, timeout: float | None):
+        self.client, self.timeout = client, timeout
+        self._checked = time.monotonic()
+        self._alone_since: float | None = None
+
+    def gone_for_good(self) -> bool:
+        now = time.monotonic()
+        if self.timeout is None or now - self._checked < min(_WORKERS_POLL_S, self.timeout / 2):
+            return False
+        self._checked = now
+        try:
+            workers = len(self.client.nthreads())
+        except Exception:  # the scheduler is gone too: Dask cancels the futures, which ends the wait
+            return False
+        if workers:
+            self._alone_since = None
+            return False
+        if self._alone_since is None:
+            self._alone_since = now
+        return now - self._alone_since >= self.timeout

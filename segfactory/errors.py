@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -20,6 +21,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: finished work is kept, a re-run res
 
 # Set by a pipeline for its stage processes: their log file, where their output goes once they are signalled.
 STAGE_LOG_ENV = "SEGFACTORY_STAGE_LOG"
+# Set by ``pipelines.subproc.run_logged`` for its children: the pid of the process (a Dask worker) that started it.
+PARENT_PID_ENV = "SEGFACTORY_PARENT_PID"
+# Seconds a stage process may outlive its parent (to finish its step and write a checkpoint) before its whole
+# process group is SIGKILLed; default ORPHAN_GRACE_S.
+ORPHAN_GRACE_ENV = "SEGFACTORY_ORPHAN_GRACE_S"
+ORPHAN_GRACE_S = 60.0
 
 
 class UserError(Exception):
@@ -148,3 +155,52 @@ class DeferredInterrupt:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+def orphan_grace_s() -> float:
+    """``ORPHAN_GRACE_ENV`` as seconds (default ``ORPHAN_GRACE_S``)."""
+    raw = os.environ.get(ORPHAN_GRACE_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw else ORPHAN_GRACE_S
+    except ValueError:
+        return ORPHAN_GRACE_S
+
+
+def kill_group_when_orphaned(grace_s: float, poll_s: float = 0.25) -> threading.Thread | None:
+    """Bound how long a stage process outlives the Dask worker that started it (``PARENT_PID_ENV``).
+
+    When the worker dies, ``PR_SET_PDEATHSIG`` sends this process SIGTERM and training stops at the next step
+    boundary with a checkpoint (:class:`DeferredInterrupt`). A step or a save that never ends (a hung GPU, a
+    stalled filesystem) would keep it, its data-loader workers and the stage lock they inherited alive for ever,
+    while the task's retry waits for that lock. A daemon thread watches the parent: ``grace_s`` seconds after it
+    is gone, it SIGKILLs this process's whole process group (the process is a session leader, started so by
+    ``pipelines.subproc.run_logged``), or only this process where it leads no group.
+
+    The variable is taken out of the environment: processes this one starts (``torchrun`` and its ranks) have
+    another parent and are not watched themselves; they go with the process group.
+
+    Returns:
+        The watching thread, or None when no parent pid was handed down (not a pipeline's stage process).
+    """
+    try:
+        parent = int(os.environ.pop(PARENT_PID_ENV, ""))
+    except ValueError:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        time.sleep(grace_s)
+        log = os.environ.get(STAGE_LOG_ENV)
+        with contextlib.suppress(OSError):
+            if log:
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(f"segfactory: stage process {os.getpid()} outlived its worker (pid {parent}) by "
+                            f"{grace_s:g}s ({ORPHAN_GRACE_ENV}); killing its process group\n")
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="segfactory-orphan-watchdog", daemon=True)
+    thread.start()
+    return thread

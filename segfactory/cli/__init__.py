@@ -28,6 +28,8 @@ from segfactory.errors import (
     Interrupted,
     PartialFailure,
     UserError,
+    kill_group_when_orphaned,
+    orphan_grace_s,
     sigterm_interrupts,
 )
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if os.environ.get(PROGRESS_LINES_ENV):
-        _terminate_with_parent()
+        terminate_with_parent()
     try:
         with sigterm_interrupts():
             check_out_dirs(args)
@@ -92,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _terminate_with_parent() -> None:
+def terminate_with_parent() -> None:
     """A pipeline's stage process (its driver set ``PROGRESS_LINES_ENV``) gets SIGTERM, not the SIGKILL its
     launcher asked for, when the Dask worker that started it dies: it then stops at a step boundary with a clean
-    checkpoint (:class:`segfactory.errors.DeferredInterrupt`) instead of losing the steps since the last one."""
+    checkpoint (:class:`segfactory.errors.DeferredInterrupt`) instead of losing the steps since the last one. If
+    it is still alive ``SEGFACTORY_ORPHAN_GRACE_S`` seconds later, its whole process group is SIGKILLed
+    (:func:`segfactory.errors.kill_group_when_orphaned`)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    kill_group_when_orphaned(orphan_grace_s())

@@ -1,0 +1,154 @@
+"""Dask infrastructure faults through the real CLI, each in its own process: a scheduler address that is malformed
+or where nothing listens exits 2 with one line; a cluster whose only worker is SIGKILLed mid-run exits 3 and
+lists the units still to run (it used to wait for ever)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faulty_decoders
+import psutil
+import pytest
+import skimage
+from conftest import REPO
+from loopback import LoopbackCluster, kill_tree
+
+from segfactory.errors import EXIT_PARTIAL, EXIT_USER
+
+SK = Path(skimage.__file__).parent / "data"
+TESTS = Path(__file__).resolve().parent
+
+
+def ingest_args(src: Path, out: Path, address: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "segfactory.cli", "ingest", str(src), "--out", str(out), "--cluster-address",
+            address, "cluster.connect_timeout_s=3", *extra]
+
+
+def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    shutil.copy(SK / "camera.png", d / "camera.png")
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:notaport", "foo://127.0.0.1:8786"])
+def test_malformed_scheduler_address_is_one_line_exit_2(src: Path, tmp_path: Path, address: str) -> None:
+    r = run(ingest_args(src, tmp_path / "out", address))
+    assert r.returncode == EXIT_USER, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert f"cluster.address='{address}' is not a Dask scheduler address" in line
+    assert "fix: pass --cluster-address tcp://HOST:PORT" in r.stderr
+
+
+def test_unreachable_scheduler_is_one_line_exit_2(src: Path, tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    r = run(ingest_args(src, tmp_path / "out", address))
+    assert r.returncode == EXIT_USER, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert f"cannot reach the Dask scheduler at {address}" in line
+
+
+@pytest.mark.slow
+def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
+    """The only worker of an address cluster is SIGKILLed while it decodes a file that never finishes (a real
+    hanging Pillow plugin, ``faulty_decoders``): no worker is left, so after ``cluster.no_workers_timeout_s``
+    the run ends with exit 3, one error line and the units still to run listed, its decoder gone too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "camera.png", src / "camera.png")
+    (src / "hang.seg").write_bytes(faulty_decoders.make("hang"))
+    path = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
+    cluster = LoopbackCluster(tmp_path / "dask", n_workers=1, env={"PYTHONPATH": path})
+    log = tmp_path / "driver.log"
+    out = open(log, "ab")  # noqa: SIM115 - closed with the process
+    driver = subprocess.Popen(ingest_args(src, tmp_path / "out", cluster.address, "decode.plugins=[faulty_decoders]",
+                                          "checks.decode_timeout_s=600", "cluster.no_workers_timeout_s=4"),
+                              cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "COLUMNS": "200", "PYTHONPATH": path})
+    try:
+        [worker] = cluster.workers
+        deadline = time.monotonic() + 120
+        while not (decoders := psutil.Process(worker.pid).children()):  # a decoder process: the shard is running
+            assert driver.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        killed_at = time.monotonic()
+        rc = driver.wait(timeout=120)
+        took = time.monotonic() - killed_at
+    finally:
+        if driver.poll() is None:
+            kill_tree(driver)
+        cluster.close()
+    text = log.read_text(errors="replace")
+    assert rc == EXIT_PARTIAL, text
+    assert "Traceback" not in text
+    assert len(error_lines(text)) == 1, text
+    assert "NoWorkersLeft: no Dask worker left on the scheduler for 4s" in text
+    assert took < 60, took
+    _, alive = psutil.wait_procs(decoders, timeout=10)
+    assert not alive  # the killed worker's decoder did not live on
+
+
+@pytest.mark.slow
+def test_scheduler_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
+    """The scheduler of an address cluster is SIGKILLed while its worker decodes a file that never finishes:
+    the driver lists the units still to run and exits 3 with one error line, no traceback."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "camera.png", src / "camera.png")
+    (src / "hang.seg").write_bytes(faulty_decoders.make("hang"))
+    path = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
+    cluster = LoopbackCluster(tmp_path / "dask", n_workers=1, env={"PYTHONPATH": path})
+    log = tmp_path / "driver.log"
+    out = open(log, "ab")  # noqa: SIM115 - closed with the process
+    driver = subprocess.Popen(ingest_args(src, tmp_path / "out", cluster.address, "decode.plugins=[faulty_decoders]",
+                                          "checks.decode_timeout_s=600"),
+                              cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "COLUMNS": "200", "PYTHONPATH": path})
+    try:
+        [worker] = cluster.workers
+        deadline = time.monotonic() + 120
+        while not psutil.Process(worker.pid).children():  # a decoder process: the shard is running
+            assert driver.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        scheduler = cluster.procs[0]
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        scheduler.wait(timeout=10)
+        rc = driver.wait(timeout=180)
+    finally:
+        if driver.poll() is None:
+            kill_tree(driver)
+        cluster.close()
+    text = log.read_text(errors="replace")
+    assert rc == EXIT_PARTIAL, text
+    assert "Traceback" not in text, text
+    assert len(error_lines(text)) == 1, text
+    assert "scheduler-connection-lost" in text
