@@ -41,6 +41,8 @@ def camera_record(cam: Camera) -> dict[str, Any]:
     rec.update({"fov_rad": cam.fov} if cam.projection == "perspective" else {"ortho_scale": cam.ortho_scale})
     # Whether the sampler met camera.min_visible_objects, so sparse frames can be found and filtered.
     rec.update({"visible_objects": cam.visible_objects, "min_visible_met": cam.min_visible_met})
+    if cam.kind is not None:  # which sort of camera (street: dashcam, pedestrian, surveillance), to filter by
+        rec["kind"] = cam.kind
     return rec
 
 
