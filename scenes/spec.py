@@ -151,6 +151,8 @@ class Camera:
         visible_objects: Labeled objects whose centre the sampler found in frame (``None``: not checked).
         min_visible_met: False when no try reached ``camera.min_visible_objects`` and the try that saw the
             most objects was kept.
+        kind: What sort of camera the family placed (``street``: "dashcam", "pedestrian" or "surveillance");
+            ``None`` where a family has one sort only. Recorded in each frame's manifest entry.
     """
 
     location: Vec3
@@ -162,6 +164,7 @@ class Camera:
     clip_end: float = 500.0
     visible_objects: int | None = None
     min_visible_met: bool = True
+    kind: str | None = None
 
 
 @dataclass

@@ -165,11 +165,11 @@ WHITE_PAINT, YELLOW_PAINT = (0.85, 0.85, 0.8), (0.8, 0.55, 0.05)
 
 # --- Assets ---------------------------------------------------------------------------------------------------
 
-def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False
-                ) -> list[Part]:
+def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False,
+                glow: Material | None = None) -> list[Part]:
     """``furniture.sample_pole``; a street lamp is turned so that its arm reaches ``+y`` (the layout turns +y over
     the road). Signs and traffic lights keep facing ``+y``, along the street."""
-    parts = furniture.sample_pole(rng, k, kind, lit)
+    parts = furniture.sample_pole(rng, k, kind, lit, glow)
     if kind != "street_lamp":
         return parts
     return [Part(g.transform(q.mesh, rotation=g.rot_z(-np.pi / 2)), q.material) for q in parts]
@@ -644,12 +644,14 @@ def build_street(ctx: SceneContext) -> StreetLayout:
                                                              0.0)], -side * np.pi / 2, footprint="rect", margin=0.0)
 
     # Street furniture: lamps in rows, traffic lights at the corners, signs near crossings, bollards.
+    lamp_glass = env.lamp_material()
     for side in (-1, 1):
         if rng.random() < p.lamp_prob:
             spacing = uniform(rng, p.lamp_spacing)
             t = side * (walk_in + 0.35)
             for s in np.arange(-half + rng.uniform(2, spacing), half - 2, spacing):
-                parts = sample_pole(rng, k, "street_lamp", lit=env.street_lights_on)
+                # Heads glow in the colour of the lamps' point lights (_lamp_lights): one material for all.
+                parts = sample_pole(rng, k, "street_lamp", lit=env.street_lights_on, glow=lamp_glass)
                 # The arm reaches +y: turn it over the road.
                 b.place("lamp", "pole_sign", parts, walk_regions, side * np.pi / 2, at=(float(s), t))
     if intersection is not None:
@@ -764,6 +766,7 @@ def build_street(ctx: SceneContext) -> StreetLayout:
         for alt in (kind, *(k2 for k2 in CAMERA_KINDS if k2 != kind)):
             cam = _street_camera(b, alt, geom, things)
             if cam is not None:
+                cam.kind = alt
                 cameras.append(cam)
                 kinds[i] = alt
                 break

@@ -11,6 +11,8 @@ import os
 
 os.environ["OPENCV_IO_ENABLE_OPENEXR"] = "1"  # before cv2 is imported anywhere
 
+import ctypes
+import ctypes.util
 import shutil
 import subprocess
 import sys
@@ -35,12 +37,35 @@ from synth.shard import PROGRESS_PREFIX, ShardPlan, depth_to_png, labels_from_in
 FAULT_ENV = "SEGFACTORY_FAULT"
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap memory freed since the last call back to the OS (glibc's ``malloc_trim(0)``).
+
+    Between scenes BlenderProc's clean-up removes every data block (no mesh, material, image or node tree of a
+    scene outlives it: ``bpy.data`` holds only the current scene's few hundred blocks after each street scene), but
+    glibc's malloc keeps the freed pages of Blender's and Cycles' many small allocations in its arenas, and the next
+    scene's allocations reuse them only in part. With Cycles' session dropped between scenes as well
+    (:meth:`synth.blender.SceneBuilder.build`), a 12-scene street shard's RSS stayed flat (README, "memory growth").
+
+    Returns:
+        Whether memory could be trimmed (False where the C library has no ``malloc_trim``, e.g. musl or macOS).
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def camera_record(cam: Camera) -> dict[str, Any]:
     rec: dict[str, Any] = {"location": list(cam.location), "rotation": np.asarray(cam.rotation).tolist(),
                            "projection": cam.projection}
     rec.update({"fov_rad": cam.fov} if cam.projection == "perspective" else {"ortho_scale": cam.ortho_scale})
     # Whether the sampler met camera.min_visible_objects, so sparse frames can be found and filtered.
     rec.update({"visible_objects": cam.visible_objects, "min_visible_met": cam.min_visible_met})
+    if cam.kind is not None:  # which sort of camera (street: dashcam, pedestrian, surveillance), to filter by
+        rec["kind"] = cam.kind
     return rec
 
 
@@ -152,7 +177,9 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
                 print(f"{PROGRESS_PREFIX} {plan.shard_id} {len(writer.frames)}", flush=True)
                 _maybe_fault(root, plan)
             timings["write_s"] += time.perf_counter() - t0 + t["read_s"]
-            rss_mb.append(round(proc.memory_info().rss / 2**20, 1))
+            rss_mb.append(round(proc.memory_info().rss / 2**20, 1))  # before the trim: what the scene left held
+            del spec, views
+            release_freed_memory()
         import bpy
 
         timings["total_s"] = time.perf_counter() - t_start

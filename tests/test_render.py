@@ -270,6 +270,29 @@ def test_street_dataset_layout_and_coco(rendered_street_dataset: Path, capsys):
 
 
 @pytest.mark.render
+def test_street_frames_record_their_camera_kind(rendered_street_dataset: Path):
+    import yaml
+
+    from scenes import SceneConfig, resolve_scene, sample_scene, scene_rng
+    from scenes.street import CAMERA_KINDS
+
+    cfg = yaml.safe_load((rendered_street_dataset / "config.yaml").read_text())
+    resolved = resolve_scene(SceneConfig.model_validate(cfg["scene"]))
+    ds = open_dataset(rendered_street_dataset)
+    frames = [f for sid in ds.shard_ids for f in ds.manifest(sid)["frames"]]
+    assert len(frames) == 8
+    specs: dict[int, object] = {}
+    for f in frames:
+        assert f["camera"]["kind"] in CAMERA_KINDS, f["name"]
+        # The kind the scene's own sample placed that view's camera as (sampled again from the frame's seed).
+        seed, scene = f["seed"]
+        if scene not in specs:
+            specs[scene] = sample_scene(resolved, scene_rng(seed, scene), cfg["render"]["views"],
+                                        cfg["render"]["resolution"])
+        assert specs[scene].cameras[f["view"]].kind == f["camera"]["kind"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.render
 def test_tabletop_with_user_mesh_16bit(tmp_path: Path):
     mesh = tmp_path / "duck.glb"
     trimesh.creation.capsule(height=1.0, radius=0.4).export(mesh)

@@ -89,7 +89,9 @@ def test_dusk_switches_street_lights_on_under_a_dark_blue_orange_sky():
         if e.sun_elevation <= 0:
             assert e.lights() == []
         lamp = e.lamp_material()
-        assert lamp.shader == "emission" and lamp.emission > 0 and lamp.color == e.street_light_color
+        assert lamp.shader == "emission" and lamp.color == e.street_light_color
+        lo, hi = k.street_light_glow
+        assert lamp.emission == e.street_light_glow and lo <= lamp.emission <= hi
         light = e.street_light((1.0, 2.0, 5.5))
         assert light.type == "POINT" and light.location == (1.0, 2.0, 5.5) and light.energy == e.street_light_energy
         fx = e.post(np.random.default_rng(s), PostKnobs(exposure=(0.0, 0.0), noise_std=(0.0, 0.0)))

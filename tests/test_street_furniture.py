@@ -71,6 +71,17 @@ def test_lit_lamps_glow_and_unlit_do_not(kind):
             assert centre[2] > 3.0 and centre[0] <= 0.01
 
 
+def test_a_street_lamp_head_takes_the_glass_it_is_given():
+    from scenes.spec import Material
+
+    glass = Material((0.9, 0.6, 0.3), shader="emission", emission=25.0)
+    for seed in range(5):
+        parts = sample_pole(np.random.default_rng(seed), K, "street_lamp", lit=True, glow=glass)
+        assert [p.material for p in _emissive(parts)] == [glass]  # the same object: one material per scene
+        (_, color), = lamp_positions(parts)
+        assert color == glass.color
+
+
 def test_signs_face_plus_y():
     for seed in range(10):
         parts = sample_pole(np.random.default_rng(seed), K, "round_sign")

@@ -12,6 +12,7 @@ from scenes import SceneConfig, resolve_scene, scene_rng
 from scenes.registry import SceneContext
 from scenes.spec import SceneObject, to_jsonable
 from scenes.street import CAMERA_KINDS, MARK_H, YELLOW_PAINT, StreetLayout, StreetParams, build_street
+from scenes.street_assets.environment import EnvironmentKnobs, sample_environment
 
 # Surfaces things stand on (road, paint, curbs, sidewalks, verges, the grass outside the street).
 SURFACES = {"ground", "road", "cross_road", "sidewalk", "curb", "verge", "lane_marking", "road_patch", "puddle"}
@@ -230,6 +231,28 @@ def test_camera_mix_and_old_camera_height_knob():
         StreetParams(camera_mix=(0, 0, 0))
 
 
+def test_each_view_names_its_camera_kind_in_the_spec_and_its_frame_record():
+    from scenes import sample_scene
+    from synth.worker import camera_record
+
+    resolved = resolve_scene(SceneConfig(family="street"))
+    seen = []
+    for i in range(3):
+        spec = sample_scene(resolved, scene_rng(0, i), 6, 64)  # what a render worker samples
+        kinds = [c.kind for c in spec.cameras]
+        if i == 0:
+            assert kinds == layout(index=i, views=6).camera_kinds  # the kind each camera was placed as
+        assert all(k in CAMERA_KINDS for k in kinds)
+        assert [camera_record(c)["kind"] for c in spec.cameras] == kinds
+        seen += kinds
+    assert set(seen) == set(CAMERA_KINDS)
+    only = layout(views=3, camera_mix=[0, 1, 0])
+    assert [camera_record(c)["kind"] for c in only.spec.cameras] == ["pedestrian"] * 3
+    # A family with one sort of camera leaves the kind out of its records.
+    tabletop = sample_scene(resolve_scene(SceneConfig(family="tabletop")), scene_rng(0, 0), 2, 64)
+    assert all(c.kind is None and "kind" not in camera_record(c) for c in tabletop.cameras)
+
+
 def test_curved_and_intersection_layouts_over_seeds():
     lays = [layout(index=i, views=1) for i in range(12)]
     curved = [x for x in lays if x.curved]
@@ -290,6 +313,32 @@ def test_street_lamps_are_lit_when_the_street_lights_are_on():
     points = [lt for lt in on.spec.lights if lt.type == "POINT"]
     assert 1 <= len(points) <= StreetParams().max_lamp_lights
     assert not [lt for lt in off.spec.lights if lt.type == "POINT"]
+
+
+def test_lamp_heads_glow_in_the_colour_of_the_lamp_lights():
+    dusk = {"weights": {"clear": 0, "overcast": 0, "dusk": 1, "rain": 0}}
+    colours = []
+    for i in range(3):
+        lay = layout(index=i, views=1, lamp_prob=1.0, environment=dusk)
+        env = sample_environment(scene_rng(0, i), StreetParams(environment=dusk).environment)  # the scene's first draw
+        heads = [p.material for o in lay.spec.objects if kind(o) == "lamp" for p in o.parts
+                 if p.material.shader == "emission"]
+        points = [lt for lt in lay.spec.lights if lt.type == "POINT"]
+        assert heads and points
+        # Every glowing head and every lamp light: the environment's one street-light colour.
+        assert {m.color for m in heads} == {lt.color for lt in points} == {env.street_light_color}
+        assert {m.emission for m in heads} == {env.street_light_glow}
+        lo, hi = EnvironmentKnobs().street_light_glow
+        assert lo <= env.street_light_glow <= hi
+        colours.append(env.street_light_color)
+    assert len(set(colours)) == 3  # the colour follows each scene's lamp temperature
+    # Lights off (a dry day): the heads are the environment's unlit glass, no part of a lamp glows.
+    dry = {"weights": {"dusk": 0, "rain": 0}}
+    day = layout(views=1, lamp_prob=1.0, environment=dry)
+    glass = sample_environment(scene_rng(0, 0), StreetParams(environment=dry).environment).lamp_material()
+    lamps = [o for o in day.spec.objects if kind(o) == "lamp"]
+    assert lamps and glass.shader == "principled"
+    assert all(any(p.material == glass for p in o.parts) for o in lamps)
 
 
 def test_params_of_the_old_street_config_still_validate():

@@ -55,6 +55,8 @@ class EnvironmentKnobs(StrictModel):
     dusk_noise: PosRange = Field((0.004, 0.012), description="extra sensor noise at dusk (higher gain)")
     street_light_energy: PosRange = Field((250.0, 900.0), description="W of a street lamp's point light")
     street_light_kelvin: PosRange = Field((2100.0, 4200.0), description="lamp colour: sodium ~2100 K, LED ~4000 K")
+    street_light_glow: PosRange = Field((15.0, 40.0), description="emission strength of a lit lamp head (its glass "
+                                        "glows in the lamps' colour)")
     rain_street_lights_prob: float = Field(0.3, ge=0, le=1, description="share of rain scenes with lamps on")
     rain_sky_strength: PosRange = Field((0.6, 1.3), description="rain world strength")
     wetness: PosRange = Field((0.5, 1.0), description="how wet surfaces are in rain, 0..1 (see wet())")
@@ -87,7 +89,8 @@ class Environment:
         fog_color: Display-referred RGB of fully fogged pixels.
         street_lights_on: The layout makes lamp heads glow and puts a light in each.
         street_light_energy: W per lamp.
-        street_light_color: Linear RGB of the lamps.
+        street_light_color: Linear RGB of the lamps: their point lights and their glowing heads alike.
+        street_light_glow: Emission strength of a lit lamp head (:meth:`lamp_material`).
         exposure: Stops each view's camera adds (auto exposure at dusk).
         extra_noise: Sensor noise each view adds (fraction of full scale).
     """
@@ -110,6 +113,7 @@ class Environment:
     street_lights_on: bool = False
     street_light_energy: float = 0.0
     street_light_color: Vec3 = (1.0, 0.8, 0.5)
+    street_light_glow: float = 20.0
     exposure: float = 0.0
     extra_noise: float = 0.0
 
@@ -142,9 +146,10 @@ class Environment:
                      size=0.4)
 
     def lamp_material(self) -> Material:
-        """A lamp head's glass: glowing in the lamps' colour when the lights are on, else pale frosted plastic."""
+        """A lamp head's glass: glowing in the lamps' colour (the colour of :meth:`street_light`) when the lights
+        are on, else pale frosted plastic. The layout gives every street lamp of the scene this one material."""
         if self.street_lights_on:
-            return Material(self.street_light_color, shader="emission", emission=8.0)
+            return Material(self.street_light_color, shader="emission", emission=self.street_light_glow)
         return Material((0.7, 0.7, 0.68), roughness=0.3)
 
     def post(self, rng: np.random.Generator, knobs: PostKnobs) -> PostFX:
@@ -261,6 +266,7 @@ def sample_environment(rng: np.random.Generator, k: EnvironmentKnobs) -> Environ
         kl = uniform(rng, k.street_light_kelvin)
         env.street_light_color = kelvin_to_rgb(kl)
         env.street_light_energy = uniform(rng, k.street_light_energy)
+        env.street_light_glow = uniform(rng, k.street_light_glow)
     foggy, haze_draw = bool(rng.random() < k.fog_prob), rng.random()
     if foggy:
         env.fog_density = uniform(rng, k.fog_density)

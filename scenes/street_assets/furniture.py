@@ -6,7 +6,9 @@ traffic-light lenses look towards ``+y``; arms (street-lamp arms, traffic-light 
 ``-x``, the road side when the layout turns a pole on the ``+x`` sidewalk by 0 and one on the ``-x`` sidewalk
 by pi (as ``scenes/street.py`` does). An arm widens the object's footprint radius to its length (up to 4.5 m).
 With ``lit=True`` the lamp head of a street lamp and one lamp of a traffic light are emission parts (dusk and
-night scenes); unlit they are plain surfaces, so no part glows. Every mesh here is triangles.
+night scenes); unlit they are plain surfaces, so no part glows. A street lamp's head may instead be given its
+material (``glow``: the scene environment's ``lamp_material()``, so that the glass glows in the colour of the
+scene's lamp lights). Every mesh here is triangles.
 """
 
 from __future__ import annotations
@@ -209,12 +211,14 @@ def _traffic_light(rng: np.random.Generator, k: MaterialKnobs, lit: bool) -> lis
     return parts.parts()
 
 
-def _street_lamp(rng: np.random.Generator, k: MaterialKnobs, lit: bool) -> list[Part]:
+def _street_lamp(rng: np.random.Generator, k: MaterialKnobs, lit: bool, glow: Material | None = None
+                 ) -> list[Part]:
     parts = _Parts()
     metal = _pole_material(rng, k)
-    warm = kelvin_to_rgb(uniform(rng, (2700.0, 5000.0)))
-    glow = Material(warm, shader="emission", emission=uniform(rng, (15.0, 40.0))) if lit else \
-        Material(vec3(0.5 + 0.2 * c for c in warm), roughness=0.15)
+    if glow is None:
+        warm = kelvin_to_rgb(uniform(rng, (2700.0, 5000.0)))
+        glow = Material(warm, shader="emission", emission=uniform(rng, (15.0, 40.0))) if lit else \
+            Material(vec3(0.5 + 0.2 * c for c in warm), roughness=0.15)
     style = ("arm", "curved", "post_top")[int(rng.integers(3))]
     if style == "post_top":  # heritage lantern on a short post
         h = uniform(rng, (3.2, 4.5))
@@ -253,8 +257,8 @@ def _street_lamp(rng: np.random.Generator, k: MaterialKnobs, lit: bool) -> list[
     return parts.parts()
 
 
-def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False
-                ) -> list[Part]:
+def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = None, lit: bool = False,
+                glow: Material | None = None) -> list[Part]:
     """A pole of class ``pole_sign``.
 
     Args:
@@ -266,6 +270,9 @@ def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = N
             "street_lamp" (a tall pole with an arm and lamp head, or a short post with a lantern);
             ``None`` draws one.
         lit: The street lamp's head / one traffic-light lamp are emission parts (dusk and night).
+        glow: A street lamp's head (its glass) in this material, whatever ``lit`` says (a scene passes its
+            environment's ``lamp_material()``: glowing in its lamp lights' colour when they are on); None: a
+            colour drawn here, glowing when ``lit``.
 
     Returns:
         Parts, one per material, <= ~1.5k faces.
@@ -278,7 +285,7 @@ def sample_pole(rng: np.random.Generator, k: MaterialKnobs, kind: str | None = N
         return _sign_pole(rng, k, kind == "round_sign")
     if kind == "traffic_light":
         return _traffic_light(rng, k, lit)
-    return _street_lamp(rng, k, lit)
+    return _street_lamp(rng, k, lit, glow)
 
 
 def lamp_positions(parts: list[Part]) -> list[tuple[Vec3, Vec3]]:
