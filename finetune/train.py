@@ -470,7 +470,7 @@ class Trainer:
         summary_path = out / "summary.json"
         if start >= t.steps and summary_path.exists():
             console.print(f"{out} already finished {t.steps} steps")
-            return read_json(summary_path)
+            return read_json(summary_path) if main else {}
         self.tracker = open_tracker(cfg.tracking, out, start if self.resume_state is not None else None)
         self.tracker.log_params(cfg.model_dump(mode="json"))
 

@@ -214,9 +214,19 @@ def all_sum_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """
     if not info.distributed:
         return x
+    return _autograd_all_reduce(x)
+
+
+def _autograd_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """``torch.distributed.nn.functional.all_reduce`` (SUM; its backward all-reduces the gradient), without its
+    FutureWarning (its suggested replacement, ``_functional_collectives``, is private and has no gloo autograd)."""
+    import warnings
+
     import torch.distributed.nn.functional as dist_fn
 
-    out: torch.Tensor = dist_fn.all_reduce(x)  # type: ignore[no-untyped-call]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out: torch.Tensor = dist_fn.all_reduce(x)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -255,7 +265,6 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
 def _cpu_sync_bn_class() -> type:
     import torch
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     class _CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         """BatchNorm over the union of all ranks' batches on the CPU (gloo), for any input rank (N, C, ...).
@@ -280,11 +289,11 @@ def _cpu_sync_bn_class() -> type:
             # two passes (sum, then squared deviations from the global mean), like BatchNorm's own centred
             # variance: E[x^2] - E[x]^2 in float32 cancels catastrophically in near-constant channels, which
             # moved a U-Net's gradients by 0.5 % (relative norm) against single-process BatchNorm
-            packed = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))  # type: ignore[no-untyped-call]
+            packed = _autograd_all_reduce(torch.cat([x.sum(dims), count]))
             n = packed[-1]
             mean = packed[:c] / n
             xc = x - mean.view(shape)
-            var = dist_fn.all_reduce((xc * xc).sum(dims)) / n  # type: ignore[no-untyped-call]
+            var = _autograd_all_reduce((xc * xc).sum(dims)) / n
             if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
                 with torch.no_grad():
                     assert self.num_batches_tracked is not None
