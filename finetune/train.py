@@ -174,6 +174,10 @@ class Trainer:
         self.info, self.device = distributed.join(t, self.device, lambda n: check_distributed(cfg, n))
         if not self.info.is_main:  # progress, notes and the summary from rank 0 only (run_finetune restores it)
             console.quiet = True
+        if t.devices > 1 and not self.info.distributed and (self.device.type == "cuda" or t.backend == "gloo"):
+            console.print(f"note: train.devices={t.devices} but this process was not started by torchrun: one "
+                          "process (`segfactory finetune` re-launches itself under torchrun; in-process callers "
+                          "such as `segfactory sweep` train with one)")
         self.autocast = amp_dtype(self.device, t.amp, "train.amp")
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
         self.ckpt_path = self.out / CHECKPOINT_FILE

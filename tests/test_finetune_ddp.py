@@ -205,3 +205,17 @@ def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
         ga = torch.autograd.grad(ce + dice, logits)[0]
         gb = torch.autograd.grad(ce_ref + dice_ref, logits)[0]
         assert torch.allclose(ga, gb, atol=1e-7)
+
+
+def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from finetune.config import apply_data_flags
+    from finetune.train import run_finetune
+    from segfactory.config import load_config
+
+    cfg = load_config(FinetuneConfig, TINY, [*ARGS, "train.steps=1", *TWO])
+    cfg = apply_data_flags(cfg, [str(tiny_dataset)], None, None, None, None)
+    summary = run_finetune(cfg, tmp_path / "run", show_progress=False)
+    assert summary["finished"]
+    assert "train.devices=2 but this process was not started by torchrun" in capsys.readouterr().err.replace("\n", " ")
+    assert checkpoint(tmp_path / "run")["world_size"] == 1
