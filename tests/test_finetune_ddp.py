@@ -44,8 +44,10 @@ TWO = ["train.devices=2", "train.backend=gloo"]
 # while training moves most weights by ~1e-5 per step; the first-step gradient differs by 5e-4 (relative norm),
 # which is float32 BatchNorm rounding of the single process: against a float64 reference the 2-process gradient
 # is off by 1e-6 and the single-process one by 1.5e-3. A run whose ranks did not train on the global batch
-# differs by ~lr in most elements and by O(1) in the gradient.
-TOL_FRACTION = 0.005
+# differs by ~lr in most elements (augmentation drawn per rank instead of as rows of the global batch: 58 % of the
+# elements); per-rank losses averaged by DDP instead of the global ones move the logged loss by 1e-2 (and 0.4 % of
+# the elements), hence the tight loss tolerance.
+TOL_FRACTION = 0.001
 TOL_GRAD = 5e-3
 
 
@@ -100,9 +102,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, 
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     for x, y in zip(la, lb, strict=True):
         if "loss" in x:
-            assert abs(x["loss"] - y["loss"]) < 2e-3, (x, y)
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
         else:
-            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.02, (x, y)
+            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.005, (x, y)
     # rank 0 alone wrote the run: one summary line (stdout), the model
     assert r2.stdout.count('"finished": true') == 1
     assert (ddp / "model" / "model.safetensors").is_file()
