@@ -90,8 +90,8 @@ def check_distributed(cfg: FinetuneConfig, world_size: int) -> None:
     """Refuse what cannot fine-tune data-parallel on ``world_size`` processes (before any process starts).
 
     Raises:
-        UserError: domain adaptation (``data.unlabeled``) or the instance head, which have no multi-process
-            version yet, or a batch the ranks cannot split evenly.
+        UserError: domain adaptation (``data.unlabeled``), which has no multi-process version yet, or a batch
+            the ranks cannot split evenly.
     """
     if world_size <= 1:
         return
@@ -99,9 +99,6 @@ def check_distributed(cfg: FinetuneConfig, world_size: int) -> None:
     if cfg.data.unlabeled:
         raise UserError(f"domain adaptation (data.unlabeled: self-training, appearance alignment, input.scale=auto) "
                         f"cannot fine-tune on {world_size} processes yet", fix=f"{fix}, or train without --unlabeled")
-    if cfg.instances.enabled:
-        raise UserError(f"instances.enabled=true cannot fine-tune on {world_size} processes yet",
-                        fix=f"{fix}, or set instances.enabled=false")
     if cfg.train.batch_size % world_size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} (the global batch) does not split evenly over "
                         f"{world_size} processes", fix=f"set train.batch_size to a multiple of {world_size}")
@@ -653,7 +650,13 @@ class Trainer:
             from finetune.instances import batch_targets, instance_loss
 
             target, known = batch_targets(inst, y, self.things, self.targets.ignore_index)
-            self._inst_loss = instance_loss(dist_logit, target, known)
+            if self.info.distributed:  # the global batch's mean BCE: sums over ranks, as global_losses does
+                bce = nn.functional.binary_cross_entropy_with_logits(dist_logit.float(), target, reduction="none")
+                sums = distributed.all_sum_grad(torch.stack([(bce * known).sum(), known.sum().to(bce.dtype)]),
+                                                self.info)
+                self._inst_loss = sums[0] / sums[1] if float(sums[1].detach()) > 0 else sums[0] * 0
+            else:
+                self._inst_loss = instance_loss(dist_logit, target, known)
             loss = loss + self.cfg.instances.weight * self._inst_loss
         self.optimizer.zero_grad(set_to_none=True)
         if not self.loss_guard.check(loss, step):  # data-parallel: the global loss, so every rank skips
@@ -704,7 +707,8 @@ class Trainer:
                 if instances:
                     from finetune.instances import forward_both
 
-                    logits, dist = forward_both(self.model, x)
+                    # data-parallel: through DDP around JointOutputs (see _wrap_ddp)
+                    logits, dist = self.train_model(x) if self.ddp is not None else forward_both(self.model, x)
                     return logits.float(), dist.float()
                 logits = self.train_model(x)
         return logits.float()
@@ -716,7 +720,12 @@ class Trainer:
         if not self.info.distributed:
             return
         dev = self.device
-        self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda"
+        module = self.model
+        if self.cfg.instances.enabled:  # one forward for both heads (forward_both), so DDP sees every parameter
+            from finetune.instances import JointOutputs
+
+            module = JointOutputs(self.model)
+        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda"
                                                        else None, broadcast_buffers=False)
         self.train_model = torch.compile(self.ddp) if self.cfg.train.compile else self.ddp  # type: ignore[assignment]
 
