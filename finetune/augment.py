@@ -18,7 +18,7 @@ import torch
 from kornia.geometry.transform import warp_affine
 
 from finetune.config import AugmentConfig
-from segfactory.augment import ColorJitter, GaussianBlur
+from segfactory.augment import ColorJitter, GaussianBlur, param_rows
 
 # Columns of the per-sample uniform draw of the geometry (one draw per batch keeps the generator stream simple).
 _U_AREA, _U_RATIO, _U_CX, _U_CY, _U_HFLIP, _U_VFLIP, _U_ROT_P, _U_ROT, _U_NOISE_P = range(9)
@@ -100,6 +100,20 @@ class GpuAugment:
                 # The noise image itself comes from a generator seeded with this, so its size does not matter.
                 "noise_seed": torch.randint(0, 2**62, (1,), generator=generator, device=dev)}
 
+    def sample_rows(self, total: int, lo: int, hi: int, generator: torch.Generator) -> dict[str, Any]:
+        """Rows ``lo:hi`` of the parameters of a batch of ``total`` (:meth:`sample`): a data-parallel rank's share.
+
+        Every rank draws the global batch's parameters from the same generator (which therefore stays in step
+        across ranks and with a single process) and keeps its rows; :meth:`apply` then draws the global batch's
+        noise image and keeps the same rows, so each sample is augmented exactly as in a single process.
+        """
+        params = self.sample(total, generator)
+        if (lo, hi) == (0, total):
+            return params
+        rows: dict[str, Any] = param_rows(params, lo, hi, frozenset({"order", "noise_seed"}))
+        rows["noise_rows"] = (lo, total)
+        return rows
+
     @property
     def geometric(self) -> GpuAugment:
         """The same geometric augmentation without any photometric change (a 'weak' view)."""
@@ -135,7 +149,12 @@ class GpuAugment:
         image = self.blur.apply(image, params["blur"])
         if cfg.noise_p and cfg.noise_std:
             gen = torch.Generator(device=image.device).manual_seed(int(params["noise_seed"]))
-            noise = torch.randn(image.shape, generator=gen, device=image.device, dtype=image.dtype)
+            if "noise_rows" in params:  # a rank's rows of the global batch's noise (sample_rows)
+                lo, total = params["noise_rows"]
+                noise = torch.randn((total, *image.shape[1:]), generator=gen, device=image.device,
+                                    dtype=image.dtype)[lo:lo + b]
+            else:
+                noise = torch.randn(image.shape, generator=gen, device=image.device, dtype=image.dtype)
             image = image + noise * (cfg.noise_std * (u[:, _U_NOISE_P] < cfg.noise_p).float().view(b, 1, 1, 1))
         return image.clamp_(0, 1), mask
 

@@ -226,7 +226,8 @@ class TrainConfig(StrictModel):
     """
 
     steps: int = Field(default=20000, ge=1)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="images per step (global: split over the ranks of a "
+                            "train.devices > 1 run)")
     lr: float = Field(default=1e-3, gt=0)
     encoder_lr_mult: float = Field(default=1.0, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
@@ -251,6 +252,13 @@ class TrainConfig(StrictModel):
     select_on: Literal["real", "synthetic", "all"] = "real"
     max_bad_steps: int = Field(default=0, ge=0, description="steps with a NaN or infinite loss skipped (no "
                                "optimizer step) before the run stops; 0 = stop at the first, before anything is saved")
+    devices: int = Field(1, ge=1, description="data-parallel processes on this node (one per GPU; DDP under "
+                         "torchrun). batch_size stays the global batch (each rank takes batch_size / world size); "
+                         "on a machine without GPUs, devices > 1 runs one process unless train.backend=gloo")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="process-group backend: auto is nccl on "
+                                                     "CUDA, gloo on the CPU")
+    dist_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the job (a dead "
+                                  "rank stops the others instead of hanging them)")
 
 
 class AdaptConfig(StrictModel):

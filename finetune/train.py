@@ -11,6 +11,13 @@ Run directory::
     OUT/model/            best-by-validation-mIoU model dir (model.safetensors + model.json)
     OUT/summary.json      written when the run reaches train.steps
 
+Distributed (``train.devices > 1``, or any run started by ``torchrun``): DDP over ``torch.distributed``
+(:mod:`segfactory.distributed`). ``train.batch_size`` stays the global batch; each rank loads its slots of the same
+global batch (:class:`~finetune.data.mixing.MixedBatchSampler`), augments them with its rows of the global batch's
+parameters, BatchNorm is synchronized over the global batch, and the losses are computed from sums over all ranks
+(:func:`global_losses`), so the gradients are the single-process ones. Validation splits the frames over the ranks
+and sums the confusion matrices; rank 0 alone prints, logs and writes checkpoints and the model.
+
 Exact resume: every random choice is either a pure function of (seed, step, slot) (data; dropout, drawn from
 a forked global RNG seeded per step) or comes from one explicit generator saved in the checkpoint
 (augmentation), so on CPU a resumed run is bit-identical to an uninterrupted one. (On GPU, cuDNN autotuning
@@ -38,8 +45,10 @@ from finetune.data.mixing import MixedBatchSampler, WindowDataset, collate, rais
 from finetune.data.normalize import standardize
 from finetune.data.remap import TargetClasses
 from finetune.data.sources import Source, open_training_sources, resolve_targets
+from segfactory import distributed
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
+from segfactory.distributed import DistInfo
 from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir, read_json
 from segfactory.plotting import figure_png
@@ -53,7 +62,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "segfactory-finetune-checkpoint"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
 # Keys that may differ between a run and its resume: they change when to stop, not what is computed.
-RESUME_FREE_KEYS = ("train.stop_at", "data.num_workers", "train.max_bad_steps")
+# The number of processes is one of them: the global batch, data order, augmentations and schedule do not depend
+# on it (a note says what changes: floating-point reduction order).
+RESUME_FREE_KEYS = ("train.stop_at", "data.num_workers", "train.max_bad_steps", "train.devices", "train.backend",
+                    "train.dist_timeout_s")
 # What a diverged loss or NaN weights ask the user to change.
 DIVERGED_FIX = "lower train.lr, set train.grad_clip (e.g. 1.0) or train.amp=off"
 
@@ -74,6 +86,65 @@ def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
     return describe_change(strip_tracking(saved), strip_tracking(cfg.model_dump(mode="json")), ignore=RESUME_FREE_KEYS)
 
 
+def check_distributed(cfg: FinetuneConfig, world_size: int) -> None:
+    """Refuse what cannot fine-tune data-parallel on ``world_size`` processes (before any process starts).
+
+    Raises:
+        UserError: domain adaptation (``data.unlabeled``), which has no multi-process version yet, or a batch
+            the ranks cannot split evenly.
+    """
+    if world_size <= 1:
+        return
+    fix = "set train.devices=1"
+    if cfg.data.unlabeled:
+        raise UserError(f"domain adaptation (data.unlabeled: self-training, appearance alignment, input.scale=auto) "
+                        f"cannot fine-tune on {world_size} processes yet", fix=f"{fix}, or train without --unlabeled")
+    if cfg.train.batch_size % world_size:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} (the global batch) does not split evenly over "
+                        f"{world_size} processes", fix=f"set train.batch_size to a multiple of {world_size}")
+
+
+def global_losses(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None, ignore_index: int,
+                  info: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and Dice of the global batch, on every rank of a data-parallel run.
+
+    Both are ratios of sums over the batch (CE: weighted NLL sum / weight sum over labelled pixels; smp's
+    multiclass Dice: per-class intersection and cardinality, summed over the batch), so each rank computes its
+    sums, they are summed over ranks with a differentiable all-reduce, and the ratios taken: the same values as
+    ``nn.CrossEntropyLoss`` and smp's ``DiceLoss`` on the whole batch in one process, and (with DDP's gradient
+    averaging, see :func:`segfactory.distributed.all_sum_grad`) the same gradients.
+
+    Args:
+        logits: (B, K, H, W) float logits of this rank's samples.
+        y: (B, H, W) int64 targets (``ignore_index`` = not labelled).
+        class_weights: (K,) CE weights or None.
+
+    Returns:
+        ``(ce, dice)`` scalars (CE is 0 when no pixel of the global batch is labelled).
+    """
+    import torch.nn.functional as F
+
+    b, k = logits.shape[:2]
+    valid = y != ignore_index
+    nll = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore_index, reduction="sum")
+    den = (class_weights[y[valid]].sum() if class_weights is not None else valid.sum()).to(nll.dtype)
+    # smp DiceLoss (multiclass, from_logits, ignore_index; smooth 0, eps 1e-7) with its batch sums made global
+    p = logits.log_softmax(dim=1).exp().reshape(b, k, -1)
+    m = valid.reshape(b, 1, -1)
+    p = p * m
+    t = (F.one_hot((y.reshape(b, -1) * valid.reshape(b, -1)).long(), k).permute(0, 2, 1) * m).type_as(p)
+    inter = (p * t).sum((0, 2))
+    fp = (p * (1.0 - t)).sum((0, 2))
+    fn = ((1 - p) * t).sum((0, 2))
+    packed = distributed.all_sum_grad(torch.cat([nll.view(1), den.view(1), inter, fp, fn, t.sum((0, 2))]), info)
+    nll_g, den_g = packed[0], packed[1]
+    inter, fp, fn, present = packed[2:2 + k], packed[2 + k:2 + 2 * k], packed[2 + 2 * k:2 + 3 * k], packed[2 + 3 * k:]
+    ce = nll_g / den_g if float(den_g.detach()) > 0 else nll_g * 0
+    score = inter / (inter + 0.5 * fp + 0.5 * fn).clamp_min(1e-7)
+    dice = ((1.0 - score) * (present > 0).to(score.dtype)).mean()
+    return ce, dice
+
+
 class Trainer:
     """One fine-tuning run (see module docstring). Build with :meth:`prepare`, then :meth:`run`."""
 
@@ -82,6 +153,8 @@ class Trainer:
         self.out = out
         self.show_progress = show_progress
         self.tracker = Tracker()  # run() opens the configured one
+        self.info = DistInfo()  # prepare() joins the torchrun job, if any
+        self.ddp: nn.Module | None = None
         self.loss_guard = LossGuard(cfg.train.max_bad_steps, "train.max_bad_steps", DIVERGED_FIX)
 
     # ------------------------------------------------------------------ setup
@@ -95,6 +168,13 @@ class Trainer:
         t = cfg.train
         check_adapt_config(cfg)
         self.device = resolve_device(t.device, "train.device")
+        self.info, self.device = distributed.join(t, self.device, lambda n: check_distributed(cfg, n))
+        if not self.info.is_main:  # progress, notes and the summary from rank 0 only (run_finetune restores it)
+            console.quiet = True
+        if t.devices > 1 and not self.info.distributed and (self.device.type == "cuda" or t.backend == "gloo"):
+            console.print(f"note: train.devices={t.devices} but this process was not started by torchrun: one "
+                          "process (`segfactory finetune` re-launches itself under torchrun; in-process callers "
+                          "such as `segfactory sweep` train with one)")
         self.autocast = amp_dtype(self.device, t.amp, "train.amp")
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
         self.ckpt_path = self.out / CHECKPOINT_FILE
@@ -108,6 +188,12 @@ class Trainer:
             if self.resume_state.get("format") != CHECKPOINT_FORMAT:
                 raise UserError(f"'{self.ckpt_path}' is not a segfactory fine-tuning checkpoint",
                                 fix="choose another --out")
+            saved_ws = int(self.resume_state.get("world_size", 1))
+            if saved_ws != self.info.world_size:
+                console.print(f"note: {CHECKPOINT_FILE} was written by a run of {saved_ws} process(es), this one "
+                              f"has {self.info.world_size}: the global batch, data order, augmentations and schedule "
+                              "continue unchanged; results match an uninterrupted run up to floating-point "
+                              "reduction order")
 
         self.targets: TargetClasses = resolve_targets(cfg)
         if self.targets.num_classes > 255:
@@ -153,6 +239,8 @@ class Trainer:
                            "std": [float(v) for v in std],
                            # input.scale=auto: 1 until estimated at the end of the source-only phase
                            "scale": 1.0 if cfg.input.scale == "auto" else float(cfg.input.scale)}
+        if self.info.distributed:  # BatchNorm over the global batch
+            self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -250,18 +338,23 @@ class Trainer:
         return self.out / "metrics.jsonl"
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
         with open(self._metrics_path(), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.tracker.log_metrics(record)
 
     def _save_checkpoint(self, step: int) -> None:
+        if not self.info.is_main:  # every rank holds the same state; rank 0 writes it
+            return
         check_finite_weights(self.model, f"the checkpoint at step {step}", DIVERGED_FIX)
         state = {"format": CHECKPOINT_FORMAT, "step": step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(),
                  "aug_rng": self.gen.get_state(), "best_miou": self.best_miou, "best_step": self.best_step,
                  # The loss average of a log interval spans the interruption, so resumed logs match too.
-                 "log_acc": [float(v) for v in self._loss_acc], "log_n": self._n_log}
+                 "log_acc": [float(v) for v in self._loss_acc], "log_n": self._n_log,
+                 "world_size": self.info.world_size}
         if self.adapt is not None:
             state["adapt"] = self.adapt.state_dict()
         buf = io.BytesIO()
@@ -272,6 +365,8 @@ class Trainer:
         """Write ``OUT/model`` as validated at ``step``; never weights holding NaN or infinities."""
         from finetune.models import save_model_dir
 
+        if not self.info.is_main:
+            return
         model = self.inference_model(step)
         check_finite_weights(model, f"the model at step {step}", DIVERGED_FIX)
         save_model_dir(self.out / "model", model, self._model_meta(step, val))
@@ -316,8 +411,15 @@ class Trainer:
         meta = {"num_classes": self.targets.num_classes, "ignore_index": self.targets.ignore_index,
                 "input": self.input_spec}
         p = self.cfg.predict
-        cms = {s.name: source_confusion(model, meta, s, s.val, self.device, p.tile, p.overlap, p.batch_size,
+        # data-parallel: each rank scores every world_size-th frame; the confusion matrices are summed over ranks
+        r, w = self.info.rank, self.info.world_size
+        cms = {s.name: source_confusion(model, meta, s, s.val[r::w], self.device, p.tile, p.overlap, p.batch_size,
                                         self.autocast, self.channels_last) for s in self.val_sources}
+        if self.info.distributed:
+            names = list(cms)
+            total = distributed.all_sum(torch.from_numpy(np.stack([cms[n] for n in names])).to(self._dist_device),
+                                        self.info).cpu().numpy()
+            cms = {n: total[i] for i, n in enumerate(names)}
         self.model.train(was_training)
         if was_training and self._frozen:
             self.model.encoder.eval()
@@ -333,10 +435,12 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         out = self.out
-        save_resolved(cfg, out / "config.yaml")
-        atomic_write_json(out / "data.json", {"classes": self.targets.to_json(),
-                                              "train": [s.describe() for s in self.train_sources],
-                                              "val": [s.describe() for s in self.val_sources]})
+        main = self.info.is_main
+        if main:
+            save_resolved(cfg, out / "config.yaml")
+            atomic_write_json(out / "data.json", {"classes": self.targets.to_json(),
+                                                  "train": [s.describe() for s in self.train_sources],
+                                                  "val": [s.describe() for s in self.val_sources]})
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(t.seed)
         self.best_miou, self.best_step = -1.0, -1
@@ -358,15 +462,16 @@ class Trainer:
             self.best_miou, self.best_step = float(st["best_miou"]), int(st["best_step"])
             if self.adapt is not None:
                 self.adapt.load_state_dict(st["adapt"])
-            truncate_jsonl(self._metrics_path(), start)
+            if main:
+                truncate_jsonl(self._metrics_path(), start)
             console.print(f"resuming {out} at step {start}/{t.steps}")
-        elif self._metrics_path().exists():
+        elif main and self._metrics_path().exists():
             self._metrics_path().unlink()
         end = min(t.steps, t.stop_at) if t.stop_at else t.steps
         summary_path = out / "summary.json"
         if start >= t.steps and summary_path.exists():
             console.print(f"{out} already finished {t.steps} steps")
-            return read_json(summary_path)
+            return read_json(summary_path) if main else {}
         self.tracker = open_tracker(cfg.tracking, out, start if self.resume_state is not None else None)
         self.tracker.log_params(cfg.model_dump(mode="json"))
 
@@ -377,7 +482,7 @@ class Trainer:
                                 instances=cfg.instances.enabled)
         sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
                                     [s.weight for s in self.train_sources], t.batch_size, t.seed,
-                                    start, end)
+                                    start, end, self.info.rank, self.info.world_size)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.data.num_workers,
                                              pin_memory=self.device.type == "cuda",
@@ -391,6 +496,10 @@ class Trainer:
         self._set_frozen(self._frozen)
         if self._frozen:
             self.model.encoder.eval()  # frozen encoder keeps its BatchNorm statistics too
+        self._wrap_ddp()
+        if self.info.distributed:
+            console.print(f"finetune: {self.info.world_size} processes ({self.info.backend}), global batch "
+                          f"{t.batch_size} ({t.batch_size // self.info.world_size} per process)")
 
         step = start
         t_run = time.perf_counter()
@@ -416,7 +525,9 @@ class Trainer:
         with progress(transient=not self.show_progress) as bar, interrupt, memory_hint("fine-tuning", lower):
             task = bar.add_task("finetune", total=t.steps, completed=start)
             for batch in loader:
-                if interrupt.requested:  # at a step boundary: the state is exactly that after `step` steps
+                distributed.exit_hook(self.info, step)
+                # at a step boundary: the state is exactly that after `step` steps (all ranks stop together)
+                if distributed.any_rank(bool(interrupt.requested), self.info):
                     if step > saved:
                         self._save_checkpoint(step)
                         console.print(f"checkpoint at step {step} saved; --resume continues")
@@ -426,6 +537,7 @@ class Trainer:
                     self._frozen = False
                     self._set_frozen(False)
                     self.model.encoder.train()
+                    self._wrap_ddp()  # DDP syncs the parameters that required gradients when it was built
                 if self.adapt is not None and self.adapt.scale_auto and step == cfg.adapt.warmup_steps \
                         and self.adapt.scale_report is None:
                     p = cfg.predict
@@ -467,6 +579,8 @@ class Trainer:
                     self._save_checkpoint(step)
                     saved = step
         seconds = time.perf_counter() - t_run
+        if not main:  # rank 0 writes the model and the summary
+            return {}
         if step < t.steps:
             console.print(f"stopped at step {step}/{t.steps} (train.stop_at); continue with --resume")
             self.tracker.close("KILLED")  # paused: --resume continues the same MLflow run
@@ -503,12 +617,12 @@ class Trainer:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["mask"].to(self.device, non_blocking=True)
         inst = batch.get("instance")
-        if inst is None:
-            x, y = augment(x, y, self.gen)
-        else:  # the same draws as augment(x, y, gen); the instance map is warped like the class map
-            params = augment.sample(x.shape[0], self.gen)
-            window = x.shape[-1]
-            x, y = augment.apply(x, y, params)
+        # the same draws as augment(x, y, gen); data-parallel: this rank's rows of the global batch's parameters
+        b, r = x.shape[0], self.info.rank
+        params = augment.sample_rows(b * self.info.world_size, r * b, (r + 1) * b, self.gen)
+        window = x.shape[-1]
+        x, y = augment.apply(x, y, params)
+        if inst is not None:  # the instance map is warped like the class map
             inst = augment.warp_ids(inst.to(self.device), params, window)
         adapting = self.adapt is not None and self.adapt.needs_real(step)
         if adapting:
@@ -521,8 +635,14 @@ class Trainer:
             logits = self._forward(x, step, instances=inst is not None)
         if inst is not None:
             logits, dist_logit = logits
-        ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
-        dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
+        if self.info.distributed:  # the global batch's losses (values and gradients)
+            w = None if self.class_weights is None else self.class_weights.to(self.device)
+            ce, dice = global_losses(logits, y, w, self.targets.ignore_index, self.info)
+            ce = ce if t.loss.ce_weight else logits.new_zeros(())
+            dice = dice if t.loss.dice_weight else logits.new_zeros(())
+        else:
+            ce = self.ce(logits, y) if t.loss.ce_weight else logits.new_zeros(())
+            dice = self.dice(logits, y) if t.loss.dice_weight else logits.new_zeros(())
         if not torch.isfinite(ce):  # every pixel ignored: CE is 0/0
             ce = logits.sum() * 0
         loss = t.loss.ce_weight * ce + t.loss.dice_weight * dice
@@ -530,10 +650,18 @@ class Trainer:
             from finetune.instances import batch_targets, instance_loss
 
             target, known = batch_targets(inst, y, self.things, self.targets.ignore_index)
-            self._inst_loss = instance_loss(dist_logit, target, known)
+            if self.info.distributed:  # the global batch's mean BCE: sums over ranks, as global_losses does
+                bce = nn.functional.binary_cross_entropy_with_logits(dist_logit.float(), target, reduction="none")
+                sums = distributed.all_sum_grad(torch.stack([(bce * known).sum(), known.sum().to(bce.dtype)]),
+                                                self.info)
+                self._inst_loss = sums[0] / sums[1] if float(sums[1].detach()) > 0 else sums[0] * 0
+            else:
+                self._inst_loss = instance_loss(dist_logit, target, known)
             loss = loss + self.cfg.instances.weight * self._inst_loss
         self.optimizer.zero_grad(set_to_none=True)
-        if not self.loss_guard.check(loss, step):
+        if not self.loss_guard.check(loss, step):  # data-parallel: the global loss, so every rank skips
+            if self.ddp is not None:  # DDP expects the backward of each forward; its gradients are dropped
+                (loss * 0).backward()
             return self._skip_step()
         self.scaler.scale(loss).backward()
         if adapting and self.adapt.active(step):
@@ -571,7 +699,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-            s = dropout_seed(self.cfg.train.seed, step, salt)
+            s = dropout_seed(self.cfg.train.seed, step, salt, self.info.rank)
             torch.default_generator.manual_seed(s)
             if cuda:  # this device only (CUDA is initialised: the model is on it); fork_rng restores just this one
                 torch.cuda.default_generators[index].manual_seed(s)
@@ -579,12 +707,36 @@ class Trainer:
                 if instances:
                     from finetune.instances import forward_both
 
-                    logits, dist = forward_both(self.model, x)
+                    # data-parallel: through DDP around JointOutputs (see _wrap_ddp)
+                    logits, dist = self.train_model(x) if self.ddp is not None else forward_both(self.model, x)
                     return logits.float(), dist.float()
                 logits = self.train_model(x)
         return logits.float()
 
+    def _wrap_ddp(self) -> None:
+        """Data-parallel: (re)wrap the model in DDP, which all-reduces the gradients of the parameters that
+        require them when it is built (so again after the encoder is unfrozen); the training forward runs
+        through it (compiled with ``train.compile``). Checkpoints, validation and export use ``self.model``."""
+        if not self.info.distributed:
+            return
+        dev = self.device
+        module = self.model
+        if self.cfg.instances.enabled:  # one forward for both heads (forward_both), so DDP sees every parameter
+            from finetune.instances import JointOutputs
+
+            module = JointOutputs(self.model)
+        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda"
+                                                       else None, broadcast_buffers=False)
+        self.train_model = torch.compile(self.ddp) if self.cfg.train.compile else self.ddp  # type: ignore[assignment]
+
+    @property
+    def _dist_device(self) -> torch.device:
+        """Where collectives' tensors live: the GPU with nccl, the CPU with gloo."""
+        return self.device if self.info.backend == "nccl" else torch.device("cpu")
+
     def _write_curves(self) -> None:
+        if not self.info.is_main:
+            return
         path = self._metrics_path()
         if path.exists():
             atomic_write_bytes(self.out / "curves.png", plot_curves(read_jsonl(path)))
@@ -684,5 +836,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool = False,
     """
     out = ensure_writable_dir(out_dir)
     trainer = Trainer(cfg, out, show_progress)
-    trainer.prepare(resume)
-    return trainer.run()
+    try:
+        trainer.prepare(resume)
+        return trainer.run()
+    finally:
+        console.quiet = False
+        distributed.teardown()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import kornia
 import torch
 
-from segfactory.augment import ColorJitter, GaussianBlur
+from segfactory.augment import ColorJitter, GaussianBlur, param_rows
 
 if TYPE_CHECKING:  # the config module imports the method registry, which imports this module
     from pretrain.config import AugmentConfig
@@ -177,16 +177,6 @@ def make_view(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Te
     return apply_view(x, spec, sample_view(x.shape[0], x.shape[-1], spec, gen))
 
 
-_PER_BATCH = {"order"}  # parameters drawn once per batch (ColorJitter's op order), not per sample
-
-
-def _rows(params: Any, lo: int, hi: int) -> Any:
-    """Rows ``lo:hi`` of every per-sample tensor in a (nested) parameter dict of :func:`sample_view`."""
-    if isinstance(params, dict):
-        return {k: v if k in _PER_BATCH else _rows(v, lo, hi) for k, v in params.items()}
-    return params[lo:hi] if isinstance(params, torch.Tensor) and params.ndim > 0 else params
-
-
 class ViewMaker:
     """Turns a uint8 batch into a method's normalized views, batched on the batch's device.
 
@@ -215,7 +205,7 @@ class ViewMaker:
         for spec in self.specs:
             params = sample_view(b * world_size, x.shape[-1], spec, gen)
             if world_size > 1:
-                params = _rows(params, rank * b, (rank + 1) * b)
+                params = param_rows(params, rank * b, (rank + 1) * b)
             v = (apply_view(x, spec, params) - mean) / std
             views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
         return views

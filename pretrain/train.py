@@ -210,13 +210,7 @@ def check_distributed(cfg: PretrainConfig, world_size: int) -> None:
 
 def setup_distributed(cfg: PretrainConfig, device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the torchrun job this process belongs to (none: one process) and return its place and device."""
-    info = distributed.torchrun_env()
-    if info is None or info.world_size <= 1:
-        return DistInfo(), device
-    check_distributed(cfg, info.world_size)
-    backend = distributed.choose_backend(cfg.train.backend, device.type)
-    device = distributed.setup(info, backend, device, cfg.train.dist_timeout_s)
-    return DistInfo(info.rank, info.world_size, info.local_rank, backend), device
+    return distributed.join(cfg.train, device, lambda n: check_distributed(cfg, n))
 
 
 def note_world_size(ckpt: dict[str, Any], info: DistInfo, path: Path) -> None:

@@ -15,11 +15,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import kornia
 import torch
 
 Params = dict[str, torch.Tensor]
+
+
+def param_rows(params: Any, lo: int, hi: int, per_batch: frozenset[str] = frozenset({"order"})) -> Any:
+    """Rows ``lo:hi`` of every per-sample tensor in a (nested) parameter dict of a ``sample`` call.
+
+    Data-parallel training draws a global batch's parameters on every rank (same generator, same draws) and
+    keeps its own rows, so the ranks' augmentations together are the single-process ones. Keys in ``per_batch``
+    (ColorJitter's op ``order``, drawn once per batch) and 0-d tensors are kept whole.
+    """
+    if isinstance(params, dict):
+        return {k: v if k in per_batch else param_rows(v, lo, hi, per_batch) for k, v in params.items()}
+    return params[lo:hi] if isinstance(params, torch.Tensor) and params.ndim > 0 else params
 
 
 def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:

@@ -68,7 +68,8 @@ def parse_progress_line(line: str) -> dict[str, Any] | None:
 
 def progress(transient: bool = False) -> Progress:
     """A rich progress bar with count, elapsed and remaining time."""
-    cls = _LineProgress if os.environ.get(PROGRESS_LINES_ENV) else Progress
+    # a quiet console (ranks other than 0 of a data-parallel run) prints no progress lines either
+    cls = _LineProgress if os.environ.get(PROGRESS_LINES_ENV) and not console.quiet else Progress
     return cls(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -1,12 +1,14 @@
 """Data-parallel training with ``torch.distributed`` under ``torchrun``: the one home of process-group setup that
-every training stage shares (pretraining today; fine-tuning later).
+every training stage shares (``segfactory pretrain`` and ``segfactory finetune``).
 
 * :func:`torchrun_env` tells whether this process is a rank started by ``torchrun`` (``RANK`` / ``WORLD_SIZE``).
 * :func:`relaunch_under_torchrun` re-runs the current CLI command under ``python -m torch.distributed.run`` with
   ``--nproc-per-node=N`` (single node, ``--standalone`` rendezvous); multi-node runs call ``torchrun`` directly
   with its standard rendezvous flags (``--nnodes``, ``--rdzv-endpoint`` ...).
-* :func:`setup` joins the process group (nccl on CUDA, gloo on the CPU) with a timeout, so that a rank that dies
-  makes the others fail instead of waiting forever; :func:`teardown` leaves it.
+* :func:`launch_processes` decides how many processes a training command starts from its ``train.devices`` /
+  ``train.backend`` / ``train.device`` settings (the CLI then calls :func:`relaunch_under_torchrun`).
+* :func:`join` (:func:`setup` underneath) joins the process group (nccl on CUDA, gloo on the CPU) with a
+  timeout, so that a rank that dies makes the others fail instead of waiting forever; :func:`teardown` leaves it.
 * :func:`convert_sync_batchnorm` makes every BatchNorm normalize with the statistics of the global batch:
   ``torch.nn.SyncBatchNorm`` on CUDA; on the CPU (which ``SyncBatchNorm`` refuses) :class:`CPUSyncBatchNorm`,
   the same computation with an autograd all-reduce over gloo.
@@ -20,9 +22,10 @@ import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from segfactory.errors import UserError
 
@@ -77,6 +80,46 @@ def choose_backend(backend: str, device_type: str, setting: str = "train.backend
     return backend
 
 
+class LaunchSettings(Protocol):
+    """The ``train`` section fields the launch needs (pretraining's and fine-tuning's ``TrainConfig``)."""
+
+    devices: int
+    backend: str
+    device: str
+    dist_timeout_s: float
+
+
+def launch_processes(tr: LaunchSettings, check: Callable[[int], None]) -> int:
+    """How many torchrun processes a training command starts.
+
+    1 inside torchrun already (the ranks join its job); else ``train.devices`` on GPUs, or on the CPU with
+    ``train.backend=gloo``; ``devices > 1`` on a machine without a GPU and without ``train.backend=gloo`` runs one
+    process (a note says so).
+
+    Args:
+        tr: The config's ``train`` section.
+        check: Refuses (UserError) what cannot run on that many processes, before any process starts.
+    """
+    from segfactory.console import console
+    from segfactory.torchutil import resolve_device
+
+    if tr.devices <= 1 or torchrun_env() is not None:
+        return 1
+    device = resolve_device(tr.device, "train.device")
+    if device.type != "cuda" and tr.backend != "gloo":
+        console.print(f"note: train.devices={tr.devices} but training runs on the CPU ({device}): one process "
+                      "(train.backend=gloo runs several CPU processes)")
+        return 1
+    if device.type == "cuda":
+        import torch
+
+        if tr.devices > torch.cuda.device_count():
+            raise UserError(f"train.devices={tr.devices} but this node has {torch.cuda.device_count()} GPU(s)",
+                            fix=f"set train.devices={torch.cuda.device_count()} or less (processes per node)")
+    check(tr.devices)
+    return int(tr.devices)
+
+
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``segfactory <argv>`` as ``nproc`` processes under ``torchrun`` on this node; wait; return its status.
 
@@ -116,6 +159,24 @@ def setup(info: DistInfo, backend: str, device: torch.device, timeout_s: float) 
     return device
 
 
+def join(tr: LaunchSettings, device: torch.device,
+         check: Callable[[int], None]) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun job this process belongs to (none: one process); return its place and device.
+
+    Args:
+        tr: The config's ``train`` section (``backend``, ``dist_timeout_s``).
+        device: The resolved ``train.device``.
+        check: Refuses what cannot run on the job's world size (called with it).
+    """
+    info = torchrun_env()
+    if info is None or info.world_size <= 1:
+        return DistInfo(), device
+    check(info.world_size)
+    backend = choose_backend(tr.backend, device.type)
+    device = setup(info, backend, device, tr.dist_timeout_s)
+    return DistInfo(info.rank, info.world_size, info.local_rank, backend), device
+
+
 def teardown() -> None:
     import torch.distributed as dist
 
@@ -132,6 +193,41 @@ def all_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(y)  # SUM: gloo has no AVG
         y /= info.world_size
     return y
+
+
+def all_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``x`` over ranks (no gradient; a copy)."""
+    import torch.distributed as dist
+
+    y = x.detach().clone()
+    if info.distributed:
+        dist.all_reduce(y)
+    return y
+
+
+def all_sum_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``x`` over ranks, differentiable: the backward sums the gradients over ranks too.
+
+    A loss built from these global sums has the same value on every rank; with DDP's gradient averaging over
+    ``world_size`` ranks, the gradient each parameter gets is exactly that of the single-process loss on the
+    global batch (the world-size factor of the summed backward cancels DDP's division).
+    """
+    if not info.distributed:
+        return x
+    return _autograd_all_reduce(x)
+
+
+def _autograd_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """``torch.distributed.nn.functional.all_reduce`` (SUM; its backward all-reduces the gradient), without its
+    FutureWarning (its suggested replacement, ``_functional_collectives``, is private and has no gloo autograd)."""
+    import warnings
+
+    import torch.distributed.nn.functional as dist_fn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out: torch.Tensor = dist_fn.all_reduce(x)  # type: ignore[no-untyped-call]
+    return out
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
@@ -169,13 +265,13 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
 def _cpu_sync_bn_class() -> type:
     import torch
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     class _CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         """BatchNorm over the union of all ranks' batches on the CPU (gloo), for any input rank (N, C, ...).
 
-        Per-channel sum, sum of squares and count are all-reduced with autograd (the backward all-reduces the
-        gradients, as ``SyncBatchNorm``'s does); running statistics are updated with the global unbiased variance.
+        Per-channel sum and count, then the sum of squared deviations from the global mean, are all-reduced with
+        autograd (the backward all-reduces the gradients, as ``SyncBatchNorm``'s does); running statistics are
+        updated with the global unbiased variance.
         """
 
         def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -188,12 +284,16 @@ def _cpu_sync_bn_class() -> type:
             c = input.shape[1]
             dims = [0, *range(2, input.dim())]
             x = input.float()
+            shape = [1, c] + [1] * (input.dim() - 2)
             count = torch.tensor([x.numel() / c], dtype=torch.float32)
-            packed = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-            packed = dist_fn.all_reduce(packed)  # type: ignore[no-untyped-call]
+            # two passes (sum, then squared deviations from the global mean), like BatchNorm's own centred
+            # variance: E[x^2] - E[x]^2 in float32 cancels catastrophically in near-constant channels, which
+            # moved a U-Net's gradients by 0.5 % (relative norm) against single-process BatchNorm
+            packed = _autograd_all_reduce(torch.cat([x.sum(dims), count]))
             n = packed[-1]
             mean = packed[:c] / n
-            var = (packed[c:2 * c] / n - mean * mean).clamp_min(0)
+            xc = x - mean.view(shape)
+            var = _autograd_all_reduce((xc * xc).sum(dims)) / n
             if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
                 with torch.no_grad():
                     assert self.num_batches_tracked is not None
@@ -201,8 +301,7 @@ def _cpu_sync_bn_class() -> type:
                     m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                     self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                     self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
-            shape = [1, c] + [1] * (input.dim() - 2)
-            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            y = xc * torch.rsqrt(var.view(shape) + self.eps)
             if self.affine:
                 y = y * self.weight.view(shape) + self.bias.view(shape)
             out: torch.Tensor = y.to(input.dtype)

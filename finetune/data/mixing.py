@@ -3,6 +3,10 @@
 Everything random here is a pure function of ``(seed, step, slot)``: which source fills each batch slot,
 which item it takes and where the CPU window is cut. Resuming at step ``s`` therefore replays exactly the
 batches an uninterrupted run would have seen, with any number of loader workers.
+
+Data-parallel training (``train.devices > 1``): every rank builds the same global batch (same seed) and loads
+only its own contiguous slots of it; the window of a sample is seeded by its global slot, so the ranks' loads
+together are exactly the single-process batch, whatever the world size.
 """
 
 from __future__ import annotations
@@ -57,16 +61,25 @@ class MixedBatchSampler:
 
     Each source is walked through its own sequence of per-epoch permutations; the position in that sequence
     after ``s`` steps is the sum of its counts over steps ``0..s-1``, recomputed on construction.
+
+    With ``world_size > 1``, ``batch_size`` is the global batch and rank ``rank`` gets its slots
+    ``rank * b .. (rank + 1) * b - 1`` (``b = batch_size / world_size``; a batch that does not split evenly is
+    refused); each :class:`SampleRef` keeps its global slot.
     """
 
     def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int, start_step: int,
-                 end_step: int):
+                 end_step: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise UserError(f"train.batch_size={batch_size} (the global batch) does not split evenly over "
+                            f"{world_size} processes", fix=f"set train.batch_size to a multiple of {world_size}")
         self.sizes = sizes
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.batch_size = batch_size
         self.seed = seed
         self.start_step = start_step
         self.end_step = end_step
+        self.rank = rank
+        self.world_size = world_size
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
 
     def _perm(self, source: int, epoch: int) -> np.ndarray:
@@ -93,6 +106,9 @@ class MixedBatchSampler:
                     epoch, i = divmod(int(pos[k]), self.sizes[k])
                     batch.append(SampleRef(k, int(self._perm(k, epoch)[i]), s, len(batch)))
                     pos[k] += 1
+            if self.world_size > 1:
+                per = self.batch_size // self.world_size
+                batch = batch[self.rank * per:(self.rank + 1) * per]
             yield batch
 
 

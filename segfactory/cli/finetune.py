@@ -59,8 +59,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             console.print(note)
         args.encoder = str(enc_dir)
     cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps, args.unlabeled)
+    from finetune.train import check_distributed
+    from segfactory.distributed import launch_processes, relaunch_under_torchrun
+
+    nproc = launch_processes(cfg.train, lambda n: check_distributed(cfg, n))
+    if nproc > 1:  # this command again, as nproc ranks under torchrun; rank 0 prints the summary
+        return relaunch_under_torchrun(nproc, sys.argv[1:])
     summary = run_finetune(cfg, args.out, resume=args.resume)
-    _emit(summary)
+    if summary:  # ranks other than 0 return none
+        _emit(summary)
     return 0
 
 

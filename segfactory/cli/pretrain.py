@@ -143,31 +143,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _launch_processes(cfg: Any) -> int:
-    """How many torchrun processes this pretrain command starts: 1 inside torchrun already (the ranks join its
-    job), else train.devices on GPUs, or on the CPU with train.backend=gloo; devices > 1 on a machine without a
-    GPU and without train.backend=gloo runs one process (a note says so)."""
+    """How many torchrun processes this pretrain command starts (:func:`segfactory.distributed.launch_processes`)."""
     from pretrain.train import check_distributed
-    from segfactory.console import console
-    from segfactory.distributed import torchrun_env
-    from segfactory.errors import UserError
-    from segfactory.torchutil import resolve_device
+    from segfactory.distributed import launch_processes
 
-    tr = cfg.train
-    if tr.devices <= 1 or torchrun_env() is not None:
-        return 1
-    device = resolve_device(tr.device, "train.device")
-    if device.type != "cuda" and tr.backend != "gloo":
-        console.print(f"note: train.devices={tr.devices} but training runs on the CPU ({device}): one process "
-                      "(train.backend=gloo runs several CPU processes)")
-        return 1
-    if device.type == "cuda":
-        import torch
-
-        if tr.devices > torch.cuda.device_count():
-            raise UserError(f"train.devices={tr.devices} but this node has {torch.cuda.device_count()} GPU(s)",
-                            fix=f"set train.devices={torch.cuda.device_count()} or less (processes per node)")
-    check_distributed(cfg, tr.devices)
-    return int(tr.devices)
+    return launch_processes(cfg.train, lambda n: check_distributed(cfg, n))
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

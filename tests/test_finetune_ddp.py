@@ -1,0 +1,240 @@
+"""Data-parallel fine-tuning on the CPU: 2 gloo processes under torchrun (``train.devices=2 train.backend=gloo``).
+
+* 2 processes with global batch B train the same model as 1 process with batch B: every rank loads its slots of
+  the same global batch, augments them with its rows of the global batch's parameters, BatchNorm is synchronized
+  and the losses are global (sums over ranks), so the gradients agree up to float32 rounding. AdamW then turns
+  the few gradient components that are ~0 (and whose sign rounding decides) into full +-lr steps, so the weights
+  are compared element-wise by how many differ, not by the largest difference (see TOL_* below);
+* resuming under 2 processes repeats an uninterrupted 2-process run exactly;
+* a rank that dies mid-run fails the whole job, promptly;
+* the instance head trains the same way on 2 processes;
+* what cannot run data-parallel yet (domain adaptation; an uneven batch) is refused with one line before any
+  process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.data.mixing import MixedBatchSampler
+from finetune.train import CHECKPOINT_FILE
+from segfactory.cli import main
+from segfactory.distributed import EXIT_HOOK_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "finetune_tiny.yaml")
+# A small learning rate without warm-up: AdamW's update of a component is about +-lr whatever its gradient's size,
+# so the few ~0 gradient components whose sign float rounding decides move by up to 2 lr in opposite directions;
+# with a small lr these flips do not feed back into the later steps' forward passes (at lr 3e-3 they do, and after
+# 4 steps the runs differ by a median 1.3e-4, 5 % of what the weights moved, in every element).
+ARGS = ["train.steps=4", "train.batch_size=8", "train.device=cpu", "train.val_every=2", "train.checkpoint_every=2",
+        "train.log_every=1", "train.lr=1e-5", "train.warmup_steps=0"]
+TWO = ["train.devices=2", "train.backend=gloo"]
+# Measured (see docs/finetune.md, "Distributed"): after 4 steps (the encoder frozen for 2) 3 of 1,041,483 weight
+# elements differ by more than 1e-6 (without the freeze 0.05 %: AdamW sign flips of ~0 gradients, up to 2 lr),
+# while training moves most weights by ~1e-5 per step; the first-step gradient differs by 5e-4 (relative norm),
+# which is float32 BatchNorm rounding of the single process: against a float64 reference the 2-process gradient
+# is off by 1e-6 and the single-process one by 1.5e-3. A run whose ranks did not train on the global batch
+# differs by ~lr in most elements (augmentation drawn per rank instead of as rows of the global batch: 58 % of the
+# elements); per-rank losses averaged by DDP instead of the global ones move the logged loss by 1e-2 (and 0.4 % of
+# the elements), hence the tight loss tolerance.
+TOL_FRACTION = 0.001
+TOL_GRAD = 5e-3
+
+
+def cli(dataset: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
+        timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``segfactory finetune`` in a fresh process (it re-launches itself under torchrun for devices > 1)."""
+    cmd = [sys.executable, "-m", "segfactory.cli", "finetune", TINY, "--out", str(out), "--synthetic", str(dataset),
+           *ARGS, *extra]
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint(out: Path) -> dict:
+    return torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def weights(ckpt: dict) -> torch.Tensor:
+    return torch.cat([v.float().flatten() for k, v in sorted(ckpt["model"].items())
+                      if v.is_floating_point() and "running" not in k])
+
+
+def first_moment(ckpt: dict) -> torch.Tensor:
+    """AdamW's exp_avg of every parameter: after one step (1 - beta1) x the gradient of the global batch."""
+    st = ckpt["optimizer"]["state"]
+    return torch.cat([st[i]["exp_avg"].flatten() for i in sorted(st)])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, tmp_path: Path) -> None:
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # the encoder frozen for 2 steps: DDP is rebuilt when it is unfrozen (steps 3-4 train it)
+    r1 = cli(tiny_dataset, single, "model.freeze_encoder_steps=2")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = cli(tiny_dataset, ddp, *TWO, "model.freeze_encoder_steps=2")
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert "2 processes (gloo), global batch 8 (4 per process)" in r2.stderr.replace("\n", " ")
+    a, b = checkpoint(single), checkpoint(ddp)
+    assert b["world_size"] == 2 and b["step"] == 4
+    wa, wb = weights(a), weights(b)
+    differ = float(((wa - wb).abs() > 1e-6).float().mean())
+    biggest = float((wa - wb).abs().max())
+    print(f"4 steps: {100 * differ:.3f} % of {wa.numel()} weights differ by > 1e-6 (max {biggest:.3g})")
+    assert differ < TOL_FRACTION
+    # the logged losses of the global batch and the validation (frames split over ranks, confusions summed)
+    la, lb = metrics(single), metrics(ddp)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for x, y in zip(la, lb, strict=True):
+        if "loss" in x:
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+        else:
+            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.005, (x, y)
+    # rank 0 alone wrote the run: one summary line (stdout), the model
+    assert r2.stdout.count('"finished": true') == 1
+    assert (ddp / "model" / "model.safetensors").is_file()
+    # the first step's gradient (a 1-step run of each, encoder trained)
+    r1 = cli(tiny_dataset, tmp_path / "s1", "train.steps=1")
+    r2 = cli(tiny_dataset, tmp_path / "d1", "train.steps=1", *TWO)
+    assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-3000:]
+    s1 = checkpoint(tmp_path / "s1")
+    moved = float(((weights(s1) - wa).abs() > 1e-6).float().mean())  # training moves most weights measurably
+    print(f"the 1-step and the 4-step runs differ in {100 * moved:.1f} % of the weights by > 1e-6")
+    assert moved > 0.5
+    ga, gb = first_moment(s1), first_moment(checkpoint(tmp_path / "d1"))
+    rel = float((ga - gb).norm() / ga.norm())
+    print(f"first-step gradient: relative difference {rel:.3g}")
+    assert rel < TOL_GRAD
+
+
+@pytest.mark.slow
+def test_the_instance_head_trains_the_same_on_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    """DDP around both heads' joint forward; the distance loss is the global batch's mean BCE."""
+    extra = ["instances.enabled=true", "model.freeze_encoder_steps=2"]
+    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    r2 = cli(tiny_dataset, tmp_path / "ddp", *TWO, *extra)
+    assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-3000:]
+    wa, wb = weights(checkpoint(tmp_path / "single")), weights(checkpoint(tmp_path / "ddp"))
+    differ = float(((wa - wb).abs() > 1e-6).float().mean())
+    print(f"instance head, 4 steps: {100 * differ:.4f} % of the weights differ by > 1e-6")
+    assert differ < TOL_FRACTION
+    la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    for x, y in zip(la, lb, strict=True):
+        if "loss" in x:
+            assert abs(x["instance_loss"] - y["instance_loss"]) < 1e-4 and abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+
+
+@pytest.mark.slow
+def test_resume_under_two_processes_equals_uninterrupted(tiny_dataset: Path, tmp_path: Path) -> None:
+    full = cli(tiny_dataset, tmp_path / "full", *TWO)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = cli(tiny_dataset, tmp_path / "part", *TWO, "train.stop_at=2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert checkpoint(tmp_path / "part")["step"] == 2
+    shutil.copytree(tmp_path / "part", tmp_path / "one")
+    rest = cli(tiny_dataset, tmp_path / "part", *TWO, "--resume")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resuming" in rest.stderr
+    a, b = checkpoint(tmp_path / "full"), checkpoint(tmp_path / "part")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    def logged(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(out)]
+
+    assert logged(tmp_path / "full") == logged(tmp_path / "part")
+    # another world size: allowed, said in a note, the same training up to float rounding (and AdamW sign flips)
+    one = cli(tiny_dataset, tmp_path / "one", "--resume")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "written by a run of 2 process(es), this one has 1" in one.stderr.replace("\n", " ")
+    differ = float(((weights(a) - weights(checkpoint(tmp_path / "one"))).abs() > 1e-6).float().mean())
+    assert differ < TOL_FRACTION
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_fails_the_job_without_hanging(tiny_dataset: Path, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = cli(tiny_dataset, tmp_path / "dead", *TWO, "train.dist_timeout_s=60", env={EXIT_HOOK_ENV: "1:2"},
+            timeout=180)
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "rank 1 exits at step 2" in r.stderr
+    assert took < 120, took
+    assert not (tmp_path / "dead" / "summary.json").exists()
+
+
+def test_what_cannot_run_data_parallel_is_refused_before_launch(tiny_dataset: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    base = ["finetune", TINY, "--out", str(tmp_path / "x"), "--synthetic", str(tiny_dataset), *ARGS, *TWO]
+    assert main([*base, "train.batch_size=7"]) == 2
+    err = capsys.readouterr()
+    assert "train.batch_size=7 (the global batch) does not split evenly over 2 processes" in err.err.replace("\n", " ")
+    assert main([*base, "--unlabeled", str(tmp_path / "none")]) == 2
+    assert "domain adaptation" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_rank_slots_and_augmentation_rows_make_the_single_process_batch() -> None:
+    from finetune.augment import GpuAugment
+
+    whole = list(MixedBatchSampler([5, 7], [1.0, 2.0], 8, 3, 2, 4))
+    parts = [list(MixedBatchSampler([5, 7], [1.0, 2.0], 8, 3, 2, 4, rank=r, world_size=2)) for r in (0, 1)]
+    for s, batch in enumerate(whole):
+        assert parts[0][s] + parts[1][s] == batch and len(parts[1][s]) == 4
+    cfg = FinetuneConfig.model_validate({"augment": {"crop_size": 32, "noise_p": 0.5, "blur_p": 0.5}}).augment
+    aug = GpuAugment(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 3, 40, 40, generator=g), torch.randint(0, 3, (8, 40, 40), generator=g)
+    ref = aug(x, y, torch.Generator().manual_seed(5))
+    got = [aug.apply(x[4 * r:4 * r + 4], y[4 * r:4 * r + 4],
+                     aug.sample_rows(8, 4 * r, 4 * r + 4, torch.Generator().manual_seed(5))) for r in (0, 1)]
+    assert torch.allclose(torch.cat([gx for gx, _ in got]), ref[0], atol=1e-6)
+    assert torch.equal(torch.cat([gy for _, gy in got]), ref[1])
+
+
+def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    from finetune.train import global_losses
+    from segfactory.distributed import DistInfo
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 16, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (4, 16, 16), generator=g)
+    y[:, :3] = 255
+    for w in (None, torch.tensor([0.5, 1.0, 2.0])):
+        ce, dice = global_losses(logits, y, w, 255, DistInfo())
+        ce_ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=255)(logits, y)
+        dice_ref = DiceLoss("multiclass", from_logits=True, ignore_index=255)(logits, y)
+        assert torch.allclose(ce, ce_ref, atol=1e-6) and torch.allclose(dice, dice_ref, atol=1e-6)
+        ga = torch.autograd.grad(ce + dice, logits)[0]
+        gb = torch.autograd.grad(ce_ref + dice_ref, logits)[0]
+        assert torch.allclose(ga, gb, atol=1e-7)
+
+
+def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from finetune.config import apply_data_flags
+    from finetune.train import run_finetune
+    from segfactory.config import load_config
+
+    cfg = load_config(FinetuneConfig, TINY, [*ARGS, "train.steps=1", *TWO])
+    cfg = apply_data_flags(cfg, [str(tiny_dataset)], None, None, None, None)
+    summary = run_finetune(cfg, tmp_path / "run", show_progress=False)
+    assert summary["finished"]
+    assert "train.devices=2 but this process was not started by torchrun" in capsys.readouterr().err.replace("\n", " ")
+    assert checkpoint(tmp_path / "run")["world_size"] == 1
