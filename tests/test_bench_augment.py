@@ -48,7 +48,9 @@ def test_bench_augment_reports_every_row(capsys: pytest.CaptureFixture[str]) -> 
         assert 0 < step["augment_share_pct"] < 100
         assert r[f"{prefix}augment_share_pct"] == step["augment_share_pct"]
         total = step["augment_ms_per_batch"] + step["train_step_ms"]
-        assert step["augment_share_pct"] == pytest.approx(100 * step["augment_ms_per_batch"] / total, abs=0.2)
+        # both times are rounded to 0.1 ms: allow what that rounding moves the share by, plus the share's own 0.05
+        slack = 100 * 0.05 * 2 / total + 0.05
+        assert step["augment_share_pct"] == pytest.approx(100 * step["augment_ms_per_batch"] / total, abs=slack)
         assert step["data_bound"] == (step["augment_share_pct"] >= 10)
     assert r["augment_share_of_step_pct"] == r["augment_share_pct"]
     assert "peak_gpu_mb" not in r  # CPU run
