@@ -81,7 +81,7 @@ def test_no_gpus_at_all_falls_back_to_the_cpu_with_a_note(tmp_path: Path, capsys
         stage_resources(FakeClient(1), ClusterConfig(), "finetune", argv)
 
 
-@pytest.mark.slow  # ~1 min on 2 shared cores: a LocalCluster, torchrun and 2 gloo ranks
+@pytest.mark.slow  # ~12 s on 2 shared cores: a LocalCluster, torchrun and 2 gloo ranks
 def test_two_gloo_processes_train_inside_one_dask_task_and_commit(tiny_dataset: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture) -> None:
