@@ -3,7 +3,10 @@
 * the task asks for ``{GPU: N}`` where workers offer N GPUs, refuses with one line (before anything runs) where
   they offer fewer, and asks for nothing (CPU fallback, with a note) on a cluster without GPUs;
 * for real on the CPU: a fine-tune stage with ``train.devices=2 train.backend=gloo`` trains as 2 gloo processes
-  under torchrun inside one Dask task of a LocalCluster and is committed.
+  under torchrun inside one Dask task of a LocalCluster and is committed;
+* a worker SIGKILLed under a 2-rank stage takes its stage process, torchrun and both ranks with it (the ranks run
+  in their own sessions: they stop on the SIGTERM torchrun's death sends them, with a checkpoint), and the retry on
+  the other worker resumes from that checkpoint on 2 ranks.
 """
 
 from __future__ import annotations
@@ -117,3 +120,87 @@ def _segfactory_processes() -> list[list[str]]:
         if "segfactory.cli" in cmd and p.pid != os.getpid():
             out.append(cmd)
     return out
+
+
+DRIVER = '''
+import sys
+from pathlib import Path
+
+from pipelines.cluster import ClusterConfig
+from pipelines.stages import run_stage_tasks
+
+root, dataset, config, address = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+argv = ["finetune", config, "--synthetic", dataset, "--steps", "40", "train.log_every=1", "train.batch_size=8",
+        "train.val_every=100000", "train.checkpoint_every=100000", "train.devices=2", "train.backend=gloo",
+        "--out", "{OUT}"]
+result = run_stage_tasks(ClusterConfig(backend="address", address=address, dashboard=False), 600, 1,
+                         {"finetune": (root / "stages" / "finetune-x", argv)}, root / "report.html")
+print("driver result", result, flush=True)
+'''
+
+
+@pytest.mark.slow  # ~1 min on 2 shared cores: two workers, a 2-rank fine-tune killed with its worker and resumed
+def test_sigkilled_worker_takes_the_torchrun_ranks_with_it_and_the_retry_resumes(tiny_dataset: Path,
+                                                                                  tmp_path: Path) -> None:
+    """SIGKILL the worker whose task runs a 2-rank fine-tune: the stage process, torchrun and both ranks (which
+    torchrun starts in their own sessions) are gone within seconds; the retry resumes and commits on 2 ranks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from loopback import LoopbackCluster, kill_tree
+
+    cluster = LoopbackCluster(tmp_path / "dask", n_workers=2, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    log = tmp_path / "driver.log"
+    final = tmp_path / "stages" / "finetune-x"
+    stage_log = final.parent / "finetune-x.log"
+
+    def logged_steps() -> int:
+        return max((len(m.read_text().splitlines()) for m in final.parent.glob(".*finetune-x-*/metrics.jsonl")),
+                   default=0)
+
+    def stage_procs() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info.get("cmdline") or [])
+            if "segfactory.cli" in cmd and str(final.parent) in cmd:
+                out.append(p)
+        return out
+
+    driver: subprocess.Popen | None = None
+    try:
+        with open(log, "ab") as out:
+            driver = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(tiny_dataset), str(TINY),
+                                       cluster.address], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 240
+        while logged_steps() < 3:
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.05)
+        first = stage_procs()
+        assert len(first) == 4, [p.cmdline() for p in first]  # the stage process, torchrun, 2 ranks
+        busy = [w for w in cluster.workers if any(c.pid in {p.pid for p in first}
+                                                   for c in psutil.Process(w.pid).children(recursive=True))]
+        assert len(busy) == 1
+        os.kill(busy[0].pid, signal.SIGKILL)
+        busy[0].wait(timeout=10)
+        killed_at = time.monotonic()
+        _, alive = psutil.wait_procs(first, timeout=60)
+        gone_after = time.monotonic() - killed_at
+        assert not alive, f"still alive {gone_after:.0f}s after the worker died: {[p.cmdline() for p in alive]}"
+        assert driver.wait(timeout=300) == 0, log.read_text(errors="replace")
+    finally:
+        if driver is not None and driver.poll() is None:
+            kill_tree(driver)
+        cluster.close()
+    text = stage_log.read_text(errors="replace")
+    print(f"all ranks gone {gone_after:.1f}s after the worker's SIGKILL")
+    assert "resuming finetune-x from an earlier attempt's checkpoint.pt" in text, text[-3000:]
+    assert (final / STAGE_FILE).is_file()
+    ckpt = torch.load(final / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 40
+    assert not stage_procs()
