@@ -43,7 +43,8 @@ class SlurmSettings(StrictModel):
     processes: int = Field(1, ge=1, description="Dask worker processes per job")
     memory: str = Field("2GiB", description="memory per job (sbatch --mem), e.g. '16GiB'")
     walltime: str = Field("01:00:00", description="job time limit (sbatch -t)")
-    gpus_per_job: int = Field(0, ge=0, description="GPUs per job (--gres=gpu:N); workers then offer a GPU resource")
+    gpus_per_job: int = Field(0, ge=0, description="GPUs per job (--gres=gpu:N); workers then offer a GPU resource "
+                              "(gpus_per_job / processes each): at least the train.devices of every training stage")
     minimum_jobs: int = Field(0, ge=0, description="adaptive scaling: fewest jobs kept running")
     maximum_jobs: int = Field(4, ge=1, description="adaptive scaling: most jobs at once")
     job_extra_directives: list[str] = Field(default_factory=list, description="extra #SBATCH lines, e.g. ['--qos=low']")
@@ -95,7 +96,8 @@ class KubernetesSettings(StrictModel):
     maximum: int = Field(8, ge=1, description="adaptive scaling: most worker pods")
     cpu: str = Field("2", description="CPU request and limit per worker pod")
     memory: str = Field("8Gi", description="memory request and limit per worker pod")
-    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per worker pod; workers then offer a GPU resource")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per worker pod; workers then offer a GPU resource: at "
+                      "least the train.devices of every training stage")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of scheduler and workers")
     idle_timeout: int = Field(600, ge=0, description="seconds an idle cluster lives on (0 = forever)")
 
@@ -342,40 +344,73 @@ def _kubernetes_cluster(cfg: ClusterConfig) -> Any:
 
 def has_gpu_workers(client: Any) -> bool:
     """Whether any worker offers the ``GPU`` resource."""
+    return worker_gpus(client) > 0
+
+
+def worker_gpus(client: Any) -> float:
+    """The most ``GPU`` resource one connected worker offers (0: none does)."""
     workers = client.scheduler_info().get("workers", {})
-    return any(w.get("resources", {}).get(GPU_RESOURCE, 0) > 0 for w in workers.values())
+    return max((float(w.get("resources", {}).get(GPU_RESOURCE, 0)) for w in workers.values()), default=0.0)
 
 
 def configured_gpus(cfg: ClusterConfig) -> bool:
     """Whether the workers this config starts offer GPUs (adaptive clusters may have no worker yet to ask)."""
-    return ((cfg.backend == "slurm" and cfg.slurm.gpus_per_job > 0)
-            or (cfg.backend == "kubernetes" and cfg.kubernetes.gpus > 0))
+    return configured_worker_gpus(cfg) > 0
 
 
-def training_resources(client: Any, cfg: ClusterConfig) -> dict[str, float] | None:
-    """Resources a GPU stage's task asks for: ``{GPU: 1}`` when the cluster has or will start GPU workers.
+def configured_worker_gpus(cfg: ClusterConfig) -> float:
+    """The ``GPU`` resource each worker this config starts offers: ``slurm.gpus_per_job / slurm.processes`` on
+    SLURM, ``kubernetes.gpus`` on Kubernetes, else 0 (local and address clusters: ask the workers)."""
+    if cfg.backend == "slurm" and cfg.slurm.gpus_per_job > 0:
+        return cfg.slurm.gpus_per_job / cfg.slurm.processes
+    if cfg.backend == "kubernetes" and cfg.kubernetes.gpus > 0:
+        return float(cfg.kubernetes.gpus)
+    return 0.0
+
+
+def training_resources(client: Any, cfg: ClusterConfig, devices: int = 1,
+                       setting: str = "train.devices") -> dict[str, float] | None:
+    """Resources a training stage's task asks for: ``{GPU: devices}`` when the cluster has or will start GPU workers.
+
+    A stage with ``train.devices = N > 1`` runs its N torchrun processes inside this one task, so on one worker:
+    that worker must offer N GPUs. Without any GPU worker the task asks for nothing and the stage's command
+    falls back by itself (:func:`segfactory.distributed.launch_processes`: one CPU process, or N gloo processes
+    with ``train.backend=gloo``).
+
+    Args:
+        client: The pipeline's Dask client.
+        cfg: The ``cluster`` section.
+        devices: The stage's ``train.devices`` (1 for evaluation and prediction).
+        setting: The stage's setting, as the error names it (e.g. ``finetune.train.devices``).
 
     Raises:
-        UserError: ``tasks.gpu=require`` but no GPU worker appeared within ``connect_timeout_s`` (the task would
-            wait forever).
+        UserError: GPU workers offer fewer than ``devices`` GPUs each (the task would wait forever); or
+            ``tasks.gpu=require`` but no GPU worker appeared within ``connect_timeout_s``.
     """
     import time
 
     if cfg.tasks.gpu == "never":
         return None
-    if configured_gpus(cfg) or has_gpu_workers(client):
-        return {GPU_RESOURCE: 1}
-    if cfg.tasks.gpu == "require":
+    offered = max(configured_worker_gpus(cfg), worker_gpus(client))
+    if offered <= 0 and cfg.tasks.gpu == "require":
         deadline = time.monotonic() + cfg.connect_timeout_s
-        while time.monotonic() < deadline:
+        while offered <= 0 and time.monotonic() < deadline:
             time.sleep(0.5)
-            if has_gpu_workers(client):
-                return {GPU_RESOURCE: 1}
-        raise UserError(f"cluster.tasks.gpu=require, but no worker offered a {GPU_RESOURCE} resource within "
-                        f"{cfg.connect_timeout_s:g}s",
-                        fix=f"start workers with `dask worker --resources {GPU_RESOURCE}=1`, set "
-                            "cluster.slurm.gpus_per_job or cluster.kubernetes.gpus, or use cluster.tasks.gpu=auto")
-    return None
+            offered = worker_gpus(client)
+        if offered <= 0:
+            raise UserError(f"cluster.tasks.gpu=require, but no worker offered a {GPU_RESOURCE} resource within "
+                            f"{cfg.connect_timeout_s:g}s",
+                            fix=f"start workers with `dask worker --resources {GPU_RESOURCE}={devices}`, set "
+                                "cluster.slurm.gpus_per_job or cluster.kubernetes.gpus, or use cluster.tasks.gpu=auto")
+    if offered <= 0:
+        return None
+    if offered < devices:
+        raise UserError(f"{setting}={devices} but the cluster's workers offer at most {offered:g} {GPU_RESOURCE}(s) "
+                        "each (a training stage runs all its torchrun processes in one task on one worker)",
+                        fix=f"set {setting}={int(offered)} or less, or give each worker {devices} GPUs: "
+                            f"cluster.slurm.gpus_per_job={devices} with cluster.slurm.processes=1, "
+                            f"cluster.kubernetes.gpus={devices}, or `dask worker --resources {GPU_RESOURCE}={devices}`")
+    return {GPU_RESOURCE: devices}
 
 
 def task_resources(cfg: ClusterConfig) -> dict[str, float] | None:

@@ -3,7 +3,8 @@
 A stage's output lives in ``ROOT/stages/<stage>-<key>/``, where the key hashes the stage's config section, the
 keys of its inputs and the version of the code that produces it; a directory holding ``stage.json`` is finished
 and reused. Training, evaluation and prediction run as single Dask tasks (asking for a ``GPU`` resource when the
-cluster offers one), each in its own ``segfactory`` process with a timeout, writing into an attempt directory
+cluster offers one; a stage with ``train.devices = N`` asks for N and runs its N torchrun processes inside that one
+task), each in its own ``segfactory`` process with a timeout, writing into an attempt directory
 ``ROOT/stages/.tmp-<stage>-<key>-<random>/`` that is committed with the shared unit protocol
 (:func:`segfactory.io.commit_unit`: ``stage.json`` with every file's sha256 written last, fsync, rename) only
 when the command really finished. A killed attempt's directory is adopted by the next attempt, which resumes
@@ -25,7 +26,7 @@ from typing import Any
 from pydantic import Field
 
 import segfactory
-from pipelines.cluster import ClusterConfig, open_client, training_resources
+from pipelines.cluster import GPU_RESOURCE, ClusterConfig, open_client, training_resources
 from pipelines.render import RenderStep
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
@@ -294,14 +295,17 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
     results: dict[str, dict[str, Any]] = {}
     shared = next(iter(commands.values()))[0].parent if commands else None  # ROOT/stages
     with open_client(cluster, performance_report=performance_report, shared_dir=shared) as client:
-        resources = training_resources(client, cluster)
-        console.print(f"training tasks ask for {resources or 'no special resources (CPU fallback)'}")
+        # Every stage's request is checked before any runs: a stage no worker can hold fails now, not hours in.
+        asks = {name: stage_resources(client, cluster, name, argv) for name, (final, argv) in commands.items()
+                if not stage_done(final)}
+        console.print("training tasks ask for " + "; ".join(
+            f"{name}: {r or 'no special resources (CPU fallback)'}" for name, r in asks.items()), soft_wrap=True)
         with progress() as bar:
             for name, (final, argv) in commands.items():
                 if stage_done(final):
                     results[name] = {"skipped": True, "finished": True}
                 else:
-                    results[name] = _run_one(client, bar, name, final, argv, timeout_s, retries, resources)
+                    results[name] = _run_one(client, bar, name, final, argv, timeout_s, retries, asks[name])
                 if not results[name]["finished"]:
                     raise StageIncomplete(
                         f"stage {name} ended without finishing: {results[name]['why']}; it is not marked done and "
@@ -309,6 +313,48 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
                 if on_done is not None:
                     on_done(name, results[name])
     return results
+
+
+def stage_launch(argv: list[str]) -> tuple[int, str]:
+    """A stage command's ``train.devices`` and ``train.backend`` (1, ``auto`` for commands that do not train).
+
+    A training stage's argv names its resolved config (``pretrain|finetune CONFIG.yaml ...``); ``key=value``
+    overrides after it win, as the command itself applies them.
+    """
+    import yaml
+
+    if not argv or argv[0] not in ("pretrain", "finetune") or len(argv) < 2:
+        return 1, "auto"
+    try:
+        raw = yaml.safe_load(Path(argv[1]).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}  # the command itself reports an unreadable config, once, as its user error
+    train = raw.get("train") if isinstance(raw, dict) else None
+    train = train if isinstance(train, dict) else {}
+    devices, backend = train.get("devices", 1), str(train.get("backend", "auto"))
+    for a in argv[2:]:
+        if a.startswith("train.devices="):
+            devices = a.split("=", 1)[1]
+        elif a.startswith("train.backend="):
+            backend = a.split("=", 1)[1]
+    try:
+        return max(1, int(devices)), backend
+    except (TypeError, ValueError):
+        return 1, backend  # the command refuses it with its own one-line error
+
+
+def stage_resources(client: Any, cluster: ClusterConfig, name: str, argv: list[str]) -> dict[str, float] | None:
+    """What stage ``name``'s task asks for (:func:`pipelines.cluster.training_resources` with its ``train.devices``),
+    with a note when a multi-device stage finds no GPU worker (its command then falls back on the CPU)."""
+    devices, backend = stage_launch(argv)
+    resources = training_resources(client, cluster, devices, setting=f"{name}.train.devices")
+    if devices > 1 and resources is None:
+        how = (f"{devices} gloo CPU processes under torchrun" if backend == "gloo" else
+               f"one CPU process (train.backend=gloo runs {devices} CPU processes)")
+        console.print(f"note: stage {name} has train.devices={devices} but no Dask worker offers a {GPU_RESOURCE} "
+                      f"resource: its task asks for none; on a worker without CUDA it trains as {how}",
+                      soft_wrap=True)
+    return resources
 
 
 def _run_one(client: Any, bar: Any, name: str, final: Path, argv: list[str], timeout_s: float, retries: int,
