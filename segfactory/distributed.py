@@ -18,8 +18,10 @@ Only the CLI's launch path imports this module without torch: torch is imported 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -120,17 +122,39 @@ def launch_processes(tr: LaunchSettings, check: Callable[[int], None]) -> int:
     return int(tr.devices)
 
 
+# How long a stopped launcher waits for torchrun to stop its ranks (torchrun itself SIGKILLs ranks that ignore
+# SIGTERM for 30 s).
+STOP_WAIT_S = 60.0
+
+
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``segfactory <argv>`` as ``nproc`` processes under ``torchrun`` on this node; wait; return its status.
 
     Each child sees ``RANK``/``WORLD_SIZE`` set and so does not re-launch. torchrun stops every rank when one
     fails and exits non-zero (1).
+
+    When this process is stopped (Ctrl-C, or SIGTERM: what a pipeline's stage process gets when its Dask worker
+    dies), torchrun gets SIGTERM, passes it on to the ranks (rank 0 checkpoints at its step boundary) and is
+    waited for, up to ``STOP_WAIT_S``: this process, which holds the stage lock in a pipeline, outlives every rank,
+    so a retry never takes over the run directory while rank 0 still writes. A second interrupt, or the wait
+    running out, kills torchrun at once.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "segfactory.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_WAIT_S)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def setup(info: DistInfo, backend: str, device: torch.device, timeout_s: float) -> torch.device:

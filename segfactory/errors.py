@@ -166,6 +166,26 @@ def orphan_grace_s() -> float:
         return ORPHAN_GRACE_S
 
 
+def _descendants(root: int) -> list[int]:
+    """Pids of every living descendant of ``root`` (read from ``/proc``; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as f:
+                    stat = f.read()
+                ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def kill_group_when_orphaned(grace_s: float, poll_s: float = 0.25) -> threading.Thread | None:
     """Bound how long a stage process outlives the Dask worker that started it (``PARENT_PID_ENV``).
 
@@ -173,8 +193,9 @@ def kill_group_when_orphaned(grace_s: float, poll_s: float = 0.25) -> threading.
     boundary with a checkpoint (:class:`DeferredInterrupt`). A step or a save that never ends (a hung GPU, a
     stalled filesystem) would keep it, its data-loader workers and the stage lock they inherited alive for ever,
     while the task's retry waits for that lock. A daemon thread watches the parent: ``grace_s`` seconds after it
-    is gone, it SIGKILLs this process's whole process group (the process is a session leader, started so by
-    ``pipelines.subproc.run_logged``), or only this process where it leads no group.
+    is gone, it SIGKILLs every descendant (torchrun's ranks lead sessions of their own) and this process's whole
+    process group (the process is a session leader, started so by ``pipelines.subproc.run_logged``), or only this
+    process where it leads no group.
 
     The variable is taken out of the environment: processes this one starts (``torchrun`` and its ranks) have
     another parent and are not watched themselves; they go with the process group.
@@ -197,6 +218,11 @@ def kill_group_when_orphaned(grace_s: float, poll_s: float = 0.25) -> threading.
                 with open(log, "a", encoding="utf-8") as f:
                     f.write(f"segfactory: stage process {os.getpid()} outlived its worker (pid {parent}) by "
                             f"{grace_s:g}s ({ORPHAN_GRACE_ENV}); killing its process group\n")
+        # torchrun's ranks lead sessions of their own: the group kill below would miss them, so every
+        # descendant goes first
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

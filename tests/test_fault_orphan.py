@@ -40,7 +40,8 @@ def wait_until(cond, timeout: float, what: str, proc: subprocess.Popen | None = 
 
 # A parent (standing in for the Dask worker's task) that takes the stage lock and starts, through
 # pipelines.subproc.run_logged with the lock handed down, a child whose "training step" hangs: it ignores SIGTERM,
-# forks a grandchild (a data-loader worker) and sleeps. The child ties itself to its parent the way a stage
+# forks a grandchild that leads a session of its own (as torchrun's ranks do, out of reach of a group kill) and
+# sleeps. The child ties itself to its parent the way a stage
 # process does (SIGTERM on the parent's death, the orphan watchdog).
 PARENT = '''
 import fcntl, os, sys
@@ -54,6 +55,7 @@ child = ("import os, pathlib, signal, sys, time\\n"
          "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
          "terminate_with_parent()\\n"
          "if os.fork() == 0:\\n"
+         "    os.setsid()\\n"
          "    time.sleep(600)\\n"
          "    os._exit(0)\\n"
          "pathlib.Path(sys.argv[1]).write_text('ready')\\n"

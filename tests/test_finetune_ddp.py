@@ -177,6 +177,43 @@ def test_a_rank_that_dies_fails_the_job_without_hanging(tiny_dataset: Path, tmp_
     assert not (tmp_path / "dead" / "summary.json").exists()
 
 
+@pytest.mark.slow
+def test_a_stopped_launcher_outlives_its_ranks_and_they_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    """SIGTERM to the launching process (what a pipeline's stage process gets when its Dask worker dies): torchrun
+    passes it on, rank 0 checkpoints at its step boundary, and the launcher (the holder of a pipeline's stage
+    lock) exits only after every rank is gone."""
+    import psutil
+
+    out = tmp_path / "stopped"
+    args = [a for a in ARGS if not a.startswith(("train.steps=", "train.checkpoint_every=", "train.val_every="))]
+    cmd = [sys.executable, "-m", "segfactory.cli", "finetune", TINY, "--out", str(out), "--synthetic",
+           str(tiny_dataset), *args, "train.steps=100000", "train.checkpoint_every=100000",
+           "train.val_every=100000", *TWO]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read() if \
+                launcher.poll() is not None else "no training steps logged in time"
+            time.sleep(0.1)
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        assert len([p for p in tree if "segfactory.cli" in " ".join(p.cmdline())]) >= 2  # the ranks
+        launcher.terminate()
+        launcher.wait(timeout=120)
+        # at the moment the launcher is gone, no rank runs on any more, and rank 0 left the checkpoint of the
+        # interruption (the only one: checkpoint_every is far away)
+        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert checkpoint(out)["step"] >= 3
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
+
+
 def test_what_cannot_run_data_parallel_is_refused_before_launch(tiny_dataset: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     base = ["finetune", TINY, "--out", str(tmp_path / "x"), "--synthetic", str(tiny_dataset), *ARGS, *TWO]
