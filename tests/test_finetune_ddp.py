@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -193,6 +194,7 @@ def test_a_stopped_launcher_outlives_its_ranks_and_they_checkpoint(tiny_dataset:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 180
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
@@ -210,8 +212,9 @@ def test_a_stopped_launcher_outlives_its_ranks_and_they_checkpoint(tiny_dataset:
     finally:
         if launcher.poll() is None:
             launcher.kill()
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+        for p in [*tree, *psutil.Process().children(recursive=True)]:  # ranks left behind are no children of ours
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def test_what_cannot_run_data_parallel_is_refused_before_launch(tiny_dataset: Path, tmp_path: Path,
