@@ -4,6 +4,7 @@
 # the GPU machine from the repository root with .whl and .gpu carried:
 #   bash .ci/gpu_checks.sh 1    # SSL pretraining (SimCLR, DenseCL) beside pytest -m gpu; then bench augment, train
 #   bash .ci/gpu_checks.sh 2    # probe both encoders on real labels (3 sets) beside a label-efficiency sweep on CHO
+#   bash .ci/gpu_checks.sh all  # a shorter version of both in one call of under 10 minutes (for a 15-minute lease)
 # Part 2 reads part 1's encoders from $WORK (default /tmp/gpuwork), so both run on the same machine.
 # Every step has its own time limit and log; a failing step never stops the others. Logs and JSON land in
 # $WORK/results-partN, packed into $OUT/gpu_partN.tgz (default ./gpu-out). GPU_CHECKS_TINY=1 runs the same steps at toy size on the CPU (checks the script itself).
@@ -29,6 +30,10 @@ W=$(( NCPU > 16 ? 15 : NCPU - 1 )); [ "$W" -ge 1 ] || W=1
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RES/NAME.log, note rc and seconds
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  if [ -n "${DEADLINE:-}" ]; then  # a phase's deadline (in $SECONDS) caps every step started inside it
+    if [ $((DEADLINE - SECONDS)) -lt 10 ]; then echo "$name skipped: phase deadline" | tee -a "$RES/steps.txt"; return; fi
+    [ "$limit" -le $((DEADLINE - SECONDS)) ] || limit=$((DEADLINE - SECONDS))
+  fi
   echo "=== $name (limit ${limit}s): $*"
   timeout -k 10 "$limit" "$@" >"$RES/$name.log" 2>&1
   local rc=$?
@@ -54,17 +59,48 @@ else
   FT_TEST=.gpu/data/cho-eval; FT_FRACTIONS='[0.02,0.1,1.0]'
 fi
 
-ssl() {  # SSL on the 84 real unlabeled microscopy frames (gray). Batch 64 < 84 images: no image twice in a batch.
-  local common=(--images .gpu/ingest --backbone "$BB" --steps "$STEPS" --batch-size "$BS" "augment.crop_size=$CROP"
-                augment.vflip=true augment.rot90=true "train.device=$DEV" "data.num_workers=$((W / 2))"
-                train.checkpoint_every=100000 train.log_every=20)
-  step pretrain_simclr 150 $SF pretrain configs/pretrain.yaml --out "$WORK/simclr" --method simclr "${common[@]}"
-  step pretrain_densecl 150 $SF pretrain configs/pretrain_densecl.yaml --out "$WORK/densecl" "${common[@]}" \
-    method.densecl.memory_bank_size=16 method.densecl.dense_start_step=$((STEPS / 4)) optim.warmup_steps=$((STEPS / 10))
-  for m in simclr densecl; do
-    [ -f "$WORK/$m/summary.json" ] && cp "$WORK/$m/summary.json" "$RES/pretrain_${m}_summary.json"
-    [ -f "$WORK/$m/loss.png" ] && cp "$WORK/$m/loss.png" "$RES/pretrain_${m}_loss.png"
-  done
+ssl_args() {  # the SSL arguments shared by both methods
+  common=(--images .gpu/ingest --backbone "$BB" --steps "$STEPS" --batch-size "$BS" "augment.crop_size=$CROP"
+          augment.vflip=true augment.rot90=true "train.device=$DEV" "data.num_workers=$((W / ${1:-2}))"
+          train.checkpoint_every=100000 train.log_every=20)
+}
+ssl_one() {  # ssl_one simclr|densecl [WORKER_DIVISOR]
+  local common; ssl_args "${2:-2}"
+  if [ "$1" = simclr ]; then
+    step pretrain_simclr 150 $SF pretrain configs/pretrain.yaml --out "$WORK/simclr" --method simclr "${common[@]}"
+  else
+    step pretrain_densecl 150 $SF pretrain configs/pretrain_densecl.yaml --out "$WORK/densecl" "${common[@]}" \
+      method.densecl.memory_bank_size=16 method.densecl.dense_start_step=$((STEPS / 4)) optim.warmup_steps=$((STEPS / 10))
+  fi
+  [ -f "$WORK/$1/summary.json" ] && cp "$WORK/$1/summary.json" "$RES/pretrain_${1}_summary.json"
+  [ -f "$WORK/$1/loss.png" ] && cp "$WORK/$1/loss.png" "$RES/pretrain_${1}_loss.png"
+  true
+}
+ssl() {  # SSL on the 84 real unlabeled microscopy frames (gray), one method after the other.
+  # Batch 64 < 84 images: no image twice in a batch.
+  ssl_one simclr; ssl_one densecl
+}
+ssl_both() {  # both methods at once on the one GPU (each with a quarter of the CPU cores for loading)
+  ssl_one simclr 4 & local pid=$!
+  ssl_one densecl 4; wait "$pid"
+}
+env_info() {
+  { nvidia-smi -L; df -h /dev/shm; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc; free -g
+    $PY -c "import torch, numpy, timm, kornia, lightly, segmentation_models_pytorch as smp, pydantic
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), 'numpy', numpy.__version__,
+      'timm', timm.__version__, 'kornia', kornia.__version__, 'lightly', lightly.__version__, 'smp', smp.__version__)"
+  } >"$RES/env.txt" 2>&1
+  cat "$RES/env.txt"
+}
+sweep() {  # sweep LIMIT_S: random init vs SimCLR fine-tuned on fractions of CHO's labeled frames
+  step sweep_cho "$1" $SF sweep configs/finetune_sweep.yaml --out "$WORK/sweep" --real .gpu/data/cho-labeled \
+    --test "$FT_TEST" --encoder "$WORK/simclr/encoder" --steps "$FTSTEPS" 'finetune.data.synthetic=[]' \
+    "sweep.real_fractions=$FT_FRACTIONS" 'sweep.synthetic_fractions=[0.0]' 'sweep.encoder_inits=[random,ssl]' \
+    "${FT_MODEL[@]}" "finetune.augment.crop_size=$FTCROP" finetune.train.batch_size=16 finetune.train.lr=0.001 \
+    "finetune.data.num_workers=$((W / 2))" "finetune.train.device=$DEV" finetune.predict.tile=512 \
+    "finetune.train.val_every=$FTSTEPS" "finetune.train.checkpoint_every=$FTSTEPS"
+  for f in results.csv label_efficiency.png; do [ -f "$WORK/sweep/$f" ] && cp "$WORK/sweep/$f" "$RES/sweep_$f"; done
+  true
 }
 
 probes() {
@@ -78,12 +114,7 @@ probes() {
 }
 
 if [ "$PART" = 1 ]; then
-  { nvidia-smi -L; df -h /dev/shm; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc; free -g
-    $PY -c "import torch, numpy, timm, kornia, lightly, segmentation_models_pytorch as smp, pydantic
-print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), 'numpy', numpy.__version__,
-      'timm', timm.__version__, 'kornia', kornia.__version__, 'lightly', lightly.__version__, 'smp', smp.__version__)"
-  } >"$RES/env.txt" 2>&1
-  cat "$RES/env.txt"
+  env_info
   # Pretraining (wall time reported as measured beside the GPU tests) overlaps pytest; the benches run alone after.
   ssl &
   [ "$TINY" = 1 ] || step pytest_gpu 180 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests
@@ -98,13 +129,25 @@ if [ "$PART" = 2 ]; then
   # training frames (t = 0..11, 80 % of them: 1, 5 and 47 slices), scored on CHO's held-out eval frames (t = 14..19).
   [ -f "$WORK/simclr/encoder/encoder.json" ] || ssl   # a fresh machine: part 1's encoders are gone
   probes &
-  step sweep_cho 300 $SF sweep configs/finetune_sweep.yaml --out "$WORK/sweep" --real .gpu/data/cho-labeled \
-    --test "$FT_TEST" --encoder "$WORK/simclr/encoder" --steps "$FTSTEPS" 'finetune.data.synthetic=[]' \
-    "sweep.real_fractions=$FT_FRACTIONS" 'sweep.synthetic_fractions=[0.0]' 'sweep.encoder_inits=[random,ssl]' \
-    "${FT_MODEL[@]}" "finetune.augment.crop_size=$FTCROP" finetune.train.batch_size=16 finetune.train.lr=0.001 \
-    "finetune.data.num_workers=$((W / 2))" "finetune.train.device=$DEV" finetune.predict.tile=512 \
-    "finetune.train.val_every=$FTSTEPS" "finetune.train.checkpoint_every=$FTSTEPS"
+  sweep 300 &
   wait
-  for f in results.csv label_efficiency.png; do [ -f "$WORK/sweep/$f" ] && cp "$WORK/sweep/$f" "$RES/sweep_$f"; done
+fi
+if [ "$PART" = all ]; then
+  # Everything in one call of under 10 minutes (a lent machine gives a session 15 minutes, its start included):
+  # phase A (about 4 minutes): pytest -m gpu beside SimCLR and DenseCL at once, then the probes beside a shorter
+  # label-efficiency sweep (2 % and 10 % of CHO's labeled frames, random init vs SimCLR);
+  # phase B (alone on the machine, about 4.5 minutes): bench augment, bench train (batch 8 and 32).
+  env_info
+  DEADLINE=$((SECONDS + ${PHASE_A_S:-260}))
+  { [ "$TINY" = 1 ] || step pytest_gpu 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests; } &
+  ssl_both
+  { probes; } &
+  [ "$TINY" = 1 ] || FT_FRACTIONS='[0.02,0.1]'
+  sweep 150
+  wait
+  unset DEADLINE
+  step bench_augment 70 sh -c "$SF bench augment ${AUG_ARGS[*]} > $RES/bench_augment.json"
+  [ "$TINY" = 1 ] || TRAIN_ARGS=(--size 512 --batch-sizes 8 32 --steps 10 --warmup 2 --encoder resnet18 --workers "$W" --device cuda)
+  step bench_train 200 sh -c "$SF bench train ${TRAIN_ARGS[*]} > $RES/bench_train.json"
 fi
 echo "=== done part $PART"; cat "$RES/steps.txt"; pack
