@@ -142,7 +142,7 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
         console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
     check_plugins(cfg.decode.plugins)
     phases.lap("prepare")
-    found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files)
+    found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files, cfg.walk_timeout_s)
     files, skipped_links = found.files, found.skipped_links
     del found
     phases.lap("discover")
