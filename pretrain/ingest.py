@@ -42,6 +42,11 @@ LIMITS_OF_KIND: dict[str, tuple[str, ...]] = {
 }
 # The limits that cut a TIFF stack short (a ``pages_dropped`` note): raising one re-examines the stack.
 PAGE_LIMITS = ("max_pages", "max_file_pixels")
+# Rejection kinds that depend on which decoders there are (:func:`decoder_set`): a re-run re-examines such a file
+# when the decoder set changed (a ``decode.plugins`` module added, removed or upgraded).
+DECODER_KINDS = frozenset({"not_image"})
+# The formats :func:`sniff` recognises without plugins (part of :func:`decoder_set`: add one here with its sniff).
+BUILTIN_FORMATS = ("jpeg", "png", "tiff", "webp", "bmp", "gif")
 
 
 class Rejected(Exception):
@@ -72,9 +77,11 @@ def read_error(e: OSError, what: str = "cannot read") -> Rejected:
     return Rejected("unreadable", f"{what}: {e.strerror or e}{tail}{retry}", transient=transient)
 
 
-def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
+def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any], decoders: list[str] | None = None) -> bool:
     """Whether a re-run looks at a rejected file again: its error was transient, or it was judged under
-    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined).
+    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined), or,
+    given ``decoders`` (this run's :func:`decoder_set`), a ``not_image`` was judged under another decoder set
+    (a plugin for its format has been added since; records without one predate this and are re-examined).
 
     A ``pages_dropped`` note (a stack ingested without its later slices) is re-examined when ``max_pages`` or
     ``max_file_pixels`` was raised since: the slices not taken yet are then offered again (lowering them never
@@ -82,6 +89,8 @@ def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
     """
     if rec.get("transient"):
         return True
+    if rec.get("kind") in DECODER_KINDS:
+        return decoders is not None and rec.get("decoders") != decoders
     if rec.get("kind") == "pages_dropped":
         judged = rec.get("checks")
         if not isinstance(judged, dict):
@@ -94,6 +103,33 @@ def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
     if not isinstance(judged, dict):
         return True
     return any(judged.get(f) != checks.get(f) for f in fields)
+
+
+def decoder_set(plugins: list[str]) -> list[str]:
+    """What decides whether a file is an image at all, recorded with each ``not_image`` rejection: the built-in
+    formats, then each ``decode.plugins`` module with the version of the installed distribution that provides it
+    (``pillow_heif.HeifImagePlugin==0.18.0``; a module of no distribution is named alone).
+
+    Args:
+        plugins: ``decode.plugins``.
+
+    Returns:
+        E.g. ``["builtin:jpeg,png,tiff,webp,bmp,gif", "pillow_heif.HeifImagePlugin==0.18.0"]``.
+    """
+    out = ["builtin:" + ",".join(BUILTIN_FORMATS)]
+    if plugins:
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+        dists = packages_distributions()
+        for name in plugins:
+            versions = []
+            for dist in sorted(set(dists.get(name.partition(".")[0], []))):
+                try:
+                    versions.append(f"{dist}-{version(dist)}")
+                except PackageNotFoundError:
+                    continue
+            out.append(name + ("==" + ",".join(versions) if versions else ""))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -988,7 +1024,8 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     Each file is decoded in an isolated decoder process (:mod:`pretrain.decoder`, unless ``decode.isolate`` is
     false): a file that hangs its decoder past ``checks.decode_timeout_s``, needs more than
     ``checks.decode_memory_mb`` or kills it is rejected (``timeout``, ``memory``, ``crashed``) and the chunk goes
-    on with a fresh decoder. Every rejection records the ``checks`` it was judged under.
+    on with a fresh decoder. Every rejection records the ``checks`` it was judged under, a ``not_image`` also the
+    decoder set (``spec["decoders"]``, else :func:`decoder_set` of ``decode.plugins``).
 
     A stack re-examined under raised limits (a hash record with ``from_page``) stores only its slices from that
     page on; whatever stops it now is recorded as its new ``pages_dropped`` note, never as a rejection of a file
@@ -996,7 +1033,8 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
 
     Args:
         spec: ``{"shard_id", "run", "files": [hash records], "rejected": [records decided before decoding
-            (duplicates, unreadable)]}``; the files may be packed tuples (:func:`pack_spec`).
+            (duplicates, unreadable)]}`` and optionally ``"decoders"`` (the driver's :func:`decoder_set`); the files
+            may be packed tuples (:func:`pack_spec`).
         out_root: Output directory.
         cfg: ``IngestConfig.model_dump()``.
 
@@ -1009,6 +1047,7 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     if is_committed(final):  # committed by an earlier attempt of this task
         return _shard_summary(read_json(final / MANIFEST_FILE))
     checks = dict(cfg["checks"])
+    decoders = spec.get("decoders") or decoder_set(cfg["decode"]["plugins"])
     rejected: list[dict[str, Any]] = [{**r, "checks": checks} for r in spec.get("rejected", [])]
     decoder: Any = DecoderProcess(cfg) if cfg["decode"]["isolate"] else _InProcess(cfg)
     with ImageShardWriter(out_root, spec["shard_id"]) as writer, decoder:
@@ -1024,6 +1063,8 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
             if answer[0] == "rejected":
                 _, kind, reason, transient = answer
                 rec = {**src, "kind": kind, "reason": reason, "checks": checks}
+                if kind in DECODER_KINDS:
+                    rec["decoders"] = decoders
                 if f.get("from_page"):
                     rec = pages_dropped_note(src, f["from_page"], reason if kind == "pages_dropped"
                                              else f"{kind}: {reason}", checks)

@@ -456,3 +456,31 @@ def test_a_source_listing_that_hangs_stops_the_run_with_one_line_and_frees_the_l
     monkeypatch.delenv("SEGFACTORY_FAULT")
     summary = run_ingest(str(src), out, cfg(walk_timeout_s=1.5))
     assert summary["total_images"] == 2 and summary["total_rejected"] == 0
+
+
+@pytest.mark.slow  # ~35 s: four ingest runs on a LocalCluster
+def test_files_rejected_as_not_images_are_re_examined_when_the_decoders_change(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    (src / "scan.seg").write_bytes(faulty_decoders.make("fine"))  # a format only the plugin reads
+    (src / "notes.md").write_text("not an image under any decoder\n")
+    out = tmp_path / "images"
+    no_plugin = {"decode.plugins": "[]"}
+    first = run_ingest(str(src), out, cfg(**no_plugin))
+    assert first["new_images"] == 1 and first["rejected_kinds"] == {"not_image": 2}
+    rej = rejected_by_name(out)
+    assert rej["scan.seg"]["decoders"] == core.decoder_set([])
+    # the same decoders: nothing is looked at again
+    assert run_ingest(str(src), out, cfg(**no_plugin))["new_files"] == 0
+    # a decoder plugin for the format is registered: both non-images are looked at again, the plugin's file is in
+    added = run_ingest(str(src), out, cfg())
+    assert added["new_files"] == 2 and added["new_images"] == 1 and added["rejected_kinds"] == {"not_image": 1}
+    recs = {Path(r["source"]).name: r for _, m, _ in store.iter_manifests(out) for r in m["images"]}
+    assert recs["scan.seg"]["format"] == "segfaulttest" and added["total_images"] == 2
+    rej = rejected_by_name(out)
+    assert set(rej) == {"notes.md"} and rej["notes.md"]["decoders"] == core.decoder_set(["faulty_decoders"])
+    assert run_ingest(str(src), out, cfg())["new_files"] == 0
+    # the plugin removed again: the non-image is judged once more, nothing stored goes
+    removed = run_ingest(str(src), out, cfg(**no_plugin))
+    assert removed["new_files"] == 1 and removed["total_images"] == 2 and removed["total_rejected"] == 1
