@@ -418,8 +418,53 @@ def task_resources(cfg: ClusterConfig) -> dict[str, float] | None:
     return dict(cfg.tasks.cpu_resources) or None
 
 
+def dashboard_link(client: Any, cfg: ClusterConfig, probe_timeout_s: float = 2.0) -> str | None:
+    """The link to the scheduler's dashboard that works from this machine, or None when it has none.
+
+    A cluster this process started reports its own link. An existing scheduler (``backend=address``) is asked
+    for its dashboard port, and the link names the host this driver reached the scheduler at (the scheduler's own
+    address when that is a wildcard such as ``0.0.0.0``; IPv6 in brackets). A scheduler started with
+    ``--no-dashboard`` still serves HTTP (health, metrics) on a port it reports as its dashboard: a ``/status``
+    answered 404 means no dashboard, and no link; a dashboard that does not answer within ``probe_timeout_s``
+    (a firewall, a tunnel needed) is linked with a note saying so.
+
+    Args:
+        client: A connected ``distributed.Client``.
+        cfg: The ``cluster`` section it was opened with.
+        probe_timeout_s: How long the address backend's HTTP check of the dashboard may take.
+    """
+    if cfg.backend != "address":
+        try:
+            return client.dashboard_link or None
+        except (AttributeError, KeyError):  # a cluster without an HTTP server at all
+            return None
+    import urllib.error
+    import urllib.request
+
+    from distributed.comm import get_address_host
+    from distributed.utils import format_dashboard_link
+
+    info = client.scheduler_info()
+    port = (info.get("services") or {}).get("dashboard")
+    if not port:
+        return None
+    host = get_address_host(client.scheduler.address)
+    if host in ("", "0.0.0.0", "::") and info.get("address"):
+        host = get_address_host(info["address"])
+    url_host = f"[{host}]" if ":" in host else host
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the driver's own view, no proxy
+    try:
+        direct.open(f"http://{url_host}:{port}/status", timeout=probe_timeout_s).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # HTTP without the dashboard (`dask scheduler --no-dashboard`, or no bokeh there)
+            return None
+    except (OSError, ValueError):
+        return f"{format_dashboard_link(url_host, port)} (not reachable from this machine)"
+    return format_dashboard_link(url_host, port)
+
+
 def _announce(client: Any, cfg: ClusterConfig) -> None:
-    link = getattr(client, "dashboard_link", None)
+    link = dashboard_link(client, cfg)
     nworkers = len(client.scheduler_info().get("workers", {}))
     where = {"slurm": "SLURM jobs (adaptive)", "kubernetes": "Kubernetes pods"}.get(cfg.backend, "")
     console.print(f"dask: {nworkers} worker(s) at {client.scheduler.address}" + (f" via {where}" if where else "")

@@ -142,7 +142,7 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
         console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
     check_plugins(cfg.decode.plugins)
     phases.lap("prepare")
-    found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files)
+    found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files, cfg.walk_timeout_s)
     files, skipped_links = found.files, found.skipped_links
     del found
     phases.lap("discover")
@@ -151,8 +151,9 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
         console.print(f"[yellow]skipped {len(skipped_links)} link(s) or folder(s) of the source, e.g. "
                       f"'{path}': {why}[/]")
     checks = cfg.checks.model_dump(mode="json")
+    decoders = core.decoder_set(cfg.decode.plugins)  # a not_image judged under other decoders is looked at again
     scan = store.scan_manifests(out)  # one read of the store's manifests
-    known = scan.known(lambda rec: core.needs_reexamination(rec, checks))
+    known = scan.known(lambda rec: core.needs_reexamination(rec, checks, decoders))
     known_shas, last_run = scan.shas, scan.last_run
     # stacks ingested without their later slices, under limits raised since: those slices are offered again
     resume = {key: int(note["dropped_from"]) for key, note in scan.page_notes.items()
@@ -177,8 +178,8 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
             failures.update(hash_failures)
             phases.lap("hash")
             # packed: the hash records go (a third of the memory, here and in the scheduler)
-            specs = [core.pack_spec(s) for s in core.plan_shards(hashed, known_shas, last_run + 1,
-                                                                  cfg.files_per_shard, resume)]
+            specs = [{**core.pack_spec(s), "decoders": decoders}
+                     for s in core.plan_shards(hashed, known_shas, last_run + 1, cfg.files_per_shard, resume)]
             del hashed
             phases.lap("plan")
             results, shard_failures = _shard_phase(client, specs, str(out), cfg_dict, cfg.retries,

@@ -69,6 +69,9 @@ class IngestConfig(StrictModel):
         "links (always), or none; a link loop or a folder seen before is never walked twice")
     max_files: int = Field(10_000_000, ge=1, description="a folder source with more files is refused (the walk "
                            "is bounded)")
+    walk_timeout_s: float = Field(120.0, gt=0, description="listing the source stops the run (exit 2, one line "
+                                  "naming the folder, locks released) when no folder listing or file stat returns "
+                                  "for this long (a network filesystem whose server is gone)")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     checks: ValidateConfig = Field(default_factory=ValidateConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
@@ -76,9 +79,9 @@ class IngestConfig(StrictModel):
     def output_key(self) -> dict[str, Any]:
         """What decides the images and rejections an ingest stores, as stage key material (``segfactory run``
         keys its ingest stage on it with the sources): every field but how the work is cut and run
-        (``files_per_shard``, ``hash_chunk``, ``max_files``). ``decode`` (its plugins read more formats; without
-        ``isolate`` neither timeout nor memory cap applies) is in only when it is not the default, so that the keys
-        of configs that never set it stay what they were."""
+        (``files_per_shard``, ``hash_chunk``, ``max_files``, ``walk_timeout_s``). ``decode`` (its plugins read more
+        formats; without ``isolate`` neither timeout nor memory cap applies) is in only when it is not the default, so
+        that the keys of configs that never set it stay what they were."""
         key = self.model_dump(mode="json", include={"extensions", "follow_symlinks", "normalize", "checks"})
         decode = self.decode.model_dump(mode="json")
         if decode != DecodeConfig().model_dump(mode="json"):

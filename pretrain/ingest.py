@@ -13,6 +13,8 @@ import math
 import os
 import re
 import stat
+import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -40,6 +42,11 @@ LIMITS_OF_KIND: dict[str, tuple[str, ...]] = {
 }
 # The limits that cut a TIFF stack short (a ``pages_dropped`` note): raising one re-examines the stack.
 PAGE_LIMITS = ("max_pages", "max_file_pixels")
+# Rejection kinds that depend on which decoders there are (:func:`decoder_set`): a re-run re-examines such a file
+# when the decoder set changed (a ``decode.plugins`` module added, removed or upgraded).
+DECODER_KINDS = frozenset({"not_image"})
+# The formats :func:`sniff` recognises without plugins (part of :func:`decoder_set`: add one here with its sniff).
+BUILTIN_FORMATS = ("jpeg", "png", "tiff", "webp", "bmp", "gif")
 
 
 class Rejected(Exception):
@@ -70,9 +77,11 @@ def read_error(e: OSError, what: str = "cannot read") -> Rejected:
     return Rejected("unreadable", f"{what}: {e.strerror or e}{tail}{retry}", transient=transient)
 
 
-def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
+def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any], decoders: list[str] | None = None) -> bool:
     """Whether a re-run looks at a rejected file again: its error was transient, or it was judged under
-    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined).
+    ``checks.*`` limits that have changed since (records without limits predate this and are re-examined), or,
+    given ``decoders`` (this run's :func:`decoder_set`), a ``not_image`` was judged under another decoder set
+    (a plugin for its format has been added since; records without one predate this and are re-examined).
 
     A ``pages_dropped`` note (a stack ingested without its later slices) is re-examined when ``max_pages`` or
     ``max_file_pixels`` was raised since: the slices not taken yet are then offered again (lowering them never
@@ -80,6 +89,8 @@ def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
     """
     if rec.get("transient"):
         return True
+    if rec.get("kind") in DECODER_KINDS:
+        return decoders is not None and rec.get("decoders") != decoders
     if rec.get("kind") == "pages_dropped":
         judged = rec.get("checks")
         if not isinstance(judged, dict):
@@ -92,6 +103,33 @@ def needs_reexamination(rec: dict[str, Any], checks: dict[str, Any]) -> bool:
     if not isinstance(judged, dict):
         return True
     return any(judged.get(f) != checks.get(f) for f in fields)
+
+
+def decoder_set(plugins: list[str]) -> list[str]:
+    """What decides whether a file is an image at all, recorded with each ``not_image`` rejection: the built-in
+    formats, then each ``decode.plugins`` module with the version of the installed distribution that provides it
+    (``pillow_heif.HeifImagePlugin==0.18.0``; a module of no distribution is named alone).
+
+    Args:
+        plugins: ``decode.plugins``.
+
+    Returns:
+        E.g. ``["builtin:jpeg,png,tiff,webp,bmp,gif", "pillow_heif.HeifImagePlugin==0.18.0"]``.
+    """
+    out = ["builtin:" + ",".join(BUILTIN_FORMATS)]
+    if plugins:
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+        dists = packages_distributions()
+        for name in plugins:
+            versions = []
+            for dist in sorted(set(dists.get(name.partition(".")[0], []))):
+                try:
+                    versions.append(f"{dist}-{version(dist)}")
+                except PackageNotFoundError:
+                    continue
+            out.append(name + ("==" + ",".join(versions) if versions else ""))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -125,8 +163,23 @@ class Discovery:
     skipped_links: list[tuple[str, str]] = field(default_factory=list)
 
 
+FAULT_ENV = "SEGFACTORY_FAULT"
+WALK_HANG_FIFO = ".walk-hang"
+
+
+class _WalkProgress:
+    """What the walk is doing now, for the watchdog of :func:`discover`: the folder (or listed file) it is at and
+    a count of the system calls it finished. Written by the walking thread, read by the watching one."""
+
+    __slots__ = ("ops", "where")
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.ops = 0
+
+
 def discover(src: str, extensions: list[str] | None = None, follow_symlinks: str = "inside",
-             max_files: int = 10_000_000) -> Discovery:
+             max_files: int = 10_000_000, walk_timeout_s: float | None = None) -> Discovery:
     """List the files of a source: a folder (recursive), a glob, or a text file with one path per line.
 
     Hidden files and folders (``.name``) are skipped. Paths are absolute and sorted. Folder and glob sources are
@@ -137,16 +190,62 @@ def discover(src: str, extensions: list[str] | None = None, follow_symlinks: str
     walk (the target's ``stat`` for a followed link): one system call per file, no ``Path`` objects, so that a
     million files list in seconds (``segfactory bench ingest --files N``).
 
+    With ``walk_timeout_s``, the listing runs in a worker thread under a watchdog: when no system call of it (a
+    folder's listing, a file's ``stat``) returns for that long, as on a network filesystem whose server is gone
+    (a hard NFS mount blocks ``stat`` forever), the run stops with one line naming the folder, so that the
+    caller's locks are released instead of being held forever; the stuck thread is left behind (a daemon).
+
     Raises:
-        UserError: if the source does not exist, holds no files, or more than ``max_files`` (folder, glob).
+        UserError: if the source does not exist, holds no files, or more than ``max_files`` (folder, glob);
+            or the listing made no progress for ``walk_timeout_s`` seconds.
     """
+    if walk_timeout_s is None:
+        return _discover(src, extensions, follow_symlinks, max_files, _WalkProgress(src))
+    return _watched(src, walk_timeout_s, lambda progress: _discover(src, extensions, follow_symlinks, max_files,
+                                                                    progress))
+
+
+def _watched(src: str, timeout_s: float, listing: Callable[[_WalkProgress], Discovery]) -> Discovery:
+    """Run ``listing`` in a daemon thread; raise when its progress stands still for ``timeout_s`` seconds."""
+    progress = _WalkProgress(src)
+    result: list[Discovery] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(listing(progress))
+        except BaseException as e:  # re-raised in the calling thread
+            error.append(e)
+
+    worker = threading.Thread(target=work, name=f"walk {src}", daemon=True)
+    worker.start()
+    seen, since = (progress.where, progress.ops), time.monotonic()
+    poll = min(0.5, timeout_s / 4)
+    while True:
+        worker.join(poll)
+        if not worker.is_alive():
+            break
+        now_at = (progress.where, progress.ops)
+        if now_at != seen:
+            seen, since = now_at, time.monotonic()
+        elif time.monotonic() - since > timeout_s:
+            raise UserError(f"listing the source '{src}' hung: '{progress.where}' did not answer for walk_timeout_s="
+                            f"{timeout_s:g} s (a network filesystem whose server is gone?); nothing was ingested",
+                            fix="check that mount and re-run (this run's lock is released), or raise walk_timeout_s")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _discover(src: str, extensions: list[str] | None, follow_symlinks: str, max_files: int,
+              progress: _WalkProgress) -> Discovery:
     p = Path(src).expanduser()
     skipped: list[tuple[str, str]] = []
     if p.is_dir():
-        files, skipped = _walk(str(p), follow_symlinks, max_files)
+        files, skipped = _walk(str(p), follow_symlinks, max_files, progress)
         what = f"folder '{p}'"
     elif any(ch in src for ch in "*?["):
-        files, skipped = _glob(os.path.expanduser(src), follow_symlinks, max_files)
+        files, skipped = _glob(os.path.expanduser(src), follow_symlinks, max_files, progress)
         what = f"glob '{src}'"
     elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
         listed: dict[str, None] = {}  # absolute path -> None: each entry once, in order
@@ -155,7 +254,7 @@ def discover(src: str, extensions: list[str] | None = None, follow_symlinks: str
             if line and not line.startswith("#"):
                 q = Path(line).expanduser()
                 listed[os.path.abspath(q if q.is_absolute() else p.parent / q)] = None
-        files = [_stat_file(ap) for ap in listed]
+        files = [_stat_file(ap, progress) for ap in listed]
         what = f"list '{p}'"
         extensions = None  # an explicit list is taken as given: every entry is read and reported
     elif p.is_file():
@@ -183,9 +282,11 @@ def _suffix(path: str) -> str:
     return name[i:].lower() if 0 < i < len(name) - 1 else ""
 
 
-def _stat_file(path: str) -> SourceFile:
+def _stat_file(path: str, progress: _WalkProgress | None = None) -> SourceFile:
     """A listed file as it is now; one that is missing or cannot be stat'ed is kept (size -1), so that the
     report says so."""
+    if progress is not None:
+        progress.where = path
     try:
         st = os.stat(path)
     except OSError:
@@ -197,13 +298,17 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _walk(top: str, follow: str, max_files: int) -> tuple[list[SourceFile], list[tuple[str, str]]]:
+def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None = None
+          ) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     """Every non-hidden file under ``top`` (absolute paths, in walk order); each real folder is walked at most
     once, so the walk ends.
 
     The real tree is walked first and links only after it, so that a file reached both ways is listed under its
-    real path, and a link to a folder already walked (a loop, an alias) is skipped.
+    real path, and a link to a folder already walked (a loop, an alias) is skipped. ``progress`` is told each
+    folder (or link) before it is listed (followed) and counts each entry stat'ed.
     """
+    progress = progress or _WalkProgress(top)
+    hang = os.environ.get(FAULT_ENV, "") == "walk-hang"
     root = os.path.abspath(top)
     root_real = os.path.realpath(root)
     st = os.stat(root_real)
@@ -215,6 +320,7 @@ def _walk(top: str, follow: str, max_files: int) -> tuple[list[SourceFile], list
     while folders or links:
         if not folders:  # the real tree is done: follow the next link
             link = links.popleft()
+            progress.where = link
             target = _follow(link, follow, root_real, skipped)
             if target is None:
                 continue
@@ -228,6 +334,9 @@ def _walk(top: str, follow: str, max_files: int) -> tuple[list[SourceFile], list
                 folders.append(link)
         else:
             folder = folders.pop()
+            progress.where = folder
+            if hang:
+                _fault_walk_hang(folder)
             try:
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=_name_of)
@@ -236,6 +345,7 @@ def _walk(top: str, follow: str, max_files: int) -> tuple[list[SourceFile], list
                 continue
             subfolders = []
             for e in entries:
+                progress.ops += 1
                 if e.name.startswith("."):
                     continue
                 try:
@@ -264,6 +374,20 @@ def _name_of(e: os.DirEntry[str]) -> str:
     return e.name
 
 
+def _fault_walk_hang(folder: str) -> None:
+    """Test hook: with ``SEGFACTORY_FAULT=walk-hang``, listing a folder that holds a FIFO named ``.walk-hang``
+    first opens it for reading. With no writer, ``open`` blocks in the kernel until one comes, as a ``stat`` on
+    a hard-mounted NFS share whose server is gone blocks until the server is back: a real system call that does
+    not return, where an unprivileged test cannot mount a filesystem whose server it could stop."""
+    fifo = os.path.join(folder, WALK_HANG_FIFO)
+    try:
+        if not stat.S_ISFIFO(os.lstat(fifo).st_mode):
+            return
+    except OSError:
+        return
+    os.close(os.open(fifo, os.O_RDONLY))
+
+
 def _follow(link: str, follow: str, root_real: str, skipped: list[tuple[str, str]]) -> os.stat_result | None:
     """The ``stat`` of what a link leads to, or None (recorded in ``skipped``) when it is not followed."""
     if follow == "never":
@@ -281,7 +405,8 @@ def _follow(link: str, follow: str, root_real: str, skipped: list[tuple[str, str
     return target
 
 
-def _glob(pattern: str, follow: str, max_files: int) -> tuple[list[SourceFile], list[tuple[str, str]]]:
+def _glob(pattern: str, follow: str, max_files: int, progress: _WalkProgress | None = None
+          ) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     """A glob source, walked like a folder (bounded, links per ``follow``) from its fixed leading folders."""
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
@@ -289,7 +414,7 @@ def _glob(pattern: str, follow: str, max_files: int) -> tuple[list[SourceFile], 
     if not base.is_dir():
         return [], []
     regex = _glob_regex(os.path.join(os.path.abspath(base), *parts[fixed:]))
-    files, skipped = _walk(str(base), follow, max_files)  # absolute paths, as the pattern is made
+    files, skipped = _walk(str(base), follow, max_files, progress)  # absolute paths, as the pattern is made
     return [f for f in files if regex.fullmatch(f.path)], skipped
 
 
@@ -899,7 +1024,8 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     Each file is decoded in an isolated decoder process (:mod:`pretrain.decoder`, unless ``decode.isolate`` is
     false): a file that hangs its decoder past ``checks.decode_timeout_s``, needs more than
     ``checks.decode_memory_mb`` or kills it is rejected (``timeout``, ``memory``, ``crashed``) and the chunk goes
-    on with a fresh decoder. Every rejection records the ``checks`` it was judged under.
+    on with a fresh decoder. Every rejection records the ``checks`` it was judged under, a ``not_image`` also the
+    decoder set (``spec["decoders"]``, else :func:`decoder_set` of ``decode.plugins``).
 
     A stack re-examined under raised limits (a hash record with ``from_page``) stores only its slices from that
     page on; whatever stops it now is recorded as its new ``pages_dropped`` note, never as a rejection of a file
@@ -907,7 +1033,8 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
 
     Args:
         spec: ``{"shard_id", "run", "files": [hash records], "rejected": [records decided before decoding
-            (duplicates, unreadable)]}``; the files may be packed tuples (:func:`pack_spec`).
+            (duplicates, unreadable)]}`` and optionally ``"decoders"`` (the driver's :func:`decoder_set`); the files
+            may be packed tuples (:func:`pack_spec`).
         out_root: Output directory.
         cfg: ``IngestConfig.model_dump()``.
 
@@ -920,6 +1047,7 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
     if is_committed(final):  # committed by an earlier attempt of this task
         return _shard_summary(read_json(final / MANIFEST_FILE))
     checks = dict(cfg["checks"])
+    decoders = spec.get("decoders") or decoder_set(cfg["decode"]["plugins"])
     rejected: list[dict[str, Any]] = [{**r, "checks": checks} for r in spec.get("rejected", [])]
     decoder: Any = DecoderProcess(cfg) if cfg["decode"]["isolate"] else _InProcess(cfg)
     with ImageShardWriter(out_root, spec["shard_id"]) as writer, decoder:
@@ -935,6 +1063,8 @@ def ingest_shard(spec: dict[str, Any], out_root: str, cfg: dict[str, Any]) -> di
             if answer[0] == "rejected":
                 _, kind, reason, transient = answer
                 rec = {**src, "kind": kind, "reason": reason, "checks": checks}
+                if kind in DECODER_KINDS:
+                    rec["decoders"] = decoders
                 if f.get("from_page"):
                     rec = pages_dropped_note(src, f["from_page"], reason if kind == "pages_dropped"
                                              else f"{kind}: {reason}", checks)

@@ -1,6 +1,7 @@
 """Ingest faults reproduced for real: a decoder that hangs and one that SIGKILLs itself on one file (a real Pillow
 plugin format, ``faulty_decoders.py``), one that runs past its memory cap, a TIFF stack bomb, a symlink loop and a
-link to ``/``, a file that vanishes mid-run, changed limits; and the one reader's orientation and bomb rules."""
+link to ``/``, a file that vanishes mid-run, changed limits, a source listing that hangs, a decoder plugin
+installed after its files were rejected; and the one reader's orientation and bomb rules."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -20,9 +24,11 @@ import psutil
 import pytest
 import skimage
 import tifffile
+from conftest import REPO
 from PIL import Image
 
-from pipelines.ingest import IngestJob, run_ingest
+from pipelines.ingest import LOCK_FILE, IngestJob, run_ingest
+from pipelines.lock import exclusive_lock
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from pretrain.decoder import DecoderDied, DecoderProcess
@@ -400,3 +406,81 @@ def test_a_cut_stack_gets_its_dropped_slices_when_the_limits_are_raised(tmp_path
     hashed = [{"path": key[0], "size": 10, "mtime_ns": 1, "kind": "unreadable", "reason": "EIO", "transient": True}]
     spec = core.plan_shards(hashed, {}, 9, 16, resume={key: 4})[-1]
     assert [(r["kind"], r["dropped_from"], r["transient"]) for r in spec["rejected"]] == [("pages_dropped", 4, True)]
+
+
+def test_a_source_listing_that_hangs_stops_the_run_with_one_line_and_frees_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hard-mounted NFS share whose server is gone blocks ``stat`` and ``getdents`` in the kernel forever. An
+    unprivileged test cannot mount a filesystem whose server it could stop, so ``SEGFACTORY_FAULT=walk-hang`` makes
+    the walk open a FIFO with no writer in the folder it lists (``pretrain.ingest._fault_walk_hang``): a real
+    system call that does not return, in the walking thread, which the watchdog must outlast."""
+    src = tmp_path / "src"
+    (src / "nfs").mkdir(parents=True)
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    shutil.copy(SK / "camera.png", src / "nfs" / "camera.png")
+    fifo = src / "nfs" / core.WALK_HANG_FIFO
+    os.mkfifo(fifo)
+    out = tmp_path / "images"
+
+    def unblock() -> None:  # a writer comes: the stuck open() returns (as a server that is back answers)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    # the real CLI in its own process: exit 2 with one line naming the folder, soon after the deadline
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "segfactory.cli", "ingest", str(src), "--out", str(out), "--workers",
+                        "1", "cluster.dashboard=false", "walk_timeout_s=2"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "200", "SEGFACTORY_FAULT": "walk-hang"})
+    took = time.monotonic() - t0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(errors) == 1 and f"'{src / 'nfs'}' did not answer for walk_timeout_s=2 s" in errors[0], r.stderr
+    assert 2 <= took < 60
+    # in this process: the run fails while the walking thread is still stuck in its open(), and the lock is free
+    monkeypatch.setenv("SEGFACTORY_FAULT", "walk-hang")
+    guard = threading.Timer(60, unblock)  # never leave a thread stuck if the watchdog fails
+    guard.start()
+    try:
+        with pytest.raises(UserError, match=r"did not answer for walk_timeout_s=1\.5 s") as e:
+            run_ingest(str(src), out, cfg(walk_timeout_s=1.5))
+        assert str(src / "nfs") in e.value.message and "\n" not in str(e.value)
+        (walker,) = [t for t in threading.enumerate() if t.name == f"walk {src}"]
+        assert walker.is_alive()  # still blocked in the kernel
+        with exclusive_lock(out / LOCK_FILE, "a test", fix="-"):  # EXIT_BUSY here if the run had kept it
+            pass
+    finally:
+        guard.cancel()
+        unblock()
+    walker.join(10)
+    assert not walker.is_alive()
+    # the mount is back: the next run lists and ingests everything
+    monkeypatch.delenv("SEGFACTORY_FAULT")
+    summary = run_ingest(str(src), out, cfg(walk_timeout_s=1.5))
+    assert summary["total_images"] == 2 and summary["total_rejected"] == 0
+
+
+@pytest.mark.slow  # ~35 s: four ingest runs on a LocalCluster
+def test_files_rejected_as_not_images_are_re_examined_when_the_decoders_change(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    (src / "scan.seg").write_bytes(faulty_decoders.make("fine"))  # a format only the plugin reads
+    (src / "notes.md").write_text("not an image under any decoder\n")
+    out = tmp_path / "images"
+    no_plugin = {"decode.plugins": "[]"}
+    first = run_ingest(str(src), out, cfg(**no_plugin))
+    assert first["new_images"] == 1 and first["rejected_kinds"] == {"not_image": 2}
+    rej = rejected_by_name(out)
+    assert rej["scan.seg"]["decoders"] == core.decoder_set([])
+    # the same decoders: nothing is looked at again
+    assert run_ingest(str(src), out, cfg(**no_plugin))["new_files"] == 0
+    # a decoder plugin for the format is registered: both non-images are looked at again, the plugin's file is in
+    added = run_ingest(str(src), out, cfg())
+    assert added["new_files"] == 2 and added["new_images"] == 1 and added["rejected_kinds"] == {"not_image": 1}
+    recs = {Path(r["source"]).name: r for _, m, _ in store.iter_manifests(out) for r in m["images"]}
+    assert recs["scan.seg"]["format"] == "segfaulttest" and added["total_images"] == 2
+    rej = rejected_by_name(out)
+    assert set(rej) == {"notes.md"} and rej["notes.md"]["decoders"] == core.decoder_set(["faulty_decoders"])
+    assert run_ingest(str(src), out, cfg())["new_files"] == 0
+    # the plugin removed again: the non-image is judged once more, nothing stored goes
+    removed = run_ingest(str(src), out, cfg(**no_plugin))
+    assert removed["new_files"] == 1 and removed["total_images"] == 2 and removed["total_rejected"] == 1

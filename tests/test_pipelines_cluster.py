@@ -1,12 +1,22 @@
-"""Cluster backends: the generated SLURM job script and Kubernetes DaskCluster spec, config errors, and the
-GPU-resource fallback, on real Dask objects (Kubernetes itself cannot run here: its spec is inspected)."""
+"""Cluster backends: the generated SLURM job script and Kubernetes DaskCluster spec, config errors, the
+GPU-resource fallback and the dashboard link of an existing scheduler, on real Dask objects (real ``dask scheduler``
+processes; Kubernetes itself cannot run here: its spec is inspected)."""
 
 from __future__ import annotations
 
+import json
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
+from loopback import DASK, REPO
 
 from pipelines.cluster import (
     ClusterConfig,
+    dashboard_link,
     kubernetes_cluster_spec,
     open_client,
     slurm_cluster_kwargs,
@@ -113,3 +123,72 @@ def test_scheduling_overhead_measured_from_a_real_task_stream():
     o = overhead_from_stream(list(ts.data))
     assert o["tasks"] == 8 and 1.5 <= o["task_compute_s"] <= 4
     assert 0 <= o["overhead_share"] < 0.2  # loose bound for a shared 2-core CI box; the bench reports the number
+
+
+def _scheduler(root: Path, host: str, *dashboard: str) -> tuple[subprocess.Popen, str]:
+    """A real ``dask scheduler`` process on ``host`` (its own session, killed by the caller) and its address."""
+    root.mkdir(parents=True)
+    log = open(root / "scheduler.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen([*DASK, "--host", host, "--port", "0", *dashboard, "--scheduler-file",
+                             str(root / "s.json")], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (root / "s.json").is_file() or not (root / "s.json").read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"dask scheduler did not start: {(root / 'scheduler.log').read_text()}")
+        time.sleep(0.1)
+    time.sleep(0.1)
+    return proc, json.loads((root / "s.json").read_text())["address"]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("host", "dashboard", "link"), [
+    ("127.0.0.2", ["--dashboard-address", "127.0.0.2:0"], r"http://127\.0\.0\.2:\d+/status"),
+    ("127.0.0.2", ["--no-dashboard"], None),  # it still serves HTTP (health, metrics), on a port it calls dashboard
+    # Dask binds the dashboard of an IPv6 scheduler to IPv4 only (it cannot parse an IPv6 dashboard address): the
+    # link is well-formed and says that it does not open from here
+    pytest.param("[::1]", ["--dashboard-address", ":0"], r"http://\[::1\]:\d+/status \(not reachable from this "
+                 r"machine\)", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")),
+])
+def test_an_existing_scheduler_is_linked_at_its_own_host(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          host: str, dashboard: list[str], link: str | None) -> None:
+    proc, address = _scheduler(tmp_path / "scheduler", host, *dashboard)
+    try:
+        cfg = ClusterConfig(backend="address", address=address)
+        with open_client(cfg) as client:
+            found = dashboard_link(client, cfg)
+        line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("dask:"))
+    finally:
+        proc.kill()
+        proc.wait(30)
+    if link is None:
+        assert found is None and "dashboard" not in line, line
+        return
+    assert found is not None and re.fullmatch(link, found), found
+    assert line.endswith(f", dashboard {found}"), line
+
+
+def test_the_printed_dashboard_link_opens(tmp_path: Path) -> None:
+    import urllib.request
+
+    proc, address = _scheduler(tmp_path / "scheduler", "127.0.0.2", "--dashboard-address", "127.0.0.2:0")
+    try:
+        cfg = ClusterConfig(backend="address", address=address)
+        with open_client(cfg) as client:
+            link = dashboard_link(client, cfg)
+            assert link is not None and link.startswith("http://127.0.0.2:")
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(link, timeout=10) as page:
+                assert page.status == 200
+    finally:
+        proc.kill()
+        proc.wait(30)
