@@ -169,6 +169,15 @@ def test_sweep_synthetic_init_baseline_trains_once_and_fine_tunes_from_its_encod
     assert "sweep run 'synthetic_init'" in err and "train.steps was 4, now 5" in err and "Traceback" not in err
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    # A synthetic run that started from another encoder than the stage's current export is not reused silently.
+    meta_path = out / "runs" / "synthetic_syn0_real100_seed0" / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["lineage"]["encoder"]["weights_sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "started from another synthetic-init encoder" in err and "Traceback" not in err
+
 
 def test_sweep_refuses_axes_without_data(tmp_path: Path, capsys) -> None:
     cfg = str(REPO / "configs" / "finetune_sweep.yaml")
