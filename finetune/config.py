@@ -407,13 +407,17 @@ class SweepAxes(StrictModel):
     Attributes:
         real_fractions: Fractions of the real training labels used (0 = synthetic only).
         synthetic_fractions: Synthetic volume as a fraction of the synthetic frames (0 = real only).
-        encoder_inits: ``random`` and/or ``ssl`` (the encoder from ``finetune.model.encoder_dir``/``--encoder``).
+        encoder_inits: ``random``, ``ssl`` (the encoder from ``finetune.model.encoder_dir``/``--encoder``) and/or
+            ``synthetic``: the encoder of a model the sweep first trains with supervision on the synthetic datasets
+            alone (once per sweep, ``synthetic_init_steps`` steps), the supervised-on-synthetic baseline.
+        synthetic_init_steps: Steps of that synthetic-only training; default ``finetune.train.steps``.
         seeds: Repeats with different training seeds.
     """
 
     real_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])
     synthetic_fractions: list[float] = Field(default_factory=lambda: [1.0])
-    encoder_inits: list[Literal["random", "ssl"]] = Field(default_factory=lambda: ["random", "ssl"])
+    encoder_inits: list[Literal["random", "ssl", "synthetic"]] = Field(default_factory=lambda: ["random", "ssl"])
+    synthetic_init_steps: int | None = Field(default=None, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0])
 
     @field_validator("real_fractions", "synthetic_fractions")

@@ -1,16 +1,28 @@
 """Label-efficiency sweep: how much real annotation does synthetic data (and SSL pretraining) save?
 
-Grid: real-label fraction x synthetic volume x encoder init (random / self-supervised) x seed. Every run gets
-the same number of steps and the same batch size (matched compute), keeps its *final* weights (no model
-selection, so a 0 %-real run never benefits from real validation labels) and is scored on held-out real test
-folders. Output::
+Grid: real-label fraction x synthetic volume x encoder init (random / self-supervised / supervised on synthetic)
+x seed. Every run gets the same number of steps and the same batch size (matched compute), keeps its *final*
+weights (no model selection, so a 0 %-real run never benefits from real validation labels) and is scored on
+held-out real test folders. Output::
 
     OUT/sweep.yaml              resolved sweep config
+    OUT/synthetic_init/run/     init ``synthetic`` only: the synthetic-only fine-tune whose encoder the
+                                ``synthetic`` runs start from (trained once per sweep, resumable and reused)
+    OUT/synthetic_init/encoder/ its encoder (:func:`finetune.export.export_encoder`; written under a temporary
+                                name and moved into place last)
     OUT/runs/<run>/             each fine-tuning run (resumable; finished runs are reused on re-runs with the
                                 same run config, a changed one is refused)
     OUT/runs/<run>/test/        its evaluation on the test folders (reused while model and test specs match)
     OUT/results.csv|.json       one row per run, plus "savings" (below)
     OUT/label_efficiency.png    real-test mIoU against real-label fraction, one line per (init, synthetic volume)
+
+The ``synthetic`` init is to the supervised-on-synthetic baseline what ``--encoder`` is to ``ssl``: one encoder
+for the whole sweep (trained once, with ``finetune.train.seed``, not once per seed, as the SSL encoder is given
+once), so the seed axis measures the fine-tuning's spread from the same initialisation for both. Its training is
+a normal fine-tune (:func:`finetune.train.run_finetune`) on the synthetic datasets only (all frames, no real or
+unlabeled data), with the random-init runs' architecture and input standardisation, ``final`` weights, and
+``sweep.synthetic_init_steps`` steps; like SSL pretraining, those steps come on top of the matched fine-tuning
+compute (the ``pretrain_steps`` column).
 
 Savings: for every run except the real-only random-init baseline, the real-label fraction such a baseline run
 would need for the same test mIoU (linear interpolation on the baseline curve's running best; ``null`` when it
@@ -45,6 +57,9 @@ def load_sweep_config(path: str | None, overrides: list[str] | None, *, syntheti
     return cfg.model_copy(update={"finetune": ft, "test": with_paths(cfg.test, test)})
 
 
+SYNTHETIC_INIT_DIR = "synthetic_init"
+
+
 def _fmt(f: float) -> str:
     return f"{round(100 * f):d}"
 
@@ -62,6 +77,9 @@ def plan_runs(cfg: SweepConfig) -> list[dict[str, Any]]:
     if "ssl" in ax.encoder_inits and ft.model.encoder_dir is None:
         raise UserError("sweep.encoder_inits includes 'ssl' but no pretrained encoder is given",
                         fix="pass --encoder DIR, or set sweep.encoder_inits=[random]")
+    if "synthetic" in ax.encoder_inits and not ft.data.synthetic:
+        raise UserError("sweep.encoder_inits includes 'synthetic' but there is no synthetic dataset to pretrain on",
+                        fix="pass --synthetic DATASET, or drop 'synthetic' from sweep.encoder_inits")
     if any(f > 0 for f in ax.real_fractions) and not ft.data.real:
         raise UserError("sweep.real_fractions has values > 0 but there is no real training folder",
                         fix="pass --real DIR, or set sweep.real_fractions=[0]")
@@ -80,15 +98,21 @@ def plan_runs(cfg: SweepConfig) -> list[dict[str, Any]]:
     return runs
 
 
-def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
-    """The fine-tuning config of one grid point."""
+def run_config(cfg: SweepConfig, run: dict[str, Any], synthetic_encoder: Path | None = None) -> FinetuneConfig:
+    """The fine-tuning config of one grid point.
+
+    Args:
+        cfg: The sweep config.
+        run: A grid point of :func:`plan_runs`.
+        synthetic_encoder: The encoder directory the ``synthetic`` init starts from (needed for those runs only).
+    """
     ft = cfg.finetune
     synthetic = [] if run["synthetic_fraction"] == 0 else \
         [s.model_copy(update={"fraction": run["synthetic_fraction"]}) for s in ft.data.synthetic]
     # Real folders stay at fraction 0 so their held-out validation frames are still reported.
     real = [s.model_copy(update={"fraction": run["real_fraction"]}) for s in ft.data.real]
     model, inp = ft.model, ft.input
-    if run["init"] == "random" and model.encoder_dir is not None:
+    if run["init"] in ("random", "synthetic") and model.encoder_dir is not None:
         from segfactory.formats.encoder import read_encoder_meta
 
         # Same architecture, input channels and input standardisation as the SSL runs, without the pretrained
@@ -98,6 +122,11 @@ def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
                                          "in_chans": model.in_chans or int(meta["in_chans"])})
         norm = meta.get("normalization") or {}
         inp = inp.model_copy(update={"mean": inp.mean or norm.get("mean"), "std": inp.std or norm.get("std")})
+    if run["init"] == "synthetic":
+        if synthetic_encoder is None:
+            raise ValueError("a 'synthetic' init run needs the synthetic_encoder directory")
+        # The encoder of the synthetic-only model, trained with the random runs' architecture and statistics.
+        model = model.model_copy(update={"encoder_dir": synthetic_encoder})
     classes = ft.classes
     if classes is None:
         from finetune.config import ClassSpec
@@ -113,6 +142,57 @@ def run_config(cfg: SweepConfig, run: dict[str, Any]) -> FinetuneConfig:
         "train": ft.train.model_copy(update={"seed": run["seed"], "keep_best": False, "stop_at": None}),
     }).model_dump()
     return FinetuneConfig.model_validate(raw)
+
+
+def synthetic_init_config(cfg: SweepConfig) -> FinetuneConfig:
+    """The synthetic-only fine-tune whose encoder the ``synthetic`` init starts from (see the module docstring).
+
+    A random-init run of the grid's architecture, classes and input standardisation on all synthetic frames, with
+    no real, extra validation or unlabeled data, ``sweep.synthetic_init_steps`` steps and the base config's seed.
+    """
+    ft = cfg.finetune
+    base = run_config(cfg, {"init": "random", "seed": ft.train.seed, "synthetic_fraction": 1.0, "real_fraction": 0.0})
+    steps = cfg.sweep.synthetic_init_steps or ft.train.steps
+    raw = base.model_copy(update={
+        "data": base.data.model_copy(update={"real": [], "val": [], "unlabeled": []}),
+        "train": base.train.model_copy(update={"steps": steps}),
+    }).model_dump()
+    return FinetuneConfig.model_validate(raw)
+
+
+def prepare_synthetic_encoder(pcfg: FinetuneConfig, root: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or reuse) the synthetic-only model under ``root/run`` and export its encoder.
+
+    The encoder is exported to a temporary directory and moved to ``root/encoder`` last; an existing one is reused
+    while it was exported from the run's current weights.
+
+    Returns:
+        ``{"encoder", "steps", "seed", "seconds", "weights_sha256"}`` (``seconds``: training time of this call).
+    """
+    import os
+    import shutil
+
+    from finetune.export import export_encoder
+    from finetune.train import run_finetune
+    from segfactory.formats.encoder import META_FILE as ENCODER_META
+    from segfactory.formats.model import read_model_meta
+    from segfactory.io import read_json
+
+    run_dir, enc_dir = root / "run", root / "encoder"
+    console.print(f"[bold]synthetic init[/]: {pcfg.train.steps} steps on the synthetic data only")
+    summary = run_finetune(pcfg, run_dir, resume=True, show_progress=show_progress)
+    model_sha = read_model_meta(run_dir / "model")["weights_sha256"]
+    enc_meta = read_json(enc_dir / ENCODER_META) if (enc_dir / ENCODER_META).is_file() else None
+    if enc_meta is None or enc_meta.get("source_weights_sha256") != model_sha:
+        tmp = root / f".encoder.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_encoder(run_dir / "model", tmp)
+        shutil.rmtree(enc_dir, ignore_errors=True)
+        os.replace(tmp, enc_dir)
+        enc_meta = read_json(enc_dir / ENCODER_META)
+    return {"encoder": str(enc_dir), "steps": pcfg.train.steps, "seed": pcfg.train.seed,
+            "seconds": round(float(summary.get("seconds_this_run", 0.0)), 2),
+            "weights_sha256": enc_meta["weights_sha256"]}
 
 
 def baseline_fraction(curve: list[tuple[float, float]], miou: float) -> float | None:
@@ -169,7 +249,8 @@ def plot_sweep(rows: list[dict[str, Any]]) -> bytes:
         mean = [float(np.mean(pts[x])) for x in xs]
         lo = [mean[i] - min(pts[x]) for i, x in enumerate(xs)]
         hi = [max(pts[x]) - mean[i] for i, x in enumerate(xs)]
-        label = f"{init} init, " + ("no synthetic" if sf == 0 else f"synthetic {_fmt(sf)} %")
+        name = "supervised-on-synthetic" if init == "synthetic" else init
+        label = f"{name} init, " + ("no synthetic" if sf == 0 else f"synthetic {_fmt(sf)} %")
         ax.errorbar([100 * x for x in xs], mean, yerr=[lo, hi], marker="o", capsize=3, label=label,
                     linestyle="--" if sf == 0 else "-")
     ax.set_xlabel("real labels used (% of the real training split)")
@@ -197,15 +278,25 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True)
     rows = []
     console.print(f"sweep: {len(runs)} run(s) of {cfg.finetune.train.steps} steps x batch "
                   f"{cfg.finetune.train.batch_size} each")
-    configs = [run_config(cfg, run) for run in runs]
+    syn_root = out / SYNTHETIC_INIT_DIR
+    configs = [run_config(cfg, run, synthetic_encoder=syn_root / "encoder") for run in runs]
+    pcfg = synthetic_init_config(cfg) if "synthetic" in cfg.sweep.encoder_inits else None
     # Refuse before training anything: a kept run (checkpointed) must have been made with today's config.
-    for run, rcfg in zip(runs, configs, strict=True):
-        run_dir = out / "runs" / run["id"]
+    checks = [(run["id"], out / "runs" / run["id"], rcfg) for run, rcfg in zip(runs, configs, strict=True)]
+    if pcfg is not None:
+        checks.append((SYNTHETIC_INIT_DIR, syn_root / "run", pcfg))
+    for name, run_dir, rcfg in checks:
         change = config_change(run_dir, rcfg) if (run_dir / CHECKPOINT_FILE).exists() else None
         if change is not None:
-            raise UserError(f"sweep run '{run['id']}' in '{out}' was trained with another config: {change}",
-                            fix=f"write the changed sweep to a new --out, or delete '{out / 'runs'}' to retrain")
+            raise UserError(f"sweep run '{name}' in '{out}' was trained with another config: {change}",
+                            fix=f"write the changed sweep to a new --out, or delete '{run_dir.parent}' to retrain")
     save_resolved(cfg, out / "sweep.yaml")
+    syn_init = prepare_synthetic_encoder(pcfg, syn_root, show_progress) if pcfg is not None else None
+    ssl_steps = None
+    if cfg.finetune.model.encoder_dir is not None:
+        from segfactory.formats.encoder import read_encoder_meta
+
+        ssl_steps = int(read_encoder_meta(cfg.finetune.model.encoder_dir)["steps"])
     for i, (run, rcfg) in enumerate(zip(runs, configs, strict=True), 1):
         run_dir = out / "runs" / run["id"]
         console.print(f"[bold]run {i}/{len(runs)}[/] {run['id']}")
@@ -220,6 +311,13 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True)
         else:
             report = run_evaluate(run_dir / "model", cfg.test, run_dir / "test", device=rcfg.train.device,
                                   show_progress=show_progress)
+        if run["init"] == "synthetic":
+            assert syn_init is not None
+            used = (read_json(run_dir / "model" / "model.json").get("lineage") or {}).get("encoder") or {}
+            if used.get("weights_sha256") != syn_init["weights_sha256"]:
+                raise UserError(f"sweep run '{run['id']}' in '{out}' started from another synthetic-init encoder "
+                                f"than '{syn_init['encoder']}' (it was retrained)",
+                                fix=f"delete '{out / 'runs'}' to retrain the grid, or write the sweep to a new --out")
         data = read_json(run_dir / "data.json")
         real_labels = sum(s["train_items"] for s in data["train"] if s["kind"] == "real")
         syn_frames = sum(s["train_items"] for s in data["train"] if s["kind"] == "synthetic")
@@ -228,6 +326,9 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True)
                      "synthetic_fraction": run["synthetic_fraction"], "synthetic_frames": syn_frames,
                      "real_fraction": run["real_fraction"], "real_labels": real_labels,
                      "steps": rcfg.train.steps, "batch_size": rcfg.train.batch_size,
+                     # encoder training before this run (on top of the matched fine-tuning compute)
+                     "pretrain_steps": {"random": 0, "ssl": ssl_steps,
+                                        "synthetic": None if syn_init is None else syn_init["steps"]}[run["init"]],
                      "test_miou": report["overall"]["miou"],
                      "test_pixel_accuracy": report["overall"]["pixel_accuracy"],
                      "val_real_miou": ((val.get("by_kind") or {}).get("real") or {}).get("miou"),
@@ -239,7 +340,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True)
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
     result = {"rows": rows, "savings": savings, "matched_compute": {"steps": cfg.finetune.train.steps,
-                                                                    "batch_size": cfg.finetune.train.batch_size}}
+                                                                    "batch_size": cfg.finetune.train.batch_size},
+              "synthetic_init": syn_init}
     atomic_write_json(out / "results.json", result)
     atomic_write_bytes(out / "label_efficiency.png", plot_sweep(rows))
     print_table(rows, savings)

@@ -95,12 +95,101 @@ def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path,
     assert (run / "summary.json").stat().st_mtime_ns == stamp and (out / "sweep.yaml").read_text() == sweep_yaml
 
 
+def _encoder_state(cfg_path: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The encoder weights a sweep run's config starts training with (step 0, built by the real trainer)."""
+    import yaml
+
+    from finetune.config import FinetuneConfig
+    from finetune.train import Trainer
+
+    cfg = FinetuneConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
+    trainer = Trainer(cfg, out, show_progress=False)
+    trainer.prepare(resume=False)
+    return {k: v.clone() for k, v in trainer.model.encoder.model.state_dict().items()}  # type: ignore[union-attr]
+
+
+def test_sweep_synthetic_init_baseline_trains_once_and_fine_tunes_from_its_encoder(
+        tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from finetune.samples import make_coins_folder
+
+    real = make_coins_folder(tmp_path / "real", n=6, size=64, seed=11)
+    test = make_coins_folder(tmp_path / "test", n=2, size=64, seed=12)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(REPO / "configs" / "finetune_sweep.yaml"), "--out", str(out), "--synthetic",
+            str(tiny_dataset), "--real", str(real), "--test", str(test), "--steps", "3",
+            "finetune.data.real=[{path: '" + str(real) + "', remap: {coin: nucleus}}]",
+            "test=[{path: '" + str(test) + "', remap: {coin: nucleus}}]", "sweep.encoder_inits=[random, synthetic]",
+            "sweep.real_fractions=[1]", "sweep.synthetic_fractions=[0]", "sweep.synthetic_init_steps=4",
+            "finetune.train.batch_size=2", "finetune.train.log_every=2"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["runs"] == 2
+    rows = {r["run"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert set(rows) == {"random_syn0_real100_seed0", "synthetic_syn0_real100_seed0"}
+    syn = rows["synthetic_syn0_real100_seed0"]
+    assert syn["encoder_init"] == "synthetic" and syn["steps"] == "3" and syn["pretrain_steps"] == "4"
+    assert syn["synthetic_frames"] == "0" and 0.0 <= float(syn["test_miou"]) <= 1.0  # real-only fine-tune
+    assert rows["random_syn0_real100_seed0"]["pretrain_steps"] == "0"
+    assert (out / "label_efficiency.png").stat().st_size > 10_000
+
+    # The synthetic stage: a fine-tune on the synthetic data only, its encoder exported for the grid.
+    stage = out / "synthetic_init"
+    stage_data = json.loads((stage / "run" / "data.json").read_text())
+    assert {s["kind"] for s in stage_data["train"] + stage_data["val"]} == {"synthetic"}
+    assert json.loads((stage / "run" / "summary.json").read_text())["model_step"] == 4
+    enc_meta = json.loads((stage / "encoder" / "encoder.json").read_text())
+    assert enc_meta["method"] == "supervised" and enc_meta["steps"] == 4 and enc_meta["timm_name"] == "test_resnet"
+    assert not list(stage.glob(".encoder.tmp-*"))
+    result = json.loads((out / "results.json").read_text())
+    assert result["synthetic_init"]["weights_sha256"] == enc_meta["weights_sha256"]
+    lineage = json.loads((out / "runs" / "synthetic_syn0_real100_seed0" / "model" / "model.json").read_text())
+    assert lineage["lineage"]["encoder"]["init"] == "supervised"
+    assert lineage["lineage"]["encoder"]["weights_sha256"] == enc_meta["weights_sha256"]
+
+    # Its first step starts from the exported weights, which differ from the random init of the same seed.
+    exported = load_file(stage / "encoder" / "encoder.safetensors")
+    first = _encoder_state(out / "runs" / "synthetic_syn0_real100_seed0" / "config.yaml", tmp_path / "p1")
+    rand = _encoder_state(out / "runs" / "random_syn0_real100_seed0" / "config.yaml", tmp_path / "p2")
+    assert set(first) == set(exported) == set(rand)
+    assert all(torch.equal(first[k], exported[k]) for k in exported)
+    assert not all(torch.equal(rand[k], exported[k]) for k in exported if exported[k].is_floating_point())
+
+    # Re-running reuses the synthetic stage, its encoder and the runs.
+    stamps = {p: p.stat().st_mtime_ns for p in (stage / "run" / "summary.json", stage / "encoder" / "encoder.json",
+                                                out / "runs" / "synthetic_syn0_real100_seed0" / "summary.json")}
+    assert main(args) == 0
+    assert "already finished 4 steps" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # Other synthetic-stage steps into the same --out: refused before anything trains.
+    assert main([a.replace("=4", "=5") if a.startswith("sweep.synthetic_init_steps") else a for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "sweep run 'synthetic_init'" in err and "train.steps was 4, now 5" in err and "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # A synthetic run that started from another encoder than the stage's current export is not reused silently.
+    meta_path = out / "runs" / "synthetic_syn0_real100_seed0" / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["lineage"]["encoder"]["weights_sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "started from another synthetic-init encoder" in err and "Traceback" not in err
+
+
 def test_sweep_refuses_axes_without_data(tmp_path: Path, capsys) -> None:
     cfg = str(REPO / "configs" / "finetune_sweep.yaml")
     assert main(["sweep", cfg, "--out", str(tmp_path / "s"), "test=[]"]) == 2
     assert "needs held-out real test data" in capsys.readouterr().err
     assert main(["sweep", cfg, "--out", str(tmp_path / "s"), "--test", str(tmp_path)]) == 2
     assert "includes 'ssl' but no pretrained encoder" in capsys.readouterr().err
+    assert main(["sweep", cfg, "--out", str(tmp_path / "s"), "--test", str(tmp_path), "finetune.data.synthetic=[]",
+                 "sweep.encoder_inits=[random, synthetic]", "sweep.synthetic_fractions=[0]"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.encoder_inits includes 'synthetic' but there is no synthetic dataset" in err
+    assert "--synthetic DATASET" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 
 def test_label_equivalent_interpolates_on_the_baseline_curve() -> None:
