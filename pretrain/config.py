@@ -195,6 +195,10 @@ class DataConfig(StrictModel):
     stream_buffer: int = Field(2048, ge=1, description="data.order=stream: shuffle window per reader, in images")
     stream_unit: int = Field(256, ge=1, description="data.order=stream: images per shuffled unit (a contiguous "
                              "read of one shard)")
+    cache_mb: float = Field(512, ge=0, description="each loader worker keeps the decoded, load-size frames it "
+                            "has seen, up to this many MB (host memory: up to num_workers x cache_mb; a 10k-image "
+                            "dump at 256 px gray is ~650 MB); later epochs then skip the decode. Batches are the "
+                            "same with any value; 0 = off")
 
 
 class TrainConfig(StrictModel):
