@@ -29,13 +29,10 @@ from segfactory.formats.images import ImageEntry, decode_entry
 from segfactory.workers import loader_context
 
 
-def load_frame(entry: ImageEntry, load_size: int, in_chans: int, data: bytes | None = None) -> np.ndarray:
-    """Decode one stored image and resize its short side to ``load_size``.
-
-    Returns:
-        (H, W) gray or (H, W, 3) RGB uint8 with ``min(H, W) == load_size``. ``data``: the stored bytes when
-        already read (default: read them).
-    """
+def decode_for(entry: ImageEntry, load_size: int, in_chans: int, data: bytes | None = None) -> np.ndarray:
+    """Decode one stored image for a load size: (H, W) gray or (H, W, 3) RGB uint8, a JPEG at the smallest DCT
+    scale (1/2, 1/4, 1/8) whose short side still reaches ``load_size``. ``data``: the stored bytes when already
+    read (default: read them)."""
     gray = in_chans == 1
     flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
     if entry.ext == ".jpg":
@@ -46,12 +43,26 @@ def load_frame(entry: ImageEntry, load_size: int, in_chans: int, data: bytes | N
             if short // f >= load_size:
                 flag = fg if gray else fc
                 break
-    img = decode_entry(entry, flag, data)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
+    return decode_entry(entry, flag, data)  # gray files are expanded to 3 equal channels by IMREAD_COLOR
+
+
+def resize_short(img: np.ndarray, load_size: int) -> np.ndarray:
+    """Resize (H, W[, C]) uint8 so that its short side is ``load_size`` (area filter down, bilinear up)."""
     h, w = img.shape[:2]
     r = load_size / min(h, w)
     nw, nh = max(load_size, round(w * r)), max(load_size, round(h * r))
     interp = cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR
     return np.asarray(cv2.resize(img, (nw, nh), interpolation=interp), dtype=np.uint8)
+
+
+def load_frame(entry: ImageEntry, load_size: int, in_chans: int, data: bytes | None = None) -> np.ndarray:
+    """Decode one stored image and resize its short side to ``load_size`` (:func:`decode_for`,
+    :func:`resize_short`).
+
+    Returns:
+        (H, W) gray or (H, W, 3) RGB uint8 with ``min(H, W) == load_size``.
+    """
+    return resize_short(decode_for(entry, load_size, in_chans, data), load_size)
 
 
 def cut_square(frame: np.ndarray, load_size: int, rng: np.random.Generator) -> np.ndarray:

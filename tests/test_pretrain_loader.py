@@ -134,3 +134,20 @@ def test_pretrain_summary_reports_the_cache(tiles: Path, tmp_path: Path) -> None
     assert s["loader_cache_hit_pct"] > 0 and s["loader_cache_mb"] > 0 and s["loader_cache_mb_limit"] == 512
     off = run_pretrain(load_config(PretrainConfig, None, [*over, "data.cache_mb=0"]), tiles, tmp_path / "off")
     assert off["loader_cache_hit_pct"] == 0 and off["final_loss"] == s["final_loss"]
+
+
+def test_bench_loader_compares_uncached_and_cached_rows(tiles: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from segfactory.cli import main
+
+    assert main(["bench", "loader", "--images", str(tiles), "--workers", "0", "--batches", "4", "--batch-size", "4",
+                 "--crop-size", "10"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bench"] == "loader" and r["images"] == 17 and r["load_size"] == 11
+    rows = {(row["name"], row["workers"]): row for row in r["rows"]}
+    assert set(rows) == {("uncached", 0), ("uncached", 1), ("cached", 0), ("cached", 1)}
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+    assert rows["uncached", 0]["cache_hit_pct"] == 0 and rows["cached", 0]["cache_hit_pct"] > 0
+    assert r["speedup"] == round(r["cached_images_per_s"] / r["uncached_images_per_s"], 2)
+    assert set(r["per_image_ms"]) == {"read_bytes", "decode", "resize", "cut_into_batch", "frame_mb"}
