@@ -197,7 +197,7 @@ class DataConfig(StrictModel):
                              "read of one shard)")
     cache_mb: float = Field(512, ge=0, description="each loader worker keeps the decoded, load-size frames it "
                             "has seen, up to this many MB (host memory: up to num_workers x cache_mb; a 10k-image "
-                            "dump at 256 px gray is ~650 MB); later epochs then skip the decode. Batches are the "
+                            "dump at 256 px gray is ~650-800 MB); later epochs then skip the decode. Batches are the "
                             "same with any value; 0 = off")
 
 
