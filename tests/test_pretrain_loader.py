@@ -151,3 +151,13 @@ def test_bench_loader_compares_uncached_and_cached_rows(tiles: Path, capsys: pyt
     assert rows["uncached", 0]["cache_hit_pct"] == 0 and rows["cached", 0]["cache_hit_pct"] > 0
     assert r["speedup"] == round(r["cached_images_per_s"] / r["uncached_images_per_s"], 2)
     assert set(r["per_image_ms"]) == {"read_bytes", "decode", "resize", "cut_into_batch", "frame_mb"}
+
+
+def test_cache_mb_at_its_default_leaves_dumps_and_hashes_as_they_were() -> None:
+    from pretrain.config import PretrainConfig
+
+    default = PretrainConfig()  # the dump (so the config hash and stage keys) is that of the config before the field
+    assert default.data.cache_mb == 512 and "cache_mb" not in default.model_dump(mode="json")["data"]
+    off = load_config(PretrainConfig, None, ["data.cache_mb=0"])
+    assert off.model_dump(mode="json")["data"]["cache_mb"] == 0
+    assert PretrainConfig.model_validate(off.model_dump(mode="json")).data.cache_mb == 0
