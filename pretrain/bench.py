@@ -518,3 +518,102 @@ def bench_augment(method: str = "simclr", n_images: int = 256, batch_size: int =
     for n in notes:
         console.print(f"note: {n}")
     return result
+
+
+# ----------------------------------------------------------------------------------------------- loader
+
+
+def bench_loader(images: str | os.PathLike[str], workers: int | None = None, batch_size: int = 64, crop: int = 224,
+                 batches: int = 50, cache_mb: float = 512, order: str = "random", in_chans: int | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """Images/s of the pretraining loader (:func:`pretrain.images.make_loader`) on an ingest store, without and
+    with the frame cache, in one run.
+
+    Rows: ``uncached`` (``data.cache_mb=0``: every sample decoded, as before the cache) and ``cached``
+    (``cache_mb``), each with 1 worker and with ``workers`` (default: the training default, CPU count - 1, at most
+    8). Each row starts its own DataLoader, takes one batch per worker untimed (worker start-up), then times
+    ``batches`` batches (host side only: no pinning, no device); ``cache_hit_pct`` is over the whole row. Both
+    rows give the same batches (the cache changes no pixel). ``per_image_ms`` breaks one image's cost down in
+    this process on one thread (read bytes, decode, resize, cut + write into the batch) over up to 256 images.
+
+    Returns:
+        The JSON object: ``rows`` (``name``, ``workers``, ``cache_mb``, ``images_per_s``,
+        ``images_per_s_per_worker``, ``cache_hit_pct``, ``cache_mb_used``), ``speedup`` (cached / uncached with
+        ``workers``), ``per_image_ms``, the store and the hardware.
+    """
+
+    from pretrain.images import cache_stats, cut_square, decode_for, make_loader, new_cache_stats, resize_short
+    from segfactory.errors import UserError
+    from segfactory.formats.images import open_images, read_entry_bytes
+
+    for flag, value in (("--batch-size", batch_size), ("--batches", batches), ("--crop-size", crop)):
+        if value < 1:
+            raise UserError(f"{flag}={value} must be at least 1", fix=f"pass {flag} 1 or more")
+    if order not in ("random", "stream"):
+        raise UserError(f"--order={order} is not an order", fix="pass --order random or --order stream")
+    data = open_images(images)
+    load = round(crop * 8 / 7)
+    entries = [e for e in data.entries if min(e.height, e.width) >= crop] or data.entries
+    chans = in_chans or (1 if data.num_gray == len(data.entries) else 3)
+    workers = workers if workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+
+    cv2.setNumThreads(1)
+    sample = entries[:256]
+    raw = [read_entry_bytes(e) for e in sample]  # page cache warm for every figure
+    t0 = time.perf_counter()
+    raw = [read_entry_bytes(e) for e in sample]
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decoded = [decode_for(e, load, chans, b) for e, b in zip(sample, raw, strict=True)]
+    t_decode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frames = [resize_short(img, load) for img in decoded]
+    t_resize = time.perf_counter() - t0
+    out = np.empty((len(frames), chans, load, load), np.uint8)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for i, f in enumerate(frames):
+        out[i] = cut_square(f, load, rng).transpose(2, 0, 1)
+    t_cut = time.perf_counter() - t0
+    n = len(sample)
+    per_image = {"read_bytes": round(1000 * t_read / n, 3), "decode": round(1000 * t_decode / n, 3),
+                 "resize": round(1000 * t_resize / n, 3), "cut_into_batch": round(1000 * t_cut / n, 3),
+                 "frame_mb": round(float(np.mean([f.nbytes for f in frames])) / 2**20, 4)}
+    del decoded, frames
+
+    rows: list[dict[str, Any]] = []
+    for name, mb in (("uncached", 0.0), ("cached", cache_mb)):
+        for w in sorted({1, workers}):
+            stats = new_cache_stats(w)
+            loader = make_loader(entries, load, chans, batch_size, seed, 0, w, pin_memory=False, prefetch_factor=4,
+                                 stream=order == "stream", cache_mb=mb, cache_stats=stats)
+            it = iter(loader)
+            for _ in range(max(1, w)):  # worker start-up is not counted
+                next(it)
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            dt = time.perf_counter() - t0
+            del it, loader
+            cs = cache_stats(stats)
+            ips = batches * batch_size / dt
+            rows.append({"name": name, "workers": w, "cache_mb": mb, "images_per_s": round(ips, 1),
+                         "images_per_s_per_worker": round(ips / max(1, w), 1),
+                         "cache_hit_pct": cs["cache_hit_pct"], "cache_mb_used": cs["cache_mb"]})
+    by = {(r["name"], r["workers"]): r["images_per_s"] for r in rows}
+    seen = (workers + batches) * batch_size  # samples drawn per row
+    result: dict[str, Any] = {
+        "bench": "loader", "images_dir": str(images), "images": len(entries), "in_chans": chans, "order": order,
+        "load_size": load, "crop_size": crop, "batch_size": batch_size, "batches": batches, "workers": workers,
+        "epochs_per_row": round(seen / len(entries), 2), "cache_mb": cache_mb, "per_image_ms": per_image,
+        "uncached_images_per_s": by[("uncached", workers)], "cached_images_per_s": by[("cached", workers)],
+        "speedup": round(by[("cached", workers)] / by[("uncached", workers)], 2), "rows": rows,
+        "hardware": _hardware(), **_peak_host_mb(),
+    }
+    _table(f"bench loader: {len(entries)} images, load {load}, batch {batch_size}, {batches} batches "
+           f"({result['epochs_per_row']} epochs per row), order {order}",
+           ["loader", "workers", "images/s", "images/s/worker", "cache hit %"],
+           [[f"{r['name']} (cache_mb={r['cache_mb']:g})", str(r["workers"]), f"{r['images_per_s']:.1f}",
+             f"{r['images_per_s_per_worker']:.1f}", f"{r['cache_hit_pct']:.1f}"] for r in rows])
+    console.print("per image, one thread (ms): " + ", ".join(f"{k} {v}" for k, v in per_image.items()))
+    return result

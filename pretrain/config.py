@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from pretrain.backbones import BACKBONES
 from pretrain.init import init_sha256
@@ -185,6 +194,9 @@ class OptimConfig(StrictModel):
     grad_clip: float | None = Field(3.0, gt=0)
 
 
+DEFAULT_CACHE_MB = 512.0
+
+
 class DataConfig(StrictModel):
     num_workers: int | None = Field(None, ge=0, description="DataLoader decode workers (default: CPU count - 1)")
     normalization: Literal["dataset", "imagenet", "half"] = Field(
@@ -198,6 +210,19 @@ class DataConfig(StrictModel):
     stream_buffer: int = Field(2048, ge=1, description="data.order=stream: shuffle window per reader, in images")
     stream_unit: int = Field(256, ge=1, description="data.order=stream: images per shuffled unit (a contiguous "
                              "read of one shard)")
+    cache_mb: float = Field(DEFAULT_CACHE_MB, ge=0, description="each loader worker keeps the decoded, load-size "
+                            "frames it has seen, up to this many MB (host memory: up to num_workers x cache_mb; a "
+                            "10k-image dump at 256 px gray is ~650-800 MB); later epochs then skip the decode. "
+                            "Batches are the same with any value; 0 = off")
+
+    @model_serializer(mode="wrap")
+    def _cache_at_default_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # cache_mb changes no batch: at its default it stays out of dumps, so that the resolved configs, config
+        # hashes and `segfactory run` stage keys of configs that never set it stay what they were
+        out: dict[str, Any] = handler(self)
+        if out.get("cache_mb") == DEFAULT_CACHE_MB:
+            del out["cache_mb"]
+        return out
 
 
 class TrainConfig(StrictModel):

@@ -37,7 +37,7 @@ from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import BACKBONES
 from pretrain.config import PretrainConfig
 from pretrain.encoder import PooledEncoder, build_encoder
-from pretrain.images import make_loader, use_stream
+from pretrain.images import cache_stats, make_loader, new_cache_stats, use_stream
 from pretrain.init import InitReport, load_init
 from pretrain.methods import METHODS, build_method
 from pretrain.methods.base import SSLMethod
@@ -349,10 +349,11 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
     dc = cfg.data
     stream = use_stream(dc.order, len(entries), dc.stream_min_images)
+    cache_counts = new_cache_stats(workers)  # the loader workers' frame-cache hits, misses and bytes
     loader = make_loader(entries, load_size, in_chans, tr.batch_size, tr.seed, start * tr.accumulate, workers,
                          pin_memory=device.type == "cuda", prefetch_factor=dc.prefetch_factor, stream=stream,
                          buffer=dc.stream_buffer, unit_size=dc.stream_unit, rank=info.rank,
-                         world_size=info.world_size)
+                         world_size=info.world_size, cache_mb=dc.cache_mb, cache_stats=cache_counts)
     end = total if stop_after is None else min(total, start + stop_after)
     console.print(f"pretrain: {cfg.method.name} / {cfg.backbone.name} (in_chans={in_chans}) on {len(entries)} images, "
                   f"{device}{' ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, steps {start}->{end} "
@@ -489,6 +490,8 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         "final_loss": last_row.get("loss"), "images_per_s": round(total_images / wall, 2) if wall > 0 else None,
         "data_wait_pct": round(100 * total_wait / wall, 2) if wall > 0 else None,
         "images": len(entries), "data_hash": data.data_hash, "seconds": round(time.perf_counter() - t_start, 2),
+        "loader_workers": workers, "loader_cache_mb_limit": dc.cache_mb,
+        **{f"loader_{k}": v for k, v in cache_stats(cache_counts).items()},  # this rank's readers (rank 0)
     }
     tracker.log_artifact(enc_dir, "encoder")
     tracker.log_summary(summary)
@@ -554,7 +557,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title="pretrain", show_header=False)
-    for k in ("method", "backbone", "device", "steps", "final_loss", "images_per_s", "data_wait_pct", "encoder",
-              "seconds"):
+    for k in ("method", "backbone", "device", "steps", "final_loss", "images_per_s", "data_wait_pct",
+              "loader_cache_hit_pct", "encoder", "seconds"):
         t.add_row(k, str(s[k]))
     console.print(t)

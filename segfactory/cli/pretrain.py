@@ -1,5 +1,5 @@
 """Commands of the pretraining stage: ``ingest`` (a Dask pipeline), ``pretrain``, ``probe``, ``bench ingest`` /
-``bench augment``."""
+``bench augment`` / ``bench loader``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,18 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed training steps per view pipeline (median)")
     p.set_defaults(func=cmd_bench_augment)
 
+    p = benches.add_parser("loader", help="pretraining loader images/s on an ingest store, without and with the "
+                           "decoded-frame cache (data.cache_mb), and one image's CPU cost broken down")
+    p.add_argument("--images", required=True, help="output of `segfactory ingest`")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: CPU count - 1, at most 8); 1 worker "
+                   "is always measured too")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop-size", type=int, default=224, help="augment.crop_size (load size: crop x 8/7)")
+    p.add_argument("--batches", type=int, default=50, help="timed batches per row")
+    p.add_argument("--cache-mb", type=float, default=512, help="data.cache_mb of the cached rows")
+    p.add_argument("--order", default="random", choices=["random", "stream"], help="data.order")
+    p.set_defaults(func=cmd_bench_loader)
+
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import IngestJob, resolve_source, run_ingest
@@ -180,4 +192,12 @@ def cmd_bench_augment(args: argparse.Namespace) -> int:
     result = bench_augment(args.method, args.images, args.batch_size, args.crop_size, args.device, args.workers,
                            None if args.backbone == "none" else args.backbone, args.steps)
     print(json.dumps(result))
+    return 0
+
+
+def cmd_bench_loader(args: argparse.Namespace) -> int:
+    from pretrain.bench import bench_loader
+
+    print(json.dumps(bench_loader(args.images, args.workers, args.batch_size, args.crop_size, args.batches,
+                                  args.cache_mb, args.order)))
     return 0
