@@ -73,11 +73,13 @@ def stage_dir(root: Path, name: str, key_material: dict[str, Any], packages: tup
 
 def training_key(cfg: StrictModel) -> dict[str, Any]:
     """A training config as stage key material: everything but ``train.stop_at``, which only says where an
-    invocation pauses (a run stopped there and re-run without it resumes the same stage), and ``tracking``, which
-    only says where the run is watched."""
+    invocation pauses (a run stopped there and re-run without it resumes the same stage), ``tracking``, which
+    only says where the run is watched, and pretraining's ``data.cache_mb``, which changes no batch."""
     dump = strip_tracking(cfg.model_dump(mode="json"))
     if isinstance(dump.get("train"), dict) and "stop_at" in dump["train"]:
         dump["train"]["stop_at"] = None  # as if unset: keys of runs that never set it stay what they were
+    if isinstance(dump.get("data"), dict):
+        dump["data"].pop("cache_mb", None)  # already absent at its default (see pretrain.config)
     return dump
 
 

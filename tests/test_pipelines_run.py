@@ -163,3 +163,15 @@ def test_ingest_stage_key_follows_what_changes_the_stored_images(tmp_path: Path)
     assert plain not in changed and len(changed) == 4
     # how the work is cut is not
     assert key(files_per_shard=7, hash_chunk=3) == plain
+
+
+def test_pretrain_stage_key_ignores_the_loader_cache_budget() -> None:
+    """``data.cache_mb`` changes no batch (tests/test_pretrain_loader.py): another budget reuses the stage."""
+    from pipelines.stages import training_key
+    from pretrain.config import PretrainConfig
+
+    plain = PretrainConfig()
+    assert training_key(PretrainConfig(data={"cache_mb": 64})) == training_key(plain)
+    assert training_key(PretrainConfig(data={"cache_mb": 0})) == training_key(plain)
+    # what does change the batches still changes the key
+    assert training_key(PretrainConfig(augment={"load_size": 128})) != training_key(plain)
