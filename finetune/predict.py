@@ -175,7 +175,9 @@ def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, dev
     if probs.shape[-2:] != (h, w):
         probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     k = int(meta["num_classes"])
-    labels = probs[:k].argmax(0).to(torch.uint8).numpy()
+    # numpy's argmax over the class axis (first maximum on ties, like torch's) is ~10x faster than torch's
+    # reduction over the outer dimension of a (K, H, W) tensor.
+    labels = probs[:k].numpy().argmax(0).astype(np.uint8)
     if not instances:
         return labels, None, None
     from finetune.instances import postprocess
