@@ -115,21 +115,32 @@ class InstanceTally:
     abs_count_error: int = 0
     matched_ious: list[float] = field(default_factory=list)
 
-    def add(self, gt: np.ndarray, pred: np.ndarray, threshold: float = IOU_THRESHOLD) -> dict[str, Any]:
-        """Score one image's label images and add its counts; returns that image's own scores."""
+    @classmethod
+    def of_image(cls, gt: np.ndarray, pred: np.ndarray, threshold: float = IOU_THRESHOLD) -> InstanceTally:
+        """The counts of one image's label images (pure: safe to compute in a worker thread, then
+        :meth:`merge` in image order)."""
         iou, gt_ids, pred_ids = iou_matrix(gt, pred)
         pairs = match(iou, threshold)
         tp = len(pairs)
         n_gt, n_pred = len(gt_ids), len(pred_ids)
-        self.tp += tp
-        self.fp += n_pred - tp
-        self.fn += n_gt - tp
-        self.n_gt += n_gt
-        self.n_pred += n_pred
-        self.images += 1
-        self.abs_count_error += abs(n_pred - n_gt)
-        self.matched_ious.extend(p[2] for p in pairs)
-        return scores(tp, n_pred - tp, n_gt - tp, [p[2] for p in pairs], n_gt, n_pred, abs(n_pred - n_gt), 1)
+        return cls(tp, n_pred - tp, n_gt - tp, n_gt, n_pred, 1, abs(n_pred - n_gt), [p[2] for p in pairs])
+
+    def merge(self, other: InstanceTally) -> None:
+        """Add another tally's counts (matched IoUs appended in order)."""
+        self.tp += other.tp
+        self.fp += other.fp
+        self.fn += other.fn
+        self.n_gt += other.n_gt
+        self.n_pred += other.n_pred
+        self.images += other.images
+        self.abs_count_error += other.abs_count_error
+        self.matched_ious.extend(other.matched_ious)
+
+    def add(self, gt: np.ndarray, pred: np.ndarray, threshold: float = IOU_THRESHOLD) -> dict[str, Any]:
+        """Score one image's label images and add its counts; returns that image's own scores."""
+        one = self.of_image(gt, pred, threshold)
+        self.merge(one)
+        return one.result()
 
     def result(self) -> dict[str, Any]:
         return scores(self.tp, self.fp, self.fn, self.matched_ious, self.n_gt, self.n_pred, self.abs_count_error,

@@ -179,12 +179,30 @@ def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, dev
         (H, W) uint8 class ids, (H, W) int32 instance ids (0 = none) or ``None``, and the (H, W) float32
         distance map or ``None``.
     """
+    probs = predict_image_probs(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
+                                tta, instances)
+    return outputs_from_probs(probs, meta, instances)
+
+
+def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
+                        overlap: int, batch_size: int, autocast: torch.dtype | None = None,
+                        channels_last: bool = False, scale: float | None = None, tta: str = "none",
+                        instances: bool = False) -> torch.Tensor:
+    """The model's part of :func:`predict_outputs`: (K, H, W) float32 CPU class probabilities at the image's own
+    size ((K + 1, H, W) with ``instances``: the distance map last); :func:`outputs_from_probs` does the rest."""
     h, w = img.shape[:2]
     x = prepare_input(img, meta["input"], torch.device("cpu"), scale)
     probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, tta,
                           joint=instances)
     if probs.shape[-2:] != (h, w):
         probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return probs
+
+
+def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any],
+                       instances: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The CPU part of :func:`predict_outputs` (no model: safe in a worker thread): class ids from
+    :func:`predict_image_probs`'s probabilities, and with ``instances`` the watershed instances and distance map."""
     k = int(meta["num_classes"])
     # numpy's argmax over the class axis (first maximum on ties, like torch's) is ~10x faster than torch's
     # reduction over the outer dimension of a (K, H, W) tensor.
