@@ -98,6 +98,23 @@ def test_one_tile_frame_gives_the_blended_numbers() -> None:
     assert got.shape == (3, 40, 50) and torch.equal(got, ref)
 
 
+def test_pipeline_folds_in_submission_order_when_later_frames_finish_first() -> None:
+    import time
+
+    from finetune.evaluate import FramePipeline, eval_workers
+
+    folded: list[int] = []
+    with FramePipeline(3) as pipe:
+        for i in range(6):
+            pipe.submit(lambda i, delay: (time.sleep(delay), i)[1], folded.append, i, 0.05 * (6 - i))
+        pipe.drain()
+    assert folded == list(range(6))
+    with pytest.raises(ZeroDivisionError), FramePipeline(2) as pipe:  # a worker's error reaches the caller
+        pipe.submit(lambda: 1 / 0, folded.append)
+        pipe.drain()
+    assert eval_workers(torch.device("cpu")) == 0 and 1 <= eval_workers(torch.device("cuda")) <= 4
+
+
 # ------------------------------------------------------------------------------------------------ whole evaluation
 @pytest.fixture(scope="module")
 def inst_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
