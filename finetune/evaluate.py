@@ -8,6 +8,7 @@ has no defined IoU and is reported as ``null``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,58 @@ def source_confusion(model: nn.Module, meta: dict[str, Any], source: Source, ite
     return cm
 
 
+def eval_workers(device: torch.device) -> int:
+    """Default post-processing threads of :func:`run_evaluate`: with a GPU the CPU work after the model (argmax,
+    watershed, baselines, instance matching) is what bounds the frame rate, so up to 4 threads (one core left for
+    the thread that feeds the GPU); on the CPU none (0: inline), since the model's own threads already use every
+    core and a worker only competes with them (measured on 2 cores: no gain)."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+class FramePipeline:
+    """Runs each frame's post-processing on worker threads while the caller predicts the next frame, and folds
+    the results into the totals in submission order (so totals and report lists do not depend on ``workers``).
+
+    At most ``2 * workers`` frames are in flight (their images and probabilities are held). With ``workers=0``
+    everything runs inline.
+    """
+
+    def __init__(self, workers: int):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = max(0, int(workers))
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="evaluate") if self.workers else None
+        self.pending: deque[tuple[Any, Callable[[Any], None]]] = deque()
+
+    def submit(self, post: Callable[..., Any], fold: Callable[[Any], None], *args: Any) -> None:
+        """``fold(post(*args))``, the ``post`` part possibly on a worker thread; folds run on this thread."""
+        if self.pool is None:
+            fold(post(*args))
+            return
+        self.pending.append((self.pool.submit(post, *args), fold))
+        while len(self.pending) > 2 * self.workers or (self.pending and self.pending[0][0].done()):
+            self._fold_next()
+
+    def _fold_next(self) -> None:
+        future, fold = self.pending.popleft()
+        fold(future.result())
+
+    def drain(self) -> None:
+        """Fold every frame still in flight."""
+        while self.pending:
+            self._fold_next()
+
+    def __enter__(self) -> FramePipeline:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
 class SyntheticInstances:
     """Instance F1 of a model on a rendered source's thing classes, against the frames' own instance maps: the
     ``model`` row (semantic + 4-connected components) and, for a model with an instance head, ``model_watershed``.
@@ -62,18 +115,31 @@ class SyntheticInstances:
 
     def add(self, item: Item, mask: np.ndarray, pred: np.ndarray, inst: np.ndarray | None) -> None:
         """Score one frame: ``mask``/``pred`` (H, W) target ids, ``inst`` the watershed instances (or ``None``)."""
-        from finetune.metrics import components
+        self.fold(self.score(item, mask, pred, inst))
+
+    def score(self, item: Item, mask: np.ndarray, pred: np.ndarray,
+              inst: np.ndarray | None) -> dict[str, dict[int, Any]] | None:
+        """One frame's tallies per row and class, totals untouched (worker-thread safe; :meth:`fold` in order)."""
+        from finetune.metrics import InstanceTally, components
 
         true = self.source.load_instances(item, mask)
         if true is None:
-            return
+            return None
         valid = mask != self.targets.ignore_index
+        out: dict[str, dict[int, Any]] = {r: {} for r in self.tallies}
         for c in self.things:
             gt = np.where((mask == c) & valid, true, 0)
-            self.tallies["model"][c].add(gt, np.where(valid, components(pred == c), 0))
+            out["model"][c] = InstanceTally.of_image(gt, np.where(valid, components(pred == c), 0))
             if "model_watershed" in self.tallies:
                 assert inst is not None
-                self.tallies["model_watershed"][c].add(gt, np.where(valid & (pred == c), inst, 0))
+                out["model_watershed"][c] = InstanceTally.of_image(gt, np.where(valid & (pred == c), inst, 0))
+        return out
+
+    def fold(self, frame: dict[str, dict[int, Any]] | None) -> None:
+        """Add one frame's :meth:`score` to the totals."""
+        for row, per in (frame or {}).items():
+            for c, one in per.items():
+                self.tallies[row][c].merge(one)
 
     def result(self) -> dict[str, Any]:
         names = self.targets.names
@@ -204,7 +270,8 @@ def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True, baselines: str | list[str] | None = None,
-                 overlays: int = 4, tta: str = "none", scale: float | None = None) -> dict[str, Any]:
+                 overlays: int = 4, tta: str = "none", scale: float | None = None,
+                 workers: int | None = None) -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
 
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
@@ -221,6 +288,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         overlays: Overlay PNGs per real folder.
         tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
         scale: Input scale for the real folders instead of model.json's ``input.scale``.
+        workers: Threads that post-process and score frames (argmax, watershed, baselines, instance matching,
+            overlays) while the model predicts the next frame; default :func:`eval_workers`; 0 = all inline.
+            The report is the same for every value: frames are folded into the totals in order.
 
     Returns:
         The report written to ``metrics.json`` (``key``: see :func:`evaluation_key`).
@@ -229,7 +299,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import check_scale, check_tta, inference_settings, predict_outputs
+    from finetune.predict import check_scale, check_tta, inference_settings, outputs_from_probs, predict_image_probs
     from finetune.realeval import RealScorer, plot_real_scores
     from segfactory.console import console, progress
     from segfactory.errors import UserError
@@ -280,30 +350,47 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                   if src.kind == "synthetic"}
     synth_inst = {n: si for n, si in synth_inst.items() if si.things}
     lower = f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32)"
-    with progress(transient=not show_progress) as bar, memory_hint("evaluation", lower):
+    k = int(meta["num_classes"])
+    ignore = int(meta["ignore_index"])
+    n_workers = eval_workers(dev) if workers is None else int(workers)
+    with progress(transient=not show_progress) as bar, memory_hint("evaluation", lower), \
+            FramePipeline(n_workers) as pipe:
         task = bar.add_task("evaluate", total=sum(len(s.val) for s in sources))
         for src in sources:
-            k = int(meta["num_classes"])
             cm = np.zeros((k, k), np.int64)
             scorer = scorers.get(src.name)
             si = synth_inst.get(src.name)
-            for it in src.val:
+            # Synthetic frames are never rescaled; plain synthetic sources (no thing classes) need no instances.
+            scale_here = 1.0 if src.kind == "synthetic" else None
+            with_inst = watershed and (si is not None or scorer is not None)
+
+            def post(it: Item, img: np.ndarray, mask: np.ndarray, probs: torch.Tensor,
+                     scorer: Any = scorer, si: Any = si, with_inst: bool = with_inst) -> tuple[np.ndarray, Any]:
+                # Everything of a frame after the model: runs in a worker thread while the model does the next one.
+                pred, inst, _ = outputs_from_probs(probs, meta, with_inst)
+                frame_cm = confusion_matrix(pred, mask, k, ignore)
                 if si is not None:
-                    img, mask = src.load(it)
-                    pred, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
-                                                    scale=1.0, tta=tta, instances=watershed)
-                    cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
-                    si.add(it, mask, pred, inst)
-                elif scorer is None:
-                    cm += source_confusion(model, meta, src, [it], dev, tile, overlap, batch_size, amp_dtype(dev),
-                                           tta=tta)
-                else:
-                    img, mask = src.load(it)
-                    pred, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
-                                                    tta=tta, instances=watershed)
-                    cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
-                    scorer.add(it, img, mask, pred, inst)
+                    return frame_cm, si.score(it, mask, pred, inst)
+                if scorer is not None:
+                    return frame_cm, scorer.score(it, img, mask, pred, inst)
+                return frame_cm, None
+
+            def fold(result: tuple[np.ndarray, Any], cm: np.ndarray = cm, scorer: Any = scorer,
+                     si: Any = si) -> None:
+                frame_cm, frame = result
+                cm += frame_cm  # in place: this source's matrix
+                if si is not None:
+                    si.fold(frame)
+                elif scorer is not None:
+                    scorer.fold(frame)
                 bar.advance(task)
+
+            for it in src.val:
+                img, mask = src.load(it)
+                probs = predict_image_probs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
+                                            scale=scale_here, tta=tta, instances=with_inst)
+                pipe.submit(post, fold, it, img, mask, probs)
+            pipe.drain()
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),
               "classes": targets.names, "tta": tta,

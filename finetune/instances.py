@@ -224,6 +224,8 @@ def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.fl
     from skimage.measure import label
     from skimage.segmentation import watershed
 
+    from finetune.metrics import unique_inverse
+
     d = dist.astype(np.float64)
     if smooth > 0:
         from scipy.ndimage import gaussian_filter
@@ -252,7 +254,7 @@ def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.fl
         if min_size > 0:
             sizes = np.bincount(inst.ravel())
             inst = np.where(sizes[inst] >= min_size, inst, 0)
-        ids, dense = np.unique(inst, return_inverse=True)
+        ids, dense, _ = unique_inverse(inst.reshape(-1))
         dense = dense.reshape(inst.shape)
         if ids[0] != 0:
             dense = dense + 1

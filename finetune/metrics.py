@@ -18,6 +18,35 @@ import numpy as np
 IOU_THRESHOLD = 0.5
 
 
+def unique_inverse(values: np.ndarray, inverse: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True, return_counts=True)`` of a 1-D integer array, in O(N).
+
+    Label images hold small non-negative ids (0..a few thousand): a ``bincount`` then replaces the sort, which is
+    what made per-frame instance scoring slow. Other values (negative, or ids far above the array's length) take
+    ``np.unique``; both give the same arrays.
+
+    Args:
+        values: (N,) integers.
+        inverse: Also return the index of every value into the sorted distinct values (else an empty array).
+
+    Returns:
+        ``(ids, index, counts)``: (M,) sorted distinct values, (N,) int64 index of each value into ``ids``
+        (empty without ``inverse``) and (M,) int64 count of each.
+    """
+    v = np.asarray(values).reshape(-1)
+    if v.size and np.issubdtype(v.dtype, np.integer) and int(v.min()) >= 0 and int(v.max()) < 4 * v.size + 4096:
+        counts = np.bincount(v)
+        present = counts > 0
+        ids = np.flatnonzero(present).astype(v.dtype, copy=False)
+        index = (np.cumsum(present) - 1)[v] if inverse else np.zeros(0, np.int64)
+        return ids, index, counts[present]
+    if inverse:
+        ids, index, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return ids, index.reshape(-1).astype(np.int64, copy=False), counts.astype(np.int64, copy=False)
+    ids, counts = np.unique(v, return_counts=True)
+    return ids, np.zeros(0, np.int64), counts.astype(np.int64, copy=False)
+
+
 def iou_matrix(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IoU of every true object with every predicted object.
 
@@ -32,13 +61,11 @@ def iou_matrix(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"label images differ in shape: {gt.shape} vs {pred.shape}")
     g = gt.reshape(-1).astype(np.int64)
     p = pred.reshape(-1).astype(np.int64)
-    gt_ids, g_idx = np.unique(g, return_inverse=True)
-    pred_ids, p_idx = np.unique(p, return_inverse=True)
-    g_area = np.bincount(g_idx, minlength=len(gt_ids))
-    p_area = np.bincount(p_idx, minlength=len(pred_ids))
+    gt_ids, g_idx, g_area = unique_inverse(g)
+    pred_ids, p_idx, p_area = unique_inverse(p)
     both = (g != 0) & (p != 0)
     # Overlaps only where both have an object: the pair count stays small even with thousands of objects.
-    pairs, counts = np.unique(g_idx[both] * len(pred_ids) + p_idx[both], return_counts=True)
+    pairs, _, counts = unique_inverse(g_idx[both] * len(pred_ids) + p_idx[both], inverse=False)
     gi, pi = np.divmod(pairs, len(pred_ids))
     g_keep = gt_ids != 0
     p_keep = pred_ids != 0
@@ -88,21 +115,32 @@ class InstanceTally:
     abs_count_error: int = 0
     matched_ious: list[float] = field(default_factory=list)
 
-    def add(self, gt: np.ndarray, pred: np.ndarray, threshold: float = IOU_THRESHOLD) -> dict[str, Any]:
-        """Score one image's label images and add its counts; returns that image's own scores."""
+    @classmethod
+    def of_image(cls, gt: np.ndarray, pred: np.ndarray, threshold: float = IOU_THRESHOLD) -> InstanceTally:
+        """The counts of one image's label images (pure: safe to compute in a worker thread, then
+        :meth:`merge` in image order)."""
         iou, gt_ids, pred_ids = iou_matrix(gt, pred)
         pairs = match(iou, threshold)
         tp = len(pairs)
         n_gt, n_pred = len(gt_ids), len(pred_ids)
-        self.tp += tp
-        self.fp += n_pred - tp
-        self.fn += n_gt - tp
-        self.n_gt += n_gt
-        self.n_pred += n_pred
-        self.images += 1
-        self.abs_count_error += abs(n_pred - n_gt)
-        self.matched_ious.extend(p[2] for p in pairs)
-        return scores(tp, n_pred - tp, n_gt - tp, [p[2] for p in pairs], n_gt, n_pred, abs(n_pred - n_gt), 1)
+        return cls(tp, n_pred - tp, n_gt - tp, n_gt, n_pred, 1, abs(n_pred - n_gt), [p[2] for p in pairs])
+
+    def merge(self, other: InstanceTally) -> None:
+        """Add another tally's counts (matched IoUs appended in order)."""
+        self.tp += other.tp
+        self.fp += other.fp
+        self.fn += other.fn
+        self.n_gt += other.n_gt
+        self.n_pred += other.n_pred
+        self.images += other.images
+        self.abs_count_error += other.abs_count_error
+        self.matched_ious.extend(other.matched_ious)
+
+    def add(self, gt: np.ndarray, pred: np.ndarray, threshold: float = IOU_THRESHOLD) -> dict[str, Any]:
+        """Score one image's label images and add its counts; returns that image's own scores."""
+        one = self.of_image(gt, pred, threshold)
+        self.merge(one)
+        return one.result()
 
     def result(self) -> dict[str, Any]:
         return scores(self.tp, self.fp, self.fn, self.matched_ious, self.n_gt, self.n_pred, self.abs_count_error,

@@ -79,8 +79,6 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
     Returns:
         (K, H, W) float32 probabilities on ``x``'s device ((K + 1, H, W) with ``joint``).
     """
-    from finetune.adapt import tta_probs
-
     if device is None:
         device = next(model.parameters()).device
     _, h, w = x.shape
@@ -90,6 +88,10 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
         mode = "reflect" if ph - h < h and pw - w < w else "replicate"
         x = torch.nn.functional.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)[0]
     boxes = [(y0, x0) for y0 in tile_starts(ph, th, overlap) for x0 in tile_starts(pw, tw, overlap)]
+    if len(boxes) == 1:
+        # One tile: its blend weights are all 1, so the weighted accumulation would return these very numbers.
+        return _tile_probs(model, x[None].to(device), autocast, channels_last, device, tta, joint)[0] \
+            .to(x.device)[:, :h, :w]
     weight = blend_window(th, tw, overlap if len(boxes) > 1 else 0, device)
     weight_here = weight.to(x.device)
     acc: torch.Tensor | None = None
@@ -97,17 +99,7 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
         batch = torch.stack([x[:, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk]).to(device)
-        def probs(b: torch.Tensor) -> torch.Tensor:
-            if channels_last:
-                b = b.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                if joint:
-                    from finetune.instances import joint_probs
-
-                    return joint_probs(model, b)
-                return model(b).float().softmax(1)
-
-        weighted = (tta_probs(probs, batch, tta) * weight).to(x.device)
+        weighted = (_tile_probs(model, batch, autocast, channels_last, device, tta, joint) * weight).to(x.device)
         if acc is None:
             acc = torch.zeros((weighted.shape[1], ph, pw), device=x.device)
         for (y0, x0), p in zip(chunk, weighted, strict=True):
@@ -115,6 +107,25 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, ba
             norm[y0:y0 + th, x0:x0 + tw] += weight_here
     assert acc is not None
     return (acc / norm)[:, :h, :w]
+
+
+def _tile_probs(model: nn.Module, batch: torch.Tensor, autocast: torch.dtype | None, channels_last: bool,
+                device: torch.device, tta: str, joint: bool) -> torch.Tensor:
+    """(B, K, h, w) probabilities of a (B, C, h, w) tile batch on ``device`` (TTA-averaged; + distance with
+    ``joint``)."""
+    from finetune.adapt import tta_probs
+
+    def probs(b: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            b = b.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            if joint:
+                from finetune.instances import joint_probs
+
+                return joint_probs(model, b)
+            return model(b).float().softmax(1)
+
+    return tta_probs(probs, batch, tta)
 
 
 def prepare_input(img: np.ndarray, input_spec: dict[str, Any], device: torch.device,
@@ -168,14 +179,34 @@ def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, dev
         (H, W) uint8 class ids, (H, W) int32 instance ids (0 = none) or ``None``, and the (H, W) float32
         distance map or ``None``.
     """
+    probs = predict_image_probs(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
+                                tta, instances)
+    return outputs_from_probs(probs, meta, instances)
+
+
+def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
+                        overlap: int, batch_size: int, autocast: torch.dtype | None = None,
+                        channels_last: bool = False, scale: float | None = None, tta: str = "none",
+                        instances: bool = False) -> torch.Tensor:
+    """The model's part of :func:`predict_outputs`: (K, H, W) float32 CPU class probabilities at the image's own
+    size ((K + 1, H, W) with ``instances``: the distance map last); :func:`outputs_from_probs` does the rest."""
     h, w = img.shape[:2]
     x = prepare_input(img, meta["input"], torch.device("cpu"), scale)
     probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, tta,
                           joint=instances)
     if probs.shape[-2:] != (h, w):
         probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return probs
+
+
+def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any],
+                       instances: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The CPU part of :func:`predict_outputs` (no model: safe in a worker thread): class ids from
+    :func:`predict_image_probs`'s probabilities, and with ``instances`` the watershed instances and distance map."""
     k = int(meta["num_classes"])
-    labels = probs[:k].argmax(0).to(torch.uint8).numpy()
+    # numpy's argmax over the class axis (first maximum on ties, like torch's) is ~10x faster than torch's
+    # reduction over the outer dimension of a (K, H, W) tensor.
+    labels = probs[:k].numpy().argmax(0).astype(np.uint8)
     if not instances:
         return labels, None, None
     from finetune.instances import postprocess

@@ -120,6 +120,15 @@ class _Row:
     inst: dict[int, InstanceTally] = field(default_factory=dict)
 
 
+@dataclass
+class FrameScore:
+    """One image's contribution to a :class:`RealScorer` (:meth:`RealScorer.score`)."""
+
+    value_range: tuple[int, int] | None
+    rows: dict[str, _Row]
+    overlay: str | None
+
+
 class RealScorer:
     """Accumulates the model's and the baselines' scores over one real source, and writes its overlays.
 
@@ -185,10 +194,13 @@ class RealScorer:
             pred_instances: np.ndarray | None = None) -> None:
         """Score one image: ``gt`` and ``pred`` are (H, W) target ids (``gt`` with the ignore index);
         ``pred_instances`` (H, W) the model's watershed instance ids (the ``model_watershed`` row)."""
-        if img.dtype == np.uint16:
-            lo, hi = int(img.min()), int(img.max())
-            self.value_range = (lo, hi) if self.value_range is None else (min(lo, self.value_range[0]),
-                                                                          max(hi, self.value_range[1]))
+        self.fold(self.score(item, img, gt, pred, pred_instances))
+
+    def score(self, item: Item, img: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+              pred_instances: np.ndarray | None = None) -> FrameScore:
+        """One image's scores (and its overlay PNG when it is one of the chosen images), without touching the
+        totals: safe in a worker thread; :meth:`fold` the results in image order. Arguments as in :meth:`add`."""
+        value_range = (int(img.min()), int(img.max())) if img.dtype == np.uint16 else None
         valid = gt != self.targets.ignore_index
         task = self.task
         fg_ids = np.asarray(task.foreground, np.int64)
@@ -205,22 +217,21 @@ class RealScorer:
         gt_inst = {c: np.where(valid, self._gt_instances(item, gt, c), 0) for c in task.things}
         per_image: dict[str, dict[str, Any]] = {}
         pred_inst: dict[str, np.ndarray] = {}
+        rows: dict[str, _Row] = {}
         for name, p in preds.items():
-            row = self.rows[name]
-            row.cm += confusion_matrix(p, gt, self.k, self.targets.ignore_index)
-            inter, union = foreground_counts(np.isin(p, fg_ids), gt_fg, valid)
-            row.fg_inter += inter
-            row.fg_union += union
-            img_scores: dict[str, Any] = {"fg_iou": inter / union if union else None}
+            row = rows[name] = _Row(confusion_matrix(p, gt, self.k, self.targets.ignore_index))
+            row.fg_inter, row.fg_union = foreground_counts(np.isin(p, fg_ids), gt_fg, valid)
+            img_scores: dict[str, Any] = {"fg_iou": row.fg_inter / row.fg_union if row.fg_union else None}
             labels = np.zeros(gt.shape, np.int32)
             for c in task.things:
                 own = components(p == c) if name != WATERSHED_ROW else np.where(p == c, pred_instances, 0)
                 pi = np.where(valid, own, 0)
-                s = row.inst.setdefault(c, InstanceTally()).add(gt_inst[c], pi)
-                img_scores.setdefault("f1", s["f1"])
+                one = row.inst[c] = InstanceTally.of_image(gt_inst[c], pi)
+                img_scores.setdefault("f1", one.result()["f1"])
                 labels = np.where(pi > 0, pi + labels.max(), labels) if labels.any() else pi
             per_image[name] = img_scores
             pred_inst[name] = labels
+        rel = None
         if item.key in self.overlay_keys:
             gt_all = np.zeros(gt.shape, np.int32)
             for c in task.things:
@@ -232,7 +243,23 @@ class RealScorer:
             from segfactory.io import atomic_write_bytes
 
             atomic_write_bytes(self.out_dir / rel, overlay_png(img, gt_all, pred_inst, per_image, item.key))
-            self.overlay_files.append(rel)
+        return FrameScore(value_range, rows, rel)
+
+    def fold(self, frame: FrameScore) -> None:
+        """Add one image's :meth:`score` to the totals (call in image order: the report lists follow it)."""
+        if frame.value_range is not None:
+            lo, hi = frame.value_range
+            self.value_range = (lo, hi) if self.value_range is None else (min(lo, self.value_range[0]),
+                                                                          max(hi, self.value_range[1]))
+        for name, one in frame.rows.items():
+            row = self.rows[name]
+            row.cm += one.cm
+            row.fg_inter += one.fg_inter
+            row.fg_union += one.fg_union
+            for c, t in one.inst.items():
+                row.inst.setdefault(c, InstanceTally()).merge(t)
+        if frame.overlay is not None:
+            self.overlay_files.append(frame.overlay)
 
     # -------------------------------------------------------------------------------------------- results
     def result(self) -> dict[str, Any]:
