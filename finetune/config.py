@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from finetune.archs import ARCHS
-from segfactory.config import StrictModel
+from segfactory.config import DistributedTrainFields, StrictModel
 from segfactory.tracking import TrackingConfig
 
 IGNORE_INDEX = 255
@@ -212,7 +212,7 @@ class LossConfig(StrictModel):
     class_weights: list[float] | Literal["auto"] | None = None
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(DistributedTrainFields):
     """The optimisation loop.
 
     Attributes:
@@ -252,13 +252,6 @@ class TrainConfig(StrictModel):
     select_on: Literal["real", "synthetic", "all"] = "real"
     max_bad_steps: int = Field(default=0, ge=0, description="steps with a NaN or infinite loss skipped (no "
                                "optimizer step) before the run stops; 0 = stop at the first, before anything is saved")
-    devices: int = Field(1, ge=1, description="data-parallel processes on this node (one per GPU; DDP under "
-                         "torchrun). batch_size stays the global batch (each rank takes batch_size / world size); "
-                         "on a machine without GPUs, devices > 1 runs one process unless train.backend=gloo")
-    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="process-group backend: auto is nccl on "
-                                                     "CUDA, gloo on the CPU")
-    dist_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the job (a dead "
-                                  "rank stops the others instead of hanging them)")
 
 
 class AdaptConfig(StrictModel):

@@ -18,7 +18,7 @@ from pydantic import (
 from pretrain.backbones import BACKBONES
 from pretrain.init import init_sha256
 from pretrain.methods import METHODS, options_model
-from segfactory.config import StrictModel, validate_section
+from segfactory.config import DistributedTrainFields, StrictModel, validate_section
 from segfactory.tracking import TrackingConfig
 
 # ----------------------------------------------------------------------------------------------- ingest
@@ -225,7 +225,7 @@ class DataConfig(StrictModel):
         return out
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(DistributedTrainFields):
     steps: int = Field(1000, ge=1, description="optimizer steps")
     batch_size: int = Field(64, ge=2, description="images per micro-batch (global: split over the ranks of a "
                             "train.devices > 1 run)")
@@ -239,13 +239,6 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     max_bad_steps: int = Field(0, ge=0, description="steps with a NaN or infinite loss skipped (no optimizer step) "
                                "before the run stops; 0 = stop at the first, before anything is saved")
-    devices: int = Field(1, ge=1, description="data-parallel processes on this node (one per GPU; DDP under "
-                         "torchrun). batch_size stays the global batch (each rank takes batch_size / world size); "
-                         "on a machine without GPUs, devices > 1 runs one process unless train.backend=gloo")
-    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="process-group backend: auto is nccl on "
-                                                     "CUDA, gloo on the CPU")
-    dist_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the job (a dead "
-                                  "rank stops the others instead of hanging them)")
 
 
 class PretrainConfig(StrictModel):

@@ -17,10 +17,10 @@ import copy
 import difflib
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from segfactory.errors import UserError
@@ -37,6 +37,19 @@ class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DistributedTrainFields(StrictModel):
+    """The ``train.devices`` / ``train.backend`` / ``train.dist_timeout_s`` fields that pretraining and
+    fine-tuning share (data-parallel training under torchrun, :mod:`segfactory.distributed`)."""
+
+    devices: int = Field(1, ge=1, description="data-parallel processes on this node (one per GPU; DDP under "
+                         "torchrun). batch_size stays the global batch (each rank takes batch_size / world size); "
+                         "on a machine without GPUs, devices > 1 runs one process unless train.backend=gloo")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="process-group backend: auto is nccl on "
+                                                     "CUDA, gloo on the CPU")
+    dist_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the job (a dead "
+                                  "rank stops the others instead of hanging them)")
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
