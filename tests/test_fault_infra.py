@@ -73,11 +73,11 @@ def test_unreachable_scheduler_is_one_line_exit_2(src: Path, tmp_path: Path) -> 
     assert f"cannot reach the Dask scheduler at {address}" in line
 
 
-@pytest.mark.slow
-def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
-    """The only worker of an address cluster is SIGKILLed while it decodes a file that never finishes (a real
-    hanging Pillow plugin, ``faulty_decoders``): no worker is left, so after ``cluster.no_workers_timeout_s``
-    the run ends with exit 3, one error line and the units still to run listed, its decoder gone too."""
+def start_hanging_ingest(tmp_path: Path, *extra: str
+                         ) -> tuple[LoopbackCluster, subprocess.Popen[bytes], Path, list[psutil.Process]]:
+    """An address cluster of one worker and an ingest driver on it, returned once the worker decodes a file that
+    never finishes (a real hanging Pillow plugin, ``faulty_decoders``): cluster, driver, its log and the worker's
+    decoder processes. The caller closes the cluster and kills the driver (``kill_tree``) if it still runs."""
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(SK / "camera.png", src / "camera.png")
@@ -87,7 +87,7 @@ def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Pa
     log = tmp_path / "driver.log"
     out = open(log, "ab")  # noqa: SIM115 - closed with the process
     driver = subprocess.Popen(ingest_args(src, tmp_path / "out", cluster.address, "decode.plugins=[faulty_decoders]",
-                                          "checks.decode_timeout_s=600", "cluster.no_workers_timeout_s=4"),
+                                          "checks.decode_timeout_s=600", *extra),
                               cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "COLUMNS": "200", "PYTHONPATH": path})
     try:
@@ -97,6 +97,21 @@ def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Pa
             assert driver.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
+    except BaseException:
+        kill_tree(driver)
+        cluster.close()
+        raise
+    return cluster, driver, log, decoders
+
+
+@pytest.mark.slow
+def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
+    """The only worker of an address cluster is SIGKILLed while it decodes a file that never finishes (a real
+    hanging Pillow plugin, ``faulty_decoders``): no worker is left, so after ``cluster.no_workers_timeout_s``
+    the run ends with exit 3, one error line and the units still to run listed, its decoder gone too."""
+    cluster, driver, log, decoders = start_hanging_ingest(tmp_path, "cluster.no_workers_timeout_s=4")
+    try:
+        [worker] = cluster.workers
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
         killed_at = time.monotonic()
@@ -120,25 +135,8 @@ def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Pa
 def test_scheduler_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
     """The scheduler of an address cluster is SIGKILLed while its worker decodes a file that never finishes:
     the driver lists the units still to run and exits 3 with one error line, no traceback."""
-    src = tmp_path / "src"
-    src.mkdir()
-    shutil.copy(SK / "camera.png", src / "camera.png")
-    (src / "hang.seg").write_bytes(faulty_decoders.make("hang"))
-    path = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
-    cluster = LoopbackCluster(tmp_path / "dask", n_workers=1, env={"PYTHONPATH": path})
-    log = tmp_path / "driver.log"
-    out = open(log, "ab")  # noqa: SIM115 - closed with the process
-    driver = subprocess.Popen(ingest_args(src, tmp_path / "out", cluster.address, "decode.plugins=[faulty_decoders]",
-                                          "checks.decode_timeout_s=600"),
-                              cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "COLUMNS": "200", "PYTHONPATH": path})
+    cluster, driver, log, _ = start_hanging_ingest(tmp_path)
     try:
-        [worker] = cluster.workers
-        deadline = time.monotonic() + 120
-        while not psutil.Process(worker.pid).children():  # a decoder process: the shard is running
-            assert driver.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
         scheduler = cluster.procs[0]
         os.killpg(scheduler.pid, signal.SIGKILL)
         scheduler.wait(timeout=10)
