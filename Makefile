@@ -34,7 +34,7 @@ quickstart: install
 test: install
 	$(MAKE) --no-print-directory test-fast
 	bash .ci/services.sh
-	$(BIN)/python -m pytest -q -m "render or slurm or slow"
+	$(BIN)/python -m pytest -q --durations=20 -m "render or slurm or slow"
 
 # The edit-test loop, under 2 minutes on 2 cores: lint (with the type checker), then every test that needs no
 # Blender render, no SLURM and is not slow (markers: pyproject.toml [tool.pytest.ini_options]). No root needed.

@@ -26,6 +26,7 @@ makes float results differ in the last bits.)
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -721,6 +722,7 @@ class Trainer:
             return
         dev = self.device
         module = self.model
+        self.release_distributed()  # the frozen-encoder wrapper goes before the new one is built
         if self.cfg.instances.enabled:  # one forward for both heads (forward_both), so DDP sees every parameter
             from finetune.instances import JointOutputs
 
@@ -728,6 +730,13 @@ class Trainer:
         self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda"
                                                        else None, broadcast_buffers=False)
         self.train_model = torch.compile(self.ddp) if self.cfg.train.compile else self.ddp  # type: ignore[assignment]
+
+    def release_distributed(self) -> None:
+        """Drop the DDP wrapper (it holds the process group; see :func:`segfactory.distributed.teardown`)."""
+        if self.ddp is not None:
+            self.ddp = None
+            self.train_model = self.model
+            gc.collect()
 
     @property
     def _dist_device(self) -> torch.device:
@@ -841,4 +850,5 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool = False,
         return trainer.run()
     finally:
         console.quiet = False
+        trainer.release_distributed()
         distributed.teardown()

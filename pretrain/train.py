@@ -462,6 +462,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
         del it, loader
         console.quiet = False
         if not info.is_main:
+            ddp = forward = None  # it holds the process group (see distributed.teardown)
             distributed.teardown()
 
     if not info.is_main:
@@ -469,6 +470,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     if step > start or ckpt is None:
         save_checkpoint(out, step, model, opt, sched, scaler, cfg, in_chans, data.data_hash, tr.keep_checkpoints,
                         info.world_size)
+    ddp = forward = None
     distributed.teardown()
     enc = model.export_encoder
     enc_dir = save_encoder(out / "encoder", enc.body, timm_name=enc.spec.timm_name, in_chans=in_chans,

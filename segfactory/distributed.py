@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import signal
 import subprocess
@@ -202,10 +203,20 @@ def join(tr: LaunchSettings, device: torch.device,
 
 
 def teardown() -> None:
+    """Leave the process group, and free it while the interpreter is fully alive.
+
+    ``destroy_process_group`` only drops ``torch.distributed``'s own references: a ``DistributedDataParallel``
+    wrapper (it sits in a reference cycle, so only the cyclic garbage collector frees it) keeps the group alive,
+    and a gloo group first freed during interpreter shutdown can abort the process ("terminate called without an
+    active exception", SIGABRT: an exit-time failure of a rank that had finished). Callers drop their DDP
+    wrappers first; the collections here free them, and the group with them, now.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -305,6 +305,26 @@ def test_out_of_memory_in_fine_tuning_says_what_to_lower(tiny_dataset: Path, tmp
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.gpu
+def test_real_gpu_out_of_memory_in_fine_tuning_says_what_to_lower(tiny_dataset: Path, tmp_path: Path) -> None:
+    # A real CUDA allocation failure, raised by torch's caching allocator: the process may use 1 GiB of the GPU
+    # (set_per_process_memory_fraction), and a batch of 256 crops of 256 px needs more (one 16-channel feature
+    # map of that batch alone is 1 GiB).
+    code = ("import sys, torch\n"
+            "from segfactory.cli import main\n"
+            "torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "finetune", str(TINY), "--out", str(tmp_path / "run"),
+                        "--synthetic", str(tiny_dataset), "--steps", "4", "train.device=cuda",
+                        "train.batch_size=256", "augment.crop_size=256"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == EXIT_USER, r.stderr[-3000:]
+    [line] = error_lines(r.stderr)
+    assert line.startswith("error: fine-tuning ran out of GPU memory allocating ")
+    assert "fix: lower train.batch_size (256), augment.crop_size (256)" in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_gpu_out_of_memory_is_one_line(tmp_path: Path) -> None:
     from segfactory.errors import UserError
     from segfactory.torchutil import memory_hint
