@@ -23,10 +23,16 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "moco_inbatch": ("moco", {"hidden_dim": 32, "out_dim": 16, "memory_bank_size": 0}),
     "moco_nogroups": ("moco", {"hidden_dim": 32, "out_dim": 16, "memory_bank_size": 16, "shuffle_bn_groups": 1}),
     "densecl": ("densecl", {"hidden_dim": 32, "out_dim": 16, "memory_bank_size": 16}),
+    # 3 groups on 2 ranks: ceil(3 / 2) = 2 per rank, 4 in all; the single-process reference uses 4 (REFERENCE)
+    "moco_3groups": ("moco", {"hidden_dim": 32, "out_dim": 16, "memory_bank_size": 16, "shuffle_bn_groups": 3}),
 }
+# the options a single process needs to train what 2 ranks train with the case's options
+REFERENCE: dict[str, dict[str, Any]] = {"moco_3groups": {"shuffle_bn_groups": 4}}
 BATCH, STEPS = 8, 3  # the global batch; every step draws new views
 LR = 0.05  # SGD: weight differences stay proportional to gradient ones
-SIZE = {"moco": 32, "densecl": 64}  # densecl: a 2x2 grid on the stride-32 test_resnet
+# crop sizes; densecl: a 2x2 grid on the stride-32 test_resnet; moco_3groups: BatchNorm groups of 2 images, whose
+# statistics at 1x1 feature maps (32 px) would amplify float rounding (two values normalized to +-1)
+SIZE = {"moco": 32, "moco_inbatch": 32, "moco_nogroups": 32, "densecl": 64, "moco_3groups": 64}
 
 
 def run_case(case: str, rank: int = 0, world_size: int = 1, steps: int = STEPS) -> dict[str, Any]:
@@ -43,6 +49,8 @@ def run_case(case: str, rank: int = 0, world_size: int = 1, steps: int = STEPS) 
     from segfactory.distributed import DistInfo, all_mean
 
     name, options = CASES[case]
+    if world_size == 1:
+        options = {**options, **REFERENCE.get(case, {})}
     cfg = PretrainConfig.model_validate({"method": {"name": name, name: options}})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -61,7 +69,7 @@ def run_case(case: str, rank: int = 0, world_size: int = 1, steps: int = STEPS) 
     losses: list[float] = []
     global_losses: list[float] = []
     for step in range(steps):
-        s = SIZE[name]
+        s = SIZE[case]
         views = [torch.rand(BATCH, 3, s, s, generator=gen) for _ in range(2)]
         model.on_step_start(step)
         loss = forward([v[rank * b:(rank + 1) * b] for v in views], step)

@@ -152,7 +152,9 @@ def test_moco_and_densecl_queues_and_losses_are_the_global_batch_ones(tmp_path: 
     """2 gloo ranks under torchrun (``tests/ddp_queue_worker.py``), each with its half of a fixed global batch of 8,
     3 SGD steps (queues of 16 wrap around), against one process with the whole batch.
 
-    Compared, per case (MoCo with a queue, MoCo with in-batch negatives, MoCo with shuffle_bn_groups=1, DenseCL):
+    Compared, per case (MoCo with a queue, MoCo with in-batch negatives, MoCo with shuffle_bn_groups=1, DenseCL,
+    MoCo with shuffle_bn_groups=3, whose 2 ranks cut their shares into ceil(3 / 2) = 2 groups each, against one
+    process with shuffle_bn_groups=4):
 
     * the queues (MoCo's; DenseCL's global and dense ones) and their pointers: bit-identical on both ranks;
     * the mean of the ranks' losses each step (what the training loop logs and LossGuard judges) equals the
