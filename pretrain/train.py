@@ -12,8 +12,9 @@ Run directory (``--out``)::
 
 Distributed (``train.devices > 1``, or any run started by ``torchrun``): DDP over ``torch.distributed``
 (:mod:`segfactory.distributed`). ``train.batch_size`` stays the global batch; each rank reads a contiguous slice of
-it (same data order, same augmentation parameters), BatchNorm is synchronized over the global batch, lightly's
-losses gather across ranks; rank 0 alone prints, writes metrics, checkpoints and the encoder.
+it (same data order, same augmentation parameters), BatchNorm is synchronized over the global batch (but MoCo's
+shuffled-BN key branch), lightly's losses and memory banks gather across ranks; rank 0 alone prints, writes metrics,
+checkpoints and the encoder.
 
 Determinism: model init is seeded, the data order and each sample's square crop are functions of
 ``(seed, position)``, and each micro-batch's augmentation parameters come from a generator seeded with
@@ -213,6 +214,16 @@ def setup_distributed(cfg: PretrainConfig, device: torch.device) -> tuple[DistIn
     return distributed.join(cfg.train, device, lambda n: check_distributed(cfg, n))
 
 
+def sync_batchnorm(model: SSLMethod, device: torch.device) -> SSLMethod:
+    """Make the method's BatchNorms normalize over the global batch, except in its ``per_rank_batchnorm()``
+    children (MoCo's key branch, whose per-rank statistics are its shuffled BN). In place; returns ``model``."""
+    keep = set(model.per_rank_batchnorm())
+    for name, child in list(model.named_children()):
+        if name not in keep:
+            setattr(model, name, distributed.convert_sync_batchnorm(child, device))
+    return model
+
+
 def note_world_size(ckpt: dict[str, Any], info: DistInfo, path: Path) -> None:
     """What resuming with another number of processes means (said, not refused)."""
     saved = int(ckpt.get("world_size", 1))
@@ -301,7 +312,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     norm = normalization(cfg.data.normalization, in_chans, data)
     views = ViewMaker(specs, norm["mean"], norm["std"])
     if info.distributed:
-        model = distributed.convert_sync_batchnorm(model, device)  # type: ignore[assignment]
+        sync_batchnorm(model, device)
     model.to(device)
     if tr.channels_last:
         model.to(memory_format=torch.channels_last)

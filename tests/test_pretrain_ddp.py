@@ -3,8 +3,12 @@
 * 2 processes with global batch B train the same weights as 1 process with batch B (SimCLR: NT-Xent gathered over
   ranks; BatchNorm synchronized over the global batch, so the statistics are the single-process ones);
 * resuming under 2 processes repeats an uninterrupted 2-process run exactly;
+* MoCo and DenseCL: the memory banks of both ranks stay identical (fed by every rank's keys), the loss is the
+  global batch's, and with ``shuffle_bn_groups`` a multiple of the world size the 2-process keys, losses, queues
+  and weights are the single-process ones; a 2-process run resumes exactly;
 * a rank that dies mid-run fails the whole job, promptly;
-* what cannot run data-parallel (MoCo, DenseCL; an uneven batch) is refused with one line before any process starts.
+* what cannot run data-parallel (a method that says why; an uneven batch) is refused with one line before any
+  process starts.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.train import checkpoint_paths, run_pretrain
+from pretrain.methods import METHODS
+from pretrain.train import check_distributed, checkpoint_paths, run_pretrain
 from segfactory.cli import main
 from segfactory.distributed import EXIT_HOOK_ENV
+from segfactory.errors import UserError
+from tests import ddp_queue_worker as queue_worker
 from tests.test_pretrain import REAL, ingest_inline, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DDP = ["train.steps=4", "train.batch_size=8", "train.checkpoint_every=2", "optim.optimizer=sgd", "optim.lr=0.5",
        "train.device=cpu", "method.simclr.temperature=0.2"]
 TOL = 1e-4  # max |w_ddp - w_single| over all weights and buffers after 4 steps (measured: see the report)
+TWO = ["train.devices=2", "train.backend=gloo"]
+# DenseCL at 64 px crops: a 2x2 grid on the stride-32 test_resnet (TINY sets MoCo's heads and its queue of 16)
+DENSECL = ["method.name=densecl", "method.densecl.hidden_dim=32", "method.densecl.out_dim=16",
+           "method.densecl.memory_bank_size=16", "augment.crop_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +99,7 @@ def test_two_processes_match_one_with_the_same_global_batch(images: Path, tmp_pa
 
 @pytest.mark.slow
 def test_resume_under_two_processes_equals_uninterrupted(images: Path, tmp_path: Path, capsys) -> None:
-    two = ["train.devices=2", "train.backend=gloo"]
+    two = TWO
     full = cli(images, tmp_path / "full", *two)
     assert full.returncode == 0, full.stderr[-3000:]
     part = cli(images, tmp_path / "part", *two, "--stop-after", "2")
@@ -117,17 +128,110 @@ def test_a_rank_that_dies_fails_the_job_without_hanging(images: Path, tmp_path: 
     assert not (tmp_path / "dead" / "summary.json").exists()
 
 
-def test_moco_and_uneven_batches_are_refused_before_launch(images: Path, tmp_path: Path, capsys) -> None:
+def test_uneven_batches_and_methods_that_say_why_are_refused_before_launch(images: Path, tmp_path: Path, capsys,
+                                                                          monkeypatch) -> None:
     base = ["pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images), "--out",
-            str(tmp_path / "x"), "backbone.name=test_resnet", *tiny_args(), *DDP, "train.devices=2",
-            "train.backend=gloo"]
-    assert main([*base, "method.name=moco"]) == 2
-    err = capsys.readouterr()
-    assert "method.name=moco cannot train on 2 processes yet" in err.out + err.err
-    assert main([*base, "method.name=densecl"]) == 2
+            str(tmp_path / "x"), "backbone.name=test_resnet", *tiny_args(), *DDP, *TWO]
     assert main([*base, "train.batch_size=7"]) == 2
     err = capsys.readouterr()
     assert "does not split evenly over 2 processes" in err.out + err.err
+    # every built-in method trains data-parallel; one that sets distributed_unsupported is refused with its reason
+    assert not [n for n in METHODS.names() if METHODS.get(n).distributed_unsupported]
+    monkeypatch.setattr(METHODS.get("moco"), "distributed_unsupported", "its queue is per rank")
+    assert main([*base, "method.name=moco"]) == 2
+    err = capsys.readouterr()
+    assert "method.name=moco cannot train on 2 processes yet: its queue is per rank" in err.out + err.err
+    with pytest.raises(UserError) as e:
+        check_distributed(tiny_cfg("method.name=moco"), 2)
+    assert "simclr" in (e.value.fix or "") and "moco" not in (e.value.fix or "")
+    check_distributed(tiny_cfg("method.name=moco"), 1)  # one process: nothing to refuse
+
+
+@pytest.mark.slow
+def test_moco_and_densecl_queues_and_losses_are_the_global_batch_ones(tmp_path: Path) -> None:
+    """2 gloo ranks under torchrun (``tests/ddp_queue_worker.py``), each with its half of a fixed global batch of 8,
+    3 SGD steps (queues of 16 wrap around), against one process with the whole batch.
+
+    Compared, per case (MoCo with a queue, MoCo with in-batch negatives, MoCo with shuffle_bn_groups=1, DenseCL,
+    MoCo with shuffle_bn_groups=3, whose 2 ranks cut their shares into ceil(3 / 2) = 2 groups each, against one
+    process with shuffle_bn_groups=4):
+
+    * the queues (MoCo's; DenseCL's global and dense ones) and their pointers: bit-identical on both ranks;
+    * the mean of the ranks' losses each step (what the training loop logs and LossGuard judges) equals the
+      single-process loss of the global batch, the queues equal the single-process queues and the weights the
+      single-process weights, up to float32 rounding (1e-5). Equal, not just close in law, because with
+      ``shuffle_bn_groups=2`` on 2 ranks each rank's share of the permuted global batch is exactly one of the
+      single process's 2 shuffled-BN groups (same seeded permutation), and with ``shuffle_bn_groups=1`` the key
+      encoder's BatchNorm is synchronized over the global batch like the single process's one group. Not compared:
+      the key encoder's BatchNorm running statistics, per rank by design (one update per step and rank instead of
+      one per group) and never used (the key encoder always runs in training mode; the query encoder is exported).
+
+    Per-rank shuffling (each rank cutting its own 4 samples into 2 groups) changes the keys and the losses by
+    ~1e-1; per-rank queues differ between the ranks.
+    """
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "tests.ddp_queue_worker", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tol = 1e-5
+    for case in queue_worker.CASES:
+        ranks = [torch.load(out / f"{case}_rank{i}.pt", weights_only=True) for i in (0, 1)]
+        one = queue_worker.run_case(case)
+        assert set(ranks[0]["banks"]) == set(ranks[1]["banks"]) == set(one["banks"])
+        assert (len(one["banks"]) == 0) == (case == "moco_inbatch") and (len(one["banks"]) == 2) == (case == "densecl")
+        for name, (bank, ptr) in one["banks"].items():
+            assert torch.equal(ranks[0]["banks"][name][0], ranks[1]["banks"][name][0]), (case, name)
+            assert ranks[0]["banks"][name][1] == ranks[1]["banks"][name][1] == ptr, (case, name)
+            assert float((ranks[0]["banks"][name][0] - bank).abs().max()) < tol, (case, name)
+        assert torch.equal(ranks[0]["global_loss"], ranks[1]["global_loss"])
+        assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])  # the ranks' own halves differ
+        loss_diff = float((ranks[0]["global_loss"] - one["loss"]).abs().max())
+        shared = [k for k in one["weights"] if not (k.startswith("key_") and "running" in k)]
+        w_diff = max(float((ranks[0]["weights"][k] - one["weights"][k]).abs().max()) for k in shared)
+        init = queue_worker.run_case(case, steps=0)["weights"]
+        moved = max(float((one["weights"][k] - init[k]).abs().max()) for k in shared if "running" not in k)
+        bank_diff = max([float((ranks[0]["banks"][n][0] - b).abs().max()) for n, (b, _) in one["banks"].items()],
+                        default=0.0)
+        print(f"{case}: |loss_2 - loss_1| {loss_diff:.2g}, |w_2 - w_1| {w_diff:.2g} (trained weights moved up to "
+              f"{moved:.2g}), |queue_2 - queue_1| {bank_diff:.2g}")
+        assert loss_diff < tol, case
+        assert w_diff < tol < moved / 100, case
+        assert all(torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]) for k in shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["method.name=moco"], DENSECL], ids=["moco", "densecl"])
+def test_moco_and_densecl_resume_exactly_under_two_processes(images: Path, tmp_path: Path, method: list[str]) -> None:
+    """A 2-process run resumed from its step-2 checkpoint ends bit for bit where the uninterrupted run ended
+    (weights, the key encoder's BatchNorm statistics of rank 0, the queues); and it trained the single-process
+    model (1e-4, all but the key encoder's per-rank BatchNorm running statistics, see the test above)."""
+    full = cli(images, tmp_path / "full", *TWO, *method)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "full", again)
+    checkpoint_paths(again)[-1].unlink()  # keep step 2 (keep_checkpoints=2): the run continues from there
+    rest = cli(images, again, *TWO, *method, "--resume")
+    assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
+    assert "resuming from" in rest.stdout + rest.stderr and "step_0000002.pt" in rest.stdout + rest.stderr
+    a, b = (torch.load(checkpoint_paths(d)[-1], map_location="cpu", weights_only=True)
+            for d in (tmp_path / "full", again))
+    assert a["step"] == b["step"] == 4 and a["world_size"] == 2
+    assert max_diff(weights(tmp_path / "full"), weights(again)) == 0.0
+    banks = [k for k in a["extra_buffers"] if k.endswith(".bank")]
+    assert len(banks) == (2 if method == DENSECL else 1)
+    assert all(torch.equal(a["extra_buffers"][k], b["extra_buffers"][k]) for k in a["extra_buffers"])
+    single = tmp_path / "single"
+    run_pretrain(tiny_cfg(*DDP, *method), images, single)
+    s = torch.load(checkpoint_paths(single)[-1], map_location="cpu", weights_only=True)
+    shared = [k for k in a["model"] if a["model"][k].is_floating_point() and not (
+        k.startswith("key_") and "running" in k)]
+    diff = max(float((a["model"][k].float() - s["model"][k].float()).abs().max()) for k in shared)
+    bank_diff = max(float((a["extra_buffers"][k] - s["extra_buffers"][k]).abs().max()) for k in banks)
+    print(f"{method[0]}: max |w_ddp - w_single| = {diff:.3g}, queues {bank_diff:.3g}")
+    assert diff < TOL and bank_diff < TOL
 
 
 def test_rank_slices_of_the_data_and_views_make_the_single_process_batch(images: Path) -> None:

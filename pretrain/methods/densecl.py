@@ -34,11 +34,10 @@ from pydantic import Field
 from pretrain.augment import ViewSpec
 from pretrain.encoder import PooledEncoder
 from pretrain.methods import register_method
-from pretrain.methods.base import SSLMethod, momentum_copy
+from pretrain.methods.base import SSLMethod, momentum_copy, shuffled_key_forward
 from segfactory.config import StrictModel
 from segfactory.console import console
 from segfactory.errors import UserError
-from segfactory.seeds import moco_shuffle_seed
 
 
 class DenseCLConfig(StrictModel):
@@ -59,8 +58,9 @@ class DenseCLConfig(StrictModel):
                                   "stride-32 backbone, the paper's setting)")
     momentum: float = Field(0.99, ge=0, lt=1, description="start of the cosine momentum schedule (ends at 1; the "
                             "paper: 0.999 fixed)")
-    shuffle_bn_groups: int = Field(2, ge=1, description="shuffled BN on one device, as method.moco: the key "
-                                   "encoder sees the shuffled batch in this many groups (1 = off)")
+    shuffle_bn_groups: int = Field(2, ge=1, description="shuffled BN, as method.moco: the key encoder sees the "
+                                   "shuffled global batch in this many groups (1 = off; on N processes "
+                                   "ceil(groups / N) per process)")
 
 
 @register_method("densecl", DenseCLConfig)
@@ -68,9 +68,6 @@ class DenseCL(SSLMethod[DenseCLConfig]):
     """DenseCL: MoCo v2 (global head, momentum key encoder, queue) plus a dense head on the feature grid whose
     positives are found by backbone-feature correspondence and whose negatives come from a second queue."""
 
-    distributed_unsupported: ClassVar[str | None] = (
-        "shuffled BN across ranks (batch_shuffle_distributed) and a memory bank fed by all ranks' keys are "
-        "not implemented yet: per-rank shuffled BN and per-rank queues would train a different method")
     momentum_pairs: ClassVar[list[tuple[str, str]]] = [
         ("encoder", "key_encoder"), ("head", "key_head"), ("dense_head", "key_dense_head")]
 
@@ -82,8 +79,11 @@ class DenseCL(SSLMethod[DenseCLConfig]):
         self.key_head = momentum_copy(self.head)
         self.key_dense_head = momentum_copy(self.dense_head)
         # both queues start as random unit vectors (lightly's init), drawn from the seeded init RNG
-        self.criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.memory_bank_size, cfg.out_dim))
-        self.dense_bank = MemoryBankModule(size=(cfg.memory_bank_size, cfg.out_dim), feature_dim_first=False)
+        # on several processes both queues are fed by every rank's keys (gathered in rank order), the same on every rank
+        self.criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=(cfg.memory_bank_size, cfg.out_dim),
+                                    gather_distributed=True)
+        self.dense_bank = MemoryBankModule(size=(cfg.memory_bank_size, cfg.out_dim), gather_distributed=True,
+                                           feature_dim_first=False)
 
     def view_specs(self, crop: int, local_crop: int, min_scale: float | None) -> list[ViewSpec]:
         side = -(-crop // self.encoder.feature_strides[-1])  # the last feature map's side at this crop
@@ -156,10 +156,10 @@ class DenseCL(SSLMethod[DenseCLConfig]):
         return fmap.flatten(2)
 
     def _key_features(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Key-encoder feature grid (B, C, S) with shuffled BN (see :class:`pretrain.methods.moco.MoCo`): the
-        shuffled batch goes through in ``shuffle_bn_groups`` groups, each normalized with its own statistics."""
-        gen = torch.Generator().manual_seed(moco_shuffle_seed(step))
-        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
-        groups = min(self.cfg.shuffle_bn_groups, x.shape[0] // 2) or 1
-        f = torch.cat([self._grid(self.key_encoder.feature_map(g)) for g in x[perm].chunk(groups)])
-        return f[torch.argsort(perm)]
+        """Key-encoder feature grid (B, C, S) with shuffled BN (:func:`pretrain.methods.base.shuffled_key_forward`)."""
+        return shuffled_key_forward(lambda g: self._grid(self.key_encoder.feature_map(g)), x, step,
+                                    self.cfg.shuffle_bn_groups)
+
+    def per_rank_batchnorm(self) -> list[str]:
+        """The key encoder (shuffled BN); the key heads run after the unshuffle, on this rank's own samples."""
+        return ["key_encoder"] if self.cfg.shuffle_bn_groups > 1 else []

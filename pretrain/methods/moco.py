@@ -12,9 +12,8 @@ from pydantic import Field
 from pretrain.augment import ViewSpec
 from pretrain.encoder import PooledEncoder
 from pretrain.methods import register_method
-from pretrain.methods.base import SSLMethod, momentum_copy
+from pretrain.methods.base import SSLMethod, momentum_copy, shuffled_key_forward
 from segfactory.config import StrictModel
-from segfactory.seeds import moco_shuffle_seed
 
 
 class MoCoConfig(StrictModel):
@@ -25,18 +24,16 @@ class MoCoConfig(StrictModel):
     out_dim: int = Field(128, ge=1)
     memory_bank_size: int = Field(4096, ge=0, description="negatives kept from past batches (0: in-batch only)")
     momentum: float = Field(0.99, ge=0, lt=1, description="start of the cosine momentum schedule (ends at 1)")
-    shuffle_bn_groups: int = Field(2, ge=1, description="shuffled BN on one device: the key encoder sees the "
-                                   "shuffled batch in this many groups, each with its own BatchNorm statistics "
-                                   "(what MoCo's per-GPU shuffle does; 1 = off)")
+    shuffle_bn_groups: int = Field(2, ge=1, description="shuffled BN: the key encoder sees the shuffled global "
+                                   "batch in this many groups, each with its own BatchNorm statistics (what "
+                                   "MoCo's per-GPU shuffle does; 1 = off). On N processes each process's share is "
+                                   "ceil(groups / N) of them (N groups at least, one per process)")
 
 
 @register_method("moco", MoCoConfig)
 class MoCo(SSLMethod[MoCoConfig]):
     """MoCo v2: query encoder vs momentum key encoder, negatives from a memory bank."""
 
-    distributed_unsupported: ClassVar[str | None] = (
-        "shuffled BN across ranks (batch_shuffle_distributed) and a memory bank fed by all ranks' keys are "
-        "not implemented yet: per-rank shuffled BN and per-rank queues would train a different method")
     momentum_pairs: ClassVar[list[tuple[str, str]]] = [("encoder", "key_encoder"), ("head", "key_head")]
 
     def __init__(self, encoder: PooledEncoder, cfg: MoCoConfig, total_steps: int):
@@ -45,7 +42,9 @@ class MoCo(SSLMethod[MoCoConfig]):
         self.key_encoder = momentum_copy(encoder)
         self.key_head = momentum_copy(self.head)
         bank = (cfg.memory_bank_size, cfg.out_dim) if cfg.memory_bank_size else 0
-        self.criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=bank)
+        # on several processes the queue is fed by every rank's keys (gathered in rank order: the global batch's
+        # order), so every rank holds the same queue; without a queue the in-batch negatives are the global batch's
+        self.criterion = NTXentLoss(temperature=cfg.temperature, memory_bank_size=bank, gather_distributed=True)
 
     def view_specs(self, crop: int, local_crop: int, min_scale: float | None) -> list[ViewSpec]:
         s = (min_scale or 0.2, 1.0)  # MoCo v2 crops
@@ -54,17 +53,10 @@ class MoCo(SSLMethod[MoCoConfig]):
     def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
         q = self.head(self.encoder(views[0])).float()
         with torch.no_grad():
-            # Shuffled BN: with BatchNorm over the whole batch, the key of sample i would be normalized with the
-            # same statistics as its query, a shortcut the contrastive loss can exploit. MoCo shuffles keys across
-            # GPUs; on one device the shuffled batch goes through the key encoder in groups, so each key is
-            # normalized with the statistics of a random subset (a permutation alone would change nothing).
-            x1 = views[1]
-            perm = torch.randperm(x1.shape[0], generator=self._shuffle_gen(step)).to(x1.device)
-            groups = min(self.cfg.shuffle_bn_groups, x1.shape[0] // 2) or 1
-            k = torch.cat([self.key_head(self.key_encoder(g)) for g in x1[perm].chunk(groups)]).float()
-            k = k[torch.argsort(perm)]
+            k = shuffled_key_forward(lambda x: self.key_head(self.key_encoder(x)), views[1], step,
+                                     self.cfg.shuffle_bn_groups).float()
         return self.criterion(q, k)
 
-    @staticmethod
-    def _shuffle_gen(step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(moco_shuffle_seed(step))
+    def per_rank_batchnorm(self) -> list[str]:
+        """The key branch: its per-rank statistics on each rank's share of the shuffled batch are the shuffled BN."""
+        return ["key_encoder", "key_head"] if self.cfg.shuffle_bn_groups > 1 else []
