@@ -8,8 +8,10 @@
 * resuming under 2 processes repeats an uninterrupted 2-process run exactly;
 * a rank that dies mid-run fails the whole job, promptly;
 * the instance head trains the same way on 2 processes;
-* what cannot run data-parallel yet (domain adaptation; an uneven batch) is refused with one line before any
-  process starts.
+* domain adaptation (self-training with the EMA teacher and ClassMix, histogram matching and FDA, BatchNorm
+  recalibration) on real unlabeled HeLa frames trains the same on 2 processes as on 1, and resumes exactly;
+* what cannot run data-parallel (a synthetic or real batch that does not split evenly) is refused with one line
+  before any process starts.
 """
 
 from __future__ import annotations
@@ -223,8 +225,9 @@ def test_what_cannot_run_data_parallel_is_refused_before_launch(tiny_dataset: Pa
     assert main([*base, "train.batch_size=7"]) == 2
     err = capsys.readouterr()
     assert "train.batch_size=7 (the global batch) does not split evenly over 2 processes" in err.err.replace("\n", " ")
-    assert main([*base, "--unlabeled", str(tmp_path / "none")]) == 2
-    assert "domain adaptation" in capsys.readouterr().err
+    assert main([*base, "--unlabeled", str(tmp_path / "none"), "adapt.batch_size=5"]) == 2
+    assert "adapt.batch_size=5 (the global batch of real crops) does not split evenly over 2 processes" in \
+        capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
@@ -278,3 +281,77 @@ def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp
     assert summary["finished"]
     assert "train.devices=2 but this process was not started by torchrun" in capsys.readouterr().err.replace("\n", " ")
     assert checkpoint(tmp_path / "run")["world_size"] == 1
+
+
+# ------------------------------------------------------------------------------------------ domain adaptation
+
+# Self-training from step 1 of 4 with a low pseudo-label threshold (the barely trained teacher is never 0.968
+# confident, and its labels should count), histogram matching and FDA on every other crop, BatchNorm
+# recalibration of the validated and saved models. The real batch is the global batch of 8 (4 per rank).
+ADAPT = ["adapt.warmup_steps=1", "adapt.threshold=0.4", "adapt.hist_match_p=0.5", "adapt.fda_beta=0.05",
+         "adapt.fda_p=0.5", "adapt.recalibrate_bn=2", "input.scaling=auto"]
+
+
+@pytest.fixture(scope="module")
+def hela_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 real HeLa frames (the ctc-hela sample set's unlabeled split) ingested as unlabeled images."""
+    from segfactory.sampledata import materialize
+    from test_finetune_adapt import ingest_files
+
+    frames = materialize("ctc-hela", split="unlabeled", out=tmp_path_factory.mktemp("hela"))["unlabeled"]
+    files = sorted(frames.glob("hela_t*.png"))[:4]
+    return ingest_files(files, tmp_path_factory.mktemp("hela_ingested") / "images", 128)
+
+
+def teacher(ckpt: dict) -> torch.Tensor:
+    return torch.cat([v.float().flatten() for k, v in sorted(ckpt["adapt"]["teacher"].items())
+                      if v.is_floating_point() and "running" not in k])
+
+
+@pytest.mark.slow
+def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
+        tiny_dataset: Path, hela_unlabeled: Path, tmp_path: Path) -> None:
+    extra = ["--unlabeled", str(hela_unlabeled), *ADAPT]
+    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = cli(tiny_dataset, tmp_path / "ddp", *TWO, *extra)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    a, b = checkpoint(tmp_path / "single"), checkpoint(tmp_path / "ddp")
+    assert b["world_size"] == 2 and b["step"] == 4
+    # the student and the teacher (an EMA of the students) against one process
+    for name, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
+        differ = float(((wa - wb).abs() > 1e-6).float().mean())
+        print(f"adaptation, 4 steps: {name} {100 * differ:.4f} % of {wa.numel()} weights differ by > 1e-6 "
+              f"(max {float((wa - wb).abs().max()):.3g})")
+        assert differ < TOL_FRACTION, name
+    # the adaptation generator has made the same draws (for the global batch, on every rank)
+    assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
+    la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    st = 0
+    for x, y in zip(la, lb, strict=True):
+        if "loss" in x:
+            for k in ("loss", "ce", "dice", "selftrain_loss"):
+                assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 1e-4, (k, x, y)
+            # pseudo-label quality and the pasted share, global means (logged to 4 digits)
+            for k in ("pseudo_quality", "pasted"):
+                assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 2e-4, (k, x, y)
+            st += "selftrain_loss" in x
+        else:  # validated with the BatchNorm-recalibrated model
+            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.005, (x, y)
+    assert st == 3  # steps 2, 3, 4 self-trained
+    assert all(0 < r["pseudo_quality"] <= 1 and 0 < r["pasted"] < 1 for r in lb if "pasted" in r)  # it did adapt
+    # resume under 2 processes: bit for bit the uninterrupted 2-process run (student, teacher, generator, logs)
+    part = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "train.stop_at=2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    rest = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "--resume")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    c = checkpoint(tmp_path / "part")
+    assert all(torch.equal(b["model"][k], c["model"][k]) for k in b["model"])
+    assert all(torch.equal(b["adapt"]["teacher"][k], c["adapt"]["teacher"][k]) for k in b["adapt"]["teacher"])
+    assert torch.equal(b["adapt"]["rng"], c["adapt"]["rng"])
+
+    def logged(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(out)]
+
+    assert logged(tmp_path / "ddp") == logged(tmp_path / "part")
