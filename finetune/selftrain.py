@@ -344,7 +344,7 @@ class SelfTraining:
         b = src_x.shape[0]
         if r == b:  # the same batch sizes: global row g pairs with g, on the same rank
             return src_x, src_y
-        lo, total = self._rows(r)
+        lo, _ = self._rows(r)
         idx = torch.arange(lo, lo + r, device=src_x.device) % (b * self.info.world_size)
         # (the same decision on every rank: the per-rank sizes are equal, so all ranks gather or none does)
         return (distributed.all_gather_cat(src_x, self.info)[idx],

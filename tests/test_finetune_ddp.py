@@ -249,6 +249,47 @@ def test_rank_slots_and_augmentation_rows_make_the_single_process_batch() -> Non
     assert torch.equal(torch.cat([gy for _, gy in got]), ref[1])
 
 
+def test_rank_slots_of_real_crops_and_classmix_draws_make_the_single_process_batch() -> None:
+    """The unlabeled sampler's rank slots and ClassMix drawn from the gathered class lists of the global batch."""
+    from finetune.adapt import choose_half, chosen_mask, classmix_masks, present_classes
+    from finetune.unlabeled import UnlabeledSampler
+
+    whole = list(UnlabeledSampler(5, 8, 3, 2, 6))
+    parts = [list(UnlabeledSampler(5, 8, 3, 2, 6, rank=r, world_size=2)) for r in (0, 1)]
+    for s, batch in enumerate(whole):  # (step, global slot, image): the slot seeds the window
+        assert parts[0][s] + parts[1][s] == batch and len(parts[1][s]) == 4
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (8, 16, 16), generator=g)
+    y[:, :2] = 255
+    y[5] = 255  # no class at all: no draw
+    ref = classmix_masks(y, torch.Generator().manual_seed(7), 255, num_classes=4)
+    gen = torch.Generator().manual_seed(7)
+    present = torch.cat([present_classes(y[4 * r:4 * r + 4], 4, 255) for r in (0, 1)])  # all_gather_cat
+    chosen = choose_half(present, gen)
+    got = torch.cat([chosen_mask(y[4 * r:4 * r + 4], chosen[4 * r:4 * r + 4]) for r in (0, 1)])
+    assert torch.equal(got, ref)
+    # per-rank draws (each rank from the same generator state, for its own rows) would differ
+    local = [classmix_masks(y[4 * r:4 * r + 4], torch.Generator().manual_seed(7), 255, num_classes=4)
+             for r in (0, 1)]
+    assert not torch.equal(torch.cat(local), ref)
+
+
+def test_local_batchnorm_undoes_the_synchronized_one() -> None:
+    from segfactory.distributed import CPUSyncBatchNorm, local_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    ref = net(x)
+    synced = CPUSyncBatchNorm.convert(net)
+    sync_cls = type(synced[1])
+    assert sync_cls is not torch.nn.BatchNorm2d
+    plain = local_batchnorm(synced)
+    assert not any(isinstance(m, (sync_cls, torch.nn.SyncBatchNorm)) for m in plain.modules())
+    assert plain[1].weight is net[1].weight and plain[1].running_mean is net[1].running_mean  # shared
+    assert torch.allclose(plain(x), ref, atol=1e-6)
+
+
 def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
     from segmentation_models_pytorch.losses import DiceLoss
 
@@ -295,8 +336,9 @@ ADAPT = ["adapt.warmup_steps=1", "adapt.threshold=0.4", "adapt.hist_match_p=0.5"
 @pytest.fixture(scope="module")
 def hela_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 real HeLa frames (the ctc-hela sample set's unlabeled split) ingested as unlabeled images."""
-    from segfactory.sampledata import materialize
     from test_finetune_adapt import ingest_files
+
+    from segfactory.sampledata import materialize
 
     frames = materialize("ctc-hela", split="unlabeled", out=tmp_path_factory.mktemp("hela"))["unlabeled"]
     files = sorted(frames.glob("hela_t*.png"))[:4]
