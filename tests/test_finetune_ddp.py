@@ -328,9 +328,11 @@ def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp
 
 # Self-training from step 1 of 4 with a low pseudo-label threshold (the barely trained teacher is never 0.968
 # confident, and its labels should count), histogram matching and FDA on every other crop, BatchNorm
-# recalibration of the validated and saved models. The real batch is the global batch of 8 (4 per rank).
+# recalibration of the validated and saved models. The real batch is 4 (2 per rank) against 8 synthetic crops (4
+# per rank): ClassMix pastes synthetic crops 0-3 into real crops 0-3, so rank 1 pastes crops that rank 0 holds
+# (the gathered path; with equal batches each rank pastes its own, measured to match as closely).
 ADAPT = ["adapt.warmup_steps=1", "adapt.threshold=0.4", "adapt.hist_match_p=0.5", "adapt.fda_beta=0.05",
-         "adapt.fda_p=0.5", "adapt.recalibrate_bn=2", "input.scaling=auto"]
+         "adapt.fda_p=0.5", "adapt.recalibrate_bn=2", "adapt.batch_size=4", "input.scaling=auto"]
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +345,24 @@ def hela_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     frames = materialize("ctc-hela", split="unlabeled", out=tmp_path_factory.mktemp("hela"))["unlabeled"]
     files = sorted(frames.glob("hela_t*.png"))[:4]
     return ingest_files(files, tmp_path_factory.mktemp("hela_ingested") / "images", 128)
+
+
+def test_each_rank_loads_its_slots_of_the_global_real_batch(hela_unlabeled: Path) -> None:
+    """Real crops from the unlabeled store, in random order and streamed: rank 0's then rank 1's crops are the
+    single-process batch, pixel for pixel."""
+    from finetune.unlabeled import open_unlabeled, unlabeled_loader
+
+    images = open_unlabeled([hela_unlabeled], 3).images
+    for stream in (False, True):
+        def batches(rank: int, world: int, stream: bool = stream) -> list[dict]:
+            return list(unlabeled_loader(images, 48, 3, "auto", 1.0, 4, 0, 1, 3, 0, False, stream=stream,
+                                         rank=rank, world_size=world))
+
+        whole, parts = batches(0, 1), [batches(r, 2) for r in (0, 1)]
+        assert len(whole) == 2
+        for s, b in enumerate(whole):
+            for key in ("image", "valid"):
+                assert torch.equal(torch.cat([parts[0][s][key], parts[1][s][key]]), b[key]), (stream, s, key)
 
 
 def teacher(ckpt: dict) -> torch.Tensor:
