@@ -312,7 +312,7 @@ class SelfTraining:
         report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids, train_zoom=zoom)
         # data-parallel: every rank estimated from the same images; rank 0's numbers are used everywhere (GPU
         # float rounding may differ between ranks)
-        report = distributed.broadcast_object(report, self.info)  # type: ignore[assignment]
+        report = distributed.broadcast_object(report, self.info)
         model.train(was)
         if not report["ok"]:
             things = ", ".join(map(str, self.thing_ids)) or "none"

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from segfactory.errors import UserError
 
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 # Test hook: "RANK:STEP" makes that rank exit (status 3) when it reaches that optimizer step, as a crashed or
 # killed process would (tests/test_pretrain_ddp.py checks that the whole job then fails, without hanging).
 EXIT_HOOK_ENV = "SEGFACTORY_TEST_RANK_EXIT"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -400,13 +402,13 @@ def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts).to(x.device)
 
 
-def broadcast_object(obj: object, info: DistInfo, src: int = 0) -> object:
+def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` (picklable) on every rank: a per-run value computed on every rank, made identical."""
     if not info.distributed:
         return obj
     import torch.distributed as dist
 
-    box = [obj]
+    box: list[T] = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
