@@ -369,5 +369,6 @@ class SelfTraining:
         w = self.info.world_size
         sums = distributed.all_sum_grad(torch.stack([weighted.sum(), quality.sum().to(weighted.dtype).detach(),
                                                      pasted.sum().to(weighted.dtype)]), self.info)
-        return (sums[0] / (weighted.numel() * w), float(sums[1]) / (quality.numel() * w),
-                float(sums[2]) / (pasted.numel() * w))
+        logged = sums[1:].detach()
+        return (sums[0] / (weighted.numel() * w), float(logged[0]) / (quality.numel() * w),
+                float(logged[1]) / (pasted.numel() * w))
