@@ -310,20 +310,6 @@ def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
         assert torch.allclose(ga, gb, atol=1e-7)
 
 
-def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
-    from finetune.config import apply_data_flags
-    from finetune.train import run_finetune
-    from segfactory.config import load_config
-
-    cfg = load_config(FinetuneConfig, TINY, [*ARGS, "train.steps=1", *TWO])
-    cfg = apply_data_flags(cfg, [str(tiny_dataset)], None, None, None, None)
-    summary = run_finetune(cfg, tmp_path / "run", show_progress=False)
-    assert summary["finished"]
-    assert "train.devices=2 but this process was not started by torchrun" in capsys.readouterr().err.replace("\n", " ")
-    assert checkpoint(tmp_path / "run")["world_size"] == 1
-
-
 # ------------------------------------------------------------------------------------------ domain adaptation
 
 # Self-training from step 1 of 4 with a low pseudo-label threshold (the barely trained teacher is never 0.968
@@ -417,3 +403,17 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(out)]
 
     assert logged(tmp_path / "ddp") == logged(tmp_path / "part")
+
+
+def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from finetune.config import apply_data_flags
+    from finetune.train import run_finetune
+    from segfactory.config import load_config
+
+    cfg = load_config(FinetuneConfig, TINY, [*ARGS, "train.steps=1", *TWO])
+    cfg = apply_data_flags(cfg, [str(tiny_dataset)], None, None, None, None)
+    summary = run_finetune(cfg, tmp_path / "run", show_progress=False)
+    assert summary["finished"]
+    assert "train.devices=2 but this process was not started by torchrun" in capsys.readouterr().err.replace("\n", " ")
+    assert checkpoint(tmp_path / "run")["world_size"] == 1
