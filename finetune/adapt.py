@@ -176,32 +176,81 @@ def pixel_weights(pl: PseudoLabels, mode: str = "quality") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ ClassMix
 
 
+def present_classes(labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                    candidates: list[int] | None = None) -> torch.Tensor:
+    """Per image, which classes its labels hold (the ClassMix candidates).
+
+    Args:
+        labels: (B, H, W) int class ids below ``num_classes`` or ``ignore_index`` (never a candidate).
+        candidates: Only these classes count (e.g. the thing classes); default all.
+
+    Returns:
+        (B, K) bool, ``K = num_classes``.
+    """
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1).long()
+    keep = (flat != ignore_index) & (flat >= 0) & (flat < num_classes)
+    counts = torch.zeros(b, num_classes, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, torch.where(keep, flat, 0), keep.long())
+    present = counts > 0
+    if candidates is not None:
+        allowed = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+        ids = [c for c in candidates if 0 <= c < num_classes]
+        allowed[torch.as_tensor(ids, dtype=torch.long, device=labels.device)] = True
+        present &= allowed
+    return present
+
+
+def choose_half(present: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per row, ``ceil(n / 2)`` of its ``n`` present classes at random (DACS), drawn row by row from
+    ``generator``: one ``randperm(n)`` per row with ``n > 0``, indexing the present classes in ascending order.
+
+    Data-parallel ranks call this on the global batch's rows (:func:`present_classes` gathered over ranks), so
+    the generator advances as in a single process and each rank keeps its rows.
+
+    Args:
+        present: (B, K) bool, from :func:`present_classes`.
+
+    Returns:
+        (B, K) bool, the chosen classes.
+    """
+    chosen = torch.zeros_like(present)
+    for i, row in enumerate(present):
+        classes = row.nonzero().squeeze(1)
+        n = int(classes.numel())
+        if n == 0:
+            continue
+        pick = torch.randperm(n, generator=generator, device=generator.device)[: (n + n % 2) // 2]
+        chosen[i, classes[pick.to(classes.device)]] = True
+    return chosen
+
+
+def chosen_mask(labels: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool, True where ``labels`` (B, H, W) holds a class of its row of ``chosen`` (B, K)."""
+    k = chosen.shape[1]
+    inside = (labels >= 0) & (labels < k)
+    picked = chosen.gather(1, torch.where(inside, labels, 0).reshape(labels.shape[0], -1).long())
+    return picked.reshape(labels.shape) & inside
+
+
 def classmix_masks(labels: torch.Tensor, generator: torch.Generator, ignore_index: int = 255,
-                   candidates: list[int] | None = None) -> torch.Tensor:
+                   candidates: list[int] | None = None, num_classes: int | None = None) -> torch.Tensor:
     """Per image, a mask of half of the classes present in its labels (DACS: ``ceil(n / 2)`` of ``n``).
 
     Args:
         labels: (B, H, W) int class ids of the images to paste from; ``ignore_index`` is never chosen.
         generator: On ``labels``' device.
         candidates: Only these classes may be chosen (e.g. the thing classes); default all.
+        num_classes: K (ids ``0..K-1``); default the largest id present other than ``ignore_index``, plus one.
 
     Returns:
         (B, H, W) bool, True where the pixel is pasted.
     """
-    masks = []
-    for lab in labels:
-        classes = torch.unique(lab)
-        classes = classes[classes != ignore_index]
-        if candidates is not None:
-            classes = classes[torch.isin(classes, torch.as_tensor(candidates, device=classes.device,
-                                                                  dtype=classes.dtype))]
-        n = int(classes.numel())
-        if n == 0:
-            masks.append(torch.zeros_like(lab, dtype=torch.bool))
-            continue
-        pick = torch.randperm(n, generator=generator, device=generator.device)[: (n + n % 2) // 2]
-        masks.append(torch.isin(lab, classes[pick.to(classes.device)]))
-    return torch.stack(masks)
+    if num_classes is None:
+        ids = labels[labels != ignore_index]
+        num_classes = int(ids.max()) + 1 if ids.numel() else 0
+    present = present_classes(labels, num_classes, ignore_index, candidates)
+    return chosen_mask(labels, choose_half(present, generator))
 
 
 def classmix(src_image: torch.Tensor, src_labels: torch.Tensor, tgt_image: torch.Tensor, tgt_labels: torch.Tensor,
@@ -228,7 +277,8 @@ def classmix(src_image: torch.Tensor, src_labels: torch.Tensor, tgt_image: torch
 
 
 def strong_photometric(image: torch.Tensor, generator: torch.Generator, jitter_p: float, jitter: float,
-                       blur_p: float, blur_sigma: tuple[float, float]) -> torch.Tensor:
+                       blur_p: float, blur_sigma: tuple[float, float],
+                       rows: tuple[int, int] | None = None) -> torch.Tensor:
     """DACS's strong augmentation of mixed images: colour jitter and Gaussian blur, per image.
 
     Args:
@@ -237,6 +287,8 @@ def strong_photometric(image: torch.Tensor, generator: torch.Generator, jitter_p
         jitter_p: Probability of jitter; brightness, contrast, saturation, hue factors are drawn in
             ``±jitter`` (hue in ``±jitter`` half-turns, as torchvision's ColorJitter).
         blur_p: Probability of blur; sigma uniform in ``blur_sigma``, kernel of about 10 % of the side.
+        rows: ``(lo, total)``: ``image`` is rows ``lo:lo + B`` of a global batch of ``total`` (a data-parallel
+            rank's share): the parameters are drawn for all ``total`` and these rows kept.
 
     Returns:
         (B, C, H, W) in [0, 1].
@@ -245,7 +297,8 @@ def strong_photometric(image: torch.Tensor, generator: torch.Generator, jitter_p
     from kornia.filters import gaussian_blur2d
 
     b, c, h, w = image.shape
-    u = torch.rand(b, 7, generator=generator, device=image.device)
+    lo, total = rows or (0, b)
+    u = torch.rand(total, 7, generator=generator, device=image.device)[lo:lo + b]
     on = (u[:, 0] < jitter_p).float()
     if jitter and jitter_p:
         image = adjust_brightness(image, (2 * u[:, 1] - 1) * jitter * on)
@@ -327,20 +380,24 @@ def match_histograms(src: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def align_batch(src: torch.Tensor, ref: torch.Tensor, generator: torch.Generator, fda_beta: float, fda_p: float,
-                hist_p: float) -> torch.Tensor:
+                hist_p: float, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Move synthetic crops toward random real crops: FDA and/or histogram matching, each with a probability.
 
     Args:
         src: (B, C, S, S) synthetic crops in [0, 1].
         ref: (R, C, S, S) real crops in [0, 1] (R >= 1); each synthetic crop gets a random one.
         generator: On ``src``'s device.
+        rows: ``(lo, total)``: ``src`` is rows ``lo:lo + B`` of a global batch of ``total`` (a data-parallel
+            rank's share; ``ref`` is then the global batch's real crops): the draws are made for all ``total``
+            and these rows kept.
 
     Returns:
         (B, C, S, S) in [0, 1].
     """
     b = src.shape[0]
-    u = torch.rand(b, 2, generator=generator, device=src.device)
-    pick = torch.randint(0, ref.shape[0], (b,), generator=generator, device=src.device)
+    lo, total = rows or (0, b)
+    u = torch.rand(total, 2, generator=generator, device=src.device)[lo:lo + b]
+    pick = torch.randint(0, ref.shape[0], (total,), generator=generator, device=src.device)[lo:lo + b]
     r = ref[pick.to(ref.device)].to(src.device)
     if fda_beta > 0 and fda_p > 0:
         src = torch.where((u[:, 0] < fda_p).view(b, 1, 1, 1), fda(src, r, fda_beta), src)

@@ -14,6 +14,13 @@ Before step 1 the synthetic crops may be moved toward random real crops (FDA, hi
 
 Every random choice comes from one generator saved in the checkpoint together with the teacher, and the real
 crops are a function of ``(seed, step, slot)``, so resume stays exact.
+
+Data-parallel (``train.devices > 1``): ``adapt.batch_size`` is the global real batch and each rank loads its
+contiguous slots of it; every draw (weak view, alignment, ClassMix, strong view) is made for the global batch
+from the generator, which every rank holds in the same state, and each rank keeps its rows; the teacher follows
+the student's weights, equal on all ranks, and labels with the global batch's BatchNorm statistics; the loss
+and the logged pseudo-label quality are global sums over ranks. So 2 ranks build the same mixed global batch as
+one process, and the teacher, the generator and the logs are identical on every rank (rank 0 checkpoints them).
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from torch import nn
 
 from finetune.adapt import (
     align_batch,
+    choose_half,
+    chosen_mask,
     classmix,
     classmix_masks,
     ema_alpha,
     ema_update,
     pixel_weights,
+    present_classes,
     pseudo_label,
     strong_photometric,
     teacher_mode,
@@ -40,6 +50,8 @@ from finetune.adapt import (
 from finetune.config import FinetuneConfig
 from finetune.data.normalize import standardize
 from finetune.unlabeled import UnlabeledSet, open_unlabeled, unlabeled_loader
+from segfactory import distributed
+from segfactory.distributed import DistInfo
 from segfactory.errors import UserError
 
 # Added to the training seed for the adaptation generator, so adapting leaves the synthetic stream unchanged.
@@ -76,8 +88,10 @@ class SelfTraining:
 
     def __init__(self, cfg: FinetuneConfig, unlabeled: UnlabeledSet, student: nn.Module, device: torch.device,
                  in_chans: int, input_spec: dict[str, Any], num_classes: int, ignore_index: int,
-                 synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int]):
+                 synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int],
+                 info: DistInfo | None = None):
         self.cfg = cfg
+        self.info = info or DistInfo()  # data-parallel: this rank's place (see the module docstring)
         self.a = cfg.adapt
         self.unlabeled = unlabeled
         self.device = device
@@ -107,7 +121,8 @@ class SelfTraining:
     @classmethod
     def create(cls, cfg: FinetuneConfig, student: nn.Module, device: torch.device, in_chans: int,
                input_spec: dict[str, Any], num_classes: int, ignore_index: int,
-               synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int]) -> SelfTraining | None:
+               synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int],
+               info: DistInfo | None = None) -> SelfTraining | None:
         """``None`` without ``data.unlabeled`` or with nothing to do; else checked and ready (raises UserError)."""
         if not cfg.data.unlabeled:
             return None
@@ -117,7 +132,7 @@ class SelfTraining:
             return None
         unl = open_unlabeled(cfg.data.unlabeled, in_chans)
         return cls(cfg, unl, student, device, in_chans, input_spec, num_classes, ignore_index, synthetic_masks,
-                   thing_ids)
+                   thing_ids, info)
 
     # ------------------------------------------------------------------ state
     def active(self, step: int) -> bool:
@@ -158,7 +173,8 @@ class SelfTraining:
 
     # ------------------------------------------------------------------ real crops
     def real_batch(self, step: int, window: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, L, L) real crops in [0, 1] and their (B, L, L) validity for ``step``, on the device."""
+        """(B, C, L, L) real crops in [0, 1] and their (B, L, L) validity for ``step``, on the device
+        (data-parallel: this rank's B / world size slots of the global batch)."""
         from finetune.data.mixing import raise_if_error
 
         scale = float(self.input_spec.get("scale") or 1.0)
@@ -168,7 +184,8 @@ class SelfTraining:
             dc = self.cfg.data
             self._loader = unlabeled_loader(self.unlabeled.images, window, self.in_chans, self.cfg.input.scaling,
                                             scale, self.batch_size, self.cfg.train.seed, step, end, dc.num_workers,
-                                            self.device.type == "cuda")
+                                            self.device.type == "cuda", rank=self.info.rank,
+                                            world_size=self.info.world_size)
             self._iter = iter(self._loader)
             self._loader_key = key
         batch = next(self._iter)
@@ -181,7 +198,8 @@ class SelfTraining:
     def weak(self, image: torch.Tensor, valid: torch.Tensor, augment) -> tuple[torch.Tensor, torch.Tensor]:
         """Geometric augmentation only (the teacher's view); pixels from outside the image become invalid."""
         mask = torch.where(valid, 0, self.ignore_index).to(torch.uint8)
-        image, mask = augment(image, mask, self.gen)
+        lo, total = self._rows(image.shape[0])
+        image, mask = augment.apply(image, mask, augment.sample_rows(total, lo, lo + image.shape[0], self.gen))
         return image, mask == 0
 
     # ------------------------------------------------------------------ steps
@@ -189,7 +207,10 @@ class SelfTraining:
         """FDA / histogram matching of synthetic crops (B, C, S, S) toward the step's real crops."""
         if not self.align:
             return x
-        return align_batch(x, real, self.gen, self.a.fda_beta, self.a.fda_p, self.a.hist_match_p)
+        # data-parallel: a synthetic crop's reference may be a real crop of another rank
+        ref = distributed.all_gather_cat(real, self.info)
+        return align_batch(x, ref, self.gen, self.a.fda_beta, self.a.fda_p, self.a.hist_match_p,
+                           rows=self._rows(x.shape[0]))
 
     def loss(self, step: int, student: nn.Module, src_x: torch.Tensor, src_y: torch.Tensor, real_x: torch.Tensor,
              real_valid: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
@@ -223,17 +244,15 @@ class SelfTraining:
         image = real_x
         pasted = torch.zeros_like(real_valid)
         if a.mix == "classmix":
-            r = real_x.shape[0]
-            idx = torch.arange(r, device=real_x.device) % src_x.shape[0]
-            sx, sy = src_x[idx], src_y[idx]
-            pasted = classmix_masks(sy, self.gen, self.ignore_index,
-                                    self.thing_ids if a.mix_classes == "things" else None)
+            sx, sy = self._paired_source(src_x, src_y, real_x.shape[0])
+            pasted = self._classmix_masks(sy, self.thing_ids if a.mix_classes == "things" else None)
             image, labels, weights = classmix(sx, sy, real_x, labels, weights, pasted)
-        image = strong_photometric(image, self.gen, a.jitter_p, a.jitter, a.blur_p, a.blur_sigma)
+        image = strong_photometric(image, self.gen, a.jitter_p, a.jitter, a.blur_p, a.blur_sigma,
+                                   rows=self._rows(image.shape[0]))
         logits = forward(standardize(image, self.input_spec["mean"], self.input_spec["std"]))
         ce = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none", ignore_index=self.ignore_index)
-        loss = (ce * weights).mean()
-        self._acc += [float(loss.detach()), float(pl.quality.mean()), float(pasted.float().mean())]
+        loss, quality, share = self._global_means(ce * weights, pl.quality, pasted)
+        self._acc += [float(loss.detach()), quality, share]
         self._n += 1
         return loss
 
@@ -244,6 +263,10 @@ class SelfTraining:
         from finetune.adapt import recalibrate_bn
 
         m = copy.deepcopy(model)
+        if self.info.distributed:
+            # every rank recalibrates on all the batches (the same crops), with per-process BatchNorm: no
+            # collective, so rank 0 may do it alone when it saves the model
+            m = distributed.local_batchnorm(m)
         f = float(self.input_spec.get("scale") or 1.0) if scale is None else scale
         loader = unlabeled_loader(self.unlabeled.images, window, self.in_chans, self.cfg.input.scaling, f,
                                   self.batch_size, self.cfg.train.seed + ADAPT_SEED_SALT, 0, self.a.recalibrate_bn,
@@ -287,6 +310,9 @@ class SelfTraining:
         aug = self.cfg.augment
         zoom = training_zoom(aug.crop_size, window_size or aug.crop_size, aug.scale, aug.zoom) if aug.enabled else 1.0
         report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids, train_zoom=zoom)
+        # data-parallel: every rank estimated from the same images; rank 0's numbers are used everywhere (GPU
+        # float rounding may differ between ranks)
+        report = distributed.broadcast_object(report, self.info)
         model.train(was)
         if not report["ok"]:
             things = ", ".join(map(str, self.thing_ids)) or "none"
@@ -304,3 +330,45 @@ class SelfTraining:
         self.input_spec["scale"] = float(report["scale"])
         self.scale_report = report
         return report
+
+    # ------------------------------------------------------------------ data-parallel helpers
+    def _rows(self, n: int) -> tuple[int, int]:
+        """``(lo, total)``: this rank's ``n`` rows start at ``lo`` of a global batch of ``total``."""
+        return self.info.rank * n, n * self.info.world_size
+
+    def _paired_source(self, src_x: torch.Tensor, src_y: torch.Tensor,
+                       r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The synthetic crop (B, C, S, S) and labels (B, S, S) pasted into each of this rank's ``r`` real crops:
+        global real row ``g`` takes global synthetic row ``g mod B`` (gathered from the other ranks when the
+        real and synthetic batches differ in size)."""
+        b = src_x.shape[0]
+        if r == b:  # the same batch sizes: global row g pairs with g, on the same rank
+            return src_x, src_y
+        lo, _ = self._rows(r)
+        idx = torch.arange(lo, lo + r, device=src_x.device) % (b * self.info.world_size)
+        # (the same decision on every rank: the per-rank sizes are equal, so all ranks gather or none does)
+        return (distributed.all_gather_cat(src_x, self.info)[idx],
+                distributed.all_gather_cat(src_y, self.info)[idx])
+
+    def _classmix_masks(self, sy: torch.Tensor, candidates: list[int] | None) -> torch.Tensor:
+        """ClassMix masks (R, S, S) of this rank's rows, drawn as for the global batch (the classes present in
+        every rank's rows gathered, one draw per global row in order)."""
+        if not self.info.distributed:
+            return classmix_masks(sy, self.gen, self.ignore_index, candidates, self.num_classes)
+        present = present_classes(sy, self.num_classes, self.ignore_index, candidates)
+        lo, _ = self._rows(sy.shape[0])
+        chosen = choose_half(distributed.all_gather_cat(present, self.info), self.gen)[lo:lo + sy.shape[0]]
+        return chosen_mask(sy, chosen)
+
+    def _global_means(self, weighted: torch.Tensor, quality: torch.Tensor,
+                      pasted: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """The global batch's mean pixel loss (differentiable; the same value and, with DDP's averaging, the same
+        gradients as in one process), mean pseudo-label quality and pasted share, from sums over ranks."""
+        if not self.info.distributed:
+            return weighted.mean(), float(quality.mean()), float(pasted.float().mean())
+        w = self.info.world_size
+        sums = distributed.all_sum_grad(torch.stack([weighted.sum(), quality.sum().to(weighted.dtype).detach(),
+                                                     pasted.sum().to(weighted.dtype)]), self.info)
+        logged = sums[1:].detach()
+        return (sums[0] / (weighted.numel() * w), float(logged[0]) / (quality.numel() * w),
+                float(logged[1]) / (pasted.numel() * w))

@@ -16,7 +16,9 @@ Distributed (``train.devices > 1``, or any run started by ``torchrun``): DDP ove
 global batch (:class:`~finetune.data.mixing.MixedBatchSampler`), augments them with its rows of the global batch's
 parameters, BatchNorm is synchronized over the global batch, and the losses are computed from sums over all ranks
 (:func:`global_losses`), so the gradients are the single-process ones. Validation splits the frames over the ranks
-and sums the confusion matrices; rank 0 alone prints, logs and writes checkpoints and the model.
+and sums the confusion matrices; rank 0 alone prints, logs and writes checkpoints and the model. Domain
+adaptation (``data.unlabeled``) splits its real batch the same way and keeps the teacher, its generator and its
+losses global (:mod:`finetune.selftrain`).
 
 Exact resume: every random choice is either a pure function of (seed, step, slot) (data; dropout, drawn from
 a forked global RNG seeded per step) or comes from one explicit generator saved in the checkpoint
@@ -91,18 +93,18 @@ def check_distributed(cfg: FinetuneConfig, world_size: int) -> None:
     """Refuse what cannot fine-tune data-parallel on ``world_size`` processes (before any process starts).
 
     Raises:
-        UserError: domain adaptation (``data.unlabeled``), which has no multi-process version yet, or a batch
-            the ranks cannot split evenly.
+        UserError: a batch the ranks cannot split evenly (``train.batch_size``, or with domain adaptation the
+            real batch ``adapt.batch_size``).
     """
     if world_size <= 1:
         return
-    fix = "set train.devices=1"
-    if cfg.data.unlabeled:
-        raise UserError(f"domain adaptation (data.unlabeled: self-training, appearance alignment, input.scale=auto) "
-                        f"cannot fine-tune on {world_size} processes yet", fix=f"{fix}, or train without --unlabeled")
     if cfg.train.batch_size % world_size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} (the global batch) does not split evenly over "
                         f"{world_size} processes", fix=f"set train.batch_size to a multiple of {world_size}")
+    if cfg.data.unlabeled and cfg.adapt.batch_size and cfg.adapt.batch_size % world_size:
+        raise UserError(f"adapt.batch_size={cfg.adapt.batch_size} (the global batch of real crops) does not split "
+                        f"evenly over {world_size} processes",
+                        fix=f"set adapt.batch_size to a multiple of {world_size} (or unset: train.batch_size)")
 
 
 def global_losses(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None, ignore_index: int,
@@ -287,7 +289,7 @@ class Trainer:
 
         return SelfTraining.create(self.cfg, self.model, self.device, self.in_chans, self.input_spec,
                                    self.targets.num_classes, self.targets.ignore_index, synthetic_masks,
-                                   sorted(things))
+                                   sorted(things), info=self.info)
 
     def _check_resume_config(self) -> None:
         change = config_change(self.out, self.cfg)
@@ -669,7 +671,9 @@ class Trainer:
             # A second backward into the same gradients (DAFormer's order): the source graph is freed first.
             st = self.adapt.loss(step, self.model, x_unit, y, real, valid, lambda z: self._forward(z, step, 1),
                                  self.autocast, self.channels_last)
-            if not self.loss_guard.check(st, step):
+            if not self.loss_guard.check(st, step):  # data-parallel: the global loss, so every rank skips
+                if self.ddp is not None:  # the second forward went through DDP too
+                    (st * 0).backward()
                 return self._skip_step()
             self.scaler.scale(self.cfg.adapt.weight * st).backward()
             loss = loss.detach() + self.cfg.adapt.weight * st.detach()

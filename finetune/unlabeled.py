@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from segfactory.distributed import rank_rows
 from segfactory.errors import UserError
 
 
@@ -192,10 +193,15 @@ class UnlabeledDataset(torch.utils.data.Dataset):
 
 class UnlabeledSampler(torch.utils.data.Sampler):
     """Batches of ``(step, slot, index)`` for steps ``start..end-1``: epoch ``e`` is a permutation seeded by
-    ``(seed, e)`` and batch ``s`` takes stream positions ``s * B .. (s + 1) * B - 1``."""
+    ``(seed, e)`` and batch ``s`` takes stream positions ``s * B .. (s + 1) * B - 1``.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int):
+    Data-parallel (``world_size > 1``): ``B`` is the global batch and rank ``r`` yields only its contiguous slots
+    ``r * B / W .. (r + 1) * B / W - 1`` of it (with their global slot numbers, which seed the windows)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int, rank: int = 0,
+                 world_size: int = 1):
         self.n, self.batch_size, self.seed, self.start, self.end = n, batch_size, seed, start, end
+        self.slots = rank_rows(batch_size, rank, world_size)
         self._epoch, self._perm = -1, np.empty(0, np.int64)
 
     def _index(self, pos: int) -> int:
@@ -210,7 +216,7 @@ class UnlabeledSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for s in range(self.start, self.end):
-            yield [(s, j, self._index(s * self.batch_size + j)) for j in range(self.batch_size)]
+            yield [(s, j, self._index(s * self.batch_size + j)) for j in range(*self.slots)]
 
 
 STREAM_MIN_IMAGES = 50_000  # streamed from this many images on (pretraining's data.stream_min_images default)
@@ -222,13 +228,15 @@ class UnlabeledStream(torch.utils.data.IterableDataset):
     """Batches for steps ``start..end-1`` streamed from the shards: step ``s`` is logical worker
     ``s % workers``'s (workers rotated so that step ``start`` comes first); each worker is one slot of
     :class:`segfactory.streaming.SlotStream`, and its ``k``-th batch takes stream positions ``k * B ...``.
-    Windows are cut as :class:`UnlabeledDataset` cuts them (seeded by ``(seed, step, slot)``)."""
+    Windows are cut as :class:`UnlabeledDataset` cuts them (seeded by ``(seed, step, slot)``). Data-parallel:
+    every rank streams the global batches and decodes only its slots (:func:`segfactory.distributed.rank_rows`)."""
 
     def __init__(self, ds: UnlabeledDataset, batch_size: int, seed: int, start: int, end: int, workers: int,
-                 buffer: int = STREAM_BUFFER, unit_size: int = STREAM_UNIT):
+                 buffer: int = STREAM_BUFFER, unit_size: int = STREAM_UNIT, rank: int = 0, world_size: int = 1):
         from segfactory import seeds, streaming
 
         self.ds, self.batch_size, self.start, self.end = ds, batch_size, start, end
+        self.slots = rank_rows(batch_size, rank, world_size)
         self.workers, self.buffer, self.seed, self.salt = max(1, workers), buffer, seed, seeds.FINETUNE_STREAM
         self.units = streaming.make_units(ds.images, unit_size, min_units=self.workers)
 
@@ -256,8 +264,9 @@ class UnlabeledStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = ((info.id if info is not None else 0) + self.start) % self.workers
+        lo, hi = self.slots
         for _, refs, data in self.refs(worker):
-            yield collate_unlabeled([self.ds.load(ref, data[ref[2]]) for ref in refs])
+            yield collate_unlabeled([self.ds.load(ref, data[ref[2]]) for ref in refs[lo:hi]])
 
 
 def collate_unlabeled(samples: list[dict]) -> dict:
@@ -269,11 +278,13 @@ def collate_unlabeled(samples: list[dict]) -> dict:
 
 def unlabeled_loader(images: list[UnlabeledImage], window: int, in_chans: int, scaling: str, scale: float,
                      batch_size: int, seed: int, start: int, end: int, num_workers: int,
-                     pin_memory: bool, stream: bool | None = None) -> torch.utils.data.DataLoader:
+                     pin_memory: bool, stream: bool | None = None, rank: int = 0,
+                     world_size: int = 1) -> torch.utils.data.DataLoader:
     """A DataLoader of real-crop batches for steps ``start..end-1`` (one batch per step).
 
     ``stream``: :class:`UnlabeledStream` (sequential shard reads); ``None``: from :data:`STREAM_MIN_IMAGES`
-    images on; else the random order of :class:`UnlabeledSampler`.
+    images on; else the random order of :class:`UnlabeledSampler`. ``batch_size`` is the global batch; with
+    ``world_size > 1`` each batch holds rank ``rank``'s slots of it (:func:`segfactory.distributed.rank_rows`).
     """
     from segfactory.workers import loader_context
 
@@ -282,10 +293,11 @@ def unlabeled_loader(images: list[UnlabeledImage], window: int, in_chans: int, s
                           "prefetch_factor": 4 if num_workers else None,
                           "multiprocessing_context": loader_context(num_workers)}
     if stream if stream is not None else len(images) >= STREAM_MIN_IMAGES:
-        return torch.utils.data.DataLoader(UnlabeledStream(ds, batch_size, seed, start, end, num_workers),
+        return torch.utils.data.DataLoader(UnlabeledStream(ds, batch_size, seed, start, end, num_workers,
+                                                           rank=rank, world_size=world_size),
                                            batch_size=None, **kw)
-    return torch.utils.data.DataLoader(ds, batch_sampler=UnlabeledSampler(len(images), batch_size, seed, start, end),
-                                       collate_fn=collate_unlabeled, **kw)
+    sampler = UnlabeledSampler(len(images), batch_size, seed, start, end, rank, world_size)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_unlabeled, **kw)
 
 
 def real_views(unl: UnlabeledSet, scale: float, max_images: int) -> Iterator[np.ndarray]:

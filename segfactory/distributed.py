@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from segfactory.errors import UserError
 
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 # Test hook: "RANK:STEP" makes that rank exit (status 3) when it reaches that optimizer step, as a crashed or
 # killed process would (tests/test_pretrain_ddp.py checks that the whole job then fails, without hanging).
 EXIT_HOOK_ENV = "SEGFACTORY_TEST_RANK_EXIT"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -367,3 +369,95 @@ class CPUSyncBatchNorm:
         for name, child in module.named_children():
             out.add_module(name, CPUSyncBatchNorm.convert(child))
         return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Collectives of data-parallel domain adaptation (finetune/selftrain.py): gathering a global batch, sharing a per-run
+# statistic, and a per-process BatchNorm for work every rank repeats on its own.
+
+
+def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``lo:hi`` of a global batch of ``total`` that data-parallel rank ``rank`` of ``world_size`` holds
+    (contiguous, as :class:`finetune.data.mixing.MixedBatchSampler` splits the labeled batch; all of them in a
+    single process).
+
+    Raises:
+        ValueError: ``total`` does not split evenly (the training command refuses such a batch before launch).
+    """
+    if total % world_size:
+        raise ValueError(f"a batch of {total} does not split over {world_size} ranks")
+    per = total // world_size
+    return rank * per, (rank + 1) * per
+
+
+def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The ranks' ``x`` (equal shapes) concatenated along dim 0 in rank order: the global batch (no gradient).
+
+    Args:
+        x: (b, ...) this rank's rows, on the collective's device (the GPU with nccl, any with gloo: moved to the
+            CPU for gloo and back).
+
+    Returns:
+        (world_size * b, ...) on ``x``'s device; ``x`` itself in a single process.
+    """
+    if not info.distributed:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    src = x.detach().contiguous()
+    if info.backend != "nccl":
+        src = src.cpu()
+    parts = [torch.empty_like(src) for _ in range(info.world_size)]
+    dist.all_gather(parts, src)
+    return torch.cat(parts).to(x.device)
+
+
+def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` (picklable) on every rank: a per-run value computed on every rank, made identical."""
+    if not info.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box: list[T] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@functools.cache
+def _local_bn_class() -> type:
+    import torch
+
+    class _LocalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+        """Plain (per-process) BatchNorm for inputs of any rank (N, C, ...)."""
+
+        def _check_input_dim(self, input: torch.Tensor) -> None:
+            if input.dim() < 2:
+                raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    return _LocalBatchNorm
+
+
+def local_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of :func:`convert_sync_batchnorm`: synchronized BatchNorm layers (``SyncBatchNorm``,
+    :class:`CPUSyncBatchNorm`) become per-process ones sharing their parameters and buffers.
+
+    For work one rank does alone, or every rank repeats identically on the same data (BatchNorm recalibration on
+    a copy of the model), where a collective would wait for ranks that never join it.
+    """
+    import torch
+
+    out = module
+    if isinstance(module, (torch.nn.SyncBatchNorm, _cpu_sync_bn_class())):
+        out = _local_bn_class()(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        if module.affine:
+            out.weight = module.weight
+            out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+    for name, child in module.named_children():
+        out.add_module(name, local_batchnorm(child))
+    return out

@@ -8,8 +8,10 @@
 * resuming under 2 processes repeats an uninterrupted 2-process run exactly;
 * a rank that dies mid-run fails the whole job, promptly;
 * the instance head trains the same way on 2 processes;
-* what cannot run data-parallel yet (domain adaptation; an uneven batch) is refused with one line before any
-  process starts.
+* domain adaptation (self-training with the EMA teacher and ClassMix, histogram matching and FDA, BatchNorm
+  recalibration) on real unlabeled HeLa frames trains the same on 2 processes as on 1, and resumes exactly;
+* what cannot run data-parallel (a synthetic or real batch that does not split evenly) is refused with one line
+  before any process starts.
 """
 
 from __future__ import annotations
@@ -231,8 +233,9 @@ def test_what_cannot_run_data_parallel_is_refused_before_launch(tiny_dataset: Pa
     assert main([*base, "train.batch_size=7"]) == 2
     err = capsys.readouterr()
     assert "train.batch_size=7 (the global batch) does not split evenly over 2 processes" in err.err.replace("\n", " ")
-    assert main([*base, "--unlabeled", str(tmp_path / "none")]) == 2
-    assert "domain adaptation" in capsys.readouterr().err
+    assert main([*base, "--unlabeled", str(tmp_path / "none"), "adapt.batch_size=5"]) == 2
+    assert "adapt.batch_size=5 (the global batch of real crops) does not split evenly over 2 processes" in \
+        capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
@@ -254,6 +257,47 @@ def test_rank_slots_and_augmentation_rows_make_the_single_process_batch() -> Non
     assert torch.equal(torch.cat([gy for _, gy in got]), ref[1])
 
 
+def test_rank_slots_of_real_crops_and_classmix_draws_make_the_single_process_batch() -> None:
+    """The unlabeled sampler's rank slots and ClassMix drawn from the gathered class lists of the global batch."""
+    from finetune.adapt import choose_half, chosen_mask, classmix_masks, present_classes
+    from finetune.unlabeled import UnlabeledSampler
+
+    whole = list(UnlabeledSampler(5, 8, 3, 2, 6))
+    parts = [list(UnlabeledSampler(5, 8, 3, 2, 6, rank=r, world_size=2)) for r in (0, 1)]
+    for s, batch in enumerate(whole):  # (step, global slot, image): the slot seeds the window
+        assert parts[0][s] + parts[1][s] == batch and len(parts[1][s]) == 4
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (8, 16, 16), generator=g)
+    y[:, :2] = 255
+    y[5] = 255  # no class at all: no draw
+    ref = classmix_masks(y, torch.Generator().manual_seed(7), 255, num_classes=4)
+    gen = torch.Generator().manual_seed(7)
+    present = torch.cat([present_classes(y[4 * r:4 * r + 4], 4, 255) for r in (0, 1)])  # all_gather_cat
+    chosen = choose_half(present, gen)
+    got = torch.cat([chosen_mask(y[4 * r:4 * r + 4], chosen[4 * r:4 * r + 4]) for r in (0, 1)])
+    assert torch.equal(got, ref)
+    # per-rank draws (each rank from the same generator state, for its own rows) would differ
+    local = [classmix_masks(y[4 * r:4 * r + 4], torch.Generator().manual_seed(7), 255, num_classes=4)
+             for r in (0, 1)]
+    assert not torch.equal(torch.cat(local), ref)
+
+
+def test_local_batchnorm_undoes_the_synchronized_one() -> None:
+    from segfactory.distributed import CPUSyncBatchNorm, local_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    ref = net(x)
+    synced = CPUSyncBatchNorm.convert(net)
+    sync_cls = type(synced[1])
+    assert sync_cls is not torch.nn.BatchNorm2d
+    plain = local_batchnorm(synced)
+    assert not any(isinstance(m, (sync_cls, torch.nn.SyncBatchNorm)) for m in plain.modules())
+    assert plain[1].weight is net[1].weight and plain[1].running_mean is net[1].running_mean  # shared
+    assert torch.allclose(plain(x), ref, atol=1e-6)
+
+
 def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
     from segmentation_models_pytorch.losses import DiceLoss
 
@@ -272,6 +316,101 @@ def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
         ga = torch.autograd.grad(ce + dice, logits)[0]
         gb = torch.autograd.grad(ce_ref + dice_ref, logits)[0]
         assert torch.allclose(ga, gb, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ domain adaptation
+
+# Self-training from step 1 of 4 with a low pseudo-label threshold (the barely trained teacher is never 0.968
+# confident, and its labels should count), histogram matching and FDA on every other crop, BatchNorm
+# recalibration of the validated and saved models. The real batch is 4 (2 per rank) against 8 synthetic crops (4
+# per rank): ClassMix pastes synthetic crops 0-3 into real crops 0-3, so rank 1 pastes crops that rank 0 holds
+# (the gathered path; with equal batches each rank pastes its own, measured to match as closely).
+ADAPT = ["adapt.warmup_steps=1", "adapt.threshold=0.4", "adapt.hist_match_p=0.5", "adapt.fda_beta=0.05",
+         "adapt.fda_p=0.5", "adapt.recalibrate_bn=2", "adapt.batch_size=4", "input.scaling=auto"]
+
+
+@pytest.fixture(scope="module")
+def hela_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 real HeLa frames (the ctc-hela sample set's unlabeled split) ingested as unlabeled images."""
+    from test_finetune_adapt import ingest_files
+
+    from segfactory.sampledata import materialize
+
+    frames = materialize("ctc-hela", split="unlabeled", out=tmp_path_factory.mktemp("hela"))["unlabeled"]
+    files = sorted(frames.glob("hela_t*.png"))[:4]
+    return ingest_files(files, tmp_path_factory.mktemp("hela_ingested") / "images", 128)
+
+
+def test_each_rank_loads_its_slots_of_the_global_real_batch(hela_unlabeled: Path) -> None:
+    """Real crops from the unlabeled store, in random order and streamed: rank 0's then rank 1's crops are the
+    single-process batch, pixel for pixel."""
+    from finetune.unlabeled import open_unlabeled, unlabeled_loader
+
+    images = open_unlabeled([hela_unlabeled], 3).images
+    for stream in (False, True):
+        def batches(rank: int, world: int, stream: bool = stream) -> list[dict]:
+            return list(unlabeled_loader(images, 48, 3, "auto", 1.0, 4, 0, 1, 3, 0, False, stream=stream,
+                                         rank=rank, world_size=world))
+
+        whole, parts = batches(0, 1), [batches(r, 2) for r in (0, 1)]
+        assert len(whole) == 2
+        for s, b in enumerate(whole):
+            for key in ("image", "valid"):
+                assert torch.equal(torch.cat([parts[0][s][key], parts[1][s][key]]), b[key]), (stream, s, key)
+
+
+def teacher(ckpt: dict) -> torch.Tensor:
+    return torch.cat([v.float().flatten() for k, v in sorted(ckpt["adapt"]["teacher"].items())
+                      if v.is_floating_point() and "running" not in k])
+
+
+@pytest.mark.slow
+def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
+        tiny_dataset: Path, hela_unlabeled: Path, tmp_path: Path) -> None:
+    extra = ["--unlabeled", str(hela_unlabeled), *ADAPT]
+    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = cli(tiny_dataset, tmp_path / "ddp", *TWO, *extra)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    a, b = checkpoint(tmp_path / "single"), checkpoint(tmp_path / "ddp")
+    assert b["world_size"] == 2 and b["step"] == 4
+    # the student and the teacher (an EMA of the students) against one process
+    for name, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
+        differ = float(((wa - wb).abs() > 1e-6).float().mean())
+        print(f"adaptation, 4 steps: {name} {100 * differ:.4f} % of {wa.numel()} weights differ by > 1e-6 "
+              f"(max {float((wa - wb).abs().max()):.3g})")
+        assert differ < TOL_FRACTION, name
+    # the adaptation generator has made the same draws (for the global batch, on every rank)
+    assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
+    la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    st = 0
+    for x, y in zip(la, lb, strict=True):
+        if "loss" in x:
+            for k in ("loss", "ce", "dice", "selftrain_loss"):
+                assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 1e-4, (k, x, y)
+            # pseudo-label quality and the pasted share, global means (logged to 4 digits)
+            for k in ("pseudo_quality", "pasted"):
+                assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 2e-4, (k, x, y)
+            st += "selftrain_loss" in x
+        else:  # validated with the BatchNorm-recalibrated model
+            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.005, (x, y)
+    assert st == 3  # steps 2, 3, 4 self-trained
+    assert all(0 < r["pseudo_quality"] <= 1 and 0 < r["pasted"] < 1 for r in lb if "pasted" in r)  # it did adapt
+    # resume under 2 processes: bit for bit the uninterrupted 2-process run (student, teacher, generator, logs)
+    part = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "train.stop_at=2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    rest = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "--resume")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    c = checkpoint(tmp_path / "part")
+    assert all(torch.equal(b["model"][k], c["model"][k]) for k in b["model"])
+    assert all(torch.equal(b["adapt"]["teacher"][k], c["adapt"]["teacher"][k]) for k in b["adapt"]["teacher"])
+    assert torch.equal(b["adapt"]["rng"], c["adapt"]["rng"])
+
+    def logged(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(out)]
+
+    assert logged(tmp_path / "ddp") == logged(tmp_path / "part")
 
 
 def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,
