@@ -369,9 +369,9 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
         tiny_dataset: Path, hela_unlabeled: Path, tmp_path: Path) -> None:
     extra = ["--unlabeled", str(hela_unlabeled), *ADAPT]
     r1 = cli(tiny_dataset, tmp_path / "single", *extra)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r1.returncode == 0, failure(r1)
     r2 = cli(tiny_dataset, tmp_path / "ddp", *TWO, *extra)
-    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
     a, b = checkpoint(tmp_path / "single"), checkpoint(tmp_path / "ddp")
     assert b["world_size"] == 2 and b["step"] == 4
     # the student and the teacher (an EMA of the students) against one process
@@ -399,9 +399,9 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
     assert all(0 < r["pseudo_quality"] <= 1 and 0 < r["pasted"] < 1 for r in lb if "pasted" in r)  # it did adapt
     # resume under 2 processes: bit for bit the uninterrupted 2-process run (student, teacher, generator, logs)
     part = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "train.stop_at=2")
-    assert part.returncode == 0, part.stderr[-3000:]
+    assert part.returncode == 0, failure(part)
     rest = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "--resume")
-    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert rest.returncode == 0, failure(rest)
     c = checkpoint(tmp_path / "part")
     assert all(torch.equal(b["model"][k], c["model"][k]) for k in b["model"])
     assert all(torch.equal(b["adapt"]["teacher"][k], c["adapt"]["teacher"][k]) for k in b["adapt"]["teacher"])
