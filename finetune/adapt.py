@@ -1,8 +1,9 @@
 """Domain-adaptation building blocks as pure torch functions on batched tensors.
 
 Mean teacher (:func:`ema_update`), pseudo-labels with a confidence threshold and a per-image quality weight
-(:func:`pseudo_label`, :func:`pixel_weights`), ClassMix/DACS mixing (:func:`classmix_masks`,
-:func:`classmix`), strong photometric augmentation of mixed images (:func:`strong_photometric`), Fourier
+(:func:`pseudo_label`, :func:`pixel_weights`; for the instance head's distance map
+:func:`distance_pseudo_targets`), ClassMix/DACS mixing (:func:`classmix_masks`, :func:`classmix`,
+:func:`classmix_distance`), strong photometric augmentation of mixed images (:func:`strong_photometric`), Fourier
 domain adaptation (:func:`fda`), histogram matching (:func:`match_histograms`) and test-time augmentation
 (:func:`tta_probs`). They run on whatever device their inputs are on; every random choice comes from an
 explicit ``torch.Generator`` (resume must be exact).
@@ -274,6 +275,49 @@ def classmix(src_image: torch.Tensor, src_labels: torch.Tensor, tgt_image: torch
     labels = torch.where(mask, src_labels.to(tgt_labels.dtype), tgt_labels)
     weights = torch.where(mask, torch.ones_like(tgt_weights), tgt_weights)
     return image, labels, weights
+
+
+@torch.no_grad()
+def distance_pseudo_targets(dist_logits: torch.Tensor, pl: PseudoLabels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's distance map as soft targets for the instance head, and their loss weights.
+
+    A distance map has no confidence of its own, so the class pseudo-labels' confidence gates it: only pixels
+    whose class pseudo-label is confident (max softmax >= tau, with content) count, with their image's quality
+    as weight (:func:`pixel_weights` ``confident``); the others weigh 0.
+
+    Args:
+        dist_logits: (B, 1, H, W) teacher distance logits (:func:`finetune.instances.forward_both`).
+        pl: The teacher's class pseudo-labels of the same batch (:func:`pseudo_label`).
+
+    Returns:
+        target (B, 1, H, W) float in [0, 1] (the sigmoid of the logits) and weight (B, 1, H, W) float.
+    """
+    return dist_logits.float().sigmoid(), pixel_weights(pl, "confident").unsqueeze(1)
+
+
+def classmix_distance(src_target: torch.Tensor, src_known: torch.Tensor, tgt_target: torch.Tensor,
+                      tgt_weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carry distance targets through :func:`classmix`: pasted pixels take the source's exact target.
+
+    ClassMix pastes whole classes, so every pasted object arrives with all its pixels and its distance to its
+    own boundary (computed on the source crop) stays exact.
+
+    Args:
+        src_target: (B, 1, H, W) distance targets of the source (synthetic) crops
+            (:func:`finetune.instances.batch_targets`).
+        src_known: (B, 1, H, W) bool, where those targets are known.
+        tgt_target: (B, 1, H, W) the teacher's targets on the real crops (:func:`distance_pseudo_targets`).
+        tgt_weight: (B, 1, H, W) their weights.
+        mask: (B, H, W) bool, the ClassMix mask (:func:`classmix_masks`).
+
+    Returns:
+        target (B, 1, H, W) and weight (B, 1, H, W): pasted pixels weigh 1 where the source target is known, 0
+        where not; the other pixels keep the teacher's target and weight.
+    """
+    m = mask.unsqueeze(1)
+    target = torch.where(m, src_target.to(tgt_target.dtype), tgt_target)
+    weight = torch.where(m, src_known.to(tgt_weight.dtype), tgt_weight)
+    return target, weight
 
 
 def strong_photometric(image: torch.Tensor, generator: torch.Generator, jitter_p: float, jitter: float,

@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from finetune.archs import ARCHS
 from segfactory.config import DistributedTrainFields, StrictModel
@@ -289,6 +296,11 @@ class AdaptConfig(StrictModel):
             self-training runs: ``all`` (synthetic and mixed) or ``mixed`` (the real-based mixed images only).
         recalibrate_bn: Batches of real crops the BatchNorm statistics of every saved or validated model are
             re-estimated on (AdaBN); 0 = off (the statistics of the training batches are kept).
+        instance_pseudo: Self-training also trains the instance head (``instances.enabled=true``): the
+            teacher's distance map (sigmoid of its distance logits) on the real crops is a soft binary
+            cross-entropy target on the pixels whose class pseudo-label is confident (above ``threshold``,
+            weighted by the image's quality), ClassMix's pasted synthetic pixels keep their exact synthetic
+            distance targets (weight 1), weighted by ``instances.weight`` inside the self-training loss.
     """
 
     enabled: bool = True
@@ -310,6 +322,7 @@ class AdaptConfig(StrictModel):
     hist_match_p: float = Field(default=0.5, ge=0, le=1)
     bn_stats: Literal["all", "mixed"] = "all"
     recalibrate_bn: int = Field(default=0, ge=0)
+    instance_pseudo: bool = False
 
     @field_validator("blur_sigma")
     @classmethod
@@ -317,6 +330,15 @@ class AdaptConfig(StrictModel):
         if not 0 < v[0] <= v[1]:
             raise ValueError("must be [low, high] with 0 < low <= high")
         return v
+
+    @model_serializer(mode="wrap")
+    def _instance_pseudo_off_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Off, instance_pseudo stays out of dumps, so the resolved configs, config hashes and `segfactory run`
+        # stage keys of configs that never set it stay what they were before the field existed.
+        out: dict[str, Any] = handler(self)
+        if out.get("instance_pseudo") is False:
+            del out["instance_pseudo"]
+        return out
 
 
 class PredictDefaults(StrictModel):

@@ -8,7 +8,9 @@ Per training step ``s`` (after the supervised synthetic loss, before the optimiz
    labels them (:func:`~finetune.adapt.pseudo_label`: threshold tau, per-image quality weight);
 3. ClassMix pastes half of the classes of the (augmented) synthetic crops, with their labels, into the real
    crops; the mixed images get the *strong* augmentation (colour jitter, blur) and the student learns them
-   with pixel-weighted cross-entropy (pasted pixels weight 1), scaled by ``adapt.weight``.
+   with pixel-weighted cross-entropy (pasted pixels weight 1), scaled by ``adapt.weight``; with
+   ``adapt.instance_pseudo`` the instance head also learns the teacher's distance map on confident real pixels
+   and the pasted pixels' exact synthetic distance targets (:meth:`SelfTraining.instance_pseudo_pixel_loss`).
 
 Before step 1 the synthetic crops may be moved toward random real crops (FDA, histogram matching).
 
@@ -38,7 +40,9 @@ from finetune.adapt import (
     choose_half,
     chosen_mask,
     classmix,
+    classmix_distance,
     classmix_masks,
+    distance_pseudo_targets,
     ema_alpha,
     ema_update,
     pixel_weights,
@@ -66,8 +70,12 @@ def check_adapt_config(cfg: FinetuneConfig) -> None:
 
     Raises:
         UserError: ``input.scale=auto`` without unlabeled images, without a source-only phase, or together with
-            real labeled training data.
+            real labeled training data; ``adapt.instance_pseudo`` without the instance head.
     """
+    if cfg.adapt.instance_pseudo and not cfg.instances.enabled:
+        raise UserError("adapt.instance_pseudo=true trains the instance head on pseudo-labels, but the model has "
+                        "none (instances.enabled=false)",
+                        fix="set instances.enabled=true, or adapt.instance_pseudo=false")
     if cfg.input.scale != "auto":
         return
     if not cfg.data.unlabeled:
@@ -102,6 +110,7 @@ class SelfTraining:
         self.synthetic_masks = synthetic_masks
         self.thing_ids = thing_ids
         self.self_training = self.a.enabled
+        self.instance_pseudo = self.a.enabled and self.a.instance_pseudo and cfg.instances.enabled
         self.align = (self.a.fda_beta > 0 and self.a.fda_p > 0) or self.a.hist_match_p > 0
         self.recalibrates = self.a.recalibrate_bn > 0
         self.batch_size = self.a.batch_size or cfg.train.batch_size
@@ -114,6 +123,7 @@ class SelfTraining:
         self.scale_report: dict[str, Any] | None = None
         self._acc = np.zeros(3)  # self-training loss, pseudo-label quality, pasted share (per log interval)
         self._n = 0
+        self._inst_acc = 0.0  # instance pseudo-label loss (adapt.instance_pseudo), summed like _acc
         self._loader: Any = None
         self._loader_key: tuple | None = None
         self._iter: Any = None
@@ -145,7 +155,7 @@ class SelfTraining:
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict(), "rng": self.gen.get_state(),
                 "scale": self.input_spec.get("scale"), "scale_report": self.scale_report,
-                "log_acc": [float(v) for v in self._acc], "log_n": self._n}
+                "log_acc": [float(v) for v in self._acc], "log_n": self._n, "log_inst": self._inst_acc}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.teacher.load_state_dict(st["teacher"])
@@ -155,6 +165,7 @@ class SelfTraining:
         self.scale_report = st.get("scale_report")
         self._acc = np.asarray(st.get("log_acc", [0, 0, 0]), np.float64)
         self._n = int(st.get("log_n", 0))
+        self._inst_acc = float(st.get("log_inst", 0.0))
 
     def describe(self) -> dict[str, Any]:
         """What model.json / summary.json record about adaptation."""
@@ -163,13 +174,17 @@ class SelfTraining:
                 "scale_estimate": self.scale_report}
 
     def log_fields(self) -> dict[str, float]:
-        """Means over the log interval (then reset): ``selftrain_loss``, ``pseudo_quality``, ``pasted``."""
+        """Means over the log interval (then reset): ``selftrain_loss``, ``pseudo_quality``, ``pasted`` and,
+        with ``adapt.instance_pseudo``, ``instance_pseudo_loss`` (unweighted, also inside ``selftrain_loss``)."""
         if not self._n:
             return {}
         m = self._acc / self._n
-        self._acc, self._n = np.zeros(3), 0
-        return {"selftrain_loss": round(float(m[0]), 6), "pseudo_quality": round(float(m[1]), 4),
-                "pasted": round(float(m[2]), 4)}
+        out = {"selftrain_loss": round(float(m[0]), 6), "pseudo_quality": round(float(m[1]), 4),
+               "pasted": round(float(m[2]), 4)}
+        if self.instance_pseudo:
+            out["instance_pseudo_loss"] = round(self._inst_acc / self._n, 6)
+        self._acc, self._n, self._inst_acc = np.zeros(3), 0, 0.0
+        return out
 
     # ------------------------------------------------------------------ real crops
     def real_batch(self, step: int, window: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +228,9 @@ class SelfTraining:
                            rows=self._rows(x.shape[0]))
 
     def loss(self, step: int, student: nn.Module, src_x: torch.Tensor, src_y: torch.Tensor, real_x: torch.Tensor,
-             real_valid: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-             autocast: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+             real_valid: torch.Tensor, forward: Callable[[torch.Tensor], Any],
+             autocast: torch.dtype | None, channels_last: bool,
+             src_dist: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The self-training loss of one step (not yet weighted by ``adapt.weight``).
 
         Args:
@@ -224,7 +240,10 @@ class SelfTraining:
             src_y: (B, S, S) their labels.
             real_x: (R, C, S, S) weakly augmented real crops in [0, 1].
             real_valid: (R, S, S) bool, real pixels with content.
-            forward: Runs the student on a standardised batch (dropout seeding, autocast), returns float logits.
+            forward: Runs the student on a standardised batch (dropout seeding, autocast), returns float logits;
+                with :attr:`instance_pseudo` the pair (class logits, distance logits (R, 1, S, S)).
+            src_dist: With :attr:`instance_pseudo`: the synthetic crops' distance targets (B, 1, S, S) and where
+                they are known (B, 1, S, S) bool (:func:`finetune.instances.batch_targets`).
 
         Returns:
             Scalar loss.
@@ -237,7 +256,7 @@ class SelfTraining:
             if channels_last:
                 xt = xt.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-                t_logits = self.teacher(xt)
+                t_logits, t_dist = self._teacher(xt)
         pl = pseudo_label(t_logits, a.threshold, real_valid, self.ignore_index)
         weights = pixel_weights(pl, a.pixel_weight)
         labels = pl.labels
@@ -250,11 +269,65 @@ class SelfTraining:
         image = strong_photometric(image, self.gen, a.jitter_p, a.jitter, a.blur_p, a.blur_sigma,
                                    rows=self._rows(image.shape[0]))
         logits = forward(standardize(image, self.input_spec["mean"], self.input_spec["std"]))
+        d_logit = None
+        if self.instance_pseudo:
+            logits, d_logit = logits
         ce = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none", ignore_index=self.ignore_index)
         loss, quality, share = self._global_means(ce * weights, pl.quality, pasted)
+        if d_logit is not None and t_dist is not None:
+            if src_dist is None:
+                raise ValueError("adapt.instance_pseudo: the synthetic crops' distance targets were not passed")
+            # the synthetic rows ClassMix pasted from (data-parallel: gathered as the crops are)
+            src = self._paired_source(src_dist[0], src_dist[1].to(src_dist[0].dtype), real_x.shape[0])
+            bce = self.instance_pseudo_pixel_loss(d_logit, t_dist, pl, src, pasted if a.mix == "classmix" else None)
+            inst = self._global_means(bce, pl.quality, pasted)[0]
+            self._inst_acc += float(inst.detach())
+            loss = loss + self.cfg.instances.weight * inst
         self._acc += [float(loss.detach()), quality, share]
         self._n += 1
         return loss
+
+    def _teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's class logits (R, K, S, S) and, with :attr:`instance_pseudo`, distance logits
+        (R, 1, S, S) of one standardised real batch (one decoder pass for both heads)."""
+        if not self.instance_pseudo:
+            return self.teacher(x), None
+        from finetune.instances import forward_both
+
+        return forward_both(self.teacher, x)
+
+    @staticmethod
+    def instance_pseudo_targets(t_dist: torch.Tensor, pl: Any, src: tuple[torch.Tensor, torch.Tensor],
+                                pasted: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance targets and weights of the mixed batch the student sees (``adapt.instance_pseudo``).
+
+        Args:
+            t_dist: (R, 1, S, S) the teacher's distance logits on the weakly augmented real crops (the student's
+                crops are the same pixels: the strong augmentation is photometric only).
+            pl: The teacher's :class:`~finetune.adapt.PseudoLabels` of the same crops.
+            src: Distance targets (R, 1, S, S) and their validity (R, 1, S, S) bool of the synthetic crops
+                ClassMix pastes from (row ``i`` pasted into real crop ``i``).
+            pasted: (R, S, S) bool ClassMix mask, or None without mixing.
+
+        Returns:
+            target (R, 1, S, S) in [0, 1] and weight (R, 1, S, S): real pixels the teacher's sigmoid where its
+            class pseudo-label is confident (weight: the image's quality), else weight 0; pasted pixels the
+            exact synthetic target, weight 1 where known.
+        """
+        target, weight = distance_pseudo_targets(t_dist, pl)
+        if pasted is not None:
+            target, weight = classmix_distance(src[0], src[1], target, weight, pasted)
+        return target, weight
+
+    def instance_pseudo_pixel_loss(self, d_logit: torch.Tensor, t_dist: torch.Tensor, pl: Any,
+                                   src: tuple[torch.Tensor, torch.Tensor],
+                                   pasted: torch.Tensor | None) -> torch.Tensor:
+        """(R, 1, S, S) weighted binary cross-entropy of the student's distance logits against
+        :meth:`instance_pseudo_targets`; :meth:`loss` takes its mean over all pixels (of the global batch when
+        data-parallel), as for the class term's weighted cross-entropy."""
+        target, weight = self.instance_pseudo_targets(t_dist, pl, src, pasted)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(d_logit.float(), target, reduction="none")
+        return bce * weight
 
     def recalibrated(self, model: nn.Module, window: int, scale: float | None = None,
                      autocast: torch.dtype | None = None) -> nn.Module:

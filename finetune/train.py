@@ -669,8 +669,10 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if adapting and self.adapt.active(step):
             # A second backward into the same gradients (DAFormer's order): the source graph is freed first.
-            st = self.adapt.loss(step, self.model, x_unit, y, real, valid, lambda z: self._forward(z, step, 1),
-                                 self.autocast, self.channels_last)
+            both = self.adapt.instance_pseudo  # adapt.instance_pseudo: the distance head learns there too
+            st = self.adapt.loss(step, self.model, x_unit, y, real, valid,
+                                 lambda z: self._forward(z, step, 1, instances=both), self.autocast,
+                                 self.channels_last, src_dist=(target, known) if both else None)
             if not self.loss_guard.check(st, step):  # data-parallel: the global loss, so every rank skips
                 if self.ddp is not None:  # the second forward went through DDP too
                     (st * 0).backward()
