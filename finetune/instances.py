@@ -18,10 +18,11 @@ Post-processing (:func:`watershed_instances`, parameters in model.json's ``insta
 ``{class c and d > seed_threshold}``; a region of class ``c`` that no seed reaches becomes one instance of its
 own, and instances smaller than ``min_size`` pixels are dropped (their pixels keep their class).
 
-Self-training (``adapt``) trains the class logits only: the instance head learns from labeled instance maps
-(synthetic, and real folders with ``instances/``); the shared decoder still adapts through the class loss. A
-teacher's distance map has no confidence to threshold the way class probabilities do, and ClassMix's pasted
-objects would need their instance maps carried through the mix; both are left out on purpose.
+Self-training (``adapt``) trains the class logits only by default: the instance head learns from labeled
+instance maps (synthetic, and real folders with ``instances/``); the shared decoder still adapts through the class
+loss. With ``adapt.instance_pseudo`` it also learns the teacher's distance map on the real crops, gated by the
+class pseudo-labels' confidence (a distance map has none of its own), and ClassMix's pasted pixels keep their
+exact synthetic targets (:meth:`finetune.selftrain.SelfTraining.instance_pseudo_targets`).
 """
 
 from __future__ import annotations
