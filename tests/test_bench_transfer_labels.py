@@ -132,12 +132,12 @@ TINY = ["render.render.resolution=128", "render.render.views=1", "render.render.
         "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "test.scenes=2", "pretrain.train.steps=10",
         "pretrain.train.batch_size=8", "finetune.train.steps=10", "finetune.train.val_every=5",
         "finetune.train.checkpoint_every=5", "finetune.data.val_max_items=2", "execution.predict_images=1",
-        "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "rows=[synthetic]", "label_efficiency.k=[1,2]",
+        "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "rows=[synthetic]", "label_efficiency.k=[2]",
         "cluster.workers=1"]
 
 
 @pytest.mark.render
-@pytest.mark.slow  # renders cells, pretrains, and fine-tunes 7 tiny models through `segfactory run`
+@pytest.mark.slow  # renders cells, pretrains, and fine-tunes 4 tiny models through `segfactory run`
 def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatch):
     from pipelines.bench_transfer import run_transfer_bench
 
@@ -145,7 +145,7 @@ def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatc
     cfg = load_config(TransferBenchConfig, CONFIGS / "bench_transfer.yaml", TINY)
     out = tmp_path / "bench"
     result = run_transfer_bench(cfg, out)
-    names = [f"real{k}-{i}" for k in (1, 2) for i in ("random", "ssl", "supsyn")]
+    names = [f"real2-{i}" for i in ("random", "ssl", "supsyn")]  # one k: each init is its own path
     assert list(result["rows"]) == ["synthetic", *names]
     for name in names:
         scores = result["rows"][name]["sets"]["ctc-hela"]
