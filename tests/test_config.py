@@ -201,7 +201,7 @@ def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp
     assert after == before
 
 
-@pytest.mark.parametrize("name", ["finetune", "finetune_tiny", "finetune_street"])
+@pytest.mark.parametrize("name", ["finetune", "finetune_tiny", "finetune_street", "finetune_street_adapt"])
 def test_shipped_finetune_configs_validate(name):
     from finetune.config import FinetuneConfig
 
