@@ -354,18 +354,9 @@ class CPUSyncBatchNorm:
     def convert(module: torch.nn.Module) -> torch.nn.Module:
         import torch
 
-        cls = _cpu_sync_bn_class()
         out = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-            if module.affine:
-                with torch.no_grad():
-                    out.weight = module.weight
-                    out.bias = module.bias
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-            out.training = module.training
+            out = _rebuilt_batchnorm(module, _cpu_sync_bn_class())
         for name, child in module.named_children():
             out.add_module(name, CPUSyncBatchNorm.convert(child))
         return out
@@ -449,15 +440,21 @@ def local_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 
     out = module
     if isinstance(module, (torch.nn.SyncBatchNorm, _cpu_sync_bn_class())):
-        out = _local_bn_class()(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
-        if module.affine:
-            out.weight = module.weight
-            out.bias = module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.training = module.training
+        out = _rebuilt_batchnorm(module, _local_bn_class())
     for name, child in module.named_children():
         out.add_module(name, local_batchnorm(child))
+    return out
+
+
+def _rebuilt_batchnorm(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A ``cls`` BatchNorm layer with ``module``'s settings that shares its parameters, buffers and mode."""
+    out: torch.nn.Module = cls(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+    if module.affine:
+        out.weight = module.weight
+        out.bias = module.bias
+    out.running_mean = module.running_mean
+    out.running_var = module.running_var
+    out.num_batches_tracked = module.num_batches_tracked
+    out.training = module.training
     return out
