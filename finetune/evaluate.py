@@ -270,7 +270,7 @@ def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True, baselines: str | list[str] | None = None,
-                 overlays: int = 4, tta: str = "none", scale: float | None = None,
+                 overlays: int = 4, tta: str = "none", scale: float | str | None = None,
                  workers: int | None = None) -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
 
@@ -287,7 +287,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         baselines: Baselines scored on real folders (names, comma-separated, ``all``/``none``; default all).
         overlays: Overlay PNGs per real folder.
         tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
-        scale: Input scale for the real folders instead of model.json's ``input.scale``.
+        scale: Input scale for the real folders instead of model.json's: a factor, or ``auto`` for each
+            image's own estimate (:func:`finetune.predict.resolve_scale`).
         workers: Threads that post-process and score frames (argmax, watershed, baselines, instance matching,
             overlays) while the model predicts the next frame; default :func:`eval_workers`; 0 = all inline.
             The report is the same for every value: frames are folded into the totals in order.
@@ -299,7 +300,14 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.data.remap import make_targets
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
-    from finetune.predict import check_scale, check_tta, inference_settings, outputs_from_probs, predict_image_probs
+    from finetune.predict import (
+        auto_scale,
+        check_tta,
+        inference_settings,
+        outputs_from_probs,
+        predict_image_probs,
+        resolve_scale,
+    )
     from finetune.realeval import RealScorer, plot_real_scores
     from segfactory.console import console, progress
     from segfactory.errors import UserError
@@ -316,8 +324,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     check_tta(tta)
-    if scale is not None:
-        meta = {**meta, "input": {**meta["input"], "scale": check_scale(scale)}}
+    meta, per_image = resolve_scale(meta, scale)
     targets = make_targets(meta["classes"], int(meta["ignore_index"]))
     if targets.num_classes != int(meta["num_classes"]):
         raise UserError(f"model.json of '{model_dir}' lists {targets.num_classes} classes but num_classes="
@@ -353,6 +360,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     k = int(meta["num_classes"])
     ignore = int(meta["ignore_index"])
     n_workers = eval_workers(dev) if workers is None else int(workers)
+    image_scales: dict[str, list[float]] = {}
     with progress(transient=not show_progress) as bar, memory_hint("evaluation", lower), \
             FramePipeline(n_workers) as pipe:
         task = bar.add_task("evaluate", total=sum(len(s.val) for s in sources))
@@ -387,14 +395,22 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
 
             for it in src.val:
                 img, mask = src.load(it)
+                f = scale_here
+                if per_image and src.kind != "synthetic":
+                    f = auto_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev))["scale"]
+                    image_scales.setdefault(src.name, []).append(f)
                 probs = predict_image_probs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
-                                            scale=scale_here, tta=tta, instances=with_inst)
+                                            scale=f, tta=tta, instances=with_inst)
                 pipe.submit(post, fold, it, img, mask, probs)
             pipe.drain()
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),
               "classes": targets.names, "tta": tta,
-              "input": {k: meta["input"].get(k) for k in ("scaling", "scale")},
+              "input": {**{k: meta["input"].get(k) for k in ("scaling", "scale")},
+                        "scale_mode": "per_image" if per_image else "fixed",
+                        **({"scales": {n: {"median": round(float(np.median(v)), 4),
+                                           "min": round(min(v), 4), "max": round(max(v), 4)}
+                                       for n, v in image_scales.items()}} if image_scales else {})},
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
               **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
     if synth_inst:

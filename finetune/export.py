@@ -26,7 +26,10 @@ from segfactory.errors import UserError
 from segfactory.formats.model import META_FILE, ONNX_FILE, WEIGHTS_FILE, read_model_meta
 from segfactory.io import atomic_write_bytes, ensure_writable_dir
 
-RECIPE = ("1. resize the image by input.scale (area averaging when shrinking, bilinear when enlarging); "
+RECIPE = ("1. resize the image by input.scale (area averaging when shrinking, bilinear when enlarging; with "
+          "input.scale_mode per_image, by each image's own scale: run steps 1-6 at a scale, measure the median "
+          "equivalent diameter of the input.object_classes components at the resized size, multiply the scale by "
+          "input.object_px / that median, repeat up to 3 times from input.scale); "
           "2. scale to [0, 1] by input.scaling per whole image (auto: 8-bit /255, deeper 0.5..99.5 percentile "
           "stretch and clip; dtype: /255 or /65535; minmax; percentile); 3. gray -> 3 equal channels, or RGB -> "
           "BT.601 luma for in_chans 1; 4. (x - mean) / std per channel; 5. pad H, W to multiples of 32 "
@@ -124,7 +127,8 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
                         fix=f"accept it with --atol {max_diff * 1.5:.1e}, or try another --opset (now {opset})")
     atomic_write_bytes(out_path, blob)
     return {"onnx": str(out_path), "max_abs_diff": max_diff, "argmax_agreement": agree / total, "atol": atol,
-            "input_scale": float(meta["input"].get("scale", 1.0)), "recipe": recipe, "outputs": outputs,
+            "input_scale": float(meta["input"].get("scale", 1.0)),
+            "input_scale_mode": meta["input"].get("scale_mode", "fixed"), "recipe": recipe, "outputs": outputs,
             "opset": opset, "checked_shapes": [[b, c, h, w] for b, h, w in shapes]}
 
 

@@ -251,6 +251,69 @@ def check_scale(scale: float) -> float:
     return float(scale)
 
 
+# An image with fewer objects than this keeps model.json's input.scale under per-image scales.
+AUTO_MIN_OBJECTS = 3
+
+
+def resolve_scale(meta: dict[str, Any], scale: float | str | None) -> tuple[dict[str, Any], bool]:
+    """Apply a ``--scale`` choice to a model's meta: ``(meta, per_image)``.
+
+    Args:
+        scale: A factor (every real image is resized by it), ``"auto"`` (each image's own estimate, see
+            :func:`auto_scale`) or ``None``: model.json's choice (``input.scale_mode: per_image`` when training
+            found sources of different magnification, else ``input.scale``).
+
+    Raises:
+        UserError: a factor outside 0.05..20, a word other than auto, or ``auto`` for a model that does not
+            know its objects' size (not trained with ``input.scale=auto``).
+    """
+    spec = meta["input"]
+    if scale is None:
+        return meta, spec.get("scale_mode") == "per_image"
+    if isinstance(scale, str) and scale.strip().lower() != "auto":
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise UserError(f"--scale '{scale}' is neither a number nor auto",
+                            fix="pass --scale 0.5 (a factor) or --scale auto (each image's own)") from None
+    if isinstance(scale, str):
+        if not spec.get("object_px") or not spec.get("object_classes"):
+            raise UserError("--scale auto: this model does not record the object size it was trained for "
+                            "(model.json input.object_px; models trained with input.scale=auto do)",
+                            fix="pass --scale with a number, or train with input.scale=auto")
+        return {**meta, "input": {**spec, "scale_mode": "per_image"}}, True
+    return {**meta, "input": {**spec, "scale": check_scale(float(scale)), "scale_mode": "fixed"}}, False
+
+
+def auto_scale(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
+               overlap: int, batch_size: int, autocast: torch.dtype | None = None,
+               channels_last: bool = False) -> dict[str, Any]:
+    """One image's own input scale: the model's masks on it, resized by the current estimate, are measured and
+    the estimate moved until its objects have the size the model saw most in training (model.json
+    ``input.object_px``; :func:`finetune.scale.fit_scale`, at most 3 passes from ``input.scale``). An image with
+    fewer than :data:`AUTO_MIN_OBJECTS` objects keeps ``input.scale``. The estimate stays within half the
+    smallest and twice the largest scale of the training sources (``input.scales``): outside what the model was
+    adapted to, a few specks can drive the fixed point to the end of its range.
+
+    Returns:
+        ``{"scale", "passes", "ok"}`` (``scale`` is ``input.scale`` when not ``ok``).
+    """
+    from finetune.scale import fit_scale, resize_image
+
+    spec = meta["input"]
+    fixed = {**meta, "input": {**spec, "scale": 1.0}}
+
+    def predict_at(f: float) -> list[np.ndarray]:
+        return [predict_mask(model, fixed, resize_image(img, f), device, tile, overlap, batch_size, autocast,
+                             channels_last, scale=1.0)]
+
+    start = float(spec.get("scale", 1.0))
+    known = [start, *(float(v) for v in (spec.get("scales") or {}).values())]
+    limits = (max(0.05, min(known) / 2), min(20.0, max(known) * 2))
+    return fit_scale(predict_at, float(spec["object_px"]), [int(k) for k in spec["object_classes"]],
+                     start=start, limits=limits, min_objects=AUTO_MIN_OBJECTS)
+
+
 def display_rgb(img: np.ndarray, scaling: str = "dtype") -> np.ndarray:
     """(H, W, 3) uint8 for overlays: 16-bit and gray inputs shown with the model's own scaling."""
     return (np.moveaxis(to_unit(img, 3, scaling), 0, -1) * 255 + 0.5).astype(np.uint8)
@@ -320,18 +383,20 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
 def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 device: str = "auto", tile: int | None = None, overlap: int | None = None,
                 batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
-                tta: str = "none", scale: float | None = None, instances: str = "auto") -> dict:
+                tta: str = "none", scale: float | str | None = None, instances: str = "auto") -> dict:
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
         tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
-        scale: Input scale instead of model.json's ``input.scale``.
+        scale: Input scale instead of model.json's: a factor, or ``auto`` for each image's own estimate
+            (:func:`resolve_scale`).
         instances: ``auto`` (write instances when the model has an instance head), ``on`` (required: a
             UserError for a model without one) or ``off``.
 
     Returns:
         Summary ``{"images", "failed", "seconds", "device", "tile", "overlap", "tta", "input"}``; ``input`` has the
-        scale and the scaling, and with ``auto`` scaling how many images got each rule.
+        scale and the scaling, and with ``auto`` scaling how many images got each rule; with per-image scales
+        ``scales`` (each image's, also in ``scales.json``).
 
     Raises:
         PartialFailure: some images could not be read (the rest are written).
@@ -351,8 +416,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     check_tta(tta)
-    if scale is not None:
-        meta = {**meta, "input": {**meta["input"], "scale": check_scale(scale)}}
+    meta, per_image = resolve_scale(meta, scale)
     files = list_images(input_dir)
     out = ensure_writable_dir(out_dir)
     cl = dev.type == "cuda"
@@ -363,6 +427,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     coco_anns: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     rules: dict[str, int] = {}
+    image_scales: dict[str, float] = {}
     t0 = time.perf_counter()
     lower = f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32)"
     with progress(transient=not show_progress) as bar, memory_hint("prediction", lower):
@@ -376,8 +441,12 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                 continue
             rule = resolve_scaling(img, meta["input"]["scaling"])
             rules[rule] = rules.get(rule, 0) + 1
+            f = None
+            if per_image:
+                f = auto_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)["scale"]
+                image_scales[p.name] = f
             mask, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl,
-                                            tta=tta, instances=with_inst)
+                                            scale=f, tta=tta, instances=with_inst)
             atomic_write_bytes(out / f"{p.stem}.png", encode_png(mask))
             if inst is not None:
                 from segfactory.formats.coco import frame_annotations
@@ -398,8 +467,13 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     summary = {"images": len(files) - len(failures), "failed": len(failures),
                "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "tile": tile, "overlap": overlap,
                "tta": tta, "input": {"scaling": meta["input"]["scaling"], "scaling_used": rules,
-                                     "scale": float(meta["input"].get("scale", 1.0))},
+                                     "scale": "per_image" if per_image else float(meta["input"].get("scale", 1.0))},
                "out": str(out), "instances": None}
+    if per_image:
+        from segfactory.io import atomic_write_json
+
+        summary["input"]["scales"] = image_scales
+        atomic_write_json(out / "scales.json", image_scales)
     if with_inst:
         from segfactory.formats.coco import coco_document
         from segfactory.io import atomic_write_json

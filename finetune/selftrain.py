@@ -53,6 +53,7 @@ from finetune.adapt import (
 )
 from finetune.config import FinetuneConfig
 from finetune.data.normalize import standardize
+from finetune.scale import SCALE_KEYS
 from finetune.unlabeled import UnlabeledSet, open_unlabeled, unlabeled_loader
 from segfactory import distributed
 from segfactory.distributed import DistInfo
@@ -63,6 +64,9 @@ ADAPT_SEED_SALT = 0xADA9
 # Real images predicted per pass of the automatic scale estimate, and synthetic masks measured.
 SCALE_IMAGES = 16
 SCALE_SYNTHETIC_MASKS = 64
+# input.scale=auto estimates one scale per source folder of the unlabeled images, for up to this many folders
+# (more: one estimate over all of them, as the cost grows with the folders).
+MAX_SCALE_GROUPS = 8
 
 
 def check_adapt_config(cfg: FinetuneConfig) -> None:
@@ -155,6 +159,7 @@ class SelfTraining:
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict(), "rng": self.gen.get_state(),
                 "scale": self.input_spec.get("scale"), "scale_report": self.scale_report,
+                "scale_spec": {k: self.input_spec[k] for k in SCALE_KEYS if k in self.input_spec},
                 "log_acc": [float(v) for v in self._acc], "log_n": self._n, "log_inst": self._inst_acc}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -162,6 +167,7 @@ class SelfTraining:
         self.gen.set_state(st["rng"])
         if st.get("scale") is not None:
             self.input_spec["scale"] = float(st["scale"])
+        self.input_spec.update(st.get("scale_spec") or {})
         self.scale_report = st.get("scale_report")
         self._acc = np.asarray(st.get("log_acc", [0, 0, 0]), np.float64)
         self._n = int(st.get("log_n", 0))
@@ -192,8 +198,8 @@ class SelfTraining:
         (data-parallel: this rank's B / world size slots of the global batch)."""
         from finetune.data.mixing import raise_if_error
 
-        scale = float(self.input_spec.get("scale") or 1.0)
-        key = (scale, window, end)
+        scale = self.image_scales()
+        key = (scale if isinstance(scale, float) else tuple(scale), window, end)
         if self._loader_key != key or self._next_step != step:
             # (Re)built at the first step that needs it and when the scale changes (input.scale=auto).
             dc = self.cfg.data
@@ -329,10 +335,23 @@ class SelfTraining:
         bce = torch.nn.functional.binary_cross_entropy_with_logits(d_logit.float(), target, reduction="none")
         return bce * weight
 
+    def image_scales(self) -> float | list[float]:
+        """The input scale of the real images: one factor, or one per image when sources got their own."""
+        f = float(self.input_spec.get("scale") or 1.0)
+        per = self.input_spec.get("scales")
+        if not per:
+            return f
+        return [float(per.get(im.group, f)) for im in self.unlabeled.images]
+
     def recalibrated(self, model: nn.Module, window: int, scale: float | None = None,
-                     autocast: torch.dtype | None = None) -> nn.Module:
+                     autocast: torch.dtype | None = None, indices: list[int] | None = None) -> nn.Module:
         """A copy of ``model`` whose BatchNorm statistics are those of ``adapt.recalibrate_bn`` batches of real
-        crops (:func:`finetune.adapt.recalibrate_bn`); the crops are fixed by the seed, not by the step."""
+        crops (:func:`finetune.adapt.recalibrate_bn`); the crops are fixed by the seed, not by the step.
+
+        Args:
+            scale: One input scale for the crops; default :meth:`image_scales`.
+            indices: Only these unlabeled images (default all).
+        """
         from finetune.adapt import recalibrate_bn
 
         m = copy.deepcopy(model)
@@ -340,8 +359,11 @@ class SelfTraining:
             # every rank recalibrates on all the batches (the same crops), with per-process BatchNorm: no
             # collective, so rank 0 may do it alone when it saves the model
             m = distributed.local_batchnorm(m)
-        f = float(self.input_spec.get("scale") or 1.0) if scale is None else scale
-        loader = unlabeled_loader(self.unlabeled.images, window, self.in_chans, self.cfg.input.scaling, f,
+        images = self.unlabeled.images if indices is None else [self.unlabeled.images[i] for i in indices]
+        f: float | list[float] = self.image_scales() if scale is None else scale
+        if indices is not None and not isinstance(f, float):
+            f = [f[i] for i in indices]
+        loader = unlabeled_loader(images, window, self.in_chans, self.cfg.input.scaling, f,
                                   self.batch_size, self.cfg.train.seed + ADAPT_SEED_SALT, 0, self.a.recalibrate_bn,
                                   self.cfg.data.num_workers, self.device.type == "cuda")
 
@@ -360,29 +382,52 @@ class SelfTraining:
                        window_size: int | None = None) -> dict[str, Any]:
         """Estimate ``input.scale`` with the current model (see :func:`finetune.scale.estimate_scale`) and use it.
 
+        Each source folder of the unlabeled images (up to :data:`MAX_SCALE_GROUPS`) gets its own estimate
+        (``input.scales``; self-training then loads each image at its source's scale); ``input.scale`` is their
+        geometric mean weighted by image count (the default for other images). When the sources' scales differ
+        by more than 25 %, the model records ``input.scale_mode: per_image``: prediction estimates each image's
+        scale itself (:func:`finetune.predict.auto_scale`), as no single factor fits both.
+
         Args:
             window: Crop side of the BatchNorm recalibration batches (``augment.crop_size``).
             window_size: The training loader's window (for the augmentation's median zoom).
 
         Returns:
-            The estimate's report (also kept for model.json and the checkpoint).
+            The estimate's report (also kept for model.json and the checkpoint): the first source's fields
+            (``scale`` the pooled one) and, with several sources, ``sources`` (each source's own report).
         """
         from finetune.predict import predict_mask
-        from finetune.scale import estimate_scale, training_zoom
+        from finetune.scale import estimate_scale, pooled_scale, scales_differ, training_zoom
         from finetune.unlabeled import real_views
 
         meta = {"input": {**self.input_spec, "scale": 1.0}, "num_classes": self.num_classes}
         was = model.training
         model.eval()
+        groups = self.unlabeled.groups()
+        if len(groups) > MAX_SCALE_GROUPS:
+            groups = {"": list(range(len(self.unlabeled.images)))}
 
-        def predict_at(scale: float) -> list[np.ndarray]:
-            m = self.recalibrated(model, window, scale, autocast) if self.recalibrates else model
-            return [predict_mask(m, meta, img, self.device, tile, overlap, batch_size, autocast, channels_last,
-                                 scale=1.0) for img in real_views(self.unlabeled, scale, SCALE_IMAGES)]
+        def predict_in(indices: list[int]) -> Callable[[float], list[np.ndarray]]:
+            def predict_at(scale: float) -> list[np.ndarray]:
+                m = self.recalibrated(model, window, scale, autocast, indices) if self.recalibrates else model
+                return [predict_mask(m, meta, img, self.device, tile, overlap, batch_size, autocast, channels_last,
+                                     scale=1.0) for img in real_views(self.unlabeled, scale, SCALE_IMAGES, indices)]
+            return predict_at
 
         aug = self.cfg.augment
         zoom = training_zoom(aug.crop_size, window_size or aug.crop_size, aug.scale, aug.zoom) if aug.enabled else 1.0
-        report = estimate_scale(predict_at, self.synthetic_masks(), self.thing_ids, train_zoom=zoom)
+        syn = self.synthetic_masks()
+        reports = {g: estimate_scale(predict_in(idx), syn, self.thing_ids, train_zoom=zoom)
+                   for g, idx in groups.items()}
+        ok = {g: r for g, r in reports.items() if r["ok"]}
+        report = dict(next(iter(ok.values())) if ok else next(iter(reports.values())))
+        if len(groups) > 1:
+            for g, r in reports.items():
+                r["images"] = len(groups[g])
+            report["sources"] = reports
+            if ok:
+                report["scale"] = round(pooled_scale([r["scale"] for r in ok.values()],
+                                                     [len(groups[g]) for g in ok]), 4)
         # data-parallel: every rank estimated from the same images; rank 0's numbers are used everywhere (GPU
         # float rounding may differ between ranks)
         report = distributed.broadcast_object(report, self.info)
@@ -401,6 +446,12 @@ class SelfTraining:
                             fix="set input.scale to a number (the ratio of object sizes, real to rendered, "
                                 "inverted), or train longer before the estimate (adapt.warmup_steps)")
         self.input_spec["scale"] = float(report["scale"])
+        self.input_spec["object_px"] = float(report["object_px"])
+        self.input_spec["object_classes"] = [int(k) for k in self.thing_ids]
+        per = {g: float(r["scale"]) for g, r in report.get("sources", {}).items() if r["ok"]}
+        if per:
+            self.input_spec["scales"] = per
+        self.input_spec["scale_mode"] = "per_image" if scales_differ(list(per.values())) else "fixed"
         self.scale_report = report
         return report
 

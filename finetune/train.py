@@ -48,6 +48,7 @@ from finetune.data.mixing import MixedBatchSampler, WindowDataset, collate, rais
 from finetune.data.normalize import standardize
 from finetune.data.remap import TargetClasses
 from finetune.data.sources import Source, open_training_sources, resolve_targets
+from finetune.scale import scale_summary
 from segfactory import distributed
 from segfactory.config import hash_config, save_resolved
 from segfactory.console import console, progress
@@ -546,9 +547,7 @@ class Trainer:
                     p = cfg.predict
                     rep = self.adapt.estimate_scale(self.model, p.tile, p.overlap, p.batch_size, self.autocast,
                                                     self.channels_last, cfg.augment.crop_size, self._window)
-                    console.print(f"input.scale=auto: {rep['scale']:.3f} (synthetic objects "
-                                  f"{rep['synthetic_median_px']:.1f} px, real "
-                                  f"{rep['passes'][-1]['real_median_px']:.1f} px at the previous scale)")
+                    console.print(scale_summary(rep), soft_wrap=True)
                     self._log({"step": step, "input_scale": rep})
                 losses = self._train_step(batch, augment, step)
                 if losses is not None:  # None: a non-finite loss skipped (train.max_bad_steps)

@@ -18,7 +18,7 @@ are read sequentially, shuffled by units and a buffer (:mod:`segfactory.streamin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class UnlabeledImage:
         channels: 1 (gray) or 3 (RGB) as stored.
         orig_dtype: Pixel type of the original (``uint8``, ``uint16``, ...).
         value_range: ``(lo, hi)`` original values ingest mapped to 0 and 255 (deeper than 8 bit), else None.
+        group: The folder the original file came from (its source, for per-source input scales; "" unknown).
     """
 
     path: str
@@ -54,6 +55,7 @@ class UnlabeledImage:
     channels: int
     orig_dtype: str
     value_range: tuple[float, float] | None
+    group: str = ""
 
 
 @dataclass
@@ -67,6 +69,13 @@ class UnlabeledSet:
     @property
     def num_rgb(self) -> int:
         return sum(im.channels == 3 for im in self.images)
+
+    def groups(self) -> dict[str, list[int]]:
+        """Image indices by source folder (:attr:`UnlabeledImage.group`), in first-seen order."""
+        out: dict[str, list[int]] = {}
+        for i, im in enumerate(self.images):
+            out.setdefault(im.group, []).append(i)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"paths": [str(r) for r in self.roots], "data_hashes": self.data_hashes, "images": len(self.images),
@@ -108,7 +117,8 @@ def open_unlabeled(paths: list[Path], in_chans: int, field: str = "data.unlabele
             vr = r.get("scale")
             images.append(UnlabeledImage(e.path, e.offset, e.length, e.height, int(r.get("orig_height", e.height)),
                                          e.channels, str(r.get("orig_dtype", "uint8")),
-                                         (float(vr[0]), float(vr[1])) if vr else None))
+                                         (float(vr[0]), float(vr[1])) if vr else None,
+                                         str(Path(r["source"]).parent) if r.get("source") else ""))
         roots.append(p)
         hashes.append(opened.data_hash)
     out = UnlabeledSet(roots, images, hashes)
@@ -157,12 +167,16 @@ def load_view(im: UnlabeledImage, scale: float, data: bytes | None = None) -> np
 class UnlabeledDataset(torch.utils.data.Dataset):
     """Loads ``(step, slot, index)`` refs as random windows of real images (see module docstring).
 
+    ``scale``: one resize factor for every image, or one per image (per-source input scales).
+
     Returns:
         ``{"image": (C, L, L) float32 in [0, 1], "valid": (L, L) bool}``, or ``{"error": (message, fix)}``.
     """
 
-    def __init__(self, images: list[UnlabeledImage], window: int, in_chans: int, scaling: str, scale: float,
-                 seed: int):
+    def __init__(self, images: list[UnlabeledImage], window: int, in_chans: int, scaling: str,
+                 scale: float | Sequence[float], seed: int):
+        if not isinstance(scale, float | int) and len(scale) != len(images):
+            raise ValueError(f"{len(scale)} scales for {len(images)} images")
         self.images = images
         self.window = window
         self.in_chans = in_chans
@@ -182,7 +196,8 @@ class UnlabeledDataset(torch.utils.data.Dataset):
 
         step, slot, index = ref
         try:
-            arr = load_view(self.images[index], self.scale, data)
+            f = self.scale if isinstance(self.scale, float | int) else self.scale[index]
+            arr = load_view(self.images[index], float(f), data)
         except OSError as e:
             return {"error": (str(e), "re-run `segfactory ingest` into a fresh directory")}
         rng = np.random.default_rng([self.seed, step, slot, 0x0A1A])
@@ -276,14 +291,16 @@ def collate_unlabeled(samples: list[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "valid": torch.stack([s["valid"] for s in samples])}
 
 
-def unlabeled_loader(images: list[UnlabeledImage], window: int, in_chans: int, scaling: str, scale: float,
+def unlabeled_loader(images: list[UnlabeledImage], window: int, in_chans: int, scaling: str,
+                     scale: float | Sequence[float],
                      batch_size: int, seed: int, start: int, end: int, num_workers: int,
                      pin_memory: bool, stream: bool | None = None, rank: int = 0,
                      world_size: int = 1) -> torch.utils.data.DataLoader:
     """A DataLoader of real-crop batches for steps ``start..end-1`` (one batch per step).
 
     ``stream``: :class:`UnlabeledStream` (sequential shard reads); ``None``: from :data:`STREAM_MIN_IMAGES`
-    images on; else the random order of :class:`UnlabeledSampler`. ``batch_size`` is the global batch; with
+    images on; else the random order of :class:`UnlabeledSampler`. ``scale``: one factor or one per image.
+    ``batch_size`` is the global batch; with
     ``world_size > 1`` each batch holds rank ``rank``'s slots of it (:func:`segfactory.distributed.rank_rows`).
     """
     from segfactory.workers import loader_context
@@ -300,8 +317,11 @@ def unlabeled_loader(images: list[UnlabeledImage], window: int, in_chans: int, s
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_unlabeled, **kw)
 
 
-def real_views(unl: UnlabeledSet, scale: float, max_images: int) -> Iterator[np.ndarray]:
-    """Up to ``max_images`` whole real images (evenly spread over the set) as the model sees them at ``scale``."""
-    step = max(1, len(unl.images) // max(1, max_images))
-    for im in unl.images[::step][:max_images]:
-        yield load_view(im, scale)
+def real_views(unl: UnlabeledSet, scale: float, max_images: int,
+               indices: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """Up to ``max_images`` whole real images (evenly spread over the set, or over ``indices`` of it) as the
+    model sees them at ``scale``."""
+    pick = list(range(len(unl.images))) if indices is None else list(indices)
+    step = max(1, len(pick) // max(1, max_images))
+    for i in pick[::step][:max_images]:
+        yield load_view(unl.images[i], scale)

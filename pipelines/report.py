@@ -75,7 +75,9 @@ def _jpeg(png: bytes, quality: int = 85) -> bytes:
 
 def _real_section(real_eval: Path) -> str:
     """"Model vs classic baselines on real images": the table, the bar chart and the overlays."""
-    real = read_json(real_eval / "metrics.json").get("real", {})
+    report = read_json(real_eval / "metrics.json")
+    real = report.get("real", {})
+    inp = report.get("input", {})
 
     def f(v: float | None) -> str:
         return "\u2013" if v is None else f"{v:.3f}"
@@ -93,6 +95,12 @@ def _real_section(real_eval: Path) -> str:
         if s.get("labels"):
             notes.append(f"{name}: {s['labels']}")
         notes.extend(f"{name}: {n}" for n in s.get("notes", []))
+        per = inp.get("scales", {}).get(name)
+        if per:
+            notes.append(f"{name}: each image resized by its own estimated input scale, median {per['median']:.3g} "
+                         f"(range {per['min']:.3g}-{per['max']:.3g})")
+    if inp.get("scale") is not None and not inp.get("scales"):
+        notes.append(f"real images resized by the model's input scale {float(inp['scale']):.3g}")
     table = ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>real data</th><th>row</th>"
              "<th>foreground IoU</th><th>instance F1 (IoU &ge; 0.5)</th><th>mean matched IoU</th>"
              "<th>count error / image</th><th>mIoU</th></tr>" + "".join(rows) + "</table>")

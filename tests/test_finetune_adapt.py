@@ -481,7 +481,7 @@ def test_predict_and_evaluate_take_run_dirs_tta_and_scale(adapted: dict, tiny_da
     assert rc == 0, err
     assert f"'{pipe / 'model'}'" in "".join(err.split())
     rep = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert rep["tta"] == "flip" and rep["input"] == {"scaling": "auto", "scale": 0.5}
+    assert rep["tta"] == "flip" and rep["input"] == {"scaling": "auto", "scale": 0.5, "scale_mode": "fixed"}
     # Synthetic frames are always evaluated at their rendered size: the scale changes only the real folder.
     rc, _, err = cli(capsys, "evaluate", "--model", run, "--data", tiny_dataset, "--out", tmp_path / "e1",
                      "--tta", "flip")
@@ -547,6 +547,87 @@ def test_input_scale_auto_is_estimated_at_the_end_of_the_source_only_phase(tiny_
     assert est["passes"][0]["scale"] == 1.0 and est["synthetic_median_px"] > 2
     logged = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "input_scale" in r] == [30]
+
+
+def test_input_scale_auto_estimates_each_source_and_predicts_each_image_at_its_own_scale(
+        tiny_dataset: Path, target: dict, tmp_path: Path) -> None:
+    """Two unlabeled sources of different magnification (the held-out shifted frames as they are, and the same
+    frames enlarged 2x in another folder): each source gets its own scale, about half for the enlarged one; the
+    model records per-image prediction, and `predict` finds each image's scale (the enlarged images about half)."""
+    from finetune.predict import resolve_scale, run_predict
+    from finetune.train import run_finetune
+    from finetune.unlabeled import open_unlabeled
+
+    small = sorted((target["labeled"] / "images").iterdir())
+    big_dir = tmp_path / "zoomed" / "images"
+    big_dir.mkdir(parents=True)
+    for f in small:
+        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(big_dir / f.name), cv2.resize(img, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR))
+    both = tmp_path / "both"
+    ingest_files(small + sorted(big_dir.iterdir()), both, max_short_side=None)
+    groups = open_unlabeled([both], 1).groups()
+    assert sorted(map(len, groups.values())) == [len(small), len(small)] and str(big_dir) in groups
+
+    cfg = adapt_cfg(tiny_dataset, both, "train.steps=60", "adapt.warmup_steps=50", "input.scale=auto")
+    run_finetune(cfg, tmp_path / "r", show_progress=False)
+    meta = json.loads((tmp_path / "r" / "model" / "model.json").read_text())
+    est = meta["lineage"]["training"]["adapt"]["scale_estimate"]
+    per = meta["input"]["scales"]
+    assert est["ok"] and set(per) == set(groups) and set(est["sources"]) == set(groups), est
+    ratio = per[str(big_dir)] / per[str(small[0].parent)]
+    assert 0.35 < ratio < 0.7, per  # the enlarged source's objects are twice as big: about half the scale
+    assert meta["input"]["scale_mode"] == "per_image" and meta["input"]["object_classes"] == [1]
+    assert meta["input"]["scale"] == pytest.approx(np.sqrt(per[str(big_dir)] * per[str(small[0].parent)]), rel=1e-3)
+    assert meta["input"]["object_px"] == pytest.approx(est["synthetic_median_px"] * est["train_zoom"], rel=1e-3)
+
+    out = run_predict(tmp_path / "r" / "model", big_dir, tmp_path / "pred", device="cpu", show_progress=False,
+                      overlays=False)
+    assert out["input"]["scale"] == "per_image"
+    got = json.loads((tmp_path / "pred" / "scales.json").read_text())
+    assert set(got) == {f.name for f in small}
+    assert np.median(list(got.values())) == pytest.approx(per[str(big_dir)], rel=0.3), (got, per)
+    # an explicit factor overrides the model's choice
+    fixed = run_predict(tmp_path / "r" / "model", big_dir, tmp_path / "pred1", device="cpu", show_progress=False,
+                        overlays=False, scale="0.5")
+    assert fixed["input"]["scale"] == 0.5 and not (tmp_path / "pred1" / "scales.json").exists()
+    with pytest.raises(UserError, match="--scale 'big' is neither a number nor auto"):
+        resolve_scale(meta, "big")
+
+
+def test_scale_auto_refuses_a_model_that_does_not_know_its_object_size() -> None:
+    from finetune.predict import resolve_scale
+
+    meta = {"input": {"scale": 1.0}}
+    assert resolve_scale(meta, None) == (meta, False)
+    assert resolve_scale(meta, 0.5)[0]["input"]["scale"] == 0.5
+    with pytest.raises(UserError, match=r"input\.object_px"):
+        resolve_scale(meta, "auto")
+    ok = {"input": {"scale": 1.0, "object_px": 20.0, "object_classes": [1]}}
+    assert resolve_scale(ok, "AUTO")[1] is True and resolve_scale(ok, "auto")[0]["input"]["scale_mode"] == "per_image"
+    with pytest.raises(UserError, match=r"outside 0\.05\.\.20"):
+        resolve_scale(ok, "40")
+
+
+def test_fit_scale_stays_in_its_limits_and_needs_enough_objects() -> None:
+    from finetune.scale import fit_scale, pooled_scale, scales_differ
+
+    def blobs(n: int, d: int) -> np.ndarray:
+        m = np.zeros((200, 200), np.uint8)
+        for i in range(n):
+            y, x = 10 + 40 * (i // 4), 10 + 40 * (i % 4)
+            m[y:y + d, x:x + d] = 1
+        return m
+
+    # objects of 10 px side at every scale: the fixed point wants to grow without end; the limit stops it
+    rep = fit_scale(lambda f: [blobs(8, 10)], 40.0, [1], start=1.0, limits=(0.5, 2.0))
+    assert rep["ok"] and rep["scale"] == 2.0
+    # two objects are not enough when three are required: the start scale stays, not ok
+    rep = fit_scale(lambda f: [blobs(2, 10)], 40.0, [1], start=1.0, min_objects=3)
+    assert not rep["ok"] and rep["scale"] == 1.0
+    assert pooled_scale([1.0, 0.25], [1, 1]) == pytest.approx(0.5)
+    assert pooled_scale([1.0, 0.25], [3, 1]) == pytest.approx(0.25 ** 0.25)
+    assert scales_differ([1.0, 0.7]) and not scales_differ([1.0, 0.9]) and not scales_differ([0.3])
 
 
 def test_finetune_encoder_takes_a_pretraining_run_dir(tiny_dataset: Path, tmp_path: Path, capsys) -> None:

@@ -257,8 +257,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
         q.add_argument("--tta", nargs="?", const="d4", default="none", choices=["none", "flip", "d4"],
                        help="test-time augmentation: average over flips (flip) or flips and quarter turns (d4, "
                             "the default of a bare --tta)")
-        q.add_argument("--scale", type=float, help="resize real images by this factor before the model "
-                       "(default: model.json input.scale)")
+        q.add_argument("--scale", help="resize real images by this factor before the model, or 'auto': each "
+                       "image by its own estimate (models trained with input.scale=auto; default: model.json, "
+                       "input.scale or, when its sources differ in magnification, auto)")
 
     e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
                             "folders also foreground IoU and instance F1 next to classic baselines")
