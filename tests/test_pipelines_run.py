@@ -107,10 +107,12 @@ def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_pat
     assert any("selftrain_loss" in r for r in records)  # self-training ran on the real frames
     lineage = json.loads((ft / "model" / "model.json").read_text())["lineage"]["training"]
     assert lineage["adapt"]["unlabeled"]
+    # HeLa and CHO frames come from two folders: each got its own input scale estimate
+    assert len(lineage["adapt"]["scale_estimate"]["sources"]) == 2
     assert set(first["real"]["ctc-hela"]) == {"model", "otsu", "blur_otsu"}
     assert 0 <= first["real"]["ctc-hela"]["model"]["fg_iou"] <= 1
     report = (out / "report.html").read_text()
-    assert "<h2>Model vs baselines on real images</h2>" in report
+    assert "<h2>Model vs baselines on real images</h2>" in report and "input scale" in report
     # Predictions on the real (gray, 16-bit) frames: cut, never resized.
     pred_in = next(p for p in (out / "stages").glob("predict-*-input") if p.is_dir())
     assert len(list(pred_in.glob("*.png"))) == 2
