@@ -28,16 +28,21 @@ def source_confusion(model: nn.Module, meta: dict[str, Any], source: Source, ite
                      tta: str = "none") -> np.ndarray:
     """Confusion matrix of a model over some items of a source (full frames, tiled like ``predict``).
 
-    Real frames are resized by the model's input scale (and the prediction back), synthetic ones never.
+    Real frames are resized by the model's input scale (each by its own estimate under ``input.scale_mode:
+    per_image``, :func:`finetune.predict.auto_scale`) and the prediction back; synthetic ones never.
     """
-    from finetune.predict import predict_mask
+    from finetune.predict import auto_scale, predict_mask
 
     k = int(meta["num_classes"])
     cm = np.zeros((k, k), np.int64)
     scale = 1.0 if source.kind == "synthetic" else None
+    per_image = source.kind != "synthetic" and meta["input"].get("scale_mode") == "per_image"
     for it in items:
         img, mask = source.load(it)
-        pred = predict_mask(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
+        f = scale
+        if per_image:
+            f = auto_scale(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last)["scale"]
+        pred = predict_mask(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, f,
                             tta)
         cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
     return cm

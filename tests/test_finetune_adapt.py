@@ -550,7 +550,7 @@ def test_input_scale_auto_is_estimated_at_the_end_of_the_source_only_phase(tiny_
 
 
 def test_input_scale_auto_estimates_each_source_and_predicts_each_image_at_its_own_scale(
-        tiny_dataset: Path, target: dict, tmp_path: Path) -> None:
+        tiny_dataset: Path, target: dict, tmp_path: Path, monkeypatch) -> None:
     """Two unlabeled sources of different magnification (the held-out shifted frames as they are, and the same
     frames enlarged 2x in another folder): each source gets its own scale, about half for the enlarged one; the
     model records per-image prediction, and `predict` finds each image's scale (the enlarged images about half)."""
@@ -569,8 +569,16 @@ def test_input_scale_auto_estimates_each_source_and_predicts_each_image_at_its_o
     groups = open_unlabeled([both], 1).groups()
     assert sorted(map(len, groups.values())) == [len(small), len(small)] and str(big_dir) in groups
 
-    cfg = adapt_cfg(tiny_dataset, both, "train.steps=60", "adapt.warmup_steps=50", "input.scale=auto")
+    import finetune.predict as predict_mod
+
+    calls = []
+    real_auto = predict_mod.auto_scale
+    monkeypatch.setattr(predict_mod, "auto_scale", lambda *a, **k: calls.append(1) or real_auto(*a, **k))
+    cfg = adapt_cfg(tiny_dataset, both, "train.steps=60", "adapt.warmup_steps=50", "input.scale=auto",
+                    f"data.val=[{{path: '{target['labeled']}'}}]")
     run_finetune(cfg, tmp_path / "r", show_progress=False)
+    # the final validation on the real labeled folder predicted each of its images at its own scale
+    assert len(calls) == len(small), len(calls)
     meta = json.loads((tmp_path / "r" / "model" / "model.json").read_text())
     est = meta["lineage"]["training"]["adapt"]["scale_estimate"]
     per = meta["input"]["scales"]
@@ -593,6 +601,15 @@ def test_input_scale_auto_estimates_each_source_and_predicts_each_image_at_its_o
     assert fixed["input"]["scale"] == 0.5 and not (tmp_path / "pred1" / "scales.json").exists()
     with pytest.raises(UserError, match="--scale 'big' is neither a number nor auto"):
         resolve_scale(meta, "big")
+    # more source folders than MAX_SCALE_GROUPS: one estimate over all of them, one fixed scale
+    import finetune.selftrain as selftrain_mod
+
+    monkeypatch.setattr(selftrain_mod, "MAX_SCALE_GROUPS", 1)
+    run_finetune(adapt_cfg(tiny_dataset, both, "train.steps=60", "adapt.warmup_steps=50", "input.scale=auto"),
+                 tmp_path / "pooled", show_progress=False)
+    pooled = json.loads((tmp_path / "pooled" / "model" / "model.json").read_text())
+    assert "sources" not in pooled["lineage"]["training"]["adapt"]["scale_estimate"]
+    assert pooled["input"]["scale_mode"] == "fixed" and "scales" not in pooled["input"]
 
 
 def test_scale_auto_refuses_a_model_that_does_not_know_its_object_size() -> None:
