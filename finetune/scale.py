@@ -86,13 +86,22 @@ def training_zoom(crop_size: int, window: int, area: tuple[float, float], zoom: 
     return float(crop_size / (window * np.sqrt((area[0] + area[1]) / 2)))
 
 
+# fit_scale: the most one pass moves the scale, and how far (as a factor) the measured object size may move
+# from what the change of scale predicts before the masks count as not tracking objects.
+MAX_STEP = 3.0
+UNTRACKED = 2.0
+
+
 def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float, thing_ids: Sequence[int],
               start: float = 1.0, iterations: int = 3, limits: tuple[float, float] = (0.05, 20.0),
               min_objects: int = 1, min_px: float | None = None) -> dict[str, Any]:
     """Fixed point of ``scale <- scale x target / real median object diameter`` (the estimate's core).
 
     A model run at a badly wrong scale under- or over-segments, so one pass is biased toward the start; each pass
-    predicts again at the new scale (two or three converge).
+    predicts again at the new scale (two or three converge). One pass moves the scale by at most
+    :data:`MAX_STEP` times, and when the measured size does not follow the change of scale (off by more than
+    :data:`UNTRACKED` times: specks or texture, not objects) the search stops and goes back to the scale of the
+    pass before (``untracked: True`` in the report).
 
     Args:
         predict_at: ``scale -> predicted class-id masks`` of the real images resized by ``scale``.
@@ -110,6 +119,7 @@ def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float,
     """
     report: dict[str, Any] = {"scale": start, "passes": [], "ok": False}
     scale = start
+    prev: tuple[float, float] | None = None  # (scale, real median) of the previous pass
     for _ in range(iterations):
         real = [s for m in predict_at(scale) for s in component_sizes(m, thing_ids)]
         keep = [s for s in real if s >= max(2.0, 0.25 * target_px if min_px is None else min_px)]
@@ -117,8 +127,16 @@ def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float,
         report["passes"].append({"scale": round(scale, 4), "real_median_px": real_med, "objects": len(real)})
         if real_med is None:
             break
+        if prev is not None and abs(np.log(real_med / prev[1]) - np.log(scale / prev[0])) > np.log(UNTRACKED):
+            # Objects resized by a factor should measure about that factor bigger; when the measured median moves
+            # by more than UNTRACKED times otherwise, the masks are not tracking objects (specks, texture, a model
+            # not yet able to see them) and following them runs off: go back to the previous pass's scale.
+            report.update(scale=round(prev[0], 4), untracked=True)
+            break
         new = float(np.clip(scale * target_px / real_med, *limits))
+        new = float(np.clip(new, scale / MAX_STEP, scale * MAX_STEP))
         converged = abs(np.log(new / scale)) < 0.02
+        prev = (scale, real_med)
         scale = new
         report.update(scale=round(scale, 4), ok=True)
         if converged:
@@ -178,6 +196,9 @@ def scale_summary(report: dict[str, Any]) -> str:
     """One line about an ``input.scale=auto`` estimate (:meth:`finetune.selftrain.SelfTraining.estimate_scale`)."""
     def one(r: dict[str, Any]) -> str:
         last = r["passes"][-1]["real_median_px"] if r["passes"] else None
+        if r.get("untracked"):
+            return (f"{r['scale']:.3f} (stopped: the predicted objects did not follow the change of scale, "
+                    "so the model does not see them reliably yet)")
         return (f"{r['scale']:.3f} (real objects {last:.1f} px at the previous scale)" if r["ok"] and last
                 else "no objects found")
 

@@ -385,8 +385,9 @@ class SelfTraining:
         Each source folder of the unlabeled images (up to :data:`MAX_SCALE_GROUPS`) gets its own estimate
         (``input.scales``; self-training then loads each image at its source's scale); ``input.scale`` is their
         geometric mean weighted by image count (the default for other images). When the sources' scales differ
-        by more than 25 %, the model records ``input.scale_mode: per_image``: prediction estimates each image's
-        scale itself (:func:`finetune.predict.auto_scale`), as no single factor fits both.
+        by more than 25 % (or a source's estimate stopped because the masks did not track objects, see
+        :func:`finetune.scale.fit_scale`), the model records ``input.scale_mode: per_image``: prediction
+        estimates each image's scale itself (:func:`finetune.predict.auto_scale`), as no single factor fits both.
 
         Args:
             window: Crop side of the BatchNorm recalibration batches (``augment.crop_size``).
@@ -451,7 +452,10 @@ class SelfTraining:
         per = {g: float(r["scale"]) for g, r in report.get("sources", {}).items() if r["ok"]}
         if per:
             self.input_spec["scales"] = per
-        self.input_spec["scale_mode"] = "per_image" if scales_differ(list(per.values())) else "fixed"
+        # per image when one factor cannot serve the sources, or when a source's estimate stopped untracked (the
+        # final model, predicting each image, sees objects better than the model after the warm-up)
+        untracked = len(per) > 1 and any(r.get("untracked") for r in report.get("sources", {}).values())
+        self.input_spec["scale_mode"] = "per_image" if scales_differ(list(per.values())) or untracked else "fixed"
         self.scale_report = report
         return report
 
