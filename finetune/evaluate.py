@@ -29,19 +29,16 @@ def source_confusion(model: nn.Module, meta: dict[str, Any], source: Source, ite
     """Confusion matrix of a model over some items of a source (full frames, tiled like ``predict``).
 
     Real frames are resized by the model's input scale (each by its own estimate under ``input.scale_mode:
-    per_image``, :func:`finetune.predict.auto_scale`) and the prediction back; synthetic ones never.
+    per_image``, :func:`finetune.predict.image_scale`) and the prediction back; synthetic ones never.
     """
-    from finetune.predict import auto_scale, predict_mask
+    from finetune.predict import image_scale, predict_mask
 
     k = int(meta["num_classes"])
     cm = np.zeros((k, k), np.int64)
-    scale = 1.0 if source.kind == "synthetic" else None
-    per_image = source.kind != "synthetic" and meta["input"].get("scale_mode") == "per_image"
     for it in items:
         img, mask = source.load(it)
-        f = scale
-        if per_image:
-            f = auto_scale(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last)["scale"]
+        f = 1.0 if source.kind == "synthetic" else image_scale(model, meta, img, device, tile, overlap,
+                                                                batch_size, autocast, channels_last)
         pred = predict_mask(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, f,
                             tta)
         cm += confusion_matrix(pred, mask, k, int(meta["ignore_index"]))
@@ -306,10 +303,11 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.data.sources import detect_kind, open_source
     from finetune.models import load_model_dir
     from finetune.predict import (
-        auto_scale,
         check_tta,
+        image_scale,
         inference_settings,
         outputs_from_probs,
+        per_image_scales,
         predict_image_probs,
         resolve_scale,
     )
@@ -329,7 +327,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     check_tta(tta)
-    meta, per_image = resolve_scale(meta, scale)
+    meta = resolve_scale(meta, scale)
     targets = make_targets(meta["classes"], int(meta["ignore_index"]))
     if targets.num_classes != int(meta["num_classes"]):
         raise UserError(f"model.json of '{model_dir}' lists {targets.num_classes} classes but num_classes="
@@ -400,9 +398,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
 
             for it in src.val:
                 img, mask = src.load(it)
-                f = scale_here
-                if per_image and src.kind != "synthetic":
-                    f = auto_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev))["scale"]
+                f = scale_here if src.kind == "synthetic" else image_scale(model, meta, img, dev, tile, overlap,
+                                                                           batch_size, amp_dtype(dev))
+                if f is not None and src.kind != "synthetic":
                     image_scales.setdefault(src.name, []).append(f)
                 probs = predict_image_probs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
                                             scale=f, tta=tta, instances=with_inst)
@@ -412,7 +410,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),
               "classes": targets.names, "tta": tta,
               "input": {**{k: meta["input"].get(k) for k in ("scaling", "scale")},
-                        "scale_mode": "per_image" if per_image else "fixed",
+                        "scale_mode": "per_image" if per_image_scales(meta) else "fixed",
                         **({"scales": {n: {"median": round(float(np.median(v)), 4),
                                            "min": round(min(v), 4), "max": round(max(v), 4)}
                                        for n, v in image_scales.items()}} if image_scales else {})},

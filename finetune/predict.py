@@ -255,8 +255,8 @@ def check_scale(scale: float) -> float:
 AUTO_MIN_OBJECTS = 3
 
 
-def resolve_scale(meta: dict[str, Any], scale: float | str | None) -> tuple[dict[str, Any], bool]:
-    """Apply a ``--scale`` choice to a model's meta: ``(meta, per_image)``.
+def resolve_scale(meta: dict[str, Any], scale: float | str | None) -> dict[str, Any]:
+    """Apply a ``--scale`` choice to a model's meta (per-image scales: ``input.scale_mode: per_image``).
 
     Args:
         scale: A factor (every real image is resized by it), ``"auto"`` (each image's own estimate, see
@@ -269,7 +269,7 @@ def resolve_scale(meta: dict[str, Any], scale: float | str | None) -> tuple[dict
     """
     spec = meta["input"]
     if scale is None:
-        return meta, spec.get("scale_mode") == "per_image"
+        return meta
     if isinstance(scale, str) and scale.strip().lower() != "auto":
         try:
             scale = float(scale)
@@ -281,8 +281,23 @@ def resolve_scale(meta: dict[str, Any], scale: float | str | None) -> tuple[dict
             raise UserError("--scale auto: this model does not record the object size it was trained for "
                             "(model.json input.object_px; models trained with input.scale=auto do)",
                             fix="pass --scale with a number, or train with input.scale=auto")
-        return {**meta, "input": {**spec, "scale_mode": "per_image"}}, True
-    return {**meta, "input": {**spec, "scale": check_scale(float(scale)), "scale_mode": "fixed"}}, False
+        return {**meta, "input": {**spec, "scale_mode": "per_image"}}
+    return {**meta, "input": {**spec, "scale": check_scale(float(scale)), "scale_mode": "fixed"}}
+
+
+def per_image_scales(meta: dict[str, Any]) -> bool:
+    """Whether real images are predicted at their own scale (:func:`image_scale`)."""
+    return meta["input"].get("scale_mode") == "per_image"
+
+
+def image_scale(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
+                overlap: int, batch_size: int, autocast: torch.dtype | None = None,
+                channels_last: bool = False) -> float | None:
+    """The scale a real image is predicted at: its own (:func:`auto_scale`) under ``input.scale_mode:
+    per_image``, else ``None`` (model.json's ``input.scale``)."""
+    if not per_image_scales(meta):
+        return None
+    return float(auto_scale(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last)["scale"])
 
 
 def auto_scale(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
@@ -416,7 +431,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     model, meta = load_model_dir(model_dir, dev)
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     check_tta(tta)
-    meta, per_image = resolve_scale(meta, scale)
+    meta = resolve_scale(meta, scale)
+    per_image = per_image_scales(meta)
     files = list_images(input_dir)
     out = ensure_writable_dir(out_dir)
     cl = dev.type == "cuda"
@@ -441,9 +457,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                 continue
             rule = resolve_scaling(img, meta["input"]["scaling"])
             rules[rule] = rules.get(rule, 0) + 1
-            f = None
-            if per_image:
-                f = auto_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)["scale"]
+            f = image_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)
+            if f is not None:
                 image_scales[p.name] = f
             mask, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl,
                                             scale=f, tta=tta, instances=with_inst)

@@ -613,15 +613,16 @@ def test_input_scale_auto_estimates_each_source_and_predicts_each_image_at_its_o
 
 
 def test_scale_auto_refuses_a_model_that_does_not_know_its_object_size() -> None:
-    from finetune.predict import resolve_scale
+    from finetune.predict import per_image_scales, resolve_scale
 
     meta = {"input": {"scale": 1.0}}
-    assert resolve_scale(meta, None) == (meta, False)
-    assert resolve_scale(meta, 0.5)[0]["input"]["scale"] == 0.5
+    assert resolve_scale(meta, None) == meta and not per_image_scales(meta)
+    assert resolve_scale(meta, 0.5)["input"]["scale"] == 0.5 and not per_image_scales(resolve_scale(meta, 0.5))
     with pytest.raises(UserError, match=r"input\.object_px"):
         resolve_scale(meta, "auto")
     ok = {"input": {"scale": 1.0, "object_px": 20.0, "object_classes": [1]}}
-    assert resolve_scale(ok, "AUTO")[1] is True and resolve_scale(ok, "auto")[0]["input"]["scale_mode"] == "per_image"
+    assert per_image_scales(resolve_scale(ok, "AUTO"))
+    assert resolve_scale(ok, "auto")["input"]["scale_mode"] == "per_image"
     with pytest.raises(UserError, match=r"outside 0\.05\.\.20"):
         resolve_scale(ok, "40")
 
