@@ -73,7 +73,8 @@ class DataConfig(StrictModel):
         real: Real labeled folders.
         val: Extra validation-only sources (kind detected from the folder).
         val_fraction: Share of every training source held out for validation (the frames with the lowest
-            stable hash of their name, so the split does not depend on the seed or the file order).
+            stable hash of their name, so the split does not depend on the seed or the file order; rendered
+            frames by scene: family, dataset seed and scene index, all views of a scene on one side).
         val_max_items: Cap on validation frames per source (validation cost).
         load_size: Side of the window cut on the CPU from each image (padded when the image is smaller); the
             GPU random-resized-crop then picks the training crop inside it. Default: ``augment.crop_size``.

@@ -144,6 +144,105 @@ def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float,
     return report
 
 
+# scan_scale: the grid's step (a factor), how far below the start it begins, and how far above the start it
+# gives up; a median diameter below COLLAPSE times the largest so far, on two grid steps in a row, means the
+# model breaks the objects up from there on.
+SCAN_STEP = float(np.sqrt(2.0))
+SCAN_BELOW = 8.0
+SCAN_ABOVE = 8.0
+COLLAPSE = 0.5
+
+
+def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float, thing_ids: Sequence[int],
+               start: float = 1.0, limits: tuple[float, float] = (0.05, 20.0), min_objects: int = 1,
+               min_px: float | None = None) -> dict[str, Any]:
+    """The smallest scale at which the model's objects reach ``target_px``, found on a rising grid of scales.
+
+    A model sees real objects correctly only up to about the largest size it was trained on; beyond it, it
+    breaks each object into fragments, so the measured size *falls* as the image grows, and a fixed-point search
+    started there (:func:`fit_scale`) runs off to ever larger scales. Scanning from small scales upward
+    (``start / SCAN_BELOW`` in steps of ``SCAN_STEP``) follows the objects while they grow with the image and
+    stops at the first grid step whose median diameter reaches ``target_px``; the scale is interpolated on
+    log-log axes between that step and the one before. Small scales cost little (pixels grow with the square
+    of the scale), so the scan costs about as much as three passes near the answer.
+
+    Args:
+        predict_at: ``scale -> predicted class-id masks`` of the real images resized by ``scale``.
+        target_px: The object diameter (pixels) the model saw most in training.
+        thing_ids: Classes whose objects are measured.
+        start: The grid is ``start x SCAN_STEP^k``, from ``start / SCAN_BELOW`` to ``start x SCAN_ABOVE``.
+        limits: The grid stays in this range.
+        min_objects: Fewer objects than this at a grid step count as none found there.
+        min_px: Components smaller than this are specks, not objects (default a quarter of ``target_px``).
+
+    Returns:
+        ``{"scale", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``, plus ``untracked: True`` when no
+        grid step reached ``target_px`` before the objects broke up or the grid ended (the scale is then taken
+        from the step where the objects measured largest, as :func:`fit_scale` would from there).
+    """
+    report: dict[str, Any] = {"scale": start, "passes": [], "ok": False}
+    floor = max(2.0, 0.25 * target_px if min_px is None else min_px)
+    lo, hi = max(limits[0], start / SCAN_BELOW), min(limits[1], start * SCAN_ABOVE)
+
+    def measure(scale: float) -> float | None:
+        real = [s for m in predict_at(scale) for s in component_sizes(m, thing_ids)]
+        keep = [s for s in real if s >= floor]
+        med = float(np.median(keep)) if len(keep) >= max(1, min_objects) else None
+        report["passes"].append({"scale": round(scale, 4), "real_median_px": med, "objects": len(real)})
+        return med
+
+    def done(scale: float, untracked: bool = False) -> dict[str, Any]:
+        report.update(scale=round(float(np.clip(scale, *limits)), 4), ok=True)
+        if untracked:
+            report["untracked"] = True
+        return report
+
+    scale = lo
+    med = measure(scale)
+    # objects already at the target at the bottom of the grid: go further down until they are not
+    while med is not None and med >= target_px and scale / SCAN_STEP >= limits[0]:
+        below = measure(scale / SCAN_STEP)
+        if below is None or below < target_px:
+            return done(_interpolate(scale / SCAN_STEP, below, scale, med, target_px))
+        scale, med = scale / SCAN_STEP, below
+    if med is not None and med >= target_px:
+        return done(scale * target_px / med)
+    prev: tuple[float, float] | None = (scale, med) if med is not None else None
+    best: tuple[float, float] | None = prev  # (scale, diameter) where the objects measured largest
+    low_run = none_run = 0
+    while scale * SCAN_STEP <= hi * 1.0001:
+        scale *= SCAN_STEP
+        med = measure(scale)
+        if med is None:
+            # no objects: still too small, or the model sees none; larger images cost more, so give up after
+            # two empty steps once objects were seen, or at twice the start when none ever were
+            none_run += 1
+            if (best is not None and none_run >= 2) or (best is None and scale >= 2 * start):
+                break
+            continue
+        none_run = 0
+        if med >= target_px:
+            return done(_interpolate(prev[0], prev[1], scale, med, target_px) if prev else scale * target_px / med)
+        if best is None or med > best[1]:
+            best = (scale, med)
+        low_run = low_run + 1 if med < COLLAPSE * best[1] else 0
+        if low_run >= 2:
+            break
+        prev = (scale, med)
+    if best is None:
+        return report
+    return done(min(best[0] * target_px / best[1], best[0] * MAX_STEP), untracked=True)
+
+
+def _interpolate(s0: float, d0: float | None, s1: float, d1: float, target: float) -> float:
+    """The scale between ``s0`` and ``s1`` whose diameter is ``target``, on log-log axes (``d0 < target <= d1``;
+    without ``d0``, ``s1`` moved by the ratio)."""
+    if d0 is None or d0 <= 0 or d1 <= d0:
+        return s1 * target / d1
+    t = np.log(target / d0) / np.log(d1 / d0)
+    return float(np.exp(np.log(s0) + t * (np.log(s1) - np.log(s0))))
+
+
 def pooled_scale(scales: Sequence[float], weights: Sequence[float]) -> float:
     """Weighted geometric mean of per-source scales (the default for images of no known source)."""
     w = np.asarray(weights, np.float64)
@@ -156,20 +255,19 @@ def scales_differ(scales: Sequence[float], ratio: float = 1.25) -> bool:
 
 
 def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_masks: list[np.ndarray],
-                   thing_ids: Sequence[int], start: float = 1.0, iterations: int = 3,
+                   thing_ids: Sequence[int], start: float = 1.0,
                    limits: tuple[float, float] = (0.05, 20.0), train_zoom: float = 1.0) -> dict[str, Any]:
-    """Fixed-point estimate of the input scale of one set of real images (:func:`fit_scale`).
+    """Estimate of the input scale of one set of real images (:func:`scan_scale`).
 
-    A model trained on rendered frames sees objects of the rendered size best, so its masks on real images
-    resized by the current estimate are measured, the estimate is multiplied by ``synthetic / real`` median
-    object diameter and the real images are predicted again at the new scale.
+    A model trained on rendered frames sees objects of the rendered size best, so the real images are predicted
+    at a rising grid of scales and the scale at which the median predicted object reaches the size the model
+    saw most in training is taken.
 
     Args:
         predict_at: ``scale -> predicted class-id masks`` of the real images resized by ``scale``.
         synthetic_masks: Label masks of synthetic frames (at their rendered size).
         thing_ids: Classes whose objects are measured (the ``thing`` classes).
-        start: First scale tried.
-        iterations: Passes over the real images.
+        start: Centre of the grid of scales tried.
         limits: The estimate is clipped to this range.
         train_zoom: The median object resize of the training augmentation (:func:`training_zoom`): real
             objects are matched to the size the model saw most, ``synthetic median x train_zoom``.
@@ -187,20 +285,19 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
                                                  for m in synthetic_masks)
         return report
     report["object_px"] = round(syn_med * train_zoom, 3)
-    report.update(fit_scale(predict_at, syn_med * train_zoom, thing_ids, start, iterations, limits,
-                            min_px=0.25 * syn_med))
+    report.update(scan_scale(predict_at, syn_med * train_zoom, thing_ids, start, limits, min_px=0.25 * syn_med))
     return report
 
 
 def scale_summary(report: dict[str, Any]) -> str:
     """One line about an ``input.scale=auto`` estimate (:meth:`finetune.selftrain.SelfTraining.estimate_scale`)."""
     def one(r: dict[str, Any]) -> str:
-        last = r["passes"][-1]["real_median_px"] if r["passes"] else None
+        last = r["passes"][-1] if r["passes"] else {}
         if r.get("untracked"):
-            return (f"{r['scale']:.3f} (stopped: the predicted objects did not follow the change of scale, "
-                    "so the model does not see them reliably yet)")
-        return (f"{r['scale']:.3f} (real objects {last:.1f} px at the previous scale)" if r["ok"] and last
-                else "no objects found")
+            return (f"{r['scale']:.3f} (the predicted objects never reached the target size before they broke "
+                    "up, so the model does not see them reliably yet)")
+        return (f"{r['scale']:.3f} (real objects {last['real_median_px']:.1f} px at scale {last['scale']:.3f})"
+                if r["ok"] and last.get("real_median_px") else "no objects found")
 
     head = (f"input.scale=auto: {report['scale']:.3f} (synthetic objects {report['synthetic_median_px']:.1f} px, "
             f"target {report.get('object_px', 0):.1f} px)")

@@ -655,6 +655,56 @@ def test_fit_scale_stays_in_its_limits_and_needs_enough_objects() -> None:
     assert scales_differ([1.0, 0.7]) and not scales_differ([1.0, 0.9]) and not scales_differ([0.3])
 
 
+def test_scan_scale_finds_objects_a_model_breaks_up_when_they_are_too_large() -> None:
+    """A model that sees objects whole only up to 45 px and breaks larger ones into 12 px fragments (what the
+    warm-up models do beyond their training sizes): from scale 1 the fixed point sees fragments and wants to
+    grow; the scan rises from small scales and stops where the objects reach the target."""
+    from finetune.scale import component_sizes, estimate_scale, fit_scale, scan_scale
+
+    true_d, target = 60.0, 34.5
+
+    def predict_at(f: float) -> list[np.ndarray]:
+        side = max(8, round(480 * f))
+        m = np.zeros((side, side), np.uint8)
+        d = true_d * f
+        for cy in np.arange(0.5, 4) * side / 4:
+            for cx in np.arange(0.5, 4) * side / 4:
+                if d <= 45:
+                    cv2.circle(m, (round(cx), round(cy)), max(1, round(d / 2)), 1, -1)
+                else:  # fragments of 12 px across the object
+                    for oy in np.arange(-d / 2 + 8, d / 2 - 6, 16):
+                        for ox in np.arange(-d / 2 + 8, d / 2 - 6, 16):
+                            cv2.circle(m, (round(cx + ox), round(cy + oy)), 6, 1, -1)
+        return [m]
+
+    assert np.median(component_sizes(predict_at(1.0)[0], [1])) < 15  # fragments at scale 1
+    old = fit_scale(predict_at, target, [1], start=1.0)
+    assert old["scale"] >= 1.0  # the fixed point never goes below the start: it reads fragments as small objects
+    rep = scan_scale(predict_at, target, [1], start=1.0)
+    assert rep["ok"] and not rep.get("untracked") and rep["scale"] == pytest.approx(target / true_d, rel=0.05), rep
+    assert max(p["scale"] for p in rep["passes"]) < 1.0  # stopped at the first step past the target
+    # objects that are whole at every scale: the same answer
+    def whole(f: float) -> list[np.ndarray]:
+        return predict_at(f) if f <= 0.7 else [cv2.resize(predict_at(0.7)[0], None, fx=f / 0.7, fy=f / 0.7,
+                                                          interpolation=cv2.INTER_NEAREST)]
+
+    rep = scan_scale(whole, target, [1])
+    assert rep["scale"] == pytest.approx(target / true_d, rel=0.05)
+    # objects already larger than the target at the bottom of the grid: the scan goes further down
+    rep = scan_scale(whole, target, [1], start=8.0)
+    assert rep["ok"] and rep["scale"] == pytest.approx(target / true_d, rel=0.05), rep
+    assert min(p["scale"] for p in rep["passes"]) < 1.0
+    # objects that never grow to the target (they break up first): the largest seen, marked untracked
+    rep = scan_scale(lambda f: predict_at(min(f, 0.5)) if f <= 0.5 else predict_at(2.0), 60.0, [1])
+    assert rep["ok"] and rep["untracked"] and rep["scale"] == pytest.approx(0.5 * 60 / 30, rel=0.1), rep
+    # estimate_scale uses the scan: synthetic objects of the target size give the same answer
+    syn = np.zeros((200, 200), np.uint8)
+    for c in (50, 150):
+        cv2.circle(syn, (c, c), round(target / 2), 1, -1)
+    est = estimate_scale(predict_at, [syn], [1])
+    assert est["ok"] and est["scale"] == pytest.approx(target / true_d, rel=0.08), est
+
+
 def test_finetune_encoder_takes_a_pretraining_run_dir(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
     from pretrain.backbones import create_features_model
     from segfactory.formats.encoder import save_encoder

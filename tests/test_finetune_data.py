@@ -214,6 +214,24 @@ def test_rendered_dataset_as_source(tiny_dataset: Path, coins_dir: Path) -> None
         assert sorted(batch["source"].tolist()) == [0] * 6 + [1] * 2  # 3:1 of 8
 
 
+def test_rendered_split_keeps_scenes_whole_and_ignores_the_render_key(tmp_path: Path) -> None:
+    """A scene's views are never split between train and val, and the same scenes re-rendered under another
+    render key (other shard ids) validate on the same scenes."""
+    from procedural import write_cells_dataset
+
+    targets = make_targets(CELLS)
+    splits = []
+    for name, per_shard in (("a", 4), ("b", 3)):
+        path = write_cells_dataset(tmp_path / name, scenes=10, views=2, size=32, scenes_per_shard=per_shard)
+        src = open_source(SourceSpec(path=path), "synthetic", targets, "train", val_fraction=0.2)
+        assert len(src.val) == 4 and len(src.train) == 16
+        val_units = {it.unit for it in src.val}
+        assert len(val_units) == 2 and not val_units & {it.unit for it in src.train}
+        splits.append((val_units, {it.key.split("/")[0] for it in src.val}))
+    assert splits[0][0] == splits[1][0]  # the same scenes ...
+    assert not splits[0][1] & splits[1][1]  # ... under other shard ids
+
+
 # ------------------------------------------------------------------------------------------ mixing
 def test_batch_counts_follow_ratios_exactly_on_average() -> None:
     w = np.array([0.7, 0.2, 0.1])

@@ -8,9 +8,12 @@ Real labeled folder layout (read by :mod:`segfactory.formats.labeled`, shared wi
                                                   "ignore_index": 255}
     DIR/instances/<stem>.png                      optional: uint16 instance ids, 0 = none (instance head)
 
-Splits are chosen by a stable hash of each frame's name, never by the training seed, so runs with different
-seeds validate on the same frames and a 10 % label subset is contained in the 30 % one. The validation share
-is exact (``round(val_fraction * n)``, at least one frame), which matters for small real folders.
+Splits are chosen by a stable hash of each frame's name (a real frame's stem; a rendered frame's scene: family,
+dataset seed and scene index, so all views of a scene fall on one side and a re-render under a new render key
+keeps the split), never by the training seed, so runs with different seeds validate on the same frames and a
+10 % label subset is contained in the 30 % one. The validation share is exact for real folders
+(``round(val_fraction * n)``, at least one frame), which matters for small ones; rendered scenes are added
+whole until it is reached.
 """
 
 from __future__ import annotations
@@ -153,7 +156,16 @@ def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
     from segfactory.formats.dataset import open_dataset
 
     ds = open_dataset(path)
-    items = [Item(f"{f.shard_id}/{f.name}", f.rgb, f.semantic, f.instance) for f in ds.frames()]
+    items = []
+    for sid in ds.shard_ids:
+        man = ds.manifest(sid)
+        family = sid.rsplit("-", 2)[0]  # "<family>-<first scene>-<render key>"
+        d = ds.shard_dir(sid)
+        for fr in man["frames"]:
+            files = fr["files"]
+            unit = f"{family}/seed{man.get('seed', 0)}/scene{fr.get('scene_index', fr['name'])}"
+            items.append(Item(f"{sid}/{fr['name']}", d / files["rgb"]["path"], d / files["semantic"]["path"],
+                              d / files["instance"]["path"], unit))
     if not items:
         raise UserError(f"dataset '{path}' has no committed frames",
                         fix="render it first (or wait until shards finish; a shard counts once its manifest exists)")
@@ -202,13 +214,26 @@ def check_instances_match(it: Item, mask: np.ndarray) -> None:
                         fix="derive both masks from the same labels, or remove instances/<stem>.png")
 
 def split_items(items: list[Item], val_fraction: float, val_max: int) -> tuple[list[Item], list[Item]]:
-    """Stable hash split: at least one val item when ``val_fraction > 0`` and there are two or more items."""
-    if val_fraction <= 0 or len(items) < 2:
+    """Stable hash split by unit (:attr:`Item.split_unit`: a rendered scene's views stay on one side): units in
+    hash order go to validation until it holds ``round(val_fraction * n)`` items (at least one unit, never all,
+    at most ``val_max`` items unless one unit is larger)."""
+    units: dict[str, list[Item]] = {}
+    for it in items:
+        units.setdefault(it.split_unit, []).append(it)
+    if val_fraction <= 0 or len(units) < 2:
         return list(items), []
-    ranked = sorted(items, key=lambda it: _unit_hash(it.key, "val"))
-    n_val = min(max(round(val_fraction * len(items)), 1), len(items) - 1, val_max)
-    val_keys = {it.key for it in ranked[:n_val]}
-    return [it for it in items if it.key not in val_keys], [it for it in items if it.key in val_keys]
+    want = min(max(round(val_fraction * len(items)), 1), val_max)
+    val_units: set[str] = set()
+    n = 0
+    for u in sorted(units, key=lambda u: _unit_hash(u, "val"))[:len(units) - 1]:
+        if val_units and n + len(units[u]) > want:
+            break
+        val_units.add(u)
+        n += len(units[u])
+        if n >= want:
+            break
+    return ([it for it in items if it.split_unit not in val_units],
+            [it for it in items if it.split_unit in val_units])
 
 
 def subset_items(items: list[Item], fraction: float, max_items: int | None) -> list[Item]:
@@ -218,7 +243,7 @@ def subset_items(items: list[Item], fraction: float, max_items: int | None) -> l
     n = math.ceil(fraction * len(items)) if fraction > 0 else 0
     if max_items is not None:
         n = min(n, max_items)
-    keep = {it.key for it in sorted(items, key=lambda it: _unit_hash(it.key, "subset"))[:n]}
+    keep = {it.key for it in sorted(items, key=lambda it: (_unit_hash(it.split_unit, "subset"), it.key))[:n]}
     return [it for it in items if it.key in keep]
 
 
@@ -252,7 +277,7 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
         train, val = split_items(items, val_fraction, val_max)
         train = subset_items(train, spec.fraction, spec.max_items)
     elif role == "val":
-        train, val = [], sorted(items, key=lambda it: _unit_hash(it.key, "val"))[:val_max]
+        train, val = [], sorted(items, key=lambda it: (_unit_hash(it.split_unit, "val"), it.key))[:val_max]
     else:
         train, val = [], list(items)
     if kind == "real":

@@ -25,13 +25,19 @@ from segfactory.io import read_json
 
 @dataclass(frozen=True)
 class Item:
-    """One labeled frame: a stable key (``shard/frame`` or the file stem), its two files, and its instance map
-    when the source has one."""
+    """One labeled frame: a stable key (``shard/frame`` or the file stem), its two files, its instance map when
+    the source has one, and the unit that train/val splits keep together (``unit``, default the key): for a
+    rendered frame its scene, named by family, dataset seed and scene index, not by the shard's render key."""
 
     key: str
     image: Path
     mask: Path
     instances: Path | None = None
+    unit: str | None = None
+
+    @property
+    def split_unit(self) -> str:
+        return self.unit if self.unit is not None else self.key
 
 
 def is_labeled_folder(path: Path) -> bool:
