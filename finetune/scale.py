@@ -95,7 +95,8 @@ UNTRACKED = 2.0
 def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float, thing_ids: Sequence[int],
               start: float = 1.0, iterations: int = 3, limits: tuple[float, float] = (0.05, 20.0),
               min_objects: int = 1, min_px: float | None = None) -> dict[str, Any]:
-    """Fixed point of ``scale <- scale x target / real median object diameter`` (the estimate's core).
+    """Fixed point of ``scale <- scale x target / real median object diameter`` (per-image prediction's search,
+    which starts from the trained ``input.scale``; the training-time estimate scans instead, :func:`scan_scale`).
 
     A model run at a badly wrong scale under- or over-segments, so one pass is biased toward the start; each pass
     predicts again at the new scale (two or three converge). One pass moves the scale by at most
@@ -294,8 +295,8 @@ def scale_summary(report: dict[str, Any]) -> str:
     def one(r: dict[str, Any]) -> str:
         last = r["passes"][-1] if r["passes"] else {}
         if r.get("untracked"):
-            return (f"{r['scale']:.3f} (the predicted objects never reached the target size before they broke "
-                    "up, so the model does not see them reliably yet)")
+            return (f"{r['scale']:.3f} (the predicted objects did not reach the target size at any scale tried "
+                    "before they broke up or the grid ended, so the model does not see them reliably yet)")
         return (f"{r['scale']:.3f} (real objects {last['real_median_px']:.1f} px at scale {last['scale']:.3f})"
                 if r["ok"] and last.get("real_median_px") else "no objects found")
 
