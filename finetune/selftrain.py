@@ -53,7 +53,7 @@ from finetune.adapt import (
 )
 from finetune.config import FinetuneConfig
 from finetune.data.normalize import standardize
-from finetune.scale import SCALE_KEYS
+from finetune.scale import SCALE_KEYS, component_sizes, robust_median
 from finetune.unlabeled import UnlabeledSet, open_unlabeled, unlabeled_loader
 from segfactory import distributed
 from segfactory.distributed import DistInfo
@@ -63,10 +63,32 @@ from segfactory.errors import UserError
 ADAPT_SEED_SALT = 0xADA9
 # Real images predicted per pass of the automatic scale estimate, and synthetic masks measured.
 SCALE_IMAGES = 16
+# input.scale=auto refuses rendered thing objects whose median diameter (pixels) is below this: specks.
+MIN_SCALE_OBJECT_PX = 8.0
 SCALE_SYNTHETIC_MASKS = 64
 # input.scale=auto estimates one scale per source folder of the unlabeled images, for up to this many folders
 # (more: one estimate over all of them, as the cost grows with the folders).
 MAX_SCALE_GROUPS = 8
+
+
+def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int]) -> None:
+    """Before training: ``input.scale=auto`` compares median object sizes, which says nothing when the rendered
+    thing objects are specks (median under :data:`MIN_SCALE_OBJECT_PX`: distant, occluded or cut objects, as
+    in the street family, whose estimate ran to 1.53 and later 0.185 where 0.33 is right).
+
+    Raises:
+        UserError: one line with the measured size and the fix.
+    """
+    sizes = [s for m in synthetic_masks for s in component_sizes(m, thing_ids)]
+    med = robust_median(sizes, 2.0)
+    if med is not None and med < MIN_SCALE_OBJECT_PX:
+        raise UserError(f"input.scale=auto: the rendered objects of the thing classes "
+                        f"({', '.join(map(str, thing_ids))}) measure {med:.1f} px across (median of {len(sizes)}): "
+                        f"specks like these (distant, occluded or cut objects) do not show the scale of the real "
+                        f"images",
+                        fix="set input.scale to a number (about rendered object size / real object size; the "
+                            "street demo uses 0.33), or render closer views so that the median thing object is "
+                            f"at least {MIN_SCALE_OBJECT_PX:.0f} px across")
 
 
 def check_adapt_config(cfg: FinetuneConfig) -> None:
@@ -145,6 +167,8 @@ class SelfTraining:
                 and a.recalibrate_bn == 0 and cfg.input.scale != "auto":
             return None
         unl = open_unlabeled(cfg.data.unlabeled, in_chans)
+        if cfg.input.scale == "auto":
+            check_scale_target(synthetic_masks(), thing_ids)
         return cls(cfg, unl, student, device, in_chans, input_spec, num_classes, ignore_index, synthetic_masks,
                    thing_ids, info)
 

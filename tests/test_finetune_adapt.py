@@ -734,6 +734,22 @@ def test_bad_unlabeled_input_is_one_line_before_any_training(tiny_dataset: Path,
     for man in empty.glob("shards/*/manifest.json"):
         man.unlink()
     rgb = ingest_files([skimage_data_path("astronaut.png")], tmp_path / "rgb")
+    # a rendered dataset whose thing objects are specks (3 px squares): input.scale=auto cannot use it
+    from procedural import CELLS_CLASSES
+
+    from segfactory.formats.dataset import FrameArrays, write_dataset
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(4):
+        sem = np.zeros((64, 64), np.uint8)
+        inst = np.zeros((64, 64), np.uint16)
+        for k, (y, x) in enumerate(rng.integers(4, 58, (12, 2))):
+            sem[y:y + 3, x:x + 3], inst[y:y + 3, x:x + 3] = 1, k + 1
+        frames.append([FrameArrays((rng.random((64, 64)) * 255).astype(np.uint8), sem, inst,
+                                   np.full((64, 64), 1000, np.uint16), {}, {})])
+    specks = tmp_path / "specks"
+    write_dataset(specks, frames, CELLS_CLASSES, family="specks")
     cases = [
         (["--unlabeled", empty], "holds no ingested images"),
         (["--unlabeled", tmp_path / "nowhere"], "does not exist"),
@@ -742,10 +758,13 @@ def test_bad_unlabeled_input_is_one_line_before_any_training(tiny_dataset: Path,
         (["--unlabeled", rgb, "model.in_chans=1"], "holds 1 RGB image(s) but the model takes 1 input channel"),
         (["input.scale=auto"], "data.unlabeled is empty"),
         (["--unlabeled", target["unlabeled"], "input.scale=auto"], "needs a source-only phase"),
+        (["--unlabeled", target["unlabeled"], "input.scale=auto", "adapt.warmup_steps=1"],
+         "measure 3.4 px across (median of"),
     ]
     for i, (args, says) in enumerate(cases):
         out = tmp_path / f"r{i}"
-        rc, _, err = cli(capsys, "finetune", TINY, "--out", out, "--synthetic", tiny_dataset, "--steps", "2", *args)
+        dataset = specks if "measure" in says else tiny_dataset
+        rc, _, err = cli(capsys, "finetune", TINY, "--out", out, "--synthetic", dataset, "--steps", "2", *args)
         flat = " ".join(err.split())
         assert rc == 2 and says in flat and "fix:" in flat and "Traceback" not in err, (args, err)
         assert not (out / "checkpoint.pt").exists() and not (out / "model").exists(), args

@@ -52,6 +52,11 @@ TWO = ["train.devices=2", "train.backend=gloo"]
 # elements); per-rank losses averaged by DDP instead of the global ones move the logged loss by 1e-2 (and 0.4 % of
 # the elements), hence the tight loss tolerance.
 TOL_FRACTION = 0.001
+# The share of AdamW sign flips of ~0 gradients (above; mostly in the deepest decoder block) depends on which
+# frames train: over four validation splits of the same dataset (2026-12-05) 0.0001-0.84 % of the elements with
+# self-training (max difference 3.7e-5, under 4 lr) and 0.009-0.14 % with the instance head, while rank-local
+# draws move most elements: per-rank weak views 82 %, per-rank ClassMix masks 68 % (each injected and measured).
+TOL_FRACTION_NOISY = 0.02
 TOL_GRAD = 5e-3
 
 
@@ -144,7 +149,7 @@ def test_the_instance_head_trains_the_same_on_two_processes(tiny_dataset: Path, 
     wa, wb = weights(checkpoint(tmp_path / "single")), weights(checkpoint(tmp_path / "ddp"))
     differ = float(((wa - wb).abs() > 1e-6).float().mean())
     print(f"instance head, 4 steps: {100 * differ:.4f} % of the weights differ by > 1e-6")
-    assert differ < TOL_FRACTION
+    assert differ < TOL_FRACTION_NOISY
     la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     for x, y in zip(la, lb, strict=True):
         if "loss" in x:
@@ -379,7 +384,7 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
         differ = float(((wa - wb).abs() > 1e-6).float().mean())
         print(f"adaptation, 4 steps: {name} {100 * differ:.4f} % of {wa.numel()} weights differ by > 1e-6 "
               f"(max {float((wa - wb).abs().max()):.3g})")
-        assert differ < TOL_FRACTION, name
+        assert differ < TOL_FRACTION_NOISY, name
     # the adaptation generator has made the same draws (for the global batch, on every rank)
     assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
     la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
@@ -387,8 +392,10 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
     st = 0
     for x, y in zip(la, lb, strict=True):
         if "loss" in x:
-            for k in ("loss", "ce", "dice", "selftrain_loss"):
-                assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 1e-4, (k, x, y)
+            for k in ("loss", "ce", "dice", "selftrain_loss"):  # relative 1e-4: a pseudo-label pixel at the
+                # threshold may flip with float noise (3e-5 of the loss on one split); per-rank means: ~3e-3
+                v = x.get(k, 0)
+                assert (k in x) == (k in y) and abs(v - y.get(k, 0)) < 1e-4 * max(1.0, abs(v)), (k, x, y)
             # pseudo-label quality and the pasted share, global means (logged to 4 digits)
             for k in ("pseudo_quality", "pasted"):
                 assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 2e-4, (k, x, y)
