@@ -63,9 +63,9 @@ from segfactory.errors import UserError
 ADAPT_SEED_SALT = 0xADA9
 # Real images predicted per pass of the automatic scale estimate, and synthetic masks measured.
 SCALE_IMAGES = 16
+SCALE_SYNTHETIC_MASKS = 64
 # input.scale=auto refuses rendered thing objects whose median diameter (pixels) is below this: specks.
 MIN_SCALE_OBJECT_PX = 8.0
-SCALE_SYNTHETIC_MASKS = 64
 # input.scale=auto estimates one scale per source folder of the unlabeled images, for up to this many folders
 # (more: one estimate over all of them, as the cost grows with the folders).
 MAX_SCALE_GROUPS = 8
