@@ -13,7 +13,7 @@ dataset seed and scene index, so all views of a scene fall on one side and a re-
 keeps the split), never by the training seed, so runs with different seeds validate on the same frames and a
 10 % label subset is contained in the 30 % one. The validation share is exact for real folders
 (``round(val_fraction * n)``, at least one frame), which matters for small ones; rendered scenes are added
-whole until it is reached.
+whole as long as they fit in it (at least one).
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ def check_instances_match(it: Item, mask: np.ndarray) -> None:
                         fix="derive both masks from the same labels, or remove instances/<stem>.png")
 
 def split_items(items: list[Item], val_fraction: float, val_max: int) -> tuple[list[Item], list[Item]]:
-    """Stable hash split by unit (:attr:`Item.split_unit`: a rendered scene's views stay on one side): units in
-    hash order go to validation until it holds ``round(val_fraction * n)`` items (at least one unit, never all,
-    at most ``val_max`` items unless one unit is larger)."""
+    """Stable hash split by unit (:attr:`Item.split_unit`: a rendered scene's views stay on one side): whole
+    units in hash order go to validation as long as they fit in ``round(val_fraction * n)`` items (and
+    ``val_max``); at least one unit, never all."""
     units: dict[str, list[Item]] = {}
     for it in items:
         units.setdefault(it.split_unit, []).append(it)
