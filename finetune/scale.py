@@ -147,11 +147,14 @@ def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float,
 
 # scan_scale: the grid's step (a factor), how far below the start it begins, and how far above the start it
 # gives up; a median diameter below COLLAPSE times the largest so far, on two grid steps in a row, means the
-# model breaks the objects up from there on.
+# model breaks the objects up from there on; above the start (where each step costs twice the one before), a
+# median that grows less than GROWTH times per step, twice in a row, does not follow the image (a model that
+# does not see the objects yet, e.g. after a few warm-up steps) and ends the scan.
 SCAN_STEP = float(np.sqrt(2.0))
 SCAN_BELOW = 8.0
-SCAN_ABOVE = 8.0
+SCAN_ABOVE = 4.0
 COLLAPSE = 0.5
+GROWTH = 1.1
 
 
 def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float, thing_ids: Sequence[int],
@@ -178,7 +181,8 @@ def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float
 
     Returns:
         ``{"scale", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``, plus ``untracked: True`` when no
-        grid step reached ``target_px`` before the objects broke up or the grid ended (the scale is then taken
+        grid step reached ``target_px`` before the objects broke up or stopped growing, or the grid ended (the
+        scale is then taken
         from the step where the objects measured largest, as :func:`fit_scale` would from there).
     """
     report: dict[str, Any] = {"scale": start, "passes": [], "ok": False}
@@ -210,7 +214,7 @@ def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float
         return done(scale * target_px / med)
     prev: tuple[float, float] | None = (scale, med) if med is not None else None
     best: tuple[float, float] | None = prev  # (scale, diameter) where the objects measured largest
-    low_run = none_run = 0
+    low_run = none_run = flat_run = 0
     while scale * SCAN_STEP <= hi * 1.0001:
         scale *= SCAN_STEP
         med = measure(scale)
@@ -227,7 +231,8 @@ def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float
         if best is None or med > best[1]:
             best = (scale, med)
         low_run = low_run + 1 if med < COLLAPSE * best[1] else 0
-        if low_run >= 2:
+        flat_run = flat_run + 1 if scale > start * 1.01 and prev is not None and med < GROWTH * prev[1] else 0
+        if low_run >= 2 or flat_run >= 2:
             break
         prev = (scale, med)
     if best is None:

@@ -699,6 +699,10 @@ def test_scan_scale_finds_objects_a_model_breaks_up_when_they_are_too_large() ->
     # objects that never grow to the target (they break up first): the largest seen, marked untracked
     rep = scan_scale(lambda f: predict_at(min(f, 0.5)) if f <= 0.5 else predict_at(2.0), 60.0, [1])
     assert rep["ok"] and rep["untracked"] and rep["scale"] == pytest.approx(0.5 * 60 / 30, rel=0.1), rep
+    # objects of one size at every scale (a model that does not see them yet): the scan gives up one step past
+    # the start instead of predicting ever larger images
+    rep = scan_scale(lambda f: predict_at(0.3), target, [1])
+    assert rep["untracked"] and max(p["scale"] for p in rep["passes"]) == pytest.approx(2.0, rel=0.01), rep
     # estimate_scale uses the scan: synthetic objects of the target size give the same answer
     syn = np.zeros((200, 200), np.uint8)
     for c in (50, 150):
