@@ -66,6 +66,13 @@ class CellsParams(StrictModel):
     defocus_fraction: PosRange = Field((0.0, 0.3), description="share of nuclei out of focus")
     defocus: PosRange = Field((0.6, 3.0), description="blur of an out-of-focus nucleus, Gaussian sigma in "
                               "micrometres")
+    out_of_plane: PosRange = Field((0.0, 0.0), description="out-of-plane nuclei per in-plane nucleus (optical "
+                                   "sections of z-stacks: nuclei above or below the focal plane show as dim, "
+                                   "blurred glows and are labeled background); 0 = none, the family's default")
+    out_of_plane_dim: PosRange = Field((0.1, 0.5), description="brightness of an out-of-plane nucleus relative to "
+                                       "the in-plane ones")
+    out_of_plane_defocus: PosRange = Field((3.0, 6.0), description="blur of an out-of-plane nucleus, Gaussian "
+                                           "sigma in micrometres (beyond most in-plane `defocus`)")
     mitotic_fraction: PosRange = Field((0.0, 0.06), description="share of nuclei that are mitotic: condensed, "
                                        "small, very bright, irregular")
     mitotic_radius: PosRange = Field((2.0, 4.0), description="micrometres, before elongation")
@@ -179,8 +186,37 @@ def sample_cells(ctx: SceneContext) -> SceneSpec:
         cameras.append(Camera(vec3(loc), rot, projection="orthographic", ortho_scale=field,
                               clip_start=1.0, clip_end=100.0))
     post = [sample_post(rng, r.post, linear=True, gain=HEADROOM) for _ in range(ctx.views)]
+    # Drawn last, so that turning them on adds them to the same scenes, views and noise.
+    in_plane = sum(o.class_id == cid("nucleus") for o in objects)
+    objects += _out_of_plane_nuclei(rng, p, style, in_plane, typical, slide, pixel, cid("background"))
     return SceneSpec("cells", ctx.classes, cid("background"), objects, [], World((0, 0, 0), (0, 0, 0), 0.0),
                      cameras, post, film="raw")
+
+
+def _out_of_plane_nuclei(rng: np.random.Generator, p: CellsParams, style: dict[str, Any], in_plane: int,
+                         typical: float, slide: float, pixel: float, background: int) -> list[SceneObject]:
+    """Nuclei above or below the optical section: their light reaches the frame as a dim, blurred glow, but they
+    are not in this plane, so they are labeled background (as z-stack segmentations label them). They are thin
+    sheets between the slide (z -5) and the in-plane nuclei (whose outlines are at z >= 0), so every in-plane
+    nucleus occludes them and the class and instance maps are those of the scene without them; anywhere on the
+    slide, with light of their own (the texture of an in-plane nucleus, dimmed and blurred)."""
+    if p.out_of_plane[1] <= 0:
+        return []  # draws nothing: datasets without out-of-plane nuclei stay as they were
+    out = []
+    for i in range(round(uniform(rng, p.out_of_plane) * in_plane)):
+        radius, elong = uniform(rng, p.nucleus_radius), uniform(rng, p.elongation)
+        segments = int(np.clip(2 * np.pi * radius * elong / pixel / 6, 20, 48))
+        mesh = g.transform(g.blob(rng, radius, uniform(rng, p.irregularity), rings=max(8, segments // 3),
+                                  segments=segments), scale=(elong, 1.0, 0.05))  # a thin sheet: stays below
+        tex, bounds = nucleus_texture(rng, mesh, _nucleus_look(rng, p, style), pixel / TEXELS_PER_PIXEL)
+        signal = typical * float(rng.lognormal(0.0, p.brightness_spread)) * uniform(rng, p.out_of_plane_dim)
+        mat = Material((1.0, 1.0, 1.0), shader="emission", emission=signal / HEADROOM, image=tex, image_bounds=bounds)
+        xy = rng.uniform(-slide / 2, slide / 2, 2)
+        out.append(SceneObject(f"out_of_plane_{i}", background, [Part(mesh, mat)],
+                               (float(xy[0]), float(xy[1]), float(rng.uniform(-4.0, -1.5))),
+                               (0.0, 0.0, float(rng.uniform(0, 2 * np.pi))),
+                               defocus=uniform(rng, p.out_of_plane_defocus), emits=True))
+    return out
 
 
 def _frame_style(rng: np.random.Generator, p: CellsParams) -> dict[str, Any]:

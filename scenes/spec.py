@@ -99,7 +99,9 @@ class SceneObject:
 
     ``defocus`` blurs the light of this object alone (a Gaussian of that sigma in scene units, e.g. a nucleus
     outside the focal plane). It is applied after rendering, from the label pass's object index, so the
-    object's labels stay those of its geometry.
+    object's labels stay those of its geometry. ``emits`` says whether the object has light of its own that
+    defocus spreads (``None``: every object that is not of the background class; a black slide has none, an
+    out-of-plane nucleus labeled background does).
     """
 
     name: str
@@ -109,6 +111,7 @@ class SceneObject:
     rotation: Vec3 = (0.0, 0.0, 0.0)  # XYZ Euler
     scale: Vec3 = (1.0, 1.0, 1.0)
     defocus: float = 0.0
+    emits: bool | None = None
 
 
 @dataclass
@@ -222,6 +225,11 @@ class SceneSpec:
     post: list[PostFX] = field(default_factory=list)
     grayscale: bool = False
     film: Literal["standard", "filmic", "agx", "raw"] = "agx"  # raw: linear light, e.g. fluorescence
+
+    def dark_objects(self) -> npt.NDArray[np.bool_]:
+        """(N+1,) whether each object index emits no light of its own (index 0, nothing hit: True)."""
+        return np.array([True] + [not (o.emits if o.emits is not None else o.class_id != self.background_class)
+                                  for o in self.objects], dtype=bool)
 
     def class_of_object(self) -> npt.NDArray[np.int32]:
         """(N+1,) class id per object index; index 0 is the background."""

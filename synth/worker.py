@@ -161,8 +161,8 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
             for k in ("build_s", "color_s", "labels_s"):
                 timings[k] += t[k]
             t0 = time.perf_counter()
-            # Objects of the background class emit no light where a defocused object's blur needs to know it.
-            dark = spec.class_of_object() == spec.background_class
+            # Objects without light of their own (a black slide) where a defocused object's blur needs to know it.
+            dark = spec.dark_objects()
             for v, view in enumerate(views):
                 fx = spec.post[v]
                 # Lens distortion moves pixels: the image, object index and depth take the same warp.

@@ -309,6 +309,35 @@ def test_cells_mitotic_and_dim_nuclei_are_what_they_claim(params, claim):
             assert all(o.defocus == 0 for o in nuclei)
 
 
+def test_cells_out_of_plane_nuclei_add_dim_blurred_light_labeled_background():
+    """Out-of-plane nuclei (z-stack optical sections) are extra objects labeled background, dim, blurred, below the
+    in-plane nuclei and with light of their own; turning them on leaves every other object, camera and post-fx of
+    the scene as it was (they are drawn last)."""
+    from scenes.cells import HEADROOM
+
+    for index in range(3):
+        plain = _sample("cells", index=index, views=2, pixel_size=[0.4, 0.4], **CELLS_FLAT)
+        spec = _sample("cells", index=index, views=2, pixel_size=[0.4, 0.4], out_of_plane=[0.5, 0.5],
+                       out_of_plane_dim=[0.2, 0.3], out_of_plane_defocus=[2.0, 3.0], **CELLS_FLAT)
+        extra = spec.objects[len(plain.objects):]
+        assert [o.name for o in spec.objects[:len(plain.objects)]] == [o.name for o in plain.objects]
+        for a, b in zip(plain.objects, spec.objects, strict=False):
+            assert a.location == b.location and a.class_id == b.class_id
+        assert all(np.array_equal(a.rotation, b.rotation) and a.location == b.location
+                   for a, b in zip(plain.cameras, spec.cameras, strict=True))
+        assert plain.post == spec.post
+        assert len(extra) == round(0.5 * len(_nuclei(plain)))  # per in-plane nucleus
+        assert extra and all(o.name.startswith("out_of_plane_") for o in extra)
+        assert all(o.class_id == spec.background_class and o.emits for o in extra)
+        assert all(2.0 <= o.defocus <= 3.0 for o in extra)
+        assert all(0.2 * 0.2 - 1e-9 <= o.parts[0].material.emission * HEADROOM <= 0.2 * 0.3 + 1e-9 for o in extra)
+        assert max(o.location[2] for o in extra) < min(o.location[2] for o in _nuclei(spec))
+        dark = spec.dark_objects()
+        assert dark[0] and dark[1]  # nothing hit, the black slide
+        assert not dark[len(plain.objects) + 1:].any() and not dark[2:len(plain.objects) + 1].any()
+        assert not any(o.emits for o in plain.objects)  # the default: decided by class
+
+
 def _touching_share(spec, slack: float = 0.5) -> float:
     """Share of nuclei whose outline comes within ``slack`` micrometres of another's."""
     nuclei = _nuclei(spec)
