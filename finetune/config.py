@@ -370,8 +370,13 @@ class InstanceConfig(StrictModel):
             where a CPU-sized head predicts a flat, noisy interior (model.json). The defaults (0.5, 0.1, no
             smoothing) were chosen on rendered frames (the quickstart's held-out and training scenes), never on
             real labels.
-        smooth: Gaussian sigma (pixels) on the distance map before seeding (model.json).
-        min_size: Predicted instances with fewer pixels (at the image's own size) are dropped (model.json).
+        smooth: Gaussian sigma (network input pixels) on the distance map before seeding (model.json).
+        min_size: Predicted instances with fewer pixels (network input pixels: an image predicted at input scale
+            f uses min_size / f**2 at its own size) are dropped (model.json).
+        calibrate: At the end of training, choose ``seed_h`` and ``min_size`` from a small grid by the watershed's
+            instance F1 on the rendered validation frames (StarDist's ``optimize_thresholds`` idea; never real
+            labels); the choice and the grid's scores go into model.json (``instances.calibration``). Off: the
+            values above are used as given.
     """
 
     enabled: bool = False
@@ -380,6 +385,7 @@ class InstanceConfig(StrictModel):
     seed_h: float = Field(default=0.1, ge=0, lt=1)
     smooth: float = Field(default=0.0, ge=0)
     min_size: int = Field(default=0, ge=0)
+    calibrate: bool = True
 
 
 class FinetuneConfig(StrictModel):

@@ -375,10 +375,10 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             scale_here = 1.0 if src.kind == "synthetic" else None
             with_inst = watershed and (si is not None or scorer is not None)
 
-            def post(it: Item, img: np.ndarray, mask: np.ndarray, probs: torch.Tensor,
+            def post(it: Item, img: np.ndarray, mask: np.ndarray, probs: torch.Tensor, f: float | None,
                      scorer: Any = scorer, si: Any = si, with_inst: bool = with_inst) -> tuple[np.ndarray, Any]:
                 # Everything of a frame after the model: runs in a worker thread while the model does the next one.
-                pred, inst, _ = outputs_from_probs(probs, meta, with_inst)
+                pred, inst, _ = outputs_from_probs(probs, meta, with_inst, f)
                 frame_cm = confusion_matrix(pred, mask, k, ignore)
                 if si is not None:
                     return frame_cm, si.score(it, mask, pred, inst)
@@ -404,7 +404,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                     image_scales.setdefault(src.name, []).append(f)
                 probs = predict_image_probs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev),
                                             scale=f, tta=tta, instances=with_inst)
-                pipe.submit(post, fold, it, img, mask, probs)
+                pipe.submit(post, fold, it, img, mask, probs, f)
             pipe.drain()
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),

@@ -37,10 +37,14 @@ RECIPE = ("1. resize the image by input.scale (area averaging when shrinking, bi
 
 
 INSTANCE_RECIPE = ("7. (instance head) sigmoid of instance_logits = normalised distance d, tiled and resized back "
-                   "like the softmax; 8. for each class id in instances.things: seeds = 4-connected components of "
-                   "(argmax == class and d > instances.seed_threshold); watershed on -d from the seeds within the "
-                   "class (4-connectivity, skimage.segmentation.watershed); class regions no seed reaches are one "
-                   "instance each; drop instances under instances.min_size pixels; number 1..N (0 = none).")
+                   "like the softmax; with f the input scale the image was run at: if instances.smooth > 0, "
+                   "Gaussian-blur d with sigma instances.smooth / f; 8. for each class id in instances.things: seeds "
+                   "= 4-connected components of (argmax == class and d > instances.seed_threshold), and if "
+                   "instances.seed_h > 0 only where d (rounded to steps of 1/1000) is an h-maximum of height "
+                   "seed_h (skimage.morphology.h_maxima); watershed on -d from the seeds within the class "
+                   "(4-connectivity, skimage.segmentation.watershed); class regions no seed reaches are one "
+                   "instance each; drop instances under round(instances.min_size / f**2) pixels; number 1..N "
+                   "(0 = none).")
 
 
 def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> list[np.ndarray]:

@@ -16,7 +16,12 @@ targets on every pixel whose class and instance labels are known, weighted by ``
 Post-processing (:func:`watershed_instances`, parameters in model.json's ``instances``): for each thing class
 ``c`` the pixels predicted as ``c`` are flooded by a watershed on ``-d`` from seeds, the connected components of
 ``{class c and d > seed_threshold}``; a region of class ``c`` that no seed reaches becomes one instance of its
-own, and instances smaller than ``min_size`` pixels are dropped (their pixels keep their class).
+own, and instances smaller than ``min_size`` pixels are dropped (their pixels keep their class). ``min_size`` and
+``smooth`` are in the pixels of the network's input: an image predicted at input scale ``f`` (resized by ``f``
+before the network, its outputs resized back) uses ``min_size / f**2`` and ``smooth / f`` at its own size, so the
+parameters mean the same object size for every source. ``seed_h`` and ``min_size`` are chosen at the end of
+training on the rendered validation frames (:func:`calibrate_postprocess`, as StarDist's ``optimize_thresholds``
+picks its thresholds on validation data), never on real labels.
 
 Self-training (``adapt``) trains the class logits only by default: the instance head learns from labeled
 instance maps (synthetic, and real folders with ``instances/``); the shared decoder still adapts through the class
@@ -171,11 +176,66 @@ def instance_spec(things: list[int], seed_threshold: float, min_size: int, seed_
 
 
 def postprocess(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.floating],
-                spec: dict[str, Any]) -> npt.NDArray[np.int32]:
-    """:func:`watershed_instances` with model.json's ``instances`` parameters."""
+                spec: dict[str, Any], scale: float = 1.0) -> npt.NDArray[np.int32]:
+    """:func:`watershed_instances` with model.json's ``instances`` parameters, for an image predicted at input
+    scale ``scale``: ``min_size`` (pixels) and ``smooth`` (sigma) are in the network's input pixels and are
+    converted to the image's own size (``min_size / scale**2``, ``smooth / scale``)."""
+    f = float(scale) if scale and scale > 0 else 1.0
     return watershed_instances(labels, dist, [int(c) for c in spec["things"]], float(spec["seed_threshold"]),
-                               int(spec["min_size"]), float(spec.get("seed_h", 0.0)),
-                               float(spec.get("smooth", 0.0)))
+                               round(int(spec["min_size"]) / f**2), float(spec.get("seed_h", 0.0)),
+                               float(spec.get("smooth", 0.0)) / f)
+
+
+# Candidates for :func:`calibrate_postprocess`: seed heights and minimum sizes (network input pixels).
+CALIBRATION_SEED_H = (0.05, 0.1, 0.2, 0.3)
+CALIBRATION_MIN_SIZE = (0, 15, 30, 60, 120)
+
+
+def calibrate_postprocess(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], spec: dict[str, Any],
+                          seed_h: tuple[float, ...] = CALIBRATION_SEED_H,
+                          min_size: tuple[int, ...] = CALIBRATION_MIN_SIZE,
+                          ignore_index: int = 255) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Choose ``seed_h`` and ``min_size`` by the watershed's instance F1 (IoU >= 0.5) on labeled frames.
+
+    Every combination is scored on all frames pooled (one-to-one matching per frame and thing class, as
+    ``evaluate`` does); the best F1 wins, ties going to the earlier combination in grid order (lower ``seed_h``,
+    then lower ``min_size``). ``seed_threshold`` and ``smooth`` stay as given.
+
+    Args:
+        frames: Per frame ``(labels, dist, mask, true)``: (H, W) predicted class ids, (H, W) predicted distance,
+            (H, W) target class ids (ignore index where unknown) and (H, W) true instance ids, all at the network's
+            input size (scale 1).
+        spec: model.json's ``instances`` record (``things``, ``seed_threshold``, ``smooth``, ...).
+
+    Returns:
+        The record with the chosen ``seed_h`` and ``min_size``, and a report: ``frames``, ``objects``, the
+        ``grid`` of ``[seed_h, min_size, f1]`` and the ``chosen`` pair with its F1.
+    """
+    from finetune.metrics import InstanceTally
+
+    things = [int(c) for c in spec["things"]]
+    grid: list[list[float]] = []
+    best: tuple[float, float, int] | None = None
+    objects = 0
+    for h in seed_h:
+        for m in min_size:
+            tally = InstanceTally()
+            for labels, dist, mask, true in frames:
+                inst = watershed_instances(labels, dist, things, float(spec["seed_threshold"]), int(m), float(h),
+                                           float(spec.get("smooth", 0.0)))
+                for c in things:
+                    pred = np.where((labels == c) & (mask != ignore_index), inst, 0)
+                    tally.merge(InstanceTally.of_image(np.where(mask == c, true, 0), pred))
+            f1 = tally.result()["f1"] or 0.0
+            objects = tally.n_gt
+            grid.append([float(h), int(m), round(float(f1), 6)])
+            if best is None or f1 > best[0]:
+                best = (float(f1), float(h), int(m))
+    if best is None:
+        return dict(spec), {"frames": len(frames), "objects": 0, "grid": [], "chosen": None}
+    chosen = {"seed_h": best[1], "min_size": best[2], "f1": round(best[0], 6)}
+    report = {"frames": len(frames), "objects": objects, "grid": grid, "chosen": chosen}
+    return {**spec, "seed_h": best[1], "min_size": best[2]}, report
 
 
 def require_head(meta: dict[str, Any], model_dir: str | os.PathLike) -> dict[str, Any]:

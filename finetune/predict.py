@@ -181,7 +181,7 @@ def predict_outputs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, dev
     """
     probs = predict_image_probs(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
                                 tta, instances)
-    return outputs_from_probs(probs, meta, instances)
+    return outputs_from_probs(probs, meta, instances, scale)
 
 
 def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: torch.device, tile: int,
@@ -199,10 +199,12 @@ def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray,
     return probs
 
 
-def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any],
-                       instances: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any], instances: bool = False,
+                       scale: float | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The CPU part of :func:`predict_outputs` (no model: safe in a worker thread): class ids from
-    :func:`predict_image_probs`'s probabilities, and with ``instances`` the watershed instances and distance map."""
+    :func:`predict_image_probs`'s probabilities, and with ``instances`` the watershed instances and distance map
+    (``scale``: the input scale the image was predicted at, default model.json's ``input.scale``; the watershed's
+    sizes are in the network's input pixels)."""
     k = int(meta["num_classes"])
     # numpy's argmax over the class axis (first maximum on ties, like torch's) is ~10x faster than torch's
     # reduction over the outer dimension of a (K, H, W) tensor.
@@ -212,7 +214,8 @@ def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any],
     from finetune.instances import postprocess
 
     dist = probs[k].numpy()
-    return labels, postprocess(labels, dist, meta["instances"]), dist
+    f = float(meta["input"].get("scale", 1.0)) if scale is None else float(scale)
+    return labels, postprocess(labels, dist, meta["instances"], f), dist
 
 
 def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | None,

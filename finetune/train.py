@@ -373,9 +373,51 @@ class Trainer:
             return
         model = self.inference_model(step)
         check_finite_weights(model, f"the model at step {step}", DIVERGED_FIX)
-        save_model_dir(self.out / "model", model, self._model_meta(step, val))
+        save_model_dir(self.out / "model", model, self._model_meta(step, val, self._calibrated(model, step)))
 
-    def _model_meta(self, step: int, val: dict[str, Any] | None) -> dict[str, Any]:
+    def _calibrated(self, model: nn.Module, step: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """With ``instances.calibrate``: the watershed's ``seed_h`` and ``min_size`` chosen on the rendered
+        validation frames with their instance maps (:func:`finetune.instances.calibrate_postprocess`), and its
+        report; ``None`` when off or no such frame exists."""
+        ic = self.cfg.instances
+        if not (ic.enabled and ic.calibrate):
+            return None
+        if getattr(self, "_calib_step", None) == step:
+            return self._calib
+        from finetune.instances import calibrate_postprocess, instance_spec
+        from finetune.predict import predict_image_probs
+
+        was_training = model.training
+        model.eval()
+        meta = {"input": self.input_spec}
+        p, k = self.cfg.predict, self.targets.num_classes
+        frames = []
+        for src in self.val_sources:
+            if src.kind != "synthetic":
+                continue
+            for it in src.val:
+                img, mask = src.load(it)
+                true = src.load_instances(it, mask)
+                if true is None:
+                    continue
+                probs = predict_image_probs(model, meta, img, self.device, p.tile, p.overlap, p.batch_size,
+                                            self.autocast, self.channels_last, 1.0, instances=True)
+                frames.append((probs[:k].numpy().argmax(0), probs[k].numpy(), mask, true))
+        model.train(was_training)
+        if was_training and self._frozen:
+            model.encoder.eval()
+        spec = instance_spec(self.things, ic.seed_threshold, ic.min_size, ic.seed_h, ic.smooth)
+        result = calibrate_postprocess(frames, spec, ignore_index=self.targets.ignore_index) if frames else None
+        if result is not None:
+            chosen = result[1]["chosen"]
+            console.print(f"instances.calibrate: seed_h {chosen['seed_h']}, min_size {chosen['min_size']} "
+                          f"(watershed F1 {chosen['f1']:.3f} on {len(frames)} rendered validation frames, "
+                          f"{result[1]['objects']} objects)")
+        self._calib_step, self._calib = step, result
+        return result
+
+    def _model_meta(self, step: int, val: dict[str, Any] | None,
+                    calibrated: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
         from finetune.models import model_meta
 
         training = {"run": str(self.out), "step": step, "steps": self.cfg.train.steps, "seed": self.cfg.train.seed,
@@ -389,6 +431,8 @@ class Trainer:
 
             ic = self.cfg.instances
             inst = instance_spec(self.things, ic.seed_threshold, ic.min_size, ic.seed_h, ic.smooth)
+            if calibrated is not None:
+                inst = {**calibrated[0], "calibration": calibrated[1]}
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
                           self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training},
                           inst)

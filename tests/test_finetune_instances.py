@@ -15,9 +15,13 @@ from PIL import Image
 from finetune.augment import GpuAugment
 from finetune.config import AugmentConfig
 from finetune.instances import (
+    CALIBRATION_MIN_SIZE,
+    CALIBRATION_SEED_H,
     batch_targets,
+    calibrate_postprocess,
     component_instances,
     distance_targets,
+    postprocess,
     watershed_instances,
 )
 from finetune.metrics import iou_matrix
@@ -166,6 +170,52 @@ def test_watershed_keeps_seedless_regions_and_drops_small_ones_per_class() -> No
     assert (inst[labels == 0] == 0).all()
 
 
+def test_calibration_picks_the_seed_height_and_minimum_size_that_score_best() -> None:
+    """Two touching discs whose predicted distance map has a low second maximum in one (seed_h 0.05 splits off a
+    50 px fragment there), plus 3 x 3 specks predicted as the class (min_size 0 keeps them as false objects).
+    F1 1 needs the specks gone and the fragment either not split (seed_h >= 0.1) or dropped (min_size 60); the
+    first such pair in grid order, (0.05, 60), is chosen."""
+    shape = (48, 80)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    truth = np.zeros(shape, np.int32)
+    truth[disc(shape, 24, 22, 13)] = 1
+    truth[disc(shape, 24, 46, 12) & (truth == 0)] = 2
+
+    def peak(cy: float, cx: float, a: float, s: float) -> np.ndarray:
+        return a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+
+    dist = np.where(truth > 0, 0.55 + peak(24, 22, 0.4, 4) * (truth == 1) + peak(24, 46, 0.4, 4) * (truth == 2)
+                    + peak(24, 12, 0.16, 1.5) * (truth == 1), 0.0)
+    labels = (truth > 0).astype(np.uint8)
+    for y, x in ((4, 70), (40, 72), (6, 4)):
+        labels[y:y + 3, x:x + 3] = 1                                                  # specks, no object
+    mask = (truth > 0).astype(np.uint8)
+    mask[0, 0] = 255                                                                  # an unknown pixel
+    spec = {"things": [1], "seed_threshold": 0.5, "smooth": 0.0, "seed_h": 0.0, "min_size": 0, "method": "watershed"}
+    out, rep = calibrate_postprocess([(labels, dist, mask, truth)], spec)
+    grid = {(h, m): f1 for h, m, f1 in rep["grid"]}
+    assert len(grid) == len(CALIBRATION_SEED_H) * len(CALIBRATION_MIN_SIZE)
+    assert grid[(0.05, 0)] < grid[(0.05, 15)] < 1.0 and grid[(0.1, 0)] < 1.0      # specks; the fragment
+    assert grid[(0.1, 15)] == 1.0 and grid[(0.05, 60)] == 1.0
+    assert rep["chosen"] == {"seed_h": 0.05, "min_size": 60, "f1": 1.0} and rep["objects"] == 2
+    assert out == {**spec, "seed_h": 0.05, "min_size": 60}
+    inst = postprocess(labels, dist, out)
+    iou, _, _ = iou_matrix(truth, inst)
+    assert inst.max() == 2 and (iou.max(1) > 0.9).all()
+
+
+def test_postprocess_sizes_are_in_network_input_pixels() -> None:
+    """An image predicted at input scale 2 was enlarged 2x for the network: min_size 40 (network pixels) is
+    10 pixels at the image's own size there, and 40 at scale 1."""
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:6, 2:6] = 1                                                  # 16 px at the image's own size
+    dist = np.zeros(labels.shape)
+    spec = {"things": [1], "seed_threshold": 0.5, "smooth": 0.0, "seed_h": 0.0, "min_size": 40}
+    assert postprocess(labels, dist, spec, scale=1.0).max() == 0
+    assert postprocess(labels, dist, spec, scale=2.0).max() == 1
+    assert postprocess(labels, dist, spec, scale=0.5).max() == 0          # 160 px at its own size
+
+
 # ------------------------------------------------------------------------------------------------ a trained model
 @pytest.fixture(scope="module")
 def inst_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -180,8 +230,15 @@ def inst_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_training_logs_the_instance_loss_and_records_the_head(inst_model: Path) -> None:
     meta = json.loads((inst_model / "model.json").read_text())
     assert meta["architecture"]["instance_channels"] == 1
-    assert meta["instances"] == {"target": "distance", "channels": 1, "things": [1], "method": "watershed",
-                                 "seed_threshold": 0.5, "min_size": 3, "seed_h": 0.1, "smooth": 0.0}
+    inst = dict(meta["instances"])
+    cal = inst.pop("calibration")  # instances.calibrate (default): seed_h and min_size chosen on rendered val
+    assert {k: inst[k] for k in ("target", "channels", "things", "method", "seed_threshold", "smooth")} == \
+        {"target": "distance", "channels": 1, "things": [1], "method": "watershed", "seed_threshold": 0.5,
+         "smooth": 0.0}
+    assert cal["frames"] >= 1 and len(cal["grid"]) == len(CALIBRATION_SEED_H) * len(CALIBRATION_MIN_SIZE)
+    best = max(f1 for _, _, f1 in cal["grid"])
+    assert cal["chosen"]["f1"] == best and [inst["seed_h"], inst["min_size"], best] in cal["grid"]
+    assert [inst["seed_h"], inst["min_size"]] == [cal["chosen"]["seed_h"], cal["chosen"]["min_size"]]
     logs = [json.loads(line) for line in (inst_model.parent / "metrics.jsonl").read_text().splitlines()]
     losses = [r["instance_loss"] for r in logs if "instance_loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
