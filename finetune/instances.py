@@ -209,7 +209,8 @@ def calibrate_postprocess(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray,
 
     Returns:
         The record with the chosen ``seed_h`` and ``min_size``, and a report: ``frames``, ``objects``, the
-        ``grid`` of ``[seed_h, min_size, f1]`` and the ``chosen`` pair with its F1.
+        ``grid`` of ``[seed_h, min_size, f1]`` and the ``chosen`` pair with its F1 (``None``, and the record
+        unchanged, when the frames hold no object of a thing class).
     """
     from finetune.metrics import InstanceTally
 
@@ -231,8 +232,8 @@ def calibrate_postprocess(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray,
             grid.append([float(h), int(m), round(float(f1), 6)])
             if best is None or f1 > best[0]:
                 best = (float(f1), float(h), int(m))
-    if best is None:
-        return dict(spec), {"frames": len(frames), "objects": 0, "grid": [], "chosen": None}
+    if best is None or objects == 0:  # nothing to learn from: keep the configured values
+        return dict(spec), {"frames": len(frames), "objects": objects, "grid": grid, "chosen": None}
     chosen = {"seed_h": best[1], "min_size": best[2], "f1": round(best[0], 6)}
     report = {"frames": len(frames), "objects": objects, "grid": grid, "chosen": chosen}
     return {**spec, "seed_h": best[1], "min_size": best[2]}, report

@@ -408,8 +408,12 @@ class Trainer:
             model.encoder.eval()
         spec = instance_spec(self.things, ic.seed_threshold, ic.min_size, ic.seed_h, ic.smooth)
         result = calibrate_postprocess(frames, spec, ignore_index=self.targets.ignore_index) if frames else None
-        if result is not None:
-            chosen = result[1]["chosen"]
+        chosen = result[1]["chosen"] if result is not None else None
+        if chosen is None:
+            console.print("instances.calibrate: no rendered validation frame with objects of the thing classes; "
+                          f"seed_h {ic.seed_h} and min_size {ic.min_size} kept as configured")
+        else:
+            assert result is not None
             console.print(f"instances.calibrate: seed_h {chosen['seed_h']}, min_size {chosen['min_size']} "
                           f"(watershed F1 {chosen['f1']:.3f} on {len(frames)} rendered validation frames, "
                           f"{result[1]['objects']} objects)")

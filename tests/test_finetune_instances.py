@@ -204,6 +204,15 @@ def test_calibration_picks_the_seed_height_and_minimum_size_that_score_best() ->
     assert inst.max() == 2 and (iou.max(1) > 0.9).all()
 
 
+def test_calibration_without_objects_keeps_the_configured_values() -> None:
+    labels = np.zeros((16, 16), np.uint8)
+    labels[2:5, 2:5] = 1                                                  # a predicted speck, no true object
+    spec = {"things": [1], "seed_threshold": 0.5, "smooth": 0.0, "seed_h": 0.1, "min_size": 7}
+    out, rep = calibrate_postprocess([(labels, np.zeros((16, 16)), np.zeros((16, 16), np.uint8),
+                                       np.zeros((16, 16), np.int32))], spec)
+    assert out == spec and rep["chosen"] is None and rep["objects"] == 0 and rep["frames"] == 1
+
+
 def test_postprocess_sizes_are_in_network_input_pixels() -> None:
     """An image predicted at input scale 2 was enlarged 2x for the network: min_size 40 (network pixels) is
     10 pixels at the image's own size there, and 40 at scale 1."""
