@@ -28,7 +28,7 @@ from scenes.fluorescence import NucleusLook, nucleus_texture
 from scenes.placement import Footprint, place_footprints
 from scenes.randomization import CountRange, PosRange, Range, integers, sample_post, uniform
 from scenes.registry import SceneContext, register_scene
-from scenes.spec import Camera, ClassDef, Material, Part, SceneObject, SceneSpec, World, vec3
+from scenes.spec import Camera, ClassDef, Material, Mesh, Part, SceneObject, SceneSpec, World, vec3
 from segfactory.config import StrictModel
 
 CLASSES = [
@@ -136,11 +136,8 @@ def sample_cells(ctx: SceneContext) -> SceneSpec:
         else:
             radius, elong = uniform(rng, p.nucleus_radius), uniform(rng, p.elongation)
             irr = uniform(rng, p.irregularity)
-        # More segments for nuclei many pixels wide, so that their outline stays smooth.
-        segments = int(np.clip(2 * np.pi * radius * elong / pixel / 6, 20, 48))
-        mesh = g.blob(rng, radius, irr, rings=max(8, segments // 3), segments=segments)
-        # Flatten to a disc-like nucleus; a random height per nucleus decides who occludes whom where they overlap.
-        mesh = g.transform(mesh, scale=(elong, 1.0, 0.35))
+        # Flattened to a disc-like nucleus; a random height per nucleus decides who occludes whom where they overlap.
+        mesh = _nucleus_mesh(rng, radius, elong, irr, pixel, 0.35)
         yaw = float(rng.uniform(0, 2 * np.pi))
         nuclei.append((mesh, yaw, Footprint.of_points(mesh.vertices[:, :2], yaw), mitotic))
     spots = _place_nuclei(rng, p, [fp for *_, fp, _ in nuclei], slide, areas)
@@ -193,6 +190,15 @@ def sample_cells(ctx: SceneContext) -> SceneSpec:
                      cameras, post, film="raw")
 
 
+def _nucleus_mesh(rng: np.random.Generator, radius: float, elong: float, irregularity: float, pixel: float,
+                  flatness: float) -> Mesh:
+    """An irregular blob ``radius`` micrometres wide, stretched by ``elong`` and flattened to ``flatness`` of its
+    width; more segments for nuclei many pixels wide, so that their outline stays smooth."""
+    segments = int(np.clip(2 * np.pi * radius * elong / pixel / 6, 20, 48))
+    mesh = g.blob(rng, radius, irregularity, rings=max(8, segments // 3), segments=segments)
+    return g.transform(mesh, scale=(elong, 1.0, flatness))
+
+
 def _out_of_plane_nuclei(rng: np.random.Generator, p: CellsParams, style: dict[str, Any], in_plane: int,
                          typical: float, slide: float, pixel: float, background: int) -> list[SceneObject]:
     """Nuclei above or below the optical section: their light reaches the frame as a dim, blurred glow, but they
@@ -205,9 +211,7 @@ def _out_of_plane_nuclei(rng: np.random.Generator, p: CellsParams, style: dict[s
     out = []
     for i in range(round(uniform(rng, p.out_of_plane) * in_plane)):
         radius, elong = uniform(rng, p.nucleus_radius), uniform(rng, p.elongation)
-        segments = int(np.clip(2 * np.pi * radius * elong / pixel / 6, 20, 48))
-        mesh = g.transform(g.blob(rng, radius, uniform(rng, p.irregularity), rings=max(8, segments // 3),
-                                  segments=segments), scale=(elong, 1.0, 0.05))  # a thin sheet: stays below
+        mesh = _nucleus_mesh(rng, radius, elong, uniform(rng, p.irregularity), pixel, 0.05)  # thin: stays below
         tex, bounds = nucleus_texture(rng, mesh, _nucleus_look(rng, p, style), pixel / TEXELS_PER_PIXEL)
         signal = typical * float(rng.lognormal(0.0, p.brightness_spread)) * uniform(rng, p.out_of_plane_dim)
         mat = Material((1.0, 1.0, 1.0), shader="emission", emission=signal / HEADROOM, image=tex, image_bounds=bounds)
