@@ -219,11 +219,15 @@ def calibrate_postprocess(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray,
     best: tuple[float, float, int] | None = None
     objects = 0
     for h in seed_h:
+        # One watershed per frame and seed height: min_size only drops whole instances afterwards, which is
+        # what watershed_instances(min_size=m) does to the same instances.
+        split = [watershed_instances(labels, dist, things, float(spec["seed_threshold"]), 0, float(h),
+                                     float(spec.get("smooth", 0.0))) for labels, dist, _, _ in frames]
         for m in min_size:
             tally = InstanceTally()
-            for labels, dist, mask, true in frames:
-                inst = watershed_instances(labels, dist, things, float(spec["seed_threshold"]), int(m), float(h),
-                                           float(spec.get("smooth", 0.0)))
+            for (labels, _, mask, true), inst in zip(frames, split, strict=True):
+                if m > 0:
+                    inst = np.where(np.bincount(inst.ravel())[inst] >= m, inst, 0)
                 for c in things:
                     pred = np.where((labels == c) & (mask != ignore_index), inst, 0)
                     tally.merge(InstanceTally.of_image(np.where(mask == c, true, 0), pred))
