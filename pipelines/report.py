@@ -99,6 +99,10 @@ def _real_section(real_eval: Path) -> str:
         if per:
             notes.append(f"{name}: each image resized by its own estimated input scale, median {per['median']:.3g} "
                          f"(range {per['min']:.3g}-{per['max']:.3g})")
+    if any("model_watershed" in s["rows"] for s in real.values()):
+        notes.append("model: the model's class map, objects = connected components; model_watershed: the same class "
+                     "map, touching objects split by the instance head's watershed (settings chosen on rendered "
+                     "frames: model.json 'instances')")
     if inp.get("scale") is not None and not inp.get("scales"):
         notes.append(f"real images resized by the model's input scale {float(inp['scale']):.3g}")
     table = ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>real data</th><th>row</th>"

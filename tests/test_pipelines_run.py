@@ -109,13 +109,21 @@ def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_pat
     assert lineage["adapt"]["unlabeled"]
     # HeLa and CHO frames come from two folders: each got its own input scale estimate
     assert len(lineage["adapt"]["scale_estimate"]["sources"]) == 2
-    assert set(first["real"]["ctc-hela"]) == {"model", "otsu", "blur_otsu"}
+    # The quickstart trains the instance head: the watershed settings were chosen on the rendered validation
+    # frames, and the real frames are scored as separate nuclei too (the model_watershed row).
+    calibration = json.loads((ft / "model" / "model.json").read_text())["instances"]["calibration"]
+    assert calibration["frames"] > 0 and calibration["chosen"] is not None
+    assert set(first["real"]["ctc-hela"]) == {"model", "model_watershed", "otsu", "blur_otsu"}
     assert 0 <= first["real"]["ctc-hela"]["model"]["fg_iou"] <= 1
     report = (out / "report.html").read_text()
     assert "<h2>Model vs baselines on real images</h2>" in report and "input scale" in report
-    # Predictions on the real (gray, 16-bit) frames: cut, never resized.
+    assert "model_watershed" in report and "split by the instance head's watershed" in report
+    # Predictions on the real (gray, 16-bit) frames: cut, never resized; one instance PNG each, and the COCO file.
     pred_in = next(p for p in (out / "stages").glob("predict-*-input") if p.is_dir())
     assert len(list(pred_in.glob("*.png"))) == 2
+    pred = next(p for p in (out / "stages").glob("predict-*") if p.is_dir() and not p.name.endswith("-input"))
+    assert len(list((pred / "instances").glob("*.png"))) == 2
+    assert len(json.loads((pred / "instances.json").read_text())["images"]) == 2
 
 
 def test_shipped_quickstart_configs_load_as_is():
