@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -328,3 +329,49 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
             c_loss, c_w = diffs(torch.load(method_ranks / f"{control}_rank0.pt", weights_only=True))
             print(f"{control}: loss {c_loss:.2g}, state {c_w:.2g}")
             assert c_w > 100 * tol, control
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(images: Path, tmp_path: Path) -> None:
+    """The multi-node command docs/pretrain.md documents, on localhost: two ``torchrun --nnodes=2
+    --node-rank=0/1 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT -m segfactory.cli
+    pretrain ...`` launches with the same ``--out`` (the shared file system), started by hand (no ``train.devices``,
+    no ``train.backend``: the ranks see torchrun's environment, do not re-launch, and join with gloo on the CPU).
+    Both finish; rank 0 alone writes the run; the weights are the single-process ones of the same global batch
+    (TOL, as the single-node 2-process test)."""
+    port = _free_port()
+    out = tmp_path / "nodes"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "-m", "segfactory.cli", "pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images),
+               "--out", str(out), "backbone.name=test_resnet", *tiny_args(), *DDP]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        res = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (o, e) in zip(procs, res, strict=True):
+        assert p.returncode == 0, o[-3000:] + e[-3000:]
+    logs = "".join(o + e for o, e in res)
+    assert "2 processes (gloo)" in logs and logs.count('"world_size": 2') == 1
+    assert (out / "encoder" / "encoder.safetensors").is_file()
+    single = tmp_path / "single"
+    run_pretrain(tiny_cfg(*DDP), images, single)
+    diff = max_diff(weights(out), weights(single))
+    print(f"two nodes: max |w_nodes - w_single| = {diff:.3g}")
+    assert diff < TOL
