@@ -28,8 +28,10 @@ CASES: dict[str, dict[str, Any]] = {
     "barlowtwins": {"hidden_dim": 32, "out_dim": 32},
 }
 # controls, the bugs the test must catch: lightly's Barlow Twins loss with gather_distributed=True (each rank
-# normalizes its projections with its own batch statistics) and a DINO center updated from each rank's own batch
-CONTROLS: dict[str, str] = {"barlowtwins_per_rank": "barlowtwins", "dino_per_rank_center": "dino"}
+# normalizes its projections with its own batch statistics), a DINO center updated from each rank's own batch, and
+# VICReg's variance and covariance terms on each rank's own projections (gather_distributed=False)
+CONTROLS: dict[str, str] = {"barlowtwins_per_rank": "barlowtwins", "dino_per_rank_center": "dino",
+                            "vicreg_per_rank": "vicreg"}
 BATCH, STEPS = 8, 3  # the global batch; every step draws new views
 # SGD (weight differences stay proportional to gradient ones), small enough that the steps stay stable: a step that
 # overshoots (Barlow Twins' loss 35 -> 64 at lr 0.05) amplifies float32 reduction-order differences 50-fold
@@ -62,6 +64,10 @@ def run_case(case: str, rank: int = 0, world_size: int = 1, steps: int = STEPS) 
         model.criterion = BarlowTwinsLoss(lambda_param=cfg.method.barlowtwins.lambda_param, gather_distributed=True)
     elif case == "dino_per_rank_center":
         model.criterion._center_fn = lambda x, dim: x.mean(dim=dim, keepdim=True)
+    elif case == "vicreg_per_rank":
+        from lightly.loss import VICRegLoss
+
+        model.criterion = VICRegLoss(gather_distributed=False)
     sizes = [s.size for s in model.view_specs(CROP, LOCAL_CROP, None)]
     info = DistInfo(rank, world_size, rank, "gloo" if world_size > 1 else "none")
     forward: torch.nn.Module = model

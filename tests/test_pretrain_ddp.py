@@ -304,7 +304,8 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
     VICReg's variance and covariance terms see the gathered projections (lightly's ``gather_distributed``); Barlow
     Twins normalizes the gathered projections (:class:`pretrain.methods.barlowtwins.GlobalBarlowTwinsLoss`); the
     training loop synchronizes every BatchNorm. The controls (lightly's per-rank Barlow Twins normalization, a
-    per-rank DINO center) differ from the single process by more than 100 times the tolerance: the test can fail.
+    per-rank DINO center, VICReg without gathering) end more than 10 times the tolerance away from the single
+    process (measured 0.37, 0.016 and 0.13): the test can fail.
     """
     tol_loss, tol = 5e-5, TOL
     ranks = [torch.load(method_ranks / f"{method}_rank{i}.pt", weights_only=True) for i in (0, 1)]
@@ -328,7 +329,7 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
         if of == method:
             c_loss, c_w = diffs(torch.load(method_ranks / f"{control}_rank0.pt", weights_only=True))
             print(f"{control}: loss {c_loss:.2g}, state {c_w:.2g}")
-            assert c_w > 100 * tol, control
+            assert c_w > 10 * tol, control
 
 
 def _free_port() -> int:
