@@ -9,6 +9,8 @@
 * BYOL, DINO, VICReg and Barlow Twins: 2 processes with the same global batch train the single-process model (the
   momentum twins, BatchNorm statistics and DINO's center included) and log its loss; a per-rank Barlow Twins
   normalization or DINO center would not;
+* two torchrun "nodes" on localhost (``--nnodes=2``, c10d rendezvous: the documented multi-node command) train the
+  single-process model;
 * a rank that dies mid-run fails the whole job, promptly;
 * what cannot run data-parallel (a method that says why; an uneven batch) is refused with one line before any
   process starts.
