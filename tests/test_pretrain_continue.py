@@ -1,5 +1,6 @@
 """Continued pretraining (``backbone.init``): a user's timm checkpoint / safetensors / encoder directory is loaded
-strictly into the backbone, training starts from exactly those weights, and the export is unchanged."""
+strictly into the backbone, training starts from exactly those weights (the momentum / teacher encoders of MoCo, BYOL
+and DINO too), and the export is unchanged (DINO exports its teacher)."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def test_config_pins_the_file_hash(tmp_path: Path) -> None:
         cfg(f"backbone.init={tmp_path / 'nope.pth'}")
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino"])
 def test_training_starts_from_the_checkpoint_and_exports_for_finetuning(
         tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     sd = timm_model("test_resnet").state_dict()
@@ -136,15 +137,17 @@ def test_training_starts_from_the_checkpoint_and_exports_for_finetuning(
     def spy(name: str, encoder: Any, *a: Any) -> Any:  # the model as built, before step 1
         model = real(name, encoder, *a)
         seen["online"] = {k: v.clone() for k, v in model.encoder.body.state_dict().items()}
-        if hasattr(model, "key_encoder"):
-            seen["momentum"] = {k: v.clone() for k, v in model.key_encoder.body.state_dict().items()}
+        twins = [ema for online, ema in model.momentum_pairs if online == "encoder"]  # key / target / teacher
+        assert len(twins) == (name != "simclr")
+        for ema in twins:
+            seen["momentum"] = {k: v.clone() for k, v in getattr(model, ema).body.state_dict().items()}
         return model
 
     monkeypatch.setattr(train, "build_method", spy)
     c = cfg(f"backbone.init={tmp_path / 'c.safetensors'}", f"method.name={method}", "train.steps=2",
             "backbone.in_chans=3")
     s = train.run_pretrain(c, images, tmp_path / "run")
-    for branch in ("online", "momentum") if method == "moco" else ("online",):
+    for branch in ("online", "momentum") if method != "simclr" else ("online",):
         assert all(torch.equal(v, sd[k]) for k, v in seen[branch].items()), branch
     meta, exported = load_encoder(s["encoder"])
     assert meta["init"]["sha256"] == c.backbone.init_sha256 and meta["init"]["dropped_modules"] == ["fc."]
