@@ -163,10 +163,6 @@ class Discovery:
     skipped_links: list[tuple[str, str]] = field(default_factory=list)
 
 
-FAULT_ENV = "SEGFACTORY_FAULT"
-WALK_HANG_FIFO = ".walk-hang"
-
-
 class _WalkProgress:
     """What the walk is doing now, for the watchdog of :func:`discover`: the folder (or listed file) it is at and
     a count of the system calls it finished. Written by the walking thread, read by the watching one."""
@@ -308,7 +304,6 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
     folder (or link) before it is listed (followed) and counts each entry stat'ed.
     """
     progress = progress or _WalkProgress(top)
-    hang = os.environ.get(FAULT_ENV, "") == "walk-hang"
     root = os.path.abspath(top)
     root_real = os.path.realpath(root)
     st = os.stat(root_real)
@@ -335,8 +330,6 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
         else:
             folder = folders.pop()
             progress.where = folder
-            if hang:
-                _fault_walk_hang(folder)
             try:
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=_name_of)
@@ -352,6 +345,7 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
                     if e.is_symlink():
                         links.append(e.path)
                         continue
+                    progress.where = e.path  # a mount point below: its stat is what hangs on a dead share
                     info = e.stat(follow_symlinks=False)
                 except OSError as err:
                     skipped.append((e.path, f"cannot stat: {err.strerror or err}"))
@@ -372,20 +366,6 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
 
 def _name_of(e: os.DirEntry[str]) -> str:
     return e.name
-
-
-def _fault_walk_hang(folder: str) -> None:
-    """Test hook: with ``SEGFACTORY_FAULT=walk-hang``, listing a folder that holds a FIFO named ``.walk-hang``
-    first opens it for reading. With no writer, ``open`` blocks in the kernel until one comes, as a ``stat`` on
-    a hard-mounted NFS share whose server is gone blocks until the server is back: a real system call that does
-    not return, where an unprivileged test cannot mount a filesystem whose server it could stop."""
-    fifo = os.path.join(folder, WALK_HANG_FIFO)
-    try:
-        if not stat.S_ISFIFO(os.lstat(fifo).st_mode):
-            return
-    except OSError:
-        return
-    os.close(os.open(fifo, os.O_RDONLY))
 
 
 def _follow(link: str, follow: str, root_real: str, skipped: list[tuple[str, str]]) -> os.stat_result | None:
