@@ -32,9 +32,15 @@ from segfactory.io import is_committed, read_json, sha256_bytes
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 # Read errors that may be gone by the next run (permissions fixed, a flaky disk or network filesystem back):
-# the file is reported, and re-examined by the next run instead of being rejected forever.
+# the file is reported, and re-examined by the next run instead of being rejected forever. The second line is what
+# network filesystems return while their server or daemon is away: ENOTCONN from a FUSE mount (sshfs, s3fs,
+# gcsfuse, rclone) whose daemon died, connection errors from CIFS/SMB, ENOLINK/ECOMM/EREMOTEIO from NFS and CIFS,
+# ENOMEDIUM from removed media.
 TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
-                              errno.ESTALE, errno.ENOENT, errno.EINTR, errno.ENXIO, errno.EHOSTDOWN})
+                              errno.ESTALE, errno.ENOENT, errno.EINTR, errno.ENXIO, errno.EHOSTDOWN,
+                              errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                              errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOLINK, errno.ECOMM,
+                              errno.EREMOTEIO, errno.ENOMEDIUM, errno.ESHUTDOWN})
 # Rejection kinds that depend on ``checks.*`` limits: a re-run re-examines such a file when one of these changed.
 LIMITS_OF_KIND: dict[str, tuple[str, ...]] = {
     "too_large": ("max_file_mb",), "bomb": ("max_pixels", "max_file_pixels"), "too_small": ("min_side",),

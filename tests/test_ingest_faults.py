@@ -485,6 +485,47 @@ def test_a_source_listing_that_hangs_stops_the_run_with_one_line_and_frees_the_l
     assert summary["total_images"] == 2 and summary["total_rejected"] == 0
 
 
+GONE_READ = """
+import json, sys
+from pretrain import ingest as core
+from segfactory.formats import images as store
+
+files = [core.SourceFile(p, int(size), int(mtime)) for p, size, mtime in json.loads(sys.argv[1])]
+c, out = json.loads(sys.argv[2]), sys.argv[3]
+hashed = core.hash_files(files, 100, c)  # read in a decoder process, under this mount namespace
+core.ingest_shard(core.plan_shards(hashed, {}, 1, 16)[0], out, c)
+store.build_index(out)
+"""
+
+
+def test_a_read_on_a_mount_whose_daemon_died_is_retried_by_the_next_run(tmp_path: Path) -> None:
+    """A folder of the source is a FUSE mount (sshfs, s3fs, gcsfuse, rclone) whose daemon died after the walk
+    listed it: every read there fails with ENOTCONN ("Transport endpoint is not connected"), a real error from
+    the kernel (``dead_mount.py --gone``). Rejected for good, the file would never be ingested once the mount
+    is back, since its size and mtime do not change; it must be retried like EIO."""
+    prefix = dead_mount_prefix(tmp_path)
+    src = tmp_path / "src"
+    (src / "bucket").mkdir(parents=True)
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    shutil.copy(SK / "camera.png", src / "bucket" / "camera.png")
+    listed = [(f.path, f.size, f.mtime_ns) for f in core.discover(str(src)).files]  # the walk, mount still up
+    out = tmp_path / "images"
+    plain = {"decode.plugins": "[]"}
+    c = cfg(**plain).stage_config().model_dump(mode="json")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([*prefix, "--gone", str(src / "bucket"), "--", sys.executable, "-c", GONE_READ,
+                        json.dumps(listed), json.dumps(c), str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = rejected_by_name(out)["camera.png"]
+    assert rec["kind"] == "unreadable" and "ENOTCONN" in rec["reason"], rec
+    assert rec["transient"] is True and "next run" in rec["reason"]
+    # the mount is back, the file unchanged: the next run reads it
+    rerun = run_ingest(str(src), out, cfg(**plain))
+    assert rerun["new_files"] == 1 and rerun["new_images"] == 1
+    assert rerun["total_images"] == 2 and rerun["total_rejected"] == 0
+
+
 @pytest.mark.slow  # ~35 s: four ingest runs on a LocalCluster
 def test_files_rejected_as_not_images_are_re_examined_when_the_decoders_change(tmp_path: Path) -> None:
     src = tmp_path / "src"
