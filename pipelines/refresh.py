@@ -281,6 +281,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     from synth.shard import render_code_version
 
     root = Path(root).resolve()
+    if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
+        real_eval_data(cfg.train.promotion.real_eval)  # a folder that is not there fails now, not after training
     with refresh_lock(root):
         t0 = time.perf_counter()
         render_cfg, config_hash = resolve_render_config(cfg.render)

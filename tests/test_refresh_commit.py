@@ -354,10 +354,16 @@ def test_a_model_that_drops_on_the_real_eval_images_is_not_promoted(tiny_dataset
     prune(ds_root, 1, protect=path)
     kept = {p.name for p in (ds_root / "stages").iterdir() if not p.name.startswith(".") and p.is_dir()}
     assert {rec["stage"].split("/")[1], rec["previous_stage"].split("/")[1], "finetune-good", "finetune-bad"} <= kept
-    # a folder that is not there is one line
+    # a folder that is not there is one line, before the refresh renders or trains anything
     with pytest.raises(UserError, match=r"train\.promotion\.real_eval='/nonexistent' is not a folder"):
         score_real_eval(load_config(RefreshConfig, None, ["train.promotion.real_eval=/nonexistent"]), root,
                         candidate, None, "r5")
+    r = subprocess.run([sys.executable, "-m", "segfactory.cli", "refresh", str(REPO / "configs" / "refresh.yaml"),
+                        "--root", str(tmp_path / "r"), "train.enabled=true", f"real.src={real / 'images'}",
+                        "train.promotion.real_eval=/nonexistent"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 2 and "real_eval='/nonexistent' is not a folder" in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------ growth
