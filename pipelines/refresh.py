@@ -690,7 +690,7 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
         How many releases, shards, datasets and models were removed.
     """
     from pipelines.render import dataset_lock
-    from segfactory.formats.dataset import committed_shards, write_dataset_meta
+    from segfactory.formats.dataset import committed_shards, no_readers, write_dataset_meta
 
     for parent in (root / RELEASES_DIR, root / "stages", root / "datasets", *(root / "datasets").glob("*/shards")):
         empty_trash(parent)  # deletions a kill interrupted
@@ -726,8 +726,14 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
             continue
         rel = f"datasets/{ds.name}"
         if rel not in referenced:
-            _delete(ds)
-            datasets_removed += 1
+            with no_readers(ds) as free:
+                if free:
+                    _delete(ds)
+                    datasets_removed += 1
+                else:
+                    console.print(f"[yellow]dataset '{ds}' is no longer used by any release but is kept for now:"
+                                  "[/] a process reading it has it in use; a later refresh deletes it",
+                                  soft_wrap=True)
             continue
         with dataset_lock(ds, "prune of"):
             doomed = [sid for sid in committed_shards(ds) if sid not in referenced[rel]]
@@ -735,10 +741,18 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
                 continue
             # dataset.json first: from here on no reader opens a shard that is about to go.
             meta = read_json(ds / "dataset.json")
-            write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"] if s["id"] not in doomed])
-            for sid in doomed:
-                _delete(ds / "shards" / sid)
-                shards_removed += 1
+            if any(s["id"] in doomed for s in meta["shards"]):
+                write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"] if s["id"] not in doomed])
+            # A process that started reading before (a fine-tune) may still read them: they go with a later prune.
+            with no_readers(ds) as free:
+                if not free:
+                    console.print(f"[yellow]{len(doomed)} retired shard(s) of '{ds}' are kept for now:[/] a "
+                                  "process reading the dataset (fine-tuning, evaluation) has them in use; a later "
+                                  "refresh deletes them", soft_wrap=True)
+                    continue
+                for sid in doomed:
+                    _delete(ds / "shards" / sid)
+                    shards_removed += 1
     return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 

@@ -89,6 +89,51 @@ def test_kill_mid_prune_leaves_no_half_shard_and_the_rerun_finishes(tmp_path: Pa
     assert open_dataset(ds).shard_ids == ids[2:] and open_dataset(ds).meta["num_frames"] == 4
 
 
+@pytest.mark.slow  # a real fine-tune of 80 steps runs through the prune (~40 s on 2 cores)
+def test_prune_never_deletes_shards_under_a_running_fine_tune(tmp_path: Path) -> None:
+    """A fine-tune reading a refresh's dataset (started from the listing of an older release) while a refresh
+    retires some of its shards: the prune rewrites ``dataset.json`` but leaves the shards the running fine-tune
+    may still read (it would otherwise fail on a missing frame mid-training); the next prune, with no reader
+    left, deletes them."""
+    root, dataset, ids = refresh_root(tmp_path, scenes=4)
+    ds = root / dataset
+    publish(root, "000001-20250101T000000.000000Z", dataset, ids, 1)  # every shard
+    run = tmp_path / "ft"
+    log = tmp_path / "ft.log"
+    out = open(log, "ab")  # noqa: SIM115 - closed below
+    ft = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "finetune", TINY, "--synthetic", str(ds), "--out",
+                           str(run), "train.steps=80", "train.log_every=1", "train.val_every=1000",
+                           "train.checkpoint_every=1000", "augment.crop_size=32", "train.batch_size=4"],
+                          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and len(metrics_steps(run)) >= 3):
+            assert ft.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+        # the next release holds only the last two shards; its refresh prunes the first release
+        now = publish(root, "000002-20250102T000000.000000Z", dataset, ids[2:], 2)
+        r = subprocess.run([sys.executable, "-c", "from pathlib import Path\nfrom pipelines.refresh import prune\n"
+                            f"print(prune(Path({str(root)!r}), 1, protect=Path({str(now)!r})))"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        assert open_dataset(ds).shard_ids == ids[2:]  # new readers see the new release's shards only
+        assert committed_shards(ds) == ids  # ... but the retired ones stay while the fine-tune runs
+        assert "in use" in r.stdout + r.stderr
+        assert ft.poll() is None  # still training, on every shard it started with
+        assert ft.wait(timeout=600) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if ft.poll() is None:
+            kill_tree(ft)
+        out.close()
+    assert read_json(run / "summary.json")["finished"]
+    # no reader left: the next prune deletes them
+    prune(root, 1, protect=now)
+    assert committed_shards(ds) == ids[2:] and sorted(p.name for p in (ds / "shards").iterdir()) == ids[2:]
+
+
 def test_release_named_in_the_future_never_displaces_the_new_one(tmp_path: Path) -> None:
     root, dataset, ids = refresh_root(tmp_path, scenes=3)
     # A release from before sequence numbers, written while the clock was years ahead, and a numbered one
