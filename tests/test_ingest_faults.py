@@ -318,6 +318,18 @@ def test_an_exif_rotated_labeled_jpeg_meets_its_upright_mask(tmp_path: Path) -> 
     with pytest.raises(UserError) as e:
         open_source(SourceSpec(path=bad), "real", targets, "eval")
     assert "is 427x640 but its mask" in e.value.message and "EXIF orientation" in (e.value.fix or "")
+    # the probe reads labeled folders the same way: upright, and the same line for a sideways mask
+    from pretrain.config import ProbeConfig
+    from pretrain.probe import _load_labeled_folder
+
+    for folder in (d, bad):  # the probe needs two frames
+        shutil.copy(folder / "images" / "frame.jpg", folder / "images" / "frame2.jpg")
+        shutil.copy(folder / "masks" / "frame.png", folder / "masks" / "frame2.png")
+    images, labels, k, _, names = _load_labeled_folder(d, ProbeConfig(image_size=64), 3)
+    assert images.shape[0] == labels.shape[0] == 2 and k == 2 and names == ["background", "rocket"]
+    with pytest.raises(UserError) as e:
+        _load_labeled_folder(bad, ProbeConfig(image_size=64), 3)
+    assert "is 427x640 but its mask" in e.value.message and "EXIF orientation" in (e.value.fix or "")
 
 
 @pytest.mark.parametrize(("table", "says"), [
