@@ -25,13 +25,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from segfactory.config import StrictModel
 from segfactory.console import console
 from segfactory.errors import UserError
 
 GPU_RESOURCE = "GPU"
+
+
+def _byte_size(value: str, example: str) -> str:
+    """A memory size Dask can read (``'16GiB'``, ``'8Gi'``, ``'4 GB'``, bytes): checked when the config loads, so
+    that a typo is one line naming the field (exit 2), not Dask's traceback when the cluster starts (exit 1)."""
+    from dask.utils import parse_bytes
+    from pydantic_core import PydanticCustomError
+
+    try:
+        parse_bytes(value)
+    except (ValueError, TypeError):
+        raise PydanticCustomError("memory_size", "not a memory size",
+                                  {"fix": f"give a size with its unit, e.g. {example}"}) from None
+    return value
 
 
 class SlurmSettings(StrictModel):
@@ -55,6 +69,11 @@ class SlurmSettings(StrictModel):
     local_directory: str | None = Field(None, description="worker scratch space on the compute node")
     python: str = Field(sys.executable, description="python on the compute nodes (segfactory installed)")
     job_name: str = Field("segfactory-worker", description="SLURM job name of the workers (shown by squeue)")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return _byte_size(v, "'16GiB'")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> SlurmSettings:
@@ -101,6 +120,11 @@ class KubernetesSettings(StrictModel):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of scheduler and workers")
     idle_timeout: int = Field(600, ge=0, description="seconds an idle cluster lives on (0 = forever)")
 
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return _byte_size(v, "'8Gi'")
+
 
 class TaskSettings(StrictModel):
     """``cluster.tasks``: what each kind of task asks the scheduler for."""
@@ -130,6 +154,11 @@ class ClusterConfig(StrictModel):
     tasks: TaskSettings = Field(default_factory=TaskSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        return v if v == "auto" else _byte_size(v, "'auto' or '4GiB'")
 
 
 def slurm_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:

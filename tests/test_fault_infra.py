@@ -73,6 +73,22 @@ def test_unreachable_scheduler_is_one_line_exit_2(src: Path, tmp_path: Path) -> 
     assert f"cannot reach the Dask scheduler at {address}" in line
 
 
+@pytest.mark.parametrize(("override", "field"), [
+    ("cluster.memory_limit=lots", "cluster.memory_limit='lots'"),  # was Dask's ValueError traceback, exit 1
+    ("cluster.slurm.memory=16 gigs", "cluster.slurm.memory='16 gigs'"),
+    ("cluster.kubernetes.memory=eight", "cluster.kubernetes.memory='eight'"),
+])
+def test_a_memory_size_dask_cannot_read_is_one_line_exit_2(src: Path, tmp_path: Path, override: str,
+                                                          field: str) -> None:
+    r = run([sys.executable, "-m", "segfactory.cli", "ingest", str(src), "--out", str(tmp_path / "out"), "--workers",
+             "1", "cluster.dashboard=false", override])
+    assert r.returncode == EXIT_USER, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert f"{field} is invalid: not a memory size" in line and "fix: give a size with its unit" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
 GREETER = """
 import socket, sys
 s = socket.create_server(("127.0.0.1", 0))
