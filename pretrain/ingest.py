@@ -173,11 +173,22 @@ class _WalkProgress:
     """What the walk is doing now, for the watchdog of :func:`discover`: the folder (or listed file) it is at and
     a count of the system calls it finished. Written by the walking thread, read by the watching one."""
 
-    __slots__ = ("ops", "where")
+    __slots__ = ("base", "entries", "ops", "where")
 
     def __init__(self, where: str) -> None:
         self.where = where
         self.ops = 0
+        self.entries: list[os.DirEntry[str]] | None = None  # the folder's entries being stat'ed, from ops = base
+        self.base = 0
+
+    def current(self) -> str:
+        """The path the walk is stuck at: the entry being stat'ed (a mount point below the folder: its ``stat``
+        is what hangs on a dead share), else the folder or link. Derived from the per-entry count, so that the
+        walk pays no extra store per file."""
+        entries, i = self.entries, self.ops - self.base - 1
+        if entries is not None and 0 <= i < len(entries):
+            return entries[i].path
+        return self.where
 
 
 def discover(src: str, extensions: list[str] | None = None, follow_symlinks: str = "inside",
@@ -231,8 +242,9 @@ def _watched(src: str, timeout_s: float, listing: Callable[[_WalkProgress], Disc
         if now_at != seen:
             seen, since = now_at, time.monotonic()
         elif time.monotonic() - since > timeout_s:
-            raise UserError(f"listing the source '{src}' hung: '{progress.where}' did not answer for walk_timeout_s="
-                            f"{timeout_s:g} s (a network filesystem whose server is gone?); nothing was ingested",
+            raise UserError(f"listing the source '{src}' hung: '{progress.current()}' did not answer for "
+                            f"walk_timeout_s={timeout_s:g} s (a network filesystem whose server is gone?); nothing "
+                            "was ingested",
                             fix="check that mount and re-run (this run's lock is released), or raise walk_timeout_s")
     if error:
         raise error[0]
@@ -321,7 +333,7 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
     while folders or links:
         if not folders:  # the real tree is done: follow the next link
             link = links.popleft()
-            progress.where = link
+            progress.where, progress.entries = link, None
             target = _follow(link, follow, root_real, skipped)
             if target is None:
                 continue
@@ -335,13 +347,14 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
                 folders.append(link)
         else:
             folder = folders.pop()
-            progress.where = folder
+            progress.where, progress.entries = folder, None
             try:
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=_name_of)
             except OSError as e:
                 skipped.append((folder, f"cannot list: {e.strerror or e}"))
                 continue
+            progress.entries, progress.base = entries, progress.ops
             subfolders = []
             for e in entries:
                 progress.ops += 1
@@ -351,7 +364,6 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
                     if e.is_symlink():
                         links.append(e.path)
                         continue
-                    progress.where = e.path  # a mount point below: its stat is what hangs on a dead share
                     info = e.stat(follow_symlinks=False)
                 except OSError as err:
                     skipped.append((e.path, f"cannot stat: {err.strerror or err}"))
@@ -362,6 +374,7 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
                 elif stat.S_ISDIR(mode) and (info.st_dev, info.st_ino) not in walked:
                     walked.add((info.st_dev, info.st_ino))
                     subfolders.append(e.path)
+            progress.entries = None
             del entries
             folders.extend(reversed(subfolders))
         if len(found) > max_files:
