@@ -25,13 +25,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from segfactory.config import StrictModel
 from segfactory.console import console
 from segfactory.errors import UserError
 
 GPU_RESOURCE = "GPU"
+
+
+def _byte_size(value: str, example: str) -> str:
+    """A memory size Dask can read (``'16GiB'``, ``'8Gi'``, ``'4 GB'``, bytes): checked when the config loads, so
+    that a typo is one line naming the field (exit 2), not Dask's traceback when the cluster starts (exit 1)."""
+    from dask.utils import parse_bytes
+    from pydantic_core import PydanticCustomError
+
+    try:
+        parse_bytes(value)
+    except (ValueError, TypeError):
+        raise PydanticCustomError("memory_size", "not a memory size",
+                                  {"fix": f"give a size with its unit, e.g. {example}"}) from None
+    return value
 
 
 class SlurmSettings(StrictModel):
@@ -55,6 +69,11 @@ class SlurmSettings(StrictModel):
     local_directory: str | None = Field(None, description="worker scratch space on the compute node")
     python: str = Field(sys.executable, description="python on the compute nodes (segfactory installed)")
     job_name: str = Field("segfactory-worker", description="SLURM job name of the workers (shown by squeue)")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return _byte_size(v, "'16GiB'")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> SlurmSettings:
@@ -101,6 +120,11 @@ class KubernetesSettings(StrictModel):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of scheduler and workers")
     idle_timeout: int = Field(600, ge=0, description="seconds an idle cluster lives on (0 = forever)")
 
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return _byte_size(v, "'8Gi'")
+
 
 class TaskSettings(StrictModel):
     """``cluster.tasks``: what each kind of task asks the scheduler for."""
@@ -130,6 +154,11 @@ class ClusterConfig(StrictModel):
     tasks: TaskSettings = Field(default_factory=TaskSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        return v if v == "auto" else _byte_size(v, "'auto' or '4GiB'")
 
 
 def slurm_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
@@ -215,6 +244,64 @@ def no_workers_timeout(client: Any) -> float | None:
     return _NO_WORKERS_TIMEOUT.get(client)
 
 
+def probe_scheduler(address: str, timeout_s: float) -> None:
+    """Check that something at ``address`` speaks Dask's protocol, within about ``timeout_s`` seconds.
+
+    ``distributed.Client`` bounds the TCP connect by its timeout but not the handshake after it: at an address
+    where another service listens (the scheduler's dashboard port, 8787, instead of 8786; any HTTP server) it
+    waits for ever, holding the run's lock; a service that greets first (an SSH banner) fails it with a
+    ``MemoryError`` or ``struct.error`` traceback. Dask's own connect runs here under a deadline instead, in a
+    thread with its own event loop.
+
+    Raises:
+        ValueError: the address is malformed (unknown scheme, no port).
+        OSError: nothing listens there (Dask's connect timed out or was refused).
+        UserError: something listens but did not answer like Dask within the deadline, or answered with another
+            protocol.
+    """
+    import threading
+
+    from distributed.comm import connect
+    from distributed.comm.addressing import get_address_host_port
+
+    get_address_host_port(address)  # scheme and host:port, before any connection (ValueError)
+    # Dask's connect gives up on the TCP connect after timeout_s (OSError); this deadline only ends a handshake
+    # that never comes from a peer that accepted the connection.
+    deadline = timeout_s + min(timeout_s, 10.0)
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout_s), deadline)
+        comm.abort()
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(handshake())
+        except BaseException as e:  # judged in the calling thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, name=f"probe {address}", daemon=True)
+    thread.start()
+    thread.join()
+    if not outcome:
+        return
+    e = outcome[0]
+    fix = ("pass the scheduler's own address (`dask scheduler` prints it: tcp://HOST:PORT, port 8786 by default; "
+           "8787 is its dashboard)")
+    if isinstance(e, TimeoutError):  # asyncio.wait_for's (Dask's own connect timeout is a plain OSError)
+        raise UserError(f"cluster.address={address!r} accepted the connection but did not answer like a Dask "
+                        f"scheduler within {deadline:g} s (another service on that port?)", fix=fix) from None
+    if isinstance(e, OSError):
+        raise e
+    if isinstance(e, Exception):
+        kind = type(e)
+        what = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise UserError(f"cluster.address={address!r} answered, but not in Dask's protocol (another service on "
+                        f"that port?): {what}", fix=fix) from None
+    raise e
+
+
 @contextlib.contextmanager
 def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None = None,
                 shared_dir: str | os.PathLike | None = None) -> Iterator[Any]:
@@ -239,6 +326,7 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         if not cfg.address:
             raise UserError("cluster.backend=address needs cluster.address", fix="pass --cluster-address tcp://HOST:PORT")
         try:
+            probe_scheduler(cfg.address, cfg.connect_timeout_s)
             client = Client(cfg.address, timeout=f"{cfg.connect_timeout_s:g}s")
         except OSError as e:
             raise UserError(f"cannot reach the Dask scheduler at {cfg.address}: {e}",

@@ -95,7 +95,12 @@ class PromotionSettings(StrictModel):
     """``train.promotion``: when a retrained model replaces the previous release's model."""
 
     max_drop: float = Field(0.02, ge=0, description="largest drop of the held-out mIoU (absolute, 0..1) against "
-                            "the promoted model of the previous release that still promotes the new model")
+                            "the promoted model of the previous release that still promotes the new model; the "
+                            "same margin applies to the real_eval mIoU")
+    real_eval: str | None = Field(
+        None, description="a labeled real folder (images/, masks/, classes.json) or sample:NAME/SPLIT: the retrained "
+        "model and the previous release's promoted model are both evaluated on it, and the retrained model is not "
+        "promoted when its mIoU there is more than max_drop below the other's (None: the held-out mIoU only)")
 
 
 class RetrainSettings(StrictModel):
@@ -276,6 +281,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     from synth.shard import render_code_version
 
     root = Path(root).resolve()
+    if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
+        real_eval_data(cfg.train.promotion.real_eval)  # a folder that is not there fails now, not after training
     with refresh_lock(root):
         t0 = time.perf_counter()
         render_cfg, config_hash = resolve_render_config(cfg.render)
@@ -324,6 +331,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                 k: growth[k] for k in ("scenes_added", "scenes_retired")}
         if cfg.train.enabled:
             model = retrain(cfg, root, render_cfg, config_hash, shards, real, name)
+            if cfg.train.promotion.real_eval is not None:
+                model = score_real_eval(cfg, root, model, previous_promoted(prev), name)
             release["model"], release["promoted_model"] = promote(root, model, prev, cfg.train.promotion, name)
         path = root / RELEASES_DIR / f"{name}.json"
         save_resolved(cfg, root / RELEASES_DIR / f".{name}.config.yaml")
@@ -469,13 +478,88 @@ def model_is_finite(model_dir: Path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
 
 
+def previous_promoted(prev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model the previous release served (its promoted model; its ``model`` for releases from before
+    promotion), with ``release`` naming the release that promoted it; None without one."""
+    if prev is None:
+        return None
+    previous = prev.get("promoted_model", prev.get("model"))
+    if previous is not None and "release" not in previous:
+        previous = {**previous, "release": prev["release"]}
+    return previous
+
+
+def real_eval_data(ref: str) -> tuple[str, dict[str, Any]]:
+    """``train.promotion.real_eval`` as the ``--data`` argument of ``segfactory evaluate`` and its stage key
+    material: a ``sample:`` reference as given (package data, fixed), a folder as an absolute path with a hash of
+    its files' names, sizes and mtimes (labels added or fixed since: new scores).
+
+    Raises:
+        UserError: the folder does not exist.
+    """
+    if ref.startswith("sample:"):
+        return ref, {"ref": ref}
+    path = Path(ref).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"train.promotion.real_eval='{ref}' is not a folder",
+                        fix="point it at a labeled folder (images/, masks/, classes.json) or a sample:NAME/SPLIT "
+                            "reference, or leave it unset")
+    files = sorted((p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns)
+                   for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") for st in [p.stat()])
+    return str(path), {"ref": str(path), "files": canonical_hash(files)}
+
+
+def score_real_eval(cfg: RefreshConfig, root: Path, model: dict[str, Any], previous: dict[str, Any] | None,
+                    release: str) -> dict[str, Any]:
+    """Evaluate the retrained ``model`` and the ``previous`` promoted model on ``train.promotion.real_eval``
+    (each an ``evaluate`` stage keyed by its model and the data, so an unchanged pair is scored once), so that
+    :func:`promote` compares the two on the same labeled real images.
+
+    Returns:
+        ``model`` with ``real_eval`` (``on``, ``miou``, ``stage``; ``previous_miou`` and ``previous_stage`` when
+        the previous promoted model is still there) and the candidate's evaluation stage added to its ``stages``.
+    """
+    from pipelines.stages import FINETUNE_PACKAGES, run_stage_tasks, stage_dir
+
+    ref = cfg.train.promotion.real_eval
+    assert ref is not None
+    data, key = real_eval_data(ref)
+
+    def stage_for(model_rel: str) -> Path:
+        return stage_dir(root, "evaluate", {"model": Path(model_rel).parent.name, "data": key}, FINETUNE_PACKAGES)
+
+    def command(model_rel: str) -> list[str]:
+        return ["evaluate", "--model", str(root / model_rel), "--data", data, "--out", "{OUT}"]
+
+    commands = {"evaluate-real": (stage_for(model["model"]), command(model["model"]))}
+    other = (previous or {}).get("model")
+    if other is not None and other != model["model"] and (root / other).is_dir():
+        commands["evaluate-real-previous"] = (stage_for(other), command(other))
+    run_stage_tasks(cfg.cluster, cfg.train.timeout_s, cfg.train.retries, commands,
+                    root / ".logs" / f"dask-report-{release}-real-eval.html")
+    cand = commands["evaluate-real"][0]
+    record: dict[str, Any] = {"on": ref, "miou": read_json(cand / "metrics.json")["overall"]["miou"],
+                              "stage": f"stages/{cand.name}"}
+    if "evaluate-real-previous" in commands:
+        prev_stage = commands["evaluate-real-previous"][0]
+        record |= {"previous_miou": read_json(prev_stage / "metrics.json")["overall"]["miou"],
+                   "previous_stage": f"stages/{prev_stage.name}"}
+    elif other is not None and other == model["model"]:
+        record["previous_miou"] = record["miou"]  # the same model
+    stages = list(model.get("stages", []))
+    return {**model, "real_eval": record, "stages": [*stages, record["stage"]] if record["stage"] not in stages
+            else stages}
+
+
 def promote(root: Path, model: dict[str, Any], prev: dict[str, Any] | None, settings: PromotionSettings,
             release: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Decide whether the retrained ``model`` replaces the previous release's promoted model.
 
     It is refused when its weights or its score are not finite (a NaN model is never promoted), or when its
-    held-out mIoU is more than ``settings.max_drop`` below the previous promoted model's. The decision and its
-    reason are recorded in the candidate (``promotion``).
+    held-out mIoU is more than ``settings.max_drop`` below the previous promoted model's, or (``real_eval``, see
+    :func:`score_real_eval`) its mIoU on the labeled real images is more than ``settings.max_drop`` below the
+    previous promoted model's on the same images. The decision and its reason are recorded in the candidate
+    (``promotion``).
 
     Args:
         root: The refresh root (model paths are relative to it).
@@ -488,18 +572,25 @@ def promote(root: Path, model: dict[str, Any], prev: dict[str, Any] | None, sett
         ``(candidate with its promotion record, the promoted model)``: the candidate if promoted, else the
         previous release's promoted model (with ``release`` naming where it was promoted), or None.
     """
-    previous = None
-    if prev is not None:
-        previous = prev.get("promoted_model", prev.get("model"))
-        if previous is not None and "release" not in previous:
-            previous = {**previous, "release": prev["release"]}
+    previous = previous_promoted(prev)
     miou = model.get("miou")
     finite_score = isinstance(miou, int | float) and math.isfinite(miou)
+    real = model.get("real_eval")
+    real_miou = None if real is None else real.get("miou")
+    real_prev = None if real is None else real.get("previous_miou")
     reason: str
     if not finite_score:
         promoted, reason = False, f"its held-out mIoU is {miou} (not finite)"
+    elif real is not None and not (isinstance(real_miou, int | float) and math.isfinite(real_miou)):
+        promoted, reason = False, f"its mIoU on the real_eval images {real['on']} is {real_miou} (not finite)"
     elif not model_is_finite(root / model["model"]):
         promoted, reason = False, "its weights hold NaN or infinite values"
+    elif (real is not None and previous is not None and isinstance(real_prev, int | float)
+          and math.isfinite(real_prev) and real_miou < real_prev - settings.max_drop):
+        promoted, reason = False, (f"mIoU on the real_eval images {real['on']} {real_miou:.4f} dropped by "
+                                   f"{real_prev - real_miou:.4f} from {real_prev:.4f} (the model of release "
+                                   f"{previous['release']}, scored on the same images), more than "
+                                   f"train.promotion.max_drop={settings.max_drop}")
     elif previous is None or not isinstance(previous.get("miou"), int | float):
         promoted, reason = True, "no earlier promoted model to compare with"
     elif miou < previous["miou"] - settings.max_drop:
@@ -509,6 +600,8 @@ def promote(root: Path, model: dict[str, Any], prev: dict[str, Any] | None, sett
     else:
         promoted, reason = True, (f"held-out mIoU {miou:.4f} against {previous['miou']:.4f} of release "
                                   f"{previous['release']} (allowed drop {settings.max_drop})")
+        if isinstance(real_prev, int | float) and math.isfinite(real_prev):
+            reason += f"; real_eval mIoU {real_miou:.4f} against {real_prev:.4f}"
     candidate = {**model, "promotion": {"promoted": promoted, "reason": reason,
                                         "previous": None if previous is None else previous["release"]}}
     if promoted:
@@ -597,7 +690,7 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
         How many releases, shards, datasets and models were removed.
     """
     from pipelines.render import dataset_lock
-    from segfactory.formats.dataset import committed_shards, write_dataset_meta
+    from segfactory.formats.dataset import committed_shards, no_readers, write_dataset_meta
 
     for parent in (root / RELEASES_DIR, root / "stages", root / "datasets", *(root / "datasets").glob("*/shards")):
         empty_trash(parent)  # deletions a kill interrupted
@@ -616,6 +709,9 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
         referenced.setdefault(r["render"]["dataset"], set()).update(s["id"] for s in r["shards"])
         for model in (r.get("model"), r.get("promoted_model")):
             stages.update((model or {}).get("stages", []))
+            scored_previous = ((model or {}).get("real_eval") or {}).get("previous_stage")
+            if scored_previous:  # the served model's score on the real_eval images: reused while they last
+                stages.add(scored_previous)
     stages_removed = 0
     for d in sorted((root / "stages").glob("*-*")) if (root / "stages").is_dir() else []:
         if d.is_dir() and not d.name.startswith(".") and f"stages/{d.name}" not in stages:
@@ -630,8 +726,14 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
             continue
         rel = f"datasets/{ds.name}"
         if rel not in referenced:
-            _delete(ds)
-            datasets_removed += 1
+            with no_readers(ds) as free:
+                if free:
+                    _delete(ds)
+                    datasets_removed += 1
+                else:
+                    console.print(f"[yellow]dataset '{ds}' is no longer used by any release but is kept for now:"
+                                  "[/] a process reading it has it in use; a later refresh deletes it",
+                                  soft_wrap=True)
             continue
         with dataset_lock(ds, "prune of"):
             doomed = [sid for sid in committed_shards(ds) if sid not in referenced[rel]]
@@ -639,10 +741,18 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> dict[str, int]:
                 continue
             # dataset.json first: from here on no reader opens a shard that is about to go.
             meta = read_json(ds / "dataset.json")
-            write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"] if s["id"] not in doomed])
-            for sid in doomed:
-                _delete(ds / "shards" / sid)
-                shards_removed += 1
+            if any(s["id"] in doomed for s in meta["shards"]):
+                write_dataset_meta(ds, meta, [s["id"] for s in meta["shards"] if s["id"] not in doomed])
+            # A process that started reading before (a fine-tune) may still read them: they go with a later prune.
+            with no_readers(ds) as free:
+                if not free:
+                    console.print(f"[yellow]{len(doomed)} retired shard(s) of '{ds}' are kept for now:[/] a "
+                                  "process reading the dataset (fine-tuning, evaluation) has them in use; a later "
+                                  "refresh deletes them", soft_wrap=True)
+                    continue
+                for sid in doomed:
+                    _delete(ds / "shards" / sid)
+                    shards_removed += 1
     return {"releases": len(old), "shards": shards_removed, "datasets": datasets_removed, "models": stages_removed}
 
 

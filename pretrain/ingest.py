@@ -32,9 +32,15 @@ from segfactory.io import is_committed, read_json, sha256_bytes
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 # Read errors that may be gone by the next run (permissions fixed, a flaky disk or network filesystem back):
-# the file is reported, and re-examined by the next run instead of being rejected forever.
+# the file is reported, and re-examined by the next run instead of being rejected forever. The second line is what
+# network filesystems return while their server or daemon is away: ENOTCONN from a FUSE mount (sshfs, s3fs,
+# gcsfuse, rclone) whose daemon died, connection errors from CIFS/SMB, ENOLINK/ECOMM/EREMOTEIO from NFS and CIFS,
+# ENOMEDIUM from removed media.
 TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
-                              errno.ESTALE, errno.ENOENT, errno.EINTR, errno.ENXIO, errno.EHOSTDOWN})
+                              errno.ESTALE, errno.ENOENT, errno.EINTR, errno.ENXIO, errno.EHOSTDOWN,
+                              errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                              errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOLINK, errno.ECOMM,
+                              errno.EREMOTEIO, errno.ENOMEDIUM, errno.ESHUTDOWN})
 # Rejection kinds that depend on ``checks.*`` limits: a re-run re-examines such a file when one of these changed.
 LIMITS_OF_KIND: dict[str, tuple[str, ...]] = {
     "too_large": ("max_file_mb",), "bomb": ("max_pixels", "max_file_pixels"), "too_small": ("min_side",),
@@ -163,19 +169,26 @@ class Discovery:
     skipped_links: list[tuple[str, str]] = field(default_factory=list)
 
 
-FAULT_ENV = "SEGFACTORY_FAULT"
-WALK_HANG_FIFO = ".walk-hang"
-
-
 class _WalkProgress:
     """What the walk is doing now, for the watchdog of :func:`discover`: the folder (or listed file) it is at and
     a count of the system calls it finished. Written by the walking thread, read by the watching one."""
 
-    __slots__ = ("ops", "where")
+    __slots__ = ("base", "entries", "ops", "where")
 
     def __init__(self, where: str) -> None:
         self.where = where
         self.ops = 0
+        self.entries: list[os.DirEntry[str]] | None = None  # the folder's entries being stat'ed, from ops = base
+        self.base = 0
+
+    def current(self) -> str:
+        """The path the walk is stuck at: the entry being stat'ed (a mount point below the folder: its ``stat``
+        is what hangs on a dead share), else the folder or link. Derived from the per-entry count, so that the
+        walk pays no extra store per file."""
+        entries, i = self.entries, self.ops - self.base - 1
+        if entries is not None and 0 <= i < len(entries):
+            return entries[i].path
+        return self.where
 
 
 def discover(src: str, extensions: list[str] | None = None, follow_symlinks: str = "inside",
@@ -229,8 +242,9 @@ def _watched(src: str, timeout_s: float, listing: Callable[[_WalkProgress], Disc
         if now_at != seen:
             seen, since = now_at, time.monotonic()
         elif time.monotonic() - since > timeout_s:
-            raise UserError(f"listing the source '{src}' hung: '{progress.where}' did not answer for walk_timeout_s="
-                            f"{timeout_s:g} s (a network filesystem whose server is gone?); nothing was ingested",
+            raise UserError(f"listing the source '{src}' hung: '{progress.current()}' did not answer for "
+                            f"walk_timeout_s={timeout_s:g} s (a network filesystem whose server is gone?); nothing "
+                            "was ingested",
                             fix="check that mount and re-run (this run's lock is released), or raise walk_timeout_s")
     if error:
         raise error[0]
@@ -308,7 +322,6 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
     folder (or link) before it is listed (followed) and counts each entry stat'ed.
     """
     progress = progress or _WalkProgress(top)
-    hang = os.environ.get(FAULT_ENV, "") == "walk-hang"
     root = os.path.abspath(top)
     root_real = os.path.realpath(root)
     st = os.stat(root_real)
@@ -320,7 +333,7 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
     while folders or links:
         if not folders:  # the real tree is done: follow the next link
             link = links.popleft()
-            progress.where = link
+            progress.where, progress.entries = link, None
             target = _follow(link, follow, root_real, skipped)
             if target is None:
                 continue
@@ -334,15 +347,14 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
                 folders.append(link)
         else:
             folder = folders.pop()
-            progress.where = folder
-            if hang:
-                _fault_walk_hang(folder)
+            progress.where, progress.entries = folder, None
             try:
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=_name_of)
             except OSError as e:
                 skipped.append((folder, f"cannot list: {e.strerror or e}"))
                 continue
+            progress.entries, progress.base = entries, progress.ops
             subfolders = []
             for e in entries:
                 progress.ops += 1
@@ -362,6 +374,7 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
                 elif stat.S_ISDIR(mode) and (info.st_dev, info.st_ino) not in walked:
                     walked.add((info.st_dev, info.st_ino))
                     subfolders.append(e.path)
+            progress.entries = None
             del entries
             folders.extend(reversed(subfolders))
         if len(found) > max_files:
@@ -372,20 +385,6 @@ def _walk(top: str, follow: str, max_files: int, progress: _WalkProgress | None 
 
 def _name_of(e: os.DirEntry[str]) -> str:
     return e.name
-
-
-def _fault_walk_hang(folder: str) -> None:
-    """Test hook: with ``SEGFACTORY_FAULT=walk-hang``, listing a folder that holds a FIFO named ``.walk-hang``
-    first opens it for reading. With no writer, ``open`` blocks in the kernel until one comes, as a ``stat`` on
-    a hard-mounted NFS share whose server is gone blocks until the server is back: a real system call that does
-    not return, where an unprivileged test cannot mount a filesystem whose server it could stop."""
-    fifo = os.path.join(folder, WALK_HANG_FIFO)
-    try:
-        if not stat.S_ISFIFO(os.lstat(fifo).st_mode):
-            return
-    except OSError:
-        return
-    os.close(os.open(fifo, os.O_RDONLY))
 
 
 def _follow(link: str, follow: str, root_real: str, skipped: list[tuple[str, str]]) -> os.stat_result | None:

@@ -119,7 +119,9 @@ def _load_labeled_folder(path: Path, cfg: ProbeConfig, in_chans: int
     for it, img, mask in raw:
         if img.shape[:2] != mask.shape[:2]:
             raise UserError(f"image '{it.image}' is {img.shape[1]}x{img.shape[0]} but its mask '{it.mask}' is "
-                            f"{mask.shape[1]}x{mask.shape[0]}", fix="make the mask the same size as the image")
+                            f"{mask.shape[1]}x{mask.shape[0]}",
+                            fix="make the mask the same size as the image, upright: a JPEG is read with its EXIF "
+                                "orientation applied (or remove the pair)")
         lab = lut[mask]
         if (lab < 0).any():
             bad = sorted({int(v) for v in np.unique(mask[lab < 0])})[:5]

@@ -305,6 +305,31 @@ def test_out_of_memory_in_fine_tuning_says_what_to_lower(tiny_dataset: Path, tmp
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_out_of_memory_in_prediction_says_what_to_lower(tiny_model: Path, tmp_path: Path) -> None:
+    # A real allocation failure: the address space is capped 600 MB above what the process uses after imports,
+    # and a batch of 64 tiles of 512 px of a 2048 px image needs more.
+    import numpy as np
+    from PIL import Image
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2048, 2048), dtype=np.uint8)).save(inputs / "big.png")
+    code = ("import resource, sys\n"
+            "import torch, segmentation_models_pytorch, finetune.predict\n"
+            "from segfactory.cli import main\n"
+            "vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + 600 * 2**20, resource.RLIM_INFINITY))\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "predict", "--model", str(tiny_model), "--input", str(inputs),
+                        "--out", str(tmp_path / "out"), "--no-overlays", "--tile", "512", "--batch-size", "64"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == EXIT_USER, r.stderr[-3000:]
+    [line] = error_lines(r.stderr)
+    assert line.startswith("error: prediction ran out of host memory allocating "), r.stderr[-3000:]
+    assert "fix: lower --batch-size (64) or --tile (512" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "big.png").exists()
+
+
 @pytest.mark.gpu
 def test_real_gpu_out_of_memory_in_fine_tuning_says_what_to_lower(tiny_dataset: Path, tmp_path: Path) -> None:
     # A real CUDA allocation failure, raised by torch's caching allocator: the process may use 1 GiB of the GPU

@@ -73,6 +73,74 @@ def test_unreachable_scheduler_is_one_line_exit_2(src: Path, tmp_path: Path) -> 
     assert f"cannot reach the Dask scheduler at {address}" in line
 
 
+@pytest.mark.parametrize(("override", "field"), [
+    ("cluster.memory_limit=lots", "cluster.memory_limit='lots'"),  # was Dask's ValueError traceback, exit 1
+    ("cluster.slurm.memory=16 gigs", "cluster.slurm.memory='16 gigs'"),
+    ("cluster.kubernetes.memory=eight", "cluster.kubernetes.memory='eight'"),
+])
+def test_a_memory_size_dask_cannot_read_is_one_line_exit_2(src: Path, tmp_path: Path, override: str,
+                                                          field: str) -> None:
+    r = run([sys.executable, "-m", "segfactory.cli", "ingest", str(src), "--out", str(tmp_path / "out"), "--workers",
+             "1", "cluster.dashboard=false", override])
+    assert r.returncode == EXIT_USER, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert f"{field} is invalid: not a memory size" in line and "fix: give a size with its unit" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+GREETER = """
+import socket, sys
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    c.sendall(b"SSH-2.0-OpenSSH_9.6\\r\\n")  # greets first, as an SSH server does, then waits for the client
+    held.append(c)
+"""
+
+
+@pytest.mark.parametrize("service", ["http", "greeter"])
+def test_another_service_at_the_scheduler_address_is_one_line_exit_2(src: Path, tmp_path: Path,
+                                                                     service: str) -> None:
+    """Another service where the scheduler should be: an HTTP server (the dashboard's port, 8787, given for the
+    scheduler's) accepts the connection and never answers Dask's handshake (Dask waited for ever, holding the
+    lock); an SSH-like server greets first (Dask failed with a MemoryError traceback, exit 1). Both real
+    processes on loopback."""
+    if service == "http":
+        port = free_port()
+        cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    else:
+        cmd = [sys.executable, "-c", GREETER]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if service == "greeter":
+            port = int(server.stdout.readline())
+        deadline = time.monotonic() + 30
+        while True:  # listening?
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.1)
+        address = f"tcp://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        r = run(ingest_args(src, tmp_path / "out", address), timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        server.kill()
+        server.wait()
+    assert r.returncode == EXIT_USER, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    says = ("accepted the connection but did not answer like a Dask scheduler within 6 s" if service == "http"
+            else "answered, but not in Dask's protocol")
+    assert f"cluster.address='{address}' {says}" in line, r.stderr
+    assert "8787 is its dashboard" in r.stderr
+    assert took < 40, took  # connect_timeout_s=3: a deadline of 6 s, not for ever
+
+
 def start_hanging_ingest(tmp_path: Path, *extra: str
                          ) -> tuple[LoopbackCluster, subprocess.Popen[bytes], Path, list[psutil.Process]]:
     """An address cluster of one worker and an ingest driver on it, returned once the worker decodes a file that

@@ -1,6 +1,7 @@
 """Ingest faults reproduced for real: a decoder that hangs and one that SIGKILLs itself on one file (a real Pillow
 plugin format, ``faulty_decoders.py``), one that runs past its memory cap, a TIFF stack bomb, a symlink loop and a
-link to ``/``, a file that vanishes mid-run, changed limits, a source listing that hangs, a decoder plugin
+link to ``/``, a file that vanishes mid-run, changed limits, a source folder on a dead filesystem (a FUSE mount
+whose server never answers) whose listing hangs, a decoder plugin
 installed after its files were rejected; and the one reader's orientation and bomb rules."""
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -27,8 +27,7 @@ import tifffile
 from conftest import REPO
 from PIL import Image
 
-from pipelines.ingest import LOCK_FILE, IngestJob, run_ingest
-from pipelines.lock import exclusive_lock
+from pipelines.ingest import IngestJob, run_ingest
 from pretrain import ingest as core
 from pretrain.config import IngestConfig
 from pretrain.decoder import DecoderDied, DecoderProcess
@@ -319,6 +318,18 @@ def test_an_exif_rotated_labeled_jpeg_meets_its_upright_mask(tmp_path: Path) -> 
     with pytest.raises(UserError) as e:
         open_source(SourceSpec(path=bad), "real", targets, "eval")
     assert "is 427x640 but its mask" in e.value.message and "EXIF orientation" in (e.value.fix or "")
+    # the probe reads labeled folders the same way: upright, and the same line for a sideways mask
+    from pretrain.config import ProbeConfig
+    from pretrain.probe import _load_labeled_folder
+
+    for folder in (d, bad):  # the probe needs two frames
+        shutil.copy(folder / "images" / "frame.jpg", folder / "images" / "frame2.jpg")
+        shutil.copy(folder / "masks" / "frame.png", folder / "masks" / "frame2.png")
+    images, labels, k, _, names = _load_labeled_folder(d, ProbeConfig(image_size=64), 3)
+    assert images.shape[0] == labels.shape[0] == 2 and k == 2 and names == ["background", "rocket"]
+    with pytest.raises(UserError) as e:
+        _load_labeled_folder(bad, ProbeConfig(image_size=64), 3)
+    assert "is 427x640 but its mask" in e.value.message and "EXIF orientation" in (e.value.fix or "")
 
 
 @pytest.mark.parametrize(("table", "says"), [
@@ -408,54 +419,123 @@ def test_a_cut_stack_gets_its_dropped_slices_when_the_limits_are_raised(tmp_path
     assert [(r["kind"], r["dropped_from"], r["transient"]) for r in spec["rejected"]] == [("pages_dropped", 4, True)]
 
 
-def test_a_source_listing_that_hangs_stops_the_run_with_one_line_and_frees_the_lock(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hard-mounted NFS share whose server is gone blocks ``stat`` and ``getdents`` in the kernel forever. An
-    unprivileged test cannot mount a filesystem whose server it could stop, so ``SEGFACTORY_FAULT=walk-hang`` makes
-    the walk open a FIFO with no writer in the folder it lists (``pretrain.ingest._fault_walk_hang``): a real
-    system call that does not return, in the walking thread, which the watchdog must outlast."""
+DEAD_MOUNT = Path(__file__).resolve().parent / "dead_mount.py"
+NAMESPACES = (["unshare", "--mount", "--propagation", "private"],
+              ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"])
+
+
+def dead_mount_prefix(tmp_path: Path) -> list[str]:
+    """The command prefix that runs a command with a dead filesystem mounted (``dead_mount.py``) in a private
+    mount namespace; skips the test where neither a root nor a user namespace can mount FUSE."""
+    if shutil.which("unshare") is None or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs unshare and /dev/fuse")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for ns in NAMESPACES:
+        r = subprocess.run([*ns, sys.executable, str(DEAD_MOUNT), str(probe), "--", "true"], capture_output=True,
+                           timeout=60)
+        if r.returncode == 0:
+            return [*ns, sys.executable, str(DEAD_MOUNT)]
+    pytest.skip("cannot mount FUSE in a mount namespace here (needs root or unprivileged user namespaces)")
+
+
+IN_PROCESS = """
+import sys, threading
+from pathlib import Path
+from pipelines.ingest import LOCK_FILE, IngestJob, run_ingest
+from pipelines.lock import exclusive_lock
+from segfactory.config import load_config
+from segfactory.errors import UserError
+
+src, out = sys.argv[1], Path(sys.argv[2])
+cfg = load_config(IngestJob, None, ["cluster.workers=1", "cluster.dashboard=false", "walk_timeout_s=1.5"])
+try:
+    run_ingest(src, out, cfg)
+except UserError as e:
+    print("error:", e.message, flush=True)
+walkers = [t for t in threading.enumerate() if t.name == f"walk {src}"]
+print("walker stuck:", bool(walkers) and walkers[0].is_alive(), flush=True)
+with exclusive_lock(out / LOCK_FILE, "a test", fix="-"):  # exit 4 here if the run had kept its lock
+    print("lock free", flush=True)
+"""
+
+
+def test_a_source_listing_that_hangs_stops_the_run_with_one_line_and_frees_the_lock(tmp_path: Path) -> None:
+    """A folder of the source is a dead network filesystem: a FUSE mount whose server never answers
+    (``dead_mount.py``), so the walk's ``stat`` of it blocks in the kernel, as on a hard NFS mount whose server
+    is gone. The watchdog must outlast that system call."""
+    prefix = dead_mount_prefix(tmp_path)
     src = tmp_path / "src"
     (src / "nfs").mkdir(parents=True)
     shutil.copy(SK / "coins.png", src / "coins.png")
-    shutil.copy(SK / "camera.png", src / "nfs" / "camera.png")
-    fifo = src / "nfs" / core.WALK_HANG_FIFO
-    os.mkfifo(fifo)
+    shutil.copy(SK / "camera.png", src / "nfs" / "camera.png")  # hidden under the mount until it is gone
     out = tmp_path / "images"
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
-    def unblock() -> None:  # a writer comes: the stuck open() returns (as a server that is back answers)
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-    # the real CLI in its own process: exit 2 with one line naming the folder, soon after the deadline
+    # the real CLI: exit 2 with one line naming the folder, soon after the deadline
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "segfactory.cli", "ingest", str(src), "--out", str(out), "--workers",
-                        "1", "cluster.dashboard=false", "walk_timeout_s=2"], cwd=REPO, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "COLUMNS": "200", "SEGFACTORY_FAULT": "walk-hang"})
+    r = subprocess.run([*prefix, str(src / "nfs"), "--", sys.executable, "-m", "segfactory.cli", "ingest", str(src),
+                        "--out", str(out), "--workers", "1", "cluster.dashboard=false", "walk_timeout_s=2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     took = time.monotonic() - t0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(errors) == 1 and f"'{src / 'nfs'}' did not answer for walk_timeout_s=2 s" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
     assert 2 <= took < 60
-    # in this process: the run fails while the walking thread is still stuck in its open(), and the lock is free
-    monkeypatch.setenv("SEGFACTORY_FAULT", "walk-hang")
-    guard = threading.Timer(60, unblock)  # never leave a thread stuck if the watchdog fails
-    guard.start()
-    try:
-        with pytest.raises(UserError, match=r"did not answer for walk_timeout_s=1\.5 s") as e:
-            run_ingest(str(src), out, cfg(walk_timeout_s=1.5))
-        assert str(src / "nfs") in e.value.message and "\n" not in str(e.value)
-        (walker,) = [t for t in threading.enumerate() if t.name == f"walk {src}"]
-        assert walker.is_alive()  # still blocked in the kernel
-        with exclusive_lock(out / LOCK_FILE, "a test", fix="-"):  # EXIT_BUSY here if the run had kept it
-            pass
-    finally:
-        guard.cancel()
-        unblock()
-    walker.join(10)
-    assert not walker.is_alive()
-    # the mount is back: the next run lists and ingests everything
-    monkeypatch.delenv("SEGFACTORY_FAULT")
+
+    # in one process: the run fails while the walking thread is still stuck in the kernel, and the lock is free
+    r = subprocess.run([*prefix, str(src / "nfs"), "--", sys.executable, "-c", IN_PROCESS, str(src), str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("error:") and f"'{src / 'nfs'}' did not answer for walk_timeout_s=1.5 s" in lines[0]
+    assert lines[1:] == ["walker stuck: True", "lock free"], r.stdout
+
+    # the mount is gone: the next run lists and ingests everything
     summary = run_ingest(str(src), out, cfg(walk_timeout_s=1.5))
     assert summary["total_images"] == 2 and summary["total_rejected"] == 0
+
+
+GONE_READ = """
+import json, sys
+from pretrain import ingest as core
+from segfactory.formats import images as store
+
+files = [core.SourceFile(p, int(size), int(mtime)) for p, size, mtime in json.loads(sys.argv[1])]
+c, out = json.loads(sys.argv[2]), sys.argv[3]
+hashed = core.hash_files(files, 100, c)  # read in a decoder process, under this mount namespace
+core.ingest_shard(core.plan_shards(hashed, {}, 1, 16)[0], out, c)
+store.build_index(out)
+"""
+
+
+def test_a_read_on_a_mount_whose_daemon_died_is_retried_by_the_next_run(tmp_path: Path) -> None:
+    """A folder of the source is a FUSE mount (sshfs, s3fs, gcsfuse, rclone) whose daemon died after the walk
+    listed it: every read there fails with ENOTCONN ("Transport endpoint is not connected"), a real error from
+    the kernel (``dead_mount.py --gone``). Rejected for good, the file would never be ingested once the mount
+    is back, since its size and mtime do not change; it must be retried like EIO."""
+    prefix = dead_mount_prefix(tmp_path)
+    src = tmp_path / "src"
+    (src / "bucket").mkdir(parents=True)
+    shutil.copy(SK / "coins.png", src / "coins.png")
+    shutil.copy(SK / "camera.png", src / "bucket" / "camera.png")
+    listed = [(f.path, f.size, f.mtime_ns) for f in core.discover(str(src)).files]  # the walk, mount still up
+    out = tmp_path / "images"
+    plain = {"decode.plugins": "[]"}
+    c = cfg(**plain).stage_config().model_dump(mode="json")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([*prefix, "--gone", str(src / "bucket"), "--", sys.executable, "-c", GONE_READ,
+                        json.dumps(listed), json.dumps(c), str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = rejected_by_name(out)["camera.png"]
+    assert rec["kind"] == "unreadable" and "ENOTCONN" in rec["reason"], rec
+    assert rec["transient"] is True and "next run" in rec["reason"]
+    # the mount is back, the file unchanged: the next run reads it
+    rerun = run_ingest(str(src), out, cfg(**plain))
+    assert rerun["new_files"] == 1 and rerun["new_images"] == 1
+    assert rerun["total_images"] == 2 and rerun["total_rejected"] == 0
 
 
 @pytest.mark.slow  # ~35 s: four ingest runs on a LocalCluster

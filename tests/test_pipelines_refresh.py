@@ -47,6 +47,33 @@ def refresh(cfg: Path, root: Path, capsys, *extra: str) -> dict:
 
 
 @pytest.mark.render
+def test_a_shard_corrupted_on_disk_is_rendered_again_before_the_next_release(tmp_path: Path, capsys):
+    """A committed shard's frame truncated on disk (a bad sector, a copy cut short): the next refresh re-hashes
+    every shard of the release against its manifest, moves the corrupt one aside, renders it again and only then
+    publishes; the release lists the shard intact."""
+    from pipelines.verify import run_verify
+    from segfactory.formats.dataset import verify_shard
+
+    root, real = tmp_path / "root", tmp_path / "raw"
+    real_images(real, ["astronaut"])
+    cfg = write_config(tmp_path / "refresh.yaml", real)
+    r1 = refresh(cfg, root, capsys)
+    ds = root / r1["render"]["dataset"]
+    victim = r1["shards"][1]["id"]
+    [png] = sorted((ds / "shards" / victim / "rgb").iterdir())
+    data = png.read_bytes()
+    png.write_bytes(data[: len(data) // 2])  # truncated mid-stream, the manifest still says committed
+    assert verify_shard(ds, victim) != []
+
+    r2 = refresh(cfg, root, capsys)
+    assert r2["render"]["shards_repaired"] == 1 and r2["render"]["shards_rendered"] == 1
+    assert [s["id"] for s in r2["shards"]] == [s["id"] for s in r1["shards"]]
+    assert verify_shard(ds, victim) == [] and png.read_bytes() != data[: len(data) // 2]
+    assert [p.name for p in (ds / "shards").glob(f".bad-{victim}-*")]  # the corrupt copy, kept for inspection
+    assert run_verify(root).problems == {}
+
+
+@pytest.mark.render
 def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
     root, real = tmp_path / "root", tmp_path / "raw"
     real_images(real, ["astronaut", "coffee"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from pipelines.render import LOCK_FILE, RenderStep, run_render
 from pipelines.stages import STAGE_FILE, StageIncomplete, run_stage_tasks, stage_done
 from segfactory.errors import EXIT_BUSY, UserError
 from segfactory.formats.dataset import committed_shards, open_dataset, verify_shard
-from segfactory.io import atomic_write_json, read_json
+from segfactory.io import atomic_write_json, read_json, sha256_file
 
 TINY = str(REPO / "configs" / "finetune_tiny.yaml")
 
@@ -86,6 +87,51 @@ def test_kill_mid_prune_leaves_no_half_shard_and_the_rerun_finishes(tmp_path: Pa
     assert prune(root, 1) == {"releases": 0, "shards": 1, "datasets": 0, "models": 0}
     assert sorted(p.name for p in (ds / "shards").iterdir()) == ids[2:]
     assert open_dataset(ds).shard_ids == ids[2:] and open_dataset(ds).meta["num_frames"] == 4
+
+
+@pytest.mark.slow  # a real fine-tune of 80 steps runs through the prune (~40 s on 2 cores)
+def test_prune_never_deletes_shards_under_a_running_fine_tune(tmp_path: Path) -> None:
+    """A fine-tune reading a refresh's dataset (started from the listing of an older release) while a refresh
+    retires some of its shards: the prune rewrites ``dataset.json`` but leaves the shards the running fine-tune
+    may still read (it would otherwise fail on a missing frame mid-training); the next prune, with no reader
+    left, deletes them."""
+    root, dataset, ids = refresh_root(tmp_path, scenes=4)
+    ds = root / dataset
+    publish(root, "000001-20250101T000000.000000Z", dataset, ids, 1)  # every shard
+    run = tmp_path / "ft"
+    log = tmp_path / "ft.log"
+    out = open(log, "ab")  # noqa: SIM115 - closed below
+    ft = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "finetune", TINY, "--synthetic", str(ds), "--out",
+                           str(run), "train.steps=80", "train.log_every=1", "train.val_every=1000",
+                           "train.checkpoint_every=1000", "augment.crop_size=32", "train.batch_size=4"],
+                          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and len(metrics_steps(run)) >= 3):
+            assert ft.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+        # the next release holds only the last two shards; its refresh prunes the first release
+        now = publish(root, "000002-20250102T000000.000000Z", dataset, ids[2:], 2)
+        r = subprocess.run([sys.executable, "-c", "from pathlib import Path\nfrom pipelines.refresh import prune\n"
+                            f"print(prune(Path({str(root)!r}), 1, protect=Path({str(now)!r})))"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        assert open_dataset(ds).shard_ids == ids[2:]  # new readers see the new release's shards only
+        assert committed_shards(ds) == ids  # ... but the retired ones stay while the fine-tune runs
+        assert "in use" in r.stdout + r.stderr
+        assert ft.poll() is None  # still training, on every shard it started with
+        assert ft.wait(timeout=600) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if ft.poll() is None:
+            kill_tree(ft)
+        out.close()
+    assert read_json(run / "summary.json")["finished"]
+    # no reader left: the next prune deletes them
+    prune(root, 1, protect=now)
+    assert committed_shards(ds) == ids[2:] and sorted(p.name for p in (ds / "shards").iterdir()) == ids[2:]
 
 
 def test_release_named_in_the_future_never_displaces_the_new_one(tmp_path: Path) -> None:
@@ -267,6 +313,102 @@ def test_driver_and_worker_killed_mid_finetune_on_a_cluster_resume(tiny_dataset:
     steps = metrics_steps(final)
     assert steps == list(range(1, 41))  # truncated to the checkpoint on resume: every step exactly once
     assert read_json(final / "summary.json")["finished"] and read_json(final / STAGE_FILE)["resumed"]
+
+
+# ------------------------------------------------------------------------------------------ promotion on real eval
+
+
+def labeled_folder_from(dataset: Path, out: Path) -> Path:
+    """A real labeled folder (images/, masks/, classes.json) holding a rendered dataset's frames as PNG files."""
+    from PIL import Image
+
+    from segfactory.formats.dataset import load_frame
+
+    ds = open_dataset(dataset)
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    for i, ref in enumerate(ds.frames()):
+        frame = load_frame(ref)
+        Image.fromarray(frame["rgb"]).save(out / "images" / f"f{i:02d}.png")
+        Image.fromarray(frame["semantic"]).save(out / "masks" / f"f{i:02d}.png")
+    (out / "classes.json").write_text(json.dumps({"classes": [{"id": c["id"], "name": c["name"]}
+                                                              for c in ds.classes]}))
+    return out
+
+
+@pytest.mark.slow  # trains a tiny model, then four real evaluate stages on a LocalCluster
+def test_a_model_that_drops_on_the_real_eval_images_is_not_promoted(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The held-out (rendered) score says promote, the labeled real images say the model got worse: both models
+    are evaluated for real on the same images (``segfactory evaluate`` stages), and the release keeps serving the
+    previous model, saying why."""
+    from safetensors.torch import load_file
+
+    from pipelines.refresh import RefreshConfig, score_real_eval
+    from segfactory.config import load_config
+
+    root = tmp_path / "root"
+    real = labeled_folder_from(tiny_dataset, tmp_path / "labeled")
+    cluster = ClusterConfig(workers=1, dashboard=False)
+    good = root / "stages" / "finetune-good"
+    run_stage_tasks(cluster, 600, 0, {"finetune": (good, finetune_argv(tiny_dataset, 24))}, tmp_path / "r.html")
+    # A regressed model: the trained one with every weight scaled to nothing (a real model dir that loads and
+    # predicts one class everywhere)
+    bad = root / "stages" / "finetune-bad"
+    shutil.copytree(good / "model", bad / "model")
+    weights = load_file(str(bad / "model" / "model.safetensors"))
+    save_file({k: v * 0 if v.is_floating_point() else v for k, v in weights.items()},
+              str(bad / "model" / "model.safetensors"))
+    meta = read_json(bad / "model" / "model.json")
+    atomic_write_json(bad / "model" / "model.json",
+                      {**meta, "weights_sha256": sha256_file(bad / "model" / "model.safetensors")})
+    cfg = load_config(RefreshConfig, None, ["cluster.workers=1", "cluster.dashboard=false",
+                                            f"train.promotion.real_eval={real}", "train.promotion.max_drop=0.02"])
+    served = {"model": "stages/finetune-good/model", "miou": 0.50, "stages": ["stages/finetune-good"]}
+    r1 = {"release": "r1", "model": served, "promoted_model": {**served, "release": "r1"}}
+    candidate = {"model": "stages/finetune-bad/model", "miou": 0.90, "stages": ["stages/finetune-bad"]}
+
+    scored = score_real_eval(cfg, root, candidate, r1["promoted_model"], "r2")
+    rec = scored["real_eval"]
+    assert rec["on"] == str(real) and rec["stage"] in scored["stages"]
+    assert 0 <= rec["miou"] < rec["previous_miou"] - 0.02, rec  # scored for real: the zeroed model is worse
+    for stage in (rec["stage"], rec["previous_stage"]):
+        metrics = read_json(root / stage / "metrics.json")
+        assert metrics["overall"]["miou"] in (rec["miou"], rec["previous_miou"]) and stage_done(root / stage)
+    model, promoted = promote(root, scored, r1, cfg.train.promotion, "r2")
+    assert not model["promotion"]["promoted"] and promoted == r1["promoted_model"]
+    reason = model["promotion"]["reason"]
+    assert f"mIoU on the real_eval images {real}" in reason and "dropped by" in reason and "max_drop=0.02" in reason
+
+    # the same pair again: both scores reused (no stage runs again), the same decision
+    before = {p.name for p in (root / "stages").iterdir()}
+    again = score_real_eval(cfg, root, candidate, r1["promoted_model"], "r3")
+    assert again["real_eval"] == rec and {p.name for p in (root / "stages").iterdir()} == before
+    # the previous model against itself (nothing retrained): one score, promoted
+    same = score_real_eval(cfg, root, served, r1["promoted_model"], "r3")["real_eval"]
+    assert same["miou"] == same["previous_miou"] == rec["previous_miou"]
+    # the labels changed: a new score for both
+    (real / "images" / "f00.png").unlink()
+    (real / "masks" / "f00.png").unlink()
+    changed = score_real_eval(cfg, root, candidate, r1["promoted_model"], "r4")["real_eval"]
+    assert changed["stage"] != rec["stage"] and changed["previous_stage"] != rec["previous_stage"]
+
+    # a release that keeps serving the previous model keeps its score on these images through a prune
+    ds_root, dataset, ids = refresh_root(tmp_path / "p", scenes=1)
+    shutil.move(str(root / "stages"), str(ds_root / "stages"))
+    path = publish(ds_root, "000001-20250101T000000.000000Z", dataset, ids, 1, model=model, promoted=promoted)
+    prune(ds_root, 1, protect=path)
+    kept = {p.name for p in (ds_root / "stages").iterdir() if not p.name.startswith(".") and p.is_dir()}
+    assert {rec["stage"].split("/")[1], rec["previous_stage"].split("/")[1], "finetune-good", "finetune-bad"} <= kept
+    # a folder that is not there is one line, before the refresh renders or trains anything
+    with pytest.raises(UserError, match=r"train\.promotion\.real_eval='/nonexistent' is not a folder"):
+        score_real_eval(load_config(RefreshConfig, None, ["train.promotion.real_eval=/nonexistent"]), root,
+                        candidate, None, "r5")
+    r = subprocess.run([sys.executable, "-m", "segfactory.cli", "refresh", str(REPO / "configs" / "refresh.yaml"),
+                        "--root", str(tmp_path / "r"), "train.enabled=true", f"real.src={real / 'images'}",
+                        "train.promotion.real_eval=/nonexistent"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 2 and "real_eval='/nonexistent' is not a folder" in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------ growth

@@ -153,8 +153,9 @@ def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None
 
 
 def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
-    from segfactory.formats.dataset import open_dataset
+    from segfactory.formats.dataset import hold_for_reading, open_dataset
 
+    hold_for_reading(path)  # before the listing: no prune deletes a shard of it while this process runs
     ds = open_dataset(path)
     items = []
     for sid in ds.shard_ids:

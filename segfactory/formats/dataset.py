@@ -11,6 +11,8 @@ Layout::
     DATASET/shards/<shard_id>/depth/<frame>.png         uint16 depth in millimetres, 0 = no surface (sky)
     DATASET/shards/<shard_id>/coco.json                 COCO instances, RLE masks
     DATASET/shards/<shard_id>/manifest.json             written last: the shard's commit mark
+    DATASET/.readers.lock                      held shared by processes that read frames over time (fine-tuning,
+                                               evaluation): a refresh's prune deletes no shard while one does
 
 A shard directory without ``manifest.json`` does not exist (it is an interrupted write). Shards are committed
 with the shared unit protocol of :mod:`segfactory.io` (attempt directory, manifest last, fsync, rename).
@@ -22,10 +24,13 @@ converted label sets).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +166,85 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
     # Only the shards dataset.json lists make up the dataset: a directory can also hold committed shards of
     # another size, seed or shard size of the same config (kept for re-use, not part of this dataset).
     return Dataset(root, meta, [sid for sid in committed_shards(root) if sid in listed])
+
+
+READERS_LOCK = ".readers.lock"
+READERS_WAIT_S = 120.0
+"""How long a reader waits for a prune that is deleting shards of its dataset."""
+_READING: dict[str, int] = {}  # dataset (real path) -> the fd of its readers' lock, held by this process
+
+
+def _open_readers_lock(root: Path) -> int | None:
+    lock = root / READERS_LOCK
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        try:
+            return os.open(lock, os.O_RDONLY)  # a dataset this user may read but not write: lock it if it is there
+        except OSError:
+            return None
+
+
+def hold_for_reading(root: str | os.PathLike[str]) -> None:
+    """Hold a shared lock on ``DATASET/.readers.lock`` for the rest of this process (released when it exits,
+    however it ends).
+
+    A process that reads a dataset's frames over a long time (fine-tuning, evaluation) calls this before reading
+    ``dataset.json``: a refresh's prune that retires shards rewrites ``dataset.json`` at once but deletes the
+    retired shards only when no process holds the lock (:func:`no_readers`), so every shard of the listing a
+    reader started from stays until it is done. A dataset whose lock cannot be opened (read-only, no lock file) is
+    read without it.
+
+    Raises:
+        UserError: a prune has been deleting shards of the dataset for ``READERS_WAIT_S`` (exit code 4).
+    """
+    from segfactory.errors import EXIT_BUSY
+
+    key = os.path.realpath(root)
+    if key in _READING or not os.path.isfile(os.path.join(key, DATASET_FILE)):
+        return  # not a dataset (open_dataset says why): no lock file left in a wrong folder
+    fd = _open_readers_lock(Path(key))
+    if fd is None:
+        return
+    deadline = time.monotonic() + READERS_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise UserError(f"dataset '{root}' has had shards deleted by another process (a refresh's prune) "
+                                f"for over {READERS_WAIT_S:g} s", fix="wait for that refresh to finish, then re-run",
+                                exit_code=EXIT_BUSY) from None
+            time.sleep(0.1)
+        except OSError:  # a filesystem without flock: read as before
+            os.close(fd)
+            return
+    _READING[key] = fd
+
+
+@contextlib.contextmanager
+def no_readers(root: str | os.PathLike[str]) -> Iterator[bool]:
+    """Inside the block, whether no process reads the dataset (:func:`hold_for_reading`): True with its readers'
+    lock held exclusively (a reader that starts meanwhile waits, then reads the ``dataset.json`` written before),
+    False when one does (nothing is held; deleting shards must wait for a later prune)."""
+    fd = _open_readers_lock(Path(root))
+    if fd is None:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # no flock on this filesystem: no reader can be known
+            yield True
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def verify_shard(root: str | os.PathLike[str], shard_id: str) -> list[str]:
