@@ -359,7 +359,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     synth_inst = {src.name: SyntheticInstances(src, targets, watershed) for src in sources
                   if src.kind == "synthetic"}
     synth_inst = {n: si for n, si in synth_inst.items() if si.things}
-    lower = f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32)"
+    lower = (f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32); for very large images "
+             "also --scale (the whole image's class probabilities are held at once)")
     k = int(meta["num_classes"])
     ignore = int(meta["ignore_index"])
     n_workers = eval_workers(dev) if workers is None else int(workers)

@@ -448,7 +448,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     rules: dict[str, int] = {}
     image_scales: dict[str, float] = {}
     t0 = time.perf_counter()
-    lower = f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32)"
+    lower = (f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32); for very large images "
+             "also --scale (the whole image's class probabilities are held at once)")
     with progress(transient=not show_progress) as bar, memory_hint("prediction", lower):
         task = bar.add_task("predict", total=len(files))
         for p in files:

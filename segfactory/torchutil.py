@@ -160,12 +160,20 @@ def check_finite_weights(module: torch.nn.Module, what: str, fix: str) -> None:
     raise UserError(f"the model's weights hold NaN or infinite values ('{name}'); {what} was not written", fix=fix)
 
 
+# What a failed allocation says when it does not come from torch's caching allocator: the host allocator, and
+# cuDNN / cuBLAS workspaces on the GPU (they raise RuntimeError with their status name).
+OUT_OF_MEMORY_MARKS = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
+                       "CUBLAS_STATUS_ALLOC_FAILED")
+GPU_MARKS = ("CUDA", "CUDNN", "CUBLAS")
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is torch running out of memory: CUDA (``torch.cuda.OutOfMemoryError``) or a failed host
-    allocation (``DefaultCPUAllocator: can't allocate memory``)."""
+    """Whether ``e`` is torch running out of memory: CUDA (``torch.cuda.OutOfMemoryError``), a cuDNN or cuBLAS
+    workspace that could not be allocated, or a failed host allocation (``DefaultCPUAllocator: can't allocate
+    memory``)."""
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in OUT_OF_MEMORY_MARKS)
 
 
 @contextlib.contextmanager
@@ -184,7 +192,7 @@ def memory_hint(what: str, lower: str) -> Iterator[None]:
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e) else "host"
+        where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e) for m in GPU_MARKS) else "host"
         size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", str(e))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -358,6 +358,12 @@ def test_gpu_out_of_memory_is_one_line(tmp_path: Path) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.2 GiB total)")
     assert e.value.message == "prediction ran out of GPU memory allocating 20.00 GiB"
     assert e.value.fix == "lower --batch-size (4) or --tile (512)"
+    # cuDNN and cuBLAS workspaces that do not fit raise RuntimeError with their status name
+    for status in ("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_MEMORY", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
+                   "calling `cublasCreate(handle)`"):
+        with pytest.raises(UserError) as e, memory_hint("fine-tuning", "train.batch_size (8)"):
+            raise RuntimeError(status)
+        assert e.value.message == "fine-tuning ran out of GPU memory" and e.value.fix == "lower train.batch_size (8)"
     with pytest.raises(RuntimeError, match="not memory"), memory_hint("x", "y"):
         raise RuntimeError("not memory")  # other errors pass through untouched
 
