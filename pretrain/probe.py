@@ -66,8 +66,9 @@ def load_frames(data_dir: str | os.PathLike, cfg: ProbeConfig, in_chans: int
         raise UserError(f"--data '{path}' is neither a rendered dataset (dataset.json) nor a labeled folder "
                         "(images/ + masks/)", fix="pass the --out of `segfactory render`, a folder with images/ and "
                         "masks/, or a sample such as sample:ctc-cho/eval")
-    from segfactory.formats.dataset import load_frame, open_dataset
+    from segfactory.formats.dataset import hold_for_reading, load_frame, open_dataset
 
+    hold_for_reading(path)  # before the listing: no refresh's prune deletes a shard of it while this process runs
     ds = open_dataset(path)
     refs = _pick(list(ds.frames()), path, cfg)
     images, labels = [], []
