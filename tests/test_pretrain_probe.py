@@ -217,25 +217,28 @@ def test_spread_rule_edges() -> None:
         spread_verdict([0.5, 0.6], [0.5])
 
 
-def test_probing_a_rendered_dataset_holds_its_readers_lock(tiny_dataset: Path) -> None:
+def test_probing_a_rendered_dataset_holds_its_readers_lock(tiny_dataset: Path, tmp_path: Path) -> None:
     """A refresh's prune deletes retired shards only when no process reads the dataset: the probe, like
     fine-tuning, holds the dataset's readers' lock from before it reads the listing until it exits."""
+    import shutil
     import subprocess
     import sys
 
     from segfactory.formats.dataset import no_readers
 
+    # a copy: the tests that probe tiny_dataset in this process hold its lock until the process exits
+    dataset = shutil.copytree(tiny_dataset, tmp_path / "ds", ignore=shutil.ignore_patterns(".readers.lock"))
     repo = Path(__file__).resolve().parent.parent
     code = ("import sys, time\nfrom pretrain.config import ProbeConfig\nfrom pretrain.probe import load_frames\n"
-            f"load_frames({str(tiny_dataset)!r}, ProbeConfig(image_size=32, max_frames=2), 3)\n"
+            f"load_frames({str(dataset)!r}, ProbeConfig(image_size=32, max_frames=2), 3)\n"
             "print('loaded', flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "loaded"
-        with no_readers(tiny_dataset) as free:
+        with no_readers(dataset) as free:
             assert not free  # the probe process holds it
     finally:
         proc.kill()
         proc.wait()
-    with no_readers(tiny_dataset) as free:
+    with no_readers(dataset) as free:
         assert free  # released with the process
