@@ -117,7 +117,7 @@ def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_pat
     assert 0 <= first["real"]["ctc-hela"]["model"]["fg_iou"] <= 1
     report = (out / "report.html").read_text()
     assert "<h2>Model vs baselines on real images</h2>" in report and "input scale" in report
-    assert "model_watershed" in report and "split by the instance head's watershed" in report
+    assert "model_watershed" in report and "touching objects split by the instance head" in report
     # Predictions on the real (gray, 16-bit) frames: cut, never resized; one instance PNG each, and the COCO file.
     pred_in = next(p for p in (out / "stages").glob("predict-*-input") if p.is_dir())
     assert len(list(pred_in.glob("*.png"))) == 2
