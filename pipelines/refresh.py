@@ -273,8 +273,11 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         PartialFailure: some shards/images failed (or stayed corrupt); no release is published, a re-run continues.
     """
     from pipelines.render import resolve_render_config
+    from pipelines.stages import check_encoder_matches
     from synth.shard import render_code_version
 
+    if cfg.train.enabled:  # before the lock and any rendering
+        check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
     root = Path(root).resolve()
     with refresh_lock(root):
         t0 = time.perf_counter()
