@@ -74,13 +74,14 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
         ["render", "pretrain", "finetune", "evaluate", "evaluate_real", "predict"], "cached")
     assert again["stages"]["ingest"].startswith("0 new image(s)") and again["miou"] == first["miou"]
 
-    # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream.
-    changed = run(out, capsys, "finetune.train.lr=0.002")
+    # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream (the street
+    # recipe trains at lr 0.002).
+    changed = run(out, capsys, "finetune.train.lr=0.001")
     assert [k for k, v in changed["stages"].items() if v == "cached"] == ["render", "pretrain"]
 
     # eval.real: real labeled frames scored next to the classic baselines, in their own stage. The street model
     # has no 'nucleus' class: said before any training, with the fix.
-    real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "eval.baselines=all"]
+    real = ["finetune.train.lr=0.001", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "eval.baselines=all"]
     capsys.readouterr()
     assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *STREET_SSL, *real,
                  "eval.remap={}"]) == 2
