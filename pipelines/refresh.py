@@ -278,8 +278,11 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         PartialFailure: some shards/images failed (or stayed corrupt); no release is published, a re-run continues.
     """
     from pipelines.render import resolve_render_config
+    from pipelines.stages import check_encoder_matches
     from synth.shard import render_code_version
 
+    if cfg.train.enabled:  # before the lock and any rendering
+        check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
     root = Path(root).resolve()
     if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
         real_eval_data(cfg.train.promotion.real_eval)  # a folder that is not there fails now, not after training

@@ -31,6 +31,7 @@ from pipelines.stages import (
     PRETRAIN_PACKAGES,
     STAGE_FILE,
     HeldOutSet,
+    check_encoder_matches,
     render_test_set,
     run_stage_tasks,
     stage_dir,
@@ -115,6 +116,9 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     reports = out / "reports"
     run_id = time.strftime("%Y%m%dT%H%M%S")
     real_eval = _real_eval_folders(cfg.eval)  # bad folders and names stop here, before any work
+    if cfg.init == "ssl":
+        check_encoder_matches(cfg.pretrain, cfg.finetune, "",
+                              " (or init=random: fine-tuning from random init, no pretrain stage)")
 
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()

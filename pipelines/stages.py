@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -45,6 +45,10 @@ from segfactory.io import (
 )
 from segfactory.tracking import strip_tracking
 from synth.shard import RENDER_PACKAGES
+
+if TYPE_CHECKING:
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
 
 STAGE_FILE = "stage.json"
 STAGE_PROGRESS_TOPIC = "segfactory-stage-progress"
@@ -81,6 +85,27 @@ def training_key(cfg: StrictModel) -> dict[str, Any]:
     if isinstance(dump.get("data"), dict):
         dump["data"].pop("cache_mb", None)  # already absent at its default (see pretrain.config)
     return dump
+
+
+def check_encoder_matches(pretrain: PretrainConfig, finetune: FinetuneConfig, prefix: str, fix_more: str = "") -> None:
+    """Stop before any work when fine-tuning names another encoder than the one pretraining trains.
+
+    Fine-tuning starts from the pretrained encoder (``--encoder``), which would stop the fine-tune stage only
+    after rendering and pretraining have run; ``prefix`` is where the sections live in the config (``""``,
+    ``"train."``).
+
+    Raises:
+        UserError: ``finetune.model.encoder`` is set and is not ``pretrain.backbone.name``'s architecture.
+    """
+    from pretrain.backbones import BACKBONES
+
+    want, name = finetune.model.encoder, pretrain.backbone.name
+    got = BACKBONES.get(name).timm_name
+    if want is not None and want != got:
+        raise UserError(f"{prefix}finetune.model.encoder={want} but {prefix}pretrain.backbone.name={name} trains a "
+                        f"{got}: fine-tuning starts from the pretrained encoder, so both must be one architecture",
+                        fix=f"set {prefix}pretrain.backbone.name={want} or {prefix}finetune.model.encoder={got}"
+                        f"{fix_more}")
 
 
 def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, root: Path, cluster: ClusterConfig,

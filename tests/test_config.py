@@ -137,68 +137,25 @@ def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path
         load_config(_Job, None, ["stage.extends=c.yaml"])
 
 
-# configs/quickstart.yaml (now quickstart_street.yaml) as it was before it built on the tiny configs (main at
-# 41988bf), comments dropped
-QUICKSTART_SELF_CONTAINED = """
-render:
-  scene: {family: street}
-  render: {resolution: 128, views: 2, samples: 8}
-  dataset: {scenes: 24, scenes_per_shard: 6, seed: 0}
-real:
-  src: "skimage:data"
-  config:
-    normalize: {max_short_side: 128}
-pretrain:
-  method: {name: simclr, simclr: {hidden_dim: 128, out_dim: 64}}
-  backbone: {name: test_resnet}
-  augment: {crop_size: 64, local_crop_size: 32}
-  optim: {warmup_steps: 5}
-  train: {steps: 100, batch_size: 16, checkpoint_every: 50, log_every: 5}
-finetune:
-  model: {arch: unet, encoder: test_resnet, decoder_channels: 8}
-  input: {scaling: dtype}
-  augment: {crop_size: 96, scale: [0.5, 1.0]}
-  data: {val_fraction: 0.25, val_max_items: 8, num_workers: 0}
-  train: {steps: 400, batch_size: 8, lr: 0.003, warmup_steps: 20, device: auto, log_every: 10, val_every: 100,
-          checkpoint_every: 100}
-  predict: {tile: 128, overlap: 16, batch_size: 4}
-execution:
-  timeout_s: 1200
-  retries: 1
-  predict_images: 4
-cluster:
-  workers: 2
-"""
-
-
-def test_street_quickstart_builds_on_the_tiny_configs_and_resolves_as_before(tmp_path: Path):
-    """The street demo extends pretrain_tiny.yaml and finetune_tiny.yaml instead of copying their values, and still
-    resolves to the config of the self-contained file it replaced. The deliberate differences: the options of the
-    SSL methods it does not run come from pretrain_tiny.yaml; input scaling is `auto` (the same /255 for its 8-bit
-    renders); the real images are the street video and photos of `sample:street` (kept at the video's 576 px,
-    given to the model at 1/4), with its held-out frames scored, and domain adaptation runs for the last 100 steps
-    (scikit-image's photos, before, were not street scenes). Since an edit of a tiny config also changes the demo,
-    this test notices.
-    """
+def test_street_quickstart_finetunes_with_the_measured_street_recipe():
+    """The street demo fine-tunes configs/finetune_street_adapt.yaml (a resnet18 U-Net from random init, 600 steps,
+    real images at input.scale 0.33, self-training from step 200: the recipe that finds the walkers of the real
+    street frames) with 96 px crops instead of 128 (time), on renders of that recipe's 192 px, with no SSL stage
+    (init: random: the encoders pretraining can afford on CPU found none). An edit of the recipe changes the demo
+    too, and this test notices."""
+    from finetune.config import FinetuneConfig
     from pipelines.run import RunConfig
-    from pretrain.config import PretrainConfig
 
     assert "extends" in (CONFIGS / "quickstart_street.yaml").read_text()
-    old = _write(tmp_path / "quickstart_before.yaml", yaml.safe_load(QUICKSTART_SELF_CONTAINED))
-    before = load_config(RunConfig, old).model_dump(mode="json")
-    after = load_config(RunConfig, CONFIGS / "quickstart_street.yaml").model_dump(mode="json")
-    tiny = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml").model_dump(mode="json")
-    assert after["pretrain"]["method"]["name"] == "simclr"
-    for unused in set(tiny["method"]) - {"name", "simclr"}:
-        before["pretrain"]["method"][unused] = tiny["method"][unused]
-    assert after["finetune"]["input"]["scaling"] == "auto" and after["finetune"]["adapt"]["enabled"]
-    before["finetune"]["input"] |= {"scaling": "auto", "scale": 0.25}
-    before["finetune"]["adapt"]["warmup_steps"] = 300
-    before["real"]["src"] = "sample:street/unlabeled"
-    before["real"]["config"]["normalize"]["max_short_side"] = 576
-    before["eval"] |= {"real": ["sample:street/eval"], "remap": {"background": "road"},
-                       "baselines": "hog_people"}
-    assert after == before
+    street = load_config(RunConfig, CONFIGS / "quickstart_street.yaml")
+    recipe = load_config(FinetuneConfig, CONFIGS / "finetune_street_adapt.yaml")
+    assert street.finetune.augment.crop_size == 96 and recipe.augment.crop_size == 128
+    recipe.augment.crop_size = 96
+    assert street.finetune.model_dump(mode="json") == recipe.model_dump(mode="json")
+    assert street.init == "random" and street.render.render.resolution == 192
+    assert street.finetune.model.encoder == "resnet18" and street.finetune.model.encoder_dir is None
+    assert street.finetune.input.scale == 0.33 and street.finetune.adapt.enabled
+    assert 0 < street.finetune.adapt.warmup_steps < street.finetune.train.steps
 
 
 @pytest.mark.parametrize("name", ["finetune", "finetune_tiny", "finetune_street", "finetune_street_adapt"])

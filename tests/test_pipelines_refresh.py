@@ -180,6 +180,20 @@ def test_shipped_schedules_run_a_valid_refresh_command():
     assert backends == ["local", "slurm", "kubernetes"]
 
 
+def test_refresh_stops_before_rendering_when_finetune_names_another_encoder(tmp_path: Path, capsys):
+    root, real = tmp_path / "root", tmp_path / "raw"
+    real_images(real, ["coffee"])
+    cfg = write_config(tmp_path / "refresh.yaml", real)
+    data = yaml.safe_load(cfg.read_text())
+    data["train"] = {"enabled": True, "pretrain": {"extends": "pretrain_tiny.yaml"},
+                     "finetune": {"extends": "finetune_street.yaml"}}
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["refresh", str(cfg), "--root", str(root)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.finetune.model.encoder=resnet18 but train.pretrain.backbone.name=test_resnet" in err
+    assert not (root / "datasets").exists()
+
+
 @pytest.mark.render
 @pytest.mark.slow  # renders, pretrains, fine-tunes and evaluates, then refreshes again
 def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
@@ -192,10 +206,12 @@ def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     quick = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quickstart_street.yaml").read_text())
     data["render"]["dataset"]["scenes"] = 4
     data["real"]["config"] = quick["real"]["config"]
-    data["train"] = {"enabled": True, "pretrain": quick["pretrain"], "finetune": quick["finetune"],
+    # the street demo fine-tunes a resnet18 from random init (no pretrain section): its tiny-config sizes here
+    data["train"] = {"enabled": True, "pretrain": {"extends": "pretrain_tiny.yaml"},
+                     "finetune": {"extends": "finetune_tiny.yaml", "augment": {"crop_size": 96}},
                      "test": {"scenes": 1}}
-    data["train"]["pretrain"]["train"] |= {"steps": 6, "batch_size": 4, "checkpoint_every": 6}
-    data["train"]["finetune"]["train"] |= {"steps": 6, "val_every": 6, "checkpoint_every": 6, "batch_size": 4}
+    data["train"]["pretrain"]["train"] = {"steps": 6, "batch_size": 4, "checkpoint_every": 6}
+    data["train"]["finetune"]["train"] = {"steps": 6, "val_every": 6, "checkpoint_every": 6, "batch_size": 4}
     cfg.write_text(yaml.safe_dump(data))
 
     r1 = refresh(cfg, root, capsys)

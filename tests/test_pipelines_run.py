@@ -18,9 +18,17 @@ TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.s
         "test.scenes=2"]
 
 
+# The street demo fine-tunes a resnet18 from random init (init: random, no pretrain stage); the chain test runs it
+# with the SSL stage and tiny encoders, so that pretraining, its lineage and its report section are covered too.
+STREET_SSL = ["init=ssl", "pretrain.backbone.name=test_resnet", "pretrain.augment.crop_size=64",
+              "pretrain.augment.local_crop_size=32", "finetune.model.encoder=test_resnet",
+              "finetune.model.decoder_channels=8", "finetune.augment.crop_size=64"]
+
+
 def run(out: Path, capsys, *extra: str, config: str = "quickstart_street.yaml") -> dict:
     capsys.readouterr()
-    assert main(["run", str(CONFIGS / config), "--out", str(out), *TINY, *extra]) == 0
+    street = STREET_SSL if config == "quickstart_street.yaml" else []
+    assert main(["run", str(CONFIGS / config), "--out", str(out), *TINY, *street, *extra]) == 0
     captured = capsys.readouterr()
     return json.loads(captured.out.strip().splitlines()[-1]) | {"_err": captured.err}
 
@@ -66,15 +74,16 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
         ["render", "pretrain", "finetune", "evaluate", "evaluate_real", "predict"], "cached")
     assert again["stages"]["ingest"].startswith("0 new image(s)") and again["miou"] == first["miou"]
 
-    # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream.
-    changed = run(out, capsys, "finetune.train.lr=0.002")
+    # A changed fine-tuning section re-runs fine-tuning and what depends on it, nothing upstream (the street
+    # recipe trains at lr 0.002).
+    changed = run(out, capsys, "finetune.train.lr=0.001")
     assert [k for k, v in changed["stages"].items() if v == "cached"] == ["render", "pretrain"]
 
     # eval.real: real labeled frames scored next to the classic baselines, in their own stage. The street model
     # has no 'nucleus' class: said before any training, with the fix.
-    real = ["finetune.train.lr=0.002", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "eval.baselines=all"]
+    real = ["finetune.train.lr=0.001", "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "eval.baselines=all"]
     capsys.readouterr()
-    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *real,
+    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), *TINY, *STREET_SSL, *real,
                  "eval.remap={}"]) == 2
     err = capsys.readouterr().err
     assert "its class 'background' (id 0) is not a class of the model" in err and "eval.remap.background=" in err
@@ -153,6 +162,19 @@ def test_shipped_quickstart_configs_load_as_is():
     assert street.test.scenes > 0 and street.finetune.adapt.enabled
     assert street.finetune.adapt.warmup_steps < street.finetune.train.steps
     assert SKIMAGE_DATA not in street.real.sources() and Path(resolve_source(SKIMAGE_DATA)).is_dir()
+
+
+def test_run_stops_before_any_work_when_finetune_names_another_encoder(tmp_path: Path, capsys):
+    """With init=ssl fine-tuning starts from the pretrained encoder: a fine-tune section naming another architecture
+    (the street demo's resnet18 against a tiny pretrain backbone) is one error line before rendering, not a failed
+    fine-tune stage after rendering and pretraining."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out), "init=ssl",
+                 "pretrain.backbone.name=test_resnet"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune.model.encoder=resnet18 but pretrain.backbone.name=test_resnet trains a test_resnet" in err
+    assert "pretrain.backbone.name=resnet18" in err and "init=random" in err
+    assert not list(out.glob("stages/*-*"))
 
 
 def test_ingest_stage_key_follows_what_changes_the_stored_images(tmp_path: Path) -> None:
