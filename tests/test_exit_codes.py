@@ -94,6 +94,27 @@ def test_exit_2_user_error_in_one_line_nothing_done(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "datasets").exists()
 
 
+def test_exit_2_for_a_full_disk_is_one_line(tmp_path: Path) -> None:
+    """A disk that fills up (a real 64 KiB tmpfs in a private mount namespace) while the driver writes: one line
+    naming the cause and the fix, exit 2, not a traceback with exit 1."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    small = tmp_path / "small"
+    small.mkdir()
+    cmd = (f"mount -t tmpfs -o size=64k tmpfs {small} && exec {sys.executable} -m segfactory.cli samples "
+           f"materialize ctc-hela --out {small}/hela")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    if "mount:" in r.stderr and r.returncode != EXIT_USER:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {r.stderr.strip()[-200:]}")
+    assert r.returncode == EXIT_USER, r.stderr[-3000:]
+    [line] = error_lines(r.stderr)
+    assert line.startswith("error: No space left on device"), r.stderr
+    assert "fix: free space on that disk" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from segfactory.cli import main

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import importlib
 import os
 import signal
@@ -25,6 +26,7 @@ from segfactory.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
+    EXIT_USER,
     Interrupted,
     PartialFailure,
     UserError,
@@ -89,6 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # a stage process whose driver is gone has no reader left
             console.print(f"interrupted{why}; finished work is kept and a re-run resumes", soft_wrap=True)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            console.print_exception()  # a bug, not a user mistake: keep the traceback
+            return EXIT_INTERNAL
+        # A full disk (or quota) is the machine's state, not a bug: one line naming where, like running out of
+        # memory. Every output is committed last, so what was written before is either whole or not trusted.
+        from rich.markup import escape
+
+        where = f" writing '{e.filename}'" if e.filename else ""
+        console.print(f"[bold red]error:[/] {escape(os.strerror(e.errno) + where)}", soft_wrap=True, markup=True)
+        console.print("  [bold]fix:[/] free space on that disk (or raise the quota), or write to another one; "
+                      "a re-run resumes from what was committed", soft_wrap=True)
+        return EXIT_USER
     except Exception:  # a bug, not a user mistake: keep the traceback
         console.print_exception()
         return EXIT_INTERNAL
