@@ -647,7 +647,7 @@ class Trainer:
                    "images_per_s_this_run": round((step - start) * t.batch_size / max(seconds, 1e-9), 2),
                    "device": str(self.device), "amp": str(self.autocast).replace("torch.", "") if self.autocast
                    else "off", "channels_last": self.channels_last, "compile": t.compile,
-                   "encoder": self.lineage_encoder,
+                   "cpu_threads": torch.get_num_threads(), "encoder": self.lineage_encoder,
                    "train_items": {s.name: len(s.train) for s in self.train_sources},
                    "val_items": {s.name: len(s.val) for s in self.val_sources}}
         if self.adapt is not None:
@@ -884,7 +884,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(f"final {kind} mIoU", "-" if m["miou"] is None else f"{m['miou']:.4f}")
     table.add_row("time (this run)", f"{summary['seconds_this_run']:.1f} s, {summary['images_per_s_this_run']} img/s")
     table.add_row("device", f"{summary['device']} (amp {summary['amp']}, channels_last {summary['channels_last']}"
-                  f"{', compiled' if summary.get('compile') else ''})")
+                  f"{', compiled' if summary.get('compile') else ''}, {summary.get('cpu_threads')} CPU threads)")
     table.add_row("encoder", str(summary["encoder"].get("init")))
     console.print(table)
 

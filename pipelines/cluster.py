@@ -133,6 +133,10 @@ class TaskSettings(StrictModel):
                                             description="abstract resources a render/ingest task needs, e.g. {CPU: 1}")
     gpu: Literal["auto", "require", "never"] = Field(
         "auto", description="training tasks: ask for a GPU resource when a worker offers one (auto), always, never")
+    stage_threads: int = Field(
+        0, ge=0, description="CPU threads of a training, evaluation or prediction stage's process (split among "
+        "its torchrun ranks); 0 = every CPU its worker's machine allows (affinity and cgroup quota): stages run one "
+        "at a time. Dask workers themselves run tasks with 1 thread (OMP_NUM_THREADS=1)")
 
 
 class ClusterConfig(StrictModel):

@@ -30,6 +30,7 @@ from pipelines.cluster import GPU_RESOURCE, ClusterConfig, open_client, training
 from pipelines.render import RenderStep
 from segfactory.config import StrictModel
 from segfactory.console import PROGRESS_LINES_ENV, console, parse_progress_line, progress
+from segfactory.distributed import STAGE_THREADS_ENV
 from segfactory.errors import EXIT_USER, STAGE_LOG_ENV, PartialFailure, UserError
 from segfactory.io import (
     ATTEMPT_PREFIX,
@@ -250,7 +251,21 @@ def _stage_lock(final: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, Any]:
+def stage_thread_env(threads: int) -> dict[str, str]:
+    """The environment that gives a stage's process ``threads`` CPU threads (0: every CPU dask counts here).
+
+    A Dask nanny starts its worker with ``OMP_NUM_THREADS=1`` (and MKL's, OpenBLAS's): right for many small tasks
+    side by side, but a training stage's process inherits it and trains on one core of a machine whose other
+    cores sit idle (stages run one at a time). ``STAGE_THREADS_ENV`` tells :func:`segfactory.distributed.
+    relaunch_under_torchrun` that the count is the stage's budget, to split among its ranks.
+    """
+    import dask.system
+
+    n = str(threads or dask.system.CPU_COUNT)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, STAGE_THREADS_ENV: n}
+
+
+def training_task(argv: list[str], final: str, timeout_s: float, threads: int = 0) -> dict[str, Any]:
     """Dask task: run one ``segfactory`` stage command in its own process with ``--out`` = an attempt directory
     (``{OUT}`` in ``argv``) and commit it as ``final`` with the shared unit protocol once it really finished.
 
@@ -258,7 +273,7 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
     attempt adopts it and the training resumes from its last checkpoint (``--resume``). A command that exits
     without finishing (``train.stop_at``) is not committed: its attempt stays for the next run to resume, and the
     task returns ``finished: False``. The child's progress lines are forwarded to the driver as
-    ``STAGE_PROGRESS_TOPIC`` events.
+    ``STAGE_PROGRESS_TOPIC`` events. The process gets ``threads`` CPU threads (:func:`stage_thread_env`).
     """
     from pipelines.subproc import SubprocessFailed, forward_to_driver, run_logged
 
@@ -286,8 +301,9 @@ def training_task(argv: list[str], final: str, timeout_s: float) -> dict[str, An
         cmd = [sys.executable, "-m", "segfactory.cli", *args]
         t0 = time.perf_counter()
         try:
-            run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse),
-                       env={**os.environ, PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)}, pass_fds=(lock_fd,))
+            env = {**os.environ, **stage_thread_env(threads), PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)}
+            run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse), env=env,
+                       pass_fds=(lock_fd,))
         except SubprocessFailed as e:
             if e.returncode == EXIT_USER and e.error:  # the same config fails the same way: no retry, exit 2
                 return {"skipped": False, "finished": False, "user_error": e.error, "fix": e.fix}
@@ -332,7 +348,8 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
                 if stage_done(final):
                     results[name] = {"skipped": True, "finished": True}
                 else:
-                    results[name] = _run_one(client, bar, name, final, argv, timeout_s, retries, asks[name])
+                    results[name] = _run_one(client, bar, name, final, argv, timeout_s, retries, asks[name],
+                                             cluster.tasks.stage_threads)
                 if not results[name]["finished"]:
                     raise StageIncomplete(
                         f"stage {name} ended without finishing: {results[name]['why']}; it is not marked done and "
@@ -385,7 +402,7 @@ def stage_resources(client: Any, cluster: ClusterConfig, name: str, argv: list[s
 
 
 def _run_one(client: Any, bar: Any, name: str, final: Path, argv: list[str], timeout_s: float, retries: int,
-             resources: dict[str, float] | None) -> dict[str, Any]:
+             resources: dict[str, float] | None, threads: int) -> dict[str, Any]:
     from pipelines.tasks import run_tasks
 
     def parse(msg: dict[str, Any]) -> tuple[str, float, float | None, str | None] | None:
@@ -397,7 +414,7 @@ def _run_one(client: Any, bar: Any, name: str, final: Path, argv: list[str], tim
     results, _ = run_tasks(client, training_task, {name: argv}, description=name, sizes={},
                            keys={name: f"{name}-{final.name}"}, retries=retries, resources=resources,
                            topic=STAGE_PROGRESS_TOPIC, parse_event=parse, on_failure=errors.__setitem__, bar=bar,
-                           final=str(final), timeout_s=timeout_s)
+                           final=str(final), timeout_s=timeout_s, threads=threads)
     log = final.parent / f"{final.name}.log"
     if errors:  # a crash, an OOM kill, a timeout or a lost worker: not the user's config (exit 3, listed)
         raise PartialFailure(f"stage {name} failed after {retries} retr{'y' if retries == 1 else 'ies'}; finished "

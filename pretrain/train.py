@@ -498,6 +498,7 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     summary = {
         "out": str(out), "encoder": str(enc_dir), "method": cfg.method.name, "backbone": cfg.backbone.name,
         "in_chans": in_chans, "device": str(device), "world_size": info.world_size,
+        "cpu_threads": torch.get_num_threads(),  # per process
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
         "steps": step, "total_steps": total, "finished": step >= total,
         "final_loss": last_row.get("loss"), "images_per_s": round(total_images / wall, 2) if wall > 0 else None,

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 # killed process would (tests/test_pretrain_ddp.py checks that the whole job then fails, without hanging).
 EXIT_HOOK_ENV = "SEGFACTORY_TEST_RANK_EXIT"
 
+# Set by a pipeline's stage task (pipelines.stages.stage_thread_env): the CPU threads of the whole stage, which
+# relaunch_under_torchrun splits among its ranks (OMP_NUM_THREADS alone means threads per process, torchrun's way).
+STAGE_THREADS_ENV = "SEGFACTORY_STAGE_THREADS"
+
 T = TypeVar("T")
 
 
@@ -145,7 +149,11 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "segfactory.cli", *argv]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if STAGE_THREADS_ENV in env:  # a pipeline stage's budget: each rank gets its share
+        share = str(max(1, int(env[STAGE_THREADS_ENV]) // nproc))
+        env.update(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share, OPENBLAS_NUM_THREADS=share)
+    else:  # a user's OMP_NUM_THREADS is per process, as torchrun takes it
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()

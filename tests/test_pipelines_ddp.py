@@ -4,6 +4,8 @@
   they offer fewer, and asks for nothing (CPU fallback, with a note) on a cluster without GPUs;
 * for real on the CPU: a fine-tune stage with ``train.devices=2 train.backend=gloo`` trains as 2 gloo processes
   under torchrun inside one Dask task of a LocalCluster and is committed;
+* a stage's process gets the worker machine's CPUs (``cluster.tasks.stage_threads``, default all), not the one
+  thread a Dask nanny gives its worker; torchrun's ranks split them;
 * a worker SIGKILLed under a 2-rank stage takes its stage process, torchrun and both ranks with it (the ranks run
   in their own sessions: they stop on the SIGTERM torchrun's death sends them, with a checkpoint), and the retry on
   the other worker resumes from that checkpoint on 2 ranks.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -98,10 +101,11 @@ def test_two_gloo_processes_train_inside_one_dask_task_and_commit(tiny_dataset: 
         "train.log_every=1", "train.devices=2", "train.backend=gloo"]), cfg_path)
     final = tmp_path / "stages" / "finetune-x"
     argv = ["finetune", str(cfg_path), "--synthetic", str(tiny_dataset), "--out", "{OUT}"]
-    cluster = ClusterConfig(workers=1, dashboard=False)
+    cluster = ClusterConfig(workers=1, dashboard=False, tasks={"stage_threads": 4})
     results = run_stage_tasks(cluster, 600, 0, {"finetune": (final, argv)}, tmp_path / "report.html")
     assert results["finetune"]["finished"] and not results["finetune"]["skipped"]
     assert (final / STAGE_FILE).is_file() and (final / "summary.json").is_file()
+    assert json.loads((final / "summary.json").read_text())["cpu_threads"] == 2  # the stage's 4, split by 2 ranks
     assert "2 gloo CPU processes" in capsys.readouterr().err.replace("\n", " ")
     log = (final.parent / f"{final.name}.log").read_text().replace("\n", " ")
     assert "2 processes (gloo), global batch 8 (4 per process)" in log
@@ -109,6 +113,28 @@ def test_two_gloo_processes_train_inside_one_dask_task_and_commit(tiny_dataset: 
     assert ckpt["world_size"] == 2 and ckpt["step"] == 2
     # one task ran the stage: no rank outlived it (torchrun's ranks run in their own sessions)
     assert not [p for p in _segfactory_processes() if str(final.parent) in " ".join(p)]
+
+
+@pytest.mark.slow  # ~20 s on 2 shared cores: a LocalCluster and two 1-step fine-tunes
+def test_a_stage_process_gets_the_machines_cpus_not_the_dask_workers_one_thread(
+        tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dask.system
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the Dask nanny gives its worker (and the worker's tasks)
+    cfg_path = tmp_path / "ft.yaml"
+    save_resolved(load_config(FinetuneConfig, str(TINY), [
+        "train.steps=1", "train.batch_size=2", "train.device=cpu", "train.val_every=1", "train.checkpoint_every=1"]),
+        cfg_path)
+    threads = {}
+    # torch caps its threads at the CPU count: the default must give all of them (2 here, 1 before), a setting fewer.
+    for name, setting in (("all", {}), ("one", {"stage_threads": 1})):
+        final = tmp_path / "stages" / f"finetune-{name}"
+        argv = ["finetune", str(cfg_path), "--synthetic", str(tiny_dataset), "--out", "{OUT}"]
+        run_stage_tasks(ClusterConfig(workers=1, dashboard=False, tasks=setting), 600, 0,
+                        {"finetune": (final, argv)}, tmp_path / f"{name}.html")
+        threads[name] = json.loads((final / "summary.json").read_text())["cpu_threads"]
+    assert threads == {"all": dask.system.CPU_COUNT, "one": 1}
 
 
 def _segfactory_processes() -> list[list[str]]:
