@@ -306,6 +306,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         check_tta,
         image_scale,
         inference_settings,
+        memory_settings,
         outputs_from_probs,
         per_image_scales,
         predict_image_probs,
@@ -359,13 +360,11 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     synth_inst = {src.name: SyntheticInstances(src, targets, watershed) for src in sources
                   if src.kind == "synthetic"}
     synth_inst = {n: si for n, si in synth_inst.items() if si.things}
-    lower = (f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32); for very large images "
-             "also --scale (the whole image's class probabilities are held at once)")
     k = int(meta["num_classes"])
     ignore = int(meta["ignore_index"])
     n_workers = eval_workers(dev) if workers is None else int(workers)
     image_scales: dict[str, list[float]] = {}
-    with progress(transient=not show_progress) as bar, memory_hint("evaluation", lower), \
+    with progress(transient=not show_progress) as bar, memory_hint("evaluation", memory_settings(batch_size, tile)), \
             FramePipeline(n_workers) as pipe:
         task = bar.add_task("evaluate", total=sum(len(s.val) for s in sources))
         for src in sources:

@@ -218,6 +218,12 @@ def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any], instances: boo
     return labels, postprocess(labels, dist, meta["instances"], f), dist
 
 
+def memory_settings(batch_size: int, tile: int) -> str:
+    """What to lower when prediction runs out of memory (:func:`segfactory.torchutil.memory_hint`'s ``lower``)."""
+    return (f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32); for very large images "
+            "also --scale (the whole image's class probabilities are held at once)")
+
+
 def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | None,
                        batch_size: int | None) -> tuple[int, int, int]:
     """Tile, overlap and batch size for ``predict``/``evaluate``: the flags, else model.json's ``predict``.
@@ -448,9 +454,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     rules: dict[str, int] = {}
     image_scales: dict[str, float] = {}
     t0 = time.perf_counter()
-    lower = (f"--batch-size ({batch_size}) or --tile ({tile}, a multiple of 32); for very large images "
-             "also --scale (the whole image's class probabilities are held at once)")
-    with progress(transient=not show_progress) as bar, memory_hint("prediction", lower):
+    with progress(transient=not show_progress) as bar, memory_hint("prediction", memory_settings(batch_size, tile)):
         task = bar.add_task("predict", total=len(files))
         for p in files:
             try:

@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_user_error(e: UserError) -> None:
+    """``error: <message>`` and ``  fix: <fix>`` on stderr."""
+    from rich.markup import escape  # messages and fixes are plain text: pip install 'segfactory[tracking]'
+
+    console.print(f"[bold red]error:[/] {escape(e.message)}", markup=True, soft_wrap=True)
+    if e.fix:
+        console.print(f"  [bold]fix:[/] {escape(e.fix)}", soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (README "Exit codes"): 0 ok, 1 a bug (traceback), 2 a user
     error (one line + fix), 3 some units failed after retries (listed), 4 another run holds the lock, 130
@@ -75,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             console.print_exception()
-        from rich.markup import escape  # messages and fixes are plain text: pip install 'segfactory[tracking]'
-
-        console.print(f"[bold red]error:[/] {escape(e.message)}", markup=True, soft_wrap=True)
-        if e.fix:
-            console.print(f"  [bold]fix:[/] {escape(e.fix)}", soft_wrap=True)
+        _print_user_error(e)
         return e.exit_code
     except PartialFailure as e:
         console.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
@@ -97,12 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERNAL
         # A full disk (or quota) is the machine's state, not a bug: one line naming where, like running out of
         # memory. Every output is committed last, so what was written before is either whole or not trusted.
-        from rich.markup import escape
-
         where = f" writing '{e.filename}'" if e.filename else ""
-        console.print(f"[bold red]error:[/] {escape(os.strerror(e.errno) + where)}", soft_wrap=True, markup=True)
-        console.print("  [bold]fix:[/] free space on that disk (or raise the quota), or write to another one; "
-                      "a re-run resumes from what was committed", soft_wrap=True)
+        _print_user_error(UserError(os.strerror(e.errno) + where, fix="free space on that disk (or raise the "
+                                    "quota), or write to another one; a re-run resumes from what was committed"))
         return EXIT_USER
     except Exception:  # a bug, not a user mistake: keep the traceback
         console.print_exception()
