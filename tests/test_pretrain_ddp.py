@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from segfactory.errors import UserError
 from tests import ddp_method_worker as method_worker
 from tests import ddp_queue_worker as queue_worker
 from tests.test_pretrain import REAL, ingest_inline, tiny_cfg
+from tests.torchrun_nodes import run_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 # SGD, not AdamW: Adam's first steps divide by sqrt(v), so gradients that are ~0 in both runs (1e-9 apart from
@@ -388,12 +388,6 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
             assert c_w > 10 * tol, control
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(images: Path, tmp_path: Path) -> None:
     """The multi-node command docs/pretrain.md documents, on localhost: two ``torchrun --nnodes=2
@@ -402,29 +396,12 @@ def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(im
     no ``train.backend``: the ranks see torchrun's environment, do not re-launch, and join with gloo on the CPU).
     Both finish; rank 0 alone writes the run; the weights are the single-process ones of the same global batch
     (TOL, as the single-node 2-process test)."""
-    port = _free_port()
     out = tmp_path / "nodes"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
-               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "-m", "segfactory.cli", "pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images),
-               "--out", str(out), "backbone.name=test_resnet", *tiny_args(), *DDP]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    try:
-        res = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (o, e) in zip(procs, res, strict=True):
-        assert p.returncode == 0, o[-3000:] + e[-3000:]
-    logs = "".join(o + e for o, e in res)
+    res = run_nodes(["pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images), "--out", str(out),
+                     "backbone.name=test_resnet", *tiny_args(), *DDP])
+    for rc, o, e in res:
+        assert rc == 0, o[-3000:] + e[-3000:]
+    logs = "".join(o + e for _, o, e in res)
     assert "2 processes (gloo)" in logs and logs.count('"world_size": 2') == 1
     assert (out / "encoder" / "encoder.safetensors").is_file()
     single = tmp_path / "single"
