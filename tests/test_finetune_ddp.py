@@ -5,6 +5,8 @@
   and the losses are global (sums over ranks), so the gradients agree up to float32 rounding. AdamW then turns
   the few gradient components that are ~0 (and whose sign rounding decides) into full +-lr steps, so the weights
   are compared element-wise by how many differ, not by the largest difference (see TOL_* below);
+* two torchrun "nodes" on localhost (``--nnodes=2``, c10d rendezvous: the documented multi-node command) train
+  the single-process model;
 * resuming under 2 processes repeats an uninterrupted 2-process run exactly;
 * a rank that dies mid-run fails the whole job, promptly;
 * the instance head trains the same way on 2 processes;
@@ -33,6 +35,7 @@ from finetune.data.mixing import MixedBatchSampler
 from finetune.train import CHECKPOINT_FILE
 from segfactory.cli import main
 from segfactory.distributed import EXIT_HOOK_ENV
+from tests.torchrun_nodes import run_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "finetune_tiny.yaml")
@@ -98,6 +101,27 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_trains_the_single_process_model(single: Path, ddp: Path, what: str) -> dict:
+    """A 4-step run on 2 processes (``ddp``) against one process with the same global batch (``single``): at most
+    TOL_FRACTION of the weights differ by more than 1e-6, the logged losses of the global batch agree to 1e-4 and
+    the validations (frames split over ranks, confusions summed) to 0.005 mIoU. Returns ``single``'s checkpoint."""
+    a, b = checkpoint(single), checkpoint(ddp)
+    assert b["world_size"] == 2 and b["step"] == 4
+    wa, wb = weights(a), weights(b)
+    differ = float(((wa - wb).abs() > 1e-6).float().mean())
+    print(f"{what}, 4 steps: {100 * differ:.3f} % of {wa.numel()} weights differ by > 1e-6 from one process "
+          f"(max {float((wa - wb).abs().max()):.3g})")
+    assert differ < TOL_FRACTION
+    la, lb = metrics(single), metrics(ddp)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for x, y in zip(la, lb, strict=True):
+        if "loss" in x:
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+        else:
+            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.005, (x, y)
+    return a
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, tmp_path: Path) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
@@ -107,21 +131,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, 
     r2 = cli(tiny_dataset, ddp, *TWO, "model.freeze_encoder_steps=2")
     assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
     assert "2 processes (gloo), global batch 8 (4 per process)" in r2.stderr.replace("\n", " ")
-    a, b = checkpoint(single), checkpoint(ddp)
-    assert b["world_size"] == 2 and b["step"] == 4
-    wa, wb = weights(a), weights(b)
-    differ = float(((wa - wb).abs() > 1e-6).float().mean())
-    biggest = float((wa - wb).abs().max())
-    print(f"4 steps: {100 * differ:.3f} % of {wa.numel()} weights differ by > 1e-6 (max {biggest:.3g})")
-    assert differ < TOL_FRACTION
-    # the logged losses of the global batch and the validation (frames split over ranks, confusions summed)
-    la, lb = metrics(single), metrics(ddp)
-    assert [r["step"] for r in la] == [r["step"] for r in lb]
-    for x, y in zip(la, lb, strict=True):
-        if "loss" in x:
-            assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
-        else:
-            assert abs(x["val"]["selected_miou"] - y["val"]["selected_miou"]) < 0.005, (x, y)
+    wa = weights(assert_trains_the_single_process_model(single, ddp, "2 processes"))
     # rank 0 alone wrote the run: one summary line (stdout), the model
     assert r2.stdout.count('"finished": true') == 1
     assert (ddp / "model" / "model.safetensors").is_file()
@@ -137,6 +147,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, 
     rel = float((ga - gb).norm() / ga.norm())
     print(f"first-step gradient: relative difference {rel:.3g}")
     assert rel < TOL_GRAD
+
+
+@pytest.mark.slow
+def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(tiny_dataset: Path,
+                                                                             tmp_path: Path) -> None:
+    """The multi-node command docs/finetune.md documents, on localhost: two ``torchrun --nnodes=2 --node-rank=0/1
+    --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT -m segfactory.cli finetune ...``
+    launches with the same ``--out`` (the shared file system), started by hand (no ``train.devices``, no
+    ``train.backend``: the ranks see torchrun's environment, do not re-launch, and join with gloo on the CPU).
+    Both finish; rank 0 alone writes the run; it trained the single-process model of the same global batch, with
+    the tolerances of the single-node 2-process test (share of weights that differ, logged losses, validation)."""
+    extra = ["model.freeze_encoder_steps=2"]  # as the single-node test: DDP is rebuilt when the encoder thaws
+    out = tmp_path / "nodes"
+    res = run_nodes(["finetune", TINY, "--out", str(out), "--synthetic", str(tiny_dataset), *ARGS, *extra])
+    for rc, o, e in res:
+        assert rc == 0, o[-3000:] + e[-3000:]
+    logs = "".join(o + e for _, o, e in res)
+    assert "2 processes (gloo), global batch 8 (4 per process)" in " ".join(logs.split())
+    assert logs.count('"finished": true') == 1 and (out / "model" / "model.safetensors").is_file()
+    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    assert r1.returncode == 0, failure(r1)
+    assert_trains_the_single_process_model(tmp_path / "single", out, "two nodes")
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 * 2 processes with global batch B train the same weights as 1 process with batch B (SimCLR: NT-Xent gathered over
   ranks; BatchNorm synchronized over the global batch, so the statistics are the single-process ones);
-* resuming under 2 processes repeats an uninterrupted 2-process run exactly;
+* resuming under 2 processes repeats an uninterrupted 2-process run exactly (SimCLR, BYOL, DINO, VICReg, Barlow
+  Twins: every entry of the state, the momentum twins and DINO's center included, and the logged losses);
 * MoCo and DenseCL: the memory banks of both ranks stay identical (fed by every rank's keys), the loss is the
   global batch's, and with ``shuffle_bn_groups`` a multiple of the world size the 2-process keys, losses, queues
   and weights are the single-process ones; a 2-process run resumes exactly;
@@ -18,9 +19,9 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from segfactory.errors import UserError
 from tests import ddp_method_worker as method_worker
 from tests import ddp_queue_worker as queue_worker
 from tests.test_pretrain import REAL, ingest_inline, tiny_cfg
+from tests.torchrun_nodes import run_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 # SGD, not AdamW: Adam's first steps divide by sqrt(v), so gradients that are ~0 in both runs (1e-9 apart from
@@ -104,22 +106,74 @@ def test_two_processes_match_one_with_the_same_global_batch(images: Path, tmp_pa
     assert r.stdout.count('"world_size": 2') == 1
 
 
+# method -> its options for the resume test. BYOL and DINO: a momentum of 0.9 (the teacher moves measurably in 4
+# steps); DINO: the teacher temperature warms up over 3 steps and the last layer stays frozen for 3, so both
+# schedules run across the resume at step 2
+RESUME_METHODS: dict[str, list[str]] = {
+    "simclr": [],
+    "byol": ["method.name=byol", "method.byol.momentum=0.9"],
+    "dino": ["method.name=dino", "method.dino.momentum=0.9", "method.dino.warmup_teacher_temp=0.02",
+             "method.dino.warmup_teacher_temp_steps=3", "method.dino.freeze_last_layer_steps=3"],
+    "vicreg": ["method.name=vicreg"],
+    "barlowtwins": ["method.name=barlowtwins"],
+}
+# the momentum twins (online, teacher) whose state a resume must restore, by the prefix of their state_dict keys
+TWINS = {"byol": [("encoder.", "target_encoder."), ("projection.", "target_projection.")],
+         "dino": [("encoder.", "teacher_encoder."), ("head.", "teacher_head.")]}
+
+
+def logged(out: Path) -> list[dict]:
+    """OUT/metrics.jsonl without the timing columns."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_pct", "elapsed_s")} for r in rows]
+
+
 @pytest.mark.slow
-def test_resume_under_two_processes_equals_uninterrupted(images: Path, tmp_path: Path, capsys) -> None:
-    two = TWO
-    full = cli(images, tmp_path / "full", *two)
-    assert full.returncode == 0, full.stderr[-3000:]
-    part = cli(images, tmp_path / "part", *two, "--stop-after", "2")
-    assert part.returncode == 0, part.stderr[-3000:]
+@pytest.mark.parametrize("method", list(RESUME_METHODS))
+def test_resume_under_two_processes_equals_uninterrupted(images: Path, tmp_path: Path, capsys, method: str) -> None:
+    """A 2-process run stopped after step 2 (``--stop-after 2``) and resumed (``--resume``, 2 processes) ends bit
+    for bit where the uninterrupted 2-process run ended: every entry of the model's state (the momentum twins
+    BYOL's target and DINO's teacher, BatchNorm statistics, DINO's center), the optimizer's state, and the logged
+    losses of every step (the momentum and teacher-temperature schedules and DINO's frozen last layer run across
+    the resume). The step-2 checkpoint holds state that a resume which rebuilt it would get wrong: the twins
+    differ from their online networks, DINO's center is not its initial zeros. Resumed on 1 process instead: a
+    note, and the same training up to float reduction order (TOL)."""
+    opts = RESUME_METHODS[method]
+    full = cli(images, tmp_path / "full", *TWO, *opts)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    part = cli(images, tmp_path / "part", *TWO, *opts, "--stop-after", "2")
+    assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
+    mid = torch.load(checkpoint_paths(tmp_path / "part")[-1], map_location="cpu", weights_only=True)
+    assert mid["step"] == 2 and mid["world_size"] == 2
+    for online, twin in TWINS.get(method, []):
+        keys = [k for k in mid["model"] if k.startswith(online) and mid["model"][k].is_floating_point()]
+        assert keys and max(float((mid["model"][k] - mid["model"][twin + k.removeprefix(online)]).abs().max())
+                            for k in keys) > 1e-3, (online, twin)
+    if method == "dino":
+        assert float(mid["model"]["criterion.center"].abs().max()) > 1e-3
     # another world size: allowed, said in a note, and the same training up to float reduction order
     shutil.copytree(tmp_path / "part", tmp_path / "one")
-    run_pretrain(tiny_cfg(*DDP), images, tmp_path / "one", resume="last")
+    run_pretrain(tiny_cfg(*DDP, *opts), images, tmp_path / "one", resume="last")
     assert "written by a run of 2 process(es), this one has 1" in capsys.readouterr().err.replace("\n", " ")
-    assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "one")) < TOL
-    rest = cli(images, tmp_path / "part", *two, "--resume")
-    assert rest.returncode == 0, rest.stderr[-3000:]
-    assert "resuming from" in rest.stdout + rest.stderr
-    assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "part")) == 0.0
+    one_diff = max_diff(weights(tmp_path / "full"), weights(tmp_path / "one"))
+    rest = cli(images, tmp_path / "part", *TWO, *opts, "--resume")
+    assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
+    said = " ".join((rest.stdout + rest.stderr).split())  # the console wraps long lines
+    assert "resuming from" in said and "at step 2" in said
+    a, b = (torch.load(checkpoint_paths(d)[-1], map_location="cpu", weights_only=True)
+            for d in (tmp_path / "full", tmp_path / "part"))
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys() and a["extra_buffers"].keys() == b["extra_buffers"].keys()
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    differ += [k for k in a["extra_buffers"] if not torch.equal(a["extra_buffers"][k], b["extra_buffers"][k])]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    differ += [f"optimizer {i}.{n}" for i in sa for n, v in sa[i].items()
+               if isinstance(v, torch.Tensor) and not torch.equal(v, sb[i][n])]
+    print(f"{method}: resumed vs uninterrupted: {len(differ)} differing entries; resumed on 1 process: "
+          f"max |w_1 - w_2| = {one_diff:.3g}")
+    assert not differ, differ[:10]
+    assert logged(tmp_path / "full") == logged(tmp_path / "part")
+    assert one_diff < TOL
 
 
 @pytest.mark.slow
@@ -334,12 +388,6 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
             assert c_w > 10 * tol, control
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(images: Path, tmp_path: Path) -> None:
     """The multi-node command docs/pretrain.md documents, on localhost: two ``torchrun --nnodes=2
@@ -348,29 +396,12 @@ def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(im
     no ``train.backend``: the ranks see torchrun's environment, do not re-launch, and join with gloo on the CPU).
     Both finish; rank 0 alone writes the run; the weights are the single-process ones of the same global batch
     (TOL, as the single-node 2-process test)."""
-    port = _free_port()
     out = tmp_path / "nodes"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
-               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "-m", "segfactory.cli", "pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images),
-               "--out", str(out), "backbone.name=test_resnet", *tiny_args(), *DDP]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    try:
-        res = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (o, e) in zip(procs, res, strict=True):
-        assert p.returncode == 0, o[-3000:] + e[-3000:]
-    logs = "".join(o + e for o, e in res)
+    res = run_nodes(["pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images), "--out", str(out),
+                     "backbone.name=test_resnet", *tiny_args(), *DDP])
+    for rc, o, e in res:
+        assert rc == 0, o[-3000:] + e[-3000:]
+    logs = "".join(o + e for _, o, e in res)
     assert "2 processes (gloo)" in logs and logs.count('"world_size": 2') == 1
     assert (out / "encoder" / "encoder.safetensors").is_file()
     single = tmp_path / "single"

@@ -59,4 +59,12 @@ def build_method(name: str, encoder: PooledEncoder, cfg_method: Any, total_steps
     Raises:
         UserError: for an unknown name (listing the valid ones).
     """
-    return METHODS.get(name)(encoder, getattr(cfg_method, name), total_steps)
+    from lightly.models.modules.memory_bank import MemoryBankModule
+
+    model = METHODS.get(name)(encoder, getattr(cfg_method, name), total_steps)
+    for m in model.modules():
+        # a disabled bank (size 0: SimCLR, MoCo with in-batch negatives) never reads its pointer, but lightly leaves
+        # it uninitialized (torch.empty), and checkpoints keep it: zeroed, they are the same from run to run
+        if isinstance(m, MemoryBankModule) and m.size[0] == 0:
+            m.bank_ptr.zero_()
+    return model
