@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -235,6 +236,124 @@ class _QuietConnectionLoss(logging.Filter):
 _DASK_CLIENT_LOGGERS = ("distributed.client", "distributed.utils")
 
 
+class SlurmJobRefused(RuntimeError):
+    """sbatch refused a worker job (its exit status was not 0); the message is sbatch's own error."""
+
+
+class _QuietRefusal(logging.Filter):
+    """Drops the traceback Tornado logs for a worker job sbatch refused: :func:`check_refused` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not isinstance(record.exc_info[1] if record.exc_info else None, SlurmJobRefused)
+
+
+def _sbatch_said(error: str) -> str:
+    """sbatch's own error lines out of dask-jobqueue's ``RuntimeError`` (exit code, command, stdout, stderr)."""
+    stderr = error.split("stderr:", 1)[1] if "stderr:" in error else error
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return "; ".join(lines) or error.strip()
+
+
+def _slurm_job_cls(refusals: list[str]) -> type:
+    """dask-jobqueue's ``SLURMJob`` that records what sbatch said when it refused a job in ``refusals``.
+
+    A refused job would otherwise leave a traceback in the log and the cluster waiting for a worker that never
+    comes: for ever when it scales adaptively from 0 jobs, ``cluster.no_workers_timeout_s`` otherwise, reported
+    as lost workers (exit 3). The driver looks at ``refusals`` while it waits (:func:`check_refused`).
+    """
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
+
+    class RecordingSLURMJob(SLURMJob):
+        async def _submit_job(self, script_filename: str) -> str:
+            try:
+                out: str = await super()._submit_job(script_filename)
+            except RuntimeError as e:
+                refusals.append(_sbatch_said(str(e)))
+                # failed, not created: closing the cluster asserts that every job it made has started or ended
+                self.status = Status.failed
+                raise SlurmJobRefused(refusals[-1]) from None
+            return out
+
+    return RecordingSLURMJob
+
+
+@dataclasses.dataclass
+class _Refusals:
+    """What sbatch said when it refused worker jobs of one client's cluster, and what the driver did about it."""
+
+    settings: SlurmSettings
+    said: list[str] = dataclasses.field(default_factory=list)
+    noted: bool = False  # the note that the run goes on with fewer workers was printed
+    checked: float = 0.0  # time.monotonic() of the last look at the scheduler's workers
+
+
+_REFUSALS: weakref.WeakKeyDictionary[Any, _Refusals] = weakref.WeakKeyDictionary()
+_REFUSAL_POLL_S = 1.0  # how often check_refused asks the scheduler for its workers once sbatch refused a job
+# sbatch's words -> the settings they are about and what to do: the first match names them in the error.
+_SBATCH_CAUSES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
+    (("invalid account", "account/partition"), ("account", "queue"),
+     "set cluster.slurm.account to an account of yours (`sacctmgr show associations user=$USER`), or leave it unset"),
+    (("partition",), ("queue",), "set cluster.slurm.queue to a partition `sinfo -s` lists, or leave it unset for "
+                                 "the cluster's default partition"),
+    (("qos",), ("job_extra_directives",), "use a QOS and limits of yours in cluster.slurm.job_extra_directives "
+                                          "(`sacctmgr show associations user=$USER format=qos,maxsubmit`)"),
+    (("gres", "generic resource"), ("gpus_per_job", "job_extra_directives"),
+     "ask for GPUs the partition's nodes have (`sinfo -o '%P %G'`), or set cluster.slurm.gpus_per_job=0"),
+    (("time limit",), ("walltime",), "set cluster.slurm.walltime within the partition's limit (`sinfo -o '%P %l'`)"),
+    (("memory", "node configuration", "processors", "cpu"), ("memory", "cores", "gpus_per_job"),
+     "ask for at most what one node has (`sinfo -o '%P %c %m %G'`: CPUs, memory in MB, GPUs) in "
+     "cluster.slurm.cores, memory and gpus_per_job"),
+    (("option", "directive", "invalid"), ("job_extra_directives",),
+     "fix or remove the line of cluster.slurm.job_extra_directives sbatch names (`sbatch --help`)"),
+)
+
+
+def slurm_refusal(s: SlurmSettings, said: str) -> UserError:
+    """The one-line error for a worker job sbatch refused: the settings it is about, sbatch's words, the fix."""
+    low = said.lower()
+    settings: tuple[str, ...] = ()
+    fix = ("check the cluster.slurm settings against what `sinfo` and `sacctmgr show associations user=$USER` list; "
+           "`sbatch --test-only` with the same options tells whether SLURM accepts them")
+    for words, names, cause_fix in _SBATCH_CAUSES:
+        if any(w in low for w in words):
+            settings, fix = names, cause_fix
+            break
+    shown = ", ".join(f"cluster.slurm.{n}={getattr(s, n)!r}" for n in settings
+                      if getattr(s, n) or n in ("memory", "cores", "queue"))
+    return UserError(f"sbatch refused the SLURM worker job ({shown or 'cluster.slurm'}): {said}; no Dask worker "
+                     "can start", fix=fix)
+
+
+def check_refused(client: Any) -> None:
+    """Stop the run when sbatch refused a worker job of this client's cluster and no worker is connected.
+
+    Dask does not submit a refused job again: the cluster would wait for its worker for ever. With other workers
+    connected the run goes on with them (a note says why there are fewer). Cheap while sbatch refused nothing; after
+    that it asks the scheduler at most every ``_REFUSAL_POLL_S``.
+
+    Raises:
+        UserError: sbatch refused a worker job and the scheduler has no worker (:func:`slurm_refusal`).
+    """
+    state = _REFUSALS.get(client)
+    if state is None or not state.said:
+        return
+    now = time.monotonic()
+    if state.noted and now - state.checked < _REFUSAL_POLL_S:
+        return
+    state.checked = now
+    try:
+        workers = len(client.nthreads())
+    except Exception:  # the scheduler is gone: Dask cancels the futures, which ends the wait
+        return
+    if not workers:
+        raise slurm_refusal(state.settings, state.said[0])
+    if not state.noted:
+        state.noted = True
+        console.print(f"[yellow]note:[/] sbatch refused a worker job ({state.said[0]}); the run goes on with "
+                      f"{workers} worker(s)", soft_wrap=True)
+
+
 # How long run_tasks waits with no worker, per client open_client made (None: wait for ever).
 _NO_WORKERS_TIMEOUT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
@@ -335,8 +454,10 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
             raise UserError(f"cluster.address={cfg.address!r} is not a Dask scheduler address: {e}",
                             fix="pass --cluster-address tcp://HOST:PORT (what `dask scheduler` prints)") from None
     elif cfg.backend == "slurm":
-        cluster = _slurm_cluster(cfg)
+        refusals: list[str] = []
+        cluster = _slurm_cluster(cfg, refusals)
         client = Client(cluster)
+        _REFUSALS[client] = _Refusals(cfg.slurm, refusals)
     elif cfg.backend == "kubernetes":
         cluster = _kubernetes_cluster(cfg)
         client = Client(cluster)
@@ -355,6 +476,8 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
     quiet = _QuietConnectionLoss()
     for name in _DASK_CLIENT_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
+    quiet_refusal = _QuietRefusal()
+    logging.getLogger("tornado.application").addFilter(quiet_refusal)
     try:
         _announce(client, cfg)
         if shared_dir is not None and cfg.backend != "local":  # LocalCluster workers share this machine's files
@@ -373,6 +496,7 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         finally:
             for name in _DASK_CLIENT_LOGGERS:
                 logging.getLogger(name).removeFilter(quiet)
+            logging.getLogger("tornado.application").removeFilter(quiet_refusal)
 
 
 @contextlib.contextmanager
@@ -402,7 +526,9 @@ def _performance_report(client: Any, path: Path) -> Iterator[None]:
     console.print(f"dask task stream (no bokeh for the HTML report): {out}", soft_wrap=True)
 
 
-def _slurm_cluster(cfg: ClusterConfig) -> Any:
+def _slurm_cluster(cfg: ClusterConfig, refusals: list[str]) -> Any:
+    """A ``SLURMCluster`` scaling adaptively between the configured jobs; what sbatch says when it refuses one of
+    them goes to ``refusals``."""
     import shutil
 
     if shutil.which("sbatch") is None:
@@ -410,7 +536,7 @@ def _slurm_cluster(cfg: ClusterConfig) -> Any:
                         fix="run on a SLURM login node, or choose cluster.backend=local/address")
     from dask_jobqueue import SLURMCluster
 
-    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg))
+    cluster = SLURMCluster(job_cls=_slurm_job_cls(refusals), **slurm_cluster_kwargs(cfg))
     cluster.adapt(minimum_jobs=cfg.slurm.minimum_jobs, maximum_jobs=cfg.slurm.maximum_jobs)
     return cluster
 
@@ -483,6 +609,7 @@ def training_resources(client: Any, cfg: ClusterConfig, devices: int = 1,
     if offered <= 0 and cfg.tasks.gpu == "require":
         deadline = time.monotonic() + cfg.connect_timeout_s
         while offered <= 0 and time.monotonic() < deadline:
+            check_refused(client)
             time.sleep(0.5)
             offered = worker_gpus(client)
         if offered <= 0:
@@ -601,8 +728,10 @@ def check_shared_dir(client: Any, path: Path, wait_s: float) -> None:
     try:
         deadline = time.monotonic() + wait_s
         while not client.scheduler_info().get("workers") and time.monotonic() < deadline:
+            check_refused(client)
             time.sleep(0.5)
         if not client.scheduler_info().get("workers"):
+            check_refused(client)
             console.print(f"note: no Dask worker yet to check that workers see '{path}' (they must: a shared "
                           "filesystem at the same path)", soft_wrap=True)
             return

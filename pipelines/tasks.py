@@ -61,7 +61,7 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
     """
     from distributed import as_completed
 
-    from pipelines.cluster import no_workers_timeout
+    from pipelines.cluster import check_refused, no_workers_timeout
 
     names = list(units)
     if not names:
@@ -110,6 +110,11 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
             finished = as_completed(futures)
             while pending:
                 if not finished.has_ready():
+                    try:
+                        check_refused(client)  # sbatch refused the cluster's worker jobs: none will come
+                    except Exception:
+                        client.cancel(list(pending))
+                        raise
                     if watch.gone_for_good():
                         lost = NoWorkersLeft(f"no Dask worker left on the scheduler for {watch.timeout:g}s "
                                              "(cluster.no_workers_timeout_s); a re-run retries it")
