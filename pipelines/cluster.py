@@ -241,7 +241,8 @@ class SlurmJobRefused(RuntimeError):
 
 
 class _QuietRefusal(logging.Filter):
-    """Drops the traceback Tornado logs for a worker job sbatch refused: :func:`check_refused` says it in one line."""
+    """Drops the traceback Tornado logs for a worker job sbatch refused: :func:`check_slurm_workers` says it in one
+    line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not isinstance(record.exc_info[1] if record.exc_info else None, SlurmJobRefused)
@@ -259,7 +260,7 @@ def _slurm_job_cls(refusals: list[str]) -> type:
 
     A refused job would otherwise leave a traceback in the log and the cluster waiting for a worker that never
     comes: for ever when it scales adaptively from 0 jobs, ``cluster.no_workers_timeout_s`` otherwise, reported
-    as lost workers (exit 3). The driver looks at ``refusals`` while it waits (:func:`check_refused`).
+    as lost workers (exit 3). The driver looks at ``refusals`` while it waits (:func:`check_slurm_workers`).
     """
     from dask_jobqueue.slurm import SLURMJob
     from distributed.core import Status
@@ -279,17 +280,25 @@ def _slurm_job_cls(refusals: list[str]) -> type:
 
 
 @dataclasses.dataclass
-class _Refusals:
-    """What sbatch said when it refused worker jobs of one client's cluster, and what the driver did about it."""
+class _SlurmWatch:
+    """What the driver knows of one client's SLURM worker jobs beyond what Dask tracks: what sbatch said when it
+    refused jobs, and since when every job Dask waits for has ended in SLURM without its worker connecting."""
 
     settings: SlurmSettings
+    cluster: Any  # weakref.ref to the SLURMCluster
     said: list[str] = dataclasses.field(default_factory=list)
     noted: bool = False  # the note that the run goes on with fewer workers was printed
-    checked: float = 0.0  # time.monotonic() of the last look at the scheduler's workers
+    checked: float = 0.0  # time.monotonic() of the last look at the scheduler's workers after a refusal
+    jobs_checked: float = 0.0  # ... and of the last look at the jobs in squeue
+    ended_since: float | None = None  # when every job was first seen ended with no worker connected
 
 
-_REFUSALS: weakref.WeakKeyDictionary[Any, _Refusals] = weakref.WeakKeyDictionary()
-_REFUSAL_POLL_S = 1.0  # how often check_refused asks the scheduler for its workers once sbatch refused a job
+_SLURM_WATCH: weakref.WeakKeyDictionary[Any, _SlurmWatch] = weakref.WeakKeyDictionary()
+_REFUSAL_POLL_S = 1.0  # how often check_slurm_workers asks the scheduler for its workers once sbatch refused a job
+_JOBS_POLL_S = 5.0  # how often it asks squeue about the jobs while no worker is connected
+# squeue's states of a job that has ended (the others may still start a worker)
+_ENDED_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                 "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
 # sbatch's words -> the settings they are about and what to do: the first match names them in the error.
 _SBATCH_CAUSES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     (("invalid account", "account/partition"), ("account", "queue"),
@@ -325,33 +334,99 @@ def slurm_refusal(s: SlurmSettings, said: str) -> UserError:
                      "can start", fix=fix)
 
 
-def check_refused(client: Any) -> None:
-    """Stop the run when sbatch refused a worker job of this client's cluster and no worker is connected.
+def check_slurm_workers(client: Any) -> None:
+    """Stop the run when the SLURM worker jobs of this client's cluster cannot give it a worker; a no-op for
+    clusters of other backends.
 
-    Dask does not submit a refused job again: the cluster would wait for its worker for ever. With other workers
-    connected the run goes on with them (a note says why there are fewer). Cheap while sbatch refused nothing; after
-    that it asks the scheduler at most every ``_REFUSAL_POLL_S``.
+    Dask submits a job once and then waits for its worker: a job sbatch refused, or one that ended before its
+    worker connected (a ``job_script_prologue`` that fails, no segfactory in ``cluster.slurm.python`` on the node,
+    a node that cannot reach the scheduler), would keep the run waiting for ever on an adaptive cluster, or for
+    ``cluster.no_workers_timeout_s`` and then fail its units as if workers had been lost (exit 3). With some worker
+    connected the run goes on with it (a note says why there are fewer). Asks the scheduler only once sbatch
+    refused a job (at most every ``_REFUSAL_POLL_S``) or every ``_JOBS_POLL_S``, squeue only while no worker is
+    connected.
 
     Raises:
-        UserError: sbatch refused a worker job and the scheduler has no worker (:func:`slurm_refusal`).
+        UserError: sbatch refused a worker job and no worker is connected (:func:`slurm_refusal`), or every worker
+            job Dask waits for has ended (seen twice, ``_JOBS_POLL_S`` apart) and no worker is connected.
     """
-    state = _REFUSALS.get(client)
-    if state is None or not state.said:
+    watch = _SLURM_WATCH.get(client)
+    if watch is None:
         return
     now = time.monotonic()
-    if state.noted and now - state.checked < _REFUSAL_POLL_S:
+    refused = bool(watch.said) and (not watch.noted or now - watch.checked >= _REFUSAL_POLL_S)
+    jobs_due = now - watch.jobs_checked >= _JOBS_POLL_S
+    if not refused and not jobs_due:
         return
-    state.checked = now
     try:
         workers = len(client.nthreads())
     except Exception:  # the scheduler is gone: Dask cancels the futures, which ends the wait
         return
-    if not workers:
-        raise slurm_refusal(state.settings, state.said[0])
-    if not state.noted:
-        state.noted = True
-        console.print(f"[yellow]note:[/] sbatch refused a worker job ({state.said[0]}); the run goes on with "
-                      f"{workers} worker(s)", soft_wrap=True)
+    if refused:
+        watch.checked = now
+        if not workers:
+            raise slurm_refusal(watch.settings, watch.said[0])
+        if not watch.noted:
+            watch.noted = True
+            console.print(f"[yellow]note:[/] sbatch refused a worker job ({watch.said[0]}); the run goes on with "
+                          f"{workers} worker(s)", soft_wrap=True)
+    if not jobs_due:
+        return
+    watch.jobs_checked = now
+    cluster = watch.cluster()
+    try:
+        jobs = [j.job_id for j in list(cluster.workers.values()) if getattr(j, "job_id", None)] if cluster else []
+    except RuntimeError:  # the cluster's loop changed its workers meanwhile: look again next time
+        return
+    ended = _ended_jobs(jobs) if jobs and not workers else set()
+    if not jobs or workers or ended != set(jobs):
+        watch.ended_since = None
+        return
+    if watch.ended_since is None:  # once more, later: a worker may have connected and left meanwhile
+        watch.ended_since = now
+        return
+    raise _jobs_ended(watch.settings, sorted(ended, key=int))
+
+
+def _ended_jobs(job_ids: list[str]) -> set[str] | None:
+    """Those of ``job_ids`` that have ended (squeue lists them ended, or no longer lists them); None when squeue
+    cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # every id unknown ("Invalid job id specified"): all ended long enough ago
+        return set(job_ids) if "invalid job id" in out.stderr.lower() else None
+    alive = {parts[0] for parts in (line.split() for line in out.stdout.splitlines())
+             if len(parts) == 2 and parts[1] not in _ENDED_STATES}
+    return {j for j in job_ids if j not in alive}
+
+
+def _job_log_tail(s: SlurmSettings, job_id: str) -> str | None:
+    """The last line of a worker job's stderr (else stdout) log, with its path; None when there is none."""
+    base = Path(s.log_directory) if s.log_directory else Path.cwd()
+    names = ([f"{s.job_name}-{job_id}.err", f"{s.job_name}-{job_id}.out"] if s.log_directory
+             else [f"slurm-{job_id}.out"])  # SLURM's own default, in the directory sbatch ran in
+    for name in names:
+        with contextlib.suppress(OSError):
+            lines = [line.strip() for line in (base / name).read_text(errors="replace").splitlines() if line.strip()]
+            if lines:
+                return f"{base / name} ends with: {lines[-1][:300]}"
+    return None
+
+
+def _jobs_ended(s: SlurmSettings, job_ids: list[str]) -> UserError:
+    tail = _job_log_tail(s, job_ids[-1])
+    where = f"; {tail}" if tail else (f" (no log of job {job_ids[-1]} found"
+                                      f"{' in ' + s.log_directory if s.log_directory else ''})")
+    return UserError(f"the SLURM worker job(s) {', '.join(job_ids)} ended before their Dask worker connected to the "
+                     f"scheduler{where}",
+                     fix="read the job's log (cluster.slurm.log_directory): check cluster.slurm.job_script_prologue, "
+                         f"that cluster.slurm.python ({s.python}) runs with segfactory installed on the compute "
+                         "nodes, and that they reach this host (cluster.slurm.interface, scheduler_host)")
 
 
 # How long run_tasks waits with no worker, per client open_client made (None: wait for ever).
@@ -457,7 +532,7 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         refusals: list[str] = []
         cluster = _slurm_cluster(cfg, refusals)
         client = Client(cluster)
-        _REFUSALS[client] = _Refusals(cfg.slurm, refusals)
+        _SLURM_WATCH[client] = _SlurmWatch(cfg.slurm, weakref.ref(cluster), refusals)
     elif cfg.backend == "kubernetes":
         cluster = _kubernetes_cluster(cfg)
         client = Client(cluster)
@@ -609,7 +684,7 @@ def training_resources(client: Any, cfg: ClusterConfig, devices: int = 1,
     if offered <= 0 and cfg.tasks.gpu == "require":
         deadline = time.monotonic() + cfg.connect_timeout_s
         while offered <= 0 and time.monotonic() < deadline:
-            check_refused(client)
+            check_slurm_workers(client)
             time.sleep(0.5)
             offered = worker_gpus(client)
         if offered <= 0:
@@ -728,10 +803,10 @@ def check_shared_dir(client: Any, path: Path, wait_s: float) -> None:
     try:
         deadline = time.monotonic() + wait_s
         while not client.scheduler_info().get("workers") and time.monotonic() < deadline:
-            check_refused(client)
+            check_slurm_workers(client)
             time.sleep(0.5)
         if not client.scheduler_info().get("workers"):
-            check_refused(client)
+            check_slurm_workers(client)
             console.print(f"note: no Dask worker yet to check that workers see '{path}' (they must: a shared "
                           "filesystem at the same path)", soft_wrap=True)
             return

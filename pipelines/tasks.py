@@ -61,7 +61,7 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
     """
     from distributed import as_completed
 
-    from pipelines.cluster import check_refused, no_workers_timeout
+    from pipelines.cluster import check_slurm_workers, no_workers_timeout
 
     names = list(units)
     if not names:
@@ -111,7 +111,7 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
             while pending:
                 if not finished.has_ready():
                     try:
-                        check_refused(client)  # sbatch refused the cluster's worker jobs: none will come
+                        check_slurm_workers(client)  # SLURM jobs refused, or ended without a worker: none will come
                     except Exception:
                         client.cancel(list(pending))
                         raise
