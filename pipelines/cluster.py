@@ -9,6 +9,12 @@ path (a shared filesystem): :func:`open_client` checks that on every worker ther
 (:func:`check_shared_dir`) and stops with one line naming the worker that cannot. Kubernetes worker pods mount the
 ``cluster.kubernetes.volumes`` the driver's pod mounts (``configs/schedules/refresh-cronjob.yaml``); the image
 they run is built from ``configs/docker/Dockerfile``.
+
+On SLURM, Dask submits each worker job once and waits for its worker: a job ``sbatch`` refuses (a partition or
+account that does not exist, more memory than a node has, a bad ``job_extra_directives`` line) or one that ends
+before its worker connects (a failing ``job_script_prologue``, no segfactory in ``cluster.slurm.python``) would
+keep the run waiting for ever. :func:`check_slurm_workers`, called wherever the driver waits for workers, stops the
+run then with one line naming the setting and ``sbatch``'s words, or the job's log (exit 2).
 """
 
 from __future__ import annotations
