@@ -58,6 +58,10 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
         for ``cluster.no_workers_timeout_s`` (:class:`NoWorkersLeft`; the client came from
         :func:`pipelines.cluster.open_client`). The bar counts finished units' sizes and the reported progress
         of running ones; a failed unit's share is emptied.
+
+    Raises:
+        UserError: the cluster's SLURM worker jobs can give it no worker (refused by sbatch, or ended before their
+            worker connected; :func:`pipelines.cluster.check_slurm_workers`); the units still to run are cancelled.
     """
     from distributed import as_completed
 
