@@ -297,6 +297,7 @@ class _SlurmWatch:
     checked: float = 0.0  # time.monotonic() of the last look at the scheduler's workers after a refusal
     jobs_checked: float = 0.0  # ... and of the last look at the jobs in squeue
     ended_since: float | None = None  # when every job was first seen ended with no worker connected
+    connected: set[str] = dataclasses.field(default_factory=set)  # ids of jobs whose worker was seen connected
 
 
 _SLURM_WATCH: weakref.WeakKeyDictionary[Any, _SlurmWatch] = weakref.WeakKeyDictionary()
@@ -365,9 +366,10 @@ def check_slurm_workers(client: Any) -> None:
     if not refused and not jobs_due:
         return
     try:
-        workers = len(client.nthreads())
+        names = [str(w.get("name")) for w in client.scheduler_info()["workers"].values()]
     except Exception:  # the scheduler is gone: Dask cancels the futures, which ends the wait
         return
+    workers = len(names)
     if refused:
         watch.checked = now
         if not workers:
@@ -381,9 +383,17 @@ def check_slurm_workers(client: Any) -> None:
     watch.jobs_checked = now
     cluster = watch.cluster()
     try:
-        jobs = [j.job_id for j in list(cluster.workers.values()) if getattr(j, "job_id", None)] if cluster else []
+        specs = {str(n): j.job_id for n, j in list(cluster.workers.items()) if getattr(j, "job_id", None)} \
+            if cluster else {}
     except RuntimeError:  # the cluster's loop changed its workers meanwhile: look again next time
         return
+    # A job's worker is named after its spec (processes > 1: "<spec>-<i>"). A job whose worker has connected
+    # ended for another reason (its walltime, a kill): lost workers, which no_workers_timeout_s handles (exit 3).
+    watch.connected.update(j for n, j in specs.items() if any(w == n or w.startswith(f"{n}-") for w in names))
+    if watch.connected & set(specs.values()):
+        watch.ended_since = None
+        return
+    jobs = list(specs.values())
     ended = _ended_jobs(jobs) if jobs and not workers else set()
     if not jobs or workers or ended != set(jobs):
         watch.ended_since = None

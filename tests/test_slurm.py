@@ -149,6 +149,47 @@ def render_doomed(tmp_path: Path, slurm_settings: dict) -> tuple[subprocess.Comp
     return proc, time.monotonic() - t0
 
 
+@pytest.mark.slow  # ~1-2 min: a render whose only SLURM job is cancelled after its worker connected
+def test_the_only_job_cancelled_after_its_worker_connected_is_lost_workers_not_a_config_error(slurm: None,
+                                                                                           tmp_path: Path):
+    # A job whose worker connected and then ended (its walltime ran out, an operator's scancel) is a lost worker:
+    # exit 3 after cluster.no_workers_timeout_s ("a re-run retries it"), never the exit-2 "ended before their Dask
+    # worker connected" of a job that could not start a worker at all.
+    out = tmp_path / "slurm-ds"
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "scene": {"family": "cells"},
+        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
+        "dataset": {"scenes": 8, "scenes_per_shard": 4},
+        "execution": {"timeout_s": 120, "retries": 0},
+        "cluster": {"backend": "slurm", "dashboard": False, "no_workers_timeout_s": 20, "slurm": {
+            "cores": 1, "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": 1, "maximum_jobs": 1,
+            "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": JOB_NAME,
+        }},
+    }))
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as f:
+        driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
+                                  stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        found: dict = {}
+        wait_until(lambda: bool(found.update(r=render_in_job()) or found["r"]), 180,
+                   "a render inside the SLURM job", driver, log.read_text)
+        time.sleep(6)  # past the driver's next look at its jobs (every 5 s): it has seen the worker connected
+        subprocess.run(["scancel", found["r"][0]], check=True, timeout=30)
+        code = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                driver.kill()
+            driver.wait(timeout=30)
+        for job in our_jobs():
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "ended before their Dask worker connected" not in text, text
+    assert code in (0, 3), text  # finished on a new job, or the shards left are listed as lost (a re-run retries)
+
+
 @pytest.mark.parametrize(("scaling", "settings", "named", "sbatch_said"), [
     (FIXED, {"queue": "nosuchpartition"}, "cluster.slurm.queue='nosuchpartition'",
      "invalid partition specified: nosuchpartition"),
