@@ -9,12 +9,19 @@ path (a shared filesystem): :func:`open_client` checks that on every worker ther
 (:func:`check_shared_dir`) and stops with one line naming the worker that cannot. Kubernetes worker pods mount the
 ``cluster.kubernetes.volumes`` the driver's pod mounts (``configs/schedules/refresh-cronjob.yaml``); the image
 they run is built from ``configs/docker/Dockerfile``.
+
+On SLURM, Dask submits each worker job once and waits for its worker: a job ``sbatch`` refuses (a partition or
+account that does not exist, more memory than a node has, a bad ``job_extra_directives`` line) or one that ends
+before its worker connects (a failing ``job_script_prologue``, no segfactory in ``cluster.slurm.python``) would
+keep the run waiting for ever. :func:`check_slurm_workers`, called wherever the driver waits for workers, stops the
+run then with one line naming the setting and ``sbatch``'s words, or the job's log (exit 2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -239,6 +246,209 @@ class _QuietConnectionLoss(logging.Filter):
 _DASK_CLIENT_LOGGERS = ("distributed.client", "distributed.utils")
 
 
+class SlurmJobRefused(RuntimeError):
+    """sbatch refused a worker job (its exit status was not 0); the message is sbatch's own error."""
+
+
+class _QuietRefusal(logging.Filter):
+    """Drops the traceback Tornado logs for a worker job sbatch refused: :func:`check_slurm_workers` says it in one
+    line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not isinstance(record.exc_info[1] if record.exc_info else None, SlurmJobRefused)
+
+
+def _sbatch_said(error: str) -> str:
+    """sbatch's own error lines out of dask-jobqueue's ``RuntimeError`` (exit code, command, stdout, stderr)."""
+    stderr = error.split("stderr:", 1)[1] if "stderr:" in error else error
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return "; ".join(lines) or error.strip()
+
+
+def _slurm_job_cls(refusals: list[str]) -> type:
+    """dask-jobqueue's ``SLURMJob`` that records what sbatch said when it refused a job in ``refusals``.
+
+    A refused job would otherwise leave a traceback in the log and the cluster waiting for a worker that never
+    comes: for ever when it scales adaptively from 0 jobs, ``cluster.no_workers_timeout_s`` otherwise, reported
+    as lost workers (exit 3). The driver looks at ``refusals`` while it waits (:func:`check_slurm_workers`).
+    """
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
+
+    class RecordingSLURMJob(SLURMJob):
+        async def _submit_job(self, script_filename: str) -> str:
+            try:
+                out: str = await super()._submit_job(script_filename)
+            except RuntimeError as e:
+                refusals.append(_sbatch_said(str(e)))
+                # failed, not created: closing the cluster asserts that every job it made has started or ended
+                self.status = Status.failed
+                raise SlurmJobRefused(refusals[-1]) from None
+            return out
+
+    return RecordingSLURMJob
+
+
+@dataclasses.dataclass
+class _SlurmWatch:
+    """What the driver knows of one client's SLURM worker jobs beyond what Dask tracks: what sbatch said when it
+    refused jobs, and since when every job Dask waits for has ended in SLURM without its worker connecting."""
+
+    settings: SlurmSettings
+    cluster: Any  # weakref.ref to the SLURMCluster
+    said: list[str] = dataclasses.field(default_factory=list)
+    noted: bool = False  # the note that the run goes on with fewer workers was printed
+    checked: float = 0.0  # time.monotonic() of the last look at the scheduler's workers after a refusal
+    jobs_checked: float = 0.0  # ... and of the last look at the jobs in squeue
+    ended_since: float | None = None  # when every job was first seen ended with no worker connected
+    connected: set[str] = dataclasses.field(default_factory=set)  # ids of jobs whose worker was seen connected
+
+
+_SLURM_WATCH: weakref.WeakKeyDictionary[Any, _SlurmWatch] = weakref.WeakKeyDictionary()
+_REFUSAL_POLL_S = 1.0  # how often check_slurm_workers asks the scheduler for its workers once sbatch refused a job
+_JOBS_POLL_S = 5.0  # how often it asks squeue about the jobs while no worker is connected
+# squeue's states of a job that has ended (the others may still start a worker)
+_ENDED_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                 "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
+# sbatch's words -> the settings they are about and what to do: the first match names them in the error.
+_SBATCH_CAUSES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
+    (("invalid account", "account/partition"), ("account", "queue"),
+     "set cluster.slurm.account to an account of yours (`sacctmgr show associations user=$USER`), or leave it unset"),
+    (("partition",), ("queue",), "set cluster.slurm.queue to a partition `sinfo -s` lists, or leave it unset for "
+                                 "the cluster's default partition"),
+    (("qos",), ("job_extra_directives",), "use a QOS and limits of yours in cluster.slurm.job_extra_directives "
+                                          "(`sacctmgr show associations user=$USER format=qos,maxsubmit`)"),
+    (("gres", "generic resource"), ("gpus_per_job", "job_extra_directives"),
+     "ask for GPUs the partition's nodes have (`sinfo -o '%P %G'`), or set cluster.slurm.gpus_per_job=0"),
+    (("time limit",), ("walltime",), "set cluster.slurm.walltime within the partition's limit (`sinfo -o '%P %l'`)"),
+    (("memory", "node configuration", "processors", "cpu"), ("memory", "cores", "gpus_per_job"),
+     "ask for at most what one node has (`sinfo -o '%P %c %m %G'`: CPUs, memory in MB, GPUs) in "
+     "cluster.slurm.cores, memory and gpus_per_job"),
+    (("option", "directive", "invalid"), ("job_extra_directives",),
+     "fix or remove the line of cluster.slurm.job_extra_directives sbatch names (`sbatch --help`)"),
+)
+
+
+def slurm_refusal(s: SlurmSettings, said: str) -> UserError:
+    """The one-line error for a worker job sbatch refused: the settings it is about, sbatch's words, the fix."""
+    low = said.lower()
+    settings: tuple[str, ...] = ()
+    fix = ("check the cluster.slurm settings against what `sinfo` and `sacctmgr show associations user=$USER` list; "
+           "`sbatch --test-only` with the same options tells whether SLURM accepts them")
+    for words, names, cause_fix in _SBATCH_CAUSES:
+        if any(w in low for w in words):
+            settings, fix = names, cause_fix
+            break
+    shown = ", ".join(f"cluster.slurm.{n}={getattr(s, n)!r}" for n in settings
+                      if getattr(s, n) or n in ("memory", "cores", "queue"))
+    return UserError(f"sbatch refused the SLURM worker job ({shown or 'cluster.slurm'}): {said}; no Dask worker "
+                     "can start", fix=fix)
+
+
+def check_slurm_workers(client: Any) -> None:
+    """Stop the run when the SLURM worker jobs of this client's cluster cannot give it a worker; a no-op for
+    clusters of other backends.
+
+    Dask submits a job once and then waits for its worker: a job sbatch refused, or one that ended before its
+    worker connected (a ``job_script_prologue`` that fails, no segfactory in ``cluster.slurm.python`` on the node,
+    a node that cannot reach the scheduler), would keep the run waiting for ever on an adaptive cluster, or for
+    ``cluster.no_workers_timeout_s`` and then fail its units as if workers had been lost (exit 3). With some worker
+    connected the run goes on with it (a note says why there are fewer). Asks the scheduler only once sbatch
+    refused a job (at most every ``_REFUSAL_POLL_S``) or every ``_JOBS_POLL_S``, squeue only while no worker is
+    connected.
+
+    Raises:
+        UserError: sbatch refused a worker job and no worker is connected (:func:`slurm_refusal`), or every worker
+            job Dask waits for has ended (seen twice, ``_JOBS_POLL_S`` apart) and no worker is connected.
+    """
+    watch = _SLURM_WATCH.get(client)
+    if watch is None:
+        return
+    now = time.monotonic()
+    refused = bool(watch.said) and (not watch.noted or now - watch.checked >= _REFUSAL_POLL_S)
+    jobs_due = now - watch.jobs_checked >= _JOBS_POLL_S
+    if not refused and not jobs_due:
+        return
+    try:
+        names = [str(w.get("name")) for w in client.scheduler_info()["workers"].values()]
+    except Exception:  # the scheduler is gone: Dask cancels the futures, which ends the wait
+        return
+    workers = len(names)
+    if refused:
+        watch.checked = now
+        if not workers:
+            raise slurm_refusal(watch.settings, watch.said[0])
+        if not watch.noted:
+            watch.noted = True
+            console.print(f"[yellow]note:[/] sbatch refused a worker job ({watch.said[0]}); the run goes on with "
+                          f"{workers} worker(s)", soft_wrap=True)
+    if not jobs_due:
+        return
+    watch.jobs_checked = now
+    cluster = watch.cluster()
+    try:
+        specs = {str(n): j.job_id for n, j in list(cluster.workers.items()) if getattr(j, "job_id", None)} \
+            if cluster else {}
+    except RuntimeError:  # the cluster's loop changed its workers meanwhile: look again next time
+        return
+    # A job's worker is named after its spec (processes > 1: "<spec>-<i>"). A job whose worker has connected
+    # ended for another reason (its walltime, a kill): lost workers, which no_workers_timeout_s handles (exit 3).
+    watch.connected.update(j for n, j in specs.items() if any(w == n or w.startswith(f"{n}-") for w in names))
+    if watch.connected & set(specs.values()):
+        watch.ended_since = None
+        return
+    jobs = list(specs.values())
+    ended = _ended_jobs(jobs) if jobs and not workers else set()
+    if not jobs or workers or ended != set(jobs):
+        watch.ended_since = None
+        return
+    if watch.ended_since is None:  # once more, later: a worker may have connected and left meanwhile
+        watch.ended_since = now
+        return
+    raise _jobs_ended(watch.settings, sorted(ended, key=int))
+
+
+def _ended_jobs(job_ids: list[str]) -> set[str] | None:
+    """Those of ``job_ids`` that have ended (squeue lists them ended, or no longer lists them); None when squeue
+    cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # every id unknown ("Invalid job id specified"): all ended long enough ago
+        return set(job_ids) if "invalid job id" in out.stderr.lower() else None
+    alive = {parts[0] for parts in (line.split() for line in out.stdout.splitlines())
+             if len(parts) == 2 and parts[1] not in _ENDED_STATES}
+    return {j for j in job_ids if j not in alive}
+
+
+def _job_log_tail(s: SlurmSettings, job_id: str) -> str | None:
+    """The last line of a worker job's stderr (else stdout) log, with its path; None when there is none."""
+    base = Path(s.log_directory) if s.log_directory else Path.cwd()
+    names = ([f"{s.job_name}-{job_id}.err", f"{s.job_name}-{job_id}.out"] if s.log_directory
+             else [f"slurm-{job_id}.out"])  # SLURM's own default, in the directory sbatch ran in
+    for name in names:
+        with contextlib.suppress(OSError):
+            lines = [line.strip() for line in (base / name).read_text(errors="replace").splitlines() if line.strip()]
+            if lines:
+                return f"{base / name} ends with: {lines[-1][:300]}"
+    return None
+
+
+def _jobs_ended(s: SlurmSettings, job_ids: list[str]) -> UserError:
+    tail = _job_log_tail(s, job_ids[-1])
+    where = f"; {tail}" if tail else (f" (no log of job {job_ids[-1]} found"
+                                      f"{' in ' + s.log_directory if s.log_directory else ''})")
+    return UserError(f"the SLURM worker job(s) {', '.join(job_ids)} ended before their Dask worker connected to the "
+                     f"scheduler{where}",
+                     fix="read the job's log (cluster.slurm.log_directory): check cluster.slurm.job_script_prologue, "
+                         f"that cluster.slurm.python ({s.python}) runs with segfactory installed on the compute "
+                         "nodes, and that they reach this host (cluster.slurm.interface, scheduler_host)")
+
+
 # How long run_tasks waits with no worker, per client open_client made (None: wait for ever).
 _NO_WORKERS_TIMEOUT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
@@ -339,8 +549,10 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
             raise UserError(f"cluster.address={cfg.address!r} is not a Dask scheduler address: {e}",
                             fix="pass --cluster-address tcp://HOST:PORT (what `dask scheduler` prints)") from None
     elif cfg.backend == "slurm":
-        cluster = _slurm_cluster(cfg)
+        refusals: list[str] = []
+        cluster = _slurm_cluster(cfg, refusals)
         client = Client(cluster)
+        _SLURM_WATCH[client] = _SlurmWatch(cfg.slurm, weakref.ref(cluster), refusals)
     elif cfg.backend == "kubernetes":
         cluster = _kubernetes_cluster(cfg)
         client = Client(cluster)
@@ -359,6 +571,8 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
     quiet = _QuietConnectionLoss()
     for name in _DASK_CLIENT_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
+    quiet_refusal = _QuietRefusal()
+    logging.getLogger("tornado.application").addFilter(quiet_refusal)
     try:
         _announce(client, cfg)
         if shared_dir is not None and cfg.backend != "local":  # LocalCluster workers share this machine's files
@@ -377,6 +591,7 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         finally:
             for name in _DASK_CLIENT_LOGGERS:
                 logging.getLogger(name).removeFilter(quiet)
+            logging.getLogger("tornado.application").removeFilter(quiet_refusal)
 
 
 @contextlib.contextmanager
@@ -406,7 +621,9 @@ def _performance_report(client: Any, path: Path) -> Iterator[None]:
     console.print(f"dask task stream (no bokeh for the HTML report): {out}", soft_wrap=True)
 
 
-def _slurm_cluster(cfg: ClusterConfig) -> Any:
+def _slurm_cluster(cfg: ClusterConfig, refusals: list[str]) -> Any:
+    """A ``SLURMCluster`` scaling adaptively between the configured jobs; what sbatch says when it refuses one of
+    them goes to ``refusals``."""
     import shutil
 
     if shutil.which("sbatch") is None:
@@ -414,7 +631,7 @@ def _slurm_cluster(cfg: ClusterConfig) -> Any:
                         fix="run on a SLURM login node, or choose cluster.backend=local/address")
     from dask_jobqueue import SLURMCluster
 
-    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg))
+    cluster = SLURMCluster(job_cls=_slurm_job_cls(refusals), **slurm_cluster_kwargs(cfg))
     cluster.adapt(minimum_jobs=cfg.slurm.minimum_jobs, maximum_jobs=cfg.slurm.maximum_jobs)
     return cluster
 
@@ -487,6 +704,7 @@ def training_resources(client: Any, cfg: ClusterConfig, devices: int = 1,
     if offered <= 0 and cfg.tasks.gpu == "require":
         deadline = time.monotonic() + cfg.connect_timeout_s
         while offered <= 0 and time.monotonic() < deadline:
+            check_slurm_workers(client)
             time.sleep(0.5)
             offered = worker_gpus(client)
         if offered <= 0:
@@ -605,8 +823,10 @@ def check_shared_dir(client: Any, path: Path, wait_s: float) -> None:
     try:
         deadline = time.monotonic() + wait_s
         while not client.scheduler_info().get("workers") and time.monotonic() < deadline:
+            check_slurm_workers(client)
             time.sleep(0.5)
         if not client.scheduler_info().get("workers"):
+            check_slurm_workers(client)
             console.print(f"note: no Dask worker yet to check that workers see '{path}' (they must: a shared "
                           "filesystem at the same path)", soft_wrap=True)
             return

@@ -58,10 +58,14 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
         for ``cluster.no_workers_timeout_s`` (:class:`NoWorkersLeft`; the client came from
         :func:`pipelines.cluster.open_client`). The bar counts finished units' sizes and the reported progress
         of running ones; a failed unit's share is emptied.
+
+    Raises:
+        UserError: the cluster's SLURM worker jobs can give it no worker (refused by sbatch, or ended before their
+            worker connected; :func:`pipelines.cluster.check_slurm_workers`); the units still to run are cancelled.
     """
     from distributed import as_completed
 
-    from pipelines.cluster import no_workers_timeout
+    from pipelines.cluster import check_slurm_workers, no_workers_timeout
 
     names = list(units)
     if not names:
@@ -110,6 +114,11 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
             finished = as_completed(futures)
             while pending:
                 if not finished.has_ready():
+                    try:
+                        check_slurm_workers(client)  # SLURM jobs refused, or ended without a worker: none will come
+                    except Exception:
+                        client.cancel(list(pending))
+                        raise
                     if watch.gone_for_good():
                         lost = NoWorkersLeft(f"no Dask worker left on the scheduler for {watch.timeout:g}s "
                                              "(cluster.no_workers_timeout_s); a re-run retries it")

@@ -16,10 +16,12 @@ from loopback import DASK, REPO
 
 from pipelines.cluster import (
     ClusterConfig,
+    SlurmSettings,
     dashboard_link,
     kubernetes_cluster_spec,
     open_client,
     slurm_cluster_kwargs,
+    slurm_refusal,
     task_resources,
     training_resources,
 )
@@ -46,6 +48,29 @@ def test_slurm_job_script_carries_the_knobs():
                  "#SBATCH -t 02:00:00", "#SBATCH --qos=low", "#SBATCH --gres=gpu:1", "#SBATCH -J segfactory-worker"):
         assert line in script, (line, script)
     assert "--resources GPU=1" in script and "--nthreads 4" in script and "tcp://127.0.0.1:" in script
+
+
+@pytest.mark.parametrize(("said", "named", "fix"), [
+    # sbatch's words on SLURM 23-24 (the SLURM lane submits the first, memory and feature ones for real)
+    ("sbatch: error: invalid partition specified: gpux; sbatch: error: Batch job submission failed: Invalid "
+     "partition name specified", "cluster.slurm.queue='gpux'", "sinfo -s"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     "cluster.slurm.account='nobody', cluster.slurm.queue='gpux'", "sacctmgr"),
+    ("sbatch: error: Batch job submission failed: Invalid qos specification",
+     "cluster.slurm.job_extra_directives=['--qos=nope']", "QOS"),
+    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+     "cluster.slurm.walltime='99:00:00'", "walltime"),
+    ("sbatch: error: Memory specification can not be satisfied; sbatch: error: Batch job submission failed: "
+     "Requested node configuration is not available", "cluster.slurm.memory='2GiB', cluster.slurm.cores=1",
+     "sinfo -o"),
+    ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",
+     "(cluster.slurm)", "sbatch --test-only"),
+])
+def test_sbatch_refusal_names_the_setting_and_the_fix(said: str, named: str, fix: str):
+    s = SlurmSettings(queue="gpux", account="nobody", walltime="99:00:00", job_extra_directives=["--qos=nope"])
+    e = slurm_refusal(s, said)
+    assert e.exit_code == 2 and named in e.message and said in e.message
+    assert fix in (e.fix or "")
 
 
 def test_kubernetes_spec_is_a_daskcluster_with_resources():

@@ -134,6 +134,103 @@ def test_prune_never_deletes_shards_under_a_running_fine_tune(tmp_path: Path) ->
     assert committed_shards(ds) == ids[2:] and sorted(p.name for p in (ds / "shards").iterdir()) == ids[2:]
 
 
+def prune_in_process(root: Path, now: Path) -> str:
+    """A refresh's prune in a process of its own (keep 1, ``now`` protected); its output."""
+    r = subprocess.run([sys.executable, "-c", "from pathlib import Path\nfrom pipelines.refresh import prune\n"
+                        f"print(prune(Path({str(root)!r}), 1, protect=Path({str(now)!r})))"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+def test_prune_during_stats_keeps_the_shards_it_counts(tmp_path: Path) -> None:
+    """``segfactory stats`` reads every frame of the listing it started from, then each shard's ``coco.json``: a
+    prune that retires shards meanwhile must leave them to it (it crashed on a missing ``coco.json`` before it held
+    the readers' lock). The real stats process is held at the second shard's ``coco.json``, a FIFO here, with the
+    frames of all four shards counted and the ``coco.json`` of the two the prune retires still to read."""
+    root, dataset, ids = refresh_root(tmp_path, scenes=4)
+    ds = root / dataset
+    publish(root, "000001-20250101T000000.000000Z", dataset, ids, 1)  # every shard
+    stats = [sys.executable, "-m", "segfactory.cli", "stats", str(ds), "--json"]
+    whole = subprocess.run(stats, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    expected = json.loads(whole.stdout)
+    assert expected["shards"] == 4 and expected["frames"] == 8
+    coco = ds / "shards" / ids[1] / "coco.json"
+    content = coco.read_bytes()
+    coco.unlink()
+    os.mkfifo(coco)
+    proc = subprocess.Popen(stats, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fd = None
+    try:
+        deadline = time.monotonic() + 120
+        while fd is None:  # opening a FIFO to write without blocking works once a reader has it open
+            try:
+                fd = os.open(coco, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "stats never opened the second shard's coco.json"
+                time.sleep(0.05)
+        now = publish(root, "000002-20250102T000000.000000Z", dataset, ids[:2], 2)  # retires the last two
+        said = prune_in_process(root, now)
+        assert open_dataset(ds).shard_ids == ids[:2]  # new readers see the new release's shards only
+        assert committed_shards(ds) == ids and "in use" in said  # ... the retired ones wait for stats
+    finally:
+        if fd is not None:
+            os.set_blocking(fd, True)
+            os.write(fd, content)
+            os.close(fd)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == expected  # the numbers of the listing it started from
+    coco.unlink()
+    coco.write_bytes(content)
+    prune_in_process(root, now)  # stats is gone: the next prune deletes them
+    assert committed_shards(ds) == ids[:2]
+
+
+def test_prune_during_show_keeps_the_frames_it_draws(tmp_path: Path) -> None:
+    """``segfactory show`` lists the frames of every shard, then loads the ones it draws: a prune that retires
+    shards in between must leave them to it (before it held the readers' lock the sheet failed on a frame that had
+    gone, as if the file were corrupt). The real show command runs in a process of its own that pauses before it
+    loads its first frame (a wrapper around ``synth.viz.load_frame`` that waits for a line, then calls it)."""
+    root, dataset, ids = refresh_root(tmp_path, scenes=4)
+    ds = root / dataset
+    publish(root, "000001-20250101T000000.000000Z", dataset, ids, 1)
+    sheet = tmp_path / "sheet.png"
+    code = textwrap.dedent(f"""
+        import sys
+        import synth.viz as viz
+        load = viz.load_frame
+        paused = []
+        def load_after_a_pause(ref):
+            if not paused:
+                paused.append(ref)
+                print("listed", flush=True)
+                sys.stdin.readline()
+            return load(ref)
+        viz.load_frame = load_after_a_pause
+        from segfactory.cli import main
+        sys.exit(main(["show", {str(ds)!r}, "--out", {str(sheet)!r}, "--frames", "8"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "listed", proc.communicate(timeout=60)
+        now = publish(root, "000002-20250102T000000.000000Z", dataset, ids[:2], 2)
+        said = prune_in_process(root, now)
+        assert open_dataset(ds).shard_ids == ids[:2]
+        assert committed_shards(ds) == ids and "in use" in said
+    finally:
+        out, err = proc.communicate("go\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert sheet.is_file() and str(sheet) in out
+    prune_in_process(root, now)
+    assert committed_shards(ds) == ids[:2]
+
+
 def test_release_named_in_the_future_never_displaces_the_new_one(tmp_path: Path) -> None:
     root, dataset, ids = refresh_root(tmp_path, scenes=3)
     # A release from before sequence numbers, written while the clock was years ahead, and a numbered one

@@ -1,13 +1,18 @@
 """The ``slurm`` cluster backend against a real single-node SLURM (started by ``.ci/services.sh``).
 
-dask-jobqueue submits worker jobs with sbatch; the test cancels one of them with ``scancel`` mid-render and
-checks that the dataset still ends up complete, every frame once, every checksum right. Without a running
-SLURM these tests fail (they never skip): run ``bash .ci/services.sh`` as root first (``make test`` does).
+dask-jobqueue submits worker jobs with sbatch; one test cancels one of them with ``scancel`` mid-render and
+checks that the dataset still ends up complete, every frame once, every checksum right. The others give the
+driver worker jobs that can never give it a worker: jobs sbatch refuses (a partition that does not exist, more
+memory than the node has, an unknown feature), and jobs SLURM accepts that end before their worker connects (a
+failing ``job_script_prologue``); on fixed-size and adaptive clusters the driver stops within seconds with one
+line and exit 2, instead of waiting for ever or for ``cluster.no_workers_timeout_s``. Without a running SLURM
+these tests fail (they never skip): run ``bash .ci/services.sh`` as root first (``make test`` does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -36,8 +41,8 @@ def slurm() -> None:
                     "run `bash .ci/services.sh` as root before pytest")
 
 
-def our_jobs() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i %T"], capture_output=True, text=True,
+def our_jobs(name: str = JOB_NAME) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True,
                          timeout=30, check=True)
     return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1] in ("RUNNING", "PENDING")]
 
@@ -106,3 +111,117 @@ def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
     while our_jobs() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not our_jobs()
+
+
+# Worker jobs that can never give the driver a worker; fixed: the config keeps a job (min = max = 1), adaptive: it
+# scales from 0 jobs when the tasks come (only there did the driver wait for ever; fixed-size ones waited for
+# connect_timeout_s + no_workers_timeout_s, 330 s by default, then failed every unit as lost workers with exit 3).
+FIXED = {"minimum_jobs": 1, "maximum_jobs": 1}
+ADAPTIVE = {"minimum_jobs": 0, "maximum_jobs": 2}
+DOOMED_JOB = "segfactory-test-doomed"
+FAIL_FAST_S = 60  # the fix stops in ~2-12 s on 2 cores; the driver it fixes ran far past this
+
+
+def render_doomed(tmp_path: Path, slurm_settings: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """``segfactory render`` on SLURM with these ``cluster.slurm`` settings: its exit, output and seconds."""
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "scene": {"family": "cells"},
+        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
+        "dataset": {"scenes": 2, "scenes_per_shard": 1},
+        "execution": {"timeout_s": 120, "retries": 0},
+        "cluster": {"backend": "slurm", "dashboard": False, "slurm": {
+            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", "scheduler_host": "127.0.0.1",
+            "log_directory": str(tmp_path / "slurm-logs"), "job_name": DOOMED_JOB, **slurm_settings,
+        }},
+    }))
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out",
+                               str(tmp_path / "ds")], cwd=REPO, capture_output=True, text=True,
+                              timeout=FAIL_FAST_S + 60, env={**os.environ, "COLUMNS": "400"})
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        pytest.fail(f"the driver was still waiting after {FAIL_FAST_S + 60} s:\n{out[-3000:]}")
+    finally:
+        for job in our_jobs(DOOMED_JOB):
+            subprocess.run(["scancel", job], timeout=30)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.slow  # ~1-2 min: a render whose only SLURM job is cancelled after its worker connected
+def test_the_only_job_cancelled_after_its_worker_connected_is_lost_workers_not_a_config_error(slurm: None,
+                                                                                           tmp_path: Path):
+    # A job whose worker connected and then ended (its walltime ran out, an operator's scancel) is a lost worker:
+    # exit 3 after cluster.no_workers_timeout_s ("a re-run retries it"), never the exit-2 "ended before their Dask
+    # worker connected" of a job that could not start a worker at all.
+    out = tmp_path / "slurm-ds"
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "scene": {"family": "cells"},
+        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
+        "dataset": {"scenes": 8, "scenes_per_shard": 4},
+        "execution": {"timeout_s": 120, "retries": 0},
+        "cluster": {"backend": "slurm", "dashboard": False, "no_workers_timeout_s": 20, "slurm": {
+            "cores": 1, "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": 1, "maximum_jobs": 1,
+            "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": JOB_NAME,
+        }},
+    }))
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as f:
+        driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
+                                  stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        found: dict = {}
+        wait_until(lambda: bool(found.update(r=render_in_job()) or found["r"]), 180,
+                   "a render inside the SLURM job", driver, log.read_text)
+        time.sleep(6)  # past the driver's next look at its jobs (every 5 s): it has seen the worker connected
+        subprocess.run(["scancel", found["r"][0]], check=True, timeout=30)
+        code = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                driver.kill()
+            driver.wait(timeout=30)
+        for job in our_jobs():
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "ended before their Dask worker connected" not in text, text
+    assert code in (0, 3), text  # finished on a new job, or the shards left are listed as lost (a re-run retries)
+
+
+@pytest.mark.parametrize(("scaling", "settings", "named", "sbatch_said"), [
+    (FIXED, {"queue": "nosuchpartition"}, "cluster.slurm.queue='nosuchpartition'",
+     "invalid partition specified: nosuchpartition"),
+    (ADAPTIVE, {"queue": "nosuchpartition"}, "cluster.slurm.queue='nosuchpartition'",
+     "invalid partition specified: nosuchpartition"),
+    (FIXED, {"memory": "4TiB"}, "cluster.slurm.memory='4TiB', cluster.slurm.cores=1",
+     "Requested node configuration is not available"),
+    (ADAPTIVE, {"job_extra_directives": ["--constraint=nosuchfeature"]},
+     "cluster.slurm.job_extra_directives=['--constraint=nosuchfeature']", "Invalid feature specification"),
+], ids=["queue-fixed", "queue-adaptive", "memory-fixed", "directive-adaptive"])
+def test_a_worker_job_sbatch_refuses_is_one_line_naming_the_setting(slurm: None, tmp_path: Path, scaling: dict,
+                                                                    settings: dict, named: str, sbatch_said: str):
+    proc, seconds = render_doomed(tmp_path, {**scaling, **settings})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert seconds < FAIL_FAST_S, out[-3000:]
+    error = next(line for line in out.splitlines() if line.startswith("error:"))
+    assert f"sbatch refused the SLURM worker job ({named})" in error and sbatch_said in error
+    assert "fix:" in out and "Traceback" not in out and "RuntimeError" not in out
+    assert not our_jobs(DOOMED_JOB)
+
+
+@pytest.mark.parametrize("scaling", [FIXED, ADAPTIVE], ids=["fixed", "adaptive"])
+def test_a_worker_job_that_ends_before_its_worker_connects_stops_the_run(slurm: None, tmp_path: Path,
+                                                                         scaling: dict):
+    """SLURM accepts the job, but its prologue fails before the Dask worker starts."""
+    prologue = ["echo segfactory-test prologue failed >&2", "exit 1"]
+    proc, seconds = render_doomed(tmp_path, {**scaling, "job_script_prologue": prologue})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert seconds < FAIL_FAST_S, out[-3000:]
+    error = next(line for line in out.splitlines() if line.startswith("error:"))
+    assert "ended before their Dask worker connected" in error
+    assert str(tmp_path / "slurm-logs" / DOOMED_JOB) in error and "prologue failed" in error  # the job's own log
+    assert "cluster.slurm.job_script_prologue" in out and "Traceback" not in out

@@ -81,9 +81,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from segfactory.console import console
     from segfactory.errors import UserError
-    from segfactory.formats.dataset import open_dataset
+    from segfactory.formats.dataset import hold_for_reading, open_dataset
     from synth.viz import contact_sheet
 
+    hold_for_reading(args.dataset)  # before the listing: a refresh's prune deletes none of its shards meanwhile
     ds = open_dataset(args.dataset)
     if not ds.shard_ids:
         raise UserError(f"dataset '{args.dataset}' has no finished shards yet", fix="run `segfactory render` first")
@@ -111,9 +112,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from segfactory.console import console
-    from segfactory.formats.dataset import open_dataset
+    from segfactory.formats.dataset import hold_for_reading, open_dataset
     from synth.viz import dataset_stats
 
+    hold_for_reading(args.dataset)  # before the listing: a refresh's prune deletes none of its shards meanwhile
     stats = dataset_stats(open_dataset(args.dataset))
     if args.json:
         json.dump(stats, sys.stdout, indent=2)

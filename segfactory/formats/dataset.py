@@ -12,7 +12,8 @@ Layout::
     DATASET/shards/<shard_id>/coco.json                 COCO instances, RLE masks
     DATASET/shards/<shard_id>/manifest.json             written last: the shard's commit mark
     DATASET/.readers.lock                      held shared by processes that read frames over time (fine-tuning,
-                                               evaluation): a refresh's prune deletes no shard while one does
+                                               evaluation, probing, `segfactory show` and `stats`): a refresh's
+                                               prune deletes no shard while one does
 
 A shard directory without ``manifest.json`` does not exist (it is an interrupted write). Shards are committed
 with the shared unit protocol of :mod:`segfactory.io` (attempt directory, manifest last, fsync, rename).
@@ -189,11 +190,11 @@ def hold_for_reading(root: str | os.PathLike[str]) -> None:
     """Hold a shared lock on ``DATASET/.readers.lock`` for the rest of this process (released when it exits,
     however it ends).
 
-    A process that reads a dataset's frames over a long time (fine-tuning, evaluation) calls this before reading
-    ``dataset.json``: a refresh's prune that retires shards rewrites ``dataset.json`` at once but deletes the
-    retired shards only when no process holds the lock (:func:`no_readers`), so every shard of the listing a
-    reader started from stays until it is done. A dataset whose lock cannot be opened (read-only, no lock file) is
-    read without it.
+    A process that reads a dataset's frames over time (fine-tuning, evaluation, ``segfactory show`` and ``stats``)
+    calls this before reading ``dataset.json``: a refresh's prune that retires shards rewrites ``dataset.json`` at
+    once but deletes the retired shards only when no process holds the lock (:func:`no_readers`), so every shard
+    of the listing a reader started from stays until it is done. A dataset whose lock cannot be opened (read-only,
+    no lock file) is read without it.
 
     Raises:
         UserError: a prune has been deleting shards of the dataset for ``READERS_WAIT_S`` (exit code 4).
