@@ -251,18 +251,29 @@ def _stage_lock(final: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def stage_thread_env(threads: int) -> dict[str, str]:
-    """The environment that gives a stage's process ``threads`` CPU threads (0: every CPU dask counts here).
+def stage_env(threads: int) -> dict[str, str]:
+    """The environment of a stage's process: this worker's, without what a Dask nanny set for its own tasks.
 
-    A Dask nanny starts its worker with ``OMP_NUM_THREADS=1`` (and MKL's, OpenBLAS's): right for many small tasks
-    side by side, but a training stage's process inherits it and trains on one core of a machine whose other
-    cores sit idle (stages run one at a time). ``STAGE_THREADS_ENV`` tells :func:`segfactory.distributed.
-    relaunch_under_torchrun` that the count is the stage's budget, to split among its ranks.
+    A nanny starts its worker with ``OMP_NUM_THREADS=1`` (and MKL's, OpenBLAS's) and ``MALLOC_TRIM_THRESHOLD_=65536``
+    (``distributed.nanny.pre-spawn-environ``): right for many small tasks side by side, wrong for a training,
+    evaluation or prediction process that inherits them. It trained on one core of a machine whose other cores sat
+    idle (stages run one at a time), and glibc, told to hand every freed 64 KiB back to the system, unmapped and
+    re-faulted the tensors' memory every step: the quickstart's fine-tune ran at half the images/s of the same
+    command outside Dask (15.5 against 30.4 img/s, 2 threads). The stage gets ``threads`` CPU threads (0: every
+    CPU dask counts here: affinity and cgroup quota) and glibc's default trimming. ``STAGE_THREADS_ENV`` tells
+    :func:`segfactory.distributed.relaunch_under_torchrun` that the count is the stage's budget, to split among
+    its ranks.
     """
+    import dask
     import dask.system
 
+    env = dict(os.environ)
+    nanny = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    trim = nanny.get("MALLOC_TRIM_THRESHOLD_")
+    if trim is not None and env.get("MALLOC_TRIM_THRESHOLD_") == str(trim):
+        del env["MALLOC_TRIM_THRESHOLD_"]
     n = str(threads or dask.system.CPU_COUNT)
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, STAGE_THREADS_ENV: n}
+    return env | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, STAGE_THREADS_ENV: n}
 
 
 def training_task(argv: list[str], final: str, timeout_s: float, threads: int = 0) -> dict[str, Any]:
@@ -273,7 +284,8 @@ def training_task(argv: list[str], final: str, timeout_s: float, threads: int = 
     attempt adopts it and the training resumes from its last checkpoint (``--resume``). A command that exits
     without finishing (``train.stop_at``) is not committed: its attempt stays for the next run to resume, and the
     task returns ``finished: False``. The child's progress lines are forwarded to the driver as
-    ``STAGE_PROGRESS_TOPIC`` events. The process gets ``threads`` CPU threads (:func:`stage_thread_env`).
+    ``STAGE_PROGRESS_TOPIC`` events. The process gets ``threads`` CPU threads and none of the Dask nanny's
+    settings (:func:`stage_env`).
     """
     from pipelines.subproc import SubprocessFailed, forward_to_driver, run_logged
 
@@ -301,7 +313,7 @@ def training_task(argv: list[str], final: str, timeout_s: float, threads: int = 
         cmd = [sys.executable, "-m", "segfactory.cli", *args]
         t0 = time.perf_counter()
         try:
-            env = {**os.environ, **stage_thread_env(threads), PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)}
+            env = stage_env(threads) | {PROGRESS_LINES_ENV: "1", STAGE_LOG_ENV: str(log)}
             run_logged(cmd, timeout_s, log, on_line=forward_to_driver(STAGE_PROGRESS_TOPIC, parse), env=env,
                        pass_fds=(lock_fd,))
         except SubprocessFailed as e:

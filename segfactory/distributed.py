@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # killed process would (tests/test_pretrain_ddp.py checks that the whole job then fails, without hanging).
 EXIT_HOOK_ENV = "SEGFACTORY_TEST_RANK_EXIT"
 
-# Set by a pipeline's stage task (pipelines.stages.stage_thread_env): the CPU threads of the whole stage, which
+# Set by a pipeline's stage task (pipelines.stages.stage_env): the CPU threads of the whole stage, which
 # relaunch_under_torchrun splits among its ranks (OMP_NUM_THREADS alone means threads per process, torchrun's way).
 STAGE_THREADS_ENV = "SEGFACTORY_STAGE_THREADS"
 

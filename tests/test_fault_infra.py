@@ -19,6 +19,7 @@ import pytest
 import skimage
 from conftest import REPO
 from loopback import LoopbackCluster, kill_tree
+from torchrun_nodes import free_port
 
 from segfactory.errors import EXIT_PARTIAL, EXIT_USER
 
@@ -46,12 +47,6 @@ def src(tmp_path: Path) -> Path:
     d.mkdir()
     shutil.copy(SK / "camera.png", d / "camera.png")
     return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:notaport", "foo://127.0.0.1:8786"])

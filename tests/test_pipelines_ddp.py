@@ -5,7 +5,8 @@
 * for real on the CPU: a fine-tune stage with ``train.devices=2 train.backend=gloo`` trains as 2 gloo processes
   under torchrun inside one Dask task of a LocalCluster and is committed;
 * a stage's process gets the worker machine's CPUs (``cluster.tasks.stage_threads``, default all), not the one
-  thread a Dask nanny gives its worker; torchrun's ranks split them;
+  thread a Dask nanny gives its worker, and glibc's default memory trimming, not the nanny's; torchrun's ranks
+  split the CPUs;
 * a worker SIGKILLed under a 2-rank stage takes its stage process, torchrun and both ranks with it (the ranks run
   in their own sessions: they stop on the SIGTERM torchrun's death sends them, with a checkpoint), and the retry on
   the other worker resumes from that checkpoint on 2 ranks.
@@ -113,6 +114,25 @@ def test_two_gloo_processes_train_inside_one_dask_task_and_commit(tiny_dataset: 
     assert ckpt["world_size"] == 2 and ckpt["step"] == 2
     # one task ran the stage: no rank outlived it (torchrun's ranks run in their own sessions)
     assert not [p for p in _segfactory_processes() if str(final.parent) in " ".join(p)]
+
+
+def test_a_stage_process_gets_none_of_the_dask_nannys_settings_for_its_tasks() -> None:
+    # A real nanny-started worker: its environment has OMP_NUM_THREADS=1 and MALLOC_TRIM_THRESHOLD_=65536 (which
+    # halved the quickstart fine-tune's images/s); the stage process it starts must have neither.
+    import dask.system
+    from distributed import Client, LocalCluster
+
+    from pipelines.stages import stage_env
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) \
+            as cluster, Client(cluster) as client:
+        worker_env = next(iter(client.run(lambda: dict(os.environ)).values()))
+        env = client.submit(stage_env, 0, pure=False).result()
+        capped = client.submit(stage_env, 1, pure=False).result()
+    assert worker_env["MALLOC_TRIM_THRESHOLD_"] == "65536" and worker_env["OMP_NUM_THREADS"] == "1"
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env["OMP_NUM_THREADS"] == env["SEGFACTORY_STAGE_THREADS"] == str(dask.system.CPU_COUNT)
+    assert capped["OMP_NUM_THREADS"] == "1" and worker_env["PATH"] == env["PATH"]
 
 
 @pytest.mark.slow  # ~20 s on 2 shared cores: a LocalCluster and two 1-step fine-tunes
