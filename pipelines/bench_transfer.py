@@ -300,7 +300,9 @@ def run_transfer_bench(cfg: TransferBenchConfig, out: str | os.PathLike) -> dict
 
     Returns:
         ``{"hardware", "config", "seeds", "steps", "baselines": {set: {name: scores}}, "rows": {row: {"seconds",
-        "sets": {set: scores}}}, "total_s"}``; scores are ``fg_iou``, ``f1`` (instance F1 at IoU 0.5) and ``miou``.
+        "sets": {set: scores}}}, "total_s"}``; scores are ``fg_iou``, ``f1`` (instance F1 at IoU 0.5 of the
+        class map's connected components), ``f1_watershed`` (of the instance head's watershed, for a model with
+        ``finetune.instances``) and ``miou``.
     """
     from pipelines.run import run_all
 
@@ -320,8 +322,10 @@ def run_transfer_bench(cfg: TransferBenchConfig, out: str | os.PathLike) -> dict
         for name, rows in summary.get("real", {}).items():
             model = rows["model"]
             sets[name] = {"fg_iou": model["fg_iou"], "f1": model["f1"]}
+            if "model_watershed" in rows:  # the instance head's objects (finetune.instances), next to the CC ones
+                sets[name]["f1_watershed"] = rows["model_watershed"]["f1"]
             for b, scores in rows.items():
-                if b != "model":
+                if b not in ("model", "model_watershed"):
                     result["baselines"].setdefault(name, {})[b] = {"fg_iou": scores["fg_iou"], "f1": scores["f1"]}
         result["rows"][row] = {"seconds": round(time.perf_counter() - t_row, 1), "sets": sets,
                                "synthetic_miou": summary["miou"],
@@ -383,7 +387,8 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     sets = list(result["baselines"]) or sorted({s for r in result["rows"].values() for s in r["sets"]})
-    t = Table(title="bench transfer: real images, zero real labels (fg IoU / instance F1 at IoU 0.5)")
+    t = Table(title="bench transfer: real images, zero real labels (fg IoU / instance F1 at IoU 0.5 of connected "
+                    "components / of the instance head's watershed, where the model has one)")
     t.add_column("row")
     for s in sets:
         t.add_column(s, justify="right")
@@ -392,8 +397,9 @@ def _print_table(result: dict[str, Any]) -> None:
     def cell(scores: dict[str, Any] | None) -> str:
         if not scores:
             return "-"
-        f1 = scores.get("f1")
-        return f"{scores['fg_iou']:.3f} / " + ("-" if f1 is None else f"{f1:.3f}")
+        f1, ws = scores.get("f1"), scores.get("f1_watershed")
+        return (f"{scores['fg_iou']:.3f} / " + ("-" if f1 is None else f"{f1:.3f}")
+                + ("" if ws is None else f" / {ws:.3f}"))
 
     for b in sorted({b for s in result["baselines"].values() for b in s}):
         t.add_row(f"baseline {b}", *[cell(result["baselines"].get(s, {}).get(b)) for s in sets], "")
@@ -406,7 +412,8 @@ def _print_table(result: dict[str, Any]) -> None:
         # synthetic row's own model.
         zero = {"random": "synthetic", "ssl": "ssl"}
         g = Table(title=f"label efficiency: fine-tuned on k real labeled images per set ({le['labels']} labels; "
-                        "k=0: synthetic labels only); fg IoU / instance F1 on the held-out real frames")
+                        "k=0: synthetic labels only); fg IoU / instance F1 (connected components / watershed) on the "
+                        "held-out real frames")
         g.add_column("init")
         for s in sets:
             for k in [0, *le["k"]]:

@@ -147,6 +147,10 @@ def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatc
     result = run_transfer_bench(cfg, out)
     names = [f"real2-{i}" for i in ("random", "ssl", "supsyn")]  # one k: each init is its own path
     assert list(result["rows"]) == ["synthetic", *names]
+    # The classic baselines only; the instance head's watershed F1 is each row's own score.
+    assert {b for s in result["baselines"].values() for b in s} == {"otsu", "blur_otsu"}
+    assert cfg.finetune.instances.enabled
+    assert all(0 <= r["sets"]["ctc-hela"]["f1_watershed"] <= 1 for r in result["rows"].values())
     for name in names:
         scores = result["rows"][name]["sets"]["ctc-hela"]
         assert 0 <= scores["fg_iou"] <= 1
