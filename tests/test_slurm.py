@@ -58,16 +58,18 @@ def render_in_job() -> tuple[str, psutil.Process] | None:
     return None
 
 
-def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
-    out = tmp_path / "slurm-ds"
+def start_render(tmp_path: Path, out: Path, scenes: int, retries: int, jobs: int,
+                 **cluster: object) -> tuple[subprocess.Popen, Path]:
+    """Start ``segfactory render`` of tiny ``cells`` shards (4 scenes each) on ``jobs`` SLURM worker jobs, in its
+    own session, its output in the returned log."""
     cfg = tmp_path / "slurm.yaml"
     cfg.write_text(yaml.safe_dump({
         "scene": {"family": "cells"},
         "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
-        "dataset": {"scenes": 12, "scenes_per_shard": 4},
-        "execution": {"timeout_s": 120, "retries": 2},
-        "cluster": {"backend": "slurm", "dashboard": False, "slurm": {
-            "cores": 1, "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": 2, "maximum_jobs": 2,
+        "dataset": {"scenes": scenes, "scenes_per_shard": 4},
+        "execution": {"timeout_s": 120, "retries": retries},
+        "cluster": {"backend": "slurm", "dashboard": False, **cluster, "slurm": {
+            "cores": 1, "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": jobs, "maximum_jobs": jobs,
             "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": JOB_NAME,
         }},
     }))
@@ -75,6 +77,12 @@ def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
     with open(log, "wb") as f:
         driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
                                   stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    return driver, log
+
+
+def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
+    out = tmp_path / "slurm-ds"
+    driver, log = start_render(tmp_path, out, scenes=12, retries=2, jobs=2)
     state: dict = {}
 
     def job_mid_shard() -> bool:
@@ -155,22 +163,8 @@ def test_the_only_job_cancelled_after_its_worker_connected_is_lost_workers_not_a
     # A job whose worker connected and then ended (its walltime ran out, an operator's scancel) is a lost worker:
     # exit 3 after cluster.no_workers_timeout_s ("a re-run retries it"), never the exit-2 "ended before their Dask
     # worker connected" of a job that could not start a worker at all.
-    out = tmp_path / "slurm-ds"
-    cfg = tmp_path / "slurm.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "scene": {"family": "cells"},
-        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
-        "dataset": {"scenes": 8, "scenes_per_shard": 4},
-        "execution": {"timeout_s": 120, "retries": 0},
-        "cluster": {"backend": "slurm", "dashboard": False, "no_workers_timeout_s": 20, "slurm": {
-            "cores": 1, "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": 1, "maximum_jobs": 1,
-            "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": JOB_NAME,
-        }},
-    }))
-    log = tmp_path / "driver.log"
-    with open(log, "wb") as f:
-        driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
-                                  stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    driver, log = start_render(tmp_path, tmp_path / "slurm-ds", scenes=8, retries=0, jobs=1,
+                               no_workers_timeout_s=20)
     try:
         found: dict = {}
         wait_until(lambda: bool(found.update(r=render_in_job()) or found["r"]), 180,
