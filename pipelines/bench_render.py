@@ -73,7 +73,7 @@ def _result_line(stdout: str) -> dict[str, Any]:
 
 def run_segfactory(cfg: RenderJob, work: Path) -> dict[str, Any]:
     """One render process for all scenes, exactly as a pipeline task runs it; wall time includes start-up."""
-    from pipelines.render import dataset_plan, prepare_dataset, resolve_render_config
+    from pipelines.render import dataset_plan, prepare_dataset, render_scratch, resolve_render_config
     from segfactory.formats.dataset import MANIFEST_FILE, shard_dir
     from synth.shard import render_code_version
 
@@ -89,7 +89,8 @@ def run_segfactory(cfg: RenderJob, work: Path) -> dict[str, Any]:
     job_path = work / "segfactory-job.json"
     atomic_write_json(job_path, job)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "synth.worker", str(job_path)], check=True, capture_output=True)
+    with render_scratch() as env:
+        subprocess.run([sys.executable, "-m", "synth.worker", str(job_path)], check=True, capture_output=True, env=env)
     wall = time.perf_counter() - t0
     manifest = read_json(shard_dir(root, plan.shard_id) / MANIFEST_FILE)
     t = manifest["timings"]

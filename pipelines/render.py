@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,15 @@ from segfactory.formats.dataset import (
 )
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
 from synth.config import RenderConfig
-from synth.shard import PROGRESS_PREFIX, ShardPlan, plan_shards, render_code_version
+from synth.shard import (
+    PROGRESS_PREFIX,
+    SCRATCH_ENV,
+    SCRATCH_PREFIX,
+    ShardPlan,
+    plan_shards,
+    render_code_version,
+    scratch_root,
+)
 
 PROGRESS_TOPIC = "segfactory-render-progress"
 LOCK_FILE = ".render.lock"
@@ -60,6 +71,38 @@ class RenderJob(RenderStep):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
+def _owner_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def render_scratch() -> Iterator[dict[str, str]]:
+    """A scratch directory for one render process, removed when it exits whatever happened to it; yields the
+    child's environment (``SCRATCH_ENV`` and ``TMPDIR`` point there, so Blender's session temp dir goes there too).
+
+    A render killed at its timeout, or by a crash, never runs its own clean-up: its intermediate EXR passes (in
+    ``/dev/shm``, i.e. memory) and Blender's ``blender_XXXXXX`` temp dir stayed behind for every killed or
+    ``os._exit``-ed render process. The directory is named after this process's pid, and directories of pids that
+    no longer run (a Dask worker killed with SIGKILL never ran this ``finally``) are removed first.
+    """
+    root = Path(scratch_root() or tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        owner = stale.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+        if owner.isdigit() and _owner_gone(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root)
+    try:
+        yield {**os.environ, SCRATCH_ENV: scratch, "TMPDIR": scratch}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
     """Dask task: render one shard in a subprocess with a timeout; raises (so Dask retries) on failure."""
     from pipelines.subproc import forward_to_driver, run_logged
@@ -78,8 +121,9 @@ def render_shard_task(job: dict[str, Any]) -> dict[str, Any]:
         _, shard_id, frames = line.split()
         return {"shard_id": shard_id, "frames": int(frames)}
 
-    run_logged([sys.executable, "-m", "synth.worker", str(job_path)], job["timeout_s"],
-               logs / f"{plan['shard_id']}.log", on_line=forward_to_driver(PROGRESS_TOPIC, parse))
+    with render_scratch() as env:
+        run_logged([sys.executable, "-m", "synth.worker", str(job_path)], job["timeout_s"],
+                   logs / f"{plan['shard_id']}.log", on_line=forward_to_driver(PROGRESS_TOPIC, parse), env=env)
     manifest = read_json(shard_dir(root, plan["shard_id"]) / MANIFEST_FILE)
     return {"shard_id": plan["shard_id"], "skipped": False, "frames": manifest["num_frames"],
             "timings": manifest["timings"]}

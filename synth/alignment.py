@@ -24,6 +24,7 @@ import numpy as np
 from scenes import geometry as g
 from scenes.camera import look_at
 from scenes.spec import Camera, ClassDef, Material, Part, PostFX, SceneObject, SceneSpec, World
+from synth.bproc_boot import purge_blender_tempdir
 
 PALETTE = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
@@ -72,25 +73,27 @@ def run(resolution: int, views: int, samples: int | None, seed: int) -> dict:
     denoiser (a clean reference)."""
     from synth.blender import BlenderRenderer
     from synth.config import OutputSettings, RenderSettings
-    from synth.shard import labels_from_index
+    from synth.shard import labels_from_index, scratch_root
 
     render = (RenderSettings(resolution=resolution, views=views) if samples is None else
               RenderSettings(resolution=resolution, views=views, samples=samples, noise_threshold=0, denoise=False))
-    renderer = BlenderRenderer(render, OutputSettings(), tempfile.mkdtemp())
-    spec = flat_scene(np.random.default_rng(seed), views)
-    views_out, _ = renderer.render(spec)
-    agree, agree_shifted, total, edge_px = 0, 0, 0, 0
-    for view in views_out:
-        semantic, _ = labels_from_index(view.index, spec)
-        colors = color_classes(view.rgb)
-        ok = colors == semantic
-        agree += int(ok.sum())
-        agree_shifted += int((colors[:, 1:] == semantic[:, :-1]).sum()) + int((colors[:, 0] == semantic[:, 0]).sum())
-        total += ok.size
-        edge = np.zeros_like(semantic, dtype=bool)  # pixels with a differently labeled 4-neighbour
-        edge[:, 1:] |= semantic[:, 1:] != semantic[:, :-1]
-        edge[1:] |= semantic[1:] != semantic[:-1]
-        edge_px += int(edge.sum())
+    with tempfile.TemporaryDirectory(prefix="segfactory-alignment-", dir=scratch_root()) as scratch:
+        renderer = BlenderRenderer(render, OutputSettings(), scratch)
+        spec = flat_scene(np.random.default_rng(seed), views)
+        views_out, _ = renderer.render(spec)
+        agree, agree_shifted, total, edge_px = 0, 0, 0, 0
+        for view in views_out:
+            semantic, _ = labels_from_index(view.index, spec)
+            colors = color_classes(view.rgb)
+            ok = colors == semantic
+            agree += int(ok.sum())
+            agree_shifted += (int((colors[:, 1:] == semantic[:, :-1]).sum())
+                              + int((colors[:, 0] == semantic[:, 0]).sum()))
+            total += ok.size
+            edge = np.zeros_like(semantic, dtype=bool)  # pixels with a differently labeled 4-neighbour
+            edge[:, 1:] |= semantic[:, 1:] != semantic[:, :-1]
+            edge[1:] |= semantic[1:] != semantic[:-1]
+            edge_px += int(edge.sum())
     return {"resolution": resolution, "views": views, "pixels": total, "edge_pixels": edge_px,
             "agreement": agree / total, "disagreeing_pixels": total - agree,
             "agreement_if_shifted_1px": agree_shifted / total}
@@ -112,4 +115,5 @@ def main() -> int:
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
+    purge_blender_tempdir()  # os._exit skips Blender's own removal of it
     os._exit(code)  # skip bpy's teardown (it can segfault after all work is done)

@@ -20,7 +20,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
-def main(job_path: str, scene_index: int) -> dict:
+def main(job_path: str, scene_index: int, scratch: str) -> dict:
     import cv2
 
     from scenes import resolve_scene, sample_scene, scene_rng
@@ -32,7 +32,7 @@ def main(job_path: str, scene_index: int) -> dict:
     job = read_json(job_path)
     cfg = RenderConfig.model_validate(job["config"])
     out = Path(job["out"])
-    bproc = import_blenderproc(tempfile.mkdtemp(prefix="segfactory-baseline-"))  # BlenderProc defaults
+    bproc = import_blenderproc(scratch)  # BlenderProc defaults
     bproc.camera.set_resolution(cfg.render.resolution, cfg.render.resolution)
     t_start = time.perf_counter()
     spec = sample_scene(resolve_scene(cfg.scene), scene_rng(cfg.dataset.seed, scene_index), cfg.render.views,
@@ -55,6 +55,11 @@ def main(job_path: str, scene_index: int) -> dict:
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1], int(sys.argv[2]))
+    from synth.bproc_boot import purge_blender_tempdir
+    from synth.shard import scratch_root
+
+    with tempfile.TemporaryDirectory(prefix="segfactory-baseline-", dir=scratch_root()) as scratch:
+        result = main(sys.argv[1], int(sys.argv[2]), scratch)
     print("SEGFACTORY-RESULT " + json.dumps(result), flush=True)
+    purge_blender_tempdir()  # os._exit skips Blender's own removal of it
     os._exit(0)  # skip bpy's teardown (it can segfault after all work is done)

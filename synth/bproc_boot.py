@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 from types import ModuleType
 
@@ -58,3 +59,13 @@ def import_blenderproc(temp_dir: str) -> ModuleType:
     GlobalStorage.add("bproc_init_complete", True)
     bproc._segfactory_booted = True
     return bproc
+
+
+def purge_blender_tempdir() -> None:
+    """Remove Blender's session temp dir (``bpy.app.tempdir``, a ``blender_XXXXXX`` directory Blender creates in
+    ``$TMPDIR`` at import and removes only in its own teardown). Call it before ``os._exit``, which render processes
+    use to skip that teardown (bpy 4.2 can segfault in it): otherwise every render process leaves one behind."""
+    bpy = sys.modules.get("bpy")
+    path = getattr(getattr(bpy, "app", None), "tempdir", "") if bpy is not None else ""
+    if path and os.path.basename(os.path.normpath(path)).startswith("blender_"):
+        shutil.rmtree(path, ignore_errors=True)

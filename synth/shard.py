@@ -8,6 +8,7 @@ format's job (:mod:`segfactory.formats.dataset`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,16 @@ from segfactory.io import canonical_hash
 RENDER_PACKAGES = ("scenes", "synth", "segfactory.seeds")  # the code that decides a frame's pixels
 # A render process prints `PROGRESS_PREFIX <shard id> <frames written>` after each frame.
 PROGRESS_PREFIX = "SEGFACTORY-PROGRESS"
+# The per-attempt scratch directory a render process's parent made for it (``pipelines.render.render_scratch``):
+# Blender's intermediate passes and its session temp dir go there, and the parent removes it whatever the child did.
+SCRATCH_ENV = "SEGFACTORY_RENDER_SCRATCH"
+SCRATCH_PREFIX = "segfactory-blender-"
+
+
+def scratch_root() -> str | None:
+    """Where render scratch directories go: ``/dev/shm`` (memory: Blender writes every pass as an EXR file and
+    reads it back) where there is one, else the system's temp dir (None)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def render_code_version() -> str:

@@ -31,8 +31,17 @@ from scenes.spec import Camera, SceneSpec
 from segfactory.formats.dataset import ShardWriter, commit_shard, is_committed, new_shard_attempt, shard_dir
 from segfactory.io import read_json
 from segfactory.seeds import postprocess_rng
+from synth.bproc_boot import purge_blender_tempdir
 from synth.postfx import apply_lens, apply_post
-from synth.shard import PROGRESS_PREFIX, ShardPlan, depth_to_png, labels_from_index
+from synth.shard import (
+    PROGRESS_PREFIX,
+    SCRATCH_ENV,
+    SCRATCH_PREFIX,
+    ShardPlan,
+    depth_to_png,
+    labels_from_index,
+    scratch_root,
+)
 
 FAULT_ENV = "SEGFACTORY_FAULT"
 
@@ -143,7 +152,7 @@ def render_shard(job: dict[str, Any]) -> dict[str, Any]:
     if is_committed(final):
         return {"shard_id": plan.shard_id, "skipped": True}
     tmp = new_shard_attempt(root, plan.shard_id)
-    scratch = tempfile.mkdtemp(prefix="segfactory-blender-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=os.environ.get(SCRATCH_ENV) or scratch_root())
     proc = psutil.Process()
     try:
         renderer = BlenderRenderer(cfg.render, cfg.output, scratch, threads=int(job.get("threads", 0)))
@@ -219,5 +228,7 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    # bpy 4.2 can segfault while the interpreter tears the module down; the shard is committed by now.
+    # bpy 4.2 can segfault while the interpreter tears the module down; the shard is committed by now. Skipping
+    # the teardown also skips Blender's removal of its session temp dir: done here.
+    purge_blender_tempdir()
     os._exit(code)

@@ -427,12 +427,57 @@ def test_crashing_shard_is_reported_and_others_finish(tmp_path: Path, monkeypatc
     assert failed[0] in open_dataset(out).shard_ids
 
 
+def test_render_scratch_is_removed_whatever_the_child_did_and_dead_owners_scratch_is_swept(tmp_path: Path,
+                                                                                           monkeypatch):
+    import pipelines.render as render
+    from synth.shard import SCRATCH_ENV, SCRATCH_PREFIX
+
+    monkeypatch.setattr(render, "scratch_root", lambda: str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-k1ll3d"  # its Dask worker was SIGKILLed mid-render
+    (stale / "blender_abc123").mkdir(parents=True)
+    (stale / "pass0001.exr").write_bytes(b"x" * 1000)
+    live = tmp_path / f"{SCRATCH_PREFIX}{os.getppid()}-alive0"  # another worker's render, running
+    live.mkdir()
+    other = tmp_path / f"{SCRATCH_PREFIX}x8y9z0ab"  # not ours to judge (no owner pid in its name)
+    other.mkdir()
+    with pytest.raises(RuntimeError, match="killed"), render.render_scratch() as env:
+        scratch = Path(env[SCRATCH_ENV])
+        assert env["TMPDIR"] == str(scratch) and scratch.parent == tmp_path and scratch.is_dir()
+        assert scratch.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}-")
+        (scratch / "blender_def456").mkdir()
+        raise RuntimeError("render killed at its timeout")
+    assert not scratch.exists() and not stale.exists()
+    assert live.is_dir() and other.is_dir()
+
+
+@pytest.mark.render
+def test_a_render_process_removes_blenders_session_temp_dir_before_its_os_exit(tmp_path: Path):
+    code = ("import os, bpy\nfrom synth.bproc_boot import purge_blender_tempdir\n"
+            "assert os.path.isdir(bpy.app.tempdir), bpy.app.tempdir\npurge_blender_tempdir()\nos._exit(0)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.render
 @pytest.mark.slow  # waits out a 25 s render timeout
 def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypatch, capsys):
+    from synth.shard import SCRATCH_PREFIX, scratch_root
+
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "hang@0,hang-once@1")
+    tmp = tmp_path / "tmp"  # the workers' and render processes' TMPDIR: Blender's session temp dirs went here
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    shm = Path(scratch_root() or tmp)
+    scratch_before = set(shm.glob(f"{SCRATCH_PREFIX}*"))
     rc = _render_small(out, 2, 2, "execution.timeout_s=25", "execution.retries=1")
+    # Killed renders (a timeout, after a frame was written) and finished ones (which end with os._exit) leave no
+    # scratch dir (their EXR passes, in memory) and no Blender temp dir behind.
+    assert set(shm.glob(f"{SCRATCH_PREFIX}*")) <= scratch_before
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("blender_")]
     err = capsys.readouterr().err
     assert rc == EXIT_PARTIAL
     assert re.search(r"cells-000000-[0-9a-f]{10}.*timed out after 25s", err.replace("\n", " "))
