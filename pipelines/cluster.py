@@ -186,7 +186,9 @@ def slurm_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
         "job_script_prologue": list(s.job_script_prologue), "worker_extra_args": worker_args,
         "python": s.python, "log_directory": s.log_directory, "local_directory": s.local_directory,
         "interface": s.interface, "silence_logs": "error",
-        "scheduler_options": {"dashboard_address": ":0" if cfg.dashboard else None},
+        # dashboard_address None would not switch the dashboard off: Dask's scheduler then serves HTTP (health,
+        # metrics) on port 8787 and reports it as its dashboard, whose link led to a 404.
+        "scheduler_options": {"dashboard": cfg.dashboard, "dashboard_address": ":0"},
         # Job names show up in squeue; tests and operators find a run's jobs by it.
         "job_name": s.job_name,
     }
@@ -744,6 +746,8 @@ def dashboard_link(client: Any, cfg: ClusterConfig, probe_timeout_s: float = 2.0
         probe_timeout_s: How long the address backend's HTTP check of the dashboard may take.
     """
     if cfg.backend != "address":
+        if not cfg.dashboard:
+            return None
         try:
             return client.dashboard_link or None
         except (AttributeError, KeyError):  # a cluster without an HTTP server at all

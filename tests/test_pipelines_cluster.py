@@ -50,6 +50,37 @@ def test_slurm_job_script_carries_the_knobs():
     assert "--resources GPU=1" in script and "--nthreads 4" in script and "tcp://127.0.0.1:" in script
 
 
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_slurm_scheduler_serves_a_dashboard_only_when_asked(dashboard: bool):
+    """``cluster.dashboard: false`` used to leave the SLURM cluster's scheduler serving HTTP on port 8787 and the
+    run printing a dashboard link that answered 404; now no dashboard, no link, and no fixed port either way."""
+    import urllib.error
+    import urllib.request
+
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    cfg = ClusterConfig.model_validate({"backend": "slurm", "dashboard": dashboard,
+                                        "slurm": {"scheduler_host": "127.0.0.1"}})
+    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg))  # the scheduler only: no job is submitted
+    try:
+        with Client(cluster) as client:
+            link = dashboard_link(client, cfg)
+            port = cluster.scheduler.http_server.port
+            try:
+                code = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"http://127.0.0.1:{port}/status", timeout=10).status
+            except urllib.error.HTTPError as e:
+                code = e.code
+    finally:
+        cluster.close()
+    assert port != 8787
+    if dashboard:
+        assert code == 200 and link is not None and f":{port}/status" in link
+    else:
+        assert code == 404 and link is None
+
+
 @pytest.mark.parametrize(("said", "named", "fix"), [
     # sbatch's words on SLURM 23-24 (the SLURM lane submits the first, memory and feature ones for real)
     ("sbatch: error: invalid partition specified: gpux; sbatch: error: Batch job submission failed: Invalid "
