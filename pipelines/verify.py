@@ -13,11 +13,17 @@ each unit found in it is checked against what its commit mark recorded:
 ``--repair`` moves each corrupt unit aside (``.bad-<id>-<random>``, kept for inspection, never read) and drops
 the marks that would let a re-run skip it (the ``stage.json`` of a run's render stage, the dataset's listing), so
 re-running the command that made it (``render``, ``ingest``, ``run``, ``refresh``) rebuilds exactly those units.
-Verification reads everything; it takes no lock and must not run while a writer changes the same directory.
+Verification holds the writer lock of what it checks (a dataset's ``.render.lock``, an ingest output's, a run's
+or a refresh root's): a render, ingest, run or refresh of the same directory that is running makes ``verify``
+exit 4 before it reads anything, and one started while ``verify`` runs exits 4 (a nightly refresh then does its
+work the next night). Without the lock a refresh's prune deleted stages and releases under it, reported as
+corrupt or unreadable, and ``--repair`` moved units aside under a running writer. A directory this user cannot
+write is verified without the lock (no writer of this user changes it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +77,9 @@ def detect_kind(root: Path) -> str:
                     fix="pass the --out of render, ingest or run, or the --root of refresh")
 
 
-def verify_dataset(ds: Path, rep: VerifyReport, repair: bool) -> None:
-    """Check every committed shard of a dataset (listed or kept from another plan) and the listed ones exist."""
+def verify_dataset(ds: Path, rep: VerifyReport, repair: bool, lock: bool = True) -> None:
+    """Check every committed shard of a dataset (listed or kept from another plan) and the listed ones exist;
+    ``lock``: take the dataset's writer lock to repair it (False: the caller holds it)."""
     from pipelines.render import dataset_lock
     from pipelines.stages import STAGE_FILE
     from segfactory.formats.dataset import DATASET_FILE, committed_shards, shard_dir, verify_shard, write_dataset_meta
@@ -96,7 +103,7 @@ def verify_dataset(ds: Path, rep: VerifyReport, repair: bool) -> None:
             if repair:
                 moved.append(sid)
     if repair and (moved or any(sid not in on_disk for sid in listed)):
-        with dataset_lock(ds, "repair of"):
+        with dataset_lock(ds, "repair of") if lock else contextlib.nullcontext():
             for sid in moved:
                 rep.repaired[rep.rel(shard_dir(ds, sid))] = rep.rel(move_aside(shard_dir(ds, sid)))
             # dataset.json lists only intact shards now; a run's render stage is no longer marked done, so the
@@ -178,9 +185,39 @@ def run_verify(path: str | os.PathLike[str], repair: bool = False) -> VerifyRepo
     """Verify (and with ``repair`` move aside) every committed unit below ``path``; see the module docstring."""
     root = Path(path).resolve()
     kind = detect_kind(root)
+    with _writer_lock(root, kind, repair):
+        rep = _verify(root, kind, repair)
+    for unit, problems in rep.problems.items():
+        action = f"; moved aside to {rep.repaired[unit]}" if unit in rep.repaired else ""
+        console.print(f"[red]{unit}[/]: {'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}{action}",
+                      soft_wrap=True)
+    for note in rep.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    console.print(f"verify {root} ({kind}): {rep.checked} unit(s) checked, {len(rep.problems)} with problems"
+                  + (f", {len(rep.repaired)} moved aside: re-run the command that made them to rebuild them"
+                     if rep.repaired else ""), soft_wrap=True)
+    return rep
+
+
+def _writer_lock(root: Path, kind: str, repair: bool) -> contextlib.AbstractContextManager[None]:
+    """The lock the command that writes ``root`` holds (exit 4 while it runs); none for a read-only check of a
+    directory this user cannot write."""
+    from pipelines import ingest, refresh, render, run
+    from pipelines.lock import exclusive_lock
+
+    lock_file, writer = {"dataset": (render.LOCK_FILE, "render (or a refresh's prune)"),
+                         "images": (ingest.LOCK_FILE, "ingest"), "run": (run.LOCK_FILE, "run"),
+                         "refresh": (refresh.LOCK_FILE, "refresh")}[kind]
+    if not repair and not os.access(root, os.W_OK):
+        return contextlib.nullcontext()
+    return exclusive_lock(root / lock_file, f"a {writer} of '{root}'",
+                          fix="run verify when it has finished (verify must not read a directory being written)")
+
+
+def _verify(root: Path, kind: str, repair: bool) -> VerifyReport:
     rep = VerifyReport(root, kind)
     if kind == "dataset":
-        verify_dataset(root, rep, repair)
+        verify_dataset(root, rep, repair, lock=False)  # run_verify holds its lock
     elif kind == "images":
         verify_images(root, rep, repair)
     else:
@@ -191,13 +228,4 @@ def run_verify(path: str | os.PathLike[str], repair: bool = False) -> VerifyRepo
             verify_images(root / "real", rep, repair)
         verify_stages(root / "stages", rep, repair)
         verify_releases(root, rep)
-    for unit, problems in rep.problems.items():
-        action = f"; moved aside to {rep.repaired[unit]}" if unit in rep.repaired else ""
-        console.print(f"[red]{unit}[/]: {'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}{action}",
-                      soft_wrap=True)
-    for note in rep.notes:
-        console.print(f"note: {note}", soft_wrap=True)
-    console.print(f"verify {root} ({kind}): {rep.checked} unit(s) checked, {len(rep.problems)} with problems"
-                  + (f", {len(rep.repaired)} moved aside: re-run the command that made them to rebuild them"
-                     if rep.repaired else ""), soft_wrap=True)
     return rep

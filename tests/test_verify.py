@@ -122,6 +122,37 @@ def test_a_changed_file_in_a_committed_stage_is_found_and_moved_aside(tmp_path: 
     assert list(stages.glob(f".bad-{final.name}-*/metrics.json"))
 
 
+def test_verify_waits_for_no_writer_a_running_render_makes_it_exit_4(tmp_path: Path, capsys) -> None:
+    """A writer of the directory running (here a real process holding the dataset's render lock, as ``render`` and
+    a refresh's prune do) makes ``verify`` and ``verify --repair`` exit 4 in one line, reading nothing; once the
+    writer is gone it verifies."""
+    import subprocess
+    import sys
+
+    from segfactory.errors import EXIT_BUSY
+
+    ds = write_cells_dataset(tmp_path / "ds", scenes=2, views=1, size=32, scenes_per_shard=1)
+    truncate(next(iter(open_dataset(ds).frames())).semantic)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom pipelines.render import dataset_lock\n"
+         "with dataset_lock(Path(sys.argv[1]), 'render into'):\n    print('held', flush=True)\n    time.sleep(600)",
+         str(ds)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for flags in ((), ("--repair",)):
+            capsys.readouterr()
+            assert main(["verify", str(ds), *flags]) == EXIT_BUSY
+            err = capsys.readouterr().err
+            assert f"is running (pid {holder.pid} on" in err and "run verify when it has finished" in err, err
+            assert "Traceback" not in err
+        assert not list((ds / "shards").glob(".bad-*"))  # --repair moved nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    rc, rep, _ = verify(capsys, ds)
+    assert rc == EXIT_PARTIAL and rep["bad_units"] == 1
+
+
 def test_not_an_output_directory_is_a_user_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "x").mkdir()
     capsys.readouterr()
