@@ -26,6 +26,8 @@ IGNORE_INDEX = 255
 SIZE_DIVISOR = 32
 
 ClassKey = int | str
+# The object size input.scale=auto matches: the median equivalent diameter over components, or over pixels.
+ScaleBy = Literal["count", "area"]
 
 
 class ClassSpec(StrictModel):
@@ -129,12 +131,19 @@ class InputConfig(StrictModel):
             frames are always used at their rendered size. ``auto`` estimates it during fine-tuning from the
             unlabeled images (``data.unlabeled``) at the end of the source-only phase (``adapt.warmup_steps``):
             median object size of the thing classes predicted on the real images vs the synthetic labels.
+        scale_by: The median object size ``input.scale=auto`` compares (recorded in ``model.json`` with
+            ``object_px``, so per-image scales at prediction measure the same): ``count`` (default), the median
+            equivalent diameter over the thing classes' connected components; ``area``, the area-weighted median
+            (the diameter such that half of the objects' pixels lie in components of at most that diameter), for
+            scenes whose components are mostly specks (the street family: distant people and pole parts), whose
+            count median does not grow with the image. Unused with a numeric ``scale``.
         mean: Per-channel mean after scaling; default the encoder's (``encoder.json``) or 0.5.
         std: Per-channel std after scaling; default the encoder's or 0.25.
     """
 
     scaling: Literal["auto", "dtype", "minmax", "percentile"] = "auto"
     scale: float | Literal["auto"] = 1.0
+    scale_by: ScaleBy = "count"
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -151,6 +160,15 @@ class InputConfig(StrictModel):
         if v is not None and any(s <= 0 for s in v):
             raise ValueError("every std must be > 0")
         return v
+
+    @model_serializer(mode="wrap")
+    def _scale_by_count_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # At its default, scale_by stays out of dumps, so the resolved configs, config hashes and `segfactory run`
+        # stage keys of configs that never set it stay what they were before the field existed.
+        out: dict[str, Any] = handler(self)
+        if out.get("scale_by") == "count":
+            del out["scale_by"]
+        return out
 
 
 class AugmentConfig(StrictModel):

@@ -28,8 +28,10 @@ from segfactory.io import atomic_write_bytes, ensure_writable_dir
 
 RECIPE = ("1. resize the image by input.scale (area averaging when shrinking, bilinear when enlarging; with "
           "input.scale_mode per_image, by each image's own scale: run steps 1-6 at a scale, measure the median "
-          "equivalent diameter of the input.object_classes components at the resized size, multiply the scale by "
-          "input.object_px / that median, repeat up to 3 times from input.scale); "
+          "equivalent diameter of the input.object_classes components at the resized size (components of at least "
+          "a quarter of input.object_px, not touching the border; with input.scale_by area the area-weighted "
+          "median: the diameter d such that half of their pixels lie in components of diameter <= d), multiply "
+          "the scale by input.object_px / that median, repeat up to 3 times from input.scale); "
           "2. scale to [0, 1] by input.scaling per whole image (auto: 8-bit /255, deeper 0.5..99.5 percentile "
           "stretch and clip; dtype: /255 or /65535; minmax; percentile); 3. gray -> 3 equal channels, or RGB -> "
           "BT.601 luma for in_chans 1; 4. (x - mean) / std per channel; 5. pad H, W to multiples of 32 "

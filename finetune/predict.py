@@ -317,14 +317,23 @@ def auto_scale(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: 
     ``input.object_px``; :func:`finetune.scale.fit_scale`, at most 3 passes from ``input.scale``). An image with
     fewer than :data:`AUTO_MIN_OBJECTS` objects keeps ``input.scale``. The estimate stays within half the
     smallest and twice the largest scale of the training sources (``input.scales``): outside what the model was
-    adapted to, a few specks can drive the fixed point to the end of its range.
+    adapted to, a few specks can drive the fixed point to the end of its range. Objects are measured by the
+    median training used (``input.scale_by``: ``count``, also when absent, or ``area``).
 
     Returns:
         ``{"scale", "passes", "ok"}`` (``scale`` is ``input.scale`` when not ``ok``).
+
+    Raises:
+        UserError: ``input.scale_by`` in model.json is neither ``count`` nor ``area``.
     """
-    from finetune.scale import fit_scale, resize_image
+    from finetune.scale import SCALE_BY, fit_scale, resize_image
 
     spec = meta["input"]
+    by = spec.get("scale_by") or "count"
+    if by not in SCALE_BY:
+        raise UserError(f"model.json input.scale_by is {by!r}: per-image scales know only {' and '.join(SCALE_BY)}",
+                        fix="set input.scale_by in model.json to count or area (what the model was trained with), "
+                            "or pass --scale with a number")
     fixed = {**meta, "input": {**spec, "scale": 1.0}}
 
     def predict_at(f: float) -> list[np.ndarray]:
@@ -335,7 +344,7 @@ def auto_scale(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: 
     known = [start, *(float(v) for v in (spec.get("scales") or {}).values())]
     limits = (max(0.05, min(known) / 2), min(20.0, max(known) * 2))
     return fit_scale(predict_at, float(spec["object_px"]), [int(k) for k in spec["object_classes"]],
-                     start=start, limits=limits, min_objects=AUTO_MIN_OBJECTS)
+                     start=start, limits=limits, min_objects=AUTO_MIN_OBJECTS, by=by)
 
 
 def display_rgb(img: np.ndarray, scaling: str = "dtype") -> np.ndarray:

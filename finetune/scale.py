@@ -3,7 +3,11 @@
 ``input.scale`` (model.json ``input.scale``) is the factor real images are resized by before the network;
 synthetic frames are always used at their rendered size. :func:`estimate_scale` finds it from unlabeled real
 images: the median size of the thing-class objects a model predicts on them (connected components) against
-the median size of the same classes' connected components in the synthetic labels.
+the median size of the same classes' connected components in the synthetic labels. The median is over
+components (``input.scale_by: count``, the default) or over pixels (``area``: the area-weighted median, the
+diameter such that half of the objects' pixels lie in components of at most that diameter), for scenes whose
+components are mostly specks that say nothing about the objects' size (the street family: distant people, pole
+parts).
 
 Real images of several sources (folders) can differ in magnification: training estimates one scale per source
 (model.json ``input.scales``), and when those differ the model predicts every image at its own estimated scale
@@ -15,15 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
+if TYPE_CHECKING:
+    from finetune.config import ScaleBy
+
 # model.json ``input`` fields written by ``input.scale=auto`` besides ``scale``: per-source scales, whether
 # prediction estimates each image's scale (``fixed`` | ``per_image``), the object diameter (pixels) the model
-# saw most in training and the classes measured.
-SCALE_KEYS = ("scales", "scale_mode", "object_px", "object_classes")
+# saw most in training, the classes measured and the statistic (``scale_by``: ``count`` | ``area``; absent means
+# ``count``, as models written before it).
+SCALE_KEYS = ("scales", "scale_mode", "object_px", "object_classes", "scale_by")
+SCALE_BY = ("count", "area")
 
 
 def scaled_shape(h: int, w: int, f: float) -> tuple[int, int]:
@@ -68,10 +77,35 @@ def component_sizes(mask: np.ndarray, class_ids: Sequence[int], border: bool = F
     return out
 
 
-def robust_median(sizes: list[float], min_size: float) -> float | None:
-    """Median of the sizes at least ``min_size`` (specks of a few pixels are noise, not objects)."""
+def area_median(sizes: Sequence[float]) -> float:
+    """Area-weighted median of equivalent diameters: the smallest ``d`` such that at least half of the pixels of
+    all the components lie in components of diameter at most ``d`` (each component weighs ``d^2``, its area up to
+    the constant). ``sizes`` must not be empty."""
+    d = np.sort(np.asarray(sizes, np.float64))
+    cum = np.cumsum(d * d)
+    return float(d[min(int(np.searchsorted(cum, 0.5 * cum[-1])), len(d) - 1)])
+
+
+def robust_median(sizes: list[float], min_size: float, by: ScaleBy = "count") -> float | None:
+    """Median of the sizes at least ``min_size`` (specks of a few pixels are noise, not objects).
+
+    Args:
+        sizes: Equivalent diameters (:func:`component_sizes`).
+        min_size: Smaller components are dropped first.
+        by: ``count``: the median over components; ``area``: over pixels (:func:`area_median`), which a crowd of
+            specks barely moves.
+
+    Returns:
+        The median, or ``None`` when no size is at least ``min_size``.
+    """
     keep = [s for s in sizes if s >= min_size]
-    return float(np.median(keep)) if keep else None
+    if not keep:
+        return None
+    if by == "area":
+        return area_median(keep)
+    if by != "count":
+        raise ValueError(f"scale_by must be one of {SCALE_BY}, not {by!r}")
+    return float(np.median(keep))
 
 
 def training_zoom(crop_size: int, window: int, area: tuple[float, float], zoom: tuple[float, float] | None) -> float:
@@ -94,7 +128,7 @@ UNTRACKED = 2.0
 
 def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float, thing_ids: Sequence[int],
               start: float = 1.0, iterations: int = 3, limits: tuple[float, float] = (0.05, 20.0),
-              min_objects: int = 1, min_px: float | None = None) -> dict[str, Any]:
+              min_objects: int = 1, min_px: float | None = None, by: ScaleBy = "count") -> dict[str, Any]:
     """Fixed point of ``scale <- scale x target / real median object diameter`` (per-image prediction's search,
     which starts from the trained ``input.scale``; the training-time estimate scans instead, :func:`scan_scale`).
 
@@ -114,6 +148,7 @@ def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float,
         min_objects: Fewer objects than this (after dropping specks under a quarter of the target) end the
             search; with none accepted the result is ``ok: False`` and ``scale`` the start value.
         min_px: Components smaller than this are specks, not objects (default a quarter of ``target_px``).
+        by: The median measured: over components (``count``) or pixels (``area``), as ``target_px`` was.
 
     Returns:
         ``{"scale", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``.
@@ -123,8 +158,9 @@ def fit_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float,
     prev: tuple[float, float] | None = None  # (scale, real median) of the previous pass
     for _ in range(iterations):
         real = [s for m in predict_at(scale) for s in component_sizes(m, thing_ids)]
-        keep = [s for s in real if s >= max(2.0, 0.25 * target_px if min_px is None else min_px)]
-        real_med = float(np.median(keep)) if len(keep) >= max(1, min_objects) else None
+        floor = max(2.0, 0.25 * target_px if min_px is None else min_px)
+        keep = [s for s in real if s >= floor]
+        real_med = robust_median(keep, floor, by) if len(keep) >= max(1, min_objects) else None
         report["passes"].append({"scale": round(scale, 4), "real_median_px": real_med, "objects": len(real)})
         if real_med is None:
             break
@@ -159,7 +195,7 @@ GROWTH = 1.1
 
 def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float, thing_ids: Sequence[int],
                start: float = 1.0, limits: tuple[float, float] = (0.05, 20.0), min_objects: int = 1,
-               min_px: float | None = None) -> dict[str, Any]:
+               min_px: float | None = None, by: ScaleBy = "count") -> dict[str, Any]:
     """The smallest scale at which the model's objects reach ``target_px``, found on a rising grid of scales.
 
     A model sees real objects correctly only up to about the largest size it was trained on; beyond it, it
@@ -178,6 +214,7 @@ def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float
         limits: The grid stays in this range.
         min_objects: Fewer objects than this at a grid step count as none found there.
         min_px: Components smaller than this are specks, not objects (default a quarter of ``target_px``).
+        by: The median measured: over components (``count``) or pixels (``area``), as ``target_px`` was.
 
     Returns:
         ``{"scale", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``, plus ``untracked: True`` when no
@@ -192,7 +229,7 @@ def scan_scale(predict_at: Callable[[float], list[np.ndarray]], target_px: float
     def measure(scale: float) -> float | None:
         real = [s for m in predict_at(scale) for s in component_sizes(m, thing_ids)]
         keep = [s for s in real if s >= floor]
-        med = float(np.median(keep)) if len(keep) >= max(1, min_objects) else None
+        med = robust_median(keep, floor, by) if len(keep) >= max(1, min_objects) else None
         report["passes"].append({"scale": round(scale, 4), "real_median_px": med, "objects": len(real)})
         return med
 
@@ -262,7 +299,8 @@ def scales_differ(scales: Sequence[float], ratio: float = 1.25) -> bool:
 
 def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_masks: list[np.ndarray],
                    thing_ids: Sequence[int], start: float = 1.0,
-                   limits: tuple[float, float] = (0.05, 20.0), train_zoom: float = 1.0) -> dict[str, Any]:
+                   limits: tuple[float, float] = (0.05, 20.0), train_zoom: float = 1.0,
+                   by: ScaleBy = "count") -> dict[str, Any]:
     """Estimate of the input scale of one set of real images (:func:`scan_scale`).
 
     A model trained on rendered frames sees objects of the rendered size best, so the real images are predicted
@@ -277,21 +315,32 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
         limits: The estimate is clipped to this range.
         train_zoom: The median object resize of the training augmentation (:func:`training_zoom`): real
             objects are matched to the size the model saw most, ``synthetic median x train_zoom``.
+        by: ``count``: the median over components, on both sides; ``area``: over pixels (:func:`area_median`),
+            for scenes whose components are mostly specks. Specks are dropped on both sides either way (under
+            2 px in the labels; under a quarter of the synthetic median in the predictions, which with ``area``
+            is a quarter of the larger, area-weighted size): a model's hundreds of speck false positives per
+            image can hold as many pixels as its few real objects, so weighting by area alone does not silence
+            them.
 
     Returns:
-        ``{"scale", "synthetic_median_px", "object_px", "passes": [{"scale", "real_median_px", "objects"}],
-        "ok"}``; ``ok`` is False (and ``scale`` the start value) when no objects were found on either side.
+        ``{"scale", "scale_by", "synthetic_median_px" (the statistic used), "synthetic_px" (both statistics),
+        "object_px", "passes": [{"scale", "real_median_px", "objects"}], "ok"}``; ``ok`` is False (and ``scale``
+        the start value) when no objects were found on either side.
     """
     syn = [s for m in synthetic_masks for s in component_sizes(m, thing_ids)]
-    syn_med = robust_median(syn, 2.0)
-    report: dict[str, Any] = {"scale": start, "synthetic_median_px": syn_med, "synthetic_objects": len(syn),
-                              "train_zoom": round(train_zoom, 4), "passes": [], "ok": False}
+    syn_med = robust_median(syn, 2.0, by)
+    both = {"count": robust_median(syn, 2.0, "count"), "area": robust_median(syn, 2.0, "area")}
+    report: dict[str, Any] = {"scale": start, "scale_by": by, "synthetic_median_px": syn_med,
+                              "synthetic_px": {k: None if v is None else round(v, 3) for k, v in both.items()},
+                              "synthetic_objects": len(syn), "train_zoom": round(train_zoom, 4), "passes": [],
+                              "ok": False}
     if syn_med is None:  # say whether there were objects at all, or only ones cut by the frame border
         report["synthetic_border_objects"] = sum(len(component_sizes(m, thing_ids, border=True))
                                                  for m in synthetic_masks)
         return report
     report["object_px"] = round(syn_med * train_zoom, 3)
-    report.update(scan_scale(predict_at, syn_med * train_zoom, thing_ids, start, limits, min_px=0.25 * syn_med))
+    report.update(scan_scale(predict_at, syn_med * train_zoom, thing_ids, start, limits, min_px=0.25 * syn_med,
+                             by=by))
     return report
 
 
@@ -305,8 +354,9 @@ def scale_summary(report: dict[str, Any]) -> str:
         return (f"{r['scale']:.3f} (real objects {last['real_median_px']:.1f} px at scale {last['scale']:.3f})"
                 if r["ok"] and last.get("real_median_px") else "no objects found")
 
-    head = (f"input.scale=auto: {report['scale']:.3f} (synthetic objects {report['synthetic_median_px']:.1f} px, "
-            f"target {report.get('object_px', 0):.1f} px)")
+    weighted = ", area-weighted" if report.get("scale_by") == "area" else ""
+    head = (f"input.scale=auto: {report['scale']:.3f} (synthetic objects {report['synthetic_median_px']:.1f} px"
+            f"{weighted}, target {report.get('object_px', 0):.1f} px)")
     srcs = report.get("sources")
     if not srcs:
         return f"{head}; {one(report)}"

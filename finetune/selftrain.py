@@ -51,7 +51,7 @@ from finetune.adapt import (
     strong_photometric,
     teacher_mode,
 )
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, ScaleBy
 from finetune.data.normalize import standardize
 from finetune.scale import SCALE_KEYS, component_sizes, robust_median
 from finetune.unlabeled import UnlabeledSet, open_unlabeled, unlabeled_loader
@@ -71,24 +71,39 @@ MIN_SCALE_OBJECT_PX = 8.0
 MAX_SCALE_GROUPS = 8
 
 
-def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int]) -> None:
+def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int], by: ScaleBy = "count") -> None:
     """Before training: ``input.scale=auto`` compares median object sizes, which says nothing when the rendered
     thing objects are specks (median under :data:`MIN_SCALE_OBJECT_PX`: distant, occluded or cut objects, as
-    in the street family, whose estimate ran to 1.53 and later 0.185 where 0.33 is right).
+    in the street family, whose count median estimate ran to 1.53 and later 0.185 where 0.33 is right).
+
+    Args:
+        synthetic_masks: Label masks of synthetic frames.
+        thing_ids: The thing classes measured.
+        by: The median judged (``input.scale_by``): over components (``count``) or pixels (``area``). When the
+            count median is a speck's but the area-weighted one is not, the error names ``input.scale_by=area``.
 
     Raises:
         UserError: one line with the measured size and the fix.
     """
     sizes = [s for m in synthetic_masks for s in component_sizes(m, thing_ids)]
-    med = robust_median(sizes, 2.0)
-    if med is not None and med < MIN_SCALE_OBJECT_PX:
-        raise UserError(f"input.scale=auto: the rendered objects of the thing classes "
-                        f"({', '.join(map(str, thing_ids))}) measure {med:.1f} px across (median of {len(sizes)}): "
-                        f"specks like these (distant, occluded or cut objects) do not show the scale of the real "
-                        f"images",
-                        fix="set input.scale to a number (about rendered object size / real object size; the "
-                            "street demo uses 0.33), or render closer views so that the median thing object is "
-                            f"at least {MIN_SCALE_OBJECT_PX:.0f} px across")
+    med = robust_median(sizes, 2.0, by)
+    if med is None or med >= MIN_SCALE_OBJECT_PX:
+        return
+    things = ", ".join(map(str, thing_ids))
+    area = robust_median(sizes, 2.0, "area") if by == "count" else None
+    if area is not None and area >= MIN_SCALE_OBJECT_PX:
+        raise UserError(f"input.scale=auto: the rendered objects of the thing classes ({things}) measure "
+                        f"{med:.1f} px across (median of {len(sizes)}): mostly specks (distant, occluded or cut "
+                        f"objects), whose size does not show the scale of the real images; the median over their "
+                        f"pixels (area-weighted) is {area:.1f} px",
+                        fix="set input.scale_by=area, or set input.scale to a number (about rendered object size / "
+                            "real object size; the street demo uses 0.33)")
+    raise UserError(f"input.scale=auto: the rendered objects of the thing classes ({things}) measure {med:.1f} px "
+                    f"across ({'area-weighted ' if by == 'area' else ''}median of {len(sizes)}): specks like these "
+                    f"(distant, occluded or cut objects) do not show the scale of the real images",
+                    fix="set input.scale to a number (about rendered object size / real object size; the street "
+                        "demo uses 0.33), or render closer views so that the median thing object is at least "
+                        f"{MIN_SCALE_OBJECT_PX:.0f} px across")
 
 
 def check_adapt_config(cfg: FinetuneConfig) -> None:
@@ -168,7 +183,7 @@ class SelfTraining:
             return None
         unl = open_unlabeled(cfg.data.unlabeled, in_chans)
         if cfg.input.scale == "auto":
-            check_scale_target(synthetic_masks(), thing_ids)
+            check_scale_target(synthetic_masks(), thing_ids, cfg.input.scale_by)
         return cls(cfg, unl, student, device, in_chans, input_spec, num_classes, ignore_index, synthetic_masks,
                    thing_ids, info)
 
@@ -412,6 +427,8 @@ class SelfTraining:
         by more than 25 % (or a source's estimate stopped because the masks did not track objects, see
         :func:`finetune.scale.fit_scale`), the model records ``input.scale_mode: per_image``: prediction
         estimates each image's scale itself (:func:`finetune.predict.auto_scale`), as no single factor fits both.
+        The median compared (``input.scale_by``) is recorded as ``input.scale_by`` next to ``input.object_px``, so
+        per-image scales measure the same statistic.
 
         Args:
             window: Crop side of the BatchNorm recalibration batches (``augment.crop_size``).
@@ -442,7 +459,8 @@ class SelfTraining:
         aug = self.cfg.augment
         zoom = training_zoom(aug.crop_size, window_size or aug.crop_size, aug.scale, aug.zoom) if aug.enabled else 1.0
         syn = self.synthetic_masks()
-        reports = {g: estimate_scale(predict_in(idx), syn, self.thing_ids, train_zoom=zoom)
+        by = self.cfg.input.scale_by
+        reports = {g: estimate_scale(predict_in(idx), syn, self.thing_ids, train_zoom=zoom, by=by)
                    for g, idx in groups.items()}
         ok = {g: r for g, r in reports.items() if r["ok"]}
         report = dict(next(iter(ok.values())) if ok else next(iter(reports.values())))
@@ -473,6 +491,7 @@ class SelfTraining:
         self.input_spec["scale"] = float(report["scale"])
         self.input_spec["object_px"] = float(report["object_px"])
         self.input_spec["object_classes"] = [int(k) for k in self.thing_ids]
+        self.input_spec["scale_by"] = by  # absent (models from before input.scale_by) means count
         per = {g: float(r["scale"]) for g, r in report.get("sources", {}).items() if r["ok"]}
         if per:
             self.input_spec["scales"] = per

@@ -540,6 +540,8 @@ def test_input_scale_auto_is_estimated_at_the_end_of_the_source_only_phase(tiny_
     meta = json.loads((tmp_path / "r" / "model" / "model.json").read_text())
     est = meta["lineage"]["training"]["adapt"]["scale_estimate"]
     assert est["ok"] and meta["input"]["scale"] == est["scale"]
+    # the default statistic, recorded so that per-image scales at prediction measure the same one
+    assert est["scale_by"] == meta["input"]["scale_by"] == "count"
     # The shifted frames are rendered frames: their objects have the rendered size, so the estimate should be
     # near the augmentation's median zoom (random-resized crops of 0.5..1 of the area: 1 / sqrt(0.75)).
     assert est["train_zoom"] == pytest.approx(0.75 ** -0.5, abs=1e-3)
@@ -764,6 +766,8 @@ def test_bad_unlabeled_input_is_one_line_before_any_training(tiny_dataset: Path,
         (["--unlabeled", target["unlabeled"], "input.scale=auto"], "needs a source-only phase"),
         (["--unlabeled", target["unlabeled"], "input.scale=auto", "adapt.warmup_steps=1"],
          "measure 3.4 px across (median of"),
+        (["--unlabeled", target["unlabeled"], "input.scale=auto", "adapt.warmup_steps=1", "input.scale_by=area"],
+         "measure 3.4 px across (area-weighted median of"),  # the guard judges the statistic chosen
     ]
     for i, (args, says) in enumerate(cases):
         out = tmp_path / f"r{i}"
