@@ -328,8 +328,8 @@ def estimate_scale(predict_at: Callable[[float], list[np.ndarray]], synthetic_ma
         the start value) when no objects were found on either side.
     """
     syn = [s for m in synthetic_masks for s in component_sizes(m, thing_ids)]
-    syn_med = robust_median(syn, 2.0, by)
-    both = {"count": robust_median(syn, 2.0, "count"), "area": robust_median(syn, 2.0, "area")}
+    both = {b: robust_median(syn, 2.0, b) for b in SCALE_BY}  # type: ignore[arg-type]
+    syn_med = both[by]
     report: dict[str, Any] = {"scale": start, "scale_by": by, "synthetic_median_px": syn_med,
                               "synthetic_px": {k: None if v is None else round(v, 3) for k, v in both.items()},
                               "synthetic_objects": len(syn), "train_zoom": round(train_zoom, 4), "passes": [],

@@ -71,16 +71,6 @@ class RenderJob(RenderStep):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
-def _owner_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's live process
-        return False
-    return False
-
-
 @contextlib.contextmanager
 def render_scratch() -> Iterator[dict[str, str]]:
     """A scratch directory for one render process, removed when it exits whatever happened to it; yields the
@@ -91,10 +81,12 @@ def render_scratch() -> Iterator[dict[str, str]]:
     ``os._exit``-ed render process. The directory is named after this process's pid, and directories of pids that
     no longer run (a Dask worker killed with SIGKILL never ran this ``finally``) are removed first.
     """
+    import psutil
+
     root = Path(scratch_root() or tempfile.gettempdir())
     for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
         owner = stale.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
-        if owner.isdigit() and _owner_gone(int(owner)):
+        if owner.isdigit() and not psutil.pid_exists(int(owner)):
             shutil.rmtree(stale, ignore_errors=True)
     scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root)
     try:
