@@ -14,7 +14,8 @@ On SLURM, Dask submits each worker job once and waits for its worker: a job ``sb
 account that does not exist, more memory than a node has, a bad ``job_extra_directives`` line) or one that ends
 before its worker connects (a failing ``job_script_prologue``, no segfactory in ``cluster.slurm.python``) would
 keep the run waiting for ever. :func:`check_slurm_workers`, called wherever the driver waits for workers, stops the
-run then with one line naming the setting and ``sbatch``'s words, or the job's log (exit 2).
+run then with one line naming the setting and ``sbatch``'s words, or the job's log (exit 2). Jobs pending in the
+queue are waited for, with a note after ``cluster.slurm.pending_note_s`` naming squeue's reason.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class SlurmSettings(StrictModel):
     local_directory: str | None = Field(None, description="worker scratch space on the compute node")
     python: str = Field(sys.executable, description="python on the compute nodes (segfactory installed)")
     job_name: str = Field("segfactory-worker", description="SLURM job name of the workers (shown by squeue)")
+    pending_note_s: float = Field(
+        60.0, ge=0, description="with no worker connected and the worker jobs pending in squeue (a busy queue, a "
+        "QOS limit) for this long, a note says so with squeue's reason, again every 5 minutes while they pend; "
+        "0 = never")
 
     @field_validator("memory")
     @classmethod
@@ -304,11 +309,14 @@ class _SlurmWatch:
     jobs_checked: float = 0.0  # ... and of the last look at the jobs in squeue
     ended_since: float | None = None  # when every job was first seen ended with no worker connected
     connected: set[str] = dataclasses.field(default_factory=set)  # ids of jobs whose worker was seen connected
+    pending_since: float | None = None  # when the jobs were first seen pending with no worker connected
+    pending_noted: float | None = None  # when the note that they pend was last printed
 
 
 _SLURM_WATCH: weakref.WeakKeyDictionary[Any, _SlurmWatch] = weakref.WeakKeyDictionary()
 _REFUSAL_POLL_S = 1.0  # how often check_slurm_workers asks the scheduler for its workers once sbatch refused a job
 _JOBS_POLL_S = 5.0  # how often it asks squeue about the jobs while no worker is connected
+_PENDING_NOTE_REPEAT_S = 300.0  # how often the note that the jobs pend comes again while they still do
 # squeue's states of a job that has ended (the others may still start a worker)
 _ENDED_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                  "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
@@ -355,9 +363,11 @@ def check_slurm_workers(client: Any) -> None:
     worker connected (a ``job_script_prologue`` that fails, no segfactory in ``cluster.slurm.python`` on the node,
     a node that cannot reach the scheduler), would keep the run waiting for ever on an adaptive cluster, or for
     ``cluster.no_workers_timeout_s`` and then fail its units as if workers had been lost (exit 3). With some worker
-    connected the run goes on with it (a note says why there are fewer). Asks the scheduler only once sbatch
-    refused a job (at most every ``_REFUSAL_POLL_S``) or every ``_JOBS_POLL_S``, squeue only while no worker is
-    connected.
+    connected the run goes on with it (a note says why there are fewer). Jobs pending in the queue are not an
+    error: with no worker connected, a note names them and squeue's reason once they have pended for
+    ``cluster.slurm.pending_note_s``, and again every ``_PENDING_NOTE_REPEAT_S`` (:func:`pending_note`). Asks the
+    scheduler only once sbatch refused a job (at most every ``_REFUSAL_POLL_S``) or every ``_JOBS_POLL_S``, squeue
+    (states and reasons in one call) only while no worker is connected.
 
     Raises:
         UserError: sbatch refused a worker job and no worker is connected (:func:`slurm_refusal`), or every worker
@@ -397,10 +407,13 @@ def check_slurm_workers(client: Any) -> None:
     # ended for another reason (its walltime, a kill): lost workers, which no_workers_timeout_s handles (exit 3).
     watch.connected.update(j for n, j in specs.items() if any(w == n or w.startswith(f"{n}-") for w in names))
     if watch.connected & set(specs.values()):
-        watch.ended_since = None
+        watch.ended_since = watch.pending_since = watch.pending_noted = None
         return
     jobs = list(specs.values())
-    ended = _ended_jobs(jobs) if jobs and not workers else set()
+    states = _squeue_jobs(jobs) if jobs and not workers else {}
+    if states is not None:  # squeue could not tell: as it was
+        _note_pending(watch, states, now)
+    ended = None if states is None else {j for j in jobs if states.get(j, ("", ""))[0] in ("", *_ENDED_STATES)}
     if not jobs or workers or ended != set(jobs):
         watch.ended_since = None
         return
@@ -410,21 +423,50 @@ def check_slurm_workers(client: Any) -> None:
     raise _jobs_ended(watch.settings, sorted(ended, key=int))
 
 
-def _ended_jobs(job_ids: list[str]) -> set[str] | None:
-    """Those of ``job_ids`` that have ended (squeue lists them ended, or no longer lists them); None when squeue
-    cannot tell."""
+def _squeue_jobs(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """squeue's state and reason (``%T``, ``%r``) of those of ``job_ids`` it still lists, in one call (a job it no
+    longer lists has ended); None when squeue cannot tell."""
     import subprocess
 
     try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(job_ids)], capture_output=True,
                              text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:  # every id unknown ("Invalid job id specified"): all ended long enough ago
-        return set(job_ids) if "invalid job id" in out.stderr.lower() else None
-    alive = {parts[0] for parts in (line.split() for line in out.stdout.splitlines())
-             if len(parts) == 2 and parts[1] not in _ENDED_STATES}
-    return {j for j in job_ids if j not in alive}
+        return {} if "invalid job id" in out.stderr.lower() else None
+    # A reason may hold spaces ("ReqNodeNotAvail, UnavailableNodes:n[1-2]"): the rest of the line.
+    return {parts[0]: (parts[1], parts[2] if len(parts) > 2 else "")
+            for parts in (line.split(maxsplit=2) for line in out.stdout.splitlines()) if len(parts) >= 2}
+
+
+def pending_note(job_ids: list[str], reasons: list[str], seconds: float) -> str:
+    """The note that worker jobs are pending in SLURM's queue: how many, for how long, squeue's reasons, their ids."""
+    said = sorted({r for r in reasons if r and r != "None"})  # "None": SLURM has not looked at the job yet
+    why = f"squeue reason: {', '.join(said)}; " if said else ""
+    return (f"{len(job_ids)} SLURM worker job(s) pending for {seconds:.0f} s ({why}jobs {', '.join(job_ids)}); "
+            f"the run starts when SLURM starts them (squeue -j {','.join(job_ids)})")
+
+
+def _note_pending(watch: _SlurmWatch, states: dict[str, tuple[str, str]], now: float) -> None:
+    """Print :func:`pending_note` once the jobs have pended with no worker connected for ``pending_note_s``, and
+    again every ``_PENDING_NOTE_REPEAT_S`` while they still do; forget it once none pends."""
+    pending = sorted((j for j, (state, _) in states.items() if state == "PENDING"), key=lambda j: (len(j), j))
+    if not pending:
+        watch.pending_since = watch.pending_noted = None
+        return
+    if watch.pending_since is None:
+        watch.pending_since = now
+    after = watch.settings.pending_note_s
+    if not after or now - watch.pending_since < after:
+        return
+    if watch.pending_noted is not None and now - watch.pending_noted < _PENDING_NOTE_REPEAT_S:
+        return
+    watch.pending_noted = now
+    from rich.markup import escape
+
+    note = pending_note(pending, [states[j][1] for j in pending], now - watch.pending_since)
+    console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
 
 def _job_log_tail(s: SlurmSettings, job_id: str) -> str | None:

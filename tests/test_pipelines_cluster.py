@@ -248,3 +248,39 @@ def test_the_printed_dashboard_link_opens(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_pending_slurm_jobs_are_noted_after_pending_note_s_and_every_5_minutes(capsys: pytest.CaptureFixture[str]):
+    """The note's words and timing, on squeue's states and reasons as ``check_slurm_workers`` gets them (the real
+    SLURM lane makes worker jobs pend for real: tests/test_slurm.py)."""
+    from pipelines.cluster import _note_pending, _SlurmWatch, pending_note
+
+    assert pending_note(["12", "13"], ["Resources", "Resources"], 62.4) == (
+        "2 SLURM worker job(s) pending for 62 s (squeue reason: Resources; jobs 12, 13); the run starts when SLURM "
+        "starts them (squeue -j 12,13)")
+    # "None": SLURM has not looked at the job yet; several reasons are all named
+    assert pending_note(["7"], ["None"], 5) == ("1 SLURM worker job(s) pending for 5 s (jobs 7); the run starts "
+                                                "when SLURM starts them (squeue -j 7)")
+    assert "(squeue reason: Priority, Resources; jobs 9, 10)" in pending_note(["9", "10"], ["Resources", "Priority"], 1)
+
+    def notes(watch: _SlurmWatch, states: dict[str, tuple[str, str]], times: list[float]) -> list[float]:
+        seen = []
+        for t in times:
+            _note_pending(watch, states, t)
+            if "pending for" in capsys.readouterr().err:
+                seen.append(t)
+        return seen
+
+    pending = {"10": ("PENDING", "Priority"), "9": ("PENDING", "Resources"), "8": ("RUNNING", "None")}
+    watch = _SlurmWatch(SlurmSettings(pending_note_s=60), lambda: None)
+    assert notes(watch, pending, [100, 105, 159, 160, 165, 300, 459, 460, 465]) == [160, 460]
+    _note_pending(watch, pending, 760)
+    line = capsys.readouterr().err.strip()
+    assert line == ("note: 2 SLURM worker job(s) pending for 660 s (squeue reason: Priority, Resources; jobs 9, 10); "
+                    "the run starts when SLURM starts them (squeue -j 9,10)"), line
+    # Once none pends (they started, or ended), the wait counts afresh.
+    assert notes(watch, {"9": ("RUNNING", "None")}, [800]) == []
+    assert notes(watch, pending, [900, 959, 960]) == [960]
+    assert notes(_SlurmWatch(SlurmSettings(pending_note_s=0), lambda: None), pending, [0, 1000, 10_000]) == []
+    with pytest.raises(UserError, match="pending_note_s"):
+        load_config(_Wrapper, None, ["cluster.slurm.pending_note_s=-1"])

@@ -5,8 +5,10 @@ checks that the dataset still ends up complete, every frame once, every checksum
 driver worker jobs that can never give it a worker: jobs sbatch refuses (a partition that does not exist, more
 memory than the node has, an unknown feature), and jobs SLURM accepts that end before their worker connects (a
 failing ``job_script_prologue``); on fixed-size and adaptive clusters the driver stops within seconds with one
-line and exit 2, instead of waiting for ever or for ``cluster.no_workers_timeout_s``. Without a running SLURM
-these tests fail (they never skip): run ``bash .ci/services.sh`` as root first (``make test`` does).
+line and exit 2, instead of waiting for ever or for ``cluster.no_workers_timeout_s``. A worker job held in the
+queue (pending) is waited for with a note naming squeue's reason, and the run finishes once it is released.
+Without a running SLURM these tests fail (they never skip): run ``bash .ci/services.sh`` as root first (``make
+test`` does).
 """
 
 from __future__ import annotations
@@ -119,6 +121,58 @@ def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
     while our_jobs() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not our_jobs()
+
+
+PENDING_JOB = "segfactory-test-pending"
+
+
+def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slurm_starts_them(slurm: None,
+                                                                                             tmp_path: Path):
+    """An adaptive cluster whose worker job pends (held: ``sbatch --hold``, squeue's reason ``JobHeldUser``; a busy
+    queue says ``Resources`` or ``Priority`` the same way) waits without error, and says so after
+    ``pending_note_s`` with squeue's reason and the job's id; once SLURM starts the job the run finishes."""
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "scene": {"family": "cells"},
+        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
+        "dataset": {"scenes": 2, "scenes_per_shard": 2},
+        "execution": {"timeout_s": 120, "retries": 0},
+        "cluster": {"backend": "slurm", "dashboard": False, "slurm": {
+            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", "minimum_jobs": 0, "maximum_jobs": 1,
+            "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": PENDING_JOB,
+            "job_extra_directives": ["--hold"], "pending_note_s": 1,
+        }},
+    }))
+    out, log = tmp_path / "ds", tmp_path / "driver.log"
+    with open(log, "wb") as f:
+        driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
+                                  stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                  env={**os.environ, "COLUMNS": "400"})
+    try:
+        wait_until(lambda: "pending for" in log.read_text(), 90, "the note that the worker job pends", driver,
+                   log.read_text)
+        jobs = our_jobs(PENDING_JOB)
+        assert len(jobs) == 1, jobs
+        note = next(line for line in log.read_text().splitlines() if "pending for" in line)
+        assert note.startswith("note: 1 SLURM worker job(s) pending for "), note
+        assert note.endswith(f" s (squeue reason: JobHeldUser; jobs {jobs[0]}); the run starts when SLURM starts "
+                             f"them (squeue -j {jobs[0]})"), note
+        t0 = time.monotonic()
+        subprocess.run(["scontrol", "release", jobs[0]], check=True, timeout=30)
+        assert driver.wait(timeout=180) == 0, log.read_text()
+        released_s = time.monotonic() - t0
+    finally:
+        if driver.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                driver.kill()
+            driver.wait(timeout=30)
+        for job in our_jobs(PENDING_JOB):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert text.count("pending for") == 1, text  # once: again only after 5 minutes
+    assert "error" not in text.lower() and "Traceback" not in text, text
+    verify_complete(out, 2)
+    print(f"released -> finished in {released_s:.1f} s")
 
 
 # Worker jobs that can never give the driver a worker; fixed: the config keeps a job (min = max = 1), adaptive: it
