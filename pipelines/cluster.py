@@ -15,7 +15,8 @@ account that does not exist, more memory than a node has, a bad ``job_extra_dire
 before its worker connects (a failing ``job_script_prologue``, no segfactory in ``cluster.slurm.python``) would
 keep the run waiting for ever. :func:`check_slurm_workers`, called wherever the driver waits for workers, stops the
 run then with one line naming the setting and ``sbatch``'s words, or the job's log (exit 2). Jobs pending in the
-queue are waited for, with a note after ``cluster.slurm.pending_note_s`` naming squeue's reason.
+queue are waited for, with a note after ``cluster.slurm.pending_note_s`` naming squeue's reason, and hold
+``cluster.no_workers_timeout_s`` until they start.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class ClusterConfig(StrictModel):
         300.0, ge=0, description="with work left but no worker on the scheduler for this long (all lost: killed, "
         "out of memory, their jobs or pods gone), the units still to run fail and are listed (exit 3) instead of "
         "waiting for ever; 0 waits for ever. Adaptive SLURM/Kubernetes clusters that may scale to no worker "
-        "always wait")
+        "always wait; on SLURM it counts only once the worker jobs have left the queue (pending jobs, before any "
+        "worker connected, are waited for)")
     tasks: TaskSettings = Field(default_factory=TaskSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
@@ -311,6 +313,8 @@ class _SlurmWatch:
     connected: set[str] = dataclasses.field(default_factory=set)  # ids of jobs whose worker was seen connected
     pending_since: float | None = None  # when the jobs were first seen pending with no worker connected
     pending_noted: float | None = None  # when the note that they pend was last printed
+    # at squeue's last look every job Dask waits for was pending, and no worker of this cluster had connected yet
+    queued: bool = False
 
 
 _SLURM_WATCH: weakref.WeakKeyDictionary[Any, _SlurmWatch] = weakref.WeakKeyDictionary()
@@ -365,7 +369,9 @@ def check_slurm_workers(client: Any) -> None:
     ``cluster.no_workers_timeout_s`` and then fail its units as if workers had been lost (exit 3). With some worker
     connected the run goes on with it (a note says why there are fewer). Jobs pending in the queue are not an
     error: with no worker connected, a note names them and squeue's reason once they have pended for
-    ``cluster.slurm.pending_note_s``, and again every ``_PENDING_NOTE_REPEAT_S`` (:func:`pending_note`). Asks the
+    ``cluster.slurm.pending_note_s``, and again every ``_PENDING_NOTE_REPEAT_S`` (:func:`pending_note`); while
+    all of them pend before any worker connected, ``cluster.no_workers_timeout_s`` waits too
+    (:func:`slurm_jobs_queued`). Asks the
     scheduler only once sbatch refused a job (at most every ``_REFUSAL_POLL_S``) or every ``_JOBS_POLL_S``, squeue
     (states and reasons in one call) only while no worker is connected.
 
@@ -408,11 +414,16 @@ def check_slurm_workers(client: Any) -> None:
     watch.connected.update(j for n, j in specs.items() if any(w == n or w.startswith(f"{n}-") for w in names))
     if watch.connected & set(specs.values()):
         watch.ended_since = watch.pending_since = watch.pending_noted = None
+        watch.queued = False
         return
     jobs = list(specs.values())
     states = _squeue_jobs(jobs) if jobs and not workers else {}
     if states is not None:  # squeue could not tell: as it was
         _note_pending(watch, states, now)
+    # Only jobs still queued before any worker came hold the no-workers timer (slurm_jobs_queued); squeue that
+    # cannot tell, a job started or ended, or a worker seen connected once: it counts as before.
+    watch.queued = bool(jobs) and not workers and not watch.connected and states is not None and all(
+        states.get(j, ("", ""))[0] == "PENDING" for j in jobs)
     ended = None if states is None else {j for j in jobs if states.get(j, ("", ""))[0] in ("", *_ENDED_STATES)}
     if not jobs or workers or ended != set(jobs):
         watch.ended_since = None
@@ -421,6 +432,18 @@ def check_slurm_workers(client: Any) -> None:
         watch.ended_since = now
         return
     raise _jobs_ended(watch.settings, sorted(ended, key=int))
+
+
+def slurm_jobs_queued(client: Any) -> bool:
+    """Whether, at :func:`check_slurm_workers`' last look (squeue, at most every ``_JOBS_POLL_S``), every SLURM
+    worker job Dask waits for was pending in the queue, and no worker of this client's cluster had connected yet.
+
+    While they pend, nothing was lost: the run waits for them and ``cluster.no_workers_timeout_s`` does not count
+    (:func:`pipelines.tasks.run_tasks`); the pending note says why the run waits, and the operator bounds it
+    (``timeout`` around the run, SLURM's ``--deadline``). False for clusters of other backends.
+    """
+    watch = _SLURM_WATCH.get(client)
+    return watch is not None and watch.queued
 
 
 def _squeue_jobs(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:

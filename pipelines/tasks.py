@@ -3,7 +3,7 @@
 Every Dask stage of segfactory (render shards, ingest hash chunks and shards, training stages) goes through
 :func:`run_tasks`: one failed unit is reported under its name after its retries and the others go on. A cluster
 that lost all its workers (``cluster.no_workers_timeout_s``) fails the units still to run instead of waiting for
-ever.
+ever; SLURM worker jobs still pending in the queue before any worker connected are waited for instead.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
         ``(results, failures)``: results by unit name in completion order, and ``"Type: message"`` by name of
         every unit that failed after its retries, or that was still to run when the cluster had had no worker
         for ``cluster.no_workers_timeout_s`` (:class:`NoWorkersLeft`; the client came from
-        :func:`pipelines.cluster.open_client`). The bar counts finished units' sizes and the reported progress
-        of running ones; a failed unit's share is emptied.
+        :func:`pipelines.cluster.open_client`; not while its SLURM worker jobs all pend in the queue before any
+        worker connected, :func:`pipelines.cluster.slurm_jobs_queued`). The bar counts finished units' sizes and
+        the reported progress of running ones; a failed unit's share is emptied.
 
     Raises:
         UserError: the cluster's SLURM worker jobs can give it no worker (refused by sbatch, or ended before their
@@ -65,7 +66,7 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
     """
     from distributed import as_completed
 
-    from pipelines.cluster import check_slurm_workers, no_workers_timeout
+    from pipelines.cluster import check_slurm_workers, no_workers_timeout, slurm_jobs_queued
 
     names = list(units)
     if not names:
@@ -110,7 +111,7 @@ def run_tasks(client: Any, fn: Callable[..., Any], units: Mapping[str, Any], *, 
                 done[name] = 0.0  # what it reported doing did not last
 
             pending = set(futures)
-            watch = _WorkerWatch(client, no_workers_timeout(client))
+            watch = _WorkerWatch(client, no_workers_timeout(client), lambda: slurm_jobs_queued(client))
             finished = as_completed(futures)
             while pending:
                 if not finished.has_ready():
@@ -153,10 +154,12 @@ def _total(size: Mapping[str, float | None]) -> float | None:
 
 
 class _WorkerWatch:
-    """Tells when the scheduler has had no worker for ``timeout`` seconds (never when ``timeout`` is None)."""
+    """Tells when the scheduler has had no worker for ``timeout`` seconds (never when ``timeout`` is None), not
+    counting while ``queued()`` says the workers are still to come (SLURM jobs pending in the queue): the time
+    starts afresh once it no longer does."""
 
-    def __init__(self, client: Any, timeout: float | None):
-        self.client, self.timeout = client, timeout
+    def __init__(self, client: Any, timeout: float | None, queued: Callable[[], bool] = lambda: False):
+        self.client, self.timeout, self.queued = client, timeout, queued
         self._checked = time.monotonic()
         self._alone_since: float | None = None
 
@@ -169,7 +172,7 @@ class _WorkerWatch:
             workers = len(self.client.nthreads())
         except Exception:  # the scheduler is gone too: Dask cancels the futures, which ends the wait
             return False
-        if workers:
+        if workers or self.queued():
             self._alone_since = None
             return False
         if self._alone_since is None:

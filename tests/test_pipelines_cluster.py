@@ -284,3 +284,71 @@ def test_pending_slurm_jobs_are_noted_after_pending_note_s_and_every_5_minutes(c
     assert notes(_SlurmWatch(SlurmSettings(pending_note_s=0), lambda: None), pending, [0, 1000, 10_000]) == []
     with pytest.raises(UserError, match="pending_note_s"):
         load_config(_Wrapper, None, ["cluster.slurm.pending_note_s=-1"])
+
+
+def test_only_worker_jobs_all_pending_before_any_worker_connected_hold_the_no_workers_timer(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Which squeue answers hold ``cluster.no_workers_timeout_s`` (``slurm_jobs_queued``): every job Dask waits for
+    PENDING and no worker seen connected yet; a job running or ended, squeue that cannot tell, or a worker that had
+    connected: the timer counts as before (the real held job: tests/test_slurm.py)."""
+    import pipelines.cluster as c
+    from pipelines.tasks import _WorkerWatch
+
+    class Job:
+        def __init__(self, job_id: str):
+            self.job_id = job_id
+
+    class Cluster:
+        def __init__(self) -> None:
+            self.workers = {"0": Job("12"), "1": Job("13")}
+
+    class Client:
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def scheduler_info(self) -> dict:
+            return {"workers": {n: {"name": n} for n in self.names}}
+
+        def nthreads(self) -> dict:
+            return dict.fromkeys(self.names, 1)
+
+    squeue: list[dict[str, tuple[str, str]] | None] = []
+    monkeypatch.setattr(c, "_squeue_jobs", lambda jobs: squeue.pop(0))
+    monkeypatch.setattr(c, "_JOBS_POLL_S", 0.0)
+    client, cluster = Client(), Cluster()
+    c._SLURM_WATCH[client] = c._SlurmWatch(SlurmSettings(pending_note_s=0), lambda: cluster)
+
+    def queued(answer: dict[str, tuple[str, str]] | None, names: tuple[str, ...] = ()) -> bool:
+        client.names = list(names)
+        if not names:
+            squeue.append(answer)
+        c.check_slurm_workers(client)
+        return c.slurm_jobs_queued(client)
+
+    pend, run = ("PENDING", "JobHeldUser"), ("RUNNING", "None")
+    assert queued({"12": pend, "13": pend})
+    assert not queued({"12": run, "13": pend})
+    assert not queued({"13": pend})  # 12 ended (squeue no longer lists it)
+    assert not queued(None)  # squeue could not tell
+    assert queued({"12": pend, "13": pend})
+    assert not queued(None, names=("0",))  # job 12's worker connected ...
+    client.names = []
+    c.check_slurm_workers(client)  # ... and was lost (no squeue while its job is one Dask waits for) ...
+    assert not c.slurm_jobs_queued(client)
+    cluster.workers = {"2": Job("14")}
+    assert not queued({"14": pend})  # ... and its replacement pends: lost workers, as before
+    assert not c.slurm_jobs_queued(Client())  # not a SLURM cluster of ours
+    assert not squeue and not capsys.readouterr().err
+
+    # The timer does not count while queued() holds, and starts afresh once it no longer does.
+    hold = [True]
+    watch = _WorkerWatch(client, 0.2, lambda: hold[0])
+    client.names = []
+    for _ in range(3):
+        time.sleep(0.15)
+        assert not watch.gone_for_good()
+    hold[0] = False
+    time.sleep(0.15)
+    assert not watch.gone_for_good()  # the time starts now
+    time.sleep(0.25)
+    assert watch.gone_for_good()

@@ -6,7 +6,8 @@ driver worker jobs that can never give it a worker: jobs sbatch refuses (a parti
 memory than the node has, an unknown feature), and jobs SLURM accepts that end before their worker connects (a
 failing ``job_script_prologue``); on fixed-size and adaptive clusters the driver stops within seconds with one
 line and exit 2, instead of waiting for ever or for ``cluster.no_workers_timeout_s``. A worker job held in the
-queue (pending) is waited for with a note naming squeue's reason, and the run finishes once it is released.
+queue (pending) is waited for with a note naming squeue's reason, on a fixed-size cluster past
+``cluster.no_workers_timeout_s`` too, and the run finishes once it is released.
 Without a running SLURM these tests fail (they never skip): run ``bash .ci/services.sh`` as root first (``make
 test`` does).
 """
@@ -126,19 +127,18 @@ def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
 PENDING_JOB = "segfactory-test-pending"
 
 
-def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slurm_starts_them(slurm: None,
-                                                                                             tmp_path: Path):
-    """An adaptive cluster whose worker job pends (held: ``sbatch --hold``, squeue's reason ``JobHeldUser``; a busy
-    queue says ``Resources`` or ``Priority`` the same way) waits without error, and says so after
-    ``pending_note_s`` with squeue's reason and the job's id; once SLURM starts the job the run finishes."""
+def start_held_render(tmp_path: Path, scaling: dict, **cluster: object) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``segfactory render`` of 2 ``cells`` scenes whose SLURM worker job is held in the queue (``sbatch
+    --hold``, squeue's reason ``JobHeldUser``) until the test releases it; the pending note after 1 s. Returns the
+    driver, its output directory and its log."""
     cfg = tmp_path / "slurm.yaml"
     cfg.write_text(yaml.safe_dump({
         "scene": {"family": "cells"},
         "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
         "dataset": {"scenes": 2, "scenes_per_shard": 2},
         "execution": {"timeout_s": 120, "retries": 0},
-        "cluster": {"backend": "slurm", "dashboard": False, "slurm": {
-            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", "minimum_jobs": 0, "maximum_jobs": 1,
+        "cluster": {"backend": "slurm", "dashboard": False, **cluster, "slurm": {
+            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", **scaling,
             "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": PENDING_JOB,
             "job_extra_directives": ["--hold"], "pending_note_s": 1,
         }},
@@ -148,6 +148,15 @@ def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slur
         driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
                                   stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
                                   env={**os.environ, "COLUMNS": "400"})
+    return driver, out, log
+
+
+def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slurm_starts_them(slurm: None,
+                                                                                             tmp_path: Path):
+    """An adaptive cluster whose worker job pends (held: ``sbatch --hold``, squeue's reason ``JobHeldUser``; a busy
+    queue says ``Resources`` or ``Priority`` the same way) waits without error, and says so after
+    ``pending_note_s`` with squeue's reason and the job's id; once SLURM starts the job the run finishes."""
+    driver, out, log = start_held_render(tmp_path, {"minimum_jobs": 0, "maximum_jobs": 1})
     try:
         wait_until(lambda: "pending for" in log.read_text(), 90, "the note that the worker job pends", driver,
                    log.read_text)
@@ -173,6 +182,35 @@ def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slur
     assert "error" not in text.lower() and "Traceback" not in text, text
     verify_complete(out, 2)
     print(f"released -> finished in {released_s:.1f} s")
+
+
+QUEUED_TIMEOUT_S = 10  # cluster.no_workers_timeout_s of the next test: the worker's start after its release fits
+
+
+def test_a_fixed_size_cluster_waits_for_its_queued_job_past_no_workers_timeout_s(slurm: None, tmp_path: Path):
+    """A fixed-size cluster (min = max = 1 job) whose only worker job pends longer than ``connect_timeout_s`` and
+    ``no_workers_timeout_s`` waits for it (nothing was lost; the pending note says why) instead of failing its units
+    as lost workers (before: exit 3, ``NoWorkersLeft``, ~12 s in); released, the run finishes."""
+    driver, out, log = start_held_render(tmp_path, FIXED, connect_timeout_s=2, no_workers_timeout_s=QUEUED_TIMEOUT_S)
+    try:
+        wait_until(lambda: "pending for" in log.read_text(), 90, "the note that the worker job pends", driver,
+                   log.read_text)
+        time.sleep(QUEUED_TIMEOUT_S + 5)  # past the timeout, counted from the note: it no longer counts
+        assert driver.poll() is None, log.read_text()
+        jobs = our_jobs(PENDING_JOB)
+        assert len(jobs) == 1, jobs
+        subprocess.run(["scontrol", "release", jobs[0]], check=True, timeout=30)
+        assert driver.wait(timeout=180) == 0, log.read_text()
+    finally:
+        if driver.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                driver.kill()
+            driver.wait(timeout=30)
+        for job in our_jobs(PENDING_JOB):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "NoWorkersLeft" not in text and "error" not in text.lower() and "Traceback" not in text, text
+    verify_complete(out, 2)
 
 
 # Worker jobs that can never give the driver a worker; fixed: the config keeps a job (min = max = 1), adaptive: it
