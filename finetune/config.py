@@ -361,11 +361,29 @@ class AdaptConfig(StrictModel):
 
 
 class PredictDefaults(StrictModel):
-    """Tiling recorded in model.json as the default for ``segfactory predict``."""
+    """Tiling recorded in model.json as the default for ``segfactory predict``, and the speck cleanup.
+
+    Attributes:
+        min_object: Predicted components of a thing class whose equivalent diameter is under this share of the
+            class's object size in the rendered training labels take their next most probable class
+            (:mod:`finetune.cleanup`; model.json ``cleanup``, ``--min-object`` of ``predict``/``evaluate``
+            overrides it). 0 = off. The default 0.25 is the share below which the scale estimate already counts
+            predicted components as specks (README, "Speck cleanup", has what it changed on real frames).
+    """
 
     tile: int = Field(default=512, ge=SIZE_DIVISOR)
     overlap: int = Field(default=64, ge=0)
     batch_size: int = Field(default=4, ge=1)
+    min_object: float = Field(default=0.25, ge=0, lt=1)
+
+    @model_serializer(mode="wrap")
+    def _min_object_default_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # At its default, min_object stays out of dumps, so the resolved configs, config hashes and `segfactory
+        # run` stage keys of configs that never set it stay what they were before the field existed.
+        out: dict[str, Any] = handler(self)
+        if out.get("min_object") == 0.25:
+            del out["min_object"]
+        return out
 
     @model_validator(mode="after")
     def _overlap_lt_tile(self) -> PredictDefaults:

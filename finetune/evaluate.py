@@ -202,6 +202,8 @@ def _evaluation_key(meta: dict[str, Any], model_dir: Path, data: list, tile: int
                 "overlap": overlap}
     if tta != "none":  # keys of plain evaluations stay what they were
         material["tta"] = tta
+    if meta.get("cleanup"):  # models without object sizes keep their keys
+        material["cleanup"] = meta["cleanup"]
     return canonical_hash(material, 32)
 
 
@@ -273,7 +275,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True, baselines: str | list[str] | None = None,
                  overlays: int = 4, tta: str = "none", scale: float | str | None = None,
-                 workers: int | None = None) -> dict[str, Any]:
+                 workers: int | None = None, min_object: float | None = None) -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
 
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
@@ -294,6 +296,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         workers: Threads that post-process and score frames (argmax, watershed, baselines, instance matching,
             overlays) while the model predicts the next frame; default :func:`eval_workers`; 0 = all inline.
             The report is the same for every value: frames are folded into the totals in order.
+        min_object: Speck cleanup share instead of model.json's ``cleanup.min_object`` (0 = off;
+            :mod:`finetune.cleanup`); the report's ``min_object`` says which was used.
 
     Returns:
         The report written to ``metrics.json`` (``key``: see :func:`evaluation_key`).
@@ -329,6 +333,9 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     check_tta(tta)
     meta = resolve_scale(meta, scale)
+    from finetune.cleanup import with_min_object
+
+    meta = with_min_object(meta, min_object)
     targets = make_targets(meta["classes"], int(meta["ignore_index"]))
     if targets.num_classes != int(meta["num_classes"]):
         raise UserError(f"model.json of '{model_dir}' lists {targets.num_classes} classes but num_classes="
@@ -408,7 +415,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             pipe.drain()
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),
-              "classes": targets.names, "tta": tta,
+              "classes": targets.names, "tta": tta, "min_object": (meta.get("cleanup") or {}).get("min_object"),
               "input": {**{k: meta["input"].get(k) for k in ("scaling", "scale")},
                         "scale_mode": "per_image" if per_image_scales(meta) else "fixed",
                         **({"scales": {n: {"median": round(float(np.median(v)), 4),

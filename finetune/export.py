@@ -48,6 +48,12 @@ INSTANCE_RECIPE = ("7. (instance head) sigmoid of instance_logits = normalised d
                    "instance each; drop instances under round(instances.min_size / f**2) pixels; number 1..N "
                    "(0 = none).")
 
+CLEANUP_RECIPE = ("6b. (model.json cleanup, when its min_object > 0) for each class id in cleanup.object_px, in "
+                  "id order: every 8-connected component of (argmax == id) whose equivalent diameter "
+                  "2 sqrt(area / pi) is under cleanup.min_object * object_px[id] / f pixels (f: the input scale "
+                  "the image was run at) takes, pixel by pixel, the class of the largest softmax value without "
+                  "that id.")
+
 
 def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> list[np.ndarray]:
     """Standardised real-image inputs (crops of scikit-image's astronaut photo) of the given (B, H, W) sizes."""
@@ -94,7 +100,7 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     joint = bool(meta.get("instances"))
     graph = JointOutputs(model).eval() if joint else model
     outputs = ["logits", "instance_logits"] if joint else ["logits"]
-    recipe = RECIPE + (" " + INSTANCE_RECIPE if joint else "")
+    recipe = RECIPE + (" " + CLEANUP_RECIPE if meta.get("cleanup") else "") + (" " + INSTANCE_RECIPE if joint else "")
     out_path = Path(out_path) if out_path else Path(model_dir) / ONNX_FILE
     c = int(meta["input"]["in_chans"])
     export_x = torch.from_numpy(parity_inputs(meta, [(1, 128, 160)])[0])

@@ -191,12 +191,15 @@ def check_state_fits(state: dict[str, torch.Tensor], model: nn.Module, where: Pa
 
 def model_meta(arch: dict[str, Any], targets_json: list[dict], ignore_index: int, input_spec: dict[str, Any],
                predict_spec: dict[str, Any], lineage: dict[str, Any],
-               instances: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model.json record (see module docstring); ``instances`` only for a model with an instance head."""
+               instances: dict[str, Any] | None = None, cleanup: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model.json record (see module docstring); ``instances`` only for a model with an instance head,
+    ``cleanup`` (:mod:`finetune.cleanup`) only when training measured object sizes."""
     meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "architecture": arch, "classes": targets_json,
             "num_classes": int(arch["num_classes"]), "ignore_index": ignore_index,
             "input": {**input_spec, "size_divisor": SIZE_DIVISOR, "layout": "NCHW float32"},
             "predict": predict_spec, "lineage": lineage}
     if instances is not None:
         meta["instances"] = instances
+    if cleanup is not None:
+        meta["cleanup"] = cleanup
     return meta

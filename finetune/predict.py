@@ -202,19 +202,27 @@ def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray,
 def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any], instances: bool = False,
                        scale: float | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The CPU part of :func:`predict_outputs` (no model: safe in a worker thread): class ids from
-    :func:`predict_image_probs`'s probabilities, and with ``instances`` the watershed instances and distance map
-    (``scale``: the input scale the image was predicted at, default model.json's ``input.scale``; the watershed's
-    sizes are in the network's input pixels)."""
+    :func:`predict_image_probs`'s probabilities, their speck components relabelled (model.json ``cleanup``,
+    :func:`finetune.cleanup.drop_specks`), and with ``instances`` the watershed instances and distance map
+    (``scale``: the input scale the image was predicted at, default model.json's ``input.scale``; the cleanup's
+    and the watershed's sizes are in the network's input pixels)."""
     k = int(meta["num_classes"])
     # numpy's argmax over the class axis (first maximum on ties, like torch's) is ~10x faster than torch's
     # reduction over the outer dimension of a (K, H, W) tensor.
-    labels = probs[:k].numpy().argmax(0).astype(np.uint8)
+    p = probs[:k].numpy()
+    labels = p.argmax(0).astype(np.uint8)
+    if not meta.get("cleanup") and not instances:
+        return labels, None, None
+    f = float(meta["input"].get("scale", 1.0)) if scale is None else float(scale)
+    if meta.get("cleanup"):
+        from finetune.cleanup import drop_specks
+
+        labels = drop_specks(labels, p, meta["cleanup"], f)
     if not instances:
         return labels, None, None
     from finetune.instances import postprocess
 
     dist = probs[k].numpy()
-    f = float(meta["input"].get("scale", 1.0)) if scale is None else float(scale)
     return labels, postprocess(labels, dist, meta["instances"], f), dist
 
 
@@ -334,7 +342,8 @@ def auto_scale(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device: 
         raise UserError(f"model.json input.scale_by is {by!r}: per-image scales know only {' and '.join(SCALE_BY)}",
                         fix="set input.scale_by in model.json to count or area (what the model was trained with), "
                             "or pass --scale with a number")
-    fixed = {**meta, "input": {**spec, "scale": 1.0}}
+    # the estimate measures the raw masks, as in training (no speck cleanup: it has its own speck rule)
+    fixed = {**{k: v for k, v in meta.items() if k != "cleanup"}, "input": {**spec, "scale": 1.0}}
 
     def predict_at(f: float) -> list[np.ndarray]:
         return [predict_mask(model, fixed, resize_image(img, f), device, tile, overlap, batch_size, autocast,
@@ -416,7 +425,8 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
 def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 device: str = "auto", tile: int | None = None, overlap: int | None = None,
                 batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
-                tta: str = "none", scale: float | str | None = None, instances: str = "auto") -> dict:
+                tta: str = "none", scale: float | str | None = None, instances: str = "auto",
+                min_object: float | None = None) -> dict:
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
@@ -425,9 +435,12 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
             (:func:`resolve_scale`).
         instances: ``auto`` (write instances when the model has an instance head), ``on`` (required: a
             UserError for a model without one) or ``off``.
+        min_object: Speck cleanup share instead of model.json's ``cleanup.min_object`` (0 = off;
+            :mod:`finetune.cleanup`).
 
     Returns:
-        Summary ``{"images", "failed", "seconds", "device", "tile", "overlap", "tta", "input"}``; ``input`` has the
+        Summary ``{"images", "failed", "seconds", "device", "tile", "overlap", "tta", "min_object", "input"}``
+        (``min_object``: the cleanup share used, ``None`` for a model without object sizes); ``input`` has the
         scale and the scaling, and with ``auto`` scaling how many images got each rule; with per-image scales
         ``scales`` (each image's, also in ``scales.json``).
 
@@ -450,6 +463,9 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     tile, overlap, batch_size = inference_settings(meta, tile, overlap, batch_size)
     check_tta(tta)
     meta = resolve_scale(meta, scale)
+    from finetune.cleanup import with_min_object
+
+    meta = with_min_object(meta, min_object)
     per_image = per_image_scales(meta)
     files = list_images(input_dir)
     out = ensure_writable_dir(out_dir)
@@ -498,7 +514,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
             bar.advance(task)
     summary = {"images": len(files) - len(failures), "failed": len(failures),
                "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "tile": tile, "overlap": overlap,
-               "tta": tta, "input": {"scaling": meta["input"]["scaling"], "scaling_used": rules,
+               "tta": tta, "min_object": (meta.get("cleanup") or {}).get("min_object"),
+               "input": {"scaling": meta["input"]["scaling"], "scaling_used": rules,
                                      "scale": "per_image" if per_image else float(meta["input"].get("scale", 1.0))},
                "out": str(out), "instances": None}
     if per_image:

@@ -280,17 +280,31 @@ class Trainer:
         """Domain adaptation to ``data.unlabeled`` (:class:`finetune.selftrain.SelfTraining`), or ``None``."""
         from finetune.selftrain import SelfTraining
 
-        synthetic = [s for s in self.train_sources if s.kind == "synthetic"]
-        things = self.things
-
-        def synthetic_masks(n: int = 64) -> list[np.ndarray]:
-            items = [(s, it) for s in synthetic for it in s.train]
-            step = max(1, len(items) // n)
-            return [s.load(it)[1] for s, it in items[::step][:n]]
-
         return SelfTraining.create(self.cfg, self.model, self.device, self.in_chans, self.input_spec,
-                                   self.targets.num_classes, self.targets.ignore_index, synthetic_masks,
-                                   sorted(things), info=self.info)
+                                   self.targets.num_classes, self.targets.ignore_index, self._synthetic_masks,
+                                   sorted(self.things), info=self.info)
+
+    def _synthetic_masks(self, n: int = 64) -> list[np.ndarray]:
+        """Label masks (target ids) of up to ``n`` synthetic training frames, spread over all of them."""
+        items = [(s, it) for s in self.train_sources if s.kind == "synthetic" for it in s.train]
+        step = max(1, len(items) // n)
+        return [s.load(it)[1] for s, it in items[::step][:n]]
+
+    def _cleanup(self) -> dict[str, Any] | None:
+        """model.json's ``cleanup`` (:mod:`finetune.cleanup`): the thing classes' object sizes in the rendered
+        training labels (measured once) and ``predict.min_object``; ``None`` without rendered thing objects."""
+        if not hasattr(self, "_object_px"):
+            from finetune.cleanup import SAMPLE_FRAMES, object_sizes
+            from finetune.scale import training_zoom
+
+            aug = self.cfg.augment
+            window = getattr(self, "_window", None) or aug.crop_size
+            zoom = training_zoom(aug.crop_size, window, aug.scale, aug.zoom) if aug.enabled else 1.0
+            self._object_px = object_sizes(self._synthetic_masks(SAMPLE_FRAMES), sorted(self.things), zoom) \
+                if self.things else {}
+        from finetune.cleanup import cleanup_spec
+
+        return cleanup_spec(self.cfg.predict.min_object, self._object_px)
 
     def _check_resume_config(self) -> None:
         change = config_change(self.out, self.cfg)
@@ -437,9 +451,10 @@ class Trainer:
             inst = instance_spec(self.things, ic.seed_threshold, ic.min_size, ic.seed_h, ic.smooth)
             if calibrated is not None:
                 inst = {**calibrated[0], "calibration": calibrated[1]}
+        predict_spec = {k: v for k, v in self.cfg.predict.model_dump().items() if k != "min_object"}
         return model_meta(self.arch, self.targets.to_json(), self.targets.ignore_index, self.input_spec,
-                          self.cfg.predict.model_dump(), {"encoder": self.lineage_encoder, "training": training},
-                          inst)
+                          predict_spec, {"encoder": self.lineage_encoder, "training": training}, inst,
+                          self._cleanup())
 
     def inference_model(self, step: int) -> nn.Module:
         """The model as validated and saved at ``step``: the training model, or with adaptation's BatchNorm

@@ -105,6 +105,10 @@ def _real_section(real_eval: Path) -> str:
                      "frames: model.json 'instances')")
     if inp.get("scale") is not None and not inp.get("scales"):
         notes.append(f"real images resized by the model's input scale {float(inp['scale']):.3g}")
+    if report.get("min_object"):
+        notes.append(f"model rows: predicted components of a thing class under {float(report['min_object']):.3g} of "
+                     "the class's rendered object size take their next most probable class (speck cleanup: "
+                     "model.json 'cleanup')")
     table = ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>real data</th><th>row</th>"
              "<th>foreground IoU</th><th>instance F1 (IoU &ge; 0.5)</th><th>mean matched IoU</th>"
              "<th>count error / image</th><th>mIoU</th></tr>" + "".join(rows) + "</table>")

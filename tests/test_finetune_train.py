@@ -129,6 +129,53 @@ def test_predict_writes_uint8_masks_of_input_size_and_overlays(trained: Path, in
     np.testing.assert_array_equal(np.array(Image.open(out / "gray8.png")), as_dtype)
 
 
+def test_model_json_records_object_sizes_and_predict_drops_only_specks(trained: Path, tiny_dataset: Path,
+                                                                         inputs: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Training measures the nuclei's size on the rendered labels (model.json ``cleanup``); ``predict
+    --min-object`` relabels exactly the nucleus components under that share of it and nothing else."""
+    from skimage.measure import label, regionprops
+
+    meta = json.loads((trained / "model" / "model.json").read_text())
+    spec = meta["cleanup"]
+    assert spec["min_object"] == 0.25 and "min_object" not in meta["predict"] and set(spec["object_px"]) == {"1"}
+    # the size over the training zoom (64 px crops of 50-100 % of a 64 px window) lies within the nuclei's own
+    # range of equivalent diameters in the labels
+    from finetune.scale import training_zoom
+
+    diam = [r.equivalent_diameter_area for m in _label_masks(tiny_dataset)
+            for r in regionprops(label(m == 1, connectivity=2))]
+    assert min(diam) < spec["object_px"]["1"] / training_zoom(64, 64, (0.5, 1.0), None) <= max(diam)
+    outs = {}
+    for share in ("0", "0.9"):
+        out = outs[share] = tmp_path / share
+        rc, stdout, err = cli(capsys, "predict", "--model", trained / "model", "--input", inputs, "--out", out,
+                              "--device", "cpu", "--no-overlays", "--min-object", share)
+        assert rc == 0, err
+        assert json.loads(stdout)["min_object"] == float(share)
+    min_d = 0.9 * spec["object_px"]["1"] / float(meta["input"]["scale"])
+    changed = 0
+    for p in sorted(inputs.iterdir()):
+        raw = np.array(Image.open(outs["0"] / f"{p.stem}.png"))
+        clean = np.array(Image.open(outs["0.9"] / f"{p.stem}.png"))
+        diff = raw != clean
+        changed += int(diff.sum())
+        cc = label(raw == 1, connectivity=2)
+        small = [r.label for r in regionprops(cc) if 2 * np.sqrt(r.area / np.pi) < min_d]
+        assert (np.isin(cc, small) == diff).all(), p.name  # exactly the small nucleus components changed
+        assert (clean[diff] != 1).all()
+        left = [2 * np.sqrt(r.area / np.pi) for r in regionprops(label(clean == 1, connectivity=2))]
+        assert all(d >= min_d for d in left), p.name
+    assert changed > 0
+    rc, _, err = cli(capsys, "predict", "--model", trained / "model", "--input", inputs, "--out", tmp_path / "x",
+                     "--device", "cpu", "--min-object", "1.5")
+    assert rc == 2 and "--min-object 1.5 is outside 0..1" in err
+
+
+def _label_masks(dataset: Path) -> list[np.ndarray]:
+    return [read_mask(p) for p in sorted(dataset.glob("shards/*/semantic/*.png"))]
+
+
 def test_tiling_matches_whole_image_prediction_away_from_seams(trained: Path, tiny_dataset: Path) -> None:
     from finetune.models import load_model_dir
     from finetune.predict import predict_mask

@@ -104,7 +104,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     report = run_evaluate(args.model, specs, out, device=args.device, tile=args.tile, overlap=args.overlap,
                           batch_size=args.batch_size, baselines=args.baselines, overlays=args.overlays,
-                          tta=args.tta, scale=args.scale)
+                          tta=args.tta, scale=args.scale, min_object=args.min_object)
     _save_args(out / "evaluate.yaml", {k: v for k, v in vars(args).items() if k != "func"})
     from rich.table import Table
 
@@ -173,7 +173,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _resolve_model(args)
     summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
                           overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
-                          tta=args.tta, scale=args.scale, instances=args.instances)
+                          tta=args.tta, scale=args.scale, instances=args.instances,
+                          min_object=args.min_object)
     summary["model"] = args.model
     _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
@@ -260,6 +261,10 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
         q.add_argument("--scale", help="resize real images by this factor before the model, or 'auto': each "
                        "image by its own estimate (models trained with input.scale=auto; default: model.json, "
                        "input.scale or, when its sources differ in magnification, auto)")
+        q.add_argument("--min-object", type=float, metavar="SHARE",
+                       help="speck cleanup: predicted components of a thing class under this share of the class's "
+                            "object size in training take their next most probable class; 0 = off (default: "
+                            "model.json cleanup.min_object, 0.25 for models trained on rendered objects)")
 
     e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
                             "folders also foreground IoU and instance F1 next to classic baselines")
