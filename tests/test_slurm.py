@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -127,10 +128,11 @@ def test_slurm_backend_survives_scancel_mid_render(slurm: None, tmp_path: Path):
 PENDING_JOB = "segfactory-test-pending"
 
 
-def start_held_render(tmp_path: Path, scaling: dict, **cluster: object) -> tuple[subprocess.Popen, Path, Path]:
-    """Start ``segfactory render`` of 2 ``cells`` scenes whose SLURM worker job is held in the queue (``sbatch
-    --hold``, squeue's reason ``JobHeldUser``) until the test releases it; the pending note after 1 s. Returns the
-    driver, its output directory and its log."""
+@contextlib.contextmanager
+def held_render(tmp_path: Path, scaling: dict, **cluster: object) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """Run ``segfactory render`` of 2 ``cells`` scenes whose SLURM worker job is held in the queue (``sbatch
+    --hold``, squeue's reason ``JobHeldUser``) until the test releases it; the pending note after 1 s. Yields the
+    driver, its output directory and its log; on the way out kills a driver still running and cancels the job."""
     cfg = tmp_path / "slurm.yaml"
     cfg.write_text(yaml.safe_dump({
         "scene": {"family": "cells"},
@@ -148,7 +150,15 @@ def start_held_render(tmp_path: Path, scaling: dict, **cluster: object) -> tuple
         driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
                                   stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
                                   env={**os.environ, "COLUMNS": "400"})
-    return driver, out, log
+    try:
+        yield driver, out, log
+    finally:
+        if driver.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                driver.kill()
+            driver.wait(timeout=30)
+        for job in our_jobs(PENDING_JOB):
+            subprocess.run(["scancel", job], timeout=30)
 
 
 def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slurm_starts_them(slurm: None,
@@ -156,8 +166,7 @@ def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slur
     """An adaptive cluster whose worker job pends (held: ``sbatch --hold``, squeue's reason ``JobHeldUser``; a busy
     queue says ``Resources`` or ``Priority`` the same way) waits without error, and says so after
     ``pending_note_s`` with squeue's reason and the job's id; once SLURM starts the job the run finishes."""
-    driver, out, log = start_held_render(tmp_path, {"minimum_jobs": 0, "maximum_jobs": 1})
-    try:
+    with held_render(tmp_path, {"minimum_jobs": 0, "maximum_jobs": 1}) as (driver, out, log):
         wait_until(lambda: "pending for" in log.read_text(), 90, "the note that the worker job pends", driver,
                    log.read_text)
         jobs = our_jobs(PENDING_JOB)
@@ -170,13 +179,6 @@ def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slur
         subprocess.run(["scontrol", "release", jobs[0]], check=True, timeout=30)
         assert driver.wait(timeout=180) == 0, log.read_text()
         released_s = time.monotonic() - t0
-    finally:
-        if driver.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                driver.kill()
-            driver.wait(timeout=30)
-        for job in our_jobs(PENDING_JOB):
-            subprocess.run(["scancel", job], timeout=30)
     text = log.read_text()
     assert text.count("pending for") == 1, text  # once: again only after 5 minutes
     assert "error" not in text.lower() and "Traceback" not in text, text
@@ -191,8 +193,8 @@ def test_a_fixed_size_cluster_waits_for_its_queued_job_past_no_workers_timeout_s
     """A fixed-size cluster (min = max = 1 job) whose only worker job pends longer than ``connect_timeout_s`` and
     ``no_workers_timeout_s`` waits for it (nothing was lost; the pending note says why) instead of failing its units
     as lost workers (before: exit 3, ``NoWorkersLeft``, ~12 s in); released, the run finishes."""
-    driver, out, log = start_held_render(tmp_path, FIXED, connect_timeout_s=2, no_workers_timeout_s=QUEUED_TIMEOUT_S)
-    try:
+    with held_render(tmp_path, FIXED, connect_timeout_s=2, no_workers_timeout_s=QUEUED_TIMEOUT_S) as (driver, out,
+                                                                                                    log):
         wait_until(lambda: "pending for" in log.read_text(), 90, "the note that the worker job pends", driver,
                    log.read_text)
         time.sleep(QUEUED_TIMEOUT_S + 5)  # past the timeout, counted from the note: it no longer counts
@@ -201,13 +203,6 @@ def test_a_fixed_size_cluster_waits_for_its_queued_job_past_no_workers_timeout_s
         assert len(jobs) == 1, jobs
         subprocess.run(["scontrol", "release", jobs[0]], check=True, timeout=30)
         assert driver.wait(timeout=180) == 0, log.read_text()
-    finally:
-        if driver.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                driver.kill()
-            driver.wait(timeout=30)
-        for job in our_jobs(PENDING_JOB):
-            subprocess.run(["scancel", job], timeout=30)
     text = log.read_text()
     assert "NoWorkersLeft" not in text and "error" not in text.lower() and "Traceback" not in text, text
     verify_complete(out, 2)
