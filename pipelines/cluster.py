@@ -315,6 +315,7 @@ class _SlurmWatch:
     pending_noted: float | None = None  # when the note that they pend was last printed
     # at squeue's last look every job Dask waits for was pending, and no worker of this cluster had connected yet
     queued: bool = False
+    states: dict[str, str] = dataclasses.field(default_factory=dict)  # squeue's last state of each job it listed
 
 
 _SLURM_WATCH: weakref.WeakKeyDictionary[Any, _SlurmWatch] = weakref.WeakKeyDictionary()
@@ -420,6 +421,7 @@ def check_slurm_workers(client: Any) -> None:
     states = _squeue_jobs(jobs) if jobs and not workers else {}
     if states is not None:  # squeue could not tell: as it was
         _note_pending(watch, states, now)
+        watch.states.update({j: state for j, (state, _) in states.items()})
     # Only jobs still queued before any worker came hold the no-workers timer (slurm_jobs_queued); squeue that
     # cannot tell, a job started or ended, or a worker seen connected once: it counts as before.
     watch.queued = bool(jobs) and not workers and not watch.connected and states is not None and all(
@@ -431,7 +433,7 @@ def check_slurm_workers(client: Any) -> None:
     if watch.ended_since is None:  # once more, later: a worker may have connected and left meanwhile
         watch.ended_since = now
         return
-    raise _jobs_ended(watch.settings, sorted(ended, key=int))
+    raise _jobs_ended(watch.settings, sorted(ended, key=int), watch.states)
 
 
 def slurm_jobs_queued(client: Any) -> bool:
@@ -452,8 +454,9 @@ def _squeue_jobs(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     import subprocess
 
     try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(job_ids)], capture_output=True,
-                             text=True, timeout=30)
+        # -t all: also jobs that have ended, while slurmctld still holds them (MinJobAge), with how they ended
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T %r", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:  # every id unknown ("Invalid job id specified"): all ended long enough ago
@@ -505,12 +508,34 @@ def _job_log_tail(s: SlurmSettings, job_id: str) -> str | None:
     return None
 
 
-def _jobs_ended(s: SlurmSettings, job_ids: list[str]) -> UserError:
+# squeue states of jobs SLURM (or someone) ended from outside, whatever the job did: their fix is not in its log.
+_ENDED_FROM_OUTSIDE = {
+    "CANCELLED": "cancelled (scancel, by you or an administrator): re-run when the jobs may run",
+    "DEADLINE": "removed at its --deadline (cluster.slurm.job_extra_directives) before it could end: set a later "
+                "deadline or none",
+    "PREEMPTED": "preempted by higher-priority work: re-run, or use a partition or QOS without preemption "
+                 "(cluster.slurm.queue, job_extra_directives)",
+    "REVOKED": "revoked (a federated sibling cluster ran it): re-run",
+}
+
+
+def _jobs_ended(s: SlurmSettings, job_ids: list[str], states: dict[str, str] | None = None) -> UserError:
+    """The error for worker jobs that ended before their worker connected, with squeue's last state of each
+    (``states``, when it was seen): a job ended from outside (cancelled, its deadline, preempted) says so; else the
+    last line of the job's log."""
+    seen = {j: (states or {}).get(j, "") for j in job_ids}
+    said = sorted({st for st in seen.values() if st and st not in ("PENDING", "RUNNING", "CONFIGURING")})
+    state = f" (squeue: {', '.join(said)})" if said else ""
+    outside = [st for st in said if st in _ENDED_FROM_OUTSIDE]
+    if outside and len(said) == len(outside):
+        return UserError(f"the SLURM worker job(s) {', '.join(job_ids)} ended before their Dask worker connected to "
+                         f"the scheduler{state}: SLURM did not run them to the end",
+                         fix="; ".join(f"{st.lower()}: {_ENDED_FROM_OUTSIDE[st]}" for st in outside))
     tail = _job_log_tail(s, job_ids[-1])
     where = f"; {tail}" if tail else (f" (no log of job {job_ids[-1]} found"
                                       f"{' in ' + s.log_directory if s.log_directory else ''})")
     return UserError(f"the SLURM worker job(s) {', '.join(job_ids)} ended before their Dask worker connected to the "
-                     f"scheduler{where}",
+                     f"scheduler{state}{where}",
                      fix="read the job's log (cluster.slurm.log_directory): check cluster.slurm.job_script_prologue, "
                          f"that cluster.slurm.python ({s.python}) runs with segfactory installed on the compute "
                          "nodes, and that they reach this host (cluster.slurm.interface, scheduler_host)")

@@ -352,3 +352,21 @@ def test_only_worker_jobs_all_pending_before_any_worker_connected_hold_the_no_wo
     assert not watch.gone_for_good()  # the time starts now
     time.sleep(0.25)
     assert watch.gone_for_good()
+
+
+def test_jobs_ended_from_outside_say_how_and_the_rest_point_to_the_log(tmp_path: Path) -> None:
+    """``_jobs_ended``'s words on squeue's last states: jobs SLURM ended from outside (deadline, preemption) are
+    named with their fix; a job that ran and failed, or whose state was never seen ended, points to its log."""
+    from pipelines.cluster import SlurmSettings, _jobs_ended
+
+    s = SlurmSettings(log_directory=str(tmp_path), job_name="w")
+    (tmp_path / "w-8.err").write_text("starting\nprologue failed\n")
+    e = _jobs_ended(s, ["7", "8"], {"7": "DEADLINE", "8": "PREEMPTED"})
+    assert e.message == ("the SLURM worker job(s) 7, 8 ended before their Dask worker connected to the scheduler "
+                         "(squeue: DEADLINE, PREEMPTED): SLURM did not run them to the end")
+    assert e.fix.startswith("deadline: removed at its --deadline") and "preempted: preempted" in e.fix
+    e = _jobs_ended(s, ["7", "8"], {"7": "CANCELLED", "8": "FAILED"})  # one ran and failed: its log says why
+    assert "(squeue: CANCELLED, FAILED); " in e.message and "prologue failed" in e.message
+    assert e.fix.startswith("read the job's log")
+    e = _jobs_ended(s, ["8"], {"8": "PENDING"})  # last seen queued, then gone: nothing known of how it ended
+    assert e.message.endswith("connected to the scheduler; " + f"{tmp_path / 'w-8.err'} ends with: prologue failed")

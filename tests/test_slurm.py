@@ -186,6 +186,24 @@ def test_worker_jobs_pending_in_the_queue_are_noted_and_the_run_starts_when_slur
     print(f"released -> finished in {released_s:.1f} s")
 
 
+def test_a_worker_job_cancelled_in_the_queue_stops_the_run_saying_so(slurm: None, tmp_path: Path):
+    """A worker job cancelled before it ran (``scancel`` while held in the queue) ends the run with one line that
+    names squeue's state, not a pointer to a job log that does not exist."""
+    with held_render(tmp_path, {"minimum_jobs": 0, "maximum_jobs": 1}) as (driver, _, log):
+        wait_until(lambda: "pending for" in log.read_text(), 90, "the note that the worker job pends", driver,
+                   log.read_text)
+        jobs = our_jobs(PENDING_JOB)
+        assert len(jobs) == 1, jobs
+        subprocess.run(["scancel", jobs[0]], check=True, timeout=30)
+        assert driver.wait(timeout=60) == 2, log.read_text()
+    text = log.read_text()
+    error = next(line for line in text.splitlines() if line.startswith("error:"))
+    assert error == (f"error: the SLURM worker job(s) {jobs[0]} ended before their Dask worker connected to the "
+                     "scheduler (squeue: CANCELLED): SLURM did not run them to the end"), text
+    assert "fix: cancelled: cancelled (scancel, by you or an administrator)" in text and "job's log" not in text
+    assert "Traceback" not in text
+
+
 QUEUED_TIMEOUT_S = 10  # cluster.no_workers_timeout_s of the next test: the worker's start after its release fits
 
 
