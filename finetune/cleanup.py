@@ -112,7 +112,8 @@ def drop_specks(labels: np.ndarray, probs: np.ndarray, spec: dict[str, Any] | No
         if not fg.any():
             continue
         min_d = ratio * float(px) / float(scale)
-        _, cc, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+        _, cc, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8),
+                                                           connectivity=int(spec.get("connectivity", 8)))
         small = 2.0 * np.sqrt(stats[:, cv2.CC_STAT_AREA] / np.pi) < min_d
         small[0] = False
         if not small[1:].any():

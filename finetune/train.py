@@ -218,6 +218,7 @@ class Trainer:
         self.arch = {"arch": cfg.model.arch, "encoder": timm_name, "in_chans": c,
                      "num_classes": self.targets.num_classes, "decoder_channels": cfg.model.decoder_channels}
         self.things = self._thing_targets()
+        self._object_px: dict[str, float] | None = None  # the thing classes' sizes (_cleanup), measured once
         if cfg.instances.enabled:
             if not self.things:
                 names = ", ".join(str(s.path) for s in self.train_sources)
@@ -293,7 +294,7 @@ class Trainer:
     def _cleanup(self) -> dict[str, Any] | None:
         """model.json's ``cleanup`` (:mod:`finetune.cleanup`): the thing classes' object sizes in the rendered
         training labels (measured once) and ``predict.min_object``; ``None`` without rendered thing objects."""
-        if not hasattr(self, "_object_px"):
+        if self._object_px is None:
             from finetune.cleanup import SAMPLE_FRAMES, object_sizes
             from finetune.scale import training_zoom
 

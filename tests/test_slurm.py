@@ -62,21 +62,32 @@ def render_in_job() -> tuple[str, psutil.Process] | None:
     return None
 
 
-def start_render(tmp_path: Path, out: Path, scenes: int, retries: int, jobs: int,
-                 **cluster: object) -> tuple[subprocess.Popen, Path]:
-    """Start ``segfactory render`` of tiny ``cells`` shards (4 scenes each) on ``jobs`` SLURM worker jobs, in its
-    own session, its output in the returned log."""
+def slurm_render_config(tmp_path: Path, *, scenes: int, scenes_per_shard: int, retries: int = 0,
+                        slurm: dict, **cluster: object) -> Path:
+    """Write ``tmp_path/slurm.yaml``: a render of tiny ``cells`` scenes (48 px, one view) on one-core SLURM worker
+    jobs (``cluster.slurm`` = 1 GiB, 5 min walltime, logs in ``tmp_path/slurm-logs``, updated by ``slurm``;
+    ``cluster`` = other ``cluster`` settings)."""
     cfg = tmp_path / "slurm.yaml"
     cfg.write_text(yaml.safe_dump({
         "scene": {"family": "cells"},
         "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
-        "dataset": {"scenes": scenes, "scenes_per_shard": 4},
+        "dataset": {"scenes": scenes, "scenes_per_shard": scenes_per_shard},
         "execution": {"timeout_s": 120, "retries": retries},
         "cluster": {"backend": "slurm", "dashboard": False, **cluster, "slurm": {
-            "cores": 1, "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": jobs, "maximum_jobs": jobs,
-            "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": JOB_NAME,
+            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", "scheduler_host": "127.0.0.1",
+            "log_directory": str(tmp_path / "slurm-logs"), **slurm,
         }},
     }))
+    return cfg
+
+
+def start_render(tmp_path: Path, out: Path, scenes: int, retries: int, jobs: int,
+                 **cluster: object) -> tuple[subprocess.Popen, Path]:
+    """Start ``segfactory render`` of tiny ``cells`` shards (4 scenes each) on ``jobs`` SLURM worker jobs, in its
+    own session, its output in the returned log."""
+    cfg = slurm_render_config(tmp_path, scenes=scenes, scenes_per_shard=4, retries=retries, slurm={
+        "memory": "2GiB", "walltime": "00:15:00", "minimum_jobs": jobs, "maximum_jobs": jobs, "job_name": JOB_NAME,
+    }, **cluster)
     log = tmp_path / "driver.log"
     with open(log, "wb") as f:
         driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
@@ -133,18 +144,9 @@ def held_render(tmp_path: Path, scaling: dict, **cluster: object) -> Iterator[tu
     """Run ``segfactory render`` of 2 ``cells`` scenes whose SLURM worker job is held in the queue (``sbatch
     --hold``, squeue's reason ``JobHeldUser``) until the test releases it; the pending note after 1 s. Yields the
     driver, its output directory and its log; on the way out kills a driver still running and cancels the job."""
-    cfg = tmp_path / "slurm.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "scene": {"family": "cells"},
-        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
-        "dataset": {"scenes": 2, "scenes_per_shard": 2},
-        "execution": {"timeout_s": 120, "retries": 0},
-        "cluster": {"backend": "slurm", "dashboard": False, **cluster, "slurm": {
-            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", **scaling,
-            "scheduler_host": "127.0.0.1", "log_directory": str(tmp_path / "slurm-logs"), "job_name": PENDING_JOB,
-            "job_extra_directives": ["--hold"], "pending_note_s": 1,
-        }},
-    }))
+    cfg = slurm_render_config(tmp_path, scenes=2, scenes_per_shard=2, slurm={
+        **scaling, "job_name": PENDING_JOB, "job_extra_directives": ["--hold"], "pending_note_s": 1,
+    }, **cluster)
     out, log = tmp_path / "ds", tmp_path / "driver.log"
     with open(log, "wb") as f:
         driver = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out", str(out)],
@@ -237,17 +239,8 @@ FAIL_FAST_S = 60  # the fix stops in ~2-12 s on 2 cores; the driver it fixes ran
 
 def render_doomed(tmp_path: Path, slurm_settings: dict) -> tuple[subprocess.CompletedProcess, float]:
     """``segfactory render`` on SLURM with these ``cluster.slurm`` settings: its exit, output and seconds."""
-    cfg = tmp_path / "slurm.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "scene": {"family": "cells"},
-        "render": {"resolution": 48, "views": 1, "samples": 2, "denoise": False, "threads": 1},
-        "dataset": {"scenes": 2, "scenes_per_shard": 1},
-        "execution": {"timeout_s": 120, "retries": 0},
-        "cluster": {"backend": "slurm", "dashboard": False, "slurm": {
-            "cores": 1, "memory": "1GiB", "walltime": "00:05:00", "scheduler_host": "127.0.0.1",
-            "log_directory": str(tmp_path / "slurm-logs"), "job_name": DOOMED_JOB, **slurm_settings,
-        }},
-    }))
+    cfg = slurm_render_config(tmp_path, scenes=2, scenes_per_shard=1,
+                              slurm={"job_name": DOOMED_JOB, **slurm_settings})
     t0 = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-m", "segfactory.cli", "render", str(cfg), "--out",
