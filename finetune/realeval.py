@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.baselines import BASELINES, POLARITIES
+from finetune.baselines import BASELINES, DETECTS, POLARITIES
 from finetune.data.remap import TargetClasses
 from finetune.data.sources import Item, Source, read_instances
 from finetune.metrics import (
@@ -149,6 +149,12 @@ class RealScorer:
         self.task = real_task(spec, src, targets)
         self._check_instance_sizes()
         self.baselines = list(baselines) if self.task.binary else []
+        self.notes: list[str] = []
+        fg = [targets.names[c] for c in self.task.foreground]
+        for name in [b for b in self.baselines if b in DETECTS and DETECTS[b] not in fg]:
+            self.baselines.remove(name)
+            self.notes.append(f"baseline {name} not scored: it detects '{DETECTS[name]}', this folder's foreground "
+                              f"is {', '.join(fg) or 'none'}")
         self.k = targets.num_classes
         model_rows = [MODEL_ROW, WATERSHED_ROW] if watershed else [MODEL_ROW]
         self.rows = {name: _Row(np.zeros((self.k, self.k), np.int64)) for name in [*model_rows, *self.baselines]}
@@ -159,7 +165,6 @@ class RealScorer:
         self.overlay_files: list[str] = []
         self.scaling = scaling
         self.value_range: tuple[int, int] | None = None
-        self.notes: list[str] = []
 
     def _check_instance_sizes(self) -> None:
         """Instance masks of another size than their mask fail here, before any work (PNG headers only)."""

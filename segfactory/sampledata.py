@@ -177,7 +177,44 @@ class StreetSet:
                 "splits": list(SPLITS), "fetch": sd.FETCH_FIX}
 
 
-AnySet = SampleSet | StreetSet
+@dataclass(frozen=True)
+class LabelmeSet:
+    """Real photos with manual polygon masks from labelme's examples (fetched at setup with the street files,
+    :mod:`segfactory.streetdata`): one ``eval`` split of one class.
+
+    Attributes:
+        name: Registry name.
+        title: One line for listings.
+        stems: The member stems (``video_00000100``, ``voc_2011_000025``, ...).
+        labels: labelme label -> this set's class (id 1).
+        class_name: The class, named as the ``street`` family names it (so a street model maps by name).
+        color: Its display color.
+        masks: Where the masks come from.
+        agreement: What a score against them means.
+        citation: Where the files come from.
+        terms: Conditions of use, as far as they are known.
+    """
+
+    name: str
+    title: str
+    stems: tuple[str, ...]
+    labels: tuple[str, ...]
+    class_name: str
+    color: tuple[int, int, int]
+    masks: str
+    agreement: str
+    citation: str
+    terms: str
+    polarity: str = "auto"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "title": self.title, "class": self.class_name, "polarity": self.polarity,
+                "masks": self.masks, "agreement": self.agreement, "images": list(self.stems),
+                "labels": {label: self.class_name for label in self.labels}, "citation": self.citation,
+                "terms": self.terms, "splits": ["eval"]}
+
+
+AnySet = SampleSet | StreetSet | LabelmeSet
 SAMPLE_SETS: Registry[AnySet] = Registry("sample set")
 
 
@@ -231,6 +268,38 @@ _add(StreetSet(
           "AGPL-3.0 package, image without a license or author of its own. Demonstration and research use; see "
           "ATTRIBUTION.txt and README 'Real street images'."))
 
+LABELME_MASKS = ("manual polygons, labelme's own example annotations (the VOC photos' polygons follow the PASCAL VOC "
+                 "2011 classes), rasterized as labelme does; its '__ignore__' polygons are ignored (255)")
+LABELME_CITATION = ("labelme's examples/ (labelme 6.3.1 sdist, https://github.com/wkentaro/labelme); VOC photos: "
+                    "M. Everingham et al., The PASCAL Visual Object Classes (VOC) Challenge, IJCV 88(2):303-338 "
+                    "(2010)")
+LABELME_SET_TERMS = ("labelme: GPL-3.0 package (not installed; only its example files are read); VOC photos: Flickr "
+                     "images, research use only (the VOC terms); the video frames' source is not documented. "
+                     "Evaluation in research and demonstration only; see ATTRIBUTION.txt and README 'Real street "
+                     "images'.")
+_add(LabelmeSet(
+    name="labelme-vehicles",
+    title="labelme-vehicles: 5 consecutive frames of a rainy street video (1000x563: a truck, a car) + the PASCAL "
+          "VOC photo 2011_000025 (500x375: two buses, a car), manual vehicle masks",
+    stems=(*(f"video_0000010{i}" for i in range(5)), "voc_2011_000025"),
+    labels=("car", "track", "bus"), class_name="vehicle", color=(0, 0, 142), masks=LABELME_MASKS,
+    agreement=("Only vehicles are labeled; everything else is background, including the pedestrians of the video "
+               "frames (so person predictions there are neither right nor wrong for the vehicle score). The "
+               "truck is two polygons (a tree trunk cuts it), so it counts as two objects; the five frames are "
+               "one scene 0.4 s long. Read the vehicle IoU; map 'background' with eval.remap (e.g. "
+               "background=road)."),
+    citation=LABELME_CITATION, terms=LABELME_SET_TERMS))
+_add(LabelmeSet(
+    name="labelme-people",
+    title="labelme-people: the PASCAL VOC photos 2011_000003 and 2011_000006 (500x338, 500x375: people sitting "
+          "and squatting indoors), manual person masks",
+    stems=("voc_2011_000003", "voc_2011_000006"), labels=("person",), class_name="person",
+    color=(220, 20, 60), masks=LABELME_MASKS,
+    agreement=("Indoor photos, not streets: people (sitting, squatting, close to the camera) are labeled; "
+               "furniture, bottles and the rest are background. Read the person IoU and instance scores; map "
+               "'background' with eval.remap (e.g. background=road)."),
+    citation=LABELME_CITATION, terms=LABELME_SET_TERMS))
+
 
 # ------------------------------------------------------------------------------------------------ locations
 def trackastra_version() -> str:
@@ -279,6 +348,12 @@ def set_key(sample: AnySet) -> str:
         from segfactory import streetdata
 
         return canonical_hash({"set": sample.describe(), "format": FORMAT, **streetdata.describe_sources()}, 12)
+    if isinstance(sample, LabelmeSet):
+        from segfactory import streetdata
+
+        sources = streetdata.source_checksums((streetdata.LABELME_ARCHIVE,))
+        return canonical_hash({"set": sample.describe(), "format": FORMAT,
+                               "sources": {k: v for k, v in sources.items() if Path(k).stem in sample.stems}}, 12)
     return canonical_hash({"set": sample.describe(), "image": sample.image_file, "mask": sample.mask_file,
                            "format": FORMAT, TRACKASTRA: trackastra_version()}, 12)
 
@@ -310,7 +385,9 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 
 
 def splits_of(sample: AnySet) -> tuple[str, ...]:
-    """The splits a set can materialize (``labeled`` only for the microscopy sets)."""
+    """The splits a set can materialize (``labeled`` only for the microscopy sets, ``eval`` only for labelme's)."""
+    if isinstance(sample, LabelmeSet):
+        return ("eval",)
     return SPLITS if isinstance(sample, StreetSet) else ALL_SPLITS
 
 
@@ -324,8 +401,9 @@ def resolve_path(value: str | os.PathLike[str]) -> Path:
         return Path(value)
     name, split = parse_ref(str(value))
     if split is None:
+        splits = [s for s in SPLITS if s in splits_of(SAMPLE_SETS.get(name))]
         raise UserError(f"'{value}' names a sample set but no split",
-                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in SPLITS)}")
+                        fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in splits)}")
     return materialize(name, split)[split]
 
 
@@ -381,7 +459,7 @@ def _street_attribution(sample: StreetSet, split: str) -> str:
              "unlabeled data)" + (f"; photos: {', '.join(sd.PHOTOS)}." if split == "unlabeled" else ".")]
     if split == "eval":
         lines.append(f"Masks: {sample.masks}. {sample.agreement}")
-    for a in sd.ARCHIVES:
+    for a in sd.STREET_ARCHIVES:
         if split == "eval" and all(m.name != sd.VIDEO for m in a.members):
             continue
         lines.append(f"From {a.package}, {a.url} (sha256 {a.sha256}): "
@@ -416,6 +494,39 @@ def _write_street_split(sample: StreetSet, split: str, folder: Path, key: str) -
     manifest = {"sample_set": sample.name, "split": split, "key": key, "format": FORMAT,
                 "source_files": sd.source_checksums(), "frames": [{"stem": s} for s in stems],
                 "images": len(stems), "files": files}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _write_labelme_split(sample: LabelmeSet, folder: Path, key: str) -> dict[str, Any]:
+    """Write a labelme set's ``eval`` split into ``folder`` (empty, temporary); ``.manifest.json`` last."""
+    from segfactory import streetdata as sd
+    from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes
+
+    files: dict[str, str] = {}
+    for rel, blob in sd.labelme_eval_files(sample.stems, {label: 1 for label in sample.labels}).items():
+        atomic_write_bytes(folder / rel, blob)
+        files[rel] = sha256_bytes(blob)
+    classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
+                           {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
+               "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": "eval",
+               "instances": "instances/<stem>.png", "labels": f"{sample.masks}. {sample.agreement}",
+               "citation": sample.citation, "terms": sample.terms}
+    blob = (json.dumps(classes, indent=2) + "\n").encode()
+    atomic_write_bytes(folder / "classes.json", blob)
+    files["classes.json"] = sha256_bytes(blob)
+    a = sd.LABELME_ARCHIVE
+    members = [m.path for m in a.members if Path(m.name).stem in sample.stems]
+    text = "\n\n".join([f"segfactory sample set '{sample.name}', split 'eval': {sample.title}.",
+                         f"Masks: {sample.masks}. {sample.agreement}",
+                         f"From {a.package}, {a.url} (sha256 {a.sha256}): {', '.join(members)}.",
+                         f"Terms: {a.terms}", f"Cite: {sample.citation}."]) + "\n"
+    atomic_write_text(folder / "ATTRIBUTION.txt", text)
+    files["ATTRIBUTION.txt"] = sha256_bytes(text.encode())
+    sources = sd.source_checksums((a,))
+    manifest = {"sample_set": sample.name, "split": "eval", "key": key, "format": FORMAT,
+                "source_files": {k: v for k, v in sources.items() if Path(k).stem in sample.stems},
+                "frames": [{"stem": s} for s in sample.stems], "images": len(sample.stems), "files": files}
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -508,12 +619,12 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
     if split is not None and split not in splits_of(sample):
         raise UserError(f"sample set '{name}' has no split '{split}'",
                         fix=f"use one of: {', '.join(splits_of(sample))}")
-    version = "" if isinstance(sample, StreetSet) else trackastra_version()
+    version = trackastra_version() if isinstance(sample, SampleSet) else ""
     key = set_key(sample)
     parent = Path(out) if out is not None else cache_root() / f"{sample.name}-{key}"
     ensure_writable_dir(parent)
     result: dict[str, Path] = {}
-    for s in [split] if split else list(SPLITS):
+    for s in [split] if split else [s for s in SPLITS if s in splits_of(sample)]:
         final = parent / s
         man = read_manifest(final)
         if man is not None and man.get("key") == key and man.get("sample_set") == sample.name:
@@ -529,6 +640,8 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
             tmp.mkdir()
             if isinstance(sample, StreetSet):
                 _write_street_split(sample, s, tmp, key)
+            elif isinstance(sample, LabelmeSet):
+                _write_labelme_split(sample, tmp, key)
             else:
                 _write_split(sample, s, tmp, key, version)
             try:

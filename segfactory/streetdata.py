@@ -27,6 +27,13 @@ Splits (``sample:street/SPLIT``), by time so that no evaluation frame or its nei
   "not person" or ignored, shadows that move with a person can be labeled person, and the walkways people crossed
   during the video are ignored: scores against these masks are person IoU / recall on moving pedestrians only.
 
+The ``labelme-vehicles`` and ``labelme-people`` sets (:func:`labelme_eval_files`) are real photos with manual
+polygon masks from labelme's examples (``labelme-6.3.1.tar.gz``, the sdist on PyPI, 14 MB): five consecutive frames
+of a rainy street video (a truck and a car outlined; the pedestrians are not) and the PASCAL VOC 2011 photo
+2011_000025 (two buses and a car) for ``vehicle``; the VOC photos 2011_000003 and 2011_000006 (people indoors) for
+``person``. The polygons are rasterized as labelme does (``PIL.ImageDraw.polygon`` with outline, in file order, a
+later shape over an earlier one); ``__ignore__`` polygons are ignore (255).
+
 This module is part of the core layer; OpenCV (a dependency) decodes the video, imported only when a split is
 written.
 """
@@ -125,7 +132,7 @@ ULTRALYTICS_TERMS = (
     "It is used here as the package ships it, for demonstration and research; check its terms yourself before you "
     "redistribute it or use it in a product.")
 
-ARCHIVES = (
+STREET_ARCHIVES = (
     Archive(
         filename="opencv-python-headless-4.10.0.84.tar.gz",
         url="https://files.pythonhosted.org/packages/2f/7e/d20f68a5f1487adf19d74378d349932a386b1ece3be9be9915e5986db468/"
@@ -150,6 +157,54 @@ ARCHIVES = (
         members=(Member("ultralytics/assets/bus.jpg",
                         "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63", "bus.jpg"),)),
 )
+
+_LME = "labelme-6.3.1/examples/"
+LABELME_TERMS = (
+    "Example images and their polygon annotations from labelme's examples/ folder, as shipped in the labelme 6.3.1 "
+    "source distribution on PyPI (https://github.com/wkentaro/labelme; the package is GPL-3.0; it is not "
+    "installed, only these files are read from the archive). 2011_000003, 2011_000006 and 2011_000025 are PASCAL "
+    "VOC 2011 images (Flickr photos; the VOC terms: the images are the property of their Flickr owners, use them "
+    "for research only, http://host.robots.ox.ac.uk/pascal/VOC/voc2011/); 00000100-00000104 are consecutive frames "
+    "of a street video whose source and terms are not documented with them. The polygons are labelme's own "
+    "example annotations. Used here for evaluation in research and demonstration only; check their terms yourself "
+    "before you redistribute them or use them in a product.")
+LABELME_VIDEO = tuple(f"0000010{i}" for i in range(5))
+LABELME_VOC = ("2011_000003", "2011_000006", "2011_000025")
+_LABELME_SHA = {
+    "video_00000100.jpg": "25c44d79c2dba0091c5d5d47cbba78d352b86c3745738a470795b9090a2b28dc",
+    "video_00000100.json": "ad0e0b80353ee6c8e80980e92d450ff3f721793a4e2dcf3cf0a133f66bc0ea68",
+    "video_00000101.jpg": "04b28d6ed477b49020231fea6b31059e1377cabb5899ce86684dcfb68266ebd5",
+    "video_00000101.json": "6de3d5828c40c7119952b1f38eb5650daf1a6de3f24c69c71ae84142ed681d06",
+    "video_00000102.jpg": "c7c7bb50a9b7546225a73d4facdedbb8c84f9981886079942c5d9c873f6ce16d",
+    "video_00000102.json": "88c7413440fb0bc930b01d7ba47fc45371f075890cc1752c8fb7033b4b17b0cb",
+    "video_00000103.jpg": "9be3b1052c7512086f75f1dcf2c80dff381f8c8047e9dd894ffe834148f73caf",
+    "video_00000103.json": "f12fb0bb622d12ed2fe1f03a01f41929089a0f66494b51d8166fe5b4b8c87799",
+    "video_00000104.jpg": "8d99dd37113dce9842877b2d37c4f0acf51703d74e5975ea4e97d37bfc82a688",
+    "video_00000104.json": "1ae8ce8ea74602709f1732ef129b0db30a53ebb6d77009c08dab1dc12ab31b13",
+    "voc_2011_000003.jpg": "94bc550055447e1fab3982571d7114eb4a02a868054f34cb15f95cadf3e48c9a",
+    "voc_2011_000003.json": "ac44e3d092191752af854153a62cf4b6964e0f7e7225d4282407b1b77eed179c",
+    "voc_2011_000006.jpg": "a0d04eb84ed3cd07282d61833d219c11fd6d98f53dc0135d4b3c720b26cfb244",
+    "voc_2011_000006.json": "ca6550c9ca63b3b469ec747467466ca406725fac4782974f8529d702f25c145d",
+    "voc_2011_000025.jpg": "5dfbdc6981c971986773e226d827f44f7497cf5ca0d4fa1556fd7575aba301ce",
+    "voc_2011_000025.json": "45f4ebacdb2b254b1acabdd760cc7a91803357dabbe45d8a8baf0179742341dd",
+}
+
+
+def _labelme_member(name: str) -> Member:
+    kind, _, rest = name.partition("_")
+    folder = "video_annotation" if kind == "video" else "semantic_segmentation"
+    return Member(f"{_LME}{folder}/data_annotated/{rest}", _LABELME_SHA[name], name)
+
+
+LABELME_ARCHIVE = Archive(
+    filename="labelme-6.3.1.tar.gz",
+    url="https://files.pythonhosted.org/packages/0f/6f/353ca36fe1a3a5fa31cc1cf93c7438dd43f0ac8a16269c3912055f0112e2/"
+        "labelme-6.3.1.tar.gz",
+    sha256="2947e0d8341a92faa7b3ee50cf4b672f838051c6bf24892526e95b64fd3a707e", size=13980775,
+    package="labelme 6.3.1 (source distribution, PyPI)", terms=LABELME_TERMS,
+    members=tuple(_labelme_member(n) for n in _LABELME_SHA))
+# Every archive fetched at setup: the street set's and labelme's (the labelme-* sets).
+ARCHIVES = (*STREET_ARCHIVES, LABELME_ARCHIVE)
 VIDEO = "vtest.avi"
 PHOTOS = ("bus.jpg", "building.jpg", "leuvenA.jpg", "leuvenB.jpg")
 
@@ -201,7 +256,7 @@ def locate(name: str) -> Path:
                 raise UserError(f"'{path}' is not the pinned {member.name} of {archive.filename} (sha256 differs)",
                                 fix=f"delete it and fetch again: {FETCH_FIX}")
             return path
-    raise UserError(f"the street sample set needs '{member.name}' from {archive.filename}, which is not fetched "
+    raise UserError(f"the real street sample sets need '{member.name}' from {archive.filename}, which is not fetched "
                     f"(looked in {', '.join(str(d) for d in downloads_dirs())})", fix=FETCH_FIX)
 
 
@@ -275,7 +330,8 @@ def _download(archive: Archive, dest: Path) -> Path:
 
 
 def fetch(local: list[Path] | None = None, log: Any = print) -> dict[str, Any]:
-    """Fetch the street set's members (a no-op for those already there and verified).
+    """Fetch the members of every pinned archive (street and labelme sets; a no-op for those already there
+    and verified).
 
     Args:
         local: Archive files already on disk (matched by file name), used instead of downloading them.
@@ -462,9 +518,9 @@ def split_files(split: str) -> dict[str, bytes]:
     return files
 
 
-def source_checksums() -> dict[str, dict[str, str]]:
-    """``{name: {archive, path, sha256}}`` of every member (what the splits are made from)."""
-    return {m.name: {"archive": a.filename, "path": m.path, "sha256": m.sha256} for a in ARCHIVES for m in a.members}
+def source_checksums(archives: tuple[Archive, ...] = STREET_ARCHIVES) -> dict[str, dict[str, str]]:
+    """``{name: {archive, path, sha256}}`` of every member of ``archives`` (default: the street set's)."""
+    return {m.name: {"archive": a.filename, "path": m.path, "sha256": m.sha256} for a in archives for m in a.members}
 
 
 def describe_sources() -> dict[str, Any]:
@@ -473,3 +529,77 @@ def describe_sources() -> dict[str, Any]:
             "photos": list(PHOTOS), "motion": {"median_stride": MEDIAN_STRIDE, "ever_stride": EVER_STRIDE,
                                                "threshold": DIFF_THRESHOLD, "min_blob": MIN_BLOB, "ring": RING,
                                                "ever_margin": EVER_MARGIN, "min_aspect": MIN_ASPECT}}
+
+
+# ------------------------------------------------------------------------------------------------ labelme's examples
+LABELME_IGNORE = "__ignore__"
+
+
+def labelme_masks(annotation: dict[str, Any], labels: dict[str, int]) -> tuple[Any, Any]:
+    """Rasterize a labelme annotation the way labelme does (polygons in file order, outline included).
+
+    Args:
+        annotation: The parsed labelme JSON (``imageWidth``, ``imageHeight``, ``shapes``).
+        labels: labelme label -> class id (> 0) for the labels scored; ``__ignore__`` becomes 255 and every other
+            label background (0), drawn in order, so a later shape covers an earlier one.
+
+    Returns:
+        ``(classes, instances)``: (H, W) uint8 class ids and (H, W) uint16 instance ids (one per scored polygon,
+        numbered in file order; 0 = none).
+
+    Raises:
+        UserError: a shape that is not a polygon (the examples used here have none).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    size = (int(annotation["imageWidth"]), int(annotation["imageHeight"]))
+    sem, inst = Image.new("L", size, 0), Image.new("I", size, 0)
+    draw_sem, draw_inst = ImageDraw.Draw(sem), ImageDraw.Draw(inst)
+    n = 0
+    for shape in annotation["shapes"]:
+        if shape.get("shape_type", "polygon") != "polygon":
+            raise UserError(f"labelme shape '{shape.get('label')}' is a {shape.get('shape_type')}, not a polygon",
+                            fix="fetch the pinned labelme archive again: " + FETCH_FIX)
+        xy = [(float(x), float(y)) for x, y in shape["points"]]
+        label = shape["label"]
+        cls = 255 if label == LABELME_IGNORE else labels.get(label, 0)
+        draw_sem.polygon(xy, fill=cls, outline=cls)
+        if 0 < cls < 255:
+            n += 1
+        draw_inst.polygon(xy, fill=n if 0 < cls < 255 else 0, outline=n if 0 < cls < 255 else 0)
+    return np.asarray(sem, np.uint8), np.asarray(inst).astype(np.uint16)
+
+
+def labelme_eval_files(names: tuple[str, ...], labels: dict[str, int]) -> dict[str, bytes]:
+    """The eval folder of a labelme set: ``{relative path: bytes}`` (``images/``, ``masks/``, ``instances/``).
+
+    Args:
+        names: Member stems, e.g. ``video_00000100`` (``<stem>.jpg`` and ``<stem>.json`` are fetched members).
+        labels: labelme label -> class id, see :func:`labelme_masks`.
+
+    Raises:
+        UserError: a file was not fetched, or an image does not have its annotation's size (after its EXIF
+            orientation, which labelme applies too).
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    files: dict[str, bytes] = {}
+    for stem in names:
+        annotation = json.loads(locate(f"{stem}.json").read_text(encoding="utf-8"))
+        with Image.open(locate(f"{stem}.jpg")) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        sem, inst = labelme_masks(annotation, labels)
+        if rgb.shape[:2] != sem.shape:
+            raise UserError(f"labelme example {stem}: image {rgb.shape[1]}x{rgb.shape[0]}, annotation "
+                            f"{sem.shape[1]}x{sem.shape[0]}",
+                            fix="fetch the pinned labelme archive again: " + FETCH_FIX)
+        files[f"images/{stem}.png"] = png(rgb)
+        files[f"masks/{stem}.png"] = png(sem)
+        buf = io.BytesIO()
+        Image.fromarray(inst).save(buf, format="PNG", compress_level=6)
+        files[f"instances/{stem}.png"] = buf.getvalue()
+    return files

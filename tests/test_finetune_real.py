@@ -283,3 +283,16 @@ def test_bad_inputs_are_one_line_before_any_work(trained: Path, hela: Path, tmp_
     rc, _, err = cli(capsys, "evaluate", "--model", trained, "--data", small, "--out", out)
     assert rc == 2 and "hela_t19.png' is not the size of its mask" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_people_detector_is_not_scored_on_a_folder_without_people(trained: Path, hela: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    """hog_people detects one class: on a nucleus folder it is left out with a note, not scored as all-wrong."""
+    out = tmp_path / "eval"
+    rc, _, err = cli(capsys, "evaluate", "--model", trained, "--data", hela, "--out", out, "--device", "cpu",
+                     "--baselines", "blur_otsu,hog_people", "--overlays", "0")
+    assert rc == 0, err
+    real = json.loads((out / "metrics.json").read_text())["real"]["hela"]
+    assert list(real["rows"]) == ["model", "blur_otsu"] and real["baselines"] == ["blur_otsu"]
+    assert real["notes"] == ["baseline hog_people not scored: it detects 'person', this folder's foreground is "
+                             "nucleus"]

@@ -48,10 +48,15 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     for title in ("contact sheet", "class pixel shares", "pretraining loss", "fine-tuning loss", "validation mIoU",
                   "per-class IoU", "confusion matrix", "Predictions on real images"):
         assert f"{title}</figcaption>" in report or f"<h2>{title}</h2>" in report, title
-    # JPEG overlays: predictions on 2 street photos, and 4 held-out frames of the real street video (eval.real).
-    assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2 + 4
+    # JPEG overlays: predictions on 2 street photos; eval.real: 4 held-out frames of the real street video, 4 of
+    # labelme's vehicle photos and both of its people photos.
+    assert report.count("data:image/png;base64,") >= 6 and report.count("data:image/jpeg;base64,") == 2 + 4 + 4 + 2
     assert "<h2>Model vs baselines on real images</h2>" in report and "street vtest_f" in report
+    assert "labelme-vehicles voc_2011_000025" in report
     assert set(first["real"]["street"]) == {"model", "hog_people"}  # eval.baselines: hog_people (opt-in)
+    # The people detector scores the person folders, not the vehicle one (a note in the report says so).
+    assert set(first["real"]["labelme-people"]) == {"model", "hog_people"}
+    assert set(first["real"]["labelme-vehicles"]) == {"model"} and "baseline hog_people not scored" in report
     assert 0.3 < first["real"]["street"]["hog_people"]["fg_iou"] <= 1  # 0.777 measured on the 8 eval frames
     assert list((out / "reports").glob("*-dask-*.*"))  # a Dask performance report (or task stream) per run
     ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
@@ -156,7 +161,8 @@ def test_shipped_quickstart_configs_load_as_is():
     # of the same video with motion masks to score on.
     street = load_config(RunConfig, CONFIGS / "quickstart_street.yaml")
     assert [parse_ref(s) for s in street.real.sources()] == [("street", "unlabeled")]
-    assert [parse_ref(s) for s in street.eval.real] == [("street", "eval")]
+    assert [parse_ref(s) for s in street.eval.real] == [("street", "eval"), ("labelme-vehicles", "eval"),
+                                                        ("labelme-people", "eval")]
     assert street.eval.remap == {"background": "road"}
     assert not missing(), "the street files are fetched by `make install`"
     assert street.test.scenes > 0 and street.finetune.adapt.enabled

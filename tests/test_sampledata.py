@@ -47,8 +47,8 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]
     return {name: materialize(name, out=root / name) for name in MICROSCOPY}
 
 
-def test_registry_lists_the_three_sets_with_citations() -> None:
-    assert SAMPLE_SETS.names() == sorted([*MICROSCOPY, "street"])
+def test_registry_lists_the_sets_with_citations() -> None:
+    assert SAMPLE_SETS.names() == sorted([*MICROSCOPY, "street", "labelme-vehicles", "labelme-people"])
     for name in MICROSCOPY:
         s = SAMPLE_SETS.get(name)
         assert "doi:" in s.citation and s.terms
@@ -155,7 +155,8 @@ def test_samples_cli_lists_and_materializes(tmp_path: Path, capsys: pytest.Captu
     assert main(["samples", "list"]) == 0
     cap = capsys.readouterr()
     listed = json.loads(cap.out.strip().splitlines()[-1])
-    assert [s["name"] for s in listed["sample_sets"]] == sorted([*MICROSCOPY, "street"])
+    assert [s["name"] for s in listed["sample_sets"]] == sorted([*MICROSCOPY, "street", "labelme-vehicles",
+                                                                "labelme-people"])
     assert "celltrackingchallenge" in cap.err and "Maska" in cap.err
     assert main(["samples", "materialize", "ctc-cho/eval", "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

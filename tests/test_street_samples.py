@@ -87,7 +87,7 @@ def test_missing_files_fail_in_one_line_naming_the_setup_command(tmp_path: Path,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     assert "vtest.avi" in sd.missing()
-    with pytest.raises(UserError, match=re.escape("needs 'vtest.avi' from opencv-python-headless-4.10.0.84")) as e:
+    with pytest.raises(UserError, match=re.escape("need 'vtest.avi' from opencv-python-headless-4.10.0.84")) as e:
         resolve_path("sample:street/unlabeled")
     assert "make install" in e.value.fix and "segfactory samples fetch" in e.value.fix
     assert not any((tmp_path / "data" / "samples").glob("street-*/unlabeled"))  # nothing half-written

