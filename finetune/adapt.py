@@ -458,6 +458,14 @@ TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
     "flip": ((0, False), (0, True), (2, True), (2, False)),  # identity, h-flip, v-flip, both
     "d4": tuple((k, f) for k in range(4) for f in (False, True)),  # + the quarter turns: all 8
 }
+# Multi-scale modes (:func:`finetune.predict.predict_image_probs`): the whole image is predicted at each ratio of
+# its input scale and the class probabilities, resized back, are averaged; mmsegmentation's default test-time
+# ratios (its ``img_ratios``). ``ms_flip`` also averages the horizontal flip at every ratio (mmseg's ``flip``).
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+MS_MODES: dict[str, tuple[tuple[float, ...], str]] = {"ms": (MS_RATIOS, "none"),
+                                                      "ms_flip": (MS_RATIOS, "hflip")}
+TTA_MODES["hflip"] = ((0, False), (0, True))
+TTA_CHOICES = ("none", "flip", "d4", "ms", "ms_flip")
 
 
 def tta_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:

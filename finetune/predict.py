@@ -189,14 +189,35 @@ def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray,
                         channels_last: bool = False, scale: float | None = None, tta: str = "none",
                         instances: bool = False) -> torch.Tensor:
     """The model's part of :func:`predict_outputs`: (K, H, W) float32 CPU class probabilities at the image's own
-    size ((K + 1, H, W) with ``instances``: the distance map last); :func:`outputs_from_probs` does the rest."""
+    size ((K + 1, H, W) with ``instances``: the distance map last); :func:`outputs_from_probs` does the rest.
+
+    ``tta`` ``ms`` / ``ms_flip`` (:data:`finetune.adapt.MS_MODES`) predicts the whole image at each ratio of its
+    input scale (mmsegmentation's test-time ratios 0.5..1.75; ``ms_flip`` also its horizontal flip) and averages
+    the class probabilities resized back to the image's size; the distance map is the one at the scale itself."""
+    from finetune.adapt import MS_MODES
+
     h, w = img.shape[:2]
-    x = prepare_input(img, meta["input"], torch.device("cpu"), scale)
-    probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, tta,
-                          joint=instances)
-    if probs.shape[-2:] != (h, w):
-        probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return probs
+    f = float(meta["input"].get("scale", 1.0)) if scale is None else float(scale)
+    ratios, dihedral = MS_MODES.get(tta, ((1.0,), tta))
+    k = int(meta["num_classes"])
+    acc: torch.Tensor | None = None
+    for r in ratios:
+        x = prepare_input(img, meta["input"], torch.device("cpu"), f * r)
+        probs = predict_probs(model, x, tile, overlap, batch_size, autocast, channels_last, device, dihedral,
+                              joint=instances)
+        if probs.shape[-2:] != (h, w):
+            probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear",
+                                                    align_corners=False)[0]
+        if len(ratios) == 1:
+            return probs
+        if acc is None:
+            acc = torch.zeros_like(probs)
+        acc[:k] += probs[:k]
+        if r == 1.0:
+            acc[k:] = probs[k:]  # the distance map is in network pixels: taken at the input scale itself only
+    assert acc is not None
+    acc[:k] /= len(ratios)
+    return acc
 
 
 def outputs_from_probs(probs: torch.Tensor, meta: dict[str, Any], instances: bool = False,
@@ -254,10 +275,10 @@ def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | No
 
 def check_tta(tta: str) -> str:
     """Raise a UserError for an unknown test-time augmentation mode."""
-    from finetune.adapt import TTA_MODES
+    from finetune.adapt import TTA_CHOICES
 
-    if tta not in TTA_MODES:
-        raise UserError(f"unknown TTA mode '{tta}'", fix=f"use one of {', '.join(TTA_MODES)}")
+    if tta not in TTA_CHOICES:
+        raise UserError(f"unknown TTA mode '{tta}'", fix=f"use one of {', '.join(TTA_CHOICES)}")
     return tta
 
 

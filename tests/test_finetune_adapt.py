@@ -239,6 +239,46 @@ def test_predict_probs_with_tta_on_tiles() -> None:
         assert torch.allclose(predict_probs(model, a[0], 64, 16, 2, tta=mode), plain, atol=1e-5)
 
 
+class _Pointwise(nn.Module):
+    """A 1x1 convolution (its output at a pixel depends on that pixel only) that records its input sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append((x.shape[-2], x.shape[-1]))
+        return self.conv(x)
+
+
+def test_multi_scale_tta_averages_the_whole_image_at_mmsegs_ratios() -> None:
+    from finetune.adapt import MS_RATIOS
+    from finetune.predict import check_tta, predict_image_probs
+
+    torch.manual_seed(0)
+    model = _Pointwise().eval()
+    meta = {"num_classes": 3, "input": {"scale": 0.5, "in_chans": 3, "scaling": "auto", "mean": [0.5] * 3,
+                                        "std": [0.25] * 3}}
+    img = np.zeros((128, 192, 3), np.uint8)
+    img[:, :96] = (200, 40, 90)  # two flat halves: a pointwise model gives the same classes at every scale
+    with torch.no_grad():
+        plain = predict_image_probs(model, meta, img, torch.device("cpu"), 512, 32, 2)
+        model.sizes.clear()
+        ms = predict_image_probs(model, meta, img, torch.device("cpu"), 512, 32, 2, tta=check_tta("ms"))
+        # The whole image at 0.5x its input scale (0.25) .. 1.75x, one pass each (padded to multiples of 32).
+        assert model.sizes == [(-(-int(round(128 * 0.5 * r)) // 32) * 32, -(-int(round(192 * 0.5 * r)) // 32) * 32)
+                               for r in MS_RATIOS]
+        model.sizes.clear()
+        ms_flip = predict_image_probs(model, meta, img, torch.device("cpu"), 512, 32, 2, tta="ms_flip")
+        assert len(model.sizes) == 2 * len(MS_RATIOS)
+    assert ms.shape == plain.shape == (3, 128, 192) and torch.allclose(ms.sum(0), torch.ones(128, 192), atol=1e-5)
+    inner = (slice(8, -8), slice(8, 88))  # away from the halves' border, which resizing blurs differently
+    assert torch.allclose(ms[:, inner[0], inner[1]], plain[:, inner[0], inner[1]], atol=1e-4)
+    assert torch.allclose(ms_flip[:, inner[0], inner[1]], plain[:, inner[0], inner[1]], atol=1e-4)
+    assert torch.equal(ms.argmax(0)[8:-8, 8:88], plain.argmax(0)[8:-8, 8:88])
+
+
 def test_bn_recalibration_takes_the_statistics_of_the_given_batches() -> None:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()
