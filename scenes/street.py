@@ -19,18 +19,21 @@ stand in rows, traffic lights at the corners, signs and bollards near crossings.
 object stands on the surface under it (road 0, crosswalk paint, sidewalk top = curb height).
 
 Cameras come in three kinds (``camera_mix``): a dashcam in a lane looking along the road, a pedestrian's eye
-height on a sidewalk, and a raised surveillance view (4-12 m, looking down at the street like CCTV footage).
+height on a sidewalk, and a raised surveillance view (4-12 m, looking down at the street like CCTV footage). Of a
+camera's tries the one where people and poles are largest is kept; a share ``vehicle_views`` of the views (off by
+default) is framed on vehicles instead: each try aims at a vehicle within 20 m, and the one where vehicles fill
+most of the frame is kept.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
@@ -138,6 +141,10 @@ class StreetParams(StrictModel):
     crossing_share: float = Field(0.15, ge=0, le=1, description="share of people on crosswalks (if any)")
     camera_mix: tuple[float, float, float] = Field(
         (0.35, 0.35, 0.3), description="relative weights of dashcam, pedestrian and surveillance cameras")
+    vehicle_views: float = Field(0.0, ge=0, le=1, description="share of views framed on vehicles: of the "
+                                 "camera's tries, the one where vehicles fill most of the frame wins (close-ups "
+                                 "count in full) instead of the one where people and poles are largest; 0 (the "
+                                 "default) draws nothing extra, so scenes stay what they were")
     dashcam_height: PosRange = Field((1.2, 1.6), description="metres above the road")
     pedestrian_height: PosRange = Field((1.5, 1.8), description="metres above the sidewalk top")
     surveillance_height: PosRange = Field((4.0, 12.0), description="metres above the sidewalk top")
@@ -151,6 +158,15 @@ class StreetParams(StrictModel):
                                           description="time of day and weather (sun, sky, rain, fog, dusk)")
     max_lamp_lights: int = Field(6, ge=0, description="at dusk, point lights in the street lamps nearest to the "
                                  "cameras (each costs render time)")
+
+    @model_serializer(mode="wrap")
+    def _vehicle_views_off_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # At its default (off), vehicle_views stays out of dumps, so the resolved configs and config hashes of
+        # street datasets that never set it stay what they were before the knob existed.
+        out: dict[str, Any] = handler(self)
+        if out.get("vehicle_views") == 0:
+            del out["vehicle_views"]
+        return out
 
     @model_validator(mode="after")
     def _mix_positive(self) -> StreetParams:
@@ -958,6 +974,10 @@ CAMERA_CLEARANCE = 0.3
 # How much a thing in view counts when the tries that see enough things are ranked: people and poles are small in
 # the frame and scarce in the labels, so views where they are large win.
 CLASS_WEIGHT = {"person": 3.0, "pole_sign": 1.0, "vehicle": 0.5}
+# A view framed on vehicles (``vehicle_views``) scores vehicles only, and a vehicle up to the whole frame.
+VEHICLE_WEIGHT = {"vehicle": 1.0}
+SHARE_CAP = {False: 0.25, True: 1.0}
+VEHICLE_AIM_M = 20.0  # such a view aims at a vehicle within this many metres of the camera
 GOOD_TRIES = 8  # tries that see enough things, of which the best is kept
 # Points ahead of an eye-level camera (metres along its view) that must be free: a dashcam keeps a gap to the car
 # in front, a pedestrian's view is not blocked by someone right at the lens.
@@ -966,21 +986,32 @@ AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9,
 
 def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera | None:
     """A camera of ``kind`` outside every object; retried until enough labeled things are in frame. Of the
-    first ``GOOD_TRIES`` tries that see enough, the one where people and poles are largest wins; if none does,
-    the attempt that saw most, marked with ``min_visible_met=False``; None if no try found a free spot."""
+    first ``GOOD_TRIES`` tries that see enough, the one where people and poles are largest wins (in a share
+    ``vehicle_views`` of the views: the one where vehicles fill most of the frame); if none does, the attempt
+    that saw most, marked with ``min_visible_met=False``; None if no try found a free spot."""
     rng, p, ctx = b.rng, b.p, b.ctx
     kc = ctx.randomization.camera
     eye = Footprint.circle(CAMERA_CLEARANCE)
     targets = np.array([(*o.location[:2], o.location[2] + min(_height(o) / 2, 1.5)) for o in things]
                        or [(0.0, 0.0, 0.0)])
-    weights = np.array([CLASS_WEIGHT.get(ctx.classes[o.class_id].name, 1.0) for o in things] or [0.0])
+    # Drawn only when asked for, so that the default leaves every scene's draws as they were.
+    on_vehicles = p.vehicle_views > 0 and bool(rng.random() < p.vehicle_views)
+    table, other = (VEHICLE_WEIGHT, 0.0) if on_vehicles else (CLASS_WEIGHT, 1.0)
+    weights = np.array([table.get(ctx.classes[o.class_id].name, other) for o in things] or [0.0])
     sizes = np.array([min(_height(o), 4.0) for o in things] or [0.0])
+    aims = targets[[ctx.classes[o.class_id].name == "vehicle" for o in things]] if on_vehicles and things \
+        else np.zeros((0, 3))
     best, best_key, good = None, (-1, -1.0), 0
     for _ in range(kc.max_tries):
         pose = _camera_pose(rng, p, kind, geo)
         if pose is None:
             continue
         loc, fwd = pose
+        near = np.flatnonzero(np.linalg.norm(aims[:, :2] - loc[:2], axis=1) < VEHICLE_AIM_M)
+        if near.size:  # a view framed on vehicles looks at one of those nearby (off its centre a little)
+            to = aims[int(rng.choice(near))] - loc
+            to[:2] += rng.normal(0.0, 0.6, 2)
+            fwd = to / max(float(np.linalg.norm(to)), 1e-9)
         if not b.free(loc[None, :2], eye)[0]:
             continue
         if kind != "surveillance":  # no wall of a car or a person right in front of the lens
@@ -994,7 +1025,7 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
         n = int(vis.sum())
         # Each thing's share of the frame, roughly (its height over the frame's height at its distance, squared).
         dist = np.maximum(np.linalg.norm(targets - loc, axis=1), 0.5)
-        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, 0.25)
+        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, SHARE_CAP[on_vehicles])
         score = float((weights * vis * share).sum())
         met = n >= kc.min_visible_objects
         key = (int(met), score if met else float(n))

@@ -168,8 +168,6 @@ LABELME_TERMS = (
     "of a street video whose source and terms are not documented with them. The polygons are labelme's own "
     "example annotations. Used here for evaluation in research and demonstration only; check their terms yourself "
     "before you redistribute them or use them in a product.")
-LABELME_VIDEO = tuple(f"0000010{i}" for i in range(5))
-LABELME_VOC = ("2011_000003", "2011_000006", "2011_000025")
 _LABELME_SHA = {
     "video_00000100.jpg": "25c44d79c2dba0091c5d5d47cbba78d352b86c3745738a470795b9090a2b28dc",
     "video_00000100.json": "ad0e0b80353ee6c8e80980e92d450ff3f721793a4e2dcf3cf0a133f66bc0ea68",

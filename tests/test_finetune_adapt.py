@@ -267,7 +267,7 @@ def test_multi_scale_tta_averages_the_whole_image_at_mmsegs_ratios() -> None:
         model.sizes.clear()
         ms = predict_image_probs(model, meta, img, torch.device("cpu"), 512, 32, 2, tta=check_tta("ms"))
         # The whole image at 0.5x its input scale (0.25) .. 1.75x, one pass each (padded to multiples of 32).
-        assert model.sizes == [(-(-int(round(128 * 0.5 * r)) // 32) * 32, -(-int(round(192 * 0.5 * r)) // 32) * 32)
+        assert model.sizes == [(-(-round(128 * 0.5 * r) // 32) * 32, -(-round(192 * 0.5 * r) // 32) * 32)
                                for r in MS_RATIOS]
         model.sizes.clear()
         ms_flip = predict_image_probs(model, meta, img, torch.device("cpu"), 512, 32, 2, tta="ms_flip")

@@ -231,6 +231,40 @@ def test_camera_mix_and_old_camera_height_knob():
         StreetParams(camera_mix=(0, 0, 0))
 
 
+def _largest_vehicle_share(lay: StreetLayout) -> list[float]:
+    """Per view: the largest vehicle's height over the frame's height at its distance (0 when none is in view;
+    0.13 is a car 1.5 m high seen 10 m away through a 60 degree lens)."""
+    from scenes.camera import visible_mask
+
+    vehicles = [o for o in lay.spec.objects if lay.spec.classes[o.class_id].name == "vehicle"]
+    out = []
+    for cam in lay.spec.cameras:
+        best = 0.0
+        for o in vehicles:
+            top = float(world_vertices(o)[:, 2].max())
+            centre = np.array([*o.location[:2], top / 2])
+            if visible_mask(cam, centre[None], margin=0.05)[0]:
+                dist = max(float(np.linalg.norm(centre - np.array(cam.location))), 0.5)
+                best = max(best, top / (2 * dist * np.tan(cam.fov / 2)))
+        out.append(best)
+    return out
+
+
+def test_views_framed_on_vehicles_bring_them_closer_and_the_default_draws_nothing_extra():
+    plain = [layout(index=i, views=4) for i in range(6)]
+    # 0 (the default) takes no extra draw: the scenes are exactly those of the default.
+    zero = [layout(index=i, views=4, vehicle_views=0.0) for i in range(6)]
+    assert [json.dumps(to_jsonable(a.spec)) for a in plain] == [json.dumps(to_jsonable(b.spec)) for b in zero]
+    framed = [layout(index=i, views=4, vehicle_views=1.0) for i in range(6)]
+    near, far = (np.array([s for lay in ls for s in _largest_vehicle_share(lay)]) for ls in (framed, plain))
+    assert np.median(near) > 2 * np.median(far) and np.percentile(near, 90) > np.percentile(far, 90)
+    assert (near > 0).mean() > 0.9  # a vehicle in almost every view
+    for lay in framed:  # still valid cameras of their kinds, outside every object
+        assert all(c.min_visible_met for c in lay.spec.cameras) and set(lay.camera_kinds) <= set(CAMERA_KINDS)
+    with pytest.raises(Exception, match="vehicle_views"):
+        StreetParams(vehicle_views=1.5)
+
+
 def test_each_view_names_its_camera_kind_in_the_spec_and_its_frame_record():
     from scenes import sample_scene
     from synth.worker import camera_record
