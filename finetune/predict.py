@@ -199,7 +199,6 @@ def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray,
     h, w = img.shape[:2]
     f = float(meta["input"].get("scale", 1.0)) if scale is None else float(scale)
     ratios, dihedral = MS_MODES.get(tta, ((1.0,), tta))
-    k = int(meta["num_classes"])
     acc: torch.Tensor | None = None
     for r in ratios:
         x = prepare_input(img, meta["input"], torch.device("cpu"), f * r)
@@ -210,13 +209,14 @@ def predict_image_probs(model: nn.Module, meta: dict[str, Any], img: np.ndarray,
                                                     align_corners=False)[0]
         if len(ratios) == 1:
             return probs
+        k = probs.shape[0] - int(instances)  # the class channels (the distance map is last)
         if acc is None:
             acc = torch.zeros_like(probs)
         acc[:k] += probs[:k]
         if r == 1.0:
             acc[k:] = probs[k:]  # the distance map is in network pixels: taken at the input scale itself only
     assert acc is not None
-    acc[:k] /= len(ratios)
+    acc[:acc.shape[0] - int(instances)] /= len(ratios)
     return acc
 
 
