@@ -6,19 +6,17 @@ Only plain pydantic here (no torch), so configs validate instantly and ``--help`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
     Field,
-    SerializerFunctionWrapHandler,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from finetune.archs import ARCHS
-from segfactory.config import DistributedTrainFields, StrictModel
+from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults
 from segfactory.tracking import TrackingConfig
 
 IGNORE_INDEX = 255
@@ -117,7 +115,7 @@ class ModelConfig(StrictModel):
     freeze_encoder_steps: int = Field(default=0, ge=0)
 
 
-class InputConfig(StrictModel):
+class InputConfig(UnsaidDefaults):
     """Input normalisation, identical at training and prediction time (recorded in ``model.json``).
 
     Attributes:
@@ -141,6 +139,8 @@ class InputConfig(StrictModel):
         std: Per-channel std after scaling; default the encoder's or 0.25.
     """
 
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"scale_by": "count"}
+
     scaling: Literal["auto", "dtype", "minmax", "percentile"] = "auto"
     scale: float | Literal["auto"] = 1.0
     scale_by: ScaleBy = "count"
@@ -160,15 +160,6 @@ class InputConfig(StrictModel):
         if v is not None and any(s <= 0 for s in v):
             raise ValueError("every std must be > 0")
         return v
-
-    @model_serializer(mode="wrap")
-    def _scale_by_count_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # At its default, scale_by stays out of dumps, so the resolved configs, config hashes and `segfactory run`
-        # stage keys of configs that never set it stay what they were before the field existed.
-        out: dict[str, Any] = handler(self)
-        if out.get("scale_by") == "count":
-            del out["scale_by"]
-        return out
 
 
 class AugmentConfig(StrictModel):
@@ -280,7 +271,7 @@ class TrainConfig(DistributedTrainFields):
                                "optimizer step) before the run stops; 0 = stop at the first, before anything is saved")
 
 
-class AdaptConfig(StrictModel):
+class AdaptConfig(UnsaidDefaults):
     """Domain adaptation to the unlabeled real images of ``data.unlabeled`` (see docs/finetune.md).
 
     Self-training (DAFormer/DACS recipe): an EMA teacher pseudo-labels weakly augmented real crops; the student
@@ -322,6 +313,8 @@ class AdaptConfig(StrictModel):
             distance targets (weight 1), weighted by ``instances.weight`` inside the self-training loss.
     """
 
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"instance_pseudo": False}
+
     enabled: bool = True
     ema: float = Field(default=0.999, ge=0, lt=1)
     threshold: float = Field(default=0.968, ge=0, le=1)
@@ -350,17 +343,8 @@ class AdaptConfig(StrictModel):
             raise ValueError("must be [low, high] with 0 < low <= high")
         return v
 
-    @model_serializer(mode="wrap")
-    def _instance_pseudo_off_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Off, instance_pseudo stays out of dumps, so the resolved configs, config hashes and `segfactory run`
-        # stage keys of configs that never set it stay what they were before the field existed.
-        out: dict[str, Any] = handler(self)
-        if out.get("instance_pseudo") is False:
-            del out["instance_pseudo"]
-        return out
 
-
-class PredictDefaults(StrictModel):
+class PredictDefaults(UnsaidDefaults):
     """Tiling recorded in model.json as the default for ``segfactory predict``, and the speck cleanup.
 
     Attributes:
@@ -371,19 +355,12 @@ class PredictDefaults(StrictModel):
             predicted components as specks (README, "Speck cleanup", has what it changed on real frames).
     """
 
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"min_object": 0.25}
+
     tile: int = Field(default=512, ge=SIZE_DIVISOR)
     overlap: int = Field(default=64, ge=0)
     batch_size: int = Field(default=4, ge=1)
     min_object: float = Field(default=0.25, ge=0, lt=1)
-
-    @model_serializer(mode="wrap")
-    def _min_object_default_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # At its default, min_object stays out of dumps, so the resolved configs, config hashes and `segfactory
-        # run` stage keys of configs that never set it stay what they were before the field existed.
-        out: dict[str, Any] = handler(self)
-        if out.get("min_object") == 0.25:
-            del out["min_object"]
-        return out
 
     @model_validator(mode="after")
     def _overlap_lt_tile(self) -> PredictDefaults:

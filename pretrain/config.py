@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from pretrain.backbones import BACKBONES
 from pretrain.init import init_sha256
 from pretrain.methods import METHODS, options_model
-from segfactory.config import DistributedTrainFields, StrictModel, validate_section
+from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults, validate_section
 from segfactory.tracking import TrackingConfig
 
 # ----------------------------------------------------------------------------------------------- ingest
@@ -197,7 +195,9 @@ class OptimConfig(StrictModel):
 DEFAULT_CACHE_MB = 512.0
 
 
-class DataConfig(StrictModel):
+class DataConfig(UnsaidDefaults):
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"cache_mb": DEFAULT_CACHE_MB}  # changes no batch
+
     num_workers: int | None = Field(None, ge=0, description="DataLoader decode workers (default: CPU count - 1)")
     normalization: Literal["dataset", "imagenet", "half"] = Field(
         "dataset", description="input mean/std: the ingested data's own statistics, ImageNet's, or 0.5/0.5")
@@ -214,15 +214,6 @@ class DataConfig(StrictModel):
                             "frames it has seen, up to this many MB (host memory: up to num_workers x cache_mb; a "
                             "10k-image dump at 256 px gray is ~650-800 MB); later epochs then skip the decode. "
                             "Batches are the same with any value; 0 = off")
-
-    @model_serializer(mode="wrap")
-    def _cache_at_default_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # cache_mb changes no batch: at its default it stays out of dumps, so that the resolved configs, config
-        # hashes and `segfactory run` stage keys of configs that never set it stay what they were
-        out: dict[str, Any] = handler(self)
-        if out.get("cache_mb") == DEFAULT_CACHE_MB:
-            del out["cache_mb"]
-        return out
 
 
 class TrainConfig(DistributedTrainFields):

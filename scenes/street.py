@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import Field, model_validator
 
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
@@ -75,7 +75,7 @@ from scenes.street_assets.furniture import sample_bollard
 from scenes.street_assets.nature import sample_bush, sample_tree
 from scenes.street_assets.people import group_offsets, sample_person
 from scenes.street_assets.vehicles import sample_bicycle, sample_vehicle
-from segfactory.config import StrictModel
+from segfactory.config import UnsaidDefaults
 
 CLASSES = [
     ClassDef(0, "sky", (70, 130, 180)),
@@ -99,7 +99,9 @@ PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the
 
 # --- Params ---------------------------------------------------------------------------------------------------
 
-class StreetParams(StrictModel):
+class StreetParams(UnsaidDefaults):
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0}  # off: scenes and config hashes as before
+
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
     sidewalk_width: PosRange = Field((2.0, 4.5), description="metres of sidewalk on each side (without a verge)")
@@ -158,15 +160,6 @@ class StreetParams(StrictModel):
                                           description="time of day and weather (sun, sky, rain, fog, dusk)")
     max_lamp_lights: int = Field(6, ge=0, description="at dusk, point lights in the street lamps nearest to the "
                                  "cameras (each costs render time)")
-
-    @model_serializer(mode="wrap")
-    def _vehicle_views_off_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # At its default (off), vehicle_views stays out of dumps, so the resolved configs and config hashes of
-        # street datasets that never set it stay what they were before the knob existed.
-        out: dict[str, Any] = handler(self)
-        if out.get("vehicle_views") == 0:
-            del out["vehicle_views"]
-        return out
 
     @model_validator(mode="after")
     def _mix_positive(self) -> StreetParams:

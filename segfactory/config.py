@@ -17,10 +17,10 @@ import copy
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from pydantic_core import PydanticCustomError
 
 from segfactory.errors import UserError
@@ -37,6 +37,22 @@ class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class UnsaidDefaults(StrictModel):
+    """A config section with fields added after configs were saved: each field of ``unsaid_defaults`` stays out of
+    dumps while it has that value, so the resolved configs, config hashes and `segfactory run` stage keys of
+    configs that never set it stay what they were before the field existed."""
+
+    unsaid_defaults: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _defaults_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name, value in self.unsaid_defaults.items():
+            if name in out and out[name] == value:
+                del out[name]
+        return out
 
 
 class DistributedTrainFields(StrictModel):

@@ -261,6 +261,9 @@ def test_views_framed_on_vehicles_bring_them_closer_and_the_default_draws_nothin
     assert (near > 0).mean() > 0.9  # a vehicle in almost every view
     for lay in framed:  # still valid cameras of their kinds, outside every object
         assert all(c.min_visible_met for c in lay.spec.cameras) and set(lay.camera_kinds) <= set(CAMERA_KINDS)
+    # Off, it stays out of the resolved params (existing datasets keep their config hash); on, it is recorded.
+    assert "vehicle_views" not in StreetParams().model_dump(mode="json")
+    assert StreetParams(vehicle_views=0.3).model_dump(mode="json")["vehicle_views"] == 0.3
     with pytest.raises(Exception, match="vehicle_views"):
         StreetParams(vehicle_views=1.5)
 
