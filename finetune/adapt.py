@@ -457,6 +457,7 @@ TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
     "none": ((0, False),),
     "flip": ((0, False), (0, True), (2, True), (2, False)),  # identity, h-flip, v-flip, both
     "d4": tuple((k, f) for k in range(4) for f in (False, True)),  # + the quarter turns: all 8
+    "hflip": ((0, False), (0, True)),  # identity and the mirror image: ms_flip's, per scale
 }
 # Multi-scale modes (:func:`finetune.predict.predict_image_probs`): the whole image is predicted at each ratio of
 # its input scale and the class probabilities, resized back, are averaged; mmsegmentation's default test-time
@@ -464,7 +465,6 @@ TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 MS_MODES: dict[str, tuple[tuple[float, ...], str]] = {"ms": (MS_RATIOS, "none"),
                                                       "ms_flip": (MS_RATIOS, "hflip")}
-TTA_MODES["hflip"] = ((0, False), (0, True))
 TTA_CHOICES = ("none", "flip", "d4", "ms", "ms_flip")
 
 

