@@ -465,7 +465,6 @@ TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 MS_MODES: dict[str, tuple[tuple[float, ...], str]] = {"ms": (MS_RATIOS, "none"),
                                                       "ms_flip": (MS_RATIOS, "hflip")}
-TTA_CHOICES = ("none", "flip", "d4", "ms", "ms_flip")
 
 
 def tta_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:

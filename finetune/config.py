@@ -6,7 +6,7 @@ Only plain pydantic here (no torch), so configs validate instantly and ``--help`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -26,6 +26,10 @@ SIZE_DIVISOR = 32
 ClassKey = int | str
 # The object size input.scale=auto matches: the median equivalent diameter over components, or over pixels.
 ScaleBy = Literal["count", "area"]
+# Test-time augmentation modes of predict/evaluate (:mod:`finetune.adapt`: dihedral ``flip``/``d4``, multi-scale
+# ``ms``/``ms_flip``).
+TtaMode = Literal["none", "flip", "d4", "ms", "ms_flip"]
+TTA_CHOICES: tuple[str, ...] = get_args(TtaMode)
 
 
 class ClassSpec(StrictModel):

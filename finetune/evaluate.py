@@ -290,7 +290,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             paths are materialized).
         baselines: Baselines scored on real folders (names, comma-separated, ``all``/``none``; default all).
         overlays: Overlay PNGs per real folder.
-        tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
+        tta: Test-time augmentation: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip``
+            (:data:`finetune.config.TTA_CHOICES`).
         scale: Input scale for the real folders instead of model.json's: a factor, or ``auto`` for each
             image's own estimate (:func:`finetune.predict.resolve_scale`).
         workers: Threads that post-process and score frames (argmax, watershed, baselines, instance matching,

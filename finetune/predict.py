@@ -159,7 +159,7 @@ def predict_mask(model: nn.Module, meta: dict[str, Any], img: np.ndarray, device
 
     Args:
         scale: Resize factor; default model.json's ``input.scale`` (synthetic frames: pass 1).
-        tta: ``none``, ``flip`` or ``d4`` (see :func:`predict_probs`).
+        tta: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip`` (see :func:`predict_image_probs`).
     """
     return predict_outputs(model, meta, img, device, tile, overlap, batch_size, autocast, channels_last, scale,
                            tta)[0]
@@ -275,7 +275,7 @@ def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | No
 
 def check_tta(tta: str) -> str:
     """Raise a UserError for an unknown test-time augmentation mode."""
-    from finetune.adapt import TTA_CHOICES
+    from finetune.config import TTA_CHOICES
 
     if tta not in TTA_CHOICES:
         raise UserError(f"unknown TTA mode '{tta}'", fix=f"use one of {', '.join(TTA_CHOICES)}")
@@ -451,7 +451,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
-        tta: Test-time augmentation: ``none``, ``flip`` or ``d4``.
+        tta: Test-time augmentation: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip`` (:func:`predict_image_probs`).
         scale: Input scale instead of model.json's: a factor, or ``auto`` for each image's own estimate
             (:func:`resolve_scale`).
         instances: ``auto`` (write instances when the model has an instance head), ``on`` (required: a

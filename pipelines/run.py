@@ -16,11 +16,11 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, TtaMode
 from pipelines.cluster import ClusterConfig
 from pipelines.ingest import SKIMAGE_DATA
 from pipelines.lock import exclusive_lock
@@ -38,7 +38,7 @@ from pipelines.stages import (
     training_key,
 )
 from pretrain.config import PretrainConfig
-from segfactory.config import StrictModel, save_resolved
+from segfactory.config import StrictModel, UnsaidDefaults, save_resolved
 from segfactory.console import console
 from segfactory.errors import UserError
 from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
@@ -55,8 +55,11 @@ class TrainingExecution(StrictModel):
     predict_images: int = Field(4, ge=0, description="real images the report overlays predictions on")
 
 
-class RealEvalSettings(StrictModel):
-    """``eval``: real labeled folders the model is scored on, next to classic baselines."""
+class RealEvalSettings(UnsaidDefaults):
+    """``eval``: real labeled folders the model is scored on, next to classic baselines, and the test-time
+    augmentation of every evaluation and prediction stage."""
+
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"tta": "none"}  # stage keys of configs without it stay as they were
 
     real: list[str] = Field(default_factory=list, description="real labeled folders (images/ + masks/) or "
                             "sample:NAME/eval (segfactory samples list); empty = synthetic held-out frames only")
@@ -64,6 +67,9 @@ class RealEvalSettings(StrictModel):
                                   "for every folder that has the class, e.g. {cell: nucleus}")
     baselines: str = Field("all", description="classic baselines: comma-separated names, all or none")
     overlays: int = Field(4, ge=0, description="overlay PNGs per real folder in the report")
+    tta: TtaMode = Field("none", description="test-time augmentation of the evaluate, evaluate_real and predict "
+                         "stages (segfactory evaluate --tta): none, flip, d4, or ms / ms_flip (the whole image at "
+                         "0.5-1.75x its input scale, ms_flip with its mirror image; 6-12 passes per image)")
 
 
 class RunConfig(StrictModel):
@@ -163,12 +169,16 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     ft_dir = stage_dir(out, "finetune", {"config": training_key(cfg.finetune), "render": dataset.name,
                                           "pretrain": pre_dir.name if pretrained else None,
                                           "unlabeled": None if own_unlabeled else ing["data_hash"]}, FINETUNE_PACKAGES)
-    eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": eval_data.name}, FINETUNE_PACKAGES)
+    tta = cfg.eval.tta
+    tta_key = {"tta": tta} if tta != "none" else {}  # keys of runs without TTA stay what they were
+    tta_args = ["--tta", tta] if tta != "none" else []
+    eval_dir = stage_dir(out, "evaluate", {"model": ft_dir.name, "data": eval_data.name, **tta_key},
+                         FINETUNE_PACKAGES)
     real_dir = stage_dir(out, "evaluate_real", {"model": ft_dir.name, "data": [str(p) for p in real_eval.values()],
                                                 "settings": cfg.eval.model_dump(mode="json", exclude={"real"})},
                          FINETUNE_PACKAGES) if real_eval else None
     pred_dir = stage_dir(out, "predict", {"model": ft_dir.name, "data": ing["data_hash"],
-                                           "n": cfg.execution.predict_images}, FINETUNE_PACKAGES)
+                                           "n": cfg.execution.predict_images, **tta_key}, FINETUNE_PACKAGES)
     cfg_dir = out / "stages" / "configs"
     cfg_dir.mkdir(exist_ok=True)
     save_resolved(with_tracking(cfg.pretrain, cfg.tracking, pre_dir.name), cfg_dir / f"{pre_dir.name}.yaml")
@@ -181,15 +191,15 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                               *(["--encoder", str(pre_dir / "encoder")] if pretrained else []),
                               *([] if own_unlabeled else ["--unlabeled", str(images)]), "--out", "{OUT}"]),
         "evaluate": (eval_dir, ["evaluate", "--model", str(ft_dir / "model"), "--data", str(eval_data),
-                                "--out", "{OUT}"]),
+                                *tta_args, "--out", "{OUT}"]),
         "predict": (pred_dir, ["predict", "--model", str(ft_dir / "model"), "--input", str(pred_in),
-                               "--out", "{OUT}"]),
+                               *tta_args, "--out", "{OUT}"]),
     }
     if real_dir is not None:
         commands["evaluate_real"] = (real_dir, [
             "evaluate", "--model", str(ft_dir / "model"), *[a for arg in real_eval for a in ("--data", arg)],
             *[a for k, v in cfg.eval.remap.items() for a in ("--remap", f"{k}={v}")],
-            "--baselines", cfg.eval.baselines, "--overlays", str(cfg.eval.overlays), "--out", "{OUT}"])
+            "--baselines", cfg.eval.baselines, "--overlays", str(cfg.eval.overlays), *tta_args, "--out", "{OUT}"])
     t_stage = time.perf_counter()
 
     def on_done(name: str, r: dict[str, Any]) -> None:
@@ -203,11 +213,11 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     scored_on = (f"{read_json(test_set / 'dataset.json')['num_frames']} held-out rendered frames (scenes not used in "
                  "fine-tuning)" if test_set else "the training dataset (test.scenes=0)")
     report = write_report(out / "report.html", dataset, pre_dir if pretrained else None, ft_dir, eval_dir, pred_dir,
-                          scored_on, real_eval=real_dir)
+                          scored_on, real_eval=real_dir, tta=tta)
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,
-               "total_s": round(time.perf_counter() - t0, 2),
+               "total_s": round(time.perf_counter() - t0, 2), "tta": tta,
                "dirs": {"finetune": str(ft_dir), **({"pretrain": str(pre_dir)} if pretrained else {})}}
     if real_dir is not None:
         summary["real"] = {name: {row: {"fg_iou": r["fg_iou"], "f1": next(iter(r["instances"].values()), {}).get("f1")}

@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -146,26 +147,30 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     so a retry never takes over the run directory while rank 0 still writes. A second interrupt, or the wait
     running out, kills torchrun at once.
     """
+    # torchrun's log dir (each rank's error file) is a fresh temporary dir that goes with the job: left to
+    # itself, torchrun makes one in $TMPDIR per launch and never removes it.
+    log_dir = tempfile.TemporaryDirectory(prefix="segfactory-torchrun-")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "segfactory.cli", *argv]
+           f"--log-dir={log_dir.name}", "-m", "segfactory.cli", *argv]
     env = dict(os.environ)
     if STAGE_THREADS_ENV in env:  # a pipeline stage's budget: each rank gets its share
         share = str(max(1, int(env[STAGE_THREADS_ENV]) // nproc))
         env.update(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share, OPENBLAS_NUM_THREADS=share)
     else:  # a user's OMP_NUM_THREADS is per process, as torchrun takes it
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        return proc.wait()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+    with log_dir:
+        proc = subprocess.Popen(cmd, env=env)
         try:
-            proc.wait(timeout=STOP_WAIT_S)
+            return proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
-        raise
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_WAIT_S)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+            raise
 
 
 def setup(info: DistInfo, backend: str, device: torch.device, timeout_s: float) -> torch.device:

@@ -216,13 +216,16 @@ def test_resume_under_two_processes_equals_uninterrupted(tiny_dataset: Path, tmp
 @pytest.mark.slow
 def test_a_rank_that_dies_fails_the_job_without_hanging(tiny_dataset: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    r = cli(tiny_dataset, tmp_path / "dead", *TWO, "train.dist_timeout_s=60", env={EXIT_HOOK_ENV: "1:2"},
-            timeout=180)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = cli(tiny_dataset, tmp_path / "dead", *TWO, "train.dist_timeout_s=60", env={EXIT_HOOK_ENV: "1:2",
+                                                                                  "TMPDIR": str(tmp)}, timeout=180)
     took = time.monotonic() - t0
     assert r.returncode != 0
     assert "rank 1 exits at step 2" in r.stderr
     assert took < 120, took
     assert not (tmp_path / "dead" / "summary.json").exists()
+    assert not list(tmp.glob("torchelastic_*")) and not list(tmp.glob("segfactory-torchrun-*"))  # its log dir went
 
 
 @pytest.mark.slow

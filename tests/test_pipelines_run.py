@@ -102,6 +102,19 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     assert "model vs baselines on real images</figcaption>" in report and "ctc-hela hela_t" in report
     assert "agreement" in report and "blur_otsu" in report
 
+    # eval.tta: the evaluation and prediction stages run again with the test-time augmentation (nothing upstream),
+    # and the report and run.json say which.
+    ms = run(out, capsys, *real, "eval.remap={background: road, nucleus: vehicle}", "eval.tta=ms")
+    assert [k for k, v in ms["stages"].items() if v != "cached"] == ["ingest", "evaluate", "predict", "evaluate_real"]
+    assert ms["tta"] == "ms" and scored["tta"] == "none"
+    for name in ("evaluate", "evaluate_real", "predict"):
+        stage = max((p for p in (out / "stages").glob(f"{name}-*") if p.is_dir() and not p.name.endswith("-input")),
+                    key=lambda p: p.stat().st_mtime)
+        argv = json.loads((stage / "stage.json").read_text())["argv"]
+        assert argv[argv.index("--tta") + 1] == "ms", name
+    report = (out / "report.html").read_text()
+    assert report.count("test-time augmentation ms (mean of the whole image at 0.5-1.75x its input scale)") == 3
+
 
 @pytest.mark.render
 @pytest.mark.slow  # renders cells, ingests the real sample frames, trains with adaptation, scores real frames
@@ -168,6 +181,20 @@ def test_shipped_quickstart_configs_load_as_is():
     assert street.test.scenes > 0 and street.finetune.adapt.enabled
     assert street.finetune.adapt.warmup_steps < street.finetune.train.steps
     assert SKIMAGE_DATA not in street.real.sources() and Path(resolve_source(SKIMAGE_DATA)).is_dir()
+
+
+def test_eval_tta_is_checked_and_stays_out_of_stage_keys_at_its_default(tmp_path: Path, capsys) -> None:
+    """``eval.tta`` is one of evaluate's modes (a typo is one line naming the field); at its default it stays out
+    of the dumped config, so the evaluate_real keys of configs written before it existed are unchanged."""
+    from pipelines.run import RealEvalSettings
+
+    assert "tta" not in RealEvalSettings().model_dump(mode="json")
+    assert RealEvalSettings(tta="ms_flip").model_dump(mode="json")["tta"] == "ms_flip"
+    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(tmp_path / "run"),
+                 "eval.tta=msflip"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "eval.tta" in err and "msflip" in err and "ms_flip" in err
+    assert not list((tmp_path / "run").glob("stages/*-*"))
 
 
 def test_run_stops_before_any_work_when_finetune_names_another_encoder(tmp_path: Path, capsys):

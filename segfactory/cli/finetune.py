@@ -23,6 +23,12 @@ def _archs() -> list[str]:
     return ARCHS.names()
 
 
+def _tta_modes() -> tuple[str, ...]:
+    from finetune.config import TTA_CHOICES
+
+    return TTA_CHOICES
+
+
 def _baselines() -> list[str]:
     from finetune.baselines import baseline_names
 
@@ -255,10 +261,11 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
         q.add_argument("--tile", type=int, help="tile side for large images (default: model.json)")
         q.add_argument("--overlap", type=int, help="tile overlap in pixels (default: model.json)")
         q.add_argument("--batch-size", type=int, help="tiles per forward pass (default: model.json)")
-        q.add_argument("--tta", nargs="?", const="d4", default="none", choices=["none", "flip", "d4", "ms", "ms_flip"],
-                       help="test-time augmentation: average over flips (flip) or flips and quarter turns (d4, "
-                            "the default of a bare --tta), or over the whole image at 0.5-1.75x its input scale (ms; "
-                            "ms_flip: and its horizontal flip; mmsegmentation's ratios, 6-12 passes)")
+        q.add_argument("--tta", nargs="?", const="d4", default="none", metavar="MODE",
+                       help=Names("test-time augmentation ({names}): average over flips (flip) or flips and "
+                                  "quarter turns (d4, the default of a bare --tta), or over the whole image at "
+                                  "0.5-1.75x its input scale (ms; ms_flip: and its horizontal flip; "
+                                  "mmsegmentation's ratios, 6-12 passes)", _tta_modes))
         q.add_argument("--scale", help="resize real images by this factor before the model, or 'auto': each "
                        "image by its own estimate (models trained with input.scale=auto; default: model.json, "
                        "input.scale or, when its sources differ in magnification, auto)")
