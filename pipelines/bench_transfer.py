@@ -314,8 +314,8 @@ def run_transfer_bench(cfg: TransferBenchConfig, out: str | os.PathLike) -> dict
     result: dict[str, Any] = {"hardware": _hardware(), "out": str(out),
                               "seeds": {"render": cfg.render.dataset.seed, "train": cfg.finetune.train.seed,
                                         "pretrain": cfg.pretrain.train.seed},
-                              "steps": cfg.finetune.train.steps, "eval": list(cfg.eval.real), "rows": {},
-                              "baselines": {}}
+                              "steps": cfg.finetune.train.steps, "eval": list(cfg.eval.real), "tta": cfg.eval.tta,
+                              "rows": {}, "baselines": {}}
     def record(row: str, rcfg: RunConfig, t_row: float, **extra: Any) -> dict[str, Any]:
         summary = run_all(rcfg, out)
         sets = {}

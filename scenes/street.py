@@ -22,7 +22,7 @@ Cameras come in three kinds (``camera_mix``): a dashcam in a lane looking along 
 height on a sidewalk, and a raised surveillance view (4-12 m, looking down at the street like CCTV footage). Of a
 camera's tries the one where people and poles are largest is kept; a share ``vehicle_views`` of the views (off by
 default) is framed on vehicles instead: each try aims at a vehicle within 20 m, and the one where vehicles fill
-most of the frame is kept.
+most of the frame is kept; likewise a share ``person_views`` on people within 8 m (close-ups of people).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the
 # --- Params ---------------------------------------------------------------------------------------------------
 
 class StreetParams(UnsaidDefaults):
-    unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0}  # off: scenes and config hashes as before
+    # off: scenes and config hashes as before
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0}
 
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
@@ -147,6 +148,10 @@ class StreetParams(UnsaidDefaults):
                                  "camera's tries, the one where vehicles fill most of the frame wins (close-ups "
                                  "count in full) instead of the one where people and poles are largest; 0 (the "
                                  "default) draws nothing extra, so scenes stay what they were")
+    person_views: float = Field(0.0, ge=0, le=1, description="share of views framed on people: each try aims at a "
+                                "person within 8 m and the one where people fill most of the frame wins (close-ups "
+                                "of people); with vehicle_views at most 1 together; 0 (the default) draws nothing "
+                                "extra")
     dashcam_height: PosRange = Field((1.2, 1.6), description="metres above the road")
     pedestrian_height: PosRange = Field((1.5, 1.8), description="metres above the sidewalk top")
     surveillance_height: PosRange = Field((4.0, 12.0), description="metres above the sidewalk top")
@@ -166,6 +171,9 @@ class StreetParams(UnsaidDefaults):
         if min(self.camera_mix) < 0 or sum(self.camera_mix) <= 0:
             raise ValueError(f"camera_mix must be non-negative weights with a positive sum, got "
                              f"{list(self.camera_mix)}")
+        if self.vehicle_views + self.person_views > 1:
+            raise ValueError(f"vehicle_views + person_views must be at most 1 (shares of the views), got "
+                             f"{self.vehicle_views} + {self.person_views}")
         return self
 
 
@@ -967,10 +975,10 @@ CAMERA_CLEARANCE = 0.3
 # How much a thing in view counts when the tries that see enough things are ranked: people and poles are small in
 # the frame and scarce in the labels, so views where they are large win.
 CLASS_WEIGHT = {"person": 3.0, "pole_sign": 1.0, "vehicle": 0.5}
-# A view framed on vehicles (``vehicle_views``) scores vehicles only, and a vehicle up to the whole frame.
-VEHICLE_WEIGHT = {"vehicle": 1.0}
+# A view framed on vehicles (``vehicle_views``) or people (``person_views``) scores that class only, and one of
+# them up to the whole frame (other views: a quarter); it aims at one within this many metres of the camera.
+FRAMED_ON = {"vehicle": 20.0, "person": 8.0}
 SHARE_CAP = {False: 0.25, True: 1.0}
-VEHICLE_AIM_M = 20.0  # such a view aims at a vehicle within this many metres of the camera
 GOOD_TRIES = 8  # tries that see enough things, of which the best is kept
 # Points ahead of an eye-level camera (metres along its view) that must be free: a dashcam keeps a gap to the car
 # in front, a pedestrian's view is not blocked by someone right at the lens.
@@ -980,30 +988,36 @@ AHEAD = {"dashcam": np.array([1.5, 3.0, 4.5, 6.0]), "pedestrian": np.array([0.9,
 def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[SceneObject]) -> Camera | None:
     """A camera of ``kind`` outside every object; retried until enough labeled things are in frame. Of the
     first ``GOOD_TRIES`` tries that see enough, the one where people and poles are largest wins (in a share
-    ``vehicle_views`` of the views: the one where vehicles fill most of the frame); if none does, the attempt
-    that saw most, marked with ``min_visible_met=False``; None if no try found a free spot."""
+    ``vehicle_views`` / ``person_views`` of the views: the one where vehicles / people fill most of the frame); if
+    none does, the attempt that saw most, marked with ``min_visible_met=False``; None if no try found a free
+    spot."""
     rng, p, ctx = b.rng, b.p, b.ctx
     kc = ctx.randomization.camera
     eye = Footprint.circle(CAMERA_CLEARANCE)
     targets = np.array([(*o.location[:2], o.location[2] + min(_height(o) / 2, 1.5)) for o in things]
                        or [(0.0, 0.0, 0.0)])
-    # Drawn only when asked for, so that the default leaves every scene's draws as they were.
-    on_vehicles = p.vehicle_views > 0 and bool(rng.random() < p.vehicle_views)
-    table, other = (VEHICLE_WEIGHT, 0.0) if on_vehicles else (CLASS_WEIGHT, 1.0)
-    weights = np.array([table.get(ctx.classes[o.class_id].name, other) for o in things] or [0.0])
+    # Drawn only when asked for, so that the default leaves every scene's draws as they were (and one draw
+    # decides both shares: vehicle_views alone draws what it drew before person_views existed).
+    framed = None
+    if p.vehicle_views > 0 or p.person_views > 0:
+        u = float(rng.random())
+        framed = "vehicle" if u < p.vehicle_views else "person" if u < p.vehicle_views + p.person_views else None
+    names = [ctx.classes[o.class_id].name for o in things]
+    table, other = ({framed: 1.0}, 0.0) if framed else (CLASS_WEIGHT, 1.0)
+    weights = np.array([table.get(n, other) for n in names] or [0.0])
     sizes = np.array([min(_height(o), 4.0) for o in things] or [0.0])
-    aims = targets[[ctx.classes[o.class_id].name == "vehicle" for o in things]] if on_vehicles and things \
-        else np.zeros((0, 3))
+    aims = targets[[n == framed for n in names]] if framed and things else np.zeros((0, 3))
+    aim_m = FRAMED_ON[framed] if framed else 0.0
     best, best_key, good = None, (-1, -1.0), 0
     for _ in range(kc.max_tries):
         pose = _camera_pose(rng, p, kind, geo)
         if pose is None:
             continue
         loc, fwd = pose
-        near = np.flatnonzero(np.linalg.norm(aims[:, :2] - loc[:2], axis=1) < VEHICLE_AIM_M)
-        if near.size:  # a view framed on vehicles looks at one of those nearby (off its centre a little)
+        near = np.flatnonzero(np.linalg.norm(aims[:, :2] - loc[:2], axis=1) < aim_m)
+        if near.size:  # a framed view looks at one of those nearby (off its centre a little)
             to = aims[int(rng.choice(near))] - loc
-            to[:2] += rng.normal(0.0, 0.6, 2)
+            to[:2] += rng.normal(0.0, 0.6 if framed == "vehicle" else 0.25, 2)
             fwd = to / max(float(np.linalg.norm(to)), 1e-9)
         if not b.free(loc[None, :2], eye)[0]:
             continue
@@ -1018,7 +1032,7 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
         n = int(vis.sum())
         # Each thing's share of the frame, roughly (its height over the frame's height at its distance, squared).
         dist = np.maximum(np.linalg.norm(targets - loc, axis=1), 0.5)
-        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, SHARE_CAP[on_vehicles])
+        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, SHARE_CAP[framed is not None])
         score = float((weights * vis * share).sum())
         met = n >= kc.min_visible_objects
         key = (int(met), score if met else float(n))

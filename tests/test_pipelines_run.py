@@ -102,18 +102,18 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     assert "model vs baselines on real images</figcaption>" in report and "ctc-hela hela_t" in report
     assert "agreement" in report and "blur_otsu" in report
 
-    # eval.tta: the evaluation and prediction stages run again with the test-time augmentation (nothing upstream),
-    # and the report and run.json say which.
-    ms = run(out, capsys, *real, "eval.remap={background: road, nucleus: vehicle}", "eval.tta=ms")
-    assert [k for k, v in ms["stages"].items() if v != "cached"] == ["ingest", "evaluate", "predict", "evaluate_real"]
-    assert ms["tta"] == "ms" and scored["tta"] == "none"
+    # eval.tta (the street demo's ms_flip until now): another mode runs the evaluation and prediction stages again
+    # (nothing upstream); the report and run.json say which.
+    assert scored["tta"] == "ms_flip" and report.count("test-time augmentation ms_flip (mean of the whole image "
+                                                       "and its mirror image at 0.5-1.75x its input scale)") == 3
+    plain = run(out, capsys, *real, "eval.remap={background: road, nucleus: vehicle}", "eval.tta=none")
+    assert [k for k, v in plain["stages"].items() if v != "cached"] == ["ingest", "evaluate", "predict",
+                                                                        "evaluate_real"]
+    assert plain["tta"] == "none" and "test-time augmentation" not in (out / "report.html").read_text()
     for name in ("evaluate", "evaluate_real", "predict"):
-        stage = max((p for p in (out / "stages").glob(f"{name}-*") if p.is_dir() and not p.name.endswith("-input")),
-                    key=lambda p: p.stat().st_mtime)
-        argv = json.loads((stage / "stage.json").read_text())["argv"]
-        assert argv[argv.index("--tta") + 1] == "ms", name
-    report = (out / "report.html").read_text()
-    assert report.count("test-time augmentation ms (mean of the whole image at 0.5-1.75x its input scale)") == 3
+        stages = [p for p in (out / "stages").glob(f"{name}-*") if p.is_dir() and not p.name.endswith("-input")]
+        newest = max(stages, key=lambda p: p.stat().st_mtime)
+        assert "--tta" not in json.loads((newest / "stage.json").read_text())["argv"], name
 
 
 @pytest.mark.render
