@@ -231,16 +231,16 @@ def test_camera_mix_and_old_camera_height_knob():
         StreetParams(camera_mix=(0, 0, 0))
 
 
-def _largest_vehicle_share(lay: StreetLayout, cls: str = "vehicle") -> list[float]:
+def _largest_share(lay: StreetLayout, cls: str = "vehicle") -> list[float]:
     """Per view: the largest ``cls`` thing's height over the frame's height at its distance (0 when none is in
     view; 0.13 is a car 1.5 m high seen 10 m away through a 60 degree lens)."""
     from scenes.camera import visible_mask
 
-    vehicles = [o for o in lay.spec.objects if lay.spec.classes[o.class_id].name == cls]
+    things = [o for o in lay.spec.objects if lay.spec.classes[o.class_id].name == cls]
     out = []
     for cam in lay.spec.cameras:
         best = 0.0
-        for o in vehicles:
+        for o in things:
             top = float(world_vertices(o)[:, 2].max())
             centre = np.array([*o.location[:2], top / 2])
             if visible_mask(cam, centre[None], margin=0.05)[0]:
@@ -256,7 +256,7 @@ def test_views_framed_on_vehicles_bring_them_closer_and_the_default_draws_nothin
     zero = [layout(index=i, views=4, vehicle_views=0.0) for i in range(6)]
     assert [json.dumps(to_jsonable(a.spec)) for a in plain] == [json.dumps(to_jsonable(b.spec)) for b in zero]
     framed = [layout(index=i, views=4, vehicle_views=1.0) for i in range(6)]
-    near, far = (np.array([s for lay in ls for s in _largest_vehicle_share(lay)]) for ls in (framed, plain))
+    near, far = (np.array([s for lay in ls for s in _largest_share(lay)]) for ls in (framed, plain))
     assert np.median(near) > 2 * np.median(far) and np.percentile(near, 90) > np.percentile(far, 90)
     assert (near > 0).mean() > 0.9  # a vehicle in almost every view
     for lay in framed:  # still valid cameras of their kinds, outside every object
@@ -271,7 +271,7 @@ def test_views_framed_on_vehicles_bring_them_closer_and_the_default_draws_nothin
 def test_views_framed_on_people_bring_them_closer_and_vehicle_views_alone_draws_as_before():
     plain = [layout(index=i, views=4) for i in range(6)]
     framed = [layout(index=i, views=4, person_views=1.0) for i in range(6)]
-    near, far = (np.array([s for lay in ls for s in _largest_vehicle_share(lay, "person")]) for ls in (framed, plain))
+    near, far = (np.array([s for lay in ls for s in _largest_share(lay, "person")]) for ls in (framed, plain))
     assert np.median(near) > 2 * np.median(far) and (near > 0).mean() > 0.9  # a person close by in almost every view
     for lay in framed:  # still valid cameras of their kinds, outside every object
         assert all(c.min_visible_met for c in lay.spec.cameras) and set(lay.camera_kinds) <= set(CAMERA_KINDS)
@@ -281,8 +281,8 @@ def test_views_framed_on_people_bring_them_closer_and_vehicle_views_alone_draws_
     assert [json.dumps(to_jsonable(a.spec)) for a in vv] == [json.dumps(to_jsonable(b.spec)) for b in both]
     # A mix frames some views on each (one draw per view decides).
     mixed = [layout(index=i, views=4, vehicle_views=0.5, person_views=0.5) for i in range(6)]
-    people = np.array([s for lay in mixed for s in _largest_vehicle_share(lay, "person")])
-    cars = np.array([s for lay in mixed for s in _largest_vehicle_share(lay)])
+    people = np.array([s for lay in mixed for s in _largest_share(lay, "person")])
+    cars = np.array([s for lay in mixed for s in _largest_share(lay)])
     assert (people > np.median(near) / 2).any() and (cars > np.median(far)).any()
     assert "person_views" not in StreetParams().model_dump(mode="json")
     assert StreetParams(person_views=0.2).model_dump(mode="json")["person_views"] == 0.2
