@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from segfactory.config import read_yaml
 from segfactory.io import atomic_write_text, read_json
 from segfactory.plotting import figure_png
 
@@ -105,8 +106,8 @@ def _real_section(real_eval: Path) -> str:
                      "frames: model.json 'instances')")
     if inp.get("scale") is not None and not inp.get("scales"):
         notes.append(f"real images resized by the model's input scale {float(inp['scale']):.3g}")
-    if report.get("tta", "none") != "none":
-        notes.append(f"model rows: test-time augmentation {report['tta']} ({tta_words(report['tta'])})")
+    if note := _tta_note(report.get("tta")):
+        notes.append(f"model rows: {note}")
     if report.get("min_object"):
         notes.append(f"model rows: predicted components of a thing class under {float(report['min_object']):.3g} of "
                      "the class's rendered object size take their next most probable class (speck cleanup: "
@@ -131,6 +132,11 @@ def _real_section(real_eval: Path) -> str:
     return "".join(parts)
 
 
+def _tta_note(tta: str | None) -> str:
+    """"test-time augmentation MODE (what it averages)" for a recorded mode; "" for none."""
+    return f"test-time augmentation {tta} ({tta_words(tta)})" if tta and tta != "none" else ""
+
+
 def tta_words(tta: str) -> str:
     """What a test-time augmentation mode (``segfactory evaluate --tta``) averages, in words."""
     return {"flip": "mean of the identity, horizontal, vertical and both flips",
@@ -140,13 +146,13 @@ def tta_words(tta: str) -> str:
 
 
 def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Path, evaluate: Path, predict: Path,
-                 scored_on: str, real_eval: Path | None = None, tta: str = "none") -> Path:
+                 scored_on: str, real_eval: Path | None = None) -> Path:
     """Write the run report: contact sheet, class histogram, loss/mIoU curves, IoU bars, confusion, overlays.
 
     ``scored_on`` says what the evaluation scored (held-out frames or the training data); ``real_eval`` is the
     evaluation dir of the real labeled folders (``eval.real``), reported first, next to the classic baselines;
-    ``pretrain`` is None when fine-tuning started from a random encoder; ``tta`` is the test-time augmentation of
-    the evaluations and predictions (``eval.tta``).
+    ``pretrain`` is None when fine-tuning started from a random encoder. The test-time augmentation of each
+    evaluation and of the predictions is the one their outputs record (``metrics.json``, ``predict.yaml``).
     """
     import tempfile
 
@@ -178,8 +184,8 @@ def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Pat
     miou = [(r["step"], m) for r in ft if (m := _val_miou(r)) is not None]
     sections.append(f"<h2>Fine-tuning</h2>{_img(_curve(loss, 'fine-tuning loss', 'loss'), caption='fine-tuning loss')}"
                     f"{_img(_curve(miou, 'validation mIoU', 'mIoU'), caption='validation mIoU')}")
-    with_tta = f", test-time augmentation {tta} ({tta_words(tta)})" if tta != "none" else ""
     metrics = read_json(evaluate / "metrics.json")
+    with_tta = f", {note}" if (note := _tta_note(metrics.get("tta"))) else ""
     overall = metrics["overall"]
     names = list(metrics["classes"])
     ious = [overall["per_class"][c]["iou"] or 0.0 for c in names]
@@ -189,8 +195,10 @@ def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Pat
                     f"{_img(_bars(names, ious, 'per-class IoU', 'IoU'), caption='per-class IoU')}"
                     + (_img(conf.read_bytes(), width=500, caption="confusion matrix") if conf.is_file() else ""))
     overlays = sorted((predict / "overlays").glob("*.jpg"))
+    recorded = predict / "predict.yaml"
+    pred_note = _tta_note(read_yaml(recorded).get("tta")) if recorded.is_file() else ""
     sections.append("<h2>Predictions on real images</h2>"
-                    + (f"<p>Test-time augmentation {tta} ({html.escape(tta_words(tta))})</p>" if with_tta else "")
+                    + (f"<p>{html.escape(pred_note[0].upper() + pred_note[1:])}</p>" if pred_note else "")
                     + "".join(_img(p.read_bytes(), "image/jpeg", width=256, caption=p.stem) for p in overlays))
     doc = ("<!doctype html><html><head><meta charset='utf-8'><title>segfactory run report</title>"
            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{margin:4px}</style></head><body>"

@@ -213,7 +213,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     scored_on = (f"{read_json(test_set / 'dataset.json')['num_frames']} held-out rendered frames (scenes not used in "
                  "fine-tuning)" if test_set else "the training dataset (test.scenes=0)")
     report = write_report(out / "report.html", dataset, pre_dir if pretrained else None, ft_dir, eval_dir, pred_dir,
-                          scored_on, real_eval=real_dir, tta=tta)
+                          scored_on, real_eval=real_dir)
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,
