@@ -8,7 +8,8 @@ Both render the same scenes and views at the same resolution:
   segfactory's defaults: few adaptive samples + OpenImageDenoise, a 1-sample label pass, PNG shards.
 
 PSNR of every segfactory RGB is taken against the baseline's 1024-sample render of the same view (the
-high-sample reference). Post-processing noise/blur is switched off so the PSNR measures rendering only.
+high-sample reference). Every post-processing effect is switched off (:func:`no_post`), so the PSNR measures
+rendering only.
 Also measured: frames/min through the Dask pipeline with 1 and 2 workers, and the memory of one long shard.
 """
 
@@ -34,9 +35,25 @@ from segfactory.console import console
 from segfactory.formats.imagefile import read_image
 from segfactory.io import atomic_write_json, read_json
 
-NO_POST = {"exposure": [0, 0], "blur_sigma": [0, 0], "noise_std": [0, 0], "poisson_peak": [0, 0], "gamma": [1, 1],
-           "white_balance": [0, 0], "tint": [0, 0], "motion_blur_prob": 0, "chromatic_aberration": [0, 0],
-           "lens_k1": [0, 0]}
+# Post-processing knobs that change a rendered frame, each at its no-effect value: every other knob of
+# ``scenes.randomization.PostKnobs`` is a range (or share) at 0. Built from the model's fields so that a knob added
+# later is switched off too (a family's vignetting once slipped through a hand-written list and darkened the corners).
+_POST_IDENTITY = {"gamma": [1, 1], "camera_bits": 0, "camera_offset": [0, 0]}
+
+
+def no_post() -> dict[str, Any]:
+    """Every post-processing knob at its no-effect value, as a ``scene.randomization.post`` override."""
+    from scenes.randomization import PostKnobs
+
+    out: dict[str, Any] = {}
+    for name, field in PostKnobs.model_fields.items():
+        if name in _POST_IDENTITY:
+            out[name] = _POST_IDENTITY[name]
+        else:
+            out[name] = [0, 0] if isinstance(field.default, tuple) else 0
+    return out
+
+
 # The street family's weather adds fog/haze and a dusk camera's exposure and noise after rendering: off, so that the
 # PSNR measures rendering only (the sun, sky, lamps and wet materials still vary as in a real dataset).
 NO_WEATHER_POST = {"fog_prob": 0, "haze_prob": 0, "haze_density": [0, 0], "dusk_exposure": [0, 0],
@@ -58,7 +75,7 @@ def hardware() -> dict[str, Any]:
 def bench_config(family: str, resolution: int, scenes: int, views: int, **extra: Any) -> RenderJob:
     overrides = [f"scene.family={family}", f"render.resolution={resolution}", f"render.views={views}",
                  f"dataset.scenes={scenes}", f"dataset.scenes_per_shard={scenes}",
-                 f"scene.randomization.post={json.dumps(NO_POST)}"] + [f"{k}={v}" for k, v in extra.items()]
+                 f"scene.randomization.post={json.dumps(no_post())}"] + [f"{k}={v}" for k, v in extra.items()]
     if family == "street":
         overrides += [f"scene.params.environment.{k}={json.dumps(v)}" for k, v in NO_WEATHER_POST.items()]
     from pipelines.render import resolve_render_config
