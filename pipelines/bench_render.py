@@ -115,7 +115,8 @@ def run_segfactory(cfg: RenderJob, work: Path) -> dict[str, Any]:
     return {"frames": frames, "wall_s": wall, "fpm": 60 * frames / wall,
             "split_s": {"startup": wall - t["total_s"] + t["startup_s"], "build": t["sample_s"] + t["build_s"],
                         "render": t["color_s"] + t["labels_s"], "write": t["write_s"]},
-            "rgb": {f["name"]: shard_dir(root, plan.shard_id) / f["files"]["rgb"]["path"] for f in manifest["frames"]}}
+            "rgb": {f["name"]: shard_dir(root, plan.shard_id) / f["files"]["rgb"]["path"] for f in manifest["frames"]},
+            "post": {f["name"]: f["post"] for f in manifest["frames"]}}
 
 
 def run_baseline(cfg: RenderJob, work: Path) -> dict[str, Any]:
@@ -143,8 +144,26 @@ def run_baseline(cfg: RenderJob, work: Path) -> dict[str, Any]:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of ``a`` against ``b`` (same shape and dtype), peak the dtype's maximum (255 for 8 bits)."""
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    peak = float(np.iinfo(a.dtype).max)
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def reference_frame(baseline: np.ndarray, post: dict[str, Any], dtype: np.dtype) -> np.ndarray:
+    """The baseline's render as segfactory delivers a render with every effect off: display-referred frames as
+    they are; linear light (film raw) scaled by the family's ``gain`` into the dataset's bit depth.
+
+    Args:
+        baseline: (H, W) or (H, W, 3) uint8/uint16 frame as the baseline wrote it.
+        post: The segfactory frame's post-processing record (its manifest entry's ``post``).
+        dtype: The segfactory frame's dtype.
+    """
+    from scenes.spec import PostFX
+    from synth.postfx import apply_post
+
+    fx = PostFX(linear=bool(post.get("linear", False)), gain=float(post.get("gain", 1.0)))
+    return apply_post(baseline, fx, np.random.default_rng(0), out_dtype=dtype)
 
 
 def run_pipeline(cfg: RenderJob, out: Path, workers: int) -> dict[str, Any]:
@@ -169,7 +188,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     ours = run_segfactory(cfg, work)
     console.print("naive BlenderProc baseline...")
     base = run_baseline(cfg, work)
-    psnrs = {name: psnr(read_image(ours["rgb"][name]), read_image(base["rgb"][name])) for name in ours["rgb"]}
+    psnrs = {}
+    for name, path in ours["rgb"].items():
+        frame = read_image(path)
+        psnrs[name] = psnr(frame, reference_frame(read_image(base["rgb"][name]), ours["post"][name], frame.dtype))
     result: dict[str, Any] = {
         "family": args.family, "resolution": args.resolution, "scenes": args.scenes, "views": args.views,
         "baseline_fpm": round(base["fpm"], 3), "segfactory_fpm": round(ours["fpm"], 3),

@@ -38,6 +38,11 @@ def main(job_path: str, scene_index: int, scratch: str) -> dict:
     spec = sample_scene(resolve_scene(cfg.scene), scene_rng(cfg.dataset.seed, scene_index), cfg.render.views,
                         cfg.render.resolution)
     SceneBuilder(bproc).build(spec)
+    # BlenderProc loads every colour output as 3 channels, so a grayscale family's one-channel PNG fails to load
+    # (IndexError): the baseline renders RGB and keeps one channel. Linear light (film raw) stays 16-bit.
+    import bpy
+
+    bpy.context.scene.render.image_settings.color_mode = "RGB"
     for index, obj in enumerate(bproc.object.get_all_mesh_objects(), start=1):
         obj.set_cp("category_id", index)
     bproc.renderer.enable_depth_output(activate_antialiasing=False)
@@ -48,7 +53,8 @@ def main(job_path: str, scene_index: int, scratch: str) -> dict:
     t_rendered = time.perf_counter()
     bproc.writer.write_hdf5(str(out / f"baseline_s{scene_index:06d}"), data)
     for v, rgb in enumerate(data["colors"]):
-        cv2.imwrite(str(out / f"baseline_s{scene_index:06d}_v{v:02d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        frame = rgb[..., 0] if spec.grayscale else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(out / f"baseline_s{scene_index:06d}_v{v:02d}.png"), frame)
     t_done = time.perf_counter()
     return {"scene_index": scene_index, "frames": len(data["colors"]), "startup_s": t_start - T_PROCESS,
             "build_s": t_built - t_start, "render_s": t_rendered - t_built, "write_s": t_done - t_rendered}
