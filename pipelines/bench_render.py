@@ -83,6 +83,16 @@ def bench_config(family: str, resolution: int, scenes: int, views: int, **extra:
     return resolve_render_config(load_config(RenderJob, None, overrides))[0]
 
 
+def _run_child(cmd: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a render process; if it fails, raise with the end of its output (the reason is in there, not in the
+    exit status: a Blender child often segfaults in its teardown after a Python error)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"{what} failed (exit status {proc.returncode}); the end of its output:\n{tail}")
+    return proc
+
+
 def _result_line(stdout: str) -> dict[str, Any]:
     line = next(ln for ln in stdout.splitlines() if ln.startswith("SEGFACTORY-RESULT "))
     return json.loads(line.split(" ", 1)[1])
@@ -107,7 +117,7 @@ def run_segfactory(cfg: RenderJob, work: Path) -> dict[str, Any]:
     atomic_write_json(job_path, job)
     t0 = time.perf_counter()
     with render_scratch() as env:
-        subprocess.run([sys.executable, "-m", "synth.worker", str(job_path)], check=True, capture_output=True, env=env)
+        _run_child([sys.executable, "-m", "synth.worker", str(job_path)], "segfactory's render process", env=env)
     wall = time.perf_counter() - t0
     manifest = read_json(shard_dir(root, plan.shard_id) / MANIFEST_FILE)
     t = manifest["timings"]
@@ -130,8 +140,8 @@ def run_baseline(cfg: RenderJob, work: Path) -> dict[str, Any]:
     for scene in range(cfg.dataset.scenes):
         console.print(f"  baseline scene {scene + 1}/{cfg.dataset.scenes} (fresh process, 1024 max samples)...")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "synth.bench_baseline", str(job_path), str(scene)],
-                              check=True, capture_output=True, text=True)
+        proc = _run_child([sys.executable, "-m", "synth.bench_baseline", str(job_path), str(scene)],
+                          f"the baseline's process for scene {scene}")
         wall += time.perf_counter() - t0
         r = _result_line(proc.stdout)
         frames += r["frames"]
