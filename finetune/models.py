@@ -68,12 +68,26 @@ def encoder_module(model: nn.Module) -> nn.Module:
     return model.encoder  # type: ignore[return-value]
 
 
+def check_smp_compatible(meta: dict[str, Any], encoder_dir: str | os.PathLike) -> None:
+    """Stop when an exported encoder cannot be a segmentation-models-pytorch encoder (a plain ViT: its features
+    have a single stride, which smp's decoders cannot use).
+
+    Raises:
+        UserError: ``encoder.json`` says ``"smp_compatible": false``.
+    """
+    if not meta.get("smp_compatible", True):
+        raise UserError(f"encoder '{encoder_dir}' ({meta['timm_name']}) cannot be used by segmentation-models-pytorch "
+                        "(its features have a single stride)", fix="pretrain a CNN backbone (resnet, convnext, "
+                        "efficientnet) for fine-tuning with smp")
+
+
 def check_encoder_fits(meta: dict[str, Any], encoder_dir: Path, encoder: str | None, in_chans: int) -> str:
     """The timm name to build, after checking ``encoder.json`` against the configured encoder and channels.
 
     Raises:
         UserError: another architecture or another channel count than configured.
     """
+    check_smp_compatible(meta, encoder_dir)  # before any other advice: no setting makes smp take it
     if encoder is not None and encoder != meta["timm_name"]:
         raise UserError(f"encoder '{encoder_dir}' is a {meta['timm_name']} but model.encoder={encoder}",
                         fix=f"set model.encoder={meta['timm_name']} (or drop it), or pass an encoder of {encoder}")
@@ -97,10 +111,7 @@ def load_into_smp(smp_model: nn.Module, enc_dir: str | os.PathLike) -> dict[str,
         UserError: if the encoder's architecture or input channels differ from the model's encoder.
     """
     meta, state = load_encoder(enc_dir)
-    if not meta.get("smp_compatible", True):
-        raise UserError(f"encoder '{enc_dir}' ({meta['timm_name']}) cannot be used by segmentation-models-pytorch "
-                        "(its features have a single stride)", fix="pretrain a CNN backbone (resnet, convnext, "
-                        "efficientnet) for fine-tuning with smp")
+    check_smp_compatible(meta, enc_dir)
     target = getattr(getattr(smp_model, "encoder", None), "model", None)
     if not isinstance(target, nn.Module):
         raise UserError(f"the model ({type(smp_model).__name__}) has no timm universal encoder (.encoder.model)",

@@ -45,6 +45,26 @@ def resolve_source(src: str) -> str:
     return src
 
 
+def check_sources(sources: list[str]) -> list[str]:
+    """Resolve every source (materializing ``sample:`` sets) and stop on one that does not exist, before any
+    work: a pipeline that ingests after rendering checks its sources first.
+
+    Returns:
+        The resolved sources.
+
+    Raises:
+        UserError: no source, an unknown sample set, or a path that does not exist.
+    """
+    from pretrain.ingest import check_source_exists
+
+    if not sources:
+        raise UserError("no image source to ingest", fix="name a folder, glob, list file or sample:NAME/unlabeled")
+    resolved = [resolve_source(s) for s in sources]
+    for src in resolved:
+        check_source_exists(src)
+    return resolved
+
+
 def ingest_sources(sources: list[str], out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str, Any]:
     """Ingest several sources, in order, into one image set (each run of :func:`run_ingest` is incremental).
 
@@ -52,9 +72,7 @@ def ingest_sources(sources: list[str], out_dir: str | os.PathLike, cfg: IngestJo
         The summary of the last run (its totals and ``data_hash`` cover every source), with ``new_images`` and
         ``new_rejected`` summed over the sources and ``sources`` the resolved paths.
     """
-    if not sources:
-        raise UserError("no image source to ingest", fix="name a folder, glob, list file or sample:NAME/unlabeled")
-    resolved = [resolve_source(s) for s in sources]
+    resolved = check_sources(sources)
     summary: dict[str, Any] = {}
     new_images = new_rejected = 0
     for src in resolved:

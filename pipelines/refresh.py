@@ -286,6 +286,10 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     root = Path(root).resolve()
     if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
         real_eval_data(cfg.train.promotion.real_eval)  # a folder that is not there fails now, not after training
+    if cfg.real.sources():
+        from pipelines.ingest import check_sources
+
+        check_sources(cfg.real.sources())  # a missing source fails now, not after rendering
     with refresh_lock(root):
         t0 = time.perf_counter()
         render_cfg, config_hash = resolve_render_config(cfg.render)

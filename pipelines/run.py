@@ -105,7 +105,7 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from pipelines.ingest import IngestJob, ingest_sources
+    from pipelines.ingest import IngestJob, check_sources, ingest_sources
     from pipelines.render import resolve_render_config, run_render
     from pipelines.report import write_report
 
@@ -122,6 +122,10 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     reports = out / "reports"
     run_id = time.strftime("%Y%m%dT%H%M%S")
     real_eval = _real_eval_folders(cfg.eval)  # bad folders and names stop here, before any work
+    if not cfg.real.sources():
+        raise UserError("run: real.src is empty; pretraining needs unlabeled real images",
+                        fix=f"set real.src=DIR (or real.src={SKIMAGE_DATA} for scikit-image's sample photos)")
+    check_sources(cfg.real.sources())  # a missing folder stops here, not after rendering
     if cfg.init == "ssl":
         check_encoder_matches(cfg.pretrain, cfg.finetune, "",
                               " (or init=random: fine-tuning from random init, no pretrain stage)")
@@ -149,9 +153,6 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # ingest: incremental by itself (only new files); its data hash keys pretraining. One directory per source and
     # normalization, so a changed source or normalization starts a new image set instead of mixing into the old.
     t_stage = time.perf_counter()
-    if not cfg.real.sources():
-        raise UserError("run: real.src is empty; pretraining needs unlabeled real images",
-                        fix=f"set real.src=DIR (or real.src={SKIMAGE_DATA} for scikit-image's sample photos)")
     ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
     images = ingest_stage_dir(out, cfg.real)
     ing = ingest_sources(cfg.real.sources(), images, ingest_cfg)

@@ -96,12 +96,19 @@ def check_encoder_matches(pretrain: PretrainConfig, finetune: FinetuneConfig, pr
     ``"train."``).
 
     Raises:
-        UserError: ``finetune.model.encoder`` is set and is not ``pretrain.backbone.name``'s architecture.
+        UserError: ``finetune.model.encoder`` is set and is not ``pretrain.backbone.name``'s architecture, or the
+            backbone is one that fine-tuning cannot use (a plain ViT).
     """
     from pretrain.backbones import BACKBONES
 
     want, name = finetune.model.encoder, pretrain.backbone.name
-    got = BACKBONES.get(name).timm_name
+    spec = BACKBONES.get(name)
+    got = spec.timm_name
+    if not spec.smp_compatible:
+        cnns = ", ".join(n for n in BACKBONES if BACKBONES.get(n).smp_compatible and not BACKBONES.get(n).tiny)
+        raise UserError(f"{prefix}pretrain.backbone.name={name} is a plain ViT, which fine-tuning cannot start from "
+                        "(segmentation-models-pytorch needs features at several strides)",
+                        fix=f"set {prefix}pretrain.backbone.name to a CNN ({cnns}){fix_more}")
     if want is not None and want != got:
         raise UserError(f"{prefix}finetune.model.encoder={want} but {prefix}pretrain.backbone.name={name} trains a "
                         f"{got}: fine-tuning starts from the pretrained encoder, so both must be one architecture",

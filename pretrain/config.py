@@ -14,7 +14,7 @@ from pydantic import (
 )
 
 from pretrain.backbones import BACKBONES
-from pretrain.init import init_sha256
+from pretrain.init import init_sha256, resolve_init
 from pretrain.methods import METHODS, options_model
 from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults, validate_section
 from segfactory.tracking import TrackingConfig
@@ -137,14 +137,19 @@ class BackboneConfig(StrictModel):
         "resnet18", description="registered backbone (`segfactory pretrain --help` lists them)")
     in_chans: Literal["auto", 1, 3] = Field("auto", description="auto: 1 if every ingested image is gray, else 3")
     init: str | None = Field(None, description="continue pretraining from these weights: a timm checkpoint "
-                             "(.pth/.pt/.bin state dict, .safetensors) of backbone.name's architecture, or an "
-                             "encoder directory of an earlier `segfactory pretrain`; loaded strictly (heads are "
-                             "dropped and reported). null: random init. Unlike --resume, optimizer and step start "
-                             "afresh")
+                             "(.pth/.pt/.bin state dict, .safetensors) of backbone.name's architecture, or the "
+                             "encoder directory (or run directory) of an earlier `segfactory pretrain`; loaded "
+                             "strictly (heads are dropped and reported). null: random init. Unlike --resume, "
+                             "optimizer and step start afresh")
     init_sha256: str | None = Field(None, validate_default=True,
                                     description="sha256 of backbone.init's weights, filled in when the config is "
                                     "resolved (so stage keys change with the file); a file that no longer matches "
                                     "is an error")
+
+    @field_validator("init")
+    @classmethod
+    def _init_weights(cls, v: str | None) -> str | None:
+        return None if v is None else resolve_init(v)  # ValueError naming backbone.init
 
     @field_validator("init_sha256")
     @classmethod

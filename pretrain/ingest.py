@@ -274,8 +274,9 @@ def _discover(src: str, extensions: list[str] | None, follow_symlinks: str, max_
     elif p.is_file():
         files, what = [_stat_file(os.path.abspath(p))], f"file '{p}'"
     else:
-        raise UserError(f"source '{src}' does not exist", fix="pass a folder, a glob like 'dump/**/*.jpg' "
-                        "(quoted), or a .txt file with one path per line")
+        check_source_exists(src)
+        raise UserError(f"source '{src}' is not a folder, a file or a glob", fix="pass a folder, a glob like "
+                        "'dump/**/*.jpg' (quoted), or a .txt file with one path per line")
     if extensions is not None:
         files = [f for f in files if _suffix(f.path) in extensions]
     if not files:
@@ -283,6 +284,18 @@ def _discover(src: str, extensions: list[str] | None, follow_symlinks: str, max_
         raise UserError(f"no files{filt} found in {what}", fix="check the path (an empty dump has nothing to ingest)")
     files.sort(key=_path_of)
     return Discovery(files, skipped)
+
+
+def check_source_exists(src: str) -> None:
+    """Stop with one line when ``src`` (a folder, file or list file; a glob counts as there until it is listed)
+    does not exist.
+
+    Raises:
+        UserError: naming the source.
+    """
+    if not any(ch in src for ch in "*?[") and not Path(src).expanduser().exists():
+        raise UserError(f"source '{src}' does not exist", fix="pass a folder, a glob like 'dump/**/*.jpg' "
+                        "(quoted), or a .txt file with one path per line")
 
 
 def _path_of(f: SourceFile) -> str:

@@ -66,6 +66,26 @@ def _modules(keys: list[str]) -> list[str]:
     return sorted({k.split(".")[0] + "." for k in keys})
 
 
+def resolve_init(path: str) -> str:
+    """``backbone.init`` as the weights to read: a file, or an encoder directory; the run directory of an earlier
+    `segfactory pretrain` stands for its ``encoder/`` (as ``finetune --encoder`` accepts it).
+
+    Raises:
+        ValueError: naming the path when it is none of those.
+    """
+    from segfactory.formats.encoder import WEIGHTS_FILE
+
+    p = Path(path)
+    if p.is_dir() and not (p / WEIGHTS_FILE).is_file() and (p / "encoder" / WEIGHTS_FILE).is_file():
+        return str(p / "encoder")
+    if p.is_dir() and not (p / WEIGHTS_FILE).is_file():
+        raise ValueError(f"backbone.init '{path}' is a directory without {WEIGHTS_FILE} (not an encoder "
+                         "directory or run directory written by `segfactory pretrain`)")
+    if not p.exists():
+        raise ValueError(f"backbone.init '{path}' does not exist")
+    return path
+
+
 def init_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of ``backbone.init``'s weights (an encoder directory: its ``encoder.safetensors``).
 

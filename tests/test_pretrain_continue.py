@@ -126,6 +126,21 @@ def test_config_pins_the_file_hash(tmp_path: Path) -> None:
         cfg(f"backbone.init={tmp_path / 'nope.pth'}")
 
 
+def test_a_bad_init_path_names_backbone_init_and_a_run_directory_stands_for_its_encoder(tmp_path: Path) -> None:
+    """The error names the field the user set (not backbone.init_sha256, which is filled in from it); the run
+    directory of an earlier `segfactory pretrain` resolves to its encoder/, as `finetune --encoder` accepts it."""
+    for bad, said in ((tmp_path / "nope.pth", "does not exist"), (tmp_path, "directory without")):
+        with pytest.raises(UserError) as e:
+            cfg(f"backbone.init={bad}")
+        assert said in str(e.value) and "backbone.init=" in str(e.value) and "init_sha256" not in str(e.value)
+    run = tmp_path / "run"
+    (run / "encoder").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in timm_model("test_resnet").state_dict().items()},
+              run / "encoder" / "encoder.safetensors")
+    c = cfg(f"backbone.init={run}")
+    assert c.backbone.init == str(run / "encoder") and c.backbone.init_sha256 and len(c.backbone.init_sha256) == 64
+
+
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino"])
 def test_training_starts_from_the_checkpoint_and_exports_for_finetuning(
         tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:

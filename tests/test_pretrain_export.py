@@ -87,3 +87,24 @@ def test_wrong_architecture_and_corrupt_files_are_user_errors(tmp_path: Path) ->
     (d / "encoder.json").unlink()
     with pytest.raises(UserError, match=r"encoder\.json is missing"):
         load_encoder(d)
+
+
+def test_a_vit_encoder_is_refused_before_any_model_is_built(tmp_path: Path) -> None:
+    """`finetune --encoder VIT_DIR` (with or without model.encoder set to the ViT, as the mismatch message once
+    advised) and `run` with a ViT pretrain backbone stop with the one line above, not smp's traceback from
+    building a U-Net on a single-stride encoder."""
+    from finetune.config import FinetuneConfig
+    from finetune.models import check_encoder_fits
+    from pipelines.stages import check_encoder_matches
+    from pretrain.config import PretrainConfig
+
+    d = export("test_vit", 3, tmp_path / "vit")
+    meta, _ = load_encoder(d)
+    for configured in (None, "test_vit", "test_resnet"):
+        with pytest.raises(UserError, match="cannot be used by segmentation-models-pytorch"):
+            check_encoder_fits(meta, d, configured, 3)
+    pre = PretrainConfig.model_validate({"backbone": {"name": "test_vit"}})
+    for encoder in (None, "test_vit"):
+        with pytest.raises(UserError, match=r"pretrain.backbone.name=test_vit is a plain ViT.*fix: set "
+                                            r"pretrain.backbone.name to a CNN \(.*resnet18"):
+            check_encoder_matches(pre, FinetuneConfig.model_validate({"model": {"encoder": encoder}}), "")

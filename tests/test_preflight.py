@@ -1,0 +1,37 @@
+"""``segfactory run`` and ``refresh`` stop before any work on inputs that cannot work: nothing rendered, nothing
+trained, one line naming the field and the fix (exit code 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import CONFIGS
+
+from segfactory.cli import main
+
+
+def test_run_with_a_missing_real_source_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), f"real.src={tmp_path / 'nope'}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"source '{tmp_path / 'nope'}' does not exist" in err and "fix:" in err
+    assert not list(out.glob("stages/*-*"))  # no render, test set or ingest stage
+
+
+def test_refresh_with_a_missing_real_source_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "r"
+    assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root),
+                 f"real.src={tmp_path / 'nope'}"]) == 2
+    assert f"source '{tmp_path / 'nope'}' does not exist" in " ".join(capsys.readouterr().err.split())
+    assert not (root / "datasets").exists()
+
+
+def test_run_with_a_vit_pretrain_backbone_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    """Fine-tuning cannot start from a plain ViT (smp needs several strides): said before rendering and
+    pretraining, not as a fine-tune stage that fails twice afterwards."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "init=ssl",
+                 "pretrain.backbone.name=test_vit", "finetune.model.encoder=test_vit"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pretrain.backbone.name=test_vit is a plain ViT" in err and "init=random" in err
+    assert not list(out.glob("stages/*-*"))
