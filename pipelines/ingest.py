@@ -152,6 +152,29 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str
         return _ingest_locked(src, out, cfg, t0)
 
 
+def _images_of_labeled_folder(src: str) -> str:
+    """A labeled folder (``images/`` + ``masks/``, e.g. ``sample:NAME/eval``) as a source: its ``images/`` only,
+    said once; its class masks and instance maps are not images to learn from. Anything else as given."""
+    from segfactory.formats.labeled import is_labeled_folder
+
+    p = Path(src).expanduser()
+    if p.is_dir() and is_labeled_folder(p) and (p / "masks").is_dir():
+        console.print(f"'{src}' is a labeled folder: ingesting its images/ only (not its masks/ or instances/)")
+        return str(p / "images")
+    return src
+
+
+def _outside_of(files: list[core.SourceFile], out: Path) -> list[core.SourceFile]:
+    """``files`` without those inside the output folder ``out`` (an ``--out`` inside the source would otherwise
+    ingest the store's own packs on every later run); string prefixes only, no system call per file."""
+    prefixes = tuple({os.path.join(os.path.abspath(out), ""), os.path.join(os.path.realpath(out), "")})
+    kept = [f for f in files if not f.path.startswith(prefixes)]
+    if len(kept) < len(files):
+        console.print(f"skipped {len(files) - len(kept)} file(s) inside the output folder '{out}' (this ingest's "
+                      "own store)")
+    return kept
+
+
 def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, Any]:
     phases = _Phases()
     check_normalization_unchanged(out, cfg)
@@ -160,9 +183,11 @@ def _ingest_locked(src: str, out: Path, cfg: IngestJob, t0: float) -> dict[str, 
         console.print(f"removed {len(leftovers)} interrupted shard(s) of an earlier run")
     check_plugins(cfg.decode.plugins)
     phases.lap("prepare")
+    src = _images_of_labeled_folder(src)
     found = core.discover(src, cfg.extensions, cfg.follow_symlinks, cfg.max_files, cfg.walk_timeout_s)
     files, skipped_links = found.files, found.skipped_links
     del found
+    files = _outside_of(files, out)
     phases.lap("discover")
     if skipped_links:
         path, why = skipped_links[0]

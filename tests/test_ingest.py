@@ -161,6 +161,27 @@ def test_incremental_reingest_only_takes_new_files(dump: Path, tmp_path: Path) -
     assert len(open_images(out).entries) == 10
 
 
+def test_an_out_inside_the_source_and_a_labeled_folder_ingest_only_the_images(tmp_path: Path) -> None:
+    """An ``--out`` inside the source folder is not ingested back (its packs are recognised as images by their
+    content, so every later run added the last one); a labeled folder gives its images/, not its masks."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("astronaut.png", "camera.png"):
+        shutil.copy(SK / name, src / name)
+    first = run_ingest(str(src), src / "ingested", cfg())
+    assert first["new_images"] == 2 and first["files_seen"] == 2
+    again = run_ingest(str(src), src / "ingested", cfg())
+    assert again["files_seen"] == 2 and again["new_files"] == 0 and again["total_images"] == 2
+    labeled = tmp_path / "labeled"
+    (labeled / "images").mkdir(parents=True)
+    (labeled / "masks").mkdir()
+    shutil.copy(SK / "coins.png", labeled / "images" / "coins.png")
+    cv2.imwrite(str(labeled / "masks" / "coins.png"), np.zeros((303, 384), np.uint8))
+    (labeled / "classes.json").write_text(json.dumps([{"id": 0, "name": "background"}]))
+    s = run_ingest(str(labeled), tmp_path / "from_labeled", cfg())
+    assert s["files_seen"] == 1 and s["new_images"] == 1 and s["source"] == str(labeled / "images")
+
+
 def test_changed_normalization_is_refused(ingested: tuple[Path, dict], dump: Path) -> None:
     out, _ = ingested
     with pytest.raises(UserError, match=r"normalize\.max_short_side=256"):
