@@ -782,9 +782,10 @@ def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: fl
     held = g.get("scene_range")
     window = f", window {g['window']}" if g.get("window") else ""
     holds = f" (scenes {_ranges([held])}{window})" if held else ""
+    versus = (f"vs the previous release {added} shard(s) added{_scenes_note(g, 'added')}, {retired} retired"
+              f"{_scenes_note(g, 'retired')}" if d.get("previous") else "the first release")
     console.print(f"release {release['release']}: {len(release['shards'])} shard(s){holds}, {release['num_frames']} "
-                  f"frames ({release['render']['shards_rendered']} shard(s) rendered; vs the previous release "
-                  f"{added} shard(s) added{_scenes_note(g, 'added')}, {retired} retired{_scenes_note(g, 'retired')}),"
+                  f"frames ({release['render']['shards_rendered']} shard(s) rendered; {versus}),"
                   f" inputs changed: "
                   f"{'yes' if release['inputs_changed'] else 'no'}; pruned {pruned['releases']} release(s), "
                   f"{pruned['shards']} shard(s), {pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)

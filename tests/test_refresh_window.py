@@ -207,3 +207,18 @@ def test_three_windowed_refreshes_retire_and_prune_the_oldest_shards(tmp_path: P
     assert read_json(ds / "dataset.json") == listing
     assert "pruned 1 release(s), 0 shard(s)" in out5
     assert run_verify(root).problems == {}
+
+
+def test_the_first_release_says_so_instead_of_comparing_with_no_previous_one(capsys) -> None:
+    from pipelines.refresh import release_summary
+
+    release = {"release": "000001-x", "shards": [{"id": "a"}, {"id": "b"}], "num_frames": 4, "inputs_changed": True,
+               "render": {"shards_rendered": 2}, "drift": {"previous": None},
+               "growth": {"shards_added": ["a", "b"], "shards_retired": []}}
+    pruned = {"releases": 0, "shards": 0, "datasets": 0}
+    release_summary(release, pruned, 1.0)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "the first release" in said and "previous release" not in said
+    release_summary({**release, "drift": {"previous": "000000-w", "class_shares": [],
+                                          "instance_hist_total_variation": None}}, pruned, 1.0)
+    assert "vs the previous release 2 shard(s) added" in " ".join(capsys.readouterr().err.split())
