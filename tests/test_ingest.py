@@ -182,6 +182,15 @@ def test_an_out_inside_the_source_and_a_labeled_folder_ingest_only_the_images(tm
     assert s["files_seen"] == 1 and s["new_images"] == 1 and s["source"] == str(labeled / "images")
 
 
+def test_an_out_that_is_a_rendered_dataset_is_refused(tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "dataset.json").write_text("{}")
+    with pytest.raises(UserError, match="is a rendered dataset"):
+        run_ingest(str(SK / "camera.png"), ds, cfg())
+    assert sorted(p.name for p in ds.iterdir()) == ["dataset.json"]
+
+
 def test_changed_normalization_is_refused(ingested: tuple[Path, dict], dump: Path) -> None:
     out, _ = ingested
     with pytest.raises(UserError, match=r"normalize\.max_short_side=256"):
