@@ -483,11 +483,13 @@ class SelfTraining:
                                 "synthetic labels touch the frame border, so their size is unknown",
                                 fix="render at a higher resolution (render.resolution) or set input.scale to "
                                     "a number")
+            in_labels = report["synthetic_median_px"] is None
             raise UserError(f"input.scale=auto: no objects of the thing classes ({things}) were found "
-                            + ("in the synthetic labels" if report["synthetic_median_px"] is None
+                            + ("in the synthetic labels" if in_labels
                                else "in the model's predictions on the unlabeled images"),
                             fix="set input.scale to a number (the ratio of object sizes, real to rendered, "
-                                "inverted), or train longer before the estimate (adapt.warmup_steps)")
+                                "inverted)" + (", or render scenes that hold objects of those classes" if in_labels
+                                               else ", or train longer before the estimate (adapt.warmup_steps)"))
         self.input_spec["scale"] = float(report["scale"])
         self.input_spec["object_px"] = float(report["object_px"])
         self.input_spec["object_classes"] = [int(k) for k in self.thing_ids]
