@@ -189,11 +189,11 @@ def hog_people(img: np.ndarray, polarity: str = "auto") -> np.ndarray:
     return person_boxes((img.shape[0], img.shape[1]), hog_boxes(img)[0])
 
 
-def parse_baselines(value: str | list[str] | None) -> list[str]:
+def parse_baselines(value: str | list[str] | None, where: str = "--baselines") -> list[str]:
     """Baseline names from ``--baselines`` (comma-separated names, ``all`` or ``none``) or a list; ``None`` = all.
 
     ``all`` is the default set (:func:`default_baselines`); opt-in baselines (:data:`OPT_IN`) run only when named,
-    alone or next to ``all`` (``all,hog_people``).
+    alone or next to ``all`` (``all,hog_people``). ``where`` is the option or config field an error names.
 
     Raises:
         UserError: an unknown name, with the closest registered one.
@@ -207,7 +207,7 @@ def parse_baselines(value: str | list[str] | None) -> list[str]:
     out: list[str] = []
     for name in items:
         if name not in BASELINES and name != "all":
-            raise UserError(f"--baselines: {BASELINES.unknown_message(name)}",
+            raise UserError(f"{where}: {BASELINES.unknown_message(name)}",
                             fix=f"use a comma-separated list of: {', '.join(baseline_names())} (or all, none; "
                                 f"all = {', '.join(default_baselines())})")
         out.extend(n for n in (default_baselines() if name == "all" else [name]) if n not in out)

@@ -248,7 +248,7 @@ def _real_eval_folders(settings: RealEvalSettings) -> dict[str, Path]:
     from finetune.data.sources import check_kind
     from segfactory.sampledata import is_sample_ref, resolve_path
 
-    parse_baselines(settings.baselines)
+    parse_baselines(settings.baselines, "eval.baselines")
     folders: dict[str, Path] = {}
     for i, entry in enumerate(settings.real):
         path = resolve_path(entry).resolve()

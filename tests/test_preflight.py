@@ -35,3 +35,11 @@ def test_run_with_a_vit_pretrain_backbone_stops_before_rendering(tmp_path: Path,
     err = " ".join(capsys.readouterr().err.split())
     assert "pretrain.backbone.name=test_vit is a plain ViT" in err and "init=random" in err
     assert not list(out.glob("stages/*-*"))
+
+
+def test_a_run_config_typo_in_eval_baselines_names_the_config_field(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "eval.baselines=otsuu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "eval.baselines: unknown baseline 'otsuu'; did you mean 'otsu'?" in err and "--baselines" not in err
+    assert not list(out.glob("stages/*-*"))
