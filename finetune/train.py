@@ -186,6 +186,9 @@ class Trainer:
         if self.ckpt_path.exists() and not resume:
             raise UserError(f"'{self.out}' already holds a training run ({CHECKPOINT_FILE})",
                             fix="pass --resume to continue it, or choose another --out")
+        if resume and not self.ckpt_path.exists():
+            # a pipeline's retry resumes a stage that may have failed before its first checkpoint: not an error
+            console.print(f"note: --resume: '{self.out}' holds no {CHECKPOINT_FILE} yet; starting at step 0")
         if resume and self.ckpt_path.exists():
             self._check_resume_config()
             self.resume_state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)

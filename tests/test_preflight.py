@@ -43,3 +43,14 @@ def test_a_run_config_typo_in_eval_baselines_names_the_config_field(tmp_path: Pa
     err = " ".join(capsys.readouterr().err.split())
     assert "eval.baselines: unknown baseline 'otsuu'; did you mean 'otsu'?" in err and "--baselines" not in err
     assert not list(out.glob("stages/*-*"))
+
+
+def test_finetune_resume_without_a_checkpoint_says_it_starts_at_step_0(tiny_dataset: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    """A pipeline's retry resumes a stage that may have died before its first checkpoint, so this is not an
+    error; a user who typed the wrong --out is told."""
+    from finetune.train import Trainer
+    from tests.test_finetune_train import tiny_cfg
+
+    Trainer(tiny_cfg(tiny_dataset), tmp_path / "fresh", show_progress=False).prepare(resume=True)
+    assert "holds no checkpoint.pt yet; starting at step 0" in " ".join(capsys.readouterr().err.split())
