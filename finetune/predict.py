@@ -443,6 +443,25 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
+# The folders predict writes images into, relative to --out: masks, instance masks, overlays.
+OUTPUT_IMAGE_DIRS = (".", "instances", "overlays")
+
+
+def check_input_not_output(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse an ``--input`` folder predict writes images into (``OUT``, ``OUT/instances``, ``OUT/overlays``):
+    a mask or overlay could replace an input image of the same name.
+
+    Raises:
+        UserError: naming both folders.
+    """
+    src, out = Path(input_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    for sub in OUTPUT_IMAGE_DIRS:
+        if src == (out / sub).resolve():
+            where = "is --out" if sub == "." else f"is --out's {sub}/ (predict writes there)"
+            raise UserError(f"--input '{input_dir}' {where}: the masks would replace the input images",
+                            fix="pass another --out, e.g. a new folder next to the images")
+
+
 def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 device: str = "auto", tile: int | None = None, overlap: int | None = None,
                 batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
@@ -466,6 +485,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
         ``scales`` (each image's, also in ``scales.json``).
 
     Raises:
+        UserError: a bad setting, or ``input_dir`` is a folder predict writes into (:func:`check_input_not_output`).
         PartialFailure: some images could not be read (the rest are written).
     """
     from finetune.instances import require_head
@@ -475,6 +495,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     if instances not in ("auto", "on", "off"):
         raise UserError(f"instances='{instances}' is not auto, on or off", fix="pass --instances auto|on|off")
+    check_input_not_output(input_dir, out_dir)
     meta0 = read_model_meta(model_dir)
     if instances == "on":
         require_head(meta0, model_dir)

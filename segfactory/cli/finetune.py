@@ -242,7 +242,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
                             description="Fine-tune a segmentation model. --synthetic/--real replace the paths of "
                                         "the config's data entries in order (keeping their weights and remaps).")
     p.add_argument("config", help="YAML config (e.g. configs/finetune.yaml)")
-    p.add_argument("--out", required=True, type=out_dir("--out"), help="run directory")
+    p.add_argument("--out", required=True, type=out_dir("--out", run=True), help="run directory")
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
     p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
     p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json), "
@@ -280,7 +280,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
                         "repeatable, reported per source and per kind")
-    e.add_argument("--out", type=out_dir("--out"), help="report directory (default MODEL_DIR/eval)")
+    e.add_argument("--out", type=out_dir("--out", run=True), help="report directory (default MODEL_DIR/eval)")
     e.add_argument("--remap", action="append", metavar="SRC=DST", help="map a data class onto a model class "
                    "(or 'ignore'); repeatable")
     e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
@@ -298,7 +298,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
     r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB")
-    r.add_argument("--out", required=True, type=out_dir("--out"), metavar="DIR",
+    r.add_argument("--out", required=True, type=out_dir("--out", run=True), metavar="DIR",
                    help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
     r.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
@@ -309,7 +309,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     x = commands.add_parser("export", help="self-contained model dir and/or ONNX (parity-checked)")
     x.add_argument("--model", required=True, metavar="MODEL_DIR")
-    x.add_argument("--out", type=out_dir("--out"), metavar="DIR",
+    x.add_argument("--out", type=out_dir("--out", run=True), metavar="DIR",
                    help="write a copy of the model dir here (ONNX goes inside it)")
     x.add_argument("--onnx", action="store_true", help="write model.onnx and check it under onnxruntime")
     x.add_argument("--opset", type=int, default=17)

@@ -1,0 +1,83 @@
+"""User-mistake guards of the fine-tuning commands (predict, evaluate, export, finetune, pretrain), run in-process
+through :func:`segfactory.cli.main` on a tiny model trained from the NumPy dataset (no Blender): each mistake is
+one error line naming the option and exit code 2, and nothing is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONFIGS
+from PIL import Image
+
+from segfactory.cli import main
+from segfactory.errors import EXIT_USER
+
+TINY = CONFIGS / "finetune_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "run"
+    assert main(["finetune", str(TINY), "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "2",
+                 "train.val_every=1000"]) == 0
+    return out / "model"
+
+
+def images(folder: Path, n: int = 2) -> dict[str, bytes]:
+    """``n`` random 64 px gray PNGs in ``folder``; their bytes by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def error_line(err: str) -> str:
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+# ---------------------------------------------------------------------------------------- outputs vs inputs
+def test_predict_refuses_an_out_that_would_replace_its_inputs(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    inp = tmp_path / "inp"
+    before = images(inp)
+    for out in (inp, inp / ".." / "inp", inp.parent):  # the same folder, spelled differently; its parent is fine
+        rc = main(["predict", "--model", str(tiny_model), "--input", str(inp), "--out", str(out)])
+        if out == inp.parent:
+            assert rc == 0
+            break
+        assert rc == EXIT_USER
+        assert "--input" in error_line(capsys.readouterr().err)
+        assert {p.name: p.read_bytes() for p in inp.iterdir()} == before  # nothing replaced, nothing added
+    # the overlays/ (or instances/) of an --out is refused as well: predict writes there
+    rc = main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "overlays"), "--out", str(tmp_path)])
+    assert rc == EXIT_USER and "overlays/" in error_line(capsys.readouterr().err)
+    # predicting again into one's own output still works
+    assert main(["predict", "--model", str(tiny_model), "--input", str(inp), "--out", str(tmp_path / "p")]) == 0
+    assert main(["predict", "--model", str(tiny_model), "--input", str(inp), "--out", str(tmp_path / "p")]) == 0
+
+
+def test_run_outputs_refuse_a_dataset_or_an_ingest_store(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    dataset, store = tmp_path / "ds", tmp_path / "store"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text("{}\n")
+    (store / "shards" / "a-0").mkdir(parents=True)
+    (store / "shards" / "a-0" / "images.bin").write_bytes(b"")
+    (store / "config.yaml").write_text("keep: me\n")
+    inp = tmp_path / "inp"
+    images(inp, 1)
+    commands = [["finetune", str(TINY), "--synthetic", str(tiny_model), "--steps", "1"],
+                ["pretrain", str(CONFIGS / "pretrain.yaml"), "--images", str(store)],
+                ["evaluate", "--model", str(tiny_model), "--data", str(dataset)],
+                ["predict", "--model", str(tiny_model), "--input", str(inp)],
+                ["export", "--model", str(tiny_model)]]
+    for target, kind in ((dataset, "a rendered dataset"), (store, "an ingest store")):
+        for cmd in commands:
+            assert main([*cmd, "--out", str(target)]) == EXIT_USER, cmd
+            line = error_line(capsys.readouterr().err)
+            assert f"--out '{target}' holds {kind}" in line, line
+    assert sorted(p.name for p in dataset.iterdir()) == ["dataset.json"]
+    assert sorted(p.name for p in store.iterdir()) == ["config.yaml", "shards"]
+    assert (store / "config.yaml").read_text() == "keep: me\n"
