@@ -262,14 +262,17 @@ def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | No
             the batch size is below 1.
     """
     pdef = meta.get("predict", {})
-    tile = int(tile or pdef.get("tile", 512))
+    # A value given (0 included) is checked, never replaced by the default: it is what predict.yaml records.
+    bs_name = "--batch-size" if batch_size is not None else "model.json predict.batch_size"
+    tile = int(pdef.get("tile", 512) if tile is None else tile)
     overlap = int(overlap if overlap is not None else pdef.get("overlap", 64))
-    batch_size = int(batch_size or pdef.get("batch_size", 4))
+    batch_size = int(pdef.get("batch_size", 4) if batch_size is None else batch_size)
     if tile <= 0 or tile % SIZE_DIVISOR or not 0 <= overlap < tile // 2:
-        raise UserError(f"tile={tile}, overlap={overlap}: the tile must be a positive multiple of {SIZE_DIVISOR} "
-                        "and the overlap at least 0 and below half of it", fix="e.g. --tile 512 --overlap 64")
+        raise UserError(f"--tile {tile}, --overlap {overlap}: the tile must be a positive multiple of "
+                        f"{SIZE_DIVISOR} and the overlap at least 0 and below half of it",
+                        fix="e.g. --tile 512 --overlap 64")
     if batch_size < 1:
-        raise UserError(f"batch size {batch_size} is below 1", fix="e.g. --batch-size 4")
+        raise UserError(f"{bs_name} {batch_size} is below 1", fix="e.g. --batch-size 4")
     return tile, overlap, batch_size
 
 

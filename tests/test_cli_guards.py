@@ -81,3 +81,19 @@ def test_run_outputs_refuse_a_dataset_or_an_ingest_store(tiny_model: Path, tmp_p
     assert sorted(p.name for p in dataset.iterdir()) == ["dataset.json"]
     assert sorted(p.name for p in store.iterdir()) == ["config.yaml", "shards"]
     assert (store / "config.yaml").read_text() == "keep: me\n"
+
+
+# ---------------------------------------------------------------------------------------- inference settings
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--batch-size", "-2"], ["--tile", "0"],
+                                   ["--tile", "0", "--batch-size", "0"]])
+def test_zero_or_negative_tile_or_batch_size_is_refused(tiny_model: Path, tiny_dataset: Path, tmp_path: Path,
+                                                        capsys, flags: list[str]) -> None:
+    """A 0 used to fall back to model.json's value while predict.yaml/evaluate.yaml recorded 0."""
+    inp = tmp_path / "inp"
+    images(inp, 1)
+    flag = flags[0]
+    for cmd in (["predict", "--model", str(tiny_model), "--input", str(inp), "--out", str(tmp_path / "p")],
+                ["evaluate", "--model", str(tiny_model), "--data", str(tiny_dataset), "--out", str(tmp_path / "e")]):
+        assert main([*cmd, *flags]) == EXIT_USER, cmd
+        assert f"{flag} {flags[1]}" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
