@@ -489,7 +489,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     Raises:
         UserError: a bad setting, or ``input_dir`` is a folder predict writes into (:func:`check_input_not_output`).
-        PartialFailure: some images could not be read (the rest are written).
+        PartialFailure: some images could not be read (the rest are written); its ``summary`` is this summary
+            plus ``failures`` (why, by file name).
     """
     from finetune.instances import require_head
     from finetune.models import load_model_dir
@@ -579,5 +580,6 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
         summary["instances"] = {"objects": len(coco_anns), "coco": str(out / "instances.json"),
                                 "method": meta["instances"]["method"]}
     if failures:
-        raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures)
+        summary["failures"] = failures
+        raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures, summary)
     return summary

@@ -14,7 +14,7 @@ from typing import Any
 
 from segfactory.cli.args import out_dir
 from segfactory.cli.lazyhelp import Names
-from segfactory.errors import UserError
+from segfactory.errors import PartialFailure, UserError
 
 
 def _archs() -> list[str]:
@@ -177,16 +177,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from segfactory.console import console
 
     _resolve_model(args)
-    summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
-                          overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
-                          tta=args.tta, scale=args.scale, instances=args.instances,
-                          min_object=args.min_object)
+    failed: PartialFailure | None = None
+    try:
+        summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
+                              overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
+                              tta=args.tta, scale=args.scale, instances=args.instances,
+                              min_object=args.min_object)
+    except PartialFailure as e:  # the rest are written: record the settings and print the summary, then exit 3
+        if e.summary is None:
+            raise
+        failed, summary = e, e.summary
     summary["model"] = args.model
     _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
                                                  "input": summary["input"]})
     console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")
     _emit(summary)
+    if failed is not None:
+        raise failed
     return 0
 
 
