@@ -97,3 +97,41 @@ def test_zero_or_negative_tile_or_batch_size_is_refused(tiny_model: Path, tiny_d
         assert main([*cmd, *flags]) == EXIT_USER, cmd
         assert f"{flag} {flags[1]}" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("opset", ["9", "30"])
+def test_export_refuses_an_opset_out_of_range_and_writes_nothing(tiny_model: Path, tmp_path: Path, capsys,
+                                                                 opset: str) -> None:
+    from finetune.export import MIN_OPSET, max_opset
+
+    out = tmp_path / "new" / "e"
+    assert main(["export", "--model", str(tiny_model), "--onnx", "--opset", opset, "--out", str(out)]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert f"--opset {opset} is outside {MIN_OPSET}..{max_opset()}" in error_line(err) and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_onnx_export_is_one_line_and_leaves_nothing(tiny_model: Path, tmp_path: Path, capsys,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune.export
+
+    # a parity check beyond --atol: the model dir copy used to stay in --out although the error said otherwise
+    out = tmp_path / "new" / "e"
+    assert main(["export", "--model", str(tiny_model), "--onnx", "--atol", "0", "--out", str(out)]) == EXIT_USER
+    assert "nothing was written" in error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+    # an earlier export in --out stays as it was
+    assert main(["export", "--model", str(tiny_model), "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["export", "--model", str(tiny_model), "--onnx", "--atol", "0", "--out", str(out)]) == EXIT_USER
+    assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in out.parent.iterdir()) == ["e"]
+    # an exporter failure (opset 9 fails on the encoder's max pooling) is its reason in one line, not a traceback
+    monkeypatch.setattr(finetune.export, "MIN_OPSET", 9)
+    capsys.readouterr()
+    assert main(["export", "--model", str(tiny_model), "--onnx", "--opset", "9", "--out", str(out)]) == EXIT_USER
+    err = capsys.readouterr().err
+    line = error_line(err)
+    assert "the ONNX exporter cannot write" in line and "opset 9" in line and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 4, err
+    assert sorted(p.name for p in out.iterdir()) == before

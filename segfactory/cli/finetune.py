@@ -206,14 +206,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     result: dict[str, Any] = {"model_dir": str(model_dir)}
-    if args.out:
-        model_dir = export_model_dir(args.model, args.out)
+    info = None
+    if args.out:  # the copy and its ONNX are committed together: a failed export leaves nothing
+        model_dir, info = export_model_dir(args.model, args.out, onnx=args.onnx, opset=args.opset,
+                                           atol=args.atol)
         result["model_dir"] = str(model_dir)
         console.print(f"model dir written to {model_dir}")
     elif not args.onnx:
         raise UserError("nothing to export", fix="pass --onnx and/or --out DIR")
     if args.onnx:
-        info = export_onnx(model_dir, model_dir / ONNX_FILE, opset=args.opset, atol=args.atol)
+        if info is None:
+            info = export_onnx(model_dir, model_dir / ONNX_FILE, opset=args.opset, atol=args.atol)
         console.print(f"ONNX written to {info['onnx']}; onnxruntime vs PyTorch max |diff| = "
                       f"{info['max_abs_diff']:.2e} (atol {args.atol}), argmax agreement "
                       f"{100 * info['argmax_agreement']:.3f} %")
@@ -320,7 +323,8 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     x.add_argument("--out", type=out_dir("--out", run=True), metavar="DIR",
                    help="write a copy of the model dir here (ONNX goes inside it)")
     x.add_argument("--onnx", action="store_true", help="write model.onnx and check it under onnxruntime")
-    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 up to the newest the installed torch "
+                   "exporter writes (default 17)")
     x.add_argument("--atol", type=float, default=1e-3, help="allowed max |logit difference| ONNX vs PyTorch")
     x.set_defaults(func=_cmd_export)
 
