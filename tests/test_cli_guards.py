@@ -135,3 +135,14 @@ def test_failed_onnx_export_is_one_line_and_leaves_nothing(tiny_model: Path, tmp
     assert "the ONNX exporter cannot write" in line and "opset 9" in line and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 4, err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------------------ show
+@pytest.mark.parametrize("frames", ["0", "-1"])
+def test_show_refuses_fewer_than_one_frame(tiny_dataset: Path, tmp_path: Path, capsys, frames: str) -> None:
+    """--frames 0 was a ValueError traceback from the contact sheet (it was checked only with --beside)."""
+    sheet = tmp_path / "sheet.png"
+    assert main(["show", str(tiny_dataset), "--frames", frames, "--out", str(sheet)]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert f"--frames must be at least 1, got {frames}" in error_line(err) and "Traceback" not in err
+    assert not sheet.exists()
