@@ -348,7 +348,8 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     b.add_argument("--arch", default="unet", help=Names("decoder architecture: {names}", _archs))
     b.add_argument("--encoder", default="resnet18", help="timm encoder name")
     b.add_argument("--device", default="auto")
-    b.add_argument("--data", metavar="DIR", help="dataset or labeled folder (default: coins sample folder)")
+    b.add_argument("--data", metavar="DIR", help="labeled folder of real images (images/ + masks/; not a rendered "
+                   "dataset) (default: a folder of scikit-image/scikit-learn/matplotlib sample photos)")
     b.add_argument("--workers", type=int, help="DataLoader workers for both pipelines (default: all cores but one, "
                    "at most 16)")
     b.add_argument("--variants", nargs="+", metavar="V",
