@@ -146,3 +146,26 @@ def test_show_refuses_fewer_than_one_frame(tiny_dataset: Path, tmp_path: Path, c
     err = capsys.readouterr().err
     assert f"--frames must be at least 1, got {frames}" in error_line(err) and "Traceback" not in err
     assert not sheet.exists()
+
+
+# -------------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_fix_for_an_unmapped_dataset_class_is_cli_syntax(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """A rendered dataset with a class the model lacks: the fix used to be `--data[0].remap: {sky: ...}`."""
+    from procedural import CELLS_CLASSES, cells_scene
+
+    from segfactory.formats.dataset import write_dataset
+
+    classes = [{**c, "name": "sky"} if c["name"] == "debris" else c for c in CELLS_CLASSES]
+    ds = tmp_path / "ds"
+    write_dataset(ds, [cells_scene(np.random.default_rng(i), 1, 64) for i in range(2)], classes, family="cells",
+                  seed=0, scenes_per_shard=2, unit_m=1e-6, source={"generator": "tests/test_cli_guards.py"})
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(ds), "--out", str(out)]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "class 'sky' (id 2)" in error_line(err) and ".remap" not in err, err
+    [fix] = [line.strip() for line in err.splitlines() if line.strip().startswith("fix:")]
+    assert fix == "fix: add --remap sky=<one of background, nucleus, debris> (or --remap sky=ignore)", fix
+    assert not out.exists()
+    # ... and the fix works as written
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(ds), "--out", str(out), "--remap",
+                 "sky=debris", "--baselines", "none"]) == 0
