@@ -450,6 +450,21 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
 OUTPUT_IMAGE_DIRS = (".", "instances", "overlays")
 
 
+def resolve_input(value: str | os.PathLike) -> Path:
+    """The folder ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized (:mod:`segfactory.sampledata`);
+    of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
+
+    Raises:
+        UserError: an unknown sample set or split, or a reference without a split.
+    """
+    from segfactory.sampledata import is_sample_ref, resolve_path
+
+    if not is_sample_ref(value):
+        return Path(value)
+    folder = resolve_path(value)
+    return folder / "images" if (folder / "images").is_dir() else folder
+
+
 def check_input_not_output(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Refuse an ``--input`` folder predict writes images into (``OUT``, ``OUT/instances``, ``OUT/overlays``):
     a mask or overlay could replace an input image of the same name.
@@ -473,6 +488,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
+        input_dir: A folder of images, or ``sample:NAME/SPLIT`` (:func:`resolve_input`).
         tta: Test-time augmentation: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip`` (:func:`predict_image_probs`).
         scale: Input scale instead of model.json's: a factor, or ``auto`` for each image's own estimate
             (:func:`resolve_scale`).
@@ -499,6 +515,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     if instances not in ("auto", "on", "off"):
         raise UserError(f"instances='{instances}' is not auto, on or off", fix="pass --instances auto|on|off")
+    input_dir = resolve_input(input_dir)
     check_input_not_output(input_dir, out_dir)
     meta0 = read_model_meta(model_dir)
     if instances == "on":

@@ -169,3 +169,20 @@ def test_evaluate_fix_for_an_unmapped_dataset_class_is_cli_syntax(tiny_model: Pa
     # ... and the fix works as written
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(ds), "--out", str(out), "--remap",
                  "sky=debris", "--baselines", "none"]) == 0
+
+
+# ----------------------------------------------------------------------------------------- sample references
+def test_predict_reads_a_sample_reference(tiny_model: Path, tmp_path: Path, capsys,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--input sample:NAME/SPLIT is materialized like evaluate's --data; of an eval split its images/ are read."""
+    import json
+
+    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(tiny_model), "--input", "sample:ctc-cho/eval", "--out", str(out),
+                 "--no-overlays"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    [split] = (tmp_path / "data" / "samples").glob("ctc-cho-*/eval")
+    stems = sorted(p.stem for p in (split / "images").iterdir() if not p.name.startswith("."))
+    assert summary["images"] == len(stems) > 0
+    assert sorted(p.stem for p in out.glob("*.png")) == stems
