@@ -1,6 +1,7 @@
-"""User-mistake guards of the fine-tuning commands (predict, evaluate, export, finetune, pretrain), run in-process
-through :func:`segfactory.cli.main` on a tiny model trained from the NumPy dataset (no Blender): each mistake is
-one error line naming the option and exit code 2, and nothing is written."""
+"""User-mistake guards of the CLI (predict, evaluate, export, finetune, pretrain, show) and the sample references
+predict and finetune accept, run in-process through :func:`segfactory.cli.main` on a tiny model trained from the
+NumPy dataset (no Blender): each mistake is one error line naming the option and exit code 2, and nothing is
+written."""
 
 from __future__ import annotations
 
@@ -186,3 +187,21 @@ def test_predict_reads_a_sample_reference(tiny_model: Path, tmp_path: Path, caps
     stems = sorted(p.stem for p in (split / "images").iterdir() if not p.name.startswith("."))
     assert summary["images"] == len(stems) > 0
     assert sorted(p.stem for p in out.glob("*.png")) == stems
+
+
+def test_finetune_unlabeled_takes_a_sample_reference(tiny_dataset: Path, tmp_path: Path, capsys,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--unlabeled sample:NAME/unlabeled is ingested once into the sample cache (it was 'does not exist')."""
+    import json
+
+    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
+    base = ["finetune", str(TINY), "--synthetic", str(tiny_dataset), "--steps", "2", "train.val_every=1000"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--unlabeled", "sample:ctc-cho/unlabeled"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    [store] = (tmp_path / "data" / "samples").glob("ctc-cho-*/unlabeled-ingested-*")
+    assert (store / "index.json").is_file() and not list(store.parent.glob(".*"))
+    assert str(store) in json.dumps(summary)
+    # another split is not unlabeled images: one line, nothing written
+    assert main([*base, "--out", str(tmp_path / "b"), "--unlabeled", "sample:ctc-cho/eval"]) == EXIT_USER
+    assert "--unlabeled[0] 'sample:ctc-cho/eval' is not the unlabeled split" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "b").exists()

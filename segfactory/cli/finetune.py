@@ -50,6 +50,43 @@ def _save_args(path: Path, args: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- finetune
+def _unlabeled_store(value: str | Path, field: str) -> str:
+    """An ``--unlabeled`` / ``data.unlabeled`` entry as an ingest store: ``sample:NAME/unlabeled`` is materialized
+    and ingested once, with the default ingest config, next to the split in the sample cache (written under a
+    temporary name and renamed when complete, so ranks and re-runs reuse it); other values are returned as given.
+
+    Raises:
+        UserError: a sample reference to another split than ``unlabeled`` (or to none).
+    """
+    import os
+
+    from segfactory.sampledata import is_sample_ref, parse_ref, resolve_path
+
+    if not is_sample_ref(str(value)):
+        return str(value)
+    name, split = parse_ref(str(value))
+    if split != "unlabeled":
+        raise UserError(f"{field} '{value}' is not the unlabeled split of sample set '{name}'",
+                        fix=f"pass sample:{name}/unlabeled")
+    from pipelines.ingest import IngestJob, run_ingest
+    from segfactory.config import load_config
+    from segfactory.io import canonical_hash, commit_dir, remove_tree
+
+    folder = resolve_path(str(value))
+    cfg = load_config(IngestJob, None, [], {"cluster.workers": 1})
+    store = folder.parent / f"unlabeled-ingested-{canonical_hash(cfg.stage_config().model_dump(mode='json'), 8)}"
+    if not store.is_dir():
+        tmp = folder.parent / f".{store.name}.tmp-{os.getpid()}"
+        remove_tree(tmp)
+        try:
+            run_ingest(str(folder), tmp, cfg)
+            if not store.is_dir():  # another process (a rank) may have committed it meanwhile
+                commit_dir(tmp, store)
+        finally:
+            remove_tree(tmp)
+    return str(store)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.config import FinetuneConfig, apply_data_flags
     from finetune.train import run_finetune
@@ -65,6 +102,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             console.print(note)
         args.encoder = str(enc_dir)
     cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps, args.unlabeled)
+    if any(str(p).startswith("sample:") for p in cfg.data.unlabeled):
+        field = "--unlabeled" if args.unlabeled else "data.unlabeled"
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "unlabeled": [Path(_unlabeled_store(p, f"{field}[{i}]")) for i, p in enumerate(cfg.data.unlabeled)]})})
     from finetune.train import check_distributed
     from segfactory.distributed import launch_processes, relaunch_under_torchrun
 
@@ -259,8 +300,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json), "
                    "or a pretraining run holding one")
     p.add_argument("--unlabeled", action="append", metavar="IMAGES",
-                   help="unlabeled real images for domain adaptation: a `segfactory ingest` output (repeatable; "
-                        "replaces data.unlabeled)")
+                   help="unlabeled real images for domain adaptation: a `segfactory ingest` output, or "
+                        "sample:NAME/unlabeled (ingested once into the sample cache) (repeatable; replaces "
+                        "data.unlabeled)")
     p.add_argument("--arch", help=Names("decoder architecture (model.arch): {names}", _archs))
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -78,7 +78,7 @@ def register(commands: Any, benches: Any) -> None:
                     "split (images), split by time; the microscopy sets also a 'labeled' split (the unlabeled "
                     "frames with their masks, in the eval layout; written only when named, e.g. "
                     f"{SAMPLE_PREFIX}ctc-hela/labeled). Configs, --data and predict --input accept "
-                    f"{SAMPLE_PREFIX}NAME/SPLIT. 'fetch' "
+                    f"{SAMPLE_PREFIX}NAME/SPLIT, finetune --unlabeled {SAMPLE_PREFIX}NAME/unlabeled. 'fetch' "
                     "downloads the street and labelme sets' pinned files once, at setup (make install runs it); "
                     "nothing is downloaded at run time.")
     p.add_argument("action", choices=["list", "materialize", "fetch"])
