@@ -318,15 +318,17 @@ def check_variants(variants: list[str] | None, device: torch.device) -> list[str
         UserError: an unknown variant, or a CUDA-only one (fp16, bf16) on a CPU.
     """
     from segfactory.errors import UserError
-    from segfactory.torchutil import amp_dtype
 
     if not variants:
         return list(VARIANTS) if device.type == "cuda" else ["default"]
     for v in variants:
         if v not in VARIANTS:
             raise UserError(f"--variants {v}: unknown variant", fix=f"choose from {', '.join(VARIANTS)}")
-        if v in CUDA_ONLY:
-            amp_dtype(device, VARIANTS[v]["amp"], "--variants")
+        if v in CUDA_ONLY and device.type != "cuda":  # mixed precision runs on CUDA only
+            here = [name for name in VARIANTS if name not in CUDA_ONLY]
+            raise UserError(f"--variants {v} needs a CUDA device (this runs on {device})",
+                            fix=f"on this device pass --variants with {', '.join(here)}, or run on a GPU "
+                                "(--device cuda)")
     return list(dict.fromkeys(variants))
 
 

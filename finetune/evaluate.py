@@ -275,7 +275,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                  tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  show_progress: bool = True, baselines: str | list[str] | None = None,
                  overlays: int = 4, tta: str = "none", scale: float | str | None = None,
-                 workers: int | None = None, min_object: float | None = None) -> dict[str, Any]:
+                 workers: int | None = None, min_object: float | None = None, data_field: str = "--data",
+                 remap_flag: str | None = "--remap ") -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
 
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
@@ -297,6 +298,10 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
         workers: Threads that post-process and score frames (argmax, watershed, baselines, instance matching,
             overlays) while the model predicts the next frame; default :func:`eval_workers`; 0 = all inline.
             The report is the same for every value: frames are folded into the totals in order.
+        data_field: How ``data`` was given, for errors: ``--data`` (``--data[0]``), or a config field
+            (``test``: ``test[0]``).
+        remap_flag: The option the sources' ``remap`` came from, as a mapping's prefix (``--remap ``: fixes say
+            ``--remap sky=ignore``), or None for remaps from a config (fixes name ``<data_field>[i].remap``).
         min_object: Speck cleanup share instead of model.json's ``cleanup.min_object`` (0 = off;
             :mod:`finetune.cleanup`); the report's ``min_object`` says which was used.
 
@@ -344,11 +349,14 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     sources = []
     names: set[str] = set()
     for i, spec in enumerate(data):
-        field = f"--data[{i}]"
+        field = f"{data_field}[{i}]"
         kind = detect_kind(Path(spec.path), field)
         if kind == "real":
-            check_real_classes(spec, targets)
-        src = open_source(spec, kind, targets, "eval", field_hint=field, lenient_remap=True)
+            if remap_flag:
+                check_real_classes(spec, targets, remap_flag)
+            else:
+                check_real_classes(spec, targets)
+        src = open_source(spec, kind, targets, "eval", field_hint=field, lenient_remap=True, remap_flag=remap_flag)
         base, k = src.name, 2
         while src.name in names:
             src.name, k = f"{base}-{k}", k + 1

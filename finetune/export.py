@@ -71,6 +71,42 @@ def parity_inputs(meta: dict[str, Any], sizes: list[tuple[int, int, int]]) -> li
     return out
 
 
+# The lowest ONNX opset every architecture exports at: below it, smp's encoders fail on max-pool ceil padding
+# (opset 9) and the FPN/DeepLabV3+ decoders on their bilinear upsampling (opset 10).
+MIN_OPSET = 11
+
+
+def max_opset() -> int:
+    """The highest opset the installed torch's exporter writes (``torch.onnx`` refuses any above it)."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
+
+
+def check_export_settings(opset: int, atol: float) -> None:
+    """Refuse an opset outside :data:`MIN_OPSET` .. :func:`max_opset` and a negative or NaN ``atol``.
+
+    Raises:
+        UserError: naming ``--opset`` or ``--atol``, the value and the valid range.
+    """
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise UserError(f"--opset {opset} is outside {MIN_OPSET}..{top} (the opsets the installed torch exporter "
+                        "writes for these models)", fix=f"pass --opset {MIN_OPSET}..{top}, e.g. 17 (the default)")
+    if not atol >= 0:
+        raise UserError(f"--atol {atol} is not a number >= 0",
+                        fix="give the allowed max |logit difference|, e.g. --atol 1e-3")
+
+
+def _one_line(e: BaseException) -> str:
+    """An exporter's or onnxruntime's reason in one line (their messages go on with a graph dump)."""
+    text = str(e).strip() or type(e).__name__
+    line = text.splitlines()[0]
+    for tail in (" Please feel free", " [Caused by"):
+        line = line.split(tail)[0]
+    return line.strip()[:300]
+
+
 def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None = None, *, opset: int = 17,
                 atol: float = 1e-3) -> dict[str, Any]:
     """Write ``model.onnx`` and check it against PyTorch with onnxruntime (CPU).
@@ -85,15 +121,14 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
         ``{"onnx", "max_abs_diff", "argmax_agreement", "checked_shapes"}``.
 
     Raises:
-        UserError: ``atol`` is negative, or the exported graph disagrees with PyTorch beyond ``atol`` (nothing
-            is written).
+        UserError: ``opset`` or ``atol`` is out of range (:func:`check_export_settings`), the exporter or
+            onnxruntime fails (their one-line reason), or the exported graph disagrees with PyTorch beyond
+            ``atol`` (nothing is written).
     """
     import onnx
     import onnxruntime as ort
 
-    if not atol >= 0:
-        raise UserError(f"--atol {atol} is not a number >= 0",
-                        fix="give the allowed max |logit difference|, e.g. --atol 1e-3")
+    check_export_settings(opset, atol)
     from finetune.instances import JointOutputs
 
     model, meta = load_model_dir(model_dir, "cpu")
@@ -109,10 +144,14 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
         # The TorchScript exporter is deprecated in favour of dynamo export, which needs onnxscript (not in
         # the pinned stack); it still produces correct graphs for these CNNs, as the parity check below proves.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (export_x,), buf, dynamo=False, opset_version=opset, input_names=["image"],
-                          output_names=outputs, do_constant_folding=True,
-                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                        **{o: {0: "batch", 2: "height", 3: "width"} for o in outputs}})
+        try:
+            torch.onnx.export(graph, (export_x,), buf, dynamo=False, opset_version=opset, input_names=["image"],
+                              output_names=outputs, do_constant_folding=True,
+                              dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                            **{o: {0: "batch", 2: "height", 3: "width"} for o in outputs}})
+        except (torch.onnx.OnnxExporterError, RuntimeError) as e:
+            raise UserError(f"the ONNX exporter cannot write '{model_dir}' at opset {opset}: {_one_line(e)}",
+                            fix=f"try another --opset ({MIN_OPSET}..{max_opset()}, default 17)") from None
     proto = onnx.load_from_string(buf.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "segfactory.model", json.dumps(meta)
@@ -120,7 +159,11 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
     entry.key, entry.value = "segfactory.recipe", recipe
     onnx.checker.check_model(proto)
     blob = proto.SerializeToString()
-    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (e.g. an opset newer than it runs)
+        raise UserError(f"onnxruntime cannot load the ONNX graph of '{model_dir}' at opset {opset}: {_one_line(e)}",
+                        fix=f"try a lower --opset ({MIN_OPSET}..{max_opset()}, default 17)") from None
     shapes = [(1, 128, 160), (2, 96, 64), (1, 256, 224)]
     max_diff, agree, total = 0.0, 0, 0
     with torch.no_grad():
@@ -144,23 +187,55 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike | None
             "opset": opset, "checked_shapes": [[b, c, h, w] for b, h, w in shapes]}
 
 
-def export_model_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy a model dir (validated by loading it) to ``out_dir``, atomically."""
-    from finetune.models import save_model_dir
+def export_model_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: bool = False,
+                     opset: int = 17, atol: float = 1e-3) -> tuple[Path, dict[str, Any] | None]:
+    """Copy a model dir (validated by loading it) to ``out_dir``, with ``model.onnx`` inside when ``onnx``.
 
+    Everything is written to a hidden sibling of ``out_dir`` and swapped into place last, so a failed export
+    (a refused opset, an exporter error, a parity check beyond ``atol``) leaves nothing behind (an earlier
+    export in ``out_dir`` stays as it was).
+
+    Returns:
+        ``(out_dir, the ONNX report of :func:`export_onnx` or None)``.
+
+    Raises:
+        UserError: bad settings, ``out_dir`` holds something other than a model dir, or the ONNX export fails.
+    """
+    from finetune.models import save_model_dir
+    from segfactory.io import commit_dir, remove_tree
+
+    if onnx:
+        check_export_settings(opset, atol)
     model, meta = load_model_dir(model_dir, "cpu")
     src, dst = Path(model_dir).resolve(), Path(out_dir).resolve()
     if src == dst:
-        return dst
+        return dst, (export_onnx(dst, dst / ONNX_FILE, opset=opset, atol=atol) if onnx else None)
     if dst.exists() and any(dst.iterdir()) and not (dst / META_FILE).exists():
         raise UserError(f"export target '{dst}' exists and is not a model dir", fix="choose an empty --out")
+    created = next((p for p in reversed((dst.parent, *dst.parent.parents)) if not p.exists()), None)
     ensure_writable_dir(dst.parent)
     keep = {k: v for k, v in meta.items() if k not in ("weights_sha256", "created", "code_version")}
     keep["lineage"] = {**meta.get("lineage", {}), "exported_from": str(src)}
-    save_model_dir(dst, model, keep)
-    read_model_meta(dst)
-    assert (dst / WEIGHTS_FILE).is_file()
-    return dst
+    stage = dst.parent / f".{dst.name}.export-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    remove_tree(stage)
+    try:
+        save_model_dir(stage, model, keep)
+        read_model_meta(stage)
+        assert (stage / WEIGHTS_FILE).is_file()
+        info = export_onnx(stage, stage / ONNX_FILE, opset=opset, atol=atol) if onnx else None
+        if dst.exists():
+            os.replace(dst, old)
+        commit_dir(stage, dst)
+    except BaseException:
+        remove_tree(stage)
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):  # folders made for it
+            remove_tree(created)
+        raise
+    remove_tree(old)
+    if info is not None:
+        info["onnx"] = str(dst / ONNX_FILE)
+    return dst, info
 
 
 def export_encoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

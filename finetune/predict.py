@@ -262,14 +262,17 @@ def inference_settings(meta: dict[str, Any], tile: int | None, overlap: int | No
             the batch size is below 1.
     """
     pdef = meta.get("predict", {})
-    tile = int(tile or pdef.get("tile", 512))
+    # A value given (0 included) is checked, never replaced by the default: it is what predict.yaml records.
+    bs_name = "--batch-size" if batch_size is not None else "model.json predict.batch_size"
+    tile = int(pdef.get("tile", 512) if tile is None else tile)
     overlap = int(overlap if overlap is not None else pdef.get("overlap", 64))
-    batch_size = int(batch_size or pdef.get("batch_size", 4))
+    batch_size = int(pdef.get("batch_size", 4) if batch_size is None else batch_size)
     if tile <= 0 or tile % SIZE_DIVISOR or not 0 <= overlap < tile // 2:
-        raise UserError(f"tile={tile}, overlap={overlap}: the tile must be a positive multiple of {SIZE_DIVISOR} "
-                        "and the overlap at least 0 and below half of it", fix="e.g. --tile 512 --overlap 64")
+        raise UserError(f"--tile {tile}, --overlap {overlap}: the tile must be a positive multiple of "
+                        f"{SIZE_DIVISOR} and the overlap at least 0 and below half of it",
+                        fix="e.g. --tile 512 --overlap 64")
     if batch_size < 1:
-        raise UserError(f"batch size {batch_size} is below 1", fix="e.g. --batch-size 4")
+        raise UserError(f"{bs_name} {batch_size} is below 1", fix="e.g. --batch-size 4")
     return tile, overlap, batch_size
 
 
@@ -443,6 +446,40 @@ def list_images(input_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
+# The folders predict writes images into, relative to --out: masks, instance masks, overlays.
+OUTPUT_IMAGE_DIRS = (".", "instances", "overlays")
+
+
+def resolve_input(value: str | os.PathLike) -> Path:
+    """The folder ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized (:mod:`segfactory.sampledata`);
+    of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
+
+    Raises:
+        UserError: an unknown sample set or split, or a reference without a split.
+    """
+    from segfactory.sampledata import is_sample_ref, resolve_path
+
+    if not is_sample_ref(value):
+        return Path(value)
+    folder = resolve_path(value)
+    return folder / "images" if (folder / "images").is_dir() else folder
+
+
+def check_input_not_output(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse an ``--input`` folder predict writes images into (``OUT``, ``OUT/instances``, ``OUT/overlays``):
+    a mask or overlay could replace an input image of the same name.
+
+    Raises:
+        UserError: naming both folders.
+    """
+    src, out = Path(input_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    for sub in OUTPUT_IMAGE_DIRS:
+        if src == (out / sub).resolve():
+            where = "is --out" if sub == "." else f"is --out's {sub}/ (predict writes there)"
+            raise UserError(f"--input '{input_dir}' {where}: the masks would replace the input images",
+                            fix="pass another --out, e.g. a new folder next to the images")
+
+
 def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 device: str = "auto", tile: int | None = None, overlap: int | None = None,
                 batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
@@ -451,6 +488,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
+        input_dir: A folder of images, or ``sample:NAME/SPLIT`` (:func:`resolve_input`).
         tta: Test-time augmentation: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip`` (:func:`predict_image_probs`).
         scale: Input scale instead of model.json's: a factor, or ``auto`` for each image's own estimate
             (:func:`resolve_scale`).
@@ -466,7 +504,9 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
         ``scales`` (each image's, also in ``scales.json``).
 
     Raises:
-        PartialFailure: some images could not be read (the rest are written).
+        UserError: a bad setting, or ``input_dir`` is a folder predict writes into (:func:`check_input_not_output`).
+        PartialFailure: some images could not be read (the rest are written); its ``summary`` is this summary
+            plus ``failures`` (why, by file name).
     """
     from finetune.instances import require_head
     from finetune.models import load_model_dir
@@ -475,6 +515,8 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     if instances not in ("auto", "on", "off"):
         raise UserError(f"instances='{instances}' is not auto, on or off", fix="pass --instances auto|on|off")
+    input_dir = resolve_input(input_dir)
+    check_input_not_output(input_dir, out_dir)
     meta0 = read_model_meta(model_dir)
     if instances == "on":
         require_head(meta0, model_dir)
@@ -555,5 +597,6 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
         summary["instances"] = {"objects": len(coco_anns), "coco": str(out / "instances.json"),
                                 "method": meta["instances"]["method"]}
     if failures:
-        raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures)
+        summary["failures"] = failures
+        raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures, summary)
     return summary

@@ -310,7 +310,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True)
             report = cached
         else:
             report = run_evaluate(run_dir / "model", cfg.test, run_dir / "test", device=rcfg.train.device,
-                                  show_progress=show_progress)
+                                  show_progress=show_progress, data_field="test", remap_flag=None)
         if run["init"] == "synthetic":
             assert syn_init is not None
             used = (read_json(run_dir / "model" / "model.json").get("lineage") or {}).get("encoder") or {}

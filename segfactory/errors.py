@@ -49,12 +49,20 @@ class UserError(Exception):
 
 
 class PartialFailure(Exception):
-    """Some independent units of work failed after retries; the rest were committed."""
+    """Some independent units of work failed after retries; the rest were committed.
 
-    def __init__(self, message: str, failures: dict[str, str]):
+    Args:
+        message: One line: how many failed.
+        failures: Why each unit failed, by unit.
+        summary: What the command returns when nothing fails, for the rest (its caller still writes its record
+            of the settings and prints its summary before the exit code says some units failed).
+    """
+
+    def __init__(self, message: str, failures: dict[str, str], summary: dict[str, Any] | None = None):
         super().__init__(message)
         self.message = message
         self.failures = failures
+        self.summary = summary
 
 
 class Interrupted(KeyboardInterrupt):

@@ -405,7 +405,7 @@ def resolve_path(value: str | os.PathLike[str]) -> Path:
         return Path(value)
     name, split = parse_ref(str(value))
     if split is None:
-        splits = [s for s in SPLITS if s in splits_of(SAMPLE_SETS.get(name))]
+        splits = list(splits_of(SAMPLE_SETS.get(name)))
         raise UserError(f"'{value}' names a sample set but no split",
                         fix=f"use {' or '.join(f'{SAMPLE_PREFIX}{name}/{s}' for s in splits)}")
     return materialize(name, split)[split]

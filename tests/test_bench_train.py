@@ -43,8 +43,13 @@ def test_cuda_only_variant_on_cpu_is_one_line_error(capsys) -> None:
     cap = capsys.readouterr()
     assert rc == EXIT_USER and cap.out == ""
     errors = [line for line in cap.err.splitlines() if line.startswith("error:")]
-    assert errors == ["error: --variants=bf16 needs a CUDA device (this runs on cpu)"], cap.err
+    assert errors == ["error: --variants bf16 needs a CUDA device (this runs on cpu)"], cap.err
     assert "Traceback" not in cap.err
+    # the fix names bench train's own variants (it used to suggest train.amp's 'auto' and 'off', both unknown here)
+    [fix] = [line.strip() for line in cap.err.splitlines() if line.strip().startswith("fix:")]
+    assert fix == "fix: on this device pass --variants with default, fp32, no-channels-last, compile, or run on a " \
+                  "GPU (--device cuda)", fix
+    assert bench.check_variants(["default", "fp32", "no-channels-last", "compile"], torch.device("cpu"))
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         bench.check_variants(["fp16"], torch.device("cpu"))
     with pytest.raises(UserError, match="unknown variant"):
@@ -131,3 +136,12 @@ def test_bench_train_variants_on_cuda() -> None:
     by = {r["variant"]: r for r in rows}
     assert by["bf16"]["amp"] == "bfloat16" and by["default"]["channels_last"] is True
     assert by["compile"]["compile"] is True and by["compile"]["compile_s"] > 0
+
+
+def test_help_says_data_is_a_labeled_folder(capsys) -> None:
+    """A rendered dataset is refused (``must be a labeled folder``): the help no longer offers one."""
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "labeled folder of real images (images/ + masks/; not a rendered dataset)" in text
+    assert "dataset or labeled folder" not in text

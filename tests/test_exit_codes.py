@@ -141,6 +141,12 @@ def test_exit_3_some_units_failed_and_are_listed(tiny_model: Path, tmp_path: Pat
     assert "1 of 2 image(s) could not be predicted" in r.stderr
     assert any(line.strip().startswith("bad.png:") for line in r.stderr.splitlines())
     assert (tmp_path / "out" / "good.png").is_file() and not (tmp_path / "out" / "bad.png").exists()
+    # the rest are written: so are the settings (predict.yaml) and the summary line, as on success
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "out" / "predict.yaml").read_text())["input"]["scaling"]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 1 and summary["failed"] == 1 and list(summary["failures"]) == ["bad.png"]
 
 
 def test_exit_4_another_run_holds_the_lock(tmp_path: Path) -> None:

@@ -143,8 +143,13 @@ def test_sample_references_use_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
     assert not (path.parent / "unlabeled").exists()  # only the split asked for
     assert resolve_path("sample:ctc-cho/eval") == path
     assert resolve_path("some/folder") == Path("some/folder")
-    with pytest.raises(UserError, match="no split"):
+    with pytest.raises(UserError, match="no split") as e:
         resolve_path("sample:ctc-cho")
+    # every split that exists for the set, the labeled one too (microscopy sets only)
+    assert e.value.fix == "use sample:ctc-cho/unlabeled or sample:ctc-cho/eval or sample:ctc-cho/labeled"
+    with pytest.raises(UserError, match="no split") as e:
+        resolve_path("sample:street")
+    assert e.value.fix == "use sample:street/unlabeled or sample:street/eval"
     with pytest.raises(UserError, match="did you mean 'ctc-hela'"):
         resolve_path("sample:ctc-hella/eval")
     with pytest.raises(UserError, match="no split 'test'"):
@@ -158,6 +163,10 @@ def test_samples_cli_lists_and_materializes(tmp_path: Path, capsys: pytest.Captu
     assert [s["name"] for s in listed["sample_sets"]] == sorted([*MICROSCOPY, "street", "labelme-vehicles",
                                                                 "labelme-people"])
     assert "celltrackingchallenge" in cap.err and "Maska" in cap.err
+    assert "splits: unlabeled, eval, labeled (" in cap.err  # the labeled split is listed with the others
+    with pytest.raises(SystemExit):
+        main(["samples", "--help"])
+    assert "'labeled' split" in " ".join(capsys.readouterr().out.split())
     assert main(["samples", "materialize", "ctc-cho/eval", "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out == {"eval": str(tmp_path / "eval")} and len(list((tmp_path / "eval" / "images").iterdir())) > 6

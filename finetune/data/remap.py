@@ -125,7 +125,8 @@ class Remap:
 
 
 def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, targets: TargetClasses,
-                remap: dict[int | str, int | str], source_label: str, field_hint: str) -> Remap:
+                remap: dict[int | str, int | str], source_label: str, field_hint: str,
+                flag: str | None = None) -> Remap:
     """Resolve a source's classes onto the targets.
 
     Args:
@@ -135,6 +136,8 @@ def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, target
         remap: User mapping, source class (name or id) -> target class (name or id) or ``"ignore"``.
         source_label: Names the source in errors.
         field_hint: Config path of this source's ``remap`` for the fix line (e.g. ``data.synthetic[0].remap``).
+        flag: The command-line option the mapping came from instead (``--remap ``, spelled as a mapping's prefix:
+            ``--remap sky=ignore``); errors and fixes then use it, not ``field_hint``.
 
     Raises:
         UserError: an unknown remap key/value, or a source class with no target.
@@ -147,25 +150,27 @@ def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, target
     resolved: dict[int, int] = {}
     mapping: dict[str, str] = {}
     for key, value in remap.items():
+        where = f"{flag}{key}={value}" if flag else field_hint
         sid = int(key) if isinstance(key, int) or str(key).isdigit() else by_name.get(str(key))
         if sid is None or sid not in by_id:
-            raise UserError(f"{field_hint}: '{key}' is not a class of {source_label}",
+            raise UserError(f"{where}: '{key}' is not a class of {source_label}",
                             fix=f"use one of: {', '.join(f'{n} ({i})' for i, n in sorted(by_id.items()))}")
         if str(value) == IGNORE:
             resolved[sid] = targets.ignore_index
         else:
             tid = targets.id_of(value)
             if tid is None:
-                raise UserError(f"{field_hint}: target '{value}' (for '{key}') is not a target class",
+                raise UserError(f"{where}: target '{value}' (for '{key}') is not a target class",
                                 fix=f"use 'ignore' or one of: {', '.join(targets.names)}")
             resolved[sid] = tid
     for sid, name in sorted(by_id.items()):
         if sid not in resolved:
             tid = targets.id_of(name)
             if tid is None:
-                raise UserError(f"class '{name}' (id {sid}) of {source_label} has no target class",
-                                fix=f"add `{field_hint}: {{{name}: <one of {', '.join(targets.names)}> or ignore}}`"
-                                    " or list it in `classes`")
+                choices = f"<one of {', '.join(targets.names)}>"
+                fix = (f"add {flag}{name}={choices} (or {flag}{name}=ignore)" if flag else
+                       f"add `{field_hint}: {{{name}: {choices} or ignore}}` or list it in `classes`")
+                raise UserError(f"class '{name}' (id {sid}) of {source_label} has no target class", fix=fix)
             resolved[sid] = tid
         lut[sid] = resolved[sid]
         known[sid] = True

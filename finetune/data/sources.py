@@ -249,7 +249,8 @@ def subset_items(items: list[Item], fraction: float, max_items: int | None) -> l
 
 
 def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role, *, val_fraction: float = 0.0,
-                val_max: int = 1 << 30, field_hint: str = "remap", lenient_remap: bool = False) -> Source:
+                val_max: int = 1 << 30, field_hint: str = "remap", lenient_remap: bool = False,
+                remap_flag: str | None = None) -> Source:
     """Open, split and validate one source.
 
     Args:
@@ -261,6 +262,8 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
         field_hint: Config path of the source, for error messages.
         lenient_remap: Skip ``remap`` keys that are not classes of this source (one ``--remap`` list shared by
             several evaluation folders).
+        remap_flag: The command-line option ``spec.remap`` came from (``--remap ``): remap errors and fixes
+            spell mappings as that option (:func:`~finetune.data.remap.build_remap`), not as ``field_hint``.
     """
     path = Path(spec.path)
     check_kind(path, kind, field_hint)
@@ -273,7 +276,7 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
     if lenient_remap:
         names = {str(c["name"]) for c in classes} | {str(c["id"]) for c in classes}
         spec = spec.model_copy(update={"remap": {k: v for k, v in spec.remap.items() if str(k) in names}})
-    remap = build_remap(classes, ignore, targets, spec.remap, label, f"{field_hint}.remap")
+    remap = build_remap(classes, ignore, targets, spec.remap, label, f"{field_hint}.remap", remap_flag)
     if role == "train":
         train, val = split_items(items, val_fraction, val_max)
         train = subset_items(train, spec.fraction, spec.max_items)

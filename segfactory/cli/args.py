@@ -13,22 +13,45 @@ class OutDir(str):
     """A directory argument (``--out``, ``--root``) that is created if missing; :func:`check_out_dirs` checks it."""
 
     flag: str
+    run: bool
 
 
-def out_dir(flag: str) -> Callable[[str], OutDir]:
-    """An argparse ``type`` for the directory flag ``flag`` (e.g. ``--root``)."""
+def out_dir(flag: str, *, run: bool = False) -> Callable[[str], OutDir]:
+    """An argparse ``type`` for the directory flag ``flag`` (e.g. ``--root``).
+
+    Args:
+        flag: The flag, named in errors.
+        run: The directory receives a stage's run or report files (finetune, pretrain, evaluate, predict,
+            export): one already holding another kind of segfactory output (a rendered dataset, an ingest
+            store) is refused, so its files (``config.yaml``, ...) are never replaced.
+    """
 
     def parse(value: str) -> OutDir:
         v = OutDir(value)
         v.flag = flag
+        v.run = run
         return v
 
     return parse
 
 
+def foreign_output(path: Path) -> str | None:
+    """What segfactory output other than a run directory ``path`` holds: ``"a rendered dataset"``
+    (``dataset.json``), ``"an ingest store"`` (``index.json`` or packed shards), else ``None``."""
+    from segfactory.formats.dataset import DATASET_FILE
+    from segfactory.formats.images import INDEX_FILE, PACK_FILE, SHARDS_DIR
+
+    if (path / DATASET_FILE).is_file():
+        return "a rendered dataset"
+    if (path / INDEX_FILE).is_file() or any((path / SHARDS_DIR).glob(f"*/{PACK_FILE}")):
+        return "an ingest store"
+    return None
+
+
 def check_out_dirs(args: argparse.Namespace) -> None:
-    """Every :class:`OutDir` argument is a directory or can become one: neither it nor a parent is a file. Each
-    becomes a plain ``str`` in ``args``.
+    """Every :class:`OutDir` argument is a directory or can become one: neither it nor a parent is a file, and a
+    run directory (``out_dir(..., run=True)``) holds no rendered dataset or ingest store. Each becomes a plain
+    ``str`` in ``args``.
 
     Raises:
         UserError: naming the flag, the path and what is in the way.
@@ -45,3 +68,8 @@ def check_out_dirs(args: argparse.Namespace) -> None:
                     raise UserError(f"{value.flag} '{value}' {what}, not a directory",
                                     fix=f"point {value.flag} at a directory (it is created if missing)")
                 break
+        kind = foreign_output(path) if value.run and path.is_dir() else None
+        if kind:
+            raise UserError(f"{value.flag} '{value}' holds {kind}: this command's files would replace or mix "
+                            "with its files", fix=f"point {value.flag} at a new directory (or at this command's "
+                            "own earlier output)")

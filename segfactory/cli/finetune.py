@@ -14,7 +14,7 @@ from typing import Any
 
 from segfactory.cli.args import out_dir
 from segfactory.cli.lazyhelp import Names
-from segfactory.errors import UserError
+from segfactory.errors import PartialFailure, UserError
 
 
 def _archs() -> list[str]:
@@ -50,6 +50,43 @@ def _save_args(path: Path, args: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- finetune
+def _unlabeled_store(value: str | Path, field: str) -> str:
+    """An ``--unlabeled`` / ``data.unlabeled`` entry as an ingest store: ``sample:NAME/unlabeled`` is materialized
+    and ingested once, with the default ingest config, next to the split in the sample cache (written under a
+    temporary name and renamed when complete, so ranks and re-runs reuse it); other values are returned as given.
+
+    Raises:
+        UserError: a sample reference to another split than ``unlabeled`` (or to none).
+    """
+    import os
+
+    from segfactory.sampledata import is_sample_ref, parse_ref, resolve_path
+
+    if not is_sample_ref(str(value)):
+        return str(value)
+    name, split = parse_ref(str(value))
+    if split != "unlabeled":
+        raise UserError(f"{field} '{value}' is not the unlabeled split of sample set '{name}'",
+                        fix=f"pass sample:{name}/unlabeled")
+    from pipelines.ingest import IngestJob, run_ingest
+    from segfactory.config import load_config
+    from segfactory.io import canonical_hash, commit_dir, remove_tree
+
+    folder = resolve_path(str(value))
+    cfg = load_config(IngestJob, None, [], {"cluster.workers": 1})
+    store = folder.parent / f"unlabeled-ingested-{canonical_hash(cfg.stage_config().model_dump(mode='json'), 8)}"
+    if not store.is_dir():
+        tmp = folder.parent / f".{store.name}.tmp-{os.getpid()}"
+        remove_tree(tmp)
+        try:
+            run_ingest(str(folder), tmp, cfg)
+            if not store.is_dir():  # another process (a rank) may have committed it meanwhile
+                commit_dir(tmp, store)
+        finally:
+            remove_tree(tmp)
+    return str(store)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.config import FinetuneConfig, apply_data_flags
     from finetune.train import run_finetune
@@ -65,6 +102,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             console.print(note)
         args.encoder = str(enc_dir)
     cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps, args.unlabeled)
+    if any(str(p).startswith("sample:") for p in cfg.data.unlabeled):
+        field = "--unlabeled" if args.unlabeled else "data.unlabeled"
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "unlabeled": [Path(_unlabeled_store(p, f"{field}[{i}]")) for i, p in enumerate(cfg.data.unlabeled)]})})
     from finetune.train import check_distributed
     from segfactory.distributed import launch_processes, relaunch_under_torchrun
 
@@ -177,16 +218,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from segfactory.console import console
 
     _resolve_model(args)
-    summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
-                          overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
-                          tta=args.tta, scale=args.scale, instances=args.instances,
-                          min_object=args.min_object)
+    failed: PartialFailure | None = None
+    try:
+        summary = run_predict(args.model, args.input, args.out, device=args.device, tile=args.tile,
+                              overlap=args.overlap, batch_size=args.batch_size, overlays=not args.no_overlays,
+                              tta=args.tta, scale=args.scale, instances=args.instances,
+                              min_object=args.min_object)
+    except PartialFailure as e:  # the rest are written: record the settings and print the summary, then exit 3
+        if e.summary is None:
+            raise
+        failed, summary = e, e.summary
     summary["model"] = args.model
     _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
                                                  "input": summary["input"]})
     console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")
     _emit(summary)
+    if failed is not None:
+        raise failed
     return 0
 
 
@@ -198,14 +247,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     result: dict[str, Any] = {"model_dir": str(model_dir)}
-    if args.out:
-        model_dir = export_model_dir(args.model, args.out)
+    info = None
+    if args.out:  # the copy and its ONNX are committed together: a failed export leaves nothing
+        model_dir, info = export_model_dir(args.model, args.out, onnx=args.onnx, opset=args.opset,
+                                           atol=args.atol)
         result["model_dir"] = str(model_dir)
         console.print(f"model dir written to {model_dir}")
     elif not args.onnx:
         raise UserError("nothing to export", fix="pass --onnx and/or --out DIR")
     if args.onnx:
-        info = export_onnx(model_dir, model_dir / ONNX_FILE, opset=args.opset, atol=args.atol)
+        if info is None:
+            info = export_onnx(model_dir, model_dir / ONNX_FILE, opset=args.opset, atol=args.atol)
         console.print(f"ONNX written to {info['onnx']}; onnxruntime vs PyTorch max |diff| = "
                       f"{info['max_abs_diff']:.2e} (atol {args.atol}), argmax agreement "
                       f"{100 * info['argmax_agreement']:.3f} %")
@@ -242,14 +294,15 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
                             description="Fine-tune a segmentation model. --synthetic/--real replace the paths of "
                                         "the config's data entries in order (keeping their weights and remaps).")
     p.add_argument("config", help="YAML config (e.g. configs/finetune.yaml)")
-    p.add_argument("--out", required=True, type=out_dir("--out"), help="run directory")
+    p.add_argument("--out", required=True, type=out_dir("--out", run=True), help="run directory")
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
     p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
     p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json), "
                    "or a pretraining run holding one")
     p.add_argument("--unlabeled", action="append", metavar="IMAGES",
-                   help="unlabeled real images for domain adaptation: a `segfactory ingest` output (repeatable; "
-                        "replaces data.unlabeled)")
+                   help="unlabeled real images for domain adaptation: a `segfactory ingest` output, or "
+                        "sample:NAME/unlabeled (ingested once into the sample cache) (repeatable; replaces "
+                        "data.unlabeled)")
     p.add_argument("--arch", help=Names("decoder architecture (model.arch): {names}", _archs))
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -280,7 +333,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
                         "repeatable, reported per source and per kind")
-    e.add_argument("--out", type=out_dir("--out"), help="report directory (default MODEL_DIR/eval)")
+    e.add_argument("--out", type=out_dir("--out", run=True), help="report directory (default MODEL_DIR/eval)")
     e.add_argument("--remap", action="append", metavar="SRC=DST", help="map a data class onto a model class "
                    "(or 'ignore'); repeatable")
     e.add_argument("--on-unknown", choices=["error", "ignore"], default="error",
@@ -297,8 +350,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
     r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
-    r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB")
-    r.add_argument("--out", required=True, type=out_dir("--out"), metavar="DIR",
+    r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB; or "
+                   "sample:NAME/SPLIT (see `segfactory samples list`; of eval and labeled: their images/)")
+    r.add_argument("--out", required=True, type=out_dir("--out", run=True), metavar="DIR",
                    help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
     r.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
@@ -309,10 +363,11 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     x = commands.add_parser("export", help="self-contained model dir and/or ONNX (parity-checked)")
     x.add_argument("--model", required=True, metavar="MODEL_DIR")
-    x.add_argument("--out", type=out_dir("--out"), metavar="DIR",
+    x.add_argument("--out", type=out_dir("--out", run=True), metavar="DIR",
                    help="write a copy of the model dir here (ONNX goes inside it)")
     x.add_argument("--onnx", action="store_true", help="write model.onnx and check it under onnxruntime")
-    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 up to the newest the installed torch "
+                   "exporter writes (default 17)")
     x.add_argument("--atol", type=float, default=1e-3, help="allowed max |logit difference| ONNX vs PyTorch")
     x.set_defaults(func=_cmd_export)
 
@@ -336,7 +391,8 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     b.add_argument("--arch", default="unet", help=Names("decoder architecture: {names}", _archs))
     b.add_argument("--encoder", default="resnet18", help="timm encoder name")
     b.add_argument("--device", default="auto")
-    b.add_argument("--data", metavar="DIR", help="dataset or labeled folder (default: coins sample folder)")
+    b.add_argument("--data", metavar="DIR", help="labeled folder of real images (images/ + masks/; not a rendered "
+                   "dataset) (default: a folder of scikit-image/scikit-learn/matplotlib sample photos)")
     b.add_argument("--workers", type=int, help="DataLoader workers for both pipelines (default: all cores but one, "
                    "at most 16)")
     b.add_argument("--variants", nargs="+", metavar="V",

@@ -45,7 +45,8 @@ def register(commands: Any, benches: Any) -> None:
                                               "augmentation on the training device; exports OUT/encoder/.", _methods))
     p.add_argument("config", help="pretrain config YAML (e.g. configs/pretrain.yaml)")
     p.add_argument("--images", required=True, help="output directory of `segfactory ingest`")
-    p.add_argument("--out", required=True, type=out_dir("--out"), help="run directory (checkpoints, metrics, encoder/)")
+    p.add_argument("--out", required=True, type=out_dir("--out", run=True),
+                   help="run directory (checkpoints, metrics, encoder/)")
     p.add_argument("--method", help=Names("SSL method (method.name): {names}", _methods))
     p.add_argument("--backbone", help=Names("backbone (backbone.name): {names}", _backbones))
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")

@@ -14,11 +14,12 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     from segfactory.console import console
     from segfactory.errors import UserError
     from segfactory.sampledata import (
+        ALL_SPLITS,
         CTC_TERMS,
         EVAL_FRAMES,
+        LABELED,
         SAMPLE_PREFIX,
         SAMPLE_SETS,
-        SPLITS,
         UNLABELED_FRAMES,
         cache_root,
         materialize,
@@ -46,8 +47,9 @@ def _cmd_samples(args: argparse.Namespace) -> int:
             for r in rows:
                 console.print(f"[bold]{r['name']}[/]  {r['title']}\n  class '{r['class']}' ({r['polarity']} objects); "
                               f"masks: {r['masks']}. {r['agreement']}\n  cite: {r['citation']}", soft_wrap=True)
-            console.print(f"splits: {', '.join(SPLITS)} (frames {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1} "
-                          f"unlabeled, {EVAL_FRAMES[0]}..{EVAL_FRAMES[1] - 1} eval); use as "
+            console.print(f"splits: {', '.join(ALL_SPLITS)} (frames {UNLABELED_FRAMES[0]}..{UNLABELED_FRAMES[1] - 1} "
+                          f"unlabeled, {EVAL_FRAMES[0]}..{EVAL_FRAMES[1] - 1} eval; {LABELED}: the unlabeled frames "
+                          f"with their masks in the eval layout, written only when named); use as "
                           f"{SAMPLE_PREFIX}NAME/SPLIT (street: unlabeled and eval; labelme-*: eval only; both "
                           f"fetched at setup by `segfactory samples fetch`); cache: {cache_root()}\n{CTC_TERMS}",
                           soft_wrap=True)
@@ -73,7 +75,10 @@ def register(commands: Any, benches: Any) -> None:
                     "package, 'street' (OpenCV's and ultralytics' sample video and photos) and 'labelme-vehicles' / "
                     "'labelme-people' (labelme's example photos with manual polygon masks). Each has an 'eval' "
                     "split (images/, masks/, classes.json); the microscopy sets and 'street' also an 'unlabeled' "
-                    f"split (images), split by time. Configs and --data accept {SAMPLE_PREFIX}NAME/SPLIT. 'fetch' "
+                    "split (images), split by time; the microscopy sets also a 'labeled' split (the unlabeled "
+                    "frames with their masks, in the eval layout; written only when named, e.g. "
+                    f"{SAMPLE_PREFIX}ctc-hela/labeled). Configs, --data and predict --input accept "
+                    f"{SAMPLE_PREFIX}NAME/SPLIT, finetune --unlabeled {SAMPLE_PREFIX}NAME/unlabeled. 'fetch' "
                     "downloads the street and labelme sets' pinned files once, at setup (make install runs it); "
                     "nothing is downloaded at run time.")
     p.add_argument("action", choices=["list", "materialize", "fetch"])

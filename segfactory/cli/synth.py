@@ -84,6 +84,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from segfactory.formats.dataset import hold_for_reading, open_dataset
     from synth.viz import contact_sheet
 
+    if args.frames < 1:  # with or without --beside
+        raise UserError(f"--frames must be at least 1, got {args.frames}", fix="pass --frames 6")
     hold_for_reading(args.dataset)  # before the listing: a refresh's prune deletes none of its shards meanwhile
     ds = open_dataset(args.dataset)
     if not ds.shard_ids:
@@ -92,8 +94,6 @@ def cmd_show(args: argparse.Namespace) -> int:
         from segfactory.sampledata import resolve_path
         from synth.viz import beside_sheet
 
-        if args.frames < 1:
-            raise UserError(f"--frames must be at least 1, got {args.frames}", fix="pass --frames 6")
         if args.tile < 16:
             raise UserError(f"--tile must be at least 16 pixels, got {args.tile}", fix="pass --tile 192")
         real = [(ref, resolve_path(ref)) for ref in args.beside]
