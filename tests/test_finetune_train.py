@@ -216,8 +216,9 @@ def test_tiled_prediction_keeps_the_image_and_accumulator_off_the_gpu(trained: P
 def test_bad_tiling_is_one_clear_line_in_evaluate_and_predict(trained: Path, tiny_dataset: Path, inputs: Path,
                                                               tmp_path: Path, capsys) -> None:
     for cmd, flag, data in (("evaluate", "--data", tiny_dataset), ("predict", "--input", inputs)):
-        for bad, says in ((["--tile", "100"], "tile=100, overlap=16"), (["--overlap", "64"], "tile=128, overlap=64"),
-                          (["--overlap", "-8"], "overlap=-8"), (["--batch-size", "-1"], "batch size -1")):
+        for bad, says in ((["--tile", "100"], "--tile 100, --overlap 16"),
+                          (["--overlap", "64"], "--tile 128, --overlap 64"),
+                          (["--overlap", "-8"], "--overlap -8"), (["--batch-size", "-1"], "--batch-size -1")):
             rc, _, err = cli(capsys, cmd, "--model", trained / "model", flag, data, "--out", tmp_path / cmd,
                              "--device", "cpu", *bad)
             assert rc == 2 and says in err and "fix:" in err and "Traceback" not in err, (cmd, bad, err)
