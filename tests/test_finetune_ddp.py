@@ -140,13 +140,17 @@ Runs = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
 
 
 @pytest.fixture(scope="module")
-def single_frozen(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process, the encoder frozen for 2 steps (FROZEN): the reference of the single-node and the two-node
-    2-process runs (a deterministic run: the same weights and logs each time it runs, so it runs once)."""
-    out = tmp_path_factory.mktemp("single_frozen") / "single"
-    r1 = cli(tiny_dataset, out, *FROZEN)
-    assert r1.returncode == 0, failure(r1)
-    return out
+def single_runs(tiny_dataset: Path, hela_unlabeled: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The 1-process references of the 2-process runs below (``RUNS/<name>``) and their launches' results by name,
+    in one process (:func:`tests.ddp_cli_worker.one_job` with ``nproc=1``: one interpreter and torch start instead
+    of one per run): the encoder frozen for 2 steps (FROZEN; the reference of the single-node and the two-node
+    tests: a deterministic run, the same weights and logs each time, so it runs once), one step, the instance
+    head, domain adaptation."""
+    runs = tmp_path_factory.mktemp("single_runs")
+    plan = {"single": FROZEN, "s1": ["train.steps=1"], "instances": ["instances.enabled=true", *FROZEN],
+            "adapt": ["--unlabeled", str(hela_unlabeled), *ADAPT]}
+    return runs, one_job({name: finetune_argv(tiny_dataset, runs / name, *extra) for name, extra in plan.items()},
+                         runs / "job", nproc=1)
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +172,11 @@ def ddp_runs(tiny_dataset: Path, hela_unlabeled: Path, tmp_path_factory: pytest.
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, single_frozen: Path,
-                                                            ddp_runs: Runs, tmp_path: Path) -> None:
-    runs, done = ddp_runs
-    single, ddp = single_frozen, runs / "ddp"
-    r2 = done["ddp"]  # the encoder frozen for 2 steps (FROZEN)
+def test_two_processes_match_one_with_the_same_global_batch(single_runs: Runs, ddp_runs: Runs) -> None:
+    (ones, singles), (runs, done) = single_runs, ddp_runs
+    single, ddp = ones / "single", runs / "ddp"  # the encoder frozen for 2 steps (FROZEN)
+    r1, r2 = singles["single"], done["ddp"]
+    assert r1.returncode == 0, failure(r1)
     assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
     assert "2 processes (gloo), global batch 8 (4 per process)" in r2.stderr.replace("\n", " ")
     wa = weights(assert_trains_the_single_process_model(single, ddp, "2 processes"))
@@ -180,10 +184,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, 
     assert r2.stdout.count('"finished": true') == 1
     assert (ddp / "model" / "model.safetensors").is_file()
     # the first step's gradient (a 1-step run of each, encoder trained)
-    r1 = cli(tiny_dataset, tmp_path / "s1", "train.steps=1")
-    r2 = done["d1"]
+    r1, r2 = singles["s1"], done["d1"]
     assert r1.returncode == 0 and r2.returncode == 0, failure(r2)
-    s1 = checkpoint(tmp_path / "s1")
+    s1 = checkpoint(ones / "s1")
     moved = float(((weights(s1) - wa).abs() > 1e-6).float().mean())  # training moves most weights measurably
     print(f"the 1-step and the 4-step runs differ in {100 * moved:.1f} % of the weights by > 1e-6")
     assert moved > 0.5
@@ -194,7 +197,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, 
 
 
 @pytest.mark.slow
-def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(tiny_dataset: Path, single_frozen: Path,
+def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(tiny_dataset: Path, single_runs: Runs,
                                                                              tmp_path: Path) -> None:
     """The multi-node command docs/finetune.md documents, on localhost: two ``torchrun --nnodes=2 --node-rank=0/1
     --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT -m segfactory.cli finetune ...``
@@ -210,23 +213,23 @@ def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(ti
     logs = "".join(o + e for _, o, e in res)
     assert "2 processes (gloo), global batch 8 (4 per process)" in " ".join(logs.split())
     assert logs.count('"finished": true') == 1 and (out / "model" / "model.safetensors").is_file()
-    assert_trains_the_single_process_model(single_frozen, out, "two nodes")  # one process, FROZEN too
+    ones, singles = single_runs
+    r1 = singles["single"]  # one process, FROZEN too
+    assert r1.returncode == 0, failure(r1)
+    assert_trains_the_single_process_model(ones / "single", out, "two nodes")
 
 
 @pytest.mark.slow
-def test_the_instance_head_trains_the_same_on_two_processes(tiny_dataset: Path, ddp_runs: Runs,
-                                                            tmp_path: Path) -> None:
+def test_the_instance_head_trains_the_same_on_two_processes(single_runs: Runs, ddp_runs: Runs) -> None:
     """DDP around both heads' joint forward; the distance loss is the global batch's mean BCE."""
-    runs, done = ddp_runs
-    extra = ["instances.enabled=true", *FROZEN]
-    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
-    r2 = done["instances"]  # TWO and extra
+    (ones, singles), (runs, done) = single_runs, ddp_runs
+    r1, r2 = singles["instances"], done["instances"]  # instances.enabled=true and FROZEN; with TWO
     assert r1.returncode == 0 and r2.returncode == 0, failure(r2)
-    wa, wb = weights(checkpoint(tmp_path / "single")), weights(checkpoint(runs / "instances"))
+    wa, wb = weights(checkpoint(ones / "instances")), weights(checkpoint(runs / "instances"))
     differ = float(((wa - wb).abs() > 1e-6).float().mean())
     print(f"instance head, 4 steps: {100 * differ:.4f} % of the weights differ by > 1e-6")
     assert differ < TOL_FRACTION_NOISY
-    la, lb = metrics(tmp_path / "single"), metrics(runs / "instances")
+    la, lb = metrics(ones / "instances"), metrics(runs / "instances")
     for x, y in zip(la, lb, strict=True):
         if "loss" in x:
             assert abs(x["instance_loss"] - y["instance_loss"]) < 1e-4 and abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
@@ -446,14 +449,14 @@ def teacher(ckpt: dict) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
-        tiny_dataset: Path, hela_unlabeled: Path, ddp_runs: Runs, tmp_path: Path) -> None:
-    runs, done = ddp_runs
+        tiny_dataset: Path, hela_unlabeled: Path, single_runs: Runs, ddp_runs: Runs, tmp_path: Path) -> None:
+    (ones, singles), (runs, done) = single_runs, ddp_runs
     extra = ["--unlabeled", str(hela_unlabeled), *ADAPT]
-    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    r1 = singles["adapt"]  # extra
     assert r1.returncode == 0, failure(r1)
     r2 = done["adapt"]  # TWO and extra
     assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
-    a, b = checkpoint(tmp_path / "single"), checkpoint(runs / "adapt")
+    a, b = checkpoint(ones / "adapt"), checkpoint(runs / "adapt")
     assert b["world_size"] == 2 and b["step"] == 4
     # the student and the teacher (an EMA of the students) against one process
     for name, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
@@ -463,7 +466,7 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
         assert differ < TOL_FRACTION_NOISY, name
     # the adaptation generator has made the same draws (for the global batch, on every rank)
     assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
-    la, lb = metrics(tmp_path / "single"), metrics(runs / "adapt")
+    la, lb = metrics(ones / "adapt"), metrics(runs / "adapt")
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     st = 0
     for x, y in zip(la, lb, strict=True):
