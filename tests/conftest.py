@@ -24,6 +24,19 @@ CELLS_TINY = ("output.bit_depth=8", "scene.randomization.post.camera_bits=0",
               "scene.params.density=[8, 20]")
 
 
+# `segfactory run` at tiny sizes (tests/test_pipelines_run.py): a few 48 px frames rendered with 2 samples, a few
+# training steps, 2 held-out frames.
+RUN_TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.samples=2",
+            "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "pretrain.train.steps=10",
+            "pretrain.train.batch_size=8", "finetune.train.steps=20", "finetune.train.val_every=10",
+            "finetune.train.checkpoint_every=10", "finetune.data.val_max_items=2", "execution.predict_images=2",
+            "test.scenes=2"]
+# The microscopy quickstart (configs/quickstart.yaml) on top of RUN_TINY: 128 px frames hold whole nuclei (input.scale
+# auto), self-training from step 10, the real HeLa frames scored.
+MICROSCOPY_TINY = ["render.render.resolution=128", "finetune.adapt.warmup_steps=10", "eval.real=[sample:ctc-hela/eval]",
+                   "eval.overlays=1"]
+
+
 def render_cli(*args: str) -> int:
     """Run ``segfactory render ...`` in-process (a real LocalCluster and Blender subprocesses)."""
     from segfactory.cli import main
@@ -59,6 +72,29 @@ def rendered_street_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "--resolution", "64", "--workers", "2", "dataset.scenes_per_shard=2", "render.samples=8")
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def microscopy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """``segfactory run configs/quickstart.yaml`` (RUN_TINY + MICROSCOPY_TINY) for real, once per session: the run
+    directory and its summary (``run.json``, what the command prints). The sample sets are materialized into a data
+    folder of its own (``SEGFACTORY_DATA``: the run's parent's ``data``), which a test that runs on from the run's
+    stages sets too (another folder would be new real images to ingest).
+
+    tests/test_pipelines_run.py checks the run; the bench transfer test (tests/test_bench_transfer_labels.py), whose
+    config renders, ingests and pretrains exactly what this run does (the same stage keys), starts from a copy of
+    those stages instead of rendering and pretraining them again. Tests must not write into the run: copy it."""
+    import json
+
+    from segfactory.cli import main
+
+    root = tmp_path_factory.mktemp("microscopy")
+    out = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEGFACTORY_DATA", str(root / "data"))
+        mp.delenv("SEGFACTORY_FAULT", raising=False)
+        assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *RUN_TINY, *MICROSCOPY_TINY]) == 0
+    return out, json.loads((out / "run.json").read_text())
 
 
 def assert_hang_children_gone(root: Path, timeout: float = 10.0) -> None:
@@ -102,7 +138,7 @@ def _no_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SEGFACTORY_FAULT", raising=False)
 
 
-RENDERED_FIXTURES = {"rendered_cells_dataset", "rendered_street_dataset"}
+RENDERED_FIXTURES = {"rendered_cells_dataset", "rendered_street_dataset", "microscopy_run"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,6 +4,7 @@ eval never scores (nor their neighbours), and the supervised-on-synthetic (``sup
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,13 +138,22 @@ TINY = ["render.render.resolution=128", "render.render.views=1", "render.render.
 
 
 @pytest.mark.render
-@pytest.mark.slow  # renders cells, pretrains, and fine-tunes 4 tiny models through `segfactory run`
-def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatch):
+@pytest.mark.slow  # fine-tunes 4 tiny models through `segfactory run` (and renders and pretrains, in microscopy_run)
+def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatch, microscopy_run):
     from pipelines.bench_transfer import run_transfer_bench
 
-    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
     cfg = load_config(TransferBenchConfig, CONFIGS / "bench_transfer.yaml", TINY)
     out = tmp_path / "bench"
+    # The bench renders, ingests and pretrains what the tiny microscopy quickstart run does (its config extends
+    # quickstart.yaml; the same sizes, seeds and steps: the same stage keys), and reuses a finished stage as every
+    # run does: it starts from a copy of those stages of conftest's microscopy_run (and its sample data folder: the
+    # same real image files, so nothing new to ingest) instead of rendering and pretraining them once more.
+    run, _ = microscopy_run
+    monkeypatch.setenv("SEGFACTORY_DATA", str(run.parent / "data"))
+    for stage in ("render", "testset", "ingest", "pretrain"):
+        for d in (run / "stages").glob(f"{stage}-*"):
+            if d.is_dir():
+                shutil.copytree(d, out / "stages" / d.name, symlinks=True)
     result = run_transfer_bench(cfg, out)
     names = [f"real2-{i}" for i in ("random", "ssl", "supsyn")]  # one k: each init is its own path
     assert list(result["rows"]) == ["synthetic", *names]

@@ -35,6 +35,7 @@ from finetune.data.mixing import MixedBatchSampler
 from finetune.train import CHECKPOINT_FILE
 from segfactory.cli import main
 from segfactory.distributed import EXIT_HOOK_ENV
+from tests.ddp_cli_worker import one_job
 from tests.torchrun_nodes import run_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +64,15 @@ TOL_FRACTION_NOISY = 0.02
 TOL_GRAD = 5e-3
 
 
+def finetune_argv(dataset: Path, out: Path, *extra: str) -> list[str]:
+    """The arguments of ``segfactory finetune`` for a tiny run on ``dataset`` into ``out``."""
+    return ["finetune", TINY, "--out", str(out), "--synthetic", str(dataset), *ARGS, *extra]
+
+
 def cli(dataset: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
         timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``segfactory finetune`` in a fresh process (it re-launches itself under torchrun for devices > 1)."""
-    cmd = [sys.executable, "-m", "segfactory.cli", "finetune", TINY, "--out", str(out), "--synthetic", str(dataset),
-           *ARGS, *extra]
+    cmd = [sys.executable, "-m", "segfactory.cli", *finetune_argv(dataset, out, *extra)]
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
@@ -122,13 +127,56 @@ def assert_trains_the_single_process_model(single: Path, ddp: Path, what: str) -
     return a
 
 
+# the encoder frozen for 2 steps: DDP is rebuilt when it is unfrozen (steps 3-4 train it)
+FROZEN = ["model.freeze_encoder_steps=2"]
+# Self-training from step 1 of 4 with a low pseudo-label threshold (the barely trained teacher is never 0.968
+# confident, and its labels should count), histogram matching and FDA on every other crop, BatchNorm
+# recalibration of the validated and saved models. The real batch is 4 (2 per rank) against 8 synthetic crops (4
+# per rank): ClassMix pastes synthetic crops 0-3 into real crops 0-3, so rank 1 pastes crops that rank 0 holds
+# (the gathered path; with equal batches each rank pastes its own, measured to match as closely).
+ADAPT = ["adapt.warmup_steps=1", "adapt.threshold=0.4", "adapt.hist_match_p=0.5", "adapt.fda_beta=0.05",
+         "adapt.fda_p=0.5", "adapt.recalibrate_bn=2", "adapt.batch_size=4", "input.scaling=auto"]
+Runs = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
+
+
+@pytest.fixture(scope="module")
+def single_runs(tiny_dataset: Path, hela_unlabeled: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The 1-process references of the 2-process runs below (``RUNS/<name>``) and their launches' results by name,
+    in one process (:func:`tests.ddp_cli_worker.one_job` with ``nproc=1``: one interpreter and torch start instead
+    of one per run): the encoder frozen for 2 steps (FROZEN; the reference of the single-node and the two-node
+    tests: a deterministic run, the same weights and logs each time, so it runs once), one step, the instance
+    head, domain adaptation."""
+    runs = tmp_path_factory.mktemp("single_runs")
+    plan = {"single": FROZEN, "s1": ["train.steps=1"], "instances": ["instances.enabled=true", *FROZEN],
+            "adapt": ["--unlabeled", str(hela_unlabeled), *ADAPT]}
+    return runs, one_job({name: finetune_argv(tiny_dataset, runs / name, *extra) for name, extra in plan.items()},
+                         runs / "job", nproc=1)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_dataset: Path, hela_unlabeled: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The 2-process runs of the tests below that train to the end or stop at a step (``RUNS/<name>``), and their
+    launches' results by name: real ``segfactory finetune`` runs on 2 gloo processes under torchrun, all in one
+    torchrun job (:func:`tests.ddp_cli_worker.one_job`: the interpreter, torch and the job start once instead of
+    once per run; each run joins the job's ranks as the ranks of a command that re-launched itself do). The
+    resumes stay launches of their own, through the command line's re-launch: a stopped run resumes in new
+    processes."""
+    runs = tmp_path_factory.mktemp("ddp_runs")
+    adapt = ["--unlabeled", str(hela_unlabeled), *ADAPT]
+    plan = {"ddp": [*TWO, *FROZEN], "d1": ["train.steps=1", *TWO],
+            "instances": [*TWO, "instances.enabled=true", *FROZEN],
+            "full": [*TWO], "part": [*TWO, "train.stop_at=2"],
+            "adapt": [*TWO, *adapt], "adapt_part": [*TWO, *adapt, "train.stop_at=2"]}
+    return runs, one_job({name: finetune_argv(tiny_dataset, runs / name, *extra) for name, extra in plan.items()},
+                         runs / "job")
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, tmp_path: Path) -> None:
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    # the encoder frozen for 2 steps: DDP is rebuilt when it is unfrozen (steps 3-4 train it)
-    r1 = cli(tiny_dataset, single, "model.freeze_encoder_steps=2")
+def test_two_processes_match_one_with_the_same_global_batch(single_runs: Runs, ddp_runs: Runs) -> None:
+    (ones, singles), (runs, done) = single_runs, ddp_runs
+    single, ddp = ones / "single", runs / "ddp"  # the encoder frozen for 2 steps (FROZEN)
+    r1, r2 = singles["single"], done["ddp"]
     assert r1.returncode == 0, failure(r1)
-    r2 = cli(tiny_dataset, ddp, *TWO, "model.freeze_encoder_steps=2")
     assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
     assert "2 processes (gloo), global batch 8 (4 per process)" in r2.stderr.replace("\n", " ")
     wa = weights(assert_trains_the_single_process_model(single, ddp, "2 processes"))
@@ -136,21 +184,20 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset: Path, 
     assert r2.stdout.count('"finished": true') == 1
     assert (ddp / "model" / "model.safetensors").is_file()
     # the first step's gradient (a 1-step run of each, encoder trained)
-    r1 = cli(tiny_dataset, tmp_path / "s1", "train.steps=1")
-    r2 = cli(tiny_dataset, tmp_path / "d1", "train.steps=1", *TWO)
+    r1, r2 = singles["s1"], done["d1"]
     assert r1.returncode == 0 and r2.returncode == 0, failure(r2)
-    s1 = checkpoint(tmp_path / "s1")
+    s1 = checkpoint(ones / "s1")
     moved = float(((weights(s1) - wa).abs() > 1e-6).float().mean())  # training moves most weights measurably
     print(f"the 1-step and the 4-step runs differ in {100 * moved:.1f} % of the weights by > 1e-6")
     assert moved > 0.5
-    ga, gb = first_moment(s1), first_moment(checkpoint(tmp_path / "d1"))
+    ga, gb = first_moment(s1), first_moment(checkpoint(runs / "d1"))
     rel = float((ga - gb).norm() / ga.norm())
     print(f"first-step gradient: relative difference {rel:.3g}")
     assert rel < TOL_GRAD
 
 
 @pytest.mark.slow
-def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(tiny_dataset: Path,
+def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(tiny_dataset: Path, single_runs: Runs,
                                                                              tmp_path: Path) -> None:
     """The multi-node command docs/finetune.md documents, on localhost: two ``torchrun --nnodes=2 --node-rank=0/1
     --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT -m segfactory.cli finetune ...``
@@ -158,43 +205,45 @@ def test_two_nodes_through_the_c10d_rendezvous_train_the_single_process_model(ti
     ``train.backend``: the ranks see torchrun's environment, do not re-launch, and join with gloo on the CPU).
     Both finish; rank 0 alone writes the run; it trained the single-process model of the same global batch, with
     the tolerances of the single-node 2-process test (share of weights that differ, logged losses, validation)."""
-    extra = ["model.freeze_encoder_steps=2"]  # as the single-node test: DDP is rebuilt when the encoder thaws
+    extra = FROZEN  # as the single-node test: DDP is rebuilt when the encoder thaws
     out = tmp_path / "nodes"
-    res = run_nodes(["finetune", TINY, "--out", str(out), "--synthetic", str(tiny_dataset), *ARGS, *extra])
+    res = run_nodes(finetune_argv(tiny_dataset, out, *extra))
     for rc, o, e in res:
         assert rc == 0, o[-3000:] + e[-3000:]
     logs = "".join(o + e for _, o, e in res)
     assert "2 processes (gloo), global batch 8 (4 per process)" in " ".join(logs.split())
     assert logs.count('"finished": true') == 1 and (out / "model" / "model.safetensors").is_file()
-    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    ones, singles = single_runs
+    r1 = singles["single"]  # one process, FROZEN too
     assert r1.returncode == 0, failure(r1)
-    assert_trains_the_single_process_model(tmp_path / "single", out, "two nodes")
+    assert_trains_the_single_process_model(ones / "single", out, "two nodes")
 
 
 @pytest.mark.slow
-def test_the_instance_head_trains_the_same_on_two_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_the_instance_head_trains_the_same_on_two_processes(single_runs: Runs, ddp_runs: Runs) -> None:
     """DDP around both heads' joint forward; the distance loss is the global batch's mean BCE."""
-    extra = ["instances.enabled=true", "model.freeze_encoder_steps=2"]
-    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
-    r2 = cli(tiny_dataset, tmp_path / "ddp", *TWO, *extra)
+    (ones, singles), (runs, done) = single_runs, ddp_runs
+    r1, r2 = singles["instances"], done["instances"]  # instances.enabled=true and FROZEN; with TWO
     assert r1.returncode == 0 and r2.returncode == 0, failure(r2)
-    wa, wb = weights(checkpoint(tmp_path / "single")), weights(checkpoint(tmp_path / "ddp"))
+    wa, wb = weights(checkpoint(ones / "instances")), weights(checkpoint(runs / "instances"))
     differ = float(((wa - wb).abs() > 1e-6).float().mean())
     print(f"instance head, 4 steps: {100 * differ:.4f} % of the weights differ by > 1e-6")
     assert differ < TOL_FRACTION_NOISY
-    la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    la, lb = metrics(ones / "instances"), metrics(runs / "instances")
     for x, y in zip(la, lb, strict=True):
         if "loss" in x:
             assert abs(x["instance_loss"] - y["instance_loss"]) < 1e-4 and abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
 
 
 @pytest.mark.slow
-def test_resume_under_two_processes_equals_uninterrupted(tiny_dataset: Path, tmp_path: Path) -> None:
-    full = cli(tiny_dataset, tmp_path / "full", *TWO)
+def test_resume_under_two_processes_equals_uninterrupted(tiny_dataset: Path, ddp_runs: Runs, tmp_path: Path) -> None:
+    runs, done = ddp_runs
+    full, part = done["full"], done["part"]  # TWO; TWO and train.stop_at=2
     assert full.returncode == 0, failure(full)
-    part = cli(tiny_dataset, tmp_path / "part", *TWO, "train.stop_at=2")
     assert part.returncode == 0, failure(part)
-    assert checkpoint(tmp_path / "part")["step"] == 2
+    assert checkpoint(runs / "part")["step"] == 2
+    shutil.copytree(runs / "full", tmp_path / "full")
+    shutil.copytree(runs / "part", tmp_path / "part")  # resumed here: the fixture's runs stay as they were
     shutil.copytree(tmp_path / "part", tmp_path / "one")
     rest = cli(tiny_dataset, tmp_path / "part", *TWO, "--resume")
     assert rest.returncode == 0, failure(rest)
@@ -360,13 +409,7 @@ def test_global_losses_equal_torch_and_smp_in_one_process() -> None:
 
 # ------------------------------------------------------------------------------------------ domain adaptation
 
-# Self-training from step 1 of 4 with a low pseudo-label threshold (the barely trained teacher is never 0.968
-# confident, and its labels should count), histogram matching and FDA on every other crop, BatchNorm
-# recalibration of the validated and saved models. The real batch is 4 (2 per rank) against 8 synthetic crops (4
-# per rank): ClassMix pastes synthetic crops 0-3 into real crops 0-3, so rank 1 pastes crops that rank 0 holds
-# (the gathered path; with equal batches each rank pastes its own, measured to match as closely).
-ADAPT = ["adapt.warmup_steps=1", "adapt.threshold=0.4", "adapt.hist_match_p=0.5", "adapt.fda_beta=0.05",
-         "adapt.fda_p=0.5", "adapt.recalibrate_bn=2", "adapt.batch_size=4", "input.scaling=auto"]
+# ADAPT (above): the domain adaptation settings of these tests.
 
 
 @pytest.fixture(scope="module")
@@ -406,13 +449,14 @@ def teacher(ckpt: dict) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
-        tiny_dataset: Path, hela_unlabeled: Path, tmp_path: Path) -> None:
+        tiny_dataset: Path, hela_unlabeled: Path, single_runs: Runs, ddp_runs: Runs, tmp_path: Path) -> None:
+    (ones, singles), (runs, done) = single_runs, ddp_runs
     extra = ["--unlabeled", str(hela_unlabeled), *ADAPT]
-    r1 = cli(tiny_dataset, tmp_path / "single", *extra)
+    r1 = singles["adapt"]  # extra
     assert r1.returncode == 0, failure(r1)
-    r2 = cli(tiny_dataset, tmp_path / "ddp", *TWO, *extra)
+    r2 = done["adapt"]  # TWO and extra
     assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
-    a, b = checkpoint(tmp_path / "single"), checkpoint(tmp_path / "ddp")
+    a, b = checkpoint(ones / "adapt"), checkpoint(runs / "adapt")
     assert b["world_size"] == 2 and b["step"] == 4
     # the student and the teacher (an EMA of the students) against one process
     for name, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
@@ -422,7 +466,7 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
         assert differ < TOL_FRACTION_NOISY, name
     # the adaptation generator has made the same draws (for the global batch, on every rank)
     assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
-    la, lb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    la, lb = metrics(ones / "adapt"), metrics(runs / "adapt")
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     st = 0
     for x, y in zip(la, lb, strict=True):
@@ -440,8 +484,9 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
     assert st == 3  # steps 2, 3, 4 self-trained
     assert all(0 < r["pseudo_quality"] <= 1 and 0 < r["pasted"] < 1 for r in lb if "pasted" in r)  # it did adapt
     # resume under 2 processes: bit for bit the uninterrupted 2-process run (student, teacher, generator, logs)
-    part = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "train.stop_at=2")
+    part = done["adapt_part"]  # TWO, extra and train.stop_at=2
     assert part.returncode == 0, failure(part)
+    shutil.copytree(runs / "adapt_part", tmp_path / "part")  # resumed here: the fixture's runs stay as they were
     rest = cli(tiny_dataset, tmp_path / "part", *TWO, *extra, "--resume")
     assert rest.returncode == 0, failure(rest)
     c = checkpoint(tmp_path / "part")
@@ -452,7 +497,7 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
     def logged(out: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(out)]
 
-    assert logged(tmp_path / "ddp") == logged(tmp_path / "part")
+    assert logged(runs / "adapt") == logged(tmp_path / "part")
 
 
 def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,

@@ -7,15 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, RUN_TINY
 
 from segfactory.cli import main
 
-TINY = ["render.render.resolution=48", "render.render.views=1", "render.render.samples=2",
-        "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "pretrain.train.steps=10",
-        "pretrain.train.batch_size=8", "finetune.train.steps=20", "finetune.train.val_every=10",
-        "finetune.train.checkpoint_every=10", "finetune.data.val_max_items=2", "execution.predict_images=2",
-        "test.scenes=2"]
+TINY = RUN_TINY
 
 
 # The street demo fine-tunes a resnet18 from random init (init: random, no pretrain stage); the chain test runs it
@@ -120,14 +116,11 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
 
 @pytest.mark.render
 @pytest.mark.slow  # renders cells, ingests the real sample frames, trains with adaptation, scores real frames
-def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(tmp_path: Path, capsys, monkeypatch):
+def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(microscopy_run: tuple[Path, dict]):
     """The main job at tiny sizes: the run's real images reach fine-tuning as its unlabeled data (self-training
-    runs), and the report scores real HeLa frames next to the baselines."""
-    monkeypatch.setenv("SEGFACTORY_DATA", str(tmp_path / "data"))
-    out = tmp_path / "run"
-    tiny = ["render.render.resolution=128", "finetune.adapt.warmup_steps=10", "eval.real=[sample:ctc-hela/eval]",
-            "eval.overlays=1"]
-    first = run(out, capsys, *tiny, config="quickstart.yaml")  # 128 px: frames hold whole nuclei (input.scale auto)
+    runs), and the report scores real HeLa frames next to the baselines. The run: conftest's microscopy_run
+    (configs/quickstart.yaml with RUN_TINY and MICROSCOPY_TINY: 128 px frames hold whole nuclei, input.scale auto)."""
+    out, first = microscopy_run
     ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
     images = next(p for p in (out / "stages").glob("ingest-*") if p.is_dir())
     assert ["--unlabeled", str(images)] == [a for a in json.loads((ft / "stage.json").read_text())["argv"]

@@ -37,6 +37,7 @@ from segfactory.distributed import EXIT_HOOK_ENV
 from segfactory.errors import UserError
 from tests import ddp_method_worker as method_worker
 from tests import ddp_queue_worker as queue_worker
+from tests.ddp_cli_worker import one_job
 from tests.test_pretrain import REAL, ingest_inline, tiny_cfg
 from tests.torchrun_nodes import run_nodes
 
@@ -57,12 +58,16 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ingest_inline(REAL[:8], tmp_path_factory.mktemp("images"))
 
 
+def pretrain_argv(images: Path, out: Path, *extra: str) -> list[str]:
+    """The arguments of ``segfactory pretrain`` for a tiny run of ``images`` into ``out``."""
+    return ["pretrain", str(ROOT / "configs" / "pretrain.yaml"), "--images", str(images), "--out", str(out),
+            "backbone.name=test_resnet", *tiny_args(), *DDP, *extra]
+
+
 def cli(images: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
         timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``segfactory pretrain`` in a fresh process (it re-launches itself under torchrun for devices > 1)."""
-    cmd = [sys.executable, "-m", "segfactory.cli", "pretrain", str(ROOT / "configs" / "pretrain.yaml"),
-           "--images", str(images), "--out", str(out), "backbone.name=test_resnet",
-           *tiny_args(), *DDP, *extra]
+    cmd = [sys.executable, "-m", "segfactory.cli", *pretrain_argv(images, out, *extra)]
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
@@ -128,22 +133,68 @@ def logged(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_pct", "elapsed_s")} for r in rows]
 
 
+# MoCo and DenseCL (test_moco_and_densecl_resume_exactly_under_two_processes): resumed from the uninterrupted run's
+# step-2 checkpoint
+QUEUE_METHODS: dict[str, list[str]] = {"moco": ["method.name=moco"], "densecl": DENSECL}
+ResumeRuns = tuple[Path, dict[str, subprocess.CompletedProcess[str]]]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(images: Path, tmp_path_factory: pytest.TempPathFactory) -> ResumeRuns:
+    """The 2-process runs of the resume tests below, as ``RUNS/<method>/{full,part,one,again}`` and their
+    launches' results by ``<method>-<full|part|rest>``.
+
+    Every run is a real ``segfactory pretrain`` on 2 gloo processes under torchrun, but they share two torchrun
+    jobs (:func:`one_job`; the interpreter, torch and the job start once per job instead of once per run): the
+    first job runs each method's uninterrupted run (``full``) and, for RESUME_METHODS, the same run stopped after
+    step 2 (``part``, ``--stop-after 2``); between the jobs ``part`` is copied to ``one`` (the test resumes that
+    copy on 1 process) and, for QUEUE_METHODS, ``full`` is copied to ``again`` without its step-4 checkpoint; the
+    second job, a new one (no process of the first is left), resumes ``part`` and ``again`` (``--resume``). SimCLR's
+    ``part`` and its resume run as the command line runs them (``segfactory pretrain ... train.devices=2
+    train.backend=gloo`` re-launching itself under torchrun), so that ``--stop-after`` and ``--resume`` also pass
+    through the re-launch."""
+    runs = tmp_path_factory.mktemp("resume_runs")
+
+    def argv(method: str, run: str, *extra: str) -> list[str]:
+        return pretrain_argv(images, runs / method / run, *TWO, *{**RESUME_METHODS, **QUEUE_METHODS}[method], *extra)
+
+    first = {f"{m}-full": argv(m, "full") for m in [*RESUME_METHODS, *QUEUE_METHODS]}
+    first |= {f"{m}-part": argv(m, "part", "--stop-after", "2") for m in RESUME_METHODS if m != "simclr"}
+    done = one_job(first, runs / "job1")
+    done["simclr-part"] = cli(images, runs / "simclr" / "part", *TWO, "--stop-after", "2")
+    for m in RESUME_METHODS:
+        if done[f"{m}-part"].returncode == 0:
+            shutil.copytree(runs / m / "part", runs / m / "one")
+    for m in QUEUE_METHODS:
+        if done[f"{m}-full"].returncode == 0:
+            shutil.copytree(runs / m / "full", runs / m / "again")
+            checkpoint_paths(runs / m / "again")[-1].unlink()  # keep step 2 (keep_checkpoints=2): resumed from there
+    second = {f"{m}-rest": argv(m, "part", "--resume") for m in RESUME_METHODS if m != "simclr"}
+    second |= {f"{m}-rest": argv(m, "again", "--resume") for m in QUEUE_METHODS}
+    done |= one_job(second, runs / "job2")
+    done["simclr-rest"] = cli(images, runs / "simclr" / "part", *TWO, "--resume")
+    return runs, done
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(RESUME_METHODS))
-def test_resume_under_two_processes_equals_uninterrupted(images: Path, tmp_path: Path, capsys, method: str) -> None:
+def test_resume_under_two_processes_equals_uninterrupted(images: Path, resume_runs: ResumeRuns, capsys,
+                                                         method: str) -> None:
     """A 2-process run stopped after step 2 (``--stop-after 2``) and resumed (``--resume``, 2 processes) ends bit
     for bit where the uninterrupted 2-process run ended: every entry of the model's state (the momentum twins
     BYOL's target and DINO's teacher, BatchNorm statistics, DINO's center), the optimizer's state, and the logged
     losses of every step (the momentum and teacher-temperature schedules and DINO's frozen last layer run across
     the resume). The step-2 checkpoint holds state that a resume which rebuilt it would get wrong: the twins
     differ from their online networks, DINO's center is not its initial zeros. Resumed on 1 process instead: a
-    note, and the same training up to float reduction order (TOL)."""
+    note, and the same training up to float reduction order (TOL). The runs: ``resume_runs``."""
     opts = RESUME_METHODS[method]
-    full = cli(images, tmp_path / "full", *TWO, *opts)
+    runs, done = resume_runs
+    tmp_path = runs / method
+    full, part = done[f"{method}-full"], done[f"{method}-part"]
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-    part = cli(images, tmp_path / "part", *TWO, *opts, "--stop-after", "2")
     assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
-    mid = torch.load(checkpoint_paths(tmp_path / "part")[-1], map_location="cpu", weights_only=True)
+    # the stopped run as it was before its resume (copied then)
+    mid = torch.load(checkpoint_paths(tmp_path / "one")[-1], map_location="cpu", weights_only=True)
     assert mid["step"] == 2 and mid["world_size"] == 2
     for online, twin in TWINS.get(method, []):
         keys = [k for k in mid["model"] if k.startswith(online) and mid["model"][k].is_floating_point()]
@@ -152,11 +203,10 @@ def test_resume_under_two_processes_equals_uninterrupted(images: Path, tmp_path:
     if method == "dino":
         assert float(mid["model"]["criterion.center"].abs().max()) > 1e-3
     # another world size: allowed, said in a note, and the same training up to float reduction order
-    shutil.copytree(tmp_path / "part", tmp_path / "one")
     run_pretrain(tiny_cfg(*DDP, *opts), images, tmp_path / "one", resume="last")
     assert "written by a run of 2 process(es), this one has 1" in capsys.readouterr().err.replace("\n", " ")
     one_diff = max_diff(weights(tmp_path / "full"), weights(tmp_path / "one"))
-    rest = cli(images, tmp_path / "part", *TWO, *opts, "--resume")
+    rest = done[f"{method}-rest"]
     assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
     said = " ".join((rest.stdout + rest.stderr).split())  # the console wraps long lines
     assert "resuming from" in said and "at step 2" in said
@@ -265,22 +315,24 @@ def test_moco_and_densecl_queues_and_losses_are_the_global_batch_ones(tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["method.name=moco"], DENSECL], ids=["moco", "densecl"])
-def test_moco_and_densecl_resume_exactly_under_two_processes(images: Path, tmp_path: Path, method: list[str]) -> None:
+def test_moco_and_densecl_resume_exactly_under_two_processes(images: Path, resume_runs: ResumeRuns, tmp_path: Path,
+                                                             method: list[str]) -> None:
     """A 2-process run resumed from its step-2 checkpoint ends bit for bit where the uninterrupted run ended
     (weights, the key encoder's BatchNorm statistics of rank 0, the queues); and it trained the single-process
-    model (1e-4, all but the key encoder's per-rank BatchNorm running statistics, see the test above)."""
-    full = cli(images, tmp_path / "full", *TWO, *method)
+    model (1e-4, all but the key encoder's per-rank BatchNorm running statistics, see the test above). The runs
+    (``full``, and ``again``: a copy of it without its step-4 checkpoint, resumed): ``resume_runs``."""
+    name = next(n for n, opts in QUEUE_METHODS.items() if opts == method)
+    runs, done = resume_runs
+    full = done[f"{name}-full"]
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-    again = tmp_path / "again"
-    shutil.copytree(tmp_path / "full", again)
-    checkpoint_paths(again)[-1].unlink()  # keep step 2 (keep_checkpoints=2): the run continues from there
-    rest = cli(images, again, *TWO, *method, "--resume")
+    again = runs / name / "again"
+    rest = done[f"{name}-rest"]
     assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
     assert "resuming from" in rest.stdout + rest.stderr and "step_0000002.pt" in rest.stdout + rest.stderr
     a, b = (torch.load(checkpoint_paths(d)[-1], map_location="cpu", weights_only=True)
-            for d in (tmp_path / "full", again))
+            for d in (runs / name / "full", again))
     assert a["step"] == b["step"] == 4 and a["world_size"] == 2
-    assert max_diff(weights(tmp_path / "full"), weights(again)) == 0.0
+    assert max_diff(weights(runs / name / "full"), weights(again)) == 0.0
     banks = [k for k in a["extra_buffers"] if k.endswith(".bank")]
     assert len(banks) == (2 if method == DENSECL else 1)
     assert all(torch.equal(a["extra_buffers"][k], b["extra_buffers"][k]) for k in a["extra_buffers"])
