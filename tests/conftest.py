@@ -55,6 +55,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model dir fine-tuned for 2 steps on ``tiny_dataset`` (``configs/finetune_tiny.yaml``); read-only."""
+    from segfactory.cli import main
+
+    out = tmp_path_factory.mktemp("model") / "run"
+    assert main(["finetune", str(CONFIGS / "finetune_tiny.yaml"), "--out", str(out), "--synthetic",
+                 str(tiny_dataset), "--steps", "2", "train.val_every=1000"]) == 0
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
 def rendered_cells_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real rendered ``cells`` dataset: 8 scenes x 2 views at 64 px in 2 shards (16 frames, 3 classes), 8-bit."""
     out = tmp_path_factory.mktemp("rendered") / "cells"

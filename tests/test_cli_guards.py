@@ -18,14 +18,6 @@ from segfactory.errors import EXIT_USER
 TINY = CONFIGS / "finetune_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "run"
-    assert main(["finetune", str(TINY), "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "2",
-                 "train.val_every=1000"]) == 0
-    return out / "model"
-
-
 def images(folder: Path, n: int = 2) -> dict[str, bytes]:
     """``n`` random 64 px gray PNGs in ``folder``; their bytes by name."""
     folder.mkdir(parents=True, exist_ok=True)

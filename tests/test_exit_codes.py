@@ -115,16 +115,6 @@ def test_exit_2_for_a_full_disk_is_one_line(tmp_path: Path) -> None:
     assert "fix: free space on that disk" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from segfactory.cli import main
-
-    out = tmp_path_factory.mktemp("model") / "run"
-    assert main(["finetune", str(TINY), "--out", str(out), "--synthetic", str(tiny_dataset), "--steps", "2",
-                 "train.val_every=1000"]) == 0
-    return out / "model"
-
-
 def test_exit_3_some_units_failed_and_are_listed(tiny_model: Path, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
