@@ -143,11 +143,11 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str
             ingest into ``out_dir`` is running (exit code EXIT_BUSY; it holds ``OUT/.ingest.lock``).
         PartialFailure: some shard tasks failed after retries (the others are committed).
     """
-    from segfactory.formats.dataset import DATASET_FILE
+    from segfactory.formats import output_kind
 
     t0 = time.perf_counter()
-    if (Path(out_dir) / DATASET_FILE).is_file():
-        raise UserError(f"--out '{out_dir}' is a rendered dataset ({DATASET_FILE}), not an image store",
+    if output_kind(Path(out_dir)) == "a rendered dataset":  # an ingest store is this command's own output
+        raise UserError(f"--out '{out_dir}' is a rendered dataset, not an image store",
                         fix="ingest into a folder of its own (a new one, or an earlier ingest's --out)")
     out = ensure_writable_dir(out_dir)
     # held for the whole run: a second run would remove this run's temp shard folders as leftovers and

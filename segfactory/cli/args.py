@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from segfactory.errors import UserError
+from segfactory.formats import output_kind
 
 
 class OutDir(str):
@@ -35,19 +36,6 @@ def out_dir(flag: str, *, run: bool = False) -> Callable[[str], OutDir]:
     return parse
 
 
-def foreign_output(path: Path) -> str | None:
-    """What segfactory output other than a run directory ``path`` holds: ``"a rendered dataset"``
-    (``dataset.json``), ``"an ingest store"`` (``index.json`` or packed shards), else ``None``."""
-    from segfactory.formats.dataset import DATASET_FILE
-    from segfactory.formats.images import INDEX_FILE, PACK_FILE, SHARDS_DIR
-
-    if (path / DATASET_FILE).is_file():
-        return "a rendered dataset"
-    if (path / INDEX_FILE).is_file() or any((path / SHARDS_DIR).glob(f"*/{PACK_FILE}")):
-        return "an ingest store"
-    return None
-
-
 def check_out_dirs(args: argparse.Namespace) -> None:
     """Every :class:`OutDir` argument is a directory or can become one: neither it nor a parent is a file, and a
     run directory (``out_dir(..., run=True)``) holds no rendered dataset or ingest store. Each becomes a plain
@@ -68,7 +56,7 @@ def check_out_dirs(args: argparse.Namespace) -> None:
                     raise UserError(f"{value.flag} '{value}' {what}, not a directory",
                                     fix=f"point {value.flag} at a directory (it is created if missing)")
                 break
-        kind = foreign_output(path) if value.run and path.is_dir() else None
+        kind = output_kind(path) if value.run and path.is_dir() else None
         if kind:
             raise UserError(f"{value.flag} '{value}' holds {kind}: this command's files would replace or mix "
                             "with its files", fix=f"point {value.flag} at a new directory (or at this command's "
