@@ -148,16 +148,34 @@ class SyntheticInstances:
         return {row: {names[c]: t.result() for c, t in per.items()} for row, per in self.tallies.items()}
 
 
-def summarize(cms: dict[str, np.ndarray], kinds: dict[str, str], names: list[str]) -> dict[str, Any]:
-    """Per-source metrics plus pooled ``by_kind`` (synthetic / real) and ``overall`` metrics."""
+def summarize(cms: dict[str, np.ndarray], kinds: dict[str, str], names: list[str],
+              labeled: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Per-source metrics plus pooled ``by_kind`` (synthetic / real) and ``overall`` metrics.
+
+    Args:
+        cms: (K, K) confusion per source.
+        kinds: ``synthetic`` or ``real`` per source.
+        names: The K class names.
+        labeled: The class ids each source labels (:meth:`~finetune.data.remap.Remap.labeled`); a source's mIoU
+            averages those, a pooled one their union. Missing: all classes.
+    """
+    labeled = labeled or {}
+    all_ids = list(range(len(names)))
+
+    def scored(sources: list[str]) -> list[int]:
+        return sorted({c for n in sources for c in labeled.get(n, all_ids)})
+
     out: dict[str, Any] = {"sources": {}, "by_kind": {}}
     for name, cm in cms.items():
-        out["sources"][name] = {"kind": kinds[name], **metrics_from_confusion(cm, names), "confusion": cm.tolist()}
+        out["sources"][name] = {"kind": kinds[name], **metrics_from_confusion(cm, names, scored([name])),
+                                "confusion": cm.tolist()}
     for kind in sorted(set(kinds.values())):
-        pooled = sum(cm for n, cm in cms.items() if kinds[n] == kind)
-        out["by_kind"][kind] = {**metrics_from_confusion(pooled, names), "confusion": pooled.tolist()}
+        members = [n for n in cms if kinds[n] == kind]
+        pooled = sum(cms[n] for n in members)
+        out["by_kind"][kind] = {**metrics_from_confusion(pooled, names, scored(members)), "confusion": pooled.tolist()}
     pooled = sum(cms.values())
-    out["overall"] = {**metrics_from_confusion(pooled, names), "confusion": np.asarray(pooled).tolist()}
+    out["overall"] = {**metrics_from_confusion(pooled, names, scored(list(cms))),
+                      "confusion": np.asarray(pooled).tolist()}
     return out
 
 
@@ -431,7 +449,8 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                                            "min": round(min(v), 4), "max": round(max(v), 4)}
                                        for n, v in image_scales.items()}} if image_scales else {})},
               "data": {s.name: {"kind": s.kind, "path": str(s.path), "images": len(s.val)} for s in sources},
-              **summarize(cms, {s.name: s.kind for s in sources}, targets.names)}
+              **summarize(cms, {s.name: s.kind for s in sources}, targets.names,
+                          {s.name: s.remap.labeled(targets.ignore_index) for s in sources})}
     if synth_inst:
         report["instances"] = {name: si.result() for name, si in synth_inst.items()}
     if scorers:

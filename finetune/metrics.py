@@ -200,12 +200,20 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ign
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def metrics_from_confusion(cm: np.ndarray, names: list[str]) -> dict[str, Any]:
+def metrics_from_confusion(cm: np.ndarray, names: list[str], scored: list[int] | None = None) -> dict[str, Any]:
     """mIoU, per-class IoU/accuracy, pixel accuracy from a confusion matrix.
+
+    Args:
+        cm: (K, K) counts, ``cm[t, p]``.
+        names: The K class names.
+        scored: The class ids mIoU and mean accuracy average (the classes the reference labels); ``None``: all.
+            Per-class values are given for every class either way; pixels predicted as an unscored class still
+            count, as misses of the true class they cover.
 
     Returns:
         ``{"miou", "pixel_accuracy", "mean_accuracy", "pixels", "per_class": {name: {"iou", "accuracy",
-        "gt_pixels", "pred_pixels"}}}``; undefined values are ``None``.
+        "gt_pixels", "pred_pixels"}}}`` (plus ``"miou_classes"`` when ``scored`` leaves classes out); undefined
+        values are ``None``.
     """
     cm = cm.astype(np.float64)
     tp = np.diag(cm)
@@ -220,14 +228,19 @@ def metrics_from_confusion(cm: np.ndarray, names: list[str]) -> dict[str, Any]:
     def val(x: float) -> float | None:
         return None if np.isnan(x) else round(float(x), 6)
 
-    return {
-        "miou": val(np.nanmean(iou)) if np.any(~np.isnan(iou)) else None,
+    sel = np.arange(len(names)) if scored is None else np.asarray(sorted(set(scored)), np.int64)
+    s_iou, s_acc = iou[sel], acc[sel]
+    out: dict[str, Any] = {
+        "miou": val(np.nanmean(s_iou)) if np.any(~np.isnan(s_iou)) else None,
         "pixel_accuracy": val(tp.sum() / total) if total else None,
-        "mean_accuracy": val(np.nanmean(acc)) if np.any(~np.isnan(acc)) else None,
+        "mean_accuracy": val(np.nanmean(s_acc)) if np.any(~np.isnan(s_acc)) else None,
         "pixels": int(total),
         "per_class": {n: {"iou": val(iou[i]), "accuracy": val(acc[i]), "gt_pixels": int(gt[i]),
                           "pred_pixels": int(pr[i])} for i, n in enumerate(names)},
     }
+    if len(sel) < len(names):
+        out["miou_classes"] = [names[i] for i in sel]
+    return out
 
 
 def safe_name(name: str) -> str:

@@ -1,8 +1,10 @@
 """Scoring on real labeled folders: the model next to classic baselines, in the same table, plus overlays.
 
 For every real source ``segfactory evaluate`` scores, rows ``model`` and each baseline (``otsu``,
-``blur_otsu``, see :mod:`finetune.baselines`) get: per-class IoU and mIoU (same confusion-matrix rules as the
-rest of the evaluation), **foreground IoU** (the union of the folder's non-background classes vs the rest), and,
+``blur_otsu``, see :mod:`finetune.baselines`) get: per-class IoU (same confusion-matrix rules as the rest of the
+evaluation) and mIoU over **the folder's own classes** (its background and foreground classes after the mapping, listed
+as ``miou_classes``; model classes the folder does not label are left out of the mean, their pixels still count as
+misses of the true class), **foreground IoU** (the union of the folder's non-background classes vs the rest), and,
 for every thing class, **instance F1** at IoU >= 0.5 with one-to-one matching, mean matched IoU and count error
 (:mod:`finetune.metrics`).
 
@@ -267,6 +269,15 @@ class RealScorer:
             self.overlay_files.append(frame.overlay)
 
     # -------------------------------------------------------------------------------------------- results
+    @property
+    def miou_classes(self) -> list[int]:
+        """The target ids a row's mIoU averages: the folder's own classes (its background and foreground), not
+        every class of the model. A model class the folder does not label would otherwise score IoU 0 from a few
+        stray pixels and pull the model's mIoU below baselines that only ever predict the folder's classes; those
+        stray pixels still count, as misses of the true class they cover. The same classes as the per-source
+        mIoU of :func:`finetune.evaluate.summarize`."""
+        return self.src.remap.labeled(self.targets.ignore_index)
+
     def result(self) -> dict[str, Any]:
         names = self.targets.names
         task = self.task
@@ -279,7 +290,7 @@ class RealScorer:
                     "is better trained with input.scaling=percentile")
         rows: dict[str, Any] = {}
         for name, row in self.rows.items():
-            m = metrics_from_confusion(row.cm, names)
+            m = metrics_from_confusion(row.cm, names, self.miou_classes)
             rows[name] = {
                 "miou": m["miou"],
                 "per_class_iou": {n: m["per_class"][n]["iou"] for n in names},
@@ -297,6 +308,7 @@ class RealScorer:
             "background": None if task.background is None else names[task.background],
             "foreground_classes": [names[c] for c in task.foreground],
             "thing_classes": [names[c] for c in task.things],
+            "miou_classes": [names[c] for c in self.miou_classes],
             "true_instances": "instances/<stem>.png" if task.instances_dir is not None
             else "4-connected components of the mask",
             "polarity": task.polarity, "polarity_from": task.polarity_from,

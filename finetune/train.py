@@ -494,7 +494,8 @@ class Trainer:
         self.model.train(was_training)
         if was_training and self._frozen:
             self.model.encoder.eval()
-        report = summarize(cms, {s.name: s.kind for s in self.val_sources}, self.targets.names)
+        report = summarize(cms, {s.name: s.kind for s in self.val_sources}, self.targets.names,
+                           {s.name: s.remap.labeled(self.targets.ignore_index) for s in self.val_sources})
         sel = self.cfg.train.select_on
         pick = report["by_kind"].get(sel) if sel != "all" else None
         report["selected"] = (pick or report["overall"])["miou"]

@@ -88,6 +88,40 @@ def test_pooled_counts_over_images_and_foreground_iou() -> None:
     assert foreground_counts(a, b, valid) == (4, 8)
 
 
+def test_real_miou_averages_the_folders_classes_not_every_model_class(tmp_path: Path) -> None:
+    """A 3-class model on a background/nucleus folder: 4 stray 'debris' pixels must not add an IoU-0 class to the
+    model's mean (the baselines never predict debris); they still count against background, where they fell."""
+    from finetune.config import SourceSpec
+    from finetune.data.remap import make_targets
+    from finetune.data.sources import open_source
+    from finetune.realeval import MODEL_ROW, RealScorer
+
+    gt = np.zeros((20, 20), np.uint8)
+    gt[5:15, 5:15] = 1                                   # one 100-pixel nucleus, 300 background pixels
+    root = tmp_path / "real"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(gt * 200).save(root / "images" / "a.png")
+    Image.fromarray(gt).save(root / "masks" / "a.png")
+    (root / "classes.json").write_text(json.dumps({"classes": [{"id": 0, "name": "background"},
+                                                               {"id": 1, "name": "nucleus"}]}))
+    targets = make_targets([{"id": 0, "name": "background"}, {"id": 1, "name": "nucleus"},
+                            {"id": 2, "name": "debris"}], 255)
+    spec = SourceSpec(path=root)
+    src = open_source(spec, "real", targets, "eval")
+    scorer = RealScorer(spec, src, targets, ["otsu"], 0, tmp_path / "eval", "dtype")
+    img, mask = src.load(src.val[0])
+    pred = mask.copy()
+    pred[0, 0:4] = 2                                     # four background pixels called debris
+    scorer.add(src.val[0], img, mask, pred)
+    res = scorer.result()
+    assert res["miou_classes"] == ["background", "nucleus"]
+    model = res["rows"][MODEL_ROW]
+    assert model["per_class_iou"] == {"background": pytest.approx(296 / 300), "nucleus": 1.0, "debris": 0.0}
+    assert model["miou"] == pytest.approx((296 / 300 + 1.0) / 2, abs=1e-6)   # not (296/300 + 1 + 0) / 3
+    assert res["rows"]["otsu"]["miou"] == pytest.approx(1.0)                # the baseline: same classes
+
+
 def test_components_are_4_connected() -> None:
     m = np.zeros((4, 4), bool)
     m[0, 0] = m[1, 1] = True                            # diagonal neighbours: two objects
@@ -178,6 +212,11 @@ def test_evaluate_scores_model_and_baselines_on_real_frames(trained: Path, hela:
     # The model row is the same confusion as the per-source table.
     assert real["rows"]["model"]["per_class_iou"] == {n: rep["sources"]["hela"]["per_class"][n]["iou"]
                                                       for n in rep["classes"]}
+    # mIoU averages the folder's classes (not the model's 'debris'), the same in both places.
+    assert real["miou_classes"] == rep["sources"]["hela"]["miou_classes"] == ["background", "nucleus"]
+    assert real["rows"]["model"]["miou"] == rep["sources"]["hela"]["miou"] == pytest.approx(
+        (real["rows"]["model"]["per_class_iou"]["background"] + real["rows"]["model"]["per_class_iou"]["nucleus"]) / 2,
+        abs=2e-6)
     # The baselines' numbers, recomputed here from the files: pooled fg IoU and instance counts.
     for name in ("otsu", "blur_otsu"):
         inter = union = 0

@@ -101,6 +101,13 @@ class Remap:
     known: np.ndarray
     mapping: dict[str, str] = field(default_factory=dict)
 
+    def labeled(self, ignore_index: int = 255) -> list[int]:
+        """The target ids this source labels: its class table's classes after the mapping (ignored ones left out).
+
+        A model's mIoU on the source averages these classes only (:func:`finetune.metrics.metrics_from_confusion`'s
+        ``scored``): a model class the source never labels has no true pixels there to score."""
+        return sorted({int(t) for t in self.lut[self.known]} - {ignore_index})
+
     def apply(self, mask: np.ndarray, path: Any, on_unknown: str, ignore_index: int = 255) -> np.ndarray:
         """Map a (H, W) source mask to (H, W) uint8 target ids.
 
