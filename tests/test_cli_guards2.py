@@ -1,0 +1,72 @@
+"""More user paths of the CLI, run in-process through :func:`segfactory.cli.main` on the tiny model trained from the
+NumPy dataset (no Blender) and the CHO sample set's real frames: ``finetune --real sample:...``, TIFF stacks in
+predict and evaluate, ``predict --input FILE``, ``show --beside`` with an unreadable image, PNG colour profiles
+without libpng's stderr warnings, and ``input.scale=auto`` on labels without objects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS
+
+from segfactory.cli import main
+from segfactory.errors import EXIT_USER
+
+TINY = CONFIGS / "finetune_tiny.yaml"
+
+
+def error_line(err: str) -> str:
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sample cache of this module's own (``SEGFACTORY_DATA``), holding ``sample:ctc-cho/eval``."""
+    from segfactory.sampledata import resolve_path
+
+    root = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEGFACTORY_DATA", str(root))
+        resolve_path("sample:ctc-cho/eval")
+    return root
+
+
+@pytest.fixture()
+def cho_eval(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The CHO eval split (real microscopy: 5 z-slices per time point, ``cho_tTT_zZ.png``)."""
+    monkeypatch.setenv("SEGFACTORY_DATA", str(data_root))
+    [split] = (data_root / "samples").glob("ctc-cho-*/eval")
+    return split
+
+
+# ------------------------------------------------------------------------------------------------ show --beside
+def test_show_beside_skips_an_unreadable_image(tiny_dataset: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """One broken file in a --beside folder aborted the sheet; it is left out with a one-line note now."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("cho_t14_z0.png", "cho_t15_z0.png"):
+        shutil.copy(cho_eval / "images" / name, real / name)
+    (real / "cho_t14_z9.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    sheet = tmp_path / "sheet.png"
+    assert main(["show", str(tiny_dataset), "--beside", str(real), "--frames", "3", "--tile", "32", "--out",
+                 str(sheet)]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and "cho_t14_z9.png" in notes[0] and "Traceback" not in err, err
+    assert sheet.is_file()
+    # nothing readable: one error line naming the folder, no sheet
+    for p in real.glob("cho_t1[45]_z0.png"):
+        p.unlink()
+    sheet.unlink()
+    assert main(["show", str(tiny_dataset), "--beside", str(real), "--frames", "3", "--tile", "32", "--out",
+                 str(sheet)]) == EXIT_USER
+    assert f"none of the 1 image(s) picked from '{real}' could be read" in error_line(capsys.readouterr().err)
+    assert not sheet.exists()
