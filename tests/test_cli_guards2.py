@@ -47,6 +47,23 @@ def cho_eval(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return split
 
 
+# ------------------------------------------------------------------------------------ finetune --real sample:
+def test_finetune_real_takes_a_sample_reference(cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """--real sample:NAME/labeled is materialized like evaluate's --data (it was 'data folder ... does not exist')."""
+    base = ["finetune", str(TINY), "--steps", "2", "train.val_every=1000"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--real", "sample:ctc-cho/labeled"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert list(summary["final_val"]["sources"]) == ["ctc-cho"]  # named after the set, not its folder 'labeled'
+    [split] = (cho_eval.parent.parent).glob("ctc-cho-*/labeled")
+    assert (split / "images").is_dir() and (split / "masks").is_dir()
+    # the unlabeled split has no masks: one line that names the labeled splits, nothing written
+    assert main([*base, "--out", str(tmp_path / "b"), "--real", "sample:ctc-cho/unlabeled"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "--real[0] 'sample:ctc-cho/unlabeled' is images without masks" in error_line(err)
+    assert "sample:ctc-cho/labeled or sample:ctc-cho/eval" in err
+    assert not (tmp_path / "b").exists()
+
+
 # ------------------------------------------------------------------------------------------------ show --beside
 def test_show_beside_skips_an_unreadable_image(tiny_dataset: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
     """One broken file in a --beside folder aborted the sheet; it is left out with a one-line note now."""
