@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CONFIGS
 
@@ -87,3 +88,35 @@ def test_show_beside_skips_an_unreadable_image(tiny_dataset: Path, cho_eval: Pat
                  str(sheet)]) == EXIT_USER
     assert f"none of the 1 image(s) picked from '{real}' could be read" in error_line(capsys.readouterr().err)
     assert not sheet.exists()
+
+
+# ------------------------------------------------------------------------------------- input.scale=auto
+def test_scale_auto_on_labels_without_objects_says_so(data_root: Path, tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rendered dataset whose thing class never appears: input.scale=auto stops at the estimate with one line
+    saying the objects are missing from the synthetic labels (not from the predictions)."""
+    from procedural import CELLS_CLASSES
+
+    from segfactory.formats.dataset import FrameArrays, write_dataset
+
+    monkeypatch.setenv("SEGFACTORY_DATA", str(data_root))
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(4):
+        sem = np.zeros((64, 64), np.uint8)
+        for y, x in rng.integers(4, 50, (6, 2)):
+            sem[y:y + 10, x:x + 10] = 2  # debris only (a stuff class): no nucleus anywhere
+        frames.append([FrameArrays((rng.random((64, 64)) * 255).astype(np.uint8), sem, np.zeros((64, 64), np.uint16),
+                                   np.full((64, 64), 1000, np.uint16), {}, {})])
+    dataset = tmp_path / "no-nuclei"
+    write_dataset(dataset, frames, CELLS_CLASSES, family="cells")
+    out = tmp_path / "run"
+    assert main(["finetune", str(TINY), "--out", str(out), "--synthetic", str(dataset), "--steps", "4",
+                 "--unlabeled", "sample:ctc-cho/unlabeled", "input.scale=auto", "adapt.warmup_steps=2",
+                 "train.val_every=1000"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert error_line(err) == ("error: input.scale=auto: no objects of the thing classes (1) were found in the "
+                               "synthetic labels"), err
+    [fix] = [line.strip() for line in err.splitlines() if line.strip().startswith("fix:")]
+    assert fix.endswith("or render scenes that hold objects of those classes") and "Traceback" not in err
+    assert not (out / "model").exists()
