@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CONFIGS
+from PIL import Image
 
 from segfactory.cli import main
 from segfactory.errors import EXIT_USER
@@ -88,6 +89,34 @@ def test_show_beside_skips_an_unreadable_image(tiny_dataset: Path, cho_eval: Pat
                  str(sheet)]) == EXIT_USER
     assert f"none of the 1 image(s) picked from '{real}' could be read" in error_line(capsys.readouterr().err)
     assert not sheet.exists()
+
+
+# --------------------------------------------------------------------------------------- libpng's iCCP warnings
+def test_png_colour_profiles_print_no_libpng_warnings(tmp_path: Path, capfd) -> None:
+    """OpenCV's libpng printed 'libpng warning: iCCP: known incorrect sRGB profile' on stderr for PNGs with the
+    common faulty sRGB profile (e.g. scikit-image's photos): the profile is dropped before decoding, the pixels
+    are the same."""
+    import cv2
+
+    from finetune.samples import skimage_data_path
+    from segfactory.formats.imagefile import cv2_imread, png_without_iccp, read_image
+
+    with Image.open(skimage_data_path("chelsea.png")) as im:  # only its colour profile, not its pixels
+        profile = im.info["icc_profile"]
+    rng = np.random.default_rng(0)
+    rgb, gray = rng.integers(0, 255, (24, 40, 3), np.uint8), rng.integers(0, 65535, (24, 40), np.uint16)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", icc_profile=profile)
+    Image.fromarray(gray).save(tmp_path / "gray16.png", icc_profile=profile)
+    capfd.readouterr()
+    assert cv2.imread(str(tmp_path / "rgb.png")) is not None
+    assert "libpng warning: iCCP" in capfd.readouterr().err  # what the files make OpenCV's libpng say
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    assert np.array_equal(read_image(tmp_path / "gray16.png"), gray)
+    assert np.array_equal(cv2_imread(tmp_path / "rgb.png", cv2.IMREAD_COLOR), rgb[..., ::-1])
+    assert "libpng" not in capfd.readouterr().err
+    data = (tmp_path / "rgb.png").read_bytes()
+    assert b"iCCP" in data and b"iCCP" not in png_without_iccp(data)
+    assert png_without_iccp(data[:20]) == data[:20] and png_without_iccp(b"GIF89a") == b"GIF89a"
 
 
 # ------------------------------------------------------------------------------------- input.scale=auto

@@ -8,6 +8,10 @@ Two rules every reader of real images shares (``segfactory ingest`` decodes with
 - **Decompression bombs**: the pixel count in the header is checked before any pixel is decoded; above
   ``MAX_PIXELS`` (Pillow's error threshold, ingest's ``checks.max_pixels`` default) the file is refused with one
   line.
+
+A PNG's embedded colour profile (iCCP chunk) is dropped before OpenCV decodes it (:func:`png_without_iccp`):
+OpenCV applies no colour management, so the pixels are the same, but its libpng prints a warning on stderr
+("libpng warning: iCCP: known incorrect sRGB profile") for the many photos whose profile it finds faulty.
 """
 
 from __future__ import annotations
@@ -120,6 +124,47 @@ def _tiff_first_page_hw(path: Path, max_pixels: int) -> tuple[int, int]:
     return h, w
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_without_iccp(data: bytes) -> bytes:
+    """PNG bytes without their iCCP chunk (an embedded ICC colour profile), else ``data`` unchanged.
+
+    OpenCV ignores colour profiles, so its decode of the result has the same pixels; what is avoided is libpng's
+    warning on stderr about a profile it finds faulty (``iCCP: known incorrect sRGB profile``, ``iCCP: profile
+    ...: invalid rendering intent``), printed by the C library once per decode. Bytes that are not a PNG, or
+    whose chunks end early, are returned as they are (the decoder then reports them).
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    i = len(PNG_SIGNATURE)
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        end = i + 12 + length  # length, type, data, CRC
+        if kind == b"iCCP":
+            return data[:i] + data[end:] if end <= len(data) else data
+        if kind in (b"IDAT", b"IEND"):  # iCCP comes before the first IDAT, or not at all
+            return data
+        i = end
+    return data
+
+
+def cv2_imread(path: str | os.PathLike[str], flags: int = cv2.IMREAD_UNCHANGED) -> npt.NDArray[Any] | None:
+    """``cv2.imread(path, flags)`` (BGR order, ``None`` when unreadable) without libpng's colour-profile warnings:
+    a PNG is decoded without its iCCP chunk (:func:`png_without_iccp`). For code that wants OpenCV's own layout;
+    everything else reads with :func:`read_image`."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        return cv2.imread(str(path), flags)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data:
+        return None
+    return cv2.imdecode(np.frombuffer(png_without_iccp(data), np.uint8), flags)
+
+
 def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> ImageArray:
     """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
 
@@ -147,7 +192,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Im
             img = np.moveaxis(img, 0, -1)  # planar TIFF
     else:
         _, _, orientation = _open_header(path, max_pixels)
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # IMREAD_UNCHANGED ignores EXIF: applied below
+        img = cv2_imread(path)  # IMREAD_UNCHANGED ignores EXIF: applied below
         if img is None:
             raise UserError(f"cannot read image '{path}' (missing, corrupt or not an image)",
                             fix="re-save it as PNG, JPEG or TIFF, or remove it")
