@@ -1,10 +1,11 @@
 """Tiled, batched prediction: class-id masks of the input's size plus colour overlays.
 
 Contract of ``segfactory predict --model MODEL --input DIR --out OUT``: for every image in DIR (JPEG, PNG,
-TIFF; 8/16-bit; gray/RGB) write ``OUT/<stem>.png`` (uint8 class ids, same height and width as the input) and
-``OUT/overlays/<stem>.jpg``. A model with an instance head (:mod:`finetune.instances`) also writes
-``OUT/instances/<stem>.png`` (uint16 instance ids of its thing classes, 0 = none) and ``OUT/instances.json``
-(COCO instances, RLE masks, one image per input), and its overlays outline every instance.
+TIFF; 8/16-bit; gray/RGB), or the one image file ``--input`` names, write ``OUT/<stem>.png`` (uint8 class ids, same
+height and width as the input) and ``OUT/overlays/<stem>.jpg``. A model with an instance head
+(:mod:`finetune.instances`) also writes ``OUT/instances/<stem>.png`` (uint16 instance ids of its thing classes,
+0 = none) and ``OUT/instances.json`` (COCO instances, RLE masks, one image per input), and its overlays outline
+every instance.
 """
 
 from __future__ import annotations
@@ -423,15 +424,21 @@ def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def list_images(input_dir: str | os.PathLike) -> list[Path]:
-    """Images directly inside ``input_dir``, sorted.
+def list_images(input_path: str | os.PathLike) -> list[Path]:
+    """Images directly inside the folder ``input_path``, sorted; or ``[input_path]`` when it is one image file.
 
     Raises:
-        UserError: missing or empty folder, or two files sharing a stem (their masks would collide).
+        UserError: missing path, a file that is not a JPEG/PNG/TIFF, a folder without images, or two files
+            sharing a stem (their masks would collide).
     """
-    d = Path(input_dir)
+    d = Path(input_path)
+    if d.is_file():
+        if d.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(f"--input '{d}' is not an image file ({', '.join(IMAGE_SUFFIXES)})",
+                            fix="pass a JPEG/PNG/TIFF image or a folder of them")
+        return [d]
     if not d.is_dir():
-        raise UserError(f"input folder '{d}' does not exist", fix="pass a folder of images with --input")
+        raise UserError(f"--input '{d}' does not exist", fix="pass a folder of images or one image file")
     files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
     if not files:
@@ -451,8 +458,8 @@ OUTPUT_IMAGE_DIRS = (".", "instances", "overlays")
 
 
 def resolve_input(value: str | os.PathLike) -> Path:
-    """The folder ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized (:mod:`segfactory.sampledata`);
-    of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
+    """The folder (or image file) ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized
+    (:mod:`segfactory.sampledata`); of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
 
     Raises:
         UserError: an unknown sample set or split, or a reference without a split.
@@ -466,13 +473,15 @@ def resolve_input(value: str | os.PathLike) -> Path:
 
 
 def check_input_not_output(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Refuse an ``--input`` folder predict writes images into (``OUT``, ``OUT/instances``, ``OUT/overlays``):
-    a mask or overlay could replace an input image of the same name.
+    """Refuse an ``--input`` folder (or an image file in a folder) predict writes images into (``OUT``,
+    ``OUT/instances``, ``OUT/overlays``): a mask or overlay could replace an input image of the same name.
 
     Raises:
         UserError: naming both folders.
     """
     src, out = Path(input_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if src.is_file():
+        src = src.parent
     for sub in OUTPUT_IMAGE_DIRS:
         if src == (out / sub).resolve():
             where = "is --out" if sub == "." else f"is --out's {sub}/ (predict writes there)"
@@ -488,7 +497,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     """Predict every image of ``input_dir`` into ``out_dir``.
 
     Args:
-        input_dir: A folder of images, or ``sample:NAME/SPLIT`` (:func:`resolve_input`).
+        input_dir: A folder of images, one image file, or ``sample:NAME/SPLIT`` (:func:`resolve_input`).
         tta: Test-time augmentation: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip`` (:func:`predict_image_probs`).
         scale: Input scale instead of model.json's: a factor, or ``auto`` for each image's own estimate
             (:func:`resolve_scale`).

@@ -66,6 +66,31 @@ def test_finetune_real_takes_a_sample_reference(cho_eval: Path, tmp_path: Path, 
     assert not (tmp_path / "b").exists()
 
 
+# ------------------------------------------------------------------------------------------ predict --input FILE
+def test_predict_input_takes_one_image_file(tiny_model: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """--input FILE said "input folder '...' does not exist"; one image is predicted now."""
+    img = tmp_path / "in" / "cho_t14_z2.png"
+    img.parent.mkdir()
+    shutil.copy(cho_eval / "images" / img.name, img)
+    (tmp_path / "in" / "other.png").write_bytes(img.read_bytes())  # not named: not predicted
+    assert main(["predict", "--model", str(tiny_model), "--input", str(img), "--out", str(tmp_path / "p")]) == 0
+    assert last_json(capsys.readouterr().out)["images"] == 1
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["cho_t14_z2.png"]
+    assert (tmp_path / "p" / "overlays" / "cho_t14_z2.jpg").is_file()
+    # its folder as --out would replace it with its mask: refused as for a folder
+    assert main(["predict", "--model", str(tiny_model), "--input", str(img), "--out", str(img.parent)]) == EXIT_USER
+    assert "--input" in error_line(capsys.readouterr().err)
+    # a path that does not exist, and a file that is not an image: one line naming --input
+    for bad, says in ((tmp_path / "nope.png", "does not exist"), (tmp_path / "notes.txt", "is not an image file")):
+        if bad.suffix == ".txt":
+            bad.write_text("hello\n")
+        assert main(["predict", "--model", str(tiny_model), "--input", str(bad), "--out",
+                     str(tmp_path / "x")]) == EXIT_USER
+        line = error_line(capsys.readouterr().err)
+        assert f"--input '{bad}' {says}" in line and "folder" not in line.split(says)[0], line
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------------------------ show --beside
 def test_show_beside_skips_an_unreadable_image(tiny_dataset: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
     """One broken file in a --beside folder aborted the sheet; it is left out with a one-line note now."""

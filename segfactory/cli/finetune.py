@@ -379,8 +379,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
     r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
-    r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB; or "
-                   "sample:NAME/SPLIT (see `segfactory samples list`; of eval and labeled: their images/)")
+    r.add_argument("--input", required=True, metavar="PATH", help="a folder of JPEG/PNG/TIFF images (8/16-bit, gray "
+                   "or RGB), one such image file, or sample:NAME/SPLIT (see `segfactory samples list`; of eval and "
+                   "labeled: their images/)")
     r.add_argument("--out", required=True, type=out_dir("--out", run=True), metavar="DIR",
                    help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
