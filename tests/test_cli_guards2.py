@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from conftest import CONFIGS
 from PIL import Image
 
@@ -64,6 +65,65 @@ def test_finetune_real_takes_a_sample_reference(cho_eval: Path, tmp_path: Path, 
     assert "--real[0] 'sample:ctc-cho/unlabeled' is images without masks" in error_line(err)
     assert "sample:ctc-cho/labeled or sample:ctc-cho/eval" in err
     assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------- TIFF stacks
+def _stack(cho_eval: Path, folder: Path, t: int = 14) -> list[Path]:
+    """The 5 z-slices of time point ``t`` as ``folder/cho.tif`` (a 5-page TIFF); the slice PNGs in order."""
+    slices = sorted((cho_eval / "images").glob(f"cho_t{t}_z*.png"))
+    assert len(slices) == 5
+    folder.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(folder / "cho.tif") as tw:
+        for p in slices:
+            tw.write(np.asarray(Image.open(p)), contiguous=False)
+    return slices
+
+
+def test_predict_reads_every_page_of_a_tiff_stack(tiny_model: Path, cho_eval: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    """A multi-page TIFF was predicted from its first page only, silently: every page is predicted now, each
+    exactly as the same slice saved as its own file."""
+    slices = _stack(cho_eval, tmp_path / "stack")
+    assert main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "stack"), "--out",
+                 str(tmp_path / "p"), "--no-overlays"]) == 0
+    captured = capsys.readouterr()
+    summary = last_json(captured.out)
+    assert summary["images"] == 5 and summary["stacks"] == {"cho.tif": 5}
+    assert "every page predicted" in captured.err
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == [f"cho_p{k}.png" for k in range(5)]
+    # the same slices as separate PNGs: the same masks
+    (tmp_path / "slices").mkdir()
+    for p in slices:
+        shutil.copy(p, tmp_path / "slices" / p.name)
+    assert main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "slices"), "--out",
+                 str(tmp_path / "q"), "--no-overlays"]) == 0
+    for k, p in enumerate(slices):
+        page = np.asarray(Image.open(tmp_path / "p" / f"cho_p{k}.png"))
+        assert np.array_equal(page, np.asarray(Image.open(tmp_path / "q" / f"{p.stem}.png"))), k
+    # a file named like a page's output would be overwritten: refused before anything is written
+    shutil.copy(slices[0], tmp_path / "stack" / "cho_p1.png")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "stack"), "--out",
+                 str(tmp_path / "r")]) == EXIT_USER
+    assert "'cho.tif page 1' and 'cho_p1.png' would both write cho_p1.png" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_a_tiff_stack_in_a_labeled_folder(tiny_model: Path, cho_eval: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    """A stack's first page was scored against its one mask, silently: one line now, with how to split it."""
+    folder = tmp_path / "labeled"
+    slices = _stack(cho_eval, folder / "images")
+    (folder / "masks").mkdir()
+    shutil.copy(cho_eval / "masks" / slices[0].name, folder / "masks" / "cho.png")
+    shutil.copy(cho_eval / "classes.json", folder / "classes.json")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(folder), "--out", str(out),
+                 "--baselines", "none"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "is a TIFF stack of 5 pages, but a labeled image is one frame with one mask" in error_line(err)
+    assert "fix: split the stack into one image per page" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ predict --input FILE

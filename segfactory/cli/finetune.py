@@ -260,6 +260,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
                                                  "input": summary["input"]})
     console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")
+    if summary.get("stacks"):
+        stacks = summary["stacks"]
+        console.print(f"{len(stacks)} multi-page TIFF(s), {sum(stacks.values())} pages: every page predicted, as "
+                      f"<stem>_p<N>.png", soft_wrap=True)
     _emit(summary)
     if failed is not None:
         raise failed
@@ -357,7 +361,11 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
                             "model.json cleanup.min_object, 0.25 for models trained on rendered objects)")
 
     e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
-                            "folders also foreground IoU and instance F1 next to classic baselines")
+                            "folders also foreground IoU and instance F1 next to classic baselines",
+                            description="Score a model dir on rendered datasets and real labeled folders (images/ + "
+                                        "masks/). An image is one 2-D frame with one mask: a multi-page TIFF in "
+                                        "images/ is refused (split the stack into one image per page, each with "
+                                        "its mask; `segfactory predict` reads every page of a stack).")
     e.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
@@ -377,13 +385,18 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     inference_flags(e)
     e.set_defaults(func=_cmd_evaluate)
 
-    r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
+    r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images",
+                            description="Predict class-id masks (and overlays, instances) for every image of a "
+                                        "folder, or one image file. A multi-page TIFF (z-slices, time points) is "
+                                        "predicted page by page, as `segfactory ingest` takes a stack's slices: "
+                                        "page N's mask is OUT/<stem>_p<N>.png (N zero-padded to the stack's length).")
     r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     r.add_argument("--input", required=True, metavar="PATH", help="a folder of JPEG/PNG/TIFF images (8/16-bit, gray "
-                   "or RGB), one such image file, or sample:NAME/SPLIT (see `segfactory samples list`; of eval and "
-                   "labeled: their images/)")
+                   "or RGB; every page of a multi-page TIFF), one such image file, or sample:NAME/SPLIT (see "
+                   "`segfactory samples list`; of eval and labeled: their images/)")
     r.add_argument("--out", required=True, type=out_dir("--out", run=True), metavar="DIR",
-                   help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
+                   help="OUT/<stem>.png masks (OUT/<stem>_p<N>.png for page N of a TIFF stack), "
+                        "OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
     r.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
                    help="OUT/instances/<stem>.png + OUT/instances.json (COCO): auto = when the model has an "
