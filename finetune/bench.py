@@ -72,11 +72,13 @@ def make_bench_folder(out: Path, short_side: int = 640) -> Path:
     import cv2
     from skimage.filters import threshold_otsu
 
+    from segfactory.formats.imagefile import cv2_imread
+
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for pkg, name in BENCH_IMAGES:
         path = sample_image_path(pkg, name)
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        img = cv2_imread(path, cv2.IMREAD_COLOR)  # without libpng's warnings about skimage's colour profiles
         if img is None:
             continue
         s = short_side / min(img.shape[:2])

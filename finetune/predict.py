@@ -1,10 +1,12 @@
 """Tiled, batched prediction: class-id masks of the input's size plus colour overlays.
 
 Contract of ``segfactory predict --model MODEL --input DIR --out OUT``: for every image in DIR (JPEG, PNG,
-TIFF; 8/16-bit; gray/RGB) write ``OUT/<stem>.png`` (uint8 class ids, same height and width as the input) and
-``OUT/overlays/<stem>.jpg``. A model with an instance head (:mod:`finetune.instances`) also writes
+TIFF; 8/16-bit; gray/RGB), or the one image file ``--input`` names, write ``OUT/<stem>.png`` (uint8 class ids, same
+height and width as the input) and ``OUT/overlays/<stem>.jpg``. A multi-page TIFF (a stack: z-slices, time points)
+is predicted page by page, as ``segfactory ingest`` takes its slices: ``OUT/<stem>_p<N>.png`` for page N (zero-padded
+to the stack's length). A model with an instance head (:mod:`finetune.instances`) also writes
 ``OUT/instances/<stem>.png`` (uint16 instance ids of its thing classes, 0 = none) and ``OUT/instances.json``
-(COCO instances, RLE masks, one image per input), and its overlays outline every instance.
+(COCO instances, RLE masks, one image per input image or page), and its overlays outline every instance.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from torch import nn
 from finetune.config import SIZE_DIVISOR
 from finetune.data.normalize import resolve_scaling, standardize, to_unit
 from segfactory.errors import PartialFailure, UserError
-from segfactory.formats.imagefile import IMAGE_SUFFIXES, read_image
+from segfactory.formats.imagefile import IMAGE_SUFFIXES, image_pages, read_image
 from segfactory.formats.model import read_model_meta
 from segfactory.io import atomic_write_bytes
 from segfactory.torchutil import amp_dtype, memory_hint, resolve_device
@@ -423,27 +426,87 @@ def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def list_images(input_dir: str | os.PathLike) -> list[Path]:
-    """Images directly inside ``input_dir``, sorted.
+def list_images(input_path: str | os.PathLike) -> list[Path]:
+    """Images directly inside the folder ``input_path``, sorted; or ``[input_path]`` when it is one image file.
 
     Raises:
-        UserError: missing or empty folder, or two files sharing a stem (their masks would collide).
+        UserError: missing path, a file that is not a JPEG/PNG/TIFF, or a folder without images.
     """
-    d = Path(input_dir)
+    d = Path(input_path)
+    if d.is_file():
+        if d.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(f"--input '{d}' is not an image file ({', '.join(IMAGE_SUFFIXES)})",
+                            fix="pass a JPEG/PNG/TIFF image or a folder of them")
+        return [d]
     if not d.is_dir():
-        raise UserError(f"input folder '{d}' does not exist", fix="pass a folder of images with --input")
+        raise UserError(f"--input '{d}' does not exist", fix="pass a folder of images or one image file")
     files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
     if not files:
         raise UserError(f"input folder '{d}' holds no images ({', '.join(IMAGE_SUFFIXES)})",
                         fix="point --input at a folder of JPEG/PNG/TIFF images")
-    seen: dict[str, Path] = {}
-    for p in files:
-        if p.stem in seen:
-            raise UserError(f"'{seen[p.stem].name}' and '{p.name}' share the stem '{p.stem}' (both would write "
-                            f"{p.stem}.png)", fix="rename one of them")
-        seen[p.stem] = p
     return files
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image predict reads: a file, or one page of a multi-page TIFF.
+
+    Attributes:
+        path: The file.
+        page: The page of a TIFF stack, ``None`` for a file holding one image.
+        stem: The name of its outputs: the file's stem, ``<stem>_p<N>`` for page N of a stack.
+    """
+
+    path: Path
+    page: int | None
+    stem: str
+
+    @property
+    def name(self) -> str:
+        """How summaries name it: the file name, ``<name> page <N>`` for a stack's page."""
+        return self.path.name if self.page is None else f"{self.path.name} page {self.page}"
+
+
+def input_images(files: list[Path]) -> tuple[list[InputImage], dict[str, str]]:
+    """Every image of ``files``: a multi-page TIFF gives one per page (named ``<stem>_p<N>``, N zero-padded to the
+    stack's length), as ``segfactory ingest`` takes a stack's slices.
+
+    Returns:
+        (the images in order, ``{file name: why}`` for TIFFs whose pages could not be counted).
+
+    Raises:
+        UserError: two images would write the same output (files sharing a stem, or a file named like a page).
+    """
+    out: list[InputImage] = []
+    failures: dict[str, str] = {}
+    for p in files:
+        try:
+            n = image_pages(p)
+        except UserError as e:
+            failures[p.name] = e.message
+            continue
+        if n == 1:
+            out.append(InputImage(p, None, p.stem))
+        else:
+            width = len(str(n - 1))
+            out += [InputImage(p, i, f"{p.stem}_p{i:0{width}d}") for i in range(n)]
+    seen: dict[str, InputImage] = {}
+    for im in out:
+        if im.stem in seen:
+            raise UserError(f"'{seen[im.stem].name}' and '{im.name}' would both write {im.stem}.png",
+                            fix="rename one of them")
+        seen[im.stem] = im
+    return out, failures
+
+
+def stacks_of(images: list[InputImage]) -> dict[str, int]:
+    """``{file name: pages}`` of the multi-page TIFFs among ``images``."""
+    stacks: dict[str, int] = {}
+    for im in images:
+        if im.page is not None:
+            stacks[im.path.name] = stacks.get(im.path.name, 0) + 1
+    return stacks
 
 
 # The folders predict writes images into, relative to --out: masks, instance masks, overlays.
@@ -451,8 +514,8 @@ OUTPUT_IMAGE_DIRS = (".", "instances", "overlays")
 
 
 def resolve_input(value: str | os.PathLike) -> Path:
-    """The folder ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized (:mod:`segfactory.sampledata`);
-    of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
+    """The folder (or image file) ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized
+    (:mod:`segfactory.sampledata`); of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
 
     Raises:
         UserError: an unknown sample set or split, or a reference without a split.
@@ -466,13 +529,15 @@ def resolve_input(value: str | os.PathLike) -> Path:
 
 
 def check_input_not_output(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Refuse an ``--input`` folder predict writes images into (``OUT``, ``OUT/instances``, ``OUT/overlays``):
-    a mask or overlay could replace an input image of the same name.
+    """Refuse an ``--input`` folder (or an image file in a folder) predict writes images into (``OUT``,
+    ``OUT/instances``, ``OUT/overlays``): a mask or overlay could replace an input image of the same name.
 
     Raises:
         UserError: naming both folders.
     """
     src, out = Path(input_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if src.is_file():
+        src = src.parent
     for sub in OUTPUT_IMAGE_DIRS:
         if src == (out / sub).resolve():
             where = "is --out" if sub == "." else f"is --out's {sub}/ (predict writes there)"
@@ -485,10 +550,10 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                 batch_size: int | None = None, overlays: bool = True, show_progress: bool = True,
                 tta: str = "none", scale: float | str | None = None, instances: str = "auto",
                 min_object: float | None = None) -> dict:
-    """Predict every image of ``input_dir`` into ``out_dir``.
+    """Predict every image of ``input_dir`` into ``out_dir`` (every page of a multi-page TIFF: :func:`input_images`).
 
     Args:
-        input_dir: A folder of images, or ``sample:NAME/SPLIT`` (:func:`resolve_input`).
+        input_dir: A folder of images, one image file, or ``sample:NAME/SPLIT`` (:func:`resolve_input`).
         tta: Test-time augmentation: ``none``, ``flip``, ``d4``, ``ms`` or ``ms_flip`` (:func:`predict_image_probs`).
         scale: Input scale instead of model.json's: a factor, or ``auto`` for each image's own estimate
             (:func:`resolve_scale`).
@@ -499,9 +564,10 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     Returns:
         Summary ``{"images", "failed", "seconds", "device", "tile", "overlap", "tta", "min_object", "input"}``
-        (``min_object``: the cleanup share used, ``None`` for a model without object sizes); ``input`` has the
-        scale and the scaling, and with ``auto`` scaling how many images got each rule; with per-image scales
-        ``scales`` (each image's, also in ``scales.json``).
+        (``images``: images and TIFF pages predicted; ``min_object``: the cleanup share used, ``None`` for a model
+        without object sizes); ``input`` has the scale and the scaling, and with ``auto`` scaling how many images got
+        each rule; with per-image scales ``scales`` (each image's, also in ``scales.json``); with multi-page TIFFs
+        ``stacks`` (``{file name: pages predicted}``).
 
     Raises:
         UserError: a bad setting, or ``input_dir`` is a folder predict writes into (:func:`check_input_not_output`).
@@ -530,7 +596,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     meta = with_min_object(meta, min_object)
     per_image = per_image_scales(meta)
-    files = list_images(input_dir)
+    images, failures = input_images(list_images(input_dir))
     out = ensure_writable_dir(out_dir)
     cl = dev.type == "cuda"
     if cl:
@@ -538,49 +604,51 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
     palette = model_palette(meta)
     coco_images: list[dict[str, Any]] = []
     coco_anns: list[dict[str, Any]] = []
-    failures: dict[str, str] = {}
     rules: dict[str, int] = {}
     image_scales: dict[str, float] = {}
     t0 = time.perf_counter()
     with progress(transient=not show_progress) as bar, memory_hint("prediction", memory_settings(batch_size, tile)):
-        task = bar.add_task("predict", total=len(files))
-        for p in files:
+        task = bar.add_task("predict", total=len(images))
+        for im in images:
             try:
-                img = read_image(p)
+                img = read_image(im.path, page=im.page or 0)
             except UserError as e:
-                failures[p.name] = e.message
+                failures[im.name] = e.message
                 bar.advance(task)
                 continue
             rule = resolve_scaling(img, meta["input"]["scaling"])
             rules[rule] = rules.get(rule, 0) + 1
             f = image_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)
             if f is not None:
-                image_scales[p.name] = f
+                image_scales[im.name] = f
             mask, inst, _ = predict_outputs(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl,
                                             scale=f, tta=tta, instances=with_inst)
-            atomic_write_bytes(out / f"{p.stem}.png", encode_png(mask))
+            atomic_write_bytes(out / f"{im.stem}.png", encode_png(mask))
             if inst is not None:
                 from segfactory.formats.coco import frame_annotations
 
                 if int(inst.max()) > 65535:
-                    raise UserError(f"'{p}' has {int(inst.max())} instances, more than a uint16 PNG holds",
+                    raise UserError(f"'{im.name}' has {int(inst.max())} instances, more than a uint16 PNG holds",
                                     fix="predict smaller images (tile the input)")
                 inst16 = inst.astype(np.uint16)
-                atomic_write_bytes(out / "instances" / f"{p.stem}.png", encode_png(inst16))
+                atomic_write_bytes(out / "instances" / f"{im.stem}.png", encode_png(inst16))
                 image_id = len(coco_images) + 1
-                coco_images.append({"id": image_id, "file_name": p.name, "height": int(mask.shape[0]),
-                                    "width": int(mask.shape[1])})
+                coco_images.append({"id": image_id, "file_name": im.path.name, "height": int(mask.shape[0]),
+                                    "width": int(mask.shape[1]), **({} if im.page is None else {"page": im.page})})
                 coco_anns += frame_annotations(inst16, mask, image_id, len(coco_anns) + 1)
             if overlays:
                 ov = overlay(img, mask, palette, scaling=meta["input"]["scaling"], instances=inst)
-                atomic_write_bytes(out / "overlays" / f"{p.stem}.jpg", encode_jpeg(ov))
+                atomic_write_bytes(out / "overlays" / f"{im.stem}.jpg", encode_jpeg(ov))
             bar.advance(task)
-    summary = {"images": len(files) - len(failures), "failed": len(failures),
+    read = len(images) - sum(1 for im in images if im.name in failures)
+    summary = {"images": read, "failed": len(failures),
                "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "tile": tile, "overlap": overlap,
                "tta": tta, "min_object": (meta.get("cleanup") or {}).get("min_object"),
                "input": {"scaling": meta["input"]["scaling"], "scaling_used": rules,
                                      "scale": "per_image" if per_image else float(meta["input"].get("scale", 1.0))},
                "out": str(out), "instances": None}
+    if stacks := stacks_of(images):
+        summary["stacks"] = stacks
     if per_image:
         from segfactory.io import atomic_write_json
 
@@ -598,5 +666,6 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                                 "method": meta["instances"]["method"]}
     if failures:
         summary["failures"] = failures
-        raise PartialFailure(f"{len(failures)} of {len(files)} image(s) could not be predicted", failures, summary)
+        total = read + len(failures)
+        raise PartialFailure(f"{len(failures)} of {total} image(s) could not be predicted", failures, summary)
     return summary

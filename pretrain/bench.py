@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from segfactory.console import console
+from segfactory.formats.imagefile import cv2_imread
 from segfactory.workers import loader_context
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def sample_photos() -> list[np.ndarray]:
     paths.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
     out = []
     for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        img = cv2_imread(p, cv2.IMREAD_COLOR)  # without libpng's warnings about skimage's colour profiles
         if img is not None:
             out.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,8 @@ def square_tile(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def beside_sheet(ds: Dataset, real: Sequence[tuple[str, str | Path]], out: str | Path, n_frames: int = 6,
-                 tile: int = 192, exclude: Sequence[str] = ()) -> Path:
+                 tile: int = 192, exclude: Sequence[str] = (),
+                 on_skip: Callable[[Path, str], None] | None = None) -> Path:
     """Write a PNG grid of rendered RGB frames above real images, to judge realism by eye.
 
     Row ``rendered``: ``n_frames`` frames picked as :func:`contact_sheet` picks them. Then one row per real
@@ -183,13 +184,16 @@ def beside_sheet(ds: Dataset, real: Sequence[tuple[str, str | Path]], out: str |
         n_frames: Tiles per row.
         tile: Tile size in pixels.
         exclude: Glob patterns on real file names to leave out (:func:`real_images`).
+        on_skip: Called with (file, why) for a picked real image that cannot be read (corrupt, not an image,
+            above the pixel limit); the file is left out of its row. Default: a one-line note on the console.
 
     Raises:
         ValueError: the dataset has no committed frames.
-        UserError: a real folder is missing or holds no images.
+        UserError: a real folder is missing, holds no images, or none of its picked images can be read.
     """
     from PIL import Image, ImageDraw, ImageFont
 
+    from segfactory.errors import UserError
     from segfactory.formats.imagefile import read_image
 
     frames = pick_frames(ds, n_frames)
@@ -198,7 +202,23 @@ def beside_sheet(ds: Dataset, real: Sequence[tuple[str, str | Path]], out: str |
     picked = [(label, real_images(folder, n_frames, exclude)) for label, folder in real]  # fails before any work
     rows: list[tuple[str, list[np.ndarray]]] = [
         (f"rendered\n{ds.root.name}", [square_tile(load_frame(ref)["rgb"], tile) for ref in frames])]
-    rows += [(f"real\n{label}", [square_tile(read_image(p), tile) for p in files]) for label, files in picked]
+    if on_skip is None:
+        from segfactory.console import console
+
+        def on_skip(path: Path, why: str) -> None:
+            console.print(f"--beside: skipped one image: {why}", soft_wrap=True, markup=False)
+
+    for (label, files), (_, folder) in zip(picked, real, strict=True):
+        tiles = []
+        for p in files:
+            try:
+                tiles.append(square_tile(read_image(p), tile))
+            except UserError as e:
+                on_skip(p, e.message)
+        if not tiles:
+            raise UserError(f"--beside: none of the {len(files)} image(s) picked from '{folder}' could be read",
+                            fix="pass a folder of readable JPEG/PNG/TIFF images (or --exclude the broken ones)")
+        rows.append((f"real\n{label}", tiles))
     font = ImageFont.load_default(size=14)
     title_font = ImageFont.load_default(size=16)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -87,6 +87,30 @@ def _unlabeled_store(value: str | Path, field: str) -> str:
     return str(store)
 
 
+def _labeled_specs(specs: list, field: str) -> list:
+    """``data.real`` / ``data.val`` specs with ``sample:NAME/SPLIT`` paths materialized and named after the set,
+    as evaluate's ``--data`` (:func:`finetune.evaluate.resolve_sample_specs`); other specs are returned as given.
+
+    Raises:
+        UserError: a sample reference to the ``unlabeled`` split (images without masks) or to no split.
+    """
+    from finetune.evaluate import resolve_sample_specs
+    from segfactory.sampledata import SAMPLE_SETS, is_sample_ref, parse_ref, splits_of
+
+    for i, spec in enumerate(specs):
+        if not is_sample_ref(spec.path):
+            continue
+        name, split = parse_ref(str(spec.path))
+        if split in (None, "unlabeled"):
+            labeled = sorted((s for s in splits_of(SAMPLE_SETS.get(name)) if s != "unlabeled"),
+                             key=lambda s: s != "labeled")  # the training frames first, eval frames last
+            what = "names no split" if split is None else "is images without masks"
+            raise UserError(f"{field}[{i}] '{spec.path}' {what}: a labeled folder is needed",
+                            fix=f"pass {' or '.join(f'sample:{name}/{s}' for s in labeled)}"
+                                + (" (unlabeled images go to --unlabeled)" if split else ""))
+    return resolve_sample_specs(specs)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.config import FinetuneConfig, apply_data_flags
     from finetune.train import run_finetune
@@ -106,6 +130,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         field = "--unlabeled" if args.unlabeled else "data.unlabeled"
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
             "unlabeled": [Path(_unlabeled_store(p, f"{field}[{i}]")) for i, p in enumerate(cfg.data.unlabeled)]})})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "real": _labeled_specs(cfg.data.real, "--real" if args.real else "data.real"),
+        "val": _labeled_specs(cfg.data.val, "data.val")})})
     from finetune.train import check_distributed
     from segfactory.distributed import launch_processes, relaunch_under_torchrun
 
@@ -233,6 +260,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
                                                  "input": summary["input"]})
     console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")
+    if summary.get("stacks"):
+        stacks = summary["stacks"]
+        console.print(f"{len(stacks)} multi-page TIFF(s), {sum(stacks.values())} pages: every page predicted, as "
+                      f"<stem>_p<N>.png", soft_wrap=True)
     _emit(summary)
     if failed is not None:
         raise failed
@@ -296,7 +327,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     p.add_argument("config", help="YAML config (e.g. configs/finetune.yaml)")
     p.add_argument("--out", required=True, type=out_dir("--out", run=True), help="run directory")
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
-    p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/ (repeatable)")
+    p.add_argument("--real", action="append", metavar="DIR", help="labeled folder images/ + masks/, or "
+                   "sample:NAME/labeled (a sample set's labeled training frames; see `segfactory samples list`) "
+                   "(repeatable)")
     p.add_argument("--encoder", metavar="DIR", help="pretrained encoder dir (encoder.safetensors + encoder.json), "
                    "or a pretraining run holding one")
     p.add_argument("--unlabeled", action="append", metavar="IMAGES",
@@ -328,7 +361,11 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
                             "model.json cleanup.min_object, 0.25 for models trained on rendered objects)")
 
     e = commands.add_parser("evaluate", help="mIoU, per-class IoU, confusion matrices of a model dir; on real "
-                            "folders also foreground IoU and instance F1 next to classic baselines")
+                            "folders also foreground IoU and instance F1 next to classic baselines",
+                            description="Score a model dir on rendered datasets and real labeled folders (images/ + "
+                                        "masks/). An image is one 2-D frame with one mask: a multi-page TIFF in "
+                                        "images/ is refused (split the stack into one image per page, each with "
+                                        "its mask; `segfactory predict` reads every page of a stack).")
     e.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
     e.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="rendered dataset or labeled folder, or sample:NAME/eval (see `segfactory samples list`); "
@@ -348,12 +385,18 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     inference_flags(e)
     e.set_defaults(func=_cmd_evaluate)
 
-    r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images")
+    r = commands.add_parser("predict", help="write class-id masks and overlays for a folder of images",
+                            description="Predict class-id masks (and overlays, instances) for every image of a "
+                                        "folder, or one image file. A multi-page TIFF (z-slices, time points) is "
+                                        "predicted page by page, as `segfactory ingest` takes a stack's slices: "
+                                        "page N's mask is OUT/<stem>_p<N>.png (N zero-padded to the stack's length).")
     r.add_argument("--model", required=True, metavar="MODEL_DIR", help="model dir, or a run holding one")
-    r.add_argument("--input", required=True, metavar="DIR", help="JPEG/PNG/TIFF images, 8/16-bit, gray or RGB; or "
-                   "sample:NAME/SPLIT (see `segfactory samples list`; of eval and labeled: their images/)")
+    r.add_argument("--input", required=True, metavar="PATH", help="a folder of JPEG/PNG/TIFF images (8/16-bit, gray "
+                   "or RGB; every page of a multi-page TIFF), one such image file, or sample:NAME/SPLIT (see "
+                   "`segfactory samples list`; of eval and labeled: their images/)")
     r.add_argument("--out", required=True, type=out_dir("--out", run=True), metavar="DIR",
-                   help="OUT/<stem>.png masks, OUT/overlays/<stem>.jpg")
+                   help="OUT/<stem>.png masks (OUT/<stem>_p<N>.png for page N of a TIFF stack), "
+                        "OUT/overlays/<stem>.jpg")
     r.add_argument("--no-overlays", action="store_true", help="skip the overlay JPEGs")
     r.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
                    help="OUT/instances/<stem>.png + OUT/instances.json (COCO): auto = when the model has an "

@@ -41,7 +41,8 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--beside", action="append", metavar="REAL",
                    help="real images to show in a row below N rendered RGB frames: an image folder or "
                         "sample:NAME/SPLIT (e.g. sample:street/unlabeled); repeat for more rows. Tiles are centre "
-                        "square crops, real images picked evenly through the sorted folder")
+                        "square crops, real images picked evenly through the sorted folder; an unreadable image "
+                        "is left out with a one-line note")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="with --beside: leave out real files whose name matches (e.g. '*bus*'); repeatable")
     p.add_argument("--tile", type=int, default=192, help="with --beside: tile size in pixels")

@@ -8,6 +8,10 @@ Two rules every reader of real images shares (``segfactory ingest`` decodes with
 - **Decompression bombs**: the pixel count in the header is checked before any pixel is decoded; above
   ``MAX_PIXELS`` (Pillow's error threshold, ingest's ``checks.max_pixels`` default) the file is refused with one
   line.
+
+A PNG's embedded colour profile (iCCP chunk) is dropped before OpenCV decodes it (:func:`png_without_iccp`):
+OpenCV applies no colour management, so the pixels are the same, but its libpng prints a warning on stderr
+("libpng warning: iCCP: known incorrect sRGB profile") for the many photos whose profile it finds faulty.
 """
 
 from __future__ import annotations
@@ -96,8 +100,8 @@ def image_size(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> tu
         UserError: unreadable file, or above ``max_pixels``.
     """
     path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        h, w = _tiff_first_page_hw(path, max_pixels)
+    if is_tiff(path):
+        h, w = _tiff_page_hw(path, max_pixels)
         return w, h
     w, h, orientation = _open_header(path, max_pixels)
     if w == 0:
@@ -106,12 +110,36 @@ def image_size(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> tu
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _tiff_first_page_hw(path: Path, max_pixels: int) -> tuple[int, int]:
+def is_tiff(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`read_image` reads ``path`` as a TIFF (by its suffix), which may hold several pages."""
+    return Path(path).suffix.lower() in (".tif", ".tiff")
+
+
+def image_pages(path: str | os.PathLike[str]) -> int:
+    """How many images a file holds: a TIFF's pages (a stack's slices, as ``segfactory ingest`` takes them, each
+    readable with ``read_image(path, page=i)``), 1 for every other format. Only the page headers are read.
+
+    Raises:
+        UserError: an unreadable TIFF.
+    """
+    if not is_tiff(path):
+        return 1
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
-            shape = tuple(int(s) for s in tf.pages.first.shape)
+            tf.pages.cache = False  # a long stack must not keep every page object it has passed
+            return len(tf.pages)
+    except Exception as e:  # tifffile raises many types for corrupt files
+        raise UserError(f"cannot read image '{path}': {e}", fix="re-save it as PNG, JPEG or TIFF") from None
+
+
+def _tiff_page_hw(path: Path, max_pixels: int, page: int = 0) -> tuple[int, int]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            shape = tuple(int(s) for s in tf.pages[page].shape)
     except Exception as e:  # tifffile raises many types for corrupt files
         raise UserError(f"cannot read image '{path}': {e}", fix="re-save it as PNG, JPEG or TIFF") from None
     planar = len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4)
@@ -120,34 +148,79 @@ def _tiff_first_page_hw(path: Path, max_pixels: int) -> tuple[int, int]:
     return h, w
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> ImageArray:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_without_iccp(data: bytes) -> bytes:
+    """PNG bytes without their iCCP chunk (an embedded ICC colour profile), else ``data`` unchanged.
+
+    OpenCV ignores colour profiles, so its decode of the result has the same pixels; what is avoided is libpng's
+    warning on stderr about a profile it finds faulty (``iCCP: known incorrect sRGB profile``, ``iCCP: profile
+    ...: invalid rendering intent``), printed by the C library once per decode. Bytes that are not a PNG, or
+    whose chunks end early, are returned as they are (the decoder then reports them).
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    i = len(PNG_SIGNATURE)
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        end = i + 12 + length  # length, type, data, CRC
+        if kind == b"iCCP":
+            return data[:i] + data[end:] if end <= len(data) else data
+        if kind in (b"IDAT", b"IEND"):  # iCCP comes before the first IDAT, or not at all
+            return data
+        i = end
+    return data
+
+
+def cv2_imread(path: str | os.PathLike[str], flags: int = cv2.IMREAD_UNCHANGED) -> npt.NDArray[Any] | None:
+    """``cv2.imread(path, flags)`` (BGR order, ``None`` when unreadable) without libpng's colour-profile warnings:
+    a PNG is decoded without its iCCP chunk (:func:`png_without_iccp`). For code that wants OpenCV's own layout;
+    everything else reads with :func:`read_image`."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        return cv2.imread(str(path), flags)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data:
+        return None
+    return cv2.imdecode(np.frombuffer(png_without_iccp(data), np.uint8), flags)
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, page: int = 0) -> ImageArray:
     """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
 
-    Alpha channels are dropped; TIFFs are read with tifffile (first page), everything else with OpenCV. A JPEG
-    is returned upright (its EXIF orientation applied, as ``segfactory ingest`` stores it).
+    Alpha channels are dropped; TIFFs are read with tifffile (one page: ``page``, the first by default; see
+    :func:`image_pages`), everything else with OpenCV. A JPEG is returned upright (its EXIF orientation applied, as
+    ``segfactory ingest`` stores it).
 
     Args:
         path: The file.
         max_pixels: Larger images are refused from their header, before decoding (decompression bombs).
+        page: The TIFF page to read (other formats hold one image: only 0).
 
     Raises:
         UserError: unreadable file, unsupported pixel type or above ``max_pixels``, naming the file.
     """
     path = Path(path)
     img: npt.NDArray[Any] | None
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if page and not is_tiff(path):
+        raise ValueError(f"'{path}' is not a TIFF: it has no page {page}")
+    if is_tiff(path):
         import tifffile
 
-        _tiff_first_page_hw(path, max_pixels)
+        _tiff_page_hw(path, max_pixels, page)
         try:
-            img = np.asarray(tifffile.imread(path, key=0))
+            img = np.asarray(tifffile.imread(path, key=page))
         except Exception as e:  # tifffile raises many types for corrupt files
             raise UserError(f"cannot read image '{path}': {e}", fix="re-save it as PNG, JPEG or TIFF") from None
         if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[2] not in (1, 3, 4):
             img = np.moveaxis(img, 0, -1)  # planar TIFF
     else:
         _, _, orientation = _open_header(path, max_pixels)
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # IMREAD_UNCHANGED ignores EXIF: applied below
+        img = cv2_imread(path)  # IMREAD_UNCHANGED ignores EXIF: applied below
         if img is None:
             raise UserError(f"cannot read image '{path}' (missing, corrupt or not an image)",
                             fix="re-save it as PNG, JPEG or TIFF, or remove it")

@@ -1,0 +1,236 @@
+"""More user paths of the CLI, run in-process through :func:`segfactory.cli.main` on the tiny model trained from the
+NumPy dataset (no Blender) and the CHO sample set's real frames: ``finetune --real sample:...``, TIFF stacks in
+predict and evaluate, ``predict --input FILE``, ``show --beside`` with an unreadable image, PNG colour profiles
+without libpng's stderr warnings, and ``input.scale=auto`` on labels without objects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import CONFIGS
+from PIL import Image
+
+from segfactory.cli import main
+from segfactory.errors import EXIT_USER
+
+TINY = CONFIGS / "finetune_tiny.yaml"
+
+
+def error_line(err: str) -> str:
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sample cache of this module's own (``SEGFACTORY_DATA``), holding ``sample:ctc-cho/eval``."""
+    from segfactory.sampledata import resolve_path
+
+    root = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEGFACTORY_DATA", str(root))
+        resolve_path("sample:ctc-cho/eval")
+    return root
+
+
+@pytest.fixture()
+def cho_eval(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The CHO eval split (real microscopy: 5 z-slices per time point, ``cho_tTT_zZ.png``)."""
+    monkeypatch.setenv("SEGFACTORY_DATA", str(data_root))
+    [split] = (data_root / "samples").glob("ctc-cho-*/eval")
+    return split
+
+
+# ------------------------------------------------------------------------------------ finetune --real sample:
+def test_finetune_real_takes_a_sample_reference(cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """--real sample:NAME/labeled is materialized like evaluate's --data (it was 'data folder ... does not exist')."""
+    base = ["finetune", str(TINY), "--steps", "2", "train.val_every=1000"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--real", "sample:ctc-cho/labeled"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert list(summary["final_val"]["sources"]) == ["ctc-cho"]  # named after the set, not its folder 'labeled'
+    [split] = (cho_eval.parent.parent).glob("ctc-cho-*/labeled")
+    assert (split / "images").is_dir() and (split / "masks").is_dir()
+    # the unlabeled split has no masks: one line that names the labeled splits, nothing written
+    assert main([*base, "--out", str(tmp_path / "b"), "--real", "sample:ctc-cho/unlabeled"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "--real[0] 'sample:ctc-cho/unlabeled' is images without masks" in error_line(err)
+    assert "sample:ctc-cho/labeled or sample:ctc-cho/eval" in err
+    assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------- TIFF stacks
+def _stack(cho_eval: Path, folder: Path, t: int = 14) -> list[Path]:
+    """The 5 z-slices of time point ``t`` as ``folder/cho.tif`` (a 5-page TIFF); the slice PNGs in order."""
+    slices = sorted((cho_eval / "images").glob(f"cho_t{t}_z*.png"))
+    assert len(slices) == 5
+    folder.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(folder / "cho.tif") as tw:
+        for p in slices:
+            tw.write(np.asarray(Image.open(p)), contiguous=False)
+    return slices
+
+
+def test_predict_reads_every_page_of_a_tiff_stack(tiny_model: Path, cho_eval: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    """A multi-page TIFF was predicted from its first page only, silently: every page is predicted now, each
+    exactly as the same slice saved as its own file."""
+    slices = _stack(cho_eval, tmp_path / "stack")
+    assert main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "stack"), "--out",
+                 str(tmp_path / "p"), "--no-overlays"]) == 0
+    captured = capsys.readouterr()
+    summary = last_json(captured.out)
+    assert summary["images"] == 5 and summary["stacks"] == {"cho.tif": 5}
+    assert "every page predicted" in captured.err
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == [f"cho_p{k}.png" for k in range(5)]
+    # the same slices as separate PNGs: the same masks
+    (tmp_path / "slices").mkdir()
+    for p in slices:
+        shutil.copy(p, tmp_path / "slices" / p.name)
+    assert main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "slices"), "--out",
+                 str(tmp_path / "q"), "--no-overlays"]) == 0
+    for k, p in enumerate(slices):
+        page = np.asarray(Image.open(tmp_path / "p" / f"cho_p{k}.png"))
+        assert np.array_equal(page, np.asarray(Image.open(tmp_path / "q" / f"{p.stem}.png"))), k
+    # a file named like a page's output would be overwritten: refused before anything is written
+    shutil.copy(slices[0], tmp_path / "stack" / "cho_p1.png")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "stack"), "--out",
+                 str(tmp_path / "r")]) == EXIT_USER
+    assert "'cho.tif page 1' and 'cho_p1.png' would both write cho_p1.png" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_a_tiff_stack_in_a_labeled_folder(tiny_model: Path, cho_eval: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    """A stack's first page was scored against its one mask, silently: one line now, with how to split it."""
+    folder = tmp_path / "labeled"
+    slices = _stack(cho_eval, folder / "images")
+    (folder / "masks").mkdir()
+    shutil.copy(cho_eval / "masks" / slices[0].name, folder / "masks" / "cho.png")
+    shutil.copy(cho_eval / "classes.json", folder / "classes.json")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(folder), "--out", str(out),
+                 "--baselines", "none"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "is a TIFF stack of 5 pages, but a labeled image is one frame with one mask" in error_line(err)
+    assert "fix: split the stack into one image per page" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ predict --input FILE
+def test_predict_input_takes_one_image_file(tiny_model: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """--input FILE said "input folder '...' does not exist"; one image is predicted now."""
+    img = tmp_path / "in" / "cho_t14_z2.png"
+    img.parent.mkdir()
+    shutil.copy(cho_eval / "images" / img.name, img)
+    (tmp_path / "in" / "other.png").write_bytes(img.read_bytes())  # not named: not predicted
+    assert main(["predict", "--model", str(tiny_model), "--input", str(img), "--out", str(tmp_path / "p")]) == 0
+    assert last_json(capsys.readouterr().out)["images"] == 1
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["cho_t14_z2.png"]
+    assert (tmp_path / "p" / "overlays" / "cho_t14_z2.jpg").is_file()
+    # its folder as --out would replace it with its mask: refused as for a folder
+    assert main(["predict", "--model", str(tiny_model), "--input", str(img), "--out", str(img.parent)]) == EXIT_USER
+    assert "--input" in error_line(capsys.readouterr().err)
+    # a path that does not exist, and a file that is not an image: one line naming --input
+    for bad, says in ((tmp_path / "nope.png", "does not exist"), (tmp_path / "notes.txt", "is not an image file")):
+        if bad.suffix == ".txt":
+            bad.write_text("hello\n")
+        assert main(["predict", "--model", str(tiny_model), "--input", str(bad), "--out",
+                     str(tmp_path / "x")]) == EXIT_USER
+        line = error_line(capsys.readouterr().err)
+        assert f"--input '{bad}' {says}" in line and "folder" not in line.split(says)[0], line
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ show --beside
+def test_show_beside_skips_an_unreadable_image(tiny_dataset: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """One broken file in a --beside folder aborted the sheet; it is left out with a one-line note now."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("cho_t14_z0.png", "cho_t15_z0.png"):
+        shutil.copy(cho_eval / "images" / name, real / name)
+    (real / "cho_t14_z9.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    sheet = tmp_path / "sheet.png"
+    assert main(["show", str(tiny_dataset), "--beside", str(real), "--frames", "3", "--tile", "32", "--out",
+                 str(sheet)]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and "cho_t14_z9.png" in notes[0] and "Traceback" not in err, err
+    assert sheet.is_file()
+    # nothing readable: one error line naming the folder, no sheet
+    for p in real.glob("cho_t1[45]_z0.png"):
+        p.unlink()
+    sheet.unlink()
+    assert main(["show", str(tiny_dataset), "--beside", str(real), "--frames", "3", "--tile", "32", "--out",
+                 str(sheet)]) == EXIT_USER
+    assert f"none of the 1 image(s) picked from '{real}' could be read" in error_line(capsys.readouterr().err)
+    assert not sheet.exists()
+
+
+# --------------------------------------------------------------------------------------- libpng's iCCP warnings
+def test_png_colour_profiles_print_no_libpng_warnings(tmp_path: Path, capfd) -> None:
+    """OpenCV's libpng printed 'libpng warning: iCCP: known incorrect sRGB profile' on stderr for PNGs with the
+    common faulty sRGB profile (e.g. scikit-image's photos): the profile is dropped before decoding, the pixels
+    are the same."""
+    import cv2
+
+    from finetune.samples import skimage_data_path
+    from segfactory.formats.imagefile import cv2_imread, png_without_iccp, read_image
+
+    with Image.open(skimage_data_path("chelsea.png")) as im:  # only its colour profile, not its pixels
+        profile = im.info["icc_profile"]
+    rng = np.random.default_rng(0)
+    rgb, gray = rng.integers(0, 255, (24, 40, 3), np.uint8), rng.integers(0, 65535, (24, 40), np.uint16)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", icc_profile=profile)
+    Image.fromarray(gray).save(tmp_path / "gray16.png", icc_profile=profile)
+    capfd.readouterr()
+    assert cv2.imread(str(tmp_path / "rgb.png")) is not None
+    assert "libpng warning: iCCP" in capfd.readouterr().err  # what the files make OpenCV's libpng say
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    assert np.array_equal(read_image(tmp_path / "gray16.png"), gray)
+    assert np.array_equal(cv2_imread(tmp_path / "rgb.png", cv2.IMREAD_COLOR), rgb[..., ::-1])
+    assert "libpng" not in capfd.readouterr().err
+    data = (tmp_path / "rgb.png").read_bytes()
+    assert b"iCCP" in data and b"iCCP" not in png_without_iccp(data)
+    assert png_without_iccp(data[:20]) == data[:20] and png_without_iccp(b"GIF89a") == b"GIF89a"
+
+
+# ------------------------------------------------------------------------------------- input.scale=auto
+def test_scale_auto_on_labels_without_objects_says_so(data_root: Path, tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rendered dataset whose thing class never appears: input.scale=auto stops at the estimate with one line
+    saying the objects are missing from the synthetic labels (not from the predictions)."""
+    from procedural import CELLS_CLASSES
+
+    from segfactory.formats.dataset import FrameArrays, write_dataset
+
+    monkeypatch.setenv("SEGFACTORY_DATA", str(data_root))
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(4):
+        sem = np.zeros((64, 64), np.uint8)
+        for y, x in rng.integers(4, 50, (6, 2)):
+            sem[y:y + 10, x:x + 10] = 2  # debris only (a stuff class): no nucleus anywhere
+        frames.append([FrameArrays((rng.random((64, 64)) * 255).astype(np.uint8), sem, np.zeros((64, 64), np.uint16),
+                                   np.full((64, 64), 1000, np.uint16), {}, {})])
+    dataset = tmp_path / "no-nuclei"
+    write_dataset(dataset, frames, CELLS_CLASSES, family="cells")
+    out = tmp_path / "run"
+    assert main(["finetune", str(TINY), "--out", str(out), "--synthetic", str(dataset), "--steps", "4",
+                 "--unlabeled", "sample:ctc-cho/unlabeled", "input.scale=auto", "adapt.warmup_steps=2",
+                 "train.val_every=1000"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert error_line(err) == ("error: input.scale=auto: no objects of the thing classes (1) were found in the "
+                               "synthetic labels"), err
+    [fix] = [line.strip() for line in err.splitlines() if line.strip().startswith("fix:")]
+    assert fix.endswith("or render scenes that hold objects of those classes") and "Traceback" not in err
+    assert not (out / "model").exists()
