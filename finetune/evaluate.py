@@ -261,6 +261,35 @@ def resolve_sample_specs(data: list) -> list:
     return out
 
 
+def resolve_labeled_specs(specs: list, field: str) -> list:
+    """Labeled-folder specs (fine-tuning's ``data.real`` / ``data.val``, a sweep's ``test``) with
+    ``sample:NAME/SPLIT`` paths materialized and named after the set, as evaluate's ``--data``
+    (:func:`resolve_sample_specs`); other specs are returned as given.
+
+    Args:
+        specs: :class:`~finetune.config.SourceSpec` list.
+        field: How errors name the list (``--real``, ``data.val``, ``test``).
+
+    Raises:
+        UserError: a sample reference to the ``unlabeled`` split (images without masks) or to no split.
+    """
+    from segfactory.errors import UserError
+    from segfactory.sampledata import SAMPLE_SETS, is_sample_ref, parse_ref, splits_of
+
+    for i, spec in enumerate(specs):
+        if not is_sample_ref(spec.path):
+            continue
+        name, split = parse_ref(str(spec.path))
+        if split in (None, "unlabeled"):
+            labeled = sorted((s for s in splits_of(SAMPLE_SETS.get(name)) if s != "unlabeled"),
+                             key=lambda s: s != "labeled")  # the training frames first, eval frames last
+            what = "names no split" if split is None else "is images without masks"
+            raise UserError(f"{field}[{i}] '{spec.path}' {what}: a labeled folder is needed",
+                            fix=f"pass {' or '.join(f'sample:{name}/{s}' for s in labeled)}"
+                                + (" (unlabeled images go to --unlabeled)" if split else ""))
+    return resolve_sample_specs(specs)
+
+
 def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
     """Every class of a real folder must map onto a model class (by name or ``remap``), before any work.
 

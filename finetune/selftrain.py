@@ -71,7 +71,15 @@ MIN_SCALE_OBJECT_PX = 8.0
 MAX_SCALE_GROUPS = 8
 
 
-def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int], by: ScaleBy = "count") -> None:
+def things_text(thing_ids: list[int], names: list[str] | None = None) -> str:
+    """How messages name the thing classes: ``nucleus (1)``, or the bare ids without names; ``none``."""
+    if not thing_ids:
+        return "none"
+    return ", ".join(f"{names[i]} ({i})" if names and 0 <= i < len(names) else str(i) for i in thing_ids)
+
+
+def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int], by: ScaleBy = "count",
+                       names: list[str] | None = None) -> None:
     """Before training: ``input.scale=auto`` compares median object sizes, which says nothing when the rendered
     thing objects are specks (median under :data:`MIN_SCALE_OBJECT_PX`: distant, occluded or cut objects, as
     in the street family, whose count median estimate ran to 1.53 and later 0.185 where 0.33 is right).
@@ -81,6 +89,7 @@ def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int], 
         thing_ids: The thing classes measured.
         by: The median judged (``input.scale_by``): over components (``count``) or pixels (``area``). When the
             count median is a speck's but the area-weighted one is not, the error names ``input.scale_by=area``.
+        names: The model's class names (to name the thing classes in the error).
 
     Raises:
         UserError: one line with the measured size and the fix.
@@ -89,7 +98,7 @@ def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int], 
     med = robust_median(sizes, 2.0, by)
     if med is None or med >= MIN_SCALE_OBJECT_PX:
         return
-    things = ", ".join(map(str, thing_ids))
+    things = things_text(thing_ids, names)
     area = robust_median(sizes, 2.0, "area") if by == "count" else None
     if area is not None and area >= MIN_SCALE_OBJECT_PX:
         raise UserError(f"input.scale=auto: the rendered objects of the thing classes ({things}) measure "
@@ -138,7 +147,7 @@ class SelfTraining:
     def __init__(self, cfg: FinetuneConfig, unlabeled: UnlabeledSet, student: nn.Module, device: torch.device,
                  in_chans: int, input_spec: dict[str, Any], num_classes: int, ignore_index: int,
                  synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int],
-                 info: DistInfo | None = None):
+                 info: DistInfo | None = None, class_names: list[str] | None = None):
         self.cfg = cfg
         self.info = info or DistInfo()  # data-parallel: this rank's place (see the module docstring)
         self.a = cfg.adapt
@@ -150,6 +159,7 @@ class SelfTraining:
         self.ignore_index = ignore_index
         self.synthetic_masks = synthetic_masks
         self.thing_ids = thing_ids
+        self.class_names = class_names
         self.self_training = self.a.enabled
         self.instance_pseudo = self.a.enabled and self.a.instance_pseudo and cfg.instances.enabled
         self.align = (self.a.fda_beta > 0 and self.a.fda_p > 0) or self.a.hist_match_p > 0
@@ -173,7 +183,7 @@ class SelfTraining:
     def create(cls, cfg: FinetuneConfig, student: nn.Module, device: torch.device, in_chans: int,
                input_spec: dict[str, Any], num_classes: int, ignore_index: int,
                synthetic_masks: Callable[[], list[np.ndarray]], thing_ids: list[int],
-               info: DistInfo | None = None) -> SelfTraining | None:
+               info: DistInfo | None = None, class_names: list[str] | None = None) -> SelfTraining | None:
         """``None`` without ``data.unlabeled`` or with nothing to do; else checked and ready (raises UserError)."""
         if not cfg.data.unlabeled:
             return None
@@ -183,9 +193,9 @@ class SelfTraining:
             return None
         unl = open_unlabeled(cfg.data.unlabeled, in_chans)
         if cfg.input.scale == "auto":
-            check_scale_target(synthetic_masks(), thing_ids, cfg.input.scale_by)
+            check_scale_target(synthetic_masks(), thing_ids, cfg.input.scale_by, class_names)
         return cls(cfg, unl, student, device, in_chans, input_spec, num_classes, ignore_index, synthetic_masks,
-                   thing_ids, info)
+                   thing_ids, info, class_names)
 
     # ------------------------------------------------------------------ state
     def active(self, step: int) -> bool:
@@ -476,7 +486,7 @@ class SelfTraining:
         report = distributed.broadcast_object(report, self.info)
         model.train(was)
         if not report["ok"]:
-            things = ", ".join(map(str, self.thing_ids)) or "none"
+            things = things_text(self.thing_ids, self.class_names)
             cut = report.get("synthetic_border_objects", 0)
             if report["synthetic_median_px"] is None and cut:
                 raise UserError(f"input.scale=auto: all {cut} objects of the thing classes ({things}) in the "

@@ -49,12 +49,18 @@ from segfactory.plotting import figure_png
 def load_sweep_config(path: str | None, overrides: list[str] | None, *, synthetic: list[str] | None = None,
                       real: list[str] | None = None, test: list[str] | None = None, encoder: str | None = None,
                       steps: int | None = None) -> SweepConfig:
-    """Load a sweep config and apply the CLI flags (paths replace the config's entries in order)."""
+    """Load a sweep config and apply the CLI flags (paths replace the config's entries in order); real and test
+    folders may be ``sample:NAME/SPLIT`` references to built-in labeled sets (materialized here)."""
+    from finetune.evaluate import resolve_labeled_specs
     from segfactory.config import load_config
 
     cfg = load_config(SweepConfig, path, overrides)
     ft = apply_data_flags(cfg.finetune, synthetic, real, encoder, None, steps)
-    return cfg.model_copy(update={"finetune": ft, "test": with_paths(cfg.test, test)})
+    ft = ft.model_copy(update={"data": ft.data.model_copy(update={
+        "real": resolve_labeled_specs(ft.data.real, "--real" if real else "finetune.data.real"),
+        "val": resolve_labeled_specs(ft.data.val, "finetune.data.val")})})
+    tests = resolve_labeled_specs(with_paths(cfg.test, test), "--test" if test else "test")
+    return cfg.model_copy(update={"finetune": ft, "test": tests})
 
 
 SYNTHETIC_INIT_DIR = "synthetic_init"

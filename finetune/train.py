@@ -286,7 +286,7 @@ class Trainer:
 
         return SelfTraining.create(self.cfg, self.model, self.device, self.in_chans, self.input_spec,
                                    self.targets.num_classes, self.targets.ignore_index, self._synthetic_masks,
-                                   sorted(self.things), info=self.info)
+                                   sorted(self.things), info=self.info, class_names=self.targets.names)
 
     def _synthetic_masks(self, n: int = 64) -> list[np.ndarray]:
         """Label masks (target ids) of up to ``n`` synthetic training frames, spread over all of them."""

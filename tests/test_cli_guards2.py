@@ -5,6 +5,7 @@ without libpng's stderr warnings, and ``input.scale=auto`` on labels without obj
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -229,8 +230,27 @@ def test_scale_auto_on_labels_without_objects_says_so(data_root: Path, tmp_path:
                  "--unlabeled", "sample:ctc-cho/unlabeled", "input.scale=auto", "adapt.warmup_steps=2",
                  "train.val_every=1000"]) == EXIT_USER
     err = capsys.readouterr().err
-    assert error_line(err) == ("error: input.scale=auto: no objects of the thing classes (1) were found in the "
-                               "synthetic labels"), err
+    assert error_line(err) == ("error: input.scale=auto: no objects of the thing classes (nucleus (1)) were found "
+                               "in the synthetic labels"), err
     [fix] = [line.strip() for line in err.splitlines() if line.strip().startswith("fix:")]
     assert fix.endswith("or render scenes that hold objects of those classes") and "Traceback" not in err
     assert not (out / "model").exists()
+
+
+# ------------------------------------------------------------------------------------ sweep sample references
+def test_sweep_real_and_test_take_sample_references(cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """``sweep --real sample:NAME/labeled --test sample:NAME/eval`` runs on the materialized sets (it said the
+    folders did not exist); the unlabeled split is one line before any work."""
+    cfg = str(CONFIGS / "finetune_sweep.yaml")
+    base = ["sweep", cfg, "--real", "sample:ctc-cho/labeled", "finetune.data.synthetic=[]",
+            "sweep.encoder_inits=[random]", "sweep.synthetic_fractions=[0]", "sweep.real_fractions=[1.0]",
+            "finetune.train.steps=2", "finetune.train.val_every=2", "finetune.train.checkpoint_every=2"]
+    assert main([*base, "--out", str(tmp_path / "s"), "--test", "sample:ctc-cho/eval"]) == 0, capsys.readouterr().err
+    summary = last_json(capsys.readouterr().out)
+    assert summary["runs"] == 1
+    rows = list(csv.DictReader((tmp_path / "s" / "results.csv").open()))
+    assert len(rows) == 1 and 0 <= float(rows[0]["test_miou"]) <= 1
+    assert main([*base, "--out", str(tmp_path / "u"), "--test", "sample:ctc-cho/unlabeled"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert "--test[0] 'sample:ctc-cho/unlabeled' is images without masks" in error_line(err)
+    assert not (tmp_path / "u").exists()

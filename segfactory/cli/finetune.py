@@ -87,30 +87,6 @@ def _unlabeled_store(value: str | Path, field: str) -> str:
     return str(store)
 
 
-def _labeled_specs(specs: list, field: str) -> list:
-    """``data.real`` / ``data.val`` specs with ``sample:NAME/SPLIT`` paths materialized and named after the set,
-    as evaluate's ``--data`` (:func:`finetune.evaluate.resolve_sample_specs`); other specs are returned as given.
-
-    Raises:
-        UserError: a sample reference to the ``unlabeled`` split (images without masks) or to no split.
-    """
-    from finetune.evaluate import resolve_sample_specs
-    from segfactory.sampledata import SAMPLE_SETS, is_sample_ref, parse_ref, splits_of
-
-    for i, spec in enumerate(specs):
-        if not is_sample_ref(spec.path):
-            continue
-        name, split = parse_ref(str(spec.path))
-        if split in (None, "unlabeled"):
-            labeled = sorted((s for s in splits_of(SAMPLE_SETS.get(name)) if s != "unlabeled"),
-                             key=lambda s: s != "labeled")  # the training frames first, eval frames last
-            what = "names no split" if split is None else "is images without masks"
-            raise UserError(f"{field}[{i}] '{spec.path}' {what}: a labeled folder is needed",
-                            fix=f"pass {' or '.join(f'sample:{name}/{s}' for s in labeled)}"
-                                + (" (unlabeled images go to --unlabeled)" if split else ""))
-    return resolve_sample_specs(specs)
-
-
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.config import FinetuneConfig, apply_data_flags
     from finetune.train import run_finetune
@@ -130,9 +106,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         field = "--unlabeled" if args.unlabeled else "data.unlabeled"
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
             "unlabeled": [Path(_unlabeled_store(p, f"{field}[{i}]")) for i, p in enumerate(cfg.data.unlabeled)]})})
+    from finetune.evaluate import resolve_labeled_specs
+
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "real": _labeled_specs(cfg.data.real, "--real" if args.real else "data.real"),
-        "val": _labeled_specs(cfg.data.val, "data.val")})})
+        "real": resolve_labeled_specs(cfg.data.real, "--real" if args.real else "data.real"),
+        "val": resolve_labeled_specs(cfg.data.val, "data.val")})})
     from finetune.train import check_distributed
     from segfactory.distributed import launch_processes, relaunch_under_torchrun
 
@@ -419,8 +397,10 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     s.add_argument("config", help="YAML sweep config (e.g. configs/finetune_sweep.yaml)")
     s.add_argument("--out", required=True, type=out_dir("--out"))
     s.add_argument("--synthetic", action="append", metavar="DATASET")
-    s.add_argument("--real", action="append", metavar="DIR", help="real labeled training folder")
-    s.add_argument("--test", action="append", metavar="DIR", help="held-out real labeled folder for the mIoU")
+    s.add_argument("--real", action="append", metavar="DIR", help="real labeled training folder (or "
+                   "sample:NAME/labeled)")
+    s.add_argument("--test", action="append", metavar="DIR", help="held-out real labeled folder for the mIoU (or "
+                   "sample:NAME/eval)")
     s.add_argument("--encoder", metavar="DIR", help="pretrained encoder for the 'ssl' init")
     s.add_argument("--steps", type=int, help="steps of every run (matched compute)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sweep.real_fractions=[0,0.5,1]")
