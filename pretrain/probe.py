@@ -95,13 +95,15 @@ def _load_labeled_folder(path: Path, cfg: ProbeConfig, in_chans: int
     """A real labeled folder: its ``classes.json`` ids (else the ids found in the masks) become indices 0..K-1.
 
     Raises:
-        UserError: a mask holds a value that is neither a class of ``classes.json`` nor its ``ignore_index``, or
-            image and mask sizes differ.
+        UserError: a mask holds a value that is neither a class of ``classes.json`` nor its ``ignore_index``,
+            image and mask sizes differ, or an image is a multi-page TIFF.
     """
     from segfactory.formats.imagefile import read_image, read_mask
-    from segfactory.formats.labeled import read_class_table, scan_labeled_folder
+    from segfactory.formats.labeled import check_one_frame, read_class_table, scan_labeled_folder
 
     items = _pick(scan_labeled_folder(path), path, cfg)
+    for it in items:
+        check_one_frame(it)
     raw = [(it, read_image(it.image), read_mask(it.mask)) for it in items]
     table = read_class_table(path)
     if table is not None:

@@ -184,6 +184,16 @@ def test_labeled_folder_class_ids_become_indices(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"f1.png.*\[7\]"):
         load_frames(_folder(tmp_path / "c", [m, bad], table), cfg, 3)
 
+    # a multi-page TIFF image (a stack) has one mask for several frames: refused, as fine-tuning refuses it (the
+    # probe read its first page silently)
+    d = _folder(tmp_path / "d", [m, m], table)
+    import tifffile
+
+    (d / "images" / "f0.png").unlink()
+    tifffile.imwrite(d / "images" / "f0.tif", np.zeros((3, 40, 40), np.uint8), photometric="minisblack")
+    with pytest.raises(UserError, match=r"f0.tif' is a TIFF stack of 3 pages, but a labeled image is one frame"):
+        load_frames(d, cfg, 3)
+
 
 # ------------------------------------------------------------------------------------------------ the verdict
 def test_same_encoder_against_itself_is_within_spread() -> None:

@@ -29,8 +29,8 @@ import numpy as np
 from finetune.config import FinetuneConfig, SourceSpec
 from finetune.data.remap import Remap, TargetClasses, build_remap, make_targets
 from segfactory.errors import UserError
-from segfactory.formats.imagefile import image_pages, image_size, read_image, read_mask
-from segfactory.formats.labeled import Item, read_class_table, scan_labeled_folder
+from segfactory.formats.imagefile import image_size, read_image, read_mask
+from segfactory.formats.labeled import Item, check_one_frame, read_class_table, scan_labeled_folder
 
 Kind = Literal["synthetic", "real"]
 Role = Literal["train", "val", "eval"]
@@ -181,12 +181,7 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
     """Fail before training, not at step 3000: sizes from headers, mask values from every mask; a labeled image is
     one frame (a multi-page TIFF is refused: which page would its mask label?)."""
     for it in items:
-        pages = image_pages(it.image)
-        if pages > 1:
-            raise UserError(f"image '{it.image}' is a TIFF stack of {pages} pages, but a labeled image is one frame "
-                            f"with one mask ('{it.mask}')",
-                            fix="split the stack into one image per page, each with its mask (images/<stem>_p0.tif "
-                                "+ masks/<stem>_p0.png, ...)")
+        check_one_frame(it)
         mask = read_mask(it.mask)
         size = image_size(it.image)  # upright, as read_image reads it (EXIF orientation), bomb-checked
         if tuple(size) != (mask.shape[1], mask.shape[0]):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from segfactory.errors import UserError
-from segfactory.formats.imagefile import IMAGE_SUFFIXES
+from segfactory.formats.imagefile import IMAGE_SUFFIXES, image_pages
 from segfactory.io import read_json
 
 
@@ -73,6 +73,21 @@ def scan_labeled_folder(path: Path) -> list[Item]:
         inst = path / "instances" / f"{stem}.png"
         items.append(Item(stem, p, m, inst if inst.is_file() else None))
     return items
+
+
+def check_one_frame(it: Item) -> None:
+    """A labeled image is one frame with one mask: a multi-page TIFF (a stack) is refused (which page would its
+    mask label?). Only the TIFF's page headers are read.
+
+    Raises:
+        UserError: naming the image, its page count and how to split it.
+    """
+    pages = image_pages(it.image)
+    if pages > 1:
+        raise UserError(f"image '{it.image}' is a TIFF stack of {pages} pages, but a labeled image is one frame "
+                        f"with one mask ('{it.mask}')",
+                        fix="split the stack into one image per page, each with its mask (images/<stem>_p0.tif "
+                            "+ masks/<stem>_p0.png, ...)")
 
 
 def read_class_table(path: Path, default_ignore: int = 255) -> tuple[list[dict[str, Any]], int] | None:
