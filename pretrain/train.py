@@ -50,6 +50,7 @@ from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.formats.encoder import save_encoder
 from segfactory.formats.images import ImageEntry, IngestedImages, open_images
 from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
+from segfactory.lock import run_dir_lock
 from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import pretrain_augment_seed
@@ -243,9 +244,16 @@ def _sync_context(ddp: torch.nn.Module | None, last_micro: bool) -> Any:
 # ------------------------------------------------------------------------------------------- the loop
 
 
+def lock_run_dir(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The run lock of ``OUT`` (:func:`segfactory.lock.run_dir_lock`): a second pretrain into it stops with exit 4.
+    The CLI takes it before it re-runs itself under torchrun; :func:`run_pretrain` takes it otherwise."""
+    return run_dir_lock(out, "pretrain", fix="wait for it to finish (--resume then continues it), or use another "
+                        "--out")
+
+
 def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Pretrain, checkpoint and export an encoder.
+    """Pretrain, checkpoint and export an encoder, holding ``OUT``'s run lock (:func:`lock_run_dir`).
 
     Args:
         cfg: Validated config.
@@ -257,7 +265,17 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
 
     Returns:
         Summary (steps, final loss, throughput, data-wait share, encoder path).
+
+    Raises:
+        UserError: exit code 4 while another pretrain writes ``OUT``.
     """
+    with lock_run_dir(ensure_writable_dir(out_dir)):
+        return _run_pretrain(cfg, images_dir, out_dir, resume, stop_after)
+
+
+def _run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """:func:`run_pretrain` inside the run lock."""
     t_start = time.perf_counter()
     data = open_images(images_dir)
     out = ensure_writable_dir(out_dir)

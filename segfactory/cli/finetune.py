@@ -111,12 +111,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
         "real": resolve_labeled_specs(cfg.data.real, "--real" if args.real else "data.real"),
         "val": resolve_labeled_specs(cfg.data.val, "data.val")})})
-    from finetune.train import check_distributed
+    from finetune.train import check_distributed, lock_run_dir
     from segfactory.distributed import launch_processes, relaunch_under_torchrun
 
     nproc = launch_processes(cfg.train, lambda n: check_distributed(cfg, n))
     if nproc > 1:  # this command again, as nproc ranks under torchrun; rank 0 prints the summary
-        return relaunch_under_torchrun(nproc, sys.argv[1:])
+        with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
+            return relaunch_under_torchrun(nproc, sys.argv[1:])
     summary = run_finetune(cfg, args.out, resume=args.resume)
     if summary:  # ranks other than 0 return none
         _emit(summary)

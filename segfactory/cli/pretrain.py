@@ -145,9 +145,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides, extra)
     nproc = _launch_processes(cfg)
     if nproc > 1:  # this command again, as nproc ranks under torchrun; they print the summary (rank 0)
+        from pathlib import Path
+
+        from pretrain.train import lock_run_dir
         from segfactory.distributed import relaunch_under_torchrun
 
-        return relaunch_under_torchrun(nproc, sys.argv[1:])
+        with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
+            return relaunch_under_torchrun(nproc, sys.argv[1:])
     resume = args.resume_from if args.resume_from is not None else ("last" if args.resume else None)
     summary = run_pretrain(cfg, args.images, args.out, resume=resume, stop_after=args.stop_after)
     if summary:  # ranks other than 0 return none
