@@ -39,7 +39,7 @@ from pretrain.backbones import BACKBONES
 from pretrain.config import PretrainConfig
 from pretrain.encoder import PooledEncoder, build_encoder
 from pretrain.images import cache_stats, make_loader, new_cache_stats, use_stream
-from pretrain.init import InitReport, load_init
+from pretrain.init import PRETRAIN_CHECKPOINT_FORMAT, InitReport, load_init
 from pretrain.methods import METHODS, build_method
 from pretrain.methods.base import SSLMethod
 from segfactory import distributed, torchutil
@@ -131,7 +131,7 @@ def save_checkpoint(out: Path, step: int, model: SSLMethod, opt: torch.optim.Opt
     check_finite_weights(model, f"the checkpoint at step {step}", DIVERGED_FIX)
     persistent = set(model.state_dict())
     state = {
-        "format": "segfactory-pretrain-checkpoint", "step": step, "arch": _arch(cfg, in_chans),
+        "format": PRETRAIN_CHECKPOINT_FORMAT, "step": step, "arch": _arch(cfg, in_chans),
         "model": model.state_dict(),
         # e.g. MoCo's memory bank: lightly registers it non-persistent, but exact resume needs it
         "extra_buffers": {k: v for k, v in model.named_buffers() if k not in persistent},
@@ -158,7 +158,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"'{path}' is not a readable segfactory checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''})",
                         fix="pass a step_*.pt file written by `segfactory pretrain`") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "segfactory-pretrain-checkpoint":
+    if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_CHECKPOINT_FORMAT:
         raise UserError(f"'{path}' is not a segfactory pretrain checkpoint",
                         fix="pass a step_*.pt file written by `segfactory pretrain`")
     return ckpt
@@ -314,6 +314,11 @@ def _run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: s
     ckpt = None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
+        if int(ckpt["step"]) > total:  # nothing to train and nothing to rewrite: config.yaml and encoder/ stay
+            raise UserError(f"train.steps={total} is below the step of checkpoint '{ckpt_path}' ({ckpt['step']}): "
+                            "the run is already past it; nothing was done",
+                            fix=f"set train.steps above {ckpt['step']} to train on (its encoder is in the run's "
+                                "encoder/ when it finished or stopped cleanly)")
         check_same_arch(ckpt, arch, ckpt_path)
         note_world_size(ckpt, info, ckpt_path)
         if ckpt["data_hash"] != data.data_hash:

@@ -319,7 +319,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
-    p.set_defaults(func=_cmd_finetune)
+    p.set_defaults(func=_cmd_finetune, rerun="a re-run with --resume resumes")
 
     def inference_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -59,14 +59,15 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after N steps of this run; --resume continues")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=2e-3")
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, rerun="a re-run with --resume resumes")
 
     p = commands.add_parser("probe", help="frozen-encoder dense linear probe: mIoU of an encoder vs random init",
                             description="Train a 1x1 conv on frozen encoder features of labeled frames, once per "
                             "probe seed (own split, random init, probe init), and print one JSON object: per-seed "
                             "mIoU of the encoder and of a random-init encoder of the same architecture, mean ± std, "
                             "the paired difference and a verdict ('within spread' or not).")
-    p.add_argument("--encoder", required=True, help="encoder directory (OUT/encoder of `segfactory pretrain`)")
+    p.add_argument("--encoder", required=True, help="encoder directory (OUT/encoder of `segfactory pretrain`), or "
+                   "the run directory OUT itself (or a `segfactory run` directory: its pretrain stage's encoder)")
     p.add_argument("--data", required=True, help="labeled frames: a rendered dataset (`segfactory render` --out), a "
                    "real labeled folder (images/ + masks/, as fine-tuning reads) or sample:NAME/eval")
     p.add_argument("--steps", type=int, help="probe training steps (steps)")
@@ -123,6 +124,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     extra: dict[str, Any] = {"cluster.workers": args.workers}
     overrides = list(args.overrides)
+    if args.max_short_side is not None and args.max_short_side != 0:
+        from pretrain.config import NormalizeConfig
+        from segfactory.errors import UserError
+
+        least = next(m.ge for m in NormalizeConfig.model_fields["max_short_side"].metadata if hasattr(m, "ge"))
+        if args.max_short_side < least:
+            raise UserError(f"--max-short-side {args.max_short_side} is too small: a downscaled short side is at "
+                            f"least {least} px", fix=f"pass --max-short-side {least} or more, or 0 to keep full size")
     if args.max_short_side == 0:  # load_config skips None extras: "keep full size" goes in as an override
         overrides.append("normalize.max_short_side=null")
     elif args.max_short_side is not None:
@@ -174,7 +183,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from segfactory.sampledata import resolve_path
 
     cfg = load_config(ProbeConfig, args.config, args.overrides, {"steps": args.steps, "seeds": args.seeds})
-    result = run_probe(args.encoder, resolve_path(args.data), cfg)
+    from finetune.locate import resolve_encoder_dir  # a run directory stands for its encoder/, as for finetune
+    from segfactory.console import console
+
+    enc_dir, note = resolve_encoder_dir(args.encoder)
+    if note:
+        console.print(note, soft_wrap=True)
+    result = run_probe(enc_dir, resolve_path(args.data), cfg)
     print(json.dumps(result))
     return 0
 
