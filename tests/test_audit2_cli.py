@@ -274,3 +274,25 @@ def test_probe_accepts_a_pretrain_run_directory(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"using encoder dir '{tmp_path / 'pt' / 'encoder'}' of the run '{tmp_path / 'pt'}'" in r.stderr
     assert "miou_encoder" in json.loads(r.stdout)
+
+
+# -- #20: bench help shows defaults and describes every option --------------------------------------------------
+
+
+def test_every_bench_option_has_a_description_and_its_help_shows_defaults() -> None:
+    import argparse
+
+    from segfactory.cli import build_parser
+
+    def subs(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    benches = subs(subs(build_parser())["bench"])
+    assert {"loader", "ingest", "augment", "render", "train", "pipeline", "transfer"} <= set(benches)
+    for name, p in benches.items():
+        undescribed = [a.option_strings or a.dest for a in p._actions if not a.help]
+        assert not undescribed, (name, undescribed)
+    r = cli("bench", "loader", "--help", timeout=60)
+    text = " ".join(r.stdout.split())
+    assert "timed batches per row (default: 50)" in text and "data.order (default: random)" in text
+    assert "(default: None)" not in text

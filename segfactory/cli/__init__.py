@@ -20,7 +20,7 @@ import signal
 
 from segfactory import __version__
 from segfactory.cli.args import check_out_dirs
-from segfactory.cli.lazyhelp import Parser
+from segfactory.cli.lazyhelp import DefaultsFormatter, Parser
 from segfactory.console import PROGRESS_LINES_ENV, console
 from segfactory.errors import (
     EXIT_INTERNAL,
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands, benches)
+    for sub in benches.choices.values():  # a benchmark's numbers depend on every default: --help shows them
+        sub.formatter_class = DefaultsFormatter
     return parser
 
 

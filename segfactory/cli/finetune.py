@@ -409,12 +409,12 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     b = benches.add_parser("train", help="training images/s: segfactory loop vs plain smp + CPU augmentation")
     b.add_argument("--size", type=int, default=512, help="crop side")
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8])
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8], help="batch sizes measured, one row each")
     b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--arch", default="unet", help=Names("decoder architecture: {names}", _archs))
     b.add_argument("--encoder", default="resnet18", help="timm encoder name")
-    b.add_argument("--device", default="auto")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--data", metavar="DIR", help="labeled folder of real images (images/ + masks/; not a rendered "
                    "dataset) (default: a folder of scikit-image/scikit-learn/matplotlib sample photos)")
     b.add_argument("--workers", type=int, help="DataLoader workers for both pipelines (default: all cores but one, "

@@ -57,7 +57,7 @@ def register(commands: Any, benches: Any) -> None:
     p = benches.add_parser("pipeline", help="render frames/min through Dask with 1 and 2 workers, scheduling overhead")
     p.add_argument("--workers", default="1,2", help="worker counts to measure")
     p.add_argument("--scenes", type=int, default=8, help="scenes (1 view each, 1 scene per shard)")
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (render.resolution)")
     p.add_argument("--cluster-address", help="measure on an existing scheduler instead of LocalClusters")
     p.add_argument("--out", default="runs/bench-pipeline", type=out_dir("--out"), help="scratch directory")
     p.set_defaults(func=cmd_bench_pipeline)

@@ -96,8 +96,8 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--method", default="simclr", help=Names("view spec of this method: {names}", _methods))
     p.add_argument("--images", type=int, default=256,
                    help="source images per pass (>= batch size x workers keeps every baseline worker busy)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch of views")
+    p.add_argument("--crop-size", type=int, default=224, help="view side in pixels (augment.crop_size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--workers", type=int, help="DataLoader workers for the baseline (default: all cores)")
     p.add_argument("--backbone", default="resnet18",
@@ -110,7 +110,7 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--images", required=True, help="output of `segfactory ingest`")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: CPU count - 1, at most 8); 1 worker "
                    "is always measured too")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (train.batch_size)")
     p.add_argument("--crop-size", type=int, default=224, help="augment.crop_size (load size: crop x 8/7)")
     p.add_argument("--batches", type=int, default=50, help="timed batches per row")
     p.add_argument("--cache-mb", type=float, default=512, help="data.cache_mb of the cached rows")
