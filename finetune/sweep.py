@@ -179,14 +179,14 @@ def prepare_synthetic_encoder(pcfg: FinetuneConfig, root: Path, show_progress: b
     import shutil
 
     from finetune.export import export_encoder
-    from finetune.train import run_finetune
+    from finetune.train import CHECKPOINT_FILE, run_finetune
     from segfactory.formats.encoder import META_FILE as ENCODER_META
     from segfactory.formats.model import read_model_meta
     from segfactory.io import read_json
 
     run_dir, enc_dir = root / "run", root / "encoder"
     console.print(f"[bold]synthetic init[/]: {pcfg.train.steps} steps on the synthetic data only")
-    summary = run_finetune(pcfg, run_dir, resume=True, show_progress=show_progress)
+    summary = run_finetune(pcfg, run_dir, resume=(run_dir / CHECKPOINT_FILE).exists(), show_progress=show_progress)
     model_sha = read_model_meta(run_dir / "model")["weights_sha256"]
     enc_meta = read_json(enc_dir / ENCODER_META) if (enc_dir / ENCODER_META).is_file() else None
     if enc_meta is None or enc_meta.get("source_weights_sha256") != model_sha:
@@ -307,8 +307,9 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, show_progress: bool = True)
         run_dir = out / "runs" / run["id"]
         console.print(f"[bold]run {i}/{len(runs)}[/] {run['id']}")
         t0 = time.perf_counter()
-        # A finished run returns its summary; an interrupted one resumes from its checkpoint.
-        summary = run_finetune(rcfg, run_dir, resume=True, show_progress=show_progress)
+        # A finished run returns its summary; an interrupted one resumes from its checkpoint; a new one starts.
+        summary = run_finetune(rcfg, run_dir, resume=(run_dir / CHECKPOINT_FILE).exists(),
+                               show_progress=show_progress)
         test_metrics = run_dir / "test" / "metrics.json"
         cached = read_json(test_metrics) if test_metrics.exists() else None
         # Test scores are reused only for the same model and the same test specs (paths, remaps, classes).

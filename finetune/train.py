@@ -34,7 +34,7 @@ import json
 import math
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from segfactory.console import console, progress
 from segfactory.distributed import DistInfo
 from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir, read_json
+from segfactory.lock import run_dir_lock
 from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import dropout_seed
@@ -909,19 +910,31 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
+def lock_run_dir(out: Path) -> AbstractContextManager[None]:
+    """The run lock of ``OUT`` (:func:`segfactory.lock.run_dir_lock`): a second fine-tune into it stops with exit 4.
+    The CLI takes it before it re-runs itself under torchrun; :func:`run_finetune` takes it otherwise."""
+    return run_dir_lock(out, "finetune", fix="wait for it to finish (--resume then continues it), or use another "
+                        "--out")
+
+
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool = False,
                  show_progress: bool = True) -> dict[str, Any]:
-    """Train a segmentation model; see the module docstring for the output layout.
+    """Train a segmentation model, holding ``OUT``'s run lock (:func:`lock_run_dir`); see the module docstring for
+    the output layout.
 
     Returns:
         The summary (also ``OUT/summary.json`` when finished).
+
+    Raises:
+        UserError: exit code 4 while another fine-tune writes ``OUT``.
     """
     out = ensure_writable_dir(out_dir)
-    trainer = Trainer(cfg, out, show_progress)
-    try:
-        trainer.prepare(resume)
-        return trainer.run()
-    finally:
-        console.quiet = False
-        trainer.release_distributed()
-        distributed.teardown()
+    with lock_run_dir(out):
+        trainer = Trainer(cfg, out, show_progress)
+        try:
+            trainer.prepare(resume)
+            return trainer.run()
+        finally:
+            console.quiet = False
+            trainer.release_distributed()
+            distributed.teardown()

@@ -578,8 +578,8 @@ def bench_loader(images: str | os.PathLike[str], workers: int | None = None, bat
     t_cut = time.perf_counter() - t0
     n = len(sample)
     per_image = {"read_bytes": round(1000 * t_read / n, 3), "decode": round(1000 * t_decode / n, 3),
-                 "resize": round(1000 * t_resize / n, 3), "cut_into_batch": round(1000 * t_cut / n, 3),
-                 "frame_mb": round(float(np.mean([f.nbytes for f in frames])) / 2**20, 4)}
+                 "resize": round(1000 * t_resize / n, 3), "cut_into_batch": round(1000 * t_cut / n, 3)}
+    frame_mb = round(float(np.mean([f.nbytes for f in frames])) / 2**20, 4)  # a size: not among the times
     del decoded, frames
 
     rows: list[dict[str, Any]] = []
@@ -607,6 +607,7 @@ def bench_loader(images: str | os.PathLike[str], workers: int | None = None, bat
         "bench": "loader", "images_dir": str(images), "images": len(entries), "in_chans": chans, "order": order,
         "load_size": load, "crop_size": crop, "batch_size": batch_size, "batches": batches, "workers": workers,
         "epochs_per_row": round(seen / len(entries), 2), "cache_mb": cache_mb, "per_image_ms": per_image,
+        "frame_mb": frame_mb,
         "uncached_images_per_s": by[("uncached", workers)], "cached_images_per_s": by[("cached", workers)],
         "speedup": round(by[("cached", workers)] / by[("uncached", workers)], 2), "rows": rows,
         "hardware": _hardware(), **_peak_host_mb(),
@@ -616,5 +617,6 @@ def bench_loader(images: str | os.PathLike[str], workers: int | None = None, bat
            ["loader", "workers", "images/s", "images/s/worker", "cache hit %"],
            [[f"{r['name']} (cache_mb={r['cache_mb']:g})", str(r["workers"]), f"{r['images_per_s']:.1f}",
              f"{r['images_per_s_per_worker']:.1f}", f"{r['cache_hit_pct']:.1f}"] for r in rows])
-    console.print("per image, one thread (ms): " + ", ".join(f"{k} {v}" for k, v in per_image.items()))
+    console.print("per image, one thread (ms): " + ", ".join(f"{k} {v}" for k, v in per_image.items())
+                  + f"; decoded frame: {frame_mb} MB")
     return result

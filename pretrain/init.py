@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pretrain.backbones import BackboneSpec
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+PRETRAIN_CHECKPOINT_FORMAT = "segfactory-pretrain-checkpoint"  # the "format" of pretrain's OUT/checkpoints/*.pt
 
 
 @dataclass
@@ -123,6 +124,7 @@ def read_state(path: str | os.PathLike[str]) -> tuple[str, dict[str, torch.Tenso
         meta, state = load_encoder(p)
         return "encoder", dict(state), meta
     fix = "pass a timm state dict (.pth/.pt/.bin), a .safetensors file or an encoder directory"
+    _refuse_own_files(p)
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -137,6 +139,14 @@ def read_state(path: str | os.PathLike[str]) -> tuple[str, dict[str, torch.Tenso
         msg = str(e).splitlines()[0][:160] if str(e) else ""
         raise UserError(f"backbone.init '{p}' is not a readable torch state dict ({type(e).__name__}: {msg})",
                         fix=fix) from None
+    if isinstance(obj, Mapping) and obj.get("format") == PRETRAIN_CHECKPOINT_FORMAT:
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        enc = f"'{run / 'encoder'}'" if run is not None else "its run directory's encoder/ (OUT/encoder)"
+        raise UserError(f"backbone.init '{p}' is a segfactory pretrain checkpoint (step {obj.get('step')}: the "
+                        "whole SSL method, its optimizer and RNG), not encoder weights",
+                        fix=f"to start a new run from its encoder, set backbone.init to {enc} (a run stopped before "
+                            f"its export: finish it with --resume first); to continue that run, pass --resume-from "
+                            f"'{p}' instead of backbone.init")
     for _ in range(2):  # {"state_dict": {...}} or {"model": {...}} (nested once at most in practice)
         if isinstance(obj, Mapping) and not _is_state(obj):
             inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
@@ -149,6 +159,31 @@ def read_state(path: str | os.PathLike[str]) -> tuple[str, dict[str, torch.Tenso
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return "timm", state, None
+
+
+def _refuse_own_files(p: Path) -> None:
+    """A fine-tuned model's weights (``segfactory finetune``'s ``OUT/model/model.safetensors``) hold a whole
+    segmentation model under the architecture's own prefixes, not an encoder: one line naming what to pass.
+
+    Raises:
+        UserError: for a file of a segfactory model directory.
+    """
+    from segfactory.formats import model
+
+    if p.name != model.WEIGHTS_FILE or not (p.parent / model.META_FILE).is_file():
+        return
+    try:
+        meta = model.read_model_meta(p.parent)
+    except UserError:
+        return
+    lineage = (meta.get("lineage") or {}).get("encoder") or {}
+    enc = lineage.get("dir") if lineage.get("init") == "ssl" else None
+    arch = meta.get("architecture") or {}
+    raise UserError(f"backbone.init '{p}' is the weights of a fine-tuned segmentation model (segfactory finetune, "
+                    f"{arch.get('arch')} / {arch.get('encoder')}), not encoder weights",
+                    fix="set backbone.init to the encoder it was fine-tuned from"
+                        + (f" ('{enc}')" if enc else "") + " or another pretrain run's OUT/encoder; to train that "
+                        "model further, use `segfactory finetune --resume` on its run directory")
 
 
 def _is_state(obj: Mapping[Any, Any]) -> bool:

@@ -39,7 +39,7 @@ from pretrain.backbones import BACKBONES
 from pretrain.config import PretrainConfig
 from pretrain.encoder import PooledEncoder, build_encoder
 from pretrain.images import cache_stats, make_loader, new_cache_stats, use_stream
-from pretrain.init import InitReport, load_init
+from pretrain.init import PRETRAIN_CHECKPOINT_FORMAT, InitReport, load_init
 from pretrain.methods import METHODS, build_method
 from pretrain.methods.base import SSLMethod
 from segfactory import distributed, torchutil
@@ -50,6 +50,7 @@ from segfactory.errors import DeferredInterrupt, UserError
 from segfactory.formats.encoder import save_encoder
 from segfactory.formats.images import ImageEntry, IngestedImages, open_images
 from segfactory.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
+from segfactory.lock import run_dir_lock
 from segfactory.plotting import figure_png
 from segfactory.resume import describe_change, read_jsonl, truncate_jsonl
 from segfactory.seeds import pretrain_augment_seed
@@ -130,7 +131,7 @@ def save_checkpoint(out: Path, step: int, model: SSLMethod, opt: torch.optim.Opt
     check_finite_weights(model, f"the checkpoint at step {step}", DIVERGED_FIX)
     persistent = set(model.state_dict())
     state = {
-        "format": "segfactory-pretrain-checkpoint", "step": step, "arch": _arch(cfg, in_chans),
+        "format": PRETRAIN_CHECKPOINT_FORMAT, "step": step, "arch": _arch(cfg, in_chans),
         "model": model.state_dict(),
         # e.g. MoCo's memory bank: lightly registers it non-persistent, but exact resume needs it
         "extra_buffers": {k: v for k, v in model.named_buffers() if k not in persistent},
@@ -157,7 +158,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"'{path}' is not a readable segfactory checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''})",
                         fix="pass a step_*.pt file written by `segfactory pretrain`") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "segfactory-pretrain-checkpoint":
+    if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_CHECKPOINT_FORMAT:
         raise UserError(f"'{path}' is not a segfactory pretrain checkpoint",
                         fix="pass a step_*.pt file written by `segfactory pretrain`")
     return ckpt
@@ -243,9 +244,16 @@ def _sync_context(ddp: torch.nn.Module | None, last_micro: bool) -> Any:
 # ------------------------------------------------------------------------------------------- the loop
 
 
+def lock_run_dir(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The run lock of ``OUT`` (:func:`segfactory.lock.run_dir_lock`): a second pretrain into it stops with exit 4.
+    The CLI takes it before it re-runs itself under torchrun; :func:`run_pretrain` takes it otherwise."""
+    return run_dir_lock(out, "pretrain", fix="wait for it to finish (--resume then continues it), or use another "
+                        "--out")
+
+
 def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Pretrain, checkpoint and export an encoder.
+    """Pretrain, checkpoint and export an encoder, holding ``OUT``'s run lock (:func:`lock_run_dir`).
 
     Args:
         cfg: Validated config.
@@ -257,7 +265,17 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
 
     Returns:
         Summary (steps, final loss, throughput, data-wait share, encoder path).
+
+    Raises:
+        UserError: exit code 4 while another pretrain writes ``OUT``.
     """
+    with lock_run_dir(ensure_writable_dir(out_dir)):
+        return _run_pretrain(cfg, images_dir, out_dir, resume, stop_after)
+
+
+def _run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """:func:`run_pretrain` inside the run lock."""
     t_start = time.perf_counter()
     data = open_images(images_dir)
     out = ensure_writable_dir(out_dir)
@@ -296,6 +314,11 @@ def run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: st
     ckpt = None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
+        if int(ckpt["step"]) > total:  # nothing to train and nothing to rewrite: config.yaml and encoder/ stay
+            raise UserError(f"train.steps={total} is below the step of checkpoint '{ckpt_path}' ({ckpt['step']}): "
+                            "the run is already past it; nothing was done",
+                            fix=f"set train.steps above {ckpt['step']} to train on (its encoder is in the run's "
+                                "encoder/ when it finished or stopped cleanly)")
         check_same_arch(ckpt, arch, ckpt_path)
         note_world_size(ckpt, info, ckpt_path)
         if ckpt["data_hash"] != data.data_hash:

@@ -271,8 +271,27 @@ def validation_error_to_user_error(err: ValidationError, model: type[BaseModel],
     if etype == "missing":
         return UserError(f"{source}: required config key '{field}' is missing{more}", fix=f"set {field}=...")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
-    fix = (first.get("ctx") or {}).get("fix") or f"set {field} to a valid value ({msg.lower()})"
+    fix = (first.get("ctx") or {}).get("fix") or _generic_fix(field, etype, first.get("ctx") or {})
     return UserError(f"{source}: {field}={shown} is invalid: {msg}{more}", fix=fix)
+
+
+_BOUNDS = {"greater_than_equal": ("ge", "{} or more"), "greater_than": ("gt", "more than {}"),
+           "less_than_equal": ("le", "{} or less"), "less_than": ("lt", "less than {}")}
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "string": "a string",
+          "list": "a list ([a, b])", "dict": "a mapping ({key: value})"}
+
+
+def _generic_fix(field: str, etype: str, ctx: dict[str, Any]) -> str:
+    """The fix of a validation error without its own: what to set, not the reason again (the message says it)."""
+    if etype in _BOUNDS:
+        key, text = _BOUNDS[etype]
+        return f"set {field} to {text.format(ctx.get(key))}"
+    if etype == "literal_error" and ctx.get("expected"):
+        return f"set {field} to one of {ctx['expected']}"
+    kind = next((v for k, v in _KINDS.items() if etype.startswith(f"{k}_")), None)
+    if kind:
+        return f"set {field} to {kind}"
+    return f"set {field} to another value, or remove it to use the default"
 
 
 def save_resolved(cfg: BaseModel, path: str | os.PathLike[str]) -> None:

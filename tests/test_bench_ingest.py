@@ -34,7 +34,9 @@ def test_bench_ingest_files_plans_then_finds_nothing_new(tmp_path: Path, capsys:
                                                   abs=2e-3)
         assert 0 < run["driver_start_rss_mb"] <= run["driver_run_peak_rss_mb"] <= run["driver_peak_rss_mb"] + 1
         assert len(run["load_1m"]) == 2
-    assert isinstance(r["meets_targets"], bool) and r["kept"] == str(out.resolve())
+    # 120 files are far below the targets' 200,000: not judged (audit 2 #20)
+    assert r["meets_targets"] is None and "too few to judge" in r["targets"]["note"]
+    assert r["kept"] == str(out.resolve())
 
     # the files are small real images in a nested tree, 50 per folder
     files = sorted((out / "src").rglob("*.*"))

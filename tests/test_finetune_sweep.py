@@ -46,6 +46,7 @@ def test_sweep_table_plot_savings_and_resume(tiny_dataset: Path, tmp_path: Path,
     result = json.loads(cap.out)
     assert result["runs"] == 6  # 2 inits x (syn0+real100, syn100+real0, syn100+real100)
     assert "label efficiency" in cap.err
+    assert "holds no checkpoint.pt yet" not in cap.err  # fresh runs: nobody passed --resume (audit 2 #21)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["run"] for r in rows} == {f"{i}_{s}" for i in ("random", "ssl")
                                         for s in ("syn0_real100_seed0", "syn100_real0_seed0", "syn100_real100_seed0")}

@@ -20,7 +20,7 @@ import signal
 
 from segfactory import __version__
 from segfactory.cli.args import check_out_dirs
-from segfactory.cli.lazyhelp import Parser
+from segfactory.cli.lazyhelp import DefaultsFormatter, Parser
 from segfactory.console import PROGRESS_LINES_ENV, console
 from segfactory.errors import (
     EXIT_INTERNAL,
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands, benches)
+    for sub in benches.choices.values():  # a benchmark's numbers depend on every default: --help shows them
+        sub.formatter_class = DefaultsFormatter
     return parser
 
 
@@ -66,19 +68,25 @@ def _print_user_error(e: UserError) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (README "Exit codes"): 0 ok, 1 a bug (traceback), 2 a user
     error (one line + fix), 3 some units failed after retries (listed), 4 another run holds the lock, 130
-    interrupted by Ctrl-C or SIGTERM (finished work is kept, a re-run resumes)."""
+    interrupted by Ctrl-C or SIGTERM (finished work is kept, a re-run resumes; a command whose plain re-run is
+    refused says how to resume in its ``rerun`` default, e.g. pretrain's "a re-run with --resume resumes")."""
     parser = build_parser()
     # `key=value` overrides may come after the options too; argparse only takes trailing positionals at once.
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        if hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
-            args.overrides = [*args.overrides, *unknown]
+        if hasattr(args, "overrides") and not any(u.startswith("-") for u in unknown):
+            args.overrides = [*args.overrides, *unknown]  # a bare token is refused below, as every override is
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if os.environ.get(PROGRESS_LINES_ENV):
         terminate_with_parent()
     try:
         with sigterm_interrupts():
+            if getattr(args, "overrides", None):  # one line for a malformed override, before any work
+                from segfactory.config import parse_override
+
+                for item in args.overrides:
+                    parse_override(item)
             check_out_dirs(args)
             return int(args.func(args) or 0)
     except UserError as e:
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         why = f" by {e.signame}" if isinstance(e, Interrupted) else ""
         with contextlib.suppress(OSError):  # a stage process whose driver is gone has no reader left
-            console.print(f"interrupted{why}; finished work is kept and a re-run resumes", soft_wrap=True)
+            console.print(f"interrupted{why}; finished work is kept and {getattr(args, 'rerun', 'a re-run resumes')}",
+                          soft_wrap=True)
         return EXIT_INTERRUPTED
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

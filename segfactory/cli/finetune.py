@@ -111,12 +111,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
         "real": resolve_labeled_specs(cfg.data.real, "--real" if args.real else "data.real"),
         "val": resolve_labeled_specs(cfg.data.val, "data.val")})})
-    from finetune.train import check_distributed
+    from finetune.train import check_distributed, lock_run_dir
     from segfactory.distributed import launch_processes, relaunch_under_torchrun
 
     nproc = launch_processes(cfg.train, lambda n: check_distributed(cfg, n))
     if nproc > 1:  # this command again, as nproc ranks under torchrun; rank 0 prints the summary
-        return relaunch_under_torchrun(nproc, sys.argv[1:])
+        with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
+            return relaunch_under_torchrun(nproc, sys.argv[1:])
     summary = run_finetune(cfg, args.out, resume=args.resume)
     if summary:  # ranks other than 0 return none
         _emit(summary)
@@ -318,7 +319,7 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
-    p.set_defaults(func=_cmd_finetune)
+    p.set_defaults(func=_cmd_finetune, rerun="a re-run with --resume resumes")
 
     def inference_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -408,12 +409,12 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
 
     b = benches.add_parser("train", help="training images/s: segfactory loop vs plain smp + CPU augmentation")
     b.add_argument("--size", type=int, default=512, help="crop side")
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8])
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8], help="batch sizes measured, one row each")
     b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--arch", default="unet", help=Names("decoder architecture: {names}", _archs))
     b.add_argument("--encoder", default="resnet18", help="timm encoder name")
-    b.add_argument("--device", default="auto")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--data", metavar="DIR", help="labeled folder of real images (images/ + masks/; not a rendered "
                    "dataset) (default: a folder of scikit-image/scikit-learn/matplotlib sample photos)")
     b.add_argument("--workers", type=int, help="DataLoader workers for both pipelines (default: all cores but one, "

@@ -31,6 +31,19 @@ class Names(str):
         return str(self).replace("{names}", ", ".join(self.names()))
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default (``segfactory bench ...``), unless the default is
+    None/False (the text says what happens then) or the text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))
+                and not isinstance(action.default, bool)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` (and, through ``add_subparsers``, its sub-parsers) that renders :class:`Names` texts
     in its description and argument help when its help is formatted."""

@@ -8,6 +8,8 @@ from typing import Any
 
 from segfactory.cli.args import out_dir
 
+TRANSFER_CONFIG = "configs/bench_transfer.yaml"
+
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="local Dask worker processes (cluster.workers)")
@@ -55,7 +57,7 @@ def register(commands: Any, benches: Any) -> None:
     p = benches.add_parser("pipeline", help="render frames/min through Dask with 1 and 2 workers, scheduling overhead")
     p.add_argument("--workers", default="1,2", help="worker counts to measure")
     p.add_argument("--scenes", type=int, default=8, help="scenes (1 view each, 1 scene per shard)")
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (render.resolution)")
     p.add_argument("--cluster-address", help="measure on an existing scheduler instead of LocalClusters")
     p.add_argument("--out", default="runs/bench-pipeline", type=out_dir("--out"), help="scratch directory")
     p.set_defaults(func=cmd_bench_pipeline)
@@ -65,7 +67,7 @@ def register(commands: Any, benches: Any) -> None:
         "classic baselines, synthetic only, + SSL, + self-training, + alignment, + scale, all",
         description="One `segfactory run` per row in one directory (shared render, ingest and pretraining), each "
                     "scored on eval.real next to the classic baselines. One JSON object on stdout.")
-    p.add_argument("config", nargs="?", default="configs/bench_transfer.yaml",
+    p.add_argument("config", nargs="?", default=TRANSFER_CONFIG,
                    help="bench config: a run config plus `rows` (default: configs/bench_transfer.yaml, CPU-sized; "
                         "configs/bench_transfer_gpu.yaml for a GPU)")
     p.add_argument("--out", default="runs/bench-transfer", type=out_dir("--out"),
@@ -118,7 +120,13 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_transfer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pipelines.bench_transfer import run_bench
+
+    if "=" in args.config and not Path(args.config).exists():  # no config given: its first override took its place
+        args.overrides = [args.config, *args.overrides]
+        args.config = TRANSFER_CONFIG
 
     print(json.dumps(run_bench(args)))
     return 0

@@ -59,14 +59,15 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after N steps of this run; --resume continues")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=2e-3")
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, rerun="a re-run with --resume resumes")
 
     p = commands.add_parser("probe", help="frozen-encoder dense linear probe: mIoU of an encoder vs random init",
                             description="Train a 1x1 conv on frozen encoder features of labeled frames, once per "
                             "probe seed (own split, random init, probe init), and print one JSON object: per-seed "
                             "mIoU of the encoder and of a random-init encoder of the same architecture, mean ± std, "
                             "the paired difference and a verdict ('within spread' or not).")
-    p.add_argument("--encoder", required=True, help="encoder directory (OUT/encoder of `segfactory pretrain`)")
+    p.add_argument("--encoder", required=True, help="encoder directory (OUT/encoder of `segfactory pretrain`), or "
+                   "the run directory OUT itself (or a `segfactory run` directory: its pretrain stage's encoder)")
     p.add_argument("--data", required=True, help="labeled frames: a rendered dataset (`segfactory render` --out), a "
                    "real labeled folder (images/ + masks/, as fine-tuning reads) or sample:NAME/eval")
     p.add_argument("--steps", type=int, help="probe training steps (steps)")
@@ -95,8 +96,8 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--method", default="simclr", help=Names("view spec of this method: {names}", _methods))
     p.add_argument("--images", type=int, default=256,
                    help="source images per pass (>= batch size x workers keeps every baseline worker busy)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch of views")
+    p.add_argument("--crop-size", type=int, default=224, help="view side in pixels (augment.crop_size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--workers", type=int, help="DataLoader workers for the baseline (default: all cores)")
     p.add_argument("--backbone", default="resnet18",
@@ -109,7 +110,7 @@ def register(commands: Any, benches: Any) -> None:
     p.add_argument("--images", required=True, help="output of `segfactory ingest`")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: CPU count - 1, at most 8); 1 worker "
                    "is always measured too")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (train.batch_size)")
     p.add_argument("--crop-size", type=int, default=224, help="augment.crop_size (load size: crop x 8/7)")
     p.add_argument("--batches", type=int, default=50, help="timed batches per row")
     p.add_argument("--cache-mb", type=float, default=512, help="data.cache_mb of the cached rows")
@@ -123,6 +124,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     extra: dict[str, Any] = {"cluster.workers": args.workers}
     overrides = list(args.overrides)
+    if args.max_short_side is not None and args.max_short_side != 0:
+        from pretrain.config import NormalizeConfig
+        from segfactory.errors import UserError
+
+        least = next(m.ge for m in NormalizeConfig.model_fields["max_short_side"].metadata if hasattr(m, "ge"))
+        if args.max_short_side < least:
+            raise UserError(f"--max-short-side {args.max_short_side} is too small: a downscaled short side is at "
+                            f"least {least} px", fix=f"pass --max-short-side {least} or more, or 0 to keep full size")
     if args.max_short_side == 0:  # load_config skips None extras: "keep full size" goes in as an override
         overrides.append("normalize.max_short_side=null")
     elif args.max_short_side is not None:
@@ -145,9 +154,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides, extra)
     nproc = _launch_processes(cfg)
     if nproc > 1:  # this command again, as nproc ranks under torchrun; they print the summary (rank 0)
+        from pathlib import Path
+
+        from pretrain.train import lock_run_dir
         from segfactory.distributed import relaunch_under_torchrun
 
-        return relaunch_under_torchrun(nproc, sys.argv[1:])
+        with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
+            return relaunch_under_torchrun(nproc, sys.argv[1:])
     resume = args.resume_from if args.resume_from is not None else ("last" if args.resume else None)
     summary = run_pretrain(cfg, args.images, args.out, resume=resume, stop_after=args.stop_after)
     if summary:  # ranks other than 0 return none
@@ -170,7 +183,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from segfactory.sampledata import resolve_path
 
     cfg = load_config(ProbeConfig, args.config, args.overrides, {"steps": args.steps, "seeds": args.seeds})
-    result = run_probe(args.encoder, resolve_path(args.data), cfg)
+    from finetune.locate import resolve_encoder_dir  # a run directory stands for its encoder/, as for finetune
+    from segfactory.console import console
+
+    enc_dir, note = resolve_encoder_dir(args.encoder)
+    if note:
+        console.print(note, soft_wrap=True)
+    result = run_probe(enc_dir, resolve_path(args.data), cfg)
     print(json.dumps(result))
     return 0
 

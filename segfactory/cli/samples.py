@@ -39,10 +39,10 @@ def _cmd_samples(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     if args.action == "list":
-        rows = []
-        for n in SAMPLE_SETS:
-            s = SAMPLE_SETS.get(n)
-            rows.append(s.describe())
+        from segfactory.sampledata import parse_ref
+
+        names = [parse_ref(args.name)[0]] if args.name else list(SAMPLE_SETS)  # an unknown NAME: did-you-mean
+        rows = [SAMPLE_SETS.get(n).describe() for n in names]
         if not args.json:
             for r in rows:
                 console.print(f"[bold]{r['name']}[/]  {r['title']}\n  class '{r['class']}' ({r['polarity']} objects); "
@@ -82,7 +82,8 @@ def register(commands: Any, benches: Any) -> None:
                     "downloads the street and labelme sets' pinned files once, at setup (make install runs it); "
                     "nothing is downloaded at run time.")
     p.add_argument("action", choices=["list", "materialize", "fetch"])
-    p.add_argument("name", nargs="?", metavar="NAME[/SPLIT]", help="sample set (materialize), e.g. ctc-hela/eval")
+    p.add_argument("name", nargs="?", metavar="NAME[/SPLIT]",
+                   help="sample set: materialize it (e.g. ctc-hela/eval), or list only it")
     p.add_argument("--out", type=out_dir("--out"), metavar="DIR",
                    help="write the splits to DIR/<split> instead of the cache")
     p.add_argument("--json", action="store_true", help="list: only the JSON line")
