@@ -571,6 +571,7 @@ def probe_scheduler(address: str, timeout_s: float) -> None:
     from distributed.comm.addressing import get_address_host_port
 
     get_address_host_port(address)  # scheme and host:port, before any connection (ValueError)
+    _refused_fast(address)  # nothing listens: fail now, not after Dask's timeout of retries
     # Dask's connect gives up on the TCP connect after timeout_s (OSError); this deadline only ends a handshake
     # that never comes from a peer that accepted the connection.
     deadline = timeout_s + min(timeout_s, 10.0)
@@ -609,6 +610,59 @@ def probe_scheduler(address: str, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
+def _address_errors(cfg: ClusterConfig) -> Iterator[None]:
+    """``cluster.address`` missing, malformed or unreachable as one-line UserErrors."""
+    if not cfg.address:
+        raise UserError("cluster.backend=address needs cluster.address", fix="pass --cluster-address tcp://HOST:PORT")
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot reach the Dask scheduler at {cfg.address}: {e}",
+                        fix="start it (`dask scheduler`) or fix --cluster-address") from None
+    except (ValueError, TypeError) as e:  # Dask's parse of a malformed address (scheme, port)
+        raise UserError(f"cluster.address={cfg.address!r} is not a Dask scheduler address: {e}",
+                        fix="pass --cluster-address tcp://HOST:PORT (what `dask scheduler` prints)") from None
+
+
+def check_cluster(cfg: ClusterConfig) -> None:
+    """Check the cluster a pipeline would use before its work, also when it turns out to have none to do (an
+    incremental run with nothing new): ``cluster.address`` (backend=address) must be a Dask scheduler that answers
+    (:func:`probe_scheduler`). Other backends start their cluster only when there is work.
+
+    Raises:
+        UserError: the address is missing, malformed, refused or not a Dask scheduler.
+    """
+    if cfg.backend == "address":
+        with _address_errors(cfg):
+            probe_scheduler(cfg.address or "", cfg.connect_timeout_s)
+
+
+def _refused_fast(address: str, grace_s: float = 2.0) -> None:
+    """Raise ``ConnectionRefusedError`` when nothing listens at a ``tcp://`` address (refused for ``grace_s``, a
+    scheduler just starting gets that long): Dask's connect retries a refused connection until its whole timeout
+    (30 s by default) before it gives up."""
+    import socket
+
+    from distributed.comm.addressing import get_address_host_port, parse_address
+
+    scheme, _ = parse_address(address)
+    if scheme != "tcp":
+        return
+    host, port = get_address_host_port(address)
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=grace_s):
+                return
+        except ConnectionRefusedError:
+            if time.monotonic() >= deadline:
+                raise ConnectionRefusedError(f"connection to {host}:{port} refused (nothing listens there)") from None
+            time.sleep(0.2)
+        except OSError:
+            return  # unreachable, timed out, a name that does not resolve: Dask's connect says so
+
+
+@contextlib.contextmanager
 def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None = None,
                 shared_dir: str | os.PathLike | None = None) -> Iterator[Any]:
     """Yield a ``distributed.Client`` for the configured cluster, closing what we started on exit.
@@ -629,17 +683,9 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
         check_volume_covers(cfg.kubernetes, Path(shared_dir))
     cluster: Any = None
     if cfg.backend == "address":
-        if not cfg.address:
-            raise UserError("cluster.backend=address needs cluster.address", fix="pass --cluster-address tcp://HOST:PORT")
-        try:
-            probe_scheduler(cfg.address, cfg.connect_timeout_s)
+        with _address_errors(cfg):
+            probe_scheduler(cfg.address or "", cfg.connect_timeout_s)
             client = Client(cfg.address, timeout=f"{cfg.connect_timeout_s:g}s")
-        except OSError as e:
-            raise UserError(f"cannot reach the Dask scheduler at {cfg.address}: {e}",
-                            fix="start it (`dask scheduler`) or fix --cluster-address") from None
-        except (ValueError, TypeError) as e:  # Dask's parse of a malformed address (scheme, port)
-            raise UserError(f"cluster.address={cfg.address!r} is not a Dask scheduler address: {e}",
-                            fix="pass --cluster-address tcp://HOST:PORT (what `dask scheduler` prints)") from None
     elif cfg.backend == "slurm":
         refusals: list[str] = []
         cluster = _slurm_cluster(cfg, refusals)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from pipelines.cluster import ClusterConfig, open_client, task_resources
+from pipelines.cluster import ClusterConfig, check_cluster, open_client, task_resources
 from pipelines.lock import exclusive_lock
 from pipelines.tasks import run_tasks
 from pretrain import ingest as core
@@ -146,6 +146,8 @@ def run_ingest(src: str, out_dir: str | os.PathLike, cfg: IngestJob) -> dict[str
     from segfactory.formats import output_kind
 
     t0 = time.perf_counter()
+    core.check_source_exists(src)  # not there, or a rendered dataset / an ingest store: one line, nothing done
+    check_cluster(cfg.cluster)  # a bad --cluster-address fails also when nothing is new
     if output_kind(Path(out_dir)) == "a rendered dataset":  # an ingest store is this command's own output
         raise UserError(f"--out '{out_dir}' is a rendered dataset, not an image store",
                         fix="ingest into a folder of its own (a new one, or an earlier ingest's --out)")

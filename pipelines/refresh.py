@@ -46,7 +46,7 @@ from pydantic_core import PydanticCustomError
 
 import segfactory
 from finetune.config import FinetuneConfig
-from pipelines.cluster import ClusterConfig
+from pipelines.cluster import ClusterConfig, check_cluster
 from pipelines.lock import exclusive_lock
 from pipelines.render import RenderStep
 from pipelines.stages import HeldOutSet
@@ -283,6 +283,10 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
 
     if cfg.train.enabled:  # before the lock and any rendering
         check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
+        if not cfg.real.sources():
+            raise UserError("refresh: train.enabled=true needs unlabeled real images to pretrain on, but real.src "
+                            "is empty", fix="set real.src=DIR (a folder, glob, list file or sample:NAME/unlabeled), "
+                            "or train.enabled=false")
     root = Path(root).resolve()
     if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
         real_eval_data(cfg.train.promotion.real_eval)  # a folder that is not there fails now, not after training
@@ -290,6 +294,7 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         from pipelines.ingest import check_sources
 
         check_sources(cfg.real.sources())  # a missing source fails now, not after rendering
+    check_cluster(cfg.cluster)  # a bad --cluster-address fails now, also when nothing is new
     with refresh_lock(root):
         t0 = time.perf_counter()
         render_cfg, config_hash = resolve_render_config(cfg.render)
@@ -306,17 +311,13 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         sequence = _next_sequence(root)
         name = _release_name(sequence)
         report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
+        # the real images first: a source whose every file is rejected fails before anything is rendered
+        real = _ingest_verified(cfg, root) if cfg.real.sources() else None
         summary, shards = _render_verified(cfg, render_cfg, dataset, report, first_scene)
         growth = growth_record(cfg.growth, prev, config_hash, render_cfg.dataset.seed, scenes_before, shards)
+        growth["render_code_changed"] = prev is not None and prev["render"].get("code_version") not in (
+            None, render_code_version())
         meta = read_json(dataset / "dataset.json")
-        real = None
-        if cfg.real.sources():
-            from pipelines.ingest import IngestJob, ingest_sources
-
-            ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
-            s = ingest_sources(cfg.real.sources(), root / "real", ingest_cfg)
-            real = {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"],
-                    "new_images": s["new_images"], "config_hash": s["config_hash"]}
         stats = release_stats(dataset, [s["id"] for s in shards], len(meta["classes"]))
         release = {
             "format": "segfactory-release", "format_version": RELEASE_FORMAT_VERSION, "release": name,
@@ -420,10 +421,33 @@ def growth_record(growth: GrowthSettings, prev: dict[str, Any] | None, config_ha
     before = _held_range(prev) if prev is not None else None
     added = _range_minus(held, before if same else None)
     retired = [] if before is None else _range_minus(before, held if same else None)
+    changes = shard_changes(prev, shards)
+    # shards added for scenes the previous release held already (same dataset): rendered again, e.g. by new
+    # render code (every shard id changes) or another shard size; they replace shards, they add no scenes
+    def overlaps(scenes: Any, r: list[int] | None) -> bool:
+        return same and r is not None and isinstance(scenes, list) and scenes[0] < r[1] and scenes[1] > r[0]
+
+    rerendered = [s for s in shards if s["id"] in changes["shards_added"] and overlaps(s["scenes"], before)]
+    superseded = [s["id"] for s in (prev or {}).get("shards", [])
+                  if s["id"] in changes["shards_retired"] and overlaps(s.get("scenes"), held)]
     return {"scenes_before": scenes_before, "scenes": held[1], "window": growth.window, "scene_range": held,
             "scenes_added": sum(b - a for a, b in added), "scenes_added_ranges": added,
             "scenes_retired": sum(b - a for a, b in retired), "scenes_retired_ranges": retired,
-            "same_dataset": same, **shard_changes(prev, shards)}
+            "same_dataset": same, **changes, "shards_rerendered": [s["id"] for s in rerendered],
+            "shards_superseded": superseded,
+            "scenes_rerendered_ranges": _merged([[max(s["scenes"][0], before[0]), min(s["scenes"][1], before[1])]
+                                                 for s in rerendered] if before is not None else [])}
+
+
+def _merged(ranges: list[list[int]]) -> list[list[int]]:
+    """Sorted ``[start, stop)`` ranges with touching or overlapping ones joined."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
 
 
 def shard_changes(prev: dict[str, Any] | None, shards: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -472,6 +496,45 @@ def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path, 
         shards.append({"id": p.shard_id, "manifest_sha256": sha256_file(manifest),
                        "frames": read_json(manifest)["num_frames"], "scenes": [p.scene_start, p.scene_stop]})
     return {**summary, "shards_repaired": repaired}, shards
+
+
+def _ingest_verified(cfg: RefreshConfig, root: Path) -> dict[str, Any]:
+    """Ingest the new real images into ``ROOT/real``, then re-hash every shard of the store (as the release's
+    rendered shards are): a corrupt one is moved aside (:func:`pipelines.verify.verify_images`) and its images
+    are ingested again (once).
+
+    Returns:
+        The release's ``real`` record.
+
+    Raises:
+        PartialFailure: shards still corrupt after ingesting them again.
+    """
+    from pipelines.ingest import LOCK_FILE as INGEST_LOCK
+    from pipelines.ingest import IngestJob, ingest_sources
+    from pipelines.verify import VerifyReport, verify_images
+
+    store = root / "real"
+    ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
+    s = ingest_sources(cfg.real.sources(), store, ingest_cfg)
+    new_images = s["new_images"]
+    for attempt in range(2):
+        rep = VerifyReport(store, "images")
+        with exclusive_lock(store / INGEST_LOCK, f"an ingest into '{store}'",
+                            fix="wait for it to finish (schedules should not overlap: this run is skipped)"):
+            verify_images(store, rep, repair=attempt == 0)
+        if not rep.problems:
+            break
+        for unit, problems in rep.problems.items():
+            console.print(f"[red]real image shard {unit} is corrupt:[/] {'; '.join(problems[:3])}"
+                          + (f"; moved aside to {rep.repaired[unit]}" if unit in rep.repaired else ""),
+                          soft_wrap=True)
+        if attempt == 1:
+            raise PartialFailure(f"{len(rep.problems)} real image shard(s) of '{store}' are still corrupt after "
+                                 "ingesting them again; nothing was published (check the disk)",
+                                 {u: "; ".join(p) for u, p in rep.problems.items()})
+        s = ingest_sources(cfg.real.sources(), store, ingest_cfg)  # the moved shards' images are new again
+    return {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"], "new_images": new_images,
+            "config_hash": s["config_hash"]}
 
 
 def model_is_finite(model_dir: Path) -> bool:
@@ -632,9 +695,7 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
         training_key,
     )
 
-    if real is None:
-        raise UserError("refresh: train.enabled needs unlabeled real images to pretrain on, but real.src is empty",
-                        fix="set real.src=DIR, or train.enabled=false")
+    assert real is not None, "run_refresh checks real.src before the lock"
     t = cfg.train
     dataset = root / "datasets" / config_hash
     always = {"release": release} if t.when == "always" else {}
@@ -778,12 +839,17 @@ def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: fl
 
     d = release["drift"]
     g = release.get("growth") or {}
-    added, retired = len(g.get("shards_added", [])), len(g.get("shards_retired", []))
+    again, superseded = len(g.get("shards_rerendered", [])), len(g.get("shards_superseded", []))
+    added = len(g.get("shards_added", [])) - again  # shards of scenes the previous release did not hold
+    retired = len(g.get("shards_retired", [])) - superseded  # shards whose scenes left the release
     held = g.get("scene_range")
     window = f", window {g['window']}" if g.get("window") else ""
     holds = f" (scenes {_ranges([held])}{window})" if held else ""
-    versus = (f"vs the previous release {added} shard(s) added{_scenes_note(g, 'added')}, {retired} retired"
-              f"{_scenes_note(g, 'retired')}" if d.get("previous") else "the first release")
+    why = " by new render code" if g.get("render_code_changed") else ""
+    replaced = (f"{again} rendered again{why}{_scenes_note(g, 'rerendered')} in place of {superseded}, "
+                if again or superseded else "")
+    versus = (f"vs the previous release {added} shard(s) added{_scenes_note(g, 'added')}, {replaced}{retired} "
+              f"retired{_scenes_note(g, 'retired')}" if d.get("previous") else "the first release")
     console.print(f"release {release['release']}: {len(release['shards'])} shard(s){holds}, {release['num_frames']} "
                   f"frames ({release['render']['shards_rendered']} shard(s) rendered; {versus}),"
                   f" inputs changed: "

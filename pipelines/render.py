@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipelines.cluster import ClusterConfig
+from pipelines.cluster import ClusterConfig, check_cluster
 from pipelines.lock import exclusive_lock
 from scenes import resolve_scene
 from segfactory.config import StrictModel, hash_config, save_resolved
@@ -36,6 +36,7 @@ from segfactory.io import atomic_write_json, ensure_writable_dir, read_json
 from synth.config import RenderConfig
 from synth.shard import (
     PROGRESS_PREFIX,
+    RENDER_PACKAGES,
     SCRATCH_ENV,
     SCRATCH_PREFIX,
     ShardPlan,
@@ -218,6 +219,7 @@ def run_render(cfg: RenderStep, out: str | os.PathLike, cluster: ClusterConfig,
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file, not a directory", fix="choose a directory path for --out")
     ensure_writable_dir(out)  # an empty directory at most: the lock file needs a place
+    check_cluster(cluster)  # a bad --cluster-address fails also when every shard is done
     # Held for the whole render, and taken before dataset.json is touched: a render refused because another one
     # runs changes nothing, and a second render would remove this one's shard writes as leftovers.
     with dataset_lock(out, "render into"):
@@ -232,10 +234,9 @@ def _render_locked(cfg: RenderStep, out: Path, cluster: ClusterConfig, meta: dic
     plans = dataset_plan(cfg, config_hash, meta["family"], first_scene)
     done = set(committed_shards(out))
     todo = [p for p in plans if p.shard_id not in done]
-    unlisted = len(done - {p.shard_id for p in plans})
+    unlisted = sorted(done - {p.shard_id for p in plans})
     if unlisted:
-        console.print(f"{unlisted} committed shard(s) in {out} belong to another size, seed, shard size or "
-                      "window: kept on disk, not part of this dataset")
+        _note_unlisted(out, unlisted)
     stale = remove_stale_shard_writes(out)
     if stale:
         console.print(f"removed {stale} unfinished shard write(s) from an interrupted run")
@@ -264,6 +265,32 @@ def _render_locked(cfg: RenderStep, out: Path, cluster: ClusterConfig, meta: dic
         raise PartialFailure(f"{len(failures)} shard(s) failed after {cfg.execution.retries} retries "
                              "(the others are complete; re-run the same command to retry them)", failures)
     return summary
+
+
+def _note_unlisted(out: Path, unlisted: list[str]) -> None:
+    """Say why committed shards are not part of this dataset: rendered by another version of the render code
+    (an upgrade: every shard id changes, so every shard is rendered again), or another size, seed, shard size or
+    window."""
+    from segfactory.formats.dataset import MANIFEST_FILE, shard_dir
+
+    now = render_code_version()
+    other: dict[str, int] = {}
+    for sid in unlisted:
+        try:
+            version = str(read_json(shard_dir(out, sid) / MANIFEST_FILE).get("code_version"))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if version != now:
+            other[version] = other.get(version, 0) + 1
+    n = sum(other.values())
+    if n:
+        versions = ", ".join(sorted(other))
+        console.print(f"{n} committed shard(s) in {out} were rendered by render code version {versions}, not "
+                      f"{now} (the code of {', '.join(RENDER_PACKAGES)} changed): kept on disk, not part of this "
+                      "dataset; the shards of this code version are rendered anew", soft_wrap=True)
+    if len(unlisted) > n:
+        console.print(f"{len(unlisted) - n} committed shard(s) in {out} belong to another size, seed, shard size or "
+                      "window: kept on disk, not part of this dataset", soft_wrap=True)
 
 
 def _submit_and_wait(client: Any, cfg: RenderStep, out: Path, cluster: ClusterConfig, config_hash: str,

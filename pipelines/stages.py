@@ -233,14 +233,47 @@ def commit_stage(attempt: Path, final: Path, record: dict[str, Any]) -> bool:
     return commit_unit(attempt, final, mark=STAGE_FILE)
 
 
-def verify_stage(d: Path) -> list[str]:
+def verify_stage(d: Path, max_bytes: int | None = None) -> list[str]:
     """Re-hash a committed stage's files against its ``stage.json`` (stages committed before checksums were
-    recorded, and the render stages, whose datasets are verified shard by shard, have none to check)."""
+    recorded, and the render stages, whose datasets are verified shard by shard, have none to check);
+    ``max_bytes``: only the files up to that size (and those missing)."""
     try:
         record = read_json(d / STAGE_FILE)
-    except (OSError, ValueError) as e:
+        files = dict(record.get("files") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         return [f"{STAGE_FILE}: unreadable ({type(e).__name__}: {e})"]
-    return check_files(d, record.get("files") or {})
+    if max_bytes is not None:
+        def small(rel: str) -> bool:
+            try:
+                return (d / rel).stat().st_size <= max_bytes
+            except OSError:
+                return True  # missing or unreadable: check_files says so
+        files = {rel: digest for rel, digest in files.items() if small(rel)}
+    return check_files(d, files)
+
+
+# Before a committed stage is reused, its files up to this size are re-hashed against its stage.json: the records
+# a pipeline reads back (metrics, summaries, configs, lineage) cost nothing to check; weights and checkpoints are
+# left to `segfactory verify`.
+REUSE_CHECK_BYTES = 8 << 20
+
+
+def reusable(name: str, final: Path) -> bool:
+    """Whether the committed stage ``final`` can be reused: committed, and its small files (``REUSE_CHECK_BYTES``)
+    still what its ``stage.json`` recorded. A corrupt one is moved aside (``.bad-<name>-<random>``, kept for
+    inspection, as ``segfactory verify --repair`` would), with a note, so that it is built again."""
+    from segfactory.io import move_aside
+
+    if not stage_done(final):
+        return False
+    problems = verify_stage(final, REUSE_CHECK_BYTES)
+    if not problems:
+        return True
+    moved = move_aside(final)
+    console.print(f"[yellow]stage {name}'s cached output '{final}' changed since it was committed[/] "
+                  f"({'; '.join(problems[:2])}): moved aside to '{moved.name}', running the stage again",
+                  soft_wrap=True)
+    return False
 
 
 @contextlib.contextmanager
@@ -359,9 +392,10 @@ def run_stage_tasks(cluster: ClusterConfig, timeout_s: float, retries: int, comm
     with open_client(cluster, performance_report=performance_report, shared_dir=shared) as client:
         # Every stage's request is checked before any runs: a stage no worker can hold fails now, not hours in.
         asks = {name: stage_resources(client, cluster, name, argv) for name, (final, argv) in commands.items()
-                if not stage_done(final)}
-        console.print("training tasks ask for " + "; ".join(
-            f"{name}: {r or 'no special resources (CPU fallback)'}" for name, r in asks.items()), soft_wrap=True)
+                if not reusable(name, final)}
+        if asks:  # every stage cached: nothing asks for anything
+            console.print("training tasks ask for " + "; ".join(
+                f"{name}: {r or 'no special resources (CPU fallback)'}" for name, r in asks.items()), soft_wrap=True)
         with progress() as bar:
             for name, (final, argv) in commands.items():
                 if stage_done(final):

@@ -27,7 +27,7 @@ import numpy as np
 
 from segfactory.errors import UserError
 from segfactory.formats.imagefile import apply_orientation, exif_orientation
-from segfactory.formats.images import MANIFEST_FILE, ImageShardWriter, shards_dir
+from segfactory.formats.images import MANIFEST_FILE, UNCHANGED_KIND, ImageShardWriter, shards_dir
 from segfactory.io import is_committed, read_json, sha256_bytes
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -288,14 +288,26 @@ def _discover(src: str, extensions: list[str] | None, follow_symlinks: str, max_
 
 def check_source_exists(src: str) -> None:
     """Stop with one line when ``src`` (a folder, file or list file; a glob counts as there until it is listed)
-    does not exist.
+    does not exist, or is segfactory's own output (a rendered dataset: its label maps are no photos; an ingest
+    store: its packs are no image files).
 
     Raises:
         UserError: naming the source.
     """
+    from segfactory.formats import output_kind
+
     if not any(ch in src for ch in "*?[") and not Path(src).expanduser().exists():
         raise UserError(f"source '{src}' does not exist", fix="pass a folder, a glob like 'dump/**/*.jpg' "
                         "(quoted), or a .txt file with one path per line")
+    kind = output_kind(Path(src).expanduser())
+    if kind == "a rendered dataset":
+        raise UserError(f"source '{src}' is a rendered dataset (frames with their label maps), not raw real images",
+                        fix="pass a folder of real photos or micrographs; rendered frames are fine-tuning data "
+                            "(`segfactory finetune --synthetic`)")
+    if kind == "an ingest store":
+        raise UserError(f"source '{src}' is an ingest store (already ingested images, packed), not raw images",
+                        fix=f"pass it to `segfactory pretrain --images {src}` as it is, or ingest the raw folder "
+                            "it was made from")
 
 
 def _path_of(f: SourceFile) -> str:
@@ -1117,8 +1129,9 @@ def pages_dropped_note(src: dict[str, Any], dropped_from: int, why: str, checks:
 def _shard_summary(man: dict[str, Any]) -> dict[str, Any]:
     kinds: dict[str, int] = {}
     for r in man["rejected"]:
-        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    return {"shard_id": man["shard_id"], "images": len(man["images"]), "rejected": len(man["rejected"]),
+        if r["kind"] != UNCHANGED_KIND:  # a note, no rejection
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    return {"shard_id": man["shard_id"], "images": len(man["images"]), "rejected": sum(kinds.values()),
             "rejected_kinds": kinds}
 
 
@@ -1154,6 +1167,11 @@ def plan_shards(hashed: list[dict[str, Any]], known_shas: dict[str, str], run: i
         elif "sha256" not in rec:
             pre_rejected.append({**base, "sha256": None, "kind": rec["kind"], "reason": rec["reason"],
                                  **({"transient": True} if rec.get("transient") else {})})
+        elif seen.get(rec["sha256"]) == rec["path"]:
+            # the same file with a new mtime (touched, copied without its times): its content is stored already;
+            # recorded so that later runs know it, never as a rejection
+            pre_rejected.append({**base, "sha256": rec["sha256"], "kind": UNCHANGED_KIND,
+                                 "reason": "the same content is stored already (only its mtime changed)"})
         elif rec["sha256"] in seen:
             pre_rejected.append({**base, "sha256": rec["sha256"], "kind": "duplicate",
                                  "reason": f"exact duplicate of {seen[rec['sha256']]}",

@@ -54,11 +54,15 @@ PACK_FILE = "images.bin"
 INDEX_FILE = "index.json"
 REJECTED_FILE = "rejected.jsonl"
 CONFIG_FILE = "config.yaml"
+# The record kind (in a manifest's ``rejected`` list) of a file whose mtime changed but whose content is the one
+# stored from the same path: it is known (later runs skip it), not rejected.
+UNCHANGED_KIND = "unchanged"
 # The package whose code writes the store (recorded in manifests and index.json).
 WRITER_PACKAGE = "pretrain"
 
 __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", "REJECTED_FILE", "SHARDS_DIR",
-           "ImageEntry", "ImageShardWriter", "IngestedImages", "StoreScan", "build_index", "clean_uncommitted",
+           "UNCHANGED_KIND", "CorruptShardError", "ImageEntry", "ImageShardWriter", "IngestedImages", "StoreScan",
+           "build_index", "clean_uncommitted",
            "committed_shards", "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes",
            "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "verify_shard"]
 
@@ -219,7 +223,9 @@ class StoreScan:
                 notes.pop((rec["source"], rec["size"], rec["mtime_ns"]), None)
         for rec in rejected:
             key = (rec["source"], rec["size"], rec["mtime_ns"])
-            if rec.get("kind") == "pages_dropped":
+            if rec.get("kind") == UNCHANGED_KIND:  # its content is stored (from the same path)
+                self.ingested.add(key)
+            elif rec.get("kind") == "pages_dropped":
                 notes[key] = {"shard": sid, **rec}
             else:
                 self._rejected[key] = {"shard": sid, **rec}
@@ -288,7 +294,8 @@ def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     min_short = None
     for sid, man, digest in iter_manifests(root):
         scan.add(sid, man)
-        shards.append({"id": sid, "images": len(man["images"]), "rejected": len(man["rejected"]),
+        shards.append({"id": sid, "images": len(man["images"]),
+                       "rejected": sum(r.get("kind") != UNCHANGED_KIND for r in man["rejected"]),
                        "manifest_sha256": digest, "run": man["run"]})
         for rec in man["images"]:
             pixels = rec["height"] * rec["width"]
@@ -388,15 +395,24 @@ def open_images(root: str | os.PathLike[str]) -> IngestedImages:
     Raises:
         UserError: if it is not an ingest output or holds no images.
     """
+    from segfactory.formats import output_kind
+
     root = Path(root)
     fix = "pass the --out directory of `segfactory ingest`"
     if not root.is_dir():
         raise UserError(f"images directory '{root}' does not exist", fix=fix)
-    if not shards_dir(root).is_dir():
+    kind = output_kind(root)
+    if kind == "a rendered dataset":  # it has shards/ too, of frames, not packed images
+        raise UserError(f"'{root}' is a rendered dataset, not an ingested image set",
+                        fix=f"{fix} (real unlabeled images; rendered frames are fine-tuning data)")
+    if kind != "an ingest store" and not shards_dir(root).is_dir():
         raise UserError(f"'{root}' is not an ingested image set (no {SHARDS_DIR}/ folder)", fix=fix)
     entries: list[ImageEntry] = []
     digests = []
     for sid, man, digest in iter_manifests(root):
+        if man.get("format") != FORMAT or not isinstance(man.get("images"), list):
+            raise UserError(f"'{root}' is not an ingested image set ({SHARDS_DIR}/{sid}/{MANIFEST_FILE} is not an "
+                            "ingest shard's manifest)", fix=fix)
         digests.append((sid, digest))
         pack = str(shards_dir(root) / sid / PACK_FILE)
         entries.extend(ImageEntry(pack, r["offset"], r["length"], r["ext"], r["height"], r["width"], r["channels"])
@@ -418,8 +434,33 @@ def read_entry_bytes(entry: ImageEntry) -> bytes:
         f.seek(entry.offset)
         data = f.read(entry.length)
     if len(data) != entry.length:
-        raise OSError(f"'{entry.path}' is truncated (image at offset {entry.offset})")
+        raise CorruptShardError.of(entry, f"its {PACK_FILE} is truncated (image at offset {entry.offset})")
     return data
+
+
+class CorruptShardError(UserError, OSError):
+    """A stored image that cannot be read back: its shard is corrupt (changed on disk since it was committed).
+
+    One line naming the shard and the fix; an ``OSError`` too, so that readers that skip an unreadable image
+    still catch it. Raised inside a DataLoader worker, it reaches the main process re-built by torch from its
+    text (``Caught ... Original Traceback ...``): the constructor keeps only the original line.
+    """
+
+    def __init__(self, message: str, fix: str | None = None):
+        tail = f"{type(self).__module__}.{type(self).__name__}: "
+        if fix is None and tail in message:  # re-built from a worker's traceback text
+            message = message.rsplit(tail, 1)[1].strip()
+            if message.endswith(")") and " (fix: " in message:
+                message, fix = message[:-1].split(" (fix: ", 1)
+        UserError.__init__(self, message, fix=fix)
+
+    @classmethod
+    def of(cls, entry: ImageEntry, why: str) -> CorruptShardError:
+        shard = Path(entry.path).parent
+        store = shard.parent.parent
+        return cls(f"ingest shard '{shard}' is corrupt: {why}",
+                   fix=f"run `segfactory verify --repair {store}` (moves the shard aside), then re-run "
+                       f"`segfactory ingest` into '{store}' (it ingests the shard's images again)")
 
 
 def decode_entry(entry: ImageEntry, flag: int | None = None, data: bytes | None = None) -> npt.NDArray[np.uint8]:
@@ -431,11 +472,10 @@ def decode_entry(entry: ImageEntry, flag: int | None = None, data: bytes | None 
     img = cv2.imdecode(np.frombuffer(read_entry_bytes(entry) if data is None else data, np.uint8),
                        cv2.IMREAD_UNCHANGED if flag is None else flag)
     if img is None:
-        raise OSError(f"cannot decode the image at offset {entry.offset} of '{entry.path}' "
-                      "(was the images directory modified?)")
+        raise CorruptShardError.of(entry, f"cannot decode its image at offset {entry.offset} of {PACK_FILE}")
     if img.dtype != np.uint8:  # ingest stores 8-bit images only
-        raise OSError(f"the image at offset {entry.offset} of '{entry.path}' is {img.dtype}, not 8-bit "
-                      "(was the images directory modified?)")
+        raise CorruptShardError.of(entry, f"its image at offset {entry.offset} of {PACK_FILE} is {img.dtype}, "
+                                   "not 8-bit")
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return np.asarray(img, dtype=np.uint8)  # no copy: only gives the checked dtype its type
