@@ -702,7 +702,9 @@ def open_client(cfg: ClusterConfig, performance_report: str | os.PathLike | None
                                memory_limit=cfg.memory_limit, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
                                # Failed tasks are reported by the pipelines, once, with the unit's id.
-                               silence_logs=logging.CRITICAL)
+                               silence_logs=logging.CRITICAL,
+                               # Ctrl-C reaches the workers too (the terminal's process group): theirs is ignored.
+                               preload=["pipelines.worker_preload"])
         client = Client(cluster)
     if cfg.no_workers_timeout_s > 0 and (cfg.backend == "local" or _keeps_workers(cfg)):
         _NO_WORKERS_TIMEOUT[client] = cfg.no_workers_timeout_s

@@ -500,8 +500,8 @@ def _render_verified(cfg: RefreshConfig, render_cfg: RenderStep, dataset: Path, 
 
 def _ingest_verified(cfg: RefreshConfig, root: Path) -> dict[str, Any]:
     """Ingest the new real images into ``ROOT/real``, then re-hash every shard of the store (as the release's
-    rendered shards are): a corrupt one is moved aside (:func:`pipelines.verify.verify_images`) and its images
-    are ingested again (once).
+    rendered shards are): a corrupt one is moved aside (:func:`segfactory.formats.images.verify_store`, as
+    ``segfactory verify --repair`` does) and its images are ingested again (once).
 
     Returns:
         The release's ``real`` record.
@@ -511,27 +511,27 @@ def _ingest_verified(cfg: RefreshConfig, root: Path) -> dict[str, Any]:
     """
     from pipelines.ingest import LOCK_FILE as INGEST_LOCK
     from pipelines.ingest import IngestJob, ingest_sources
-    from pipelines.verify import VerifyReport, verify_images
+    from segfactory.formats.images import verify_store
 
     store = root / "real"
     ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
     s = ingest_sources(cfg.real.sources(), store, ingest_cfg)
     new_images = s["new_images"]
     for attempt in range(2):
-        rep = VerifyReport(store, "images")
         with exclusive_lock(store / INGEST_LOCK, f"an ingest into '{store}'",
                             fix="wait for it to finish (schedules should not overlap: this run is skipped)"):
-            verify_images(store, rep, repair=attempt == 0)
-        if not rep.problems:
+            bad, moved = verify_store(store, repair=attempt == 0)
+        if not bad:
             break
-        for unit, problems in rep.problems.items():
-            console.print(f"[red]real image shard {unit} is corrupt:[/] {'; '.join(problems[:3])}"
-                          + (f"; moved aside to {rep.repaired[unit]}" if unit in rep.repaired else ""),
+        units = {f"real/shards/{sid}": problems for sid, problems in bad.items()}
+        for sid, problems in bad.items():
+            console.print(f"[red]real image shard real/shards/{sid} is corrupt:[/] {'; '.join(problems[:3])}"
+                          + (f"; moved aside to real/shards/{moved[sid].name}" if sid in moved else ""),
                           soft_wrap=True)
         if attempt == 1:
-            raise PartialFailure(f"{len(rep.problems)} real image shard(s) of '{store}' are still corrupt after "
+            raise PartialFailure(f"{len(bad)} real image shard(s) of '{store}' are still corrupt after "
                                  "ingesting them again; nothing was published (check the disk)",
-                                 {u: "; ".join(p) for u, p in rep.problems.items()})
+                                 {u: "; ".join(p) for u, p in units.items()})
         s = ingest_sources(cfg.real.sources(), store, ingest_cfg)  # the moved shards' images are new again
     return {"dir": "real", "data_hash": s["data_hash"], "images": s["total_images"], "new_images": new_images,
             "config_hash": s["config_hash"]}

@@ -115,20 +115,15 @@ def verify_dataset(ds: Path, rep: VerifyReport, repair: bool, lock: bool = True)
 
 def verify_images(store: Path, rep: VerifyReport, repair: bool) -> None:
     """Check every committed shard of an ingest output; repair rebuilds ``index.json`` without the bad ones."""
-    from segfactory.formats.images import build_index, committed_shards, shards_dir, verify_shard
+    from segfactory.formats.images import committed_shards, shards_dir, verify_store
 
-    moved = False
-    for sid in committed_shards(store):
-        rep.checked += 1
-        problems = verify_shard(store, sid)
-        if problems:
-            rep.bad(shards_dir(store) / sid, problems)
-            if repair:
-                rep.repaired[rep.rel(shards_dir(store) / sid)] = rep.rel(move_aside(shards_dir(store) / sid))
-                moved = True
-    if moved:
-        # The images of the moved shards are unknown to the store again: the next ingest ingests them anew.
-        build_index(store)
+    rep.checked += len(committed_shards(store))
+    # The images of moved shards are unknown to the store again (index rebuilt): the next ingest ingests them anew.
+    problems, moved = verify_store(store, repair)
+    for sid, found in problems.items():
+        rep.bad(shards_dir(store) / sid, found)
+        if sid in moved:
+            rep.repaired[rep.rel(shards_dir(store) / sid)] = rep.rel(moved[sid])
 
 
 def verify_stages(stages: Path, rep: VerifyReport, repair: bool) -> None:

@@ -90,7 +90,10 @@ class DecoderProcess:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "pretrain.decoder", str(w)], stdin=subprocess.PIPE,
                                          stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None,
-                                         pass_fds=(w,), env=_child_env(), close_fds=True)
+                                         pass_fds=(w,), env=_child_env(), close_fds=True,
+                                         # Its own session: a terminal's Ctrl-C is the driver's to handle, not a
+                                         # traceback from a decoder importing; it dies with its worker anyway.
+                                         start_new_session=True)
         except BaseException:
             os.close(r)
             raise

@@ -285,8 +285,35 @@ def test_refresh_repairs_a_corrupt_real_image_shard_before_it_publishes(tmp_path
     capsys.readouterr()
     assert main(["refresh", str(cfg), "--root", str(root)]) == 0
     said = " ".join(capsys.readouterr().err.split())
-    assert f"real image shard shards/{sid} is corrupt" in said and "moved aside" in said
+    assert f"real image shard real/shards/{sid} is corrupt" in said and "moved aside" in said
     assert list((root / "real" / "shards").glob(f".bad-{sid}-*"))
     assert run_verify(root).problems == {}
     release = read_json(root / "releases" / "latest")
     assert release["real"]["images"] == 2
+
+
+# ------------------------------------------------------------------------------------ #6 Ctrl-C on a LocalCluster
+def test_ctrl_c_during_ingest_is_one_line_without_dask_worker_tracebacks(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group, LocalCluster workers included: each printed 30-50 lines of
+    CancelledError/KeyboardInterrupt ("Process Dask Worker process (from Nanny)"). Now only the driver's line."""
+    import signal
+
+    out = tmp_path / "store"
+    log = tmp_path / "ingest.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "segfactory.cli", "ingest", "sample:street/unlabeled", "--out",
+                                 str(out), "--workers", "2"], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group, as a terminal's job
+        deadline = time.monotonic() + 120
+        while "dask: " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the workers are up (and running the hashing or ingest tasks)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "interrupted by SIGINT; finished work is kept and a re-run resumes" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text and "CancelledError" not in text, text[-3000:]
+    again = cli("ingest", "sample:street/unlabeled", "--out", str(out), "--workers", "2")
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["total_images"] >= 60

@@ -108,8 +108,8 @@ def test_probe_cli_prints_one_json_object(tiny_dataset: Path, encoder_dir: Path,
                  "image_size=64"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"miou_encoder", "miou_random", "seeds", "per_seed", "spread", "verdict"} <= set(out)
-    assert main(["probe", "--encoder", str(encoder_dir.parent), "--data", str(tiny_dataset)]) == 2
-    assert "encoder.json is missing" in capsys.readouterr().err
+    assert main(["probe", "--encoder", str(tiny_dataset), "--data", str(tiny_dataset)]) == 2  # not an encoder
+    assert "encoder.json" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ real labeled folders

@@ -64,7 +64,8 @@ __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", 
            "UNCHANGED_KIND", "CorruptShardError", "ImageEntry", "ImageShardWriter", "IngestedImages", "StoreScan",
            "build_index", "clean_uncommitted",
            "committed_shards", "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes",
-           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "verify_shard"]
+           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "verify_shard",
+           "verify_store"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -160,6 +161,29 @@ def verify_shard(root: str | os.PathLike[str], shard_id: str) -> list[str]:
         return [f"{PACK_FILE}: missing or unreadable ({e.strerror or e})"]
     end = max((int(r["offset"]) + int(r["length"]) for r in images), default=0)
     return [f"{PACK_FILE}: {size} bytes, but its images need {end} (truncated)"] if size < end else []
+
+
+def verify_store(root: str | os.PathLike[str], repair: bool) -> tuple[dict[str, list[str]], dict[str, Path]]:
+    """Re-hash every committed shard of an ingest store (:func:`verify_shard`); with ``repair``, move the corrupt
+    ones aside (``.bad-*``, kept for inspection) and rebuild ``index.json`` without them, so that the next ingest
+    ingests their images again.
+
+    Returns:
+        ``({shard id: problems}, {shard id: where it was moved})``; both empty when the store is intact.
+    """
+    from segfactory.io import move_aside
+
+    problems: dict[str, list[str]] = {}
+    moved: dict[str, Path] = {}
+    for sid in committed_shards(root):
+        found = verify_shard(root, sid)
+        if found:
+            problems[sid] = found
+            if repair:
+                moved[sid] = move_aside(shards_dir(root) / sid)
+    if moved:
+        build_index(root)
+    return problems, moved
 
 
 def read_stored(shard_dir: str | os.PathLike[str], rec: dict[str, Any]) -> bytes:
@@ -395,17 +419,16 @@ def open_images(root: str | os.PathLike[str]) -> IngestedImages:
     Raises:
         UserError: if it is not an ingest output or holds no images.
     """
-    from segfactory.formats import output_kind
+    from segfactory.formats.dataset import DATASET_FILE
 
     root = Path(root)
     fix = "pass the --out directory of `segfactory ingest`"
     if not root.is_dir():
         raise UserError(f"images directory '{root}' does not exist", fix=fix)
-    kind = output_kind(root)
-    if kind == "a rendered dataset":  # it has shards/ too, of frames, not packed images
+    if (root / DATASET_FILE).is_file():  # it has shards/ too, of frames, not packed images
         raise UserError(f"'{root}' is a rendered dataset, not an ingested image set",
                         fix=f"{fix} (real unlabeled images; rendered frames are fine-tuning data)")
-    if kind != "an ingest store" and not shards_dir(root).is_dir():
+    if not shards_dir(root).is_dir():
         raise UserError(f"'{root}' is not an ingested image set (no {SHARDS_DIR}/ folder)", fix=fix)
     entries: list[ImageEntry] = []
     digests = []
