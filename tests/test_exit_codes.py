@@ -163,7 +163,7 @@ def test_exit_130_sigterm_mid_fine_tune_saves_a_clean_checkpoint_and_resumes(tin
     assert proc.wait(timeout=120) == EXIT_INTERRUPTED, log.read_text()
     text = log.read_text()
     assert "SIGTERM: stopping after this step with a checkpoint" in text
-    assert "interrupted by SIGTERM; finished work is kept and a re-run resumes" in text
+    assert "interrupted by SIGTERM; finished work is kept and a re-run with --resume resumes" in text
     step = int(text.split("checkpoint at step ")[1].split()[0])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     assert ckpt["step"] == step >= 4
