@@ -8,13 +8,18 @@ Layout under the refresh root::
     ROOT/releases/<seq>-<timestamp>.json  immutable release manifests (sequence number, shard ids, checksums,
                                           hashes, drift, model and promotion decision)
     ROOT/releases/latest                  symlink to the newest release, replaced atomically
+    ROOT/last_refresh.json                what the last finished refresh did (published a release, or found
+                                          nothing changed), when, and how long it took: for monitoring
     ROOT/.refresh.lock                    held (flock) while a refresh runs
 
 A refresh renders only shards that are missing (ids hash the config, seed range and code version), ingests
 only new raw images, re-hashes every shard of the release against its manifest (a corrupt one is moved aside and
 rendered again), retrains (``train.enabled``) only when the release's inputs changed (or always), decides whether
 the new model is promoted (``train.promotion``), publishes a release, then prunes releases beyond the last
-``releases.keep`` together with the shards and models no kept release references.
+``releases.keep`` together with the shards and models no kept release references. A refresh that finds
+nothing changed against the latest release (the same shards, real images and model) publishes no release
+(``releases.publish_unchanged`` to publish one anyway), so quiet nights never push meaningful releases out of
+``releases.keep``; ``last_refresh.json`` records every finished refresh either way.
 
 Growth (``growth``): each refresh adds ``scenes_per_run`` fresh scene indices (fresh seeds) to the previous
 release's, up to ``max_scenes``; or, with ``window``, without end while the release's dataset holds only the
@@ -69,6 +74,7 @@ from segfactory.tracking import TrackingConfig, with_tracking
 LOCK_FILE = ".refresh.lock"
 RELEASES_DIR = "releases"
 LATEST = "latest"
+LAST_REFRESH = "last_refresh.json"
 INSTANCE_BINS = [0, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 2**62]  # instance area in pixels
 RELEASE_FORMAT_VERSION = 2  # 2: sequence numbers, promotion decisions
 FAULT_ENV = "SEGFACTORY_FAULT"
@@ -76,6 +82,10 @@ FAULT_ENV = "SEGFACTORY_FAULT"
 
 class ReleaseSettings(StrictModel):
     keep: int = Field(5, ge=1, description="releases kept; older ones (and shards only they used) are pruned")
+    publish_unchanged: bool = Field(
+        False, description="publish a release also when nothing changed against the latest one (the same shards, "
+        "real images and model); false: such a refresh only records itself in ROOT/last_refresh.json, so "
+        "`keep` counts changes, not runs")
 
 
 class RealImages(StrictModel):
@@ -271,7 +281,9 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     """One refresh: render missing shards, ingest new images, verify, retrain, publish a release, prune old ones.
 
     Returns:
-        The release manifest that was published.
+        The release manifest that was published, with ``published: True``. When nothing changed against the
+        latest release (and ``releases.publish_unchanged`` is off): what this run checked (its render and ingest
+        records, nothing new) under the latest release's name, sequence and creation time, ``published: False``.
 
     Raises:
         UserError: bad config, or another refresh holds the lock (exit code EXIT_BUSY).
@@ -342,14 +354,59 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
             if cfg.train.promotion.real_eval is not None:
                 model = score_real_eval(cfg, root, model, previous_promoted(prev), name)
             release["model"], release["promoted_model"] = promote(root, model, prev, cfg.train.promotion, name)
+        if prev is not None and not cfg.releases.publish_unchanged and same_content(prev, release):
+            latest = root / RELEASES_DIR / f"{prev['release']}.json"
+            pruned = prune(root, cfg.releases.keep, protect=latest)
+            seconds = time.perf_counter() - t0
+            unchanged_summary(prev, release, pruned, seconds)
+            record_last_refresh(root, release, prev["release"], published=False, seconds=seconds)
+            # what this run checked (rendered, repaired, ingested: nothing new), under the latest release's name
+            return {**release, "release": prev["release"], "sequence": prev.get("sequence"),
+                    "created": prev.get("created"), "published": False}
         path = root / RELEASES_DIR / f"{name}.json"
         save_resolved(cfg, root / RELEASES_DIR / f".{name}.config.yaml")
         atomic_write_json(path, release)
         path.chmod(0o444)  # a published release is immutable
         _point_latest(root, path)
         pruned = prune(root, cfg.releases.keep, protect=path)
-        release_summary(release, pruned, time.perf_counter() - t0)
-        return release
+        seconds = time.perf_counter() - t0
+        release_summary(release, pruned, seconds)
+        record_last_refresh(root, release, name, published=True, seconds=seconds)
+        return {**release, "published": True}
+
+
+def _model_dir_of(record: dict[str, Any] | None) -> str | None:
+    return None if not record else record.get("model")
+
+
+def same_content(prev: dict[str, Any], release: dict[str, Any]) -> bool:
+    """Whether a new ``release`` would hold exactly what ``prev`` holds: the same shards (ids and manifest
+    checksums), the same real images (data hash), render config and model (the fine-tune stage of ``model`` and of
+    ``promoted_model``: a retrained or newly promoted model is a change, an unchanged training config reuses the
+    previous release's stages and is not)."""
+    def shards(r: dict[str, Any]) -> list[tuple[str, str | None]]:
+        return [(s["id"], s.get("manifest_sha256")) for s in r["shards"]]
+
+    return (shards(prev) == shards(release)
+            and (prev.get("real") or {}).get("data_hash") == (release.get("real") or {}).get("data_hash")
+            and prev["render"].get("config_hash") == release["render"]["config_hash"]
+            and _model_dir_of(prev.get("model")) == _model_dir_of(release.get("model"))
+            and _model_dir_of(prev.get("promoted_model")) == _model_dir_of(release.get("promoted_model")))
+
+
+RUN_KEYS = ("render", "real", "growth", "inputs_changed", "shards", "num_frames", "model")
+"""The parts of a release record that say what one refresh did and checked (``last_refresh.json``'s ``run``)."""
+
+
+def record_last_refresh(root: Path, release: dict[str, Any], latest: str, *, published: bool,
+                        seconds: float) -> None:
+    """Write ``ROOT/last_refresh.json``: when the last refresh finished, whether it published a release or found
+    nothing changed, the release that is latest now, how long it took (for a schedule's monitoring) and what the
+    run did (``run``: what it rendered, repaired and ingested, its shards; :data:`RUN_KEYS` of ``release``)."""
+    atomic_write_json(root / LAST_REFRESH, {
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"), "published": published,
+        "latest_release": latest, "seconds": round(seconds, 1), "code_version": segfactory.code_version(),
+        "run": {k: release.get(k) for k in RUN_KEYS}})
 
 
 def grown_scenes(cfg: RefreshConfig, render_cfg: RenderStep, config_hash: str,
@@ -832,6 +889,18 @@ def _ranges(ranges: list[list[int]]) -> str:
 def _scenes_note(growth: dict[str, Any], what: str) -> str:
     ranges = growth.get(f"scenes_{what}_ranges")
     return f" (scenes {_ranges(ranges)})" if ranges else ""
+
+
+def unchanged_summary(prev: dict[str, Any], release: dict[str, Any], pruned: dict[str, int],
+                      seconds: float) -> None:
+    """The one line of a refresh that found nothing changed against the latest release ``prev``."""
+    model = " and model" if release.get("model") else ""
+    repaired = release["render"].get("shards_repaired", 0)
+    fixed = f"; {repaired} corrupt shard(s) rendered again as they were" if repaired else ""
+    console.print(f"nothing changed since release {prev['release']} (the same {len(prev['shards'])} shard(s), real "
+                  f"images{model}){fixed}: no release published (releases.publish_unchanged=true publishes one "
+                  f"anyway); pruned {pruned['releases']} release(s), {pruned['shards']} shard(s), "
+                  f"{pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)
 
 
 def release_summary(release: dict[str, Any], pruned: dict[str, int], seconds: float) -> None:

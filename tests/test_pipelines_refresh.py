@@ -39,11 +39,21 @@ def real_images(folder: Path, names: list[str]) -> None:
         Image.fromarray(np.asarray(getattr(data, n)())).convert("RGB").save(folder / f"{n}.png")
 
 
-def refresh(cfg: Path, root: Path, capsys, *extra: str) -> dict:
+def refresh_out(cfg: Path, root: Path, capsys, *extra: str) -> tuple[dict, str]:
+    """One ``segfactory refresh``: the latest release's record with what this run did (``last_refresh.json``'s
+    ``run``: for a published release the same values) and ``published``; and the summary it printed."""
     capsys.readouterr()
     assert main(["refresh", str(cfg), "--root", str(root), *extra]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    return read_json(root / "releases" / f"{out['release']}.json")
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    last = read_json(root / "last_refresh.json")
+    assert last["latest_release"] == out["release"] and last["published"] == out["published"]
+    return {**read_json(root / "releases" / f"{out['release']}.json"), **last["run"],
+            "published": out["published"]}, captured.err
+
+
+def refresh(cfg: Path, root: Path, capsys, *extra: str) -> dict:
+    return refresh_out(cfg, root, capsys, *extra)[0]
 
 
 @pytest.mark.render
@@ -104,12 +114,25 @@ def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
     assert 0 <= r2["drift"]["instance_hist_total_variation"] <= 1
     # Each refresh saved a Dask performance report (HTML with bokeh, else the task stream as JSON).
     assert list((root / ".logs").glob("dask-report-*.html")) or list((root / ".logs").glob("dask-report-*.json"))
-    # Nothing new: nothing rendered or ingested, inputs unchanged; releases are immutable files.
-    r3 = refresh(cfg, root, capsys, "render.dataset.scenes=3")
+    assert r1["published"] and r2["published"]
+    assert read_json(root / "last_refresh.json")["latest_release"] == r2["release"]
+    # Nothing new: nothing rendered or ingested, inputs unchanged, and no release published (a quiet night does not
+    # push a release that changed something out of releases.keep); last_refresh.json records the run.
+    r3, out3 = refresh_out(cfg, root, capsys, "render.dataset.scenes=3")
     assert r3["render"]["shards_rendered"] == 0 and r3["real"]["new_images"] == 0 and not r3["inputs_changed"]
-    assert read_json(root / "releases" / f"{r1['release']}.json") == r1
+    assert not r3["published"] and r3["release"] == r2["release"]
+    assert f"nothing changed since release {r2['release']}" in " ".join(out3.split())
+    assert [p.stem for p in list_releases(root)] == [r1["release"], r2["release"]]
+    assert os.readlink(root / "releases" / "latest") == f"{r2['release']}.json"
+    last = read_json(root / "last_refresh.json")
+    assert last["published"] is False and last["latest_release"] == r2["release"] and last["seconds"] >= 0
+    # releases.publish_unchanged: the same refresh publishes a release on every run (the earlier behaviour).
+    r3b = refresh(cfg, root, capsys, "render.dataset.scenes=3", "releases.publish_unchanged=true")
+    assert r3b["published"] and r3b["release"] != r2["release"] and not r3b["inputs_changed"]
+    assert [s["id"] for s in r3b["shards"]] == [s["id"] for s in r2["shards"]]
+    assert read_json(root / "releases" / f"{r1['release']}.json") == {k: v for k, v in r1.items() if k != "published"}
     assert all(p.stat().st_mode & 0o222 == 0 for p in list_releases(root))  # published read-only
-    assert len(list_releases(root)) == 3
+    assert len(list_releases(root)) == 3 and read_json(root / "last_refresh.json")["published"] is True
 
     # A new seed: the dataset (what fine-tuning reads) is exactly this release's shards, while the shards the
     # kept older releases reference stay on disk.
@@ -120,7 +143,8 @@ def test_refresh_releases_incremental_prune_and_drift(tmp_path: Path, capsys):
     # keep=1: old releases go, and with them every shard only they referenced.
     r5 = refresh(cfg, root, capsys, "render.dataset.scenes=3", "render.dataset.seed=1", "--keep", "1")
     assert r5["render"]["shards_rendered"] == 0 and [s["id"] for s in r5["shards"]] == [s["id"] for s in r4["shards"]]
-    assert [p.stem for p in list_releases(root)] == [r5["release"]]
+    assert not r5["published"] and r5["release"] == r4["release"]  # nothing changed: the prune still runs
+    assert [p.stem for p in list_releases(root)] == [r4["release"]]
     assert os.readlink(root / "releases" / "latest") == f"{r5['release']}.json"
     dataset = open_dataset(root / r5["render"]["dataset"])
     assert sorted(dataset.shard_ids) == sorted(s["id"] for s in r5["shards"])
@@ -224,6 +248,7 @@ def test_refresh_retrains_only_when_inputs_change(tmp_path: Path, capsys):
     assert m1["miou_on"] in m1["stages"]
     r2 = refresh(cfg, root, capsys)
     assert not r2["inputs_changed"] and not r2["model"]["trained"] and r2["model"]["stages"] == m1["stages"]
+    assert not r2["published"]  # the same shards, images and model: no new release
     real_images(real, ["rocket"])
     r3 = refresh(cfg, root, capsys, "--keep", "1")
     assert r3["inputs_changed"] and r3["model"]["trained"]

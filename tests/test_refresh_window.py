@@ -129,8 +129,11 @@ def refresh(cfg: Path, root: Path, capsys: pytest.CaptureFixture, *extra: str) -
     capsys.readouterr()
     assert main(["refresh", str(cfg), "--root", str(root), *extra]) == 0
     captured = capsys.readouterr()  # the JSON line on stdout, the summary (console) on stderr
-    release = json.loads(captured.out.strip().splitlines()[-1])["release"]
-    return read_json(root / "releases" / f"{release}.json"), " ".join(captured.err.split())
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    # what this run did (for a published release the same values), also when it published nothing
+    run = read_json(root / "last_refresh.json")["run"]
+    return ({**read_json(root / "releases" / f"{out['release']}.json"), **run, "published": out["published"]},
+            " ".join(captured.err.split()))
 
 
 def scene_ranges(release: dict) -> list[list[int]]:
@@ -187,9 +190,11 @@ def test_three_windowed_refreshes_retire_and_prune_the_oldest_shards(tmp_path: P
     assert sorted(committed_shards(ds)) == sorted([r2["shards"][0]["id"], *(s["id"] for s in r3["shards"])])
     assert run_verify(root).problems == {}  # every shard a kept release lists is there and intact
 
-    # Nothing new (no growth this run) and keep=1: nothing rendered, added or retired; the prune removes the
-    # retired shard only release 2 referenced.
-    r4, _ = refresh(cfg, root, capsys, "growth.scenes_per_run=0", "--keep", "1")
+    # Nothing new (no growth this run) and keep=1: nothing rendered, added or retired, no release published; the
+    # prune (which runs all the same) removes release 2 and the retired shard only it referenced.
+    r4, out4 = refresh(cfg, root, capsys, "growth.scenes_per_run=0", "--keep", "1")
+    assert not r4["published"] and r4["release"] == r3["release"] and "nothing changed since release" in out4
+    assert [p.stem for p in list_releases(root)] == [r3["release"]]
     assert [s["id"] for s in r4["shards"]] == [s["id"] for s in r3["shards"]]
     assert r4["render"]["shards_rendered"] == 0 and not r4["inputs_changed"]
     g4 = r4["growth"]
@@ -205,7 +210,7 @@ def test_three_windowed_refreshes_retire_and_prune_the_oldest_shards(tmp_path: P
     assert r5["growth"]["scene_range"] == [4, 8] and r5["growth"]["shards_retired"] == []
     assert {p.name: p.stat().st_mtime_ns for p in (ds / "shards").iterdir()} == before
     assert read_json(ds / "dataset.json") == listing
-    assert "pruned 1 release(s), 0 shard(s)" in out5
+    assert not r5["published"] and "pruned 0 release(s), 0 shard(s)" in out5
     assert run_verify(root).problems == {}
 
 

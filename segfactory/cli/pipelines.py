@@ -35,8 +35,11 @@ def register(commands: Any, benches: Any) -> None:
 
     p = commands.add_parser(
         "refresh", help="incremental dataset refresh: render missing shards, ingest new images, publish a release",
-        description="Render only missing shards, ingest only new raw images, publish ROOT/releases/<ts>.json, move "
-                    "ROOT/releases/latest, prune old releases. A second refresh of the same ROOT exits with code 4.")
+        description="Render only missing shards, ingest only new raw images, publish ROOT/releases/<seq>-<ts>.json, "
+                    "move ROOT/releases/latest, prune old releases. Nothing changed since the latest release (the "
+                    "same shards, real images and model): no release is published (releases.publish_unchanged=true "
+                    "publishes one anyway); ROOT/last_refresh.json records every finished refresh. A second refresh "
+                    "of the same ROOT exits with code 4.")
     p.add_argument("config", help="refresh config YAML (e.g. configs/refresh.yaml)")
     p.add_argument("--root", required=True, type=out_dir("--root"), help="refresh root (datasets/, real/, releases/)")
     p.add_argument("--keep", type=int, help="releases kept (releases.keep)")
@@ -93,8 +96,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     cfg = load_config(RefreshConfig, args.config, args.overrides, {**_cluster_extra(args), "releases.keep": args.keep})
     release = run_refresh(cfg, args.root)
-    print(json.dumps({"release": release["release"], "shards": len(release["shards"]),
-                      "frames": release["num_frames"], "inputs_changed": release["inputs_changed"]}))
+    print(json.dumps({"release": release["release"], "published": release["published"],
+                      "shards": len(release["shards"]), "frames": release["num_frames"],
+                      "inputs_changed": release["inputs_changed"]}))
     return 0
 
 
