@@ -69,19 +69,22 @@ def _modules(keys: list[str]) -> list[str]:
 
 def resolve_init(path: str) -> str:
     """``backbone.init`` as the weights to read: a file, or an encoder directory; the run directory of an earlier
-    `segfactory pretrain` stands for its ``encoder/`` (as ``finetune --encoder`` accepts it).
+    `segfactory pretrain` stands for its ``encoder/``, and that of a `segfactory run` for its newest pretrain
+    stage's (:func:`segfactory.formats.locate.resolve_encoder_dir`, as ``finetune --encoder`` accepts them).
 
     Raises:
         ValueError: naming the path when it is none of those.
     """
     from segfactory.formats.encoder import WEIGHTS_FILE
+    from segfactory.formats.locate import resolve_encoder_dir
 
     p = Path(path)
-    if p.is_dir() and not (p / WEIGHTS_FILE).is_file() and (p / "encoder" / WEIGHTS_FILE).is_file():
-        return str(p / "encoder")
     if p.is_dir() and not (p / WEIGHTS_FILE).is_file():
+        found, _ = resolve_encoder_dir(p)
+        if (found / WEIGHTS_FILE).is_file():
+            return str(found)
         raise ValueError(f"backbone.init '{path}' is a directory without {WEIGHTS_FILE} (not an encoder "
-                         "directory or run directory written by `segfactory pretrain`)")
+                         "directory, nor the run directory of `segfactory pretrain` or `segfactory run`)")
     if not p.exists():
         raise ValueError(f"backbone.init '{path}' does not exist")
     return path

@@ -128,17 +128,36 @@ def test_config_pins_the_file_hash(tmp_path: Path) -> None:
 
 def test_a_bad_init_path_names_backbone_init_and_a_run_directory_stands_for_its_encoder(tmp_path: Path) -> None:
     """The error names the field the user set (not backbone.init_sha256, which is filled in from it); the run
-    directory of an earlier `segfactory pretrain` resolves to its encoder/, as `finetune --encoder` accepts it."""
+    directory of an earlier `segfactory pretrain` resolves to its encoder/, and that of a `segfactory run` to its
+    newest pretrain stage's, as `finetune --encoder` accepts them (one home: segfactory.formats.locate)."""
+    import os
+
+    from segfactory.formats.encoder import save_encoder
+
     for bad, said in ((tmp_path / "nope.pth", "does not exist"), (tmp_path, "directory without")):
         with pytest.raises(UserError) as e:
             cfg(f"backbone.init={bad}")
         assert said in str(e.value) and "backbone.init=" in str(e.value) and "init_sha256" not in str(e.value)
+
+    def encoder(out: Path, seed: int) -> Path:
+        enc = build_encoder("test_resnet", 3)
+        torch.manual_seed(seed)
+        for w in enc.body.parameters():
+            torch.nn.init.normal_(w)
+        return save_encoder(out, enc.body, timm_name="test_resnet", in_chans=3,
+                            normalization={"mean": [0.5] * 3, "std": [0.25] * 3}, method="simclr", steps=1,
+                            data_manifest_hash=None)
+
     run = tmp_path / "run"
-    (run / "encoder").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in timm_model("test_resnet").state_dict().items()},
-              run / "encoder" / "encoder.safetensors")
+    encoder(run / "encoder", 0)
     c = cfg(f"backbone.init={run}")
     assert c.backbone.init == str(run / "encoder") and c.backbone.init_sha256 and len(c.backbone.init_sha256) == 64
+    pipeline = tmp_path / "pipeline"
+    old, new = encoder(pipeline / "stages" / "pretrain-aaa" / "encoder", 1), encoder(
+        pipeline / "stages" / "pretrain-bbb" / "encoder", 2)
+    os.utime(old / "encoder.json", (1, 1))  # the older stage
+    c = cfg(f"backbone.init={pipeline}")
+    assert c.backbone.init == str(new) and c.backbone.init_sha256 != cfg(f"backbone.init={old}").backbone.init_sha256
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino"])

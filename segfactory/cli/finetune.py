@@ -94,8 +94,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     if args.encoder is not None:
-        from finetune.locate import resolve_encoder_dir
         from segfactory.console import console
+        from segfactory.formats.locate import resolve_encoder_dir
 
         enc_dir, note = resolve_encoder_dir(args.encoder)
         if note:
@@ -137,8 +137,8 @@ def _parse_remap(items: list[str] | None) -> dict[str, str]:
 
 def _resolve_model(args: argparse.Namespace) -> None:
     """``--model RUN``: use the run's ``model/`` (or a pipeline run's newest finetune stage) and say so."""
-    from finetune.locate import resolve_model_dir
     from segfactory.console import console
+    from segfactory.formats.locate import resolve_model_dir
 
     model_dir, note = resolve_model_dir(args.model)
     if note:

@@ -183,8 +183,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from segfactory.sampledata import resolve_path
 
     cfg = load_config(ProbeConfig, args.config, args.overrides, {"steps": args.steps, "seeds": args.seeds})
-    from finetune.locate import resolve_encoder_dir  # a run directory stands for its encoder/, as for finetune
     from segfactory.console import console
+    from segfactory.formats.locate import resolve_encoder_dir  # a run dir stands for its encoder/, as for finetune
 
     enc_dir, note = resolve_encoder_dir(args.encoder)
     if note:

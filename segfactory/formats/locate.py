@@ -1,4 +1,5 @@
-"""Find the model or encoder dir inside a run directory, so ``--model RUN`` and ``--encoder RUN`` work.
+"""Find the model or encoder dir inside a run directory, so ``--model RUN``, ``--encoder RUN`` and
+``backbone.init=RUN`` work (the one home of these layouts for the CLI and the stages).
 
 Accepted: the dir itself; ``RUN/model`` (``RUN/encoder``), i.e. a ``segfactory finetune`` (``pretrain``) run;
 ``RUN/stages/finetune-*/model`` (``RUN/stages/pretrain-*/encoder``), i.e. a ``segfactory run`` output, where
@@ -29,12 +30,12 @@ def _find(path: Path, inner: str, meta: str, stage: str) -> tuple[Path, str | No
     return found[-1], note
 
 
-def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, str | None]:
+def resolve_model_dir(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
     """``(model dir, note)``: the note names the inner dir used, ``None`` when ``path`` was taken as it is
     (also when nothing was found: loading it then gives the usual error)."""
     return _find(Path(path), "model", MODEL_META, "finetune")
 
 
-def resolve_encoder_dir(path: str | os.PathLike) -> tuple[Path, str | None]:
+def resolve_encoder_dir(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
     """``(encoder dir, note)`` like :func:`resolve_model_dir` for ``encoder/`` of pretraining runs."""
     return _find(Path(path), "encoder", ENCODER_META, "pretrain")
