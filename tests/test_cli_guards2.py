@@ -127,6 +127,58 @@ def test_evaluate_refuses_a_tiff_stack_in_a_labeled_folder(tiny_model: Path, cho
     assert not out.exists()
 
 
+def test_tiff_masks_score_like_their_pngs_and_a_mask_stack_is_refused(tiny_model: Path, cho_eval: Path,
+                                                                     tmp_path: Path, capsys) -> None:
+    """Masks had to be PNG (a TIFF class mask, as microscopy tools write them, was 'has no mask'): 8- and 16-bit
+    single-page TIFF masks now score exactly like the same masks as PNG; a multi-page TIFF mask (only its first page
+    would be read) and two masks for one stem are one line each."""
+    stems = sorted(p.stem for p in (cho_eval / "images").glob("cho_t14_z*.png"))[:3]
+
+    def folder(name: str, mask_suffix: str, dtype: type = np.uint8) -> Path:
+        d = tmp_path / name
+        (d / "images").mkdir(parents=True)
+        (d / "masks").mkdir()
+        shutil.copy(cho_eval / "classes.json", d / "classes.json")
+        for stem in stems:
+            shutil.copy(cho_eval / "images" / f"{stem}.png", d / "images" / f"{stem}.png")
+            mask = np.asarray(Image.open(cho_eval / "masks" / f"{stem}.png")).astype(dtype)
+            if mask_suffix == ".png":
+                shutil.copy(cho_eval / "masks" / f"{stem}.png", d / "masks" / f"{stem}.png")
+            else:
+                tifffile.imwrite(d / "masks" / f"{stem}{mask_suffix}", mask)
+        return d
+
+    def evaluate(d: Path) -> dict:
+        out = tmp_path / f"eval-{d.name}"
+        assert main(["evaluate", "--model", str(tiny_model), "--data", str(d), "--out", str(out),
+                     "--baselines", "none"]) == 0
+        return json.loads((out / "metrics.json").read_text())["overall"]
+
+    png = evaluate(folder("png", ".png"))
+    assert evaluate(folder("tif8", ".tif")) == png
+    assert evaluate(folder("tif16", ".TIFF", np.uint16)) == png  # 16 bit, upper-case suffix
+    # a stack as one image's mask
+    d = folder("stack", ".png")
+    (d / "masks" / f"{stems[0]}.png").unlink()
+    with tifffile.TiffWriter(d / "masks" / f"{stems[0]}.tif") as tw:
+        for stem in stems:
+            tw.write(np.asarray(Image.open(cho_eval / "masks" / f"{stem}.png")), contiguous=False)
+    capsys.readouterr()
+    out = tmp_path / "eval-refused"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(d), "--out", str(out),
+                 "--baselines", "none"]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert f"mask '{d / 'masks' / stems[0]}.tif' is a TIFF stack of 3 pages" in error_line(err), err
+    assert "fix: save one single-page mask per image" in err and not out.exists()
+    # two masks for one stem
+    d = folder("two", ".png")
+    shutil.copy(d / "masks" / f"{stems[1]}.png", d / "masks" / f"{stems[1]}.tif")
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(d), "--out", str(out),
+                 "--baselines", "none"]) == EXIT_USER
+    assert f"'{stems[1]}.png' and '{stems[1]}.tif' in '{d / 'masks'}' are two masks for the stem" in error_line(
+        capsys.readouterr().err)
+
+
 # ------------------------------------------------------------------------------------------ predict --input FILE
 def test_predict_input_takes_one_image_file(tiny_model: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
     """--input FILE said "input folder '...' does not exist"; one image is predicted now."""

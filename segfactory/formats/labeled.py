@@ -3,7 +3,8 @@
 Layout::
 
     DIR/images/<stem>.png|.jpg|.jpeg|.tif|.tiff   gray or RGB, 8 or 16 bit
-    DIR/masks/<stem>.png                          class ids (8-bit, 16-bit or palette PNG), same size
+    DIR/masks/<stem>.png|.tif|.tiff               class ids (8-bit, 16-bit or palette PNG; 8/16-bit single-page
+                                                  TIFF), same size
     DIR/classes.json                              optional: {"classes": [{"id", "name", "color"?}],
                                                   "ignore_index": 255}
     DIR/instances/<stem>.png                      optional: uint16 instance ids, 0 = none
@@ -21,6 +22,9 @@ from typing import Any
 from segfactory.errors import UserError
 from segfactory.formats.imagefile import IMAGE_SUFFIXES, image_pages
 from segfactory.io import read_json
+
+MASK_SUFFIXES = (".png", ".tif", ".tiff")
+"""Mask file types of a labeled folder (matched case-insensitively; PNG first in messages)."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,20 @@ def scan_labeled_folder(path: Path) -> list[Item]:
     """The frames of a real labeled folder, by image stem (sorted), each with its mask (and instance map).
 
     Raises:
-        UserError: no ``masks/``, no images, two images with one stem, or an image without a mask.
+        UserError: no ``masks/``, no images, two images (or two masks) with one stem, or an image without a mask.
     """
     img_dir, mask_dir = path / "images", path / "masks"
     if not mask_dir.is_dir():
-        raise UserError(f"labeled folder '{path}' has images/ but no masks/", fix="put PNG class masks in DIR/masks/")
+        raise UserError(f"labeled folder '{path}' has images/ but no masks/",
+                        fix="put class masks in DIR/masks/ (<stem>.png or .tif, one per image)")
+    masks: dict[str, Path] = {}
+    for m in sorted(mask_dir.iterdir()):
+        if m.suffix.lower() not in MASK_SUFFIXES or m.name.startswith("."):
+            continue
+        if m.stem in masks:
+            raise UserError(f"'{masks[m.stem].name}' and '{m.name}' in '{mask_dir}' are two masks for the stem "
+                            f"'{m.stem}'", fix="keep one mask per image; masks are matched by stem")
+        masks[m.stem] = m
     images: dict[str, Path] = {}
     for p in sorted(img_dir.iterdir()):
         if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
@@ -67,20 +80,22 @@ def scan_labeled_folder(path: Path) -> list[Item]:
                         fix="add images, or point at another folder")
     items = []
     for stem, p in images.items():
-        m = mask_dir / f"{stem}.png"
-        if not m.is_file():
-            raise UserError(f"image '{p}' has no mask '{m}'", fix="add the mask or remove the image")
+        m = masks.get(stem)
+        if m is None or not m.is_file():
+            raise UserError(f"image '{p}' has no mask '{mask_dir / stem}.png' (or .tif)",
+                            fix="add the mask or remove the image")
         inst = path / "instances" / f"{stem}.png"
         items.append(Item(stem, p, m, inst if inst.is_file() else None))
     return items
 
 
 def check_one_frame(it: Item) -> None:
-    """A labeled image is one frame with one mask: a multi-page TIFF (a stack) is refused (which page would its
-    mask label?). Only the TIFF's page headers are read.
+    """A labeled image is one frame with one mask: a multi-page TIFF (a stack) as the image (which page would its
+    mask label?) or as the mask (which page labels the image? only the first would be read) is refused. Only the
+    TIFFs' page headers are read.
 
     Raises:
-        UserError: naming the image, its page count and how to split it.
+        UserError: naming the file, its page count and how to split it.
     """
     pages = image_pages(it.image)
     if pages > 1:
@@ -88,6 +103,11 @@ def check_one_frame(it: Item) -> None:
                         f"with one mask ('{it.mask}')",
                         fix="split the stack into one image per page, each with its mask (images/<stem>_p0.tif "
                             "+ masks/<stem>_p0.png, ...)")
+    if (pages := image_pages(it.mask)) > 1:
+        raise UserError(f"mask '{it.mask}' is a TIFF stack of {pages} pages, but a mask labels one frame (image "
+                        f"'{it.image}'; only its first page would be read)",
+                        fix="save one single-page mask per image (masks/<stem>.png or .tif), or split a stack of "
+                            "frames and masks into one image and one mask per page")
 
 
 def read_class_table(path: Path, default_ignore: int = 255) -> tuple[list[dict[str, Any]], int] | None:
