@@ -80,12 +80,12 @@ def scan_labeled_folder(path: Path) -> list[Item]:
                         fix="add images, or point at another folder")
     items = []
     for stem, p in images.items():
-        m = masks.get(stem)
-        if m is None or not m.is_file():
+        mask = masks.get(stem)
+        if mask is None or not mask.is_file():
             raise UserError(f"image '{p}' has no mask '{mask_dir / stem}.png' (or .tif)",
                             fix="add the mask or remove the image")
         inst = path / "instances" / f"{stem}.png"
-        items.append(Item(stem, p, m, inst if inst.is_file() else None))
+        items.append(Item(stem, p, mask, inst if inst.is_file() else None))
     return items
 
 
