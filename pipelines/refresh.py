@@ -895,10 +895,8 @@ def unchanged_summary(prev: dict[str, Any], release: dict[str, Any], pruned: dic
                       seconds: float) -> None:
     """The one line of a refresh that found nothing changed against the latest release ``prev``."""
     model = " and model" if release.get("model") else ""
-    repaired = release["render"].get("shards_repaired", 0)
-    fixed = f"; {repaired} corrupt shard(s) rendered again as they were" if repaired else ""
     console.print(f"nothing changed since release {prev['release']} (the same {len(prev['shards'])} shard(s), real "
-                  f"images{model}){fixed}: no release published (releases.publish_unchanged=true publishes one "
+                  f"images{model}): no release published (releases.publish_unchanged=true publishes one "
                   f"anyway); pruned {pruned['releases']} release(s), {pruned['shards']} shard(s), "
                   f"{pruned['datasets']} dataset(s) ({seconds:.1f}s)", soft_wrap=True)
 
