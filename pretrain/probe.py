@@ -99,7 +99,12 @@ def _load_labeled_folder(path: Path, cfg: ProbeConfig, in_chans: int
             image and mask sizes differ, or an image is a multi-page TIFF.
     """
     from segfactory.formats.imagefile import read_image, read_mask
-    from segfactory.formats.labeled import check_one_frame, read_class_table, scan_labeled_folder
+    from segfactory.formats.labeled import (
+        check_not_all_ignored,
+        check_one_frame,
+        read_class_table,
+        scan_labeled_folder,
+    )
 
     items = _pick(scan_labeled_folder(path), path, cfg)
     for it in items:
@@ -112,7 +117,9 @@ def _load_labeled_folder(path: Path, cfg: ProbeConfig, in_chans: int
         ignore_in = table[1]
     else:
         ignore_in = 255
-        ids = sorted({int(v) for _, _, m in raw for v in np.unique(m)} - {ignore_in})
+        found = {int(v) for _, _, m in raw for v in np.unique(m)}
+        check_not_all_ignored(found, ignore_in, path)  # binary masks saved as 0/255: nothing left to score
+        ids = sorted(found - {ignore_in})
         names = [str(i) for i in ids]
     ignore = 255 if len(ids) <= 255 else 65535
     lut = np.full(65536, -1, np.int64)

@@ -107,13 +107,32 @@ def contact_sheet(ds: Dataset, out: str | Path, n_frames: int = 6) -> Path:
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(f"{ds.meta.get('family', '')} — {ds.root.name} ({len(ds.shard_ids)} shards)", fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    out, tmp, fmt = sheet_paths(out)
+    fig.savefig(tmp, dpi=110, format=fmt.lower())
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+"""Picture formats of ``segfactory show --out``, by suffix."""
+
+
+def sheet_paths(out: str | Path) -> tuple[Path, Path, str]:
+    """``(out, its temporary sibling with the same suffix, the format)``: a sheet is written in the format its name
+    says (``sheet.jpg`` holds JPEG bytes, not PNG), under a temporary name, and renamed last.
+
+    Raises:
+        UserError: a suffix that is not a picture format.
+    """
+    from segfactory.errors import UserError
+
+    out = Path(out)
+    fmt = SHEET_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise UserError(f"--out '{out}' does not name a picture file", fix="end it in .png or .jpg")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, out.with_name(f".{out.stem}.tmp{out.suffix}"), fmt
 
 
 def real_images(folder: str | Path, n: int, exclude: Sequence[str] = ()) -> list[Path]:
@@ -244,10 +263,8 @@ def beside_sheet(ds: Dataset, real: Sequence[tuple[str, str | Path]], out: str |
     for r, (label, _) in enumerate(rows):
         y = margin + title_h + r * (row_h + gap) + row_h // 2
         draw.multiline_text((margin, y), label, fill=(0, 0, 0), font=font, anchor="lm")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    im.save(tmp, format="PNG", optimize=True)
+    out, tmp, fmt = sheet_paths(out)
+    im.save(tmp, format=fmt, optimize=True, **({"quality": 92} if fmt == "JPEG" else {}))
     tmp.replace(out)
     return out
 

@@ -177,6 +177,111 @@ def test_tiff_masks_score_like_their_pngs_and_a_mask_stack_is_refused(tiny_model
                  "--baselines", "none"]) == EXIT_USER
     assert f"'{stems[1]}.png' and '{stems[1]}.tif' in '{d / 'masks'}' are two masks for the stem" in error_line(
         capsys.readouterr().err)
+    # a JPEG mask (lossy: ids change at every edge) is named as found and why it is not read
+    d = folder("jpeg", ".png")
+    (d / "masks" / f"{stems[2]}.png").unlink()
+    Image.open(cho_eval / "masks" / f"{stems[2]}.png").save(d / "masks" / f"{stems[2]}.jpg")
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(d), "--out", str(out),
+                 "--baselines", "none"]) == EXIT_USER
+    line = error_line(capsys.readouterr().err)
+    assert f"found {stems[2]}.jpg: JPEG masks are not read (lossy" in line, line
+
+
+# ------------------------------------------------------------------------------- class tables that lose pixels
+def _cho_folder(cho_eval: Path, d: Path, scale: int = 1, classes: dict | None = None) -> Path:
+    """Three CHO frames with their masks times ``scale`` (255: binary masks saved as 0/255) and ``classes``
+    as classes.json (None: no class table)."""
+    (d / "images").mkdir(parents=True)
+    (d / "masks").mkdir()
+    for p in sorted((cho_eval / "images").glob("cho_t14_z*.png"))[:3]:
+        shutil.copy(p, d / "images" / p.name)
+        m = np.asarray(Image.open(cho_eval / "masks" / p.name)).astype(np.uint8) * scale
+        Image.fromarray(m).save(d / "masks" / p.name)
+    if classes is not None:
+        (d / "classes.json").write_text(json.dumps(classes))
+    return d
+
+
+def test_masks_and_class_tables_that_would_ignore_or_misname_pixels_are_one_line(tiny_model: Path, tiny_dataset: Path,
+                                                                                cho_eval: Path, tmp_path: Path,
+                                                                                capsys) -> None:
+    """Binary masks saved as 0/255 (255 = the default ignore_index) scored nucleus IoU 0 and trained on nothing, exit
+    0; listing {"id": 255} in classes.json did not help (the ignore value overwrote the class); a repeated id or
+    name in classes.json let the last entry win. Each is one line now, in evaluate, fine-tuning and probe alike;
+    the documented fix (another ignore_index) scores the 0/255 masks exactly like the 0/1 ones."""
+    def evaluate(d: Path) -> int:
+        return main(["evaluate", "--model", str(tiny_model), "--data", str(d), "--out", str(tmp_path / f"e-{d.name}"),
+                     "--baselines", "none"])
+
+    binary = _cho_folder(cho_eval, tmp_path / "binary", 255)
+    for argv in (None, ["finetune", str(TINY), "--steps", "1", "--synthetic", str(tiny_dataset), "--real", str(binary),
+                        "--out", str(tmp_path / "f")]):
+        capsys.readouterr()
+        assert (evaluate(binary) if argv is None else main(argv)) == EXIT_USER
+        err = capsys.readouterr().err
+        assert f"the masks of '{binary}' hold only the values 0 and 255, and 255 is the ignore_index" in error_line(err)
+        assert "fix: save the foreground as its class id" in err and "Traceback" not in err
+    from pretrain.config import ProbeConfig
+    from pretrain.probe import load_frames
+    from segfactory.errors import UserError
+
+    with pytest.raises(UserError, match="hold only the values 0 and 255"):
+        load_frames(binary, ProbeConfig(), 1)
+
+    table = {"classes": [{"id": 0, "name": "background"}, {"id": 255, "name": "nucleus"}]}
+    on_ignore = _cho_folder(cho_eval, tmp_path / "on-ignore", 255, table)
+    assert evaluate(on_ignore) == EXIT_USER
+    assert "class 'nucleus' has the id 255, which is also the ignore_index" in error_line(capsys.readouterr().err)
+    fixed = _cho_folder(cho_eval, tmp_path / "fixed", 255, {**table, "ignore_index": 254})
+    plain = _cho_folder(cho_eval, tmp_path / "plain", 1, {"classes": [{"id": 0, "name": "background"},
+                                                                      {"id": 1, "name": "nucleus"}]})
+    assert evaluate(fixed) == 0 and evaluate(plain) == 0
+    scores = [json.loads((tmp_path / f"e-{n}" / "metrics.json").read_text())["overall"]["per_class"]["nucleus"]
+              for n in ("fixed", "plain")]
+    assert scores[0] == scores[1] and scores[0]["gt_pixels"] > 0
+
+    repeated_id = {"classes": [{"id": 0, "name": "background"}, {"id": 1, "name": "nucleus"},
+                               {"id": 1, "name": "debris"}]}
+    assert evaluate(_cho_folder(cho_eval, tmp_path / "rid", 1, repeated_id)) == EXIT_USER
+    assert "classes[2] ('debris') repeats the id 1 of classes[1] ('nucleus')" in error_line(capsys.readouterr().err)
+    repeated_name = {"classes": [{"id": 0, "name": "background"}, {"id": 1, "name": "nucleus"},
+                                 {"id": 2, "name": "nucleus"}]}
+    assert evaluate(_cho_folder(cho_eval, tmp_path / "rname", 1, repeated_name)) == EXIT_USER
+    assert "classes[2] (id 2) repeats the name 'nucleus' of classes[1] (id 1)" in error_line(capsys.readouterr().err)
+
+
+def test_export_takes_a_run_directory_like_evaluate_and_predict(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """`export --model RUN` said "'RUN' is a training run, not a model dir"; evaluate and predict accept it."""
+    run = tiny_model.parent
+    capsys.readouterr()
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "exported")]) == 0
+    captured = capsys.readouterr()
+    assert f"using model dir '{tiny_model}' of the run '{run}'" in " ".join(captured.err.split())
+    assert last_json(captured.out)["model_dir"] == str(tmp_path / "exported")
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+
+
+def test_two_remaps_of_one_class_are_refused(tiny_model: Path, cho_eval: Path, tmp_path: Path, capsys) -> None:
+    """`--remap nucleus=nucleus --remap nucleus=ignore` was accepted and the last one won, silently."""
+    out = tmp_path / "e"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(cho_eval), "--out", str(out), "--baselines",
+                 "none", "--remap", "nucleus=nucleus", "--remap", "nucleus=ignore"]) == EXIT_USER
+    assert ("--remap maps 'nucleus' twice: --remap nucleus=nucleus and --remap nucleus=ignore"
+            in error_line(capsys.readouterr().err)) and not out.exists()
+
+
+def test_show_writes_the_format_its_out_name_says(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    """`show --out sheet.jpg` wrote PNG bytes into the .jpg; a name that is no picture format is one line."""
+    assert main(["show", str(tiny_dataset), "--out", str(tmp_path / "sheet.jpg"), "--frames", "2"]) == 0
+    with Image.open(tmp_path / "sheet.jpg") as im:
+        assert im.format == "JPEG"
+    assert main(["show", str(tiny_dataset), "--out", str(tmp_path / "sheet.PNG"), "--frames", "2"]) == 0
+    with Image.open(tmp_path / "sheet.PNG") as im:
+        assert im.format == "PNG"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    capsys.readouterr()
+    assert main(["show", str(tiny_dataset), "--out", str(tmp_path / "sheet.txt")]) == EXIT_USER
+    assert "--out '" in error_line(capsys.readouterr().err) and not (tmp_path / "sheet.txt").exists()
 
 
 # ------------------------------------------------------------------------------------------ predict --input FILE

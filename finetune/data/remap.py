@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from segfactory.errors import UserError
+from segfactory.formats.labeled import check_class_table
 
 IGNORE = "ignore"
 
@@ -147,8 +148,10 @@ def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, target
             ``--remap sky=ignore``); errors and fixes then use it, not ``field_hint``.
 
     Raises:
-        UserError: an unknown remap key/value, or a source class with no target.
+        UserError: an unknown remap key/value, a source class with no target, or a class table with a repeated id
+            or name or a class on the ignore value (:func:`segfactory.formats.labeled.check_class_table`).
     """
+    check_class_table(source_classes, source_ignore, source_label)  # ids and names once, none on the ignore value
     by_id = {int(c["id"]): str(c["name"]) for c in source_classes}
     by_name = {name: i for i, name in by_id.items()}
     size = max([256, source_ignore + 1, *(i + 1 for i in by_id)])

@@ -30,7 +30,13 @@ from finetune.config import FinetuneConfig, SourceSpec
 from finetune.data.remap import Remap, TargetClasses, build_remap, make_targets
 from segfactory.errors import UserError
 from segfactory.formats.imagefile import image_size, read_image, read_mask
-from segfactory.formats.labeled import Item, check_one_frame, read_class_table, scan_labeled_folder
+from segfactory.formats.labeled import (
+    Item,
+    check_not_all_ignored,
+    check_one_frame,
+    read_class_table,
+    scan_labeled_folder,
+)
 
 Kind = Literal["synthetic", "real"]
 Role = Literal["train", "val", "eval"]
@@ -177,12 +183,18 @@ def _scan_real(path: Path) -> list[Item]:
     return scan_labeled_folder(path)
 
 
-def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_index: int) -> None:
+def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_index: int,
+                      implicit_ignore: int | None = None, folder: Path | None = None) -> None:
     """Fail before training, not at step 3000: sizes from headers, mask values from every mask; a labeled image is
-    one frame (a multi-page TIFF is refused: which page would its mask label?)."""
+    one frame (a multi-page TIFF is refused: which page would its mask label?). ``implicit_ignore``: the folder has
+    no class table (mask values are the class ids) and this is its ignore value: masks of only 0 and it are refused
+    (:func:`~segfactory.formats.labeled.check_not_all_ignored`)."""
+    values: set[int] = set()
     for it in items:
         check_one_frame(it)
         mask = read_mask(it.mask)
+        if implicit_ignore is not None:
+            values.update(int(v) for v in np.unique(mask))
         size = image_size(it.image)  # upright, as read_image reads it (EXIF orientation), bomb-checked
         if tuple(size) != (mask.shape[1], mask.shape[0]):
             raise UserError(f"image '{it.image}' is {size[0]}x{size[1]} but its mask '{it.mask}' is "
@@ -192,6 +204,8 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
         remap.apply(mask, it.mask, on_unknown, ignore_index)
         if it.instances is not None:
             check_instances_match(it, mask)
+    if implicit_ignore is not None and folder is not None and items:
+        check_not_all_ignored(values, implicit_ignore, folder)
 
 
 def check_instances_match(it: Item, mask: np.ndarray) -> None:
@@ -287,7 +301,9 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
     else:
         train, val = [], list(items)
     if kind == "real":
-        _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index)
+        implicit = spec.classes is None and not (path / "classes.json").is_file()  # mask values are the class ids
+        _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index,
+                          ignore if implicit else None, path)
     return Source(spec.name or path.name, kind, path, train, val, remap, spec.on_unknown, targets.ignore_index,
                   spec.weight)
 

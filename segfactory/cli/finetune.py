@@ -130,8 +130,11 @@ def _parse_remap(items: list[str] | None) -> dict[str, str]:
     for it in items or []:
         if "=" not in it:
             raise UserError(f"--remap '{it}' is not SOURCE=TARGET", fix="write e.g. --remap car=vehicle")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, v = (x.strip() for x in it.split("=", 1))
+        if k in out and out[k] != v:
+            raise UserError(f"--remap maps '{k}' twice: --remap {k}={out[k]} and --remap {k}={v}",
+                            fix=f"keep one --remap for '{k}'")
+        out[k] = v
     return out
 
 
@@ -255,6 +258,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from segfactory.console import console
     from segfactory.formats.model import ONNX_FILE
 
+    _resolve_model(args)  # a run directory stands for its model/, as for evaluate and predict
     model_dir = Path(args.model)
     result: dict[str, Any] = {"model_dir": str(model_dir)}
     info = None

@@ -35,7 +35,7 @@ def register(commands: Any, benches: Any) -> None:
     p = commands.add_parser("show", help="write a contact sheet PNG (RGB | semantic | instances | depth), or with "
                                          "--beside rendered frames beside real images")
     p.add_argument("dataset")
-    p.add_argument("--out", help="PNG path (default: DATASET/contact_sheet.png, with --beside "
+    p.add_argument("--out", help="PNG or JPEG path, by its suffix (default: DATASET/contact_sheet.png, with --beside "
                                  "DATASET/rendered_vs_real.png)")
     p.add_argument("--frames", type=int, default=6, help="rows in the sheet (with --beside: tiles per row)")
     p.add_argument("--beside", action="append", metavar="REAL",
@@ -83,8 +83,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from segfactory.console import console
     from segfactory.errors import UserError
     from segfactory.formats.dataset import hold_for_reading, open_dataset
-    from synth.viz import contact_sheet
+    from synth.viz import contact_sheet, sheet_paths
 
+    if args.out:
+        sheet_paths(args.out)  # a name that is no picture format fails before any work
     if args.frames < 1:  # with or without --beside
         raise UserError(f"--frames must be at least 1, got {args.frames}", fix="pass --frames 6")
     hold_for_reading(args.dataset)  # before the listing: a refresh's prune deletes none of its shards meanwhile

@@ -82,6 +82,13 @@ def scan_labeled_folder(path: Path) -> list[Item]:
     for stem, p in images.items():
         mask = masks.get(stem)
         if mask is None or not mask.is_file():
+            other = sorted(m.name for m in mask_dir.glob(f"{stem}.*") if not m.name.startswith("."))
+            if other:  # a mask in a format that is not read: say which, and why
+                lossy = any(Path(o).suffix.lower() in (".jpg", ".jpeg") for o in other)
+                raise UserError(f"image '{p}' has no mask '{mask_dir / stem}.png' (or .tif); found {', '.join(other)}"
+                                + (": JPEG masks are not read (lossy compression changes class ids at every edge)"
+                                   if lossy else f": masks are {', '.join(MASK_SUFFIXES)}"),
+                                fix="save the mask losslessly as a single-channel PNG (or TIFF) of class ids")
             raise UserError(f"image '{p}' has no mask '{mask_dir / stem}.png' (or .tif)",
                             fix="add the mask or remove the image")
         inst = path / "instances" / f"{stem}.png"
@@ -134,7 +141,65 @@ def read_class_table(path: Path, default_ignore: int = 255) -> tuple[list[dict[s
                         fix="fix the JSON")
     ignore = int(data.get("ignore_index", default_ignore)) if isinstance(data, dict) else default_ignore
     table: list[dict[str, Any]] = classes
+    check_class_table(table, ignore, f"'{cj}'")
     return table, ignore
+
+
+def check_class_table(classes: list[dict[str, Any]], ignore_index: int, where: str) -> None:
+    """A class table's meaning: every id and every name once, and no class on the ignore value (its pixels would
+    be ignored, silently: the mistake of binary masks saved as 0/255 with ``{"id": 255, ...}`` listed).
+
+    Args:
+        classes: ``[{"id", "name"}]`` (shape already checked).
+        ignore_index: The source's ignore value.
+        where: Names the table in the error (``'DIR/classes.json'``, a config field).
+
+    Raises:
+        UserError: naming both entries of a repeated id or name, or the class on the ignore value.
+    """
+    by_id: dict[int, int] = {}
+    by_name: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        cid, name = int(c["id"]), str(c["name"])
+        if cid in by_id:
+            j = by_id[cid]
+            raise UserError(f"{where}: classes[{i}] ('{name}') repeats the id {cid} of classes[{j}] "
+                            f"('{classes[j]['name']}'); a mask value can name one class only",
+                            fix="give each class its own id (its mask value)")
+        if name in by_name:
+            raise UserError(f"{where}: classes[{i}] (id {cid}) repeats the name '{name}' of classes[{by_name[name]}] "
+                            f"(id {classes[by_name[name]]['id']}); remaps and metrics name classes by name",
+                            fix="give each class its own name (or one id, if they are one class)")
+        if cid == ignore_index:
+            spare = next(v for v in (255, 254, 65535, 0) if v not in {int(c["id"]) for c in classes})
+            raise UserError(f"{where}: class '{name}' has the id {cid}, which is also the ignore_index: its pixels "
+                            "would all be ignored",
+                            fix=f"set \"ignore_index\" to a value no class uses (e.g. {spare}), or save that class "
+                                "with another mask value")
+        by_id[cid], by_name[name] = i, i
+
+
+def check_not_all_ignored(values: set[int], ignore_index: int, folder: Path) -> None:
+    """Masks read without a class table (their values are the class ids) whose only values are 0 and the ignore
+    value: every foreground pixel would be ignored, silently (binary masks saved as 0/255, the usual mistake).
+
+    Args:
+        values: Every value found in the folder's masks.
+        ignore_index: The ignore value the masks were read with.
+        folder: The labeled folder, for the message.
+
+    Raises:
+        UserError: naming the folder, the values and both fixes.
+    """
+    if ignore_index in values and values <= {0, ignore_index}:
+        raise UserError(f"the masks of '{folder}' hold only the values 0 and {ignore_index}, and {ignore_index} is "
+                        f"the ignore_index: every labeled pixel would be ignored (binary masks saved as "
+                        f"0/{ignore_index}?)",
+                        fix=f"save the foreground as its class id (1 for one class), or write {folder}/classes.json "
+                            f"with the classes and an \"ignore_index\" other than {ignore_index}, e.g. "
+                            f"{{\"classes\": [{{\"id\": 0, \"name\": \"background\"}}, {{\"id\": "
+                            f"{ignore_index}, \"name\": \"object\"}}], \"ignore_index\": "
+                            f"{254 if ignore_index == 255 else 255}}}")
 
 
 def _bad_class_table(classes: Any, data: Any) -> str | None:
