@@ -1,10 +1,12 @@
-"""Commands of the synthetic-data stage: ``render`` (a Dask pipeline), ``show``, ``stats`` and ``bench render``."""
+"""Commands of the synthetic-data stage: ``render`` (a Dask pipeline), ``show``, ``coco``, ``stats`` and
+``bench render``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from segfactory.cli.args import out_dir
@@ -47,6 +49,16 @@ def register(commands: Any, benches: Any) -> None:
                    help="with --beside: leave out real files whose name matches (e.g. '*bus*'); repeatable")
     p.add_argument("--tile", type=int, default=192, help="with --beside: tile size in pixels")
     p.set_defaults(func=cmd_show)
+
+    p = commands.add_parser(
+        "coco", help="one COCO instances file for a whole dataset (merged from its shards, ids numbered afresh)",
+        description="Merge the shards' coco.json into one COCO instances file (RLE masks of the thing classes) "
+                    "with unique image and annotation ids; file_name is relative to the dataset, so a COCO loader "
+                    "takes the dataset directory as its image root (detectron2: register_coco_instances(name, {}, "
+                    "FILE, DATASET)). Prints one JSON line.")
+    p.add_argument("dataset")
+    p.add_argument("--out", help="the file to write (default: DATASET/coco.json)")
+    p.set_defaults(func=cmd_coco)
 
     p = commands.add_parser("stats", help="print class pixel shares and instance counts")
     p.add_argument("dataset")
@@ -108,6 +120,30 @@ def cmd_show(args: argparse.Namespace) -> int:
         path = contact_sheet(ds, args.out or ds.root / "contact_sheet.png", args.frames)
     console.print(f"contact sheet: {path}")
     print(path)
+    return 0
+
+
+def cmd_coco(args: argparse.Namespace) -> int:
+    from segfactory.console import console
+    from segfactory.errors import UserError
+    from segfactory.formats.coco import dataset_coco
+    from segfactory.formats.dataset import hold_for_reading, open_dataset
+    from segfactory.io import atomic_write_json
+
+    hold_for_reading(args.dataset)  # before the listing: a refresh's prune deletes none of its shards meanwhile
+    ds = open_dataset(args.dataset)
+    if not ds.shard_ids:
+        raise UserError(f"dataset '{args.dataset}' has no finished shards yet", fix="run `segfactory render` first")
+    out = Path(args.out) if args.out else ds.root / "coco.json"
+    doc = dataset_coco(ds.root, ds.shard_ids, ds.classes, f"segfactory dataset {ds.root.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
+    cats = [c["name"] for c in doc["categories"]]
+    console.print(f"COCO instances of {len(doc['images'])} images from {len(ds.shard_ids)} shard(s): "
+                  f"{len(doc['annotations'])} annotations of {', '.join(cats) or 'no thing class'} -> {out} "
+                  f"(image root: {ds.root})", soft_wrap=True)
+    print(json.dumps({"coco": str(out), "image_root": str(ds.root), "images": len(doc["images"]),
+                      "annotations": len(doc["annotations"]), "categories": cats, "shards": len(ds.shard_ids)}))
     return 0
 
 

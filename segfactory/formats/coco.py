@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,3 +48,39 @@ def coco_document(images: list[dict[str, Any]], annotations: list[dict[str, Any]
         "annotations": annotations,
         "categories": [{"id": c["id"], "name": c["name"], "supercategory": "thing"} for c in classes if c["thing"]],
     }
+
+
+def dataset_coco(root: str | Path, shard_ids: list[str], classes: list[dict[str, Any]], description: str
+                 ) -> dict[str, Any]:
+    """One COCO instances document for a whole dataset, merged from its shards' ``coco.json``.
+
+    Image and annotation ids are numbered afresh over the shards in order (each shard's own file starts at 1);
+    ``file_name`` is the image's path relative to the dataset root (``shards/<shard>/rgb/<frame>.png``: pass the
+    dataset directory as the image root to a COCO loader); each image also records its ``shard`` and ``frame``.
+
+    Args:
+        root: The dataset directory.
+        shard_ids: The committed shards to merge (the dataset's listing), in order.
+        classes: The dataset's classes (``dataset.json``); the categories are its thing classes.
+        description: ``info.description``.
+
+    Returns:
+        The document, with ``info.shards`` naming the merged shards (a dataset that grew since needs a new file).
+    """
+    import json
+
+    root = Path(root)
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for sid in shard_ids:
+        doc = json.loads((root / "shards" / sid / "coco.json").read_text())
+        new_id: dict[int, int] = {}
+        for im in doc["images"]:
+            new_id[int(im["id"])] = len(images) + 1
+            images.append({**im, "id": len(images) + 1, "file_name": f"shards/{sid}/{im['file_name']}",
+                           "shard": sid})
+        for a in doc["annotations"]:
+            annotations.append({**a, "id": len(annotations) + 1, "image_id": new_id[int(a["image_id"])]})
+    out = coco_document(images, annotations, classes, description)
+    out["info"]["shards"] = list(shard_ids)
+    return out
