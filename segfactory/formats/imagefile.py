@@ -224,9 +224,8 @@ def _read_jpeg(path: Path, max_pixels: int) -> npt.NDArray[Any]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked from the header above
             with Image.open(path) as im:
                 im.load()
-                if im.mode not in ("L", "RGB"):
-                    im = im.convert("RGB")  # CMYK, YCbCr: as ingest converts them
-                arr: npt.NDArray[Any] = np.asarray(im)
+                # CMYK, YCbCr: converted as ingest converts them
+                arr: npt.NDArray[Any] = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image '{path}': truncated or corrupt JPEG ({e})",
                         fix="re-save or re-copy it, or remove it") from None
