@@ -326,6 +326,63 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
                  remap_flag: str | None = "--remap ") -> dict[str, Any]:
     """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
 
+    The outputs are written into a fresh attempt directory next to ``out_dir`` and renamed into place when
+    complete (:mod:`segfactory.io`'s commit protocol), so ``out_dir`` holds only this evaluation: a previous
+    evaluation there (a folder with ``metrics.json`` or ``evaluate.yaml``) is replaced as a whole, never mixed
+    with the new files; a failed evaluation leaves it as it was. See :func:`_evaluate_into` for the rest.
+
+    Raises:
+        UserError: ``out_dir`` is a non-empty folder that is not an evaluation (it would be replaced), and the
+            errors of :func:`_evaluate_into`.
+    """
+    import shutil
+
+    from segfactory.errors import UserError
+    from segfactory.io import (
+        commit_unit,
+        empty_trash,
+        ensure_writable_dir,
+        move_to_trash,
+        new_attempt_dir,
+        remove_stale_attempts,
+    )
+
+    final = Path(out_dir).absolute()
+    if final.exists() and not final.is_dir():
+        raise UserError(f"--out '{out_dir}' is a file", fix="pass a folder for the evaluation's outputs")
+    if final.is_dir() and any(final.iterdir()) and not any((final / f).exists() for f in EVALUATION_MARKS):
+        raise UserError(f"--out '{out_dir}' holds files that are not an evaluation (no metrics.json); the "
+                        "evaluation replaces its --out as a whole", fix="pass a new or empty folder")
+    parent = ensure_writable_dir(final.parent)
+    remove_stale_attempts(parent, final.name)
+    tmp = new_attempt_dir(parent, final.name)
+    try:
+        report = _evaluate_into(model_dir, data, tmp, device=device, tile=tile, overlap=overlap,
+                                batch_size=batch_size, show_progress=show_progress, baselines=baselines,
+                                overlays=overlays, tta=tta, scale=scale, workers=workers, min_object=min_object,
+                                data_field=data_field, remap_flag=remap_flag)
+        if final.exists():
+            move_to_trash(final)
+        commit_unit(tmp, final, mark="metrics.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    empty_trash(parent)
+    return report
+
+
+# What marks a folder as an evaluation's --out (replaced as a whole by the next evaluation into it).
+EVALUATION_MARKS = ("metrics.json", "evaluate.yaml")
+
+
+def _evaluate_into(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",
+                 tile: int | None = None, overlap: int | None = None, batch_size: int | None = None,
+                 show_progress: bool = True, baselines: str | list[str] | None = None,
+                 overlays: int = 4, tta: str = "none", scale: float | str | None = None,
+                 workers: int | None = None, min_object: float | None = None, data_field: str = "--data",
+                 remap_flag: str | None = "--remap ") -> dict[str, Any]:
+    """Evaluate a model dir on labeled sources and write ``metrics.json`` + confusion PNGs to ``out_dir``.
+
     Real labeled folders are also scored by :mod:`finetune.realeval`: the model next to the classic baselines
     (foreground IoU, instance F1, ...) in ``metrics.json``'s ``real`` section, ``real_scores.png`` and
     ``overlays/<source>/<stem>.png``; a model with an instance head adds the ``model_watershed`` row. Rendered
@@ -372,7 +429,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     from finetune.realeval import RealScorer, plot_real_scores
     from segfactory.console import console, progress
     from segfactory.errors import UserError
-    from segfactory.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+    from segfactory.io import atomic_write_bytes, atomic_write_json
     from segfactory.torchutil import amp_dtype, memory_hint, resolve_device
 
     if not data:
@@ -418,7 +475,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
     scorers = {src.name: RealScorer(spec, src, targets, baseline_names, overlays, Path(out_dir),
                                     meta["input"]["scaling"], watershed=watershed)
                for spec, src in zip(data, sources, strict=True) if src.kind == "real"}
-    out = ensure_writable_dir(out_dir)
+    out = Path(out_dir)  # a fresh attempt directory (run_evaluate commits it)
     cms: dict[str, np.ndarray] = {}
     synth_inst = {src.name: SyntheticInstances(src, targets, watershed) for src in sources
                   if src.kind == "synthetic"}
@@ -472,6 +529,7 @@ def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.Pat
             cms[src.name] = cm
     report = {"model": str(model_dir), "key": _evaluation_key(meta, Path(model_dir), data, tile, overlap, tta),
               "classes": targets.names, "tta": tta, "min_object": (meta.get("cleanup") or {}).get("min_object"),
+              "tile": tile, "overlap": overlap, "batch_size": batch_size,
               "input": {**{k: meta["input"].get(k) for k in ("scaling", "scale")},
                         "scale_mode": "per_image" if per_image_scales(meta) else "fixed",
                         **({"scales": {n: {"median": round(float(np.median(v)), 4),

@@ -11,6 +11,7 @@ to the stack's length). A model with an instance head (:mod:`finetune.instances`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -426,26 +427,57 @@ def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def list_images(input_path: str | os.PathLike) -> list[Path]:
+def list_images(input_path: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """Images directly inside the folder ``input_path``, sorted; or ``[input_path]`` when it is one image file.
 
+    Returns:
+        (the image files, notes: one per link to an image name whose target is missing, skipped as ``segfactory
+        ingest`` skips it).
+
     Raises:
-        UserError: missing path, a file that is not a JPEG/PNG/TIFF, or a folder without images.
+        UserError: missing path, a file that is not an image (:data:`IMAGE_SUFFIXES`), or a folder without images
+            (naming its subfolders that hold some: predict reads only the folder itself).
     """
     d = Path(input_path)
+    kinds = ", ".join(IMAGE_SUFFIXES)
     if d.is_file():
         if d.suffix.lower() not in IMAGE_SUFFIXES:
-            raise UserError(f"--input '{d}' is not an image file ({', '.join(IMAGE_SUFFIXES)})",
-                            fix="pass a JPEG/PNG/TIFF image or a folder of them")
-        return [d]
+            raise UserError(f"--input '{d}' is not an image file ({kinds})",
+                            fix="pass an image (PNG, JPEG, TIFF, WebP, BMP) or a folder of them")
+        return [d], []
+    if d.is_symlink() and d.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"--input '{d}' is a symbolic link whose target does not exist", fix="fix or remove the link")
     if not d.is_dir():
         raise UserError(f"--input '{d}' does not exist", fix="pass a folder of images or one image file")
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))
+    files: list[Path] = []
+    notes: list[str] = []
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and not p.exists():
+            notes.append(f"skipped '{p}': a symbolic link whose target does not exist")
     if not files:
-        raise UserError(f"input folder '{d}' holds no images ({', '.join(IMAGE_SUFFIXES)})",
-                        fix="point --input at a folder of JPEG/PNG/TIFF images")
-    return files
+        subs = _subfolders_with_images(d)
+        where = f"; its subfolder(s) {', '.join(s + '/' for s in subs)} hold images" if subs else ""
+        links = f" ({len(notes)} link(s) to missing files)" if notes else ""
+        raise UserError(f"input folder '{d}' holds no images ({kinds}){links}{where}",
+                        fix=(f"predict reads only the folder itself: pass --input {d / subs[0]}" if subs
+                             else "point --input at a folder of images (PNG, JPEG, TIFF, WebP, BMP)"))
+    return files, notes
+
+
+def _subfolders_with_images(d: Path, limit: int = 5) -> list[str]:
+    """Names of up to ``limit`` subfolders of ``d`` (at any depth, relative) that hold image files."""
+    found: list[str] = []
+    for root, dirs, names in os.walk(d):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        if Path(root) != d and any(Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".") for n in names):
+            found.append(Path(root).relative_to(d).as_posix())
+            if len(found) >= limit:
+                break
+    return found
 
 
 @dataclass(frozen=True)
@@ -509,13 +541,20 @@ def stacks_of(images: list[InputImage]) -> dict[str, int]:
     return stacks
 
 
+# Failures listed in the one-line error when no image could be predicted (the rest are counted).
+MAX_LISTED = 20
+
 # The folders predict writes images into, relative to --out: masks, instance masks, overlays.
 OUTPUT_IMAGE_DIRS = (".", "instances", "overlays")
 
 
-def resolve_input(value: str | os.PathLike) -> Path:
+def resolve_input(value: str | os.PathLike) -> tuple[Path, str | None]:
     """The folder (or image file) ``--input`` names: a path, or ``sample:NAME/SPLIT`` materialized
-    (:mod:`segfactory.sampledata`); of a split in the labeled layout (``eval``, ``labeled``) its ``images/``.
+    (:mod:`segfactory.sampledata`); of a folder in the labeled layout (``images/`` and ``masks/``, as a sample's
+    ``eval`` and ``labeled`` splits) its ``images/``.
+
+    Returns:
+        (the folder or file, a note when a labeled folder's ``images/`` is taken for a path the user gave).
 
     Raises:
         UserError: an unknown sample set or split, or a reference without a split.
@@ -523,9 +562,13 @@ def resolve_input(value: str | os.PathLike) -> Path:
     from segfactory.sampledata import is_sample_ref, resolve_path
 
     if not is_sample_ref(value):
-        return Path(value)
+        folder = Path(value)
+        if (folder / "images").is_dir() and (folder / "masks").is_dir():
+            return folder / "images", (f"--input '{folder}' is a labeled folder: predicting its images/ "
+                                       f"({folder / 'images'})")
+        return folder, None
     folder = resolve_path(value)
-    return folder / "images" if (folder / "images").is_dir() else folder
+    return (folder / "images" if (folder / "images").is_dir() else folder), None
 
 
 def check_input_not_output(input_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -581,7 +624,7 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     if instances not in ("auto", "on", "off"):
         raise UserError(f"instances='{instances}' is not auto, on or off", fix="pass --instances auto|on|off")
-    input_dir = resolve_input(input_dir)
+    input_dir, input_note = resolve_input(input_dir)
     check_input_not_output(input_dir, out_dir)
     meta0 = read_model_meta(model_dir)
     if instances == "on":
@@ -596,7 +639,14 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
 
     meta = with_min_object(meta, min_object)
     per_image = per_image_scales(meta)
-    images, failures = input_images(list_images(input_dir))
+    files, notes = list_images(input_dir)
+    notes = ([input_note] if input_note else []) + notes
+    from segfactory.console import console
+
+    for note in notes:
+        console.print(note, soft_wrap=True, markup=False)
+    images, failures = input_images(files)
+    out_existed = Path(out_dir).exists()
     out = ensure_writable_dir(out_dir)
     cl = dev.type == "cuda"
     if cl:
@@ -612,11 +662,11 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
         for im in images:
             try:
                 img = read_image(im.path, page=im.page or 0)
+                rule = resolve_scaling(img, meta["input"]["scaling"])
             except UserError as e:
                 failures[im.name] = e.message
                 bar.advance(task)
                 continue
-            rule = resolve_scaling(img, meta["input"]["scaling"])
             rules[rule] = rules.get(rule, 0) + 1
             f = image_scale(model, meta, img, dev, tile, overlap, batch_size, amp_dtype(dev), cl)
             if f is not None:
@@ -664,6 +714,17 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                           coco_document(coco_images, coco_anns, classes, f"segfactory predict {model_dir}"))
         summary["instances"] = {"objects": len(coco_anns), "coco": str(out / "instances.json"),
                                 "method": meta["instances"]["method"]}
+    if notes:
+        summary["notes"] = notes
+    if failures and not read:  # nothing predicted: a user error, as ingest's "every file was rejected"
+        if not out_existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when this run made it and wrote nothing into it
+        shown = list(failures.items())[:MAX_LISTED]
+        more = f"\n  ... and {len(failures) - len(shown)} more" if len(failures) > len(shown) else ""
+        raise UserError(f"none of {len(failures)} image(s) could be predicted:\n"
+                        + "\n".join(f"  {name}: {why}" for name, why in shown) + more,
+                        fix="check the files named above (convert or re-save them) and run again")
     if failures:
         summary["failures"] = failures
         total = read + len(failures)

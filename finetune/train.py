@@ -28,6 +28,7 @@ makes float results differ in the last bits.)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
@@ -86,9 +87,16 @@ def config_change(run_dir: Path, cfg: FinetuneConfig) -> str | None:
     if not saved_path.exists():
         return None
     import yaml
+    from pydantic import ValidationError
+
+    from segfactory.config import resolved_dump
 
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    return describe_change(strip_tracking(saved), strip_tracking(cfg.model_dump(mode="json")), ignore=RESUME_FREE_KEYS)
+    # paths compared absolute on both sides: config.yaml saves them so (older runs' relative ones resolve here);
+    # a saved config that no longer validates is compared as it is (describe_change names what differs)
+    with contextlib.suppress(ValidationError):
+        saved = resolved_dump(type(cfg).model_validate(saved))
+    return describe_change(strip_tracking(saved), strip_tracking(resolved_dump(cfg)), ignore=RESUME_FREE_KEYS)
 
 
 def check_distributed(cfg: FinetuneConfig, world_size: int) -> None:

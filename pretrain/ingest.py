@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from segfactory.errors import UserError
-from segfactory.formats.imagefile import apply_orientation, exif_orientation
+from segfactory.formats.imagefile import apply_orientation, exif_orientation, stretch_range
 from segfactory.formats.images import MANIFEST_FILE, UNCHANGED_KIND, ImageShardWriter, shards_dir
 from segfactory.io import is_committed, read_json, sha256_bytes
 
@@ -872,21 +872,16 @@ def to_uint8(arr: np.ndarray, low_pct: float, high_pct: float) -> tuple[np.ndarr
     """Map any bit depth to uint8; 8-bit input is returned unchanged.
 
     16-bit (and int/float) data is scaled robustly: the ``low_pct`` percentile maps to 0 and ``high_pct`` to
-    255 over all channels, so a few hot pixels do not squash the range (microscopy, scientific cameras).
+    255 over all channels, so a few hot pixels do not squash the range (microscopy, scientific cameras); the range
+    is :func:`segfactory.formats.imagefile.stretch_range`'s, the rule fine-tuning and prediction scale with.
 
     Returns:
         ``(image, [lo, hi])``; ``None`` instead of the range for 8-bit input.
     """
     if arr.dtype == np.uint8:
         return arr, None
-    # percentiles of a strided sample: exact enough, and O(1 M) instead of O(H * W) for huge scans
-    step = max(1, int(math.sqrt(arr.size / 1_000_000)))
-    sample = arr[::step, ::step].astype(np.float32)
-    if not np.isfinite(sample).all():
-        sample = np.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(v) for v in np.percentile(sample, [low_pct, high_pct]))
-    if hi <= lo:
-        hi = lo + 1.0
+    # the one stretch rule, shared with read_image's readers (fine-tuning, predict, evaluate)
+    lo, hi = stretch_range(arr, low_pct, high_pct)
     # in blocks of rows: a float32 copy of a whole 16-bit slice would be twice its size again
     out = np.empty(arr.shape, np.uint8)
     rows = max(1, (1 << 22) // max(1, arr[0].size))

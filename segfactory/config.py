@@ -295,8 +295,38 @@ def _generic_fix(field: str, etype: str, ctx: dict[str, Any]) -> str:
 
 
 def save_resolved(cfg: BaseModel, path: str | os.PathLike[str]) -> None:
-    """Write the fully resolved config (defaults filled in) as YAML next to an output."""
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write the fully resolved config (defaults filled in, paths absolute: :func:`resolved_dump`) as YAML next to
+    an output, so that it re-runs from any working directory."""
+    atomic_write_text(path, yaml.safe_dump(resolved_dump(cfg), sort_keys=False))
+
+
+def resolved_dump(cfg: BaseModel) -> dict[str, Any]:
+    """``cfg.model_dump(mode="json")`` with every relative ``Path`` field (data folders, encoder and model dirs)
+    made absolute against the working directory; references such as ``sample:NAME/SPLIT`` stay as they are.
+
+    Only what is *saved* changes: hashes and stage keys (:func:`hash_config`) are of the config as given."""
+    dumped: dict[str, Any] = _absolute_paths(cfg).model_dump(mode="json")
+    return dumped
+
+
+def _absolute_paths(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() or ":" in value.parts[0] else value.absolute()
+    if isinstance(value, BaseModel):
+        update = {}
+        for name in type(value).model_fields:
+            v = getattr(value, name)
+            new = _absolute_paths(v)
+            if new is not v:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
+    if isinstance(value, (list, tuple)):
+        items = [_absolute_paths(v) for v in value]
+        return type(value)(items) if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    if isinstance(value, dict):
+        out = {k: _absolute_paths(v) for k, v in value.items()}
+        return out if any(out[k] is not value[k] for k in value) else value
+    return value
 
 
 def hash_config(section: BaseModel | dict[str, Any], length: int = 16) -> str:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from segfactory.errors import UserError
+from segfactory.formats.imagefile import PERCENTILES, stretch_range
+
 # ITU-R BT.601 luma, the weights OpenCV and PIL use for RGB -> gray.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-
-# The percentiles `segfactory ingest` uses to bring 16-bit images to 8 bit for pretraining.
-PERCENTILES = (0.5, 99.5)
 
 
 def resolve_scaling(img: np.ndarray, scaling: str) -> str:
@@ -26,15 +26,20 @@ def resolve_scaling(img: np.ndarray, scaling: str) -> str:
     """
     if scaling == "auto":
         return "dtype" if img.dtype == np.uint8 else "percentile"
+    if scaling == "dtype" and img.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"input.scaling=dtype divides by the type's maximum, and {img.dtype} pixels (read from a "
+                        "signed, 32-bit or floating-point image) have none",
+                        fix="use a model trained with input.scaling=auto or percentile, or convert the image to "
+                            "8 or 16 bit")
     return scaling
 
 
 def image_range(img: np.ndarray, scaling: str = "minmax") -> tuple[float, float]:
-    """The (low, high) values that ``minmax`` / ``percentile`` scaling maps to 0 / 1, from the whole image."""
+    """The (low, high) values that ``minmax`` / ``percentile`` scaling maps to 0 / 1, from the whole image;
+    ``percentile`` is :func:`~segfactory.formats.imagefile.stretch_range`, the rule ``segfactory ingest`` applies."""
     scaling = resolve_scaling(img, scaling)
     if scaling == "percentile":
-        lo, hi = np.percentile(img, PERCENTILES)
-        return float(lo), float(hi)
+        return stretch_range(img, *PERCENTILES)
     return float(img.min()), float(img.max())
 
 
@@ -43,11 +48,12 @@ def to_unit(img: np.ndarray, in_chans: int, scaling: str = "dtype",
     """Scale an image to float32 in [0, 1] with the channel count the network expects.
 
     Args:
-        img: (H, W) or (H, W, 3), uint8 or uint16 (from :func:`read_image`, possibly cropped).
+        img: (H, W) or (H, W, 3), uint8, uint16 or float32 (from :func:`read_image`, possibly cropped).
         in_chans: 1 (RGB becomes BT.601 luma) or 3 (gray is repeated).
-        scaling: ``dtype`` divides by 255 / 65535; ``minmax`` stretches the image's min..max to 0..1;
-            ``percentile`` stretches its 0.5..99.5 percentiles to 0..1 and clips (as ``segfactory ingest`` does
-            for 16-bit images, so fine-tuning sees what the pretrained encoder saw); ``auto`` picks per image
+        scaling: ``dtype`` divides by 255 / 65535 (8- and 16-bit images only); ``minmax`` stretches the image's
+            min..max to 0..1; ``percentile`` stretches its 0.5..99.5 percentiles to 0..1 and clips (as
+            ``segfactory ingest`` does for every image deeper than 8 bit, so fine-tuning sees what the pretrained
+            encoder saw); ``auto`` picks per image
             (:func:`resolve_scaling`).
         value_range: (low, high) of the *whole* image for ``minmax``/``percentile`` (so crops scale like the
             full image); default computed from the given array.

@@ -49,6 +49,12 @@ def _save_args(path: Path, args: dict[str, Any]) -> None:
                                            sort_keys=False))
 
 
+def _absolute(value: str | Path) -> str:
+    """A path argument as the saved record holds it: absolute (re-runs from any directory); ``sample:`` kept."""
+    p = Path(value)
+    return str(value) if ":" in p.parts[0] else str(p.absolute())
+
+
 # ---------------------------------------------------------------------------------------------- finetune
 def _unlabeled_store(value: str | Path, field: str) -> str:
     """An ``--unlabeled`` / ``data.unlabeled`` entry as an ingest store: ``sample:NAME/unlabeled`` is materialized
@@ -118,7 +124,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if nproc > 1:  # this command again, as nproc ranks under torchrun; rank 0 prints the summary
         with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
             return relaunch_under_torchrun(nproc, sys.argv[1:])
-    summary = run_finetune(cfg, args.out, resume=args.resume)
+    from segfactory.cli.pretrain import no_empty_out_on_user_error
+
+    with no_empty_out_on_user_error(args.out):
+        summary = run_finetune(cfg, args.out, resume=args.resume)
     if summary:  # ranks other than 0 return none
         _emit(summary)
     return 0
@@ -161,7 +170,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = run_evaluate(args.model, specs, out, device=args.device, tile=args.tile, overlap=args.overlap,
                           batch_size=args.batch_size, baselines=args.baselines, overlays=args.overlays,
                           tta=args.tta, scale=args.scale, min_object=args.min_object)
-    _save_args(out / "evaluate.yaml", {k: v for k, v in vars(args).items() if k != "func"})
+    _save_args(out / "evaluate.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
+                                       "model": _absolute(args.model), "data": [_absolute(d) for d in args.data],
+                                       "out": _absolute(out), "tile": report["tile"], "overlap": report["overlap"],
+                                       "batch_size": report["batch_size"]})
     from rich.table import Table
 
     table = Table(title=f"evaluation of {args.model}")
@@ -239,6 +251,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         failed, summary = e, e.summary
     summary["model"] = args.model
     _save_args(Path(args.out) / "predict.yaml", {**{k: v for k, v in vars(args).items() if k != "func"},
+                                                 "model": _absolute(args.model), "input_path": _absolute(args.input),
+                                                 "out": _absolute(args.out),
                                                  "tile": summary["tile"], "overlap": summary["overlap"],
                                                  "input": summary["input"]})
     console.print(f"{summary['images']} mask(s) in {args.out} ({summary['seconds']:.1f} s on {summary['device']})")

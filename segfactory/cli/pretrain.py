@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from segfactory.cli.args import out_dir
 from segfactory.cli.lazyhelp import Names
+from segfactory.errors import EXIT_USER, UserError
 
 
 def _methods() -> list[str]:
@@ -144,6 +150,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def no_empty_out_on_user_error(out: str | os.PathLike[str]) -> Iterator[None]:
+    """On a user error (exit 2, nothing done) remove ``out`` when this invocation created it and wrote nothing but
+    hidden files (its run lock, a write probe) into it: a refused ``--images``/``--unlabeled`` leaves no empty
+    run dir behind. A dir that held anything before, or got a real output (logs, checkpoints), is kept."""
+    path = Path(out)
+    existed = path.exists() or path.is_symlink()
+    try:
+        yield
+    except UserError as e:
+        if not existed and e.exit_code == EXIT_USER and path.is_dir() and not any(
+                not f.startswith(".") for _root, _dirs, files in os.walk(path) for f in files):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pretrain.config import PretrainConfig
     from pretrain.train import run_pretrain
@@ -154,15 +176,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides, extra)
     nproc = _launch_processes(cfg)
     if nproc > 1:  # this command again, as nproc ranks under torchrun; they print the summary (rank 0)
-        from pathlib import Path
-
         from pretrain.train import lock_run_dir
         from segfactory.distributed import relaunch_under_torchrun
 
         with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
             return relaunch_under_torchrun(nproc, sys.argv[1:])
     resume = args.resume_from if args.resume_from is not None else ("last" if args.resume else None)
-    summary = run_pretrain(cfg, args.images, args.out, resume=resume, stop_after=args.stop_after)
+    with no_empty_out_on_user_error(args.out):
+        summary = run_pretrain(cfg, args.images, args.out, resume=resume, stop_after=args.stop_after)
     if summary:  # ranks other than 0 return none
         print(json.dumps(summary))
     return 0

@@ -1,7 +1,14 @@
 """Image files: the one reader of image and mask files (every format module and stage reads through it) and the
 one writer of label/frame PNGs.
 
-Two rules every reader of real images shares (``segfactory ingest`` decodes with the same helpers):
+The rules every reader of real images shares (``segfactory ingest`` decodes with the same helpers):
+
+- **Formats**: :data:`IMAGE_SUFFIXES` (PNG, JPEG, TIFF, WebP, BMP), the built-in formats ingest stores (it refuses
+  GIF). Every pixel type ingest takes is read: 8- and 16-bit as they are, a boolean TIFF as 0/255, every other
+  type (signed or 32-bit integers, floats) as float32 with non-finite values (NaN, inf) as 0.
+- **Value rule** (:func:`stretch_range`): 8-bit images are taken as they are; deeper images (every other pixel
+  type) get the percentile stretch, their 0.5..99.5 percentiles mapped to 0..1 (ingest: 0..255). Ingest stores
+  with it, fine-tuning's ``input.scaling=auto`` and prediction scale with it (``finetune.data.normalize``).
 
 - **Orientation**: a JPEG's EXIF orientation is applied, so an image is read upright, as viewers and labeling tools
   show it (its mask must be drawn on the upright image). Other formats' orientation tags are not applied.
@@ -16,6 +23,7 @@ OpenCV applies no colour management, so the pixels are the same, but its libpng 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -28,13 +36,22 @@ from PIL import Image
 
 from segfactory.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+"""The image files predict, evaluate and labeled folders read: ``segfactory ingest``'s built-in formats but GIF
+(which it refuses)."""
+PERCENTILES = (0.5, 99.5)
+"""The percentile stretch of images deeper than 8 bit: these percentiles map to 0 and 1 (ingest's defaults of
+``normalize.low_percentile`` / ``high_percentile``)."""
+STRETCH_SAMPLE = 1_000_000
+"""The percentiles are those of a strided sample of about this many pixels (exact below 4 M pixels)."""
 MAX_PIXELS = 178_956_970
 """Largest image (width x height) read: Pillow's decompression-bomb error threshold (2x ``MAX_IMAGE_PIXELS``)."""
 EXIF_ORIENTATION = 0x0112
 
 ImageArray = npt.NDArray[np.unsignedinteger[Any]]
-"""An image as read and written here: (H, W) gray or (H, W, 3) RGB, uint8 or uint16."""
+"""An image as written here: (H, W) gray or (H, W, 3) RGB, uint8 or uint16."""
+Pixels = npt.NDArray[Any]
+"""An image as :func:`read_image` returns it: (H, W) gray or (H, W, 3) RGB, uint8, uint16 or float32."""
 
 
 def exif_orientation(im: Image.Image) -> int:
@@ -189,8 +206,35 @@ def cv2_imread(path: str | os.PathLike[str], flags: int = cv2.IMREAD_UNCHANGED) 
     return cv2.imdecode(np.frombuffer(png_without_iccp(data), np.uint8), flags)
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, page: int = 0) -> ImageArray:
-    """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
+def _is_jpeg(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        return False  # the reader below reports it
+
+
+def _read_jpeg(path: Path, max_pixels: int) -> npt.NDArray[Any]:
+    """A JPEG's pixels, upright, decoded by Pillow as ``segfactory ingest`` decodes them (the same libjpeg-turbo
+    pixels as OpenCV's): a truncated file is refused with one line, instead of libjpeg's "Premature end of JPEG
+    file" on stderr and a grey bottom that OpenCV would return."""
+    _, _, orientation = _open_header(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked from the header above
+            with Image.open(path) as im:
+                im.load()
+                # CMYK, YCbCr: converted as ingest converts them
+                arr: npt.NDArray[Any] = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image '{path}': truncated or corrupt JPEG ({e})",
+                        fix="re-save or re-copy it, or remove it") from None
+    return apply_orientation(arr, orientation)
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, page: int = 0) -> Pixels:
+    """Read an image keeping bit depth: (H, W) gray or (H, W, 3) RGB, uint8 or uint16; every other pixel type
+    ``segfactory ingest`` takes as float32 (:func:`as_pixels`).
 
     Alpha channels are dropped; TIFFs are read with tifffile (one page: ``page``, the first by default; see
     :func:`image_pages`), everything else with OpenCV. A JPEG is returned upright (its EXIF orientation applied, as
@@ -218,6 +262,8 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, page:
             raise UserError(f"cannot read image '{path}': {e}", fix="re-save it as PNG, JPEG or TIFF") from None
         if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[2] not in (1, 3, 4):
             img = np.moveaxis(img, 0, -1)  # planar TIFF
+    elif _is_jpeg(path):
+        img = _read_jpeg(path, max_pixels)
     else:
         _, _, orientation = _open_header(path, max_pixels)
         img = cv2_imread(path)  # IMREAD_UNCHANGED ignores EXIF: applied below
@@ -236,9 +282,49 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, page:
             raise UserError(f"image '{path}' has {img.shape[2]} channels", fix="use gray or RGB images")
     if img.ndim not in (2, 3):
         raise UserError(f"image '{path}' has shape {img.shape}", fix="use 2-D gray or RGB images")
-    if img.dtype not in (np.uint8, np.uint16):
-        raise UserError(f"image '{path}' has pixel type {img.dtype}", fix="convert it to 8- or 16-bit integers")
-    return np.ascontiguousarray(img)
+    return as_pixels(img, path)
+
+
+def as_pixels(img: npt.NDArray[Any], path: str | os.PathLike[str] = "") -> Pixels:
+    """Decoded pixels in the types :func:`read_image` returns: uint8 and uint16 as they are, booleans as 0/255
+    uint8 (as ingest stores them), every other integer or float type as float32 with non-finite values as 0 (the
+    values ingest's percentile stretch sees).
+
+    Raises:
+        UserError: a pixel type that is not a number (complex, ...), naming the file.
+    """
+    if img.dtype in (np.uint8, np.uint16):
+        return np.ascontiguousarray(img)
+    if img.dtype == np.bool_:
+        return img.astype(np.uint8) * np.uint8(255)
+    if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
+        raise UserError(f"image '{path}' has pixel type {img.dtype}",
+                        fix="convert it to integers or real floating-point numbers")
+    out = img.astype(np.float32)
+    if not np.isfinite(out).all():
+        out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.ascontiguousarray(out)
+
+
+def stretch_range(img: npt.NDArray[Any], low_pct: float = PERCENTILES[0], high_pct: float = PERCENTILES[1]
+                  ) -> tuple[float, float]:
+    """The values the percentile stretch maps to 0 and 1: the one rule for images deeper than 8 bit, shared by
+    ``segfactory ingest`` (which stores them as 8 bit) and fine-tuning/prediction (``input.scaling=auto`` and
+    ``percentile``).
+
+    The ``low_pct`` and ``high_pct`` percentiles over all channels (of a strided sample of about
+    :data:`STRETCH_SAMPLE` pixels: exact for smaller images, and O(1 M) for huge scans), non-finite values taken
+    as 0; when they coincide (a nearly constant image with a few bright spots) the range is ``lo..lo + 1``, so
+    the spots stay visible instead of the whole image turning black.
+    """
+    step = max(1, int(math.sqrt(img.size / STRETCH_SAMPLE)))
+    sample = np.asarray(img[::step, ::step], dtype=np.float32)
+    if not np.isfinite(sample).all():
+        sample = np.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(v) for v in np.percentile(sample, [low_pct, high_pct]))
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
 
 
 def read_mask(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS
