@@ -68,6 +68,12 @@ class SourceSpec(StrictModel):
     ignore_index: int = Field(default=IGNORE_INDEX, ge=0, le=65535)
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_path_alone(cls, value: Any) -> Any:
+        """A bare path (``data.real=[DIR]``, as ``eval.real`` takes it) is the source ``{path: DIR}``."""
+        return {"path": value} if isinstance(value, str | Path) else value
+
 
 class DataConfig(StrictModel):
     """Training and validation data.

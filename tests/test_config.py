@@ -164,3 +164,15 @@ def test_shipped_finetune_configs_validate(name):
 
     cfg = load_config(FinetuneConfig, CONFIGS / f"{name}.yaml")
     assert cfg.augment.crop_size % 32 == 0 and cfg.train.steps > 0
+
+
+def test_a_data_source_may_be_a_bare_path_like_eval_real() -> None:
+    """`data.real=[DIR]` failed with "Input should be a valid dictionary or instance of SourceSpec"; `eval.real`
+    takes bare paths, so every data source list does: a bare path is `{path: DIR}`, the same config as spelled out."""
+    from finetune.config import FinetuneConfig
+
+    short = load_config(FinetuneConfig, CONFIGS / "finetune_tiny.yaml",
+                        ["data.real=[/data/a, {path: /data/b, weight: 2}]", "data.val=[/data/c]"])
+    long = load_config(FinetuneConfig, CONFIGS / "finetune_tiny.yaml",
+                       ["data.real=[{path: /data/a}, {path: /data/b, weight: 2}]", "data.val=[{path: /data/c}]"])
+    assert short.model_dump() == long.model_dump() and [s.weight for s in short.data.real] == [1.0, 2.0]
