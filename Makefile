@@ -30,17 +30,21 @@ quickstart: install
 	$(BIN)/segfactory run configs/quickstart.yaml --out runs/quickstart
 
 # Everything: the fast lane first (it fails fastest), then the Blender, SLURM and slow tests. .ci/services.sh starts
-# the single-node SLURM the SLURM tests run against (installs it first, needs root).
+# the single-node SLURM the SLURM tests run against (installs it first, needs root). The slow lane runs in one
+# process: its render-timeout and SLURM queue tests time real waits on the 2 cores (CI 2026-12-06: 25:50).
 test: install
 	$(MAKE) --no-print-directory test-fast
 	bash .ci/services.sh
 	$(BIN)/python -m pytest -q --durations=20 -m "render or slurm or slow"
 
-# The edit-test loop, under 2 minutes on 2 cores: lint (with the type checker), then every test that needs no
-# Blender render, no SLURM and is not slow (markers: pyproject.toml [tool.pytest.ini_options]). No root needed.
+# The edit-test loop: lint (with the type checker), then every test that needs no Blender render, no SLURM and is
+# not slow (markers: pyproject.toml [tool.pytest.ini_options]), on $(TEST_WORKERS) pytest-xdist workers; --dist
+# loadfile keeps each test file on one worker, so module-scoped fixtures are built once. No root needed.
+# TEST_WORKERS=0 runs it in one process (e.g. to debug with pdb).
+TEST_WORKERS ?= 2
 test-fast: install
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest -q -m "not render and not slurm and not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not render and not slurm and not slow"
 
 # ruff, the architecture's import contracts (pyproject.toml [tool.importlinter]: a new import that points the wrong
 # way fails here with the contract it breaks) and mypy --strict on the shared core and scenes/ ([tool.mypy]).

@@ -38,16 +38,19 @@ The CTC masks are automatic segmentations (``ERR_SEG``), and how the bacteria ma
 with the files, so scores against them measure agreement, not accuracy against ground truth.
 
 Folders are written to a temporary sibling and renamed into place after their manifest, so a folder with a
-``.manifest.json`` is complete; materializing again reuses it. The cache is ``$SEGFACTORY_DATA/samples`` when
-``SEGFACTORY_DATA`` is set, else ``$XDG_CACHE_HOME/segfactory/samples`` (default ``~/.cache/segfactory/samples``);
-``segfactory samples materialize NAME --out DIR`` writes anywhere else. In configs and on the command line,
-``sample:NAME/SPLIT`` (e.g. ``sample:ctc-hela/eval``) stands for the materialized folder.
+``.manifest.json`` is complete; materializing again reuses it. In the cache, a split is written by one process at
+a time (``.<set>-<key>.<split>.lock`` next to the set's folder, flock): another process waits, then reuses it. The
+cache is ``$SEGFACTORY_DATA/samples`` when ``SEGFACTORY_DATA`` is set, else ``$XDG_CACHE_HOME/segfactory/samples``
+(default ``~/.cache/segfactory/samples``); ``segfactory samples materialize NAME --out DIR`` writes anywhere
+else. In configs and on the command line, ``sample:NAME/SPLIT`` (e.g. ``sample:ctc-hela/eval``) stands for the
+materialized folder.
 
 This module is part of the core layer: NumPy, tifffile, Pillow and the standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -596,6 +599,19 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed; blocking) for the duration of the block."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def materialize(name: str, split: str | None = None, out: str | os.PathLike[str] | None = None) -> dict[str, Path]:
     """Write a sample set's splits as folders (or reuse them), deterministically and atomically.
 
@@ -625,32 +641,35 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
     result: dict[str, Path] = {}
     for s in [split] if split else [s for s in SPLITS if s in splits_of(sample)]:
         final = parent / s
-        man = read_manifest(final)
-        if man is not None and man.get("key") == key and man.get("sample_set") == sample.name:
-            result[s] = final
-            continue
-        if final.exists():
-            if out is not None and (man is not None or any(final.iterdir())):
-                raise UserError(f"'{final}' already holds other files (not sample set '{sample.name}/{s}' "
-                                f"{key})", fix="choose another --out, or remove that folder")
-            remove_tree(final)  # a leftover in the cache (or an empty folder): ours to replace
-        tmp = parent / f".{s}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-            if isinstance(sample, StreetSet):
-                _write_street_split(sample, s, tmp, key)
-            elif isinstance(sample, LabelmeSet):
-                _write_labelme_split(sample, tmp, key)
-            else:
-                _write_split(sample, s, tmp, key, version)
+        # One writer per split of the shared cache at a time (processes of a LocalCluster, parallel test workers):
+        # without the lock a process that found no manifest could remove the folder another had just committed.
+        with _cache_lock(parent.parent / f".{parent.name}.{s}.lock") if out is None else contextlib.nullcontext():
+            man = read_manifest(final)
+            if man is not None and man.get("key") == key and man.get("sample_set") == sample.name:
+                result[s] = final
+                continue
+            if final.exists():
+                if out is not None and (man is not None or any(final.iterdir())):
+                    raise UserError(f"'{final}' already holds other files (not sample set '{sample.name}/{s}' "
+                                    f"{key})", fix="choose another --out, or remove that folder")
+                remove_tree(final)  # a leftover in the cache (or an empty folder): ours to replace
+            tmp = parent / f".{s}.tmp-{uuid.uuid4().hex[:8]}"
             try:
-                commit_dir(tmp, final)
-            except OSError:
-                # Another process committed the same split first: use its copy when it is complete.
-                if (read_manifest(final) or {}).get("key") != key:
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                if isinstance(sample, StreetSet):
+                    _write_street_split(sample, s, tmp, key)
+                elif isinstance(sample, LabelmeSet):
+                    _write_labelme_split(sample, tmp, key)
+                else:
+                    _write_split(sample, s, tmp, key, version)
+                try:
+                    commit_dir(tmp, final)
+                except OSError:
+                    # Another process committed the same split first: use its copy when it is complete.
+                    if (read_manifest(final) or {}).get("key") != key:
+                        raise
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
         result[s] = final
     return result

