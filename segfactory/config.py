@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -107,13 +108,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node = data
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         child = node.get(k)
         if child is None:
             child = node[k] = {}
         if not isinstance(child, dict):
-            raise UserError(f"override '{'.'.join(keys)}' goes inside '{k}', which is a value, not a section",
-                            fix=f"set {k} itself, e.g. {k}=...")
+            full = ".".join(keys[:i + 1])  # the value's whole key, as an override spells it
+            raise UserError(f"override '{'.'.join(keys)}' goes inside '{full}', which is a value, not a section",
+                            fix=f"set {full} itself, e.g. {full}=...")
         node = child
     node[keys[-1]] = value
 
@@ -195,19 +197,23 @@ def load_config(model: type[M], path: str | os.PathLike[str] | None = None, over
         UserError: naming the field, the bad value and the fix.
     """
     data = read_config(path) if path is not None else {}
+    overridden: list[str] = []
     for item in overrides or []:
         keys, value = parse_override(item)
         if keys[-1] == EXTENDS:
             raise UserError(f"override '{item}': `{EXTENDS}` is read from config files only",
                             fix=f"put `{EXTENDS}: [...]` in the YAML file, or pass the base file as the config")
         set_dotted(data, keys, value)
+        overridden.append(".".join(keys))
     for dotted, value in (extra or {}).items():
         if value is not None:
             set_dotted(data, dotted.split("."), value)
+            overridden.append(dotted)
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise validation_error_to_user_error(e, model, source=str(path) if path else "config") from None
+        raise validation_error_to_user_error(e, model, source=str(path) if path else "config",
+                                             overridden=overridden) from None
 
 
 def validate_section(model: type[M], data: Any) -> M:
@@ -243,8 +249,10 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def validation_error_to_user_error(err: ValidationError, model: type[BaseModel], source: str,
-                                   prefix: str = "") -> UserError:
-    """Turn the first pydantic error into a UserError naming the field (``prefix.field``), value and fix."""
+                                   prefix: str = "", overridden: Sequence[str] = ()) -> UserError:
+    """Turn the first pydantic error into a UserError naming the field (``prefix.field``), value and fix; the
+    error names ``source`` (the config file), or "override" when the field (or a section above it) was set by a
+    ``key=value`` override or a flag (``overridden``: their dotted keys)."""
     first = err.errors()[0]
     count = err.error_count()
     loc = _clean_loc(first["loc"])
@@ -258,6 +266,8 @@ def validation_error_to_user_error(err: ValidationError, model: type[BaseModel],
         rel = _clean_loc(first["loc"])
         loc = (*loc, *rel)
     field = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "<top level>"
+    if any(field == k or field.startswith(f"{k}.") for k in overridden):
+        source = "override"  # the command line set it, not the file
     etype = first["type"]
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")

@@ -176,3 +176,22 @@ def test_a_data_source_may_be_a_bare_path_like_eval_real() -> None:
     long = load_config(FinetuneConfig, CONFIGS / "finetune_tiny.yaml",
                        ["data.real=[{path: /data/a}, {path: /data/b, weight: 2}]", "data.val=[{path: /data/c}]"])
     assert short.model_dump() == long.model_dump() and [s.weight for s in short.data.real] == [1.0, 2.0]
+
+
+def test_an_error_names_the_override_or_the_file_that_set_the_value(tmp_path: Path) -> None:
+    """A bad `key=value` override was reported as the YAML file's ("finetune_tiny.yaml: train.steps='abc'"), and a
+    key set inside a value named only its last part as the fix ("set arch itself", not model.arch)."""
+    from finetune.config import FinetuneConfig
+
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, CONFIGS / "finetune_tiny.yaml", ["train.steps=abc"])
+    assert e.value.message.startswith("override: train.steps='abc' is invalid")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: finetune_tiny.yaml\ntrain: {steps: abc}\n".replace("finetune_tiny.yaml",
+                                                                           str(CONFIGS / "finetune_tiny.yaml")))
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, bad, ["train.lr=0.1"])
+    assert e.value.message.startswith(f"{bad}: train.steps='abc' is invalid")  # the file's value, not the override's
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, CONFIGS / "finetune_tiny.yaml", ["model.arch.x=1"])
+    assert "goes inside 'model.arch', which is a value" in e.value.message and e.value.fix.startswith("set model.arch ")

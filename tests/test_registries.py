@@ -154,5 +154,5 @@ def test_registry_validator_in_a_config():
     assert load_config(Paint, None, ["color=blue"]).color == "blue"
     with pytest.raises(UserError) as e:
         load_config(Paint, None, ["color=gren"])
-    assert e.value.message == "config: color='gren' is invalid: unknown color 'gren'; did you mean 'green'?"
+    assert e.value.message == "override: color='gren' is invalid: unknown color 'gren'; did you mean 'green'?"
     assert e.value.fix == "use one of: blue, green, red"
