@@ -193,8 +193,10 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
     for it in items:
         check_one_frame(it)
         mask = read_mask(it.mask)
-        if implicit_ignore is not None:
-            values.update(int(v) for v in np.unique(mask))
+        if implicit_ignore is not None and values <= {0, implicit_ignore}:  # until another value shows up
+            found = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 \
+                else np.unique(mask)
+            values.update(int(v) for v in found)
         size = image_size(it.image)  # upright, as read_image reads it (EXIF orientation), bomb-checked
         if tuple(size) != (mask.shape[1], mask.shape[0]):
             raise UserError(f"image '{it.image}' is {size[0]}x{size[1]} but its mask '{it.mask}' is "
