@@ -406,7 +406,7 @@ def record_last_refresh(root: Path, release: dict[str, Any], latest: str, *, pub
     atomic_write_json(root / LAST_REFRESH, {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"), "published": published,
         "latest_release": latest, "seconds": round(seconds, 1), "code_version": segfactory.code_version(),
-        "run": {k: release.get(k) for k in RUN_KEYS}})
+        "run": {k: release[k] for k in RUN_KEYS if k in release}})  # no model without train.enabled
 
 
 def grown_scenes(cfg: RefreshConfig, render_cfg: RenderStep, config_hash: str,
