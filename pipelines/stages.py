@@ -14,7 +14,6 @@ the training from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import sys
@@ -43,6 +42,7 @@ from segfactory.io import (
     is_committed,
     new_attempt_dir,
     read_json,
+    waiting_lock,
 )
 from segfactory.tracking import strip_tracking
 from synth.shard import RENDER_PACKAGES
@@ -283,12 +283,8 @@ def _stage_lock(final: Path) -> Iterator[int]:
     every process holding the descriptor has exited). The task hands it down to its stage process, so a retry
     after a lost worker waits until the killed attempt's stage process (which outlives its worker by a step, to
     write a checkpoint) has exited, and then resumes from that checkpoint."""
-    fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with waiting_lock(final.parent / f".{final.name}.lock") as fd:
         yield fd
-    finally:
-        os.close(fd)
 
 
 def stage_env(threads: int) -> dict[str, str]:

@@ -319,9 +319,17 @@ def resolved_dump(cfg: BaseModel) -> dict[str, Any]:
     return dumped
 
 
+def absolute_path(value: str | os.PathLike[str]) -> Path:
+    """A path as saved records hold it: absolute against the working directory (a re-run from anywhere finds it);
+    a reference such as ``sample:NAME/SPLIT`` or ``skimage:data`` as it is."""
+    p = Path(value)
+    return p if p.is_absolute() or (p.parts and ":" in p.parts[0]) else p.absolute()
+
+
 def _absolute_paths(value: Any) -> Any:
     if isinstance(value, Path):
-        return value if value.is_absolute() or ":" in value.parts[0] else value.absolute()
+        new = absolute_path(value)
+        return value if new == value else new
     if isinstance(value, BaseModel):
         update = {}
         for name in type(value).model_fields:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +289,22 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
             fix="choose another --out or fix its permissions",
         ) from None
     return path
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed), waiting as long as another process holds it,
+    and yield its file descriptor (a caller may hand it down to a child process, which then holds it too).
+
+    For one writer at a time where waiting is the right answer (a pipeline stage's attempts, the sample cache's
+    splits); :func:`segfactory.lock.exclusive_lock` is the one that refuses at once with exit code 4. Standard
+    library only (the sample cache uses it without the CLI's packages).
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the flock (once every process holding the descriptor has closed it)

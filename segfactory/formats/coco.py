@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from pycocotools import mask as mask_utils
+
+if TYPE_CHECKING:
+    from segfactory.formats.dataset import Dataset
 
 
 def frame_annotations(instance: npt.NDArray[np.uint16], semantic: npt.NDArray[np.uint8], image_id: int,
@@ -50,37 +52,31 @@ def coco_document(images: list[dict[str, Any]], annotations: list[dict[str, Any]
     }
 
 
-def dataset_coco(root: str | Path, shard_ids: list[str], classes: list[dict[str, Any]], description: str
-                 ) -> dict[str, Any]:
-    """One COCO instances document for a whole dataset, merged from its shards' ``coco.json``.
+def dataset_coco(ds: Dataset, description: str) -> dict[str, Any]:
+    """One COCO instances document for a whole dataset, merged from its committed shards' ``coco.json``.
 
     Image and annotation ids are numbered afresh over the shards in order (each shard's own file starts at 1);
     ``file_name`` is the image's path relative to the dataset root (``shards/<shard>/rgb/<frame>.png``: pass the
     dataset directory as the image root to a COCO loader); each image also records its ``shard`` and ``frame``.
-
-    Args:
-        root: The dataset directory.
-        shard_ids: The committed shards to merge (the dataset's listing), in order.
-        classes: The dataset's classes (``dataset.json``); the categories are its thing classes.
-        description: ``info.description``.
+    The categories are the dataset's thing classes.
 
     Returns:
         The document, with ``info.shards`` naming the merged shards (a dataset that grew since needs a new file).
     """
-    import json
+    from segfactory.io import read_json
 
-    root = Path(root)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for sid in shard_ids:
-        doc = json.loads((root / "shards" / sid / "coco.json").read_text())
+    for sid in ds.shard_ids:
+        folder = ds.shard_dir(sid)
+        doc = read_json(folder / "coco.json")
+        prefix = folder.relative_to(ds.root).as_posix()
         new_id: dict[int, int] = {}
         for im in doc["images"]:
             new_id[int(im["id"])] = len(images) + 1
-            images.append({**im, "id": len(images) + 1, "file_name": f"shards/{sid}/{im['file_name']}",
-                           "shard": sid})
+            images.append({**im, "id": len(images) + 1, "file_name": f"{prefix}/{im['file_name']}", "shard": sid})
         for a in doc["annotations"]:
             annotations.append({**a, "id": len(annotations) + 1, "image_id": new_id[int(a["image_id"])]})
-    out = coco_document(images, annotations, classes, description)
-    out["info"]["shards"] = list(shard_ids)
+    out = coco_document(images, annotations, ds.classes, description)
+    out["info"]["shards"] = list(ds.shard_ids)
     return out

@@ -171,7 +171,8 @@ def check_class_table(classes: list[dict[str, Any]], ignore_index: int, where: s
                             f"(id {classes[by_name[name]]['id']}); remaps and metrics name classes by name",
                             fix="give each class its own name (or one id, if they are one class)")
         if cid == ignore_index:
-            spare = next(v for v in (255, 254, 65535, 0) if v not in {int(c["id"]) for c in classes})
+            used = {int(c["id"]) for c in classes}
+            spare = next((v for v in (255, 254, 65535, 0) if v not in used), max(used) + 1)
             raise UserError(f"{where}: class '{name}' has the id {cid}, which is also the ignore_index: its pixels "
                             "would all be ignored",
                             fix=f"set \"ignore_index\" to a value no class uses (e.g. {spare}), or save that class "
