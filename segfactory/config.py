@@ -107,17 +107,53 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = data
-    for i, k in enumerate(keys[:-1]):
-        child = node.get(k)
-        if child is None:
-            child = node[k] = {}
-        if not isinstance(child, dict):
+    """Set the value at a dotted key (``train.lr``), making the missing sections; a whole-number key inside a list
+    is an index (``data.real.0.path``: the first entry of ``data.real``).
+
+    Raises:
+        UserError: a key inside a value, a key into a list that is not an index, or an index out of range (naming
+            the list's length).
+    """
+    node: dict[str, Any] | list[Any] = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            j = _list_index(node, keys, i)
+            if last:
+                node[j] = value
+                return
+            if node[j] is None:
+                node[j] = {}
+            child = node[j]
+        else:
+            if last:
+                node[k] = value
+                return
+            if node.get(k) is None:
+                node[k] = {}
+            child = node[k]
+        if not isinstance(child, dict | list):
             full = ".".join(keys[:i + 1])  # the value's whole key, as an override spells it
             raise UserError(f"override '{'.'.join(keys)}' goes inside '{full}', which is a value, not a section",
                             fix=f"set {full} itself, e.g. {full}=...")
         node = child
-    node[keys[-1]] = value
+
+
+def _list_index(items: list[Any], keys: list[str], i: int) -> int:
+    """``keys[i]`` of an override as an index into ``items``, the list at ``keys[:i]``."""
+    where, dotted, n = ".".join(keys[:i]), ".".join(keys), len(items)
+    whole = f"set the whole list, e.g. {where}=[...]"
+    if not keys[i].isdigit():
+        example = ".".join([where, "0", *keys[i:]])
+        raise UserError(f"override '{dotted}': '{where}' is a list, and '{keys[i]}' is not an index of it",
+                        fix=f"address an entry by its index (0..{n - 1}), e.g. {example}=..." if n else
+                        f"the list is empty: {whole}")
+    index = int(keys[i])
+    if index >= n:
+        raise UserError(f"override '{dotted}': index {index} is out of range: '{where}' has {n} "
+                        f"entr{'y' if n == 1 else 'ies'}",
+                        fix=f"use an index in 0..{n - 1}, or {whole}" if n else whole)
+    return index
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -266,8 +302,9 @@ def validation_error_to_user_error(err: ValidationError, model: type[BaseModel],
         rel = _clean_loc(first["loc"])
         loc = (*loc, *rel)
     field = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "<top level>"
-    if any(field == k or field.startswith(f"{k}.") for k in overridden):
-        source = "override"  # the command line set it, not the file
+    if any(field == k or field.startswith(f"{k}.") for k in overridden) or \
+            (isinstance(first.get("input"), dict) and any(k.startswith(f"{field}.") for k in overridden)):
+        source = "override"  # the command line set it (or made the section it is in, a.b=... for a missing a)
     etype = first["type"]
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
@@ -278,6 +315,10 @@ def validation_error_to_user_error(err: ValidationError, model: type[BaseModel],
         hint = f"did you mean '{field.rsplit('.', 1)[0] + '.' if '.' in field else ''}{close[0]}'? " if close else ""
         fix = f"{hint}valid keys here: {', '.join(known)}" if known else "remove it"
         return UserError(f"{source}: unknown config key '{field}'{more}", fix=fix)
+    if etype == "list_type" and isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+        # `a.0.b=...` where the file sets no list `a`: the override made a section of index keys
+        return UserError(f"{source}: {field} is not set, so {field}.{next(iter(value))} indexes no entry{more}",
+                         fix=f"set the whole list, e.g. {field}=[...]")
     if etype == "missing":
         return UserError(f"{source}: required config key '{field}' is missing{more}", fix=f"set {field}=...")
     shown = repr(value) if not isinstance(value, dict) else "{...}"

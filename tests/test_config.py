@@ -195,3 +195,30 @@ def test_an_error_names_the_override_or_the_file_that_set_the_value(tmp_path: Pa
     with pytest.raises(UserError) as e:
         load_config(FinetuneConfig, CONFIGS / "finetune_tiny.yaml", ["model.arch.x=1"])
     assert "goes inside 'model.arch', which is a value" in e.value.message and e.value.fix.startswith("set model.arch ")
+
+
+def test_overrides_index_into_lists_and_name_the_length_out_of_range(tmp_path: Path) -> None:
+    """`data.real.0.path=DIR` was refused ("'data.real' ... is a value, not a section"), though the missing-path
+    error's own fix said to set it: a whole-number key inside a list is now an index."""
+    from finetune.config import FinetuneConfig
+
+    cfg_file = tmp_path / "two.yaml"
+    cfg_file.write_text(f"extends: {CONFIGS / 'finetune_tiny.yaml'}\n"
+                        "data:\n  real: [{remap: {nucleus: cell}}, /data/b]\n")
+    cfg = load_config(FinetuneConfig, cfg_file, ["data.real.0.path=/data/a", "data.real.0.weight=2",
+                                                 "data.real.1={path: /data/c, fraction: 0.5}"])
+    assert [(str(s.path), s.weight, s.remap, s.fraction) for s in cfg.data.real] == \
+        [("/data/a", 2.0, {"nucleus": "cell"}, 1.0), ("/data/c", 1.0, {}, 0.5)]
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, cfg_file, ["data.real.0.path=/data/a", "data.real.2.path=/data/x"])
+    assert e.value.message == "override 'data.real.2.path': index 2 is out of range: 'data.real' has 2 entries"
+    assert e.value.fix == "use an index in 0..1, or set the whole list, e.g. data.real=[...]"
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, cfg_file, ["data.real.path=/data/a"])
+    assert "'data.real' is a list, and 'path' is not an index of it" in e.value.message
+    assert e.value.fix == "address an entry by its index (0..1), e.g. data.real.0.path=..."
+    with pytest.raises(UserError) as e:  # no list to index: the file sets no data.val
+        load_config(FinetuneConfig, cfg_file, ["data.real.0.path=/data/a", "data.val.0.path=/data/v"])
+    assert e.value.message == "override: data.val is not set, so data.val.0 indexes no entry"
+    assert e.value.fix == "set the whole list, e.g. data.val=[...]"
+
