@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.config import FinetuneConfig, SweepConfig, apply_data_flags, with_paths
+from finetune.config import FinetuneConfig, SweepConfig, apply_data_flags
 from segfactory.console import console
 from segfactory.errors import UserError
 from segfactory.plotting import figure_png
@@ -54,12 +54,13 @@ def load_sweep_config(path: str | None, overrides: list[str] | None, *, syntheti
     from finetune.evaluate import resolve_labeled_specs
     from segfactory.config import load_config
 
-    cfg = load_config(SweepConfig, path, overrides)
-    ft = apply_data_flags(cfg.finetune, synthetic, real, encoder, None, steps)
+    cfg = load_config(SweepConfig, path, overrides, paths={"finetune.data.synthetic": synthetic,
+                                                           "finetune.data.real": real, "test": test})
+    ft = apply_data_flags(cfg.finetune, None, None, encoder, None, steps)
     ft = ft.model_copy(update={"data": ft.data.model_copy(update={
         "real": resolve_labeled_specs(ft.data.real, "--real" if real else "finetune.data.real"),
         "val": resolve_labeled_specs(ft.data.val, "finetune.data.val")})})
-    tests = resolve_labeled_specs(with_paths(cfg.test, test), "--test" if test else "test")
+    tests = resolve_labeled_specs(cfg.test, "--test" if test else "test")
     return cfg.model_copy(update={"finetune": ft, "test": tests})
 
 

@@ -156,6 +156,30 @@ def _list_index(items: list[Any], keys: list[str], i: int) -> int:
     return index
 
 
+def fill_paths(data: dict[str, Any], dotted: str, paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Give the entries of the list at ``dotted`` the ``paths`` of a repeatable flag (``--real DIR``), in order:
+    path N replaces the ``path`` of entry N, or fills it when the entry has none (an entry of only a ``remap``
+    waits for its folder), keeping the entry's other keys; entries beyond the paths are dropped, paths beyond the
+    entries become ``{path: P}`` entries. A bare-path entry (``real: [DIR]``) is replaced.
+
+    Returns:
+        The dotted keys set (``data.real.0.path``, ...), for naming the flag in errors.
+    """
+    keys = dotted.split(".")
+    node: Any = data
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    if node is not None and not isinstance(node, list):
+        return []  # not a list (a bad override or file): validation names it, with its source
+    entries = node or []
+    out: list[Any] = []
+    for i, p in enumerate(paths):
+        entry = entries[i] if i < len(entries) else None
+        out.append({**entry, "path": str(p)} if isinstance(entry, dict) else {"path": str(p)})
+    set_dotted(data, keys, out)
+    return [f"{dotted}.{i}.path" for i in range(len(out))]
+
+
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a config file with the files it ``extends`` merged in (bases first, in order, then the file).
 
@@ -214,17 +238,22 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(model: type[M], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> M:
+                extra: dict[str, Any] | None = None,
+                paths: dict[str, Sequence[str | os.PathLike[str]] | None] | None = None) -> M:
     """Load and validate a config.
 
     Precedence, lowest first: the model's defaults, the files ``path`` extends (in order), ``path`` itself,
-    ``overrides``, ``extra``.
+    ``overrides``, ``extra``, ``paths``.
 
     Args:
         model: The pydantic model of the config.
         path: YAML file; ``None`` starts from the model's defaults.
         overrides: ``key=value`` strings applied in order after the file.
         extra: Already-parsed overrides (from dedicated CLI flags) as ``{"a.b": value}``; applied last.
+        paths: Repeatable path flags of lists of sources, as ``{"data.real": [DIR, ...]}`` (``--real DIR``):
+            they give the list's entries their paths in order (:func:`fill_paths`), before validation, so an entry
+            with settings but no path (``real: [{remap: {...}}]``) takes its path from the flag. ``None`` or an
+            empty list leaves the list as it is.
 
     Returns:
         The validated config.
@@ -233,6 +262,11 @@ def load_config(model: type[M], path: str | os.PathLike[str] | None = None, over
         UserError: naming the field, the bad value and the fix.
     """
     data = read_config(path) if path is not None else {}
+    path_flags = {dotted: given for dotted, given in (paths or {}).items() if given}
+    for dotted, given in path_flags.items():
+        # first, so that an override can address the entries the flags make (`--real DIR data.real.0.remap=...`);
+        # again below, so that the flags' paths win over the overrides'
+        fill_paths(data, dotted, given)
     overridden: list[str] = []
     for item in overrides or []:
         keys, value = parse_override(item)
@@ -245,6 +279,8 @@ def load_config(model: type[M], path: str | os.PathLike[str] | None = None, over
         if value is not None:
             set_dotted(data, dotted.split("."), value)
             overridden.append(dotted)
+    for dotted, given in path_flags.items():
+        overridden += fill_paths(data, dotted, given)
     try:
         return model.model_validate(data)
     except ValidationError as e:

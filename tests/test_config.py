@@ -222,3 +222,19 @@ def test_overrides_index_into_lists_and_name_the_length_out_of_range(tmp_path: P
     assert e.value.message == "override: data.val is not set, so data.val.0 indexes no entry"
     assert e.value.fix == "set the whole list, e.g. data.val=[...]"
 
+
+def test_path_flags_fill_entries_that_have_settings_but_no_path(tmp_path: Path) -> None:
+    """`data.real: [{remap: ...}]` with `--real DIR` failed validation ("data.real.0.path is missing") before the
+    flag was applied: the flags now give the entries their paths before validation, keeping their settings."""
+    from finetune.config import FinetuneConfig
+
+    cfg_file = tmp_path / "remap_only.yaml"
+    cfg_file.write_text(f"extends: {CONFIGS / 'finetune_tiny.yaml'}\n"
+                        "data:\n  real: [{remap: {nucleus: cell}, weight: 3}]\n")
+    cfg = load_config(FinetuneConfig, cfg_file, ["data.real.0.path=/data/override", "data.real.1.weight=2"],
+                      paths={"data.real": ["/data/a", "/data/b"], "data.synthetic": None})
+    assert [(str(s.path), s.weight, s.remap) for s in cfg.data.real] == \
+        [("/data/a", 3.0, {"nucleus": "cell"}), ("/data/b", 2.0, {})]  # the flags' paths win over overrides
+    with pytest.raises(UserError) as e:  # an entry the flags do not make
+        load_config(FinetuneConfig, cfg_file, ["data.real.1.weight=2"], paths={"data.real": ["/data/a"]})
+    assert e.value.message == "override 'data.real.1.weight': index 1 is out of range: 'data.real' has 1 entry"

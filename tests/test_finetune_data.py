@@ -252,3 +252,21 @@ def test_sampler_resume_replays_the_same_batches_and_covers_every_item() -> None
     assert sorted(src0[:5]) == list(range(5)) and sorted(src0[5:10]) == list(range(5))  # epoch = permutation
     other = list(MixedBatchSampler(sizes, weights, 4, 8, 0, 10))
     assert other != full
+
+
+def test_real_flag_fills_a_config_entry_with_a_remap_but_no_path(tmp_path: Path, coins_dir: Path) -> None:
+    """`data.real: [{remap: {...}}]` + `segfactory finetune ... --real DIR` failed with "data.real.0.path is
+    missing": the flag now gives that entry its folder and the entry keeps its remap and weight."""
+    import yaml
+
+    from segfactory.cli import main
+
+    cfg = tmp_path / "remap_only.yaml"
+    cfg.write_text(yaml.safe_dump({"extends": str(Path(__file__).resolve().parent.parent / "configs" /
+                                                  "finetune_tiny.yaml"),
+                                   "classes": CELLS, "data": {"real": [{"remap": {"coin": "nucleus"}, "weight": 2}],
+                                                              "val_fraction": 0}}))
+    out = tmp_path / "run"
+    assert main(["finetune", str(cfg), "--real", str(coins_dir), "--out", str(out), "--steps", "1"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]["real"]
+    assert [(e["path"], e["remap"], e["weight"]) for e in saved] == [(str(coins_dir), {"coin": "nucleus"}, 2.0)]

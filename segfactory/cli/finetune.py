@@ -99,7 +99,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.train import run_finetune
     from segfactory.config import load_config
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    # --synthetic/--real fill the config's entries before validation: an entry with a remap but no path takes its
+    # folder from the flag
+    cfg = load_config(FinetuneConfig, args.config, args.overrides,
+                      paths={"data.synthetic": args.synthetic, "data.real": args.real})
     if args.encoder is not None:
         from segfactory.console import console
         from segfactory.formats.locate import resolve_encoder_dir
@@ -108,7 +111,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if note:
             console.print(note)
         args.encoder = str(enc_dir)
-    cfg = apply_data_flags(cfg, args.synthetic, args.real, args.encoder, args.arch, args.steps, args.unlabeled)
+    cfg = apply_data_flags(cfg, None, None, args.encoder, args.arch, args.steps, args.unlabeled)
     if any(str(p).startswith("sample:") for p in cfg.data.unlabeled):
         field = "--unlabeled" if args.unlabeled else "data.unlabeled"
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
@@ -321,7 +324,9 @@ def register(commands: argparse._SubParsersAction, benches: argparse._SubParsers
     """Add the fine-tuning sub-commands and the ``bench train`` entry."""
     p = commands.add_parser("finetune", help="train a segmentation model on synthetic + real data",
                             description="Fine-tune a segmentation model. --synthetic/--real replace the paths of "
-                                        "the config's data entries in order (keeping their weights and remaps).")
+                                        "the config's data entries in order (keeping their weights and remaps; "
+                                        "an entry without a path, e.g. data.real: [{remap: {...}}], takes the "
+                                        "flag's folder).")
     p.add_argument("config", help="YAML config (e.g. configs/finetune.yaml)")
     p.add_argument("--out", required=True, type=out_dir("--out", run=True), help="run directory")
     p.add_argument("--synthetic", action="append", metavar="DATASET", help="rendered dataset (repeatable)")
