@@ -85,6 +85,25 @@ def test_rgba_drops_alpha_and_palette_masks_give_indices(tmp_path: Path) -> None
         read_mask(tmp_path / "rgbmask.png")
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_a_float_tiff_mask_says_it_holds_floats_and_how_to_save_class_ids(tmp_path: Path, dtype: str) -> None:
+    """A float TIFF mask was "a F image, not class ids" (fix: save PNGs) or, float16/64, "cannot read mask"; the
+    one line now says the file holds floats, why that is no class mask, and what to save."""
+    _, mask = coins_image_and_mask()  # class ids 0/1 of the coins photo, as a tool might save them: floats
+    path = tmp_path / f"coins_{dtype}.tif"
+    tifffile.imwrite(path, mask.astype(dtype))
+    with pytest.raises(UserError) as e:
+        read_mask(path)
+    assert e.value.message == (f"mask '{path}' has floating-point pixels ({dtype}): a class mask holds whole class "
+                               "ids (0, 1, 2, ...), and float values (probabilities, resampled or scaled labels) are "
+                               "not ids")
+    assert e.value.fix == ("save the mask's integer class ids as uint8 (uint16 above 255 ids), e.g. "
+                           "tifffile.imwrite(path, np.rint(mask).astype(np.uint8)), or as a PNG")
+    tifffile.imwrite(path, mask.astype(np.uint16))  # as the fix says: read as the class ids
+    np.testing.assert_array_equal(read_mask(path), mask)
+
+
 # ------------------------------------------------------------------------------------------ remapping
 def test_several_source_classes_onto_one_target_and_ignore() -> None:
     targets = make_targets([{"id": 0, "name": "background"}, {"id": 1, "name": "object"}])

@@ -336,13 +336,15 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS
         max_pixels: Larger masks are refused from their header, before decoding (decompression bombs).
 
     Raises:
-        UserError: unreadable, multi-channel or too large mask, naming the file.
+        UserError: unreadable, multi-channel, floating-point or too large mask, naming the file.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels decides
             with Image.open(path) as im:
                 check_pixels(path, im.size[0], im.size[1], max_pixels)
+                if im.mode == "F":  # a float32 TIFF
+                    _refuse_float_mask(path, "float32")
                 if im.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
                     raise UserError(f"mask '{path}' is a {im.mode} image, not class ids",
                                     fix="save masks as single-channel PNGs whose values are class ids")
@@ -354,9 +356,31 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS
         raise UserError(f"mask '{path}' is above the decompression-bomb limit of {max_pixels} pixels ({e})",
                         fix="downscale or tile it (a labeled image and its mask must fit the limit)") from None
     except (OSError, ValueError) as e:
+        if is_tiff(path) and (kind := _tiff_float_type(path)) is not None:  # float16/64: Pillow cannot open them
+            _refuse_float_mask(path, kind)
         raise UserError(f"cannot read mask '{path}': {e}", fix="re-save it as a single-channel PNG") from None
     arr = apply_orientation(arr, orientation)  # a JPEG mask (lossy, discouraged) is upright like its image
     return arr if arr.dtype == np.uint8 else arr.astype(np.int32, copy=False)
+
+
+def _tiff_float_type(path: str | os.PathLike[str]) -> str | None:
+    """A TIFF's floating-point pixel type from its first page's header (``float32``...), ``None`` for any other
+    type or a file tifffile cannot read (the reader then says what is wrong)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            dtype = tf.pages[0].dtype
+    except Exception:  # tifffile raises many types for corrupt files; Pillow's read below reports them
+        return None
+    return str(dtype) if dtype is not None and np.dtype(dtype).kind == "f" else None
+
+
+def _refuse_float_mask(path: str | os.PathLike[str], dtype: str) -> None:
+    raise UserError(f"mask '{path}' has floating-point pixels ({dtype}): a class mask holds whole class ids "
+                    "(0, 1, 2, ...), and float values (probabilities, resampled or scaled labels) are not ids",
+                    fix="save the mask's integer class ids as uint8 (uint16 above 255 ids), e.g. "
+                        "tifffile.imwrite(path, np.rint(mask).astype(np.uint8)), or as a PNG")
 
 
 def write_image(path: str | os.PathLike[str], img: ImageArray, jpeg_quality: int = 95) -> None:
