@@ -273,6 +273,30 @@ def test_sampler_resume_replays_the_same_batches_and_covers_every_item() -> None
     assert other != full
 
 
+def test_on_unknown_ignore_says_once_which_values_pixels_and_files_it_drops(tmp_path: Path, coins_dir: Path,
+                                                                             capsys) -> None:
+    """`on_unknown=ignore` turned mask values outside the class map into ignore without a word: loading a real
+    source now says them in one line (values, pixels, masks), and training's loads add nothing."""
+    d = tmp_path / "unknown"
+    shutil.copytree(coins_dir, d)
+    for stem, value in (("coins_002", 9), ("coins_005", 9), ("coins_007", 40)):
+        m = d / "masks" / f"{stem}.png"
+        arr = read_mask(m)
+        arr[:2, :3] = value  # 6 pixels each
+        cv2.imwrite(str(m), arr)
+    capsys.readouterr()
+    spec = SourceSpec(path=d, remap={"coin": "nucleus"}, on_unknown="ignore")
+    src = open_source(spec, "real", make_targets(CELLS), "train", val_fraction=0.2)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"note: real source '{d}': mask value(s) 9 (12 px), 40 (6 px) are outside its class map "
+                     "(known: 0, 1, 255): 18 pixel(s) in 3 of 10 mask(s) are ignored (on_unknown=ignore)"]
+    for it in src.train + src.val:
+        src.load(it)
+    assert capsys.readouterr().err == ""  # no note per sample
+    open_source(spec.model_copy(update={"path": coins_dir}), "real", make_targets(CELLS), "train")
+    assert capsys.readouterr().err == ""  # nothing dropped, nothing said
+
+
 def test_real_flag_fills_a_config_entry_with_a_remap_but_no_path(tmp_path: Path, coins_dir: Path) -> None:
     """`data.real: [{remap: {...}}]` + `segfactory finetune ... --real DIR` failed with "data.real.0.path is
     missing": the flag now gives that entry its folder and the entry keeps its remap and weight."""

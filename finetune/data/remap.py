@@ -109,6 +109,22 @@ class Remap:
         ``scored``): a model class the source never labels has no true pixels there to score."""
         return sorted({int(t) for t in self.lut[self.known]} - {ignore_index})
 
+    def _lookup(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) int64 source values -> (the values clipped into the table, (H, W) bool: outside the class map)."""
+        inside = (m >= 0) & (m < len(self.lut))
+        clipped = np.where(inside, m, 0)
+        return clipped, ~inside | ~self.known[clipped]
+
+    def unknown_counts(self, mask: np.ndarray) -> dict[int, int]:
+        """``{mask value: pixels}`` of the (H, W) mask's values outside the class map (those ``on_unknown=ignore``
+        makes ignore); empty when every value is known."""
+        m = mask.astype(np.int64, copy=False)
+        _, unknown = self._lookup(m)
+        if not unknown.any():
+            return {}
+        values, counts = np.unique(m[unknown], return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
     def apply(self, mask: np.ndarray, path: Any, on_unknown: str, ignore_index: int = 255) -> np.ndarray:
         """Map a (H, W) source mask to (H, W) uint8 target ids.
 
@@ -116,9 +132,7 @@ class Remap:
             UserError: a value outside the class table when ``on_unknown == "error"``, naming file and value.
         """
         m = mask.astype(np.int64, copy=False)
-        inside = (m >= 0) & (m < len(self.lut))
-        clipped = np.where(inside, m, 0)
-        unknown = ~inside | ~self.known[clipped]
+        clipped, unknown = self._lookup(m)
         out = self.lut[clipped]
         if unknown.any():
             if on_unknown == "error":

@@ -39,6 +39,8 @@ from segfactory.formats.labeled import (
 )
 
 Kind = Literal["synthetic", "real"]
+MAX_SHOWN_VALUES = 8
+"""Unknown mask values named in the ``on_unknown=ignore`` note of a real source (the rest are counted)."""
 Role = Literal["train", "val", "eval"]
 
 
@@ -188,8 +190,11 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
     """Fail before training, not at step 3000: sizes from headers, mask values from every mask; a labeled image is
     one frame (a multi-page TIFF is refused: which page would its mask label?). ``implicit_ignore``: the folder has
     no class table (mask values are the class ids) and this is its ignore value: masks of only 0 and it are refused
-    (:func:`~segfactory.formats.labeled.check_not_all_ignored`)."""
+    (:func:`~segfactory.formats.labeled.check_not_all_ignored`). With ``on_unknown=ignore``, the mask values outside
+    the class map (made ignore in training, silently) are counted and said in one line: values, pixels, files."""
     values: set[int] = set()
+    dropped: dict[int, int] = {}  # on_unknown=ignore: pixels per unknown mask value, over every mask
+    dropped_files = 0
     for it in items:
         check_one_frame(it)
         mask = read_mask(it.mask)
@@ -203,11 +208,26 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
                             f"{mask.shape[1]}x{mask.shape[0]}",
                             fix="make the mask the same size as the image, upright: a JPEG is read with its EXIF "
                                 "orientation applied (or remove the pair)")
-        remap.apply(mask, it.mask, on_unknown, ignore_index)
+        if on_unknown == "ignore":
+            counts = remap.unknown_counts(mask)
+            dropped_files += bool(counts)
+            for v, n in counts.items():
+                dropped[v] = dropped.get(v, 0) + n
+        else:
+            remap.apply(mask, it.mask, on_unknown, ignore_index)  # names the file and the value
         if it.instances is not None:
             check_instances_match(it, mask)
     if implicit_ignore is not None and items:
         check_not_all_ignored(values, implicit_ignore, folder)
+    if dropped:
+        from segfactory.console import console
+
+        shown = ", ".join(f"{v} ({n} px)" for v, n in sorted(dropped.items())[:MAX_SHOWN_VALUES])
+        more = f" and {len(dropped) - MAX_SHOWN_VALUES} more" if len(dropped) > MAX_SHOWN_VALUES else ""
+        known = ", ".join(str(v) for v in np.flatnonzero(remap.known)[:20])
+        console.print(f"note: real source '{folder}': mask value(s) {shown}{more} are outside its class map (known: "
+                      f"{known}): {sum(dropped.values())} pixel(s) in {dropped_files} of {len(items)} mask(s) are "
+                      "ignored (on_unknown=ignore)", soft_wrap=True, markup=False)
 
 
 def check_instances_match(it: Item, mask: np.ndarray) -> None:
