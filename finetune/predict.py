@@ -6,7 +6,8 @@ height and width as the input) and ``OUT/overlays/<stem>.jpg``. A multi-page TIF
 is predicted page by page, as ``segfactory ingest`` takes its slices: ``OUT/<stem>_p<N>.png`` for page N (zero-padded
 to the stack's length). A model with an instance head (:mod:`finetune.instances`) also writes
 ``OUT/instances/<stem>.png`` (uint16 instance ids of its thing classes, 0 = none) and ``OUT/instances.json``
-(COCO instances, RLE masks, one image per input image or page), and its overlays outline every instance.
+(COCO instances, RLE masks, one image per input image or page: a page's ``file_name`` is ``<stem>_p<N>.tif``, named
+like its outputs, with ``stack`` and ``page`` fields), and its overlays outline every instance.
 """
 
 from __future__ import annotations
@@ -499,6 +500,12 @@ class InputImage:
         """How summaries name it: the file name, ``<name> page <N>`` for a stack's page."""
         return self.path.name if self.page is None else f"{self.path.name} page {self.page}"
 
+    @property
+    def coco_file_name(self) -> str:
+        """Its ``file_name`` in ``instances.json``: the file's name, ``<stem>_p<N><suffix>`` for a stack's page (its
+        outputs' name: each page its own COCO image; the entry's ``stack`` and ``page`` say where it is read)."""
+        return self.path.name if self.page is None else f"{self.stem}{self.path.suffix}"
+
 
 def input_images(files: list[Path]) -> tuple[list[InputImage], dict[str, str]]:
     """Every image of ``files``: a multi-page TIFF gives one per page (named ``<stem>_p<N>``, N zero-padded to the
@@ -683,8 +690,9 @@ def run_predict(model_dir: str | os.PathLike, input_dir: str | os.PathLike, out_
                 inst16 = inst.astype(np.uint16)
                 atomic_write_bytes(out / "instances" / f"{im.stem}.png", encode_png(inst16))
                 image_id = len(coco_images) + 1
-                coco_images.append({"id": image_id, "file_name": im.path.name, "height": int(mask.shape[0]),
-                                    "width": int(mask.shape[1]), **({} if im.page is None else {"page": im.page})})
+                coco_images.append({"id": image_id, "file_name": im.coco_file_name, "height": int(mask.shape[0]),
+                                    "width": int(mask.shape[1]),
+                                    **({} if im.page is None else {"stack": im.path.name, "page": im.page})})
                 coco_anns += frame_annotations(inst16, mask, image_id, len(coco_anns) + 1)
             if overlays:
                 ov = overlay(img, mask, palette, scaling=meta["input"]["scaling"], instances=inst)

@@ -290,6 +290,41 @@ def test_predict_writes_instance_pngs_and_coco_that_decodes_to_them(inst_model: 
     assert n_objects > 0
 
 
+def test_predict_names_each_page_of_a_tiff_stack_in_the_coco_file_as_its_outputs(inst_model: Path,
+                                                                                 tiny_dataset: Path,
+                                                                                 tmp_path: Path, capsys) -> None:
+    """The pages of a multi-page TIFF all had the stack's file_name in instances.json (told apart only by an extra
+    `page` key COCO tools do not read): each page is now `<stem>_p<N>.tif`, the name of its mask and instance PNG."""
+    import tifffile
+    from pycocotools import mask as mask_utils
+
+    from segfactory.formats.dataset import open_dataset
+
+    frames = [np.array(Image.open(f.rgb)) for f in list(open_dataset(tiny_dataset).frames())[:3]]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    tifffile.imwrite(inp / "stack.tif", np.stack(frames), photometric="minisblack")  # 3 gray pages of 64x64
+    Image.fromarray(frames[0]).save(inp / "single.png")
+    out = tmp_path / "out"
+    rc, _, _ = cli(capsys, "predict", "--model", inst_model, "--input", inp, "--out", out, "--instances", "on")
+    assert rc == 0
+    coco = json.loads((out / "instances.json").read_text())
+    assert [(im["file_name"], im.get("stack"), im.get("page")) for im in coco["images"]] == \
+        [("single.png", None, None), ("stack_p0.tif", "stack.tif", 0), ("stack_p1.tif", "stack.tif", 1),
+         ("stack_p2.tif", "stack.tif", 2)]
+    assert len({im["id"] for im in coco["images"]}) == 4
+    for im in coco["images"]:  # each entry's annotations are its own page's objects
+        stem = Path(im["file_name"]).stem
+        inst = np.array(Image.open(out / "instances" / f"{stem}.png"))
+        assert (out / f"{stem}.png").is_file()
+        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
+        assert sorted(a["instance_id"] for a in anns) == sorted(int(i) for i in np.unique(inst) if i)
+        for a in anns:
+            decoded = mask_utils.decode({"size": a["segmentation"]["size"],
+                                         "counts": a["segmentation"]["counts"].encode()})
+            assert np.array_equal(decoded.astype(bool), inst == a["instance_id"])
+
+
 def test_onnx_export_returns_both_heads_with_parity(inst_model: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
