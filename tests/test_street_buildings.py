@@ -141,3 +141,50 @@ def test_narrow_and_low_buildings_still_valid():
         check_parts(list(named.values()), max_faces=10_000)
         v = np.concatenate([p.mesh.vertices for p in named.values()])
         assert np.abs(v[:, 1]).max() <= w / 2 + 1e-4 and v[:, 2].max() <= h + ROOF_LEDGE_MAX + 1e-4
+
+
+def _band_floors(named: dict[str, Part], width: float, depth: float) -> int:
+    """Upper floors whose balcony slab runs along (nearly) the whole facade: trim boxes 1 m or more in front
+    of the wall that span over 70 % of the width."""
+    trim = named["trim"].mesh
+    boxes = trim.vertices[trim.faces].reshape(-1, 12 * 3, 3) if len(trim.faces) % 12 == 0 else None
+    assert boxes is not None  # trim is all boxes (12 triangles each)
+    x_front = boxes[:, :, 0].max(axis=1)
+    span = boxes[:, :, 1].max(axis=1) - boxes[:, :, 1].min(axis=1)
+    thin = (boxes[:, :, 2].max(axis=1) - boxes[:, :, 2].min(axis=1)) < 0.25
+    slabs = (x_front >= depth / 2 + 1.0) & (span > 0.7 * width) & thin & (boxes[:, :, 2].min(axis=1) > HEADROOM)
+    return int(slabs.sum())
+
+
+def test_some_blocks_have_a_balcony_along_every_upper_floor_with_tall_glass_behind():
+    banded = 0
+    for seed in range(80):
+        width, depth, height = 16.0, 10.0, 19.0
+        named = sample_building_parts(np.random.default_rng(seed), K, width, depth, height)
+        n = _band_floors(named, width, depth)
+        if not n:
+            continue
+        banded += 1
+        check_parts(list(named.values()), max_faces=10_000)
+        assert _faces_in_front(named, depth) <= 5000
+        # one slab per upper floor (4-5 floors above a 3-4.6 m ground floor at 19 m), floor-to-ceiling glass
+        assert 4 <= n <= 6
+        glass = named["glass"].mesh.vertices[named["glass"].mesh.faces]  # (F, 3, 3)
+        tall = glass[:, :, 2].max(axis=1) - glass[:, :, 2].min(axis=1)
+        assert tall.max() > 2.0
+    assert 8 <= banded <= 40  # on some blocks (mostly the modern ones), not on all
+
+
+def test_shop_windows_are_dark_or_show_a_lit_interior():
+    lit = dark = 0
+    for seed in range(40):
+        glass = sample_building_parts(np.random.default_rng(seed), K, 14.0, 10.0, 15.0,
+                                      shop_front=True)["shop_glass"].material
+        if max(glass.color) > 0.3:
+            lit += 1
+            assert glass.texture in ("noise", "voronoi") and glass.color2 is not None
+            assert max(glass.color2) < max(glass.color)  # blotchy: shelves and goods darker than the light
+        else:
+            dark += 1
+            assert max(glass.color) < 0.05 and glass.roughness <= 0.05
+    assert lit >= 10 and dark >= 10

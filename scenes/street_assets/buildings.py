@@ -2,10 +2,11 @@
 
 A building is a wall block with a street facade on ``+x``: a grid of windows (glass panes on the facade
 plane, protruding frames with mullions, sills, lintels), a ground floor with a door or shop fronts (large glass,
-a sign band with lettering, awnings), balconies (slab and railing) on some, string courses, a cornice, a roof
-parapet and a drainpipe. Its sides (``+-y``, seen through gaps between buildings) get plainer windows or stay
-blank firewalls. Walls are brick (Blender's brick texture, mortar as ``color2``), plaster or concrete (noise
-textures with a little bump) in realistic colours.
+dark or showing a lit interior, a sign band with lettering, awnings), balconies (slab and railing) on some, on
+some modern blocks a continuous balcony along every upper floor with floor-to-ceiling glass behind it, string
+courses, a cornice, a roof parapet and a drainpipe. Its sides (``+-y``, seen through gaps between buildings) get
+plainer windows or stay blank firewalls. Walls are brick (Blender's brick texture, mortar as ``color2``), plaster
+or concrete (noise textures with a little bump) in realistic colours.
 
 Geometry (object-local, metres): footprint ``x`` in ``[-depth/2, depth/2]``, ``y`` in ``[-width/2, width/2]``,
 ``z`` from 0 to ``height`` plus a roof parapet of at most ``ROOF_LEDGE_MAX``. Only the street facade
@@ -49,6 +50,10 @@ DOORS: list[Vec3] = [(0.1, 0.05, 0.025), (0.03, 0.03, 0.035), (0.02, 0.07, 0.04)
                      (0.05, 0.08, 0.2), (0.3, 0.04, 0.03)]
 SIGNS: list[Vec3] = [(0.02, 0.02, 0.025), (0.35, 0.02, 0.02), (0.02, 0.12, 0.05), (0.02, 0.05, 0.25),
                      (0.7, 0.7, 0.68), (0.5, 0.3, 0.02), (0.15, 0.02, 0.15)]
+INTERIORS: list[Vec3] = [(0.75, 0.68, 0.55), (0.6, 0.6, 0.58), (0.8, 0.75, 0.65), (0.55, 0.5, 0.42),
+                         (0.7, 0.72, 0.75), (0.65, 0.55, 0.5)]  # lit shop interiors (warm and cool light)
+LIT_SHOP_P = 0.55  # share of shop fronts whose display windows show a lit interior
+BAND_P_MODERN, BAND_P_OTHER = 0.45, 0.1  # buildings with a continuous balcony along every upper floor
 AWNINGS: list[Vec3] = [(0.3, 0.02, 0.02), (0.02, 0.12, 0.05), (0.02, 0.04, 0.2), (0.6, 0.45, 0.2),
                        (0.05, 0.05, 0.05), (0.6, 0.6, 0.55)]
 
@@ -180,7 +185,7 @@ def _materials(rng: np.random.Generator, k: MaterialKnobs, wall_kind: str, moder
         "shop_frame": Material(jitter_color(rng, pick(rng, [(0.03, 0.03, 0.035), (0.4, 0.4, 0.41),
                                                           (0.02, 0.06, 0.035), (0.1, 0.05, 0.025)]), k),
                                roughness=0.4),
-        "shop_glass": Material(pick(rng, [(0.02, 0.022, 0.025), (0.04, 0.035, 0.03)]), roughness=0.03),
+        "shop_glass": _shop_glass(rng, k),
         "sign": Material(jitter_color(rng, pick(rng, SIGNS), k), roughness=uniform(rng, (0.2, 0.5))),
         "sign2": Material(jitter_color(rng, pick(rng, SIGNS), k), roughness=uniform(rng, (0.2, 0.5))),
         "lettering": Material(pick(rng, [(0.8, 0.8, 0.78), (0.7, 0.5, 0.1), (0.02, 0.02, 0.02)]), roughness=0.3),
@@ -192,6 +197,18 @@ def _materials(rng: np.random.Generator, k: MaterialKnobs, wall_kind: str, moder
         "railing_glass": Material((0.05, 0.07, 0.07), roughness=0.05),
         "metal": Material((0.3, 0.3, 0.31), roughness=0.4, metallic=1.0),
     }
+
+
+def _shop_glass(rng: np.random.Generator, k: MaterialKnobs) -> Material:
+    """Display windows: dark reflective glass, or (``LIT_SHOP_P``) a lit interior seen through it: a bright, blotchy
+    pane (shelves, goods, lamps as a coarse texture) that still reflects a little."""
+    if rng.random() >= LIT_SHOP_P:
+        return Material(pick(rng, [(0.02, 0.022, 0.025), (0.04, 0.035, 0.03)]), roughness=0.03)
+    light = jitter_color(rng, pick(rng, INTERIORS), k)
+    return Material(light, roughness=uniform(rng, (0.08, 0.2)), texture="noise" if rng.random() < 0.5 else "voronoi",
+                    color2=vec3(c * uniform(rng, (0.15, 0.4)) for c in light),
+                    texture_scale=uniform(rng, (2.0, 6.0)), texture_w=float(rng.uniform(0, 100)),
+                    texture_detail=uniform(rng, (2.0, 5.0)))
 
 
 def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: float, depth: float, height: float,
@@ -237,9 +254,16 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
     margin = uniform(rng, (0.7, 1.4))
     spacing = uniform(rng, (1.8, 3.0) if modern else (2.2, 3.2))
     n_windows_ground = 0 if shop_front else 1
+    # A continuous balcony along every upper floor (apartment blocks): slab, railing across the whole front,
+    # floor-to-ceiling glass behind; instead of ribbon windows and single balconies.
+    band = not ribbon and n_upper >= 1 and rng.random() < (BAND_P_MODERN if modern else BAND_P_OTHER)
+    band_rail = int(rng.integers(3)) if band else 0  # 0 solid parapet, 1 glass panels, 2 rails on posts
+    if band_rail == 2 and len(floors) > 6:
+        band_rail = 1
+    band_cost = (12 + (36, 72, 72 + 12 * int(W // 1.4))[band_rail]) * len(floors) if band else 0
     while True:  # fit the window grid into the face budget: drop details, then widen the spacing
         n_cols = max(1, int((W - 2 * margin) // spacing))
-        cost = st.cost() * n_cols * (len(floors) + n_windows_ground)
+        cost = st.cost() * n_cols * (len(floors) + n_windows_ground) + band_cost
         if ribbon or cost <= FRONT_FACE_BUDGET:
             break
         if st.lintel:
@@ -259,7 +283,7 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
     front = _Acc()
     # Balconies on some buildings: a pattern of columns on all upper floors but sometimes the first.
     balconies: set[tuple[int, int]] = set()
-    if n_upper >= 1 and rng.random() < 0.4:
+    if n_upper >= 1 and not band and rng.random() < 0.4:
         pattern = int(rng.integers(3))
         bcols = [j for j in range(n_cols) if pattern == 0 or (pattern == 1 and j % 2 == n_cols % 2)
                  or (pattern == 2 and abs(j - (n_cols - 1) / 2) < 1)]
@@ -284,6 +308,15 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
                 ym = y0 + i * (y1 - y0) / n_m
                 front.add("frame", _bx(0.0, st.frame_d * 0.8, ym - 0.025, ym + 0.025, z0, z0 + win_h))
             front.add("trim", _bx(0.0, 0.04, -W / 2, W / 2, fz - 0.2, fz + sill_z - st.frame_t))
+    elif band:
+        bal_d = uniform(rng, (1.0, FRONT_PROTRUSION_MAX - 0.05))
+        inset = uniform(rng, (0.0, margin * 0.6))
+        door_w = min(pitch * uniform(rng, (0.6, 0.85)), 2.8, pitch - 0.2)
+        door_h = min(uniform(rng, (2.1, 2.4)), floor_h - 0.5)
+        for fz in floors:
+            for yc in cols:
+                _window(rng, front, st, yc, fz + 0.05, door_w, door_h, door=True)
+            _balcony_band(front, -W / 2 + inset, W / 2 - inset, fz, bal_d, band_rail)
     else:
         for f, fz in enumerate(floors):
             for j, yc in enumerate(cols):
@@ -362,6 +395,33 @@ def _balcony(rng: np.random.Generator, acc: _Acc, st: _WindowStyle, yc: float, f
     for x in np.linspace(0.1, bal_d - 0.15, max(1, int(bal_d / 0.25))):
         for yb in (y0 + t / 2, y1 - t / 2):
             acc.add("railing", _bx(x - 0.01, x + 0.01, yb - 0.01, yb + 0.01, fz, fz + rh - 0.04))
+
+
+def _balcony_band(acc: _Acc, y0: float, y1: float, fz: float, bal_d: float, rail: int) -> None:
+    """A balcony along a whole floor from ``y0`` to ``y1`` (wall-local coordinates): a slab, a railing across its
+    front and at both ends: a solid parapet (``rail`` 0), glass panels under a handrail (1) or a handrail and two
+    rails on posts (2)."""
+    acc.add("trim", _bx(0.0, bal_d, y0, y1, fz - 0.18, fz))
+    rh, t = 1.0, 0.05
+    if rail == 0:
+        acc.add("trim", _bx(bal_d - 0.08, bal_d, y0, y1, fz, fz + rh))
+        acc.add("trim", _bx(0.0, bal_d - 0.08, y0, y0 + 0.08, fz, fz + rh))
+        acc.add("trim", _bx(0.0, bal_d - 0.08, y1 - 0.08, y1, fz, fz + rh))
+        return
+    acc.add("railing", _bx(bal_d - t, bal_d, y0, y1, fz + rh - 0.04, fz + rh))
+    acc.add("railing", _bx(0.0, bal_d - t, y0, y0 + t, fz + rh - 0.04, fz + rh))
+    acc.add("railing", _bx(0.0, bal_d - t, y1 - t, y1, fz + rh - 0.04, fz + rh))
+    if rail == 1:
+        acc.add("railing_glass", _bx(bal_d - 0.03, bal_d - 0.02, y0 + t, y1 - t, fz + 0.05, fz + rh - 0.04))
+        acc.add("railing_glass", _bx(0.0, bal_d - t, y0 + 0.02, y0 + 0.03, fz + 0.05, fz + rh - 0.04))
+        acc.add("railing_glass", _bx(0.0, bal_d - t, y1 - 0.03, y1 - 0.02, fz + 0.05, fz + rh - 0.04))
+        return
+    for z in (fz + 0.35, fz + 0.65):  # two rails below the handrail
+        acc.add("railing", _bx(bal_d - 0.035, bal_d - 0.015, y0, y1, z - 0.015, z + 0.015))
+    n = max(1, int((y1 - y0) // 1.4))
+    for i in range(n + 1):  # posts
+        yb = y0 + t / 2 + i * (y1 - y0 - t) / n
+        acc.add("railing", _bx(bal_d - 0.04, bal_d - 0.01, yb - 0.02, yb + 0.02, fz, fz + rh - 0.04))
 
 
 def _door(rng: np.random.Generator, acc: _Acc, st: _WindowStyle, yc: float, dw: float, dh: float,
