@@ -152,6 +152,7 @@ def _no_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
 RENDERED_FIXTURES = {"rendered_cells_dataset", "rendered_street_dataset", "microscopy_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker hook reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import importlib.util
 
@@ -170,6 +171,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        # The slow lane's parallel part runs --dist loadgroup: a file's tests stay on one worker (its module
+        # fixtures, such as one shared torchrun job, are built once), and so do the tests of the session's
+        # microscopy_run (one ~3 min run, not one per worker).
+        if not any(item.iter_markers("xdist_group")):
+            group = "microscopy_run" if "microscopy_run" in getattr(item, "fixturenames", ()) else item.path.name
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")
