@@ -188,3 +188,26 @@ def test_shop_windows_are_dark_or_show_a_lit_interior():
             dark += 1
             assert max(glass.color) < 0.05 and glass.roughness <= 0.05
     assert lit >= 10 and dark >= 10
+
+
+def test_balcony_bands_and_lit_shops_leave_the_rest_of_the_scene_as_it_was(monkeypatch):
+    """They draw from a generator spawned from the scene's (which does not advance it): with or without them, the
+    caller's generator is left in the same state and the building's other parts are the same."""
+    import scenes.street_assets.buildings as b
+
+    def build(p: float, seed: int) -> tuple[dict[str, Part], float]:
+        monkeypatch.setattr(b, "BAND_P_MODERN", p)
+        monkeypatch.setattr(b, "BAND_P_OTHER", p)
+        monkeypatch.setattr(b, "LIT_SHOP_P", p)
+        rng = np.random.default_rng(seed)
+        return sample_building_parts(rng, K, 16.0, 10.0, 19.0, shop_front=True), float(rng.random())
+
+    changed = 0
+    for seed in range(12):
+        (off, next_off), (on, next_on) = build(0.0, seed), build(1.0, seed)
+        assert next_off == next_on
+        for key in ("wall", "sign", "door"):
+            assert to_jsonable(off[key]) == to_jsonable(on[key])
+        assert max(off["shop_glass"].material.color) < 0.05 < max(on["shop_glass"].material.color)
+        changed += _band_floors(on, 16.0, 10.0) > 0 and _band_floors(off, 16.0, 10.0) == 0
+    assert changed >= 6  # every building without ribbon windows gets a band at p = 1

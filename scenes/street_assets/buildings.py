@@ -185,7 +185,7 @@ def _materials(rng: np.random.Generator, k: MaterialKnobs, wall_kind: str, moder
         "shop_frame": Material(jitter_color(rng, pick(rng, [(0.03, 0.03, 0.035), (0.4, 0.4, 0.41),
                                                           (0.02, 0.06, 0.035), (0.1, 0.05, 0.025)]), k),
                                roughness=0.4),
-        "shop_glass": _shop_glass(rng, k),
+        "shop_glass": Material(pick(rng, [(0.02, 0.022, 0.025), (0.04, 0.035, 0.03)]), roughness=0.03),
         "sign": Material(jitter_color(rng, pick(rng, SIGNS), k), roughness=uniform(rng, (0.2, 0.5))),
         "sign2": Material(jitter_color(rng, pick(rng, SIGNS), k), roughness=uniform(rng, (0.2, 0.5))),
         "lettering": Material(pick(rng, [(0.8, 0.8, 0.78), (0.7, 0.5, 0.1), (0.02, 0.02, 0.02)]), roughness=0.3),
@@ -199,11 +199,9 @@ def _materials(rng: np.random.Generator, k: MaterialKnobs, wall_kind: str, moder
     }
 
 
-def _shop_glass(rng: np.random.Generator, k: MaterialKnobs) -> Material:
-    """Display windows: dark reflective glass, or (``LIT_SHOP_P``) a lit interior seen through it: a bright, blotchy
-    pane (shelves, goods, lamps as a coarse texture) that still reflects a little."""
-    if rng.random() >= LIT_SHOP_P:
-        return Material(pick(rng, [(0.02, 0.022, 0.025), (0.04, 0.035, 0.03)]), roughness=0.03)
+def _lit_shop_glass(rng: np.random.Generator, k: MaterialKnobs) -> Material:
+    """Display windows with a lit interior seen through them: a bright, blotchy pane (shelves, goods, lamps as a
+    coarse texture) that still reflects a little."""
     light = jitter_color(rng, pick(rng, INTERIORS), k)
     return Material(light, roughness=uniform(rng, (0.08, 0.2)), texture="noise" if rng.random() < 0.5 else "voronoi",
                     color2=vec3(c * uniform(rng, (0.15, 0.4)) for c in light),
@@ -227,11 +225,16 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
         Named parts; "glass", "glass_curtain" and "shop_glass" hold only panes on the wall planes.
     """
     W, D, H = float(width), float(depth), float(height)
+    # The balcony bands and lit shop interiors draw from a generator of their own (spawning one does not advance
+    # ``rng``): everything else of the building, and of the scene drawn after it, is what it was without them.
+    extra = rng.spawn(1)[0]
     if shop_front is None:
         shop_front = bool(rng.random() < 0.5)
     wall_kind = ("brick", "plaster", "concrete")[int(rng.choice(3, p=[0.35, 0.4, 0.25]))]
     modern = wall_kind == "concrete" or (wall_kind == "plaster" and rng.random() < 0.4)
     mats = _materials(rng, k, wall_kind, modern)
+    if extra.random() < LIT_SHOP_P:
+        mats["shop_glass"] = _lit_shop_glass(extra, k)
     hw = W / 2 - SIDE_INSET
     body = _Acc()
     body.add("wall", _bx(-D / 2, D / 2, -hw, hw, 0.0, H))
@@ -255,15 +258,15 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
     spacing = uniform(rng, (1.8, 3.0) if modern else (2.2, 3.2))
     n_windows_ground = 0 if shop_front else 1
     # A continuous balcony along every upper floor (apartment blocks): slab, railing across the whole front,
-    # floor-to-ceiling glass behind; instead of ribbon windows and single balconies.
-    band = not ribbon and n_upper >= 1 and rng.random() < (BAND_P_MODERN if modern else BAND_P_OTHER)
-    band_rail = int(rng.integers(3)) if band else 0  # 0 solid parapet, 1 glass panels, 2 rails on posts
-    if band_rail == 2 and len(floors) > 6:
+    # floor-to-ceiling glass behind, instead of the window grid (which is still drawn, into a discarded
+    # accumulator, so that ``rng`` advances as without it).
+    band = not ribbon and n_upper >= 1 and extra.random() < (BAND_P_MODERN if modern else BAND_P_OTHER)
+    band_rail = int(extra.integers(3)) if band else 0  # 0 solid parapet, 1 glass panels, 2 rails on posts
+    if band_rail == 2 and len(floors) * (W // 1.4 + 1) > 60:  # posts every 1.4 m: keep the face budget
         band_rail = 1
-    band_cost = (12 + (36, 72, 72 + 12 * int(W // 1.4))[band_rail]) * len(floors) if band else 0
     while True:  # fit the window grid into the face budget: drop details, then widen the spacing
         n_cols = max(1, int((W - 2 * margin) // spacing))
-        cost = st.cost() * n_cols * (len(floors) + n_windows_ground) + band_cost
+        cost = st.cost() * n_cols * (len(floors) + n_windows_ground)
         if ribbon or cost <= FRONT_FACE_BUDGET:
             break
         if st.lintel:
@@ -283,7 +286,7 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
     front = _Acc()
     # Balconies on some buildings: a pattern of columns on all upper floors but sometimes the first.
     balconies: set[tuple[int, int]] = set()
-    if n_upper >= 1 and not band and rng.random() < 0.4:
+    if n_upper >= 1 and rng.random() < 0.4:
         pattern = int(rng.integers(3))
         bcols = [j for j in range(n_cols) if pattern == 0 or (pattern == 1 and j % 2 == n_cols % 2)
                  or (pattern == 2 and abs(j - (n_cols - 1) / 2) < 1)]
@@ -308,24 +311,25 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
                 ym = y0 + i * (y1 - y0) / n_m
                 front.add("frame", _bx(0.0, st.frame_d * 0.8, ym - 0.025, ym + 0.025, z0, z0 + win_h))
             front.add("trim", _bx(0.0, 0.04, -W / 2, W / 2, fz - 0.2, fz + sill_z - st.frame_t))
-    elif band:
-        bal_d = uniform(rng, (1.0, FRONT_PROTRUSION_MAX - 0.05))
-        inset = uniform(rng, (0.0, margin * 0.6))
-        door_w = min(pitch * uniform(rng, (0.6, 0.85)), 2.8, pitch - 0.2)
-        door_h = min(uniform(rng, (2.1, 2.4)), floor_h - 0.5)
-        for fz in floors:
-            for yc in cols:
-                _window(rng, front, st, yc, fz + 0.05, door_w, door_h, door=True)
-            _balcony_band(front, -W / 2 + inset, W / 2 - inset, fz, bal_d, band_rail)
     else:
+        grid = _Acc() if band else front
         for f, fz in enumerate(floors):
             for j, yc in enumerate(cols):
                 if (f, j) in balconies:
-                    _balcony(rng, front, st, yc, fz, win_w, bal_w, bal_d, rail_style)
+                    _balcony(rng, grid, st, yc, fz, win_w, bal_w, bal_d, rail_style)
                 else:
-                    _window(rng, front, st, yc, fz + sill_z, win_w, win_h)
+                    _window(rng, grid, st, yc, fz + sill_z, win_w, win_h)
             if not modern and f > 0 and rng.random() < 0.8:  # string course at the floor level
-                front.add("trim", _bx(0.0, 0.04, -W / 2, W / 2, fz - 0.08, fz + 0.08))
+                grid.add("trim", _bx(0.0, 0.04, -W / 2, W / 2, fz - 0.08, fz + 0.08))
+        if band:
+            band_d = uniform(extra, (1.0, FRONT_PROTRUSION_MAX - 0.05))
+            inset = uniform(extra, (0.0, margin * 0.6))
+            door_w = min(pitch * uniform(extra, (0.6, 0.85)), 2.8, pitch - 0.2)
+            door_h = min(uniform(extra, (2.1, 2.4)), floor_h - 0.5)
+            for fz in floors:
+                for yc in cols:
+                    _window(extra, front, st, yc, fz + 0.05, door_w, door_h, door=True)
+                _balcony_band(front, -W / 2 + inset, W / 2 - inset, fz, band_d, band_rail)
 
     if shop_front:
         _shop_ground_floor(rng, front, st, W, gf_h)
