@@ -31,13 +31,13 @@ quickstart: install
 
 # Everything: the fast lane first (it fails fastest), then the Blender, SLURM and slow tests. .ci/services.sh starts
 # the single-node SLURM the SLURM tests run against (installs it first, needs root). The slow lane runs in two
-# parts: on $(TEST_WORKERS) xdist workers (--dist loadgroup: a file's tests, and the tests sharing the session's
-# microscopy_run, stay on one worker; tests/conftest.py), then in one process the tests that time real waits
+# parts: on $(TEST_WORKERS) xdist workers (--dist loadfile: a file's tests stay on one worker; the two tests of the
+# session's microscopy_run share tests/test_microscopy_run.py), then in one process the tests that time real waits
 # (marker `serial`: render and decode timeouts, kills at a moment) and the SLURM queue tests, with the cores theirs.
 test: install
 	$(MAKE) --no-print-directory test-fast
 	bash .ci/services.sh
-	$(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup \
+	$(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile \
 	    -m "(render or slow) and not slurm and not serial"
 	$(BIN)/python -m pytest -q --durations=20 -m "(render or slurm or slow) and (slurm or serial)"
 

@@ -92,9 +92,10 @@ def microscopy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     folder of its own (``SEGFACTORY_DATA``: the run's parent's ``data``), which a test that runs on from the run's
     stages sets too (another folder would be new real images to ingest).
 
-    tests/test_pipelines_run.py checks the run; the bench transfer test (tests/test_bench_transfer_labels.py), whose
-    config renders, ingests and pretrains exactly what this run does (the same stage keys), starts from a copy of
-    those stages instead of rendering and pretraining them again. Tests must not write into the run: copy it."""
+    Its tests share tests/test_microscopy_run.py (so that --dist loadfile makes it once): one checks the run; the
+    bench transfer test, whose config renders, ingests and pretrains exactly what this run does (the same stage
+    keys), starts from a copy of those stages instead of rendering and pretraining them again. Tests must not write
+    into the run: copy it."""
     import json
 
     from segfactory.cli import main
@@ -152,7 +153,6 @@ def _no_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
 RENDERED_FIXTURES = {"rendered_cells_dataset", "rendered_street_dataset", "microscopy_run"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker hook reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import importlib.util
 
@@ -171,12 +171,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
-        # The slow lane's parallel part runs --dist loadgroup: a file's tests stay on one worker (its module
-        # fixtures, such as one shared torchrun job, are built once), and so do the tests of the session's
-        # microscopy_run (one ~3 min run, not one per worker).
-        if not any(item.iter_markers("xdist_group")):
-            group = "microscopy_run" if "microscopy_run" in getattr(item, "fixturenames", ()) else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")

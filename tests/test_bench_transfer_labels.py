@@ -4,7 +4,6 @@ eval never scores (nor their neighbours), and the supervised-on-synthetic (``sup
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,56 +126,3 @@ def test_supsyn_encoder_is_the_synthetic_models_encoder_and_fine_tuning_loads_it
     weights = [k for k in before if k.endswith("weight")]
     assert all(torch.equal(fresh.encoder.state_dict()[k], source.encoder.state_dict()[k]) for k in before)
     assert any(not torch.equal(before[k], fresh.encoder.state_dict()[k]) for k in weights)  # not random init
-
-
-TINY = ["render.render.resolution=128", "render.render.views=1", "render.render.samples=2",
-        "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "test.scenes=2", "pretrain.train.steps=10",
-        "pretrain.train.batch_size=8", "finetune.train.steps=10", "finetune.train.val_every=5",
-        "finetune.train.checkpoint_every=5", "finetune.data.val_max_items=2", "execution.predict_images=1",
-        "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "rows=[synthetic]", "label_efficiency.k=[2]",
-        "cluster.workers=1"]
-
-
-@pytest.mark.render
-@pytest.mark.slow  # fine-tunes 4 tiny models through `segfactory run` (and renders and pretrains, in microscopy_run)
-def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatch, microscopy_run):
-    from pipelines.bench_transfer import run_transfer_bench
-
-    cfg = load_config(TransferBenchConfig, CONFIGS / "bench_transfer.yaml", TINY)
-    out = tmp_path / "bench"
-    # The bench renders, ingests and pretrains what the tiny microscopy quickstart run does (its config extends
-    # quickstart.yaml; the same sizes, seeds and steps: the same stage keys), and reuses a finished stage as every
-    # run does: it starts from a copy of those stages of conftest's microscopy_run (and its sample data folder: the
-    # same real image files, so nothing new to ingest) instead of rendering and pretraining them once more.
-    run, _ = microscopy_run
-    monkeypatch.setenv("SEGFACTORY_DATA", str(run.parent / "data"))
-    for stage in ("render", "testset", "ingest", "pretrain"):
-        for d in (run / "stages").glob(f"{stage}-*"):
-            if d.is_dir():
-                shutil.copytree(d, out / "stages" / d.name, symlinks=True)
-    result = run_transfer_bench(cfg, out)
-    names = [f"real2-{i}" for i in ("random", "ssl", "supsyn")]  # one k: each init is its own path
-    assert list(result["rows"]) == ["synthetic", *names]
-    # The classic baselines only; the instance head's watershed F1 is each row's own score.
-    assert {b for s in result["baselines"].values() for b in s} == {"otsu", "blur_otsu"}
-    assert cfg.finetune.instances.enabled
-    assert all(0 <= r["sets"]["ctc-hela"]["f1_watershed"] <= 1 for r in result["rows"].values())
-    for name in names:
-        scores = result["rows"][name]["sets"]["ctc-hela"]
-        assert 0 <= scores["fg_iou"] <= 1
-    le = result["label_efficiency"]
-    hela = le["sets"]["ctc-hela"]
-    assert le["labels"] == "real" and hela["eval_t"] == list(range(14, 20))
-    assert len(hela["frames"]["2"]) == 2 and all(f["t"] <= 7 for f in hela["frames"]["2"])
-    assert json.loads((out / "bench_transfer.json").read_text())["label_efficiency"] == le
-    # Each row trained on its k real frames only, and the supsyn rows started from the synthetic row's encoder.
-    for name in names:
-        ft = Path(result["rows"][name]["finetune_dir"])
-        data = json.loads((ft / "data.json").read_text())
-        train = {s["kind"]: s["train_items"] for s in data["train"]}
-        assert train == {"real": int(name[4])}, name
-        encoder = json.loads((ft / "model" / "model.json").read_text())["lineage"]["encoder"]
-        expected = {"random": "random", "ssl": "ssl", "supsyn": "supervised"}[name.split("-")[1]]
-        assert encoder["init"] == expected, name
-        if name.endswith("supsyn"):
-            assert encoder["method"] == "supervised" and encoder["dir"] == le["supsyn_encoder"]

@@ -118,40 +118,6 @@ def test_run_end_to_end_caches_stages_and_writes_report(tmp_path: Path, capsys, 
     assert "agreement" in report and "blur_otsu" in report
 
 
-@pytest.mark.render
-@pytest.mark.slow  # renders cells, ingests the real sample frames, trains with adaptation, scores real frames
-def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(microscopy_run: tuple[Path, dict]):
-    """The main job at tiny sizes: the run's real images reach fine-tuning as its unlabeled data (self-training
-    runs), and the report scores real HeLa frames next to the baselines. The run: conftest's microscopy_run
-    (configs/quickstart.yaml with RUN_TINY and MICROSCOPY_TINY: 128 px frames hold whole nuclei, input.scale auto)."""
-    out, first = microscopy_run
-    ft = next(p for p in (out / "stages").glob("finetune-*") if p.is_dir())
-    images = next(p for p in (out / "stages").glob("ingest-*") if p.is_dir())
-    assert ["--unlabeled", str(images)] == [a for a in json.loads((ft / "stage.json").read_text())["argv"]
-                                            if a in ("--unlabeled", str(images))]
-    records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
-    assert any("selftrain_loss" in r for r in records)  # self-training ran on the real frames
-    lineage = json.loads((ft / "model" / "model.json").read_text())["lineage"]["training"]
-    assert lineage["adapt"]["unlabeled"]
-    # HeLa and CHO frames come from two folders: each got its own input scale estimate
-    assert len(lineage["adapt"]["scale_estimate"]["sources"]) == 2
-    # The quickstart trains the instance head: the watershed settings were chosen on the rendered validation
-    # frames, and the real frames are scored as separate nuclei too (the model_watershed row).
-    calibration = json.loads((ft / "model" / "model.json").read_text())["instances"]["calibration"]
-    assert calibration["frames"] > 0 and calibration["chosen"] is not None
-    assert set(first["real"]["ctc-hela"]) == {"model", "model_watershed", "otsu", "blur_otsu"}
-    assert 0 <= first["real"]["ctc-hela"]["model"]["fg_iou"] <= 1
-    report = (out / "report.html").read_text()
-    assert "<h2>Model vs baselines on real images</h2>" in report and "input scale" in report
-    assert "model_watershed" in report and "touching objects split by the instance head" in report
-    # Predictions on the real (gray, 16-bit) frames: cut, never resized; one instance PNG each, and the COCO file.
-    pred_in = next(p for p in (out / "stages").glob("predict-*-input") if p.is_dir())
-    assert len(list(pred_in.glob("*.png"))) == 2
-    pred = next(p for p in (out / "stages").glob("predict-*") if p.is_dir() and not p.name.endswith("-input"))
-    assert len(list((pred / "instances").glob("*.png"))) == 2
-    assert len(json.loads((pred / "instances.json").read_text())["images"]) == 2
-
-
 def test_shipped_quickstart_configs_load_as_is():
     """The README's main command runs configs/quickstart.yaml unmodified: it must validate, render cells, ingest
     the real sample frames (never the ones it is scored on) and adapt to them; so does the street demo, with the real
