@@ -101,7 +101,8 @@ PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the
 
 class StreetParams(UnsaidDefaults):
     # off: scenes and config hashes as before
-    unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0}
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0, "balcony_bands": 0.0,
+                                                 "lit_shops": 0.0}
 
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
@@ -120,6 +121,12 @@ class StreetParams(UnsaidDefaults):
     setback: PosRange = Field((0.0, 3.0), description="metres between the sidewalk and a facade")
     building_gap_prob: float = Field(0.4, ge=0, le=1, description="chance of a gap after a building")
     shop_front_prob: float = Field(0.4, ge=0, le=1, description="share of buildings with a shop front")
+    balcony_bands: float = Field(0.0, ge=0, le=1, description="chance that a modern building has a balcony along "
+                                 "every upper floor with floor-to-ceiling glass behind (a quarter of it for the "
+                                 "others); 0 (the default) draws none and leaves every scene as it was; 0.45 "
+                                 "did not help on real street photos (README, street)")
+    lit_shops: float = Field(0.0, ge=0, le=1, description="share of shop fronts whose display windows show a lit "
+                             "interior instead of dark glass; 0 (the default) leaves every scene as it was")
     curve_prob: float = Field(0.35, ge=0, le=1, description="share of streets that bend into an arc")
     curve_radius: PosRange = Field((80.0, 250.0), description="metres, radius of a curved street's arc")
     intersection_prob: float = Field(0.4, ge=0, le=1, description="share of streets with a cross street")
@@ -876,7 +883,8 @@ def _building_row(b: _Builder, side: int, walk_outer: float, half: float) -> Non
     while s < half:
         w, depth = uniform(rng, p.building_width), uniform(rng, p.building_depth)
         height, setback = uniform(rng, p.building_height), uniform(rng, p.setback)
-        parts = sample_building(rng, k, w, depth, height, shop_front=bool(rng.random() < p.shop_front_prob))
+        parts = sample_building(rng, k, w, depth, height, shop_front=bool(rng.random() < p.shop_front_prob),
+                                balcony_bands=p.balcony_bands, lit_shops=p.lit_shops)
         rect = _local_rect(parts)  # x0..x1 depth (facade at x1), y0..y1 width
         width = rect[3] - rect[1]
         front = walk_outer + setback

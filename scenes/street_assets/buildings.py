@@ -52,8 +52,7 @@ SIGNS: list[Vec3] = [(0.02, 0.02, 0.025), (0.35, 0.02, 0.02), (0.02, 0.12, 0.05)
                      (0.7, 0.7, 0.68), (0.5, 0.3, 0.02), (0.15, 0.02, 0.15)]
 INTERIORS: list[Vec3] = [(0.75, 0.68, 0.55), (0.6, 0.6, 0.58), (0.8, 0.75, 0.65), (0.55, 0.5, 0.42),
                          (0.7, 0.72, 0.75), (0.65, 0.55, 0.5)]  # lit shop interiors (warm and cool light)
-LIT_SHOP_P = 0.55  # share of shop fronts whose display windows show a lit interior
-BAND_P_MODERN, BAND_P_OTHER = 0.45, 0.1  # buildings with a continuous balcony along every upper floor
+BAND_OTHER_SHARE = 0.25  # balcony bands on buildings that are not modern: this share of the modern ones' chance
 AWNINGS: list[Vec3] = [(0.3, 0.02, 0.02), (0.02, 0.12, 0.05), (0.02, 0.04, 0.2), (0.6, 0.45, 0.2),
                        (0.05, 0.05, 0.05), (0.6, 0.6, 0.55)]
 
@@ -200,8 +199,8 @@ def _materials(rng: np.random.Generator, k: MaterialKnobs, wall_kind: str, moder
 
 
 def _lit_shop_glass(rng: np.random.Generator, k: MaterialKnobs) -> Material:
-    """Display windows with a lit interior seen through them: a bright, blotchy pane (shelves, goods, lamps as a
-    coarse texture) that still reflects a little."""
+    """Display windows with a lit interior seen through them (``lit_shops``): a bright, blotchy pane (shelves, goods,
+    lamps as a coarse texture) that still reflects a little."""
     light = jitter_color(rng, pick(rng, INTERIORS), k)
     return Material(light, roughness=uniform(rng, (0.08, 0.2)), texture="noise" if rng.random() < 0.5 else "voronoi",
                     color2=vec3(c * uniform(rng, (0.15, 0.4)) for c in light),
@@ -210,7 +209,8 @@ def _lit_shop_glass(rng: np.random.Generator, k: MaterialKnobs) -> Material:
 
 
 def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: float, depth: float, height: float,
-                          shop_front: bool | None = None) -> dict[str, Part]:
+                          shop_front: bool | None = None, balcony_bands: float = 0.0,
+                          lit_shops: float = 0.0) -> dict[str, Part]:
     """One building as named parts ("wall", "glass", "frame", ...; see the module docstring for its frame).
 
     Args:
@@ -220,6 +220,10 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
         depth: Extent along x (away from the street), metres.
         height: Height of the walls, metres (the parapet adds up to ``ROOF_LEDGE_MAX``).
         shop_front: Shops on the ground floor; ``None`` draws (1 in 2).
+        balcony_bands: Chance that a modern building (concrete, some plaster) has a balcony along every upper floor
+            with floor-to-ceiling glass behind it instead of its window grid (``BAND_OTHER_SHARE`` of it for the
+            others); 0 (the default) draws none.
+        lit_shops: Chance that the display windows show a lit interior instead of dark glass; 0 draws none.
 
     Returns:
         Named parts; "glass", "glass_curtain" and "shop_glass" hold only panes on the wall planes.
@@ -233,7 +237,7 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
     wall_kind = ("brick", "plaster", "concrete")[int(rng.choice(3, p=[0.35, 0.4, 0.25]))]
     modern = wall_kind == "concrete" or (wall_kind == "plaster" and rng.random() < 0.4)
     mats = _materials(rng, k, wall_kind, modern)
-    if extra.random() < LIT_SHOP_P:
+    if extra.random() < lit_shops:
         mats["shop_glass"] = _lit_shop_glass(extra, k)
     hw = W / 2 - SIDE_INSET
     body = _Acc()
@@ -260,7 +264,7 @@ def sample_building_parts(rng: np.random.Generator, k: MaterialKnobs, width: flo
     # A continuous balcony along every upper floor (apartment blocks): slab, railing across the whole front,
     # floor-to-ceiling glass behind, instead of the window grid (which is still drawn, into a discarded
     # accumulator, so that ``rng`` advances as without it).
-    band = not ribbon and n_upper >= 1 and extra.random() < (BAND_P_MODERN if modern else BAND_P_OTHER)
+    band = not ribbon and n_upper >= 1 and extra.random() < balcony_bands * (1.0 if modern else BAND_OTHER_SHARE)
     band_rail = int(extra.integers(3)) if band else 0  # 0 solid parapet, 1 glass panels, 2 rails on posts
     if band_rail == 2 and len(floors) * (W // 1.4 + 1) > 60:  # posts every 1.4 m: keep the face budget
         band_rail = 1
@@ -533,6 +537,6 @@ def _shop_ground_floor(rng: np.random.Generator, acc: _Acc, st: _WindowStyle, W:
 
 
 def sample_building(rng: np.random.Generator, k: MaterialKnobs, width: float, depth: float, height: float,
-                    shop_front: bool | None = None) -> list[Part]:
+                    shop_front: bool | None = None, balcony_bands: float = 0.0, lit_shops: float = 0.0) -> list[Part]:
     """A building's parts (see :func:`sample_building_parts`; the street facade is its ``+x`` face)."""
-    return list(sample_building_parts(rng, k, width, depth, height, shop_front).values())
+    return list(sample_building_parts(rng, k, width, depth, height, shop_front, balcony_bands, lit_shops).values())
