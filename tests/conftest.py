@@ -92,7 +92,7 @@ def microscopy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     folder of its own (``SEGFACTORY_DATA``: the run's parent's ``data``), which a test that runs on from the run's
     stages sets too (another folder would be new real images to ingest).
 
-    Its tests share tests/test_microscopy_run.py (so that --dist loadfile makes it once): one checks the run; the
+    Its tests share tests/test_microscopy_run.py (one worker under --dist loadfile): one checks the run; the
     bench transfer test, whose config renders, ingests and pretrains exactly what this run does (the same stage
     keys), starts from a copy of those stages instead of rendering and pretraining them again. Tests must not write
     into the run: copy it."""

@@ -275,7 +275,6 @@ def test_release_line_after_a_render_code_change_counts_replaced_shards_apart(ca
 
 
 @pytest.mark.render
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_refresh_repairs_a_corrupt_real_image_shard_before_it_publishes(tmp_path: Path, capsys) -> None:
     """#3b: a corrupt shard of ROOT/real was published (exit 0, "inputs changed: no"); `verify ROOT` then failed.
     The refresh re-hashes the real store's shards like the rendered ones: the corrupt one is moved aside and its

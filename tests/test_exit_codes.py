@@ -151,7 +151,6 @@ def test_exit_4_another_run_holds_the_lock(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_exit_130_sigterm_mid_fine_tune_saves_a_clean_checkpoint_and_resumes(tiny_dataset: Path,
                                                                               tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "finetune.log"
@@ -179,7 +178,6 @@ def test_exit_130_sigterm_mid_fine_tune_saves_a_clean_checkpoint_and_resumes(tin
 
 @pytest.mark.render
 @pytest.mark.slow
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_exit_130_sigterm_mid_render_keeps_finished_shards_and_resumes(tmp_path: Path) -> None:
     from segfactory.formats.dataset import open_dataset
 
@@ -448,7 +446,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_sigterm_to_a_pipeline_driver_leaves_its_training_stage_a_clean_checkpoint(tiny_dataset: Path,
                                                                                    tmp_path: Path) -> None:
     """The stage process outlives its Dask worker by a step: it gets SIGTERM (not SIGKILL) when the worker dies,

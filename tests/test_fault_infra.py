@@ -168,7 +168,6 @@ def start_hanging_ingest(tmp_path: Path, *extra: str
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
     """The only worker of an address cluster is SIGKILLed while it decodes a file that never finishes (a real
     hanging Pillow plugin, ``faulty_decoders``): no worker is left, so after ``cluster.no_workers_timeout_s``
@@ -196,7 +195,6 @@ def test_only_worker_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_scheduler_sigkilled_mid_run_exits_3_listing_what_is_left(tmp_path: Path) -> None:
     """The scheduler of an address cluster is SIGKILLed while its worker decodes a file that never finishes:
     the driver lists the units still to run and exits 3 with one error line, no traceback."""

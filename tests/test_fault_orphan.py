@@ -145,7 +145,6 @@ def _stage_processes(cluster: LoopbackCluster) -> list[tuple[subprocess.Popen, p
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_sigkilled_worker_leaves_no_training_process_and_the_retry_resumes(cluster: LoopbackCluster,
                                                                            tiny_dataset: Path,
                                                                            tmp_path: Path) -> None:

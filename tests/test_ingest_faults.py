@@ -86,7 +86,6 @@ def rejected_by_name(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow  # ~20 s: three ingest runs on a LocalCluster, one of them waits out a 3 s timeout twice
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_hanging_killed_and_hungry_decoders_cost_one_file_each(faulty_dump: Path, tmp_path: Path) -> None:
     out = tmp_path / "images"
     t0 = time.monotonic()
@@ -540,7 +539,6 @@ def test_a_read_on_a_mount_whose_daemon_died_is_retried_by_the_next_run(tmp_path
 
 
 @pytest.mark.slow  # ~35 s: four ingest runs on a LocalCluster
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_files_rejected_as_not_images_are_re_examined_when_the_decoders_change(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

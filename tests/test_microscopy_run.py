@@ -1,6 +1,7 @@
 """The tests that share conftest's ``microscopy_run`` (``segfactory run configs/quickstart.yaml`` at tiny sizes, one
-~3 min run per session): one file, so that the test lanes' ``--dist loadfile`` runs them on one worker and the run
-is made once (pytest-xdist's ``loadgroup`` does not group under pytest 9.2: pytest-xdist issue #1386)."""
+~3 min run per session): one file, so that pytest-xdist's ``--dist loadfile`` would run them on one worker and make
+the run once (its ``loadgroup`` does not group under pytest 9.2: pytest-xdist issue #1386). The slow lane they are
+in runs in one process (CONTRIBUTING.md)."""
 
 from __future__ import annotations
 

@@ -82,7 +82,6 @@ def shard_of(render: psutil.Process) -> str:
     return Path(job).name.removesuffix(".job.json")
 
 
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_sigkill_worker_mid_render_leaves_complete_dataset(cluster: LoopbackCluster, tmp_path: Path):
     out = tmp_path / "ds"
     driver = start_driver(out, cluster.address, 12, 4, "execution.retries=2")
@@ -115,7 +114,6 @@ def test_sigkill_worker_mid_render_leaves_complete_dataset(cluster: LoopbackClus
     verify_complete(out, 12)
 
 
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_killed_driver_rerun_renders_only_missing_shards(cluster: LoopbackCluster, tmp_path: Path):
     out = tmp_path / "ds"
     driver = start_driver(out, cluster.address, 12, 2)
@@ -142,7 +140,6 @@ def test_killed_driver_rerun_renders_only_missing_shards(cluster: LoopbackCluste
     verify_complete(out, 12)
 
 
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_hung_render_is_killed_at_timeout_and_retried_on_cluster(tmp_path: Path):
     # Fault injection reaches render subprocesses through the workers' environment, set when they start.
     c = LoopbackCluster(tmp_path / "dask", env={"SEGFACTORY_FAULT": "hang-once@0"})

@@ -90,7 +90,6 @@ def test_kill_mid_prune_leaves_no_half_shard_and_the_rerun_finishes(tmp_path: Pa
 
 
 @pytest.mark.slow  # a real fine-tune of 80 steps runs through the prune (~40 s on 2 cores)
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_prune_never_deletes_shards_under_a_running_fine_tune(tmp_path: Path) -> None:
     """A fine-tune reading a refresh's dataset (started from the listing of an older release) while a refresh
     retires some of its shards: the prune rewrites ``dataset.json`` but leaves the shards the running fine-tune
@@ -365,7 +364,6 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow  # a loopback cluster, a fine-tune killed after a few steps, then resumed to the end
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_driver_and_worker_killed_mid_finetune_on_a_cluster_resume(tiny_dataset: Path, tmp_path: Path) -> None:
     cluster = LoopbackCluster(tmp_path / "dask", n_workers=1)
     final = tmp_path / "run" / "stages" / "finetune-0123456789ab"

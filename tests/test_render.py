@@ -463,7 +463,6 @@ def test_a_render_process_removes_blenders_session_temp_dir_before_its_os_exit(t
 
 @pytest.mark.render
 @pytest.mark.slow  # waits out a 25 s render timeout
-@pytest.mark.serial  # times real waits (kills, timeouts): runs alone
 def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypatch, capsys):
     from synth.shard import SCRATCH_PREFIX, scratch_root
 
