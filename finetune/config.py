@@ -491,23 +491,13 @@ class SweepConfig(StrictModel):
 # --------------------------------------------------------------------------------- command-line flags
 
 
-def with_paths(entries: list[SourceSpec], paths: list[str] | None) -> list[SourceSpec]:
-    """``--synthetic/--real`` replace the config entries' paths in order, keeping their other settings."""
-    if not paths:
-        return entries
-    out = []
-    for i, p in enumerate(paths):
-        out.append(entries[i].model_copy(update={"path": Path(p)}) if i < len(entries) else SourceSpec(path=Path(p)))
-    return out
-
-
-def apply_data_flags(cfg: FinetuneConfig, synthetic: list[str] | None, real: list[str] | None, encoder: str | None,
-                     arch: str | None, steps: int | None, unlabeled: list[str] | None = None) -> FinetuneConfig:
-    """Apply the stable script flags to a :class:`~finetune.config.FinetuneConfig` (returns a new one)."""
+def apply_data_flags(cfg: FinetuneConfig, encoder: str | None, arch: str | None, steps: int | None,
+                     unlabeled: list[str] | None = None) -> FinetuneConfig:
+    """Apply the stable script flags to a :class:`~finetune.config.FinetuneConfig` (returns a new one); the
+    repeatable path flags (``--synthetic``/``--real``) are applied by ``load_config(paths=...)``, before validation."""
     from segfactory.config import validation_error_to_user_error
 
-    update: dict[str, Any] = {"synthetic": with_paths(cfg.data.synthetic, synthetic),
-                              "real": with_paths(cfg.data.real, real)}
+    update: dict[str, Any] = {}
     if unlabeled:
         update["unlabeled"] = [Path(p) for p in unlabeled]
     data = cfg.data.model_copy(update=update)

@@ -56,7 +56,7 @@ def load_sweep_config(path: str | None, overrides: list[str] | None, *, syntheti
 
     cfg = load_config(SweepConfig, path, overrides, paths={"finetune.data.synthetic": synthetic,
                                                            "finetune.data.real": real, "test": test})
-    ft = apply_data_flags(cfg.finetune, None, None, encoder, None, steps)
+    ft = apply_data_flags(cfg.finetune, encoder, None, steps)
     ft = ft.model_copy(update={"data": ft.data.model_copy(update={
         "real": resolve_labeled_specs(ft.data.real, "--real" if real else "finetune.data.real"),
         "val": resolve_labeled_specs(ft.data.val, "finetune.data.val")})})

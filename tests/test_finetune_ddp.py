@@ -502,12 +502,11 @@ def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
 
 def test_in_process_callers_train_one_process_and_say_so(tiny_dataset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    from finetune.config import apply_data_flags
     from finetune.train import run_finetune
     from segfactory.config import load_config
 
-    cfg = load_config(FinetuneConfig, TINY, [*ARGS, "train.steps=1", *TWO])
-    cfg = apply_data_flags(cfg, [str(tiny_dataset)], None, None, None, None)
+    cfg = load_config(FinetuneConfig, TINY, [*ARGS, "train.steps=1", *TWO],
+                      paths={"data.synthetic": [str(tiny_dataset)]})
     summary = run_finetune(cfg, tmp_path / "run", show_progress=False)
     assert summary["finished"]
     assert "train.devices=2 but this process was not started by torchrun" in capsys.readouterr().err.replace("\n", " ")

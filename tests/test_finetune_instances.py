@@ -255,7 +255,6 @@ def test_training_logs_the_instance_loss_and_records_the_head(inst_model: Path) 
 
 def test_predict_writes_instance_pngs_and_coco_that_decodes_to_them(inst_model: Path, tiny_dataset: Path,
                                                                    tmp_path: Path, capsys) -> None:
-    from pycocotools import mask as mask_utils
 
     from segfactory.formats.dataset import open_dataset
 
@@ -278,16 +277,25 @@ def test_predict_writes_instance_pngs_and_coco_that_decodes_to_them(inst_model: 
         assert inst.dtype == np.uint16 and inst.shape == (im["height"], im["width"]) == (64, 64)
         classes = np.array(Image.open(out / f"{stem}.png"))
         assert (classes[inst > 0] == 1).all()                         # objects only on the thing class
-        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
-        assert sorted(a["instance_id"] for a in anns) == sorted(int(i) for i in np.unique(inst) if i)
+        anns = _image_annotations_match(coco, im, inst)
         for a in anns:
-            decoded = mask_utils.decode({"size": a["segmentation"]["size"],
-                                         "counts": a["segmentation"]["counts"].encode()})
-            assert np.array_equal(decoded.astype(bool), inst == a["instance_id"])
             assert a["category_id"] == 1 and a["area"] == int((inst == a["instance_id"]).sum())
         n_objects += len(anns)
         assert (out / "overlays" / f"{stem}.jpg").is_file()
     assert n_objects > 0
+
+
+def _image_annotations_match(coco: dict, im: dict, inst: np.ndarray) -> list[dict]:
+    """The COCO image ``im``'s annotations are exactly the objects of its (H, W) instance map ``inst``, each RLE
+    decoding to its object's pixels; returns them."""
+    from pycocotools import mask as mask_utils
+
+    anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
+    assert sorted(a["instance_id"] for a in anns) == sorted(int(i) for i in np.unique(inst) if i)
+    for a in anns:
+        decoded = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+        assert np.array_equal(decoded.astype(bool), inst == a["instance_id"])
+    return anns
 
 
 def test_predict_names_each_page_of_a_tiff_stack_in_the_coco_file_as_its_outputs(inst_model: Path,
@@ -296,7 +304,6 @@ def test_predict_names_each_page_of_a_tiff_stack_in_the_coco_file_as_its_outputs
     """The pages of a multi-page TIFF all had the stack's file_name in instances.json (told apart only by an extra
     `page` key COCO tools do not read): each page is now `<stem>_p<N>.tif`, the name of its mask and instance PNG."""
     import tifffile
-    from pycocotools import mask as mask_utils
 
     from segfactory.formats.dataset import open_dataset
 
@@ -317,12 +324,7 @@ def test_predict_names_each_page_of_a_tiff_stack_in_the_coco_file_as_its_outputs
         stem = Path(im["file_name"]).stem
         inst = np.array(Image.open(out / "instances" / f"{stem}.png"))
         assert (out / f"{stem}.png").is_file()
-        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
-        assert sorted(a["instance_id"] for a in anns) == sorted(int(i) for i in np.unique(inst) if i)
-        for a in anns:
-            decoded = mask_utils.decode({"size": a["segmentation"]["size"],
-                                         "counts": a["segmentation"]["counts"].encode()})
-            assert np.array_equal(decoded.astype(bool), inst == a["instance_id"])
+        _image_annotations_match(coco, im, inst)
 
 
 def test_onnx_export_returns_both_heads_with_parity(inst_model: Path, tmp_path: Path) -> None:

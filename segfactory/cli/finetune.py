@@ -111,7 +111,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if note:
             console.print(note)
         args.encoder = str(enc_dir)
-    cfg = apply_data_flags(cfg, None, None, args.encoder, args.arch, args.steps, args.unlabeled)
+    cfg = apply_data_flags(cfg, args.encoder, args.arch, args.steps, args.unlabeled)
     if any(str(p).startswith("sample:") for p in cfg.data.unlabeled):
         field = "--unlabeled" if args.unlabeled else "data.unlabeled"
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
