@@ -755,6 +755,19 @@ class Trainer:
                 return self._skip_step()
             self.scaler.scale(self.cfg.adapt.weight * st).backward()
             loss = loss.detach() + self.cfg.adapt.weight * st.detach()
+            if self.adapt.mic:
+                # Masked Image Consistency: a third backward, on masked real crops (class logits; with the head the
+                # forward returns both, so DDP sees every parameter). Masked batches never occur at inference:
+                # they normalise with their own statistics but leave the running ones alone.
+                with frozen_bn_stats(self.model):
+                    mic = self.adapt.mic_loss(lambda z: self._forward(z, step, 2, instances=self.cfg.instances.enabled))
+                if not self.loss_guard.check(mic, step):  # data-parallel: the global loss, so every rank skips
+                    if self.ddp is not None:
+                        (mic * 0).backward()
+                    return self._skip_step()
+                w = self.cfg.adapt.weight * self.cfg.adapt.mic_weight
+                self.scaler.scale(w * mic).backward()
+                loss = loss + w * mic.detach()
         if t.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
