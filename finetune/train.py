@@ -806,6 +806,12 @@ class Trainer:
                     # data-parallel: through DDP around JointOutputs (see _wrap_ddp)
                     logits, dist = self.train_model(x) if self.ddp is not None else forward_both(self.model, x)
                     return logits.float(), dist.float()
+                if self.ddp is not None and self.cfg.instances.enabled:
+                    # DDP wraps JointOutputs, which returns both heads; a forward whose loss uses the class logits
+                    # only (self-training without adapt.instance_pseudo) gives the distance head a zero gradient,
+                    # so DDP's reducer sees every parameter of the forward used
+                    logits, dist = self.train_model(x)
+                    return (logits + dist.sum() * 0).float()
                 logits = self.train_model(x)
         return logits.float()
 
