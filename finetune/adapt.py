@@ -3,10 +3,10 @@
 Mean teacher (:func:`ema_update`), pseudo-labels with a confidence threshold and a per-image quality weight
 (:func:`pseudo_label`, :func:`pixel_weights`; for the instance head's distance map
 :func:`distance_pseudo_targets`), ClassMix/DACS mixing (:func:`classmix_masks`, :func:`classmix`,
-:func:`classmix_distance`), strong photometric augmentation of mixed images (:func:`strong_photometric`), Fourier
-domain adaptation (:func:`fda`), histogram matching (:func:`match_histograms`) and test-time augmentation
-(:func:`tta_probs`). They run on whatever device their inputs are on; every random choice comes from an
-explicit ``torch.Generator`` (resume must be exact).
+:func:`classmix_distance`), strong photometric augmentation of mixed images (:func:`strong_photometric`), MIC's
+random block mask (:func:`block_mask`), Fourier domain adaptation (:func:`fda`), histogram matching
+(:func:`match_histograms`) and test-time augmentation (:func:`tta_probs`). They run on whatever device their inputs
+are on; every random choice comes from an explicit ``torch.Generator`` (resume must be exact).
 
 Images here are in [0, 1] (before :func:`~finetune.data.normalize.standardize`) unless said otherwise.
 """
@@ -357,6 +357,39 @@ def strong_photometric(image: torch.Tensor, generator: torch.Generator, jitter_p
         blurred = gaussian_blur2d(image, (k, k), sigma)
         image = torch.where((u[:, 6] < blur_p).view(b, 1, 1, 1), blurred, image)
     return image.clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------ masked image consistency
+
+
+def block_mask(n: int, height: int, width: int, ratio: float, block: int, generator: torch.Generator,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """MIC's random block mask (``BlockMaskGenerator`` of Hoyer et al. 2023): the image is tiled into ``block`` x
+    ``block`` blocks from its top-left corner (the last row and column of blocks cut at the border) and each
+    block is dropped with probability ``ratio``.
+
+    MIC draws a grid of ``round(side / block)`` cells and resizes it to the image (nearest), which makes blocks
+    of uneven size when ``block`` does not divide the side; here every block is exactly ``block`` pixels except
+    the cut ones at the right and bottom border.
+
+    Args:
+        n: Images in the batch (this rank's rows, see ``rows``).
+        height: Image height H (pixels).
+        width: Image width W (pixels).
+        ratio: Probability that a block is dropped, 0 <= ratio < 1 (MIC: 0.7).
+        block: Block side (pixels), >= 1.
+        generator: The draws' generator; the mask is on its device.
+        rows: ``(lo, total)``: the mask is rows ``lo:lo + n`` of a global batch of ``total`` (a data-parallel
+            rank's share): the blocks are drawn for all ``total`` images and these rows kept.
+
+    Returns:
+        (n, 1, H, W) float32, 1 where kept, 0 where dropped (multiply the standardised image by it).
+    """
+    lo, total = rows or (0, n)
+    gh, gw = -(-height // block), -(-width // block)
+    u = torch.rand(total, 1, gh, gw, generator=generator, device=generator.device)[lo:lo + n]
+    keep = (u > ratio).float()  # MIC's comparison: ratio 0 keeps every block
+    return keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :height, :width]
 
 
 # ------------------------------------------------------------------------------------ appearance alignment

@@ -321,9 +321,19 @@ class AdaptConfig(UnsaidDefaults):
             cross-entropy target on the pixels whose class pseudo-label is confident (above ``threshold``,
             weighted by the image's quality), ClassMix's pasted synthetic pixels keep their exact synthetic
             distance targets (weight 1), weighted by ``instances.weight`` inside the self-training loss.
+        mic_ratio: Masked Image Consistency (MIC, Hoyer et al. 2023; :meth:`finetune.selftrain.SelfTraining.
+            mic_loss`): each self-training step the student also learns the teacher's pseudo-labels of the real
+            crops from a strongly augmented copy of them in which each ``mic_block`` x ``mic_block`` block of the
+            network input is dropped (set to 0 in the standardised input) with this probability; 0 = off (MIC
+            uses 0.7). Class logits only, also with ``instance_pseudo``.
+        mic_block: Side of MIC's mask blocks in network input pixels (MIC: 64 on 512-1024 px crops; the
+            default 16 is the same 1/8 of a 128 px crop).
+        mic_weight: Weight of the MIC loss (MIC's lambda), added to the self-training loss (so also times
+            ``weight``).
     """
 
-    unsaid_defaults: ClassVar[dict[str, Any]] = {"instance_pseudo": False}
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"instance_pseudo": False, "mic_ratio": 0.0, "mic_block": 16,
+                                                 "mic_weight": 1.0}
 
     enabled: bool = True
     ema: float = Field(default=0.999, ge=0, lt=1)
@@ -345,6 +355,9 @@ class AdaptConfig(UnsaidDefaults):
     bn_stats: Literal["all", "mixed"] = "all"
     recalibrate_bn: int = Field(default=0, ge=0)
     instance_pseudo: bool = False
+    mic_ratio: float = Field(default=0.0, ge=0, lt=1)
+    mic_block: int = Field(default=16, ge=1)
+    mic_weight: float = Field(default=1.0, ge=0)
 
     @field_validator("blur_sigma")
     @classmethod

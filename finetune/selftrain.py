@@ -10,19 +10,26 @@ Per training step ``s`` (after the supervised synthetic loss, before the optimiz
    crops; the mixed images get the *strong* augmentation (colour jitter, blur) and the student learns them
    with pixel-weighted cross-entropy (pasted pixels weight 1), scaled by ``adapt.weight``; with
    ``adapt.instance_pseudo`` the instance head also learns the teacher's distance map on confident real pixels
-   and the pasted pixels' exact synthetic distance targets (:meth:`SelfTraining.instance_pseudo_pixel_loss`).
+   and the pasted pixels' exact synthetic distance targets (:meth:`SelfTraining.instance_pseudo_pixel_loss`);
+4. with ``adapt.mic_ratio`` > 0, Masked Image Consistency (MIC, Hoyer et al. 2023, its ``separatetrgaug`` mode):
+   the real crops of step 1 get their own strong view, a random block mask (:func:`~finetune.adapt.block_mask`)
+   zeroes blocks of the standardised input, and the student learns the pseudo-labels and weights of step 2 from
+   the masked crops (class logits only), scaled by ``adapt.mic_weight``, in a third forward and backward pass
+   (:meth:`SelfTraining.mic_loss`; its forward leaves BatchNorm's running statistics alone).
 
 Before step 1 the synthetic crops may be moved toward random real crops (FDA, histogram matching).
 
-Every random choice comes from one generator saved in the checkpoint together with the teacher, and the real
+Every random choice comes from one generator saved in the checkpoint together with the teacher (MIC's strong view
+and mask from a second one, seeded apart, so turning MIC on changes none of the other draws), and the real
 crops are a function of ``(seed, step, slot)``, so resume stays exact.
 
 Data-parallel (``train.devices > 1``): ``adapt.batch_size`` is the global real batch and each rank loads its
-contiguous slots of it; every draw (weak view, alignment, ClassMix, strong view) is made for the global batch
-from the generator, which every rank holds in the same state, and each rank keeps its rows; the teacher follows
-the student's weights, equal on all ranks, and labels with the global batch's BatchNorm statistics; the loss
-and the logged pseudo-label quality are global sums over ranks. So 2 ranks build the same mixed global batch as
-one process, and the teacher, the generator and the logs are identical on every rank (rank 0 checkpoints them).
+contiguous slots of it; every draw (weak view, alignment, ClassMix, strong view, MIC's view and mask) is made for
+the global batch from the generators, which every rank holds in the same state, and each rank keeps its rows; the
+teacher follows the student's weights, equal on all ranks, and labels with the global batch's BatchNorm statistics;
+the loss and the logged pseudo-label quality are global sums over ranks. So 2 ranks build the same mixed global
+batch as one process, and the teacher, the generators and the logs are identical on every rank (rank 0 checkpoints
+them).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch import nn
 
 from finetune.adapt import (
     align_batch,
+    block_mask,
     choose_half,
     chosen_mask,
     classmix,
@@ -51,7 +59,7 @@ from finetune.adapt import (
     strong_photometric,
     teacher_mode,
 )
-from finetune.config import FinetuneConfig, ScaleBy
+from finetune.config import AdaptConfig, FinetuneConfig, ScaleBy
 from finetune.data.normalize import standardize
 from finetune.scale import SCALE_KEYS, component_sizes, robust_median
 from finetune.unlabeled import UnlabeledSet, open_unlabeled, unlabeled_loader
@@ -61,6 +69,8 @@ from segfactory.errors import UserError
 
 # Added to the training seed for the adaptation generator, so adapting leaves the synthetic stream unchanged.
 ADAPT_SEED_SALT = 0xADA9
+# Added to the training seed for MIC's generator (adapt.mic_ratio), so MIC leaves the adaptation stream unchanged.
+MIC_SEED_SALT = 0x31C0
 # Real images predicted per pass of the automatic scale estimate, and synthetic masks measured.
 SCALE_IMAGES = 16
 SCALE_SYNTHETIC_MASKS = 64
@@ -120,12 +130,17 @@ def check_adapt_config(cfg: FinetuneConfig) -> None:
 
     Raises:
         UserError: ``input.scale=auto`` without unlabeled images, without a source-only phase, or together with
-            real labeled training data; ``adapt.instance_pseudo`` without the instance head.
+            real labeled training data; ``adapt.instance_pseudo`` without the instance head; ``adapt.mic_ratio``
+            without self-training.
     """
     if cfg.adapt.instance_pseudo and not cfg.instances.enabled:
         raise UserError("adapt.instance_pseudo=true trains the instance head on pseudo-labels, but the model has "
                         "none (instances.enabled=false)",
                         fix="set instances.enabled=true, or adapt.instance_pseudo=false")
+    if cfg.adapt.mic_ratio > 0 and not cfg.adapt.enabled:
+        raise UserError(f"adapt.mic_ratio={cfg.adapt.mic_ratio} (masked image consistency) learns the self-training "
+                        "pseudo-labels, but self-training is off (adapt.enabled=false)",
+                        fix="set adapt.enabled=true, or adapt.mic_ratio=0")
     if cfg.input.scale != "auto":
         return
     if not cfg.data.unlabeled:
@@ -139,6 +154,31 @@ def check_adapt_config(cfg: FinetuneConfig) -> None:
         raise UserError("input.scale=auto cannot be used with real labeled training data (data.real): those "
                         "images would be loaded before the scale is known",
                         fix="set input.scale to a number (e.g. from a first run with input.scale=auto)")
+
+
+def mic_view(real_x: torch.Tensor, generator: torch.Generator, a: AdaptConfig, mean: Any, std: Any,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """MIC's student input: the real crops' strong view (:func:`~finetune.adapt.strong_photometric` with the
+    ``adapt.jitter*`` / ``adapt.blur*`` settings), standardised, times a block mask
+    (:func:`~finetune.adapt.block_mask` with ``adapt.mic_ratio`` and ``adapt.mic_block``). The view is drawn
+    first, then the mask, both from ``generator``.
+
+    Args:
+        real_x: (R, C, S, S) weakly augmented real crops in [0, 1].
+        generator: MIC's generator, on ``real_x``'s device.
+        a: The ``adapt`` settings.
+        mean: ``input.mean`` of :func:`~finetune.data.normalize.standardize`.
+        std: ``input.std``.
+        rows: ``(lo, total)``: ``real_x`` is rows ``lo:lo + R`` of a global batch of ``total`` (a data-parallel
+            rank's share): every draw is made for the global batch and these rows kept.
+
+    Returns:
+        (R, C, S, S) standardised, 0 in the dropped blocks.
+    """
+    image = strong_photometric(real_x, generator, a.jitter_p, a.jitter, a.blur_p, a.blur_sigma, rows=rows)
+    mask = block_mask(real_x.shape[0], real_x.shape[-2], real_x.shape[-1], a.mic_ratio, a.mic_block, generator,
+                      rows=rows)
+    return standardize(image, mean, std) * mask.to(image.dtype)
 
 
 class SelfTraining:
@@ -162,6 +202,7 @@ class SelfTraining:
         self.class_names = class_names
         self.self_training = self.a.enabled
         self.instance_pseudo = self.a.enabled and self.a.instance_pseudo and cfg.instances.enabled
+        self.mic = self.a.enabled and self.a.mic_ratio > 0
         self.align = (self.a.fda_beta > 0 and self.a.fda_p > 0) or self.a.hist_match_p > 0
         self.recalibrates = self.a.recalibrate_bn > 0
         self.batch_size = self.a.batch_size or cfg.train.batch_size
@@ -170,6 +211,13 @@ class SelfTraining:
             p.requires_grad_(False)
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg.train.seed + ADAPT_SEED_SALT)
+        self.mic_gen: torch.Generator | None = None
+        if self.mic:  # its own stream: MIC on or off leaves self.gen's draws as they were
+            self.mic_gen = torch.Generator(device=device)
+            self.mic_gen.manual_seed(cfg.train.seed + MIC_SEED_SALT)
+        # the step's real crops (R, C, S, S), pseudo-labels (R, S, S) and weights (R, S, S) for mic_loss
+        self._mic_target: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._mic_acc = 0.0  # MIC loss (adapt.mic_ratio), summed like _acc
         self.scale_auto = cfg.input.scale == "auto"
         self.scale_report: dict[str, Any] | None = None
         self._acc = np.zeros(3)  # self-training loss, pseudo-label quality, pasted share (per log interval)
@@ -206,10 +254,14 @@ class SelfTraining:
         return self.align or self.active(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.state_dict(), "rng": self.gen.get_state(),
-                "scale": self.input_spec.get("scale"), "scale_report": self.scale_report,
-                "scale_spec": {k: self.input_spec[k] for k in SCALE_KEYS if k in self.input_spec},
-                "log_acc": [float(v) for v in self._acc], "log_n": self._n, "log_inst": self._inst_acc}
+        st = {"teacher": self.teacher.state_dict(), "rng": self.gen.get_state(),
+              "scale": self.input_spec.get("scale"), "scale_report": self.scale_report,
+              "scale_spec": {k: self.input_spec[k] for k in SCALE_KEYS if k in self.input_spec},
+              "log_acc": [float(v) for v in self._acc], "log_n": self._n, "log_inst": self._inst_acc}
+        if self.mic_gen is not None:  # only with MIC, so checkpoints without it hold what they held before
+            st["mic_rng"] = self.mic_gen.get_state()
+            st["log_mic"] = self._mic_acc
+        return st
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.teacher.load_state_dict(st["teacher"])
@@ -221,6 +273,9 @@ class SelfTraining:
         self._acc = np.asarray(st.get("log_acc", [0, 0, 0]), np.float64)
         self._n = int(st.get("log_n", 0))
         self._inst_acc = float(st.get("log_inst", 0.0))
+        if self.mic_gen is not None and "mic_rng" in st:
+            self.mic_gen.set_state(st["mic_rng"])
+        self._mic_acc = float(st.get("log_mic", 0.0))
 
     def describe(self) -> dict[str, Any]:
         """What model.json / summary.json record about adaptation."""
@@ -230,7 +285,9 @@ class SelfTraining:
 
     def log_fields(self) -> dict[str, float]:
         """Means over the log interval (then reset): ``selftrain_loss``, ``pseudo_quality``, ``pasted`` and,
-        with ``adapt.instance_pseudo``, ``instance_pseudo_loss`` (unweighted, also inside ``selftrain_loss``)."""
+        with ``adapt.instance_pseudo``, ``instance_pseudo_loss`` (unweighted, also inside ``selftrain_loss``),
+        with ``adapt.mic_ratio`` > 0 ``mic_loss`` (unweighted; times ``adapt.mic_weight`` inside
+        ``selftrain_loss``)."""
         if not self._n:
             return {}
         m = self._acc / self._n
@@ -238,7 +295,9 @@ class SelfTraining:
                "pasted": round(float(m[2]), 4)}
         if self.instance_pseudo:
             out["instance_pseudo_loss"] = round(self._inst_acc / self._n, 6)
-        self._acc, self._n, self._inst_acc = np.zeros(3), 0, 0.0
+        if self.mic:
+            out["mic_loss"] = round(self._mic_acc / self._n, 6)
+        self._acc, self._n, self._inst_acc, self._mic_acc = np.zeros(3), 0, 0.0, 0.0
         return out
 
     # ------------------------------------------------------------------ real crops
@@ -315,6 +374,8 @@ class SelfTraining:
         pl = pseudo_label(t_logits, a.threshold, real_valid, self.ignore_index)
         weights = pixel_weights(pl, a.pixel_weight)
         labels = pl.labels
+        if self.mic:  # MIC learns the same pseudo-labels and weights of the unmixed real crops (mic_loss)
+            self._mic_target = (real_x, labels, weights)
         image = real_x
         pasted = torch.zeros_like(real_valid)
         if a.mix == "classmix":
@@ -340,6 +401,47 @@ class SelfTraining:
             loss = loss + self.cfg.instances.weight * inst
         self._acc += [float(loss.detach()), quality, share]
         self._n += 1
+        return loss
+
+    def mic_loss(self, forward: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+        """Masked Image Consistency (``adapt.mic_ratio`` > 0): the loss of the student on masked real crops
+        against the teacher's pseudo-labels of the unmasked ones, not yet weighted by ``adapt.mic_weight`` or
+        ``adapt.weight``. Call it after :meth:`loss` of the same step, whose real crops, pseudo-labels and
+        per-pixel weights (``adapt.threshold``, ``adapt.pixel_weight``) it uses.
+
+        The crops (R, C, S, S) get a strong view of their own (:func:`~finetune.adapt.strong_photometric` with
+        the ``adapt.jitter*`` / ``adapt.blur*`` settings, MIC's ``separatetrgaug``), are standardised and
+        multiplied by a block mask (R, 1, S, S) (:func:`~finetune.adapt.block_mask`: ``adapt.mic_block`` px blocks
+        dropped with probability ``adapt.mic_ratio``), so dropped pixels are 0, MIC's masking of the normalised
+        image. Both draws come from MIC's own generator, for the global batch (data-parallel: this rank's rows).
+        The loss is the pixel-weighted cross-entropy of the class logits (R, K, S, S), a mean over all pixels (of
+        the global batch when data-parallel), as :meth:`loss`'s. With the instance head the forward returns both
+        heads (so that data-parallel training sees every parameter used) and the distance logits only enter as 0:
+        MIC trains the class logits, also with ``adapt.instance_pseudo``.
+
+        Args:
+            forward: Runs the student on a standardised batch (R, C, S, S), returns float class logits
+                (R, K, S, S), or with ``instances.enabled`` the pair (class logits, distance logits (R, 1, S, S)).
+
+        Returns:
+            Scalar loss.
+        """
+        if self._mic_target is None or self.mic_gen is None:
+            raise RuntimeError("SelfTraining.mic_loss: call loss() of the step first, with adapt.mic_ratio > 0")
+        real_x, labels, weights = self._mic_target
+        self._mic_target = None
+        logits = forward(mic_view(real_x, self.mic_gen, self.a, self.input_spec["mean"], self.input_spec["std"],
+                                  self._rows(real_x.shape[0])))
+        unused = None
+        if isinstance(logits, tuple):  # the instance head's output: no MIC target, a zero gradient
+            logits, unused = logits
+        ce = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none", ignore_index=self.ignore_index)
+        loss = self._global_mean(ce * weights)
+        if unused is not None:
+            loss = loss + unused.sum() * 0
+        value = float(loss.detach())
+        self._mic_acc += value
+        self._acc[0] += self.a.mic_weight * value  # selftrain_loss: the step's whole real-image loss
         return loss
 
     def _teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -542,6 +644,14 @@ class SelfTraining:
         lo, _ = self._rows(sy.shape[0])
         chosen = choose_half(distributed.all_gather_cat(present, self.info), self.gen)[lo:lo + sy.shape[0]]
         return chosen_mask(sy, chosen)
+
+    def _global_mean(self, weighted: torch.Tensor) -> torch.Tensor:
+        """The global batch's mean of a per-pixel loss (differentiable), from sums over ranks (see
+        :meth:`_global_means`)."""
+        if not self.info.distributed:
+            return weighted.mean()
+        total = distributed.all_sum_grad(weighted.sum().view(1), self.info)[0]
+        return total / (weighted.numel() * self.info.world_size)
 
     def _global_means(self, weighted: torch.Tensor, quality: torch.Tensor,
                       pasted: torch.Tensor) -> tuple[torch.Tensor, float, float]:

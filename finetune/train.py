@@ -755,6 +755,19 @@ class Trainer:
                 return self._skip_step()
             self.scaler.scale(self.cfg.adapt.weight * st).backward()
             loss = loss.detach() + self.cfg.adapt.weight * st.detach()
+            if self.adapt.mic:
+                # Masked Image Consistency: a third backward, on masked real crops (class logits; with the head the
+                # forward returns both, so DDP sees every parameter). Masked batches never occur at inference:
+                # they normalise with their own statistics but leave the running ones alone.
+                with frozen_bn_stats(self.model):
+                    mic = self.adapt.mic_loss(lambda z: self._forward(z, step, 2, instances=self.cfg.instances.enabled))
+                if not self.loss_guard.check(mic, step):  # data-parallel: the global loss, so every rank skips
+                    if self.ddp is not None:
+                        (mic * 0).backward()
+                    return self._skip_step()
+                w = self.cfg.adapt.weight * self.cfg.adapt.mic_weight
+                self.scaler.scale(w * mic).backward()
+                loss = loss + w * mic.detach()
         if t.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -793,6 +806,12 @@ class Trainer:
                     # data-parallel: through DDP around JointOutputs (see _wrap_ddp)
                     logits, dist = self.train_model(x) if self.ddp is not None else forward_both(self.model, x)
                     return logits.float(), dist.float()
+                if self.ddp is not None and self.cfg.instances.enabled:
+                    # DDP wraps JointOutputs, which returns both heads; a forward whose loss uses the class logits
+                    # only (self-training without adapt.instance_pseudo) gives the distance head a zero gradient,
+                    # so DDP's reducer sees every parameter of the forward used
+                    logits, dist = self.train_model(x)
+                    return (logits + dist.sum() * 0).float()
                 logits = self.train_model(x)
         return logits.float()
 

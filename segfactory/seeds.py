@@ -80,8 +80,9 @@ def pretrain_augment_seed(seed: int, step: int, micro: int) -> int:
 
 def dropout_seed(seed: int, step: int, salt: int = 0, rank: int = 0) -> int:
     """Seed of the global torch RNG during the forward pass of fine-tuning ``step``; ``salt`` tells apart several
-    forward passes of one step (the self-training pass uses 1; 0 keeps the original stream); ``rank`` the ranks of
-    a data-parallel run (rank 0 keeps the single-process stream; the others draw their own masks)."""
+    forward passes of one step (the self-training pass uses 1, MIC's masked pass 2; 0 keeps the original stream);
+    ``rank`` the ranks of a data-parallel run (rank 0 keeps the single-process stream; the others draw their own
+    masks)."""
     return seed_int(seed, step, FINETUNE_DROPOUT, *([salt] if salt or rank else []), *([rank] if rank else []))
 
 
