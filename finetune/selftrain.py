@@ -403,7 +403,7 @@ class SelfTraining:
         self._n += 1
         return loss
 
-    def mic_loss(self, forward: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    def mic_loss(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Masked Image Consistency (``adapt.mic_ratio`` > 0): the loss of the student on masked real crops
         against the teacher's pseudo-labels of the unmasked ones, not yet weighted by ``adapt.mic_weight`` or
         ``adapt.weight``. Call it after :meth:`loss` of the same step, whose real crops, pseudo-labels and
@@ -415,13 +415,12 @@ class SelfTraining:
         dropped with probability ``adapt.mic_ratio``), so dropped pixels are 0, MIC's masking of the normalised
         image. Both draws come from MIC's own generator, for the global batch (data-parallel: this rank's rows).
         The loss is the pixel-weighted cross-entropy of the class logits (R, K, S, S), a mean over all pixels (of
-        the global batch when data-parallel), as :meth:`loss`'s. With the instance head the forward returns both
-        heads (so that data-parallel training sees every parameter used) and the distance logits only enter as 0:
-        MIC trains the class logits, also with ``adapt.instance_pseudo``.
+        the global batch when data-parallel), as :meth:`loss`'s. MIC trains the class logits only, also with
+        ``adapt.instance_pseudo``.
 
         Args:
             forward: Runs the student on a standardised batch (R, C, S, S), returns float class logits
-                (R, K, S, S), or with ``instances.enabled`` the pair (class logits, distance logits (R, 1, S, S)).
+                (R, K, S, S) (data-parallel with the instance head: through both heads, see ``Trainer._forward``).
 
         Returns:
             Scalar loss.
@@ -432,13 +431,8 @@ class SelfTraining:
         self._mic_target = None
         logits = forward(mic_view(real_x, self.mic_gen, self.a, self.input_spec["mean"], self.input_spec["std"],
                                   self._rows(real_x.shape[0])))
-        unused = None
-        if isinstance(logits, tuple):  # the instance head's output: no MIC target, a zero gradient
-            logits, unused = logits
         ce = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none", ignore_index=self.ignore_index)
         loss = self._global_mean(ce * weights)
-        if unused is not None:
-            loss = loss + unused.sum() * 0
         value = float(loss.detach())
         self._mic_acc += value
         self._acc[0] += self.a.mic_weight * value  # selftrain_loss: the step's whole real-image loss

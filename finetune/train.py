@@ -756,11 +756,10 @@ class Trainer:
             self.scaler.scale(self.cfg.adapt.weight * st).backward()
             loss = loss.detach() + self.cfg.adapt.weight * st.detach()
             if self.adapt.mic:
-                # Masked Image Consistency: a third backward, on masked real crops (class logits; with the head the
-                # forward returns both, so DDP sees every parameter). Masked batches never occur at inference:
-                # they normalise with their own statistics but leave the running ones alone.
+                # Masked Image Consistency: a third backward, on masked real crops (class logits). Masked batches
+                # never occur at inference: they normalise with their own statistics but leave the running ones alone.
                 with frozen_bn_stats(self.model):
-                    mic = self.adapt.mic_loss(lambda z: self._forward(z, step, 2, instances=self.cfg.instances.enabled))
+                    mic = self.adapt.mic_loss(lambda z: self._forward(z, step, 2))
                 if not self.loss_guard.check(mic, step):  # data-parallel: the global loss, so every rank skips
                     if self.ddp is not None:
                         (mic * 0).backward()

@@ -453,25 +453,32 @@ def teacher(ckpt: dict) -> torch.Tensor:
                       if v.is_floating_point() and "running" not in k])
 
 
+def assert_adapts_like_one_process(single_runs: Runs, ddp_runs: Runs, name: str, what: str) -> tuple[dict, dict]:
+    """The self-training run ``name`` on 2 processes against one: both launches succeeded, the student and the
+    teacher (an EMA of the students) differ in under TOL_FRACTION_NOISY of their weights by more than 1e-6, and
+    the adaptation generator has made the same draws (for the global batch, on every rank). Returns the
+    checkpoints (one process, two)."""
+    (ones, singles), (runs, done) = single_runs, ddp_runs
+    r1, r2 = singles[name], done[name]
+    assert r1.returncode == 0, failure(r1)
+    assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
+    a, b = checkpoint(ones / name), checkpoint(runs / name)
+    assert b["world_size"] == 2 and b["step"] == 4
+    for net, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
+        differ = float(((wa - wb).abs() > 1e-6).float().mean())
+        print(f"{what}, 4 steps: {net} {100 * differ:.4f} % of {wa.numel()} weights differ by > 1e-6 "
+              f"(max {float((wa - wb).abs().max()):.3g})")
+        assert differ < TOL_FRACTION_NOISY, net
+    assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
+    return a, b
+
+
 @pytest.mark.slow
 def test_domain_adaptation_trains_the_same_on_two_processes_and_resumes_exactly(
         tiny_dataset: Path, hela_unlabeled: Path, single_runs: Runs, ddp_runs: Runs, tmp_path: Path) -> None:
-    (ones, singles), (runs, done) = single_runs, ddp_runs
+    ones, (runs, done) = single_runs[0], ddp_runs
     extra = ["--unlabeled", str(hela_unlabeled), *ADAPT]
-    r1 = singles["adapt"]  # extra
-    assert r1.returncode == 0, failure(r1)
-    r2 = done["adapt"]  # TWO and extra
-    assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
-    a, b = checkpoint(ones / "adapt"), checkpoint(runs / "adapt")
-    assert b["world_size"] == 2 and b["step"] == 4
-    # the student and the teacher (an EMA of the students) against one process
-    for name, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
-        differ = float(((wa - wb).abs() > 1e-6).float().mean())
-        print(f"adaptation, 4 steps: {name} {100 * differ:.4f} % of {wa.numel()} weights differ by > 1e-6 "
-              f"(max {float((wa - wb).abs().max()):.3g})")
-        assert differ < TOL_FRACTION_NOISY, name
-    # the adaptation generator has made the same draws (for the global batch, on every rank)
-    assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
+    b = assert_adapts_like_one_process(single_runs, ddp_runs, "adapt", "adaptation")[1]  # extra; with TWO
     la, lb = metrics(ones / "adapt"), metrics(runs / "adapt")
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     st = 0
@@ -511,18 +518,9 @@ def test_masked_image_consistency_with_the_instance_head_trains_the_same_on_two_
         single_runs: Runs, ddp_runs: Runs) -> None:
     """Self-training with the instance head (class pseudo-labels only) and MIC (adapt.mic_ratio): the class-only
     forward goes through DDP around both heads, MIC's masked view and mask are rows of the global batch's draws."""
-    (ones, singles), (runs, done) = single_runs, ddp_runs
-    r1, r2 = singles["adapt_mic"], done["adapt_mic"]  # ADAPT and MIC_INSTANCES; with TWO
-    assert r1.returncode == 0, failure(r1)
-    assert r2.returncode == 0, r2.stdout[-3000:] + failure(r2)
-    a, b = checkpoint(ones / "adapt_mic"), checkpoint(runs / "adapt_mic")
-    assert b["world_size"] == 2 and b["step"] == 4
-    for name, (wa, wb) in {"student": (weights(a), weights(b)), "teacher": (teacher(a), teacher(b))}.items():
-        differ = float(((wa - wb).abs() > 1e-6).float().mean())
-        print(f"MIC with the instance head, 4 steps: {name} {100 * differ:.4f} % of {wa.numel()} weights differ by "
-              f"> 1e-6 (max {float((wa - wb).abs().max()):.3g})")
-        assert differ < TOL_FRACTION_NOISY, name
-    assert torch.equal(a["adapt"]["rng"], b["adapt"]["rng"])
+    (ones, _), (runs, _) = single_runs, ddp_runs
+    # ADAPT and MIC_INSTANCES; with TWO
+    a, b = assert_adapts_like_one_process(single_runs, ddp_runs, "adapt_mic", "MIC with the instance head")
     assert torch.equal(a["adapt"]["mic_rng"], b["adapt"]["mic_rng"])  # MIC's draws made for the global batch
     mic = 0
     for x, y in zip(metrics(ones / "adapt_mic"), metrics(runs / "adapt_mic"), strict=True):
