@@ -30,12 +30,15 @@ quickstart: install
 	$(BIN)/segfactory run configs/quickstart.yaml --out runs/quickstart
 
 # Everything: the fast lane first (it fails fastest), then the Blender, SLURM and slow tests. .ci/services.sh starts
-# the single-node SLURM the SLURM tests run against (installs it first, needs root). The slow lane runs in one
-# process: its render-timeout and SLURM queue tests time real waits on the 2 cores (CI 2026-12-06: 25:50).
+# the single-node SLURM the SLURM tests run against (installs it first, needs root). The slow lane runs on the same
+# $(TEST_WORKERS) workers, each file on one (the SLURM tests share test_slurm.py, so they never queue against each
+# other); its render timeouts (15 s, 25 s) are several times a tiny render on a shared core. 2026-12-06, 2 idle
+# cores: 24:45 in one process, 19:30 on 2 workers (starting the two longest files first gave 22:15, with another
+# job on the cores too: their 2-thread training stages then share the cores with each other).
 test: install
 	$(MAKE) --no-print-directory test-fast
 	bash .ci/services.sh
-	$(BIN)/python -m pytest -q --durations=20 -m "render or slurm or slow"
+	$(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile -m "render or slurm or slow"
 
 # The edit-test loop: lint (with the type checker), then every test that needs no Blender render, no SLURM and is
 # not slow (markers: pyproject.toml [tool.pytest.ini_options]), on $(TEST_WORKERS) pytest-xdist workers; --dist

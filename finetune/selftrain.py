@@ -131,7 +131,7 @@ def check_adapt_config(cfg: FinetuneConfig) -> None:
     Raises:
         UserError: ``input.scale=auto`` without unlabeled images, without a source-only phase, or together with
             real labeled training data; ``adapt.instance_pseudo`` without the instance head; ``adapt.mic_ratio``
-            without self-training.
+            without self-training, or with blocks (``adapt.mic_block``) over half the crop.
     """
     if cfg.adapt.instance_pseudo and not cfg.instances.enabled:
         raise UserError("adapt.instance_pseudo=true trains the instance head on pseudo-labels, but the model has "
@@ -141,6 +141,11 @@ def check_adapt_config(cfg: FinetuneConfig) -> None:
         raise UserError(f"adapt.mic_ratio={cfg.adapt.mic_ratio} (masked image consistency) learns the self-training "
                         "pseudo-labels, but self-training is off (adapt.enabled=false)",
                         fix="set adapt.enabled=true, or adapt.mic_ratio=0")
+    if cfg.adapt.mic_ratio > 0 and cfg.adapt.mic_block * 2 > cfg.augment.crop_size:
+        raise UserError(f"adapt.mic_block={cfg.adapt.mic_block}: MIC's mask blocks must fit at least twice across the "
+                        f"training crop (augment.crop_size={cfg.augment.crop_size}); larger ones mask whole crops or "
+                        "nothing, so there is no context left to learn from",
+                        fix=f"set adapt.mic_block to {cfg.augment.crop_size // 2} or less (MIC: 64 on 512 px crops)")
     if cfg.input.scale != "auto":
         return
     if not cfg.data.unlabeled:

@@ -293,8 +293,11 @@ def test_on_unknown_ignore_says_once_which_values_pixels_and_files_it_drops(tmp_
     for it in src.train + src.val:
         src.load(it)
     assert capsys.readouterr().err == ""  # no note per sample
-    open_source(spec.model_copy(update={"path": coins_dir}), "real", make_targets(CELLS), "train")
+    # The fine-tune's data.json records it too (the note was only on stderr, gone with the terminal).
+    assert src.describe()["unknown_ignored"] == {"values": {"9": 12, "40": 6}, "pixels": 18, "masks": 3, "of": 10}
+    clean = open_source(spec.model_copy(update={"path": coins_dir}), "real", make_targets(CELLS), "train")
     assert capsys.readouterr().err == ""  # nothing dropped, nothing said
+    assert "unknown_ignored" not in clean.describe()
 
 
 def test_real_flag_fills_a_config_entry_with_a_remap_but_no_path(tmp_path: Path, coins_dir: Path) -> None:

@@ -90,6 +90,13 @@ def test_mic_fields_stay_out_of_default_dumps_and_bad_values_name_the_field() ->
             load_config(FinetuneConfig, None, [bad])
     with pytest.raises(UserError, match=r"adapt\.enabled=false"):
         check_adapt_config(load_config(FinetuneConfig, None, ["adapt.mic_ratio=0.7", "adapt.enabled=false"]))
+    # Blocks over half the crop mask whole crops or nothing: refused, naming the field, the crop and what fits.
+    with pytest.raises(UserError, match=r"adapt\.mic_block=40.*augment\.crop_size=64.*mic_block to 32 or less"):
+        check_adapt_config(load_config(FinetuneConfig, None, ["adapt.mic_ratio=0.7", "adapt.mic_block=40",
+                                                              "augment.crop_size=64"]))
+    check_adapt_config(load_config(FinetuneConfig, None, ["adapt.mic_ratio=0.7", "adapt.mic_block=32",
+                                                          "augment.crop_size=64"]))
+    check_adapt_config(load_config(FinetuneConfig, None, ["adapt.mic_block=40", "augment.crop_size=64"]))  # MIC off
 
 
 # Self-training from step 2 of 8 with a threshold the barely trained teacher reaches (so pseudo-labels count).

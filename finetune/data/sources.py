@@ -57,6 +57,9 @@ class Source:
     on_unknown: str
     ignore_index: int = 255
     weight: float = 1.0
+    unknown_ignored: dict[str, Any] | None = None
+    """``on_unknown=ignore``: the mask values outside the class map that training ignores (``values``: pixels per
+    value, ``pixels``, ``masks``: masks holding any, ``of``: masks checked); ``None`` when there were none."""
 
     def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         """Load one frame.
@@ -90,8 +93,11 @@ class Source:
         return read_instances(item.instances, mask.shape)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "path": str(self.path), "train_items": len(self.train),
-                "val_items": len(self.val), "classes": self.remap.mapping}
+        out = {"name": self.name, "kind": self.kind, "path": str(self.path), "train_items": len(self.train),
+               "val_items": len(self.val), "classes": self.remap.mapping}
+        if self.unknown_ignored is not None:
+            out["unknown_ignored"] = self.unknown_ignored
+        return out
 
 
 def read_instances(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -186,12 +192,17 @@ def _scan_real(path: Path) -> list[Item]:
 
 
 def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_index: int,
-                      implicit_ignore: int | None, folder: Path) -> None:
+                      implicit_ignore: int | None, folder: Path) -> dict[str, Any] | None:
     """Fail before training, not at step 3000: sizes from headers, mask values from every mask; a labeled image is
     one frame (a multi-page TIFF is refused: which page would its mask label?). ``implicit_ignore``: the folder has
     no class table (mask values are the class ids) and this is its ignore value: masks of only 0 and it are refused
     (:func:`~segfactory.formats.labeled.check_not_all_ignored`). With ``on_unknown=ignore``, the mask values outside
-    the class map (made ignore in training, silently) are counted and said in one line: values, pixels, files."""
+    the class map (made ignore in training, silently) are counted and said in one line: values, pixels, files.
+
+    Returns:
+        With ``on_unknown=ignore`` and unknown values found, what was ignored (:attr:`Source.unknown_ignored`, which
+        the fine-tune's ``data.json`` records), else ``None``.
+    """
     values: set[int] = set()
     dropped: dict[int, int] = {}  # on_unknown=ignore: pixels per unknown mask value, over every mask
     dropped_files = 0
@@ -228,6 +239,9 @@ def _check_real_items(items: list[Item], remap: Remap, on_unknown: str, ignore_i
         console.print(f"note: real source '{folder}': mask value(s) {shown}{more} are outside its class map (known: "
                       f"{known}): {sum(dropped.values())} pixel(s) in {dropped_files} of {len(items)} mask(s) are "
                       "ignored (on_unknown=ignore)", soft_wrap=True, markup=False)
+        return {"values": {str(v): n for v, n in sorted(dropped.items())}, "pixels": sum(dropped.values()),
+                "masks": dropped_files, "of": len(items)}
+    return None
 
 
 def check_instances_match(it: Item, mask: np.ndarray) -> None:
@@ -322,12 +336,13 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
         train, val = [], sorted(items, key=lambda it: (_unit_hash(it.split_unit, "val"), it.key))[:val_max]
     else:
         train, val = [], list(items)
+    unknown = None
     if kind == "real":
         implicit = spec.classes is None and not (path / "classes.json").is_file()  # mask values are the class ids
-        _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index,
-                          ignore if implicit else None, path)
+        unknown = _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index,
+                                    ignore if implicit else None, path)
     return Source(spec.name or path.name, kind, path, train, val, remap, spec.on_unknown, targets.ignore_index,
-                  spec.weight)
+                  spec.weight, unknown)
 
 
 def resolve_targets(cfg: FinetuneConfig) -> TargetClasses:
