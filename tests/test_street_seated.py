@@ -125,11 +125,6 @@ def test_seated_people_zero_leaves_every_scene_as_it_was():
     _same_at_zero(6)
 
 
-@pytest.mark.slow
-def test_seated_people_zero_leaves_fifty_scenes_as_they_were():
-    _same_at_zero(50)
-
-
 @pytest.mark.render
 def test_a_rendered_street_with_seated_people_has_person_and_bench_masks_and_valid_coco(tmp_path: Path):
     """One scene, one 64 px view framed on people (``person_views=1``), everyone on the sidewalks seated."""
