@@ -2,9 +2,9 @@
 
 Class map (Cityscapes colors, ids stable since the family was added): sky 0, road 1, sidewalk 2, lane_marking 3,
 building 4, vehicle 5*, person 6*, pole_sign 7*, vegetation 8 (* = thing classes with instances). Bicycles are
-``vehicle``; street lamps, signs, traffic lights and bollards are ``pole_sign``; trees, bushes, grass verges and
-the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches and puddles are
-``road``; crosswalk stripes are ``lane_marking``.
+``vehicle``; street lamps, signs, traffic lights, bollards and benches are ``pole_sign``; trees, bushes, grass
+verges and the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches and
+puddles are ``road``; crosswalk stripes are ``lane_marking``.
 
 Layout. The street runs along a centre line that is straight up to ``s0`` and may then bend into an arc
 (:class:`StreetFrame`: street coordinates ``s`` along the centre line, ``t`` across it, ``t > 0`` to the right
@@ -71,9 +71,9 @@ from scenes.street_assets.environment import (
     sample_environment,
     wet,
 )
-from scenes.street_assets.furniture import sample_bollard
+from scenes.street_assets.furniture import Bench, sample_bench, sample_bollard
 from scenes.street_assets.nature import sample_bush, sample_tree
-from scenes.street_assets.people import group_offsets, sample_person
+from scenes.street_assets.people import SEAT_TOLERANCE, Figure, group_offsets, sample_figure, sample_person
 from scenes.street_assets.vehicles import sample_bicycle, sample_vehicle
 from segfactory.config import UnsaidDefaults
 
@@ -102,7 +102,7 @@ PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the
 class StreetParams(UnsaidDefaults):
     # off: scenes and config hashes as before
     unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0, "balcony_bands": 0.0,
-                                                 "lit_shops": 0.0}
+                                                 "lit_shops": 0.0, "seated_people": 0.0}
 
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
@@ -149,6 +149,11 @@ class StreetParams(UnsaidDefaults):
     tree_row_prob: float = Field(0.5, ge=0, le=1, description="chance that a side's trees stand in a regular row")
     group_prob: float = Field(0.45, ge=0, le=1, description="share of people walking in groups of 2-4")
     crossing_share: float = Field(0.15, ge=0, le=1, description="share of people on crosswalks (if any)")
+    seated_people: float = Field(0.0, ge=0, le=1, description="share of the people on the sidewalks who sit on "
+                                 "benches (added at the sidewalks' back edges, class pole_sign) or squat (where there "
+                                 "is room); drawn from a generator of its own after everything else is laid out, so "
+                                 "the street, vehicles, the other people and the camera draws stay as they were; 0 "
+                                 "(the default) adds nothing and leaves every scene as it was")
     camera_mix: tuple[float, float, float] = Field(
         (0.35, 0.35, 0.3), description="relative weights of dashcam, pedestrian and surveillance cameras")
     vehicle_views: float = Field(0.0, ge=0, le=1, description="share of views framed on vehicles: of the "
@@ -779,6 +784,11 @@ def build_street(ctx: SceneContext) -> StreetLayout:
             b.place("person", "person", sample_person(rng, k), people_regions, heading, footprint="rect")
             placed += 1
 
+    if p.seated_people > 0:
+        # A generator of its own (spawning one does not advance ``rng``): everything above and the cameras' draws
+        # below are what they were without seated people.
+        _seat_people(b, rng.spawn(1)[0], walk_regions, walk_outer, curb_h)
+
     # Cameras.
     kinds = [CAMERA_KINDS[int(i)] for i in rng.choice(3, size=ctx.views, p=np.array(p.camera_mix) / sum(p.camera_mix))]
     things = [o for o in b.objects if ctx.classes[o.class_id].thing]
@@ -963,6 +973,84 @@ def _place_group(b: _Builder, n: int, regions: list[Region]) -> int:
                 placed += 1
         return placed
     return 0
+
+
+SEATED_GAP = 0.6  # metres between the origins of two people on one bench
+
+
+def bench_with_sitters(rng: np.random.Generator, k: MaterialKnobs, n: int) -> tuple[Bench, list[tuple[Figure, float,
+                                                                                                      float]]]:
+    """A bench and up to ``n`` people sitting on it, bench-local (see :class:`~scenes.street_assets.furniture.Bench`):
+    each figure with the (x, y) of its origin, its seat's front edge on the bench's and its body clear of the
+    backrest (no more of it below the seat's top than ``SEAT_TOLERANCE``)."""
+    bench = sample_bench(rng, k)
+    slots = max(1, min(n, int((bench.length - 0.3) // SEATED_GAP)))
+    xs = (np.arange(slots) - (slots - 1) / 2) * (bench.length - 0.3) / slots
+    xs = xs + rng.uniform(-0.05, 0.05, slots)
+    out = []
+    for x in xs:
+        fig = sample_figure(rng, k, "sit", seat_height=bench.seat_height)
+        y = -float(fig.seat_front or 0.0)  # the figure's seat front on the bench's front edge
+        body = np.concatenate([q.mesh.vertices for r, q in fig.parts.items() if r != "phone"]).astype(np.float64)
+        above = body[body[:, 2] > bench.seat_height - SEAT_TOLERANCE]
+        y += max(0.0, -bench.depth + 0.01 - float(above[:, 1].min() + y))  # forward, clear of the backrest
+        out.append((fig, float(x), y))
+    return bench, out
+
+
+def _seat_people(b: _Builder, rng: np.random.Generator, walk_regions: list[Region], walk_outer: float,
+                 curb_h: float) -> None:
+    """``seated_people``: a share of the people on the sidewalks sit on benches or squat, all drawn from ``rng`` (a
+    generator of the scene's own). A sitter moves to a bench at a sidewalk's back edge, facing the road (benches
+    go where they fit; their people stand on where none does); a squatter stays where it stood if its outline
+    fits there. A changed person keeps its object's name and its place in the list."""
+    p, k = b.p, b.k
+    people = [i for i, o in enumerate(b.objects) if o.name.startswith("person_") and abs(o.location[2] - curb_h) < 1e-6]
+    sitters: list[int] = []
+    squatters: list[int] = []
+    for i in people:
+        if rng.random() < p.seated_people:
+            (sitters if rng.random() < 0.6 else squatters).append(i)
+    for i in squatters:
+        obj = b.objects[i]
+        parts = sample_person(rng, k, "squat")
+        yaw = obj.rotation[2]
+        fp = Footprint.of_points(_rect_points(_local_rect(parts)), yaw)
+        center = (float(obj.location[0]), float(obj.location[1]))
+        others = FootprintSet.of([e for e in b.occupied_list if e[0] != center])
+        xy = np.array([center])
+        if others.clear(xy, fp)[0] and (not b.building_polys or
+                                       (_dist_to_polys(xy, b.building_polys) >= fp.radius).all()):
+            b.objects[i] = SceneObject(obj.name, obj.class_id, parts, obj.location, obj.rotation)
+            b.occupy(xy[0], fp)
+    regions = [r for r in walk_regions if r.s1 - r.s0 > 5.0]
+    while sitters and regions:
+        group = sitters[:int(rng.integers(1, 4))]
+        sitters = sitters[len(group):]
+        bench, seated = bench_with_sitters(rng, k, len(group))
+        local = [_rect_points(_local_rect(bench.parts))]
+        local += [_rect_points(_local_rect(f.part_list())) + np.array([x, y]) for f, x, y in seated]
+        pts = np.concatenate(local)
+        rear = -float(pts[:, 1].min())
+        reg = regions[int(rng.integers(len(regions)))]
+        side = 1.0 if reg.t0 > 0 else -1.0
+        s = rng.uniform(reg.s0 + bench.length, reg.s1 - bench.length, 24)
+        t = side * (walk_outer - 0.05 - rear - rng.uniform(0.0, 0.3, 24))
+        yaw = side * np.pi / 2 - float(b.frame.theta(float(s[0])))
+        fp = Footprint.of_points(pts, yaw)
+        xy = b.frame.to_world(s, t)
+        hit = np.flatnonzero(b.free(xy, fp))
+        if not len(hit):
+            continue
+        spot = xy[hit[0]]
+        b.add("bench", "pole_sign", bench.parts, (spot[0], spot[1], reg.z), yaw)
+        b.occupy(spot, fp)
+        c, sn = np.cos(yaw), np.sin(yaw)
+        for i, (fig, x, y) in zip(group, seated, strict=False):
+            at = spot + np.array([c * x - sn * y, sn * x + c * y])
+            obj = b.objects[i]
+            b.objects[i] = SceneObject(obj.name, obj.class_id, fig.part_list(), vec3((at[0], at[1], reg.z)),
+                                       (0.0, 0.0, yaw))
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Street furniture of the ``street`` family (class ``pole_sign``): sign poles, traffic lights, street lamps and
-bollards as plain NumPy meshes, no Blender.
+"""Street furniture of the ``street`` family (class ``pole_sign``): sign poles, traffic lights, street lamps,
+bollards and benches as plain NumPy meshes, no Blender.
 
 Conventions (object-local, see ``scenes.street_assets``): the pole stands at the origin on z=0; sign faces and
 traffic-light lenses look towards ``+y``; arms (street-lamp arms, traffic-light mast arms) reach towards
@@ -8,12 +8,14 @@ by pi (as ``scenes/street.py`` does). An arm widens the object's footprint radiu
 With ``lit=True`` the lamp head of a street lamp and one lamp of a traffic light are emission parts (dusk and
 night scenes); unlit they are plain surfaces, so no part glows. A street lamp's head may instead be given its
 material (``glow``: the scene environment's ``lamp_material()``, so that the glass glows in the colour of the
-scene's lamp lights). Every mesh here is triangles.
+scene's lamp lights). A bench (:func:`sample_bench`) has its origin at the middle of its seat's front edge on
+the ground, the seat towards ``-y``, facing ``+y``. Every mesh here is triangles.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from scenes import geometry as g
 from scenes.randomization import MaterialKnobs, jitter_color, kelvin_to_rgb, uniform
 from scenes.spec import Material, Mesh, Part, Vec3, vec3
 from scenes.street_assets.nature import pick, tube
+from scenes.street_assets.people import SEAT_HEIGHT_RANGE
 
 POLE_KINDS = ("sign", "round_sign", "traffic_light", "street_lamp")
 POLE_KIND_WEIGHTS = (0.35, 0.25, 0.2, 0.2)
@@ -316,3 +319,86 @@ def sample_bollard(rng: np.random.Generator, k: MaterialKnobs) -> list[Part]:
     cap = g.transform(g.box(s * 1.02, s * 1.02, 0.1), (0, 0, h * 0.75))
     return [Part(post, Material(jitter_color(rng, pick(rng, [RED, WHITE, (0.12, 0.07, 0.03)]), k), roughness=0.5)),
             Part(cap, Material(WHITE, roughness=0.3))]
+
+
+WOOD: list[Vec3] = [(0.2, 0.1, 0.045), (0.3, 0.17, 0.08), (0.12, 0.07, 0.035), (0.35, 0.3, 0.24)]
+
+
+@dataclass
+class Bench:
+    """A street bench (class ``pole_sign``), object-local: origin at the middle of the seat's front edge on the
+    ground, the seat from ``y = -depth`` to 0, its top at ``seat_height``; a backrest (if any) behind ``-depth``.
+
+    Attributes:
+        parts: One part per material.
+        seat_height, depth, length: Metres (``length`` along x, centred).
+        back: It has a backrest.
+    """
+
+    parts: list[Part]
+    seat_height: float
+    depth: float
+    length: float
+    back: bool
+
+
+def sample_bench(rng: np.random.Generator, k: MaterialKnobs, seat_height: float | None = None,
+                 length: float | None = None) -> Bench:
+    """A bench: wooden slats on a painted metal frame with or without a backrest, or a concrete slab on two blocks.
+
+    Args:
+        rng: Random generator.
+        k: Material knobs.
+        seat_height: The seat's top in metres (None: drawn in ``people.SEAT_HEIGHT_RANGE``, the seats that
+            ``people.sample_figure(pose="sit")`` sits on).
+        length: Metres along x (None: 1.4-2.2 m).
+
+    Returns:
+        The bench (see :class:`Bench`), <= ~300 faces.
+    """
+    top = uniform(rng, SEAT_HEIGHT_RANGE) if seat_height is None else float(seat_height)
+    length_ = uniform(rng, (1.4, 2.2)) if length is None else float(length)
+    parts = _Parts()
+    if rng.random() < 0.25:  # a concrete slab on two blocks, no backrest
+        depth, t = uniform(rng, (0.4, 0.5)), uniform(rng, (0.08, 0.12))
+        color = jitter_color(rng, (0.42, 0.41, 0.38), k)
+        stone = Material(color, roughness=0.9, texture="noise", color2=vec3(c * 0.75 for c in color),
+                         texture_scale=10.0, texture_w=float(rng.uniform(0, 100)), bump=0.3)
+        parts.add("stone", stone, g.transform(g.box(length_, depth, t), (0.0, -depth / 2, top - t)))
+        bw = uniform(rng, (0.14, 0.24))
+        for sx in (-1, 1):
+            block = g.box(bw, depth * 0.8, top - t)
+            parts.add("stone", stone, g.transform(block, (sx * (length_ / 2 - 0.1 - bw / 2), -depth / 2, 0.0)))
+        return Bench(parts.parts(), top, depth, length_, False)
+    depth = uniform(rng, (0.38, 0.46))
+    wood = Material(jitter_color(rng, pick(rng, WOOD), k), roughness=uniform(rng, (0.5, 0.8)), texture="wave",
+                    color2=vec3(c * 0.7 for c in pick(rng, WOOD)), texture_scale=uniform(rng, (3.0, 6.0)),
+                    texture_w=float(rng.uniform(0, 100)))
+    metal = _pole_material(rng, k)
+    n_slats, t = int(rng.integers(3, 6)), uniform(rng, (0.03, 0.045))
+    gap = 0.015
+    w = (depth - gap * (n_slats - 1)) / n_slats
+    for i in range(n_slats):
+        parts.add("wood", wood, g.transform(g.box(length_, w, t), (0.0, -w / 2 - i * (w + gap), top - t)))
+    back = bool(rng.random() < 0.7)
+    frames = [-1.0, 1.0] + ([0.0] if length_ > 1.9 else [])
+    post, inset = uniform(rng, (0.04, 0.06)), uniform(rng, (0.1, 0.2))
+    lean = uniform(rng, (0.15, 0.3))  # the backrest leans back (radians)
+    back_h = uniform(rng, (0.35, 0.5))
+    up, front = np.array([0.0, -np.sin(lean), np.cos(lean)]), np.array([0.0, np.cos(lean), np.sin(lean)])
+    for fx in frames:
+        x = fx * (length_ / 2 - inset)
+        for y in (-post / 2 - 0.02, -depth + post / 2 + 0.02):  # front and back legs
+            parts.add("metal", metal, g.transform(g.box(post, post, top - t), (x, y, 0.0)))
+        rear = depth + (t + post if back else 0.0)  # the side bar reaches back under the backrest
+        parts.add("metal", metal, g.transform(g.box(post, rear - 0.02, post), (x, -rear / 2, top - t - post)))
+        if back:  # a post behind the seat, leaning back; the backrest slats in front of it
+            foot = np.array([x, -depth - t - post / 2, top - t - post])
+            parts.add("metal", metal, tube(foot, foot + (back_h + post) * up, post * 0.45, post * 0.45, 6))
+    if back:  # the slats' front faces rise from the seat's back edge (y = -depth), leaning back
+        for j in range(2 if back_h < 0.42 else 3):
+            h = 0.08 + j * (back_h - 0.1) / 2
+            c = np.array([0.0, -depth, top]) + h * up - (t / 2 + 0.005) * front
+            slat = g.transform(g.box(length_, t, w * 0.8, center_z=True), rotation=g.rot_x(lean))
+            parts.add("wood", wood, g.transform(slat, c))
+    return Bench(parts.parts(), top, depth, length_, back)

@@ -8,10 +8,14 @@ a few bright ones), some with a fabric or stripe texture; skin tones cover the f
 from 1.0 m (children, with larger heads and shorter legs) to 1.95 m, with slim to broad builds.
 
 Poses: ``stand`` (arms down, a hand in a pocket, looking at a phone, a slight weight shift) and ``walk`` (a gait
-phase: opposite arm and leg swing, knee bend of the swinging leg, heel strike and toe-off of the feet).
+phase: opposite arm and leg swing, knee bend of the swinging leg, heel strike and toe-off of the feet); only when
+asked for, ``sit`` (on a seat of a given height: thighs near level, knees bent about 90 degrees, shins down to flat
+feet; hands on the thighs, one on the seat, or holding a phone) and ``squat`` (deep knee bend, heels up or flat,
+leaning forward; forearms over the knees, reaching forward and down, or a phone).
 Accessories: an umbrella held up in one hand, a handbag or shopping bag hanging from one hand, a backpack.
 
-Coordinates as every street asset: origin between the feet, soles on ``z = 0``, facing ``+y``. The figure's
+Coordinates as every street asset: origin between the feet, soles on ``z = 0``, facing ``+y`` (a seated figure's
+seat is behind its feet: see :class:`Figure`). The figure's
 right side is ``+x``. 1.3 to 1.95 k triangles per person (mean about 1.6 k).
 """
 
@@ -27,9 +31,12 @@ from scenes import geometry as g
 from scenes.randomization import MaterialKnobs, jitter_color, uniform
 from scenes.spec import FloatArray, Material, Mesh, Part, TextureKind, Vec3, vec3
 
-Pose = Literal["stand", "walk"]
+Pose = Literal["stand", "walk", "sit", "squat"]
 Accessory = Literal["none", "umbrella", "bag", "backpack"]
-POSES: tuple[Pose, ...] = ("stand", "walk")
+POSES: tuple[Pose, ...] = ("stand", "walk")  # what ``pose=None`` draws from (unchanged by the seated poses)
+SEATED_POSES: tuple[Pose, ...] = ("sit", "squat")  # only when asked for
+SEAT_HEIGHT_RANGE = (0.4, 0.48)  # metres: a bench's seat top, what ``sit`` draws when no height is given
+SEAT_TOLERANCE = 0.01  # metres a seated body may sink into its seat (the cushioning of clothes and flesh)
 ACCESSORIES: tuple[Accessory, ...] = ("none", "umbrella", "bag", "backpack")
 ACCESSORY_P = (0.58, 0.1, 0.17, 0.15)
 HEIGHT_RANGE = (1.0, 1.95)
@@ -257,13 +264,102 @@ class Angles:
     head_pitch: float = 0.0
     hand_hidden: list[bool] = field(default_factory=lambda: [False, False])  # in a pocket
     phone: bool = False
+    hip_height: float | None = None  # the pelvis joint's height above the soles; None: the body's standing one
 
 
 SIDES = (1.0, -1.0)
 
 
+def _arm_to(body: Body, side: float, target: FloatArray) -> tuple[float, float, float]:
+    """(abduction, flexion, elbow flexion) that bring a wrist to ``target`` (torso-local, as the arm chain of
+    :func:`_assemble`; no twist), or as near as the arm reaches."""
+    drop = 0.45 * body.arm_r
+    v = np.asarray(target, np.float64) - (side * (body.shoulder_x - 0.15 * body.arm_r), -0.005,
+                                          body.shoulder_z - drop)
+    u, f = body.upper_arm - drop, body.forearm
+    abd = float(np.arctan2(side * v[0], -v[2]))
+    across = float(np.hypot(v[0], v[2]))
+    dist = float(np.clip(np.linalg.norm(v), abs(u - f) + 1e-3, u + f - 1e-3))
+    elbow = float(np.arccos(np.clip((dist**2 - u**2 - f**2) / (2 * u * f), -1.0, 1.0)))
+    flex = float(np.arctan2(v[1], across) - np.arctan2(f * np.sin(elbow), u + f * np.cos(elbow)))
+    return abd, flex, elbow
+
+
+def _thigh_point(body: Body, a: Angles, i: int, t: float, hip_height: float) -> FloatArray:
+    """A point a fraction ``t`` along leg ``i``'s thigh (pelvis upright at ``hip_height``, before grounding)."""
+    r_th = g.rot_y(-SIDES[i] * a.hip_abd[i]) @ g.rot_x(a.hip_flex[i])
+    out: FloatArray = np.array([SIDES[i] * body.hip_x, 0.0, hip_height]) + r_th @ (0.0, 0.0, -t * body.thigh)
+    return out
+
+
+def _to_torso(body: Body, a: Angles, p: FloatArray, hip_height: float) -> FloatArray:
+    """A point of the figure (before grounding) in torso-local coordinates (upright, pelvis at ``body.hip_z``)."""
+    out: FloatArray = g.rot_x(-a.lean).T @ (p - (0.0, 0.0, hip_height)) + (0.0, 0.0, body.hip_z)
+    return out
+
+
+def _seated_angles(rng: np.random.Generator, a: Angles, pose: Pose, body: Body, seat: float) -> None:
+    """Legs, torso and arms of ``sit`` (on a seat ``seat`` m high: hip joints ``a.hip_height`` above the soles,
+    thighs near level, shins down to flat feet) and ``squat`` (deep knee bend, heels up or flat, leaning forward)."""
+    b = body
+    hz = float(a.hip_height if a.hip_height is not None else b.hip_z)
+    if pose == "sit":
+        a.lean = float(rng.uniform(-0.05, 0.25))
+        a.head_pitch = float(rng.uniform(0.0, 0.2))
+        flex = float(rng.uniform(1.45, 1.62))
+        for i in range(2):
+            a.hip_abd[i] = float(rng.uniform(0.04, 0.2))
+            hf = flex + float(rng.uniform(-0.05, 0.05))
+            cos_abd = float(np.cos(a.hip_abd[i]))
+            reach = b.ankle_z + 0.995 * b.shin * cos_abd  # the highest knee whose foot still reaches the ground
+            if hz - b.thigh * float(np.cos(hf)) * cos_abd > reach:  # a high seat: the thigh slopes down to it
+                hf = float(np.arccos(np.clip((hz - reach) / (b.thigh * cos_abd), -1.0, 1.0)))
+            knee_z = hz - b.thigh * float(np.cos(hf)) * cos_abd
+            # The shin tilts forward from the knee just enough for the flat foot to reach the ground.
+            psi = float(np.arccos(np.clip((knee_z - b.ankle_z) / (b.shin * cos_abd), 0.0, 1.0)))
+            a.hip_flex[i], a.knee[i] = hf, hf - psi
+            a.toe_out[i] = float(rng.uniform(0.05, 0.3))
+        a.foot_pitch = [0.0, 0.0]
+    else:  # squat
+        a.lean = float(rng.uniform(0.35, 0.65))
+        heels_up = rng.random() < 0.5
+        flex = float(rng.uniform(1.95, 2.2))
+        psi = float(rng.uniform(0.45, 0.7)) + (0.0 if heels_up else 0.1)  # knees ahead of the ankles
+        pitch = -float(rng.uniform(0.3, 0.55)) if heels_up else 0.0
+        for i in range(2):
+            a.hip_abd[i] = float(rng.uniform(0.18, 0.38))
+            a.hip_flex[i] = flex + float(rng.uniform(-0.04, 0.04))
+            a.knee[i] = a.hip_flex[i] + psi
+            a.toe_out[i] = float(rng.uniform(0.15, 0.4))
+        a.foot_pitch = [pitch, pitch]
+        a.head_pitch = -a.lean * float(rng.uniform(0.4, 0.9))
+    style = int(rng.choice(3, p=[0.5, 0.25, 0.25]))  # hands on the thighs / knees, one on the seat / reaching
+    if style == 2:  # looking at a phone held in both hands (as standing, relative to the torso)
+        a.phone = True
+        a.head_pitch = float(rng.uniform(0.35, 0.55)) - 0.5 * a.lean
+        for i in range(2):
+            a.sh_flex[i], a.sh_abd[i] = float(rng.uniform(0.15, 0.3)), float(rng.uniform(0.1, 0.18))
+            a.sh_twist[i], a.elbow[i] = float(rng.uniform(0.35, 0.5)), float(rng.uniform(1.25, 1.5))
+        return
+    other = int(rng.integers(2))
+    for i, side in enumerate(SIDES):
+        if pose == "sit" and style == 1 and i == other:  # a hand on the seat beside the hip
+            target = np.array([side * (b.hip_x + 1.3 * b.leg_r + 0.07), float(rng.uniform(-0.06, 0.06)),
+                               seat + 0.9 * b.hand + 0.03])
+        elif pose == "sit":  # resting on the thigh, towards the knee
+            target = _thigh_point(b, a, i, float(rng.uniform(0.55, 0.75)), hz)
+            target += (side * 0.5 * b.leg_r, 0.0, 1.2 * b.leg_r + 0.02)
+        elif style == 1:  # squat, reaching forward and down in front of the feet
+            target = _thigh_point(b, a, i, 1.0, hz) + np.array([side * 0.05, rng.uniform(0.15, 0.3), -b.shin * 0.6])
+        else:  # squat, forearms over the knees, hands hanging in front of them
+            target = _thigh_point(b, a, i, 1.0, hz) + np.array([side * 0.02, rng.uniform(0.2, 0.3),
+                                                                 rng.uniform(-0.02, 0.06)])
+        abd, flex, elbow = _arm_to(b, side, _to_torso(b, a, target, hz))
+        a.sh_abd[i], a.sh_flex[i], a.elbow[i], a.sh_twist[i] = max(abd, 0.03), flex, elbow, 0.0
+
+
 def _sample_angles(rng: np.random.Generator, pose: Pose, accessory: Accessory, holder: int, body: Body,
-                   stride: float = 1.0) -> Angles:
+                   stride: float = 1.0, hip_height: float | None = None, seat: float = 0.0) -> Angles:
     a = Angles()
     # Arms must clear the hips: the smallest abduction that keeps the wrist outside the pelvis.
     arm_len = body.upper_arm + body.forearm
@@ -286,6 +382,9 @@ def _sample_angles(rng: np.random.Generator, pose: Pose, accessory: Accessory, h
             a.toe_out[i] *= 0.5
         a.lean = float(rng.uniform(0.03, 0.08))
         a.head_pitch = float(rng.uniform(-0.05, 0.1))
+    elif pose in SEATED_POSES:
+        a.hip_height = hip_height
+        _seated_angles(rng, a, pose, body, seat)
     else:
         style = rng.choice(3, p=[0.55, 0.25, 0.2])  # arms down, hand(s) in pockets, looking at a phone
         if style == 2 and accessory in ("umbrella", "bag"):
@@ -336,6 +435,11 @@ class Figure:
     body: Body
     pose: Pose
     accessory: Accessory
+    # ``sit``: the seat it sits on, in figure coordinates: the top at ``seat_height`` (its body rests there), the
+    # front edge at ``y = seat_front`` (the seat lies at smaller y, under the pelvis and thighs; the knees and
+    # the lower legs are in front of it); None for the other poses.
+    seat_height: float | None = None
+    seat_front: float | None = None
 
     def part_list(self) -> list[Part]:
         return list(self.parts.values())
@@ -374,18 +478,35 @@ def _head(body: Body) -> tuple[Mesh, float, float, float]:
 
 
 def sample_figure(rng: np.random.Generator, k: MaterialKnobs, pose: Pose | None = None,
-                  accessory: Accessory | None = None) -> Figure:
+                  accessory: Accessory | None = None, seat_height: float | None = None) -> Figure:
     """Sample one person with its parts by role and its joints (see :func:`sample_person`)."""
     pose_ = pose or POSES[int(rng.random() < 0.55)]
     acc = accessory or ACCESSORIES[int(rng.choice(len(ACCESSORIES), p=ACCESSORY_P))]
+    if pose_ in SEATED_POSES and (acc in ("umbrella", "bag") or (pose_ == "sit" and acc == "backpack")):
+        acc = "none"  # put down (a backpack would be in a bench's backrest)
     body = _sample_body(rng)
+    if pose_ == "sit":
+        seat = uniform(rng, SEAT_HEIGHT_RANGE) if seat_height is None else float(seat_height)
+        for _ in range(50):  # feet flat on the ground: legs long enough for the seat (most children's are not)
+            if seat + 0.06 * body.height - 0.36 * body.thigh - body.ankle_z <= 0.98 * body.shin:
+                break
+            body = _sample_body(rng)
     holder = int(rng.integers(2))
     seed = int(rng.integers(2**31))
+    if pose_ == "sit":  # the hip height that puts the body on the seat (the legs follow it to the ground)
+        hz = seat + 0.055 * body.height
+        for _ in range(4):
+            fig = _assemble(np.random.default_rng(seed), k, body, pose_, acc, holder, 1.0, hz, seat)
+            err = seat - float(fig.seat_height or 0.0)
+            if abs(err) < 1e-3:
+                break
+            hz += err
+        return fig
     stride = 1.0
     for _ in range(6):  # shorten the stride until the feet stay inside the footprint
         fig = _assemble(np.random.default_rng(seed), k, body, pose_, acc, holder, stride)
         limit = MAX_UMBRELLA_FOOTPRINT if acc == "umbrella" else MAX_FOOTPRINT
-        if _footprint(fig.part_list()) <= limit + 1e-6:
+        if pose_ == "squat" or _footprint(fig.part_list()) <= limit + 1e-6:
             break
         stride *= 0.85
     return fig
@@ -396,9 +517,10 @@ def _footprint(parts: list[Part]) -> float:
 
 
 def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose, acc: Accessory, holder: int,
-              stride: float) -> Figure:
+              stride: float, hip_height: float | None = None, seat: float = 0.0) -> Figure:
     b = body
-    ang = _sample_angles(rng, pose, acc, holder, b, stride)
+    ang = _sample_angles(rng, pose, acc, holder, b, stride, hip_height, seat)
+    seated = pose in SEATED_POSES
     # ------------------------------------------------------------------ outfit
     skin = _skin(rng)
     female = b.female and not b.child
@@ -418,7 +540,7 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
         hair_style = "short"
 
     # ------------------------------------------------------------------ skeleton (forward kinematics)
-    pelvis = np.array([ang.shift, 0.0, b.hip_z])
+    pelvis = np.array([ang.shift, 0.0, b.hip_z if ang.hip_height is None else ang.hip_height])
     r_pelvis = g.rot_y(ang.sway * 0.5)
     r_torso = g.rot_y(ang.sway) @ g.rot_x(-ang.lean)
     sk: dict[str, list[Mesh]] = {"skin": [], "top": [], "bottom": [], "shoes": [], "hair": [], "coat": [],
@@ -443,6 +565,7 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
                  (waist_z, b.waist_rx * 0.94, b.waist_ry * 0.9, 0.0)], 12,
                 bottom_apex=crotch - 0.01 * h)
     sk["bottom"].append(on_pelvis(pel))
+    contact = [sk["bottom"][-1]]  # what rests on a seat (sit)
     bust = 0.015 * h if female else 0.0
     neck_base = b.shoulder_z + 0.035 * h
     if bottom_kind == "skirt":  # the top tucked into the skirt, whose waistband covers its hem
@@ -459,6 +582,8 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
     chest = _loft(chest_rings, 12, top_apex=neck_base)
     if top_kind != "coat":  # a coat covers the chest
         sk["top"].append(on_torso(chest))
+    # Bent legs (sit, squat): coat and skirt end at the pelvis and go on down the thighs, as sleeves to the hem.
+    thigh_cover: list[tuple[str, float, float]] = []  # (role, share of the thigh, radius factor)
     if top_kind == "coat":
         hem = b.hip_z - (0.45 if pose == "walk" else 0.8) * b.thigh
         spread = 1.0 + 0.15 * (pose == "walk")
@@ -467,16 +592,26 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
                       (b.hip_z, b.hip_rx * 1.12, b.hip_ry * 1.15, -0.008)] + \
             [(z, rx * 1.08 + 0.006, ry * 1.1 + 0.006, yc) for z, rx, ry, yc in chest_rings[1:6]] + \
             [(neck_base + 0.005 * h, b.neck_r * 1.45, b.neck_r * 1.3, -0.012)]
-        cm = _loft(coat_rings, 12, bottom_apex=hem + 0.02)
+        if seated:
+            coat_rings = coat_rings[1:]
+            thigh_cover.append(("coat", 0.75, 1.32))
+        cm = _loft(coat_rings, 12, bottom_apex=coat_rings[0][0] + (-0.01 * h if seated else 0.02))
         sk["coat"].append(on_torso(cm))
+        contact.append(sk["coat"][-1])
     if bottom_kind == "skirt":
-        hem = b.hip_z - float(rng.uniform(0.35, 0.95)) * b.thigh
+        share = float(rng.uniform(0.35, 0.95))
+        hem = b.hip_z - share * b.thigh
         flare = float(rng.uniform(1.1, 1.35)) * (1.12 if pose == "walk" else 1.0)
-        sm = _loft([(hem, b.hip_rx * 1.15 * flare, b.hip_ry * 1.3 * flare, -0.005),
-                    (crotch, b.hip_rx * 1.1, b.hip_ry * 1.12, -0.008),
-                    (b.hip_z, b.hip_rx * 1.05, b.hip_ry * 1.05, -0.008),
-                    (waist_z + 0.01 * h, b.waist_rx * 1.07, b.waist_ry * 1.07, 0.0)], 12, bottom_apex=hem + 0.03)
+        skirt_rings = [(hem, b.hip_rx * 1.15 * flare, b.hip_ry * 1.3 * flare, -0.005),
+                       (crotch, b.hip_rx * 1.1, b.hip_ry * 1.12, -0.008),
+                       (b.hip_z, b.hip_rx * 1.05, b.hip_ry * 1.05, -0.008),
+                       (waist_z + 0.01 * h, b.waist_rx * 1.07, b.waist_ry * 1.07, 0.0)]
+        if seated:
+            skirt_rings = skirt_rings[1:]
+            thigh_cover.append(("skirt", min(share + 0.1, 0.95), 1.2))
+        sm = _loft(skirt_rings, 12, bottom_apex=skirt_rings[0][0] + (-0.01 * h if seated else 0.03))
         sk["skirt"].append(on_pelvis(sm))
+        contact.append(sk["skirt"][-1])
 
     # Neck and head.
     neck_top = torso_pt((0, 0.005, b.chin_z + 0.02 * h))
@@ -525,15 +660,20 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
         r_sh = r_th @ g.rot_x(-ang.knee[i])
         ankle = knee + r_sh @ np.array([0, 0, -b.shin])
         shin_angle = ang.hip_flex[i] - ang.knee[i]
-        pitch = 0.6 * shin_angle if pose == "walk" else 0.0
+        pitch = ang.foot_pitch[i] if ang.foot_pitch is not None else 0.6 * shin_angle if pose == "walk" else 0.0
         r_foot = g.rot_z(-side * ang.toe_out[i]) @ g.rot_x(pitch)
         thigh_mat = "bottom" if bottom_kind != "skirt" else "legwear"
         shin_mat = "bottom" if bottom_kind == "trousers" else "legwear"
         loose = 1.12 if bottom_kind == "trousers" else 1.0
         sk[thigh_mat].append(_place(_capsule(b.thigh, b.leg_r * loose, b.leg_r * 0.62 * loose, bulge=0.06),
                                     hip, r_th))
+        contact.append(sk[thigh_mat][-1])
         if bottom_kind == "shorts":
             sk["bottom"].append(_place(_capsule(b.thigh * 0.55, b.leg_r * 1.18, b.leg_r * 0.98), hip, r_th))
+            contact.append(sk["bottom"][-1])
+        for role, share, fat in thigh_cover:
+            sk[role].append(_place(_capsule(b.thigh * share, b.leg_r * fat, b.leg_r * fat * 0.85), hip, r_th))
+            contact.append(sk[role][-1])
         sr = b.leg_r * (0.72 if bottom_kind == "trousers" else 0.62)
         sk[shin_mat].append(_place(_capsule(b.shin, sr, sr * (0.85 if bottom_kind == "trousers" else 0.6),
                                             bulge=0.12 if bottom_kind != "trousers" else 0.0), knee, r_sh))
@@ -571,12 +711,27 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
             else:
                 parts[role] = Part(g.merge(meshes), mat)
     parts.update(acc_parts)
-    ground = float(parts["shoes"].mesh.vertices[:, 2].min())
-    lift = np.array([0.0, 0.0, -ground], np.float32)
+    feet = parts["shoes"].mesh.vertices
+    ground = float(feet[:, 2].min())
+    # Seated poses: the origin between the feet (standing ones keep it under the pelvis, as they always did).
+    mid = (feet[:, :2].min(axis=0) + feet[:, :2].max(axis=0)) / 2 if seated else np.zeros(2)
+    lift = np.array([-mid[0], -mid[1], -ground], np.float32)
     for p in parts.values():
         p.mesh.vertices = p.mesh.vertices + lift
     joints = {n: j + lift for n, j in joints.items()}
-    return Figure(parts, joints, body, pose, acc)
+    fig = Figure(parts, joints, body, pose, acc)
+    if pose == "sit":
+        # The seat's top under the buttocks (the lowest of the pelvis, thighs and clothes near the hip joints); its
+        # front edge where the thighs (sloping down to the knees on a high seat) come lower than that, and behind
+        # the backs of the knees.
+        v = np.concatenate([m.vertices for m in contact]).astype(np.float64) + lift
+        hip_y = float(joints["pelvis"][1])
+        seat_top = float(v[v[:, 1] <= hip_y + 0.05, 2].min())
+        knees = min(float(joints["knee0"][1]), float(joints["knee1"][1]))
+        below = v[(v[:, 1] > hip_y) & (v[:, 2] < seat_top - SEAT_TOLERANCE), 1]
+        fig.seat_height = seat_top
+        fig.seat_front = min(knees - 1.35 * b.leg_r - 0.03, float(below.min()) - 0.01 if len(below) else np.inf)
+    return fig
 
 
 def _hair(rng: np.random.Generator, style: str, a: float, b: float, c: float, centre: FloatArray, rot: FloatArray
@@ -688,21 +843,26 @@ def _backpack(rng: np.random.Generator, k: MaterialKnobs, b: Body, on_torso: Cal
 
 
 def sample_person(rng: np.random.Generator, k: MaterialKnobs, pose: Pose | None = None,
-                  accessory: Accessory | None = None) -> list[Part]:
+                  accessory: Accessory | None = None, seat_height: float | None = None) -> list[Part]:
     """One person as street-asset parts (origin between the feet, soles on z = 0, facing +y).
 
     Args:
         rng: Source of every random choice (the same state gives the same person).
         k: Material knobs: colour jitter of the clothes, hats and accessories, and (``texture_prob``) how often
             clothes carry a pattern (fabric noise or wavy stripes; ``k.textures`` is not used for clothing).
-        pose: ``"stand"`` or ``"walk"``; ``None`` draws one (55 % walk).
-        accessory: ``"none"``, ``"umbrella"``, ``"bag"`` or ``"backpack"``; ``None`` draws one (58 % none).
+        pose: ``"stand"``, ``"walk"``, ``"sit"`` or ``"squat"``; ``None`` draws standing or walking (55 % walk),
+            never the seated poses.
+        accessory: ``"none"``, ``"umbrella"``, ``"bag"`` or ``"backpack"``; ``None`` draws one (58 % none). Seated
+            poses put an umbrella or bag down (``"none"``), and ``sit`` a backpack too.
+        seat_height: ``sit`` only: the seat's top (metres above the soles; None draws one in
+            ``SEAT_HEIGHT_RANGE``). The figure's origin stays between its feet (soles on z = 0); its pelvis and
+            thighs rest on the seat behind them, whose front edge is at ``Figure.seat_front`` (see :class:`Figure`).
 
     Returns:
         The parts of :class:`Figure` (skin, hair or hat, clothes, shoes, accessories), each one triangle mesh
         and its material; at most 2 k triangles in all.
     """
-    return sample_figure(rng, k, pose, accessory).part_list()
+    return sample_figure(rng, k, pose, accessory, seat_height).part_list()
 
 
 def group_offsets(rng: np.random.Generator, n: int) -> FloatArray:
