@@ -27,9 +27,16 @@ SCRATCH_ENV = "SEGFACTORY_RENDER_SCRATCH"
 SCRATCH_PREFIX = "segfactory-blender-"
 
 
+SCRATCH_ROOT_ENV = "SEGFACTORY_SCRATCH_ROOT"
+
+
 def scratch_root() -> str | None:
-    """Where render scratch directories go: ``/dev/shm`` (memory: Blender writes every pass as an EXR file and
-    reads it back) where there is one, else the system's temp dir (None)."""
+    """Where render scratch directories go: ``$SEGFACTORY_SCRATCH_ROOT`` if set (e.g. a disk folder where
+    ``/dev/shm`` is small: Docker's default is 64 MB), else ``/dev/shm`` (memory: Blender writes every pass as an
+    EXR file and reads it back) where there is one, else the system's temp dir (None)."""
+    root = os.environ.get(SCRATCH_ROOT_ENV)
+    if root:
+        return root
     return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 

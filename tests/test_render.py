@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -452,6 +453,18 @@ def test_render_scratch_is_removed_whatever_the_child_did_and_dead_owners_scratc
     assert live.is_dir() and other.is_dir()
 
 
+def test_segfactory_scratch_root_moves_render_scratch(tmp_path: Path, monkeypatch):
+    """``SEGFACTORY_SCRATCH_ROOT`` (a small /dev/shm, as Docker's 64 MB; a test's own scratch) is where a render
+    task makes its scratch dir."""
+    import pipelines.render as render
+    from synth.shard import SCRATCH_ENV, SCRATCH_ROOT_ENV
+
+    monkeypatch.setenv(SCRATCH_ROOT_ENV, str(tmp_path))
+    with render.render_scratch() as env:
+        assert Path(env[SCRATCH_ENV]).parent == tmp_path and Path(env[SCRATCH_ENV]).is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.render
 def test_a_render_process_removes_blenders_session_temp_dir_before_its_os_exit(tmp_path: Path):
     code = ("import os, bpy\nfrom synth.bproc_boot import purge_blender_tempdir\n"
@@ -464,19 +477,26 @@ def test_a_render_process_removes_blenders_session_temp_dir_before_its_os_exit(t
 @pytest.mark.render
 @pytest.mark.slow  # waits out a 25 s render timeout
 def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypatch, capsys):
-    from synth.shard import SCRATCH_PREFIX, scratch_root
+    import tempfile
+
+    from synth.shard import SCRATCH_PREFIX, SCRATCH_ROOT_ENV, scratch_root
 
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "hang@0,hang-once@1")
     tmp = tmp_path / "tmp"  # the workers' and render processes' TMPDIR: Blender's session temp dirs went here
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
-    shm = Path(scratch_root() or tmp)
-    scratch_before = set(shm.glob(f"{SCRATCH_PREFIX}*"))
-    rc = _render_small(out, 2, 2, "execution.timeout_s=25", "execution.retries=1")
-    # Killed renders (a timeout, after a frame was written) and finished ones (which end with os._exit) leave no
-    # scratch dir (their EXR passes, in memory) and no Blender temp dir behind.
-    assert set(shm.glob(f"{SCRATCH_PREFIX}*")) <= scratch_before
+    # A scratch root of this test's own (in memory, as the default): renders of tests on another pytest-xdist
+    # worker put theirs in /dev/shm at the same time.
+    shm = Path(tempfile.mkdtemp(prefix="segfactory-test-scratch-", dir=scratch_root()))
+    monkeypatch.setenv(SCRATCH_ROOT_ENV, str(shm))
+    try:
+        rc = _render_small(out, 2, 2, "execution.timeout_s=25", "execution.retries=1")
+        # Killed renders (a timeout, after a frame was written) and finished ones (which end with os._exit) leave
+        # no scratch dir (their EXR passes, in memory) and no Blender temp dir behind.
+        assert not list(shm.glob(f"{SCRATCH_PREFIX}*"))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("blender_")]
     err = capsys.readouterr().err
     assert rc == EXIT_PARTIAL
