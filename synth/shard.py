@@ -25,8 +25,6 @@ PROGRESS_PREFIX = "SEGFACTORY-PROGRESS"
 # Blender's intermediate passes and its session temp dir go there, and the parent removes it whatever the child did.
 SCRATCH_ENV = "SEGFACTORY_RENDER_SCRATCH"
 SCRATCH_PREFIX = "segfactory-blender-"
-
-
 SCRATCH_ROOT_ENV = "SEGFACTORY_SCRATCH_ROOT"
 
 

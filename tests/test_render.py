@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -477,26 +476,21 @@ def test_a_render_process_removes_blenders_session_temp_dir_before_its_os_exit(t
 @pytest.mark.render
 @pytest.mark.slow  # waits out a 25 s render timeout
 def test_hanging_shard_is_killed_at_timeout_and_retried(tmp_path: Path, monkeypatch, capsys):
-    import tempfile
-
-    from synth.shard import SCRATCH_PREFIX, SCRATCH_ROOT_ENV, scratch_root
+    from synth.shard import SCRATCH_PREFIX, SCRATCH_ROOT_ENV
 
     out = tmp_path / "ds"
     monkeypatch.setenv("SEGFACTORY_FAULT", "hang@0,hang-once@1")
     tmp = tmp_path / "tmp"  # the workers' and render processes' TMPDIR: Blender's session temp dirs went here
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
-    # A scratch root of this test's own (in memory, as the default): renders of tests on another pytest-xdist
-    # worker put theirs in /dev/shm at the same time.
-    shm = Path(tempfile.mkdtemp(prefix="segfactory-test-scratch-", dir=scratch_root()))
-    monkeypatch.setenv(SCRATCH_ROOT_ENV, str(shm))
-    try:
-        rc = _render_small(out, 2, 2, "execution.timeout_s=25", "execution.retries=1")
-        # Killed renders (a timeout, after a frame was written) and finished ones (which end with os._exit) leave
-        # no scratch dir (their EXR passes, in memory) and no Blender temp dir behind.
-        assert not list(shm.glob(f"{SCRATCH_PREFIX}*"))
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
+    # A scratch root of this test's own: renders of tests on another pytest-xdist worker use /dev/shm meanwhile.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv(SCRATCH_ROOT_ENV, str(scratch))
+    rc = _render_small(out, 2, 2, "execution.timeout_s=25", "execution.retries=1")
+    # Killed renders (a timeout, after a frame was written) and finished ones (which end with os._exit) leave no
+    # scratch dir (their EXR passes) and no Blender temp dir behind.
+    assert not list(scratch.glob(f"{SCRATCH_PREFIX}*"))
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("blender_")]
     err = capsys.readouterr().err
     assert rc == EXIT_PARTIAL
