@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs two pytest-xdist workers on the 2 cores, and each may start training stages with a thread per
+# core. libgomp's threads spin while they wait for each other, and against another busy process that made a resnet18
+# step 1.6-2x slower (0.78-1.19 s against 0.51-0.56 s with passive waiting, 2 threads each, 2026-12-07). Set before
+# torch loads; every process the tests start (Dask workers, stage processes, SLURM jobs) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 # The rendered tiny cells dataset (rendered_cells_dataset and the renders compared with it): 8-bit without the
