@@ -574,7 +574,9 @@ def test_input_scale_auto_is_estimated_at_the_end_of_the_source_only_phase(tiny_
                                                                            tmp_path: Path) -> None:
     from finetune.train import run_finetune
 
-    cfg = adapt_cfg(tiny_dataset, target["unlabeled"], "train.steps=40", "adapt.warmup_steps=30", "input.scale=auto",
+    # 60 source-only steps: after 30 the estimate depended on the machine's arithmetic (seed 0 gave 0.75 of the
+    # median zoom on one Xeon and passed on others; seeds 1 and 2 gave 0.91 and 0.94); after 60, 1.08 and 1.11.
+    cfg = adapt_cfg(tiny_dataset, target["unlabeled"], "train.steps=70", "adapt.warmup_steps=60", "input.scale=auto",
                     "adapt.recalibrate_bn=4")
     run_finetune(cfg, tmp_path / "r", show_progress=False)
     meta = json.loads((tmp_path / "r" / "model" / "model.json").read_text())
@@ -590,7 +592,7 @@ def test_input_scale_auto_is_estimated_at_the_end_of_the_source_only_phase(tiny_
     assert est["passes"][0]["scale"] == 0.125 and est["synthetic_median_px"] > 2
     assert est["passes"][-1]["scale"] >= est["scale"] >= est["passes"][-2]["scale"], est
     logged = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "input_scale" in r] == [30]
+    assert [r["step"] for r in logged if "input_scale" in r] == [60]
 
 
 def test_input_scale_auto_estimates_each_source_and_predicts_each_image_at_its_own_scale(
