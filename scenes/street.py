@@ -4,7 +4,9 @@ Class map (Cityscapes colors, ids stable since the family was added): sky 0, roa
 building 4, vehicle 5*, person 6*, pole_sign 7*, vegetation 8 (* = thing classes with instances). Bicycles are
 ``vehicle``; street lamps, signs, traffic lights, bollards and benches are ``pole_sign``; trees, bushes, grass
 verges and the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches and
-puddles are ``road``; crosswalk stripes are ``lane_marking``.
+puddles are ``road``; crosswalk stripes are ``lane_marking``. In rooms (``interior_scenes``) the floor, walls, ceiling,
+windows, doors and all furniture and clutter are ``building`` (the inside of a building), potted plants
+``vegetation`` and people ``person``; no other class occurs there.
 
 Layout. The street runs along a centre line that is straight up to ``s0`` and may then bend into an arc
 (:class:`StreetFrame`: street coordinates ``s`` along the centre line, ``t`` across it, ``t > 0`` to the right
@@ -23,6 +25,13 @@ height on a sidewalk, and a raised surveillance view (4-12 m, looking down at th
 camera's tries the one where people and poles are largest is kept; a share ``vehicle_views`` of the views (off by
 default) is framed on vehicles instead: each try aims at a vehicle within 20 m, and the one where vehicles fill
 most of the frame is kept; likewise a share ``person_views`` on people within 8 m (close-ups of people).
+
+Interiors. A share ``interior_scenes`` of the scenes (off by default) is a room instead of a street
+(:mod:`scenes.street_assets.interiors`: a lounge, kitchen or dining room with furniture and 1-6 people sitting on
+its seats, squatting or standing, lit by a ceiling light, lamps, the daylight of its windows and in some rooms a
+camera flash); all of a room's views are inside it, at standing or seated eye height, framed on its people. Whether
+a scene is a room is drawn from a generator of its own (:func:`is_room`), so the scenes that stay streets are
+exactly the streets they were.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
 from scenes.placement import Footprint, FootprintSet
 from scenes.randomization import MaterialKnobs, jitter_color, kelvin_to_rgb, uniform
-from scenes.spec import Camera, FloatArray, Light, Material, Mesh, Part, Vec3, vec3
+from scenes.spec import Camera, FloatArray, Light, Material, Mesh, Part, TextureKind, Vec3, vec3
 from scenes.street_assets.nature import foliage_material, pick
 from scenes.street_assets.people import SEAT_TOLERANCE, Figure, sample_figure
 
@@ -59,6 +59,9 @@ STANDING_EYE, SEATED_EYE = (1.4, 1.7), (1.0, 1.3)
 ROOM_FOV_DEG = (42.0, 75.0)
 TARGET_DISTANCE = (1.0, 4.0)
 GOOD_TRIES = 8
+# A person counts up to this share of the frame when tries are ranked (about 0.6 of its height): a group in view
+# beats one person cut off by the frame.
+SHARE_CAP = 0.4
 
 
 def _srgb(r: int, g_: int, b: int) -> Vec3:
@@ -112,11 +115,12 @@ class _Kit:
 
 
 def _mat(rng: np.random.Generator, k: MaterialKnobs, palette: list[Vec3], roughness: tuple[float, float] = (0.5, 0.9),
-         texture: str = "none", scale: float = 5.0, dark: float = 0.7, bump: float = 0.0) -> Material:
+         texture: Literal["none"] | TextureKind = "none", scale: float = 5.0, dark: float = 0.7,
+         bump: float = 0.0) -> Material:
     color = jitter_color(rng, pick(rng, palette), k)
     if texture == "none":
         return Material(color, roughness=uniform(rng, roughness), bump=bump)
-    return Material(color, roughness=uniform(rng, roughness), texture=texture,  # type: ignore[arg-type]
+    return Material(color, roughness=uniform(rng, roughness), texture=texture,
                     color2=vec3(c * dark for c in color), texture_scale=scale, texture_w=float(rng.uniform(0, 100)),
                     bump=bump)
 
@@ -717,9 +721,10 @@ def _shell(rng: np.random.Generator, k: MaterialKnobs, lay: _Layout, kind: RoomK
                 return u
         return None
 
-    sky = {"day": (_srgb(235, 240, 250), (5.0, 10.0), (250.0, 700.0)),
-           "overcast": (_srgb(215, 220, 225), (3.0, 6.0), (150.0, 400.0)),
-           "dusk": (_srgb(60, 75, 130), (0.4, 1.2), (8.0, 30.0))}[daylight]
+    # (colour, the pane's glow, W per square metre of window of the light in front of it)
+    sky = {"day": (_srgb(235, 240, 250), (3.0, 6.0), (25.0, 100.0)),
+           "overcast": (_srgb(215, 220, 225), (2.0, 4.0), (18.0, 70.0)),
+           "dusk": (_srgb(60, 75, 130), (0.4, 1.2), (5.0, 20.0))}[daylight]
     frame_mat = _mat(rng, k, [_srgb(235, 235, 230), *WOOD, _srgb(60, 60, 62)], (0.4, 0.7))
     for _ in range(int(rng.integers(1, 3))):
         wall = int(rng.integers(4))
@@ -912,7 +917,7 @@ def sample_room(rng: np.random.Generator, k: MaterialKnobs, daylight: Daylight =
         idx2 = lay.against_wall(rng, [_Piece("floor_lamp", "building", kit)], gap=(0.05, 0.3))
         if idx2 is not None and lamp_on:
             loc = lay.items[idx2[0]].location
-            lights.append(Light("POINT", vec3((loc[0], loc[1], z)), energy=float(rng.uniform(30.0, 90.0)),
+            lights.append(Light("POINT", vec3((loc[0], loc[1], z)), energy=float(rng.uniform(15.0, 45.0)),
                                 color=kelvin_to_rgb(float(rng.uniform(2400, 3200))), size=0.2))
     for _ in range(int(rng.integers(0, 4))):
         lay.against_wall(rng, [_Piece("plant", "vegetation", sample_plant(rng, k))], gap=(0.02, 0.2))
@@ -931,10 +936,10 @@ def sample_room(rng: np.random.Generator, k: MaterialKnobs, daylight: Daylight =
         kit.add("glow", glow, g.transform(g.cylinder(r, 0.06, 20), (0.0, 0.0, lay.h - 0.06)))
         xy = rng.uniform(-0.25, 0.25, 2) * np.array([lay.w, lay.d])
         lay.items.append(Item("ceiling_light", "building", kit.parts(), vec3((xy[0], xy[1], 0.0)), 0.0, kit.solids))
-        lights.append(Light("AREA", vec3((xy[0], xy[1], lay.h - 0.07)), energy=float(rng.uniform(150.0, 450.0)),
+        lights.append(Light("AREA", vec3((xy[0], xy[1], lay.h - 0.07)), energy=float(rng.uniform(30.0, 120.0)),
                             color=glow.color, size=2 * r))
     flash = bool(rng.random() < 0.45)
-    return Room(kind_, lay.w, lay.d, lay.h, lay.items, lights, flash, float(rng.uniform(40.0, 140.0)) if flash else 0.0,
+    return Room(kind_, lay.w, lay.d, lay.h, lay.items, lights, flash, float(rng.uniform(8.0, 35.0)) if flash else 0.0,
                 daylight)
 
 
@@ -1000,7 +1005,7 @@ def room_camera(rng: np.random.Generator, room: Room, tries: int = 60, fov_deg: 
                 vis[m] = False
         n = int(vis.sum())
         d = np.maximum(np.linalg.norm(centres - eye, axis=1), 0.5)
-        share = np.minimum((hts / (d * np.tan(cam.fov / 2))) ** 2, 1.0)
+        share = np.minimum((hts / (d * np.tan(cam.fov / 2))) ** 2, SHARE_CAP)
         score = float((vis * share).sum())
         met = n >= min_visible
         key = (int(met), score if met else float(n))
