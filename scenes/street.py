@@ -1226,14 +1226,15 @@ class RoomLayout:
 
 def is_room(rng: np.random.Generator, share: float) -> bool:
     """Whether the scene of generator ``rng`` is a room (``interior_scenes`` = ``share``), drawn from a generator
-    of its own that neither advances ``rng`` nor spawns from it (0 draws nothing)."""
+    of its own that neither advances ``rng`` nor spawns from it (0 draws nothing). Scenes' generators come from
+    :func:`~segfactory.seeds.scene_rng`: the draw is a function of their seed sequence."""
     if share <= 0:
         return False
     seq = rng.bit_generator.seed_seq
     if isinstance(seq, np.random.SeedSequence):
         own = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, ROOM_STREAM),
                                                            pool_size=seq.pool_size))
-    else:  # a generator restored from a state: seeded by the state's next output, drawn from a copy
+    else:  # a bit generator without a seed sequence: seeded by its next output, drawn from a copy of it
         copy = np.random.Generator(type(rng.bit_generator)())
         copy.bit_generator.state = rng.bit_generator.state
         own = np.random.default_rng([int(copy.integers(2**63)), ROOM_STREAM])
