@@ -4,7 +4,9 @@ Class map (Cityscapes colors, ids stable since the family was added): sky 0, roa
 building 4, vehicle 5*, person 6*, pole_sign 7*, vegetation 8 (* = thing classes with instances). Bicycles are
 ``vehicle``; street lamps, signs, traffic lights, bollards and benches are ``pole_sign``; trees, bushes, grass
 verges and the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches and
-puddles are ``road``; crosswalk stripes are ``lane_marking``.
+puddles are ``road``; crosswalk stripes are ``lane_marking``. In rooms (``interior_scenes``) the floor, walls, ceiling,
+windows, doors and all furniture and clutter are ``building`` (the inside of a building), potted plants
+``vegetation`` and people ``person``; no other class occurs there.
 
 Layout. The street runs along a centre line that is straight up to ``s0`` and may then bend into an arc
 (:class:`StreetFrame`: street coordinates ``s`` along the centre line, ``t`` across it, ``t > 0`` to the right
@@ -23,6 +25,13 @@ height on a sidewalk, and a raised surveillance view (4-12 m, looking down at th
 camera's tries the one where people and poles are largest is kept; a share ``vehicle_views`` of the views (off by
 default) is framed on vehicles instead: each try aims at a vehicle within 20 m, and the one where vehicles fill
 most of the frame is kept; likewise a share ``person_views`` on people within 8 m (close-ups of people).
+
+Interiors. A share ``interior_scenes`` of the scenes (off by default) is a room instead of a street
+(:mod:`scenes.street_assets.interiors`: a lounge, kitchen or dining room with furniture and 1-6 people sitting on
+its seats, squatting or standing, lit by a ceiling light, lamps, the daylight of its windows and in some rooms a
+camera flash); all of a room's views are inside it, at standing or seated eye height, framed on its people. Whether
+a scene is a room is drawn from a generator of its own (:func:`is_room`), so the scenes that stay streets are
+exactly the streets they were.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from scenes.spec import (
     SceneObject,
     SceneSpec,
     Vec3,
+    World,
     footprint_radius,
     vec3,
 )
@@ -72,6 +82,7 @@ from scenes.street_assets.environment import (
     wet,
 )
 from scenes.street_assets.furniture import Bench, sample_bench, sample_bollard
+from scenes.street_assets.interiors import Daylight, Room, flash_light, room_camera, sample_room
 from scenes.street_assets.nature import sample_bush, sample_tree
 from scenes.street_assets.people import SEAT_TOLERANCE, Figure, group_offsets, sample_figure, sample_person
 from scenes.street_assets.vehicles import sample_bicycle, sample_vehicle
@@ -102,7 +113,7 @@ PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the
 class StreetParams(UnsaidDefaults):
     # off: scenes and config hashes as before
     unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0, "balcony_bands": 0.0,
-                                                 "lit_shops": 0.0, "seated_people": 0.0}
+                                                 "lit_shops": 0.0, "seated_people": 0.0, "interior_scenes": 0.0}
 
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
@@ -154,6 +165,12 @@ class StreetParams(UnsaidDefaults):
                                  "is room); drawn from a generator of its own after everything else is laid out, so "
                                  "the street, vehicles, the other people and the camera draws stay as they were; 0 "
                                  "(the default) adds nothing and leaves every scene as it was")
+    interior_scenes: float = Field(0.0, ge=0, le=1, description="share of the scenes that are a room instead of a "
+                                   "street (a lounge, kitchen or dining room with furniture and 1-6 people sitting, "
+                                   "squatting or standing; cameras inside it framed on them; the room and its "
+                                   "furniture are class building, potted plants vegetation); decided from a "
+                                   "generator of its own, so the scenes that stay streets are the streets they were; "
+                                   "0 (the default) draws nothing and leaves every scene as it was")
     camera_mix: tuple[float, float, float] = Field(
         (0.35, 0.35, 0.3), description="relative weights of dashcam, pedestrian and surveillance cameras")
     vehicle_views: float = Field(0.0, ge=0, le=1, description="share of views framed on vehicles: of the "
@@ -1189,6 +1206,74 @@ def _camera_pose(rng: np.random.Generator, p: StreetParams, kind: CameraKind, ge
     return np.array([xy[0], xy[1], z]), fwd
 
 
+# --- Rooms (``interior_scenes``) ---------------------------------------------------------------------------------
+
+# The room-or-street draw's stream: a child of the scene's seed sequence at this spawn index (the street never
+# spawns more than one child, so it never meets it), made without spawning: the scene's own ``rng.spawn`` (the
+# seated people's generator) stays the child it was.
+ROOM_STREAM = 0x524F4F4D
+ROOM_DAYLIGHT: dict[str, Daylight] = {"clear": "day", "overcast": "overcast", "rain": "overcast", "dusk": "dusk"}
+ROOM_WORLD = World((0.02, 0.02, 0.025), (0.02, 0.02, 0.025), 1.0)
+
+
+@dataclass
+class RoomLayout:
+    """A sampled room scene: its spec and the room behind it (for tests and inspection)."""
+
+    spec: SceneSpec
+    room: Room
+
+
+def is_room(rng: np.random.Generator, share: float) -> bool:
+    """Whether the scene of generator ``rng`` is a room (``interior_scenes`` = ``share``), drawn from a generator
+    of its own that neither advances ``rng`` nor spawns from it (0 draws nothing). Scenes' generators come from
+    :func:`~segfactory.seeds.scene_rng`: the draw is a function of their seed sequence."""
+    if share <= 0:
+        return False
+    seq = rng.bit_generator.seed_seq
+    if isinstance(seq, np.random.SeedSequence):
+        own = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, ROOM_STREAM),
+                                                           pool_size=seq.pool_size))
+    else:  # a bit generator without a seed sequence: seeded by its next output, drawn from a copy of it
+        copy = np.random.Generator(type(rng.bit_generator)())
+        copy.bit_generator.state = rng.bit_generator.state
+        own = np.random.default_rng([int(copy.integers(2**63)), ROOM_STREAM])
+    return bool(own.random() < share)
+
+
+def build_room(ctx: SceneContext) -> RoomLayout:
+    """Sample one room scene (``interior_scenes``): the street environment's draw sets the daylight in the windows
+    (clear: day, overcast and rain: overcast, dusk: dusk with the lamps on) and the views' exposure and noise (no
+    fog indoors); :func:`~scenes.street_assets.interiors.sample_room` lays the room out and
+    :func:`~scenes.street_assets.interiors.room_camera` places each view inside it, framed on its people; a room
+    with a flash gets a flash light at every camera."""
+    rng, r = ctx.rng, ctx.randomization
+    env = sample_environment(rng, ctx.params.environment)
+    cameras: list[Camera] = []
+    for _ in range(20):  # a room whose people found no room at all, or no camera spot: another room
+        room = sample_room(rng, r.materials, ROOM_DAYLIGHT[env.condition])
+        cameras = []
+        for _ in range(ctx.views):
+            cam = room_camera(rng, room, r.camera.max_tries)
+            if cam is None:
+                break
+            cameras.append(cam)
+        if len(cameras) == ctx.views:
+            break
+    else:
+        raise RuntimeError("street room: no camera spot in 20 rooms")
+    objects = [SceneObject(f"{it.kind}_{i}", ctx.class_id(it.cls), it.parts, it.location, (0.0, 0.0, it.yaw))
+               for i, it in enumerate(room.items)]
+    lights = list(room.lights) + ([flash_light(c, room.flash_energy) for c in cameras] if room.flash else [])
+    post = []
+    for _ in range(ctx.views):
+        fx = env.post(rng, r.post)
+        fx.fog_density = 0.0
+        post.append(fx)
+    spec = SceneSpec("street", ctx.classes, ctx.class_id("sky"), objects, lights, ROOM_WORLD, cameras, post)
+    return RoomLayout(spec, room)
+
+
 @register_scene(
     "street",
     description="urban street: straight, curved or crossing roads with markings, crosswalks and curbs, buildings, "
@@ -1206,4 +1291,6 @@ def _camera_pose(rng: np.random.Generator, p: StreetParams, kind: CameraKind, ge
     },
 )
 def sample_street(ctx: SceneContext) -> SceneSpec:
+    if is_room(ctx.rng, ctx.params.interior_scenes):
+        return build_room(ctx).spec
     return build_street(ctx).spec

@@ -1,0 +1,242 @@
+"""Rooms of the ``street`` family (``interior_scenes``; scenes/street_assets/interiors.py, scenes/street.py): sampled
+without Blender, and one tiny render."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONFIGS, render_cli
+from scipy.spatial import ConvexHull
+from test_render import check_coco, check_layout
+from test_street_layout import overlap_depth
+
+from scenes import SceneConfig, resolve_scene, sample_scene, scene_rng
+from scenes.registry import SceneContext
+from scenes.spec import SceneSpec, to_jsonable
+from scenes.street import RoomLayout, StreetParams, build_room, is_room
+from scenes.street_assets.interiors import CAMERA_CLEARANCE, Item, Room
+from scenes.street_assets.people import SEAT_TOLERANCE
+from segfactory.formats.dataset import load_frame, open_dataset
+
+SHELL = {"floor", "wall", "ceiling"}
+ON_WALL = {"window", "door"}
+OVERHEAD = {"ceiling_light"}
+# sha256 of each of the first 12 default street scenes (seed 5, one view, 64 px) as sampled before rooms existed
+# (b6a7169): with interior_scenes at 0 every scene must stay exactly what it was.
+STREET_DIGESTS = [
+    "0085f4c28a3bad6d3c5f0c968b607d452f558bfe2bf2403711b012d5690948b1",
+    "6da6ffd53c11ae84894c89f5be585bf306a73d82e719bcf919678e846ee4d6c8",
+    "e9bf842d66f49e4f22dd957be23ce5942cf73f2d373d917dd3f264e5de7dafc9",
+    "be2ec537e267c19378b971bbe4b5345e2b10828fd8df3461e20d1dc0cb795afa",
+    "3fdbe63eaf79d3462d6a3088b40846ef8c114331032b67521078195c3df14f2c",
+    "745adec31ca5d9a6677474bbaaa3de738255f64600b2d7d676af2615d4914fcd",
+    "7b6d5e13ff7d5b8fa961e7b09de2aaec3d19b370831d31f7b9cf7ff6b8270242",
+    "81d3e8faf82ec4fb896dc90666ae5e4ce413453dd7f39cd5463f94ed8ce2b831",
+    "05217ee58cbb17d0576d6fe8e0174837f6c5f4c16c1f5fc35ca498b215d17dc4",
+    "c90065d4556aa5cf1c2594b29bd6edf2909abbac9de593237949a51141c2c9a8",
+    "3ae6c43cf5e816adb95c036222ee45f984c6f37e3adfb5b06df8e426c2f7f484",
+    "0683c2e417aa0cd1433087df128de5b00cc907f8fe2d8fd27b20d60cbc7d3b00",
+]
+
+
+def room(index: int = 0, seed: int = 0, views: int = 2, **params) -> RoomLayout:
+    resolved = resolve_scene(SceneConfig(family="street", params={"interior_scenes": 1.0, **params}))
+    return build_room(SceneContext(scene_rng(seed, index), resolved.params, resolved.randomization, views,
+                                   resolved.classes, 128))
+
+
+def scene(index: int, seed: int = 5, views: int = 1, **params) -> SceneSpec:
+    resolved = resolve_scene(SceneConfig(family="street", params=params))
+    return sample_scene(resolved, scene_rng(seed, index), views, 64)
+
+
+def digest(spec: SceneSpec) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(spec), sort_keys=True).encode()).hexdigest()
+
+
+def box_corners(it: Item) -> np.ndarray:
+    """(8 * B, 3) world corners of an item's solid boxes."""
+    b = np.asarray(it.solids)
+    corners = np.array([[b[:, i], b[:, j], b[:, m]] for i in (0, 3) for j in (1, 4) for m in (2, 5)])
+    local = corners.transpose(2, 0, 1).reshape(-1, 3)
+    c, s = np.cos(it.yaw), np.sin(it.yaw)
+    return np.column_stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1], local[:, 2]]) \
+        + np.asarray(it.location)
+
+
+def footprint(it: Item) -> np.ndarray:
+    """(H, 2) convex outline from above: people by their vertices, everything else by its solid boxes."""
+    xy = it.world_vertices()[:, :2] if it.cls == "person" else box_corners(it)[:, :2]
+    return xy[ConvexHull(xy).vertices]
+
+
+def inside_boxes(it: Item, xyz: np.ndarray, top_tolerance: float = 0.002) -> np.ndarray:
+    """(N,) world points strictly inside one of the item's solid boxes (by more than 2 mm; from the top by more than
+    ``top_tolerance``)."""
+    p = it.to_local(xyz)
+    b = np.asarray(it.solids)
+    lo = b[None, :, :3] + 0.002
+    hi = b[None, :, 3:] - np.array([0.002, 0.002, top_tolerance])
+    return ((p[:, None] > lo) & (p[:, None] < hi)).all(axis=2).any(axis=1)
+
+
+ROOMS = [(i, s) for s in (0, 1) for i in range(10)]
+
+
+def test_rooms_are_deterministic_per_seed_and_vary():
+    a, b = room(3, seed=2), room(3, seed=2)
+    assert to_jsonable(a.spec) == to_jsonable(b.spec)
+    assert to_jsonable(room(4, seed=2).spec) != to_jsonable(a.spec)
+    rooms = [room(i, s).room for i, s in ROOMS]
+    assert {r.kind for r in rooms} == {"lounge", "kitchen", "dining"}
+    kinds = {it.kind for r in rooms for it in r.items}
+    assert {"sofa", "armchair", "chair", "stool", "coffee_table", "table", "shelf", "cabinet", "counter", "tv",
+            "rug", "floor_lamp", "plant", "window", "door", "ceiling_light", "floor_clutter"} <= kinds
+    assert all(1 <= len(r.people()) <= 6 for r in rooms)
+    assert any(len(r.people()) >= 3 for r in rooms)
+    poses = {it.figure.pose for r in rooms for it in r.people() if it.figure is not None}
+    assert poses == {"sit", "squat", "stand"}
+    assert {r.flash for r in rooms} == {True, False}
+
+
+@pytest.mark.parametrize(("index", "seed"), ROOMS)
+def test_nothing_interpenetrates(index, seed):
+    r = room(index, seed).room
+    furniture = [it for it in r.items if it.kind not in SHELL | OVERHEAD and it.cls != "person" and it.solids]
+    people = r.people()
+    # Everything inside the walls, under the ceiling, on or above the floor.
+    for it in furniture + people:
+        pts = it.world_vertices()
+        assert (np.abs(pts[:, 0]) <= r.width / 2 + 1e-3).all() and (np.abs(pts[:, 1]) <= r.depth / 2 + 1e-3).all()
+        assert pts[:, 2].min() >= -1e-4 and pts[:, 2].max() <= r.height - 0.05, it.kind
+    # Footprints: furniture, windows, doors and people apart (a sitter and its own seat are checked in 3D below).
+    things = [(i, it) for i, it in enumerate(r.items) if it.cls == "person" or any(it is f for f in furniture)]
+    for n, (ia, a) in enumerate(things):
+        for ib, b in things[n + 1:]:
+            if a.on_seat == ib or b.on_seat == ia:
+                continue
+            if a.kind in ON_WALL and b.kind in ON_WALL:
+                continue
+            assert overlap_depth(footprint(a), footprint(b)) <= 1e-6, (a.kind, b.kind)
+    # 3D: no person's vertex inside any solid (a seat's top may give SEAT_TOLERANCE).
+    for p in people:
+        v = p.world_vertices()
+        for it in r.items:
+            if it.cls == "person" or not it.solids:
+                continue
+            tol = SEAT_TOLERANCE + 0.002 if it.seat is not None else 0.002
+            assert not inside_boxes(it, v, tol).any(), (it.kind, p.kind)
+
+
+@pytest.mark.parametrize(("index", "seed"), ROOMS)
+def test_every_person_stands_on_the_floor_or_sits_on_a_seat(index, seed):
+    r = room(index, seed).room
+    for p in r.people():
+        assert p.location[2] == 0.0 and p.figure is not None
+        shoes = p.figure.parts["shoes"].mesh.vertices
+        assert abs(float(shoes[:, 2].min())) <= 1e-4  # soles on the floor
+        if p.on_seat is None:
+            assert p.figure.pose in ("stand", "squat")
+            continue
+        seat_item = r.items[p.on_seat]
+        seat = seat_item.seat
+        assert p.figure.pose == "sit" and seat is not None
+        assert abs(float(p.figure.seat_height or 0) - seat.height) <= 0.005  # posed for this seat's real height
+        local = seat_item.to_local(p.world_vertices())
+        on = local[(np.abs(local[:, 0]) <= seat.length / 2) & (local[:, 1] <= 0) & (local[:, 1] >= -seat.depth)]
+        assert len(on), "the sitter is over its seat"
+        lowest = float(on[:, 2].min())
+        assert seat.height - SEAT_TOLERANCE - 0.002 <= lowest <= seat.height + 0.01  # hips on it, not floating
+
+
+@pytest.mark.parametrize(("index", "seed"), ROOMS)
+def test_cameras_are_inside_the_room_outside_every_object_and_framed_on_people(index, seed):
+    lay = room(index, seed)
+    r: Room = lay.room
+    assert len(lay.spec.cameras) == 2
+    for cam in lay.spec.cameras:
+        eye = np.array([cam.location])
+        assert r.inside(eye, CAMERA_CLEARANCE)[0]
+        for it in r.items:
+            assert it.distance(eye)[0] >= CAMERA_CLEARANCE - 1e-9, it.kind
+        assert 1.0 - 1e-9 <= cam.location[2] <= 1.7 + 1e-9
+        forward = -np.asarray(cam.rotation)[:, 2]
+        assert -np.sin(np.radians(28.5)) <= forward[2] < 0  # a slight downward pitch
+        assert cam.kind == "interior" and cam.min_visible_met and (cam.visible_objects or 0) >= 1
+        # aimed at people 1-4 m away (the nearest person to the aim point, within 4.5 m of the camera)
+        heads = np.array([it.world_vertices().mean(axis=0) for it in r.people()])
+        assert np.linalg.norm(heads - cam.location, axis=1).min() <= 4.5
+    flashes = [li for li in lay.spec.lights if li.type == "POINT" and li.size == 0.05]
+    assert len(flashes) == (2 if r.flash else 0)
+    assert any(li.type in ("AREA", "POINT") and li.energy > 0 for li in r.lights)  # lit from inside
+
+
+@pytest.mark.parametrize(("index", "seed"), ROOMS[:6])
+def test_room_classes_come_from_the_street_map(index, seed):
+    lay = room(index, seed)
+    names = {c.id: c.name for c in lay.spec.classes}
+    assert [c.name for c in lay.spec.classes] == ["sky", "road", "sidewalk", "lane_marking", "building", "vehicle",
+                                                  "person", "pole_sign", "vegetation"]
+    for o in lay.spec.objects:
+        kind = o.name.rsplit("_", 1)[0]
+        want = "person" if kind == "person" else "vegetation" if kind == "plant" else "building"
+        assert names[o.class_id] == want, o.name
+    assert any(names[o.class_id] == "person" for o in lay.spec.objects)
+
+
+def test_interior_scenes_zero_leaves_every_scene_as_it_was():
+    """At 0 (the default, and absent) every scene is what it was before rooms existed; the field stays out of the
+    dumped params (config hashes)."""
+    assert "interior_scenes" not in StreetParams().model_dump(mode="json")
+    assert StreetParams(interior_scenes=0.4).model_dump(mode="json")["interior_scenes"] == 0.4
+    for i, want in enumerate(STREET_DIGESTS):
+        assert digest(scene(i)) == want, i
+        assert digest(scene(i, interior_scenes=0.0)) == want, i
+
+
+def test_streets_stay_the_streets_they_were_with_rooms_on():
+    """With interior_scenes > 0, a scene that stays a street is the street of interior_scenes 0, the seated people's
+    spawned generator included; the draw neither advances nor spawns from the scene's generator."""
+    kinds = []
+    for i in range(10):
+        rng = scene_rng(7, i)
+        before = rng.bit_generator.state
+        draw = is_room(rng, 0.5)
+        assert rng.bit_generator.state == before and rng.bit_generator.seed_seq.n_children_spawned == 0
+        on = scene(i, seed=7, interior_scenes=0.5, seated_people=0.5)
+        kinds.append(draw)
+        if draw:
+            assert any(o.name.startswith("floor_") for o in on.objects)
+            continue
+        assert to_jsonable(on) == to_jsonable(scene(i, seed=7, seated_people=0.5)), i
+    assert True in kinds and False in kinds
+
+
+def test_interior_scenes_one_gives_rooms_only():
+    for i in range(6):
+        spec = scene(i, seed=3, views=2, interior_scenes=1.0)
+        assert any(o.name.startswith("floor_") for o in spec.objects)
+        assert not any(o.name.startswith(("road", "sidewalk", "building")) for o in spec.objects)
+        assert [c.kind for c in spec.cameras] == ["interior", "interior"]
+
+
+@pytest.mark.render
+def test_a_rendered_room_has_a_person_mask_and_valid_coco(tmp_path: Path):
+    """One room, one 64 px view."""
+    out = tmp_path / "room"
+    assert render_cli(str(CONFIGS / "street.yaml"), "--out", str(out), "--scenes", "1", "--views", "1",
+                      "--resolution", "64", "--workers", "1", "render.samples=8",
+                      "scene.params.interior_scenes=1.0") == 0
+    check_layout(out, channels=3, bit_depth=8)
+    assert check_coco(out) > 0
+    ds = open_dataset(out)
+    ids = {c["name"]: c["id"] for c in ds.classes}
+    frame = next(iter(ds.frames()))
+    f = load_frame(frame)
+    assert (f["semantic"] == ids["person"]).any() and (f["semantic"] == ids["building"]).any()
+    assert not (f["semantic"] == ids["sky"]).any() and not (f["semantic"] == ids["road"]).any()
+    assert float(f["rgb"].mean()) > 20  # lit, not black
