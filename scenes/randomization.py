@@ -161,6 +161,12 @@ def sample_material(rng: np.random.Generator, base_rgb: Vec3, k: MaterialKnobs,
     )
 
 
+def srgb8(r: int, g: int, b: int) -> Vec3:
+    """An 8-bit sRGB colour as the linear RGB that materials take."""
+    c = np.array([r, g, b], dtype=np.float64) / 255.0
+    return vec3(np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4))
+
+
 def kelvin_to_rgb(kelvin: float) -> Vec3:
     """Approximate black-body color (Tanner Helland's fit), normalised to max 1."""
     t = kelvin / 100.0

@@ -39,7 +39,7 @@ import numpy.typing as npt
 from scenes import geometry as g
 from scenes.camera import look_at, visible_mask
 from scenes.placement import Footprint, FootprintSet
-from scenes.randomization import MaterialKnobs, jitter_color, kelvin_to_rgb, uniform
+from scenes.randomization import MaterialKnobs, jitter_color, kelvin_to_rgb, srgb8, uniform
 from scenes.spec import Camera, FloatArray, Light, Material, Mesh, Part, TextureKind, Vec3, vec3
 from scenes.street_assets.nature import foliage_material, pick
 from scenes.street_assets.people import SEAT_TOLERANCE, Figure, sample_figure
@@ -64,30 +64,25 @@ GOOD_TRIES = 8
 SHARE_CAP = 0.4
 
 
-def _srgb(r: int, g_: int, b: int) -> Vec3:
-    c = np.array([r, g_, b], dtype=np.float64) / 255.0
-    return vec3(np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4))
-
-
-PLASTER = [_srgb(236, 232, 220), _srgb(222, 214, 196), _srgb(205, 196, 170), _srgb(190, 200, 196),
-           _srgb(214, 190, 160), _srgb(170, 150, 120), _srgb(200, 205, 215), _srgb(150, 110, 80)]
-WALLPAPER = [(_srgb(200, 180, 140), _srgb(150, 120, 80)), (_srgb(160, 170, 140), _srgb(110, 125, 95)),
-             (_srgb(190, 160, 160), _srgb(140, 100, 100)), (_srgb(220, 210, 180), _srgb(180, 160, 120))]
-WOOD = [_srgb(120, 80, 45), _srgb(150, 105, 65), _srgb(90, 60, 35), _srgb(170, 130, 85), _srgb(70, 50, 35),
-        _srgb(110, 95, 75)]
-BRICK = [_srgb(140, 70, 50), _srgb(160, 95, 70), _srgb(120, 60, 45), _srgb(180, 170, 160)]
-TILE = [_srgb(200, 195, 185), _srgb(150, 140, 125), _srgb(110, 60, 45), _srgb(60, 60, 62), _srgb(220, 220, 215)]
-CARPET = [_srgb(120, 100, 80), _srgb(90, 90, 95), _srgb(130, 60, 55), _srgb(70, 80, 100), _srgb(160, 150, 130)]
-EARTH = [_srgb(120, 105, 90), _srgb(95, 85, 75), _srgb(140, 130, 115)]
-CONCRETE = [_srgb(130, 128, 122), _srgb(100, 98, 95), _srgb(155, 150, 140)]
+PLASTER = [srgb8(236, 232, 220), srgb8(222, 214, 196), srgb8(205, 196, 170), srgb8(190, 200, 196),
+           srgb8(214, 190, 160), srgb8(170, 150, 120), srgb8(200, 205, 215), srgb8(150, 110, 80)]
+WALLPAPER = [(srgb8(200, 180, 140), srgb8(150, 120, 80)), (srgb8(160, 170, 140), srgb8(110, 125, 95)),
+             (srgb8(190, 160, 160), srgb8(140, 100, 100)), (srgb8(220, 210, 180), srgb8(180, 160, 120))]
+WOOD = [srgb8(120, 80, 45), srgb8(150, 105, 65), srgb8(90, 60, 35), srgb8(170, 130, 85), srgb8(70, 50, 35),
+        srgb8(110, 95, 75)]
+BRICK = [srgb8(140, 70, 50), srgb8(160, 95, 70), srgb8(120, 60, 45), srgb8(180, 170, 160)]
+TILE = [srgb8(200, 195, 185), srgb8(150, 140, 125), srgb8(110, 60, 45), srgb8(60, 60, 62), srgb8(220, 220, 215)]
+CARPET = [srgb8(120, 100, 80), srgb8(90, 90, 95), srgb8(130, 60, 55), srgb8(70, 80, 100), srgb8(160, 150, 130)]
+EARTH = [srgb8(120, 105, 90), srgb8(95, 85, 75), srgb8(140, 130, 115)]
+CONCRETE = [srgb8(130, 128, 122), srgb8(100, 98, 95), srgb8(155, 150, 140)]
 # Upholstery: fabric, velvet (the gold, green and wine of old lounges) and leather.
-FABRIC = [_srgb(120, 110, 100), _srgb(70, 75, 85), _srgb(150, 140, 120), _srgb(60, 80, 60), _srgb(110, 40, 40),
-          _srgb(40, 50, 80), _srgb(180, 170, 150)]
-VELVET = [_srgb(190, 145, 40), _srgb(170, 130, 50), _srgb(40, 90, 60), _srgb(110, 25, 40), _srgb(50, 60, 110)]
-LEATHER = [_srgb(80, 45, 25), _srgb(25, 22, 20), _srgb(120, 70, 35), _srgb(150, 120, 90)]
-CLUTTER = [_srgb(200, 40, 35), _srgb(40, 90, 160), _srgb(230, 200, 60), _srgb(60, 140, 70), _srgb(235, 235, 230),
-           _srgb(30, 30, 30), _srgb(160, 120, 80), _srgb(200, 120, 50)]
-METAL = [_srgb(180, 180, 178), _srgb(60, 60, 62), _srgb(140, 120, 90), _srgb(30, 30, 32)]
+FABRIC = [srgb8(120, 110, 100), srgb8(70, 75, 85), srgb8(150, 140, 120), srgb8(60, 80, 60), srgb8(110, 40, 40),
+          srgb8(40, 50, 80), srgb8(180, 170, 150)]
+VELVET = [srgb8(190, 145, 40), srgb8(170, 130, 50), srgb8(40, 90, 60), srgb8(110, 25, 40), srgb8(50, 60, 110)]
+LEATHER = [srgb8(80, 45, 25), srgb8(25, 22, 20), srgb8(120, 70, 35), srgb8(150, 120, 90)]
+CLUTTER = [srgb8(200, 40, 35), srgb8(40, 90, 160), srgb8(230, 200, 60), srgb8(60, 140, 70), srgb8(235, 235, 230),
+           srgb8(30, 30, 30), srgb8(160, 120, 80), srgb8(200, 120, 50)]
+METAL = [srgb8(180, 180, 178), srgb8(60, 60, 62), srgb8(140, 120, 90), srgb8(30, 30, 32)]
 
 
 # --- Parts ------------------------------------------------------------------------------------------------------
@@ -269,8 +264,8 @@ def _clutter(rng: np.random.Generator, k: MaterialKnobs, kit: _Kit, x0: float, x
         elif kind == "bottle":
             r = min(r, 0.045)
             h = float(rng.uniform(0.2, 0.33))
-            glass = Material(jitter_color(rng, pick(rng, [_srgb(40, 90, 40), _srgb(90, 50, 20), _srgb(200, 200, 190),
-                                                          _srgb(150, 30, 30)]), k), roughness=0.15)
+            glass = Material(jitter_color(rng, pick(rng, [srgb8(40, 90, 40), srgb8(90, 50, 20), srgb8(200, 200, 190),
+                                                          srgb8(150, 30, 30)]), k), roughness=0.15)
             _lathe_item(kit, key, glass, [r, r, r * 0.4, r * 0.35], [0.0, h * 0.6, h * 0.8, h], (x + r, y, z), 10)
             x += 2 * r
         elif kind == "bowl":
@@ -450,7 +445,7 @@ def sample_floor_lamp(rng: np.random.Generator, k: MaterialKnobs, lit: bool) -> 
     r0, r1 = float(rng.uniform(0.17, 0.25)), float(rng.uniform(0.1, 0.15))
     kit.add("metal", metal, g.cylinder(0.15, 0.03, 16))
     kit.add("metal", metal, g.cylinder(0.015, h - sh * 0.5, 8))
-    shade_col = jitter_color(rng, pick(rng, [_srgb(240, 225, 190), _srgb(230, 210, 170), _srgb(200, 190, 180)]), k)
+    shade_col = jitter_color(rng, pick(rng, [srgb8(240, 225, 190), srgb8(230, 210, 170), srgb8(200, 190, 180)]), k)
     shade = (Material(shade_col, shader="emission", emission=float(rng.uniform(2.0, 5.0))) if lit else
              Material(shade_col, roughness=0.8))
     kit.add("shade", shade, g.transform(g.lathe([r0, r1], [0.0, sh], 16, cap_bottom=False, cap_top=False),
@@ -462,7 +457,7 @@ def sample_plant(rng: np.random.Generator, k: MaterialKnobs) -> _Kit:
     """A potted plant (class vegetation): a pot and a few leafy clusters above it, 0.5-1.5 m."""
     kit = _Kit()
     pr, ph = float(rng.uniform(0.12, 0.22)), float(rng.uniform(0.18, 0.4))
-    pot = _mat(rng, k, [_srgb(170, 90, 55), _srgb(220, 215, 205), _srgb(60, 60, 60), _srgb(120, 110, 90)], (0.4, 0.8))
+    pot = _mat(rng, k, [srgb8(170, 90, 55), srgb8(220, 215, 205), srgb8(60, 60, 60), srgb8(120, 110, 90)], (0.4, 0.8))
     kit.add("pot", pot, g.lathe([pr * 0.75, pr, pr * 1.05], [0.0, ph * 0.9, ph], 16))
     leaves = foliage_material(rng, k, autumn=False)
     top = float(rng.uniform(0.5, 1.5))
@@ -502,7 +497,7 @@ def _wall_material(rng: np.random.Generator, k: MaterialKnobs, kind: RoomKind) -
         return _mat(rng, k, WOOD, (0.6, 0.9), "wave", float(rng.uniform(6.0, 12.0)), float(rng.uniform(0.5, 0.75)))
     if u < 0.25:
         color = jitter_color(rng, pick(rng, BRICK), k)
-        return Material(color, roughness=0.85, texture="brick", color2=_srgb(190, 185, 175),
+        return Material(color, roughness=0.85, texture="brick", color2=srgb8(190, 185, 175),
                         texture_scale=float(rng.uniform(3.5, 5.0)), texture_w=float(rng.uniform(0, 100)), bump=0.4)
     if u < 0.45:
         a, b = WALLPAPER[int(rng.integers(len(WALLPAPER)))]
@@ -722,10 +717,10 @@ def _shell(rng: np.random.Generator, k: MaterialKnobs, lay: _Layout, kind: RoomK
         return None
 
     # (colour, the pane's glow, W per square metre of window of the light in front of it)
-    sky = {"day": (_srgb(235, 240, 250), (3.0, 6.0), (25.0, 100.0)),
-           "overcast": (_srgb(215, 220, 225), (2.0, 4.0), (18.0, 70.0)),
-           "dusk": (_srgb(60, 75, 130), (0.4, 1.2), (5.0, 20.0))}[daylight]
-    frame_mat = _mat(rng, k, [_srgb(235, 235, 230), *WOOD, _srgb(60, 60, 62)], (0.4, 0.7))
+    sky = {"day": (srgb8(235, 240, 250), (3.0, 6.0), (25.0, 100.0)),
+           "overcast": (srgb8(215, 220, 225), (2.0, 4.0), (18.0, 70.0)),
+           "dusk": (srgb8(60, 75, 130), (0.4, 1.2), (5.0, 20.0))}[daylight]
+    frame_mat = _mat(rng, k, [srgb8(235, 235, 230), *WOOD, srgb8(60, 60, 62)], (0.4, 0.7))
     for _ in range(int(rng.integers(1, 3))):
         wall = int(rng.integers(4))
         ww, wh = float(rng.uniform(0.7, 1.6)), float(rng.uniform(0.9, 1.4))
@@ -764,7 +759,7 @@ def _shell(rng: np.random.Generator, k: MaterialKnobs, lay: _Layout, kind: RoomK
     if u_door is not None:
         kit = _Kit()
         kit.box("door", _mat(rng, k, WOOD + PLASTER, (0.4, 0.7)), (dw, 0.04, dh), (0.0, 0.02, 0.0))
-        trim = _mat(rng, k, [_srgb(235, 235, 230), *WOOD], (0.4, 0.7))
+        trim = _mat(rng, k, [srgb8(235, 235, 230), *WOOD], (0.4, 0.7))
         for sx in (-1, 1):
             kit.box("trim", trim, (0.06, 0.06, dh + 0.06), (sx * (dw / 2 + 0.03), 0.03, 0.0))
         kit.box("trim", trim, (dw + 0.12, 0.06, 0.06), (0.0, 0.03, dh))

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from scenes import geometry as g
-from scenes.randomization import MaterialKnobs, jitter_color, uniform
+from scenes.randomization import MaterialKnobs, jitter_color, srgb8, uniform
 from scenes.spec import FloatArray, Material, Mesh, Part, TextureKind, Vec3, vec3
 
 Pose = Literal["stand", "walk", "sit", "squat"]
@@ -46,37 +46,31 @@ MAX_UMBRELLA_FOOTPRINT = 0.68
 LIMB_SEGMENTS = 8
 
 
-def _srgb(r: int, g_: int, b: int) -> Vec3:
-    """An 8-bit sRGB colour as the linear RGB that materials take."""
-    c = np.array([r, g_, b], dtype=np.float64) / 255.0
-    return vec3(np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4))
-
-
 # (colour, weight). Street clothing is mostly dark and neutral; bright colours are a minority.
-TOPS = [(_srgb(20, 20, 22), 18), (_srgb(50, 50, 55), 10), (_srgb(110, 110, 112), 8), (_srgb(175, 175, 172), 5),
-        (_srgb(228, 228, 222), 10), (_srgb(25, 32, 60), 10), (_srgb(60, 85, 120), 4), (_srgb(85, 60, 40), 5),
-        (_srgb(190, 170, 135), 6), (_srgb(85, 90, 55), 4), (_srgb(100, 25, 35), 4), (_srgb(190, 30, 35), 3),
-        (_srgb(220, 180, 40), 2), (_srgb(100, 150, 210), 3), (_srgb(40, 120, 60), 2), (_srgb(220, 130, 160), 2),
-        (_srgb(230, 110, 30), 2), (_srgb(90, 50, 120), 2)]
-BOTTOMS = [(_srgb(20, 20, 22), 25), (_srgb(50, 50, 55), 12), (_srgb(55, 75, 110), 20), (_srgb(35, 45, 70), 12),
-           (_srgb(110, 110, 112), 8), (_srgb(180, 160, 120), 8), (_srgb(25, 32, 60), 6), (_srgb(85, 60, 40), 5),
-           (_srgb(228, 228, 222), 1), (_srgb(85, 90, 55), 3)]
-COATS = [(_srgb(20, 20, 22), 30), (_srgb(50, 50, 55), 15), (_srgb(25, 32, 60), 12), (_srgb(170, 130, 85), 12),
-         (_srgb(85, 60, 40), 8), (_srgb(110, 110, 112), 8), (_srgb(85, 90, 55), 5), (_srgb(100, 25, 35), 3),
-         (_srgb(190, 30, 35), 2), (_srgb(230, 190, 40), 2), (_srgb(100, 150, 210), 3)]
-SHOES = [(_srgb(18, 18, 18), 35), (_srgb(232, 232, 228), 25), (_srgb(80, 50, 30), 12), (_srgb(110, 110, 112), 10),
-         (_srgb(25, 32, 60), 5), (_srgb(150, 100, 60), 5), (_srgb(190, 30, 35), 3)]
-HAIR = [(_srgb(22, 18, 16), 35), (_srgb(50, 35, 25), 25), (_srgb(95, 65, 40), 15), (_srgb(185, 150, 100), 10),
-        (_srgb(120, 55, 30), 5), (_srgb(140, 138, 135), 7), (_srgb(205, 205, 200), 3)]
-HATS = [(_srgb(20, 20, 22), 40), (_srgb(25, 32, 60), 15), (_srgb(110, 110, 112), 15), (_srgb(190, 30, 35), 8),
-        (_srgb(228, 228, 222), 10), (_srgb(170, 130, 85), 12)]
-UMBRELLAS = [(_srgb(15, 15, 18), 45), (_srgb(25, 32, 60), 12), (_srgb(190, 30, 35), 10), (_srgb(230, 190, 40), 5),
-             (_srgb(100, 150, 210), 8), (_srgb(110, 110, 112), 8), (_srgb(40, 120, 60), 5), (_srgb(220, 130, 160), 7)]
-BAGS = [(_srgb(18, 18, 18), 35), (_srgb(80, 50, 30), 20), (_srgb(150, 100, 60), 12), (_srgb(190, 160, 120), 15),
-        (_srgb(228, 228, 222), 10), (_srgb(190, 30, 35), 8)]
+TOPS = [(srgb8(20, 20, 22), 18), (srgb8(50, 50, 55), 10), (srgb8(110, 110, 112), 8), (srgb8(175, 175, 172), 5),
+        (srgb8(228, 228, 222), 10), (srgb8(25, 32, 60), 10), (srgb8(60, 85, 120), 4), (srgb8(85, 60, 40), 5),
+        (srgb8(190, 170, 135), 6), (srgb8(85, 90, 55), 4), (srgb8(100, 25, 35), 4), (srgb8(190, 30, 35), 3),
+        (srgb8(220, 180, 40), 2), (srgb8(100, 150, 210), 3), (srgb8(40, 120, 60), 2), (srgb8(220, 130, 160), 2),
+        (srgb8(230, 110, 30), 2), (srgb8(90, 50, 120), 2)]
+BOTTOMS = [(srgb8(20, 20, 22), 25), (srgb8(50, 50, 55), 12), (srgb8(55, 75, 110), 20), (srgb8(35, 45, 70), 12),
+           (srgb8(110, 110, 112), 8), (srgb8(180, 160, 120), 8), (srgb8(25, 32, 60), 6), (srgb8(85, 60, 40), 5),
+           (srgb8(228, 228, 222), 1), (srgb8(85, 90, 55), 3)]
+COATS = [(srgb8(20, 20, 22), 30), (srgb8(50, 50, 55), 15), (srgb8(25, 32, 60), 12), (srgb8(170, 130, 85), 12),
+         (srgb8(85, 60, 40), 8), (srgb8(110, 110, 112), 8), (srgb8(85, 90, 55), 5), (srgb8(100, 25, 35), 3),
+         (srgb8(190, 30, 35), 2), (srgb8(230, 190, 40), 2), (srgb8(100, 150, 210), 3)]
+SHOES = [(srgb8(18, 18, 18), 35), (srgb8(232, 232, 228), 25), (srgb8(80, 50, 30), 12), (srgb8(110, 110, 112), 10),
+         (srgb8(25, 32, 60), 5), (srgb8(150, 100, 60), 5), (srgb8(190, 30, 35), 3)]
+HAIR = [(srgb8(22, 18, 16), 35), (srgb8(50, 35, 25), 25), (srgb8(95, 65, 40), 15), (srgb8(185, 150, 100), 10),
+        (srgb8(120, 55, 30), 5), (srgb8(140, 138, 135), 7), (srgb8(205, 205, 200), 3)]
+HATS = [(srgb8(20, 20, 22), 40), (srgb8(25, 32, 60), 15), (srgb8(110, 110, 112), 15), (srgb8(190, 30, 35), 8),
+        (srgb8(228, 228, 222), 10), (srgb8(170, 130, 85), 12)]
+UMBRELLAS = [(srgb8(15, 15, 18), 45), (srgb8(25, 32, 60), 12), (srgb8(190, 30, 35), 10), (srgb8(230, 190, 40), 5),
+             (srgb8(100, 150, 210), 8), (srgb8(110, 110, 112), 8), (srgb8(40, 120, 60), 5), (srgb8(220, 130, 160), 7)]
+BAGS = [(srgb8(18, 18, 18), 35), (srgb8(80, 50, 30), 20), (srgb8(150, 100, 60), 12), (srgb8(190, 160, 120), 15),
+        (srgb8(228, 228, 222), 10), (srgb8(190, 30, 35), 8)]
 # Skin: a ramp over the full range of human skin tones, light to very dark (sRGB), sampled along its length.
-SKIN_RAMP = np.array([_srgb(246, 212, 186), _srgb(232, 184, 152), _srgb(205, 150, 115), _srgb(170, 118, 82),
-                      _srgb(130, 88, 58), _srgb(92, 60, 40), _srgb(58, 38, 27)])
+SKIN_RAMP = np.array([srgb8(246, 212, 186), srgb8(232, 184, 152), srgb8(205, 150, 115), srgb8(170, 118, 82),
+                      srgb8(130, 88, 58), srgb8(92, 60, 40), srgb8(58, 38, 27)])
 
 
 def _pick(rng: np.random.Generator, palette: Sequence[tuple[Vec3, float]]) -> Vec3:
@@ -692,7 +686,7 @@ def _assemble(rng: np.random.Generator, k: MaterialKnobs, body: Body, pose: Pose
         mid = (joints["hand0"] + joints["hand1"]) / 2
         phone = _place(g.box(0.075, 0.012, 0.15, center_z=True), mid + np.array([0, 0.02, 0.03]),
                        g.rot_x(-0.6))
-        acc_parts["phone"] = Part(phone, Material(_srgb(15, 15, 18), roughness=0.2))
+        acc_parts["phone"] = Part(phone, Material(srgb8(15, 15, 18), roughness=0.2))
 
     # ------------------------------------------------------------------ parts, grounded on the soles
     mats = {"skin": skin, "hair": hair, "top": top, "bottom": bottom, "shoes": shoes, "coat": coat,
@@ -794,7 +788,7 @@ def _umbrella(rng: np.random.Generator, k: MaterialKnobs, hand: FloatArray, heig
     shaft = _place(g.transform(g.cylinder(0.008, shaft_len, 6), (0, 0, -0.12)), hand, rot)
     col = _fabric(rng, k, UMBRELLAS, roughness=(0.25, 0.5), pattern_p=0.25)
     return {"accessory": Part(canopy, col),
-            "accessory_trim": Part(shaft, Material(_srgb(40, 40, 42), roughness=0.35, metallic=1.0))}
+            "accessory_trim": Part(shaft, Material(srgb8(40, 40, 42), roughness=0.35, metallic=1.0))}
 
 
 def _bag(rng: np.random.Generator, k: MaterialKnobs, hand: FloatArray, side: float) -> dict[str, Part]:
@@ -808,7 +802,7 @@ def _bag(rng: np.random.Generator, k: MaterialKnobs, hand: FloatArray, side: flo
     centre = np.array([hand[0] + side * (d / 2 + 0.005), hand[1], top - hgt])
     body = g.transform(g.box(d, w, hgt), centre)
     handle = g.transform(g.box(0.012, w * 0.5, 0.1), (centre[0], hand[1], top - 0.01))
-    mat = (_fabric(rng, k, [(_srgb(200, 170, 120), 3), (_srgb(235, 235, 230), 3), *BAGS], pattern_p=0.2)
+    mat = (_fabric(rng, k, [(srgb8(200, 170, 120), 3), (srgb8(235, 235, 230), 3), *BAGS], pattern_p=0.2)
            if shopping else _fabric(rng, k, BAGS, roughness=(0.3, 0.6), pattern_p=0.1))
     return {"accessory": Part(g.merge([body, handle]), mat)}
 
@@ -837,7 +831,7 @@ def _backpack(rng: np.random.Generator, k: MaterialKnobs, b: Body, on_torso: Cal
                    _beam(top, np.array([x, back - d * 0.5, z1 - 0.03]), 0.045, 0.012)]
     meshes = [pack, *straps]
     meshes = [on_torso(m) for m in meshes]
-    mat = _fabric(rng, k, [*TOPS[:10], (_srgb(190, 30, 35), 2), (_srgb(40, 120, 60), 2)], roughness=(0.5, 0.8),
+    mat = _fabric(rng, k, [*TOPS[:10], (srgb8(190, 30, 35), 2), (srgb8(40, 120, 60), 2)], roughness=(0.5, 0.8),
                   pattern_p=0.1)
     return {"accessory": Part(meshes[0], mat), "accessory_trim": Part(g.merge(meshes[1:]), mat)}
 
