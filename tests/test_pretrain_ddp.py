@@ -270,7 +270,8 @@ def test_moco_and_densecl_queues_and_losses_are_the_global_batch_ones(tmp_path: 
     * the queues (MoCo's; DenseCL's global and dense ones) and their pointers: bit-identical on both ranks;
     * the mean of the ranks' losses each step (what the training loop logs and LossGuard judges) equals the
       single-process loss of the global batch, the queues equal the single-process queues and the weights the
-      single-process weights, up to float32 rounding (1e-5). Equal, not just close in law, because with
+      single-process weights, up to float32 rounding (1e-5; 2e-4 for shuffle_bn_groups=3, whose BatchNorm groups of
+      2 images amplify it). Equal, not just close in law, because with
       ``shuffle_bn_groups=2`` on 2 ranks each rank's share of the permuted global batch is exactly one of the
       single process's 2 shuffled-BN groups (same seeded permutation), and with ``shuffle_bn_groups=1`` the key
       encoder's BatchNorm is synchronized over the global batch like the single process's one group. Not compared:
@@ -287,8 +288,11 @@ def test_moco_and_densecl_queues_and_losses_are_the_global_batch_ones(tmp_path: 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    tol = 1e-5
     for case in queue_worker.CASES:
+        # BatchNorm groups of 2 images (moco_3groups) amplify float rounding: the stem's weights differed by 4.8e-5
+        # on one Xeon (2026-12-07; moved 0.025 by training; the other cases 5e-7 to 7e-7 there), so that case gets
+        # 2e-4, still far below the ~1e-1 of per-rank shuffling.
+        tol = 2e-4 if case == "moco_3groups" else 1e-5
         ranks = [torch.load(out / f"{case}_rank{i}.pt", weights_only=True) for i in (0, 1)]
         one = queue_worker.run_case(case)
         assert set(ranks[0]["banks"]) == set(ranks[1]["banks"]) == set(one["banks"])
@@ -405,7 +409,8 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
     tolerance 5e-5; every floating point entry of the state (weights, the momentum twins BYOL's target and DINO's
     teacher, BatchNorm running statistics, DINO's center) with the single process's, 1e-4 absolute (the SimCLR
     test's TOL), while training moved the weights at least 100 times that. Both ranks hold bit-identical states.
-    Measured (2 CPU cores, torch's gloo): losses within 5e-6 relative, states within 2e-5.
+    Measured (2 CPU cores, torch's gloo): losses within 5e-6 relative, states within 2e-5; on another Xeon Barlow
+    Twins' states within 1.7e-4 and its loss within 3.2e-5 (its state tolerance is 5e-4).
 
     Why this holds: BYOL's and DINO's losses are means over samples (DDP's gradient average makes them the global
     batch's); DINO's center is updated with the batch center all-reduced over ranks (lightly's ``center_mean``);
@@ -415,7 +420,10 @@ def test_byol_dino_vicreg_barlowtwins_two_processes_match_one(method_ranks: Path
     per-rank DINO center, VICReg without gathering) end more than 10 times the tolerance away from the single
     process (measured 0.37, 0.016 and 0.13): the test can fail.
     """
-    tol_loss, tol = 5e-5, TOL
+    # Barlow Twins normalizes each projection dimension by the global batch's spread (8 samples), which amplifies
+    # float rounding: the stem's weights differed by 1.7e-4 on one Xeon (2026-12-07; 2e-5 on the machines before,
+    # the other methods 2e-7 to 2e-5 there); its control (lightly's per-rank normalization) ends 0.37 away.
+    tol_loss, tol = 5e-5, (5e-4 if method == "barlowtwins" else TOL)
     ranks = [torch.load(method_ranks / f"{method}_rank{i}.pt", weights_only=True) for i in (0, 1)]
     one = method_worker.run_case(method)
     init = method_worker.run_case(method, steps=0)["state"]
