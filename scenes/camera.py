@@ -50,3 +50,47 @@ def visible_mask(camera: Camera, points: npt.ArrayLike, margin: float = 0.0) -> 
     uv, in_front = project(camera, points)
     visible: npt.NDArray[np.bool_] = in_front & (np.abs(uv) <= 1.0 - margin).all(axis=1)
     return visible
+
+
+def frame_share(camera: Camera, points: npt.ArrayLike, sizes: npt.ArrayLike, cap: float) -> FloatArray:
+    """(N,) each object's rough share of the frame: its size over the frame's height at its distance (at least
+    0.5 m), squared, capped at ``cap``.
+
+    Args:
+        camera: Camera spec (perspective).
+        points: (N, 3) world coordinates of the objects' centres.
+        sizes: (N,) the objects' sizes (metres).
+        cap: the largest share one object counts for.
+    """
+    dist = np.maximum(np.linalg.norm(np.asarray(points) - np.asarray(camera.location), axis=1), 0.5)
+    share: FloatArray = np.minimum((np.asarray(sizes) / (dist * np.tan(camera.fov / 2))) ** 2, cap)
+    return share
+
+
+class BestTry:
+    """The best of a camera's tries: a try that sees at least ``min_visible`` objects beats one that does not;
+    among those the higher score wins, among the others the try that saw more. :meth:`offer` says when
+    ``good_tries`` tries have seen enough (time to stop trying)."""
+
+    def __init__(self, min_visible: int, good_tries: int) -> None:
+        self.min_visible, self.good_tries = min_visible, good_tries
+        self.best: Camera | None = None
+        self._key: tuple[int, float] = (-1, -1.0)
+        self._good = 0
+
+    def offer(self, camera: Camera, visible: int, score: float) -> bool:
+        """Consider one try (``visible`` objects in frame, its ``score``); True once enough tries saw enough."""
+        met = visible >= self.min_visible
+        key = (int(met), score if met else float(visible))
+        if key > self._key:
+            self.best, self._key = camera, key
+            camera.visible_objects = visible
+        self._good += met
+        return self._good >= self.good_tries
+
+    def result(self) -> Camera | None:
+        """The best try, marked with whether it saw enough (``min_visible_met``); None if nothing was offered."""
+        best = self.best
+        if best is not None:
+            best.min_visible_met = bool(best.visible_objects is not None and best.visible_objects >= self.min_visible)
+        return best

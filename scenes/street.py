@@ -45,7 +45,7 @@ import numpy.typing as npt
 from pydantic import Field, model_validator
 
 from scenes import geometry as g
-from scenes.camera import look_at, visible_mask
+from scenes.camera import BestTry, frame_share, look_at, visible_mask
 from scenes.placement import Footprint, FootprintSet
 from scenes.randomization import (
     CountRange,
@@ -1121,7 +1121,7 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
     sizes = np.array([min(_height(o), 4.0) for o in things] or [0.0])
     aims = targets[[n == framed for n in names]] if framed and things else np.zeros((0, 3))
     aim_m = FRAMED_ON[framed] if framed else 0.0
-    best, best_key, good = None, (-1, -1.0), 0
+    tries = BestTry(kc.min_visible_objects, GOOD_TRIES)
     for _ in range(kc.max_tries):
         pose = _camera_pose(rng, p, kind, geo)
         if pose is None:
@@ -1142,23 +1142,10 @@ def _street_camera(b: _Builder, kind: CameraKind, geo: _Geometry, things: list[S
         cam = Camera(vec3(loc), look_at(loc, loc + fwd), fov=np.radians(uniform(rng, kc.fov_deg)),
                      clip_start=0.1, clip_end=400.0)
         vis = visible_mask(cam, targets, margin=0.05) if things else np.zeros(1, dtype=bool)
-        n = int(vis.sum())
-        # Each thing's share of the frame, roughly (its height over the frame's height at its distance, squared).
-        dist = np.maximum(np.linalg.norm(targets - loc, axis=1), 0.5)
-        share = np.minimum((sizes / (dist * np.tan(cam.fov / 2))) ** 2, SHARE_CAP[framed is not None])
-        score = float((weights * vis * share).sum())
-        met = n >= kc.min_visible_objects
-        key = (int(met), score if met else float(n))
-        if key > best_key:
-            best, best_key = cam, key
-            best.visible_objects = n
-        good += met
-        if good >= GOOD_TRIES:
+        share = frame_share(cam, targets, sizes, SHARE_CAP[framed is not None])
+        if tries.offer(cam, int(vis.sum()), float((weights * vis * share).sum())):
             break
-    if best is None:  # no free spot in max_tries draws
-        return None
-    best.min_visible_met = bool(best.visible_objects is not None and best.visible_objects >= kc.min_visible_objects)
-    return best
+    return tries.result()  # None: no free spot in max_tries draws
 
 
 def _height(o: SceneObject) -> float:
@@ -1231,13 +1218,10 @@ def is_room(rng: np.random.Generator, share: float) -> bool:
     if share <= 0:
         return False
     seq = rng.bit_generator.seed_seq
-    if isinstance(seq, np.random.SeedSequence):
-        own = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, ROOM_STREAM),
-                                                           pool_size=seq.pool_size))
-    else:  # a bit generator without a seed sequence: seeded by its next output, drawn from a copy of it
-        copy = np.random.Generator(type(rng.bit_generator)())
-        copy.bit_generator.state = rng.bit_generator.state
-        own = np.random.default_rng([int(copy.integers(2**63)), ROOM_STREAM])
+    if not isinstance(seq, np.random.SeedSequence):
+        raise TypeError(f"is_room needs a generator made from a numpy SeedSequence (scene_rng), got {seq!r}")
+    own = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, ROOM_STREAM),
+                                                       pool_size=seq.pool_size))
     return bool(own.random() < share)
 
 

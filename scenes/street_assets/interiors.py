@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scenes import geometry as g
-from scenes.camera import look_at, visible_mask
+from scenes.camera import BestTry, frame_share, look_at, visible_mask
 from scenes.placement import Footprint, FootprintSet
 from scenes.randomization import MaterialKnobs, jitter_color, kelvin_to_rgb, srgb8, uniform
 from scenes.spec import Camera, FloatArray, Light, Material, Mesh, Part, TextureKind, Vec3, vec3
@@ -977,7 +977,7 @@ def room_camera(rng: np.random.Generator, room: Room, tries: int = 60, fov_deg: 
         heads.append(np.array([*v[:, :2].mean(axis=0), v[:, 2].min() + 0.6 * (v[:, 2].max() - v[:, 2].min())]))
         sizes.append(float(v[:, 2].max() - v[:, 2].min()))
     centres, hts = np.array(heads), np.array(sizes)
-    best, best_key, good = None, (-1, -1.0), 0
+    best = BestTry(min_visible, GOOD_TRIES)
     for _ in range(tries):
         j = int(rng.integers(len(people)))
         near = np.linalg.norm(centres[:, :2] - centres[j, :2], axis=1) < 1.6  # its group
@@ -998,22 +998,9 @@ def room_camera(rng: np.random.Generator, room: Room, tries: int = 60, fov_deg: 
         for m in np.flatnonzero(vis):
             if _blocked(room, eye, centres[m], people[m]):
                 vis[m] = False
-        n = int(vis.sum())
-        d = np.maximum(np.linalg.norm(centres - eye, axis=1), 0.5)
-        share = np.minimum((hts / (d * np.tan(cam.fov / 2))) ** 2, SHARE_CAP)
-        score = float((vis * share).sum())
-        met = n >= min_visible
-        key = (int(met), score if met else float(n))
-        if key > best_key:
-            best, best_key = cam, key
-            best.visible_objects = n
-        good += met
-        if good >= GOOD_TRIES:
+        if best.offer(cam, int(vis.sum()), float((vis * frame_share(cam, centres, hts, SHARE_CAP)).sum())):
             break
-    if best is None:
-        return None
-    best.min_visible_met = bool(best.visible_objects is not None and best.visible_objects >= min_visible)
-    return best
+    return best.result()
 
 
 def flash_light(camera: Camera, energy: float) -> Light:
