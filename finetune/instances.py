@@ -209,12 +209,17 @@ def calibrate_postprocess(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray,
 
     Returns:
         The record with the chosen ``seed_h`` and ``min_size``, and a report: ``frames``, ``objects``, the
-        ``grid`` of ``[seed_h, min_size, f1]`` and the ``chosen`` pair with its F1 (``None``, and the record
-        unchanged, when the frames hold no object of a thing class).
+        ``grid`` of ``[seed_h, min_size, f1]``, the ``chosen`` pair with its F1 (``None``, and the record
+        unchanged, when the frames hold no object of a thing class), and what the head gives the watershed to
+        work with: ``peak_distance``, the highest predicted distance on pixels predicted as a thing class (``None``
+        without such pixels), and ``seeded``, the share of predicted objects (4-connected regions of a thing class)
+        that hold a pixel above ``seed_threshold``. A peak below ``seed_threshold`` means no seed anywhere: the
+        watershed then returns the connected components unchanged.
     """
     from finetune.metrics import InstanceTally
 
     things = [int(c) for c in spec["things"]]
+    seed_report = seed_coverage(frames, things, float(spec["seed_threshold"]), float(spec.get("smooth", 0.0)))
     grid: list[list[float]] = []
     best: tuple[float, float, int] | None = None
     objects = 0
@@ -237,10 +242,42 @@ def calibrate_postprocess(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray,
             if best is None or f1 > best[0]:
                 best = (float(f1), float(h), int(m))
     if best is None or objects == 0:  # nothing to learn from: keep the configured values
-        return dict(spec), {"frames": len(frames), "objects": objects, "grid": grid, "chosen": None}
+        return dict(spec), {"frames": len(frames), "objects": objects, "grid": grid, "chosen": None, **seed_report}
     chosen = {"seed_h": best[1], "min_size": best[2], "f1": round(best[0], 6)}
-    report = {"frames": len(frames), "objects": objects, "grid": grid, "chosen": chosen}
+    report = {"frames": len(frames), "objects": objects, "grid": grid, "chosen": chosen, **seed_report}
     return {**spec, "seed_h": best[1], "min_size": best[2]}, report
+
+
+def seed_coverage(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], things: list[int],
+                  seed_threshold: float, smooth: float = 0.0) -> dict[str, float | None]:
+    """What a distance head gives the watershed on frames (as :func:`calibrate_postprocess` takes them), on the
+    distance map as :func:`watershed_instances` seeds from it (smoothed by ``smooth`` first).
+
+    Returns:
+        ``peak_distance``: the highest predicted distance on pixels predicted as a thing class; ``seeded``: the
+        share of predicted objects (4-connected regions of a thing class) with a pixel above ``seed_threshold``.
+        Both ``None`` when no pixel is predicted as a thing class.
+    """
+    peak: float | None = None
+    regions = seeded = 0
+    for labels, dist, _, _ in frames:
+        comp = component_instances(labels, things)
+        n = int(comp.max())
+        if n == 0:
+            continue
+        if smooth > 0:
+            from scipy.ndimage import gaussian_filter
+
+            dist = gaussian_filter(dist.astype(np.float64), smooth, mode="nearest")
+        on = comp > 0
+        top = float(np.max(dist[on]))
+        peak = top if peak is None else max(peak, top)
+        has_seed = np.zeros(n + 1, bool)
+        has_seed[comp[on & (dist > seed_threshold)]] = True
+        regions += n
+        seeded += int(has_seed[1:].sum())
+    return {"peak_distance": None if peak is None else round(peak, 4),
+            "seeded": round(seeded / regions, 4) if regions else None}
 
 
 def require_head(meta: dict[str, Any], model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -444,6 +444,12 @@ class Trainer:
             console.print(f"instances.calibrate: seed_h {chosen['seed_h']}, min_size {chosen['min_size']} "
                           f"(watershed F1 {chosen['f1']:.3f} on {len(frames)} rendered validation frames, "
                           f"{result[1]['objects']} objects)")
+        peak = result[1].get("peak_distance") if result is not None else None
+        if peak is not None and peak <= ic.seed_threshold:
+            console.print(f"[yellow]instances: the head's distance map stays at or below instances.seed_threshold "
+                          f"{ic.seed_threshold} on every rendered validation frame (peak {peak:.2f}): no seeds, so "
+                          "the watershed splits nothing and its instances are the connected components; train "
+                          "longer or on larger crops (or lower instances.seed_threshold)[/yellow]")
         self._calib_step, self._calib = step, result
         return result
 

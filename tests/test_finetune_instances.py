@@ -198,6 +198,8 @@ def test_calibration_picks_the_seed_height_and_minimum_size_that_score_best() ->
     assert grid[(0.05, 0)] < grid[(0.05, 15)] < 1.0 and grid[(0.1, 0)] < 1.0      # specks; the fragment
     assert grid[(0.1, 15)] == 1.0 and grid[(0.05, 60)] == 1.0
     assert rep["chosen"] == {"seed_h": 0.05, "min_size": 60, "f1": 1.0} and rep["objects"] == 2
+    # The two touching discs are one predicted region with seeds; the three specks are regions without.
+    assert rep["seeded"] == 0.25 and rep["peak_distance"] == pytest.approx(0.95, abs=1e-3)
     assert out == {**spec, "seed_h": 0.05, "min_size": 60}
     inst = postprocess(labels, dist, out)
     iou, _, _ = iou_matrix(truth, inst)
@@ -211,6 +213,25 @@ def test_calibration_without_objects_keeps_the_configured_values() -> None:
     out, rep = calibrate_postprocess([(labels, np.zeros((16, 16)), np.zeros((16, 16), np.uint8),
                                        np.zeros((16, 16), np.int32))], spec)
     assert out == spec and rep["chosen"] is None and rep["objects"] == 0 and rep["frames"] == 1
+    assert rep["peak_distance"] == 0.0 and rep["seeded"] == 0.0
+
+
+def test_a_head_below_the_seed_threshold_is_reported_and_splits_nothing() -> None:
+    """A weakly trained head (a flat distance map under seed_threshold): the report says so (peak, no region
+    seeded), and the watershed's instances are the connected components, whatever seed_h and min_size."""
+    shape = (32, 60)
+    truth = np.zeros(shape, np.int32)
+    for i, cx in enumerate((14, 29, 44)):                                 # touching: one predicted region
+        truth[disc(shape, 16, cx, 8) & (truth == 0)] = i + 1
+    labels = (truth > 0).astype(np.uint8)
+    dist = np.where(truth > 0, 0.3, 0.0) + 0.1 * (truth == 2)             # 0.3 and 0.4: never above 0.5
+    spec = {"things": [1], "seed_threshold": 0.5, "smooth": 0.0, "seed_h": 0.0, "min_size": 0}
+    _, rep = calibrate_postprocess([(labels, dist, labels.copy(), truth)], spec)
+    assert rep["peak_distance"] == pytest.approx(0.4) and rep["seeded"] == 0.0
+    assert {f1 for _, _, f1 in rep["grid"]} == {0.0}                      # the blob matches no disc
+    np.testing.assert_array_equal(postprocess(labels, dist, spec), component_instances(labels, [1]))
+    _, low = calibrate_postprocess([(labels, dist, labels.copy(), truth)], {**spec, "seed_threshold": 0.35})
+    assert low["seeded"] == 1.0
 
 
 def test_postprocess_sizes_are_in_network_input_pixels() -> None:
@@ -248,6 +269,7 @@ def test_training_logs_the_instance_loss_and_records_the_head(inst_model: Path) 
     best = max(f1 for _, _, f1 in cal["grid"])
     assert cal["chosen"]["f1"] == best and [inst["seed_h"], inst["min_size"], best] in cal["grid"]
     assert [inst["seed_h"], inst["min_size"]] == [cal["chosen"]["seed_h"], cal["chosen"]["min_size"]]
+    assert 0 <= cal["peak_distance"] <= 1 and 0 <= cal["seeded"] <= 1  # what the head gives the watershed
     logs = [json.loads(line) for line in (inst_model.parent / "metrics.jsonl").read_text().splitlines()]
     losses = [r["instance_loss"] for r in logs if "instance_loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
