@@ -104,6 +104,8 @@ def _real_section(real_eval: Path) -> str:
         notes.append("model: the model's class map, objects = connected components; model_watershed: the same class "
                      "map, touching objects split by the instance head's watershed (settings chosen on rendered "
                      "frames: model.json 'instances')")
+        if note := _seedless_note(report.get("model")):
+            notes.append(note)
     if inp.get("scale") is not None and not inp.get("scales"):
         notes.append(f"real images resized by the model's input scale {float(inp['scale']):.3g}")
     if note := _tta_note(report.get("tta")):
@@ -130,6 +132,21 @@ def _real_section(real_eval: Path) -> str:
                 parts.append(_img(_jpeg(p.read_bytes()), "image/jpeg", width=1000,
                                   caption=f"{name} {p.stem}: reference outlines green, each row in its colour"))
     return "".join(parts)
+
+
+def _seedless_note(model_dir: str | None) -> str:
+    """A note when the model's instance head gave the watershed no seed on its rendered validation frames (its
+    calibration's ``peak_distance`` at or below ``seed_threshold``), so model_watershed equals model; else ''."""
+    meta = Path(model_dir) / "model.json" if model_dir else None
+    if meta is None or not meta.is_file():
+        return ""
+    inst = read_json(meta).get("instances") or {}
+    peak = (inst.get("calibration") or {}).get("peak_distance")
+    if peak is None or peak > float(inst.get("seed_threshold", 0.5)):
+        return ""
+    return (f"model_watershed: the instance head's distance map peaked at {float(peak):.2f} on the rendered "
+            f"validation frames, not above its seed threshold {float(inst['seed_threshold']):.2f}: no seeds, so it "
+            "splits nothing there (train longer or on larger crops)")
 
 
 def _tta_note(tta: str | None) -> str:
