@@ -218,7 +218,7 @@ def test_calibration_without_objects_keeps_the_configured_values() -> None:
 
 def test_a_head_below_the_seed_threshold_is_reported_and_splits_nothing() -> None:
     """A weakly trained head (a flat distance map under seed_threshold): the report says so (peak, no region
-    seeded), and the watershed's instances are the connected components, whatever seed_h and min_size."""
+    seeded), and the watershed's instances are the connected components."""
     shape = (32, 60)
     truth = np.zeros(shape, np.int32)
     for i, cx in enumerate((14, 29, 44)):                                 # touching: one predicted region
