@@ -265,10 +265,7 @@ def seed_coverage(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         n = int(comp.max())
         if n == 0:
             continue
-        if smooth > 0:
-            from scipy.ndimage import gaussian_filter
-
-            dist = gaussian_filter(dist.astype(np.float64), smooth, mode="nearest")
+        dist = seeding_map(dist, smooth)
         on = comp > 0
         top = float(np.max(dist[on]))
         peak = top if peak is None else max(peak, top)
@@ -305,6 +302,17 @@ def component_instances(labels: npt.NDArray[np.integer], things: list[int]) -> n
     return out
 
 
+def seeding_map(dist: npt.NDArray[np.floating], smooth: float = 0.0) -> npt.NDArray[np.float64]:
+    """(H, W) float64 distance map as the watershed seeds from it: smoothed by a Gaussian of sigma ``smooth``
+    (pixels; 0 = as predicted)."""
+    d = dist.astype(np.float64)
+    if smooth > 0:
+        from scipy.ndimage import gaussian_filter
+
+        d = gaussian_filter(d, smooth, mode="nearest")
+    return d
+
+
 def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.floating], things: list[int],
                         seed_threshold: float = 0.5, min_size: int = 0, seed_h: float = 0.0,
                         smooth: float = 0.0) -> npt.NDArray[np.int32]:
@@ -329,11 +337,7 @@ def watershed_instances(labels: npt.NDArray[np.integer], dist: npt.NDArray[np.fl
 
     from finetune.metrics import unique_inverse
 
-    d = dist.astype(np.float64)
-    if smooth > 0:
-        from scipy.ndimage import gaussian_filter
-
-        d = gaussian_filter(d, smooth, mode="nearest")
+    d = seeding_map(dist, smooth)
     peaks = None
     if seed_h > 0:
         from skimage.morphology import h_maxima
