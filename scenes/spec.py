@@ -120,7 +120,9 @@ class Light:
 
     ``size`` is an area light's edge (point and spot: a quarter of it is the radius that softens shadows);
     ``angle`` is a sun's angular diameter (2 degrees: crisp shadows; 20 and more: a hazy, overcast sun);
-    ``spot_size`` is a spot's cone angle and ``spot_blend`` the softness of its rim (Blender's defaults).
+    ``spot_size`` is a spot's cone angle and ``spot_blend`` the softness of its rim (Blender's defaults);
+    ``view`` makes the light shine in that view only (an index into the scene's cameras: a flash fired by that
+    view's camera); ``None``, the default, in every view.
     """
 
     type: LightType
@@ -132,6 +134,7 @@ class Light:
     angle: float = float(np.radians(2.0))
     spot_size: float = float(np.radians(45.0))
     spot_blend: float = 0.15
+    view: int | None = None
 
 
 @dataclass

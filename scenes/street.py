@@ -1230,7 +1230,7 @@ def build_room(ctx: SceneContext) -> RoomLayout:
     (clear: day, overcast and rain: overcast, dusk: dusk with the lamps on) and the views' exposure and noise (no
     fog indoors); :func:`~scenes.street_assets.interiors.sample_room` lays the room out and
     :func:`~scenes.street_assets.interiors.room_camera` places each view inside it, framed on its people; a room
-    with a flash gets a flash light at every camera."""
+    with a flash gets a flash light at every camera, lit in that camera's view only."""
     rng, r = ctx.rng, ctx.randomization
     env = sample_environment(rng, ctx.params.environment)
     cameras: list[Camera] = []
@@ -1248,7 +1248,8 @@ def build_room(ctx: SceneContext) -> RoomLayout:
         raise RuntimeError("street room: no camera spot in 20 rooms")
     objects = [SceneObject(f"{it.kind}_{i}", ctx.class_id(it.cls), it.parts, it.location, (0.0, 0.0, it.yaw))
                for i, it in enumerate(room.items)]
-    lights = list(room.lights) + ([flash_light(c, room.flash_energy) for c in cameras] if room.flash else [])
+    lights = list(room.lights) + ([flash_light(c, room.flash_energy, v) for v, c in enumerate(cameras)]
+                                if room.flash else [])
     post = []
     for _ in range(ctx.views):
         fx = env.post(rng, r.post)

@@ -106,7 +106,11 @@ class SceneBuilder:
             lo = bproc.types.Light(light_type=light.type)
             lo.set_location(light.location)
             lo.set_rotation_euler(light.rotation)
-            lo.set_energy(light.energy)
+            if light.view is None:
+                lo.set_energy(light.energy)
+            else:  # one view's flash: keyframed on in its frame (the view's index), off in every other
+                for frame in range(len(spec.cameras)):
+                    lo.set_energy(light.energy if frame == light.view else 0.0, frame=frame)
             lo.set_color(light.color)
             data = lo.blender_obj.data
             if light.type == "AREA":

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from scenes.street_assets.interiors import CAMERA_CLEARANCE, Item, Room
 from scenes.street_assets.people import SEAT_TOLERANCE
 from segfactory.formats.dataset import load_frame, open_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
 SHELL = {"floor", "wall", "ceiling"}
 ON_WALL = {"window", "door"}
 OVERHEAD = {"ceiling_light"}
@@ -67,7 +71,13 @@ def _rounded(x: object) -> object:
 
 
 def digest(spec: SceneSpec) -> str:
-    return hashlib.sha256(json.dumps(_rounded(to_jsonable(spec)), sort_keys=True).encode()).hexdigest()
+    """sha256 of the spec as the digests were recorded: ``Light.view`` (a view's own flash, added since) is left
+    out where it is ``None``, as it is for every street light, so the digests still compare the sampled street."""
+    tree = to_jsonable(spec)
+    for light in tree["lights"]:
+        if light["view"] is None:
+            del light["view"]
+    return hashlib.sha256(json.dumps(_rounded(tree), sort_keys=True).encode()).hexdigest()
 
 
 def box_corners(it: Item) -> np.ndarray:
@@ -183,7 +193,9 @@ def test_cameras_are_inside_the_room_outside_every_object_and_framed_on_people(i
         heads = np.array([it.world_vertices().mean(axis=0) for it in r.people()])
         assert np.linalg.norm(heads - cam.location, axis=1).min() <= 4.5
     flashes = [li for li in lay.spec.lights if li.type == "POINT" and li.size == 0.05]
-    assert len(flashes) == (2 if r.flash else 0)
+    # one flash per view, each lit in its own view only; the room's own lights shine in every view
+    assert [li.view for li in flashes] == ([0, 1] if r.flash else [])
+    assert all(li.view is None for li in lay.spec.lights if li not in flashes)
     assert any(li.type in ("AREA", "POINT") and li.energy > 0 for li in r.lights)  # lit from inside
 
 
@@ -252,3 +264,44 @@ def test_a_rendered_room_has_a_person_mask_and_valid_coco(tmp_path: Path):
     assert (f["semantic"] == ids["person"]).any() and (f["semantic"] == ids["building"]).any()
     assert not (f["semantic"] == ids["sky"]).any() and not (f["semantic"] == ids["road"]).any()
     assert float(f["rgb"].mean()) > 20  # lit, not black
+
+
+_FLASH_RENDER = """
+import os, sys, tempfile
+import numpy as np
+from scenes import geometry as g
+from scenes.camera import look_at
+from scenes.spec import Camera, ClassDef, Light, Material, Part, PostFX, SceneObject, SceneSpec, World
+from synth.blender import BlenderRenderer
+from synth.config import OutputSettings, RenderSettings
+
+settings = RenderSettings(resolution=48, views=3, samples=8, noise_threshold=0, denoise=False)
+r = BlenderRenderer(settings, OutputSettings(), tempfile.mkdtemp(), threads=2)
+loc = np.array([2.2, -2.6, 1.6])
+cam = Camera(tuple(loc), look_at(loc, np.array([0, 0, 0.5])), fov=0.7)
+flash = Light("POINT", tuple(loc + np.array([0.0, 0.0, 0.1])), energy=300.0, size=0.05, view=1)
+dim = Light("SUN", (5, -5, 8), (0.7, 0.0, 0.6), 0.3)
+spec = SceneSpec("t", [ClassDef(0, "bg", (0, 0, 0)), ClassDef(1, "c", (1, 1, 1), True)], 0,
+                 [SceneObject("cube", 1, [Part(g.box(1.5, 1.5, 1.5), Material((0.6, 0.6, 0.6)))])], [dim, flash],
+                 World((0.02, 0.02, 0.02), (0.02, 0.02, 0.02), 1.0), [cam, cam, cam], [PostFX()] * 3, film="agx")
+views, _ = r.render(spec)
+np.savez(sys.argv[1], rgb=np.stack([v.rgb for v in views]), index=np.stack([v.index for v in views]))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.render
+def test_a_flash_lights_its_own_view_only(tmp_path: Path):
+    """Three views from one camera pose, a flash light of view 1 (``Light.view``): view 1 is lit by it, views 0
+    and 2 (before and after it in the animation) are not, and all three see the same objects."""
+    out = tmp_path / "flash.npz"
+    proc = subprocess.run([sys.executable, "-c", _FLASH_RENDER, str(out)], cwd=ROOT,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = np.load(out)
+    cube = d["index"][0] == 1
+    assert cube.mean() > 0.2 and all(np.array_equal(d["index"][v], d["index"][0]) for v in (1, 2))
+    lum = [float(d["rgb"][v][cube].mean()) for v in range(3)]
+    assert lum[1] > lum[0] + 40 and lum[1] > lum[2] + 40, lum
+    assert abs(lum[0] - lum[2]) < 3, lum

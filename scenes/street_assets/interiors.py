@@ -1003,8 +1003,14 @@ def room_camera(rng: np.random.Generator, room: Room, tries: int = 60, fov_deg: 
     return best.result()
 
 
-def flash_light(camera: Camera, energy: float) -> Light:
-    """A camera flash: a small point light just above and behind the lens."""
+def flash_light(camera: Camera, energy: float, view: int) -> Light:
+    """A camera flash: a small point light just above and behind the lens, lit in that camera's view only.
+
+    Args:
+        camera: The view's camera.
+        energy: W of the flash.
+        view: The camera's index in the scene's views.
+    """
     rot = np.asarray(camera.rotation)
     loc = np.asarray(camera.location) + rot @ np.array([0.0, 0.06, 0.08])  # camera looks down its local -Z
-    return Light("POINT", vec3(loc), energy=energy, color=kelvin_to_rgb(5600.0), size=0.05)
+    return Light("POINT", vec3(loc), energy=energy, color=kelvin_to_rgb(5600.0), size=0.05, view=view)
