@@ -66,16 +66,19 @@ def teacher_mode(teacher: nn.Module, norm: str) -> None:
 @contextmanager
 def frozen_bn_stats(model: nn.Module, frozen: bool = True) -> Iterator[None]:
     """Within the block, BatchNorm layers still normalise with batch statistics in training mode but do not
-    update their running statistics (momentum 0)."""
+    update their running statistics (momentum 0) nor count the batches (``num_batches_tracked``, which a layer
+    with ``momentum=None`` averages by, is restored on leaving)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
-    saved = [m.momentum for m in bns]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
     try:
         for m in bns:
             m.momentum = 0.0
         yield
     finally:
-        for m, mom in zip(bns, saved, strict=True):
+        for m, (mom, tracked) in zip(bns, saved, strict=True):
             m.momentum = mom
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 @torch.no_grad()

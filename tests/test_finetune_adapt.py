@@ -24,6 +24,7 @@ from finetune.adapt import (
     ema_alpha,
     ema_update,
     fda,
+    frozen_bn_stats,
     match_histograms,
     pixel_weights,
     pseudo_label,
@@ -109,6 +110,26 @@ def test_ema_update_and_its_ramp_on_hand_made_weights() -> None:
     ema_update(teacher, student, ema_alpha(0.999, 0))
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values(),
                                                   strict=True))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_frozen_bn_stats_leaves_running_stats_and_the_batch_count_alone(momentum) -> None:
+    """Inside the block BatchNorm normalises with the batch's statistics and changes no buffer (with
+    ``momentum=None`` the batch count is what later batches are averaged by); outside it, training updates them."""
+    bn = nn.BatchNorm2d(3, momentum=momentum)
+    bn.train()
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    bn(x)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with frozen_bn_stats(bn):
+        y = bn(x + 5.0)
+        bn(x * 2)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)  # batch statistics, not running
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+    assert bn.momentum == momentum
+    with frozen_bn_stats(bn, frozen=False):
+        bn(x + 5.0)
+    assert bn.num_batches_tracked.item() == 2 and not torch.equal(bn.running_mean, before["running_mean"])
 
 
 def test_classmix_keeps_image_and_label_aligned_pixel_exactly() -> None:
