@@ -158,6 +158,32 @@ def test_street_quickstart_finetunes_with_the_measured_street_recipe():
     assert 0 < street.finetune.adapt.warmup_steps < street.finetune.train.steps
 
 
+def test_the_gpu_sized_street_run_is_the_demo_scaled():
+    """configs/run_street_gpu.yaml is the street demo with more renders, steps, a wider decoder, 128 px crops and
+    the instance head, and nothing else: the demo's scene parameters, real sets, scoring and recipe carry over."""
+    from pipelines.run import RunConfig
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    demo = flat(load_config(RunConfig, CONFIGS / "quickstart_street.yaml").model_dump(mode="json"))
+    gpu = flat(load_config(RunConfig, CONFIGS / "run_street_gpu.yaml").model_dump(mode="json"))
+    changed = {k: gpu[k] for k in demo if gpu.get(k) != demo[k]}
+    assert set(gpu) == set(demo)
+    assert changed == {
+        "render.dataset.scenes": 1000, "render.dataset.scenes_per_shard": 10,
+        "finetune.model.decoder_channels": None, "finetune.augment.crop_size": 128,
+        "finetune.data.num_workers": 4, "finetune.data.val_max_items": 32,
+        "finetune.train.steps": 8000, "finetune.train.batch_size": 16, "finetune.train.warmup_steps": 200,
+        "finetune.train.val_every": 1000, "finetune.train.checkpoint_every": 1000,
+        "finetune.adapt.warmup_steps": 2000, "finetune.instances.enabled": True,
+        "execution.timeout_s": 14400.0, "cluster.workers": None}
+    assert gpu["finetune.train.device"] == "auto" and gpu["render.scene.params.vehicle_views"] == 0.3
+
+
 @pytest.mark.parametrize("name", ["finetune", "finetune_tiny", "finetune_street", "finetune_street_adapt"])
 def test_shipped_finetune_configs_validate(name):
     from finetune.config import FinetuneConfig
