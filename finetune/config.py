@@ -75,7 +75,29 @@ class SourceSpec(StrictModel):
         return {"path": value} if isinstance(value, str | Path) else value
 
 
-class DataConfig(StrictModel):
+class RareClassSampling(StrictModel):
+    """Rare class sampling of the rendered training frames (DAFormer, Hoyer et al. 2022, ``data.rcs``).
+
+    Each batch slot of a synthetic source first draws a class ``c`` with probability ``exp((1 - f_c) / T)``
+    (normalised; ``f_c`` is the class's share of the source's labeled pixels), then a frame holding at least
+    ``min_pixels`` of it, and cuts the CPU window around a random pixel of it (the random-resized crop inside the
+    window then keeps it most of the time). Rare classes are seen in more crops, and with the other classes of
+    the frames they occur in.
+
+    Attributes:
+        temperature: ``T``; smaller draws the rarest classes more (DAFormer's 0.01 makes a class that is 1 % of
+            the pixels rarer than one of 0 % by a factor e).
+        classes: The classes it draws from (names of the target classes); default every class of the source
+            that some frame holds ``min_pixels`` of.
+        min_pixels: Pixels of a class a frame must hold to be drawn for it.
+    """
+
+    temperature: float = Field(default=0.01, gt=0)
+    classes: list[str] | None = None
+    min_pixels: int = Field(default=16, ge=1)
+
+
+class DataConfig(UnsaidDefaults):
     """Training and validation data.
 
     Attributes:
@@ -91,7 +113,11 @@ class DataConfig(StrictModel):
         num_workers: CPU loader processes (decoding and cropping only; augmentation runs on the device).
         unlabeled: Unlabeled real images for domain adaptation: output directories of ``segfactory ingest``
             (see the ``adapt`` section).
+        rcs: Rare class sampling of the synthetic sources (:class:`RareClassSampling`); ``None`` (default):
+            each source's frames in shuffled order, windows anywhere.
     """
+
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"rcs": None}
 
     synthetic: list[SourceSpec] = Field(default_factory=list)
     real: list[SourceSpec] = Field(default_factory=list)
@@ -101,6 +127,7 @@ class DataConfig(StrictModel):
     val_max_items: int = Field(default=64, ge=1)
     load_size: int | None = Field(default=None, ge=SIZE_DIVISOR)
     num_workers: int = Field(default=2, ge=0)
+    rcs: RareClassSampling | None = None
 
 
 class ModelConfig(StrictModel):

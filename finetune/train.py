@@ -45,7 +45,14 @@ from torch import nn
 
 from finetune.adapt import frozen_bn_stats
 from finetune.config import FinetuneConfig
-from finetune.data.mixing import MixedBatchSampler, WindowDataset, collate, raise_if_error
+from finetune.data.mixing import (
+    MixedBatchSampler,
+    RareClasses,
+    WindowDataset,
+    collate,
+    raise_if_error,
+    rare_class_plans,
+)
 from finetune.data.normalize import standardize
 from finetune.data.remap import TargetClasses
 from finetune.data.sources import Source, open_training_sources, resolve_targets
@@ -265,6 +272,7 @@ class Trainer:
         # of self.model, which stays the module that is checkpointed, validated and exported (no `_orig_mod.`).
         self.train_model: nn.Module = torch.compile(self.model) if t.compile else self.model  # type: ignore[assignment]
         self._build_loss()
+        self.rare = self._build_rare()
         self._build_optimizer()
         self.adapt = self._build_adapt()
 
@@ -453,6 +461,23 @@ class Trainer:
         self._calib_step, self._calib = step, result
         return result
 
+    def _build_rare(self) -> dict[int, RareClasses]:
+        """``data.rcs``: each synthetic source's rare class sampling plan (empty when off), printed once."""
+        rcs = self.cfg.data.rcs
+        if rcs is None:
+            return {}
+        t0 = time.perf_counter()
+        plans = rare_class_plans(self.train_sources, rcs, self.targets.names)
+        if self.info.is_main:
+            names = self.targets.names
+            for i, plan in plans.items():
+                shown = ", ".join(f"{names[c]} {p:.0%} ({f:.1%} of pixels, {len(it)} frames)" for c, p, f, it in
+                                  sorted(zip(plan.classes, plan.prob, plan.freq, plan.items, strict=True),
+                                         key=lambda r: -r[1]))
+                console.print(f"rare class sampling (T={rcs.temperature:g}) of {self.train_sources[i].name}: "
+                              f"{shown} [{time.perf_counter() - t0:.1f}s]")
+        return plans
+
     def _model_meta(self, step: int, val: dict[str, Any] | None,
                     calibrated: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
         from finetune.models import model_meta
@@ -462,6 +487,11 @@ class Trainer:
                     "sources": [s.describe() for s in self.train_sources]}
         if self.adapt is not None:
             training["adapt"] = self.adapt.describe()
+        if self.rare:
+            names = self.targets.names
+            training["rcs"] = {self.train_sources[i].name: {names[c]: round(float(p), 4) for c, p in
+                                                            zip(plan.classes, plan.prob, strict=True)}
+                               for i, plan in self.rare.items()}
         inst = None
         if self.cfg.instances.enabled:
             from finetune.instances import instance_spec
@@ -569,7 +599,7 @@ class Trainer:
                                 instances=cfg.instances.enabled)
         sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
                                     [s.weight for s in self.train_sources], t.batch_size, t.seed,
-                                    start, end, self.info.rank, self.info.world_size)
+                                    start, end, self.info.rank, self.info.world_size, self.rare)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.data.num_workers,
                                              pin_memory=self.device.type == "cuda",
@@ -871,7 +901,7 @@ def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int =
     for src in sources:
         step = max(1, len(src.train) // per)
         for it in src.train[::step][:per]:
-            _, mask = src.load(it)
+            mask = src.load_mask(it)
             counts += np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes]
     freq = counts / max(counts.sum(), 1)
     w = 1 / np.sqrt(np.maximum(freq, 1e-4))

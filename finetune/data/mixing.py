@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from finetune.config import RareClassSampling
 from finetune.data.normalize import image_range, resolve_scaling, to_unit
 from finetune.data.sources import Source
 from segfactory import seeds
@@ -48,12 +49,105 @@ def batch_counts(weights: np.ndarray, batch_size: int, seed: int, step: int) -> 
 
 @dataclass(frozen=True)
 class SampleRef:
-    """What one batch slot loads: source, item, and the seed of its random window."""
+    """What one batch slot loads: source, item, the seed of its random window, and the class the window is cut
+    around (``focus``; -1: anywhere)."""
 
     source: int
     item: int
     step: int
     slot: int
+    focus: int = -1
+
+
+@dataclass(frozen=True)
+class RareClasses:
+    """Rare class sampling of one source (``data.rcs``, DAFormer): which class a slot draws, then which frame.
+
+    Attributes:
+        classes: (C,) target class ids it draws from.
+        prob: (C,) their probabilities, ``softmax((1 - freq) / temperature)``.
+        freq: (C,) their shares of the source's labeled pixels.
+        items: Per class, the indices of the source's training items holding at least ``min_pixels`` of it.
+    """
+
+    classes: np.ndarray
+    prob: np.ndarray
+    freq: np.ndarray
+    items: tuple[np.ndarray, ...]
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, temperature: float, min_pixels: int,
+                    allowed: list[int] | None = None) -> RareClasses | None:
+        """The plan from per-frame pixel counts.
+
+        Args:
+            counts: (N, K) pixels of each target class in each training frame (ignore excluded).
+            allowed: Class ids it may draw (default all K).
+
+        Returns:
+            ``None`` when no allowed class has a frame with ``min_pixels`` of it.
+        """
+        total = counts.sum(axis=0).astype(np.float64)
+        freq = total / max(float(total.sum()), 1.0)
+        keep = [c for c in (range(counts.shape[1]) if allowed is None else allowed)
+                if (counts[:, c] >= min_pixels).any()]
+        if not keep:
+            return None
+        ids = np.asarray(keep, np.int64)
+        logits = (1.0 - freq[ids]) / temperature
+        prob = np.exp(logits - logits.max())
+        return cls(ids, prob / prob.sum(), freq[ids],
+                   tuple(np.flatnonzero(counts[:, c] >= min_pixels) for c in keep))
+
+    def draw(self, seed: int, step: int, slot: int) -> tuple[int, int]:
+        """``(item, class id)`` of a batch slot: a pure function of ``(seed, step, slot)``."""
+        rng = np.random.default_rng([seed, step, slot, seeds.FINETUNE_RCS])
+        k = int(rng.choice(len(self.classes), p=self.prob))
+        return int(self.items[k][rng.integers(len(self.items[k]))]), int(self.classes[k])
+
+
+def rare_class_plans(sources: list[Source], rcs: RareClassSampling, names: list[str]) -> dict[int, RareClasses]:
+    """The :class:`RareClasses` plan of every synthetic source (``data.rcs``), by source index.
+
+    Counts every training frame's class pixels (masks only).
+
+    Args:
+        names: The target class names (index = id).
+
+    Raises:
+        UserError: an unknown class in ``rcs.classes``, no synthetic source, or a source where no frame holds
+            ``min_pixels`` of any class it may draw.
+    """
+    import difflib
+
+    allowed = None
+    if rcs.classes is not None:
+        allowed = []
+        for name in rcs.classes:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise UserError(f"data.rcs.classes: '{name}' is not a class of the model{hint}",
+                                fix=f"use names of: {', '.join(names)}")
+            allowed.append(names.index(name))
+    plans = {}
+    for i, src in enumerate(sources):
+        if src.kind != "synthetic":
+            continue
+        counts = np.zeros((len(src.train), len(names)), np.int64)
+        for j, item in enumerate(src.train):
+            m = src.load_mask(item)
+            counts[j] = np.bincount(m[m < len(names)].ravel(), minlength=len(names))[:len(names)]
+        plan = RareClasses.from_counts(counts, rcs.temperature, rcs.min_pixels, allowed)
+        if plan is None:
+            raise UserError(f"data.rcs: no training frame of '{src.path}' holds {rcs.min_pixels} pixels of "
+                            f"{'any class' if allowed is None else ', '.join(rcs.classes or [])}",
+                            fix="lower data.rcs.min_pixels or name other data.rcs.classes")
+        plans[i] = plan
+    if not plans:
+        raise UserError("data.rcs is set but there is no synthetic training source: rare class sampling draws "
+                        "rendered frames", fix="add data.synthetic (--synthetic DIR) or remove data.rcs")
+    return plans
 
 
 class MixedBatchSampler:
@@ -64,11 +158,12 @@ class MixedBatchSampler:
 
     With ``world_size > 1``, ``batch_size`` is the global batch and rank ``rank`` gets its slots
     ``rank * b .. (rank + 1) * b - 1`` (``b = batch_size / world_size``; a batch that does not split evenly is
-    refused); each :class:`SampleRef` keeps its global slot.
+    refused); each :class:`SampleRef` keeps its global slot. A source with a :class:`RareClasses` plan in ``rare``
+    (by source index) fills its slots by that plan instead of its permutations.
     """
 
     def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int, start_step: int,
-                 end_step: int, rank: int = 0, world_size: int = 1):
+                 end_step: int, rank: int = 0, world_size: int = 1, rare: dict[int, RareClasses] | None = None):
         if batch_size % world_size or not 0 <= rank < world_size:
             raise UserError(f"train.batch_size={batch_size} (the global batch) does not split evenly over "
                             f"{world_size} processes", fix=f"set train.batch_size to a multiple of {world_size}")
@@ -80,6 +175,7 @@ class MixedBatchSampler:
         self.end_step = end_step
         self.rank = rank
         self.world_size = world_size
+        self.rare = rare or {}
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
 
     def _perm(self, source: int, epoch: int) -> np.ndarray:
@@ -103,6 +199,10 @@ class MixedBatchSampler:
             batch = []
             for k, c in enumerate(counts):
                 for _ in range(int(c)):
+                    if k in self.rare:
+                        item, focus = self.rare[k].draw(self.seed, s, len(batch))
+                        batch.append(SampleRef(k, item, s, len(batch), focus))
+                        continue
                     epoch, i = divmod(int(pos[k]), self.sizes[k])
                     batch.append(SampleRef(k, int(self._perm(k, epoch)[i]), s, len(batch)))
                     pos[k] += 1
@@ -151,18 +251,25 @@ class WindowDataset(torch.utils.data.Dataset):
             mask = resize_mask(mask, img.shape[:2])
             inst = None if inst is None else resize_mask(inst, img.shape[:2])
         rng = np.random.default_rng([self.seed, ref.step, ref.slot, seeds.FINETUNE_WINDOW])
-        x, y, iw = random_windows(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index, inst)
+        x, y, iw = random_windows(img, mask, self.window, rng, self.in_chans, self.scaling, self.ignore_index, inst,
+                                  focus=ref.focus)
         out = {"image": torch.from_numpy(x), "mask": torch.from_numpy(y), "source": ref.source}
         if iw is not None:
             out["instance"] = torch.from_numpy(iw)
         return out
 
 
-def window_offsets(h: int, w: int, window: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def window_offsets(h: int, w: int, window: int, rng: np.random.Generator,
+                   around: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
     """Where :func:`random_window` cuts an (h, w) frame: ``(y0, x0)`` of the crop in the frame and ``(py, px)``
-    of the crop in the padded window (0 unless the frame is smaller than the window)."""
-    y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
-    x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
+    of the crop in the padded window (0 unless the frame is smaller than the window). With ``around`` (a pixel's
+    ``(y, x)``), among the crops that hold that pixel, uniformly."""
+    if around is None:
+        y0 = int(rng.integers(0, h - window + 1)) if h > window else 0
+        x0 = int(rng.integers(0, w - window + 1)) if w > window else 0
+    else:
+        y0, x0 = (int(rng.integers(max(0, p - window + 1), min(n - window, p) + 1)) if n > window else 0
+                  for p, n in zip(around, (h, w), strict=True))
     ch, cw = min(h, window), min(w, window)
     # Random placement of the small frame inside the window, so padding is not always bottom-right.
     py = int(rng.integers(0, window - ch + 1)) if (ch, cw) != (window, window) else 0
@@ -192,9 +299,12 @@ def random_window(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random
 
 
 def random_windows(img: np.ndarray, mask: np.ndarray, window: int, rng: np.random.Generator, in_chans: int,
-                   scaling: str, ignore_index: int,
-                   instances: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                   scaling: str, ignore_index: int, instances: np.ndarray | None = None,
+                   focus: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`random_window`, plus the same window of an (H, W) instance map (padded with -1 = unknown).
+
+    Args:
+        focus: A class id: the window holds a random pixel of it (the frame has none: anywhere); -1: anywhere.
 
     Returns:
         image (C, window, window) float32 in [0, 1], mask (window, window) uint8, instances (window, window)
@@ -202,7 +312,13 @@ def random_windows(img: np.ndarray, mask: np.ndarray, window: int, rng: np.rando
     """
     h, w = mask.shape
     value_range = image_range(img, scaling) if resolve_scaling(img, scaling) != "dtype" else None
-    off = window_offsets(h, w, window, rng)
+    around = None
+    if focus >= 0:
+        ys, xs = np.nonzero(mask == focus)
+        if len(ys):
+            k = int(rng.integers(len(ys)))
+            around = (int(ys[k]), int(xs[k]))
+    off = window_offsets(h, w, window, rng, around)
     y0, x0, py, px = off
     crop = img[y0:y0 + window, x0:x0 + window]
     x = to_unit(crop, in_chans, scaling, value_range)

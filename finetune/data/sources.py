@@ -79,6 +79,10 @@ class Source:
                 fix="make the mask the same size as the image (or remove the pair)")
         return img, self.remap.apply(raw, item.mask, self.on_unknown, self.ignore_index)
 
+    def load_mask(self, item: Item) -> np.ndarray:
+        """A frame's (H, W) uint8 target ids (255 = ignore), without decoding its image."""
+        return self.remap.apply(read_mask(item.mask), item.mask, self.on_unknown, self.ignore_index)
+
     def load_instances(self, item: Item, mask: np.ndarray) -> np.ndarray | None:
         """(H, W) int32 instance ids of a frame (0 = none), ``None`` when the source has no instance labels.
 
