@@ -23,7 +23,6 @@ fine-tune epoch order      ``[seed, source, epoch, FINETUNE_ORDER]``   the permu
 fine-tune window           ``[seed, step, slot, FINETUNE_WINDOW]``     a batch slot's random window
 fine-tune dropout          ``[seed, step, FINETUNE_DROPOUT]``          the global torch RNG during a step's forward pass
 unlabeled stream           ``[seed, FINETUNE_STREAM, epoch, ...]``     streamed real crops' unit and window order
-rare class sampling        ``[seed, step, slot, FINETUNE_RCS]``        ``data.rcs``: a slot's class and frame
 label-efficiency frames    ``[seed, LABEL_FRAMES, set]``               which real frames ``bench transfer`` labels
 =========================  ==========================================  ================================================
 
@@ -54,7 +53,6 @@ FINETUNE_ORDER = 0xE90C
 FINETUNE_WINDOW = 0xC209
 FINETUNE_DROPOUT = 0xD209
 FINETUNE_STREAM = 0x57E4
-FINETUNE_RCS = 0x2C5
 LABEL_FRAMES = 0x1ABE
 # MoCo's shuffled-BN permutation: a linear function of the step.
 MOCO_SHUFFLE_MULT, MOCO_SHUFFLE_ADD = 1_000_003, 17

@@ -23,6 +23,11 @@ from finetune.data.sources import Source
 from segfactory import seeds
 from segfactory.errors import UserError
 
+FINETUNE_RCS = 0x2C5
+"""Tag of the rare class sampling stream ``[seed, step, slot, FINETUNE_RCS]`` (``data.rcs``: a slot's class and
+frame). It lives here, not with the other tags in :mod:`segfactory.seeds`: render keys and shard ids hash that
+module, so a training-only tag added there would have made every existing dataset render anew."""
+
 
 def batch_counts(weights: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
     """How many samples each source contributes to batch ``step``.
@@ -101,7 +106,7 @@ class RareClasses:
 
     def draw(self, seed: int, step: int, slot: int) -> tuple[int, int]:
         """``(item, class id)`` of a batch slot: a pure function of ``(seed, step, slot)``."""
-        rng = np.random.default_rng([seed, step, slot, seeds.FINETUNE_RCS])
+        rng = np.random.default_rng([seed, step, slot, FINETUNE_RCS])
         k = int(rng.choice(len(self.classes), p=self.prob))
         return int(self.items[k][rng.integers(len(self.items[k]))]), int(self.classes[k])
 
