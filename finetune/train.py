@@ -471,11 +471,12 @@ class Trainer:
         if self.info.is_main:
             names = self.targets.names
             for i, plan in plans.items():
-                shown = ", ".join(f"{names[c]} {p:.0%} ({f:.1%} of pixels, {len(it)} frames)" for c, p, f, it in
-                                  sorted(zip(plan.classes, plan.prob, plan.freq, plan.items, strict=True),
-                                         key=lambda r: -r[1]))
-                console.print(f"rare class sampling (T={rcs.temperature:g}) of {self.train_sources[i].name}: "
-                              f"{shown} [{time.perf_counter() - t0:.1f}s]")
+                console.print(f"rare class sampling (T={rcs.temperature:g}) of {self.train_sources[i].name}, "
+                              f"{len(self.train_sources[i].train)} frames ({time.perf_counter() - t0:.1f} s):")
+                console.print(f"  {'class':<16} {'drawn':>6} {'pixels':>6} {'frames':>6}")
+                for c, p, f, it in sorted(zip(plan.classes, plan.prob, plan.freq, plan.items, strict=True),
+                                          key=lambda r: -r[1]):
+                    console.print(f"  {names[c]:<16} {p:6.1%} {f:6.1%} {len(it):6d}")
         return plans
 
     def _model_meta(self, step: int, val: dict[str, Any] | None,
