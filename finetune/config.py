@@ -90,11 +90,15 @@ class RareClassSampling(StrictModel):
         classes: The classes it draws from (names of the target classes); default every class of the source
             that some frame holds ``min_pixels`` of.
         min_pixels: Pixels of a class a frame must hold to be drawn for it.
+        frames: ``by_class`` (DAFormer): the class is drawn first and then a frame holding it, so frames
+            without rare classes are drawn less; ``shuffled``: frames keep the source's shuffled order (each as
+            often as without sampling) and only the window's class is drawn, among the classes the frame holds.
     """
 
     temperature: float = Field(default=0.01, gt=0)
     classes: list[str] | None = None
     min_pixels: int = Field(default=16, ge=1)
+    frames: Literal["by_class", "shuffled"] = "by_class"
 
 
 class DataConfig(UnsaidDefaults):

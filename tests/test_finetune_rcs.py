@@ -59,6 +59,23 @@ def test_sampler_draws_by_the_plan_and_resumes_exactly() -> None:
     assert list(MixedBatchSampler(sizes, weights, 8, 4, 0, 400, rare={0: plan})) != full
 
 
+def test_shuffled_frames_keep_their_order_and_focus_on_a_class_they_hold() -> None:
+    """``frames: shuffled``: the items are those of a sampler without the plan (each frame as often as before), and
+    each window's class is one its frame holds, drawn by the plan's probabilities among those; a frame holding
+    none of the classes gets a window anywhere."""
+    plan = RareClasses.from_counts(COUNTS, temperature=0.1, min_pixels=16, allowed=[1, 2], frames="shuffled")
+    full = list(MixedBatchSampler([5], [1.0], 4, 3, 0, 500, rare={0: plan}))
+    plain = list(MixedBatchSampler([5], [1.0], 4, 3, 0, 500))
+    assert [[r.item for r in b] for b in full] == [[r.item for r in b] for b in plain]
+    assert list(MixedBatchSampler([5], [1.0], 4, 3, 300, 500, rare={0: plan})) == full[300:]
+    refs = [r for b in full for r in b]
+    assert all(r.focus == -1 for r in refs if r.item == 4)  # frame 4 holds neither class 1 nor class 2
+    assert all(r.focus == 1 for r in refs if r.item in (0, 2))
+    both = [r.focus for r in refs if r.item in (1, 3)]
+    share = plan.prob[1] / plan.prob.sum()  # class 2 among {1, 2}
+    assert abs(np.mean(np.array(both) == 2) - share) < 0.05 and set(both) == {1, 2}
+
+
 def test_a_focused_window_holds_its_class_and_focus_off_draws_as_before() -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (200, 150, 3), dtype=np.uint8)

@@ -82,12 +82,13 @@ class RareClasses:
 
     @classmethod
     def from_counts(cls, counts: np.ndarray, temperature: float, min_pixels: int,
-                    allowed: list[int] | None = None) -> RareClasses | None:
+                    allowed: list[int] | None = None, frames: str = "by_class") -> RareClasses | None:
         """The plan from per-frame pixel counts.
 
         Args:
             counts: (N, K) pixels of each target class in each training frame (ignore excluded).
             allowed: Class ids it may draw (default all K).
+            frames: ``by_class`` or ``shuffled`` (:attr:`frames`).
 
         Returns:
             ``None`` when no allowed class has a frame with ``min_pixels`` of it.
@@ -101,14 +102,30 @@ class RareClasses:
         ids = np.asarray(keep, np.int64)
         logits = (1.0 - freq[ids]) / temperature
         prob = np.exp(logits - logits.max())
-        return cls(ids, prob / prob.sum(), freq[ids],
-                   tuple(np.flatnonzero(counts[:, c] >= min_pixels) for c in keep))
+        holds = counts[:, ids] >= min_pixels
+        return cls(ids, prob / prob.sum(), freq[ids], tuple(np.flatnonzero(h) for h in holds.T), holds, frames)
+
+    holds: np.ndarray
+    """(N, C) whether each training frame holds ``min_pixels`` of each class (``items`` by column)."""
+    frames: str = "by_class"
+    """``by_class``: a slot draws the class, then a frame holding it (DAFormer); ``shuffled``: the frame comes in
+    the source's shuffled order and only the window's class is drawn, among the classes that frame holds."""
 
     def draw(self, seed: int, step: int, slot: int) -> tuple[int, int]:
-        """``(item, class id)`` of a batch slot: a pure function of ``(seed, step, slot)``."""
+        """``(item, class id)`` of a batch slot (``frames: by_class``): a pure function of ``(seed, step, slot)``."""
         rng = np.random.default_rng([seed, step, slot, FINETUNE_RCS])
         k = int(rng.choice(len(self.classes), p=self.prob))
         return int(self.items[k][rng.integers(len(self.items[k]))]), int(self.classes[k])
+
+    def draw_focus(self, seed: int, step: int, slot: int, item: int) -> int:
+        """The class a given frame's window is cut around (``frames: shuffled``): drawn with the plan's
+        probabilities among the classes the frame holds; -1 when it holds none of them."""
+        held = self.holds[item]
+        if not held.any():
+            return -1
+        rng = np.random.default_rng([seed, step, slot, FINETUNE_RCS])
+        p = np.where(held, self.prob, 0.0)
+        return int(self.classes[int(rng.choice(len(self.classes), p=p / p.sum()))])
 
 
 def rare_class_plans(sources: list[Source], rcs: RareClassSampling, names: list[str]) -> dict[int, RareClasses]:
@@ -143,7 +160,7 @@ def rare_class_plans(sources: list[Source], rcs: RareClassSampling, names: list[
         for j, item in enumerate(src.train):
             m = src.load_mask(item)
             counts[j] = np.bincount(m[m < len(names)].ravel(), minlength=len(names))[:len(names)]
-        plan = RareClasses.from_counts(counts, rcs.temperature, rcs.min_pixels, allowed)
+        plan = RareClasses.from_counts(counts, rcs.temperature, rcs.min_pixels, allowed, rcs.frames)
         if plan is None:
             raise UserError(f"data.rcs: no training frame of '{src.path}' holds {rcs.min_pixels} pixels of "
                             f"{'any class' if allowed is None else ', '.join(rcs.classes or [])}",
@@ -204,12 +221,15 @@ class MixedBatchSampler:
             batch = []
             for k, c in enumerate(counts):
                 for _ in range(int(c)):
-                    if k in self.rare:
-                        item, focus = self.rare[k].draw(self.seed, s, len(batch))
+                    plan = self.rare.get(k)
+                    if plan is not None and plan.frames == "by_class":
+                        item, focus = plan.draw(self.seed, s, len(batch))
                         batch.append(SampleRef(k, item, s, len(batch), focus))
                         continue
                     epoch, i = divmod(int(pos[k]), self.sizes[k])
-                    batch.append(SampleRef(k, int(self._perm(k, epoch)[i]), s, len(batch)))
+                    item = int(self._perm(k, epoch)[i])
+                    focus = -1 if plan is None else plan.draw_focus(self.seed, s, len(batch), item)
+                    batch.append(SampleRef(k, item, s, len(batch), focus))
                     pos[k] += 1
             if self.world_size > 1:
                 per = self.batch_size // self.world_size
