@@ -131,7 +131,7 @@ def test_a_fine_tune_with_rare_class_sampling_records_its_plan(tiny_dataset: Pat
                  "data.rcs.classes=[nucleus, debris]"]) == 0
     cap = capsys.readouterr()
     printed = cap.out + cap.err
-    assert "rare class sampling (T=0.05)" in printed and "debris" in printed
+    assert "rare class sampling (T=0.05, frames by_class)" in printed and "debris" in printed
     meta = json.loads((out / "model" / "model.json").read_text())
     (probs,) = meta["lineage"]["training"]["rcs"].values()
     assert set(probs) == {"nucleus", "debris"} and abs(sum(probs.values()) - 1) < 1e-3

@@ -73,12 +73,17 @@ class RareClasses:
         prob: (C,) their probabilities, ``softmax((1 - freq) / temperature)``.
         freq: (C,) their shares of the source's labeled pixels.
         items: Per class, the indices of the source's training items holding at least ``min_pixels`` of it.
+        holds: (N, C) whether each training item holds ``min_pixels`` of each class (``items`` by column).
+        frames: ``by_class``: a slot draws the class, then a frame holding it (DAFormer); ``shuffled``: the frame
+            comes in the source's shuffled order and only the window's class is drawn, among those it holds.
     """
 
     classes: np.ndarray
     prob: np.ndarray
     freq: np.ndarray
     items: tuple[np.ndarray, ...]
+    holds: np.ndarray
+    frames: str = "by_class"
 
     @classmethod
     def from_counts(cls, counts: np.ndarray, temperature: float, min_pixels: int,
@@ -104,12 +109,6 @@ class RareClasses:
         prob = np.exp(logits - logits.max())
         holds = counts[:, ids] >= min_pixels
         return cls(ids, prob / prob.sum(), freq[ids], tuple(np.flatnonzero(h) for h in holds.T), holds, frames)
-
-    holds: np.ndarray
-    """(N, C) whether each training frame holds ``min_pixels`` of each class (``items`` by column)."""
-    frames: str = "by_class"
-    """``by_class``: a slot draws the class, then a frame holding it (DAFormer); ``shuffled``: the frame comes in
-    the source's shuffled order and only the window's class is drawn, among the classes that frame holds."""
 
     def draw(self, seed: int, step: int, slot: int) -> tuple[int, int]:
         """``(item, class id)`` of a batch slot (``frames: by_class``): a pure function of ``(seed, step, slot)``."""
