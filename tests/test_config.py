@@ -140,7 +140,7 @@ def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path
 def test_street_quickstart_finetunes_with_the_measured_street_recipe():
     """The street demo fine-tunes configs/finetune_street_adapt.yaml (a resnet18 U-Net from random init, 600 steps,
     real images at input.scale 0.33, self-training from step 200: the recipe that finds the walkers of the real
-    street frames) with 96 px crops instead of 128 (time), on renders of that recipe's 192 px, with no SSL stage
+    street frames) with 96 px crops instead of 128 (time) and rare class sampling of the windows, on renders of that recipe's 192 px, with no SSL stage
     (init: random: the encoders pretraining can afford on CPU found none). An edit of the recipe changes the demo
     too, and this test notices."""
     from finetune.config import FinetuneConfig
@@ -150,7 +150,10 @@ def test_street_quickstart_finetunes_with_the_measured_street_recipe():
     street = load_config(RunConfig, CONFIGS / "quickstart_street.yaml")
     recipe = load_config(FinetuneConfig, CONFIGS / "finetune_street_adapt.yaml")
     assert street.finetune.augment.crop_size == 96 and recipe.augment.crop_size == 128
-    recipe.augment.crop_size = 96
+    assert recipe.data.rcs is None and street.finetune.data.rcs is not None
+    assert street.finetune.data.rcs.model_dump() == {"temperature": 0.01, "classes": None, "min_pixels": 16,
+                                                     "frames": "shuffled"}
+    recipe.augment.crop_size, recipe.data.rcs = 96, street.finetune.data.rcs
     assert street.finetune.model_dump(mode="json") == recipe.model_dump(mode="json")
     assert street.init == "random" and street.render.render.resolution == 192
     assert street.finetune.model.encoder == "resnet18" and street.finetune.model.encoder_dir is None
