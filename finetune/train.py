@@ -473,7 +473,8 @@ class Trainer:
             for i, plan in plans.items():
                 console.print(f"rare class sampling (T={rcs.temperature:g}, frames {rcs.frames}) of "
                               f"{self.train_sources[i].name}, "
-                              f"{len(self.train_sources[i].train)} frames ({time.perf_counter() - t0:.1f} s):")
+                              f"{len(self.train_sources[i].train)} frames ({time.perf_counter() - t0:.1f} s):",
+                              soft_wrap=True)
                 console.print(f"  {'class':<16} {'drawn':>6} {'pixels':>6} {'frames':>6}")
                 for c, p, f, it in sorted(zip(plan.classes, plan.prob, plan.freq, plan.items, strict=True),
                                           key=lambda r: -r[1]):

@@ -140,9 +140,9 @@ def test_extends_cycles_missing_bases_and_bad_values_are_one_line(tmp_path: Path
 def test_street_quickstart_finetunes_with_the_measured_street_recipe():
     """The street demo fine-tunes configs/finetune_street_adapt.yaml (a resnet18 U-Net from random init, 600 steps,
     real images at input.scale 0.33, self-training from step 200: the recipe that finds the walkers of the real
-    street frames) with 96 px crops instead of 128 (time) and rare class sampling of the windows, on renders of that recipe's 192 px, with no SSL stage
-    (init: random: the encoders pretraining can afford on CPU found none). An edit of the recipe changes the demo
-    too, and this test notices."""
+    street frames) with 96 px crops instead of 128 (time) and rare class sampling of the windows, on renders of that
+    recipe's 192 px, with no SSL stage (init: random: the encoders pretraining can afford on CPU found none). An edit
+    of the recipe changes the demo too, and this test notices."""
     from finetune.config import FinetuneConfig
     from pipelines.run import RunConfig
 
