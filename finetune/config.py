@@ -85,8 +85,8 @@ class RareClassSampling(StrictModel):
     the frames they occur in.
 
     Attributes:
-        temperature: ``T``; smaller draws the rarest classes more (DAFormer's 0.01 makes a class that is 1 % of
-            the pixels rarer than one of 0 % by a factor e).
+        temperature: ``T``; smaller draws the rarest classes more (at DAFormer's 0.01, a class whose pixel share
+            is one percentage point lower is drawn e times as often).
         classes: The classes it draws from (names of the target classes); default every class of the source
             that some frame holds ``min_pixels`` of.
         min_pixels: Pixels of a class a frame must hold to be drawn for it.
