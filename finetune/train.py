@@ -903,9 +903,7 @@ def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int =
     per = max(1, max_masks // max(1, len(sources)))
     for src in sources:
         step = max(1, len(src.train) // per)
-        for it in src.train[::step][:per]:
-            mask = src.load_mask(it)
-            counts += np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes]
+        counts += src.class_counts(src.train[::step][:per], num_classes).sum(axis=0)
     freq = counts / max(counts.sum(), 1)
     w = 1 / np.sqrt(np.maximum(freq, 1e-4))
     return (w / w.mean()).astype(np.float32)

@@ -11,6 +11,7 @@ together are exactly the single-process batch, whatever the world size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,8 +73,7 @@ class RareClasses:
         classes: (C,) target class ids it draws from.
         prob: (C,) their probabilities, ``softmax((1 - freq) / temperature)``.
         freq: (C,) their shares of the source's labeled pixels.
-        items: Per class, the indices of the source's training items holding at least ``min_pixels`` of it.
-        holds: (N, C) whether each training item holds ``min_pixels`` of each class (``items`` by column).
+        holds: (N, C) whether each training item holds at least ``min_pixels`` of each class.
         frames: ``by_class``: a slot draws the class, then a frame holding it (DAFormer); ``shuffled``: the frame
             comes in the source's shuffled order and only the window's class is drawn, among those it holds.
     """
@@ -81,9 +81,13 @@ class RareClasses:
     classes: np.ndarray
     prob: np.ndarray
     freq: np.ndarray
-    items: tuple[np.ndarray, ...]
     holds: np.ndarray
     frames: str = "by_class"
+
+    @functools.cached_property
+    def items(self) -> tuple[np.ndarray, ...]:
+        """Per class, the indices of the training items holding it (the columns of :attr:`holds`)."""
+        return tuple(np.flatnonzero(h) for h in self.holds.T)
 
     @classmethod
     def from_counts(cls, counts: np.ndarray, temperature: float, min_pixels: int,
@@ -108,7 +112,7 @@ class RareClasses:
         logits = (1.0 - freq[ids]) / temperature
         prob = np.exp(logits - logits.max())
         holds = counts[:, ids] >= min_pixels
-        return cls(ids, prob / prob.sum(), freq[ids], tuple(np.flatnonzero(h) for h in holds.T), holds, frames)
+        return cls(ids, prob / prob.sum(), freq[ids], holds, frames)
 
     def draw(self, seed: int, step: int, slot: int) -> tuple[int, int]:
         """``(item, class id)`` of a batch slot (``frames: by_class``): a pure function of ``(seed, step, slot)``."""
@@ -155,11 +159,8 @@ def rare_class_plans(sources: list[Source], rcs: RareClassSampling, names: list[
     for i, src in enumerate(sources):
         if src.kind != "synthetic":
             continue
-        counts = np.zeros((len(src.train), len(names)), np.int64)
-        for j, item in enumerate(src.train):
-            m = src.load_mask(item)
-            counts[j] = np.bincount(m[m < len(names)].ravel(), minlength=len(names))[:len(names)]
-        plan = RareClasses.from_counts(counts, rcs.temperature, rcs.min_pixels, allowed, rcs.frames)
+        plan = RareClasses.from_counts(src.class_counts(src.train, len(names)), rcs.temperature, rcs.min_pixels,
+                                       allowed, rcs.frames)
         if plan is None:
             raise UserError(f"data.rcs: no training frame of '{src.path}' holds {rcs.min_pixels} pixels of "
                             f"{'any class' if allowed is None else ', '.join(rcs.classes or [])}",

@@ -83,6 +83,14 @@ class Source:
         """A frame's (H, W) uint8 target ids (255 = ignore), without decoding its image."""
         return self.remap.apply(read_mask(item.mask), item.mask, self.on_unknown, self.ignore_index)
 
+    def class_counts(self, items: list[Item], num_classes: int) -> np.ndarray:
+        """(N, K) pixels of each target class ``0..K-1`` in each of ``items``' masks (ignore not counted)."""
+        counts = np.zeros((len(items), num_classes), np.int64)
+        for j, item in enumerate(items):
+            m = self.load_mask(item)
+            counts[j] = np.bincount(m[m < num_classes].ravel(), minlength=num_classes)[:num_classes]
+        return counts
+
     def load_instances(self, item: Item, mask: np.ndarray) -> np.ndarray | None:
         """(H, W) int32 instance ids of a frame (0 = none), ``None`` when the source has no instance labels.
 
