@@ -50,6 +50,7 @@ from finetune.data.mixing import (
     RareClasses,
     WindowDataset,
     collate,
+    drawn_class_counts,
     raise_if_error,
     rare_class_plans,
 )
@@ -271,8 +272,8 @@ class Trainer:
         # train.compile: only the training forward goes through the compiled wrapper; it shares the parameters
         # of self.model, which stays the module that is checkpointed, validated and exported (no `_orig_mod.`).
         self.train_model: nn.Module = torch.compile(self.model) if t.compile else self.model  # type: ignore[assignment]
-        self._build_loss()
         self.rare = self._build_rare()
+        self._build_loss()
         self._build_optimizer()
         self.adapt = self._build_adapt()
 
@@ -344,6 +345,22 @@ class Trainer:
                 raise UserError(f"train.loss.class_weights has {len(lc.class_weights)} values for {k} classes",
                                 fix=f"give {k} weights ({', '.join(self.targets.names)}) or use auto")
             weights = torch.tensor(lc.class_weights, dtype=torch.float32)
+        elif lc.class_weights == "auto" and self.rare:
+            # Rare class sampling already draws the rare classes more often: weigh the classes by what training
+            # sees, the windows it draws, not by the frames (both favouring the same classes made the CCTV
+            # walkers pole_sign and vehicle; README "Rare class sampling").
+            t, cfg = self.cfg.train, self.cfg
+            window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
+            sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
+                                        [s.weight for s in self.train_sources], t.batch_size, t.seed, 0, t.steps,
+                                        rare=self.rare)
+            counts = drawn_class_counts(self.train_sources, sampler, window, t.seed, k, self.targets.ignore_index,
+                                        real_scale=float(self.input_spec["scale"]))
+            weights = torch.from_numpy(class_weights_from_counts(counts))
+            if self.info.is_main:
+                console.print("class weights (auto, over the first 256 windows rare class sampling draws): "
+                              + ", ".join(f"{n} {w:.2f}" for n, w in zip(self.targets.names, weights.tolist(),
+                                                                         strict=True)), soft_wrap=True)
         elif lc.class_weights == "auto":
             weights = torch.from_numpy(auto_class_weights(self.train_sources, k))
         self.class_weights = weights
@@ -904,7 +921,13 @@ def auto_class_weights(sources: list[Source], num_classes: int, max_masks: int =
     for src in sources:
         step = max(1, len(src.train) // per)
         counts += src.class_counts(src.train[::step][:per], num_classes).sum(axis=0)
-    freq = counts / max(counts.sum(), 1)
+    return class_weights_from_counts(counts)
+
+
+def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
+    """(K,) CE weights ∝ 1/sqrt(pixel frequency) of (K,) class pixel counts (frequencies floored at 1e-4),
+    mean 1: ``train.loss.class_weights=auto``."""
+    freq = counts / max(float(counts.sum()), 1.0)
     w = 1 / np.sqrt(np.maximum(freq, 1e-4))
     return (w / w.mean()).astype(np.float32)
 

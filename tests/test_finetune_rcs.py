@@ -11,9 +11,17 @@ import pytest
 from conftest import CONFIGS
 
 from finetune.config import FinetuneConfig, RareClassSampling
-from finetune.data.mixing import MixedBatchSampler, RareClasses, WindowDataset, random_windows, rare_class_plans
+from finetune.data.mixing import (
+    MixedBatchSampler,
+    RareClasses,
+    WindowDataset,
+    drawn_class_counts,
+    random_windows,
+    rare_class_plans,
+)
 from finetune.data.sources import open_training_sources, resolve_targets
 from finetune.samples import make_coins_folder
+from finetune.train import auto_class_weights, class_weights_from_counts
 from segfactory.cli import main
 from segfactory.errors import UserError
 
@@ -124,14 +132,43 @@ def test_plans_of_a_rendered_source_and_their_errors(tiny_dataset: Path, tmp_pat
     assert "rcs" not in FinetuneConfig().model_dump(mode="json")["data"]  # off: config hashes as before
 
 
+def test_auto_class_weights_count_the_windows_training_draws(tiny_dataset: Path, tmp_path: Path) -> None:
+    """With rare class sampling, ``class_weights=auto`` counts the label windows the loader really yields (source
+    mixing with a real labeled folder at input.scale 0.5 included), not the frames: the rare class drawn into
+    the windows weighs less than counted over the frames."""
+    coins = make_coins_folder(tmp_path / "coins", n=4, size=64, seed=1)
+    cfg = FinetuneConfig.model_validate({"data": {"synthetic": [{"path": str(tiny_dataset), "weight": 3}],
+                                                  "real": [{"path": str(coins), "remap": {"coin": "nucleus"}}]}})
+    targets = resolve_targets(cfg)
+    train, _ = open_training_sources(cfg, targets)
+    k = targets.num_classes
+    plans = rare_class_plans(train, RareClassSampling(temperature=0.05, classes=["debris"]), targets.names)
+    sampler = MixedBatchSampler([len(s.train) for s in train], [s.weight for s in train], 8, 5, 0, 10, rare=plans)
+    counted = drawn_class_counts(train, sampler, 24, seed=5, num_classes=k, real_scale=0.5, windows=60)
+    ds = WindowDataset(train, 24, 3, "dtype", seed=5, real_scale=0.5)
+    refs = [r for b in sampler for r in b][:60]
+    assert {r.source for r in refs} == {0, 1}
+    want = np.zeros(k, np.int64)
+    for r in refs:
+        y = ds[r]["mask"].numpy()
+        want += np.bincount(y[y < k].ravel(), minlength=k)[:k]
+    assert counted.tolist() == want.tolist()
+    debris = targets.names.index("debris")
+    by_frames = auto_class_weights(train, k)
+    drawn = class_weights_from_counts(counted)
+    assert drawn[debris] / drawn.mean() < by_frames[debris] / by_frames.mean()
+    np.testing.assert_allclose(drawn.mean(), 1.0, rtol=1e-6)
+
+
 def test_a_fine_tune_with_rare_class_sampling_records_its_plan(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ft"
     assert main(["finetune", str(CONFIGS / "finetune_tiny.yaml"), "--out", str(out), "--synthetic",
                  str(tiny_dataset), "--steps", "3", "train.val_every=1000", "data.rcs.temperature=0.05",
-                 "data.rcs.classes=[nucleus, debris]"]) == 0
+                 "data.rcs.classes=[nucleus, debris]", "train.loss.class_weights=auto"]) == 0
     cap = capsys.readouterr()
-    printed = cap.out + cap.err
+    printed = " ".join((cap.out + cap.err).split())
     assert "rare class sampling (T=0.05, frames by_class)" in printed and "debris" in printed
+    assert "class weights (auto, over the first 256 windows rare class sampling draws): background" in printed
     meta = json.loads((out / "model" / "model.json").read_text())
     (probs,) = meta["lineage"]["training"]["rcs"].values()
     assert set(probs) == {"nucleus", "debris"} and abs(sum(probs.values()) - 1) < 1e-3

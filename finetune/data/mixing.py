@@ -284,6 +284,42 @@ class WindowDataset(torch.utils.data.Dataset):
         return out
 
 
+def drawn_class_counts(sources: list[Source], sampler: MixedBatchSampler, window: int, seed: int,
+                       num_classes: int, ignore_index: int = 255, real_scale: float = 1.0,
+                       windows: int = 256) -> np.ndarray:
+    """(K,) class pixels in the label windows of training's first ``windows`` draws: ``sampler``'s own batches
+    (source mixing and rare class sampling included), each window cut as :class:`WindowDataset` cuts it (same
+    seed stream, focus and real-frame scale), from the masks alone (no image is decoded).
+
+    Args:
+        sources: The training sources (``sampler``'s, by index).
+        sampler: The training's batch sampler, from step 0 (its ``rank``/``world_size`` should be 0/1: the counts
+            are the global batch's).
+        window: The CPU window size.
+        seed: ``train.seed`` (the window stream's seed).
+        num_classes: K; ids ``>= K`` (ignore) are not counted.
+        real_scale: ``input.scale`` of real frames (their masks are resized by it, as in training).
+        windows: How many windows to count (the first ones of the first batches).
+    """
+    from finetune.scale import resize_mask, scaled_shape
+
+    counts = np.zeros(num_classes, np.int64)
+    n = 0
+    for batch in sampler:
+        for ref in batch:
+            src = sources[ref.source]
+            mask = src.load_mask(src.train[ref.item])
+            if src.kind == "real" and real_scale != 1:
+                mask = resize_mask(mask, scaled_shape(mask.shape[0], mask.shape[1], real_scale))
+            rng = np.random.default_rng([seed, ref.step, ref.slot, seeds.FINETUNE_WINDOW])
+            y = cut_window(mask, focus_offsets(mask, window, rng, ref.focus), window, ignore_index)
+            counts += np.bincount(y[y < num_classes].ravel(), minlength=num_classes)[:num_classes]
+            n += 1
+            if n >= windows:
+                return counts
+    return counts
+
+
 def window_offsets(h: int, w: int, window: int, rng: np.random.Generator,
                    around: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
     """Where :func:`random_window` cuts an (h, w) frame: ``(y0, x0)`` of the crop in the frame and ``(py, px)``
@@ -300,6 +336,20 @@ def window_offsets(h: int, w: int, window: int, rng: np.random.Generator,
     py = int(rng.integers(0, window - ch + 1)) if (ch, cw) != (window, window) else 0
     px = int(rng.integers(0, window - cw + 1)) if (ch, cw) != (window, window) else 0
     return y0, x0, py, px
+
+
+def focus_offsets(mask: np.ndarray, window: int, rng: np.random.Generator,
+                  focus: int = -1) -> tuple[int, int, int, int]:
+    """:func:`window_offsets` of an (H, W) class mask's window; with ``focus`` (a class id, -1: none), around a
+    random pixel of that class (the frame has none: anywhere). Draws from ``rng`` exactly as
+    :func:`random_windows` does (it calls this)."""
+    around = None
+    if focus >= 0:
+        ys, xs = np.nonzero(mask == focus)
+        if len(ys):
+            k = int(rng.integers(len(ys)))
+            around = (int(ys[k]), int(xs[k]))
+    return window_offsets(mask.shape[0], mask.shape[1], window, rng, around)
 
 
 def cut_window(arr: np.ndarray, offsets: tuple[int, int, int, int], window: int, fill: int | float) -> np.ndarray:
@@ -335,15 +385,8 @@ def random_windows(img: np.ndarray, mask: np.ndarray, window: int, rng: np.rando
         image (C, window, window) float32 in [0, 1], mask (window, window) uint8, instances (window, window)
         int32 or ``None``.
     """
-    h, w = mask.shape
     value_range = image_range(img, scaling) if resolve_scaling(img, scaling) != "dtype" else None
-    around = None
-    if focus >= 0:
-        ys, xs = np.nonzero(mask == focus)
-        if len(ys):
-            k = int(rng.integers(len(ys)))
-            around = (int(ys[k]), int(xs[k]))
-    off = window_offsets(h, w, window, rng, around)
+    off = focus_offsets(mask, window, rng, focus)
     y0, x0, py, px = off
     crop = img[y0:y0 + window, x0:x0 + window]
     x = to_unit(crop, in_chans, scaling, value_range)
