@@ -78,6 +78,10 @@ def sample_scene(resolved: ResolvedScene, rng: np.random.Generator, views: int, 
     spec.grayscale = resolved.family.channels == 1
     if len(spec.cameras) != views or len(spec.post) != views:
         raise RuntimeError(f"scene family '{resolved.family.name}' returned {len(spec.cameras)} views, not {views}")
+    for i, light in enumerate(spec.lights):
+        if light.view is not None and not 0 <= light.view < views:
+            raise RuntimeError(f"scene family '{resolved.family.name}' returned light {i} for view {light.view}, "
+                               f"but the scene has views 0..{views - 1}")
     return spec
 
 

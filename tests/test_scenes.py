@@ -481,3 +481,26 @@ def test_camera_bits_beyond_the_output_depth_stop_before_rendering():
     with pytest.raises(UserError) as e:
         resolve_render_config(load_config(RenderConfig, CONFIGS_DIR / "cells.yaml", ["output.bit_depth=8"]))
     assert "camera_bits" in e.value.message and "output.bit_depth=16" in e.value.fix
+
+
+def test_a_family_whose_light_names_a_view_the_scene_lacks_is_refused() -> None:
+    """A light for one view (``Light.view``, a camera flash) must name one of the scene's views: else Blender would
+    keyframe it on a frame that is never rendered and the view it was meant for would go without it."""
+    import dataclasses
+
+    from scenes.spec import Light
+
+    resolved = resolve_scene(SceneConfig(family="cells"))
+    inner = resolved.family.sampler
+
+    def with_light(view: int):
+        def sampler(ctx):
+            spec = inner(ctx)
+            spec.lights.append(Light("point", (0.0, 0.0, 1.0), view=view))
+            return spec
+        return dataclasses.replace(resolved, family=dataclasses.replace(resolved.family, sampler=sampler))
+
+    assert sample_scene(with_light(1), scene_rng(0, 0), views=2, resolution=64).lights[-1].view == 1
+    for bad in (2, -1):
+        with pytest.raises(RuntimeError, match=f"returned light .* for view {bad}, but the scene has views 0..1"):
+            sample_scene(with_light(bad), scene_rng(0, 0), views=2, resolution=64)
