@@ -117,7 +117,8 @@ CRACK_Z = 0.00075  # asphalt cracks lie between the asphalt and the patches: pat
 class StreetParams(UnsaidDefaults):
     # off: scenes and config hashes as before
     unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0, "balcony_bands": 0.0,
-                                                 "lit_shops": 0.0, "seated_people": 0.0, "interior_scenes": 0.0}
+                                                 "lit_shops": 0.0, "seated_people": 0.0, "interior_scenes": 0.0,
+                                                 "cracks": (0, 0)}
 
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
@@ -159,7 +160,8 @@ class StreetParams(UnsaidDefaults):
     verge_prob: float = Field(0.3, ge=0, le=1, description="chance of a grass verge between curb and sidewalk")
     verge_width: PosRange = Field((0.8, 2.5), description="metres")
     patches: CountRange = Field((0, 6), description="asphalt patches of another shade")
-    cracks: CountRange = Field((0, 8), description="asphalt cracks on the main road (class road): longitudinal "
+    cracks: CountRange = Field((0, 0), description="asphalt cracks on the main road (class road; off by default, "
+                               "configs/street.yaml draws 0-8): longitudinal "
                                "ones along the wheel paths and lane joints, transverse ones across the road, "
                                "branching alligator-like networks and black sealed 'tar snakes'; drawn from "
                                "a generator of their own and added last, so everything else in a scene stays as "

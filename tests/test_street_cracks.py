@@ -51,7 +51,10 @@ def street_coords(lay: StreetLayout, obj: SceneObject) -> tuple[np.ndarray, np.n
 
 
 def test_the_knob_is_a_count_range_like_patches():
-    assert StreetParams().cracks == (0, 8)
+    assert StreetParams().cracks == (0, 0)  # off by default: configs and their hashes stay what they were
+    assert "cracks" not in StreetParams().model_dump(mode="json")
+    assert "cracks" not in StreetParams(cracks=[0, 0]).model_dump()
+    assert StreetParams(cracks=[0, 8]).model_dump(mode="json")["cracks"] == [0, 8]
     assert StreetParams(cracks=[3, 3]).cracks == (3, 3)
     for bad in ([5, 2], [-1, 2]):
         with pytest.raises(ValidationError):

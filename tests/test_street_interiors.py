@@ -30,9 +30,8 @@ SHELL = {"floor", "wall", "ceiling"}
 ON_WALL = {"window", "door"}
 OVERHEAD = {"ceiling_light"}
 # sha256 of each of the first 12 default street scenes (seed 5, one view, 64 px; floats to 9 digits) as sampled
-# before rooms existed (b6a7169): with interior_scenes at 0 every scene must stay exactly what it was. Since the
-# road has cracks (``cracks``, on by default) these are the scenes with cracks off: the cracks come from a
-# generator of their own and are added last, so the rest of every scene is still exactly what it was.
+# before rooms existed (b6a7169): with interior_scenes at 0 every scene must stay exactly what it was (and with
+# cracks off, their default: cracks came later).
 STREET_DIGESTS = [
     "690633e48fcefe8525fd10c68387cac5be475678f71801ff45faf897d457fdee",
     "12d493cb9e304563e8b0c9e2734066c3fca432a08323e71023ce132cfef2d588",
@@ -47,8 +46,8 @@ STREET_DIGESTS = [
     "a53ee64933ab89b22bbfcc069c592948127416f5853f67cacbce79e1282adda5",
     "1b8b0ef75ea43ac1ad887b19dc359351f1436ff30998c9cd64799f822d080e13",
 ]
-# The same 12 default scenes with their cracks (recorded when cracks were added: STREET_DIGESTS plus one
-# ``road_crack`` object each, tests/test_street_cracks.py).
+# The same 12 scenes with cracks as configs/street.yaml draws them (``cracks=(0, 8)``; recorded when cracks were
+# added: STREET_DIGESTS plus one ``road_crack`` object each, tests/test_street_cracks.py).
 CRACKED_STREET_DIGESTS = [
     "a3c0b5a36c478e78751c4a08306193a6aab7602f0430b0a9de608507c67e461f",
     "63546991c8835f05eac4ae9429e04f48920983a9535214baeddd85debe631bff",
@@ -231,14 +230,14 @@ def test_room_classes_come_from_the_street_map(index, seed):
 
 
 def test_interior_scenes_zero_leaves_every_scene_as_it_was():
-    """At 0 (the default, and absent) every scene is what it was before rooms existed (with cracks off: before
-    cracks existed); the field stays out of the dumped params (config hashes)."""
+    """At 0 (the default, and absent) every scene is what it was before rooms existed; the field stays out of the
+    dumped params (config hashes). With cracks on, every scene is the one recorded when cracks were added."""
     assert "interior_scenes" not in StreetParams().model_dump(mode="json")
     assert StreetParams(interior_scenes=0.4).model_dump(mode="json")["interior_scenes"] == 0.4
     for i, (want, cracked) in enumerate(zip(STREET_DIGESTS, CRACKED_STREET_DIGESTS, strict=True)):
-        assert digest(scene(i, cracks=(0, 0))) == want, i
-        assert digest(scene(i)) == cracked, i
-        assert digest(scene(i, interior_scenes=0.0)) == cracked, i
+        assert digest(scene(i)) == want, i
+        assert digest(scene(i, interior_scenes=0.0)) == want, i
+        assert digest(scene(i, cracks=(0, 8))) == cracked, i
 
 
 def test_streets_stay_the_streets_they_were_with_rooms_on():
