@@ -3,9 +3,9 @@
 Class map (Cityscapes colors, ids stable since the family was added): sky 0, road 1, sidewalk 2, lane_marking 3,
 building 4, vehicle 5*, person 6*, pole_sign 7*, vegetation 8 (* = thing classes with instances). Bicycles are
 ``vehicle``; street lamps, signs, traffic lights, bollards and benches are ``pole_sign``; trees, bushes, grass
-verges and the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches and
-puddles are ``road``; crosswalk stripes are ``lane_marking``. In rooms (``interior_scenes``) the floor, walls, ceiling,
-windows, doors and all furniture and clutter are ``building`` (the inside of a building), potted plants
+verges and the grass outside the street are ``vegetation``; curb stones are ``sidewalk``; asphalt patches, cracks
+and puddles are ``road``; crosswalk stripes are ``lane_marking``. In rooms (``interior_scenes``) the floor, walls,
+ceiling, windows, doors and all furniture and clutter are ``building`` (the inside of a building), potted plants
 ``vegetation`` and people ``person``; no other class occurs there.
 
 Layout. The street runs along a centre line that is straight up to ``s0`` and may then bend into an arc
@@ -13,6 +13,9 @@ Layout. The street runs along a centre line that is straight up to ``s0`` and ma
 of traffic heading towards ``+s``). Across the street from the centre: travel lanes (markings in one of several
 styles), optional parking strips, curb stones, an optional grass verge, the sidewalk (raised by the curb
 height), then rows of buildings with varied widths, heights, setbacks and gaps, their facades facing the road.
+The asphalt (noise-textured and bumped, wet and glossy in rain) has patches of another shade, puddles in rain and
+cracks (:func:`sample_cracks`): thin dark ribbons just above it, longitudinal along the wheel paths and lane
+joints, transverse across the road, branching alligator-like networks, and black, smoother sealed "tar snakes".
 An optional cross street meets the straight part at right angles, with its own sidewalks and crosswalks; the
 buildings leave its corners free. Vehicles park along the curbs (both directions, some at slight angles) and
 drive in the lanes; people walk on the sidewalks and crosswalks, alone and in groups; street lamps and trees
@@ -106,6 +109,7 @@ CAMERA_KINDS: tuple[CameraKind, ...] = ("dashcam", "pedestrian", "surveillance")
 MARK_H = 0.005  # paint thickness: markings and crosswalk stripes stand this far above the asphalt
 AT_END_CLEARANCE = 0.3  # m: objects placed at a given spot keep this far from a region's ends along the street
 PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the asphalt and the paint
+CRACK_Z = 0.00075  # asphalt cracks lie between the asphalt and the patches: patches, puddles and paint cover them
 
 
 # --- Params ---------------------------------------------------------------------------------------------------
@@ -113,7 +117,8 @@ PATCH_Z, PUDDLE_Z = 0.0015, 0.003  # asphalt patches and puddles lie between the
 class StreetParams(UnsaidDefaults):
     # off: scenes and config hashes as before
     unsaid_defaults: ClassVar[dict[str, Any]] = {"vehicle_views": 0.0, "person_views": 0.0, "balcony_bands": 0.0,
-                                                 "lit_shops": 0.0, "seated_people": 0.0, "interior_scenes": 0.0}
+                                                 "lit_shops": 0.0, "seated_people": 0.0, "interior_scenes": 0.0,
+                                                 "cracks": (0, 0)}
 
     lanes: CountRange = Field((2, 4), description="travel lanes (1 = one-way street)")
     lane_width: PosRange = Field((3.0, 3.6), description="metres per travel lane")
@@ -155,6 +160,12 @@ class StreetParams(UnsaidDefaults):
     verge_prob: float = Field(0.3, ge=0, le=1, description="chance of a grass verge between curb and sidewalk")
     verge_width: PosRange = Field((0.8, 2.5), description="metres")
     patches: CountRange = Field((0, 6), description="asphalt patches of another shade")
+    cracks: CountRange = Field((0, 0), description="asphalt cracks on the main road (class road; off by default, "
+                               "configs/street.yaml draws 0-8): longitudinal "
+                               "ones along the wheel paths and lane joints, transverse ones across the road, "
+                               "branching alligator-like networks and black sealed 'tar snakes'; drawn from "
+                               "a generator of their own and added last, so everything else in a scene stays as "
+                               "it was")
     lamp_prob: float = Field(0.85, ge=0, le=1, description="chance of a row of street lamps on each side")
     lamp_spacing: PosRange = Field((18.0, 35.0), description="metres between street lamps")
     tree_row_prob: float = Field(0.5, ge=0, le=1, description="chance that a side's trees stand in a regular row")
@@ -801,6 +812,15 @@ def build_street(ctx: SceneContext) -> StreetLayout:
             b.place("person", "person", sample_person(rng, k), people_regions, heading, footprint="rect")
             placed += 1
 
+    # Cracks, from a generator of their own and after every other object of the default scene: those objects
+    # (names included), the cameras and all their draws are what they were without cracks. The cameras never look
+    # at them (flat on the road, not things), and nothing is placed on or around them.
+    if p.cracks[1] > 0:
+        crack_rng = own_stream(rng, CRACK_STREAM, "street cracks")
+        cracks = sample_cracks(crack_rng, integers(crack_rng, p.cracks), half, edge, lane_ts, lane_w)
+        if cracks:
+            b.add("road_crack", "road", crack_parts(cracks, frame, asphalt, wetness, crack_rng))
+
     if p.seated_people > 0:
         # A generator of its own (spawning one does not advance ``rng``): everything above and the cameras' draws
         # below are what they were without seated people.
@@ -900,6 +920,196 @@ def _puddle(rng: np.random.Generator, frame: StreetFrame, s: float, t: float, r:
     v = np.vstack([[t, s, PUDDLE_Z], ring])
     f = [(0, 1 + i, 1 + (i + 1) % n) for i in range(n)]
     return frame.bend(Mesh(v.astype(np.float32), np.asarray(f, dtype=np.int32)))
+
+
+# --- Cracks ---------------------------------------------------------------------------------------------------
+
+# The cracks' stream: a child of the scene's seed sequence at this spawn index, made without spawning (as the
+# room-or-street draw's, :data:`ROOM_STREAM`): the scene's ``rng`` and its ``rng.spawn`` stay what they were.
+CRACK_STREAM = 0x4352434B
+CrackKind = Literal["longitudinal", "transverse", "network", "sealed"]
+CRACK_KINDS: tuple[CrackKind, ...] = ("longitudinal", "transverse", "network", "sealed")
+CRACK_SHARES = (0.35, 0.25, 0.25, 0.15)
+CRACK_MARGIN = 0.1  # m: cracks keep this far inside the road's edges (the curbs)
+
+
+@dataclass(frozen=True)
+class Crack:
+    """One crack (or sealed crack) of the road, in street coordinates.
+
+    Attributes:
+        kind: One of :data:`CRACK_KINDS`.
+        paths: (N, 2) polylines of (t, s) points: one for a single crack, the trunk and its branches for a network.
+        widths: (N,) metres across the crack at each point of the matching path.
+    """
+
+    kind: CrackKind
+    paths: list[FloatArray]
+    widths: list[FloatArray]
+
+
+def own_stream(rng: np.random.Generator, key: int, what: str) -> np.random.Generator:
+    """A generator of its own for the scene of ``rng``: the child of its seed sequence at spawn index ``key``,
+    made without spawning, so neither ``rng``'s draws nor its ``rng.spawn`` children change.
+
+    Args:
+        rng: The scene's generator, made from a numpy ``SeedSequence`` (:func:`~segfactory.seeds.scene_rng`).
+        key: The stream's spawn index (:data:`ROOM_STREAM`, :data:`CRACK_STREAM`).
+        what: Who asks, for the error message.
+
+    Returns:
+        A generator that is a function of ``rng``'s seed sequence and ``key`` only.
+
+    Raises:
+        TypeError: ``rng`` was not made from a ``SeedSequence``.
+    """
+    seq = rng.bit_generator.seed_seq
+    if not isinstance(seq, np.random.SeedSequence):
+        raise TypeError(f"{what} needs a generator made from a numpy SeedSequence (scene_rng), got {seq!r}")
+    return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, key),
+                                                        pool_size=seq.pool_size))
+
+
+def _walk(rng: np.random.Generator, start: FloatArray, heading: float, length: float, step: float,
+          wander: float) -> FloatArray:
+    """(N, 2) points of a crack's random walk in (t, s) from ``start``: steps of about ``step`` metres whose
+    direction (``heading``: 0 along +s, pi/2 along +t) strays by an AR(1) process of ``wander`` radians per step."""
+    n = max(2, math.ceil(length / step))
+    dev = np.zeros(n)
+    for i in range(1, n):
+        dev[i] = 0.65 * dev[i - 1] + rng.normal(0.0, wander)
+    ang = heading + dev
+    steps = step * rng.uniform(0.6, 1.4, n)[:, None] * np.column_stack([np.sin(ang), np.cos(ang)])
+    out: FloatArray = np.vstack([start, start + np.cumsum(steps, axis=0)])
+    return out
+
+
+def _width_profile(rng: np.random.Generator, n: int, width: float) -> FloatArray:
+    """(n,) widths about ``width`` that vary smoothly along a crack and taper towards its ends."""
+    knots = rng.uniform(0.6, 1.4, max(2, n // 6 + 2))
+    w = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(knots)), knots) * width
+    u = np.linspace(0, 1, n)
+    taper = np.clip(np.minimum(u, 1 - u) / 0.15, 0.35, 1.0)
+    out: FloatArray = w * taper
+    return out
+
+
+def _inside(path: FloatArray, t_lim: float, s_lim: float) -> FloatArray:
+    """``path`` up to its first point outside ``|t| <= t_lim``, ``|s| <= s_lim`` (the points before it)."""
+    out = (np.abs(path[:, 0]) > t_lim) | (np.abs(path[:, 1]) > s_lim)
+    end = int(np.argmax(out)) if out.any() else len(path)
+    kept: FloatArray = path[:end]
+    return kept
+
+
+def sample_cracks(rng: np.random.Generator, n: int, half: float, edge: float, lane_ts: list[float],
+                  lane_w: float) -> list[Crack]:
+    """``n`` cracks of a road ``|t| <= edge``, ``|s| <= half`` (street coordinates).
+
+    Longitudinal cracks run along the wheel paths (about 0.8 m either side of a lane's centre) or the joints
+    between lanes, transverse ones across the road from an edge, networks (alligator cracking) are a jagged
+    trunk along a wheel path with short branches, and sealed cracks ("tar snakes") are wider, smoother lines of
+    either direction. Every point stays :data:`CRACK_MARGIN` plus its half width inside the edges.
+
+    Args:
+        rng: The cracks' own generator (:data:`CRACK_STREAM`).
+        n: How many cracks (a network counts as one).
+        half: Half the street's length.
+        edge: Half the road's width.
+        lane_ts: ``t`` of each travel lane's centre.
+        lane_w: Width of a travel lane.
+
+    Returns:
+        The cracks; one that found no room (a very narrow road) is left out.
+    """
+    cracks: list[Crack] = []
+    s_lim = half - 1.0
+    for _ in range(n):
+        kind = CRACK_KINDS[int(rng.choice(len(CRACK_KINDS), p=CRACK_SHARES))]
+        if kind == "sealed":
+            base = float(rng.uniform(0.03, 0.06))
+        else:
+            base = float(rng.uniform(0.01, 0.03) if rng.random() < 0.6 else rng.uniform(0.02, 0.05))
+        t_lim = edge - CRACK_MARGIN - 0.7 * base  # the widest point of a profile is 1.4 x base
+        if t_lim <= 0.2:
+            continue
+        s = float(rng.uniform(-s_lim, s_lim))  # where it starts; a longitudinal crack runs on from there
+        wheel = lane_ts[int(rng.integers(len(lane_ts)))] + float(rng.choice([-1.0, 1.0])) * uniform(rng, (0.7, 1.0))
+        along = 0.0 if rng.random() < 0.5 else np.pi
+        paths: list[FloatArray] = []
+        if kind == "longitudinal" or (kind == "sealed" and rng.random() < 0.5):
+            joints = [lane_ts[i] + lane_w / 2 for i in range(len(lane_ts) - 1)]
+            t = float(rng.choice(joints)) if joints and rng.random() < 0.3 else wheel
+            length = min(uniform(rng, (3.0, 25.0)), s_lim)
+            s = float(np.clip(s, -s_lim + length, s_lim)) if along else float(np.clip(s, -s_lim, s_lim - length))
+            paths.append(_walk(rng, np.array([t, s]), along + rng.normal(0, 0.02), length, 0.3,
+                               0.03 if kind == "sealed" else 0.08))
+        elif kind in ("transverse", "sealed"):
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            start = np.array([side * (t_lim - rng.uniform(0.0, 0.5)), s])
+            span = uniform(rng, (0.3, 1.0)) * 2 * t_lim
+            paths.append(_walk(rng, start, -side * np.pi / 2 + rng.normal(0, 0.08), span, 0.2,
+                               0.04 if kind == "sealed" else 0.12))
+        else:  # network: a jagged trunk along a wheel path, branches off it, some branching again
+            s = float(np.clip(s, -s_lim + 6.0, s_lim - 6.0))  # room for the trunk and its branches
+            trunk = _walk(rng, np.array([wheel, s]), along, uniform(rng, (1.5, 5.0)), 0.15, 0.35)
+            paths.append(trunk)
+            for _ in range(integers(rng, (3, 8))):
+                src = paths[int(rng.integers(len(paths)))]
+                i = int(rng.integers(len(src)))
+                d = src[min(i + 1, len(src) - 1)] - src[max(i - 1, 0)]
+                heading = float(np.arctan2(d[0], d[1])) + float(rng.choice([-1.0, 1.0])) * uniform(rng, (0.5, 1.3))
+                paths.append(_walk(rng, src[i], heading, uniform(rng, (0.3, 1.5)), 0.12, 0.35))
+        kept, widths = [], []
+        for j, path in enumerate(paths):
+            path = _inside(path, t_lim, s_lim)
+            if len(path) < 2 or np.linalg.norm(np.diff(path, axis=0), axis=1).sum() < 0.2:
+                continue  # (what is left of) a crack that ran off the road at once
+            kept.append(path)
+            widths.append(_width_profile(rng, len(path), base * (1.0 if j == 0 else 0.6)))
+        if kept:
+            cracks.append(Crack(kind, kept, widths))
+    return cracks
+
+
+def _crack_mesh(path: FloatArray, widths: FloatArray, z: float) -> Mesh:
+    """A flat ribbon at height ``z`` along a (N, 2) polyline of (t, s) points, ``widths`` (N,) across it, in street
+    coordinates (x = t, y = s); its faces look up."""
+    d = np.gradient(path, axis=0)
+    d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
+    left = np.column_stack([-d[:, 1], d[:, 0]]) * (widths[:, None] / 2)  # to the left of the walking direction
+    xy = np.stack([path + left, path - left], axis=1).reshape(-1, 2)
+    v = np.column_stack([xy, np.full(len(xy), z)])
+    n = len(path) - 1
+    f = [(2 * i, 2 * i + 1, 2 * i + 3) for i in range(n)] + [(2 * i, 2 * i + 3, 2 * i + 2) for i in range(n)]
+    return Mesh(v.astype(np.float32), np.asarray(f, dtype=np.int32))
+
+
+def crack_parts(cracks: list[Crack], frame: StreetFrame, asphalt: Material, wetness: float,
+                rng: np.random.Generator) -> list[Part]:
+    """The cracks as parts lying on the road at :data:`CRACK_Z`: open cracks in a dark, matt shade of ``asphalt``,
+    sealed ones black and smoother; both wet by the rain like the asphalt patches.
+
+    Args:
+        cracks: From :func:`sample_cracks`.
+        frame: The street's centre line (the ribbons bend with it).
+        asphalt: The road's material.
+        wetness: The environment's (0 dry .. 1 soaked).
+        rng: The cracks' own generator (the materials' draws).
+
+    Returns:
+        Up to two parts (open cracks, sealed cracks); none without cracks.
+    """
+    opened = [frame.bend(_crack_mesh(p, w, CRACK_Z)) for c in cracks if c.kind != "sealed"
+              for p, w in zip(c.paths, c.widths, strict=True)]
+    sealed = [frame.bend(_crack_mesh(p, w, CRACK_Z)) for c in cracks if c.kind == "sealed"
+              for p, w in zip(c.paths, c.widths, strict=True)]
+    dark = uniform(rng, (0.15, 0.35))  # the inside of a crack lies in shadow
+    crack_mat = wet(Material(vec3(np.array(asphalt.color) * dark), roughness=uniform(rng, (0.8, 0.95))), wetness)
+    # Sealant: black and smoother than the open cracks, yet not smooth enough to mirror the sky at a dashcam's
+    # grazing angle (a flat glossy ribbon on bumped asphalt shines there like a painted line).
+    tar = wet(Material((0.01, 0.01, 0.011), roughness=uniform(rng, (0.6, 0.8))), wetness)
+    return [Part(g.merge(ms), m) for ms, m in ((opened, crack_mat), (sealed, tar)) if ms]
 
 
 def _building_row(b: _Builder, side: int, walk_outer: float, half: float) -> None:
@@ -1217,12 +1427,7 @@ def is_room(rng: np.random.Generator, share: float) -> bool:
     :func:`~segfactory.seeds.scene_rng`: the draw is a function of their seed sequence."""
     if share <= 0:
         return False
-    seq = rng.bit_generator.seed_seq
-    if not isinstance(seq, np.random.SeedSequence):
-        raise TypeError(f"is_room needs a generator made from a numpy SeedSequence (scene_rng), got {seq!r}")
-    own = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, ROOM_STREAM),
-                                                       pool_size=seq.pool_size))
-    return bool(own.random() < share)
+    return bool(own_stream(rng, ROOM_STREAM, "is_room").random() < share)
 
 
 def build_room(ctx: SceneContext) -> RoomLayout:

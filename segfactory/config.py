@@ -51,9 +51,16 @@ class UnsaidDefaults(StrictModel):
     def _defaults_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out: dict[str, Any] = handler(self)
         for name, value in self.unsaid_defaults.items():
-            if name in out and out[name] == value:
+            if name in out and _same(out[name], value):
                 del out[name]
         return out
+
+
+def _same(dumped: Any, default: Any) -> bool:
+    """A dumped value equals its unsaid default (a tuple default dumps as a list in JSON mode)."""
+    if isinstance(dumped, list | tuple) and isinstance(default, list | tuple):
+        return list(dumped) == list(default)
+    return bool(dumped == default)
 
 
 class DistributedTrainFields(StrictModel):

@@ -30,7 +30,8 @@ SHELL = {"floor", "wall", "ceiling"}
 ON_WALL = {"window", "door"}
 OVERHEAD = {"ceiling_light"}
 # sha256 of each of the first 12 default street scenes (seed 5, one view, 64 px; floats to 9 digits) as sampled
-# before rooms existed (b6a7169): with interior_scenes at 0 every scene must stay exactly what it was.
+# before rooms existed (b6a7169): with interior_scenes at 0 every scene must stay exactly what it was (and with
+# cracks off, their default: cracks came later).
 STREET_DIGESTS = [
     "690633e48fcefe8525fd10c68387cac5be475678f71801ff45faf897d457fdee",
     "12d493cb9e304563e8b0c9e2734066c3fca432a08323e71023ce132cfef2d588",
@@ -44,6 +45,22 @@ STREET_DIGESTS = [
     "2ff354bd71bc8b5e68eadcc9c99396ecb3401d8e9ea700b834e7fc44a4be2c11",
     "a53ee64933ab89b22bbfcc069c592948127416f5853f67cacbce79e1282adda5",
     "1b8b0ef75ea43ac1ad887b19dc359351f1436ff30998c9cd64799f822d080e13",
+]
+# The same 12 scenes with cracks as configs/street.yaml draws them (``cracks=(0, 8)``; recorded when cracks were
+# added: STREET_DIGESTS plus one ``road_crack`` object each, tests/test_street_cracks.py).
+CRACKED_STREET_DIGESTS = [
+    "a3c0b5a36c478e78751c4a08306193a6aab7602f0430b0a9de608507c67e461f",
+    "63546991c8835f05eac4ae9429e04f48920983a9535214baeddd85debe631bff",
+    "a4a85afa317ca30097dd44612c8b61cb3de77e48729fa09bd514f3b0ef52c2d3",
+    "7e6bb057c18dc6586eec35d7f69a103b36872ff59178fd4dc062d59c9f86121b",
+    "b1a68a3dc43555ec237c183fe35e00fdbcbc0da2b859a8aa62ba4155c6e22275",
+    "e929ed31a5b0518ecf3b9adb362aace4187486e55be16bc7e4aed5c303607815",
+    "aa1948a839b662cdcac9326fd9d8ae00baabf7225a54b0245385dccd37f0a543",
+    "08ad2b32ede83112e290b38421cacfc149bb4c28199d2e4ee13e854242280b1e",
+    "d10a1103a94e82cb2b689f65f9886d53570caabbf1273593eeb79141a8dadce4",
+    "32515cd40d019ed2e2d308e85dbbad572bd216a75064e3eb4956612ba90fee87",
+    "32854f9e4786eb62fbe0ddfbefb623253db9ae173abe33d6bdf2948ccf8a63f5",
+    "5a2a8d147e933d9a2090e19ddac489333b7c37d1590e12a58fc138e0b45e6e50",
 ]
 
 
@@ -214,12 +231,13 @@ def test_room_classes_come_from_the_street_map(index, seed):
 
 def test_interior_scenes_zero_leaves_every_scene_as_it_was():
     """At 0 (the default, and absent) every scene is what it was before rooms existed; the field stays out of the
-    dumped params (config hashes)."""
+    dumped params (config hashes). With cracks on, every scene is the one recorded when cracks were added."""
     assert "interior_scenes" not in StreetParams().model_dump(mode="json")
     assert StreetParams(interior_scenes=0.4).model_dump(mode="json")["interior_scenes"] == 0.4
-    for i, want in enumerate(STREET_DIGESTS):
+    for i, (want, cracked) in enumerate(zip(STREET_DIGESTS, CRACKED_STREET_DIGESTS, strict=True)):
         assert digest(scene(i)) == want, i
         assert digest(scene(i, interior_scenes=0.0)) == want, i
+        assert digest(scene(i, cracks=(0, 8))) == cracked, i
 
 
 def test_streets_stay_the_streets_they_were_with_rooms_on():

@@ -15,7 +15,8 @@ from scenes.street import CAMERA_KINDS, MARK_H, YELLOW_PAINT, StreetLayout, Stre
 from scenes.street_assets.environment import EnvironmentKnobs, sample_environment
 
 # Surfaces things stand on (road, paint, curbs, sidewalks, verges, the grass outside the street).
-SURFACES = {"ground", "road", "cross_road", "sidewalk", "curb", "verge", "lane_marking", "road_patch", "puddle"}
+SURFACES = {"ground", "road", "cross_road", "sidewalk", "curb", "verge", "lane_marking", "road_patch", "puddle",
+            "road_crack"}
 DENSE = {"vehicles": [14, 14], "persons": [24, 24], "poles": [8, 8], "trees": [10, 10], "bushes": [6, 6],
          "bollards": [8, 8], "bicycles": [3, 3]}
 
@@ -114,12 +115,12 @@ def test_class_ids_are_stable():
     expect = {"person": "person", "vehicle": "vehicle", "bicycle": "vehicle", "lamp": "pole_sign",
               "pole": "pole_sign", "bollard": "pole_sign", "tree": "vegetation", "bush": "vegetation",
               "building": "building", "curb": "sidewalk", "sidewalk": "sidewalk", "verge": "vegetation",
-              "puddle": "road", "road_patch": "road", "road": "road", "cross_road": "road",
+              "puddle": "road", "road_patch": "road", "road_crack": "road", "road": "road", "cross_road": "road",
               "lane_marking": "lane_marking", "ground": "vegetation"}
     cls: dict[str, set[str]] = {}
     for i in range(3):
-        lay = layout(index=i, views=1, verge_prob=1.0, patches=[2, 2], intersection_prob=1.0, lamp_prob=1.0,
-                     environment={"weights": {"clear": 0, "overcast": 0, "dusk": 0, "rain": 1}}, **DENSE)
+        lay = layout(index=i, views=1, verge_prob=1.0, patches=[2, 2], cracks=[2, 2], intersection_prob=1.0,
+                     lamp_prob=1.0, environment={"weights": {"clear": 0, "overcast": 0, "dusk": 0, "rain": 1}}, **DENSE)
         names = {c.id: c.name for c in lay.spec.classes}
         for o in lay.spec.objects:
             cls.setdefault(kind(o), set()).add(names[o.class_id])
