@@ -262,7 +262,8 @@ class LossConfig(StrictModel):
         ce_weight: Weight of cross-entropy.
         dice_weight: Weight of the (multiclass, soft) Dice loss.
         class_weights: Per-class CE weights: a list (one per class), ``auto`` (inverse square root of pixel
-            frequency over up to 256 training masks; with ``data.rcs``, over the first 256 windows it draws), or
+            frequency over up to 256 training masks; with ``data.rcs`` drawing frames by class, over the first 256
+            windows it draws), or
             ``None``.
     """
 

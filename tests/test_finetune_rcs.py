@@ -133,7 +133,7 @@ def test_plans_of_a_rendered_source_and_their_errors(tiny_dataset: Path, tmp_pat
 
 
 def test_auto_class_weights_count_the_windows_training_draws(tiny_dataset: Path, tmp_path: Path) -> None:
-    """With rare class sampling, ``class_weights=auto`` counts the label windows the loader really yields (source
+    """With rare class sampling by class, ``class_weights=auto`` counts the label windows the loader yields (source
     mixing with a real labeled folder at input.scale 0.5 included), not the frames: the rare class drawn into
     the windows weighs less than counted over the frames."""
     coins = make_coins_folder(tmp_path / "coins", n=4, size=64, seed=1)
@@ -174,3 +174,10 @@ def test_a_fine_tune_with_rare_class_sampling_records_its_plan(tiny_dataset: Pat
     assert set(probs) == {"nucleus", "debris"} and abs(sum(probs.values()) - 1) < 1e-3
     saved = (out / "config.yaml").read_text()
     assert "rcs:" in saved and "temperature: 0.05" in saved
+    # frames in their shuffled order: the frames are those auto counts over, its weights stay the frames'
+    assert main(["finetune", str(CONFIGS / "finetune_tiny.yaml"), "--out", str(tmp_path / "ft2"), "--synthetic",
+                 str(tiny_dataset), "--steps", "1", "train.val_every=1000", "data.rcs.frames=shuffled",
+                 "train.loss.class_weights=auto"]) == 0
+    cap = capsys.readouterr()
+    printed = " ".join((cap.out + cap.err).split())
+    assert "rare class sampling (T=0.01, frames shuffled)" in printed and "class weights (auto" not in printed
