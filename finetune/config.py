@@ -263,8 +263,7 @@ class LossConfig(StrictModel):
         dice_weight: Weight of the (multiclass, soft) Dice loss.
         class_weights: Per-class CE weights: a list (one per class), ``auto`` (inverse square root of pixel
             frequency over up to 256 training masks; with ``data.rcs`` drawing frames by class, over the first 256
-            windows it draws), or
-            ``None``.
+            windows it draws), or ``None``.
     """
 
     ce_weight: float = Field(default=1.0, ge=0)

@@ -350,12 +350,8 @@ class Trainer:
             # it draws, not by the frames (on the street demo the frames' weights turned the CCTV walkers into
             # pole_sign and vehicle; README "Rare class sampling"). With `frames: shuffled` the frames are those
             # counted below and the windows' focus moved the weights by under 10 % there: they stay.
-            t, cfg = self.cfg.train, self.cfg
-            window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
-            sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
-                                        [s.weight for s in self.train_sources], t.batch_size, t.seed, 0, t.steps,
-                                        rare=self.rare)
-            counts = drawn_class_counts(self.train_sources, sampler, window, t.seed, k, self.targets.ignore_index,
+            counts = drawn_class_counts(self.train_sources, self._sampler(0, self.cfg.train.steps),
+                                        self._train_window(), self.cfg.train.seed, k, self.targets.ignore_index,
                                         real_scale=float(self.input_spec["scale"]))
             weights = torch.from_numpy(class_weights_from_counts(counts))
             if self.info.is_main:
@@ -478,6 +474,17 @@ class Trainer:
                           "longer or on larger crops (or lower instances.seed_threshold)[/yellow]")
         self._calib_step, self._calib = step, result
         return result
+
+    def _train_window(self) -> int:
+        """The CPU window cut from each training frame (``data.load_size``, default from the crop and zoom)."""
+        cfg = self.cfg
+        return cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
+
+    def _sampler(self, start: int, end: int, rank: int = 0, world_size: int = 1) -> MixedBatchSampler:
+        """The training's batch sampler over steps ``start..end-1`` (this rank's slots of the global batch)."""
+        t = self.cfg.train
+        return MixedBatchSampler([len(s.train) for s in self.train_sources], [s.weight for s in self.train_sources],
+                                 t.batch_size, t.seed, start, end, rank, world_size, self.rare)
 
     def _build_rare(self) -> dict[int, RareClasses]:
         """``data.rcs``: each synthetic source's rare class sampling plan (empty when off), printed once."""
@@ -613,14 +620,12 @@ class Trainer:
         self.tracker = open_tracker(cfg.tracking, out, start if self.resume_state is not None else None)
         self.tracker.log_params(cfg.model_dump(mode="json"))
 
-        window = cfg.data.load_size or default_window(cfg.augment.crop_size, cfg.augment.zoom)
+        window = self._train_window()
         self._window, self._end = window, end
         dataset = WindowDataset(self.train_sources, window, self.in_chans, cfg.input.scaling, t.seed,
                                 self.targets.ignore_index, real_scale=float(self.input_spec["scale"]),
                                 instances=cfg.instances.enabled)
-        sampler = MixedBatchSampler([len(s.train) for s in self.train_sources],
-                                    [s.weight for s in self.train_sources], t.batch_size, t.seed,
-                                    start, end, self.info.rank, self.info.world_size, self.rare)
+        sampler = self._sampler(start, end, self.info.rank, self.info.world_size)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.data.num_workers,
                                              pin_memory=self.device.type == "cuda",

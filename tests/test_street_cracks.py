@@ -103,7 +103,7 @@ def test_cracks_and_seated_people_leave_each_other_as_they_were():
     assert [to_jsonable(o.parts) for o in rest] == [to_jsonable(o.parts) for o in bare.spec.objects]
 
 
-def test_some_default_scenes_have_cracks_and_some_none():
+def test_a_count_range_from_zero_gives_some_scenes_cracks_and_some_none():
     counts = [len(cracks_of(layout(index=i, seed=4, views=1, cracks=(0, 2)))) for i in range(12)]
     assert 0 < sum(counts) < 12
 

@@ -20,7 +20,7 @@ import torch
 
 from finetune.config import RareClassSampling
 from finetune.data.normalize import image_range, resolve_scaling, to_unit
-from finetune.data.sources import Source
+from finetune.data.sources import Source, class_pixels
 from segfactory import seeds
 from segfactory.errors import UserError
 
@@ -313,7 +313,7 @@ def drawn_class_counts(sources: list[Source], sampler: MixedBatchSampler, window
                 mask = resize_mask(mask, scaled_shape(mask.shape[0], mask.shape[1], real_scale))
             rng = np.random.default_rng([seed, ref.step, ref.slot, seeds.FINETUNE_WINDOW])
             y = cut_window(mask, focus_offsets(mask, window, rng, ref.focus), window, ignore_index)
-            counts += np.bincount(y[y < num_classes].ravel(), minlength=num_classes)[:num_classes]
+            counts += class_pixels(y, num_classes)
             n += 1
             if n >= windows:
                 return counts

@@ -44,6 +44,11 @@ MAX_SHOWN_VALUES = 8
 Role = Literal["train", "val", "eval"]
 
 
+def class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K,) int64 pixels of each target class ``0..K-1`` in a class-id mask (ids ``>= K``, ignore, not counted)."""
+    return np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
+
+
 @dataclass
 class Source:
     """An opened source with its items split and its classes resolved onto the targets."""
@@ -87,8 +92,7 @@ class Source:
         """(N, K) pixels of each target class ``0..K-1`` in each of ``items``' masks (ignore not counted)."""
         counts = np.zeros((len(items), num_classes), np.int64)
         for j, item in enumerate(items):
-            m = self.load_mask(item)
-            counts[j] = np.bincount(m[m < num_classes].ravel(), minlength=num_classes)[:num_classes]
+            counts[j] = class_pixels(self.load_mask(item), num_classes)
         return counts
 
     def load_instances(self, item: Item, mask: np.ndarray) -> np.ndarray | None:
