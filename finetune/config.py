@@ -75,7 +75,7 @@ class SourceSpec(StrictModel):
         return {"path": value} if isinstance(value, str | Path) else value
 
 
-class RareClassSampling(StrictModel):
+class RareClassSampling(UnsaidDefaults):
     """Rare class sampling of the rendered training frames (DAFormer, Hoyer et al. 2022, ``data.rcs``).
 
     Each batch slot of a synthetic source first draws a class ``c`` with probability ``exp((1 - f_c) / T)``
@@ -93,12 +93,26 @@ class RareClassSampling(StrictModel):
         frames: ``by_class`` (DAFormer): the class is drawn first and then a frame holding it, so frames
             without rare classes are drawn less; ``shuffled``: frames keep the source's shuffled order (each as
             often as without sampling) and only the window's class is drawn, among the classes the frame holds.
+        share: With ``frames: by_class``, the share of a source's batch slots drawn by class (each slot draws
+            it, ``[seed, step]``-seeded); the other slots take the next frame in the shuffled order, with the
+            window's class drawn as ``shuffled`` draws it. Below 1 it keeps frames that hold no rare class
+            (the street family's rooms) in training. Only with ``by_class``.
     """
+
+    unsaid_defaults: ClassVar[dict[str, Any]] = {"share": 1.0}
 
     temperature: float = Field(default=0.01, gt=0)
     classes: list[str] | None = None
     min_pixels: int = Field(default=16, ge=1)
     frames: Literal["by_class", "shuffled"] = "by_class"
+    share: float = Field(default=1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _share_only_by_class(self) -> RareClassSampling:
+        if self.share < 1 and self.frames != "by_class":
+            raise ValueError(f"share={self.share:g} needs frames=by_class (with frames={self.frames} no frame is "
+                             "drawn by class)")
+        return self
 
 
 class DataConfig(UnsaidDefaults):

@@ -496,7 +496,8 @@ class Trainer:
         if self.info.is_main:
             names = self.targets.names
             for i, plan in plans.items():
-                console.print(f"rare class sampling (T={rcs.temperature:g}, frames {rcs.frames}) of "
+                share = f" in {rcs.share:.0%} of the slots" if rcs.frames == "by_class" and rcs.share < 1 else ""
+                console.print(f"rare class sampling (T={rcs.temperature:g}, frames {rcs.frames}{share}) of "
                               f"{self.train_sources[i].name}, "
                               f"{len(self.train_sources[i].train)} frames ({time.perf_counter() - t0:.1f} s):",
                               soft_wrap=True)

@@ -84,6 +84,40 @@ def test_shuffled_frames_keep_their_order_and_focus_on_a_class_they_hold() -> No
     assert abs(np.mean(np.array(both) == 2) - share) < 0.05 and set(both) == {1, 2}
 
 
+def test_a_share_of_slots_drawn_by_class_keeps_the_other_frames_in_order_and_resumes_exactly() -> None:
+    """``share`` below 1: about that share of the source's slots draw by class, exactly as with ``share`` 1 (same
+    frame, same class); the others take the frames in the order a sampler without the plan gives them (frames that
+    hold no drawn class, like the street family's rooms, are kept), their windows focused as ``shuffled`` focuses
+    them; the other source is untouched; resuming mid-run replays the same batches (the frame order's position
+    counts only the ordered slots)."""
+    half = RareClasses.from_counts(COUNTS, temperature=0.1, min_pixels=16, allowed=[2], share=0.4)
+    every = RareClasses.from_counts(COUNTS, temperature=0.1, min_pixels=16, allowed=[2])
+    sizes, weights = [5, 7], [0.75, 0.25]
+    full = list(MixedBatchSampler(sizes, weights, 8, 3, 0, 600, rare={0: half}))
+    assert list(MixedBatchSampler(sizes, weights, 8, 3, 317, 600, rare={0: half})) == full[317:]
+    by_class = list(MixedBatchSampler(sizes, weights, 8, 3, 0, 600, rare={0: every}))
+    plain = list(MixedBatchSampler(sizes, weights, 8, 3, 0, 600))
+    assert [[r for r in b if r.source == 1] for b in full] == [[r for r in b if r.source == 1] for b in plain]
+    drawn, ordered = [], []
+    for s, (batch, ref_batch) in enumerate(zip(full, by_class, strict=True)):
+        mask = half.by_class_slots(3, s, 8)
+        for r, ref in zip(batch, ref_batch, strict=True):
+            if r.source == 0 and mask[r.slot]:
+                assert r == ref  # a slot drawn by class draws what share 1 draws
+                drawn.append(r)
+            elif r.source == 0:
+                ordered.append(r)
+    assert abs(len(drawn) / (len(drawn) + len(ordered)) - 0.4) < 0.03
+    assert all(r.item in (1, 3) and r.focus == 2 for r in drawn)
+    items = [r.item for r in ordered]  # source 0's shuffled order, epoch after epoch, as without sampling:
+    assert items == [r.item for b in MixedBatchSampler([5], [1.0], 1, 3, 0, len(ordered)) for r in b]
+    assert all(r.focus == (2 if r.item in (1, 3) else -1) for r in ordered)
+    with pytest.raises(ValueError, match=r"share=0\.5 needs frames=by_class"):
+        RareClassSampling(frames="shuffled", share=0.5)
+    assert "share" not in RareClassSampling().model_dump(mode="json")  # at 1: config hashes as before
+    assert RareClassSampling(share=0.5).model_dump(mode="json")["share"] == 0.5
+
+
 def test_a_focused_window_holds_its_class_and_focus_off_draws_as_before() -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (200, 150, 3), dtype=np.uint8)
@@ -181,3 +215,14 @@ def test_a_fine_tune_with_rare_class_sampling_records_its_plan(tiny_dataset: Pat
     cap = capsys.readouterr()
     printed = " ".join((cap.out + cap.err).split())
     assert "rare class sampling (T=0.01, frames shuffled)" in printed and "class weights (auto" not in printed
+    # a share of the slots drawn by class: printed; asked with frames shuffled: one line naming the field
+    assert main(["finetune", str(CONFIGS / "finetune_tiny.yaml"), "--out", str(tmp_path / "ft3"), "--synthetic",
+                 str(tiny_dataset), "--steps", "1", "train.val_every=1000", "data.rcs.share=0.5"]) == 0
+    printed = " ".join("".join(capsys.readouterr()).split())
+    assert "rare class sampling (T=0.01, frames by_class in 50% of the slots)" in printed
+    assert "share: 0.5" in (tmp_path / "ft3" / "config.yaml").read_text()
+    assert main(["finetune", str(CONFIGS / "finetune_tiny.yaml"), "--out", str(tmp_path / "ft4"), "--synthetic",
+                 str(tiny_dataset), "--steps", "1", "data.rcs.frames=shuffled", "data.rcs.share=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "data.rcs" in err and "share=0.5 needs frames=by_class" in err, err
+    assert not (tmp_path / "ft4" / "model").exists()

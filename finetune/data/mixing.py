@@ -28,6 +28,9 @@ FINETUNE_RCS = 0x2C5
 """Tag of the rare class sampling stream ``[seed, step, slot, FINETUNE_RCS]`` (``data.rcs``: a slot's class and
 frame). It lives here, not with the other tags in :mod:`segfactory.seeds`: render keys and shard ids hash that
 module, so a training-only tag added there would have made every existing dataset render anew."""
+FINETUNE_RCS_SHARE = 0x2C6
+"""Tag of the stream ``[seed, step, FINETUNE_RCS_SHARE]`` that decides which slots of a batch are drawn by class
+(``data.rcs.share`` below 1)."""
 
 
 def batch_counts(weights: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -76,6 +79,8 @@ class RareClasses:
         holds: (N, C) whether each training item holds at least ``min_pixels`` of each class.
         frames: ``by_class``: a slot draws the class, then a frame holding it (DAFormer); ``shuffled``: the frame
             comes in the source's shuffled order and only the window's class is drawn, among those it holds.
+        share: With ``by_class``, the share of the source's slots drawn by class; the others are filled as
+            ``shuffled`` fills them (:meth:`by_class_slots`).
     """
 
     classes: np.ndarray
@@ -83,6 +88,7 @@ class RareClasses:
     freq: np.ndarray
     holds: np.ndarray
     frames: str = "by_class"
+    share: float = 1.0
 
     @functools.cached_property
     def items(self) -> tuple[np.ndarray, ...]:
@@ -91,13 +97,15 @@ class RareClasses:
 
     @classmethod
     def from_counts(cls, counts: np.ndarray, temperature: float, min_pixels: int,
-                    allowed: list[int] | None = None, frames: str = "by_class") -> RareClasses | None:
+                    allowed: list[int] | None = None, frames: str = "by_class",
+                    share: float = 1.0) -> RareClasses | None:
         """The plan from per-frame pixel counts.
 
         Args:
             counts: (N, K) pixels of each target class in each training frame (ignore excluded).
             allowed: Class ids it may draw (default all K).
             frames: ``by_class`` or ``shuffled`` (:attr:`frames`).
+            share: :attr:`share`.
 
         Returns:
             ``None`` when no allowed class has a frame with ``min_pixels`` of it.
@@ -112,7 +120,16 @@ class RareClasses:
         logits = (1.0 - freq[ids]) / temperature
         prob = np.exp(logits - logits.max())
         holds = counts[:, ids] >= min_pixels
-        return cls(ids, prob / prob.sum(), freq[ids], holds, frames)
+        return cls(ids, prob / prob.sum(), freq[ids], holds, frames, share)
+
+    def by_class_slots(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+        """(batch_size,) bool: which global slots of batch ``step`` draw their frame by class (a pure function of
+        ``(seed, step)``; all of them with ``share`` 1, none with ``frames: shuffled``)."""
+        if self.frames != "by_class":
+            return np.zeros(batch_size, dtype=bool)
+        if self.share >= 1.0:
+            return np.ones(batch_size, dtype=bool)
+        return np.random.default_rng([seed, step, FINETUNE_RCS_SHARE]).random(batch_size) < self.share
 
     def draw(self, seed: int, step: int, slot: int) -> tuple[int, int]:
         """``(item, class id)`` of a batch slot (``frames: by_class``): a pure function of ``(seed, step, slot)``."""
@@ -160,7 +177,7 @@ def rare_class_plans(sources: list[Source], rcs: RareClassSampling, names: list[
         if src.kind != "synthetic":
             continue
         plan = RareClasses.from_counts(src.class_counts(src.train, len(names)), rcs.temperature, rcs.min_pixels,
-                                       allowed, rcs.frames)
+                                       allowed, rcs.frames, rcs.share)
         if plan is None:
             raise UserError(f"data.rcs: no training frame of '{src.path}' holds {rcs.min_pixels} pixels of "
                             f"{'any class' if allowed is None else ', '.join(rcs.classes or [])}",
@@ -212,17 +229,31 @@ class MixedBatchSampler:
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step)
 
+    def _ordered(self, step: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of batch ``step`` (source counts ``counts``): (S,) how many slots of each source take the next frame
+        in its shuffled order, and (batch_size,) bool which slots draw their frame by class instead."""
+        ordered = counts.copy()
+        by_class = np.zeros(self.batch_size, dtype=bool)
+        for k, plan in self.rare.items():
+            lo = int(counts[:k].sum())
+            hi = lo + int(counts[k])
+            by_class[lo:hi] = plan.by_class_slots(self.seed, step, self.batch_size)[lo:hi]
+            ordered[k] -= int(by_class[lo:hi].sum())
+        return ordered, by_class
+
     def __iter__(self) -> Iterator[list[SampleRef]]:
         pos = np.zeros(len(self.sizes), dtype=np.int64)
         for s in range(self.start_step):
-            pos += batch_counts(self.weights, self.batch_size, self.seed, s)
+            counts = batch_counts(self.weights, self.batch_size, self.seed, s)
+            pos += self._ordered(s, counts)[0]
         for s in range(self.start_step, self.end_step):
             counts = batch_counts(self.weights, self.batch_size, self.seed, s)
+            by_class = self._ordered(s, counts)[1]
             batch = []
             for k, c in enumerate(counts):
                 for _ in range(int(c)):
                     plan = self.rare.get(k)
-                    if plan is not None and plan.frames == "by_class":
+                    if plan is not None and by_class[len(batch)]:
                         item, focus = plan.draw(self.seed, s, len(batch))
                         batch.append(SampleRef(k, item, s, len(batch), focus))
                         continue
