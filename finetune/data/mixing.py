@@ -198,7 +198,9 @@ class MixedBatchSampler:
     With ``world_size > 1``, ``batch_size`` is the global batch and rank ``rank`` gets its slots
     ``rank * b .. (rank + 1) * b - 1`` (``b = batch_size / world_size``; a batch that does not split evenly is
     refused); each :class:`SampleRef` keeps its global slot. A source with a :class:`RareClasses` plan in ``rare``
-    (by source index) fills its slots by that plan instead of its permutations.
+    (by source index) fills its slots by that plan instead of its permutations (``frames: shuffled``: the
+    permutations' frames, each window cut around a drawn class; ``share`` below 1: only that share of its slots,
+    the others as with ``shuffled``).
     """
 
     def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int, start_step: int,
