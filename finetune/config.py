@@ -11,9 +11,11 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import (
     AfterValidator,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from finetune.archs import ARCHS
 from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults
@@ -107,12 +109,15 @@ class RareClassSampling(UnsaidDefaults):
     frames: Literal["by_class", "shuffled"] = "by_class"
     share: float = Field(default=1.0, gt=0, le=1)
 
-    @model_validator(mode="after")
-    def _share_only_by_class(self) -> RareClassSampling:
-        if self.share < 1 and self.frames != "by_class":
-            raise ValueError(f"share={self.share:g} needs frames=by_class (with frames={self.frames} no frame is "
-                             "drawn by class)")
-        return self
+    @field_validator("share")
+    @classmethod
+    def _share_only_by_class(cls, share: float, info: ValidationInfo) -> float:
+        frames = info.data.get("frames")
+        if share < 1 and frames not in (None, "by_class"):
+            raise PydanticCustomError(
+                "share_needs_by_class", "it needs frames=by_class (with frames={frames} no frame is drawn by class)",
+                {"frames": frames, "fix": "set data.rcs.frames=by_class, or remove data.rcs.share"})
+        return share
 
 
 class DataConfig(UnsaidDefaults):

@@ -496,7 +496,7 @@ class Trainer:
         if self.info.is_main:
             names = self.targets.names
             for i, plan in plans.items():
-                share = f" in {rcs.share:.0%} of the slots" if rcs.frames == "by_class" and rcs.share < 1 else ""
+                share = f" in {rcs.share:.0%} of the slots" if rcs.share < 1 else ""  # below 1 only by_class
                 console.print(f"rare class sampling (T={rcs.temperature:g}, frames {rcs.frames}{share}) of "
                               f"{self.train_sources[i].name}, "
                               f"{len(self.train_sources[i].train)} frames ({time.perf_counter() - t0:.1f} s):",

@@ -112,7 +112,7 @@ def test_a_share_of_slots_drawn_by_class_keeps_the_other_frames_in_order_and_res
     items = [r.item for r in ordered]  # source 0's shuffled order, epoch after epoch, as without sampling:
     assert items == [r.item for b in MixedBatchSampler([5], [1.0], 1, 3, 0, len(ordered)) for r in b]
     assert all(r.focus == (2 if r.item in (1, 3) else -1) for r in ordered)
-    with pytest.raises(ValueError, match=r"share=0\.5 needs frames=by_class"):
+    with pytest.raises(ValueError, match=r"share\n.*needs frames=by_class \(with frames=shuffled"):
         RareClassSampling(frames="shuffled", share=0.5)
     assert "share" not in RareClassSampling().model_dump(mode="json")  # at 1: config hashes as before
     assert RareClassSampling(share=0.5).model_dump(mode="json")["share"] == 0.5
@@ -224,5 +224,6 @@ def test_a_fine_tune_with_rare_class_sampling_records_its_plan(tiny_dataset: Pat
     assert main(["finetune", str(CONFIGS / "finetune_tiny.yaml"), "--out", str(tmp_path / "ft4"), "--synthetic",
                  str(tiny_dataset), "--steps", "1", "data.rcs.frames=shuffled", "data.rcs.share=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "data.rcs" in err and "share=0.5 needs frames=by_class" in err, err
+    assert "data.rcs.share=0.5 is invalid: it needs frames=by_class" in err, err
+    assert "fix: set data.rcs.frames=by_class, or remove data.rcs.share" in err, err
     assert not (tmp_path / "ft4" / "model").exists()
