@@ -426,7 +426,7 @@ class PredictDefaults(UnsaidDefaults):
             class's object size in the rendered training labels take their next most probable class
             (:mod:`finetune.cleanup`; model.json ``cleanup``, ``--min-object`` of ``predict``/``evaluate``
             overrides it). 0 = off. The default 0.25 is the share below which the scale estimate already counts
-            predicted components as specks (README, "Speck cleanup", has what it changed on real frames).
+            predicted components as specks (docs/street.md, "Speck cleanup", has what it changed on real frames).
     """
 
     unsaid_defaults: ClassVar[dict[str, Any]] = {"min_object": 0.25}

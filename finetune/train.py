@@ -348,7 +348,7 @@ class Trainer:
         elif lc.class_weights == "auto" and any(plan.frames == "by_class" for plan in self.rare.values()):
             # Rare class sampling draws the frames by class: weigh the classes by what training sees, the windows
             # it draws, not by the frames (on the street demo the frames' weights turned the CCTV walkers into
-            # pole_sign and vehicle; README "Rare class sampling"). With `frames: shuffled` the frames are those
+            # pole_sign and vehicle; docs/street.md "Rare class sampling"). With `frames: shuffled` the frames are those
             # counted below and the windows' focus moved the weights by under 10 % there: they stay.
             counts = drawn_class_counts(self.train_sources, self._sampler(0, self.cfg.train.steps),
                                         self._train_window(), self.cfg.train.seed, k, self.targets.ignore_index,

@@ -140,7 +140,7 @@ class StreetParams(UnsaidDefaults):
     balcony_bands: float = Field(0.0, ge=0, le=1, description="chance that a modern building has a balcony along "
                                  "every upper floor with floor-to-ceiling glass behind (a quarter of it for the "
                                  "others); 0 (the default) draws none and leaves every scene as it was; 0.45 "
-                                 "did not help on real street photos (README, street)")
+                                 "did not help on real street photos (docs/street.md)")
     lit_shops: float = Field(0.0, ge=0, le=1, description="share of shop fronts whose display windows show a lit "
                              "interior instead of dark glass; 0 (the default) leaves every scene as it was")
     curve_prob: float = Field(0.35, ge=0, le=1, description="share of streets that bend into an arc")
