@@ -117,6 +117,52 @@ def _detach_output() -> None:
         os.close(fd)
 
 
+class _LogOnBrokenPipe:
+    """A text stream (``sys.stdout`` or ``sys.stderr``) whose writes survive the pipe they go to breaking.
+
+    The first write or flush that fails with ``BrokenPipeError`` points stdout and stderr at the stage's log
+    (:func:`_detach_output`) and is done again there; everything after goes to the log too. Every other attribute is
+    the wrapped stream's.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            _detach_output()
+            return int(self._stream.write(text))
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _detach_output()
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def log_on_broken_pipe() -> None:
+    """Keep a pipeline's stage process (and the torchrun ranks it starts) writing when its output pipe breaks.
+
+    Its stdout and stderr are a pipe its Dask worker reads, and its ranks inherit it. When the worker dies the pipe
+    breaks at once, while the SIGTERM that stops training at a step boundary (:class:`DeferredInterrupt`, which
+    also moves the output to the log) reaches the ranks only through the stage process and torchrun. A progress line
+    printed in between would raise ``BrokenPipeError`` and kill the rank before its checkpoint; with this, such a
+    write moves the output to the stage's log (``STAGE_LOG_ENV``) and training goes on until the signal arrives.
+    """
+    import sys
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _LogOnBrokenPipe):
+            setattr(sys, name, _LogOnBrokenPipe(stream))
+
+
 class DeferredInterrupt:
     """Turns the first SIGINT or SIGTERM into a request to stop at the next step boundary.
 

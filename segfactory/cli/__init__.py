@@ -31,6 +31,7 @@ from segfactory.errors import (
     PartialFailure,
     UserError,
     kill_group_when_orphaned,
+    log_on_broken_pipe,
     orphan_grace_s,
     sigterm_interrupts,
 )
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *unknown]  # a bare token is refused below, as every override is
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if os.environ.get(PROGRESS_LINES_ENV):
+    if os.environ.get(PROGRESS_LINES_ENV):  # a pipeline's stage process, or a torchrun rank it started
+        log_on_broken_pipe()
         terminate_with_parent()
     try:
         with sigterm_interrupts():
