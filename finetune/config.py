@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from finetune.archs import ARCHS
 from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults
+from segfactory.errors import UserError
 from segfactory.tracking import TrackingConfig
 
 IGNORE_INDEX = 255
@@ -508,6 +509,51 @@ class FinetuneConfig(StrictModel):
         if len(set(ids)) != len(ids) or len(set(names)) != len(names):
             raise ValueError("class ids and names must be unique")
         return v
+
+
+def check_adapt_config(cfg: FinetuneConfig, prefix: str = "") -> None:
+    """Refuse settings that cannot work, before anything is opened or trained (``segfactory finetune``), or before
+    any rendering (``segfactory run`` and ``refresh``, which pass the unlabeled images the stage will get).
+
+    Args:
+        cfg: The fine-tuning config as the stage sees it (``data.unlabeled`` set when it gets unlabeled images).
+        prefix: Where the section lives in the user's config, put before every field named (``finetune.``,
+            ``train.finetune.``; empty for ``segfactory finetune``).
+
+    Raises:
+        UserError: ``input.scale=auto`` without unlabeled images, without a source-only phase, or together with
+            real labeled training data; ``adapt.instance_pseudo`` without the instance head; ``adapt.mic_ratio``
+            without self-training, or with blocks (``adapt.mic_block``) over half the crop.
+    """
+    p, a = prefix, cfg.adapt
+    if a.instance_pseudo and not cfg.instances.enabled:
+        raise UserError(f"{p}adapt.instance_pseudo=true trains the instance head on pseudo-labels, but the model has "
+                        f"none ({p}instances.enabled=false)",
+                        fix=f"set {p}instances.enabled=true, or {p}adapt.instance_pseudo=false")
+    if a.mic_ratio > 0 and not a.enabled:
+        raise UserError(f"{p}adapt.mic_ratio={a.mic_ratio} (masked image consistency) learns the self-training "
+                        f"pseudo-labels, but self-training is off ({p}adapt.enabled=false)",
+                        fix=f"set {p}adapt.enabled=true, or {p}adapt.mic_ratio=0")
+    if a.mic_ratio > 0 and a.mic_block * 2 > cfg.augment.crop_size:
+        raise UserError(f"{p}adapt.mic_block={a.mic_block}: MIC's mask blocks must fit at least twice across the "
+                        f"training crop ({p}augment.crop_size={cfg.augment.crop_size}); larger ones mask whole crops "
+                        "or nothing, so there is no context left to learn from",
+                        fix=f"set {p}adapt.mic_block to {cfg.augment.crop_size // 2} or less (MIC: 64 on 512 px "
+                            "crops)")
+    if cfg.input.scale != "auto":
+        return
+    if not cfg.data.unlabeled:
+        raise UserError(f"{p}input.scale=auto estimates the scale from unlabeled real images, but "
+                        f"{p}data.unlabeled is empty",
+                        fix="pass --unlabeled IMAGES (an ingest output) or set input.scale to a number")
+    if a.warmup_steps < 1 or a.warmup_steps >= cfg.train.steps:
+        raise UserError(f"{p}input.scale=auto needs a source-only phase to estimate from ({p}adapt.warmup_steps="
+                        f"{a.warmup_steps} of {p}train.steps={cfg.train.steps})",
+                        fix=f"set {p}adapt.warmup_steps to e.g. a third of {p}train.steps")
+    if cfg.data.real:
+        raise UserError(f"{p}input.scale=auto cannot be used with real labeled training data ({p}data.real): those "
+                        "images would be loaded before the scale is known",
+                        fix=f"set {p}input.scale to a number (e.g. from a first run with input.scale=auto)")
 
 
 class SweepAxes(StrictModel):

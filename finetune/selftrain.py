@@ -125,42 +125,6 @@ def check_scale_target(synthetic_masks: list[np.ndarray], thing_ids: list[int], 
                         f"{MIN_SCALE_OBJECT_PX:.0f} px across")
 
 
-def check_adapt_config(cfg: FinetuneConfig) -> None:
-    """Refuse settings that cannot work, before anything is opened or trained.
-
-    Raises:
-        UserError: ``input.scale=auto`` without unlabeled images, without a source-only phase, or together with
-            real labeled training data; ``adapt.instance_pseudo`` without the instance head; ``adapt.mic_ratio``
-            without self-training, or with blocks (``adapt.mic_block``) over half the crop.
-    """
-    if cfg.adapt.instance_pseudo and not cfg.instances.enabled:
-        raise UserError("adapt.instance_pseudo=true trains the instance head on pseudo-labels, but the model has "
-                        "none (instances.enabled=false)",
-                        fix="set instances.enabled=true, or adapt.instance_pseudo=false")
-    if cfg.adapt.mic_ratio > 0 and not cfg.adapt.enabled:
-        raise UserError(f"adapt.mic_ratio={cfg.adapt.mic_ratio} (masked image consistency) learns the self-training "
-                        "pseudo-labels, but self-training is off (adapt.enabled=false)",
-                        fix="set adapt.enabled=true, or adapt.mic_ratio=0")
-    if cfg.adapt.mic_ratio > 0 and cfg.adapt.mic_block * 2 > cfg.augment.crop_size:
-        raise UserError(f"adapt.mic_block={cfg.adapt.mic_block}: MIC's mask blocks must fit at least twice across the "
-                        f"training crop (augment.crop_size={cfg.augment.crop_size}); larger ones mask whole crops or "
-                        "nothing, so there is no context left to learn from",
-                        fix=f"set adapt.mic_block to {cfg.augment.crop_size // 2} or less (MIC: 64 on 512 px crops)")
-    if cfg.input.scale != "auto":
-        return
-    if not cfg.data.unlabeled:
-        raise UserError("input.scale=auto estimates the scale from unlabeled real images, but data.unlabeled is "
-                        "empty", fix="pass --unlabeled IMAGES (an ingest output) or set input.scale to a number")
-    if cfg.adapt.warmup_steps < 1 or cfg.adapt.warmup_steps >= cfg.train.steps:
-        raise UserError(f"input.scale=auto needs a source-only phase to estimate from (adapt.warmup_steps="
-                        f"{cfg.adapt.warmup_steps} of {cfg.train.steps} steps)",
-                        fix="set adapt.warmup_steps to e.g. a third of train.steps")
-    if cfg.data.real:
-        raise UserError("input.scale=auto cannot be used with real labeled training data (data.real): those "
-                        "images would be loaded before the scale is known",
-                        fix="set input.scale to a number (e.g. from a first run with input.scale=auto)")
-
-
 def mic_view(real_x: torch.Tensor, generator: torch.Generator, a: AdaptConfig, mean: Any, std: Any,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
     """MIC's student input: the real crops' strong view (:func:`~finetune.adapt.strong_photometric` with the

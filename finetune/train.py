@@ -180,8 +180,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def prepare(self, resume: bool) -> None:
+        from finetune.config import check_adapt_config
         from finetune.models import build_model, check_encoder_fits, load_pretrained_encoder
-        from finetune.selftrain import check_adapt_config
         from segfactory.formats.encoder import read_encoder_meta
         from segfactory.torchutil import amp_dtype, resolve_device
 

@@ -50,7 +50,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 import segfactory
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, check_adapt_config
 from pipelines.cluster import ClusterConfig, check_cluster
 from pipelines.lock import exclusive_lock
 from pipelines.render import RenderStep
@@ -295,6 +295,7 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
 
     if cfg.train.enabled:  # before the lock and any rendering
         check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
+        check_adapt_config(cfg.train.finetune, "train.finetune.")  # what the fine-tune stage would refuse
         if not cfg.real.sources():
             raise UserError("refresh: train.enabled=true needs unlabeled real images to pretrain on, but real.src "
                             "is empty", fix="set real.src=DIR (a folder, glob, list file or sample:NAME/unlabeled), "

@@ -162,13 +162,14 @@ def tta_words(tta: str) -> str:
             "ms_flip": "mean of the whole image and its mirror image at 0.5-1.75x its input scale"}.get(tta, tta)
 
 
-def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Path, evaluate: Path, predict: Path,
-                 scored_on: str, real_eval: Path | None = None) -> Path:
+def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Path, evaluate: Path,
+                 predict: Path | None, scored_on: str, real_eval: Path | None = None, no_predictions: str = "") -> Path:
     """Write the run report: contact sheet, class histogram, loss/mIoU curves, IoU bars, confusion, overlays.
 
     ``scored_on`` says what the evaluation scored (held-out frames or the training data); ``real_eval`` is the
     evaluation dir of the real labeled folders (``eval.real``), reported first, next to the classic baselines;
-    ``pretrain`` is None when fine-tuning started from a random encoder. The test-time augmentation of each
+    ``pretrain`` is None when fine-tuning started from a random encoder, ``predict`` when the run predicted no
+    real image (``no_predictions`` says why). The test-time augmentation of each
     evaluation and of the predictions is the one their outputs record (``metrics.json``, ``predict.yaml``).
     """
     import tempfile
@@ -211,12 +212,15 @@ def write_report(path: Path, dataset: Path, pretrain: Path | None, finetune: Pat
                     f"{overall['pixel_accuracy']:.4f} on {html.escape(scored_on)}{with_tta}</p>"
                     f"{_img(_bars(names, ious, 'per-class IoU', 'IoU'), caption='per-class IoU')}"
                     + (_img(conf.read_bytes(), width=500, caption="confusion matrix") if conf.is_file() else ""))
-    overlays = sorted((predict / "overlays").glob("*.jpg"))
-    recorded = predict / "predict.yaml"
-    pred_note = _tta_note(read_yaml(recorded).get("tta")) if recorded.is_file() else ""
-    sections.append("<h2>Predictions on real images</h2>"
-                    + (f"<p>{html.escape(pred_note[0].upper() + pred_note[1:])}</p>" if pred_note else "")
-                    + "".join(_img(p.read_bytes(), "image/jpeg", width=256, caption=p.stem) for p in overlays))
+    if predict is None:
+        sections.append(f"<h2>Predictions on real images</h2><p>none: {html.escape(no_predictions)}</p>")
+    else:
+        overlays = sorted((predict / "overlays").glob("*.jpg"))
+        recorded = predict / "predict.yaml"
+        pred_note = _tta_note(read_yaml(recorded).get("tta")) if recorded.is_file() else ""
+        sections.append("<h2>Predictions on real images</h2>"
+                        + (f"<p>{html.escape(pred_note[0].upper() + pred_note[1:])}</p>" if pred_note else "")
+                        + "".join(_img(p.read_bytes(), "image/jpeg", width=256, caption=p.stem) for p in overlays))
     doc = ("<!doctype html><html><head><meta charset='utf-8'><title>segfactory run report</title>"
            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{margin:4px}</style></head><body>"
            "<h1>segfactory run report</h1>" + "\n".join(sections) + "</body></html>")

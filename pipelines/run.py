@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from finetune.config import FinetuneConfig, TtaMode
+from finetune.config import FinetuneConfig, TtaMode, check_adapt_config
 from pipelines.cluster import ClusterConfig
 from pipelines.ingest import SKIMAGE_DATA
 from pipelines.lock import exclusive_lock
@@ -52,7 +52,8 @@ PREDICT_MAX_SIDE = 512  # predict inputs are cut to at most this (a crop: resizi
 class TrainingExecution(StrictModel):
     timeout_s: float = Field(3600.0, gt=0, description="a training/evaluation process is killed after this long")
     retries: int = Field(1, ge=0, description="re-runs of a failed training/evaluation task")
-    predict_images: int = Field(4, ge=0, description="real images the report overlays predictions on")
+    predict_images: int = Field(4, ge=0, description="real images the report overlays predictions on (0: no "
+                                "predict stage)")
 
 
 class RealEvalSettings(UnsaidDefaults):
@@ -129,6 +130,11 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if cfg.init == "ssl":
         check_encoder_matches(cfg.pretrain, cfg.finetune, "",
                               " (or init=random: fine-tuning from random init, no pretrain stage)")
+    # what the fine-tune stage would refuse at its start, refused before rendering and pretraining: its config as
+    # the stage gets it (the run's real images as its unlabeled data, unless the section names its own)
+    staged = cfg.finetune.data if cfg.finetune.data.unlabeled else cfg.finetune.data.model_copy(
+        update={"unlabeled": [Path("<the run's real images>")]})
+    check_adapt_config(cfg.finetune.model_copy(update={"data": staged}), "finetune.")
 
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
@@ -184,7 +190,12 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     cfg_dir.mkdir(exist_ok=True)
     save_resolved(with_tracking(cfg.pretrain, cfg.tracking, pre_dir.name), cfg_dir / f"{pre_dir.name}.yaml")
     save_resolved(with_tracking(cfg.finetune, cfg.tracking, ft_dir.name), cfg_dir / f"{ft_dir.name}.yaml")
-    pred_in = _predict_inputs(sources, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
+    # No predict stage without an image to predict: execution.predict_images=0, or no real image of at least 64 px
+    # (an empty input folder would fail the stage after all the training).
+    pred_in = (_predict_inputs(sources, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
+               if cfg.execution.predict_images else None)
+    no_predictions = ("execution.predict_images=0" if pred_in is None else
+                      None if any(pred_in.iterdir()) else "no real image of at least 64 x 64 pixels in real.src")
     commands = {
         **({"pretrain": (pre_dir, ["pretrain", str(cfg_dir / f"{pre_dir.name}.yaml"),
                                    "--images", str(images), "--out", "{OUT}"])} if pretrained else {}),
@@ -193,9 +204,10 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                               *([] if own_unlabeled else ["--unlabeled", str(images)]), "--out", "{OUT}"]),
         "evaluate": (eval_dir, ["evaluate", "--model", str(ft_dir / "model"), "--data", str(eval_data),
                                 *tta_args, "--out", "{OUT}"]),
-        "predict": (pred_dir, ["predict", "--model", str(ft_dir / "model"), "--input", str(pred_in),
-                               *tta_args, "--out", "{OUT}"]),
     }
+    if not no_predictions:
+        commands["predict"] = (pred_dir, ["predict", "--model", str(ft_dir / "model"), "--input", str(pred_in),
+                                          *tta_args, "--out", "{OUT}"])
     if real_dir is not None:
         commands["evaluate_real"] = (real_dir, [
             "evaluate", "--model", str(ft_dir / "model"), *[a for arg in real_eval for a in ("--data", arg)],
@@ -213,8 +225,9 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                     reports / f"{run_id}-dask-training.html", on_done)
     scored_on = (f"{read_json(test_set / 'dataset.json')['num_frames']} held-out rendered frames (scenes not used in "
                  "fine-tuning)" if test_set else "the training dataset (test.scenes=0)")
-    report = write_report(out / "report.html", dataset, pre_dir if pretrained else None, ft_dir, eval_dir, pred_dir,
-                          scored_on, real_eval=real_dir)
+    report = write_report(out / "report.html", dataset, pre_dir if pretrained else None, ft_dir, eval_dir,
+                          None if no_predictions else pred_dir, scored_on, real_eval=real_dir,
+                          no_predictions=no_predictions or "")
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,

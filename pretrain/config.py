@@ -186,6 +186,15 @@ class AugmentConfig(StrictModel):
     small_images: Literal["skip", "upscale"] = Field(
         "skip", description="images whose short side is below crop_size: skip them, or upscale them")
 
+    @field_validator("load_size")
+    @classmethod
+    def _load_size_holds_the_crop(cls, v: int | None, info: ValidationInfo) -> int | None:
+        crop = info.data.get("crop_size")
+        if v is not None and crop is not None and v < crop:
+            raise ValueError(f"is smaller than crop_size={crop} of the same section: set it to {crop} or more "
+                             "(or null: crop_size * 8/7)")
+        return v
+
 
 class OptimConfig(StrictModel):
     optimizer: Literal["adamw", "sgd", "lars"] = "adamw"

@@ -298,10 +298,7 @@ def _run_pretrain(cfg: PretrainConfig, images_dir: str | os.PathLike, out_dir: s
     single = aug.single_channel if aug.single_channel is not None else (
         in_chans == 1 or data.num_gray == len(data.entries))
     entries = select_entries(data.entries, aug.crop_size, aug.small_images)
-    load_size = aug.load_size or round(aug.crop_size * 8 / 7)
-    if load_size < aug.crop_size:
-        raise UserError(f"augment.load_size={load_size} is smaller than augment.crop_size={aug.crop_size}",
-                        fix=f"set augment.load_size >= {aug.crop_size} (or null)")
+    load_size = aug.load_size or round(aug.crop_size * 8 / 7)  # at least crop_size (AugmentConfig checks it)
     device = resolve_device(cfg.train.device, "train.device")
     info, device = setup_distributed(cfg, device)
     if not info.is_main:  # progress, notes and summary from rank 0 only (restored before any error is printed)

@@ -64,7 +64,7 @@ def test_instance_pseudo_stays_out_of_default_dumps_and_needs_the_head() -> None
     assert hash_config(on) != hash_config(default)
     off = load_config(FinetuneConfig, None, ["adapt.instance_pseudo=false"])
     assert hash_config(off) == hash_config(default)
-    from finetune.selftrain import check_adapt_config
+    from finetune.config import check_adapt_config
 
     with pytest.raises(UserError, match=r"instances\.enabled=false"):
         check_adapt_config(load_config(FinetuneConfig, None, ["adapt.instance_pseudo=true"]))

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from test_finetune_adapt import adapt_cfg, target  # noqa: F401  (target: a module fixture used below)
 
 from finetune.adapt import block_mask, strong_photometric
-from finetune.config import AdaptConfig, FinetuneConfig
+from finetune.config import AdaptConfig, FinetuneConfig, check_adapt_config
 from finetune.data.normalize import standardize
-from finetune.selftrain import check_adapt_config, mic_view
+from finetune.selftrain import mic_view
 from segfactory.config import hash_config, load_config
 from segfactory.errors import UserError
 

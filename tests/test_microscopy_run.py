@@ -53,7 +53,7 @@ def test_microscopy_quickstart_adapts_to_the_real_frames_and_scores_them(microsc
 TINY = ["render.render.resolution=128", "render.render.views=1", "render.render.samples=2",
         "render.dataset.scenes=4", "render.dataset.scenes_per_shard=2", "test.scenes=2", "pretrain.train.steps=10",
         "pretrain.train.batch_size=8", "finetune.train.steps=10", "finetune.train.val_every=5",
-        "finetune.train.checkpoint_every=5", "finetune.data.val_max_items=2", "execution.predict_images=1",
+        "finetune.train.checkpoint_every=5", "finetune.data.val_max_items=2", "execution.predict_images=0",
         "eval.real=[sample:ctc-hela/eval]", "eval.overlays=1", "rows=[synthetic]", "label_efficiency.k=[2]",
         "cluster.workers=1"]
 
@@ -90,6 +90,11 @@ def test_tiny_bench_transfer_runs_the_label_efficiency_rows(tmp_path, monkeypatc
     assert le["labels"] == "real" and hela["eval_t"] == list(range(14, 20))
     assert len(hela["frames"]["2"]) == 2 and all(f["t"] <= 7 for f in hela["frames"]["2"])
     assert json.loads((out / "bench_transfer.json").read_text())["label_efficiency"] == le
+    # execution.predict_images=0: no row ran a predict stage (an empty input folder used to fail the first row after
+    # its training), and the report says why there are no predictions
+    assert not [p for p in (out / "stages").glob("predict-*") if p.is_dir() and not p.name.endswith("-input")]
+    assert "<h2>Predictions on real images</h2><p>none: execution.predict_images=0</p>" in (
+        out / "report.html").read_text()
     # Each row trained on its k real frames only, and the supsyn rows started from the synthetic row's encoder.
     for name in names:
         ft = Path(result["rows"][name]["finetune_dir"])

@@ -207,4 +207,4 @@ def test_pretrain_stage_key_ignores_the_loader_cache_budget() -> None:
     assert training_key(PretrainConfig(data={"cache_mb": 64})) == training_key(plain)
     assert training_key(PretrainConfig(data={"cache_mb": 0})) == training_key(plain)
     # what does change the batches still changes the key
-    assert training_key(PretrainConfig(augment={"load_size": 128})) != training_key(plain)
+    assert training_key(PretrainConfig(augment={"load_size": 256})) != training_key(plain)

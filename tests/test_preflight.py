@@ -37,6 +37,44 @@ def test_run_with_a_vit_pretrain_backbone_stops_before_rendering(tmp_path: Path,
     assert not list(out.glob("stages/*-*"))
 
 
+def test_run_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    """The fine-tune stage's own start checks (``check_adapt_config``) run before rendering, on the config as the
+    stage gets it, with the fields named as the run's config names them: input.scale=auto with its estimate at
+    step 200 of 100 used to fail the fine-tune stage after rendering, ingesting and pretraining."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "finetune.train.steps=100"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("finetune.input.scale=auto needs a source-only phase to estimate from (finetune.adapt.warmup_steps=200 "
+            "of finetune.train.steps=100)") in err and "fix: set finetune.adapt.warmup_steps" in err
+    assert not list(out.glob("stages/*-*"))
+    # the run's real images are the stage's unlabeled data: input.scale=auto passes that check, and a MIC setting
+    # without self-training is the next one refused
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "finetune.adapt.enabled=false",
+                 "finetune.adapt.mic_ratio=0.5"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune.adapt.mic_ratio=0.5" in err and "fix: set finetune.adapt.enabled=true" in err
+    assert not list(out.glob("stages/*-*"))
+
+
+def test_a_pretrain_load_size_under_the_crop_is_refused_with_the_config(tmp_path: Path, capsys) -> None:
+    """``augment.load_size`` below ``augment.crop_size`` is refused when the config is read (it was the pretrain
+    stage's first check: after rendering, in a run)."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "pretrain.augment.load_size=40"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pretrain.augment.load_size=40 is invalid: is smaller than crop_size=64 of the same section" in err
+    assert not list(out.glob("stages/*-*"))
+
+
+def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "r"
+    assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
+                 "train.finetune.adapt.instance_pseudo=true"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.finetune.adapt.instance_pseudo=true" in err and "train.finetune.instances.enabled=false" in err
+    assert not (root / "datasets").exists()
+
+
 def test_a_run_config_typo_in_eval_baselines_names_the_config_field(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "eval.baselines=otsuu"]) == 2
