@@ -32,6 +32,7 @@ from pipelines.stages import (
     STAGE_FILE,
     HeldOutSet,
     check_encoder_matches,
+    check_training_folders,
     render_test_set,
     run_stage_tasks,
     stage_dir,
@@ -135,6 +136,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     staged = cfg.finetune.data if cfg.finetune.data.unlabeled else cfg.finetune.data.model_copy(
         update={"unlabeled": [Path("<the run's real images>")]})
     check_adapt_config(cfg.finetune.model_copy(update={"data": staged}), "finetune.")
+    check_training_folders(cfg.finetune, "finetune.")
 
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()

@@ -116,6 +116,26 @@ def check_encoder_matches(pretrain: PretrainConfig, finetune: FinetuneConfig, pr
                         f"{fix_more}")
 
 
+def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:
+    """Stop before any work when a labeled folder the fine-tune section names is missing or of the other kind.
+
+    The fine-tune stage opens ``data.real`` and ``data.val`` at its start, which in a run or refresh is after
+    rendering and pretraining; ``sample:NAME/SPLIT`` references are materialized here, as the stage would.
+    ``prefix`` is where the section lives in the config (``finetune.``, ``train.finetune.``).
+
+    Raises:
+        UserError: a folder that does not exist, is neither a dataset nor a labeled folder, or (``data.real``) is
+            a rendered dataset; a sample reference to images without masks.
+    """
+    from finetune.data.sources import check_kind, detect_kind
+    from finetune.evaluate import resolve_labeled_specs
+
+    for i, spec in enumerate(resolve_labeled_specs(finetune.data.real, f"{prefix}data.real")):
+        check_kind(Path(spec.path), "real", f"{prefix}data.real[{i}]")
+    for i, spec in enumerate(resolve_labeled_specs(finetune.data.val, f"{prefix}data.val")):
+        detect_kind(Path(spec.path), f"{prefix}data.val[{i}]")
+
+
 def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, root: Path, cluster: ClusterConfig,
                     performance_report: Path) -> Path | None:
     """Render (or reuse) the held-out test set: the training render config with other scenes (another seed).

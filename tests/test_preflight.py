@@ -56,6 +56,30 @@ def test_run_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_
     assert not list(out.glob("stages/*-*"))
 
 
+def test_run_and_refresh_with_a_missing_or_wrong_labeled_training_folder_stop_before_rendering(
+        tmp_path: Path, capsys, tiny_dataset: Path) -> None:
+    """``finetune.data.real`` / ``data.val`` are opened by the fine-tune stage, after rendering and pretraining:
+    a missing folder, a rendered dataset given as real labels, or the unlabeled split of a sample set is said
+    before any work, naming the field as the config names it."""
+    out = tmp_path / "run"
+    cases = [(f"finetune.data.real=[{tmp_path / 'nope'}]",
+              f"data folder '{tmp_path / 'nope'}' (finetune.data.real[0]) does not exist"),
+             (f"finetune.data.real=[{tiny_dataset}]", "is a synthetic source but was given as real"),
+             ("finetune.data.val=[sample:ctc-hela/unlabeled]",
+              "finetune.data.val[0] 'sample:ctc-hela/unlabeled' is images without masks")]
+    for override, needle in cases:
+        assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), override,
+                     "finetune.input.scale=0.5"]) == 2, override  # (input.scale=auto refuses real labels)
+        assert needle in " ".join(capsys.readouterr().err.split()), override
+        assert not list(out.glob("stages/*-*"))
+    root = tmp_path / "r"
+    assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
+                 f"train.finetune.data.real=[{tmp_path / 'nope'}]"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(train.finetune.data.real[0]) does not exist" in err and "train.finetune.data.real=[]" in err
+    assert not (root / "datasets").exists()
+
+
 def test_a_pretrain_load_size_under_the_crop_is_refused_with_the_config(tmp_path: Path, capsys) -> None:
     """``augment.load_size`` below ``augment.crop_size`` is refused when the config is read (it was the pretrain
     stage's first check: after rendering, in a run)."""

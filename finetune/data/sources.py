@@ -148,7 +148,7 @@ def detect_kind(path: Path, field: str | None = None) -> Kind:
         return "real"
     if not path.exists():
         where = f" ({field})" if field else ""
-        section = field.split("[")[0] if field and field.startswith("data.") else None
+        section = field.split("[")[0] if field and (field.startswith("data.") or ".data." in field) else None
         # A config's example path (configs/finetune.yaml lists data/labeled) is the usual way to get here.
         drop = f", or drop it with {section}=[]" if section else ""
         raise UserError(f"data folder '{path}'{where} does not exist", fix=f"check the path{drop}")
