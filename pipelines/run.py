@@ -192,12 +192,13 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     cfg_dir.mkdir(exist_ok=True)
     save_resolved(with_tracking(cfg.pretrain, cfg.tracking, pre_dir.name), cfg_dir / f"{pre_dir.name}.yaml")
     save_resolved(with_tracking(cfg.finetune, cfg.tracking, ft_dir.name), cfg_dir / f"{ft_dir.name}.yaml")
-    # No predict stage without an image to predict: execution.predict_images=0, or no real image of at least 64 px
-    # (an empty input folder would fail the stage after all the training).
-    pred_in = (_predict_inputs(sources, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
-               if cfg.execution.predict_images else None)
-    no_predictions = ("execution.predict_images=0" if pred_in is None else
-                      None if any(pred_in.iterdir()) else "no real image of at least 64 x 64 pixels in real.src")
+    # No predict stage without an image to predict (an empty input folder would fail it after all the training);
+    # the report says why there are no predictions.
+    no_predictions = "execution.predict_images=0" if not cfg.execution.predict_images else ""
+    if not no_predictions:
+        pred_in = _predict_inputs(sources, out / "stages" / f"{pred_dir.name}-input", cfg.execution.predict_images)
+        if not any(pred_in.iterdir()):
+            no_predictions = "no real image of at least 64 x 64 pixels in real.src"
     commands = {
         **({"pretrain": (pre_dir, ["pretrain", str(cfg_dir / f"{pre_dir.name}.yaml"),
                                    "--images", str(images), "--out", "{OUT}"])} if pretrained else {}),
@@ -229,7 +230,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                  "fine-tuning)" if test_set else "the training dataset (test.scenes=0)")
     report = write_report(out / "report.html", dataset, pre_dir if pretrained else None, ft_dir, eval_dir,
                           None if no_predictions else pred_dir, scored_on, real_eval=real_dir,
-                          no_predictions=no_predictions or "")
+                          no_predictions=no_predictions)
     stage("report")
     summary = {"out": str(out), "report": str(report), "stages": done, "seconds": timings,
                "miou": read_json(eval_dir / "metrics.json")["overall"]["miou"], "miou_on": scored_on,

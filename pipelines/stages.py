@@ -127,6 +127,8 @@ def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:
         UserError: a folder that does not exist, is neither a dataset nor a labeled folder, or (``data.real``) is
             a rendered dataset; a sample reference to images without masks.
     """
+    if not (finetune.data.real or finetune.data.val):
+        return  # the usual run: nothing to open, and the driver need not import torch (finetune.evaluate does)
     from finetune.data.sources import check_kind, detect_kind
     from finetune.evaluate import resolve_labeled_specs
 
