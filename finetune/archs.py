@@ -14,7 +14,7 @@ from typing import Any
 from segfactory.errors import UserError
 from segfactory.registry import Registry
 
-__all__ = ["ARCHS", "register_arch"]
+__all__ = ["ARCHS", "DecoderWidthError", "decoder_kwargs", "register_arch"]
 
 DecoderWidth = int | list[int] | None
 ARCHS: Registry[Callable[[DecoderWidth], dict[str, Any]]] = Registry("architecture")
@@ -22,6 +22,29 @@ ARCHS: Registry[Callable[[DecoderWidth], dict[str, Any]]] = Registry("architectu
 
 def register_arch(name: str) -> Callable:
     return ARCHS.register(name)
+
+
+class DecoderWidthError(ValueError):
+    """A ``model.decoder_channels`` value the architecture cannot take: ``reason`` (what the architecture needs,
+    naming neither it nor the field: "has no configurable decoder width") and ``fix``. The config check
+    (:class:`finetune.config.ModelConfig`) and :func:`decoder_kwargs` name the field."""
+
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
+
+
+def decoder_kwargs(arch: str, width: DecoderWidth) -> dict[str, Any]:
+    """The decoder's keyword arguments of architecture ``arch`` for a ``model.decoder_channels`` value.
+
+    Raises:
+        UserError: the architecture cannot take ``width`` (naming ``model.decoder_channels``).
+    """
+    try:
+        return ARCHS.get(arch)(width)
+    except DecoderWidthError as e:
+        raise UserError(f"model.decoder_channels={width} is invalid: model.arch={arch} {e.reason}",
+                        fix=e.fix) from None
 
 
 @register_arch("unet")
@@ -33,8 +56,8 @@ def _pyramid(width: DecoderWidth, depth: int = 5) -> dict[str, Any]:
     if isinstance(width, int):
         return {"decoder_channels": tuple(width * 2 ** (depth - 1 - i) for i in range(depth))}
     if len(width) != depth:
-        raise UserError(f"model.decoder_channels={width} needs {depth} values for this architecture",
-                        fix=f"give {depth} widths or one int (the last stage's width)")
+        raise DecoderWidthError(f"needs {depth} values (one per decoder stage), not {len(width)}",
+                                f"give {depth} widths or one int (the last stage's width)")
     return {"decoder_channels": tuple(width)}
 
 
@@ -61,6 +84,6 @@ def _deeplab(width: DecoderWidth) -> dict[str, Any]:
 @register_arch("linknet")
 def _linknet(width: DecoderWidth) -> dict[str, Any]:
     if width is not None:
-        raise UserError("linknet has no configurable decoder width (model.decoder_channels is set)",
-                        fix="remove model.decoder_channels or choose unet/fpn/deeplabv3plus")
+        raise DecoderWidthError("has no configurable decoder width",
+                                "leave it unset (null), or choose unet, unetplusplus, fpn or deeplabv3plus")
     return {}

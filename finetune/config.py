@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from finetune.archs import ARCHS
+from finetune.archs import ARCHS, DecoderWidthError
 from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults
 from segfactory.errors import UserError
 from segfactory.tracking import TrackingConfig
@@ -174,6 +174,25 @@ class ModelConfig(StrictModel):
     in_chans: Literal[1, 3] | None = None
     decoder_channels: list[int] | int | None = None
     freeze_encoder_steps: int = Field(default=0, ge=0)
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _decoder_width_fits_the_arch(cls, v: list[int] | int | None, info: ValidationInfo) -> list[int] | int | None:
+        """A width the architecture cannot take is refused when the config is read, not when the fine-tune
+        stage builds its model (in ``segfactory run``, after rendering and pretraining)."""
+        if v is None:
+            return v
+        if min([v] if isinstance(v, int) else v or [0]) < 1:
+            raise PydanticCustomError("decoder_width", "{message}", {
+                "message": "decoder widths are channel counts of at least 1", "fix": "e.g. 16, or null"})
+        arch = info.data.get("arch")
+        if arch is not None:  # an unknown arch is its own error
+            try:
+                ARCHS.get(arch)(v)
+            except DecoderWidthError as e:
+                raise PydanticCustomError("decoder_width", "{message}", {
+                    "message": f"model.arch={arch} {e.reason}", "fix": e.fix}) from None
+        return v
 
 
 class InputConfig(UnsaidDefaults):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.archs import ARCHS
+from finetune.archs import decoder_kwargs
 from finetune.config import SIZE_DIVISOR
 from segfactory.errors import UserError
 from segfactory.formats.encoder import check_state_fits as check_encoder_state
@@ -44,7 +44,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     """
     import segmentation_models_pytorch as smp
 
-    decoder = ARCHS.get(arch["arch"])(arch.get("decoder_channels"))
+    decoder = decoder_kwargs(arch["arch"], arch.get("decoder_channels"))
     if int(arch.get("instance_channels") or 0):
         from finetune.instances import attach_head
 
@@ -54,14 +54,23 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
                                 in_channels=int(arch["in_chans"]), classes=int(arch["num_classes"]), **decoder)
     except RuntimeError as e:  # timm: unknown model name
         if "Unknown model" in str(e) or "Invalid model" in str(e):
-            import timm
-
-            # timm's registry is the list of encoder names (`timm.list_models()`)
-            close = difflib.get_close_matches(str(arch["encoder"]), timm.list_models(), n=3)
-            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-            raise UserError(f"model.encoder='{arch['encoder']}' is not a timm model",
-                            fix=f"{hint}`timm.list_models()` lists the valid names") from None
+            check_timm_name(str(arch["encoder"]))
         raise
+
+
+def check_timm_name(name: str, field: str = "model.encoder") -> None:
+    """Stop when ``name`` is not a timm model (``field`` names the setting in the error).
+
+    Raises:
+        UserError: an unknown name, with the closest of ``timm.list_models()``.
+    """
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)  # timm's registry: the encoder names
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise UserError(f"{field}='{name}' is not a timm model", fix=f"{hint}`timm.list_models()` lists the valid names")
 
 
 def encoder_module(model: nn.Module) -> nn.Module:

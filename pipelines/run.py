@@ -32,6 +32,7 @@ from pipelines.stages import (
     STAGE_FILE,
     HeldOutSet,
     check_encoder_matches,
+    check_random_init_encoder,
     check_training_folders,
     render_test_set,
     run_stage_tasks,
@@ -131,6 +132,8 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if cfg.init == "ssl":
         check_encoder_matches(cfg.pretrain, cfg.finetune, "",
                               " (or init=random: fine-tuning from random init, no pretrain stage)")
+    else:
+        check_random_init_encoder(cfg.finetune, "finetune.")
     # what the fine-tune stage would refuse at its start, refused before rendering and pretraining: its config as
     # the stage gets it (the run's real images as its unlabeled data, unless the section names its own)
     staged = cfg.finetune.data if cfg.finetune.data.unlabeled else cfg.finetune.data.model_copy(

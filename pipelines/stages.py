@@ -116,6 +116,29 @@ def check_encoder_matches(pretrain: PretrainConfig, finetune: FinetuneConfig, pr
                         f"{fix_more}")
 
 
+def check_random_init_encoder(finetune: FinetuneConfig, prefix: str) -> None:
+    """Stop before any work when fine-tuning from random init (``init=random``: no pretrained encoder to take the
+    architecture from) names no encoder, or one that timm does not know: the fine-tune stage would refuse it only
+    after rendering. A registered backbone's architecture (resnet18, ...) is known without importing timm (and
+    torch) into the driver.
+
+    Raises:
+        UserError: ``finetune.model.encoder`` is unset or not a timm model name.
+    """
+    from pretrain.backbones import BACKBONES
+
+    name = finetune.model.encoder
+    if name is None:
+        raise UserError(f"{prefix}model.encoder is not set: with init=random there is no pretrained encoder to take "
+                        "the architecture from", fix=f"set {prefix}model.encoder=resnet18 (a timm model name), or "
+                        "init=ssl (fine-tune the encoder the pretrain stage trains)")
+    if name in {BACKBONES.get(n).timm_name for n in BACKBONES}:
+        return
+    from finetune.models import check_timm_name
+
+    check_timm_name(name, f"{prefix}model.encoder")
+
+
 def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:
     """Stop before any work when a labeled folder the fine-tune section names is missing or of the other kind.
 

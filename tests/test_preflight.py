@@ -90,6 +90,44 @@ def test_a_pretrain_load_size_under_the_crop_is_refused_with_the_config(tmp_path
     assert not list(out.glob("stages/*-*"))
 
 
+def test_a_decoder_width_the_architecture_cannot_take_is_refused_with_the_config(tmp_path: Path, capsys) -> None:
+    """``model.decoder_channels`` is checked against ``model.arch`` when the config is read: it was checked when
+    the fine-tune stage built its model, after rendering and pretraining in a run."""
+    out = tmp_path / "run"
+    for overrides, said in [(["finetune.model.decoder_channels=[8,8]"],
+                             "finetune.model.decoder_channels=[8, 8] is invalid: model.arch=unet needs 5 values (one "
+                             "per decoder stage), not 2 fix: give 5 widths"),
+                            (["finetune.model.arch=linknet", "finetune.model.decoder_channels=8"],
+                             "finetune.model.decoder_channels=8 is invalid: model.arch=linknet has no configurable "
+                             "decoder width fix: leave it unset (null)"),
+                            (["finetune.model.decoder_channels=0"],
+                             "finetune.model.decoder_channels=0 is invalid: decoder widths are channel counts")]:
+        assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *overrides]) == 2
+        assert said in " ".join(capsys.readouterr().err.split()), overrides
+        assert not list(out.glob("stages/*-*"))
+    # the stand-alone command reads the same section (its fields without the run's prefix)
+    assert main(["finetune", str(CONFIGS / "finetune.yaml"), "--out", str(tmp_path / "ft"),
+                 "model.decoder_channels=[4,4,4]"]) == 2
+    assert "override: model.decoder_channels=[4, 4, 4] is invalid: model.arch=unet needs 5 values" in " ".join(
+        capsys.readouterr().err.split())
+    assert not (tmp_path / "ft").exists()
+
+
+def test_run_from_random_init_without_a_usable_encoder_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    """With init=random no pretrained encoder gives the architecture: ``finetune.model.encoder`` must name a timm
+    model, said before rendering (the fine-tune stage refused it after rendering)."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "init=random",
+                 "finetune.model.encoder=resnet-18"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune.model.encoder='resnet-18' is not a timm model" in err and "did you mean 'resnet18'" in err
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "init=random",
+                 "finetune.model.encoder=null"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune.model.encoder is not set: with init=random" in err and "finetune.model.encoder=resnet18" in err
+    assert not list(out.glob("stages/*-*"))
+
+
 def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
     root = tmp_path / "r"
     assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
