@@ -303,7 +303,7 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
                             "or train.enabled=false")
     root = Path(root).resolve()
     if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
-        real_eval_data(cfg.train.promotion.real_eval)  # a folder that is not there fails now, not after training
+        check_promotion_real_eval(cfg)  # a folder that is not there, or has other classes: now, not after training
     if cfg.real.sources():
         from pipelines.ingest import check_sources
 
@@ -636,6 +636,33 @@ def real_eval_data(ref: str) -> tuple[str, dict[str, Any]]:
     files = sorted((p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns)
                    for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") for st in [p.stat()])
     return str(path), {"ref": str(path), "files": canonical_hash(files)}
+
+
+def check_promotion_real_eval(cfg: RefreshConfig) -> None:
+    """``train.promotion.real_eval`` before any work: a folder that is there (a ``sample:`` reference materialized,
+    as the evaluation would) and, for a labeled real folder, only classes the model has (it is scored without a
+    class mapping; the model's classes are ``train.finetune.classes``, else those the render writes).
+
+    Raises:
+        UserError: a missing folder, a sample set's images without masks, a class the model lacks.
+    """
+    from finetune.data.sources import detect_kind
+    from pipelines.render import rendered_classes, resolve_render_config
+    from pipelines.stages import check_real_eval_classes
+    from segfactory.sampledata import SAMPLE_SETS, is_sample_ref, parse_ref, resolve_path, splits_of
+
+    ref = cfg.train.promotion.real_eval
+    assert ref is not None
+    real_eval_data(ref)
+    if is_sample_ref(ref) and parse_ref(ref)[1] in (None, "unlabeled"):
+        name = parse_ref(ref)[0]
+        labeled = [f"sample:{name}/{s}" for s in splits_of(SAMPLE_SETS.get(name)) if s != "unlabeled"]
+        raise UserError(f"train.promotion.real_eval='{ref}' is not labeled images: the models are scored on labels",
+                        fix=f"use {' or '.join(labeled)}")
+    path = resolve_path(ref).resolve()
+    if detect_kind(path, "train.promotion.real_eval") == "real":
+        render_cfg, _ = resolve_render_config(cfg.render)
+        check_real_eval_classes([path], cfg.train.finetune, rendered_classes(render_cfg), {}, None)
 
 
 def score_real_eval(cfg: RefreshConfig, root: Path, model: dict[str, Any], previous: dict[str, Any] | None,

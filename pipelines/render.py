@@ -152,7 +152,7 @@ def prepare_dataset(out: Path, cfg: RenderConfig, config_hash: str, first_scene:
     resolved = resolve_scene(cfg.scene)
     meta = {
         "family": resolved.family.name,
-        "classes": [asdict(c) for c in resolved.classes],
+        "classes": rendered_classes(cfg),
         "ignore_index": IGNORE_INDEX,
         "background_class": resolved.family.background,
         "image": {"format": cfg.output.image_format, "bit_depth": cfg.output.bit_depth,
@@ -180,6 +180,12 @@ def dataset_plan(cfg: RenderConfig, config_hash: str, family: str, first_scene: 
     d = cfg.dataset
     plans = plan_shards(family, config_hash, d.seed, d.scenes, d.scenes_per_shard, render_code_version())
     return [p for p in plans if p.scene_stop > first_scene]
+
+
+def rendered_classes(cfg: RenderConfig) -> list[dict[str, Any]]:
+    """The classes a render of ``cfg`` writes into ``dataset.json`` (the scene family's, with any the config adds),
+    known before rendering."""
+    return [asdict(c) for c in resolve_scene(cfg.scene).classes]
 
 
 def resolve_render_config(cfg: RenderConfig) -> tuple[RenderConfig, str]:

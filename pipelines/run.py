@@ -33,6 +33,7 @@ from pipelines.stages import (
     HeldOutSet,
     check_encoder_matches,
     check_random_init_encoder,
+    check_real_eval_classes,
     check_training_folders,
     render_test_set,
     run_stage_tasks,
@@ -109,7 +110,7 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
 
 def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     from pipelines.ingest import IngestJob, check_sources, ingest_sources
-    from pipelines.render import resolve_render_config, run_render
+    from pipelines.render import rendered_classes, resolve_render_config, run_render
     from pipelines.report import write_report
 
     t0 = time.perf_counter()
@@ -144,6 +145,9 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
     render_cfg, render_hash = resolve_render_config(cfg.render)
+    if real_eval:  # the scene family's classes are the rendered dataset's: checked before rendering
+        check_real_eval_classes(list(real_eval.values()), cfg.finetune, rendered_classes(render_cfg), cfg.eval.remap,
+                                "eval.remap.")
     size = render_cfg.dataset.model_dump(mode="json")
     dataset = stage_dir(out, "render", {"config": render_hash, "dataset": size}, RENDER_PACKAGES)
     if (dataset / STAGE_FILE).is_file():
@@ -157,8 +161,6 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
                                reports / f"{run_id}-dask-render-test.html")
     if test_set is None:
         console.print("[yellow]test.scenes=0: evaluating on the training dataset (scores are optimistic)[/]")
-    if real_eval:
-        _check_real_eval_classes(real_eval, cfg, dataset)
     stage("render")
 
     # ingest: incremental by itself (only new files); its data hash keys pretraining. One directory per source and
@@ -274,21 +276,6 @@ def _real_eval_folders(settings: RealEvalSettings) -> dict[str, Path]:
         check_kind(path, "real", f"eval.real[{i}]")
         folders[entry if is_sample_ref(entry) else str(path)] = path
     return folders
-
-
-def _check_real_eval_classes(folders: dict[str, Path], cfg: RunConfig, dataset: Path) -> None:
-    """Every class of every ``eval.real`` folder maps onto the model's classes (before any training)."""
-    from finetune.config import SourceSpec
-    from finetune.data.remap import make_targets
-    from finetune.evaluate import check_real_classes
-    from segfactory.formats.dataset import open_dataset
-
-    if cfg.finetune.classes is not None:
-        targets = make_targets([c.model_dump() for c in cfg.finetune.classes], cfg.finetune.ignore_index)
-    else:
-        targets = make_targets(open_dataset(dataset).classes, cfg.finetune.ignore_index)
-    for folder in folders.values():
-        check_real_classes(SourceSpec(path=folder, remap=cfg.eval.remap), targets, flag="eval.remap.")
 
 
 def _predict_inputs(sources: list[str], folder: Path, n: int) -> Path:

@@ -139,6 +139,31 @@ def check_random_init_encoder(finetune: FinetuneConfig, prefix: str) -> None:
     check_timm_name(name, f"{prefix}model.encoder")
 
 
+def check_real_eval_classes(folders: list[Path], finetune: FinetuneConfig, rendered: list[dict[str, Any]],
+                            remap: dict[str, Any], flag: str | None) -> None:
+    """Stop before any work when a labeled real folder to score the model on has a class the model lacks.
+
+    Args:
+        folders: Real labeled folders.
+        finetune: The fine-tune section: its ``classes``, when set, are the model's classes.
+        rendered: Else the model's classes are these, the classes the render writes
+            (:func:`pipelines.render.rendered_classes`).
+        remap: The folders' class mapping (``eval.remap``).
+        flag: How the fix spells a mapping (``eval.remap.``); None where the config has none.
+
+    Raises:
+        UserError: naming the folder, its class and the model's classes.
+    """
+    from finetune.config import SourceSpec
+    from finetune.data.remap import make_targets
+    from finetune.evaluate import check_real_classes
+
+    classes = [c.model_dump() for c in finetune.classes] if finetune.classes is not None else rendered
+    targets = make_targets(classes, finetune.ignore_index)
+    for folder in folders:
+        check_real_classes(SourceSpec(path=folder, remap=remap), targets, flag=flag)
+
+
 def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:
     """Stop before any work when a labeled folder the fine-tune section names is missing or of the other kind.
 

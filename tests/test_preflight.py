@@ -128,6 +128,36 @@ def test_run_from_random_init_without_a_usable_encoder_stops_before_rendering(tm
     assert not list(out.glob("stages/*-*"))
 
 
+def test_run_with_real_eval_classes_the_model_lacks_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    """``eval.real`` folders whose classes do not map onto the model's (the scene family's, known before the
+    render) are refused before rendering: the check read the rendered dataset's classes, after rendering."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart_street.yaml"), "--out", str(out),
+                 "eval.real=[sample:ctc-hela/eval]", "eval.remap={}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its class 'background' (id 0) is not a class of the model" in err and "eval.remap.background=" in err
+    assert not list(out.glob("stages/*-*"))
+
+
+def test_refresh_with_a_promotion_real_eval_it_cannot_score_stops_before_rendering(tmp_path: Path, capsys) -> None:
+    """``train.promotion.real_eval`` is scored after training, without a class mapping: a sample set's images
+    without masks, or a labeled folder with a class the model lacks, are refused before any work (only a missing
+    folder was)."""
+    root, dump = tmp_path / "r", tmp_path / "dump"
+    dump.mkdir()
+    base = ["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true", f"real.src={dump}"]
+    assert main([*base, "train.promotion.real_eval=sample:ctc-hela/unlabeled"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.promotion.real_eval='sample:ctc-hela/unlabeled' is not labeled images" in err
+    assert "fix: use sample:ctc-hela/eval or sample:ctc-hela/labeled" in err
+    # the street model has no class 'background' (the run's eval.remap maps it; refresh has no mapping)
+    assert main([*base, "train.promotion.real_eval=sample:ctc-hela/eval"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its class 'background' (id 0) is not a class of the model (sky, road," in err
+    assert "fix: name it in '" in err and "classes.json' as the model's class it is" in err
+    assert not (root / "datasets").exists()
+
+
 def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
     root = tmp_path / "r"
     assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
