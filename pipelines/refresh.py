@@ -289,14 +289,16 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         UserError: bad config, or another refresh holds the lock (exit code EXIT_BUSY).
         PartialFailure: some shards/images failed (or stayed corrupt); no release is published, a re-run continues.
     """
-    from pipelines.render import resolve_render_config
-    from pipelines.stages import check_encoder_matches, check_training_folders
+    from pipelines.render import rendered_classes, resolve_render_config
+    from pipelines.stages import check_class_weights, check_encoder_matches, check_training_folders
     from synth.shard import render_code_version
 
     if cfg.train.enabled:  # before the lock and any rendering
         check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
         check_adapt_config(cfg.train.finetune, "train.finetune.")  # what the fine-tune stage would refuse
         check_training_folders(cfg.train.finetune, "train.finetune.")
+        check_class_weights(cfg.train.finetune, rendered_classes(resolve_render_config(cfg.render)[0]),
+                            "train.finetune.")
         if not cfg.real.sources():
             raise UserError("refresh: train.enabled=true needs unlabeled real images to pretrain on, but real.src "
                             "is empty", fix="set real.src=DIR (a folder, glob, list file or sample:NAME/unlabeled), "

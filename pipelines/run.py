@@ -31,6 +31,7 @@ from pipelines.stages import (
     PRETRAIN_PACKAGES,
     STAGE_FILE,
     HeldOutSet,
+    check_class_weights,
     check_encoder_matches,
     check_random_init_encoder,
     check_real_eval_classes,
@@ -145,7 +146,9 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
     render_cfg, render_hash = resolve_render_config(cfg.render)
-    if real_eval:  # the scene family's classes are the rendered dataset's: checked before rendering
+    # the scene family's classes are the rendered dataset's: what depends on them is checked before rendering
+    check_class_weights(cfg.finetune, rendered_classes(render_cfg), "finetune.")
+    if real_eval:
         check_real_eval_classes(list(real_eval.values()), cfg.finetune, rendered_classes(render_cfg), cfg.eval.remap,
                                 "eval.remap.")
     size = render_cfg.dataset.model_dump(mode="json")

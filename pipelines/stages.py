@@ -155,13 +155,37 @@ def check_real_eval_classes(folders: list[Path], finetune: FinetuneConfig, rende
         UserError: naming the folder, its class and the model's classes.
     """
     from finetune.config import SourceSpec
-    from finetune.data.remap import make_targets
     from finetune.evaluate import check_real_classes
 
-    classes = [c.model_dump() for c in finetune.classes] if finetune.classes is not None else rendered
-    targets = make_targets(classes, finetune.ignore_index)
+    targets = model_targets(finetune, rendered)
     for folder in folders:
         check_real_classes(SourceSpec(path=folder, remap=remap), targets, flag=flag)
+
+
+def model_targets(finetune: FinetuneConfig, rendered: list[dict[str, Any]]) -> Any:
+    """The classes a fine-tune on a rendered dataset trains (:class:`finetune.data.TargetClasses`):
+    ``finetune.classes``, else ``rendered``, the classes the render writes (the fine-tune stage's rule,
+    :func:`finetune.data.sources.resolve_targets`, with the rendered dataset its first synthetic source)."""
+    from finetune.data.remap import make_targets
+
+    classes = [c.model_dump() for c in finetune.classes] if finetune.classes is not None else rendered
+    return make_targets(classes, finetune.ignore_index)
+
+
+def check_class_weights(finetune: FinetuneConfig, rendered: list[dict[str, Any]], prefix: str) -> None:
+    """Stop before any work when ``train.loss.class_weights`` is a list with another length than the model's
+    classes (``rendered`` as in :func:`model_targets`): the fine-tune stage refused it when it built its loss.
+
+    Raises:
+        UserError: naming the field, the counts and the classes.
+    """
+    weights = finetune.train.loss.class_weights
+    if not isinstance(weights, list):
+        return
+    targets = model_targets(finetune, rendered)
+    if len(weights) != targets.num_classes:
+        raise UserError(f"{prefix}train.loss.class_weights has {len(weights)} values for {targets.num_classes} "
+                        "classes", fix=f"give {targets.num_classes} weights ({', '.join(targets.names)}) or use auto")
 
 
 def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:

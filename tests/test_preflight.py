@@ -158,6 +158,25 @@ def test_refresh_with_a_promotion_real_eval_it_cannot_score_stops_before_renderi
     assert not (root / "datasets").exists()
 
 
+def test_class_weights_of_another_length_than_the_classes_stop_run_and_refresh_before_rendering(
+        tmp_path: Path, capsys) -> None:
+    """``train.loss.class_weights`` is one weight per class of the model, the scene family's: a list of another
+    length failed the fine-tune stage when it built its loss, after rendering and pretraining."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out),
+                 "finetune.train.loss.class_weights=[1,2]"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune.train.loss.class_weights has 2 values for 3 classes" in err
+    assert "fix: give 3 weights (background, nucleus, debris) or use auto" in err
+    assert not list(out.glob("stages/*-*"))
+    root = tmp_path / "r"
+    assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
+                 f"real.src={tmp_path}", "train.finetune.train.loss.class_weights=[1]"]) == 2
+    assert "train.finetune.train.loss.class_weights has 1 values for 9 classes" in " ".join(
+        capsys.readouterr().err.split())
+    assert not (root / "datasets").exists()
+
+
 def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
     root = tmp_path / "r"
     assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
