@@ -295,6 +295,29 @@ def _hardware() -> dict[str, Any]:
             "gpu": gpu}
 
 
+def check_rows(cfg: TransferBenchConfig) -> None:
+    """Check every row's run config (:func:`pipelines.run.check_run_config`) and the label-efficiency pools before
+    the first row runs: a later row's mistake would otherwise stop the bench after the earlier rows had trained.
+    The label-efficiency rows are checked through the rows they extend (``synthetic``, ``ssl``); their k-image
+    folders are written later.
+
+    Raises:
+        UserError: the first problem, naming its row.
+    """
+    from pipelines.run import check_run_config
+
+    le = cfg.label_efficiency
+    bases = [("ssl" if init == "ssl" else "synthetic") for init in le.inits] if le.k else []
+    for row in dict.fromkeys([*cfg.rows, *bases]):
+        try:
+            check_run_config(row_config(cfg, row))
+        except UserError as e:
+            raise UserError(f"bench transfer row {row}: {e.message}", fix=e.fix) from None
+    if le.k and le.inits:
+        for entry in cfg.eval.real:
+            label_candidates(entry, le)
+
+
 def run_transfer_bench(cfg: TransferBenchConfig, out: str | os.PathLike) -> dict[str, Any]:
     """Run every row (see the module docstring) and collect their real-image scores.
 
@@ -309,6 +332,7 @@ def run_transfer_bench(cfg: TransferBenchConfig, out: str | os.PathLike) -> dict
     if not cfg.eval.real:
         raise UserError("bench transfer: eval.real is empty; the bench scores real labeled images",
                         fix="set eval.real=[sample:ctc-hela/eval, ...] or folders of images/ + masks/")
+    check_rows(cfg)
     out = Path(out).resolve()
     t0 = time.perf_counter()
     result: dict[str, Any] = {"hardware": _hardware(), "out": str(out),

@@ -109,24 +109,21 @@ def run_all(cfg: RunConfig, out: str | os.PathLike) -> dict[str, Any]:
         return _run_locked(cfg, out)
 
 
-def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from pipelines.ingest import IngestJob, check_sources, ingest_sources
-    from pipelines.render import rendered_classes, resolve_render_config, run_render
-    from pipelines.report import write_report
+def check_run_config(cfg: RunConfig) -> dict[str, Path]:
+    """Stop before any work on what a stage of the run would refuse (each check names the field and the fix).
 
-    t0 = time.perf_counter()
-    (out / "stages").mkdir(exist_ok=True)
-    save_resolved(cfg, out / "config.yaml")
-    timings: dict[str, float] = {}
-    done: dict[str, str] = {}
+    Returns:
+        The ``eval.real`` folders (:func:`_real_eval_folders`; ``sample:`` references materialized).
 
-    def stage(name: str) -> None:
-        timings[name] = round(time.perf_counter() - t_stage, 2)
-        console.rule(f"[bold]{name}[/] {done.get(name, '')} ({timings[name]:.1f}s)")
+    Raises:
+        UserError: bad ``eval.real`` folders, classes or baselines; a missing or empty ``real.src``; a fine-tune
+            section the fine-tune stage would refuse at its start (encoder, adaptation, labeled folders, class
+            weights).
+    """
+    from pipelines.ingest import check_sources
+    from pipelines.render import rendered_classes, resolve_render_config
 
-    reports = out / "reports"
-    run_id = time.strftime("%Y%m%dT%H%M%S")
-    real_eval = _real_eval_folders(cfg.eval)  # bad folders and names stop here, before any work
+    real_eval = _real_eval_folders(cfg.eval)
     if not cfg.real.sources():
         raise UserError("run: real.src is empty; pretraining needs unlabeled real images",
                         fix=f"set real.src=DIR (or real.src={SKIMAGE_DATA} for scikit-image's sample photos)")
@@ -142,15 +139,36 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
         update={"unlabeled": [Path("<the run's real images>")]})
     check_adapt_config(cfg.finetune.model_copy(update={"data": staged}), "finetune.")
     check_training_folders(cfg.finetune, "finetune.")
+    # the scene family's classes are the rendered dataset's: what depends on them is checked before rendering
+    classes = rendered_classes(resolve_render_config(cfg.render)[0])
+    check_class_weights(cfg.finetune, classes, "finetune.")
+    if real_eval:
+        check_real_eval_classes(list(real_eval.values()), cfg.finetune, classes, cfg.eval.remap, "eval.remap.")
+    return real_eval
+
+
+def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    from pipelines.ingest import IngestJob, ingest_sources
+    from pipelines.render import resolve_render_config, run_render
+    from pipelines.report import write_report
+
+    t0 = time.perf_counter()
+    (out / "stages").mkdir(exist_ok=True)
+    save_resolved(cfg, out / "config.yaml")
+    timings: dict[str, float] = {}
+    done: dict[str, str] = {}
+
+    def stage(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t_stage, 2)
+        console.rule(f"[bold]{name}[/] {done.get(name, '')} ({timings[name]:.1f}s)")
+
+    reports = out / "reports"
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    real_eval = check_run_config(cfg)  # what a stage would refuse stops here, before any work
 
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
     render_cfg, render_hash = resolve_render_config(cfg.render)
-    # the scene family's classes are the rendered dataset's: what depends on them is checked before rendering
-    check_class_weights(cfg.finetune, rendered_classes(render_cfg), "finetune.")
-    if real_eval:
-        check_real_eval_classes(list(real_eval.values()), cfg.finetune, rendered_classes(render_cfg), cfg.eval.remap,
-                                "eval.remap.")
     size = render_cfg.dataset.model_dump(mode="json")
     dataset = stage_dir(out, "render", {"config": render_hash, "dataset": size}, RENDER_PACKAGES)
     if (dataset / STAGE_FILE).is_file():

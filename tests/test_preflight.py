@@ -177,6 +177,23 @@ def test_class_weights_of_another_length_than_the_classes_stop_run_and_refresh_b
     assert not (root / "datasets").exists()
 
 
+def test_bench_transfer_checks_every_row_before_the_first_runs(tmp_path: Path, capsys) -> None:
+    """Each row of ``segfactory bench transfer`` is a run with its own fine-tune settings: a row the fine-tune
+    stage would refuse (``scale``: input.scale=auto with its estimate at step 200 of 100) and label-efficiency
+    settings with no frame to label stopped the bench only when their turn came, after the earlier rows trained."""
+    out = tmp_path / "bench"
+    assert main(["bench", "transfer", str(CONFIGS / "bench_transfer.yaml"), "--out", str(out),
+                 "finetune.train.steps=100"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "bench transfer row scale: finetune.input.scale=auto needs a source-only phase" in err
+    assert not list(out.glob("stages/*-*"))
+    assert main(["bench", "transfer", str(CONFIGS / "bench_transfer.yaml"), "--out", str(out),
+                 "label_efficiency.gap=50"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "label_efficiency.gap=50 leaves no training frame of 'sample:ctc-hela/eval'" in err
+    assert not list(out.glob("stages/*-*"))
+
+
 def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
     root = tmp_path / "r"
     assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
