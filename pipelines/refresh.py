@@ -290,15 +290,17 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         PartialFailure: some shards/images failed (or stayed corrupt); no release is published, a re-run continues.
     """
     from pipelines.render import rendered_classes, resolve_render_config
-    from pipelines.stages import check_class_weights, check_encoder_matches, check_training_folders
+    from pipelines.stages import check_class_weights, check_encoder_matches, check_training_folders, held_out_seed
     from synth.shard import render_code_version
 
     if cfg.train.enabled:  # before the lock and any rendering
         check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
         check_adapt_config(cfg.train.finetune, "train.finetune.")  # what the fine-tune stage would refuse
         check_training_folders(cfg.train.finetune, "train.finetune.")
-        check_class_weights(cfg.train.finetune, rendered_classes(resolve_render_config(cfg.render)[0]),
-                            "train.finetune.")
+        render_cfg = resolve_render_config(cfg.render)[0]
+        check_class_weights(cfg.train.finetune, rendered_classes(render_cfg), "train.finetune.")
+        if cfg.train.test.scenes:
+            held_out_seed(render_cfg.dataset.seed, cfg.train.test, "train.")
         if not cfg.real.sources():
             raise UserError("refresh: train.enabled=true needs unlabeled real images to pretrain on, but real.src "
                             "is empty", fix="set real.src=DIR (a folder, glob, list file or sample:NAME/unlabeled), "
@@ -789,7 +791,7 @@ def retrain(cfg: RefreshConfig, root: Path, render_cfg: RenderStep, config_hash:
     always = {"release": release} if t.when == "always" else {}
     shard_key = canonical_hash(sorted(s["id"] for s in shards))
     test_set = render_test_set(render_cfg, config_hash, t.test, root, cfg.cluster,
-                               root / ".logs" / f"dask-report-{release}-test.html")
+                               root / ".logs" / f"dask-report-{release}-test.html", prefix="train.")
     pre = stage_dir(root, "pretrain", {"config": training_key(t.pretrain), "data": real["data_hash"],
                                        **always}, PRETRAIN_PACKAGES)
     ft = stage_dir(root, "finetune", {"config": training_key(t.finetune), "shards": shard_key,

@@ -36,6 +36,7 @@ from pipelines.stages import (
     check_random_init_encoder,
     check_real_eval_classes,
     check_training_folders,
+    held_out_seed,
     render_test_set,
     run_stage_tasks,
     stage_dir,
@@ -139,8 +140,11 @@ def check_run_config(cfg: RunConfig) -> dict[str, Path]:
         update={"unlabeled": [Path("<the run's real images>")]})
     check_adapt_config(cfg.finetune.model_copy(update={"data": staged}), "finetune.")
     check_training_folders(cfg.finetune, "finetune.")
+    render_cfg = resolve_render_config(cfg.render)[0]
+    if cfg.test.scenes:
+        held_out_seed(render_cfg.dataset.seed, cfg.test)
     # the scene family's classes are the rendered dataset's: what depends on them is checked before rendering
-    classes = rendered_classes(resolve_render_config(cfg.render)[0])
+    classes = rendered_classes(render_cfg)
     check_class_weights(cfg.finetune, classes, "finetune.")
     if real_eval:
         check_real_eval_classes(list(real_eval.values()), cfg.finetune, classes, cfg.eval.remap, "eval.remap.")

@@ -210,9 +210,24 @@ def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:
         detect_kind(Path(spec.path), f"{prefix}data.val[{i}]")
 
 
+def held_out_seed(train_seed: int, test: HeldOutSet, prefix: str = "") -> int:
+    """The held-out test set's base seed (``test.seed``, default the training seed + 1); checked before any work
+    by ``run`` and ``refresh`` (``prefix``: where the ``test`` section lives, ``""`` or ``"train."``).
+
+    Raises:
+        UserError: ``test.seed`` is the training seed (``render.dataset.seed``).
+    """
+    seed = train_seed + 1 if test.seed is None else test.seed
+    if seed == train_seed:
+        raise UserError(f"{prefix}test.seed={seed} is the training seed: the test scenes would be training scenes",
+                        fix=f"set {prefix}test.seed to another value than render.dataset.seed={train_seed}")
+    return seed
+
+
 def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, root: Path, cluster: ClusterConfig,
-                    performance_report: Path) -> Path | None:
-    """Render (or reuse) the held-out test set: the training render config with other scenes (another seed).
+                    performance_report: Path, prefix: str = "") -> Path | None:
+    """Render (or reuse) the held-out test set: the training render config with other scenes (another seed;
+    ``prefix`` as in :func:`held_out_seed`).
 
     Returns:
         The test dataset directory, or None when ``test.scenes`` is 0.
@@ -222,10 +237,7 @@ def render_test_set(render_cfg: RenderStep, config_hash: str, test: HeldOutSet, 
     if test.scenes == 0:
         return None
     train = render_cfg.dataset
-    seed = train.seed + 1 if test.seed is None else test.seed
-    if seed == train.seed:
-        raise UserError(f"test.seed={seed} is the training seed: the test scenes would be training scenes",
-                        fix=f"set test.seed to another value than render.dataset.seed={train.seed}")
+    seed = held_out_seed(train.seed, test, prefix)
     dataset = train.model_copy(update={"scenes": test.scenes, "seed": seed,
                                        "scenes_per_shard": min(test.scenes, train.scenes_per_shard)})
     d = stage_dir(root, "testset", {"config": config_hash, "dataset": dataset.model_dump(mode="json")},

@@ -194,6 +194,22 @@ def test_bench_transfer_checks_every_row_before_the_first_runs(tmp_path: Path, c
     assert not list(out.glob("stages/*-*"))
 
 
+def test_a_test_seed_equal_to_the_training_seed_stops_run_and_refresh_before_rendering(tmp_path: Path, capsys) -> None:
+    """The held-out test set must be other scenes than the training ones: the check ran when the test set was
+    rendered, after the training dataset (in a refresh, after the release's render and ingest too)."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "test.seed=0"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "test.seed=0 is the training seed" in err and "render.dataset.seed=0" in err
+    assert not list(out.glob("stages/*-*"))
+    root = tmp_path / "r"
+    assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
+                 f"real.src={tmp_path}", "train.test.seed=0"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.test.seed=0 is the training seed" in err and "fix: set train.test.seed to another value" in err
+    assert not (root / "datasets").exists()
+
+
 def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
     root = tmp_path / "r"
     assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
