@@ -296,8 +296,8 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     if cfg.train.enabled:  # before the lock and any rendering
         check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
         check_adapt_config(cfg.train.finetune, "train.finetune.")  # what the fine-tune stage would refuse
-        check_training_folders(cfg.train.finetune, "train.finetune.")
         render_cfg = resolve_render_config(cfg.render)[0]
+        check_training_folders(cfg.train.finetune, "train.finetune.", rendered_classes(render_cfg))
         check_class_weights(cfg.train.finetune, rendered_classes(render_cfg), "train.finetune.")
         if cfg.train.test.scenes:
             held_out_seed(render_cfg.dataset.seed, cfg.train.test, "train.")

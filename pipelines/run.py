@@ -139,12 +139,12 @@ def check_run_config(cfg: RunConfig) -> dict[str, Path]:
     staged = cfg.finetune.data if cfg.finetune.data.unlabeled else cfg.finetune.data.model_copy(
         update={"unlabeled": [Path("<the run's real images>")]})
     check_adapt_config(cfg.finetune.model_copy(update={"data": staged}), "finetune.")
-    check_training_folders(cfg.finetune, "finetune.")
     render_cfg = resolve_render_config(cfg.render)[0]
     if cfg.test.scenes:
         held_out_seed(render_cfg.dataset.seed, cfg.test)
     # the scene family's classes are the rendered dataset's: what depends on them is checked before rendering
     classes = rendered_classes(render_cfg)
+    check_training_folders(cfg.finetune, "finetune.", classes)
     check_class_weights(cfg.finetune, classes, "finetune.")
     if real_eval:
         check_real_eval_classes(list(real_eval.values()), cfg.finetune, classes, cfg.eval.remap, "eval.remap.")

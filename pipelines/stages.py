@@ -188,26 +188,43 @@ def check_class_weights(finetune: FinetuneConfig, rendered: list[dict[str, Any]]
                         "classes", fix=f"give {targets.num_classes} weights ({', '.join(targets.names)}) or use auto")
 
 
-def check_training_folders(finetune: FinetuneConfig, prefix: str) -> None:
-    """Stop before any work when a labeled folder the fine-tune section names is missing or of the other kind.
+def check_training_folders(finetune: FinetuneConfig, prefix: str, rendered: list[dict[str, Any]]) -> None:
+    """Stop before any work when a labeled folder the fine-tune section names is missing, of the other kind, or
+    has a class the model lacks (and its ``remap`` does not map).
 
     The fine-tune stage opens ``data.real`` and ``data.val`` at its start, which in a run or refresh is after
     rendering and pretraining; ``sample:NAME/SPLIT`` references are materialized here, as the stage would.
-    ``prefix`` is where the section lives in the config (``finetune.``, ``train.finetune.``).
+    ``prefix`` is where the section lives in the config (``finetune.``, ``train.finetune.``); ``rendered``: the
+    classes the render writes (the model's, unless ``classes`` is set; :func:`model_targets`).
 
     Raises:
         UserError: a folder that does not exist, is neither a dataset nor a labeled folder, or (``data.real``) is
-            a rendered dataset; a sample reference to images without masks.
+            a rendered dataset; a sample reference to images without masks; a class with no target class (the
+            stage's own message, :func:`finetune.data.remap.build_remap`).
     """
     if not (finetune.data.real or finetune.data.val):
         return  # the usual run: nothing to open, and the driver need not import torch (finetune.evaluate does)
-    from finetune.data.sources import check_kind, detect_kind
+    from finetune.data.remap import build_remap
+    from finetune.data.sources import check_kind, detect_kind, real_class_table
     from finetune.evaluate import resolve_labeled_specs
+    from segfactory.formats.dataset import open_dataset
+
+    targets = model_targets(finetune, rendered)
+
+    def classes_fit(spec: Any, kind: str, field: str) -> None:
+        path = Path(spec.path)
+        if kind == "synthetic":
+            ds = open_dataset(path)
+            classes, ignore = ds.classes, ds.ignore_index
+        else:
+            classes, ignore = real_class_table(spec, path, targets)
+        build_remap(classes, ignore, targets, spec.remap, f"{kind} source '{path}'", f"{field}.remap")
 
     for i, spec in enumerate(resolve_labeled_specs(finetune.data.real, f"{prefix}data.real")):
         check_kind(Path(spec.path), "real", f"{prefix}data.real[{i}]")
+        classes_fit(spec, "real", f"{prefix}data.real[{i}]")
     for i, spec in enumerate(resolve_labeled_specs(finetune.data.val, f"{prefix}data.val")):
-        detect_kind(Path(spec.path), f"{prefix}data.val[{i}]")
+        classes_fit(spec, detect_kind(Path(spec.path), f"{prefix}data.val[{i}]"), f"{prefix}data.val[{i}]")
 
 
 def held_out_seed(train_seed: int, test: HeldOutSet, prefix: str = "") -> int:

@@ -210,6 +210,27 @@ def test_a_test_seed_equal_to_the_training_seed_stops_run_and_refresh_before_ren
     assert not (root / "datasets").exists()
 
 
+def test_a_labeled_training_folder_with_a_class_the_model_lacks_stops_run_before_rendering(tmp_path: Path,
+                                                                                           capsys) -> None:
+    """``finetune.data.real`` folders are mapped onto the model's classes (the scene family's) when the fine-tune
+    stage opens them: a class with no target stopped the run after rendering and pretraining; its ``remap`` fixes
+    it."""
+    out = tmp_path / "run"
+    real = "sample:labelme-people/eval"  # background and person; the cells model has background, nucleus, debris
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "finetune.input.scale=1",
+                 f"finetune.data.real=[{real}]"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "class 'person' (id 1) of real source '" in err and "has no target class" in err
+    assert "fix: add `finetune.data.real[0].remap: {person: <one of background, nucleus, debris> or ignore}`" in err
+    assert not list(out.glob("stages/*-*"))
+    from pipelines.run import RunConfig, check_run_config
+    from segfactory.config import load_config
+
+    cfg = load_config(RunConfig, CONFIGS / "quickstart.yaml", [
+        "finetune.input.scale=1", f"finetune.data.real=[{{path: '{real}', remap: {{person: nucleus}}}}]"])
+    check_run_config(cfg)  # mapped: no error
+
+
 def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(tmp_path: Path, capsys) -> None:
     root = tmp_path / "r"
     assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
