@@ -118,8 +118,8 @@ def check_run_config(cfg: RunConfig) -> dict[str, Path]:
 
     Raises:
         UserError: bad ``eval.real`` folders, classes or baselines; a missing or empty ``real.src``; a fine-tune
-            section the fine-tune stage would refuse at its start (encoder, adaptation, labeled folders, class
-            weights).
+            section the fine-tune stage would refuse at its start (encoder, adaptation, labeled folders and their
+            classes, class weights); ``test.seed`` equal to the training seed (the list: docs/pipelines.md).
     """
     from pipelines.ingest import check_sources
     from pipelines.render import rendered_classes, resolve_render_config
