@@ -290,14 +290,13 @@ def resolve_labeled_specs(specs: list, field: str) -> list:
     return resolve_sample_specs(specs)
 
 
-def check_real_classes(spec: Any, targets: Any, flag: str | None = "--remap ") -> None:
+def check_real_classes(spec: Any, targets: Any, flag: str = "--remap ") -> None:
     """Every class of a real folder must map onto a model class (by name or ``remap``), before any work.
 
     Args:
         spec: The folder's :class:`~finetune.config.SourceSpec` (its ``remap`` counts).
         targets: The model's classes.
-        flag: How the fix spells a mapping (``--remap `` on the command line, ``eval.remap.`` for a run); None
-            where there is no mapping setting (the fix renames the class in the folder's ``classes.json``).
+        flag: How the fix spells a mapping (``--remap `` on the command line, ``eval.remap.`` for a run).
 
     Raises:
         UserError: naming the folder, the class and the model's classes, with the ``--remap`` that fixes it.
@@ -316,8 +315,7 @@ def check_real_classes(spec: Any, targets: Any, flag: str | None = "--remap ") -
     guess = fg_model[0] if len(fg_model) == 1 else f"<one of {', '.join(targets.names)}>"
     raise UserError(f"real folder '{spec.path}': its class '{c['name']}' (id {c['id']}) is not a class of the model "
                     f"({', '.join(targets.names)})",
-                    fix=f"map it: {flag}{c['name']}={guess} (or {flag}{c['name']}=ignore)" if flag is not None else
-                    f"name it in '{Path(spec.path) / 'classes.json'}' as the model's class it is ({guess})")
+                    fix=f"map it: {flag}{c['name']}={guess} (or {flag}{c['name']}=ignore)")
 
 
 def run_evaluate(model_dir: str | os.PathLike, data: list, out_dir: str | os.PathLike, *, device: str = "auto",

@@ -111,6 +111,8 @@ class PromotionSettings(StrictModel):
         None, description="a labeled real folder (images/, masks/, classes.json) or sample:NAME/SPLIT: the retrained "
         "model and the previous release's promoted model are both evaluated on it, and the retrained model is not "
         "promoted when its mIoU there is more than max_drop below the other's (None: the held-out mIoU only)")
+    remap: dict[str, str] = Field(default_factory=dict, description="real_eval folder class -> model class (or "
+                                  "ignore), e.g. {background: road} for a street model")
 
 
 class RetrainSettings(StrictModel):
@@ -644,8 +646,8 @@ def real_eval_data(ref: str) -> tuple[str, dict[str, Any]]:
 
 def check_promotion_real_eval(cfg: RefreshConfig) -> None:
     """``train.promotion.real_eval`` before any work: a folder that is there (a ``sample:`` reference materialized,
-    as the evaluation would) and, for a labeled real folder, only classes the model has (it is scored without a
-    class mapping; the model's classes are ``train.finetune.classes``, else those the render writes).
+    as the evaluation would) and, for a labeled real folder, only classes the model has or ``train.promotion.remap``
+    maps (the model's classes are ``train.finetune.classes``, else those the render writes).
 
     Raises:
         UserError: a missing folder, a sample set's images without masks, a class the model lacks.
@@ -666,7 +668,8 @@ def check_promotion_real_eval(cfg: RefreshConfig) -> None:
     path = resolve_path(ref).resolve()
     if detect_kind(path, "train.promotion.real_eval") == "real":
         render_cfg, _ = resolve_render_config(cfg.render)
-        check_real_eval_classes([path], cfg.train.finetune, rendered_classes(render_cfg), {}, None)
+        check_real_eval_classes([path], cfg.train.finetune, rendered_classes(render_cfg), cfg.train.promotion.remap,
+                                "train.promotion.remap.")
 
 
 def score_real_eval(cfg: RefreshConfig, root: Path, model: dict[str, Any], previous: dict[str, Any] | None,
@@ -685,11 +688,16 @@ def score_real_eval(cfg: RefreshConfig, root: Path, model: dict[str, Any], previ
     assert ref is not None
     data, key = real_eval_data(ref)
 
+    remap = cfg.train.promotion.remap
+    mapped = {"remap": remap} if remap else {}  # the keys of configs without a mapping stay what they were
+
     def stage_for(model_rel: str) -> Path:
-        return stage_dir(root, "evaluate", {"model": Path(model_rel).parent.name, "data": key}, FINETUNE_PACKAGES)
+        return stage_dir(root, "evaluate", {"model": Path(model_rel).parent.name, "data": key, **mapped},
+                         FINETUNE_PACKAGES)
 
     def command(model_rel: str) -> list[str]:
-        return ["evaluate", "--model", str(root / model_rel), "--data", data, "--out", "{OUT}"]
+        return ["evaluate", "--model", str(root / model_rel), "--data", data,
+                *[a for k, v in remap.items() for a in ("--remap", f"{k}={v}")], "--out", "{OUT}"]
 
     commands = {"evaluate-real": (stage_for(model["model"]), command(model["model"]))}
     other = (previous or {}).get("model")

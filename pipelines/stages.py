@@ -140,7 +140,7 @@ def check_random_init_encoder(finetune: FinetuneConfig, prefix: str) -> None:
 
 
 def check_real_eval_classes(folders: list[Path], finetune: FinetuneConfig, rendered: list[dict[str, Any]],
-                            remap: dict[str, Any], flag: str | None) -> None:
+                            remap: dict[str, Any], flag: str) -> None:
     """Stop before any work when a labeled real folder to score the model on has a class the model lacks.
 
     Args:
@@ -149,7 +149,7 @@ def check_real_eval_classes(folders: list[Path], finetune: FinetuneConfig, rende
         rendered: Else the model's classes are these, the classes the render writes
             (:func:`pipelines.render.rendered_classes`).
         remap: The folders' class mapping (``eval.remap``).
-        flag: How the fix spells a mapping (``eval.remap.``); None where the config has none.
+        flag: How the fix spells a mapping (``eval.remap.``, ``train.promotion.remap.``).
 
     Raises:
         UserError: naming the folder, its class and the model's classes.

@@ -140,9 +140,9 @@ def test_run_with_real_eval_classes_the_model_lacks_stops_before_rendering(tmp_p
 
 
 def test_refresh_with_a_promotion_real_eval_it_cannot_score_stops_before_rendering(tmp_path: Path, capsys) -> None:
-    """``train.promotion.real_eval`` is scored after training, without a class mapping: a sample set's images
-    without masks, or a labeled folder with a class the model lacks, are refused before any work (only a missing
-    folder was)."""
+    """``train.promotion.real_eval`` is scored after training: a sample set's images without masks, or a labeled
+    folder with a class the model lacks (that ``train.promotion.remap`` does not map), are refused before any work
+    (only a missing folder was)."""
     root, dump = tmp_path / "r", tmp_path / "dump"
     dump.mkdir()
     base = ["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true", f"real.src={dump}"]
@@ -154,8 +154,14 @@ def test_refresh_with_a_promotion_real_eval_it_cannot_score_stops_before_renderi
     assert main([*base, "train.promotion.real_eval=sample:ctc-hela/eval"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "its class 'background' (id 0) is not a class of the model (sky, road," in err
-    assert "fix: name it in '" in err and "classes.json' as the model's class it is" in err
+    assert "fix: map it: train.promotion.remap.background=" in err
     assert not (root / "datasets").exists()
+    # mapped onto the street model's classes, the folder passes (labelme's people photos: background, person)
+    from pipelines.refresh import RefreshConfig, check_promotion_real_eval
+    from segfactory.config import load_config
+
+    check_promotion_real_eval(load_config(RefreshConfig, CONFIGS / "refresh.yaml", [
+        "train.promotion.real_eval=sample:labelme-people/eval", "train.promotion.remap={background: road}"]))
 
 
 def test_class_weights_of_another_length_than_the_classes_stop_run_and_refresh_before_rendering(

@@ -488,6 +488,15 @@ def test_a_model_that_drops_on_the_real_eval_images_is_not_promoted(tiny_dataset
     (real / "masks" / "f00.png").unlink()
     changed = score_real_eval(cfg, root, candidate, r1["promoted_model"], "r4")["real_eval"]
     assert changed["stage"] != rec["stage"] and changed["previous_stage"] != rec["previous_stage"]
+    # train.promotion.remap reaches both evaluations as --remap and is part of their keys
+    remapped = load_config(RefreshConfig, None, ["cluster.workers=1", "cluster.dashboard=false",
+                                                 f"train.promotion.real_eval={real}",
+                                                 "train.promotion.remap={debris: ignore}"])
+    mapped = score_real_eval(remapped, root, candidate, r1["promoted_model"], "r4")["real_eval"]
+    assert mapped["stage"] != changed["stage"] and mapped["previous_stage"] != changed["previous_stage"]
+    for stage in (mapped["stage"], mapped["previous_stage"]):
+        argv = read_json(root / stage / "stage.json")["argv"]
+        assert argv[argv.index("--remap") + 1] == "debris=ignore", argv
 
     # a release that keeps serving the previous model keeps its score on these images through a prune
     ds_root, dataset, ids = refresh_root(tmp_path / "p", scenes=1)
