@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -70,6 +70,9 @@ from segfactory.io import (
     sha256_file,
 )
 from segfactory.tracking import TrackingConfig, with_tracking
+
+if TYPE_CHECKING:
+    from finetune.data.remap import TargetClasses
 
 LOCK_FILE = ".refresh.lock"
 RELEASES_DIR = "releases"
@@ -292,24 +295,31 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         PartialFailure: some shards/images failed (or stayed corrupt); no release is published, a re-run continues.
     """
     from pipelines.render import rendered_classes, resolve_render_config
-    from pipelines.stages import check_class_weights, check_encoder_matches, check_training_folders, held_out_seed
+    from pipelines.stages import (
+        check_class_weights,
+        check_encoder_matches,
+        check_training_folders,
+        held_out_seed,
+        model_targets,
+    )
     from synth.shard import render_code_version
 
-    if cfg.train.enabled:  # before the lock and any rendering
+    if cfg.train.enabled:  # before the lock and any rendering: what a training or evaluation stage would refuse
         check_encoder_matches(cfg.train.pretrain, cfg.train.finetune, "train.")
-        check_adapt_config(cfg.train.finetune, "train.finetune.")  # what the fine-tune stage would refuse
+        check_adapt_config(cfg.train.finetune, "train.finetune.")
         render_cfg = resolve_render_config(cfg.render)[0]
-        check_training_folders(cfg.train.finetune, "train.finetune.", rendered_classes(render_cfg))
-        check_class_weights(cfg.train.finetune, rendered_classes(render_cfg), "train.finetune.")
+        targets = model_targets(cfg.train.finetune, rendered_classes(render_cfg))
+        check_training_folders(cfg.train.finetune, "train.finetune.", targets)
+        check_class_weights(cfg.train.finetune, targets, "train.finetune.")
         if cfg.train.test.scenes:
             held_out_seed(render_cfg.dataset.seed, cfg.train.test, "train.")
         if not cfg.real.sources():
             raise UserError("refresh: train.enabled=true needs unlabeled real images to pretrain on, but real.src "
                             "is empty", fix="set real.src=DIR (a folder, glob, list file or sample:NAME/unlabeled), "
                             "or train.enabled=false")
+        if cfg.train.promotion.real_eval is not None:
+            check_promotion_real_eval(cfg.train.promotion, targets)
     root = Path(root).resolve()
-    if cfg.train.enabled and cfg.train.promotion.real_eval is not None:
-        check_promotion_real_eval(cfg)  # a folder that is not there, or has other classes: now, not after training
     if cfg.real.sources():
         from pipelines.ingest import check_sources
 
@@ -644,32 +654,30 @@ def real_eval_data(ref: str) -> tuple[str, dict[str, Any]]:
     return str(path), {"ref": str(path), "files": canonical_hash(files)}
 
 
-def check_promotion_real_eval(cfg: RefreshConfig) -> None:
+def check_promotion_real_eval(promotion: PromotionSettings, targets: TargetClasses) -> None:
     """``train.promotion.real_eval`` before any work: a folder that is there (a ``sample:`` reference materialized,
-    as the evaluation would) and, for a labeled real folder, only classes the model has or ``train.promotion.remap``
-    maps (the model's classes are ``train.finetune.classes``, else those the render writes).
+    as the evaluation would) and, for a labeled real folder, only classes the model has (``targets``,
+    :func:`pipelines.stages.model_targets`) or ``train.promotion.remap`` maps.
 
     Raises:
         UserError: a missing folder, a sample set's images without masks, a class the model lacks.
     """
     from finetune.data.sources import detect_kind
-    from pipelines.render import rendered_classes, resolve_render_config
     from pipelines.stages import check_real_eval_classes
     from segfactory.sampledata import SAMPLE_SETS, is_sample_ref, parse_ref, resolve_path, splits_of
 
-    ref = cfg.train.promotion.real_eval
+    ref = promotion.real_eval
     assert ref is not None
     real_eval_data(ref)
-    if is_sample_ref(ref) and parse_ref(ref)[1] in (None, "unlabeled"):
-        name = parse_ref(ref)[0]
-        labeled = [f"sample:{name}/{s}" for s in splits_of(SAMPLE_SETS.get(name)) if s != "unlabeled"]
-        raise UserError(f"train.promotion.real_eval='{ref}' is not labeled images: the models are scored on labels",
-                        fix=f"use {' or '.join(labeled)}")
+    if is_sample_ref(ref):
+        name, split = parse_ref(ref)
+        if split in (None, "unlabeled"):
+            labeled = [f"sample:{name}/{s}" for s in splits_of(SAMPLE_SETS.get(name)) if s != "unlabeled"]
+            raise UserError(f"train.promotion.real_eval='{ref}' is not labeled images: the models are scored on "
+                            "labels", fix=f"use {' or '.join(labeled)}")
     path = resolve_path(ref).resolve()
     if detect_kind(path, "train.promotion.real_eval") == "real":
-        render_cfg, _ = resolve_render_config(cfg.render)
-        check_real_eval_classes([path], cfg.train.finetune, rendered_classes(render_cfg), cfg.train.promotion.remap,
-                                "train.promotion.remap.")
+        check_real_eval_classes([path], targets, promotion.remap, "train.promotion.remap.")
 
 
 def score_real_eval(cfg: RefreshConfig, root: Path, model: dict[str, Any], previous: dict[str, Any] | None,

@@ -37,6 +37,7 @@ from pipelines.stages import (
     check_real_eval_classes,
     check_training_folders,
     held_out_seed,
+    model_targets,
     render_test_set,
     run_stage_tasks,
     stage_dir,
@@ -143,11 +144,10 @@ def check_run_config(cfg: RunConfig) -> dict[str, Path]:
     if cfg.test.scenes:
         held_out_seed(render_cfg.dataset.seed, cfg.test)
     # the scene family's classes are the rendered dataset's: what depends on them is checked before rendering
-    classes = rendered_classes(render_cfg)
-    check_training_folders(cfg.finetune, "finetune.", classes)
-    check_class_weights(cfg.finetune, classes, "finetune.")
-    if real_eval:
-        check_real_eval_classes(list(real_eval.values()), cfg.finetune, classes, cfg.eval.remap, "eval.remap.")
+    targets = model_targets(cfg.finetune, rendered_classes(render_cfg))
+    check_training_folders(cfg.finetune, "finetune.", targets)
+    check_class_weights(cfg.finetune, targets, "finetune.")
+    check_real_eval_classes(list(real_eval.values()), targets, cfg.eval.remap, "eval.remap.")
     return real_eval
 
 

@@ -49,6 +49,7 @@ from synth.shard import RENDER_PACKAGES
 
 if TYPE_CHECKING:
     from finetune.config import FinetuneConfig
+    from finetune.data.remap import TargetClasses
     from pretrain.config import PretrainConfig
 
 STAGE_FILE = "stage.json"
@@ -139,16 +140,21 @@ def check_random_init_encoder(finetune: FinetuneConfig, prefix: str) -> None:
     check_timm_name(name, f"{prefix}model.encoder")
 
 
-def check_real_eval_classes(folders: list[Path], finetune: FinetuneConfig, rendered: list[dict[str, Any]],
-                            remap: dict[str, Any], flag: str) -> None:
-    """Stop before any work when a labeled real folder to score the model on has a class the model lacks.
+def model_targets(finetune: FinetuneConfig, rendered: list[dict[str, Any]]) -> TargetClasses:
+    """The classes a fine-tune on a rendered dataset trains: ``finetune.classes``, else ``rendered``, the classes
+    the render writes (:func:`pipelines.render.rendered_classes`; the fine-tune stage's rule,
+    :func:`finetune.data.sources.resolve_targets`, with the rendered dataset its first synthetic source)."""
+    from finetune.data.remap import make_targets
+
+    classes = [c.model_dump() for c in finetune.classes] if finetune.classes is not None else rendered
+    return make_targets(classes, finetune.ignore_index)
+
+
+def check_real_eval_classes(folders: list[Path], targets: TargetClasses, remap: dict[str, Any], flag: str) -> None:
+    """Stop before any work when a labeled real folder to score the model on has a class the model lacks
+    (``targets``, :func:`model_targets`) that ``remap`` does not map.
 
     Args:
-        folders: Real labeled folders.
-        finetune: The fine-tune section: its ``classes``, when set, are the model's classes.
-        rendered: Else the model's classes are these, the classes the render writes
-            (:func:`pipelines.render.rendered_classes`).
-        remap: The folders' class mapping (``eval.remap``).
         flag: How the fix spells a mapping (``eval.remap.``, ``train.promotion.remap.``).
 
     Raises:
@@ -157,74 +163,47 @@ def check_real_eval_classes(folders: list[Path], finetune: FinetuneConfig, rende
     from finetune.config import SourceSpec
     from finetune.evaluate import check_real_classes
 
-    targets = model_targets(finetune, rendered)
     for folder in folders:
         check_real_classes(SourceSpec(path=folder, remap=remap), targets, flag=flag)
 
 
-def model_targets(finetune: FinetuneConfig, rendered: list[dict[str, Any]]) -> Any:
-    """The classes a fine-tune on a rendered dataset trains (:class:`finetune.data.TargetClasses`):
-    ``finetune.classes``, else ``rendered``, the classes the render writes (the fine-tune stage's rule,
-    :func:`finetune.data.sources.resolve_targets`, with the rendered dataset its first synthetic source)."""
-    from finetune.data.remap import make_targets
-
-    classes = [c.model_dump() for c in finetune.classes] if finetune.classes is not None else rendered
-    return make_targets(classes, finetune.ignore_index)
-
-
-def check_class_weights(finetune: FinetuneConfig, rendered: list[dict[str, Any]], prefix: str) -> None:
+def check_class_weights(finetune: FinetuneConfig, targets: TargetClasses, prefix: str) -> None:
     """Stop before any work when ``train.loss.class_weights`` is a list with another length than the model's
-    classes (``rendered`` as in :func:`model_targets`): the fine-tune stage refused it when it built its loss.
+    classes (``targets``, :func:`model_targets`): the fine-tune stage refused it when it built its loss.
 
     Raises:
         UserError: naming the field, the counts and the classes.
     """
     weights = finetune.train.loss.class_weights
-    if not isinstance(weights, list):
-        return
-    targets = model_targets(finetune, rendered)
-    if len(weights) != targets.num_classes:
+    if isinstance(weights, list) and len(weights) != targets.num_classes:
         raise UserError(f"{prefix}train.loss.class_weights has {len(weights)} values for {targets.num_classes} "
                         "classes", fix=f"give {targets.num_classes} weights ({', '.join(targets.names)}) or use auto")
 
 
-def check_training_folders(finetune: FinetuneConfig, prefix: str, rendered: list[dict[str, Any]]) -> None:
+def check_training_folders(finetune: FinetuneConfig, prefix: str, targets: TargetClasses) -> None:
     """Stop before any work when a labeled folder the fine-tune section names is missing, of the other kind, or
-    has a class the model lacks (and its ``remap`` does not map).
+    has a class the model lacks (``targets``, :func:`model_targets`) that its ``remap`` does not map.
 
     The fine-tune stage opens ``data.real`` and ``data.val`` at its start, which in a run or refresh is after
-    rendering and pretraining; ``sample:NAME/SPLIT`` references are materialized here, as the stage would.
-    ``prefix`` is where the section lives in the config (``finetune.``, ``train.finetune.``); ``rendered``: the
-    classes the render writes (the model's, unless ``classes`` is set; :func:`model_targets`).
+    rendering and pretraining; ``sample:NAME/SPLIT`` references are materialized here, as the stage would, and each
+    folder gets the stage's own check (:func:`finetune.data.sources.source_remap`). ``prefix`` is where the section
+    lives in the config (``finetune.``, ``train.finetune.``).
 
     Raises:
         UserError: a folder that does not exist, is neither a dataset nor a labeled folder, or (``data.real``) is
-            a rendered dataset; a sample reference to images without masks; a class with no target class (the
-            stage's own message, :func:`finetune.data.remap.build_remap`).
+            a rendered dataset; a sample reference to images without masks; a class with no target class.
     """
     if not (finetune.data.real or finetune.data.val):
         return  # the usual run: nothing to open, and the driver need not import torch (finetune.evaluate does)
-    from finetune.data.remap import build_remap
-    from finetune.data.sources import check_kind, detect_kind, real_class_table
+    from finetune.data.sources import check_kind, detect_kind, source_remap
     from finetune.evaluate import resolve_labeled_specs
-    from segfactory.formats.dataset import open_dataset
-
-    targets = model_targets(finetune, rendered)
-
-    def classes_fit(spec: Any, kind: str, field: str) -> None:
-        path = Path(spec.path)
-        if kind == "synthetic":
-            ds = open_dataset(path)
-            classes, ignore = ds.classes, ds.ignore_index
-        else:
-            classes, ignore = real_class_table(spec, path, targets)
-        build_remap(classes, ignore, targets, spec.remap, f"{kind} source '{path}'", f"{field}.remap")
 
     for i, spec in enumerate(resolve_labeled_specs(finetune.data.real, f"{prefix}data.real")):
         check_kind(Path(spec.path), "real", f"{prefix}data.real[{i}]")
-        classes_fit(spec, "real", f"{prefix}data.real[{i}]")
+        source_remap(spec, "real", targets, f"{prefix}data.real[{i}]")
     for i, spec in enumerate(resolve_labeled_specs(finetune.data.val, f"{prefix}data.val")):
-        classes_fit(spec, detect_kind(Path(spec.path), f"{prefix}data.val[{i}]"), f"{prefix}data.val[{i}]")
+        field = f"{prefix}data.val[{i}]"
+        source_remap(spec, detect_kind(Path(spec.path), field), targets, field)
 
 
 def held_out_seed(train_seed: int, test: HeldOutSet, prefix: str = "") -> int:

@@ -158,10 +158,14 @@ def test_refresh_with_a_promotion_real_eval_it_cannot_score_stops_before_renderi
     assert not (root / "datasets").exists()
     # mapped onto the street model's classes, the folder passes (labelme's people photos: background, person)
     from pipelines.refresh import RefreshConfig, check_promotion_real_eval
+    from pipelines.render import rendered_classes, resolve_render_config
+    from pipelines.stages import model_targets
     from segfactory.config import load_config
 
-    check_promotion_real_eval(load_config(RefreshConfig, CONFIGS / "refresh.yaml", [
-        "train.promotion.real_eval=sample:labelme-people/eval", "train.promotion.remap={background: road}"]))
+    cfg = load_config(RefreshConfig, CONFIGS / "refresh.yaml", [
+        "train.promotion.real_eval=sample:labelme-people/eval", "train.promotion.remap={background: road}"])
+    check_promotion_real_eval(cfg.train.promotion, model_targets(
+        cfg.train.finetune, rendered_classes(resolve_render_config(cfg.render)[0])))
 
 
 def test_class_weights_of_another_length_than_the_classes_stop_run_and_refresh_before_rendering(

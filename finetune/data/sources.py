@@ -182,7 +182,7 @@ def real_class_table(spec: SourceSpec, path: Path, targets: TargetClasses | None
     return [{"id": c["id"], "name": c["name"]} for c in targets.classes], spec.ignore_index
 
 
-def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
+def _scan_synthetic(path: Path) -> list[Item]:
     from segfactory.formats.dataset import hold_for_reading, open_dataset
 
     hold_for_reading(path)  # before the listing: no prune deletes a shard of it while this process runs
@@ -200,7 +200,7 @@ def _scan_synthetic(path: Path) -> tuple[list[Item], list[dict], int]:
     if not items:
         raise UserError(f"dataset '{path}' has no committed frames",
                         fix="render it first (or wait until shards finish; a shard counts once its manifest exists)")
-    return items, ds.classes, ds.ignore_index
+    return items
 
 
 def _scan_real(path: Path) -> list[Item]:
@@ -316,6 +316,30 @@ def subset_items(items: list[Item], fraction: float, max_items: int | None) -> l
     return [it for it in items if it.key in keep]
 
 
+def source_remap(spec: SourceSpec, kind: Kind, targets: TargetClasses, field_hint: str, *, lenient: bool = False,
+                 flag: str | None = None) -> Remap:
+    """Map a source's classes (a rendered dataset's ``dataset.json``, a real folder's class table) onto
+    ``targets``: what :func:`open_source` does with a source of the right kind, and what ``run`` and ``refresh``
+    check before any work. ``field_hint``, ``lenient`` and ``flag`` as :func:`open_source`'s ``field_hint``,
+    ``lenient_remap`` and ``remap_flag``.
+
+    Raises:
+        UserError: a class with no target class (:func:`~finetune.data.remap.build_remap`).
+    """
+    path = Path(spec.path)
+    if kind == "synthetic":
+        from segfactory.formats.dataset import open_dataset
+
+        ds = open_dataset(path)
+        classes, ignore = ds.classes, ds.ignore_index
+    else:
+        classes, ignore = real_class_table(spec, path, targets)
+    if lenient:
+        names = {str(c["name"]) for c in classes} | {str(c["id"]) for c in classes}
+        spec = spec.model_copy(update={"remap": {k: v for k, v in spec.remap.items() if str(k) in names}})
+    return build_remap(classes, ignore, targets, spec.remap, f"{kind} source '{path}'", f"{field_hint}.remap", flag)
+
+
 def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role, *, val_fraction: float = 0.0,
                 val_max: int = 1 << 30, field_hint: str = "remap", lenient_remap: bool = False,
                 remap_flag: str | None = None) -> Source:
@@ -335,16 +359,8 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
     """
     path = Path(spec.path)
     check_kind(path, kind, field_hint)
-    label = f"{kind} source '{path}'"
-    if kind == "synthetic":
-        items, classes, ignore = _scan_synthetic(path)
-    else:
-        items = _scan_real(path)
-        classes, ignore = real_class_table(spec, path, targets)
-    if lenient_remap:
-        names = {str(c["name"]) for c in classes} | {str(c["id"]) for c in classes}
-        spec = spec.model_copy(update={"remap": {k: v for k, v in spec.remap.items() if str(k) in names}})
-    remap = build_remap(classes, ignore, targets, spec.remap, label, f"{field_hint}.remap", remap_flag)
+    items = _scan_synthetic(path) if kind == "synthetic" else _scan_real(path)
+    remap = source_remap(spec, kind, targets, field_hint, lenient=lenient_remap, flag=remap_flag)
     if role == "train":
         train, val = split_items(items, val_fraction, val_max)
         train = subset_items(train, spec.fraction, spec.max_items)
@@ -354,9 +370,10 @@ def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role
         train, val = [], list(items)
     unknown = None
     if kind == "real":
-        implicit = spec.classes is None and not (path / "classes.json").is_file()  # mask values are the class ids
+        # no class table: the mask values are the class ids, and the source's ignore value is its own
+        implicit = spec.classes is None and not (path / "classes.json").is_file()
         unknown = _check_real_items(train + val, remap, spec.on_unknown, targets.ignore_index,
-                                    ignore if implicit else None, path)
+                                    spec.ignore_index if implicit else None, path)
     return Source(spec.name or path.name, kind, path, train, val, remap, spec.on_unknown, targets.ignore_index,
                   spec.weight, unknown)
 
