@@ -200,10 +200,10 @@ def check_training_folders(finetune: FinetuneConfig, prefix: str, targets: Targe
 
     for i, spec in enumerate(resolve_labeled_specs(finetune.data.real, f"{prefix}data.real")):
         check_kind(Path(spec.path), "real", f"{prefix}data.real[{i}]")
-        source_remap(spec, "real", targets, f"{prefix}data.real[{i}]")
+        source_remap(spec, "real", targets, f"{prefix}data.real[{i}]", classes_field=f"{prefix}classes")
     for i, spec in enumerate(resolve_labeled_specs(finetune.data.val, f"{prefix}data.val")):
         field = f"{prefix}data.val[{i}]"
-        source_remap(spec, detect_kind(Path(spec.path), field), targets, field)
+        source_remap(spec, detect_kind(Path(spec.path), field), targets, field, classes_field=f"{prefix}classes")
 
 
 def held_out_seed(train_seed: int, test: HeldOutSet, prefix: str = "") -> int:

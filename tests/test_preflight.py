@@ -231,7 +231,8 @@ def test_a_labeled_training_folder_with_a_class_the_model_lacks_stops_run_before
                  f"finetune.data.real=[{real}]"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "class 'person' (id 1) of real source '" in err and "has no target class" in err
-    assert "fix: add `finetune.data.real[0].remap: {person: <one of background, nucleus, debris> or ignore}`" in err
+    assert ("fix: add `finetune.data.real[0].remap: {person: <one of background, nucleus, debris> or ignore}` or "
+            "list it in `finetune.classes`") in err  # the run's own field names, not the stage's
     assert not list(out.glob("stages/*-*"))
     from pipelines.run import RunConfig, check_run_config
     from segfactory.config import load_config

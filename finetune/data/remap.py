@@ -148,7 +148,7 @@ class Remap:
 
 def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, targets: TargetClasses,
                 remap: dict[int | str, int | str], source_label: str, field_hint: str,
-                flag: str | None = None) -> Remap:
+                flag: str | None = None, classes_field: str = "classes") -> Remap:
     """Resolve a source's classes onto the targets.
 
     Args:
@@ -160,6 +160,8 @@ def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, target
         field_hint: Config path of this source's ``remap`` for the fix line (e.g. ``data.synthetic[0].remap``).
         flag: The command-line option the mapping came from instead (``--remap ``, spelled as a mapping's prefix:
             ``--remap sky=ignore``); errors and fixes then use it, not ``field_hint``.
+        classes_field: Config path of the model's class list, the other fix for a class with no target
+            (``finetune.classes`` in a run).
 
     Raises:
         UserError: an unknown remap key/value, a source class with no target, or a class table with a repeated id
@@ -193,7 +195,7 @@ def build_remap(source_classes: list[dict[str, Any]], source_ignore: int, target
             if tid is None:
                 choices = f"<one of {', '.join(targets.names)}>"
                 fix = (f"add {flag}{name}={choices} (or {flag}{name}=ignore)" if flag else
-                       f"add `{field_hint}: {{{name}: {choices} or ignore}}` or list it in `classes`")
+                       f"add `{field_hint}: {{{name}: {choices} or ignore}}` or list it in `{classes_field}`")
                 raise UserError(f"class '{name}' (id {sid}) of {source_label} has no target class", fix=fix)
             resolved[sid] = tid
         lut[sid] = resolved[sid]

@@ -317,11 +317,12 @@ def subset_items(items: list[Item], fraction: float, max_items: int | None) -> l
 
 
 def source_remap(spec: SourceSpec, kind: Kind, targets: TargetClasses, field_hint: str, *, lenient: bool = False,
-                 flag: str | None = None) -> Remap:
+                 flag: str | None = None, classes_field: str = "classes") -> Remap:
     """Map a source's classes (a rendered dataset's ``dataset.json``, a real folder's class table) onto
     ``targets``: what :func:`open_source` does with a source of the right kind, and what ``run`` and ``refresh``
     check before any work. ``field_hint``, ``lenient`` and ``flag`` as :func:`open_source`'s ``field_hint``,
-    ``lenient_remap`` and ``remap_flag``.
+    ``lenient_remap`` and ``remap_flag``; ``classes_field`` where the model's class list lives in the config the
+    user wrote (``finetune.classes`` in a run), for the fix of a class with no target.
 
     Raises:
         UserError: a class with no target class (:func:`~finetune.data.remap.build_remap`).
@@ -337,7 +338,8 @@ def source_remap(spec: SourceSpec, kind: Kind, targets: TargetClasses, field_hin
     if lenient:
         names = {str(c["name"]) for c in classes} | {str(c["id"]) for c in classes}
         spec = spec.model_copy(update={"remap": {k: v for k, v in spec.remap.items() if str(k) in names}})
-    return build_remap(classes, ignore, targets, spec.remap, f"{kind} source '{path}'", f"{field_hint}.remap", flag)
+    return build_remap(classes, ignore, targets, spec.remap, f"{kind} source '{path}'", f"{field_hint}.remap", flag,
+                       classes_field)
 
 
 def open_source(spec: SourceSpec, kind: Kind, targets: TargetClasses, role: Role, *, val_fraction: float = 0.0,
