@@ -17,7 +17,9 @@ from segfactory.registry import Registry
 __all__ = ["ARCHS", "DecoderWidthError", "decoder_kwargs", "register_arch"]
 
 DecoderWidth = int | list[int] | None
-ARCHS: Registry[Callable[[DecoderWidth], dict[str, Any]]] = Registry("architecture")
+# name -> f(width, *, strict=True) -> the decoder's keyword arguments (strict=False: model records written before a
+# check, which must still load as they were built)
+ARCHS: Registry[Callable[..., dict[str, Any]]] = Registry("architecture")
 
 
 def register_arch(name: str) -> Callable:
@@ -34,14 +36,18 @@ class DecoderWidthError(ValueError):
         self.reason, self.fix = reason, fix
 
 
-def decoder_kwargs(arch: str, width: DecoderWidth) -> dict[str, Any]:
+def decoder_kwargs(arch: str, width: DecoderWidth, strict: bool = True) -> dict[str, Any]:
     """The decoder's keyword arguments of architecture ``arch`` for a ``model.decoder_channels`` value.
+
+    Args:
+        strict: Refuse what the config check refuses. ``False`` for a model record (``model.json``) written before
+            a check existed: it builds as it was built (``fpn`` and ``deeplabv3plus`` took a list's first width).
 
     Raises:
         UserError: the architecture cannot take ``width`` (naming ``model.decoder_channels``).
     """
     try:
-        return ARCHS.get(arch)(width)
+        return ARCHS.get(arch)(width, strict=strict)
     except DecoderWidthError as e:
         raise UserError(f"model.decoder_channels={width} is invalid: model.arch={arch} {e.reason}",
                         fix=e.fix) from None
@@ -49,7 +55,7 @@ def decoder_kwargs(arch: str, width: DecoderWidth) -> dict[str, Any]:
 
 @register_arch("unet")
 @register_arch("unetplusplus")
-def _pyramid(width: DecoderWidth, depth: int = 5) -> dict[str, Any]:
+def _pyramid(width: DecoderWidth, *, strict: bool = True, depth: int = 5) -> dict[str, Any]:
     """U-Net style decoder widths: an int is the last stage's width, doubling towards the encoder."""
     if width is None:
         return {}
@@ -61,28 +67,34 @@ def _pyramid(width: DecoderWidth, depth: int = 5) -> dict[str, Any]:
     return {"decoder_channels": tuple(width)}
 
 
-def _single(width: DecoderWidth) -> int | None:
+def _single(width: DecoderWidth, strict: bool) -> int | None:
+    """The one width of ``fpn`` and ``deeplabv3plus`` (a list of one value is that value)."""
     if width is None:
         return None
-    return width if isinstance(width, int) else int(width[0])
+    if isinstance(width, int):
+        return width
+    if strict and len(width) != 1:
+        raise DecoderWidthError(f"takes one width, not a list of {len(width)}",
+                                f"give one int (e.g. {width[0] if width else 128})")
+    return int(width[0])
 
 
 @register_arch("fpn")
-def _fpn(width: DecoderWidth) -> dict[str, Any]:
-    w = _single(width)
+def _fpn(width: DecoderWidth, *, strict: bool = True) -> dict[str, Any]:
+    w = _single(width, strict)
     # The segmentation blocks use GroupNorm(32, C): C must be a multiple of 32.
     return {} if w is None else {"decoder_pyramid_channels": w,
                                  "decoder_segmentation_channels": max(32, 32 * round(w / 64))}
 
 
 @register_arch("deeplabv3plus")
-def _deeplab(width: DecoderWidth) -> dict[str, Any]:
-    w = _single(width)
+def _deeplab(width: DecoderWidth, *, strict: bool = True) -> dict[str, Any]:
+    w = _single(width, strict)
     return {} if w is None else {"decoder_channels": w}
 
 
 @register_arch("linknet")
-def _linknet(width: DecoderWidth) -> dict[str, Any]:
+def _linknet(width: DecoderWidth, *, strict: bool = True) -> dict[str, Any]:
     if width is not None:
         raise DecoderWidthError("has no configurable decoder width",
                                 "leave it unset (null), or choose unet, unetplusplus, fpn or deeplabv3plus")

@@ -32,23 +32,25 @@ from segfactory.formats.model import (
 )
 
 
-def build_model(arch: dict[str, Any]) -> nn.Module:
+def build_model(arch: dict[str, Any], strict: bool = True) -> nn.Module:
     """Build an untrained model from an architecture record with smp's ``create_model``.
 
     Args:
         arch: ``{"arch", "encoder", "in_chans", "num_classes", "decoder_channels"}`` (as in model.json), and
             ``instance_channels`` (> 0: an instance head, :func:`finetune.instances.attach_head`).
+        strict: ``False`` for a saved model record: its ``decoder_channels`` builds as it did when it was
+            written, also where a later check refuses it in a config (:func:`finetune.archs.decoder_kwargs`).
 
     Returns:
         A module mapping (B, in_chans, H, W) with H, W multiples of 32 to logits (B, num_classes, H, W).
     """
     import segmentation_models_pytorch as smp
 
-    decoder = decoder_kwargs(arch["arch"], arch.get("decoder_channels"))
+    decoder = decoder_kwargs(arch["arch"], arch.get("decoder_channels"), strict)
     if int(arch.get("instance_channels") or 0):
         from finetune.instances import attach_head
 
-        return attach_head(build_model({**arch, "instance_channels": 0}), int(arch["instance_channels"]))
+        return attach_head(build_model({**arch, "instance_channels": 0}, strict), int(arch["instance_channels"]))
     try:
         return smp.create_model(arch["arch"], encoder_name=f"tu-{arch['encoder']}", encoder_weights=None,
                                 in_channels=int(arch["in_chans"]), classes=int(arch["num_classes"]), **decoder)
@@ -183,7 +185,7 @@ def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "c
     if int(arch["num_classes"]) != int(meta["num_classes"]):
         raise UserError(f"'{d / META_FILE}' says num_classes={meta['num_classes']} but its architecture has "
                         f"{arch['num_classes']}", fix="re-export the model dir")
-    model = build_model(arch)
+    model = build_model(arch, strict=False)
     check_state_fits(state, model, d, int(meta["num_classes"]))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

@@ -447,6 +447,33 @@ def test_architecture_records_build_the_same_state_dict_keys() -> None:
                      "decoder_channels": [8, 8]})
 
 
+@pytest.mark.parametrize("arch", ["fpn", "deeplabv3plus"])
+def test_a_one_width_decoder_refuses_a_list_but_a_record_written_with_one_still_loads(arch: str,
+                                                                                       tmp_path: Path) -> None:
+    """``fpn`` and ``deeplabv3plus`` take one width: a longer list is refused (it used to build with its first value,
+    silently). A model dir written before that check, whose ``model.json`` records such a list, loads as it was
+    built: the first width (the state of ``decoder_channels: 8``)."""
+    import hashlib
+
+    from finetune.models import build_model, load_model_dir, model_meta, save_model_dir
+
+    record = {"arch": arch, "encoder": "test_resnet", "in_chans": 3, "num_classes": 4, "decoder_channels": [8, 16]}
+    with pytest.raises(UserError, match=f"model.arch={arch} takes one width, not a list of 2") as e:
+        build_model(record)
+    assert e.value.fix == "give one int (e.g. 8)"
+    assert build_model({**record, "decoder_channels": [8]}).state_dict().keys() == \
+        build_model({**record, "decoder_channels": 8}).state_dict().keys()
+    old = build_model(record, strict=False)
+    classes = [{"id": i, "name": f"c{i}"} for i in range(4)]
+    inp = {"in_chans": 3, "scaling": "auto", "mean": [0.5] * 3, "std": [0.25] * 3, "scale": 1.0}
+    save_model_dir(tmp_path / "old", old, model_meta(record, classes, 255, inp, {}, {}))
+    model, meta = load_model_dir(tmp_path / "old")
+    assert meta["architecture"]["decoder_channels"] == [8, 16]
+    state = model.state_dict()
+    keys = repr([(k, tuple(v.shape)) for k, v in state.items()])
+    assert (len(state), hashlib.sha256(keys.encode()).hexdigest()[:16]) == ARCH_STATE[arch]
+
+
 def test_input_channels_follow_a_gray_encoder(tiny_dataset: Path, encoders, tmp_path: Path) -> None:
     from finetune.train import Trainer
 

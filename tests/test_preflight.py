@@ -100,6 +100,9 @@ def test_a_decoder_width_the_architecture_cannot_take_is_refused_with_the_config
                             (["finetune.model.arch=linknet", "finetune.model.decoder_channels=8"],
                              "finetune.model.decoder_channels=8 is invalid: model.arch=linknet has no configurable "
                              "decoder width fix: leave it unset (null)"),
+                            (["finetune.model.arch=fpn", "finetune.model.decoder_channels=[32,16]"],
+                             "finetune.model.decoder_channels=[32, 16] is invalid: model.arch=fpn takes one width, "
+                             "not a list of 2 fix: give one int (e.g. 32)"),
                             (["finetune.model.decoder_channels=0"],
                              "finetune.model.decoder_channels=0 is invalid: decoder widths are channel counts")]:
         assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), *overrides]) == 2
