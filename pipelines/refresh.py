@@ -343,6 +343,10 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         report = performance_report or str(root / ".logs" / f"dask-report-{name}.html")
         # the real images first: a source whose every file is rejected fails before anything is rendered
         real = _ingest_verified(cfg, root) if cfg.real.sources() else None
+        if cfg.train.enabled and real is not None:  # images the pretrain stage could not crop: before rendering
+            from pipelines.stages import check_pretrain_images
+
+            check_pretrain_images(root / "real", cfg.train.pretrain, "train.pretrain.")
         summary, shards = _render_verified(cfg, render_cfg, dataset, report, first_scene)
         growth = growth_record(cfg.growth, prev, config_hash, render_cfg.dataset.seed, scenes_before, shards)
         growth["render_code_changed"] = prev is not None and prev["render"].get("code_version") not in (

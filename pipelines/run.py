@@ -1,4 +1,4 @@
-"""``segfactory run CONFIG``: render -> ingest -> pretrain -> fine-tune -> evaluate -> predict -> report.
+"""``segfactory run CONFIG``: ingest -> render -> pretrain -> fine-tune -> evaluate -> predict -> report.
 
 Each stage's output lives in ``OUT/stages/<stage>-<key>/`` where the key hashes the stage's config section,
 the keys/hashes of its inputs and the version of the code that produces it (:mod:`pipelines.stages`); a stage
@@ -33,6 +33,7 @@ from pipelines.stages import (
     HeldOutSet,
     check_class_weights,
     check_encoder_matches,
+    check_pretrain_images,
     check_random_init_encoder,
     check_real_eval_classes,
     check_training_folders,
@@ -170,6 +171,20 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     run_id = time.strftime("%Y%m%dT%H%M%S")
     real_eval = check_run_config(cfg)  # what a stage would refuse stops here, before any work
 
+    # ingest first (seconds, where rendering takes minutes): what the real images make a later stage refuse stops
+    # the run before anything is rendered. Incremental by itself (only new files); its data hash keys pretraining.
+    # One directory per source and normalization, so a changed source or normalization starts a new image set
+    # instead of mixing into the old.
+    t_stage = time.perf_counter()
+    ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
+    images = ingest_stage_dir(out, cfg.real)
+    ing = ingest_sources(cfg.real.sources(), images, ingest_cfg)
+    sources = ing["sources"]
+    done["ingest"] = f"{ing['new_images']} new image(s), {ing['total_images']} total"
+    stage("ingest")
+    if cfg.init == "ssl":
+        check_pretrain_images(images, cfg.pretrain, "pretrain.")
+
     # render: the dataset directory is resumable by itself (content-addressed shards).
     t_stage = time.perf_counter()
     render_cfg, render_hash = resolve_render_config(cfg.render)
@@ -187,16 +202,6 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if test_set is None:
         console.print("[yellow]test.scenes=0: evaluating on the training dataset (scores are optimistic)[/]")
     stage("render")
-
-    # ingest: incremental by itself (only new files); its data hash keys pretraining. One directory per source and
-    # normalization, so a changed source or normalization starts a new image set instead of mixing into the old.
-    t_stage = time.perf_counter()
-    ingest_cfg = IngestJob.of(cfg.real.config, cfg.cluster)
-    images = ingest_stage_dir(out, cfg.real)
-    ing = ingest_sources(cfg.real.sources(), images, ingest_cfg)
-    sources = ing["sources"]
-    done["ingest"] = f"{ing['new_images']} new image(s), {ing['total_images']} total"
-    stage("ingest")
 
     eval_data = test_set or dataset
     pre_dir = stage_dir(out, "pretrain", {"config": training_key(cfg.pretrain), "data": ing["data_hash"]},

@@ -206,6 +206,25 @@ def check_training_folders(finetune: FinetuneConfig, prefix: str, targets: Targe
         source_remap(spec, detect_kind(Path(spec.path), field), targets, field, classes_field=f"{prefix}classes")
 
 
+def check_pretrain_images(store: Path, pretrain: PretrainConfig, prefix: str) -> None:
+    """Stop before rendering when the pretrain stage would find no image to crop: every image of the ingest store
+    ``store`` has a short side below ``augment.crop_size`` and ``augment.small_images`` is ``skip``
+    (:func:`pretrain.config.crop_too_large`, the stage's own error, with the fields as ``prefix`` places them:
+    ``pretrain.``, ``train.pretrain.``).
+
+    Raises:
+        UserError: naming the crop size, the largest short side and the fix.
+    """
+    from pretrain.config import crop_too_large
+    from segfactory.formats.images import short_sides
+
+    aug = pretrain.augment
+    if aug.small_images == "skip":
+        images, largest = short_sides(store)
+        if images and largest < aug.crop_size:
+            raise crop_too_large(images, largest, aug.crop_size, prefix)
+
+
 def held_out_seed(train_seed: int, test: HeldOutSet, prefix: str = "") -> int:
     """The held-out test set's base seed (``test.seed``, default the training seed + 1); checked before any work
     by ``run`` and ``refresh`` (``prefix``: where the ``test`` section lives, ``""`` or ``"train."``).

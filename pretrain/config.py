@@ -17,6 +17,7 @@ from pretrain.backbones import BACKBONES
 from pretrain.init import init_sha256, resolve_init
 from pretrain.methods import METHODS, options_model
 from segfactory.config import DistributedTrainFields, StrictModel, UnsaidDefaults, validate_section
+from segfactory.errors import UserError
 from segfactory.tracking import TrackingConfig
 
 # ----------------------------------------------------------------------------------------------- ingest
@@ -194,6 +195,21 @@ class AugmentConfig(StrictModel):
             raise ValueError(f"is smaller than crop_size={crop} of the same section: set it to {crop} or more "
                              "(or null: crop_size * 8/7)")
         return v
+
+
+def crop_too_large(images: int, largest: int, crop: int, prefix: str = "") -> UserError:
+    """The error for an ingest store whose every image's short side is below ``augment.crop_size`` (with
+    ``small_images: skip``): the pretrain stage raises it, and ``run``/``refresh`` before any rendering.
+
+    Args:
+        images: How many images the store holds.
+        largest: The largest short side among them, in pixels.
+        prefix: Where the pretrain section lives in the user's config (``pretrain.``, ``train.pretrain.``).
+    """
+    return UserError(f"all {images} ingested images are smaller than {prefix}augment.crop_size={crop} "
+                     f"(largest short side {largest} px)",
+                     fix=f"set {prefix}augment.crop_size={max(16, largest)} or lower, or "
+                         f"{prefix}augment.small_images=upscale")
 
 
 class OptimConfig(StrictModel):

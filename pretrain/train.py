@@ -36,7 +36,7 @@ import torch
 
 from pretrain.augment import ViewMaker, adjust_specs
 from pretrain.backbones import BACKBONES
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, crop_too_large
 from pretrain.encoder import PooledEncoder, build_encoder
 from pretrain.images import cache_stats, make_loader, new_cache_stats, use_stream
 from pretrain.init import PRETRAIN_CHECKPOINT_FORMAT, InitReport, load_init
@@ -87,10 +87,7 @@ def select_entries(entries: list[ImageEntry], crop: int, policy: str) -> list[Im
         return entries
     kept = [e for e in entries if min(e.height, e.width) >= crop]
     if not kept:
-        largest = max(min(e.height, e.width) for e in entries)
-        raise UserError(f"all {len(entries)} ingested images are smaller than augment.crop_size={crop} "
-                        f"(largest short side {largest} px)",
-                        fix=f"set augment.crop_size={max(16, largest)} or lower, or augment.small_images=upscale")
+        raise crop_too_large(len(entries), max(min(e.height, e.width) for e in entries), crop)
     console.print(f"skipping {len(small)} of {len(entries)} images with a short side below augment.crop_size="
                   f"{crop} (augment.small_images=upscale keeps them)")
     return kept

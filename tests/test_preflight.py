@@ -254,6 +254,30 @@ def test_refresh_with_a_fine_tune_its_stage_would_refuse_stops_before_rendering(
     assert not (root / "datasets").exists()
 
 
+def test_real_images_all_smaller_than_the_pretrain_crop_stop_run_and_refresh_before_rendering(tmp_path: Path,
+                                                                                               capsys) -> None:
+    """The pretrain stage skips images whose short side is below ``augment.crop_size`` and refuses a store with none
+    left; in a run that was after rendering. ``run`` now ingests first (seconds) and checks the store there; so
+    does ``refresh`` (which ingested first already). The real frames: the quickstart's HeLa and CHO sample sets."""
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "pretrain.augment.crop_size=1024"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "all 72 ingested images are smaller than pretrain.augment.crop_size=1024 (largest short side 700 px)" \
+        in err
+    assert "fix: set pretrain.augment.crop_size=700 or lower, or pretrain.augment.small_images=upscale" in err
+    assert [p.name.split("-")[0] for p in out.glob("stages/*-*")] == ["ingest"]  # nothing rendered
+    from segfactory.sampledata import resolve_path
+
+    hela = resolve_path("sample:ctc-hela/unlabeled")
+    root = tmp_path / "r"
+    assert main(["refresh", str(CONFIGS / "refresh.yaml"), "--root", str(root), "train.enabled=true",
+                 f"real.src={hela}", "train.pretrain.augment.crop_size=1024"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "all 12 ingested images are smaller than train.pretrain.augment.crop_size=1024" in err
+    assert "or train.pretrain.augment.small_images=upscale" in err
+    assert not (root / "datasets").exists()
+
+
 def test_a_run_config_typo_in_eval_baselines_names_the_config_field(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(out), "eval.baselines=otsuu"]) == 2

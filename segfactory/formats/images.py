@@ -64,8 +64,8 @@ __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", 
            "UNCHANGED_KIND", "CorruptShardError", "ImageEntry", "ImageShardWriter", "IngestedImages", "StoreScan",
            "build_index", "clean_uncommitted",
            "committed_shards", "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes",
-           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "verify_shard",
-           "verify_store"]
+           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "short_sides",
+           "verify_shard", "verify_store"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -449,6 +449,17 @@ def open_images(root: str | os.PathLike[str]) -> IngestedImages:
     if not stats or (index_path.is_file() and read_json(index_path).get("data_hash") != dh):
         stats = build_index(root)["stats"]  # index.json is derived; rebuild it when stale
     return IngestedImages(root, entries, dh, stats)
+
+
+def short_sides(root: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(images, largest short side in pixels)`` of an ingest store's committed shards, read shard by shard from
+    their manifests (memory-flat: no entry list is built); ``(0, 0)`` for a store without images."""
+    n, largest = 0, 0
+    for _, man, _ in iter_manifests(root):
+        for r in man.get("images") or []:
+            n += 1
+            largest = max(largest, min(int(r["height"]), int(r["width"])))
+    return n, largest
 
 
 def read_entry_bytes(entry: ImageEntry) -> bytes:
