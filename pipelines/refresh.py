@@ -298,6 +298,7 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
     from pipelines.stages import (
         check_class_weights,
         check_encoder_matches,
+        check_pretrain_images,
         check_training_folders,
         held_out_seed,
         model_targets,
@@ -344,8 +345,6 @@ def run_refresh(cfg: RefreshConfig, root: str | os.PathLike, performance_report:
         # the real images first: a source whose every file is rejected fails before anything is rendered
         real = _ingest_verified(cfg, root) if cfg.real.sources() else None
         if cfg.train.enabled and real is not None:  # images the pretrain stage could not crop: before rendering
-            from pipelines.stages import check_pretrain_images
-
             check_pretrain_images(root / "real", cfg.train.pretrain, "train.pretrain.")
         summary, shards = _render_verified(cfg, render_cfg, dataset, report, first_scene)
         growth = growth_record(cfg.growth, prev, config_hash, render_cfg.dataset.seed, scenes_before, shards)

@@ -210,19 +210,20 @@ def check_pretrain_images(store: Path, pretrain: PretrainConfig, prefix: str) ->
     """Stop before rendering when the pretrain stage would find no image to crop: every image of the ingest store
     ``store`` has a short side below ``augment.crop_size`` and ``augment.small_images`` is ``skip``
     (:func:`pretrain.config.crop_too_large`, the stage's own error, with the fields as ``prefix`` places them:
-    ``pretrain.``, ``train.pretrain.``).
+    ``pretrain.``, ``train.pretrain.``). Called right after an ingest run, so the store's ``index.json`` (rebuilt
+    at the end of every run) is current.
 
     Raises:
         UserError: naming the crop size, the largest short side and the fix.
     """
     from pretrain.config import crop_too_large
-    from segfactory.formats.images import short_sides
+    from segfactory.formats.images import INDEX_FILE
 
     aug = pretrain.augment
-    if aug.small_images == "skip":
-        images, largest = short_sides(store)
-        if images and largest < aug.crop_size:
-            raise crop_too_large(images, largest, aug.crop_size, prefix)
+    index = read_json(store / INDEX_FILE)
+    largest = index.get("max_short_side")  # None: no image
+    if aug.small_images == "skip" and largest is not None and largest < aug.crop_size:
+        raise crop_too_large(index["num_images"], largest, aug.crop_size, prefix)
 
 
 def held_out_seed(train_seed: int, test: HeldOutSet, prefix: str = "") -> int:

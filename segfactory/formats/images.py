@@ -64,8 +64,8 @@ __all__ = ["CONFIG_FILE", "FORMAT", "INDEX_FILE", "MANIFEST_FILE", "PACK_FILE", 
            "UNCHANGED_KIND", "CorruptShardError", "ImageEntry", "ImageShardWriter", "IngestedImages", "StoreScan",
            "build_index", "clean_uncommitted",
            "committed_shards", "data_hash", "decode_entry", "iter_manifests", "known_files", "latest_page_notes",
-           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "short_sides",
-           "verify_shard", "verify_store"]
+           "latest_rejections", "open_images", "read_stored", "scan_manifests", "shards_dir", "verify_shard",
+           "verify_store"]
 
 
 def shards_dir(root: str | os.PathLike[str]) -> Path:
@@ -315,7 +315,7 @@ def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     scan = StoreScan(with_shas=False)
     n_gray = n_rgb = 0
     acc = {1: _StatAcc(1), 3: _StatAcc(3)}
-    min_short = None
+    min_short = max_short = None
     for sid, man, digest in iter_manifests(root):
         scan.add(sid, man)
         shards.append({"id": sid, "images": len(man["images"]),
@@ -325,6 +325,7 @@ def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
             pixels = rec["height"] * rec["width"]
             s = min(rec["height"], rec["width"])
             min_short = s if min_short is None else min(min_short, s)
+            max_short = s if max_short is None else max(max_short, s)
             if rec["channels"] == 1:
                 n_gray += 1
                 acc[1].add(pixels, rec["mean"], rec["std"])
@@ -340,7 +341,7 @@ def build_index(root: str | os.PathLike[str]) -> dict[str, Any]:
     index = {
         "format": FORMAT, "version": VERSION, "created": _now(), "code_version": code_version(WRITER_PACKAGE),
         "num_images": n_gray + n_rgb, "num_gray": n_gray, "num_rgb": n_rgb,
-        "num_rejected": len(latest), "min_short_side": min_short,
+        "num_rejected": len(latest), "min_short_side": min_short, "max_short_side": max_short,
         "data_hash": data_hash([(s["id"], s["manifest_sha256"]) for s in shards]),
         "stats": {str(c): a.result() for c, a in acc.items() if a.n},
         "shards": shards,
@@ -449,17 +450,6 @@ def open_images(root: str | os.PathLike[str]) -> IngestedImages:
     if not stats or (index_path.is_file() and read_json(index_path).get("data_hash") != dh):
         stats = build_index(root)["stats"]  # index.json is derived; rebuild it when stale
     return IngestedImages(root, entries, dh, stats)
-
-
-def short_sides(root: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(images, largest short side in pixels)`` of an ingest store's committed shards, read shard by shard from
-    their manifests (memory-flat: no entry list is built); ``(0, 0)`` for a store without images."""
-    n, largest = 0, 0
-    for _, man, _ in iter_manifests(root):
-        for r in man.get("images") or []:
-            n += 1
-            largest = max(largest, min(int(r["height"]), int(r["width"])))
-    return n, largest
 
 
 def read_entry_bytes(entry: ImageEntry) -> bytes:
